@@ -1,0 +1,63 @@
+"""``itmrt eval``: Recall@K of a checkpoint on a precomputed-feature split, with the PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from itmrt.cli.app import app
+from itmrt.errors import ItmrtError
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint: released NAAF/SCAN *.pth.tar or an itmrt *.safetensors."),
+    vocab: Path = typer.Option(..., "--vocab", help="Vocabulary JSON the model was trained with (released format)."),
+    data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
+    split: str = typer.Option("test", "--split", help="Which split to evaluate (e.g. test, dev, testall)."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images / captions encoded per batch."),
+    fold5: bool = typer.Option(False, "--fold5", help="MSCOCO protocol: also report the mean over 5 folds of 1000 images."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the recall table to this JSON file."),
+    scores_out: Path | None = typer.Option(None, "--scores-out", help="Write the score matrix (images x captions, float32 .npy)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+) -> None:
+    """Encode a split with the PyTorch reference model and print the standard recall table.
+
+    i2t: image queries, best rank among its 5 captions; t2i: caption queries.
+    R@K in percent, medr/meanr 1-based, rsum = sum of the six recalls.
+    """
+    from itmrt.cli.progress import progress_bars
+    from itmrt.data.metrics import coco_5fold_1k, format_recall_table
+    from itmrt.data.precomp import PrecompSplit
+    from itmrt.io import atomic_write_bytes, atomic_write_text
+    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
+
+    model = load_checkpoint(checkpoint)
+    if not hasattr(model, "encode_images"):
+        raise ItmrtError(f"{checkpoint} holds a global-embedding (CMPM) model; `itmrt eval` evaluates precomputed region features")
+    model.eval()
+    vocabulary = load_vocabulary_for(model, vocab)
+    data_split = PrecompSplit.open(data, split)
+    with progress_bars(progress) as bars:
+        table, scores = evaluate_split(model, vocabulary, data_split, batch_size, bars)
+    result: dict[str, object] = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "recall": table}
+    typer.echo(f"{split}: {data_split.num_images} images, {len(data_split.captions)} captions")
+    typer.echo(format_recall_table(table))
+    if fold5:
+        folds = coco_5fold_1k(scores)
+        result["fold5_1k"] = folds
+        typer.echo("5-fold 1K:")
+        typer.echo(format_recall_table(folds))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    if scores_out is not None:
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, scores.astype(np.float32))
+        atomic_write_bytes(scores_out, buf.getvalue())

@@ -1,0 +1,26 @@
+"""Progress bars for long CLI work (tqdm on stderr, silent when not a terminal unless forced)."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from tqdm import tqdm
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Yield a factory ``bar(label, total) -> advance(n)``; every bar is closed on exit."""
+    bars: list[tqdm] = []
+
+    def factory(label: str, total: int) -> Callable[[int], None]:
+        bar = tqdm(total=total, desc=label, unit="it", file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
+        bars.append(bar)
+        return bar.update
+
+    try:
+        yield factory
+    finally:
+        for bar in bars:
+            bar.close()

@@ -1,0 +1,240 @@
+"""Images with captions and identity labels: the dataset format CMPM trains and evaluates on.
+
+A dataset folder holds ``vocab.json`` (either released vocabulary layout) and, per
+split ``S``:
+
+- ``S_images.npy``: uint8, ``images x H x W x 3`` (RGB, channels last), memory-mapped;
+- ``S_caps.txt``: UTF-8, one caption per line (no blank lines);
+- ``S_caption_image.npy``: int64 (any integer dtype is accepted), one entry per
+  caption: the index of the image it describes. An image may have any number of
+  captions (person-search data has about two, Flickr30K five);
+- ``S_labels.npy`` (optional): int64, one *identity* label per image. Images with
+  the same label show the same identity (the same person in CUHK-PEDES), so a
+  caption matches every image of its identity. Without the file every image is its
+  own identity. A caption's label is its image's label.
+
+:func:`preprocess_images` turns uint8 images into the network input and
+:func:`identity_recall_table` is the Recall@K of this setting: a retrieved item
+counts as correct when it has the query's identity.
+
+Only numpy and the standard library are imported: the torch-free runtime uses this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from itmrt.data.metrics import RECALL_KEYS
+from itmrt.errors import DataError
+from itmrt.text.vocab import Vocabulary
+
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+"""Per-channel RGB mean and std applied after scaling to [0, 1] (the ImageNet values torchvision uses)."""
+
+VOCAB_FILE = "vocab.json"
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def preprocess_images(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` RGB -> float32 ``[N, 3, H, W]``: ``(x / 255 - IMAGE_MEAN) / IMAGE_STD`` per channel."""
+    array = np.asarray(images)
+    if array.dtype != np.uint8:
+        raise DataError(f"images have dtype {array.dtype}; expected uint8 RGB pixels (0-255)")
+    if array.ndim != 4 or array.shape[3] != 3:
+        raise DataError(f"images have shape {array.shape}; expected N x H x W x 3 (RGB, channels last)")
+    scaled = array.astype(np.float32) * np.float32(1.0 / 255.0)
+    normalised = (scaled - IMAGE_MEAN) / IMAGE_STD
+    return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
+
+
+@dataclass(frozen=True)
+class ImageCaptionSplit:
+    """One split of an image-caption dataset.
+
+    ``images`` is a read-only memory map ``[num_images, H, W, 3]`` (uint8);
+    ``captions[c]`` describes image ``caption_image[c]``; ``image_labels[i]`` is the
+    identity of image ``i``.
+    """
+
+    data_dir: Path
+    split: str
+    images: np.ndarray
+    captions: list[str]
+    caption_image: np.ndarray
+    image_labels: np.ndarray
+    has_labels: bool
+
+    @classmethod
+    def open(cls, data_dir: str | Path, split: str) -> ImageCaptionSplit:
+        """Open split ``split`` of ``data_dir``; raise :class:`DataError` (one line) if anything is malformed."""
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"data folder {folder} does not exist; pass the folder holding {split}_images.npy")
+        images = _open_images(folder / f"{split}_images.npy")
+        captions = read_caption_lines(folder / f"{split}_caps.txt")
+        index_path = folder / f"{split}_caption_image.npy"
+        caption_image = _open_integers(index_path, "caption-to-image index")
+        if len(caption_image) != len(captions):
+            raise DataError(
+                f"{index_path} has {len(caption_image)} entries but {folder / f'{split}_caps.txt'} has "
+                f"{len(captions)} captions; they need one entry per caption"
+            )
+        num_images = int(images.shape[0])
+        if len(caption_image) and (int(caption_image.min()) < 0 or int(caption_image.max()) >= num_images):
+            raise DataError(
+                f"{index_path} holds image indices outside 0..{num_images - 1} "
+                f"(min {int(caption_image.min())}, max {int(caption_image.max())}); {split}_images.npy has {num_images} images"
+            )
+        labels_path = folder / f"{split}_labels.npy"
+        if labels_path.exists():
+            labels = _open_integers(labels_path, "identity labels")
+            if len(labels) != num_images:
+                raise DataError(
+                    f"{labels_path} has {len(labels)} labels but {split}_images.npy has {num_images} images; "
+                    "give one identity label per image"
+                )
+            has_labels = True
+        else:
+            labels = np.arange(num_images, dtype=np.int64)
+            has_labels = False
+        return cls(folder, split, images, captions, caption_image, labels, has_labels)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def image_height(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_width(self) -> int:
+        return int(self.images.shape[2])
+
+    @property
+    def caption_labels(self) -> np.ndarray:
+        """Identity label of every caption (its image's label)."""
+        return self.image_labels[self.caption_image]
+
+    @property
+    def num_identities(self) -> int:
+        return int(np.unique(self.image_labels).size)
+
+
+def load_vocabulary(data_dir: str | Path) -> Vocabulary:
+    """The ``vocab.json`` of a dataset folder (raises :class:`~itmrt.errors.VocabularyError`)."""
+    return Vocabulary.from_json(Path(data_dir) / VOCAB_FILE)
+
+
+def read_caption_lines(path: Path) -> list[str]:
+    """Strict UTF-8, one non-empty caption per line; surrounding whitespace stripped; a final newline allowed."""
+    if not path.is_file():
+        raise DataError(f"captions file {path} not found; expected one caption per line")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_number = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"captions file {path} line {line_number} is not valid UTF-8; re-encode the file as UTF-8") from None
+    text = text.removeprefix("\ufeff")
+    lines = text.split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()
+    if not lines:
+        raise DataError(f"captions file {path} is empty; expected one caption per line")
+    captions = []
+    for number, line in enumerate(lines, start=1):
+        caption = line.strip()
+        if not caption:
+            raise DataError(f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)")
+        captions.append(caption)
+    return captions
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{what} file {path} not found")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{what} file {path} is not a readable .npy array ({reason}); re-save it with numpy.save") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{what} file {path} is not a single .npy array; re-save it with numpy.save")
+    return array
+
+
+def _open_images(path: Path) -> np.ndarray:
+    images = _load_npy(path, "images")
+    if images.dtype != np.uint8:
+        raise DataError(f"images file {path} has dtype {images.dtype}; expected uint8 RGB pixels (N x H x W x 3)")
+    if images.ndim != 4 or images.shape[3] != 3:
+        raise DataError(f"images file {path} has shape {images.shape}; expected N x H x W x 3 (RGB, channels last)")
+    if 0 in images.shape:
+        raise DataError(f"images file {path} has shape {images.shape}; it holds no pixels")
+    return images
+
+
+def _open_integers(path: Path, what: str) -> np.ndarray:
+    values = _load_npy(path, what)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"{what} file {path} has dtype {values.dtype} and shape {values.shape}; expected a 1-D integer array")
+    return np.asarray(values, dtype=np.int64)
+
+
+def _first_correct_ranks(scores: np.ndarray, query_labels: np.ndarray, item_labels: np.ndarray) -> np.ndarray:
+    """Per query row, the 0-based rank of its best-scoring item with the same label.
+
+    Pessimistic ties (as :mod:`itmrt.data.metrics`): a wrong item scoring exactly as
+    high as the best correct one counts as ranked ahead of it.
+    """
+    ranks = np.empty(scores.shape[0], dtype=np.int64)
+    step = max(1, _BLOCK_ELEMENTS // max(1, scores.shape[1]))
+    for start in range(0, scores.shape[0], step):
+        block = np.asarray(scores[start:start + step], dtype=np.float64)
+        correct = query_labels[start:start + step, None] == item_labels[None, :]
+        best = np.where(correct, block, -np.inf).max(axis=1, keepdims=True)
+        ranks[start:start + step] = ((block >= best) & ~correct).sum(axis=1)
+    return ranks
+
+
+def identity_recall_table(scores: np.ndarray, image_labels: np.ndarray, caption_labels: np.ndarray) -> dict[str, float]:
+    """R@1/5/10, medr, meanr both ways and rsum for an ``images x captions`` score matrix, matching by identity.
+
+    Image-to-text: an image query is answered correctly at K when one of the top K
+    captions has its identity; text-to-image likewise with images. With one image
+    per identity and each caption's own image this is the usual protocol; with
+    several images per identity it is the person-search protocol (CUHK-PEDES).
+    The keys are those of :func:`itmrt.data.metrics.recall_table`.
+    """
+    scores = np.asarray(scores)
+    image_labels = np.asarray(image_labels)
+    caption_labels = np.asarray(caption_labels)
+    if scores.ndim != 2 or scores.shape != (len(image_labels), len(caption_labels)):
+        raise DataError(
+            f"score matrix has shape {scores.shape}; expected images x captions = ({len(image_labels)}, {len(caption_labels)})"
+        )
+    if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
+        raise DataError("score matrix holds NaN values; the model or engine produced invalid scores")
+    if not np.isin(caption_labels, image_labels).all() or not np.isin(image_labels, caption_labels).all():
+        raise DataError("some identities have captions but no image (or images but no caption); every query needs a match")
+    table: dict[str, float] = {}
+    for prefix, ranks in (
+        ("i2t", _first_correct_ranks(scores, image_labels, caption_labels)),
+        ("t2i", _first_correct_ranks(scores.T, caption_labels, image_labels)),
+    ):
+        count = len(ranks)
+        for k in (1, 5, 10):
+            table[f"{prefix}_r{k}"] = 100.0 * float(np.count_nonzero(ranks < k)) / count
+        table[f"{prefix}_medr"] = float(np.floor(np.median(ranks))) + 1.0
+        table[f"{prefix}_meanr"] = float(ranks.mean()) + 1.0
+    table["rsum"] = sum(table[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return {key: table[key] for key in RECALL_KEYS}

@@ -1,0 +1,192 @@
+"""Reader for precomputed region-feature datasets (the SCAN / NAAF ``*_precomp`` layout).
+
+A split ``S`` of a dataset folder is two files:
+
+- ``S_ims.npy``: float32, ``images x regions x img_dim`` (36 x 2048 for the public
+  bottom-up-attention features). Some releases repeat every image once per caption,
+  so the file then has one row per caption (5 identical consecutive rows per image).
+- ``S_caps.txt``: UTF-8, one caption per line, ``CAPTIONS_PER_IMAGE`` consecutive
+  lines per image.
+
+The feature file is memory-mapped, never read whole: a 1 GB test split costs no
+memory until rows are touched. For the repeated layout the reader keeps the
+strided view ``[::5]`` of the memory map (still a memmap, no copy).
+
+Only numpy and the standard library are imported: the torch-free runtime uses this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from itmrt.errors import DataError
+
+CAPTIONS_PER_IMAGE = 5
+"""Captions per image in Flickr30K and MSCOCO; the whole layout (and the metrics) assume it."""
+
+_REPEAT_CHECK_GROUPS = 2
+"""How many leading image groups are compared row by row to confirm the repeated layout."""
+
+
+@dataclass(frozen=True)
+class PrecompSplit:
+    """One split of a precomputed-feature dataset.
+
+    ``images`` is a read-only memory map ``[num_images, num_regions, img_dim]``;
+    ``captions[i]`` describes image ``caption_image_index(i)``.
+    """
+
+    data_dir: Path
+    split: str
+    images: np.ndarray
+    captions: list[str]
+    images_path: Path
+    captions_path: Path
+    repeated_layout: bool
+    captions_per_image: int = CAPTIONS_PER_IMAGE
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: str | Path,
+        split: str,
+        captions_per_image: int = CAPTIONS_PER_IMAGE,
+    ) -> PrecompSplit:
+        """Open ``{split}_ims.npy`` and ``{split}_caps.txt`` in ``data_dir``; raise DataError if malformed."""
+        if captions_per_image < 1:
+            raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DataError(f"data folder {folder} does not exist; pass the folder holding {split}_ims.npy and {split}_caps.txt")
+        images_path = folder / f"{split}_ims.npy"
+        captions_path = folder / f"{split}_caps.txt"
+        captions = read_captions(captions_path)
+        features = _open_features(images_path)
+        images, repeated = _deduplicate(features, len(captions), captions_per_image, images_path, captions_path)
+        return cls(
+            data_dir=folder,
+            split=split,
+            images=images,
+            captions=captions,
+            images_path=images_path,
+            captions_path=captions_path,
+            repeated_layout=repeated,
+            captions_per_image=captions_per_image,
+        )
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def img_dim(self) -> int:
+        return int(self.images.shape[2])
+
+    def caption_image_index(self, caption_index: int) -> int:
+        """Index of the image that caption ``caption_index`` describes."""
+        return caption_index // self.captions_per_image
+
+    def image_caption_indices(self, image_index: int) -> range:
+        """Indices of the captions that describe image ``image_index``."""
+        start = image_index * self.captions_per_image
+        return range(start, start + self.captions_per_image)
+
+
+def read_captions(path: Path) -> list[str]:
+    """Read a captions file: strict UTF-8, one non-empty caption per line.
+
+    Surrounding whitespace (including ``\\r``) is stripped per line, as the released
+    loaders do. A final newline is allowed; an empty line anywhere else is an error,
+    because it would shift every later caption onto the wrong image.
+    """
+    if not path.is_file():
+        raise DataError(f"captions file {path} not found; expected one caption per line, {CAPTIONS_PER_IMAGE} per image")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"captions file {path} is empty; expected one caption per line, {CAPTIONS_PER_IMAGE} per image")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_number = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"captions file {path} line {line_number} is not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = text.split("\n")
+    if lines and lines[-1].strip() == "":
+        lines.pop()  # the newline that ends the last line
+    captions: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        caption = line.strip()
+        if not caption:
+            raise DataError(f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)")
+        captions.append(caption)
+    return captions
+
+
+def _open_features(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"image features file {path} not found; expected a float32 .npy of images x regions x dim")
+    try:
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"image features file {path} is not a readable .npy array ({reason}); re-save it with numpy.save") from None
+    if not isinstance(features, np.ndarray):
+        raise DataError(f"image features file {path} is not a single .npy array; re-save it with numpy.save")
+    if features.ndim != 3:
+        raise DataError(
+            f"image features file {path} has shape {features.shape}; expected 3 dimensions (images x regions x dim)"
+        )
+    if features.dtype != np.float32:
+        raise DataError(
+            f"image features file {path} has dtype {features.dtype}; expected float32 (convert with arr.astype('float32'))"
+        )
+    if features.shape[1] == 0 or features.shape[2] == 0:
+        raise DataError(f"image features file {path} has shape {features.shape}; regions and feature dim must be non-zero")
+    return features
+
+
+def _deduplicate(
+    features: np.ndarray,
+    num_captions: int,
+    captions_per_image: int,
+    images_path: Path,
+    captions_path: Path,
+) -> tuple[np.ndarray, bool]:
+    """Return (one row per image, whether the file repeats each image once per caption)."""
+    rows = int(features.shape[0])
+    if num_captions % captions_per_image != 0:
+        raise DataError(
+            f"captions file {captions_path} has {num_captions} lines, not a multiple of {captions_per_image}; "
+            f"every image needs exactly {captions_per_image} consecutive captions"
+        )
+    expected_images = num_captions // captions_per_image
+    if rows == expected_images:
+        return features, False
+    if rows == num_captions and captions_per_image > 1:
+        groups = min(_REPEAT_CHECK_GROUPS, expected_images)
+        head = np.asarray(features[: groups * captions_per_image])
+        head = head.reshape(groups, captions_per_image, *features.shape[1:])
+        if not np.array_equal(head, np.broadcast_to(head[:, :1], head.shape)):
+            raise DataError(
+                f"image features file {images_path} has one row per caption ({rows}) but rows 0-{captions_per_image - 1} "
+                f"differ; expected {expected_images} images or each image repeated {captions_per_image}x"
+            )
+        return features[::captions_per_image], True
+    raise DataError(
+        f"image features file {images_path} has {rows} rows but {captions_path} has {num_captions} captions; "
+        f"expected {expected_images} rows (or {num_captions} with each image repeated {captions_per_image}x)"
+    )

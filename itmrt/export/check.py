@@ -1,0 +1,84 @@
+"""``itmrt check BUNDLE``: verify a bundle without torch.
+
+Checks, in order: the manifest reads; every file it lists exists with the
+recorded sha256; every graph passes ``onnx.checker`` and TensorRT 10's op
+check, and its inputs/outputs are the ones the manifest records; a NAAF
+scorer's frozen initializers hold the manifest's constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from itmrt.export.manifest import value_entries, read_manifest, verify_files
+from itmrt.export.trt_ops import check_trt_compat
+
+
+@dataclass
+class BundleCheck:
+    """Result of :func:`check_bundle`: ``problems`` (one line each) and a line per graph that passed."""
+
+    bundle: Path
+    family: str
+    problems: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_constants(model: onnx.ModelProto, manifest: dict[str, Any], graph_name: str) -> list[str]:
+    initializers = {init.name: init for init in model.graph.initializer}
+    input_names = {value.name for value in model.graph.input}
+    problems = []
+    for key in ("threshold", "lambda_softmax", "intra_factor"):
+        constant = manifest.get(key)
+        if not constant:
+            continue
+        name = constant["initializer"]
+        if name in input_names:
+            problems.append(f"graph '{graph_name}': '{name}' is a graph input; it must be a frozen initializer")
+        elif name not in initializers:
+            problems.append(f"graph '{graph_name}': initializer '{name}' is missing")
+        else:
+            value = numpy_helper.to_array(initializers[name])
+            if value.shape != () or np.float32(value) != np.float32(constant["value"]):
+                problems.append(
+                    f"graph '{graph_name}': initializer '{name}' holds {value.tolist()}, the manifest says {constant['value']}"
+                )
+    return problems
+
+
+def check_bundle(folder: str | Path) -> BundleCheck:
+    """Verify the bundle at ``folder``; an unreadable manifest raises a one-line :class:`ItmrtError`."""
+    bundle = Path(folder)
+    manifest = read_manifest(bundle)
+    result = BundleCheck(bundle, str(manifest["family"]))
+    result.problems.extend(verify_files(bundle, manifest))
+    for name, entry in manifest["graphs"].items():
+        path = bundle / entry["file"]
+        if not path.is_file():
+            continue  # already reported as missing
+        try:
+            model = onnx.load(str(path))
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as exc:  # noqa: BLE001 - any parse/check failure is a problem line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            result.problems.append(f"graph '{name}': not a valid ONNX model: {first}")
+            continue
+        trt = check_trt_compat(model, entry["file"])
+        result.problems.extend(trt.problems)
+        if value_entries(model.graph.input) != entry["inputs"] or value_entries(model.graph.output) != entry["outputs"]:
+            result.problems.append(f"graph '{name}': inputs/outputs differ from the manifest")
+        if name == "scorer":
+            result.problems.extend(_check_constants(model, manifest, name))
+        if trt.ok:
+            result.passed.append(f"{entry['file']}: {sum(trt.ops.values())} nodes, TensorRT 10 op check passed")
+    return result

@@ -1,0 +1,130 @@
+"""Text-encoder graphs: token ids + lengths -> token embeddings (NAAF/SCAN) or one embedding (CMPM).
+
+Padding semantics: ONNX's GRU/LSTM with ``sequence_lens`` run each caption over
+its own length only, and the reverse direction starts at the caption's last
+real token - what PyTorch's packed sequences do. Outputs at padded positions
+are then overwritten explicitly (zeros, or excluded from the max) so the result
+does not depend on what a runtime leaves there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from itmrt.export.graphs_image import BATCH_CAPTIONS, MAX_LENGTH
+from itmrt.export.onnx_graph import FLOAT, FLOAT32_LOWEST, INT32, GraphBuilder
+from itmrt.models.cmpm import CMPMTextEncoder
+from itmrt.models.encoders import TextEncoder
+
+# Row blocks of PyTorch's stacked gate weights, reordered to ONNX's gate order.
+_GRU_TORCH_TO_ONNX = (1, 0, 2)  # torch (r, z, n) -> onnx (z, r, h)
+_LSTM_TORCH_TO_ONNX = (0, 3, 1, 2)  # torch (i, f, g, o) -> onnx (i, o, f, c)
+
+
+def _reorder_gates(weight: torch.Tensor, order: tuple[int, ...]) -> np.ndarray:
+    blocks = weight.detach().to(torch.float32).cpu().chunk(len(order), dim=0)
+    return torch.cat([blocks[k] for k in order], dim=0).numpy()
+
+
+def _rnn_layer_weights(rnn: nn.RNNBase, layer: int, order: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """ONNX ``W [dirs, G*H, in]``, ``R [dirs, G*H, H]``, ``B [dirs, 2*G*H]`` of one PyTorch RNN layer."""
+    suffixes = ["", "_reverse"] if rnn.bidirectional else [""]
+    w, r, b = [], [], []
+    for suffix in suffixes:
+        w.append(_reorder_gates(getattr(rnn, f"weight_ih_l{layer}{suffix}"), order))
+        r.append(_reorder_gates(getattr(rnn, f"weight_hh_l{layer}{suffix}"), order))
+        if rnn.bias:
+            b_ih = _reorder_gates(getattr(rnn, f"bias_ih_l{layer}{suffix}"), order)
+            b_hh = _reorder_gates(getattr(rnn, f"bias_hh_l{layer}{suffix}"), order)
+        else:
+            b_ih = np.zeros(len(order) * rnn.hidden_size, np.float32)
+            b_hh = np.zeros_like(b_ih)
+        b.append(np.concatenate([b_ih, b_hh]))
+    return np.stack(w), np.stack(r), np.stack(b)
+
+
+def _run_rnn(g: GraphBuilder, op_type: str, x_time_major: str, lengths: str, rnn: nn.RNNBase) -> str:
+    """Stacked (bi)directional GRU/LSTM over ``[L, B, in]`` -> ``Y [L, dirs, B, H]`` of the last layer."""
+    order = _GRU_TORCH_TO_ONNX if op_type == "GRU" else _LSTM_TORCH_TO_ONNX
+    direction = "bidirectional" if rnn.bidirectional else "forward"
+    layer_input = x_time_major
+    y = x_time_major
+    for layer in range(rnn.num_layers):
+        w, r, b = _rnn_layer_weights(rnn, layer, order)
+        inputs = [
+            layer_input,
+            g.initializer(w, f"{op_type.lower()}_l{layer}_W"),
+            g.initializer(r, f"{op_type.lower()}_l{layer}_R"),
+            g.initializer(b, f"{op_type.lower()}_l{layer}_B"),
+            lengths,
+        ]
+        attrs: dict[str, object] = {"hidden_size": rnn.hidden_size, "direction": direction}
+        if op_type == "GRU":
+            attrs["linear_before_reset"] = 1  # PyTorch applies the reset gate after the hidden matmul
+        y = g.op_multi(op_type, inputs, 1, f"{op_type.lower()}_l{layer}", **attrs)[0]
+        if layer + 1 < rnn.num_layers:
+            # [L, dirs, B, H] -> [L, B, dirs*H]: the next layer sees both directions concatenated.
+            per_step = g.transpose(y, [0, 2, 1, 3], f"{op_type.lower()}_l{layer}_steps")
+            layer_input = g.op("Reshape", [per_step, g.const([0, 0, -1], np.int64)], f"{op_type.lower()}_l{layer}_concat")
+    return y
+
+
+def _embed_time_major(g: GraphBuilder, tokens: str, table: torch.Tensor) -> str:
+    weight = table.detach().to(torch.float32).cpu().numpy()
+    embedded = g.op("Gather", [g.initializer(weight, "embedding"), tokens], "embed", axis=0)  # [B, L, word_dim]
+    return g.transpose(embedded, [1, 0, 2], "embed_time_major")  # [L, B, word_dim]
+
+
+def text_encoder_graph(encoder: TextEncoder, opset: int) -> onnx.ModelProto:
+    """``token_ids [Bc, L] int32``, ``lengths [Bc] int32`` -> ``caption_embeddings [Bc, L, d]``.
+
+    Embedding (Gather) -> one ONNX GRU per layer with ``sequence_lens`` and
+    ``linear_before_reset=1`` -> directions averaged -> per-token l2norm ->
+    padded positions zeroed. Lengths must lie in [1, L].
+    """
+    g = GraphBuilder("text_encoder", opset)
+    tokens = g.input("token_ids", INT32, [BATCH_CAPTIONS, MAX_LENGTH])
+    lengths = g.input("lengths", INT32, [BATCH_CAPTIONS])
+    x = _embed_time_major(g, tokens, encoder.embedding_weight())
+    y = _run_rnn(g, "GRU", x, lengths, encoder.rnn)  # [L, dirs, B, H]
+    if encoder.bidirectional:
+        merged = g.reduce("ReduceMean", y, [1], False, "directions_mean")  # (fwd + bwd) / 2
+    else:
+        merged = g.squeeze(y, [1], "forward_only")
+    batch_major = g.transpose(merged, [1, 0, 2], "gru_batch_major")  # [B, L, H]
+    if not encoder.no_txtnorm:
+        batch_major = g.l2norm(batch_major, -1, hint="token_l2norm")
+    mask = g.unsqueeze(g.length_mask(lengths, tokens, 1), [2], "token_mask_3d")
+    embeddings = g.where(mask, batch_major, g.const(0.0), "masked_tokens")
+    g.output(embeddings, "caption_embeddings", FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, encoder.embed_size])
+    return g.build({"component": "text_encoder", "embedding_layout": encoder.embedding_layout})
+
+
+def cmpm_text_encoder_graph(encoder: CMPMTextEncoder, opset: int) -> onnx.ModelProto:
+    """``token_ids [Bc, L] int32``, ``lengths [Bc] int32`` -> ``caption_embeddings [Bc, embed_size]``.
+
+    Embedding -> bidirectional ONNX LSTM with ``sequence_lens`` -> directions
+    concatenated -> max over time -> linear projection. The max runs over the
+    real tokens (padded positions set to the lowest float) unless the model
+    reproduces the released max over the padding (padded positions set to 0).
+    """
+    g = GraphBuilder("text_encoder", opset)
+    tokens = g.input("token_ids", INT32, [BATCH_CAPTIONS, MAX_LENGTH])
+    lengths = g.input("lengths", INT32, [BATCH_CAPTIONS])
+    x = _embed_time_major(g, tokens, encoder.embed.weight)
+    y = _run_rnn(g, "LSTM", x, lengths, encoder.rnn)  # [L, 2, B, H]
+    per_token = g.transpose(y, [2, 0, 1, 3], "lstm_batch_major")  # [B, L, 2, H]
+    features = g.op("Reshape", [per_token, g.const([0, 0, -1], np.int64)], "lstm_concat")  # [B, L, 2H]
+    mask = g.unsqueeze(g.length_mask(lengths, tokens, 1), [2], "token_mask_3d")
+    fill = 0.0 if encoder.max_over_padding else FLOAT32_LOWEST
+    features = g.where(mask, features, g.const(fill), "masked_features")
+    pooled = g.reduce("ReduceMax", features, [1], False, "max_over_time")  # [B, 2H]
+    weight_t = encoder.projection.weight.detach().to(torch.float32).cpu().numpy().T
+    bias = encoder.projection.bias.detach().to(torch.float32).cpu().numpy()
+    projected = g.op("MatMul", [pooled, g.initializer(weight_t, "projection_weight_t")], "projection_matmul")
+    embedding = g.op("Add", [projected, g.initializer(bias, "projection_bias")], "projection")
+    g.output(embedding, "caption_embeddings", FLOAT, [BATCH_CAPTIONS, encoder.embed_size])
+    return g.build({"component": "text_encoder", "max_over_padding": str(encoder.max_over_padding).lower()})

@@ -1,0 +1,122 @@
+"""The bundle manifest (``manifest.json``): what a bundle holds and how to verify it.
+
+Layout (schema version 1)::
+
+    {
+      "kind": "itmrt-bundle", "schema_version": 1, "family": "naaf" | "scan" | "cmpm",
+      "dims": {...}, "opset": 17,
+      "threshold": {"value", "source", "initializer", "checkpoint_value"} | null,
+      "lambda_softmax": {"value", "initializer"} | null, "intra_factor": {...} | null,
+      "scorer_options": {...},
+      "graphs": {name: {"file", "sha256", "inputs": [{"name", "dtype", "shape"}], "outputs": [...],
+                        "shape_ranges": {axis: {"min", "opt", "max"}}}},
+      "vocab": {"file", "sha256", "size", "content_sha256", "pad_id", "start_id", "end_id", "unk_id"},
+      "files": {file name: sha256}, "versions": {...}, "source_checkpoint": {"path", "sha256", "format"},
+      "parity": {...}, "created": ISO-8601 time, "export_seconds": float
+    }
+
+Shapes name their symbolic axes (``batch_images``, ``batch_captions``,
+``max_length``, ``num_regions``); ``shape_ranges`` gives each one the
+min/opt/max a TensorRT optimisation profile needs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from itmrt.errors import ItmrtError
+from itmrt.io import atomic_write_text, sha256_file
+
+MANIFEST_NAME = "manifest.json"
+BUNDLE_KIND = "itmrt-bundle"
+SCHEMA_VERSION = 1
+
+
+def _dtype_name(elem_type: int) -> str:
+    return str(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def value_entries(values: Any) -> list[dict[str, Any]]:
+    entries = []
+    for value in values:
+        tensor_type = value.type.tensor_type
+        shape: list[int | str] = [
+            dim.dim_param if dim.HasField("dim_param") else int(dim.dim_value) for dim in tensor_type.shape.dim
+        ]
+        entries.append({"name": value.name, "dtype": _dtype_name(tensor_type.elem_type), "shape": shape})
+    return entries
+
+
+def graph_entry(model: onnx.ModelProto, file: str, sha256: str, shape_ranges: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The manifest entry of one graph: file, hash, input/output signatures, ranges of its symbolic axes."""
+    inputs = value_entries(model.graph.input)
+    outputs = value_entries(model.graph.output)
+    axes = {dim for entry in inputs for dim in entry["shape"] if isinstance(dim, str)}
+    return {
+        "file": file,
+        "sha256": sha256,
+        "inputs": inputs,
+        "outputs": outputs,
+        "shape_ranges": {axis: shape_ranges[axis] for axis in sorted(axes) if axis in shape_ranges},
+    }
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (the last file an export writes)."""
+    return atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def is_bundle(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a manifest that says it is an itmrt bundle (not whether it verifies)."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("kind") == BUNDLE_KIND
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """Read and sanity-check a bundle's manifest; every failure is a one-line :class:`ItmrtError`."""
+    bundle = Path(folder)
+    if not bundle.is_dir():
+        raise ItmrtError(f"no bundle folder at {bundle}; run `itmrt export` first")
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise ItmrtError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete itmrt bundle; export it again")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ItmrtError(f"{path} is not valid JSON ({exc.__class__.__name__}); export the bundle again") from None
+    if not isinstance(data, dict) or data.get("kind") != BUNDLE_KIND:
+        raise ItmrtError(f"{path} is not an itmrt bundle manifest")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ItmrtError(
+            f"{path} has schema version {version!r}; this itmrt reads version {SCHEMA_VERSION}: re-export the bundle"
+        )
+    for key in ("family", "graphs", "files"):
+        if key not in data:
+            raise ItmrtError(f"{path} lacks '{key}'; export the bundle again")
+    return data
+
+
+def verify_files(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems (one line each) with the files the manifest lists: missing, or sha256 not matching."""
+    bundle = Path(folder)
+    problems = []
+    for name, expected in manifest["files"].items():
+        path = bundle / name
+        if not path.is_file():
+            problems.append(f"file '{name}': missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"file '{name}': sha256 differs from the manifest (the file was changed after export)")
+    for graph_name, entry in manifest["graphs"].items():
+        if manifest["files"].get(entry["file"]) != entry["sha256"]:
+            problems.append(f"graph '{graph_name}': its sha256 disagrees with the manifest's file list")
+    return problems

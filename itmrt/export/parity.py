@@ -1,0 +1,170 @@
+"""Parity of exported graphs: ONNX Runtime (CPU) against the PyTorch reference on sample inputs.
+
+The sample captions mix every length from 2 to L in one padded batch, so a
+graph that lets padding leak (a GRU whose reverse pass starts at the padding,
+a scorer that averages over padded words) shows up as an error here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from itmrt.models.cmpm import CMPMModel
+from itmrt.models.matcher import CrossAttentionMatcher
+
+PROVIDER = "CPUExecutionProvider"
+TOP_K = 10
+
+
+@dataclass
+class SampleInputs:
+    """Inputs for one parity run (numpy, in the graphs' dtypes)."""
+
+    images: np.ndarray  # region features [Bi, n, img_dim] or pixels [Bi, 3, H, W], float32
+    token_ids: np.ndarray  # [Bc, L] int32
+    lengths: np.ndarray  # [Bc] int32, every value in 2..L
+    seed: int = 0
+
+
+@dataclass
+class ParityResult:
+    """Worst absolute error per graph (and end to end), and whether top-K rankings agree."""
+
+    max_abs_error: dict[str, float]
+    top_k_identical: bool
+    top_k: int
+    sample: dict[str, Any] = field(default_factory=dict)
+
+    def worst(self) -> tuple[str, float]:
+        name = max(self.max_abs_error, key=lambda key: self.max_abs_error[key])
+        return name, self.max_abs_error[name]
+
+    def as_dict(self, tolerance: float) -> dict[str, Any]:
+        return {
+            "provider": PROVIDER,
+            "tolerance": tolerance,
+            "max_abs_error": dict(self.max_abs_error),
+            f"top{self.top_k}_identical": self.top_k_identical,
+            "sample": self.sample,
+        }
+
+
+def sample_inputs(
+    image_shape: tuple[int, ...],
+    batch_images: int,
+    batch_captions: int,
+    max_length: int,
+    vocab_size: int,
+    special_ids: tuple[int, int, int],
+    seed: int = 0,
+    nonnegative_images: bool = True,
+) -> SampleInputs:
+    """Deterministic sample: non-negative region features (like bottom-up features; or standard
+    normal values, like normalised pixels, with ``nonnegative_images=False``), and
+    captions ``<start> w... <end>`` padded with ``<pad>``, lengths cycling through 2..max_length.
+
+    ``special_ids`` = (pad, start, end); words are drawn from the other ids.
+    """
+    if max_length < 2:
+        raise ValueError("parity captions need max_length >= 2")
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch_images, *image_shape)).astype(np.float32)
+    if nonnegative_images:
+        images = np.abs(images)
+    pad_id, start_id, end_id = special_ids
+    words = np.array([i for i in range(vocab_size) if i not in special_ids], dtype=np.int32)
+    lengths = np.array([2 + (k * 5) % (max_length - 1) for k in range(batch_captions)], dtype=np.int32)
+    lengths[0] = max_length  # the batch is as long as its longest caption
+    tokens = np.full((batch_captions, max_length), pad_id, dtype=np.int32)
+    for row, length in enumerate(lengths):
+        tokens[row, 0] = start_id
+        tokens[row, 1 : length - 1] = rng.choice(words, size=length - 2)
+        tokens[row, length - 1] = end_id
+    return SampleInputs(images, tokens, lengths, seed)
+
+
+def session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=[PROVIDER])
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {a.shape} != {b.shape}")
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+
+
+def top_k_identical(a: np.ndarray, b: np.ndarray, k: int = TOP_K) -> bool:
+    """Whether the top-k of every row and every column (i2t and t2i rankings) are the same, in order."""
+
+    def top(x: np.ndarray, axis: int) -> np.ndarray:
+        order = np.argsort(-x, axis=axis, kind="stable")
+        return np.take(order, np.arange(min(k, x.shape[axis])), axis=axis)
+
+    return bool(np.array_equal(top(a, 1), top(b, 1)) and np.array_equal(top(a, 0), top(b, 0)))
+
+
+def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return sess.run(None, feeds)[0]
+
+
+@torch.no_grad()
+def check_parity(
+    model: CrossAttentionMatcher | CMPMModel,
+    graphs: dict[str, bytes],
+    sample: SampleInputs,
+    reference_scorer: torch.nn.Module | None = None,
+) -> ParityResult:
+    """Run every graph in ONNX Runtime and the same computation in PyTorch; compare.
+
+    ``reference_scorer`` is the PyTorch scorer with the constants the scorer
+    graph froze (it differs from ``model.scorer`` when the threshold was
+    overridden); ``None`` means the model's own.
+    """
+    sessions = {name: session(data) for name, data in graphs.items()}
+    tokens_t = torch.from_numpy(sample.token_ids.astype(np.int64))
+    lengths_t = torch.from_numpy(sample.lengths.astype(np.int64))
+    images_t = torch.from_numpy(sample.images)
+    errors: dict[str, float] = {}
+    if isinstance(model, CMPMModel):
+        image_input = "images"
+        ref_images = model.encode_image(images_t)
+        ref_captions = model.encode_text(tokens_t, lengths_t)
+        ref_scores = model.scores(ref_images, ref_captions)
+        score_feeds_ref = {"image_embeddings": ref_images.numpy(), "caption_embeddings": ref_captions.numpy()}
+    else:
+        image_input = "region_features"
+        scorer = reference_scorer if reference_scorer is not None else model.scorer
+        ref_images = model.encode_images(images_t)
+        ref_captions = model.encode_captions(tokens_t, lengths_t)
+        ref_scores = scorer(ref_images, ref_captions, lengths_t)
+        score_feeds_ref = {
+            "image_embeddings": ref_images.numpy(),
+            "caption_embeddings": ref_captions.numpy(),
+            "lengths": sample.lengths,
+        }
+    ort_images = _run(sessions["image_encoder"], {image_input: sample.images})
+    ort_captions = _run(sessions["text_encoder"], {"token_ids": sample.token_ids, "lengths": sample.lengths})
+    errors["image_encoder"] = _max_abs(ort_images, ref_images.numpy())
+    errors["text_encoder"] = _max_abs(ort_captions, ref_captions.numpy())
+    errors["scorer"] = _max_abs(_run(sessions["scorer"], score_feeds_ref), ref_scores.numpy())
+    chained_feeds = dict(score_feeds_ref, image_embeddings=ort_images, caption_embeddings=ort_captions)
+    ort_scores = _run(sessions["scorer"], chained_feeds)
+    errors["end_to_end"] = _max_abs(ort_scores, ref_scores.numpy())
+    return ParityResult(
+        max_abs_error=errors,
+        top_k_identical=top_k_identical(ort_scores, ref_scores.numpy()),
+        top_k=TOP_K,
+        sample={
+            "batch_images": int(sample.images.shape[0]),
+            "batch_captions": int(sample.token_ids.shape[0]),
+            "lengths": [int(x) for x in sample.lengths],
+            "seed": sample.seed,
+        },
+    )

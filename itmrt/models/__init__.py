@@ -1,0 +1,32 @@
+"""PyTorch reference models (NAAF, SCAN, CMPM) and checkpoint import/export.
+
+Names are re-exported lazily so ``import itmrt.models`` stays cheap and the
+submodules can import each other without cycles.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CMPMModel": "itmrt.models.cmpm",
+    "MobileNetV1": "itmrt.models.cmpm",
+    "CrossAttentionMatcher": "itmrt.models.matcher",
+    "load_checkpoint": "itmrt.models.checkpoint",
+    "load_released_checkpoint": "itmrt.models.checkpoint",
+    "save_released_checkpoint": "itmrt.models.checkpoint",
+    "matcher_from_opt": "itmrt.models.checkpoint",
+    "save_native": "itmrt.models.checkpoint",
+    "load_native": "itmrt.models.checkpoint",
+    "checkpoint_sha256": "itmrt.models.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'itmrt.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

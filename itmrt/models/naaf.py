@@ -1,0 +1,189 @@
+"""NAAF's image-caption score (MODELS.md section 2).
+
+Three forms of the same definition:
+
+- :func:`naaf_score_one` - the literal one-caption arithmetic of the released
+  scoring function (raw ``exp``, ``p / (sum p + 1e-8)``, explicit ``vhat``);
+- :func:`naaf_scores_loop` - that function looped over every image and caption
+  (the reference the batched form is tested against);
+- :func:`naaf_scores` - all images x all captions in one traceable call, with
+  padded caption tokens masked out and numerically safer arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from itmrt.models.ops import as_lengths, length_mask, masked_softmax
+
+Scalar = float | Tensor
+
+# Constants of the released code.
+LEAKY_SLOPE = 0.1
+NORM_EPS = 1e-8
+
+
+def naaf_score_one(
+    image: Tensor,
+    caption: Tensor,
+    threshold: Scalar,
+    lambda_softmax: Scalar = 20.0,
+    intra_factor: Scalar = 5.0,
+    propagate: bool = True,
+) -> Tensor:
+    """Score of one image ``[n, d]`` and one caption ``[m, d]`` (its real tokens only).
+
+    ``propagate=False`` gives the training-time score (negative mask straight
+    from ``r < 0``, no intra-caption propagation).
+    """
+    sims = caption @ image.t()  # s_ij, [m, n]
+    shifted = sims - threshold  # a_ij
+
+    # Step 3: negative branch.
+    row_max = shifted.max(dim=1).values  # r_i
+    if propagate:
+        intra = torch.softmax(intra_factor * (caption @ caption.t()), dim=1)  # W_il
+        decision = intra @ row_max  # q_i
+    else:
+        decision = row_max
+    negative = row_max * (decision < 0).to(row_max.dtype)
+
+    # Step 4: aggregated-feature part, released arithmetic (raw exp of a masked fill).
+    raw = torch.exp(shifted.masked_fill(shifted <= 0, -1e9) * lambda_softmax)
+    weights = raw / (raw.abs().sum(dim=1, keepdim=True) + NORM_EPS)
+    attended = weights @ image  # vhat_i, [m, d]
+    aggregated = (caption * attended).sum(dim=1) / attended.norm(dim=1).clamp(min=NORM_EPS)
+
+    # Step 5: relevance part.
+    clipped = nn.functional.leaky_relu(sims, LEAKY_SLOPE)
+    normalised = clipped / (clipped.pow(2).sum(dim=0, keepdim=True).sqrt() + NORM_EPS)
+    relevance_weights = torch.softmax(lambda_softmax * normalised, dim=1)
+    relevance = (relevance_weights * sims).sum(dim=1)
+
+    # Step 6.
+    return (negative + aggregated + relevance).mean()
+
+
+def naaf_scores_loop(
+    images: Tensor,
+    captions: Tensor,
+    lengths: Tensor | Sequence[int],
+    threshold: Scalar,
+    lambda_softmax: Scalar = 20.0,
+    intra_factor: Scalar = 5.0,
+    propagate: bool = True,
+) -> Tensor:
+    """``[Bi, Bc]`` scores by calling :func:`naaf_score_one` on every pair (reference only)."""
+    lengths_list = [int(length) for length in lengths]
+    scores = images.new_zeros(images.size(0), captions.size(0))
+    for c, length in enumerate(lengths_list):
+        caption = captions[c, :length]
+        for i in range(images.size(0)):
+            scores[i, c] = naaf_score_one(images[i], caption, threshold, lambda_softmax, intra_factor, propagate)
+    return scores
+
+
+def naaf_scores(
+    images: Tensor,
+    captions: Tensor,
+    lengths: Tensor | Sequence[int],
+    threshold: Scalar,
+    lambda_softmax: Scalar = 20.0,
+    intra_factor: Scalar = 5.0,
+    propagate: bool = True,
+) -> Tensor:
+    """Scores of every image ``[Bi, n, d]`` against every caption ``[Bc, L, d]`` -> ``[Bi, Bc]``.
+
+    Equal to :func:`naaf_scores_loop` (to rounding). Padded caption positions
+    (at and after ``lengths[c]``) are zeroed first and excluded from the intra-
+    caption softmax, the word-axis norm of step 5 and the mean of step 6, so
+    whatever they hold never changes a score.
+
+    Step 4 is computed as a max-shifted masked softmax. With ``r_i = max_j a_ij``
+    (the largest positive entry whenever word i has one) and
+    ``e_ij = exp(lambda * (a_ij - r_i))`` on the positive entries (0 elsewhere),
+    the released ``p_ij / (sum_j p_ij + 1e-8)`` with ``p_ij = exp(lambda * a_ij)``
+    is, after dividing numerator and denominator by ``exp(lambda * r_i)``,
+    exactly ``e_ij / (sum_j e_ij + 1e-8 * exp(-lambda * r_i))``. Every ``e_ij`` is
+    in (0, 1] and the epsilon term is at most 1e-8, so nothing overflows (float16
+    included). A word with no positive entry gets w = 0 and f = 0 (what the
+    released code gives); it is selected with ``where`` so that the epsilon
+    underflowing in float16 cannot produce 0/0, and ``r`` is clamped at 0 inside
+    the epsilon term so that the unused branch cannot overflow either.
+
+    ``vhat`` is never materialised: ``u_i . vhat_i = sum_j w_ij s_ij`` and
+    ``||vhat_i||^2 = w_i^T G w_i`` with the per-image Gram matrix ``G = V V^T``.
+    Memory is O(Bi * Bc * L * n).
+    """
+    num_words = captions.size(1)
+    lengths_t = as_lengths(lengths, captions.device)
+    token_mask = length_mask(lengths_t, num_words)  # [Bc, L]
+    captions = torch.where(token_mask.unsqueeze(-1), captions, torch.zeros_like(captions))
+    mask = token_mask.unsqueeze(0)  # [1, Bc, L], broadcasts over images
+
+    # Step 1-2: [Bi, Bc, L, n].
+    sims = torch.matmul(captions.unsqueeze(0), images.unsqueeze(1).transpose(-1, -2))
+    shifted = sims - threshold
+
+    # Step 3: negative branch with intra-caption propagation.
+    row_max = shifted.amax(dim=-1)  # r, [Bi, Bc, L]
+    row_max = torch.where(mask, row_max, torch.zeros_like(row_max))
+    if propagate:
+        word_logits = intra_factor * torch.matmul(captions, captions.transpose(-1, -2))  # [Bc, L, L]
+        intra = masked_softmax(word_logits, token_mask.unsqueeze(1), dim=-1)
+        decision = torch.matmul(intra.unsqueeze(0), row_max.unsqueeze(-1)).squeeze(-1)  # q
+    else:
+        decision = row_max
+    negative = torch.where(decision < 0, row_max, torch.zeros_like(row_max))
+
+    # Step 4: max-shifted masked softmax over the positive entries.
+    has_positive = row_max > 0
+    positive = shifted > 0
+    exps = torch.where(
+        positive, torch.exp(lambda_softmax * (shifted - row_max.unsqueeze(-1))), torch.zeros_like(shifted)
+    )
+    eps_term = NORM_EPS * torch.exp(-lambda_softmax * torch.clamp(row_max, min=0))
+    denominator = torch.where(has_positive, exps.sum(dim=-1) + eps_term, torch.ones_like(row_max))
+    weights = exps / denominator.unsqueeze(-1)  # w, [Bi, Bc, L, n]
+    dot = (weights * sims).sum(dim=-1)  # u . vhat
+    gram = torch.matmul(images, images.transpose(-1, -2)).unsqueeze(1)  # [Bi, 1, n, n]
+    norm_sq = (torch.matmul(weights, gram) * weights).sum(dim=-1)  # ||vhat||^2
+    vhat_norm = torch.sqrt(torch.clamp(norm_sq, min=NORM_EPS * NORM_EPS))  # = max(||vhat||, 1e-8)
+    aggregated = torch.where(has_positive, dot / vhat_norm, torch.zeros_like(dot))
+
+    # Step 5: relevance part, norm over the caption's real words only.
+    clipped = nn.functional.leaky_relu(sims, LEAKY_SLOPE)
+    clipped = torch.where(mask.unsqueeze(-1), clipped, torch.zeros_like(clipped))
+    normalised = clipped / (clipped.pow(2).sum(dim=-2, keepdim=True).sqrt() + NORM_EPS)
+    relevance_weights = torch.softmax(lambda_softmax * normalised, dim=-1)
+    relevance = (relevance_weights * sims).sum(dim=-1)
+
+    # Step 6: mean over the real words.
+    per_word = torch.where(mask, negative + aggregated + relevance, torch.zeros_like(relevance))
+    return per_word.sum(dim=-1) / lengths_t.to(per_word.dtype).unsqueeze(0)
+
+
+class NAAFScorer(nn.Module):
+    """NAAF's test-time score as a module; its constants are float32 buffers (saved in the state dict)."""
+
+    threshold: Tensor
+    lambda_softmax: Tensor
+    intra_factor: Tensor
+
+    def __init__(self, threshold: float, lambda_softmax: float = 20.0, intra_factor: float = 5.0) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
+        self.register_buffer("lambda_softmax", torch.tensor(float(lambda_softmax), dtype=torch.float32))
+        self.register_buffer("intra_factor", torch.tensor(float(intra_factor), dtype=torch.float32))
+
+    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor | Sequence[int]) -> Tensor:
+        return naaf_scores(images, captions, lengths, self.threshold, self.lambda_softmax, self.intra_factor)
+
+    def extra_repr(self) -> str:
+        return (
+            f"threshold={float(self.threshold):.6g}, lambda_softmax={float(self.lambda_softmax):g}, "
+            f"intra_factor={float(self.intra_factor):g}"
+        )

@@ -1,0 +1,27 @@
+"""Shared fixtures: where ../shared is, and skips for what this machine lacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+VOCAB_DIR = SHARED_DIR / "data" / "vocab"
+TRT_OPS_TSV = SHARED_DIR / "data" / "tensorrt10_onnx_ops.tsv"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared folder beside the project; tests that read it skip when it is absent."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip("../shared is not beside the project")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(shared_dir: Path) -> Path:
+    if not VOCAB_DIR.is_dir():
+        pytest.skip("../shared/data/vocab is absent")
+    return VOCAB_DIR
