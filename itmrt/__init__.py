@@ -4,3 +4,12 @@ The top-level package imports nothing heavy: ``import itmrt`` never pulls in tor
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    """``itmrt.load`` imports the runtime (numpy + onnxruntime) on first use, not with ``import itmrt``."""
+    if name == "load":
+        from itmrt.runtime import load
+
+        return load
+    raise AttributeError(f"module 'itmrt' has no attribute {name!r}")

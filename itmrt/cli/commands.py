@@ -2,3 +2,4 @@
 
 from itmrt.cli import eval_cmd  # noqa: F401
 from itmrt.cli import export_cmd, check_cmd  # noqa: F401,E402
+from itmrt.cli import infer_cmd, index_cmd  # noqa: F401,E402

@@ -99,8 +99,14 @@ def build_graphs(model: CrossAttentionMatcher | CMPMModel, options: ExportOption
             "text_encoder": graphs_text.cmpm_text_encoder_graph(model.text_encoder, opset),
             "scorer": graphs_scorer.cosine_scorer_graph(model.embed_size, opset),
         }
-        dims = {key: model.config[key] for key in ("vocab_size", "word_dim", "lstm_hidden", "embed_size", "width_mult", "image_size")}
-        constants = {"threshold": None, "lambda_softmax": None, "intra_factor": None, "scorer_options": {"score": "cosine"}, "max_over_padding": model.max_over_padding}
+        dim_keys = ("vocab_size", "word_dim", "lstm_hidden", "embed_size", "width_mult", "image_size")
+        dims = {key: model.config[key] for key in dim_keys}
+        constants: dict[str, Any] = {
+            "threshold": None,
+            "lambda_softmax": None,
+            "intra_factor": None,
+            "scorer_options": {"score": "cosine", "max_over_padding": model.max_over_padding},
+        }
         return BuiltGraphs(models, "cmpm", dims, constants, None, (3, model.image_size, model.image_size))
 
     image_encoder, text_encoder = model.image_encoder, model.text_encoder
@@ -283,6 +289,12 @@ def export_bundle(
         + f"; top-{parity.top_k} rankings {'identical' if parity.top_k_identical else 'DIFFER'}"
     )
     worst_name, worst = parity.worst()
+    if not all(math.isfinite(error) for error in parity.max_abs_error.values()):
+        bad = next(name for name, error in parity.max_abs_error.items() if not math.isfinite(error))
+        raise ItmrtError(
+            f"parity check failed: {bad} gives NaN or infinite values on the sample inputs (are the weights finite?); "
+            "no bundle was written"
+        )
     if not worst <= options.tolerance:
         raise ItmrtError(
             f"parity check failed: {worst_name} differs from PyTorch by {worst:.3g} > tolerance {options.tolerance:g}; "

@@ -87,7 +87,8 @@ def _sequential_cnn(g: GraphBuilder, x: str, backbone: nn.Module) -> str:
     while index < len(leaves):
         module = leaves[index]
         if isinstance(module, nn.Conv2d):
-            bn = leaves[index + 1] if index + 1 < len(leaves) and isinstance(leaves[index + 1], nn.BatchNorm2d) else None
+            following = leaves[index + 1] if index + 1 < len(leaves) else None
+            bn = following if isinstance(following, nn.BatchNorm2d) else None
             x = _conv(g, x, module, bn, f"conv{layer}")
             index += 2 if bn is not None else 1
             layer += 1

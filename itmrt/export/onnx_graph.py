@@ -11,6 +11,7 @@ reduction axes) so a converter reads like the model's ``forward``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -96,7 +97,7 @@ class GraphBuilder:
 
     def const(self, value: float | int | Sequence[int] | Sequence[float] | np.ndarray, dtype: type = np.float32) -> str:
         """An anonymous constant initializer (deduplicated by value)."""
-        array = np.asarray(value, dtype=dtype)
+        array: np.ndarray = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.tobytes(), array.shape)
         if key not in self._constants:
             name = self._unique("const")
@@ -104,7 +105,7 @@ class GraphBuilder:
             self._constants[key] = name
         return self._constants[key]
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, out: str | None = None, **attrs: object) -> str:
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, out: str | None = None, **attrs: Any) -> str:
         """Add one single-output node and return its output name."""
         output = out if out is not None else self._unique(hint or op_type.lower())
         if out is not None:
@@ -112,7 +113,7 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=self._unique(f"{hint or op_type}_node"), **attrs))
         return output
 
-    def op_multi(self, op_type: str, inputs: Sequence[str], num_outputs: int, hint: str, **attrs: object) -> list[str]:
+    def op_multi(self, op_type: str, inputs: Sequence[str], num_outputs: int, hint: str, **attrs: Any) -> list[str]:
         """Add a node with several outputs (an empty string skips an optional one)."""
         outputs = [self._unique(f"{hint}_out{k}") for k in range(num_outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=self._unique(f"{hint}_node"), **attrs))

@@ -232,8 +232,14 @@ def save_released_checkpoint(
     epoch: int = 0,
     best_rsum: float = 0.0,
     eiters: int = 0,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``matcher`` in the authors' layout (atomically), readable by their code and by itmrt."""
+    """Write ``matcher`` in the authors' layout (atomically), readable by their code and by itmrt.
+
+    ``extra`` entries (e.g. a trainer's optimizer state) are stored beside the
+    released keys; they must be plain tensors, numbers, strings, lists and dicts
+    so the file still loads with ``weights_only=True``.
+    """
     for name, value in matcher.opt.items():
         _check_plain(value, name)
     content = {
@@ -243,6 +249,11 @@ def save_released_checkpoint(
         "opt": argparse.Namespace(**matcher.opt),
         "Eiters": int(eiters),
     }
+    if extra:
+        clash = set(extra) & set(content)
+        if clash:
+            raise ValueError(f"extra entries may not replace released keys: {sorted(clash)}")
+        content.update(extra)
     buffer = io.BytesIO()
     torch.save(content, buffer)
     return atomic_write_bytes(path, buffer.getvalue())

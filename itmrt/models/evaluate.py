@@ -40,7 +40,7 @@ def encode_images(model, features: np.ndarray, batch_size: int = 128, progress: 
     """Region features [N, n, img_dim] -> region embeddings [N, n, d] (float32, CPU)."""
     out = []
     for start, stop in _batches(len(features), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(features[start:stop], dtype=np.float32))
+        batch = torch.from_numpy(np.array(features[start:stop], dtype=np.float32))  # a writable copy of the memmap slice
         out.append(model.encode_images(batch))
         if progress:
             progress(stop - start)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from itmrt.io import atomic_write_text
 from itmrt.errors import ItmrtError, VocabularyError
 from itmrt.text.tokenize import word_tokenize
 
@@ -111,16 +110,7 @@ class Vocabulary:
             "word2idx": {self.idx2word[index]: index for index in range(len(self))},
             "idx": len(self),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as temp:
-                json.dump(document, temp, ensure_ascii=False)
-            os.replace(temp_name, path)
-        except BaseException:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
-            raise
+        atomic_write_text(path, json.dumps(document, ensure_ascii=False))
 
     # -- lookup -------------------------------------------------------------
 

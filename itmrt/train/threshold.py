@@ -32,14 +32,15 @@ Statistics are computed in float64 (the released code used float32).
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from itmrt.io import atomic_write_bytes
 
 __all__ = [
     "ThresholdLearner",
@@ -248,14 +249,7 @@ def plot_trajectory(trajectory: Sequence[ThresholdRecord | Sequence[float]], pat
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=100)
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
     return path

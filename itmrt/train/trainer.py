@@ -22,7 +22,6 @@ after epoch k trains epoch k+1 exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import time
@@ -35,7 +34,7 @@ import torch
 
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import DataError, ItmrtError
-from itmrt.io import atomic_write_bytes, atomic_write_text
+from itmrt.io import atomic_write_text
 from itmrt.models.checkpoint import load_released_checkpoint, save_released_checkpoint
 from itmrt.models.evaluate import encode_captions, encode_images, score_matrix
 from itmrt.models.matcher import CrossAttentionMatcher
@@ -65,6 +64,7 @@ class TrainConfig:
     lr_decay_epoch: int | None = None  # multiply the rate by 0.1 from this epoch on
     margin: float = 0.2
     max_violation: bool = True
+    warmup_epochs: int = 1  # epochs that sum over all negatives before hardest-negative mining starts
     grad_clip: float = 2.0
     embed_size: int = 256
     word_dim: int = 128
@@ -195,18 +195,6 @@ def _sync_thresholds(model: CrossAttentionMatcher, learner: ThresholdLearner) ->
     model.scorer.threshold.fill_(float(learner.thres_safe))
 
 
-def _save(path: Path, model: CrossAttentionMatcher, epoch: int, best_rsum: float, eiters: int,
-          extra: dict[str, Any] | None = None) -> None:
-    save_released_checkpoint(path, model, epoch=epoch, best_rsum=best_rsum, eiters=eiters)
-    if extra:
-        # Optimiser state and the threshold trajectory ride along as plain tensors/numbers.
-        content = torch.load(path, map_location="cpu", weights_only=False)
-        content.update(extra)
-        buffer = io.BytesIO()
-        torch.save(content, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
-
-
 def train(config: TrainConfig, resume: bool = False, progress: Callable[[str, int], ProgressFn] | None = None,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train NAAF or SCAN on ``config.data_dir`` (train split) and validate on ``config.val_split``."""
@@ -277,7 +265,8 @@ def train(config: TrainConfig, resume: bool = False, progress: Callable[[str, in
             image_emb = model.encode_images(features.to(device))
             caption_emb = model.encode_captions(tokens.to(device), lengths)
             scores = _training_scores(model, image_emb, caption_emb, lengths.to(device), learner)
-            loss = triplet_loss(scores, margin=config.margin, max_violation=config.max_violation)
+            hardest = config.max_violation and epoch >= config.warmup_epochs
+            loss = triplet_loss(scores, margin=config.margin, max_violation=hardest)
             optimizer.zero_grad()
             loss.backward()
             if config.grad_clip > 0:
@@ -306,7 +295,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Callable[[str, in
         extra: dict[str, Any] = {"optimizer": optimizer.state_dict()}
         if model.family == "naaf":
             extra["threshold_trajectory"] = [list(map(float, r)) for r in learner.trajectory]
-        _save(last_path, model, epoch, best_rsum, eiters, extra)
+        save_released_checkpoint(last_path, model, epoch=epoch, best_rsum=best_rsum, eiters=eiters, extra=extra)
         if is_best:
             save_released_checkpoint(best_path, model, epoch=epoch, best_rsum=best_rsum, eiters=eiters)
         model.to(device)

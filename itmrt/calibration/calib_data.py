@@ -1,0 +1,307 @@
+"""Calibration and sample data for precision variants: streamed in batches, checked against the bundle.
+
+A calibration folder is the user's own data in the layout of the model family:
+precomputed region features (``{split}_ims.npy`` + ``{split}_caps.txt``, see
+:mod:`itmrt.data.precomp`) for NAAF/SCAN, or images (``{split}_images.npy`` +
+captions, see :mod:`itmrt.data.images`) for CMPM. Only the sampled rows are
+read, one batch at a time from the memory-mapped arrays, so a large split
+never has to fit in memory. The folder is refused with a one-line error when
+its dimensions or vocabulary do not match the bundle, or when it holds fewer
+than ``min_samples`` images.
+
+The scorer's calibration inputs are embeddings: they come from running the
+bundle's float32 encoders on the same batches.
+
+Only numpy, onnxruntime and tqdm are imported here (no torch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader
+from tqdm import tqdm
+
+from itmrt.errors import DataError, ItmrtError, VocabularyError
+from itmrt.text.vocab import Vocabulary
+
+Feeds = dict[str, np.ndarray]
+DEFAULT_SAMPLES = 256
+DEFAULT_MIN_SAMPLES = 32
+DEFAULT_BATCH = 16
+MAX_UNKNOWN_SHARE = 0.5  # more unknown words than this: the captions are not in the bundle's vocabulary
+
+
+def ort_session(path_or_bytes: str | Path | bytes) -> ort.InferenceSession:
+    """A quiet CPU session (the FP16 converter's clipped constants make ORT warn otherwise)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def _numpy_dtype(manifest: dict[str, Any], graph: str, input_name: str) -> np.dtype[Any]:
+    for entry in manifest["graphs"][graph]["inputs"]:
+        if entry["name"] == input_name:
+            return np.dtype(entry["dtype"])
+    raise ItmrtError(f"the bundle's {graph} has no input '{input_name}'; export the bundle again")
+
+
+def _max_length(manifest: dict[str, Any]) -> int:
+    ranges = manifest["graphs"]["text_encoder"].get("shape_ranges", {})
+    return int(ranges.get("max_length", {}).get("max", 64))
+
+
+@dataclass
+class CalibrationData:
+    """A sample of the user's data, read lazily: ``images[rows]`` and the captions of those images."""
+
+    data_dir: Path
+    split: str
+    family: str
+    images: np.ndarray  # memmap: features [N, n, d] or uint8 pixels [N, H, W, 3]
+    rows: np.ndarray  # which images are sampled (sorted)
+    captions: list[list[str]]  # captions of each sampled image
+    vocabulary: Vocabulary
+    max_length: int
+    token_dtype: np.dtype[Any]
+    length_dtype: np.dtype[Any]
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.rows))
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the sample (file sizes, rows, split): the calibration entry records it."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.data_dir.resolve()}|{self.split}|{self.images.shape}".encode())
+        digest.update(self.rows.astype(np.int64).tobytes())
+        return digest.hexdigest()
+
+    def describe(self) -> str:
+        return f"{self.data_dir} split '{self.split}' ({self.num_samples} images)"
+
+    # -- batches ---------------------------------------------------------
+    def image_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Graph-ready image inputs of the sampled rows, ``batch_size`` at a time."""
+        for start in range(0, len(self.rows), batch_size):
+            block = np.asarray(self.images[self.rows[start : start + batch_size]])
+            if self.family == "cmpm":
+                from itmrt.data.images import preprocess_images
+
+                yield preprocess_images(block)
+            else:
+                yield np.ascontiguousarray(block, dtype=np.float32)
+
+    def caption_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and lengths of the captions of ``batch_size`` sampled images at a time."""
+        for start in range(0, len(self.rows), batch_size):
+            texts = [caption for captions in self.captions[start : start + batch_size] for caption in captions]
+            tokens, lengths = self.vocabulary.encode_batch(texts, max_length=self.max_length)
+            yield tokens.astype(self.token_dtype), lengths.astype(self.length_dtype)
+
+    def paired_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        yield from (
+            (images, tokens, lengths)
+            for images, (tokens, lengths) in zip(self.image_batches(batch_size), self.caption_batches(batch_size))
+        )
+
+
+def _sample_rows(available: int, samples: int) -> np.ndarray:
+    """``samples`` rows spread evenly over the split (deterministic; all rows when fewer)."""
+    if samples >= available:
+        return np.arange(available)
+    return np.unique(np.linspace(0, available - 1, samples).round().astype(np.int64))
+
+
+def _check_vocabulary(data_dir: Path, vocabulary: Vocabulary, manifest: dict[str, Any]) -> None:
+    data_vocab = data_dir / "vocab.json"
+    if data_vocab.is_file():
+        theirs = Vocabulary.from_json(data_vocab)
+        if theirs.sha256 != manifest["vocab"]["content_sha256"]:
+            raise VocabularyError(
+                f"{data_vocab} ({len(theirs)} words) is not the bundle's vocabulary ({manifest['vocab']['size']} words); "
+                "calibrate with data tokenised by the model's vocabulary"
+            )
+
+
+def _check_unknown_share(captions: list[list[str]], vocabulary: Vocabulary, data_dir: Path) -> None:
+    ids = [token for group in captions for caption in group[:1] for token in vocabulary.encode(caption)[1:-1]]
+    if ids and sum(token == vocabulary.unk_id for token in ids) / len(ids) > MAX_UNKNOWN_SHARE:
+        raise VocabularyError(
+            f"most caption words in {data_dir} are not in the bundle's vocabulary; "
+            "these captions do not belong to this model's vocabulary"
+        )
+
+
+def open_calibration_data(
+    bundle: Path,
+    manifest: dict[str, Any],
+    data_dir: str | Path,
+    split: str = "train",
+    samples: int = DEFAULT_SAMPLES,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+) -> CalibrationData:
+    """Open ``data_dir``'s ``split``, check it against the bundle, and pick ``samples`` images from it."""
+    folder = Path(data_dir)
+    family = str(manifest["family"])
+    dims = manifest["dims"]
+    if samples < 1:
+        raise ItmrtError(f"--samples must be at least 1, not {samples}")
+    vocabulary = Vocabulary.from_json(bundle / manifest["vocab"]["file"])
+    _check_vocabulary(folder, vocabulary, manifest)
+    if family == "cmpm":
+        from itmrt.data.images import ImageCaptionSplit
+
+        image_split = ImageCaptionSplit.open(folder, split)
+        images = image_split.images
+        size = int(dims["image_size"])
+        if images.shape[1:3] != (size, size):
+            raise DataError(
+                f"{folder} split '{split}' has {images.shape[1]}x{images.shape[2]} images; "
+                f"the bundle's image encoder takes {size}x{size}: resize the calibration images"
+            )
+        by_image: list[list[str]] = [[] for _ in range(images.shape[0])]
+        for caption, image in zip(image_split.captions, image_split.caption_image):
+            by_image[int(image)].append(caption)
+    else:
+        from itmrt.data.precomp import PrecompSplit
+
+        precomp = PrecompSplit.open(folder, split)
+        images = precomp.images
+        if precomp.img_dim != int(dims["img_dim"]) or precomp.num_regions != int(dims["num_regions"]):
+            raise DataError(
+                f"{folder} split '{split}' has {precomp.num_regions} regions x {precomp.img_dim} features per image; "
+                f"the bundle expects {dims['num_regions']} x {dims['img_dim']}: calibrate with the model's feature type"
+            )
+        by_image = [list(precomp.captions[i * precomp.captions_per_image : (i + 1) * precomp.captions_per_image])
+                    for i in range(precomp.num_images)]
+    available = sum(1 for captions in by_image if captions)
+    if available < min_samples:
+        raise DataError(
+            f"{folder} split '{split}' holds {available} images with captions; calibration needs at least {min_samples}: "
+            "use a larger split"
+        )
+    rows = _sample_rows(int(images.shape[0]), samples)
+    rows = np.array([row for row in rows if by_image[int(row)]], dtype=np.int64)
+    chosen = [by_image[int(row)] for row in rows]
+    _check_unknown_share(chosen, vocabulary, folder)
+    return CalibrationData(
+        folder, split, family, images, rows, chosen, vocabulary, _max_length(manifest),
+        _numpy_dtype(manifest, "text_encoder", "token_ids"), _numpy_dtype(manifest, "text_encoder", "lengths"),
+    )
+
+
+def random_sample(manifest: dict[str, Any], num_images: int = 8, num_captions: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random graph inputs shaped like the bundle's (used when no calibration data is given).
+
+    Region features are non-negative (as bottom-up-attention features are);
+    caption lengths mix 2 .. min(12, max) so padding is exercised.
+    """
+    rng = np.random.default_rng(seed)
+    dims = manifest["dims"]
+    if manifest["family"] == "cmpm":
+        size = int(dims["image_size"])
+        images = rng.standard_normal((num_images, 3, size, size)).astype(np.float32)
+    else:
+        images = np.abs(rng.standard_normal((num_images, int(dims["num_regions"]), int(dims["img_dim"])))).astype(np.float32)
+    longest = max(2, min(12, _max_length(manifest)))
+    lengths = np.resize(np.arange(2, longest + 1), num_captions)
+    lengths[0] = longest
+    vocab_size = int(dims["vocab_size"])
+    tokens = np.zeros((num_captions, longest), dtype=np.int64)
+    for row, length in enumerate(lengths):
+        tokens[row, 0], tokens[row, length - 1] = manifest["vocab"]["start_id"], manifest["vocab"]["end_id"]
+        tokens[row, 1 : length - 1] = rng.integers(4, vocab_size, length - 2)
+    return (
+        images,
+        tokens.astype(_numpy_dtype(manifest, "text_encoder", "token_ids")),
+        lengths.astype(_numpy_dtype(manifest, "text_encoder", "lengths")),
+    )
+
+
+class FeedMaker:
+    """Turns (images, tokens, lengths) batches into each graph's feeds, running the fp32 encoders for the scorer."""
+
+    def __init__(self, bundle: Path, manifest: dict[str, Any]) -> None:
+        self.bundle = bundle
+        self.manifest = manifest
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.image_input = manifest["graphs"]["image_encoder"]["inputs"][0]["name"]
+        self.scorer_inputs = [entry["name"] for entry in manifest["graphs"]["scorer"]["inputs"]]
+
+    def _session(self, graph: str) -> ort.InferenceSession:
+        if graph not in self._sessions:
+            self._sessions[graph] = ort_session(self.bundle / self.manifest["graphs"][graph]["file"])
+        return self._sessions[graph]
+
+    def feeds(self, graph: str, images: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> Feeds:
+        if graph == "image_encoder":
+            return {self.image_input: images}
+        text_feeds = {"token_ids": tokens, "lengths": lengths}
+        if graph == "text_encoder":
+            return text_feeds
+        if graph != "scorer":
+            raise ItmrtError(f"unknown graph '{graph}'")
+        available = {
+            "image_embeddings": self._session("image_encoder").run(None, {self.image_input: images})[0],
+            "caption_embeddings": self._session("text_encoder").run(None, text_feeds)[0],
+            "lengths": lengths,
+        }
+        return {name: available[name] for name in self.scorer_inputs}
+
+
+class StreamingCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
+    """ONNX Runtime's calibration reader over a batch stream, with a tqdm progress bar on stderr.
+
+    ``make_stream`` is called again on :meth:`rewind`, so every pass reads the
+    data afresh instead of holding it in memory.
+    """
+
+    def __init__(self, make_stream: Callable[[], Iterator[Feeds]], total: int, label: str, progress: bool = True) -> None:
+        self.make_stream = make_stream
+        self.total = total
+        self.label = label
+        self.progress = progress
+        self._stream: Iterator[Feeds] | None = None
+        self._bar: Any = None
+        self.batches_read = 0
+
+    def get_next(self) -> Feeds | None:
+        if self._stream is None:
+            self._stream = self.make_stream()
+            self._bar = tqdm(total=self.total, desc=self.label, unit="batch", file=sys.stderr, disable=not self.progress, leave=False)
+        item = next(self._stream, None)
+        if item is None:
+            self._bar.close()
+            return None
+        self.batches_read += 1
+        self._bar.update(1)
+        return item
+
+    def rewind(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._stream = None
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def calibration_reader(data: CalibrationData, feeds: FeedMaker, graph: str, batch_size: int = DEFAULT_BATCH, progress: bool = True) -> StreamingCalibrationReader:
+    """A reader that streams ``graph``'s inputs for the sampled calibration data."""
+    total = -(-data.num_samples // batch_size)
+
+    def stream() -> Iterator[Feeds]:
+        for images, tokens, lengths in data.paired_batches(batch_size):
+            yield feeds.feeds(graph, images, tokens, lengths)
+
+    return StreamingCalibrationReader(stream, total, f"calibrating {graph}", progress)

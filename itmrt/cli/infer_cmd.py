@@ -1,0 +1,183 @@
+"""``itmrt infer``: retrieval with a bundle, a gallery, or (for comparison) the PyTorch checkpoint.
+
+Every path writes the same outputs: ``results.jsonl`` (one line per caption
+query with its top-k images, one per image query with its top-k captions) and,
+with ``--scores-out``, the ``images x captions`` float32 score matrix - so any
+two paths (checkpoint vs bundle, fp32 vs int8, ORT vs TensorRT) compare on the
+command line.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from itmrt.cli.app import app
+from itmrt.errors import ItmrtError
+
+
+def _say_warning(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def _check_outputs(paths: list[Path | None], overwrite: bool) -> None:
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ItmrtError(f"{path} is a folder; give a file path")
+        if path.exists() and not overwrite:
+            raise ItmrtError(f"{path} already exists; pass --overwrite to replace it or choose another path")
+
+
+def results_jsonl(captions: list[str], t2i: Any, i2t: Any) -> str:
+    """One JSON line per caption query (best images) then per image query (best captions)."""
+    import json
+
+    lines = []
+    for j, caption in enumerate(captions):
+        ids, scores = t2i.indices[j], t2i.scores[j]
+        lines.append(json.dumps({"query": "caption", "index": j, "caption": caption,
+                                 "images": [int(x) for x in ids], "scores": [float(s) for s in scores]}))
+    for i in range(i2t.indices.shape[0]):
+        lines.append(json.dumps({"query": "image", "index": i,
+                                 "captions": [int(x) for x in i2t.indices[i]], "scores": [float(s) for s in i2t.scores[i]]}))
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any) -> None:
+    import io
+
+    import numpy as np
+
+    from itmrt.io import atomic_write_bytes, atomic_write_text
+
+    if scores_out is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(scores, dtype=np.float32))
+        atomic_write_bytes(scores_out, buffer.getvalue())
+    atomic_write_text(out, results_jsonl(captions, t2i, i2t))
+
+
+def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, captions: list[str],
+                      max_length: int | None, on_long: str, batch_size: int) -> Any:
+    """The PyTorch reference's score matrix (images x captions); the only path that imports torch."""
+    import numpy as np
+    import torch
+
+    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.models.evaluate import EncodedCaptions, encode_images, load_vocabulary_for, score_matrix
+    from itmrt.runtime.encoders import tokenize
+    from itmrt.runtime.gallery import load_features
+
+    model = load_checkpoint(checkpoint).eval()
+    vocab = load_vocabulary_for(model, vocab_path)
+    features = load_features(images_path)
+    ids = tokenize(vocab, captions, max_length, on_long, _say_warning)
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            part = ids[start : start + batch_size]
+            tokens = np.full((len(part), max(len(x) for x in part)), vocab.pad_id, dtype=np.int64)
+            for row, seq in enumerate(part):
+                tokens[row, : len(seq)] = seq
+            lens = torch.from_numpy(lengths[start : start + batch_size])
+            if hasattr(model, "encode_captions"):
+                emb = model.encode_captions(torch.from_numpy(tokens), lens)
+                chunks.append(torch.nn.functional.pad(emb, (0, 0, 0, int(lengths.max()) - emb.shape[1])))
+            else:
+                chunks.append(model.encode_text(torch.from_numpy(tokens), lens))
+        caption_emb = torch.cat(chunks)
+        if hasattr(model, "encode_images"):
+            expected = model.image_encoder.img_dim
+            if features.ndim != 3 or features.shape[2] != expected:
+                raise ItmrtError(f"{images_path} has shape {features.shape}; the checkpoint expects images x regions x {expected}")
+            image_emb = encode_images(model, features, batch_size)
+            return score_matrix(model, image_emb, EncodedCaptions(caption_emb, torch.from_numpy(lengths)))
+        if features.ndim != 4 or features.shape[1] != 3:
+            raise ItmrtError(f"{images_path} has shape {features.shape}; a CMPM checkpoint takes images x 3 x H x W")
+        image_chunks = [model.encode_image(torch.from_numpy(np.ascontiguousarray(features[s : s + batch_size], dtype=np.float32)))
+                        for s in range(0, len(features), batch_size)]
+        return model.scores(torch.cat(image_chunks), caption_emb).numpy()
+
+
+@app.command("infer")
+def infer_command(
+    source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
+    captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
+    images: Path | None = typer.Option(None, "--images", help="Image features .npy (region features; CMPM: images x 3 x H x W)."),
+    gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
+    backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (the bundle must hold that variant)."),
+    providers: str | None = typer.Option(None, "--providers", help="ONNX Runtime providers, comma-separated (tensorrt,cuda,cpu); default: available ones in that order."),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core)."),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
+    on_long: str = typer.Option("truncate", "--on-long", help="Captions over the limit: truncate (with a warning) or refuse."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images / captions per encoder batch."),
+    memory_mb: int = typer.Option(256, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
+    out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
+    scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
+    from itmrt.data.precomp import read_captions
+    from itmrt.runtime.bundle import is_bundle
+    from itmrt.runtime.gallery import is_gallery
+
+    _check_outputs([out, scores_out], overwrite)
+    if scores_out is not None and scores_out.resolve() == out.resolve():
+        raise ItmrtError("--out and --scores-out name the same file")
+    captions = read_captions(captions_path)
+    started = time.perf_counter()
+
+    if source.is_file():
+        if vocab is None:
+            raise ItmrtError(f"{source} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
+        if images is None:
+            raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
+        from itmrt.runtime.tiled import top_k_of_matrix
+
+        scores = _reference_scores(source, vocab, images, captions, max_length, on_long, batch_size)
+        t2i, i2t = top_k_of_matrix(scores, top_k)
+        _write_outputs(out, scores_out, captions, t2i, i2t, scores)
+        typer.echo(f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions in {time.perf_counter() - started:.1f}s; wrote {out}")
+        return
+
+    from itmrt.runtime.api import load
+    from itmrt.runtime.gallery import load_features, read_gallery
+
+    if is_gallery(source):
+        if gallery_path is not None:
+            raise ItmrtError("give either a gallery as the source or --gallery, not both")
+        gallery_path, bundle_path = source, read_gallery(source).bundle_path
+    elif is_bundle(source):
+        bundle_path = source
+    elif not source.exists():
+        raise ItmrtError(f"{source} does not exist; give a bundle folder, a gallery folder or a checkpoint file")
+    else:
+        raise ItmrtError(f"{source} is neither an itmrt bundle, a gallery nor a checkpoint file")
+    if (gallery_path is None) == (images is None):
+        raise ItmrtError("give exactly one of --images FEATS.npy or a gallery (as the source or --gallery)")
+    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
+    runtime = load(bundle_path, backend, precision, provider_list, threads, max_length,
+                   on_long, batch_size, memory_mb << 20, _say_warning)
+    if gallery_path is not None:
+        image_set: Any = runtime.open_gallery(gallery_path)
+        n_images = len(image_set)
+    else:
+        assert images is not None
+        image_set = runtime.encode_images(load_features(images), source=str(images))
+        n_images = image_set.shape[0]
+    encoded = runtime.encode_captions(captions)
+    result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None)
+    _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores)
+    typer.echo(
+        f"{backend}/{precision}: {n_images} images x {len(captions)} captions in {time.perf_counter() - started:.1f}s "
+        f"({result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}); wrote {out}"
+    )

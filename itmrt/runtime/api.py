@@ -1,0 +1,175 @@
+"""The runtime's Python API: ``itmrt.runtime.load(bundle)`` and what it returns.
+
+Example::
+
+    import itmrt
+    rt = itmrt.load("bundle/")                      # ONNX Runtime, fp32
+    gallery = rt.index(features, "gallery/")        # image embeddings, once
+    hits = rt.search_text_to_image(["a dog on grass"], gallery, k=5)
+    hits.indices[0], hits.scores[0]                 # best images of caption 0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from itmrt.errors import ItmrtError
+from itmrt.runtime.backends import Backend, SessionSettings, open_backend
+from itmrt.runtime.bundle import BundleInfo, read_bundle
+from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, Warn, check_image_input
+from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
+from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, TopK, score_tiled
+from itmrt.text.vocab import Vocabulary
+
+
+class Runtime:
+    """A bundle's three graphs on one backend and precision, with encoders and a tiled scorer."""
+
+    def __init__(
+        self,
+        bundle: BundleInfo,
+        backend: str = "ort",
+        precision: str = "fp32",
+        settings: SessionSettings | None = None,
+        max_length: int | None = None,
+        on_long: str = "truncate",
+        batch_size: int = 128,
+        budget_bytes: int = DEFAULT_BUDGET_BYTES,
+        warn: Warn | None = None,
+    ) -> None:
+        self.bundle, self.backend_name, self.precision = bundle, backend, precision
+        self.budget_bytes = budget_bytes
+        self.backends: dict[str, Backend] = {
+            name: open_backend(bundle, name, backend, precision, settings) for name in ("image_encoder", "text_encoder", "scorer")
+        }
+        manifest = bundle.manifest
+        self.vocab = Vocabulary.from_json(bundle.vocab_file())
+        expected_vocab = (manifest.get("vocab") or {}).get("size", manifest["dims"].get("vocab_size"))
+        if expected_vocab is not None and len(self.vocab) != int(expected_vocab):
+            raise ItmrtError(f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {expected_vocab}")
+        self.batch_limit = _range_max(bundle, "batch_images")
+        self.caption_limit = _range_max(bundle, "batch_captions")
+        profile_length = _range_max(bundle, "max_length")
+        if max_length is not None and profile_length is not None and max_length > profile_length and backend == "trt":
+            raise ItmrtError(f"--max-length {max_length} exceeds the engine profile's {profile_length}; use at most {profile_length}")
+        self.max_length = max_length if max_length is not None else profile_length
+        # CMPM's released max over padding makes an embedding depend on its batch's padding: no bucketing then.
+        bucket = not bool(manifest.get("max_over_padding", False))
+        self.text_encoder = CaptionEncoder(
+            self.backends["text_encoder"], self.vocab, bundle.cross_attention, self.max_length, on_long,
+            batch_size, self.caption_limit if backend == "trt" else None, bucket, warn,
+        )
+        image_input = bundle.graph_inputs("image_encoder")[0]
+        self._image_input = image_input
+        self.image_encoder = ImageEncoder(
+            self.backends["image_encoder"], image_input["name"], batch_size, self.batch_limit if backend == "trt" else None
+        )
+
+    # -- encoding -----------------------------------------------------------
+
+    @property
+    def image_input_shape(self) -> list[int | str]:
+        return list(self._image_input["shape"])
+
+    def check_images(self, features: np.ndarray, source: str = "image features") -> None:
+        ranges = {axis: self.bundle.shape_range(axis) for axis in self.image_input_shape if isinstance(axis, str)}
+        check_image_input(features, self.image_input_shape, ranges, source)
+
+    def encode_images(self, features: np.ndarray, source: str = "image features") -> np.ndarray:
+        """Region features ``[N, n, img_dim]`` (CMPM: images ``[N, 3, H, W]``) -> embeddings."""
+        self.check_images(features, source)
+        return self.image_encoder.encode(features)
+
+    def encode_captions(self, captions: Sequence[str]) -> CaptionEmbeddings:
+        """Captions -> token embeddings (CMPM: caption embeddings) and lengths."""
+        if isinstance(captions, str):
+            raise ItmrtError("encode_captions takes a list of captions, not one string")
+        return self.text_encoder.encode(list(captions))
+
+    # -- scoring ------------------------------------------------------------
+
+    def _image_embeddings(self, images: np.ndarray | Gallery) -> np.ndarray:
+        if isinstance(images, Gallery):
+            images.check_bundle(self.bundle)
+            return images.embeddings
+        return images
+
+    def rank(
+        self,
+        images: np.ndarray | Gallery,
+        captions: CaptionEmbeddings,
+        top_k: int = 10,
+        keep_scores: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> ScoreResult:
+        """Tiled scoring of image embeddings (or a gallery) against encoded captions: top-k both ways."""
+        embeddings = self._image_embeddings(images)
+        trt = self.backend_name == "trt"
+        return score_tiled(
+            self.backends["scorer"], embeddings, captions, top_k, keep_scores, self.budget_bytes,
+            max_images=self.batch_limit if trt else None, max_captions=self.caption_limit if trt else None,
+            progress=progress,
+        )
+
+    def score(self, images: np.ndarray | Gallery, captions: CaptionEmbeddings) -> np.ndarray:
+        """The full ``images x captions`` score matrix (float32)."""
+        result = self.rank(images, captions, top_k=1, keep_scores=True)
+        assert result.scores is not None
+        return result.scores
+
+    def search_text_to_image(self, captions: Sequence[str], images: np.ndarray | Gallery, k: int = 10) -> TopK:
+        """For each caption, the ``k`` best images of ``images`` (embeddings or a gallery)."""
+        return self.rank(images, self.encode_captions(captions), k).t2i
+
+    def search_image_to_text(self, images: np.ndarray | Gallery, captions: Sequence[str], k: int = 10) -> TopK:
+        """For each image (embeddings or a gallery), the ``k`` best of ``captions``."""
+        return self.rank(images, self.encode_captions(captions), k).i2t
+
+    # -- galleries ----------------------------------------------------------
+
+    def index(self, features: np.ndarray, out: str | Path, overwrite: bool = False, source: str = "image features") -> Gallery:
+        """Encode ``features`` once into a gallery folder tied to this bundle."""
+        self.check_images(features, source)
+        first = self.image_encoder.encode(np.asarray(features[:1]))
+        shape = (int(features.shape[0]), *first.shape[1:])
+        details = {"backend": self.backend_name, "precision": self.precision, "source": source}
+        return write_gallery(out, self.bundle, lambda array: self.image_encoder.encode(features, out=array), shape, details, overwrite)
+
+    def open_gallery(self, path: str | Path) -> Gallery:
+        """Open a gallery and check it was made with this bundle."""
+        gallery = read_gallery(path)
+        gallery.check_bundle(self.bundle)
+        return gallery
+
+
+def _range_max(bundle: BundleInfo, axis: str) -> int | None:
+    limits = bundle.shape_range(axis)
+    return int(limits["max"]) if limits else None
+
+
+def load(
+    bundle: str | Path,
+    backend: str = "ort",
+    precision: str = "fp32",
+    providers: Sequence[str] | None = None,
+    threads: int = 0,
+    max_length: int | None = None,
+    on_long: str = "truncate",
+    batch_size: int = 128,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    warn: Warn | None = None,
+) -> Runtime:
+    """Open ``bundle`` for inference on ``backend`` ("ort" or "trt") at ``precision`` (fp32, fp16, int8).
+
+    ``providers``: ONNX Runtime execution providers by name or alias
+    (tensorrt, cuda, cpu); default: those available of TensorRT, CUDA, CPU.
+    ``max_length``: the caption token limit (default: the bundle's profile
+    maximum); longer captions are truncated with a warning or refused
+    (``on_long="refuse"``). ``budget_bytes``: the scorer's tile memory budget.
+    """
+    info = read_bundle(bundle)
+    settings = SessionSettings(providers=providers, intra_op_threads=threads)
+    return Runtime(info, backend, precision, settings, max_length, on_long, batch_size, budget_bytes, warn)

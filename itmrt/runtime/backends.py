@@ -1,0 +1,146 @@
+"""One small backend interface and its ONNX Runtime implementation.
+
+A backend runs one graph of a bundle: named float32/int32 numpy arrays in, the
+graph's outputs (as float32 numpy arrays) out. Inputs are cast to the dtype the
+graph declares, so an fp16 graph whose inputs are float16 is fed correctly by
+callers that only know float32. The native TensorRT backend
+(:mod:`itmrt.runtime.backend_trt`) implements the same interface.
+
+onnxruntime is imported when a session is created, not at module import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from itmrt.errors import ItmrtError
+from itmrt.runtime.bundle import BundleInfo
+
+BACKENDS = ("ort", "trt")
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+DEFAULT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+_ONNX_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(double)": np.float64,
+}
+
+
+class Backend(Protocol):
+    """What the encoders and the scorer need from a compiled graph."""
+
+    name: str
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph; outputs in ``output_names`` order, float32 (or the graph's integer type)."""
+        ...
+
+
+@dataclass
+class SessionSettings:
+    """ONNX Runtime session knobs the runtime exposes."""
+
+    providers: Sequence[str] | None = None  # None: TensorRT, CUDA, CPU, those available
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    optimization: str = "all"  # disable | basic | extended | all
+
+
+def resolve_providers(requested: Sequence[str] | None) -> list[str]:
+    """Execution providers to use: the user's (by full name or short alias) or the default order."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if not requested:
+        return [p for p in DEFAULT_PROVIDER_ORDER if p in available] or ["CPUExecutionProvider"]
+    chosen = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise ItmrtError(
+                f"execution provider {name!r} is not available in this onnxruntime "
+                f"(available: {', '.join(available)}); install the matching onnxruntime build or name another"
+            )
+        chosen.append(full)
+    return chosen
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:300]
+    return type(exc).__name__
+
+
+class OrtBackend:
+    """One ONNX Runtime inference session over one graph file."""
+
+    def __init__(self, path: Path, settings: SessionSettings | None = None) -> None:
+        import onnxruntime as ort
+
+        settings = settings or SessionSettings()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if settings.intra_op_threads < 0:
+            raise ItmrtError(f"--threads must be 0 (automatic) or positive, not {settings.intra_op_threads}")
+        options.intra_op_num_threads = settings.intra_op_threads
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if settings.optimization not in levels:
+            raise ItmrtError(f"unknown graph optimisation level {settings.optimization!r}; choose {', '.join(levels)}")
+        options.graph_optimization_level = levels[settings.optimization]
+        self.providers = resolve_providers(settings.providers)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
+            raise ItmrtError(
+                f"ONNX Runtime cannot load {path}: {_first_line(exc)}; the file may be truncated or damaged - export the bundle again"
+            ) from None
+        self.name = f"ort:{path.name}"
+        inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in inputs]
+        self._input_types: dict[str, Any] = {i.name: _ONNX_TYPES.get(i.type) for i in inputs}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cast = {}
+        for name, value in feeds.items():
+            dtype = self._input_types.get(name)
+            cast[name] = np.ascontiguousarray(value, dtype=dtype) if dtype is not None else value
+        outputs = self.session.run(self.output_names, cast)
+        return [o.astype(np.float32, copy=False) if o.dtype == np.float16 else o for o in outputs]
+
+
+def open_backend(
+    bundle: BundleInfo,
+    component: str,
+    backend: str = "ort",
+    precision: str = "fp32",
+    settings: SessionSettings | None = None,
+) -> Backend:
+    """The backend that runs ``component`` of ``bundle`` at ``precision``."""
+    if backend == "ort":
+        return OrtBackend(bundle.graph_file(component, precision), settings)
+    if backend == "trt":
+        from itmrt.runtime.backend_trt import TrtBackend
+
+        return TrtBackend.from_bundle(bundle, component, precision)
+    raise ItmrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,104 @@
+"""`itmrt eval`: the recall table on a synthetic split, and one-line errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from itmrt.data.synthetic import make_synthetic_dataset
+from itmrt.models.checkpoint import save_released_checkpoint
+from itmrt.models.matcher import CrossAttentionMatcher
+from itmrt.text.vocab import Vocabulary
+
+from cli_helpers import run_cli
+
+IMG_DIM = 32
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "syn", {"test": 12}, seed=3, img_dim=IMG_DIM)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    vocab = Vocabulary.from_json(dataset / "vocab.json")
+    opt = {"img_dim": IMG_DIM, "embed_size": 16, "word_dim": 8, "vocab_size": len(vocab), "thres_safe": 0.1,
+           "precomp_enc_text_type": "basic"}
+    path = tmp_path_factory.mktemp("ckpt") / "model_best.pth.tar"
+    save_released_checkpoint(path, CrossAttentionMatcher.from_opt(opt, family="naaf"))
+    return path
+
+
+def _one_line_error(result) -> str:
+    assert result.code == 2, (result.code, result.out, result.err)
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert "Traceback" not in result.err
+    return lines[0]
+
+
+def test_eval_prints_recall_table_and_writes_json(capsys, dataset, checkpoint, tmp_path):
+    out_json = tmp_path / "recall.json"
+    scores_npy = tmp_path / "scores.npy"
+    result = run_cli(capsys, "eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"), "--data", str(dataset),
+                     "--split", "test", "--json", str(out_json), "--scores-out", str(scores_npy), "--no-progress")
+    assert result.code == 0, result.err
+    assert "rsum" in result.out and "R@1" in result.out
+    table = json.loads(out_json.read_text())["recall"]
+    scores = np.load(scores_npy)
+    assert scores.shape == (12, 60) and scores.dtype == np.float32
+    from itmrt.data.metrics import recall_table
+
+    assert table == pytest.approx(recall_table(scores))
+    assert f"{table['rsum']:.1f}" in result.out
+
+
+def test_eval_missing_split_files(capsys, dataset, checkpoint):
+    line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"),
+                                   "--data", str(dataset), "--split", "dev", "--no-progress"))
+    assert "dev_caps.txt" in line or "dev_ims.npy" in line
+
+
+def test_eval_feature_dims_do_not_match(capsys, dataset, checkpoint, tmp_path):
+    other = make_synthetic_dataset(tmp_path / "wide", {"test": 3}, seed=3, img_dim=IMG_DIM * 2)
+    line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"),
+                                   "--data", str(other), "--no-progress"))
+    assert str(IMG_DIM * 2) in line and str(IMG_DIM) in line
+
+
+def test_eval_empty_captions_file(capsys, dataset, checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    (broken / "test_caps.txt").write_text("")
+    line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"),
+                                   "--data", str(broken), "--no-progress"))
+    assert "test_caps.txt" in line
+
+
+def test_eval_caption_count_not_five_per_image(capsys, dataset, checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    lines = (broken / "test_caps.txt").read_text().splitlines()
+    (broken / "test_caps.txt").write_text("\n".join(lines[:-2]) + "\n")
+    line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"),
+                                   "--data", str(broken), "--no-progress"))
+    assert "5" in line
+
+
+def test_eval_vocabulary_size_mismatch(capsys, dataset, checkpoint, vocab_dir):
+    line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab", str(vocab_dir / "f30k_precomp_vocab.json"),
+                                   "--data", str(dataset), "--no-progress"))
+    assert "vocabulary" in line
+
+
+def test_eval_missing_checkpoint(capsys, dataset, tmp_path):
+    line = _one_line_error(run_cli(capsys, "eval", str(tmp_path / "nope.pth.tar"), "--vocab", str(dataset / "vocab.json"),
+                                   "--data", str(dataset), "--no-progress"))
+    assert "nope.pth.tar" in line
