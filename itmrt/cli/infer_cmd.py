@@ -69,6 +69,7 @@ def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, cap
     import torch
 
     from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.models.cmpm import CMPMModel
     from itmrt.models.evaluate import EncodedCaptions, encode_images, load_vocabulary_for, score_matrix
     from itmrt.runtime.encoders import tokenize
     from itmrt.runtime.gallery import load_features
@@ -86,13 +87,13 @@ def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, cap
             for row, seq in enumerate(part):
                 tokens[row, : len(seq)] = seq
             lens = torch.from_numpy(lengths[start : start + batch_size])
-            if hasattr(model, "encode_captions"):
+            if not isinstance(model, CMPMModel):
                 emb = model.encode_captions(torch.from_numpy(tokens), lens)
                 chunks.append(torch.nn.functional.pad(emb, (0, 0, 0, int(lengths.max()) - emb.shape[1])))
             else:
                 chunks.append(model.encode_text(torch.from_numpy(tokens), lens))
         caption_emb = torch.cat(chunks)
-        if hasattr(model, "encode_images"):
+        if not isinstance(model, CMPMModel):
             expected = model.image_encoder.img_dim
             if features.ndim != 3 or features.shape[2] != expected:
                 raise ItmrtError(f"{images_path} has shape {features.shape}; the checkpoint expects images x regions x {expected}")
@@ -100,7 +101,7 @@ def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, cap
             return score_matrix(model, image_emb, EncodedCaptions(caption_emb, torch.from_numpy(lengths)))
         if features.ndim != 4 or features.shape[1] != 3:
             raise ItmrtError(f"{images_path} has shape {features.shape}; a CMPM checkpoint takes images x 3 x H x W")
-        image_chunks = [model.encode_image(torch.from_numpy(np.ascontiguousarray(features[s : s + batch_size], dtype=np.float32)))
+        image_chunks = [model.encode_image(torch.from_numpy(np.array(features[s : s + batch_size], dtype=np.float32)))
                         for s in range(0, len(features), batch_size)]
         return model.scores(torch.cat(image_chunks), caption_emb).numpy()
 
@@ -120,7 +121,7 @@ def infer_command(
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
     on_long: str = typer.Option("truncate", "--on-long", help="Captions over the limit: truncate (with a warning) or refuse."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images / captions per encoder batch."),
-    memory_mb: int = typer.Option(256, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
+    memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),

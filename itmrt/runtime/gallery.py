@@ -109,7 +109,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def write_gallery(
     out: str | Path,
     bundle: BundleInfo,
-    encode_into: Callable[[np.ndarray], None],
+    encode_into: Callable[[np.ndarray], object],
     shape: tuple[int, ...],
     details: dict[str, Any],
     overwrite: bool = False,

@@ -25,7 +25,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import Backend
 from itmrt.runtime.encoders import CaptionEmbeddings
 
-DEFAULT_BUDGET_BYTES = 256 << 20
+DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% on this CPU (cache)
 INTERMEDIATES_PER_PAIR = 8
 """Live ``L x n`` float32 arrays per (image, caption) pair in a cross-attention tile (a generous estimate)."""
 
