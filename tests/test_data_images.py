@@ -21,8 +21,6 @@ from itmrt.data.synthetic import COLOURS, OBJECT_CLASSES
 from itmrt.data.synthetic_images import make_synthetic_image_dataset
 from itmrt.errors import DataError
 
-SMALL = {"image_size": 32}
-
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
@@ -30,26 +28,26 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_image_dataset(tmp_path_factory.mktemp("images") / "d", {"train": 12, "dev": 5}, seed=3, **SMALL)
+    return make_synthetic_image_dataset(tmp_path_factory.mktemp("images") / "d", {"train": 12, "dev": 5}, seed=3, image_size=32)
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
-    first = make_synthetic_image_dataset(tmp_path / "a", {"train": 4, "test": 3}, seed=7, **SMALL)
-    second = make_synthetic_image_dataset(tmp_path / "b", {"train": 4, "test": 3}, seed=7, **SMALL)
-    other = make_synthetic_image_dataset(tmp_path / "c", {"train": 4, "test": 3}, seed=8, **SMALL)
+    first = make_synthetic_image_dataset(tmp_path / "a", {"train": 4, "test": 3}, seed=7, image_size=32)
+    second = make_synthetic_image_dataset(tmp_path / "b", {"train": 4, "test": 3}, seed=7, image_size=32)
+    other = make_synthetic_image_dataset(tmp_path / "c", {"train": 4, "test": 3}, seed=8, image_size=32)
     names = [f"{split}_{part}" for split in ("test", "train")
              for part in ("caps.txt", "caption_image.npy", "images.npy", "labels.npy", "meta.json")]
     assert sorted(_files(first)) == sorted(names + ["vocab.json"])
     assert _files(first) == _files(second)
     assert _files(first)["train_images.npy"] != _files(other)["train_images.npy"]
     assert _files(first)["train_caps.txt"] != _files(other)["train_caps.txt"]
-    alone = make_synthetic_image_dataset(tmp_path / "d", {"test": 3}, seed=7, **SMALL)
+    alone = make_synthetic_image_dataset(tmp_path / "d", {"test": 3}, seed=7, image_size=32)
     assert (alone / "test_images.npy").read_bytes() == (first / "test_images.npy").read_bytes()
 
 
 def test_structure_labels_and_caption_counts(tmp_path: Path) -> None:
     folder = make_synthetic_image_dataset(tmp_path / "d", {"train": 10}, images_per_identity=3,
-                                          captions_per_image=(2, 4), seed=1, **SMALL)
+                                          captions_per_image=(2, 4), seed=1, image_size=32)
     split = ImageCaptionSplit.open(folder, "train")
     assert split.images.shape == (30, 32, 32, 3) and split.images.dtype == np.uint8
     assert split.has_labels and split.num_identities == 10
@@ -57,7 +55,7 @@ def test_structure_labels_and_caption_counts(tmp_path: Path) -> None:
     per_image = np.bincount(split.caption_image, minlength=30)
     assert per_image.min() >= 2 and per_image.max() <= 4 and len(set(per_image.tolist())) > 1
     assert np.all(np.diff(split.caption_image) >= 0)
-    fixed = make_synthetic_image_dataset(tmp_path / "e", {"dev": 4}, captions_per_image=3, **SMALL)
+    fixed = make_synthetic_image_dataset(tmp_path / "e", {"dev": 4}, captions_per_image=3, image_size=32)
     assert np.bincount(ImageCaptionSplit.open(fixed, "dev").caption_image).tolist() == [3] * 8
 
 
@@ -86,14 +84,14 @@ def test_images_of_one_identity_differ_but_resemble_each_other(dataset: Path) ->
 
 
 def test_refuses_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
-    folder = make_synthetic_image_dataset(tmp_path / "d", {"train": 2}, **SMALL)
+    folder = make_synthetic_image_dataset(tmp_path / "d", {"train": 2}, image_size=32)
     with pytest.raises(DataError, match="not empty"):
-        make_synthetic_image_dataset(folder, {"train": 2}, seed=5, **SMALL)
-    make_synthetic_image_dataset(folder, {"train": 2}, seed=5, overwrite=True, **SMALL)
+        make_synthetic_image_dataset(folder, {"train": 2}, seed=5, image_size=32)
+    make_synthetic_image_dataset(folder, {"train": 2}, seed=5, overwrite=True, image_size=32)
     with pytest.raises(DataError, match="image_size"):
         make_synthetic_image_dataset(tmp_path / "e", {"train": 2}, image_size=16)
     with pytest.raises(DataError, match="captions_per_image"):
-        make_synthetic_image_dataset(tmp_path / "e", {"train": 2}, captions_per_image=(3, 2), **SMALL)
+        make_synthetic_image_dataset(tmp_path / "e", {"train": 2}, captions_per_image=(3, 2), image_size=32)
     assert not (tmp_path / "e").exists()
 
 
@@ -143,7 +141,7 @@ def _break(folder: Path, how: str) -> None:
     ],
 )
 def test_reader_errors_are_one_line(tmp_path: Path, how: str, expected: str) -> None:
-    folder = make_synthetic_image_dataset(tmp_path / "d", {"dev": 5}, **SMALL)
+    folder = make_synthetic_image_dataset(tmp_path / "d", {"dev": 5}, image_size=32)
     ImageCaptionSplit.open(folder, "dev")  # intact before breaking it
     _break(folder, how)
     with pytest.raises(DataError, match=expected) as info:
@@ -154,7 +152,7 @@ def test_reader_errors_are_one_line(tmp_path: Path, how: str, expected: str) -> 
 def test_missing_folder_and_missing_labels(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         ImageCaptionSplit.open(tmp_path / "nowhere", "dev")
-    folder = make_synthetic_image_dataset(tmp_path / "d", {"dev": 3}, **SMALL)
+    folder = make_synthetic_image_dataset(tmp_path / "d", {"dev": 3}, image_size=32)
     (folder / "dev_labels.npy").unlink()
     split = ImageCaptionSplit.open(folder, "dev")
     assert not split.has_labels

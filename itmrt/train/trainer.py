@@ -60,7 +60,7 @@ class TrainConfig:
     vocab: str | None = None  # default: DATA/vocab.json
     epochs: int = 8
     batch_size: int = 64
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
     lr_decay_epoch: int | None = None  # multiply the rate by 0.1 from this epoch on
     margin: float = 0.2
     max_violation: bool = True

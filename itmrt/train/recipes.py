@@ -1,0 +1,94 @@
+"""The small models the demo and the tests use: one recipe, deterministic, CPU-sized.
+
+``make_small_models(out)`` generates the synthetic datasets (region features
+for NAAF and SCAN, images for CMPM), trains a small NAAF, a small SCAN and a
+small CMPM on them, and copies each best checkpoint into ``out`` together with
+``recipe.json`` (the data and training settings, and each model's validation
+recall, for the record). The models shipped in ``itmrt/assets/`` were made
+with ``itmrt make-small-models --out itmrt/assets``.
+
+The data are re-creatable from ``SMALL_REGION_DATA`` / ``SMALL_IMAGE_DATA``
+alone (same seed, byte-identical files), so a shipped model and the data it was
+trained on never need to travel together.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from itmrt.data.synthetic import make_synthetic_dataset
+from itmrt.data.synthetic_images import make_synthetic_image_dataset
+from itmrt.io import atomic_write_text
+
+# Region-feature data: released feature size (2048), 36 regions, small splits.
+SMALL_REGION_DATA: dict[str, Any] = {"num_images": {"train": 1000, "dev": 100, "test": 200}, "seed": 0, "img_dim": 2048}
+SMALL_IMAGE_DATA: dict[str, Any] = {"num_identities": {"train": 300, "dev": 60, "test": 60}, "seed": 0, "image_size": 64}
+SMALL_TRAINING: dict[str, dict[str, Any]] = {
+    "naaf": {"epochs": 6, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
+    "scan": {"epochs": 6, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
+    "cmpm": {"epochs": 12},
+}
+SHIPPED_FILES = {"naaf": "naaf_small.pth.tar", "scan": "scan_small.pth.tar", "cmpm": "cmpm_small.safetensors"}
+
+
+def make_region_data(folder: str | Path) -> Path:
+    """The synthetic region-feature dataset the small NAAF and SCAN are trained and tested on."""
+    return make_synthetic_dataset(folder, **SMALL_REGION_DATA)
+
+
+def make_image_data(folder: str | Path) -> Path:
+    """The synthetic image dataset the small CMPM is trained and tested on."""
+    return make_synthetic_image_dataset(folder, **SMALL_IMAGE_DATA)
+
+
+def make_small_models(
+    out: str | Path,
+    families: tuple[str, ...] = ("naaf", "scan", "cmpm"),
+    work_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Train the small models and copy their best checkpoints to ``out``; returns family -> file."""
+    from itmrt.train.cmpm_trainer import CMPMTrainConfig, train_cmpm
+    from itmrt.train.trainer import TrainConfig, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="itmrt-recipe-"))
+    record: dict[str, Any] = {"region_data": SMALL_REGION_DATA, "image_data": SMALL_IMAGE_DATA, "models": {}}
+    written: dict[str, Path] = {}
+    region_dir = work / "regions"
+    if any(f in families for f in ("naaf", "scan")) and not (region_dir / "vocab.json").is_file():
+        log(f"making synthetic region data in {region_dir}")
+        make_region_data(region_dir)
+    for family in families:
+        settings = SMALL_TRAINING[family]
+        run_dir = work / f"run_{family}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        log(f"training a small {family}")
+        if family == "cmpm":
+            image_dir = work / "images"
+            if not (image_dir / "vocab.json").is_file():
+                make_image_data(image_dir)
+            result = train_cmpm(CMPMTrainConfig(data_dir=image_dir, out_dir=run_dir, device=device, **settings))
+            best = result.best_checkpoint or result.last_checkpoint
+            summary: dict[str, Any] = {"best_rsum": result.best_rsum, "history": result.history}
+        else:
+            tresult = train(TrainConfig(family=family, data_dir=str(region_dir), out_dir=str(run_dir), device=device,
+                                        **settings), progress=progress, log=log)
+            best = tresult.best_checkpoint
+            summary = {"best_rsum": tresult.best_rsum, "history": [vars(r) for r in tresult.history]}
+        target = out / SHIPPED_FILES[family]
+        shutil.copyfile(best, target)
+        written[family] = target
+        record["models"][family] = {"file": target.name, "training": settings, **summary}
+        if family == "naaf" and (run_dir / "thresholds.png").is_file():
+            shutil.copyfile(run_dir / "thresholds.png", out / "naaf_small_thresholds.png")
+    atomic_write_text(out / "recipe.json", json.dumps(record, indent=2, default=str) + "\n")
+    return written
