@@ -6,17 +6,23 @@ Sizes: d = 1024, 36 regions per image, captions of 8 to 20 tokens, FP32 on the C
     authors' code: for each caption, score it against all images at once; the
     attended region features (vhat, m x d per pair) are materialised, as the
     released ``xattn_score`` does.
-(b) ``tiled``: the runtime's tiled scorer (``itmrt.runtime.tiled.score_tiled``)
+(b) ``graph``: the runtime's tiled scorer (``itmrt.runtime.tiled.score_tiled``)
     over the exported NAAF scorer graph in ONNX Runtime, at several tile
     memory budgets.
+(c) ``fused``: the runtime's fused CPU scorer (``itmrt.runtime.fused``, needs
+    numba): one ONNX Runtime GEMM per tile and one numba pass over the
+    similarity tile, at several tile budgets.
+(d) ``GEMM alone``: only the fused scorer's similarity GEMMs, same tiles - the
+    ceiling for any scorer that computes every similarity.
 
-Both are measured in one run on the same random (l2-normalised) embeddings;
-the table gives pairs per second, the ratio to the loop, and the fraction of
-this CPU's measured float32 matrix-multiply rate that the scorer's own FLOPs
-represent. Agreement of the two score matrices is checked too.
+All are measured in one run on the same random (l2-normalised) embeddings with
+the same thread count (``--threads`` sets torch, ONNX Runtime and numba); the
+table gives pairs per second, the ratio to the loop, and the fraction of this
+CPU's measured float32 matrix-multiply rate that the scorer's own FLOPs
+represent. Agreement of every score matrix with the loop's is checked too.
 
-    python benchmarks/bench_scorer.py                 # ~1 minute on 2 cores
-    python benchmarks/bench_scorer.py --images 100 --captions 50 --budgets 4,16
+    python benchmarks/bench_scorer.py --threads 2     # < 1 minute on 2 cores
+    python benchmarks/bench_scorer.py --threads 1 --images 400 --captions 200 --fused-budgets 8,16,32
 """
 
 from __future__ import annotations
@@ -75,19 +81,26 @@ def released_loop_scores(images: np.ndarray, captions: list[np.ndarray]) -> np.n
     return out.numpy()
 
 
-def matmul_flops_per_second(seconds: float = 1.5) -> float:
-    """This CPU's float32 GEMM rate (torch, same thread count) for one large GEMM of the scorer's kind:
-    a tile's caption tokens x its images' regions, inner dimension d."""
+def matmul_flops_per_second(seconds: float = 1.0, threads: int = 0) -> float:
+    """This CPU's float32 GEMM rate (same thread count) for one large GEMM of the scorer's kind: a tile's
+    caption tokens x its images' regions, inner dimension d - the better of torch's and ONNX Runtime's (MLAS)."""
     import torch
 
+    from itmrt.runtime.fused import _gemm_session
+
     a = torch.randn(32 * 14, D)
-    b = torch.randn(D, 64 * REGIONS)
-    a @ b
-    count, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        a @ b
-        count += 1
-    return count * 2.0 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - started)
+    b = torch.randn(64 * REGIONS, D)
+    session = _gemm_session(threads)
+    feeds = {"a": a.numpy(), "b": b.numpy()}
+    rates = []
+    for run in (lambda: a @ b.T, lambda: session.run(None, feeds)):
+        run()
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            run()
+            count += 1
+        rates.append(count * 2.0 * a.shape[0] * a.shape[1] * b.shape[0] / (time.perf_counter() - started))
+    return max(rates)
 
 
 def scorer_flops_per_pair(lengths: np.ndarray) -> float:
@@ -96,13 +109,24 @@ def scorer_flops_per_pair(lengths: np.ndarray) -> float:
     return 2 * m * REGIONS * D + 2 * m * REGIONS * REGIONS
 
 
+def gemm_only(fused: Any, images: np.ndarray, encoded: Any, bi: int, bc: int) -> None:
+    """The fused scorer's similarity GEMMs over the same tiles, and nothing else."""
+    offsets = encoded.offsets
+    for c0 in range(0, len(encoded), bc):
+        tokens = encoded.vectors[offsets[c0] : offsets[min(c0 + bc, len(encoded))]]
+        for i0 in range(0, len(images), bi):
+            block = images[i0 : i0 + bi]
+            fused.similarities(tokens, block.reshape(-1, block.shape[-1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--captions", type=int, default=100)
-    parser.add_argument("--budgets", default="2,8,32,256", help="tile memory budgets in MB, comma-separated")
+    parser.add_argument("--budgets", default="8,32", help="graph scorer tile memory budgets in MB, comma-separated")
+    parser.add_argument("--fused-budgets", default="4,8,16", help="fused scorer similarity-tile budgets in MB")
     parser.add_argument("--threads", type=int, default=0,
-                        help="threads for both torch and ONNX Runtime (0: one per core); use 1 on a busy machine")
+                        help="threads for torch, ONNX Runtime and numba (0: one per core); use 1 on a busy machine")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
@@ -143,16 +167,30 @@ def main() -> None:
         for budget in [int(x) for x in args.budgets.split(",")]:
             seconds, result = best_time(lambda: score_tiled(backend, images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20))
             worst = max(worst, float(np.abs(result.scores - loop_scores).max()))
-            rows.append((f"runtime tiled ORT, {budget} MB tiles ({result.tile_shape[0]}x{result.tile_shape[1]})", seconds))
-    peak = matmul_flops_per_second()
+            rows.append((f"graph scorer (ORT), {budget} MB tiles ({result.tile_shape[0]}x{result.tile_shape[1]})", seconds))
+    from itmrt.runtime.fused import FusedNaafScorer, fused_available
+
+    if not fused_available():
+        print("numba is not installed: no fused rows (pip install 'itmrt[cpu]')")
+    else:
+        fused = FusedNaafScorer(THRESHOLD, LAMBDA, INTRA, threads=args.threads)
+        fused.score_tiles(images[:2], encoded.take(np.arange(2)))  # compile / load the numba cache outside the timing
+        for budget in [int(x) for x in args.fused_budgets.split(",")]:
+            seconds, result = best_time(lambda: fused.score_tiles(images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20))
+            worst = max(worst, float(np.abs(result.scores - loop_scores).max()))
+            bi, bc = result.tile_shape
+            rows.append((f"fused scorer (GEMM + numba), {budget} MB tiles ({bi}x{bc})", seconds))
+            seconds, _ = best_time(lambda: gemm_only(fused, images, encoded, bi, bc))
+            rows.append((f"  its similarity GEMMs alone ({bi}x{bc})", seconds))
+    peak = matmul_flops_per_second(threads=args.threads)
     flops = scorer_flops_per_pair(lengths)
-    print(f"matmul rate of this CPU (float32, torch, {peak / 1e9:.0f} GFLOP/s); scorer needs {flops / 1e6:.2f} MFLOP/pair")
+    print(f"matmul rate of this CPU (float32, best of torch / ORT MLAS, {peak / 1e9:.0f} GFLOP/s); scorer needs {flops / 1e6:.2f} MFLOP/pair")
     print(f"{'implementation':58s} {'pairs/s':>10s} {'x loop':>7s} {'of GEMM peak':>12s}")
     for name, seconds in rows:
         rate = pairs / seconds
         print(f"{name:58s} {rate:10.0f} {loop_seconds / seconds:7.2f} "
               f"{rate * flops / peak:11.1%}")
-    print(f"max |tiled - loop| score difference: {worst:.2e}")
+    print(f"max |runtime - loop| score difference over all rows: {worst:.2e}")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def test_backend_and_precision_choices(bundle: Path) -> None:
         load(bundle, precision="fp8")
     with pytest.raises(ItmrtError, match="'cuda' is not available"):
         load(bundle, providers=["cuda"])
-    with pytest.raises(ItmrtError, match="no TensorRT engine"):
+    with pytest.raises(ItmrtError, match="no TensorRT fp32 engine"):
         load(bundle, backend="trt")
     with pytest.raises(ItmrtError, match="unknown backend"):
         load(bundle, backend="tvm")

@@ -90,9 +90,21 @@ class CalibrationData:
         return f"{self.data_dir} split '{self.split}' ({self.num_samples} images)"
 
     # -- batches ---------------------------------------------------------
+    # Every batch has the same shape (ORT's histogram calibrators stack the
+    # batches' activations): ``batch_size`` images, one caption each (the
+    # image's captions in turn), padded to the sample's longest caption; a
+    # final incomplete batch is left out unless it is the only one.
+
+    def _starts(self, batch_size: int) -> range:
+        full = len(self.rows) // batch_size
+        return range(0, max(full, 1) * batch_size, batch_size)
+
+    def num_batches(self, batch_size: int) -> int:
+        return len(self._starts(batch_size))
+
     def image_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Graph-ready image inputs of the sampled rows, ``batch_size`` at a time."""
-        for start in range(0, len(self.rows), batch_size):
+        for start in self._starts(batch_size):
             block = np.asarray(self.images[self.rows[start : start + batch_size]])
             if self.family == "cmpm":
                 from itmrt.data.images import preprocess_images
@@ -101,12 +113,25 @@ class CalibrationData:
             else:
                 yield np.ascontiguousarray(block, dtype=np.float32)
 
+    def _caption(self, index: int) -> str:
+        captions = self.captions[index]
+        return captions[index % len(captions)]
+
+    @property
+    def caption_width(self) -> int:
+        """Token width of every caption batch: the longest sampled caption (at most the profile's max)."""
+        longest = max(len(self.vocabulary.encode(self._caption(i))) for i in range(len(self.rows)))
+        return min(longest, self.max_length)
+
     def caption_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Token ids and lengths of the captions of ``batch_size`` sampled images at a time."""
-        for start in range(0, len(self.rows), batch_size):
-            texts = [caption for captions in self.captions[start : start + batch_size] for caption in captions]
+        """Token ids ``[batch, caption_width]`` and lengths of one caption per sampled image."""
+        width = self.caption_width
+        for start in self._starts(batch_size):
+            texts = [self._caption(i) for i in range(start, min(start + batch_size, len(self.rows)))]
             tokens, lengths = self.vocabulary.encode_batch(texts, max_length=self.max_length)
-            yield tokens.astype(self.token_dtype), lengths.astype(self.length_dtype)
+            padded = np.full((len(texts), width), self.vocabulary.pad_id, dtype=tokens.dtype)
+            padded[:, : tokens.shape[1]] = tokens
+            yield padded.astype(self.token_dtype), lengths.astype(self.length_dtype)
 
     def paired_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         yield from (
@@ -298,7 +323,7 @@ class StreamingCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
 
 def calibration_reader(data: CalibrationData, feeds: FeedMaker, graph: str, batch_size: int = DEFAULT_BATCH, progress: bool = True) -> StreamingCalibrationReader:
     """A reader that streams ``graph``'s inputs for the sampled calibration data."""
-    total = -(-data.num_samples // batch_size)
+    total = data.num_batches(batch_size)
 
     def stream() -> Iterator[Feeds]:
         for images, tokens, lengths in data.paired_batches(batch_size):

@@ -18,7 +18,10 @@ import copy
 import warnings
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
 from onnxconverter_common import float16
 
 from itmrt.errors import ItmrtError
@@ -27,8 +30,42 @@ from itmrt.export.trt_ops import check_trt_compat
 ALWAYS_FLOAT32_OPS = ("Cast",)
 
 
+SMALL_CONSTANT = 1024  # elements; float initializers up to this size are copied per consumer
+
+
+def _unshare_small_initializers(model: onnx.ModelProto) -> None:
+    """Give every consumer of a small shared float initializer its own copy (in place).
+
+    The converter decides per initializer whether it becomes float16; one
+    shared by a float32 island and a float16 node would be wrong for one of
+    them (ORT then rejects the graph's types). Scalars such as NAAF's lambda
+    and the masks' 0.0 are shared like that.
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    seen: dict[str, int] = {}
+    used = {name for node in model.graph.node for name in node.output} | set(initializers)
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            init = initializers.get(name)
+            if init is None or init.data_type != onnx.TensorProto.FLOAT or numpy_helper.to_array(init).size > SMALL_CONSTANT:
+                continue
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] == 1:
+                continue
+            copy_name = f"{name}__{node.name or node.op_type}_{position}"
+            while copy_name in used:
+                copy_name += "_"
+            used.add(copy_name)
+            duplicate = onnx.TensorProto()
+            duplicate.CopyFrom(init)
+            duplicate.name = copy_name
+            model.graph.initializer.append(duplicate)
+            node.input[position] = copy_name
+
+
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` where every node has a unique name (block lists address nodes by name)."""
+    """A copy of ``model`` ready for the converter: every node uniquely named (block lists address
+    nodes by name) and small shared float constants copied per consumer."""
     named = copy.deepcopy(model)
     used = {node.name for node in named.graph.node if node.name}
     for index, node in enumerate(named.graph.node):
@@ -38,6 +75,7 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
                 candidate += "_"
             node.name = candidate
             used.add(candidate)
+    _unshare_small_initializers(named)
     return named
 
 
@@ -45,7 +83,7 @@ def convert_to_fp16(model: onnx.ModelProto, keep_float32: Iterable[str] = ()) ->
     """``model`` in float16 except the nodes named in ``keep_float32`` (and Casts); inputs/outputs stay float32."""
     source = name_nodes(model)
     known = {node.name for node in source.graph.node}
-    blocked = sorted(set(keep_float32))
+    blocked = sorted(set(keep_float32) | {node.name for node in source.graph.node if node.op_type in ALWAYS_FLOAT32_OPS})
     missing = [name for name in blocked if name not in known]
     if missing:
         raise ItmrtError(f"FP32 island node(s) {', '.join(missing[:3])} are not in the graph; rebuild the precision graphs")
@@ -57,9 +95,147 @@ def convert_to_fp16(model: onnx.ModelProto, keep_float32: Iterable[str] = ()) ->
             keep_io_types=True,
             disable_shape_infer=False,
             node_block_list=blocked,
-            op_block_list=list(ALWAYS_FLOAT32_OPS),
+            op_block_list=[],  # by name, not by op type: the converter's own inserted Casts must not match
         )
+    _restore_float32_outputs(converted, source)
+    _drop_cast_round_trips(converted)
     return converted
+
+
+def _cast_target(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+
+def _restore_float32_outputs(converted: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Make every graph output that was float32 in ``source`` float32 again (in place).
+
+    With ``keep_io_types`` the converter still casts the output of a *blocked*
+    last node to float16; the float32 island would then be rounded at the
+    very end. A Cast to float16 that produces the output becomes a Cast to
+    float32 (a no-op on a float32 input); any other float16 output gets a
+    Cast to float32 appended.
+    """
+    wanted = {o.name for o in source.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    producers = {name: node for node in converted.graph.node for name in node.output}
+    for output in converted.graph.output:
+        if output.name not in wanted:
+            continue
+        producer = producers.get(output.name)
+        if producer is not None and _cast_target(producer) == onnx.TensorProto.FLOAT16:
+            for attribute in producer.attribute:
+                if attribute.name == "to":
+                    attribute.i = onnx.TensorProto.FLOAT
+        elif output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            raw = f"{output.name}__fp16"
+            if producer is not None:
+                producer.output[list(producer.output).index(output.name)] = raw
+            converted.graph.node.append(
+                onnx.helper.make_node("Cast", [raw], [output.name], name=f"{output.name}__to_float32", to=onnx.TensorProto.FLOAT)
+            )
+        output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
+def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
+    """Remove float32 -> float16 -> float32 Cast pairs (in place).
+
+    The converter casts a float32 island's outputs to float16 and back for
+    the next island; between two islands that round trip only loses
+    precision. The second Cast is pointed at the float32 original (a no-op
+    Cast) and Casts left without consumers are deleted.
+    """
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.input, *inferred.graph.value_info]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    producers = {name: node for node in graph.node for name in node.output}
+    for node in graph.node:
+        if _cast_target(node) != onnx.TensorProto.FLOAT:
+            continue
+        first = producers.get(node.input[0])
+        if first is not None and _cast_target(first) == onnx.TensorProto.FLOAT16 and types.get(first.input[0]) == onnx.TensorProto.FLOAT:
+            node.input[0] = first.input[0]
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [node for node in graph.node if node.op_type == "Cast" and not any(o in used for o in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+
+
+VELTKAMP_SPLITTER = float(2**13 + 1)  # float32 has 24 significant bits, float16 11: split off 13
+FLOAT16_ROUNDS_TO_INF = 65520.0  # float16 rounds |x| >= 65520 to infinity
+
+
+def _rounding_nodes(raw: str, name: str) -> list[onnx.NodeProto]:
+    """float32 nodes that round ``raw`` to the nearest float16 value (infinite beyond float16's range)."""
+    make = onnx.helper.make_node
+    return [
+        make("Mul", [raw, "__fp16_splitter"], [f"{name}__t"]),
+        make("Sub", [f"{name}__t", raw], [f"{name}__t_minus_x"]),
+        make("Sub", [f"{name}__t", f"{name}__t_minus_x"], [f"{name}__rounded"]),
+        make("Abs", [f"{name}__rounded"], [f"{name}__abs"]),
+        make("GreaterOrEqual", [f"{name}__abs", "__fp16_overflow"], [f"{name}__overflows"]),
+        make("Mul", [f"{name}__rounded", "__fp16_inf"], [f"{name}__infinite"]),
+        make("Where", [f"{name}__overflows", f"{name}__infinite", f"{name}__rounded"], [name]),
+    ]
+
+
+def emulation_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float32 graph that computes what the FP16 graph ``model`` computes, rounding included.
+
+    ONNX Runtime's CPU provider has no float16 kernel for most ops: it runs
+    them in float32 between Casts it inserts and drops the Cast pairs that
+    meet, so a chain of float16 ops silently runs in float32 and a measured
+    error would be far too small. Here every float16 tensor becomes float32
+    and is explicitly rounded to the nearest float16 value (Veltkamp
+    splitting, then +-inf beyond 65504) right where the FP16 graph stores
+    it: what a float16 engine stores, each op computing internally in float32
+    as TensorRT's FP16 kernels accumulate. Float16 subnormals (below 6.1e-5)
+    keep float32 precision here.
+    """
+    emulated = copy.deepcopy(model)
+    inferred = onnx.shape_inference.infer_shapes(emulated)
+    graph = emulated.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT16:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(VELTKAMP_SPLITTER, dtype=np.float32), "__fp16_splitter"),
+            numpy_helper.from_array(np.array(FLOAT16_ROUNDS_TO_INF, dtype=np.float32), "__fp16_overflow"),
+            numpy_helper.from_array(np.array(np.inf, dtype=np.float32), "__fp16_inf"),
+        ]
+    )
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        nodes.append(node)
+        for attribute in node.attribute:
+            if attribute.name == "to" and attribute.i == onnx.TensorProto.FLOAT16:
+                attribute.i = onnx.TensorProto.FLOAT
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == onnx.TensorProto.FLOAT16:
+                attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float32)))
+        for position, name in enumerate(node.output):
+            if name and types.get(name) == onnx.TensorProto.FLOAT16:
+                raw = f"{name}__exact"
+                node.output[position] = raw
+                nodes.extend(_rounding_nodes(raw, name))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return emulated
+
+
+def emulation_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """ONNX Runtime CPU session of :func:`emulation_graph` (optimisations off: they could fold the rounding)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(emulation_graph(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def verify_precision_graph(model: onnx.ModelProto, name: str) -> None:
@@ -73,11 +249,16 @@ def verify_precision_graph(model: onnx.ModelProto, name: str) -> None:
 
 
 def float32_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes of a converted graph that compute in float32 (for reports and tests)."""
+    """Names of the nodes of a converted graph that compute in float32: every float tensor they read
+    or write is float32 (comparisons included: they write booleans but read floats)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
-    return [
-        node.name
-        for node in inferred.graph.node
-        if node.op_type != "Cast" and any(types.get(output) == onnx.TensorProto.FLOAT for output in node.output)
-    ]
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    chosen = []
+    for node in graph.node:
+        kinds = {types.get(name) for name in [*node.input, *node.output] if name and types.get(name) in floats}
+        if node.op_type != "Cast" and kinds == {onnx.TensorProto.FLOAT}:
+            chosen.append(node.name)
+    return chosen

@@ -48,7 +48,6 @@ A replaced entry is reported through the ``log`` callback, never silently.
 
 from __future__ import annotations
 
-import os
 import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -141,10 +140,3 @@ def set_entry(
     node[path[-1]] = entry
     if "file" in entry and "sha256" in entry:
         manifest.setdefault("files", {})[entry["file"]] = entry["sha256"]
-
-
-def remove_stale_file(bundle: Path, relative: str) -> None:
-    """Delete a file the manifest no longer lists (after a replacement wrote a different name)."""
-    path = bundle / relative
-    if path.is_file():
-        os.unlink(path)

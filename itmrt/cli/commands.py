@@ -3,3 +3,7 @@
 from itmrt.cli import eval_cmd  # noqa: F401
 from itmrt.cli import export_cmd, check_cmd  # noqa: F401,E402
 from itmrt.cli import infer_cmd, index_cmd  # noqa: F401,E402
+from itmrt.cli import demo_cmd, train_cmd  # noqa: F401,E402
+from itmrt.cli import calibrate_cmd, build_cmd, doctor_cmd  # noqa: F401,E402
+from itmrt.cli import parity_cmd, bench_cmd, report_cmd  # noqa: F401,E402
+from itmrt.cli import recipe_cmd  # noqa: F401,E402

@@ -45,10 +45,19 @@ def _cross_attention_inputs(g: GraphBuilder, embed_size: int) -> tuple[str, str,
     lengths = g.input("lengths", INT32, [BATCH_CAPTIONS])
     token_mask = g.length_mask(lengths, captions, 1)  # [Bc, L]
     captions = g.where(g.unsqueeze(token_mask, [2]), captions, g.const(0.0), "captions_masked")
-    images_t = g.transpose(images, [0, 2, 1], "images_t")  # [Bi, d, n]
-    sims = g.op(
-        "MatMul", [g.unsqueeze(captions, [0]), g.unsqueeze(images_t, [1])], "sims"
-    )  # [1, Bc, L, d] x [Bi, 1, d, n] -> [Bi, Bc, L, n]
+    # One large GEMM [Bc*L, d] x [d, Bi*n] instead of a broadcast batch of Bi*Bc small ones
+    # (measured: the small products took 65% of a tile's time in ONNX Runtime).
+    flat_shape = g.const([-1, embed_size], np.int64)
+    flat_captions = g.op("Reshape", [captions, flat_shape], "captions_flat")  # [Bc*L, d]
+    regions_t = g.transpose(g.op("Reshape", [images, flat_shape], "regions_flat"), [1, 0], "regions_t")  # [d, Bi*n]
+    products = g.op("MatMul", [flat_captions, regions_t], "sims_flat")  # [Bc*L, Bi*n]
+    grid = g.op(
+        "Concat",
+        [g.op("Shape", [captions], "caption_dims", start=0, end=2), g.op("Shape", [images], "image_dims", start=0, end=2)],
+        "sims_grid",
+        axis=0,
+    )  # [Bc, L, Bi, n]
+    sims = g.transpose(g.op("Reshape", [products, grid], "sims_4d"), [2, 0, 1, 3], "sims")  # [Bi, Bc, L, n]
     return images, captions, lengths, token_mask, sims
 
 

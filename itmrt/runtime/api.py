@@ -20,6 +20,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.bundle import BundleInfo, read_bundle
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, Warn, check_image_input
+from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
 from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, TopK, score_tiled
 from itmrt.text.vocab import Vocabulary
@@ -39,12 +40,15 @@ class Runtime:
         batch_size: int = 128,
         budget_bytes: int = DEFAULT_BUDGET_BYTES,
         warn: Warn | None = None,
+        scorer: str = "auto",
     ) -> None:
         self.bundle, self.backend_name, self.precision = bundle, backend, precision
         self.budget_bytes = budget_bytes
         self.backends: dict[str, Backend] = {
             name: open_backend(bundle, name, backend, precision, settings) for name in ("image_encoder", "text_encoder", "scorer")
         }
+        self.fused = _fused_scorer(bundle, scorer, backend, precision, self.backends["scorer"], settings)
+        self.scorer_kind = "fused" if self.fused is not None else "graph"
         manifest = bundle.manifest
         self.vocab = Vocabulary.from_json(bundle.vocab_file())
         expected_vocab = (manifest.get("vocab") or {}).get("size", manifest["dims"].get("vocab_size"))
@@ -107,6 +111,8 @@ class Runtime:
     ) -> ScoreResult:
         """Tiled scoring of image embeddings (or a gallery) against encoded captions: top-k both ways."""
         embeddings = self._image_embeddings(images)
+        if self.fused is not None and captions.token_level:
+            return self.fused.score_tiles(embeddings, captions, top_k, keep_scores, self.budget_bytes, progress=progress)
         trt = self.backend_name == "trt"
         return score_tiled(
             self.backends["scorer"], embeddings, captions, top_k, keep_scores, self.budget_bytes,
@@ -145,6 +151,30 @@ class Runtime:
         return gallery
 
 
+SCORERS = ("auto", "graph", "fused")
+
+
+def _fused_scorer(
+    bundle: BundleInfo, scorer: str, backend: str, precision: str, graph: Backend, settings: SessionSettings | None
+) -> FusedNaafScorer | None:
+    """The fused CPU scorer when ``scorer`` asks for it (or "auto" finds it applicable), else None (the graph)."""
+    if scorer not in SCORERS:
+        raise ItmrtError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
+    if scorer == "graph":
+        return None
+    on_cpu = backend == "ort" and getattr(graph, "providers", [None])[0] == "CPUExecutionProvider"
+    applicable = bundle.family == "naaf" and precision == "fp32" and on_cpu
+    if scorer == "auto" and not (applicable and fused_available()):
+        return None
+    if not applicable:
+        raise ItmrtError(
+            f"the fused scorer runs NAAF at fp32 on ONNX Runtime's CPU provider only (here: {bundle.family}, "
+            f"{precision}, {backend}); use scorer='graph'"
+        )
+    threads = settings.intra_op_threads if settings else 0
+    return FusedNaafScorer.from_graph(bundle.graph_file("scorer", "fp32"), threads)
+
+
 def _range_max(bundle: BundleInfo, axis: str) -> int | None:
     limits = bundle.shape_range(axis)
     return int(limits["max"]) if limits else None
@@ -161,6 +191,7 @@ def load(
     batch_size: int = 128,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     warn: Warn | None = None,
+    scorer: str = "auto",
 ) -> Runtime:
     """Open ``bundle`` for inference on ``backend`` ("ort" or "trt") at ``precision`` (fp32, fp16, int8).
 
@@ -169,7 +200,11 @@ def load(
     ``max_length``: the caption token limit (default: the bundle's profile
     maximum); longer captions are truncated with a warning or refused
     (``on_long="refuse"``). ``budget_bytes``: the scorer's tile memory budget.
+    ``scorer``: "graph" runs the bundle's scorer graph; "fused" the fused CPU
+    scorer (NAAF, fp32, ORT on the CPU; needs numba: ``itmrt[cpu]``), one GEMM
+    and one pass per tile, several times faster; "auto" takes "fused" where it
+    applies and numba is installed, else "graph".
     """
     info = read_bundle(bundle)
     settings = SessionSettings(providers=providers, intra_op_threads=threads)
-    return Runtime(info, backend, precision, settings, max_length, on_long, batch_size, budget_bytes, warn)
+    return Runtime(info, backend, precision, settings, max_length, on_long, batch_size, budget_bytes, warn, scorer)

@@ -37,14 +37,9 @@ def _import_tensorrt() -> tuple[Any, Any]:
 class TrtBackend:
     """A deserialised engine with its context, stream and reusable buffers."""
 
-    def __init__(self, engine_path: Path, expected_version: str | None = None) -> None:
+    def __init__(self, engine_path: Path) -> None:
         trt, cuda = _import_tensorrt()
         self._trt, self._cuda = trt, cuda
-        if expected_version and expected_version.split(".")[:2] != trt.__version__.split(".")[:2]:
-            raise ItmrtError(
-                f"{engine_path.name} was built with TensorRT {expected_version} but this is TensorRT {trt.__version__}; "
-                "rebuild the engine with `itmrt build`"
-            )
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
@@ -69,9 +64,17 @@ class TrtBackend:
 
     @classmethod
     def from_bundle(cls, bundle: BundleInfo, component: str, precision: str) -> TrtBackend:
-        path = bundle.engine_file(component, precision)
-        record = bundle.engine_record(path.name)
-        return cls(path, record.get("tensorrt_version"))
+        """The engine of ``component`` at ``precision``, after checking it was built for this TensorRT and GPU."""
+        from itmrt.engine.compat import DeviceInfo, check_engine
+        from itmrt.engine.doctor import gpus
+
+        bundle.engine_file(component, precision)  # was it built at all, and is the file intact?
+        trt, _cuda = _import_tensorrt()
+        found = gpus()
+        if not found:
+            raise ItmrtError("the TensorRT backend needs an NVIDIA GPU and none was found; use --backend ort")
+        here = DeviceInfo(str(trt.__version__), found[0].name, found[0].compute_capability)
+        return cls(check_engine(bundle.path, bundle.manifest, precision, component, here))
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         low, _opt, high = (tuple(int(x) for x in s) for s in self._profile[name])

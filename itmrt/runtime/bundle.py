@@ -3,14 +3,13 @@
 Deliberately independent of :mod:`itmrt.export` (which imports onnx and torch):
 the runtime reads ``manifest.json`` as plain JSON and imports numpy only.
 
-Precision variants follow one naming rule, whatever stage made them: the
-``fp32`` graph of a component is the file its ``graphs`` entry names
-(``scorer.onnx``); the ``fp16`` / ``int8`` variant is ``scorer.fp16.onnx`` /
-``scorer.int8.onnx``, and it counts only when the manifest's ``files`` map lists
-it (with its sha256). TensorRT engines are ``<component>.<precision>.engine``
-under the same rule. A component without a variant of the requested precision
-runs its fp32 graph (e.g. a text encoder left in fp32 by the INT8 pass); a
-precision no component has is an error.
+Precision variants are found through the manifest entries the precision stage
+writes (see :mod:`itmrt.calibration.records`): the ``fp32`` graph of a component
+is the file its ``graphs`` entry names; an ``fp16`` / ``int8`` variant is
+``manifest["precisions"][p]["graphs"][component]["file"]``, and a TensorRT engine
+``manifest["engines"][p][component]["file"]``. A component without a variant of
+the requested precision runs its fp32 graph (e.g. a text encoder left in fp32 by
+the INT8 pass); a precision no component has is an error.
 """
 
 from __future__ import annotations
@@ -62,45 +61,38 @@ class BundleInfo:
 
     def precisions(self) -> list[str]:
         """Precisions for which at least one component has a graph in this bundle."""
-        return [p for p in PRECISIONS if p == "fp32" or any(self._variant_name(c, p) in self.manifest["files"] for c in COMPONENTS)]
+        made = self.manifest.get("precisions") or {}
+        return [p for p in PRECISIONS if p == "fp32" or (made.get(p) or {}).get("graphs")]
 
-    def _variant_name(self, component: str, precision: str, suffix: str = ".onnx") -> str:
-        stem = Path(self.manifest["graphs"][component]["file"]).stem
-        return f"{stem}.{precision}{suffix}"
+    def _variant_entry(self, section: str, component: str, precision: str) -> dict[str, Any] | None:
+        entry = ((self.manifest.get(section) or {}).get(precision) or {})
+        if section == "precisions":
+            entry = entry.get("graphs") or {}
+        found = entry.get(component)
+        return found if isinstance(found, dict) and "file" in found else None
 
     def graph_file(self, component: str, precision: str = "fp32") -> Path:
         """The ONNX file that runs ``component`` at ``precision`` (fp32 where no variant exists)."""
-        self._check_precision(precision, ".onnx", "itmrt calibrate / the precision stage")
+        self._check_precision(precision, ".onnx", "itmrt build BUNDLE --precision " + precision)
         if precision != "fp32":
-            name = self._variant_name(component, precision)
-            if name in self.manifest["files"]:
-                return self._checked(name)
+            entry = self._variant_entry("precisions", component, precision)
+            if entry is not None:
+                return self._checked(str(entry["file"]))
         return self._checked(self.manifest["graphs"][component]["file"])
 
     def engine_file(self, component: str, precision: str = "fp32") -> Path:
         """The TensorRT engine of ``component`` at ``precision``; an error when it was not built."""
-        name = self._variant_name(component, precision, ".engine")
-        if name not in self.manifest["files"]:
+        entry = self._variant_entry("engines", component, precision)
+        if entry is None:
             raise ItmrtError(
-                f"bundle {self.path} has no TensorRT engine {name}; run `itmrt build {self.path} --precision {precision}` first"
+                f"bundle {self.path} has no TensorRT {precision} engine for {component}; "
+                f"run `itmrt build {self.path} --precision {precision}` on this machine first"
             )
-        return self._checked(name)
+        return self._checked(str(entry["file"]))
 
-    def engine_record(self, file_name: str) -> dict[str, Any]:
-        """What the engine stage recorded about an engine file (TensorRT version, GPU), if anything."""
-        engines = self.manifest.get("engines", {})
-        if isinstance(engines, dict):
-            record = engines.get(file_name)
-            if isinstance(record, dict):
-                return record
-            for value in engines.values():
-                if isinstance(value, dict) and value.get("file") == file_name:
-                    return value
-        elif isinstance(engines, list):
-            for value in engines:
-                if isinstance(value, dict) and value.get("file") == file_name:
-                    return value
-        return {}
+    def engine_record(self, component: str, precision: str) -> dict[str, Any]:
+        """What the engine stage recorded about an engine (TensorRT version, GPU, profile)."""
+        return self._variant_entry("engines", component, precision) or {}
 
     def _check_precision(self, precision: str, suffix: str, how: str) -> None:
         if precision not in PRECISIONS:

@@ -133,11 +133,22 @@ class TrainResult:
     best_checkpoint: Path
 
 
+MAX_UNKNOWN_FRACTION = 0.5
+
+
 class _TokenisedCaptions:
     """All captions of a split tokenised once, padded to the longest."""
 
-    def __init__(self, vocab: Vocabulary, captions: list[str]) -> None:
+    def __init__(self, vocab: Vocabulary, captions: list[str], source: str = "captions") -> None:
         self.ids, self.lengths = vocab.encode_batch(captions)
+        # A vocabulary made for other data turns most words into <unk>: refuse it rather than train on noise.
+        words = self.lengths.sum() - 2 * len(self.lengths)
+        unknown = int((self.ids == vocab.unk_id).sum())
+        if words > 0 and unknown / words > MAX_UNKNOWN_FRACTION:
+            raise DataError(
+                f"{100 * unknown / words:.0f}% of the words in {source} are not in the vocabulary; "
+                "pass the vocabulary made for this data (--vocab)"
+            )
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = self.lengths[rows]
@@ -244,7 +255,7 @@ def train(config: TrainConfig, resume: bool = False, progress: Callable[[str, in
     optimizer = torch.optim.Adam(params, lr=config.learning_rate)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    captions = _TokenisedCaptions(vocab, train_split.captions)
+    captions = _TokenisedCaptions(vocab, train_split.captions, str(train_split.captions_path))
     cpi = train_split.captions_per_image
     n_caps = train_split.num_captions
     steps_per_epoch = max(1, n_caps // config.batch_size)

@@ -1,0 +1,183 @@
+"""INT8 Q/DQ graphs from calibration, with ONNX Runtime's quantization tools.
+
+What TensorRT 10/11 compile from explicit quantization, and how it is made:
+
+- ``QuantFormat.QDQ``: QuantizeLinear/DequantizeLinear pairs around the
+  quantized ops; the rest of the graph stays float32.
+- Symmetric int8 activations and weights (``ActivationSymmetric`` /
+  ``WeightSymmetric``), so every zero point is 0 (TensorRT's requirement);
+  :func:`zero_point_problems` proves it on the written graph.
+- Per-channel weights along the output channel (MatMul weight axis 1, Conv
+  axis 0), which TensorRT supports; biases stay float (``QuantizeBias`` off:
+  TensorRT's DequantizeLinear takes no int32 input); Q/DQ on the products'
+  inputs only.
+- Only the heavy products (``MatMul``, ``Gemm``, ``Conv``) are quantized.
+  Softmax, norms, reductions, NAAF's threshold subtraction and its comparisons
+  stay float by construction; a product whose result feeds a branch
+  comparison directly (NAAF's propagated decision) is listed in
+  ``nodes_to_exclude``.
+- Activation ranges come from a calibration pass (entropy, percentile or
+  min-max) over a streamed sample of the user's data. ORT saves them
+  (``calibration_cache_path``: a JSON ``TensorsData``) and the bundle keeps the
+  file as ``calibration/<graph>.json``; a rebuild passes it back and does not
+  read the data again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from itmrt.errors import ItmrtError
+
+METHODS: dict[str, CalibrationMethod] = {
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+    "minmax": CalibrationMethod.MinMax,
+}
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+PASS_THROUGH_OPS = frozenset({"Identity", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten"})
+COMPARISON_OPS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
+
+
+def calibration_method(name: str) -> CalibrationMethod:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ItmrtError(f"unknown calibration method '{name}'; choose one of {', '.join(METHODS)}") from None
+
+
+def excluded_nodes(model: onnx.ModelProto) -> list[dict[str, str]]:
+    """Products whose output reaches a float comparison through reshaping ops only (a branch decision)."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def feeds_comparison(tensor: str, depth: int = 0) -> bool:
+        for consumer in consumers.get(tensor, []):
+            if consumer.op_type in COMPARISON_OPS:
+                return True
+            if consumer.op_type in PASS_THROUGH_OPS and depth < 8 and any(feeds_comparison(o, depth + 1) for o in consumer.output):
+                return True
+        return False
+
+    return [
+        {"node": node.name, "op": node.op_type, "reason": "decides a branch (feeds a comparison)"}
+        for node in model.graph.node
+        if node.op_type in QUANTIZED_OPS and any(feeds_comparison(output) for output in node.output)
+    ]
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ORT's quantizer logs advice on the root logger (pre-processing hints); keep the CLI output readable."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def quantize_graph(
+    model: onnx.ModelProto,
+    method: str,
+    cache_path: Path,
+    reader: CalibrationDataReader | None,
+    exclude: list[str],
+) -> tuple[onnx.ModelProto, bytes]:
+    """Q/DQ int8 graph of ``model`` and the calibration ranges (ORT's TensorsData JSON) it used.
+
+    With ``reader``, calibrate; without it, quantize from the ranges saved at
+    ``cache_path``. Nothing is written to the bundle here: the caller writes
+    the graph and the ranges together with the manifest.
+    """
+    if reader is None and not cache_path.is_file():
+        raise ItmrtError(f"no calibration statistics at {cache_path}; run `itmrt calibrate BUNDLE --data DIR` first")
+    with tempfile.TemporaryDirectory(prefix=".itmrt-int8-") as work:
+        source = Path(work) / "model.onnx"
+        target = Path(work) / "model.int8.onnx"
+        cache = Path(work) / "ranges.json"
+        onnx.save(model, str(source))
+        if reader is None:
+            shutil.copyfile(cache_path, cache)
+        with _quiet_quantizer():
+            quantize_static(
+                str(source),
+                str(target),
+                calibration_data_reader=reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                per_channel=True,
+                reduce_range=False,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                calibrate_method=calibration_method(method),
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "QuantizeBias": False,
+                    # Q/DQ on the products' inputs only (TensorRT's recommended placement): a Q/DQ on
+                    # their outputs would round the float result once more for no speed.
+                    "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                },
+                calibration_cache_path=str(cache),
+            )
+        return onnx.load(str(target)), cache.read_bytes()
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    return None
+
+
+def qdq_pairs(model: onnx.ModelProto) -> int:
+    return sum(1 for node in model.graph.node if node.op_type == "DequantizeLinear")
+
+
+def zero_point_problems(model: onnx.ModelProto) -> list[str]:
+    """Every QuantizeLinear/DequantizeLinear must have an int8 zero point of 0 (TensorRT's explicit quantization)."""
+    problems = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            problems.append(f"{node.op_type} '{node.name}': no zero point (defaults to uint8)")
+            continue
+        zero_point = _initializer(model, node.input[2])
+        if zero_point is None:
+            problems.append(f"{node.op_type} '{node.name}': zero point '{node.input[2]}' is not a constant")
+        elif zero_point.dtype != np.int8 or np.any(zero_point != 0):
+            problems.append(f"{node.op_type} '{node.name}': zero point {zero_point.dtype} {zero_point.ravel()[:4].tolist()} is not int8 0")
+    return problems
+
+
+def quantizable_nodes(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
+    """Nodes that :func:`quantize_graph` would quantize (none: the graph stays float32, nothing to calibrate)."""
+    return [node.name for node in model.graph.node if node.op_type in QUANTIZED_OPS and node.name not in exclude]
+
+
+def quantization_summary(model: onnx.ModelProto) -> dict[str, Any]:
+    """Which nodes compute on dequantized int8 inputs, and whether each one's weight is per-channel."""
+    dequantized = {node.output[0]: node for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    quantized = [node.name for node in model.graph.node if node.op_type in QUANTIZED_OPS and all(name in dequantized for name in node.input[:2])]
+    per_channel = any(
+        any(attr.name == "axis" for attr in node.attribute) and (_initializer(model, node.input[1]) is not None and _initializer(model, node.input[1]).size > 1)  # type: ignore[union-attr]
+        for node in dequantized.values()
+    )
+    return {"quantized_nodes": quantized, "per_channel": per_channel, "qdq_pairs": qdq_pairs(model)}

@@ -1,0 +1,61 @@
+"""``itmrt bench``: latency and throughput of a bundle's variants per stage and batch size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from itmrt.cli.app import app
+from itmrt.errors import ItmrtError
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ItmrtError(f"--batch-sizes must be comma-separated integers (e.g. 1,8,32,128), not {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise ItmrtError(f"--batch-sizes must be positive integers (e.g. 1,8,32,128), not {text!r}")
+    return sizes
+
+
+@app.command("bench")
+def bench_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
+    variants: str = typer.Option("ort:fp32,ort:fp16,ort:int8", "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
+    batch_sizes: str = typer.Option("1,8,32,128", "--batch-sizes", help="Captions (or images) per call."),
+    captions: int = typer.Option(128, "--captions", min=1, help="Synthetic captions in the pool."),
+    images: int = typer.Option(64, "--images", min=1, help="Gallery size that captions are scored against."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed calls before timing."),
+    repeats: int = typer.Option(20, "--repeats", min=1, help="Timed calls per stage and batch size."),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="Results kept per query."),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: automatic)."),
+    scorer: str | None = typer.Option(None, "--scorer", help="The runtime's scorer: auto, graph or fused (default: the runtime's)."),
+    report: Path = typer.Option(..., "--report", help="Output folder: report.json, report.md, latency_vs_batch.png."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plot (needs matplotlib)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+) -> None:
+    """Per stage (tokenise, text encode, image encode, score, top-k) and end to end: latency percentiles, throughput, memory."""
+    import sys
+
+    from itmrt.cli.progress import progress_bars
+    from itmrt.reports.bench import BenchOptions, run_bench, write_bench
+    from itmrt.reports.variants import parse_variants
+
+    options = BenchOptions(
+        variants=parse_variants(variants), batch_sizes=_batch_sizes(batch_sizes), captions=captions, images=images,
+        warmup=warmup, repeats=repeats, top_k=top_k, threads=threads, scorer=scorer,
+    )
+    with progress_bars(progress) as bars:
+        result = run_bench(bundle, options, bars, command=["itmrt", *sys.argv[1:]])
+    write_bench(result, report, plots)
+    for entry in result["variants"]:
+        if entry["status"] != "ok":
+            typer.echo(f"{entry['name']}: {entry['status'].replace('_', ' ')}: {entry['reason']}")
+            continue
+        for row in entry["results"]:
+            if row["stage"] == "end_to_end":
+                typer.echo(f"{entry['name']} end to end, batch {row['batch_size']}: p50 {row['latency_ms']['p50']:.2f} ms, "
+                           f"{row['throughput']['captions_per_s']:.0f} captions/s")
+    typer.echo(f"report written to {report}/report.json and report.md")

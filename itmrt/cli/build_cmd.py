@@ -1,0 +1,55 @@
+"""``itmrt build``: precision graphs for ONNX Runtime, then TensorRT engines where TensorRT is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from itmrt.cli.app import app
+from itmrt.errors import ItmrtError
+
+
+def parse_axis_ranges(values: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``AXIS=MIN:OPT:MAX`` strings -> ``{axis: (min, opt, max)}``."""
+    ranges = {}
+    for value in values:
+        axis, _, spec = value.partition("=")
+        parts = spec.split(":")
+        if not axis or len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
+            raise ItmrtError(f"--shape '{value}' is not AXIS=MIN:OPT:MAX (e.g. batch_captions=1:32:128)")
+        low, mid, high = (int(part) for part in parts)
+        ranges[axis.strip()] = (low, mid, high)
+    return ranges
+
+
+@app.command("build")
+def build_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
+    precision: str = typer.Option("fp16", "--precision", help="fp32, fp16 or int8."),
+    calib_data: Path | None = typer.Option(None, "--calib-data", help="Calibration data (int8 without saved calibration); for fp16 the islands are measured on it."),
+    split: str = typer.Option("train", "--split", help="Split of --calib-data."),
+    method: str = typer.Option("entropy", "--method", help="int8 range estimation when calibrating: entropy, percentile, minmax."),
+    samples: int = typer.Option(256, "--samples", min=1, help="Calibration images."),
+    workspace: int | None = typer.Option(None, "--workspace", min=1, help="TensorRT workspace limit in MB (small boards)."),
+    shape: list[str] = typer.Option([], "--shape", help="Override a profile axis: AXIS=MIN:OPT:MAX (repeatable; axes: batch_images, batch_captions, max_length)."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file, read and updated."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+) -> None:
+    """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT
+    engine per graph. Without TensorRT it stops after the graphs and says that no engine was built."""
+    from itmrt.calibration.int8 import calibration_method
+    from itmrt.calibration.records import check_precision
+    from itmrt.calibration.variants import PrecisionOptions
+    from itmrt.engine.build import EngineOptions, build_bundle
+
+    check_precision(precision)
+    calibration_method(method)
+    ranges = parse_axis_ranges(shape)
+    options = PrecisionOptions(calib_data=calib_data, split=split, method=method, samples=samples, progress=progress)
+    outcome = build_bundle(bundle, precision, options, EngineOptions(workspace, ranges, timing_cache), log=typer.echo)
+    if not outcome.engines_built:
+        typer.echo(f"no TensorRT engine was built: {outcome.no_engine_reason}.")
+        typer.echo(f"The verified {precision} graphs run in ONNX Runtime (`--backend ort`); run `itmrt build` again on the target GPU for engines.")
+        return
+    typer.echo(f"{bundle}: {precision} engines built")

@@ -1,0 +1,64 @@
+"""``itmrt parity``: compare a bundle's deployed variants with the PyTorch (or ONNX Runtime fp32) reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from itmrt.cli.app import app
+
+
+@app.command("parity")
+def parity_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
+    data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
+    split: str = typer.Option("test", "--split", help="Which split to compare on."),
+    against: str = typer.Option("torch", "--against", help="Reference: torch (the bundle's source checkpoint; needs torch) or ort:fp32."),
+    variants: str = typer.Option("ort:fp32,ort:fp16,ort:int8,trt:fp16", "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
+    max_images: int | None = typer.Option(None, "--max-images", min=1, help="Use only the first N images (and their captions)."),
+    decision_images: int = typer.Option(100, "--decision-images", min=1, help="Images (with their captions) NAAF decision flips are counted on."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="The source checkpoint, when it moved since export (sha256-checked)."),
+    report: Path = typer.Option(..., "--report", help="Output folder: report.json, report.md, PNGs, score matrices."),
+    tol_score: float | None = typer.Option(None, "--tol-score-max-abs", help="Override: largest allowed end-to-end score error."),
+    tol_rsum: float | None = typer.Option(None, "--tol-rsum-delta", help="Override: largest allowed |rsum - reference rsum|."),
+    tol_top1: float | None = typer.Option(None, "--tol-top1-min", help="Override: smallest allowed top-1 agreement (0..1)."),
+    tol_flips: float | None = typer.Option(None, "--tol-flip-rate", help="Override: largest allowed NAAF decision flip rate."),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: automatic)."),
+    scorer: str | None = typer.Option(None, "--scorer", help="The runtime's scorer: auto, graph or fused (default: the runtime's)."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs matplotlib)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when a measured variant fails its tolerances."),
+) -> None:
+    """Tensor, decision and retrieval parity of every variant, with pass/fail against tolerances.
+
+    Default tolerances (score max abs / |rsum delta| / top-1 min / flip rate):
+    fp32 1e-4 / 0.5 / 0.99 / 1e-3; fp16 1e-2 / 1.0 / 0.95 / 1e-2; int8 5e-2 / 3.0 / 0.85 / 5e-2.
+    """
+    import sys
+
+    from itmrt.cli.progress import progress_bars
+    from itmrt.reports.parity import ParityOptions, run_parity, write_parity
+    from itmrt.reports.variants import parse_variants
+
+    overrides = {key: value for key, value in (
+        ("score_max_abs", tol_score), ("rsum_abs_delta", tol_rsum), ("top1_agreement_min", tol_top1), ("flip_rate_max", tol_flips),
+    ) if value is not None}
+    options = ParityOptions(
+        split=split, against=against, variants=parse_variants(variants), max_images=max_images,
+        decision_images=decision_images, tolerances=overrides, checkpoint=checkpoint, threads=threads, scorer=scorer,
+    )
+    with progress_bars(progress) as bars:
+        run = run_parity(bundle, data, options, bars, command=["itmrt", *sys.argv[1:]])
+    write_parity(run, report, plots)
+    for entry in run.report["variants"]:
+        if entry["status"] != "ok":
+            typer.echo(f"{entry['name']}: {entry['status'].replace('_', ' ')}: {entry['reason']}")
+            continue
+        delta = entry["recall_delta"]["rsum"]
+        error = entry["tensors"]["end_to_end"]["max_abs"]
+        typer.echo(f"{entry['name']}: {'pass' if entry['passed'] else 'FAIL'} (rsum {entry['recall']['rsum']:.1f}, "
+                   f"delta {delta:+.2f}; score max abs error {error:.2e})")
+    typer.echo(f"report written to {report}/report.json and report.md")
+    if strict and not run.report["passed"]:
+        raise typer.Exit(1)

@@ -1,0 +1,163 @@
+"""How closely a deployed variant agrees with its reference: pure numpy, no backend, no torch.
+
+Three levels, each a plain dict of floats ready for ``report.json``:
+
+- tensors (:func:`tensor_errors`): max / mean absolute error, max relative
+  error, cosine similarity and the worst element of two arrays;
+- NAAF branch decisions (:func:`naaf_decision_flips`): how often the sign
+  tests of the scorer (``s_ij - t > 0`` per region, ``q_i < 0`` per word)
+  come out differently from the reference's embeddings;
+- retrieval (:func:`retrieval_agreement`): top-1 agreement, top-10 overlap and
+  Spearman rank correlation per query, in both directions.
+
+Every definition is written so a test can recompute it from saved score
+matrices with a few numpy lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+REL_FLOOR = 1e-3
+"""Relative error is ``|got - ref| / max(|ref|, REL_FLOOR)``: entries near zero would otherwise dominate it."""
+
+DIRECTIONS = ("i2t", "t2i")
+
+
+def tensor_errors(reference: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+    """Error of ``got`` against ``reference`` (same shape), over the finite entries of ``got``.
+
+    ``nonfinite`` counts NaN/inf entries of ``got``; they are left out of the
+    other numbers (JSON has no infinity) and make every tolerance check fail.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    out = np.asarray(got, dtype=np.float64)
+    if ref.shape != out.shape:
+        raise ValueError(f"shapes differ: reference {ref.shape}, got {out.shape}")
+    finite = np.isfinite(out)
+    nonfinite = int(out.size - np.count_nonzero(finite))
+    diff = np.where(finite, np.abs(out - ref), 0.0)
+    rel = diff / np.maximum(np.abs(ref), REL_FLOOR)
+    flat = int(np.argmax(diff)) if diff.size else 0
+    worst = tuple(int(i) for i in np.unravel_index(flat, ref.shape)) if ref.size else ()
+    ref_f, out_f = ref[finite], out[finite]
+    norms = float(np.linalg.norm(ref_f) * np.linalg.norm(out_f))
+    cosine = float(np.dot(ref_f, out_f) / norms) if norms > 0 else (1.0 if not ref_f.any() and not out_f.any() else 0.0)
+    count = max(1, int(np.count_nonzero(finite)))
+    return {
+        "shape": list(ref.shape),
+        "max_abs": float(diff.max()) if diff.size else 0.0,
+        "mean_abs": float(diff.sum() / count),
+        "max_rel": float(rel.max()) if rel.size else 0.0,
+        "cosine": cosine,
+        "worst_index": list(worst),
+        "worst_reference": float(ref[worst]) if ref.size else 0.0,
+        "worst_value": float(out[worst]) if ref.size and finite[worst] else None,
+        "nonfinite": nonfinite,
+    }
+
+
+def ordinal_ranks(values: np.ndarray) -> np.ndarray:
+    """Rank of each entry of every row, 0 = highest; ties ordered by the lower index (a stable sort)."""
+    order = np.argsort(-values, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(values.shape[1])[None, :].repeat(values.shape[0], axis=0), axis=1)
+    return ranks
+
+
+def _direction(reference: np.ndarray, got: np.ndarray, k: int) -> dict[str, float]:
+    """Rows are queries, columns their candidates."""
+    candidates = reference.shape[1]
+    kk = min(k, candidates)
+    ref_order = np.argsort(-reference, axis=1, kind="stable")
+    got_order = np.argsort(-got, axis=1, kind="stable")
+    top1 = float(np.mean(ref_order[:, 0] == got_order[:, 0]))
+    overlaps = [len(np.intersect1d(a[:kk], b[:kk])) / kk for a, b in zip(ref_order, got_order)]
+    if candidates > 1:
+        d = ordinal_ranks(reference).astype(np.float64) - ordinal_ranks(got).astype(np.float64)
+        rho = 1.0 - 6.0 * (d**2).sum(axis=1) / (candidates * (candidates**2 - 1))
+        spearman_mean, spearman_min = float(rho.mean()), float(rho.min())
+    else:
+        spearman_mean = spearman_min = 1.0
+    return {
+        "top1_agreement": top1,
+        f"top{k}_overlap": float(np.mean(overlaps)),
+        "spearman_mean": spearman_mean,
+        "spearman_min": spearman_min,
+        "queries": int(reference.shape[0]),
+    }
+
+
+def retrieval_agreement(reference: np.ndarray, got: np.ndarray, k: int = 10) -> dict[str, dict[str, float]]:
+    """Agreement of two ``images x captions`` score matrices, per direction.
+
+    i2t: each image (row) ranks all captions; t2i: each caption ranks all images.
+    Spearman's rho per query uses ordinal ranks (ties by lower index), so it
+    is ``1 - 6 sum d^2 / (n (n^2 - 1))`` exactly; NaN scores rank last.
+    """
+    ref = np.nan_to_num(np.asarray(reference, dtype=np.float64), nan=-np.inf)
+    out = np.nan_to_num(np.asarray(got, dtype=np.float64), nan=-np.inf)
+    if ref.shape != out.shape:
+        raise ValueError(f"score matrices differ in shape: {ref.shape} vs {out.shape}")
+    return {"i2t": _direction(ref, out, k), "t2i": _direction(ref.T, out.T, k)}
+
+
+def _softmax_rows(x: np.ndarray) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def naaf_decisions(
+    tokens: np.ndarray, regions: np.ndarray, threshold: float, intra_factor: float = 5.0, propagate: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """One caption's branch decisions against every image (MODELS.md section 2, steps 2-3).
+
+    ``tokens`` ``[m, d]`` (the caption's real tokens), ``regions`` ``[N, n, d]``.
+    Returns ``(positive [m, N, n]``: ``s_ij - t > 0``, ``negative [m, N]``: ``q_i < 0)``.
+    """
+    a = np.einsum("md,Nnd->mNn", tokens, regions) - threshold
+    r = a.max(axis=2)  # [m, N]
+    if propagate:
+        weights = _softmax_rows(intra_factor * (tokens @ tokens.T))
+        q = weights @ r
+    else:
+        q = r
+    return a > 0, q < 0
+
+
+def naaf_decision_flips(
+    reference_tokens: Sequence[np.ndarray],
+    reference_regions: np.ndarray,
+    tokens: Sequence[np.ndarray],
+    regions: np.ndarray,
+    threshold: float,
+    intra_factor: float = 5.0,
+    propagate: bool = True,
+) -> dict[str, Any]:
+    """Fraction of (word, region) and (word) decisions over all caption-image pairs that differ from the reference.
+
+    ``*_tokens``: one ``[m_k, d]`` array per caption; ``*_regions``: ``[N, n, d]``.
+    """
+    region_flips = word_flips = region_total = word_total = 0
+    ref_regions = np.asarray(reference_regions, dtype=np.float64)
+    got_regions = np.asarray(regions, dtype=np.float64)
+    for ref_u, got_u in zip(reference_tokens, tokens):
+        ref_pos, ref_neg = naaf_decisions(np.asarray(ref_u, np.float64), ref_regions, threshold, intra_factor, propagate)
+        got_pos, got_neg = naaf_decisions(np.asarray(got_u, np.float64), got_regions, threshold, intra_factor, propagate)
+        region_flips += int(np.count_nonzero(ref_pos != got_pos))
+        word_flips += int(np.count_nonzero(ref_neg != got_neg))
+        region_total += ref_pos.size
+        word_total += ref_neg.size
+    return {
+        "region_decisions": region_total,
+        "region_flips": region_flips,
+        "region_flip_rate": region_flips / max(1, region_total),
+        "word_decisions": word_total,
+        "word_flips": word_flips,
+        "word_flip_rate": word_flips / max(1, word_total),
+        "threshold": float(threshold),
+        "captions": len(reference_tokens),
+        "images": int(ref_regions.shape[0]),
+    }

@@ -1,0 +1,241 @@
+"""``itmrt bench``: latency and throughput per stage and end to end, per variant and batch size.
+
+Inputs are synthetic by default (random region features shaped like the
+bundle's image input, captions drawn from the bundle's vocabulary), so a
+bench needs no data set. For each batch size ``B`` the stages are:
+
+- ``tokenise``: ``B`` captions -> token ids (vocabulary lookup, truncation);
+- ``text_encode``: ``B`` tokenised captions -> token embeddings;
+- ``image_encode``: ``B`` images -> region embeddings;
+- ``score``: one scorer call, ``B`` captions against the gallery of ``images`` images;
+- ``top_k``: the best ``top_k`` images per caption of that ``images x B`` block;
+- ``rank``: the runtime's scoring of ``B`` encoded captions against the gallery
+  (``Runtime.rank``: tiled scoring with streaming top-k - whatever scorer path
+  the runtime takes, which may differ from the plain scorer graph of ``score``);
+- ``end_to_end``: ``B`` caption strings -> their top-k images from the gallery
+  (the runtime's query path: tokenise, encode, tiled scoring with streaming top-k).
+
+Each stage runs ``warmup`` untimed calls, then ``repeats`` timed ones; every
+timing (seconds, ``time.perf_counter``) is kept in the report, so its
+statistics can be recomputed. Throughput is items per second of *mean*
+latency. Memory: the process RSS high-water mark after each variant
+(``resource.getrusage``), and per stage the peak of Python-tracked (numpy)
+allocations during one extra, untimed call (``tracemalloc``).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from itmrt.errors import ItmrtError
+from itmrt.reports.variants import Variant, graph_files, open_variant
+from itmrt.runtime.bundle import read_bundle
+from itmrt.runtime.encoders import tokenize
+from itmrt.runtime.tiled import top_k_of_matrix
+
+BarFactory = Callable[[str, int], Callable[[int], None]]
+STAGES = ("tokenise", "text_encode", "image_encode", "score", "top_k", "rank", "end_to_end")
+GALLERY_STAGES = ("score", "top_k", "rank", "end_to_end")
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class BenchOptions:
+    variants: Sequence[Variant] = field(default_factory=lambda: [Variant("ort", "fp32")])
+    batch_sizes: Sequence[int] = (1, 8, 32, 128)
+    captions: int = 128  # caption pool (batches cycle through it)
+    images: int = 64  # gallery size for score / top_k / end_to_end
+    warmup: int = 3
+    repeats: int = 20
+    top_k: int = 10
+    threads: int = 0
+    seed: int = 0
+    scorer: str | None = None  # the runtime's scorer for rank / end_to_end: auto / graph / fused (None: its default)
+
+
+def latency_stats(timings: Sequence[float]) -> dict[str, float]:
+    """min / mean / p50 / p90 / p99 / max in milliseconds (numpy's linear-interpolation percentiles)."""
+    ms = np.asarray(timings, dtype=np.float64) * 1e3
+    stats = {"min": float(ms.min()), "mean": float(ms.mean())}
+    stats.update({f"p{q}": float(np.percentile(ms, q)) for q in PERCENTILES})
+    stats["max"] = float(ms.max())
+    return stats
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def synthetic_captions(vocab: Any, count: int, rng: np.random.Generator, min_words: int = 6, max_words: int = 14,
+                       max_length: int | None = None) -> list[str]:
+    """Captions of random vocabulary words (special tokens left out), within the bundle's token limit."""
+    words = [w for i, w in sorted(vocab.idx2word.items()) if not (w.startswith("<") and w.endswith(">"))]
+    if not words:
+        raise ItmrtError("the bundle's vocabulary holds no words to make benchmark captions from")
+    if max_length is not None:
+        max_words = max(1, min(max_words, max_length - 2))
+        min_words = min(min_words, max_words)
+    lengths = rng.integers(min_words, max_words + 1, size=count)
+    return [" ".join(rng.choice(words, size=int(n))) for n in lengths]
+
+
+def synthetic_features(runtime: Any, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Random non-negative inputs of the image encoder's shape (symbolic axes at their profile 'opt')."""
+    shape: list[int] = [count]
+    for axis in runtime.image_input_shape[1:]:
+        if isinstance(axis, int):
+            shape.append(axis)
+        else:
+            limits = runtime.bundle.shape_range(axis) or {}
+            shape.append(int(limits.get("opt") or runtime.bundle.manifest["dims"].get(axis, 36)))
+    return np.abs(rng.standard_normal(shape)).astype(np.float32)
+
+
+def time_calls(call: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        call()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - start)
+    return timings
+
+
+def traced_peak(call: Callable[[], Any]) -> int:
+    """Peak bytes of Python-tracked allocations (numpy arrays included) during one call."""
+    tracemalloc.start()
+    try:
+        call()
+        return int(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+
+
+def _score_call(runtime: Any, gallery: np.ndarray, captions: Any) -> Callable[[], np.ndarray]:
+    """One scorer run: the captions against the gallery (split by the engine's image limit on TensorRT)."""
+    scorer = runtime.backends["scorer"]
+    padded, lengths = captions.padded(np.arange(len(captions)))
+    step = runtime.batch_limit if runtime.backend_name == "trt" and runtime.batch_limit else len(gallery)
+
+    def call() -> np.ndarray:
+        blocks = []
+        for start in range(0, len(gallery), step):
+            feeds = {"image_embeddings": gallery[start : start + step], "caption_embeddings": padded}
+            if "lengths" in scorer.input_names:
+                feeds["lengths"] = lengths.astype(np.int32)
+            blocks.append(scorer.run(feeds)[0])
+        return np.concatenate(blocks, axis=0)
+
+    return call
+
+
+def bench_variant(runtime: Any, options: BenchOptions, bar: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(options.seed)
+    pool = synthetic_captions(runtime.vocab, max(options.captions, max(options.batch_sizes)), rng, max_length=runtime.max_length)
+    gallery_features = synthetic_features(runtime, options.images, rng)
+    gallery = runtime.image_encoder.encode(gallery_features)
+    results = []
+    for batch in options.batch_sizes:
+        captions = pool[:batch]
+        ids = tokenize(runtime.vocab, captions, runtime.max_length, "truncate", lambda _m: None)
+        encoded = runtime.text_encoder.encode_ids(ids)
+        features = synthetic_features(runtime, batch, rng)
+        score = _score_call(runtime, gallery, encoded)
+        block = score()
+        calls: dict[str, Callable[[], Any]] = {
+            "tokenise": lambda: tokenize(runtime.vocab, captions, runtime.max_length, "truncate", lambda _m: None),
+            "text_encode": lambda: runtime.text_encoder.encode_ids(ids),
+            "image_encode": lambda: runtime.image_encoder.encode(features),
+            "score": score,
+            "top_k": lambda: top_k_of_matrix(block, options.top_k),
+            "rank": lambda: runtime.rank(gallery, encoded, top_k=options.top_k),
+            "end_to_end": lambda: runtime.search_text_to_image(captions, gallery, k=options.top_k),
+        }
+        pairs = batch * options.images
+        for stage in STAGES:
+            timings = time_calls(calls[stage], options.warmup, options.repeats)
+            latency = latency_stats(timings)
+            mean_s = latency["mean"] / 1e3
+            throughput: dict[str, float] = {}
+            if stage == "image_encode":
+                throughput["images_per_s"] = batch / mean_s
+            else:
+                throughput["captions_per_s"] = batch / mean_s
+            if stage in GALLERY_STAGES:
+                throughput["pairs_per_s"] = pairs / mean_s
+            results.append({
+                "batch_size": int(batch),
+                "stage": stage,
+                "pairs_per_call": pairs if stage in GALLERY_STAGES else None,
+                "timings_s": timings,
+                "latency_ms": latency,
+                "throughput": throughput,
+                "traced_peak_bytes": traced_peak(calls[stage]),
+            })
+            if bar:
+                bar(1)
+    return results
+
+
+def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None = None,
+              command: list[str] | None = None) -> dict[str, Any]:
+    """Measure every variant; a variant this machine or bundle cannot run is recorded as not run, with why."""
+    from itmrt.reports.environment import environment
+    from itmrt.reports.schema import header
+
+    if not options.batch_sizes or min(options.batch_sizes) < 1:
+        raise ItmrtError("--batch-sizes must be positive integers, e.g. 1,8,32,128")
+    if options.repeats < 1 or options.warmup < 0 or options.images < 1 or options.captions < 1:
+        raise ItmrtError("--repeats, --images and --captions must be at least 1, --warmup at least 0")
+    info = read_bundle(bundle)
+    entries = []
+    for variant in options.variants:
+        entry: dict[str, Any] = {"name": variant.name, "backend": variant.backend, "precision": variant.precision}
+        runtime, reason = open_variant(info.path, variant, options.threads, options.scorer)
+        if runtime is None:
+            entry.update(status="not_run", reason=reason, results=[])
+        else:
+            advance = bar(f"bench {variant.name}", len(options.batch_sizes) * len(STAGES)) if bar else None
+            started = time.perf_counter()
+            entry.update(status="ok", reason=None, graph_files=graph_files(runtime), results=bench_variant(runtime, options, advance))
+            entry["seconds"] = time.perf_counter() - started
+            entry["rss_peak_bytes"] = peak_rss_bytes()
+        entries.append(entry)
+    report = header("bench", info, command)
+    report.update(
+        environment=environment(options.threads),
+        settings={
+            "batch_sizes": [int(b) for b in options.batch_sizes], "captions": options.captions, "images": options.images,
+            "warmup": options.warmup, "repeats": options.repeats, "top_k": options.top_k, "threads": options.threads,
+            "seed": options.seed, "scorer": options.scorer or "default", "inputs": "synthetic", "percentiles": "numpy.percentile, linear interpolation",
+        },
+        variants=entries,
+    )
+    return report
+
+
+def write_bench(report: dict[str, Any], out: str | Path, plots: bool = True) -> Path:
+    from itmrt.io import atomic_write_text
+    from itmrt.reports.markdown import bench_markdown
+    from itmrt.reports.schema import write_json
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    if plots:
+        from itmrt.reports.plots import bench_plots
+
+        report["plots"] = bench_plots(report, folder)
+    write_json(folder / "report.json", report)
+    atomic_write_text(folder / "report.md", bench_markdown(report))
+    return folder

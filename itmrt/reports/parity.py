@@ -1,0 +1,353 @@
+"""``itmrt parity``: every deployed variant against an FP32 reference on the same inputs.
+
+The reference is the PyTorch model of the bundle's source checkpoint
+(``against="torch"``; needs torch) or the bundle's own FP32 graphs on ONNX
+Runtime (``against="ort:fp32"``; torch-free). Captions are tokenised once
+(the bundle's vocabulary and token limit) and every model gets the same ids
+and the same region features, so differences come from the graphs alone.
+
+Per variant the report holds:
+
+- ``tensors``: errors of each graph fed the reference's inputs - image
+  encoder (region embeddings), text encoder (token embeddings), scorer graph
+  (fed the *reference's* embeddings) - and ``end_to_end`` (the variant's own
+  encoders and ``Runtime.rank``, the score matrix a user gets);
+- ``decisions`` (NAAF): branch-decision flip rates from the variant's own
+  token and region embeddings (:func:`itmrt.reports.agreement.naaf_decision_flips`);
+- ``retrieval``: top-1 / top-10 agreement and Spearman's rho per query;
+  ``recall`` and ``recall_delta`` (variant minus reference);
+- ``checks`` against ``tolerances`` (defaults per precision, overridable), and ``passed``.
+
+Score matrices are saved next to the report (``scores_reference.npy``,
+``scores_<backend>-<precision>.npy``) so every retrieval number can be recomputed.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from itmrt.data.metrics import recall_table
+from itmrt.data.precomp import PrecompSplit
+from itmrt.errors import ItmrtError
+from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
+from itmrt.reports import agreement
+from itmrt.reports.variants import Variant, graph_files, open_variant, parse_variant
+from itmrt.runtime.bundle import BundleInfo, read_bundle
+from itmrt.runtime.encoders import CaptionEmbeddings, tokenize
+from itmrt.runtime.tiled import score_tiled
+from itmrt.text.vocab import Vocabulary
+
+BarFactory = Callable[[str, int], Callable[[int], None]]
+
+TOLERANCE_KEYS = ("score_max_abs", "rsum_abs_delta", "top1_agreement_min", "flip_rate_max")
+DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
+    # fp32 graphs should equal PyTorch up to float32 rounding and kernel order.
+    "fp32": {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99, "flip_rate_max": 1e-3},
+    "fp16": {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95, "flip_rate_max": 1e-2},
+    "int8": {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85, "flip_rate_max": 5e-2},
+}
+RECALL_DELTA_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+REFERENCE_FILE = "scores_reference.npy"
+
+
+@dataclass
+class ParityOptions:
+    split: str = "test"
+    against: str = "torch"
+    variants: Sequence[Variant] = field(default_factory=lambda: [Variant("ort", "fp32")])
+    max_images: int | None = None
+    decision_images: int = 100  # images (and their captions) the NAAF decision flips are counted on
+    tolerances: dict[str, float] = field(default_factory=dict)  # overrides, for every precision
+    checkpoint: Path | None = None  # override of the manifest's source checkpoint path
+    threads: int = 0
+    batch_size: int = 128
+    top_k: int = 10
+    scorer: str | None = None  # the runtime's scorer for rank(): auto / graph / fused (None: its default)
+
+
+@dataclass
+class Encoded:
+    """What one model made of the shared inputs."""
+
+    images: np.ndarray  # [N, n, d] region embeddings
+    captions: CaptionEmbeddings
+    scores: np.ndarray  # [N, C]
+
+
+@dataclass
+class ParityRun:
+    report: dict[str, Any]
+    matrices: dict[str, np.ndarray]  # file name -> score matrix
+
+
+def tolerances_for(precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    unknown = set(overrides or {}) - set(TOLERANCE_KEYS)
+    if unknown:
+        raise ItmrtError(f"unknown tolerance {sorted(unknown)[0]!r}; choose from {', '.join(TOLERANCE_KEYS)}")
+    return {**DEFAULT_TOLERANCES[precision], **(overrides or {})}
+
+
+def _check(name: str, value: float, limit: float, op: str) -> dict[str, Any]:
+    passed = value <= limit if op == "<=" else value >= limit
+    return {"name": name, "value": float(value), "limit": float(limit), "op": op, "passed": bool(passed)}
+
+
+def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list[dict[str, Any]]:
+    """The pass/fail checks of one variant's measurements against ``tolerances``."""
+    end = entry["tensors"]["end_to_end"]
+    checks = [
+        _check("end-to-end score max abs error", end["max_abs"] if end["nonfinite"] == 0 else float("inf"), tolerances["score_max_abs"], "<="),
+        _check("rsum delta (absolute)", abs(entry["recall_delta"]["rsum"]), tolerances["rsum_abs_delta"], "<="),
+        _check(
+            "top-1 agreement (worse direction)",
+            min(entry["retrieval"][d]["top1_agreement"] for d in agreement.DIRECTIONS), tolerances["top1_agreement_min"], ">=",
+        ),
+    ]
+    decisions = entry.get("decisions")
+    if decisions:
+        checks.append(_check("region decision flip rate", decisions["region_flip_rate"], tolerances["flip_rate_max"], "<="))
+        checks.append(_check("word decision flip rate", decisions["word_flip_rate"], tolerances["flip_rate_max"], "<="))
+    for check in checks:  # JSON has no infinity: a non-finite score is recorded as a failed check with value null
+        if not np.isfinite(check["value"]):
+            check["value"] = None
+    return checks
+
+
+def apply_tolerances(report: dict[str, Any], overrides: dict[str, float] | None = None) -> dict[str, Any]:
+    """Re-judge every measured variant of ``report`` (in place) with the default tolerances plus ``overrides``."""
+    for entry in report["variants"]:
+        if entry["status"] != "ok":
+            continue
+        entry["tolerances"] = tolerances_for(entry["precision"], overrides)
+        entry["checks"] = evaluate_checks(entry, entry["tolerances"])
+        entry["passed"] = all(c["passed"] for c in entry["checks"])
+    measured = [e for e in report["variants"] if e["status"] == "ok"]
+    report["passed"] = bool(measured) and all(e["passed"] for e in measured)
+    report["tolerance_overrides"] = dict(overrides or {})
+    return report
+
+
+# -- inputs -------------------------------------------------------------------
+
+
+def _open_split(info: BundleInfo, data: Path, options: ParityOptions) -> tuple[PrecompSplit, np.ndarray, list[str]]:
+    if not info.cross_attention:
+        raise ItmrtError(f"itmrt parity compares region-feature bundles (NAAF, SCAN); {info.path} is a {info.family} bundle")
+    split = PrecompSplit.open(data, options.split)
+    count = split.num_images if options.max_images is None else min(options.max_images, split.num_images)
+    if count < 1:
+        raise ItmrtError(f"--max-images must be at least 1, not {options.max_images}")
+    per = split.captions_per_image
+    features = np.ascontiguousarray(split.images[:count], dtype=np.float32)
+    return split, features, list(split.captions[: count * per])
+
+
+def _token_ids(info: BundleInfo, captions: list[str]) -> tuple[list[list[int]], int]:
+    """Token ids as the runtime makes them (a caption over the bundle's token limit is cut), and how many were cut."""
+    vocab = Vocabulary.from_json(info.vocab_file())
+    limits = info.shape_range("max_length")
+    full = tokenize(vocab, captions, None)
+    if not limits:
+        return full, 0
+    limit = int(limits["max"])
+    truncated = sum(1 for ids in full if len(ids) > limit)
+    return tokenize(vocab, captions, limit, "truncate", lambda _message: None) if truncated else full, truncated
+
+
+# -- reference and variants ------------------------------------------------------
+
+
+def torch_reference(
+    info: BundleInfo, checkpoint: Path | None, features: np.ndarray, ids: list[list[int]], batch_size: int,
+    bar: BarFactory | None = None,
+) -> tuple[Encoded, dict[str, Any]]:
+    """The PyTorch model of the bundle's source checkpoint on the shared inputs (imports torch)."""
+    import torch
+
+    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.models.evaluate import EncodedCaptions, encode_images, score_matrix
+    from itmrt.models.matcher import CrossAttentionMatcher
+
+    source = info.manifest.get("source_checkpoint") or {}
+    path = Path(checkpoint) if checkpoint is not None else Path(str(source.get("path", "")))
+    if not path.is_file():
+        raise ItmrtError(
+            f"the bundle's source checkpoint {path} is not there; pass it with --checkpoint PATH, or use --against ort:fp32"
+        )
+    expected = source.get("sha256")
+    if expected and sha256_file(path) != expected:
+        raise ItmrtError(
+            f"{path} is not the checkpoint {info.path} was exported from (sha256 differs); pass the right one with --checkpoint"
+        )
+    model = load_checkpoint(path)
+    if not isinstance(model, CrossAttentionMatcher):
+        raise ItmrtError(f"{path} holds a global-embedding model; itmrt parity compares region-feature models (NAAF, SCAN)")
+    model.eval()
+    images = encode_images(model, features, batch_size, bar("reference: images", len(features)) if bar else None)
+    lengths = np.array([len(x) for x in ids], dtype=np.int32)
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    vectors = np.empty((int(offsets[-1]), images.shape[-1]), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            width = max(len(x) for x in batch)
+            tokens = np.zeros((len(batch), width), dtype=np.int64)
+            for row, caption_ids in enumerate(batch):
+                tokens[row, : len(caption_ids)] = caption_ids
+            out = model.encode_captions(torch.from_numpy(tokens), torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64)))
+            for row in range(len(batch)):
+                k = start + row
+                vectors[offsets[k] : offsets[k + 1]] = out[row, : lengths[k]].numpy()
+    captions = CaptionEmbeddings(vectors, lengths, offsets)
+    padded, _ = captions.padded(np.arange(len(ids)))
+    encoded = EncodedCaptions(torch.from_numpy(padded), torch.from_numpy(lengths.astype(np.int64)))
+    scores = score_matrix(model, images, encoded, progress=bar("reference: score", len(ids)) if bar else None)
+    described = {"against": "torch", "checkpoint": str(path), "torch_version": torch.__version__}
+    return Encoded(images.numpy(), captions, scores), described
+
+
+def runtime_encoded(runtime: Any, features: np.ndarray, ids: list[list[int]], top_k: int, bar: BarFactory | None = None) -> Encoded:
+    images = runtime.image_encoder.encode(features)
+    captions = runtime.text_encoder.encode_ids(ids)
+    progress = bar(f"{runtime.backend_name}:{runtime.precision}: score", len(ids)) if bar else None
+    result = runtime.rank(images, captions, top_k=top_k, keep_scores=True, progress=progress)
+    assert result.scores is not None
+    return Encoded(images, captions, result.scores)
+
+
+def _caption_tokens(captions: CaptionEmbeddings, count: int) -> list[np.ndarray]:
+    assert captions.offsets is not None
+    return [captions.vectors[captions.offsets[k] : captions.offsets[k + 1]] for k in range(count)]
+
+
+def _decision_flips(info: BundleInfo, ref: Encoded, got: Encoded, images: int, per_image: int) -> dict[str, Any] | None:
+    manifest = info.manifest
+    if info.family != "naaf" or not manifest.get("threshold"):
+        return None
+    n_img = min(images, ref.images.shape[0])
+    n_cap = n_img * per_image
+    return agreement.naaf_decision_flips(
+        _caption_tokens(ref.captions, n_cap), ref.images[:n_img],
+        _caption_tokens(got.captions, n_cap), got.images[:n_img],
+        float(manifest["threshold"]["value"]),
+        float((manifest.get("intra_factor") or {}).get("value", 5.0)),
+        bool((manifest.get("scorer_options") or {}).get("propagate", True)),
+    )
+
+
+def measure_variant(
+    info: BundleInfo, runtime: Any, ref: Encoded, features: np.ndarray, ids: list[list[int]], per_image: int,
+    options: ParityOptions, ref_recall: dict[str, float], bar: BarFactory | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """All measurements of one opened variant (no pass/fail yet) and its end-to-end score matrix."""
+    got = runtime_encoded(runtime, features, ids, options.top_k, bar)
+    # The scorer graph itself (runtime.backends["scorer"]), fed the reference's embeddings: the runtime's
+    # rank() may take another path (a fused CPU scorer), which end_to_end measures.
+    trt = runtime.backend_name == "trt"
+    fed_reference = score_tiled(
+        runtime.backends["scorer"], ref.images, ref.captions, top_k=1, keep_scores=True,
+        max_images=runtime.batch_limit if trt else None, max_captions=runtime.caption_limit if trt else None,
+    ).scores
+    assert fed_reference is not None and got.scores is not None
+    tensors = {
+        "image_encoder": agreement.tensor_errors(ref.images, got.images),
+        "text_encoder": agreement.tensor_errors(ref.captions.vectors, got.captions.vectors),
+        "scorer": agreement.tensor_errors(ref.scores, fed_reference),
+        "end_to_end": agreement.tensor_errors(ref.scores, got.scores),
+    }
+    finite = np.nan_to_num(got.scores, nan=-np.inf)
+    recall = recall_table(np.where(np.isfinite(finite), finite, -np.inf), per_image)
+    entry = {
+        "tensors": tensors,
+        "decisions": _decision_flips(info, ref, got, options.decision_images, per_image),
+        "retrieval": agreement.retrieval_agreement(ref.scores, got.scores, options.top_k),
+        "recall": recall,
+        "recall_delta": {key: recall[key] - ref_recall[key] for key in RECALL_DELTA_KEYS},
+        "graph_files": graph_files(runtime),
+    }
+    return entry, got.scores
+
+
+def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar: BarFactory | None = None,
+               command: list[str] | None = None) -> ParityRun:
+    """Measure every variant of ``options.variants`` against the reference; nothing is written."""
+    from itmrt.reports.environment import environment
+    from itmrt.reports.schema import header
+
+    info = read_bundle(bundle)
+    split, features, captions = _open_split(info, Path(data), options)
+    per_image = split.captions_per_image
+    ids, truncated = _token_ids(info, captions)
+    started = time.perf_counter()
+    if options.against == "torch":
+        ref, described = torch_reference(info, options.checkpoint, features, ids, options.batch_size, bar)
+    else:
+        against = parse_variant(options.against)
+        runtime, reason = open_variant(info.path, against, options.threads, options.scorer)
+        if runtime is None:
+            raise ItmrtError(f"cannot open the reference {against.name}: {reason}")
+        ref = runtime_encoded(runtime, features, ids, options.top_k, bar)
+        described = {"against": against.name, "graph_files": graph_files(runtime)}
+    described["seconds"] = time.perf_counter() - started
+    ref_recall = recall_table(ref.scores, per_image)
+    matrices = {REFERENCE_FILE: ref.scores}
+    entries = []
+    for variant in options.variants:
+        entry: dict[str, Any] = {"name": variant.name, "backend": variant.backend, "precision": variant.precision}
+        started = time.perf_counter()
+        runtime, reason = open_variant(info.path, variant, options.threads, options.scorer)
+        if runtime is None:
+            entry.update(status="not_run", reason=reason)
+        else:
+            try:
+                measured, scores = measure_variant(info, runtime, ref, features, ids, per_image, options, ref_recall, bar)
+            except ItmrtError as exc:  # e.g. a precision graph whose outputs have the wrong shape
+                entry.update(status="failed", reason=str(exc).splitlines()[0])
+            else:
+                scores_file = f"scores_{variant.file_stem}.npy"
+                matrices[scores_file] = scores
+                entry.update(status="ok", reason=None, scores_file=scores_file, **measured)
+        entry["seconds"] = time.perf_counter() - started
+        entries.append(entry)
+    report = header("parity", info, command)
+    report.update(
+        environment=environment(options.threads),
+        reference={**described, "scores_file": REFERENCE_FILE, "recall": ref_recall},
+        data={
+            "path": str(data), "split": options.split, "images": int(len(features)), "captions": len(captions),
+            "captions_per_image": per_image, "truncated_captions": truncated,
+            "decision_images": min(options.decision_images, len(features)),
+        },
+        settings={"top_k": options.top_k, "threads": options.threads, "rel_floor": agreement.REL_FLOOR,
+                  "scorer": options.scorer or "default"},
+        variants=entries,
+    )
+    apply_tolerances(report, options.tolerances)
+    return ParityRun(report, matrices)
+
+
+def write_parity(run: ParityRun, out: str | Path, plots: bool = True) -> Path:
+    """``report.json``, ``report.md``, the score matrices and the plots, into folder ``out``."""
+    from itmrt.reports.markdown import parity_markdown
+    from itmrt.reports.schema import write_json
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, matrix in run.matrices.items():
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(matrix, dtype=np.float32))
+        atomic_write_bytes(folder / name, buffer.getvalue())
+    if plots:
+        from itmrt.reports.plots import parity_plots
+
+        run.report["plots"] = parity_plots(run.report, run.matrices, folder)
+    write_json(folder / "report.json", run.report)
+    atomic_write_text(folder / "report.md", parity_markdown(run.report))
+    return folder
