@@ -100,7 +100,6 @@ def make_synthetic_dataset(
     negation_fraction: float = 0.4,
     pair_fraction: float = 1.0,
     repeat_images: bool = False,
-    context_scale: float = 0.0,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic dataset to ``out_dir`` and return that folder.
@@ -109,9 +108,7 @@ def make_synthetic_dataset(
     integer used for each of train, dev and test. ``pair_fraction`` is the share of
     images placed in confusable pairs; ``negation_fraction`` the chance that a
     caption not already forced to negate its pair's extra object negates some other
-    absent object. ``context_scale`` adds that share of the mean of the image's object
-    signals to every region (scene context, as a CNN region feature's large
-    receptive field carries). ``repeat_images`` writes the feature file with each image
+    absent object. ``repeat_images`` writes the feature file with each image
     repeated once per caption (the other released layout). The output is a pure
     function of the arguments: the same seed gives byte-identical files.
     Refuses a non-empty existing ``out_dir`` unless ``overwrite``.
@@ -133,7 +130,7 @@ def make_synthetic_dataset(
             rng = np.random.default_rng([seed, 1, _stable_hash(split)])
             images, captions = _plan_split(rng, count, negation_fraction, pair_fraction)
             _write_features(staging / f"{split}_ims.npy", rng, world, images, num_regions,
-                            noise_scale, colour_scale, repeat_images, context_scale)
+                            noise_scale, colour_scale, repeat_images)
             caption_text = "".join(entry["text"] + "\n" for entry in captions)
             (staging / f"{split}_caps.txt").write_bytes(caption_text.encode("utf-8"))
             meta = {
@@ -283,7 +280,7 @@ def _compose_caption(
 
 def _write_features(
     path: Path, rng: np.random.Generator, world: _World, images: list[dict], num_regions: int,
-    noise_scale: float, colour_scale: float, repeat_images: bool, context_scale: float = 0.0,
+    noise_scale: float, colour_scale: float, repeat_images: bool,
 ) -> None:
     """Fill the .npy through a memory map, a chunk of images at a time (bounded memory)."""
     img_dim = world.prototypes.shape[1]
@@ -300,17 +297,12 @@ def _write_features(
         for offset, image in enumerate(images[start:stop]):
             slots = rng.permutation(num_regions)
             used = 0
-            signals = []
             for obj in image["objects"]:
                 regions = int(rng.integers(1, max_per_object + 1))
                 rows = slots[used:used + regions]
                 used += regions
                 signal = world.prototypes[class_index[obj["noun"]]] + colour_scale * world.colours[colour_index[obj["colour"]]]
                 block[offset, rows] = signal + noise_scale * block[offset, rows]
-                signals.append(signal)
-            if context_scale:
-                # Like a CNN region feature's large receptive field: every region also sees the whole scene.
-                block[offset] += context_scale * np.mean(signals, axis=0)
         if repeat == 1:
             out[start:stop] = block
         else:

@@ -77,7 +77,7 @@ def open_variant(bundle: str | Path, variant: Variant, threads: int = 0, scorer:
     from itmrt.runtime import load
 
     try:
-        extra = {"scorer": scorer} if scorer is not None else {}
+        extra: dict[str, Any] = {"scorer": scorer} if scorer is not None else {}
         return load(bundle, backend=variant.backend, precision=variant.precision, threads=threads, **extra), None
     except (ItmrtError, ImportError) as exc:
         return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -28,8 +28,8 @@ from itmrt.io import atomic_write_text
 SMALL_REGION_DATA: dict[str, Any] = {"num_images": {"train": 1000, "dev": 100, "test": 200}, "seed": 0, "img_dim": 2048}
 SMALL_IMAGE_DATA: dict[str, Any] = {"num_identities": {"train": 300, "dev": 60, "test": 60}, "seed": 0, "image_size": 64}
 SMALL_TRAINING: dict[str, dict[str, Any]] = {
-    "naaf": {"epochs": 6, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
-    "scan": {"epochs": 6, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
+    "naaf": {"epochs": 5, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
+    "scan": {"epochs": 5, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
     "cmpm": {"epochs": 12},
 }
 SHIPPED_FILES = {"naaf": "naaf_small.pth.tar", "scan": "scan_small.pth.tar", "cmpm": "cmpm_small.safetensors"}
