@@ -37,7 +37,6 @@ from itmrt.calibration.int8 import quantize_graph  # noqa: E402
 from itmrt.calibration.calib_data import StreamingCalibrationReader  # noqa: E402
 from itmrt.calibration.variants import PrecisionOptions, calibrate, make_fp16  # noqa: E402
 from itmrt.data.metrics import recall_table  # noqa: E402
-from itmrt.export.manifest import read_manifest  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -64,7 +64,6 @@ def shipped_model(name: str) -> Path | None:
 
 def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = None) -> DemoResult:
     """Run the demo into ``out``; returns the figures it printed."""
-    import torch
 
     from itmrt.data.metrics import recall_table
     from itmrt.data.precomp import PrecompSplit
@@ -95,12 +94,13 @@ def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = N
         checkpoint = _train_quick_naaf(folder, log)
         result.notes.append("no shipped model in this install: trained a quick one (lower recall than the shipped one)")
     model = load_checkpoint(checkpoint).eval()
+    options: dict[str, Any] = dict(getattr(model, "opt", {}))
     torch_started = time.perf_counter()
     vocab = Vocabulary.from_json(vocab_path)
     table, reference_scores = evaluate_split(model, vocab, split)
     torch_seconds = time.perf_counter() - torch_started
     result.recall["torch"] = table
-    log(f"  {checkpoint.name}: thres_safe {model.opt.get('thres_safe', 0.0):.4f}, rsum {table['rsum']:.1f} "
+    log(f"  {checkpoint.name}: thres_safe {options.get('thres_safe', 0.0):.4f}, rsum {table['rsum']:.1f} "
         f"({torch_seconds:.1f} s)")
 
     log("3/5 export to an ONNX bundle")

@@ -303,7 +303,7 @@ class StreamingCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
     def get_next(self) -> Feeds | None:
         if self._stream is None:
             self._stream = self.make_stream()
-            self._bar = tqdm(total=self.total, desc=self.label, unit="batch", file=sys.stderr, disable=not self.progress, leave=False)
+            self._bar = tqdm(total=self.total, desc=self.label, unit="batch", file=sys.stderr, disable=None if self.progress else True, leave=False)
         item = next(self._stream, None)
         if item is None:
             self._bar.close()

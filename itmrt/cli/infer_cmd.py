@@ -125,6 +125,8 @@ def infer_command(
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while scoring (stderr)."),
+    shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
     from itmrt.data.precomp import read_captions
@@ -134,10 +136,18 @@ def infer_command(
     _check_outputs([out, scores_out], overwrite)
     if scores_out is not None and scores_out.resolve() == out.resolve():
         raise ItmrtError("--out and --scores-out name the same file")
+    if shortlist is not None:
+        from itmrt.runtime.shortlist import check_shortlist
+
+        check_shortlist(shortlist, top_k)
+        if scores_out is not None:
+            raise ItmrtError("--shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out")
     captions = read_captions(captions_path)
     started = time.perf_counter()
 
     if source.is_file():
+        if shortlist is not None:
+            raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
         if vocab is None:
             raise ItmrtError(f"{source} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
         if images is None:
@@ -176,9 +186,15 @@ def infer_command(
         image_set = runtime.encode_images(load_features(images), source=str(images))
         n_images = image_set.shape[0]
     encoded = runtime.encode_captions(captions)
-    result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None)
+    from itmrt.cli.progress import progress_bars
+
+    with progress_bars(progress and shortlist is None) as bars:
+        result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
+                              progress=bars("score (captions)", len(captions)))
     _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores)
+    how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
+           else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
     typer.echo(
         f"{backend}/{precision}: {n_images} images x {len(captions)} captions in {time.perf_counter() - started:.1f}s "
-        f"({result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}); wrote {out}"
+        f"({how}); wrote {out}"
     )

@@ -1,4 +1,4 @@
-"""Progress bars for long CLI work (tqdm on stderr, silent when not a terminal unless forced)."""
+"""Progress bars for long CLI work: tqdm on stderr, shown only when stderr is a terminal."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callabl
     bars: list[tqdm] = []
 
     def factory(label: str, total: int) -> Callable[[int], None]:
-        bar = tqdm(total=total, desc=label, unit="it", file=sys.stderr, disable=not enabled, leave=False, dynamic_ncols=True)
+        # disable=None: tqdm stays quiet when stderr is not a terminal (logs, CI, captured output).
+        bar = tqdm(total=total, desc=label, unit="it", file=sys.stderr, disable=None if enabled else True,
+                   leave=False, dynamic_ncols=True)
         bars.append(bar)
         return bar.update
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from itmrt.data.metrics import RECALL_KEYS
+from itmrt.data.precomp import open_npy, read_captions
 from itmrt.errors import DataError
 from itmrt.text.vocab import Vocabulary
 
@@ -75,7 +76,7 @@ class ImageCaptionSplit:
         if not folder.is_dir():
             raise DataError(f"data folder {folder} does not exist; pass the folder holding {split}_images.npy")
         images = _open_images(folder / f"{split}_images.npy")
-        captions = read_caption_lines(folder / f"{split}_caps.txt")
+        captions = read_captions(folder / f"{split}_caps.txt", "one caption per line")
         index_path = folder / f"{split}_caption_image.npy"
         caption_image = _open_integers(index_path, "caption-to-image index")
         if len(caption_image) != len(captions):
@@ -134,46 +135,8 @@ def load_vocabulary(data_dir: str | Path) -> Vocabulary:
     return Vocabulary.from_json(Path(data_dir) / VOCAB_FILE)
 
 
-def read_caption_lines(path: Path) -> list[str]:
-    """Strict UTF-8, one non-empty caption per line; surrounding whitespace stripped; a final newline allowed."""
-    if not path.is_file():
-        raise DataError(f"captions file {path} not found; expected one caption per line")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_number = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"captions file {path} line {line_number} is not valid UTF-8; re-encode the file as UTF-8") from None
-    text = text.removeprefix("\ufeff")
-    lines = text.split("\n")
-    if lines and lines[-1].strip() == "":
-        lines.pop()
-    if not lines:
-        raise DataError(f"captions file {path} is empty; expected one caption per line")
-    captions = []
-    for number, line in enumerate(lines, start=1):
-        caption = line.strip()
-        if not caption:
-            raise DataError(f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)")
-        captions.append(caption)
-    return captions
-
-
-def _load_npy(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{what} file {path} not found")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{what} file {path} is not a readable .npy array ({reason}); re-save it with numpy.save") from None
-    if not isinstance(array, np.ndarray):
-        raise DataError(f"{what} file {path} is not a single .npy array; re-save it with numpy.save")
-    return array
-
-
 def _open_images(path: Path) -> np.ndarray:
-    images = _load_npy(path, "images")
+    images = open_npy(path, "images")
     if images.dtype != np.uint8:
         raise DataError(f"images file {path} has dtype {images.dtype}; expected uint8 RGB pixels (N x H x W x 3)")
     if images.ndim != 4 or images.shape[3] != 3:
@@ -184,7 +147,7 @@ def _open_images(path: Path) -> np.ndarray:
 
 
 def _open_integers(path: Path, what: str) -> np.ndarray:
-    values = _load_npy(path, what)
+    values = open_npy(path, what)
     if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
         raise DataError(f"{what} file {path} has dtype {values.dtype} and shape {values.shape}; expected a 1-D integer array")
     return np.asarray(values, dtype=np.int64)

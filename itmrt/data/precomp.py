@@ -103,18 +103,20 @@ class PrecompSplit:
         return range(start, start + self.captions_per_image)
 
 
-def read_captions(path: Path) -> list[str]:
+def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PER_IMAGE} per image") -> list[str]:
     """Read a captions file: strict UTF-8, one non-empty caption per line.
+
+    ``layout`` describes the expected file in the error messages.
 
     Surrounding whitespace (including ``\\r``) is stripped per line, as the released
     loaders do. A final newline is allowed; an empty line anywhere else is an error,
     because it would shift every later caption onto the wrong image.
     """
     if not path.is_file():
-        raise DataError(f"captions file {path} not found; expected one caption per line, {CAPTIONS_PER_IMAGE} per image")
+        raise DataError(f"captions file {path} not found; expected {layout}")
     raw = path.read_bytes()
     if not raw.strip():
-        raise DataError(f"captions file {path} is empty; expected one caption per line, {CAPTIONS_PER_IMAGE} per image")
+        raise DataError(f"captions file {path} is empty; expected {layout}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -136,16 +138,24 @@ def read_captions(path: Path) -> list[str]:
     return captions
 
 
+def open_npy(path: Path, what: str) -> np.ndarray:
+    """Memory-map a .npy file (never unpickling); one-line :class:`DataError` when it is missing or unreadable."""
+    if not path.is_file():
+        raise DataError(f"{what} file {path} not found")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{what} file {path} is not a readable .npy array ({reason}); re-save it with numpy.save") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{what} file {path} is not a single .npy array; re-save it with numpy.save")
+    return array
+
+
 def _open_features(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"image features file {path} not found; expected a float32 .npy of images x regions x dim")
-    try:
-        features = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"image features file {path} is not a readable .npy array ({reason}); re-save it with numpy.save") from None
-    if not isinstance(features, np.ndarray):
-        raise DataError(f"image features file {path} is not a single .npy array; re-save it with numpy.save")
+    features = open_npy(path, "image features")
     if features.ndim != 3:
         raise DataError(
             f"image features file {path} has shape {features.shape}; expected 3 dimensions (images x regions x dim)"

@@ -22,6 +22,7 @@ from itmrt.runtime.bundle import BundleInfo, read_bundle
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, Warn, check_image_input
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
+from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, TopK, score_tiled
 from itmrt.text.vocab import Vocabulary
 
@@ -44,6 +45,7 @@ class Runtime:
     ) -> None:
         self.bundle, self.backend_name, self.precision = bundle, backend, precision
         self.budget_bytes = budget_bytes
+        self._gallery_vectors: dict[tuple[str, str], np.ndarray] = {}  # shortlist: global vectors per gallery
         self.backends: dict[str, Backend] = {
             name: open_backend(bundle, name, backend, precision, settings) for name in ("image_encoder", "text_encoder", "scorer")
         }
@@ -108,9 +110,31 @@ class Runtime:
         top_k: int = 10,
         keep_scores: bool = False,
         progress: Callable[[int], None] | None = None,
+        shortlist: int | None = None,
     ) -> ScoreResult:
-        """Tiled scoring of image embeddings (or a gallery) against encoded captions: top-k both ways."""
-        embeddings = self._image_embeddings(images)
+        """Tiled scoring of image embeddings (or a gallery) against encoded captions: top-k both ways.
+
+        ``shortlist=K``: score only each query's K best candidates by a cheap
+        global score (:mod:`itmrt.runtime.shortlist`), for galleries too large
+        for full scoring; K must be at least ``top_k``. No full matrix then.
+        """
+        if shortlist is not None and captions.token_level:
+            if keep_scores:
+                raise ItmrtError("a shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out")
+            found = self._shortlisted(images, captions, top_k, shortlist, ("t2i", "i2t"))
+            return ScoreResult(found["t2i"], found["i2t"], None, (0, 0), 0)
+        if shortlist is not None:
+            check_shortlist(shortlist, top_k)  # global models: full scoring is already one matrix product
+        return self._rank_full(self._image_embeddings(images), captions, top_k, keep_scores, progress)
+
+    def _rank_full(
+        self,
+        embeddings: np.ndarray,
+        captions: CaptionEmbeddings,
+        top_k: int,
+        keep_scores: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> ScoreResult:
         if self.fused is not None and captions.token_level:
             return self.fused.score_tiles(embeddings, captions, top_k, keep_scores, self.budget_bytes, progress=progress)
         trt = self.backend_name == "trt"
@@ -120,19 +144,52 @@ class Runtime:
             progress=progress,
         )
 
+    def _score_matrix(self, embeddings: np.ndarray, captions: CaptionEmbeddings) -> np.ndarray:
+        scores = self._rank_full(embeddings, captions, 1, True).scores
+        assert scores is not None
+        return scores
+
+    def _shortlisted(
+        self, images: np.ndarray | Gallery, captions: CaptionEmbeddings, k: int, shortlist: int, directions: tuple[str, ...]
+    ) -> dict[str, TopK]:
+        embeddings = self._image_embeddings(images)
+        vectors = None
+        if isinstance(images, Gallery):  # read-only memmap: its global vectors are computed once per gallery
+            key = (str(images.path.resolve()), str(images.manifest["embeddings"].get("sha256")))
+            vectors = self._gallery_vectors.get(key)
+            if vectors is None:
+                vectors = self._gallery_vectors[key] = image_global_vectors(embeddings)
+        return shortlist_search(self._score_matrix, embeddings, captions, k, shortlist, directions, vectors)
+
     def score(self, images: np.ndarray | Gallery, captions: CaptionEmbeddings) -> np.ndarray:
         """The full ``images x captions`` score matrix (float32)."""
         result = self.rank(images, captions, top_k=1, keep_scores=True)
         assert result.scores is not None
         return result.scores
 
-    def search_text_to_image(self, captions: Sequence[str], images: np.ndarray | Gallery, k: int = 10) -> TopK:
-        """For each caption, the ``k`` best images of ``images`` (embeddings or a gallery)."""
-        return self.rank(images, self.encode_captions(captions), k).t2i
+    def search_text_to_image(
+        self, captions: Sequence[str], images: np.ndarray | Gallery, k: int = 10, shortlist: int | None = None
+    ) -> TopK:
+        """For each caption, the ``k`` best images of ``images`` (embeddings or a gallery).
 
-    def search_image_to_text(self, images: np.ndarray | Gallery, captions: Sequence[str], k: int = 10) -> TopK:
-        """For each image (embeddings or a gallery), the ``k`` best of ``captions``."""
-        return self.rank(images, self.encode_captions(captions), k).i2t
+        ``shortlist=K``: rerank only each caption's K best images by the global score.
+        """
+        encoded = self.encode_captions(captions)
+        if shortlist is not None and encoded.token_level:
+            return self._shortlisted(images, encoded, k, shortlist, ("t2i",))["t2i"]
+        return self.rank(images, encoded, k, shortlist=shortlist).t2i
+
+    def search_image_to_text(
+        self, images: np.ndarray | Gallery, captions: Sequence[str], k: int = 10, shortlist: int | None = None
+    ) -> TopK:
+        """For each image (embeddings or a gallery), the ``k`` best of ``captions``.
+
+        ``shortlist=K``: rerank only each image's K best captions by the global score.
+        """
+        encoded = self.encode_captions(captions)
+        if shortlist is not None and encoded.token_level:
+            return self._shortlisted(images, encoded, k, shortlist, ("i2t",))["i2t"]
+        return self.rank(images, encoded, k, shortlist=shortlist).i2t
 
     # -- galleries ----------------------------------------------------------
 

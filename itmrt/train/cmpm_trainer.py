@@ -38,7 +38,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -203,7 +203,9 @@ def validate(model: CrossAttentionMatcher, vocab: Vocabulary, split: PrecompSpli
 def _sync_thresholds(model: CrossAttentionMatcher, learner: ThresholdLearner) -> None:
     model.opt["thres"] = float(learner.thres)
     model.opt["thres_safe"] = float(learner.thres_safe)
-    model.scorer.threshold.fill_(float(learner.thres_safe))
+    threshold = model.scorer.threshold
+    assert isinstance(threshold, torch.Tensor)  # a NAAFScorer buffer
+    threshold.fill_(float(learner.thres_safe))
 
 
 def train(config: TrainConfig, resume: bool = False, progress: Callable[[str, int], ProgressFn] | None = None,
