@@ -15,7 +15,7 @@ Rows present in only one report are listed, not judged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from itmrt.errors import ItmrtError
 
@@ -48,20 +48,26 @@ def _throughput(result: dict[str, Any]) -> tuple[str, float]:
     return key, float(tp[key])
 
 
-def compare_bench(a: dict[str, Any], b: dict[str, Any], max_throughput_drop: float) -> Comparison:
-    out = Comparison("bench")
+def _variants_in_both(
+    a: dict[str, Any], b: dict[str, Any], out: Comparison, past: str, participle: str
+) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """Variants that ran in both reports; the others become a line (or a regression, when B lost one)."""
     old, new = _by_name(a), _by_name(b)
     for name in sorted(set(old) | set(new)):
         va, vb = old.get(name), new.get(name)
         if va is None or vb is None:
             out.lines.append(f"{name}: only in {'B' if va is None else 'A'}")
-            continue
-        if va["status"] == "ok" and vb["status"] != "ok":
-            out.regressions.append(f"{name} ran in A but not in B ({vb['reason']})")
-            continue
-        if va["status"] != "ok" or vb["status"] != "ok":
-            out.lines.append(f"{name}: not run in {'A' if va['status'] != 'ok' else 'B'}")
-            continue
+        elif va["status"] == "ok" and vb["status"] != "ok":
+            out.regressions.append(f"{name} {past} in A but not in B ({vb['reason']})")
+        elif va["status"] != "ok" or vb["status"] != "ok":
+            out.lines.append(f"{name}: not {participle} in {'A' if va['status'] != 'ok' else 'B'}")
+        else:
+            yield name, va, vb
+
+
+def compare_bench(a: dict[str, Any], b: dict[str, Any], max_throughput_drop: float) -> Comparison:
+    out = Comparison("bench")
+    for name, va, vb in _variants_in_both(a, b, out, "ran", "run"):
         rows_b = {(r["batch_size"], r["stage"]): r for r in vb["results"]}
         for ra in va["results"]:
             rb = rows_b.get((ra["batch_size"], ra["stage"]))
@@ -82,18 +88,7 @@ def compare_bench(a: dict[str, Any], b: dict[str, Any], max_throughput_drop: flo
 
 def compare_parity(a: dict[str, Any], b: dict[str, Any], max_recall_drop: float) -> Comparison:
     out = Comparison("parity")
-    old, new = _by_name(a), _by_name(b)
-    for name in sorted(set(old) | set(new)):
-        va, vb = old.get(name), new.get(name)
-        if va is None or vb is None:
-            out.lines.append(f"{name}: only in {'B' if va is None else 'A'}")
-            continue
-        if va["status"] == "ok" and vb["status"] != "ok":
-            out.regressions.append(f"{name} was measured in A but not in B ({vb['reason']})")
-            continue
-        if va["status"] != "ok" or vb["status"] != "ok":
-            out.lines.append(f"{name}: not measured in {'A' if va['status'] != 'ok' else 'B'}")
-            continue
+    for name, va, vb in _variants_in_both(a, b, out, "was measured", "measured"):
         changes = ", ".join(f"{k} {va['recall'][k]:.1f}->{vb['recall'][k]:.1f}" for k in RECALL_KEYS)
         err_a, err_b = va["tensors"]["end_to_end"]["max_abs"], vb["tensors"]["end_to_end"]["max_abs"]
         out.lines.append(f"{name}: {changes}; score max abs error {err_a:.3g} -> {err_b:.3g}; "
