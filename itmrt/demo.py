@@ -212,7 +212,7 @@ def _print_summary(result: DemoResult, split: Any, log: Log) -> None:
             f"   {figures['rsum_change']:+10.2f}")
     lat = result.latency
     if lat:
-        log(f"latency (ort:fp32, CPU): encode {split.num_images} images {lat['encode_images_s'] * 1e3:.0f} ms, "
+        log(f"latency (ort:fp32, CPU, {lat['scorer']} scorer): encode {split.num_images} images {lat['encode_images_s'] * 1e3:.0f} ms, "
             f"{split.num_captions} captions {lat['encode_captions_s'] * 1e3:.0f} ms, "
             f"score {lat['score_s'] * 1e3:.0f} ms ({lat['pairs_per_s']:,.0f} pairs/s)")
     for note in result.notes:

@@ -25,6 +25,9 @@ What TensorRT 10/11 compile from explicit quantization, and how it is made:
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import logging
 import shutil
 import tempfile
@@ -81,12 +84,13 @@ def excluded_nodes(model: onnx.ModelProto) -> list[dict[str, str]]:
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """ORT's quantizer logs advice on the root logger (pre-processing hints); keep the CLI output readable."""
+    """ORT's quantizer logs advice on the root logger and its calibrators print progress to stdout; keep the CLI readable."""
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logger.setLevel(level)
 
