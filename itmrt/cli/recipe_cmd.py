@@ -17,6 +17,7 @@ def make_small_models_command(
     work: Path | None = typer.Option(None, "--work", help="Folder for the synthetic data and training runs (default: a temp folder)."),
     device: str = typer.Option("cpu", "--device", help="torch device: cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace model files already in --out."),
 ) -> None:
     """Generate the synthetic datasets and train a small NAAF, SCAN and CMPM on them, deterministically."""
     from itmrt.cli.progress import progress_bars
@@ -28,6 +29,6 @@ def make_small_models_command(
     if unknown or not chosen:
         raise ItmrtError(f"--families takes a subset of {', '.join(SHIPPED_FILES)}, not {families!r}")
     with progress_bars(progress) as bars:
-        written = make_small_models(out, chosen, work, device, progress=bars, log=typer.echo)
+        written = make_small_models(out, chosen, work, device, progress=bars, log=typer.echo, overwrite=overwrite)
     for family, path in written.items():
         typer.echo(f"{family}: {path}")

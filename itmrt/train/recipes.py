@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.data.synthetic_images import make_synthetic_image_dataset
+from itmrt.errors import ItmrtError
 from itmrt.io import atomic_write_text
 
 # Region-feature data: released feature size (2048), 36 regions, small splits.
@@ -52,14 +53,34 @@ def make_small_models(
     device: str = "cpu",
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Train the small models and copy their best checkpoints to ``out``; returns family -> file."""
+    """Train the small models and copy their best checkpoints to ``out``; returns family -> file.
+
+    The data and training runs go to ``work_dir`` (kept), or to a temporary folder removed afterwards.
+    Existing model files in ``out`` are replaced only with ``overwrite``.
+    """
+    existing = [Path(out) / SHIPPED_FILES[f] for f in families if (Path(out) / SHIPPED_FILES[f]).exists()]
+    if existing and not overwrite:
+        raise ItmrtError(f"{existing[0]} already exists; pass --overwrite to replace it or choose another --out")
+    if work_dir is not None:
+        return _make_small_models(Path(out), families, Path(work_dir), device, progress, log)
+    with tempfile.TemporaryDirectory(prefix="itmrt-recipe-") as work:
+        return _make_small_models(Path(out), families, Path(work), device, progress, log)
+
+
+def _make_small_models(
+    out: Path,
+    families: tuple[str, ...],
+    work: Path,
+    device: str,
+    progress: Callable[[str, int], Callable[[int], None]] | None,
+    log: Callable[[str], None],
+) -> dict[str, Path]:
     from itmrt.train.cmpm_trainer import CMPMTrainConfig, train_cmpm
     from itmrt.train.trainer import TrainConfig, train
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="itmrt-recipe-"))
     record: dict[str, Any] = {"region_data": SMALL_REGION_DATA, "image_data": SMALL_IMAGE_DATA, "models": {}}
     written: dict[str, Path] = {}
     region_dir = work / "regions"

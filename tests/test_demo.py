@@ -1,0 +1,33 @@
+"""`itmrt demo` end to end on the shipped model (the README's first command)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from itmrt.demo import SHIPPED_NAAF, run_demo, shipped_model
+from itmrt.errors import ItmrtError
+
+
+def test_demo_runs_the_pipeline_and_writes_a_summary(tmp_path):
+    if shipped_model(SHIPPED_NAAF) is None:
+        pytest.skip("no shipped model in itmrt/assets: the demo would train one (minutes)")
+    lines: list[str] = []
+    result = run_demo(tmp_path / "demo", log=lines.append)
+    assert set(result.recall) == {"torch", "ort:fp32", "ort:fp16", "ort:int8"}
+    assert result.recall["ort:fp32"] == pytest.approx(result.recall["torch"])
+    assert result.parity["ort:fp32"]["max_abs_error"] < 1e-4
+    assert abs(result.parity["ort:fp16"]["rsum_change"]) <= 1.0
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["recall"]["torch"]["rsum"] == result.recall["torch"]["rsum"]
+    assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
+    assert any(line.startswith("latency (ort:fp32") for line in lines)
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ItmrtError, match="not made by itmrt demo"):
+        run_demo(tmp_path / "mine", log=lambda _m: None)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
