@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -37,3 +39,27 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json_document(
+    path: Path, kinds: tuple[str, ...], schema_version: int, what: str, remedy: str
+) -> tuple[dict[str, Any], bytes]:
+    """Read an itmrt JSON document (bundle or gallery manifest, report) and check its ``kind`` and schema.
+
+    Returns the parsed document and its raw bytes (for hashing). Every failure is a
+    one-line :class:`~itmrt.errors.ItmrtError` naming the file, ending with ``remedy``.
+    """
+    from itmrt.errors import ItmrtError
+
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ItmrtError(f"{path} is not valid JSON ({exc.__class__.__name__}); {remedy}") from None
+    if not isinstance(data, dict) or data.get("kind") not in kinds:
+        raise ItmrtError(f"{path} is not an itmrt {what}")
+    if data.get("schema_version") != schema_version:
+        raise ItmrtError(
+            f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {schema_version}: {remedy}"
+        )
+    return data, raw

@@ -30,7 +30,7 @@ import onnx
 from onnx import helper
 
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_text, sha256_file
+from itmrt.io import atomic_write_text, read_json_document, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_KIND = "itmrt-bundle"
@@ -89,17 +89,7 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise ItmrtError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete itmrt bundle; export it again")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ItmrtError(f"{path} is not valid JSON ({exc.__class__.__name__}); export the bundle again") from None
-    if not isinstance(data, dict) or data.get("kind") != BUNDLE_KIND:
-        raise ItmrtError(f"{path} is not an itmrt bundle manifest")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ItmrtError(
-            f"{path} has schema version {version!r}; this itmrt reads version {SCHEMA_VERSION}: re-export the bundle"
-        )
+    data, _raw = read_json_document(path, (BUNDLE_KIND,), SCHEMA_VERSION, "bundle manifest", "export the bundle again")
     for key in ("family", "graphs", "files"):
         if key not in data:
             raise ItmrtError(f"{path} lacks '{key}'; export the bundle again")

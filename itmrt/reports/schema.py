@@ -16,7 +16,7 @@ from typing import Any
 
 from itmrt import __version__
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_text
+from itmrt.io import atomic_write_text, read_json_document
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
@@ -73,14 +73,8 @@ def read_report(path: str | Path) -> dict[str, Any]:
         file = file / "report.json"
     if not file.is_file():
         raise ItmrtError(f"no report at {file}; pass a report.json written by `itmrt parity` or `itmrt bench`")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ItmrtError(f"{file} is not valid JSON ({exc.__class__.__name__}); write the report again") from None
-    if not isinstance(data, dict) or data.get("kind") not in REPORT_KINDS:
-        raise ItmrtError(f"{file} is not an itmrt report (no kind 'parity' or 'bench')")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ItmrtError(f"{file} has report schema version {data.get('schema_version')!r}; this itmrt reads {SCHEMA_VERSION}")
+    data, _raw = read_json_document(file, REPORT_KINDS, SCHEMA_VERSION, "report (kind 'parity' or 'bench')",
+                                    "write the report again")
     validate_report(data, str(file))
     return data
 

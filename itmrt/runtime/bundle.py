@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from itmrt.errors import ItmrtError
-from itmrt.io import sha256_file
+from itmrt.io import read_json_document, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_KIND = "itmrt-bundle"
@@ -132,18 +132,7 @@ def read_bundle(folder: str | Path) -> BundleInfo:
     path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise ItmrtError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete itmrt bundle; export it again")
-    raw = path.read_bytes()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ItmrtError(f"{path} is not valid JSON ({exc.__class__.__name__}); export the bundle again") from None
-    if not isinstance(data, dict) or data.get("kind") != BUNDLE_KIND:
-        raise ItmrtError(f"{path} is not an itmrt bundle manifest")
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise ItmrtError(
-            f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {SCHEMA_VERSION}: "
-            "re-export the bundle"
-        )
+    data, raw = read_json_document(path, (BUNDLE_KIND,), SCHEMA_VERSION, "bundle manifest", "export the bundle again")
     for key in ("family", "graphs", "files", "dims"):
         if key not in data:
             raise ItmrtError(f"{path} lacks '{key}'; export the bundle again")

@@ -26,7 +26,7 @@ import numpy as np
 
 from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
-from itmrt.io import atomic_write_text, sha256_file
+from itmrt.io import atomic_write_text, read_json_document, sha256_file
 from itmrt.runtime.bundle import BundleInfo
 
 GALLERY_KIND = "itmrt-gallery"
@@ -70,14 +70,7 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
     manifest_path = root / GALLERY_MANIFEST
     if not manifest_path.is_file():
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ItmrtError(f"{manifest_path} is not valid JSON ({exc.__class__.__name__}); re-index the gallery") from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != GALLERY_KIND:
-        raise ItmrtError(f"{manifest_path} is not an itmrt gallery manifest")
-    if manifest.get("schema_version") != GALLERY_SCHEMA:
-        raise ItmrtError(f"{manifest_path} has schema version {manifest.get('schema_version')!r}; re-index the gallery")
+    manifest, _raw = read_json_document(manifest_path, (GALLERY_KIND,), GALLERY_SCHEMA, "gallery manifest", "re-index the gallery")
     entry = manifest["embeddings"]
     path = root / entry["file"]
     if not path.is_file():
