@@ -139,7 +139,7 @@ def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = N
                 "pairs_per_s": pairs / (t3 - t2), "captions_per_s": split.num_captions / (t3 - t1),
                 "scorer": runtime.scorer_kind,
             }
-            _show_examples(runtime, split, data_dir, log)
+            _show_examples(runtime, image_emb[:50], split, data_dir, log)
     _print_summary(result, split, log)
     log(f"demo finished in {time.perf_counter() - started:.0f} s; everything is in {folder}/")
     (folder / "demo_summary.json").write_text(json.dumps(
@@ -172,13 +172,13 @@ def _build_precisions(bundle: Path, data_dir: Path, log: Log, result: DemoResult
     return built
 
 
-def _show_examples(runtime: Any, split: Any, data_dir: Path, log: Log) -> None:
+def _show_examples(runtime: Any, image_emb: np.ndarray, split: Any, data_dir: Path, log: Log) -> None:
     meta_path = data_dir / "test_meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     negations = [c for c in split.captions if " no " in f" {c} "]
     queries = list(dict.fromkeys(negations[:2] + split.captions[:1]))
-    hits = runtime.search_text_to_image(queries, runtime.encode_images(split.images[:50]), k=3)
-    log("  example queries (text -> image, top 3 of the first 50 images):")
+    hits = runtime.search_text_to_image(queries, image_emb, k=3)
+    log(f"  example queries (text -> image, top 3 of the first {len(image_emb)} images):")
     for q, (indices, scores) in enumerate(zip(hits.indices, hits.scores)):
         log(f"    \"{queries[q]}\"")
         for index, score in zip(indices, scores):
