@@ -25,3 +25,14 @@ def vocab_dir(shared_dir: Path) -> Path:
     if not VOCAB_DIR.is_dir():
         pytest.skip("../shared/data/vocab is absent")
     return VOCAB_DIR
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: torch's thread pool only adds overhead (100x on a busy 2-core machine)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

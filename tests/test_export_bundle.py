@@ -30,13 +30,7 @@ OPTIONS = ExportOptions(num_regions=REGIONS, max_batch=16, max_length=12)
 THRES_SAFE = 0.1234567
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: torch's thread pool only adds overhead (100x on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base_opt(**extra: Any) -> dict[str, Any]:

@@ -29,13 +29,7 @@ VOCAB = 50
 LENGTHS = torch.tensor([9, 2, 5, 3, 8, 9, 4, 6, 7, 2, 9, 5])  # every length 2..9, padded to 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small tensors: torch's thread pool only adds overhead (100x on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(model: onnx.ModelProto, **feeds: np.ndarray) -> np.ndarray:

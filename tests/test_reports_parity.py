@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cli_helpers import run_cli
 from reports_helpers import is_png, make_bundle_and_data
@@ -22,12 +21,7 @@ from itmrt.reports.variants import parse_variants
 ASSETS = Path(__file__).resolve().parents[1] / "itmrt" / "assets"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import numpy as np
 
 from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
+from itmrt.data.precomp import open_npy
 from itmrt.io import atomic_write_text, read_json_document, sha256_file
 from itmrt.runtime.bundle import BundleInfo
 
@@ -154,15 +155,7 @@ def write_gallery(
 def load_features(path: str | Path) -> np.ndarray:
     """A float32 ``.npy`` features file, memory-mapped (one-line errors for unreadable files)."""
     source = Path(path)
-    if not source.is_file():
-        raise DataError(f"features file {source} not found")
-    try:
-        features = np.load(source, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"features file {source} is not a readable .npy array ({reason}); re-save it with numpy.save") from None
-    if not isinstance(features, np.ndarray):
-        raise DataError(f"features file {source} is not a single .npy array")
+    features = open_npy(source, "features")
     if features.dtype not in (np.float32, np.float16, np.float64):
         raise DataError(f"features file {source} has dtype {features.dtype}; expected float32")
     return features
