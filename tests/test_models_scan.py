@@ -107,3 +107,17 @@ def test_unknown_options_raise_itmrt_errors() -> None:
         scan_scores(*_inputs(0), LENGTHS, raw_feature_norm="l3norm")
     with pytest.raises(ItmrtError, match="cross_attn"):
         scan_score_one(torch.zeros(2, 3), torch.zeros(2, 3), cross_attn="both")
+
+
+@pytest.mark.parametrize("cross_attn", ["t2i", "i2t"])
+@pytest.mark.parametrize("raw_feature_norm", ["clipped_l2norm", "l2norm"])
+def test_gradients_are_finite_with_padded_captions(cross_attn: str, raw_feature_norm: str) -> None:
+    """Training through the batched scorer: padded words (all-zero lines) must not turn gradients into NaN."""
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(3, 6, 8), dim=-1).requires_grad_(True)
+    captions = torch.nn.functional.normalize(torch.randn(4, 5, 8), dim=-1).requires_grad_(True)
+    scores = scan_scores(images, captions, torch.tensor([5, 3, 4, 2]), cross_attn=cross_attn,
+                         raw_feature_norm=raw_feature_norm, lambda_softmax=4.0)
+    scores.sum().backward()
+    assert images.grad is not None and captions.grad is not None
+    assert torch.isfinite(images.grad).all() and torch.isfinite(captions.grad).all()

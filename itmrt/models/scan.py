@@ -58,7 +58,13 @@ def _raw_norm(attn: Tensor, raw_feature_norm: str, dim: int, mask: Tensor | None
         attn = nn.functional.leaky_relu(attn, LEAKY_SLOPE)
     attn = zero_padding(attn)
     if raw_feature_norm.endswith("l2norm"):
-        return attn / (attn.pow(2).sum(dim=dim, keepdim=True).sqrt() + NORM_EPS)
+        squares = attn.pow(2).sum(dim=dim, keepdim=True)
+        # sqrt's derivative is infinite at 0 (an all-zero line, e.g. a padded word in i2t): take the root
+        # of 1 there instead, so training gets finite gradients; the value (0 / eps = 0) is unchanged.
+        nonzero = squares > 0
+        norms = torch.where(nonzero, torch.sqrt(torch.where(nonzero, squares, torch.ones_like(squares))),
+                            torch.zeros_like(squares))
+        return attn / (norms + NORM_EPS)
     if raw_feature_norm.endswith("l1norm"):
         return attn / (attn.abs().sum(dim=dim, keepdim=True) + NORM_EPS)
     return attn  # "clipped" or "no_norm"
