@@ -29,12 +29,11 @@ from typing import Any
 import onnx
 from onnx import helper
 
-from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_text, read_json_document, sha256_file
+from itmrt.io import atomic_write_text, sha256_file
+from itmrt.runtime.bundle import BUNDLE_KIND, MANIFEST_NAME, SCHEMA_VERSION, is_bundle, read_bundle
 
-MANIFEST_NAME = "manifest.json"
-BUNDLE_KIND = "itmrt-bundle"
-SCHEMA_VERSION = 1
+__all__ = ["BUNDLE_KIND", "MANIFEST_NAME", "SCHEMA_VERSION", "graph_entry", "is_bundle", "read_manifest",
+           "value_entries", "verify_files", "write_manifest"]
 
 
 def _dtype_name(elem_type: int) -> str:
@@ -71,29 +70,13 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     return atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
-def is_bundle(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a manifest that says it is an itmrt bundle (not whether it verifies)."""
-    path = Path(folder) / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == BUNDLE_KIND
-
-
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Read and sanity-check a bundle's manifest; every failure is a one-line :class:`ItmrtError`."""
-    bundle = Path(folder)
-    if not bundle.is_dir():
-        raise ItmrtError(f"no bundle folder at {bundle}; run `itmrt export` first")
-    path = bundle / MANIFEST_NAME
-    if not path.is_file():
-        raise ItmrtError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete itmrt bundle; export it again")
-    data, _raw = read_json_document(path, (BUNDLE_KIND,), SCHEMA_VERSION, "bundle manifest", "export the bundle again")
-    for key in ("family", "graphs", "files"):
-        if key not in data:
-            raise ItmrtError(f"{path} lacks '{key}'; export the bundle again")
-    return data
+    """Read and sanity-check a bundle's manifest; every failure is a one-line :class:`ItmrtError`.
+
+    The runtime's reader (:func:`itmrt.runtime.bundle.read_bundle`) is the one place that knows what a
+    complete manifest holds; this returns its parsed document.
+    """
+    return read_bundle(folder).manifest
 
 
 def verify_files(folder: str | Path, manifest: dict[str, Any]) -> list[str]:
