@@ -101,7 +101,18 @@ def tile_shape(
     bc = max(1, min(cap_c, math.isqrt(pairs)))
     bi = max(1, min(cap_i, pairs // bc))
     bc = max(1, min(cap_c, pairs // bi))
-    return bi, bc
+    return _balanced(n_images, bi), _balanced(n_captions, bc)
+
+
+def _balanced(total: int, size: int) -> int:
+    """The smallest tile size that covers ``total`` in as many tiles as ``size`` needs.
+
+    Never larger than ``size`` (the budget holds), but the last tile is no longer a small remainder
+    (e.g. 200 images in 88-image tiles become tiles of 67, 67, 66 rather than 88, 88, 24), which keeps
+    the work of each tile even across threads.
+    """
+    tiles = -(-total // size)
+    return -(-total // tiles)
 
 
 def pair_bytes(captions: CaptionEmbeddings, images: np.ndarray) -> int:
