@@ -78,7 +78,7 @@ def _compile() -> dict[str, Any]:
     # numba's own workqueue layer sleeps instead. It does not allow parallel calls from several Python
     # threads at once; one Runtime is used from one thread. An explicit NUMBA_THREADING_LAYER wins.
     if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
+        setattr(numba.config, "THREADING_LAYER", "workqueue")  # numba.config has no type information
 
     f32 = np.float32
     eps = f32(1e-8)
