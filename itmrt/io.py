@@ -63,3 +63,14 @@ def read_json_document(
             f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {schema_version}: {remedy}"
         )
     return data, raw
+
+
+def atomic_save_float32_npy(path: str | os.PathLike[str], array: Any) -> Path:
+    """Save ``array`` as a float32 ``.npy`` atomically (score matrices and the like)."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -31,7 +31,7 @@ def eval_command(
     from itmrt.cli.progress import progress_bars
     from itmrt.data.metrics import coco_5fold_1k, format_recall_table
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.io import atomic_write_bytes, atomic_write_text
+    from itmrt.io import atomic_save_float32_npy, atomic_write_text
     from itmrt.models.checkpoint import load_checkpoint
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
 
@@ -54,10 +54,4 @@ def eval_command(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     if scores_out is not None:
-        import io
-
-        import numpy as np
-
-        buf = io.BytesIO()
-        np.save(buf, scores.astype(np.float32))
-        atomic_write_bytes(scores_out, buf.getvalue())
+        atomic_save_float32_npy(scores_out, scores)

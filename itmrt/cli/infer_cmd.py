@@ -49,16 +49,10 @@ def results_jsonl(captions: list[str], t2i: Any, i2t: Any) -> str:
 
 
 def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any) -> None:
-    import io
-
-    import numpy as np
-
-    from itmrt.io import atomic_write_bytes, atomic_write_text
+    from itmrt.io import atomic_save_float32_npy, atomic_write_text
 
     if scores_out is not None:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(scores, dtype=np.float32))
-        atomic_write_bytes(scores_out, buffer.getvalue())
+        atomic_save_float32_npy(scores_out, scores)
     atomic_write_text(out, results_jsonl(captions, t2i, i2t))
 
 

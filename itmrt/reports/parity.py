@@ -24,7 +24,6 @@ Score matrices are saved next to the report (``scores_reference.npy``,
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
+from itmrt.io import atomic_save_float32_npy, atomic_write_text, sha256_file
 from itmrt.reports import agreement
 from itmrt.reports.variants import Variant, graph_files, open_variant, parse_variant
 from itmrt.runtime.bundle import BundleInfo, read_bundle
@@ -341,9 +340,7 @@ def write_parity(run: ParityRun, out: str | Path, plots: bool = True) -> Path:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for name, matrix in run.matrices.items():
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(matrix, dtype=np.float32))
-        atomic_write_bytes(folder / name, buffer.getvalue())
+        atomic_save_float32_npy(folder / name, matrix)
     if plots:
         from itmrt.reports.plots import parity_plots
 

@@ -174,10 +174,7 @@ class Runtime:
 
         ``shortlist=K``: rerank only each caption's K best images by the global score.
         """
-        encoded = self.encode_captions(captions)
-        if shortlist is not None and encoded.token_level:
-            return self._shortlisted(images, encoded, k, shortlist, ("t2i",))["t2i"]
-        return self.rank(images, encoded, k, shortlist=shortlist).t2i
+        return self._search("t2i", images, captions, k, shortlist)
 
     def search_image_to_text(
         self, images: np.ndarray | Gallery, captions: Sequence[str], k: int = 10, shortlist: int | None = None
@@ -186,10 +183,17 @@ class Runtime:
 
         ``shortlist=K``: rerank only each image's K best captions by the global score.
         """
+        return self._search("i2t", images, captions, k, shortlist)
+
+    def _search(
+        self, direction: str, images: np.ndarray | Gallery, captions: Sequence[str], k: int, shortlist: int | None
+    ) -> TopK:
+        """One direction of retrieval ("t2i" or "i2t"); a shortlist search computes only that direction."""
         encoded = self.encode_captions(captions)
         if shortlist is not None and encoded.token_level:
-            return self._shortlisted(images, encoded, k, shortlist, ("i2t",))["i2t"]
-        return self.rank(images, encoded, k, shortlist=shortlist).i2t
+            return self._shortlisted(images, encoded, k, shortlist, (direction,))[direction]
+        result = self.rank(images, encoded, k, shortlist=shortlist)
+        return result.t2i if direction == "t2i" else result.i2t
 
     # -- galleries ----------------------------------------------------------
 
