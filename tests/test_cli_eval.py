@@ -59,6 +59,14 @@ def test_eval_prints_recall_table_and_writes_json(capsys, dataset, checkpoint, t
     assert table == pytest.approx(recall_table(scores))
     assert f"{table['rsum']:.1f}" in result.out
 
+    # Existing outputs are kept unless --overwrite: refused before any work, files untouched.
+    before = out_json.read_bytes()
+    args = ["eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"), "--data", str(dataset), "--split", "test",
+            "--json", str(out_json), "--no-progress"]
+    assert "already exists; pass --overwrite" in _one_line_error(run_cli(capsys, *args))
+    assert out_json.read_bytes() == before
+    assert run_cli(capsys, *args, "--overwrite").code == 0
+
 
 def test_eval_missing_split_files(capsys, dataset, checkpoint):
     line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"),

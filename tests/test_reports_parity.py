@@ -147,6 +147,11 @@ def test_cli_parity_against_ort_fp32_is_exact(tmp_path: Path, capsys: pytest.Cap
     assert report["variants"][0]["tensors"]["end_to_end"]["max_abs"] == 0.0
     bad = run_cli(capsys, "parity", str(bundle), "--data", str(data), "--variants", "onnx:fp8", "--report", str(out))
     assert bad.code == 2 and "unknown variant" in bad.err
+    again = ["parity", str(bundle), "--data", str(data), "--against", "ort:fp32", "--variants", "ort:fp32", "--no-plots",
+             "--no-progress", "--report", str(out)]
+    refused = run_cli(capsys, *again)
+    assert refused.code == 2 and "already holds a report; pass --overwrite" in refused.err
+    assert run_cli(capsys, *again, "--overwrite").code == 0
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from itmrt.cli.app import app
+from itmrt.cli.outputs import check_report_folder
 from itmrt.errors import ItmrtError
 
 
@@ -34,6 +35,7 @@ def bench_command(
     scorer: str | None = typer.Option(None, "--scorer", help="The runtime's scorer: auto, graph or fused (default: the runtime's)."),
     report: Path = typer.Option(..., "--report", help="Output folder: report.json, report.md, latency_vs_batch.png."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plot (needs matplotlib)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --report."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
 ) -> None:
     """Per stage (tokenise, text encode, image encode, score, top-k) and end to end: latency percentiles, throughput, memory."""
@@ -47,6 +49,7 @@ def bench_command(
         variants=parse_variants(variants), batch_sizes=_batch_sizes(batch_sizes), captions=captions, images=images,
         warmup=warmup, repeats=repeats, top_k=top_k, threads=threads, scorer=scorer,
     )
+    check_report_folder(report, overwrite)
     with progress_bars(progress) as bars:
         result = run_bench(bundle, options, bars, command=["itmrt", *sys.argv[1:]])
     write_bench(result, report, plots)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from itmrt.cli.app import app
+from itmrt.cli.outputs import check_new_files
 from itmrt.errors import ItmrtError
 
 
@@ -21,6 +22,7 @@ def eval_command(
     fold5: bool = typer.Option(False, "--fold5", help="MSCOCO protocol: also report the mean over 5 folds of 1000 images."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the recall table to this JSON file."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Write the score matrix (images x captions, float32 .npy)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json / --scores-out files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
 ) -> None:
     """Encode a split with the PyTorch reference model and print the standard recall table.
@@ -35,6 +37,7 @@ def eval_command(
     from itmrt.models.checkpoint import load_checkpoint
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
 
+    check_new_files([json_path, scores_out], overwrite)
     model = load_checkpoint(checkpoint)
     if not hasattr(model, "encode_images"):
         raise ItmrtError(f"{checkpoint} holds a global-embedding (CMPM) model; `itmrt eval` evaluates precomputed region features")

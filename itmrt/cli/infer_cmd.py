@@ -16,21 +16,12 @@ from typing import Any
 import typer
 
 from itmrt.cli.app import app
+from itmrt.cli.outputs import check_new_files
 from itmrt.errors import ItmrtError
 
 
 def _say_warning(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
-
-
-def _check_outputs(paths: list[Path | None], overwrite: bool) -> None:
-    for path in paths:
-        if path is None:
-            continue
-        if path.is_dir():
-            raise ItmrtError(f"{path} is a folder; give a file path")
-        if path.exists() and not overwrite:
-            raise ItmrtError(f"{path} already exists; pass --overwrite to replace it or choose another path")
 
 
 def results_jsonl(captions: list[str], t2i: Any, i2t: Any) -> str:
@@ -127,7 +118,7 @@ def infer_command(
     from itmrt.runtime.bundle import is_bundle
     from itmrt.runtime.gallery import is_gallery
 
-    _check_outputs([out, scores_out], overwrite)
+    check_new_files([out, scores_out], overwrite)
     if scores_out is not None and scores_out.resolve() == out.resolve():
         raise ItmrtError("--out and --scores-out name the same file")
     if shortlist is not None:

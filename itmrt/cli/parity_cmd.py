@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from itmrt.cli.app import app
+from itmrt.cli.outputs import check_report_folder
 
 
 @app.command("parity")
@@ -27,6 +28,7 @@ def parity_command(
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: automatic)."),
     scorer: str | None = typer.Option(None, "--scorer", help="The runtime's scorer: auto, graph or fused (default: the runtime's)."),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs matplotlib)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --report."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
     strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when a measured variant fails its tolerances."),
 ) -> None:
@@ -48,6 +50,7 @@ def parity_command(
         split=split, against=against, variants=parse_variants(variants), max_images=max_images,
         decision_images=decision_images, tolerances=overrides, checkpoint=checkpoint, threads=threads, scorer=scorer,
     )
+    check_report_folder(report, overwrite)
     with progress_bars(progress) as bars:
         run = run_parity(bundle, data, options, bars, command=["itmrt", *sys.argv[1:]])
     write_parity(run, report, plots)

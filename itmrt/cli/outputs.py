@@ -1,0 +1,26 @@
+"""Output paths checked before any work starts: nothing the user has is replaced without ``--overwrite``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from itmrt.errors import ItmrtError
+
+
+def check_new_files(paths: list[Path | None], overwrite: bool) -> None:
+    """Refuse a path that is a folder, or an existing file without ``overwrite`` (``None`` entries are skipped)."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ItmrtError(f"{path} is a folder; give a file path")
+        if path.exists() and not overwrite:
+            raise ItmrtError(f"{path} already exists; pass --overwrite to replace it or choose another path")
+
+
+def check_report_folder(folder: Path, overwrite: bool) -> None:
+    """A report folder must be new, or hold no report yet, unless ``overwrite``."""
+    if folder.exists() and not folder.is_dir():
+        raise ItmrtError(f"--report {folder} is a file; give a folder for the report")
+    if (folder / "report.json").exists() and not overwrite:
+        raise ItmrtError(f"{folder} already holds a report; pass --overwrite to replace it or choose another --report folder")
