@@ -2,10 +2,10 @@
 
 Sizes: d = 1024, 36 regions per image, captions of 8 to 20 tokens, FP32 on the CPU.
 
-(a) ``loop``: the released evaluation's structure, written in PyTorch like the
-    authors' code: for each caption, score it against all images at once; the
-    attended region features (vhat, m x d per pair) are materialised, as the
-    released ``xattn_score`` does.
+(a) ``loop``: the released test-time scorer (``xattn_score_test``) step for
+    step, written in PyTorch like the authors' code: for each caption, score it
+    against all images at once; the attended region features (vhat, m x d per
+    pair) are materialised.
 (b) ``graph``: the runtime's tiled scorer (``itmrt.runtime.tiled.score_tiled``)
     over the exported NAAF scorer graph in ONNX Runtime, at several tile
     memory budgets.
@@ -53,32 +53,45 @@ def make_data(n_images: int, n_captions: int, seed: int = 0) -> tuple[np.ndarray
 
 
 def released_loop_scores(images: np.ndarray, captions: list[np.ndarray]) -> np.ndarray:
-    """One caption at a time against every image, the way the released evaluation runs (torch, vhat materialised)."""
+    """The released test-time scorer's structure, step for step, in PyTorch (MODELS.md section 2).
+
+    Per caption: the caption copied once per image (``repeat``), the similarity
+    ``bmm``, a contiguous transposed copy of it for the relevance branch, the
+    threshold subtracted through a tensor of ones, the intra-caption softmax
+    computed once and repeated per image, the negative mask in float64 (the
+    released code's ``.double()``), and the attended region features vhat
+    materialised by a second ``bmm`` before the cosine.
+    """
     import torch
 
     imgs = torch.from_numpy(images)  # [Ni, n, d]
-    out = torch.empty(len(images), len(captions))
+    n_img, n_reg = int(imgs.shape[0]), int(imgs.shape[1])
+    columns = []
     with torch.no_grad():
-        for k, cap in enumerate(captions):
-            u = torch.from_numpy(cap).unsqueeze(0).expand(imgs.shape[0], -1, -1)  # [Ni, m, d], like cap.repeat
-            sims = torch.bmm(u, imgs.transpose(1, 2))  # [Ni, m, n]
-            shifted = sims - THRESHOLD
-            # negative branch with intra-caption propagation
-            row_max = shifted.max(dim=2).values  # [Ni, m]
-            intra = torch.softmax(INTRA * torch.bmm(u, u.transpose(1, 2)), dim=2)  # [Ni, m, m]
-            propagated = torch.bmm(intra, row_max.unsqueeze(2)).squeeze(2)
-            negative = torch.where(propagated < 0, row_max, torch.zeros_like(row_max))
-            # positive branch: masked exp, L1-normalised, attended features materialised
-            exps = torch.where(shifted > 0, torch.exp(LAMBDA * shifted), torch.zeros_like(shifted))
-            weights = exps / (exps.sum(dim=2, keepdim=True) + 1e-8)
-            vhat = torch.bmm(weights, imgs)  # [Ni, m, d]
-            aggregated = (u * vhat).sum(dim=2) / vhat.norm(dim=2).clamp(min=1e-8)
-            # relevance branch
-            clipped = torch.nn.functional.leaky_relu(sims, 0.1)
-            normalised = clipped / (clipped.norm(dim=1, keepdim=True) + 1e-8)
-            relevance = (torch.softmax(LAMBDA * normalised, dim=2) * sims).sum(dim=2)
-            out[:, k] = (negative + aggregated + relevance).mean(dim=1)
-    return out.numpy()
+        for cap in captions:
+            m = int(cap.shape[0])
+            one = torch.from_numpy(cap).unsqueeze(0)  # [1, m, d]
+            words = one.repeat(n_img, 1, 1)  # [Ni, m, d]
+            sims = torch.bmm(words, imgs.transpose(1, 2))  # [Ni, m, n]
+            sims_by_region = sims.transpose(1, 2).contiguous()  # [Ni, n, m]
+            rows = (sims - torch.ones_like(sims) * THRESHOLD).view(n_img * m, n_reg)
+            row_max = rows.max(dim=1).values.unsqueeze(-1)  # [Ni * m, 1]
+            # negative branch, mask from the intra-caption propagated row maxima
+            intra = torch.softmax(torch.bmm(one, one.transpose(1, 2)).view(m, m) * INTRA, dim=1)
+            propagated = torch.bmm(intra.view(1, m, m).repeat(n_img, 1, 1), row_max.view(n_img, m, 1))
+            negative = (row_max * propagated.view(n_img * m, 1).lt(0).double()).view(n_img, m)
+            # positive branch on aggregated features: masked exp, L1-normalised, vhat materialised, cosine
+            weights = torch.exp(rows.masked_fill(rows.le(0), -1e9) * LAMBDA)
+            weights = weights / (weights.abs().sum(dim=1, keepdim=True) + 1e-8)
+            vhat = torch.bmm(weights.view(n_img, m, n_reg), imgs)  # [Ni, m, d]
+            aggregated = (words * vhat).sum(dim=2) / vhat.norm(2, dim=2).clamp(min=1e-8)
+            # positive branch on relevance: LeakyReLU, l2-normalised over the words, softmax over regions
+            clipped = torch.nn.functional.leaky_relu(sims_by_region, 0.1)
+            clipped = clipped / (clipped.pow(2).sum(dim=2, keepdim=True).sqrt() + 1e-8)
+            relevance_weights = torch.softmax(clipped.transpose(1, 2).contiguous().view(n_img * m, n_reg) * LAMBDA, dim=1)
+            relevance = sims.mul(relevance_weights.view(n_img, m, n_reg)).sum(-1)
+            columns.append((negative + aggregated + relevance).mean(dim=1, keepdim=True))
+    return torch.cat(columns, 1).float().numpy()
 
 
 def matmul_flops_per_second(seconds: float = 1.0, threads: int = 0) -> float:

@@ -17,7 +17,11 @@ def test_demo_runs_the_pipeline_and_writes_a_summary(tmp_path):
     result = run_demo(tmp_path / "demo", log=lines.append)
     assert set(result.recall) == {"torch", "ort:fp32", "ort:fp16", "ort:int8"}
     assert result.recall["ort:fp32"] == pytest.approx(result.recall["torch"])
-    assert result.parity["ort:fp32"]["max_abs_error"] < 1e-4
+    fp32 = result.parity["ort:fp32"]
+    # Within 1e-5 except the rare pair where a similarity sits within float rounding of the frozen
+    # threshold and NAAF's mask flips (2 of 50,000 pairs on the shipped model); rankings unaffected.
+    assert fp32["pairs_over_1e-5"] <= 1e-4 * fp32["pairs"] and fp32["max_abs_error"] < 1e-3
+    assert fp32["t2i_top1_agreement"] == 1.0
     assert abs(result.parity["ort:fp16"]["rsum_change"]) <= 1.0
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert summary["recall"]["torch"]["rsum"] == result.recall["torch"]["rsum"]

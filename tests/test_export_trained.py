@@ -25,3 +25,18 @@ def test_shipped_models_export_within_1e5(family: str, tmp_path: Path) -> None:
     assert parity["top10_identical"] is True
     for graph, error in parity["max_abs_error"].items():
         assert error <= 1e-5, (graph, error)
+
+
+def test_shipped_naaf_learned_a_positive_threshold_and_the_bundle_freezes_it(tmp_path: Path) -> None:
+    """The recipe's NAAF ends with thres_safe = mean+ - 3 std+ > 0 (not reset to 0), stored in the released opt."""
+    checkpoint = shipped_model(SHIPPED_FILES["naaf"])
+    if checkpoint is None:
+        pytest.skip("naaf_small.pth.tar is not in itmrt/assets")
+    from itmrt.models.checkpoint import load_checkpoint
+
+    opt = load_checkpoint(checkpoint).opt
+    assert 0.0 < opt["thres_safe"] < opt["thres"] < 1.0
+    vocab = tmp_path / "vocab.json"
+    Vocabulary(vocabulary_json()["word2idx"]).to_json(vocab)
+    manifest = export_bundle(checkpoint, vocab, tmp_path / "bundle", ExportOptions())
+    assert manifest["threshold"]["value"] == pytest.approx(opt["thres_safe"])

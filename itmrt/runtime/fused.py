@@ -8,11 +8,13 @@ tile. Here a tile is scored in two steps:
    images' regions ``[Bi * n, d]`` (ONNX Runtime's MLAS ``Gemm``, so
    ``threads`` means the same as for the graph scorer);
 2. one numba pass per (image, caption) block of ``m x n`` similarities
-   (a few KB, in L1): row maxima and the relevance column norms in a first
-   sweep over the words, then per word the propagated negative mask, the
-   positive branch's max-shifted weights (only over the regions above the
-   threshold, with ``u . vhat = sum_j w s`` and ``||vhat||^2 = w^T G w``
-   from the image's 36 x 36 Gram matrix) and the relevance softmax.
+   (a few KB, in L1): the block is copied into a contiguous buffer together
+   with its row maxima and the relevance column norms; the relevance logits
+   and the positive branch's max-shifted arguments are formed and
+   exponentiated over the whole block at once; then per word the propagated
+   negative mask, the relevance softmax and the positive branch (only over
+   the regions above the threshold, with ``u . vhat = sum_j w s`` and
+   ``||vhat||^2 = w^T G w`` from the image's 36 x 36 Gram matrix).
 
 Everything a caption needs on its own (the intra-caption softmax ``W``) is
 computed once per caption, the Gram matrices once per image. Captions are
@@ -131,7 +133,13 @@ def _compile() -> dict[str, Any]:
 
     @numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
     def score_block(sims, starts, intra, intra_starts, grams, threshold, lam, out):  # type: ignore[no-untyped-def]
-        """Scores ``out [Bi, Bc]`` from ``sims [T, Bi * n]`` (caption c's words: rows starts[c]:starts[c+1])."""
+        """Scores ``out [Bi, Bc]`` from ``sims [T, Bi * n]`` (caption c's words: rows starts[c]:starts[c+1]).
+
+        Per (image, caption) the ``m x n`` block is first copied into a
+        contiguous buffer; every elementwise step then runs over the whole
+        block in one flat loop (one exp call per branch per block, not per
+        word), which is what lets the compiler keep the vector units busy.
+        """
         n_img = out.shape[0]
         n_cap = out.shape[1]
         n = grams.shape[1]
@@ -139,17 +147,22 @@ def _compile() -> dict[str, Any]:
         for c in range(n_cap):
             longest = max(longest, starts[c + 1] - starts[c])
         for i in prange(n_img):
+            block = np.empty(longest * n, dtype=f32)  # s, row-major [m, n]
+            rel = np.empty(longest * n, dtype=f32)  # relevance logits, shifted; then scratch
+            rel_e = np.empty(longest * n, dtype=f32)  # their exps
+            pos = np.empty(longest * n, dtype=f32)  # positive-branch arguments; then scratch
+            pos_e = np.empty(longest * n, dtype=f32)  # their exps, masked
             col_scale = np.empty(n, dtype=f32)
+            row_top = np.empty(longest, dtype=f32)
             row_max = np.empty(longest, dtype=f32)
-            args = np.empty(n, dtype=f32)
-            exps = np.empty(n, dtype=f32)
-            gram_w = np.empty(n, dtype=f32)
+            weights = np.empty(n, dtype=f32)  # one word's masked positive weights
             gram = grams[i]
             c0 = i * n
             for c in range(n_cap):
                 s0 = starts[c]
                 m = starts[c + 1] - s0
-                # Sweep 1: each word's best region, each region's norm over the caption's words.
+                size = m * n
+                # Copy the block; each region's norm over the caption's words (LeakyReLU'd).
                 for j in range(n):
                     col_scale[j] = f32(0.0)
                 for k in range(m):
@@ -157,59 +170,66 @@ def _compile() -> dict[str, Any]:
                     top = row[0]
                     for j in range(n):
                         s = row[j]
+                        block[k * n + j] = s
                         clipped = s if s > 0 else leaky * s
                         col_scale[j] += clipped * clipped
                         top = max(top, s)
+                    row_top[k] = top
                     row_max[k] = top - threshold
                 for j in range(n):
                     col_scale[j] = lam / (np.sqrt(col_scale[j]) + eps)
-                # Sweep 2: per word, the three terms.
+                # Relevance logits lam * LeakyReLU(s) / column norm, and the positive branch's
+                # max-shifted arguments lam * ((s - t) - r) = lam * (s - max s); both shifted per row.
+                for k in range(m):
+                    top = f32(-np.inf)
+                    for j in range(n):
+                        s = block[k * n + j]
+                        logit = (s if s > 0 else leaky * s) * col_scale[j]
+                        rel[k * n + j] = logit
+                        top = max(top, logit)
+                    best = row_top[k]
+                    for j in range(n):
+                        rel[k * n + j] = rel[k * n + j] - top
+                        pos[k * n + j] = lam * (block[k * n + j] - best)
+                exp_into(rel, rel_e, size)
+                exp_into(pos, pos_e, size)
                 total = f32(0.0)
                 w0 = intra_starts[c]
                 for k in range(m):
-                    row = sims[s0 + k, c0 : c0 + n]
                     r = row_max[k]
                     # Negative branch: mask from the propagated value, value from r itself.
                     q = f32(0.0)
                     for l in range(m):
                         q += intra[w0 + k * m + l] * row_max[l]
                     term = r if q < 0 else f32(0.0)
-                    # Relevance: softmax over regions of lam * LeakyReLU(s) / column norm, applied to raw s.
-                    top = f32(-np.inf)
-                    for j in range(n):
-                        s = row[j]
-                        logit = (s if s > 0 else leaky * s) * col_scale[j]
-                        args[j] = logit
-                        top = max(top, logit)
-                    for j in range(n):
-                        args[j] = args[j] - top
-                    exp_into(args, exps, n)
+                    # Relevance: softmax over regions applied to raw s.
                     e_sum = f32(0.0)
                     e_dot = f32(0.0)
                     for j in range(n):
-                        e_sum += exps[j]
-                        e_dot += exps[j] * row[j]
+                        e = rel_e[k * n + j]
+                        e_sum += e
+                        e_dot += e * block[k * n + j]
                     term += e_dot / e_sum
-                    # Positive branch: max-shifted weights over the regions above the threshold.
+                    # Positive branch: the weights of the regions above the threshold only;
+                    # u . vhat = sum_j w s and ||vhat||^2 = w^T G w.
                     if r > 0:
-                        for j in range(n):
-                            args[j] = lam * ((row[j] - threshold) - r)
-                        exp_into(args, exps, n)
                         p_sum = f32(0.0)
                         p_dot = f32(0.0)
                         for j in range(n):
-                            gram_w[j] = f32(0.0)
-                            e = exps[j] if row[j] - threshold > 0 else f32(0.0)
-                            exps[j] = e
+                            s = block[k * n + j]
+                            e = pos_e[k * n + j] if s - threshold > 0 else f32(0.0)
+                            weights[j] = e
                             p_sum += e
-                            p_dot += e * row[j]
-                        for j in range(n):  # G w as a sum of G's rows (G is symmetric)
-                            e = exps[j]
-                            for jj in range(n):
-                                gram_w[jj] += gram[j, jj] * e
+                            p_dot += e * s
+                        # e^T G e, one row of G at a time: each row's dot product stays in registers.
                         quad = f32(0.0)
                         for j in range(n):
-                            quad += exps[j] * gram_w[j]
+                            e = weights[j]
+                            if e != 0:
+                                row_dot = f32(0.0)
+                                for jj in range(n):
+                                    row_dot += gram[j, jj] * weights[jj]
+                                quad += e * row_dot
                         denominator = p_sum + eps * np.exp(-lam * r)
                         norm = np.sqrt(max(quad, f32(0.0))) / denominator
                         term += (p_dot / denominator) / max(norm, eps)
@@ -279,6 +299,7 @@ class FusedNaafScorer:
         if threads:
             self._k["numba"].set_num_threads(min(threads, self._k["numba"].config.NUMBA_NUM_THREADS))
         self._gemm = _gemm_session(threads)
+        self._sims_buffer = np.empty(0, dtype=np.float32)
 
     @classmethod
     def from_graph(cls, path: str | Path, threads: int = 0) -> FusedNaafScorer:
@@ -301,8 +322,21 @@ class FusedNaafScorer:
     # -- building blocks ------------------------------------------------------
 
     def similarities(self, tokens: np.ndarray, regions: np.ndarray) -> np.ndarray:
-        """``tokens [T, d] @ regions [R, d]^T`` as one float32 GEMM."""
-        return self._gemm.run(None, {"a": tokens, "b": regions})[0]
+        """``tokens [T, d] @ regions [R, d]^T`` as one float32 GEMM, written into a reused buffer.
+
+        The result is a view of that buffer, valid until the next call. A fresh
+        multi-MB output per tile would cost a page fault per 4 KB on first touch.
+        """
+        rows, cols = int(tokens.shape[0]), int(regions.shape[0])
+        if self._sims_buffer.size < rows * cols:
+            self._sims_buffer = np.empty(rows * cols, dtype=np.float32)
+        out = self._sims_buffer[: rows * cols].reshape(rows, cols)
+        binding = self._gemm.io_binding()
+        binding.bind_cpu_input("a", np.ascontiguousarray(tokens, dtype=np.float32))
+        binding.bind_cpu_input("b", np.ascontiguousarray(regions, dtype=np.float32))
+        binding.bind_output("c", "cpu", 0, np.float32, [rows, cols], out.ctypes.data)
+        self._gemm.run_with_iobinding(binding)
+        return out
 
     def intra_weights(self, tokens: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each caption's ``m x m`` intra-caption softmax, flattened, and where each one starts."""

@@ -29,8 +29,8 @@ from itmrt.io import atomic_write_text
 SMALL_REGION_DATA: dict[str, Any] = {"num_images": {"train": 1000, "dev": 100, "test": 200}, "seed": 0, "img_dim": 2048}
 SMALL_IMAGE_DATA: dict[str, Any] = {"num_identities": {"train": 300, "dev": 60, "test": 60}, "seed": 0, "image_size": 64}
 SMALL_TRAINING: dict[str, dict[str, Any]] = {
-    "naaf": {"epochs": 5, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
-    "scan": {"epochs": 5, "batch_size": 64, "learning_rate": 5e-4, "embed_size": 128, "word_dim": 64},
+    "naaf": {"epochs": 12, "lr_decay_epoch": 8, "batch_size": 64, "learning_rate": 2e-3, "embed_size": 128, "word_dim": 64},
+    "scan": {"epochs": 12, "lr_decay_epoch": 8, "batch_size": 64, "learning_rate": 2e-3, "embed_size": 128, "word_dim": 64},
     "cmpm": {"epochs": 12},
 }
 SHIPPED_FILES = {"naaf": "naaf_small.pth.tar", "scan": "scan_small.pth.tar", "cmpm": "cmpm_small.safetensors"}
@@ -81,7 +81,8 @@ def _make_small_models(
     from itmrt.train.trainer import TrainConfig, train
 
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"region_data": SMALL_REGION_DATA, "image_data": SMALL_IMAGE_DATA, "models": {}}
+    record: dict[str, Any] = {"region_data": SMALL_REGION_DATA, "image_data": SMALL_IMAGE_DATA,
+                              "models": _earlier_records(out / "recipe.json", families)}
     written: dict[str, Path] = {}
     region_dir = work / "regions"
     if any(f in families for f in ("naaf", "scan")) and not (region_dir / "vocab.json").is_file():
@@ -113,3 +114,15 @@ def _make_small_models(
             shutil.copyfile(run_dir / "thresholds.png", out / "naaf_small_thresholds.png")
     atomic_write_text(out / "recipe.json", json.dumps(record, indent=2, default=str) + "\n")
     return written
+
+
+def _earlier_records(recipe: Path, retrained: tuple[str, ...]) -> dict[str, Any]:
+    """The models already in ``out`` that this run does not retrain keep their record in recipe.json."""
+    if not recipe.is_file():
+        return {}
+    try:
+        models = json.loads(recipe.read_text(encoding="utf-8")).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {family: entry for family, entry in models.items()
+            if family not in retrained and (recipe.parent / SHIPPED_FILES.get(family, "")).is_file()}
