@@ -60,8 +60,11 @@ def parity_command(
             continue
         delta = entry["recall_delta"]["rsum"]
         error = entry["tensors"]["end_to_end"]["max_abs"]
+        ties = entry.get("threshold_ties")
+        at_threshold = (f", {ties['max_abs_off_threshold']:.2e} off the threshold ({ties['tie_pairs']} pairs at it)"
+                        if ties and ties["tie_pairs"] else "")
         typer.echo(f"{entry['name']}: {'pass' if entry['passed'] else 'FAIL'} (rsum {entry['recall']['rsum']:.1f}, "
-                   f"delta {delta:+.2f}; score max abs error {error:.2e})")
+                   f"delta {delta:+.2f}; score max abs error {error:.2e}{at_threshold})")
     typer.echo(f"report written to {report}/report.json and report.md")
     if strict and not run.report["passed"]:
         raise typer.Exit(1)

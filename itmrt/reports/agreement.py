@@ -161,3 +161,48 @@ def naaf_decision_flips(
         "captions": len(reference_tokens),
         "images": int(ref_regions.shape[0]),
     }
+
+
+THRESHOLD_BAND = 1e-5
+"""Half-width of the band around NAAF's threshold where float rounding may put a similarity on either side."""
+
+
+def threshold_ties(
+    reference_scores: np.ndarray,
+    scores: np.ndarray,
+    reference_tokens: Sequence[np.ndarray],
+    reference_regions: np.ndarray,
+    threshold: float,
+    band: float = THRESHOLD_BAND,
+    max_pairs: int = 10_000,
+) -> dict[str, Any]:
+    """The largest score error over the pairs whose reference holds no similarity within ``band`` of ``threshold``.
+
+    NAAF's masks switch at ``s = t``: where a reference similarity lies that
+    close to the threshold, two correct float32 implementations can decide
+    differently and the pair's score jumps. Such pairs (``tie_pairs``) are
+    counted, not judged by the score tolerance; the decision flip rates cover
+    them. Pairs are examined from the largest error down, at most ``max_pairs``.
+    """
+    ref = np.asarray(reference_scores, dtype=np.float64)
+    diff = np.abs(np.asarray(scores, dtype=np.float64) - ref)
+    diff = np.where(np.isfinite(diff), diff, np.inf).ravel()
+    count = min(max_pairs, diff.size)
+    if count == 0:
+        return {"band": band, "tie_pairs": 0, "pairs_examined": 0, "max_abs_off_threshold": 0.0}
+    top = np.argpartition(-diff, count - 1)[:count]
+    top = top[np.argsort(-diff[top], kind="stable")]
+    regions = np.asarray(reference_regions, dtype=np.float64)
+    n_cap = ref.shape[1]
+    ties = 0
+    for examined, flat in enumerate(top, start=1):
+        image, caption = divmod(int(flat), n_cap)
+        sims = np.asarray(reference_tokens[caption], dtype=np.float64) @ regions[image].T
+        if np.any(np.abs(sims - threshold) <= band):
+            ties += 1
+            continue
+        return {"band": band, "tie_pairs": ties, "pairs_examined": examined, "max_abs_off_threshold": float(diff[flat])}
+    # Every examined pair is a tie: the error of the next pair down bounds the rest.
+    rest = np.delete(diff, top)
+    bound = float(rest.max()) if rest.size else 0.0
+    return {"band": band, "tie_pairs": ties, "pairs_examined": count, "max_abs_off_threshold": bound}

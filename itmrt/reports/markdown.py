@@ -69,6 +69,14 @@ def parity_markdown(report: dict[str, Any]) -> str:
             rows.append([v["name"], graph, _num(e["max_abs"]), _num(e["mean_abs"]), _num(e["max_rel"]),
                          f"{e['cosine']:.7f}", str(tuple(e["worst_index"])), e["nonfinite"]])
     out.append(table(["variant", "graph", "max abs", "mean abs", "max rel", "cosine", "worst at", "non-finite"], rows))
+    tied = [v for v in measured if v.get("threshold_ties")]
+    if tied:
+        band = tied[0]["threshold_ties"]["band"]
+        out += ["", f"Pairs at NAAF's threshold (a reference similarity within {band:g} of it: either side of the mask "
+                "is a correct float32 result, so these are judged by the decision flip rates, not the score tolerance):", ""]
+        out.append(table(["variant", "pairs at the threshold (among the largest errors)", "max abs error, other pairs"],
+                         [[v["name"], f"{v['threshold_ties']['tie_pairs']} of {v['threshold_ties']['pairs_examined']} examined",
+                           _num(v["threshold_ties"]["max_abs_off_threshold"])] for v in tied]))
     flips = [v for v in measured if v.get("decisions")]
     if flips:
         d0 = flips[0]["decisions"]
