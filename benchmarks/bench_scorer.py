@@ -13,7 +13,9 @@ Sizes: d = 1024, 36 regions per image, captions of 8 to 20 tokens, FP32 on the C
     numba): one ONNX Runtime GEMM per tile and one numba pass over the
     similarity tile, at several tile budgets.
 (d) ``GEMM alone``: only the fused scorer's similarity GEMMs, same tiles - the
-    ceiling for any scorer that computes every similarity.
+    ceiling for any scorer that computes every similarity in float32.
+(e) ``graph scorer INT8``: the scorer graph with its products in symmetric INT8
+    Q/DQ (min-max calibrated on a few tiles), at the first ``--budgets`` size.
 
 All are measured in one run on the same random (l2-normalised) embeddings with
 the same thread count (``--threads`` sets torch, ONNX Runtime and numba); the
@@ -132,6 +134,36 @@ def gemm_only(fused: Any, images: np.ndarray, encoded: Any, bi: int, bc: int) ->
             fused.similarities(tokens, block.reshape(-1, block.shape[-1]))
 
 
+def int8_scorer(fp32_path: Path, images: np.ndarray, captions: list[np.ndarray]) -> Any:
+    """The scorer graph with its products in symmetric INT8 Q/DQ (as ``itmrt calibrate`` makes it),
+    calibrated with min-max ranges on a few tiles of the benchmark's own embeddings."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from itmrt.calibration.int8 import excluded_nodes, quantize_graph
+
+    class Tiles(CalibrationDataReader):
+        def __init__(self) -> None:
+            feeds = []
+            for start in range(0, 32, 8):
+                block = captions[start : start + 8]
+                width = max(len(c) for c in block)
+                padded = np.zeros((len(block), width, D), dtype=np.float32)
+                for k, cap in enumerate(block):
+                    padded[k, : len(cap)] = cap
+                feeds.append({"image_embeddings": images[start : start + 8], "caption_embeddings": padded,
+                              "lengths": np.array([len(c) for c in block], dtype=np.int32)})
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    model = onnx.load(str(fp32_path))
+    exclude = [entry["node"] for entry in excluded_nodes(model)]
+    quantized, _ranges = quantize_graph(model, "minmax", fp32_path.with_suffix(".ranges.json"), Tiles(), exclude)
+    return quantized
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
@@ -181,6 +213,13 @@ def main() -> None:
             seconds, result = best_time(lambda: score_tiled(backend, images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20))
             worst = max(worst, float(np.abs(result.scores - loop_scores).max()))
             rows.append((f"graph scorer (ORT), {budget} MB tiles ({result.tile_shape[0]}x{result.tile_shape[1]})", seconds))
+        int8_path = Path(tmp) / "scorer.int8.onnx"
+        int8_path.write_bytes(int8_scorer(path, images, captions).SerializeToString())
+        int8_backend = OrtBackend(int8_path, SessionSettings(providers=["cpu"], intra_op_threads=args.threads))
+        budget = int(args.budgets.split(",")[0])
+        seconds, result = best_time(lambda: score_tiled(int8_backend, images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20))
+        int8_error = float(np.abs(result.scores - loop_scores).max())
+        rows.append((f"graph scorer INT8 (ORT, Q/DQ), {budget} MB tiles ({result.tile_shape[0]}x{result.tile_shape[1]})", seconds))
     from itmrt.runtime.fused import FusedNaafScorer, fused_available
 
     if not fused_available():
@@ -203,7 +242,7 @@ def main() -> None:
         rate = pairs / seconds
         print(f"{name:58s} {rate:10.0f} {loop_seconds / seconds:7.2f} "
               f"{rate * flops / peak:11.1%}")
-    print(f"max |runtime - loop| score difference over all rows: {worst:.2e}")
+    print(f"max |runtime - loop| score difference over all FP32 rows: {worst:.2e}; INT8 row: {int8_error:.2e}")
 
 
 if __name__ == "__main__":
