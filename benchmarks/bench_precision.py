@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path)
     parser.add_argument("--data", type=Path, help="dataset folder (train split calibrates, --split evaluates)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--method", default="entropy")
+    parser.add_argument("--method", default="percentile")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

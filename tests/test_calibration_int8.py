@@ -100,3 +100,24 @@ def test_calibration_folder_must_match_the_bundle(setup: tuple[Path, Path, Path]
         assert "\n" not in str(error.value)
     with pytest.raises(ItmrtError, match="unknown calibration method"):
         calibrate(bundle, PrecisionOptions(calib_data=data, method="mean", min_samples=8, progress=False))
+
+
+def test_entropy_clips_ranges_that_minmax_keeps(setup: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Entropy is a real KL search (a 2048-bin histogram), not min-max in disguise (ORT's 128/128 default)."""
+    _, data, source = setup
+    highest = {}
+    for method in ("entropy", "minmax"):
+        bundle = Path(shutil.copytree(source, tmp_path / method))
+        options = PrecisionOptions(calib_data=data, method=method, samples=24, min_samples=8, batch_size=8, progress=False)
+        manifest = calibrate(bundle, options)
+        ranges = json.loads((bundle / manifest["calibration"]["graphs"]["image_encoder"]["file"]).read_text())["data"]
+
+        def top(entry: dict) -> float:
+            value = entry["highest"]
+            return float(value["data"][0] if isinstance(value, dict) else value)
+
+        highest[method] = {name: top(entry) for name, entry in ranges.items()}
+    shared = sorted(set(highest["entropy"]) & set(highest["minmax"]))
+    assert shared
+    assert all(highest["entropy"][name] <= highest["minmax"][name] + 1e-6 for name in shared)
+    assert any(highest["entropy"][name] < 0.9 * highest["minmax"][name] for name in shared)

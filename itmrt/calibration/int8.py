@@ -17,7 +17,11 @@ What TensorRT 10/11 compile from explicit quantization, and how it is made:
   comparison directly (NAAF's propagated decision) is listed in
   ``nodes_to_exclude``.
 - Activation ranges come from a calibration pass (entropy, percentile or
-  min-max) over a streamed sample of the user's data. ORT saves them
+  min-max) over a streamed sample of the user's data, run here with ORT's
+  calibrators and explicit histogram sizes (:data:`HISTOGRAM_OPTIONS`):
+  ``quantize_static`` would build the entropy calibrator with 128 bins for 128
+  quantized levels, which leaves KL no threshold to choose but the full range,
+  so "entropy" would silently equal min-max. The ranges are saved
   (``calibration_cache_path``: a JSON ``TensorsData``) and the bundle keeps the
   file as ``calibration/<graph>.json``; a rebuild passes it back and does not
   read the data again.
@@ -40,6 +44,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
 from itmrt.errors import ItmrtError
 
@@ -47,6 +52,13 @@ METHODS: dict[str, CalibrationMethod] = {
     "entropy": CalibrationMethod.Entropy,
     "percentile": CalibrationMethod.Percentile,
     "minmax": CalibrationMethod.MinMax,
+}
+HISTOGRAM_OPTIONS: dict[str, dict[str, Any]] = {
+    # TensorRT's entropy calibrator's sizes: a 2048-bin histogram searched for the 128-level
+    # threshold with the least KL divergence.
+    "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
+    "percentile": {"num_bins": 2048, "percentile": 99.999},
+    "minmax": {},
 }
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH_OPS = frozenset({"Identity", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten"})
@@ -117,11 +129,13 @@ def quantize_graph(
         onnx.save(model, str(source))
         if reader is None:
             shutil.copyfile(cache_path, cache)
+        else:
+            _calibrate(source, method, reader, cache, Path(work) / "augmented.onnx")
         with _quiet_quantizer():
             quantize_static(
                 str(source),
                 str(target),
-                calibration_data_reader=reader,
+                calibration_data_reader=None,  # the ranges come from the cache written above
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANTIZED_OPS),
                 per_channel=True,
@@ -141,6 +155,18 @@ def quantize_graph(
                 calibration_cache_path=str(cache),
             )
         return onnx.load(str(target)), cache.read_bytes()
+
+
+def _calibrate(model_path: Path, method: str, reader: CalibrationDataReader, cache: Path, augmented: Path) -> None:
+    """Run ``method``'s calibrator over ``reader`` and save the ranges as ORT's TensorsData JSON at ``cache``."""
+    with _quiet_quantizer():
+        calibrator = create_calibrator(
+            model_path, list(QUANTIZED_OPS), augmented_model_path=str(augmented),
+            calibrate_method=calibration_method(method), extra_options=dict(HISTOGRAM_OPTIONS[method]),
+        )
+        calibrator.collect_data(reader)
+        save_tensors_data(calibrator.compute_data(), cache)
+    del calibrator
 
 
 def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import onnx
 
-from itmrt.calibration import records
+from itmrt.calibration import DEFAULT_METHOD, records
 from itmrt.calibration.calib_data import (
     DEFAULT_BATCH,
     DEFAULT_MIN_SAMPLES,
@@ -47,7 +47,7 @@ class PrecisionOptions:
 
     calib_data: Path | None = None
     split: str = "train"
-    method: str = "entropy"
+    method: str = DEFAULT_METHOD
     samples: int = DEFAULT_SAMPLES
     min_samples: int = DEFAULT_MIN_SAMPLES
     batch_size: int = DEFAULT_BATCH

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from itmrt.calibration import DEFAULT_METHOD
 from itmrt.cli.app import app
 from itmrt.errors import ItmrtError
 
@@ -29,7 +30,7 @@ def build_command(
     precision: str = typer.Option("fp16", "--precision", help="fp32, fp16 or int8."),
     calib_data: Path | None = typer.Option(None, "--calib-data", help="Calibration data (int8 without saved calibration); for fp16 the islands are measured on it."),
     split: str = typer.Option("train", "--split", help="Split of --calib-data."),
-    method: str = typer.Option("entropy", "--method", help="int8 range estimation when calibrating: entropy, percentile, minmax."),
+    method: str = typer.Option(DEFAULT_METHOD, "--method", help="int8 range estimation when calibrating: percentile (the central 99.999% of values), entropy (KL, TensorRT-style) or minmax."),
     samples: int = typer.Option(256, "--samples", min=1, help="Calibration images."),
     workspace: int | None = typer.Option(None, "--workspace", min=1, help="TensorRT workspace limit in MB (small boards)."),
     shape: list[str] = typer.Option([], "--shape", help="Override a profile axis: AXIS=MIN:OPT:MAX (repeatable; axes: batch_images, batch_captions, max_length)."),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from itmrt.calibration import DEFAULT_METHOD
 from itmrt.cli.app import app
 
 
@@ -14,7 +15,7 @@ def calibrate_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     data: Path = typer.Option(..., "--data", help="Calibration data folder (precomputed features + captions; images for CMPM)."),
     split: str = typer.Option("train", "--split", help="Which split of --data to sample."),
-    method: str = typer.Option("entropy", "--method", help="Range estimation: entropy, percentile or minmax."),
+    method: str = typer.Option(DEFAULT_METHOD, "--method", help="Range estimation: percentile (the central 99.999% of values), entropy (KL, TensorRT-style) or minmax. Measured on the shipped models, entropy clips too much: NAAF rsum -1.9, CMPM -153."),
     samples: int = typer.Option(256, "--samples", min=1, help="Images (with their captions) to calibrate on."),
     min_samples: int = typer.Option(32, "--min-samples", min=1, help="Refuse a split with fewer images than this."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per calibration batch."),
