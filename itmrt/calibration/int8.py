@@ -44,7 +44,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
 from itmrt.errors import ItmrtError
 
@@ -120,6 +119,7 @@ def quantize_graph(
     ``cache_path``. Nothing is written to the bundle here: the caller writes
     the graph and the ranges together with the manifest.
     """
+    _require_calibration_cache()
     if reader is None and not cache_path.is_file():
         raise ItmrtError(f"no calibration statistics at {cache_path}; run `itmrt calibrate BUNDLE --data DIR` first")
     with tempfile.TemporaryDirectory(prefix=".itmrt-int8-") as work:
@@ -157,8 +157,24 @@ def quantize_graph(
         return onnx.load(str(target)), cache.read_bytes()
 
 
+def _require_calibration_cache() -> None:
+    """Saved calibration ranges need ORT's calibration cache (quantize_static's ``calibration_cache_path``)."""
+    import inspect
+
+    import onnxruntime
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        raise ItmrtError(
+            f"INT8 graphs need an onnxruntime whose quantize_static saves calibration ranges (calibration_cache_path; "
+            f"itmrt is tested with 1.32); this machine has {onnxruntime.__version__}: upgrade onnxruntime, or calibrate "
+            "on another machine and copy the bundle here"
+        )
+
+
 def _calibrate(model_path: Path, method: str, reader: CalibrationDataReader, cache: Path, augmented: Path) -> None:
     """Run ``method``'s calibrator over ``reader`` and save the ranges as ORT's TensorsData JSON at ``cache``."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
     with _quiet_quantizer():
         calibrator = create_calibrator(
             model_path, list(QUANTIZED_OPS), augmented_model_path=str(augmented),
