@@ -84,3 +84,16 @@ def test_cli_refuses_a_non_empty_output_folder_without_resume(capsys, data, tmp_
     result = run_cli(capsys, "train", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress")
     assert result.code == 2 and "not empty" in result.err
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_defaults_are_the_recipe_settings(capsys, data, tmp_path):
+    """Without --lr, NAAF trains with the recipe's rate (the one that learns a positive thres_safe), decay as given."""
+    from itmrt.train.recipes import SMALL_TRAINING
+
+    out = tmp_path / "run"
+    result = run_cli(capsys, "train", "--data", str(data), "--out", str(out), "--epochs", "1", "--lr-decay-epoch", "1",
+                     "--embed-size", "16", "--word-dim", "8", "--no-progress")
+    assert result.code == 0, result.err
+    opt = vars(torch.load(out / LAST_CHECKPOINT, weights_only=False)["opt"])
+    assert opt["learning_rate"] == SMALL_TRAINING["naaf"]["learning_rate"]
+    assert opt["lr_update"] == 1

@@ -102,6 +102,8 @@ class TrainConfig:
             "batch_size": self.batch_size,
             "num_epochs": self.epochs,
         }
+        if self.lr_decay_epoch is not None:
+            opt["lr_update"] = self.lr_decay_epoch  # the released name: the rate drops 10x from this epoch
         if self.family == "naaf":
             opt.update(lambda_softmax=20.0 if self.lambda_softmax is None else self.lambda_softmax,
                        thres=0.0, thres_safe=0.0, alpha=self.alpha)
