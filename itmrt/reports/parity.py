@@ -230,28 +230,33 @@ def _caption_tokens(captions: CaptionEmbeddings, count: int) -> list[np.ndarray]
     return [captions.vectors[captions.offsets[k] : captions.offsets[k + 1]] for k in range(count)]
 
 
+def _frozen_threshold(info: BundleInfo) -> float | None:
+    """NAAF's threshold frozen in the bundle; None for other families."""
+    threshold = info.manifest.get("threshold")
+    return float(threshold["value"]) if info.family == "naaf" and threshold else None
+
+
 def _decision_flips(info: BundleInfo, ref: Encoded, got: Encoded, images: int, per_image: int) -> dict[str, Any] | None:
     manifest = info.manifest
-    if info.family != "naaf" or not manifest.get("threshold"):
+    threshold = _frozen_threshold(info)
+    if threshold is None:
         return None
     n_img = min(images, ref.images.shape[0])
     n_cap = n_img * per_image
     return agreement.naaf_decision_flips(
         _caption_tokens(ref.captions, n_cap), ref.images[:n_img],
         _caption_tokens(got.captions, n_cap), got.images[:n_img],
-        float(manifest["threshold"]["value"]),
+        threshold,
         float((manifest.get("intra_factor") or {}).get("value", 5.0)),
         bool((manifest.get("scorer_options") or {}).get("propagate", True)),
     )
 
 
 def _threshold_ties(info: BundleInfo, ref: Encoded, scores: np.ndarray) -> dict[str, Any] | None:
-    manifest = info.manifest
-    if info.family != "naaf" or not manifest.get("threshold"):
+    threshold = _frozen_threshold(info)
+    if threshold is None:
         return None
-    return agreement.threshold_ties(
-        ref.scores, scores, _caption_tokens(ref.captions, ref.scores.shape[1]), ref.images, float(manifest["threshold"]["value"])
-    )
+    return agreement.threshold_ties(ref.scores, scores, _caption_tokens(ref.captions, ref.scores.shape[1]), ref.images, threshold)
 
 
 def measure_variant(
