@@ -131,7 +131,7 @@ def gemm_only(fused: Any, images: np.ndarray, encoded: Any, bi: int, bc: int) ->
         tokens = encoded.vectors[offsets[c0] : offsets[min(c0 + bc, len(encoded))]]
         for i0 in range(0, len(images), bi):
             block = images[i0 : i0 + bi]
-            fused.similarities(tokens, block.reshape(-1, block.shape[-1]))
+            fused.similarities(block.reshape(-1, block.shape[-1]), tokens)
 
 
 def int8_scorer(fp32_path: Path, images: np.ndarray, captions: list[np.ndarray]) -> Any:

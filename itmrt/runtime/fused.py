@@ -53,6 +53,8 @@ _kernels: dict[str, Any] = {}
 # short sums over 36 regions (a different but fixed summation order, float32 rounding
 # ~1e-7); no approximate functions, reciprocals or flush-to-zero.
 _FASTMATH = {"reassoc", "nsz", "contract"}
+CHUNK = 64
+"""Tokens scored side by side in the vector lanes of the fused pass (a compile-time constant: no remainder loops)."""
 _EXP_LOW = np.float32(-87.0)
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
@@ -132,108 +134,143 @@ def _compile() -> dict[str, Any]:
             out[j] = out[j] * x[j]
 
     @numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
-    def score_block(sims, starts, intra, intra_starts, grams, threshold, lam, out):  # type: ignore[no-untyped-def]
-        """Scores ``out [Bi, Bc]`` from ``sims [T, Bi * n]`` (caption c's words: rows starts[c]:starts[c+1]).
+    def score_tile(sims, width, starts, intra, intra_starts, grams, threshold, lam, out):  # type: ignore[no-untyped-def]
+        """Scores ``out [Bi, Bc]`` from ``sims``, flat ``[Bi * n, width]``: image i's regions are rows
+        ``i*n .. i*n+n-1``, caption c's tokens columns ``starts[c] .. starts[c+1]-1``
+        (``width >= CHUNK``; columns past ``starts[-1]`` are padding).
 
-        Per (image, caption) the ``m x n`` block is first copied into a
-        contiguous buffer; every elementwise step then runs over the whole
-        block in one flat loop (one exp call per branch per block, not per
-        word), which is what lets the compiler keep the vector units busy.
+        Every per-word step of MODELS.md section 2 (maxima, both softmaxes over the regions, the
+        positive branch's sums and ``w^T G w``) is independent across words, so it runs on
+        CHUNK tokens at once - tokens in the vector lanes, regions in the loop - with no
+        horizontal reductions and no remainder loops. Only the relevance column norms (a sum
+        over each caption's words) and the intra-caption propagation look across a caption.
+        Indexing note: every inner loop indexes a slice with its own range variable, so the
+        compiler can see the index is non-negative (no wraparound select) and the loads are
+        consecutive - the condition for vectorising them.
         """
         n_img = out.shape[0]
         n_cap = out.shape[1]
         n = grams.shape[1]
-        longest = 0
-        for c in range(n_cap):
-            longest = max(longest, starts[c + 1] - starts[c])
+        used = starts[n_cap]
         for i in prange(n_img):
-            block = np.empty(longest * n, dtype=f32)  # s, row-major [m, n]
-            rel = np.empty(longest * n, dtype=f32)  # relevance logits, shifted; then scratch
-            rel_e = np.empty(longest * n, dtype=f32)  # their exps
-            pos = np.empty(longest * n, dtype=f32)  # positive-branch arguments; then scratch
-            pos_e = np.empty(longest * n, dtype=f32)  # their exps, masked
-            col_scale = np.empty(n, dtype=f32)
-            row_top = np.empty(longest, dtype=f32)
-            row_max = np.empty(longest, dtype=f32)
-            weights = np.empty(n, dtype=f32)  # one word's masked positive weights
+            base = i * n * width
             gram = grams[i]
-            c0 = i * n
+            # Relevance: lam / (column norm of LeakyReLU(s) over the caption's words), per token.
+            scale = np.empty((n, width), dtype=f32)
+            squares = np.empty(width, dtype=f32)
+            for j in range(n):
+                row = sims[base + j * width : base + (j + 1) * width]
+                for t in range(width):
+                    s = row[t]
+                    clipped = s if s > 0 else leaky * s
+                    squares[t] = clipped * clipped
+                for c in range(n_cap):
+                    segment = squares[starts[c] : starts[c + 1]]
+                    acc = f32(0.0)
+                    for t in range(segment.shape[0]):
+                        acc += segment[t]
+                    scale[j, starts[c] : starts[c + 1]] = lam / (np.sqrt(acc) + eps)
+                scale[j, used:] = f32(0.0)
+            r_tok = np.empty(width, dtype=f32)
+            term_tok = np.empty(width, dtype=f32)
+            logits = np.empty((n, CHUNK), dtype=f32)
+            logits_e = np.empty((n, CHUNK), dtype=f32)
+            weights = np.empty((n, CHUNK), dtype=f32)
+            weights_e = np.empty((n, CHUNK), dtype=f32)
+            lanes = np.empty((10, CHUNK), dtype=f32)  # per-token accumulators, one row each
+            top, best, e_sum, e_dot, p_sum, p_dot, acc_t, quad, arg, arg_e = (
+                lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7], lanes[8], lanes[9])
+            for chunk in range((width + CHUNK - 1) // CHUNK):
+                t0 = min(chunk * CHUNK, width - CHUNK)  # the last chunk overlaps the one before: same values again
+                for t in range(CHUNK):
+                    top[t] = f32(-np.inf)
+                    best[t] = f32(-np.inf)
+                # Relevance logits and each word's best similarity.
+                for j in range(n):
+                    row = sims[base + j * width + t0 : base + j * width + t0 + CHUNK]
+                    row_scale = scale[j, t0 : t0 + CHUNK]
+                    for t in range(CHUNK):
+                        s = row[t]
+                        logit = (s if s > 0 else leaky * s) * row_scale[t]
+                        logits[j, t] = logit
+                        top[t] = max(top[t], logit)
+                        best[t] = max(best[t], s)
+                # Both softmaxes' shifted arguments; positive branch: lam * ((s - t) - r) = lam * (s - max s).
+                for j in range(n):
+                    row = sims[base + j * width + t0 : base + j * width + t0 + CHUNK]
+                    for t in range(CHUNK):
+                        logits[j, t] = logits[j, t] - top[t]
+                        weights[j, t] = lam * (row[t] - best[t])
+                exp_into(logits.reshape(n * CHUNK), logits_e.reshape(n * CHUNK), n * CHUNK)
+                exp_into(weights.reshape(n * CHUNK), weights_e.reshape(n * CHUNK), n * CHUNK)
+                for t in range(CHUNK):
+                    e_sum[t] = f32(0.0)
+                    e_dot[t] = f32(0.0)
+                    p_sum[t] = f32(0.0)
+                    p_dot[t] = f32(0.0)
+                    quad[t] = f32(0.0)
+                for j in range(n):
+                    row = sims[base + j * width + t0 : base + j * width + t0 + CHUNK]
+                    for t in range(CHUNK):
+                        s = row[t]
+                        e = logits_e[j, t]
+                        e_sum[t] += e
+                        e_dot[t] += e * s
+                        p = weights_e[j, t] if s - threshold > 0 else f32(0.0)
+                        weights[j, t] = p
+                        p_sum[t] += p
+                        p_dot[t] += p * s
+                # quad = w^T G w = 2 sum_j w_j (G_jj w_j / 2 + sum_{l<j} G_jl w_l), four l per pass over the lanes.
+                for j in range(n):
+                    diagonal = f32(0.5) * gram[j, j]
+                    for t in range(CHUNK):
+                        acc_t[t] = diagonal * weights[j, t]
+                    for block in range(j // 4):
+                        l = 4 * block
+                        g0 = gram[j, l]
+                        g1 = gram[j, l + 1]
+                        g2 = gram[j, l + 2]
+                        g3 = gram[j, l + 3]
+                        w0 = weights[l]
+                        w1 = weights[l + 1]
+                        w2 = weights[l + 2]
+                        w3 = weights[l + 3]
+                        for t in range(CHUNK):
+                            acc_t[t] += (g0 * w0[t] + g1 * w1[t]) + (g2 * w2[t] + g3 * w3[t])
+                    for l in range(4 * (j // 4), j):
+                        g0 = gram[j, l]
+                        w0 = weights[l]
+                        for t in range(CHUNK):
+                            acc_t[t] += g0 * w0[t]
+                    wj = weights[j]
+                    for t in range(CHUNK):
+                        quad[t] += wj[t] * acc_t[t]
+                # Per word: relevance term, and the positive branch where the word has a region above t.
+                for t in range(CHUNK):
+                    arg[t] = -lam * max(best[t] - threshold, f32(0.0))
+                exp_into(arg, arg_e, CHUNK)
+                r_out = r_tok[t0 : t0 + CHUNK]
+                term_out = term_tok[t0 : t0 + CHUNK]
+                for t in range(CHUNK):
+                    r = best[t] - threshold
+                    denominator = p_sum[t] + eps * arg_e[t]
+                    norm = np.sqrt(max(f32(2.0) * quad[t], f32(0.0))) / denominator
+                    positive = (p_dot[t] / denominator) / max(norm, eps)
+                    r_out[t] = r
+                    term_out[t] = e_dot[t] / e_sum[t] + (positive if r > 0 else f32(0.0))
+            # Per caption: the negative branch (mask from the propagated r, value from r) and the mean.
             for c in range(n_cap):
                 s0 = starts[c]
                 m = starts[c + 1] - s0
-                size = m * n
-                # Copy the block; each region's norm over the caption's words (LeakyReLU'd).
-                for j in range(n):
-                    col_scale[j] = f32(0.0)
-                for k in range(m):
-                    row = sims[s0 + k, c0 : c0 + n]
-                    top = row[0]
-                    for j in range(n):
-                        s = row[j]
-                        block[k * n + j] = s
-                        clipped = s if s > 0 else leaky * s
-                        col_scale[j] += clipped * clipped
-                        top = max(top, s)
-                    row_top[k] = top
-                    row_max[k] = top - threshold
-                for j in range(n):
-                    col_scale[j] = lam / (np.sqrt(col_scale[j]) + eps)
-                # Relevance logits lam * LeakyReLU(s) / column norm, and the positive branch's
-                # max-shifted arguments lam * ((s - t) - r) = lam * (s - max s); both shifted per row.
-                for k in range(m):
-                    top = f32(-np.inf)
-                    for j in range(n):
-                        s = block[k * n + j]
-                        logit = (s if s > 0 else leaky * s) * col_scale[j]
-                        rel[k * n + j] = logit
-                        top = max(top, logit)
-                    best = row_top[k]
-                    for j in range(n):
-                        rel[k * n + j] = rel[k * n + j] - top
-                        pos[k * n + j] = lam * (block[k * n + j] - best)
-                exp_into(rel, rel_e, size)
-                exp_into(pos, pos_e, size)
+                w0 = intra[intra_starts[c] : intra_starts[c + 1]]
+                r_cap = r_tok[s0 : s0 + m]
+                term_cap = term_tok[s0 : s0 + m]
                 total = f32(0.0)
-                w0 = intra_starts[c]
                 for k in range(m):
-                    r = row_max[k]
-                    # Negative branch: mask from the propagated value, value from r itself.
                     q = f32(0.0)
                     for l in range(m):
-                        q += intra[w0 + k * m + l] * row_max[l]
-                    term = r if q < 0 else f32(0.0)
-                    # Relevance: softmax over regions applied to raw s.
-                    e_sum = f32(0.0)
-                    e_dot = f32(0.0)
-                    for j in range(n):
-                        e = rel_e[k * n + j]
-                        e_sum += e
-                        e_dot += e * block[k * n + j]
-                    term += e_dot / e_sum
-                    # Positive branch: the weights of the regions above the threshold only;
-                    # u . vhat = sum_j w s and ||vhat||^2 = w^T G w.
-                    if r > 0:
-                        p_sum = f32(0.0)
-                        p_dot = f32(0.0)
-                        for j in range(n):
-                            s = block[k * n + j]
-                            e = pos_e[k * n + j] if s - threshold > 0 else f32(0.0)
-                            weights[j] = e
-                            p_sum += e
-                            p_dot += e * s
-                        # e^T G e, one row of G at a time: each row's dot product stays in registers.
-                        quad = f32(0.0)
-                        for j in range(n):
-                            e = weights[j]
-                            if e != 0:
-                                row_dot = f32(0.0)
-                                for jj in range(n):
-                                    row_dot += gram[j, jj] * weights[jj]
-                                quad += e * row_dot
-                        denominator = p_sum + eps * np.exp(-lam * r)
-                        norm = np.sqrt(max(quad, f32(0.0))) / denominator
-                        term += (p_dot / denominator) / max(norm, eps)
-                    total += term
+                        q += w0[k * m + l] * r_cap[l]
+                    total += (r_cap[k] if q < 0 else f32(0.0)) + term_cap[k]
                 out[i, c] = total / f32(m)
 
     @numba.njit(cache=True, fastmath=_FASTMATH, parallel=True)
@@ -249,7 +286,7 @@ def _compile() -> dict[str, Any]:
                     out[b, j, jj] = acc
                     out[b, jj, j] = acc
 
-    _kernels.update(grams=grams, intra_weights=intra_weights, score_block=score_block, exp_into=exp_into, numba=numba)
+    _kernels.update(grams=grams, intra_weights=intra_weights, score_tile=score_tile, exp_into=exp_into, numba=numba)
     return _kernels
 
 
@@ -321,19 +358,21 @@ class FusedNaafScorer:
 
     # -- building blocks ------------------------------------------------------
 
-    def similarities(self, tokens: np.ndarray, regions: np.ndarray) -> np.ndarray:
-        """``tokens [T, d] @ regions [R, d]^T`` as one float32 GEMM, written into a reused buffer.
+    def similarities(self, regions: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """``regions [R, d] @ tokens [T, d]^T`` as one float32 GEMM, written into a reused buffer.
 
+        Regions by tokens, so that each region's similarities to consecutive
+        tokens are contiguous: the fused pass puts tokens in the vector lanes.
         The result is a view of that buffer, valid until the next call. A fresh
         multi-MB output per tile would cost a page fault per 4 KB on first touch.
         """
-        rows, cols = int(tokens.shape[0]), int(regions.shape[0])
+        rows, cols = int(regions.shape[0]), int(tokens.shape[0])
         if self._sims_buffer.size < rows * cols:
             self._sims_buffer = np.empty(rows * cols, dtype=np.float32)
         out = self._sims_buffer[: rows * cols].reshape(rows, cols)
         binding = self._gemm.io_binding()
-        binding.bind_cpu_input("a", np.ascontiguousarray(tokens, dtype=np.float32))
-        binding.bind_cpu_input("b", np.ascontiguousarray(regions, dtype=np.float32))
+        binding.bind_cpu_input("a", np.ascontiguousarray(regions, dtype=np.float32))
+        binding.bind_cpu_input("b", np.ascontiguousarray(tokens, dtype=np.float32))
         binding.bind_output("c", "cpu", 0, np.float32, [rows, cols], out.ctypes.data)
         self._gemm.run_with_iobinding(binding)
         return out
@@ -365,9 +404,11 @@ class FusedNaafScorer:
     ) -> np.ndarray:
         """Scores ``[Bi, Bc]`` of ``images [Bi, n, d]`` against captions whose tokens are ``tokens[starts[c]:starts[c+1]]``."""
         n_img, regions, depth = images.shape
-        sims = self.similarities(tokens, images.reshape(n_img * regions, depth))
+        if tokens.shape[0] < CHUNK:  # the fused pass reads whole chunks of tokens: pad tiny tiles with zero tokens
+            tokens = np.concatenate([tokens, np.zeros((CHUNK - tokens.shape[0], depth), dtype=np.float32)])
+        sims = self.similarities(images.reshape(n_img * regions, depth), tokens)
         out = np.empty((n_img, len(starts) - 1), dtype=np.float32)
-        self._k["score_block"](sims, starts, intra[0], intra[1], grams, self.threshold, self.lambda_softmax, out)
+        self._k["score_tile"](sims.reshape(-1), sims.shape[1], starts, intra[0], intra[1], grams, self.threshold, self.lambda_softmax, out)
         return out
 
     # -- backend interface ------------------------------------------------------
