@@ -107,20 +107,25 @@ def test_tiled_driver_matches_the_graph_scorer_and_its_top_k(tmp_path: Path) -> 
     np.testing.assert_allclose(again.scores, fused.scores[:, ::-1], atol=1e-6, rtol=0)
 
 
-def test_grams_and_intra_weights() -> None:
+def test_grams_and_intra_weights_in_position_major_layout() -> None:
     images, captions, lengths = _data(5)
     fused = FusedNaafScorer(0.0, 20.0, 5.0, threads=1)
     np.testing.assert_allclose(fused.grams(images), images @ images.transpose(0, 2, 1), atol=1e-5)
-    tokens = np.ascontiguousarray(np.concatenate([captions[c, :m] for c, m in enumerate(lengths)]))
-    starts = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    flat, where = fused.intra_weights(tokens, starts)
-    for c, m in enumerate(lengths):
+    first = np.arange(len(lengths)) * captions.shape[1]
+    layout, tokens, intra = fused.caption_tile(captions.reshape(-1, D), first, lengths)
+    # Longest first; column offsets[k] + p holds token k of the caption at sorted place p, no padding.
+    assert list(layout.lengths) == sorted(lengths, reverse=True)
+    assert layout.offsets[-1] == lengths.sum() and len(tokens) >= layout.offsets[-1]
+    for place, c in enumerate(layout.order):
+        m = int(lengths[c])
+        for k in range(m):
+            np.testing.assert_array_equal(tokens[layout.offsets[k] + place], captions[c, k])
         u = captions[c, :m].astype(np.float64)
         logits = 5.0 * u @ u.T
         expected = np.exp(logits - logits.max(1, keepdims=True))
         expected /= expected.sum(1, keepdims=True)
-        np.testing.assert_allclose(flat[where[c] : where[c + 1]].reshape(m, m), expected, atol=1e-6)
+        np.testing.assert_allclose(intra[:m, :m, place], expected, atol=1e-6)
+        assert not intra[m:, :, place].any() and not intra[:, m:, place].any()
 
 
 def test_large_lambda_and_all_negative_words(tmp_path: Path) -> None:
