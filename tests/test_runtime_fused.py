@@ -78,6 +78,19 @@ def test_fused_equals_the_pytorch_reference(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, np.asarray(expected).reshape(got.shape), atol=1e-5, rtol=0)
 
 
+def test_many_tokens_span_several_chunks_of_lanes(tmp_path: Path) -> None:
+    """More tokens than one CHUNK of vector lanes, not a multiple of it: the last chunk overlaps the one
+    before, and captions straddle chunk boundaries."""
+    from itmrt.runtime.fused_kernels import CHUNK
+
+    images, captions, lengths = _data(13, n_img=6, n_cap=29, longest=12)
+    assert lengths.sum() > 2 * CHUNK and lengths.sum() % CHUNK
+    path = _graph(tmp_path, 0.15)
+    expected = OrtBackend(path, SessionSettings(providers=["cpu"])).run(_feeds(images, captions, lengths))[0]
+    got = FusedNaafScorer.from_graph(path, threads=2).run(_feeds(images, captions, lengths))[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
 def test_padding_is_inert_and_captions_are_independent(tmp_path: Path) -> None:
     images, captions, lengths = _data(3)
     fused = FusedNaafScorer(0.1, 20.0, 5.0, threads=1)

@@ -72,8 +72,9 @@ def compile_kernels() -> dict[str, Any]:
             b_row = bits[j]
             o_row = out[j]
             for t in range(CHUNK):
-                v = max(factor * (v_row[t] - shift[t]), _EXP_LOW)
-                k = np.floor(v * _LOG2E + f32(0.5))
+                v = factor * (v_row[t] - shift[t])
+                v = v if v > _EXP_LOW else _EXP_LOW
+                k = np.rint(v * _LOG2E)
                 r = (v - k * _LN2_HI) - k * _LN2_LO
                 poly[t] = f32(1.0) + r * (f32(1.0) + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * _C6)))))
                 b_row[t] = (np.int32(k) + np.int32(127)) << np.int32(23)
