@@ -104,8 +104,8 @@ def matmul_rate(threads: int = 0) -> Any:
 
     from itmrt.runtime.fused import _gemm_session
 
-    a = torch.randn(32 * 14, D)
-    b = torch.randn(64 * REGIONS, D)
+    a = torch.randn(50 * 14, D)  # the shape of the fused scorer's 8 MB tiles
+    b = torch.randn(50 * REGIONS, D)
     session = _gemm_session(threads)
     feeds = {"a": a.numpy(), "b": b.numpy()}
 

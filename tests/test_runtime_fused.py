@@ -100,7 +100,7 @@ def test_padding_is_inert_and_captions_are_independent(tmp_path: Path) -> None:
         np.testing.assert_allclose(alone[:, 0], together[:, c], atol=1e-6, rtol=0)
 
 
-def test_tiled_driver_matches_the_graph_scorer_and_its_top_k(tmp_path: Path) -> None:
+def test_tiled_driver_matches_the_graph_scorer_and_its_top_k(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images, captions, lengths = _data(11, n_img=13, n_cap=17)
     path = _graph(tmp_path, 0.1)
     pieces = [captions[c, :m] for c, m in enumerate(lengths)]
@@ -118,6 +118,14 @@ def test_tiled_driver_matches_the_graph_scorer_and_its_top_k(tmp_path: Path) -> 
     again = FusedNaafScorer.from_graph(path, threads=1).score_tiles(images, shuffled, keep_scores=True)
     assert again.scores is not None
     np.testing.assert_allclose(again.scores, fused.scores[:, ::-1], atol=1e-6, rtol=0)
+    # Top-k merged in several strips of image tiles (a strip of 8 images here) gives the same rankings.
+    import itmrt.runtime.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "STRIP_BYTES", 8 * 5 * 4)
+    strips = FusedNaafScorer.from_graph(path, threads=1).score_tiles(images, encoded, top_k=4, tile=(4, 5))
+    np.testing.assert_array_equal(strips.t2i.indices, graph.t2i.indices)
+    np.testing.assert_array_equal(strips.i2t.indices, graph.i2t.indices)
+    np.testing.assert_allclose(strips.i2t.scores, graph.i2t.scores, atol=1e-5, rtol=0)
 
 
 def test_grams_and_intra_weights_in_position_major_layout() -> None:
