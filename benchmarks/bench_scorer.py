@@ -250,7 +250,11 @@ def main() -> None:
             name = f"{name} ({result.tile_shape[0]}x{result.tile_shape[1]})"
         rows.append((name, seconds))
     flops = scorer_flops_per_pair(lengths)
-    print(f"matmul rate of this CPU (float32, best of torch / ORT MLAS, {peak / 1e9:.0f} GFLOP/s); scorer needs {flops / 1e6:.2f} MFLOP/pair")
+    gemm_flops = 2 * float(lengths.mean()) * REGIONS * D
+    # The similarity GEMMs over the tiles are a matmul rate of this CPU too; where they beat the probe, they count.
+    peak = max([peak] + [pairs * gemm_flops / seconds for name, seconds in rows if "GEMMs alone" in name])
+    print(f"matmul rate of this CPU (float32, best of torch / ORT MLAS on a tile-sized product and the tiles' "
+          f"own GEMMs: {peak / 1e9:.0f} GFLOP/s); scorer needs {flops / 1e6:.2f} MFLOP/pair")
     print(f"{'implementation':58s} {'pairs/s':>10s} {'x loop':>7s} {'of GEMM peak':>12s}")
     for name, seconds in rows:
         rate = pairs / seconds
