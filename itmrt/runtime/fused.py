@@ -204,7 +204,7 @@ class FusedNaafScorer:
         layout = position_major(first, lengths)
         width = max(len(layout.rows), CHUNK)
         tokens = np.zeros((width, vectors.shape[1]), dtype=np.float32)
-        np.take(vectors, layout.rows, axis=0, out=tokens[: len(layout.rows)])
+        tokens[: len(layout.rows)] = vectors[layout.rows]
         positions = len(layout.counts)
         intra = np.zeros((positions, positions, len(layout.order)), dtype=np.float32)
         self._k["intra_weights"](tokens, layout.offsets, layout.counts, layout.lengths, self.intra_factor, intra)
