@@ -133,10 +133,13 @@ def test_grams_and_intra_weights_in_position_major_layout() -> None:
     fused = FusedNaafScorer(0.0, 20.0, 5.0, threads=1)
     np.testing.assert_allclose(fused.grams(images), images @ images.transpose(0, 2, 1), atol=1e-5)
     first = np.arange(len(lengths)) * captions.shape[1]
-    layout, tokens, intra = fused.caption_tile(captions.reshape(-1, D), first, lengths)
+    tile = fused.caption_tile(captions.reshape(-1, D), first, lengths)
+    layout, tokens = tile.layout, tile.tokens
     # Longest first; column offsets[k] + p holds token k of the caption at sorted place p, no padding.
     assert list(layout.lengths) == sorted(lengths, reverse=True)
     assert layout.offsets[-1] == lengths.sum() and len(tokens) >= layout.offsets[-1]
+    # The intra weights are ragged: exactly m^2 entries per caption.
+    assert tile.intra.size == int((lengths.astype(np.int64) ** 2).sum())
     for place, c in enumerate(layout.order):
         m = int(lengths[c])
         for k in range(m):
@@ -145,8 +148,8 @@ def test_grams_and_intra_weights_in_position_major_layout() -> None:
         logits = 5.0 * u @ u.T
         expected = np.exp(logits - logits.max(1, keepdims=True))
         expected /= expected.sum(1, keepdims=True)
-        np.testing.assert_allclose(intra[:m, :m, place], expected, atol=1e-6)
-        assert not intra[m:, :, place].any() and not intra[:, m:, place].any()
+        got = np.array([[tile.intra[tile.pairs[k, l] + place] for l in range(m)] for k in range(m)])
+        np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_large_lambda_and_all_negative_words(tmp_path: Path) -> None:

@@ -79,6 +79,16 @@ class PositionMajor:
     rows: np.ndarray  # [T] each column's token: a row of the caller's token array
 
 
+@dataclass
+class CaptionTile:
+    """What :meth:`FusedNaafScorer.score_block` needs of a caption tile, made once per tile."""
+
+    layout: PositionMajor
+    tokens: np.ndarray  # [max(T, CHUNK), d] in the layout's column order
+    intra: np.ndarray  # ragged intra-caption weights (see fused_kernels.intra_weights)
+    pairs: np.ndarray  # [L, L] where position pair (k, l) starts in ``intra``
+
+
 def position_major(first: np.ndarray, lengths: np.ndarray) -> PositionMajor:
     """The layout of captions whose tokens are rows ``first[c] .. first[c] + lengths[c] - 1``."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -198,25 +208,29 @@ class FusedNaafScorer:
         """Per-image region Gram matrices ``V V^T``, ``[B, n, n]``."""
         return self._gram.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})[0]
 
-    def caption_tile(self, vectors: np.ndarray, first: np.ndarray, lengths: np.ndarray) -> tuple[PositionMajor, np.ndarray, np.ndarray]:
+    def caption_tile(self, vectors: np.ndarray, first: np.ndarray, lengths: np.ndarray) -> CaptionTile:
         """A caption tile made ready for :meth:`score_block`: its layout, its tokens in that layout
-        (at least CHUNK rows, zero rows after the real ones) and its intra-caption weights ``[L, L, Bc]``."""
+        (at least CHUNK rows, zero rows after the real ones) and its intra-caption weights."""
         layout = position_major(first, lengths)
         width = max(len(layout.rows), CHUNK)
         tokens = np.zeros((width, vectors.shape[1]), dtype=np.float32)
         tokens[: len(layout.rows)] = vectors[layout.rows]
-        positions = len(layout.counts)
-        intra = np.zeros((positions, positions, len(layout.order)), dtype=np.float32)
-        self._k["intra_weights"](tokens, layout.offsets, layout.counts, layout.lengths, self.intra_factor, intra)
-        return layout, tokens, intra
+        # Position pair (k, l) concerns the captions longer than both: a prefix of min(counts[k], counts[l]).
+        sizes = np.minimum.outer(layout.counts, layout.counts)
+        pairs = np.zeros(sizes.size, dtype=np.int64)
+        np.cumsum(sizes.reshape(-1)[:-1], out=pairs[1:])
+        intra = np.empty(int(sizes.sum()), dtype=np.float32)
+        self._k["intra_weights"](tokens, layout.offsets, pairs.reshape(sizes.shape), layout.lengths, self.intra_factor, intra)
+        return CaptionTile(layout, tokens, intra, pairs.reshape(sizes.shape))
 
-    def score_block(self, images: np.ndarray, layout: PositionMajor, tokens: np.ndarray, intra: np.ndarray, grams: np.ndarray) -> np.ndarray:
+    def score_block(self, images: np.ndarray, tile: CaptionTile, grams: np.ndarray) -> np.ndarray:
         """Scores ``[Bi, Bc]`` of ``images [Bi, n, d]`` against a caption tile from :meth:`caption_tile`."""
         n_img, regions, depth = images.shape
-        sims = self.similarities(images.reshape(n_img * regions, depth), tokens)
+        layout = tile.layout
+        sims = self.similarities(images.reshape(n_img * regions, depth), tile.tokens)
         ordered = np.empty((n_img, len(layout.order)), dtype=np.float32)
-        self._k["score_tile"](sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths, intra,
-                              grams, self.threshold, self.lambda_softmax, ordered)
+        self._k["score_tile"](sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths, tile.intra,
+                              tile.pairs, grams, self.threshold, self.lambda_softmax, ordered)
         out = np.empty_like(ordered)
         out[:, layout.order] = ordered
         return out
@@ -234,7 +248,7 @@ class FusedNaafScorer:
             raise ItmrtError("fused scorer: lengths must be between 1 and the padded caption length")
         first = np.arange(len(lengths), dtype=np.int64) * padded.shape[1]
         tile = self.caption_tile(padded.reshape(-1, padded.shape[2]), first, lengths)
-        return [self.score_block(images, *tile, self.grams(images))]
+        return [self.score_block(images, tile, self.grams(images))]
 
     # -- tiled driver -------------------------------------------------------------
 
@@ -290,7 +304,7 @@ class FusedNaafScorer:
                         if c0 == 0:
                             gram_cache[i0:i1] = self.grams(block_images)
                         grams = gram_cache[i0:i1]
-                    strip[i0 - s0 : i1 - s0, : c1 - c0] = self.score_block(block_images, *caption_tile, grams)
+                    strip[i0 - s0 : i1 - s0, : c1 - c0] = self.score_block(block_images, caption_tile, grams)
                     tiles += 1
                 scores = strip[: s1 - s0, : c1 - c0]
                 i2t.update(slice(s0, s1), scores, cap_ids)

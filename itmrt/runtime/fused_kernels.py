@@ -82,12 +82,16 @@ def compile_kernels() -> dict[str, Any]:
                 o_row[t] = o_row[t] * poly[t]
 
     @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
-    def intra_weights(tokens, offsets, counts, lengths, factor, out):  # type: ignore[no-untyped-def]
-        """``out[k, l, c] = softmax_l(factor * u_k . u_l)`` over caption c's own words; ``out`` zero-filled
-        by the caller, so positions past a caption's length stay 0."""
+    def intra_weights(tokens, offsets, pairs, lengths, factor, out):  # type: ignore[no-untyped-def]
+        """``out[pairs[k, l] + c] = softmax_l(factor * u_k . u_l)`` over caption c's own words.
+
+        Ragged: the block of position pair (k, l) holds only the captions longer
+        than both k and l (a prefix), so ``out`` has ``sum_c m_c^2`` entries.
+        """
         d = tokens.shape[1]
         for c in prange(lengths.shape[0]):
             m = lengths[c]
+            logits = np.empty(m, dtype=f32)
             for k in range(m):
                 a = offsets[k] + c
                 top = f32(-np.inf)
@@ -96,19 +100,17 @@ def compile_kernels() -> dict[str, Any]:
                     acc = f32(0.0)
                     for x in range(d):
                         acc += tokens[a, x] * tokens[b, x]
-                    acc = factor * acc
-                    out[k, l, c] = acc
-                    top = max(top, acc)
+                    logits[l] = factor * acc
+                    top = max(top, logits[l])
                 total = f32(0.0)
                 for l in range(m):
-                    e = np.exp(out[k, l, c] - top)
-                    out[k, l, c] = e
-                    total += e
+                    logits[l] = np.exp(logits[l] - top)
+                    total += logits[l]
                 for l in range(m):
-                    out[k, l, c] = out[k, l, c] / total
+                    out[pairs[k, l] + c] = logits[l] / total
 
     @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
-    def score_tile(sims, width, offsets, counts, lengths, intra, grams, threshold, lam, out):  # type: ignore[no-untyped-def]
+    def score_tile(sims, width, offsets, counts, lengths, intra, pairs, grams, threshold, lam, out):  # type: ignore[no-untyped-def]
         """Scores ``out [Bi, Bc]`` (captions in the tile's sorted order) from ``sims``, flat ``[Bi * n, width]``.
 
         ``width >= CHUNK``; columns past ``offsets[-1]`` are padding.
@@ -248,7 +250,7 @@ def compile_kernels() -> dict[str, Any]:
                     q[c] = f32(0.0)
                 for l in range(positions):
                     both = min(live, counts[l])
-                    w_row = intra[k, l, :both]
+                    w_row = intra[pairs[k, l] : pairs[k, l] + both]
                     r_row = r_tok[offsets[l] : offsets[l] + both]
                     for c in range(both):
                         q[c] += w_row[c] * r_row[c]
