@@ -18,12 +18,14 @@ Sizes: d = 1024, 36 regions per image, captions of 8 to 20 tokens, FP32 on the C
     Q/DQ (min-max calibrated on a few tiles), at the first ``--budgets`` size.
 
 All are measured in one run on the same random (l2-normalised) embeddings with
-the same thread count (``--threads`` sets torch, ONNX Runtime and numba); the
-table gives pairs per second, the ratio to the loop, and the fraction of this
-CPU's measured float32 matrix-multiply rate that the scorer's own FLOPs
-represent. Agreement of every score matrix with the loop's is checked too.
+the same thread count (``--threads`` sets torch, ONNX Runtime and numba), in
+``--repeats`` interleaved rounds (each row keeps its best round); the table
+gives pairs per second, the ratio to the loop, and the fraction of this CPU's
+measured float32 matrix-multiply rate (the better of a tile-sized probe and the
+fused tiles' own GEMMs) that the scorer's own FLOPs represent. Agreement of
+every score matrix with the loop's is checked too.
 
-    python benchmarks/bench_scorer.py --threads 2     # < 1 minute on 2 cores
+    python benchmarks/bench_scorer.py --threads 2     # about 2 minutes on 2 cores
     python benchmarks/bench_scorer.py --threads 1 --images 400 --captions 200 --fused-budgets 8,16,32
 """
 
