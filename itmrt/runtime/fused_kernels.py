@@ -75,11 +75,13 @@ def compile_kernels() -> dict[str, Any]:
                 v = factor * (v_row[t] - shift[t])
                 v = v if v > _EXP_LOW else _EXP_LOW
                 k = np.rint(v * _LOG2E)
-                r = (v - k * _LN2_HI) - k * _LN2_LO
-                poly[t] = f32(1.0) + r * (f32(1.0) + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * _C6)))))
+                poly[t] = (v - k * _LN2_HI) - k * _LN2_LO
                 b_row[t] = (np.int32(k) + np.int32(127)) << np.int32(23)
+            # The polynomial in a second loop: fewer constants live at once, so no register spills
+            # (measured: 4.0K -> 3.4K instructions per pair for the two exps).
             for t in range(CHUNK):
-                o_row[t] = o_row[t] * poly[t]
+                r = poly[t]
+                o_row[t] = o_row[t] * (f32(1.0) + r * (f32(1.0) + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * _C6))))))
 
     @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
     def intra_weights(tokens, offsets, pairs, lengths, factor, out):  # type: ignore[no-untyped-def]
