@@ -164,7 +164,7 @@ def compile_kernels() -> dict[str, Any]:
                     best[t] = f32(-np.inf)
                 # Relevance logits and each word's best similarity. The running maxima alternate
                 # between two rows: "a[t] = x if x > a[t] else a[t]" compiles to a masked store,
-                # which is very slow on AMD cores (measured: a fifth of the whole pass).
+                # which is very slow on AMD cores (measured once: about a fifth of the pass's cycles).
                 for j in range(n):
                     row = sims[base + j * width + t0 : base + j * width + t0 + CHUNK]
                     scale_row = scale[j, t0 : t0 + CHUNK]
