@@ -189,7 +189,7 @@ def main() -> None:
     from itmrt.export.graphs_scorer import naaf_scorer_graph
     from itmrt.runtime.backends import OrtBackend, SessionSettings
     from itmrt.runtime.encoders import CaptionEmbeddings
-    from itmrt.runtime.tiled import score_tiled, tile_shape
+    from itmrt.runtime.tiled import score_tiled
 
     images, captions = make_data(args.images, args.captions)
     lengths = np.array([len(c) for c in captions], dtype=np.int32)
@@ -217,7 +217,7 @@ def main() -> None:
     int8_backend = OrtBackend(int8_path, settings)
     budget = int(args.budgets.split(",")[0])
     entries.append((f"graph scorer INT8 (ORT, Q/DQ), {budget} MB tiles",
-                    lambda: score_tiled(int8_backend, images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20)))
+                    lambda budget=budget: score_tiled(int8_backend, images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20)))
     from itmrt.runtime.fused import FusedNaafScorer, fused_available
 
     if not fused_available():
@@ -226,7 +226,7 @@ def main() -> None:
         fused = FusedNaafScorer(THRESHOLD, LAMBDA, INTRA, threads=args.threads)
         fused.score_tiles(images[:2], encoded.take(np.arange(2)))  # compile / load the numba cache outside the timing
         for budget in [int(x) for x in args.fused_budgets.split(",")]:
-            bi, bc = tile_shape(args.images, args.captions, int(np.ceil(lengths.mean())) * REGIONS * 4, budget << 20)  # as score_tiles
+            bi, bc = fused.tile_for(args.images, lengths, REGIONS, budget << 20)
             entries.append((f"fused scorer (GEMM + numba), {budget} MB tiles",
                             lambda budget=budget: fused.score_tiles(images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20)))
             entries.append((f"  its similarity GEMMs alone ({bi}x{bc})", lambda bi=bi, bc=bc: gemm_only(fused, images, encoded, bi, bc)))

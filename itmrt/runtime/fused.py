@@ -219,9 +219,10 @@ class FusedNaafScorer:
         sizes = np.minimum.outer(layout.counts, layout.counts)
         pairs = np.zeros(sizes.size, dtype=np.int64)
         np.cumsum(sizes.reshape(-1)[:-1], out=pairs[1:])
+        pairs = pairs.reshape(sizes.shape)
         intra = np.empty(int(sizes.sum()), dtype=np.float32)
-        self._k["intra_weights"](tokens, layout.offsets, pairs.reshape(sizes.shape), layout.lengths, self.intra_factor, intra)
-        return CaptionTile(layout, tokens, intra, pairs.reshape(sizes.shape))
+        self._k["intra_weights"](tokens, layout.offsets, pairs, layout.lengths, self.intra_factor, intra)
+        return CaptionTile(layout, tokens, intra, pairs)
 
     def score_block(self, images: np.ndarray, tile: CaptionTile, grams: np.ndarray) -> np.ndarray:
         """Scores ``[Bi, Bc]`` of ``images [Bi, n, d]`` against a caption tile from :meth:`caption_tile`."""
@@ -252,6 +253,14 @@ class FusedNaafScorer:
 
     # -- tiled driver -------------------------------------------------------------
 
+    @staticmethod
+    def tile_for(n_images: int, lengths: np.ndarray, regions: int, budget_bytes: int | None = None) -> tuple[int, int]:
+        """The (images, captions) tile :meth:`score_tiles` uses: its similarity tile within ``budget_bytes``
+        (default, and in place of the graph scorer's default, :data:`FUSED_BUDGET_BYTES`)."""
+        per_pair = max(1, int(math.ceil(float(np.mean(lengths)))) * regions * 4)
+        budget = FUSED_BUDGET_BYTES if budget_bytes is None or budget_bytes == DEFAULT_BUDGET_BYTES else budget_bytes
+        return tile_shape(n_images, len(lengths), per_pair, budget)
+
     def score_tiles(
         self,
         images: np.ndarray,
@@ -275,9 +284,7 @@ class FusedNaafScorer:
         lengths = captions.lengths.astype(np.int64)
         offsets = captions.offsets.astype(np.int64)
         if tile is None:
-            per_pair = max(1, int(math.ceil(lengths.mean())) * regions * 4)
-            budget = FUSED_BUDGET_BYTES if budget_bytes is None or budget_bytes == DEFAULT_BUDGET_BYTES else budget_bytes
-            bi, bc = tile_shape(n_img, n_cap, per_pair, budget)
+            bi, bc = self.tile_for(n_img, lengths, regions, budget_bytes)
         else:
             bi, bc = max(1, min(tile[0], n_img)), max(1, min(tile[1], n_cap))
         t2i, i2t = StreamingTopK(n_cap, min(top_k, n_img)), StreamingTopK(n_img, min(top_k, n_cap))

@@ -157,6 +157,8 @@ def compile_kernels() -> dict[str, Any]:
             top, best, e_sum, e_dot, p_sum, p_dot, acc, quad, zero, poly = (
                 lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7], lanes[8], lanes[9])
             top_odd, best_odd = lanes[10], lanes[11]
+            for t in range(CHUNK):
+                zero[t] = f32(0.0)
             for chunk in range((width + CHUNK - 1) // CHUNK):
                 t0 = min(chunk * CHUNK, width - CHUNK)  # the last chunk overlaps the one before: same values again
                 for t in range(CHUNK):
@@ -230,7 +232,6 @@ def compile_kernels() -> dict[str, Any]:
                 # Per word: the relevance term, plus the positive branch where a region is above t.
                 # The weights were shifted by exp(-lam r): so is the 1e-8 of the L1 normalisation.
                 for t in range(CHUNK):
-                    zero[t] = f32(0.0)
                     top[t] = -max(best[t] - threshold, f32(0.0))
                 exp_shifted(top.reshape((1, CHUNK)), zero, lam, acc.reshape((1, CHUNK)), poly)  # acc = exp(-lam r)
                 r_out = r_tok[t0 : t0 + CHUNK]
