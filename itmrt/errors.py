@@ -21,3 +21,14 @@ class DataError(ItmrtError):
 
 class VocabularyError(ItmrtError):
     """A vocabulary file that is missing or malformed."""
+
+
+def first_line(exc: BaseException, limit: int = 300, skip: tuple[str, ...] = ()) -> str:
+    """The first meaningful line of a library's exception, for a one-line message.
+
+    Lines starting with one of ``skip`` (boilerplate a library prints before the
+    point) are passed over; the exception's type name stands in for an empty message.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(skip)] if skip else lines
+    return (useful or lines or [type(exc).__name__])[0][:limit]

@@ -30,6 +30,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
 from itmrt.errors import DataError, ItmrtError, VocabularyError
+from itmrt.runtime.sessions import create_session
 from itmrt.text.vocab import Vocabulary
 
 Feeds = dict[str, np.ndarray]
@@ -41,10 +42,7 @@ MAX_UNKNOWN_SHARE = 0.5  # more unknown words than this: the captions are not in
 
 def ort_session(path_or_bytes: str | Path | bytes) -> ort.InferenceSession:
     """A quiet CPU session (the FP16 converter's clipped constants make ORT warn otherwise)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return create_session(path_or_bytes)
 
 
 def _numpy_dtype(manifest: dict[str, Any], graph: str, input_name: str) -> np.dtype[Any]:

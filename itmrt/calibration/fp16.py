@@ -24,8 +24,9 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from onnxconverter_common import float16
 
-from itmrt.errors import ItmrtError
+from itmrt.errors import ItmrtError, first_line
 from itmrt.export.trt_ops import check_trt_compat
+from itmrt.runtime.sessions import create_session
 
 ALWAYS_FLOAT32_OPS = ("Cast",)
 
@@ -232,10 +233,7 @@ def emulation_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def emulation_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """ONNX Runtime CPU session of :func:`emulation_graph` (optimisations off: they could fold the rounding)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(emulation_graph(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(emulation_graph(model).SerializeToString(), optimization="disable")
 
 
 def verify_precision_graph(model: onnx.ModelProto, name: str) -> None:
@@ -243,8 +241,7 @@ def verify_precision_graph(model: onnx.ModelProto, name: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ItmrtError(f"{name} is not a valid ONNX model after conversion: {first}") from None
+        raise ItmrtError(f"{name} is not a valid ONNX model after conversion: {first_line(exc)}") from None
     check_trt_compat(model, name).raise_for_problems()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itmrt.errors import DataError
+from itmrt.errors import DataError, first_line
 
 CAPTIONS_PER_IMAGE = 5
 """Captions per image in Flickr30K and MSCOCO; the whole layout (and the metrics) assume it."""
@@ -145,8 +145,7 @@ def open_npy(path: Path, what: str) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{what} file {path} is not a readable .npy array ({reason}); re-save it with numpy.save") from None
+        raise DataError(f"{what} file {path} is not a readable .npy array ({first_line(exc)}); re-save it with numpy.save") from None
     if not isinstance(array, np.ndarray):
         raise DataError(f"{what} file {path} is not a single .npy array; re-save it with numpy.save")
     return array

@@ -27,10 +27,7 @@ Only numpy and the standard library are imported.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -38,6 +35,7 @@ import numpy as np
 
 from itmrt.data.precomp import CAPTIONS_PER_IMAGE
 from itmrt.errors import DataError
+from itmrt.io import publish_folder, staged_folder, umask_mode
 
 OBJECT_CLASSES = (
     "dog", "cat", "car", "bicycle", "horse", "bird", "boat", "bus",
@@ -123,8 +121,7 @@ def make_synthetic_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
 
     world = _World.create(seed, img_dim)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         for split, count in splits.items():
             # Seeded by the split's name only: asking for other splits does not change this one.
             rng = np.random.default_rng([seed, 1, _stable_hash(split)])
@@ -140,10 +137,8 @@ def make_synthetic_dataset(
             }
             (staging / f"{split}_meta.json").write_bytes(_json_bytes(meta))
         (staging / "vocab.json").write_bytes(_json_bytes(vocabulary_json()))
-        _publish(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        staging.chmod(umask_mode())  # staging folders are private; the dataset folder should not be
+        publish_folder(staging, target, "merge")
     return target
 
 
@@ -313,17 +308,3 @@ def _write_features(
 
 def _json_bytes(value: object) -> bytes:
     return (json.dumps(value, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Move the finished files into place: the whole folder at once when it is new or empty."""
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-        return
-    for item in sorted(staging.iterdir()):
-        os.replace(item, target / item.name)  # each file atomically

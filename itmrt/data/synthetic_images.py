@@ -24,8 +24,6 @@ Only numpy and the standard library are imported.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,11 +35,11 @@ from itmrt.data.synthetic import (
     NEGATIVE_TEMPLATES,
     OBJECT_CLASSES,
     POSITIVE_TEMPLATES,
-    _publish,
     _stable_hash,
     vocabulary_json,
 )
 from itmrt.errors import DataError
+from itmrt.io import publish_folder, staged_folder, umask_mode
 
 SHAPES = ("rectangle", "disc", "triangle")
 TEXTURES = ("solid", "hstripes", "vstripes", "checker", "hollow", "dots", "diagonal", "halves")
@@ -99,8 +97,7 @@ def make_synthetic_image_dataset(
         raise DataError(f"output folder {target} is not empty; choose an empty folder or pass overwrite=True")
     target.parent.mkdir(parents=True, exist_ok=True)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         for split, count in splits.items():
             rng = np.random.default_rng([seed, 2, _stable_hash(split)])
             identities = [_random_identity(rng, image_size) for _ in range(count)]
@@ -131,10 +128,8 @@ def make_synthetic_image_dataset(
         (staging / "vocab.json").write_bytes(
             (json.dumps(vocabulary_json(), separators=(",", ":")) + "\n").encode("utf-8")
         )
-        _publish(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        staging.chmod(umask_mode())  # staging folders are private; the dataset folder should not be
+        publish_folder(staging, target, "merge")
     return target
 
 

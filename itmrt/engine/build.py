@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from itmrt.calibration import records
 from itmrt.engine.compat import DeviceInfo, check_engine
-from itmrt.engine.doctor import gpus, tensorrt_module
+from itmrt.engine.doctor import gpus
 from itmrt.errors import ItmrtError
 from itmrt.export.manifest import read_manifest
 from itmrt.io import atomic_write_bytes, sha256_file
+from itmrt.optional import available, require
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -51,10 +52,9 @@ class EngineOptions:
 
 
 def require_tensorrt() -> ModuleType:
-    module = tensorrt_module()
-    if module is None:
+    if not available("tensorrt"):
         raise TensorRTUnavailable("the tensorrt Python package is not installed here (TensorRT 10.x or 11.x is needed to build engines)")
-    return module
+    return require("tensorrt")
 
 
 def device_info(trt_module: ModuleType) -> DeviceInfo:

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from itmrt.optional import available, require
+
 CPU_FLAGS = {
     "avx2": "AVX2",
     "avx512f": "AVX-512F",
@@ -28,16 +30,8 @@ CPU_FLAGS = {
 
 
 def tensorrt_module() -> ModuleType | None:
-    """The ``tensorrt`` module, or ``None`` when it is absent.
-
-    A folder holding only type stubs (``tensorrt-stubs`` installed into
-    site-packages) imports as an empty namespace package: that is not TensorRT.
-    """
-    try:
-        module = importlib.import_module("tensorrt")
-    except ImportError:
-        return None
-    return module if hasattr(module, "Builder") else None
+    """The ``tensorrt`` module, or ``None`` when it is absent (type stubs alone are not TensorRT)."""
+    return require("tensorrt") if available("tensorrt") else None
 
 
 def _version_of(name: str) -> str | None:

@@ -11,10 +11,8 @@ and a leftover temporary folder has no manifest: nothing that looks complete.
 from __future__ import annotations
 
 import math
-import os
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from itmrt.export import graphs_image, graphs_scorer, graphs_text
 from itmrt.export.manifest import BUNDLE_KIND, MANIFEST_NAME, SCHEMA_VERSION, graph_entry, is_bundle, write_manifest
 from itmrt.export.parity import check_parity, sample_inputs
 from itmrt.export.trt_ops import check_trt_compat
-from itmrt.io import sha256_file
+from itmrt.io import check_output_folder, publish_folder, sha256_file, staged_folder
 from itmrt.models.checkpoint import detect_format, load_checkpoint
 from itmrt.models.cmpm import CMPMModel
 from itmrt.models.matcher import CrossAttentionMatcher
@@ -174,37 +172,7 @@ def build_graphs(model: CrossAttentionMatcher | CMPMModel, options: ExportOption
 
 def _check_target(out: Path, overwrite: bool) -> None:
     """Refuse a target that exists and holds something, unless it is a bundle and ``overwrite`` is set."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ItmrtError(f"--out {out} is a file; give a folder path for the bundle")
-    if not any(out.iterdir()):
-        return
-    if not is_bundle(out):
-        raise ItmrtError(
-            f"--out {out} is a non-empty folder that is not an itmrt bundle; itmrt will not delete it: choose another --out"
-        )
-    if not overwrite:
-        raise ItmrtError(f"--out {out} already holds a bundle; pass --overwrite to replace it or choose another --out")
-
-
-def _move_into_place(staging: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished staging folder to ``out`` (replacing an old bundle only with ``overwrite``)."""
-    _check_target(out, overwrite)
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    retired.rmdir()
-    os.replace(out, retired)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(retired, out)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
+    check_output_folder(out, overwrite, "bundle", is_bundle)
 
 
 def _versions() -> dict[str, str]:
@@ -303,9 +271,7 @@ def export_bundle(
     if not parity.top_k_identical:
         raise ItmrtError(f"parity check failed: ONNX Runtime's top-{parity.top_k} rankings differ from PyTorch's; no bundle was written")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         files: dict[str, str] = {}
         graphs: dict[str, Any] = {}
         ranges = _shape_ranges(options)
@@ -346,9 +312,7 @@ def export_bundle(
             "export_seconds": round(time.perf_counter() - started, 3),
         }
         write_manifest(staging, manifest)  # last: a folder without it is not a bundle
-        _move_into_place(staging, out, options.overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _check_target(out, options.overwrite)  # again: something may have appeared there meanwhile
+        publish_folder(staging, out, "replace")
     say(f"wrote {out} ({', '.join(sorted(files))}, {MANIFEST_NAME}) in {time.perf_counter() - started:.1f}s")
     return manifest

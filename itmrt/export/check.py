@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from itmrt.errors import first_line
 from itmrt.export.manifest import value_entries, read_manifest, verify_files
 from itmrt.export.trt_ops import check_trt_compat
 
@@ -70,8 +71,7 @@ def check_bundle(folder: str | Path) -> BundleCheck:
             model = onnx.load(str(path))
             onnx.checker.check_model(model, full_check=True)
         except Exception as exc:  # noqa: BLE001 - any parse/check failure is a problem line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            result.problems.append(f"graph '{name}': not a valid ONNX model: {first}")
+            result.problems.append(f"graph '{name}': not a valid ONNX model: {first_line(exc)}")
             continue
         trt = check_trt_compat(model, entry["file"])
         result.problems.extend(trt.problems)

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 
 from itmrt.models.cmpm import CMPMModel
+from itmrt.runtime.sessions import create_session
 from itmrt.models.matcher import CrossAttentionMatcher
 
 PROVIDER = "CPUExecutionProvider"
@@ -89,9 +90,7 @@ def sample_inputs(
 
 
 def session(model_bytes: bytes) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=[PROVIDER])
+    return create_session(model_bytes, providers=[PROVIDER])
 
 
 def _max_abs(a: np.ndarray, b: np.ndarray) -> float:

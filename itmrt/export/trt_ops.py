@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
-from itmrt.errors import ItmrtError
+from itmrt.errors import ItmrtError, first_line
 
 OPS_TABLE = Path(__file__).with_name("tensorrt10_onnx_ops.tsv")
 # TensorRT 10.0's parser reads opsets 9 to 20 (onnx-tensorrt docs/operators.md).
@@ -168,8 +168,7 @@ def check_trt_compat(
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        result.problems.append(f"graph '{name}': shape inference failed: {first_line}")
+        result.problems.append(f"graph '{name}': shape inference failed: {first_line(exc)}")
         inferred = model
     types = _element_types(inferred)
     for index, node in enumerate(inferred.graph.node):

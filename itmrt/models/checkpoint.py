@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from itmrt.errors import CheckpointError, ItmrtError
+from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.io import atomic_write_bytes, sha256_file
 from itmrt.models.cmpm import CMPMModel
 from itmrt.models.matcher import CrossAttentionMatcher, detect_family
@@ -82,11 +82,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
-    first = (useful or lines or [type(exc).__name__])[0]
-    # PyTorch's messages go on for several sentences; the first one says what failed.
-    return first.split(". ", 1)[0].rstrip(".")
+    # PyTorch's messages go on for several sentences after boilerplate; the first real one says what failed.
+    return first_line(exc, skip=_TORCH_BOILERPLATE).split(". ", 1)[0].rstrip(".")
 
 
 def _allowed_globals() -> list[Any]:

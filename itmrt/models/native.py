@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from itmrt import __version__
-from itmrt.errors import CheckpointError, ItmrtError
+from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.io import atomic_write_bytes
 from itmrt.models.cmpm import CMPMModel
 from itmrt.models.matcher import CrossAttentionMatcher
@@ -68,7 +68,7 @@ def read_native(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str,
     try:
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}); is it truncated?") from exc
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)}); is it truncated?") from exc
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     metadata = header.get("__metadata__") or {}
@@ -104,6 +104,3 @@ def load_native(path: str | os.PathLike[str]) -> CrossAttentionMatcher | CMPMMod
     return model.eval()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -33,7 +33,7 @@ import numpy as np
 
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
-from itmrt.errors import ItmrtError
+from itmrt.errors import ItmrtError, first_line
 from itmrt.io import atomic_save_float32_npy, atomic_write_text, sha256_file
 from itmrt.reports import agreement
 from itmrt.reports.variants import Variant, graph_files, open_variant, parse_variant
@@ -327,7 +327,7 @@ def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar
             try:
                 measured, scores = measure_variant(info, runtime, ref, features, ids, per_image, options, ref_recall, bar)
             except ItmrtError as exc:  # e.g. a precision graph whose outputs have the wrong shape
-                entry.update(status="failed", reason=str(exc).splitlines()[0])
+                entry.update(status="failed", reason=first_line(exc))
             else:
                 scores_file = f"scores_{variant.file_stem}.npy"
                 matrices[scores_file] = scores

@@ -7,12 +7,12 @@ graphs...") that the report prints, and the other variants go on.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from itmrt.errors import ItmrtError
+from itmrt.errors import ItmrtError, first_line
+from itmrt.optional import available
 
 BACKENDS = ("ort", "trt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -60,7 +60,7 @@ def parse_variants(text: str) -> list[Variant]:
 
 def tensorrt_missing() -> str | None:
     """Why native TensorRT cannot run here, or None when its Python module is importable."""
-    if importlib.util.find_spec("tensorrt") is None:
+    if not available("tensorrt"):
         return "TensorRT is not installed on this machine (no `tensorrt` Python module)"
     return None
 
@@ -80,7 +80,7 @@ def open_variant(bundle: str | Path, variant: Variant, threads: int = 0, scorer:
         extra: dict[str, Any] = {"scorer": scorer} if scorer is not None else {}
         return load(bundle, backend=variant.backend, precision=variant.precision, threads=threads, **extra), None
     except (ItmrtError, ImportError) as exc:
-        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, first_line(exc)
 
 
 def graph_files(runtime: Any) -> dict[str, str]:

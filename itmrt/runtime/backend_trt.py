@@ -18,19 +18,12 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.optional import require_all
 from itmrt.runtime.bundle import BundleInfo
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
-    try:
-        import pycuda.autoinit  # noqa: F401  (creates the CUDA context)
-        import pycuda.driver as cuda
-        import tensorrt as trt
-    except ImportError as exc:
-        raise ItmrtError(
-            f"the TensorRT backend needs the tensorrt and pycuda packages ({exc.name} is not installed); "
-            "install them on the GPU machine or use --backend ort"
-        ) from None
+    trt, _context, cuda = require_all(["tensorrt", "pycuda.autoinit", "pycuda.driver"], "the TensorRT backend (--backend trt)")
     return trt, cuda
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.runtime.bundle import BundleInfo
+from itmrt.runtime.sessions import create_session
 
 BACKENDS = ("ort", "trt")
 PROVIDER_ALIASES = {
@@ -78,42 +79,15 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
     return chosen
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()[:300]
-    return type(exc).__name__
-
-
 class OrtBackend:
     """One ONNX Runtime inference session over one graph file."""
 
     def __init__(self, path: Path, settings: SessionSettings | None = None) -> None:
-        import onnxruntime as ort
-
         settings = settings or SessionSettings()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if settings.intra_op_threads < 0:
-            raise ItmrtError(f"--threads must be 0 (automatic) or positive, not {settings.intra_op_threads}")
-        options.intra_op_num_threads = settings.intra_op_threads
-        levels = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
-        if settings.optimization not in levels:
-            raise ItmrtError(f"unknown graph optimisation level {settings.optimization!r}; choose {', '.join(levels)}")
-        options.graph_optimization_level = levels[settings.optimization]
         self.providers = resolve_providers(settings.providers)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=self.providers)
-        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
-            raise ItmrtError(
-                f"ONNX Runtime cannot load {path}: {_first_line(exc)}; the file may be truncated or damaged - export the bundle again"
-            ) from None
+        self.session = create_session(
+            path, providers=self.providers, threads=settings.intra_op_threads, optimization=settings.optimization
+        )
         self.name = f"ort:{path.name}"
         inputs = self.session.get_inputs()
         self.input_names = [i.name for i in inputs]

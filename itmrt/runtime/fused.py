@@ -24,7 +24,6 @@ scorer is built; :func:`fused_available` tells whether it can be.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,9 @@ from typing import Any, Callable
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.optional import available, require
 from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.sessions import create_session
 from itmrt.runtime.fused_kernels import CHUNK
 from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, StreamingTopK, tile_shape
 
@@ -53,18 +54,16 @@ _kernels: dict[str, Any] = {}
 
 def fused_available() -> bool:
     """Whether numba can be imported (the fused scorer's only extra dependency)."""
-    return importlib.util.find_spec("numba") is not None
+    return available("numba")
 
 
 def _compile() -> dict[str, Any]:
     """The numba kernels, compiled (or loaded from numba's cache) on first use."""
     if not _kernels:
-        try:
-            from itmrt.runtime.fused_kernels import compile_kernels
+        require("numba")
+        from itmrt.runtime.fused_kernels import compile_kernels
 
-            _kernels.update(compile_kernels())
-        except ImportError:
-            raise ItmrtError("the fused CPU scorer needs numba: pip install 'itmrt[cpu]' (or choose scorer='graph')") from None
+        _kernels.update(compile_kernels())
     return _kernels
 
 
@@ -104,18 +103,13 @@ def position_major(first: np.ndarray, lengths: np.ndarray) -> PositionMajor:
 
 def _session(nodes: list[Any], inputs: list[Any], output: Any, threads: int) -> Any:
     """An ONNX Runtime CPU session for a one- or two-node graph, on ``threads`` threads."""
-    import onnxruntime as ort
     from onnx import helper
 
     model = helper.make_model(helper.make_graph(nodes, "fused_scorer_part", inputs, [output]),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 8)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
     # The numba pass runs right after each GEMM: idle ORT threads must not spin on its cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return create_session(model.SerializeToString(), threads=threads, spinning=False)
 
 
 def _gemm_session(threads: int) -> Any:

@@ -14,9 +14,6 @@ looks like a gallery.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +24,7 @@ import numpy as np
 from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
 from itmrt.data.precomp import open_npy
-from itmrt.io import atomic_write_text, read_json_document, sha256_file
+from itmrt.io import atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_file, staged_folder
 from itmrt.runtime.bundle import BundleInfo
 
 GALLERY_KIND = "itmrt-gallery"
@@ -88,16 +85,7 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ItmrtError(f"--out {out} is a file; give a folder path for the gallery")
-    if not any(out.iterdir()):
-        return
-    if not is_gallery(out):
-        raise ItmrtError(f"--out {out} is a non-empty folder that is not a gallery; itmrt will not delete it: choose another --out")
-    if not overwrite:
-        raise ItmrtError(f"--out {out} already holds a gallery; pass --overwrite to replace it or choose another --out")
+    check_output_folder(out, overwrite, "gallery", is_gallery)
 
 
 def write_gallery(
@@ -111,9 +99,7 @@ def write_gallery(
     """Create a gallery at ``out``: ``encode_into(array)`` fills a float32 ``.npy`` memmap of ``shape``."""
     target = Path(out)
     _check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=shape)
         encode_into(array)
         array.flush()
@@ -138,17 +124,7 @@ def write_gallery(
         }
         atomic_write_text(staging / GALLERY_MANIFEST, json.dumps(manifest, indent=2) + "\n")
         _check_target(target, overwrite)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            retired.rmdir()
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        publish_folder(staging, target, "replace")
     return read_gallery(target)
 
 

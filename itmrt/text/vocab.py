@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from itmrt.io import atomic_write_text
-from itmrt.errors import ItmrtError, VocabularyError
+from itmrt.errors import ItmrtError, VocabularyError, first_line
 from itmrt.text.tokenize import word_tokenize
 
 __all__ = ["Vocabulary", "CaptionTooLongError", "SPECIAL_TOKENS", "tokenize_caption"]
@@ -83,8 +83,7 @@ class Vocabulary:
         except FileNotFoundError:
             raise VocabularyError(f"vocabulary file {path} does not exist") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise VocabularyError(f"cannot read vocabulary {path} as JSON: {message}") from None
+            raise VocabularyError(f"cannot read vocabulary {path} as JSON: {first_line(exc)}") from None
         if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
             raise VocabularyError(
                 f"{path} is not a vocabulary: expected a JSON object with a 'word2idx' map"

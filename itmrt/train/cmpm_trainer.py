@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from itmrt.data.images import ImageCaptionSplit, identity_recall_table, load_vocabulary, preprocess_images
-from itmrt.errors import CheckpointError, ItmrtError
+from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.io import atomic_write_bytes, atomic_write_text
 from itmrt.models.cmpm import CMPMModel
 from itmrt.models.native import load_native, save_native
@@ -282,8 +282,7 @@ def _load_last(out_dir: Path) -> tuple[CMPMModel, dict[str, Any]]:
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{state_path} is not a readable training state ({reason})") from None
+        raise CheckpointError(f"{state_path} is not a readable training state ({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise CheckpointError(f"{state_path} is not an itmrt CMPM training state")
     if state.get("model_sha256") != _sha256_bytes_of(model_path):

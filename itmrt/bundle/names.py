@@ -1,0 +1,99 @@
+"""The names a bundle is made of: components, precisions, backends, axes, frozen constants, file layout.
+
+This is the one home of these strings. Every stage (export, calibration,
+engine build, runtime, reports) imports them from here, so a name can change in
+one place. The enums are ``str`` enums: a member compares equal to its value
+(``Precision.FP16 == "fp16"``), so manifests stay plain JSON and typer lists
+the choices in ``--help``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Component(str, Enum):
+    """The three graphs of every bundle."""
+
+    IMAGE_ENCODER = "image_encoder"
+    TEXT_ENCODER = "text_encoder"
+    SCORER = "scorer"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(str, Enum):
+    """Numeric precision of a graph or engine; fp16 and int8 live in the ONNX graph itself."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class BackendName(str, Enum):
+    """What runs a bundle: ONNX Runtime sessions or native TensorRT engines."""
+
+    ORT = "ort"
+    TRT = "trt"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+COMPONENTS: tuple[str, ...] = tuple(c.value for c in Component)
+PRECISIONS: tuple[str, ...] = tuple(p.value for p in Precision)
+BACKENDS: tuple[str, ...] = tuple(b.value for b in BackendName)
+
+# Symbolic axis names shared by every graph and by the manifest's shape ranges.
+BATCH_IMAGES = "batch_images"
+NUM_REGIONS = "num_regions"
+BATCH_CAPTIONS = "batch_captions"
+MAX_LENGTH = "max_length"
+AXES: tuple[str, ...] = (BATCH_IMAGES, NUM_REGIONS, BATCH_CAPTIONS, MAX_LENGTH)
+
+# Graph input and output names.
+REGION_FEATURES = "region_features"
+IMAGES = "images"
+TOKEN_IDS = "token_ids"
+LENGTHS = "lengths"
+IMAGE_EMBEDDINGS = "image_embeddings"
+CAPTION_EMBEDDINGS = "caption_embeddings"
+SCORES = "scores"
+
+# Initializer (and scorer-graph metadata) names of the constants export freezes into the scorer.
+NAAF_THRESHOLD = "naaf_threshold"
+NAAF_LAMBDA = "naaf_lambda"
+NAAF_INTRA_FACTOR = "naaf_intra_factor"
+SCAN_LAMBDA_SOFTMAX = "scan_lambda_softmax"
+SCAN_LAMBDA_LSE = "scan_lambda_lse"
+
+# File layout inside a bundle folder.
+MANIFEST_NAME = "manifest.json"
+VOCAB_FILE = "vocab.json"
+PRECISION_DIR = "precision"
+CALIBRATION_DIR = "calibration"
+ENGINE_DIR = "engines"
+
+
+def export_graph_file(component: str) -> str:
+    """Bundle-relative file of an exported (fp32) graph."""
+    return f"{Component(component).value}.onnx"
+
+
+def precision_file(precision: str, component: str) -> str:
+    """Bundle-relative file of a precision variant's graph (fp16 / int8)."""
+    return f"{PRECISION_DIR}/{Precision(precision).value}/{Component(component).value}.onnx"
+
+
+def calibration_file(component: str) -> str:
+    """Bundle-relative file of a graph's INT8 calibration ranges."""
+    return f"{CALIBRATION_DIR}/{Component(component).value}.json"
+
+
+def engine_file(precision: str, component: str) -> str:
+    """Bundle-relative file of a TensorRT engine."""
+    return f"{ENGINE_DIR}/{Precision(precision).value}/{Component(component).value}.plan"
