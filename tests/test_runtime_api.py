@@ -142,3 +142,34 @@ def test_truncated_graph_is_one_line_error(bundle: Path, tmp_path: Path) -> None
     with pytest.raises(ItmrtError, match="ONNX Runtime cannot load") as caught:
         OrtBackend(copy / "scorer.onnx")
     assert "\n" not in str(caught.value)
+
+
+def _cmpm_bundle(folder: Path) -> Path:
+    import torch
+
+    from itmrt.export.bundle import ExportOptions, export_bundle
+    from itmrt.models.checkpoint import save_native
+    from itmrt.models.cmpm import CMPMModel
+    from runtime_helpers import VOCAB, make_vocab
+
+    torch.manual_seed(0)
+    model = CMPMModel(VOCAB, 16, 12, 32, width_mult=0.25, image_size=32).eval()
+    save_native(folder / "cmpm.safetensors", model)
+    export_bundle(folder / "cmpm.safetensors", make_vocab(folder), folder / "bundle", ExportOptions(max_batch=16, max_length=12))
+    return folder / "bundle"
+
+
+@pytest.mark.parametrize("family", ["naaf", "cmpm"])
+def test_warmup_runs_every_component_on_tiny_inputs(tmp_path: Path, family: str) -> None:
+    from itmrt.runtime import load
+
+    bundle = _cmpm_bundle(tmp_path) if family == "cmpm" else make_bundle(tmp_path, family)[0]
+    runtime = load(bundle)
+    assert runtime.warmup() > 0
+    captions = random_captions(3, seed=2)
+    images = runtime.encode_images(region_features(4) if family != "cmpm" else
+                                   np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    # Warm-up leaves no state behind: the same scores as a runtime that was never warmed up.
+    cold = load(bundle)
+    assert np.array_equal(runtime.score(images, runtime.encode_captions(captions)),
+                          cold.score(images, cold.encode_captions(captions)))

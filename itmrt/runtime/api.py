@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -94,6 +95,27 @@ class Runtime:
         if isinstance(captions, str):
             raise ItmrtError("encode_captions takes a list of captions, not one string")
         return self.text_encoder.encode(list(captions))
+
+    def warmup(self) -> float:
+        """Run every component once on tiny inputs and return the seconds it took.
+
+        The first call of a session sizes ONNX Runtime's buffers, and the fused
+        scorer's kernels compile (or load from numba's cache) on first use; a
+        service calls this before it reports ready, so its first answer does
+        not pay for either.
+        """
+        started = time.perf_counter()
+        shape = []
+        for axis in self.image_input_shape:
+            if isinstance(axis, int):
+                shape.append(axis)
+            else:
+                limits = self.bundle.shape_range(axis) or {"min": 1, "opt": 1}
+                shape.append(max(int(limits["min"]), min(2, int(limits["opt"]))))
+        features = np.random.default_rng(0).random(shape, dtype=np.float32)
+        images = self.encode_images(features, source="warm-up images")
+        self.rank(images, self.encode_captions(["warm up", "a short warm up caption"]), top_k=1)
+        return time.perf_counter() - started
 
     # -- scoring ------------------------------------------------------------
 
