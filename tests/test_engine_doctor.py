@@ -15,8 +15,13 @@ from itmrt.engine.gpus import GpuInfo, apply_visibility, parse_nvidia_smi, visib
 from itmrt.engine.jetson import detect_jetson, jetson_notes, parse_tegra_release, system_tensorrt_paths
 from itmrt.io import sha256_file
 
-JETPACK6 = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC 2025\n# KERNEL_VARIANT: oot\nTARGET_USERSPACE_LIB_DIR=nvidia\n"
-JETPACK5 = "# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: t186ref, EABI: aarch64, DATE: Tue Feb 20 04:46:31 UTC 2024\n"
+JETPACK6 = (
+    "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, "
+    "DATE: Wed Jan  8 01:49:37 UTC 2025\n# KERNEL_VARIANT: oot\nTARGET_USERSPACE_LIB_DIR=nvidia\n"
+)
+JETPACK5 = (
+    "# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: t186ref, EABI: aarch64, DATE: Tue Feb 20 04:46:31 UTC 2024\n"
+)
 
 
 def test_tegra_release_names_the_l4t_and_jetpack_versions(tmp_path: Path) -> None:
@@ -43,12 +48,19 @@ def test_system_tensorrt_is_found_where_jetpack_puts_it(tmp_path: Path) -> None:
 
 def test_jetson_install_notes() -> None:
     jetson = parse_tegra_release(JETPACK6)
-    shadowed = jetson_notes(jetson, None, ["CPUExecutionProvider"], {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.20.0"},
-                            ["/usr/lib/python3.10/dist-packages/tensorrt"])
+    shadowed = jetson_notes(
+        jetson,
+        None,
+        ["CPUExecutionProvider"],
+        {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.20.0"},
+        ["/usr/lib/python3.10/dist-packages/tensorrt"],
+    )
     text = " | ".join(shadowed)
     assert "both onnxruntime 1.32.0 (CPU) and onnxruntime-gpu 1.20.0" in text
     assert "--system-site-packages" in text and "Jetson onnxruntime-gpu wheel" in text and "1024 MB" in text
-    healthy = jetson_notes(jetson, "10.3.0.30", ["CUDAExecutionProvider", "CPUExecutionProvider"], {"onnxruntime-gpu": "1.20.0"}, [])
+    healthy = jetson_notes(
+        jetson, "10.3.0.30", ["CUDAExecutionProvider", "CPUExecutionProvider"], {"onnxruntime-gpu": "1.20.0"}, []
+    )
     assert healthy == [next(n for n in healthy if "unified memory" in n)]
     assert jetson_notes(None, None, ["CPUExecutionProvider"], {"onnxruntime": "1.32.0"}, []) == []
 
@@ -93,15 +105,30 @@ def _bundle_with_engine(folder: Path) -> Path:
     (folder / "engines" / "fp16" / "scorer.plan").write_bytes(b"serialized engine")
     (folder / "scorer.onnx").write_bytes(b"graph")
     entry = {
-        "file": "engines/fp16/scorer.plan", "sha256": sha256_file(folder / "engines/fp16/scorer.plan"),
-        "graph_file": "scorer.onnx", "graph_sha256": sha256_file(folder / "scorer.onnx"),
-        "tensorrt_version": "10.3.0.30", "gpu_name": "Orin (nvgpu)", "compute_capability": "8.7",
-        "device_memory_bytes": 37 << 20, "largest_intermediate_bytes": 9 << 20, "tf32": {"enabled": False},
-        "version_compatible": True, "hardware_compatibility": "NONE", "dla_core": None,
+        "file": "engines/fp16/scorer.plan",
+        "sha256": sha256_file(folder / "engines/fp16/scorer.plan"),
+        "graph_file": "scorer.onnx",
+        "graph_sha256": sha256_file(folder / "scorer.onnx"),
+        "tensorrt_version": "10.3.0.30",
+        "gpu_name": "Orin (nvgpu)",
+        "compute_capability": "8.7",
+        "device_memory_bytes": 37 << 20,
+        "largest_intermediate_bytes": 9 << 20,
+        "tf32": {"enabled": False},
+        "version_compatible": True,
+        "hardware_compatibility": "NONE",
+        "dla_core": None,
     }
     graphs = {name: {"file": f"{name}.onnx", "inputs": []} for name in ("image_encoder", "text_encoder", "scorer")}
-    manifest = {"kind": "itmrt-bundle", "schema_version": 1, "family": "naaf", "graphs": graphs, "files": {}, "dims": {},
-                "engines": {"fp16": {"scorer": entry}}}
+    manifest = {
+        "kind": "itmrt-bundle",
+        "schema_version": 1,
+        "family": "naaf",
+        "graphs": graphs,
+        "files": {},
+        "dims": {},
+        "engines": {"fp16": {"scorer": entry}},
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

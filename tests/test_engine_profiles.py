@@ -41,7 +41,10 @@ def test_a_board_halves_the_batch_maxima_until_the_budget_holds(bundle: Path) ->
     full = max(estimate_peaks(bundle, graphs, ranges).values())
     fitted, peak = fit_ranges(bundle, graphs, ranges, full // 4)
     assert peak <= full // 4
-    assert fitted["batch_images"][2] * fitted["batch_captions"][2] * 4 <= ranges["batch_images"][2] * ranges["batch_captions"][2]
+    assert (
+        fitted["batch_images"][2] * fitted["batch_captions"][2] * 4
+        <= ranges["batch_images"][2] * ranges["batch_captions"][2]
+    )
     assert fitted["max_length"] == ranges["max_length"]  # captions are never cut to fit
     for axis in ("batch_images", "batch_captions"):
         low, opt, high = fitted[axis]
@@ -56,7 +59,13 @@ def test_engine_ranges_apply_the_board_then_the_command_line(bundle: Path, monke
     messages: list[str] = []
     ranges = engine_ranges(bundle, manifest, "fp32", EngineOptions(board="test-board"), messages.append)
     assert ranges["batch_images"][2] == 1 and ranges["batch_captions"][2] == 1 and "board test-board" in messages[0]
-    overridden = engine_ranges(bundle, manifest, "fp32", EngineOptions(board="test-board", axis_ranges={"batch_images": (1, 2, 4)}), messages.append)
+    overridden = engine_ranges(
+        bundle,
+        manifest,
+        "fp32",
+        EngineOptions(board="test-board", axis_ranges={"batch_images": (1, 2, 4)}),
+        messages.append,
+    )
     assert overridden["batch_images"] == (1, 2, 4) and overridden["batch_captions"][2] == 1
     plain = engine_ranges(bundle, manifest, "fp32", EngineOptions(), messages.append)
     assert plain["batch_images"] == (1, 16, 16)  # the export's ranges (max_batch 16)
@@ -79,22 +88,35 @@ def test_tf32_emulation_rounds_every_product_and_changes_the_outputs(bundle: Pat
     messages: list[str] = []
     error = tf32_max_error(model, [feeds])
     assert 1e-6 < error < 1e-1  # 11 significant bits: about 2^-11 relative per operand
-    assert tf32_record(bundle, manifest, EngineOptions(), messages.append) == {g: {"enabled": False} for g in manifest["graphs"]}
+    assert tf32_record(bundle, manifest, EngineOptions(), messages.append) == {
+        g: {"enabled": False} for g in manifest["graphs"]
+    }
     recorded = tf32_record(bundle, manifest, EngineOptions(tf32=True), lambda _m: None)
     assert recorded["scorer"]["enabled"] and recorded["scorer"]["max_abs_error_fp32_graph"] > 0
 
 
 LAYERS = {
     "Layers": [
-        {"Name": "image_embeddings_quantize", "LayerType": "Scale",
-         "Inputs": [{"Name": "image_embeddings", "Dimensions": [8, 10, 32], "Format/Datatype": "Row major linear FP32"}],
-         "Outputs": [{"Name": "q", "Dimensions": [8, 10, 32], "Format/Datatype": "Row major Int8 format"}]},
-        {"Name": "sims_matmul + weights_dq", "LayerType": "CaskGemmMatrixMultiply",
-         "Inputs": [{"Name": "q", "Dimensions": [8, 10, 32], "Format/Datatype": "Row major Int8 format"}],
-         "Outputs": [{"Name": "sims", "Dimensions": [8, 10, 12], "Format/Datatype": "Row major linear FP32"}]},
-        {"Name": "scores_reduce", "LayerType": "Reduce",
-         "Inputs": [{"Name": "sims", "Dimensions": [8, 10, 12], "Format/Datatype": "Row major linear FP32"}],
-         "Outputs": [{"Name": "scores", "Dimensions": [8, 12], "Format/Datatype": "Row major linear FP32"}]},
+        {
+            "Name": "image_embeddings_quantize",
+            "LayerType": "Scale",
+            "Inputs": [
+                {"Name": "image_embeddings", "Dimensions": [8, 10, 32], "Format/Datatype": "Row major linear FP32"}
+            ],
+            "Outputs": [{"Name": "q", "Dimensions": [8, 10, 32], "Format/Datatype": "Row major Int8 format"}],
+        },
+        {
+            "Name": "sims_matmul + weights_dq",
+            "LayerType": "CaskGemmMatrixMultiply",
+            "Inputs": [{"Name": "q", "Dimensions": [8, 10, 32], "Format/Datatype": "Row major Int8 format"}],
+            "Outputs": [{"Name": "sims", "Dimensions": [8, 10, 12], "Format/Datatype": "Row major linear FP32"}],
+        },
+        {
+            "Name": "scores_reduce",
+            "LayerType": "Reduce",
+            "Inputs": [{"Name": "sims", "Dimensions": [8, 10, 12], "Format/Datatype": "Row major linear FP32"}],
+            "Outputs": [{"Name": "scores", "Dimensions": [8, 12], "Format/Datatype": "Row major linear FP32"}],
+        },
     ],
     "Bindings": ["image_embeddings", "scores"],
 }
@@ -108,7 +130,13 @@ def test_layer_summary_finds_unfused_qdq_and_int8_matmuls() -> None:
     assert summary["unfused_qdq"] == [{"layer": "image_embeddings_quantize", "role": "quantize"}]
     assert summary["int8_layers"] == 1
     assert summary["matmuls"][0]["int8"] is True and summary["matmuls"][0]["layer"] == "sims_matmul + weights_dq"
-    assert summary["matmuls"][1] == {"node": "gram_matmul", "layer": None, "layer_type": None, "input_formats": [], "int8": None}
+    assert summary["matmuls"][1] == {
+        "node": "gram_matmul",
+        "layer": None,
+        "layer_type": None,
+        "input_formats": [],
+        "int8": None,
+    }
     names_only = summarize_layers(parse_layer_json(json.dumps({"Layers": ["a", "b"]})))
     assert names_only == {"layers": 2, "detailed": False}
     with pytest.raises(TypeError):

@@ -13,8 +13,8 @@ from itmrt.engine.settings import EngineOptions, builder_settings, carries_host_
 from itmrt.engine.timing_cache import attach_timing_cache, timing_cache_file
 from itmrt.errors import ItmrtError
 
-ORIN = dict(unified_memory=True, compute_capability="8.7")
-H200 = dict(unified_memory=False, compute_capability="9.0")
+ORIN: dict[str, Any] = {"unified_memory": True, "compute_capability": "8.7"}
+H200: dict[str, Any] = {"unified_memory": False, "compute_capability": "9.0"}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
@@ -58,7 +58,9 @@ def test_engines_that_travel_and_dla() -> None:
         (EngineOptions(board="raspberry-pi"), "fp16", "unknown board 'raspberry-pi'"),
     ],
 )
-def test_contradictory_options_are_one_line_errors_before_any_gpu_work(options: EngineOptions, precision: str, message: str) -> None:
+def test_contradictory_options_are_one_line_errors_before_any_gpu_work(
+    options: EngineOptions, precision: str, message: str
+) -> None:
     with pytest.raises(ItmrtError, match=message) as error:
         check_options(options, precision)
     assert "\n" not in str(error.value)
@@ -66,7 +68,9 @@ def test_contradictory_options_are_one_line_errors_before_any_gpu_work(options: 
 
 def test_ampere_plus_needs_an_ampere_build_gpu() -> None:
     with pytest.raises(ItmrtError, match="compute capability 8.0\\+.*this one is 7.5"):
-        builder_settings(EngineOptions(hardware_compatibility="ampere-plus"), "fp16", unified_memory=False, compute_capability="7.5")
+        builder_settings(
+            EngineOptions(hardware_compatibility="ampere-plus"), "fp16", unified_memory=False, compute_capability="7.5"
+        )
 
 
 BUILT = {"tensorrt_version": "10.3.0.30", "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
@@ -131,8 +135,12 @@ def test_a_refused_timing_cache_is_reported_and_replaced_by_a_fresh_one(tmp_path
     config = RecordingConfig(refuse={b"cache of another GPU"})
     attached = attach_timing_cache(config, cache, messages.append)
     assert attached.cache == b"" and "refused by TensorRT" in attached.status
-    assert config.calls == [("create", b"cache of another GPU"), ("set", (b"cache of another GPU", False)),
-                            ("create", b""), ("set", (b"", False))]
+    assert config.calls == [
+        ("create", b"cache of another GPU"),
+        ("set", (b"cache of another GPU", False)),
+        ("create", b""),
+        ("set", (b"", False)),
+    ]
     assert messages and "starting a fresh one" in messages[0]
 
     reused = attach_timing_cache(RecordingConfig(refuse=set()), cache, messages.append)

@@ -69,9 +69,8 @@ def test_context_is_current_only_around_each_use_on_any_thread() -> None:
     assert log == ["init", "retain 0"]
     with context.current():
         log.append("work")
-    with pytest.raises(ValueError):
-        with context.current():
-            raise ValueError("a failure inside still pops")
+    with pytest.raises(ValueError), context.current():
+        raise ValueError("a failure inside still pops")
     done = threading.Event()
 
     def use_elsewhere() -> None:
@@ -84,8 +83,16 @@ def test_context_is_current_only_around_each_use_on_any_thread() -> None:
     worker.join()
     assert done.is_set()
     main = threading.current_thread().name
-    assert log[2:] == [f"push@{main}", "work", f"pop@{main}", f"push@{main}", f"pop@{main}",
-                       "push@worker", "work elsewhere", "pop@worker"]
+    assert log[2:] == [
+        f"push@{main}",
+        "work",
+        f"pop@{main}",
+        f"push@{main}",
+        f"pop@{main}",
+        "push@worker",
+        "work elsewhere",
+        "pop@worker",
+    ]
 
 
 def test_close_releases_owners_newest_first_with_the_context_current_then_detaches() -> None:
@@ -100,12 +107,17 @@ def test_close_releases_owners_newest_first_with_the_context_current_then_detach
     context.close()  # idempotent
     main = threading.current_thread().name
     assert log == [
-        f"push@{main}", "release image encoder", f"pop@{main}",
-        f"push@{main}", "release scorer", "release text encoder", f"pop@{main}", "detach",
+        f"push@{main}",
+        "release image encoder",
+        f"pop@{main}",
+        f"push@{main}",
+        "release scorer",
+        "release text encoder",
+        f"pop@{main}",
+        "detach",
     ]
-    with pytest.raises(ItmrtError, match="CUDA context was closed"):
-        with context.current():
-            pass
+    with pytest.raises(ItmrtError, match="CUDA context was closed"), context.current():
+        pass
 
 
 def test_a_failing_release_does_not_stop_the_others_and_is_one_line() -> None:
@@ -155,10 +167,20 @@ def test_trt_backend_drops_context_engine_runtime_then_memory_and_stream() -> No
     log = Log()
     backend = TrtBackend.__new__(TrtBackend)
     backend.__dict__.update(
-        stream=Dropped("stream", log), _runtime=Dropped("runtime", log), engine=Dropped("engine", log),
-        context=Dropped("execution context", log), _device={"scores": Dropped("device buffer", log)},
-        _host={}, _events=None,
+        stream=Dropped("stream", log),
+        _runtime=Dropped("runtime", log),
+        engine=Dropped("engine", log),
+        context=Dropped("execution context", log),
+        _device={"scores": Dropped("device buffer", log)},
+        _host={},
+        _events=None,
     )
     backend._drop_all()
-    assert log == ["drop execution context", "drop engine", "drop runtime", "free device buffer",
-                   "drop device buffer", "drop stream"]
+    assert log == [
+        "drop execution context",
+        "drop engine",
+        "drop runtime",
+        "free device buffer",
+        "drop device buffer",
+        "drop stream",
+    ]

@@ -21,8 +21,10 @@ SCORER = {
         {"name": "lengths", "dtype": "int32", "shape": ["batch_captions"]},
     ],
     "shape_ranges": {
-        "batch_images": {"min": 1, "opt": 32, "max": 128}, "batch_captions": {"min": 1, "opt": 32, "max": 128},
-        "max_length": {"min": 1, "opt": 20, "max": 64}, "num_regions": {"min": 36, "opt": 36, "max": 36},
+        "batch_images": {"min": 1, "opt": 32, "max": 128},
+        "batch_captions": {"min": 1, "opt": 32, "max": 128},
+        "max_length": {"min": 1, "opt": 20, "max": 64},
+        "num_regions": {"min": 36, "opt": 36, "max": 36},
     },
 }
 
@@ -47,7 +49,9 @@ def test_tensorrt_provider_gets_the_manifest_profile_and_caches(tmp_path: Path) 
     assert trt["device_id"] == 1 and cuda == {"device_id": 1} and cpu == {}
     older = provider_options(GPU_BUILD[:1], SessionSettings(), SCORER, tmp_path, "1.16.3")[0]
     assert "trt_timing_cache_path" not in older  # an unknown option is an error in ONNX Runtime before 1.17
-    elsewhere = provider_options(GPU_BUILD[:1], SessionSettings(trt_cache_dir=tmp_path / "mine"), SCORER, tmp_path, "1.20.0")
+    elsewhere = provider_options(
+        GPU_BUILD[:1], SessionSettings(trt_cache_dir=tmp_path / "mine"), SCORER, tmp_path, "1.20.0"
+    )
     assert elsewhere[0]["trt_engine_cache_path"] == str(tmp_path / "mine")
 
 

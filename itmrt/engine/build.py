@@ -61,7 +61,12 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 __all__ = [
-    "EngineOptions", "TensorRTUnavailable", "build_bundle", "build_engines", "load_engine", "profile_shapes",
+    "EngineOptions",
+    "TensorRTUnavailable",
+    "build_bundle",
+    "build_engines",
+    "load_engine",
+    "profile_shapes",
     "require_tensorrt",
 ]
 
@@ -145,7 +150,9 @@ def inspect_serialized(serialized: bytes, settings: BuilderSettings) -> tuple[in
     return device_memory_bytes(engine), layers
 
 
-def engine_ranges(folder: Path, manifest: dict[str, Any], precision: str, options: EngineOptions, say: Log) -> dict[str, Range]:
+def engine_ranges(
+    folder: Path, manifest: dict[str, Any], precision: str, options: EngineOptions, say: Log
+) -> dict[str, Range]:
     """The axis ranges every engine's profile uses: the manifest's, fitted to a board, then ``--shape``."""
     ranges: dict[str, Range] = {}
     for entry in manifest["graphs"].values():
@@ -154,9 +161,13 @@ def engine_ranges(folder: Path, manifest: dict[str, Any], precision: str, option
     if preset is not None and preset.intermediate_mb is not None:
         graphs = {g: (records.graph_file(manifest, precision, g), entry) for g, entry in manifest["graphs"].items()}
         ranges, peak = fit_ranges(folder, graphs, ranges, preset.intermediate_mb << 20)
-        fitted = ", ".join(f"{axis} max {ranges[axis][2]}" for axis in ("batch_images", "batch_captions") if axis in ranges)
-        say(f"board {options.board}: {fitted}; largest intermediate {peak / 2**20:.1f} MB "
-            f"(budget {preset.intermediate_mb} MB)")
+        fitted = ", ".join(
+            f"{axis} max {ranges[axis][2]}" for axis in ("batch_images", "batch_captions") if axis in ranges
+        )
+        say(
+            f"board {options.board}: {fitted}; largest intermediate {peak / 2**20:.1f} MB "
+            f"(budget {preset.intermediate_mb} MB)"
+        )
     ranges.update(options.axis_ranges)
     return ranges
 
@@ -185,8 +196,12 @@ def tf32_record(folder: Path, manifest: dict[str, Any], options: EngineOptions, 
         model = onnx.load(str(folder / entry["file"]))
         error = tf32_max_error(model, [feeds.feeds(graph, images, tokens, lengths)])
         products = tf32_emulation_graph(model)[1]
-        result[graph] = {"enabled": True, "max_abs_error_fp32_graph": error, "emulated_products": products,
-                         "sample": "random inputs (seed 0)"}
+        result[graph] = {
+            "enabled": True,
+            "max_abs_error_fp32_graph": error,
+            "emulated_products": products,
+            "sample": "random inputs (seed 0)",
+        }
         say(f"tf32 {graph}: allowed; emulated on the CPU, max abs output error {error:.2e} over {products} product(s)")
     return result
 
@@ -202,13 +217,22 @@ def device_scope(device: int) -> Iterator[None]:
             yield
         return
     if device != 0:
-        raise ItmrtError(f"building on CUDA device {device} needs pycuda (pip install pycuda), or CUDA_VISIBLE_DEVICES={device}")
+        raise ItmrtError(
+            f"building on CUDA device {device} needs pycuda (pip install pycuda), or CUDA_VISIBLE_DEVICES={device}"
+        )
     yield
 
 
 def engine_entry(
-    folder: Path, relative: str, relative_graph: str, target: BuildTarget, shapes: Shapes,
-    ranges: dict[str, Range], settings: BuilderSettings, options: EngineOptions, measured: dict[str, Any],
+    folder: Path,
+    relative: str,
+    relative_graph: str,
+    target: BuildTarget,
+    shapes: Shapes,
+    ranges: dict[str, Range],
+    settings: BuilderSettings,
+    options: EngineOptions,
+    measured: dict[str, Any],
 ) -> dict[str, Any]:
     """The manifest entry of one engine: the one place that decides its fields."""
     here = target.device
@@ -240,7 +264,9 @@ def engine_entry(
     }
 
 
-def _save_layers(folder: Path, precision: str, graph: str, layers: str | None, onnx_path: Path) -> dict[str, Any] | None:
+def _save_layers(
+    folder: Path, precision: str, graph: str, layers: str | None, onnx_path: Path
+) -> dict[str, Any] | None:
     if layers is None:
         return None
     relative = layer_info_file(precision, graph)
@@ -266,11 +292,15 @@ def _build_one(
     memory, layers = inspect_serialized(engine, settings)
     peak = estimate_peaks(folder, {graph: (relative_graph, manifest["graphs"][graph])}, context["ranges"])[graph]
     measured = {
-        "tf32": context["tf32"][graph], "device_memory_bytes": memory, "largest_intermediate_bytes": peak,
+        "tf32": context["tf32"][graph],
+        "device_memory_bytes": memory,
+        "largest_intermediate_bytes": peak,
         "layer_info": _save_layers(folder, precision, graph, layers, folder / relative_graph),
         "timing_cache": {"file": str(context["cache"]) if context["cache"] else None, "status": cache_status},
     }
-    entry = engine_entry(folder, relative, relative_graph, context["target"], shapes, context["ranges"], settings, options, measured)
+    entry = engine_entry(
+        folder, relative, relative_graph, context["target"], shapes, context["ranges"], settings, options, measured
+    )
     return entry, len(engine)
 
 
@@ -285,11 +315,19 @@ def build_engines(
     target = build_target(trt_module, options.device)
     here = target.device
     manifest = read_manifest(folder)
-    settings = builder_settings(options, precision, unified_memory=target.unified_memory, compute_capability=here.compute_capability)
-    cache = options.timing_cache or folder / timing_cache_file(here.tensorrt_version, here.gpu_name, here.compute_capability)
+    settings = builder_settings(
+        options, precision, unified_memory=target.unified_memory, compute_capability=here.compute_capability
+    )
+    cache = options.timing_cache or folder / timing_cache_file(
+        here.tensorrt_version, here.gpu_name, here.compute_capability
+    )
     context = {
-        "options": options, "settings": settings, "target": target, "cache": cache,
-        "ranges": engine_ranges(folder, manifest, precision, options, say), "tf32": tf32_record(folder, manifest, options, say),
+        "options": options,
+        "settings": settings,
+        "target": target,
+        "cache": cache,
+        "ranges": engine_ranges(folder, manifest, precision, options, say),
+        "tf32": tf32_record(folder, manifest, options, say),
     }
     entries: dict[str, dict[str, Any]] = {}
     with device_scope(options.device):
@@ -297,9 +335,12 @@ def build_engines(
             started = time.perf_counter()
             entries[graph], size = _build_one(folder, manifest, precision, graph, context, say)
             entry = entries[graph]
-            say(f"engine {entry['file']}: {size / 1e6:.1f} MB, needs {entry['device_memory_bytes'] / 2**20:.1f} MB of device "
+            say(
+                f"engine {entry['file']}: {size / 1e6:.1f} MB, needs "
+                f"{entry['device_memory_bytes'] / 2**20:.1f} MB of device "
                 f"memory at the profile's maximum shapes; TensorRT {here.tensorrt_version}, {here.gpu_name} "
-                f"({time.perf_counter() - started:.1f}s)")
+                f"({time.perf_counter() - started:.1f}s)"
+            )
 
     def change(m: dict[str, Any]) -> None:
         for graph, entry in entries.items():
@@ -318,9 +359,13 @@ def load_engine(bundle: str | Path, precision: str, graph: str, device: int = 0)
     path = check_engine(folder, manifest, precision, graph, device_info(trt_module, device))
     entry = manifest["engines"][precision][graph]
     host_code = carries_host_code(entry.get("builder", {}).get("set_flags", ()))
-    engine = open_runtime(host_code=host_code, dla_core=entry.get("dla_core")).deserialize_cuda_engine(path.read_bytes())
+    engine = open_runtime(host_code=host_code, dla_core=entry.get("dla_core")).deserialize_cuda_engine(
+        path.read_bytes()
+    )
     if engine is None:
-        raise ItmrtError(f"TensorRT could not load {path.name}; rebuild it: itmrt build {folder} --precision {precision}")
+        raise ItmrtError(
+            f"TensorRT could not load {path.name}; rebuild it: itmrt build {folder} --precision {precision}"
+        )
     return engine
 
 

@@ -41,7 +41,10 @@ class DeviceInfo:
 def engine_entry(manifest: dict[str, Any], precision: str, graph: str) -> dict[str, Any]:
     entry = manifest.get("engines", {}).get(precision, {}).get(graph)
     if entry is None:
-        raise ItmrtError(f"the bundle has no {precision} {graph} engine; run `itmrt build BUNDLE --precision {precision}` on this machine")
+        raise ItmrtError(
+            f"the bundle has no {precision} {graph} engine; "
+            f"run `itmrt build BUNDLE --precision {precision}` on this machine"
+        )
     return dict(entry)
 
 
@@ -70,13 +73,17 @@ def hardware_problem(entry: dict[str, Any], here: DeviceInfo) -> str | None:
         need = f"a GPU of compute capability {entry.get('compute_capability')}"
     else:
         ok = bool(built_cc) and here_cc == built_cc and str(entry.get("gpu_name", "")) == here.gpu_name
-        need = f"{entry.get('gpu_name')} (compute capability {entry.get('compute_capability')}), the GPU it was built on"
+        need = (
+            f"{entry.get('gpu_name')} (compute capability {entry.get('compute_capability')}), the GPU it was built on"
+        )
     return None if ok else f"it needs {need}, this GPU is {here.gpu_name} ({here.compute_capability})"
 
 
 def compatibility_problems(entry: dict[str, Any], here: DeviceInfo) -> list[str]:
     """Why the engine of ``entry`` cannot run with ``here`` (empty when it can)."""
-    return [problem for problem in (version_problem(entry, here.tensorrt_version), hardware_problem(entry, here)) if problem]
+    return [
+        problem for problem in (version_problem(entry, here.tensorrt_version), hardware_problem(entry, here)) if problem
+    ]
 
 
 def check_engine(bundle: str | Path, manifest: dict[str, Any], precision: str, graph: str, here: DeviceInfo) -> Path:
@@ -94,7 +101,9 @@ def check_engine(bundle: str | Path, manifest: dict[str, Any], precision: str, g
     if not path.is_file():
         raise ItmrtError(f"engine {entry['file']} is missing; {rebuild}")
     if sha256_file(path) != entry["sha256"]:
-        raise ItmrtError(f"engine {entry['file']} differs from the manifest's sha256 (changed after the build); {rebuild}")
+        raise ItmrtError(
+            f"engine {entry['file']} differs from the manifest's sha256 (changed after the build); {rebuild}"
+        )
     graph_path = folder / entry["graph_file"]
     if not graph_path.is_file() or sha256_file(graph_path) != entry["graph_sha256"]:
         raise ItmrtError(f"engine {entry['file']} was built from a graph that has changed since; {rebuild}")

@@ -118,15 +118,29 @@ def _onnxruntime() -> tuple[str | None, list[str]]:
 def _machine_notes(report: DoctorReport, flags: set[str]) -> list[str]:
     notes = []
     if report.tensorrt is None:
-        notes.append("TensorRT is not installed: `itmrt build` makes and verifies the ONNX precision graphs but no engine")
+        notes.append(
+            "TensorRT is not installed: `itmrt build` makes and verifies the ONNX precision graphs but no engine"
+        )
     if not report.gpus:
         notes.append("no NVIDIA GPU found: ONNX Runtime on the CPU is the backend here")
     elif report.runtime_gpu is None:
         notes.append(f"CUDA device {report.device} does not exist here ({len(report.gpus)} visible)")
     if report.gpus and "CUDAExecutionProvider" not in report.ort_providers and report.jetson is None:
-        notes.append("onnxruntime has no CUDA provider: pip install onnxruntime-gpu (and uninstall onnxruntime) for --backend ort on the GPU")
-    if flags and {"avx2", "asimd"} & flags and "avx512_vnni" not in flags and "avx_vnni" not in flags and "asimddp" not in flags:
-        notes.append("no VNNI / dot-product instructions: INT8 graphs will not be much faster than FP32 in ONNX Runtime on this CPU")
+        notes.append(
+            "onnxruntime has no CUDA provider: pip install onnxruntime-gpu (and uninstall onnxruntime) "
+            "for --backend ort on the GPU"
+        )
+    if (
+        flags
+        and {"avx2", "asimd"} & flags
+        and "avx512_vnni" not in flags
+        and "avx_vnni" not in flags
+        and "asimddp" not in flags
+    ):
+        notes.append(
+            "no VNNI / dot-product instructions: INT8 graphs will not be much faster than FP32 "
+            "in ONNX Runtime on this CPU"
+        )
     return notes
 
 
@@ -137,12 +151,22 @@ def diagnose(device: int = 0, bundle: str | Path | None = None) -> DoctorReport:
     flags = cpu_flags()
     features = {label: flag in flags for flag, label in CPU_FLAGS.items()}
     report = DoctorReport(
-        ort_version, providers, None if trt is None else str(trt.__version__), _version_of("pycuda"), gpus(),
-        cpu_model(), features, device=device, ort_distributions=onnxruntime_distributions(), jetson=detect_jetson(),
+        ort_version,
+        providers,
+        None if trt is None else str(trt.__version__),
+        _version_of("pycuda"),
+        gpus(),
+        cpu_model(),
+        features,
+        device=device,
+        ort_distributions=onnxruntime_distributions(),
+        jetson=detect_jetson(),
         system_tensorrt=system_tensorrt_paths(),
     )
     report.notes = _machine_notes(report, flags) + visibility_notes(report.gpus)
-    report.notes += jetson_notes(report.jetson, report.tensorrt, providers, report.ort_distributions, report.system_tensorrt)
+    report.notes += jetson_notes(
+        report.jetson, report.tensorrt, providers, report.ort_distributions, report.system_tensorrt
+    )
     if bundle is not None:
         report.engines = bundle_engines(bundle, report)
     return report
@@ -171,9 +195,12 @@ def _engine_lines(engines: list[dict[str, Any]]) -> list[str]:
     for e in engines:
         extra = f", {e['travels']}" if e["travels"] else ""
         tf32 = "" if e["tf32"] is None else (", TF32 allowed" if e["tf32"] else ", TF32 off")
-        lines.append(f"  {e['precision']} {e['graph']}: TensorRT {e['tensorrt_version']}, {e['gpu_name']} ({e['compute_capability']}), "
-                     f"device memory {_mb(e['device_memory_bytes'])}, largest intermediate {_mb(e['largest_intermediate_bytes'])}"
-                     f"{tf32}{extra}")
+        lines.append(
+            f"  {e['precision']} {e['graph']}: TensorRT {e['tensorrt_version']}, "
+            f"{e['gpu_name']} ({e['compute_capability']}), device memory {_mb(e['device_memory_bytes'])}, "
+            f"largest intermediate {_mb(e['largest_intermediate_bytes'])}"
+            f"{tf32}{extra}"
+        )
         lines.append(f"    {'usable here' if e['usable'] else 'not usable here: ' + e['problem']}")
     return lines
 
@@ -181,7 +208,11 @@ def _engine_lines(engines: list[dict[str, Any]]) -> list[str]:
 def format_report(report: DoctorReport) -> str:
     lines = [
         f"onnxruntime: {report.onnxruntime or 'not installed'}"
-        + (f" ({', '.join(f'{k} {v}' for k, v in report.ort_distributions.items())})" if report.ort_distributions else ""),
+        + (
+            f" ({', '.join(f'{k} {v}' for k, v in report.ort_distributions.items())})"
+            if report.ort_distributions
+            else ""
+        ),
         f"  providers: {', '.join(report.ort_providers) or 'none'}",
         f"tensorrt:    {report.tensorrt or 'not installed'}",
         f"pycuda:      {report.pycuda or 'not installed'}",
@@ -189,7 +220,10 @@ def format_report(report: DoctorReport) -> str:
     for gpu in report.gpus:
         memory = f", {gpu.memory_mb} MiB" if gpu.memory_mb else ""
         used = "  <- the runtime's device" if gpu.index == report.device else ""
-        lines.append(f"gpu {gpu.index}:       {gpu.name} (compute capability {gpu.compute_capability}{memory}; {gpu.source}){used}")
+        lines.append(
+            f"gpu {gpu.index}:       {gpu.name} "
+            f"(compute capability {gpu.compute_capability}{memory}; {gpu.source}){used}"
+        )
     if not report.gpus:
         lines.append("gpu:         none found")
     if report.jetson is not None:

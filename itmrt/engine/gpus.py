@@ -101,10 +101,16 @@ def _gpus_from_pycuda() -> list[GpuInfo]:
             device = driver.Device(index)
             major, minor = device.compute_capability()
             integrated = bool(device.get_attribute(driver.device_attribute.INTEGRATED))
-            found.append(GpuInfo(
-                str(device.name()), f"{major}.{minor}", int(device.total_memory()) >> 20,
-                integrated=integrated, index=index, source="pycuda",
-            ))
+            found.append(
+                GpuInfo(
+                    str(device.name()),
+                    f"{major}.{minor}",
+                    int(device.total_memory()) >> 20,
+                    integrated=integrated,
+                    index=index,
+                    source="pycuda",
+                )
+            )
         return found
     except Exception:  # noqa: BLE001 - no driver, no device, a broken build: none found through pycuda
         return []
@@ -136,7 +142,10 @@ def _gpus_from_nvidia_smi() -> list[GpuInfo]:
     try:
         output = subprocess.run(
             [tool, f"--query-gpu={NVIDIA_SMI_QUERY}", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -161,11 +170,15 @@ def visibility_notes(found: list[GpuInfo], environ: Mapping[str, str] | None = N
     entries = visible_device_entries(env)
     notes = []
     if entries is not None:
-        notes.append(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r}: {len(found)} GPU(s) visible, "
-                     "numbered from 0 in that order")
+        notes.append(
+            f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r}: {len(found)} GPU(s) visible, "
+            "numbered from 0 in that order"
+        )
         numeric = any(entry.isdigit() for entry in entries)
         from_smi = any(gpu.source == "nvidia-smi" for gpu in found)
         if numeric and from_smi and env.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID":
-            notes.append("integer CUDA_VISIBLE_DEVICES entries follow nvidia-smi's order only with "
-                         "CUDA_DEVICE_ORDER=PCI_BUS_ID; set it, or name GPUs by UUID (nvidia-smi -L)")
+            notes.append(
+                "integer CUDA_VISIBLE_DEVICES entries follow nvidia-smi's order only with "
+                "CUDA_DEVICE_ORDER=PCI_BUS_ID; set it, or name GPUs by UUID (nvidia-smi -L)"
+            )
     return notes

@@ -71,10 +71,18 @@ def inspect_bundle_engines(bundle: str | Path, here: DeviceInfo | None) -> list[
         tf32 = entry.get("tf32")
         statuses.append(
             EngineStatus(
-                precision, graph, str(entry["file"]), str(entry.get("tensorrt_version")), str(entry.get("gpu_name")),
-                str(entry.get("compute_capability")), not problem, problem,
-                _optional_int(entry.get("device_memory_bytes")), _optional_int(entry.get("largest_intermediate_bytes")),
-                bool(tf32.get("enabled")) if isinstance(tf32, dict) else None, _travels(entry),
+                precision,
+                graph,
+                str(entry["file"]),
+                str(entry.get("tensorrt_version")),
+                str(entry.get("gpu_name")),
+                str(entry.get("compute_capability")),
+                not problem,
+                problem,
+                _optional_int(entry.get("device_memory_bytes")),
+                _optional_int(entry.get("largest_intermediate_bytes")),
+                bool(tf32.get("enabled")) if isinstance(tf32, dict) else None,
+                _travels(entry),
             )
         )
     return statuses

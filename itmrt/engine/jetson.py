@@ -56,8 +56,10 @@ def parse_tegra_release(text: str, model: str | None = None) -> JetsonInfo | Non
     major = found.group("major")
     board = _BOARD.search(text)
     return JetsonInfo(
-        f"{major}.{found.group('revision')}", JETPACK_OF_L4T.get(major),
-        board.group("board").strip() if board else None, model,
+        f"{major}.{found.group('revision')}",
+        JETPACK_OF_L4T.get(major),
+        board.group("board").strip() if board else None,
+        model,
     )
 
 
@@ -92,8 +94,13 @@ def onnxruntime_distributions() -> dict[str, str]:
     return {name: version for name in names if (version := distribution_version(name)) is not None}
 
 
-def jetson_notes(jetson: JetsonInfo | None, tensorrt_version: str | None, ort_providers: list[str],
-                 ort_distributions: dict[str, str], system_tensorrt: list[str]) -> list[str]:
+def jetson_notes(
+    jetson: JetsonInfo | None,
+    tensorrt_version: str | None,
+    ort_providers: list[str],
+    ort_distributions: dict[str, str],
+    system_tensorrt: list[str],
+) -> list[str]:
     """Install problems on a Jetson (or anywhere a CPU onnxruntime shadows a GPU one)."""
     notes = []
     if "onnxruntime" in ort_distributions and len(ort_distributions) > 1:
@@ -116,6 +123,8 @@ def jetson_notes(jetson: JetsonInfo | None, tensorrt_version: str | None, ort_pr
             "onnxruntime has no CUDA provider here: install the Jetson onnxruntime-gpu wheel for this JetPack "
             "(the PyPI onnxruntime is CPU-only)"
         )
-    notes.append(f"unified memory: `itmrt build` caps TensorRT's workspace at {UNIFIED_MEMORY_WORKSPACE_MB} MB "
-                 "unless --workspace says otherwise")
+    notes.append(
+        f"unified memory: `itmrt build` caps TensorRT's workspace at {UNIFIED_MEMORY_WORKSPACE_MB} MB "
+        "unless --workspace says otherwise"
+    )
     return notes

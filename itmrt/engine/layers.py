@@ -53,11 +53,18 @@ def summarize_layers(data: dict[str, Any], matmul_nodes: list[str] | None = None
     unfused = []
     for layer in detailed:
         inputs, outputs = _formats(layer.get("Inputs")), _formats(layer.get("Outputs"))
-        if layer.get("LayerType") == UNFUSED_QDQ_LAYER and inputs and outputs and _is_int8(inputs[0]) != _is_int8(outputs[0]):
+        if (
+            layer.get("LayerType") == UNFUSED_QDQ_LAYER
+            and inputs
+            and outputs
+            and _is_int8(inputs[0]) != _is_int8(outputs[0])
+        ):
             unfused.append({"layer": layer.get("Name"), "role": "dequantize" if _is_int8(inputs[0]) else "quantize"})
     summary["unfused_qdq"] = unfused
     summary["int8_layers"] = sum(
-        1 for layer in detailed if layer.get("LayerType") != UNFUSED_QDQ_LAYER and any(_is_int8(f) for f in _formats(layer.get("Inputs")))
+        1
+        for layer in detailed
+        if layer.get("LayerType") != UNFUSED_QDQ_LAYER and any(_is_int8(f) for f in _formats(layer.get("Inputs")))
     )
     if matmul_nodes is not None:
         summary["matmuls"] = [_matmul_entry(node, detailed) for node in matmul_nodes]
@@ -68,8 +75,13 @@ def _matmul_entry(node: str, layers: list[dict[str, Any]]) -> dict[str, Any]:
     for layer in layers:
         if node and node in str(layer.get("Name", "")):
             inputs = _formats(layer.get("Inputs"))
-            return {"node": node, "layer": layer.get("Name"), "layer_type": layer.get("LayerType"),
-                    "input_formats": inputs, "int8": any(_is_int8(f) for f in inputs)}
+            return {
+                "node": node,
+                "layer": layer.get("Name"),
+                "layer_type": layer.get("LayerType"),
+                "input_formats": inputs,
+                "int8": any(_is_int8(f) for f in inputs),
+            }
     return {"node": node, "layer": None, "layer_type": None, "input_formats": [], "int8": None}
 
 

@@ -55,7 +55,9 @@ def board(name: str) -> Board:
 
 
 def manifest_ranges(graph_entry: dict[str, Any]) -> dict[str, Range]:
-    return {axis: (int(r["min"]), int(r["opt"]), int(r["max"])) for axis, r in graph_entry.get("shape_ranges", {}).items()}
+    return {
+        axis: (int(r["min"]), int(r["opt"]), int(r["max"])) for axis, r in graph_entry.get("shape_ranges", {}).items()
+    }
 
 
 def check_range(axis: str, value: Range) -> Range:
@@ -80,7 +82,9 @@ def profile_shapes(graph_entry: dict[str, Any], overrides: dict[str, Range]) -> 
                 high.append(dim)
                 continue
             if dim not in ranges:
-                raise ItmrtError(f"input '{value['name']}' has axis '{dim}' with no range; pass it with --shape {dim}=MIN:OPT:MAX")
+                raise ItmrtError(
+                    f"input '{value['name']}' has axis '{dim}' with no range; pass it with --shape {dim}=MIN:OPT:MAX"
+                )
             minimum, opt, maximum = check_range(dim, ranges[dim])
             low.append(minimum)
             mid.append(opt)
@@ -118,13 +122,16 @@ def max_input_shapes(graph_entry: dict[str, Any], ranges: dict[str, Range]) -> d
     return {name: high for name, (_low, _mid, high) in profile_shapes(graph_entry, ranges).items()}
 
 
-def estimate_peaks(folder: Path, graphs: dict[str, tuple[str, dict[str, Any]]], ranges: dict[str, Range]) -> dict[str, int]:
+def estimate_peaks(
+    folder: Path, graphs: dict[str, tuple[str, dict[str, Any]]], ranges: dict[str, Range]
+) -> dict[str, int]:
     """Largest intermediate (bytes) of each graph at the profile's maximum shapes.
 
     ``graphs``: graph name -> (bundle-relative ONNX file, its manifest graph entry).
     """
     return {
-        name: largest_intermediate(folder / file, max_input_shapes(entry, ranges))[0] for name, (file, entry) in graphs.items()
+        name: largest_intermediate(folder / file, max_input_shapes(entry, ranges))[0]
+        for name, (file, entry) in graphs.items()
     }
 
 

@@ -130,8 +130,12 @@ def builder_settings(
     if workspace is None and unified_memory:
         workspace = UNIFIED_MEMORY_WORKSPACE_MB
     return BuilderSettings(
-        tuple(set_flags), tuple(clear_flags), workspace, HARDWARE_LEVELS[options.hardware_compatibility],
-        options.dla_core, "DETAILED" if options.layer_info else "LAYER_NAMES_ONLY",
+        tuple(set_flags),
+        tuple(clear_flags),
+        workspace,
+        HARDWARE_LEVELS[options.hardware_compatibility],
+        options.dla_core,
+        "DETAILED" if options.layer_info else "LAYER_NAMES_ONLY",
     )
 
 
@@ -144,7 +148,9 @@ def carries_host_code(set_flags: Any) -> bool:
 def _member(trt: ModuleType, enum: str, name: str, what: str) -> Any:
     member = getattr(getattr(trt, enum), name, None)
     if member is None:
-        raise ItmrtError(f"TensorRT {trt.__version__} has no {enum}.{name} ({what}); upgrade TensorRT or drop the option")
+        raise ItmrtError(
+            f"TensorRT {trt.__version__} has no {enum}.{name} ({what}); upgrade TensorRT or drop the option"
+        )
     return member
 
 

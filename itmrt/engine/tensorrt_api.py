@@ -67,7 +67,9 @@ def open_runtime(*, host_code: bool, dla_core: int | None) -> tensorrt.Runtime:
     if dla_core is not None:
         cores = int(runtime.num_DLA_cores)
         if not 0 <= int(dla_core) < cores:
-            raise ItmrtError(f"the engine runs on DLA core {dla_core} and this device has {cores} DLA core(s); rebuild it here")
+            raise ItmrtError(
+                f"the engine runs on DLA core {dla_core} and this device has {cores} DLA core(s); rebuild it here"
+            )
         runtime.DLA_core = int(dla_core)
     return runtime
 

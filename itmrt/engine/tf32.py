@@ -54,7 +54,9 @@ def tf32_emulation_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         nodes.append(node)
     del emulated.graph.node[:]
     emulated.graph.node.extend(nodes)
-    emulated.graph.initializer.append(numpy_helper.from_array(np.array(VELTKAMP_SPLITTER, dtype=np.float32), SPLITTER_INITIALIZER))
+    emulated.graph.initializer.append(
+        numpy_helper.from_array(np.array(VELTKAMP_SPLITTER, dtype=np.float32), SPLITTER_INITIALIZER)
+    )
     return emulated, products
 
 

@@ -44,7 +44,9 @@ class AttachedCache:
     status: str  # "new", "reused N bytes", or why the file was not used
 
 
-def attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path | None, say: Callable[[str], None]) -> AttachedCache:
+def attach_timing_cache(
+    config: tensorrt.IBuilderConfig, path: Path | None, say: Callable[[str], None]
+) -> AttachedCache:
     """Give ``config`` the cache in ``path`` (if any); a cache TensorRT refuses is replaced by a fresh one."""
     previous = b""
     if path is not None and path.is_file():

@@ -50,7 +50,12 @@ class TrtBackend:
     RELEASE_ORDER = ("context", "engine", "_runtime", "_device", "_host", "_events", "stream")
 
     def __init__(
-        self, engine_path: Path, *, device: int = 0, dla_core: int | None = None, host_code: bool = False,
+        self,
+        engine_path: Path,
+        *,
+        device: int = 0,
+        dla_core: int | None = None,
+        host_code: bool = False,
         cuda_context: CudaContext | None = None,
     ) -> None:
         trt, cuda = _import_tensorrt()

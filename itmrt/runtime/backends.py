@@ -33,8 +33,14 @@ from itmrt.runtime.providers import (
 from itmrt.runtime.sessions import create_session
 
 __all__ = [
-    "BACKENDS", "DEFAULT_PROVIDER_ORDER", "PROVIDER_ALIASES", "Backend", "OrtBackend", "SessionSettings",
-    "open_backend", "resolve_providers",
+    "BACKENDS",
+    "DEFAULT_PROVIDER_ORDER",
+    "PROVIDER_ALIASES",
+    "Backend",
+    "OrtBackend",
+    "SessionSettings",
+    "open_backend",
+    "resolve_providers",
 ]
 
 BACKENDS = ("ort", "trt")
@@ -69,7 +75,10 @@ class OrtBackend:
     """
 
     def __init__(
-        self, path: Path, settings: SessionSettings | None = None, graph_entry: dict[str, Any] | None = None,
+        self,
+        path: Path,
+        settings: SessionSettings | None = None,
+        graph_entry: dict[str, Any] | None = None,
         cache_dir: Path | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -79,11 +88,17 @@ class OrtBackend:
         if TENSORRT in self.requested_providers:
             prepare_cache_dir(settings.trt_cache_dir or cache_dir or path.parent / ORT_TENSORRT_CACHE_DIR)
         options = provider_options(
-            self.requested_providers, settings, graph_entry, cache_dir or path.parent / ORT_TENSORRT_CACHE_DIR,
+            self.requested_providers,
+            settings,
+            graph_entry,
+            cache_dir or path.parent / ORT_TENSORRT_CACHE_DIR,
             ort.__version__,
         )
         self.session = create_session(
-            path, providers=self.requested_providers, provider_options=options, threads=settings.intra_op_threads,
+            path,
+            providers=self.requested_providers,
+            provider_options=options,
+            threads=settings.intra_op_threads,
             optimization=settings.optimization,
         )
         self.providers = list(self.session.get_providers())
@@ -112,7 +127,9 @@ def open_backend(
     """The backend that runs ``component`` of ``bundle`` at ``precision``."""
     if backend == "ort":
         cache = bundle.path / ORT_TENSORRT_CACHE_DIR / precision
-        return OrtBackend(bundle.graph_file(component, precision), settings, bundle.manifest["graphs"][component], cache)
+        return OrtBackend(
+            bundle.graph_file(component, precision), settings, bundle.manifest["graphs"][component], cache
+        )
     if backend == "trt":
         from itmrt.runtime.backend_trt import TrtBackend
 

@@ -54,7 +54,9 @@ class CudaContext:
                 f"CUDA could not start ({first_line(exc)}); check the NVIDIA driver (nvidia-smi) or use --backend ort"
             ) from None
         if not 0 <= device_index < count:
-            raise ItmrtError(f"CUDA device {device_index} does not exist here ({count} visible; see CUDA_VISIBLE_DEVICES)")
+            raise ItmrtError(
+                f"CUDA device {device_index} does not exist here ({count} visible; see CUDA_VISIBLE_DEVICES)"
+            )
         try:
             self.device = driver.Device(device_index)
             self._context = self.device.retain_primary_context()

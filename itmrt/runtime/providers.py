@@ -114,8 +114,11 @@ def cuda_options(device: int, gpu_mem_limit_mb: int | None) -> dict[str, Any]:
 
 
 def provider_options(
-    providers: Sequence[str], settings: SessionSettings, graph_entry: dict[str, Any] | None,
-    cache_dir: Path | None, ort_version: str,
+    providers: Sequence[str],
+    settings: SessionSettings,
+    graph_entry: dict[str, Any] | None,
+    cache_dir: Path | None,
+    ort_version: str,
 ) -> list[dict[str, Any]]:
     """One options dict per provider of ``providers`` (empty for those that need none)."""
     result: list[dict[str, Any]] = []
