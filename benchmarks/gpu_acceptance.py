@@ -68,6 +68,7 @@ class Run:
     """The steps so far; :meth:`step` runs one and records what became of it."""
 
     log: Callable[[str], None]
+    work: Path  # data and bundles
     steps: list[Step] = field(default_factory=list)
 
     def step(
@@ -338,39 +339,29 @@ def torch_reference(device: str) -> dict[str, Any]:
 # -- the run -------------------------------------------------------------------------------------------------
 
 
-def run_naaf(run: Run, work: Path, out: Path, quick: bool) -> None:
-    data = run.step("naaf: synthetic data", lambda: naaf_data(work, quick), headline=str)
-    exported = run.step(
-        "naaf: export", lambda: export_shipped("naaf_small.pth.tar", data / "vocab.json", work / "naaf")
-    )
-    if data is None or exported is None:
-        return
-    bundle = work / "naaf"
+def prepare(
+    run: Run, family: str, make_data: Callable[[], Path], shipped: str, split: str, quick: bool
+) -> tuple[Path, Path] | None:
+    """Data, export, and the precision graphs (and engines) of one shipped model; its bundle and data."""
+    data = run.step(f"{family}: synthetic data", make_data, headline=str)
+    if data is None:
+        return None
+    bundle = run.work / family
+    if run.step(f"{family}: export", lambda: export_shipped(shipped, data / "vocab.json", bundle)) is None:
+        return None
     for precision in PRECISIONS:
         built = run.step(
-            f"naaf: {precision} graphs", lambda p=precision: build_precision(bundle, p, data, "dev", quick)
+            f"{family}: {precision} graphs", lambda p=precision: build_precision(bundle, p, data, split, quick)
         )
-        run.step(f"naaf: {precision} TensorRT engines", lambda b=built: engines_step(b), gpu_bound=True)
-    torch_parity = run.step(
-        "naaf: parity against PyTorch", lambda: naaf_parity(bundle, data, out / "naaf_parity_torch", "torch", quick)
-    )
-    run.step(
-        "naaf: parity against ONNX Runtime fp32 (CPU)",
-        lambda: naaf_parity(bundle, data, out / "naaf_parity_ort_cpu", "ort:fp32", quick),
-    )
-    latency = run.step("naaf: latency", lambda: bench(bundle, out / "naaf_bench", quick))
-    for source, label in ((torch_parity, "parity"), (latency, "latency")):
-        for name, entry in ((source or {}).get("variants") or {}).items():
-            if name.startswith("trt:"):
-                run.step(f"naaf: {label} {name}", lambda e=entry: _variant_ran(e), gpu_bound=True)
-    run.step("naaf: ONNX Runtime on CUDA", lambda: ort_cuda(bundle), gpu_bound=True)
-    run.step(
-        "naaf: TF32 emulated (CPU)",
-        lambda: tf32_emulated(bundle, data, quick),
-        headline=lambda r: (
-            f"{r['pairs_over_1e-4']} of {r['pairs']} pairs move by more than 1e-4, at most {r['max_abs']:.1e}"
-        ),
-    )
+        run.step(f"{family}: {precision} TensorRT engines", lambda b=built: engines_step(b), gpu_bound=True)
+    return bundle, data
+
+
+def tensorrt_steps(run: Run, family: str, label: str, result: dict[str, Any] | None) -> None:
+    """One GPU-bound step per TensorRT variant of a parity or latency result: ran, or why not."""
+    for name, entry in ((result or {}).get("variants") or {}).items():
+        if name.startswith("trt:"):
+            run.step(f"{family}: {label} {name}", lambda e=entry: _variant_ran(e), gpu_bound=True)
 
 
 def _variant_ran(entry: dict[str, Any]) -> dict[str, Any]:
@@ -383,33 +374,54 @@ def _skip(reason: str) -> None:
     raise Skip(reason)
 
 
-def run_cmpm(run: Run, work: Path, out: Path, quick: bool) -> None:
+def run_naaf(run: Run, out: Path, quick: bool) -> None:
+    prepared = prepare(run, "naaf", lambda: naaf_data(run.work, quick), "naaf_small.pth.tar", "dev", quick)
+    if prepared is None:
+        return
+    bundle, data = prepared
+    torch_parity = run.step(
+        "naaf: parity against PyTorch", lambda: naaf_parity(bundle, data, out / "naaf_parity_torch", "torch", quick)
+    )
+    run.step(
+        "naaf: parity against ONNX Runtime fp32 (CPU)",
+        lambda: naaf_parity(bundle, data, out / "naaf_parity_ort_cpu", "ort:fp32", quick),
+    )
+    latency = run.step("naaf: latency", lambda: bench(bundle, out / "naaf_bench", quick))
+    tensorrt_steps(run, "naaf", "parity", torch_parity)
+    tensorrt_steps(run, "naaf", "latency", latency)
+    run.step("naaf: ONNX Runtime on CUDA", lambda: ort_cuda(bundle), gpu_bound=True)
+    run.step(
+        "naaf: TF32 emulated (CPU)",
+        lambda: tf32_emulated(bundle, data, quick),
+        headline=lambda r: (
+            f"{r['pairs_over_1e-4']} of {r['pairs']} pairs move by more than 1e-4, at most {r['max_abs']:.1e}"
+        ),
+    )
+
+
+def run_cmpm(run: Run, out: Path, quick: bool) -> None:
     if quick:
         run.step("cmpm: bundle", lambda: _skip("--quick runs NAAF only"))
         return
     from itmrt.train.recipes import make_image_data
 
-    data = run.step("cmpm: synthetic data", lambda: make_image_data(work / "cmpm-data"), headline=str)
-    exported = run.step(
-        "cmpm: export", lambda: export_shipped("cmpm_small.safetensors", data / "vocab.json", work / "cmpm")
+    prepared = prepare(
+        run, "cmpm", lambda: make_image_data(run.work / "cmpm-data"), "cmpm_small.safetensors", "train", quick
     )
-    if data is None or exported is None:
+    if prepared is None:
         return
-    bundle = work / "cmpm"
-    for precision in PRECISIONS:
-        built = run.step(
-            f"cmpm: {precision} graphs", lambda p=precision: build_precision(bundle, p, data, "train", quick)
-        )
-        run.step(f"cmpm: {precision} TensorRT engines", lambda b=built: engines_step(b), gpu_bound=True)
-    run.step("cmpm: parity against ONNX Runtime fp32 (CPU)", lambda: cmpm_parity(bundle, data))
-    run.step("cmpm: latency", lambda: bench(bundle, out / "cmpm_bench", quick))
+    bundle, data = prepared
+    parity = run.step("cmpm: parity against ONNX Runtime fp32 (CPU)", lambda: cmpm_parity(bundle, data))
+    latency = run.step("cmpm: latency", lambda: bench(bundle, out / "cmpm_bench", quick))
+    tensorrt_steps(run, "cmpm", "parity", parity)
+    tensorrt_steps(run, "cmpm", "latency", latency)
 
 
 def run_all(out: Path, work: Path, quick: bool, log: Callable[[str], None]) -> Run:
-    run = Run(log)
+    run = Run(log, work)
     run.step("doctor", doctor, headline=_doctor_line)
-    run_naaf(run, work, out, quick)
-    run_cmpm(run, work, out, quick)
+    run_naaf(run, out, quick)
+    run_cmpm(run, out, quick)
     on_cuda = run.step(
         "PyTorch reference on CUDA, Flickr30K size (1000 x 5000)", lambda: torch_reference("cuda"), gpu_bound=True
     )

@@ -21,17 +21,15 @@ def _cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _acceptance(out: Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(SCRIPT), "--out", str(out), "--quick"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
+
+
 @pytest.mark.slow
 def test_quick_acceptance_run_reports_every_step(tmp_path: Path) -> None:
     out = tmp_path / "gpu_report"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-        check=False,
-    )
+    done = _acceptance(out)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["kind"] == "itmrt-gpu-acceptance" and report["quick"] is True
@@ -65,12 +63,5 @@ def test_quick_acceptance_run_reports_every_step(tmp_path: Path) -> None:
     for sub in ("naaf_parity_torch", "naaf_parity_ort_cpu", "naaf_bench"):
         assert json.loads((out / sub / "report.json").read_text())["kind"] in ("parity", "bench")
 
-    again = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    again = _acceptance(out)  # refused at once: the report is there
     assert again.returncode == 2 and "already holds a GPU acceptance report; pass --overwrite" in again.stderr

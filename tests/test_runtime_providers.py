@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from runtime_helpers import make_bundle
+from test_engine_build import SCORER_ENTRY as SCORER
 
 from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import OrtBackend, open_backend
@@ -14,19 +15,6 @@ from itmrt.runtime.bundle import read_bundle
 from itmrt.runtime.providers import SessionSettings, profile_option, provider_options, resolve_providers
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-SCORER = {
-    "inputs": [
-        {"name": "image_embeddings", "dtype": "float32", "shape": ["batch_images", "num_regions", 32]},
-        {"name": "caption_embeddings", "dtype": "float32", "shape": ["batch_captions", "max_length", 32]},
-        {"name": "lengths", "dtype": "int32", "shape": ["batch_captions"]},
-    ],
-    "shape_ranges": {
-        "batch_images": {"min": 1, "opt": 32, "max": 128},
-        "batch_captions": {"min": 1, "opt": 32, "max": 128},
-        "max_length": {"min": 1, "opt": 20, "max": 64},
-        "num_regions": {"min": 36, "opt": 36, "max": 36},
-    },
-}
 
 
 def test_default_order_is_cuda_then_cpu_and_tensorrt_is_opt_in() -> None:
@@ -41,9 +29,9 @@ def test_default_order_is_cuda_then_cpu_and_tensorrt_is_opt_in() -> None:
 def test_tensorrt_provider_gets_the_manifest_profile_and_caches(tmp_path: Path) -> None:
     options = provider_options(GPU_BUILD, SessionSettings(device=1), SCORER, tmp_path / "cache", "1.20.1")
     trt, cuda, cpu = options
-    assert trt["trt_profile_min_shapes"] == "image_embeddings:1x36x32,caption_embeddings:1x1x32,lengths:1"
-    assert trt["trt_profile_opt_shapes"] == "image_embeddings:32x36x32,caption_embeddings:32x20x32,lengths:32"
-    assert trt["trt_profile_max_shapes"] == "image_embeddings:128x36x32,caption_embeddings:128x64x32,lengths:128"
+    assert trt["trt_profile_min_shapes"] == "image_embeddings:1x36x16,caption_embeddings:1x1x16,lengths:1"
+    assert trt["trt_profile_opt_shapes"] == "image_embeddings:32x36x16,caption_embeddings:32x20x16,lengths:32"
+    assert trt["trt_profile_max_shapes"] == "image_embeddings:128x36x16,caption_embeddings:128x64x16,lengths:128"
     assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == str(tmp_path / "cache")
     assert trt["trt_timing_cache_enable"] is True and trt["trt_timing_cache_path"] == str(tmp_path / "cache")
     assert trt["device_id"] == 1 and cuda == {"device_id": 1} and cpu == {}
