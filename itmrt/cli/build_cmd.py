@@ -51,8 +51,7 @@ def build_command(
     """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT
     engine per graph. Without TensorRT it stops after the graphs and says that no engine was built.
 
-    TF32 is off unless --tf32; each engine's manifest entry records the builder flags, the profile,
-    the device memory it needs and where its layer information is."""
+    TF32 is off unless --tf32. The manifest records each engine's flags, profile and device memory."""
     from itmrt.calibration.int8 import calibration_method
     from itmrt.calibration.records import check_precision
     from itmrt.calibration.variants import PrecisionOptions
