@@ -36,7 +36,7 @@ writes replaces an export file. The entries (schema version 1, additive)::
       "<precision>": {
         "<graph>": {"file": "engines/<precision>/<graph>.plan", "sha256", "graph_file", "graph_sha256",
                     "tensorrt_version", "gpu_name", "compute_capability", "profile": {...},
-                    "workspace_mb", "built"}
+                    "workspace_mb", "built", ...}   # every field: itmrt.engine.build.engine_entry
       }
     }
 

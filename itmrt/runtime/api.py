@@ -57,9 +57,9 @@ class Runtime:
         expected_vocab = (manifest.get("vocab") or {}).get("size", manifest["dims"].get("vocab_size"))
         if expected_vocab is not None and len(self.vocab) != int(expected_vocab):
             raise ItmrtError(f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {expected_vocab}")
-        self.batch_limit = _range_max(bundle, "batch_images")
-        self.caption_limit = _range_max(bundle, "batch_captions")
-        profile_length = _range_max(bundle, "max_length")
+        self.batch_limit = _range_max(bundle, "batch_images", backend, precision)
+        self.caption_limit = _range_max(bundle, "batch_captions", backend, precision)
+        profile_length = _range_max(bundle, "max_length", backend, precision)
         if max_length is not None and profile_length is not None and max_length > profile_length and backend == "trt":
             raise ItmrtError(f"--max-length {max_length} exceeds the engine profile's {profile_length}; use at most {profile_length}")
         self.max_length = max_length if max_length is not None else profile_length
@@ -74,6 +74,19 @@ class Runtime:
         self.image_encoder = ImageEncoder(
             self.backends["image_encoder"], image_input["name"], batch_size, self.batch_limit if backend == "trt" else None
         )
+
+    def close(self) -> None:
+        """Free what the backends hold on the GPU (native TensorRT engines, their buffers and streams)."""
+        for backend in self.backends.values():
+            close = getattr(backend, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> Runtime:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     # -- encoding -----------------------------------------------------------
 
@@ -258,9 +271,17 @@ def _fused_scorer(
     return FusedNaafScorer.from_graph(bundle.graph_file("scorer", "fp32"), threads)
 
 
-def _range_max(bundle: BundleInfo, axis: str) -> int | None:
+def _range_max(bundle: BundleInfo, axis: str, backend: str = "ort", precision: str = "fp32") -> int | None:
+    """The largest size of ``axis`` the runtime may feed: the manifest's range, and for TensorRT engines the
+    smallest maximum any of them was built for (a board preset or --shape may have narrowed it)."""
     limits = bundle.shape_range(axis)
-    return int(limits["max"]) if limits else None
+    largest = int(limits["max"]) if limits else None
+    if backend == "trt":
+        built = [int(r["max"]) for c in ("image_encoder", "text_encoder", "scorer")
+                 if (r := (bundle.engine_record(c, precision).get("axis_ranges") or {}).get(axis))]
+        if built:
+            largest = min(built)
+    return largest
 
 
 def load(
@@ -275,11 +296,17 @@ def load(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     warn: Warn | None = None,
     scorer: str = "auto",
+    device: int = 0,
+    gpu_mem_limit_mb: int | None = None,
 ) -> Runtime:
     """Open ``bundle`` for inference on ``backend`` ("ort" or "trt") at ``precision`` (fp32, fp16, int8).
 
     ``providers``: ONNX Runtime execution providers by name or alias
-    (tensorrt, cuda, cpu); default: those available of TensorRT, CUDA, CPU.
+    (tensorrt, cuda, cpu); default: CUDA then CPU, those available (ONNX
+    Runtime's TensorRT provider only when named; it then uses the bundle's
+    shape ranges and caches). ``device``: the CUDA device (after
+    ``CUDA_VISIBLE_DEVICES``); ``gpu_mem_limit_mb`` caps the CUDA provider's
+    memory arena.
     ``max_length``: the caption token limit (default: the bundle's profile
     maximum); longer captions are truncated with a warning or refused
     (``on_long="refuse"``). ``budget_bytes``: the scorer's tile memory budget.
@@ -289,5 +316,5 @@ def load(
     applies and numba is installed, else "graph".
     """
     info = read_bundle(bundle)
-    settings = SessionSettings(providers=providers, intra_op_threads=threads)
+    settings = SessionSettings(providers=providers, intra_op_threads=threads, device=device, gpu_mem_limit_mb=gpu_mem_limit_mb)
     return Runtime(info, backend, precision, settings, max_length, on_long, batch_size, budget_bytes, warn, scorer)
