@@ -177,6 +177,17 @@ class FusedNaafScorer:
             raise ItmrtError(f"the scorer graph {path} lacks NAAF's constants in its metadata; export the bundle again") from None
         return cls(values[0], values[1], values[2], threads=threads)
 
+    def warm_kernels(self) -> None:
+        """Compile the numba kernels, or load them from numba's cache, by scoring one tiny tile.
+
+        The kernels are compiled per argument type, not per size, so this covers
+        every later call; ``itmrt infer`` times it apart from scoring.
+        """
+        rng = np.random.default_rng(0)
+        self.run({"image_embeddings": rng.standard_normal((1, 2, 4), dtype=np.float32),
+                  "caption_embeddings": rng.standard_normal((2, 3, 4), dtype=np.float32),
+                  "lengths": np.array([3, 2], dtype=np.int64)})
+
     # -- building blocks ------------------------------------------------------
 
     def similarities(self, regions: np.ndarray, tokens: np.ndarray) -> np.ndarray:
