@@ -28,7 +28,8 @@ def cmpm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     torch.manual_seed(0)
     model = CMPMModel(VOCAB, 16, 12, 32, width_mult=0.25, image_size=SIZE).eval()
     save_native(folder / "cmpm.safetensors", model)
-    export_bundle(folder / "cmpm.safetensors", make_vocab(folder), folder / "bundle", ExportOptions(max_batch=16, max_length=12))
+    export_bundle(folder / "cmpm.safetensors", make_vocab(folder), folder / "bundle",
+                  ExportOptions(max_batch=16, max_length=12))
     return {"model": model, "bundle": folder / "bundle", "folder": folder}
 
 
@@ -73,7 +74,8 @@ def test_manifest_records_the_training_preprocessing(cmpm: dict[str, Any]) -> No
     section = read_bundle(cmpm["bundle"]).manifest["image_preprocessing"]
     assert section["crop"] == {"height": SIZE, "width": SIZE, "at": "center"}
     assert section["resize"]["shorter_side"] == SIZE
-    assert np.array_equal(np.float32(section["mean"]), IMAGE_MEAN) and np.array_equal(np.float32(section["std"]), IMAGE_STD)
+    assert np.array_equal(np.float32(section["mean"]), IMAGE_MEAN)
+    assert np.array_equal(np.float32(section["std"]), IMAGE_STD)
 
 
 def test_gallery_from_a_folder_matches_the_pytorch_reference(cmpm: dict[str, Any], tmp_path: Path) -> None:
@@ -94,17 +96,20 @@ def test_gallery_from_a_folder_matches_the_pytorch_reference(cmpm: dict[str, Any
     assert listed.ids == ["photos/d.jpg", str(tmp_path / "photos" / "a.png")]
     embeddings, ids = runtime.encode_image_files(listed)
     assert ids == listed.ids
-    np.testing.assert_allclose(embeddings, _reference(cmpm["model"], [written["d.jpg"], written["a.png"]]), atol=1e-5, rtol=0)
+    expected = _reference(cmpm["model"], [written["d.jpg"], written["a.png"]])
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5, rtol=0)
 
 
-def test_cli_index_and_infer_name_images_by_path(cmpm: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_index_and_infer_name_images_by_path(cmpm: dict[str, Any], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     _photos(tmp_path / "photos")
     (tmp_path / "caps.txt").write_text("\n".join(random_captions(5, seed=3)) + "\n")
-    result = run_cli(capsys, "index", str(cmpm["bundle"]), "--images", str(tmp_path / "photos"), "--out", str(tmp_path / "g"))
+    result = run_cli(capsys, "index", str(cmpm["bundle"]), "--images", str(tmp_path / "photos"),
+                     "--out", str(tmp_path / "g"))
     assert result.code == 0, result.err
     assert "indexed 6 images" in result.out
-    from_gallery = run_cli(capsys, "infer", str(tmp_path / "g"), "--captions", str(tmp_path / "caps.txt"), "--top-k", "3",
-                           "--out", str(tmp_path / "g.jsonl"), "--scores-out", str(tmp_path / "g.npy"))
+    from_gallery = run_cli(capsys, "infer", str(tmp_path / "g"), "--captions", str(tmp_path / "caps.txt"),
+                           "--top-k", "3", "--out", str(tmp_path / "g.jsonl"), "--scores-out", str(tmp_path / "g.npy"))
     assert from_gallery.code == 0, from_gallery.err
     direct = run_cli(capsys, "infer", str(cmpm["bundle"]), "--images", str(tmp_path / "photos"), "--captions",
                      str(tmp_path / "caps.txt"), "--top-k", "3", "--out", str(tmp_path / "d.jsonl"),
@@ -119,7 +124,8 @@ def test_cli_index_and_infer_name_images_by_path(cmpm: dict[str, Any], tmp_path:
         else:
             assert line["image_id"] == ids[line["index"]]
     assert (tmp_path / "d.jsonl").read_text() == (tmp_path / "g.jsonl").read_text()
-    timings = json.loads(next(line for line in direct.err.splitlines() if line.startswith("timings: "))[len("timings: "):])
+    timings_line = next(line for line in direct.err.splitlines() if line.startswith("timings: "))
+    timings = json.loads(timings_line[len("timings: "):])
     assert {"import", "load", "kernels", "encode_images", "encode_captions", "score", "write", "total"} <= set(timings)
 
 
@@ -137,7 +143,8 @@ def test_unreadable_images_are_named_or_skipped_and_counted(cmpm: dict[str, Any]
     common = ["index", str(cmpm["bundle"]), "--images", str(tmp_path / "photos")]
     failed = run_cli(capsys, *common, "--out", str(tmp_path / "g"))
     assert failed.code == 2 and failed.err.count("\n") == 1, failed.err
-    assert failed.err.startswith("error: cannot read image ") and "cut.jpg" in failed.err and "--skip-bad-images" in failed.err
+    assert failed.err.startswith("error: cannot read image ") and "cut.jpg" in failed.err
+    assert "--skip-bad-images" in failed.err
     assert not (tmp_path / "g").exists() and not list(tmp_path.glob("*.partial*"))
     skipped = run_cli(capsys, *common, "--out", str(tmp_path / "g"), "--skip-bad-images")
     assert skipped.code == 0, skipped.err
@@ -173,7 +180,8 @@ def test_image_sources_that_are_refused(cmpm: dict[str, Any], tmp_path: Path) ->
     runtime = load(cmpm["bundle"], threads=1)
     with pytest.raises(DataError, match="anim.gif.*not JPEG, PNG or WebP"):
         runtime.encode_image_files(list_image_files(tmp_path / "gif.txt"))
-    with pytest.raises(DataError, match="none of the 1 images"), pytest.warns(UserWarning, match="skipped .*anim.gif"):
+    with pytest.raises(DataError, match="none of the 1 images"), \
+            pytest.warns(UserWarning, match="skipped .*anim.gif"):
         runtime.encode_image_files(list_image_files(tmp_path / "gif.txt"), skip_bad_images=True)
     (tmp_path / "one.txt").write_text("a.png\n")
     naaf, _, _ = make_bundle(tmp_path / "naaf")

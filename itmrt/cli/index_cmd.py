@@ -17,18 +17,24 @@ def _say_warning(message: str) -> None:
 @app.command("index")
 def index_command(
     bundle: Path = typer.Argument(..., help="The bundle whose image encoder embeds the gallery."),
-    images: Path = typer.Option(..., "--images", help="Image features .npy (region features; CMPM: images x 3 x H x W), or for a CMPM bundle a folder of images or a text file listing image paths (JPEG, PNG, WebP)."),
+    images: Path = typer.Option(..., "--images", help=(
+        "Image features .npy (region features; CMPM: images x 3 x H x W), or for a CMPM bundle a folder of "
+        "images or a text file listing image paths (JPEG, PNG, WebP).")),
     out: Path = typer.Option(..., "--out", help="Gallery folder to create."),
     backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (the bundle must hold that variant)."),
     providers: str | None = typer.Option(None, "--providers", help="ONNX Runtime providers, comma-separated (tensorrt,cuda,cpu)."),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core)."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per encoder batch."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping."),
-    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Run every component once first, so the scorer's kernels are compiled (or loaded from their cache) before the gallery is searched."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=(
+        "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help=(
+        "Run every component once first, so the scorer's kernels are compiled (or loaded from their cache) "
+        "before the gallery is searched.")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing gallery at --out."),
 ) -> None:
-    """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
+    """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to
+    the bundle.
 
     From image files the gallery also keeps each image's path as its id (GALLERY/image_ids.json),
     by which `itmrt infer` names the images it finds.
@@ -50,6 +56,6 @@ def index_command(
         gallery = runtime.index(load_features(images), out, overwrite=overwrite, source=str(images))
         counted = ""
     typer.echo(
-        f"indexed {len(gallery)} images{counted} ({backend}/{precision}) into {out} in {time.perf_counter() - started:.1f}s"
-        f"{warm}; embeddings {tuple(gallery.embeddings.shape)}"
+        f"indexed {len(gallery)} images{counted} ({backend}/{precision}) into {out} in "
+        f"{time.perf_counter() - started:.1f}s{warm}; embeddings {tuple(gallery.embeddings.shape)}"
     )

@@ -106,7 +106,9 @@ def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, cap
 def infer_command(
     source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
     captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
-    images: Path | None = typer.Option(None, "--images", help="Image features .npy (region features; CMPM: images x 3 x H x W), or with a CMPM bundle a folder of images or a text file listing image paths (JPEG, PNG, WebP; results name them by path)."),
+    images: Path | None = typer.Option(None, "--images", help=(
+        "Image features .npy (region features; CMPM: images x 3 x H x W), or with a CMPM bundle a folder of "
+        "images or a text file listing image paths (JPEG, PNG, WebP; results name them by path).")),
     gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
     vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
     backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
@@ -122,16 +124,24 @@ def infer_command(
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while scoring (stderr)."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping."),
-    timings: bool = typer.Option(False, "--timings", help="Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON line on stderr."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=(
+        "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
+    timings: bool = typer.Option(False, "--timings", help=(
+        "Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON "
+        "line on stderr, after 'timings: '.")),
     shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
-    from itmrt.data.precomp import read_captions
     from itmrt.runtime.timings import StageTimer, process_age
 
     timer = StageTimer()
-    timer.add("startup", process_age() or 0.0)  # interpreter and CLI start-up, before this line
+    timer.add("startup", process_age() or 0.0)  # the interpreter and the CLI, before this line
+    with timer.stage("import"):  # numpy, ONNX Runtime, tqdm and the runtime (a checkpoint: torch, later)
+        import importlib
+
+        for module in ("itmrt.data.precomp", "itmrt.cli.progress", "itmrt.runtime.api", "itmrt.runtime.image_files"):
+            importlib.import_module(module)
+    from itmrt.data.precomp import read_captions
     check_new_files([out, scores_out], overwrite)
     if scores_out is not None and scores_out.resolve() == out.resolve():
         raise ItmrtError("--out and --scores-out name the same file")
@@ -162,15 +172,13 @@ def infer_command(
     else:
         bundle_path, gallery_path = _bundle_and_gallery(source, gallery_path, images)
         provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-        request = BundleRequest(bundle_path, gallery_path, images, backend, precision, provider_list, threads, max_length,
-                                on_long, batch_size, memory_mb, skip_bad_images)
+        request = BundleRequest(bundle_path, gallery_path, images, backend, precision, provider_list, threads,
+                                max_length, on_long, batch_size, memory_mb, skip_bad_images)
         result, n_images = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
         how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
                else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
-        typer.echo(
-            f"{backend}/{precision}: {n_images} images x {len(captions)} captions in {time.perf_counter() - started:.1f}s "
-            f"({how}); wrote {out}"
-        )
+        typer.echo(f"{backend}/{precision}: {n_images} images x {len(captions)} captions in "
+                   f"{time.perf_counter() - started:.1f}s ({how}); wrote {out}")
     if timings:
         import json
 
@@ -211,21 +219,23 @@ def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | 
     else:
         raise ItmrtError(f"{source} is neither an itmrt bundle, a gallery nor a checkpoint file")
     if (gallery_path is None) == (images is None):
-        raise ItmrtError("give exactly one of --images (features .npy, image folder or list) or a gallery (as the source or --gallery)")
+        raise ItmrtError("give exactly one of --images (features .npy, image folder or list) or a gallery "
+                         "(as the source or --gallery)")
     return bundle_path, gallery_path
 
 
 def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scores_out: Path | None,
                    shortlist: int | None, progress: bool, out: Path, timer: Any) -> tuple[Any, int]:
     """Load, encode, score and write, each a stage of ``timer``; the result and the number of images."""
-    with timer.stage("import"):
-        from itmrt.cli.progress import progress_bars
-        from itmrt.runtime.api import load
-        from itmrt.runtime.gallery import load_features
-        from itmrt.runtime.image_files import is_image_listing, list_image_files
+    from itmrt.cli.progress import progress_bars
+    from itmrt.runtime.api import load
+    from itmrt.runtime.gallery import load_features
+    from itmrt.runtime.image_files import is_image_listing, list_image_files
+
     with timer.stage("load"):
         runtime = load(request.bundle, request.backend, request.precision, request.providers, request.threads,
-                       request.max_length, request.on_long, request.batch_size, request.memory_mb << 20, _say_warning)
+                       request.max_length, request.on_long, request.batch_size, request.memory_mb << 20,
+                       _say_warning)
     with timer.stage("kernels"):  # the fused scorer's numba kernels: compiled once per machine, then cached
         if runtime.fused is not None:
             runtime.fused.warm_kernels()
@@ -235,7 +245,8 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
             image_set: Any = runtime.open_gallery(request.gallery)
             image_ids = image_set.ids
         elif request.images is not None and is_image_listing(request.images):
-            image_set, image_ids = runtime.encode_image_files(list_image_files(request.images), request.skip_bad_images)
+            files = list_image_files(request.images)
+            image_set, image_ids = runtime.encode_image_files(files, request.skip_bad_images)
         else:
             assert request.images is not None
             image_set = runtime.encode_images(load_features(request.images), source=str(request.images))

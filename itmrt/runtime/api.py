@@ -24,7 +24,9 @@ import numpy as np
 from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.bundle import BundleInfo, read_bundle
-from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, Warn, check_image_input, default_warn
+from itmrt.runtime.encoders import (
+    CaptionEmbeddings, CaptionEncoder, ImageEncoder, Warn, check_image_input, default_warn,
+)
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
@@ -110,7 +112,8 @@ class Runtime:
         ``skip_bad_images`` it is left out with a warning (the ids say which
         remain). ``out``: an array of ``len(files)`` rows to fill from the top.
         """
-        batches = ImageBatches(files, self.image_preprocessing, self.image_encoder.batch_size, skip_bad_images, self.warn)
+        batches = ImageBatches(files, self.image_preprocessing, self.image_encoder.batch_size, skip_bad_images,
+                               self.warn)
         ids: list[str] = []
         parts: list[np.ndarray] = []
         for batch_ids, pixels in batches:
@@ -268,11 +271,15 @@ class Runtime:
         """
         details = {"backend": self.backend_name, "precision": self.precision, "source": source}
         if isinstance(features, ImageFiles):
-            files = features
-            dims = self.image_encoder.encode(self.image_preprocessing.model_input(
-                np.zeros((1, self.image_preprocessing.height, self.image_preprocessing.width, 3), dtype=np.uint8))).shape[1:]
-            return write_gallery(out, self.bundle, lambda array: self.encode_image_files(files, skip_bad_images, array)[1],
-                                 (len(files), *dims), {**details, "source": files.source}, overwrite)
+            files, preprocessing = features, self.image_preprocessing
+            blank = np.zeros((1, preprocessing.height, preprocessing.width, 3), dtype=np.uint8)
+            dims = self.image_encoder.encode(preprocessing.model_input(blank)).shape[1:]
+
+            def encode_files_into(array: np.ndarray) -> list[str]:
+                return self.encode_image_files(files, skip_bad_images, array)[1]
+
+            return write_gallery(out, self.bundle, encode_files_into, (len(files), *dims),
+                                 {**details, "source": files.source}, overwrite)
         self.check_images(features, source)
         first = self.image_encoder.encode(np.asarray(features[:1]))
         shape = (int(features.shape[0]), *first.shape[1:])

@@ -29,7 +29,10 @@ import numpy as np
 from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
 from itmrt.data.precomp import open_npy
-from itmrt.io import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_file, staged_folder
+from itmrt.io import (
+    atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_file,
+    staged_folder,
+)
 from itmrt.runtime.bundle import BundleInfo
 
 GALLERY_KIND = "itmrt-gallery"
@@ -96,7 +99,8 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
 def _member(root: Path, name: Any) -> Path:
     """A file a gallery manifest names: a plain file name inside the gallery folder, nothing else."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ItmrtError(f"{root / GALLERY_MANIFEST} names {name!r}, not a file inside the gallery; re-index the gallery")
+        raise ItmrtError(f"{root / GALLERY_MANIFEST} names {name!r}, not a file inside the gallery; "
+                         "re-index the gallery")
     return root / name
 
 

@@ -82,7 +82,9 @@ class ImagePreprocessing:
             return cls(int(crop["height"]), int(crop["width"]), _triple(section["mean"]), _triple(section["std"]),
                        float(section["scale"]), bool(section.get("exif_transpose", True)))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ItmrtError(f"bundle {bundle}: its '{PREPROCESSING_KEY}' section is malformed ({exc}); export it again") from None
+            raise ItmrtError(
+                f"bundle {bundle}: its '{PREPROCESSING_KEY}' section is malformed ({exc}); export it again"
+            ) from None
 
     def pixels(self, path: Path) -> np.ndarray:
         """The file as uint8 RGB ``[height, width, 3]``: decoded, resized and cropped as recorded.
@@ -94,7 +96,8 @@ class ImagePreprocessing:
         try:
             with pil_image.open(path) as opened:
                 if opened.format not in IMAGE_FORMATS:
-                    raise BadImageError(path, f"it is {opened.format or 'an unknown format'}, not JPEG, PNG or WebP")
+                    found = opened.format or "an unknown format"
+                    raise BadImageError(path, f"it is {found}, not JPEG, PNG or WebP")
                 image = pil_ops.exif_transpose(opened) if self.exif_transpose else opened
                 image = image.convert("RGB")  # decodes the whole file: a truncated one fails here
         except BadImageError:
@@ -107,7 +110,8 @@ class ImagePreprocessing:
 
     def model_input(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` -> the image encoder's float32 ``[N, 3, H, W]`` (the training arithmetic)."""
-        return preprocess_images(pixels, np.array(self.mean, dtype=np.float32), np.array(self.std, dtype=np.float32), self.scale)
+        mean, std = np.array(self.mean, dtype=np.float32), np.array(self.std, dtype=np.float32)
+        return preprocess_images(pixels, mean, std, self.scale)
 
 
 class BadImageError(DataError):
@@ -146,7 +150,9 @@ def list_image_files(source: str | Path) -> ImageFiles:
         return _folder_images(root)
     if root.is_file():
         return _listed_images(root)
-    raise DataError(f"{root} does not exist; give a folder of images, a text file listing image paths, or a .npy file")
+    raise DataError(
+        f"{root} does not exist; give a folder of images, a text file listing image paths, or a .npy file"
+    )
 
 
 def _folder_images(root: Path) -> ImageFiles:
@@ -159,11 +165,13 @@ def _folder_images(root: Path) -> ImageFiles:
                 continue
             path = Path(folder) / name
             if not path.resolve().is_relative_to(resolved_root):
-                raise DataError(f"{path} is a link to a file outside {root}; copy the image into the folder, or list it in a text file")
+                raise DataError(f"{path} is a link to a file outside {root}; copy the image into the folder, "
+                                "or list it in a text file")
             ids.append(path.relative_to(root).as_posix())
             paths.append(path)
     if not ids:
-        raise DataError(f"{root} holds no image files ({', '.join(IMAGE_SUFFIXES)}); give a folder of images or a list file")
+        raise DataError(f"{root} holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
+                        "give a folder of images or a list file")
     order = sorted(range(len(ids)), key=ids.__getitem__)
     return ImageFiles([ids[k] for k in order], [paths[k] for k in order], str(root))
 
@@ -172,7 +180,8 @@ def _listed_images(listing: Path) -> ImageFiles:
     try:
         lines = listing.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read the image list {listing}: {first_line(exc)}; give a UTF-8 text file, one path per line") from None
+        raise DataError(f"cannot read the image list {listing}: {first_line(exc)}; "
+                        "give a UTF-8 text file, one path per line") from None
     ids: list[str] = []
     paths: list[Path] = []
     seen: dict[str, int] = {}
@@ -181,7 +190,8 @@ def _listed_images(listing: Path) -> ImageFiles:
         if not entry:
             continue
         if entry in seen:
-            raise DataError(f"{listing} line {number}: {entry} is listed already (line {seen[entry]}); list each image once")
+            raise DataError(f"{listing} line {number}: {entry} is listed already (line {seen[entry]}); "
+                            "list each image once")
         path = Path(entry) if Path(entry).is_absolute() else listing.parent / entry
         if not path.is_file():
             raise DataError(f"{listing} line {number}: no image file at {path}")
