@@ -33,11 +33,9 @@ def index_command(
         "before the gallery is searched.")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing gallery at --out."),
 ) -> None:
-    """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to
-    the bundle.
+    """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
-    From image files the gallery also keeps each image's path as its id (GALLERY/image_ids.json),
-    by which `itmrt infer` names the images it finds.
+    From image files the gallery also keeps each image's path as its id (GALLERY/image_ids.json).
     """
     from itmrt.runtime.api import load
     from itmrt.runtime.gallery import load_features
