@@ -52,7 +52,7 @@ STAGES = ("startup", "import", "load", "kernels", "encode_images", "encode_capti
 
 def released_evaluation(args: argparse.Namespace) -> None:
     """The released evaluation of ``--images`` x ``--captions``, timed by stage like ``itmrt infer --timings``."""
-    from itmrt.runtime.timings import StageTimer, process_age
+    from itmrt.timings import StageTimer, process_age
 
     timer = StageTimer()
     timer.add("startup", process_age() or 0.0)

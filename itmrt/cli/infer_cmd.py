@@ -132,7 +132,7 @@ def infer_command(
     shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
-    from itmrt.runtime.timings import StageTimer, process_age
+    from itmrt.timings import StageTimer, process_age
 
     timer = StageTimer()
     timer.add("startup", process_age() or 0.0)  # the interpreter and the CLI, before this line

@@ -1,6 +1,7 @@
 """Where a command's time goes: named stages timed in order, plus the process's age.
 
-Used by ``itmrt infer --timings`` (and the cold-start benchmark that reads it)::
+Used by ``itmrt infer --timings`` (and the cold-start benchmark that reads it). It lives outside
+``itmrt.runtime``, whose import loads numpy and ONNX Runtime: importing it must not be a stage of its own::
 
     timer = StageTimer()
     with timer.stage("load"):
