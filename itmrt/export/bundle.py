@@ -25,6 +25,7 @@ import onnx
 import torch
 
 from itmrt import __version__
+from itmrt.data.images import PREPROCESSING_KEY, image_preprocessing_record
 from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export import graphs_image, graphs_scorer, graphs_text
 from itmrt.export.manifest import BUNDLE_KIND, MANIFEST_NAME, SCHEMA_VERSION, graph_entry, is_bundle, write_manifest
@@ -104,6 +105,7 @@ def build_graphs(model: CrossAttentionMatcher | CMPMModel, options: ExportOption
             "lambda_softmax": None,
             "intra_factor": None,
             "scorer_options": {"score": "cosine", "max_over_padding": model.max_over_padding},
+            PREPROCESSING_KEY: image_preprocessing_record(model.image_size),
         }
         return BuiltGraphs(models, "cmpm", dims, constants, None, (3, model.image_size, model.image_size))
 
