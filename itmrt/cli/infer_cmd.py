@@ -24,15 +24,26 @@ def _say_warning(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
 
 
-def results_jsonl(captions: list[str], t2i: Any, i2t: Any) -> str:
-    """One JSON line per caption query (best images) then per image query (best captions)."""
+def caption_result_lines(captions: list[str], t2i: Any, start: int = 0, ids: Any = None) -> list[str]:
+    """One JSON line per caption query with its best images (caption ``j`` numbered ``start + j``);
+    ``ids``: each result image's id, beside its index, where the gallery names its images."""
     import json
 
     lines = []
     for j, caption in enumerate(captions):
-        ids, scores = t2i.indices[j], t2i.scores[j]
-        lines.append(json.dumps({"query": "caption", "index": j, "caption": caption,
-                                 "images": [int(x) for x in ids], "scores": [float(s) for s in scores]}))
+        row = {"query": "caption", "index": start + j, "caption": caption,
+               "images": [int(x) for x in t2i.indices[j]], "scores": [float(s) for s in t2i.scores[j]]}
+        if ids is not None:
+            row["ids"] = [str(x) for x in ids[j]]
+        lines.append(json.dumps(row))
+    return lines
+
+
+def results_jsonl(captions: list[str], t2i: Any, i2t: Any) -> str:
+    """One JSON line per caption query (best images) then per image query (best captions)."""
+    import json
+
+    lines = caption_result_lines(captions, t2i)
     for i in range(i2t.indices.shape[0]):
         lines.append(json.dumps({"query": "image", "index": i,
                                  "captions": [int(x) for x in i2t.indices[i]], "scores": [float(s) for s in i2t.scores[i]]}))
@@ -115,8 +126,6 @@ def infer_command(
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
     from itmrt.data.precomp import read_captions
-    from itmrt.runtime.bundle import is_bundle
-    from itmrt.runtime.gallery import is_gallery
 
     check_new_files([out, scores_out], overwrite)
     if scores_out is not None and scores_out.resolve() == out.resolve():
@@ -146,18 +155,10 @@ def infer_command(
         return
 
     from itmrt.runtime.api import load
-    from itmrt.runtime.gallery import load_features, read_gallery
+    from itmrt.runtime.gallery import gallery_source, load_features
 
-    if is_gallery(source):
-        if gallery_path is not None:
-            raise ItmrtError("give either a gallery as the source or --gallery, not both")
-        gallery_path, bundle_path = source, read_gallery(source).bundle_path
-    elif is_bundle(source):
-        bundle_path = source
-    elif not source.exists():
-        raise ItmrtError(f"{source} does not exist; give a bundle folder, a gallery folder or a checkpoint file")
-    else:
-        raise ItmrtError(f"{source} is neither an itmrt bundle, a gallery nor a checkpoint file")
+    expected = "a bundle folder, a gallery folder or a checkpoint file"
+    bundle_path, gallery_path = gallery_source(source, gallery_path, expected)
     if (gallery_path is None) == (images is None):
         raise ItmrtError("give exactly one of --images FEATS.npy or a gallery (as the source or --gallery)")
     provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None

@@ -25,7 +25,7 @@ from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
 from itmrt.data.precomp import open_npy
 from itmrt.io import atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_file, staged_folder
-from itmrt.runtime.bundle import BundleInfo
+from itmrt.runtime.bundle import BundleInfo, is_bundle
 
 GALLERY_KIND = "itmrt-gallery"
 GALLERY_SCHEMA = 1
@@ -82,6 +82,23 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
     if list(embeddings.shape) != list(entry["shape"]) or embeddings.dtype != np.float32:
         raise ItmrtError(f"{path} has shape {embeddings.shape} / {embeddings.dtype}, not what {GALLERY_MANIFEST} says; re-index")
     return Gallery(root, embeddings, manifest)
+
+
+def gallery_source(
+    source: str | Path, gallery: str | Path | None = None, expected: str = "a bundle folder or a gallery folder"
+) -> tuple[Path, Path | None]:
+    """(bundle, gallery or None) from a source that is a gallery (its bundle is the one that made it) or a
+    bundle with an optional separate ``gallery``; ``expected`` names the accepted sources in the errors."""
+    source = Path(source)
+    if is_gallery(source):
+        if gallery is not None:
+            raise ItmrtError("give either a gallery as the source or --gallery, not both")
+        return read_gallery(source).bundle_path, source
+    if is_bundle(source):
+        return source, None if gallery is None else Path(gallery)
+    if not source.exists():
+        raise ItmrtError(f"{source} does not exist; give {expected}")
+    raise ItmrtError(f"{source} is not {expected}")
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
