@@ -76,6 +76,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _log_config(level: str = "INFO") -> dict[str, Any]:
     """uvicorn's logging configuration, with itmrt's service messages on its stderr handler."""
     uvicorn_config = require("uvicorn.config", "itmrt serve")
@@ -176,6 +185,8 @@ class Service:
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM or :meth:`stop`; raise :class:`ItmrtError` if the gallery failed to load."""
         log.info("listening on %s; loading the gallery", self.url)
+        if self.options.token_file is None and not _loopback(str(self.host)):
+            log.warning("listening on %s without --token-file: anyone who can reach it can query it", self.host)
         with _exit_zero_after_signal():
             self.server.run(sockets=[self.socket])
         self.socket.close()
