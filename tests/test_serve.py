@@ -25,6 +25,8 @@ import httpx
 import numpy as np
 import pytest
 from cli_helpers import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from runtime_helpers import make_bundle, make_cmpm_bundle, random_captions
 from serve_helpers import ControlledSearcher, make_gallery, metric, running
 
@@ -143,7 +145,9 @@ def test_released_cmpm_answers_do_not_depend_on_the_batch(tmp_path: Path) -> Non
         held = pool.submit(ServiceClient(live.url).search, ["word1 word2"], 3)
         assert searchers[0].scoring.wait(30)
         answers = [pool.submit(ServiceClient(live.url).search, captions, 4) for captions in requests]
-        while live.metrics.queue_depth._value.get() < len(requests):  # all four queued behind the held batch
+        while live.metrics.registry.get_sample_value("itmrt_queue_depth") < len(
+            requests
+        ):  # all four queued behind the held batch
             time.sleep(0.01)
         searchers[0].release.set()
         held.result(60)
@@ -308,7 +312,7 @@ def test_not_ready_queue_full_deadline_and_a_failing_request(naaf: dict[str, Any
             pool.submit(post, ["word2"]),
             pool.submit(post, ["word3"], timeout=300_000),
         ]
-        while service.metrics.queue_depth._value.get() < 3:
+        while service.metrics.registry.get_sample_value("itmrt_queue_depth") < 3:
             time.sleep(0.01)
         check_error(post(["word4"]), 429, "queue")
         check_error(queued[2].result(30), 504, "deadline")  # its own 0.3 s timeout passed in the queue
@@ -416,21 +420,11 @@ def test_sigterm_answers_requests_in_flight_and_exits_zero(naaf: dict[str, Any],
     from runtime_helpers import region_features
 
     gallery = make_gallery(naaf["bundle"], tmp_path / "big", region_features(500, seed=5))
-    command = [
-        sys.executable,
-        "-m",
-        "itmrt",
-        "serve",
-        str(gallery),
-        "--port",
-        "0",
-        "--scorer",
-        "graph",
-        "--max-batch-captions",
-        "32",
-        "--max-delay-ms",
-        "0",
-    ]
+    args = ["serve", str(gallery), "--port", "0", "--scorer", "graph"]
+    args += ["--max-batch-captions", "32", "--max-delay-ms", "0"]
+    # torch-free, as on an edge board: the service never imports it
+    script = f"import sys; sys.modules['torch'] = None\nfrom itmrt.cli.app import main\nmain({args!r})\n"
+    command = [sys.executable, "-c", script]
     server = subprocess.Popen(
         command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True
     )
@@ -465,3 +459,30 @@ def test_sigterm_answers_requests_in_flight_and_exits_zero(naaf: dict[str, Any],
     np.testing.assert_array_equal(finished[-1][0].indices, want.indices)
     with pytest.raises(ItmrtError, match="cannot reach"):
         ServiceClient(url).search(["word1"])
+
+
+# -- the protocol codec -------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=30), min_size=1, max_size=12),
+    st.integers(1, 40),
+    st.booleans(),
+)
+def test_request_and_response_round_trip(captions: list[str], k: int, binary: bool) -> None:
+    from itmrt.serve.protocol import RequestLimits, infer_response, parse_infer_request, parse_infer_response
+
+    body, headers = infer_request_body(captions, k, binary)
+    request = parse_infer_request(body, headers.get(HEADER_LENGTH), RequestLimits(max_top_k=40, has_ids=True))
+    assert request.captions == captions and request.top_k == k
+    assert request.outputs == {"indices": binary, "scores": binary, "ids": binary}
+    rng = np.random.default_rng(k)
+    indices = rng.integers(0, 40, size=(len(captions), k))
+    scores = rng.standard_normal((len(captions), k)).astype(np.float32)
+    ids = [f"images/{i}.jpg" for i in range(40)]
+    reply, reply_headers = infer_response(request, indices, scores, ids)
+    tensors = parse_infer_response(reply, reply_headers.get(HEADER_LENGTH))
+    np.testing.assert_array_equal(tensors["indices"], indices)
+    np.testing.assert_array_equal(tensors["scores"], scores)
+    assert tensors["ids"].tolist() == [[ids[i] for i in row] for row in indices]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from itmrt.serve.auth import authorized
 from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.protocol import MODEL_NAME, MODEL_VERSION, ProtocolError, RequestLimits
+
+log = logging.getLogger("itmrt.serve")
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,9 @@ class InferenceRoutes:
             response = self.error(exc.status, exc.message)
         except (QueueFull, NotReady) as exc:
             response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc))
+        except Exception as exc:  # a bug here answers this request with a 500, not the whole service
+            log.exception("inference request failed")
+            response = self.error(500, f"the service failed on this request: {first_line(exc)}")
         self.metrics.count(response.status_code, time.monotonic() - arrived)
         return response
 

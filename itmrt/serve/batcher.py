@@ -152,7 +152,13 @@ class Batcher:
         self.ready.set()
         log.info("ready: %d images, warmed up in %.1f s", searcher.size, self.warmup_s)
         while (jobs := self._next_batch()) is not None:
-            self._answer(searcher, jobs)
+            try:
+                self._answer(searcher, jobs)
+            except Exception as exc:  # the worker must outlive any request: fail what is left of the batch
+                log.exception("batch failed")
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch: the oldest job and those after it that fit, waiting at most ``max_delay_s``."""

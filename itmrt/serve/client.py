@@ -102,8 +102,11 @@ class ServiceClient:
             except (ValueError, KeyError, TypeError):
                 message = reply[:200].decode("utf-8", "replace") or "no error message"
             raise ServiceError(f"{self.url} answered {status}: {message}", status)
-        tensors = protocol.parse_infer_response(reply, reply_headers.get(protocol.HEADER_LENGTH))
-        return Hits(tensors[protocol.INDICES], tensors[protocol.SCORES], tensors.get(protocol.IDS))
+        try:
+            tensors = protocol.parse_infer_response(reply, reply_headers.get(protocol.HEADER_LENGTH))
+            return Hits(tensors[protocol.INDICES], tensors[protocol.SCORES], tensors.get(protocol.IDS))
+        except (protocol.ProtocolError, KeyError, ValueError, TypeError) as exc:
+            raise ItmrtError(f"{self.url} answered something that is not a text_to_image response ({exc})") from None
 
 
 def search_in_batches(
