@@ -214,6 +214,23 @@ def closed_loop(
     return result
 
 
+def batch_sizes(before: str, after: str) -> dict[str, int]:
+    """How many batches of each size (captions, by the histogram's buckets: "<=2" means 2) the server formed."""
+    pattern = r'^itmrt_batch_captions_bucket\{le="([0-9.]+)"\} ([0-9.e+-]+)$'
+
+    def cumulative(text: str) -> dict[float, float]:
+        return {float(le): float(count) for le, count in re.findall(pattern, text, re.MULTILINE)}
+
+    low, high = cumulative(before), cumulative(after)
+    sizes, below = {}, 0.0
+    for le in sorted(high):
+        count = high[le] - low.get(le, 0.0) - below
+        below += count
+        if count:
+            sizes[f"<={le:g}"] = int(count)
+    return sizes
+
+
 def summarize(load: LoadResult, before: str, after: str) -> dict[str, Any]:
     answered = load.statuses.get("200", 0)
     batches = metric(after, "itmrt_batch_captions_count") - metric(before, "itmrt_batch_captions_count")
@@ -225,6 +242,7 @@ def summarize(load: LoadResult, before: str, after: str) -> dict[str, Any]:
         "p90_ms": round(p90, 1),
         "p99_ms": round(p99, 1),
         "mean_batch": round(batched / batches, 2) if batches else 0.0,
+        "batches": batch_sizes(before, after),
         "answered": answered,
         "errors": {k: v for k, v in load.statuses.items() if k != "200"},
     }
