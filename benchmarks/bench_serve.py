@@ -153,6 +153,7 @@ class Server:
 
 
 def metric(text: str, name: str) -> float:
+    """One sample's value on a Prometheus text page (``name`` with its labels, as written there)."""
     found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
@@ -231,6 +232,17 @@ def batch_sizes(before: str, after: str) -> dict[str, int]:
     return sizes
 
 
+def stage_means(before: str, after: str) -> dict[str, float]:
+    """The server's mean milliseconds per stage: queue wait per request, encode and score per batch."""
+    means = {}
+    for stage in ("queue_wait", "encode", "score"):
+        name = f'itmrt_stage_seconds_{{}}{{{{stage="{stage}"}}}}'
+        count = metric(after, name.format("count")) - metric(before, name.format("count"))
+        total = metric(after, name.format("sum")) - metric(before, name.format("sum"))
+        means[stage] = round(1000 * total / count, 1) if count else 0.0
+    return means
+
+
 def summarize(load: LoadResult, before: str, after: str) -> dict[str, Any]:
     answered = load.statuses.get("200", 0)
     batches = metric(after, "itmrt_batch_captions_count") - metric(before, "itmrt_batch_captions_count")
@@ -243,6 +255,7 @@ def summarize(load: LoadResult, before: str, after: str) -> dict[str, Any]:
         "p99_ms": round(p99, 1),
         "mean_batch": round(batched / batches, 2) if batches else 0.0,
         "batches": batch_sizes(before, after),
+        "server_ms": stage_means(before, after),
         "answered": answered,
         "errors": {k: v for k, v in load.statuses.items() if k != "200"},
     }
