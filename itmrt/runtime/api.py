@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -72,7 +72,7 @@ class Runtime:
             raise ItmrtError(f"--max-length {max_length} exceeds the engine profile's {profile_length}; use at most {profile_length}")
         self.max_length = max_length if max_length is not None else profile_length
         # CMPM's released max over padding makes an embedding depend on its batch's padding: no bucketing then.
-        bucket = not bool(manifest.get("max_over_padding", False))
+        bucket = not max_over_padding(manifest)
         self.text_encoder = CaptionEncoder(
             self.backends["text_encoder"], self.vocab, bundle.cross_attention, self.max_length, on_long,
             batch_size, self.caption_limit if backend == "trt" else None, bucket, warn,
@@ -331,6 +331,13 @@ def _fused_scorer(
         )
     threads = settings.intra_op_threads if settings else 0
     return FusedNaafScorer.from_graph(bundle.graph_file("scorer", "fp32"), threads)
+
+
+def max_over_padding(manifest: dict[str, Any]) -> bool:
+    """Whether the text encoder takes CMPM's released max over the padded length (export records it
+    under ``scorer_options``), so that an embedding depends on how far its batch is padded."""
+    options = manifest.get("scorer_options") or {}
+    return bool(options.get("max_over_padding", manifest.get("max_over_padding", False)))
 
 
 def _range_max(bundle: BundleInfo, axis: str, backend: str = "ort", precision: str = "fp32") -> int | None:
