@@ -35,7 +35,7 @@ from itmrt.calibration.calib_data import FeedMaker, open_calibration_data, ort_s
 from itmrt.calibration.fp16 import emulation_session  # noqa: E402
 from itmrt.calibration.int8 import quantize_graph  # noqa: E402
 from itmrt.calibration.calib_data import StreamingCalibrationReader  # noqa: E402
-from itmrt.calibration.variants import PrecisionOptions, calibrate, make_fp16  # noqa: E402
+from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate, make_fp16  # noqa: E402
 from itmrt.data.metrics import recall_table  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -10,6 +10,11 @@ the choices in ``--help``.
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
+
+from itmrt.errors import ItmrtError
+
+ChoiceT = TypeVar("ChoiceT", bound=Enum)
 
 
 class Component(str, Enum):
@@ -44,6 +49,15 @@ class BackendName(str, Enum):
         return self.value
 
 
+def parse_choice(choices: type[ChoiceT], value: str | ChoiceT, what: str) -> ChoiceT:
+    """``value`` as a member of the str enum ``choices``; a one-line :class:`ItmrtError` naming the choices."""
+    try:
+        return choices(value)
+    except ValueError:
+        names = ", ".join(str(member.value) for member in choices)
+        raise ItmrtError(f"unknown {what} {str(value)!r}; choose one of {names}") from None
+
+
 COMPONENTS: tuple[str, ...] = tuple(c.value for c in Component)
 PRECISIONS: tuple[str, ...] = tuple(p.value for p in Precision)
 BACKENDS: tuple[str, ...] = tuple(b.value for b in BackendName)
@@ -71,6 +85,10 @@ NAAF_INTRA_FACTOR = "naaf_intra_factor"
 SCAN_LAMBDA_SOFTMAX = "scan_lambda_softmax"
 SCAN_LAMBDA_LSE = "scan_lambda_lse"
 
+# The manifest's kind and schema version (entries are additive: new optional keys keep the version).
+BUNDLE_KIND = "itmrt-bundle"
+SCHEMA_VERSION = 1
+
 # File layout inside a bundle folder.
 MANIFEST_NAME = "manifest.json"
 VOCAB_FILE = "vocab.json"
@@ -79,9 +97,8 @@ CALIBRATION_DIR = "calibration"
 ENGINE_DIR = "engines"
 
 
-def export_graph_file(component: str) -> str:
-    """Bundle-relative file of an exported (fp32) graph."""
-    return f"{Component(component).value}.onnx"
+GRAPH_FILES: dict[str, str] = {component.value: f"{component.value}.onnx" for component in Component}
+"""Bundle-relative file of each exported (fp32) graph."""
 
 
 def precision_file(precision: str, component: str) -> str:

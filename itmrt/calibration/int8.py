@@ -37,6 +37,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from itmrt.bundle.manifest import NodeNote
 from itmrt.errors import ItmrtError
 
 METHODS: dict[str, CalibrationMethod] = {
@@ -71,7 +73,7 @@ def calibration_method(name: str) -> CalibrationMethod:
         raise ItmrtError(f"unknown calibration method '{name}'; choose one of {', '.join(METHODS)}") from None
 
 
-def excluded_nodes(model: onnx.ModelProto) -> list[dict[str, str]]:
+def excluded_nodes(model: onnx.ModelProto) -> list[NodeNote]:
     """Products whose output reaches a float comparison through reshaping ops only (a branch decision)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -87,7 +89,7 @@ def excluded_nodes(model: onnx.ModelProto) -> list[dict[str, str]]:
         return False
 
     return [
-        {"node": node.name, "op": node.op_type, "reason": "decides a branch (feeds a comparison)"}
+        NodeNote(node=node.name, op=node.op_type, reason="decides a branch (feeds a comparison)")
         for node in model.graph.node
         if node.op_type in QUANTIZED_OPS and any(feeds_comparison(output) for output in node.output)
     ]
@@ -218,12 +220,24 @@ def quantizable_nodes(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type in QUANTIZED_OPS and node.name not in exclude]
 
 
-def quantization_summary(model: onnx.ModelProto) -> dict[str, Any]:
-    """Which nodes compute on dequantized int8 inputs, and whether each one's weight is per-channel."""
+@dataclass
+class QuantizationSummary:
+    """Which nodes compute on dequantized int8 inputs, whether any weight is per-channel, how many Q/DQ pairs."""
+
+    quantized_nodes: list[str]
+    per_channel: bool
+    qdq_pairs: int
+
+
+def _per_channel(model: onnx.ModelProto, dequantize: onnx.NodeProto) -> bool:
+    scale = _initializer(model, dequantize.input[1])
+    return any(attr.name == "axis" for attr in dequantize.attribute) and scale is not None and scale.size > 1
+
+
+def quantization_summary(model: onnx.ModelProto) -> QuantizationSummary:
+    """What :func:`quantize_graph` made of a graph (recorded in its manifest entry)."""
     dequantized = {node.output[0]: node for node in model.graph.node if node.op_type == "DequantizeLinear"}
-    quantized = [node.name for node in model.graph.node if node.op_type in QUANTIZED_OPS and all(name in dequantized for name in node.input[:2])]
-    per_channel = any(
-        any(attr.name == "axis" for attr in node.attribute) and (_initializer(model, node.input[1]) is not None and _initializer(model, node.input[1]).size > 1)  # type: ignore[union-attr]
-        for node in dequantized.values()
-    )
-    return {"quantized_nodes": quantized, "per_channel": per_channel, "qdq_pairs": qdq_pairs(model)}
+    quantized = [node.name for node in model.graph.node
+                 if node.op_type in QUANTIZED_OPS and all(name in dequantized for name in node.input[:2])]
+    per_channel = any(_per_channel(model, node) for node in dequantized.values())
+    return QuantizationSummary(quantized, per_channel, qdq_pairs(model))

@@ -39,12 +39,13 @@ def build_command(
 ) -> None:
     """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT
     engine per graph. Without TensorRT it stops after the graphs and says that no engine was built."""
+    from itmrt.bundle.names import Precision, parse_choice
+    from itmrt.calibration.build import build_bundle
     from itmrt.calibration.int8 import calibration_method
-    from itmrt.calibration.records import check_precision
-    from itmrt.calibration.variants import PrecisionOptions
-    from itmrt.engine.build import EngineOptions, build_bundle
+    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.engine.build import EngineOptions
 
-    check_precision(precision)
+    parse_choice(Precision, precision, "precision")
     calibration_method(method)
     ranges = parse_axis_ranges(shape)
     options = PrecisionOptions(calib_data=calib_data, split=split, method=method, samples=samples, progress=progress)

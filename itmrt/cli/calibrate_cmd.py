@@ -24,7 +24,7 @@ def calibrate_command(
     """Collect activation ranges on a sample of --data, save them in the bundle (calibration/<graph>.json)
     and write the INT8 Q/DQ graphs (precision/int8/). `itmrt build --precision int8` then reuses them."""
     from itmrt.calibration.int8 import calibration_method
-    from itmrt.calibration.variants import PrecisionOptions, calibrate
+    from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate
 
     calibration_method(method)  # an unknown name fails before any work
     options = PrecisionOptions(

@@ -34,7 +34,7 @@ def eval_command(
     from itmrt.data.metrics import coco_5fold_1k, format_recall_table
     from itmrt.data.precomp import PrecompSplit
     from itmrt.io import atomic_save_float32_npy, atomic_write_text
-    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.families.checkpoints import load_checkpoint
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
 
     check_new_files([json_path, scores_out], overwrite)

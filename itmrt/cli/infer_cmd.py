@@ -50,12 +50,9 @@ def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i:
 def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, captions: list[str],
                       max_length: int | None, on_long: str, batch_size: int) -> Any:
     """The PyTorch reference's score matrix (images x captions); the only path that imports torch."""
-    import numpy as np
-    import torch
-
-    from itmrt.models.checkpoint import load_checkpoint
-    from itmrt.models.cmpm import CMPMModel
-    from itmrt.models.evaluate import EncodedCaptions, encode_images, load_vocabulary_for, score_matrix
+    from itmrt.families import family_of
+    from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.models.evaluate import load_vocabulary_for, reference_scores
     from itmrt.runtime.encoders import tokenize
     from itmrt.runtime.gallery import load_features
 
@@ -63,32 +60,8 @@ def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, cap
     vocab = load_vocabulary_for(model, vocab_path)
     features = load_features(images_path)
     ids = tokenize(vocab, captions, max_length, on_long, _say_warning)
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            part = ids[start : start + batch_size]
-            tokens = np.full((len(part), max(len(x) for x in part)), vocab.pad_id, dtype=np.int64)
-            for row, seq in enumerate(part):
-                tokens[row, : len(seq)] = seq
-            lens = torch.from_numpy(lengths[start : start + batch_size])
-            if not isinstance(model, CMPMModel):
-                emb = model.encode_captions(torch.from_numpy(tokens), lens)
-                chunks.append(torch.nn.functional.pad(emb, (0, 0, 0, int(lengths.max()) - emb.shape[1])))
-            else:
-                chunks.append(model.encode_text(torch.from_numpy(tokens), lens))
-        caption_emb = torch.cat(chunks)
-        if not isinstance(model, CMPMModel):
-            expected = model.image_encoder.img_dim
-            if features.ndim != 3 or features.shape[2] != expected:
-                raise ItmrtError(f"{images_path} has shape {features.shape}; the checkpoint expects images x regions x {expected}")
-            image_emb = encode_images(model, features, batch_size)
-            return score_matrix(model, image_emb, EncodedCaptions(caption_emb, torch.from_numpy(lengths)))
-        if features.ndim != 4 or features.shape[1] != 3:
-            raise ItmrtError(f"{images_path} has shape {features.shape}; a CMPM checkpoint takes images x 3 x H x W")
-        image_chunks = [model.encode_image(torch.from_numpy(np.array(features[s : s + batch_size], dtype=np.float32)))
-                        for s in range(0, len(features), batch_size)]
-        return model.scores(torch.cat(image_chunks), caption_emb).numpy()
+    family_of(model).check_reference_images(model, features, str(images_path))
+    return reference_scores(model, features, ids, vocab.pad_id, batch_size)
 
 
 @app.command("infer")
@@ -115,7 +88,7 @@ def infer_command(
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
     from itmrt.data.precomp import read_captions
-    from itmrt.runtime.bundle import is_bundle
+    from itmrt.bundle.folder import is_bundle
     from itmrt.runtime.gallery import is_gallery
 
     check_new_files([out, scores_out], overwrite)

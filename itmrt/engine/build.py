@@ -19,24 +19,32 @@ name and compute capability (see :mod:`itmrt.engine.compat`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from itmrt.calibration import records
-from itmrt.engine.compat import DeviceInfo, check_engine
+from itmrt.bundle.manifest import (
+    EngineEntry,
+    GraphEntry,
+    Log,
+    Manifest,
+    ProfileShapes,
+    read_manifest,
+    report_replacement,
+    timestamp,
+    update_manifest,
+)
+from itmrt.bundle.names import engine_file
+from itmrt.engine.compat import DeviceInfo
 from itmrt.engine.doctor import gpus
 from itmrt.errors import ItmrtError
-from itmrt.export.manifest import read_manifest
 from itmrt.io import atomic_write_bytes, sha256_file
 from itmrt.optional import available, require
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-Log = Callable[[str], None]
 Range = tuple[int, int, int]
 
 
@@ -64,32 +72,30 @@ def device_info(trt_module: ModuleType) -> DeviceInfo:
     return DeviceInfo(str(trt_module.__version__), found[0].name, found[0].compute_capability)
 
 
-def profile_shapes(graph_entry: dict[str, Any], overrides: dict[str, Range]) -> dict[str, tuple[list[int], list[int], list[int]]]:
+def profile_shapes(graph_entry: GraphEntry, overrides: dict[str, Range]) -> dict[str, tuple[list[int], list[int], list[int]]]:
     """min/opt/max shape of every input: fixed dims as they are, symbolic ones from the ranges (or overrides)."""
-    ranges: dict[str, Range] = {
-        axis: (int(r["min"]), int(r["opt"]), int(r["max"])) for axis, r in graph_entry.get("shape_ranges", {}).items()
-    }
+    ranges: dict[str, Range] = {axis: (r.min, r.opt, r.max) for axis, r in graph_entry.shape_ranges.items()}
     ranges.update(overrides)
     shapes = {}
-    for value in graph_entry["inputs"]:
+    for value in graph_entry.inputs:
         low: list[int] = []
         mid: list[int] = []
         high: list[int] = []
-        for dim in value["shape"]:
+        for dim in value.shape:
             if isinstance(dim, int):
                 low.append(dim)
                 mid.append(dim)
                 high.append(dim)
                 continue
             if dim not in ranges:
-                raise ItmrtError(f"input '{value['name']}' has axis '{dim}' with no range; pass it with --shape {dim}=MIN:OPT:MAX")
+                raise ItmrtError(f"input '{value.name}' has axis '{dim}' with no range; pass it with --shape {dim}=MIN:OPT:MAX")
             minimum, opt, maximum = ranges[dim]
             if not 1 <= minimum <= opt <= maximum:
                 raise ItmrtError(f"axis '{dim}': need 1 <= min <= opt <= max, got {minimum}:{opt}:{maximum}")
             low.append(minimum)
             mid.append(opt)
             high.append(maximum)
-        shapes[value["name"]] = (low, mid, high)
+        shapes[value.name] = (low, mid, high)
     return shapes
 
 
@@ -134,9 +140,7 @@ def build_serialized_engine(
     return bytes(memoryview(serialized))
 
 
-def build_engines(
-    bundle: str | Path, precision: str, options: EngineOptions | None = None, log: Log | None = None
-) -> dict[str, Any]:
+def build_engines(bundle: str | Path, precision: str, options: EngineOptions | None = None, log: Log | None = None) -> Manifest:
     """Build one engine per graph of ``precision`` (its graphs must exist) and record them; return the manifest."""
     options = options or EngineOptions()
     say: Log = log or (lambda _message: None)
@@ -144,75 +148,32 @@ def build_engines(
     trt_module = require_tensorrt()
     here = device_info(trt_module)
     manifest = read_manifest(folder)
-    entries: dict[str, dict[str, Any]] = {}
-    for graph, graph_entry in manifest["graphs"].items():
+    entries: dict[str, EngineEntry] = {}
+    for graph, graph_entry in manifest.graphs.items():
         started = time.perf_counter()
-        relative_graph = records.graph_file(manifest, precision, graph)
+        relative_graph = manifest.graph_file(precision, graph)
         shapes = profile_shapes(graph_entry, options.axis_ranges)
         engine = build_serialized_engine(folder / relative_graph, shapes, options)
-        relative = records.engine_file(precision, graph)
+        relative = engine_file(precision, graph)
         atomic_write_bytes(folder / relative, engine)
-        entries[graph] = {
-            "file": relative,
-            "sha256": sha256_file(folder / relative),
-            "graph_file": relative_graph,
-            "graph_sha256": sha256_file(folder / relative_graph),
-            "tensorrt_version": here.tensorrt_version,
-            "gpu_name": here.gpu_name,
-            "compute_capability": here.compute_capability,
-            "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()},
-            "workspace_mb": options.workspace_mb,
-            "built": records.now(),
-        }
+        entries[graph] = EngineEntry(
+            file=relative,
+            sha256=sha256_file(folder / relative),
+            graph_file=relative_graph,
+            graph_sha256=sha256_file(folder / relative_graph),
+            tensorrt_version=here.tensorrt_version,
+            gpu_name=here.gpu_name,
+            compute_capability=here.compute_capability,
+            profile={name: ProfileShapes(min=s[0], opt=s[1], max=s[2]) for name, s in shapes.items()},
+            workspace_mb=options.workspace_mb,
+            built=timestamp(),
+        )
         say(f"engine {relative}: {len(engine) / 1e6:.1f} MB, TensorRT {here.tensorrt_version}, {here.gpu_name} ({time.perf_counter() - started:.1f}s)")
 
-    def change(m: dict[str, Any]) -> None:
+    def change(m: Manifest) -> None:
         for graph, entry in entries.items():
-            records.set_entry(m, ("engines", precision, graph), entry, f"{precision} {graph} engine", say)
+            report_replacement(m.engine(precision, graph), entry, f"{precision} {graph} engine", say)
+            m.engines.setdefault(precision, {})[graph] = entry
+            m.record_file(entry.file, entry.sha256)
 
-    return records.update_manifest(folder, change)
-
-
-def load_engine(bundle: str | Path, precision: str, graph: str) -> trt.ICudaEngine:
-    """Deserialize a bundle's engine after checking it was built by this TensorRT for this GPU."""
-    trt_module = require_tensorrt()
-    folder = Path(bundle)
-    path = check_engine(folder, read_manifest(folder), precision, graph, device_info(trt_module))
-    import tensorrt as trt
-
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
-    if engine is None:
-        raise ItmrtError(f"TensorRT could not load {path.name}; rebuild it: itmrt build {folder} --precision {precision}")
-    return engine
-
-
-@dataclass
-class BuildOutcome:
-    """What :func:`build_bundle` did: the manifest after it, and why no engine was built (if so)."""
-
-    manifest: dict[str, Any]
-    engines_built: bool
-    no_engine_reason: str | None = None
-
-
-def build_bundle(
-    bundle: str | Path,
-    precision: str,
-    precision_options: Any = None,
-    engine_options: EngineOptions | None = None,
-    log: Log | None = None,
-) -> BuildOutcome:
-    """``itmrt build`` as a function: make and verify the ``precision`` graphs (ONNX Runtime runs them
-    anywhere), then build the TensorRT engines where TensorRT and a GPU exist.
-
-    ``precision_options`` is an :class:`itmrt.calibration.variants.PrecisionOptions`.
-    """
-    from itmrt.calibration.variants import make_precision_graphs
-
-    manifest = make_precision_graphs(bundle, precision, precision_options, log)
-    try:
-        device_info(require_tensorrt())
-    except TensorRTUnavailable as exc:
-        return BuildOutcome(manifest, False, str(exc))
-    return BuildOutcome(build_engines(bundle, precision, engine_options, log), True)
+    return update_manifest(folder, change)

@@ -37,7 +37,7 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.reports.variants import Variant, graph_files, open_variant
-from itmrt.runtime.bundle import read_bundle
+from itmrt.bundle.folder import read_bundle
 from itmrt.runtime.encoders import tokenize
 from itmrt.runtime.tiled import top_k_of_matrix
 
@@ -96,8 +96,8 @@ def synthetic_features(runtime: Any, count: int, rng: np.random.Generator) -> np
         if isinstance(axis, int):
             shape.append(axis)
         else:
-            limits = runtime.bundle.shape_range(axis) or {}
-            shape.append(int(limits.get("opt") or runtime.bundle.manifest["dims"].get(axis, 36)))
+            limits = runtime.bundle.shape_range(axis)
+            shape.append(limits.opt if limits is not None else int(runtime.bundle.manifest.dims.get(axis, 36)))
     return np.abs(rng.standard_normal(shape)).astype(np.float32)
 
 

@@ -6,7 +6,7 @@ Imports numpy and (when a session is created) onnxruntime or TensorRT - never to
 from __future__ import annotations
 
 from itmrt.runtime.api import Runtime, load
-from itmrt.runtime.bundle import BundleInfo, read_bundle
+from itmrt.bundle.folder import BundleInfo, read_bundle
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.gallery import Gallery, read_gallery
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled

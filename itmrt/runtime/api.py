@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.families import FamilySpec, get
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
-from itmrt.runtime.bundle import BundleInfo, read_bundle
+from itmrt.bundle.folder import BundleInfo, read_bundle
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, Warn, check_image_input
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
@@ -45,6 +46,7 @@ class Runtime:
         scorer: str = "auto",
     ) -> None:
         self.bundle, self.backend_name, self.precision = bundle, backend, precision
+        self.family: FamilySpec = get(bundle.family)
         self.budget_bytes = budget_bytes
         self._gallery_vectors: dict[tuple[str, str], np.ndarray] = {}  # shortlist: global vectors per gallery
         self.backends: dict[str, Backend] = {
@@ -54,32 +56,30 @@ class Runtime:
         self.scorer_kind = "fused" if self.fused is not None else "graph"
         manifest = bundle.manifest
         self.vocab = Vocabulary.from_json(bundle.vocab_file())
-        expected_vocab = (manifest.get("vocab") or {}).get("size", manifest["dims"].get("vocab_size"))
-        if expected_vocab is not None and len(self.vocab) != int(expected_vocab):
-            raise ItmrtError(f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {expected_vocab}")
+        if len(self.vocab) != manifest.vocab.size:
+            raise ItmrtError(f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {manifest.vocab.size}")
         self.batch_limit = _range_max(bundle, "batch_images")
         self.caption_limit = _range_max(bundle, "batch_captions")
         profile_length = _range_max(bundle, "max_length")
         if max_length is not None and profile_length is not None and max_length > profile_length and backend == "trt":
             raise ItmrtError(f"--max-length {max_length} exceeds the engine profile's {profile_length}; use at most {profile_length}")
         self.max_length = max_length if max_length is not None else profile_length
-        # CMPM's released max over padding makes an embedding depend on its batch's padding: no bucketing then.
-        bucket = not bool(manifest.get("max_over_padding", False))
+        bucket = self.family.caption_buckets(manifest)
         self.text_encoder = CaptionEncoder(
-            self.backends["text_encoder"], self.vocab, bundle.cross_attention, self.max_length, on_long,
+            self.backends["text_encoder"], self.vocab, self.family.token_level, self.max_length, on_long,
             batch_size, self.caption_limit if backend == "trt" else None, bucket, warn,
         )
         image_input = bundle.graph_inputs("image_encoder")[0]
         self._image_input = image_input
         self.image_encoder = ImageEncoder(
-            self.backends["image_encoder"], image_input["name"], batch_size, self.batch_limit if backend == "trt" else None
+            self.backends["image_encoder"], image_input.name, batch_size, self.batch_limit if backend == "trt" else None
         )
 
     # -- encoding -----------------------------------------------------------
 
     @property
     def image_input_shape(self) -> list[int | str]:
-        return list(self._image_input["shape"])
+        return list(self._image_input.shape)
 
     def check_images(self, features: np.ndarray, source: str = "image features") -> None:
         ranges = {axis: self.bundle.shape_range(axis) for axis in self.image_input_shape if isinstance(axis, str)}
@@ -110,8 +110,8 @@ class Runtime:
             if isinstance(axis, int):
                 shape.append(axis)
             else:
-                limits = self.bundle.shape_range(axis) or {"min": 1, "opt": 1}
-                shape.append(max(int(limits["min"]), min(2, int(limits["opt"]))))
+                limits = self.bundle.shape_range(axis)
+                shape.append(max(limits.min, min(2, limits.opt)) if limits else 1)
         features = np.random.default_rng(0).random(shape, dtype=np.float32)
         images = self.encode_images(features, source="warm-up images")
         self.rank(images, self.encode_captions(["warm up", "a short warm up caption"]), top_k=1)
@@ -246,7 +246,7 @@ def _fused_scorer(
     if scorer == "graph":
         return None
     on_cpu = backend == "ort" and getattr(graph, "providers", [None])[0] == "CPUExecutionProvider"
-    applicable = bundle.family == "naaf" and precision == "fp32" and on_cpu
+    applicable = get(bundle.family).fused_scorer and precision == "fp32" and on_cpu
     if scorer == "auto" and not (applicable and fused_available()):
         return None
     if not applicable:
@@ -260,7 +260,7 @@ def _fused_scorer(
 
 def _range_max(bundle: BundleInfo, axis: str) -> int | None:
     limits = bundle.shape_range(axis)
-    return int(limits["max"]) if limits else None
+    return limits.max if limits else None
 
 
 def load(

@@ -19,7 +19,7 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.optional import require_all
-from itmrt.runtime.bundle import BundleInfo
+from itmrt.bundle.folder import BundleInfo
 
 
 def _import_tensorrt() -> tuple[Any, Any]:

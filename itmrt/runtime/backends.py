@@ -18,7 +18,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from itmrt.errors import ItmrtError
-from itmrt.runtime.bundle import BundleInfo
+from itmrt.bundle.folder import BundleInfo
 from itmrt.runtime.sessions import create_session
 
 BACKENDS = ("ort", "trt")

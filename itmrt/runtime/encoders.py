@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from itmrt.bundle.manifest import AxisRange
 from itmrt.errors import DataError, ItmrtError
 from itmrt.runtime.backends import Backend
 from itmrt.text.vocab import CaptionTooLongError, Vocabulary
@@ -170,7 +171,7 @@ class CaptionEncoder:
         return CaptionEmbeddings(vectors, lengths, offsets if self.token_level else None)
 
 
-def check_image_input(features: np.ndarray, expected: list[int | str], ranges: dict[str, dict[str, int] | None], source: str) -> None:
+def check_image_input(features: np.ndarray, expected: list[int | str], ranges: dict[str, AxisRange | None], source: str) -> None:
     """Refuse features whose shape does not fit the image encoder's declared input (one-line error)."""
     if features.ndim != len(expected):
         raise DataError(
@@ -184,10 +185,10 @@ def check_image_input(features: np.ndarray, expected: list[int | str], ranges: d
                 f"(axis {axis} is {have}, not {want}); use features extracted for this model"
             )
         limits = ranges.get(str(want)) if isinstance(want, str) else None
-        if limits and not limits["min"] <= have <= limits["max"]:
+        if limits and not limits.min <= have <= limits.max:
             raise DataError(
                 f"{source} has {have} along axis {axis} ({want}); the bundle was exported for "
-                f"{limits['min']}..{limits['max']}; use features extracted for this model"
+                f"{limits.min}..{limits.max}; use features extracted for this model"
             )
 
 

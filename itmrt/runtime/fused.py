@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD
 from itmrt.errors import ItmrtError
 from itmrt.optional import available, require
 from itmrt.runtime.encoders import CaptionEmbeddings
@@ -39,15 +40,15 @@ from itmrt.runtime.fused_kernels import CHUNK
 from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, StreamingTopK, tile_shape
 
 FUSED_BUDGET_BYTES = 8 << 20
-"""Default similarity-tile size (measured on the 2-core dev CPU: 8 MB beat 2 and 4 MB by ~15%)."""
+"""Default similarity-tile size (measured with ``benchmarks/bench_scorer.py`` on a 2-core AVX2 CPU: 8 MB beat
+2 and 4 MB by ~15%)."""
 STRIP_BYTES = 16 << 20
 """Scores gathered before each top-k merge (whole image tiles of one caption tile)."""
 GRAM_CACHE_BYTES = 256 << 20
 """Keep every image's Gram matrix across caption tiles while they take at most this much memory."""
 
-CONSTANT_KEYS = ("naaf_threshold", "naaf_lambda", "naaf_intra_factor")
-"""Metadata keys of NAAF's frozen constants in the scorer graph (``itmrt.export.graphs_scorer``'s
-names, repeated here because the export side imports torch and the runtime must not)."""
+CONSTANT_KEYS = (NAAF_THRESHOLD, NAAF_LAMBDA, NAAF_INTRA_FACTOR)
+"""Metadata keys of NAAF's frozen constants in the scorer graph."""
 
 _kernels: dict[str, Any] = {}
 

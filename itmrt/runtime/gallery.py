@@ -25,7 +25,7 @@ from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
 from itmrt.data.precomp import open_npy
 from itmrt.io import atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_file, staged_folder
-from itmrt.runtime.bundle import BundleInfo
+from itmrt.bundle.folder import BundleInfo
 
 GALLERY_KIND = "itmrt-gallery"
 GALLERY_SCHEMA = 1

@@ -15,7 +15,7 @@ Output folder:
 
 - ``checkpoint_last.safetensors``: the model after the latest epoch, in itmrt's
   native format (:func:`itmrt.models.native.save_native`, loadable by
-  ``load_checkpoint``);
+  ``itmrt.families.checkpoints.load_checkpoint``);
 - ``checkpoint_last.state.pt``: what resuming needs besides the weights, saved
   with ``torch.save`` holding only tensors, numbers, strings, lists and dicts (so
   ``torch.load(..., weights_only=True)`` reads it): epoch, optimizer state, the
@@ -51,7 +51,8 @@ from itmrt.data.images import ImageCaptionSplit, identity_recall_table, load_voc
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.io import atomic_write_bytes, atomic_write_text
 from itmrt.models.cmpm import CMPMModel
-from itmrt.models.native import load_native, save_native
+from itmrt.families.checkpoints import load_native
+from itmrt.models.native import save_native
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.losses import cmpc_loss, cmpm_loss
 
