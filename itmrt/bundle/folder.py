@@ -14,7 +14,6 @@ Every file is checked against the sha256 the manifest lists before it is used
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from itmrt.bundle.manifest import AxisRange, EngineEntry, Manifest, TensorSpec, load_manifest_file
 from itmrt.bundle.names import BUNDLE_KIND, COMPONENTS, MANIFEST_NAME, PRECISIONS, Precision
 from itmrt.errors import ItmrtError
-from itmrt.io import sha256_file
+from itmrt.io import sha256_bytes, sha256_file
 
 
 @dataclass
@@ -110,7 +109,7 @@ def read_bundle(folder: str | Path) -> BundleInfo:
     missing = [c for c in COMPONENTS if c not in manifest.graphs]
     if missing:
         raise ItmrtError(f"{path} lists no graph for {', '.join(missing)}; export the bundle again")
-    return BundleInfo(bundle, manifest, hashlib.sha256(raw).hexdigest())
+    return BundleInfo(bundle, manifest, sha256_bytes(raw))
 
 
 def is_bundle(folder: str | Path) -> bool:

@@ -299,8 +299,12 @@ class Manifest(JsonRecord):
 
     def precisions_made(self) -> list[str]:
         """Precisions for which at least one component has a graph (fp32 always)."""
-        made = {p: self.variants(p) for p in PRECISIONS if p != Precision.FP32}
-        return [p for p in PRECISIONS if p == Precision.FP32 or (made[p] is not None and made[p].graphs)]
+        found = []
+        for precision in PRECISIONS:
+            variants = self.variants(precision) if precision != Precision.FP32 else None
+            if precision == Precision.FP32 or (variants is not None and variants.graphs):
+                found.append(precision)
+        return found
 
     def graph_file(self, precision: str, component: str) -> str:
         """The bundle-relative ONNX file of ``component`` at ``precision`` (an error when it was never made)."""

@@ -17,36 +17,34 @@ from itmrt.errors import ItmrtError
 ChoiceT = TypeVar("ChoiceT", bound=Enum)
 
 
-class Component(str, Enum):
+class Choice(str, Enum):
+    """A str enum whose members print as their values (``f"{Precision.FP16}"`` is ``fp16``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Component(Choice):
     """The three graphs of every bundle."""
 
     IMAGE_ENCODER = "image_encoder"
     TEXT_ENCODER = "text_encoder"
     SCORER = "scorer"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Precision(str, Enum):
+class Precision(Choice):
     """Numeric precision of a graph or engine; fp16 and int8 live in the ONNX graph itself."""
 
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class BackendName(str, Enum):
+class BackendName(Choice):
     """What runs a bundle: ONNX Runtime sessions or native TensorRT engines."""
 
     ORT = "ort"
     TRT = "trt"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def parse_choice(choices: type[ChoiceT], value: str | ChoiceT, what: str) -> ChoiceT:

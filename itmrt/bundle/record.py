@@ -26,12 +26,11 @@ the key out when its value is None or empty).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 import types
-from collections.abc import Callable
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 from itmrt.errors import ItmrtError
 
@@ -73,12 +72,12 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _check_pattern(value: str, pattern: str | None, path: str) -> None:
-    if pattern is not None and not re.search(pattern, value):
+def _check_pattern(value: str, pattern: object, path: str) -> None:
+    if isinstance(pattern, str) and not re.search(pattern, value):
         raise RecordError(path, f"is {_describe(value)}, which is not a relative path inside the folder")
 
 
-def _convert(hint: Any, value: object, path: str, metadata: dict[str, Any]) -> object:
+def _convert(hint: Any, value: object, path: str, metadata: Mapping[str, object]) -> object:
     """``value`` checked against ``hint`` (records built, ints widened to float); RecordError on a mismatch."""
     origin = get_origin(hint)
     if hint is object or hint is Any:
@@ -115,7 +114,7 @@ def _convert(hint: Any, value: object, path: str, metadata: dict[str, Any]) -> o
     return _convert_scalar(hint, value, path, metadata)
 
 
-def _convert_scalar(hint: Any, value: object, path: str, metadata: dict[str, Any]) -> object:
+def _convert_scalar(hint: Any, value: object, path: str, metadata: Mapping[str, object]) -> object:
     integral = isinstance(value, float) and value.is_integer()  # JSON Schema's "integer" takes 2.0 too
     fits = {
         str: isinstance(value, str),
@@ -129,8 +128,10 @@ def _convert_scalar(hint: Any, value: object, path: str, metadata: dict[str, Any
         raise RecordError(path, f"must be {_type_name(hint)}, not {_describe(value)}")
     if hint is str:
         _check_pattern(str(value), metadata.get("pattern"), path)
-    if hint is float or hint is int:
-        return hint(value)  # type: ignore[arg-type]
+    if hint is float:
+        return float(cast(float, value))
+    if hint is int:
+        return int(cast(float, value))
     return value
 
 
@@ -139,9 +140,14 @@ def _required(spec: dataclasses.Field[Any]) -> bool:
     return no_default or bool(spec.metadata.get("required"))
 
 
-@functools.lru_cache(maxsize=None)
-def _hints(record: type) -> dict[str, Any]:
-    return get_type_hints(record)
+_HINTS: dict[type, Mapping[str, Any]] = {}
+
+
+def _hints(record: type) -> Mapping[str, Any]:
+    """The record's resolved field annotations (resolved once per class)."""
+    if record not in _HINTS:
+        _HINTS[record] = get_type_hints(record)
+    return _HINTS[record]
 
 
 def _dump(value: object) -> object:
@@ -221,7 +227,7 @@ def json_schema(root: type[JsonRecord], title: str, schema_id: str) -> dict[str,
             **body, "$defs": dict(sorted(definitions.items()))}  # type: ignore[dict-item]
 
 
-def _schema_of(hint: Any, definitions: dict[str, object], metadata: dict[str, Any]) -> dict[str, object]:
+def _schema_of(hint: Any, definitions: dict[str, object], metadata: Mapping[str, object]) -> dict[str, object]:
     origin = get_origin(hint)
     if hint is object or hint is Any:
         return {}

@@ -39,38 +39,38 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
 
 from itmrt.bundle.manifest import NodeNote
+from itmrt.bundle.names import parse_choice
+from itmrt.calibration import CalibrationMethod as Method
 from itmrt.errors import ItmrtError
 
-METHODS: dict[str, CalibrationMethod] = {
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-    "minmax": CalibrationMethod.MinMax,
+ORT_METHODS: dict[str, OrtCalibrationMethod] = {
+    Method.ENTROPY.value: OrtCalibrationMethod.Entropy,
+    Method.PERCENTILE.value: OrtCalibrationMethod.Percentile,
+    Method.MINMAX.value: OrtCalibrationMethod.MinMax,
 }
-HISTOGRAM_OPTIONS: dict[str, dict[str, Any]] = {
+HISTOGRAM_OPTIONS: dict[str, dict[str, float]] = {
     # TensorRT's entropy calibrator's sizes: a 2048-bin histogram searched for the 128-level
     # threshold with the least KL divergence.
-    "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
-    "percentile": {"num_bins": 2048, "percentile": 99.999},
-    "minmax": {},
+    Method.ENTROPY.value: {"num_bins": 2048, "num_quantized_bins": 128},
+    Method.PERCENTILE.value: {"num_bins": 2048, "percentile": 99.999},
+    Method.MINMAX.value: {},
 }
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH_OPS = frozenset({"Identity", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten"})
 COMPARISON_OPS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
 
 
-def calibration_method(name: str) -> CalibrationMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ItmrtError(f"unknown calibration method '{name}'; choose one of {', '.join(METHODS)}") from None
+def calibration_method(name: str) -> OrtCalibrationMethod:
+    """ONNX Runtime's calibrator for a method name (a one-line error naming the choices for another name)."""
+    return ORT_METHODS[parse_choice(Method, name, "calibration method").value]
 
 
 def excluded_nodes(model: onnx.ModelProto) -> list[NodeNote]:
@@ -180,7 +180,7 @@ def _calibrate(model_path: Path, method: str, reader: CalibrationDataReader, cac
     with _quiet_quantizer():
         calibrator = create_calibrator(
             model_path, list(QUANTIZED_OPS), augmented_model_path=str(augmented),
-            calibrate_method=calibration_method(method), extra_options=dict(HISTOGRAM_OPTIONS[method]),
+            calibrate_method=calibration_method(method), extra_options=dict(HISTOGRAM_OPTIONS[Method(method).value]),
         )
         calibrator.collect_data(reader)
         save_tensors_data(calibrator.compute_data(), cache)

@@ -12,7 +12,6 @@ together at the end, so a failure leaves the bundle as it was.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from itmrt.calibration.fp16 import verify_precision_graph
 from itmrt.calibration.int8 import excluded_nodes, quantizable_nodes, quantization_summary, quantize_graph, zero_point_problems
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands, output_error, run_model
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_bytes, sha256_file
+from itmrt.io import atomic_write_bytes, sha256_bytes, sha256_file
 
 SENSITIVITY_IMAGES = 16  # images (with their captions) the FP16 sensitivity measurement runs on
 RANDOM_SEED = 0
@@ -117,10 +116,6 @@ def _threshold_name(manifest: Manifest, graph: str) -> str | None:
     return threshold.initializer if graph == Component.SCORER and threshold is not None else None
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _publish(folder: Path, results: Iterable[GraphResult], change: Callable[[Manifest], None]) -> Manifest:
     """Write every result's files (each atomically), then the manifest that lists them."""
     for result in results:
@@ -163,7 +158,7 @@ def _fp16_graph(folder: Path, manifest: Manifest, graph: str, data: CalibrationD
     verify_precision_graph(chosen.model, f"fp16 {graph}")
     relative = precision_file(Precision.FP16, graph)
     payload = chosen.model.SerializeToString()
-    entry = Fp16Graph(file=relative, sha256=_sha256(payload), source_sha256=source_entry.sha256,
+    entry = Fp16Graph(file=relative, sha256=sha256_bytes(payload), source_sha256=source_entry.sha256,
                       islands=chosen.islands, max_abs_error=chosen.final_error, sample=_sample_name(data))
     say(
         f"fp16 {graph}: {len(chosen.islands)} FP32 island(s) "
@@ -274,7 +269,7 @@ def _int8_graph(folder: Path, manifest: Manifest, graph: str, plan: Int8Plan, fe
     relative = precision_file(Precision.INT8, graph)
     payload = quantized.SerializeToString()
     entry = Int8Graph(
-        file=relative, sha256=_sha256(payload), source_sha256=source_entry.sha256, calibration=ranges_file,
+        file=relative, sha256=sha256_bytes(payload), source_sha256=source_entry.sha256, calibration=ranges_file,
         method=plan.method, quantized_nodes=summary.quantized_nodes, per_channel=summary.per_channel,
         qdq_pairs=summary.qdq_pairs, excluded_nodes=exclude, symmetric=True, max_abs_error=error,
         sample=_sample_name(plan.data),
@@ -283,7 +278,7 @@ def _int8_graph(folder: Path, manifest: Manifest, graph: str, plan: Int8Plan, fe
         f"int8 {graph}: {len(summary.quantized_nodes)} quantized node(s), {summary.qdq_pairs} Q/DQ pairs, "
         f"{len(exclude)} excluded, max abs error {error:.2e} ({time.perf_counter() - started:.1f}s)"
     )
-    ranges_entry = CalibrationFile(file=ranges_file, sha256=_sha256(ranges), source_sha256=source_entry.sha256)
+    ranges_entry = CalibrationFile(file=ranges_file, sha256=sha256_bytes(ranges), source_sha256=source_entry.sha256)
     return GraphResult(graph, entry, {relative: payload, ranges_file: ranges}, ranges_entry)
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from itmrt.calibration import DEFAULT_METHOD
+from itmrt.cli import options
 from itmrt.cli.app import app
+from itmrt.cli.options import CalibrationMethod, Precision
 from itmrt.errors import ItmrtError
 
 
@@ -27,26 +28,22 @@ def parse_axis_ranges(values: list[str]) -> dict[str, tuple[int, int, int]]:
 @app.command("build")
 def build_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
-    precision: str = typer.Option("fp16", "--precision", help="fp32, fp16 or int8."),
+    precision: Precision = options.precision(Precision.FP16, "The precision of the graphs and engines to build."),
     calib_data: Path | None = typer.Option(None, "--calib-data", help="Calibration data (int8 without saved calibration); for fp16 the islands are measured on it."),
     split: str = typer.Option("train", "--split", help="Split of --calib-data."),
-    method: str = typer.Option(DEFAULT_METHOD, "--method", help="int8 range estimation when calibrating: percentile (the central 99.999% of values), entropy (KL, TensorRT-style) or minmax."),
+    method: CalibrationMethod = options.calibration_method(),
     samples: int = typer.Option(256, "--samples", min=1, help="Calibration images."),
     workspace: int | None = typer.Option(None, "--workspace", min=1, help="TensorRT workspace limit in MB (small boards)."),
     shape: list[str] = typer.Option([], "--shape", help="Override a profile axis: AXIS=MIN:OPT:MAX (repeatable; axes: batch_images, batch_captions, max_length)."),
     timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file, read and updated."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    progress: bool = options.progress(),
 ) -> None:
     """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT
     engine per graph. Without TensorRT it stops after the graphs and says that no engine was built."""
-    from itmrt.bundle.names import Precision, parse_choice
     from itmrt.calibration.build import build_bundle
-    from itmrt.calibration.int8 import calibration_method
     from itmrt.calibration.precision_graphs import PrecisionOptions
     from itmrt.engine.build import EngineOptions
 
-    parse_choice(Precision, precision, "precision")
-    calibration_method(method)
     ranges = parse_axis_ranges(shape)
     options = PrecisionOptions(calib_data=calib_data, split=split, method=method, samples=samples, progress=progress)
     outcome = build_bundle(bundle, precision, options, EngineOptions(workspace, ranges, timing_cache), log=typer.echo)

@@ -10,12 +10,15 @@ command line.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
+from itmrt.cli.options import BackendName, OnLong, Precision
 from itmrt.cli.outputs import check_new_files
 from itmrt.errors import ItmrtError
 
@@ -64,33 +67,7 @@ def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, cap
     return reference_scores(model, features, ids, vocab.pad_id, batch_size)
 
 
-@app.command("infer")
-def infer_command(
-    source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
-    captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
-    images: Path | None = typer.Option(None, "--images", help="Image features .npy (region features; CMPM: images x 3 x H x W)."),
-    gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
-    vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
-    backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (the bundle must hold that variant)."),
-    providers: str | None = typer.Option(None, "--providers", help="ONNX Runtime providers, comma-separated (tensorrt,cuda,cpu); default: available ones in that order."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core)."),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
-    on_long: str = typer.Option("truncate", "--on-long", help="Captions over the limit: truncate (with a warning) or refuse."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images / captions per encoder batch."),
-    memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
-    out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
-    scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while scoring (stderr)."),
-    shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
-) -> None:
-    """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
-    from itmrt.data.precomp import read_captions
-    from itmrt.bundle.folder import is_bundle
-    from itmrt.runtime.gallery import is_gallery
-
+def _check_request(out: Path, scores_out: Path | None, overwrite: bool, shortlist: int | None, top_k: int) -> None:
     check_new_files([out, scores_out], overwrite)
     if scores_out is not None and scores_out.resolve() == out.resolve():
         raise ItmrtError("--out and --scores-out name the same file")
@@ -100,26 +77,12 @@ def infer_command(
         check_shortlist(shortlist, top_k)
         if scores_out is not None:
             raise ItmrtError("--shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out")
-    captions = read_captions(captions_path)
-    started = time.perf_counter()
 
-    if source.is_file():
-        if shortlist is not None:
-            raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
-        if vocab is None:
-            raise ItmrtError(f"{source} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
-        if images is None:
-            raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
-        from itmrt.runtime.tiled import top_k_of_matrix
 
-        scores = _reference_scores(source, vocab, images, captions, max_length, on_long, batch_size)
-        t2i, i2t = top_k_of_matrix(scores, top_k)
-        _write_outputs(out, scores_out, captions, t2i, i2t, scores)
-        typer.echo(f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions in {time.perf_counter() - started:.1f}s; wrote {out}")
-        return
-
-    from itmrt.runtime.api import load
-    from itmrt.runtime.gallery import load_features, read_gallery
+def _bundle_of(source: Path, gallery_path: Path | None, images: Path | None) -> tuple[Path, Path | None]:
+    """(bundle folder, gallery folder or None) for a bundle or gallery given as the source."""
+    from itmrt.bundle.folder import is_bundle
+    from itmrt.runtime.gallery import is_gallery, read_gallery
 
     if is_gallery(source):
         if gallery_path is not None:
@@ -133,9 +96,37 @@ def infer_command(
         raise ItmrtError(f"{source} is neither an itmrt bundle, a gallery nor a checkpoint file")
     if (gallery_path is None) == (images is None):
         raise ItmrtError("give exactly one of --images FEATS.npy or a gallery (as the source or --gallery)")
-    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-    runtime = load(bundle_path, backend, precision, provider_list, threads, max_length,
-                   on_long, batch_size, memory_mb << 20, _say_warning)
+    return bundle_path, gallery_path
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    out: Path
+    scores_out: Path | None
+    top_k: int
+
+
+def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None, captions: list[str],
+                      outputs: _Outputs, max_length: int | None, on_long: str, batch_size: int) -> tuple[str, str]:
+    """The PyTorch reference path; returns what to print before and after its time."""
+    from itmrt.runtime.tiled import top_k_of_matrix
+
+    if vocab is None:
+        raise ItmrtError(f"{checkpoint} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
+    if images is None:
+        raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
+    scores = _reference_scores(checkpoint, vocab, images, captions, max_length, on_long, batch_size)
+    t2i, i2t = top_k_of_matrix(scores, outputs.top_k)
+    _write_outputs(outputs.out, outputs.scores_out, captions, t2i, i2t, scores)
+    return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions", ""
+
+
+def _infer_bundle(runtime: Any, gallery_path: Path | None, images: Path | None, captions: list[str],
+                  outputs: _Outputs, shortlist: int | None, progress: bool) -> tuple[str, str]:
+    """The runtime path (a bundle, or its gallery); returns what to print before and after its time."""
+    from itmrt.cli.progress import progress_bars
+    from itmrt.runtime.gallery import load_features
+
     if gallery_path is not None:
         image_set: Any = runtime.open_gallery(gallery_path)
         n_images = len(image_set)
@@ -144,15 +135,54 @@ def infer_command(
         image_set = runtime.encode_images(load_features(images), source=str(images))
         n_images = image_set.shape[0]
     encoded = runtime.encode_captions(captions)
-    from itmrt.cli.progress import progress_bars
-
     with progress_bars(progress and shortlist is None) as bars:
-        result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
-                              progress=bars("score (captions)", len(captions)))
-    _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores)
+        result = runtime.rank(image_set, encoded, outputs.top_k, keep_scores=outputs.scores_out is not None,
+                              shortlist=shortlist, progress=bars("score (captions)", len(captions)))
+    _write_outputs(outputs.out, outputs.scores_out, captions, result.t2i, result.i2t, result.scores)
     how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
            else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
-    typer.echo(
-        f"{backend}/{precision}: {n_images} images x {len(captions)} captions in {time.perf_counter() - started:.1f}s "
-        f"({how}); wrote {out}"
-    )
+    return f"{runtime.backend_name}/{runtime.precision}: {n_images} images x {len(captions)} captions", f" ({how})"
+
+
+@app.command("infer")
+def infer_command(
+    source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
+    captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
+    images: Path | None = typer.Option(None, "--images", help="Image features .npy (region features; CMPM: images x 3 x H x W)."),
+    gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
+    backend: BackendName = options.backend(),
+    precision: Precision = options.precision(),
+    providers: str | None = options.providers(),
+    threads: int = options.threads(),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
+    on_long: OnLong = options.on_long(),
+    batch_size: int = options.batch_size(128, "Images / captions per encoder batch."),
+    memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
+    out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
+    scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
+    overwrite: bool = options.overwrite("existing output files"),
+    progress: bool = options.progress(),
+    shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
+) -> None:
+    """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
+    from itmrt.data.precomp import read_captions
+
+    _check_request(out, scores_out, overwrite, shortlist, top_k)
+    captions = read_captions(captions_path)
+    outputs = _Outputs(out, scores_out, top_k)
+    started = time.perf_counter()
+    if source.is_file():
+        if shortlist is not None:
+            raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
+        head, tail = _infer_checkpoint(source, vocab, images, captions, outputs, max_length, on_long, batch_size)
+    else:
+        from itmrt.runtime.api import load
+
+        bundle_path, gallery_path = _bundle_of(source, gallery_path, images)
+        runtime = load(bundle_path, backend=backend, precision=precision, providers=options.parse_providers(providers),
+                       threads=threads, max_length=max_length, on_long=on_long, batch_size=batch_size,
+                       budget_bytes=memory_mb << 20, warn=_say_warning)
+        head, tail = _infer_bundle(runtime, gallery_path, images, captions, outputs, shortlist, progress)
+    typer.echo(f"{head} in {time.perf_counter() - started:.1f}s{tail}; wrote {out}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 
+from itmrt.bundle.manifest import JsonScalar
 from itmrt.bundle.names import Component
 from itmrt.families.regions import RegionFeatureFamily
 from itmrt.families.spec import BuiltGraphs, GraphOptions, ReferenceScorer, ScorerConstants
@@ -37,7 +38,7 @@ class CrossAttentionFamily(RegionFeatureFamily):
         from itmrt.graphs.text_encoders import text_encoder_graph
 
         image_encoder, text_encoder = model.image_encoder, model.text_encoder
-        dims: dict[str, Any] = {
+        dims: dict[str, JsonScalar] = {
             "img_dim": image_encoder.img_dim,
             "embed_size": image_encoder.embed_size,
             "word_dim": text_encoder.word_dim,

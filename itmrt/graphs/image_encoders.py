@@ -24,7 +24,7 @@ def region_image_encoder_graph(encoder: ImageEncoder, opset: int) -> onnx.ModelP
     One MatMul + Add (weight normalisation folded into a plain weight), then the
     per-region l2norm unless the model was trained with ``no_imgnorm``.
     """
-    g = GraphBuilder("image_encoder", opset)
+    g = GraphBuilder(Component.IMAGE_ENCODER.value, opset)
     features = g.input(REGION_FEATURES, FLOAT, [BATCH_IMAGES, NUM_REGIONS, encoder.img_dim])
     with torch.no_grad():
         weight_t = _numpy(encoder.effective_weight()).T  # [img_dim, d]
@@ -106,7 +106,7 @@ def cmpm_image_encoder_graph(encoder: CMPMImageEncoder, image_size: int, opset: 
     """
     if encoder.training:
         raise ValueError("put the CMPM model in eval mode before exporting it")
-    g = GraphBuilder("image_encoder", opset)
+    g = GraphBuilder(Component.IMAGE_ENCODER.value, opset)
     images = g.input(IMAGES, FLOAT, [BATCH_IMAGES, 3, image_size, image_size])
     features = _sequential_cnn(g, images, encoder.backbone)
     pooled = g.op("GlobalAveragePool", [features], "pool")

@@ -85,7 +85,7 @@ def text_encoder_graph(encoder: TextEncoder, opset: int) -> onnx.ModelProto:
     ``linear_before_reset=1`` -> directions averaged -> per-token l2norm ->
     padded positions zeroed. Lengths must lie in [1, L].
     """
-    g = GraphBuilder("text_encoder", opset)
+    g = GraphBuilder(Component.TEXT_ENCODER.value, opset)
     tokens = g.input(TOKEN_IDS, INT32, [BATCH_CAPTIONS, MAX_LENGTH])
     lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
     x = _embed_time_major(g, tokens, encoder.embedding_weight())
@@ -111,7 +111,7 @@ def cmpm_text_encoder_graph(encoder: CMPMTextEncoder, opset: int) -> onnx.ModelP
     real tokens (padded positions set to the lowest float) unless the model
     reproduces the released max over the padding (padded positions set to 0).
     """
-    g = GraphBuilder("text_encoder", opset)
+    g = GraphBuilder(Component.TEXT_ENCODER.value, opset)
     tokens = g.input(TOKEN_IDS, INT32, [BATCH_CAPTIONS, MAX_LENGTH])
     lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
     x = _embed_time_major(g, tokens, encoder.embed.weight)

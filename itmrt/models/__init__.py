@@ -10,8 +10,7 @@ submodules can import each other without cycles.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from itmrt.optional import lazy_exports
 
 _EXPORTS = {
     "CMPMModel": "itmrt.models.cmpm",
@@ -26,9 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'itmrt.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports("itmrt.models", _EXPORTS)

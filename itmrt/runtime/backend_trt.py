@@ -1,7 +1,8 @@
 """Native TensorRT backend (TensorRT 10.x / 11.x Python API, pycuda for memory and streams).
 
-Neither package can be installed on the development machines: both are
-imported when a backend is created, and tests skip where they are absent.
+Both packages are optional (``itmrt[trt]``, or JetPack's TensorRT on a
+Jetson): they are imported when a backend is created, and its tests skip
+where they are absent.
 
 Per engine: one execution context, one CUDA stream, device buffers sized for
 the optimisation profile's maximum shapes (allocated once, reused by every

@@ -19,9 +19,9 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.bundle.folder import BundleInfo
+from itmrt.bundle.names import BACKENDS, BackendName, Precision
 from itmrt.runtime.sessions import create_session
 
-BACKENDS = ("ort", "trt")
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
     "trt": "TensorrtExecutionProvider",
@@ -106,14 +106,14 @@ class OrtBackend:
 def open_backend(
     bundle: BundleInfo,
     component: str,
-    backend: str = "ort",
-    precision: str = "fp32",
+    backend: str = BackendName.ORT,
+    precision: str = Precision.FP32,
     settings: SessionSettings | None = None,
 ) -> Backend:
     """The backend that runs ``component`` of ``bundle`` at ``precision``."""
-    if backend == "ort":
+    if backend == BackendName.ORT:
         return OrtBackend(bundle.graph_file(component, precision), settings)
-    if backend == "trt":
+    if backend == BackendName.TRT:
         from itmrt.runtime.backend_trt import TrtBackend
 
         return TrtBackend.from_bundle(bundle, component, precision)

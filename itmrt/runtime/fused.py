@@ -31,7 +31,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD
+from itmrt.bundle.names import (
+    CAPTION_EMBEDDINGS,
+    IMAGE_EMBEDDINGS,
+    LENGTHS,
+    NAAF_INTRA_FACTOR,
+    NAAF_LAMBDA,
+    NAAF_THRESHOLD,
+    SCORES,
+)
 from itmrt.errors import ItmrtError
 from itmrt.optional import available, require
 from itmrt.runtime.encoders import CaptionEmbeddings
@@ -40,8 +48,7 @@ from itmrt.runtime.fused_kernels import CHUNK
 from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, StreamingTopK, tile_shape
 
 FUSED_BUDGET_BYTES = 8 << 20
-"""Default similarity-tile size (measured with ``benchmarks/bench_scorer.py`` on a 2-core AVX2 CPU: 8 MB beat
-2 and 4 MB by ~15%)."""
+"""Default similarity-tile size (``benchmarks/bench_scorer.py --fused-budgets 2,4,8``: 8 MB beat 2 and 4 MB by ~15%)."""
 STRIP_BYTES = 16 << 20
 """Scores gathered before each top-k merge (whole image tiles of one caption tile)."""
 GRAM_CACHE_BYTES = 256 << 20
@@ -144,8 +151,8 @@ class FusedNaafScorer:
     reuses Gram matrices and intra-caption weights across tiles.
     """
 
-    input_names = ["image_embeddings", "caption_embeddings", "lengths"]
-    output_names = ["scores"]
+    input_names = [IMAGE_EMBEDDINGS, CAPTION_EMBEDDINGS, LENGTHS]
+    output_names = [SCORES]
 
     def __init__(self, threshold: float, lambda_softmax: float, intra_factor: float, threads: int = 0) -> None:
         if threads < 0:
@@ -235,9 +242,9 @@ class FusedNaafScorer:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The scorer graph's contract: ``image_embeddings [Bi, n, d]``, padded ``caption_embeddings [Bc, L, d]``, ``lengths``."""
-        images = np.ascontiguousarray(feeds["image_embeddings"], dtype=np.float32)
-        padded = np.asarray(feeds["caption_embeddings"], dtype=np.float32)
-        lengths = np.asarray(feeds["lengths"]).astype(np.int64)
+        images = np.ascontiguousarray(feeds[IMAGE_EMBEDDINGS], dtype=np.float32)
+        padded = np.asarray(feeds[CAPTION_EMBEDDINGS], dtype=np.float32)
+        lengths = np.asarray(feeds[LENGTHS]).astype(np.int64)
         if padded.ndim != 3 or images.ndim != 3 or padded.shape[2] != images.shape[2]:
             raise ItmrtError(f"fused scorer: image {images.shape} and caption {padded.shape} embeddings do not match")
         if len(lengths) != padded.shape[0] or (lengths < 1).any() or (lengths > padded.shape[1]).any():

@@ -32,14 +32,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from itmrt.bundle.folder import BundleInfo, read_bundle
-from itmrt.bundle.names import MAX_LENGTH, REGION_FEATURES
+from itmrt.bundle.names import MAX_LENGTH, REGION_FEATURES, BackendName, Component, Precision
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import ItmrtError, first_line
 from itmrt.families import get
 from itmrt.io import atomic_save_float32_npy, atomic_write_text, sha256_file
 from itmrt.reports import agreement
-from itmrt.reports.variants import Variant, graph_files, open_variant, parse_variant
+from itmrt.reports.runtime_variants import Variant, graph_files, open_variant, parse_variant
 from itmrt.runtime.encoders import CaptionEmbeddings, tokenize
 from itmrt.runtime.tiled import score_tiled
 from itmrt.text.vocab import Vocabulary
@@ -49,9 +49,9 @@ BarFactory = Callable[[str, int], Callable[[int], None]]
 TOLERANCE_KEYS = ("score_max_abs", "rsum_abs_delta", "top1_agreement_min", "flip_rate_max")
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     # fp32 graphs should equal PyTorch up to float32 rounding and kernel order.
-    "fp32": {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99, "flip_rate_max": 1e-3},
-    "fp16": {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95, "flip_rate_max": 1e-2},
-    "int8": {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85, "flip_rate_max": 5e-2},
+    Precision.FP32.value: {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99, "flip_rate_max": 1e-3},
+    Precision.FP16.value: {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95, "flip_rate_max": 1e-2},
+    Precision.INT8.value: {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85, "flip_rate_max": 5e-2},
 }
 RECALL_DELTA_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 REFERENCE_FILE = "scores_reference.npy"
@@ -61,7 +61,7 @@ REFERENCE_FILE = "scores_reference.npy"
 class ParityOptions:
     split: str = "test"
     against: str = "torch"
-    variants: Sequence[Variant] = field(default_factory=lambda: [Variant("ort", "fp32")])
+    variants: Sequence[Variant] = field(default_factory=lambda: [Variant(BackendName.ORT, Precision.FP32)])
     max_images: int | None = None
     decision_images: int = 100  # images (and their captions) the NAAF decision flips are counted on
     tolerances: dict[str, float] = field(default_factory=dict)  # overrides, for every precision
@@ -268,16 +268,16 @@ def measure_variant(
     got = runtime_encoded(runtime, features, ids, options.top_k, bar)
     # The scorer graph itself (runtime.backends["scorer"]), fed the reference's embeddings: the runtime's
     # rank() may take another path (a fused CPU scorer), which end_to_end measures.
-    trt = runtime.backend_name == "trt"
+    trt = runtime.backend_name == BackendName.TRT
     fed_reference = score_tiled(
-        runtime.backends["scorer"], ref.images, ref.captions, top_k=1, keep_scores=True,
+        runtime.backends[Component.SCORER], ref.images, ref.captions, top_k=1, keep_scores=True,
         max_images=runtime.batch_limit if trt else None, max_captions=runtime.caption_limit if trt else None,
     ).scores
     assert fed_reference is not None and got.scores is not None
     tensors = {
-        "image_encoder": agreement.tensor_errors(ref.images, got.images),
-        "text_encoder": agreement.tensor_errors(ref.captions.vectors, got.captions.vectors),
-        "scorer": agreement.tensor_errors(ref.scores, fed_reference),
+        Component.IMAGE_ENCODER.value: agreement.tensor_errors(ref.images, got.images),
+        Component.TEXT_ENCODER.value: agreement.tensor_errors(ref.captions.vectors, got.captions.vectors),
+        Component.SCORER.value: agreement.tensor_errors(ref.scores, fed_reference),
         "end_to_end": agreement.tensor_errors(ref.scores, got.scores),
     }
     finite = np.nan_to_num(got.scores, nan=-np.inf)
