@@ -1,25 +1,21 @@
 """Datasets on disk (precomputed region features, images), the Recall@K protocol and synthetic data generators.
 
 Imports only numpy and the standard library, so the torch-free runtime can use
-it. Names are re-exported lazily: the runtime, which reads feature files, does
-not load the synthetic-data generators.
+it. The synthetic-data generators (:mod:`itmrt.data.synthetic`,
+:mod:`itmrt.data.synthetic_images`) are imported where they are used, not here.
 """
 
 from __future__ import annotations
 
-from itmrt.optional import lazy_exports
+from itmrt.data.metrics import coco_5fold_1k, format_recall_table, i2t_ranks, recall_table, t2i_ranks
+from itmrt.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
 
-_EXPORTS = {
-    "CAPTIONS_PER_IMAGE": "itmrt.data.precomp",
-    "PrecompSplit": "itmrt.data.precomp",
-    "coco_5fold_1k": "itmrt.data.metrics",
-    "format_recall_table": "itmrt.data.metrics",
-    "i2t_ranks": "itmrt.data.metrics",
-    "recall_table": "itmrt.data.metrics",
-    "t2i_ranks": "itmrt.data.metrics",
-    "make_synthetic_dataset": "itmrt.data.synthetic",
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_exports("itmrt.data", _EXPORTS)
+__all__ = [
+    "CAPTIONS_PER_IMAGE",
+    "PrecompSplit",
+    "coco_5fold_1k",
+    "format_recall_table",
+    "i2t_ranks",
+    "recall_table",
+    "t2i_ranks",
+]
