@@ -56,7 +56,7 @@ def make_data(n_images: int, n_captions: int, seed: int = 0) -> tuple[np.ndarray
     return images.astype(np.float32), captions
 
 
-def released_loop_scores(images: np.ndarray, captions: list[np.ndarray]) -> np.ndarray:
+def released_loop_scores(images: np.ndarray, captions: list[np.ndarray], device: str = "cpu") -> np.ndarray:
     """The released test-time scorer's structure, step for step, in PyTorch (MODELS.md section 2).
 
     Per caption: the caption copied once per image (``repeat``), the similarity
@@ -64,17 +64,18 @@ def released_loop_scores(images: np.ndarray, captions: list[np.ndarray]) -> np.n
     threshold subtracted through a tensor of ones, the intra-caption softmax
     computed once and repeated per image, the negative mask in float64 (the
     released code's ``.double()``), and the attended region features vhat
-    materialised by a second ``bmm`` before the cosine.
+    materialised by a second ``bmm`` before the cosine. ``device``: where torch runs it
+    (``benchmarks/gpu_acceptance.py`` times it on CUDA).
     """
     import torch
 
-    imgs = torch.from_numpy(images)  # [Ni, n, d]
+    imgs = torch.from_numpy(images).to(device)  # [Ni, n, d]
     n_img, n_reg = int(imgs.shape[0]), int(imgs.shape[1])
     columns = []
     with torch.no_grad():
         for cap in captions:
             m = int(cap.shape[0])
-            one = torch.from_numpy(cap).unsqueeze(0)  # [1, m, d]
+            one = torch.from_numpy(cap).to(device).unsqueeze(0)  # [1, m, d]
             words = one.repeat(n_img, 1, 1)  # [Ni, m, d]
             sims = torch.bmm(words, imgs.transpose(1, 2))  # [Ni, m, n]
             sims_by_region = sims.transpose(1, 2).contiguous()  # [Ni, n, m]
@@ -95,7 +96,7 @@ def released_loop_scores(images: np.ndarray, captions: list[np.ndarray]) -> np.n
             relevance_weights = torch.softmax(clipped.transpose(1, 2).contiguous().view(n_img * m, n_reg) * LAMBDA, dim=1)
             relevance = sims.mul(relevance_weights.view(n_img, m, n_reg)).sum(-1)
             columns.append((negative + aggregated + relevance).mean(dim=1, keepdim=True))
-    return torch.cat(columns, 1).float().numpy()
+    return torch.cat(columns, 1).float().cpu().numpy()
 
 
 def matmul_rate(threads: int = 0) -> Any:

@@ -51,6 +51,24 @@ def test_fp16_graphs_are_recorded_verified_and_accurate(fp16_bundle: tuple[Path,
     assert check_bundle(bundle).ok
 
 
+def test_recurrent_nodes_stay_float32_for_tensorrts_gru_importer(fp16_bundle: tuple[Path, dict]) -> None:
+    """TensorRT's GRU importer adds FP32 constants (initial state, 1 - z, padded-step zeros) to the loop it
+    builds: every input of the GRU must be float32 for a strongly typed network to accept it."""
+    bundle, manifest = fp16_bundle
+    entry = manifest["precisions"]["fp16"]["graphs"]["text_encoder"]
+    recurrent = [island for island in entry["islands"] if island["reason"] == "recurrent"]
+    assert recurrent and {island["op"] for island in recurrent} == {"GRU"}
+    model = onnx.load(str(bundle / entry["file"]))
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    grus = [node for node in model.graph.node if node.op_type == "GRU"]
+    assert grus
+    for node in grus:
+        floats = [types.get(name) for name in [*node.input, *node.output] if name and types.get(name) != TensorProto.INT32]
+        assert floats and set(floats) == {TensorProto.FLOAT}, node.name
+
+
 def test_naaf_decisions_stay_float32_with_the_exact_threshold(fp16_bundle: tuple[Path, dict]) -> None:
     bundle, manifest = fp16_bundle
     entry = manifest["precisions"]["fp16"]["graphs"]["scorer"]

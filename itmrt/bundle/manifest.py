@@ -223,8 +223,38 @@ class ProfileShapes(JsonRecord):
 
 
 @dataclass(kw_only=True)
+class Tf32Record(JsonRecord):
+    """Whether an engine may use TF32 in its float32 products and, when it may, the error that costs."""
+
+    enabled: bool
+    max_abs_error_fp32_graph: float | None = optional()  # measured by CPU emulation of TF32's rounding
+    emulated_products: int | None = optional()
+    sample: str | None = optional()
+
+
+@dataclass(kw_only=True)
+class LayerInfo(JsonRecord):
+    """The engine inspector's layer JSON kept in the bundle, and what it says (layer types, INT8 layers...)."""
+
+    file: str = path_field()
+    sha256: str
+    summary: dict[str, object]
+
+
+@dataclass(kw_only=True)
+class TimingCacheUse(JsonRecord):
+    """The TensorRT timing cache a build read and updated (outside the bundle when the user named one)."""
+
+    file: str | None
+    status: str
+
+
+@dataclass(kw_only=True)
 class EngineEntry(JsonRecord):
-    """A TensorRT engine: the graph it was built from and the TensorRT and GPU it runs with."""
+    """A TensorRT engine: the graph it was built from, the TensorRT and GPU it runs with, how it was built.
+
+    Entries written before engines recorded their build settings read with the defaults here.
+    """
 
     file: str = path_field()
     sha256: str
@@ -233,8 +263,22 @@ class EngineEntry(JsonRecord):
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
+    unified_memory: bool | None = None
     profile: dict[str, ProfileShapes] = field(default_factory=dict)
+    axis_ranges: dict[str, AxisRange] = field(default_factory=dict)
+    board: str | None = None
     workspace_mb: int | None = None
+    builder: dict[str, object] = field(default_factory=dict)  # the builder settings (flags, profiling verbosity...)
+    tf32: Tf32Record | None = None
+    version_compatible: bool = False
+    exclude_lean_runtime: bool = False
+    hardware_compatibility: str | None = None  # a HardwareCompatibilityLevel name; None: NONE
+    dla_core: int | None = None
+    gpu_fallback: bool | None = None
+    device_memory_bytes: int | None = None  # what an execution context needs at the profile's maximum shapes
+    largest_intermediate_bytes: int | None = None  # ONNX shape inference's estimate at those shapes
+    layer_info: LayerInfo | None = None
+    timing_cache: TimingCacheUse | None = None
     built: str = ""
 
 
@@ -414,6 +458,7 @@ __all__ = [
     "FrozenConstant",
     "GraphEntry",
     "Int8Graph",
+    "LayerInfo",
     "Int8Graphs",
     "Manifest",
     "NodeNote",
@@ -422,6 +467,8 @@ __all__ = [
     "ProfileShapes",
     "SourceCheckpoint",
     "TensorSpec",
+    "Tf32Record",
+    "TimingCacheUse",
     "VariantGraph",
     "VocabEntry",
     "load_manifest_file",

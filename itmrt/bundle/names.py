@@ -93,6 +93,8 @@ VOCAB_FILE = "vocab.json"
 PRECISION_DIR = "precision"
 CALIBRATION_DIR = "calibration"
 ENGINE_DIR = "engines"
+TIMING_CACHE_DIR = f"{ENGINE_DIR}/timing"  # TensorRT timing caches, one per TensorRT version and GPU
+ORT_TENSORRT_CACHE_DIR = "cache/ort-tensorrt"  # ONNX Runtime's TensorRT provider: engine and timing caches
 
 
 GRAPH_FILES: dict[str, str] = {component.value: f"{component.value}.onnx" for component in Component}
@@ -112,3 +114,8 @@ def calibration_file(component: str) -> str:
 def engine_file(precision: str, component: str) -> str:
     """Bundle-relative file of a TensorRT engine."""
     return f"{ENGINE_DIR}/{Precision(precision).value}/{Component(component).value}.plan"
+
+
+def layer_info_file(precision: str, component: str) -> str:
+    """Bundle-relative file of a TensorRT engine's layer information (the engine inspector's JSON)."""
+    return f"{ENGINE_DIR}/{Precision(precision).value}/{Component(component).value}.layers.json"

@@ -1,8 +1,9 @@
 """``itmrt build`` as a function: the precision graphs, then TensorRT engines where TensorRT and a GPU exist.
 
 The graphs are made and verified here (ONNX Runtime runs them on any machine);
-the engines are :mod:`itmrt.engine`'s. A machine without TensorRT stops after
-the graphs and says why no engine was built.
+the engines are :mod:`itmrt.engine`'s, each recorded with what TF32 costs its
+graph when ``--tf32`` allows it (measured here, :mod:`itmrt.calibration.tf32`).
+A machine without TensorRT stops after the graphs and says why no engine was built.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 
 from itmrt.bundle.manifest import Log, Manifest
 from itmrt.calibration.precision_graphs import PrecisionOptions, make_precision_graphs
-from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, device_info, require_tensorrt
+from itmrt.calibration.tf32 import tf32_record
+from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, build_target, require_tensorrt
+from itmrt.engine.settings import check_options
 
 
 @dataclass
@@ -32,9 +35,12 @@ def build_bundle(
     log: Log | None = None,
 ) -> BuildOutcome:
     """Make and verify the ``precision`` graphs, then build their TensorRT engines where TensorRT and a GPU exist."""
+    engine_options = engine_options or EngineOptions()
+    check_options(engine_options, precision)
     manifest = make_precision_graphs(bundle, precision, precision_options, log)
     try:
-        device_info(require_tensorrt())
+        build_target(require_tensorrt(), engine_options.device)
     except TensorRTUnavailable as exc:
         return BuildOutcome(manifest, False, str(exc))
-    return BuildOutcome(build_engines(bundle, precision, engine_options, log), True)
+    tf32 = tf32_record(Path(bundle), manifest, engine_options, log or (lambda _message: None))
+    return BuildOutcome(build_engines(bundle, precision, engine_options, log, tf32=tf32), True)

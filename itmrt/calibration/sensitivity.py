@@ -1,7 +1,15 @@
 """Which nodes must stay float32 in an FP16 graph: measured, not guessed.
 
-Three kinds of FP32 island, each recorded with its reason:
+Four kinds of FP32 island, each recorded with its reason:
 
+``recurrent``
+    Every GRU, LSTM and RNN node. TensorRT's ONNX parser expands them into
+    loops whose initial hidden state, ``1 - z`` constant and padded-step zeros
+    it creates as FP32 constants (onnx-tensorrt ``onnxOpImporters.cpp``
+    ``DEFINE_BUILTIN_OP_IMPORTER(GRU)``, ``RNNHelpers.cpp``
+    ``clearMissingSequenceElements``); with FLOAT16 weights and inputs, a
+    strongly typed network - which inserts no casts - would mix the two types.
+    Kept in float32 (Casts at their borders), they parse the same as the fp32 graph.
 ``decision``
     NAAF's branch decisions: the node that subtracts the frozen threshold
     (float16 would move the threshold itself: 0.1234567 becomes 0.12347) and
@@ -44,6 +52,7 @@ EXACT_IN_FP16_OPS = frozenset(
 )
 """Ops whose float16 result is the float16 rounding of the exact result (no new error beyond their inputs')."""
 COMPARISON_OPS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
+RECURRENT_OPS = frozenset({"GRU", "LSTM", "RNN"})
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class SensitivityOptions:
 
 @dataclass
 class SensitivityResult:
-    islands: list[NodeNote]  # reason: decision | range | error
+    islands: list[NodeNote]  # reason: recurrent | decision | range | error
     node_errors: dict[str, float] = field(default_factory=dict)  # candidate -> error when it alone is float16
     final_error: float = 0.0
     model: onnx.ModelProto | None = None  # the converted graph with these islands
@@ -154,6 +163,9 @@ def choose_islands(
     reference = run_model(named, feeds)
     candidates = candidate_nodes(named)
     islands: dict[str, NodeNote] = {}
+    for node in named.graph.node:
+        if node.op_type in RECURRENT_OPS:
+            islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="recurrent")
     for node in decision_nodes(named, threshold_initializer):
         islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="decision")
     limit = FLOAT16_MAX * options.range_headroom

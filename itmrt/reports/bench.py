@@ -17,7 +17,9 @@ bench needs no data set. For each batch size ``B`` the stages are:
 
 Each stage runs ``warmup`` untimed calls, then ``repeats`` timed ones; every
 timing (seconds, ``time.perf_counter``) is kept in the report, so its
-statistics can be recomputed. Throughput is items per second of *mean*
+statistics can be recomputed. On native TensorRT engines each result also
+has ``gpu_ms_mean``: the GPU time per call measured with CUDA events around
+each engine call (:attr:`itmrt.runtime.backend_trt.TrtBackend.gpu_seconds`). Throughput is items per second of *mean*
 latency. Memory: the process RSS high-water mark after each variant
 (``resource.getrusage``), and per stage the peak of Python-tracked (numpy)
 allocations during one extra, untimed call (``tracemalloc``).
@@ -113,6 +115,14 @@ def time_calls(call: Callable[[], Any], warmup: int, repeats: int) -> list[float
     return timings
 
 
+def gpu_seconds(runtime: Any) -> float | None:
+    """GPU time the runtime's native TensorRT engines have spent so far (CUDA events around each
+    engine call; None when no backend measures it, e.g. ONNX Runtime)."""
+    measured = [getattr(backend, "gpu_seconds", None) for backend in runtime.backends.values()]
+    values = [float(value) for value in measured if value is not None]
+    return sum(values) if values else None
+
+
 def traced_peak(call: Callable[[], Any]) -> int:
     """Peak bytes of Python-tracked allocations (numpy arrays included) during one call."""
     tracemalloc.start()
@@ -165,7 +175,10 @@ def bench_variant(runtime: Any, options: BenchOptions, bar: Callable[[int], None
         }
         pairs = batch * options.images
         for stage in STAGES:
-            timings = time_calls(calls[stage], options.warmup, options.repeats)
+            time_calls(calls[stage], options.warmup, 0)
+            gpu_before = gpu_seconds(runtime)
+            timings = time_calls(calls[stage], 0, options.repeats)
+            gpu_after = gpu_seconds(runtime)
             latency = latency_stats(timings)
             mean_s = latency["mean"] / 1e3
             throughput: dict[str, float] = {}
@@ -184,6 +197,8 @@ def bench_variant(runtime: Any, options: BenchOptions, bar: Callable[[int], None
                 "throughput": throughput,
                 "traced_peak_bytes": traced_peak(calls[stage]),
             })
+            if gpu_before is not None and gpu_after is not None:
+                results[-1]["gpu_ms_mean"] = (gpu_after - gpu_before) * 1e3 / options.repeats
             if bar:
                 bar(1)
     return results

@@ -70,6 +70,7 @@ class ParityOptions:
     batch_size: int = 128
     top_k: int = 10
     scorer: str | None = None  # the runtime's scorer for rank(): auto / graph / fused (None: its default)
+    reference_providers: list[str] | None = None  # ONNX Runtime providers of an ort:* reference (None: default)
 
 
 @dataclass
@@ -309,11 +310,12 @@ def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar
         ref, described = torch_reference(info, options.checkpoint, features, ids, options.batch_size, bar)
     else:
         against = parse_variant(options.against)
-        runtime, reason = open_variant(info.path, against, options.threads, options.scorer)
+        runtime, reason = open_variant(info.path, against, options.threads, options.scorer, options.reference_providers)
         if runtime is None:
             raise ItmrtError(f"cannot open the reference {against.name}: {reason}")
         ref = runtime_encoded(runtime, features, ids, options.top_k, bar)
-        described = {"against": against.name, "graph_files": graph_files(runtime)}
+        described = {"against": against.name, "graph_files": graph_files(runtime),
+                     "providers": list(getattr(runtime.backends["scorer"], "providers", []))}
     described["seconds"] = time.perf_counter() - started
     ref_recall = recall_table(ref.scores, per_image)
     matrices = {REFERENCE_FILE: ref.scores}

@@ -64,10 +64,13 @@ def tensorrt_missing() -> str | None:
     return None
 
 
-def open_variant(bundle: str | Path, variant: Variant, threads: int = 0, scorer: str | None = None) -> tuple[Any, str | None]:
+def open_variant(
+    bundle: str | Path, variant: Variant, threads: int = 0, scorer: str | None = None, providers: list[str] | None = None
+) -> tuple[Any, str | None]:
     """``(runtime, None)``, or ``(None, reason)`` when this machine or bundle cannot run ``variant``.
 
     ``scorer``: the runtime's scorer choice ("auto", "graph", "fused"); None keeps the runtime's default.
+    ``providers``: ONNX Runtime execution providers (None: the runtime's default, CUDA then CPU).
     """
     if variant.backend == BackendName.TRT:
         missing = tensorrt_missing()
@@ -77,6 +80,8 @@ def open_variant(bundle: str | Path, variant: Variant, threads: int = 0, scorer:
 
     try:
         extra: dict[str, Any] = {"scorer": scorer} if scorer is not None else {}
+        if providers is not None:
+            extra["providers"] = providers
         return load(bundle, backend=variant.backend, precision=variant.precision, threads=threads, **extra), None
     except (ItmrtError, ImportError) as exc:
         return None, first_line(exc)

@@ -51,7 +51,8 @@ class Runtime:
         self.family: FamilySpec = get(bundle.family)
         self.budget_bytes = options.budget_bytes
         self._gallery_vectors: dict[tuple[str, str], np.ndarray] = {}  # shortlist: global vectors per gallery
-        settings = SessionSettings(providers=options.providers, intra_op_threads=options.threads)
+        settings = SessionSettings(providers=options.providers, intra_op_threads=options.threads, device=options.device,
+                                   gpu_mem_limit_mb=options.gpu_mem_limit_mb)
         self.backends: dict[str, Backend] = {
             name: open_backend(bundle, name, options.backend, options.precision, settings) for name in COMPONENTS
         }
@@ -63,8 +64,8 @@ class Runtime:
             raise ItmrtError(
                 f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {bundle.manifest.vocab.size}"
             )
-        self.batch_limit = _range_max(bundle, BATCH_IMAGES)
-        self.caption_limit = _range_max(bundle, BATCH_CAPTIONS)
+        self.batch_limit = _range_max(bundle, BATCH_IMAGES, options.backend, options.precision)
+        self.caption_limit = _range_max(bundle, BATCH_CAPTIONS, options.backend, options.precision)
         self.max_length = self._token_limit(options)
         on_trt = options.backend == BackendName.TRT
         self.text_encoder = CaptionEncoder(
@@ -80,12 +81,25 @@ class Runtime:
 
     def _token_limit(self, options: RuntimeOptions) -> int | None:
         """The caption token limit: the option, or the profile's maximum (which a TensorRT engine cannot exceed)."""
-        profile_length = _range_max(self.bundle, MAX_LENGTH)
+        profile_length = _range_max(self.bundle, MAX_LENGTH, options.backend, options.precision)
         requested = options.max_length
         if requested is not None and profile_length is not None and requested > profile_length \
                 and options.backend == BackendName.TRT:
             raise ItmrtError(f"--max-length {requested} exceeds the engine profile's {profile_length}; use at most {profile_length}")
         return requested if requested is not None else profile_length
+
+    def close(self) -> None:
+        """Free what the backends hold on the GPU (native TensorRT engines, their buffers and streams)."""
+        for backend in self.backends.values():
+            close = getattr(backend, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> Runtime:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     # -- encoding -----------------------------------------------------------
 
@@ -267,9 +281,17 @@ def _fused_scorer(
     return FusedNaafScorer.from_graph(bundle.graph_file(Component.SCORER, Precision.FP32), threads)
 
 
-def _range_max(bundle: BundleInfo, axis: str) -> int | None:
+def _range_max(bundle: BundleInfo, axis: str, backend: str = BackendName.ORT, precision: str = Precision.FP32) -> int | None:
+    """The largest size of ``axis`` the runtime may feed: the manifest's range, and for TensorRT engines the
+    smallest maximum any of them was built for (a board preset or --shape may have narrowed it)."""
     limits = bundle.shape_range(axis)
-    return limits.max if limits else None
+    largest = limits.max if limits else None
+    if backend == BackendName.TRT:
+        records = [bundle.engine_record(component, precision) for component in COMPONENTS]
+        built = [r.axis_ranges[axis].max for r in records if r is not None and axis in r.axis_ranges]
+        if built:
+            largest = min(built)
+    return largest
 
 
 def load(
@@ -285,13 +307,19 @@ def load(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     warn: Warn | None = None,
     scorer: ScorerChoice | str = ScorerChoice.AUTO,
+    device: int = 0,
+    gpu_mem_limit_mb: int | None = None,
 ) -> Runtime:
     """Open ``bundle`` for inference on ``backend`` ("ort" or "trt") at ``precision`` (fp32, fp16, int8).
 
     Every option is a keyword (:class:`~itmrt.runtime.options.RuntimeOptions`
     holds them; ``Runtime(read_bundle(path), options)`` is the same).
     ``providers``: ONNX Runtime execution providers by name or alias
-    (tensorrt, cuda, cpu); default: those available of TensorRT, CUDA, CPU.
+    (tensorrt, cuda, cpu); default: CUDA then CPU, those available (ONNX
+    Runtime's TensorRT provider only when named; it then uses the bundle's
+    shape ranges and caches). ``device``: the CUDA device (after
+    ``CUDA_VISIBLE_DEVICES``); ``gpu_mem_limit_mb`` caps the CUDA provider's
+    memory arena.
     ``max_length``: the caption token limit (default: the bundle's profile
     maximum); longer captions are truncated with a warning or refused
     (``on_long="refuse"``). ``budget_bytes``: the scorer's tile memory budget.
@@ -303,6 +331,6 @@ def load(
     options = RuntimeOptions(
         backend=backend, precision=precision, providers=providers, threads=threads,  # type: ignore[arg-type]
         max_length=max_length, on_long=on_long, batch_size=batch_size, budget_bytes=budget_bytes,  # type: ignore[arg-type]
-        warn=warn, scorer=scorer,  # type: ignore[arg-type]
+        warn=warn, scorer=scorer, device=device, gpu_mem_limit_mb=gpu_mem_limit_mb,  # type: ignore[arg-type]
     )
     return Runtime(read_bundle(bundle), options)

@@ -40,7 +40,7 @@ class RuntimeOptions:
 
     backend: BackendName = BackendName.ORT
     precision: Precision = Precision.FP32
-    providers: Sequence[str] | None = None  # ONNX Runtime providers by name or alias; None: TensorRT, CUDA, CPU
+    providers: Sequence[str] | None = None  # ONNX Runtime providers by name or alias; None: CUDA then CPU
     threads: int = 0  # ONNX Runtime intra-op threads; 0: one per core
     max_length: int | None = None  # caption token limit; None: the bundle's profile maximum
     on_long: OnLong = OnLong.TRUNCATE
@@ -48,6 +48,8 @@ class RuntimeOptions:
     budget_bytes: int = DEFAULT_BUDGET_BYTES  # memory of one scoring tile
     warn: Warn | None = None  # where truncation warnings go (default: warnings.warn)
     scorer: ScorerChoice = ScorerChoice.AUTO
+    device: int = 0  # the CUDA device (after CUDA_VISIBLE_DEVICES)
+    gpu_mem_limit_mb: int | None = None  # cap of ONNX Runtime's CUDA memory arena
 
     def __post_init__(self) -> None:
         # Plain strings are accepted and checked here, once, with the choices in the message.
