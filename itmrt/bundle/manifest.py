@@ -61,11 +61,17 @@ class AxisRange(JsonRecord):
 
 
 @dataclass(kw_only=True)
-class GraphEntry(JsonRecord):
-    """One exported graph: its file and hash, its signature, the ranges of its symbolic axes."""
+class FileEntry(JsonRecord):
+    """A file inside the bundle and its sha256 (every entry that names a file starts with these two)."""
 
     file: str = path_field()
     sha256: str
+
+
+@dataclass(kw_only=True)
+class GraphEntry(FileEntry):
+    """One exported graph: its file and hash, its signature, the ranges of its symbolic axes."""
+
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     shape_ranges: dict[str, AxisRange] = field(default_factory=dict)
@@ -85,11 +91,9 @@ class FrozenConstant(JsonRecord):
 
 
 @dataclass(kw_only=True)
-class VocabEntry(JsonRecord):
+class VocabEntry(FileEntry):
     """The bundle's copy of the vocabulary and its special ids."""
 
-    file: str = path_field()
-    sha256: str
     size: int
     content_sha256: str
     pad_id: int
@@ -142,11 +146,9 @@ class NodeNote(JsonRecord):
 
 
 @dataclass(kw_only=True)
-class VariantGraph(JsonRecord):
+class VariantGraph(FileEntry):
     """A precision variant of one graph, made from the fp32 graph whose sha256 is ``source_sha256``."""
 
-    file: str = path_field()
-    sha256: str
     source_sha256: str
     max_abs_error: float
 
@@ -194,11 +196,9 @@ class PrecisionGraphs(JsonRecord):
 
 
 @dataclass(kw_only=True)
-class CalibrationFile(JsonRecord):
+class CalibrationFile(FileEntry):
     """INT8 activation ranges of one graph (ONNX Runtime's TensorsData JSON)."""
 
-    file: str = path_field()
-    sha256: str
     source_sha256: str
 
 
@@ -233,11 +233,9 @@ class Tf32Record(JsonRecord):
 
 
 @dataclass(kw_only=True)
-class LayerInfo(JsonRecord):
+class LayerInfo(FileEntry):
     """The engine inspector's layer JSON kept in the bundle, and what it says (layer types, INT8 layers...)."""
 
-    file: str = path_field()
-    sha256: str
     summary: dict[str, object]
 
 
@@ -250,14 +248,12 @@ class TimingCacheUse(JsonRecord):
 
 
 @dataclass(kw_only=True)
-class EngineEntry(JsonRecord):
+class EngineEntry(FileEntry):
     """A TensorRT engine: the graph it was built from, the TensorRT and GPU it runs with, how it was built.
 
     Entries written before engines recorded their build settings read with the defaults here.
     """
 
-    file: str = path_field()
-    sha256: str
     graph_file: str = path_field()
     graph_sha256: str
     tensorrt_version: str
@@ -392,8 +388,7 @@ def timestamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def report_replacement(old: VariantGraph | EngineEntry | None, new: VariantGraph | EngineEntry, what: str,
-                       log: Log | None) -> None:
+def report_replacement(old: FileEntry | None, new: FileEntry, what: str, log: Log | None) -> None:
     """Say when an entry replaces another (never silently): unchanged, or which file and hash it replaced."""
     if old is None or log is None:
         return
@@ -453,6 +448,7 @@ __all__ = [
     "CalibrationRecord",
     "EngineEntry",
     "ExportParity",
+    "FileEntry",
     "Fp16Graph",
     "Fp16Graphs",
     "FrozenConstant",
