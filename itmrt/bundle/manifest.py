@@ -132,6 +132,34 @@ class ExportParity(JsonRecord):
     sample: ParitySample
 
 
+@dataclass(kw_only=True)
+class ResizeStep(JsonRecord):
+    shorter_side: int
+    filter: str
+
+
+@dataclass(kw_only=True)
+class CropStep(JsonRecord):
+    height: int
+    width: int
+    at: str
+
+
+@dataclass(kw_only=True)
+class ImagePreprocessingRecord(JsonRecord):
+    """How an image file becomes the image encoder's input (a model trained on images: CMPM)."""
+
+    decode: str
+    exif_transpose: bool = True
+    resize: ResizeStep
+    crop: CropStep
+    scale: float
+    mean: list[float]
+    std: list[float]
+    layout: str
+    trained_with: str = ""
+
+
 # -- precision graphs, calibration, engines ---------------------------------------------
 
 
@@ -303,6 +331,7 @@ class Manifest(JsonRecord):
     files: dict[str, str] = field(metadata={"key_pattern": SAFE_RELATIVE_PATH})
     versions: dict[str, str] = field(default_factory=dict)
     source_checkpoint: SourceCheckpoint | None = None
+    image_preprocessing: ImagePreprocessingRecord | None = optional()
     parity: ExportParity | None = None
     created: str = ""
     export_seconds: float = 0.0
@@ -453,6 +482,7 @@ __all__ = [
     "Fp16Graphs",
     "FrozenConstant",
     "GraphEntry",
+    "ImagePreprocessingRecord",
     "Int8Graph",
     "LayerInfo",
     "Int8Graphs",

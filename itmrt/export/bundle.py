@@ -223,6 +223,7 @@ def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEn
         files=files,
         versions=_versions(),
         source_checkpoint=loaded.source,
+        image_preprocessing=built.graphs.image_preprocessing,
         parity=parity.record(options.tolerance),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         export_seconds=round(time.perf_counter() - started, 3),

@@ -77,7 +77,10 @@ class CmpmFamily(FamilySpec):
         }
         dims = {key: model.config[key] for key in DIM_KEYS}
         constants = ScorerConstants(options={"score": "cosine", "max_over_padding": model.max_over_padding})
-        return BuiltGraphs(graphs, dims, constants, None, (3, model.image_size, model.image_size))
+        from itmrt.data.images import image_preprocessing_record
+
+        return BuiltGraphs(graphs, dims, constants, None, (3, model.image_size, model.image_size),
+                           image_preprocessing_record(model.image_size))
 
     def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:
         if features.ndim != 4 or features.shape[1] != 3:

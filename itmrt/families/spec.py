@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from itmrt.bundle.manifest import FrozenConstant, JsonScalar, Manifest
+from itmrt.bundle.manifest import FrozenConstant, ImagePreprocessingRecord, JsonScalar, Manifest
 from itmrt.bundle.names import REGION_FEATURES
 from itmrt.errors import ItmrtError
 
@@ -62,6 +62,7 @@ class BuiltGraphs:
     constants: ScorerConstants
     reference_scorer: ReferenceScorer | None  # the PyTorch scorer with the frozen constants; None: model.score
     image_shape: tuple[int, ...]  # one image input without its batch axis
+    image_preprocessing: ImagePreprocessingRecord | None = None  # how an image file becomes the input (images)
 
 
 @dataclass

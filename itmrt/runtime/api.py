@@ -7,6 +7,10 @@ Example::
     gallery = rt.index(features, "gallery/")        # image embeddings, once
     hits = rt.search_text_to_image(["a dog on grass"], gallery, k=5)
     hits.indices[0], hits.scores[0]                 # best images of caption 0
+
+A CMPM bundle also takes image files (JPEG, PNG, WebP), preprocessed as its
+manifest records: ``rt.index(list_image_files("photos/"), "gallery/")``; the
+gallery keeps each image's path as its id (``gallery.ids``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from itmrt.bundle.names import (
     Precision,
     parse_choice,
 )
-from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input
+from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
+from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
 from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.options import DEFAULT_BUDGET_BYTES, OnLong, RuntimeOptions, ScorerChoice, Warn
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled
@@ -50,6 +55,7 @@ class Runtime:
         self.backend_name, self.precision = options.backend, options.precision
         self.family: FamilySpec = get(bundle.family)
         self.budget_bytes = options.budget_bytes
+        self.warn: Warn = options.warn or default_warn
         self._gallery_vectors: dict[tuple[str, str], np.ndarray] = {}  # shortlist: global vectors per gallery
         settings = SessionSettings(providers=options.providers, intra_op_threads=options.threads, device=options.device,
                                    gpu_mem_limit_mb=options.gpu_mem_limit_mb)
@@ -115,6 +121,35 @@ class Runtime:
         """Region features ``[N, n, img_dim]`` (CMPM: images ``[N, 3, H, W]``) -> embeddings."""
         self.check_images(features, source)
         return self.image_encoder.encode(features)
+
+    @property
+    def image_preprocessing(self) -> ImagePreprocessing:
+        """How an image file becomes this bundle's image-encoder input (CMPM bundles; from the manifest)."""
+        return ImagePreprocessing.from_manifest(self.bundle.manifest, str(self.bundle.path))
+
+    def encode_image_files(
+        self, files: ImageFiles, skip_bad_images: bool = False, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """Embeddings of image files (CMPM) and the ids of the images they are, in order.
+
+        An unreadable file is a :class:`~itmrt.errors.DataError` naming it; with
+        ``skip_bad_images`` it is left out with a warning (the ids say which
+        remain). ``out``: an array of ``len(files)`` rows to fill from the top.
+        """
+        batches = ImageBatches(files, self.image_preprocessing, self.image_encoder.batch_size, skip_bad_images,
+                               self.warn)
+        ids: list[str] = []
+        parts: list[np.ndarray] = []
+        for batch_ids, pixels in batches:
+            embeddings = self.image_encoder.encode(pixels)
+            if out is not None:
+                out[len(ids) : len(ids) + len(batch_ids)] = embeddings
+            else:
+                parts.append(embeddings)
+            ids.extend(batch_ids)
+        if batches.skipped:
+            self.warn(f"skipped {len(batches.skipped)} of {len(files)} images that could not be read")
+        return (out[: len(ids)] if out is not None else np.concatenate(parts)), ids
 
     def encode_captions(self, captions: Sequence[str]) -> CaptionEmbeddings:
         """Captions -> token embeddings (CMPM: caption embeddings) and lengths."""
@@ -245,13 +280,38 @@ class Runtime:
 
     # -- galleries ----------------------------------------------------------
 
-    def index(self, features: np.ndarray, out: str | Path, overwrite: bool = False, source: str = "image features") -> Gallery:
-        """Encode ``features`` once into a gallery folder tied to this bundle."""
+    def index(
+        self,
+        features: np.ndarray | ImageFiles,
+        out: str | Path,
+        overwrite: bool = False,
+        source: str = "image features",
+        skip_bad_images: bool = False,
+    ) -> Gallery:
+        """Encode ``features`` (or, for CMPM, image files) once into a gallery folder tied to this bundle.
+
+        From image files the gallery keeps each image's id (``Gallery.ids``);
+        ``skip_bad_images`` leaves unreadable files out instead of failing.
+        """
+        details = {"backend": self.backend_name, "precision": self.precision, "source": source}
+        if isinstance(features, ImageFiles):
+            files, preprocessing = features, self.image_preprocessing
+            blank = np.zeros((1, preprocessing.height, preprocessing.width, 3), dtype=np.uint8)
+            dims = self.image_encoder.encode(preprocessing.model_input(blank)).shape[1:]
+
+            def encode_files_into(array: np.ndarray) -> list[str]:
+                return self.encode_image_files(files, skip_bad_images, array)[1]
+
+            return write_gallery(out, self.bundle, encode_files_into, (len(files), *dims),
+                                 {**details, "source": files.source}, overwrite)
         self.check_images(features, source)
         first = self.image_encoder.encode(np.asarray(features[:1]))
         shape = (int(features.shape[0]), *first.shape[1:])
-        details = {"backend": self.backend_name, "precision": self.precision, "source": source}
-        return write_gallery(out, self.bundle, lambda array: self.image_encoder.encode(features, out=array), shape, details, overwrite)
+
+        def encode_into(array: np.ndarray) -> None:
+            self.image_encoder.encode(features, out=array)
+
+        return write_gallery(out, self.bundle, encode_into, shape, details, overwrite)
 
     def open_gallery(self, path: str | Path) -> Gallery:
         """Open a gallery and check it was made with this bundle."""

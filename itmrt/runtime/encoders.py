@@ -24,7 +24,8 @@ from itmrt.text.vocab import CaptionTooLongError, Vocabulary
 
 
 
-def _default_warn(message: str) -> None:
+def default_warn(message: str) -> None:
+    """Where the runtime's warnings go when the caller gives no ``warn``: Python's warnings."""
     warnings.warn(message, stacklevel=3)
 
 
@@ -99,7 +100,7 @@ def tokenize(
         )
     for k in too_long:
         encoded[k] = encoded[k][: max_length - 1] + [vocab.end_id]
-    (warn or _default_warn)(
+    (warn or default_warn)(
         f"{len(too_long)} caption(s) longer than {max_length} tokens were truncated (first: caption {first + 1})"
     )
     return encoded
