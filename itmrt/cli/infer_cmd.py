@@ -23,6 +23,24 @@ from itmrt.cli.outputs import check_new_files, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 
+def caption_result_lines(captions: list[str], t2i: Any, start: int = 0, ids: Any = None) -> list[str]:
+    """One JSON line per caption query with its best images (caption ``j`` numbered ``start + j``).
+
+    ``ids``: per caption, its result images' ids (``image_ids``), where the images came from files.
+    ``itmrt query`` prints the same lines from a service's answers.
+    """
+    import json
+
+    lines = []
+    for j, caption in enumerate(captions):
+        line: dict[str, Any] = {"query": "caption", "index": start + j, "caption": caption,
+                                "images": [int(x) for x in t2i.indices[j]]}
+        if ids is not None:
+            line["image_ids"] = [str(x) for x in ids[j]]
+        lines.append(json.dumps({**line, "scores": [float(s) for s in t2i.scores[j]]}, ensure_ascii=False))
+    return lines
+
+
 def results_jsonl(captions: list[str], t2i: Any, i2t: Any, image_ids: list[str] | None = None) -> str:
     """One JSON line per caption query (best images) then per image query (best captions).
 
@@ -31,15 +49,10 @@ def results_jsonl(captions: list[str], t2i: Any, i2t: Any, image_ids: list[str] 
     """
     import json
 
-    lines = []
-    for j, caption in enumerate(captions):
-        ids, scores = t2i.indices[j], t2i.scores[j]
-        line: dict[str, Any] = {"query": "caption", "index": j, "caption": caption, "images": [int(x) for x in ids]}
-        if image_ids is not None:
-            line["image_ids"] = [image_ids[int(x)] for x in ids]
-        lines.append(json.dumps({**line, "scores": [float(s) for s in scores]}, ensure_ascii=False))
+    result_ids = None if image_ids is None else [[image_ids[int(x)] for x in row] for row in t2i.indices]
+    lines = caption_result_lines(captions, t2i, ids=result_ids)
     for i in range(i2t.indices.shape[0]):
-        line = {"query": "image", "index": i}
+        line: dict[str, Any] = {"query": "image", "index": i}
         if image_ids is not None:
             line["image_id"] = image_ids[i]
         lines.append(json.dumps({**line, "captions": [int(x) for x in i2t.indices[i]],
@@ -187,19 +200,9 @@ class BundleRequest:
 
 def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | None) -> tuple[Path, Path | None]:
     """The bundle to load and the gallery to search (None: encode ``--images``), from the command's source."""
-    from itmrt.bundle.folder import is_bundle
-    from itmrt.runtime.gallery import is_gallery, read_gallery
+    from itmrt.runtime.gallery import gallery_source
 
-    if is_gallery(source):
-        if gallery_path is not None:
-            raise ItmrtError("give either a gallery as the source or --gallery, not both")
-        gallery_path, bundle_path = source, read_gallery(source).bundle_path
-    elif is_bundle(source):
-        bundle_path = source
-    elif not source.exists():
-        raise ItmrtError(f"{source} does not exist; give a bundle folder, a gallery folder or a checkpoint file")
-    else:
-        raise ItmrtError(f"{source} is neither an itmrt bundle, a gallery nor a checkpoint file")
+    bundle_path, gallery_path = gallery_source(source, gallery_path, "a bundle folder, a gallery folder or a checkpoint file")
     if (gallery_path is None) == (images is None):
         raise ItmrtError("give exactly one of --images (features .npy, image folder or list) or a gallery "
                          "(as the source or --gallery)")

@@ -70,15 +70,14 @@ def precision(default: Precision = Precision.FP32, help_text: str = "The bundle 
     return _choice(Precision, default, "--precision", "precision", help_text)
 
 
-def scorer() -> Any:
-    return _choice(ScorerChoice, None, "--scorer", "scorer",
-                   "The runtime's scorer: the bundle's scorer graph, the fused CPU scorer, or auto (default: the "
-                   "runtime's).")
+def scorer(default: ScorerChoice | None = None) -> Any:
+    return _choice(ScorerChoice, default, "--scorer", "scorer",
+                   "The runtime's scorer: the bundle's scorer graph, the fused CPU scorer, or auto (fused where it "
+                   "applies)" + ("" if default is not None else "; default: the runtime's") + ".")
 
 
-def on_long() -> Any:
-    return _choice(OnLong, OnLong.TRUNCATE, "--on-long", "--on-long",
-                   "Captions over the token limit: truncate (with a warning) or refuse.")
+def on_long(default: OnLong = OnLong.TRUNCATE, help_text: str = "truncate (with a warning) or refuse") -> Any:
+    return _choice(OnLong, default, "--on-long", "--on-long", f"Captions over the token limit: {help_text}.")
 
 
 def calibration_method() -> Any:

@@ -28,7 +28,7 @@ import numpy as np
 from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
 from itmrt.data.precomp import open_npy
-from itmrt.bundle.folder import BundleInfo
+from itmrt.bundle.folder import BundleInfo, is_bundle
 from itmrt.io import (
     atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_bytes,
     sha256_file, staged_folder,
@@ -115,6 +115,23 @@ def _read_ids(root: Path, entry: dict[str, Any], rows: int) -> list[str]:
     if not isinstance(ids, list) or len(ids) != rows or not all(isinstance(x, str) for x in ids):
         raise ItmrtError(f"{path} does not hold one image id per embedding row ({rows}); re-index the gallery")
     return ids
+
+
+def gallery_source(
+    source: str | Path, gallery: str | Path | None = None, expected: str = "a bundle folder or a gallery folder"
+) -> tuple[Path, Path | None]:
+    """(bundle, gallery or None) from a source that is a gallery (its bundle is the one that made it) or a
+    bundle with an optional separate ``gallery``; ``expected`` names the accepted sources in the errors."""
+    source = Path(source)
+    if is_gallery(source):
+        if gallery is not None:
+            raise ItmrtError("give either a gallery as the source or --gallery, not both")
+        return read_gallery(source).bundle_path, source
+    if is_bundle(source):
+        return source, None if gallery is None else Path(gallery)
+    if not source.exists():
+        raise ItmrtError(f"{source} does not exist; give {expected}")
+    raise ItmrtError(f"{source} is not {expected}")
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
