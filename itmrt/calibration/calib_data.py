@@ -30,6 +30,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
+from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import Manifest
 from itmrt.bundle.names import IMAGE_EMBEDDINGS, CAPTION_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
 from itmrt.errors import DataError, ItmrtError, VocabularyError
@@ -176,7 +177,7 @@ def open_calibration_data(
     family = get(manifest.family)
     if samples < 1:
         raise ItmrtError(f"--samples must be at least 1, not {samples}")
-    vocabulary = Vocabulary.from_json(bundle / manifest.vocab.file)
+    vocabulary = Vocabulary.from_json(bundle_file(bundle, manifest, manifest.vocab.file))
     _check_vocabulary(folder, vocabulary, manifest)
     image_split = family.open_image_split(folder, split, manifest)
     images, by_image = image_split.images, image_split.captions
@@ -231,7 +232,8 @@ class FeedMaker:
 
     def _session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self.bundle / self.manifest.graph(graph).file)
+            path = bundle_file(self.bundle, self.manifest, self.manifest.graph(graph).file)
+            self._sessions[graph] = ort_session(path)
         return self._sessions[graph]
 
     def feeds(self, graph: str, images: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> Feeds:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import (
     AxisRange,
     EngineEntry,
@@ -169,6 +170,8 @@ def engine_ranges(folder: Path, manifest: Manifest, precision: str, options: Eng
     preset = board(options.board) if options.board else None
     if preset is not None and preset.intermediate_mb is not None:
         graphs = {g: (manifest.graph_file(precision, g), entry) for g, entry in manifest.graphs.items()}
+        for file, _entry in graphs.values():
+            bundle_file(folder, manifest, file)  # inside the bundle, listed and intact before it is read
         ranges, peak = fit_ranges(folder, graphs, ranges, preset.intermediate_mb << 20)
         fitted = ", ".join(f"{axis} max {ranges[axis][2]}" for axis in (BATCH_IMAGES, BATCH_CAPTIONS) if axis in ranges)
         say(
@@ -286,7 +289,8 @@ def _build_one(folder: Path, manifest: Manifest, precision: str, graph: str, con
     relative_graph = manifest.graph_file(precision, graph)
     graph_entry: GraphEntry = manifest.graph(graph)
     shapes = profile_shapes(graph_entry, context.ranges)
-    engine, cache_status = build_serialized_engine(folder / relative_graph, shapes, context.settings, context.cache, say)
+    onnx_path = bundle_file(folder, manifest, relative_graph)
+    engine, cache_status = build_serialized_engine(onnx_path, shapes, context.settings, context.cache, say)
     relative = engine_file(precision, graph)
     atomic_write_bytes(folder / relative, engine)
     memory, layers = inspect_serialized(engine, context.settings)

@@ -125,8 +125,12 @@ def _validate_options(options: ExportOptions) -> None:
 
 
 def _check_sources(checkpoint: Path, vocab: Path) -> None:
+    if checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint} is a folder; give the checkpoint file (*.pth.tar, *.safetensors)")
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    if vocab.is_dir():
+        raise VocabularyError(f"vocabulary {vocab} is a folder; give the vocabulary JSON file")
     if not vocab.is_file():
         raise VocabularyError(f"vocabulary {vocab} does not exist")
 
@@ -247,7 +251,7 @@ def publish_bundle(loaded: LoadedModel, built: BuiltBundle, parity: ParityResult
         manifest = _manifest(loaded, built, graphs, files, parity, options, started)
         write_manifest(staging, manifest)  # last: a folder without it is not a bundle
         _check_target(out, options.overwrite)  # again: something may have appeared there meanwhile
-        publish_folder(staging, out, "replace")
+        publish_folder(staging, out, "replace" if options.overwrite else "refuse")
     return manifest
 
 
