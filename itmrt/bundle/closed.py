@@ -71,8 +71,8 @@ def verified_member(folder: Path, name: str, listed: Mapping[str, str], what: st
     if key in _VERIFIED:
         return path
     if sha256_file(path) != expected:
-        raise ItmrtError(f"{path} does not match the sha256 in the {what}'s file list (changed after it was "
-                         f"written); {remedy}")
+        raise ItmrtError(f"{path} does not match the sha256 in the {what}'s file list (truncated or changed after "
+                         f"it was written); {remedy}")
     _VERIFIED.add(key)
     return path
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import typer
 
+from itmrt import limits
+
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import BackendName, OnLong, Precision
@@ -129,11 +131,11 @@ def infer_command(
     precision: Precision = options.precision(),
     providers: str | None = options.providers(),
     threads: int = options.threads(),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
+    top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results per query."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, max=limits.MAX_TOKENS, help="Caption token limit (default: the bundle's profile maximum)."),
     on_long: OnLong = options.on_long(),
     batch_size: int = options.batch_size(128, "Images / captions per encoder batch."),
-    memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
+    memory_mb: int = typer.Option(32, "--memory-mb", min=1, max=limits.MAX_MEMORY_MB, help="Memory budget of one scoring tile, in MB."),
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
     overwrite: bool = options.overwrite("existing output files"),
@@ -143,7 +145,7 @@ def infer_command(
     timings: bool = typer.Option(False, "--timings", help=(
         "Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON "
         "line on stderr, after 'timings: '.")),
-    shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
+    shortlist: int | None = typer.Option(None, "--shortlist", min=1, max=limits.MAX_COUNT, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
     from itmrt.timings import StageTimer, process_age

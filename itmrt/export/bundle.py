@@ -42,6 +42,7 @@ from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
 from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
 from itmrt.families.checkpoints import load_checkpoint
+from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
 from itmrt.io import check_output_folder, publish_folder, sha256_file, staged_folder
 from itmrt.models.checkpoint import detect_format
 from itmrt.text.vocab import Vocabulary
@@ -115,10 +116,12 @@ def _versions() -> dict[str, str]:
 
 
 def _validate_options(options: ExportOptions) -> None:
-    if options.max_batch < 1 or options.max_length < 2 or options.num_regions < 1:
-        raise ItmrtError("--max-batch and --num-regions must be at least 1 and --max-length at least 2")
-    if options.tolerance <= 0:
-        raise ItmrtError(f"the parity tolerance must be positive, not {options.tolerance}")
+    check_count(options.max_batch, 1, MAX_BATCH, "--max-batch")
+    check_count(options.max_length, 2, MAX_TOKENS, "--max-length")
+    check_count(options.num_regions, 1, MAX_REGIONS, "--num-regions")
+    check_real(options.tolerance, 0.0, 1.0, "--tolerance (the parity tolerance)", low_open=True)
+    if options.threshold is not None:
+        check_real(options.threshold, -1.0, 1.0, "--threshold (a cosine-similarity threshold)")
 
 
 # -- 1. load ----------------------------------------------------------------------------
