@@ -522,8 +522,14 @@ def read_manifest(folder: str | Path) -> Manifest:
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (the last file an export writes)."""
-    return atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n")
+    """Write ``manifest.json`` atomically (the last file an export writes); a NaN or infinite value, which
+    JSON cannot hold, is refused."""
+    try:
+        text = json.dumps(manifest.to_json(), indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise ItmrtError(f"a value for {Path(folder) / MANIFEST_NAME} is NaN or infinite (a measured error or a "
+                         "constant): nothing was recorded; check the inputs that produced it") from None
+    return atomic_write_text(Path(folder) / MANIFEST_NAME, text)
 
 
 def update_manifest(folder: str | Path, change: Callable[[Manifest], None]) -> Manifest:

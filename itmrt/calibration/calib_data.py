@@ -108,7 +108,12 @@ class CalibrationData:
     def image_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Graph-ready image inputs of the sampled rows, ``batch_size`` at a time."""
         for start in self._starts(batch_size):
-            yield self.family.image_batch(np.asarray(self.images[self.rows[start : start + batch_size]]))
+            rows = self.rows[start : start + batch_size]
+            batch = np.asarray(self.images[rows])
+            if not np.isfinite(batch).all():
+                raise DataError(f"{self.describe()}: images {rows[0]}..{rows[-1]} hold NaN or infinite values; "
+                                "calibrate on clean data (every value finite)")
+            yield self.family.image_batch(batch)
 
     def _caption(self, index: int) -> str:
         captions = self.captions[index]

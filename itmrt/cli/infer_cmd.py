@@ -112,7 +112,7 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
     with timer.stage("reference"):
         scores = _reference_scores(checkpoint, vocab, images, captions, request.max_length, request.on_long,
                                    request.batch_size)
-    t2i, i2t = top_k_of_matrix(scores, top_k)
+    t2i, i2t = top_k_of_matrix(scores, top_k, "the image features may hold values the model cannot take")
     with timer.stage("write"):
         _write_outputs(out, scores_out, captions, t2i, i2t, scores)
     return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
