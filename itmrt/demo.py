@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.io import atomic_write_text
 
 DEMO_MARKER = ".itmrt-demo"
 DEMO_TEST_IMAGES = 100
@@ -50,7 +51,7 @@ def _prepare_folder(folder: Path) -> None:
             raise ItmrtError(f"{folder} exists and was not made by itmrt demo; pass another --out or remove it")
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    (folder / DEMO_MARKER).write_text("made by itmrt demo; the next demo run replaces this folder\n")
+    atomic_write_text(folder / DEMO_MARKER, "made by itmrt demo; the next demo run replaces this folder\n")
 
 
 def shipped_model(name: str) -> Path | None:
@@ -147,7 +148,7 @@ def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = N
             _show_examples(runtime, image_emb[:50], split, data_dir, log)
     _print_summary(result, split, log)
     log(f"demo finished in {time.perf_counter() - started:.0f} s; everything is in {folder}/")
-    (folder / "demo_summary.json").write_text(json.dumps(
+    atomic_write_text(folder / "demo_summary.json", json.dumps(
         {"recall": result.recall, "parity": result.parity, "latency": result.latency, "notes": result.notes}, indent=2))
     return result
 

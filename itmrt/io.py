@@ -26,6 +26,7 @@ naming the path and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -34,7 +35,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -153,48 +154,85 @@ def claim_file(temp: Path, target: Path, overwrite: bool) -> None:
     os.unlink(temp)
 
 
+def _write_temp(target: Path, data: bytes) -> Path:
+    """``data`` in a new temp file beside ``target`` (pid in its name, mode from the umask, synced)."""
+    _make_parent(target)
+    remove_stale(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), umask_mode(0o666))
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+def atomic_write_files(outputs: Sequence[tuple[str | os.PathLike[str], bytes]], overwrite: bool = True) -> None:
+    """Write several files as one result, each atomically (see :func:`atomic_write_bytes`).
+
+    Every file is written to its temp file first, then the names are claimed in
+    order; when one cannot be claimed (it appeared meanwhile and ``overwrite``
+    is off), the files this call already claimed are removed again, so a
+    result is never left half-written.
+    """
+    temps: list[tuple[Path, Path]] = []
+    claimed: list[tuple[Path, int]] = []
+    current = Path(outputs[0][0]) if outputs else Path()
+    try:
+        for path, data in outputs:
+            current = Path(path)
+            temps.append((_write_temp(current, data), current))
+        for temp, current in temps:
+            inode = temp.stat().st_ino
+            claim_file(temp, current, overwrite)
+            claimed.append((current, inode))
+    except BaseException as exc:
+        for target, inode in claimed if not overwrite else []:
+            with contextlib.suppress(OSError):
+                if target.stat().st_ino == inode:  # still the file this call wrote
+                    target.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, ItmrtError):
+            reason = OSError(exc.errno, exc.strerror or str(exc))  # the temp file's name would only confuse
+            raise ItmrtError(os_error_message(reason, f"write {current}")) from None
+        raise
+    finally:
+        for temp, _target in temps:
+            if os.path.lexists(temp):
+                os.unlink(temp)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` so readers never see a half-written file (mode: what the umask gives).
 
     ``overwrite=False``: an existing ``path`` - even one that appeared while writing - is left alone and
     a :class:`TargetExistsError` raised.
     """
-    target = Path(path)
-    _make_parent(target)
-    remove_stale(target)
-    temp: Path | None = None
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent)
-        temp = Path(name)
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), umask_mode(0o666))
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        claim_file(temp, target, overwrite)
-    except ItmrtError:
-        raise
-    except OSError as exc:
-        raise ItmrtError(os_error_message(exc, f"write {target}")) from None
-    finally:
-        if temp is not None and os.path.lexists(temp):
-            os.unlink(temp)
-    return target
+    atomic_write_files([(path, data)], overwrite)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, overwrite: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
 
 
-def atomic_save_float32_npy(path: str | os.PathLike[str], array: Any, overwrite: bool = True) -> Path:
-    """Save ``array`` as a float32 ``.npy`` atomically (score matrices and the like)."""
+def float32_npy_bytes(array: Any) -> bytes:
+    """``array`` as the bytes of a float32 ``.npy`` file."""
     import io
 
     import numpy as np
 
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
-    return atomic_write_bytes(path, buffer.getvalue(), overwrite)
+    return buffer.getvalue()
+
+
+def atomic_save_float32_npy(path: str | os.PathLike[str], array: Any, overwrite: bool = True) -> Path:
+    """Save ``array`` as a float32 ``.npy`` atomically (score matrices and the like)."""
+    return atomic_write_bytes(path, float32_npy_bytes(array), overwrite)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -63,12 +63,15 @@ def results_jsonl(captions: list[str], t2i: Any, i2t: Any, image_ids: list[str] 
 
 
 def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any,
-                   image_ids: list[str] | None = None) -> None:
-    from itmrt.io import atomic_save_float32_npy, atomic_write_text
+                   overwrite: bool, image_ids: list[str] | None = None) -> None:
+    """Both outputs as one result: without ``overwrite`` a file that appeared meanwhile (another run's) is
+    kept and this run fails with a one-line error, leaving neither of its files."""
+    from itmrt.io import atomic_write_files, float32_npy_bytes
 
+    outputs = [(out, results_jsonl(captions, t2i, i2t, image_ids).encode("utf-8"))]
     if scores_out is not None:
-        atomic_save_float32_npy(scores_out, scores)
-    atomic_write_text(out, results_jsonl(captions, t2i, i2t, image_ids))
+        outputs.insert(0, (scores_out, float32_npy_bytes(scores)))
+    atomic_write_files(outputs, overwrite)
 
 
 def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, captions: list[str],
@@ -114,7 +117,7 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
                                    request.batch_size)
     t2i, i2t = top_k_of_matrix(scores, top_k, "the image features may hold values the model cannot take")
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, t2i, i2t, scores)
+        _write_outputs(out, scores_out, captions, t2i, i2t, scores, request.overwrite)
     return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
 
 
@@ -163,7 +166,7 @@ def infer_command(
     captions = read_captions(captions_path)
     started = time.perf_counter()
     request = BundleRequest(source, gallery_path, images, backend, precision, options.parse_providers(providers),
-                            threads, max_length, on_long, batch_size, memory_mb, skip_bad_images)
+                            threads, max_length, on_long, batch_size, memory_mb, skip_bad_images, overwrite)
     if source.is_file():
         if shortlist is not None:
             raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
@@ -198,6 +201,7 @@ class BundleRequest:
     batch_size: int
     memory_mb: int
     skip_bad_images: bool
+    overwrite: bool = False
 
 
 def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | None) -> tuple[Path, Path | None]:
@@ -245,5 +249,5 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
                               progress=bars("score (captions)", len(captions)))
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, image_ids)
+        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.overwrite, image_ids)
     return result, n_images

@@ -43,5 +43,5 @@ def query_command(
                 typer.echo("\n".join(chunk))
             lines.extend(chunk)
     if out is not None:
-        atomic_write_text(out, "\n".join(lines) + "\n")
+        atomic_write_text(out, "\n".join(lines) + "\n", overwrite)
         typer.echo(f"{len(captions)} captions answered by {url}; wrote {out}", err=True)
