@@ -284,7 +284,8 @@ def read_json_document(
         raise ItmrtError(f"{path} is not an itmrt {what}")
     if data.get("schema_version") != schema_version:
         raise ItmrtError(
-            f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {schema_version}: {remedy}"
+            f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {schema_version}: "
+            f"{remedy}"
         )
     return data, raw
 

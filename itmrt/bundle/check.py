@@ -59,7 +59,8 @@ def _check_constants(model: onnx.ModelProto, manifest: Manifest, graph_name: str
             value = numpy_helper.to_array(initializers[name])
             if value.shape != () or np.float32(value) != np.float32(constant.value):
                 problems.append(
-                    f"graph '{graph_name}': initializer '{name}' holds {value.tolist()}, the manifest says {constant.value}"
+                    f"graph '{graph_name}': initializer '{name}' holds {value.tolist()}, "
+                    f"the manifest says {constant.value}"
                 )
     return problems
 

@@ -19,11 +19,10 @@ Errors are one line naming the folder, the name and what to do.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from itmrt.bundle.record import SAFE_RELATIVE_PATH
+from itmrt.bundle.record import SAFE_RELATIVE_PATH, matches
 from itmrt.errors import ItmrtError
 from itmrt.io import sha256_file
 
@@ -35,7 +34,7 @@ def member(folder: Path, name: object, what: str, remedy: str) -> Path:
 
     ``what`` names the folder in the message ("bundle", "gallery"); ``remedy`` ends it.
     """
-    if not isinstance(name, str) or not re.search(SAFE_RELATIVE_PATH, name):
+    if not isinstance(name, str) or not matches(SAFE_RELATIVE_PATH, name):
         raise ItmrtError(f"{what} {folder} names {name!r}, which is not a relative path inside the folder; {remedy}")
     path = folder / name
     root = folder.resolve()
@@ -151,7 +150,7 @@ def check_graph_file(folder: Path, name: str, listed: Mapping[str, str], what: s
     files = []
     for location in locations:
         relative = (base / location).as_posix() if base != Path(".") else location
-        if not re.search(SAFE_RELATIVE_PATH, location):
+        if not matches(SAFE_RELATIVE_PATH, location):
             raise ItmrtError(f"{what} {folder}: graph {name} keeps weights in {location!r}, which is not a relative "
                              f"path inside the folder; {remedy}")
         if verify:

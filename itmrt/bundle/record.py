@@ -80,14 +80,27 @@ def _type_name(hint: Any) -> str:
     return "a JSON value"
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_./:+-]{1,64}")
+
+
 def _join(path: str, key: str) -> str:
+    """``path.key``; a key that is not plain text is shown as JSON (``path["a\\nb"]``), so the message
+    stays one line whatever a hostile document holds."""
+    if not _PLAIN_KEY.fullmatch(key):
+        return f"{path}[{json.dumps(key[:64])}]"
     return f"{path}.{key}" if path else key
+
+
+def matches(pattern: str, value: str) -> bool:
+    """Whether ``value`` matches a JSON Schema ``pattern`` as JSON Schema (ECMA-262) reads it: there ``$``
+    is the end of the text, where Python's also matches before a final newline."""
+    return re.search(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern, value) is not None
 
 
 def _check_string(value: str, path: str, metadata: Mapping[str, object], prefix: str = "") -> None:
     """``value`` against the ``pattern`` / ``choices`` of ``metadata`` (``key_`` ones with ``prefix="key_"``)."""
     pattern, choices = metadata.get(f"{prefix}pattern"), metadata.get(f"{prefix}choices")
-    if isinstance(pattern, str) and not re.search(pattern, value):
+    if isinstance(pattern, str) and not matches(pattern, value):
         means = metadata.get(f"{prefix}means", "a relative path inside the folder")
         raise RecordError(path, f"is {_describe(value)}, which is not {means}")
     if isinstance(choices, (tuple, list)) and value not in choices:
@@ -114,12 +127,13 @@ def _convert(hint: Any, value: object, path: str, metadata: Mapping[str, object]
         present = [arg for arg in options if arg is not type(None)]
         if len(present) == 1:  # ``X | None``: X's own message names the deepest key
             return _convert(present[0], value, path, metadata)
+        closest: RecordError | None = None
         for option in present:
             try:
                 return _convert(option, value, path, metadata)
-            except RecordError:
-                continue
-        raise RecordError(path, f"must be {_type_name(hint)}, not {_describe(value)}")
+            except RecordError as exc:  # a value of the right type but out of range says so, not "must be"
+                closest = closest or (exc if not exc.problem.startswith("must be") else None)
+        raise closest or RecordError(path, f"must be {_type_name(hint)}, not {_describe(value)}")
     if isinstance(hint, type) and issubclass(hint, JsonRecord):
         return hint.from_json(value, path)
     if origin is list:
@@ -214,7 +228,8 @@ class JsonRecord:
                 continue
             values[spec.name] = _convert(hints[spec.name], data[spec.name], key, dict(spec.metadata))
             if "const" in spec.metadata and values[spec.name] != spec.metadata["const"]:
-                raise RecordError(key, f"must be {json.dumps(spec.metadata['const'])}, not {_describe(data[spec.name])}")
+                expected = json.dumps(spec.metadata["const"])
+                raise RecordError(key, f"must be {expected}, not {_describe(data[spec.name])}")
         known = {spec.name for spec in cls.record_fields()}
         record = cls(**values)  # type: ignore[arg-type]
         record.unknown_keys = {key: value for key, value in data.items() if key not in known}

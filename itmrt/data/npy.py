@@ -12,6 +12,7 @@ all the data the header announces, so every malformed file is a one-line
 from __future__ import annotations
 
 import math
+import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,9 @@ from itmrt.errors import DataError, first_line
 NPY_MAGIC = b"\x93NUMPY"
 NUMERIC_KINDS = "biuf"
 """Array kinds itmrt reads: booleans, signed and unsigned integers, floats."""
-_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, KeyError, EOFError, OverflowError, UnicodeDecodeError,
-                  RecursionError, MemoryError)
+_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError, KeyError, EOFError, OverflowError,
+                  UnicodeDecodeError, RecursionError, MemoryError)
+"""What numpy's header parser (``ast.literal_eval`` over a ``tokenize``-filtered dict) raises on damaged bytes."""
 
 
 @dataclass(frozen=True)

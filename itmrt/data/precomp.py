@@ -148,6 +148,8 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
         if not caption:
             raise DataError(f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)")
         captions.append(caption)
+    if not captions:  # only whitespace, in the wider sense of Unicode
+        raise DataError(f"captions file {path} is empty; expected {layout}")
     return captions
 
 

@@ -163,7 +163,7 @@ def gallery_bundle(folder: str | Path) -> BundleInfo:
     manifest, _sha256 = read_gallery_manifest(folder)
     bundle = Path(manifest.bundle.path)
     hint = f"give the bundle and the gallery: `itmrt infer BUNDLE --gallery {folder}`"
-    if not is_bundle(bundle):
+    if not (bundle / MANIFEST_NAME).is_file():  # looked at, not opened: it may be anything
         raise ItmrtError(f"gallery {folder} was made with the bundle {bundle}, which is not there any more; {hint}")
     try:
         found = sha256_file(member(bundle, MANIFEST_NAME, "bundle", "export it again"))
@@ -185,7 +185,7 @@ def gallery_source(
         if gallery is not None:
             raise ItmrtError("give either a gallery as the source or --gallery, not both")
         return gallery_bundle(source).path, source
-    if is_bundle(source):
+    if is_bundle(source) or (source / MANIFEST_NAME).is_file():  # a damaged manifest: reading it says how
         return source, None if gallery is None else Path(gallery)
     if not source.exists():
         raise ItmrtError(f"{source} does not exist; give {expected}")

@@ -186,6 +186,7 @@ def score_tiled(
 def top_k_of_matrix(scores: np.ndarray, k: int, remedy: str = "check the inputs") -> tuple[TopK, TopK]:
     """(t2i, i2t) top-k of a full ``images x captions`` matrix (stable: ties by lower index)."""
     check_finite_scores(scores, remedy)
+
     def best(matrix: np.ndarray, kk: int) -> TopK:
         order = np.argsort(-matrix, axis=1, kind="stable")[:, :kk]
         return TopK(order.astype(np.int64), np.take_along_axis(matrix, order, axis=1).astype(np.float32))
