@@ -425,9 +425,9 @@ class Manifest(JsonRecord):
                     yield f"{key}.calibration", variant.calibration, None
         for name, saved in (self.calibration.graphs.items() if self.calibration is not None else ()):
             yield f"calibration.graphs.{name}.file", saved.file, saved.sha256
-        for precision, engines in self.engines.items():
+        for engine_precision, engines in self.engines.items():
             for name, engine in engines.items():
-                key = f"engines.{precision}.{name}"
+                key = f"engines.{engine_precision}.{name}"
                 yield f"{key}.file", engine.file, engine.sha256
                 yield f"{key}.graph_file", engine.graph_file, engine.graph_sha256
                 if engine.layer_info is not None:
