@@ -56,6 +56,20 @@ class TargetExistsError(ItmrtError, FileExistsError):
 # -- modes ------------------------------------------------------------------------------
 
 
+def not_a_file(path: str | os.PathLike[str], missing: str = "does not exist") -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one: a phrase that ends "PATH ..."
+    (``missing`` when nothing is there). A device, pipe or socket is named as such: it may never end
+    (``/dev/zero``) or block (a FIFO)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder"
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    if path.exists():
+        return "is not a regular file (a device, pipe or socket)"
+    return missing
+
+
 def current_umask() -> int:
     """The process umask, read from ``/proc/self/status`` where Linux reports it (setting it to read it back
     would change it for every thread for a moment)."""

@@ -292,3 +292,22 @@ def test_captions_with_cr_only_line_ends_are_separate_captions(case: Case, capsy
 def test_folder_as_captions_says_folder(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
     assert_one_line(hostile_run(capsys, case.folder, *case.infer()[:2], "--captions", case.outside, *case.infer()[4:]),
                     "is a folder")
+
+
+@pytest.mark.parametrize("which", ["captions", "features", "vocabulary"])
+def test_device_or_pipe_as_input_is_named_so_and_not_read(hostile_world: World, case: Case,
+                                                          capsys: pytest.CaptureFixture[str], which: str) -> None:
+    """A FIFO would block a reader and a device like /dev/zero never ends: both are refused, and not called
+    missing."""
+    import os
+
+    fifo = case.folder / ("input.npy" if which == "features" else "input.txt")
+    os.mkfifo(fifo)
+    if which == "captions":
+        args: list[object] = [*case.infer()[:2], "--captions", fifo, *case.infer()[4:]]
+    elif which == "features":
+        args = [*case.infer()[:4], "--images", fifo, *case.infer()[6:]]
+    else:
+        args = ["export", hostile_world.checkpoint, "--vocab", fifo, "--out", case.folder / "new"]
+    assert_one_line(hostile_run(capsys, case.folder, *args), str(fifo), "is not a regular file")
+    assert not case.out.exists() and not (case.folder / "new").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from itmrt.errors import DataError, first_line
+from itmrt.io import not_a_file
 
 NPY_MAGIC = b"\x93NUMPY"
 NUMERIC_KINDS = "biuf"
@@ -98,7 +99,7 @@ def open_npy(path: Path, what: str) -> np.ndarray:
     if path.is_dir():
         raise DataError(f"{what} file {path} is a folder; give the path of a .npy file")
     if not path.is_file():
-        raise DataError(f"{what} file {path} not found")
+        raise DataError(f"{what} file {path} {not_a_file(path, 'not found')}")
     read_npy_header(path, what)
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)

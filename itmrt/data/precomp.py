@@ -25,6 +25,7 @@ import numpy as np
 
 from itmrt.data.npy import open_npy
 from itmrt.errors import DataError
+from itmrt.io import not_a_file
 
 __all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "open_npy", "read_captions"]
 
@@ -123,7 +124,7 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
     if path.is_dir():
         raise DataError(f"captions file {path} is a folder; expected a text file with {layout}")
     if not path.is_file():
-        raise DataError(f"captions file {path} not found; expected {layout}")
+        raise DataError(f"captions file {path} {not_a_file(path, 'not found')}; expected {layout}")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -155,7 +156,8 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
 
 def _open_features(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise DataError(f"image features file {path} not found; expected a float32 .npy of images x regions x dim")
+        raise DataError(f"image features file {path} {not_a_file(path, 'not found')}; "
+                        "expected a float32 .npy of images x regions x dim")
     features = open_npy(path, "image features")
     if features.ndim != 3:
         raise DataError(

@@ -43,7 +43,7 @@ from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
 from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
 from itmrt.families.checkpoints import load_checkpoint
 from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
-from itmrt.io import check_output_folder, publish_folder, sha256_file, staged_folder
+from itmrt.io import check_output_folder, not_a_file, publish_folder, sha256_file, staged_folder
 from itmrt.models.checkpoint import detect_format
 from itmrt.text.vocab import Vocabulary
 
@@ -131,11 +131,11 @@ def _check_sources(checkpoint: Path, vocab: Path) -> None:
     if checkpoint.is_dir():
         raise CheckpointError(f"checkpoint {checkpoint} is a folder; give the checkpoint file (*.pth.tar, *.safetensors)")
     if not checkpoint.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        raise CheckpointError(f"checkpoint {checkpoint} {not_a_file(checkpoint)}")
     if vocab.is_dir():
         raise VocabularyError(f"vocabulary {vocab} is a folder; give the vocabulary JSON file")
     if not vocab.is_file():
-        raise VocabularyError(f"vocabulary {vocab} does not exist")
+        raise VocabularyError(f"vocabulary {vocab} {not_a_file(vocab)}")
 
 
 def load_model(checkpoint: str | Path, vocab: str | Path) -> LoadedModel:
