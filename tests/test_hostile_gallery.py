@@ -118,8 +118,8 @@ def test_gallery_naming_a_folder_that_is_no_bundle_reads_nothing_there(case: Cas
     (lambda d: d["embeddings"].update(dtype="object"), "'embeddings.dtype'"),
     (lambda d: d["bundle"].update(family="rm -rf"), "'bundle.family'"),
 ])
-def test_malformed_gallery_document_is_one_line_naming_the_key(case: Case, capsys: pytest.CaptureFixture[str],
-                                                                change, key: str) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_gallery_document_is_one_line_naming_the_key(  # type: ignore[no-untyped-def]
+        case: Case, capsys: pytest.CaptureFixture[str], change, key: str) -> None:
     data = case.gallery_document()
     change(data)
     case.write_gallery_document(data)

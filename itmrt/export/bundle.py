@@ -129,7 +129,9 @@ def _validate_options(options: ExportOptions) -> None:
 
 def _check_sources(checkpoint: Path, vocab: Path) -> None:
     if checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint {checkpoint} is a folder; give the checkpoint file (*.pth.tar, *.safetensors)")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is a folder; give the checkpoint file (*.pth.tar, *.safetensors)"
+        )
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} {not_a_file(checkpoint)}")
     if vocab.is_dir():
