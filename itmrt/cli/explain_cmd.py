@@ -28,7 +28,7 @@ def explain_command(
                                          "explains the paper's ablation: every word's negative term set to 0 (the "
                                          "scorer's score stays the full model's)."),
     png: Path | None = typer.Option(None, "--png", help="Also draw the word x region similarity matrix with the "
-                                    "threshold marked (needs matplotlib: itmrt[reports])."),
+                                    "threshold marked (needs matplotlib, from the reports extra)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the explanation as JSON."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --png / --json files."),
 ) -> None:
