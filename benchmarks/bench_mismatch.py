@@ -130,7 +130,8 @@ def table(rows: dict[str, np.ndarray], found: dict[str, Any]) -> tuple[list[dict
         records.append(record)
         mismatched = changed["own_caption"] + changed["own_image"]
         lines.append(
-            f"{name:<36} {record['rsum']:>6.1f}  {acc['own_caption']['accuracy']:>13.1f} ({acc['own_caption']['median_margin']:+.3f})"
+            f"{name:<36} {record['rsum']:>6.1f}  {acc['own_caption']['accuracy']:>13.1f} "
+            f"({acc['own_caption']['median_margin']:+.3f})"
             f"  {acc['own_image']['accuracy']:>11.1f} ({acc['own_image']['median_margin']:+.3f})  "
             f"{acc['negated']['accuracy']:>8.1f}  {mismatched:>17d} / {changed['negated']:<4d}"
         )
@@ -182,7 +183,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(decision_table(decisions))
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return {"data": str(data), "split": args.split, "naaf": str(naaf), "scan": str(scan), "rows": records,
-            "decisions": {p: {**d.summary(), "flips_vs_fp32": d.flips(decisions["fp32"])} for p, d in decisions.items()}}
+            "decisions": {p: {**d.summary(), "flips_vs_fp32": d.flips(decisions["fp32"])}
+                          for p, d in decisions.items()}}
 
 
 def main() -> None:

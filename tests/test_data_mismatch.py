@@ -27,7 +27,8 @@ def _object_count_scores(meta: dict, negation_aware: bool) -> np.ndarray:
     for c, caption in enumerate(meta["captions"]):
         for i, objects in enumerate(held):
             named = set(caption["mentions"])
-            scores[i, c] = len(named & objects) - (len(named - objects) if negation_aware else 0) - 0.1 * len(objects - named)
+            lacking = len(named - objects) if negation_aware else 0
+            scores[i, c] = len(named & objects) - lacking - 0.1 * len(objects - named)
     return scores
 
 
@@ -40,7 +41,8 @@ def test_comparisons_pair_the_right_images_and_captions(meta: dict) -> None:
         assert a == same and meta["captions"][own]["image"] == a
         assert meta["captions"][other]["image"] == meta["images"][a]["partner"]
     for (a, caption), (b, _) in zip(zip(*found["negated"].right), zip(*found["negated"].wrong)):
-        assert meta["captions"][caption]["negated"] == [meta["images"][a]["extra"]] and meta["images"][b]["partner"] == a
+        assert meta["captions"][caption]["negated"] == [meta["images"][a]["extra"]]
+        assert meta["images"][b]["partner"] == a
     assert all(len(found[name]) > 0 for name in found)
 
 
@@ -49,7 +51,8 @@ def test_a_scorer_that_penalises_absent_objects_gets_every_mismatched_comparison
     aware, blind = _object_count_scores(meta, True), _object_count_scores(meta, False)
     right = accuracy(aware, found)
     assert right["own_caption"]["accuracy"] == 100.0 and right["own_image"]["accuracy"] == 100.0
-    assert right["own_image"]["median_margin"] == pytest.approx(2.0)  # B: k + 1 named objects held; A: k held, X lacking
+    # B holds the k + 1 named objects; A holds k and lacks X: 2 apart.
+    assert right["own_image"]["median_margin"] == pytest.approx(2.0)
     wrong = accuracy(blind, found)
     assert wrong["own_caption"]["accuracy"] == 0.0  # blind: B's caption names one more held object
     assert flips(aware, blind, found)["own_caption"] == len(found["own_caption"])

@@ -118,12 +118,14 @@ def test_ablation_drops_exactly_the_negative_terms_and_matches_torch(random_naaf
     runtime = load(random_naaf["bundle"], scorer="graph", warn=lambda _m: None)
     embeddings = runtime.encode_images(np.load(random_naaf["feats"]))
     caption = "word3 word7 word9 word11 word2"
-    full, ablated = explain(runtime, embeddings, 2, caption), explain(runtime, embeddings, 2, caption, negative_branch=False)
+    full = explain(runtime, embeddings, 2, caption)
+    ablated = explain(runtime, embeddings, 2, caption, negative_branch=False)
     assert ablated.negative_branch is False and not any(w.negative_fired or w.negative for w in ablated.words)
     assert ablated.score == pytest.approx(full.score - sum(w.negative for w in full.words), abs=1e-12)
     assert ablated.scorer_score == pytest.approx(full.scorer_score)  # the deployed scorer is the full model
     encoded = runtime.encode_captions([caption])
-    scorer = NAAFScorer(full.threshold, full.details["lambda_softmax"], full.details["intra_factor"], negative_branch=False)
+    scorer = NAAFScorer(full.threshold, full.details["lambda_softmax"], full.details["intra_factor"],
+                        negative_branch=False)
     with torch.no_grad():
         reference = scorer(torch.from_numpy(embeddings[2:3]), torch.from_numpy(encoded.vectors[None]),
                            torch.from_numpy(encoded.lengths.astype(np.int64)))
@@ -138,7 +140,8 @@ def test_word_terms_follow_the_definitions_on_a_hand_made_case() -> None:
     np.testing.assert_allclose(terms.row_max[0], [0.5, -0.5])
     # q = softmax(5 * U U^T) r: the words are orthogonal, so each keeps most of its own r.
     w_self = np.exp(5.0) / (np.exp(5.0) + 1.0)
-    np.testing.assert_allclose(terms.decision[0], [0.5 * w_self - 0.5 * (1 - w_self), -0.5 * w_self + 0.5 * (1 - w_self)])
+    q0 = 0.5 * w_self - 0.5 * (1 - w_self)
+    np.testing.assert_allclose(terms.decision[0], [q0, -q0])
     assert terms.fired[0].tolist() == [False, True]
     np.testing.assert_allclose(terms.negative[0], [0.0, -0.5])
     np.testing.assert_allclose(terms.aggregated[0], [1.0, 0.0], atol=1e-7)  # vhat = region 0 exactly; none for word 1
@@ -162,7 +165,8 @@ def test_explain_refuses_what_it_cannot_explain(random_naaf: dict[str, Path], tm
         explain(load(scan_bundle, warn=lambda _m: None), np.load(random_naaf["feats"]), 0, "word1")
 
 
-def test_cli_prints_the_table_and_writes_png_and_json(random_naaf: dict[str, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_prints_the_table_and_writes_png_and_json(random_naaf: dict[str, Path], tmp_path: Path,
+                                                      capsys) -> None:  # type: ignore[no-untyped-def]
     pytest.importorskip("matplotlib")
     png, out = tmp_path / "matrix.png", tmp_path / "why.json"
     args = ["explain", str(random_naaf["bundle"]), "--images", str(random_naaf["feats"]), "--image", "4",
@@ -207,5 +211,6 @@ def test_explain_runs_without_torch(random_naaf: dict[str, Path]) -> None:
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
+                          timeout=600)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

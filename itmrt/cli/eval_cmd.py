@@ -50,6 +50,9 @@ def eval_command(
         raise ItmrtError(f"{checkpoint} holds a global-embedding (CMPM) model; `itmrt eval` evaluates precomputed region features")
     model.eval()
     if not negative_branch:
+        from itmrt.models.matcher import CrossAttentionMatcher
+
+        assert isinstance(model, CrossAttentionMatcher)  # CMPM was refused above
         model.use_negative_branch(False)
     found = comparisons(read_meta(data, split)) if mismatched_words else None
     vocabulary = load_vocabulary_for(model, vocab)

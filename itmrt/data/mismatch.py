@@ -35,6 +35,11 @@ import numpy as np
 from itmrt.errors import DataError
 
 COMPARISONS = ("own_caption", "own_image", "negated")
+LABELS = {
+    "own_caption": "image A: own caption > B's",
+    "own_image": "B's caption: image B > A",
+    "negated": "A's 'no X' caption: A > B",
+}
 DESCRIPTIONS = {
     "own_caption": "image A: own caption above B's (B's names X, absent from A)",
     "own_image": "B's caption: image B above A (A lacks the X it names)",
@@ -73,7 +78,7 @@ def read_meta(data_dir: str | Path, split: str) -> dict[str, Any]:
                         "meta file (itmrt.data.synthetic.make_synthetic_dataset writes it)") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("images"), list) or not isinstance(meta.get("captions"), list):
+    if not (isinstance(meta, dict) and isinstance(meta.get("images"), list) and isinstance(meta.get("captions"), list)):
         raise DataError(f"{path} lacks the 'images' and 'captions' lists of the synthetic generator's meta file")
     return meta
 
@@ -117,12 +122,14 @@ def accuracy(scores: np.ndarray, found: dict[str, Comparison]) -> dict[str, dict
 
 def flips(reference: np.ndarray, scores: np.ndarray, found: dict[str, Comparison]) -> dict[str, int]:
     """Per comparison: how many come out the other way round in ``scores`` than in ``reference``."""
-    return {name: int(np.count_nonzero((c.margins(reference) > 0) != (c.margins(scores) > 0))) for name, c in found.items()}
+    return {name: int(np.count_nonzero((c.margins(reference) > 0) != (c.margins(scores) > 0)))
+            for name, c in found.items()}
 
 
 def format_accuracy(table: dict[str, dict[str, float]]) -> str:
     """The :func:`accuracy` table as text, one line per comparison."""
     lines = [f"{'comparison':<78} {'right %':>8} {'median margin':>14} {'count':>6}"]
     for name, row in table.items():
-        lines.append(f"{DESCRIPTIONS[name]:<78} {row['accuracy']:>8.1f} {row['median_margin']:>+14.4f} {row['count']:>6d}")
+        lines.append(f"{DESCRIPTIONS[name]:<78} {row['accuracy']:>8.1f} {row['median_margin']:>+14.4f} "
+                     f"{row['count']:>6d}")
     return "\n".join(lines)

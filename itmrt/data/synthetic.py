@@ -1,4 +1,4 @@
-"""A synthetic precomputed-feature dataset that a model can learn and where negation matters.
+"""A synthetic precomputed-feature dataset that a model can learn, built around mismatched words.
 
 The world has ``len(OBJECT_CLASSES)`` object classes and ``len(COLOURS)`` colours.
 Each class and each colour is a fixed random direction in feature space (shared by
@@ -6,13 +6,19 @@ all splits of one seed). An image holds 2-4 distinct objects; each object fills 
 few regions with ``prototype + colour + noise``, the other regions are background
 noise, and the region order is shuffled.
 
-Every caption names all objects present (usually with their colour). Many also
-name an *absent* object under a negation ("with no cat", "but without any kite",
-"and there is no bus"). Images come in confusable pairs: image B has exactly image
-A's objects (same colours) plus one extra object X, and several of A's captions
-say "no X". A model that ignores negation reads such a caption as a bag of words
-that B matches better than A, so it ranks the wrong image first - the failure
-NAAF's negative-aware scoring is meant to fix.
+Every caption names all objects present (usually with their colour). Images come
+in confusable pairs: image B has exactly image A's objects (same colours) plus one
+extra object X. A caption of B therefore names one object, X, that image A does
+not hold - a *mismatched word* against A. That is NAAF's point: SCAN-style
+attention keeps only aligned evidence, so such a caption fits A almost as well as
+B; NAAF learns a boundary between matched and mismatched word-region similarities
+and lets a mismatched word lower the score. :mod:`itmrt.data.mismatch` measures it.
+
+With ``negations=True`` many captions also name an *absent* object under a
+negation ("with no cat", "but without any kite", "and there is no bus"), and
+several of A's captions say "no X". This is linguistic negation, which NAAF does
+not model: its negative branch sees the word X, which B holds, whatever precedes
+it. Real captions (Flickr30K, COCO) rarely negate.
 
 Files written per split: ``{split}_ims.npy`` (float32, images x regions x dim),
 ``{split}_caps.txt`` (5 captions per image) and ``{split}_meta.json`` (what each

@@ -67,7 +67,8 @@ def _decision_session(graph_file: Any) -> Any:
                              "export the bundle again")
     inferred = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
     for name in (DECISION_TENSOR, MARGIN_TENSOR):  # typed as inferred: float16 in an FP16 graph's float16 parts
-        model.graph.output.append(onnx.helper.make_tensor_value_info(name, inferred.get(name, onnx.TensorProto.FLOAT), None))
+        elem_type = inferred.get(name, onnx.TensorProto.FLOAT)
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     return create_session(model.SerializeToString(), optimization="basic")
 
 

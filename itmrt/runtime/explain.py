@@ -45,7 +45,10 @@ def softmax_rows(x: np.ndarray) -> np.ndarray:
 
 
 def propagated_decision(tokens: np.ndarray, row_max: np.ndarray, intra_factor: float) -> np.ndarray:
-    """Step 3's ``q = W r`` with ``W = softmax_l(intra_factor * u_i . u_l)``: ``row_max`` ``[..., m]`` -> ``[..., m]``."""
+    """Step 3's ``q = W r`` with ``W = softmax_l(intra_factor * u_i . u_l)``: ``row_max`` -> q, both ``[..., m]``.
+
+    ``tokens`` ``[m, d]`` are the caption's real tokens.
+    """
     weights = softmax_rows(intra_factor * (tokens @ tokens.T))  # [m, m]
     return np.einsum("il,...l->...i", weights, row_max)
 
@@ -154,7 +157,8 @@ class Explanation:
         lines = [header]
         for w in self.words:
             lines.append(
-                f"{w.word[:12]:<12} {w.best_region:>6d} {w.best_similarity:>9.4f} {w.best_similarity - self.threshold:>+8.4f} "
+                f"{w.word[:12]:<12} {w.best_region:>6d} {w.best_similarity:>9.4f} "
+                f"{w.best_similarity - self.threshold:>+8.4f} "
                 f"{w.decision:>+8.4f} {'yes' if w.negative_fired else 'no':>5} "
                 f"{w.negative:>+9.5f} {w.aggregated:>+9.5f} {w.relevance:>+9.5f} {w.total:>+9.5f}"
             )
@@ -169,12 +173,16 @@ def naaf_constants(runtime: Runtime) -> tuple[float, float, float]:
     manifest = runtime.bundle.manifest
     if runtime.bundle.family != "naaf":
         raise ItmrtError(
-            f"explain takes NAAF's score apart word by word; {runtime.bundle.path} holds a {runtime.bundle.family} model"
+            f"explain takes NAAF's score apart word by word; {runtime.bundle.path} holds a "
+            f"{runtime.bundle.family} model"
         )
     try:
-        return tuple(float(np.float32(manifest[key]["value"])) for key in ("threshold", "lambda_softmax", "intra_factor"))  # type: ignore[return-value]
+        threshold, lambda_softmax, intra_factor = (float(np.float32(manifest[key]["value"]))
+                                                   for key in ("threshold", "lambda_softmax", "intra_factor"))
     except (KeyError, TypeError, ValueError):
-        raise ItmrtError(f"the manifest of {runtime.bundle.path} lacks NAAF's frozen constants; export the bundle again") from None
+        raise ItmrtError(f"the manifest of {runtime.bundle.path} lacks NAAF's frozen constants; "
+                         "export the bundle again") from None
+    return threshold, lambda_softmax, intra_factor
 
 
 def explain(
