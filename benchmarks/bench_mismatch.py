@@ -18,10 +18,14 @@ its training threshold ``thres`` instead of ``thres_safe`` (what the branch
 does where it can fire); SCAN trained the same way; and the deployed NAAF
 bundle at fp32, fp16 and int8 - made with the real pipeline (``itmrt export``,
 ``itmrt calibrate``, ``itmrt build --precision fp16|int8``) and scored by the
-torch-free runtime. ``flips`` counts mismatched-word comparisons (both kinds)
-and 'no X' comparisons that come out the other way round than NAAF's reference.
-A second table reads the deployed scorer graphs' own negative-branch decision
-(``q < 0``) on the word X, against A and against B.
+torch-free runtime - twice: as exported (``thres_safe`` frozen) and exported
+with ``--threshold`` set to ``thres``, so that the quantised graphs are also
+checked where the negative branch fires. ``flips`` counts mismatched-word
+comparisons (both kinds) and 'no X' comparisons that come out the other way
+round than in the row's PyTorch reference (NAAF, or NAAF at ``thres``). A
+second table reads the deployed scorer graphs' own negative-branch decision
+(``q < 0``) on the word X, against A and against B, with flips against the
+same bundle's fp32 graph.
 
 Defaults: the shipped small models and the recipe's synthetic data
 (``itmrt.train.recipes.make_region_data``), made in ``--work`` (a temporary
@@ -51,8 +55,11 @@ from itmrt.data.mismatch import COMPARISONS, accuracy, comparisons, flips, read_
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def reference_rows(naaf: Path, scan: Path, data: Path, split: str) -> dict[str, np.ndarray]:
-    """Score matrices of the PyTorch reference: NAAF, its two test-time variants, and SCAN."""
+THRES_ROW = "NAAF, test threshold = thres"
+
+
+def reference_rows(naaf: Path, scan: Path, data: Path, split: str) -> tuple[dict[str, np.ndarray], float]:
+    """Score matrices of the PyTorch reference (NAAF, its two test-time variants, SCAN) and NAAF's ``thres``."""
     import torch
 
     from itmrt.data.precomp import PrecompSplit
@@ -74,10 +81,10 @@ def reference_rows(naaf: Path, scan: Path, data: Path, split: str) -> dict[str, 
     thres = float(model.opt["thres"])
     with torch.no_grad():
         model.scorer.threshold.fill_(thres)
-    rows[f"NAAF, test threshold = thres {thres:.3f}"] = evaluate_split(model, vocab, test)[1]
+    rows[THRES_ROW] = evaluate_split(model, vocab, test)[1]
     scan_model = load_checkpoint(scan).eval()
     rows["SCAN"] = evaluate_split(scan_model, load_vocabulary_for(scan_model, data / "vocab.json"), test)[1]
-    return rows
+    return rows, thres
 
 
 def itmrt(*args: str | Path) -> None:
@@ -88,17 +95,17 @@ def itmrt(*args: str | Path) -> None:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}")
 
 
-def deploy(naaf: Path, data: Path, work: Path) -> Path:
-    """The bundle and its FP16 / INT8 graphs, made with README's commands."""
-    bundle = work / "bundle"
-    itmrt("export", naaf, "--vocab", data / "vocab.json", "--out", bundle, "--overwrite")  # replaces only a bundle
+def deploy(naaf: Path, data: Path, bundle: Path, threshold: float | None = None) -> Path:
+    """The bundle and its FP16 / INT8 graphs, made with README's commands (``threshold``: export's override)."""
+    override = [] if threshold is None else ["--threshold", repr(threshold)]
+    itmrt("export", naaf, "--vocab", data / "vocab.json", "--out", bundle, "--overwrite", *override)  # only a bundle
     itmrt("calibrate", bundle, "--data", data, "--samples", "64", "--min-samples", "32")
     itmrt("build", bundle, "--precision", "fp16")
     itmrt("build", bundle, "--precision", "int8")
     return bundle
 
 
-def deployed_rows(bundle: Path, data: Path, split: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def deployed_rows(bundle: Path, data: Path, split: str, label: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Score matrices of the torch-free runtime per precision, and its graphs' decisions on the word X."""
     from itmrt.data.precomp import PrecompSplit
     from itmrt.reports.mismatch import mismatched_word_decisions
@@ -112,21 +119,25 @@ def deployed_rows(bundle: Path, data: Path, split: str) -> tuple[dict[str, np.nd
     for precision in PRECISIONS:
         runtime = load(bundle, precision=precision, warn=lambda _m: None)
         images = runtime.encode_images(np.asarray(test.images))
-        rows[f"NAAF ort:{precision}"] = runtime.score(images, runtime.encode_captions(list(test.captions)))
-        decisions[precision] = mismatched_word_decisions(runtime, test.images, meta, own_image)
+        rows[f"{label} ort:{precision}"] = runtime.score(images, runtime.encode_captions(list(test.captions)))
+        decisions[f"{label} ort:{precision}"] = mismatched_word_decisions(runtime, test.images, meta, own_image)
     return rows, decisions
 
 
-def table(rows: dict[str, np.ndarray], found: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
-    """One record per row and the printed table (flips against the first row, NAAF's reference)."""
-    reference = next(iter(rows.values()))
+def table(
+    rows: dict[str, np.ndarray], found: dict[str, Any], references: dict[str, str]
+) -> tuple[list[dict[str, Any]], str]:
+    """One record per row and the printed table; flips against the row's reference (default: the first row)."""
+    first = next(iter(rows))
     header = (f"{'model':<36} {'rsum':>6}  {'own caption % (margin)':>23}  {'own image % (margin)':>21}  "
               f"{chr(39) + 'no X' + chr(39) + ' %':>8}  {'flips: mismatched / no X':>24}")
     records, lines = [], [header]
     for name, scores in rows.items():
         acc = accuracy(scores, found)
-        changed = flips(reference, scores, found)
-        record = {"model": name, "rsum": recall_table(scores)["rsum"], "accuracy": acc, "flips": changed}
+        against = references.get(name, first)
+        changed = flips(rows[against], scores, found)
+        record = {"model": name, "rsum": recall_table(scores)["rsum"], "accuracy": acc, "flips": changed,
+                  "flips_against": against}
         records.append(record)
         mismatched = changed["own_caption"] + changed["own_image"]
         lines.append(
@@ -142,19 +153,24 @@ def table(rows: dict[str, np.ndarray], found: dict[str, Any]) -> tuple[list[dict
 
 
 def decision_table(decisions: dict[str, Any]) -> str:
-    reference = decisions["fp32"]
-    header = (f"{'deployed NAAF':<14} {'X fires vs A (lacks X) %':>25} {'X fires vs B (holds X) %':>25} "
+    """Per deployed variant; flips against the fp32 graph of the same bundle."""
+    header = (f"{'deployed':<30} {'X fires vs A (lacks X) %':>25} {'X fires vs B (holds X) %':>25} "
               f"{'flips vs fp32 (A / B)':>22}  {'X vs A: best sim - t, median / min':>35}")
     lines = [header]
-    for precision, found in decisions.items():
-        summary, changed = found.summary(), found.flips(reference)
-        lines.append(f"ort:{precision:<10} {summary['x_fired_on_lacking_image_%']:>25.1f} "
+    for name, found in decisions.items():
+        summary, changed = found.summary(), found.flips(decisions[fp32_of(name)])
+        lines.append(f"{name:<30} {summary['x_fired_on_lacking_image_%']:>25.1f} "
                      f"{summary['x_fired_on_holding_image_%']:>25.1f} "
                      f"{changed['x_on_lacking']:>14d} / {changed['x_on_holding']:<5d}  "
                      f"{summary['x_margin_on_lacking_image_median']:>+26.4f} / "
                      f"{summary['x_margin_on_lacking_image_min']:+.4f}")
-    lines.append(f"({reference.summary()['count']} captions of B, each against A and B)")
+    lines.append(f"({next(iter(decisions.values())).summary()['count']} captions of B, each against A and B)")
     return "\n".join(lines)
+
+
+def fp32_of(name: str) -> str:
+    """The fp32 variant's row name of a deployed row ("... ort:int8" -> "... ort:fp32")."""
+    return name.rsplit("ort:", 1)[0] + "ort:fp32"
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -169,22 +185,29 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.data is None and not (data / "vocab.json").is_file():
         make_region_data(data)
     started = time.perf_counter()
-    rows = reference_rows(Path(naaf), Path(scan), Path(data), args.split)
+    rows, thres = reference_rows(Path(naaf), Path(scan), Path(data), args.split)
+    references: dict[str, str] = {}
     decisions: dict[str, Any] = {}
     if not args.no_deployed:
-        deployed, decisions = deployed_rows(deploy(Path(naaf), Path(data), work), Path(data), args.split)
-        rows.update(deployed)
+        for label, threshold, reference in (("NAAF", None, "NAAF"), ("NAAF at thres", thres, THRES_ROW)):
+            folder = work / ("bundle" if threshold is None else "bundle_thres")
+            bundle = deploy(Path(naaf), Path(data), folder, threshold)
+            deployed, found_decisions = deployed_rows(bundle, Path(data), args.split, label)
+            rows.update(deployed)
+            decisions.update(found_decisions)
+            references.update({name: reference for name in deployed})
     found = comparisons(read_meta(data, args.split))
-    records, text = table(rows, found)
-    print(f"\nNAAF's point on {data} ({args.split}): {Path(naaf).name} vs {Path(scan).name}")
+    records, text = table(rows, found, references)
+    print(f"\nNAAF's point on {data} ({args.split}): {Path(naaf).name} vs {Path(scan).name}; thres = {thres:.4f}")
     print(text)
     if decisions:
         print("\nthe deployed scorer graphs' negative-branch decision on the mismatched word X")
         print(decision_table(decisions))
     print(f"\n({time.perf_counter() - started:.0f} s)")
     return {"data": str(data), "split": args.split, "naaf": str(naaf), "scan": str(scan), "rows": records,
-            "decisions": {p: {**d.summary(), "flips_vs_fp32": d.flips(decisions["fp32"])}
-                          for p, d in decisions.items()}}
+            "thres": thres,
+            "decisions": {name: {**d.summary(), "flips_vs_fp32": d.flips(decisions[fp32_of(name)])}
+                          for name, d in decisions.items()}}
 
 
 def main() -> None:
