@@ -3,9 +3,9 @@
     python benchmarks/bench_flickr_size.py [--images 1000] [--captions 5000] [--work /tmp/itmrt-flickr-size]
 
 A NAAF with the released sizes (region features 36 x 2048, d = 1024, word_dim 300,
-random weights: speed and memory do not depend on training) is exported to a
-bundle; random region features and captions of 8 to 20 tokens drawn from the
-vocabulary are written; then ``itmrt infer`` scores every image against every
+Flickr30K's released vocabulary, random weights: speed and memory do not depend
+on training) is exported to a bundle with ``itmrt export``; random region
+features and captions of 8 to 20 tokens drawn from the vocabulary are written; then ``itmrt infer`` scores every image against every
 caption (top-10 both ways) in a child process whose wall time and peak resident
 memory (ru_maxrss) are reported.
 """
@@ -23,39 +23,62 @@ from pathlib import Path
 import numpy as np
 
 
-def prepare(work: Path, n_images: int, n_captions: int, seed: int = 0) -> tuple[Path, Path, Path]:
+RELEASED_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "vocab" / "f30k_precomp_vocab.json"
+"""Flickr30K's released vocabulary (8481 words), where ../shared is beside the project."""
+
+
+def prepare_bundle(work: Path, vocab_file: Path | None = RELEASED_VOCAB, seed: int = 0) -> tuple[Path, Path, list[str]]:
+    """(bundle, checkpoint, caption words): a NAAF at the released sizes with random weights, exported
+    with ``itmrt export`` once per ``work`` folder. The vocabulary is ``vocab_file`` where it exists,
+    else 8477 made-up words (the size of Flickr30K's)."""
     import torch
 
-    from itmrt.export.bundle import ExportOptions, export_bundle
     from itmrt.models.checkpoint import matcher_from_opt, save_released_checkpoint
     from itmrt.text.vocab import Vocabulary
 
     work.mkdir(parents=True, exist_ok=True)
-    words = [f"w{i}" for i in range(8477)]  # the size of Flickr30K's released vocabulary
-    vocab = Vocabulary.from_words(words)
     vocab_path = work / "vocab.json"
-    vocab.to_json(vocab_path)
-    torch.manual_seed(seed)
-    opt = {"img_dim": 2048, "embed_size": 1024, "word_dim": 300, "vocab_size": len(vocab), "thres_safe": 0.1,
-           "precomp_enc_text_type": "basic"}
+    if vocab_file is not None and vocab_file.is_file():
+        vocab = Vocabulary.from_json(vocab_file)
+    else:
+        vocab = Vocabulary.from_words([f"w{i}" for i in range(8477)])
+    if not vocab_path.exists():
+        vocab.to_json(vocab_path)
+    words = sorted(word for word in vocab.word2idx if word.isalpha() and word.isascii())
     checkpoint = work / "naaf_released_size.pth.tar"
-    save_released_checkpoint(checkpoint, matcher_from_opt(opt, family="naaf"))
     bundle = work / "bundle"
     if not bundle.exists():
-        export_bundle(checkpoint, vocab_path, bundle, ExportOptions())
+        torch.manual_seed(seed)
+        opt = {"img_dim": 2048, "embed_size": 1024, "word_dim": 300, "vocab_size": len(vocab), "thres_safe": 0.1,
+               "precomp_enc_text_type": "basic"}
+        save_released_checkpoint(checkpoint, matcher_from_opt(opt, family="naaf"))
+        subprocess.run([sys.executable, "-m", "itmrt", "export", str(checkpoint), "--vocab", str(vocab_path),
+                        "--out", str(bundle)], check=True)
+    return bundle, checkpoint, words
+
+
+def write_inputs(work: Path, words: list[str], n_images: int, n_captions: int, seed: int = 0) -> tuple[Path, Path]:
+    """Region features ``[n_images, 36, 2048]`` and ``n_captions`` captions of 8 to 20 tokens, once per size."""
     rng = np.random.default_rng(seed)
-    features = work / "images.npy"
-    out = np.lib.format.open_memmap(features, mode="w+", dtype=np.float32, shape=(n_images, 36, 2048))
-    for start in range(0, n_images, 100):
-        stop = min(start + 100, n_images)
-        out[start:stop] = np.abs(rng.standard_normal((stop - start, 36, 2048), dtype=np.float32))
-    out.flush()
-    del out
-    lengths = rng.integers(6, 19, size=n_captions)  # + <start>/<end> = 8..20 tokens
-    captions = [" ".join(rng.choice(words, size=n)) for n in lengths]
-    captions_path = work / "captions.txt"
-    captions_path.write_text("\n".join(captions) + "\n")
-    return bundle, features, captions_path
+    features = work / f"images_{n_images}.npy"
+    captions_path = work / f"captions_{n_captions}.txt"
+    if not features.exists():
+        out = np.lib.format.open_memmap(features, mode="w+", dtype=np.float32, shape=(n_images, 36, 2048))
+        for start in range(0, n_images, 100):
+            stop = min(start + 100, n_images)
+            out[start:stop] = np.abs(rng.standard_normal((stop - start, 36, 2048), dtype=np.float32))
+        out.flush()
+        del out
+    if not captions_path.exists():
+        lengths = rng.integers(6, 19, size=n_captions)  # + <start>/<end> = 8..20 tokens
+        captions_path.write_text("\n".join(" ".join(rng.choice(words, size=n)) for n in lengths) + "\n")
+    return features, captions_path
+
+
+def prepare(work: Path, n_images: int, n_captions: int, seed: int = 0) -> tuple[Path, Path, Path]:
+    bundle, _checkpoint, words = prepare_bundle(work, seed=seed)
+    features, captions = write_inputs(work, words, n_images, n_captions, seed)
+    return bundle, features, captions
 
 
 def main() -> None:

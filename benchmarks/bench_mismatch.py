@@ -63,7 +63,7 @@ def reference_rows(naaf: Path, scan: Path, data: Path, split: str) -> tuple[dict
     import torch
 
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.families.checkpoints import load_checkpoint
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
     from itmrt.models.matcher import CrossAttentionMatcher
     from itmrt.models.naaf import NAAFScorer

@@ -56,7 +56,8 @@ def make_data(n_images: int, n_captions: int, seed: int = 0) -> tuple[np.ndarray
     return images.astype(np.float32), captions
 
 
-def released_loop_scores(images: np.ndarray, captions: list[np.ndarray]) -> np.ndarray:
+def released_loop_scores(images: np.ndarray, captions: list[np.ndarray], threshold: float = THRESHOLD,
+                         lam: float = LAMBDA, intra_factor: float = INTRA, device: str = "cpu") -> np.ndarray:
     """The released test-time scorer's structure, step for step, in PyTorch (MODELS.md section 2).
 
     Per caption: the caption copied once per image (``repeat``), the similarity
@@ -64,38 +65,39 @@ def released_loop_scores(images: np.ndarray, captions: list[np.ndarray]) -> np.n
     threshold subtracted through a tensor of ones, the intra-caption softmax
     computed once and repeated per image, the negative mask in float64 (the
     released code's ``.double()``), and the attended region features vhat
-    materialised by a second ``bmm`` before the cosine.
+    materialised by a second ``bmm`` before the cosine. ``device``: where torch runs it
+    (``benchmarks/gpu_acceptance.py`` times it on CUDA).
     """
     import torch
 
-    imgs = torch.from_numpy(images)  # [Ni, n, d]
+    imgs = torch.from_numpy(images).to(device)  # [Ni, n, d]
     n_img, n_reg = int(imgs.shape[0]), int(imgs.shape[1])
     columns = []
     with torch.no_grad():
         for cap in captions:
             m = int(cap.shape[0])
-            one = torch.from_numpy(cap).unsqueeze(0)  # [1, m, d]
+            one = torch.from_numpy(cap).to(device).unsqueeze(0)  # [1, m, d]
             words = one.repeat(n_img, 1, 1)  # [Ni, m, d]
             sims = torch.bmm(words, imgs.transpose(1, 2))  # [Ni, m, n]
             sims_by_region = sims.transpose(1, 2).contiguous()  # [Ni, n, m]
-            rows = (sims - torch.ones_like(sims) * THRESHOLD).view(n_img * m, n_reg)
+            rows = (sims - torch.ones_like(sims) * threshold).view(n_img * m, n_reg)
             row_max = rows.max(dim=1).values.unsqueeze(-1)  # [Ni * m, 1]
             # negative branch, mask from the intra-caption propagated row maxima
-            intra = torch.softmax(torch.bmm(one, one.transpose(1, 2)).view(m, m) * INTRA, dim=1)
+            intra = torch.softmax(torch.bmm(one, one.transpose(1, 2)).view(m, m) * intra_factor, dim=1)
             propagated = torch.bmm(intra.view(1, m, m).repeat(n_img, 1, 1), row_max.view(n_img, m, 1))
             negative = (row_max * propagated.view(n_img * m, 1).lt(0).double()).view(n_img, m)
             # positive branch on aggregated features: masked exp, L1-normalised, vhat materialised, cosine
-            weights = torch.exp(rows.masked_fill(rows.le(0), -1e9) * LAMBDA)
+            weights = torch.exp(rows.masked_fill(rows.le(0), -1e9) * lam)
             weights = weights / (weights.abs().sum(dim=1, keepdim=True) + 1e-8)
             vhat = torch.bmm(weights.view(n_img, m, n_reg), imgs)  # [Ni, m, d]
             aggregated = (words * vhat).sum(dim=2) / vhat.norm(2, dim=2).clamp(min=1e-8)
             # positive branch on relevance: LeakyReLU, l2-normalised over the words, softmax over regions
             clipped = torch.nn.functional.leaky_relu(sims_by_region, 0.1)
             clipped = clipped / (clipped.pow(2).sum(dim=2, keepdim=True).sqrt() + 1e-8)
-            relevance_weights = torch.softmax(clipped.transpose(1, 2).contiguous().view(n_img * m, n_reg) * LAMBDA, dim=1)
+            relevance_weights = torch.softmax(clipped.transpose(1, 2).contiguous().view(n_img * m, n_reg) * lam, dim=1)
             relevance = sims.mul(relevance_weights.view(n_img, m, n_reg)).sum(-1)
             columns.append((negative + aggregated + relevance).mean(dim=1, keepdim=True))
-    return torch.cat(columns, 1).float().numpy()
+    return torch.cat(columns, 1).float().cpu().numpy()
 
 
 def matmul_rate(threads: int = 0) -> Any:
@@ -186,7 +188,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from itmrt.export.graphs_scorer import naaf_scorer_graph
+    from itmrt.graphs.scorers import naaf_scorer_graph
     from itmrt.runtime.backends import OrtBackend, SessionSettings
     from itmrt.runtime.encoders import CaptionEmbeddings
     from itmrt.runtime.tiled import score_tiled

@@ -143,7 +143,7 @@ def make_demo_data(folder: Path, log: Log) -> DemoData:
 
 def score_reference(folder: Path, data: DemoData, result: DemoResult, log: Log) -> ReferenceScores:
     """NAAF (and SCAN, where shipped) on the test split with the PyTorch reference."""
-    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.families.checkpoints import load_checkpoint
     from itmrt.models.evaluate import evaluate_split
     from itmrt.text.vocab import Vocabulary
 
@@ -189,8 +189,8 @@ def export_stage(checkpoint: Path, data: DemoData, bundle: Path, log: Log) -> Pa
 
 def build_precisions(bundle: Path, data_dir: Path, log: Log, result: DemoResult) -> list[str]:
     """FP16 and calibrated INT8 graphs (and engines where TensorRT exists); returns the precisions built."""
-    from itmrt.calibration.variants import PrecisionOptions
-    from itmrt.engine.build import build_bundle
+    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.calibration.build import build_bundle
 
     built = []
     for precision in ("fp16", "int8"):

@@ -50,6 +50,22 @@ def make_bundle(folder: Path, family: str = "naaf", opt: dict[str, Any] | None =
     return bundle, checkpoint, vocab
 
 
+def make_cmpm_bundle(folder: Path, max_over_padding: bool = False) -> Path:
+    """A small random CMPM bundle (32 x 32 images); ``max_over_padding`` as the released code pools."""
+    import torch
+
+    from itmrt.export.bundle import ExportOptions, export_bundle
+    from itmrt.models.checkpoint import save_native
+    from itmrt.models.cmpm import CMPMModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = CMPMModel(VOCAB, 16, 12, 32, width_mult=0.25, image_size=32, max_over_padding=max_over_padding).eval()
+    save_native(folder / "cmpm.safetensors", model)
+    export_bundle(folder / "cmpm.safetensors", make_vocab(folder), folder / "bundle", ExportOptions(max_batch=16, max_length=12))
+    return folder / "bundle"
+
+
 def random_captions(count: int, seed: int = 0, min_words: int = 1, max_words: int = 8) -> list[str]:
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(min_words, max_words + 1)))) for _ in range(count)]

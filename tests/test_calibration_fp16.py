@@ -11,11 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from itmrt.calibration.calib_data import FeedMaker, ort_session, random_sample
 from itmrt.calibration.fp16 import convert_to_fp16, emulation_session, float32_nodes
-from itmrt.calibration.records import graph_file
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands
-from itmrt.calibration.variants import make_fp16
-from itmrt.export.check import check_bundle
-from itmrt.export.trt_ops import check_trt_compat
+from itmrt.calibration.precision_graphs import make_fp16
+from itmrt.bundle.check import check_bundle
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.io import sha256_file
 from tests.calibration_helpers import THRESHOLD, make_data, make_naaf_bundle
 
@@ -34,7 +33,7 @@ def test_fp16_graphs_are_recorded_verified_and_accurate(fp16_bundle: tuple[Path,
     images, tokens, lengths = random_sample(manifest, seed=7)
     for graph in ("image_encoder", "text_encoder", "scorer"):
         entry = manifest["precisions"]["fp16"]["graphs"][graph]
-        assert entry["file"] == graph_file(manifest, "fp16", graph) == f"precision/fp16/{graph}.onnx"
+        assert entry["file"] == manifest.graph_file("fp16", graph) == f"precision/fp16/{graph}.onnx"
         assert entry["sha256"] == sha256_file(bundle / entry["file"]) == manifest["files"][entry["file"]]
         assert entry["source_sha256"] == manifest["graphs"][graph]["sha256"]
         model = onnx.load(str(bundle / entry["file"]))
@@ -50,6 +49,24 @@ def test_fp16_graphs_are_recorded_verified_and_accurate(fp16_bundle: tuple[Path,
         assert converted.dtype == np.float32
         assert np.abs(converted - reference).max() <= 1e-2
     assert check_bundle(bundle).ok
+
+
+def test_recurrent_nodes_stay_float32_for_tensorrts_gru_importer(fp16_bundle: tuple[Path, dict]) -> None:
+    """TensorRT's GRU importer adds FP32 constants (initial state, 1 - z, padded-step zeros) to the loop it
+    builds: every input of the GRU must be float32 for a strongly typed network to accept it."""
+    bundle, manifest = fp16_bundle
+    entry = manifest["precisions"]["fp16"]["graphs"]["text_encoder"]
+    recurrent = [island for island in entry["islands"] if island["reason"] == "recurrent"]
+    assert recurrent and {island["op"] for island in recurrent} == {"GRU"}
+    model = onnx.load(str(bundle / entry["file"]))
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    grus = [node for node in model.graph.node if node.op_type == "GRU"]
+    assert grus
+    for node in grus:
+        floats = [types.get(name) for name in [*node.input, *node.output] if name and types.get(name) != TensorProto.INT32]
+        assert floats and set(floats) == {TensorProto.FLOAT}, node.name
 
 
 def test_naaf_decisions_stay_float32_with_the_exact_threshold(fp16_bundle: tuple[Path, dict]) -> None:

@@ -24,7 +24,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUBS = Path(os.environ.get("ITMRT_TRT_STUBS", ROOT / ".venv" / "trt-stubs"))
+
+
+def _stubs_folder() -> Path:
+    """``ITMRT_TRT_STUBS``, else ``.venv/trt-stubs`` of this checkout, else of the venv running the tests."""
+    if "ITMRT_TRT_STUBS" in os.environ:
+        return Path(os.environ["ITMRT_TRT_STUBS"])
+    here = ROOT / ".venv" / "trt-stubs"
+    return here if here.is_dir() else Path(sys.prefix) / "trt-stubs"
+
+
+STUBS = _stubs_folder()
+# The TensorRT-facing code: engine building and inspection, and the native TensorRT backend with its CUDA context.
+TYPECHECKED = ["itmrt/engine", "itmrt/runtime/backend_trt.py"]
 
 
 def patched_stubs(target: Path) -> Path:
@@ -66,5 +78,8 @@ def test_engine_package_type_checks_against_tensorrt_stubs(tmp_path: Path) -> No
     probe.write_text("import tensorrt as trt\nbuilder = trt.Builder()\nbuilder.create_network('x')\n", encoding="utf-8")
     wrong = run_mypy([str(probe)], stubs)
     assert wrong.returncode != 0 and "probe.py" in wrong.stdout, wrong.stdout
-    result = run_mypy(["itmrt/engine"], stubs)
+    result = run_mypy(TYPECHECKED, stubs)
     assert result.returncode == 0, result.stdout + result.stderr
+    checked = int(re.search(r"in (\d+) source files?", result.stdout).group(1))  # type: ignore[union-attr]
+    # every module of itmrt/engine (the CUDA context included) and the runtime's backend_trt.py
+    assert checked >= len(list((ROOT / "itmrt" / "engine").glob("*.py"))) + 1, result.stdout

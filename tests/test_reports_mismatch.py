@@ -53,7 +53,7 @@ def test_graph_decisions_on_the_mismatched_word_agree_with_explain(data: Path, t
         on_a = next(w for w in explain(runtime, embeddings, int(a), meta["captions"][int(caption)]["text"]).words
                     if w.word == extra)
         assert found.x_on_lacking[k] == on_a.negative_fired
-        margin = on_a.best_similarity - runtime.bundle.manifest["threshold"]["value"]
+        margin = on_a.best_similarity - runtime.bundle.manifest.threshold.value
         assert found.x_margin_on_lacking[k] == pytest.approx(margin, abs=1e-5)
     assert not found.x_on_holding.any()
     if threshold is not None:

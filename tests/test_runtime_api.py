@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_helpers import make_bundle, random_captions, region_features
+from runtime_helpers import make_bundle, make_cmpm_bundle, random_captions, region_features
 
 import itmrt
 from itmrt.errors import DataError, ItmrtError
@@ -144,26 +144,30 @@ def test_truncated_graph_is_one_line_error(bundle: Path, tmp_path: Path) -> None
     assert "\n" not in str(caught.value)
 
 
-def _cmpm_bundle(folder: Path) -> Path:
+def test_cmpm_with_the_released_max_over_padding_is_not_bucketed(tmp_path: Path) -> None:
+    """Its caption embeddings depend on the batch's padding: the runtime keeps the captions' order and one
+    width, as the reference does, so its embeddings are the reference's (bucketing by length would change them)."""
     import torch
 
-    from itmrt.export.bundle import ExportOptions, export_bundle
-    from itmrt.models.checkpoint import save_native
-    from itmrt.models.cmpm import CMPMModel
-    from runtime_helpers import VOCAB, make_vocab
+    from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.runtime import load
 
-    torch.manual_seed(0)
-    model = CMPMModel(VOCAB, 16, 12, 32, width_mult=0.25, image_size=32).eval()
-    save_native(folder / "cmpm.safetensors", model)
-    export_bundle(folder / "cmpm.safetensors", make_vocab(folder), folder / "bundle", ExportOptions(max_batch=16, max_length=12))
-    return folder / "bundle"
+    bundle = make_cmpm_bundle(tmp_path, max_over_padding=True)
+    runtime = load(bundle, batch_size=2)  # several batches: bucketed, each would be padded to its own longest
+    captions = random_captions(6, seed=4, min_words=1, max_words=8)
+    encoded = runtime.encode_captions(captions)
+    model = load_checkpoint(tmp_path / "cmpm.safetensors")
+    tokens, lengths = runtime.vocab.encode_batch(captions)
+    with torch.no_grad():
+        expected = model.encode_captions(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)))
+    np.testing.assert_allclose(encoded.vectors, expected.numpy(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["naaf", "cmpm"])
 def test_warmup_runs_every_component_on_tiny_inputs(tmp_path: Path, family: str) -> None:
     from itmrt.runtime import load
 
-    bundle = _cmpm_bundle(tmp_path) if family == "cmpm" else make_bundle(tmp_path, family)[0]
+    bundle = make_cmpm_bundle(tmp_path) if family == "cmpm" else make_bundle(tmp_path, family)[0]
     runtime = load(bundle)
     assert runtime.warmup() > 0
     captions = random_captions(3, seed=2)
@@ -173,3 +177,13 @@ def test_warmup_runs_every_component_on_tiny_inputs(tmp_path: Path, family: str)
     cold = load(bundle)
     assert np.array_equal(runtime.score(images, runtime.encode_captions(captions)),
                           cold.score(images, cold.encode_captions(captions)))
+
+
+def test_released_cmpm_pads_every_batch_alike(tmp_path: Path) -> None:
+    """CMPM's released max over padding: an embedding must not depend on how the captions were cut into batches."""
+    bundle = make_cmpm_bundle(tmp_path, max_over_padding=True)
+    captions = random_captions(7, seed=3, min_words=1, max_words=8)
+    assert not load(bundle).text_encoder.bucket
+    one_batch = load(bundle).encode_captions(captions).vectors
+    small_batches = load(bundle, batch_size=2).encode_captions(captions).vectors
+    np.testing.assert_allclose(small_batches, one_batch, atol=1e-6)

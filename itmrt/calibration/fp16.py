@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from onnxconverter_common import float16
 
 from itmrt.errors import ItmrtError, first_line
-from itmrt.export.trt_ops import check_trt_compat
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.runtime.sessions import create_session
 
 ALWAYS_FLOAT32_OPS = ("Cast",)
@@ -169,13 +169,26 @@ VELTKAMP_SPLITTER = float(2**13 + 1)  # float32 has 24 significant bits, float16
 FLOAT16_ROUNDS_TO_INF = 65520.0  # float16 rounds |x| >= 65520 to infinity
 
 
+SPLITTER_INITIALIZER = "__fp16_splitter"
+
+
+def significand_rounding_nodes(raw: str, rounded: str) -> list[onnx.NodeProto]:
+    """float32 nodes that round ``raw`` to 11 significant bits - float16's significand, and TF32's - and
+    write it to ``rounded`` (Veltkamp splitting; needs the :data:`SPLITTER_INITIALIZER` initializer,
+    :data:`VELTKAMP_SPLITTER`). The exponent range stays float32's."""
+    make = onnx.helper.make_node
+    return [
+        make("Mul", [raw, SPLITTER_INITIALIZER], [f"{rounded}__t"]),
+        make("Sub", [f"{rounded}__t", raw], [f"{rounded}__t_minus_x"]),
+        make("Sub", [f"{rounded}__t", f"{rounded}__t_minus_x"], [rounded]),
+    ]
+
+
 def _rounding_nodes(raw: str, name: str) -> list[onnx.NodeProto]:
     """float32 nodes that round ``raw`` to the nearest float16 value (infinite beyond float16's range)."""
     make = onnx.helper.make_node
     return [
-        make("Mul", [raw, "__fp16_splitter"], [f"{name}__t"]),
-        make("Sub", [f"{name}__t", raw], [f"{name}__t_minus_x"]),
-        make("Sub", [f"{name}__t", f"{name}__t_minus_x"], [f"{name}__rounded"]),
+        *significand_rounding_nodes(raw, f"{name}__rounded"),
         make("Abs", [f"{name}__rounded"], [f"{name}__abs"]),
         make("GreaterOrEqual", [f"{name}__abs", "__fp16_overflow"], [f"{name}__overflows"]),
         make("Mul", [f"{name}__rounded", "__fp16_inf"], [f"{name}__infinite"]),
@@ -205,7 +218,7 @@ def emulation_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
     graph.initializer.extend(
         [
-            numpy_helper.from_array(np.array(VELTKAMP_SPLITTER, dtype=np.float32), "__fp16_splitter"),
+            numpy_helper.from_array(np.array(VELTKAMP_SPLITTER, dtype=np.float32), SPLITTER_INITIALIZER),
             numpy_helper.from_array(np.array(FLOAT16_ROUNDS_TO_INF, dtype=np.float32), "__fp16_overflow"),
             numpy_helper.from_array(np.array(np.inf, dtype=np.float32), "__fp16_inf"),
         ]

@@ -1,7 +1,15 @@
 """Which nodes must stay float32 in an FP16 graph: measured, not guessed.
 
-Three kinds of FP32 island, each recorded with its reason:
+Four kinds of FP32 island, each recorded with its reason:
 
+``recurrent``
+    Every GRU, LSTM and RNN node. TensorRT's ONNX parser expands them into
+    loops whose initial hidden state, ``1 - z`` constant and padded-step zeros
+    it creates as FP32 constants (onnx-tensorrt ``onnxOpImporters.cpp``
+    ``DEFINE_BUILTIN_OP_IMPORTER(GRU)``, ``RNNHelpers.cpp``
+    ``clearMissingSequenceElements``); with FLOAT16 weights and inputs, a
+    strongly typed network - which inserts no casts - would mix the two types.
+    Kept in float32 (Casts at their borders), they parse the same as the fp32 graph.
 ``decision``
     NAAF's branch decisions: the node that subtracts the frozen threshold
     (float16 would move the threshold itself: 0.1234567 becomes 0.12347) and
@@ -28,12 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from itmrt.bundle.manifest import NodeNote
 from itmrt.calibration.calib_data import Feeds, ort_session
 from itmrt.calibration.fp16 import ALWAYS_FLOAT32_OPS, convert_to_fp16, emulation_session, name_nodes
 
@@ -44,6 +52,7 @@ EXACT_IN_FP16_OPS = frozenset(
 )
 """Ops whose float16 result is the float16 rounding of the exact result (no new error beyond their inputs')."""
 COMPARISON_OPS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
+RECURRENT_OPS = frozenset({"GRU", "LSTM", "RNN"})
 
 
 @dataclass(frozen=True)
@@ -54,19 +63,8 @@ class SensitivityOptions:
 
 
 @dataclass
-class Island:
-    node: str
-    op: str
-    reason: str  # decision | range | error
-    measured: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "op": self.op, "reason": self.reason, "measured": self.measured}
-
-
-@dataclass
 class SensitivityResult:
-    islands: list[Island]
+    islands: list[NodeNote]  # reason: recurrent | decision | range | error
     node_errors: dict[str, float] = field(default_factory=dict)  # candidate -> error when it alone is float16
     final_error: float = 0.0
     model: onnx.ModelProto | None = None  # the converted graph with these islands
@@ -164,14 +162,17 @@ def choose_islands(
     named = name_nodes(model)
     reference = run_model(named, feeds)
     candidates = candidate_nodes(named)
-    islands: dict[str, Island] = {}
+    islands: dict[str, NodeNote] = {}
+    for node in named.graph.node:
+        if node.op_type in RECURRENT_OPS:
+            islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="recurrent")
     for node in decision_nodes(named, threshold_initializer):
-        islands[node.name] = Island(node.name, node.op_type, "decision")
+        islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="decision")
     limit = FLOAT16_MAX * options.range_headroom
     for node_name, peak in output_ranges(named, candidates, feeds).items():
         if peak > limit and node_name not in islands:
             op = next(node.op_type for node in candidates if node.name == node_name)
-            islands[node_name] = Island(node_name, op, "range", peak)
+            islands[node_name] = NodeNote(node=node_name, op=op, reason="range", measured=peak)
 
     every_node = {node.name for node in named.graph.node}
     node_errors: dict[str, float] = {}
@@ -182,7 +183,7 @@ def choose_islands(
         alone = convert_to_fp16(named, every_node - {node.name})
         node_errors[node.name] = output_error(reference, alone, feeds)
         if node_errors[node.name] > options.node_tolerance:
-            islands[node.name] = Island(node.name, node.op_type, "error", node_errors[node.name])
+            islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="error", measured=node_errors[node.name])
 
     ops = {node.name: node.op_type for node in candidates}
     converted = convert_to_fp16(named, islands)
@@ -190,7 +191,7 @@ def choose_islands(
     remaining = sorted((name for name in node_errors if name not in islands), key=lambda name: -node_errors[name])
     while error > options.target_error and remaining:
         name = remaining.pop(0)
-        islands[name] = Island(name, ops[name], "error", node_errors[name])
+        islands[name] = NodeNote(node=name, op=ops[name], reason="error", measured=node_errors[name])
         converted = convert_to_fp16(named, islands)
         error = output_error(reference, converted, feeds)
     ordered = [islands[node.name] for node in named.graph.node if node.name in islands]

@@ -1,8 +1,9 @@
-"""``itmrt doctor``: what this machine can run (ONNX Runtime providers, TensorRT, pycuda, GPU, CPU features)."""
+"""``itmrt doctor``: what this machine can run (ONNX Runtime providers, TensorRT, pycuda, GPU, Jetson, CPU features)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -11,10 +12,14 @@ from itmrt.cli.app import app
 
 @app.command("doctor")
 def doctor_command(
+    bundle: Path | None = typer.Argument(None, help="A bundle: also check whether its TensorRT engines can run here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    device: int = typer.Option(0, "--device", min=0, help="The CUDA device the runtime will use (numbered after CUDA_VISIBLE_DEVICES)."),
 ) -> None:
-    """Report onnxruntime's execution providers, TensorRT and pycuda versions, GPUs and CPU features (VNNI, BF16)."""
+    """Report onnxruntime's execution providers, TensorRT and pycuda versions, the GPUs this process sees
+    (CUDA_VISIBLE_DEVICES honoured), Jetson/JetPack, CPU features (VNNI, BF16); with a bundle, each engine's
+    TensorRT version, GPU, device memory and whether it can run on the runtime's GPU."""
     from itmrt.engine.doctor import diagnose, format_report
 
-    report = diagnose()
+    report = diagnose(device=device, bundle=bundle)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))

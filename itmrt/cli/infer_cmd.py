@@ -10,114 +10,83 @@ command line.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
-from itmrt.cli.outputs import check_new_files
+from itmrt.cli.options import BackendName, OnLong, Precision
+from itmrt.cli.outputs import check_new_files, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 
-def _say_warning(message: str) -> None:
-    typer.echo(f"warning: {message}", err=True)
+def caption_result_lines(captions: list[str], t2i: Any, start: int = 0, ids: Any = None) -> list[str]:
+    """One JSON line per caption query with its best images (caption ``j`` numbered ``start + j``).
 
-
-def results_jsonl(captions: list[str], t2i: Any, i2t: Any) -> str:
-    """One JSON line per caption query (best images) then per image query (best captions)."""
+    ``ids``: per caption, its result images' ids (``image_ids``), where the images came from files.
+    ``itmrt query`` prints the same lines from a service's answers.
+    """
     import json
 
     lines = []
     for j, caption in enumerate(captions):
-        ids, scores = t2i.indices[j], t2i.scores[j]
-        lines.append(json.dumps({"query": "caption", "index": j, "caption": caption,
-                                 "images": [int(x) for x in ids], "scores": [float(s) for s in scores]}))
+        line: dict[str, Any] = {"query": "caption", "index": start + j, "caption": caption,
+                                "images": [int(x) for x in t2i.indices[j]]}
+        if ids is not None:
+            line["image_ids"] = [str(x) for x in ids[j]]
+        lines.append(json.dumps({**line, "scores": [float(s) for s in t2i.scores[j]]}, ensure_ascii=False))
+    return lines
+
+
+def results_jsonl(captions: list[str], t2i: Any, i2t: Any, image_ids: list[str] | None = None) -> str:
+    """One JSON line per caption query (best images) then per image query (best captions).
+
+    Images are given by index (``images``, ``index``) and, when they came from
+    image files, also by id (``image_ids``, ``image_id``: the path as listed).
+    """
+    import json
+
+    result_ids = None if image_ids is None else [[image_ids[int(x)] for x in row] for row in t2i.indices]
+    lines = caption_result_lines(captions, t2i, ids=result_ids)
     for i in range(i2t.indices.shape[0]):
-        lines.append(json.dumps({"query": "image", "index": i,
-                                 "captions": [int(x) for x in i2t.indices[i]], "scores": [float(s) for s in i2t.scores[i]]}))
+        line: dict[str, Any] = {"query": "image", "index": i}
+        if image_ids is not None:
+            line["image_id"] = image_ids[i]
+        lines.append(json.dumps({**line, "captions": [int(x) for x in i2t.indices[i]],
+                                 "scores": [float(s) for s in i2t.scores[i]]}, ensure_ascii=False))
     return "\n".join(lines) + "\n"
 
 
-def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any) -> None:
+def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any,
+                   image_ids: list[str] | None = None) -> None:
     from itmrt.io import atomic_save_float32_npy, atomic_write_text
 
     if scores_out is not None:
         atomic_save_float32_npy(scores_out, scores)
-    atomic_write_text(out, results_jsonl(captions, t2i, i2t))
+    atomic_write_text(out, results_jsonl(captions, t2i, i2t, image_ids))
 
 
 def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, captions: list[str],
                       max_length: int | None, on_long: str, batch_size: int) -> Any:
     """The PyTorch reference's score matrix (images x captions); the only path that imports torch."""
-    import numpy as np
-    import torch
-
-    from itmrt.models.checkpoint import load_checkpoint
-    from itmrt.models.cmpm import CMPMModel
-    from itmrt.models.evaluate import EncodedCaptions, encode_images, load_vocabulary_for, score_matrix
+    from itmrt.families import family_of
+    from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.models.evaluate import load_vocabulary_for, reference_scores
     from itmrt.runtime.encoders import tokenize
     from itmrt.runtime.gallery import load_features
 
     model = load_checkpoint(checkpoint).eval()
     vocab = load_vocabulary_for(model, vocab_path)
     features = load_features(images_path)
-    ids = tokenize(vocab, captions, max_length, on_long, _say_warning)
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            part = ids[start : start + batch_size]
-            tokens = np.full((len(part), max(len(x) for x in part)), vocab.pad_id, dtype=np.int64)
-            for row, seq in enumerate(part):
-                tokens[row, : len(seq)] = seq
-            lens = torch.from_numpy(lengths[start : start + batch_size])
-            if not isinstance(model, CMPMModel):
-                emb = model.encode_captions(torch.from_numpy(tokens), lens)
-                chunks.append(torch.nn.functional.pad(emb, (0, 0, 0, int(lengths.max()) - emb.shape[1])))
-            else:
-                chunks.append(model.encode_text(torch.from_numpy(tokens), lens))
-        caption_emb = torch.cat(chunks)
-        if not isinstance(model, CMPMModel):
-            expected = model.image_encoder.img_dim
-            if features.ndim != 3 or features.shape[2] != expected:
-                raise ItmrtError(f"{images_path} has shape {features.shape}; the checkpoint expects images x regions x {expected}")
-            image_emb = encode_images(model, features, batch_size)
-            return score_matrix(model, image_emb, EncodedCaptions(caption_emb, torch.from_numpy(lengths)))
-        if features.ndim != 4 or features.shape[1] != 3:
-            raise ItmrtError(f"{images_path} has shape {features.shape}; a CMPM checkpoint takes images x 3 x H x W")
-        image_chunks = [model.encode_image(torch.from_numpy(np.array(features[s : s + batch_size], dtype=np.float32)))
-                        for s in range(0, len(features), batch_size)]
-        return model.scores(torch.cat(image_chunks), caption_emb).numpy()
+    ids = tokenize(vocab, captions, max_length, on_long, warn_on_stderr)
+    family_of(model).check_reference_images(model, features, str(images_path))
+    return reference_scores(model, features, ids, vocab.pad_id, batch_size)
 
 
-@app.command("infer")
-def infer_command(
-    source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
-    captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
-    images: Path | None = typer.Option(None, "--images", help="Image features .npy (region features; CMPM: images x 3 x H x W)."),
-    gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
-    vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
-    backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (the bundle must hold that variant)."),
-    providers: str | None = typer.Option(None, "--providers", help="ONNX Runtime providers, comma-separated (tensorrt,cuda,cpu); default: available ones in that order."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core)."),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
-    on_long: str = typer.Option("truncate", "--on-long", help="Captions over the limit: truncate (with a warning) or refuse."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images / captions per encoder batch."),
-    memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
-    out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
-    scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while scoring (stderr)."),
-    shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
-) -> None:
-    """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
-    from itmrt.data.precomp import read_captions
-    from itmrt.runtime.bundle import is_bundle
-    from itmrt.runtime.gallery import is_gallery
-
+def _check_request(out: Path, scores_out: Path | None, overwrite: bool, shortlist: int | None, top_k: int) -> None:
     check_new_files([out, scores_out], overwrite)
     if scores_out is not None and scores_out.resolve() == out.resolve():
         raise ItmrtError("--out and --scores-out name the same file")
@@ -127,59 +96,152 @@ def infer_command(
         check_shortlist(shortlist, top_k)
         if scores_out is not None:
             raise ItmrtError("--shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out")
+
+
+def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None, captions: list[str], top_k: int,
+                      scores_out: Path | None, out: Path, request: BundleRequest, timer: Any) -> str:
+    """The PyTorch reference path (each step a stage of ``timer``); returns what it did, for the summary."""
+    from itmrt.runtime.tiled import top_k_of_matrix
+
+    if vocab is None:
+        raise ItmrtError(f"{checkpoint} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
+    if images is None:
+        raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
+    with timer.stage("reference"):
+        scores = _reference_scores(checkpoint, vocab, images, captions, request.max_length, request.on_long,
+                                   request.batch_size)
+    t2i, i2t = top_k_of_matrix(scores, top_k)
+    with timer.stage("write"):
+        _write_outputs(out, scores_out, captions, t2i, i2t, scores)
+    return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
+
+
+@app.command("infer")
+def infer_command(
+    source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
+    captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
+    images: Path | None = typer.Option(None, "--images", help=(
+        "Image features .npy (region features; CMPM: images x 3 x H x W), or with a CMPM bundle a folder of "
+        "images or a text file listing image paths (JPEG, PNG, WebP; results name them by path).")),
+    gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
+    vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
+    backend: BackendName = options.backend(),
+    precision: Precision = options.precision(),
+    providers: str | None = options.providers(),
+    threads: int = options.threads(),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
+    on_long: OnLong = options.on_long(),
+    batch_size: int = options.batch_size(128, "Images / captions per encoder batch."),
+    memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
+    out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
+    scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
+    overwrite: bool = options.overwrite("existing output files"),
+    progress: bool = options.progress(),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=(
+        "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
+    timings: bool = typer.Option(False, "--timings", help=(
+        "Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON "
+        "line on stderr, after 'timings: '.")),
+    shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
+) -> None:
+    """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
+    from itmrt.timings import StageTimer, process_age
+
+    timer = StageTimer()
+    timer.add("startup", process_age() or 0.0)  # the interpreter and the CLI, before this line
+    with timer.stage("import"):  # numpy, ONNX Runtime, tqdm and the runtime (a checkpoint: torch, later)
+        import importlib
+
+        for module in ("itmrt.data.precomp", "itmrt.cli.progress", "itmrt.runtime.api", "itmrt.runtime.image_files"):
+            importlib.import_module(module)
+    from itmrt.data.precomp import read_captions
+
+    _check_request(out, scores_out, overwrite, shortlist, top_k)
     captions = read_captions(captions_path)
     started = time.perf_counter()
-
+    request = BundleRequest(source, gallery_path, images, backend, precision, options.parse_providers(providers),
+                            threads, max_length, on_long, batch_size, memory_mb, skip_bad_images)
     if source.is_file():
         if shortlist is not None:
             raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
-        if vocab is None:
-            raise ItmrtError(f"{source} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
-        if images is None:
-            raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
-        from itmrt.runtime.tiled import top_k_of_matrix
-
-        scores = _reference_scores(source, vocab, images, captions, max_length, on_long, batch_size)
-        t2i, i2t = top_k_of_matrix(scores, top_k)
-        _write_outputs(out, scores_out, captions, t2i, i2t, scores)
-        typer.echo(f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions in {time.perf_counter() - started:.1f}s; wrote {out}")
-        return
-
-    from itmrt.runtime.api import load
-    from itmrt.runtime.gallery import load_features, read_gallery
-
-    if is_gallery(source):
-        if gallery_path is not None:
-            raise ItmrtError("give either a gallery as the source or --gallery, not both")
-        gallery_path, bundle_path = source, read_gallery(source).bundle_path
-    elif is_bundle(source):
-        bundle_path = source
-    elif not source.exists():
-        raise ItmrtError(f"{source} does not exist; give a bundle folder, a gallery folder or a checkpoint file")
+        done = _infer_checkpoint(source, vocab, images, captions, top_k, scores_out, out, request, timer)
+        typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
-        raise ItmrtError(f"{source} is neither an itmrt bundle, a gallery nor a checkpoint file")
+        request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
+        result, n_images = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
+        how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
+               else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
+        typer.echo(f"{backend}/{precision}: {n_images} images x {len(captions)} captions in "
+                   f"{time.perf_counter() - started:.1f}s ({how}); wrote {out}")
+    if timings:
+        import json
+
+        typer.echo("timings: " + json.dumps({**timer.as_dict(), "total": round(process_age() or 0.0, 3)}), err=True)
+
+
+@dataclass
+class BundleRequest:
+    """What ``itmrt infer`` opens: a bundle, a gallery or image input, and how to run them."""
+
+    bundle: Path
+    gallery: Path | None
+    images: Path | None
+    backend: BackendName
+    precision: Precision
+    providers: list[str] | None
+    threads: int
+    max_length: int | None
+    on_long: OnLong
+    batch_size: int
+    memory_mb: int
+    skip_bad_images: bool
+
+
+def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | None) -> tuple[Path, Path | None]:
+    """The bundle to load and the gallery to search (None: encode ``--images``), from the command's source."""
+    from itmrt.runtime.gallery import gallery_source
+
+    bundle_path, gallery_path = gallery_source(source, gallery_path, "a bundle folder, a gallery folder or a checkpoint file")
     if (gallery_path is None) == (images is None):
-        raise ItmrtError("give exactly one of --images FEATS.npy or a gallery (as the source or --gallery)")
-    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-    runtime = load(bundle_path, backend, precision, provider_list, threads, max_length,
-                   on_long, batch_size, memory_mb << 20, _say_warning)
-    if gallery_path is not None:
-        image_set: Any = runtime.open_gallery(gallery_path)
-        n_images = len(image_set)
-    else:
-        assert images is not None
-        image_set = runtime.encode_images(load_features(images), source=str(images))
-        n_images = image_set.shape[0]
-    encoded = runtime.encode_captions(captions)
-    from itmrt.cli.progress import progress_bars
+        raise ItmrtError("give exactly one of --images (features .npy, image folder or list) or a gallery "
+                         "(as the source or --gallery)")
+    return bundle_path, gallery_path
 
-    with progress_bars(progress and shortlist is None) as bars:
+
+def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scores_out: Path | None,
+                   shortlist: int | None, progress: bool, out: Path, timer: Any) -> tuple[Any, int]:
+    """Load, encode, score and write, each a stage of ``timer``; the result and the number of images."""
+    from itmrt.cli.progress import progress_bars
+    from itmrt.runtime.api import load
+    from itmrt.runtime.gallery import load_features
+    from itmrt.runtime.image_files import is_image_listing, list_image_files
+
+    with timer.stage("load"):
+        runtime = load(request.bundle, backend=request.backend, precision=request.precision,
+                       providers=request.providers, threads=request.threads, max_length=request.max_length,
+                       on_long=request.on_long, batch_size=request.batch_size, budget_bytes=request.memory_mb << 20,
+                       warn=warn_on_stderr)
+    with timer.stage("kernels"):  # the fused scorer's numba kernels: compiled once per machine, then cached
+        if runtime.fused is not None:
+            runtime.fused.warm_kernels()
+    image_ids: list[str] | None = None
+    with timer.stage("encode_images"):
+        if request.gallery is not None:
+            image_set: Any = runtime.open_gallery(request.gallery)
+            image_ids = image_set.ids
+        elif request.images is not None and is_image_listing(request.images):
+            files = list_image_files(request.images)
+            image_set, image_ids = runtime.encode_image_files(files, request.skip_bad_images)
+        else:
+            assert request.images is not None
+            image_set = runtime.encode_images(load_features(request.images), source=str(request.images))
+        n_images = len(image_set)
+    with timer.stage("encode_captions"):
+        encoded = runtime.encode_captions(captions)
+    with timer.stage("score"), progress_bars(progress and shortlist is None) as bars:
         result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
                               progress=bars("score (captions)", len(captions)))
-    _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores)
-    how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
-           else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
-    typer.echo(
-        f"{backend}/{precision}: {n_images} images x {len(captions)} captions in {time.perf_counter() - started:.1f}s "
-        f"({how}); wrote {out}"
-    )
+    with timer.stage("write"):
+        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, image_ids)
+    return result, n_images

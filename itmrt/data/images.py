@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from itmrt.bundle.manifest import CropStep, ImagePreprocessingRecord, ResizeStep
 from itmrt.data.metrics import RECALL_KEYS
 from itmrt.data.precomp import open_npy, read_captions
 from itmrt.errors import DataError
@@ -40,16 +41,47 @@ VOCAB_FILE = "vocab.json"
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def preprocess_images(images: np.ndarray) -> np.ndarray:
-    """uint8 ``[N, H, W, 3]`` RGB -> float32 ``[N, 3, H, W]``: ``(x / 255 - IMAGE_MEAN) / IMAGE_STD`` per channel."""
+def preprocess_images(
+    images: np.ndarray, mean: np.ndarray = IMAGE_MEAN, std: np.ndarray = IMAGE_STD, scale: float = 1.0 / 255.0
+) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` RGB -> float32 ``[N, 3, H, W]``: ``(x * scale - mean) / std`` per channel.
+
+    What CMPM trains on (scale 1/255, the ImageNet mean and std); the runtime
+    applies it to image files with the values a bundle's manifest records.
+    """
     array = np.asarray(images)
     if array.dtype != np.uint8:
         raise DataError(f"images have dtype {array.dtype}; expected uint8 RGB pixels (0-255)")
     if array.ndim != 4 or array.shape[3] != 3:
         raise DataError(f"images have shape {array.shape}; expected N x H x W x 3 (RGB, channels last)")
-    scaled = array.astype(np.float32) * np.float32(1.0 / 255.0)
-    normalised = (scaled - IMAGE_MEAN) / IMAGE_STD
+    scaled = array.astype(np.float32) * np.float32(scale)
+    normalised = (scaled - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
+
+
+PREPROCESSING_KEY = "image_preprocessing"
+"""The manifest section of a CMPM bundle that says how an image file becomes the image encoder's input."""
+
+
+def image_preprocessing_record(image_size: int) -> ImagePreprocessingRecord:
+    """The manifest's ``image_preprocessing`` section for a model trained on ``image_size`` square images.
+
+    Training feeds uint8 RGB images of exactly ``image_size`` x ``image_size``
+    through :func:`preprocess_images`. An image file is decoded to RGB (EXIF
+    orientation applied); a file of another size is first resized, its shorter
+    side to ``image_size`` (bilinear, antialiased), and cropped at the centre.
+    """
+    return ImagePreprocessingRecord(
+        decode="rgb8",
+        exif_transpose=True,
+        resize=ResizeStep(shorter_side=int(image_size), filter="bilinear"),
+        crop=CropStep(height=int(image_size), width=int(image_size), at="center"),
+        scale=1.0 / 255.0,
+        mean=[float(x) for x in IMAGE_MEAN],
+        std=[float(x) for x in IMAGE_STD],
+        layout="NCHW",
+        trained_with="itmrt.data.images.preprocess_images",
+    )
 
 
 @dataclass(frozen=True)

@@ -3,99 +3,115 @@
 Precision is decided in the ONNX graph (FP16 tensors, INT8 Q/DQ pairs), so the
 builder sets no precision flags (TensorRT 11 removed ``BuilderFlag.FP16``/``INT8``
 and the INT8 calibrators; 10.x deprecated them) and creates a *strongly
-typed* network: ``1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED`` where
-the flag exists (networks are always explicit-batch since 10.0, so the
-removed ``EXPLICIT_BATCH`` is never used). One optimisation profile per
-engine comes from the manifest's ``shape_ranges`` (min/opt/max of batch and
-caption length), overridable per axis; the workspace pool can be capped for
-small boards; a timing cache file is read before and written after a build so
-rebuilds are fast.
+typed* network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` on 10.x;
+TensorRT 11 networks are always strongly typed and the flag is ignored). What
+the builder is told beyond the graph - TF32 off unless asked, version and
+hardware compatibility, DLA, workspace, profiling verbosity - comes from
+:mod:`itmrt.engine.settings`; the optimisation profile from the manifest's
+shape ranges, a board preset and ``--shape`` (:mod:`itmrt.engine.profiles`);
+the timing cache from the bundle (:mod:`itmrt.engine.timing_cache`).
+
+After each build the engine is deserialised once to read what it needs on
+the device (``device_memory_size_v2``) and, with detailed profiling
+verbosity, the engine inspector's layer JSON, which is kept in the bundle
+(:mod:`itmrt.engine.layers`). :func:`engine_entry` writes the manifest entry
+(:class:`itmrt.bundle.manifest.EngineEntry`). ``itmrt build`` - the precision
+graphs first, then these engines - is :func:`itmrt.calibration.build.build_bundle`.
 
 ``tensorrt`` is imported lazily: everything else in itmrt works without it.
-The engine entry written to the manifest records the TensorRT version, the GPU
-name and compute capability (see :mod:`itmrt.engine.compat`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from itmrt.calibration import records
-from itmrt.engine.compat import DeviceInfo, check_engine
-from itmrt.engine.doctor import gpus
+from itmrt.bundle.manifest import (
+    AxisRange,
+    EngineEntry,
+    GraphEntry,
+    LayerInfo,
+    Log,
+    Manifest,
+    ProfileShapes,
+    Tf32Record,
+    TimingCacheUse,
+    read_manifest,
+    report_replacement,
+    timestamp,
+    update_manifest,
+)
+from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, engine_file, layer_info_file
+from itmrt.engine.compat import DeviceInfo
+from itmrt.engine.gpus import gpu
+from itmrt.engine.jetson import detect_jetson
+from itmrt.engine.layers import matmul_node_names, parse_layer_json, summarize_layers
+from itmrt.engine.profiles import Range, Shapes, board, estimate_peaks, fit_ranges, manifest_ranges, profile_shapes
+from itmrt.engine.settings import (
+    BuilderSettings,
+    EngineOptions,
+    apply_builder_settings,
+    builder_settings,
+    carries_host_code,
+)
+from itmrt.engine.tensorrt_api import (
+    TensorRTUnavailable,
+    device_memory_bytes,
+    open_runtime,
+    require_tensorrt,
+    tensorrt_logger,
+    version_tuple,
+)
+from itmrt.engine.timing_cache import attach_timing_cache, save_timing_cache, timing_cache_file
 from itmrt.errors import ItmrtError
-from itmrt.export.manifest import read_manifest
-from itmrt.io import atomic_write_bytes, sha256_file
-from itmrt.optional import available, require
+from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
+from itmrt.optional import available
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-Log = Callable[[str], None]
-Range = tuple[int, int, int]
+__all__ = [
+    "EngineOptions",
+    "TensorRTUnavailable",
+    "build_engines",
+    "build_target",
+    "profile_shapes",
+    "require_tensorrt",
+]
 
 
-class TensorRTUnavailable(ItmrtError):
-    """TensorRT (or a GPU for it) is missing here: precision graphs can be made, engines cannot."""
+@dataclass(frozen=True)
+class BuildTarget:
+    """The GPU an engine is built on, and whether it shares the system memory."""
+
+    device: DeviceInfo
+    unified_memory: bool
 
 
-@dataclass
-class EngineOptions:
-    workspace_mb: int | None = None  # cap of the builder's workspace pool (small boards)
-    axis_ranges: dict[str, Range] = field(default_factory=dict)  # axis name -> (min, opt, max) overrides
-    timing_cache: Path | None = None
+def build_target(trt_module: Any, device: int = 0) -> BuildTarget:
+    """The CUDA device ``device`` (after ``CUDA_VISIBLE_DEVICES``) with the running TensorRT version."""
+    found = gpu(device)
+    if found is None:
+        raise TensorRTUnavailable(
+            f"no NVIDIA GPU {device} was found (pycuda and nvidia-smi see none; see CUDA_VISIBLE_DEVICES); "
+            "engines are built on the GPU that runs them"
+        )
+    unified = bool(found.integrated) or detect_jetson() is not None
+    return BuildTarget(DeviceInfo(str(trt_module.__version__), found.name, found.compute_capability), unified)
 
 
-def require_tensorrt() -> ModuleType:
-    if not available("tensorrt"):
-        raise TensorRTUnavailable("the tensorrt Python package is not installed here (TensorRT 10.x or 11.x is needed to build engines)")
-    return require("tensorrt")
-
-
-def device_info(trt_module: ModuleType) -> DeviceInfo:
-    found = gpus()
-    if not found:
-        raise TensorRTUnavailable("no NVIDIA GPU was found (pycuda and nvidia-smi see none); engines are built on the GPU that runs them")
-    return DeviceInfo(str(trt_module.__version__), found[0].name, found[0].compute_capability)
-
-
-def profile_shapes(graph_entry: dict[str, Any], overrides: dict[str, Range]) -> dict[str, tuple[list[int], list[int], list[int]]]:
-    """min/opt/max shape of every input: fixed dims as they are, symbolic ones from the ranges (or overrides)."""
-    ranges: dict[str, Range] = {
-        axis: (int(r["min"]), int(r["opt"]), int(r["max"])) for axis, r in graph_entry.get("shape_ranges", {}).items()
-    }
-    ranges.update(overrides)
-    shapes = {}
-    for value in graph_entry["inputs"]:
-        low: list[int] = []
-        mid: list[int] = []
-        high: list[int] = []
-        for dim in value["shape"]:
-            if isinstance(dim, int):
-                low.append(dim)
-                mid.append(dim)
-                high.append(dim)
-                continue
-            if dim not in ranges:
-                raise ItmrtError(f"input '{value['name']}' has axis '{dim}' with no range; pass it with --shape {dim}=MIN:OPT:MAX")
-            minimum, opt, maximum = ranges[dim]
-            if not 1 <= minimum <= opt <= maximum:
-                raise ItmrtError(f"axis '{dim}': need 1 <= min <= opt <= max, got {minimum}:{opt}:{maximum}")
-            low.append(minimum)
-            mid.append(opt)
-            high.append(maximum)
-        shapes[value["name"]] = (low, mid, high)
-    return shapes
+def device_info(trt_module: Any, device: int = 0) -> DeviceInfo:
+    return build_target(trt_module, device).device
 
 
 def _network_flags(trt_module: Any) -> int:
-    flag = getattr(trt_module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    return 0 if flag is None else 1 << int(flag)  # TensorRT 11: strongly typed is the only mode
+    if version_tuple(str(trt_module.__version__))[:1] >= (11,):
+        return 0  # TensorRT 11: always strongly typed; STRONGLY_TYPED is deprecated and ignored
+    return 1 << int(trt_module.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _parser_errors(parser: trt.OnnxParser) -> str:
@@ -104,115 +120,237 @@ def _parser_errors(parser: trt.OnnxParser) -> str:
 
 
 def build_serialized_engine(
-    onnx_path: Path, shapes: dict[str, tuple[list[int], list[int], list[int]]], options: EngineOptions
-) -> bytes:
-    """Parse ``onnx_path`` into a strongly typed network and build it; returns the serialized engine."""
+    onnx_path: Path, shapes: Shapes, settings: BuilderSettings, timing_cache: Path | None, say: Log
+) -> tuple[bytes, str]:
+    """Parse ``onnx_path`` into a strongly typed network and build it: the serialized engine and what
+    became of the timing cache."""
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger()
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes(), str(onnx_path)):
         raise ItmrtError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {_parser_errors(parser)}")
     config = builder.create_builder_config()
-    if options.workspace_mb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
+    apply_builder_settings(trt, builder, config, settings)
     profile = builder.create_optimization_profile()
     for name, (low, mid, high) in shapes.items():
         profile.set_shape(name, trt.Dims(low), trt.Dims(mid), trt.Dims(high))
     config.add_optimization_profile(profile)
-    cache_path = options.timing_cache
-    previous = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    timing_cache = config.create_timing_cache(previous)
-    config.set_timing_cache(timing_cache, False)
+    attached = attach_timing_cache(config, timing_cache, say)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ItmrtError(f"TensorRT could not build an engine from {onnx_path.name} (see TensorRT's messages above)")
-    if cache_path is not None:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    return bytes(memoryview(serialized))
+    if timing_cache is not None:
+        save_timing_cache(config, timing_cache)
+    return bytes(memoryview(serialized)), attached.status
 
 
-def build_engines(
-    bundle: str | Path, precision: str, options: EngineOptions | None = None, log: Log | None = None
-) -> dict[str, Any]:
-    """Build one engine per graph of ``precision`` (its graphs must exist) and record them; return the manifest."""
-    options = options or EngineOptions()
-    say: Log = log or (lambda _message: None)
-    folder = Path(bundle)
-    trt_module = require_tensorrt()
-    here = device_info(trt_module)
-    manifest = read_manifest(folder)
-    entries: dict[str, dict[str, Any]] = {}
-    for graph, graph_entry in manifest["graphs"].items():
-        started = time.perf_counter()
-        relative_graph = records.graph_file(manifest, precision, graph)
-        shapes = profile_shapes(graph_entry, options.axis_ranges)
-        engine = build_serialized_engine(folder / relative_graph, shapes, options)
-        relative = records.engine_file(precision, graph)
-        atomic_write_bytes(folder / relative, engine)
-        entries[graph] = {
-            "file": relative,
-            "sha256": sha256_file(folder / relative),
-            "graph_file": relative_graph,
-            "graph_sha256": sha256_file(folder / relative_graph),
-            "tensorrt_version": here.tensorrt_version,
-            "gpu_name": here.gpu_name,
-            "compute_capability": here.compute_capability,
-            "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()},
-            "workspace_mb": options.workspace_mb,
-            "built": records.now(),
-        }
-        say(f"engine {relative}: {len(engine) / 1e6:.1f} MB, TensorRT {here.tensorrt_version}, {here.gpu_name} ({time.perf_counter() - started:.1f}s)")
-
-    def change(m: dict[str, Any]) -> None:
-        for graph, entry in entries.items():
-            records.set_entry(m, ("engines", precision, graph), entry, f"{precision} {graph} engine", say)
-
-    return records.update_manifest(folder, change)
-
-
-def load_engine(bundle: str | Path, precision: str, graph: str) -> trt.ICudaEngine:
-    """Deserialize a bundle's engine after checking it was built by this TensorRT for this GPU."""
-    trt_module = require_tensorrt()
-    folder = Path(bundle)
-    path = check_engine(folder, read_manifest(folder), precision, graph, device_info(trt_module))
+def inspect_serialized(serialized: bytes, settings: BuilderSettings) -> tuple[int, str | None]:
+    """Device memory an execution context of the engine needs, and its layer JSON (detailed builds)."""
     import tensorrt as trt
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    runtime = open_runtime(host_code=carries_host_code(settings.set_flags), dla_core=settings.dla_core)
+    engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
-        raise ItmrtError(f"TensorRT could not load {path.name}; rebuild it: itmrt build {folder} --precision {precision}")
-    return engine
+        raise ItmrtError("TensorRT could not load the engine it has just built (see TensorRT's messages above)")
+    layers = None
+    if settings.profiling_verbosity == "DETAILED":
+        layers = str(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    return device_memory_bytes(engine), layers
+
+
+def engine_ranges(folder: Path, manifest: Manifest, precision: str, options: EngineOptions, say: Log) -> dict[str, Range]:
+    """The axis ranges every engine's profile uses: the manifest's, fitted to a board, then ``--shape``."""
+    ranges: dict[str, Range] = {}
+    for entry in manifest.graphs.values():
+        ranges.update(manifest_ranges(entry))
+    preset = board(options.board) if options.board else None
+    if preset is not None and preset.intermediate_mb is not None:
+        graphs = {g: (manifest.graph_file(precision, g), entry) for g, entry in manifest.graphs.items()}
+        ranges, peak = fit_ranges(folder, graphs, ranges, preset.intermediate_mb << 20)
+        fitted = ", ".join(f"{axis} max {ranges[axis][2]}" for axis in (BATCH_IMAGES, BATCH_CAPTIONS) if axis in ranges)
+        say(
+            f"board {options.board}: {fitted}; largest intermediate {peak / 2**20:.1f} MB "
+            f"(budget {preset.intermediate_mb} MB)"
+        )
+    ranges.update(options.axis_ranges)
+    return ranges
+
+
+def effective_options(options: EngineOptions) -> EngineOptions:
+    """``options`` with a board's workspace cap filled in when none was given."""
+    preset = board(options.board) if options.board else None
+    if preset is not None and options.workspace_mb is None and preset.workspace_mb is not None:
+        return replace(options, workspace_mb=preset.workspace_mb)
+    return options
+
+
+@contextlib.contextmanager
+def device_scope(device: int) -> Iterator[None]:
+    """Build on CUDA device ``device``: its primary context current (pycuda) - TensorRT works on the
+    current device. Device 0 needs no pycuda: it is the CUDA runtime's default."""
+    if available("pycuda"):
+        from itmrt.engine.cuda_context import shared_context
+
+        with shared_context(device).current():
+            yield
+        return
+    if device != 0:
+        raise ItmrtError(
+            f"building on CUDA device {device} needs pycuda (pip install pycuda), or CUDA_VISIBLE_DEVICES={device}"
+        )
+    yield
+
+
+def engine_entry(
+    folder: Path,
+    relative: str,
+    relative_graph: str,
+    target: BuildTarget,
+    shapes: Shapes,
+    ranges: dict[str, Range],
+    settings: BuilderSettings,
+    options: EngineOptions,
+    measured: Measured,
+) -> EngineEntry:
+    """The manifest entry of one engine: the one place that decides its fields."""
+    here = target.device
+    return EngineEntry(
+        file=relative,
+        sha256=sha256_file(folder / relative),
+        graph_file=relative_graph,
+        graph_sha256=sha256_file(folder / relative_graph),
+        tensorrt_version=here.tensorrt_version,
+        gpu_name=here.gpu_name,
+        compute_capability=here.compute_capability,
+        unified_memory=target.unified_memory,
+        profile={name: ProfileShapes(min=s[0], opt=s[1], max=s[2]) for name, s in shapes.items()},
+        axis_ranges={axis: AxisRange(min=r[0], opt=r[1], max=r[2]) for axis, r in sorted(ranges.items())},
+        board=options.board,
+        workspace_mb=settings.workspace_mb,
+        builder=settings.as_dict(),
+        tf32=measured.tf32,
+        version_compatible=options.version_compatible,
+        exclude_lean_runtime=options.exclude_lean_runtime,
+        hardware_compatibility=settings.hardware_compatibility,
+        dla_core=settings.dla_core,
+        gpu_fallback=options.gpu_fallback if settings.dla_core is not None else None,
+        device_memory_bytes=measured.device_memory_bytes,
+        largest_intermediate_bytes=measured.largest_intermediate_bytes,
+        layer_info=measured.layer_info,
+        timing_cache=measured.timing_cache,
+        built=timestamp(),
+    )
+
+
+def _save_layers(folder: Path, precision: str, graph: str, layers: str | None, onnx_path: Path) -> LayerInfo | None:
+    if layers is None:
+        return None
+    relative = layer_info_file(precision, graph)
+    atomic_write_text(folder / relative, layers)
+    try:
+        summary = summarize_layers(parse_layer_json(layers), matmul_node_names(onnx_path))
+    except (ValueError, TypeError) as exc:
+        summary = {"unreadable": str(exc)}
+    return LayerInfo(file=relative, sha256=sha256_file(folder / relative), summary=summary)
 
 
 @dataclass
-class BuildOutcome:
-    """What :func:`build_bundle` did: the manifest after it, and why no engine was built (if so)."""
+class Measured:
+    """What one build measured about its engine (recorded in its manifest entry)."""
 
-    manifest: dict[str, Any]
-    engines_built: bool
-    no_engine_reason: str | None = None
+    tf32: Tf32Record
+    device_memory_bytes: int
+    largest_intermediate_bytes: int
+    layer_info: LayerInfo | None
+    timing_cache: TimingCacheUse
 
 
-def build_bundle(
+@dataclass
+class BuildContext:
+    """What every engine of one ``build_engines`` call shares."""
+
+    options: EngineOptions
+    settings: BuilderSettings
+    target: BuildTarget
+    cache: Path | None
+    ranges: dict[str, Range]
+    tf32: dict[str, Tf32Record]
+
+
+def _build_one(folder: Path, manifest: Manifest, precision: str, graph: str, context: BuildContext,
+               say: Log) -> tuple[EngineEntry, int]:
+    """Build, save and inspect one engine; its manifest entry and size."""
+    relative_graph = manifest.graph_file(precision, graph)
+    graph_entry: GraphEntry = manifest.graph(graph)
+    shapes = profile_shapes(graph_entry, context.ranges)
+    engine, cache_status = build_serialized_engine(folder / relative_graph, shapes, context.settings, context.cache, say)
+    relative = engine_file(precision, graph)
+    atomic_write_bytes(folder / relative, engine)
+    memory, layers = inspect_serialized(engine, context.settings)
+    peak = estimate_peaks(folder, {graph: (relative_graph, graph_entry)}, context.ranges)[graph]
+    measured = Measured(
+        tf32=context.tf32[graph],
+        device_memory_bytes=memory,
+        largest_intermediate_bytes=peak,
+        layer_info=_save_layers(folder, precision, graph, layers, folder / relative_graph),
+        timing_cache=TimingCacheUse(file=str(context.cache) if context.cache else None, status=cache_status),
+    )
+    entry = engine_entry(folder, relative, relative_graph, context.target, shapes, context.ranges, context.settings,
+                         context.options, measured)
+    return entry, len(engine)
+
+
+def build_engines(
     bundle: str | Path,
     precision: str,
-    precision_options: Any = None,
-    engine_options: EngineOptions | None = None,
+    options: EngineOptions | None = None,
     log: Log | None = None,
-) -> BuildOutcome:
-    """``itmrt build`` as a function: make and verify the ``precision`` graphs (ONNX Runtime runs them
-    anywhere), then build the TensorRT engines where TensorRT and a GPU exist.
+    tf32: dict[str, Tf32Record] | None = None,
+) -> Manifest:
+    """Build one engine per graph of ``precision`` (its graphs must exist) and record them; return the manifest.
 
-    ``precision_options`` is an :class:`itmrt.calibration.variants.PrecisionOptions`.
+    ``tf32``: per graph, what TF32 costs (:func:`itmrt.calibration.tf32.tf32_record`, which ``itmrt build``
+    measures); without it each entry records only whether TF32 was allowed.
     """
-    from itmrt.calibration.variants import make_precision_graphs
+    options = effective_options(options or EngineOptions())
+    say: Log = log or (lambda _message: None)
+    folder = Path(bundle)
+    trt_module = require_tensorrt()
+    target = build_target(trt_module, options.device)
+    here = target.device
+    manifest = read_manifest(folder)
+    settings = builder_settings(
+        options, precision, unified_memory=target.unified_memory, compute_capability=here.compute_capability
+    )
+    cache = options.timing_cache or folder / timing_cache_file(
+        here.tensorrt_version, here.gpu_name, here.compute_capability
+    )
+    context = BuildContext(
+        options, settings, target, cache, engine_ranges(folder, manifest, precision, options, say),
+        tf32 or {graph: Tf32Record(enabled=options.tf32) for graph in manifest.graphs},
+    )
+    entries: dict[str, EngineEntry] = {}
+    with device_scope(options.device):
+        for graph in manifest.graphs:
+            started = time.perf_counter()
+            entries[graph], size = _build_one(folder, manifest, precision, graph, context, say)
+            entry = entries[graph]
+            say(
+                f"engine {entry.file}: {size / 1e6:.1f} MB, needs "
+                f"{(entry.device_memory_bytes or 0) / 2**20:.1f} MB of device "
+                f"memory at the profile's maximum shapes; TensorRT {here.tensorrt_version}, {here.gpu_name} "
+                f"({time.perf_counter() - started:.1f}s)"
+            )
 
-    manifest = make_precision_graphs(bundle, precision, precision_options, log)
-    try:
-        device_info(require_tensorrt())
-    except TensorRTUnavailable as exc:
-        return BuildOutcome(manifest, False, str(exc))
-    return BuildOutcome(build_engines(bundle, precision, engine_options, log), True)
+    def change(m: Manifest) -> None:
+        for graph, entry in entries.items():
+            report_replacement(m.engine(precision, graph), entry, f"{precision} {graph} engine", say)
+            m.engines.setdefault(precision, {})[graph] = entry
+            m.record_file(entry.file, entry.sha256)
+            if entry.layer_info is not None:
+                m.record_file(entry.layer_info.file, entry.layer_info.sha256)
+
+    return update_manifest(folder, change)

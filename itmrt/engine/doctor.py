@@ -1,4 +1,5 @@
-"""``itmrt doctor``: what this machine can run - ONNX Runtime providers, TensorRT, pycuda, GPU, CPU features.
+"""``itmrt doctor``: what this machine can run - ONNX Runtime providers, TensorRT, pycuda, the GPU the
+runtime uses, Jetson/JetPack, CPU features - and, given a bundle, whether its engines can run here.
 
 Every probe is optional and never raises: a missing library or tool is
 reported as absent. Nothing here imports torch.
@@ -8,14 +9,21 @@ from __future__ import annotations
 
 import importlib
 import platform
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from itmrt.optional import available, require
+from itmrt.engine.gpus import GpuInfo, gpus, visibility_notes
+from itmrt.engine.jetson import (
+    JetsonInfo,
+    detect_jetson,
+    jetson_notes,
+    onnxruntime_distributions,
+    system_tensorrt_paths,
+)
+from itmrt.engine.tensorrt_api import tensorrt_module
+
+__all__ = ["DoctorReport", "cpu_flags", "cpu_model", "diagnose", "format_report", "gpus", "tensorrt_module"]
 
 CPU_FLAGS = {
     "avx2": "AVX2",
@@ -29,11 +37,6 @@ CPU_FLAGS = {
 }
 
 
-def tensorrt_module() -> ModuleType | None:
-    """The ``tensorrt`` module, or ``None`` when it is absent (type stubs alone are not TensorRT)."""
-    return require("tensorrt") if available("tensorrt") else None
-
-
 def _version_of(name: str) -> str | None:
     try:
         module = importlib.import_module(name)
@@ -42,60 +45,13 @@ def _version_of(name: str) -> str | None:
     return str(getattr(module, "__version__", getattr(module, "VERSION_TEXT", "unknown")))
 
 
-@dataclass
-class GpuInfo:
-    name: str
-    compute_capability: str
-    memory_mb: int | None = None
-    driver: str | None = None
-
-
-def _gpus_from_pycuda() -> list[GpuInfo]:
-    try:
-        driver = importlib.import_module("pycuda.driver")
-        driver.init()
-        result = []
-        for index in range(driver.Device.count()):
-            device = driver.Device(index)
-            major, minor = device.compute_capability()
-            result.append(GpuInfo(str(device.name()), f"{major}.{minor}", int(device.total_memory()) >> 20))
-        return result
-    except Exception:  # noqa: BLE001
-        return []
-
-
-def _gpus_from_nvidia_smi() -> list[GpuInfo]:
-    tool = shutil.which("nvidia-smi")
-    if tool is None:
-        return []
-    try:
-        output = subprocess.run(
-            [tool, "--query-gpu=name,compute_cap,memory.total,driver_version", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    gpus = []
-    for line in output.strip().splitlines():
-        parts = [part.strip() for part in line.split(",")]
-        if len(parts) >= 2:
-            memory = int(float(parts[2])) if len(parts) > 2 and parts[2].replace(".", "").isdigit() else None
-            gpus.append(GpuInfo(parts[0], parts[1], memory, parts[3] if len(parts) > 3 else None))
-    return gpus
-
-
-def gpus() -> list[GpuInfo]:
-    """GPUs seen by pycuda, else by ``nvidia-smi`` (empty when neither finds one)."""
-    return _gpus_from_pycuda() or _gpus_from_nvidia_smi()
-
-
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return set()
     for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
+        if line.startswith(("flags", "Features")) and ":" in line:  # x86 "flags", Arm (Jetson) "Features"
             return set(line.split(":", 1)[1].split())
     return set()
 
@@ -120,59 +76,163 @@ class DoctorReport:
     cpu: str
     cpu_features: dict[str, bool]
     notes: list[str] = field(default_factory=list)
+    device: int = 0  # the CUDA device the runtime and the builder use
+    ort_distributions: dict[str, str] = field(default_factory=dict)
+    jetson: JetsonInfo | None = None
+    system_tensorrt: list[str] = field(default_factory=list)
+    engines: list[dict[str, Any]] | None = None  # a bundle's engines, when one was given
+
+    @property
+    def runtime_gpu(self) -> GpuInfo | None:
+        return self.gpus[self.device] if 0 <= self.device < len(self.gpus) else None
 
     def as_dict(self) -> dict[str, Any]:
+        gpu = self.runtime_gpu
         return {
             "onnxruntime": self.onnxruntime,
+            "onnxruntime_distributions": self.ort_distributions,
             "ort_providers": self.ort_providers,
             "tensorrt": self.tensorrt,
+            "system_tensorrt": self.system_tensorrt,
             "pycuda": self.pycuda,
-            "gpus": [gpu.__dict__ for gpu in self.gpus],
+            "gpus": [g.as_dict() for g in self.gpus],
+            "device": self.device,
+            "runtime_gpu": None if gpu is None else gpu.as_dict(),
+            "jetson": None if self.jetson is None else self.jetson.as_dict(),
             "cpu": self.cpu,
             "cpu_features": self.cpu_features,
+            "engines": self.engines,
             "notes": self.notes,
         }
 
 
-def diagnose() -> DoctorReport:
-    ort_version = _version_of("onnxruntime")
-    providers: list[str] = []
-    if ort_version is not None:
-        import onnxruntime
+def _onnxruntime() -> tuple[str | None, list[str]]:
+    version = _version_of("onnxruntime")
+    if version is None:
+        return None, []
+    import onnxruntime
 
-        providers = list(onnxruntime.get_available_providers())
+    return version, list(onnxruntime.get_available_providers())
+
+
+def _machine_notes(report: DoctorReport, flags: set[str]) -> list[str]:
+    notes = []
+    if report.tensorrt is None:
+        notes.append(
+            "TensorRT is not installed: `itmrt build` makes and verifies the ONNX precision graphs but no engine"
+        )
+    if not report.gpus:
+        notes.append("no NVIDIA GPU found: ONNX Runtime on the CPU is the backend here")
+    elif report.runtime_gpu is None:
+        notes.append(f"CUDA device {report.device} does not exist here ({len(report.gpus)} visible)")
+    if report.gpus and "CUDAExecutionProvider" not in report.ort_providers and report.jetson is None:
+        notes.append(
+            "onnxruntime has no CUDA provider: pip install onnxruntime-gpu (and uninstall onnxruntime) "
+            "for --backend ort on the GPU"
+        )
+    if (
+        flags
+        and {"avx2", "asimd"} & flags
+        and "avx512_vnni" not in flags
+        and "avx_vnni" not in flags
+        and "asimddp" not in flags
+    ):
+        notes.append(
+            "no VNNI / dot-product instructions: INT8 graphs will not be much faster than FP32 "
+            "in ONNX Runtime on this CPU"
+        )
+    return notes
+
+
+def diagnose(device: int = 0, bundle: str | Path | None = None) -> DoctorReport:
+    """Probe this machine (and ``bundle``'s engines, when given); never raises for a missing piece."""
+    ort_version, providers = _onnxruntime()
     trt = tensorrt_module()
     flags = cpu_flags()
     features = {label: flag in flags for flag, label in CPU_FLAGS.items()}
-    found_gpus = gpus()
-    notes = []
-    if trt is None:
-        notes.append("TensorRT is not installed: `itmrt build` makes and verifies the ONNX precision graphs but no engine")
-    if not found_gpus:
-        notes.append("no NVIDIA GPU found: ONNX Runtime on the CPU is the backend here")
-    if flags and "avx512_vnni" not in flags and "avx_vnni" not in flags:
-        notes.append("no VNNI: INT8 graphs will not be much faster than FP32 in ONNX Runtime on this CPU")
-    return DoctorReport(
-        ort_version, providers, None if trt is None else str(trt.__version__), _version_of("pycuda"),
-        found_gpus, cpu_model(), features, notes,
+    report = DoctorReport(
+        ort_version,
+        providers,
+        None if trt is None else str(trt.__version__),
+        _version_of("pycuda"),
+        gpus(),
+        cpu_model(),
+        features,
+        device=device,
+        ort_distributions=onnxruntime_distributions(),
+        jetson=detect_jetson(),
+        system_tensorrt=system_tensorrt_paths(),
     )
+    report.notes = _machine_notes(report, flags) + visibility_notes(report.gpus)
+    report.notes += jetson_notes(
+        report.jetson, report.tensorrt, providers, report.ort_distributions, report.system_tensorrt
+    )
+    if bundle is not None:
+        report.engines = bundle_engines(bundle, report)
+    return report
+
+
+def bundle_engines(bundle: str | Path, report: DoctorReport) -> list[dict[str, Any]]:
+    """The bundle's engines, each checked against the running TensorRT and the runtime's GPU."""
+    from itmrt.engine.compat import DeviceInfo
+    from itmrt.engine.inspect import inspect_bundle_engines
+
+    gpu = report.runtime_gpu
+    here = None
+    if report.tensorrt is not None and gpu is not None:
+        here = DeviceInfo(report.tensorrt, gpu.name, gpu.compute_capability)
+    return [status.as_dict() for status in inspect_bundle_engines(bundle, here)]
+
+
+def _mb(value: int | None) -> str:
+    return "?" if value is None else f"{value / 2**20:.1f} MB"
+
+
+def _engine_lines(engines: list[dict[str, Any]]) -> list[str]:
+    if not engines:
+        return ["engines:     none in this bundle (itmrt build BUNDLE --precision P on the target GPU)"]
+    lines = ["engines:"]
+    for e in engines:
+        extra = f", {e['travels']}" if e["travels"] else ""
+        tf32 = "" if e["tf32"] is None else (", TF32 allowed" if e["tf32"] else ", TF32 off")
+        lines.append(
+            f"  {e['precision']} {e['graph']}: TensorRT {e['tensorrt_version']}, "
+            f"{e['gpu_name']} ({e['compute_capability']}), device memory {_mb(e['device_memory_bytes'])}, "
+            f"largest intermediate {_mb(e['largest_intermediate_bytes'])}"
+            f"{tf32}{extra}"
+        )
+        lines.append(f"    {'usable here' if e['usable'] else 'not usable here: ' + e['problem']}")
+    return lines
 
 
 def format_report(report: DoctorReport) -> str:
     lines = [
-        f"onnxruntime: {report.onnxruntime or 'not installed'}",
+        f"onnxruntime: {report.onnxruntime or 'not installed'}"
+        + (
+            f" ({', '.join(f'{k} {v}' for k, v in report.ort_distributions.items())})"
+            if report.ort_distributions
+            else ""
+        ),
         f"  providers: {', '.join(report.ort_providers) or 'none'}",
         f"tensorrt:    {report.tensorrt or 'not installed'}",
         f"pycuda:      {report.pycuda or 'not installed'}",
     ]
-    if report.gpus:
-        for gpu in report.gpus:
-            memory = f", {gpu.memory_mb} MiB" if gpu.memory_mb else ""
-            lines.append(f"gpu:         {gpu.name} (compute capability {gpu.compute_capability}{memory})")
-    else:
+    for gpu in report.gpus:
+        memory = f", {gpu.memory_mb} MiB" if gpu.memory_mb else ""
+        used = "  <- the runtime's device" if gpu.index == report.device else ""
+        lines.append(
+            f"gpu {gpu.index}:       {gpu.name} "
+            f"(compute capability {gpu.compute_capability}{memory}; {gpu.source}){used}"
+        )
+    if not report.gpus:
         lines.append("gpu:         none found")
+    if report.jetson is not None:
+        j = report.jetson
+        lines.append(f"jetson:      L4T {j.l4t} (JetPack {j.jetpack or '?'}), {j.model or j.board or 'unknown board'}")
     lines.append(f"cpu:         {report.cpu}")
     for label, present in report.cpu_features.items():
         lines.append(f"  {'yes' if present else 'no '} {label}")
+    if report.engines is not None:
+        lines.extend(_engine_lines(report.engines))
     lines.extend(f"note: {note}" for note in report.notes)
     return "\n".join(lines)

@@ -1,14 +1,14 @@
-"""What engines a bundle holds and whether each can run here (used by ``itmrt doctor`` and the runtime)."""
+"""What engines a bundle holds and whether each can run here (used by ``itmrt doctor BUNDLE``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from itmrt.bundle.manifest import EngineEntry, Manifest, read_manifest
 from itmrt.engine.compat import DeviceInfo, check_engine
 from itmrt.errors import ItmrtError
-from itmrt.export.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -21,15 +21,34 @@ class EngineStatus:
     compute_capability: str
     usable: bool
     problem: str
+    device_memory_bytes: int | None = None  # what an execution context needs at the profile's maximum shapes
+    largest_intermediate_bytes: int | None = None  # ONNX shape inference's estimate at those shapes
+    tf32: bool | None = None
+    travels: str = ""  # version / hardware compatibility the engine was built with, if any
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def list_engines(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+def list_engines(manifest: Manifest) -> list[tuple[str, str, EngineEntry]]:
     """``(precision, graph, entry)`` for every engine the manifest records."""
     return [
         (precision, graph, entry)
-        for precision, graphs in sorted(manifest.get("engines", {}).items())
+        for precision, graphs in sorted(manifest.engines.items())
         for graph, entry in sorted(graphs.items())
     ]
+
+
+def _travels(entry: EngineEntry) -> str:
+    parts = []
+    if entry.version_compatible:
+        parts.append("version-compatible")
+    level = entry.hardware_compatibility
+    if level and level != "NONE":
+        parts.append(level.lower().replace("_", "-"))
+    if entry.dla_core is not None:
+        parts.append(f"DLA core {entry.dla_core}")
+    return ", ".join(parts)
 
 
 def inspect_bundle_engines(bundle: str | Path, here: DeviceInfo | None) -> list[EngineStatus]:
@@ -47,8 +66,18 @@ def inspect_bundle_engines(bundle: str | Path, here: DeviceInfo | None) -> list[
                 problem = str(exc)
         statuses.append(
             EngineStatus(
-                precision, graph, str(entry["file"]), str(entry.get("tensorrt_version")), str(entry.get("gpu_name")),
-                str(entry.get("compute_capability")), not problem, problem,
+                precision,
+                graph,
+                entry.file,
+                entry.tensorrt_version,
+                entry.gpu_name,
+                entry.compute_capability,
+                not problem,
+                problem,
+                entry.device_memory_bytes,
+                entry.largest_intermediate_bytes,
+                entry.tf32.enabled if entry.tf32 is not None else None,
+                _travels(entry),
             )
         )
     return statuses

@@ -139,15 +139,7 @@ def naaf_scores(
     # Step 3: negative branch with intra-caption propagation.
     row_max = shifted.amax(dim=-1)  # r, [Bi, Bc, L]
     row_max = torch.where(mask, row_max, torch.zeros_like(row_max))
-    if propagate:
-        word_logits = intra_factor * torch.matmul(captions, captions.transpose(-1, -2))  # [Bc, L, L]
-        intra = masked_softmax(word_logits, token_mask.unsqueeze(1), dim=-1)
-        decision = torch.matmul(intra.unsqueeze(0), row_max.unsqueeze(-1)).squeeze(-1)  # q
-    else:
-        decision = row_max
-    negative = torch.where(decision < 0, row_max, torch.zeros_like(row_max))
-    if not negative_branch:
-        negative = torch.zeros_like(negative)
+    negative = _negative_term(captions, token_mask, row_max, intra_factor, propagate, negative_branch)
 
     # Step 4: max-shifted masked softmax over the positive entries.
     has_positive = row_max > 0
@@ -174,6 +166,21 @@ def naaf_scores(
     # Step 6: mean over the real words.
     per_word = torch.where(mask, negative + aggregated + relevance, torch.zeros_like(relevance))
     return per_word.sum(dim=-1) / lengths_t.to(per_word.dtype).unsqueeze(0)
+
+
+def _negative_term(
+    captions: Tensor, token_mask: Tensor, row_max: Tensor, intra_factor: Scalar, propagate: bool, negative_branch: bool
+) -> Tensor:
+    """Step 3: ``r_i`` where the (propagated) decision ``q_i < 0``, else 0; all 0 without the negative branch."""
+    if not negative_branch:
+        return torch.zeros_like(row_max)
+    if propagate:
+        word_logits = intra_factor * torch.matmul(captions, captions.transpose(-1, -2))  # [Bc, L, L]
+        intra = masked_softmax(word_logits, token_mask.unsqueeze(1), dim=-1)
+        decision = torch.matmul(intra.unsqueeze(0), row_max.unsqueeze(-1)).squeeze(-1)  # q
+    else:
+        decision = row_max
+    return torch.where(decision < 0, row_max, torch.zeros_like(row_max))
 
 
 class NAAFScorer(nn.Module):

@@ -17,7 +17,9 @@ bench needs no data set. For each batch size ``B`` the stages are:
 
 Each stage runs ``warmup`` untimed calls, then ``repeats`` timed ones; every
 timing (seconds, ``time.perf_counter``) is kept in the report, so its
-statistics can be recomputed. Throughput is items per second of *mean*
+statistics can be recomputed. On native TensorRT engines each result also
+has ``gpu_ms_mean``: the GPU time per call measured with CUDA events around
+each engine call (:attr:`itmrt.runtime.backend_trt.TrtBackend.gpu_seconds`). Throughput is items per second of *mean*
 latency. Memory: the process RSS high-water mark after each variant
 (``resource.getrusage``), and per stage the peak of Python-tracked (numpy)
 allocations during one extra, untimed call (``tracemalloc``).
@@ -36,8 +38,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from itmrt.errors import ItmrtError
-from itmrt.reports.variants import Variant, graph_files, open_variant
-from itmrt.runtime.bundle import read_bundle
+from itmrt.reports.runtime_variants import Variant, graph_files, open_variant
+from itmrt.bundle.folder import read_bundle
+from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, BackendName, Component, Precision
 from itmrt.runtime.encoders import tokenize
 from itmrt.runtime.tiled import top_k_of_matrix
 
@@ -49,7 +52,7 @@ PERCENTILES = (50, 90, 99)
 
 @dataclass
 class BenchOptions:
-    variants: Sequence[Variant] = field(default_factory=lambda: [Variant("ort", "fp32")])
+    variants: Sequence[Variant] = field(default_factory=lambda: [Variant(BackendName.ORT, Precision.FP32)])
     batch_sizes: Sequence[int] = (1, 8, 32, 128)
     captions: int = 128  # caption pool (batches cycle through it)
     images: int = 64  # gallery size for score / top_k / end_to_end
@@ -96,8 +99,8 @@ def synthetic_features(runtime: Any, count: int, rng: np.random.Generator) -> np
         if isinstance(axis, int):
             shape.append(axis)
         else:
-            limits = runtime.bundle.shape_range(axis) or {}
-            shape.append(int(limits.get("opt") or runtime.bundle.manifest["dims"].get(axis, 36)))
+            limits = runtime.bundle.shape_range(axis)
+            shape.append(limits.opt if limits is not None else int(runtime.bundle.manifest.dims.get(axis, 36)))
     return np.abs(rng.standard_normal(shape)).astype(np.float32)
 
 
@@ -112,6 +115,14 @@ def time_calls(call: Callable[[], Any], warmup: int, repeats: int) -> list[float
     return timings
 
 
+def gpu_seconds(runtime: Any) -> float | None:
+    """GPU time the runtime's native TensorRT engines have spent so far (CUDA events around each
+    engine call; None when no backend measures it, e.g. ONNX Runtime)."""
+    measured = [getattr(backend, "gpu_seconds", None) for backend in runtime.backends.values()]
+    values = [float(value) for value in measured if value is not None]
+    return sum(values) if values else None
+
+
 def traced_peak(call: Callable[[], Any]) -> int:
     """Peak bytes of Python-tracked allocations (numpy arrays included) during one call."""
     tracemalloc.start()
@@ -124,16 +135,16 @@ def traced_peak(call: Callable[[], Any]) -> int:
 
 def _score_call(runtime: Any, gallery: np.ndarray, captions: Any) -> Callable[[], np.ndarray]:
     """One scorer run: the captions against the gallery (split by the engine's image limit on TensorRT)."""
-    scorer = runtime.backends["scorer"]
+    scorer = runtime.backends[Component.SCORER]
     padded, lengths = captions.padded(np.arange(len(captions)))
-    step = runtime.batch_limit if runtime.backend_name == "trt" and runtime.batch_limit else len(gallery)
+    step = runtime.batch_limit if runtime.backend_name == BackendName.TRT and runtime.batch_limit else len(gallery)
 
     def call() -> np.ndarray:
         blocks = []
         for start in range(0, len(gallery), step):
-            feeds = {"image_embeddings": gallery[start : start + step], "caption_embeddings": padded}
-            if "lengths" in scorer.input_names:
-                feeds["lengths"] = lengths.astype(np.int32)
+            feeds = {IMAGE_EMBEDDINGS: gallery[start : start + step], CAPTION_EMBEDDINGS: padded}
+            if LENGTHS in scorer.input_names:
+                feeds[LENGTHS] = lengths.astype(np.int32)
             blocks.append(scorer.run(feeds)[0])
         return np.concatenate(blocks, axis=0)
 
@@ -164,7 +175,10 @@ def bench_variant(runtime: Any, options: BenchOptions, bar: Callable[[int], None
         }
         pairs = batch * options.images
         for stage in STAGES:
-            timings = time_calls(calls[stage], options.warmup, options.repeats)
+            time_calls(calls[stage], options.warmup, 0)
+            gpu_before = gpu_seconds(runtime)
+            timings = time_calls(calls[stage], 0, options.repeats)
+            gpu_after = gpu_seconds(runtime)
             latency = latency_stats(timings)
             mean_s = latency["mean"] / 1e3
             throughput: dict[str, float] = {}
@@ -183,6 +197,8 @@ def bench_variant(runtime: Any, options: BenchOptions, bar: Callable[[int], None
                 "throughput": throughput,
                 "traced_peak_bytes": traced_peak(calls[stage]),
             })
+            if gpu_before is not None and gpu_after is not None:
+                results[-1]["gpu_ms_mean"] = (gpu_after - gpu_before) * 1e3 / options.repeats
             if bar:
                 bar(1)
     return results

@@ -1,17 +1,27 @@
-"""Native TensorRT backend (TensorRT 10.x / 11.x Python API, pycuda for memory and streams).
+"""Native TensorRT backend (TensorRT 10.x / 11.x Python API, pycuda for memory, streams and the context).
 
-Neither package can be installed on the development machines: both are
-imported when a backend is created, and tests skip where they are absent.
+Both packages are optional (``itmrt[trt]``, or JetPack's TensorRT on a
+Jetson): they are imported when a backend is created, and its tests skip
+where they are absent.
 
-Per engine: one execution context, one CUDA stream, device buffers sized for
-the optimisation profile's maximum shapes (allocated once, reused by every
-call), pinned host staging buffers, asynchronous copies in and out. Input
+Per engine: one execution context, one CUDA stream, device buffers grown to
+the largest shapes seen (allocated once, reused by every call), pinned host
+staging buffers, asynchronous copies in and out, and a pair of CUDA events
+that time the GPU work of each call (:attr:`TrtBackend.gpu_seconds`). Input
 shapes are set per call and checked against the profile first, so a batch or
 caption beyond the profile is a one-line error instead of a TensorRT failure.
+
+The CUDA context is the device's primary context, made current around each
+call (:mod:`itmrt.engine.cuda_context`), so a backend can be called from any
+thread (one call at a time: TensorRT's execution context is not thread-safe).
+:meth:`TrtBackend.close` frees everything in TensorRT's order - execution
+context, engine, runtime - then the buffers and the stream, with the context
+current; what is still open at exit is closed the same way.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,58 +29,98 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.optional import require_all
-from itmrt.runtime.bundle import BundleInfo
+from itmrt.bundle.folder import BundleInfo
+from itmrt.engine.cuda_context import CudaContext, cuda_error, shared_context
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
-    trt, _context, cuda = require_all(["tensorrt", "pycuda.autoinit", "pycuda.driver"], "the TensorRT backend (--backend trt)")
+    trt, cuda = require_all(["tensorrt", "pycuda.driver"], "the TensorRT backend (--backend trt)")
     return trt, cuda
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple (indexed: the type stubs do not declare it iterable)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
 
 
 class TrtBackend:
     """A deserialised engine with its context, stream and reusable buffers."""
 
-    def __init__(self, engine_path: Path) -> None:
+    # The order :meth:`close` drops what the backend holds: TensorRT objects before their factories,
+    # then device and pinned host memory, then the stream.
+    RELEASE_ORDER = ("context", "engine", "_runtime", "_device", "_host", "_events", "stream")
+
+    def __init__(
+        self,
+        engine_path: Path,
+        *,
+        device: int = 0,
+        dla_core: int | None = None,
+        host_code: bool = False,
+        cuda_context: CudaContext | None = None,
+    ) -> None:
         trt, cuda = _import_tensorrt()
         self._trt, self._cuda = trt, cuda
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self._logger)
-        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        self.name = f"trt:{engine_path.name}"
+        self._lock = threading.Lock()
+        self._cuda_context = cuda_context or shared_context(device, cuda)
+        self.gpu_seconds = 0.0  # GPU time of every run so far (CUDA events around the engine's work)
+        self._device: dict[str, Any] = {}
+        self._device_bytes: dict[str, int] = {}
+        self._host: dict[str, np.ndarray] = {}
+        with self._cuda_context.current():
+            try:
+                self._open(engine_path, dla_core, host_code)
+            except ItmrtError:
+                self._drop_all()
+                raise
+            except Exception as exc:  # noqa: BLE001 - TensorRT or pycuda failures
+                self._drop_all()
+                raise cuda_error(f"loading {engine_path.name}", exc) from None
+        self._handle = self._cuda_context.own(self._drop_all)
+
+    def _open(self, engine_path: Path, dla_core: int | None, host_code: bool) -> None:
+        from itmrt.engine.tensorrt_api import open_runtime
+
+        trt, cuda = self._trt, self._cuda
+        self._runtime = open_runtime(host_code=host_code, dla_core=dla_core)
+        engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if engine is None:
             raise ItmrtError(
                 f"TensorRT cannot deserialise {engine_path} (truncated, or built for another GPU or TensorRT); "
                 "rebuild it with `itmrt build`"
             )
-        self._runtime, self.engine = runtime, engine
+        self.engine = engine
         self.context = engine.create_execution_context()
         self.stream = cuda.Stream()
-        self.name = f"trt:{engine_path.name}"
+        self._events = (cuda.Event(), cuda.Event())
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         is_input = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._profile = {n: engine.get_tensor_profile_shape(n, 0) for n in self.input_names}
-        self._device: dict[str, Any] = {}
-        self._device_bytes: dict[str, int] = {}
-        self._host: dict[str, np.ndarray] = {}
 
     @classmethod
-    def from_bundle(cls, bundle: BundleInfo, component: str, precision: str) -> TrtBackend:
-        """The engine of ``component`` at ``precision``, after checking it was built for this TensorRT and GPU."""
+    def from_bundle(cls, bundle: BundleInfo, component: str, precision: str, device: int = 0) -> TrtBackend:
+        """The engine of ``component`` at ``precision``, after checking it was built for this TensorRT and
+        for the GPU this backend runs on (CUDA device ``device``, after ``CUDA_VISIBLE_DEVICES``)."""
         from itmrt.engine.compat import DeviceInfo, check_engine
-        from itmrt.engine.doctor import gpus
+        from itmrt.engine.settings import carries_host_code
 
         bundle.engine_file(component, precision)  # was it built at all, and is the file intact?
-        trt, _cuda = _import_tensorrt()
-        found = gpus()
-        if not found:
-            raise ItmrtError("the TensorRT backend needs an NVIDIA GPU and none was found; use --backend ort")
-        here = DeviceInfo(str(trt.__version__), found[0].name, found[0].compute_capability)
-        return cls(check_engine(bundle.path, bundle.manifest, precision, component, here))
+        trt, cuda = _import_tensorrt()
+        context = shared_context(device, cuda)
+        major, minor = context.device.compute_capability()
+        here = DeviceInfo(str(trt.__version__), str(context.device.name()), f"{major}.{minor}")
+        path = check_engine(bundle.path, bundle.manifest, precision, component, here)
+        entry = bundle.engine_record(component, precision)
+        assert entry is not None  # check_engine found it
+        host_code = carries_host_code(entry.builder.get("set_flags") or ())
+        return cls(path, device=device, dla_core=entry.dla_core, host_code=host_code, cuda_context=context)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        low, _opt, high = (tuple(int(x) for x in s) for s in self._profile[name])
+        low, _opt, high = (_dims(s) for s in self._profile[name])
         if len(shape) != len(low) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high)):
             raise ItmrtError(
                 f"input '{name}' of shape {shape} is outside the engine's optimisation profile "
@@ -80,6 +130,9 @@ class TrtBackend:
     def _buffer(self, name: str, nbytes: int) -> Any:
         """Device buffer for ``name`` holding at least ``nbytes``; grown (never shrunk) when needed."""
         if self._device_bytes.get(name, -1) < nbytes:
+            old = self._device.pop(name, None)
+            if old is not None:
+                old.free()
             self._device[name] = self._cuda.mem_alloc(max(nbytes, 1))
             self._device_bytes[name] = nbytes
             self.context.set_tensor_address(name, int(self._device[name]))
@@ -94,25 +147,64 @@ class TrtBackend:
         return host[:size].reshape(shape)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        cuda = self._cuda
+        if self.closed:
+            raise ItmrtError(f"{self.name} was closed; open the runtime again")
         for name in self.input_names:
             if name not in feeds:
                 raise ItmrtError(f"engine {self.name} needs input '{name}'")
+        with self._lock, self._cuda_context.current():
+            try:
+                return self._run(feeds)
+            except ItmrtError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pycuda / TensorRT failures
+                raise cuda_error(f"running {self.name}", exc) from None
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cuda = self._cuda
+        for name in self.input_names:
             value = np.asarray(feeds[name], dtype=self._dtypes[name])
             self._check_shape(name, value.shape)
             self.context.set_input_shape(name, value.shape)
             staged = self._pinned(name, value.shape)
             staged[...] = value
             cuda.memcpy_htod_async(self._buffer(name, staged.nbytes), staged, self.stream)
-        results = []
-        shapes = {n: tuple(int(x) for x in self.context.get_tensor_shape(n)) for n in self.output_names}
+        shapes = {n: _dims(self.context.get_tensor_shape(n)) for n in self.output_names}
         for name in self.output_names:
             self._buffer(name, int(np.prod(shapes[name])) * self._dtypes[name].itemsize)
+        start, end = self._events
+        start.record(self.stream)
         if not self.context.execute_async_v3(self.stream.handle):
             raise ItmrtError(f"TensorRT failed to run {self.name}")
+        end.record(self.stream)
+        results = []
         for name in self.output_names:
             host = self._pinned(name, shapes[name])
             cuda.memcpy_dtoh_async(host, self._device[name], self.stream)
             results.append(host)
         self.stream.synchronize()
+        self.gpu_seconds += start.time_till(end) / 1e3
         return [r.astype(np.float32) if r.dtype == np.float16 else r.copy() for r in results]
+
+    def _drop_all(self) -> None:
+        """Drop every TensorRT and CUDA object in :data:`RELEASE_ORDER` (the context must be current)."""
+        for attribute in self.RELEASE_ORDER:
+            value = self.__dict__.pop(attribute, None)
+            while isinstance(value, dict) and value:
+                _name, item = value.popitem()
+                free = getattr(getattr(item, "base", item), "free", None)  # pinned arrays: their host allocation
+                if callable(free):
+                    free()
+                del item, free
+            del value  # the last reference: dropped here, in this order
+
+    def close(self) -> None:
+        """Free the engine, its context, buffers and stream now (later calls fail with a clear error)."""
+        handle = self.__dict__.pop("_handle", None)
+        if handle is not None:
+            with self._lock:
+                self._cuda_context.release(handle)
+
+    @property
+    def closed(self) -> bool:
+        return "_handle" not in self.__dict__

@@ -4,31 +4,45 @@ A backend runs one graph of a bundle: named float32/int32 numpy arrays in, the
 graph's outputs (as float32 numpy arrays) out. Inputs are cast to the dtype the
 graph declares, so an fp16 graph whose inputs are float16 is fed correctly by
 callers that only know float32. The native TensorRT backend
-(:mod:`itmrt.runtime.backend_trt`) implements the same interface.
+(:mod:`itmrt.runtime.backend_trt`) implements the same interface. Which ONNX
+Runtime execution providers a session gets, and their options, is decided in
+:mod:`itmrt.runtime.providers`.
 
 onnxruntime is imported when a session is created, not at module import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
+from itmrt.bundle.folder import BundleInfo
+from itmrt.bundle.manifest import GraphEntry
+from itmrt.bundle.names import BACKENDS, ORT_TENSORRT_CACHE_DIR, BackendName, Precision
 from itmrt.errors import ItmrtError
-from itmrt.runtime.bundle import BundleInfo
+from itmrt.runtime.providers import (
+    DEFAULT_PROVIDER_ORDER,
+    PROVIDER_ALIASES,
+    TENSORRT,
+    SessionSettings,
+    prepare_cache_dir,
+    provider_options,
+    resolve_providers,
+)
 from itmrt.runtime.sessions import create_session
 
-BACKENDS = ("ort", "trt")
-PROVIDER_ALIASES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
-DEFAULT_PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_PROVIDER_ORDER",
+    "PROVIDER_ALIASES",
+    "Backend",
+    "OrtBackend",
+    "SessionSettings",
+    "open_backend",
+    "resolve_providers",
+]
 
 _ONNX_TYPES = {
     "tensor(float)": np.float32,
@@ -51,43 +65,42 @@ class Backend(Protocol):
         ...
 
 
-@dataclass
-class SessionSettings:
-    """ONNX Runtime session knobs the runtime exposes."""
-
-    providers: Sequence[str] | None = None  # None: TensorRT, CUDA, CPU, those available
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
-    optimization: str = "all"  # disable | basic | extended | all
-
-
-def resolve_providers(requested: Sequence[str] | None) -> list[str]:
-    """Execution providers to use: the user's (by full name or short alias) or the default order."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if not requested:
-        return [p for p in DEFAULT_PROVIDER_ORDER if p in available] or ["CPUExecutionProvider"]
-    chosen = []
-    for name in requested:
-        full = PROVIDER_ALIASES.get(name.lower(), name)
-        if full not in available:
-            raise ItmrtError(
-                f"execution provider {name!r} is not available in this onnxruntime "
-                f"(available: {', '.join(available)}); install the matching onnxruntime build or name another"
-            )
-        chosen.append(full)
-    return chosen
-
-
 class OrtBackend:
-    """One ONNX Runtime inference session over one graph file."""
+    """One ONNX Runtime inference session over one graph file.
 
-    def __init__(self, path: Path, settings: SessionSettings | None = None) -> None:
+    ``graph_entry`` (the graph's manifest entry) and ``cache_dir`` configure ONNX Runtime's TensorRT
+    provider when it is asked for. :attr:`providers` are the providers the session really uses:
+    ONNX Runtime falls back to fewer when one fails to load.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        settings: SessionSettings | None = None,
+        graph_entry: GraphEntry | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
         settings = settings or SessionSettings()
-        self.providers = resolve_providers(settings.providers)
-        self.session = create_session(
-            path, providers=self.providers, threads=settings.intra_op_threads, optimization=settings.optimization
+        self.requested_providers = resolve_providers(settings.providers, ort.get_available_providers())
+        if TENSORRT in self.requested_providers:
+            prepare_cache_dir(settings.trt_cache_dir or cache_dir or path.parent / ORT_TENSORRT_CACHE_DIR)
+        options = provider_options(
+            self.requested_providers,
+            settings,
+            graph_entry,
+            cache_dir or path.parent / ORT_TENSORRT_CACHE_DIR,
+            ort.__version__,
         )
+        self.session = create_session(
+            path,
+            providers=self.requested_providers,
+            provider_options=options,
+            threads=settings.intra_op_threads,
+            optimization=settings.optimization,
+        )
+        self.providers = list(self.session.get_providers())
         self.name = f"ort:{path.name}"
         inputs = self.session.get_inputs()
         self.input_names = [i.name for i in inputs]
@@ -106,15 +119,16 @@ class OrtBackend:
 def open_backend(
     bundle: BundleInfo,
     component: str,
-    backend: str = "ort",
-    precision: str = "fp32",
+    backend: str = BackendName.ORT,
+    precision: str = Precision.FP32,
     settings: SessionSettings | None = None,
 ) -> Backend:
     """The backend that runs ``component`` of ``bundle`` at ``precision``."""
-    if backend == "ort":
-        return OrtBackend(bundle.graph_file(component, precision), settings)
-    if backend == "trt":
+    if backend == BackendName.ORT:
+        cache = bundle.path / ORT_TENSORRT_CACHE_DIR / precision
+        return OrtBackend(bundle.graph_file(component, precision), settings, bundle.manifest.graph(component), cache)
+    if backend == BackendName.TRT:
         from itmrt.runtime.backend_trt import TrtBackend
 
-        return TrtBackend.from_bundle(bundle, component, precision)
+        return TrtBackend.from_bundle(bundle, component, precision, device=(settings or SessionSettings()).device)
     raise ItmrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

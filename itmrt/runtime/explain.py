@@ -176,12 +176,11 @@ def naaf_constants(runtime: Runtime) -> tuple[float, float, float]:
             f"explain takes NAAF's score apart word by word; {runtime.bundle.path} holds a "
             f"{runtime.bundle.family} model"
         )
-    try:
-        threshold, lambda_softmax, intra_factor = (float(np.float32(manifest[key]["value"]))
-                                                   for key in ("threshold", "lambda_softmax", "intra_factor"))
-    except (KeyError, TypeError, ValueError):
+    constants = (manifest.threshold, manifest.lambda_softmax, manifest.intra_factor)
+    if any(constant is None for constant in constants):
         raise ItmrtError(f"the manifest of {runtime.bundle.path} lacks NAAF's frozen constants; "
-                         "export the bundle again") from None
+                         "export the bundle again")
+    threshold, lambda_softmax, intra_factor = (float(np.float32(constant.value)) for constant in constants if constant)
     return threshold, lambda_softmax, intra_factor
 
 
@@ -250,7 +249,7 @@ def _one_image(runtime: Runtime, images: np.ndarray | Gallery, image: int, encod
     count = int(array.shape[0])
     if not 0 <= image < count:
         raise DataError(f"--image {image} is out of range: there are {count} images (0..{count - 1})")
-    embed_size = int(runtime.bundle.manifest["dims"]["embed_size"])
+    embed_size = int(runtime.bundle.manifest.dims["embed_size"])
     if encoded is None:
         encoded = array.ndim == 3 and array.shape[2] == embed_size and array.shape[2] != runtime.image_input_shape[-1]
     if encoded:

@@ -27,29 +27,36 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
 
+from itmrt.bundle.names import (
+    CAPTION_EMBEDDINGS,
+    IMAGE_EMBEDDINGS,
+    LENGTHS,
+    NAAF_INTRA_FACTOR,
+    NAAF_LAMBDA,
+    NAAF_THRESHOLD,
+    SCORES,
+)
 from itmrt.errors import ItmrtError
 from itmrt.optional import available, require
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.sessions import create_session
-from itmrt.runtime.fused_kernels import CHUNK
 from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, StreamingTopK, tile_shape
 
 FUSED_BUDGET_BYTES = 8 << 20
-"""Default similarity-tile size (measured on the 2-core dev CPU: 8 MB beat 2 and 4 MB by ~15%)."""
+"""Default similarity-tile size (``benchmarks/bench_scorer.py --fused-budgets 2,4,8``: 8 MB beat 2 and 4 MB by ~15%)."""
 STRIP_BYTES = 16 << 20
 """Scores gathered before each top-k merge (whole image tiles of one caption tile)."""
 GRAM_CACHE_BYTES = 256 << 20
 """Keep every image's Gram matrix across caption tiles while they take at most this much memory."""
 
-CONSTANT_KEYS = ("naaf_threshold", "naaf_lambda", "naaf_intra_factor")
-"""Metadata keys of NAAF's frozen constants in the scorer graph (``itmrt.export.graphs_scorer``'s
-names, repeated here because the export side imports torch and the runtime must not)."""
+CONSTANT_KEYS = (NAAF_THRESHOLD, NAAF_LAMBDA, NAAF_INTRA_FACTOR)
+"""Metadata keys of NAAF's frozen constants in the scorer graph."""
 
-_kernels: dict[str, Any] = {}
 
 
 def fused_available() -> bool:
@@ -57,14 +64,13 @@ def fused_available() -> bool:
     return available("numba")
 
 
-def _compile() -> dict[str, Any]:
-    """The numba kernels, compiled (or loaded from numba's cache) on first use."""
-    if not _kernels:
-        require("numba")
-        from itmrt.runtime.fused_kernels import compile_kernels
+def kernels_module() -> ModuleType:
+    """:mod:`itmrt.runtime.fused_kernels`, imported on first use (it imports numba; its kernels compile,
+    or load from numba's cache, at their first call)."""
+    require("numba")
+    from itmrt.runtime import fused_kernels
 
-        _kernels.update(compile_kernels())
-    return _kernels
+    return fused_kernels
 
 
 @dataclass
@@ -143,8 +149,8 @@ class FusedNaafScorer:
     reuses Gram matrices and intra-caption weights across tiles.
     """
 
-    input_names = ["image_embeddings", "caption_embeddings", "lengths"]
-    output_names = ["scores"]
+    input_names = [IMAGE_EMBEDDINGS, CAPTION_EMBEDDINGS, LENGTHS]
+    output_names = [SCORES]
 
     def __init__(self, threshold: float, lambda_softmax: float, intra_factor: float, threads: int = 0) -> None:
         if threads < 0:
@@ -154,9 +160,9 @@ class FusedNaafScorer:
         self.intra_factor = np.float32(intra_factor)
         self.threads = threads
         self.name = "fused:naaf"
-        self._k = _compile()
+        self.kernels = kernels_module()
         if threads:
-            self._k["numba"].set_num_threads(min(threads, self._k["numba"].config.NUMBA_NUM_THREADS))
+            self.kernels.set_threads(threads)
         self._gemm = _gemm_session(threads)
         self._gram = _gram_session(threads)
         self._sims_buffer = np.empty(0, dtype=np.float32)
@@ -178,6 +184,17 @@ class FusedNaafScorer:
         except (KeyError, ValueError):
             raise ItmrtError(f"the scorer graph {path} lacks NAAF's constants in its metadata; export the bundle again") from None
         return cls(values[0], values[1], values[2], threads=threads)
+
+    def warm_kernels(self) -> None:
+        """Compile the numba kernels, or load them from numba's cache, by scoring one tiny tile.
+
+        The kernels are compiled per argument type, not per size, so this covers
+        every later call; ``itmrt infer`` times it apart from scoring.
+        """
+        rng = np.random.default_rng(0)
+        self.run({"image_embeddings": rng.standard_normal((1, 2, 4), dtype=np.float32),
+                  "caption_embeddings": rng.standard_normal((2, 3, 4), dtype=np.float32),
+                  "lengths": np.array([3, 2], dtype=np.int64)})
 
     # -- building blocks ------------------------------------------------------
 
@@ -206,7 +223,7 @@ class FusedNaafScorer:
         """A caption tile made ready for :meth:`score_block`: its layout, its tokens in that layout
         (at least CHUNK rows, zero rows after the real ones) and its intra-caption weights."""
         layout = position_major(first, lengths)
-        width = max(len(layout.rows), CHUNK)
+        width = max(len(layout.rows), self.kernels.CHUNK)
         tokens = np.zeros((width, vectors.shape[1]), dtype=np.float32)
         tokens[: len(layout.rows)] = vectors[layout.rows]
         # Position pair (k, l) concerns the captions longer than both: a prefix of min(counts[k], counts[l]).
@@ -215,7 +232,7 @@ class FusedNaafScorer:
         np.cumsum(sizes.reshape(-1)[:-1], out=pairs[1:])
         pairs = pairs.reshape(sizes.shape)
         intra = np.empty(int(sizes.sum()), dtype=np.float32)
-        self._k["intra_weights"](tokens, layout.offsets, pairs, layout.lengths, self.intra_factor, intra)
+        self.kernels.intra_weights(tokens, layout.offsets, pairs, layout.lengths, self.intra_factor, intra)
         return CaptionTile(layout, tokens, intra, pairs)
 
     def score_block(self, images: np.ndarray, tile: CaptionTile, grams: np.ndarray) -> np.ndarray:
@@ -224,7 +241,7 @@ class FusedNaafScorer:
         layout = tile.layout
         sims = self.similarities(images.reshape(n_img * regions, depth), tile.tokens)
         ordered = np.empty((n_img, len(layout.order)), dtype=np.float32)
-        self._k["score_tile"](sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths, tile.intra,
+        self.kernels.score_tile(sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths, tile.intra,
                               tile.pairs, grams, self.threshold, self.lambda_softmax, ordered)
         out = np.empty_like(ordered)
         out[:, layout.order] = ordered
@@ -234,9 +251,9 @@ class FusedNaafScorer:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The scorer graph's contract: ``image_embeddings [Bi, n, d]``, padded ``caption_embeddings [Bc, L, d]``, ``lengths``."""
-        images = np.ascontiguousarray(feeds["image_embeddings"], dtype=np.float32)
-        padded = np.asarray(feeds["caption_embeddings"], dtype=np.float32)
-        lengths = np.asarray(feeds["lengths"]).astype(np.int64)
+        images = np.ascontiguousarray(feeds[IMAGE_EMBEDDINGS], dtype=np.float32)
+        padded = np.asarray(feeds[CAPTION_EMBEDDINGS], dtype=np.float32)
+        lengths = np.asarray(feeds[LENGTHS]).astype(np.int64)
         if padded.ndim != 3 or images.ndim != 3 or padded.shape[2] != images.shape[2]:
             raise ItmrtError(f"fused scorer: image {images.shape} and caption {padded.shape} embeddings do not match")
         if len(lengths) != padded.shape[0] or (lengths < 1).any() or (lengths > padded.shape[1]).any():

@@ -4,7 +4,10 @@ A gallery folder holds ``image_embeddings.npy`` (float32, ``images x regions x
 d``, or ``images x D`` for global models) and ``gallery.json``, which ties it
 to the bundle whose image encoder made it (the sha256 of that bundle's
 ``manifest.json``): searching a gallery with a different bundle is refused,
-since its embeddings live in another model's space.
+since its embeddings live in another model's space. A gallery indexed from
+image files also holds ``image_ids.json``: each row's image id (its path as
+listed), by which results name images. Every file a gallery names is a plain
+name inside its folder.
 
 The folder is written under a hidden temporary name and renamed into place,
 ``gallery.json`` last, so an interrupted ``itmrt index`` leaves nothing that
@@ -14,23 +17,28 @@ looks like a gallery.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
 from itmrt.data.precomp import open_npy
-from itmrt.io import atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_file, staged_folder
-from itmrt.runtime.bundle import BundleInfo
+from itmrt.bundle.folder import BundleInfo, is_bundle
+from itmrt.io import (
+    atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_bytes,
+    sha256_file, staged_folder,
+)
 
 GALLERY_KIND = "itmrt-gallery"
 GALLERY_SCHEMA = 1
 GALLERY_MANIFEST = "gallery.json"
 EMBEDDINGS_FILE = "image_embeddings.npy"
+IDS_FILE = "image_ids.json"
 
 
 @dataclass
@@ -40,6 +48,8 @@ class Gallery:
     path: Path
     embeddings: np.ndarray
     manifest: dict[str, Any]
+
+    ids: list[str] | None = None  # image ids (paths) of a gallery indexed from image files
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -70,7 +80,7 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
     manifest, _raw = read_json_document(manifest_path, (GALLERY_KIND,), GALLERY_SCHEMA, "gallery manifest", "re-index the gallery")
     entry = manifest["embeddings"]
-    path = root / entry["file"]
+    path = _member(root, entry["file"])
     if not path.is_file():
         raise ItmrtError(f"gallery {root} lacks {entry['file']}; re-index it")
     if verify and sha256_file(path) != entry["sha256"]:
@@ -81,7 +91,47 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
         raise ItmrtError(f"{path} is not a readable .npy file ({type(exc).__name__}); re-index the gallery") from None
     if list(embeddings.shape) != list(entry["shape"]) or embeddings.dtype != np.float32:
         raise ItmrtError(f"{path} has shape {embeddings.shape} / {embeddings.dtype}, not what {GALLERY_MANIFEST} says; re-index")
-    return Gallery(root, embeddings, manifest)
+    ids = _read_ids(root, manifest["ids"], len(embeddings)) if manifest.get("ids") else None
+    return Gallery(root, embeddings, manifest, ids)
+
+
+def _member(root: Path, name: Any) -> Path:
+    """A file a gallery manifest names: a plain file name inside the gallery folder, nothing else."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ItmrtError(f"{root / GALLERY_MANIFEST} names {name!r}, not a file inside the gallery; "
+                         "re-index the gallery")
+    return root / name
+
+
+def _read_ids(root: Path, entry: dict[str, Any], rows: int) -> list[str]:
+    path = _member(root, entry.get("file"))
+    try:
+        raw = path.read_bytes()
+        ids = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ItmrtError(f"cannot read the image ids {path} ({type(exc).__name__}); re-index the gallery") from None
+    if sha256_bytes(raw) != entry.get("sha256"):
+        raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST}; re-index the gallery")
+    if not isinstance(ids, list) or len(ids) != rows or not all(isinstance(x, str) for x in ids):
+        raise ItmrtError(f"{path} does not hold one image id per embedding row ({rows}); re-index the gallery")
+    return ids
+
+
+def gallery_source(
+    source: str | Path, gallery: str | Path | None = None, expected: str = "a bundle folder or a gallery folder"
+) -> tuple[Path, Path | None]:
+    """(bundle, gallery or None) from a source that is a gallery (its bundle is the one that made it) or a
+    bundle with an optional separate ``gallery``; ``expected`` names the accepted sources in the errors."""
+    source = Path(source)
+    if is_gallery(source):
+        if gallery is not None:
+            raise ItmrtError("give either a gallery as the source or --gallery, not both")
+        return read_gallery(source).bundle_path, source
+    if is_bundle(source):
+        return source, None if gallery is None else Path(gallery)
+    if not source.exists():
+        raise ItmrtError(f"{source} does not exist; give {expected}")
+    raise ItmrtError(f"{source} is not {expected}")
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -91,19 +141,32 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def write_gallery(
     out: str | Path,
     bundle: BundleInfo,
-    encode_into: Callable[[np.ndarray], object],
+    encode_into: Callable[[np.ndarray], Sequence[str] | None],
     shape: tuple[int, ...],
     details: dict[str, Any],
     overwrite: bool = False,
 ) -> Gallery:
-    """Create a gallery at ``out``: ``encode_into(array)`` fills a float32 ``.npy`` memmap of ``shape``."""
+    """Create a gallery at ``out``: ``encode_into(array)`` fills a float32 ``.npy`` memmap of ``shape``.
+
+    ``encode_into`` may return the image ids of the rows it filled, in order: the
+    gallery then keeps them (``image_ids.json``), and only those rows when there
+    are fewer ids than rows (images skipped as unreadable).
+    """
     target = Path(out)
     _check_target(target, overwrite)
     with staged_folder(target) as staging:
         array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=shape)
-        encode_into(array)
+        ids = encode_into(array)
         array.flush()
+        if ids is not None and len(ids) < shape[0]:
+            shape = (len(ids), *shape[1:])
+            _keep_rows(staging / EMBEDDINGS_FILE, array, len(ids))
         del array
+        extra: dict[str, Any] = {}
+        if ids is not None:
+            payload = json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
+            atomic_write_bytes(staging / IDS_FILE, payload)
+            extra["ids"] = {"file": IDS_FILE, "sha256": sha256_bytes(payload), "count": len(ids)}
         manifest = {
             "kind": GALLERY_KIND,
             "schema_version": GALLERY_SCHEMA,
@@ -118,6 +181,7 @@ def write_gallery(
                 "shape": list(shape),
                 "dtype": "float32",
             },
+            **extra,
             **details,
             "itmrt_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -126,6 +190,17 @@ def write_gallery(
         _check_target(target, overwrite)
         publish_folder(staging, target, "replace")
     return read_gallery(target)
+
+
+def _keep_rows(path: Path, array: np.ndarray, rows: int, block: int = 4096) -> None:
+    """Rewrite the ``.npy`` at ``path`` (open as ``array``) with its first ``rows`` rows only."""
+    smaller = path.with_name(path.name + ".rows")
+    kept = np.lib.format.open_memmap(smaller, mode="w+", dtype=np.float32, shape=(rows, *array.shape[1:]))
+    for start in range(0, rows, block):
+        kept[start : start + block] = array[start : min(start + block, rows)]
+    kept.flush()
+    del kept
+    os.replace(smaller, path)
 
 
 def load_features(path: str | Path) -> np.ndarray:

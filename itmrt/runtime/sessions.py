@@ -8,6 +8,8 @@ graph ONNX Runtime cannot load is always a one-line :class:`ItmrtError`.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,9 +60,12 @@ def create_session(
     source = model if isinstance(model, bytes) else str(model)
     chosen = list(providers) if providers else [CPU_PROVIDER]
     try:
-        if provider_options is not None:
-            return ort.InferenceSession(source, options, providers=chosen, provider_options=list(provider_options))
-        return ort.InferenceSession(source, options, providers=chosen)
+        # When a provider fails to load, ONNX Runtime print()s its fallback notice; on stdout it would
+        # corrupt a command's --json output, so it goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            if provider_options is not None:
+                return ort.InferenceSession(source, options, providers=chosen, provider_options=list(provider_options))
+            return ort.InferenceSession(source, options, providers=chosen)
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf, ...)
         what = "the graph" if isinstance(model, bytes) else str(model)
         raise ItmrtError(f"ONNX Runtime cannot load {what}: {first_line(exc)}; {remedy}") from None

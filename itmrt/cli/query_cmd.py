@@ -1,0 +1,44 @@
+"""``itmrt query``: send captions to an ``itmrt serve`` and print each caption's best images as JSONL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from itmrt.cli.app import app
+
+
+@app.command("query")
+def query_command(
+    url: str = typer.Argument(..., help="The service's address, e.g. http://127.0.0.1:8000."),
+    captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
+    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per caption."),
+    token_file: Path | None = typer.Option(None, "--token-file", help="A file holding the service's token."),
+    batch: int = typer.Option(64, "--batch", min=1, help="Captions per request."),
+    out: Path | None = typer.Option(None, "--out", help="Write the JSONL here instead of printing it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    timeout_s: float = typer.Option(60.0, "--timeout-s", min=0.001, help="Seconds to wait for each answer."),
+) -> None:
+    """One JSON line per caption - {"query": "caption", "index", "caption", "images", "scores"} - as `itmrt infer`
+    writes them (plus "image_ids" where the gallery names its images)."""
+    from itmrt.cli.infer_cmd import caption_result_lines
+    from itmrt.cli.outputs import check_new_files
+    from itmrt.data.precomp import read_captions
+    from itmrt.io import atomic_write_text
+    from itmrt.serve.auth import read_token_file
+    from itmrt.serve.client import ServiceClient, search_in_batches
+
+    check_new_files([out], overwrite)
+    captions = read_captions(captions_path, "one caption per line")
+    token = read_token_file(token_file) if token_file is not None else None
+    lines: list[str] = []
+    with ServiceClient(url, token, timeout_s) as client:
+        for start, hits in search_in_batches(client, captions, top_k, batch):
+            chunk = caption_result_lines(captions[start : start + batch], hits, start, hits.ids)
+            if out is None:
+                typer.echo("\n".join(chunk))
+            lines.extend(chunk)
+    if out is not None:
+        atomic_write_text(out, "\n".join(lines) + "\n")
+        typer.echo(f"{len(captions)} captions answered by {url}; wrote {out}", err=True)

@@ -1,0 +1,61 @@
+"""``itmrt serve``: hold a gallery in memory and answer text-to-image queries over HTTP (Open Inference Protocol v2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from itmrt.cli import options
+from itmrt.cli.app import app
+from itmrt.cli.options import BackendName, OnLong, Precision, ScorerChoice
+
+Opt = typer.Option
+
+
+@app.command("serve")
+def serve_command(
+    source: Path = typer.Argument(..., help="A gallery folder (from `itmrt index`), or a bundle with --gallery."),
+    gallery: Path | None = Opt(None, "--gallery", help="With a bundle as the source: the gallery to search."),
+    host: str = Opt("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; use a token)."),
+    port: int = Opt(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed at start)."),
+    backend: BackendName = options.backend(),
+    precision: Precision = options.precision(),
+    providers: str | None = options.providers(),
+    threads: int = options.threads(),
+    scorer: ScorerChoice = options.scorer(ScorerChoice.AUTO),
+    memory_mb: int = Opt(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
+    max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, help="Captions scored together (1: no batching)."),
+    max_delay_ms: float = Opt(5.0, "--max-delay-ms", min=0.0, help="How long a request waits for others to join it."),
+    max_queue: int = Opt(256, "--max-queue", min=1, help="Requests waiting at most; more are refused at once (429)."),
+    max_captions: int = Opt(256, "--max-captions", min=1, help="Captions per request at most (more: 400)."),
+    max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, help="UTF-8 bytes per caption at most (400)."),
+    max_body_mb: float = Opt(4.0, "--max-body-mb", min=0.001, help="Body size limit, after decompression (413)."),
+    timeout_s: float = Opt(30.0, "--timeout-s", min=0.001, help="Deadline of a request from its arrival (504)."),
+    on_long: OnLong = options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"),
+    token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
+    max_connections: int = Opt(1024, "--max-connections", min=1, help="Open connections at most (more: 503)."),
+    access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
+) -> None:
+    """Serve a gallery: POST /v2/models/text_to_image/infer answers each caption's best images.
+
+    Speaks the KServe / Triton Open Inference Protocol (v2) over HTTP, so
+    tritonclient, KServe tooling and curl work; concurrent requests are merged
+    into one batch (up to --max-batch-captions, waiting at most --max-delay-ms).
+    /v2/health/ready turns 200 once the gallery is loaded and warmed up (the
+    health probes need no token); /metrics is in Prometheus' text format.
+    SIGINT or SIGTERM stop accepting, answer every request received, and exit 0.
+    """
+    from itmrt.serve.app import HttpLimits
+    from itmrt.serve.batcher import BatchSettings
+    from itmrt.serve.server import ServeOptions, Service
+
+    serve_options = ServeOptions(
+        host=host, port=port, backend=backend, precision=precision, providers=options.parse_providers(providers),
+        threads=threads,
+        scorer=scorer, memory_mb=memory_mb, on_long=on_long, token_file=token_file,
+        batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue),
+        limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s),
+        max_connections=max_connections, access_log=access_log,
+    )
+    Service(source, gallery, serve_options).run()

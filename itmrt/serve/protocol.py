@@ -1,0 +1,329 @@
+"""The Open Inference Protocol (KServe / Triton v2, HTTP/REST) for the ``text_to_image`` model.
+
+One request carries one input, ``captions`` (BYTES, shape ``[N]``), and the
+request parameter ``top_k``; the answer holds ``indices`` (INT64 ``[N, k]``,
+gallery rows), ``scores`` (FP32 ``[N, k]``) and, where the gallery names its
+images, ``ids`` (BYTES ``[N, k]``).
+
+Tensor data travels as JSON (``"data": [...]``) or, with Triton's binary tensor
+data extension, as raw bytes after the JSON header: the header's length is in
+the ``Inference-Header-Content-Length`` HTTP header, each binary tensor says its
+size in ``parameters.binary_data_size``, tensors follow in input (or output)
+order, and a BYTES element is a 4-byte little-endian length and its bytes.
+tritonclient sends and asks for binary data by default.
+
+The same functions encode requests and decode answers for :mod:`itmrt.serve.client`.
+Every malformed request raises :class:`ProtocolError` with the HTTP status and
+a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+MODEL_NAME = "text_to_image"
+MODEL_VERSION = "1"
+CAPTIONS = "captions"
+INDICES, SCORES, IDS = "indices", "scores", "ids"
+OUTPUT_TYPES = {INDICES: ("INT64", "<i8"), SCORES: ("FP32", "<f4"), IDS: ("BYTES", None)}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+DEFAULT_TOP_K = 10
+
+
+class ProtocolError(Exception):
+    """A request the service refuses: an HTTP status and a one-line message for ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def bad_request(message: str) -> ProtocolError:
+    return ProtocolError(400, message)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask: captions per request, bytes per caption, the largest ``top_k``."""
+
+    max_captions: int = 256
+    max_caption_bytes: int = 2048
+    max_top_k: int = 1000
+    has_ids: bool = False
+
+
+@dataclass
+class InferRequest:
+    """A decoded ``text_to_image`` request."""
+
+    captions: list[str]
+    top_k: int
+    request_id: str | None = None
+    outputs: dict[str, bool] = field(default_factory=dict)  # output name -> send as binary data
+    timeout_s: float | None = None  # the request's own deadline (Triton's ``timeout`` parameter, microseconds)
+
+
+# -- BYTES tensors ------------------------------------------------------------
+
+
+def pack_bytes(items: Sequence[bytes]) -> bytes:
+    """BYTES elements in the binary extension's layout: each a uint32 little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def unpack_bytes(raw: bytes, count: int, what: str) -> list[bytes]:
+    """``count`` BYTES elements from ``raw``, which must hold exactly them."""
+    items, offset = [], 0
+    for index in range(count):
+        if offset + 4 > len(raw):
+            raise bad_request(f"{what}: binary data ends before element {index} of {count}")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise bad_request(f"{what}: element {index} says {size} bytes but the binary data ends sooner")
+        items.append(raw[offset : offset + size])
+        offset += size
+    if offset != len(raw):
+        raise bad_request(f"{what}: {len(raw) - offset} bytes of binary data after the {count} elements of its shape")
+    return items
+
+
+# -- requests -------------------------------------------------------------------
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON header (a dict) and the binary data after it."""
+    binary = b""
+    if header_length is not None:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise bad_request(f"{HEADER_LENGTH} must be an integer, not {header_length[:40]!r}") from None
+        if not 0 <= size <= len(body):
+            raise bad_request(f"{HEADER_LENGTH} is {size} but the body has {len(body)} bytes")
+        body, binary = body[:size], body[size:]
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise bad_request("the request's JSON is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise bad_request(f"the request is not valid JSON ({exc.msg} at byte {exc.pos})") from None
+    if not isinstance(document, dict):
+        raise bad_request("the request must be a JSON object with an 'inputs' list")
+    return document, binary
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _caption_input(document: dict[str, Any], limits: RequestLimits) -> tuple[dict[str, Any], int]:
+    """The one ``captions`` input tensor and its length N, checked against the model's metadata."""
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_request(f"the request has no 'inputs'; send one input named {CAPTIONS!r} (BYTES, shape [N])")
+    names = [item.get("name") if isinstance(item, dict) else None for item in inputs]
+    unknown = [name for name in names if name != CAPTIONS]
+    if unknown or len(inputs) != 1:
+        raise bad_request(
+            f"unknown or repeated input {(unknown or names)[0]!r}; "
+            f"this model takes one input, {CAPTIONS!r} (BYTES, shape [N])"
+        )
+    tensor = inputs[0]
+    if tensor.get("datatype") != "BYTES":
+        raise bad_request(f"input {CAPTIONS!r} has datatype {tensor.get('datatype')!r}; send BYTES (UTF-8 captions)")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or len(shape) != 1 or not _integer(shape[0]) or shape[0] < 0:
+        raise bad_request(f"input {CAPTIONS!r} has shape {shape!r}; send shape [N], one caption per element")
+    count = int(shape[0])
+    if count == 0:
+        raise bad_request("the caption list is empty; send at least one caption")
+    if count > limits.max_captions:
+        raise bad_request(
+            f"{count} captions in one request, over the limit of {limits.max_captions}; "
+            "split them into several requests"
+        )
+    return tensor, count
+
+
+def _caption_bytes(tensor: dict[str, Any], count: int, binary: bytes) -> list[bytes]:
+    """The captions as bytes, from the binary data or the JSON ``data`` list."""
+    parameters = tensor.get("parameters") or {}
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is not None:
+        if not _integer(size) or size != len(binary):
+            raise bad_request(
+                f"input {CAPTIONS!r} says binary_data_size {size!r} but {len(binary)} bytes follow the JSON header"
+            )
+        return unpack_bytes(binary, count, f"input {CAPTIONS!r}")
+    if binary:
+        raise bad_request(
+            f"{len(binary)} bytes of binary data follow the JSON header but no input declares binary_data_size"
+        )
+    data = tensor.get("data")
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
+        data = data[0]  # a nested [[...]] for shape [N]
+    if not isinstance(data, list) or len(data) != count:
+        have = len(data) if isinstance(data, list) else type(data).__name__
+        raise bad_request(f"input {CAPTIONS!r} has shape [{count}] but its data holds {have} elements")
+    if not all(isinstance(item, str) for item in data):
+        raise bad_request(f"input {CAPTIONS!r}: every element of 'data' must be a string (a caption)")
+    try:
+        return [item.encode("utf-8") for item in data]
+    except UnicodeEncodeError:
+        raise bad_request(f"input {CAPTIONS!r} holds a string that is not valid Unicode (a lone surrogate)") from None
+
+
+def _decode_captions(raw: list[bytes], limits: RequestLimits) -> list[str]:
+    captions = []
+    for index, item in enumerate(raw):
+        if len(item) > limits.max_caption_bytes:
+            raise bad_request(
+                f"caption {index} is {len(item)} bytes long, over the limit of {limits.max_caption_bytes}; shorten it"
+            )
+        try:
+            captions.append(item.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise bad_request(f"caption {index} is not valid UTF-8 (byte {exc.start}); send UTF-8 text") from None
+    return captions
+
+
+def _request_parameters(document: dict[str, Any], limits: RequestLimits) -> tuple[int, bool, float | None]:
+    """``top_k``, ``binary_data_output`` and the request's own timeout from its parameters."""
+    parameters = document.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise bad_request("'parameters' must be a JSON object")
+    top_k = parameters.get("top_k", min(DEFAULT_TOP_K, limits.max_top_k))
+    if not _integer(top_k) or not 1 <= top_k <= limits.max_top_k:
+        raise bad_request(f"top_k must be an integer from 1 to {limits.max_top_k} (the gallery's size), not {top_k!r}")
+    binary = parameters.get("binary_data_output", False)
+    if not isinstance(binary, bool):
+        raise bad_request("binary_data_output must be true or false")
+    timeout = parameters.get("timeout")
+    if timeout is not None and (not _integer(timeout) or timeout <= 0):
+        raise bad_request(f"timeout must be a positive integer (microseconds), not {timeout!r}")
+    return int(top_k), binary, (timeout / 1e6 if timeout else None)
+
+
+def _requested_outputs(document: dict[str, Any], binary_default: bool, limits: RequestLimits) -> dict[str, bool]:
+    available = [INDICES, SCORES] + ([IDS] if limits.has_ids else [])
+    requested = document.get("outputs")
+    if requested is None:
+        return {name: binary_default for name in available}
+    if not isinstance(requested, list):
+        raise bad_request("'outputs' must be a list of {\"name\": ...} objects")
+    outputs: dict[str, bool] = {}
+    for item in requested:
+        name = item.get("name") if isinstance(item, dict) else None
+        if name not in available:
+            raise bad_request(f"unknown output {name!r}; this model gives {', '.join(available)}")
+        parameters = item.get("parameters") or {}
+        binary = parameters.get("binary_data", binary_default) if isinstance(parameters, dict) else binary_default
+        outputs[name] = bool(binary)
+    return outputs
+
+
+def parse_infer_request(body: bytes, header_length: str | None, limits: RequestLimits) -> InferRequest:
+    """Decode and check a ``text_to_image`` inference request (JSON or binary tensor data)."""
+    document, binary = split_body(body, header_length)
+    tensor, count = _caption_input(document, limits)
+    captions = _decode_captions(_caption_bytes(tensor, count, binary), limits)
+    top_k, binary_default, timeout_s = _request_parameters(document, limits)
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise bad_request("'id' must be a string")
+    return InferRequest(captions, top_k, request_id, _requested_outputs(document, binary_default, limits), timeout_s)
+
+
+def infer_request_body(
+    captions: Sequence[str], top_k: int | None = None, binary: bool = False
+) -> tuple[bytes, dict[str, str]]:
+    """A request body (and the headers it needs) for ``captions``: JSON data, or binary data both ways."""
+    encoded = [caption.encode("utf-8") for caption in captions]
+    tensor: dict[str, Any] = {"name": CAPTIONS, "datatype": "BYTES", "shape": [len(encoded)]}
+    document: dict[str, Any] = {"inputs": [tensor]}
+    parameters: dict[str, Any] = {} if top_k is None else {"top_k": int(top_k)}
+    if not binary:
+        tensor["data"] = list(captions)
+        if parameters:
+            document["parameters"] = parameters
+        return json.dumps(document).encode("utf-8"), {"Content-Type": "application/json"}
+    raw = pack_bytes(encoded)
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    document["parameters"] = {**parameters, "binary_data_output": True}
+    header = json.dumps(document).encode("utf-8")
+    return header + raw, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+
+
+# -- responses --------------------------------------------------------------------
+
+
+def _output_payload(name: str, values: np.ndarray | list[list[str]]) -> tuple[str, list[int], Any, bytes]:
+    """(datatype, shape, JSON data, binary data) of one output tensor."""
+    datatype, dtype = OUTPUT_TYPES[name]
+    if dtype is None:  # BYTES: ids
+        rows = [[str(item) for item in row] for row in values]
+        shape = [len(rows), len(rows[0]) if rows else 0]
+        flat = [item for row in rows for item in row]
+        return datatype, shape, flat, pack_bytes([item.encode("utf-8") for item in flat])
+    array = np.ascontiguousarray(values, dtype=dtype)
+    return datatype, list(array.shape), array.reshape(-1).tolist(), array.tobytes()
+
+
+def infer_response(
+    request: InferRequest, indices: np.ndarray, scores: np.ndarray, ids: Sequence[str] | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and headers for ``request``'s results (binary data where it asked for it)."""
+    tensors: dict[str, np.ndarray | list[list[str]]] = {INDICES: indices, SCORES: scores}
+    if ids is not None:
+        tensors[IDS] = [[ids[int(i)] if i >= 0 else "" for i in row] for row in indices]
+    outputs, binary_parts = [], []
+    for name, binary in request.outputs.items():
+        datatype, shape, data, raw = _output_payload(name, tensors[name])
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        if binary:
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            binary_parts.append(raw)
+        else:
+            entry["data"] = data
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "outputs": outputs}
+    if request.request_id is not None:
+        document["id"] = request.request_id
+    header = json.dumps(document).encode("utf-8")
+    if not binary_parts:
+        return header, {"Content-Type": "application/json"}
+    return header + b"".join(binary_parts), {
+        "Content-Type": "application/octet-stream",
+        HEADER_LENGTH: str(len(header)),
+    }
+
+
+def parse_infer_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """The output tensors of an inference response (JSON or binary data) as numpy arrays."""
+    document, binary = split_body(body, header_length)
+    arrays, offset = {}, 0
+    for output in document.get("outputs") or []:
+        name, datatype, shape = output["name"], output["datatype"], output["shape"]
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if datatype == "BYTES":
+            count = int(np.prod(shape))
+            if size is not None:
+                items = [item.decode("utf-8") for item in unpack_bytes(binary[offset : offset + size], count, name)]
+            else:
+                items = list(output["data"])
+            arrays[name] = np.array(items, dtype=object).reshape(shape)
+        else:
+            dtype = {"INT64": "<i8", "FP32": "<f4"}[datatype]
+            if size is not None:
+                arrays[name] = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            else:
+                arrays[name] = np.array(output["data"], dtype=dtype).reshape(shape)
+        offset += size or 0
+    return arrays

@@ -1,0 +1,76 @@
+"""Real ``itmrt serve`` services for the tests: uvicorn on 127.0.0.1, a free port, a small model's gallery."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from runtime_helpers import region_features
+
+from itmrt.serve.searcher import RuntimeSearcher
+from itmrt.serve.server import Service
+
+
+def make_gallery(bundle: Path, out: Path, images: Any = None, count: int = 40) -> Path:
+    from itmrt.runtime import load
+
+    load(bundle).index(region_features(count, seed=7) if images is None else images, out)
+    return out
+
+
+@contextlib.contextmanager
+def running(service: Service, wait_ready: bool = True, timeout_s: float = 120.0) -> Iterator[Service]:
+    """Run ``service`` on a thread; stop it (as SIGTERM would) and check it ended when the block exits."""
+    thread = threading.Thread(target=service.run, name="test-service", daemon=True)
+    thread.start()
+    try:
+        if wait_ready:
+            deadline = time.monotonic() + timeout_s
+            while not service.batcher.ready.wait(0.05):
+                assert thread.is_alive() and time.monotonic() < deadline, (
+                    service.batcher.failure or "the service never got ready"
+                )
+        yield service
+    finally:
+        service.stop()
+        thread.join(60)
+        assert not thread.is_alive(), "the service did not stop"
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """One sample's value from a Prometheus text page (``labels`` as written, e.g. 'outcome="ok"')."""
+    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    assert found, f"{name}{{{labels}}} is not on the metrics page"
+    return float(found.group(1))
+
+
+class ControlledSearcher:
+    """The runtime's searcher with handles for a test: it can hold the worker while it scores (``release``
+    cleared), says when it is scoring (``scoring``), and fails a batch that holds the ``poison`` token."""
+
+    def __init__(self, inner: RuntimeSearcher, poison: int | None = None) -> None:
+        self.inner, self.poison = inner, poison
+        self.size, self.ids = inner.size, inner.ids
+        self.scoring, self.release = threading.Event(), threading.Event()
+        self.release.set()
+
+    def warmup(self) -> float:
+        return self.inner.warmup()
+
+    def tokenize(self, captions: Any) -> Any:
+        return self.inner.tokenize(captions)
+
+    def encode(self, requests: Any) -> Any:
+        if self.poison is not None and any(self.poison in ids for request in requests for ids in request):
+            raise RuntimeError("the poisoned caption")
+        return self.inner.encode(requests)
+
+    def top_k(self, captions: Any, k: int) -> Any:
+        self.scoring.set()
+        assert self.release.wait(60)
+        return self.inner.top_k(captions, k)
