@@ -76,6 +76,11 @@ def _direction(reference: np.ndarray, got: np.ndarray, k: int) -> dict[str, floa
     ref_order = np.argsort(-reference, axis=1, kind="stable")
     got_order = np.argsort(-got, axis=1, kind="stable")
     top1 = float(np.mean(ref_order[:, 0] == got_order[:, 0]))
+    rows = np.arange(reference.shape[0])
+    # How far below the reference's best each query's chosen top-1 sits, in reference scores: 0 where the
+    # top-1 agrees. A swap between candidates closer than the score tolerance is a tie, not a ranking error.
+    gaps = reference[rows, ref_order[:, 0]] - reference[rows, got_order[:, 0]]
+    disagreeing = np.sort(gaps[ref_order[:, 0] != got_order[:, 0]])[::-1]
     overlaps = [len(np.intersect1d(a[:kk], b[:kk])) / kk for a, b in zip(ref_order, got_order)]
     if candidates > 1:
         d = ordinal_ranks(reference).astype(np.float64) - ordinal_ranks(got).astype(np.float64)
@@ -85,11 +90,27 @@ def _direction(reference: np.ndarray, got: np.ndarray, k: int) -> dict[str, floa
         spearman_mean = spearman_min = 1.0
     return {
         "top1_agreement": top1,
+        "top1_gaps": [float(g) for g in disagreeing],
         f"top{k}_overlap": float(np.mean(overlaps)),
         "spearman_mean": spearman_mean,
         "spearman_min": spearman_min,
         "queries": int(reference.shape[0]),
     }
+
+
+def top1_agreement_within(direction: dict[str, Any], tie_band: float) -> float:
+    """Top-1 agreement of one direction where a top-1 within ``tie_band`` of the reference's best counts as agreeing.
+
+    ``direction`` is one entry of :func:`retrieval_agreement`; ``top1_gaps`` holds, for each query whose
+    top-1 differs, how far the variant's choice sits below the reference's best in reference scores.
+    """
+    queries = int(direction["queries"])
+    if queries == 0:
+        return 1.0
+    gaps = direction.get("top1_gaps")
+    if gaps is None:  # reports written before the gaps were recorded: the strict figure
+        return float(direction["top1_agreement"])
+    return 1.0 - sum(1 for gap in gaps if not gap <= tie_band) / queries
 
 
 def retrieval_agreement(reference: np.ndarray, got: np.ndarray, k: int = 10) -> dict[str, dict[str, float]]:
