@@ -20,8 +20,9 @@ several of A's captions say "no X". This is linguistic negation, which NAAF does
 not model: its negative branch sees the word X, which B holds, whatever precedes
 it. Real captions (Flickr30K, COCO) rarely negate; the recipe keeps the "no X"
 captions all the same because, measured, they help: trained with them, the small
-NAAF and SCAN rank mismatched words better on captions *without* negations than
-trained on ``negations=False`` data (README, "NAAF's point, measured").
+NAAF and SCAN rank an image's own caption above its pair's (which names an object
+it lacks) more often, on captions *without* negations, than trained on
+``negations=False`` data (README, "NAAF's point, measured").
 
 Files written per split: ``{split}_ims.npy`` (float32, images x regions x dim),
 ``{split}_caps.txt`` (5 captions per image) and ``{split}_meta.json`` (what each
