@@ -139,3 +139,14 @@ def test_gallery_schema_file_is_generated_from_the_records() -> None:
     from itmrt.bundle.gallery_manifest import SCHEMA_FILE, gallery_schema
 
     assert json.loads(SCHEMA_FILE.read_text()) == gallery_schema()
+
+
+def test_explain_refuses_a_tampered_gallery(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+    """`itmrt explain --images GALLERY` opens the gallery as search does: verified first."""
+    path = case.gallery / "image_embeddings.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    caption = case.captions.read_text().splitlines()[0]
+    assert_one_line(hostile_run(capsys, case.folder, "explain", case.bundle, "--images", case.gallery, "--image", "0",
+                                "--caption", caption), "does not match the sha256")

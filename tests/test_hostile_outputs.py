@@ -158,3 +158,16 @@ def test_index_onto_a_folder_of_the_users_is_refused(case: Case, capsys: pytest.
         result = hostile_run(capsys, case.folder, "index", case.bundle, "--images", case.features, "--out", mine,
                              "--no-warmup", *extra)
         assert_one_line(result, "not a gallery", "will not delete it")
+
+
+def test_explain_keeps_an_existing_json_file(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = case.folder / "explained.json"
+    mine.write_text("the user's")
+    caption = case.captions.read_text().splitlines()[0]
+    result = hostile_run(capsys, case.folder, "explain", case.bundle, "--images", case.features, "--image", "99",
+                         "--caption", caption, "--json", mine)
+    assert_one_line(result, "explained.json already exists")
+    result = hostile_run(capsys, case.folder, "explain", case.bundle, "--images", case.features, "--image", "99",
+                         "--caption", caption, "--json", case.folder / "new.json")
+    assert_one_line(result, "--image 99 is out of range")
+    assert mine.read_text() == "the user's" and not (case.folder / "new.json").exists()

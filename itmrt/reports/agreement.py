@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from itmrt.runtime.explain import propagated_decision
+
 REL_FLOOR = 1e-3
 """Relative error is ``|got - ref| / max(|ref|, REL_FLOOR)``: entries near zero would otherwise dominate it."""
 
@@ -125,11 +127,6 @@ def retrieval_agreement(reference: np.ndarray, got: np.ndarray, k: int = 10) -> 
     return {"i2t": _direction(ref, out, k), "t2i": _direction(ref.T, out.T, k)}
 
 
-def _softmax_rows(x: np.ndarray) -> np.ndarray:
-    shifted = np.exp(x - x.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
 def naaf_decisions(
     tokens: np.ndarray, regions: np.ndarray, threshold: float, intra_factor: float = 5.0, propagate: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +138,7 @@ def naaf_decisions(
     a = np.einsum("md,Nnd->mNn", tokens, regions) - threshold
     r = a.max(axis=2)  # [m, N]
     if propagate:
-        weights = _softmax_rows(intra_factor * (tokens @ tokens.T))
-        q = weights @ r
+        q = propagated_decision(tokens, r.T, intra_factor).T
     else:
         q = r
     return a > 0, q < 0
