@@ -311,3 +311,25 @@ def test_device_or_pipe_as_input_is_named_so_and_not_read(hostile_world: World, 
         args = ["export", hostile_world.checkpoint, "--vocab", fifo, "--out", case.folder / "new"]
     assert_one_line(hostile_run(capsys, case.folder, *args), str(fifo), "is not a regular file")
     assert not case.out.exists() and not (case.folder / "new").exists()
+
+
+@pytest.mark.parametrize(("meta", "expected"), [
+    ("[" * 100_000 + "]" * 100_000, "as JSON (RecursionError)"),
+    ('{"images": [{"extra": 1, "partner": "x"}], "captions": []}', "does not have the synthetic generator's layout"),
+    (json.dumps({"images": [{"extra": 1, "partner": 5}, {}],
+                 "captions": [{"image": 5 if c == 9 else c // 5, "negated": False} for c in range(10)]}),
+     "outside its 2 images and 10 captions"),
+])
+def test_malformed_mismatch_meta_is_one_line(hostile_world: World, case: Case, capsys: pytest.CaptureFixture[str],
+                                             meta: str, expected: str) -> None:
+    """`itmrt eval --mismatched-words` reads {split}_meta.json: damaged ones end in one line, before any scoring."""
+    from runtime_helpers import random_captions, region_features
+
+    data = case.folder / "data"
+    data.mkdir()
+    np.save(data / "test_ims.npy", region_features(2, seed=5))
+    (data / "test_caps.txt").write_text("\n".join(random_captions(10, seed=6)) + "\n")
+    (data / "test_meta.json").write_text(meta)
+    result = hostile_run(capsys, case.folder, "eval", hostile_world.checkpoint, "--vocab", hostile_world.vocab,
+                         "--data", data, "--split", "test", "--mismatched-words")
+    assert_one_line(result, "test_meta.json" if "JSON" in expected else "meta file", expected)
