@@ -262,3 +262,23 @@ def test_cli_index_and_infer_on_a_sharded_gallery(setup: dict[str, Any], tmp_pat
     wrong = run_cli(capsys, "infer", str(root / "plain"), "--captions", captions, "--out", str(tmp_path / "r.jsonl"),
                     "--ray", "local")
     assert wrong.code == 2 and "--ray searches a sharded gallery" in wrong.err
+
+
+def test_serve_a_sharded_gallery_in_one_process_with_a_shortlist(setup: dict[str, Any]) -> None:
+    from serve_helpers import running
+
+    from itmrt.serve.client import ServiceClient
+    from itmrt.serve.server import ServeOptions, Service
+
+    captions = setup["captions"][:5]
+    options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=8)
+    with running(Service(setup["root"] / "sharded", options=options)) as service:
+        with ServiceClient(service.url) as client:
+            hits = client.search(captions, 4)
+            wide = client.search(captions[:1], 12)  # top_k over the shortlist: K grows to 12 for that request
+    shards = open_shards(setup["root"] / "sharded", threads=1, warn=quiet)
+    encoded = setup["runtime"].encode_captions(captions)
+    same(hits, shards.search(encoded, SearchRequest(k=4, shortlist=8)).t2i)
+    same(wide, shards.search(encoded.take([0]), SearchRequest(k=12, shortlist=12)).t2i)
+    with pytest.raises(ItmrtError, match="search a sharded gallery"):
+        Service(setup["plain"].path, options=ServeOptions(port=0, shortlist=8))
