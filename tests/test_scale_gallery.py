@@ -272,10 +272,9 @@ def test_serve_a_sharded_gallery_in_one_process_with_a_shortlist(setup: dict[str
 
     captions = setup["captions"][:5]
     options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=8)
-    with running(Service(setup["root"] / "sharded", options=options)) as service:
-        with ServiceClient(service.url) as client:
-            hits = client.search(captions, 4)
-            wide = client.search(captions[:1], 12)  # top_k over the shortlist: K grows to 12 for that request
+    with running(Service(setup["root"] / "sharded", options=options)) as service, ServiceClient(service.url) as client:
+        hits = client.search(captions, 4)
+        wide = client.search(captions[:1], 12)  # top_k over the shortlist: K grows to 12 for that request
     shards = open_shards(setup["root"] / "sharded", threads=1, warn=quiet)
     encoded = setup["runtime"].encode_captions(captions)
     same(hits, shards.search(encoded, SearchRequest(k=4, shortlist=8)).t2i)
