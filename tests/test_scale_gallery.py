@@ -19,17 +19,16 @@ import pytest
 from cli_helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from runtime_helpers import make_bundle, random_captions, region_features
+from scale_helpers import N_IMAGES, quiet, same_top_k, scale_setup
 
 from itmrt.errors import ItmrtError
-from itmrt.runtime import load
 from itmrt.runtime.gallery import read_gallery
 from itmrt.runtime.shortlist import (
     caption_global_vectors,
     image_global_vectors,
     top_candidates,
 )
-from itmrt.runtime.tiled import TopK, top_k_of_matrix
+from itmrt.runtime.tiled import top_k_of_matrix
 from itmrt.scale import (
     IndexSpec,
     SearchRequest,
@@ -44,32 +43,12 @@ from itmrt.scale.writer import ShardedWriter
 
 faiss = pytest.importorskip("faiss")
 
-N_IMAGES = 50
 BOTH = ("t2i", "i2t")
-
-
-def quiet(_message: str) -> None:
-    pass
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("scale")
-    bundle = make_bundle(root / "model")[0]
-    runtime = load(bundle, threads=1, warn=quiet)
-    features = region_features(N_IMAGES, seed=31)
-    np.save(root / "features.npy", features)
-    captions = random_captions(23, seed=32, max_words=10)
-    (root / "captions.txt").write_text("\n".join(captions) + "\n")
-    plain = runtime.index(features, root / "plain")
-    sharded = index_sharded(runtime, features, root / "sharded", ShardingOptions(shard_images=17))
-    return {"root": root, "bundle": bundle, "runtime": runtime, "features": features, "captions": captions,
-            "encoded": runtime.encode_captions(captions), "plain": plain, "sharded": sharded}
-
-
-def same(a: TopK, b: TopK) -> None:
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.scores, b.scores)
+    return scale_setup(tmp_path_factory.mktemp("scale"), seed=31, captions=23)
 
 
 def test_gallery_json_lists_shards_with_counts_and_hashes_each_tied_to_the_bundle(setup: dict[str, Any]) -> None:
@@ -92,10 +71,10 @@ def test_gallery_json_lists_shards_with_counts_and_hashes_each_tied_to_the_bundl
 def test_sharded_full_search_equals_one_gallery(setup: dict[str, Any]) -> None:
     runtime, encoded = setup["runtime"], setup["encoded"]
     reference = runtime.rank(setup["plain"], encoded, top_k=7, keep_scores=True)
-    shards = open_shards(setup["root"] / "sharded", threads=1, warn=quiet)
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
     got = shards.search(encoded, SearchRequest(k=7, directions=BOTH, keep_scores=True))
-    same(got.t2i, reference.t2i)
-    same(got.i2t, reference.i2t)
+    same_top_k(got.t2i, reference.t2i)
+    same_top_k(got.i2t, reference.i2t)
     np.testing.assert_array_equal(got.scores, reference.scores)
     assert got.pairs == N_IMAGES * len(encoded) and set(got.shard_seconds) == {s.name for s in shards.gallery.shards}
 
@@ -107,8 +86,8 @@ def test_one_shard_flat_index_gives_the_numpy_shortlist(setup: dict[str, Any]) -
     for shortlist in (7, 12, N_IMAGES):
         reference = runtime.rank(setup["plain"], encoded, top_k=7, shortlist=shortlist)
         got = shards.search(encoded, SearchRequest(k=7, shortlist=shortlist, directions=BOTH))
-        same(got.t2i, reference.t2i)
-        same(got.i2t, reference.i2t)
+        same_top_k(got.t2i, reference.t2i)
+        same_top_k(got.i2t, reference.i2t)
 
 
 def test_flat_index_candidates_equal_the_numpy_shortlist() -> None:
@@ -156,7 +135,7 @@ def test_appending_adds_shards_without_rewriting_old_ones(setup: dict[str, Any],
     assert grown.dtype == "float16" and not [p for p in out.iterdir() if p.name.startswith(".")]
     # the grown gallery searches as one float16 gallery of every image would
     reference = runtime.rank(runtime.index(features, tmp_path / "whole16", dtype="float16"), setup["encoded"], top_k=5)
-    same(open_shards(out, threads=1, warn=quiet).search(setup["encoded"], SearchRequest(k=5)).t2i, reference.t2i)
+    same_top_k(open_shards(out, threads=1, warn=quiet).search(setup["encoded"], SearchRequest(k=5)).t2i, reference.t2i)
     with pytest.raises(ItmrtError, match="stores float16; drop --dtype"):
         index_sharded(runtime, features[:3], out, ShardingOptions(5, dtype="float32"), append=True)
     with pytest.raises(ItmrtError, match="not one"):
@@ -236,8 +215,8 @@ def test_merging_shards_top_k_equals_one_top_k_of_everything(data: st.DataObject
         answers.append(ShardAnswer(f"s{first}", first, end - first, t2i, i2t, matrix[first:end]))
     merged = merge_answers(answers[::-1], SearchRequest(k=k, directions=BOTH, keep_scores=True), captions)
     t2i, i2t = top_k_of_matrix(matrix, k)
-    same(merged.t2i, t2i)
-    same(merged.i2t, i2t)
+    same_top_k(merged.t2i, t2i)
+    same_top_k(merged.i2t, i2t)
     np.testing.assert_array_equal(merged.scores, matrix)
 
 
@@ -272,12 +251,12 @@ def test_serve_a_sharded_gallery_in_one_process_with_a_shortlist(setup: dict[str
 
     captions = setup["captions"][:5]
     options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=8)
-    with running(Service(setup["root"] / "sharded", options=options)) as service, ServiceClient(service.url) as client:
+    with running(Service(setup["sharded"], options=options)) as service, ServiceClient(service.url) as client:
         hits = client.search(captions, 4)
         wide = client.search(captions[:1], 12)  # top_k over the shortlist: K grows to 12 for that request
-    shards = open_shards(setup["root"] / "sharded", threads=1, warn=quiet)
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
     encoded = setup["runtime"].encode_captions(captions)
-    same(hits, shards.search(encoded, SearchRequest(k=4, shortlist=8)).t2i)
-    same(wide, shards.search(encoded.take([0]), SearchRequest(k=12, shortlist=12)).t2i)
+    same_top_k(hits, shards.search(encoded, SearchRequest(k=4, shortlist=8)).t2i)
+    same_top_k(wide, shards.search(encoded.take([0]), SearchRequest(k=12, shortlist=12)).t2i)
     with pytest.raises(ItmrtError, match="search a sharded gallery"):
         Service(setup["plain"].path, options=ServeOptions(port=0, shortlist=8))

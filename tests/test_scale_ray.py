@@ -17,16 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from runtime_helpers import make_bundle, random_captions, region_features
+from scale_helpers import N_IMAGES, quiet, same_top_k, scale_setup
 from serve_helpers import running
 
 from itmrt.errors import ItmrtError
-from itmrt.runtime import load
 from itmrt.scale import (
     RayOptions,
     SearchRequest,
-    ShardingOptions,
-    index_sharded,
     open_shards,
 )
 from itmrt.serve.client import ServiceClient
@@ -37,13 +34,8 @@ pytest.importorskip("faiss")
 pytest.importorskip("numba", reason="exact comparisons: the fused scorer's scores do not depend on the tiling")
 
 REPO = Path(__file__).resolve().parents[1]
-N_IMAGES = 50
 BOTH = ("t2i", "i2t")
 RAY = RayOptions(address="auto", cpus=0.5, timeout_s=240)  # 3 actors x 0.5 CPU fit the 2-CPU cluster
-
-
-def quiet(_message: str) -> None:
-    pass
 
 
 def ray_processes() -> list[int]:
@@ -87,22 +79,7 @@ def cluster() -> Any:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, cluster: str) -> dict[str, Any]:
-    root = tmp_path_factory.mktemp("ray")
-    bundle = make_bundle(root / "model")[0]
-    runtime = load(bundle, threads=1, warn=quiet)
-    features = region_features(N_IMAGES, seed=41)
-    np.save(root / "features.npy", features)
-    captions = random_captions(19, seed=42, max_words=10)
-    (root / "captions.txt").write_text("\n".join(captions) + "\n")
-    plain = runtime.index(features, root / "plain")
-    index_sharded(runtime, features, root / "sharded", ShardingOptions(shard_images=17))
-    return {"root": root, "runtime": runtime, "captions": captions, "encoded": runtime.encode_captions(captions),
-            "plain": plain, "sharded": root / "sharded", "address": cluster}
-
-
-def same(a: Any, b: Any) -> None:
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.scores, b.scores)
+    return {**scale_setup(tmp_path_factory.mktemp("ray"), seed=41, captions=19), "address": cluster}
 
 
 def test_three_shards_on_ray_give_the_single_process_top_k(setup: dict[str, Any]) -> None:
@@ -114,14 +91,14 @@ def test_three_shards_on_ray_give_the_single_process_top_k(setup: dict[str, Any]
         assert [worker["shards"] for worker in shards.workers] == [["shard-00000"], ["shard-00001"], ["shard-00002"]]
         assert len({worker["pid"] for worker in shards.workers} | {os.getpid()}) == 4
         got = shards.search(encoded, SearchRequest(k=7, directions=BOTH, keep_scores=True))
-        same(got.t2i, reference.t2i)
-        same(got.i2t, reference.i2t)
+        same_top_k(got.t2i, reference.t2i)
+        same_top_k(got.i2t, reference.i2t)
         np.testing.assert_array_equal(got.scores, reference.scores)
         for shortlist in (7, 10):  # each shard's FAISS shortlist and rerank: as the same shards in one process
             request = SearchRequest(k=7, shortlist=shortlist, directions=BOTH)
             on_ray, alone = shards.search(encoded, request), local.search(encoded, request)
-            same(on_ray.t2i, alone.t2i)
-            same(on_ray.i2t, alone.i2t)
+            same_top_k(on_ray.t2i, alone.t2i)
+            same_top_k(on_ray.i2t, alone.i2t)
     finally:
         shards.close()
     assert ray.is_initialized(), "closing the shards must leave the caller's Ray connection alone"
@@ -136,7 +113,7 @@ def test_a_killed_actor_is_restarted_or_named_never_a_partial_answer(setup: dict
         assert [worker["shards"] for worker in shards.workers] == [["shard-00000", "shard-00001"], ["shard-00002"]]
         killed = shards.workers[1]["pid"]
         ray.kill(shards.actors[1])
-        same(shards.search(encoded, SearchRequest(k=5)).t2i, reference)  # restarted and asked again
+        same_top_k(shards.search(encoded, SearchRequest(k=5)).t2i, reference)  # restarted and asked again
         assert shards.workers[1]["pid"] != killed
         shards.options = RayOptions(address="auto", workers=2, cpus=0.5, retries=0, timeout_s=240)
         ray.kill(shards.actors[0])
