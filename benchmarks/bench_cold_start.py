@@ -60,7 +60,7 @@ def released_evaluation(args: argparse.Namespace) -> None:
         import torch
 
         from itmrt.data.precomp import read_captions
-        from itmrt.models.checkpoint import load_checkpoint
+        from itmrt.families.checkpoints import load_checkpoint
         from itmrt.models.evaluate import encode_captions, encode_images
         from itmrt.text.vocab import Vocabulary
     with timer.stage("load"):

@@ -31,14 +31,14 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from itmrt.bundle.manifest import Manifest  # noqa: E402
+from itmrt.bundle.names import PRECISIONS  # noqa: E402
 from itmrt.calibration.calib_data import FeedMaker, open_calibration_data, ort_session  # noqa: E402
 from itmrt.calibration.fp16 import emulation_session  # noqa: E402
 from itmrt.calibration.int8 import quantize_graph  # noqa: E402
 from itmrt.calibration.calib_data import StreamingCalibrationReader  # noqa: E402
-from itmrt.calibration.variants import PrecisionOptions, calibrate, make_fp16  # noqa: E402
+from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate, make_fp16  # noqa: E402
 from itmrt.data.metrics import recall_table  # noqa: E402
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def demo_bundle(work: Path) -> tuple[Path, Path]:
@@ -59,10 +59,8 @@ def demo_bundle(work: Path) -> tuple[Path, Path]:
     return bundle, data
 
 
-def graph_path(bundle: Path, manifest: dict[str, Any], precision: str, graph: str) -> Path:
-    if precision == "fp32":
-        return bundle / manifest["graphs"][graph]["file"]
-    return bundle / manifest["precisions"][precision]["graphs"][graph]["file"]
+def graph_path(bundle: Path, manifest: Manifest, precision: str, graph: str) -> Path:
+    return bundle / manifest.graph_file(precision, graph)
 
 
 def accuracy_session(path: Path, precision: str, extra_outputs: tuple[str, ...] = ()) -> Any:
@@ -72,15 +70,15 @@ def accuracy_session(path: Path, precision: str, extra_outputs: tuple[str, ...] 
     return emulation_session(model) if precision == "fp16" else ort_session(model.SerializeToString())
 
 
-def evaluate(bundle: Path, manifest: dict[str, Any], data: Path, split: str, precision: str) -> dict[str, Any]:
+def evaluate(bundle: Path, manifest: Manifest, data: Path, split: str, precision: str) -> dict[str, Any]:
     """Scores of the whole split (tiles of 100 captions) and NAAF's is_negative decisions of the first tile."""
     from itmrt.data.precomp import PrecompSplit
     from itmrt.text.vocab import Vocabulary
 
     test = PrecompSplit.open(data, split)
     vocabulary = Vocabulary.from_json(bundle / "vocab.json")
-    image_input = manifest["graphs"]["image_encoder"]["inputs"][0]["name"]
-    naaf = manifest["family"] == "naaf"
+    image_input = manifest.graph("image_encoder").inputs[0].name
+    naaf = manifest.family == "naaf"
     image_session = accuracy_session(graph_path(bundle, manifest, precision, "image_encoder"), precision)
     text_session = accuracy_session(graph_path(bundle, manifest, precision, "text_encoder"), precision)
     scorer_session = accuracy_session(graph_path(bundle, manifest, precision, "scorer"), precision, ("is_negative",) if naaf else ())
@@ -129,7 +127,7 @@ def similarity_product_ms(embed: int, regions: int, repeats: int, work: Path) ->
     }
 
 
-def speed(bundle: Path, manifest: dict[str, Any], data: Path, repeats: int) -> dict[str, dict[str, float]]:
+def speed(bundle: Path, manifest: Manifest, data: Path, repeats: int) -> dict[str, dict[str, float]]:
     calib = open_calibration_data(bundle, manifest, data, "train", 64, 1)
     images, tokens, lengths = next(calib.paired_batches(64))  # 64 images, 64 captions
     feeds = FeedMaker(bundle, manifest)
@@ -184,7 +182,7 @@ def main() -> None:
             entry["naaf_decision_flip_rate"] = float(np.mean(evaluated[precision]["decisions"] != base["decisions"]))
         results[precision] = entry
     results["speed"] = speed(bundle, manifest, data, args.repeats)
-    sims = similarity_product_ms(int(manifest["dims"]["embed_size"]), int(manifest["dims"]["num_regions"]), args.repeats, work)
+    sims = similarity_product_ms(int(manifest.dims["embed_size"]), int(manifest.dims["num_regions"]), args.repeats, work)
     results["speed"]["similarity_product"] = {**sims, "int8_speedup": round(sims["fp32_ms"] / sims["int8_ms"], 2)}
     text = json.dumps(results, indent=2)
     print(text)

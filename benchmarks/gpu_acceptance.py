@@ -143,8 +143,9 @@ def export_shipped(name: str, vocab: Path, bundle: Path) -> dict[str, Any]:
 
 def build_precision(bundle: Path, precision: str, data: Path, split: str, quick: bool) -> dict[str, Any]:
     """Precision graphs (anywhere) and TensorRT engines (where TensorRT and a GPU are)."""
-    from itmrt.calibration.variants import PrecisionOptions
-    from itmrt.engine.build import EngineOptions, build_bundle
+    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.calibration.build import build_bundle
+    from itmrt.engine.build import EngineOptions
 
     options = PrecisionOptions(calib_data=data, split=split, samples=32 if quick else 256, progress=False)
     outcome = build_bundle(bundle, precision, options, EngineOptions(), log=lambda _message: None)
@@ -197,13 +198,13 @@ def engines_step(built: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def variants(backend_names: tuple[str, ...] = ("ort", "trt")) -> list[Any]:
-    from itmrt.reports.variants import Variant
+    from itmrt.reports.runtime_variants import Variant
 
     return [Variant(backend, precision) for backend in backend_names for precision in PRECISIONS]
 
 
 def naaf_parity(bundle: Path, data: Path, out: Path, against: str, quick: bool) -> dict[str, Any]:
-    from itmrt.reports.parity import ParityOptions, run_parity, write_parity
+    from itmrt.reports.parity_report import ParityOptions, run_parity, write_parity
 
     reference_providers = ["cpu"] if against.startswith("ort") else None
     options = ParityOptions(
@@ -232,7 +233,7 @@ def naaf_parity(bundle: Path, data: Path, out: Path, against: str, quick: bool) 
 def cmpm_parity(bundle: Path, data: Path) -> dict[str, Any]:
     """Identity recall and score error of each CMPM variant against ONNX Runtime fp32 on the CPU."""
     from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preprocess_images
-    from itmrt.reports.variants import open_variant
+    from itmrt.reports.runtime_variants import open_variant
 
     split = ImageCaptionSplit.open(data, "test")
     pixels = preprocess_images(np.asarray(split.images))
@@ -300,7 +301,7 @@ def tf32_emulated(bundle: Path, data: Path, quick: bool) -> dict[str, Any]:
     import onnx
 
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.engine.tf32 import tf32_emulation_graph, tf32_session
+    from itmrt.calibration.tf32 import tf32_emulation_graph, tf32_session
     from itmrt.runtime import load
 
     split = PrecompSplit.open(data, "test")

@@ -97,7 +97,7 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
 def time_reference(torch: Any, device: str, n_images: int, n_captions: int, budget_bytes: int) -> dict[str, Any]:
     """Loop and batched scorers side by side (and batched with TF32 on CUDA); timings, rates, agreement."""
     warm_images, warm_captions = make_data(4, 8, seed=1)
-    released_loop_scores(warm_images, warm_captions, device)
+    released_loop_scores(warm_images, warm_captions, device=device)
     batched_scores(torch, device, warm_images, warm_captions, budget_bytes)
     images, captions = make_data(n_images, n_captions)
     pairs = n_images * n_captions
@@ -113,7 +113,7 @@ def time_reference(torch: Any, device: str, n_images: int, n_captions: int, budg
         previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         _tf32_flags(torch, False)
         torch.cuda.reset_peak_memory_stats()
-    loop, loop_s = timed(torch, device, lambda: released_loop_scores(images, captions, device))
+    loop, loop_s = timed(torch, device, lambda: released_loop_scores(images, captions, device=device))
     batched, batched_s = timed(torch, device, lambda: batched_scores(torch, device, images, captions, budget_bytes))
     result["loop"] = {"seconds": loop_s, "pairs_per_s": pairs / loop_s}
     result["batched"] = {

@@ -69,7 +69,7 @@ def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = N
     from itmrt.data.precomp import PrecompSplit
     from itmrt.data.synthetic import make_synthetic_dataset
     from itmrt.export.bundle import ExportOptions, export_bundle
-    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.families.checkpoints import load_checkpoint
     from itmrt.models.evaluate import evaluate_split
     from itmrt.runtime import load
     from itmrt.text.vocab import Vocabulary
@@ -164,8 +164,8 @@ def _train_quick_naaf(folder: Path, log: Log) -> Path:
 
 def _build_precisions(bundle: Path, data_dir: Path, log: Log, result: DemoResult) -> list[str]:
     """FP16 and calibrated INT8 graphs (and engines where TensorRT exists); returns the precisions built."""
-    from itmrt.calibration.variants import PrecisionOptions
-    from itmrt.engine.build import build_bundle
+    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.calibration.build import build_bundle
 
     built = []
     for precision in ("fp16", "int8"):

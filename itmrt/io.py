@@ -36,6 +36,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes in memory (a file about to be written, a manifest as read)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so large files are not loaded whole."""
     digest = hashlib.sha256()

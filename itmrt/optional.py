@@ -143,6 +143,19 @@ def lazy_import(name: str, purpose: str | None = None) -> Any:
     return LazyModule(name, purpose)
 
 
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that imports ``exports[name]`` (a module path) on first access, so a
+    package can name its API without importing its heavy modules when it is imported."""
+
+    def attribute(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
+
+    return attribute
+
+
 def require_all(names: list[str], purpose: str) -> list[ModuleType]:
     """Import every module of ``names``; when any is missing, one message names all that are."""
     missing = [name for name in names if not available(name)]

@@ -11,11 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from itmrt.calibration.calib_data import FeedMaker, ort_session, random_sample
 from itmrt.calibration.fp16 import convert_to_fp16, emulation_session, float32_nodes
-from itmrt.calibration.records import graph_file
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands
-from itmrt.calibration.variants import make_fp16
-from itmrt.export.check import check_bundle
-from itmrt.export.trt_ops import check_trt_compat
+from itmrt.calibration.precision_graphs import make_fp16
+from itmrt.bundle.check import check_bundle
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.io import sha256_file
 from tests.calibration_helpers import THRESHOLD, make_data, make_naaf_bundle
 
@@ -34,7 +33,7 @@ def test_fp16_graphs_are_recorded_verified_and_accurate(fp16_bundle: tuple[Path,
     images, tokens, lengths = random_sample(manifest, seed=7)
     for graph in ("image_encoder", "text_encoder", "scorer"):
         entry = manifest["precisions"]["fp16"]["graphs"][graph]
-        assert entry["file"] == graph_file(manifest, "fp16", graph) == f"precision/fp16/{graph}.onnx"
+        assert entry["file"] == manifest.graph_file("fp16", graph) == f"precision/fp16/{graph}.onnx"
         assert entry["sha256"] == sha256_file(bundle / entry["file"]) == manifest["files"][entry["file"]]
         assert entry["source_sha256"] == manifest["graphs"][graph]["sha256"]
         model = onnx.load(str(bundle / entry["file"]))

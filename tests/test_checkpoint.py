@@ -15,11 +15,10 @@ import torch
 
 from itmrt import __version__
 from itmrt.errors import CheckpointError
+from itmrt.families.checkpoints import load_checkpoint, load_native
 from itmrt.models.checkpoint import (
     checkpoint_sha256,
     detect_format,
-    load_checkpoint,
-    load_native,
     load_released_checkpoint,
     matcher_from_opt,
     save_native,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from itmrt.bundle.folder import read_bundle
+from itmrt.bundle.manifest import GraphEntry, Manifest
 from itmrt.cli.build_cmd import parse_axis_ranges
 from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, profile_shapes, require_tensorrt
 from itmrt.engine.compat import DeviceInfo, check_engine, compatibility_problems
@@ -32,17 +34,18 @@ HERE = DeviceInfo("10.13.0.35", "NVIDIA Jetson Orin", "8.7")
 
 
 def test_profile_shapes_come_from_the_manifest_and_overrides() -> None:
-    shapes = profile_shapes(SCORER_ENTRY, parse_axis_ranges(["max_length=2:16:32"]))
+    entry = GraphEntry.from_json({"file": "scorer.onnx", "sha256": "", **SCORER_ENTRY})
+    shapes = profile_shapes(entry, parse_axis_ranges(["max_length=2:16:32"]))
     assert shapes["image_embeddings"] == ([1, 36, 16], [32, 36, 16], [128, 36, 16])
     assert shapes["caption_embeddings"] == ([1, 2, 16], [32, 16, 16], [128, 32, 16])
     assert shapes["lengths"] == ([1], [32], [128])
     with pytest.raises(ItmrtError, match="min <= opt <= max"):
-        profile_shapes(SCORER_ENTRY, {"batch_images": (8, 4, 16)})
+        profile_shapes(entry, {"batch_images": (8, 4, 16)})
     with pytest.raises(ItmrtError, match="AXIS=MIN:OPT:MAX"):
         parse_axis_ranges(["batch_images=1:2"])
 
 
-def _bundle_with_engine(folder: Path) -> tuple[Path, dict]:
+def _bundle_with_engine(folder: Path) -> tuple[Path, Manifest]:
     (folder / "engines" / "fp16").mkdir(parents=True)
     (folder / "engines" / "fp16" / "scorer.plan").write_bytes(b"serialized engine bytes")
     (folder / "scorer.onnx").write_bytes(b"graph bytes")
@@ -51,7 +54,13 @@ def _bundle_with_engine(folder: Path) -> tuple[Path, dict]:
         "graph_file": "scorer.onnx", "graph_sha256": sha256_file(folder / "scorer.onnx"),
         "tensorrt_version": HERE.tensorrt_version, "gpu_name": HERE.gpu_name, "compute_capability": HERE.compute_capability,
     }
-    return folder, {"engines": {"fp16": {"scorer": entry}}}
+    vocab = {"file": "vocab.json", "sha256": "", "size": 4, "content_sha256": "", "pad_id": 0, "start_id": 1,
+             "end_id": 2, "unk_id": 3}
+    graphs = {"scorer": {"file": "scorer.onnx", "sha256": entry["graph_sha256"]}}
+    manifest = Manifest.from_json({"kind": "itmrt-bundle", "schema_version": 1, "family": "naaf", "dims": {},
+                                   "graphs": graphs, "vocab": vocab, "files": {},
+                                   "engines": {"fp16": {"scorer": entry}}})
+    return folder, manifest
 
 
 def test_engine_from_another_tensorrt_or_gpu_is_refused_with_a_rebuild_message(tmp_path: Path) -> None:
@@ -62,7 +71,7 @@ def test_engine_from_another_tensorrt_or_gpu_is_refused_with_a_rebuild_message(t
         check_engine(bundle, manifest, "fp16", "scorer", other_trt)
     assert "\n" not in str(error.value)
     other_gpu = DeviceInfo(HERE.tensorrt_version, "NVIDIA H100 80GB HBM3", "9.0")
-    assert "this GPU is NVIDIA H100 80GB HBM3 (9.0)" in compatibility_problems(manifest["engines"]["fp16"]["scorer"], other_gpu)[0]
+    assert "this GPU is NVIDIA H100 80GB HBM3 (9.0)" in compatibility_problems(manifest.engines["fp16"]["scorer"], other_gpu)[0]
     with pytest.raises(ItmrtError, match="no int8 scorer engine"):
         check_engine(bundle, manifest, "int8", "scorer", HERE)
     (bundle / "scorer.onnx").write_bytes(b"re-exported graph")
@@ -105,13 +114,13 @@ def test_without_tensorrt_engine_building_says_why(tmp_path: Path) -> None:
 def test_tensorrt_builds_and_reloads_an_engine(tmp_path: Path) -> None:
     from tests.calibration_helpers import make_data, make_naaf_bundle
 
-    from itmrt.calibration.variants import make_fp16
-    from itmrt.engine.build import load_engine
+    from itmrt.calibration.precision_graphs import make_fp16
+    from itmrt.runtime.backend_trt import TrtBackend
 
     bundle = make_naaf_bundle(tmp_path, make_data(tmp_path / "data"))
     make_fp16(bundle)
     manifest = build_engines(bundle, "fp16", EngineOptions(workspace_mb=256, timing_cache=tmp_path / "timing.cache"))
     entry = manifest["engines"]["fp16"]["scorer"]
     assert entry["tensorrt_version"] and entry["compute_capability"]
-    assert load_engine(bundle, "fp16", "scorer") is not None
+    assert TrtBackend.from_bundle(read_bundle(bundle), "scorer", "fp16").engine is not None
     assert (tmp_path / "timing.cache").stat().st_size > 0

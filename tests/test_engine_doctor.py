@@ -119,12 +119,16 @@ def _bundle_with_engine(folder: Path) -> Path:
         "hardware_compatibility": "NONE",
         "dla_core": None,
     }
-    graphs = {name: {"file": f"{name}.onnx", "inputs": []} for name in ("image_encoder", "text_encoder", "scorer")}
+    graphs = {name: {"file": f"{name}.onnx", "sha256": "", "inputs": []}
+              for name in ("image_encoder", "text_encoder", "scorer")}
+    vocab = {"file": "vocab.json", "sha256": "", "size": 4, "content_sha256": "", "pad_id": 0, "start_id": 1,
+             "end_id": 2, "unk_id": 3}
     manifest = {
         "kind": "itmrt-bundle",
         "schema_version": 1,
         "family": "naaf",
         "graphs": graphs,
+        "vocab": vocab,
         "files": {},
         "dims": {},
         "engines": {"fp16": {"scorer": entry}},

@@ -11,11 +11,12 @@ import onnx
 import pytest
 from runtime_helpers import make_bundle
 
-from itmrt.engine.build import EngineOptions, engine_ranges, tf32_record
+from itmrt.calibration.tf32 import tf32_record
+from itmrt.engine.build import EngineOptions, engine_ranges
 from itmrt.engine.layers import parse_layer_json, summarize_layers
 from itmrt.engine.profiles import BOARDS, estimate_peaks, fit_ranges, largest_intermediate, manifest_ranges
-from itmrt.engine.tf32 import tf32_emulation_graph, tf32_max_error
-from itmrt.export.manifest import read_manifest
+from itmrt.calibration.tf32 import tf32_emulation_graph, tf32_max_error
+from itmrt.bundle.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +35,9 @@ def test_largest_intermediate_is_the_scorers_similarity_tensor(bundle: Path) -> 
 
 def test_a_board_halves_the_batch_maxima_until_the_budget_holds(bundle: Path) -> None:
     manifest = read_manifest(bundle)
-    graphs = {g: (entry["file"], entry) for g, entry in manifest["graphs"].items()}
+    graphs = {g: (entry.file, entry) for g, entry in manifest.graphs.items()}
     ranges = {}
-    for entry in manifest["graphs"].values():
+    for entry in manifest.graphs.values():
         ranges.update(manifest_ranges(entry))
     full = max(estimate_peaks(bundle, graphs, ranges).values())
     fitted, peak = fit_ranges(bundle, graphs, ranges, full // 4)
@@ -88,11 +89,11 @@ def test_tf32_emulation_rounds_every_product_and_changes_the_outputs(bundle: Pat
     messages: list[str] = []
     error = tf32_max_error(model, [feeds])
     assert 1e-6 < error < 1e-1  # 11 significant bits: about 2^-11 relative per operand
-    assert tf32_record(bundle, manifest, EngineOptions(), messages.append) == {
+    assert {g: r.to_json() for g, r in tf32_record(bundle, manifest, EngineOptions(), messages.append).items()} == {
         g: {"enabled": False} for g in manifest["graphs"]
     }
     recorded = tf32_record(bundle, manifest, EngineOptions(tf32=True), lambda _m: None)
-    assert recorded["scorer"]["enabled"] and recorded["scorer"]["max_abs_error_fp32_graph"] > 0
+    assert recorded["scorer"].enabled and recorded["scorer"].max_abs_error_fp32_graph > 0  # type: ignore[operator]
 
 
 LAYERS = {

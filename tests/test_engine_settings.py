@@ -3,13 +3,20 @@ engine compatibility check for engines built to travel; the timing cache's name 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from itmrt.bundle.manifest import EngineEntry
 from itmrt.engine.compat import DeviceInfo, compatibility_problems
-from itmrt.engine.settings import EngineOptions, builder_settings, carries_host_code, check_options
+from itmrt.engine.settings import (
+    EngineOptions,
+    builder_settings,
+    carries_host_code,
+    check_options,
+)
 from itmrt.engine.timing_cache import attach_timing_cache, timing_cache_file
 from itmrt.errors import ItmrtError
 
@@ -73,7 +80,8 @@ def test_ampere_plus_needs_an_ampere_build_gpu() -> None:
         )
 
 
-BUILT = {"tensorrt_version": "10.3.0.30", "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+BUILT = EngineEntry(file="engines/fp16/scorer.plan", sha256="", graph_file="scorer.onnx", graph_sha256="",
+                    tensorrt_version="10.3.0.30", gpu_name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
 
 
 def test_compatibility_check_accepts_what_each_engine_promises() -> None:
@@ -87,19 +95,19 @@ def test_compatibility_check_accepts_what_each_engine_promises() -> None:
     assert "built with TensorRT 10.3.0.30, this machine has 10.13.0.35" in compatibility_problems(BUILT, later_trt)[0]
     assert "this GPU is NVIDIA H200 (9.0)" in compatibility_problems(BUILT, h200)[0]
 
-    version_compatible = {**BUILT, "version_compatible": True}
+    version_compatible = replace(BUILT, version_compatible=True)
     assert compatibility_problems(version_compatible, later_trt) == []
     assert "version-compatible from TensorRT 10.3.0.30 on" in compatibility_problems(version_compatible, earlier_trt)[0]
-    lean_left_out = {**version_compatible, "exclude_lean_runtime": True}  # needs the matching lean runtime: strict
+    lean_left_out = replace(version_compatible, exclude_lean_runtime=True)  # needs the matching lean runtime: strict
     assert compatibility_problems(lean_left_out, later_trt)
 
-    ampere_plus = {**BUILT, "hardware_compatibility": "AMPERE_PLUS"}
+    ampere_plus = replace(BUILT, hardware_compatibility="AMPERE_PLUS")
     assert compatibility_problems(ampere_plus, h200) == []
     assert "Ampere or later" in compatibility_problems(ampere_plus, t4)[0]
-    same_cc = {**BUILT, "hardware_compatibility": "SAME_COMPUTE_CAPABILITY"}
+    same_cc = replace(BUILT, hardware_compatibility="SAME_COMPUTE_CAPABILITY")
     assert compatibility_problems(same_cc, a100_40) == []
     assert compatibility_problems(same_cc, h200)
-    both = {**ampere_plus, "version_compatible": True}
+    both = replace(ampere_plus, version_compatible=True)
     assert compatibility_problems(both, DeviceInfo("11.1.0.5", "NVIDIA H200", "9.0")) == []
 
 

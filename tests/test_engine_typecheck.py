@@ -36,7 +36,7 @@ def _stubs_folder() -> Path:
 
 STUBS = _stubs_folder()
 # The TensorRT-facing code: engine building and inspection, and the native TensorRT backend with its CUDA context.
-TYPECHECKED = ["itmrt/engine", "itmrt/runtime/backend_trt.py", "itmrt/runtime/cuda_context.py"]
+TYPECHECKED = ["itmrt/engine", "itmrt/runtime/backend_trt.py"]
 
 
 def patched_stubs(target: Path) -> Path:
@@ -81,4 +81,5 @@ def test_engine_package_type_checks_against_tensorrt_stubs(tmp_path: Path) -> No
     result = run_mypy(TYPECHECKED, stubs)
     assert result.returncode == 0, result.stdout + result.stderr
     checked = int(re.search(r"in (\d+) source files?", result.stdout).group(1))  # type: ignore[union-attr]
-    assert checked >= len(list((ROOT / "itmrt" / "engine").glob("*.py"))) + 2, result.stdout
+    # every module of itmrt/engine (the CUDA context included) and the runtime's backend_trt.py
+    assert checked >= len(list((ROOT / "itmrt" / "engine").glob("*.py"))) + 1, result.stdout

@@ -15,9 +15,10 @@ import torch
 import itmrt.export.bundle as bundle_module
 from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.bundle import ExportOptions, export_bundle
-from itmrt.export.check import check_bundle
-from itmrt.export.parity import ParityResult
-from itmrt.models.checkpoint import load_checkpoint, matcher_from_opt, save_native, save_released_checkpoint
+from itmrt.bundle.check import check_bundle
+from itmrt.export.sample_parity import ParityResult
+from itmrt.families.checkpoints import load_checkpoint
+from itmrt.models.checkpoint import matcher_from_opt, save_native, save_released_checkpoint
 from itmrt.models.cmpm import CMPMModel
 from itmrt.models.naaf import naaf_scores_loop
 from itmrt.models.scan import scan_scores_loop

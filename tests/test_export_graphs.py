@@ -8,16 +8,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from itmrt.export.graphs_image import cmpm_image_encoder_graph, region_image_encoder_graph
-from itmrt.export.graphs_scorer import (
-    NAAF_INTRA_FACTOR,
-    NAAF_LAMBDA,
-    NAAF_THRESHOLD,
-    cosine_scorer_graph,
-    naaf_scorer_graph,
-    scan_scorer_graph,
-)
-from itmrt.export.graphs_text import cmpm_text_encoder_graph, text_encoder_graph
+from itmrt.graphs.image_encoders import cmpm_image_encoder_graph, region_image_encoder_graph
+from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD
+from itmrt.graphs.scorers import cosine_scorer_graph, naaf_scorer_graph, scan_scorer_graph
+from itmrt.graphs.text_encoders import cmpm_text_encoder_graph, text_encoder_graph
 from itmrt.models.cmpm import CMPMModel
 from itmrt.models.encoders import ImageEncoder, TextEncoder
 from itmrt.models.naaf import naaf_scores, naaf_scores_loop

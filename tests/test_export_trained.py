@@ -32,7 +32,7 @@ def test_shipped_naaf_learned_a_positive_threshold_and_the_bundle_freezes_it(tmp
     checkpoint = shipped_model(SHIPPED_FILES["naaf"])
     if checkpoint is None:
         pytest.skip("naaf_small.pth.tar is not in itmrt/assets")
-    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.families.checkpoints import load_checkpoint
 
     opt = load_checkpoint(checkpoint).opt
     assert 0.0 < opt["thres_safe"] < opt["thres"] < 1.0

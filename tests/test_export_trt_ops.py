@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from itmrt.export.graphs_scorer import naaf_scorer_graph, scan_scorer_graph
-from itmrt.export.trt_ops import OPS_TABLE, check_trt_compat, load_op_table
+from itmrt.graphs.scorers import naaf_scorer_graph, scan_scorer_graph
+from itmrt.bundle.trt_ops import OPS_TABLE, check_trt_compat, load_op_table
 from itmrt.errors import ItmrtError
 
 

@@ -14,7 +14,7 @@ from runtime_helpers import make_bundle
 
 from itmrt.reports.bench import STAGES, BenchOptions, latency_stats, run_bench, write_bench
 from itmrt.reports.schema import read_report, schema_problems
-from itmrt.reports.variants import parse_variants
+from itmrt.reports.runtime_variants import parse_variants
 
 BATCHES = (1, 3)
 

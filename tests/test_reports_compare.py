@@ -14,8 +14,8 @@ from reports_helpers import make_bundle_and_data
 from itmrt.errors import ItmrtError
 from itmrt.reports.bench import BenchOptions, run_bench, write_bench
 from itmrt.reports.compare import compare_reports
-from itmrt.reports.parity import ParityOptions, run_parity
-from itmrt.reports.variants import parse_variants
+from itmrt.reports.parity_report import ParityOptions, run_parity
+from itmrt.reports.runtime_variants import parse_variants
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from reports_helpers import is_png, make_bundle_and_data
 
 from itmrt.data.metrics import recall_table
 from itmrt.reports import agreement
-from itmrt.reports.parity import ParityOptions, apply_tolerances, run_parity, write_parity
+from itmrt.reports.parity_report import ParityOptions, apply_tolerances, run_parity, write_parity
 from itmrt.reports.schema import read_report, schema_problems
-from itmrt.reports.variants import parse_variants
+from itmrt.reports.runtime_variants import parse_variants
 
 ASSETS = Path(__file__).resolve().parents[1] / "itmrt" / "assets"
 

@@ -144,6 +144,25 @@ def test_truncated_graph_is_one_line_error(bundle: Path, tmp_path: Path) -> None
     assert "\n" not in str(caught.value)
 
 
+def test_cmpm_with_the_released_max_over_padding_is_not_bucketed(tmp_path: Path) -> None:
+    """Its caption embeddings depend on the batch's padding: the runtime keeps the captions' order and one
+    width, as the reference does, so its embeddings are the reference's (bucketing by length would change them)."""
+    import torch
+
+    from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.runtime import load
+
+    bundle = make_cmpm_bundle(tmp_path, max_over_padding=True)
+    runtime = load(bundle, batch_size=2)  # several batches: bucketed, each would be padded to its own longest
+    captions = random_captions(6, seed=4, min_words=1, max_words=8)
+    encoded = runtime.encode_captions(captions)
+    model = load_checkpoint(tmp_path / "cmpm.safetensors")
+    tokens, lengths = runtime.vocab.encode_batch(captions)
+    with torch.no_grad():
+        expected = model.encode_captions(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)))
+    np.testing.assert_allclose(encoded.vectors, expected.numpy(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["naaf", "cmpm"])
 def test_warmup_runs_every_component_on_tiny_inputs(tmp_path: Path, family: str) -> None:
     from itmrt.runtime import load

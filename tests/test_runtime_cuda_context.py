@@ -16,7 +16,7 @@ import pytest
 
 from itmrt.errors import ItmrtError
 from itmrt.runtime.backend_trt import TrtBackend
-from itmrt.runtime.cuda_context import CudaContext, close_all, shared_context
+from itmrt.engine.cuda_context import CudaContext, close_all, shared_context
 
 
 class Log(list[str]):

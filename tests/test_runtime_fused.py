@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("numba")
 
-from itmrt.export.graphs_scorer import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD, naaf_scorer_graph  # noqa: E402
+from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD  # noqa: E402
+from itmrt.graphs.scorers import naaf_scorer_graph  # noqa: E402
 from itmrt.runtime.backends import OrtBackend, SessionSettings  # noqa: E402
 from itmrt.runtime.encoders import CaptionEmbeddings  # noqa: E402
 from itmrt.runtime.fused import CONSTANT_KEYS, FusedNaafScorer  # noqa: E402
@@ -165,7 +166,7 @@ def test_large_lambda_and_all_negative_words(tmp_path: Path) -> None:
 
 def test_bad_inputs_and_non_naaf_graphs(tmp_path: Path) -> None:
     from itmrt.errors import ItmrtError
-    from itmrt.export.graphs_scorer import cosine_scorer_graph
+    from itmrt.graphs.scorers import cosine_scorer_graph
 
     cosine = tmp_path / "cosine.onnx"
     cosine.write_bytes(cosine_scorer_graph(D, 17).SerializeToString())

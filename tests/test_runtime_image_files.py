@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def _reference(model: Any, pixels: list[np.ndarray]) -> np.ndarray:
 
 def test_manifest_records_the_training_preprocessing(cmpm: dict[str, Any]) -> None:
     from itmrt.data.images import IMAGE_MEAN, IMAGE_STD
-    from itmrt.runtime.bundle import read_bundle
+    from itmrt.bundle.folder import read_bundle
 
     section = read_bundle(cmpm["bundle"]).manifest["image_preprocessing"]
     assert section["crop"] == {"height": SIZE, "width": SIZE, "at": "center"}
@@ -188,9 +189,7 @@ def test_image_sources_that_are_refused(cmpm: dict[str, Any], tmp_path: Path) ->
     with pytest.raises(ItmrtError, match="image files are for CMPM bundles"):
         load(naaf).encode_image_files(list_image_files(tmp_path / "one.txt"))
     # A CMPM bundle exported before the manifest recorded its preprocessing.
-    manifest = dict(runtime.bundle.manifest)
-    del manifest["image_preprocessing"]
-    runtime.bundle.manifest = manifest
+    runtime.bundle.manifest = dataclasses.replace(runtime.bundle.manifest, image_preprocessing=None)
     with pytest.raises(ItmrtError, match="export it again"):
         runtime.encode_image_files(list_image_files(tmp_path / "one.txt"))
 

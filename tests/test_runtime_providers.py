@@ -7,15 +7,23 @@ from pathlib import Path
 
 import pytest
 from runtime_helpers import make_bundle
-from test_engine_build import SCORER_ENTRY as SCORER
+from test_engine_build import SCORER_ENTRY
 
+from itmrt.bundle.folder import read_bundle
+from itmrt.bundle.manifest import GraphEntry
 from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import OrtBackend, open_backend
-from itmrt.runtime.bundle import read_bundle
-from itmrt.runtime.providers import SessionSettings, profile_option, provider_options, resolve_providers
+from itmrt.runtime.providers import (
+    SessionSettings,
+    profile_option,
+    provider_options,
+    resolve_providers,
+)
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
+
+SCORER = GraphEntry.from_json({"file": "scorer.onnx", "sha256": "", **SCORER_ENTRY})
 
 def test_default_order_is_cuda_then_cpu_and_tensorrt_is_opt_in() -> None:
     assert resolve_providers(None, GPU_BUILD) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -388,7 +388,7 @@ def test_serve_errors_are_one_line(naaf: dict[str, Any], tmp_path: Path, capsys:
         (["serve", str(naaf["bundle"])], "pass --gallery"),
         (["serve", str(tmp_path / "missing")], "does not exist"),
         (["serve", str(naaf["gallery"]), "--token-file", str(tmp_path / "none.txt")], "token file"),
-        (["serve", str(naaf["gallery"]), "--scorer", "fast"], "--scorer"),
+        (["serve", str(naaf["gallery"]), "--scorer", "fast"], "unknown scorer"),
     ]
     busy = bind_socket("127.0.0.1", 0)
     cases.append((["serve", str(naaf["gallery"]), "--port", str(busy.getsockname()[1])], "cannot listen"))

@@ -10,38 +10,50 @@ the choices in ``--help``.
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
+
+from itmrt.errors import ItmrtError
+
+ChoiceT = TypeVar("ChoiceT", bound=Enum)
 
 
-class Component(str, Enum):
+class Choice(str, Enum):
+    """A str enum whose members print as their values (``f"{Precision.FP16}"`` is ``fp16``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Component(Choice):
     """The three graphs of every bundle."""
 
     IMAGE_ENCODER = "image_encoder"
     TEXT_ENCODER = "text_encoder"
     SCORER = "scorer"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Precision(str, Enum):
+class Precision(Choice):
     """Numeric precision of a graph or engine; fp16 and int8 live in the ONNX graph itself."""
 
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class BackendName(str, Enum):
+class BackendName(Choice):
     """What runs a bundle: ONNX Runtime sessions or native TensorRT engines."""
 
     ORT = "ort"
     TRT = "trt"
 
-    def __str__(self) -> str:
-        return self.value
+
+def parse_choice(choices: type[ChoiceT], value: str | ChoiceT, what: str) -> ChoiceT:
+    """``value`` as a member of the str enum ``choices``; a one-line :class:`ItmrtError` naming the choices."""
+    try:
+        return choices(value)
+    except ValueError:
+        names = ", ".join(str(member.value) for member in choices)
+        raise ItmrtError(f"unknown {what} {str(value)!r}; choose one of {names}") from None
 
 
 COMPONENTS: tuple[str, ...] = tuple(c.value for c in Component)
@@ -71,6 +83,10 @@ NAAF_INTRA_FACTOR = "naaf_intra_factor"
 SCAN_LAMBDA_SOFTMAX = "scan_lambda_softmax"
 SCAN_LAMBDA_LSE = "scan_lambda_lse"
 
+# The manifest's kind and schema version (entries are additive: new optional keys keep the version).
+BUNDLE_KIND = "itmrt-bundle"
+SCHEMA_VERSION = 1
+
 # File layout inside a bundle folder.
 MANIFEST_NAME = "manifest.json"
 VOCAB_FILE = "vocab.json"
@@ -81,9 +97,8 @@ TIMING_CACHE_DIR = f"{ENGINE_DIR}/timing"  # TensorRT timing caches, one per Ten
 ORT_TENSORRT_CACHE_DIR = "cache/ort-tensorrt"  # ONNX Runtime's TensorRT provider: engine and timing caches
 
 
-def export_graph_file(component: str) -> str:
-    """Bundle-relative file of an exported (fp32) graph."""
-    return f"{Component(component).value}.onnx"
+GRAPH_FILES: dict[str, str] = {component.value: f"{component.value}.onnx" for component in Component}
+"""Bundle-relative file of each exported (fp32) graph."""
 
 
 def precision_file(precision: str, component: str) -> str:

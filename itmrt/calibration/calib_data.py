@@ -1,6 +1,7 @@
 """Calibration and sample data for precision variants: streamed in batches, checked against the bundle.
 
-A calibration folder is the user's own data in the layout of the model family:
+A calibration folder is the user's own data in the layout of the model family
+(its spec reads it: :meth:`itmrt.families.FamilySpec.open_image_split`):
 precomputed region features (``{split}_ims.npy`` + ``{split}_caps.txt``, see
 :mod:`itmrt.data.precomp`) for NAAF/SCAN, or images (``{split}_images.npy`` +
 captions, see :mod:`itmrt.data.images`) for CMPM. Only the sampled rows are
@@ -29,7 +30,10 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
+from itmrt.bundle.manifest import Manifest
+from itmrt.bundle.names import IMAGE_EMBEDDINGS, CAPTION_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
 from itmrt.errors import DataError, ItmrtError, VocabularyError
+from itmrt.families import FamilySpec, get
 from itmrt.runtime.sessions import create_session
 from itmrt.text.vocab import Vocabulary
 
@@ -45,16 +49,16 @@ def ort_session(path_or_bytes: str | Path | bytes) -> ort.InferenceSession:
     return create_session(path_or_bytes)
 
 
-def _numpy_dtype(manifest: dict[str, Any], graph: str, input_name: str) -> np.dtype[Any]:
-    for entry in manifest["graphs"][graph]["inputs"]:
-        if entry["name"] == input_name:
-            return np.dtype(entry["dtype"])
+def _numpy_dtype(manifest: Manifest, graph: str, input_name: str) -> np.dtype[Any]:
+    for entry in manifest.graph(graph).inputs:
+        if entry.name == input_name:
+            return np.dtype(entry.dtype)
     raise ItmrtError(f"the bundle's {graph} has no input '{input_name}'; export the bundle again")
 
 
-def _max_length(manifest: dict[str, Any]) -> int:
-    ranges = manifest["graphs"]["text_encoder"].get("shape_ranges", {})
-    return int(ranges.get("max_length", {}).get("max", 64))
+def _max_length(manifest: Manifest) -> int:
+    limits = manifest.graph(Component.TEXT_ENCODER).shape_ranges.get(MAX_LENGTH)
+    return limits.max if limits is not None else 64
 
 
 @dataclass
@@ -63,7 +67,7 @@ class CalibrationData:
 
     data_dir: Path
     split: str
-    family: str
+    family: FamilySpec
     images: np.ndarray  # memmap: features [N, n, d] or uint8 pixels [N, H, W, 3]
     rows: np.ndarray  # which images are sampled (sorted)
     captions: list[list[str]]  # captions of each sampled image
@@ -103,13 +107,7 @@ class CalibrationData:
     def image_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Graph-ready image inputs of the sampled rows, ``batch_size`` at a time."""
         for start in self._starts(batch_size):
-            block = np.asarray(self.images[self.rows[start : start + batch_size]])
-            if self.family == "cmpm":
-                from itmrt.data.images import preprocess_images
-
-                yield preprocess_images(block)
-            else:
-                yield np.ascontiguousarray(block, dtype=np.float32)
+            yield self.family.image_batch(np.asarray(self.images[self.rows[start : start + batch_size]]))
 
     def _caption(self, index: int) -> str:
         captions = self.captions[index]
@@ -145,13 +143,13 @@ def _sample_rows(available: int, samples: int) -> np.ndarray:
     return np.unique(np.linspace(0, available - 1, samples).round().astype(np.int64))
 
 
-def _check_vocabulary(data_dir: Path, vocabulary: Vocabulary, manifest: dict[str, Any]) -> None:
+def _check_vocabulary(data_dir: Path, vocabulary: Vocabulary, manifest: Manifest) -> None:
     data_vocab = data_dir / "vocab.json"
     if data_vocab.is_file():
         theirs = Vocabulary.from_json(data_vocab)
-        if theirs.sha256 != manifest["vocab"]["content_sha256"]:
+        if theirs.sha256 != manifest.vocab.content_sha256:
             raise VocabularyError(
-                f"{data_vocab} ({len(theirs)} words) is not the bundle's vocabulary ({manifest['vocab']['size']} words); "
+                f"{data_vocab} ({len(theirs)} words) is not the bundle's vocabulary ({manifest.vocab.size} words); "
                 "calibrate with data tokenised by the model's vocabulary"
             )
 
@@ -167,7 +165,7 @@ def _check_unknown_share(captions: list[list[str]], vocabulary: Vocabulary, data
 
 def open_calibration_data(
     bundle: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     data_dir: str | Path,
     split: str = "train",
     samples: int = DEFAULT_SAMPLES,
@@ -175,38 +173,13 @@ def open_calibration_data(
 ) -> CalibrationData:
     """Open ``data_dir``'s ``split``, check it against the bundle, and pick ``samples`` images from it."""
     folder = Path(data_dir)
-    family = str(manifest["family"])
-    dims = manifest["dims"]
+    family = get(manifest.family)
     if samples < 1:
         raise ItmrtError(f"--samples must be at least 1, not {samples}")
-    vocabulary = Vocabulary.from_json(bundle / manifest["vocab"]["file"])
+    vocabulary = Vocabulary.from_json(bundle / manifest.vocab.file)
     _check_vocabulary(folder, vocabulary, manifest)
-    if family == "cmpm":
-        from itmrt.data.images import ImageCaptionSplit
-
-        image_split = ImageCaptionSplit.open(folder, split)
-        images = image_split.images
-        size = int(dims["image_size"])
-        if images.shape[1:3] != (size, size):
-            raise DataError(
-                f"{folder} split '{split}' has {images.shape[1]}x{images.shape[2]} images; "
-                f"the bundle's image encoder takes {size}x{size}: resize the calibration images"
-            )
-        by_image: list[list[str]] = [[] for _ in range(images.shape[0])]
-        for caption, image in zip(image_split.captions, image_split.caption_image):
-            by_image[int(image)].append(caption)
-    else:
-        from itmrt.data.precomp import PrecompSplit
-
-        precomp = PrecompSplit.open(folder, split)
-        images = precomp.images
-        if precomp.img_dim != int(dims["img_dim"]) or precomp.num_regions != int(dims["num_regions"]):
-            raise DataError(
-                f"{folder} split '{split}' has {precomp.num_regions} regions x {precomp.img_dim} features per image; "
-                f"the bundle expects {dims['num_regions']} x {dims['img_dim']}: calibrate with the model's feature type"
-            )
-        by_image = [list(precomp.captions[i * precomp.captions_per_image : (i + 1) * precomp.captions_per_image])
-                    for i in range(precomp.num_images)]
+    image_split = family.open_image_split(folder, split, manifest)
+    images, by_image = image_split.images, image_split.captions
     available = sum(1 for captions in by_image if captions)
     if available < min_samples:
         raise DataError(
@@ -219,65 +192,60 @@ def open_calibration_data(
     _check_unknown_share(chosen, vocabulary, folder)
     return CalibrationData(
         folder, split, family, images, rows, chosen, vocabulary, _max_length(manifest),
-        _numpy_dtype(manifest, "text_encoder", "token_ids"), _numpy_dtype(manifest, "text_encoder", "lengths"),
+        _numpy_dtype(manifest, Component.TEXT_ENCODER, TOKEN_IDS), _numpy_dtype(manifest, Component.TEXT_ENCODER, LENGTHS),
     )
 
 
-def random_sample(manifest: dict[str, Any], num_images: int = 8, num_captions: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_sample(manifest: Manifest, num_images: int = 8, num_captions: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random graph inputs shaped like the bundle's (used when no calibration data is given).
 
     Region features are non-negative (as bottom-up-attention features are);
     caption lengths mix 2 .. min(12, max) so padding is exercised.
     """
     rng = np.random.default_rng(seed)
-    dims = manifest["dims"]
-    if manifest["family"] == "cmpm":
-        size = int(dims["image_size"])
-        images = rng.standard_normal((num_images, 3, size, size)).astype(np.float32)
-    else:
-        images = np.abs(rng.standard_normal((num_images, int(dims["num_regions"]), int(dims["img_dim"])))).astype(np.float32)
+    images = get(manifest.family).random_images(manifest, num_images, rng)
     longest = max(2, min(12, _max_length(manifest)))
     lengths = np.resize(np.arange(2, longest + 1), num_captions)
     lengths[0] = longest
-    vocab_size = int(dims["vocab_size"])
+    vocab_size = int(manifest.dims["vocab_size"])
     tokens = np.zeros((num_captions, longest), dtype=np.int64)
     for row, length in enumerate(lengths):
-        tokens[row, 0], tokens[row, length - 1] = manifest["vocab"]["start_id"], manifest["vocab"]["end_id"]
+        tokens[row, 0], tokens[row, length - 1] = manifest.vocab.start_id, manifest.vocab.end_id
         tokens[row, 1 : length - 1] = rng.integers(4, vocab_size, length - 2)
     return (
         images,
-        tokens.astype(_numpy_dtype(manifest, "text_encoder", "token_ids")),
-        lengths.astype(_numpy_dtype(manifest, "text_encoder", "lengths")),
+        tokens.astype(_numpy_dtype(manifest, Component.TEXT_ENCODER, TOKEN_IDS)),
+        lengths.astype(_numpy_dtype(manifest, Component.TEXT_ENCODER, LENGTHS)),
     )
 
 
 class FeedMaker:
     """Turns (images, tokens, lengths) batches into each graph's feeds, running the fp32 encoders for the scorer."""
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest) -> None:
         self.bundle = bundle
         self.manifest = manifest
         self._sessions: dict[str, ort.InferenceSession] = {}
-        self.image_input = manifest["graphs"]["image_encoder"]["inputs"][0]["name"]
-        self.scorer_inputs = [entry["name"] for entry in manifest["graphs"]["scorer"]["inputs"]]
+        self.image_input = manifest.graph(Component.IMAGE_ENCODER).inputs[0].name
+        self.scorer_inputs = manifest.graph(Component.SCORER).input_names()
 
     def _session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self.bundle / self.manifest["graphs"][graph]["file"])
+            self._sessions[graph] = ort_session(self.bundle / self.manifest.graph(graph).file)
         return self._sessions[graph]
 
     def feeds(self, graph: str, images: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> Feeds:
-        if graph == "image_encoder":
+        if graph == Component.IMAGE_ENCODER:
             return {self.image_input: images}
-        text_feeds = {"token_ids": tokens, "lengths": lengths}
-        if graph == "text_encoder":
+        text_feeds = {TOKEN_IDS: tokens, LENGTHS: lengths}
+        if graph == Component.TEXT_ENCODER:
             return text_feeds
-        if graph != "scorer":
+        if graph != Component.SCORER:
             raise ItmrtError(f"unknown graph '{graph}'")
         available = {
-            "image_embeddings": self._session("image_encoder").run(None, {self.image_input: images})[0],
-            "caption_embeddings": self._session("text_encoder").run(None, text_feeds)[0],
-            "lengths": lengths,
+            IMAGE_EMBEDDINGS: self._session(Component.IMAGE_ENCODER).run(None, {self.image_input: images})[0],
+            CAPTION_EMBEDDINGS: self._session(Component.TEXT_ENCODER).run(None, text_feeds)[0],
+            LENGTHS: lengths,
         }
         return {name: available[name] for name in self.scorer_inputs}
 

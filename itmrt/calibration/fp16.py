@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from onnxconverter_common import float16
 
 from itmrt.errors import ItmrtError, first_line
-from itmrt.export.trt_ops import check_trt_compat
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.runtime.sessions import create_session
 
 ALWAYS_FLOAT32_OPS = ("Cast",)

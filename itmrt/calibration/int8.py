@@ -37,41 +37,43 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
 
+from itmrt.bundle.manifest import NodeNote
+from itmrt.bundle.names import parse_choice
+from itmrt.calibration import CalibrationMethod as Method
 from itmrt.errors import ItmrtError
 
-METHODS: dict[str, CalibrationMethod] = {
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-    "minmax": CalibrationMethod.MinMax,
+ORT_METHODS: dict[str, OrtCalibrationMethod] = {
+    Method.ENTROPY.value: OrtCalibrationMethod.Entropy,
+    Method.PERCENTILE.value: OrtCalibrationMethod.Percentile,
+    Method.MINMAX.value: OrtCalibrationMethod.MinMax,
 }
-HISTOGRAM_OPTIONS: dict[str, dict[str, Any]] = {
+HISTOGRAM_OPTIONS: dict[str, dict[str, float]] = {
     # TensorRT's entropy calibrator's sizes: a 2048-bin histogram searched for the 128-level
     # threshold with the least KL divergence.
-    "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
-    "percentile": {"num_bins": 2048, "percentile": 99.999},
-    "minmax": {},
+    Method.ENTROPY.value: {"num_bins": 2048, "num_quantized_bins": 128},
+    Method.PERCENTILE.value: {"num_bins": 2048, "percentile": 99.999},
+    Method.MINMAX.value: {},
 }
 QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
 PASS_THROUGH_OPS = frozenset({"Identity", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten"})
 COMPARISON_OPS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
 
 
-def calibration_method(name: str) -> CalibrationMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ItmrtError(f"unknown calibration method '{name}'; choose one of {', '.join(METHODS)}") from None
+def calibration_method(name: str) -> OrtCalibrationMethod:
+    """ONNX Runtime's calibrator for a method name (a one-line error naming the choices for another name)."""
+    return ORT_METHODS[parse_choice(Method, name, "calibration method").value]
 
 
-def excluded_nodes(model: onnx.ModelProto) -> list[dict[str, str]]:
+def excluded_nodes(model: onnx.ModelProto) -> list[NodeNote]:
     """Products whose output reaches a float comparison through reshaping ops only (a branch decision)."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -87,7 +89,7 @@ def excluded_nodes(model: onnx.ModelProto) -> list[dict[str, str]]:
         return False
 
     return [
-        {"node": node.name, "op": node.op_type, "reason": "decides a branch (feeds a comparison)"}
+        NodeNote(node=node.name, op=node.op_type, reason="decides a branch (feeds a comparison)")
         for node in model.graph.node
         if node.op_type in QUANTIZED_OPS and any(feeds_comparison(output) for output in node.output)
     ]
@@ -178,7 +180,7 @@ def _calibrate(model_path: Path, method: str, reader: CalibrationDataReader, cac
     with _quiet_quantizer():
         calibrator = create_calibrator(
             model_path, list(QUANTIZED_OPS), augmented_model_path=str(augmented),
-            calibrate_method=calibration_method(method), extra_options=dict(HISTOGRAM_OPTIONS[method]),
+            calibrate_method=calibration_method(method), extra_options=dict(HISTOGRAM_OPTIONS[Method(method).value]),
         )
         calibrator.collect_data(reader)
         save_tensors_data(calibrator.compute_data(), cache)
@@ -218,12 +220,24 @@ def quantizable_nodes(model: onnx.ModelProto, exclude: list[str]) -> list[str]:
     return [node.name for node in model.graph.node if node.op_type in QUANTIZED_OPS and node.name not in exclude]
 
 
-def quantization_summary(model: onnx.ModelProto) -> dict[str, Any]:
-    """Which nodes compute on dequantized int8 inputs, and whether each one's weight is per-channel."""
+@dataclass
+class QuantizationSummary:
+    """Which nodes compute on dequantized int8 inputs, whether any weight is per-channel, how many Q/DQ pairs."""
+
+    quantized_nodes: list[str]
+    per_channel: bool
+    qdq_pairs: int
+
+
+def _per_channel(model: onnx.ModelProto, dequantize: onnx.NodeProto) -> bool:
+    scale = _initializer(model, dequantize.input[1])
+    return any(attr.name == "axis" for attr in dequantize.attribute) and scale is not None and scale.size > 1
+
+
+def quantization_summary(model: onnx.ModelProto) -> QuantizationSummary:
+    """What :func:`quantize_graph` made of a graph (recorded in its manifest entry)."""
     dequantized = {node.output[0]: node for node in model.graph.node if node.op_type == "DequantizeLinear"}
-    quantized = [node.name for node in model.graph.node if node.op_type in QUANTIZED_OPS and all(name in dequantized for name in node.input[:2])]
-    per_channel = any(
-        any(attr.name == "axis" for attr in node.attribute) and (_initializer(model, node.input[1]) is not None and _initializer(model, node.input[1]).size > 1)  # type: ignore[union-attr]
-        for node in dequantized.values()
-    )
-    return {"quantized_nodes": quantized, "per_channel": per_channel, "qdq_pairs": qdq_pairs(model)}
+    quantized = [node.name for node in model.graph.node
+                 if node.op_type in QUANTIZED_OPS and all(name in dequantized for name in node.input[:2])]
+    per_channel = any(_per_channel(model, node) for node in dequantized.values())
+    return QuantizationSummary(quantized, per_channel, qdq_pairs(model))

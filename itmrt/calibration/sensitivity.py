@@ -36,12 +36,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from itmrt.bundle.manifest import NodeNote
 from itmrt.calibration.calib_data import Feeds, ort_session
 from itmrt.calibration.fp16 import ALWAYS_FLOAT32_OPS, convert_to_fp16, emulation_session, name_nodes
 
@@ -63,19 +63,8 @@ class SensitivityOptions:
 
 
 @dataclass
-class Island:
-    node: str
-    op: str
-    reason: str  # recurrent | decision | range | error
-    measured: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "op": self.op, "reason": self.reason, "measured": self.measured}
-
-
-@dataclass
 class SensitivityResult:
-    islands: list[Island]
+    islands: list[NodeNote]  # reason: recurrent | decision | range | error
     node_errors: dict[str, float] = field(default_factory=dict)  # candidate -> error when it alone is float16
     final_error: float = 0.0
     model: onnx.ModelProto | None = None  # the converted graph with these islands
@@ -173,17 +162,17 @@ def choose_islands(
     named = name_nodes(model)
     reference = run_model(named, feeds)
     candidates = candidate_nodes(named)
-    islands: dict[str, Island] = {}
+    islands: dict[str, NodeNote] = {}
     for node in named.graph.node:
         if node.op_type in RECURRENT_OPS:
-            islands[node.name] = Island(node.name, node.op_type, "recurrent")
+            islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="recurrent")
     for node in decision_nodes(named, threshold_initializer):
-        islands[node.name] = Island(node.name, node.op_type, "decision")
+        islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="decision")
     limit = FLOAT16_MAX * options.range_headroom
     for node_name, peak in output_ranges(named, candidates, feeds).items():
         if peak > limit and node_name not in islands:
             op = next(node.op_type for node in candidates if node.name == node_name)
-            islands[node_name] = Island(node_name, op, "range", peak)
+            islands[node_name] = NodeNote(node=node_name, op=op, reason="range", measured=peak)
 
     every_node = {node.name for node in named.graph.node}
     node_errors: dict[str, float] = {}
@@ -194,7 +183,7 @@ def choose_islands(
         alone = convert_to_fp16(named, every_node - {node.name})
         node_errors[node.name] = output_error(reference, alone, feeds)
         if node_errors[node.name] > options.node_tolerance:
-            islands[node.name] = Island(node.name, node.op_type, "error", node_errors[node.name])
+            islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="error", measured=node_errors[node.name])
 
     ops = {node.name: node.op_type for node in candidates}
     converted = convert_to_fp16(named, islands)
@@ -202,7 +191,7 @@ def choose_islands(
     remaining = sorted((name for name in node_errors if name not in islands), key=lambda name: -node_errors[name])
     while error > options.target_error and remaining:
         name = remaining.pop(0)
-        islands[name] = Island(name, ops[name], "error", node_errors[name])
+        islands[name] = NodeNote(node=name, op=ops[name], reason="error", measured=node_errors[name])
         converted = convert_to_fp16(named, islands)
         error = output_error(reference, converted, feeds)
     ordered = [islands[node.name] for node in named.graph.node if node.name in islands]

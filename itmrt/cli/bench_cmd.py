@@ -6,9 +6,12 @@ from pathlib import Path
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
+from itmrt.cli.options import ScorerChoice
 from itmrt.cli.outputs import check_report_folder
 from itmrt.errors import ItmrtError
+from itmrt.reports.runtime_variants import DEFAULT_BENCH_VARIANTS
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -24,26 +27,26 @@ def _batch_sizes(text: str) -> list[int]:
 @app.command("bench")
 def bench_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
-    variants: str = typer.Option("ort:fp32,ort:fp16,ort:int8", "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
+    variants: str = typer.Option(DEFAULT_BENCH_VARIANTS, "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
     batch_sizes: str = typer.Option("1,8,32,128", "--batch-sizes", help="Captions (or images) per call."),
     captions: int = typer.Option(128, "--captions", min=1, help="Synthetic captions in the pool."),
     images: int = typer.Option(64, "--images", min=1, help="Gallery size that captions are scored against."),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed calls before timing."),
     repeats: int = typer.Option(20, "--repeats", min=1, help="Timed calls per stage and batch size."),
     top_k: int = typer.Option(10, "--top-k", min=1, help="Results kept per query."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: automatic)."),
-    scorer: str | None = typer.Option(None, "--scorer", help="The runtime's scorer: auto, graph or fused (default: the runtime's)."),
-    report: Path = typer.Option(..., "--report", help="Output folder: report.json, report.md, latency_vs_batch.png."),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plot (needs matplotlib)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --report."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    threads: int = options.threads(),
+    scorer: ScorerChoice | None = options.scorer(),
+    report: Path = options.report_folder("report.json, report.md, latency_vs_batch.png"),
+    plots: bool = options.plots(),
+    overwrite: bool = options.overwrite("a report already in --report"),
+    progress: bool = options.progress(),
 ) -> None:
     """Per stage (tokenise, text encode, image encode, score, top-k) and end to end: latency percentiles, throughput, memory."""
     import sys
 
     from itmrt.cli.progress import progress_bars
     from itmrt.reports.bench import BenchOptions, run_bench, write_bench
-    from itmrt.reports.variants import parse_variants
+    from itmrt.reports.runtime_variants import parse_variants
 
     options = BenchOptions(
         variants=parse_variants(variants), batch_sizes=_batch_sizes(batch_sizes), captions=captions, images=images,

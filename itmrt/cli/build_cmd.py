@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from itmrt.calibration import DEFAULT_METHOD
+from itmrt.cli import options
 from itmrt.cli.app import app
+from itmrt.cli.options import CalibrationMethod, Precision
 from itmrt.engine.profiles import BOARDS
 from itmrt.engine.settings import HARDWARE_LEVELS
 from itmrt.errors import ItmrtError
@@ -29,10 +30,10 @@ def parse_axis_ranges(values: list[str]) -> dict[str, tuple[int, int, int]]:
 @app.command("build")
 def build_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
-    precision: str = typer.Option("fp16", "--precision", help="fp32, fp16 or int8."),
+    precision: Precision = options.precision(Precision.FP16, "The precision of the graphs and engines to build."),
     calib_data: Path | None = typer.Option(None, "--calib-data", help="Calibration data (int8 without saved calibration); for fp16 the islands are measured on it."),
     split: str = typer.Option("train", "--split", help="Split of --calib-data."),
-    method: str = typer.Option(DEFAULT_METHOD, "--method", help="int8 range estimation when calibrating: percentile (the central 99.999% of values), entropy (KL, TensorRT-style) or minmax."),
+    method: CalibrationMethod = options.calibration_method(),
     samples: int = typer.Option(256, "--samples", min=1, help="Calibration images."),
     workspace: int | None = typer.Option(None, "--workspace", min=1, help="TensorRT workspace limit in MB (default: 1024 on unified-memory boards such as Jetson, else TensorRT's)."),
     shape: list[str] = typer.Option([], "--shape", help="Override a profile axis: AXIS=MIN:OPT:MAX (repeatable; axes: batch_images, batch_captions, max_length). Applied after --board."),
@@ -46,27 +47,25 @@ def build_command(
     gpu_fallback: bool = typer.Option(True, "--gpu-fallback/--no-gpu-fallback", help="With --dla-core: let the GPU run the layers the DLA cannot (else the build fails on them)."),
     layer_info: bool = typer.Option(True, "--layer-info/--no-layer-info", help="Build with detailed profiling verbosity and keep the engine inspector's layer JSON in the bundle."),
     device: int = typer.Option(0, "--device", min=0, help="CUDA device to build on (numbered after CUDA_VISIBLE_DEVICES)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    progress: bool = options.progress(),
 ) -> None:
     """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT
     engine per graph. Without TensorRT it stops after the graphs and says that no engine was built.
 
     TF32 is off unless --tf32. The manifest records each engine's flags, profile and device memory."""
-    from itmrt.calibration.int8 import calibration_method
-    from itmrt.calibration.records import check_precision
-    from itmrt.calibration.variants import PrecisionOptions
-    from itmrt.engine.build import EngineOptions, build_bundle
+    from itmrt.calibration.build import build_bundle
+    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.engine.build import EngineOptions
 
-    check_precision(precision)
-    calibration_method(method)
     engine_options = EngineOptions(
         workspace_mb=workspace, axis_ranges=parse_axis_ranges(shape), timing_cache=timing_cache, tf32=tf32,
         version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
         hardware_compatibility=hardware_compatibility, dla_core=dla_core, gpu_fallback=gpu_fallback, board=board,
         layer_info=layer_info, device=device,
     )
-    options = PrecisionOptions(calib_data=calib_data, split=split, method=method, samples=samples, progress=progress)
-    outcome = build_bundle(bundle, precision, options, engine_options, log=typer.echo)
+    graph_options = PrecisionOptions(calib_data=calib_data, split=split, method=method, samples=samples,
+                                     progress=progress)
+    outcome = build_bundle(bundle, precision, graph_options, engine_options, log=typer.echo)
     if not outcome.engines_built:
         typer.echo(f"no TensorRT engine was built: {outcome.no_engine_reason}.")
         typer.echo(f"The verified {precision} graphs run in ONNX Runtime (`--backend ort`); run `itmrt build` again on the target GPU for engines.")

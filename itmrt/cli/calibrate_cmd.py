@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from itmrt.calibration import DEFAULT_METHOD
+from itmrt.cli import options
 from itmrt.cli.app import app
+from itmrt.cli.options import CalibrationMethod
 
 
 @app.command("calibrate")
@@ -15,21 +16,19 @@ def calibrate_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     data: Path = typer.Option(..., "--data", help="Calibration data folder (precomputed features + captions; images for CMPM)."),
     split: str = typer.Option("train", "--split", help="Which split of --data to sample."),
-    method: str = typer.Option(DEFAULT_METHOD, "--method", help="Range estimation: percentile (the central 99.999% of values), entropy (KL, TensorRT-style) or minmax. Measured on the shipped models, entropy clips too much: NAAF rsum -1.9, CMPM -153."),
+    method: CalibrationMethod = options.calibration_method(),
     samples: int = typer.Option(256, "--samples", min=1, help="Images (with their captions) to calibrate on."),
     min_samples: int = typer.Option(32, "--min-samples", min=1, help="Refuse a split with fewer images than this."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per calibration batch."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    batch_size: int = options.batch_size(16, "Images per calibration batch."),
+    progress: bool = options.progress(),
 ) -> None:
     """Collect activation ranges on a sample of --data, save them in the bundle (calibration/<graph>.json)
     and write the INT8 Q/DQ graphs (precision/int8/). `itmrt build --precision int8` then reuses them."""
-    from itmrt.calibration.int8 import calibration_method
-    from itmrt.calibration.variants import PrecisionOptions, calibrate
+    from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate
 
-    calibration_method(method)  # an unknown name fails before any work
-    options = PrecisionOptions(
+    settings = PrecisionOptions(
         calib_data=data, split=split, method=method, samples=samples, min_samples=min_samples,
         batch_size=batch_size, progress=progress,
     )
-    calibrate(bundle, options, log=typer.echo)
+    calibrate(bundle, settings, log=typer.echo)
     typer.echo(f"{bundle}: int8 graphs written; calibration saved in {bundle / 'calibration'}")

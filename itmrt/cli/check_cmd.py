@@ -16,7 +16,7 @@ def check_command(
 ) -> None:
     """Check every file's sha256 against the manifest and every graph against onnx.checker and
     TensorRT 10's ONNX op table; print one line per problem and exit with status 2 if any."""
-    from itmrt.export.check import check_bundle
+    from itmrt.bundle.check import check_bundle
 
     result = check_bundle(bundle)
     for line in result.passed:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_new_files
 from itmrt.errors import ItmrtError
@@ -18,12 +19,12 @@ def eval_command(
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary JSON the model was trained with (released format)."),
     data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
     split: str = typer.Option("test", "--split", help="Which split to evaluate (e.g. test, dev, testall)."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images / captions encoded per batch."),
+    batch_size: int = options.batch_size(128, "Images / captions encoded per batch."),
     fold5: bool = typer.Option(False, "--fold5", help="MSCOCO protocol: also report the mean over 5 folds of 1000 images."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the recall table to this JSON file."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Write the score matrix (images x captions, float32 .npy)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing --json / --scores-out files."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    overwrite: bool = options.overwrite("existing --json / --scores-out files"),
+    progress: bool = options.progress(),
 ) -> None:
     """Encode a split with the PyTorch reference model and print the standard recall table.
 
@@ -34,13 +35,16 @@ def eval_command(
     from itmrt.data.metrics import coco_5fold_1k, format_recall_table
     from itmrt.data.precomp import PrecompSplit
     from itmrt.io import atomic_save_float32_npy, atomic_write_text
-    from itmrt.models.checkpoint import load_checkpoint
+    from itmrt.bundle.names import REGION_FEATURES
+    from itmrt.families import family_of
+    from itmrt.families.checkpoints import load_checkpoint
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
 
     check_new_files([json_path, scores_out], overwrite)
     model = load_checkpoint(checkpoint)
-    if not hasattr(model, "encode_images"):
-        raise ItmrtError(f"{checkpoint} holds a global-embedding (CMPM) model; `itmrt eval` evaluates precomputed region features")
+    if family_of(model).image_input != REGION_FEATURES:
+        raise ItmrtError(f"{checkpoint} holds a {model.family.upper()} model on images; `itmrt eval` evaluates precomputed "
+                         "region features")
     model.eval()
     vocabulary = load_vocabulary_for(model, vocab)
     data_split = PrecompSplit.open(data, split)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
 
 
@@ -18,7 +19,7 @@ def export_command(
         None, "--threshold", help="NAAF only: freeze this threshold instead of the checkpoint's thres_safe (recorded in the manifest)."
     ),
     opset: int = typer.Option(17, "--opset", min=17, max=20, help="ONNX opset (17-20: TensorRT 10 parses up to 20)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    overwrite: bool = options.overwrite("an existing bundle at --out"),
     max_batch: int = typer.Option(128, "--max-batch", min=1, help="Largest image/caption batch in the shape ranges (TensorRT profiles)."),
     max_length: int = typer.Option(64, "--max-length", min=2, help="Longest caption, in tokens with <start> and <end>, in the shape ranges."),
     num_regions: int = typer.Option(36, "--num-regions", min=1, help="Regions per image of the precomputed features (NAAF/SCAN)."),

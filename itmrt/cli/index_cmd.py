@@ -8,14 +8,13 @@ from typing import Any
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
+from itmrt.cli.options import BackendName, Precision
+from itmrt.cli.outputs import warn_on_stderr
 from itmrt.errors import ItmrtError
 
 Opt = typer.Option
-
-
-def _say_warning(message: str) -> None:
-    typer.echo(f"warning: {message}", err=True)
 
 
 @app.command("index")
@@ -25,17 +24,17 @@ def index_command(
         "Image features .npy (region features; CMPM: images x 3 x H x W), or for a CMPM bundle a folder of "
         "images or a text file listing image paths (JPEG, PNG, WebP).")),
     out: Path = Opt(..., "--out", help="Gallery folder to create (with --append: the sharded gallery to extend)."),
-    backend: str = Opt("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
-    precision: str = Opt("fp32", "--precision", help="fp32, fp16 or int8 (the bundle must hold that variant)."),
-    providers: str | None = Opt(None, "--providers", help="ONNX Runtime providers, comma-separated (tensorrt,cuda,cpu)."),
-    threads: int = Opt(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core)."),
-    batch_size: int = Opt(128, "--batch-size", min=1, help="Images per encoder batch."),
+    backend: BackendName = options.backend(),
+    precision: Precision = options.precision(),
+    providers: str | None = options.providers(),
+    threads: int = options.threads(),
+    batch_size: int = options.batch_size(128, "Images per encoder batch."),
     skip_bad_images: bool = Opt(False, "--skip-bad-images", help=(
         "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
     warmup: bool = Opt(True, "--warmup/--no-warmup", help=(
         "Run every component once first, so the scorer's kernels are compiled (or loaded from their cache) "
         "before the gallery is searched.")),
-    overwrite: bool = Opt(False, "--overwrite", help="Replace an existing gallery at --out."),
+    overwrite: bool = options.overwrite("an existing gallery at --out"),
     dtype: str | None = Opt(None, "--dtype", help=(
         "Embedding storage: float32 (default) or float16 (half the size; scoring upcasts one tile at a time).")),
     shard_images: int | None = Opt(None, "--shard-images", min=1, help=(
@@ -51,7 +50,7 @@ def index_command(
     hnsw_m: int = Opt(32, "--hnsw-m", min=1, help="hnsw: links per vector."),
     hnsw_ef_construction: int = Opt(80, "--hnsw-ef-construction", min=1, help="hnsw: candidates kept while building."),
     hnsw_ef_search: int = Opt(64, "--hnsw-ef-search", min=1, help="hnsw: candidates kept while searching (>= K)."),
-    progress: bool = Opt(True, "--progress/--no-progress", help="Sharded: a progress bar over the images (stderr)."),
+    progress: bool = options.progress(),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
@@ -69,9 +68,8 @@ def index_command(
     if not sharded and index_spec is not None:
         raise ItmrtError("the FAISS shortlist index is built per shard: add --shard-images N (N >= the images "
                          "for one shard)")
-    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-    runtime = load(bundle, backend=backend, precision=precision, providers=provider_list, threads=threads,
-                   batch_size=batch_size, warn=_say_warning)
+    runtime = load(bundle, backend=backend, precision=precision, providers=options.parse_providers(providers),
+                   threads=threads, batch_size=batch_size, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup else ""
     listing = is_image_listing(images)
     inputs: Any = list_image_files(images) if listing else load_features(images)

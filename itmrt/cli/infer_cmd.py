@@ -16,14 +16,12 @@ from typing import Any
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
-from itmrt.cli.outputs import check_new_files
+from itmrt.cli.options import BackendName, OnLong, Precision
+from itmrt.cli.outputs import check_new_files, warn_on_stderr
 from itmrt.errors import ItmrtError
-
-
-def _say_warning(message: str) -> None:
-    typer.echo(f"warning: {message}", err=True)
 
 
 def caption_result_lines(captions: list[str], t2i: Any, start: int = 0, ids: Any = None) -> list[str]:
@@ -75,45 +73,48 @@ def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i:
 def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, captions: list[str],
                       max_length: int | None, on_long: str, batch_size: int) -> Any:
     """The PyTorch reference's score matrix (images x captions); the only path that imports torch."""
-    import numpy as np
-    import torch
-
-    from itmrt.models.checkpoint import load_checkpoint
-    from itmrt.models.cmpm import CMPMModel
-    from itmrt.models.evaluate import EncodedCaptions, encode_images, load_vocabulary_for, score_matrix
+    from itmrt.families import family_of
+    from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.models.evaluate import load_vocabulary_for, reference_scores
     from itmrt.runtime.encoders import tokenize
     from itmrt.runtime.gallery import load_features
 
     model = load_checkpoint(checkpoint).eval()
     vocab = load_vocabulary_for(model, vocab_path)
     features = load_features(images_path)
-    ids = tokenize(vocab, captions, max_length, on_long, _say_warning)
-    lengths = np.array([len(x) for x in ids], dtype=np.int64)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            part = ids[start : start + batch_size]
-            tokens = np.full((len(part), max(len(x) for x in part)), vocab.pad_id, dtype=np.int64)
-            for row, seq in enumerate(part):
-                tokens[row, : len(seq)] = seq
-            lens = torch.from_numpy(lengths[start : start + batch_size])
-            if not isinstance(model, CMPMModel):
-                emb = model.encode_captions(torch.from_numpy(tokens), lens)
-                chunks.append(torch.nn.functional.pad(emb, (0, 0, 0, int(lengths.max()) - emb.shape[1])))
-            else:
-                chunks.append(model.encode_text(torch.from_numpy(tokens), lens))
-        caption_emb = torch.cat(chunks)
-        if not isinstance(model, CMPMModel):
-            expected = model.image_encoder.img_dim
-            if features.ndim != 3 or features.shape[2] != expected:
-                raise ItmrtError(f"{images_path} has shape {features.shape}; the checkpoint expects images x regions x {expected}")
-            image_emb = encode_images(model, features, batch_size)
-            return score_matrix(model, image_emb, EncodedCaptions(caption_emb, torch.from_numpy(lengths)))
-        if features.ndim != 4 or features.shape[1] != 3:
-            raise ItmrtError(f"{images_path} has shape {features.shape}; a CMPM checkpoint takes images x 3 x H x W")
-        image_chunks = [model.encode_image(torch.from_numpy(np.array(features[s : s + batch_size], dtype=np.float32)))
-                        for s in range(0, len(features), batch_size)]
-        return model.scores(torch.cat(image_chunks), caption_emb).numpy()
+    ids = tokenize(vocab, captions, max_length, on_long, warn_on_stderr)
+    family_of(model).check_reference_images(model, features, str(images_path))
+    return reference_scores(model, features, ids, vocab.pad_id, batch_size)
+
+
+def _check_request(out: Path, scores_out: Path | None, overwrite: bool, shortlist: int | None, top_k: int) -> None:
+    check_new_files([out, scores_out], overwrite)
+    if scores_out is not None and scores_out.resolve() == out.resolve():
+        raise ItmrtError("--out and --scores-out name the same file")
+    if shortlist is not None:
+        from itmrt.runtime.shortlist import check_shortlist
+
+        check_shortlist(shortlist, top_k)
+        if scores_out is not None:
+            raise ItmrtError("--shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out")
+
+
+def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None, captions: list[str], top_k: int,
+                      scores_out: Path | None, out: Path, request: BundleRequest, timer: Any) -> str:
+    """The PyTorch reference path (each step a stage of ``timer``); returns what it did, for the summary."""
+    from itmrt.runtime.tiled import top_k_of_matrix
+
+    if vocab is None:
+        raise ItmrtError(f"{checkpoint} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
+    if images is None:
+        raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
+    with timer.stage("reference"):
+        scores = _reference_scores(checkpoint, vocab, images, captions, request.max_length, request.on_long,
+                                   request.batch_size)
+    t2i, i2t = top_k_of_matrix(scores, top_k)
+    with timer.stage("write"):
+        _write_outputs(out, scores_out, captions, t2i, i2t, scores)
+    return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
 
 
 @app.command("infer")
@@ -125,19 +126,19 @@ def infer_command(
         "images or a text file listing image paths (JPEG, PNG, WebP; results name them by path).")),
     gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
     vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
-    backend: str = typer.Option("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or int8 (the bundle must hold that variant)."),
-    providers: str | None = typer.Option(None, "--providers", help="ONNX Runtime providers, comma-separated (tensorrt,cuda,cpu); default: available ones in that order."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core)."),
+    backend: BackendName = options.backend(),
+    precision: Precision = options.precision(),
+    providers: str | None = options.providers(),
+    threads: int = options.threads(),
     top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
-    on_long: str = typer.Option("truncate", "--on-long", help="Captions over the limit: truncate (with a warning) or refuse."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images / captions per encoder batch."),
+    on_long: OnLong = options.on_long(),
+    batch_size: int = options.batch_size(128, "Images / captions per encoder batch."),
     memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar while scoring (stderr)."),
+    overwrite: bool = options.overwrite("existing output files"),
+    progress: bool = options.progress(),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=(
         "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
     timings: bool = typer.Option(False, "--timings", help=(
@@ -162,39 +163,20 @@ def infer_command(
         for module in ("itmrt.data.precomp", "itmrt.cli.progress", "itmrt.runtime.api", "itmrt.runtime.image_files"):
             importlib.import_module(module)
     from itmrt.data.precomp import read_captions
-    check_new_files([out, scores_out], overwrite)
-    if scores_out is not None and scores_out.resolve() == out.resolve():
-        raise ItmrtError("--out and --scores-out name the same file")
-    if shortlist is not None:
-        from itmrt.runtime.shortlist import check_shortlist
 
-        check_shortlist(shortlist, top_k)
-        if scores_out is not None:
-            raise ItmrtError("--shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out")
+    _check_request(out, scores_out, overwrite, shortlist, top_k)
     captions = read_captions(captions_path)
     started = time.perf_counter()
-
+    request = BundleRequest(source, gallery_path, images, backend, precision, options.parse_providers(providers),
+                            threads, max_length, on_long, batch_size, memory_mb, skip_bad_images)
     if source.is_file():
         if shortlist is not None:
             raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
-        if vocab is None:
-            raise ItmrtError(f"{source} is a checkpoint: pass --vocab (the vocabulary it was trained with)")
-        if images is None:
-            raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
-        from itmrt.runtime.tiled import top_k_of_matrix
-
-        with timer.stage("reference"):
-            scores = _reference_scores(source, vocab, images, captions, max_length, on_long, batch_size)
-        t2i, i2t = top_k_of_matrix(scores, top_k)
-        with timer.stage("write"):
-            _write_outputs(out, scores_out, captions, t2i, i2t, scores)
-        typer.echo(f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions in {time.perf_counter() - started:.1f}s; wrote {out}")
+        done = _infer_checkpoint(source, vocab, images, captions, top_k, scores_out, out, request, timer)
+        typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
-        bundle_path, gallery_path = _bundle_and_gallery(source, gallery_path, images)
-        provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-        request = BundleRequest(bundle_path, gallery_path, images, backend, precision, provider_list, threads,
-                                max_length, on_long, batch_size, memory_mb, skip_bad_images,
-                                ray_flags.ray_options(ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s))
+        request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
+        request.ray = ray_flags.ray_options(ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s)
         n_images, how = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
         typer.echo(f"{backend}/{precision}: {n_images} images x {len(captions)} captions in "
                    f"{time.perf_counter() - started:.1f}s ({how}); wrote {out}")
@@ -211,12 +193,12 @@ class BundleRequest:
     bundle: Path
     gallery: Path | None
     images: Path | None
-    backend: str
-    precision: str
+    backend: BackendName
+    precision: Precision
     providers: list[str] | None
     threads: int
     max_length: int | None
-    on_long: str
+    on_long: OnLong
     batch_size: int
     memory_mb: int
     skip_bad_images: bool
@@ -241,7 +223,6 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
     from itmrt.runtime.api import load
     from itmrt.runtime.gallery import load_features
     from itmrt.runtime.image_files import is_image_listing, list_image_files
-
     from itmrt.scale.layout import is_sharded_gallery
 
     if request.gallery is not None and is_sharded_gallery(request.gallery):
@@ -251,9 +232,10 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
     if request.ray is not None:
         raise ItmrtError("--ray searches a sharded gallery; make one with `itmrt index ... --shard-images N`")
     with timer.stage("load"):
-        runtime = load(request.bundle, request.backend, request.precision, request.providers, request.threads,
-                       request.max_length, request.on_long, request.batch_size, request.memory_mb << 20,
-                       _say_warning)
+        runtime = load(request.bundle, backend=request.backend, precision=request.precision,
+                       providers=request.providers, threads=request.threads, max_length=request.max_length,
+                       on_long=request.on_long, batch_size=request.batch_size, budget_bytes=request.memory_mb << 20,
+                       warn=warn_on_stderr)
     with timer.stage("kernels"):  # the fused scorer's numba kernels: compiled once per machine, then cached
         if runtime.fused is not None:
             runtime.fused.warm_kernels()

@@ -10,7 +10,8 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
                    progress: bool, out: Path, timer: Any) -> tuple[int, str]:
     """Open the shards (``request``: infer's BundleRequest), encode, search, merge and write, each a stage of
     ``timer``; the number of images and how they were searched."""
-    from itmrt.cli.infer_cmd import _say_warning, _write_outputs
+    from itmrt.cli.infer_cmd import _write_outputs
+    from itmrt.cli.outputs import warn_on_stderr
     from itmrt.cli.progress import progress_bars
     from itmrt.errors import ItmrtError
     from itmrt.scale.searcher import open_shards
@@ -21,7 +22,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
     load_options = {
         "backend": request.backend, "precision": request.precision, "providers": request.providers,
         "threads": request.threads, "max_length": request.max_length, "on_long": request.on_long,
-        "batch_size": request.batch_size, "budget_bytes": request.memory_mb << 20, "warn": _say_warning,
+        "batch_size": request.batch_size, "budget_bytes": request.memory_mb << 20, "warn": warn_on_stderr,
     }
     search = SearchRequest(top_k, shortlist, ("t2i", "i2t"), scores_out is not None).check()
     with timer.stage("load"):  # the bundle here, and each shard where it is searched (Ray: the actors start)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typer
+
 from itmrt.errors import ItmrtError
+
+
+def warn_on_stderr(message: str) -> None:
+    """How commands show the runtime's warnings (a truncated caption, a skipped image): one line on stderr."""
+    typer.echo(f"warning: {message}", err=True)
 
 
 def check_new_files(paths: list[Path | None], overwrite: bool) -> None:

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
+from itmrt.cli.options import ScorerChoice
 from itmrt.cli.outputs import check_report_folder
+from itmrt.reports.runtime_variants import DEFAULT_PARITY_VARIANTS
 
 
 @app.command("parity")
@@ -16,20 +19,20 @@ def parity_command(
     data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
     split: str = typer.Option("test", "--split", help="Which split to compare on."),
     against: str = typer.Option("torch", "--against", help="Reference: torch (the bundle's source checkpoint; needs torch) or ort:fp32."),
-    variants: str = typer.Option("ort:fp32,ort:fp16,ort:int8,trt:fp16", "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
+    variants: str = typer.Option(DEFAULT_PARITY_VARIANTS, "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="Use only the first N images (and their captions)."),
     decision_images: int = typer.Option(100, "--decision-images", min=1, help="Images (with their captions) NAAF decision flips are counted on."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="The source checkpoint, when it moved since export (sha256-checked)."),
-    report: Path = typer.Option(..., "--report", help="Output folder: report.json, report.md, PNGs, score matrices."),
+    report: Path = options.report_folder("report.json, report.md, PNGs, score matrices"),
     tol_score: float | None = typer.Option(None, "--tol-score-max-abs", help="Override: largest allowed end-to-end score error."),
     tol_rsum: float | None = typer.Option(None, "--tol-rsum-delta", help="Override: largest allowed |rsum - reference rsum|."),
     tol_top1: float | None = typer.Option(None, "--tol-top1-min", help="Override: smallest allowed top-1 agreement (0..1)."),
     tol_flips: float | None = typer.Option(None, "--tol-flip-rate", help="Override: largest allowed NAAF decision flip rate."),
-    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: automatic)."),
-    scorer: str | None = typer.Option(None, "--scorer", help="The runtime's scorer: auto, graph or fused (default: the runtime's)."),
-    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PNG plots (needs matplotlib)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report already in --report."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    threads: int = options.threads(),
+    scorer: ScorerChoice | None = options.scorer(),
+    plots: bool = options.plots(),
+    overwrite: bool = options.overwrite("a report already in --report"),
+    progress: bool = options.progress(),
     strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when a measured variant fails its tolerances."),
 ) -> None:
     """Tensor, decision and retrieval parity of every variant, with pass/fail against tolerances.
@@ -40,8 +43,8 @@ def parity_command(
     import sys
 
     from itmrt.cli.progress import progress_bars
-    from itmrt.reports.parity import ParityOptions, run_parity, write_parity
-    from itmrt.reports.variants import parse_variants
+    from itmrt.reports.parity_report import ParityOptions, run_parity, write_parity
+    from itmrt.reports.runtime_variants import parse_variants
 
     overrides = {key: value for key, value in (
         ("score_max_abs", tol_score), ("rsum_abs_delta", tol_rsum), ("top1_agreement_min", tol_top1), ("flip_rate_max", tol_flips),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli.app import app
 
 
@@ -16,8 +17,8 @@ def make_small_models_command(
     families: str = typer.Option("naaf,scan,cmpm", "--families", help="Comma-separated subset of naaf, scan, cmpm."),
     work: Path | None = typer.Option(None, "--work", help="Folder for the synthetic data and training runs (default: a temp folder)."),
     device: str = typer.Option("cpu", "--device", help="torch device: cpu or cuda."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace model files already in --out."),
+    progress: bool = options.progress(),
+    overwrite: bool = options.overwrite("model files already in --out"),
 ) -> None:
     """Generate the synthetic datasets and train a small NAAF, SCAN and CMPM on them, deterministically."""
     from itmrt.cli.progress import progress_bars

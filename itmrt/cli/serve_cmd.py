@@ -6,8 +6,10 @@ from pathlib import Path
 
 import typer
 
+from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
+from itmrt.cli.options import BackendName, OnLong, Precision, ScorerChoice
 
 Opt = typer.Option
 
@@ -18,11 +20,11 @@ def serve_command(
     gallery: Path | None = Opt(None, "--gallery", help="With a bundle as the source: the gallery to search."),
     host: str = Opt("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; use a token)."),
     port: int = Opt(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed at start)."),
-    backend: str = Opt("ort", "--backend", help="ort (ONNX Runtime) or trt (native TensorRT engines)."),
-    precision: str = Opt("fp32", "--precision", help="fp32, fp16 or int8 (the bundle must hold that variant)."),
-    providers: str | None = Opt(None, "--providers", help="ONNX Runtime providers, comma-separated (cuda,cpu)."),
-    threads: int = Opt(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core)."),
-    scorer: str = Opt("auto", "--scorer", help="auto, graph or fused (auto: fused where it applies)."),
+    backend: BackendName = options.backend(),
+    precision: Precision = options.precision(),
+    providers: str | None = options.providers(),
+    threads: int = options.threads(),
+    scorer: ScorerChoice = options.scorer(ScorerChoice.AUTO),
     memory_mb: int = Opt(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
     max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, help="Captions scored together (1: no batching)."),
     max_delay_ms: float = Opt(5.0, "--max-delay-ms", min=0.0, help="How long a request waits for others to join it."),
@@ -31,7 +33,7 @@ def serve_command(
     max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, help="UTF-8 bytes per caption at most (400)."),
     max_body_mb: float = Opt(4.0, "--max-body-mb", min=0.001, help="Body size limit, after decompression (413)."),
     timeout_s: float = Opt(30.0, "--timeout-s", min=0.001, help="Deadline of a request from its arrival (504)."),
-    on_long: str = Opt("refuse", "--on-long", help="Captions over the token limit: refuse (400) or truncate (logged)."),
+    on_long: OnLong = options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"),
     token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
     max_connections: int = Opt(1024, "--max-connections", min=1, help="Open connections at most (more: 503)."),
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
@@ -59,13 +61,13 @@ def serve_command(
     from itmrt.serve.batcher import BatchSettings
     from itmrt.serve.server import ServeOptions, Service
 
-    provider_list = [p.strip() for p in providers.split(",") if p.strip()] if providers else None
-    options = ServeOptions(
-        host=host, port=port, backend=backend, precision=precision, providers=provider_list, threads=threads,
+    serve_options = ServeOptions(
+        host=host, port=port, backend=backend, precision=precision, providers=options.parse_providers(providers),
+        threads=threads,
         scorer=scorer, memory_mb=memory_mb, on_long=on_long, token_file=token_file,
         batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue),
         limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s),
         max_connections=max_connections, access_log=access_log, shortlist=shortlist,
         ray=ray_flags.ray_options(ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s),
     )
-    Service(source, gallery, options).run()
+    Service(source, gallery, serve_options).run()

@@ -1,13 +1,14 @@
-"""Precomputed-feature datasets, the Recall@K protocol and a synthetic dataset generator.
+"""Datasets on disk (precomputed region features, images), the Recall@K protocol and synthetic data generators.
 
-Imports only numpy and the standard library, so the torch-free runtime can use it.
+Imports only numpy and the standard library, so the torch-free runtime can use
+it. The synthetic-data generators (:mod:`itmrt.data.synthetic`,
+:mod:`itmrt.data.synthetic_images`) are imported where they are used, not here.
 """
 
 from __future__ import annotations
 
 from itmrt.data.metrics import coco_5fold_1k, format_recall_table, i2t_ranks, recall_table, t2i_ranks
 from itmrt.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
-from itmrt.data.synthetic import make_synthetic_dataset
 
 __all__ = [
     "CAPTIONS_PER_IMAGE",
@@ -15,7 +16,6 @@ __all__ = [
     "coco_5fold_1k",
     "format_recall_table",
     "i2t_ranks",
-    "make_synthetic_dataset",
     "recall_table",
     "t2i_ranks",
 ]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from itmrt.bundle.manifest import CropStep, ImagePreprocessingRecord, ResizeStep
 from itmrt.data.metrics import RECALL_KEYS
 from itmrt.data.precomp import open_npy, read_captions
 from itmrt.errors import DataError
@@ -62,7 +63,7 @@ PREPROCESSING_KEY = "image_preprocessing"
 """The manifest section of a CMPM bundle that says how an image file becomes the image encoder's input."""
 
 
-def image_preprocessing_record(image_size: int) -> dict[str, object]:
+def image_preprocessing_record(image_size: int) -> ImagePreprocessingRecord:
     """The manifest's ``image_preprocessing`` section for a model trained on ``image_size`` square images.
 
     Training feeds uint8 RGB images of exactly ``image_size`` x ``image_size``
@@ -70,17 +71,17 @@ def image_preprocessing_record(image_size: int) -> dict[str, object]:
     orientation applied); a file of another size is first resized, its shorter
     side to ``image_size`` (bilinear, antialiased), and cropped at the centre.
     """
-    return {
-        "decode": "rgb8",
-        "exif_transpose": True,
-        "resize": {"shorter_side": int(image_size), "filter": "bilinear"},
-        "crop": {"height": int(image_size), "width": int(image_size), "at": "center"},
-        "scale": 1.0 / 255.0,
-        "mean": [float(x) for x in IMAGE_MEAN],
-        "std": [float(x) for x in IMAGE_STD],
-        "layout": "NCHW",
-        "trained_with": "itmrt.data.images.preprocess_images",
-    }
+    return ImagePreprocessingRecord(
+        decode="rgb8",
+        exif_transpose=True,
+        resize=ResizeStep(shorter_side=int(image_size), filter="bilinear"),
+        crop=CropStep(height=int(image_size), width=int(image_size), at="center"),
+        scale=1.0 / 255.0,
+        mean=[float(x) for x in IMAGE_MEAN],
+        std=[float(x) for x in IMAGE_STD],
+        layout="NCHW",
+        trained_with="itmrt.data.images.preprocess_images",
+    )
 
 
 @dataclass(frozen=True)

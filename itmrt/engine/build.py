@@ -14,7 +14,9 @@ the timing cache from the bundle (:mod:`itmrt.engine.timing_cache`).
 After each build the engine is deserialised once to read what it needs on
 the device (``device_memory_size_v2``) and, with detailed profiling
 verbosity, the engine inspector's layer JSON, which is kept in the bundle
-(:mod:`itmrt.engine.layers`). :func:`engine_entry` writes the manifest entry.
+(:mod:`itmrt.engine.layers`). :func:`engine_entry` writes the manifest entry
+(:class:`itmrt.bundle.manifest.EngineEntry`). ``itmrt build`` - the precision
+graphs first, then these engines - is :func:`itmrt.calibration.build.build_bundle`.
 
 ``tensorrt`` is imported lazily: everything else in itmrt works without it.
 """
@@ -23,14 +25,28 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from itmrt.bundle.names import layer_info_file
-from itmrt.calibration import records
-from itmrt.engine.compat import DeviceInfo, check_engine
+from itmrt.bundle.manifest import (
+    AxisRange,
+    EngineEntry,
+    GraphEntry,
+    LayerInfo,
+    Log,
+    Manifest,
+    ProfileShapes,
+    Tf32Record,
+    TimingCacheUse,
+    read_manifest,
+    report_replacement,
+    timestamp,
+    update_manifest,
+)
+from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, engine_file, layer_info_file
+from itmrt.engine.compat import DeviceInfo
 from itmrt.engine.gpus import gpu
 from itmrt.engine.jetson import detect_jetson
 from itmrt.engine.layers import matmul_node_names, parse_layer_json, summarize_layers
@@ -41,7 +57,6 @@ from itmrt.engine.settings import (
     apply_builder_settings,
     builder_settings,
     carries_host_code,
-    check_options,
 )
 from itmrt.engine.tensorrt_api import (
     TensorRTUnavailable,
@@ -53,7 +68,6 @@ from itmrt.engine.tensorrt_api import (
 )
 from itmrt.engine.timing_cache import attach_timing_cache, save_timing_cache, timing_cache_file
 from itmrt.errors import ItmrtError
-from itmrt.export.manifest import read_manifest
 from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
 from itmrt.optional import available
 
@@ -63,14 +77,11 @@ if TYPE_CHECKING:
 __all__ = [
     "EngineOptions",
     "TensorRTUnavailable",
-    "build_bundle",
     "build_engines",
-    "load_engine",
+    "build_target",
     "profile_shapes",
     "require_tensorrt",
 ]
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -150,20 +161,16 @@ def inspect_serialized(serialized: bytes, settings: BuilderSettings) -> tuple[in
     return device_memory_bytes(engine), layers
 
 
-def engine_ranges(
-    folder: Path, manifest: dict[str, Any], precision: str, options: EngineOptions, say: Log
-) -> dict[str, Range]:
+def engine_ranges(folder: Path, manifest: Manifest, precision: str, options: EngineOptions, say: Log) -> dict[str, Range]:
     """The axis ranges every engine's profile uses: the manifest's, fitted to a board, then ``--shape``."""
     ranges: dict[str, Range] = {}
-    for entry in manifest["graphs"].values():
+    for entry in manifest.graphs.values():
         ranges.update(manifest_ranges(entry))
     preset = board(options.board) if options.board else None
     if preset is not None and preset.intermediate_mb is not None:
-        graphs = {g: (records.graph_file(manifest, precision, g), entry) for g, entry in manifest["graphs"].items()}
+        graphs = {g: (manifest.graph_file(precision, g), entry) for g, entry in manifest.graphs.items()}
         ranges, peak = fit_ranges(folder, graphs, ranges, preset.intermediate_mb << 20)
-        fitted = ", ".join(
-            f"{axis} max {ranges[axis][2]}" for axis in ("batch_images", "batch_captions") if axis in ranges
-        )
+        fitted = ", ".join(f"{axis} max {ranges[axis][2]}" for axis in (BATCH_IMAGES, BATCH_CAPTIONS) if axis in ranges)
         say(
             f"board {options.board}: {fitted}; largest intermediate {peak / 2**20:.1f} MB "
             f"(budget {preset.intermediate_mb} MB)"
@@ -180,38 +187,12 @@ def effective_options(options: EngineOptions) -> EngineOptions:
     return options
 
 
-def tf32_record(folder: Path, manifest: dict[str, Any], options: EngineOptions, say: Log) -> dict[str, dict[str, Any]]:
-    """Per graph: whether TF32 is allowed and, when it is, its measured effect on the fp32 graph's outputs."""
-    if not options.tf32:
-        return {graph: {"enabled": False} for graph in manifest["graphs"]}
-    import onnx
-
-    from itmrt.calibration.calib_data import FeedMaker, random_sample
-    from itmrt.engine.tf32 import tf32_emulation_graph, tf32_max_error
-
-    feeds = FeedMaker(folder, manifest)
-    images, tokens, lengths = random_sample(manifest, seed=0)
-    result = {}
-    for graph, entry in manifest["graphs"].items():
-        model = onnx.load(str(folder / entry["file"]))
-        error = tf32_max_error(model, [feeds.feeds(graph, images, tokens, lengths)])
-        products = tf32_emulation_graph(model)[1]
-        result[graph] = {
-            "enabled": True,
-            "max_abs_error_fp32_graph": error,
-            "emulated_products": products,
-            "sample": "random inputs (seed 0)",
-        }
-        say(f"tf32 {graph}: allowed; emulated on the CPU, max abs output error {error:.2e} over {products} product(s)")
-    return result
-
-
 @contextlib.contextmanager
 def device_scope(device: int) -> Iterator[None]:
     """Build on CUDA device ``device``: its primary context current (pycuda) - TensorRT works on the
     current device. Device 0 needs no pycuda: it is the CUDA runtime's default."""
     if available("pycuda"):
-        from itmrt.runtime.cuda_context import shared_context
+        from itmrt.engine.cuda_context import shared_context
 
         with shared_context(device).current():
             yield
@@ -232,41 +213,39 @@ def engine_entry(
     ranges: dict[str, Range],
     settings: BuilderSettings,
     options: EngineOptions,
-    measured: dict[str, Any],
-) -> dict[str, Any]:
+    measured: Measured,
+) -> EngineEntry:
     """The manifest entry of one engine: the one place that decides its fields."""
     here = target.device
-    return {
-        "file": relative,
-        "sha256": sha256_file(folder / relative),
-        "graph_file": relative_graph,
-        "graph_sha256": sha256_file(folder / relative_graph),
-        "tensorrt_version": here.tensorrt_version,
-        "gpu_name": here.gpu_name,
-        "compute_capability": here.compute_capability,
-        "unified_memory": target.unified_memory,
-        "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()},
-        "axis_ranges": {axis: {"min": r[0], "opt": r[1], "max": r[2]} for axis, r in sorted(ranges.items())},
-        "board": options.board,
-        "workspace_mb": settings.workspace_mb,
-        "builder": settings.as_dict(),
-        "tf32": measured["tf32"],
-        "version_compatible": options.version_compatible,
-        "exclude_lean_runtime": options.exclude_lean_runtime,
-        "hardware_compatibility": settings.hardware_compatibility,
-        "dla_core": settings.dla_core,
-        "gpu_fallback": options.gpu_fallback if settings.dla_core is not None else None,
-        "device_memory_bytes": measured["device_memory_bytes"],
-        "largest_intermediate_bytes": measured["largest_intermediate_bytes"],
-        "layer_info": measured["layer_info"],
-        "timing_cache": measured["timing_cache"],
-        "built": records.now(),
-    }
+    return EngineEntry(
+        file=relative,
+        sha256=sha256_file(folder / relative),
+        graph_file=relative_graph,
+        graph_sha256=sha256_file(folder / relative_graph),
+        tensorrt_version=here.tensorrt_version,
+        gpu_name=here.gpu_name,
+        compute_capability=here.compute_capability,
+        unified_memory=target.unified_memory,
+        profile={name: ProfileShapes(min=s[0], opt=s[1], max=s[2]) for name, s in shapes.items()},
+        axis_ranges={axis: AxisRange(min=r[0], opt=r[1], max=r[2]) for axis, r in sorted(ranges.items())},
+        board=options.board,
+        workspace_mb=settings.workspace_mb,
+        builder=settings.as_dict(),
+        tf32=measured.tf32,
+        version_compatible=options.version_compatible,
+        exclude_lean_runtime=options.exclude_lean_runtime,
+        hardware_compatibility=settings.hardware_compatibility,
+        dla_core=settings.dla_core,
+        gpu_fallback=options.gpu_fallback if settings.dla_core is not None else None,
+        device_memory_bytes=measured.device_memory_bytes,
+        largest_intermediate_bytes=measured.largest_intermediate_bytes,
+        layer_info=measured.layer_info,
+        timing_cache=measured.timing_cache,
+        built=timestamp(),
+    )
 
 
-def _save_layers(
-    folder: Path, precision: str, graph: str, layers: str | None, onnx_path: Path
-) -> dict[str, Any] | None:
+def _save_layers(folder: Path, precision: str, graph: str, layers: str | None, onnx_path: Path) -> LayerInfo | None:
     if layers is None:
         return None
     relative = layer_info_file(precision, graph)
@@ -275,39 +254,67 @@ def _save_layers(
         summary = summarize_layers(parse_layer_json(layers), matmul_node_names(onnx_path))
     except (ValueError, TypeError) as exc:
         summary = {"unreadable": str(exc)}
-    return {"file": relative, "sha256": sha256_file(folder / relative), "summary": summary}
+    return LayerInfo(file=relative, sha256=sha256_file(folder / relative), summary=summary)
 
 
-def _build_one(
-    folder: Path, manifest: dict[str, Any], precision: str, graph: str, context: dict[str, Any], say: Log
-) -> tuple[dict[str, Any], int]:
+@dataclass
+class Measured:
+    """What one build measured about its engine (recorded in its manifest entry)."""
+
+    tf32: Tf32Record
+    device_memory_bytes: int
+    largest_intermediate_bytes: int
+    layer_info: LayerInfo | None
+    timing_cache: TimingCacheUse
+
+
+@dataclass
+class BuildContext:
+    """What every engine of one ``build_engines`` call shares."""
+
+    options: EngineOptions
+    settings: BuilderSettings
+    target: BuildTarget
+    cache: Path | None
+    ranges: dict[str, Range]
+    tf32: dict[str, Tf32Record]
+
+
+def _build_one(folder: Path, manifest: Manifest, precision: str, graph: str, context: BuildContext,
+               say: Log) -> tuple[EngineEntry, int]:
     """Build, save and inspect one engine; its manifest entry and size."""
-    options: EngineOptions = context["options"]
-    settings: BuilderSettings = context["settings"]
-    relative_graph = records.graph_file(manifest, precision, graph)
-    shapes = profile_shapes(manifest["graphs"][graph], context["ranges"])
-    engine, cache_status = build_serialized_engine(folder / relative_graph, shapes, settings, context["cache"], say)
-    relative = records.engine_file(precision, graph)
+    relative_graph = manifest.graph_file(precision, graph)
+    graph_entry: GraphEntry = manifest.graph(graph)
+    shapes = profile_shapes(graph_entry, context.ranges)
+    engine, cache_status = build_serialized_engine(folder / relative_graph, shapes, context.settings, context.cache, say)
+    relative = engine_file(precision, graph)
     atomic_write_bytes(folder / relative, engine)
-    memory, layers = inspect_serialized(engine, settings)
-    peak = estimate_peaks(folder, {graph: (relative_graph, manifest["graphs"][graph])}, context["ranges"])[graph]
-    measured = {
-        "tf32": context["tf32"][graph],
-        "device_memory_bytes": memory,
-        "largest_intermediate_bytes": peak,
-        "layer_info": _save_layers(folder, precision, graph, layers, folder / relative_graph),
-        "timing_cache": {"file": str(context["cache"]) if context["cache"] else None, "status": cache_status},
-    }
-    entry = engine_entry(
-        folder, relative, relative_graph, context["target"], shapes, context["ranges"], settings, options, measured
+    memory, layers = inspect_serialized(engine, context.settings)
+    peak = estimate_peaks(folder, {graph: (relative_graph, graph_entry)}, context.ranges)[graph]
+    measured = Measured(
+        tf32=context.tf32[graph],
+        device_memory_bytes=memory,
+        largest_intermediate_bytes=peak,
+        layer_info=_save_layers(folder, precision, graph, layers, folder / relative_graph),
+        timing_cache=TimingCacheUse(file=str(context.cache) if context.cache else None, status=cache_status),
     )
+    entry = engine_entry(folder, relative, relative_graph, context.target, shapes, context.ranges, context.settings,
+                         context.options, measured)
     return entry, len(engine)
 
 
 def build_engines(
-    bundle: str | Path, precision: str, options: EngineOptions | None = None, log: Log | None = None
-) -> dict[str, Any]:
-    """Build one engine per graph of ``precision`` (its graphs must exist) and record them; return the manifest."""
+    bundle: str | Path,
+    precision: str,
+    options: EngineOptions | None = None,
+    log: Log | None = None,
+    tf32: dict[str, Tf32Record] | None = None,
+) -> Manifest:
+    """Build one engine per graph of ``precision`` (its graphs must exist) and record them; return the manifest.
+
+    ``tf32``: per graph, what TF32 costs (:func:`itmrt.calibration.tf32.tf32_record`, which ``itmrt build``
+    measures); without it each entry records only whether TF32 was allowed.
+    """
     options = effective_options(options or EngineOptions())
     say: Log = log or (lambda _message: None)
     folder = Path(bundle)
@@ -321,82 +328,29 @@ def build_engines(
     cache = options.timing_cache or folder / timing_cache_file(
         here.tensorrt_version, here.gpu_name, here.compute_capability
     )
-    context = {
-        "options": options,
-        "settings": settings,
-        "target": target,
-        "cache": cache,
-        "ranges": engine_ranges(folder, manifest, precision, options, say),
-        "tf32": tf32_record(folder, manifest, options, say),
-    }
-    entries: dict[str, dict[str, Any]] = {}
+    context = BuildContext(
+        options, settings, target, cache, engine_ranges(folder, manifest, precision, options, say),
+        tf32 or {graph: Tf32Record(enabled=options.tf32) for graph in manifest.graphs},
+    )
+    entries: dict[str, EngineEntry] = {}
     with device_scope(options.device):
-        for graph in manifest["graphs"]:
+        for graph in manifest.graphs:
             started = time.perf_counter()
             entries[graph], size = _build_one(folder, manifest, precision, graph, context, say)
             entry = entries[graph]
             say(
-                f"engine {entry['file']}: {size / 1e6:.1f} MB, needs "
-                f"{entry['device_memory_bytes'] / 2**20:.1f} MB of device "
+                f"engine {entry.file}: {size / 1e6:.1f} MB, needs "
+                f"{(entry.device_memory_bytes or 0) / 2**20:.1f} MB of device "
                 f"memory at the profile's maximum shapes; TensorRT {here.tensorrt_version}, {here.gpu_name} "
                 f"({time.perf_counter() - started:.1f}s)"
             )
 
-    def change(m: dict[str, Any]) -> None:
+    def change(m: Manifest) -> None:
         for graph, entry in entries.items():
-            records.set_entry(m, ("engines", precision, graph), entry, f"{precision} {graph} engine", say)
-            if entry["layer_info"]:
-                m.setdefault("files", {})[entry["layer_info"]["file"]] = entry["layer_info"]["sha256"]
+            report_replacement(m.engine(precision, graph), entry, f"{precision} {graph} engine", say)
+            m.engines.setdefault(precision, {})[graph] = entry
+            m.record_file(entry.file, entry.sha256)
+            if entry.layer_info is not None:
+                m.record_file(entry.layer_info.file, entry.layer_info.sha256)
 
-    return records.update_manifest(folder, change)
-
-
-def load_engine(bundle: str | Path, precision: str, graph: str, device: int = 0) -> trt.ICudaEngine:
-    """Deserialize a bundle's engine after checking it was built for this TensorRT and GPU."""
-    trt_module = require_tensorrt()
-    folder = Path(bundle)
-    manifest = read_manifest(folder)
-    path = check_engine(folder, manifest, precision, graph, device_info(trt_module, device))
-    entry = manifest["engines"][precision][graph]
-    host_code = carries_host_code(entry.get("builder", {}).get("set_flags", ()))
-    engine = open_runtime(host_code=host_code, dla_core=entry.get("dla_core")).deserialize_cuda_engine(
-        path.read_bytes()
-    )
-    if engine is None:
-        raise ItmrtError(
-            f"TensorRT could not load {path.name}; rebuild it: itmrt build {folder} --precision {precision}"
-        )
-    return engine
-
-
-@dataclass
-class BuildOutcome:
-    """What :func:`build_bundle` did: the manifest after it, and why no engine was built (if so)."""
-
-    manifest: dict[str, Any]
-    engines_built: bool
-    no_engine_reason: str | None = None
-
-
-def build_bundle(
-    bundle: str | Path,
-    precision: str,
-    precision_options: Any = None,
-    engine_options: EngineOptions | None = None,
-    log: Log | None = None,
-) -> BuildOutcome:
-    """``itmrt build`` as a function: make and verify the ``precision`` graphs (ONNX Runtime runs them
-    anywhere), then build the TensorRT engines where TensorRT and a GPU exist.
-
-    ``precision_options`` is an :class:`itmrt.calibration.variants.PrecisionOptions`.
-    """
-    from itmrt.calibration.variants import make_precision_graphs
-
-    check_options(engine_options or EngineOptions(), precision)
-    manifest = make_precision_graphs(bundle, precision, precision_options, log)
-    device = (engine_options or EngineOptions()).device
-    try:
-        build_target(require_tensorrt(), device)
-    except TensorRTUnavailable as exc:
-        return BuildOutcome(manifest, False, str(exc))
-    return BuildOutcome(build_engines(bundle, precision, engine_options, log), True)
+    return update_manifest(folder, change)

@@ -2,7 +2,7 @@
 
 By default a TensorRT engine runs only with the TensorRT version that built
 it, on the GPU model it was built on; the engine entry records both (see
-:func:`itmrt.engine.build.engine_entry`) and loading compares them with the
+:class:`itmrt.bundle.manifest.EngineEntry`) and loading compares them with the
 running TensorRT and the GPU the runtime actually uses, refusing a mismatch
 with a message that says how to rebuild. Engines built to travel promise more,
 and the check accepts what they promise (TensorRT's "Engine Compatibility"
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from itmrt.bundle.manifest import EngineEntry, Manifest
 from itmrt.engine.tensorrt_api import version_tuple
 from itmrt.errors import ItmrtError
 from itmrt.io import sha256_file
@@ -38,23 +38,23 @@ class DeviceInfo:
     compute_capability: str
 
 
-def engine_entry(manifest: dict[str, Any], precision: str, graph: str) -> dict[str, Any]:
-    entry = manifest.get("engines", {}).get(precision, {}).get(graph)
+def engine_entry(manifest: Manifest, precision: str, graph: str) -> EngineEntry:
+    entry = manifest.engine(precision, graph)
     if entry is None:
         raise ItmrtError(
             f"the bundle has no {precision} {graph} engine; "
             f"run `itmrt build BUNDLE --precision {precision}` on this machine"
         )
-    return dict(entry)
+    return entry
 
 
 def _capability(text: str) -> tuple[int, ...]:
     return version_tuple(str(text))
 
 
-def version_problem(entry: dict[str, Any], running: str) -> str | None:
-    built = str(entry.get("tensorrt_version", ""))
-    if entry.get("version_compatible") and not entry.get("exclude_lean_runtime"):
+def version_problem(entry: EngineEntry, running: str) -> str | None:
+    built = entry.tensorrt_version
+    if entry.version_compatible and not entry.exclude_lean_runtime:
         ok = version_tuple(built) >= FIRST_VERSION_COMPATIBLE and version_tuple(running) >= version_tuple(built)
         return None if ok else f"it is version-compatible from TensorRT {built} on, this machine has {running}"
     if built.strip() != running.strip():
@@ -62,31 +62,29 @@ def version_problem(entry: dict[str, Any], running: str) -> str | None:
     return None
 
 
-def hardware_problem(entry: dict[str, Any], here: DeviceInfo) -> str | None:
-    level = str(entry.get("hardware_compatibility") or "NONE")
-    built_cc, here_cc = _capability(entry.get("compute_capability", "")), _capability(here.compute_capability)
+def hardware_problem(entry: EngineEntry, here: DeviceInfo) -> str | None:
+    level = entry.hardware_compatibility or "NONE"
+    built_cc, here_cc = _capability(entry.compute_capability), _capability(here.compute_capability)
     if level == "AMPERE_PLUS":
         ok = here_cc >= (8, 0)
         need = "an Ampere or later GPU (compute capability 8.0+)"
     elif level == "SAME_COMPUTE_CAPABILITY":
         ok = bool(built_cc) and here_cc == built_cc
-        need = f"a GPU of compute capability {entry.get('compute_capability')}"
+        need = f"a GPU of compute capability {entry.compute_capability}"
     else:
-        ok = bool(built_cc) and here_cc == built_cc and str(entry.get("gpu_name", "")) == here.gpu_name
-        need = (
-            f"{entry.get('gpu_name')} (compute capability {entry.get('compute_capability')}), the GPU it was built on"
-        )
+        ok = bool(built_cc) and here_cc == built_cc and entry.gpu_name == here.gpu_name
+        need = f"{entry.gpu_name} (compute capability {entry.compute_capability}), the GPU it was built on"
     return None if ok else f"it needs {need}, this GPU is {here.gpu_name} ({here.compute_capability})"
 
 
-def compatibility_problems(entry: dict[str, Any], here: DeviceInfo) -> list[str]:
+def compatibility_problems(entry: EngineEntry, here: DeviceInfo) -> list[str]:
     """Why the engine of ``entry`` cannot run with ``here`` (empty when it can)."""
     return [
         problem for problem in (version_problem(entry, here.tensorrt_version), hardware_problem(entry, here)) if problem
     ]
 
 
-def check_engine(bundle: str | Path, manifest: dict[str, Any], precision: str, graph: str, here: DeviceInfo) -> Path:
+def check_engine(bundle: str | Path, manifest: Manifest, precision: str, graph: str, here: DeviceInfo) -> Path:
     """The engine file of ``graph`` in ``precision`` if it exists, is intact, matches its graph and this machine.
 
     Raises a one-line :class:`ItmrtError` naming the mismatch and the rebuild command otherwise.
@@ -96,15 +94,15 @@ def check_engine(bundle: str | Path, manifest: dict[str, Any], precision: str, g
     rebuild = f"rebuild it here: itmrt build {folder} --precision {precision}"
     problems = compatibility_problems(entry, here)
     if problems:
-        raise ItmrtError(f"engine {entry['file']} cannot run here: {'; '.join(problems)}; {rebuild}")
-    path = folder / entry["file"]
+        raise ItmrtError(f"engine {entry.file} cannot run here: {'; '.join(problems)}; {rebuild}")
+    path = folder / entry.file
     if not path.is_file():
-        raise ItmrtError(f"engine {entry['file']} is missing; {rebuild}")
-    if sha256_file(path) != entry["sha256"]:
+        raise ItmrtError(f"engine {entry.file} is missing; {rebuild}")
+    if sha256_file(path) != entry.sha256:
         raise ItmrtError(
-            f"engine {entry['file']} differs from the manifest's sha256 (changed after the build); {rebuild}"
+            f"engine {entry.file} differs from the manifest's sha256 (changed after the build); {rebuild}"
         )
-    graph_path = folder / entry["graph_file"]
-    if not graph_path.is_file() or sha256_file(graph_path) != entry["graph_sha256"]:
-        raise ItmrtError(f"engine {entry['file']} was built from a graph that has changed since; {rebuild}")
+    graph_path = folder / entry.graph_file
+    if not graph_path.is_file() or sha256_file(graph_path) != entry.graph_sha256:
+        raise ItmrtError(f"engine {entry.file} was built from a graph that has changed since; {rebuild}")
     return path

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from itmrt.bundle.manifest import EngineEntry, Manifest, read_manifest
 from itmrt.engine.compat import DeviceInfo, check_engine
 from itmrt.errors import ItmrtError
-from itmrt.export.manifest import read_manifest
 
 
 @dataclass(frozen=True)
@@ -30,29 +30,25 @@ class EngineStatus:
         return asdict(self)
 
 
-def list_engines(manifest: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+def list_engines(manifest: Manifest) -> list[tuple[str, str, EngineEntry]]:
     """``(precision, graph, entry)`` for every engine the manifest records."""
     return [
         (precision, graph, entry)
-        for precision, graphs in sorted(manifest.get("engines", {}).items())
+        for precision, graphs in sorted(manifest.engines.items())
         for graph, entry in sorted(graphs.items())
     ]
 
 
-def _travels(entry: dict[str, Any]) -> str:
+def _travels(entry: EngineEntry) -> str:
     parts = []
-    if entry.get("version_compatible"):
+    if entry.version_compatible:
         parts.append("version-compatible")
-    level = entry.get("hardware_compatibility")
+    level = entry.hardware_compatibility
     if level and level != "NONE":
-        parts.append(str(level).lower().replace("_", "-"))
-    if entry.get("dla_core") is not None:
-        parts.append(f"DLA core {entry['dla_core']}")
+        parts.append(level.lower().replace("_", "-"))
+    if entry.dla_core is not None:
+        parts.append(f"DLA core {entry.dla_core}")
     return ", ".join(parts)
-
-
-def _optional_int(value: Any) -> int | None:
-    return int(value) if isinstance(value, (int, float)) else None
 
 
 def inspect_bundle_engines(bundle: str | Path, here: DeviceInfo | None) -> list[EngineStatus]:
@@ -68,20 +64,19 @@ def inspect_bundle_engines(bundle: str | Path, here: DeviceInfo | None) -> list[
                 check_engine(bundle, manifest, precision, graph, here)
             except ItmrtError as exc:
                 problem = str(exc)
-        tf32 = entry.get("tf32")
         statuses.append(
             EngineStatus(
                 precision,
                 graph,
-                str(entry["file"]),
-                str(entry.get("tensorrt_version")),
-                str(entry.get("gpu_name")),
-                str(entry.get("compute_capability")),
+                entry.file,
+                entry.tensorrt_version,
+                entry.gpu_name,
+                entry.compute_capability,
                 not problem,
                 problem,
-                _optional_int(entry.get("device_memory_bytes")),
-                _optional_int(entry.get("largest_intermediate_bytes")),
-                bool(tf32.get("enabled")) if isinstance(tf32, dict) else None,
+                entry.device_memory_bytes,
+                entry.largest_intermediate_bytes,
+                entry.tf32.enabled if entry.tf32 is not None else None,
                 _travels(entry),
             )
         )

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from itmrt.bundle.manifest import GraphEntry
+from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES
 from itmrt.errors import ItmrtError
 
 Range = tuple[int, int, int]
 Shapes = dict[str, tuple[list[int], list[int], list[int]]]
-BATCH_AXES = ("batch_images", "batch_captions")
+BATCH_AXES = (BATCH_IMAGES, BATCH_CAPTIONS)
 
 
 @dataclass(frozen=True)
@@ -54,10 +55,8 @@ def board(name: str) -> Board:
     return BOARDS[name]
 
 
-def manifest_ranges(graph_entry: dict[str, Any]) -> dict[str, Range]:
-    return {
-        axis: (int(r["min"]), int(r["opt"]), int(r["max"])) for axis, r in graph_entry.get("shape_ranges", {}).items()
-    }
+def manifest_ranges(graph_entry: GraphEntry) -> dict[str, Range]:
+    return {axis: (r.min, r.opt, r.max) for axis, r in graph_entry.shape_ranges.items()}
 
 
 def check_range(axis: str, value: Range) -> Range:
@@ -67,15 +66,15 @@ def check_range(axis: str, value: Range) -> Range:
     return value
 
 
-def profile_shapes(graph_entry: dict[str, Any], overrides: dict[str, Range]) -> Shapes:
+def profile_shapes(graph_entry: GraphEntry, overrides: dict[str, Range]) -> Shapes:
     """min/opt/max shape of every input: fixed dims as they are, symbolic ones from the ranges (or overrides)."""
     ranges = {**manifest_ranges(graph_entry), **overrides}
     shapes: Shapes = {}
-    for value in graph_entry["inputs"]:
+    for value in graph_entry.inputs:
         low: list[int] = []
         mid: list[int] = []
         high: list[int] = []
-        for dim in value["shape"]:
+        for dim in value.shape:
             if isinstance(dim, int):
                 low.append(dim)
                 mid.append(dim)
@@ -83,13 +82,13 @@ def profile_shapes(graph_entry: dict[str, Any], overrides: dict[str, Range]) -> 
                 continue
             if dim not in ranges:
                 raise ItmrtError(
-                    f"input '{value['name']}' has axis '{dim}' with no range; pass it with --shape {dim}=MIN:OPT:MAX"
+                    f"input '{value.name}' has axis '{dim}' with no range; pass it with --shape {dim}=MIN:OPT:MAX"
                 )
             minimum, opt, maximum = check_range(dim, ranges[dim])
             low.append(minimum)
             mid.append(opt)
             high.append(maximum)
-        shapes[value["name"]] = (low, mid, high)
+        shapes[value.name] = (low, mid, high)
     return shapes
 
 
@@ -118,13 +117,11 @@ def largest_intermediate(onnx_path: Path, input_shapes: dict[str, list[int]]) ->
     return best
 
 
-def max_input_shapes(graph_entry: dict[str, Any], ranges: dict[str, Range]) -> dict[str, list[int]]:
+def max_input_shapes(graph_entry: GraphEntry, ranges: dict[str, Range]) -> dict[str, list[int]]:
     return {name: high for name, (_low, _mid, high) in profile_shapes(graph_entry, ranges).items()}
 
 
-def estimate_peaks(
-    folder: Path, graphs: dict[str, tuple[str, dict[str, Any]]], ranges: dict[str, Range]
-) -> dict[str, int]:
+def estimate_peaks(folder: Path, graphs: dict[str, tuple[str, GraphEntry]], ranges: dict[str, Range]) -> dict[str, int]:
     """Largest intermediate (bytes) of each graph at the profile's maximum shapes.
 
     ``graphs``: graph name -> (bundle-relative ONNX file, its manifest graph entry).
@@ -136,7 +133,7 @@ def estimate_peaks(
 
 
 def fit_ranges(
-    folder: Path, graphs: dict[str, tuple[str, dict[str, Any]]], ranges: dict[str, Range], budget_bytes: int
+    folder: Path, graphs: dict[str, tuple[str, GraphEntry]], ranges: dict[str, Range], budget_bytes: int
 ) -> tuple[dict[str, Range], int]:
     """``ranges`` with the batch axes' maxima halved (the larger first) until every graph's largest
     intermediate is within ``budget_bytes``; returns them and the largest intermediate left."""

@@ -1,11 +1,19 @@
-"""``itmrt export``: checkpoint + vocabulary -> a verified ONNX bundle folder.
+"""``itmrt export``: checkpoint + vocabulary -> a verified ONNX bundle folder, in four named stages.
 
-Order of work: check the paths, load the model, build every graph in memory,
-run the TensorRT op check and the ONNX Runtime parity check on the exact bytes
-that will be written, then write everything into a hidden temporary folder
-beside the target (``manifest.json`` last) and rename it into place. An export
-that fails or is killed therefore never leaves a folder at the target path,
-and a leftover temporary folder has no manifest: nothing that looks complete.
+1. **load** (:func:`load_model`): check the paths, load the reference model, its
+   family spec and the vocabulary (which must fit the model's embedding);
+2. **build** (:func:`build_stage`): the family builds every graph in memory;
+   each passes TensorRT 10's op check;
+3. **judge parity** (:func:`judge_parity`): ONNX Runtime runs the exact bytes
+   that will be written against the PyTorch reference on sample inputs;
+4. **publish** (:func:`publish_bundle`): everything is written into a hidden
+   staging folder beside the target (``manifest.json`` last) and renamed into
+   place. An export that fails or is killed never leaves a folder at the
+   target path, and a leftover staging folder has no manifest: nothing that
+   looks complete.
+
+:func:`export_bundle` runs the four; :func:`export_model` runs 2-4 on a model
+already in memory (a family defined outside itmrt, a model just trained).
 """
 
 from __future__ import annotations
@@ -25,21 +33,19 @@ import onnx
 import torch
 
 from itmrt import __version__
-from itmrt.data.images import PREPROCESSING_KEY, image_preprocessing_record
+from itmrt.bundle.folder import is_bundle
+from itmrt.bundle.graph_entries import graph_entry
+from itmrt.bundle.manifest import AxisRange, GraphEntry, Manifest, SourceCheckpoint, VocabEntry, write_manifest
+from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, GRAPH_FILES, MANIFEST_NAME, MAX_LENGTH, NUM_REGIONS, VOCAB_FILE
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
-from itmrt.export import graphs_image, graphs_scorer, graphs_text
-from itmrt.export.manifest import BUNDLE_KIND, MANIFEST_NAME, SCHEMA_VERSION, graph_entry, is_bundle, write_manifest
-from itmrt.export.parity import check_parity, sample_inputs
-from itmrt.export.trt_ops import check_trt_compat
+from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
+from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
+from itmrt.families.checkpoints import load_checkpoint
 from itmrt.io import check_output_folder, publish_folder, sha256_file, staged_folder
-from itmrt.models.checkpoint import detect_format, load_checkpoint
-from itmrt.models.cmpm import CMPMModel
-from itmrt.models.matcher import CrossAttentionMatcher
-from itmrt.models.naaf import NAAFScorer
+from itmrt.models.checkpoint import detect_format
 from itmrt.text.vocab import Vocabulary
 
-GRAPH_FILES = {"image_encoder": "image_encoder.onnx", "text_encoder": "text_encoder.onnx", "scorer": "scorer.onnx"}
-VOCAB_FILE = "vocab.json"
 Log = Callable[[str], None]
 
 
@@ -60,116 +66,34 @@ class ExportOptions:
 
 
 @dataclass
-class BuiltGraphs:
-    """In-memory graphs plus what the manifest says about the model."""
+class LoadedModel:
+    """Stage 1's result: the reference model in eval mode, its family, its vocabulary and where it came from."""
 
-    models: dict[str, onnx.ModelProto]
-    family: str
-    dims: dict[str, Any]
-    constants: dict[str, Any]
-    reference_scorer: torch.nn.Module | None
-    image_shape: tuple[int, ...]
+    model: Any
+    spec: FamilySpec
+    vocabulary: Vocabulary
+    vocab_path: Path
+    source: SourceCheckpoint | None
 
 
-def _shape_ranges(options: ExportOptions) -> dict[str, dict[str, int]]:
-    def axis(minimum: int, opt: int, maximum: int) -> dict[str, int]:
-        return {"min": minimum, "opt": min(opt, maximum), "max": maximum}
+@dataclass
+class BuiltBundle:
+    """Stage 2's result: the graphs in memory and the exact bytes that will be written."""
+
+    graphs: BuiltGraphs
+    payloads: dict[str, bytes]
+
+
+def _shape_ranges(options: ExportOptions) -> dict[str, AxisRange]:
+    def axis(minimum: int, opt: int, maximum: int) -> AxisRange:
+        return AxisRange(min=minimum, opt=min(opt, maximum), max=maximum)
 
     return {
-        graphs_image.BATCH_IMAGES: axis(1, 32, options.max_batch),
-        graphs_image.BATCH_CAPTIONS: axis(1, 32, options.max_batch),
-        graphs_image.MAX_LENGTH: axis(1, 20, options.max_length),
-        graphs_image.NUM_REGIONS: axis(options.num_regions, options.num_regions, options.num_regions),
+        BATCH_IMAGES: axis(1, 32, options.max_batch),
+        BATCH_CAPTIONS: axis(1, 32, options.max_batch),
+        MAX_LENGTH: axis(1, 20, options.max_length),
+        NUM_REGIONS: axis(options.num_regions, options.num_regions, options.num_regions),
     }
-
-
-def _constant(value: float, initializer: str, **extra: Any) -> dict[str, Any]:
-    return {"value": float(np.float32(value)), "initializer": initializer, **extra}
-
-
-def build_graphs(model: CrossAttentionMatcher | CMPMModel, options: ExportOptions) -> BuiltGraphs:
-    """Every graph of ``model``'s bundle, checked by ``onnx.checker`` and strict shape inference."""
-    opset = options.opset
-    if isinstance(model, CMPMModel):
-        if options.threshold is not None:
-            raise ItmrtError("--threshold applies to NAAF models only; this checkpoint is a CMPM model")
-        models = {
-            "image_encoder": graphs_image.cmpm_image_encoder_graph(model.image_encoder, model.image_size, opset),
-            "text_encoder": graphs_text.cmpm_text_encoder_graph(model.text_encoder, opset),
-            "scorer": graphs_scorer.cosine_scorer_graph(model.embed_size, opset),
-        }
-        dim_keys = ("vocab_size", "word_dim", "lstm_hidden", "embed_size", "width_mult", "image_size")
-        dims = {key: model.config[key] for key in dim_keys}
-        constants: dict[str, Any] = {
-            "threshold": None,
-            "lambda_softmax": None,
-            "intra_factor": None,
-            "scorer_options": {"score": "cosine", "max_over_padding": model.max_over_padding},
-            PREPROCESSING_KEY: image_preprocessing_record(model.image_size),
-        }
-        return BuiltGraphs(models, "cmpm", dims, constants, None, (3, model.image_size, model.image_size))
-
-    image_encoder, text_encoder = model.image_encoder, model.text_encoder
-    dims = {
-        "img_dim": image_encoder.img_dim,
-        "embed_size": image_encoder.embed_size,
-        "word_dim": text_encoder.word_dim,
-        "vocab_size": text_encoder.vocab_size,
-        "num_regions": options.num_regions,
-        "num_layers": text_encoder.num_layers,
-        "bidirectional": text_encoder.bidirectional,
-    }
-    models = {
-        "image_encoder": graphs_image.region_image_encoder_graph(image_encoder, opset),
-        "text_encoder": graphs_text.text_encoder_graph(text_encoder, opset),
-    }
-    scorer = model.scorer
-    reference: torch.nn.Module
-    if isinstance(scorer, NAAFScorer):
-        checkpoint_threshold = float(model.opt.get("thres_safe", float(scorer.threshold)))
-        if options.threshold is None:
-            # The scorer's float32 buffer: exactly what PyTorch scores with.
-            threshold, source = float(scorer.threshold), "checkpoint thres_safe"
-        else:
-            if not math.isfinite(options.threshold):
-                raise ItmrtError(f"--threshold must be a finite number, not {options.threshold}")
-            threshold, source = float(options.threshold), "--threshold override"
-        lam, intra = float(scorer.lambda_softmax), float(scorer.intra_factor)
-        models["scorer"] = graphs_scorer.naaf_scorer_graph(image_encoder.embed_size, threshold, lam, intra, opset)
-        reference = NAAFScorer(threshold, lam, intra)
-        constants = {
-            "threshold": _constant(
-                threshold, graphs_scorer.NAAF_THRESHOLD, source=source, checkpoint_value=checkpoint_threshold
-            ),
-            "lambda_softmax": _constant(lam, graphs_scorer.NAAF_LAMBDA),
-            "intra_factor": _constant(intra, graphs_scorer.NAAF_INTRA_FACTOR),
-            "scorer_options": {"propagate": True},
-        }
-    else:
-        if options.threshold is not None:
-            raise ItmrtError("--threshold applies to NAAF models only; this checkpoint is a SCAN model")
-        models["scorer"] = graphs_scorer.scan_scorer_graph(
-            image_encoder.embed_size,
-            scorer.cross_attn,
-            scorer.raw_feature_norm,
-            scorer.agg_func,
-            scorer.lambda_softmax,
-            scorer.lambda_lse,
-            opset,
-        )
-        reference = scorer
-        constants = {
-            "threshold": None,
-            "lambda_softmax": _constant(scorer.lambda_softmax, graphs_scorer.SCAN_LAMBDA_SOFTMAX),
-            "intra_factor": None,
-            "scorer_options": {
-                "cross_attn": scorer.cross_attn,
-                "raw_feature_norm": scorer.raw_feature_norm,
-                "agg_func": scorer.agg_func,
-                "lambda_lse": float(np.float32(scorer.lambda_lse)),
-            },
-        }
-    return BuiltGraphs(models, model.family, dims, constants, reference, (options.num_regions, image_encoder.img_dim))
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -197,62 +121,63 @@ def _validate_options(options: ExportOptions) -> None:
         raise ItmrtError(f"the parity tolerance must be positive, not {options.tolerance}")
 
 
-def export_bundle(
-    checkpoint: str | Path,
-    vocab: str | Path,
-    out: str | Path,
-    options: ExportOptions | None = None,
-    log: Log | None = None,
-) -> dict[str, Any]:
-    """Export ``checkpoint`` (with its vocabulary ``vocab``) to the bundle folder ``out``; return the manifest.
+# -- 1. load ----------------------------------------------------------------------------
 
-    Raises :class:`ItmrtError` subclasses (one-line messages) for a missing or
-    unreadable file, a vocabulary of the wrong size, a target folder that
-    already holds something, a graph TensorRT would reject, or a parity error
-    above ``options.tolerance``.
-    """
-    options = options or ExportOptions()
-    say: Log = log or (lambda _message: None)
-    started = time.perf_counter()
-    checkpoint, vocab, out = Path(checkpoint), Path(vocab), Path(out)
-    _validate_options(options)
+
+def _check_sources(checkpoint: Path, vocab: Path) -> None:
     if not checkpoint.is_file():
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
     if not vocab.is_file():
         raise VocabularyError(f"vocabulary {vocab} does not exist")
-    _check_target(out, options.overwrite)
 
+
+def load_model(checkpoint: str | Path, vocab: str | Path) -> LoadedModel:
+    """Stage 1: the checkpoint's reference model (eval mode), its family spec, and a vocabulary that fits it."""
+    checkpoint, vocab = Path(checkpoint), Path(vocab)
+    _check_sources(checkpoint, vocab)
     model = load_checkpoint(checkpoint).eval()
     vocabulary = Vocabulary.from_json(vocab)
-    vocab_size = model.text_encoder.vocab_size
-    if len(vocabulary) != vocab_size:
-        raise VocabularyError(
-            f"vocabulary {vocab} has {len(vocabulary)} words but the checkpoint's embedding has {vocab_size} rows; "
-            "pass the vocabulary the model was trained with"
-        )
-    family = model.family if isinstance(model, CrossAttentionMatcher) else "cmpm"
-    say(f"loaded {checkpoint.name}: {family}, vocabulary {len(vocabulary)} words ({time.perf_counter() - started:.1f}s)")
+    vocabulary.check_fits(model.text_encoder.vocab_size, f"vocabulary {vocab}")
+    source = SourceCheckpoint(path=str(checkpoint.resolve()), sha256=sha256_file(checkpoint),
+                              format=detect_format(checkpoint))
+    return LoadedModel(model, family_of(model), vocabulary, vocab, source)
 
-    built = build_graphs(model, options)
+
+# -- 2. build ----------------------------------------------------------------------------
+
+
+def build_stage(loaded: LoadedModel, options: ExportOptions, say: Log) -> BuiltBundle:
+    """Stage 2: the family's graphs, serialized, each through TensorRT 10's op check."""
+    graph_options = GraphOptions(opset=options.opset, num_regions=options.num_regions, threshold=options.threshold)
+    loaded.spec.check_graph_options(graph_options, threshold_families())
+    built = loaded.spec.build_graphs(loaded.model, graph_options)
     payloads = {name: proto.SerializeToString() for name, proto in built.models.items()}
     for name, proto in built.models.items():
         say(f"built {GRAPH_FILES[name]}: {len(proto.graph.node)} nodes, {len(payloads[name]) / 1e6:.1f} MB")
         check_trt_compat(proto, GRAPH_FILES[name]).raise_for_problems()
     say(f"TensorRT 10 op check: {len(built.models)} graphs pass")
-    if built.constants.get("threshold"):
-        threshold = built.constants["threshold"]
-        say(f"frozen threshold {threshold['value']:.6g} ({threshold['source']})")
+    threshold = built.constants.threshold
+    if threshold is not None:
+        say(f"frozen threshold {threshold.value:.6g} ({threshold.source})")
+    return BuiltBundle(built, payloads)
 
+
+# -- 3. judge parity -------------------------------------------------------------------------
+
+
+def judge_parity(loaded: LoadedModel, built: BuiltBundle, options: ExportOptions, say: Log) -> ParityResult:
+    """Stage 3: ONNX Runtime (CPU) against PyTorch on mixed-length sample captions; an error above tolerance."""
+    vocabulary = loaded.vocabulary
     sample = sample_inputs(
-        built.image_shape,
+        built.graphs.image_shape,
         options.parity_batch_images,
         options.parity_batch_captions,
         min(options.parity_max_length, options.max_length),
-        vocab_size,
+        loaded.model.text_encoder.vocab_size,
         (vocabulary.pad_id, vocabulary.start_id, vocabulary.end_id),
-        nonnegative_images=built.family != "cmpm",
+        nonnegative_images=loaded.spec.nonnegative_images,
     )
-    parity = check_parity(model, payloads, sample, built.reference_scorer)
+    parity = check_parity(loaded.model, built.payloads, sample, built.graphs.reference_scorer)
     say(
         "parity (ONNX Runtime CPU vs PyTorch), worst abs error: "
         + ", ".join(f"{name} {error:.2e}" for name, error in parity.max_abs_error.items())
@@ -272,49 +197,100 @@ def export_bundle(
         )
     if not parity.top_k_identical:
         raise ItmrtError(f"parity check failed: ONNX Runtime's top-{parity.top_k} rankings differ from PyTorch's; no bundle was written")
+    return parity
 
+
+# -- 4. publish ---------------------------------------------------------------------------------
+
+
+def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEntry], files: dict[str, str],
+              parity: ParityResult, options: ExportOptions, started: float) -> Manifest:
+    vocabulary, constants = loaded.vocabulary, built.graphs.constants
+    vocab_entry = VocabEntry(
+        file=VOCAB_FILE, sha256=files[VOCAB_FILE], size=len(vocabulary), content_sha256=vocabulary.sha256,
+        pad_id=vocabulary.pad_id, start_id=vocabulary.start_id, end_id=vocabulary.end_id, unk_id=vocabulary.unk_id,
+    )
+    return Manifest(
+        family=loaded.spec.name,
+        dims=built.graphs.dims,
+        opset=options.opset,
+        threshold=constants.threshold,
+        lambda_softmax=constants.lambda_softmax,
+        intra_factor=constants.intra_factor,
+        scorer_options=constants.options,
+        graphs=graphs,
+        vocab=vocab_entry,
+        files=files,
+        versions=_versions(),
+        source_checkpoint=loaded.source,
+        image_preprocessing=built.graphs.image_preprocessing,
+        parity=parity.record(options.tolerance),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        export_seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def publish_bundle(loaded: LoadedModel, built: BuiltBundle, parity: ParityResult, out: Path, options: ExportOptions,
+                   started: float) -> Manifest:
+    """Stage 4: write graphs, vocabulary and manifest (last) into a staging folder and rename it to ``out``."""
     with staged_folder(out) as staging:
         files: dict[str, str] = {}
-        graphs: dict[str, Any] = {}
+        graphs: dict[str, GraphEntry] = {}
         ranges = _shape_ranges(options)
-        for name, data in payloads.items():
+        for name, data in built.payloads.items():
             file = GRAPH_FILES[name]
             (staging / file).write_bytes(data)
             files[file] = sha256_file(staging / file)
-            graphs[name] = graph_entry(built.models[name], file, files[file], ranges)
-        shutil.copyfile(vocab, staging / VOCAB_FILE)
+            graphs[name] = graph_entry(built.graphs.models[name], file, files[file], ranges)
+        shutil.copyfile(loaded.vocab_path, staging / VOCAB_FILE)
         files[VOCAB_FILE] = sha256_file(staging / VOCAB_FILE)
-        manifest: dict[str, Any] = {
-            "kind": BUNDLE_KIND,
-            "schema_version": SCHEMA_VERSION,
-            "family": built.family,
-            "dims": built.dims,
-            "opset": options.opset,
-            **built.constants,
-            "graphs": graphs,
-            "vocab": {
-                "file": VOCAB_FILE,
-                "sha256": files[VOCAB_FILE],
-                "size": len(vocabulary),
-                "content_sha256": vocabulary.sha256,
-                "pad_id": vocabulary.pad_id,
-                "start_id": vocabulary.start_id,
-                "end_id": vocabulary.end_id,
-                "unk_id": vocabulary.unk_id,
-            },
-            "files": files,
-            "versions": _versions(),
-            "source_checkpoint": {
-                "path": str(checkpoint.resolve()),
-                "sha256": sha256_file(checkpoint),
-                "format": detect_format(checkpoint),
-            },
-            "parity": parity.as_dict(options.tolerance),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "export_seconds": round(time.perf_counter() - started, 3),
-        }
+        manifest = _manifest(loaded, built, graphs, files, parity, options, started)
         write_manifest(staging, manifest)  # last: a folder without it is not a bundle
         _check_target(out, options.overwrite)  # again: something may have appeared there meanwhile
         publish_folder(staging, out, "replace")
-    say(f"wrote {out} ({', '.join(sorted(files))}, {MANIFEST_NAME}) in {time.perf_counter() - started:.1f}s")
     return manifest
+
+
+# -- the whole export ----------------------------------------------------------------------------
+
+
+def export_model(loaded: LoadedModel, out: str | Path, options: ExportOptions | None = None,
+                 log: Log | None = None, started: float | None = None) -> Manifest:
+    """Stages 2-4 for a model already loaded: build, judge parity, publish to ``out``; return the manifest."""
+    options = options or ExportOptions()
+    say: Log = log or (lambda _message: None)
+    started = time.perf_counter() if started is None else started
+    out = Path(out)
+    _validate_options(options)
+    _check_target(out, options.overwrite)
+    built = build_stage(loaded, options, say)
+    parity = judge_parity(loaded, built, options, say)
+    manifest = publish_bundle(loaded, built, parity, out, options, started)
+    say(f"wrote {out} ({', '.join(sorted(manifest.files))}, {MANIFEST_NAME}) in {time.perf_counter() - started:.1f}s")
+    return manifest
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    vocab: str | Path,
+    out: str | Path,
+    options: ExportOptions | None = None,
+    log: Log | None = None,
+) -> Manifest:
+    """Export ``checkpoint`` (with its vocabulary ``vocab``) to the bundle folder ``out``; return the manifest.
+
+    Raises :class:`ItmrtError` subclasses (one-line messages) for a missing or
+    unreadable file, a vocabulary of the wrong size, a target folder that
+    already holds something, a graph TensorRT would reject, or a parity error
+    above ``options.tolerance``.
+    """
+    options = options or ExportOptions()
+    say: Log = log or (lambda _message: None)
+    started = time.perf_counter()
+    _validate_options(options)
+    _check_sources(Path(checkpoint), Path(vocab))
+    _check_target(Path(out), options.overwrite)  # before the (slow) load
+    loaded = load_model(checkpoint, vocab)
+    say(f"loaded {Path(checkpoint).name}: {loaded.spec.name}, vocabulary {len(loaded.vocabulary)} words "
+        f"({time.perf_counter() - started:.1f}s)")
+    return export_model(loaded, out, options, say, started)

@@ -1,32 +1,28 @@
 """PyTorch reference models (NAAF, SCAN, CMPM) and checkpoint import/export.
 
+Loading a checkpoint of any family is :func:`itmrt.families.checkpoints.load_checkpoint`
+(the family registry rebuilds each model); this package holds the models and
+the released and native file formats.
+
 Names are re-exported lazily so ``import itmrt.models`` stays cheap and the
 submodules can import each other without cycles.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from itmrt.optional import lazy_exports
 
 _EXPORTS = {
     "CMPMModel": "itmrt.models.cmpm",
     "MobileNetV1": "itmrt.models.cmpm",
     "CrossAttentionMatcher": "itmrt.models.matcher",
-    "load_checkpoint": "itmrt.models.checkpoint",
     "load_released_checkpoint": "itmrt.models.checkpoint",
     "save_released_checkpoint": "itmrt.models.checkpoint",
     "matcher_from_opt": "itmrt.models.checkpoint",
     "save_native": "itmrt.models.checkpoint",
-    "load_native": "itmrt.models.checkpoint",
     "checkpoint_sha256": "itmrt.models.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'itmrt.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports("itmrt.models", _EXPORTS)

@@ -34,16 +34,13 @@ import torch
 
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.io import atomic_write_bytes, sha256_file
-from itmrt.models.cmpm import CMPMModel
 from itmrt.models.matcher import CrossAttentionMatcher, detect_family
-from itmrt.models.native import load_native, save_native
+from itmrt.models.native import save_native
 from itmrt.models.statedict import raise_for_problems, state_dict_problems
 
 __all__ = [
     "checkpoint_sha256",
     "detect_format",
-    "load_checkpoint",
-    "load_native",
     "load_released_checkpoint",
     "matcher_from_opt",
     "save_native",
@@ -259,13 +256,6 @@ def save_released_checkpoint(
 def matcher_from_opt(opt: Mapping[str, Any], family: str | None = None) -> CrossAttentionMatcher:
     """A freshly initialised matcher for released options (see :meth:`CrossAttentionMatcher.from_opt`)."""
     return CrossAttentionMatcher.from_opt(opt, family=family)
-
-
-def load_checkpoint(path: str | os.PathLike[str]) -> CrossAttentionMatcher | CMPMModel:
-    """Load any checkpoint itmrt reads, choosing the reader by the file's content, not its name."""
-    if detect_format(path) == "safetensors":
-        return load_native(path)
-    return load_released_checkpoint(path)
 
 
 def checkpoint_sha256(path: str | os.PathLike[str]) -> str:

@@ -164,7 +164,14 @@ class CMPMTextEncoder(nn.Module):
 
 
 class CMPMModel(nn.Module):
-    """The CMPM/CMPC dual encoder; ``scores`` is the cosine matrix of the two embeddings."""
+    """The CMPM/CMPC dual encoder; ``scores`` is the cosine matrix of the two embeddings.
+
+    ``encode_images`` / ``encode_captions`` / ``score`` are the interface every
+    reference model shares (:class:`itmrt.models.matcher.CrossAttentionMatcher`
+    has the same), so export parity and the reference paths treat families alike.
+    """
+
+    family = "cmpm"
 
     def __init__(
         self,
@@ -209,6 +216,16 @@ class CMPMModel(nn.Module):
     def encode_text(self, tokens: Tensor, lengths: Tensor | Sequence[int]) -> Tensor:
         """[B, L] token ids with real lengths -> [B, embed_size] (not normalised)."""
         return self.text_encoder(tokens, lengths)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        return self.encode_image(images)
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor | Sequence[int]) -> Tensor:
+        return self.encode_text(tokens, lengths)
+
+    def score(self, image_emb: Tensor, text_emb: Tensor, lengths: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Scores ``[Bi, Bc]`` (caption lengths are not needed: the embeddings are global)."""
+        return self.scores(image_emb, text_emb)
 
     @staticmethod
     def scores(image_emb: Tensor, text_emb: Tensor, eps: float = 1e-8) -> Tensor:

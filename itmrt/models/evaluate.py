@@ -24,8 +24,8 @@ ProgressFn = Callable[[int], None]
 
 
 @dataclass
-class EncodedCaptions:
-    """Token embeddings of captions, padded to a common length."""
+class PaddedTokenEmbeddings:
+    """Token embeddings of captions (PyTorch), padded to a common length."""
 
     embeddings: torch.Tensor  # [B, L, d]
     lengths: torch.Tensor  # [B] int64
@@ -50,7 +50,7 @@ def encode_images(model, features: np.ndarray, batch_size: int = 128, progress: 
 @torch.no_grad()
 def encode_captions(
     model, vocab: Vocabulary, captions: Sequence[str], batch_size: int = 128, progress: ProgressFn | None = None
-) -> EncodedCaptions:
+) -> PaddedTokenEmbeddings:
     """Captions -> token embeddings [N, L_max, d] (zero past each caption's length) and lengths [N]."""
     chunks: list[torch.Tensor] = []
     all_lengths: list[torch.Tensor] = []
@@ -64,14 +64,14 @@ def encode_captions(
             progress(stop - start)
     max_len = max(c.shape[1] for c in chunks)
     padded = [torch.nn.functional.pad(c, (0, 0, 0, max_len - c.shape[1])) for c in chunks]
-    return EncodedCaptions(torch.cat(padded), torch.cat(all_lengths))
+    return PaddedTokenEmbeddings(torch.cat(padded), torch.cat(all_lengths))
 
 
 @torch.no_grad()
 def score_matrix(
     model,
     image_embeddings: torch.Tensor,
-    captions: EncodedCaptions,
+    captions: PaddedTokenEmbeddings,
     image_tile: int = 64,
     caption_tile: int = 128,
     progress: ProgressFn | None = None,
@@ -81,13 +81,39 @@ def score_matrix(
     scores = np.empty((n_img, n_cap), dtype=np.float32)
     for c0, c1 in _batches(n_cap, caption_tile):
         lengths = captions.lengths[c0:c1]
-        # Trim the tile to its own longest caption: padding is inert, but costs time.
-        emb = captions.embeddings[c0:c1, : int(lengths.max())]
+        emb = captions.embeddings[c0:c1]
+        if emb.dim() == 3:  # token embeddings: trim the tile to its own longest caption (padding is inert, but costs time)
+            emb = emb[:, : int(lengths.max())]
         for i0, i1 in _batches(n_img, image_tile):
             scores[i0:i1, c0:c1] = model.score(image_embeddings[i0:i1], emb, lengths).numpy()
         if progress:
             progress(c1 - c0)
     return scores
+
+
+@torch.no_grad()
+def encode_token_ids(model, ids: Sequence[Sequence[int]], pad_id: int, batch_size: int = 128) -> PaddedTokenEmbeddings:
+    """Captions given as token ids -> embeddings in batches: ``[N, L_max, d]`` token embeddings (zero past
+    each caption's length) or ``[N, D]`` global ones, whichever the model makes."""
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+    chunks = []
+    for start, stop in _batches(len(ids), batch_size):
+        part = ids[start:stop]
+        tokens = np.full((len(part), max(len(x) for x in part)), pad_id, dtype=np.int64)
+        for row, seq in enumerate(part):
+            tokens[row, : len(seq)] = seq
+        chunks.append(model.encode_captions(torch.from_numpy(tokens), lengths[start:stop]))
+    if chunks and chunks[0].dim() == 3:
+        longest = int(lengths.max())
+        chunks = [torch.nn.functional.pad(c, (0, 0, 0, longest - c.shape[1])) for c in chunks]
+    return PaddedTokenEmbeddings(torch.cat(chunks), lengths)
+
+
+def reference_scores(model, features: np.ndarray, ids: Sequence[Sequence[int]], pad_id: int,
+                     batch_size: int = 128) -> np.ndarray:
+    """The reference model's ``images x captions`` score matrix for image inputs and tokenised captions."""
+    images = encode_images(model, features, batch_size)
+    return score_matrix(model, images, encode_token_ids(model, ids, pad_id, batch_size))
 
 
 def evaluate_split(
@@ -117,10 +143,5 @@ def evaluate_split(
 def load_vocabulary_for(model, vocab_path: str | Path) -> Vocabulary:
     """Load a vocabulary and check it has as many words as the model's embedding table."""
     vocab = Vocabulary.from_json(vocab_path)
-    expected = getattr(model.text_encoder, "vocab_size", None)
-    if expected is not None and len(vocab) != expected:
-        raise DataError(
-            f"vocabulary {vocab_path} has {len(vocab)} words but the checkpoint's embedding has {expected} rows; "
-            "pass the vocabulary the model was trained with"
-        )
+    vocab.check_fits(model.text_encoder.vocab_size, f"vocabulary {vocab_path}")
     return vocab

@@ -197,6 +197,11 @@ class CrossAttentionMatcher(nn.Module):
     def embed_size(self) -> int:
         return self.image_encoder.embed_size
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The released options (``opt``) that rebuild this architecture with :meth:`from_opt`."""
+        return self.opt
+
     def encode_images(self, features: Tensor) -> Tensor:
         """Region features [B, n, img_dim] -> region embeddings [B, n, d]."""
         return self.image_encoder(features)

@@ -38,8 +38,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from itmrt.errors import ItmrtError
-from itmrt.reports.variants import Variant, graph_files, open_variant
-from itmrt.runtime.bundle import read_bundle
+from itmrt.reports.runtime_variants import Variant, graph_files, open_variant
+from itmrt.bundle.folder import read_bundle
+from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, BackendName, Component, Precision
 from itmrt.runtime.encoders import tokenize
 from itmrt.runtime.tiled import top_k_of_matrix
 
@@ -51,7 +52,7 @@ PERCENTILES = (50, 90, 99)
 
 @dataclass
 class BenchOptions:
-    variants: Sequence[Variant] = field(default_factory=lambda: [Variant("ort", "fp32")])
+    variants: Sequence[Variant] = field(default_factory=lambda: [Variant(BackendName.ORT, Precision.FP32)])
     batch_sizes: Sequence[int] = (1, 8, 32, 128)
     captions: int = 128  # caption pool (batches cycle through it)
     images: int = 64  # gallery size for score / top_k / end_to_end
@@ -98,8 +99,8 @@ def synthetic_features(runtime: Any, count: int, rng: np.random.Generator) -> np
         if isinstance(axis, int):
             shape.append(axis)
         else:
-            limits = runtime.bundle.shape_range(axis) or {}
-            shape.append(int(limits.get("opt") or runtime.bundle.manifest["dims"].get(axis, 36)))
+            limits = runtime.bundle.shape_range(axis)
+            shape.append(limits.opt if limits is not None else int(runtime.bundle.manifest.dims.get(axis, 36)))
     return np.abs(rng.standard_normal(shape)).astype(np.float32)
 
 
@@ -134,16 +135,16 @@ def traced_peak(call: Callable[[], Any]) -> int:
 
 def _score_call(runtime: Any, gallery: np.ndarray, captions: Any) -> Callable[[], np.ndarray]:
     """One scorer run: the captions against the gallery (split by the engine's image limit on TensorRT)."""
-    scorer = runtime.backends["scorer"]
+    scorer = runtime.backends[Component.SCORER]
     padded, lengths = captions.padded(np.arange(len(captions)))
-    step = runtime.batch_limit if runtime.backend_name == "trt" and runtime.batch_limit else len(gallery)
+    step = runtime.batch_limit if runtime.backend_name == BackendName.TRT and runtime.batch_limit else len(gallery)
 
     def call() -> np.ndarray:
         blocks = []
         for start in range(0, len(gallery), step):
-            feeds = {"image_embeddings": gallery[start : start + step], "caption_embeddings": padded}
-            if "lengths" in scorer.input_names:
-                feeds["lengths"] = lengths.astype(np.int32)
+            feeds = {IMAGE_EMBEDDINGS: gallery[start : start + step], CAPTION_EMBEDDINGS: padded}
+            if LENGTHS in scorer.input_names:
+                feeds[LENGTHS] = lengths.astype(np.int32)
             blocks.append(scorer.run(feeds)[0])
         return np.concatenate(blocks, axis=0)
 

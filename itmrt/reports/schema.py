@@ -48,8 +48,8 @@ def validate_report(report: dict[str, Any], source: str = "report") -> None:
 
 
 def header(kind: str, bundle: Any, command: list[str] | None = None) -> dict[str, Any]:
-    """Fields every report starts with; ``bundle`` is a :class:`itmrt.runtime.bundle.BundleInfo`."""
-    manifest = bundle.manifest
+    """Fields every report starts with; ``bundle`` is a :class:`itmrt.bundle.folder.BundleInfo`."""
+    source = bundle.manifest.source_checkpoint
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
@@ -60,7 +60,7 @@ def header(kind: str, bundle: Any, command: list[str] | None = None) -> dict[str
             "path": str(bundle.path),
             "family": bundle.family,
             "manifest_sha256": bundle.manifest_sha256,
-            "source_checkpoint": manifest.get("source_checkpoint"),
+            "source_checkpoint": source.to_json() if source is not None else None,
             "precisions": bundle.precisions(),
         },
     }

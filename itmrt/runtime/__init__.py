@@ -1,25 +1,30 @@
 """The torch-free runtime: backends, batched encoders, tiled scorer with streaming top-k, galleries.
 
-Imports numpy and (when a session is created) onnxruntime or TensorRT - never torch.
+Imports numpy and (when a session is created) onnxruntime or TensorRT - never
+torch. Names are re-exported lazily, so ``itmrt.runtime.options`` (the CLI's
+choices) imports without numpy.
 """
 
 from __future__ import annotations
 
-from itmrt.runtime.api import Runtime, load
-from itmrt.runtime.bundle import BundleInfo, read_bundle
-from itmrt.runtime.encoders import CaptionEmbeddings
-from itmrt.runtime.gallery import Gallery, read_gallery
-from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled
+from itmrt.optional import lazy_exports
 
-__all__ = [
-    "BundleInfo",
-    "CaptionEmbeddings",
-    "Gallery",
-    "Runtime",
-    "ScoreResult",
-    "TopK",
-    "load",
-    "read_bundle",
-    "read_gallery",
-    "score_tiled",
-]
+_EXPORTS = {
+    "Runtime": "itmrt.runtime.api",
+    "load": "itmrt.runtime.api",
+    "RuntimeOptions": "itmrt.runtime.options",
+    "ScorerChoice": "itmrt.runtime.options",
+    "OnLong": "itmrt.runtime.options",
+    "BundleInfo": "itmrt.bundle.folder",
+    "read_bundle": "itmrt.bundle.folder",
+    "CaptionEmbeddings": "itmrt.runtime.encoders",
+    "Gallery": "itmrt.runtime.gallery",
+    "read_gallery": "itmrt.runtime.gallery",
+    "ScoreResult": "itmrt.runtime.tiled",
+    "TopK": "itmrt.runtime.tiled",
+    "score_tiled": "itmrt.runtime.tiled",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports("itmrt.runtime", _EXPORTS)

@@ -17,71 +17,82 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.families import FamilySpec, get
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
-from itmrt.runtime.bundle import BundleInfo, read_bundle
-from itmrt.runtime.encoders import (
-    CaptionEmbeddings, CaptionEncoder, ImageEncoder, Warn, check_image_input, default_warn,
+from itmrt.runtime.sessions import CPU_PROVIDER
+from itmrt.bundle.folder import BundleInfo, read_bundle
+from itmrt.bundle.names import (
+    BATCH_CAPTIONS,
+    BATCH_IMAGES,
+    COMPONENTS,
+    MAX_LENGTH,
+    BackendName,
+    Component,
+    Precision,
+    parse_choice,
 )
+from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
 from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
-from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, TopK, score_tiled
+from itmrt.runtime.options import DEFAULT_BUDGET_BYTES, OnLong, RuntimeOptions, ScorerChoice, Warn
+from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled
 from itmrt.text.vocab import Vocabulary
 
 
 class Runtime:
     """A bundle's three graphs on one backend and precision, with encoders and a tiled scorer."""
 
-    def __init__(
-        self,
-        bundle: BundleInfo,
-        backend: str = "ort",
-        precision: str = "fp32",
-        settings: SessionSettings | None = None,
-        max_length: int | None = None,
-        on_long: str = "truncate",
-        batch_size: int = 128,
-        budget_bytes: int = DEFAULT_BUDGET_BYTES,
-        warn: Warn | None = None,
-        scorer: str = "auto",
-    ) -> None:
-        self.bundle, self.backend_name, self.precision = bundle, backend, precision
-        self.budget_bytes = budget_bytes
-        self.warn: Warn = warn or default_warn
+    def __init__(self, bundle: BundleInfo, options: RuntimeOptions | None = None) -> None:
+        options = options or RuntimeOptions()
+        self.bundle, self.options = bundle, options
+        self.backend_name, self.precision = options.backend, options.precision
+        self.family: FamilySpec = get(bundle.family)
+        self.budget_bytes = options.budget_bytes
+        self.warn: Warn = options.warn or default_warn
         self._gallery_vectors: dict[tuple[str, str], np.ndarray] = {}  # shortlist: global vectors per gallery
+        settings = SessionSettings(providers=options.providers, intra_op_threads=options.threads, device=options.device,
+                                   gpu_mem_limit_mb=options.gpu_mem_limit_mb)
         self.backends: dict[str, Backend] = {
-            name: open_backend(bundle, name, backend, precision, settings) for name in ("image_encoder", "text_encoder", "scorer")
+            name: open_backend(bundle, name, options.backend, options.precision, settings) for name in COMPONENTS
         }
-        self.fused = _fused_scorer(bundle, scorer, backend, precision, self.backends["scorer"], settings)
+        self.fused = _fused_scorer(bundle, options.scorer, options.backend, options.precision,
+                                   self.backends[Component.SCORER], settings)
         self.scorer_kind = "fused" if self.fused is not None else "graph"
-        manifest = bundle.manifest
         self.vocab = Vocabulary.from_json(bundle.vocab_file())
-        expected_vocab = (manifest.get("vocab") or {}).get("size", manifest["dims"].get("vocab_size"))
-        if expected_vocab is not None and len(self.vocab) != int(expected_vocab):
-            raise ItmrtError(f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {expected_vocab}")
-        self.batch_limit = _range_max(bundle, "batch_images", backend, precision)
-        self.caption_limit = _range_max(bundle, "batch_captions", backend, precision)
-        profile_length = _range_max(bundle, "max_length", backend, precision)
-        if max_length is not None and profile_length is not None and max_length > profile_length and backend == "trt":
-            raise ItmrtError(f"--max-length {max_length} exceeds the engine profile's {profile_length}; use at most {profile_length}")
-        self.max_length = max_length if max_length is not None else profile_length
-        # CMPM's released max over padding makes an embedding depend on its batch's padding: no bucketing then.
-        bucket = not max_over_padding(manifest)
+        if len(self.vocab) != bundle.manifest.vocab.size:
+            raise ItmrtError(
+                f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {bundle.manifest.vocab.size}"
+            )
+        self.batch_limit = _range_max(bundle, BATCH_IMAGES, options.backend, options.precision)
+        self.caption_limit = _range_max(bundle, BATCH_CAPTIONS, options.backend, options.precision)
+        self.max_length = self._token_limit(options)
+        on_trt = options.backend == BackendName.TRT
         self.text_encoder = CaptionEncoder(
-            self.backends["text_encoder"], self.vocab, bundle.cross_attention, self.max_length, on_long,
-            batch_size, self.caption_limit if backend == "trt" else None, bucket, warn,
+            self.backends[Component.TEXT_ENCODER], self.vocab, self.family.token_level, self.max_length,
+            options.on_long, options.batch_size, self.caption_limit if on_trt else None,
+            self.family.caption_buckets(bundle.manifest), options.warn,
         )
-        image_input = bundle.graph_inputs("image_encoder")[0]
-        self._image_input = image_input
+        self._image_input = bundle.graph_inputs(Component.IMAGE_ENCODER)[0]
         self.image_encoder = ImageEncoder(
-            self.backends["image_encoder"], image_input["name"], batch_size, self.batch_limit if backend == "trt" else None
+            self.backends[Component.IMAGE_ENCODER], self._image_input.name, options.batch_size,
+            self.batch_limit if on_trt else None,
         )
+
+    def _token_limit(self, options: RuntimeOptions) -> int | None:
+        """The caption token limit: the option, or the profile's maximum (which a TensorRT engine cannot exceed)."""
+        profile_length = _range_max(self.bundle, MAX_LENGTH, options.backend, options.precision)
+        requested = options.max_length
+        if requested is not None and profile_length is not None and requested > profile_length \
+                and options.backend == BackendName.TRT:
+            raise ItmrtError(f"--max-length {requested} exceeds the engine profile's {profile_length}; use at most {profile_length}")
+        return requested if requested is not None else profile_length
 
     def close(self) -> None:
         """Free what the backends hold on the GPU (native TensorRT engines, their buffers and streams)."""
@@ -100,7 +111,7 @@ class Runtime:
 
     @property
     def image_input_shape(self) -> list[int | str]:
-        return list(self._image_input["shape"])
+        return list(self._image_input.shape)
 
     def check_images(self, features: np.ndarray, source: str = "image features") -> None:
         ranges = {axis: self.bundle.shape_range(axis) for axis in self.image_input_shape if isinstance(axis, str)}
@@ -160,8 +171,8 @@ class Runtime:
             if isinstance(axis, int):
                 shape.append(axis)
             else:
-                limits = self.bundle.shape_range(axis) or {"min": 1, "opt": 1}
-                shape.append(max(int(limits["min"]), min(2, int(limits["opt"]))))
+                limits = self.bundle.shape_range(axis)
+                shape.append(max(limits.min, min(2, limits.opt)) if limits else 1)
         features = np.random.default_rng(0).random(shape, dtype=np.float32)
         images = self.encode_images(features, source="warm-up images")
         self.rank(images, self.encode_captions(["warm up", "a short warm up caption"]), top_k=1)
@@ -209,9 +220,9 @@ class Runtime:
     ) -> ScoreResult:
         if self.fused is not None and captions.token_level:
             return self.fused.score_tiles(embeddings, captions, top_k, keep_scores, self.budget_bytes, progress=progress)
-        trt = self.backend_name == "trt"
+        trt = self.backend_name == BackendName.TRT
         return score_tiled(
-            self.backends["scorer"], embeddings, captions, top_k, keep_scores, self.budget_bytes,
+            self.backends[Component.SCORER], embeddings, captions, top_k, keep_scores, self.budget_bytes,
             max_images=self.batch_limit if trt else None, max_captions=self.caption_limit if trt else None,
             progress=progress,
         )
@@ -312,20 +323,17 @@ class Runtime:
         return gallery
 
 
-SCORERS = ("auto", "graph", "fused")
-
-
 def _fused_scorer(
-    bundle: BundleInfo, scorer: str, backend: str, precision: str, graph: Backend, settings: SessionSettings | None
+    bundle: BundleInfo, scorer: ScorerChoice | str, backend: str, precision: str, graph: Backend,
+    settings: SessionSettings | None,
 ) -> FusedNaafScorer | None:
     """The fused CPU scorer when ``scorer`` asks for it (or "auto" finds it applicable), else None (the graph)."""
-    if scorer not in SCORERS:
-        raise ItmrtError(f"unknown scorer {scorer!r}; choose one of {', '.join(SCORERS)}")
-    if scorer == "graph":
+    scorer = parse_choice(ScorerChoice, scorer, "scorer")
+    if scorer == ScorerChoice.GRAPH:
         return None
-    on_cpu = backend == "ort" and getattr(graph, "providers", [None])[0] == "CPUExecutionProvider"
-    applicable = bundle.family == "naaf" and precision == "fp32" and on_cpu
-    if scorer == "auto" and not (applicable and fused_available()):
+    on_cpu = backend == BackendName.ORT and getattr(graph, "providers", [None])[0] == CPU_PROVIDER
+    applicable = get(bundle.family).fused_scorer and precision == Precision.FP32 and on_cpu
+    if scorer == ScorerChoice.AUTO and not (applicable and fused_available()):
         return None
     if not applicable:
         raise ItmrtError(
@@ -333,24 +341,17 @@ def _fused_scorer(
             f"{precision}, {backend}); use scorer='graph'"
         )
     threads = settings.intra_op_threads if settings else 0
-    return FusedNaafScorer.from_graph(bundle.graph_file("scorer", "fp32"), threads)
+    return FusedNaafScorer.from_graph(bundle.graph_file(Component.SCORER, Precision.FP32), threads)
 
 
-def max_over_padding(manifest: dict[str, Any]) -> bool:
-    """Whether the text encoder takes CMPM's released max over the padded length (export records it
-    under ``scorer_options``), so that an embedding depends on how far its batch is padded."""
-    options = manifest.get("scorer_options") or {}
-    return bool(options.get("max_over_padding", manifest.get("max_over_padding", False)))
-
-
-def _range_max(bundle: BundleInfo, axis: str, backend: str = "ort", precision: str = "fp32") -> int | None:
+def _range_max(bundle: BundleInfo, axis: str, backend: str = BackendName.ORT, precision: str = Precision.FP32) -> int | None:
     """The largest size of ``axis`` the runtime may feed: the manifest's range, and for TensorRT engines the
     smallest maximum any of them was built for (a board preset or --shape may have narrowed it)."""
     limits = bundle.shape_range(axis)
-    largest = int(limits["max"]) if limits else None
-    if backend == "trt":
-        built = [int(r["max"]) for c in ("image_encoder", "text_encoder", "scorer")
-                 if (r := (bundle.engine_record(c, precision).get("axis_ranges") or {}).get(axis))]
+    largest = limits.max if limits else None
+    if backend == BackendName.TRT:
+        records = [bundle.engine_record(component, precision) for component in COMPONENTS]
+        built = [r.axis_ranges[axis].max for r in records if r is not None and axis in r.axis_ranges]
         if built:
             largest = min(built)
     return largest
@@ -358,21 +359,24 @@ def _range_max(bundle: BundleInfo, axis: str, backend: str = "ort", precision: s
 
 def load(
     bundle: str | Path,
-    backend: str = "ort",
-    precision: str = "fp32",
+    *,
+    backend: BackendName | str = BackendName.ORT,
+    precision: Precision | str = Precision.FP32,
     providers: Sequence[str] | None = None,
     threads: int = 0,
     max_length: int | None = None,
-    on_long: str = "truncate",
+    on_long: OnLong | str = OnLong.TRUNCATE,
     batch_size: int = 128,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     warn: Warn | None = None,
-    scorer: str = "auto",
+    scorer: ScorerChoice | str = ScorerChoice.AUTO,
     device: int = 0,
     gpu_mem_limit_mb: int | None = None,
 ) -> Runtime:
     """Open ``bundle`` for inference on ``backend`` ("ort" or "trt") at ``precision`` (fp32, fp16, int8).
 
+    Every option is a keyword (:class:`~itmrt.runtime.options.RuntimeOptions`
+    holds them; ``Runtime(read_bundle(path), options)`` is the same).
     ``providers``: ONNX Runtime execution providers by name or alias
     (tensorrt, cuda, cpu); default: CUDA then CPU, those available (ONNX
     Runtime's TensorRT provider only when named; it then uses the bundle's
@@ -387,6 +391,9 @@ def load(
     and one pass per tile, several times faster; "auto" takes "fused" where it
     applies and numba is installed, else "graph".
     """
-    info = read_bundle(bundle)
-    settings = SessionSettings(providers=providers, intra_op_threads=threads, device=device, gpu_mem_limit_mb=gpu_mem_limit_mb)
-    return Runtime(info, backend, precision, settings, max_length, on_long, batch_size, budget_bytes, warn, scorer)
+    options = RuntimeOptions(
+        backend=backend, precision=precision, providers=providers, threads=threads,  # type: ignore[arg-type]
+        max_length=max_length, on_long=on_long, batch_size=batch_size, budget_bytes=budget_bytes,  # type: ignore[arg-type]
+        warn=warn, scorer=scorer, device=device, gpu_mem_limit_mb=gpu_mem_limit_mb,  # type: ignore[arg-type]
+    )
+    return Runtime(read_bundle(bundle), options)

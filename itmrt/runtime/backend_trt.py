@@ -1,7 +1,8 @@
 """Native TensorRT backend (TensorRT 10.x / 11.x Python API, pycuda for memory, streams and the context).
 
-Neither package can be installed on the development machines: both are
-imported when a backend is created, and tests skip where they are absent.
+Both packages are optional (``itmrt[trt]``, or JetPack's TensorRT on a
+Jetson): they are imported when a backend is created, and its tests skip
+where they are absent.
 
 Per engine: one execution context, one CUDA stream, device buffers grown to
 the largest shapes seen (allocated once, reused by every call), pinned host
@@ -11,7 +12,7 @@ shapes are set per call and checked against the profile first, so a batch or
 caption beyond the profile is a one-line error instead of a TensorRT failure.
 
 The CUDA context is the device's primary context, made current around each
-call (:mod:`itmrt.runtime.cuda_context`), so a backend can be called from any
+call (:mod:`itmrt.engine.cuda_context`), so a backend can be called from any
 thread (one call at a time: TensorRT's execution context is not thread-safe).
 :meth:`TrtBackend.close` frees everything in TensorRT's order - execution
 context, engine, runtime - then the buffers and the stream, with the context
@@ -28,8 +29,8 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.optional import require_all
-from itmrt.runtime.bundle import BundleInfo
-from itmrt.runtime.cuda_context import CudaContext, cuda_error, shared_context
+from itmrt.bundle.folder import BundleInfo
+from itmrt.engine.cuda_context import CudaContext, cuda_error, shared_context
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
@@ -114,8 +115,9 @@ class TrtBackend:
         here = DeviceInfo(str(trt.__version__), str(context.device.name()), f"{major}.{minor}")
         path = check_engine(bundle.path, bundle.manifest, precision, component, here)
         entry = bundle.engine_record(component, precision)
-        host_code = carries_host_code((entry.get("builder") or {}).get("set_flags", ()))
-        return cls(path, device=device, dla_core=entry.get("dla_core"), host_code=host_code, cuda_context=context)
+        assert entry is not None  # check_engine found it
+        host_code = carries_host_code(entry.builder.get("set_flags") or ())
+        return cls(path, device=device, dla_core=entry.dla_core, host_code=host_code, cuda_context=context)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         low, _opt, high = (_dims(s) for s in self._profile[name])

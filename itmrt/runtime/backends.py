@@ -18,9 +18,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from itmrt.bundle.names import ORT_TENSORRT_CACHE_DIR
+from itmrt.bundle.folder import BundleInfo
+from itmrt.bundle.manifest import GraphEntry
+from itmrt.bundle.names import BACKENDS, ORT_TENSORRT_CACHE_DIR, BackendName, Precision
 from itmrt.errors import ItmrtError
-from itmrt.runtime.bundle import BundleInfo
 from itmrt.runtime.providers import (
     DEFAULT_PROVIDER_ORDER,
     PROVIDER_ALIASES,
@@ -42,8 +43,6 @@ __all__ = [
     "open_backend",
     "resolve_providers",
 ]
-
-BACKENDS = ("ort", "trt")
 
 _ONNX_TYPES = {
     "tensor(float)": np.float32,
@@ -78,7 +77,7 @@ class OrtBackend:
         self,
         path: Path,
         settings: SessionSettings | None = None,
-        graph_entry: dict[str, Any] | None = None,
+        graph_entry: GraphEntry | None = None,
         cache_dir: Path | None = None,
     ) -> None:
         import onnxruntime as ort
@@ -120,17 +119,15 @@ class OrtBackend:
 def open_backend(
     bundle: BundleInfo,
     component: str,
-    backend: str = "ort",
-    precision: str = "fp32",
+    backend: str = BackendName.ORT,
+    precision: str = Precision.FP32,
     settings: SessionSettings | None = None,
 ) -> Backend:
     """The backend that runs ``component`` of ``bundle`` at ``precision``."""
-    if backend == "ort":
+    if backend == BackendName.ORT:
         cache = bundle.path / ORT_TENSORRT_CACHE_DIR / precision
-        return OrtBackend(
-            bundle.graph_file(component, precision), settings, bundle.manifest["graphs"][component], cache
-        )
-    if backend == "trt":
+        return OrtBackend(bundle.graph_file(component, precision), settings, bundle.manifest.graph(component), cache)
+    if backend == BackendName.TRT:
         from itmrt.runtime.backend_trt import TrtBackend
 
         return TrtBackend.from_bundle(bundle, component, precision, device=(settings or SessionSettings()).device)

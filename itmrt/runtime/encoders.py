@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from itmrt.bundle.manifest import AxisRange
+from itmrt.bundle.names import LENGTHS, TOKEN_IDS, parse_choice
 from itmrt.errors import DataError, ItmrtError
 from itmrt.runtime.backends import Backend
+from itmrt.runtime.options import OnLong, Warn
 from itmrt.text.vocab import CaptionTooLongError, Vocabulary
 
-Warn = Callable[[str], None]
-ON_LONG = ("truncate", "refuse")
 
 
 def default_warn(message: str) -> None:
@@ -78,12 +79,11 @@ def tokenize(
     vocab: Vocabulary,
     captions: Sequence[str],
     max_length: int | None,
-    on_long: str = "truncate",
+    on_long: OnLong | str = OnLong.TRUNCATE,
     warn: Warn | None = None,
 ) -> list[list[int]]:
     """Token ids per caption; a caption over ``max_length`` ids is cut (with one warning) or refused."""
-    if on_long not in ON_LONG:
-        raise ItmrtError(f"--on-long must be one of {', '.join(ON_LONG)}, not {on_long!r}")
+    on_long = parse_choice(OnLong, on_long, "--on-long")
     if max_length is not None and max_length < 2:
         raise ItmrtError(f"--max-length must be at least 2 (<start> and <end>), not {max_length}")
     encoded = [vocab.encode(caption) for caption in captions]
@@ -93,7 +93,7 @@ def tokenize(
     if not too_long:
         return encoded
     first = too_long[0]
-    if on_long == "refuse":
+    if on_long == OnLong.REFUSE:
         raise CaptionTooLongError(
             f"caption {first + 1} has {len(encoded[first])} tokens (with <start> and <end>), more than the limit "
             f"{max_length}; shorten it, or pass --on-long truncate"
@@ -157,7 +157,7 @@ class CaptionEncoder:
             tokens = np.full((len(batch), batch_width), pad, dtype=np.int32)
             for row, k in enumerate(batch):
                 tokens[row, : lengths[k]] = ids[k]
-            out = self.backend.run({"token_ids": tokens, "lengths": lengths[batch]})[0]
+            out = self.backend.run({TOKEN_IDS: tokens, LENGTHS: lengths[batch]})[0]
             if vectors is None:
                 rows = int(offsets[-1]) if self.token_level else n
                 vectors = np.empty((rows, out.shape[-1]), dtype=np.float32)
@@ -171,7 +171,7 @@ class CaptionEncoder:
         return CaptionEmbeddings(vectors, lengths, offsets if self.token_level else None)
 
 
-def check_image_input(features: np.ndarray, expected: list[int | str], ranges: dict[str, dict[str, int] | None], source: str) -> None:
+def check_image_input(features: np.ndarray, expected: list[int | str], ranges: dict[str, AxisRange | None], source: str) -> None:
     """Refuse features whose shape does not fit the image encoder's declared input (one-line error)."""
     if features.ndim != len(expected):
         raise DataError(
@@ -185,10 +185,10 @@ def check_image_input(features: np.ndarray, expected: list[int | str], ranges: d
                 f"(axis {axis} is {have}, not {want}); use features extracted for this model"
             )
         limits = ranges.get(str(want)) if isinstance(want, str) else None
-        if limits and not limits["min"] <= have <= limits["max"]:
+        if limits and not limits.min <= have <= limits.max:
             raise DataError(
                 f"{source} has {have} along axis {axis} ({want}); the bundle was exported for "
-                f"{limits['min']}..{limits['max']}; use features extracted for this model"
+                f"{limits.min}..{limits.max}; use features extracted for this model"
             )
 
 

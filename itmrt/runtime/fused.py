@@ -32,6 +32,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from itmrt.bundle.names import (
+    CAPTION_EMBEDDINGS,
+    IMAGE_EMBEDDINGS,
+    LENGTHS,
+    NAAF_INTRA_FACTOR,
+    NAAF_LAMBDA,
+    NAAF_THRESHOLD,
+    SCORES,
+)
 from itmrt.errors import ItmrtError
 from itmrt.optional import available, require
 from itmrt.runtime.encoders import CaptionEmbeddings
@@ -39,15 +48,14 @@ from itmrt.runtime.sessions import create_session
 from itmrt.runtime.tiled import DEFAULT_BUDGET_BYTES, ScoreResult, StreamingTopK, tile_shape
 
 FUSED_BUDGET_BYTES = 8 << 20
-"""Default similarity-tile size (measured on the 2-core dev CPU: 8 MB beat 2 and 4 MB by ~15%)."""
+"""Default similarity-tile size (``benchmarks/bench_scorer.py --fused-budgets 2,4,8``: 8 MB beat 2 and 4 MB by ~15%)."""
 STRIP_BYTES = 16 << 20
 """Scores gathered before each top-k merge (whole image tiles of one caption tile)."""
 GRAM_CACHE_BYTES = 256 << 20
 """Keep every image's Gram matrix across caption tiles while they take at most this much memory."""
 
-CONSTANT_KEYS = ("naaf_threshold", "naaf_lambda", "naaf_intra_factor")
-"""Metadata keys of NAAF's frozen constants in the scorer graph (``itmrt.export.graphs_scorer``'s
-names, repeated here because the export side imports torch and the runtime must not)."""
+CONSTANT_KEYS = (NAAF_THRESHOLD, NAAF_LAMBDA, NAAF_INTRA_FACTOR)
+"""Metadata keys of NAAF's frozen constants in the scorer graph."""
 
 
 
@@ -141,8 +149,8 @@ class FusedNaafScorer:
     reuses Gram matrices and intra-caption weights across tiles.
     """
 
-    input_names = ["image_embeddings", "caption_embeddings", "lengths"]
-    output_names = ["scores"]
+    input_names = [IMAGE_EMBEDDINGS, CAPTION_EMBEDDINGS, LENGTHS]
+    output_names = [SCORES]
 
     def __init__(self, threshold: float, lambda_softmax: float, intra_factor: float, threads: int = 0) -> None:
         if threads < 0:
@@ -243,9 +251,9 @@ class FusedNaafScorer:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The scorer graph's contract: ``image_embeddings [Bi, n, d]``, padded ``caption_embeddings [Bc, L, d]``, ``lengths``."""
-        images = np.ascontiguousarray(feeds["image_embeddings"], dtype=np.float32)
-        padded = np.asarray(feeds["caption_embeddings"], dtype=np.float32)
-        lengths = np.asarray(feeds["lengths"]).astype(np.int64)
+        images = np.ascontiguousarray(feeds[IMAGE_EMBEDDINGS], dtype=np.float32)
+        padded = np.asarray(feeds[CAPTION_EMBEDDINGS], dtype=np.float32)
+        lengths = np.asarray(feeds[LENGTHS]).astype(np.int64)
         if padded.ndim != 3 or images.ndim != 3 or padded.shape[2] != images.shape[2]:
             raise ItmrtError(f"fused scorer: image {images.shape} and caption {padded.shape} embeddings do not match")
         if len(lengths) != padded.shape[0] or (lengths < 1).any() or (lengths > padded.shape[1]).any():

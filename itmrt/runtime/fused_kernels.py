@@ -65,7 +65,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 def set_threads(threads: int) -> None:
     """Run the parallel kernels on ``threads`` threads (at most numba's pool size)."""
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(threads, int(getattr(numba.config, "NUMBA_NUM_THREADS"))))  # untyped config
 
 
 def kernels() -> tuple[object, ...]:

@@ -18,7 +18,6 @@ such galleries under one ``gallery.json`` of kind ``itmrt-sharded-gallery``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -31,11 +30,11 @@ import numpy as np
 from itmrt import __version__
 from itmrt.errors import DataError, ItmrtError
 from itmrt.data.precomp import open_npy
+from itmrt.bundle.folder import BundleInfo, is_bundle
 from itmrt.io import (
-    atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_file,
-    staged_folder,
+    atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_bytes,
+    sha256_file, staged_folder,
 )
-from itmrt.runtime.bundle import BundleInfo, is_bundle
 
 GALLERY_KIND = "itmrt-gallery"
 GALLERY_SCHEMA = 1
@@ -121,7 +120,7 @@ def _read_ids(root: Path, entry: dict[str, Any], rows: int) -> list[str]:
         ids = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ItmrtError(f"cannot read the image ids {path} ({type(exc).__name__}); re-index the gallery") from None
-    if hashlib.sha256(raw).hexdigest() != entry.get("sha256"):
+    if sha256_bytes(raw) != entry.get("sha256"):
         raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST}; re-index the gallery")
     if not isinstance(ids, list) or len(ids) != rows or not all(isinstance(x, str) for x in ids):
         raise ItmrtError(f"{path} does not hold one image id per embedding row ({rows}); re-index the gallery")
@@ -194,7 +193,7 @@ def write_gallery(
         if ids is not None:
             payload = json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
             atomic_write_bytes(staging / IDS_FILE, payload)
-            extra["ids"] = {"file": IDS_FILE, "sha256": hashlib.sha256(payload).hexdigest(), "count": len(ids)}
+            extra["ids"] = {"file": IDS_FILE, "sha256": sha256_bytes(payload), "count": len(ids)}
         manifest = {
             "kind": GALLERY_KIND,
             "schema_version": GALLERY_SCHEMA,

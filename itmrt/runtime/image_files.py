@@ -30,8 +30,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from itmrt.bundle.manifest import Manifest
+from itmrt.bundle.names import IMAGES
 from itmrt.data.images import PREPROCESSING_KEY, preprocess_images
 from itmrt.errors import DataError, ItmrtError, first_line
+from itmrt.families import get
 from itmrt.optional import require
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -63,25 +66,25 @@ class ImagePreprocessing:
     exif_transpose: bool = True
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any], bundle: str) -> ImagePreprocessing:
-        section = manifest.get(PREPROCESSING_KEY)
-        if manifest.get("family") != "cmpm":
+    def from_manifest(cls, manifest: Manifest, bundle: str) -> ImagePreprocessing:
+        if get(manifest.family).image_input != IMAGES:
             raise ItmrtError(
-                f"bundle {bundle} is a {manifest.get('family')} bundle, whose image encoder takes region features "
+                f"bundle {bundle} is a {manifest.family} bundle, whose image encoder takes region features "
                 "(a .npy file); image files are for CMPM bundles"
             )
-        if not isinstance(section, dict):
+        section = manifest.image_preprocessing
+        if section is None:
             raise ItmrtError(
                 f"bundle {bundle} does not record how its model preprocesses images (no '{PREPROCESSING_KEY}' in "
                 "its manifest); export it again with this itmrt, or pass preprocessed images as a .npy file"
             )
         try:
-            crop = section["crop"]
-            if section.get("decode") != "rgb8" or section.get("layout") != "NCHW" or crop.get("at") != "center":
+            crop = section.crop
+            if section.decode != "rgb8" or section.layout != "NCHW" or crop.at != "center":
                 raise ValueError("an unknown decode, layout or crop")
-            return cls(int(crop["height"]), int(crop["width"]), _triple(section["mean"]), _triple(section["std"]),
-                       float(section["scale"]), bool(section.get("exif_transpose", True)))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return cls(crop.height, crop.width, _triple(section.mean), _triple(section.std), section.scale,
+                       section.exif_transpose)
+        except (TypeError, ValueError) as exc:
             raise ItmrtError(
                 f"bundle {bundle}: its '{PREPROCESSING_KEY}' section is malformed ({exc}); export it again"
             ) from None

@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from itmrt.bundle.manifest import GraphEntry
 from itmrt.errors import ItmrtError
+from itmrt.runtime.sessions import CPU_PROVIDER
 
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+CPU = CPU_PROVIDER
 PROVIDER_ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 DEFAULT_PROVIDER_ORDER = (CUDA, CPU)
 TIMING_CACHE_PATH_SINCE = (1, 17)  # onnxruntime version that added trt_timing_cache_path
@@ -83,9 +85,7 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def tensorrt_options(
-    graph_entry: dict[str, Any] | None, cache_dir: Path, device: int, ort_version: str
-) -> dict[str, Any]:
+def tensorrt_options(graph_entry: GraphEntry | None, cache_dir: Path, device: int, ort_version: str) -> dict[str, Any]:
     """Options of ONNX Runtime's TensorRT provider for one graph of the bundle."""
     from itmrt.engine.profiles import profile_shapes
 
@@ -97,7 +97,7 @@ def tensorrt_options(
     }
     if _version(ort_version) >= TIMING_CACHE_PATH_SINCE:
         options["trt_timing_cache_path"] = str(cache_dir)
-    if graph_entry is not None and graph_entry.get("shape_ranges"):
+    if graph_entry is not None and graph_entry.shape_ranges:
         shapes = profile_shapes(graph_entry, {})
         for index, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
             options[key] = profile_option(shapes, index)
@@ -116,7 +116,7 @@ def cuda_options(device: int, gpu_mem_limit_mb: int | None) -> dict[str, Any]:
 def provider_options(
     providers: Sequence[str],
     settings: SessionSettings,
-    graph_entry: dict[str, Any] | None,
+    graph_entry: GraphEntry | None,
     cache_dir: Path | None,
     ort_version: str,
 ) -> list[dict[str, Any]]:

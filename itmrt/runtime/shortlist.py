@@ -49,9 +49,9 @@ UNION_FACTOR = 2
 MAX_GROUP = 1024
 """Most queries per rerank group (the scorer tiles bigger sub-matrices itself; this bounds the bookkeeping)."""
 CALL_OVERHEAD_PAIRS = 512
-"""The fixed cost of one scorer call, in pair evaluations (measured on the 2-core dev CPU, one thread: ~0.5 ms
-per call for the fused and the graph scorer, ~50 pairs at their ~95K / ~60K pairs/s; set generously, since a
-busy machine makes a call's start far dearer - two contended threads measured ~25 ms)."""
+"""The fixed cost of one scorer call, in pair evaluations (measured with one thread: ~0.5 ms per call for the
+fused and the graph scorer, ~50 pairs at their ~95K / ~60K pairs/s; set generously, since contended cores make
+a call's start far dearer - two contended threads measured ~25 ms)."""
 GLOBAL_BLOCK_BYTES = 32 << 20
 """Memory for one block of the global score matrix while picking candidates."""
 _EPS = 1e-8

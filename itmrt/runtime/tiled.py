@@ -21,11 +21,12 @@ from typing import Callable
 
 import numpy as np
 
+from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS
 from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import Backend
 from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.options import DEFAULT_BUDGET_BYTES
 
-DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% on this CPU (cache)
 INTERMEDIATES_PER_PAIR = 8
 """Live ``L x n`` float32 arrays per (image, caption) pair in a cross-attention tile (a generous estimate)."""
 
@@ -157,12 +158,12 @@ def score_tiled(
     for c0 in range(0, n_cap, bc):
         cap_ids = order[c0 : c0 + bc]
         cap_batch, cap_lengths = captions.padded(cap_ids)
-        feeds = {"caption_embeddings": cap_batch}
+        feeds = {CAPTION_EMBEDDINGS: cap_batch}
         if captions.token_level:
-            feeds["lengths"] = cap_lengths.astype(np.int32)
+            feeds[LENGTHS] = cap_lengths.astype(np.int32)
         for i0 in range(0, n_img, bi):
             i1 = min(i0 + bi, n_img)
-            feeds["image_embeddings"] = np.ascontiguousarray(images[i0:i1], dtype=np.float32)
+            feeds[IMAGE_EMBEDDINGS] = np.ascontiguousarray(images[i0:i1], dtype=np.float32)
             block = scorer.run(feeds)[0]
             if block.shape != (i1 - i0, len(cap_ids)):
                 raise ItmrtError(f"the scorer returned shape {block.shape}, expected {(i1 - i0, len(cap_ids))}")

@@ -10,7 +10,7 @@
 - :mod:`itmrt.scale.shard`: searching one shard and merging shards' answers.
 - :mod:`itmrt.scale.local` / :mod:`itmrt.scale.ray_search`: every shard in
   this process, or on Ray actors (``itmrt infer/serve GALLERY --ray ...``).
-- :mod:`itmrt.scale.searcher`: :func:`open_shards` and ``itmrt serve``'s searcher.
+- :mod:`itmrt.scale.searcher`: :func:`open_shards` (``itmrt serve``'s searcher over it: :mod:`itmrt.serve.sharded`).
 
 ::
 
@@ -29,12 +29,12 @@ from itmrt.scale.index import INDEX_KINDS, IndexSpec
 from itmrt.scale.layout import ShardedGallery, is_sharded_gallery, read_sharded_gallery
 from itmrt.scale.local import LocalShards
 from itmrt.scale.ray_search import RayOptions, RayShards
-from itmrt.scale.searcher import ShardedSearcher, open_sharded_searcher, open_shards
+from itmrt.scale.searcher import open_shards
 from itmrt.scale.shard import SearchRequest, SearchResult
 from itmrt.scale.writer import ShardedWriter, ShardingOptions, index_sharded
 
 __all__ = [
     "INDEX_KINDS", "IndexSpec", "LocalShards", "RayOptions", "RayShards", "SearchRequest", "SearchResult",
-    "ShardedGallery", "ShardedSearcher", "ShardedWriter", "ShardingOptions", "index_sharded",
-    "is_sharded_gallery", "open_sharded_searcher", "open_shards", "read_sharded_gallery",
+    "ShardedGallery", "ShardedWriter", "ShardingOptions", "index_sharded",
+    "is_sharded_gallery", "open_shards", "read_sharded_gallery",
 ]

@@ -25,8 +25,10 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from itmrt.bundle.names import parse_choice
 from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings, tokenize
+from itmrt.runtime.options import OnLong
 from itmrt.runtime.tiled import TopK
 
 TokenIds = list[list[int]]
@@ -75,13 +77,12 @@ class RuntimeSearcher:
         self,
         runtime: Any,
         gallery: Any,
-        on_long: str = "refuse",
+        on_long: OnLong | str = OnLong.REFUSE,
         ids: Sequence[str] | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> None:
-        if on_long not in ("refuse", "truncate"):
-            raise ItmrtError(f"--on-long must be refuse or truncate, not {on_long!r}")
-        self.runtime, self.gallery, self.on_long, self.warn = runtime, gallery, on_long, warn
+        self.on_long = parse_choice(OnLong, on_long, "--on-long")
+        self.runtime, self.gallery, self.warn = runtime, gallery, warn
         self.size = len(gallery)
         # Galleries made from image files name each image by its path.
         self.ids = ids if ids is not None else getattr(gallery, "ids", None)
@@ -97,8 +98,8 @@ class RuntimeSearcher:
 
     def tokenize(self, captions: Sequence[str]) -> TokenIds:
         limit = self.runtime.max_length
-        if self.on_long == "truncate":
-            return tokenize(self.runtime.vocab, captions, limit, "truncate", self.warn)
+        if self.on_long is OnLong.TRUNCATE:
+            return tokenize(self.runtime.vocab, captions, limit, OnLong.TRUNCATE, self.warn)
         ids = tokenize(self.runtime.vocab, captions, None)
         for index, tokens in enumerate(ids):
             if limit is not None and len(tokens) > limit:
@@ -133,7 +134,7 @@ class RuntimeSearcher:
 def open_runtime_searcher(
     bundle: str | Path,
     gallery: str | Path,
-    on_long: str = "refuse",
+    on_long: OnLong | str = OnLong.REFUSE,
     warn: Callable[[str], None] | None = None,
     **load_options: Any,
 ) -> RuntimeSearcher:

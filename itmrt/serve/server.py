@@ -28,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.errors import ItmrtError
 from itmrt.optional import require, require_all
 from itmrt.serve.app import HttpLimits, create_app
 from itmrt.serve.auth import read_token_file
 from itmrt.serve.batcher import Batcher, BatchSettings
 from itmrt.serve.metrics import ServiceMetrics
+from itmrt.runtime.options import OnLong, ScorerChoice
 from itmrt.scale.layout import is_sharded_gallery
 from itmrt.serve.searcher import Searcher, open_runtime_searcher
 
@@ -46,13 +48,13 @@ class ServeOptions:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    backend: str = "ort"
-    precision: str = "fp32"
+    backend: BackendName = BackendName.ORT
+    precision: Precision = Precision.FP32
     providers: list[str] | None = None
     threads: int = 0
-    scorer: str = "auto"
+    scorer: ScorerChoice = ScorerChoice.AUTO
     memory_mb: int = 32
-    on_long: str = "refuse"
+    on_long: OnLong = OnLong.REFUSE
     batch: BatchSettings = field(default_factory=BatchSettings)
     limits: HttpLimits = field(default_factory=HttpLimits)
     token_file: Path | None = None
@@ -62,11 +64,18 @@ class ServeOptions:
     ray: Any = None  # sharded galleries: itmrt.scale.RayOptions to search the shards on Ray actors
     configure_logging: bool = True  # False: leave logging as the embedding application set it up
 
+    def __post_init__(self) -> None:
+        # Plain strings are accepted and checked here, once, with the choices in the message.
+        object.__setattr__(self, "backend", parse_choice(BackendName, self.backend, "backend"))
+        object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
+        object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
+        object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
+
 
 def _sharded_searcher(gallery: Path, options: ServeOptions, load_options: dict[str, Any]) -> Callable[[], Searcher]:
     """The searcher factory of a sharded gallery (its shards in this process, or on Ray with ``options.ray``)."""
     from itmrt.scale.layout import read_sharded_gallery
-    from itmrt.scale.searcher import open_sharded_searcher
+    from itmrt.serve.sharded import open_sharded_searcher
 
     read_sharded_gallery(gallery)  # a missing or broken gallery is reported before the port is taken
     if options.shortlist is not None and options.shortlist < 1:
@@ -168,13 +177,8 @@ class Service:
 
     @staticmethod
     def _runtime_searcher(source: Any, gallery: Any, options: ServeOptions) -> Callable[[], Searcher]:
-        from itmrt.runtime.api import SCORERS
         from itmrt.runtime.gallery import gallery_source, read_gallery
 
-        if options.scorer not in SCORERS:
-            raise ItmrtError(f"--scorer must be one of {', '.join(SCORERS)}, not {options.scorer!r}")
-        if options.on_long not in ("refuse", "truncate"):
-            raise ItmrtError(f"--on-long must be refuse or truncate, not {options.on_long!r}")
         if source is None:
             raise ItmrtError("give a gallery folder, or a bundle folder and --gallery")
         bundle_path, gallery_path = gallery_source(source, gallery)

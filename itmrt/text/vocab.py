@@ -163,6 +163,12 @@ class Vocabulary:
 
     # -- encoding -----------------------------------------------------------
 
+    def check_fits(self, rows: int, name: str, table: str = "the checkpoint's embedding",
+                   remedy: str = "pass the vocabulary the model was trained with") -> None:
+        """Refuse a vocabulary whose size is not the ``rows`` of a model's word-embedding ``table``."""
+        if len(self) != rows:
+            raise VocabularyError(f"{name} has {len(self)} words but {table} has {rows} rows; {remedy}")
+
     def encode(self, caption: str) -> list[int]:
         """``<start>``, the ids of the caption's lower-cased tokens (``<unk>`` if unknown), ``<end>``."""
         unk = self.unk_id

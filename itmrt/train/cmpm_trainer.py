@@ -15,7 +15,7 @@ Output folder:
 
 - ``checkpoint_last.safetensors``: the model after the latest epoch, in itmrt's
   native format (:func:`itmrt.models.native.save_native`, loadable by
-  ``load_checkpoint``);
+  ``itmrt.families.checkpoints.load_checkpoint``);
 - ``checkpoint_last.state.pt``: what resuming needs besides the weights, saved
   with ``torch.save`` holding only tensors, numbers, strings, lists and dicts (so
   ``torch.load(..., weights_only=True)`` reads it): epoch, optimizer state, the
@@ -34,7 +34,6 @@ an interruption and resume; on CUDA cuDNN's LSTM kernels may differ in the last 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -49,10 +48,12 @@ from torch import Tensor
 
 from itmrt.data.images import ImageCaptionSplit, identity_recall_table, load_vocabulary, preprocess_images
 from itmrt.errors import CheckpointError, ItmrtError, first_line
-from itmrt.io import atomic_write_bytes, atomic_write_text
+from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
 from itmrt.models.cmpm import CMPMModel
-from itmrt.models.native import load_native, save_native
+from itmrt.families.checkpoints import load_native
+from itmrt.models.native import save_native
 from itmrt.text.vocab import Vocabulary
+from itmrt.train.loop import EpochLoop, TokenisedCaptions
 from itmrt.train.losses import cmpc_loss, cmpm_loss
 
 LAST_CHECKPOINT = "checkpoint_last.safetensors"
@@ -160,21 +161,6 @@ def identity_batches(labels: np.ndarray, batch_size: int, samples_per_identity: 
     return [batch for batch in batches if len(batch) >= 2]
 
 
-class _EncodedCaptions:
-    """All captions of a split as token-id lists, padded per batch."""
-
-    def __init__(self, vocab: Vocabulary, captions: list[str], max_length: int) -> None:
-        tokens, lengths = vocab.encode_batch(captions, max_length=max_length)
-        self.tokens = tokens
-        self.lengths = lengths
-
-    def batch(self, indices: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
-        lengths = self.lengths[indices]
-        width = int(lengths.max())
-        tokens = torch.from_numpy(np.ascontiguousarray(self.tokens[indices, :width])).to(device)
-        return tokens, torch.from_numpy(lengths)
-
-
 def _image_batch(split: ImageCaptionSplit, image_indices: np.ndarray, device: torch.device) -> Tensor:
     return torch.from_numpy(preprocess_images(np.asarray(split.images[image_indices]))).to(device)
 
@@ -194,7 +180,7 @@ def embed_split(model: CMPMModel, split: ImageCaptionSplit, vocab: Vocabulary, d
             model.encode_image(_image_batch(split, np.arange(start, min(start + batch_size, split.num_images)), device)).cpu()
             for start in range(0, split.num_images, batch_size)
         ]
-        captions = _EncodedCaptions(vocab, split.captions, max_caption_length)
+        captions = TokenisedCaptions(vocab, split.captions, max_caption_length)
         text_parts = []
         for start in range(0, split.num_captions, batch_size):
             tokens, lengths = captions.batch(np.arange(start, min(start + batch_size, split.num_captions)), device)
@@ -217,11 +203,8 @@ def evaluate_cmpm(model: CMPMModel, split: ImageCaptionSplit, vocab: Vocabulary,
 
 def check_data_matches_model(model: CMPMModel, split: ImageCaptionSplit, vocab: Vocabulary) -> None:
     """One-line :class:`ItmrtError` when the data cannot feed the model (vocabulary size, image size)."""
-    if len(vocab) != model.vocab_size:
-        raise ItmrtError(
-            f"the data's vocabulary has {len(vocab)} words but the model's embedding has {model.vocab_size}; "
-            "use the vocabulary the model was trained with"
-        )
+    vocab.check_fits(model.vocab_size, "the data's vocabulary", "the model's embedding",
+                     "use the vocabulary the model was trained with")
     if (split.image_height, split.image_width) != (model.image_size, model.image_size):
         raise ItmrtError(
             f"{split.split} images in {split.data_dir} are {split.image_height}x{split.image_width} but the model "
@@ -262,14 +245,10 @@ def _device(name: str) -> torch.device:
 # -- checkpoints -----------------------------------------------------------------
 
 
-def _sha256_bytes_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _save_last(out_dir: Path, model: CMPMModel, state: dict[str, Any]) -> None:
     """Model file first, then the state naming the model file's hash (the pair is checked on resume)."""
     model_path = save_native(out_dir / LAST_CHECKPOINT, model)
-    state = dict(state, model_sha256=_sha256_bytes_of(model_path), format=_STATE_FORMAT)
+    state = dict(state, model_sha256=sha256_file(model_path), format=_STATE_FORMAT)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(out_dir / LAST_STATE, buffer.getvalue())
@@ -285,7 +264,7 @@ def _load_last(out_dir: Path) -> tuple[CMPMModel, dict[str, Any]]:
         raise CheckpointError(f"{state_path} is not a readable training state ({first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         raise CheckpointError(f"{state_path} is not an itmrt CMPM training state")
-    if state.get("model_sha256") != _sha256_bytes_of(model_path):
+    if state.get("model_sha256") != sha256_file(model_path):
         raise CheckpointError(
             f"{model_path} does not belong to {state_path} (hash differs; was a save interrupted?); restart without resume"
         )
@@ -342,20 +321,43 @@ def train_cmpm(config: CMPMTrainConfig, progress: ProgressCallback | None = None
         torch.set_num_threads(previous_threads)
 
 
-def _train(config: CMPMTrainConfig, progress: ProgressCallback | None) -> CMPMTrainResult:
-    started = time.perf_counter()
+@dataclass
+class _CmpmRun:
+    """What a CMPM run trains with, new or resumed (``state``: what :func:`_load_last` read, on resume)."""
+
+    config: CMPMTrainConfig
+    model: CMPMModel
+    vocab: Vocabulary
+    train_split: ImageCaptionSplit
+    val_split: ImageCaptionSplit | None
+    device: torch.device
+    class_of_caption: np.ndarray  # identity label of each training caption, renumbered 0..K-1 (CMPC's classes)
+    state: dict[str, Any] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_rsum: float = -math.inf
+    best_epoch: int = 0
+    start_epoch: int = 1
+    global_step: int = 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+    def validate(self) -> dict[str, float]:
+        assert self.val_split is not None
+        return evaluate_cmpm(self.model, self.val_split, self.vocab, self.device, self.config.eval_batch_size,
+                             self.config.max_caption_length)
+
+
+def _open_run(config: CMPMTrainConfig) -> _CmpmRun:
+    """The data and the model (built, or loaded to resume), checked against each other."""
     device = _device(config.device)
     out_dir = Path(config.out_dir)
     vocab = load_vocabulary(config.data_dir)
     train_split = ImageCaptionSplit.open(config.data_dir, config.train_split)
     val_split = ImageCaptionSplit.open(config.data_dir, config.val_split) if config.val_split else None
     image_size = config.image_size if config.image_size is not None else train_split.image_height
-
-    # Identity labels of the training captions, renumbered 0..K-1 (CMPC's classes).
-    identities, class_of_caption = np.unique(train_split.caption_labels, return_inverse=True)
-    num_classes = len(identities)
-
-    has_last = (out_dir / LAST_CHECKPOINT).exists() or (out_dir / LAST_STATE).exists()
+    _identities, class_of_caption = np.unique(train_split.caption_labels, return_inverse=True)
     state: dict[str, Any] | None = None
     if config.resume:
         model, state = _load_last(out_dir)
@@ -364,6 +366,7 @@ def _train(config: CMPMTrainConfig, progress: ProgressCallback | None) -> CMPMTr
         if config.init_checkpoint is None and requested != stored:
             raise CheckpointError(f"the checkpoint in {out_dir} has architecture {stored}, the config asks for {requested}")
     else:
+        has_last = (out_dir / LAST_CHECKPOINT).exists() or (out_dir / LAST_STATE).exists()
         if has_last and not config.overwrite:
             raise ItmrtError(f"{out_dir} already holds a training run; pass resume=True to continue it or overwrite=True to replace it")
         model = _build_model(config, len(vocab), image_size)
@@ -373,107 +376,125 @@ def _train(config: CMPMTrainConfig, progress: ProgressCallback | None) -> CMPMTr
     if val_split is not None:
         check_data_matches_model(model, val_split, vocab)
     model.to(device)
+    return _CmpmRun(config, model, vocab, train_split, val_split, device, class_of_caption, state)
 
-    cmpc_weight: torch.nn.Parameter | None = None
-    if config.use_cmpc:
-        generator = torch.Generator().manual_seed(config.seed + 1)
-        initial = torch.randn(num_classes, model.embed_size, generator=generator) / math.sqrt(model.embed_size)
-        cmpc_weight = torch.nn.Parameter(initial.to(device))
-    params = list(model.parameters()) + ([cmpc_weight] if cmpc_weight is not None else [])
-    optimizer = _make_optimizer(config, params)
 
-    history: list[dict[str, float]] = []
-    best_rsum, best_epoch, start_epoch, global_step = -math.inf, 0, 1, 0
-    if state is not None:
-        if bool(state["use_cmpc"]) != config.use_cmpc:
-            raise CheckpointError(f"the run in {out_dir} was trained with use_cmpc={bool(state['use_cmpc'])}; resume with the same setting")
-        if cmpc_weight is not None:
-            stored_weight = state["cmpc_weight"]
-            if tuple(stored_weight.shape) != tuple(cmpc_weight.shape):
-                raise CheckpointError(f"the CMPC weight in {out_dir} has shape {tuple(stored_weight.shape)}; the data has {num_classes} identities")
-            with torch.no_grad():
-                cmpc_weight.copy_(stored_weight)
-        optimizer.load_state_dict(state["optimizer"])
-        history = [dict(record) for record in state["history"]]
-        best_rsum, best_epoch = float(state["best_rsum"]), int(state["best_epoch"])
-        start_epoch, global_step = int(state["epoch"]) + 1, int(state["global_step"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _cmpc_weight(run: _CmpmRun) -> torch.nn.Parameter | None:
+    """CMPC's class weight, seeded (one row per training identity); None without CMPC."""
+    if not run.config.use_cmpc:
+        return None
+    classes, size = int(run.class_of_caption.max()) + 1, run.model.embed_size
+    generator = torch.Generator().manual_seed(run.config.seed + 1)
+    return torch.nn.Parameter((torch.randn(classes, size, generator=generator) / math.sqrt(size)).to(run.device))
+
+
+def _restore(run: _CmpmRun, optimizer: torch.optim.Optimizer, cmpc_weight: torch.nn.Parameter | None) -> None:
+    """Continue a resumed run where its state says (or start afresh, removing what an earlier run left)."""
+    state = run.state
     if state is None:
         for stale in (LAST_CHECKPOINT, LAST_STATE, BEST_CHECKPOINT, HISTORY_FILE):
-            (out_dir / stale).unlink(missing_ok=True)  # overwrite=True: nothing of the old run may survive
+            (run.out_dir / stale).unlink(missing_ok=True)  # overwrite=True: nothing of the old run may survive
+        return
+    if bool(state["use_cmpc"]) != run.config.use_cmpc:
+        raise CheckpointError(f"the run in {run.out_dir} was trained with use_cmpc={bool(state['use_cmpc'])}; resume with the same setting")
+    if cmpc_weight is not None:
+        stored_weight = state["cmpc_weight"]
+        if tuple(stored_weight.shape) != tuple(cmpc_weight.shape):
+            raise CheckpointError(f"the CMPC weight in {run.out_dir} has shape {tuple(stored_weight.shape)}; "
+                                  f"the data has {cmpc_weight.shape[0]} identities")
+        with torch.no_grad():
+            cmpc_weight.copy_(stored_weight)
+    optimizer.load_state_dict(state["optimizer"])
+    run.history = [dict(record) for record in state["history"]]
+    run.best_rsum, run.best_epoch = float(state["best_rsum"]), int(state["best_epoch"])
+    run.start_epoch, run.global_step = int(state["epoch"]) + 1, int(state["global_step"])
 
-    def validate() -> dict[str, float]:
-        assert val_split is not None
-        return evaluate_cmpm(model, val_split, vocab, device, config.eval_batch_size, config.max_caption_length)
 
-    if state is None and val_split is not None and config.validate_initial:
-        history.append({"epoch": 0.0, **validate()})
+class _CmpmTraining(EpochLoop):
+    """The CMPM epochs: identity-grouped batches, CMPM (+ CMPC) loss, validation every ``val_every`` epochs."""
 
-    captions = _EncodedCaptions(vocab, train_split.captions, config.max_caption_length)
-    class_tensor = torch.from_numpy(class_of_caption.astype(np.int64))
-    for epoch in range(start_epoch, config.epochs + 1):
-        epoch_started = time.perf_counter()
+    def __init__(self, run: _CmpmRun, progress: ProgressCallback | None) -> None:
+        self.run_state, self.progress = run, progress
+        self.cmpc_weight = _cmpc_weight(run)
+        params = list(run.model.parameters()) + ([self.cmpc_weight] if self.cmpc_weight is not None else [])
+        super().__init__(_make_optimizer(run.config, params), params, run.config.grad_clip)
+        _restore(run, self.optimizer, self.cmpc_weight)
+        self.captions = TokenisedCaptions(run.vocab, run.train_split.captions, run.config.max_caption_length)
+        self.class_tensor = torch.from_numpy(run.class_of_caption.astype(np.int64))
+        self.batches_in_epoch = 0
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        config = self.run_state.config
         torch.manual_seed(config.seed * 100_003 + epoch)
-        batches = identity_batches(class_of_caption, config.batch_size, config.samples_per_identity,
+        batches = identity_batches(self.run_state.class_of_caption, config.batch_size, config.samples_per_identity,
                                    np.random.default_rng([config.seed, epoch]))
         if config.max_steps_per_epoch is not None:
             batches = batches[: config.max_steps_per_epoch]
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = _epoch_lr(config, epoch)
-        model.train()
-        losses = []
-        for batch_number, indices in enumerate(batches, start=1):
-            images = _image_batch(train_split, train_split.caption_image[indices], device)
-            tokens, lengths = captions.batch(indices, device)
-            labels = class_tensor[indices].to(device)
-            image_emb = model.encode_image(images)
-            text_emb = model.encode_text(tokens, lengths)
-            loss = cmpm_loss(image_emb, text_emb, labels)
-            if cmpc_weight is not None:
-                loss = loss + cmpc_loss(image_emb, text_emb, labels, cmpc_weight, config.cmpc_label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            global_step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ItmrtError(f"the loss became {value} at epoch {epoch} step {batch_number}; lower learning_rate")
-            losses.append(value)
-            if progress is not None:
-                progress(BatchProgress(epoch, batch_number, len(batches), global_step, value))
+        self.run_state.model.train()
+        self.batches_in_epoch = len(batches)
+        return batches
 
+    def batch_loss(self, epoch: int, indices: np.ndarray) -> Tensor:
+        run, config = self.run_state, self.run_state.config
+        images = _image_batch(run.train_split, run.train_split.caption_image[indices], run.device)
+        tokens, lengths = self.captions.batch(indices, run.device)
+        labels = self.class_tensor[indices].to(run.device)
+        image_emb = run.model.encode_image(images)
+        text_emb = run.model.encode_text(tokens, lengths)
+        loss = cmpm_loss(image_emb, text_emb, labels)
+        if self.cmpc_weight is not None:
+            loss = loss + cmpc_loss(image_emb, text_emb, labels, self.cmpc_weight, config.cmpc_label_smoothing)
+        return loss
+
+    def after_step(self, epoch: int, number: int, indices: np.ndarray, loss: float) -> None:
+        self.run_state.global_step += 1
+        if self.progress is not None:
+            self.progress(BatchProgress(epoch, number, self.batches_in_epoch, self.run_state.global_step, loss))
+
+    def end_epoch(self, epoch: int, losses: list[float], started: float) -> None:
+        run, config = self.run_state, self.run_state.config
         record: dict[str, float] = {"epoch": float(epoch), "train_loss": float(np.mean(losses)) if losses else math.nan,
-                                    "steps": float(len(batches)), "lr": _epoch_lr(config, epoch),
-                                    "seconds": time.perf_counter() - epoch_started}
-        validated = val_split is not None and (epoch % config.val_every == 0 or epoch == config.epochs)
+                                    "steps": float(len(losses)), "lr": _epoch_lr(config, epoch),
+                                    "seconds": time.perf_counter() - started}
+        validated = run.val_split is not None and (epoch % config.val_every == 0 or epoch == config.epochs)
         if validated:
-            record.update(validate())
-        history.append(record)
-        if validated and record["rsum"] > best_rsum:
-            best_rsum, best_epoch = record["rsum"], epoch
-            save_native(out_dir / BEST_CHECKPOINT, model)
-        _save_last(out_dir, model, {
-            "epoch": epoch, "global_step": global_step, "optimizer": optimizer.state_dict(),
+            record.update(run.validate())
+        run.history.append(record)
+        if validated and record["rsum"] > run.best_rsum:
+            run.best_rsum, run.best_epoch = record["rsum"], epoch
+            save_native(run.out_dir / BEST_CHECKPOINT, run.model)
+        _save_last(run.out_dir, run.model, {
+            "epoch": epoch, "global_step": run.global_step, "optimizer": self.optimizer.state_dict(),
             "use_cmpc": config.use_cmpc,
-            "cmpc_weight": cmpc_weight.detach().cpu().clone() if cmpc_weight is not None else torch.empty(0),
-            "best_rsum": best_rsum, "best_epoch": best_epoch, "history": history, "config": _config_record(config),
+            "cmpc_weight": self.cmpc_weight.detach().cpu().clone() if self.cmpc_weight is not None else torch.empty(0),
+            "best_rsum": run.best_rsum, "best_epoch": run.best_epoch, "history": run.history,
+            "config": _config_record(config),
         })
-        atomic_write_text(out_dir / HISTORY_FILE, json.dumps(history, indent=1) + "\n")
+        atomic_write_text(run.out_dir / HISTORY_FILE, json.dumps(run.history, indent=1) + "\n")
 
-    if val_split is None and start_epoch <= config.epochs:
-        save_native(out_dir / BEST_CHECKPOINT, model)  # without validation the latest model is the one to use
-        best_epoch = config.epochs
-    best_path = out_dir / BEST_CHECKPOINT
+
+def _train(config: CMPMTrainConfig, progress: ProgressCallback | None) -> CMPMTrainResult:
+    started = time.perf_counter()
+    run = _open_run(config)
+    training = _CmpmTraining(run, progress)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    if run.state is None and run.val_split is not None and config.validate_initial:
+        run.history.append({"epoch": 0.0, **run.validate()})
+    training.run(range(run.start_epoch, config.epochs + 1))
+    if run.val_split is None and run.start_epoch <= config.epochs:
+        save_native(run.out_dir / BEST_CHECKPOINT, run.model)  # without validation the latest model is the one to use
+        run.best_epoch = config.epochs
+    best_path = run.out_dir / BEST_CHECKPOINT
     return CMPMTrainResult(
-        out_dir=out_dir,
-        last_checkpoint=out_dir / LAST_CHECKPOINT,
+        out_dir=run.out_dir,
+        last_checkpoint=run.out_dir / LAST_CHECKPOINT,
         best_checkpoint=best_path if best_path.exists() else None,
-        best_epoch=best_epoch,
-        best_rsum=best_rsum,
+        best_epoch=run.best_epoch,
+        best_rsum=run.best_rsum,
         epochs_completed=config.epochs,
-        history=history,
+        history=run.history,
         seconds=time.perf_counter() - started,
     )
 

@@ -22,7 +22,9 @@ from typing import Any, Callable
 
 from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.data.synthetic_images import make_synthetic_image_dataset
+from itmrt.bundle.names import IMAGES, REGION_FEATURES
 from itmrt.errors import ItmrtError
+from itmrt.families import get
 from itmrt.io import atomic_write_text
 
 # Region-feature data: released feature size (2048), 36 regions, small splits.
@@ -85,7 +87,7 @@ def _make_small_models(
                               "models": _earlier_records(out / "recipe.json", families)}
     written: dict[str, Path] = {}
     region_dir = work / "regions"
-    if any(f in families for f in ("naaf", "scan")) and not (region_dir / "vocab.json").is_file():
+    if any(get(f).image_input == REGION_FEATURES for f in families) and not (region_dir / "vocab.json").is_file():
         log(f"making synthetic region data in {region_dir}")
         make_region_data(region_dir)
     for family in families:
@@ -94,7 +96,7 @@ def _make_small_models(
         if run_dir.exists():
             shutil.rmtree(run_dir)
         log(f"training a small {family}")
-        if family == "cmpm":
+        if get(family).image_input == IMAGES:
             image_dir = work / "images"
             if not (image_dir / "vocab.json").is_file():
                 make_image_data(image_dir)
@@ -110,8 +112,8 @@ def _make_small_models(
         shutil.copyfile(best, target)
         written[family] = target
         record["models"][family] = {"file": target.name, "training": settings, **summary}
-        if family == "naaf" and (run_dir / "thresholds.png").is_file():
-            shutil.copyfile(run_dir / "thresholds.png", out / "naaf_small_thresholds.png")
+        if get(family).learns_threshold and (run_dir / "thresholds.png").is_file():
+            shutil.copyfile(run_dir / "thresholds.png", out / f"{family}_small_thresholds.png")
     atomic_write_text(out / "recipe.json", json.dumps(record, indent=2, default=str) + "\n")
     return written
 

@@ -32,15 +32,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import DataError, ItmrtError
+from itmrt.families import get, names
+from itmrt.families.cross_attention import CrossAttentionFamily
 from itmrt.io import atomic_write_text
 from itmrt.models.checkpoint import load_released_checkpoint, save_released_checkpoint
 from itmrt.models.evaluate import encode_captions, encode_images, score_matrix
 from itmrt.models.matcher import CrossAttentionMatcher
-from itmrt.models.naaf import naaf_scores
-from itmrt.data.metrics import recall_table
 from itmrt.text.vocab import Vocabulary
+from itmrt.train.loop import EpochLoop, TokenisedCaptions
 from itmrt.train.losses import triplet_loss
 from itmrt.train.threshold import ThresholdLearner, ThresholdRecord, plot_trajectory
 
@@ -104,16 +106,18 @@ class TrainConfig:
         }
         if self.lr_decay_epoch is not None:
             opt["lr_update"] = self.lr_decay_epoch  # the released name: the rate drops 10x from this epoch
-        if self.family == "naaf":
-            opt.update(lambda_softmax=20.0 if self.lambda_softmax is None else self.lambda_softmax,
-                       thres=0.0, thres_safe=0.0, alpha=self.alpha)
-        elif self.family == "scan":
-            opt.update(lambda_softmax=9.0 if self.lambda_softmax is None else self.lambda_softmax,
-                       bi_gru=self.bi_gru, cross_attn=self.cross_attn, raw_feature_norm=self.raw_feature_norm,
-                       agg_func=self.agg_func, lambda_lse=self.lambda_lse)
-        else:
-            raise ItmrtError(f"itmrt train knows families naaf, scan and cmpm, not {self.family!r}")
+        opt.update(_cross_attention_family(self.family).training_options(self))
         return opt
+
+
+def _cross_attention_family(name: str) -> CrossAttentionFamily:
+    """The spec of a family this trainer trains (region features, a cross-attention matcher)."""
+    spec = get(name)
+    if not isinstance(spec, CrossAttentionFamily):
+        trained = [n for n in names() if isinstance(get(n), CrossAttentionFamily)]
+        raise ItmrtError(f"this trainer trains {', '.join(trained)} (region features), not {name!r}; "
+                         "CMPM trains with itmrt.train.cmpm_trainer")
+    return spec
 
 
 @dataclass
@@ -138,53 +142,21 @@ class TrainResult:
 MAX_UNKNOWN_FRACTION = 0.5
 
 
-class _TokenisedCaptions:
-    """All captions of a split tokenised once, padded to the longest."""
-
-    def __init__(self, vocab: Vocabulary, captions: list[str], source: str = "captions") -> None:
-        self.ids, self.lengths = vocab.encode_batch(captions)
-        # A vocabulary made for other data turns most words into <unk>: refuse it rather than train on noise.
-        words = self.lengths.sum() - 2 * len(self.lengths)
-        unknown = int((self.ids == vocab.unk_id).sum())
-        if words > 0 and unknown / words > MAX_UNKNOWN_FRACTION:
-            raise DataError(
-                f"{100 * unknown / words:.0f}% of the words in {source} are not in the vocabulary; "
-                "pass the vocabulary made for this data (--vocab)"
-            )
-
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = self.lengths[rows]
-        width = int(lengths.max())
-        return torch.from_numpy(self.ids[rows, :width]), torch.from_numpy(lengths)
-
-
-def _check_data(split: PrecompSplit, vocab: Vocabulary, model: CrossAttentionMatcher | None) -> None:
-    if model is None:
-        return
+def _check_data(split: PrecompSplit, vocab: Vocabulary, model: CrossAttentionMatcher) -> None:
+    """The data of a resumed run must fit the model being resumed."""
     if split.img_dim != model.image_encoder.img_dim:
         raise DataError(
             f"{split.images_path} has {split.img_dim}-d region features but the model being resumed expects "
             f"{model.image_encoder.img_dim}; train on the data it was started on or start a new run"
         )
-    if len(vocab) != model.text_encoder.vocab_size:
-        raise DataError(
-            f"the vocabulary has {len(vocab)} words but the model being resumed has {model.text_encoder.vocab_size}; "
-            "use the vocabulary the run was started with"
-        )
+    vocab.check_fits(model.text_encoder.vocab_size, "the vocabulary", "the embedding of the model being resumed",
+                     "use the vocabulary the run was started with")
 
 
 def _word_maxima(image_emb: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
     """``[Bi, Bc, L]``: each word's best raw similarity over each image's regions."""
     sims = torch.matmul(caption_emb.unsqueeze(0), image_emb.unsqueeze(1).transpose(-1, -2))
     return sims.amax(dim=-1)
-
-
-def _training_scores(model: CrossAttentionMatcher, image_emb, caption_emb, lengths, learner) -> torch.Tensor:
-    if model.family == "naaf":
-        # MODELS.md section 2, last paragraph: opt.thres and no intra-caption propagation.
-        return naaf_scores(image_emb, caption_emb, lengths, learner.thres,
-                           lambda_softmax=float(model.opt["lambda_softmax"]), propagate=False)
-    return model.score(image_emb, caption_emb, lengths)
 
 
 @torch.no_grad()
@@ -202,122 +174,214 @@ def validate(model: CrossAttentionMatcher, vocab: Vocabulary, split: PrecompSpli
     return recall_table(scores, captions_per_image=cpi)
 
 
-def _sync_thresholds(model: CrossAttentionMatcher, learner: ThresholdLearner) -> None:
-    model.opt["thres"] = float(learner.thres)
-    model.opt["thres_safe"] = float(learner.thres_safe)
-    threshold = model.scorer.threshold
-    assert isinstance(threshold, torch.Tensor)  # a NAAFScorer buffer
-    threshold.fill_(float(learner.thres_safe))
+class _ThresholdLearning:
+    """A family that learns its threshold (NAAF): updates after each step, copied into the model after each epoch."""
+
+    def __init__(self, learner: ThresholdLearner) -> None:
+        self.learner = learner
+
+    @property
+    def threshold(self) -> float:
+        return float(self.learner.thres)
+
+    def after_step(self, scores: torch.Tensor, image_emb: torch.Tensor, caption_emb: torch.Tensor,
+                   lengths: torch.Tensor, step: int) -> None:
+        self.learner.update_from_batch(scores.detach(), _word_maxima(image_emb.detach(), caption_emb.detach()),
+                                       lengths, step=step)
+
+    def end_epoch(self, model: CrossAttentionMatcher) -> tuple[float | None, float | None, str]:
+        """Copy the learned values into the model; return them and their log text."""
+        learner = self.learner
+        model.opt["thres"] = float(learner.thres)
+        model.opt["thres_safe"] = float(learner.thres_safe)
+        threshold = model.scorer.threshold
+        assert isinstance(threshold, torch.Tensor)  # a NAAFScorer buffer
+        threshold.fill_(float(learner.thres_safe))
+        return learner.thres, learner.thres_safe, f" thres={learner.thres:.4f} thres_safe={learner.thres_safe:.4f}"
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"threshold_trajectory": [list(map(float, r)) for r in self.learner.trajectory]}
+
+    def plot(self, out_dir: Path) -> None:
+        if self.learner.trajectory:
+            plot_trajectory(self.learner.trajectory, out_dir / "thresholds.png")
+
+
+class _NoThreshold:
+    """A family without a learned threshold (SCAN)."""
+
+    threshold = 0.0
+
+    def after_step(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def end_epoch(self, model: CrossAttentionMatcher) -> tuple[float | None, float | None, str]:
+        return None, None, ""
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {}
+
+    def plot(self, out_dir: Path) -> None:
+        pass
+
+
+@dataclass
+class _Run:
+    """Everything a run trains with, whether new or resumed."""
+
+    config: TrainConfig
+    family: CrossAttentionFamily
+    model: CrossAttentionMatcher
+    vocab: Vocabulary
+    train_split: PrecompSplit
+    val_split: PrecompSplit
+    device: torch.device
+    threshold: _ThresholdLearning | _NoThreshold
+    start_epoch: int = 0
+    best_rsum: float = -math.inf
+    eiters: int = 0
+    history: list[EpochRecord] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = None
+
+
+def _open_splits(config: TrainConfig) -> tuple[Vocabulary, PrecompSplit, PrecompSplit]:
+    data_dir = Path(config.data_dir)
+    vocab_path = Path(config.vocab) if config.vocab else data_dir / "vocab.json"
+    if not vocab_path.is_file():
+        raise DataError(f"vocabulary {vocab_path} not found; pass --vocab or put vocab.json in the data folder")
+    train_split = PrecompSplit.open(data_dir, "train")
+    val_split = PrecompSplit.open(data_dir, config.val_split)
+    if val_split.img_dim != train_split.img_dim:
+        raise DataError(f"{config.val_split} features are {val_split.img_dim}-d but train features are {train_split.img_dim}-d")
+    return Vocabulary.from_json(vocab_path), train_split, val_split
+
+
+def _resumed_run(run: _Run, last_path: Path, log: Callable[[str], None]) -> _Run:
+    config, out_dir = run.config, Path(run.config.out_dir)
+    if run.model.family != config.family:
+        raise ItmrtError(f"{last_path} holds a {run.model.family} model, not {config.family}; use another --out")
+    _check_data(run.train_split, run.vocab, run.model)
+    content = _load_resume_state(last_path)
+    run.start_epoch = int(content["epoch"]) + 1
+    run.best_rsum = float(content["best_rsum"])
+    run.eiters = int(content["Eiters"])
+    run.optimizer_state = content.get("optimizer")
+    history_file = out_dir / "history.json"
+    run.history = [EpochRecord(**record) for record in json.loads(history_file.read_text())] \
+        if history_file.is_file() else []
+    if run.family.learns_threshold:
+        learner = ThresholdLearner(run.model.opt["thres"], run.model.opt["thres_safe"], alpha=config.alpha)
+        learner.trajectory = [ThresholdRecord(*row) for row in content.get("threshold_trajectory", [])]
+        run.threshold = _ThresholdLearning(learner)
+    log(f"resuming {config.family} from {last_path} after epoch {run.start_epoch - 1}")
+    return run
+
+
+def _prepare_run(config: TrainConfig, resume: bool, log: Callable[[str], None]) -> _Run:
+    """A new run (seeded model from the family's options) or the one in ``out_dir`` resumed."""
+    family = _cross_attention_family(config.family)
+    vocab, train_split, val_split = _open_splits(config)
+    out_dir = Path(config.out_dir)
+    last_path = out_dir / LAST_CHECKPOINT
+    learner = ThresholdLearner(alpha=config.alpha)
+    threshold = _ThresholdLearning(learner) if family.learns_threshold else _NoThreshold()
+    if resume and last_path.is_file():
+        model = load_released_checkpoint(last_path)
+        run = _Run(config, family, model, vocab, train_split, val_split, torch.device(config.device), threshold)
+        return _resumed_run(run, last_path, log)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        raise ItmrtError(f"output folder {out_dir} is not empty; pass --resume to continue that run or choose another --out")
+    torch.manual_seed(config.seed)
+    opt = config.model_options(train_split.img_dim, len(vocab), Path(config.data_dir).name)
+    model = CrossAttentionMatcher.from_opt(opt, family=config.family)
+    return _Run(config, family, model, vocab, train_split, val_split, torch.device(config.device), threshold)
+
+
+class _RegionTraining(EpochLoop):
+    """The NAAF/SCAN epochs: hardest-negative triplet loss on region features, validation, checkpoints."""
+
+    def __init__(self, run: _Run, progress: Callable[[str, int], ProgressFn] | None, log: Callable[[str], None]) -> None:
+        config, model = run.config, run.model
+        self.run_state, self.progress, self.log = run, progress, log
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=config.learning_rate)
+        if run.optimizer_state is not None:
+            optimizer.load_state_dict(run.optimizer_state)
+        super().__init__(optimizer, params, config.grad_clip)
+        self.captions = TokenisedCaptions(run.vocab, run.train_split.captions, max_unknown=MAX_UNKNOWN_FRACTION,
+                                          source=str(run.train_split.captions_path))
+        self.steps_per_epoch = max(1, run.train_split.num_captions // config.batch_size)
+        self.advance: ProgressFn | None = None
+        self._last: tuple[torch.Tensor, ...] = ()
+
+    def epoch_name(self, epoch: int) -> str:
+        return str(epoch + 1)
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        config = self.run_state.config
+        decayed = config.lr_decay_epoch is not None and epoch >= config.lr_decay_epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.learning_rate * (0.1 if decayed else 1.0)
+        self.run_state.model.train()
+        order = np.random.default_rng(config.seed + epoch).permutation(self.run_state.train_split.num_captions)
+        self.advance = self.progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch) if self.progress else None
+        size = config.batch_size
+        return [np.sort(order[step * size:(step + 1) * size]) for step in range(self.steps_per_epoch)]
+
+    def batch_loss(self, epoch: int, rows: np.ndarray) -> torch.Tensor:
+        run, config = self.run_state, self.run_state.config
+        tokens, lengths = self.captions.batch(rows)
+        cpi = run.train_split.captions_per_image
+        features = torch.from_numpy(np.asarray(run.train_split.images[rows // cpi], dtype=np.float32))
+        image_emb = run.model.encode_images(features.to(run.device))
+        caption_emb = run.model.encode_captions(tokens.to(run.device), lengths)
+        scores = run.family.training_scores(run.model, image_emb, caption_emb, lengths.to(run.device),
+                                            run.threshold.threshold)
+        self._last = (scores, image_emb, caption_emb, lengths)
+        hardest = config.max_violation and epoch >= config.warmup_epochs
+        return triplet_loss(scores, margin=config.margin, max_violation=hardest)
+
+    def after_step(self, epoch: int, number: int, rows: np.ndarray, loss: float) -> None:
+        self.run_state.threshold.after_step(*self._last, step=self.run_state.eiters)
+        self.run_state.eiters += 1
+        if self.advance:
+            self.advance(1)
+
+    def end_epoch(self, epoch: int, losses: list[float], started: float) -> None:
+        run, config = self.run_state, self.run_state.config
+        thres, thres_safe, thres_text = run.threshold.end_epoch(run.model)
+        recall = validate(run.model, run.vocab, run.val_split, config.max_val_images, run.device)
+        record = EpochRecord(epoch, sum(losses) / self.steps_per_epoch, time.perf_counter() - started, thres,
+                             thres_safe, recall)
+        run.history.append(record)
+        self.log(f"epoch {epoch + 1}/{config.epochs}: loss {record.loss:.3f}{thres_text} "
+                 f"{config.val_split} rsum {recall['rsum']:.1f} ({record.seconds:.0f} s)")
+        is_best = recall["rsum"] > run.best_rsum
+        run.best_rsum = max(run.best_rsum, recall["rsum"])
+        self._save(epoch, is_best)
+
+    def _save(self, epoch: int, is_best: bool) -> None:
+        run, out_dir = self.run_state, Path(self.run_state.config.out_dir)
+        run.model.to("cpu")
+        extra: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), **run.threshold.checkpoint_extra()}
+        counters = {"epoch": epoch, "best_rsum": run.best_rsum, "eiters": run.eiters}
+        save_released_checkpoint(out_dir / LAST_CHECKPOINT, run.model, extra=extra, **counters)
+        if is_best:
+            save_released_checkpoint(out_dir / BEST_CHECKPOINT, run.model, **counters)
+        run.model.to(run.device)
+        atomic_write_text(out_dir / "history.json", json.dumps([asdict(r) for r in run.history], indent=2) + "\n")
+        run.threshold.plot(out_dir)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: Callable[[str, int], ProgressFn] | None = None,
           log: Callable[[str], None] = print) -> TrainResult:
     """Train NAAF or SCAN on ``config.data_dir`` (train split) and validate on ``config.val_split``."""
-    data_dir = Path(config.data_dir)
+    run = _prepare_run(config, resume, log)
     out_dir = Path(config.out_dir)
-    vocab_path = Path(config.vocab) if config.vocab else data_dir / "vocab.json"
-    if not vocab_path.is_file():
-        raise DataError(f"vocabulary {vocab_path} not found; pass --vocab or put vocab.json in the data folder")
-    vocab = Vocabulary.from_json(vocab_path)
-    train_split = PrecompSplit.open(data_dir, "train")
-    val_split = PrecompSplit.open(data_dir, config.val_split)
-    if val_split.img_dim != train_split.img_dim:
-        raise DataError(f"{config.val_split} features are {val_split.img_dim}-d but train features are {train_split.img_dim}-d")
-    device = torch.device(config.device)
-
-    last_path, best_path = out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT
-    start_epoch, best_rsum, eiters = 0, -math.inf, 0
-    history: list[EpochRecord] = []
-    learner = ThresholdLearner(alpha=config.alpha)
-    optimizer_state = None
-    if resume and last_path.is_file():
-        model = load_released_checkpoint(last_path)
-        if model.family != config.family:
-            raise ItmrtError(f"{last_path} holds a {model.family} model, not {config.family}; use another --out")
-        _check_data(train_split, vocab, model)
-        content = _load_resume_state(last_path)
-        start_epoch = int(content["epoch"]) + 1
-        best_rsum = float(content["best_rsum"])
-        eiters = int(content["Eiters"])
-        optimizer_state = content.get("optimizer")
-        history = [EpochRecord(**record) for record in json.loads((out_dir / "history.json").read_text())] \
-            if (out_dir / "history.json").is_file() else []
-        if model.family == "naaf":
-            learner = ThresholdLearner(model.opt["thres"], model.opt["thres_safe"], alpha=config.alpha)
-            learner.trajectory = [ThresholdRecord(*row) for row in content.get("threshold_trajectory", [])]
-        log(f"resuming {config.family} from {last_path} after epoch {start_epoch - 1}")
-    else:
-        if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-            raise ItmrtError(f"output folder {out_dir} is not empty; pass --resume to continue that run or choose another --out")
-        torch.manual_seed(config.seed)
-        opt = config.model_options(train_split.img_dim, len(vocab), data_dir.name)
-        model = CrossAttentionMatcher.from_opt(opt, family=config.family)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.learning_rate)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    captions = _TokenisedCaptions(vocab, train_split.captions, str(train_split.captions_path))
-    cpi = train_split.captions_per_image
-    n_caps = train_split.num_captions
-    steps_per_epoch = max(1, n_caps // config.batch_size)
-
-    for epoch in range(start_epoch, config.epochs):
-        lr = config.learning_rate * (0.1 if config.lr_decay_epoch is not None and epoch >= config.lr_decay_epoch else 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        generator = np.random.default_rng(config.seed + epoch)
-        order = generator.permutation(n_caps)
-        advance = progress(f"epoch {epoch + 1}/{config.epochs}", steps_per_epoch) if progress else None
-        started, total_loss = time.perf_counter(), 0.0
-        for step in range(steps_per_epoch):
-            rows = np.sort(order[step * config.batch_size:(step + 1) * config.batch_size])
-            tokens, lengths = captions.batch(rows)
-            features = torch.from_numpy(np.asarray(train_split.images[rows // cpi], dtype=np.float32))
-            image_emb = model.encode_images(features.to(device))
-            caption_emb = model.encode_captions(tokens.to(device), lengths)
-            scores = _training_scores(model, image_emb, caption_emb, lengths.to(device), learner)
-            hardest = config.max_violation and epoch >= config.warmup_epochs
-            loss = triplet_loss(scores, margin=config.margin, max_violation=hardest)
-            optimizer.zero_grad()
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            if model.family == "naaf":
-                learner.update_from_batch(scores.detach(), _word_maxima(image_emb.detach(), caption_emb.detach()),
-                                          lengths, step=eiters)
-            eiters += 1
-            total_loss += float(loss.detach())
-            if advance:
-                advance(1)
-        if model.family == "naaf":
-            _sync_thresholds(model, learner)
-        recall = validate(model, vocab, val_split, config.max_val_images, device)
-        record = EpochRecord(epoch, total_loss / steps_per_epoch, time.perf_counter() - started,
-                             learner.thres if model.family == "naaf" else None,
-                             learner.thres_safe if model.family == "naaf" else None, recall)
-        history.append(record)
-        thres_text = f" thres={learner.thres:.4f} thres_safe={learner.thres_safe:.4f}" if model.family == "naaf" else ""
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {record.loss:.3f}{thres_text} "
-            f"{config.val_split} rsum {recall['rsum']:.1f} ({record.seconds:.0f} s)")
-        is_best = recall["rsum"] > best_rsum
-        best_rsum = max(best_rsum, recall["rsum"])
-        model.to("cpu")
-        extra: dict[str, Any] = {"optimizer": optimizer.state_dict()}
-        if model.family == "naaf":
-            extra["threshold_trajectory"] = [list(map(float, r)) for r in learner.trajectory]
-        save_released_checkpoint(last_path, model, epoch=epoch, best_rsum=best_rsum, eiters=eiters, extra=extra)
-        if is_best:
-            save_released_checkpoint(best_path, model, epoch=epoch, best_rsum=best_rsum, eiters=eiters)
-        model.to(device)
-        atomic_write_text(out_dir / "history.json", json.dumps([asdict(r) for r in history], indent=2) + "\n")
-        if model.family == "naaf" and learner.trajectory:
-            plot_trajectory(learner.trajectory, out_dir / "thresholds.png")
-    return TrainResult(out_dir, best_rsum, history, last_path, best_path)
+    run.model.to(run.device)
+    _RegionTraining(run, progress, log).run(range(run.start_epoch, config.epochs))
+    return TrainResult(out_dir, run.best_rsum, run.history, out_dir / LAST_CHECKPOINT, out_dir / BEST_CHECKPOINT)
 
 
 def _load_resume_state(path: Path) -> dict[str, Any]:

@@ -14,8 +14,8 @@ import onnx
 import torch
 from torch import nn
 
-from itmrt.export.graphs_image import BATCH_CAPTIONS, MAX_LENGTH
-from itmrt.export.onnx_graph import FLOAT, FLOAT32_LOWEST, INT32, GraphBuilder
+from itmrt.bundle.names import BATCH_CAPTIONS, CAPTION_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
+from itmrt.graphs.onnx_graph import FLOAT, FLOAT32_LOWEST, INT32, GraphBuilder
 from itmrt.models.cmpm import CMPMTextEncoder
 from itmrt.models.encoders import TextEncoder
 
@@ -85,9 +85,9 @@ def text_encoder_graph(encoder: TextEncoder, opset: int) -> onnx.ModelProto:
     ``linear_before_reset=1`` -> directions averaged -> per-token l2norm ->
     padded positions zeroed. Lengths must lie in [1, L].
     """
-    g = GraphBuilder("text_encoder", opset)
-    tokens = g.input("token_ids", INT32, [BATCH_CAPTIONS, MAX_LENGTH])
-    lengths = g.input("lengths", INT32, [BATCH_CAPTIONS])
+    g = GraphBuilder(Component.TEXT_ENCODER.value, opset)
+    tokens = g.input(TOKEN_IDS, INT32, [BATCH_CAPTIONS, MAX_LENGTH])
+    lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
     x = _embed_time_major(g, tokens, encoder.embedding_weight())
     y = _run_rnn(g, "GRU", x, lengths, encoder.rnn)  # [L, dirs, B, H]
     if encoder.bidirectional:
@@ -99,8 +99,8 @@ def text_encoder_graph(encoder: TextEncoder, opset: int) -> onnx.ModelProto:
         batch_major = g.l2norm(batch_major, -1, hint="token_l2norm")
     mask = g.unsqueeze(g.length_mask(lengths, tokens, 1), [2], "token_mask_3d")
     embeddings = g.where(mask, batch_major, g.const(0.0), "masked_tokens")
-    g.output(embeddings, "caption_embeddings", FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, encoder.embed_size])
-    return g.build({"component": "text_encoder", "embedding_layout": encoder.embedding_layout})
+    g.output(embeddings, CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, encoder.embed_size])
+    return g.build({"component": Component.TEXT_ENCODER.value, "embedding_layout": encoder.embedding_layout})
 
 
 def cmpm_text_encoder_graph(encoder: CMPMTextEncoder, opset: int) -> onnx.ModelProto:
@@ -111,9 +111,9 @@ def cmpm_text_encoder_graph(encoder: CMPMTextEncoder, opset: int) -> onnx.ModelP
     real tokens (padded positions set to the lowest float) unless the model
     reproduces the released max over the padding (padded positions set to 0).
     """
-    g = GraphBuilder("text_encoder", opset)
-    tokens = g.input("token_ids", INT32, [BATCH_CAPTIONS, MAX_LENGTH])
-    lengths = g.input("lengths", INT32, [BATCH_CAPTIONS])
+    g = GraphBuilder(Component.TEXT_ENCODER.value, opset)
+    tokens = g.input(TOKEN_IDS, INT32, [BATCH_CAPTIONS, MAX_LENGTH])
+    lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
     x = _embed_time_major(g, tokens, encoder.embed.weight)
     y = _run_rnn(g, "LSTM", x, lengths, encoder.rnn)  # [L, 2, B, H]
     per_token = g.transpose(y, [2, 0, 1, 3], "lstm_batch_major")  # [B, L, 2, H]
@@ -126,5 +126,5 @@ def cmpm_text_encoder_graph(encoder: CMPMTextEncoder, opset: int) -> onnx.ModelP
     bias = encoder.projection.bias.detach().to(torch.float32).cpu().numpy()
     projected = g.op("MatMul", [pooled, g.initializer(weight_t, "projection_weight_t")], "projection_matmul")
     embedding = g.op("Add", [projected, g.initializer(bias, "projection_bias")], "projection")
-    g.output(embedding, "caption_embeddings", FLOAT, [BATCH_CAPTIONS, encoder.embed_size])
-    return g.build({"component": "text_encoder", "max_over_padding": str(encoder.max_over_padding).lower()})
+    g.output(embedding, CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, encoder.embed_size])
+    return g.build({"component": Component.TEXT_ENCODER.value, "max_over_padding": str(encoder.max_over_padding).lower()})

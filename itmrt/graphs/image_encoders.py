@@ -7,16 +7,11 @@ import onnx
 import torch
 from torch import nn
 
+from itmrt.bundle.names import BATCH_IMAGES, IMAGE_EMBEDDINGS, IMAGES, NUM_REGIONS, REGION_FEATURES, Component
 from itmrt.errors import ItmrtError
-from itmrt.export.onnx_graph import FLOAT, GraphBuilder
+from itmrt.graphs.onnx_graph import FLOAT, GraphBuilder
 from itmrt.models.cmpm import CMPMImageEncoder
 from itmrt.models.encoders import ImageEncoder
-
-# Symbolic axis names shared by every graph and by the manifest's shape ranges.
-BATCH_IMAGES = "batch_images"
-NUM_REGIONS = "num_regions"
-BATCH_CAPTIONS = "batch_captions"
-MAX_LENGTH = "max_length"
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -29,8 +24,8 @@ def region_image_encoder_graph(encoder: ImageEncoder, opset: int) -> onnx.ModelP
     One MatMul + Add (weight normalisation folded into a plain weight), then the
     per-region l2norm unless the model was trained with ``no_imgnorm``.
     """
-    g = GraphBuilder("image_encoder", opset)
-    features = g.input("region_features", FLOAT, [BATCH_IMAGES, NUM_REGIONS, encoder.img_dim])
+    g = GraphBuilder(Component.IMAGE_ENCODER.value, opset)
+    features = g.input(REGION_FEATURES, FLOAT, [BATCH_IMAGES, NUM_REGIONS, encoder.img_dim])
     with torch.no_grad():
         weight_t = _numpy(encoder.effective_weight()).T  # [img_dim, d]
         bias = _numpy(encoder.fc.bias)
@@ -38,8 +33,8 @@ def region_image_encoder_graph(encoder: ImageEncoder, opset: int) -> onnx.ModelP
     embedded = g.op("Add", [projected, g.initializer(bias, "fc_bias")], "fc")
     if not encoder.no_imgnorm:
         embedded = g.l2norm(embedded, -1, hint="image_l2norm")
-    g.output(embedded, "image_embeddings", FLOAT, [BATCH_IMAGES, NUM_REGIONS, encoder.embed_size])
-    return g.build({"component": "image_encoder", "precomp_enc_type": encoder.precomp_enc_type})
+    g.output(embedded, IMAGE_EMBEDDINGS, FLOAT, [BATCH_IMAGES, NUM_REGIONS, encoder.embed_size])
+    return g.build({"component": Component.IMAGE_ENCODER.value, "precomp_enc_type": encoder.precomp_enc_type})
 
 
 def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
@@ -111,11 +106,11 @@ def cmpm_image_encoder_graph(encoder: CMPMImageEncoder, image_size: int, opset: 
     """
     if encoder.training:
         raise ValueError("put the CMPM model in eval mode before exporting it")
-    g = GraphBuilder("image_encoder", opset)
-    images = g.input("images", FLOAT, [BATCH_IMAGES, 3, image_size, image_size])
+    g = GraphBuilder(Component.IMAGE_ENCODER.value, opset)
+    images = g.input(IMAGES, FLOAT, [BATCH_IMAGES, 3, image_size, image_size])
     features = _sequential_cnn(g, images, encoder.backbone)
     pooled = g.op("GlobalAveragePool", [features], "pool")
     projected = _conv(g, pooled, encoder.projection, None, "projection")
     embedding = g.op("Flatten", [projected], "flatten", axis=1)
-    g.output(embedding, "image_embeddings", FLOAT, [BATCH_IMAGES, encoder.embed_size])
-    return g.build({"component": "image_encoder", "image_size": str(image_size)})
+    g.output(embedding, IMAGE_EMBEDDINGS, FLOAT, [BATCH_IMAGES, encoder.embed_size])
+    return g.build({"component": Component.IMAGE_ENCODER.value, "image_size": str(image_size)})

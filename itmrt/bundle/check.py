@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from itmrt.bundle.folder import read_bundle, verify_files
+from itmrt.bundle.graph_entries import tensor_specs
+from itmrt.bundle.manifest import FrozenConstant, Manifest
+from itmrt.bundle.names import Component
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.errors import first_line
-from itmrt.export.manifest import value_entries, read_manifest, verify_files
-from itmrt.export.trt_ops import check_trt_compat
 
 
 @dataclass
@@ -35,24 +37,24 @@ class BundleCheck:
         return not self.problems
 
 
-def _check_constants(model: onnx.ModelProto, manifest: dict[str, Any], graph_name: str) -> list[str]:
+def _check_constants(model: onnx.ModelProto, manifest: Manifest, graph_name: str) -> list[str]:
     initializers = {init.name: init for init in model.graph.initializer}
     input_names = {value.name for value in model.graph.input}
     problems = []
-    for key in ("threshold", "lambda_softmax", "intra_factor"):
-        constant = manifest.get(key)
-        if not constant:
+    constants: list[FrozenConstant | None] = [manifest.threshold, manifest.lambda_softmax, manifest.intra_factor]
+    for constant in constants:
+        if constant is None:
             continue
-        name = constant["initializer"]
+        name = constant.initializer
         if name in input_names:
             problems.append(f"graph '{graph_name}': '{name}' is a graph input; it must be a frozen initializer")
         elif name not in initializers:
             problems.append(f"graph '{graph_name}': initializer '{name}' is missing")
         else:
             value = numpy_helper.to_array(initializers[name])
-            if value.shape != () or np.float32(value) != np.float32(constant["value"]):
+            if value.shape != () or np.float32(value) != np.float32(constant.value):
                 problems.append(
-                    f"graph '{graph_name}': initializer '{name}' holds {value.tolist()}, the manifest says {constant['value']}"
+                    f"graph '{graph_name}': initializer '{name}' holds {value.tolist()}, the manifest says {constant.value}"
                 )
     return problems
 
@@ -60,11 +62,11 @@ def _check_constants(model: onnx.ModelProto, manifest: dict[str, Any], graph_nam
 def check_bundle(folder: str | Path) -> BundleCheck:
     """Verify the bundle at ``folder``; an unreadable manifest raises a one-line :class:`ItmrtError`."""
     bundle = Path(folder)
-    manifest = read_manifest(bundle)
-    result = BundleCheck(bundle, str(manifest["family"]))
+    manifest = read_bundle(bundle).manifest
+    result = BundleCheck(bundle, manifest.family)
     result.problems.extend(verify_files(bundle, manifest))
-    for name, entry in manifest["graphs"].items():
-        path = bundle / entry["file"]
+    for name, entry in manifest.graphs.items():
+        path = bundle / entry.file
         if not path.is_file():
             continue  # already reported as missing
         try:
@@ -73,12 +75,12 @@ def check_bundle(folder: str | Path) -> BundleCheck:
         except Exception as exc:  # noqa: BLE001 - any parse/check failure is a problem line
             result.problems.append(f"graph '{name}': not a valid ONNX model: {first_line(exc)}")
             continue
-        trt = check_trt_compat(model, entry["file"])
+        trt = check_trt_compat(model, entry.file)
         result.problems.extend(trt.problems)
-        if value_entries(model.graph.input) != entry["inputs"] or value_entries(model.graph.output) != entry["outputs"]:
+        if tensor_specs(model.graph.input) != entry.inputs or tensor_specs(model.graph.output) != entry.outputs:
             result.problems.append(f"graph '{name}': inputs/outputs differ from the manifest")
-        if name == "scorer":
+        if name == Component.SCORER:
             result.problems.extend(_check_constants(model, manifest, name))
         if trt.ok:
-            result.passed.append(f"{entry['file']}: {sum(trt.ops.values())} nodes, TensorRT 10 op check passed")
+            result.passed.append(f"{entry.file}: {sum(trt.ops.values())} nodes, TensorRT 10 op check passed")
     return result

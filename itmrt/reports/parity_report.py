@@ -31,13 +31,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from itmrt.bundle.folder import BundleInfo, read_bundle
+from itmrt.bundle.names import MAX_LENGTH, REGION_FEATURES, BackendName, Component, Precision
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import ItmrtError, first_line
+from itmrt.families import get
 from itmrt.io import atomic_save_float32_npy, atomic_write_text, sha256_file
 from itmrt.reports import agreement
-from itmrt.reports.variants import Variant, graph_files, open_variant, parse_variant
-from itmrt.runtime.bundle import BundleInfo, read_bundle
+from itmrt.reports.runtime_variants import Variant, graph_files, open_variant, parse_variant
 from itmrt.runtime.encoders import CaptionEmbeddings, tokenize
 from itmrt.runtime.tiled import score_tiled
 from itmrt.text.vocab import Vocabulary
@@ -47,9 +49,9 @@ BarFactory = Callable[[str, int], Callable[[int], None]]
 TOLERANCE_KEYS = ("score_max_abs", "rsum_abs_delta", "top1_agreement_min", "flip_rate_max")
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     # fp32 graphs should equal PyTorch up to float32 rounding and kernel order.
-    "fp32": {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99, "flip_rate_max": 1e-3},
-    "fp16": {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95, "flip_rate_max": 1e-2},
-    "int8": {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85, "flip_rate_max": 5e-2},
+    Precision.FP32.value: {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99, "flip_rate_max": 1e-3},
+    Precision.FP16.value: {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95, "flip_rate_max": 1e-2},
+    Precision.INT8.value: {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85, "flip_rate_max": 5e-2},
 }
 RECALL_DELTA_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 REFERENCE_FILE = "scores_reference.npy"
@@ -59,7 +61,7 @@ REFERENCE_FILE = "scores_reference.npy"
 class ParityOptions:
     split: str = "test"
     against: str = "torch"
-    variants: Sequence[Variant] = field(default_factory=lambda: [Variant("ort", "fp32")])
+    variants: Sequence[Variant] = field(default_factory=lambda: [Variant(BackendName.ORT, Precision.FP32)])
     max_images: int | None = None
     decision_images: int = 100  # images (and their captions) the NAAF decision flips are counted on
     tolerances: dict[str, float] = field(default_factory=dict)  # overrides, for every precision
@@ -72,8 +74,8 @@ class ParityOptions:
 
 
 @dataclass
-class Encoded:
-    """What one model made of the shared inputs."""
+class ModelOutputs:
+    """What one model (the reference or a variant) made of the shared inputs."""
 
     images: np.ndarray  # [N, n, d] region embeddings
     captions: CaptionEmbeddings
@@ -141,7 +143,7 @@ def apply_tolerances(report: dict[str, Any], overrides: dict[str, float] | None 
 
 
 def _open_split(info: BundleInfo, data: Path, options: ParityOptions) -> tuple[PrecompSplit, np.ndarray, list[str]]:
-    if not info.cross_attention:
+    if get(info.family).image_input != REGION_FEATURES:
         raise ItmrtError(f"itmrt parity compares region-feature bundles (NAAF, SCAN); {info.path} is a {info.family} bundle")
     split = PrecompSplit.open(data, options.split)
     count = split.num_images if options.max_images is None else min(options.max_images, split.num_images)
@@ -155,11 +157,11 @@ def _open_split(info: BundleInfo, data: Path, options: ParityOptions) -> tuple[P
 def _token_ids(info: BundleInfo, captions: list[str]) -> tuple[list[list[int]], int]:
     """Token ids as the runtime makes them (a caption over the bundle's token limit is cut), and how many were cut."""
     vocab = Vocabulary.from_json(info.vocab_file())
-    limits = info.shape_range("max_length")
+    limits = info.shape_range(MAX_LENGTH)
     full = tokenize(vocab, captions, None)
     if not limits:
         return full, 0
-    limit = int(limits["max"])
+    limit = limits.max
     truncated = sum(1 for ids in full if len(ids) > limit)
     return tokenize(vocab, captions, limit, "truncate", lambda _message: None) if truncated else full, truncated
 
@@ -170,27 +172,26 @@ def _token_ids(info: BundleInfo, captions: list[str]) -> tuple[list[list[int]], 
 def torch_reference(
     info: BundleInfo, checkpoint: Path | None, features: np.ndarray, ids: list[list[int]], batch_size: int,
     bar: BarFactory | None = None,
-) -> tuple[Encoded, dict[str, Any]]:
+) -> tuple[ModelOutputs, dict[str, Any]]:
     """The PyTorch model of the bundle's source checkpoint on the shared inputs (imports torch)."""
     import torch
 
-    from itmrt.models.checkpoint import load_checkpoint
-    from itmrt.models.evaluate import EncodedCaptions, encode_images, score_matrix
-    from itmrt.models.matcher import CrossAttentionMatcher
+    from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.models.evaluate import PaddedTokenEmbeddings, encode_images, score_matrix
 
-    source = info.manifest.get("source_checkpoint") or {}
-    path = Path(checkpoint) if checkpoint is not None else Path(str(source.get("path", "")))
+    source = info.manifest.source_checkpoint
+    path = Path(checkpoint) if checkpoint is not None else Path(source.path if source is not None else "")
     if not path.is_file():
         raise ItmrtError(
             f"the bundle's source checkpoint {path} is not there; pass it with --checkpoint PATH, or use --against ort:fp32"
         )
-    expected = source.get("sha256")
+    expected = source.sha256 if source is not None else None
     if expected and sha256_file(path) != expected:
         raise ItmrtError(
             f"{path} is not the checkpoint {info.path} was exported from (sha256 differs); pass the right one with --checkpoint"
         )
     model = load_checkpoint(path)
-    if not isinstance(model, CrossAttentionMatcher):
+    if not get(model.family).token_level:
         raise ItmrtError(f"{path} holds a global-embedding model; itmrt parity compares region-feature models (NAAF, SCAN)")
     model.eval()
     images = encode_images(model, features, batch_size, bar("reference: images", len(features)) if bar else None)
@@ -211,19 +212,19 @@ def torch_reference(
                 vectors[offsets[k] : offsets[k + 1]] = out[row, : lengths[k]].numpy()
     captions = CaptionEmbeddings(vectors, lengths, offsets)
     padded, _ = captions.padded(np.arange(len(ids)))
-    encoded = EncodedCaptions(torch.from_numpy(padded), torch.from_numpy(lengths.astype(np.int64)))
+    encoded = PaddedTokenEmbeddings(torch.from_numpy(padded), torch.from_numpy(lengths.astype(np.int64)))
     scores = score_matrix(model, images, encoded, progress=bar("reference: score", len(ids)) if bar else None)
     described = {"against": "torch", "checkpoint": str(path), "torch_version": torch.__version__}
-    return Encoded(images.numpy(), captions, scores), described
+    return ModelOutputs(images.numpy(), captions, scores), described
 
 
-def runtime_encoded(runtime: Any, features: np.ndarray, ids: list[list[int]], top_k: int, bar: BarFactory | None = None) -> Encoded:
+def runtime_encoded(runtime: Any, features: np.ndarray, ids: list[list[int]], top_k: int, bar: BarFactory | None = None) -> ModelOutputs:
     images = runtime.image_encoder.encode(features)
     captions = runtime.text_encoder.encode_ids(ids)
     progress = bar(f"{runtime.backend_name}:{runtime.precision}: score", len(ids)) if bar else None
     result = runtime.rank(images, captions, top_k=top_k, keep_scores=True, progress=progress)
     assert result.scores is not None
-    return Encoded(images, captions, result.scores)
+    return ModelOutputs(images, captions, result.scores)
 
 
 def _caption_tokens(captions: CaptionEmbeddings, count: int) -> list[np.ndarray]:
@@ -232,12 +233,12 @@ def _caption_tokens(captions: CaptionEmbeddings, count: int) -> list[np.ndarray]
 
 
 def _frozen_threshold(info: BundleInfo) -> float | None:
-    """NAAF's threshold frozen in the bundle; None for other families."""
-    threshold = info.manifest.get("threshold")
-    return float(threshold["value"]) if info.family == "naaf" and threshold else None
+    """The similarity threshold the bundle froze (NAAF's); None for families without one."""
+    threshold = info.manifest.threshold
+    return threshold.value if threshold is not None else None
 
 
-def _decision_flips(info: BundleInfo, ref: Encoded, got: Encoded, images: int, per_image: int) -> dict[str, Any] | None:
+def _decision_flips(info: BundleInfo, ref: ModelOutputs, got: ModelOutputs, images: int, per_image: int) -> dict[str, Any] | None:
     manifest = info.manifest
     threshold = _frozen_threshold(info)
     if threshold is None:
@@ -248,12 +249,12 @@ def _decision_flips(info: BundleInfo, ref: Encoded, got: Encoded, images: int, p
         _caption_tokens(ref.captions, n_cap), ref.images[:n_img],
         _caption_tokens(got.captions, n_cap), got.images[:n_img],
         threshold,
-        float((manifest.get("intra_factor") or {}).get("value", 5.0)),
-        bool((manifest.get("scorer_options") or {}).get("propagate", True)),
+        manifest.intra_factor.value if manifest.intra_factor is not None else 5.0,
+        bool(manifest.scorer_options.get("propagate", True)),
     )
 
 
-def _threshold_ties(info: BundleInfo, ref: Encoded, scores: np.ndarray) -> dict[str, Any] | None:
+def _threshold_ties(info: BundleInfo, ref: ModelOutputs, scores: np.ndarray) -> dict[str, Any] | None:
     threshold = _frozen_threshold(info)
     if threshold is None:
         return None
@@ -261,23 +262,23 @@ def _threshold_ties(info: BundleInfo, ref: Encoded, scores: np.ndarray) -> dict[
 
 
 def measure_variant(
-    info: BundleInfo, runtime: Any, ref: Encoded, features: np.ndarray, ids: list[list[int]], per_image: int,
+    info: BundleInfo, runtime: Any, ref: ModelOutputs, features: np.ndarray, ids: list[list[int]], per_image: int,
     options: ParityOptions, ref_recall: dict[str, float], bar: BarFactory | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """All measurements of one opened variant (no pass/fail yet) and its end-to-end score matrix."""
     got = runtime_encoded(runtime, features, ids, options.top_k, bar)
     # The scorer graph itself (runtime.backends["scorer"]), fed the reference's embeddings: the runtime's
     # rank() may take another path (a fused CPU scorer), which end_to_end measures.
-    trt = runtime.backend_name == "trt"
+    trt = runtime.backend_name == BackendName.TRT
     fed_reference = score_tiled(
-        runtime.backends["scorer"], ref.images, ref.captions, top_k=1, keep_scores=True,
+        runtime.backends[Component.SCORER], ref.images, ref.captions, top_k=1, keep_scores=True,
         max_images=runtime.batch_limit if trt else None, max_captions=runtime.caption_limit if trt else None,
     ).scores
     assert fed_reference is not None and got.scores is not None
     tensors = {
-        "image_encoder": agreement.tensor_errors(ref.images, got.images),
-        "text_encoder": agreement.tensor_errors(ref.captions.vectors, got.captions.vectors),
-        "scorer": agreement.tensor_errors(ref.scores, fed_reference),
+        Component.IMAGE_ENCODER.value: agreement.tensor_errors(ref.images, got.images),
+        Component.TEXT_ENCODER.value: agreement.tensor_errors(ref.captions.vectors, got.captions.vectors),
+        Component.SCORER.value: agreement.tensor_errors(ref.scores, fed_reference),
         "end_to_end": agreement.tensor_errors(ref.scores, got.scores),
     }
     finite = np.nan_to_num(got.scores, nan=-np.inf)

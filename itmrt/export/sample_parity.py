@@ -1,24 +1,28 @@
-"""Parity of exported graphs: ONNX Runtime (CPU) against the PyTorch reference on sample inputs.
+"""Export parity: ONNX Runtime (CPU) runs the exported graphs against the PyTorch reference on sample inputs.
 
 The sample captions mix every length from 2 to L in one padded batch, so a
 graph that lets padding leak (a GRU whose reverse pass starts at the padding,
-a scorer that averages over padded words) shows up as an error here.
+a scorer that averages over padded words) shows up as an error here. The
+reference is any model with the reference interface (``encode_images``,
+``encode_captions``, ``score``); which inputs each graph takes is read off the
+graphs themselves, so every family is checked by the same code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from itmrt.models.cmpm import CMPMModel
-from itmrt.runtime.sessions import create_session
-from itmrt.models.matcher import CrossAttentionMatcher
+from itmrt.bundle.manifest import ExportParity, ParitySample
+from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, TOKEN_IDS, Component
+from itmrt.families.spec import ReferenceScorer
+from itmrt.runtime.sessions import CPU_PROVIDER, create_session
 
-PROVIDER = "CPUExecutionProvider"
+PROVIDER = CPU_PROVIDER
 TOP_K = 10
 
 
@@ -39,20 +43,16 @@ class ParityResult:
     max_abs_error: dict[str, float]
     top_k_identical: bool
     top_k: int
-    sample: dict[str, Any] = field(default_factory=dict)
+    sample: ParitySample
 
     def worst(self) -> tuple[str, float]:
         name = max(self.max_abs_error, key=lambda key: self.max_abs_error[key])
         return name, self.max_abs_error[name]
 
-    def as_dict(self, tolerance: float) -> dict[str, Any]:
-        return {
-            "provider": PROVIDER,
-            "tolerance": tolerance,
-            "max_abs_error": dict(self.max_abs_error),
-            f"top{self.top_k}_identical": self.top_k_identical,
-            "sample": self.sample,
-        }
+    def record(self, tolerance: float) -> ExportParity:
+        """The manifest's ``parity`` entry."""
+        return ExportParity(provider=PROVIDER, tolerance=tolerance, max_abs_error=dict(self.max_abs_error),
+                            top10_identical=self.top_k_identical, sample=self.sample)
 
 
 def sample_inputs(
@@ -113,57 +113,43 @@ def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray
     return sess.run(None, feeds)[0]
 
 
+def _graph_inputs(session: ort.InferenceSession) -> list[str]:
+    return [value.name for value in session.get_inputs()]
+
+
 @torch.no_grad()
 def check_parity(
-    model: CrossAttentionMatcher | CMPMModel,
+    model: Any,
     graphs: dict[str, bytes],
     sample: SampleInputs,
-    reference_scorer: torch.nn.Module | None = None,
+    reference_scorer: ReferenceScorer | None = None,
 ) -> ParityResult:
     """Run every graph in ONNX Runtime and the same computation in PyTorch; compare.
 
     ``reference_scorer`` is the PyTorch scorer with the constants the scorer
-    graph froze (it differs from ``model.scorer`` when the threshold was
+    graph froze (it differs from ``model.score`` when the threshold was
     overridden); ``None`` means the model's own.
     """
     sessions = {name: session(data) for name, data in graphs.items()}
     tokens_t = torch.from_numpy(sample.token_ids.astype(np.int64))
     lengths_t = torch.from_numpy(sample.lengths.astype(np.int64))
-    images_t = torch.from_numpy(sample.images)
-    errors: dict[str, float] = {}
-    if isinstance(model, CMPMModel):
-        image_input = "images"
-        ref_images = model.encode_image(images_t)
-        ref_captions = model.encode_text(tokens_t, lengths_t)
-        ref_scores = model.scores(ref_images, ref_captions)
-        score_feeds_ref = {"image_embeddings": ref_images.numpy(), "caption_embeddings": ref_captions.numpy()}
-    else:
-        image_input = "region_features"
-        scorer = reference_scorer if reference_scorer is not None else model.scorer
-        ref_images = model.encode_images(images_t)
-        ref_captions = model.encode_captions(tokens_t, lengths_t)
-        ref_scores = scorer(ref_images, ref_captions, lengths_t)
-        score_feeds_ref = {
-            "image_embeddings": ref_images.numpy(),
-            "caption_embeddings": ref_captions.numpy(),
-            "lengths": sample.lengths,
-        }
-    ort_images = _run(sessions["image_encoder"], {image_input: sample.images})
-    ort_captions = _run(sessions["text_encoder"], {"token_ids": sample.token_ids, "lengths": sample.lengths})
-    errors["image_encoder"] = _max_abs(ort_images, ref_images.numpy())
-    errors["text_encoder"] = _max_abs(ort_captions, ref_captions.numpy())
-    errors["scorer"] = _max_abs(_run(sessions["scorer"], score_feeds_ref), ref_scores.numpy())
-    chained_feeds = dict(score_feeds_ref, image_embeddings=ort_images, caption_embeddings=ort_captions)
-    ort_scores = _run(sessions["scorer"], chained_feeds)
-    errors["end_to_end"] = _max_abs(ort_scores, ref_scores.numpy())
-    return ParityResult(
-        max_abs_error=errors,
-        top_k_identical=top_k_identical(ort_scores, ref_scores.numpy()),
-        top_k=TOP_K,
-        sample={
-            "batch_images": int(sample.images.shape[0]),
-            "batch_captions": int(sample.token_ids.shape[0]),
-            "lengths": [int(x) for x in sample.lengths],
-            "seed": sample.seed,
-        },
-    )
+    scorer = reference_scorer if reference_scorer is not None else model.score
+    ref_images = model.encode_images(torch.from_numpy(sample.images))
+    ref_captions = model.encode_captions(tokens_t, lengths_t)
+    ref_scores = scorer(ref_images, ref_captions, lengths_t).numpy()
+    image_input = _graph_inputs(sessions[Component.IMAGE_ENCODER])[0]
+    ort_images = _run(sessions[Component.IMAGE_ENCODER], {image_input: sample.images})
+    ort_captions = _run(sessions[Component.TEXT_ENCODER], {TOKEN_IDS: sample.token_ids, LENGTHS: sample.lengths})
+    available = {IMAGE_EMBEDDINGS: ref_images.numpy(), CAPTION_EMBEDDINGS: ref_captions.numpy(), LENGTHS: sample.lengths}
+    score_feeds = {name: available[name] for name in _graph_inputs(sessions[Component.SCORER])}
+    errors = {
+        Component.IMAGE_ENCODER.value: _max_abs(ort_images, ref_images.numpy()),
+        Component.TEXT_ENCODER.value: _max_abs(ort_captions, ref_captions.numpy()),
+        Component.SCORER.value: _max_abs(_run(sessions[Component.SCORER], score_feeds), ref_scores),
+    }
+    chained = dict(score_feeds, **{IMAGE_EMBEDDINGS: ort_images, CAPTION_EMBEDDINGS: ort_captions})
+    ort_scores = _run(sessions[Component.SCORER], chained)
+    errors["end_to_end"] = _max_abs(ort_scores, ref_scores)
+    described = ParitySample(batch_images=int(sample.images.shape[0]), batch_captions=int(sample.token_ids.shape[0]),
+                             lengths=[int(x) for x in sample.lengths], seed=sample.seed)
+    return ParityResult(errors, top_k_identical(ort_scores, ref_scores), TOP_K, described)

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from itmrt.bundle.names import BACKENDS, PRECISIONS, BackendName
 from itmrt.errors import ItmrtError, first_line
 from itmrt.optional import available
 
-BACKENDS = ("ort", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_PARITY_VARIANTS = "ort:fp32,ort:fp16,ort:int8,trt:fp16"
 DEFAULT_BENCH_VARIANTS = "ort:fp32,ort:fp16,ort:int8"
 
@@ -73,7 +72,7 @@ def open_variant(
     ``scorer``: the runtime's scorer choice ("auto", "graph", "fused"); None keeps the runtime's default.
     ``providers``: ONNX Runtime execution providers (None: the runtime's default, CUDA then CPU).
     """
-    if variant.backend == "trt":
+    if variant.backend == BackendName.TRT:
         missing = tensorrt_missing()
         if missing:
             return None, missing
@@ -93,7 +92,8 @@ def graph_files(runtime: Any) -> dict[str, str]:
     bundle, precision = runtime.bundle, runtime.precision
     files = {}
     for name in runtime.backends:
-        path = bundle.engine_file(name, precision) if runtime.backend_name == "trt" else bundle.graph_file(name, precision)
+        trt = runtime.backend_name == BackendName.TRT
+        path = bundle.engine_file(name, precision) if trt else bundle.graph_file(name, precision)
         files[name] = path.relative_to(bundle.path).as_posix()
     files["rank"] = str(getattr(runtime, "scorer_kind", "graph"))  # which scorer Runtime.rank uses
     return files

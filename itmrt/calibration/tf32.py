@@ -1,4 +1,4 @@
-"""What TF32 would do to a graph's outputs, measured on the CPU.
+"""What TF32 would do to a graph's outputs, measured on the CPU, and the record an engine build keeps of it.
 
 TF32 (TensorRT's ``BuilderFlag::kTF32``, on by default; cuBLAS/cuDNN on
 Ampere and later) rounds the inputs of float32 matrix products and
@@ -8,19 +8,28 @@ significand with float32's exponent range - and accumulates in float32.
 :func:`itmrt.calibration.fp16.significand_rounding_nodes`) in front of every
 ``MatMul``/``Gemm``/``Conv`` input of a float32 graph, so ONNX Runtime on any
 CPU computes what a TF32 engine computes up to accumulation order.
+:func:`tf32_record` measures every graph of a bundle so ``itmrt build --tf32``
+records the error next to each engine (:class:`itmrt.bundle.manifest.Tf32Record`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from itmrt.calibration.fp16 import SPLITTER_INITIALIZER, VELTKAMP_SPLITTER, significand_rounding_nodes
+from itmrt.bundle.manifest import Log, Manifest, Tf32Record
+from itmrt.calibration.fp16 import (
+    SPLITTER_INITIALIZER,
+    VELTKAMP_SPLITTER,
+    significand_rounding_nodes,
+)
+from itmrt.engine.settings import EngineOptions
 from itmrt.runtime.sessions import create_session
 
 TF32_OPS = ("MatMul", "Gemm", "Conv")
@@ -76,3 +85,22 @@ def tf32_max_error(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> float:
             if a.dtype.kind == "f":
                 worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
     return worst
+
+
+def tf32_record(folder: Path, manifest: Manifest, options: EngineOptions, say: Log) -> dict[str, Tf32Record]:
+    """Per graph: whether ``options`` allow TF32 and, when they do, its measured effect on the fp32 graph's outputs."""
+    if not options.tf32:
+        return {graph: Tf32Record(enabled=False) for graph in manifest.graphs}
+    from itmrt.calibration.calib_data import FeedMaker, random_sample
+
+    feeds = FeedMaker(folder, manifest)
+    images, tokens, lengths = random_sample(manifest, seed=0)
+    result = {}
+    for graph, entry in manifest.graphs.items():
+        model = onnx.load(str(folder / entry.file))
+        error = tf32_max_error(model, [feeds.feeds(graph, images, tokens, lengths)])
+        products = tf32_emulation_graph(model)[1]
+        result[graph] = Tf32Record(enabled=True, max_abs_error_fp32_graph=error, emulated_products=products,
+                                   sample="random inputs (seed 0)")
+        say(f"tf32 {graph}: allowed; emulated on the CPU, max abs output error {error:.2e} over {products} product(s)")
+    return result

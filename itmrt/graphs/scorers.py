@@ -14,19 +14,27 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from itmrt.export.graphs_image import BATCH_CAPTIONS, BATCH_IMAGES, MAX_LENGTH, NUM_REGIONS
-from itmrt.export.onnx_graph import FLOAT, FLOAT32_LOWEST, INT32, GraphBuilder
+from itmrt.bundle.names import (
+    BATCH_CAPTIONS,
+    BATCH_IMAGES,
+    CAPTION_EMBEDDINGS,
+    IMAGE_EMBEDDINGS,
+    LENGTHS,
+    MAX_LENGTH,
+    NAAF_INTRA_FACTOR,
+    NAAF_LAMBDA,
+    NAAF_THRESHOLD,
+    NUM_REGIONS,
+    SCAN_LAMBDA_LSE,
+    SCAN_LAMBDA_SOFTMAX,
+    SCORES,
+    Component,
+)
+from itmrt.graphs.onnx_graph import FLOAT, FLOAT32_LOWEST, INT32, GraphBuilder
 from itmrt.models.scan import check_scan_options
 
 NORM_EPS = 1e-8
 LEAKY_SLOPE = 0.1
-
-# Initializer names of the frozen constants (later stages and tests look them up by name).
-NAAF_THRESHOLD = "naaf_threshold"
-NAAF_LAMBDA = "naaf_lambda"
-NAAF_INTRA_FACTOR = "naaf_intra_factor"
-SCAN_LAMBDA_SOFTMAX = "scan_lambda_softmax"
-SCAN_LAMBDA_LSE = "scan_lambda_lse"
 
 
 def _scalar(g: GraphBuilder, value: float, name: str) -> str:
@@ -40,9 +48,9 @@ def _float32_text(value: float) -> str:
 
 def _cross_attention_inputs(g: GraphBuilder, embed_size: int) -> tuple[str, str, str, str, str]:
     """Inputs, the token mask, padded words zeroed, and ``sims [Bi, Bc, L, n]``."""
-    images = g.input("image_embeddings", FLOAT, [BATCH_IMAGES, NUM_REGIONS, embed_size])
-    captions = g.input("caption_embeddings", FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, embed_size])
-    lengths = g.input("lengths", INT32, [BATCH_CAPTIONS])
+    images = g.input(IMAGE_EMBEDDINGS, FLOAT, [BATCH_IMAGES, NUM_REGIONS, embed_size])
+    captions = g.input(CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, embed_size])
+    lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
     token_mask = g.length_mask(lengths, captions, 1)  # [Bc, L]
     captions = g.where(g.unsqueeze(token_mask, [2]), captions, g.const(0.0), "captions_masked")
     # One large GEMM [Bc*L, d] x [d, Bi*n] instead of a broadcast batch of Bi*Bc small ones
@@ -138,10 +146,10 @@ def naaf_scorer_graph(
     total = g.reduce("ReduceSum", per_word, [-1], False, "word_sum")
     count = g.unsqueeze(g.op("Cast", [lengths], "lengths_float", to=FLOAT), [0])
     scores = g.op("Div", [total, count], "scores_raw")
-    g.output(scores, "scores", FLOAT, [BATCH_IMAGES, BATCH_CAPTIONS])
+    g.output(scores, SCORES, FLOAT, [BATCH_IMAGES, BATCH_CAPTIONS])
     return g.build(
         {
-            "component": "scorer",
+            "component": Component.SCORER.value,
             "family": "naaf",
             NAAF_THRESHOLD: _float32_text(threshold),
             NAAF_LAMBDA: _float32_text(lambda_softmax),
@@ -238,10 +246,10 @@ def scan_scorer_graph(
     denominator = g.op("Max", [g.op("Mul", [query_norms, attended_norms]), g.const(NORM_EPS)], "cosine_den")
     row_sim = g.op("Div", [products, denominator], "row_sim")
     scores = _scan_aggregate(g, row_sim, agg_func, lam_lse, query_mask)
-    g.output(scores, "scores", FLOAT, [BATCH_IMAGES, BATCH_CAPTIONS])
+    g.output(scores, SCORES, FLOAT, [BATCH_IMAGES, BATCH_CAPTIONS])
     return g.build(
         {
-            "component": "scorer",
+            "component": Component.SCORER.value,
             "family": "scan",
             "cross_attn": cross_attn,
             "raw_feature_norm": raw_feature_norm,
@@ -259,10 +267,10 @@ def cosine_scorer_graph(embed_size: int, opset: int) -> onnx.ModelProto:
     has a ``scorer.onnx`` and the runtime treats them alike.
     """
     g = GraphBuilder("cosine_scorer", opset)
-    images = g.input("image_embeddings", FLOAT, [BATCH_IMAGES, embed_size])
-    captions = g.input("caption_embeddings", FLOAT, [BATCH_CAPTIONS, embed_size])
+    images = g.input(IMAGE_EMBEDDINGS, FLOAT, [BATCH_IMAGES, embed_size])
+    captions = g.input(CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, embed_size])
     image_unit = g.l2norm(images, -1, hint="image_unit")
     caption_unit = g.l2norm(captions, -1, hint="caption_unit")
     scores = g.op("MatMul", [image_unit, g.transpose(caption_unit, [1, 0])], "cosine")
-    g.output(scores, "scores", FLOAT, [BATCH_IMAGES, BATCH_CAPTIONS])
-    return g.build({"component": "scorer", "family": "cmpm"})
+    g.output(scores, SCORES, FLOAT, [BATCH_IMAGES, BATCH_CAPTIONS])
+    return g.build({"component": Component.SCORER.value, "family": "cmpm"})

@@ -1,0 +1,509 @@
+"""The bundle manifest (``manifest.json``) as typed records: what a bundle holds and how to verify it.
+
+Export writes the manifest last; every later stage (``itmrt calibrate``,
+``itmrt build``) *adds* entries - precision graphs, calibration statistics,
+TensorRT engines - and lists each new file in ``files`` with its sha256, so
+``itmrt check`` verifies it. Schema version 1; the entries are additive, so a
+manifest written by an older itmrt still reads, and keys this version does
+not know are kept when it writes the manifest back.
+
+Every value is type-checked when the manifest is read (:func:`read_manifest`):
+a damaged manifest is one line naming the key. ``manifest.schema.json`` beside
+this module is the same contract as a JSON Schema for other tools; it is
+generated from these classes (:func:`manifest_schema`).
+
+Shapes name their symbolic axes (:data:`itmrt.bundle.names.AXES`);
+``shape_ranges`` gives each one the min/opt/max a TensorRT optimisation profile
+needs. Every file name is a relative path inside the bundle folder.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from itmrt import __version__
+from itmrt.bundle.names import BUNDLE_KIND, MANIFEST_NAME, PRECISIONS, SCHEMA_VERSION, VOCAB_FILE, Precision
+from itmrt.bundle.record import SAFE_RELATIVE_PATH, JsonRecord, RecordError, json_schema, optional, path_field
+from itmrt.errors import ItmrtError
+from itmrt.io import atomic_write_text, read_json_document
+
+SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
+SCHEMA_ID = "https://itmrt.invalid/schemas/bundle-manifest-v1.json"
+
+Log = Callable[[str], None]
+JsonScalar = str | int | float | bool
+
+
+# -- export ------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class TensorSpec(JsonRecord):
+    """A graph input or output: name, numpy dtype name, shape (ints, or symbolic axis names)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(kw_only=True)
+class AxisRange(JsonRecord):
+    """The sizes a symbolic axis takes: a TensorRT optimisation profile's min / opt / max."""
+
+    min: int
+    opt: int
+    max: int
+
+
+@dataclass(kw_only=True)
+class FileEntry(JsonRecord):
+    """A file inside the bundle and its sha256 (every entry that names a file starts with these two)."""
+
+    file: str = path_field()
+    sha256: str
+
+
+@dataclass(kw_only=True)
+class GraphEntry(FileEntry):
+    """One exported graph: its file and hash, its signature, the ranges of its symbolic axes."""
+
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    shape_ranges: dict[str, AxisRange] = field(default_factory=dict)
+
+    def input_names(self) -> list[str]:
+        return [value.name for value in self.inputs]
+
+
+@dataclass(kw_only=True)
+class FrozenConstant(JsonRecord):
+    """A model constant frozen into the scorer graph as a named float32 initializer."""
+
+    value: float
+    initializer: str
+    source: str | None = optional()  # NAAF's threshold: "checkpoint thres_safe" or "--threshold override"
+    checkpoint_value: float | None = optional()
+
+
+@dataclass(kw_only=True)
+class VocabEntry(FileEntry):
+    """The bundle's copy of the vocabulary and its special ids."""
+
+    size: int
+    content_sha256: str
+    pad_id: int
+    start_id: int
+    end_id: int
+    unk_id: int
+
+
+@dataclass(kw_only=True)
+class SourceCheckpoint(JsonRecord):
+    """The checkpoint the bundle was exported from (the only path allowed to point outside the bundle)."""
+
+    path: str
+    sha256: str
+    format: str
+
+
+@dataclass(kw_only=True)
+class ParitySample(JsonRecord):
+    """The sample inputs export parity ran on."""
+
+    batch_images: int
+    batch_captions: int
+    lengths: list[int]
+    seed: int
+
+
+@dataclass(kw_only=True)
+class ExportParity(JsonRecord):
+    """ONNX Runtime against PyTorch at export: worst absolute error per graph, top-10 rankings identical."""
+
+    provider: str
+    tolerance: float
+    max_abs_error: dict[str, float]
+    top10_identical: bool
+    sample: ParitySample
+
+
+@dataclass(kw_only=True)
+class ResizeStep(JsonRecord):
+    shorter_side: int
+    filter: str
+
+
+@dataclass(kw_only=True)
+class CropStep(JsonRecord):
+    height: int
+    width: int
+    at: str
+
+
+@dataclass(kw_only=True)
+class ImagePreprocessingRecord(JsonRecord):
+    """How an image file becomes the image encoder's input (a model trained on images: CMPM)."""
+
+    decode: str
+    exif_transpose: bool = True
+    resize: ResizeStep
+    crop: CropStep
+    scale: float
+    mean: list[float]
+    std: list[float]
+    layout: str
+    trained_with: str = ""
+
+
+# -- precision graphs, calibration, engines ---------------------------------------------
+
+
+@dataclass(kw_only=True)
+class NodeNote(JsonRecord):
+    """A node a precision pass treated specially (kept in float32, left unquantized) and why."""
+
+    node: str
+    op: str
+    reason: str
+    measured: float | None = optional()
+
+
+@dataclass(kw_only=True)
+class VariantGraph(FileEntry):
+    """A precision variant of one graph, made from the fp32 graph whose sha256 is ``source_sha256``."""
+
+    source_sha256: str
+    max_abs_error: float
+
+
+@dataclass(kw_only=True)
+class Fp16Graph(VariantGraph):
+    """An fp16 graph: the nodes kept in float32 (islands), measured against fp32 on ``sample``."""
+
+    islands: list[NodeNote]
+    sample: str
+
+
+@dataclass(kw_only=True)
+class Int8Graph(VariantGraph):
+    """An int8 Q/DQ graph (or the fp32 graph itself when it has nothing to quantize)."""
+
+    calibration: str | None = path_field()
+    method: str | None
+    quantized_nodes: list[str]
+    excluded_nodes: list[NodeNote]
+    per_channel: bool
+    symmetric: bool
+    qdq_pairs: int
+    sample: str | None
+
+
+@dataclass(kw_only=True)
+class Fp16Graphs(JsonRecord):
+    graphs: dict[str, Fp16Graph]
+    created: str
+    versions: dict[str, str]
+
+
+@dataclass(kw_only=True)
+class Int8Graphs(JsonRecord):
+    graphs: dict[str, Int8Graph]
+    created: str
+    versions: dict[str, str]
+
+
+@dataclass(kw_only=True)
+class PrecisionGraphs(JsonRecord):
+    fp16: Fp16Graphs | None = optional()
+    int8: Int8Graphs | None = optional()
+
+
+@dataclass(kw_only=True)
+class CalibrationFile(FileEntry):
+    """INT8 activation ranges of one graph (ONNX Runtime's TensorsData JSON)."""
+
+    source_sha256: str
+
+
+@dataclass(kw_only=True)
+class CalibrationRecord(JsonRecord):
+    """How the saved ranges were collected: method, data, sample."""
+
+    method: str
+    split: str
+    data: str
+    samples: int
+    data_fingerprint: str
+    created: str
+    graphs: dict[str, CalibrationFile]
+
+
+@dataclass(kw_only=True)
+class ProfileShapes(JsonRecord):
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+
+@dataclass(kw_only=True)
+class Tf32Record(JsonRecord):
+    """Whether an engine may use TF32 in its float32 products and, when it may, the error that costs."""
+
+    enabled: bool
+    max_abs_error_fp32_graph: float | None = optional()  # measured by CPU emulation of TF32's rounding
+    emulated_products: int | None = optional()
+    sample: str | None = optional()
+
+
+@dataclass(kw_only=True)
+class LayerInfo(FileEntry):
+    """The engine inspector's layer JSON kept in the bundle, and what it says (layer types, INT8 layers...)."""
+
+    summary: dict[str, object]
+
+
+@dataclass(kw_only=True)
+class TimingCacheUse(JsonRecord):
+    """The TensorRT timing cache a build read and updated (outside the bundle when the user named one)."""
+
+    file: str | None
+    status: str
+
+
+@dataclass(kw_only=True)
+class EngineEntry(FileEntry):
+    """A TensorRT engine: the graph it was built from, the TensorRT and GPU it runs with, how it was built.
+
+    Entries written before engines recorded their build settings read with the defaults here.
+    """
+
+    graph_file: str = path_field()
+    graph_sha256: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    unified_memory: bool | None = None
+    profile: dict[str, ProfileShapes] = field(default_factory=dict)
+    axis_ranges: dict[str, AxisRange] = field(default_factory=dict)
+    board: str | None = None
+    workspace_mb: int | None = None
+    builder: dict[str, object] = field(default_factory=dict)  # the builder settings (flags, profiling verbosity...)
+    tf32: Tf32Record | None = None
+    version_compatible: bool = False
+    exclude_lean_runtime: bool = False
+    hardware_compatibility: str | None = None  # a HardwareCompatibilityLevel name; None: NONE
+    dla_core: int | None = None
+    gpu_fallback: bool | None = None
+    device_memory_bytes: int | None = None  # what an execution context needs at the profile's maximum shapes
+    largest_intermediate_bytes: int | None = None  # ONNX shape inference's estimate at those shapes
+    layer_info: LayerInfo | None = None
+    timing_cache: TimingCacheUse | None = None
+    built: str = ""
+
+
+# -- the manifest --------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Manifest(JsonRecord):
+    """``manifest.json``: the model family, its dimensions and constants, graphs, vocabulary and files.
+
+    Read access by key (``manifest["graphs"]``) gives the manifest.json view of
+    a field - plain JSON, a copy - for code written against the manifest as a dict.
+    """
+
+    kind: str = field(default=BUNDLE_KIND, metadata={"const": BUNDLE_KIND, "required": True})
+    schema_version: int = field(default=SCHEMA_VERSION, metadata={"const": SCHEMA_VERSION, "required": True})
+    family: str
+    dims: dict[str, JsonScalar]
+    opset: int = 17
+    threshold: FrozenConstant | None = None
+    lambda_softmax: FrozenConstant | None = None
+    intra_factor: FrozenConstant | None = None
+    scorer_options: dict[str, JsonScalar] = field(default_factory=dict)
+    graphs: dict[str, GraphEntry]
+    vocab: VocabEntry
+    files: dict[str, str] = field(metadata={"key_pattern": SAFE_RELATIVE_PATH})
+    versions: dict[str, str] = field(default_factory=dict)
+    source_checkpoint: SourceCheckpoint | None = None
+    image_preprocessing: ImagePreprocessingRecord | None = optional()
+    parity: ExportParity | None = None
+    created: str = ""
+    export_seconds: float = 0.0
+    precisions: PrecisionGraphs = optional(PrecisionGraphs)
+    calibration: CalibrationRecord | None = optional()
+    engines: dict[str, dict[str, EngineEntry]] = optional(dict)
+
+    # -- the manifest.json view --------------------------------------------------------
+
+    def __getitem__(self, key: str) -> object:
+        return self.to_json()[key]
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.to_json().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_json()
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def graph(self, component: str) -> GraphEntry:
+        try:
+            return self.graphs[component]
+        except KeyError:
+            raise ItmrtError(f"the bundle has no '{component}' graph; export it again") from None
+
+    def variants(self, precision: str) -> Fp16Graphs | Int8Graphs | None:
+        """The precision graphs made for ``precision`` (fp16, int8); None for fp32 or when none were made."""
+        return getattr(self.precisions, Precision(precision).value, None)
+
+    def variant(self, precision: str, component: str) -> Fp16Graph | Int8Graph | None:
+        made = self.variants(precision)
+        return made.graphs.get(component) if made is not None else None
+
+    def precisions_made(self) -> list[str]:
+        """Precisions for which at least one component has a graph (fp32 always)."""
+        found = []
+        for precision in PRECISIONS:
+            variants = self.variants(precision) if precision != Precision.FP32 else None
+            if precision == Precision.FP32 or (variants is not None and variants.graphs):
+                found.append(precision)
+        return found
+
+    def graph_file(self, precision: str, component: str) -> str:
+        """The bundle-relative ONNX file of ``component`` at ``precision`` (an error when it was never made)."""
+        entry = self.graph(component)
+        if Precision(precision) == Precision.FP32:
+            return entry.file
+        variant = self.variant(precision, component)
+        if variant is None:
+            raise ItmrtError(
+                f"the bundle has no {precision} {component}; run `itmrt build BUNDLE --precision {precision}` first"
+            )
+        return variant.file
+
+    def engine(self, precision: str, component: str) -> EngineEntry | None:
+        return self.engines.get(precision, {}).get(component)
+
+    def shape_range(self, axis: str) -> AxisRange | None:
+        """The min/opt/max the bundle declares for a symbolic axis, if any graph declares one."""
+        for entry in self.graphs.values():
+            if axis in entry.shape_ranges:
+                return entry.shape_ranges[axis]
+        return None
+
+    # -- changes ------------------------------------------------------------------------
+
+    def record_file(self, file: str, sha256: str) -> None:
+        """List a file the bundle holds with its sha256 (``itmrt check`` verifies it)."""
+        self.files[file] = sha256
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of what made a precision graph or an engine (recorded beside it)."""
+    import onnx
+    import onnxruntime
+
+    return {"itmrt": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def report_replacement(old: FileEntry | None, new: FileEntry, what: str, log: Log | None) -> None:
+    """Say when an entry replaces another (never silently): unchanged, or which file and hash it replaced."""
+    if old is None or log is None:
+        return
+    if old.sha256 == new.sha256:
+        log(f"{what}: unchanged ({new.file})")
+    else:
+        log(f"{what}: replaced the previous entry ({old.file}, sha256 {old.sha256[:12]})")
+
+
+# -- reading and writing ---------------------------------------------------------------
+
+
+def parse_manifest(data: object, source: str | Path) -> Manifest:
+    """A parsed ``manifest.json`` document as a :class:`Manifest`; a wrong value is one line naming its key."""
+    try:
+        manifest = Manifest.from_json(data)
+    except RecordError as exc:
+        raise ItmrtError(f"{source}: {exc}; export the bundle again") from None
+    return manifest
+
+
+def load_manifest_file(path: Path) -> tuple[Manifest, bytes]:
+    """Read and check ``path``; returns the manifest and the file's bytes (for its sha256)."""
+    data, raw = read_json_document(path, (BUNDLE_KIND,), SCHEMA_VERSION, "bundle manifest", "export the bundle again")
+    return parse_manifest(data, path), raw
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """The manifest of the bundle at ``folder``; every failure is a one-line :class:`ItmrtError`."""
+    from itmrt.bundle.folder import read_bundle
+
+    return read_bundle(folder).manifest
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (the last file an export writes)."""
+    return atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n")
+
+
+def update_manifest(folder: str | Path, change: Callable[[Manifest], None]) -> Manifest:
+    """Read the manifest, apply ``change`` to it in memory, write it back atomically; return it."""
+    manifest = read_manifest(folder)
+    change(manifest)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def manifest_schema() -> dict[str, object]:
+    """The JSON Schema of ``manifest.json`` (what ``manifest.schema.json`` holds)."""
+    return json_schema(Manifest, "itmrt bundle manifest (schema version 1)", SCHEMA_ID)
+
+
+__all__ = [
+    "VOCAB_FILE",
+    "AxisRange",
+    "CalibrationFile",
+    "CalibrationRecord",
+    "EngineEntry",
+    "ExportParity",
+    "FileEntry",
+    "Fp16Graph",
+    "Fp16Graphs",
+    "FrozenConstant",
+    "GraphEntry",
+    "ImagePreprocessingRecord",
+    "Int8Graph",
+    "LayerInfo",
+    "Int8Graphs",
+    "Manifest",
+    "NodeNote",
+    "ParitySample",
+    "PrecisionGraphs",
+    "ProfileShapes",
+    "SourceCheckpoint",
+    "TensorSpec",
+    "Tf32Record",
+    "TimingCacheUse",
+    "VariantGraph",
+    "VocabEntry",
+    "load_manifest_file",
+    "manifest_schema",
+    "parse_manifest",
+    "read_manifest",
+    "report_replacement",
+    "timestamp",
+    "tool_versions",
+    "update_manifest",
+    "write_manifest",
+]

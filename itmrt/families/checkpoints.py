@@ -1,0 +1,54 @@
+"""Loading any checkpoint itmrt reads into the reference model of its family.
+
+Released NAAF/SCAN checkpoints (``*.pth.tar``) are read by
+:func:`itmrt.models.checkpoint.load_released_checkpoint`; itmrt's native
+safetensors files name their family, whose spec rebuilds the model from the
+stored config (:meth:`itmrt.families.FamilySpec.model_from_config`) before the
+weights are loaded strictly. The reader is chosen by the file's content, not
+its name. Needs torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from itmrt.errors import CheckpointError, ItmrtError
+from itmrt.families.registry import get
+from itmrt.models.checkpoint import detect_format, load_released_checkpoint
+from itmrt.models.native import NATIVE_FORMAT, read_native
+from itmrt.models.statedict import load_state_dict_checked
+
+
+def load_native(path: str | os.PathLike[str]) -> Any:
+    """Rebuild the model a native file describes and load its weights (strictly)."""
+    metadata, tensors = read_native(path)
+    if metadata.get("itmrt_format") != NATIVE_FORMAT:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not an itmrt checkpoint (no itmrt_format={NATIVE_FORMAT!r} in its metadata)"
+        )
+    family = str(metadata.get("family"))
+    try:
+        spec = get(family)
+    except ItmrtError as exc:
+        raise CheckpointError(f"{path} names an {exc}") from None
+    try:
+        config: dict[str, Any] = json.loads(metadata.get("config", ""))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} has a malformed model config in its metadata ({exc})") from exc
+    try:
+        model = spec.model_from_config(config)
+    except ItmrtError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has an invalid {family.upper()} config: {exc}") from exc
+    load_state_dict_checked(model, tensors, str(path))
+    return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """Load any checkpoint itmrt reads, choosing the reader by the file's content, not its name."""
+    if detect_format(path) == "safetensors":
+        return load_native(path)
+    return load_released_checkpoint(path)

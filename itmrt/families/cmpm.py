@@ -1,0 +1,90 @@
+"""CMPM / CMPC (ECCV 2018): a MobileNet image tower and a BiLSTM text tower scored by cosine.
+
+Images are pixels (``{split}_images.npy``, :mod:`itmrt.data.images`), captions
+become one global embedding each, and the scorer is one cosine matrix. A model
+trained with the released max over padding (``max_over_padding``) makes a
+caption's embedding depend on its batch's padding, so the runtime then keeps
+captions in their order instead of batching them by length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from itmrt.bundle.manifest import Manifest
+from itmrt.bundle.names import IMAGES, Component
+from itmrt.errors import DataError, ItmrtError
+from itmrt.families.registry import register
+from itmrt.families.spec import BuiltGraphs, FamilySpec, GraphOptions, ImageSplit, ScorerConstants
+
+DIM_KEYS = ("vocab_size", "word_dim", "lstm_hidden", "embed_size", "width_mult", "image_size")
+
+
+class CmpmFamily(FamilySpec):
+    name: ClassVar[str] = "cmpm"
+    image_input: ClassVar[str] = IMAGES
+    token_level: ClassVar[bool] = False
+
+    def caption_buckets(self, manifest: Manifest) -> bool:
+        return not bool(manifest.scorer_options.get("max_over_padding", False))
+
+    # -- data ---------------------------------------------------------------------------
+
+    def open_image_split(self, folder: Path, split: str, manifest: Manifest) -> ImageSplit:
+        from itmrt.data.images import ImageCaptionSplit
+
+        image_split = ImageCaptionSplit.open(folder, split)
+        images = image_split.images
+        size = int(manifest.dims["image_size"])
+        if images.shape[1:3] != (size, size):
+            raise DataError(
+                f"{folder} split '{split}' has {images.shape[1]}x{images.shape[2]} images; "
+                f"the bundle's image encoder takes {size}x{size}: resize the calibration images"
+            )
+        captions: list[list[str]] = [[] for _ in range(images.shape[0])]
+        for caption, image in zip(image_split.captions, image_split.caption_image):
+            captions[int(image)].append(caption)
+        return ImageSplit(images, captions)
+
+    def image_batch(self, block: np.ndarray) -> np.ndarray:
+        from itmrt.data.images import preprocess_images
+
+        return preprocess_images(block)
+
+    def random_images(self, manifest: Manifest, count: int, rng: np.random.Generator) -> np.ndarray:
+        size = int(manifest.dims["image_size"])
+        return rng.standard_normal((count, 3, size, size)).astype(np.float32)
+
+    # -- PyTorch side -------------------------------------------------------------------------
+
+    def model_from_config(self, config: dict[str, Any]) -> Any:
+        from itmrt.models.cmpm import CMPMModel
+
+        return CMPMModel.from_config(config)
+
+    def build_graphs(self, model: Any, options: GraphOptions) -> BuiltGraphs:
+        from itmrt.graphs.image_encoders import cmpm_image_encoder_graph
+        from itmrt.graphs.scorers import cosine_scorer_graph
+        from itmrt.graphs.text_encoders import cmpm_text_encoder_graph
+
+        graphs = {
+            Component.IMAGE_ENCODER.value: cmpm_image_encoder_graph(model.image_encoder, model.image_size, options.opset),
+            Component.TEXT_ENCODER.value: cmpm_text_encoder_graph(model.text_encoder, options.opset),
+            Component.SCORER.value: cosine_scorer_graph(model.embed_size, options.opset),
+        }
+        dims = {key: model.config[key] for key in DIM_KEYS}
+        constants = ScorerConstants(options={"score": "cosine", "max_over_padding": model.max_over_padding})
+        from itmrt.data.images import image_preprocessing_record
+
+        return BuiltGraphs(graphs, dims, constants, None, (3, model.image_size, model.image_size),
+                           image_preprocessing_record(model.image_size))
+
+    def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:
+        if features.ndim != 4 or features.shape[1] != 3:
+            raise ItmrtError(f"{source} has shape {features.shape}; a CMPM checkpoint takes images x 3 x H x W")
+
+
+CMPM = register(CmpmFamily())

@@ -1,0 +1,59 @@
+"""The runtime's choices as str enums (typer validates them and ``--help`` lists them) and its options.
+
+A member compares equal to its value (``ScorerChoice.FUSED == "fused"``), so
+callers may pass plain strings; :func:`itmrt.runtime.load` turns them into
+members and refuses anything else with a one-line error. This module imports
+nothing heavy: the CLI reads it to declare its options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from itmrt.bundle.names import BackendName, Choice, Precision, parse_choice
+
+DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% (cache), bench_scorer
+
+
+class ScorerChoice(Choice):
+    """What scores a tile: the bundle's scorer graph, the fused CPU scorer, or "auto" (fused where it applies)."""
+
+    AUTO = "auto"
+    GRAPH = "graph"
+    FUSED = "fused"
+
+
+class OnLong(Choice):
+    """What happens to a caption longer than the token limit: cut (with a warning) or refused."""
+
+    TRUNCATE = "truncate"
+    REFUSE = "refuse"
+
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeOptions:
+    """How :func:`itmrt.runtime.load` opens a bundle (every field has the runtime's default)."""
+
+    backend: BackendName = BackendName.ORT
+    precision: Precision = Precision.FP32
+    providers: Sequence[str] | None = None  # ONNX Runtime providers by name or alias; None: CUDA then CPU
+    threads: int = 0  # ONNX Runtime intra-op threads; 0: one per core
+    max_length: int | None = None  # caption token limit; None: the bundle's profile maximum
+    on_long: OnLong = OnLong.TRUNCATE
+    batch_size: int = 128  # images / captions per encoder call
+    budget_bytes: int = DEFAULT_BUDGET_BYTES  # memory of one scoring tile
+    warn: Warn | None = None  # where truncation warnings go (default: warnings.warn)
+    scorer: ScorerChoice = ScorerChoice.AUTO
+    device: int = 0  # the CUDA device (after CUDA_VISIBLE_DEVICES)
+    gpu_mem_limit_mb: int | None = None  # cap of ONNX Runtime's CUDA memory arena
+
+    def __post_init__(self) -> None:
+        # Plain strings are accepted and checked here, once, with the choices in the message.
+        object.__setattr__(self, "backend", parse_choice(BackendName, self.backend, "backend"))
+        object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
+        object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
+        object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))

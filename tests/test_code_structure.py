@@ -1,0 +1,165 @@
+"""The shape of the code, read statically (ast): no import cycle between itmrt's packages, no long functions.
+
+Packages are itmrt's subpackages (``itmrt.runtime``, ``itmrt.bundle``, ...) and
+its top-level modules (``itmrt.io``, ``itmrt.demo``, ...). Every import counts,
+also one inside a function (a late import still means one package needs the
+other), except under ``if TYPE_CHECKING:`` (type hints only). ``itmrt/__init__.py``
+is the package's facade (``__version__`` and a lazy ``itmrt.load``), not a layer.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "itmrt"
+MAX_FUNCTION_LINES = 80
+LONG_FUNCTION_EXCEPTIONS = {
+    # numba kernels: one loop nest each, kept whole so numba compiles it into one pass.
+    "itmrt/runtime/fused_kernels.py:score_tile",
+    # The demo's script, one step after another as it prints them.
+    "itmrt/demo.py:run_demo",
+}
+"""Functions allowed over the limit (the project's rule excepts ONNX graph builders and numba kernels)."""
+
+
+def _layer(module: str) -> str | None:
+    """``itmrt.runtime.api`` -> ``runtime``; ``itmrt.io`` -> ``io``; ``itmrt`` itself -> None (the facade)."""
+    parts = module.split(".")
+    if parts[0] != "itmrt" or len(parts) < 2:
+        return None
+    return parts[1]
+
+
+def _module_name(path: Path) -> str:
+    relative = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(relative.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _type_checking_blocks(tree: ast.AST) -> set[int]:
+    """Line numbers inside ``if TYPE_CHECKING:`` blocks."""
+    lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def _imported_modules(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _type_checking_blocks(tree)
+    found = []
+    for node in ast.walk(tree):
+        if getattr(node, "lineno", None) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, node.lineno))
+            found.extend((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
+    return found
+
+
+def package_graph() -> dict[str, dict[str, list[str]]]:
+    """``{layer: {layer it imports: ["file:line", ...]}}`` over every module of itmrt."""
+    graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = _layer(_module_name(path))
+        if source is None:
+            continue
+        graph.setdefault(source, defaultdict(list))
+        for name, line in _imported_modules(path):
+            while name not in modules and "." in name:  # ``from itmrt.x import function`` -> itmrt.x
+                name = name.rsplit(".", 1)[0]
+            target = _layer(name) if name in modules else None
+            if target is not None and target != source:
+                graph[source][target].append(f"{path.relative_to(PACKAGE.parent)}:{line}")
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
+    """Strongly connected components with more than one layer (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, {}):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_between_packages() -> None:
+    graph = package_graph()
+    assert {"bundle", "runtime", "families", "export", "calibration", "engine"} <= set(graph)
+    problems = []
+    for component in _cycles(graph):
+        edges = [f"{a} -> {b} ({graph[a][b][0]})" for a in component for b in component if b in graph[a]]
+        problems.append(f"cycle between {', '.join(component)}: " + "; ".join(edges))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b": ["a.py:1"]}, "b": {"c": ["b.py:1"]}, "c": {"a": ["c.py:1"]}, "d": {"a": ["d.py:1"]}}
+    assert _cycles(graph) == [["a", "b", "c"]]  # type: ignore[arg-type]
+
+
+def test_the_torch_free_packages_import_without_torch() -> None:
+    """The family registry sits below the runtime: importing it (and all the runtime uses) never imports
+    torch; only the methods export and training call do."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import itmrt.runtime, itmrt.bundle.check, itmrt.families, itmrt.calibration.precision_graphs, itmrt.engine.build\n"
+        "import itmrt.reports.parity_report, itmrt.cli.app\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def long_functions() -> list[str]:
+    """``file:function lines`` of every function longer than MAX_FUNCTION_LINES lines."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(PACKAGE.parent).as_posix()}:{node.name} {lines}")
+    return found
+
+
+def test_no_function_is_over_80_lines_but_the_named_exceptions() -> None:
+    long = [entry for entry in long_functions() if entry.split(" ")[0] not in LONG_FUNCTION_EXCEPTIONS]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
