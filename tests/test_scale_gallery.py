@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,12 @@ def test_tampered_shards_are_refused(setup: dict[str, Any], tmp_path: Path) -> N
     document["shards"][1]["name"] = "../plain"
     (out / "gallery.json").write_text(json.dumps(document))
     with pytest.raises(ItmrtError, match="not a name inside the gallery"):
+        read_sharded_gallery(out)
+    document["shards"][1]["name"] = "shard-00001"
+    (out / "gallery.json").write_text(json.dumps(document))
+    shutil.move(out / "shard-00001", tmp_path / "elsewhere")
+    (out / "shard-00001").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ItmrtError, match="shard-00001 is a symbolic link"):
         read_sharded_gallery(out)
     index_sharded(runtime, setup["features"][:12], out, ShardingOptions(shard_images=6), overwrite=True)
     with open(out / "shard-00000" / "shortlist.faiss", "r+b") as handle:

@@ -183,11 +183,14 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
 
 
 def member(root: Path, name: Any) -> Path:
-    """A name a gallery document gives: a plain name inside ``root``, nothing else."""
+    """A name a gallery document gives: a plain name inside ``root`` (not a link), nothing else."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise ItmrtError(f"{root / GALLERY_MANIFEST} names {name!r}, not a name inside the gallery; "
                          "re-index the gallery")
-    return root / name
+    path = root / name
+    if path.is_symlink():  # a link could lead anywhere: a gallery holds its own files
+        raise ItmrtError(f"{path} is a symbolic link, not a file of the gallery; re-index the gallery")
+    return path
 
 
 def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = False) -> Gallery:
