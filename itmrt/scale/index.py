@@ -16,9 +16,9 @@ cosine the numpy shortlist ranks by. Three kinds (:data:`INDEX_KINDS`):
 - ``hnsw``: ``IndexHNSWFlat``: a graph of ``hnsw_m`` links per vector, built with
   ``hnsw_ef_construction``, searched with ``max(hnsw_ef_search, K)``.
 
-A FAISS id is the shard's row. The index is stored with FAISS's own serialisation; its record in the shard's ``gallery.json``
-holds the resolved parameters, the file's sha256 and the sha256 of the vectors
-it was built from.
+A FAISS id is the shard's row. The index is stored with FAISS's own
+serialisation; its record in the shard's ``gallery.json`` holds the resolved
+parameters, the file's sha256 and the sha256 of the vectors it was built from.
 
 faiss comes with ``pip install 'itmrt[scale]'`` (``faiss-cpu``; ``faiss-gpu`` builds
 provide the same module, and their flat and IVF indexes move to a GPU when one
@@ -143,7 +143,8 @@ class ShortlistIndex:
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise ItmrtError(f"cannot read the shortlist index {path} ({first_line(exc)}); re-index the gallery") from None
+            raise ItmrtError(f"cannot read the shortlist index {path} ({first_line(exc)}); "
+                             "re-index the gallery") from None
         if hashlib.sha256(raw).hexdigest() != record.get("sha256"):
             raise ItmrtError(f"{path} does not match the sha256 its gallery.json records; re-index the gallery")
         try:

@@ -142,7 +142,8 @@ def worker_groups(shards: list[ShardRecord], workers: int | None) -> list[list[S
 
 def describe_group(group: list[ShardRecord]) -> str:
     names = ", ".join(shard.name for shard in group)
-    return f"shard{'s' if len(group) > 1 else ''} {names} (images {group[0].first}..{group[-1].first + group[-1].images - 1})"
+    last = group[-1].first + group[-1].images - 1
+    return f"shard{'s' if len(group) > 1 else ''} {names} (images {group[0].first}..{last})"
 
 
 class RayShards:
@@ -251,7 +252,8 @@ class RayShards:
                         progress(len(value))
                     continue
                 if restarts[number] >= self.options.retries:
-                    again = f" after {restarts[number]} restart{'s' * (restarts[number] > 1)}" if restarts[number] else ""
+                    count = restarts[number]
+                    again = f" after {count} restart{'s' * (count > 1)}" if count else ""
                     raise ItmrtError(f"{describe_group(self.groups[number])} lost: its Ray worker died{again} "
                                      f"({value}); no answer is given without every shard")
                 restarts[number] += 1

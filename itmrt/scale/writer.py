@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from typing_extensions import Self
 
 from itmrt import __version__
 from itmrt.errors import ItmrtError
@@ -145,7 +144,8 @@ class ShardedWriter:
         else:
             check_output_folder(self.out, overwrite, "gallery", is_gallery)
             self.overwrite = overwrite
-            self.options = ShardingOptions(options.shard_images, options.dtype or "float32", options.index or IndexSpec())
+            self.options = ShardingOptions(options.shard_images, options.dtype or "float32",
+                                           options.index or IndexSpec())
             self.plan = _Plan(self._new_document())
             self.staging = staging_folder(self.out)
 
@@ -263,7 +263,7 @@ class ShardedWriter:
             os.close(self._lock)  # closing the descriptor releases the lock
             self._lock = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ShardedWriter:
         return self
 
     def __exit__(self, *_exc: object) -> None:
