@@ -113,10 +113,12 @@ def test_a_killed_actor_is_restarted_or_named_never_a_partial_answer(setup: dict
         assert [worker["shards"] for worker in shards.workers] == [["shard-00000", "shard-00001"], ["shard-00002"]]
         killed = shards.workers[1]["pid"]
         ray.kill(shards.actors[1])
+        assert_actor_ends(shards.actors[1])  # lost before the search starts
         same_top_k(shards.search(encoded, SearchRequest(k=5)).t2i, reference)  # restarted and asked again
         assert shards.workers[1]["pid"] != killed
         shards.options = RayOptions(address="auto", workers=2, cpus=0.5, retries=0, timeout_s=240)
         ray.kill(shards.actors[0])
+        assert_actor_ends(shards.actors[0])
         with pytest.raises(ItmrtError, match=r"shards shard-00000, shard-00001 \(images 0\.\.33\) lost"):
             shards.search(encoded, SearchRequest(k=5))
     finally:
@@ -163,8 +165,20 @@ def test_serve_with_ray_answers_as_the_runtime(setup: dict[str, Any]) -> None:
     np.testing.assert_array_equal(hits.scores, want.scores)
     assert searcher.shards.actors == []  # the stopped service ended its actors
     for actor in actors:
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.describe.remote(), timeout=60)
+        assert_actor_ends(actor)
+
+
+def assert_actor_ends(actor: Any, within_s: float = 60.0) -> None:
+    """The actor is gone within ``within_s``: ray.kill is asynchronous, so a call sent at once may still be
+    answered by the dying worker; later calls must fail."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            ray.get(actor.describe.remote(), timeout=within_s)
+        except ray.exceptions.RayActorError:
+            return
+        assert time.monotonic() < deadline, f"a killed actor still answers after {within_s:.0f} s"
+        time.sleep(0.5)
 
 
 def test_ray_options_are_checked_before_anything_starts(setup: dict[str, Any], tmp_path: Path) -> None:
