@@ -110,3 +110,43 @@ def test_eval_missing_checkpoint(capsys, dataset, tmp_path):
     line = _one_line_error(run_cli(capsys, "eval", str(tmp_path / "nope.pth.tar"), "--vocab", str(dataset / "vocab.json"),
                                    "--data", str(dataset), "--no-progress"))
     assert "nope.pth.tar" in line
+
+
+def test_eval_without_the_negative_branch_and_the_mismatched_word_table(capsys, dataset, tmp_path):
+    """--no-negative-branch scores the ablation; --mismatched-words prints the confusable-pair comparisons."""
+    from itmrt.data.mismatch import accuracy, comparisons, read_meta
+
+    torch.manual_seed(0)
+    vocab = Vocabulary.from_json(dataset / "vocab.json")
+    opt = {"img_dim": IMG_DIM, "embed_size": 16, "word_dim": 8, "vocab_size": len(vocab), "thres_safe": 0.8,
+           "precomp_enc_text_type": "basic"}  # a threshold that untrained similarities (about 0.7-0.8) straddle
+    checkpoint = tmp_path / "naaf.pth.tar"
+    save_released_checkpoint(checkpoint, CrossAttentionMatcher.from_opt(opt, family="naaf"))
+    common = ["eval", str(checkpoint), "--vocab", str(dataset / "vocab.json"), "--data", str(dataset), "--no-progress"]
+    full = run_cli(capsys, *common, "--scores-out", str(tmp_path / "full.npy"), "--mismatched-words",
+                   "--json", str(tmp_path / "full.json"))
+    ablated = run_cli(capsys, *common, "--scores-out", str(tmp_path / "ablated.npy"), "--no-negative-branch")
+    assert full.code == 0 and ablated.code == 0, (full.err, ablated.err)
+    with_branch, without = np.load(tmp_path / "full.npy"), np.load(tmp_path / "ablated.npy")
+    assert np.all(without >= with_branch - 1e-6) and np.any(without > with_branch + 1e-4)  # the negative terms are <= 0
+    assert "mismatched words" in full.out and "'no X'" in full.out and "mismatched" not in ablated.out
+    saved = json.loads((tmp_path / "full.json").read_text())
+    assert saved["negative_branch"] is True
+    assert saved["mismatched_words"] == accuracy(with_branch, comparisons(read_meta(dataset, "test")))
+
+
+def test_eval_refuses_what_has_no_negative_branch_or_no_meta(capsys, dataset, tmp_path):
+    torch.manual_seed(0)
+    vocab = Vocabulary.from_json(dataset / "vocab.json")
+    opt = {"img_dim": IMG_DIM, "embed_size": 16, "word_dim": 8, "vocab_size": len(vocab)}
+    scan = tmp_path / "scan.pth.tar"
+    save_released_checkpoint(scan, CrossAttentionMatcher.from_opt(opt, family="scan"))
+    line = _one_line_error(run_cli(capsys, "eval", str(scan), "--vocab", str(dataset / "vocab.json"),
+                                   "--data", str(dataset), "--no-negative-branch", "--no-progress"))
+    assert "only NAAF has a negative branch" in line
+    bare = tmp_path / "bare"
+    shutil.copytree(dataset, bare)
+    (bare / "test_meta.json").unlink()
+    line = _one_line_error(run_cli(capsys, "eval", str(scan), "--vocab", str(dataset / "vocab.json"),
+                                   "--data", str(bare), "--mismatched-words", "--no-progress"))
+    assert "test_meta.json does not exist" in line

@@ -189,3 +189,24 @@ def test_output_path_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(DataError, match="not a folder"):
         make_synthetic_dataset(tmp_path / "f", 2, **SMALL)
+
+
+def test_without_negations_only_the_negations_differ(tmp_path: Path) -> None:
+    """negations=False draws the same numbers: same features, every caption its positive part, no 'no X'."""
+    kept = make_synthetic_dataset(tmp_path / "kept", {"train": 10, "test": 12}, seed=5, **SMALL)
+    dropped = make_synthetic_dataset(tmp_path / "dropped", {"train": 10, "test": 12}, seed=5, negations=False, **SMALL)
+    for split in ("train", "test"):
+        assert (kept / f"{split}_ims.npy").read_bytes() == (dropped / f"{split}_ims.npy").read_bytes()
+        with_neg, without = _meta(kept, split), _meta(dropped, split)
+        assert with_neg["images"] == without["images"] and without["negations"] is False
+        negated = 0
+        for a, b in zip(with_neg["captions"], without["captions"]):
+            assert b["negated"] == [] and b["confuser"] is None and b["mentions"] == a["mentions"]
+            assert not NEGATION.search(b["text"]) and " no " not in f" {b['text']} "
+            if a["negated"]:
+                negated += 1
+                assert a["text"] != b["text"]
+            else:
+                assert a["text"] == b["text"]
+        assert negated > 0
+    assert (kept / "vocab.json").read_bytes() == (dropped / "vocab.json").read_bytes()

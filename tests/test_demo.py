@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from itmrt.demo import SHIPPED_NAAF, run_demo, shipped_model
+from itmrt.demo import SHIPPED_NAAF, SHIPPED_SCAN, run_demo, shipped_model
 from itmrt.errors import ItmrtError
 
 
@@ -27,6 +27,24 @@ def test_demo_runs_the_pipeline_and_writes_a_summary(tmp_path):
     assert summary["recall"]["torch"]["rsum"] == result.recall["torch"]["rsum"]
     assert (tmp_path / "demo" / "bundle" / "manifest.json").is_file()
     assert any(line.startswith("latency (ort:fp32") for line in lines)
+
+    # NAAF's point: example queries name an object one image of a pair lacks; NAAF's and SCAN's
+    # mismatched-word accuracies are printed beside the recall table.
+    if shipped_model(SHIPPED_SCAN) is None:
+        return
+    assert set(result.mismatch) == {"NAAF (bundle, fp32)", "SCAN (PyTorch)"}
+    naaf, scan = result.mismatch["NAAF (bundle, fp32)"], result.mismatch["SCAN (PyTorch)"]
+    assert naaf["own_image"]["count"] == scan["own_image"]["count"] > 0
+    assert naaf["own_image"]["accuracy"] > scan["own_image"]["accuracy"]
+    assert result.examples
+    for example in result.examples:
+        assert example["missing"] in example["caption"].split() and " no " not in f" {example['caption']} "
+        assert set(example["top3"]) == set(result.mismatch)
+    assert "torch scan" in result.baseline_recall
+    assert any(line.startswith("mismatched words") for line in lines)
+    assert any("itmrt explain" in line for line in lines)
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["mismatched_words"] == result.mismatch
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

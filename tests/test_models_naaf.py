@@ -194,3 +194,37 @@ def test_gradients_are_finite() -> None:
     naaf_scores(images, captions, LENGTHS, 0.4).sum().backward()
     assert images.grad is not None and torch.isfinite(images.grad).all()
     assert captions.grad is not None and torch.isfinite(captions.grad).all()
+
+
+@pytest.mark.parametrize("threshold", SPLITTING_THRESHOLDS)
+def test_negative_branch_off_drops_exactly_the_negative_terms(threshold: float) -> None:
+    """The paper's ablation at test time: same weights, neg_i = 0; batched, looped and module forms agree."""
+    images, captions = _inputs(0, torch.float64)
+    full = naaf_scores(images, captions, LENGTHS, threshold)
+    ablated = naaf_scores(images, captions, LENGTHS, threshold, negative_branch=False)
+    looped = naaf_scores_loop(images, captions, LENGTHS, threshold, negative_branch=False)
+    torch.testing.assert_close(ablated, looped, atol=1e-10, rtol=0)
+    negative_sum = torch.zeros_like(full)
+    for c, length in enumerate(LENGTHS.tolist()):
+        caption = captions[c, :length]
+        intra = torch.softmax(5.0 * caption @ caption.t(), dim=1)
+        for i, image in enumerate(images):
+            r = (caption @ image.t() - threshold).max(dim=1).values
+            negative_sum[i, c] = torch.where(intra @ r < 0, r, torch.zeros_like(r)).sum() / length
+    assert (negative_sum < 0).any()
+    torch.testing.assert_close(full - ablated, negative_sum, atol=1e-10, rtol=0)
+    scorer = NAAFScorer(threshold, negative_branch=False).double()
+    torch.testing.assert_close(scorer(images, captions, LENGTHS), ablated)
+    assert "negative_branch=False" in repr(scorer) and "negative_branch" not in scorer.state_dict()
+
+
+def test_only_naaf_has_a_negative_branch_to_switch_off() -> None:
+    from itmrt.errors import ItmrtError
+    from itmrt.models.matcher import CrossAttentionMatcher
+
+    opt = {"vocab_size": 20, "img_dim": 8, "embed_size": 8, "word_dim": 4}
+    naaf = CrossAttentionMatcher.from_opt({**opt, "thres_safe": 0.1}, "naaf")
+    naaf.use_negative_branch(False)
+    assert naaf.scorer.negative_branch is False
+    with pytest.raises(ItmrtError, match="only NAAF has a negative branch"):
+        CrossAttentionMatcher.from_opt(opt, "scan").use_negative_branch(False)

@@ -13,7 +13,7 @@ from cli_helpers import run_cli
 from reports_helpers import is_png, make_bundle_and_data
 
 from itmrt.data.metrics import recall_table
-from itmrt.reports import agreement
+from itmrt.reports import agreement, parity_report
 from itmrt.reports.parity_report import ParityOptions, apply_tolerances, run_parity, write_parity
 from itmrt.reports.schema import read_report, schema_problems
 from itmrt.reports.runtime_variants import parse_variants
@@ -77,6 +77,31 @@ def test_spearman_detects_a_reordering() -> None:
     assert result["spearman_mean"] == pytest.approx(0.0)
     assert result["top1_agreement"] == 0.5
     assert result["top3_overlap"] == pytest.approx(0.5)
+
+
+def test_top1_swaps_within_the_score_tolerance_are_ties_not_disagreements() -> None:
+    # query 0: its two best candidates differ by 1e-7 in the reference and the variant swaps them;
+    # query 1: the variant's top-1 sits 0.3 below the reference's best, a real disagreement.
+    reference = np.array([[0.5, 0.5 + 1e-7, 0.1], [0.9, 0.6, 0.2]], dtype=np.float64)
+    got = np.array([[0.5 + 1e-7, 0.5, 0.1], [0.6, 0.9, 0.2]], dtype=np.float64)
+    direction = agreement.retrieval_agreement(reference, got, k=2)["i2t"]
+    assert direction["top1_agreement"] == 0.0
+    assert direction["top1_gaps"] == pytest.approx([0.3, 1e-7])
+    assert agreement.top1_agreement_within(direction, 1e-4) == 0.5
+    assert agreement.top1_agreement_within(direction, 1e-8) == 0.0
+    assert agreement.top1_agreement_within(direction, 0.5) == 1.0
+    # the parity check uses the precision's score tolerance as the tie band
+    entry = {
+        "tensors": {"end_to_end": {"max_abs": 1e-7, "nonfinite": 0}},
+        "recall_delta": {"rsum": 0.0},
+        "retrieval": {"i2t": direction, "t2i": agreement.retrieval_agreement(reference, got, k=2)["t2i"]},
+    }
+    tolerances = {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.5, "flip_rate_max": 1e-3}
+    (top1_check,) = [c for c in parity_report.evaluate_checks(entry, tolerances) if c["name"].startswith("top-1")]
+    assert top1_check["value"] == 0.5 and top1_check["passed"]
+    tolerances["top1_agreement_min"] = 0.99
+    (top1_check,) = [c for c in parity_report.evaluate_checks(entry, tolerances) if c["name"].startswith("top-1")]
+    assert not top1_check["passed"]
 
 
 def test_variants_the_machine_or_bundle_lacks_are_reported_not_run(parity_out: tuple[Path, dict]) -> None:

@@ -23,6 +23,12 @@ def eval_command(
     fold5: bool = typer.Option(False, "--fold5", help="MSCOCO protocol: also report the mean over 5 folds of 1000 images."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the recall table to this JSON file."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Write the score matrix (images x captions, float32 .npy)."),
+    negative_branch: bool = typer.Option(True, "--negative-branch/--no-negative-branch", help="NAAF only: "
+                                         "--no-negative-branch scores without the negative branch (the paper's "
+                                         "ablation at test time: same weights and threshold)."),
+    mismatched_words: bool = typer.Option(False, "--mismatched-words", help="Also print NAAF's point measured on "
+                                          "the synthetic data's confusable pairs (needs {split}_meta.json): how often "
+                                          "a caption naming an object the image lacks scores lower."),
     overwrite: bool = options.overwrite("existing --json / --scores-out files"),
     progress: bool = options.progress(),
 ) -> None:
@@ -33,6 +39,7 @@ def eval_command(
     """
     from itmrt.cli.progress import progress_bars
     from itmrt.data.metrics import coco_5fold_1k, format_recall_table
+    from itmrt.data.mismatch import accuracy, comparisons, format_accuracy, read_meta
     from itmrt.data.precomp import PrecompSplit
     from itmrt.io import atomic_save_float32_npy, atomic_write_text
     from itmrt.bundle.names import REGION_FEATURES
@@ -46,11 +53,18 @@ def eval_command(
         raise ItmrtError(f"{checkpoint} holds a {model.family.upper()} model on images; `itmrt eval` evaluates precomputed "
                          "region features")
     model.eval()
+    if not negative_branch:
+        from itmrt.models.matcher import CrossAttentionMatcher
+
+        assert isinstance(model, CrossAttentionMatcher)  # CMPM was refused above
+        model.use_negative_branch(False)
+    found = comparisons(read_meta(data, split)) if mismatched_words else None
     vocabulary = load_vocabulary_for(model, vocab)
     data_split = PrecompSplit.open(data, split)
     with progress_bars(progress) as bars:
         table, scores = evaluate_split(model, vocabulary, data_split, batch_size, bars)
-    result: dict[str, object] = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "recall": table}
+    result: dict[str, object] = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
+                                 "negative_branch": negative_branch, "recall": table}
     typer.echo(f"{split}: {data_split.num_images} images, {len(data_split.captions)} captions")
     typer.echo(format_recall_table(table))
     if fold5:
@@ -58,6 +72,11 @@ def eval_command(
         result["fold5_1k"] = folds
         typer.echo("5-fold 1K:")
         typer.echo(format_recall_table(folds))
+    if found is not None:
+        mismatch = accuracy(scores, found)
+        result["mismatched_words"] = mismatch
+        typer.echo("mismatched words (confusable pairs):")
+        typer.echo(format_accuracy(mismatch))
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
     if scores_out is not None:

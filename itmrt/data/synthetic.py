@@ -1,4 +1,4 @@
-"""A synthetic precomputed-feature dataset that a model can learn and where negation matters.
+"""A synthetic precomputed-feature dataset that a model can learn, built around mismatched words.
 
 The world has ``len(OBJECT_CLASSES)`` object classes and ``len(COLOURS)`` colours.
 Each class and each colour is a fixed random direction in feature space (shared by
@@ -6,13 +6,23 @@ all splits of one seed). An image holds 2-4 distinct objects; each object fills 
 few regions with ``prototype + colour + noise``, the other regions are background
 noise, and the region order is shuffled.
 
-Every caption names all objects present (usually with their colour). Many also
-name an *absent* object under a negation ("with no cat", "but without any kite",
-"and there is no bus"). Images come in confusable pairs: image B has exactly image
-A's objects (same colours) plus one extra object X, and several of A's captions
-say "no X". A model that ignores negation reads such a caption as a bag of words
-that B matches better than A, so it ranks the wrong image first - the failure
-NAAF's negative-aware scoring is meant to fix.
+Every caption names all objects present (usually with their colour). Images come
+in confusable pairs: image B has exactly image A's objects (same colours) plus one
+extra object X. A caption of B therefore names one object, X, that image A does
+not hold - a *mismatched word* against A. That is NAAF's point: SCAN-style
+attention keeps only aligned evidence, so such a caption fits A almost as well as
+B; NAAF learns a boundary between matched and mismatched word-region similarities
+and lets a mismatched word lower the score. :mod:`itmrt.data.mismatch` measures it.
+
+With ``negations=True`` many captions also name an *absent* object under a
+negation ("with no cat", "but without any kite", "and there is no bus"), and
+several of A's captions say "no X". This is linguistic negation, which NAAF does
+not model: its negative branch sees the word X, which B holds, whatever precedes
+it. Real captions (Flickr30K, COCO) rarely negate; the recipe keeps the "no X"
+captions all the same because, measured, they help: trained with them, the small
+NAAF and SCAN rank an image's own caption above its pair's (which names an object
+it lacks) more often, on captions *without* negations, than trained on
+``negations=False`` data (README, "NAAF's point, measured").
 
 Files written per split: ``{split}_ims.npy`` (float32, images x regions x dim),
 ``{split}_caps.txt`` (5 captions per image) and ``{split}_meta.json`` (what each
@@ -97,6 +107,7 @@ def make_synthetic_dataset(
     colour_scale: float = 0.5,
     negation_fraction: float = 0.4,
     pair_fraction: float = 1.0,
+    negations: bool = True,
     repeat_images: bool = False,
     overwrite: bool = False,
 ) -> Path:
@@ -106,7 +117,11 @@ def make_synthetic_dataset(
     integer used for each of train, dev and test. ``pair_fraction`` is the share of
     images placed in confusable pairs; ``negation_fraction`` the chance that a
     caption not already forced to negate its pair's extra object negates some other
-    absent object. ``repeat_images`` writes the feature file with each image
+    absent object. ``negations=False`` writes every caption without its negation
+    (only what the image holds) while drawing the same random numbers, so the
+    features and every caption's positive part are byte-identical to the
+    ``negations=True`` dataset of the same seed: the two differ only in the
+    negations. ``repeat_images`` writes the feature file with each image
     repeated once per caption (the other released layout). The output is a pure
     function of the arguments: the same seed gives byte-identical files.
     Refuses a non-empty existing ``out_dir`` unless ``overwrite``.
@@ -125,14 +140,14 @@ def make_synthetic_dataset(
         for split, count in splits.items():
             # Seeded by the split's name only: asking for other splits does not change this one.
             rng = np.random.default_rng([seed, 1, _stable_hash(split)])
-            images, captions = _plan_split(rng, count, negation_fraction, pair_fraction)
+            images, captions = _plan_split(rng, count, negation_fraction, pair_fraction, negations)
             _write_features(staging / f"{split}_ims.npy", rng, world, images, num_regions,
                             noise_scale, colour_scale, repeat_images)
             caption_text = "".join(entry["text"] + "\n" for entry in captions)
             (staging / f"{split}_caps.txt").write_bytes(caption_text.encode("utf-8"))
             meta = {
                 "seed": seed, "split": split, "img_dim": img_dim, "num_regions": num_regions,
-                "captions_per_image": CAPTIONS_PER_IMAGE, "repeated_layout": repeat_images,
+                "captions_per_image": CAPTIONS_PER_IMAGE, "repeated_layout": repeat_images, "negations": negations,
                 "images": images, "captions": captions,
             }
             (staging / f"{split}_meta.json").write_bytes(_json_bytes(meta))
@@ -202,7 +217,7 @@ def _random_objects(rng: np.random.Generator, count: int, exclude: Collection[in
 
 
 def _plan_split(
-    rng: np.random.Generator, count: int, negation_fraction: float, pair_fraction: float
+    rng: np.random.Generator, count: int, negation_fraction: float, pair_fraction: float, negations: bool
 ) -> tuple[list[dict], list[dict]]:
     """Decide each image's objects and each caption's content (no features yet)."""
     images: list[dict] = []
@@ -228,7 +243,7 @@ def _plan_split(
                 absent, confuser = image["extra"], image["partner"]
             elif rng.random() < negation_fraction:
                 absent = int(rng.choice([c for c in range(len(OBJECT_CLASSES)) if c not in present]))
-            captions.append(_compose_caption(rng, index, image["objects"], absent, confuser))
+            captions.append(_compose_caption(rng, index, image["objects"], absent, confuser, negations))
         # The forced negations should not always sit at caption slots 0..k-1.
         group = captions[-CAPTIONS_PER_IMAGE:]
         order = rng.permutation(CAPTIONS_PER_IMAGE)
@@ -245,7 +260,8 @@ def _article(word: str) -> str:
 
 
 def _compose_caption(
-    rng: np.random.Generator, image_index: int, objects: list[list[int]], absent: int | None, confuser: int | None
+    rng: np.random.Generator, image_index: int, objects: list[list[int]], absent: int | None, confuser: int | None,
+    negations: bool,
 ) -> dict:
     order = rng.permutation(len(objects))
     phrases = []
@@ -259,11 +275,13 @@ def _compose_caption(
     listing = " and ".join(phrases)
     template = POSITIVE_TEMPLATES[int(rng.integers(len(POSITIVE_TEMPLATES)))]
     positive = template.format(objects=listing, first=phrases[0], rest=" and ".join(phrases[1:]))
-    if absent is None:
-        text = positive
-    else:
-        negative = NEGATIVE_TEMPLATES[int(rng.integers(len(NEGATIVE_TEMPLATES)))]
-        text = negative.format(positive=positive, objects=listing, absent=OBJECT_CLASSES[absent])
+    text = positive
+    if absent is not None:
+        negative = NEGATIVE_TEMPLATES[int(rng.integers(len(NEGATIVE_TEMPLATES)))]  # drawn either way: same stream
+        if negations:
+            text = negative.format(positive=positive, objects=listing, absent=OBJECT_CLASSES[absent])
+        else:
+            absent = confuser = None
     return {
         "image": image_index,
         "text": text,

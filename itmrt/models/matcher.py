@@ -214,5 +214,11 @@ class CrossAttentionMatcher(nn.Module):
         """Scores [Bi, Bc] of every image against every caption."""
         return self.scorer(image_emb, caption_emb, lengths)
 
+    def use_negative_branch(self, enabled: bool) -> None:
+        """Switch NAAF's negative branch on or off at test time (off: the paper's ablation; weights unchanged)."""
+        if not isinstance(self.scorer, NAAFScorer):
+            raise ItmrtError(f"only NAAF has a negative branch to switch off; this is a {self.family.upper()} model")
+        self.scorer.negative_branch = bool(enabled)
+
     def forward(self, features: Tensor, tokens: Tensor, lengths: Tensor | Sequence[int]) -> Tensor:
         return self.score(self.encode_images(features), self.encode_captions(tokens, lengths), lengths)

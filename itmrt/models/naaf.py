@@ -33,11 +33,13 @@ def naaf_score_one(
     lambda_softmax: Scalar = 20.0,
     intra_factor: Scalar = 5.0,
     propagate: bool = True,
+    negative_branch: bool = True,
 ) -> Tensor:
     """Score of one image ``[n, d]`` and one caption ``[m, d]`` (its real tokens only).
 
     ``propagate=False`` gives the training-time score (negative mask straight
-    from ``r < 0``, no intra-caption propagation).
+    from ``r < 0``, no intra-caption propagation). ``negative_branch=False`` is
+    the paper's ablation at test time: the same weights, every ``neg_i`` set to 0.
     """
     sims = caption @ image.t()  # s_ij, [m, n]
     shifted = sims - threshold  # a_ij
@@ -50,6 +52,8 @@ def naaf_score_one(
     else:
         decision = row_max
     negative = row_max * (decision < 0).to(row_max.dtype)
+    if not negative_branch:
+        negative = torch.zeros_like(negative)
 
     # Step 4: aggregated-feature part, released arithmetic (raw exp of a masked fill).
     raw = torch.exp(shifted.masked_fill(shifted <= 0, -1e9) * lambda_softmax)
@@ -75,6 +79,7 @@ def naaf_scores_loop(
     lambda_softmax: Scalar = 20.0,
     intra_factor: Scalar = 5.0,
     propagate: bool = True,
+    negative_branch: bool = True,
 ) -> Tensor:
     """``[Bi, Bc]`` scores by calling :func:`naaf_score_one` on every pair (reference only)."""
     lengths_list = [int(length) for length in lengths]
@@ -82,7 +87,8 @@ def naaf_scores_loop(
     for c, length in enumerate(lengths_list):
         caption = captions[c, :length]
         for i in range(images.size(0)):
-            scores[i, c] = naaf_score_one(images[i], caption, threshold, lambda_softmax, intra_factor, propagate)
+            scores[i, c] = naaf_score_one(images[i], caption, threshold, lambda_softmax, intra_factor, propagate,
+                                          negative_branch)
     return scores
 
 
@@ -94,10 +100,12 @@ def naaf_scores(
     lambda_softmax: Scalar = 20.0,
     intra_factor: Scalar = 5.0,
     propagate: bool = True,
+    negative_branch: bool = True,
 ) -> Tensor:
     """Scores of every image ``[Bi, n, d]`` against every caption ``[Bc, L, d]`` -> ``[Bi, Bc]``.
 
-    Equal to :func:`naaf_scores_loop` (to rounding). Padded caption positions
+    Equal to :func:`naaf_scores_loop` (to rounding); ``negative_branch=False``
+    drops step 3's term (the paper's ablation). Padded caption positions
     (at and after ``lengths[c]``) are zeroed first and excluded from the intra-
     caption softmax, the word-axis norm of step 5 and the mean of step 6, so
     whatever they hold never changes a score.
@@ -131,13 +139,7 @@ def naaf_scores(
     # Step 3: negative branch with intra-caption propagation.
     row_max = shifted.amax(dim=-1)  # r, [Bi, Bc, L]
     row_max = torch.where(mask, row_max, torch.zeros_like(row_max))
-    if propagate:
-        word_logits = intra_factor * torch.matmul(captions, captions.transpose(-1, -2))  # [Bc, L, L]
-        intra = masked_softmax(word_logits, token_mask.unsqueeze(1), dim=-1)
-        decision = torch.matmul(intra.unsqueeze(0), row_max.unsqueeze(-1)).squeeze(-1)  # q
-    else:
-        decision = row_max
-    negative = torch.where(decision < 0, row_max, torch.zeros_like(row_max))
+    negative = _negative_term(captions, token_mask, row_max, intra_factor, propagate, negative_branch)
 
     # Step 4: max-shifted masked softmax over the positive entries.
     has_positive = row_max > 0
@@ -166,24 +168,49 @@ def naaf_scores(
     return per_word.sum(dim=-1) / lengths_t.to(per_word.dtype).unsqueeze(0)
 
 
+def _negative_term(
+    captions: Tensor, token_mask: Tensor, row_max: Tensor, intra_factor: Scalar, propagate: bool, negative_branch: bool
+) -> Tensor:
+    """Step 3: ``r_i`` where the (propagated) decision ``q_i < 0``, else 0; all 0 without the negative branch."""
+    if not negative_branch:
+        return torch.zeros_like(row_max)
+    if propagate:
+        word_logits = intra_factor * torch.matmul(captions, captions.transpose(-1, -2))  # [Bc, L, L]
+        intra = masked_softmax(word_logits, token_mask.unsqueeze(1), dim=-1)
+        decision = torch.matmul(intra.unsqueeze(0), row_max.unsqueeze(-1)).squeeze(-1)  # q
+    else:
+        decision = row_max
+    return torch.where(decision < 0, row_max, torch.zeros_like(row_max))
+
+
 class NAAFScorer(nn.Module):
-    """NAAF's test-time score as a module; its constants are float32 buffers (saved in the state dict)."""
+    """NAAF's test-time score as a module; its constants are float32 buffers (saved in the state dict).
+
+    ``negative_branch`` (not saved: a test-time switch, not a weight) set to
+    False scores without step 3's term - the paper's ablation of the negative
+    branch, with the trained weights and threshold unchanged.
+    """
 
     threshold: Tensor
     lambda_softmax: Tensor
     intra_factor: Tensor
 
-    def __init__(self, threshold: float, lambda_softmax: float = 20.0, intra_factor: float = 5.0) -> None:
+    def __init__(
+        self, threshold: float, lambda_softmax: float = 20.0, intra_factor: float = 5.0, negative_branch: bool = True
+    ) -> None:
         super().__init__()
         self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
         self.register_buffer("lambda_softmax", torch.tensor(float(lambda_softmax), dtype=torch.float32))
         self.register_buffer("intra_factor", torch.tensor(float(intra_factor), dtype=torch.float32))
+        self.negative_branch = negative_branch
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor | Sequence[int]) -> Tensor:
-        return naaf_scores(images, captions, lengths, self.threshold, self.lambda_softmax, self.intra_factor)
+        return naaf_scores(images, captions, lengths, self.threshold, self.lambda_softmax, self.intra_factor,
+                           negative_branch=self.negative_branch)
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"threshold={float(self.threshold):.6g}, lambda_softmax={float(self.lambda_softmax):g}, "
             f"intra_factor={float(self.intra_factor):g}"
         )
+        return text if self.negative_branch else text + ", negative_branch=False"

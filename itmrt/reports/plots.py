@@ -127,3 +127,40 @@ def latency_lines(report: dict[str, Any], path: Path) -> str | None:
 def bench_plots(report: dict[str, Any], folder: Path) -> list[str]:
     name = latency_lines(report, folder / "latency_vs_batch.png")
     return [name] if name else []
+
+
+def similarity_matrix(explanation: Any, path: Path) -> str:
+    """``itmrt explain --png``: the word x region similarity matrix with NAAF's threshold marked.
+
+    Colours are centred on the threshold (red above: matched, blue below), a
+    dot marks every cell above it, a ring each word's best region, and the words
+    whose negative branch fired are labelled ``[neg]``. ``explanation`` is an
+    :class:`itmrt.runtime.explain.Explanation`.
+    """
+    from itmrt.optional import require
+
+    require("matplotlib", "itmrt explain --png")
+    plt = _pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    sims = np.asarray(explanation.similarities, dtype=np.float64)
+    t = float(explanation.threshold)
+    low, high = min(float(sims.min()), t - 1e-3), max(float(sims.max()), t + 1e-3)
+    words, regions = sims.shape
+    fig, ax = plt.subplots(figsize=(min(16.0, 2.5 + 0.3 * regions), 1.6 + 0.32 * words))
+    image = ax.imshow(sims, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=t, vmin=low, vmax=high), aspect="auto")
+    above = np.argwhere(sims > t)
+    ax.scatter(above[:, 1], above[:, 0], s=6, c="black", label=f"s > threshold {t:.3f}")
+    best = [w.best_region for w in explanation.words]
+    ax.scatter(best, range(words), s=60, facecolors="none", edgecolors="black", linewidths=1.0, label="best region")
+    ax.set_yticks(range(words), [w.word + (" [neg]" if w.negative_fired else "") for w in explanation.words], fontsize=8)
+    ax.set_xlabel("region")
+    bar = fig.colorbar(image, ax=ax, fraction=0.04)
+    bar.ax.axhline(t, color="black", linewidth=1.5)
+    bar.set_label("word . region similarity (line: threshold)")
+    scorer = "" if explanation.scorer_score is None else f"; scorer {explanation.scorer_score:.4f}"
+    ax.set_title(f"image {explanation.image}: \"{explanation.caption}\"\nscore {explanation.score:.4f}{scorer}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12 - 0.4 / max(words, 1)), ncol=2, frameon=False)
+    name = _save(fig, path)
+    plt.close(fig)
+    return name
