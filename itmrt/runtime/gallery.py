@@ -1,7 +1,8 @@
 """Galleries: image embeddings computed once, stored as ``.npy`` and memory-mapped on load.
 
-A gallery folder holds ``image_embeddings.npy`` (float32, ``images x regions x
-d``, or ``images x D`` for global models) and ``gallery.json``, which ties it
+A gallery folder holds ``image_embeddings.npy`` (float32, or float16 to halve
+its size - scorers upcast one tile at a time; ``images x regions x d``, or
+``images x D`` for global models) and ``gallery.json``, which ties it
 to the bundle whose image encoder made it (the sha256 of that bundle's
 ``manifest.json``): searching a gallery with a different bundle is refused,
 since its embeddings live in another model's space. A gallery indexed from
@@ -11,7 +12,8 @@ name inside its folder.
 
 The folder is written under a hidden temporary name and renamed into place,
 ``gallery.json`` last, so an interrupted ``itmrt index`` leaves nothing that
-looks like a gallery.
+looks like a gallery. A *sharded* gallery (:mod:`itmrt.scale`) is a folder of
+such galleries under one ``gallery.json`` of kind ``itmrt-sharded-gallery``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ GALLERY_SCHEMA = 1
 GALLERY_MANIFEST = "gallery.json"
 EMBEDDINGS_FILE = "image_embeddings.npy"
 IDS_FILE = "image_ids.json"
+SHARDED_GALLERY_KIND = "itmrt-sharded-gallery"
+"""The ``kind`` of a sharded gallery's ``gallery.json`` (read by :mod:`itmrt.scale.layout`)."""
+STORAGE_DTYPES = ("float32", "float16")
+"""How a gallery may store its embeddings."""
 
 
 @dataclass
@@ -78,7 +84,10 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
     manifest_path = root / GALLERY_MANIFEST
     if not manifest_path.is_file():
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
-    manifest, _raw = read_json_document(manifest_path, (GALLERY_KIND,), GALLERY_SCHEMA, "gallery manifest", "re-index the gallery")
+    manifest, _raw = read_json_document(manifest_path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA,
+                                        "gallery manifest", "re-index the gallery")
+    if manifest["kind"] == SHARDED_GALLERY_KIND:
+        raise ItmrtError(f"{root} is a sharded gallery; search it with `itmrt infer {root}` or itmrt.scale.open_shards")
     entry = manifest["embeddings"]
     path = _member(root, entry["file"])
     if not path.is_file():
@@ -89,7 +98,8 @@ def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
         embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ItmrtError(f"{path} is not a readable .npy file ({type(exc).__name__}); re-index the gallery") from None
-    if list(embeddings.shape) != list(entry["shape"]) or embeddings.dtype != np.float32:
+    stored = entry.get("dtype", "float32")
+    if stored not in STORAGE_DTYPES or list(embeddings.shape) != list(entry["shape"]) or embeddings.dtype != stored:
         raise ItmrtError(f"{path} has shape {embeddings.shape} / {embeddings.dtype}, not what {GALLERY_MANIFEST} says; re-index")
     ids = _read_ids(root, manifest["ids"], len(embeddings)) if manifest.get("ids") else None
     return Gallery(root, embeddings, manifest, ids)
@@ -126,12 +136,23 @@ def gallery_source(
     if is_gallery(source):
         if gallery is not None:
             raise ItmrtError("give either a gallery as the source or --gallery, not both")
-        return read_gallery(source).bundle_path, source
+        return gallery_bundle_path(source), source
     if is_bundle(source):
         return source, None if gallery is None else Path(gallery)
     if not source.exists():
         raise ItmrtError(f"{source} does not exist; give {expected}")
     raise ItmrtError(f"{source} is not {expected}")
+
+
+def gallery_bundle_path(folder: str | Path) -> Path:
+    """The bundle that made the gallery (sharded or not) at ``folder``, as its ``gallery.json`` records it."""
+    path = Path(folder) / GALLERY_MANIFEST
+    manifest, _raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA,
+                                        "gallery manifest", "re-index the gallery")
+    recorded = (manifest.get("bundle") or {}).get("path")
+    if not isinstance(recorded, str) or not recorded:
+        raise ItmrtError(f"{path} does not name the bundle that made it; re-index the gallery")
+    return Path(recorded)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -145,19 +166,25 @@ def write_gallery(
     shape: tuple[int, ...],
     details: dict[str, Any],
     overwrite: bool = False,
+    dtype: str = "float32",
 ) -> Gallery:
-    """Create a gallery at ``out``: ``encode_into(array)`` fills a float32 ``.npy`` memmap of ``shape``.
+    """Create a gallery at ``out``: ``encode_into(array)`` fills a ``.npy`` memmap of ``shape`` and ``dtype``.
 
     ``encode_into`` may return the image ids of the rows it filled, in order: the
     gallery then keeps them (``image_ids.json``), and only those rows when there
-    are fewer ids than rows (images skipped as unreadable).
+    are fewer ids than rows (images skipped as unreadable). ``dtype`` float16
+    halves the file; values float16 cannot hold are refused.
     """
     target = Path(out)
+    if dtype not in STORAGE_DTYPES:
+        raise ItmrtError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
     _check_target(target, overwrite)
     with staged_folder(target) as staging:
-        array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=shape)
+        array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=dtype, shape=shape)
         ids = encode_into(array)
         array.flush()
+        if dtype != "float32":
+            _check_finite(array)
         if ids is not None and len(ids) < shape[0]:
             shape = (len(ids), *shape[1:])
             _keep_rows(staging / EMBEDDINGS_FILE, array, len(ids))
@@ -179,7 +206,7 @@ def write_gallery(
                 "file": EMBEDDINGS_FILE,
                 "sha256": sha256_file(staging / EMBEDDINGS_FILE),
                 "shape": list(shape),
-                "dtype": "float32",
+                "dtype": dtype,
             },
             **extra,
             **details,
@@ -192,10 +219,18 @@ def write_gallery(
     return read_gallery(target)
 
 
+def _check_finite(array: np.ndarray, block: int = 4096) -> None:
+    """Refuse embeddings that overflowed a narrower storage type (read in blocks: a memmap)."""
+    for start in range(0, len(array), block):
+        if not np.isfinite(array[start : start + block]).all():
+            raise ItmrtError(f"image embeddings from row {start} do not fit {array.dtype} storage; "
+                             "index with --dtype float32")
+
+
 def _keep_rows(path: Path, array: np.ndarray, rows: int, block: int = 4096) -> None:
     """Rewrite the ``.npy`` at ``path`` (open as ``array``) with its first ``rows`` rows only."""
     smaller = path.with_name(path.name + ".rows")
-    kept = np.lib.format.open_memmap(smaller, mode="w+", dtype=np.float32, shape=(rows, *array.shape[1:]))
+    kept = np.lib.format.open_memmap(smaller, mode="w+", dtype=array.dtype, shape=(rows, *array.shape[1:]))
     for start in range(0, rows, block):
         kept[start : start + block] = array[start : min(start + block, rows)]
     kept.flush()
