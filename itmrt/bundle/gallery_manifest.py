@@ -23,7 +23,9 @@ from pathlib import Path
 from itmrt import __version__
 from itmrt.bundle.closed import member
 from itmrt.bundle.names import BACKENDS, PRECISIONS, check_family
-from itmrt.bundle.record import SAFE_RELATIVE_PATH, JsonRecord, RecordError, bounded, json_schema, sha256_field
+from itmrt.bundle.record import (
+    SAFE_RELATIVE_PATH, JsonRecord, RecordError, bounded, json_schema, optional, sha256_field,
+)
 from itmrt.errors import ItmrtError
 from itmrt.io import read_json_document, sha256_bytes
 
@@ -32,8 +34,10 @@ GALLERY_SCHEMA = 1
 GALLERY_MANIFEST = "gallery.json"
 EMBEDDINGS_FILE = "image_embeddings.npy"
 IDS_FILE = "image_ids.json"
-STORAGE_DTYPES = ("float32",)
-"""How a gallery may store its embeddings."""
+SHARDED_GALLERY_KIND = "itmrt-sharded-gallery"
+"""The ``kind`` of a sharded gallery's top ``gallery.json`` (:mod:`itmrt.scale.layout`)."""
+STORAGE_DTYPES = ("float32", "float16")
+"""How a gallery may store its embeddings (float16 halves the file; scorers upcast one tile at a time)."""
 REMEDY = "re-index the gallery"
 SCHEMA_FILE = Path(__file__).with_name("gallery.schema.json")
 SCHEMA_ID = "https://itmrt.invalid/schemas/gallery-manifest-v1.json"
@@ -64,6 +68,33 @@ class IdsEntry(GalleryFile):
 
 
 @dataclass(kw_only=True)
+class VectorsEntry(GalleryFile):
+    """A shard's global vectors (one float32 vector per image, for the shortlist), made from its embeddings."""
+
+    shape: list[int] = bounded(minimum=0, maximum=1 << 40)
+    made_from: str = sha256_field()
+
+
+@dataclass(kw_only=True)
+class IndexEntry(GalleryFile):
+    """A shard's FAISS index of its global vectors: how it was built, and from which vectors."""
+
+    built_from: str = sha256_field()
+    kind: str = field(metadata={"choices": ("flat", "ivf", "hnsw")})
+    rows: int = bounded(minimum=0)
+    dims: int = bounded(minimum=1)
+    params: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ShortlistEntry(JsonRecord):
+    """What a shard of a sharded gallery (:mod:`itmrt.scale`) adds: global vectors and their index."""
+
+    vectors: VectorsEntry
+    index: IndexEntry | None = None
+
+
+@dataclass(kw_only=True)
 class GalleryBundle(JsonRecord):
     """The bundle whose image encoder made the embeddings: where it was, and the sha256 of its manifest."""
 
@@ -84,6 +115,7 @@ class GalleryManifest(JsonRecord):
     bundle: GalleryBundle
     embeddings: EmbeddingsEntry
     ids: IdsEntry | None = None
+    shortlist: ShortlistEntry | None = optional()
     backend: str | None = field(default=None, metadata={"choices": BACKENDS})
     precision: str | None = field(default=None, metadata={"choices": PRECISIONS})
     source: str | None = None
@@ -99,6 +131,8 @@ class GalleryManifest(JsonRecord):
     def files(self) -> dict[str, str]:
         """The files the gallery holds, with their sha256."""
         entries: list[GalleryFile] = [self.embeddings, *([self.ids] if self.ids is not None else [])]
+        if self.shortlist is not None:
+            entries += [self.shortlist.vectors, *([self.shortlist.index] if self.shortlist.index is not None else [])]
         return {entry.file: entry.sha256 for entry in entries}
 
 
@@ -131,11 +165,32 @@ def read_gallery_manifest(folder: str | Path) -> tuple[GalleryManifest, str]:
     path = member(root, GALLERY_MANIFEST, "gallery", REMEDY)
     if not path.is_file():
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
-    data, raw = read_json_document(path, (GALLERY_KIND,), GALLERY_SCHEMA, "gallery manifest", REMEDY)
+    data, raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA, "gallery manifest",
+                                   REMEDY)
+    if data["kind"] == SHARDED_GALLERY_KIND:
+        raise ItmrtError(f"{root} is a sharded gallery; search it with `itmrt infer {root}` or itmrt.scale.open_shards")
     manifest = parse_gallery_manifest(data, path)
     for name in manifest.files():
         member(root, name, "gallery", REMEDY)
     return manifest, sha256_bytes(raw)
+
+
+def recorded_bundle(folder: str | Path) -> GalleryBundle:
+    """The bundle a gallery (sharded or not) records as the one that made it, type-checked."""
+    root = Path(folder)
+    path = member(root, GALLERY_MANIFEST, "gallery", REMEDY)
+    data, _raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA, "gallery manifest",
+                                    REMEDY)
+    if data["kind"] == GALLERY_KIND:
+        return parse_gallery_manifest(data, path).bundle
+    try:
+        if "bundle" not in data:
+            raise RecordError("bundle", "is missing")
+        bundle = GalleryBundle.from_json(data["bundle"], "bundle")
+    except RecordError as exc:
+        raise ItmrtError(f"{path}: {exc}; {REMEDY}") from None
+    check_family(bundle.family)
+    return bundle
 
 
 def gallery_schema() -> dict[str, object]:

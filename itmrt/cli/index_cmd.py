@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,48 +12,113 @@ from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import BackendName, Precision
 from itmrt.cli.outputs import warn_on_stderr
+from itmrt.errors import ItmrtError
+
+Opt = typer.Option
 
 
 @app.command("index")
 def index_command(
     bundle: Path = typer.Argument(..., help="The bundle whose image encoder embeds the gallery."),
-    images: Path = typer.Option(..., "--images", help=(
+    images: Path = Opt(..., "--images", help=(
         "Image features .npy (region features; CMPM: images x 3 x H x W), or for a CMPM bundle a folder of "
         "images or a text file listing image paths (JPEG, PNG, WebP).")),
-    out: Path = typer.Option(..., "--out", help="Gallery folder to create."),
+    out: Path = Opt(..., "--out", help="Gallery folder to create (with --append: the sharded gallery to extend)."),
     backend: BackendName = options.backend(),
     precision: Precision = options.precision(),
     providers: str | None = options.providers(),
     threads: int = options.threads(),
     batch_size: int = options.batch_size(128, "Images per encoder batch."),
-    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=(
+    skip_bad_images: bool = Opt(False, "--skip-bad-images", help=(
         "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
-    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help=(
+    warmup: bool = Opt(True, "--warmup/--no-warmup", help=(
         "Run every component once first, so the scorer's kernels are compiled (or loaded from their cache) "
         "before the gallery is searched.")),
     overwrite: bool = options.overwrite("an existing gallery at --out"),
+    dtype: str | None = Opt(None, "--dtype", help=(
+        "Embedding storage: float32 (default) or float16 (half the size; scoring upcasts one tile at a time).")),
+    shard_images: int | None = Opt(None, "--shard-images", min=1, help=(
+        "Write a sharded gallery: shards of at most N images, each with a FAISS shortlist index; searched on "
+        "this machine or on Ray (infer/serve --ray).")),
+    append: bool = Opt(False, "--append", help=(
+        "Add the images to the sharded gallery at --out as new shards; old shards are not rewritten.")),
+    shortlist_index: str | None = Opt(None, "--shortlist-index", help=(
+        "Sharded: each shard's FAISS index of global vectors: flat (exact inner product, default), ivf, hnsw, "
+        "or none (numpy).")),
+    ivf_lists: int | None = Opt(None, "--ivf-lists", min=1, help="ivf: k-means lists per shard (default ~4 sqrt(N))."),
+    ivf_probe: int = Opt(16, "--ivf-probe", min=1, help="ivf: lists searched per query."),
+    hnsw_m: int = Opt(32, "--hnsw-m", min=1, help="hnsw: links per vector."),
+    hnsw_ef_construction: int = Opt(80, "--hnsw-ef-construction", min=1, help="hnsw: candidates kept while building."),
+    hnsw_ef_search: int = Opt(64, "--hnsw-ef-search", min=1, help="hnsw: candidates kept while searching (>= K)."),
+    progress: bool = options.progress(),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
     From image files the gallery also keeps each image's path as its id (GALLERY/image_ids.json).
+    With --shard-images N the gallery is sharded: GALLERY/gallery.json lists shard folders (counts, sha256),
+    each a gallery of its own with its images' global vectors and their FAISS index; --append adds shards.
     """
     from itmrt.runtime.api import load
     from itmrt.runtime.gallery import load_features
     from itmrt.runtime.image_files import is_image_listing, list_image_files
 
     started = time.perf_counter()
+    index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search)
+    sharded = shard_images is not None or append
+    if not sharded and index_spec is not None:
+        raise ItmrtError("the FAISS shortlist index is built per shard: add --shard-images N (N >= the images "
+                         "for one shard)")
     runtime = load(bundle, backend=backend, precision=precision, providers=options.parse_providers(providers),
                    threads=threads, batch_size=batch_size, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup else ""
-    if is_image_listing(images):
-        files = list_image_files(images)
-        gallery = runtime.index(files, out, overwrite=overwrite, source=str(images), skip_bad_images=skip_bad_images)
-        skipped = len(files) - len(gallery)
-        counted = f" ({skipped} unreadable skipped)" if skipped else ""
+    listing = is_image_listing(images)
+    inputs: Any = list_image_files(images) if listing else load_features(images)
+    source = str(images)
+    if sharded:
+        gallery, count = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append, overwrite,
+                                        source, skip_bad_images, progress)
+        shape = (f"{len(gallery.shards)} shards, {len(gallery)} images in all, {gallery.dtype} "
+                 f"{tuple(gallery.manifest['item_shape'])} per image")
     else:
-        gallery = runtime.index(load_features(images), out, overwrite=overwrite, source=str(images))
-        counted = ""
-    typer.echo(
-        f"indexed {len(gallery)} images{counted} ({backend}/{precision}) into {out} in "
-        f"{time.perf_counter() - started:.1f}s{warm}; embeddings {tuple(gallery.embeddings.shape)}"
-    )
+        single = runtime.index(inputs, out, overwrite=overwrite, source=source, skip_bad_images=skip_bad_images,
+                               dtype=dtype or "float32")
+        shape, count = f"embeddings {tuple(single.embeddings.shape)} {single.embeddings.dtype}", len(single)
+    skipped = len(inputs) - count if listing else 0
+    counted = f" ({skipped} unreadable skipped)" if skipped else ""
+    typer.echo(f"indexed {count} images{counted} ({backend}/{precision}) into {out} in "
+               f"{time.perf_counter() - started:.1f}s{warm}; {shape}")
+
+
+def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m: int, ef_construction: int,
+                ef_search: int) -> Any:
+    """The shortlist index asked for, or None when no index option was given (the default, or the gallery's)."""
+    from itmrt.scale.index import IndexSpec
+
+    if kind is None:
+        if ivf_lists is not None:
+            raise ItmrtError("--ivf-lists is for --shortlist-index ivf")
+        return None
+    return IndexSpec(kind, ivf_lists, ivf_probe, hnsw_m, ef_construction, ef_search).check()
+
+
+def _index_sharded(runtime: Any, inputs: Any, out: Path, shard_images: int | None, dtype: str | None,
+                   index_spec: Any, append: bool, overwrite: bool, source: str, skip_bad_images: bool,
+                   progress: bool) -> tuple[Any, int]:
+    """The sharded gallery written (or appended to) and the number of images it gained."""
+    from itmrt.cli.progress import progress_bars
+    from itmrt.scale.layout import is_sharded_gallery, read_sharded_gallery
+    from itmrt.scale.writer import ShardingOptions, index_sharded
+
+    if append and overwrite:
+        raise ItmrtError("--append keeps the gallery and adds to it; drop --overwrite")
+    if shard_images is None:  # appending: shards as large as the gallery's
+        if not is_sharded_gallery(out):
+            raise ItmrtError(f"--append adds shards to a sharded gallery; {out} is not one (make one with "
+                             "--shard-images N)")
+        shard_images = int(read_sharded_gallery(out).manifest.get("shard_images") or len(inputs))
+    before = len(read_sharded_gallery(out)) if append else 0
+    options = ShardingOptions(shard_images, dtype, index_spec)
+    with progress_bars(progress) as bars:
+        gallery = index_sharded(runtime, inputs, out, options, overwrite=overwrite, append=append, source=source,
+                                skip_bad_images=skip_bad_images, progress=bars("index (images)", len(inputs)))
+    return gallery, len(gallery) - before

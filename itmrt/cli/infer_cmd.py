@@ -17,8 +17,8 @@ from typing import Any
 import typer
 
 from itmrt import limits
-
 from itmrt.cli import options
+from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
 from itmrt.cli.options import BackendName, OnLong, Precision
 from itmrt.cli.outputs import check_new_files, warn_on_stderr
@@ -148,7 +148,13 @@ def infer_command(
     timings: bool = typer.Option(False, "--timings", help=(
         "Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON "
         "line on stderr, after 'timings: '.")),
-    shortlist: int | None = typer.Option(None, "--shortlist", min=1, max=limits.MAX_COUNT, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out)."),
+    shortlist: int | None = typer.Option(None, "--shortlist", min=1, max=limits.MAX_COUNT, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out; a sharded gallery: K per shard)."),
+    ray: str | None = ray_flags.address(),
+    ray_workers: int | None = ray_flags.workers(),
+    ray_cpus: float = ray_flags.cpus(),
+    ray_gpus: float = ray_flags.gpus(),
+    ray_retries: int = ray_flags.retries(),
+    ray_timeout_s: float = ray_flags.timeout_s(),
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
     from itmrt.timings import StageTimer, process_age
@@ -174,9 +180,8 @@ def infer_command(
         typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
         request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
-        result, n_images = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
-        how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
-               else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
+        request.ray = ray_flags.ray_options(ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s)
+        n_images, how = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
         typer.echo(f"{backend}/{precision}: {n_images} images x {len(captions)} captions in "
                    f"{time.perf_counter() - started:.1f}s ({how}); wrote {out}")
     if timings:
@@ -202,6 +207,7 @@ class BundleRequest:
     memory_mb: int
     skip_bad_images: bool
     overwrite: bool = False
+    ray: Any = None  # itmrt.scale.RayOptions: search a sharded gallery on Ray
 
 
 def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | None) -> tuple[Path, Path | None]:
@@ -216,13 +222,20 @@ def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | 
 
 
 def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scores_out: Path | None,
-                   shortlist: int | None, progress: bool, out: Path, timer: Any) -> tuple[Any, int]:
-    """Load, encode, score and write, each a stage of ``timer``; the result and the number of images."""
+                   shortlist: int | None, progress: bool, out: Path, timer: Any) -> tuple[int, str]:
+    """Load, encode, score and write, each a stage of ``timer``; the number of images and how they were scored."""
     from itmrt.cli.progress import progress_bars
     from itmrt.runtime.api import load
     from itmrt.runtime.gallery import load_features
     from itmrt.runtime.image_files import is_image_listing, list_image_files
+    from itmrt.scale.layout import is_sharded_gallery
 
+    if request.gallery is not None and is_sharded_gallery(request.gallery):
+        from itmrt.cli.infer_sharded import search_sharded
+
+        return search_sharded(request, captions, top_k, scores_out, shortlist, progress, out, timer)
+    if request.ray is not None:
+        raise ItmrtError("--ray searches a sharded gallery; make one with `itmrt index ... --shard-images N`")
     with timer.stage("load"):
         runtime = load(request.bundle, backend=request.backend, precision=request.precision,
                        providers=request.providers, threads=request.threads, max_length=request.max_length,
@@ -250,4 +263,6 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
                               progress=bars("score (captions)", len(captions)))
     with timer.stage("write"):
         _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.overwrite, image_ids)
-    return result, n_images
+    how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
+           else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
+    return n_images, how

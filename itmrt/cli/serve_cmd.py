@@ -9,6 +9,7 @@ import typer
 from itmrt import limits
 
 from itmrt.cli import options
+from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
 from itmrt.cli.options import BackendName, OnLong, Precision, ScorerChoice
 
@@ -38,6 +39,14 @@ def serve_command(
     token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
     max_connections: int = Opt(1024, "--max-connections", min=1, max=limits.MAX_BATCH, help="Open connections at most (more: 503)."),
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
+    shortlist: int | None = Opt(None, "--shortlist", min=1, help=(
+        "Sharded gallery: rerank each shard's K best candidates (FAISS) instead of scoring every image.")),
+    ray: str | None = ray_flags.address(),
+    ray_workers: int | None = ray_flags.workers(),
+    ray_cpus: float = ray_flags.cpus(),
+    ray_gpus: float = ray_flags.gpus(),
+    ray_retries: int = ray_flags.retries(),
+    ray_timeout_s: float = ray_flags.timeout_s(),
 ) -> None:
     """Serve a gallery: POST /v2/models/text_to_image/infer answers each caption's best images.
 
@@ -47,6 +56,8 @@ def serve_command(
     /v2/health/ready turns 200 once the gallery is loaded and warmed up (the
     health probes need no token); /metrics is in Prometheus' text format.
     SIGINT or SIGTERM stop accepting, answer every request received, and exit 0.
+    A sharded gallery (itmrt index --shard-images) is searched shard by shard and merged, in this process or,
+    with --ray, on Ray actors (one per shard unless --ray-workers), with the same answers.
     """
     from itmrt.serve.app import HttpLimits
     from itmrt.serve.batcher import BatchSettings
@@ -58,6 +69,7 @@ def serve_command(
         scorer=scorer, memory_mb=memory_mb, on_long=on_long, token_file=token_file,
         batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue),
         limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s),
-        max_connections=max_connections, access_log=access_log,
+        max_connections=max_connections, access_log=access_log, shortlist=shortlist,
+        ray=ray_flags.ray_options(ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s),
     )
     Service(source, gallery, serve_options).run()

@@ -287,11 +287,14 @@ class Runtime:
         overwrite: bool = False,
         source: str = "image features",
         skip_bad_images: bool = False,
+        dtype: str = "float32",
     ) -> Gallery:
         """Encode ``features`` (or, for CMPM, image files) once into a gallery folder tied to this bundle.
 
         From image files the gallery keeps each image's id (``Gallery.ids``);
         ``skip_bad_images`` leaves unreadable files out instead of failing.
+        ``dtype="float16"`` stores the embeddings at half the size (scoring
+        upcasts them one tile at a time). Sharded galleries: :mod:`itmrt.scale`.
         """
         details = {"backend": self.backend_name, "precision": self.precision, "source": source}
         if isinstance(features, ImageFiles):
@@ -303,7 +306,7 @@ class Runtime:
                 return self.encode_image_files(files, skip_bad_images, array)[1]
 
             return write_gallery(out, self.bundle, encode_files_into, (len(files), *dims),
-                                 {**details, "source": files.source}, overwrite)
+                                 {**details, "source": files.source}, overwrite, dtype)
         self.check_images(features, source)
         first = self.image_encoder.encode(np.asarray(features[:1]))
         shape = (int(features.shape[0]), *first.shape[1:])
@@ -311,7 +314,7 @@ class Runtime:
         def encode_into(array: np.ndarray) -> None:
             self.image_encoder.encode(features, out=array)
 
-        return write_gallery(out, self.bundle, encode_into, shape, details, overwrite)
+        return write_gallery(out, self.bundle, encode_into, shape, details, overwrite, dtype)
 
     def open_gallery(self, path: str | Path) -> Gallery:
         """Open a gallery and check it was made with this bundle."""

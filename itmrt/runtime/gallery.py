@@ -1,7 +1,8 @@
 """Galleries: image embeddings computed once, stored as ``.npy`` and memory-mapped on load.
 
-A gallery folder holds ``image_embeddings.npy`` (float32, ``images x regions x
-d``, or ``images x D`` for global models) and ``gallery.json``
+A gallery folder holds ``image_embeddings.npy`` (float32, or float16 to halve
+its size - scorers upcast one tile at a time; ``images x regions x d``, or
+``images x D`` for global models) and ``gallery.json``
 (:mod:`itmrt.bundle.gallery_manifest`, typed and checked on read), which ties
 it to the bundle whose image encoder made it (the sha256 of that bundle's
 ``manifest.json``): searching a gallery with a different bundle is refused,
@@ -17,7 +18,8 @@ file once while the file's size, mtime, ctime and inode stay the same.
 
 The folder is written under a hidden temporary name and renamed into place,
 ``gallery.json`` last, so an interrupted ``itmrt index`` leaves nothing that
-looks like a gallery.
+looks like a gallery. A *sharded* gallery (:mod:`itmrt.scale`) is a folder of
+such galleries under one ``gallery.json`` of kind ``itmrt-sharded-gallery``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import numpy as np
 from itmrt.bundle.closed import member
 from itmrt.bundle.folder import BundleInfo, is_bundle, read_bundle
 from itmrt.bundle.gallery_manifest import (
-    EMBEDDINGS_FILE, GALLERY_MANIFEST, IDS_FILE, REMEDY, EmbeddingsEntry, GalleryBundle, GalleryManifest, IdsEntry,
-    gallery_manifest_text, read_gallery_manifest,
+    EMBEDDINGS_FILE, GALLERY_KIND, GALLERY_MANIFEST, GALLERY_SCHEMA, IDS_FILE, REMEDY, SHARDED_GALLERY_KIND,
+    STORAGE_DTYPES, EmbeddingsEntry, GalleryBundle, GalleryManifest, IdsEntry, gallery_manifest_text,
+    read_gallery_manifest, recorded_bundle,
 )
 from itmrt.bundle.names import MANIFEST_NAME
 from itmrt.data.npy import open_npy, read_npy_header
@@ -46,7 +49,8 @@ from itmrt.io import (
     staged_folder,
 )
 
-__all__ = ["EMBEDDINGS_FILE", "GALLERY_MANIFEST", "IDS_FILE", "Gallery", "gallery_bundle", "gallery_source",
+__all__ = ["EMBEDDINGS_FILE", "GALLERY_KIND", "GALLERY_MANIFEST", "GALLERY_SCHEMA", "IDS_FILE", "SHARDED_GALLERY_KIND",
+           "STORAGE_DTYPES", "Gallery", "gallery_bundle", "gallery_source",
            "is_gallery", "load_features", "read_gallery", "verify_embeddings", "write_gallery"]
 
 _VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
@@ -160,8 +164,8 @@ def gallery_bundle(folder: str | Path) -> BundleInfo:
     That path is the one a gallery names outside itself, so nothing there is used until the
     bundle's ``manifest.json`` hashes to the recorded sha256.
     """
-    manifest, _sha256 = read_gallery_manifest(folder)
-    bundle = Path(manifest.bundle.path)
+    recorded = recorded_bundle(folder)
+    bundle = Path(recorded.path)
     hint = f"give the bundle and the gallery: `itmrt infer BUNDLE --gallery {folder}`"
     if not (bundle / MANIFEST_NAME).is_file():  # looked at, not opened: it may be anything
         raise ItmrtError(f"gallery {folder} was made with the bundle {bundle}, which is not there any more; {hint}")
@@ -169,7 +173,7 @@ def gallery_bundle(folder: str | Path) -> BundleInfo:
         found = sha256_file(member(bundle, MANIFEST_NAME, "bundle", "export it again"))
     except OSError as exc:
         raise ItmrtError(f"cannot read {bundle / MANIFEST_NAME} ({exc.strerror}); {hint}") from None
-    if found != manifest.bundle.manifest_sha256:
+    if found != recorded.manifest_sha256:
         raise ItmrtError(f"the bundle at {bundle} is not the one gallery {folder} was made with (its manifest "
                          f"changed); {hint}, or re-index the gallery")
     return read_bundle(bundle)
@@ -203,8 +207,9 @@ def write_gallery(
     shape: tuple[int, ...],
     details: dict[str, Any],
     overwrite: bool = False,
+    dtype: str = "float32",
 ) -> Gallery:
-    """Create a gallery at ``out``: ``encode_into(array)`` fills a float32 ``.npy`` memmap of ``shape``.
+    """Create a gallery at ``out``: ``encode_into(array)`` fills a ``.npy`` memmap of ``shape`` and ``dtype``.
 
     ``encode_into`` may return the image ids of the rows it filled, in order: the
     gallery then keeps them (``image_ids.json``), and only those rows when there
@@ -212,11 +217,15 @@ def write_gallery(
     ``backend``, ``precision`` and ``source`` the document records.
     """
     target = Path(out)
+    if dtype not in STORAGE_DTYPES:
+        raise ItmrtError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
     _check_target(target, overwrite)
     with staged_folder(target) as staging:
-        array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=shape)
+        array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=dtype, shape=shape)
         ids = encode_into(array)
         array.flush()
+        if dtype != "float32":
+            _check_finite(array)
         if ids is not None and len(ids) < shape[0]:
             shape = (len(ids), *shape[1:])
             _keep_rows(staging / EMBEDDINGS_FILE, array, len(ids))
@@ -230,7 +239,7 @@ def write_gallery(
             bundle=GalleryBundle(path=str(bundle.path.resolve()), manifest_sha256=bundle.manifest_sha256,
                                  family=bundle.family),
             embeddings=EmbeddingsEntry(file=EMBEDDINGS_FILE, sha256=sha256_file(staging / EMBEDDINGS_FILE),
-                                       shape=list(shape), dtype="float32"),
+                                       shape=list(shape), dtype=dtype),
             ids=ids_entry, backend=details.get("backend"), precision=details.get("precision"),
             source=details.get("source"), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -240,10 +249,18 @@ def write_gallery(
     return read_gallery(target, verify=False)
 
 
+def _check_finite(array: np.ndarray, block: int = 4096) -> None:
+    """Refuse embeddings that overflowed a narrower storage type (read in blocks: a memmap)."""
+    for start in range(0, len(array), block):
+        if not np.isfinite(array[start : start + block]).all():
+            raise ItmrtError(f"image embeddings from row {start} do not fit {array.dtype} storage; "
+                             "index with --dtype float32")
+
+
 def _keep_rows(path: Path, array: np.ndarray, rows: int, block: int = 4096) -> None:
     """Rewrite the ``.npy`` at ``path`` (open as ``array``) with its first ``rows`` rows only."""
     smaller = path.with_name(path.name + ".rows")
-    kept = np.lib.format.open_memmap(smaller, mode="w+", dtype=np.float32, shape=(rows, *array.shape[1:]))
+    kept = np.lib.format.open_memmap(smaller, mode="w+", dtype=array.dtype, shape=(rows, *array.shape[1:]))
     for start in range(0, rows, block):
         kept[start : start + block] = array[start : min(start + block, rows)]
     kept.flush()

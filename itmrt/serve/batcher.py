@@ -159,6 +159,9 @@ class Batcher:
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
+        close = getattr(searcher, "close", None)  # a searcher holding processes (Ray actors) ends them here
+        if callable(close):
+            close()
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch: the oldest job and those after it that fit, waiting at most ``max_delay_s``."""

@@ -36,6 +36,7 @@ from itmrt.serve.auth import read_token_file
 from itmrt.serve.batcher import Batcher, BatchSettings
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.runtime.options import OnLong, ScorerChoice
+from itmrt.scale.layout import is_sharded_gallery
 from itmrt.serve.searcher import Searcher, open_runtime_searcher
 
 log = logging.getLogger("itmrt.serve")
@@ -59,6 +60,8 @@ class ServeOptions:
     token_file: Path | None = None
     max_connections: int = 1024
     access_log: bool = False
+    shortlist: int | None = None  # sharded galleries: rerank each shard's K best candidates
+    ray: Any = None  # sharded galleries: itmrt.scale.RayOptions to search the shards on Ray actors
     configure_logging: bool = True  # False: leave logging as the embedding application set it up
 
     def __post_init__(self) -> None:
@@ -67,6 +70,18 @@ class ServeOptions:
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
+
+
+def _sharded_searcher(gallery: Path, options: ServeOptions, load_options: dict[str, Any]) -> Callable[[], Searcher]:
+    """The searcher factory of a sharded gallery (its shards in this process, or on Ray with ``options.ray``)."""
+    from itmrt.scale.layout import read_sharded_gallery
+    from itmrt.serve.sharded import open_sharded_searcher
+
+    read_sharded_gallery(gallery)  # a missing or broken gallery is reported before the port is taken
+    if options.shortlist is not None and options.shortlist < 1:
+        raise ItmrtError(f"--shortlist must be at least 1, not {options.shortlist}")
+    return lambda: open_sharded_searcher(gallery, ray=options.ray, on_long=options.on_long,
+                                         shortlist=options.shortlist, warn=log.warning, **load_options)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -172,7 +187,6 @@ class Service:
                 f"{source} is a bundle: pass --gallery GALLERY "
                 f"(make one with `itmrt index {source} --images ... --out GALLERY`)"
             )
-        read_gallery(gallery_path)  # a missing or broken gallery is reported before the port is taken
         load_options = {
             "backend": options.backend,
             "precision": options.precision,
@@ -181,6 +195,12 @@ class Service:
             "scorer": options.scorer,
             "budget_bytes": options.memory_mb << 20,
         }
+        if is_sharded_gallery(gallery_path):
+            return _sharded_searcher(gallery_path, options, load_options)
+        if options.ray is not None or options.shortlist is not None:
+            raise ItmrtError("--ray and --shortlist search a sharded gallery; make one with `itmrt index ... "
+                             "--shard-images N`")
+        read_gallery(gallery_path)  # a missing or broken gallery is reported before the port is taken
         return lambda: open_runtime_searcher(bundle_path, gallery_path, options.on_long, log.warning, **load_options)
 
     @property

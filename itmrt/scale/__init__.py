@@ -1,0 +1,40 @@
+"""Galleries beyond one machine: sharded galleries, a FAISS shortlist index per shard, search on Ray.
+
+- :mod:`itmrt.scale.layout`: a sharded gallery on disk (one ``gallery.json``
+  listing shard folders with their counts and sha256; each shard an ordinary
+  gallery tied to the bundle) and reading it back.
+- :mod:`itmrt.scale.writer`: writing one (``itmrt index --shard-images N``),
+  appending shards, float16 storage.
+- :mod:`itmrt.scale.index`: the per-shard FAISS index of the images' global
+  vectors (flat = exact inner product, IVF, HNSW).
+- :mod:`itmrt.scale.shard`: searching one shard and merging shards' answers.
+- :mod:`itmrt.scale.local` / :mod:`itmrt.scale.ray_search`: every shard in
+  this process, or on Ray actors (``itmrt infer/serve GALLERY --ray ...``).
+- :mod:`itmrt.scale.searcher`: :func:`open_shards` (``itmrt serve``'s searcher over it: :mod:`itmrt.serve.sharded`).
+
+::
+
+    from itmrt.scale import ShardingOptions, index_sharded, open_shards, RayOptions, SearchRequest
+    rt = itmrt.load("bundle/")
+    index_sharded(rt, features, "gallery/", ShardingOptions(shard_images=100_000, dtype="float16"))
+    shards = open_shards("gallery/", ray=RayOptions(address="auto"))
+    hits = shards.search(shards.runtime.encode_captions(["a dog on grass"]), SearchRequest(k=5, shortlist=100)).t2i
+    shards.close()
+
+faiss comes with ``pip install 'itmrt[scale]'``, Ray with ``'itmrt[ray]'``;
+neither is imported until used.
+"""
+
+from itmrt.scale.index import INDEX_KINDS, IndexSpec
+from itmrt.scale.layout import ShardedGallery, is_sharded_gallery, read_sharded_gallery
+from itmrt.scale.local import LocalShards
+from itmrt.scale.ray_search import RayOptions, RayShards
+from itmrt.scale.searcher import open_shards
+from itmrt.scale.shard import SearchRequest, SearchResult
+from itmrt.scale.writer import ShardedWriter, ShardingOptions, index_sharded
+
+__all__ = [
+    "INDEX_KINDS", "IndexSpec", "LocalShards", "RayOptions", "RayShards", "SearchRequest", "SearchResult",
+    "ShardedGallery", "ShardedWriter", "ShardingOptions", "index_sharded",
+    "is_sharded_gallery", "open_shards", "read_sharded_gallery",
+]

@@ -1,0 +1,246 @@
+"""A sharded gallery on disk: one ``gallery.json`` listing shards, each shard an ordinary gallery folder.
+
+::
+
+    GALLERY/
+      gallery.json              kind itmrt-sharded-gallery: the bundle, dtype, and per shard its folder,
+                                first row, image count and the sha256 of its gallery.json
+      shard-00000/gallery.json  an itmrt gallery (tied to the bundle by its manifest's sha256), plus the
+                                shard's shortlist: its global vectors and their FAISS index, each with sha256
+      shard-00000/image_embeddings.npy   float32 or float16, memory-mapped
+      shard-00000/global_vectors.npy     float32 [images, d] (cross-attention bundles)
+      shard-00000/shortlist.faiss        the FAISS index of those vectors (unless --shortlist-index none)
+      shard-00000/image_ids.json         image ids, when indexed from image files
+      shard-00001/...
+
+Image ``first + r`` of the whole gallery is row ``r`` of the shard whose rows
+start at ``first``. Every name a document gives is a plain name inside its
+folder; the hashes chain the top document to each shard's document and that to
+its files (the embeddings and global vectors are hashed when a shard is opened,
+once per process and file, as any gallery's are), so a shard cannot be swapped
+or edited without the gallery noticing.
+A shard is never rewritten: appending adds shard folders and replaces the top
+document in one rename.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itmrt.errors import ItmrtError, first_line
+from itmrt.io import parse_json, read_json_document, sha256_file
+from itmrt.runtime.gallery import (
+    GALLERY_MANIFEST,
+    GALLERY_SCHEMA,
+    SHARDED_GALLERY_KIND,
+    STORAGE_DTYPES,
+    Gallery,
+    read_gallery,
+)
+
+SHARD_PREFIX = "shard-"
+VECTORS_FILE = "global_vectors.npy"
+INDEX_FILE = "shortlist.faiss"
+SHORTLIST_KEY = "shortlist"
+"""The entry of a shard's ``gallery.json`` that records its global vectors and index."""
+
+
+def shard_name(number: int) -> str:
+    return f"{SHARD_PREFIX}{number:05d}"
+
+
+def is_sharded_gallery(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a sharded gallery's document (cheap: reads only its ``kind``)."""
+    path = Path(folder) / GALLERY_MANIFEST
+    if path.is_symlink() or not path.is_file():  # a linked document is refused when the gallery is read
+        return False
+    try:
+        document = parse_json(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and document.get("kind") == SHARDED_GALLERY_KIND
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One shard as the top document lists it."""
+
+    name: str
+    first: int  # the gallery row of the shard's row 0
+    images: int
+    sha256: str  # of the shard's gallery.json
+
+    @property
+    def rows(self) -> str:
+        return f"images {self.first}..{self.first + self.images - 1}"
+
+    def describe(self) -> str:
+        return f"shard {self.name} ({self.rows})"
+
+
+@dataclass
+class ShardedGallery:
+    """A sharded gallery's top document, read and checked (the shards themselves open with :func:`open_shard`)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    shards: list[ShardRecord]
+    _ids: ShardedIds | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return sum(shard.images for shard in self.shards)
+
+    @property
+    def bundle_path(self) -> Path:
+        return Path(self.manifest["bundle"]["path"])
+
+    @property
+    def bundle_sha256(self) -> str:
+        return str(self.manifest["bundle"]["manifest_sha256"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["dtype"])
+
+    @property
+    def ids(self) -> ShardedIds | None:
+        """Each image's id (its path) for galleries indexed from image files, read shard by shard when asked."""
+        if not self.manifest.get("ids"):
+            return None
+        if self._ids is None:
+            self._ids = ShardedIds(self)
+        return self._ids
+
+    def check_bundle(self, manifest_sha256: str, bundle_path: Path) -> None:
+        if manifest_sha256 != self.bundle_sha256:
+            raise ItmrtError(
+                f"gallery {self.path} was made with another bundle (manifest sha256 {self.bundle_sha256[:12]}..., "
+                f"not {manifest_sha256[:12]}... of {bundle_path}); re-index it with `itmrt index {bundle_path}`"
+            )
+
+
+class ShardedIds(Sequence[str]):
+    """The image ids of a sharded gallery as one sequence; each shard's ids are read on first use."""
+
+    def __init__(self, gallery: ShardedGallery) -> None:
+        self.gallery = gallery
+        self.firsts = [shard.first for shard in gallery.shards]
+        self.loaded: dict[int, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def __getitem__(self, row: Any) -> Any:
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(len(self)))]
+        row = int(row)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(row)
+        number = bisect.bisect_right(self.firsts, row) - 1
+        if number not in self.loaded:
+            shard = read_shard_gallery(self.gallery, self.gallery.shards[number])
+            if shard.ids is None:
+                raise ItmrtError(f"{shard.path} has no image ids but {self.gallery.path} says it should; re-index it")
+            self.loaded[number] = shard.ids
+        return self.loaded[number][row - self.firsts[number]]
+
+
+def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
+    """Read and check a sharded gallery's top document (one-line errors naming what is wrong)."""
+    root = Path(folder)
+    path = root / GALLERY_MANIFEST
+    if not path.is_file():
+        raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
+    manifest, _raw = read_json_document(path, (SHARDED_GALLERY_KIND,), GALLERY_SCHEMA, "sharded gallery",
+                                        "re-index the gallery")
+    try:
+        shards = [ShardRecord(str(s["name"]), int(s["first"]), int(s["images"]), str(s["sha256"]))
+                  for s in manifest["shards"]]
+        bundle_sha256, dtype = manifest["bundle"]["manifest_sha256"], manifest["dtype"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ItmrtError(f"{path} is not a well-formed sharded gallery ({first_line(exc)} missing or wrong); "
+                         "re-index the gallery") from None
+    if not isinstance(bundle_sha256, str) or dtype not in STORAGE_DTYPES:
+        raise ItmrtError(f"{path} names no bundle hash or an unknown dtype {dtype!r}; re-index the gallery")
+    expected_first = 0
+    for shard in shards:
+        member(root, shard.name)
+        if shard.first != expected_first or shard.images < 1:
+            raise ItmrtError(f"{path}: {shard.name} starts at row {shard.first} with {shard.images} images, not at "
+                             f"row {expected_first}; re-index the gallery")
+        expected_first += shard.images
+    if not shards:
+        raise ItmrtError(f"{path} lists no shards; re-index the gallery")
+    return ShardedGallery(root, manifest, shards)
+
+
+def member(root: Path, name: Any) -> Path:
+    """A name a gallery document gives: a plain name inside ``root`` (not a link), nothing else."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ItmrtError(f"{root / GALLERY_MANIFEST} names {name!r}, not a name inside the gallery; "
+                         "re-index the gallery")
+    path = root / name
+    if path.is_symlink():  # a link could lead anywhere: a gallery holds its own files
+        raise ItmrtError(f"{path} is a symbolic link, not a file of the gallery; re-index the gallery")
+    return path
+
+
+def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True) -> Gallery:
+    """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype."""
+    folder = member(gallery.path, shard.name)
+    document = folder / GALLERY_MANIFEST
+    try:
+        digest = hashlib.sha256(document.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ItmrtError(f"{shard.describe()} of {gallery.path} cannot be read ({first_line(exc)}); "
+                         "re-index the gallery") from None
+    if digest != shard.sha256:
+        raise ItmrtError(f"{document} does not match the sha256 that {gallery.path / GALLERY_MANIFEST} records; "
+                         "re-index the gallery")
+    opened = read_gallery(folder, verify=verify)
+    if opened.manifest["bundle"]["manifest_sha256"] != gallery.bundle_sha256:
+        raise ItmrtError(f"{folder} was made with another bundle than the rest of {gallery.path}; re-index it")
+    if len(opened) != shard.images or str(opened.embeddings.dtype) != gallery.dtype:
+        raise ItmrtError(f"{folder} holds {len(opened)} {opened.embeddings.dtype} rows, not the {shard.images} "
+                         f"{gallery.dtype} rows {gallery.path / GALLERY_MANIFEST} lists; re-index the gallery")
+    return opened
+
+
+def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
+    """A shard's global vectors (memory-mapped), or None where it has none (global models)."""
+    entry = (shard.manifest.get(SHORTLIST_KEY) or {}).get("vectors")
+    if entry is None:
+        return None
+    if entry.get("made_from") != shard.manifest["embeddings"]["sha256"]:
+        raise ItmrtError(f"{shard.path}: its global vectors were not made from its embeddings; re-index the gallery")
+    path = member(shard.path, entry.get("file"))
+    if verify and sha256_file(path) != entry.get("sha256"):
+        raise ItmrtError(f"{path} does not match the sha256 in its gallery.json; re-index the gallery")
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ItmrtError(f"{path} is not a readable .npy file ({type(exc).__name__}); re-index the gallery") from None
+    if vectors.dtype != np.float32 or vectors.shape != (len(shard), shard.embeddings.shape[-1]):
+        raise ItmrtError(f"{path} has shape {vectors.shape} / {vectors.dtype}, not one float32 vector per image; "
+                         "re-index the gallery")
+    return vectors
+
+
+def index_record(shard: Gallery) -> dict[str, Any] | None:
+    """The shard's FAISS index record (checked to be built from its vectors), or None when it has none."""
+    shortlist = shard.manifest.get(SHORTLIST_KEY) or {}
+    record = shortlist.get("index")
+    if record is None:
+        return None
+    if record.get("built_from") != (shortlist.get("vectors") or {}).get("sha256"):
+        raise ItmrtError(f"{shard.path}: its shortlist index was not built from its global vectors; re-index it")
+    return dict(record)

@@ -1,0 +1,50 @@
+"""Every shard of a sharded gallery searched in this process, one after another, with one runtime.
+
+The reference for the distributed search (:mod:`itmrt.scale.ray_search` asks
+each actor the same :meth:`~itmrt.scale.shard.OpenShard.search` and merges the
+same way), and the way to use a sharded gallery on one machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.scale.layout import ShardedGallery
+from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers
+
+
+class LocalShards:
+    """A sharded gallery's shards, opened in this process for ``runtime`` (a Runtime of the gallery's bundle)."""
+
+    def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False) -> None:
+        gallery.check_bundle(runtime.bundle.manifest_sha256, runtime.bundle.path)
+        self.runtime, self.gallery = runtime, gallery
+        self.shards = [OpenShard.open(gallery, record, verify, gpu_index) for record in gallery.shards]
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def search(self, captions: CaptionEmbeddings, request: SearchRequest,
+               progress: Callable[[int], None] | None = None) -> SearchResult:
+        """Every shard's answer to ``request``, merged; ``progress(1)`` after each shard."""
+        request.check()
+        answers = []
+        for shard in self.shards:
+            answers.append(shard.search(self.runtime, captions, request))
+            if progress is not None:
+                progress(1)
+        return merge_answers(answers, request, len(captions))
+
+    def warmup(self, shortlist: int | None = None) -> float:
+        """Warm the runtime up, then search every shard once as a query will (full scoring or ``shortlist``):
+        that pages their files in and sizes the scorer's buffers."""
+        started = time.perf_counter()
+        self.runtime.warmup()
+        self.search(self.runtime.encode_captions(["warm up"]), SearchRequest(k=1, shortlist=shortlist))
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        """Nothing to free beyond the runtime, which the caller owns."""

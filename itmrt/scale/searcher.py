@@ -1,0 +1,33 @@
+"""Opening a sharded gallery for search: its shards in this process or on Ray actors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from itmrt.scale.layout import read_sharded_gallery
+from itmrt.scale.local import LocalShards
+from itmrt.scale.ray_search import RayOptions, RayShards
+
+Shards = LocalShards | RayShards
+
+
+def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: bool = True,
+                **load_options: Any) -> Shards:
+    """A sharded gallery opened for search: its bundle loaded here (``load_options`` as
+    :func:`itmrt.runtime.load` takes them) and its shards in this process, or on Ray actors with ``ray``.
+
+    The result's ``runtime`` encodes captions; ``search(captions, SearchRequest(...))`` answers;
+    ``close()`` ends the actors (and the runtime's GPU resources).
+    """
+    from itmrt.runtime.api import load
+
+    sharded = read_sharded_gallery(gallery)
+    runtime = load(sharded.bundle_path, **load_options)
+    try:
+        if ray is None:
+            return LocalShards(runtime, sharded, verify)
+        return RayShards(runtime, sharded, ray, load_options, verify)
+    except BaseException:
+        runtime.close()
+        raise

@@ -1,0 +1,293 @@
+"""Sharded galleries (no Ray): layout and hashes, appending, float16 storage, the FAISS shortlist, exact merging.
+
+Every search result is compared with the one-gallery runtime
+(``Runtime.rank`` on an unsharded gallery of the same images), which is what a
+sharded gallery must reproduce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cli_helpers import run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scale_helpers import N_IMAGES, quiet, same_top_k, scale_setup
+
+from itmrt.errors import ItmrtError
+from itmrt.runtime.gallery import read_gallery
+from itmrt.runtime.shortlist import (
+    caption_global_vectors,
+    image_global_vectors,
+    top_candidates,
+)
+from itmrt.runtime.tiled import top_k_of_matrix
+from itmrt.scale import (
+    IndexSpec,
+    SearchRequest,
+    ShardingOptions,
+    index_sharded,
+    open_shards,
+    read_sharded_gallery,
+)
+from itmrt.scale.index import ShortlistIndex, build_index
+from itmrt.scale.shard import ShardAnswer, merge_answers
+from itmrt.scale.writer import ShardedWriter
+
+faiss = pytest.importorskip("faiss")
+
+BOTH = ("t2i", "i2t")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return scale_setup(tmp_path_factory.mktemp("scale"), seed=31, captions=23)
+
+
+def test_gallery_json_lists_shards_with_counts_and_hashes_each_tied_to_the_bundle(setup: dict[str, Any]) -> None:
+    root, runtime = setup["root"], setup["runtime"]
+    document = json.loads((root / "sharded" / "gallery.json").read_text())
+    assert document["kind"] == "itmrt-sharded-gallery" and document["images"] == N_IMAGES
+    assert [(s["name"], s["first"], s["images"]) for s in document["shards"]] == [
+        ("shard-00000", 0, 17), ("shard-00001", 17, 17), ("shard-00002", 34, 16)]
+    for entry in document["shards"]:
+        shard = root / "sharded" / entry["name"]
+        assert entry["sha256"] == hashlib.sha256((shard / "gallery.json").read_bytes()).hexdigest()
+        own = read_gallery(shard, verify=True)
+        assert own.manifest["bundle"]["manifest_sha256"] == runtime.bundle.manifest_sha256
+        index = own.manifest["shortlist"]["index"]
+        assert index["kind"] == "flat" and index["built_from"] == own.manifest["shortlist"]["vectors"]["sha256"]
+        assert own.manifest["shortlist"]["vectors"]["made_from"] == own.manifest["embeddings"]["sha256"]
+    assert not [p for p in (root).iterdir() if p.name.startswith(".")], "a staging folder was left behind"
+
+
+def test_sharded_full_search_equals_one_gallery(setup: dict[str, Any]) -> None:
+    runtime, encoded = setup["runtime"], setup["encoded"]
+    reference = runtime.rank(setup["plain"], encoded, top_k=7, keep_scores=True)
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    got = shards.search(encoded, SearchRequest(k=7, directions=BOTH, keep_scores=True))
+    same_top_k(got.t2i, reference.t2i)
+    same_top_k(got.i2t, reference.i2t)
+    np.testing.assert_array_equal(got.scores, reference.scores)
+    assert got.pairs == N_IMAGES * len(encoded) and set(got.shard_seconds) == {s.name for s in shards.gallery.shards}
+
+
+def test_one_shard_flat_index_gives_the_numpy_shortlist(setup: dict[str, Any]) -> None:
+    runtime, encoded, root = setup["runtime"], setup["encoded"], setup["root"]
+    index_sharded(runtime, setup["features"], root / "one", ShardingOptions(shard_images=N_IMAGES))
+    shards = open_shards(root / "one", threads=1, warn=quiet)
+    for shortlist in (7, 12, N_IMAGES):
+        reference = runtime.rank(setup["plain"], encoded, top_k=7, shortlist=shortlist)
+        got = shards.search(encoded, SearchRequest(k=7, shortlist=shortlist, directions=BOTH))
+        same_top_k(got.t2i, reference.t2i)
+        same_top_k(got.i2t, reference.i2t)
+
+
+def test_flat_index_candidates_equal_the_numpy_shortlist() -> None:
+    rng = np.random.default_rng(5)
+    items = rng.standard_normal((300, 24)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries = rng.standard_normal((40, 24)).astype(np.float32)
+    raw, record = build_index(items, IndexSpec("flat"))
+    record["sha256"] = hashlib.sha256(raw).hexdigest()
+    index = ShortlistIndex(faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8)), record)
+    for k in (1, 3, 10, 300, 400):
+        for batch in (queries[:1], queries[:7], queries):
+            np.testing.assert_array_equal(index.candidates(batch, k), top_candidates(batch, items, k))
+
+
+def test_ivf_and_hnsw_record_their_parameters_and_find_real_rows(setup: dict[str, Any]) -> None:
+    runtime, root, encoded = setup["runtime"], setup["root"], setup["encoded"]
+    vectors = image_global_vectors(setup["plain"].embeddings)
+    caption_vectors = caption_global_vectors(encoded)
+    exact = top_candidates(caption_vectors, vectors, 10)
+    for spec in (IndexSpec("ivf", ivf_lists=4, ivf_probe=4), IndexSpec("hnsw", hnsw_m=8, hnsw_ef_search=32)):
+        out = root / f"approx-{spec.kind}"
+        gallery = index_sharded(runtime, setup["features"], out, ShardingOptions(N_IMAGES, index=spec))
+        entry = read_gallery(out / gallery.shards[0].name).manifest["shortlist"]["index"]
+        assert entry["kind"] == spec.kind and entry["params"] == spec.params(N_IMAGES)
+        shard = open_shards(out, threads=1, warn=quiet).shards[0]
+        found = shard.candidates(caption_vectors, 10)
+        assert all(len(set(row)) == 10 and row.min() >= 0 for row in found)
+        if spec.kind == "ivf":  # every list probed: exhaustive, so exactly the flat shortlist
+            np.testing.assert_array_equal(found, exact)
+        else:
+            assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]) > 0.9
+
+
+def test_appending_adds_shards_without_rewriting_old_ones(setup: dict[str, Any], tmp_path: Path) -> None:
+    runtime, features = setup["runtime"], setup["features"]
+    out = tmp_path / "grown"
+    index_sharded(runtime, features[:20], out, ShardingOptions(shard_images=12, dtype="float16"))
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("shard-*/*")}
+    grown = index_sharded(runtime, features[20:], out, ShardingOptions(shard_images=12), append=True)
+    assert [(s.name, s.first, s.images) for s in grown.shards] == [
+        ("shard-00000", 0, 12), ("shard-00001", 12, 8), ("shard-00002", 20, 12), ("shard-00003", 32, 12),
+        ("shard-00004", 44, 6)]
+    assert all((p.stat().st_mtime_ns, p.read_bytes()) == held for p, held in before.items())
+    assert grown.dtype == "float16" and not [p for p in out.iterdir() if p.name.startswith(".")]
+    # the grown gallery searches as one float16 gallery of every image would
+    reference = runtime.rank(runtime.index(features, tmp_path / "whole16", dtype="float16"), setup["encoded"], top_k=5)
+    same_top_k(open_shards(out, threads=1, warn=quiet).search(setup["encoded"], SearchRequest(k=5)).t2i, reference.t2i)
+    with pytest.raises(ItmrtError, match="stores float16; drop --dtype"):
+        index_sharded(runtime, features[:3], out, ShardingOptions(5, dtype="float32"), append=True)
+    with pytest.raises(ItmrtError, match="not one"):
+        index_sharded(runtime, features[:3], setup["root"] / "plain", ShardingOptions(5), append=True)
+
+
+def test_an_append_in_progress_locks_the_gallery_and_a_failed_one_leaves_nothing(setup: dict[str, Any],
+                                                                                tmp_path: Path) -> None:
+    runtime = setup["runtime"]
+    out = tmp_path / "locked"
+    index_sharded(runtime, setup["features"][:10], out, ShardingOptions(shard_images=10))
+    document = (out / "gallery.json").read_bytes()
+    with ShardedWriter(out, runtime.bundle, ShardingOptions(5), append=True) as first:
+        with pytest.raises(ItmrtError, match="another process is appending"):
+            ShardedWriter(out, runtime.bundle, ShardingOptions(5), append=True)
+
+        def broken(folder: Path) -> Any:
+            runtime.index(setup["features"][:5], folder)
+            raise RuntimeError("the disk filled up")
+
+        with pytest.raises(RuntimeError):
+            first.add(broken)
+    assert (out / "gallery.json").read_bytes() == document
+    assert sorted(p.name for p in out.iterdir()) == ["gallery.json", "shard-00000"]
+    with pytest.raises(ItmrtError, match="already holds a gallery"):
+        index_sharded(runtime, setup["features"][:5], out, ShardingOptions(5))
+
+
+def test_float16_storage_is_half_the_size_and_close_to_float32(setup: dict[str, Any], tmp_path: Path) -> None:
+    runtime, encoded = setup["runtime"], setup["encoded"]
+    half = runtime.index(setup["features"], tmp_path / "half", dtype="float16")
+    assert half.embeddings.dtype == np.float16
+    full_size = (setup["plain"].path / "image_embeddings.npy").stat().st_size
+    assert (half.path / "image_embeddings.npy").stat().st_size < 0.51 * full_size
+    error = np.abs(runtime.score(half, encoded) - runtime.score(setup["plain"], encoded))
+    # rounding moves every similarity a little; NAAF's masks jump where one crosses the threshold
+    assert error.max() > 0 and np.quantile(error, 0.95) < 1e-3 and error.max() < 0.1
+
+
+def test_tampered_shards_are_refused(setup: dict[str, Any], tmp_path: Path) -> None:
+    runtime = setup["runtime"]
+    out = tmp_path / "tampered"
+    index_sharded(runtime, setup["features"][:12], out, ShardingOptions(shard_images=6))
+    shard_doc = out / "shard-00001" / "gallery.json"
+    shard_doc.write_text(shard_doc.read_text().replace('"precision": "fp32"', '"precision": "int8"'))
+    with pytest.raises(ItmrtError, match="does not match the sha256"):
+        open_shards(out, threads=1, warn=quiet)
+    document = json.loads((out / "gallery.json").read_text())
+    document["shards"][1]["name"] = "../plain"
+    (out / "gallery.json").write_text(json.dumps(document))
+    with pytest.raises(ItmrtError, match="not a name inside the gallery"):
+        read_sharded_gallery(out)
+    document["shards"][1]["name"] = "shard-00001"
+    (out / "gallery.json").write_text(json.dumps(document))
+    shutil.move(out / "shard-00001", tmp_path / "elsewhere")
+    (out / "shard-00001").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ItmrtError, match="shard-00001 is a symbolic link"):
+        read_sharded_gallery(out)
+    index_sharded(runtime, setup["features"][:12], out, ShardingOptions(shard_images=6), overwrite=True)
+    with open(out / "shard-00000" / "shortlist.faiss", "r+b") as handle:
+        handle.seek(-4, os.SEEK_END)
+        handle.write(b"\0\0\0\1")
+    with pytest.raises(ItmrtError, match="shortlist.faiss does not match the sha256"):
+        open_shards(out, threads=1, warn=quiet)
+
+
+def test_shard_embeddings_are_verified_when_opened_and_names_stay_inside(setup: dict[str, Any], tmp_path: Path) -> None:
+    runtime = setup["runtime"]
+    out = tmp_path / "sharded"
+    index_sharded(runtime, setup["features"][:12], out, ShardingOptions(shard_images=6))
+    embeddings = out / "shard-00001" / "image_embeddings.npy"
+    original = embeddings.read_bytes()
+    with open(embeddings, "r+b") as handle:  # one value changed, the shape kept: only the hash can tell
+        handle.seek(-4, os.SEEK_END)
+        handle.write(np.float32(0.5).tobytes())
+    with pytest.raises(ItmrtError, match="image_embeddings.npy does not match the sha256"):
+        open_shards(out, threads=1, warn=quiet)
+    embeddings.write_bytes(original)
+    # a shard document whose shortlist names a file outside the shard, with every hash on the way updated
+    shard_doc = out / "shard-00000" / "gallery.json"
+    document = json.loads(shard_doc.read_text())
+    document["shortlist"]["vectors"]["file"] = "../shard-00001/global_vectors.npy"
+    shard_doc.write_text(json.dumps(document))
+    top = json.loads((out / "gallery.json").read_text())
+    top["shards"][0]["sha256"] = hashlib.sha256(shard_doc.read_bytes()).hexdigest()
+    (out / "gallery.json").write_text(json.dumps(top))
+    with pytest.raises(ItmrtError, match="shortlist.vectors.file"):
+        open_shards(out, threads=1, warn=quiet)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_merging_shards_top_k_equals_one_top_k_of_everything(data: st.DataObject) -> None:
+    """Any split into shards, any k, scores with many ties: the merge orders as one sort of the whole matrix."""
+    images = data.draw(st.integers(1, 30))
+    captions = data.draw(st.integers(1, 6))
+    k = data.draw(st.integers(1, 12))
+    values = data.draw(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, -1.0]), min_size=images * captions,
+                                max_size=images * captions))
+    matrix = np.array(values, dtype=np.float32).reshape(images, captions)
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, images - 1)), max_size=4)))) if images > 1 else []
+    bounds = [0, *cuts, images]
+    answers = []
+    for first, end in itertools.pairwise(bounds):
+        t2i, i2t = top_k_of_matrix(matrix[first:end], k)
+        t2i.indices = t2i.indices + first
+        answers.append(ShardAnswer(f"s{first}", first, end - first, t2i, i2t, matrix[first:end]))
+    merged = merge_answers(answers[::-1], SearchRequest(k=k, directions=BOTH, keep_scores=True), captions)
+    t2i, i2t = top_k_of_matrix(matrix, k)
+    same_top_k(merged.t2i, t2i)
+    same_top_k(merged.i2t, i2t)
+    np.testing.assert_array_equal(merged.scores, matrix)
+
+
+def test_cli_index_and_infer_on_a_sharded_gallery(setup: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    root, bundle = setup["root"], str(setup["bundle"])
+    features, captions = str(root / "features.npy"), str(root / "captions.txt")
+    out = tmp_path / "cli"
+    made = run_cli(capsys, "index", bundle, "--images", features, "--out", str(out), "--shard-images", "20",
+                   "--shortlist-index", "hnsw", "--hnsw-m", "8", "--no-warmup", "--dtype", "float16")
+    assert made.code == 0 and "3 shards, 50 images in all, float16" in made.out, made.err
+    grown = run_cli(capsys, "index", bundle, "--images", features, "--out", str(out), "--append", "--no-warmup")
+    assert grown.code == 0 and "indexed 50 images" in grown.out and "6 shards, 100 images" in grown.out, grown.err
+    assert json.loads((out / "gallery.json").read_text())["shortlist_index"]["hnsw_m"] == 8
+    refused = run_cli(capsys, "index", bundle, "--images", features, "--out", str(tmp_path / "x"),
+                      "--shortlist-index", "ivf")
+    assert refused.code == 2 and "add --shard-images" in refused.err
+    plain, sharded = tmp_path / "plain.jsonl", tmp_path / "sharded.jsonl"
+    assert run_cli(capsys, "infer", str(root / "plain"), "--captions", captions, "--out", str(plain)).code == 0
+    done = run_cli(capsys, "infer", str(root / "sharded"), "--captions", captions, "--out", str(sharded))
+    assert done.code == 0 and "3 shards in this process, full scoring" in done.out, done.err
+    assert sharded.read_text() == plain.read_text()
+    wrong = run_cli(capsys, "infer", str(root / "plain"), "--captions", captions, "--out", str(tmp_path / "r.jsonl"),
+                    "--ray", "local")
+    assert wrong.code == 2 and "--ray searches a sharded gallery" in wrong.err
+
+
+def test_serve_a_sharded_gallery_in_one_process_with_a_shortlist(setup: dict[str, Any]) -> None:
+    from serve_helpers import running
+
+    from itmrt.serve.client import ServiceClient
+    from itmrt.serve.server import ServeOptions, Service
+
+    captions = setup["captions"][:5]
+    options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=8)
+    with running(Service(setup["sharded"], options=options)) as service, ServiceClient(service.url) as client:
+        hits = client.search(captions, 4)
+        wide = client.search(captions[:1], 12)  # top_k over the shortlist: K grows to 12 for that request
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    encoded = setup["runtime"].encode_captions(captions)
+    same_top_k(hits, shards.search(encoded, SearchRequest(k=4, shortlist=8)).t2i)
+    same_top_k(wide, shards.search(encoded.take([0]), SearchRequest(k=12, shortlist=12)).t2i)
+    with pytest.raises(ItmrtError, match="search a sharded gallery"):
+        Service(setup["plain"].path, options=ServeOptions(port=0, shortlist=8))
