@@ -207,7 +207,7 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
         raise ItmrtError(f"{document} does not match the sha256 that {gallery.path / GALLERY_MANIFEST} records; "
                          "re-index the gallery")
     opened = read_gallery(folder, verify=verify)
-    if opened.manifest["bundle"]["manifest_sha256"] != gallery.bundle_sha256:
+    if opened.manifest.bundle.manifest_sha256 != gallery.bundle_sha256:
         raise ItmrtError(f"{folder} was made with another bundle than the rest of {gallery.path}; re-index it")
     if len(opened) != shard.images or str(opened.embeddings.dtype) != gallery.dtype:
         raise ItmrtError(f"{folder} holds {len(opened)} {opened.embeddings.dtype} rows, not the {shard.images} "
@@ -217,13 +217,14 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
 
 def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
     """A shard's global vectors (memory-mapped), or None where it has none (global models)."""
-    entry = (shard.manifest.get(SHORTLIST_KEY) or {}).get("vectors")
-    if entry is None:
+    shortlist = shard.manifest.shortlist
+    if shortlist is None:
         return None
-    if entry.get("made_from") != shard.manifest["embeddings"]["sha256"]:
+    entry = shortlist.vectors
+    if entry.made_from != shard.manifest.embeddings.sha256:
         raise ItmrtError(f"{shard.path}: its global vectors were not made from its embeddings; re-index the gallery")
-    path = member(shard.path, entry.get("file"))
-    if verify and sha256_file(path) != entry.get("sha256"):
+    path = member(shard.path, entry.file)
+    if verify and sha256_file(path) != entry.sha256:
         raise ItmrtError(f"{path} does not match the sha256 in its gallery.json; re-index the gallery")
     try:
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -237,10 +238,9 @@ def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
 
 def index_record(shard: Gallery) -> dict[str, Any] | None:
     """The shard's FAISS index record (checked to be built from its vectors), or None when it has none."""
-    shortlist = shard.manifest.get(SHORTLIST_KEY) or {}
-    record = shortlist.get("index")
-    if record is None:
+    shortlist = shard.manifest.shortlist
+    if shortlist is None or shortlist.index is None:
         return None
-    if record.get("built_from") != (shortlist.get("vectors") or {}).get("sha256"):
+    if shortlist.index.built_from != shortlist.vectors.sha256:
         raise ItmrtError(f"{shard.path}: its shortlist index was not built from its global vectors; re-index it")
-    return dict(record)
+    return shortlist.index.to_json()

@@ -104,7 +104,7 @@ def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
     np.save(folder / VECTORS_FILE, vectors, allow_pickle=False)
     vectors_sha256 = sha256_file(folder / VECTORS_FILE)
     entry: dict[str, Any] = {"vectors": {"file": VECTORS_FILE, "sha256": vectors_sha256, "shape": list(vectors.shape),
-                                         "made_from": gallery.manifest["embeddings"]["sha256"]}}
+                                         "made_from": gallery.manifest.embeddings.sha256}}
     if spec.kind != "none":
         raw, record = build_index(vectors, spec)
         atomic_write_bytes(folder / INDEX_FILE, raw)
@@ -220,7 +220,7 @@ class ShardedWriter:
 
     def _check_shard(self, gallery: Gallery) -> None:
         document = self.plan.document
-        if gallery.manifest["bundle"]["manifest_sha256"] != self.bundle.manifest_sha256:
+        if gallery.manifest.bundle.manifest_sha256 != self.bundle.manifest_sha256:
             raise ItmrtError(f"{gallery.path} was made with another bundle than {self.bundle.path}")
         shape, has_ids = list(gallery.embeddings.shape[1:]), gallery.ids is not None
         if str(gallery.embeddings.dtype) != self.dtype:
