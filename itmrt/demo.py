@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.io import atomic_write_text
 
 DEMO_MARKER = ".itmrt-demo"
 DEMO_TEST_IMAGES = 100
@@ -86,7 +87,7 @@ def _prepare_folder(folder: Path) -> None:
             raise ItmrtError(f"{folder} exists and was not made by itmrt demo; pass another --out or remove it")
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    (folder / DEMO_MARKER).write_text("made by itmrt demo; the next demo run replaces this folder\n")
+    atomic_write_text(folder / DEMO_MARKER, "made by itmrt demo; the next demo run replaces this folder\n")
 
 
 def shipped_model(name: str) -> Path | None:

@@ -32,3 +32,26 @@ def first_line(exc: BaseException, limit: int = 300, skip: tuple[str, ...] = ())
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(skip)] if skip else lines
     return (useful or lines or [type(exc).__name__])[0][:limit]
+
+
+def os_error_message(exc: OSError, doing: str | None = None) -> str:
+    """One line for an operating-system error: what was being done, the path(s) and the reason.
+
+    ``doing`` ("write results.jsonl", "read") is said first when given; the
+    error's own file name is added unless ``doing`` already names it.
+    """
+    reason = exc.strerror or first_line(exc)
+    paths = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+    named = [path for path in paths if not doing or path not in doing]
+    where = f" {' -> '.join(named)}" if named else ""
+    action = f"cannot {doing}" if doing else "cannot access"
+    hint = _OS_HINTS.get(exc.errno or 0, "")
+    return f"{action}{where}: {reason}{hint}"
+
+
+_OS_HINTS = {
+    13: " (check the permissions of the path and its folder)",
+    28: " (the disk is full: free some space)",
+    30: " (a read-only file system: choose a path elsewhere)",
+    122: " (the disk quota is used up)",
+}

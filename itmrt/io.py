@@ -1,39 +1,252 @@
 """Small file helpers: atomic writes (temp file in the same folder, then rename), folders published
-whole (built under a hidden staging name, then renamed into place), hashing, itmrt JSON documents."""
+whole (built under a hidden staging name, then renamed into place), hashing, itmrt JSON documents.
+
+Outputs are claimed safely:
+
+- a file is written to a temp file beside it and renamed into place; whether
+  an existing file may be replaced is decided *at* the rename: without
+  ``overwrite`` the name is claimed with ``link(2)``, which fails when it exists,
+  so of two writers racing for one new name one wins and the other gets a
+  one-line error (its temp file removed);
+- a folder is built in a staging folder and renamed into place the same way;
+  replacing one swaps the two in one step (``renameat2(RENAME_EXCHANGE)`` on
+  Linux), or where that is missing moves the old one aside first and moves it
+  back if anything fails - and, should the process die between the two
+  renames, the next writer of that target moves it back;
+- every temp file and staging folder carries its writer's pid
+  (``.NAME.<pid>.<random>.tmp|partial|old``): the next writer of the same target
+  removes those of writers that are gone, and only those;
+- outputs get the modes the umask gives (``mkstemp``/``mkdtemp``'s private
+  0600/0700 are widened when the output is published), so a bundle made by one
+  user can be read by the service account that serves it.
+
+Every ``OSError`` here becomes a one-line :class:`~itmrt.errors.ItmrtError`
+naming the path and the reason.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from itmrt.errors import ItmrtError, os_error_message
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so readers never see a half-written file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+STAGING_SUFFIX = ".partial"
+TEMP_SUFFIX = ".tmp"
+RETIRED_SUFFIX = ".old"
+MAX_DOCUMENT_BYTES = 64 << 20
+"""The largest itmrt JSON document read (manifests are kilobytes; this only stops a runaway file)."""
+
+
+class TargetExistsError(ItmrtError, FileExistsError):
+    """An output path that exists (or was created meanwhile) and may not be replaced."""
+
+
+# -- modes ------------------------------------------------------------------------------
+
+
+def not_a_file(path: str | os.PathLike[str], missing: str = "does not exist") -> str:
+    """Why ``path``, which is not a regular file, cannot be read as one: a phrase that ends "PATH ..."
+    (``missing`` when nothing is there). A device, pipe or socket is named as such: it may never end
+    (``/dev/zero``) or block (a FIFO)."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder"
+    if path.is_symlink() and not path.exists():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+    if path.exists():
+        return "is not a regular file (a device, pipe or socket)"
+    return missing
+
+
+def current_umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where Linux reports it (setting it to read it back
+    would change it for every thread for a moment)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def umask_mode(mode: int = 0o777) -> int:
+    """``mode`` with the process umask applied (what ``mkdir`` would give)."""
+    return mode & ~current_umask()
+
+
+# -- leftovers of writers that died --------------------------------------------------------
+
+
+def writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this one included); a process of another user counts as alive."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale(target: Path) -> None:
+    """Remove the temp files and staging folders of ``target`` whose writer is gone; put back an old folder
+    a dead writer had moved aside when ``target`` is missing (its replacement never arrived)."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[a-z0-9_]+(\.tmp|\.partial|\.old)$")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.match(entry.name)
+        if found is None or writer_alive(int(found.group(1))) or entry.is_symlink():
+            continue
+        try:
+            if found.group(2) == TEMP_SUFFIX and entry.is_file():
+                os.unlink(entry.path)
+            elif found.group(2) == RETIRED_SUFFIX and entry.is_dir() and not os.path.lexists(target):
+                os.rename(entry.path, target)
+            elif entry.is_dir():
+                shutil.rmtree(entry.path)
+        except OSError:
+            continue  # another writer got there first, or it is not ours to remove after all
+
+
+# -- files ------------------------------------------------------------------------------
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ItmrtError(os_error_message(exc, f"create the folder for {target}")) from None
+
+
+def _exists_error(target: Path) -> TargetExistsError:
+    if target.is_dir():
+        return TargetExistsError(f"{target} is a folder; give a file path")
+    return TargetExistsError(f"{target} already exists (written meanwhile by another run?); nothing was replaced: "
+                             "pass --overwrite to replace it or choose another path")
+
+
+def claim_file(temp: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished ``temp`` to ``target``; without ``overwrite``, only if ``target`` does not exist
+    at that moment (an error otherwise, ``temp`` left for the caller to remove)."""
+    if overwrite:
+        os.replace(temp, target)
+        return
+    try:
+        os.link(temp, target)  # atomic: fails when the name exists
+    except FileExistsError:
+        raise _exists_error(target) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        try:  # a file system without hard links: claim the name with an exclusive create, then replace it
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            raise _exists_error(target) from None
+        os.replace(temp, target)
+        return
+    os.unlink(temp)
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    """``data`` in a new temp file beside ``target`` (pid in its name, mode from the umask, synced)."""
+    _make_parent(target)
+    remove_stale(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), umask_mode(0o666))
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(name)
         raise
-    return target
+    return Path(name)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_files(outputs: Sequence[tuple[str | os.PathLike[str], bytes]], overwrite: bool = True) -> None:
+    """Write several files as one result, each atomically (see :func:`atomic_write_bytes`).
+
+    Every file is written to its temp file first, then the names are claimed in
+    order; when one cannot be claimed (it appeared meanwhile and ``overwrite``
+    is off), the files this call already claimed are removed again, so a
+    result is never left half-written.
+    """
+    temps: list[tuple[Path, Path]] = []
+    claimed: list[tuple[Path, int]] = []
+    current = Path(outputs[0][0]) if outputs else Path()
+    try:
+        for path, data in outputs:
+            current = Path(path)
+            temps.append((_write_temp(current, data), current))
+        for temp, current in temps:
+            inode = temp.stat().st_ino
+            claim_file(temp, current, overwrite)
+            claimed.append((current, inode))
+    except BaseException as exc:
+        for target, inode in claimed if not overwrite else []:
+            with contextlib.suppress(OSError):
+                if target.stat().st_ino == inode:  # still the file this call wrote
+                    target.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, ItmrtError):
+            reason = OSError(exc.errno, exc.strerror or str(exc))  # the temp file's name would only confuse
+            raise ItmrtError(os_error_message(reason, f"write {current}")) from None
+        raise
+    finally:
+        for temp, _target in temps:
+            if os.path.lexists(temp):
+                os.unlink(temp)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` so readers never see a half-written file (mode: what the umask gives).
+
+    ``overwrite=False``: an existing ``path`` - even one that appeared while writing - is left alone and
+    a :class:`TargetExistsError` raised.
+    """
+    atomic_write_files([(path, data)], overwrite)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, overwrite: bool = True) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def float32_npy_bytes(array: Any) -> bytes:
+    """``array`` as the bytes of a float32 ``.npy`` file."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def atomic_save_float32_npy(path: str | os.PathLike[str], array: Any, overwrite: bool = True) -> Path:
+    """Save ``array`` as a float32 ``.npy`` atomically (score matrices and the like)."""
+    return atomic_write_bytes(path, float32_npy_bytes(array), overwrite)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -50,6 +263,18 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# -- JSON documents ---------------------------------------------------------------------
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON from bytes: UTF-8, no NaN or Infinity; ``ValueError`` (or ``RecursionError``) otherwise."""
+    return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+
+
 def read_json_document(
     path: Path, kinds: tuple[str, ...], schema_version: int, what: str, remedy: str
 ) -> tuple[dict[str, Any], bytes]:
@@ -58,45 +283,44 @@ def read_json_document(
     Returns the parsed document and its raw bytes (for hashing). Every failure is a
     one-line :class:`~itmrt.errors.ItmrtError` naming the file, ending with ``remedy``.
     """
-    from itmrt.errors import ItmrtError
-
-    raw = path.read_bytes()
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = path.stat().st_size
+        if size > MAX_DOCUMENT_BYTES:
+            raise ItmrtError(f"{path} is {size >> 20} MB, too large for an itmrt {what}; {remedy}")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ItmrtError(f"{os_error_message(exc, 'read')}; {remedy}") from None
+    try:
+        data = parse_json(raw)
+    except (ValueError, RecursionError) as exc:
         raise ItmrtError(f"{path} is not valid JSON ({exc.__class__.__name__}); {remedy}") from None
     if not isinstance(data, dict) or data.get("kind") not in kinds:
         raise ItmrtError(f"{path} is not an itmrt {what}")
     if data.get("schema_version") != schema_version:
         raise ItmrtError(
-            f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {schema_version}: {remedy}"
+            f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {schema_version}: "
+            f"{remedy}"
         )
     return data, raw
 
 
-def atomic_save_float32_npy(path: str | os.PathLike[str], array: Any) -> Path:
-    """Save ``array`` as a float32 ``.npy`` atomically (score matrices and the like)."""
-    import io
-
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array, dtype=np.float32), allow_pickle=False)
-    return atomic_write_bytes(path, buffer.getvalue())
-
-
-STAGING_SUFFIX = ".partial"
+# -- folders ----------------------------------------------------------------------------
 
 
 def staging_folder(target: str | os.PathLike[str]) -> Path:
     """A new hidden folder beside ``target`` to build it in: ``.NAME.<pid>.<random>.partial``.
 
-    The writer's process id is in the name, so a leftover of a writer that
-    died can be told from one still being written.
+    The writer's process id is in the name, so a leftover of a writer that died
+    can be told from one still being written; such leftovers of ``target`` are
+    removed here.
     """
     final = Path(target)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=final.parent))
+    _make_parent(final)
+    remove_stale(final)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=final.parent))
+    except OSError as exc:
+        raise ItmrtError(os_error_message(exc, f"create a folder beside {final}")) from None
 
 
 @contextmanager
@@ -106,6 +330,10 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
     staging = staging_folder(target)
     try:
         yield staging
+    except ItmrtError:
+        raise
+    except OSError as exc:
+        raise ItmrtError(os_error_message(exc, f"write {target}")) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -114,8 +342,6 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
 def check_output_folder(out: Path, overwrite: bool, what: str, is_ours: Callable[[Path], bool]) -> None:
     """Refuse an output folder that exists and holds something, unless it holds a ``what`` (an itmrt
     bundle, a gallery: ``is_ours``) and ``overwrite`` is set; one-line errors."""
-    from itmrt.errors import ItmrtError
-
     if not out.exists():
         return
     if not out.is_dir():
@@ -131,27 +357,44 @@ def check_output_folder(out: Path, overwrite: bool, what: str, is_ours: Callable
         raise ItmrtError(f"--out {out} already holds a {what}; pass --overwrite to replace it or choose another --out")
 
 
-def publish_folder(staging: Path, target: Path, existing: Literal["refuse", "replace", "merge"] = "refuse") -> None:
-    """Rename the finished ``staging`` folder to ``target``.
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
 
-    A missing or empty ``target`` is simply replaced. Otherwise ``existing``
-    decides: ``refuse`` raises :class:`FileExistsError`; ``replace`` moves the
-    old folder aside, moves the new one in and deletes the old one, restoring
-    the old folder if the second rename fails; ``merge`` moves each file of
-    ``staging`` into ``target`` (each rename atomic).
-    """
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-    if not target.exists():
-        os.replace(staging, target)
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """Linux ``renameat2``: True when done, False where this system or file system lacks it."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+
+def _rename_new(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target`` only if ``target`` does not exist at that moment."""
+    try:
+        if _renameat2(staging, target, _RENAME_NOREPLACE):
+            return
+        os.rename(staging, target)  # a folder onto a non-empty folder fails; an empty one was free anyway
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise TargetExistsError(f"{target} was created meanwhile by another run; nothing was replaced: "
+                                    "pass --overwrite to replace it or choose another path") from None
+        raise
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target`` and delete the folder that was there: in one step where the system
+    can exchange two names, else by moving the old one aside first (and back, should the second rename fail)."""
+    if _renameat2(staging, target, _RENAME_EXCHANGE):
+        shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
         return
-    if existing == "refuse":
-        raise FileExistsError(f"{target} exists")
-    if existing == "merge":
-        for item in sorted(staging.iterdir()):
-            os.replace(item, target / item.name)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".old", dir=target.parent))
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=RETIRED_SUFFIX, dir=target.parent))
     retired.rmdir()
     os.replace(target, retired)
     try:
@@ -162,8 +405,32 @@ def publish_folder(staging: Path, target: Path, existing: Literal["refuse", "rep
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def umask_mode(mode: int = 0o777) -> int:
-    """``mode`` with the process umask applied (what ``mkdir`` would give)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+def publish_folder(staging: Path, target: Path, existing: Literal["refuse", "replace", "merge"] = "refuse") -> None:
+    """Rename the finished ``staging`` folder to ``target`` (its mode widened to what the umask gives).
+
+    A missing or empty ``target`` is simply replaced. Otherwise ``existing``
+    decides: ``refuse`` raises :class:`TargetExistsError` (decided at the
+    rename, so a folder another run published meanwhile is never replaced);
+    ``replace`` swaps the new folder in (see :func:`_swap_in`); ``merge``
+    moves each file of ``staging`` into ``target`` (each rename atomic).
+    """
+    try:
+        staging.chmod(umask_mode())
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        if existing == "merge" and target.exists():
+            for item in sorted(staging.iterdir()):
+                os.replace(item, target / item.name)
+            return
+        if existing != "replace" or not target.exists():
+            try:
+                _rename_new(staging, target)
+                return
+            except TargetExistsError:
+                if existing != "replace":
+                    raise
+        _swap_in(staging, target)
+    except OSError as exc:
+        if isinstance(exc, ItmrtError):
+            raise
+        raise ItmrtError(os_error_message(exc, f"publish {target}")) from None

@@ -36,3 +36,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def hostile_world(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The small bundle, gallery and inputs the hostile-input suite copies for each case (built once)."""
+    from hostile_helpers import build_world
+
+    return build_world(tmp_path_factory.mktemp("hostile"))

@@ -34,7 +34,7 @@ HERE = DeviceInfo("10.13.0.35", "NVIDIA Jetson Orin", "8.7")
 
 
 def test_profile_shapes_come_from_the_manifest_and_overrides() -> None:
-    entry = GraphEntry.from_json({"file": "scorer.onnx", "sha256": "", **SCORER_ENTRY})
+    entry = GraphEntry.from_json({"file": "scorer.onnx", "sha256": "0" * 64, **SCORER_ENTRY})
     shapes = profile_shapes(entry, parse_axis_ranges(["max_length=2:16:32"]))
     assert shapes["image_embeddings"] == ([1, 36, 16], [32, 36, 16], [128, 36, 16])
     assert shapes["caption_embeddings"] == ([1, 2, 16], [32, 16, 16], [128, 32, 16])
@@ -54,11 +54,12 @@ def _bundle_with_engine(folder: Path) -> tuple[Path, Manifest]:
         "graph_file": "scorer.onnx", "graph_sha256": sha256_file(folder / "scorer.onnx"),
         "tensorrt_version": HERE.tensorrt_version, "gpu_name": HERE.gpu_name, "compute_capability": HERE.compute_capability,
     }
-    vocab = {"file": "vocab.json", "sha256": "", "size": 4, "content_sha256": "", "pad_id": 0, "start_id": 1,
-             "end_id": 2, "unk_id": 3}
+    vocab = {"file": "vocab.json", "sha256": "0" * 64, "size": 4, "content_sha256": "0" * 64, "pad_id": 0,
+             "start_id": 1, "end_id": 2, "unk_id": 3}
     graphs = {"scorer": {"file": "scorer.onnx", "sha256": entry["graph_sha256"]}}
+    files = {"scorer.onnx": entry["graph_sha256"], "engines/fp16/scorer.plan": entry["sha256"]}  # nothing unlisted
     manifest = Manifest.from_json({"kind": "itmrt-bundle", "schema_version": 1, "family": "naaf", "dims": {},
-                                   "graphs": graphs, "vocab": vocab, "files": {},
+                                   "graphs": graphs, "vocab": vocab, "files": files,
                                    "engines": {"fp16": {"scorer": entry}}})
     return folder, manifest
 

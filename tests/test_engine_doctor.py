@@ -119,17 +119,20 @@ def _bundle_with_engine(folder: Path) -> Path:
         "hardware_compatibility": "NONE",
         "dla_core": None,
     }
-    graphs = {name: {"file": f"{name}.onnx", "sha256": "", "inputs": []}
+    graphs = {name: {"file": f"{name}.onnx", "sha256": "0" * 64, "inputs": []}
               for name in ("image_encoder", "text_encoder", "scorer")}
-    vocab = {"file": "vocab.json", "sha256": "", "size": 4, "content_sha256": "", "pad_id": 0, "start_id": 1,
-             "end_id": 2, "unk_id": 3}
+    vocab = {"file": "vocab.json", "sha256": "0" * 64, "size": 4, "content_sha256": "0" * 64, "pad_id": 0,
+             "start_id": 1, "end_id": 2, "unk_id": 3}
+    files = {**{entry["file"]: "0" * 64 for entry in [*graphs.values(), vocab]},  # every named file listed
+             "scorer.onnx": entry["graph_sha256"], "engines/fp16/scorer.plan": entry["sha256"]}
+    graphs["scorer"]["sha256"] = entry["graph_sha256"]
     manifest = {
         "kind": "itmrt-bundle",
         "schema_version": 1,
         "family": "naaf",
         "graphs": graphs,
         "vocab": vocab,
-        "files": {},
+        "files": files,
         "dims": {},
         "engines": {"fp16": {"scorer": entry}},
     }

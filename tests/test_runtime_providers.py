@@ -23,7 +23,7 @@ from itmrt.runtime.providers import (
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-SCORER = GraphEntry.from_json({"file": "scorer.onnx", "sha256": "", **SCORER_ENTRY})
+SCORER = GraphEntry.from_json({"file": "scorer.onnx", "sha256": "0" * 64, **SCORER_ENTRY})
 
 def test_default_order_is_cuda_then_cpu_and_tensorrt_is_opt_in() -> None:
     assert resolve_providers(None, GPU_BUILD) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -203,6 +203,30 @@ def test_tampered_shards_are_refused(setup: dict[str, Any], tmp_path: Path) -> N
         open_shards(out, threads=1, warn=quiet)
 
 
+def test_shard_embeddings_are_verified_when_opened_and_names_stay_inside(setup: dict[str, Any], tmp_path: Path) -> None:
+    runtime = setup["runtime"]
+    out = tmp_path / "sharded"
+    index_sharded(runtime, setup["features"][:12], out, ShardingOptions(shard_images=6))
+    embeddings = out / "shard-00001" / "image_embeddings.npy"
+    original = embeddings.read_bytes()
+    with open(embeddings, "r+b") as handle:  # one value changed, the shape kept: only the hash can tell
+        handle.seek(-4, os.SEEK_END)
+        handle.write(np.float32(0.5).tobytes())
+    with pytest.raises(ItmrtError, match="image_embeddings.npy does not match the sha256"):
+        open_shards(out, threads=1, warn=quiet)
+    embeddings.write_bytes(original)
+    # a shard document whose shortlist names a file outside the shard, with every hash on the way updated
+    shard_doc = out / "shard-00000" / "gallery.json"
+    document = json.loads(shard_doc.read_text())
+    document["shortlist"]["vectors"]["file"] = "../shard-00001/global_vectors.npy"
+    shard_doc.write_text(json.dumps(document))
+    top = json.loads((out / "gallery.json").read_text())
+    top["shards"][0]["sha256"] = hashlib.sha256(shard_doc.read_bytes()).hexdigest()
+    (out / "gallery.json").write_text(json.dumps(top))
+    with pytest.raises(ItmrtError, match="shortlist.vectors.file"):
+        open_shards(out, threads=1, warn=quiet)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_merging_shards_top_k_equals_one_top_k_of_everything(data: st.DataObject) -> None:

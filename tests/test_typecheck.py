@@ -1,4 +1,4 @@
-"""mypy on the torch-free packages (bundle, runtime, engine, serve), against ``tensorrt-stubs`` for the TensorRT code.
+"""mypy on the torch-free packages (bundle, runtime, engine, serve, scale), against ``tensorrt-stubs`` for the TensorRT code.
 
 This is the project's type check: CI runs it with the rest of the suite (skipped where the stubs are not installed).
 
@@ -38,8 +38,8 @@ def _stubs_folder() -> Path:
 
 STUBS = _stubs_folder()
 # The torch-free packages, checked against TensorRT's stubs: the bundle, the runtime (the native TensorRT backend
-# with its CUDA context included), engine building and inspection, and the service.
-TYPECHECKED = ["itmrt/bundle", "itmrt/runtime", "itmrt/engine", "itmrt/serve"]
+# with its CUDA context included), engine building and inspection, the service and sharded galleries.
+TYPECHECKED = ["itmrt/bundle", "itmrt/runtime", "itmrt/engine", "itmrt/serve", "itmrt/scale"]
 
 
 def patched_stubs(target: Path) -> Path:

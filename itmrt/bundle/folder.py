@@ -8,8 +8,10 @@ variant the file its precision entry names, and a TensorRT engine the file its
 precision runs its fp32 graph (e.g. a text encoder left in fp32 by the INT8
 pass); a precision no component has is an error.
 
-Every file is checked against the sha256 the manifest lists before it is used
-(once per process), and every name is a path inside the folder.
+The folder is a closed world (:mod:`itmrt.bundle.closed`): when it is opened,
+every file an entry names must be listed in ``files`` with the entry's sha256
+and lead nowhere outside the folder; every file is checked against that
+sha256 before it is used (once per process), a graph's external data with it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from itmrt.bundle.closed import check_graph_file, member, verified_member
 from itmrt.bundle.manifest import AxisRange, EngineEntry, Manifest, TensorSpec, load_manifest_file
 from itmrt.bundle.names import BUNDLE_KIND, COMPONENTS, MANIFEST_NAME, PRECISIONS, Precision
 from itmrt.errors import ItmrtError
 from itmrt.io import sha256_bytes, sha256_file
+
+REMEDY = "export the bundle again"
 
 
 @dataclass
@@ -52,7 +57,7 @@ class BundleInfo:
         """The ONNX file that runs ``component`` at ``precision`` (fp32 where no variant exists)."""
         self._check_precision(precision)
         variant = self.manifest.variant(precision, component) if precision != Precision.FP32 else None
-        return self._checked(variant.file if variant is not None else self.manifest.graph(component).file)
+        return self.file(variant.file if variant is not None else self.manifest.graph(component).file)
 
     def engine_file(self, component: str, precision: str = Precision.FP32) -> Path:
         """The TensorRT engine of ``component`` at ``precision``; an error when it was not built."""
@@ -62,7 +67,7 @@ class BundleInfo:
                 f"bundle {self.path} has no TensorRT {precision} engine for {component}; "
                 f"run `itmrt build {self.path} --precision {precision}` on this machine first"
             )
-        return self._checked(entry.file)
+        return self.file(entry.file)
 
     def engine_record(self, component: str, precision: str) -> EngineEntry | None:
         """What the engine stage recorded about an engine (TensorRT version, GPU, profile)."""
@@ -77,24 +82,21 @@ class BundleInfo:
                 f"make it first (itmrt build BUNDLE --precision {precision}), or use --precision fp32"
             )
 
-    def _checked(self, name: str) -> Path:
-        """The path of a manifest-listed file, verified against its sha256 once per process."""
-        path = self.path / name
+    def file(self, name: str) -> Path:
+        """The path of a file the manifest lists, verified: inside the folder, listed, its sha256 (once per
+        process); for an ONNX graph, its external data too. A one-line :class:`ItmrtError` otherwise."""
         if name in self._verified:
-            return path
-        expected = self.manifest.files.get(name)
-        if not path.is_file():
-            raise ItmrtError(f"bundle {self.path} lacks {name}, which its manifest lists; export the bundle again")
-        if expected is not None and sha256_file(path) != expected:
-            raise ItmrtError(
-                f"{path} does not match the sha256 in the bundle manifest (truncated or changed after export); "
-                "export the bundle again"
-            )
+            return self.path / name
+        path = bundle_file(self.path, self.manifest, name)
         self._verified.add(name)
         return path
 
     def vocab_file(self) -> Path:
-        return self._checked(self.manifest.vocab.file)
+        return self.file(self.manifest.vocab.file)
+
+    def export_graph(self, component: str) -> Path:
+        """The verified fp32 graph export wrote for ``component``."""
+        return self.file(self.manifest.graph(component).file)
 
 
 def read_bundle(folder: str | Path) -> BundleInfo:
@@ -102,21 +104,43 @@ def read_bundle(folder: str | Path) -> BundleInfo:
     bundle = Path(folder)
     if not bundle.is_dir():
         raise ItmrtError(f"no bundle folder at {bundle}; run `itmrt export` first")
-    path = bundle / MANIFEST_NAME
+    path = member(bundle, MANIFEST_NAME, "bundle", REMEDY)
     if not path.is_file():
         raise ItmrtError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete itmrt bundle; export it again")
     manifest, raw = load_manifest_file(path)
     missing = [c for c in COMPONENTS if c not in manifest.graphs]
     if missing:
         raise ItmrtError(f"{path} lists no graph for {', '.join(missing)}; export the bundle again")
+    check_file_list(bundle, manifest)
     return BundleInfo(bundle, manifest, sha256_bytes(raw))
+
+
+def bundle_file(folder: str | Path, manifest: Manifest, name: str) -> Path:
+    """A file of the bundle at ``folder`` (whose manifest is ``manifest``), verified like :meth:`BundleInfo.file`."""
+    bundle = Path(folder)
+    path = verified_member(bundle, name, manifest.files, "bundle", REMEDY)
+    if name.endswith(".onnx"):
+        check_graph_file(bundle, name, manifest.files, "bundle", REMEDY)
+    return path
+
+
+def check_file_list(bundle: Path, manifest: Manifest) -> None:
+    """Every file an entry names is listed in ``files`` with the entry's sha256 (nothing is optional), and
+    every listed name stays inside the folder; one line naming the key otherwise."""
+    for key, name, sha256 in manifest.file_references():
+        listed = manifest.files.get(name)
+        if listed is None or (sha256 is not None and listed != sha256):
+            how = "does not list it" if listed is None else "lists another sha256 for it"
+            raise ItmrtError(f"{bundle / MANIFEST_NAME}: '{key}' names {name}, but 'files' {how}; {REMEDY}")
+    for name in manifest.files:
+        member(bundle, name, "bundle", REMEDY)
 
 
 def is_bundle(folder: str | Path) -> bool:
     """Whether ``folder`` holds an itmrt bundle manifest (not whether it verifies)."""
     try:
-        data = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = json.loads(member(Path(folder), MANIFEST_NAME, "bundle", REMEDY).read_text(encoding="utf-8"))
+    except (ItmrtError, OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("kind") == BUNDLE_KIND
 
@@ -126,11 +150,20 @@ def verify_files(folder: str | Path, manifest: Manifest) -> list[str]:
     bundle = Path(folder)
     problems = []
     for name, expected in manifest.files.items():
-        path = bundle / name
+        try:
+            path = member(bundle, name, "bundle", REMEDY)
+        except ItmrtError as exc:
+            problems.append(f"file '{name}': {exc}")
+            continue
         if not path.is_file():
             problems.append(f"file '{name}': missing")
         elif sha256_file(path) != expected:
             problems.append(f"file '{name}': sha256 differs from the manifest (the file was changed after export)")
+        elif name.endswith(".onnx"):
+            try:
+                check_graph_file(bundle, name, manifest.files, "bundle", REMEDY, verify=False)
+            except ItmrtError as exc:
+                problems.append(f"file '{name}': {exc}")
     for graph_name, entry in manifest.graphs.items():
         if manifest.files.get(entry.file) != entry.sha256:
             problems.append(f"graph '{graph_name}': its sha256 disagrees with the manifest's file list")

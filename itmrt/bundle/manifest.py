@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from itmrt import __version__
-from itmrt.bundle.names import BUNDLE_KIND, MANIFEST_NAME, PRECISIONS, SCHEMA_VERSION, VOCAB_FILE, Precision
-from itmrt.bundle.record import SAFE_RELATIVE_PATH, JsonRecord, RecordError, json_schema, optional, path_field
+from itmrt.bundle.names import (
+    BUNDLE_KIND, COMPONENTS, MANIFEST_NAME, PRECISIONS, SCHEMA_VERSION, VOCAB_FILE, Precision, check_family,
+)
+from itmrt.bundle.record import (
+    SAFE_RELATIVE_PATH, SHA256, JsonRecord, RecordError, bounded, json_schema, optional, path_field, sha256_field,
+)
 from itmrt.errors import ItmrtError
 from itmrt.io import atomic_write_text, read_json_document
 
@@ -37,6 +41,15 @@ SCHEMA_ID = "https://itmrt.invalid/schemas/bundle-manifest-v1.json"
 
 Log = Callable[[str], None]
 JsonScalar = str | int | float | bool
+JsonNumber = int | float | bool
+
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+"""The numpy dtype names a graph input or output may have."""
+CALIBRATION_METHODS = ("entropy", "percentile", "minmax")
+AXIS_NAME = {"pattern": r"^[A-Za-z_][A-Za-z0-9_]*$", "means": "an axis name"}
+LARGEST_AXIS = 1 << 20
+"""The largest size a symbolic axis may be given (a profile's maximum batch, caption length or region count)."""
+COMPONENT_KEYS = {"key_choices": COMPONENTS}
 
 
 # -- export ------------------------------------------------------------------------
@@ -47,17 +60,17 @@ class TensorSpec(JsonRecord):
     """A graph input or output: name, numpy dtype name, shape (ints, or symbolic axis names)."""
 
     name: str
-    dtype: str
-    shape: list[int | str]
+    dtype: str = field(metadata={"choices": DTYPES})
+    shape: list[int | str] = field(metadata={"minimum": 0, **AXIS_NAME})
 
 
 @dataclass(kw_only=True)
 class AxisRange(JsonRecord):
     """The sizes a symbolic axis takes: a TensorRT optimisation profile's min / opt / max."""
 
-    min: int
-    opt: int
-    max: int
+    min: int = bounded(minimum=1, maximum=LARGEST_AXIS)
+    opt: int = bounded(minimum=1, maximum=LARGEST_AXIS)
+    max: int = bounded(minimum=1, maximum=LARGEST_AXIS)
 
 
 @dataclass(kw_only=True)
@@ -65,7 +78,7 @@ class FileEntry(JsonRecord):
     """A file inside the bundle and its sha256 (every entry that names a file starts with these two)."""
 
     file: str = path_field()
-    sha256: str
+    sha256: str = sha256_field()
 
 
 @dataclass(kw_only=True)
@@ -74,7 +87,8 @@ class GraphEntry(FileEntry):
 
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
-    shape_ranges: dict[str, AxisRange] = field(default_factory=dict)
+    shape_ranges: dict[str, AxisRange] = field(default_factory=dict, metadata={"key_pattern": AXIS_NAME["pattern"],
+                                                                                 "key_means": AXIS_NAME["means"]})
 
     def input_names(self) -> list[str]:
         return [value.name for value in self.inputs]
@@ -94,12 +108,12 @@ class FrozenConstant(JsonRecord):
 class VocabEntry(FileEntry):
     """The bundle's copy of the vocabulary and its special ids."""
 
-    size: int
-    content_sha256: str
-    pad_id: int
-    start_id: int
-    end_id: int
-    unk_id: int
+    size: int = bounded(minimum=4, maximum=1 << 24)
+    content_sha256: str = sha256_field()
+    pad_id: int = bounded(minimum=0)
+    start_id: int = bounded(minimum=0)
+    end_id: int = bounded(minimum=0)
+    unk_id: int = bounded(minimum=0)
 
 
 @dataclass(kw_only=True)
@@ -107,7 +121,7 @@ class SourceCheckpoint(JsonRecord):
     """The checkpoint the bundle was exported from (the only path allowed to point outside the bundle)."""
 
     path: str
-    sha256: str
+    sha256: str = sha256_field()
     format: str
 
 
@@ -115,9 +129,9 @@ class SourceCheckpoint(JsonRecord):
 class ParitySample(JsonRecord):
     """The sample inputs export parity ran on."""
 
-    batch_images: int
-    batch_captions: int
-    lengths: list[int]
+    batch_images: int = bounded(minimum=0)
+    batch_captions: int = bounded(minimum=0)
+    lengths: list[int] = bounded(minimum=0)
     seed: int
 
 
@@ -126,22 +140,22 @@ class ExportParity(JsonRecord):
     """ONNX Runtime against PyTorch at export: worst absolute error per graph, top-10 rankings identical."""
 
     provider: str
-    tolerance: float
-    max_abs_error: dict[str, float]
+    tolerance: float = bounded(minimum=0)
+    max_abs_error: dict[str, float] = field(metadata={"values": {"minimum": 0}})
     top10_identical: bool
     sample: ParitySample
 
 
 @dataclass(kw_only=True)
 class ResizeStep(JsonRecord):
-    shorter_side: int
+    shorter_side: int = bounded(minimum=1, maximum=1 << 16)
     filter: str
 
 
 @dataclass(kw_only=True)
 class CropStep(JsonRecord):
-    height: int
-    width: int
+    height: int = bounded(minimum=1, maximum=1 << 16)
+    width: int = bounded(minimum=1, maximum=1 << 16)
     at: str
 
 
@@ -177,8 +191,8 @@ class NodeNote(JsonRecord):
 class VariantGraph(FileEntry):
     """A precision variant of one graph, made from the fp32 graph whose sha256 is ``source_sha256``."""
 
-    source_sha256: str
-    max_abs_error: float
+    source_sha256: str = sha256_field()
+    max_abs_error: float = bounded(minimum=0)
 
 
 @dataclass(kw_only=True)
@@ -194,25 +208,25 @@ class Int8Graph(VariantGraph):
     """An int8 Q/DQ graph (or the fp32 graph itself when it has nothing to quantize)."""
 
     calibration: str | None = path_field()
-    method: str | None
+    method: str | None = field(metadata={"choices": CALIBRATION_METHODS})
     quantized_nodes: list[str]
     excluded_nodes: list[NodeNote]
     per_channel: bool
     symmetric: bool
-    qdq_pairs: int
+    qdq_pairs: int = bounded(minimum=0)
     sample: str | None
 
 
 @dataclass(kw_only=True)
 class Fp16Graphs(JsonRecord):
-    graphs: dict[str, Fp16Graph]
+    graphs: dict[str, Fp16Graph] = field(metadata=COMPONENT_KEYS)
     created: str
     versions: dict[str, str]
 
 
 @dataclass(kw_only=True)
 class Int8Graphs(JsonRecord):
-    graphs: dict[str, Int8Graph]
+    graphs: dict[str, Int8Graph] = field(metadata=COMPONENT_KEYS)
     created: str
     versions: dict[str, str]
 
@@ -227,27 +241,27 @@ class PrecisionGraphs(JsonRecord):
 class CalibrationFile(FileEntry):
     """INT8 activation ranges of one graph (ONNX Runtime's TensorsData JSON)."""
 
-    source_sha256: str
+    source_sha256: str = sha256_field()
 
 
 @dataclass(kw_only=True)
 class CalibrationRecord(JsonRecord):
     """How the saved ranges were collected: method, data, sample."""
 
-    method: str
+    method: str = field(metadata={"choices": CALIBRATION_METHODS})
     split: str
     data: str
-    samples: int
+    samples: int = bounded(minimum=1)
     data_fingerprint: str
     created: str
-    graphs: dict[str, CalibrationFile]
+    graphs: dict[str, CalibrationFile] = field(metadata=COMPONENT_KEYS)
 
 
 @dataclass(kw_only=True)
 class ProfileShapes(JsonRecord):
-    min: list[int]
-    opt: list[int]
-    max: list[int]
+    min: list[int] = bounded(minimum=0)
+    opt: list[int] = bounded(minimum=0)
+    max: list[int] = bounded(minimum=0)
 
 
 @dataclass(kw_only=True)
@@ -283,7 +297,7 @@ class EngineEntry(FileEntry):
     """
 
     graph_file: str = path_field()
-    graph_sha256: str
+    graph_sha256: str = sha256_field()
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
@@ -291,16 +305,16 @@ class EngineEntry(FileEntry):
     profile: dict[str, ProfileShapes] = field(default_factory=dict)
     axis_ranges: dict[str, AxisRange] = field(default_factory=dict)
     board: str | None = None
-    workspace_mb: int | None = None
+    workspace_mb: int | None = bounded(None, minimum=1)
     builder: dict[str, object] = field(default_factory=dict)  # the builder settings (flags, profiling verbosity...)
     tf32: Tf32Record | None = None
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
     hardware_compatibility: str | None = None  # a HardwareCompatibilityLevel name; None: NONE
-    dla_core: int | None = None
+    dla_core: int | None = bounded(None, minimum=0)
     gpu_fallback: bool | None = None
-    device_memory_bytes: int | None = None  # what an execution context needs at the profile's maximum shapes
-    largest_intermediate_bytes: int | None = None  # ONNX shape inference's estimate at those shapes
+    device_memory_bytes: int | None = bounded(None, minimum=0)  # an execution context's need at the maximum shapes
+    largest_intermediate_bytes: int | None = bounded(None, minimum=0)  # ONNX shape inference's estimate at those
     layer_info: LayerInfo | None = None
     timing_cache: TimingCacheUse | None = None
     built: str = ""
@@ -319,25 +333,25 @@ class Manifest(JsonRecord):
 
     kind: str = field(default=BUNDLE_KIND, metadata={"const": BUNDLE_KIND, "required": True})
     schema_version: int = field(default=SCHEMA_VERSION, metadata={"const": SCHEMA_VERSION, "required": True})
-    family: str
-    dims: dict[str, JsonScalar]
-    opset: int = 17
+    family: str = field(metadata={"pattern": r"^[a-z][a-z0-9_]{0,31}$", "means": "a model family name"})
+    dims: dict[str, JsonNumber] = field(metadata={"values": {"minimum": 0}})
+    opset: int = bounded(17, minimum=7, maximum=30)
     threshold: FrozenConstant | None = None
     lambda_softmax: FrozenConstant | None = None
     intra_factor: FrozenConstant | None = None
     scorer_options: dict[str, JsonScalar] = field(default_factory=dict)
-    graphs: dict[str, GraphEntry]
+    graphs: dict[str, GraphEntry] = field(metadata=COMPONENT_KEYS)
     vocab: VocabEntry
-    files: dict[str, str] = field(metadata={"key_pattern": SAFE_RELATIVE_PATH})
+    files: dict[str, str] = field(metadata={"key_pattern": SAFE_RELATIVE_PATH, "values": SHA256})
     versions: dict[str, str] = field(default_factory=dict)
     source_checkpoint: SourceCheckpoint | None = None
     image_preprocessing: ImagePreprocessingRecord | None = optional()
     parity: ExportParity | None = None
     created: str = ""
-    export_seconds: float = 0.0
+    export_seconds: float = bounded(0.0, minimum=0)
     precisions: PrecisionGraphs = optional(PrecisionGraphs)
     calibration: CalibrationRecord | None = optional()
-    engines: dict[str, dict[str, EngineEntry]] = optional(dict)
+    engines: dict[str, dict[str, EngineEntry]] = optional(dict, key_choices=PRECISIONS, values=COMPONENT_KEYS)
 
     # -- the manifest.json view --------------------------------------------------------
 
@@ -397,6 +411,38 @@ class Manifest(JsonRecord):
                 return entry.shape_ranges[axis]
         return None
 
+    def file_references(self) -> Iterator[tuple[str, str, str | None]]:
+        """Every file an entry names: (its key, the file, the sha256 the entry records or None)."""
+        for name, entry in self.graphs.items():
+            yield f"graphs.{name}.file", entry.file, entry.sha256
+        yield "vocab.file", self.vocab.file, self.vocab.sha256
+        for precision in (Precision.FP16, Precision.INT8):
+            made = self.variants(precision)
+            for name, variant in (made.graphs.items() if made is not None else ()):
+                key = f"precisions.{precision}.graphs.{name}"
+                yield f"{key}.file", variant.file, variant.sha256
+                if isinstance(variant, Int8Graph) and variant.calibration is not None:
+                    yield f"{key}.calibration", variant.calibration, None
+        for name, saved in (self.calibration.graphs.items() if self.calibration is not None else ()):
+            yield f"calibration.graphs.{name}.file", saved.file, saved.sha256
+        for engine_precision, engines in self.engines.items():
+            for name, engine in engines.items():
+                key = f"engines.{engine_precision}.{name}"
+                yield f"{key}.file", engine.file, engine.sha256
+                yield f"{key}.graph_file", engine.graph_file, engine.graph_sha256
+                if engine.layer_info is not None:
+                    yield f"{key}.layer_info.file", engine.layer_info.file, engine.layer_info.sha256
+
+    def axis_ranges(self) -> Iterator[tuple[str, AxisRange]]:
+        """Every axis range the manifest records, with its key."""
+        for name, entry in self.graphs.items():
+            for axis, limits in entry.shape_ranges.items():
+                yield f"graphs.{name}.shape_ranges.{axis}", limits
+        for precision, engines in self.engines.items():
+            for name, engine in engines.items():
+                for axis, limits in engine.axis_ranges.items():
+                    yield f"engines.{precision}.{name}.axis_ranges.{axis}", limits
+
     # -- changes ------------------------------------------------------------------------
 
     def record_file(self, file: str, sha256: str) -> None:
@@ -430,12 +476,35 @@ def report_replacement(old: FileEntry | None, new: FileEntry, what: str, log: Lo
 # -- reading and writing ---------------------------------------------------------------
 
 
+def value_problem(manifest: Manifest) -> RecordError | None:
+    """The first value the schema cannot say is wrong: an axis range whose min/opt/max are out of order,
+    a vocabulary id outside the vocabulary, a frozen constant out of range."""
+    for key, limits in manifest.axis_ranges():
+        if not limits.min <= limits.opt <= limits.max:
+            return RecordError(key, f"has min {limits.min}, opt {limits.opt}, max {limits.max}, not min <= opt <= max")
+    vocab = manifest.vocab
+    for name in ("pad_id", "start_id", "end_id", "unk_id"):
+        if getattr(vocab, name) >= vocab.size:
+            return RecordError(f"vocab.{name}", f"is {getattr(vocab, name)}, outside the vocabulary of {vocab.size}")
+    if manifest.threshold is not None and not -1.0 <= manifest.threshold.value <= 1.0:
+        return RecordError("threshold.value", f"is {manifest.threshold.value}; a similarity threshold is in -1..1")
+    for key in ("lambda_softmax", "intra_factor"):
+        constant = getattr(manifest, key)
+        if constant is not None and not constant.value > 0:
+            return RecordError(f"{key}.value", f"is {constant.value}; it must be positive")
+    return None
+
+
 def parse_manifest(data: object, source: str | Path) -> Manifest:
     """A parsed ``manifest.json`` document as a :class:`Manifest`; a wrong value is one line naming its key."""
     try:
         manifest = Manifest.from_json(data)
+        problem = value_problem(manifest)
+        if problem is not None:
+            raise problem
     except RecordError as exc:
         raise ItmrtError(f"{source}: {exc}; export the bundle again") from None
+    check_family(manifest.family)
     return manifest
 
 
@@ -453,8 +522,14 @@ def read_manifest(folder: str | Path) -> Manifest:
 
 
 def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (the last file an export writes)."""
-    return atomic_write_text(Path(folder) / MANIFEST_NAME, json.dumps(manifest.to_json(), indent=2) + "\n")
+    """Write ``manifest.json`` atomically (the last file an export writes); a NaN or infinite value, which
+    JSON cannot hold, is refused."""
+    try:
+        text = json.dumps(manifest.to_json(), indent=2, allow_nan=False) + "\n"
+    except ValueError:
+        raise ItmrtError(f"a value for {Path(folder) / MANIFEST_NAME} is NaN or infinite (a measured error or a "
+                         "constant): nothing was recorded; check the inputs that produced it") from None
+    return atomic_write_text(Path(folder) / MANIFEST_NAME, text)
 
 
 def update_manifest(folder: str | Path, change: Callable[[Manifest], None]) -> Manifest:

@@ -56,6 +56,33 @@ def parse_choice(choices: type[ChoiceT], value: str | ChoiceT, what: str) -> Cho
         raise ItmrtError(f"unknown {what} {str(value)!r}; choose one of {names}") from None
 
 
+BUILTIN_FAMILIES: tuple[str, ...] = ("naaf", "scan", "cmpm")
+"""The model families itmrt ships (:mod:`itmrt.families` registers their specs)."""
+_OTHER_FAMILIES: list[str] = []
+
+
+def note_family(name: str) -> None:
+    """Record a family registered besides the built-in ones (``itmrt.families.register`` calls this)."""
+    if name not in BUILTIN_FAMILIES and name not in _OTHER_FAMILIES:
+        _OTHER_FAMILIES.append(name)
+
+
+def forget_family(name: str) -> None:
+    if name in _OTHER_FAMILIES:
+        _OTHER_FAMILIES.remove(name)
+
+
+def family_names() -> tuple[str, ...]:
+    """The families a manifest may name: the built-in ones and any registered in this process."""
+    return (*BUILTIN_FAMILIES, *_OTHER_FAMILIES)
+
+
+def check_family(name: str) -> None:
+    """Refuse a family name this itmrt does not know (the registry's own one-line message)."""
+    if name not in family_names():
+        raise ItmrtError(f"unknown model family {name!r}; this itmrt knows {', '.join(family_names())}")
+
+
 COMPONENTS: tuple[str, ...] = tuple(c.value for c in Component)
 PRECISIONS: tuple[str, ...] = tuple(p.value for p in Precision)
 BACKENDS: tuple[str, ...] = tuple(b.value for b in BackendName)

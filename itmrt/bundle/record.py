@@ -17,16 +17,22 @@ written by hand, so the checks here and the schema cannot drift apart.
 Keys a record does not know are kept and written back unchanged: documents
 grow by additive entries (a newer itmrt may add one) without a new schema
 version. Field ``metadata`` can add ``pattern`` (a regular expression a string,
-or each key of a ``dict[str, X]`` with ``key_pattern``, must match), ``const``
+or each key of a ``dict[str, X]`` with ``key_pattern``, must match; ``means``
+says what it stands for in the message), ``choices`` (the strings a value, or
+with ``key_choices`` a key, may be), ``minimum`` / ``maximum`` (bounds of a
+number), ``values`` (the metadata of a ``dict[str, X]``'s values), ``const``
 (the one value the key may hold), ``required=True`` (the key must be present
 although the class has a default for new records) and ``omit=True`` (leave
-the key out when its value is None or empty).
+the key out when its value is None or empty). Lists pass their metadata to
+their items. JSON's lack of NaN and Infinity is kept: a non-finite number is
+refused like a wrong type.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 from collections.abc import Callable, Mapping
@@ -38,6 +44,12 @@ RecordT = TypeVar("RecordT", bound="JsonRecord")
 
 SAFE_RELATIVE_PATH = r"^(?!/)(?![A-Za-z]:)(?!.*\\)(?!(.*/)?\.\.(/|$))(?!.*//).+$"
 """A relative path inside a folder: not absolute, no drive, no backslash, no ``..`` segment, no empty segment."""
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+"""A sha256 as every itmrt document records it: 64 lower-case hex digits."""
+
+SHA256 = {"pattern": SHA256_PATTERN, "means": "a sha256 (64 lower-case hex digits)"}
+"""Field metadata of a sha256 value."""
 
 
 class RecordError(ItmrtError):
@@ -68,13 +80,39 @@ def _type_name(hint: Any) -> str:
     return "a JSON value"
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_./:+-]{1,64}")
+
+
 def _join(path: str, key: str) -> str:
+    """``path.key``; a key that is not plain text is shown as JSON (``path["a\\nb"]``), so the message
+    stays one line whatever a hostile document holds."""
+    if not _PLAIN_KEY.fullmatch(key):
+        return f"{path}[{json.dumps(key[:64])}]"
     return f"{path}.{key}" if path else key
 
 
-def _check_pattern(value: str, pattern: object, path: str) -> None:
-    if isinstance(pattern, str) and not re.search(pattern, value):
-        raise RecordError(path, f"is {_describe(value)}, which is not a relative path inside the folder")
+def matches(pattern: str, value: str) -> bool:
+    """Whether ``value`` matches a JSON Schema ``pattern`` as JSON Schema (ECMA-262) reads it: there ``$``
+    is the end of the text, where Python's also matches before a final newline."""
+    return re.search(pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern, value) is not None
+
+
+def _check_string(value: str, path: str, metadata: Mapping[str, object], prefix: str = "") -> None:
+    """``value`` against the ``pattern`` / ``choices`` of ``metadata`` (``key_`` ones with ``prefix="key_"``)."""
+    pattern, choices = metadata.get(f"{prefix}pattern"), metadata.get(f"{prefix}choices")
+    if isinstance(pattern, str) and not matches(pattern, value):
+        means = metadata.get(f"{prefix}means", "a relative path inside the folder")
+        raise RecordError(path, f"is {_describe(value)}, which is not {means}")
+    if isinstance(choices, (tuple, list)) and value not in choices:
+        raise RecordError(path, f"is {_describe(value)}; it must be one of {', '.join(map(str, choices))}")
+
+
+def _check_number(value: float, path: str, metadata: Mapping[str, object]) -> None:
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    if isinstance(low, (int, float)) and value < low:
+        raise RecordError(path, f"is {_describe(value)}; it must be at least {low}")
+    if isinstance(high, (int, float)) and value > high:
+        raise RecordError(path, f"is {_describe(value)}; it must be at most {high}")
 
 
 def _convert(hint: Any, value: object, path: str, metadata: Mapping[str, object]) -> object:
@@ -89,12 +127,13 @@ def _convert(hint: Any, value: object, path: str, metadata: Mapping[str, object]
         present = [arg for arg in options if arg is not type(None)]
         if len(present) == 1:  # ``X | None``: X's own message names the deepest key
             return _convert(present[0], value, path, metadata)
+        closest: RecordError | None = None
         for option in present:
             try:
                 return _convert(option, value, path, metadata)
-            except RecordError:
-                continue
-        raise RecordError(path, f"must be {_type_name(hint)}, not {_describe(value)}")
+            except RecordError as exc:  # a value of the right type but out of range says so, not "must be"
+                closest = closest or (exc if not exc.problem.startswith("must be") else None)
+        raise closest or RecordError(path, f"must be {_type_name(hint)}, not {_describe(value)}")
     if isinstance(hint, type) and issubclass(hint, JsonRecord):
         return hint.from_json(value, path)
     if origin is list:
@@ -106,10 +145,11 @@ def _convert(hint: Any, value: object, path: str, metadata: Mapping[str, object]
         if not isinstance(value, dict):
             raise RecordError(path, f"must be an object, not {_describe(value)}")
         _key, item = get_args(hint)
+        values = metadata.get("values")
         converted = {}
         for key, entry in value.items():
-            _check_pattern(str(key), metadata.get("key_pattern"), _join(path, str(key)))
-            converted[key] = _convert(item, entry, _join(path, str(key)), {})
+            _check_string(str(key), _join(path, str(key)), metadata, "key_")
+            converted[key] = _convert(item, entry, _join(path, str(key)), values if isinstance(values, Mapping) else {})
         return converted
     return _convert_scalar(hint, value, path, metadata)
 
@@ -124,10 +164,12 @@ def _convert_scalar(hint: Any, value: object, path: str, metadata: Mapping[str, 
     }
     if hint not in fits:
         raise TypeError(f"{hint!r} is not a JSON record type")
-    if not fits[hint]:
+    if not fits[hint] or (isinstance(value, float) and not math.isfinite(value)):
         raise RecordError(path, f"must be {_type_name(hint)}, not {_describe(value)}")
     if hint is str:
-        _check_pattern(str(value), metadata.get("pattern"), path)
+        _check_string(str(value), path, metadata)
+    elif hint in (int, float):
+        _check_number(cast(float, value), path, metadata)
     if hint is float:
         return float(cast(float, value))
     if hint is int:
@@ -186,7 +228,8 @@ class JsonRecord:
                 continue
             values[spec.name] = _convert(hints[spec.name], data[spec.name], key, dict(spec.metadata))
             if "const" in spec.metadata and values[spec.name] != spec.metadata["const"]:
-                raise RecordError(key, f"must be {json.dumps(spec.metadata['const'])}, not {_describe(data[spec.name])}")
+                expected = json.dumps(spec.metadata["const"])
+                raise RecordError(key, f"must be {expected}, not {_describe(data[spec.name])}")
         known = {spec.name for spec in cls.record_fields()}
         record = cls(**values)  # type: ignore[arg-type]
         record.unknown_keys = {key: value for key, value in data.items() if key not in known}
@@ -216,6 +259,18 @@ def path_field(**metadata: object) -> Any:
     return dataclasses.field(metadata={"pattern": SAFE_RELATIVE_PATH, **metadata})
 
 
+def sha256_field(**metadata: object) -> Any:
+    """A required string that holds a sha256."""
+    return dataclasses.field(metadata={**SHA256, **metadata})
+
+
+def bounded(default: object = dataclasses.MISSING, minimum: float | None = None, maximum: float | None = None,
+            **metadata: object) -> Any:
+    """A number (or list of numbers) within ``minimum``..``maximum``; required unless it has a ``default``."""
+    bounds = {key: value for key, value in (("minimum", minimum), ("maximum", maximum)) if value is not None}
+    return dataclasses.field(default=default, metadata={**bounds, **metadata})
+
+
 # -- JSON Schema ------------------------------------------------------------------
 
 
@@ -236,15 +291,24 @@ def _schema_of(hint: Any, definitions: dict[str, object], metadata: Mapping[str,
         schema: dict[str, object] = {"type": scalars[hint]}
         if hint is str and metadata.get("pattern"):
             schema["pattern"] = metadata["pattern"]
+        if hint is str and metadata.get("choices"):
+            schema["enum"] = list(metadata["choices"])  # type: ignore[call-overload]
+        for bound in ("minimum", "maximum"):
+            if hint in (int, float) and metadata.get(bound) is not None:
+                schema[bound] = metadata[bound]
         return schema
     if origin in (Union, types.UnionType):
         return {"anyOf": [_schema_of(arg, definitions, metadata) for arg in get_args(hint)]}
     if origin is list:
         return {"type": "array", "items": _schema_of(get_args(hint)[0], definitions, metadata)}
     if origin is dict:
-        schema = {"type": "object", "additionalProperties": _schema_of(get_args(hint)[1], definitions, {})}
+        values = metadata.get("values")
+        items = _schema_of(get_args(hint)[1], definitions, values if isinstance(values, Mapping) else {})
+        schema = {"type": "object", "additionalProperties": items}
         if metadata.get("key_pattern"):
             schema["propertyNames"] = {"pattern": metadata["key_pattern"]}
+        if metadata.get("key_choices"):
+            schema["propertyNames"] = {"enum": list(metadata["key_choices"])}  # type: ignore[call-overload]
         return schema
     if isinstance(hint, type) and issubclass(hint, JsonRecord):
         return _record_schema(hint, definitions)

@@ -30,6 +30,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
+from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import Manifest
 from itmrt.bundle.names import IMAGE_EMBEDDINGS, CAPTION_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
 from itmrt.errors import DataError, ItmrtError, VocabularyError
@@ -107,7 +108,12 @@ class CalibrationData:
     def image_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Graph-ready image inputs of the sampled rows, ``batch_size`` at a time."""
         for start in self._starts(batch_size):
-            yield self.family.image_batch(np.asarray(self.images[self.rows[start : start + batch_size]]))
+            rows = self.rows[start : start + batch_size]
+            batch = np.asarray(self.images[rows])
+            if not np.isfinite(batch).all():
+                raise DataError(f"{self.describe()}: images {rows[0]}..{rows[-1]} hold NaN or infinite values; "
+                                "calibrate on clean data (every value finite)")
+            yield self.family.image_batch(batch)
 
     def _caption(self, index: int) -> str:
         captions = self.captions[index]
@@ -176,7 +182,7 @@ def open_calibration_data(
     family = get(manifest.family)
     if samples < 1:
         raise ItmrtError(f"--samples must be at least 1, not {samples}")
-    vocabulary = Vocabulary.from_json(bundle / manifest.vocab.file)
+    vocabulary = Vocabulary.from_json(bundle_file(bundle, manifest, manifest.vocab.file))
     _check_vocabulary(folder, vocabulary, manifest)
     image_split = family.open_image_split(folder, split, manifest)
     images, by_image = image_split.images, image_split.captions
@@ -231,7 +237,8 @@ class FeedMaker:
 
     def _session(self, graph: str) -> ort.InferenceSession:
         if graph not in self._sessions:
-            self._sessions[graph] = ort_session(self.bundle / self.manifest.graph(graph).file)
+            path = bundle_file(self.bundle, self.manifest, self.manifest.graph(graph).file)
+            self._sessions[graph] = ort_session(path)
         return self._sessions[graph]
 
     def feeds(self, graph: str, images: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> Feeds:

@@ -49,7 +49,8 @@ from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
 from itmrt.bundle.manifest import NodeNote
 from itmrt.bundle.names import parse_choice
 from itmrt.calibration import CalibrationMethod as Method
-from itmrt.errors import ItmrtError
+from itmrt.errors import ItmrtError, first_line
+from itmrt.io import parse_json
 
 ORT_METHODS: dict[str, OrtCalibrationMethod] = {
     Method.ENTROPY.value: OrtCalibrationMethod.Entropy,
@@ -133,7 +134,8 @@ def quantize_graph(
             shutil.copyfile(cache_path, cache)
         else:
             _calibrate(source, method, reader, cache, Path(work) / "augmented.onnx")
-        with _quiet_quantizer():
+        check_ranges(cache.read_bytes(), cache_path.name)
+        with _quiet_quantizer(), _one_line("quantize the graph"):
             quantize_static(
                 str(source),
                 str(target),
@@ -159,6 +161,30 @@ def quantize_graph(
         return onnx.load(str(target)), cache.read_bytes()
 
 
+def check_ranges(ranges: bytes, name: str) -> None:
+    """Refuse activation ranges that are not finite JSON numbers: quantization would divide by them
+    (ONNX Runtime stops with an assertion, "scale issue")."""
+    try:
+        parse_json(ranges)
+    except (ValueError, RecursionError):
+        raise ItmrtError(
+            f"the INT8 activation ranges ({name}) are NaN or infinite: the calibration data drives the graph out of "
+            "float range (values far larger than the model's inputs); calibrate on data like the model's inputs"
+        ) from None
+
+
+@contextmanager
+def _one_line(doing: str) -> Iterator[None]:
+    """ONNX Runtime's quantization tools fail with their own exception types: one line naming what failed."""
+    try:
+        yield
+    except ItmrtError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - AssertionError, ValueError, ORT's own types
+        raise ItmrtError(f"ONNX Runtime could not {doing}: {first_line(exc) or type(exc).__name__}; "
+                         "check the calibration data") from None
+
+
 def _require_calibration_cache() -> None:
     """Saved calibration ranges need ORT's calibration cache (quantize_static's ``calibration_cache_path``)."""
     import inspect
@@ -182,8 +208,9 @@ def _calibrate(model_path: Path, method: str, reader: CalibrationDataReader, cac
             model_path, list(QUANTIZED_OPS), augmented_model_path=str(augmented),
             calibrate_method=calibration_method(method), extra_options=dict(HISTOGRAM_OPTIONS[Method(method).value]),
         )
-        calibrator.collect_data(reader)
-        save_tensors_data(calibrator.compute_data(), cache)
+        with _one_line("calibrate the graph"):
+            calibrator.collect_data(reader)
+            save_tensors_data(calibrator.compute_data(), cache)
     del calibrator
 
 

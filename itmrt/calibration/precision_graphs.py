@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from itmrt.bundle.folder import read_bundle, verify_exported_files
+from itmrt.bundle.folder import bundle_file, read_bundle, verify_exported_files
 from itmrt.bundle.manifest import (
     CalibrationFile,
     CalibrationRecord,
@@ -53,7 +53,7 @@ from itmrt.calibration.fp16 import verify_precision_graph
 from itmrt.calibration.int8 import excluded_nodes, quantizable_nodes, quantization_summary, quantize_graph, zero_point_problems
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands, output_error, run_model
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_bytes, sha256_bytes, sha256_file
+from itmrt.io import atomic_write_bytes, sha256_bytes
 
 SENSITIVITY_IMAGES = 16  # images (with their captions) the FP16 sensitivity measurement runs on
 RANDOM_SEED = 0
@@ -151,7 +151,7 @@ def _fp16_graph(folder: Path, manifest: Manifest, graph: str, data: CalibrationD
                 options: PrecisionOptions, say: Log) -> GraphResult:
     started = time.perf_counter()
     source_entry = manifest.graph(graph)
-    source = onnx.load(str(folder / source_entry.file))
+    source = onnx.load(str(bundle_file(folder, manifest, source_entry.file)))
     sample = _sample_feeds(manifest, data, graph, feeds)
     chosen = choose_islands(source, sample, _threshold_name(manifest, graph), options.sensitivity)
     assert chosen.model is not None
@@ -203,19 +203,27 @@ def saved_calibration(bundle: Path, manifest: Manifest, method: str | None = Non
         reasons.append(f"it was calibrated with '{saved.method}', not '{method}'")
     for graph, graph_entry in manifest.graphs.items():
         entry = saved.graphs.get(graph)
-        if entry is None and not _needs_calibration(bundle, graph_entry):
+        if entry is None and not _needs_calibration(bundle, manifest, graph_entry):
             continue
         if entry is None:
             reasons.append(f"no statistics for {graph}")
         elif entry.source_sha256 != graph_entry.sha256:
             reasons.append(f"{graph} changed since calibration")
-        elif not (bundle / entry.file).is_file() or sha256_file(bundle / entry.file) != entry.sha256:
+        elif not _intact(bundle, manifest, entry.file):
             reasons.append(f"{entry.file} is missing or changed")
     return reasons
 
 
-def _needs_calibration(bundle: Path, graph_entry: GraphEntry) -> bool:
-    source = onnx.load(str(bundle / graph_entry.file))
+def _intact(bundle: Path, manifest: Manifest, name: str) -> bool:
+    try:
+        bundle_file(bundle, manifest, name)
+    except ItmrtError:
+        return False
+    return True
+
+
+def _needs_calibration(bundle: Path, manifest: Manifest, graph_entry: GraphEntry) -> bool:
+    source = onnx.load(str(bundle_file(bundle, manifest, graph_entry.file)))
     return bool(quantizable_nodes(source, [note.node for note in excluded_nodes(source)]))
 
 
@@ -250,7 +258,7 @@ def _int8_graph(folder: Path, manifest: Manifest, graph: str, plan: Int8Plan, fe
                 options: PrecisionOptions, say: Log) -> GraphResult:
     started = time.perf_counter()
     source_entry = manifest.graph(graph)
-    source = onnx.load(str(folder / source_entry.file))
+    source = onnx.load(str(bundle_file(folder, manifest, source_entry.file)))
     exclude = excluded_nodes(source)
     excluded_names = [note.node for note in exclude]
     if not quantizable_nodes(source, excluded_names):
@@ -258,7 +266,8 @@ def _int8_graph(folder: Path, manifest: Manifest, graph: str, plan: Int8Plan, fe
     ranges_file = calibration_file(graph)
     reader = (calibration_reader(plan.data, feeds, graph, options.batch_size, options.progress)
               if plan.calibrating and plan.data is not None else None)
-    quantized, ranges = quantize_graph(source, plan.method, folder / ranges_file, reader, excluded_names)
+    saved = None if reader is not None else bundle_file(folder, manifest, ranges_file)
+    quantized, ranges = quantize_graph(source, plan.method, saved or folder / ranges_file, reader, excluded_names)
     verify_precision_graph(quantized, f"int8 {graph}")
     problems = zero_point_problems(quantized)
     if problems:
@@ -330,6 +339,6 @@ def make_precision_graphs(
     folder = Path(bundle)
     manifest = _open_verified(folder)
     for graph, entry in manifest.graphs.items():
-        verify_precision_graph(onnx.load(str(folder / entry.file)), f"fp32 {graph}")
+        verify_precision_graph(onnx.load(str(bundle_file(folder, manifest, entry.file))), f"fp32 {graph}")
     _say(log)(f"fp32: {len(manifest.graphs)} export graphs verified")
     return manifest

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import Log, Manifest, Tf32Record
 from itmrt.calibration.fp16 import (
     SPLITTER_INITIALIZER,
@@ -97,7 +98,7 @@ def tf32_record(folder: Path, manifest: Manifest, options: EngineOptions, say: L
     images, tokens, lengths = random_sample(manifest, seed=0)
     result = {}
     for graph, entry in manifest.graphs.items():
-        model = onnx.load(str(folder / entry.file))
+        model = onnx.load(str(bundle_file(folder, manifest, entry.file)))
         error = tf32_max_error(model, [feeds.feeds(graph, images, tokens, lengths)])
         products = tf32_emulation_graph(model)[1]
         result[graph] = Tf32Record(enabled=True, max_abs_error_fp32_graph=error, emulated_products=products,

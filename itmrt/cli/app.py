@@ -45,10 +45,43 @@ def _root(
 from itmrt.cli import commands  # noqa: E402,F401
 
 
+_CLICK_ERROR: type[Exception] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+"""click's base of command-line errors (typer bundles its own click; it exports only ``BadParameter``)."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: user errors become one line on stderr and exit status 2."""
+    """Console-script entry point: user errors become one line on stderr and exit status 2.
+
+    That holds for every kind: itmrt's own (:class:`ItmrtError`), a command
+    line click refuses (an unknown option, a value outside its range), an
+    operating-system error no write site turned into one (the path and the
+    reason), memory a request could not get, and input nested too deeply to parse.
+    """
     try:
-        app(args=argv, standalone_mode=True)
+        code = app(args=argv, standalone_mode=False)
+    except _CLICK_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``itmrt`` or group: its help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        context = getattr(exc, "ctx", None)
+        command = getattr(context, "command_path", None) or "itmrt"
+        _fail(f"{exc.format_message().rstrip('.')} (see `{command} --help`)", exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
     except ItmrtError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:
+        from itmrt.errors import os_error_message
+
+        _fail(os_error_message(exc))
+    except MemoryError:
+        _fail("out of memory; lower --batch-size or --memory-mb, or use smaller inputs")
+    except RecursionError:
+        _fail("an input is nested too deeply to read")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    first = " ".join(message.split("\n")[0].split()) if message else "failed"
+    typer.echo(f"error: {first}", err=True)
+    sys.exit(code)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from itmrt import limits
+
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import ScorerChoice
@@ -29,11 +31,11 @@ def bench_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     variants: str = typer.Option(DEFAULT_BENCH_VARIANTS, "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
     batch_sizes: str = typer.Option("1,8,32,128", "--batch-sizes", help="Captions (or images) per call."),
-    captions: int = typer.Option(128, "--captions", min=1, help="Synthetic captions in the pool."),
-    images: int = typer.Option(64, "--images", min=1, help="Gallery size that captions are scored against."),
-    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed calls before timing."),
-    repeats: int = typer.Option(20, "--repeats", min=1, help="Timed calls per stage and batch size."),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="Results kept per query."),
+    captions: int = typer.Option(128, "--captions", min=1, max=limits.MAX_COUNT, help="Synthetic captions in the pool."),
+    images: int = typer.Option(64, "--images", min=1, max=limits.MAX_COUNT, help="Gallery size that captions are scored against."),
+    warmup: int = typer.Option(3, "--warmup", min=0, max=10000, help="Untimed calls before timing."),
+    repeats: int = typer.Option(20, "--repeats", min=1, max=10000, help="Timed calls per stage and batch size."),
+    top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results kept per query."),
     threads: int = options.threads(),
     scorer: ScorerChoice | None = options.scorer(),
     report: Path = options.report_folder("report.json, report.md, latency_vs_batch.png"),

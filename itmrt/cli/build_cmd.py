@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from itmrt import limits
+
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import CalibrationMethod, Precision
@@ -34,8 +36,8 @@ def build_command(
     calib_data: Path | None = typer.Option(None, "--calib-data", help="Calibration data (int8 without saved calibration); for fp16 the islands are measured on it."),
     split: str = typer.Option("train", "--split", help="Split of --calib-data."),
     method: CalibrationMethod = options.calibration_method(),
-    samples: int = typer.Option(256, "--samples", min=1, help="Calibration images."),
-    workspace: int | None = typer.Option(None, "--workspace", min=1, help="TensorRT workspace limit in MB (default: 1024 on unified-memory boards such as Jetson, else TensorRT's)."),
+    samples: int = typer.Option(256, "--samples", min=1, max=limits.MAX_COUNT, help="Calibration images."),
+    workspace: int | None = typer.Option(None, "--workspace", min=1, max=1 << 20, help="TensorRT workspace limit in MB (default: 1024 on unified-memory boards such as Jetson, else TensorRT's)."),
     shape: list[str] = typer.Option([], "--shape", help="Override a profile axis: AXIS=MIN:OPT:MAX (repeatable; axes: batch_images, batch_captions, max_length). Applied after --board."),
     board: str | None = typer.Option(None, "--board", help=f"Size the profile and workspace for a device: {', '.join(BOARDS)} (the batch axes' maxima are halved until the largest intermediate tensor fits the board's budget)."),
     timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file, read and updated (default: one in the bundle per TensorRT version and GPU)."),
@@ -43,10 +45,10 @@ def build_command(
     version_compatible: bool = typer.Option(False, "--version-compatible", help="Build engines later TensorRT versions can run (the lean runtime goes into the plan; may be slower)."),
     exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="With --version-compatible: leave the lean runtime out of the plan."),
     hardware_compatibility: str = typer.Option("none", "--hardware-compatibility", help=f"GPUs the engine may run on besides this one: {', '.join(HARDWARE_LEVELS)} (ampere-plus: any Ampere or later GPU; same-compute-capability: TensorRT 10.9+)."),
-    dla_core: int | None = typer.Option(None, "--dla-core", min=0, help="Run on this DLA core of a Jetson (fp16/int8); layers the DLA cannot run go to the GPU."),
+    dla_core: int | None = typer.Option(None, "--dla-core", min=0, max=15, help="Run on this DLA core of a Jetson (fp16/int8); layers the DLA cannot run go to the GPU."),
     gpu_fallback: bool = typer.Option(True, "--gpu-fallback/--no-gpu-fallback", help="With --dla-core: let the GPU run the layers the DLA cannot (else the build fails on them)."),
     layer_info: bool = typer.Option(True, "--layer-info/--no-layer-info", help="Build with detailed profiling verbosity and keep the engine inspector's layer JSON in the bundle."),
-    device: int = typer.Option(0, "--device", min=0, help="CUDA device to build on (numbered after CUDA_VISIBLE_DEVICES)."),
+    device: int = typer.Option(0, "--device", min=0, max=255, help="CUDA device to build on (numbered after CUDA_VISIBLE_DEVICES)."),
     progress: bool = options.progress(),
 ) -> None:
     """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from itmrt import limits
+
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import CalibrationMethod
@@ -17,8 +19,8 @@ def calibrate_command(
     data: Path = typer.Option(..., "--data", help="Calibration data folder (precomputed features + captions; images for CMPM)."),
     split: str = typer.Option("train", "--split", help="Which split of --data to sample."),
     method: CalibrationMethod = options.calibration_method(),
-    samples: int = typer.Option(256, "--samples", min=1, help="Images (with their captions) to calibrate on."),
-    min_samples: int = typer.Option(32, "--min-samples", min=1, help="Refuse a split with fewer images than this."),
+    samples: int = typer.Option(256, "--samples", min=1, max=limits.MAX_COUNT, help="Images (with their captions) to calibrate on."),
+    min_samples: int = typer.Option(32, "--min-samples", min=1, max=limits.MAX_COUNT, help="Refuse a split with fewer images than this."),
     batch_size: int = options.batch_size(16, "Images per calibration batch."),
     progress: bool = options.progress(),
 ) -> None:

@@ -41,7 +41,7 @@ def eval_command(
     from itmrt.data.metrics import coco_5fold_1k, format_recall_table
     from itmrt.data.mismatch import accuracy, comparisons, format_accuracy, read_meta
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.io import atomic_save_float32_npy, atomic_write_text
+    from itmrt.io import atomic_write_files, float32_npy_bytes
     from itmrt.bundle.names import REGION_FEATURES
     from itmrt.families import family_of
     from itmrt.families.checkpoints import load_checkpoint
@@ -77,7 +77,8 @@ def eval_command(
         result["mismatched_words"] = mismatch
         typer.echo("mismatched words (confusable pairs):")
         typer.echo(format_accuracy(mismatch))
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
+    outputs = [(json_path, (json.dumps(result, indent=2) + "\n").encode("utf-8"))] if json_path is not None else []
     if scores_out is not None:
-        atomic_save_float32_npy(scores_out, scores)
+        outputs.append((scores_out, float32_npy_bytes(scores)))
+    if outputs:
+        atomic_write_files(outputs, overwrite)

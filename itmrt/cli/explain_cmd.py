@@ -65,9 +65,9 @@ def explain_command(
     if json_path is not None:
         from itmrt.io import atomic_write_text
 
-        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n", overwrite=overwrite)
     if png is not None:
         from itmrt.reports.plots import similarity_matrix
 
-        similarity_matrix(result, png)
+        similarity_matrix(result, png, overwrite=overwrite)
         typer.echo(f"wrote {png}")

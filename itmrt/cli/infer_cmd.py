@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 
+from itmrt import limits
 from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
@@ -62,12 +63,15 @@ def results_jsonl(captions: list[str], t2i: Any, i2t: Any, image_ids: list[str] 
 
 
 def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any,
-                   image_ids: list[str] | None = None) -> None:
-    from itmrt.io import atomic_save_float32_npy, atomic_write_text
+                   overwrite: bool, image_ids: list[str] | None = None) -> None:
+    """Both outputs as one result: without ``overwrite`` a file that appeared meanwhile (another run's) is
+    kept and this run fails with a one-line error, leaving neither of its files."""
+    from itmrt.io import atomic_write_files, float32_npy_bytes
 
+    outputs = [(out, results_jsonl(captions, t2i, i2t, image_ids).encode("utf-8"))]
     if scores_out is not None:
-        atomic_save_float32_npy(scores_out, scores)
-    atomic_write_text(out, results_jsonl(captions, t2i, i2t, image_ids))
+        outputs.insert(0, (scores_out, float32_npy_bytes(scores)))
+    atomic_write_files(outputs, overwrite)
 
 
 def _reference_scores(checkpoint: Path, vocab_path: Path, images_path: Path, captions: list[str],
@@ -111,9 +115,9 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
     with timer.stage("reference"):
         scores = _reference_scores(checkpoint, vocab, images, captions, request.max_length, request.on_long,
                                    request.batch_size)
-    t2i, i2t = top_k_of_matrix(scores, top_k)
+    t2i, i2t = top_k_of_matrix(scores, top_k, "the image features may hold values the model cannot take")
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, t2i, i2t, scores)
+        _write_outputs(out, scores_out, captions, t2i, i2t, scores, request.overwrite)
     return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
 
 
@@ -130,11 +134,11 @@ def infer_command(
     precision: Precision = options.precision(),
     providers: str | None = options.providers(),
     threads: int = options.threads(),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per query."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, help="Caption token limit (default: the bundle's profile maximum)."),
+    top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results per query."),
+    max_length: int | None = typer.Option(None, "--max-length", min=2, max=limits.MAX_TOKENS, help="Caption token limit (default: the bundle's profile maximum)."),
     on_long: OnLong = options.on_long(),
     batch_size: int = options.batch_size(128, "Images / captions per encoder batch."),
-    memory_mb: int = typer.Option(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
+    memory_mb: int = typer.Option(32, "--memory-mb", min=1, max=limits.MAX_MEMORY_MB, help="Memory budget of one scoring tile, in MB."),
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
     overwrite: bool = options.overwrite("existing output files"),
@@ -144,7 +148,7 @@ def infer_command(
     timings: bool = typer.Option(False, "--timings", help=(
         "Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON "
         "line on stderr, after 'timings: '.")),
-    shortlist: int | None = typer.Option(None, "--shortlist", min=1, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out; a sharded gallery: K per shard)."),
+    shortlist: int | None = typer.Option(None, "--shortlist", min=1, max=limits.MAX_COUNT, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out; a sharded gallery: K per shard)."),
     ray: str | None = ray_flags.address(),
     ray_workers: int | None = ray_flags.workers(),
     ray_cpus: float = ray_flags.cpus(),
@@ -168,7 +172,7 @@ def infer_command(
     captions = read_captions(captions_path)
     started = time.perf_counter()
     request = BundleRequest(source, gallery_path, images, backend, precision, options.parse_providers(providers),
-                            threads, max_length, on_long, batch_size, memory_mb, skip_bad_images)
+                            threads, max_length, on_long, batch_size, memory_mb, skip_bad_images, overwrite)
     if source.is_file():
         if shortlist is not None:
             raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
@@ -202,6 +206,7 @@ class BundleRequest:
     batch_size: int
     memory_mb: int
     skip_bad_images: bool
+    overwrite: bool = False
     ray: Any = None  # itmrt.scale.RayOptions: search a sharded gallery on Ray
 
 
@@ -257,7 +262,7 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
                               progress=bars("score (captions)", len(captions)))
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, image_ids)
+        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.overwrite, image_ids)
     how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
            else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
     return n_images, how

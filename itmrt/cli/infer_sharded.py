@@ -37,7 +37,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
             result = shards.search(encoded, search, progress=bars("search (shards)", len(shards.gallery.shards)))
         with timer.stage("write"):
             ids = shards.gallery.ids  # every image's line names it: every shard's ids are read
-            _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores,
+            _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.overwrite,
                            None if ids is None else list(ids))
     finally:
         shards.close()

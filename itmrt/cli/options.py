@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from itmrt import limits
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.calibration import DEFAULT_METHOD, CalibrationMethod
 from itmrt.runtime.options import OnLong, ScorerChoice
@@ -41,11 +42,24 @@ def progress() -> Any:
 
 
 def batch_size(default: int, what: str, minimum: int = 1) -> Any:
-    return typer.Option(default, "--batch-size", min=minimum, help=what)
+    return typer.Option(default, "--batch-size", min=minimum, max=limits.MAX_BATCH, help=what)
+
+
+def _threads(value: int) -> int:
+    return limits.check_threads(value)
 
 
 def threads() -> Any:
-    return typer.Option(0, "--threads", min=0, help="ONNX Runtime intra-op threads (0: one per core).")
+    return typer.Option(0, "--threads", callback=_threads, help=(
+        f"ONNX Runtime intra-op threads (0: one per core; at most {limits.THREADS_PER_CORE} per core)."))
+
+
+def finite(flag: str, low: float, high: float, low_open: bool = False) -> Any:
+    """A callback that refuses a float option outside ``low``..``high`` or not finite (click's ranges let NaN by)."""
+    def check(value: float | None) -> float | None:
+        return None if value is None else limits.check_real(value, low, high, flag, low_open)
+
+    return check
 
 
 def providers() -> Any:
@@ -103,6 +117,7 @@ __all__ = [
     "backend",
     "batch_size",
     "calibration_method",
+    "finite",
     "on_long",
     "overwrite",
     "parse_providers",

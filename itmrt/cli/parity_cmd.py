@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from itmrt import limits
+
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import ScorerChoice
@@ -20,14 +22,14 @@ def parity_command(
     split: str = typer.Option("test", "--split", help="Which split to compare on."),
     against: str = typer.Option("torch", "--against", help="Reference: torch (the bundle's source checkpoint; needs torch) or ort:fp32."),
     variants: str = typer.Option(DEFAULT_PARITY_VARIANTS, "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
-    max_images: int | None = typer.Option(None, "--max-images", min=1, help="Use only the first N images (and their captions)."),
-    decision_images: int = typer.Option(100, "--decision-images", min=1, help="Images (with their captions) NAAF decision flips are counted on."),
+    max_images: int | None = typer.Option(None, "--max-images", min=1, max=limits.MAX_COUNT, help="Use only the first N images (and their captions)."),
+    decision_images: int = typer.Option(100, "--decision-images", min=1, max=limits.MAX_COUNT, help="Images (with their captions) NAAF decision flips are counted on."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="The source checkpoint, when it moved since export (sha256-checked)."),
     report: Path = options.report_folder("report.json, report.md, PNGs, score matrices"),
-    tol_score: float | None = typer.Option(None, "--tol-score-max-abs", help="Override: largest allowed end-to-end score error."),
-    tol_rsum: float | None = typer.Option(None, "--tol-rsum-delta", help="Override: largest allowed |rsum - reference rsum|."),
-    tol_top1: float | None = typer.Option(None, "--tol-top1-min", help="Override: smallest allowed top-1 agreement (0..1)."),
-    tol_flips: float | None = typer.Option(None, "--tol-flip-rate", help="Override: largest allowed NAAF decision flip rate."),
+    tol_score: float | None = typer.Option(None, "--tol-score-max-abs", callback=options.finite("--tol-score-max-abs", 0.0, 1e6), help="Override: largest allowed end-to-end score error."),
+    tol_rsum: float | None = typer.Option(None, "--tol-rsum-delta", callback=options.finite("--tol-rsum-delta", 0.0, 600.0), help="Override: largest allowed |rsum - reference rsum|."),
+    tol_top1: float | None = typer.Option(None, "--tol-top1-min", callback=options.finite("--tol-top1-min", 0.0, 1.0), help="Override: smallest allowed top-1 agreement (0..1)."),
+    tol_flips: float | None = typer.Option(None, "--tol-flip-rate", callback=options.finite("--tol-flip-rate", 0.0, 1.0), help="Override: largest allowed NAAF decision flip rate."),
     threads: int = options.threads(),
     scorer: ScorerChoice | None = options.scorer(),
     plots: bool = options.plots(),

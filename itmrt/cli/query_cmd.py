@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from itmrt import limits
+
+from itmrt.cli import options
 from itmrt.cli.app import app
 
 
@@ -13,12 +16,12 @@ from itmrt.cli.app import app
 def query_command(
     url: str = typer.Argument(..., help="The service's address, e.g. http://127.0.0.1:8000."),
     captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
-    top_k: int = typer.Option(10, "--top-k", min=1, help="Results per caption."),
+    top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results per caption."),
     token_file: Path | None = typer.Option(None, "--token-file", help="A file holding the service's token."),
-    batch: int = typer.Option(64, "--batch", min=1, help="Captions per request."),
+    batch: int = typer.Option(64, "--batch", min=1, max=limits.MAX_BATCH, help="Captions per request."),
     out: Path | None = typer.Option(None, "--out", help="Write the JSONL here instead of printing it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
-    timeout_s: float = typer.Option(60.0, "--timeout-s", min=0.001, help="Seconds to wait for each answer."),
+    timeout_s: float = typer.Option(60.0, "--timeout-s", callback=options.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Seconds to wait for each answer."),
 ) -> None:
     """One JSON line per caption - {"query": "caption", "index", "caption", "images", "scores"} - as `itmrt infer`
     writes them (plus "image_ids" where the gallery names its images)."""
@@ -40,5 +43,5 @@ def query_command(
                 typer.echo("\n".join(chunk))
             lines.extend(chunk)
     if out is not None:
-        atomic_write_text(out, "\n".join(lines) + "\n")
+        atomic_write_text(out, "\n".join(lines) + "\n", overwrite)
         typer.echo(f"{len(captions)} captions answered by {url}; wrote {out}", err=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from itmrt import limits
+
 from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
@@ -25,17 +27,17 @@ def serve_command(
     providers: str | None = options.providers(),
     threads: int = options.threads(),
     scorer: ScorerChoice = options.scorer(ScorerChoice.AUTO),
-    memory_mb: int = Opt(32, "--memory-mb", min=1, help="Memory budget of one scoring tile, in MB."),
-    max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, help="Captions scored together (1: no batching)."),
-    max_delay_ms: float = Opt(5.0, "--max-delay-ms", min=0.0, help="How long a request waits for others to join it."),
-    max_queue: int = Opt(256, "--max-queue", min=1, help="Requests waiting at most; more are refused at once (429)."),
-    max_captions: int = Opt(256, "--max-captions", min=1, help="Captions per request at most (more: 400)."),
-    max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, help="UTF-8 bytes per caption at most (400)."),
-    max_body_mb: float = Opt(4.0, "--max-body-mb", min=0.001, help="Body size limit, after decompression (413)."),
-    timeout_s: float = Opt(30.0, "--timeout-s", min=0.001, help="Deadline of a request from its arrival (504)."),
+    memory_mb: int = Opt(32, "--memory-mb", min=1, max=limits.MAX_MEMORY_MB, help="Memory budget of one scoring tile, in MB."),
+    max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, max=limits.MAX_BATCH, help="Captions scored together (1: no batching)."),
+    max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=options.finite("--max-delay-ms", 0.0, 10000.0), help="How long a request waits for others to join it."),
+    max_queue: int = Opt(256, "--max-queue", min=1, max=limits.MAX_COUNT, help="Requests waiting at most; more are refused at once (429)."),
+    max_captions: int = Opt(256, "--max-captions", min=1, max=limits.MAX_BATCH, help="Captions per request at most (more: 400)."),
+    max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, max=1 << 20, help="UTF-8 bytes per caption at most (400)."),
+    max_body_mb: float = Opt(4.0, "--max-body-mb", callback=options.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
+    timeout_s: float = Opt(30.0, "--timeout-s", callback=options.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Deadline of a request from its arrival (504)."),
     on_long: OnLong = options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"),
     token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
-    max_connections: int = Opt(1024, "--max-connections", min=1, help="Open connections at most (more: 503)."),
+    max_connections: int = Opt(1024, "--max-connections", min=1, max=limits.MAX_BATCH, help="Open connections at most (more: 503)."),
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
     shortlist: int | None = Opt(None, "--shortlist", min=1, help=(
         "Sharded gallery: rerank each shard's K best candidates (FAISS) instead of scoring every image.")),

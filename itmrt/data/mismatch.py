@@ -25,14 +25,14 @@ the word "no" never takes part in them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from itmrt.errors import DataError
+from itmrt.errors import DataError, first_line
+from itmrt.io import parse_json
 
 COMPARISONS = ("own_caption", "own_image", "negated")
 LABELS = {
@@ -72,19 +72,37 @@ def read_meta(data_dir: str | Path, split: str) -> dict[str, Any]:
     """A split's ``{split}_meta.json`` (written by the synthetic generator); a one-line error otherwise."""
     path = Path(data_dir) / f"{split}_meta.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = parse_json(path.read_bytes())
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; mismatched-word comparisons need the synthetic data's "
                         "meta file (itmrt.data.synthetic.make_synthetic_dataset writes it)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN; nesting
+        raise DataError(f"cannot read {path} as JSON ({type(exc).__name__}); regenerate the data") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("images"), list) and isinstance(meta.get("captions"), list)):
         raise DataError(f"{path} lacks the 'images' and 'captions' lists of the synthetic generator's meta file")
     return meta
 
 
 def comparisons(meta: dict[str, Any]) -> dict[str, Comparison]:
-    """The three comparisons of a split, keyed by :data:`COMPARISONS`."""
+    """The three comparisons of a split, keyed by :data:`COMPARISONS`; a meta file of another layout (entries
+    of the wrong type, indices outside the split) is a one-line :class:`DataError`."""
+    try:
+        result = _comparisons(meta)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise DataError(f"the split's meta file does not have the synthetic generator's layout "
+                        f"({type(exc).__name__}: {first_line(exc)}); regenerate the data") from None
+    images, captions = len(meta["images"]), len(meta["captions"])
+    for comparison in result.values():
+        for rows, cols in (comparison.right, comparison.wrong):
+            if len(rows) and (rows.min() < 0 or rows.max() >= images or cols.min() < 0 or cols.max() >= captions):
+                raise DataError(f"the split's meta file names an image or caption outside its {images} images and "
+                                f"{captions} captions; regenerate the data")
+    return result
+
+
+def _comparisons(meta: dict[str, Any]) -> dict[str, Comparison]:
     images, captions = meta["images"], meta["captions"]
     by_image: dict[int, list[int]] = {}
     for index, caption in enumerate(captions):

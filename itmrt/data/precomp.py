@@ -17,15 +17,23 @@ Only numpy and the standard library are imported: the torch-free runtime uses th
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from itmrt.errors import DataError, first_line
+from itmrt.data.npy import open_npy
+from itmrt.errors import DataError
+from itmrt.io import not_a_file
+
+__all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "open_npy", "read_captions"]
 
 CAPTIONS_PER_IMAGE = 5
 """Captions per image in Flickr30K and MSCOCO; the whole layout (and the metrics) assume it."""
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
 
 _REPEAT_CHECK_GROUPS = 2
 """How many leading image groups are compared row by row to confirm the repeated layout."""
@@ -108,25 +116,31 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
 
     ``layout`` describes the expected file in the error messages.
 
-    Surrounding whitespace (including ``\\r``) is stripped per line, as the released
+    Lines end with ``\\n``, ``\\r\\n`` or a lone ``\\r`` (old Mac files), as Python's universal
+    newlines read them. Surrounding whitespace is stripped per line, as the released
     loaders do. A final newline is allowed; an empty line anywhere else is an error,
     because it would shift every later caption onto the wrong image.
     """
+    if path.is_dir():
+        raise DataError(f"captions file {path} is a folder; expected a text file with {layout}")
     if not path.is_file():
-        raise DataError(f"captions file {path} not found; expected {layout}")
-    raw = path.read_bytes()
+        raise DataError(f"captions file {path} {not_a_file(path, 'not found')}; expected {layout}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read captions file {path}: {exc.strerror}") from None
     if not raw.strip():
         raise DataError(f"captions file {path} is empty; expected {layout}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line_number = raw[: exc.start].count(b"\n") + 1
+        line_number = len(_LINE_END_BYTES.split(raw[: exc.start]))
         raise DataError(
             f"captions file {path} line {line_number} is not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = text.split("\n")
+    lines = _LINE_END.split(text)
     if lines and lines[-1].strip() == "":
         lines.pop()  # the newline that ends the last line
     captions: list[str] = []
@@ -135,25 +149,15 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
         if not caption:
             raise DataError(f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)")
         captions.append(caption)
+    if not captions:  # only whitespace, in the wider sense of Unicode
+        raise DataError(f"captions file {path} is empty; expected {layout}")
     return captions
-
-
-def open_npy(path: Path, what: str) -> np.ndarray:
-    """Memory-map a .npy file (never unpickling); one-line :class:`DataError` when it is missing or unreadable."""
-    if not path.is_file():
-        raise DataError(f"{what} file {path} not found")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise DataError(f"{what} file {path} is not a readable .npy array ({first_line(exc)}); re-save it with numpy.save") from None
-    if not isinstance(array, np.ndarray):
-        raise DataError(f"{what} file {path} is not a single .npy array; re-save it with numpy.save")
-    return array
 
 
 def _open_features(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise DataError(f"image features file {path} not found; expected a float32 .npy of images x regions x dim")
+        raise DataError(f"image features file {path} {not_a_file(path, 'not found')}; "
+                        "expected a float32 .npy of images x regions x dim")
     features = open_npy(path, "image features")
     if features.ndim != 3:
         raise DataError(

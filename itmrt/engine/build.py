@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import (
     AxisRange,
     EngineEntry,
@@ -120,7 +121,8 @@ def _parser_errors(parser: trt.OnnxParser) -> str:
 
 
 def build_serialized_engine(
-    onnx_path: Path, shapes: Shapes, settings: BuilderSettings, timing_cache: Path | None, say: Log
+    onnx_path: Path, shapes: Shapes, settings: BuilderSettings, timing_cache: Path | None, say: Log,
+    read_cache: bool = True,
 ) -> tuple[bytes, str]:
     """Parse ``onnx_path`` into a strongly typed network and build it: the serialized engine and what
     became of the timing cache."""
@@ -138,7 +140,7 @@ def build_serialized_engine(
     for name, (low, mid, high) in shapes.items():
         profile.set_shape(name, trt.Dims(low), trt.Dims(mid), trt.Dims(high))
     config.add_optimization_profile(profile)
-    attached = attach_timing_cache(config, timing_cache, say)
+    attached = attach_timing_cache(config, timing_cache if read_cache else None, say)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ItmrtError(f"TensorRT could not build an engine from {onnx_path.name} (see TensorRT's messages above)")
@@ -169,6 +171,8 @@ def engine_ranges(folder: Path, manifest: Manifest, precision: str, options: Eng
     preset = board(options.board) if options.board else None
     if preset is not None and preset.intermediate_mb is not None:
         graphs = {g: (manifest.graph_file(precision, g), entry) for g, entry in manifest.graphs.items()}
+        for file, _entry in graphs.values():
+            bundle_file(folder, manifest, file)  # inside the bundle, listed and intact before it is read
         ranges, peak = fit_ranges(folder, graphs, ranges, preset.intermediate_mb << 20)
         fitted = ", ".join(f"{axis} max {ranges[axis][2]}" for axis in (BATCH_IMAGES, BATCH_CAPTIONS) if axis in ranges)
         say(
@@ -278,6 +282,7 @@ class BuildContext:
     cache: Path | None
     ranges: dict[str, Range]
     tf32: dict[str, Tf32Record]
+    read_cache: bool = True  # False: the bundle's cache file is not one its manifest vouches for
 
 
 def _build_one(folder: Path, manifest: Manifest, precision: str, graph: str, context: BuildContext,
@@ -286,7 +291,10 @@ def _build_one(folder: Path, manifest: Manifest, precision: str, graph: str, con
     relative_graph = manifest.graph_file(precision, graph)
     graph_entry: GraphEntry = manifest.graph(graph)
     shapes = profile_shapes(graph_entry, context.ranges)
-    engine, cache_status = build_serialized_engine(folder / relative_graph, shapes, context.settings, context.cache, say)
+    onnx_path = bundle_file(folder, manifest, relative_graph)
+    engine, cache_status = build_serialized_engine(onnx_path, shapes, context.settings, context.cache, say,
+                                                   context.read_cache)
+    context.read_cache = True  # from now on the file is this build's own
     relative = engine_file(precision, graph)
     atomic_write_bytes(folder / relative, engine)
     memory, layers = inspect_serialized(engine, context.settings)
@@ -331,6 +339,7 @@ def build_engines(
     context = BuildContext(
         options, settings, target, cache, engine_ranges(folder, manifest, precision, options, say),
         tf32 or {graph: Tf32Record(enabled=options.tf32) for graph in manifest.graphs},
+        read_cache=options.timing_cache is not None or _bundle_cache_intact(folder, manifest, cache, say),
     )
     entries: dict[str, EngineEntry] = {}
     with device_scope(options.device):
@@ -352,5 +361,20 @@ def build_engines(
             m.record_file(entry.file, entry.sha256)
             if entry.layer_info is not None:
                 m.record_file(entry.layer_info.file, entry.layer_info.sha256)
+        if options.timing_cache is None and cache.is_file():  # the bundle's own cache: listed like every file
+            m.record_file(cache.relative_to(folder).as_posix(), sha256_file(cache))
 
     return update_manifest(folder, change)
+
+
+def _bundle_cache_intact(folder: Path, manifest: Manifest, cache: Path, say: Log) -> bool:
+    """Whether the bundle's timing cache may be read: absent, or listed in the manifest with its sha256
+    (TensorRT deserializes it; a file the manifest does not vouch for is not read, and is replaced)."""
+    if not cache.exists():
+        return True
+    try:
+        bundle_file(folder, manifest, cache.relative_to(folder).as_posix())
+    except ItmrtError as exc:
+        say(f"timing cache {cache.name} not read ({exc}); this build starts a fresh one")
+        return False
+    return True

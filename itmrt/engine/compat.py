@@ -21,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from itmrt.bundle.closed import verified_member
+from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import EngineEntry, Manifest
 from itmrt.engine.tensorrt_api import version_tuple
 from itmrt.errors import ItmrtError
-from itmrt.io import sha256_file
 
 FIRST_VERSION_COMPATIBLE = (8, 6)
 
@@ -95,14 +96,20 @@ def check_engine(bundle: str | Path, manifest: Manifest, precision: str, graph: 
     problems = compatibility_problems(entry, here)
     if problems:
         raise ItmrtError(f"engine {entry.file} cannot run here: {'; '.join(problems)}; {rebuild}")
-    path = folder / entry.file
-    if not path.is_file():
+    if not (folder / entry.file).is_file():
         raise ItmrtError(f"engine {entry.file} is missing; {rebuild}")
-    if sha256_file(path) != entry.sha256:
+    if manifest.files.get(entry.file) != entry.sha256:
+        raise ItmrtError(f"engine {entry.file} is not listed in the manifest with its sha256; {rebuild}")
+    try:
+        path = bundle_file(folder, manifest, entry.file)
+    except ItmrtError:
         raise ItmrtError(
             f"engine {entry.file} differs from the manifest's sha256 (changed after the build); {rebuild}"
-        )
-    graph_path = folder / entry.graph_file
-    if not graph_path.is_file() or sha256_file(graph_path) != entry.graph_sha256:
-        raise ItmrtError(f"engine {entry.file} was built from a graph that has changed since; {rebuild}")
+        ) from None
+    try:
+        if manifest.files.get(entry.graph_file) != entry.graph_sha256:
+            raise ItmrtError("its graph is listed with another sha256")
+        verified_member(folder, entry.graph_file, manifest.files, "bundle", rebuild)  # TensorRT reads no graph: hash
+    except ItmrtError:
+        raise ItmrtError(f"engine {entry.file} was built from a graph that has changed since; {rebuild}") from None
     return path

@@ -30,6 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from itmrt.bundle.manifest import LARGEST_AXIS
+from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, MAX_LENGTH
 from itmrt.engine.jetson import UNIFIED_MEMORY_WORKSPACE_MB
 from itmrt.engine.profiles import Range
 from itmrt.errors import ItmrtError
@@ -101,6 +103,22 @@ def check_options(options: EngineOptions, precision: str) -> None:
         raise ItmrtError(f"--dla-core must be 0 or more, not {options.dla_core}")
     if options.dla_core is not None and precision == "fp32":
         raise ItmrtError("the DLA runs FP16 and INT8 only: build --precision fp16 or int8 with --dla-core")
+    if options.workspace_mb is not None and not 1 <= options.workspace_mb <= 1 << 20:
+        raise ItmrtError(f"--workspace must be from 1 to {1 << 20} MB, not {options.workspace_mb}")
+    check_axis_ranges(options.axis_ranges)
+
+
+PROFILE_AXES = (BATCH_IMAGES, BATCH_CAPTIONS, MAX_LENGTH)
+"""The axes ``--shape`` may set (the region count is fixed when the bundle is exported)."""
+
+
+def check_axis_ranges(ranges: dict[str, tuple[int, int, int]]) -> None:
+    """Each ``--shape`` names a profile axis and gives 1 <= min <= opt <= max within the manifest's limit."""
+    for axis, (low, mid, high) in ranges.items():
+        if axis not in PROFILE_AXES:
+            raise ItmrtError(f"--shape {axis}: not a profile axis; choose one of {', '.join(PROFILE_AXES)}")
+        if not 1 <= low <= mid <= high <= LARGEST_AXIS:
+            raise ItmrtError(f"--shape {axis}={low}:{mid}:{high}: need 1 <= min <= opt <= max <= {LARGEST_AXIS}")
 
 
 def _check_build_gpu(options: EngineOptions, compute_capability: str) -> None:

@@ -42,7 +42,8 @@ from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
 from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
 from itmrt.families.checkpoints import load_checkpoint
-from itmrt.io import check_output_folder, publish_folder, sha256_file, staged_folder
+from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
+from itmrt.io import check_output_folder, not_a_file, publish_folder, sha256_file, staged_folder
 from itmrt.models.checkpoint import detect_format
 from itmrt.text.vocab import Vocabulary
 
@@ -115,20 +116,28 @@ def _versions() -> dict[str, str]:
 
 
 def _validate_options(options: ExportOptions) -> None:
-    if options.max_batch < 1 or options.max_length < 2 or options.num_regions < 1:
-        raise ItmrtError("--max-batch and --num-regions must be at least 1 and --max-length at least 2")
-    if options.tolerance <= 0:
-        raise ItmrtError(f"the parity tolerance must be positive, not {options.tolerance}")
+    check_count(options.max_batch, 1, MAX_BATCH, "--max-batch")
+    check_count(options.max_length, 2, MAX_TOKENS, "--max-length")
+    check_count(options.num_regions, 1, MAX_REGIONS, "--num-regions")
+    check_real(options.tolerance, 0.0, 1.0, "--tolerance (the parity tolerance)", low_open=True)
+    if options.threshold is not None:
+        check_real(options.threshold, -1.0, 1.0, "--threshold (a cosine-similarity threshold)")
 
 
 # -- 1. load ----------------------------------------------------------------------------
 
 
 def _check_sources(checkpoint: Path, vocab: Path) -> None:
+    if checkpoint.is_dir():
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is a folder; give the checkpoint file (*.pth.tar, *.safetensors)"
+        )
     if not checkpoint.is_file():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        raise CheckpointError(f"checkpoint {checkpoint} {not_a_file(checkpoint)}")
+    if vocab.is_dir():
+        raise VocabularyError(f"vocabulary {vocab} is a folder; give the vocabulary JSON file")
     if not vocab.is_file():
-        raise VocabularyError(f"vocabulary {vocab} does not exist")
+        raise VocabularyError(f"vocabulary {vocab} {not_a_file(vocab)}")
 
 
 def load_model(checkpoint: str | Path, vocab: str | Path) -> LoadedModel:
@@ -247,7 +256,7 @@ def publish_bundle(loaded: LoadedModel, built: BuiltBundle, parity: ParityResult
         manifest = _manifest(loaded, built, graphs, files, parity, options, started)
         write_manifest(staging, manifest)  # last: a folder without it is not a bundle
         _check_target(out, options.overwrite)  # again: something may have appeared there meanwhile
-        publish_folder(staging, out, "replace")
+        publish_folder(staging, out, "replace" if options.overwrite else "refuse")
     return manifest
 
 

@@ -10,11 +10,11 @@ its name. Needs torch.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-from itmrt.errors import CheckpointError, ItmrtError
+from itmrt.errors import CheckpointError, ItmrtError, first_line
+from itmrt.io import parse_json
 from itmrt.families.registry import get
 from itmrt.models.checkpoint import detect_format, load_released_checkpoint
 from itmrt.models.native import NATIVE_FORMAT, read_native
@@ -34,15 +34,17 @@ def load_native(path: str | os.PathLike[str]) -> Any:
     except ItmrtError as exc:
         raise CheckpointError(f"{path} names an {exc}") from None
     try:
-        config: dict[str, Any] = json.loads(metadata.get("config", ""))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} has a malformed model config in its metadata ({exc})") from exc
+        config: dict[str, Any] = parse_json(str(metadata.get("config", "")).encode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} has a malformed model config in its metadata ({first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} has a malformed model config in its metadata (not a JSON object)")
     try:
         model = spec.model_from_config(config)
     except ItmrtError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} has an invalid {family.upper()} config: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:  # torch refuses impossible sizes with RuntimeError
+        raise CheckpointError(f"{path} has an invalid {family.upper()} config: {first_line(exc)}") from None
     load_state_dict_checked(model, tensors, str(path))
     return model.eval()
 

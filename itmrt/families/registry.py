@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from itmrt.bundle.names import forget_family, note_family
 from itmrt.errors import ItmrtError
 from itmrt.families.spec import FamilySpec
 
@@ -17,11 +18,13 @@ def register(spec: FamilySpec) -> FamilySpec:
     if spec.name in _FAMILIES:
         raise ValueError(f"a model family named {spec.name!r} is already registered ({_FAMILIES[spec.name]!r})")
     _FAMILIES[spec.name] = spec
+    note_family(spec.name)
     return spec
 
 
 def unregister(name: str) -> None:
     _FAMILIES.pop(name, None)
+    forget_family(name)
 
 
 @contextmanager

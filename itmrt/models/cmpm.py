@@ -44,6 +44,21 @@ _MOBILENET_V1_STEM = 32
 _CONFIG_KEYS = ("vocab_size", "word_dim", "lstm_hidden", "embed_size", "width_mult", "image_size", "max_over_padding")
 
 
+_CONFIG_SIZES = {"vocab_size": 1 << 24, "word_dim": 1 << 16, "lstm_hidden": 1 << 16, "embed_size": 1 << 16,
+                 "image_size": 4096}
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """Sizes are integers from 1 to a sane maximum, ``width_mult`` a finite number in (0, 4] (``ValueError``)."""
+    for key, high in _CONFIG_SIZES.items():
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+            raise ValueError(f"'{key}' is {value!r}; it must be an integer from 1 to {high}")
+    width = config.get("width_mult", 1.0)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 4 or width != width:
+        raise ValueError(f"'width_mult' is {width!r}; it must be a finite number in (0, 4]")
+
+
 def scaled_channels(channels: int, width_mult: float, divisor: int = 8) -> int:
     """Channels scaled by ``width_mult``, rounded to a multiple of ``divisor``.
 
@@ -207,6 +222,7 @@ class CMPMModel(nn.Module):
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown CMPM config keys: {', '.join(unknown)}")
+        _check_config(config)
         return cls(**config)
 
     def encode_image(self, images: Tensor) -> Tensor:

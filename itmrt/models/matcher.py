@@ -35,6 +35,7 @@ fixed; test-time scoring uses ``thres_safe`` with propagation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -108,7 +109,34 @@ def resolve_options(opt: Mapping[str, Any], family: str) -> tuple[dict[str, Any]
         if name not in resolved or resolved[name] is None:
             resolved[name] = value
             filled.append(name)
+    check_option_values(resolved)
     return resolved, filled
+
+
+SIZE_OPTIONS = {"img_dim": 1 << 16, "embed_size": 1 << 16, "word_dim": 1 << 16, "num_layers": 16, "vocab_size": 1 << 24}
+"""Integer options and their largest sane value (all at least 1)."""
+REAL_OPTIONS = {"thres_safe": (-1.0, 1.0, False), "lambda_softmax": (0.0, 1e4, True), "lambda_lse": (0.0, 1e4, True)}
+"""Float options: (low, high, low excluded)."""
+
+
+def check_option_values(opt: Mapping[str, Any]) -> None:
+    """Refuse sizes that are not positive integers within reason and constants that are NaN, infinite or out of
+    range (a NAAF threshold compares cosine similarities: -1..1); one line naming the option."""
+    for name, high in SIZE_OPTIONS.items():
+        value = opt.get(name)
+        if value is None:
+            continue
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral or not 1 <= value <= high:
+            raise CheckpointError(f"option {name!r} is {value!r}; it must be an integer from 1 to {high}")
+    for name, (low, high, low_open) in REAL_OPTIONS.items():
+        value = opt.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high or (low_open and value == low):
+            raise CheckpointError(f"option {name!r} is {value!r}; it must be a finite number in "
+                                  f"{'(' if low_open else '['}{low:g}, {high:g}]")
 
 
 class CrossAttentionMatcher(nn.Module):

@@ -29,6 +29,8 @@ def state_dict_problems(module: nn.Module, state: Mapping[str, Any], label: str 
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
     not_tensors = [name for name in state if name in expected and not isinstance(state[name], Tensor)]
+    not_finite = [name for name, value in state.items()
+                  if isinstance(value, Tensor) and value.is_floating_point() and not bool(value.isfinite().all())]
     misshapen = []
     for name, want in expected.items():
         got = state.get(name)
@@ -46,6 +48,8 @@ def state_dict_problems(module: nn.Module, state: Mapping[str, Any], label: str 
         problems.append(f"not a tensor{where}: {_listed(not_tensors)}")
     if misshapen:
         problems.append(f"shape mismatch{where}: {_listed(misshapen)}")
+    if not_finite:
+        problems.append(f"NaN or infinite values{where}: {_listed(not_finite)}")
     return problems
 
 

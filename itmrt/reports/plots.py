@@ -25,13 +25,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> str:
+def _save(fig: Any, path: Path, overwrite: bool = True) -> str:
+    """Write the figure as PNG; without ``overwrite``, only if ``path`` does not exist when it is renamed in."""
     from itmrt.io import atomic_write_bytes
     import io
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), overwrite=overwrite)
     return path.name
 
 
@@ -129,7 +130,7 @@ def bench_plots(report: dict[str, Any], folder: Path) -> list[str]:
     return [name] if name else []
 
 
-def similarity_matrix(explanation: Any, path: Path) -> str:
+def similarity_matrix(explanation: Any, path: Path, overwrite: bool = True) -> str:
     """``itmrt explain --png``: the word x region similarity matrix with NAAF's threshold marked.
 
     Colours are centred on the threshold (red above: matched, blue below), a
@@ -161,6 +162,6 @@ def similarity_matrix(explanation: Any, path: Path) -> str:
     scorer = "" if explanation.scorer_score is None else f"; scorer {explanation.scorer_score:.4f}"
     ax.set_title(f"image {explanation.image}: \"{explanation.caption}\"\nscore {explanation.score:.4f}{scorer}", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12 - 0.4 / max(words, 1)), ncol=2, frameon=False)
-    name = _save(fig, path)
+    name = _save(fig, path, overwrite)
     plt.close(fig)
     return name

@@ -238,7 +238,7 @@ class Runtime:
         embeddings = self._image_embeddings(images)
         vectors = None
         if isinstance(images, Gallery):  # read-only memmap: its global vectors are computed once per gallery
-            key = (str(images.path.resolve()), str(images.manifest["embeddings"].get("sha256")))
+            key = (str(images.path.resolve()), images.manifest.embeddings.sha256)
             vectors = self._gallery_vectors.get(key)
             if vectors is None:
                 vectors = self._gallery_vectors[key] = image_global_vectors(embeddings)

@@ -27,6 +27,7 @@ from itmrt.runtime.providers import (
     PROVIDER_ALIASES,
     TENSORRT,
     SessionSettings,
+    default_trt_cache_dir,
     prepare_cache_dir,
     provider_options,
     resolve_providers,
@@ -125,7 +126,7 @@ def open_backend(
 ) -> Backend:
     """The backend that runs ``component`` of ``bundle`` at ``precision``."""
     if backend == BackendName.ORT:
-        cache = bundle.path / ORT_TENSORRT_CACHE_DIR / precision
+        cache = default_trt_cache_dir(bundle.manifest_sha256, precision)
         return OrtBackend(bundle.graph_file(component, precision), settings, bundle.manifest.graph(component), cache)
     if backend == BackendName.TRT:
         from itmrt.runtime.backend_trt import TrtBackend

@@ -158,6 +158,7 @@ class CaptionEncoder:
             for row, k in enumerate(batch):
                 tokens[row, : lengths[k]] = ids[k]
             out = self.backend.run({TOKEN_IDS: tokens, LENGTHS: lengths[batch]})[0]
+            check_finite_output(out, "text encoder", f"{len(batch)} captions")
             if vectors is None:
                 rows = int(offsets[-1]) if self.token_level else n
                 vectors = np.empty((rows, out.shape[-1]), dtype=np.float32)
@@ -169,6 +170,15 @@ class CaptionEncoder:
         if vectors is None:
             raise ItmrtError("no captions to encode")
         return CaptionEmbeddings(vectors, lengths, offsets if self.token_level else None)
+
+
+def check_finite_output(values: np.ndarray, component: str, which: str) -> None:
+    """Refuse an encoder output that is not finite (finite but huge inputs overflow float32 inside it)."""
+    if not np.isfinite(values).all():
+        raise DataError(
+            f"the {component} gave NaN or infinite embeddings for {which}: the inputs are out of the range "
+            "the model was trained on (e.g. features near float32's limit), or the bundle's weights are broken"
+        )
 
 
 def check_image_input(features: np.ndarray, expected: list[int | str], ranges: dict[str, AxisRange | None], source: str) -> None:
@@ -211,6 +221,7 @@ class ImageEncoder:
             if not np.isfinite(batch).all():
                 raise DataError(f"image features {start}..{start + len(batch) - 1} contain NaN or infinite values")
             result = self.backend.run({self.input_name: batch})[0]
+            check_finite_output(result, "image encoder", f"images {start}..{start + len(batch) - 1}")
             if out is None:
                 out = np.empty((n, *result.shape[1:]), dtype=np.float32)
             out[start : start + len(batch)] = result

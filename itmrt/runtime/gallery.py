@@ -2,13 +2,19 @@
 
 A gallery folder holds ``image_embeddings.npy`` (float32, or float16 to halve
 its size - scorers upcast one tile at a time; ``images x regions x d``, or
-``images x D`` for global models) and ``gallery.json``, which ties it
-to the bundle whose image encoder made it (the sha256 of that bundle's
+``images x D`` for global models) and ``gallery.json``
+(:mod:`itmrt.bundle.gallery_manifest`, typed and checked on read), which ties
+it to the bundle whose image encoder made it (the sha256 of that bundle's
 ``manifest.json``): searching a gallery with a different bundle is refused,
 since its embeddings live in another model's space. A gallery indexed from
 image files also holds ``image_ids.json``: each row's image id (its path as
-listed), by which results name images. Every file a gallery names is a plain
-name inside its folder.
+listed), by which results name images.
+
+The gallery is a closed world: every file it names lies inside its folder, and
+the embeddings are verified when the gallery is opened - one streamed pass
+that hashes the file against its sha256 and checks every value is finite (a
+1 GB gallery: ``benchmarks/bench_gallery_verify.py``). A process verifies a
+file once while the file's size, mtime, ctime and inode stay the same.
 
 The folder is written under a hidden temporary name and renamed into place,
 ``gallery.json`` last, so an interrupted ``itmrt index`` leaves nothing that
@@ -18,6 +24,7 @@ such galleries under one ``gallery.json`` of kind ``itmrt-sharded-gallery``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,24 +34,27 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itmrt import __version__
+from itmrt.bundle.closed import member
+from itmrt.bundle.folder import BundleInfo, is_bundle, read_bundle
+from itmrt.bundle.gallery_manifest import (
+    EMBEDDINGS_FILE, GALLERY_KIND, GALLERY_MANIFEST, GALLERY_SCHEMA, IDS_FILE, REMEDY, SHARDED_GALLERY_KIND,
+    STORAGE_DTYPES, EmbeddingsEntry, GalleryBundle, GalleryManifest, IdsEntry, gallery_manifest_text,
+    read_gallery_manifest, recorded_bundle,
+)
+from itmrt.bundle.names import MANIFEST_NAME
+from itmrt.data.npy import open_npy, read_npy_header
 from itmrt.errors import DataError, ItmrtError
-from itmrt.data.precomp import open_npy
-from itmrt.bundle.folder import BundleInfo, is_bundle
 from itmrt.io import (
-    atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, read_json_document, sha256_bytes,
-    sha256_file, staged_folder,
+    atomic_write_bytes, atomic_write_text, check_output_folder, parse_json, publish_folder, sha256_bytes, sha256_file,
+    staged_folder,
 )
 
-GALLERY_KIND = "itmrt-gallery"
-GALLERY_SCHEMA = 1
-GALLERY_MANIFEST = "gallery.json"
-EMBEDDINGS_FILE = "image_embeddings.npy"
-IDS_FILE = "image_ids.json"
-SHARDED_GALLERY_KIND = "itmrt-sharded-gallery"
-"""The ``kind`` of a sharded gallery's ``gallery.json`` (read by :mod:`itmrt.scale.layout`)."""
-STORAGE_DTYPES = ("float32", "float16")
-"""How a gallery may store its embeddings."""
+__all__ = ["EMBEDDINGS_FILE", "GALLERY_KIND", "GALLERY_MANIFEST", "GALLERY_SCHEMA", "IDS_FILE", "SHARDED_GALLERY_KIND",
+           "STORAGE_DTYPES", "Gallery", "gallery_bundle", "gallery_source",
+           "is_gallery", "load_features", "read_gallery", "verify_embeddings", "write_gallery"]
+
+_VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
+"""Embeddings files this process has verified: (path, size, mtime, ctime, inode, sha256)."""
 
 
 @dataclass
@@ -53,7 +63,7 @@ class Gallery:
 
     path: Path
     embeddings: np.ndarray
-    manifest: dict[str, Any]
+    manifest: GalleryManifest
 
     ids: list[str] | None = None  # image ids (paths) of a gallery indexed from image files
 
@@ -62,69 +72,111 @@ class Gallery:
 
     @property
     def bundle_path(self) -> Path:
-        return Path(self.manifest["bundle"]["path"])
+        return Path(self.manifest.bundle.path)
 
     def check_bundle(self, bundle: BundleInfo) -> None:
         """Refuse a bundle other than the one that made this gallery."""
-        made_with = self.manifest["bundle"]["manifest_sha256"]
-        if made_with != bundle.manifest_sha256:
-            raise ItmrtError(
-                f"gallery {self.path} was made with another bundle (manifest sha256 {made_with[:12]}..., "
-                f"not {bundle.manifest_sha256[:12]}... of {bundle.path}); re-index it with `itmrt index {bundle.path}`"
-            )
+        check_made_with(self.path, self.manifest, bundle)
+
+
+def check_made_with(gallery: Path, manifest: GalleryManifest, bundle: BundleInfo) -> None:
+    made_with = manifest.bundle.manifest_sha256
+    if made_with != bundle.manifest_sha256:
+        raise ItmrtError(
+            f"gallery {gallery} was made with another bundle (manifest sha256 {made_with[:12]}..., "
+            f"not {bundle.manifest_sha256[:12]}... of {bundle.path}); re-index it with `itmrt index {bundle.path}`"
+        )
 
 
 def is_gallery(folder: str | Path) -> bool:
-    return (Path(folder) / GALLERY_MANIFEST).is_file()
-
-
-def read_gallery(folder: str | Path, verify: bool = False) -> Gallery:
-    """Open a gallery (embeddings memory-mapped); ``verify`` also checks the embeddings' sha256."""
-    root = Path(folder)
-    manifest_path = root / GALLERY_MANIFEST
-    if not manifest_path.is_file():
-        raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
-    manifest, _raw = read_json_document(manifest_path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA,
-                                        "gallery manifest", "re-index the gallery")
-    if manifest["kind"] == SHARDED_GALLERY_KIND:
-        raise ItmrtError(f"{root} is a sharded gallery; search it with `itmrt infer {root}` or itmrt.scale.open_shards")
-    entry = manifest["embeddings"]
-    path = _member(root, entry["file"])
-    if not path.is_file():
-        raise ItmrtError(f"gallery {root} lacks {entry['file']}; re-index it")
-    if verify and sha256_file(path) != entry["sha256"]:
-        raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST}; re-index the gallery")
     try:
-        embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ItmrtError(f"{path} is not a readable .npy file ({type(exc).__name__}); re-index the gallery") from None
-    stored = entry.get("dtype", "float32")
-    if stored not in STORAGE_DTYPES or list(embeddings.shape) != list(entry["shape"]) or embeddings.dtype != stored:
-        raise ItmrtError(f"{path} has shape {embeddings.shape} / {embeddings.dtype}, not what {GALLERY_MANIFEST} says; re-index")
-    ids = _read_ids(root, manifest["ids"], len(embeddings)) if manifest.get("ids") else None
+        return member(Path(folder), GALLERY_MANIFEST, "gallery", REMEDY).is_file()
+    except ItmrtError:
+        return True  # a gallery.json that leads outside: reading it reports why
+
+
+def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 20) -> None:
+    """One streamed pass over the embeddings file: its sha256 must be the recorded one and every value
+    finite. A one-line :class:`ItmrtError` otherwise."""
+    header = read_npy_header(path, "gallery embeddings")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, entry.sha256)
+    if key in _VERIFIED:
+        return
+    digest, position, first_bad, carry = hashlib.sha256(), 0, None, b""
+    itemsize = header.dtype.itemsize
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+            data = carry + chunk[max(header.data_offset - position, 0):] if carry else \
+                memoryview(chunk)[max(header.data_offset - position, 0):]
+            whole = len(data) - len(data) % itemsize
+            carry = bytes(data[whole:])
+            if first_bad is None and not np.isfinite(np.frombuffer(data[:whole], dtype=header.dtype)).all():
+                first_bad = position
+            position += len(chunk)
+    if digest.hexdigest() != entry.sha256:
+        raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST} (changed after indexing); {REMEDY}")
+    if first_bad is not None:
+        raise ItmrtError(f"{path} holds NaN or infinite embeddings (in the block at byte {first_bad}); {REMEDY}")
+    _VERIFIED.add(key)
+
+
+def read_gallery(folder: str | Path, verify: bool = True) -> Gallery:
+    """Open a gallery (embeddings memory-mapped, after :func:`verify_embeddings` unless ``verify`` is False -
+    for a gallery this process has just written)."""
+    root = Path(folder)
+    manifest, _sha256 = read_gallery_manifest(root)
+    entry = manifest.embeddings
+    path = member(root, entry.file, "gallery", REMEDY)
+    if not path.is_file():
+        raise ItmrtError(f"gallery {root} lacks {entry.file}; {REMEDY}")
+    if verify:
+        verify_embeddings(path, entry)
+    embeddings = open_npy(path, "gallery embeddings")
+    if list(embeddings.shape) != list(entry.shape) or embeddings.dtype != np.dtype(entry.dtype):
+        raise ItmrtError(f"{path} has shape {embeddings.shape} / {embeddings.dtype}, not what {GALLERY_MANIFEST} says; "
+                         f"{REMEDY}")
+    ids = _read_ids(root, manifest.ids, len(embeddings)) if manifest.ids is not None else None
     return Gallery(root, embeddings, manifest, ids)
 
 
-def _member(root: Path, name: Any) -> Path:
-    """A file a gallery manifest names: a plain file name inside the gallery folder, nothing else."""
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ItmrtError(f"{root / GALLERY_MANIFEST} names {name!r}, not a file inside the gallery; "
-                         "re-index the gallery")
-    return root / name
-
-
-def _read_ids(root: Path, entry: dict[str, Any], rows: int) -> list[str]:
-    path = _member(root, entry.get("file"))
+def _read_ids(root: Path, entry: IdsEntry, rows: int) -> list[str]:
+    path = member(root, entry.file, "gallery", REMEDY)
     try:
         raw = path.read_bytes()
-        ids = json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ItmrtError(f"cannot read the image ids {path} ({type(exc).__name__}); re-index the gallery") from None
-    if sha256_bytes(raw) != entry.get("sha256"):
-        raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST}; re-index the gallery")
+    except OSError as exc:
+        raise ItmrtError(f"cannot read the image ids {path} ({exc.strerror}); {REMEDY}") from None
+    if sha256_bytes(raw) != entry.sha256:
+        raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST}; {REMEDY}")
+    try:
+        ids = parse_json(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ItmrtError(f"cannot read the image ids {path} ({type(exc).__name__}); {REMEDY}") from None
     if not isinstance(ids, list) or len(ids) != rows or not all(isinstance(x, str) for x in ids):
-        raise ItmrtError(f"{path} does not hold one image id per embedding row ({rows}); re-index the gallery")
+        raise ItmrtError(f"{path} does not hold one image id per embedding row ({rows}); {REMEDY}")
     return ids
+
+
+def gallery_bundle(folder: str | Path) -> BundleInfo:
+    """The bundle that made the gallery at ``folder``, found where ``gallery.json`` says it was.
+
+    That path is the one a gallery names outside itself, so nothing there is used until the
+    bundle's ``manifest.json`` hashes to the recorded sha256.
+    """
+    recorded = recorded_bundle(folder)
+    bundle = Path(recorded.path)
+    hint = f"give the bundle and the gallery: `itmrt infer BUNDLE --gallery {folder}`"
+    if not (bundle / MANIFEST_NAME).is_file():  # looked at, not opened: it may be anything
+        raise ItmrtError(f"gallery {folder} was made with the bundle {bundle}, which is not there any more; {hint}")
+    try:
+        found = sha256_file(member(bundle, MANIFEST_NAME, "bundle", "export it again"))
+    except OSError as exc:
+        raise ItmrtError(f"cannot read {bundle / MANIFEST_NAME} ({exc.strerror}); {hint}") from None
+    if found != recorded.manifest_sha256:
+        raise ItmrtError(f"the bundle at {bundle} is not the one gallery {folder} was made with (its manifest "
+                         f"changed); {hint}, or re-index the gallery")
+    return read_bundle(bundle)
 
 
 def gallery_source(
@@ -136,23 +188,12 @@ def gallery_source(
     if is_gallery(source):
         if gallery is not None:
             raise ItmrtError("give either a gallery as the source or --gallery, not both")
-        return gallery_bundle_path(source), source
-    if is_bundle(source):
+        return gallery_bundle(source).path, source
+    if is_bundle(source) or (source / MANIFEST_NAME).is_file():  # a damaged manifest: reading it says how
         return source, None if gallery is None else Path(gallery)
     if not source.exists():
         raise ItmrtError(f"{source} does not exist; give {expected}")
     raise ItmrtError(f"{source} is not {expected}")
-
-
-def gallery_bundle_path(folder: str | Path) -> Path:
-    """The bundle that made the gallery (sharded or not) at ``folder``, as its ``gallery.json`` records it."""
-    path = Path(folder) / GALLERY_MANIFEST
-    manifest, _raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA,
-                                        "gallery manifest", "re-index the gallery")
-    recorded = (manifest.get("bundle") or {}).get("path")
-    if not isinstance(recorded, str) or not recorded:
-        raise ItmrtError(f"{path} does not name the bundle that made it; re-index the gallery")
-    return Path(recorded)
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -172,8 +213,8 @@ def write_gallery(
 
     ``encode_into`` may return the image ids of the rows it filled, in order: the
     gallery then keeps them (``image_ids.json``), and only those rows when there
-    are fewer ids than rows (images skipped as unreadable). ``dtype`` float16
-    halves the file; values float16 cannot hold are refused.
+    are fewer ids than rows (images skipped as unreadable). ``details``: the
+    ``backend``, ``precision`` and ``source`` the document records.
     """
     target = Path(out)
     if dtype not in STORAGE_DTYPES:
@@ -189,34 +230,23 @@ def write_gallery(
             shape = (len(ids), *shape[1:])
             _keep_rows(staging / EMBEDDINGS_FILE, array, len(ids))
         del array
-        extra: dict[str, Any] = {}
+        ids_entry = None
         if ids is not None:
             payload = json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
             atomic_write_bytes(staging / IDS_FILE, payload)
-            extra["ids"] = {"file": IDS_FILE, "sha256": sha256_bytes(payload), "count": len(ids)}
-        manifest = {
-            "kind": GALLERY_KIND,
-            "schema_version": GALLERY_SCHEMA,
-            "bundle": {
-                "path": str(bundle.path.resolve()),
-                "manifest_sha256": bundle.manifest_sha256,
-                "family": bundle.family,
-            },
-            "embeddings": {
-                "file": EMBEDDINGS_FILE,
-                "sha256": sha256_file(staging / EMBEDDINGS_FILE),
-                "shape": list(shape),
-                "dtype": dtype,
-            },
-            **extra,
-            **details,
-            "itmrt_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        atomic_write_text(staging / GALLERY_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            ids_entry = IdsEntry(file=IDS_FILE, sha256=sha256_bytes(payload), count=len(ids))
+        manifest = GalleryManifest(
+            bundle=GalleryBundle(path=str(bundle.path.resolve()), manifest_sha256=bundle.manifest_sha256,
+                                 family=bundle.family),
+            embeddings=EmbeddingsEntry(file=EMBEDDINGS_FILE, sha256=sha256_file(staging / EMBEDDINGS_FILE),
+                                       shape=list(shape), dtype=dtype),
+            ids=ids_entry, backend=details.get("backend"), precision=details.get("precision"),
+            source=details.get("source"), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        atomic_write_text(staging / GALLERY_MANIFEST, gallery_manifest_text(manifest))
         _check_target(target, overwrite)
-        publish_folder(staging, target, "replace")
-    return read_gallery(target)
+        publish_folder(staging, target, "replace" if overwrite else "refuse")
+    return read_gallery(target, verify=False)
 
 
 def _check_finite(array: np.ndarray, block: int = 4096) -> None:

@@ -35,6 +35,7 @@ from itmrt.bundle.names import IMAGES
 from itmrt.data.images import PREPROCESSING_KEY, preprocess_images
 from itmrt.errors import DataError, ItmrtError, first_line
 from itmrt.families import get
+from itmrt.io import not_a_file
 from itmrt.optional import require
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -154,7 +155,7 @@ def list_image_files(source: str | Path) -> ImageFiles:
     if root.is_file():
         return _listed_images(root)
     raise DataError(
-        f"{root} does not exist; give a folder of images, a text file listing image paths, or a .npy file"
+        f"{root} {not_a_file(root)}; give a folder of images, a text file listing image paths, or a .npy file"
     )
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from itmrt.bundle.names import BackendName, Choice, Precision, parse_choice
+from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_count, check_threads
 
 DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% (cache), bench_scorer
 
@@ -57,3 +58,11 @@ class RuntimeOptions:
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
+        check_threads(self.threads)
+        check_count(self.batch_size, 1, MAX_BATCH, "--batch-size")
+        check_count(self.budget_bytes, 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
+        check_count(self.device, 0, 255, "--device")
+        if self.max_length is not None:
+            check_count(self.max_length, 2, MAX_TOKENS, "--max-length")
+        if self.gpu_mem_limit_mb is not None:
+            check_count(self.gpu_mem_limit_mb, 1, 1 << 24, "the CUDA memory limit (MB)")

@@ -13,9 +13,11 @@ asked for, it gets (ONNX Runtime's TensorRT provider documentation and
   ``trt_profile_max_shapes`` from the manifest's shape ranges
   (``name:AxBxC,name:...``; every dynamic input must be given all three), so
   one engine covers every shape the bundle promises;
-- an engine cache and a timing cache kept in the bundle
-  (``cache/ort-tensorrt/``; ``trt_timing_cache_path`` exists from ONNX Runtime
-  1.17, older versions keep the timing cache beside the engines);
+- an engine cache and a timing cache in the user's cache folder, one per
+  bundle (by its manifest's sha256) and precision (:func:`default_trt_cache_dir`):
+  TensorRT deserializes what it finds there, so it is never a folder a bundle
+  brings along (``trt_timing_cache_path`` exists from ONNX Runtime 1.17, older
+  versions keep the timing cache beside the engines);
 - ``device_id``.
 
 The CUDA provider gets ``device_id`` and, when set, ``gpu_mem_limit`` (bytes)
@@ -25,6 +27,7 @@ the system's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +54,7 @@ class SessionSettings:
     optimization: str = "all"  # disable | basic | extended | all
     device: int = 0  # CUDA device for the CUDA and TensorRT providers (and the native TensorRT backend)
     gpu_mem_limit_mb: int | None = None  # the CUDA provider's memory arena cap
-    trt_cache_dir: Path | None = None  # the TensorRT provider's caches (default: cache/ort-tensorrt/ in the bundle)
+    trt_cache_dir: Path | None = None  # the TensorRT provider's caches (default: default_trt_cache_dir)
 
 
 def resolve_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
@@ -135,6 +138,12 @@ def provider_options(
     return result
 
 
+def default_trt_cache_dir(manifest_sha256: str, precision: str) -> Path:
+    """The TensorRT provider's cache folder for one bundle and precision, in the user's cache."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "itmrt" / "ort-tensorrt" / manifest_sha256[:16] / precision
+
+
 def prepare_cache_dir(folder: Path) -> Path:
     """Create the TensorRT provider's cache folder, or say why it cannot be."""
     try:
@@ -142,6 +151,6 @@ def prepare_cache_dir(folder: Path) -> Path:
     except OSError as exc:
         raise ItmrtError(
             f"cannot create the TensorRT provider's cache folder {folder} ({exc.strerror}); "
-            "make the bundle writable or pass another cache folder"
+            "make it writable or pass another cache folder"
         ) from None
     return folder

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from itmrt.errors import ItmrtError, first_line
+from itmrt.limits import check_threads
 
 CPU_PROVIDER = "CPUExecutionProvider"
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -41,8 +42,7 @@ def create_session(
     """
     import onnxruntime as ort
 
-    if threads < 0:
-        raise ItmrtError(f"--threads must be 0 (automatic) or positive, not {threads}")
+    check_threads(threads)
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

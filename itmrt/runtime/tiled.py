@@ -41,6 +41,12 @@ class TopK:
     scores: np.ndarray
 
 
+def check_finite_scores(scores: np.ndarray, remedy: str = "check the bundle with `itmrt check`") -> None:
+    """Refuse NaN or infinite scores: a ranking of them would look like a result and mean nothing."""
+    if not np.isfinite(scores).all():
+        raise ItmrtError(f"the scorer gave NaN or infinite scores (its graph or its inputs are broken); {remedy}")
+
+
 class StreamingTopK:
     """Running top-k per row, merged from candidate blocks as they arrive."""
 
@@ -53,10 +59,10 @@ class StreamingTopK:
 
     def update(self, rows: slice | np.ndarray, scores: np.ndarray, candidates: np.ndarray) -> None:
         """Merge ``scores [r, c]`` of candidates ``candidates [c]`` into rows ``rows``."""
+        check_finite_scores(scores)
         held_scores, held_ids = self.scores[rows], self.indices[rows]
         all_scores = np.concatenate([held_scores, scores.astype(np.float32, copy=False)], axis=1)
         all_ids = np.concatenate([held_ids, np.broadcast_to(candidates, scores.shape)], axis=1)
-        all_scores = np.where(np.isnan(all_scores), -np.inf, all_scores)
         width, k = all_scores.shape[1], self.k
         if width > 4 * k:
             # Keep every entry >= each row's k-th largest score (ties included), then sort only those.
@@ -177,8 +183,10 @@ def score_tiled(
     return ScoreResult(t2i.result(), i2t.result(), full, (bi, bc), tiles)
 
 
-def top_k_of_matrix(scores: np.ndarray, k: int) -> tuple[TopK, TopK]:
+def top_k_of_matrix(scores: np.ndarray, k: int, remedy: str = "check the inputs") -> tuple[TopK, TopK]:
     """(t2i, i2t) top-k of a full ``images x captions`` matrix (stable: ties by lower index)."""
+    check_finite_scores(scores, remedy)
+
     def best(matrix: np.ndarray, kk: int) -> TopK:
         order = np.argsort(-matrix, axis=1, kind="stable")[:, :kk]
         return TopK(order.astype(np.int64), np.take_along_axis(matrix, order, axis=1).astype(np.float32))

@@ -16,8 +16,9 @@
 Image ``first + r`` of the whole gallery is row ``r`` of the shard whose rows
 start at ``first``. Every name a document gives is a plain name inside its
 folder; the hashes chain the top document to each shard's document and that to
-its files (the embeddings' sha256 is checked on request: it is the one large
-file), so a shard cannot be swapped or edited without the gallery noticing.
+its files (the embeddings and global vectors are hashed when a shard is opened,
+once per process and file, as any gallery's are), so a shard cannot be swapped
+or edited without the gallery noticing.
 A shard is never rewritten: appending adds shard folders and replaces the top
 document in one rename.
 """
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import ItmrtError, first_line
-from itmrt.io import read_json_document, sha256_file
+from itmrt.io import parse_json, read_json_document, sha256_file
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
     GALLERY_SCHEMA,
@@ -59,12 +59,13 @@ def shard_name(number: int) -> str:
 def is_sharded_gallery(folder: str | Path) -> bool:
     """Whether ``folder`` holds a sharded gallery's document (cheap: reads only its ``kind``)."""
     path = Path(folder) / GALLERY_MANIFEST
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():  # a linked document is refused when the gallery is read
         return False
     try:
-        return json.loads(path.read_bytes()).get("kind") == SHARDED_GALLERY_KIND
-    except (OSError, ValueError, AttributeError):
+        document = parse_json(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(document, dict) and document.get("kind") == SHARDED_GALLERY_KIND
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def member(root: Path, name: Any) -> Path:
     return path
 
 
-def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = False) -> Gallery:
+def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True) -> Gallery:
     """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype."""
     folder = member(gallery.path, shard.name)
     document = folder / GALLERY_MANIFEST
@@ -206,7 +207,7 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
         raise ItmrtError(f"{document} does not match the sha256 that {gallery.path / GALLERY_MANIFEST} records; "
                          "re-index the gallery")
     opened = read_gallery(folder, verify=verify)
-    if opened.manifest["bundle"]["manifest_sha256"] != gallery.bundle_sha256:
+    if opened.manifest.bundle.manifest_sha256 != gallery.bundle_sha256:
         raise ItmrtError(f"{folder} was made with another bundle than the rest of {gallery.path}; re-index it")
     if len(opened) != shard.images or str(opened.embeddings.dtype) != gallery.dtype:
         raise ItmrtError(f"{folder} holds {len(opened)} {opened.embeddings.dtype} rows, not the {shard.images} "
@@ -214,15 +215,16 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     return opened
 
 
-def shard_vectors(shard: Gallery, verify: bool = False) -> np.ndarray | None:
+def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
     """A shard's global vectors (memory-mapped), or None where it has none (global models)."""
-    entry = (shard.manifest.get(SHORTLIST_KEY) or {}).get("vectors")
-    if entry is None:
+    shortlist = shard.manifest.shortlist
+    if shortlist is None:
         return None
-    if entry.get("made_from") != shard.manifest["embeddings"]["sha256"]:
+    entry = shortlist.vectors
+    if entry.made_from != shard.manifest.embeddings.sha256:
         raise ItmrtError(f"{shard.path}: its global vectors were not made from its embeddings; re-index the gallery")
-    path = member(shard.path, entry.get("file"))
-    if verify and sha256_file(path) != entry.get("sha256"):
+    path = member(shard.path, entry.file)
+    if verify and sha256_file(path) != entry.sha256:
         raise ItmrtError(f"{path} does not match the sha256 in its gallery.json; re-index the gallery")
     try:
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -236,10 +238,9 @@ def shard_vectors(shard: Gallery, verify: bool = False) -> np.ndarray | None:
 
 def index_record(shard: Gallery) -> dict[str, Any] | None:
     """The shard's FAISS index record (checked to be built from its vectors), or None when it has none."""
-    shortlist = shard.manifest.get(SHORTLIST_KEY) or {}
-    record = shortlist.get("index")
-    if record is None:
+    shortlist = shard.manifest.shortlist
+    if shortlist is None or shortlist.index is None:
         return None
-    if record.get("built_from") != (shortlist.get("vectors") or {}).get("sha256"):
+    if shortlist.index.built_from != shortlist.vectors.sha256:
         raise ItmrtError(f"{shard.path}: its shortlist index was not built from its global vectors; re-index it")
-    return dict(record)
+    return shortlist.index.to_json()

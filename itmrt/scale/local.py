@@ -19,7 +19,7 @@ from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answ
 class LocalShards:
     """A sharded gallery's shards, opened in this process for ``runtime`` (a Runtime of the gallery's bundle)."""
 
-    def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = False, gpu_index: bool = False) -> None:
+    def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False) -> None:
         gallery.check_bundle(runtime.bundle.manifest_sha256, runtime.bundle.path)
         self.runtime, self.gallery = runtime, gallery
         self.shards = [OpenShard.open(gallery, record, verify, gpu_index) for record in gallery.shards]

@@ -79,7 +79,7 @@ class ShardWorker:
     """What each Ray actor runs: a runtime of the bundle and some shards of the gallery (see the module)."""
 
     def __init__(self, gallery: ShardedGallery, names: list[str], load_options: dict[str, Any],
-                 verify: bool = False, gpu_index: bool = False) -> None:
+                 verify: bool = True, gpu_index: bool = False) -> None:
         from itmrt.runtime.api import load
 
         self.runtime = load(gallery.bundle_path, **load_options)
@@ -150,7 +150,7 @@ class RayShards:
     """A sharded gallery's shards on Ray actors (see the module docstring); ``runtime`` encodes the captions."""
 
     def __init__(self, runtime: Any, gallery: ShardedGallery, options: RayOptions,
-                 load_options: dict[str, Any] | None = None, verify: bool = False) -> None:
+                 load_options: dict[str, Any] | None = None, verify: bool = True) -> None:
         self.options = options.check()
         gallery.check_bundle(runtime.bundle.manifest_sha256, runtime.bundle.path)
         self.runtime, self.gallery = runtime, gallery

@@ -12,7 +12,7 @@ from itmrt.scale.ray_search import RayOptions, RayShards
 Shards = LocalShards | RayShards
 
 
-def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: bool = False,
+def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: bool = True,
                 **load_options: Any) -> Shards:
     """A sharded gallery opened for search: its bundle loaded here (``load_options`` as
     :func:`itmrt.runtime.load` takes them) and its shards in this process, or on Ray actors with ``ray``.

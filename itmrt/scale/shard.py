@@ -100,7 +100,7 @@ class OpenShard:
         self.record, self.gallery, self.vectors, self.index = record, gallery, vectors, index
 
     @classmethod
-    def open(cls, sharded: ShardedGallery, record: ShardRecord, verify: bool = False,
+    def open(cls, sharded: ShardedGallery, record: ShardRecord, verify: bool = True,
              gpu_index: bool = False) -> OpenShard:
         gallery = read_shard_gallery(sharded, record, verify)
         vectors = shard_vectors(gallery, verify)

@@ -97,22 +97,22 @@ class ShardingOptions:
 def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
     """Give the gallery at ``folder`` its global vectors and, unless ``spec.kind`` is none, their FAISS index;
     its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist)."""
-    gallery = read_gallery(folder)
+    gallery = read_gallery(folder, verify=False)  # written just now by this process
     if gallery.embeddings.ndim != 3:
         return gallery
     vectors = image_global_vectors(gallery.embeddings)
     np.save(folder / VECTORS_FILE, vectors, allow_pickle=False)
     vectors_sha256 = sha256_file(folder / VECTORS_FILE)
     entry: dict[str, Any] = {"vectors": {"file": VECTORS_FILE, "sha256": vectors_sha256, "shape": list(vectors.shape),
-                                         "made_from": gallery.manifest["embeddings"]["sha256"]}}
+                                         "made_from": gallery.manifest.embeddings.sha256}}
     if spec.kind != "none":
         raw, record = build_index(vectors, spec)
         atomic_write_bytes(folder / INDEX_FILE, raw)
         entry["index"] = {"file": INDEX_FILE, "sha256": hashlib.sha256(raw).hexdigest(), "built_from": vectors_sha256,
                           **record}
-    manifest = {**gallery.manifest, SHORTLIST_KEY: entry}
+    manifest = {**gallery.manifest.to_json(), SHORTLIST_KEY: entry}
     atomic_write_text(folder / GALLERY_MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return read_gallery(folder)
+    return read_gallery(folder, verify=False)
 
 
 @dataclass
@@ -220,7 +220,7 @@ class ShardedWriter:
 
     def _check_shard(self, gallery: Gallery) -> None:
         document = self.plan.document
-        if gallery.manifest["bundle"]["manifest_sha256"] != self.bundle.manifest_sha256:
+        if gallery.manifest.bundle.manifest_sha256 != self.bundle.manifest_sha256:
             raise ItmrtError(f"{gallery.path} was made with another bundle than {self.bundle.path}")
         shape, has_ids = list(gallery.embeddings.shape[1:]), gallery.ids is not None
         if str(gallery.embeddings.dtype) != self.dtype:

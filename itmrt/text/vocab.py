@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from itmrt.io import atomic_write_text
+from itmrt.io import atomic_write_text, parse_json
 from itmrt.errors import ItmrtError, VocabularyError, first_line
 from itmrt.text.tokenize import word_tokenize
 
@@ -77,12 +77,17 @@ class Vocabulary:
     def from_json(cls, path: str | Path) -> Vocabulary:
         """Read either released JSON layout."""
         path = Path(path)
+        if path.is_dir():
+            raise VocabularyError(f"vocabulary {path} is a folder; give the vocabulary JSON file")
         try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
+            data = parse_json(path.read_bytes())
         except FileNotFoundError:
             raise VocabularyError(f"vocabulary file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except OSError as exc:
+            raise VocabularyError(f"cannot read vocabulary {path}: {exc.strerror or first_line(exc)}") from None
+        except RecursionError:
+            raise VocabularyError(f"cannot read vocabulary {path} as JSON: it is nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
             raise VocabularyError(f"cannot read vocabulary {path} as JSON: {first_line(exc)}") from None
         if not isinstance(data, dict) or not isinstance(data.get("word2idx"), dict):
             raise VocabularyError(

@@ -1,0 +1,202 @@
+"""A gallery's ``gallery.json`` as typed records, checked on read like a bundle's manifest.
+
+A gallery folder (``itmrt index``) holds its image embeddings, optionally each
+image's id, and this document, which lists both with their sha256 and ties
+the gallery to the bundle that made it. Every value is type-checked on read
+and a wrong one is one line naming its key; ``gallery.schema.json`` beside
+this module is the same contract as a JSON Schema, generated from the records.
+
+The gallery is a closed world (:mod:`itmrt.bundle.closed`): its files are
+named by plain relative paths inside its folder and verified against their
+sha256 before use. The one path that points elsewhere is ``bundle.path``, the
+bundle that made it: it is followed only to find that bundle, whose
+``manifest.json`` must hash to ``bundle.manifest_sha256`` before anything in
+it is used (:func:`itmrt.runtime.gallery.gallery_bundle`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from itmrt import __version__
+from itmrt.bundle.closed import member
+from itmrt.bundle.names import BACKENDS, PRECISIONS, check_family
+from itmrt.bundle.record import (
+    SAFE_RELATIVE_PATH, JsonRecord, RecordError, bounded, json_schema, optional, sha256_field,
+)
+from itmrt.errors import ItmrtError
+from itmrt.io import read_json_document, sha256_bytes
+
+GALLERY_KIND = "itmrt-gallery"
+GALLERY_SCHEMA = 1
+GALLERY_MANIFEST = "gallery.json"
+EMBEDDINGS_FILE = "image_embeddings.npy"
+IDS_FILE = "image_ids.json"
+SHARDED_GALLERY_KIND = "itmrt-sharded-gallery"
+"""The ``kind`` of a sharded gallery's top ``gallery.json`` (:mod:`itmrt.scale.layout`)."""
+STORAGE_DTYPES = ("float32", "float16")
+"""How a gallery may store its embeddings (float16 halves the file; scorers upcast one tile at a time)."""
+REMEDY = "re-index the gallery"
+SCHEMA_FILE = Path(__file__).with_name("gallery.schema.json")
+SCHEMA_ID = "https://itmrt.invalid/schemas/gallery-manifest-v1.json"
+INSIDE = {"pattern": SAFE_RELATIVE_PATH, "means": "a file inside the gallery"}
+
+
+@dataclass(kw_only=True)
+class GalleryFile(JsonRecord):
+    """A file inside the gallery folder and its sha256."""
+
+    file: str = field(metadata=INSIDE)
+    sha256: str = sha256_field()
+
+
+@dataclass(kw_only=True)
+class EmbeddingsEntry(GalleryFile):
+    """The image embeddings: a ``.npy`` of ``shape`` (images first) and ``dtype``."""
+
+    shape: list[int] = bounded(minimum=0, maximum=1 << 40)
+    dtype: str = field(default="float32", metadata={"choices": STORAGE_DTYPES})
+
+
+@dataclass(kw_only=True)
+class IdsEntry(GalleryFile):
+    """Each image's id (its path as listed), a JSON list with one string per embedding row."""
+
+    count: int = bounded(minimum=0)
+
+
+@dataclass(kw_only=True)
+class VectorsEntry(GalleryFile):
+    """A shard's global vectors (one float32 vector per image, for the shortlist), made from its embeddings."""
+
+    shape: list[int] = bounded(minimum=0, maximum=1 << 40)
+    made_from: str = sha256_field()
+
+
+@dataclass(kw_only=True)
+class IndexEntry(GalleryFile):
+    """A shard's FAISS index of its global vectors: how it was built, and from which vectors."""
+
+    built_from: str = sha256_field()
+    kind: str = field(metadata={"choices": ("flat", "ivf", "hnsw")})
+    rows: int = bounded(minimum=0)
+    dims: int = bounded(minimum=1)
+    params: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ShortlistEntry(JsonRecord):
+    """What a shard of a sharded gallery (:mod:`itmrt.scale`) adds: global vectors and their index."""
+
+    vectors: VectorsEntry
+    index: IndexEntry | None = None
+
+
+@dataclass(kw_only=True)
+class GalleryBundle(JsonRecord):
+    """The bundle whose image encoder made the embeddings: where it was, and the sha256 of its manifest."""
+
+    path: str
+    manifest_sha256: str = sha256_field()
+    family: str = field(metadata={"pattern": r"^[a-z][a-z0-9_]{0,31}$", "means": "a model family name"})
+
+
+@dataclass(kw_only=True)
+class GalleryManifest(JsonRecord):
+    """``gallery.json``: the embeddings, the image ids, the bundle that made them, and how.
+
+    Read access by key (``manifest["embeddings"]``) gives the JSON view of a field (a copy).
+    """
+
+    kind: str = field(default=GALLERY_KIND, metadata={"const": GALLERY_KIND, "required": True})
+    schema_version: int = field(default=GALLERY_SCHEMA, metadata={"const": GALLERY_SCHEMA, "required": True})
+    bundle: GalleryBundle
+    embeddings: EmbeddingsEntry
+    ids: IdsEntry | None = None
+    shortlist: ShortlistEntry | None = optional()
+    backend: str | None = field(default=None, metadata={"choices": BACKENDS})
+    precision: str | None = field(default=None, metadata={"choices": PRECISIONS})
+    source: str | None = None
+    itmrt_version: str = __version__
+    created: str = ""
+
+    def __getitem__(self, key: str) -> object:
+        return self.to_json()[key]
+
+    def get(self, key: str, default: object = None) -> object:
+        return self.to_json().get(key, default)
+
+    def files(self) -> dict[str, str]:
+        """The files the gallery holds, with their sha256."""
+        entries: list[GalleryFile] = [self.embeddings, *([self.ids] if self.ids is not None else [])]
+        if self.shortlist is not None:
+            entries += [self.shortlist.vectors, *([self.shortlist.index] if self.shortlist.index is not None else [])]
+        return {entry.file: entry.sha256 for entry in entries}
+
+
+def value_problem(manifest: GalleryManifest) -> RecordError | None:
+    """What the schema cannot say: ids that do not match the rows, embeddings without an image axis."""
+    shape = manifest.embeddings.shape
+    if len(shape) < 2:
+        return RecordError("embeddings.shape", f"is {shape}; embeddings have an image axis and at least one more")
+    if manifest.ids is not None and manifest.ids.count != shape[0]:
+        return RecordError("ids.count", f"is {manifest.ids.count}, not the {shape[0]} embedding rows")
+    return None
+
+
+def parse_gallery_manifest(data: object, source: str | Path) -> GalleryManifest:
+    """A parsed ``gallery.json`` as a :class:`GalleryManifest`; a wrong value is one line naming its key."""
+    try:
+        manifest = GalleryManifest.from_json(data)
+        problem = value_problem(manifest)
+        if problem is not None:
+            raise problem
+    except RecordError as exc:
+        raise ItmrtError(f"{source}: {exc}; {REMEDY}") from None
+    check_family(manifest.bundle.family)
+    return manifest
+
+
+def read_gallery_manifest(folder: str | Path) -> tuple[GalleryManifest, str]:
+    """The gallery document of ``folder`` and its sha256; every file it names must stay inside the folder."""
+    root = Path(folder)
+    path = member(root, GALLERY_MANIFEST, "gallery", REMEDY)
+    if not path.is_file():
+        raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
+    data, raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA, "gallery manifest",
+                                   REMEDY)
+    if data["kind"] == SHARDED_GALLERY_KIND:
+        raise ItmrtError(f"{root} is a sharded gallery; search it with `itmrt infer {root}` or itmrt.scale.open_shards")
+    manifest = parse_gallery_manifest(data, path)
+    for name in manifest.files():
+        member(root, name, "gallery", REMEDY)
+    return manifest, sha256_bytes(raw)
+
+
+def recorded_bundle(folder: str | Path) -> GalleryBundle:
+    """The bundle a gallery (sharded or not) records as the one that made it, type-checked."""
+    root = Path(folder)
+    path = member(root, GALLERY_MANIFEST, "gallery", REMEDY)
+    data, _raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA, "gallery manifest",
+                                    REMEDY)
+    if data["kind"] == GALLERY_KIND:
+        return parse_gallery_manifest(data, path).bundle
+    try:
+        if "bundle" not in data:
+            raise RecordError("bundle", "is missing")
+        bundle = GalleryBundle.from_json(data["bundle"], "bundle")
+    except RecordError as exc:
+        raise ItmrtError(f"{path}: {exc}; {REMEDY}") from None
+    check_family(bundle.family)
+    return bundle
+
+
+def gallery_schema() -> dict[str, object]:
+    """The JSON Schema of ``gallery.json`` (what ``gallery.schema.json`` holds)."""
+    return json_schema(GalleryManifest, "itmrt gallery manifest (schema version 1)", SCHEMA_ID)
+
+
+def gallery_manifest_text(manifest: GalleryManifest) -> str:
+    return json.dumps(manifest.to_json(), indent=2) + "\n"

@@ -1,0 +1,111 @@
+"""``.npy`` files read defensively: the header is checked before numpy maps the data.
+
+``np.load`` takes any file that does not start with NumPy's magic string for
+a pickle (and with ``allow_pickle=False`` says "pickled data" about a text
+file), and maps a truncated file until a read fails. :func:`read_npy_header`
+reads the header itself - magic, version, the dictionary (with numpy's own
+parser and its header-size cap), dtype and shape - and checks the file holds
+all the data the header announces, so every malformed file is a one-line
+:class:`~itmrt.errors.DataError` saying what it is.
+"""
+
+from __future__ import annotations
+
+import math
+import tokenize
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from itmrt.errors import DataError, first_line
+from itmrt.io import not_a_file
+
+NPY_MAGIC = b"\x93NUMPY"
+NUMERIC_KINDS = "biuf"
+"""Array kinds itmrt reads: booleans, signed and unsigned integers, floats."""
+_HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError, KeyError, EOFError, OverflowError,
+                  UnicodeDecodeError, RecursionError, MemoryError)
+"""What numpy's header parser (``ast.literal_eval`` over a ``tokenize``-filtered dict) raises on damaged bytes."""
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What a ``.npy`` header says: shape, dtype, order, and where the data starts."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _not_npy(path: Path, head: bytes, what: str) -> DataError:
+    if head.startswith(b"PK"):
+        kind = "it is a .npz archive of several arrays"
+    elif head[:1] == b"\x80":
+        kind = "it holds pickled Python data"
+    else:
+        kind = "it does not start with NumPy's header (is it text?)"
+    return DataError(f"{what} file {path} is not a readable .npy file: {kind}; save one array with numpy.save")
+
+
+def read_npy_header(path: Path, what: str = "array") -> NpyHeader:
+    """The header of the ``.npy`` file at ``path``, checked; a one-line :class:`DataError` for anything else."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(len(NPY_MAGIC) + 2)
+            if not head.startswith(NPY_MAGIC):
+                raise _not_npy(path, head, what)
+            version = (head[6], head[7]) if len(head) == 8 else None
+            if version not in ((1, 0), (2, 0)):
+                raise DataError(f"{what} file {path} has .npy format version {version}, which itmrt does not read; "
+                                "save it with numpy.save")
+            handle.seek(0)
+            np.lib.format.read_magic(handle)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = reader(handle)
+            offset = handle.tell()
+    except OSError as exc:
+        raise DataError(f"cannot read {what} file {path}: {exc.strerror or first_line(exc)}") from None
+    except _HEADER_ERRORS as exc:
+        raise DataError(f"{what} file {path} has a damaged .npy header ({first_line(exc)[:120]}); "
+                        "save it again with numpy.save") from None
+    return _checked_header(path, what, NpyHeader(tuple(shape), dtype, bool(fortran_order), offset), size)
+
+
+def _checked_header(path: Path, what: str, header: NpyHeader, size: int) -> NpyHeader:
+    if header.dtype.hasobject:
+        raise DataError(f"{what} file {path} holds Python objects (pickled data), which itmrt does not load; "
+                        "save a numeric array")
+    if header.dtype.kind not in NUMERIC_KINDS or header.dtype.fields is not None:
+        raise DataError(f"{what} file {path} has dtype {header.dtype}, not a numeric array; save a float32 array")
+    if any(dim < 0 for dim in header.shape):
+        raise DataError(f"{what} file {path} has a negative size in its shape {header.shape}")
+    if size < header.data_offset + header.data_bytes:
+        raise DataError(
+            f"{what} file {path} is truncated: its header announces {header.data_bytes} bytes of data "
+            f"({header.shape}, {header.dtype}), the file holds {max(size - header.data_offset, 0)}; write it again"
+        )
+    return header
+
+
+def open_npy(path: Path, what: str) -> np.ndarray:
+    """Memory-map a .npy file (never unpickling); one-line :class:`DataError` when it is missing or unreadable."""
+    if path.is_dir():
+        raise DataError(f"{what} file {path} is a folder; give the path of a .npy file")
+    if not path.is_file():
+        raise DataError(f"{what} file {path} {not_a_file(path, 'not found')}")
+    read_npy_header(path, what)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{what} file {path} is not a readable .npy array ({first_line(exc)}); "
+                        "re-save it with numpy.save") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{what} file {path} is not a single .npy array; re-save it with numpy.save")
+    return array

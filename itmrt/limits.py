@@ -1,0 +1,70 @@
+"""The ranges itmrt accepts for counts, sizes and tolerances - one home for the CLI's options and the Python API.
+
+A value outside its range is refused before any work with a one-line
+:class:`~itmrt.errors.ItmrtError` naming the option, the range and why it
+has one: an unbounded size would try to allocate what no machine has (a
+``--num-regions`` of 10^8 asks for terabytes), and thread counts far above the
+cores make ONNX Runtime spend its time switching between them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from itmrt.errors import ItmrtError
+
+THREADS_PER_CORE = 4
+"""``--threads`` at most this many per core this process may use."""
+MAX_REGIONS = 1024
+"""Regions per image (bottom-up-attention features have 10-100)."""
+MAX_TOKENS = 1024
+"""Tokens per caption, ``<start>`` and ``<end>`` included."""
+MAX_BATCH = 65536
+"""Images or captions per batch, in an encoder call or a TensorRT profile."""
+MAX_MEMORY_MB = 65536
+"""A scoring tile's memory budget."""
+MAX_COUNT = 1 << 24
+"""Results per query, samples, images, captions and other counts of items."""
+MAX_SECONDS = 86400.0
+"""Timeouts and delays."""
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system reports it)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
+
+
+def max_threads() -> int:
+    return THREADS_PER_CORE * usable_cores()
+
+
+def check_threads(threads: int, flag: str = "--threads") -> int:
+    """``threads`` (0: ONNX Runtime's default, one per core) within 0 .. :func:`max_threads`."""
+    limit = max_threads()
+    if not 0 <= threads <= limit:
+        raise ItmrtError(
+            f"{flag} {threads} is outside 0..{limit} ({THREADS_PER_CORE} per core of the {usable_cores()} this "
+            f"process may use; more only makes the threads wait for each other): use 0 for one per core"
+        )
+    return threads
+
+
+def check_count(value: int, low: int, high: int, flag: str) -> int:
+    """An integer option within ``low``..``high``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ItmrtError(f"{flag} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def check_real(value: float, low: float, high: float, flag: str, low_open: bool = False) -> float:
+    """A finite number within ``low``..``high`` (``low`` itself excluded with ``low_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ItmrtError(f"{flag} must be a finite number, not {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        left = "(" if low_open else "["
+        raise ItmrtError(f"{flag} must be in {left}{low:g}, {high:g}], not {value:g}")
+    return float(value)
