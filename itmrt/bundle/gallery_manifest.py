@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from itmrt import __version__
 from itmrt.bundle.closed import member
@@ -129,10 +128,10 @@ class GalleryManifest(JsonRecord):
     itmrt_version: str = __version__
     created: str = ""
 
-    def __getitem__(self, key: str) -> Any:
+    def __getitem__(self, key: str) -> object:
         return self.to_json()[key]
 
-    def get(self, key: str, default: object = None) -> Any:
+    def get(self, key: str, default: object = None) -> object:
         return self.to_json().get(key, default)
 
     def files(self) -> dict[str, str]:
