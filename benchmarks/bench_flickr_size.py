@@ -5,9 +5,10 @@
 A NAAF with the released sizes (region features 36 x 2048, d = 1024, word_dim 300,
 Flickr30K's released vocabulary, random weights: speed and memory do not depend
 on training) is exported to a bundle with ``itmrt export``; random region
-features and captions of 8 to 20 tokens drawn from the vocabulary are written; then ``itmrt infer`` scores every image against every
-caption (top-10 both ways) in a child process whose wall time and peak resident
-memory (ru_maxrss) are reported.
+features and captions of 8 to 20 tokens drawn from the vocabulary are written;
+then ``itmrt infer`` scores every image against every caption (top-10 both ways)
+in a child process whose wall time and peak resident memory (ru_maxrss) are
+reported.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 
 RELEASED_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "data" / "vocab" / "f30k_precomp_vocab.json"
 """Flickr30K's released vocabulary (8481 words), where ../shared is beside the project."""
@@ -91,7 +91,8 @@ def main() -> None:
     bundle, features, captions = prepare(args.work, args.images, args.captions)
     results = args.work / "results.jsonl"
     results.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "itmrt", "infer", str(bundle), "--captions", str(captions), "--images", str(features),
+    command = [sys.executable, "-m", "itmrt", "infer", str(bundle), "--captions", str(captions), "--images",
+               str(features),
                "--top-k", "10", "--memory-mb", str(args.memory_mb), "--out", str(results), "--no-progress"]
     started = time.perf_counter()
     subprocess.run(command, check=True)

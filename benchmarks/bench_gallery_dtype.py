@@ -81,11 +81,11 @@ def shipped(work: Path) -> dict[str, Any]:
 
 
 def released(work: Path, n_images: int) -> dict[str, Any]:
-    from bench_flickr_size import prepare_bundle
-    from scale_data import REGIONS, fill_regions, known_item_queries, make_space
-
     from itmrt.runtime import load
     from itmrt.runtime.gallery import write_gallery
+
+    from bench_flickr_size import prepare_bundle
+    from scale_data import REGIONS, fill_regions, known_item_queries, make_space
 
     bundle = prepare_bundle(work / "released")[0]
     runtime = load(bundle, warn=lambda message: None)

@@ -50,8 +50,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_data import REGIONS, fill_regions, known_item_queries, make_space
-
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale import (
     IndexSpec,
@@ -64,6 +62,8 @@ from itmrt.scale import (
     read_sharded_gallery,
 )
 from itmrt.scale.index import ShortlistIndex, build_index, faiss_module
+
+from scale_data import REGIONS, fill_regions, known_item_queries, make_space
 
 TOP = 10
 
@@ -143,7 +143,7 @@ def interleaved_ms(searches: dict[Any, tuple[Any, SearchRequest]], queries: list
     """Median and max milliseconds per single-caption query of each named ``(search, request)``, the methods taking
     turns query by query (one untimed call each first); those in ``slow`` on the first ``slow_queries`` only."""
     times: dict[Any, list[float]] = {name: [] for name in searches}
-    for name, (search, request) in searches.items():
+    for _name, (search, request) in searches.items():
         search(queries[0], request)
     for number, query in enumerate(queries):
         for name, (search, request) in searches.items():
@@ -361,9 +361,9 @@ def main() -> None:
         sys.exit(f"error: {args.work} has {shutil.disk_usage(args.work).free / 2**30:.1f} GB free; "
                  f"the galleries need {needed / 2**30:.1f} GB")
 
-    from bench_flickr_size import prepare_bundle
-
     from itmrt.runtime import load
+
+    from bench_flickr_size import prepare_bundle
 
     runtime = load(prepare_bundle(args.work / "released")[0], threads=args.threads, warn=lambda message: None)
     space = make_space(int(runtime.bundle.manifest.dims["embed_size"]))

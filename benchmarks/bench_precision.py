@@ -33,10 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 from itmrt.bundle.manifest import Manifest  # noqa: E402
 from itmrt.bundle.names import PRECISIONS  # noqa: E402
-from itmrt.calibration.calib_data import FeedMaker, open_calibration_data, ort_session  # noqa: E402
+from itmrt.calibration.calib_data import (  # noqa: E402
+    FeedMaker,
+    StreamingCalibrationReader,
+    open_calibration_data,
+    ort_session,
+)
 from itmrt.calibration.fp16 import emulation_session  # noqa: E402
 from itmrt.calibration.int8 import quantize_graph  # noqa: E402
-from itmrt.calibration.calib_data import StreamingCalibrationReader  # noqa: E402
 from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate, make_fp16  # noqa: E402
 from itmrt.data.metrics import recall_table  # noqa: E402
 
@@ -81,15 +85,22 @@ def evaluate(bundle: Path, manifest: Manifest, data: Path, split: str, precision
     naaf = manifest.family == "naaf"
     image_session = accuracy_session(graph_path(bundle, manifest, precision, "image_encoder"), precision)
     text_session = accuracy_session(graph_path(bundle, manifest, precision, "text_encoder"), precision)
-    scorer_session = accuracy_session(graph_path(bundle, manifest, precision, "scorer"), precision, ("is_negative",) if naaf else ())
-    images = np.concatenate([image_session.run(None, {image_input: np.asarray(test.images[i : i + 50], dtype=np.float32)})[0] for i in range(0, test.num_images, 50)])
+    scorer_session = accuracy_session(
+        graph_path(bundle, manifest, precision, "scorer"), precision, ("is_negative",) if naaf else ()
+    )
+    images = np.concatenate([
+        image_session.run(None, {image_input: np.asarray(test.images[i : i + 50], dtype=np.float32)})[0]
+        for i in range(0, test.num_images, 50)
+    ])
     scores = np.zeros((test.num_images, test.num_captions), dtype=np.float32)
     decisions = None
     for start in range(0, test.num_captions, 100):
         tokens, lengths = vocabulary.encode_batch(test.captions[start : start + 100], max_length=40)
         tokens, lengths = tokens.astype(np.int32), lengths.astype(np.int32)
         captions = text_session.run(None, {"token_ids": tokens, "lengths": lengths})[0]
-        outputs = scorer_session.run(None, {"image_embeddings": images, "caption_embeddings": captions, "lengths": lengths})
+        outputs = scorer_session.run(
+            None, {"image_embeddings": images, "caption_embeddings": captions, "lengths": lengths}
+        )
         scores[:, start : start + 100] = outputs[0]
         if naaf and start == 0:
             mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
@@ -112,7 +123,10 @@ def similarity_product_ms(embed: int, regions: int, repeats: int, work: Path) ->
     captions = helper.make_tensor_value_info("captions", TensorProto.FLOAT, [1, "bc", "l", embed])
     images = helper.make_tensor_value_info("images_t", TensorProto.FLOAT, ["bi", 1, embed, regions])
     sims = helper.make_tensor_value_info("sims", TensorProto.FLOAT, None)
-    graph = helper.make_graph([helper.make_node("MatMul", ["captions", "images_t"], ["sims"], name="sims_node")], "sims", [captions, images], [sims])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["captions", "images_t"], ["sims"], name="sims_node")], "sims", [captions, images],
+        [sims]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     rng = np.random.default_rng(0)
     feeds = {
@@ -162,7 +176,10 @@ def main() -> None:
     make_fp16(bundle, PrecisionOptions(calib_data=data, samples=32, min_samples=8, progress=False), log=log)
     fp16_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    manifest = calibrate(bundle, PrecisionOptions(calib_data=data, method=args.method, samples=64, min_samples=8, progress=False), log=log)
+    manifest = calibrate(
+        bundle, PrecisionOptions(calib_data=data, method=args.method, samples=64, min_samples=8, progress=False),
+        log=log
+    )
     int8_seconds = time.perf_counter() - started
 
     results: dict[str, Any] = {"bundle": str(bundle), "random_weights": random_weights, "method": args.method,
@@ -182,7 +199,9 @@ def main() -> None:
             entry["naaf_decision_flip_rate"] = float(np.mean(evaluated[precision]["decisions"] != base["decisions"]))
         results[precision] = entry
     results["speed"] = speed(bundle, manifest, data, args.repeats)
-    sims = similarity_product_ms(int(manifest.dims["embed_size"]), int(manifest.dims["num_regions"]), args.repeats, work)
+    sims = similarity_product_ms(
+        int(manifest.dims["embed_size"]), int(manifest.dims["num_regions"]), args.repeats, work
+    )
     results["speed"]["similarity_product"] = {**sims, "int8_speedup": round(sims["fp32_ms"] / sims["int8_ms"], 2)}
     text = json.dumps(results, indent=2)
     print(text)

@@ -50,7 +50,8 @@ def l2norm(x: np.ndarray) -> np.ndarray:
 
 def make_data(n_images: int, n_captions: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
-    images = l2norm(np.abs(rng.standard_normal((n_images, REGIONS, D))).astype(np.float32) + 0.1 * rng.standard_normal((n_images, REGIONS, D)).astype(np.float32))
+    images = l2norm(np.abs(rng.standard_normal((n_images, REGIONS, D))).astype(np.float32)
+                    + 0.1 * rng.standard_normal((n_images, REGIONS, D)).astype(np.float32))
     lengths = rng.integers(MIN_LEN, MAX_LEN + 1, size=n_captions)
     captions = [l2norm(rng.standard_normal((int(m), D)).astype(np.float32) + 0.5) for m in lengths]
     return images.astype(np.float32), captions
@@ -204,7 +205,9 @@ def main() -> None:
 
     # Every implementation runs once per round, rounds interleaved, and the best round counts: on a
     # shared machine a slow spell then hits all rows alike instead of one, so the ratios stay honest.
-    entries: list[tuple[str, Any]] = [("released loop (torch, per caption)", lambda: released_loop_scores(images, captions))]
+    entries: list[tuple[str, Any]] = [
+        ("released loop (torch, per caption)", lambda: released_loop_scores(images, captions))
+    ]
     measure_peak, peak = matmul_rate(args.threads), 0.0
     tmp = tempfile.TemporaryDirectory()
     path = Path(tmp.name) / "scorer.onnx"
@@ -213,13 +216,15 @@ def main() -> None:
     backend = OrtBackend(path, settings)
     for budget in [int(x) for x in args.budgets.split(",")]:
         entries.append((f"graph scorer (ORT), {budget} MB tiles",
-                        lambda budget=budget: score_tiled(backend, images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20)))
+                        lambda budget=budget: score_tiled(backend, images, encoded, top_k=10, keep_scores=True,
+                                                          budget_bytes=budget << 20)))
     int8_path = Path(tmp.name) / "scorer.int8.onnx"
     int8_path.write_bytes(int8_scorer(path, images, captions).SerializeToString())
     int8_backend = OrtBackend(int8_path, settings)
     budget = int(args.budgets.split(",")[0])
     entries.append((f"graph scorer INT8 (ORT, Q/DQ), {budget} MB tiles",
-                    lambda budget=budget: score_tiled(int8_backend, images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20)))
+                    lambda budget=budget: score_tiled(int8_backend, images, encoded, top_k=10, keep_scores=True,
+                                                      budget_bytes=budget << 20)))
     from itmrt.runtime.fused import FusedNaafScorer, fused_available
 
     if not fused_available():
@@ -230,8 +235,11 @@ def main() -> None:
         for budget in [int(x) for x in args.fused_budgets.split(",")]:
             bi, bc = fused.tile_for(args.images, lengths, REGIONS, budget << 20)
             entries.append((f"fused scorer (GEMM + numba), {budget} MB tiles",
-                            lambda budget=budget: fused.score_tiles(images, encoded, top_k=10, keep_scores=True, budget_bytes=budget << 20)))
-            entries.append((f"  its similarity GEMMs alone ({bi}x{bc})", lambda bi=bi, bc=bc: gemm_only(fused, images, encoded, bi, bc)))
+                            lambda budget=budget: fused.score_tiles(images, encoded, top_k=10, keep_scores=True,
+                                                                    budget_bytes=budget << 20)))
+            entries.append((f"  its similarity GEMMs alone ({bi}x{bc})", lambda bi=bi, bc=bc: gemm_only(fused, images,
+                                                                                                        encoded, bi,
+                                                                                                        bc)))
     best = [float("inf")] * len(entries)
     results: list[Any] = [None] * len(entries)
     for _ in range(args.repeats):

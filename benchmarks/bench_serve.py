@@ -59,9 +59,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def released_gallery(work: Path, n_images: int) -> tuple[Path, list[str]]:
     """The released-size NAAF's gallery of ``n_images`` random images, and random captions to query it with."""
-    from bench_flickr_size import prepare
-
     from itmrt.runtime import load
+
+    from bench_flickr_size import prepare
 
     bundle, features, captions_path = prepare(work, n_images, 2000)
     gallery = work / "gallery"

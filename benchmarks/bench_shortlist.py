@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
             pairs[0] = 0
 
             def t2i_only(k: int = k) -> Any:
-                return shortlist_search(counting, images, captions, 10, k, ("t2i",), image_global_vectors(images))["t2i"]
+                return shortlist_search(
+                    counting, images, captions, 10, k, ("t2i",), image_global_vectors(images)
+                )["t2i"]
 
             t2i, seconds = timed(t2i_only)
             scored = pairs[0] // args.repeats
@@ -118,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<10} {recall[0]:6.1f} {recall[1]:6.1f} {recall[2]:6.1f} {i2t_r1:8.1f} {seconds:8.3f} "
               f"{full_s / seconds:7.1f}x {scored:13,d} {same:9.1f}%")
     print("\n(full: one pass gives both directions, so its time covers t2i and i2t; K rows time t2i alone.)")
-    print(f"command: python benchmarks/bench_shortlist.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(
+        f"command: python benchmarks/bench_shortlist.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
 from bench_scorer import INTRA, LAMBDA, THRESHOLD, make_data, released_loop_scores
 
 FLICKR_TEST = (1000, 5000)  # images x captions of Flickr30K's test split

@@ -79,7 +79,7 @@ def known_item_queries(space: Space, images: np.ndarray, per_image: int = 1, see
     """``per_image`` queries for each image of ``images``, in that order (image ``images[q // per_image]``)."""
     rng = np.random.default_rng((space.seed, 2, seed))
     parts, lengths = [], []
-    for image, own in zip(images, image_regions(space, np.asarray(images), regions)):
+    for _image, own in zip(images, image_regions(space, np.asarray(images), regions)):
         for _ in range(per_image):
             length = int(rng.integers(8, 21))
             shown = max(1, round(SHOWN * length))

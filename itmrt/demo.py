@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -190,8 +191,8 @@ def export_stage(checkpoint: Path, data: DemoData, bundle: Path, log: Log) -> Pa
 
 def build_precisions(bundle: Path, data_dir: Path, log: Log, result: DemoResult) -> list[str]:
     """FP16 and calibrated INT8 graphs (and engines where TensorRT exists); returns the precisions built."""
-    from itmrt.calibration.precision_graphs import PrecisionOptions
     from itmrt.calibration.build import build_bundle
+    from itmrt.calibration.precision_graphs import PrecisionOptions
 
     built = []
     for precision in ("fp16", "int8"):

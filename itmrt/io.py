@@ -351,7 +351,8 @@ def check_output_folder(out: Path, overwrite: bool, what: str, is_ours: Callable
     if not is_ours(out):
         article = "an itmrt" if what == "bundle" else "a"
         raise ItmrtError(
-            f"--out {out} is a non-empty folder that is not {article} {what}; itmrt will not delete it: choose another --out"
+            f"--out {out} is a non-empty folder that is not {article} "
+            f"{what}; itmrt will not delete it: choose another --out"
         )
     if not overwrite:
         raise ItmrtError(f"--out {out} already holds a {what}; pass --overwrite to replace it or choose another --out")

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from itmrt.errors import ItmrtError
 
@@ -49,7 +50,8 @@ DEPENDENCIES: dict[str, Dependency] = {
     "numba": Dependency("numba", "cpu", "the fused CPU scorer", hint=" (or choose scorer='graph')"),
     "tensorrt": Dependency(
         "tensorrt", "trt", "TensorRT engines", usable=_real_tensorrt,
-        hint="; on Jetson use JetPack's system TensorRT (python3-libnvinfer) in a venv made with --system-site-packages",
+        hint="; on Jetson use JetPack's system TensorRT (python3-libnvinfer) in a venv made with "
+        "--system-site-packages",
     ),
     "pycuda": Dependency("pycuda", "trt", "the native TensorRT backend's CUDA memory and streams"),
     "onnxconverter_common": Dependency("onnxconverter-common", "fp16", "FP16 graph conversion"),
@@ -76,7 +78,9 @@ def missing_message(names: str | list[str], purpose: str | None = None) -> str:
     packages = " and ".join(dict.fromkeys(dep.package for dep in deps))
     extras = list(dict.fromkeys(dep.extra for dep in deps if dep.extra))
     others = [dep.package for dep in deps if not dep.extra]
-    how = " ".join([f"pip install 'itmrt[{','.join(extras)}]'"] * bool(extras) + [f"pip install {' '.join(others)}"] * bool(others))
+    how = " ".join(
+        [f"pip install 'itmrt[{','.join(extras)}]'"] * bool(extras) + [f"pip install {' '.join(others)}"] * bool(others)
+    )
     noun = "package, which is" if len(deps) == 1 else "packages, which are"
     hints = "".join(dict.fromkeys(dep.hint for dep in deps))
     return f"{purpose or deps[0].purpose} needs the {packages} {noun} not installed here: {how}{hints}"

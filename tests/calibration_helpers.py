@@ -26,11 +26,15 @@ def make_naaf_bundle(folder: Path, data: Path) -> Path:
     """A NAAF bundle whose vocabulary is the synthetic data's (random weights, seeded)."""
     vocabulary = Vocabulary.from_json(data / "vocab.json")
     torch.manual_seed(0)
-    opt = {"vocab_size": len(vocabulary), "img_dim": IMG_DIM, "embed_size": EMBED, "word_dim": 8, "thres_safe": THRESHOLD}
+    opt = {
+        "vocab_size": len(vocabulary), "img_dim": IMG_DIM, "embed_size": EMBED, "word_dim": 8, "thres_safe": THRESHOLD
+    }
     checkpoint = folder / "naaf.pth.tar"
     save_released_checkpoint(checkpoint, matcher_from_opt(opt, "naaf"))
     bundle = folder / "bundle"
-    export_bundle(checkpoint, data / "vocab.json", bundle, ExportOptions(num_regions=REGIONS, max_batch=64, max_length=24))
+    export_bundle(
+        checkpoint, data / "vocab.json", bundle, ExportOptions(num_regions=REGIONS, max_batch=64, max_length=24)
+    )
     return bundle
 
 

@@ -15,8 +15,8 @@ Reads and writes are watched twice, independently of the code under test:
 from __future__ import annotations
 
 import ctypes
-import json
 import hashlib
+import json
 import os
 import struct
 import sys
@@ -286,6 +286,7 @@ def build_world(root: Path) -> World:
     import numpy as np
 
     from itmrt.runtime import load
+
     from runtime_helpers import make_bundle, random_captions, region_features
 
     bundle, checkpoint, vocab = make_bundle(root / "model")

@@ -62,7 +62,9 @@ def make_cmpm_bundle(folder: Path, max_over_padding: bool = False) -> Path:
     torch.manual_seed(0)
     model = CMPMModel(VOCAB, 16, 12, 32, width_mult=0.25, image_size=32, max_over_padding=max_over_padding).eval()
     save_native(folder / "cmpm.safetensors", model)
-    export_bundle(folder / "cmpm.safetensors", make_vocab(folder), folder / "bundle", ExportOptions(max_batch=16, max_length=12))
+    export_bundle(
+        folder / "cmpm.safetensors", make_vocab(folder), folder / "bundle", ExportOptions(max_batch=16, max_length=12)
+    )
     return folder / "bundle"
 
 

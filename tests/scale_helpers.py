@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from runtime_helpers import make_bundle, random_captions, region_features
 
 from itmrt.runtime import load
 from itmrt.scale import ShardingOptions, index_sharded
+
+from runtime_helpers import make_bundle, random_captions, region_features
 
 N_IMAGES = 50
 

@@ -6,13 +6,14 @@ import contextlib
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
-
-from runtime_helpers import region_features
+from typing import Any
 
 from itmrt.serve.searcher import RuntimeSearcher
 from itmrt.serve.server import Service
+
+from runtime_helpers import region_features
 
 
 def make_gallery(bundle: Path, out: Path, images: Any = None, count: int = 40) -> Path:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -70,15 +71,18 @@ def test_precision_calibration_and_engine_entries_are_typed() -> None:
 @pytest.mark.parametrize(
     ("change", "key", "problem"),
     [
-        (lambda m: m["graphs"]["scorer"]["inputs"][0].update(dtype=3), "graphs.scorer.inputs[0].dtype", "must be a string, not 3"),
+        (lambda m: m["graphs"]["scorer"]["inputs"][0].update(dtype=3), "graphs.scorer.inputs[0].dtype",
+         "must be a string, not 3"),
         (lambda m: m["vocab"].update(size="50"), "vocab.size", 'must be an integer, not "50"'),
         (lambda m: m["graphs"]["scorer"].pop("sha256"), "graphs.scorer.sha256", "is missing"),
         (lambda m: m["threshold"].update(value=None), "threshold.value", "must be a number, not null"),
         (lambda m: m.update(files=[]), "files", "must be an object, not list"),
         (lambda m: m["graphs"]["scorer"].update(file="../../outside.onnx"), "graphs.scorer.file",
          "not a relative path inside the folder"),
-        (lambda m: m["files"].update({"/etc/passwd": "00"}), "files./etc/passwd", "not a relative path inside the folder"),
-        (lambda m: m["engines"]["fp16"]["scorer"].update(gpu_name=8.7), "engines.fp16.scorer.gpu_name", "must be a string"),
+        (lambda m: m["files"].update({"/etc/passwd": "00"}), "files./etc/passwd",
+         "not a relative path inside the folder"),
+        (lambda m: m["engines"]["fp16"]["scorer"].update(gpu_name=8.7), "engines.fp16.scorer.gpu_name",
+         "must be a string"),
     ],
 )
 def test_a_wrong_value_is_one_line_naming_its_key(tmp_path: Path, change: Any, key: str, problem: str) -> None:
@@ -123,7 +127,9 @@ WRONG_VALUES = ["text", 7, 2.5, True, None, [1], {"k": "v"}]
 
 def _wrong_value(value: Any, turn: int) -> Any:
     """A value of another JSON type than ``value`` (which one turns with ``turn``: every type gets tried)."""
-    others = [c for c in WRONG_VALUES if type(c) is not type(value) and not (isinstance(value, float) and type(c) is int)]
+    others = [
+        c for c in WRONG_VALUES if type(c) is not type(value) and not (isinstance(value, float) and type(c) is int)
+    ]
     return others[turn % len(others)]
 
 

@@ -30,7 +30,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_calibrate_and_build_run_without_torch(exported: tuple[Path, Path]) -> None:
     bundle, data = exported
     calibrated = itmrt_without_torch(
-        "calibrate", str(bundle), "--data", str(data), "--method", "percentile", "--samples", "16", "--min-samples", "8", "--no-progress"
+        "calibrate", str(bundle), "--data", str(data), "--method", "percentile", "--samples", "16", "--min-samples",
+        "8", "--no-progress"
     )
     assert calibrated.returncode == 0, calibrated.stderr
     assert "int8 scorer:" in calibrated.stdout and "calibration saved" in calibrated.stdout

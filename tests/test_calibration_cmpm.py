@@ -8,14 +8,15 @@ import numpy as np
 import onnx
 import pytest
 
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.calibration.int8 import zero_point_problems
 from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate
 from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preprocess_images
 from itmrt.data.synthetic_images import make_synthetic_image_dataset
 from itmrt.errors import DataError
 from itmrt.export.bundle import ExportOptions, export_bundle
-from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.runtime import load
+
 from tests.calibration_helpers import make_data
 
 ASSETS = Path(__file__).resolve().parents[1] / "itmrt" / "assets"
@@ -27,14 +28,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("cmpm_int8")
     data = make_synthetic_image_dataset(folder / "data", {"train": 24, "test": 24}, seed=5, image_size=64)
     bundle = folder / "bundle"
-    export_bundle(ASSETS / "cmpm_small.safetensors", data / "vocab.json", bundle, ExportOptions(max_batch=32, max_length=24))
+    export_bundle(
+        ASSETS / "cmpm_small.safetensors", data / "vocab.json", bundle, ExportOptions(max_batch=32, max_length=24)
+    )
     return bundle, data
 
 
 def test_image_calibration_makes_symmetric_qdq_graphs_that_keep_recall(setup: tuple[Path, Path]) -> None:
     bundle, data = setup
     lines: list[str] = []
-    options = PrecisionOptions(calib_data=data, method="percentile", samples=32, min_samples=8, batch_size=8, progress=False)
+    options = PrecisionOptions(
+        calib_data=data, method="percentile", samples=32, min_samples=8, batch_size=8, progress=False
+    )
     manifest = calibrate(bundle, options, log=lines.append)
     assert manifest["calibration"]["samples"] == 32  # 24 identities x 2 images: 32 of the 48 images sampled
     image_entry = manifest["precisions"]["int8"]["graphs"]["image_encoder"]

@@ -9,13 +9,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from itmrt.calibration.calib_data import FeedMaker, ort_session, random_sample
-from itmrt.calibration.fp16 import convert_to_fp16, emulation_session, float32_nodes
-from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands
-from itmrt.calibration.precision_graphs import make_fp16
 from itmrt.bundle.check import check_bundle
 from itmrt.bundle.trt_ops import check_trt_compat
+from itmrt.calibration.calib_data import FeedMaker, ort_session, random_sample
+from itmrt.calibration.fp16 import convert_to_fp16, emulation_session, float32_nodes
+from itmrt.calibration.precision_graphs import make_fp16
+from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands
 from itmrt.io import sha256_file
+
 from tests.calibration_helpers import THRESHOLD, make_data, make_naaf_bundle
 
 
@@ -65,7 +66,9 @@ def test_recurrent_nodes_stay_float32_for_tensorrts_gru_importer(fp16_bundle: tu
     grus = [node for node in model.graph.node if node.op_type == "GRU"]
     assert grus
     for node in grus:
-        floats = [types.get(name) for name in [*node.input, *node.output] if name and types.get(name) != TensorProto.INT32]
+        floats = [
+            types.get(name) for name in [*node.input, *node.output] if name and types.get(name) != TensorProto.INT32
+        ]
         assert floats and set(floats) == {TensorProto.FLOAT}, node.name
 
 
@@ -119,7 +122,8 @@ def test_sensitivity_finds_overflowing_reductions() -> None:
 def test_emulation_keeps_float16_rounding_that_plain_ort_loses() -> None:
     """ORT's CPU provider runs float16 Adds in float32 and drops the rounding; the emulation graph keeps it."""
     model = _single_chain_model(
-        [helper.make_node("Add", ["x", "big"], ["shifted"], name="add_big"), helper.make_node("Sub", ["shifted", "big"], ["y"], name="sub_big")],
+        [helper.make_node("Add", ["x", "big"], ["shifted"], name="add_big"),
+         helper.make_node("Sub", ["shifted", "big"], ["y"], name="sub_big")],
         [numpy_helper.from_array(np.array(1000.0, dtype=np.float32), "big")],
     )
     converted = convert_to_fp16(model, ["sub_big"])

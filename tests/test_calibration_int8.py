@@ -10,13 +10,14 @@ import numpy as np
 import onnx
 import pytest
 
+from itmrt.bundle.check import check_bundle
+from itmrt.bundle.manifest import read_manifest
+from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.calibration.calib_data import FeedMaker, open_calibration_data, ort_session
 from itmrt.calibration.int8 import zero_point_problems
 from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate, make_int8
 from itmrt.errors import DataError, ItmrtError, VocabularyError
-from itmrt.bundle.check import check_bundle
-from itmrt.bundle.manifest import read_manifest
-from itmrt.bundle.trt_ops import check_trt_compat
+
 from tests.calibration_helpers import make_data, make_naaf_bundle
 
 
@@ -35,7 +36,9 @@ def bundle(setup: tuple[Path, Path, Path], tmp_path: Path) -> Path:
 def test_calibrated_int8_graphs_are_symmetric_qdq_and_reused(setup: tuple[Path, Path, Path], bundle: Path) -> None:
     _, data, _ = setup
     lines: list[str] = []
-    options = PrecisionOptions(calib_data=data, method="minmax", samples=24, min_samples=8, batch_size=8, progress=False)
+    options = PrecisionOptions(
+        calib_data=data, method="minmax", samples=24, min_samples=8, batch_size=8, progress=False
+    )
     manifest = calibrate(bundle, options, log=lines.append)
     calibration = manifest["calibration"]
     assert calibration["method"] == "minmax" and calibration["samples"] == 24
@@ -45,7 +48,8 @@ def test_calibrated_int8_graphs_are_symmetric_qdq_and_reused(setup: tuple[Path, 
     assert any(name.startswith("sims") for name in scorer["quantized_nodes"])  # the similarity product runs in int8
     assert [e["node"] for e in scorer["excluded_nodes"]] == ["propagated_node"]  # it decides NAAF's branch
     text = manifest["precisions"]["int8"]["graphs"]["text_encoder"]
-    assert text["file"] == manifest["graphs"]["text_encoder"]["file"] and text["qdq_pairs"] == 0  # GRU: nothing to quantize
+    # GRU: nothing to quantize
+    assert text["file"] == manifest["graphs"]["text_encoder"]["file"] and text["qdq_pairs"] == 0
     for graph in ("image_encoder", "scorer"):
         entry = manifest["precisions"]["int8"]["graphs"][graph]
         model = onnx.load(str(bundle / entry["file"]))
@@ -62,7 +66,8 @@ def test_calibrated_int8_graphs_are_symmetric_qdq_and_reused(setup: tuple[Path, 
     again = make_int8(bundle, PrecisionOptions(progress=False), log=lines.append)
     assert any("no recalibration" in line for line in lines)
     for graph in ("image_encoder", "scorer"):
-        assert again["precisions"]["int8"]["graphs"][graph]["sha256"] == manifest["precisions"]["int8"]["graphs"][graph]["sha256"]
+        assert (again["precisions"]["int8"]["graphs"][graph]["sha256"]
+                == manifest["precisions"]["int8"]["graphs"][graph]["sha256"])
 
     # The int8 scorer runs in ORT and stays close to fp32 on calibration-like data.
     calib = open_calibration_data(bundle, again, data, "train", 8, 1)
@@ -108,7 +113,9 @@ def test_entropy_clips_ranges_that_minmax_keeps(setup: tuple[Path, Path, Path], 
     highest = {}
     for method in ("entropy", "minmax"):
         bundle = Path(shutil.copytree(source, tmp_path / method))
-        options = PrecisionOptions(calib_data=data, method=method, samples=24, min_samples=8, batch_size=8, progress=False)
+        options = PrecisionOptions(
+            calib_data=data, method=method, samples=24, min_samples=8, batch_size=8, progress=False
+        )
         manifest = calibrate(bundle, options)
         ranges = json.loads((bundle / manifest["calibration"]["graphs"]["image_encoder"]["file"]).read_text())["data"]
 

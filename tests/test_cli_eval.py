@@ -101,13 +101,15 @@ def test_eval_caption_count_not_five_per_image(capsys, dataset, checkpoint, tmp_
 
 
 def test_eval_vocabulary_size_mismatch(capsys, dataset, checkpoint, vocab_dir):
-    line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab", str(vocab_dir / "f30k_precomp_vocab.json"),
+    line = _one_line_error(run_cli(capsys, "eval", str(checkpoint), "--vocab",
+                                   str(vocab_dir / "f30k_precomp_vocab.json"),
                                    "--data", str(dataset), "--no-progress"))
     assert "vocabulary" in line
 
 
 def test_eval_missing_checkpoint(capsys, dataset, tmp_path):
-    line = _one_line_error(run_cli(capsys, "eval", str(tmp_path / "nope.pth.tar"), "--vocab", str(dataset / "vocab.json"),
+    line = _one_line_error(run_cli(capsys, "eval", str(tmp_path / "nope.pth.tar"), "--vocab",
+                                   str(dataset / "vocab.json"),
                                    "--data", str(dataset), "--no-progress"))
     assert "nope.pth.tar" in line
 

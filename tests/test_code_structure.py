@@ -140,7 +140,8 @@ def test_the_torch_free_packages_import_without_torch() -> None:
     torch; only the methods export and training call do."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import itmrt.runtime, itmrt.bundle.check, itmrt.families, itmrt.calibration.precision_graphs, itmrt.engine.build\n"
+        "import itmrt.runtime, itmrt.bundle.check, itmrt.families, itmrt.calibration.precision_graphs, "
+        "itmrt.engine.build\n"
         "import itmrt.reports.parity_report, itmrt.cli.app\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -28,7 +28,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_image_dataset(tmp_path_factory.mktemp("images") / "d", {"train": 12, "dev": 5}, seed=3, image_size=32)
+    return make_synthetic_image_dataset(
+        tmp_path_factory.mktemp("images") / "d", {"train": 12, "dev": 5}, seed=3, image_size=32
+    )
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
@@ -186,7 +188,8 @@ def test_identity_recall_hand_example() -> None:
     ])
     table = identity_recall_table(scores, image_labels, caption_labels)
     # i2t ranks [2, 0, 1]; t2i: caption 0 -> image 1 (0.8) first, correct -> 0;
-    # caption 1 -> image 0 (0.9, wrong), image 1 (0.3, wrong), image 2 (0.2) -> 2; caption 2 -> image 2 (0.4) first -> 0.
+    # caption 1 -> image 0 (0.9, wrong), image 1 (0.3, wrong), image 2 (0.2) -> 2;
+    # caption 2 -> image 2 (0.4) first -> 0.
     assert table["i2t_r1"] == pytest.approx(100 / 3) and table["i2t_r5"] == 100.0
     assert table["i2t_meanr"] == pytest.approx(2.0) and table["i2t_medr"] == 2.0
     assert table["t2i_r1"] == pytest.approx(200 / 3) and table["t2i_meanr"] == pytest.approx(5 / 3)

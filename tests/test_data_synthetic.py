@@ -31,7 +31,8 @@ def test_same_seed_same_bytes_different_seed_different(tmp_path: Path) -> None:
     second = make_synthetic_dataset(tmp_path / "b", {"train": 6, "test": 5}, seed=3, **SMALL)
     other = make_synthetic_dataset(tmp_path / "c", {"train": 6, "test": 5}, seed=4, **SMALL)
     assert sorted(_files(first)) == [
-        "test_caps.txt", "test_ims.npy", "test_meta.json", "train_caps.txt", "train_ims.npy", "train_meta.json", "vocab.json",
+        "test_caps.txt", "test_ims.npy", "test_meta.json", "train_caps.txt", "train_ims.npy", "train_meta.json",
+        "vocab.json",
     ]
     assert _files(first) == _files(second)
     for name in ("train_ims.npy", "test_ims.npy", "train_caps.txt", "test_caps.txt"):

@@ -1,4 +1,5 @@
-"""Engine manifest checks, optimisation profiles, doctor probes; real TensorRT builds only where TensorRT is installed."""
+"""Engine manifest checks, optimisation profiles, doctor probes; real TensorRT builds only where TensorRT is
+installed."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def _bundle_with_engine(folder: Path) -> tuple[Path, Manifest]:
     entry = {
         "file": "engines/fp16/scorer.plan", "sha256": sha256_file(folder / "engines/fp16/scorer.plan"),
         "graph_file": "scorer.onnx", "graph_sha256": sha256_file(folder / "scorer.onnx"),
-        "tensorrt_version": HERE.tensorrt_version, "gpu_name": HERE.gpu_name, "compute_capability": HERE.compute_capability,
+        "tensorrt_version": HERE.tensorrt_version, "gpu_name": HERE.gpu_name,
+        "compute_capability": HERE.compute_capability,
     }
     vocab = {"file": "vocab.json", "sha256": "0" * 64, "size": 4, "content_sha256": "0" * 64, "pad_id": 0,
              "start_id": 1, "end_id": 2, "unk_id": 3}
@@ -68,11 +70,16 @@ def test_engine_from_another_tensorrt_or_gpu_is_refused_with_a_rebuild_message(t
     bundle, manifest = _bundle_with_engine(tmp_path)
     assert check_engine(bundle, manifest, "fp16", "scorer", HERE) == bundle / "engines/fp16/scorer.plan"
     other_trt = DeviceInfo("11.0.0.1", HERE.gpu_name, HERE.compute_capability)
-    with pytest.raises(ItmrtError, match=r"built with TensorRT 10\.13\.0\.35, this machine has 11\.0\.0\.1.*itmrt build .* --precision fp16") as error:
+    with pytest.raises(
+        ItmrtError,
+        match=r"built with TensorRT 10\.13\.0\.35, this machine has 11\.0\.0\.1.*itmrt build .* --precision fp16"
+    ) as error:
         check_engine(bundle, manifest, "fp16", "scorer", other_trt)
     assert "\n" not in str(error.value)
     other_gpu = DeviceInfo(HERE.tensorrt_version, "NVIDIA H100 80GB HBM3", "9.0")
-    assert "this GPU is NVIDIA H100 80GB HBM3 (9.0)" in compatibility_problems(manifest.engines["fp16"]["scorer"], other_gpu)[0]
+    assert "this GPU is NVIDIA H100 80GB HBM3 (9.0)" in compatibility_problems(
+        manifest.engines["fp16"]["scorer"], other_gpu
+    )[0]
     with pytest.raises(ItmrtError, match="no int8 scorer engine"):
         check_engine(bundle, manifest, "int8", "scorer", HERE)
     (bundle / "scorer.onnx").write_bytes(b"re-exported graph")
@@ -113,10 +120,10 @@ def test_without_tensorrt_engine_building_says_why(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(tensorrt_module() is None, reason="TensorRT is not installed (engines are built on the target GPU)")
 def test_tensorrt_builds_and_reloads_an_engine(tmp_path: Path) -> None:
-    from tests.calibration_helpers import make_data, make_naaf_bundle
-
     from itmrt.calibration.precision_graphs import make_fp16
     from itmrt.runtime.backend_trt import TrtBackend
+
+    from tests.calibration_helpers import make_data, make_naaf_bundle
 
     bundle = make_naaf_bundle(tmp_path, make_data(tmp_path / "data"))
     make_fp16(bundle)

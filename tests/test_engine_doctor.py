@@ -8,19 +8,21 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
 
 from itmrt.engine.doctor import diagnose, format_report
 from itmrt.engine.gpus import GpuInfo, apply_visibility, parse_nvidia_smi, visibility_notes, visible_device_entries
 from itmrt.engine.jetson import detect_jetson, jetson_notes, parse_tegra_release, system_tensorrt_paths
 from itmrt.io import sha256_file
 
+from cli_helpers import run_cli
+
 JETPACK6 = (
     "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, "
     "DATE: Wed Jan  8 01:49:37 UTC 2025\n# KERNEL_VARIANT: oot\nTARGET_USERSPACE_LIB_DIR=nvidia\n"
 )
 JETPACK5 = (
-    "# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: t186ref, EABI: aarch64, DATE: Tue Feb 20 04:46:31 UTC 2024\n"
+    "# R35 (release), REVISION: 5.0, GCID: 35550185, BOARD: "
+    "t186ref, EABI: aarch64, DATE: Tue Feb 20 04:46:31 UTC 2024\n"
 )
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from runtime_helpers import make_bundle
 
-from itmrt.calibration.tf32 import tf32_record
+from itmrt.bundle.manifest import read_manifest
+from itmrt.calibration.tf32 import tf32_emulation_graph, tf32_max_error, tf32_record
 from itmrt.engine.build import EngineOptions, engine_ranges
 from itmrt.engine.layers import parse_layer_json, summarize_layers
 from itmrt.engine.profiles import BOARDS, estimate_peaks, fit_ranges, largest_intermediate, manifest_ranges
-from itmrt.calibration.tf32 import tf32_emulation_graph, tf32_max_error
-from itmrt.bundle.manifest import read_manifest
+
+from runtime_helpers import make_bundle
 
 
 @pytest.fixture(scope="module")

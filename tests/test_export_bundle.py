@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import itmrt.export.bundle as bundle_module
+from itmrt.bundle.check import check_bundle
 from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.bundle import ExportOptions, export_bundle
-from itmrt.bundle.check import check_bundle
 from itmrt.export.sample_parity import ParityResult
 from itmrt.families.checkpoints import load_checkpoint
 from itmrt.models.checkpoint import matcher_from_opt, save_native, save_released_checkpoint
@@ -118,7 +118,10 @@ def ort_scores(bundle: Path, images: np.ndarray, tokens: np.ndarray, lengths: np
 
 def mixed_batch(seed: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    lengths = np.array([12, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3, 7], dtype=np.int32)  # one <start> <end> only: no tied captions
+    # one <start> <end> only: no tied captions
+    lengths = np.array(
+        [12, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 3, 7], dtype=np.int32
+    )
     tokens = np.zeros((len(lengths), 12), dtype=np.int32)
     for row, length in enumerate(lengths):
         tokens[row, 0], tokens[row, length - 1] = 1, 2
@@ -137,7 +140,9 @@ def assert_top10_identical(a: np.ndarray, b: np.ndarray) -> None:
 
 @pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
 @pytest.mark.parametrize("case", list(MATCHER_CASES))
-def test_cross_attention_bundle_matches_literal_reference(tmp_path: Path, vocab_file: Path, case: str, trained: bool) -> None:
+def test_cross_attention_bundle_matches_literal_reference(
+    tmp_path: Path, vocab_file: Path, case: str, trained: bool
+) -> None:
     checkpoint = make_matcher_checkpoint(tmp_path, case, trained)
     out = tmp_path / "bundle"
     lines: list[str] = []
@@ -158,7 +163,8 @@ def test_cross_attention_bundle_matches_literal_reference(tmp_path: Path, vocab_
         else:
             s = model.scorer
             literal = scan_scores_loop(
-                image_emb, caption_emb, lengths, s.cross_attn, s.raw_feature_norm, s.agg_func, s.lambda_softmax, s.lambda_lse
+                image_emb, caption_emb, lengths, s.cross_attn, s.raw_feature_norm, s.agg_func, s.lambda_softmax,
+                s.lambda_lse
             )
     assert np.abs(scores - literal.numpy()).max() <= 1e-5
     assert_top10_identical(scores, literal.numpy())
@@ -173,7 +179,9 @@ def test_cmpm_bundle(tmp_path: Path, vocab_file: Path) -> None:
     assert errors["image_encoder"] <= 1e-4 and errors["end_to_end"] <= 2e-5  # CNN float32 rounding, see graphs test
     assert manifest["parity"]["top10_identical"] is True
     assert manifest["family"] == "cmpm" and manifest["threshold"] is None
-    assert manifest["graphs"]["image_encoder"]["inputs"][0] == {"name": "images", "dtype": "float32", "shape": ["batch_images", 3, 32, 32]}
+    assert manifest["graphs"]["image_encoder"]["inputs"][0] == {
+        "name": "images", "dtype": "float32", "shape": ["batch_images", 3, 32, 32]
+    }
     assert check_bundle(tmp_path / "bundle").ok
 
 
@@ -194,7 +202,9 @@ def test_threshold_is_frozen_and_can_be_overridden(tmp_path: Path, vocab_file: P
     assert np.float32(frozen["threshold"]["value"]) == np.float32(THRES_SAFE)
     assert frozen["lambda_softmax"]["value"] == 20.0 and frozen["intra_factor"]["value"] == 5.0
 
-    override = export_bundle(checkpoint, vocab_file, tmp_path / "override", ExportOptions(threshold=0.3, num_regions=REGIONS))
+    override = export_bundle(
+        checkpoint, vocab_file, tmp_path / "override", ExportOptions(threshold=0.3, num_regions=REGIONS)
+    )
     inits, _ = scorer_initializers(tmp_path / "override")
     assert inits["naaf_threshold"] == np.float32(0.3)
     assert override["threshold"]["source"] == "--threshold override"
@@ -215,7 +225,9 @@ def test_threshold_is_frozen_and_can_be_overridden(tmp_path: Path, vocab_file: P
 def test_manifest_describes_the_bundle(tmp_path: Path, vocab_file: Path) -> None:
     checkpoint = make_matcher_checkpoint(tmp_path, "naaf-plain-basic")
     out = tmp_path / "bundle"
-    export_bundle(checkpoint, vocab_file, out, ExportOptions(num_regions=REGIONS, opset=18, max_batch=64, max_length=40))
+    export_bundle(
+        checkpoint, vocab_file, out, ExportOptions(num_regions=REGIONS, opset=18, max_batch=64, max_length=40)
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["image_encoder.onnx", "text_encoder.onnx", "scorer.onnx", "vocab.json", "manifest.json"]
@@ -230,13 +242,17 @@ def test_manifest_describes_the_bundle(tmp_path: Path, vocab_file: Path) -> None
         {"name": "token_ids", "dtype": "int32", "shape": ["batch_captions", "max_length"]},
         {"name": "lengths", "dtype": "int32", "shape": ["batch_captions"]},
     ]
-    assert text["outputs"] == [{"name": "caption_embeddings", "dtype": "float32", "shape": ["batch_captions", "max_length", 32]}]
+    assert text["outputs"] == [
+        {"name": "caption_embeddings", "dtype": "float32", "shape": ["batch_captions", "max_length", 32]}
+    ]
     assert text["shape_ranges"] == {
         "batch_captions": {"min": 1, "opt": 32, "max": 64},
         "max_length": {"min": 1, "opt": 20, "max": 40},
     }
     assert manifest["graphs"]["scorer"]["outputs"][0]["shape"] == ["batch_images", "batch_captions"]
-    assert manifest["graphs"]["image_encoder"]["shape_ranges"]["num_regions"] == {"min": REGIONS, "opt": REGIONS, "max": REGIONS}
+    assert manifest["graphs"]["image_encoder"]["shape_ranges"]["num_regions"] == {
+        "min": REGIONS, "opt": REGIONS, "max": REGIONS
+    }
     assert set(manifest["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "scorer.onnx", "vocab.json"}
     assert manifest["vocab"]["size"] == VOCAB and manifest["vocab"]["pad_id"] == 0
     assert set(manifest["versions"]) >= {"itmrt", "torch", "onnx", "onnxruntime"}
@@ -254,7 +270,9 @@ def test_check_bundle_detects_tampering(tmp_path: Path, vocab_file: Path) -> Non
     with open(out / "vocab.json", "a", encoding="utf-8") as handle:
         handle.write(" ")
     result = check_bundle(out)
-    assert result.problems == ["file 'vocab.json': sha256 differs from the manifest (the file was changed after export)"]
+    assert result.problems == [
+        "file 'vocab.json': sha256 differs from the manifest (the file was changed after export)"
+    ]
     (out / "manifest.json").unlink()
     with pytest.raises(ItmrtError, match="has no manifest.json"):
         check_bundle(out)
@@ -307,7 +325,9 @@ def test_existing_target_folder(tmp_path: Path, vocab_file: Path) -> None:
         export_bundle(scan, vocab_file, out, OPTIONS)
     assert "already holds a bundle; pass --overwrite" in one_line(exc)
     assert json.loads((out / "manifest.json").read_text())["family"] == "naaf"
-    export_bundle(scan, vocab_file, out, ExportOptions(num_regions=REGIONS, max_batch=16, max_length=12, overwrite=True))
+    export_bundle(
+        scan, vocab_file, out, ExportOptions(num_regions=REGIONS, max_batch=16, max_length=12, overwrite=True)
+    )
     assert json.loads((out / "manifest.json").read_text())["family"] == "scan"
     assert check_bundle(out).ok
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging or retired folders left
@@ -334,7 +354,9 @@ def test_failed_parity_leaves_no_bundle(tmp_path: Path, vocab_file: Path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.name]
 
 
-def test_interrupted_write_leaves_nothing_complete(tmp_path: Path, vocab_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_write_leaves_nothing_complete(
+    tmp_path: Path, vocab_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checkpoint = make_matcher_checkpoint(tmp_path, "naaf-plain-basic")
 
     def interrupted(*args: Any, **kwargs: Any) -> None:

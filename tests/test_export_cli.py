@@ -40,7 +40,8 @@ def test_export_then_check(files: tuple[Path, Path], tmp_path: Path) -> None:
     checkpoint, vocab = files
     out = tmp_path / "bundle"
     result = CliRunner().invoke(
-        app, ["export", str(checkpoint), "--vocab", str(vocab), "--out", str(out), "--num-regions", "5", "--threshold", "0.3"]
+        app, ["export", str(checkpoint), "--vocab", str(vocab), "--out", str(out), "--num-regions", "5", "--threshold",
+              "0.3"]
     )
     assert result.exit_code == 0, result.output
     assert "TensorRT 10 op check: 3 graphs pass" in result.output

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from itmrt.graphs.image_encoders import cmpm_image_encoder_graph, region_image_encoder_graph
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD
+from itmrt.graphs.image_encoders import cmpm_image_encoder_graph, region_image_encoder_graph
 from itmrt.graphs.scorers import cosine_scorer_graph, naaf_scorer_graph, scan_scorer_graph
 from itmrt.graphs.text_encoders import cmpm_text_encoder_graph, text_encoder_graph
 from itmrt.models.cmpm import CMPMModel
@@ -128,7 +128,9 @@ def test_scan_scorer_matches_reference(cross_attn: str, raw_feature_norm: str, a
     "layout, num_layers, bidirectional, no_txtnorm",
     [("plain", 1, True, False), ("glove", 1, True, False), ("plain", 2, True, False), ("glove", 2, False, True)],
 )
-def test_text_encoder_gru_keeps_packed_semantics(layout: str, num_layers: int, bidirectional: bool, no_txtnorm: bool) -> None:
+def test_text_encoder_gru_keeps_packed_semantics(
+    layout: str, num_layers: int, bidirectional: bool, no_txtnorm: bool
+) -> None:
     torch.manual_seed(4)
     encoder = TextEncoder(VOCAB, 16, D, num_layers, bidirectional, no_txtnorm, layout).eval()
     tokens = torch.randint(4, VOCAB, (len(LENGTHS), int(LENGTHS.max())))
@@ -141,7 +143,9 @@ def test_text_encoder_gru_keeps_packed_semantics(layout: str, num_layers: int, b
     for row, length in enumerate(LENGTHS.tolist()):
         assert not out[row, length:].any()  # padding comes out as zeros
         # The same caption alone, unpadded: the reverse direction must start at its own last token.
-        alone = run(graph, token_ids=tokens[row : row + 1, :length].numpy().astype(np.int32), lengths=lengths32[row : row + 1])
+        alone = run(
+            graph, token_ids=tokens[row : row + 1, :length].numpy().astype(np.int32), lengths=lengths32[row : row + 1]
+        )
         assert np.abs(alone[0] - out[row, :length]).max() <= 1e-6
 
 
@@ -204,7 +208,9 @@ def test_cmpm_graphs_match_reference(max_over_padding: bool) -> None:
     assert np.abs(onnx_images - ref_images.numpy()).max() <= 5e-5
     assert np.abs(onnx_text - ref_text.numpy()).max() <= 1e-5
     # The scorer graph alone is exact to float32 rounding; end to end the CNN's rounding (above) shows.
-    onnx_on_ref = run(cosine_scorer_graph(D, 17), image_embeddings=ref_images.numpy(), caption_embeddings=ref_text.numpy())
+    onnx_on_ref = run(
+        cosine_scorer_graph(D, 17), image_embeddings=ref_images.numpy(), caption_embeddings=ref_text.numpy()
+    )
     assert np.abs(onnx_on_ref - ref_scores.numpy()).max() <= 1e-6
     assert np.abs(onnx_scores - ref_scores.numpy()).max() <= 2e-5
     assert_same_ranking(onnx_scores, ref_scores.numpy())
@@ -216,4 +222,5 @@ def test_graphs_pass_checker_and_strict_inference() -> None:
         onnx.checker.check_model(graph, full_check=True)
         inferred = onnx.shape_inference.infer_shapes(graph, strict_mode=True)
         assert inferred.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert {v.type.tensor_type.elem_type for v in text_encoder_graph(encoder, 17).graph.input} == {onnx.TensorProto.INT32}
+    inputs = text_encoder_graph(encoder, 17).graph.input
+    assert {v.type.tensor_type.elem_type for v in inputs} == {onnx.TensorProto.INT32}

@@ -9,8 +9,8 @@ import pytest
 from itmrt.data.synthetic import vocabulary_json
 from itmrt.demo import shipped_model
 from itmrt.export.bundle import ExportOptions, export_bundle
-from itmrt.train.recipes import SHIPPED_FILES
 from itmrt.text.vocab import Vocabulary
+from itmrt.train.recipes import SHIPPED_FILES
 
 
 @pytest.mark.parametrize("family", ["naaf", "scan", "cmpm"])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from itmrt.graphs.scorers import naaf_scorer_graph, scan_scorer_graph
 from itmrt.bundle.trt_ops import OPS_TABLE, check_trt_compat, load_op_table
 from itmrt.errors import ItmrtError
+from itmrt.graphs.scorers import naaf_scorer_graph, scan_scorer_graph
 
 
 def make_model(nodes: list, inputs: list, outputs: list, opset: int = 17, initializers: list | None = None):
@@ -34,7 +34,9 @@ def test_table_parsing() -> None:
 
 
 def test_exported_scorers_pass() -> None:
-    for model in (naaf_scorer_graph(8, 0.1, 20.0, 5.0, 17), scan_scorer_graph(8, "i2t", "softmax", "Max", 4.0, 6.0, 20)):
+    for model in (
+        naaf_scorer_graph(8, 0.1, 20.0, 5.0, 17), scan_scorer_graph(8, "i2t", "softmax", "Max", 4.0, 6.0, 20)
+    ):
         result = check_trt_compat(model, "scorer.onnx")
         assert result.ok, result.message()
         assert result.ops["Less"] >= 1 and result.ops["MatMul"] >= 2
@@ -50,7 +52,9 @@ def test_unsupported_op_is_reported_with_op_and_node_name() -> None:
     result = check_trt_compat(make_model(nodes, [x], [y]), "bad.onnx")
     assert not result.ok
     assert result.problems == ["op 'Bernoulli' (node 'coin_flip'): not supported by TensorRT 10's ONNX parser"]
-    with pytest.raises(ItmrtError, match=r"^bad.onnx will not compile with TensorRT 10: op 'Bernoulli' \(node 'coin_flip'\)"):
+    with pytest.raises(
+        ItmrtError, match=r"^bad.onnx will not compile with TensorRT 10: op 'Bernoulli' \(node 'coin_flip'\)"
+    ):
         result.raise_for_problems()
 
 
@@ -71,7 +75,9 @@ def test_index_inputs_are_checked_against_their_own_types() -> None:
     table = helper.make_tensor("table", TensorProto.FLOAT, [5, 2], np.arange(10, dtype=np.float32))
     ids = helper.make_tensor_value_info("ids", TensorProto.INT32, [3])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [3, 2])
-    good = make_model([helper.make_node("Gather", ["table", "ids"], ["out"], name="lookup")], [ids], [out], initializers=[table])
+    good = make_model(
+        [helper.make_node("Gather", ["table", "ids"], ["out"], name="lookup")], [ids], [out], initializers=[table]
+    )
     assert check_trt_compat(good).ok  # int32 indices are fine although Gather's data types are listed
 
 

@@ -91,7 +91,9 @@ def _text_graph(model: TinyModel, opset: int) -> onnx.ModelProto:
     lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
     embedded = g.op("Gather", [g.initializer(model.text_encoder.weight.detach().numpy(), "table"), tokens], axis=0)
     mask = g.unsqueeze(g.length_mask(lengths, tokens, 1), [2])
-    g.output(g.where(mask, g.l2norm(embedded), g.const(0.0)), CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, EMBED])
+    g.output(
+        g.where(mask, g.l2norm(embedded), g.const(0.0)), CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, EMBED]
+    )
     return g.build({"component": Component.TEXT_ENCODER.value})
 
 

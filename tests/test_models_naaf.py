@@ -151,7 +151,9 @@ def test_threshold_lambda_and_factor_accept_tensors() -> None:
     as_floats = naaf_scores(images, captions, LENGTHS, 0.4, 15.0, 4.0)
     as_tensors = naaf_scores(images, captions, LENGTHS, torch.tensor(0.4), torch.tensor(15.0), torch.tensor(4.0))
     torch.testing.assert_close(as_tensors, as_floats)
-    torch.testing.assert_close(as_floats, naaf_scores_loop(images, captions, LENGTHS, 0.4, 15.0, 4.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        as_floats, naaf_scores_loop(images, captions, LENGTHS, 0.4, 15.0, 4.0), atol=1e-5, rtol=0
+    )
 
 
 def test_no_word_above_threshold_gives_finite_scores() -> None:

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from itmrt.reports.bench import STAGES, BenchOptions, latency_stats, run_bench, write_bench
+from itmrt.reports.runtime_variants import parse_variants
+from itmrt.reports.schema import read_report, schema_problems
+
 from cli_helpers import run_cli
 from reports_helpers import is_png
 from runtime_helpers import make_bundle
-
-from itmrt.reports.bench import STAGES, BenchOptions, latency_stats, run_bench, write_bench
-from itmrt.reports.schema import read_report, schema_problems
-from itmrt.reports.runtime_variants import parse_variants
 
 BATCHES = (1, 3)
 
@@ -87,7 +87,8 @@ def test_latency_plot_is_a_png(bench_out: tuple[Path, dict]) -> None:
 def test_cli_bench(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "report"
     result = run_cli(capsys, "bench", str(bundle), "--variants", "ort:fp32", "--batch-sizes", "2", "--captions", "2",
-                     "--images", "2", "--warmup", "0", "--repeats", "2", "--no-plots", "--no-progress", "--report", str(out))
+                     "--images", "2", "--warmup", "0", "--repeats", "2", "--no-plots", "--no-progress", "--report",
+                     str(out))
     assert result.code == 0, result.err
     assert "ort:fp32 end to end, batch 2" in result.out
     assert read_report(out)["settings"]["batch_sizes"] == [2]

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_cli
-from reports_helpers import make_bundle_and_data
-
 from itmrt.errors import ItmrtError
 from itmrt.reports.bench import BenchOptions, run_bench, write_bench
 from itmrt.reports.compare import compare_reports
 from itmrt.reports.parity_report import ParityOptions, run_parity
 from itmrt.reports.runtime_variants import parse_variants
+
+from cli_helpers import run_cli
+from reports_helpers import make_bundle_and_data
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,9 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     bundle, data = make_bundle_and_data(folder, images=4)
     bench = run_bench(bundle, BenchOptions(variants=parse_variants("ort:fp32"), batch_sizes=(2,), captions=2, images=2,
                                            warmup=0, repeats=2, threads=1))
-    parity = run_parity(bundle, data, ParityOptions(against="ort:fp32", variants=parse_variants("ort:fp32"), threads=1)).report
+    parity = run_parity(
+        bundle, data, ParityOptions(against="ort:fp32", variants=parse_variants("ort:fp32"), threads=1)
+    ).report
     return {"bench": bench, "parity": parity}
 
 

@@ -48,7 +48,7 @@ def test_graph_decisions_on_the_mismatched_word_agree_with_explain(data: Path, t
     found = mismatched_word_decisions(runtime, split.images, meta, own_image)
     assert found.x_on_lacking.size == len(own_image) > 0
     embeddings = runtime.encode_images(np.asarray(split.images))
-    for k, ((b, caption), (a, _)) in enumerate(zip(zip(*own_image.right), zip(*own_image.wrong))):
+    for k, ((_b, caption), (a, _)) in enumerate(zip(zip(*own_image.right), zip(*own_image.wrong))):
         extra = meta["images"][int(a)]["extra"]
         on_a = next(w for w in explain(runtime, embeddings, int(a), meta["captions"][int(caption)]["text"]).words
                     if w.word == extra)

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_helpers import run_cli
-from reports_helpers import is_png, make_bundle_and_data
-
 from itmrt.data.metrics import recall_table
 from itmrt.reports import agreement, parity_report
 from itmrt.reports.parity_report import ParityOptions, apply_tolerances, run_parity, write_parity
-from itmrt.reports.schema import read_report, schema_problems
 from itmrt.reports.runtime_variants import parse_variants
+from itmrt.reports.schema import read_report, schema_problems
+
+from cli_helpers import run_cli
+from reports_helpers import is_png, make_bundle_and_data
 
 ASSETS = Path(__file__).resolve().parents[1] / "itmrt" / "assets"
 
@@ -59,7 +59,9 @@ def test_retrieval_agreement_equals_one_recomputed_by_hand(parity_out: tuple[Pat
     scores = np.load(out / entry["scores_file"]).astype(np.float64)
     for direction, (ref, got) in {"i2t": (reference, scores), "t2i": (reference.T, scores.T)}.items():
         top1 = np.mean(ref.argmax(axis=1) == got.argmax(axis=1))
-        overlap = np.mean([len(set(np.argsort(-a)[:10]) & set(np.argsort(-b)[:10])) / min(10, ref.shape[1]) for a, b in zip(ref, got)])
+        overlap = np.mean(
+            [len(set(np.argsort(-a)[:10]) & set(np.argsort(-b)[:10])) / min(10, ref.shape[1]) for a, b in zip(ref, got)]
+        )
         ranks = lambda m: np.argsort(np.argsort(-m, axis=1, kind="stable"), axis=1, kind="stable")  # noqa: E731
         rho = [np.corrcoef(a, b)[0, 1] for a, b in zip(ranks(ref), ranks(got))]
         measured = entry["retrieval"][direction]
@@ -173,7 +175,8 @@ def test_cli_parity_against_ort_fp32_is_exact(tmp_path: Path, capsys: pytest.Cap
     assert report["variants"][0]["tensors"]["end_to_end"]["max_abs"] == 0.0
     bad = run_cli(capsys, "parity", str(bundle), "--data", str(data), "--variants", "onnx:fp8", "--report", str(out))
     assert bad.code == 2 and "unknown variant" in bad.err
-    again = ["parity", str(bundle), "--data", str(data), "--against", "ort:fp32", "--variants", "ort:fp32", "--no-plots",
+    again = ["parity", str(bundle), "--data", str(data), "--against", "ort:fp32", "--variants", "ort:fp32",
+             "--no-plots",
              "--no-progress", "--report", str(out)]
     refused = run_cli(capsys, *again)
     assert refused.code == 2 and "already holds a report; pass --overwrite" in refused.err
@@ -210,4 +213,5 @@ def test_threshold_ties_leave_out_pairs_with_a_similarity_at_the_threshold() -> 
     assert result["tie_pairs"] == 1 and result["pairs_examined"] == 2
     assert result["max_abs_off_threshold"] == pytest.approx(0.02, abs=1e-6)
     # Moved off the threshold, the same pair counts again.
-    assert threshold_ties(reference, got, tokens, regions, t + 0.01)["max_abs_off_threshold"] == pytest.approx(0.3, abs=1e-6)
+    ties = threshold_ties(reference, got, tokens, regions, t + 0.01)
+    assert ties["max_abs_off_threshold"] == pytest.approx(0.3, abs=1e-6)

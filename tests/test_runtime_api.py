@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_helpers import make_bundle, make_cmpm_bundle, random_captions, region_features
 
 import itmrt
 from itmrt.errors import DataError, ItmrtError
@@ -17,6 +16,8 @@ from itmrt.runtime import load, read_gallery
 from itmrt.runtime.backends import OrtBackend
 from itmrt.runtime.encoders import length_buckets
 from itmrt.text.vocab import CaptionTooLongError
+
+from runtime_helpers import make_bundle, make_cmpm_bundle, random_captions, region_features
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,9 @@ def test_cmpm_with_the_released_max_over_padding_is_not_bucketed(tmp_path: Path)
     model = load_checkpoint(tmp_path / "cmpm.safetensors")
     tokens, lengths = runtime.vocab.encode_batch(captions)
     with torch.no_grad():
-        expected = model.encode_captions(torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64)))
+        expected = model.encode_captions(
+            torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(lengths.astype(np.int64))
+        )
     np.testing.assert_allclose(encoded.vectors, expected.numpy(), atol=1e-5, rtol=0)
 
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_helpers import VOCAB, make_bundle, make_vocab, random_captions, region_features
 
 from itmrt.cli.app import main
+
+from runtime_helpers import VOCAB, make_bundle, make_vocab, random_captions, region_features
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,9 @@ def test_bundle_matches_checkpoint_scores_and_top10(naaf: dict[str, Path], tmp_p
 
 
 def test_index_then_infer_on_gallery_without_torch(naaf: dict[str, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    code, out, err = run_cli(["index", naaf["bundle"], "--images", naaf["feats"], "--out", tmp_path / "gallery"], capsys)
+    code, out, err = run_cli(
+        ["index", naaf["bundle"], "--images", naaf["feats"], "--out", tmp_path / "gallery"], capsys
+    )
     assert code == 0, err and "indexed 30 images" in out
     args = ["infer", str(tmp_path / "gallery"), "--captions", str(naaf["caps"]),
             "--out", str(tmp_path / "g.jsonl"), "--scores-out", str(tmp_path / "g.npy")]
@@ -81,7 +84,9 @@ def test_index_then_infer_on_gallery_without_torch(naaf: dict[str, Path], tmp_pa
 
 def test_outputs_are_not_overwritten_unless_asked(naaf: dict[str, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "r.jsonl").write_text("keep\n")
-    args = ["infer", naaf["bundle"], "--captions", naaf["caps"], "--images", naaf["feats"], "--out", tmp_path / "r.jsonl"]
+    args = [
+        "infer", naaf["bundle"], "--captions", naaf["caps"], "--images", naaf["feats"], "--out", tmp_path / "r.jsonl"
+    ]
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "already exists" in err and (tmp_path / "r.jsonl").read_text() == "keep\n"
     code, _, err = run_cli([*args, "--overwrite"], capsys)
@@ -105,17 +110,25 @@ def test_bad_inputs_end_in_one_line_errors(naaf: dict[str, Path], tmp_path: Path
     (tmp_path / "bytes.txt").write_bytes(b"word1\nword\xff2\n")
     one_line_error([*base, "--captions", tmp_path / "bytes.txt"], capsys, "line 2 is not valid UTF-8")
     (tmp_path / "long.txt").write_text("word1\n" + " ".join(["word3"] * 12) + "\n")
-    one_line_error([*base, "--captions", tmp_path / "long.txt", "--on-long", "refuse"], capsys, "caption 2 has 14 tokens")
+    one_line_error(
+        [*base, "--captions", tmp_path / "long.txt", "--on-long", "refuse"], capsys, "caption 2 has 14 tokens"
+    )
     code, _, err = run_cli(["infer", naaf["bundle"], "--images", naaf["feats"], "--captions", tmp_path / "long.txt",
                             "--out", tmp_path / "truncated.jsonl"], capsys)  # default: truncate, with a warning
     assert code == 0 and err.startswith("warning: 1 caption(s) longer than 12 tokens were truncated")
-    one_line_error(["infer", naaf["checkpoint"], "--captions", naaf["caps"], "--images", naaf["feats"], *out], capsys, "pass --vocab")
+    one_line_error(
+        ["infer", naaf["checkpoint"], "--captions", naaf["caps"], "--images", naaf["feats"], *out], capsys,
+        "pass --vocab"
+    )
     broken = tmp_path / "broken"
     shutil.copytree(naaf["bundle"], broken)
     data = (broken / "text_encoder.onnx").read_bytes()
     (broken / "text_encoder.onnx").write_bytes(data[:1000])
-    one_line_error(["infer", broken, "--captions", naaf["caps"], "--images", naaf["feats"], *out], capsys, "truncated or changed")
-    one_line_error(["infer", naaf["bundle"], "--captions", naaf["caps"], "--images", naaf["feats"], "--precision", "int8", *out],
+    one_line_error(
+        ["infer", broken, "--captions", naaf["caps"], "--images", naaf["feats"], *out], capsys, "truncated or changed"
+    )
+    one_line_error(["infer", naaf["bundle"], "--captions", naaf["caps"], "--images", naaf["feats"], "--precision",
+                    "int8", *out],
                    capsys, "precision int8 is not in bundle")
     assert not (tmp_path / "x.jsonl").exists()
 
@@ -124,7 +137,8 @@ def test_gallery_from_another_bundle_is_refused(naaf: dict[str, Path], tmp_path:
     other, _, _ = make_bundle(tmp_path / "other", seed=3)
     code, _, err = run_cli(["index", other, "--images", naaf["feats"], "--out", tmp_path / "g"], capsys)
     assert code == 0, err
-    one_line_error(["infer", naaf["bundle"], "--gallery", tmp_path / "g", "--captions", naaf["caps"], "--out", tmp_path / "x.jsonl"],
+    one_line_error(["infer", naaf["bundle"], "--gallery", tmp_path / "g", "--captions", naaf["caps"], "--out",
+                    tmp_path / "x.jsonl"],
                    capsys, "made with another bundle")
 
 
@@ -143,8 +157,12 @@ def test_cmpm_bundle_matches_checkpoint(tmp_path: Path, capsys) -> None:  # type
     np.save(tmp_path / "imgs.npy", np.random.default_rng(0).standard_normal((12, 3, 32, 32)).astype(np.float32))
     (tmp_path / "caps.txt").write_text("\n".join(random_captions(15, seed=1)) + "\n")
     common = ["--captions", tmp_path / "caps.txt", "--images", tmp_path / "imgs.npy"]
-    assert run_cli(["infer", tmp_path / "bundle", *common, "--out", tmp_path / "a.jsonl", "--scores-out", tmp_path / "a.npy"], capsys)[0] == 0
-    code, _, err = run_cli(["infer", tmp_path / "cmpm.safetensors", "--vocab", vocab, *common, "--out", tmp_path / "b.jsonl",
+    assert run_cli(
+        ["infer", tmp_path / "bundle", *common, "--out", tmp_path / "a.jsonl", "--scores-out", tmp_path / "a.npy"],
+        capsys
+    )[0] == 0
+    code, _, err = run_cli(["infer", tmp_path / "cmpm.safetensors", "--vocab", vocab, *common, "--out",
+                            tmp_path / "b.jsonl",
                             "--scores-out", tmp_path / "b.npy"], capsys)
     assert code == 0, err
     assert np.abs(np.load(tmp_path / "a.npy") - np.load(tmp_path / "b.npy")).max() <= 1e-5

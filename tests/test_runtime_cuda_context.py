@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from itmrt.engine.cuda_context import CudaContext, close_all, shared_context
 from itmrt.errors import ItmrtError
 from itmrt.runtime.backend_trt import TrtBackend
-from itmrt.engine.cuda_context import CudaContext, close_all, shared_context
 
 
 class Log(list[str]):

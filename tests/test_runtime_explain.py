@@ -10,8 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
-from runtime_helpers import make_bundle, random_captions, region_features
 
 from itmrt.data.mismatch import comparisons
 from itmrt.data.synthetic import make_synthetic_dataset, vocabulary_json
@@ -21,6 +19,9 @@ from itmrt.runtime import load
 from itmrt.runtime.explain import explain, naaf_word_terms
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.recipes import SHIPPED_FILES, SMALL_REGION_DATA
+
+from cli_helpers import run_cli
+from runtime_helpers import make_bundle, random_captions, region_features
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -75,7 +75,9 @@ def test_fused_equals_the_pytorch_reference(tmp_path: Path) -> None:
     fused = FusedNaafScorer(0.2, 20.0, 5.0, threads=1)
     got = fused.run(_feeds(images, captions, lengths))[0]
     with torch.no_grad():
-        expected = naaf_scores_loop(torch.from_numpy(images), torch.from_numpy(captions), lengths.tolist(), 0.2, 20.0, 5.0)
+        expected = naaf_scores_loop(
+            torch.from_numpy(images), torch.from_numpy(captions), lengths.tolist(), 0.2, 20.0, 5.0
+        )
     np.testing.assert_allclose(got, np.asarray(expected).reshape(got.shape), atol=1e-5, rtol=0)
 
 
@@ -108,8 +110,12 @@ def test_tiled_driver_matches_the_graph_scorer_and_its_top_k(tmp_path: Path, mon
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     encoded = CaptionEmbeddings(np.concatenate(pieces), lengths, offsets)
-    graph = score_tiled(OrtBackend(path, SessionSettings(providers=["cpu"])), images, encoded, top_k=4, keep_scores=True)
-    fused = FusedNaafScorer.from_graph(path, threads=2).score_tiles(images, encoded, top_k=4, keep_scores=True, tile=(4, 5))
+    graph = score_tiled(
+        OrtBackend(path, SessionSettings(providers=["cpu"])), images, encoded, top_k=4, keep_scores=True
+    )
+    fused = FusedNaafScorer.from_graph(path, threads=2).score_tiles(
+        images, encoded, top_k=4, keep_scores=True, tile=(4, 5)
+    )
     assert fused.tiles == 4 * 4 and fused.scores is not None and graph.scores is not None
     np.testing.assert_allclose(fused.scores, graph.scores, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(fused.t2i.indices, graph.t2i.indices)
@@ -149,12 +155,13 @@ def test_grams_and_intra_weights_in_position_major_layout() -> None:
         logits = 5.0 * u @ u.T
         expected = np.exp(logits - logits.max(1, keepdims=True))
         expected /= expected.sum(1, keepdims=True)
-        got = np.array([[tile.intra[tile.pairs[k, l] + place] for l in range(m)] for k in range(m)])
+        got = np.array([[tile.intra[tile.pairs[k, other] + place] for other in range(m)] for k in range(m)])
         np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_large_lambda_and_all_negative_words(tmp_path: Path) -> None:
-    """lambda = 50 pushes exp far past float32 without the shift; a threshold above every similarity leaves no positive."""
+    """lambda = 50 pushes exp far past float32 without the shift; a threshold above every similarity leaves no
+    positive."""
     images, captions, lengths = _data(9)
     for threshold, lam in ((0.05, 50.0), (2.0, 20.0)):
         path = _graph(tmp_path, threshold, lam)
@@ -185,6 +192,7 @@ def test_runtime_scorer_choice(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from itmrt.errors import ItmrtError
     from itmrt.runtime import load
+
     from tests.runtime_helpers import make_bundle, random_captions, region_features
 
     bundle, _, _ = make_bundle(tmp_path)

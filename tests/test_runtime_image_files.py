@@ -69,8 +69,8 @@ def _reference(model: Any, pixels: list[np.ndarray]) -> np.ndarray:
 
 
 def test_manifest_records_the_training_preprocessing(cmpm: dict[str, Any]) -> None:
-    from itmrt.data.images import IMAGE_MEAN, IMAGE_STD
     from itmrt.bundle.folder import read_bundle
+    from itmrt.data.images import IMAGE_MEAN, IMAGE_STD
 
     section = read_bundle(cmpm["bundle"]).manifest["image_preprocessing"]
     assert section["crop"] == {"height": SIZE, "width": SIZE, "at": "center"}

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from runtime_helpers import make_bundle
-from test_engine_build import SCORER_ENTRY
 
 from itmrt.bundle.folder import read_bundle
 from itmrt.bundle.manifest import GraphEntry
@@ -19,6 +17,9 @@ from itmrt.runtime.providers import (
     provider_options,
     resolve_providers,
 )
+
+from runtime_helpers import make_bundle
+from test_engine_build import SCORER_ENTRY
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_helpers import make_bundle, random_captions, region_features
 
 from itmrt.cli.app import main
 from itmrt.errors import ItmrtError
@@ -20,6 +19,8 @@ from itmrt.runtime.shortlist import (
     image_global_vectors,
     top_candidates,
 )
+
+from runtime_helpers import make_bundle, random_captions, region_features
 
 N_IMAGES, N_CAPTIONS = 30, 40
 
@@ -150,7 +151,8 @@ def _cli(args: list[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 def test_cli_shortlist(setup, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     np.save(tmp_path / "feats.npy", setup["features"])
     (tmp_path / "caps.txt").write_text("\n".join(setup["captions"]) + "\n")
-    common = ["infer", setup["bundle"], "--captions", tmp_path / "caps.txt", "--images", tmp_path / "feats.npy", "--top-k", "5",
+    common = ["infer", setup["bundle"], "--captions", tmp_path / "caps.txt", "--images", tmp_path / "feats.npy",
+              "--top-k", "5",
               "--threads", "1"]
     assert _cli([*common, "--out", tmp_path / "full.jsonl"], capsys) == (0, "")
     assert _cli([*common, "--shortlist", N_CAPTIONS, "--out", tmp_path / "short.jsonl"], capsys)[0] == 0

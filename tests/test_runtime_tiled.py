@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from runtime_helpers import make_bundle, random_captions, region_features
 
 from itmrt.errors import ItmrtError
 from itmrt.runtime import load
 from itmrt.runtime.tiled import StreamingTopK, score_tiled, tile_shape, top_k_of_matrix
+
+from runtime_helpers import make_bundle, random_captions, region_features
 
 
 def stable_top(matrix: np.ndarray, k: int) -> np.ndarray:

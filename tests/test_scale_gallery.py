@@ -17,10 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scale_helpers import N_IMAGES, quiet, same_top_k, scale_setup
 
 from itmrt.errors import ItmrtError
 from itmrt.runtime.gallery import read_gallery
@@ -41,6 +39,9 @@ from itmrt.scale import (
 from itmrt.scale.index import ShortlistIndex, build_index
 from itmrt.scale.shard import ShardAnswer, merge_answers
 from itmrt.scale.writer import ShardedWriter
+
+from cli_helpers import run_cli
+from scale_helpers import N_IMAGES, quiet, same_top_k, scale_setup
 
 faiss = pytest.importorskip("faiss")
 
@@ -275,10 +276,10 @@ def test_cli_index_and_infer_on_a_sharded_gallery(setup: dict[str, Any], tmp_pat
 
 
 def test_serve_a_sharded_gallery_in_one_process_with_a_shortlist(setup: dict[str, Any]) -> None:
-    from serve_helpers import running
-
     from itmrt.serve.client import ServiceClient
     from itmrt.serve.server import ServeOptions, Service
+
+    from serve_helpers import running
 
     captions = setup["captions"][:5]
     options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=8)

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scale_helpers import N_IMAGES, quiet, same_top_k, scale_setup
-from serve_helpers import running
 
 from itmrt.errors import ItmrtError
 from itmrt.scale import (
@@ -28,6 +26,9 @@ from itmrt.scale import (
 )
 from itmrt.serve.client import ServiceClient
 from itmrt.serve.server import ServeOptions, Service
+
+from scale_helpers import N_IMAGES, quiet, same_top_k, scale_setup
+from serve_helpers import running
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("faiss")

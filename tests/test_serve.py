@@ -24,11 +24,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from cli_helpers import run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from runtime_helpers import make_bundle, make_cmpm_bundle, random_captions
-from serve_helpers import ControlledSearcher, make_gallery, metric, running
 
 from itmrt.errors import ItmrtError
 from itmrt.runtime import load
@@ -37,6 +34,10 @@ from itmrt.serve.client import ServiceClient
 from itmrt.serve.protocol import HEADER_LENGTH, infer_request_body, pack_bytes
 from itmrt.serve.searcher import open_runtime_searcher
 from itmrt.serve.server import ServeOptions, Service, bind_socket
+
+from cli_helpers import run_cli
+from runtime_helpers import make_bundle, make_cmpm_bundle, random_captions
+from serve_helpers import ControlledSearcher, make_gallery, metric, running
 
 REPO = Path(__file__).resolve().parents[1]
 INFER = "/v2/models/text_to_image/infer"

@@ -57,7 +57,9 @@ def test_to_json_round_trip_keeps_indices_and_hash(vocab_dir: Path, tmp_path: Pa
 
 def test_from_words_and_unknown_words() -> None:
     vocabulary = Vocabulary.from_words(["dog", "a", "dog", "<unk>", "runs", "."])
-    assert vocabulary.idx2word == {0: "<pad>", 1: "<start>", 2: "<end>", 3: "<unk>", 4: "dog", 5: "a", 6: "runs", 7: "."}
+    assert vocabulary.idx2word == {
+        0: "<pad>", 1: "<start>", 2: "<end>", 3: "<unk>", 4: "dog", 5: "a", 6: "runs", 7: "."
+    }
     assert vocabulary.encode("A dog flies.") == [1, 5, 4, 3, 7, 2]
     assert vocabulary.word_id("cat") == vocabulary.unk_id == 3
     assert "dog" in vocabulary and "cat" not in vocabulary

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from itmrt.data.images import ImageCaptionSplit, load_vocabulary
 from itmrt.data.synthetic_images import make_synthetic_image_dataset
 from itmrt.errors import CheckpointError, ItmrtError
-from itmrt.models.cmpm import CMPMModel
 from itmrt.families.checkpoints import load_native
+from itmrt.models.cmpm import CMPMModel
 from itmrt.models.native import save_native
 from itmrt.train.cmpm_trainer import (
     BEST_CHECKPOINT,
@@ -123,11 +123,15 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data_dir: Path, 
 
 
 def test_refusals(data_dir: Path, tmp_path: Path) -> None:
-    base: dict[str, Any] = {"data_dir": data_dir, "epochs": 1, "max_steps_per_epoch": 1, "validate_initial": False, **TINY}
+    base: dict[str, Any] = {
+        "data_dir": data_dir, "epochs": 1, "max_steps_per_epoch": 1, "validate_initial": False, **TINY
+    }
     with pytest.raises(ItmrtError, match="32x32 but the model takes 64x64"):
         train_cmpm(CMPMTrainConfig(out_dir=tmp_path / "a", image_size=64, **base))
     foreign = tmp_path / "foreign.safetensors"
-    save_native(foreign, CMPMModel(vocab_size=10, word_dim=8, lstm_hidden=8, embed_size=8, width_mult=0.25, image_size=32))
+    save_native(
+        foreign, CMPMModel(vocab_size=10, word_dim=8, lstm_hidden=8, embed_size=8, width_mult=0.25, image_size=32)
+    )
     with pytest.raises(ItmrtError, match="vocabulary has .* words but the model's embedding has 10"):
         train_cmpm(CMPMTrainConfig(out_dir=tmp_path / "b", init_checkpoint=foreign, **base))
     with pytest.raises(CheckpointError, match="nothing to resume"):

@@ -95,8 +95,8 @@ def _cmpc_direction_loop(
         projected = [scale * v for v in unit]
         logits = [_dot(projected, w) / (_norm(w) + 1e-8) for w in weight]
         top = max(logits)
-        log_z = top + math.log(sum(math.exp(l - top) for l in logits))
-        log_p = [l - log_z for l in logits]
+        log_z = top + math.log(sum(math.exp(logit - top) for logit in logits))
+        log_p = [logit - log_z for logit in logits]
         target = [smoothing / classes + (1.0 - smoothing) * (k == y) for k in range(classes)]
         total -= sum(t * lp for t, lp in zip(target, log_p))
     return total / len(features)

@@ -19,7 +19,9 @@ IMG_DIM = 32
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("d") / "syn", {"train": 24, "dev": 6}, seed=1, img_dim=IMG_DIM)
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("d") / "syn", {"train": 24, "dev": 6}, seed=1, img_dim=IMG_DIM
+    )
 
 
 def _config(data: Path, out: Path, family: str = "naaf", epochs: int = 2) -> TrainConfig:

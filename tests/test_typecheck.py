@@ -1,4 +1,5 @@
-"""mypy on the torch-free packages (bundle, runtime, engine, serve, scale), against ``tensorrt-stubs`` for the TensorRT code.
+"""mypy on the torch-free packages (bundle, runtime, engine, serve, scale), against ``tensorrt-stubs`` for the
+TensorRT code.
 
 This is the project's type check: CI runs it with the rest of the suite (skipped where the stubs are not installed).
 
@@ -44,7 +45,10 @@ TYPECHECKED = ["itmrt/bundle", "itmrt/runtime", "itmrt/engine", "itmrt/serve", "
 
 def patched_stubs(target: Path) -> Path:
     if not (STUBS / "tensorrt" / "__init__.pyi").is_file():
-        pytest.skip(f"tensorrt-stubs not installed at {STUBS} (pip install --no-deps --target {STUBS} tensorrt-stubs==10.13.0.35.1)")
+        pytest.skip(
+            f"tensorrt-stubs not installed at {STUBS} (pip install "
+            f"--no-deps --target {STUBS} tensorrt-stubs==10.13.0.35.1)"
+        )
     for package in ("tensorrt", "tensorrt_bindings"):
         shutil.copytree(STUBS / package, target / package)
     bindings = target / "tensorrt_bindings" / "tensorrt.pyi"
@@ -69,7 +73,8 @@ def run_mypy(paths: list[str], stubs: Path) -> subprocess.CompletedProcess[str]:
     config = stubs / "mypy.ini"
     config.write_text(MYPY_CONFIG, encoding="utf-8")
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(config), "--no-incremental", "--cache-dir", str(stubs / ".cache"), *paths],
+        [sys.executable, "-m", "mypy", "--config-file", str(config), "--no-incremental", "--cache-dir",
+         str(stubs / ".cache"), *paths],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
 

@@ -24,7 +24,13 @@ from itmrt import __version__
 from itmrt.bundle.closed import member
 from itmrt.bundle.names import BACKENDS, PRECISIONS, check_family
 from itmrt.bundle.record import (
-    SAFE_RELATIVE_PATH, JsonRecord, RecordError, bounded, json_schema, optional, sha256_field,
+    SAFE_RELATIVE_PATH,
+    JsonRecord,
+    RecordError,
+    bounded,
+    json_schema,
+    optional,
+    sha256_field,
 )
 from itmrt.errors import ItmrtError
 from itmrt.io import read_json_document, sha256_bytes

@@ -28,10 +28,25 @@ from pathlib import Path
 
 from itmrt import __version__
 from itmrt.bundle.names import (
-    BUNDLE_KIND, COMPONENTS, MANIFEST_NAME, PRECISIONS, SCHEMA_VERSION, VOCAB_FILE, Precision, check_family,
+    BUNDLE_KIND,
+    COMPONENTS,
+    MANIFEST_NAME,
+    PRECISIONS,
+    SCHEMA_VERSION,
+    VOCAB_FILE,
+    Precision,
+    check_family,
 )
 from itmrt.bundle.record import (
-    SAFE_RELATIVE_PATH, SHA256, JsonRecord, RecordError, bounded, json_schema, optional, path_field, sha256_field,
+    SAFE_RELATIVE_PATH,
+    SHA256,
+    JsonRecord,
+    RecordError,
+    bounded,
+    json_schema,
+    optional,
+    path_field,
+    sha256_field,
 )
 from itmrt.errors import ItmrtError
 from itmrt.io import atomic_write_text, read_json_document

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import Manifest
-from itmrt.bundle.names import IMAGE_EMBEDDINGS, CAPTION_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
+from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
 from itmrt.errors import DataError, ItmrtError, VocabularyError
 from itmrt.families import FamilySpec, get
 from itmrt.runtime.sessions import create_session
@@ -189,8 +189,8 @@ def open_calibration_data(
     available = sum(1 for captions in by_image if captions)
     if available < min_samples:
         raise DataError(
-            f"{folder} split '{split}' holds {available} images with captions; calibration needs at least {min_samples}: "
-            "use a larger split"
+            f"{folder} split '{split}' holds {available} images with captions; calibration needs at least "
+            f"{min_samples}: use a larger split"
         )
     rows = _sample_rows(int(images.shape[0]), samples)
     rows = np.array([row for row in rows if by_image[int(row)]], dtype=np.int64)
@@ -198,11 +198,14 @@ def open_calibration_data(
     _check_unknown_share(chosen, vocabulary, folder)
     return CalibrationData(
         folder, split, family, images, rows, chosen, vocabulary, _max_length(manifest),
-        _numpy_dtype(manifest, Component.TEXT_ENCODER, TOKEN_IDS), _numpy_dtype(manifest, Component.TEXT_ENCODER, LENGTHS),
+        _numpy_dtype(manifest, Component.TEXT_ENCODER, TOKEN_IDS),
+        _numpy_dtype(manifest, Component.TEXT_ENCODER, LENGTHS),
     )
 
 
-def random_sample(manifest: Manifest, num_images: int = 8, num_captions: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_sample(
+    manifest: Manifest, num_images: int = 8, num_captions: int = 12, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random graph inputs shaped like the bundle's (used when no calibration data is given).
 
     Region features are non-negative (as bottom-up-attention features are);
@@ -264,7 +267,9 @@ class StreamingCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
     data afresh instead of holding it in memory.
     """
 
-    def __init__(self, make_stream: Callable[[], Iterator[Feeds]], total: int, label: str, progress: bool = True) -> None:
+    def __init__(
+        self, make_stream: Callable[[], Iterator[Feeds]], total: int, label: str, progress: bool = True
+    ) -> None:
         self.make_stream = make_stream
         self.total = total
         self.label = label
@@ -276,7 +281,10 @@ class StreamingCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
     def get_next(self) -> Feeds | None:
         if self._stream is None:
             self._stream = self.make_stream()
-            self._bar = tqdm(total=self.total, desc=self.label, unit="batch", file=sys.stderr, disable=None if self.progress else True, leave=False)
+            self._bar = tqdm(
+                total=self.total, desc=self.label, unit="batch", file=sys.stderr,
+                disable=None if self.progress else True, leave=False
+            )
         item = next(self._stream, None)
         if item is None:
             self._bar.close()
@@ -294,7 +302,9 @@ class StreamingCalibrationReader(CalibrationDataReader):  # type: ignore[misc]
         return self.total
 
 
-def calibration_reader(data: CalibrationData, feeds: FeedMaker, graph: str, batch_size: int = DEFAULT_BATCH, progress: bool = True) -> StreamingCalibrationReader:
+def calibration_reader(
+    data: CalibrationData, feeds: FeedMaker, graph: str, batch_size: int = DEFAULT_BATCH, progress: bool = True
+) -> StreamingCalibrationReader:
     """A reader that streams ``graph``'s inputs for the sampled calibration data."""
     total = data.num_batches(batch_size)
 

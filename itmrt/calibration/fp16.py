@@ -24,8 +24,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from onnxconverter_common import float16
 
-from itmrt.errors import ItmrtError, first_line
 from itmrt.bundle.trt_ops import check_trt_compat
+from itmrt.errors import ItmrtError, first_line
 from itmrt.runtime.sessions import create_session
 
 ALWAYS_FLOAT32_OPS = ("Cast",)
@@ -48,7 +48,8 @@ def _unshare_small_initializers(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         for position, name in enumerate(node.input):
             init = initializers.get(name)
-            if init is None or init.data_type != onnx.TensorProto.FLOAT or numpy_helper.to_array(init).size > SMALL_CONSTANT:
+            if (init is None or init.data_type != onnx.TensorProto.FLOAT
+                    or numpy_helper.to_array(init).size > SMALL_CONSTANT):
                 continue
             seen[name] = seen.get(name, 0) + 1
             if seen[name] == 1:
@@ -84,10 +85,14 @@ def convert_to_fp16(model: onnx.ModelProto, keep_float32: Iterable[str] = ()) ->
     """``model`` in float16 except the nodes named in ``keep_float32`` (and Casts); inputs/outputs stay float32."""
     source = name_nodes(model)
     known = {node.name for node in source.graph.node}
-    blocked = sorted(set(keep_float32) | {node.name for node in source.graph.node if node.op_type in ALWAYS_FLOAT32_OPS})
+    blocked = sorted(
+        set(keep_float32) | {node.name for node in source.graph.node if node.op_type in ALWAYS_FLOAT32_OPS}
+    )
     missing = [name for name in blocked if name not in known]
     if missing:
-        raise ItmrtError(f"FP32 island node(s) {', '.join(missing[:3])} are not in the graph; rebuild the precision graphs")
+        raise ItmrtError(
+            f"FP32 island node(s) {', '.join(missing[:3])} are not in the graph; rebuild the precision graphs"
+        )
     with warnings.catch_warnings():
         # Values outside float16's range (the -3.4e38 mask fill) are clipped to +-65504 with a warning; intended.
         warnings.simplefilter("ignore")
@@ -131,7 +136,8 @@ def _restore_float32_outputs(converted: onnx.ModelProto, source: onnx.ModelProto
             if producer is not None:
                 producer.output[list(producer.output).index(output.name)] = raw
             converted.graph.node.append(
-                onnx.helper.make_node("Cast", [raw], [output.name], name=f"{output.name}__to_float32", to=onnx.TensorProto.FLOAT)
+                onnx.helper.make_node("Cast", [raw], [output.name], name=f"{output.name}__to_float32",
+                                      to=onnx.TensorProto.FLOAT)
             )
         output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
 
@@ -153,7 +159,8 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
         if _cast_target(node) != onnx.TensorProto.FLOAT:
             continue
         first = producers.get(node.input[0])
-        if first is not None and _cast_target(first) == onnx.TensorProto.FLOAT16 and types.get(first.input[0]) == onnx.TensorProto.FLOAT:
+        if (first is not None and _cast_target(first) == onnx.TensorProto.FLOAT16
+                and types.get(first.input[0]) == onnx.TensorProto.FLOAT):
             node.input[0] = first.input[0]
     outputs = {o.name for o in graph.output}
     while True:

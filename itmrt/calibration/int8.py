@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-
 import logging
 import shutil
 import tempfile
@@ -85,7 +84,9 @@ def excluded_nodes(model: onnx.ModelProto) -> list[NodeNote]:
         for consumer in consumers.get(tensor, []):
             if consumer.op_type in COMPARISON_OPS:
                 return True
-            if consumer.op_type in PASS_THROUGH_OPS and depth < 8 and any(feeds_comparison(o, depth + 1) for o in consumer.output):
+            if consumer.op_type in PASS_THROUGH_OPS and depth < 8 and any(
+                feeds_comparison(o, depth + 1) for o in consumer.output
+            ):
                 return True
         return False
 
@@ -98,7 +99,8 @@ def excluded_nodes(model: onnx.ModelProto) -> list[NodeNote]:
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """ORT's quantizer logs advice on the root logger and its calibrators print progress to stdout; keep the CLI readable."""
+    """ORT's quantizer logs advice on the root logger and its calibrators print progress to stdout;
+    keep the CLI readable."""
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -194,8 +196,8 @@ def _require_calibration_cache() -> None:
     if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
         raise ItmrtError(
             f"INT8 graphs need an onnxruntime whose quantize_static saves calibration ranges (calibration_cache_path; "
-            f"itmrt is tested with 1.32); this machine has {onnxruntime.__version__}: upgrade onnxruntime, or calibrate "
-            "on another machine and copy the bundle here"
+            f"itmrt is tested with 1.32); this machine has {onnxruntime.__version__}: upgrade onnxruntime, or "
+            "calibrate on another machine and copy the bundle here"
         )
 
 
@@ -238,7 +240,10 @@ def zero_point_problems(model: onnx.ModelProto) -> list[str]:
         if zero_point is None:
             problems.append(f"{node.op_type} '{node.name}': zero point '{node.input[2]}' is not a constant")
         elif zero_point.dtype != np.int8 or np.any(zero_point != 0):
-            problems.append(f"{node.op_type} '{node.name}': zero point {zero_point.dtype} {zero_point.ravel()[:4].tolist()} is not int8 0")
+            problems.append(
+                f"{node.op_type} '{node.name}': zero point {zero_point.dtype} "
+                f"{zero_point.ravel()[:4].tolist()} is not int8 0"
+            )
     return problems
 
 

@@ -50,7 +50,13 @@ from itmrt.calibration.calib_data import (
     random_sample,
 )
 from itmrt.calibration.fp16 import verify_precision_graph
-from itmrt.calibration.int8 import excluded_nodes, quantizable_nodes, quantization_summary, quantize_graph, zero_point_problems
+from itmrt.calibration.int8 import (
+    excluded_nodes,
+    quantizable_nodes,
+    quantization_summary,
+    quantize_graph,
+    zero_point_problems,
+)
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands, output_error, run_model
 from itmrt.errors import ItmrtError
 from itmrt.io import atomic_write_bytes, sha256_bytes
@@ -141,7 +147,9 @@ def _record_variants(m: Manifest, precision: Precision, results: list[GraphResul
 
 def _open_data(bundle: Path, manifest: Manifest, options: PrecisionOptions) -> CalibrationData:
     assert options.calib_data is not None
-    return open_calibration_data(bundle, manifest, options.calib_data, options.split, options.samples, options.min_samples)
+    return open_calibration_data(
+        bundle, manifest, options.calib_data, options.split, options.samples, options.min_samples
+    )
 
 
 # -- fp16 --------------------------------------------------------------------------
@@ -227,11 +235,15 @@ def _needs_calibration(bundle: Path, manifest: Manifest, graph_entry: GraphEntry
     return bool(quantizable_nodes(source, [note.node for note in excluded_nodes(source)]))
 
 
-def _plan_int8(folder: Path, manifest: Manifest, options: PrecisionOptions, force_calibration: bool, say: Log) -> Int8Plan:
+def _plan_int8(
+    folder: Path, manifest: Manifest, options: PrecisionOptions, force_calibration: bool, say: Log
+) -> Int8Plan:
     reasons = saved_calibration(folder, manifest, options.method if options.calib_data is not None else None)
     calibrating = force_calibration or options.recalibrate or bool(reasons)
     if calibrating and options.calib_data is None:
-        raise ItmrtError(f"int8 needs calibration ({reasons[0]}); pass --calib-data DIR or run `itmrt calibrate BUNDLE --data DIR`")
+        raise ItmrtError(
+            f"int8 needs calibration ({reasons[0]}); pass --calib-data DIR or run `itmrt calibrate BUNDLE --data DIR`"
+        )
     data = _open_data(folder, manifest, options) if options.calib_data is not None else None
     if calibrating:
         assert data is not None

@@ -96,7 +96,9 @@ def decision_nodes(model: onnx.ModelProto, threshold_initializer: str | None) ->
     chosen = []
     for node in model.graph.node:
         uses_threshold = threshold_initializer is not None and threshold_initializer in node.input
-        float_comparison = node.op_type in COMPARISON_OPS and any(types.get(name) == TensorProto.FLOAT for name in node.input)
+        float_comparison = node.op_type in COMPARISON_OPS and any(
+            types.get(name) == TensorProto.FLOAT for name in node.input
+        )
         if uses_threshold or float_comparison:
             chosen.append(node)
     return chosen
@@ -106,7 +108,8 @@ def run_model(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> list[list[np.nd
     """Outputs of ``model`` on each feed; float16 graphs run with their float16 rounding kept
     (:func:`itmrt.calibration.fp16.emulation_session`), others as they are."""
     has_fp16 = any(init.data_type == TensorProto.FLOAT16 for init in model.graph.initializer) or any(
-        node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute) for node in model.graph.node
+        node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute)
+        for node in model.graph.node
     )
     session = emulation_session(model) if has_fp16 else ort_session(model.SerializeToString())
     return [session.run(None, dict(feed)) for feed in feeds]
@@ -183,7 +186,9 @@ def choose_islands(
         alone = convert_to_fp16(named, every_node - {node.name})
         node_errors[node.name] = output_error(reference, alone, feeds)
         if node_errors[node.name] > options.node_tolerance:
-            islands[node.name] = NodeNote(node=node.name, op=node.op_type, reason="error", measured=node_errors[node.name])
+            islands[node.name] = NodeNote(
+                node=node.name, op=node.op_type, reason="error", measured=node_errors[node.name]
+            )
 
     ops = {node.name: node.op_type for node in candidates}
     converted = convert_to_fp16(named, islands)

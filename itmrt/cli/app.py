@@ -44,7 +44,6 @@ def _root(
 # Command modules register themselves on ``app`` when imported.
 from itmrt.cli import commands  # noqa: E402,F401
 
-
 _CLICK_ERROR: type[Exception] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 """click's base of command-line errors (typer bundles its own click; it exports only ``BadParameter``)."""
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from itmrt import limits
-
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import CalibrationMethod

@@ -37,14 +37,14 @@ def eval_command(
     i2t: image queries, best rank among its 5 captions; t2i: caption queries.
     R@K in percent, medr/meanr 1-based, rsum = sum of the six recalls.
     """
+    from itmrt.bundle.names import REGION_FEATURES
     from itmrt.cli.progress import progress_bars
     from itmrt.data.metrics import coco_5fold_1k, format_recall_table
     from itmrt.data.mismatch import accuracy, comparisons, format_accuracy, read_meta
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.io import atomic_write_files, float32_npy_bytes
-    from itmrt.bundle.names import REGION_FEATURES
     from itmrt.families import family_of
     from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.io import atomic_write_files, float32_npy_bytes
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
 
     check_new_files([json_path, scores_out], overwrite)

@@ -30,4 +30,6 @@ def check_report_folder(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise ItmrtError(f"--report {folder} is a file; give a folder for the report")
     if (folder / "report.json").exists() and not overwrite:
-        raise ItmrtError(f"{folder} already holds a report; pass --overwrite to replace it or choose another --report folder")
+        raise ItmrtError(
+            f"{folder} already holds a report; pass --overwrite to replace it or choose another --report folder"
+        )

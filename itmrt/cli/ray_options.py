@@ -20,11 +20,15 @@ def address() -> Any:
 
 
 def workers() -> Any:
-    return typer.Option(None, "--ray-workers", min=1, help="Ray actors (default: one per shard; fewer: shards grouped).")
+    return typer.Option(
+        None, "--ray-workers", min=1, help="Ray actors (default: one per shard; fewer: shards grouped)."
+    )
 
 
 def cpus() -> Any:
-    return typer.Option(1.0, "--ray-cpus", min=0.01, help="CPUs each actor declares (its runtime's threads, rounded up).")
+    return typer.Option(
+        1.0, "--ray-cpus", min=0.01, help="CPUs each actor declares (its runtime's threads, rounded up)."
+    )
 
 
 def gpus() -> Any:

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from itmrt import limits
-
 from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app

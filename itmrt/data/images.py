@@ -120,7 +120,8 @@ class ImageCaptionSplit:
         if len(caption_image) and (int(caption_image.min()) < 0 or int(caption_image.max()) >= num_images):
             raise DataError(
                 f"{index_path} holds image indices outside 0..{num_images - 1} "
-                f"(min {int(caption_image.min())}, max {int(caption_image.max())}); {split}_images.npy has {num_images} images"
+                f"(min {int(caption_image.min())}, max {int(caption_image.max())}); {split}_images.npy has "
+                f"{num_images} images"
             )
         labels_path = folder / f"{split}_labels.npy"
         if labels_path.exists():
@@ -181,7 +182,9 @@ def _open_images(path: Path) -> np.ndarray:
 def _open_integers(path: Path, what: str) -> np.ndarray:
     values = open_npy(path, what)
     if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
-        raise DataError(f"{what} file {path} has dtype {values.dtype} and shape {values.shape}; expected a 1-D integer array")
+        raise DataError(
+            f"{what} file {path} has dtype {values.dtype} and shape {values.shape}; expected a 1-D integer array"
+        )
     return np.asarray(values, dtype=np.int64)
 
 
@@ -215,12 +218,15 @@ def identity_recall_table(scores: np.ndarray, image_labels: np.ndarray, caption_
     caption_labels = np.asarray(caption_labels)
     if scores.ndim != 2 or scores.shape != (len(image_labels), len(caption_labels)):
         raise DataError(
-            f"score matrix has shape {scores.shape}; expected images x captions = ({len(image_labels)}, {len(caption_labels)})"
+            f"score matrix has shape {scores.shape}; expected images "
+            f"x captions = ({len(image_labels)}, {len(caption_labels)})"
         )
     if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
         raise DataError("score matrix holds NaN values; the model or engine produced invalid scores")
     if not np.isin(caption_labels, image_labels).all() or not np.isin(image_labels, caption_labels).all():
-        raise DataError("some identities have captions but no image (or images but no caption); every query needs a match")
+        raise DataError(
+            "some identities have captions but no image (or images but no caption); every query needs a match"
+        )
     table: dict[str, float] = {}
     for prefix, ranks in (
         ("i2t", _first_correct_ranks(scores, image_labels, caption_labels)),

@@ -68,7 +68,9 @@ class PrecompSplit:
             raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
         folder = Path(data_dir)
         if not folder.is_dir():
-            raise DataError(f"data folder {folder} does not exist; pass the folder holding {split}_ims.npy and {split}_caps.txt")
+            raise DataError(
+                f"data folder {folder} does not exist; pass the folder holding {split}_ims.npy and {split}_caps.txt"
+            )
         images_path = folder / f"{split}_ims.npy"
         captions_path = folder / f"{split}_caps.txt"
         captions = read_captions(captions_path)
@@ -136,7 +138,8 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
     except UnicodeDecodeError as exc:
         line_number = len(_LINE_END_BYTES.split(raw[: exc.start]))
         raise DataError(
-            f"captions file {path} line {line_number} is not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
+            f"captions file {path} line {line_number} is not valid "
+            f"UTF-8 (byte {exc.start}); re-encode the file as UTF-8"
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -147,7 +150,9 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
     for number, line in enumerate(lines, start=1):
         caption = line.strip()
         if not caption:
-            raise DataError(f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)")
+            raise DataError(
+                f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)"
+            )
         captions.append(caption)
     if not captions:  # only whitespace, in the wider sense of Unicode
         raise DataError(f"captions file {path} is empty; expected {layout}")
@@ -165,10 +170,13 @@ def _open_features(path: Path) -> np.ndarray:
         )
     if features.dtype != np.float32:
         raise DataError(
-            f"image features file {path} has dtype {features.dtype}; expected float32 (convert with arr.astype('float32'))"
+            f"image features file {path} has dtype {features.dtype}; "
+            "expected float32 (convert with arr.astype('float32'))"
         )
     if features.shape[1] == 0 or features.shape[2] == 0:
-        raise DataError(f"image features file {path} has shape {features.shape}; regions and feature dim must be non-zero")
+        raise DataError(
+            f"image features file {path} has shape {features.shape}; regions and feature dim must be non-zero"
+        )
     return features
 
 
@@ -195,7 +203,8 @@ def _deduplicate(
         head = head.reshape(groups, captions_per_image, *features.shape[1:])
         if not np.array_equal(head, np.broadcast_to(head[:, :1], head.shape)):
             raise DataError(
-                f"image features file {images_path} has one row per caption ({rows}) but rows 0-{captions_per_image - 1} "
+                f"image features file {images_path} has one row per caption ({rows}) but rows "
+                f"0-{captions_per_image - 1} "
                 f"differ; expected {expected_images} images or each image repeated {captions_per_image}x"
             )
         return features[::captions_per_image], True

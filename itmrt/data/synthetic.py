@@ -314,7 +314,8 @@ def _write_features(
                 regions = int(rng.integers(1, max_per_object + 1))
                 rows = slots[used:used + regions]
                 used += regions
-                signal = world.prototypes[class_index[obj["noun"]]] + colour_scale * world.colours[colour_index[obj["colour"]]]
+                signal = (world.prototypes[class_index[obj["noun"]]]
+                          + colour_scale * world.colours[colour_index[obj["colour"]]])
                 block[offset, rows] = signal + noise_scale * block[offset, rows]
         if repeat == 1:
             out[start:stop] = block

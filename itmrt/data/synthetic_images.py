@@ -113,7 +113,9 @@ def make_synthetic_image_dataset(
                         caption_image.append(image_index)
             labels = np.repeat(np.arange(count, dtype=np.int64), images_per_identity)
             np.save(staging / f"{split}_images.npy", images, allow_pickle=False)
-            np.save(staging / f"{split}_caption_image.npy", np.asarray(caption_image, dtype=np.int64), allow_pickle=False)
+            np.save(
+                staging / f"{split}_caption_image.npy", np.asarray(caption_image, dtype=np.int64), allow_pickle=False
+            )
             np.save(staging / f"{split}_labels.npy", labels, allow_pickle=False)
             (staging / f"{split}_caps.txt").write_bytes("".join(text + "\n" for text in captions).encode("utf-8"))
             meta = {
@@ -137,7 +139,8 @@ def _check_arguments(
     num_identities: Mapping[str, int] | int, images_per_identity: int, captions_per_image: tuple[int, int] | int,
     image_size: int, seed: int, negation_fraction: float, noise_std: float,
 ) -> dict[str, int]:
-    splits = {split: num_identities for split in DEFAULT_SPLITS} if isinstance(num_identities, int) else dict(num_identities)
+    splits = ({split: num_identities for split in DEFAULT_SPLITS} if isinstance(num_identities, int)
+              else dict(num_identities))
     if not splits:
         raise DataError("no splits requested; pass num_identities as an int or e.g. {'train': 300, 'dev': 100}")
     for split, count in splits.items():
@@ -147,9 +150,13 @@ def _check_arguments(
             raise DataError(f"split {split!r} needs at least 1 identity, got {count!r}")
     if not isinstance(images_per_identity, int) or images_per_identity < 1:
         raise DataError(f"images_per_identity must be >= 1, got {images_per_identity!r}")
-    bounds = (captions_per_image, captions_per_image) if isinstance(captions_per_image, int) else tuple(captions_per_image)
+    bounds = ((captions_per_image, captions_per_image) if isinstance(captions_per_image, int)
+              else tuple(captions_per_image))
     if len(bounds) != 2 or not all(isinstance(b, int) for b in bounds) or not 1 <= bounds[0] <= bounds[1]:
-        raise DataError(f"captions_per_image must be a count >= 1 or a range (low, high) with 1 <= low <= high, got {captions_per_image!r}")
+        raise DataError(
+            "captions_per_image must be a count >= 1 or a range (low, "
+            f"high) with 1 <= low <= high, got {captions_per_image!r}"
+        )
     if not isinstance(image_size, int) or image_size < 32:
         raise DataError(f"image_size must be an integer >= 32 (MobileNet downsamples by 32), got {image_size!r}")
     if not isinstance(seed, int) or seed < 0:

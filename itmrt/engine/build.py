@@ -163,7 +163,9 @@ def inspect_serialized(serialized: bytes, settings: BuilderSettings) -> tuple[in
     return device_memory_bytes(engine), layers
 
 
-def engine_ranges(folder: Path, manifest: Manifest, precision: str, options: EngineOptions, say: Log) -> dict[str, Range]:
+def engine_ranges(
+    folder: Path, manifest: Manifest, precision: str, options: EngineOptions, say: Log
+) -> dict[str, Range]:
     """The axis ranges every engine's profile uses: the manifest's, fitted to a board, then ``--shape``."""
     ranges: dict[str, Range] = {}
     for entry in manifest.graphs.values():

@@ -36,14 +36,22 @@ from itmrt import __version__
 from itmrt.bundle.folder import is_bundle
 from itmrt.bundle.graph_entries import graph_entry
 from itmrt.bundle.manifest import AxisRange, GraphEntry, Manifest, SourceCheckpoint, VocabEntry, write_manifest
-from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, GRAPH_FILES, MANIFEST_NAME, MAX_LENGTH, NUM_REGIONS, VOCAB_FILE
+from itmrt.bundle.names import (
+    BATCH_CAPTIONS,
+    BATCH_IMAGES,
+    GRAPH_FILES,
+    MANIFEST_NAME,
+    MAX_LENGTH,
+    NUM_REGIONS,
+    VOCAB_FILE,
+)
 from itmrt.bundle.trt_ops import check_trt_compat
 from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
 from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
 from itmrt.families.checkpoints import load_checkpoint
-from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
 from itmrt.io import check_output_folder, not_a_file, publish_folder, sha256_file, staged_folder
+from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
 from itmrt.models.checkpoint import detect_format
 from itmrt.text.vocab import Vocabulary
 
@@ -205,7 +213,10 @@ def judge_parity(loaded: LoadedModel, built: BuiltBundle, options: ExportOptions
             "no bundle was written"
         )
     if not parity.top_k_identical:
-        raise ItmrtError(f"parity check failed: ONNX Runtime's top-{parity.top_k} rankings differ from PyTorch's; no bundle was written")
+        raise ItmrtError(
+            f"parity check failed: ONNX Runtime's top-{parity.top_k} "
+            "rankings differ from PyTorch's; no bundle was written"
+        )
     return parity
 
 

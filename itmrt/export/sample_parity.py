@@ -140,7 +140,9 @@ def check_parity(
     image_input = _graph_inputs(sessions[Component.IMAGE_ENCODER])[0]
     ort_images = _run(sessions[Component.IMAGE_ENCODER], {image_input: sample.images})
     ort_captions = _run(sessions[Component.TEXT_ENCODER], {TOKEN_IDS: sample.token_ids, LENGTHS: sample.lengths})
-    available = {IMAGE_EMBEDDINGS: ref_images.numpy(), CAPTION_EMBEDDINGS: ref_captions.numpy(), LENGTHS: sample.lengths}
+    available = {
+        IMAGE_EMBEDDINGS: ref_images.numpy(), CAPTION_EMBEDDINGS: ref_captions.numpy(), LENGTHS: sample.lengths
+    }
     score_feeds = {name: available[name] for name in _graph_inputs(sessions[Component.SCORER])}
     errors = {
         Component.IMAGE_ENCODER.value: _max_abs(ort_images, ref_images.numpy()),

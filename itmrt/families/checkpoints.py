@@ -14,8 +14,8 @@ import os
 from typing import Any
 
 from itmrt.errors import CheckpointError, ItmrtError, first_line
-from itmrt.io import parse_json
 from itmrt.families.registry import get
+from itmrt.io import parse_json
 from itmrt.models.checkpoint import detect_format, load_released_checkpoint
 from itmrt.models.native import NATIVE_FORMAT, read_native
 from itmrt.models.statedict import load_state_dict_checked
@@ -26,7 +26,8 @@ def load_native(path: str | os.PathLike[str]) -> Any:
     metadata, tensors = read_native(path)
     if metadata.get("itmrt_format") != NATIVE_FORMAT:
         raise CheckpointError(
-            f"{path} is a safetensors file but not an itmrt checkpoint (no itmrt_format={NATIVE_FORMAT!r} in its metadata)"
+            f"{path} is a safetensors file but not an itmrt checkpoint "
+            f"(no itmrt_format={NATIVE_FORMAT!r} in its metadata)"
         )
     family = str(metadata.get("family"))
     try:

@@ -71,7 +71,8 @@ class CmpmFamily(FamilySpec):
         from itmrt.graphs.text_encoders import cmpm_text_encoder_graph
 
         graphs = {
-            Component.IMAGE_ENCODER.value: cmpm_image_encoder_graph(model.image_encoder, model.image_size, options.opset),
+            Component.IMAGE_ENCODER.value: cmpm_image_encoder_graph(
+                model.image_encoder, model.image_size, options.opset),
             Component.TEXT_ENCODER.value: cmpm_text_encoder_graph(model.text_encoder, options.opset),
             Component.SCORER.value: cosine_scorer_graph(model.embed_size, options.opset),
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-
 from itmrt.bundle.manifest import JsonScalar
 from itmrt.bundle.names import Component
 from itmrt.families.regions import RegionFeatureFamily
@@ -29,7 +28,9 @@ class CrossAttentionFamily(RegionFeatureFamily):
 
         return CrossAttentionMatcher.from_opt(config, family=self.name)
 
-    def scorer_graph(self, model: Any, options: GraphOptions) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
+    def scorer_graph(
+        self, model: Any, options: GraphOptions
+    ) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
         """The scorer graph, the constants it froze and the PyTorch scorer that holds the same constants."""
         raise NotImplementedError
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
-
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD
 from itmrt.errors import ItmrtError
 from itmrt.families.cross_attention import CrossAttentionFamily
@@ -29,7 +28,9 @@ class NaafFamily(CrossAttentionFamily):
     learns_threshold: ClassVar[bool] = True
     fused_scorer: ClassVar[bool] = True
 
-    def scorer_graph(self, model: Any, options: GraphOptions) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
+    def scorer_graph(
+        self, model: Any, options: GraphOptions
+    ) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
         from itmrt.graphs.scorers import naaf_scorer_graph
         from itmrt.models.naaf import NAAFScorer
 

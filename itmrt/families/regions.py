@@ -42,4 +42,6 @@ class RegionFeatureFamily(FamilySpec):
     def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:
         expected = model.image_encoder.img_dim
         if features.ndim != 3 or features.shape[2] != expected:
-            raise ItmrtError(f"{source} has shape {features.shape}; the checkpoint expects images x regions x {expected}")
+            raise ItmrtError(
+                f"{source} has shape {features.shape}; the checkpoint expects images x regions x {expected}"
+            )

@@ -20,7 +20,9 @@ DEFAULT_LAMBDA_SOFTMAX = 9.0
 class ScanFamily(CrossAttentionFamily):
     name: ClassVar[str] = "scan"
 
-    def scorer_graph(self, model: Any, options: GraphOptions) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
+    def scorer_graph(
+        self, model: Any, options: GraphOptions
+    ) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
         from itmrt.graphs.scorers import scan_scorer_graph
 
         scorer = model.scorer
@@ -42,7 +44,8 @@ class ScanFamily(CrossAttentionFamily):
     def training_options(self, config: Any) -> dict[str, Any]:
         lam = DEFAULT_LAMBDA_SOFTMAX if config.lambda_softmax is None else config.lambda_softmax
         return {"lambda_softmax": lam, "bi_gru": config.bi_gru, "cross_attn": config.cross_attn,
-                "raw_feature_norm": config.raw_feature_norm, "agg_func": config.agg_func, "lambda_lse": config.lambda_lse}
+                "raw_feature_norm": config.raw_feature_norm, "agg_func": config.agg_func,
+                "lambda_lse": config.lambda_lse}
 
 
 SCAN = register(ScanFamily())

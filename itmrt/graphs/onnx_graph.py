@@ -105,12 +105,16 @@ class GraphBuilder:
             self._constants[key] = name
         return self._constants[key]
 
-    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, out: str | None = None, **attrs: Any) -> str:
+    def op(
+        self, op_type: str, inputs: Sequence[str], hint: str | None = None, out: str | None = None, **attrs: Any
+    ) -> str:
         """Add one single-output node and return its output name."""
         output = out if out is not None else self._unique(hint or op_type.lower())
         if out is not None:
             self._used.add(out)
-        self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=self._unique(f"{hint or op_type}_node"), **attrs))
+        self.nodes.append(
+            helper.make_node(op_type, list(inputs), [output], name=self._unique(f"{hint or op_type}_node"), **attrs)
+        )
         return output
 
     def op_multi(self, op_type: str, inputs: Sequence[str], num_outputs: int, hint: str, **attrs: Any) -> list[str]:

@@ -61,7 +61,8 @@ def _cross_attention_inputs(g: GraphBuilder, embed_size: int) -> tuple[str, str,
     products = g.op("MatMul", [flat_captions, regions_t], "sims_flat")  # [Bc*L, Bi*n]
     grid = g.op(
         "Concat",
-        [g.op("Shape", [captions], "caption_dims", start=0, end=2), g.op("Shape", [images], "image_dims", start=0, end=2)],
+        [g.op("Shape", [captions], "caption_dims", start=0, end=2),
+         g.op("Shape", [images], "image_dims", start=0, end=2)],
         "sims_grid",
         axis=0,
     )  # [Bc, L, Bi, n]

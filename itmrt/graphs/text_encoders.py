@@ -68,7 +68,9 @@ def _run_rnn(g: GraphBuilder, op_type: str, x_time_major: str, lengths: str, rnn
         if layer + 1 < rnn.num_layers:
             # [L, dirs, B, H] -> [L, B, dirs*H]: the next layer sees both directions concatenated.
             per_step = g.transpose(y, [0, 2, 1, 3], f"{op_type.lower()}_l{layer}_steps")
-            layer_input = g.op("Reshape", [per_step, g.const([0, 0, -1], np.int64)], f"{op_type.lower()}_l{layer}_concat")
+            layer_input = g.op(
+                "Reshape", [per_step, g.const([0, 0, -1], np.int64)], f"{op_type.lower()}_l{layer}_concat"
+            )
     return y
 
 
@@ -127,4 +129,6 @@ def cmpm_text_encoder_graph(encoder: CMPMTextEncoder, opset: int) -> onnx.ModelP
     projected = g.op("MatMul", [pooled, g.initializer(weight_t, "projection_weight_t")], "projection_matmul")
     embedding = g.op("Add", [projected, g.initializer(bias, "projection_bias")], "projection")
     g.output(embedding, CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, encoder.embed_size])
-    return g.build({"component": Component.TEXT_ENCODER.value, "max_over_padding": str(encoder.max_over_padding).lower()})
+    return g.build(
+        {"component": Component.TEXT_ENCODER.value, "max_over_padding": str(encoder.max_over_padding).lower()}
+    )

@@ -75,7 +75,9 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         return "torch"
     if len(head) == 9 and head[8:9] == b"{":
         return "safetensors"
-    raise CheckpointError(f"{file} is not a checkpoint itmrt reads (neither a PyTorch checkpoint nor a safetensors file)")
+    raise CheckpointError(
+        f"{file} is not a checkpoint itmrt reads (neither a PyTorch checkpoint nor a safetensors file)"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -127,7 +129,8 @@ def _safe_torch_load(file: Path) -> Any:
             name = (blocked.group(1) or blocked.group(2)).rstrip(".")
             raise CheckpointError(
                 f"{file} contains a pickled object '{name}' that itmrt does not load; "
-                "only tensors, plain containers, numbers and argparse.Namespace are accepted (nothing in the file was run)"
+                "only tensors, plain containers, numbers and argparse.Namespace are accepted (nothing in the file was "
+                "run)"
             ) from None
         raise CheckpointError(f"{file} cannot be read safely as a PyTorch checkpoint: {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt file fails in many ways (EOFError, struct.error, ...)
@@ -138,7 +141,8 @@ def _safe_torch_load(file: Path) -> Any:
 
 def _released_parts(content: Any, file: Path) -> tuple[Mapping[str, Any], Mapping[str, Any], dict[str, Any]]:
     """(image state dict, text state dict, opt dict) of a released checkpoint's content."""
-    layout_hint = "a NAAF/SCAN checkpoint is a dict with 'model' = [image-encoder state dict, text-encoder state dict] and 'opt'"
+    layout_hint = ("a NAAF/SCAN checkpoint is a dict with 'model' = [image-encoder state dict, text-encoder state dict]"
+                   " and 'opt'")
     if not isinstance(content, Mapping) or "model" not in content:
         raise CheckpointError(f"{file} has no 'model' entry; {layout_hint}")
     parts = content["model"]
@@ -167,7 +171,9 @@ def _options_from_weights(image_state: Mapping[str, Any], text_state: Mapping[st
         table = text_state.get(key)
         if isinstance(table, torch.Tensor):
             if table.dim() != 2:
-                raise CheckpointError(f"{file}: {key} should be a [vocab_size, word_dim] table, it is {list(table.shape)}")
+                raise CheckpointError(
+                    f"{file}: {key} should be a [vocab_size, word_dim] table, it is {list(table.shape)}"
+                )
             found["precomp_enc_text_type"] = text_type
             found["vocab_size"] = int(table.shape[0])
             return found
@@ -195,7 +201,9 @@ def load_released_checkpoint(path: str | os.PathLike[str], family: str | None = 
     raise_for_problems(str(file), problems)
     matcher.image_encoder.load_state_dict(dict(image_state), strict=True)
     matcher.text_encoder.load_state_dict(dict(text_state), strict=True)
-    matcher.checkpoint_info = {key: _plain_value(content[key]) for key in ("epoch", "best_rsum", "Eiters") if key in content}
+    matcher.checkpoint_info = {
+        key: _plain_value(content[key]) for key in ("epoch", "best_rsum", "Eiters") if key in content
+    }
     return matcher.eval()
 
 
@@ -212,7 +220,8 @@ def _check_plain(value: Any, name: str) -> None:
             _check_plain(item, name)
         return
     raise CheckpointError(
-        f"option {name!r} holds a {type(value).__name__}, which a safe loader cannot read back; use numbers, strings or lists"
+        f"option {name!r} holds a {type(value).__name__}, which a "
+        "safe loader cannot read back; use numbers, strings or lists"
     )
 
 

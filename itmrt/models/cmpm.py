@@ -18,7 +18,8 @@ padded positions of the given ``tokens`` tensor take part as zero vectors.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -8,9 +8,9 @@ the batched scorer of the model's family.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,11 +36,16 @@ def _batches(n: int, size: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def encode_images(model, features: np.ndarray, batch_size: int = 128, progress: ProgressFn | None = None) -> torch.Tensor:
+def encode_images(
+    model, features: np.ndarray, batch_size: int = 128, progress: ProgressFn | None = None
+) -> torch.Tensor:
     """Region features [N, n, img_dim] -> region embeddings [N, n, d] (float32, CPU)."""
     out = []
     for start, stop in _batches(len(features), batch_size):
-        batch = torch.from_numpy(np.array(features[start:stop], dtype=np.float32))  # a writable copy of the memmap slice
+        # a writable copy of the memmap slice
+        batch = torch.from_numpy(
+            np.array(features[start:stop], dtype=np.float32)
+        )
         out.append(model.encode_images(batch))
         if progress:
             progress(stop - start)
@@ -82,7 +87,8 @@ def score_matrix(
     for c0, c1 in _batches(n_cap, caption_tile):
         lengths = captions.lengths[c0:c1]
         emb = captions.embeddings[c0:c1]
-        if emb.dim() == 3:  # token embeddings: trim the tile to its own longest caption (padding is inert, but costs time)
+        # token embeddings: trim the tile to its own longest caption (padding is inert, but costs time)
+        if emb.dim() == 3:
             emb = emb[:, : int(lengths.max())]
         for i0, i1 in _batches(n_img, image_tile):
             scores[i0:i1, c0:c1] = model.score(image_embeddings[i0:i1], emb, lengths).numpy()

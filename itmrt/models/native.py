@@ -42,7 +42,9 @@ def native_metadata(model: torch.nn.Module) -> dict[str, str]:
     try:
         config_json = json.dumps(config, sort_keys=True)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"the model options cannot be stored as JSON ({exc}); keep them to numbers, strings and lists") from exc
+        raise CheckpointError(
+            f"the model options cannot be stored as JSON ({exc}); keep them to numbers, strings and lists"
+        ) from exc
     return {"itmrt_format": NATIVE_FORMAT, "family": family, "config": config_json, "itmrt_version": __version__}
 
 
@@ -63,7 +65,9 @@ def read_native(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[str,
     try:
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)}); is it truncated?") from exc
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({first_line(exc)}); is it truncated?"
+        ) from exc
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     metadata = header.get("__metadata__") or {}

@@ -16,7 +16,8 @@ matrices with a few numpy lines.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -161,8 +162,12 @@ def naaf_decision_flips(
     ref_regions = np.asarray(reference_regions, dtype=np.float64)
     got_regions = np.asarray(regions, dtype=np.float64)
     for ref_u, got_u in zip(reference_tokens, tokens):
-        ref_pos, ref_neg = naaf_decisions(np.asarray(ref_u, np.float64), ref_regions, threshold, intra_factor, propagate)
-        got_pos, got_neg = naaf_decisions(np.asarray(got_u, np.float64), got_regions, threshold, intra_factor, propagate)
+        ref_pos, ref_neg = naaf_decisions(
+            np.asarray(ref_u, np.float64), ref_regions, threshold, intra_factor, propagate
+        )
+        got_pos, got_neg = naaf_decisions(
+            np.asarray(got_u, np.float64), got_regions, threshold, intra_factor, propagate
+        )
         region_flips += int(np.count_nonzero(ref_pos != got_pos))
         word_flips += int(np.count_nonzero(ref_neg != got_neg))
         region_total += ref_pos.size

@@ -31,16 +31,17 @@ import resource
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from itmrt.errors import ItmrtError
-from itmrt.reports.runtime_variants import Variant, graph_files, open_variant
 from itmrt.bundle.folder import read_bundle
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, BackendName, Component, Precision
+from itmrt.errors import ItmrtError
+from itmrt.reports.runtime_variants import Variant, graph_files, open_variant
 from itmrt.runtime.encoders import tokenize
 from itmrt.runtime.tiled import top_k_of_matrix
 
@@ -151,9 +152,13 @@ def _score_call(runtime: Any, gallery: np.ndarray, captions: Any) -> Callable[[]
     return call
 
 
-def bench_variant(runtime: Any, options: BenchOptions, bar: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+def bench_variant(
+    runtime: Any, options: BenchOptions, bar: Callable[[int], None] | None = None
+) -> list[dict[str, Any]]:
     rng = np.random.default_rng(options.seed)
-    pool = synthetic_captions(runtime.vocab, max(options.captions, max(options.batch_sizes)), rng, max_length=runtime.max_length)
+    pool = synthetic_captions(
+        runtime.vocab, max(options.captions, max(options.batch_sizes)), rng, max_length=runtime.max_length
+    )
     gallery_features = synthetic_features(runtime, options.images, rng)
     gallery = runtime.image_encoder.encode(gallery_features)
     results = []
@@ -164,14 +169,16 @@ def bench_variant(runtime: Any, options: BenchOptions, bar: Callable[[int], None
         features = synthetic_features(runtime, batch, rng)
         score = _score_call(runtime, gallery, encoded)
         block = score()
+        # The calls run within this iteration; the defaults bind this iteration's values all the same.
         calls: dict[str, Callable[[], Any]] = {
-            "tokenise": lambda: tokenize(runtime.vocab, captions, runtime.max_length, "truncate", lambda _m: None),
-            "text_encode": lambda: runtime.text_encoder.encode_ids(ids),
-            "image_encode": lambda: runtime.image_encoder.encode(features),
+            "tokenise": lambda captions=captions: tokenize(
+                runtime.vocab, captions, runtime.max_length, "truncate", lambda _m: None),
+            "text_encode": lambda ids=ids: runtime.text_encoder.encode_ids(ids),
+            "image_encode": lambda features=features: runtime.image_encoder.encode(features),
             "score": score,
-            "top_k": lambda: top_k_of_matrix(block, options.top_k),
-            "rank": lambda: runtime.rank(gallery, encoded, top_k=options.top_k),
-            "end_to_end": lambda: runtime.search_text_to_image(captions, gallery, k=options.top_k),
+            "top_k": lambda block=block: top_k_of_matrix(block, options.top_k),
+            "rank": lambda encoded=encoded: runtime.rank(gallery, encoded, top_k=options.top_k),
+            "end_to_end": lambda captions=captions: runtime.search_text_to_image(captions, gallery, k=options.top_k),
         }
         pairs = batch * options.images
         for stage in STAGES:
@@ -224,7 +231,10 @@ def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None 
         else:
             advance = bar(f"bench {variant.name}", len(options.batch_sizes) * len(STAGES)) if bar else None
             started = time.perf_counter()
-            entry.update(status="ok", reason=None, graph_files=graph_files(runtime), results=bench_variant(runtime, options, advance))
+            entry.update(
+                status="ok", reason=None, graph_files=graph_files(runtime),
+                results=bench_variant(runtime, options, advance)
+            )
             entry["seconds"] = time.perf_counter() - started
             entry["rss_peak_bytes"] = peak_rss_bytes()
         entries.append(entry)
@@ -232,9 +242,11 @@ def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None 
     report.update(
         environment=environment(options.threads),
         settings={
-            "batch_sizes": [int(b) for b in options.batch_sizes], "captions": options.captions, "images": options.images,
+            "batch_sizes": [int(b) for b in options.batch_sizes], "captions": options.captions,
+            "images": options.images,
             "warmup": options.warmup, "repeats": options.repeats, "top_k": options.top_k, "threads": options.threads,
-            "seed": options.seed, "scorer": options.scorer or "default", "inputs": "synthetic", "percentiles": "numpy.percentile, linear interpolation",
+            "seed": options.seed, "scorer": options.scorer or "default", "inputs": "synthetic",
+            "percentiles": "numpy.percentile, linear interpolation",
         },
         variants=entries,
     )

@@ -14,8 +14,9 @@ Rows present in only one report are listed, not judged.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from itmrt.errors import ItmrtError
 
@@ -103,7 +104,9 @@ def compare_parity(a: dict[str, Any], b: dict[str, Any], max_recall_drop: float)
     return out
 
 
-def compare_reports(a: dict[str, Any], b: dict[str, Any], max_throughput_drop: float = 0.1, max_recall_drop: float = 1.0) -> Comparison:
+def compare_reports(
+    a: dict[str, Any], b: dict[str, Any], max_throughput_drop: float = 0.1, max_recall_drop: float = 1.0
+) -> Comparison:
     """Compare two reports of one kind (A = before, B = after)."""
     if a["kind"] != b["kind"]:
         raise ItmrtError(f"cannot compare a {a['kind']} report with a {b['kind']} report; pass two of the same kind")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from itmrt.reports.bench import STAGES
 
@@ -23,7 +24,8 @@ def environment_lines(env: dict[str, Any]) -> list[str]:
     gpus = "; ".join(f"{g['name']} (driver {g['driver']})" for g in env["gpus"]) or "none"
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     return [
-        f"- CPU: {cpu['model']} ({cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical CPUs); features: {features}",
+        f"- CPU: {cpu['model']} ({cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical CPUs); features: "
+        f"{features}",
         f"- GPU: {gpus}",
         f"- OS: {env['os']}; threads: ONNX Runtime intra-op {env['threads']['onnxruntime_intra_op'] or 'automatic'}",
         f"- versions: {versions}",
@@ -50,18 +52,24 @@ def parity_markdown(report: dict[str, Any]) -> str:
     ]
     k = report["settings"]["top_k"]
     overlap = f"top{k}_overlap"
-    rows = [["reference", "-"] + [_num(ref["recall"][k], ".1f") for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")]
+    rows = [["reference", "-"]
+            + [_num(ref["recall"][k], ".1f")
+               for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")]
             + ["-"] * 4]
     for v in measured:
         r, d = v["recall"], v["recall_delta"]
         rows.append([v["name"], "pass" if v["passed"] else "FAIL"]
-                    + [_num(r[k], ".1f") for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")]
-                    + [f"{d['rsum']:+.2f}", f"{v['retrieval']['i2t']['top1_agreement']:.3f} / {v['retrieval']['t2i']['top1_agreement']:.3f}",
+                    + [_num(r[k], ".1f")
+                       for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")]
+                    + [f"{d['rsum']:+.2f}",
+                       f"{v['retrieval']['i2t']['top1_agreement']:.3f} / {v['retrieval']['t2i']['top1_agreement']:.3f}",
                        f"{v['retrieval']['i2t'][overlap]:.3f} / {v['retrieval']['t2i'][overlap]:.3f}",
                        f"{v['retrieval']['i2t']['spearman_mean']:.4f} / {v['retrieval']['t2i']['spearman_mean']:.4f}"])
     out.append(table(["variant", "verdict", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum", "rsum delta",
                       "top-1 agree (i2t/t2i)", f"top-{k} overlap", "Spearman"], rows))
-    out += [""] + [f"- {v['name']} ran " + ", ".join(f"{k}: `{f}`" for k, f in v["graph_files"].items()) for v in measured]
+    out += [""] + [
+        f"- {v['name']} ran " + ", ".join(f"{k}: `{f}`" for k, f in v["graph_files"].items()) for v in measured
+    ]
     out += ["", "## Tensors (each graph fed the reference's inputs; end to end: the variant's own pipeline)", ""]
     rows = []
     for v in measured:
@@ -73,20 +81,26 @@ def parity_markdown(report: dict[str, Any]) -> str:
     if tied:
         band = tied[0]["threshold_ties"]["band"]
         out += ["", f"Pairs at NAAF's threshold (a reference similarity within {band:g} of it: either side of the mask "
-                "is a correct float32 result, so these are judged by the decision flip rates, not the score tolerance):", ""]
+                "is a correct float32 result, so these are judged by the decision flip rates, not the score "
+                "tolerance):",
+                ""]
         out.append(table(["variant", "pairs at the threshold (among the largest errors)", "max abs error, other pairs"],
-                         [[v["name"], f"{v['threshold_ties']['tie_pairs']} of {v['threshold_ties']['pairs_examined']} examined",
+                         [[v["name"],
+                           f"{v['threshold_ties']['tie_pairs']} of {v['threshold_ties']['pairs_examined']} examined",
                            _num(v["threshold_ties"]["max_abs_off_threshold"])] for v in tied]))
     flips = [v for v in measured if v.get("decisions")]
     if flips:
         d0 = flips[0]["decisions"]
-        out += ["", f"## NAAF branch decisions that flip against the reference ({d0['captions']} captions x {d0['images']} images, "
-                f"threshold {d0['threshold']:.4f})", ""]
+        out += ["", "## NAAF branch decisions that flip against the reference "
+                f"({d0['captions']} captions x {d0['images']} images, threshold {d0['threshold']:.4f})", ""]
         out.append(table(["variant", "region decisions (s - t > 0)", "flipped", "word decisions (q < 0)", "flipped"],
                          [[v["name"], v["decisions"]["region_decisions"], f"{v['decisions']['region_flip_rate']:.2e}",
-                           v["decisions"]["word_decisions"], f"{v['decisions']['word_flip_rate']:.2e}"] for v in flips]))
-    out += ["", "## Checks (tolerances: defaults per precision" + (f", overridden: {report['tolerance_overrides']}" if report["tolerance_overrides"] else "") + ")", ""]
-    rows = [[v["name"], c["name"], f"{c['op']} {c['limit']:g}", _num(c["value"], ".4g"), "pass" if c["passed"] else "FAIL"]
+                           v["decisions"]["word_decisions"],
+                           f"{v['decisions']['word_flip_rate']:.2e}"] for v in flips]))
+    overridden = f", overridden: {report['tolerance_overrides']}" if report["tolerance_overrides"] else ""
+    out += ["", "## Checks (tolerances: defaults per precision" + overridden + ")", ""]
+    rows = [[v["name"], c["name"], f"{c['op']} {c['limit']:g}", _num(c["value"], ".4g"),
+             "pass" if c["passed"] else "FAIL"]
             for v in measured for c in v["checks"]]
     out.append(table(["variant", "check", "limit", "measured", "result"], rows))
     skipped = not_run_lines(report["variants"])
@@ -101,8 +115,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
     out = [
         f"# Latency report: {report['bundle']['family']} bundle `{report['bundle']['path']}`",
         "",
-        f"Synthetic inputs; gallery of {s['images']} images; {s['warmup']} warm-up and {s['repeats']} timed calls per row; "
-        f"top-{s['top_k']}. Latency per call in ms; throughput from the mean.",
+        f"Synthetic inputs; gallery of {s['images']} images; {s['warmup']} warm-up and {s['repeats']} timed calls per "
+        f"row; top-{s['top_k']}. Latency per call in ms; throughput from the mean.",
         f"Command: `{report['command']}`",
         "",
     ]
@@ -114,9 +128,12 @@ def bench_markdown(report: dict[str, Any]) -> str:
         for r in sorted(v["results"], key=lambda r: (STAGES.index(r["stage"]), r["batch_size"])):
             lat, tp = r["latency_ms"], r["throughput"]
             items = f"{tp['images_per_s']:.0f} img/s" if "images_per_s" in tp else f"{tp['captions_per_s']:.0f} cap/s"
-            rows.append([r["stage"], r["batch_size"]] + [f"{lat[k]:.3f}" for k in ("min", "mean", "p50", "p90", "p99", "max")]
-                        + [items, f"{tp['pairs_per_s']:.3g}" if "pairs_per_s" in tp else "-", f"{r['traced_peak_bytes'] / 2**20:.1f}"])
-        out.append(table(["stage", "batch", "min", "mean", "p50", "p90", "p99", "max", "throughput", "pairs/s", "numpy peak MiB"], rows))
+            rows.append([r["stage"], r["batch_size"]]
+                        + [f"{lat[k]:.3f}" for k in ("min", "mean", "p50", "p90", "p99", "max")]
+                        + [items, f"{tp['pairs_per_s']:.3g}" if "pairs_per_s" in tp else "-",
+                           f"{r['traced_peak_bytes'] / 2**20:.1f}"])
+        out.append(table(["stage", "batch", "min", "mean", "p50", "p90", "p99", "max", "throughput", "pairs/s",
+                          "numpy peak MiB"], rows))
         out.append("")
     skipped = not_run_lines(report["variants"])
     if skipped:

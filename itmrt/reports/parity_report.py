@@ -25,9 +25,10 @@ Score matrices are saved next to the report (``scores_reference.npy``,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,9 +50,12 @@ BarFactory = Callable[[str, int], Callable[[int], None]]
 TOLERANCE_KEYS = ("score_max_abs", "rsum_abs_delta", "top1_agreement_min", "flip_rate_max")
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     # fp32 graphs should equal PyTorch up to float32 rounding and kernel order.
-    Precision.FP32.value: {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99, "flip_rate_max": 1e-3},
-    Precision.FP16.value: {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95, "flip_rate_max": 1e-2},
-    Precision.INT8.value: {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85, "flip_rate_max": 5e-2},
+    Precision.FP32.value: {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99,
+                           "flip_rate_max": 1e-3},
+    Precision.FP16.value: {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95,
+                           "flip_rate_max": 1e-2},
+    Precision.INT8.value: {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85,
+                           "flip_rate_max": 5e-2},
 }
 RECALL_DELTA_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 REFERENCE_FILE = "scores_reference.npy"
@@ -124,7 +128,9 @@ def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list
     ]
     decisions = entry.get("decisions")
     if decisions:
-        checks.append(_check("region decision flip rate", decisions["region_flip_rate"], tolerances["flip_rate_max"], "<="))
+        checks.append(
+            _check("region decision flip rate", decisions["region_flip_rate"], tolerances["flip_rate_max"], "<=")
+        )
         checks.append(_check("word decision flip rate", decisions["word_flip_rate"], tolerances["flip_rate_max"], "<="))
     for check in checks:  # JSON has no infinity: a non-finite score is recorded as a failed check with value null
         if not np.isfinite(check["value"]):
@@ -151,7 +157,9 @@ def apply_tolerances(report: dict[str, Any], overrides: dict[str, float] | None 
 
 def _open_split(info: BundleInfo, data: Path, options: ParityOptions) -> tuple[PrecompSplit, np.ndarray, list[str]]:
     if get(info.family).image_input != REGION_FEATURES:
-        raise ItmrtError(f"itmrt parity compares region-feature bundles (NAAF, SCAN); {info.path} is a {info.family} bundle")
+        raise ItmrtError(
+            f"itmrt parity compares region-feature bundles (NAAF, SCAN); {info.path} is a {info.family} bundle"
+        )
     split = PrecompSplit.open(data, options.split)
     count = split.num_images if options.max_images is None else min(options.max_images, split.num_images)
     if count < 1:
@@ -190,16 +198,20 @@ def torch_reference(
     path = Path(checkpoint) if checkpoint is not None else Path(source.path if source is not None else "")
     if not path.is_file():
         raise ItmrtError(
-            f"the bundle's source checkpoint {path} is not there; pass it with --checkpoint PATH, or use --against ort:fp32"
+            f"the bundle's source checkpoint {path} is not there; "
+            "pass it with --checkpoint PATH, or use --against ort:fp32"
         )
     expected = source.sha256 if source is not None else None
     if expected and sha256_file(path) != expected:
         raise ItmrtError(
-            f"{path} is not the checkpoint {info.path} was exported from (sha256 differs); pass the right one with --checkpoint"
+            f"{path} is not the checkpoint {info.path} was exported "
+            "from (sha256 differs); pass the right one with --checkpoint"
         )
     model = load_checkpoint(path)
     if not get(model.family).token_level:
-        raise ItmrtError(f"{path} holds a global-embedding model; itmrt parity compares region-feature models (NAAF, SCAN)")
+        raise ItmrtError(
+            f"{path} holds a global-embedding model; itmrt parity compares region-feature models (NAAF, SCAN)"
+        )
     model.eval()
     images = encode_images(model, features, batch_size, bar("reference: images", len(features)) if bar else None)
     lengths = np.array([len(x) for x in ids], dtype=np.int32)
@@ -213,7 +225,9 @@ def torch_reference(
             tokens = np.zeros((len(batch), width), dtype=np.int64)
             for row, caption_ids in enumerate(batch):
                 tokens[row, : len(caption_ids)] = caption_ids
-            out = model.encode_captions(torch.from_numpy(tokens), torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64)))
+            out = model.encode_captions(
+                torch.from_numpy(tokens), torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64))
+            )
             for row in range(len(batch)):
                 k = start + row
                 vectors[offsets[k] : offsets[k + 1]] = out[row, : lengths[k]].numpy()
@@ -225,7 +239,9 @@ def torch_reference(
     return ModelOutputs(images.numpy(), captions, scores), described
 
 
-def runtime_encoded(runtime: Any, features: np.ndarray, ids: list[list[int]], top_k: int, bar: BarFactory | None = None) -> ModelOutputs:
+def runtime_encoded(
+    runtime: Any, features: np.ndarray, ids: list[list[int]], top_k: int, bar: BarFactory | None = None
+) -> ModelOutputs:
     images = runtime.image_encoder.encode(features)
     captions = runtime.text_encoder.encode_ids(ids)
     progress = bar(f"{runtime.backend_name}:{runtime.precision}: score", len(ids)) if bar else None
@@ -245,7 +261,9 @@ def _frozen_threshold(info: BundleInfo) -> float | None:
     return threshold.value if threshold is not None else None
 
 
-def _decision_flips(info: BundleInfo, ref: ModelOutputs, got: ModelOutputs, images: int, per_image: int) -> dict[str, Any] | None:
+def _decision_flips(
+    info: BundleInfo, ref: ModelOutputs, got: ModelOutputs, images: int, per_image: int
+) -> dict[str, Any] | None:
     manifest = info.manifest
     threshold = _frozen_threshold(info)
     if threshold is None:
@@ -265,7 +283,9 @@ def _threshold_ties(info: BundleInfo, ref: ModelOutputs, scores: np.ndarray) -> 
     threshold = _frozen_threshold(info)
     if threshold is None:
         return None
-    return agreement.threshold_ties(ref.scores, scores, _caption_tokens(ref.captions, ref.scores.shape[1]), ref.images, threshold)
+    return agreement.threshold_ties(
+        ref.scores, scores, _caption_tokens(ref.captions, ref.scores.shape[1]), ref.images, threshold
+    )
 
 
 def measure_variant(
@@ -335,7 +355,9 @@ def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar
             entry.update(status="not_run", reason=reason)
         else:
             try:
-                measured, scores = measure_variant(info, runtime, ref, features, ids, per_image, options, ref_recall, bar)
+                measured, scores = measure_variant(
+                    info, runtime, ref, features, ids, per_image, options, ref_recall, bar
+                )
             except ItmrtError as exc:  # e.g. a precision graph whose outputs have the wrong shape
                 entry.update(status="failed", reason=first_line(exc))
             else:

@@ -27,8 +27,9 @@ def _pyplot() -> Any:
 
 def _save(fig: Any, path: Path, overwrite: bool = True) -> str:
     """Write the figure as PNG; without ``overwrite``, only if ``path`` does not exist when it is renamed in."""
-    from itmrt.io import atomic_write_bytes
     import io
+
+    from itmrt.io import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -39,7 +40,9 @@ def _save(fig: Any, path: Path, overwrite: bool = True) -> str:
 def error_histograms(report: dict[str, Any], matrices: dict[str, np.ndarray], path: Path) -> str:
     plt = _pyplot()
     measured = [v for v in report["variants"] if v["status"] == "ok"]
-    fig, axes = plt.subplots(len(measured), 1, figsize=(7, 2.6 * len(measured) + 0.6), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(measured), 1, figsize=(7, 2.6 * len(measured) + 0.6), squeeze=False, constrained_layout=True
+    )
     reference = matrices["scores_reference.npy"].astype(np.float64)
     for ax, variant in zip(axes[:, 0], measured):
         diff = np.abs(matrices[variant["scores_file"]].astype(np.float64) - reference).ravel()
@@ -54,7 +57,9 @@ def error_histograms(report: dict[str, Any], matrices: dict[str, np.ndarray], pa
         ax.set_yscale("log")
         limit = variant["tolerances"]["score_max_abs"]
         ax.axvline(limit, color="tab:red", linestyle="--", label=f"tolerance {limit:g}")
-        ax.set_title(f"{variant['name']}: |score - reference| over {diff.size} pairs ({zeros} exactly equal)", fontsize=9)
+        ax.set_title(
+            f"{variant['name']}: |score - reference| over {diff.size} pairs ({zeros} exactly equal)", fontsize=9
+        )
         ax.set_ylabel("pairs")
         ax.legend(fontsize=8)
     axes[-1, 0].set_xlabel("absolute score error")
@@ -103,7 +108,9 @@ def latency_lines(report: dict[str, Any], path: Path) -> str | None:
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
     for ax, stage in zip(axes.ravel(), STAGES):
         for variant in measured:
-            points = sorted((r["batch_size"], r["latency_ms"]["p50"]) for r in variant["results"] if r["stage"] == stage)
+            points = sorted(
+                (r["batch_size"], r["latency_ms"]["p50"]) for r in variant["results"] if r["stage"] == stage
+            )
             if points:
                 batches, p50 = zip(*points)
                 ax.plot(batches, p50, marker="o", label=variant["name"])
@@ -154,13 +161,17 @@ def similarity_matrix(explanation: Any, path: Path, overwrite: bool = True) -> s
     ax.scatter(above[:, 1], above[:, 0], s=6, c="black", label=f"s > threshold {t:.3f}")
     best = [w.best_region for w in explanation.words]
     ax.scatter(best, range(words), s=60, facecolors="none", edgecolors="black", linewidths=1.0, label="best region")
-    ax.set_yticks(range(words), [w.word + (" [neg]" if w.negative_fired else "") for w in explanation.words], fontsize=8)
+    ax.set_yticks(
+        range(words), [w.word + (" [neg]" if w.negative_fired else "") for w in explanation.words], fontsize=8
+    )
     ax.set_xlabel("region")
     bar = fig.colorbar(image, ax=ax, fraction=0.04)
     bar.ax.axhline(t, color="black", linewidth=1.5)
     bar.set_label("word . region similarity (line: threshold)")
     scorer = "" if explanation.scorer_score is None else f"; scorer {explanation.scorer_score:.4f}"
-    ax.set_title(f"image {explanation.image}: \"{explanation.caption}\"\nscore {explanation.score:.4f}{scorer}", fontsize=9)
+    ax.set_title(
+        f"image {explanation.image}: \"{explanation.caption}\"\nscore {explanation.score:.4f}{scorer}", fontsize=9
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.12 - 0.4 / max(words, 1)), ncol=2, frameon=False)
     name = _save(fig, path, overwrite)
     plt.close(fig)

@@ -65,7 +65,8 @@ def tensorrt_missing() -> str | None:
 
 
 def open_variant(
-    bundle: str | Path, variant: Variant, threads: int = 0, scorer: str | None = None, providers: list[str] | None = None
+    bundle: str | Path, variant: Variant, threads: int = 0, scorer: str | None = None,
+    providers: list[str] | None = None
 ) -> tuple[Any, str | None]:
     """``(runtime, None)``, or ``(None, reason)`` when this machine or bundle cannot run ``variant``.
 

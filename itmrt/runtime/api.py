@@ -16,15 +16,11 @@ gallery keeps each image's path as its id (``gallery.ids``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from itmrt.errors import ItmrtError
-from itmrt.families import FamilySpec, get
-from itmrt.runtime.backends import Backend, SessionSettings, open_backend
-from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.bundle.folder import BundleInfo, read_bundle
 from itmrt.bundle.names import (
     BATCH_CAPTIONS,
@@ -36,12 +32,16 @@ from itmrt.bundle.names import (
     Precision,
     parse_choice,
 )
+from itmrt.errors import ItmrtError
+from itmrt.families import FamilySpec, get
+from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
-from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.options import DEFAULT_BUDGET_BYTES, OnLong, RuntimeOptions, ScorerChoice, Warn
+from itmrt.runtime.sessions import CPU_PROVIDER
+from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled
 from itmrt.text.vocab import Vocabulary
 
@@ -68,7 +68,8 @@ class Runtime:
         self.vocab = Vocabulary.from_json(bundle.vocab_file())
         if len(self.vocab) != bundle.manifest.vocab.size:
             raise ItmrtError(
-                f"bundle {bundle.path}: vocab.json has {len(self.vocab)} words, the manifest says {bundle.manifest.vocab.size}"
+                f"bundle {bundle.path}: vocab.json has {len(self.vocab)} "
+                f"words, the manifest says {bundle.manifest.vocab.size}"
             )
         self.batch_limit = _range_max(bundle, BATCH_IMAGES, options.backend, options.precision)
         self.caption_limit = _range_max(bundle, BATCH_CAPTIONS, options.backend, options.precision)
@@ -91,7 +92,9 @@ class Runtime:
         requested = options.max_length
         if requested is not None and profile_length is not None and requested > profile_length \
                 and options.backend == BackendName.TRT:
-            raise ItmrtError(f"--max-length {requested} exceeds the engine profile's {profile_length}; use at most {profile_length}")
+            raise ItmrtError(
+                f"--max-length {requested} exceeds the engine profile's {profile_length}; use at most {profile_length}"
+            )
         return requested if requested is not None else profile_length
 
     def close(self) -> None:
@@ -203,7 +206,9 @@ class Runtime:
         """
         if shortlist is not None and captions.token_level:
             if keep_scores:
-                raise ItmrtError("a shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out")
+                raise ItmrtError(
+                    "a shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out"
+                )
             found = self._shortlisted(images, captions, top_k, shortlist, ("t2i", "i2t"))
             return ScoreResult(found["t2i"], found["i2t"], None, (0, 0), 0)
         if shortlist is not None:
@@ -219,7 +224,9 @@ class Runtime:
         progress: Callable[[int], None] | None = None,
     ) -> ScoreResult:
         if self.fused is not None and captions.token_level:
-            return self.fused.score_tiles(embeddings, captions, top_k, keep_scores, self.budget_bytes, progress=progress)
+            return self.fused.score_tiles(
+                embeddings, captions, top_k, keep_scores, self.budget_bytes, progress=progress
+            )
         trt = self.backend_name == BackendName.TRT
         return score_tiled(
             self.backends[Component.SCORER], embeddings, captions, top_k, keep_scores, self.budget_bytes,
@@ -233,7 +240,8 @@ class Runtime:
         return scores
 
     def _shortlisted(
-        self, images: np.ndarray | Gallery, captions: CaptionEmbeddings, k: int, shortlist: int, directions: tuple[str, ...]
+        self, images: np.ndarray | Gallery, captions: CaptionEmbeddings, k: int, shortlist: int,
+        directions: tuple[str, ...]
     ) -> dict[str, TopK]:
         embeddings = self._image_embeddings(images)
         vectors = None
@@ -344,7 +352,9 @@ def _fused_scorer(
     return FusedNaafScorer.from_graph(bundle.graph_file(Component.SCORER, Precision.FP32), threads)
 
 
-def _range_max(bundle: BundleInfo, axis: str, backend: str = BackendName.ORT, precision: str = Precision.FP32) -> int | None:
+def _range_max(
+    bundle: BundleInfo, axis: str, backend: str = BackendName.ORT, precision: str = Precision.FP32
+) -> int | None:
     """The largest size of ``axis`` the runtime may feed: the manifest's range, and for TensorRT engines the
     smallest maximum any of them was built for (a board preset or --shape may have narrowed it)."""
     limits = bundle.shape_range(axis)

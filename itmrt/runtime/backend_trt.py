@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from itmrt.errors import ItmrtError
-from itmrt.optional import require_all
 from itmrt.bundle.folder import BundleInfo
 from itmrt.engine.cuda_context import CudaContext, cuda_error, shared_context
+from itmrt.errors import ItmrtError
+from itmrt.optional import require_all
 
 
 def _import_tensorrt() -> tuple[Any, Any]:

@@ -10,8 +10,8 @@ of the whole set: the scorer pads each tile on the fly.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -21,7 +21,6 @@ from itmrt.errors import DataError, ItmrtError
 from itmrt.runtime.backends import Backend
 from itmrt.runtime.options import OnLong, Warn
 from itmrt.text.vocab import CaptionTooLongError, Vocabulary
-
 
 
 def default_warn(message: str) -> None:
@@ -71,7 +70,8 @@ class CaptionEmbeddings:
             return CaptionEmbeddings(self.vectors[index], lengths)
         offsets = np.zeros(len(index) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        rows = np.concatenate([np.arange(self.offsets[k], self.offsets[k] + self.lengths[k]) for k in index]) if len(index) else np.zeros(0, np.int64)
+        rows = (np.concatenate([np.arange(self.offsets[k], self.offsets[k] + self.lengths[k]) for k in index])
+                if len(index) else np.zeros(0, np.int64))
         return CaptionEmbeddings(self.vectors[rows], lengths, offsets)
 
 
@@ -181,7 +181,9 @@ def check_finite_output(values: np.ndarray, component: str, which: str) -> None:
         )
 
 
-def check_image_input(features: np.ndarray, expected: list[int | str], ranges: dict[str, AxisRange | None], source: str) -> None:
+def check_image_input(
+    features: np.ndarray, expected: list[int | str], ranges: dict[str, AxisRange | None], source: str
+) -> None:
     """Refuse features whose shape does not fit the image encoder's declared input (one-line error)."""
     if features.ndim != len(expected):
         raise DataError(
@@ -191,7 +193,8 @@ def check_image_input(features: np.ndarray, expected: list[int | str], ranges: d
     for axis, (have, want) in enumerate(zip(features.shape[1:], expected[1:]), start=1):
         if isinstance(want, int) and have != want:
             raise DataError(
-                f"{source} has shape {tuple(features.shape)} but the bundle expects {' x '.join(str(d) for d in expected)} "
+                f"{source} has shape {tuple(features.shape)} but the bundle expects "
+                f"{' x '.join(str(d) for d in expected)} "
                 f"(axis {axis} is {have}, not {want}); use features extracted for this model"
             )
         limits = ranges.get(str(want)) if isinstance(want, str) else None

@@ -25,10 +25,11 @@ scorer is built; :func:`fused_available` tells whether it can be.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -178,11 +179,15 @@ class FusedNaafScorer:
             raise ItmrtError(f"cannot read the scorer graph {path}: {exc}; export the bundle again") from None
         meta = {p.key: p.value for p in model.metadata_props}
         if meta.get("family") != "naaf":
-            raise ItmrtError(f"the fused scorer is for NAAF bundles; {path} is a {meta.get('family')!r} scorer - use scorer='graph'")
+            raise ItmrtError(
+                f"the fused scorer is for NAAF bundles; {path} is a {meta.get('family')!r} scorer - use scorer='graph'"
+            )
         try:
             values = [float(meta[key]) for key in CONSTANT_KEYS]
         except (KeyError, ValueError):
-            raise ItmrtError(f"the scorer graph {path} lacks NAAF's constants in its metadata; export the bundle again") from None
+            raise ItmrtError(
+                f"the scorer graph {path} lacks NAAF's constants in its metadata; export the bundle again"
+            ) from None
         return cls(values[0], values[1], values[2], threads=threads)
 
     def warm_kernels(self) -> None:
@@ -241,8 +246,8 @@ class FusedNaafScorer:
         layout = tile.layout
         sims = self.similarities(images.reshape(n_img * regions, depth), tile.tokens)
         ordered = np.empty((n_img, len(layout.order)), dtype=np.float32)
-        self.kernels.score_tile(sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths, tile.intra,
-                              tile.pairs, grams, self.threshold, self.lambda_softmax, ordered)
+        self.kernels.score_tile(sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths,
+                                tile.intra, tile.pairs, grams, self.threshold, self.lambda_softmax, ordered)
         out = np.empty_like(ordered)
         out[:, layout.order] = ordered
         return out
@@ -250,7 +255,8 @@ class FusedNaafScorer:
     # -- backend interface ------------------------------------------------------
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The scorer graph's contract: ``image_embeddings [Bi, n, d]``, padded ``caption_embeddings [Bc, L, d]``, ``lengths``."""
+        """The scorer graph's contract: ``image_embeddings [Bi, n, d]``, padded ``caption_embeddings [Bc, L, d]``,
+        ``lengths``."""
         images = np.ascontiguousarray(feeds[IMAGE_EMBEDDINGS], dtype=np.float32)
         padded = np.asarray(feeds[CAPTION_EMBEDDINGS], dtype=np.float32)
         lengths = np.asarray(feeds[LENGTHS]).astype(np.int64)

@@ -49,7 +49,9 @@ _EXP_LOW = np.float32(-87.0)
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
-_C2, _C3, _C4, _C5, _C6 = (np.float32(1 / 2), np.float32(1 / 6), np.float32(1 / 24), np.float32(1 / 120), np.float32(1 / 720))
+_C2, _C3, _C4, _C5, _C6 = (
+    np.float32(1 / 2), np.float32(1 / 6), np.float32(1 / 24), np.float32(1 / 120), np.float32(1 / 720)
+)
 f32 = np.float32
 _EPS = np.float32(1e-8)
 _LEAKY = np.float32(0.1)
@@ -60,12 +62,12 @@ _LEAKY = np.float32(0.1)
 # threads at once; one Runtime is used from one thread. The layer is chosen at the first parallel
 # call, which comes after this module is imported; an explicit NUMBA_THREADING_LAYER wins.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    setattr(numba.config, "THREADING_LAYER", "workqueue")  # numba.config has no type information
+    setattr(numba.config, "THREADING_LAYER", "workqueue")  # noqa: B010 (numba.config has no type information)
 
 
 def set_threads(threads: int) -> None:
     """Run the parallel kernels on ``threads`` threads (at most numba's pool size)."""
-    numba.set_num_threads(min(threads, int(getattr(numba.config, "NUMBA_NUM_THREADS"))))  # untyped config
+    numba.set_num_threads(min(threads, int(getattr(numba.config, "NUMBA_NUM_THREADS"))))  # noqa: B009 (untyped config)
 
 
 def kernels() -> tuple[object, ...]:
@@ -113,19 +115,19 @@ def intra_weights(tokens, offsets, pairs, lengths, factor, out):  # type: ignore
         for k in range(m):
             a = offsets[k] + c
             top = f32(-np.inf)
-            for l in range(m):
-                b = offsets[l] + c
+            for other in range(m):
+                b = offsets[other] + c
                 acc = f32(0.0)
                 for x in range(d):
                     acc += tokens[a, x] * tokens[b, x]
-                logits[l] = factor * acc
-                top = max(top, logits[l])
+                logits[other] = factor * acc
+                top = max(top, logits[other])
             total = f32(0.0)
-            for l in range(m):
-                logits[l] = np.exp(logits[l] - top)
-                total += logits[l]
-            for l in range(m):
-                out[pairs[k, l] + c] = logits[l] / total
+            for other in range(m):
+                logits[other] = np.exp(logits[other] - top)
+                total += logits[other]
+            for other in range(m):
+                out[pairs[k, other] + c] = logits[other] / total
 
 @numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
 def score_tile(sims, width, offsets, counts, lengths, intra, pairs, grams, threshold, lam, out):  # type: ignore[no-untyped-def]
@@ -233,14 +235,14 @@ def score_tile(sims, width, offsets, counts, lengths, intra, pairs, grams, thres
                 for t in range(CHUNK):
                     acc[t] = diagonal * wj[t]
                 for block in range(j // 4):
-                    l = 4 * block
-                    g0, g1, g2, g3 = gram[j, l], gram[j, l + 1], gram[j, l + 2], gram[j, l + 3]
-                    w0, w1, w2, w3 = weights[l], weights[l + 1], weights[l + 2], weights[l + 3]
+                    other = 4 * block
+                    g0, g1, g2, g3 = gram[j, other], gram[j, other + 1], gram[j, other + 2], gram[j, other + 3]
+                    w0, w1, w2, w3 = weights[other], weights[other + 1], weights[other + 2], weights[other + 3]
                     for t in range(CHUNK):
                         acc[t] += (g0 * w0[t] + g1 * w1[t]) + (g2 * w2[t] + g3 * w3[t])
-                for l in range(4 * (j // 4), j):
-                    g0 = gram[j, l]
-                    w0 = weights[l]
+                for other in range(4 * (j // 4), j):
+                    g0 = gram[j, other]
+                    w0 = weights[other]
                     for t in range(CHUNK):
                         acc[t] += g0 * w0[t]
                 for t in range(CHUNK):
@@ -267,10 +269,10 @@ def score_tile(sims, width, offsets, counts, lengths, intra, pairs, grams, thres
             live = counts[k]
             for c in range(live):
                 q[c] = f32(0.0)
-            for l in range(positions):
-                both = min(live, counts[l])
-                w_row = intra[pairs[k, l] : pairs[k, l] + both]
-                r_row = r_tok[offsets[l] : offsets[l] + both]
+            for other in range(positions):
+                both = min(live, counts[other])
+                w_row = intra[pairs[k, other] : pairs[k, other] + both]
+                r_row = r_tok[offsets[other] : offsets[other] + both]
                 for c in range(both):
                     q[c] += w_row[c] * r_row[c]
             r_row = r_tok[offsets[k] : offsets[k] + live]

@@ -27,25 +27,44 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from itmrt.bundle.closed import member
 from itmrt.bundle.folder import BundleInfo, is_bundle, read_bundle
 from itmrt.bundle.gallery_manifest import (
-    EMBEDDINGS_FILE, GALLERY_KIND, GALLERY_MANIFEST, GALLERY_SCHEMA, IDS_FILE, REMEDY, SHARDED_GALLERY_KIND,
-    STORAGE_DTYPES, EmbeddingsEntry, GalleryBundle, GalleryManifest, IdsEntry, gallery_manifest_text,
-    read_gallery_manifest, recorded_bundle,
+    EMBEDDINGS_FILE,
+    GALLERY_KIND,
+    GALLERY_MANIFEST,
+    GALLERY_SCHEMA,
+    IDS_FILE,
+    REMEDY,
+    SHARDED_GALLERY_KIND,
+    STORAGE_DTYPES,
+    EmbeddingsEntry,
+    GalleryBundle,
+    GalleryManifest,
+    IdsEntry,
+    gallery_manifest_text,
+    read_gallery_manifest,
+    recorded_bundle,
 )
 from itmrt.bundle.names import MANIFEST_NAME
 from itmrt.data.npy import open_npy, read_npy_header
 from itmrt.errors import DataError, ItmrtError
 from itmrt.io import (
-    atomic_write_bytes, atomic_write_text, check_output_folder, parse_json, publish_folder, sha256_bytes, sha256_file,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_folder,
+    parse_json,
+    publish_folder,
+    sha256_bytes,
+    sha256_file,
     staged_folder,
 )
 

@@ -36,7 +36,7 @@ already one matrix product.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -86,7 +86,9 @@ def caption_global_vectors(captions: CaptionEmbeddings) -> np.ndarray:
 def image_global_vectors(images: np.ndarray, batch: int = 1024) -> np.ndarray:
     """``[N, d]`` l2-normalised means of each image's l2-normalised region embeddings (read in batches: memmaps)."""
     if images.ndim != 3:
-        raise ItmrtError(f"the shortlist needs region embeddings (images x regions x d), not shape {tuple(images.shape)}")
+        raise ItmrtError(
+            f"the shortlist needs region embeddings (images x regions x d), not shape {tuple(images.shape)}"
+        )
     n = int(images.shape[0])
     out = np.empty((n, int(images.shape[2])), dtype=np.float32)
     for start in range(0, n, batch):
@@ -139,7 +141,9 @@ def group_queries(
     for q in order:
         wanted = union.union(candidates[q].tolist())
         g = len(current)
-        joins = g == 0 or (g < max_group and (len(wanted) <= limit or per_query(len(wanted), g + 1) <= per_query(len(union), g)))
+        joins = g == 0 or (
+            g < max_group and (len(wanted) <= limit or per_query(len(wanted), g + 1) <= per_query(len(union), g))
+        )
         if not joins:
             groups.append(np.array(current, dtype=np.int64))
             current, wanted = [], set(candidates[q].tolist())
@@ -196,7 +200,9 @@ def check_shortlist(shortlist: int, k: int) -> None:
     if shortlist < 1:
         raise ItmrtError(f"--shortlist must be at least 1, not {shortlist}")
     if shortlist < k:
-        raise ItmrtError(f"--shortlist {shortlist} is smaller than --top-k {k}; the shortlist must hold at least k candidates")
+        raise ItmrtError(
+            f"--shortlist {shortlist} is smaller than --top-k {k}; the shortlist must hold at least k candidates"
+        )
 
 
 def shortlist_search(

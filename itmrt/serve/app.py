@@ -19,8 +19,9 @@ import contextlib
 import logging
 import time
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from itmrt import __version__
 from itmrt.errors import first_line

@@ -24,19 +24,20 @@ import math
 import signal
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.errors import ItmrtError
 from itmrt.optional import require, require_all
+from itmrt.runtime.options import OnLong, ScorerChoice
+from itmrt.scale.layout import is_sharded_gallery
 from itmrt.serve.app import HttpLimits, create_app
 from itmrt.serve.auth import read_token_file
 from itmrt.serve.batcher import Batcher, BatchSettings
 from itmrt.serve.metrics import ServiceMetrics
-from itmrt.runtime.options import OnLong, ScorerChoice
-from itmrt.scale.layout import is_sharded_gallery
 from itmrt.serve.searcher import Searcher, open_runtime_searcher
 
 log = logging.getLogger("itmrt.serve")

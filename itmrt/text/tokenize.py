@@ -32,7 +32,7 @@ sentences first.
 from __future__ import annotations
 
 import re
-from typing import Pattern
+from re import Pattern
 
 from itmrt.text.sentences import split_sentences
 

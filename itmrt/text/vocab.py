@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from itmrt.io import atomic_write_text, parse_json
 from itmrt.errors import ItmrtError, VocabularyError, first_line
+from itmrt.io import atomic_write_text, parse_json
 from itmrt.text.tokenize import word_tokenize
 
 __all__ = ["Vocabulary", "CaptionTooLongError", "SPECIAL_TOKENS", "tokenize_caption"]

@@ -38,9 +38,10 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,9 +49,9 @@ from torch import Tensor
 
 from itmrt.data.images import ImageCaptionSplit, identity_recall_table, load_vocabulary, preprocess_images
 from itmrt.errors import CheckpointError, ItmrtError, first_line
+from itmrt.families.checkpoints import load_native
 from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
 from itmrt.models.cmpm import CMPMModel
-from itmrt.families.checkpoints import load_native
 from itmrt.models.native import save_native
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.loop import EpochLoop, TokenisedCaptions
@@ -150,11 +151,15 @@ def identity_batches(labels: np.ndarray, batch_size: int, samples_per_identity: 
     A final batch of fewer than 2 samples is dropped (nothing to contrast).
     """
     if batch_size < 2 or samples_per_identity < 1:
-        raise ItmrtError(f"batch_size must be >= 2 and samples_per_identity >= 1, got {batch_size} and {samples_per_identity}")
+        raise ItmrtError(
+            f"batch_size must be >= 2 and samples_per_identity >= 1, got {batch_size} and {samples_per_identity}"
+        )
     groups: list[np.ndarray] = []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        groups.extend(members[start:start + samples_per_identity] for start in range(0, len(members), samples_per_identity))
+        groups.extend(
+            members[start:start + samples_per_identity] for start in range(0, len(members), samples_per_identity)
+        )
     order = rng.permutation(len(groups))
     flat = np.concatenate([groups[i] for i in order]) if groups else np.empty(0, dtype=np.int64)
     batches = [flat[start:start + batch_size] for start in range(0, len(flat), batch_size)]
@@ -177,7 +182,8 @@ def embed_split(model: CMPMModel, split: ImageCaptionSplit, vocab: Vocabulary, d
     model.eval()
     try:
         image_parts = [
-            model.encode_image(_image_batch(split, np.arange(start, min(start + batch_size, split.num_images)), device)).cpu()
+            model.encode_image(
+                _image_batch(split, np.arange(start, min(start + batch_size, split.num_images)), device)).cpu()
             for start in range(0, split.num_images, batch_size)
         ]
         captions = TokenisedCaptions(vocab, split.captions, max_caption_length)
@@ -219,7 +225,8 @@ def _check_config(config: CMPMTrainConfig) -> None:
         (config.samples_per_identity >= 1, f"samples_per_identity must be >= 1, got {config.samples_per_identity}"),
         (config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}"),
         (config.optimizer in ("adam", "adamw"), f"optimizer must be 'adam' or 'adamw', got {config.optimizer!r}"),
-        (config.lr_schedule in ("constant", "cosine"), f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}"),
+        (config.lr_schedule in ("constant", "cosine"),
+         f"lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}"),
         (config.val_every >= 1, f"val_every must be >= 1, got {config.val_every}"),
         (config.max_steps_per_epoch is None or config.max_steps_per_epoch >= 1, "max_steps_per_epoch must be >= 1"),
         (0.0 <= config.cmpc_label_smoothing < 1.0, "cmpc_label_smoothing must be within [0, 1)"),
@@ -257,7 +264,9 @@ def _save_last(out_dir: Path, model: CMPMModel, state: dict[str, Any]) -> None:
 def _load_last(out_dir: Path) -> tuple[CMPMModel, dict[str, Any]]:
     model_path, state_path = out_dir / LAST_CHECKPOINT, out_dir / LAST_STATE
     if not model_path.is_file() or not state_path.is_file():
-        raise CheckpointError(f"nothing to resume in {out_dir}: {LAST_CHECKPOINT} and {LAST_STATE} are needed; start without resume")
+        raise CheckpointError(
+            f"nothing to resume in {out_dir}: {LAST_CHECKPOINT} and {LAST_STATE} are needed; start without resume"
+        )
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
@@ -266,7 +275,8 @@ def _load_last(out_dir: Path) -> tuple[CMPMModel, dict[str, Any]]:
         raise CheckpointError(f"{state_path} is not an itmrt CMPM training state")
     if state.get("model_sha256") != sha256_file(model_path):
         raise CheckpointError(
-            f"{model_path} does not belong to {state_path} (hash differs; was a save interrupted?); restart without resume"
+            f"{model_path} does not belong to {state_path} (hash "
+            "differs; was a save interrupted?); restart without resume"
         )
     model = load_native(model_path)
     if not isinstance(model, CMPMModel):
@@ -364,14 +374,22 @@ def _open_run(config: CMPMTrainConfig) -> _CmpmRun:
         requested = {key: getattr(config, key) for key in _ARCHITECTURE_KEYS}
         stored = {key: model.config[key] for key in _ARCHITECTURE_KEYS}
         if config.init_checkpoint is None and requested != stored:
-            raise CheckpointError(f"the checkpoint in {out_dir} has architecture {stored}, the config asks for {requested}")
+            raise CheckpointError(
+                f"the checkpoint in {out_dir} has architecture {stored}, the config asks for {requested}"
+            )
     else:
         has_last = (out_dir / LAST_CHECKPOINT).exists() or (out_dir / LAST_STATE).exists()
         if has_last and not config.overwrite:
-            raise ItmrtError(f"{out_dir} already holds a training run; pass resume=True to continue it or overwrite=True to replace it")
+            raise ItmrtError(
+                f"{out_dir} already holds a training run; pass "
+                "resume=True to continue it or overwrite=True to replace it"
+            )
         model = _build_model(config, len(vocab), image_size)
     if config.image_size is not None and model.image_size != config.image_size:
-        raise ItmrtError(f"the model takes {model.image_size}x{model.image_size} images but image_size={config.image_size} was asked for")
+        raise ItmrtError(
+            f"the model takes {model.image_size}x{model.image_size} "
+            f"images but image_size={config.image_size} was asked for"
+        )
     check_data_matches_model(model, train_split, vocab)
     if val_split is not None:
         check_data_matches_model(model, val_split, vocab)
@@ -396,7 +414,10 @@ def _restore(run: _CmpmRun, optimizer: torch.optim.Optimizer, cmpc_weight: torch
             (run.out_dir / stale).unlink(missing_ok=True)  # overwrite=True: nothing of the old run may survive
         return
     if bool(state["use_cmpc"]) != run.config.use_cmpc:
-        raise CheckpointError(f"the run in {run.out_dir} was trained with use_cmpc={bool(state['use_cmpc'])}; resume with the same setting")
+        raise CheckpointError(
+            f"the run in {run.out_dir} was trained with "
+            f"use_cmpc={bool(state['use_cmpc'])}; resume with the same setting"
+        )
     if cmpc_weight is not None:
         stored_weight = state["cmpc_weight"]
         if tuple(stored_weight.shape) != tuple(cmpc_weight.shape):

@@ -62,7 +62,8 @@ class EpochLoop:
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise ItmrtError(
-                        f"the loss became {value} at epoch {self.epoch_name(epoch)} step {number}; lower the learning rate"
+                        f"the loss became {value} at epoch {self.epoch_name(epoch)} "
+                        f"step {number}; lower the learning rate"
                     )
                 losses.append(value)
                 self.after_step(epoch, number, batch, value)

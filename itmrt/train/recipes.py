@@ -17,22 +17,27 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from itmrt.bundle.names import IMAGES, REGION_FEATURES
 from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.data.synthetic_images import make_synthetic_image_dataset
-from itmrt.bundle.names import IMAGES, REGION_FEATURES
 from itmrt.errors import ItmrtError
 from itmrt.families import get
 from itmrt.io import atomic_write_text
 
 # Region-feature data: released feature size (2048), 36 regions, small splits.
 SMALL_REGION_DATA: dict[str, Any] = {"num_images": {"train": 1000, "dev": 100, "test": 200}, "seed": 0, "img_dim": 2048}
-SMALL_IMAGE_DATA: dict[str, Any] = {"num_identities": {"train": 300, "dev": 60, "test": 60}, "seed": 0, "image_size": 64}
+SMALL_IMAGE_DATA: dict[str, Any] = {
+    "num_identities": {"train": 300, "dev": 60, "test": 60}, "seed": 0, "image_size": 64
+}
 SMALL_TRAINING: dict[str, dict[str, Any]] = {
-    "naaf": {"epochs": 12, "lr_decay_epoch": 8, "batch_size": 64, "learning_rate": 2e-3, "embed_size": 128, "word_dim": 64},
-    "scan": {"epochs": 12, "lr_decay_epoch": 8, "batch_size": 64, "learning_rate": 2e-3, "embed_size": 128, "word_dim": 64},
+    "naaf": {"epochs": 12, "lr_decay_epoch": 8, "batch_size": 64, "learning_rate": 2e-3, "embed_size": 128,
+             "word_dim": 64},
+    "scan": {"epochs": 12, "lr_decay_epoch": 8, "batch_size": 64, "learning_rate": 2e-3, "embed_size": 128,
+             "word_dim": 64},
     "cmpm": {"epochs": 12},
 }
 SHIPPED_FILES = {"naaf": "naaf_small.pth.tar", "scan": "scan_small.pth.tar", "cmpm": "cmpm_small.safetensors"}

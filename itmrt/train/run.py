@@ -52,7 +52,8 @@ def _train_regions(request: TrainRequest, bars: Bars | None, log: Log) -> float:
     config = TrainConfig(
         family=request.family, data_dir=str(request.data), out_dir=str(request.out),
         vocab=str(request.vocab) if request.vocab else None, epochs=request.epochs or small["epochs"],
-        batch_size=request.batch_size or small["batch_size"], learning_rate=request.learning_rate or small["learning_rate"],
+        batch_size=request.batch_size or small["batch_size"],
+        learning_rate=request.learning_rate or small["learning_rate"],
         lr_decay_epoch=decay, embed_size=request.embed_size or small["embed_size"], word_dim=request.word_dim,
         seed=request.seed, device=request.device,
     )
@@ -65,7 +66,8 @@ def _train_images(request: TrainRequest, bars: Bars | None, log: Log) -> float:
     defaults = CMPMTrainConfig(data_dir=request.data, out_dir=request.out)
     config = CMPMTrainConfig(
         data_dir=request.data, out_dir=request.out, epochs=request.epochs or defaults.epochs,
-        batch_size=request.batch_size or defaults.batch_size, learning_rate=request.learning_rate or defaults.learning_rate,
+        batch_size=request.batch_size or defaults.batch_size,
+        learning_rate=request.learning_rate or defaults.learning_rate,
         embed_size=request.embed_size or defaults.embed_size, word_dim=request.word_dim, use_cmpc=request.cmpc,
         seed=request.seed, device=request.device, resume=request.resume,
     )

@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -252,7 +253,9 @@ def _open_splits(config: TrainConfig) -> tuple[Vocabulary, PrecompSplit, Precomp
     train_split = PrecompSplit.open(data_dir, "train")
     val_split = PrecompSplit.open(data_dir, config.val_split)
     if val_split.img_dim != train_split.img_dim:
-        raise DataError(f"{config.val_split} features are {val_split.img_dim}-d but train features are {train_split.img_dim}-d")
+        raise DataError(
+            f"{config.val_split} features are {val_split.img_dim}-d but train features are {train_split.img_dim}-d"
+        )
     return Vocabulary.from_json(vocab_path), train_split, val_split
 
 
@@ -290,7 +293,9 @@ def _prepare_run(config: TrainConfig, resume: bool, log: Callable[[str], None]) 
         run = _Run(config, family, model, vocab, train_split, val_split, torch.device(config.device), threshold)
         return _resumed_run(run, last_path, log)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-        raise ItmrtError(f"output folder {out_dir} is not empty; pass --resume to continue that run or choose another --out")
+        raise ItmrtError(
+            f"output folder {out_dir} is not empty; pass --resume to continue that run or choose another --out"
+        )
     torch.manual_seed(config.seed)
     opt = config.model_options(train_split.img_dim, len(vocab), Path(config.data_dir).name)
     model = CrossAttentionMatcher.from_opt(opt, family=config.family)
@@ -300,7 +305,9 @@ def _prepare_run(config: TrainConfig, resume: bool, log: Callable[[str], None]) 
 class _RegionTraining(EpochLoop):
     """The NAAF/SCAN epochs: hardest-negative triplet loss on region features, validation, checkpoints."""
 
-    def __init__(self, run: _Run, progress: Callable[[str, int], ProgressFn] | None, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, run: _Run, progress: Callable[[str, int], ProgressFn] | None, log: Callable[[str], None]
+    ) -> None:
         config, model = run.config, run.model
         self.run_state, self.progress, self.log = run, progress, log
         params = [p for p in model.parameters() if p.requires_grad]
@@ -324,7 +331,9 @@ class _RegionTraining(EpochLoop):
             group["lr"] = config.learning_rate * (0.1 if decayed else 1.0)
         self.run_state.model.train()
         order = np.random.default_rng(config.seed + epoch).permutation(self.run_state.train_split.num_captions)
-        self.advance = self.progress(f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch) if self.progress else None
+        self.advance = self.progress(
+            f"epoch {epoch + 1}/{config.epochs}", self.steps_per_epoch
+        ) if self.progress else None
         size = config.batch_size
         return [np.sort(order[step * size:(step + 1) * size]) for step in range(self.steps_per_epoch)]
 
