@@ -155,20 +155,21 @@ def score_reference(folder: Path, data: DemoData, result: DemoResult, log: Log) 
         result.notes.append("no shipped model in this install: trained a quick one (lower recall than the shipped one)")
     vocab = Vocabulary.from_json(data.vocab)
     scores: dict[str, np.ndarray] = {}
-    for family, path in (("naaf", checkpoint), ("scan", shipped_model(SHIPPED_SCAN))):
+    # (model, checkpoint, the recall table it fills and its row there)
+    rows = (
+        ("naaf", checkpoint, result.recall, "torch"),
+        ("scan", shipped_model(SHIPPED_SCAN), result.baseline_recall, "torch scan"),
+    )
+    for name, path, recall, row in rows:
         if path is None:
             result.notes.append("no shipped SCAN in this install: the NAAF-SCAN comparison is left out")
             continue
         model = load_checkpoint(path).eval()
         timer = time.perf_counter()
-        table, scores[family] = evaluate_split(model, vocab, data.split)
-        if family == "naaf":
-            result.recall["torch"] = table
-        else:
-            result.baseline_recall["torch scan"] = table
+        recall[row], scores[name] = evaluate_split(model, vocab, data.split)
         options: dict[str, Any] = dict(getattr(model, "opt", {}))
-        extra = f"thres_safe {options.get('thres_safe', 0.0):.4f}, " if family == "naaf" else ""
-        log(f"  {path.name}: {extra}rsum {table['rsum']:.1f} ({time.perf_counter() - timer:.1f} s)")
+        extra = f"thres_safe {options['thres_safe']:.4f}, " if "thres_safe" in options else ""
+        log(f"  {path.name}: {extra}rsum {recall[row]['rsum']:.1f} ({time.perf_counter() - timer:.1f} s)")
     return ReferenceScores(checkpoint, scores["naaf"], scores.get("scan"))
 
 
