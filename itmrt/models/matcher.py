@@ -122,13 +122,13 @@ REAL_OPTIONS = {"thres_safe": (-1.0, 1.0, False), "lambda_softmax": (0.0, 1e4, T
 def check_option_values(opt: Mapping[str, Any]) -> None:
     """Refuse sizes that are not positive integers within reason and constants that are NaN, infinite or out of
     range (a NAAF threshold compares cosine similarities: -1..1); one line naming the option."""
-    for name, high in SIZE_OPTIONS.items():
+    for name, largest in SIZE_OPTIONS.items():
         value = opt.get(name)
         if value is None:
             continue
         integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not integral or not 1 <= value <= high:
-            raise CheckpointError(f"option {name!r} is {value!r}; it must be an integer from 1 to {high}")
+        if isinstance(value, bool) or not integral or not 1 <= value <= largest:
+            raise CheckpointError(f"option {name!r} is {value!r}; it must be an integer from 1 to {largest}")
     for name, (low, high, low_open) in REAL_OPTIONS.items():
         value = opt.get(name)
         if value is None:
