@@ -30,6 +30,7 @@ from itmrt.bundle.record import (
     bounded,
     json_schema,
     optional,
+    parse_document,
     sha256_field,
 )
 from itmrt.errors import ItmrtError
@@ -154,13 +155,7 @@ def value_problem(manifest: GalleryManifest) -> RecordError | None:
 
 def parse_gallery_manifest(data: object, source: str | Path) -> GalleryManifest:
     """A parsed ``gallery.json`` as a :class:`GalleryManifest`; a wrong value is one line naming its key."""
-    try:
-        manifest = GalleryManifest.from_json(data)
-        problem = value_problem(manifest)
-        if problem is not None:
-            raise problem
-    except RecordError as exc:
-        raise ItmrtError(f"{source}: {exc}; {REMEDY}") from None
+    manifest = parse_document(GalleryManifest, data, source, REMEDY, value_problem)
     check_family(manifest.bundle.family)
     return manifest
 

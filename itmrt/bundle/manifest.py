@@ -45,6 +45,7 @@ from itmrt.bundle.record import (
     bounded,
     json_schema,
     optional,
+    parse_document,
     path_field,
     sha256_field,
 )
@@ -512,13 +513,7 @@ def value_problem(manifest: Manifest) -> RecordError | None:
 
 def parse_manifest(data: object, source: str | Path) -> Manifest:
     """A parsed ``manifest.json`` document as a :class:`Manifest`; a wrong value is one line naming its key."""
-    try:
-        manifest = Manifest.from_json(data)
-        problem = value_problem(manifest)
-        if problem is not None:
-            raise problem
-    except RecordError as exc:
-        raise ItmrtError(f"{source}: {exc}; export the bundle again") from None
+    manifest = parse_document(Manifest, data, source, "export the bundle again", value_problem)
     check_family(manifest.family)
     return manifest
 

@@ -36,6 +36,7 @@ import math
 import re
 import types
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar, Union, cast, get_args, get_origin, get_type_hints
 
 from itmrt.errors import ItmrtError
@@ -246,6 +247,21 @@ class JsonRecord:
         out.update({key: value for key, value in self.unknown_keys.items() if key not in out})
         return out
 
+
+def parse_document(
+    record: type[RecordT], data: object, source: str | Path, remedy: str,
+    value_problem: Callable[[RecordT], RecordError | None],
+) -> RecordT:
+    """``data`` (a parsed JSON document) as ``record``, with the checks its schema cannot express
+    (``value_problem``); any wrong value is one :class:`ItmrtError` line naming the file and the key."""
+    try:
+        parsed = record.from_json(data)
+        problem = value_problem(parsed)
+        if problem is not None:
+            raise problem
+    except RecordError as exc:
+        raise ItmrtError(f"{source}: {exc}; {remedy}") from None
+    return parsed
 
 def optional(factory: Callable[[], object] | None = None, **metadata: object) -> Any:
     """A field that may be absent from the document: None (or ``factory()``), left out when empty."""
