@@ -216,6 +216,14 @@ def test_shard_embeddings_are_verified_when_opened_and_names_stay_inside(setup: 
     with pytest.raises(ItmrtError, match="image_embeddings.npy does not match the sha256"):
         open_shards(out, threads=1, warn=quiet)
     embeddings.write_bytes(original)
+    vectors = out / "shard-00000" / "global_vectors.npy"
+    kept = vectors.read_bytes()
+    with open(vectors, "r+b") as handle:
+        handle.seek(-4, os.SEEK_END)
+        handle.write(np.float32(0.5).tobytes())
+    with pytest.raises(ItmrtError, match="global_vectors.npy does not match the sha256"):
+        open_shards(out, threads=1, warn=quiet)
+    vectors.write_bytes(kept)
     # a shard document whose shortlist names a file outside the shard, with every hash on the way updated
     shard_doc = out / "shard-00000" / "gallery.json"
     document = json.loads(shard_doc.read_text())

@@ -52,7 +52,9 @@ _VERIFIED: set[tuple[object, ...]] = set()
 hashed again when any of these change (a write changes its ctime, which no user tool can set back)."""
 
 
-def _stat_key(path: Path, expected: str) -> tuple[object, ...]:
+def file_state_key(path: Path, expected: str) -> tuple[object, ...]:
+    """What a verified file is remembered by: its resolved path, size, mtime, ctime, inode, and the sha256 it
+    matched. Any write changes the ctime, which no user tool can set back."""
     stat = path.stat()
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, expected)
 
@@ -66,7 +68,7 @@ def verified_member(folder: Path, name: str, listed: Mapping[str, str], what: st
         raise ItmrtError(f"{what} {folder} uses {name}, which its file list does not hold with a sha256; {remedy}")
     if not path.is_file():
         raise ItmrtError(f"{what} {folder} lacks {name}, which its file list names; {remedy}")
-    key = _stat_key(path, expected)
+    key = file_state_key(path, expected)
     if key in _VERIFIED:
         return path
     if sha256_file(path) != expected:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from itmrt import __version__
 from itmrt.bundle.closed import member
@@ -160,14 +161,20 @@ def parse_gallery_manifest(data: object, source: str | Path) -> GalleryManifest:
     return manifest
 
 
-def read_gallery_manifest(folder: str | Path) -> tuple[GalleryManifest, str]:
-    """The gallery document of ``folder`` and its sha256; every file it names must stay inside the folder."""
+def _gallery_document(folder: str | Path) -> tuple[Path, Path, dict[str, Any], bytes]:
+    """``folder``, its ``gallery.json`` (inside it), the parsed document of either kind and its raw bytes."""
     root = Path(folder)
     path = member(root, GALLERY_MANIFEST, "gallery", REMEDY)
     if not path.is_file():
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
     data, raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA, "gallery manifest",
                                    REMEDY)
+    return root, path, data, raw
+
+
+def read_gallery_manifest(folder: str | Path) -> tuple[GalleryManifest, str]:
+    """The gallery document of ``folder`` and its sha256; every file it names must stay inside the folder."""
+    root, path, data, raw = _gallery_document(folder)
     if data["kind"] == SHARDED_GALLERY_KIND:
         raise ItmrtError(f"{root} is a sharded gallery; search it with `itmrt infer {root}` or itmrt.scale.open_shards")
     manifest = parse_gallery_manifest(data, path)
@@ -176,20 +183,19 @@ def read_gallery_manifest(folder: str | Path) -> tuple[GalleryManifest, str]:
     return manifest, sha256_bytes(raw)
 
 
+@dataclass(kw_only=True)
+class _RecordedBundle(JsonRecord):
+    """The ``bundle`` entry every gallery document holds (a sharded gallery's top document too)."""
+
+    bundle: GalleryBundle
+
+
 def recorded_bundle(folder: str | Path) -> GalleryBundle:
     """The bundle a gallery (sharded or not) records as the one that made it, type-checked."""
-    root = Path(folder)
-    path = member(root, GALLERY_MANIFEST, "gallery", REMEDY)
-    data, _raw = read_json_document(path, (GALLERY_KIND, SHARDED_GALLERY_KIND), GALLERY_SCHEMA, "gallery manifest",
-                                    REMEDY)
+    _root, path, data, _raw = _gallery_document(folder)
     if data["kind"] == GALLERY_KIND:
         return parse_gallery_manifest(data, path).bundle
-    try:
-        if "bundle" not in data:
-            raise RecordError("bundle", "is missing")
-        bundle = GalleryBundle.from_json(data["bundle"], "bundle")
-    except RecordError as exc:
-        raise ItmrtError(f"{path}: {exc}; {REMEDY}") from None
+    bundle = parse_document(_RecordedBundle, data, path, REMEDY, lambda _record: None).bundle
     check_family(bundle.family)
     return bundle
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from itmrt.bundle.closed import member
+from itmrt.bundle.closed import file_state_key, member
 from itmrt.bundle.folder import BundleInfo, is_bundle, read_bundle
 from itmrt.bundle.gallery_manifest import (
     EMBEDDINGS_FILE,
@@ -72,8 +72,9 @@ __all__ = ["EMBEDDINGS_FILE", "GALLERY_KIND", "GALLERY_MANIFEST", "GALLERY_SCHEM
            "STORAGE_DTYPES", "Gallery", "gallery_bundle", "gallery_source",
            "is_gallery", "load_features", "read_gallery", "verify_embeddings", "write_gallery"]
 
-_VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
-"""Embeddings files this process has verified: (path, size, mtime, ctime, inode, sha256)."""
+_VERIFIED: set[tuple[object, ...]] = set()
+"""Embeddings files this process has hashed and found finite (:func:`itmrt.bundle.closed.file_state_key`); kept
+apart from the closed world's hash-only record, since these passed the finite check too."""
 
 
 @dataclass
@@ -118,8 +119,7 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
     """One streamed pass over the embeddings file: its sha256 must be the recorded one and every value
     finite. A one-line :class:`ItmrtError` otherwise."""
     header = read_npy_header(path, "gallery embeddings")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, entry.sha256)
+    key = file_state_key(path, entry.sha256)
     if key in _VERIFIED:
         return
     digest, position, first_bad, carry = hashlib.sha256(), 0, None, b""

@@ -34,8 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from itmrt.bundle.closed import verified_member
+from itmrt.bundle.gallery_manifest import REMEDY
+from itmrt.data.npy import open_npy
 from itmrt.errors import ItmrtError, first_line
-from itmrt.io import parse_json, read_json_document, sha256_file
+from itmrt.io import parse_json, read_json_document
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
     GALLERY_SCHEMA,
@@ -224,12 +227,9 @@ def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
     if entry.made_from != shard.manifest.embeddings.sha256:
         raise ItmrtError(f"{shard.path}: its global vectors were not made from its embeddings; re-index the gallery")
     path = member(shard.path, entry.file)
-    if verify and sha256_file(path) != entry.sha256:
-        raise ItmrtError(f"{path} does not match the sha256 in its gallery.json; re-index the gallery")
-    try:
-        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ItmrtError(f"{path} is not a readable .npy file ({type(exc).__name__}); re-index the gallery") from None
+    if verify:  # hashed once per process while the file stays as it was
+        verified_member(shard.path, entry.file, {entry.file: entry.sha256}, "gallery", REMEDY)
+    vectors = open_npy(path, "shard global vectors")
     if vectors.dtype != np.float32 or vectors.shape != (len(shard), shard.embeddings.shape[-1]):
         raise ItmrtError(f"{path} has shape {vectors.shape} / {vectors.dtype}, not one float32 vector per image; "
                          "re-index the gallery")
