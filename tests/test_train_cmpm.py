@@ -83,6 +83,7 @@ def test_training_lowers_loss_and_raises_recall(data_dir: Path, tmp_path: Path) 
     split = ImageCaptionSplit.open(data_dir, "train")
     table = evaluate_cmpm(best, split, load_vocabulary(data_dir))
     assert table["rsum"] == pytest.approx(trained.history[trained.best_epoch]["rsum"])
+    assert best.vocab_sha256 == load_vocabulary(data_dir).sha256  # recorded, so export refuses another vocabulary
 
 
 class _Interrupt(Exception):

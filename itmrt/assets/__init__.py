@@ -1,1 +1,7 @@
-"""Small trained models shipped for the demo and the tests (made by `itmrt make-small-models`)."""
+"""Small trained models shipped for the demo, the tests and a first export (made by `itmrt make-small-models`).
+
+``naaf_small.pth.tar`` and ``scan_small.pth.tar`` (the authors' released layout) and
+``cmpm_small.safetensors`` (itmrt's native format) were trained on synthetic data with the
+vocabulary ``vocab.json`` beside them; each records that vocabulary's hash, so export refuses
+another. ``recipe.json`` holds the data and training settings and each model's validation recall.
+"""

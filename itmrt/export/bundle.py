@@ -53,6 +53,7 @@ from itmrt.families.checkpoints import load_checkpoint
 from itmrt.io import check_output_folder, not_a_file, publish_folder, sha256_file, staged_folder
 from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
 from itmrt.models.checkpoint import detect_format
+from itmrt.models.evaluate import check_vocabulary
 from itmrt.text.vocab import Vocabulary
 
 Log = Callable[[str], None]
@@ -83,6 +84,7 @@ class LoadedModel:
     vocabulary: Vocabulary
     vocab_path: Path
     source: SourceCheckpoint | None
+    vocab_check: str = ""  # what could be checked of the vocabulary, in words (:func:`check_vocabulary`)
 
 
 @dataclass
@@ -154,10 +156,10 @@ def load_model(checkpoint: str | Path, vocab: str | Path) -> LoadedModel:
     _check_sources(checkpoint, vocab)
     model = load_checkpoint(checkpoint).eval()
     vocabulary = Vocabulary.from_json(vocab)
-    vocabulary.check_fits(model.text_encoder.vocab_size, f"vocabulary {vocab}")
+    vocab_check = check_vocabulary(model, vocabulary, f"vocabulary {vocab}")
     source = SourceCheckpoint(path=str(checkpoint.resolve()), sha256=sha256_file(checkpoint),
                               format=detect_format(checkpoint))
-    return LoadedModel(model, family_of(model), vocabulary, vocab, source)
+    return LoadedModel(model, family_of(model), vocabulary, vocab, source, vocab_check)
 
 
 # -- 2. build ----------------------------------------------------------------------------
@@ -313,4 +315,5 @@ def export_bundle(
     loaded = load_model(checkpoint, vocab)
     say(f"loaded {Path(checkpoint).name}: {loaded.spec.name}, vocabulary {len(loaded.vocabulary)} words "
         f"({time.perf_counter() - started:.1f}s)")
+    say(loaded.vocab_check)
     return export_model(loaded, out, options, say, started)

@@ -17,7 +17,7 @@ from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.registry import get
 from itmrt.io import parse_json
 from itmrt.models.checkpoint import detect_format, load_released_checkpoint
-from itmrt.models.native import NATIVE_FORMAT, read_native
+from itmrt.models.native import NATIVE_FORMAT, VOCAB_SHA256, read_native
 from itmrt.models.statedict import load_state_dict_checked
 
 
@@ -47,6 +47,8 @@ def load_native(path: str | os.PathLike[str]) -> Any:
     except (TypeError, ValueError, RuntimeError) as exc:  # torch refuses impossible sizes with RuntimeError
         raise CheckpointError(f"{path} has an invalid {family.upper()} config: {first_line(exc)}") from None
     load_state_dict_checked(model, tensors, str(path))
+    if metadata.get(VOCAB_SHA256):
+        model.vocab_sha256 = str(metadata[VOCAB_SHA256])
     return model.eval()
 
 

@@ -188,6 +188,7 @@ class CMPMModel(nn.Module):
     """
 
     family = "cmpm"
+    vocab_sha256: str | None = None  # the training vocabulary's hash, where itmrt trained the model
 
     def __init__(
         self,

@@ -17,7 +17,8 @@ import torch
 
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
-from itmrt.errors import DataError
+from itmrt.errors import DataError, VocabularyError
+from itmrt.models.native import recorded_vocab_sha256
 from itmrt.text.vocab import Vocabulary
 
 ProgressFn = Callable[[int], None]
@@ -146,8 +147,30 @@ def evaluate_split(
     return recall_table(scores), scores
 
 
+def check_vocabulary(model, vocab: Vocabulary, name: str) -> str:
+    """Refuse a vocabulary that cannot be ``model``'s; return what could be checked, in words.
+
+    The size must be the embedding's row count. A model itmrt trained records its
+    vocabulary's hash (:func:`itmrt.models.native.recorded_vocab_sha256`), and another
+    vocabulary of the same size - shuffled, or from another dataset - is refused by it. A
+    released checkpoint records none: then only the size can be checked, and the words are
+    the user's to vouch for.
+    """
+    vocab.check_fits(model.text_encoder.vocab_size, name)
+    recorded = recorded_vocab_sha256(model)
+    if recorded is None:
+        return ("the vocabulary cannot be checked beyond its size: the checkpoint records no vocabulary hash "
+                "(a released checkpoint); make sure it is the one the model was trained with")
+    if recorded != vocab.sha256:
+        raise VocabularyError(
+            f"{name} is not the vocabulary the model was trained with (its content hash {vocab.sha256[:12]}... "
+            f"differs from {recorded[:12]}... recorded in the checkpoint); pass the training run's vocabulary"
+        )
+    return "the vocabulary matches the hash recorded in the checkpoint"
+
+
 def load_vocabulary_for(model, vocab_path: str | Path) -> Vocabulary:
-    """Load a vocabulary and check it has as many words as the model's embedding table."""
+    """Load a vocabulary and check it is ``model``'s (:func:`check_vocabulary`)."""
     vocab = Vocabulary.from_json(vocab_path)
-    vocab.check_fits(model.text_encoder.vocab_size, f"vocabulary {vocab_path}")
+    check_vocabulary(model, vocab, f"vocabulary {vocab_path}")
     return vocab

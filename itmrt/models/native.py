@@ -9,7 +9,9 @@ runs code. The header's ``__metadata__`` (string -> string) carries:
 - ``config``: JSON: what the family rebuilds the model from (a NAAF/SCAN
   matcher's full option dict with defaults filled in, a CMPM model's
   constructor arguments);
-- ``itmrt_version``: the version that wrote the file.
+- ``itmrt_version``: the version that wrote the file;
+- ``vocab_sha256`` (models itmrt trained): :attr:`itmrt.text.Vocabulary.sha256` of the
+  vocabulary the model was trained with, so export and evaluation refuse another one.
 
 Tensors are the model's ``state_dict`` (a matcher's includes its scorer's
 buffers, e.g. the frozen NAAF threshold). Loading - rebuilding the model of the
@@ -32,6 +34,18 @@ from itmrt.errors import CheckpointError, first_line
 from itmrt.io import atomic_write_bytes
 
 NATIVE_FORMAT = "native-1"
+VOCAB_SHA256 = "vocab_sha256"
+"""Where a model itmrt trained records its vocabulary's content hash: the native metadata key, and the
+``opt`` entry of a checkpoint in the released layout."""
+
+
+def recorded_vocab_sha256(model: object) -> str | None:
+    """The vocabulary hash ``model`` was trained with (``opt`` entry or attribute), or None (released models)."""
+    opt = getattr(model, "opt", None)
+    value = opt.get(VOCAB_SHA256) if isinstance(opt, dict) else None
+    if value is None:
+        value = getattr(model, VOCAB_SHA256, None)
+    return value if isinstance(value, str) and value else None
 
 
 def native_metadata(model: torch.nn.Module) -> dict[str, str]:
@@ -45,7 +59,11 @@ def native_metadata(model: torch.nn.Module) -> dict[str, str]:
         raise CheckpointError(
             f"the model options cannot be stored as JSON ({exc}); keep them to numbers, strings and lists"
         ) from exc
-    return {"itmrt_format": NATIVE_FORMAT, "family": family, "config": config_json, "itmrt_version": __version__}
+    metadata = {"itmrt_format": NATIVE_FORMAT, "family": family, "config": config_json, "itmrt_version": __version__}
+    vocab_sha256 = recorded_vocab_sha256(model)
+    if vocab_sha256 is not None:
+        metadata[VOCAB_SHA256] = vocab_sha256
+    return metadata
 
 
 def save_native(path: str | os.PathLike[str], model: torch.nn.Module) -> Path:

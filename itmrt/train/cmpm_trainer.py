@@ -52,7 +52,7 @@ from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.checkpoints import load_native
 from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
 from itmrt.models.cmpm import CMPMModel
-from itmrt.models.native import save_native
+from itmrt.models.native import recorded_vocab_sha256, save_native
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.loop import EpochLoop, TokenisedCaptions
 from itmrt.train.losses import cmpc_loss, cmpm_loss
@@ -211,6 +211,10 @@ def check_data_matches_model(model: CMPMModel, split: ImageCaptionSplit, vocab: 
     """One-line :class:`ItmrtError` when the data cannot feed the model (vocabulary size, image size)."""
     vocab.check_fits(model.vocab_size, "the data's vocabulary", "the model's embedding",
                      "use the vocabulary the model was trained with")
+    recorded = recorded_vocab_sha256(model)
+    if recorded is not None and recorded != vocab.sha256:
+        raise ItmrtError(f"the data's vocabulary ({split.data_dir}) is not the one the model was trained with (its "
+                         "hash differs from the checkpoint's); use the vocabulary the model was trained with")
     if (split.image_height, split.image_width) != (model.image_size, model.image_size):
         raise ItmrtError(
             f"{split.split} images in {split.data_dir} are {split.image_height}x{split.image_width} but the model "
@@ -393,6 +397,7 @@ def _open_run(config: CMPMTrainConfig) -> _CmpmRun:
     check_data_matches_model(model, train_split, vocab)
     if val_split is not None:
         check_data_matches_model(model, val_split, vocab)
+    model.vocab_sha256 = vocab.sha256  # saved in every checkpoint: export refuses another vocabulary
     model.to(device)
     return _CmpmRun(config, model, vocab, train_split, val_split, device, class_of_caption, state)
 

@@ -3,8 +3,9 @@
 ``make_small_models(out)`` generates the synthetic datasets (region features
 for NAAF and SCAN, images for CMPM), trains a small NAAF, a small SCAN and a
 small CMPM on them, and copies each best checkpoint into ``out`` together with
-``recipe.json`` (the data and training settings, and each model's validation
-recall, for the record). The models shipped in ``itmrt/assets/`` were made
+``vocab.json`` (the vocabulary all three were trained with: both synthetic
+datasets share it) and ``recipe.json`` (the data and training settings, and
+each model's validation recall, for the record). The models shipped in ``itmrt/assets/`` were made
 with ``itmrt make-small-models --out itmrt/assets``.
 
 The data are re-creatable from ``SMALL_REGION_DATA`` / ``SMALL_IMAGE_DATA``
@@ -41,6 +42,8 @@ SMALL_TRAINING: dict[str, dict[str, Any]] = {
     "cmpm": {"epochs": 12},
 }
 SHIPPED_FILES = {"naaf": "naaf_small.pth.tar", "scan": "scan_small.pth.tar", "cmpm": "cmpm_small.safetensors"}
+SHIPPED_VOCAB = "vocab.json"
+"""The vocabulary of the small models, beside them (the synthetic datasets' ``vocab.json``)."""
 
 
 def make_region_data(folder: str | Path) -> Path:
@@ -105,16 +108,19 @@ def _make_small_models(
             image_dir = work / "images"
             if not (image_dir / "vocab.json").is_file():
                 make_image_data(image_dir)
+            data_dir = image_dir
             result = train_cmpm(CMPMTrainConfig(data_dir=image_dir, out_dir=run_dir, device=device, **settings))
             best = result.best_checkpoint or result.last_checkpoint
             summary: dict[str, Any] = {"best_rsum": result.best_rsum, "history": result.history}
         else:
+            data_dir = region_dir
             tresult = train(TrainConfig(family=family, data_dir=str(region_dir), out_dir=str(run_dir), device=device,
                                         **settings), progress=progress, log=log)
             best = tresult.best_checkpoint
             summary = {"best_rsum": tresult.best_rsum, "history": [vars(r) for r in tresult.history]}
         target = out / SHIPPED_FILES[family]
         shutil.copyfile(best, target)
+        shutil.copyfile(data_dir / "vocab.json", out / SHIPPED_VOCAB)  # the same words for every family
         written[family] = target
         record["models"][family] = {"file": target.name, "training": settings, **summary}
         if get(family).learns_threshold and (run_dir / "thresholds.png").is_file():

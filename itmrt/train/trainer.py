@@ -40,8 +40,9 @@ from itmrt.families import get, names
 from itmrt.families.cross_attention import CrossAttentionFamily
 from itmrt.io import atomic_write_text
 from itmrt.models.checkpoint import load_released_checkpoint, save_released_checkpoint
-from itmrt.models.evaluate import encode_captions, encode_images, score_matrix
+from itmrt.models.evaluate import check_vocabulary, encode_captions, encode_images, score_matrix
 from itmrt.models.matcher import CrossAttentionMatcher
+from itmrt.models.native import VOCAB_SHA256
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.loop import EpochLoop, TokenisedCaptions
 from itmrt.train.losses import triplet_loss
@@ -85,8 +86,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def model_options(self, img_dim: int, vocab_size: int, data_name: str) -> dict[str, Any]:
-        """The ``opt`` a released checkpoint of this family carries."""
+    def model_options(self, img_dim: int, vocab_size: int, data_name: str,
+                      vocab_sha256: str | None = None) -> dict[str, Any]:
+        """The ``opt`` a released checkpoint of this family carries (and the vocabulary's hash, when given)."""
         opt: dict[str, Any] = {
             "data_name": data_name,
             "img_dim": img_dim,
@@ -107,6 +109,8 @@ class TrainConfig:
         }
         if self.lr_decay_epoch is not None:
             opt["lr_update"] = self.lr_decay_epoch  # the released name: the rate drops 10x from this epoch
+        if vocab_sha256 is not None:
+            opt[VOCAB_SHA256] = vocab_sha256  # export and evaluation refuse any other vocabulary for this model
         opt.update(_cross_attention_family(self.family).training_options(self))
         return opt
 
@@ -152,6 +156,7 @@ def _check_data(split: PrecompSplit, vocab: Vocabulary, model: CrossAttentionMat
         )
     vocab.check_fits(model.text_encoder.vocab_size, "the vocabulary", "the embedding of the model being resumed",
                      "use the vocabulary the run was started with")
+    check_vocabulary(model, vocab, "the vocabulary")
 
 
 def _word_maxima(image_emb: torch.Tensor, caption_emb: torch.Tensor) -> torch.Tensor:
@@ -297,7 +302,7 @@ def _prepare_run(config: TrainConfig, resume: bool, log: Callable[[str], None]) 
             f"output folder {out_dir} is not empty; pass --resume to continue that run or choose another --out"
         )
     torch.manual_seed(config.seed)
-    opt = config.model_options(train_split.img_dim, len(vocab), Path(config.data_dir).name)
+    opt = config.model_options(train_split.img_dim, len(vocab), Path(config.data_dir).name, vocab.sha256)
     model = CrossAttentionMatcher.from_opt(opt, family=config.family)
     return _Run(config, family, model, vocab, train_split, val_split, torch.device(config.device), threshold)
 
