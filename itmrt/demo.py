@@ -130,14 +130,13 @@ def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = N
 
 
 def make_demo_data(folder: Path, log: Log) -> DemoData:
-    """The test split (and a dev split for calibration), drawn like the shipped models' training data."""
+    """The test split (and dev and train splits, for calibration), drawn like the shipped models' training data."""
     from itmrt.data.mismatch import read_meta
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.data.synthetic import make_synthetic_dataset
-    from itmrt.train.recipes import SMALL_REGION_DATA
+    from itmrt.train.recipes import make_sample_data
 
-    settings = {key: value for key, value in SMALL_REGION_DATA.items() if key != "num_images"}
-    make_synthetic_dataset(folder, {"test": DEMO_TEST_IMAGES, "dev": 50}, **settings)
+    # train too: `itmrt calibrate` and `build` sample --split train by default, so every command runs on this folder
+    make_sample_data(folder, DEMO_TEST_IMAGES)
     split = PrecompSplit.open(folder, "test")
     log(f"  {split.num_images} images x {split.num_regions} regions x {split.img_dim}, {split.num_captions} captions")
     return DemoData(folder, split, read_meta(folder, "test"))
@@ -261,8 +260,8 @@ def show_mismatched_words(data: DemoData, naaf: np.ndarray, reference: Reference
     if reference.scan is not None:
         models["SCAN (PyTorch)"] = reference.scan
     result.mismatch = {name: accuracy(scores, found) for name, scores in models.items()}
-    log(f"  the first caption of B in each of the first {EXAMPLES} pairs, ranked against the first "
-        f"{EXAMPLE_GALLERY} images:")
+    log(f"  images come in pairs A and B: B holds A's objects plus one more, X. For each of the first {EXAMPLES} "
+        f"pairs, B's first caption (it names X) ranked against the first {EXAMPLE_GALLERY} images:")
     for example in _pick_examples(data, found["own_image"], models):
         result.examples.append(example)
         _log_example(example, log)
@@ -311,6 +310,23 @@ def _log_example(example: dict[str, Any], log: Log) -> None:
             f"with image {example['lacking']} {figures['lacking']:.3f}")
 
 
+def _parity_verdict(parity: dict[str, dict[str, float]]) -> str:
+    """One line: each variant against `itmrt parity`'s default tolerances for its precision (rsum change, top-1)."""
+    from itmrt.reports.parity_report import DEFAULT_TOLERANCES
+
+    verdicts, limits = [], []
+    for variant, figures in parity.items():
+        precision = variant.split(":")[-1]
+        tolerance = DEFAULT_TOLERANCES[precision]
+        passed = (abs(figures["rsum_change"]) <= tolerance["rsum_abs_delta"]
+                  and figures["t2i_top1_agreement"] >= tolerance["top1_agreement_min"])
+        verdicts.append(f"{variant} {'pass' if passed else 'FAIL'}")
+        limits.append(f"{precision} |rsum change| <= {tolerance['rsum_abs_delta']:g}, "
+                      f"top-1 >= {100 * tolerance['top1_agreement_min']:g}%")
+    return (f"  verdict: {', '.join(verdicts)} (against `itmrt parity`'s default tolerances: {'; '.join(limits)}; "
+            "`itmrt parity` also judges the score error and NAAF's decision flips)")
+
+
 def _print_summary(result: DemoResult, split: Any, log: Log) -> None:
     from itmrt.data.mismatch import LABELS
 
@@ -334,6 +350,8 @@ def _print_summary(result: DemoResult, split: Any, log: Log) -> None:
     for variant, figures in result.parity.items():
         log(f"  {variant:<34} {figures['max_abs_error']:12.2e}   {figures['pairs_over_1e-5']:>19d}"
             f"   {100 * figures['t2i_top1_agreement']:18.1f}%   {figures['rsum_change']:+10.2f}")
+    if result.parity:
+        log(_parity_verdict(result.parity))
     lat = result.latency
     if lat:
         log(f"latency (ort:fp32, CPU, {lat['scorer']} scorer): encode {split.num_images} images "

@@ -358,6 +358,16 @@ def check_output_folder(out: Path, overwrite: bool, what: str, is_ours: Callable
         raise ItmrtError(f"--out {out} already holds a {what}; pass --overwrite to replace it or choose another --out")
 
 
+def check_empty_folder(out: Path, overwrite: bool, remedy: str = "pass --overwrite (overwrite=True) to write into it",
+                       error: type[ItmrtError] = ItmrtError) -> None:
+    """Refuse an output path that is a file, or a folder that holds something unless ``overwrite``: for writers
+    that add their files to the folder (datasets, training runs); ``remedy`` ends the message."""
+    if out.exists() and not out.is_dir():
+        raise error(f"{out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise error(f"output folder {out} is not empty; choose an empty folder or {remedy}")
+
+
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 

@@ -118,6 +118,18 @@ def test_blank_line_names_its_line_number(tmp_path: Path) -> None:
     assert "test_caps.txt line 7 is empty" in message
 
 
+@pytest.mark.parametrize("ending", ["\n\n", "\n \n\n", "\r\n\r\n"])
+def test_blank_lines_after_the_last_caption_are_ignored(tmp_path: Path, ending: str) -> None:
+    from itmrt.data.precomp import read_captions
+
+    path = tmp_path / "caps.txt"
+    path.write_bytes(("first caption\nsecond caption" + ending).encode("utf-8"))
+    assert read_captions(path) == ["first caption", "second caption"]
+    path.write_bytes(b"first caption\n\nsecond caption\n")  # inside the file it would shift the later captions
+    with pytest.raises(DataError, match="line 2 is empty"):
+        read_captions(path)
+
+
 def test_undecodable_bytes_name_their_line(tmp_path: Path) -> None:
     lines = [c.encode("utf-8") for c in _captions()]
     lines[4] = b"caf\xe9 latin-1 text"

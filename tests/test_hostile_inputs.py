@@ -112,8 +112,8 @@ def test_hostile_checkpoint_is_refused_before_export(hostile_world: World, case:
 
 @pytest.mark.parametrize(("value", "dtype", "expected"), [
     (3e38, np.float32, "the image encoder gave NaN or infinite embeddings"),
-    (np.nan, np.float32, "contain NaN or infinite values"),
-    (1e300, np.float64, "contain NaN or infinite values"),
+    (np.nan, np.float32, "features.npy: images 0..5 contain NaN or infinite values"),  # names the file
+    (1e300, np.float64, "features.npy: images 0..5 contain NaN or infinite values"),
 ])
 def test_features_that_are_not_finite_or_overflow_are_refused(case: Case, capsys: pytest.CaptureFixture[str],
                                                                value: float, dtype: Any, expected: str) -> None:

@@ -23,6 +23,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help (click's): square brackets in help texts stay text (rich markup ate "itmrt[ray]"), and flags are
+    # shown as flags, without a "<bool>" type column.
+    rich_markup_mode=None,
 )
 
 
@@ -48,13 +51,19 @@ _CLICK_ERROR: type[Exception] = next(cls for cls in typer.BadParameter.__mro__ i
 """click's base of command-line errors (typer bundles its own click; it exports only ``BadParameter``)."""
 
 
+EXIT_INTERRUPTED = 130
+"""The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2."""
+INTERRUPTED = "interrupted (Ctrl-C)"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 2.
 
     That holds for every kind: itmrt's own (:class:`ItmrtError`), a command
     line click refuses (an unknown option, a value outside its range), an
     operating-system error no write site turned into one (the path and the
-    reason), memory a request could not get, and input nested too deeply to parse.
+    reason), memory a request could not get, and input nested too deeply to parse. Ctrl-C says so in
+    one line and exits 130.
     """
     try:
         code = app(args=argv, standalone_mode=False)
@@ -77,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail("out of memory; lower --batch-size or --memory-mb, or use smaller inputs")
     except RecursionError:
         _fail("an input is nested too deeply to read")
+    except KeyboardInterrupt:
+        _fail(INTERRUPTED, EXIT_INTERRUPTED)
+    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C inside a command into a silent exit status 130
+        _fail(INTERRUPTED, EXIT_INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
 
 

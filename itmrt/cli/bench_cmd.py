@@ -54,7 +54,7 @@ def bench_command(
         warmup=warmup, repeats=repeats, top_k=top_k, threads=threads, scorer=scorer,
     )
     check_report_folder(report, overwrite)
-    with progress_bars(progress) as bars:
+    with progress_bars(progress, lines_when_logged=True) as bars:
         result = run_bench(bundle, options, bars, command=["itmrt", *sys.argv[1:]])
     write_bench(result, report, plots)
     for entry in result["variants"]:
@@ -65,4 +65,10 @@ def bench_command(
             if row["stage"] == "end_to_end":
                 typer.echo(f"{entry['name']} end to end, batch {row['batch_size']}: p50 {row['latency_ms']['p50']:.2f} ms, "
                            f"{row['throughput']['captions_per_s']:.0f} captions/s")
+    reduced = [e["name"] for e in result["variants"]
+               if e["status"] == "ok" and e["backend"] == "ort" and e["precision"] in ("fp16", "int8")]
+    if reduced and "CUDAExecutionProvider" not in result["environment"].get("onnxruntime_providers", []):
+        typer.echo(f"note: {', '.join(reduced)} ran on the CPU, where FP16 and INT8 graphs are slower than FP32 "
+                   "(casts around the reduced-precision nodes; no FP16 arithmetic, INT8 gains need VNNI): they are "
+                   "made for TensorRT on a GPU, and here only show that they run and how close they score")
     typer.echo(f"report written to {report}/report.json and report.md")

@@ -9,7 +9,7 @@ from itmrt.cli import infer_cmd, index_cmd  # noqa: F401,E402
 from itmrt.cli import demo_cmd, train_cmd  # noqa: F401,E402
 from itmrt.cli import calibrate_cmd, build_cmd, doctor_cmd  # noqa: F401,E402
 from itmrt.cli import parity_cmd, bench_cmd, report_cmd  # noqa: F401,E402
-from itmrt.cli import recipe_cmd  # noqa: F401,E402
+from itmrt.cli import recipe_cmd, sample_data_cmd  # noqa: F401,E402
 from itmrt.cli import serve_cmd, query_cmd  # noqa: F401,E402
 from itmrt.cli import explain_cmd  # noqa: F401,E402
 # isort: on

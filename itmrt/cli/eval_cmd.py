@@ -9,7 +9,7 @@ import typer
 
 from itmrt.cli import options
 from itmrt.cli.app import app
-from itmrt.cli.outputs import check_new_files
+from itmrt.cli.outputs import check_new_files, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 
@@ -46,6 +46,7 @@ def eval_command(
     from itmrt.families.checkpoints import load_checkpoint
     from itmrt.io import atomic_write_files, float32_npy_bytes
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
+    from itmrt.text.vocab import count_unknown_words
 
     check_new_files([json_path, scores_out], overwrite)
     model = load_checkpoint(checkpoint)
@@ -66,6 +67,13 @@ def eval_command(
     result: dict[str, object] = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
                                  "negative_branch": negative_branch, "recall": table}
     typer.echo(f"{split}: {data_split.num_images} images, {len(data_split.captions)} captions")
+    unknown = count_unknown_words(vocabulary, [vocabulary.encode(caption) for caption in data_split.captions])
+    result["unknown_words"] = {"unknown": unknown.unknown, "words": unknown.words,
+                               "captions_without_a_known_word": len(unknown.no_known_word)}
+    if unknown.no_known_word:
+        warn_on_stderr(unknown.summary())
+    else:
+        typer.echo(unknown.summary())
     typer.echo(format_recall_table(table))
     if fold5:
         folds = coco_5fold_1k(scores)

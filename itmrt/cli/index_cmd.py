@@ -59,8 +59,7 @@ def index_command(
     each a gallery of its own with its images' global vectors and their FAISS index; --append adds shards.
     """
     from itmrt.runtime.api import load
-    from itmrt.runtime.gallery import load_features
-    from itmrt.runtime.image_files import is_image_listing, list_image_files
+    from itmrt.runtime.image_files import is_image_listing
 
     started = time.perf_counter()
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search)
@@ -72,7 +71,7 @@ def index_command(
                    threads=threads, batch_size=batch_size, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup else ""
     listing = is_image_listing(images)
-    inputs: Any = list_image_files(images) if listing else load_features(images)
+    inputs: Any = options.image_inputs(runtime, images)
     source = str(images)
     if sharded:
         gallery, count = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append, overwrite,

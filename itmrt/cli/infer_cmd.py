@@ -169,7 +169,7 @@ def infer_command(
     from itmrt.data.precomp import read_captions
 
     _check_request(out, scores_out, overwrite, shortlist, top_k)
-    captions = read_captions(captions_path)
+    captions = read_captions(captions_path, "one caption per line")
     started = time.perf_counter()
     request = BundleRequest(source, gallery_path, images, backend, precision, options.parse_providers(providers),
                             threads, max_length, on_long, batch_size, memory_mb, skip_bad_images, overwrite)
@@ -226,8 +226,7 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
     """Load, encode, score and write, each a stage of ``timer``; the number of images and how they were scored."""
     from itmrt.cli.progress import progress_bars
     from itmrt.runtime.api import load
-    from itmrt.runtime.gallery import load_features
-    from itmrt.runtime.image_files import is_image_listing, list_image_files
+    from itmrt.runtime.image_files import is_image_listing
     from itmrt.scale.layout import is_sharded_gallery
 
     if request.gallery is not None and is_sharded_gallery(request.gallery):
@@ -249,12 +248,13 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         if request.gallery is not None:
             image_set: Any = runtime.open_gallery(request.gallery)
             image_ids = image_set.ids
-        elif request.images is not None and is_image_listing(request.images):
-            files = list_image_files(request.images)
-            image_set, image_ids = runtime.encode_image_files(files, request.skip_bad_images)
         else:
             assert request.images is not None
-            image_set = runtime.encode_images(load_features(request.images), source=str(request.images))
+            inputs = options.image_inputs(runtime, request.images)
+            if is_image_listing(request.images):
+                image_set, image_ids = runtime.encode_image_files(inputs, request.skip_bad_images)
+            else:
+                image_set = runtime.encode_images(inputs, source=str(request.images))
         n_images = len(image_set)
     with timer.stage("encode_captions"):
         encoded = runtime.encode_captions(captions)

@@ -129,3 +129,22 @@ __all__ = [
     "scorer",
     "threads",
 ]
+
+
+def image_inputs(runtime: Any, images: Any) -> Any:
+    """What ``--images`` names for ``runtime``'s bundle: a features ``.npy`` (memory-mapped) or image files.
+
+    Anything but a ``.npy`` is image files (a folder, or a text file listing paths), which only a bundle
+    that takes images reads; for any other the error names the path before a line of the list is read.
+    """
+    from itmrt.errors import ItmrtError
+    from itmrt.runtime.gallery import load_features
+    from itmrt.runtime.image_files import is_image_listing, list_image_files
+
+    if not is_image_listing(images):
+        return load_features(images)
+    try:
+        runtime.image_preprocessing  # noqa: B018 - refuses a bundle that takes region features
+    except ItmrtError as exc:
+        raise ItmrtError(f"--images {images} is not a .npy features file, and {exc}") from None
+    return list_image_files(images)

@@ -27,7 +27,7 @@ def parity_command(
     report: Path = options.report_folder("report.json, report.md, PNGs, score matrices"),
     tol_score: float | None = typer.Option(None, "--tol-score-max-abs", callback=options.finite("--tol-score-max-abs", 0.0, 1e6), help="Override: largest allowed end-to-end score error."),
     tol_rsum: float | None = typer.Option(None, "--tol-rsum-delta", callback=options.finite("--tol-rsum-delta", 0.0, 600.0), help="Override: largest allowed |rsum - reference rsum|."),
-    tol_top1: float | None = typer.Option(None, "--tol-top1-min", callback=options.finite("--tol-top1-min", 0.0, 1.0), help="Override: smallest allowed top-1 agreement (0..1)."),
+    tol_top1: float | None = typer.Option(None, "--tol-top1-min", callback=options.finite("--tol-top1-min", 0.0, 1.0), help="Override: smallest allowed tie-tolerant top-1 agreement (0..1; a candidate within the score tolerance of the best counts as agreeing)."),
     tol_flips: float | None = typer.Option(None, "--tol-flip-rate", callback=options.finite("--tol-flip-rate", 0.0, 1.0), help="Override: largest allowed NAAF decision flip rate."),
     threads: int = options.threads(),
     scorer: ScorerChoice | None = options.scorer(),
@@ -55,7 +55,7 @@ def parity_command(
         decision_images=decision_images, tolerances=overrides, checkpoint=checkpoint, threads=threads, scorer=scorer,
     )
     check_report_folder(report, overwrite)
-    with progress_bars(progress) as bars:
+    with progress_bars(progress, lines_when_logged=True) as bars:
         run = run_parity(bundle, data, options, bars, command=["itmrt", *sys.argv[1:]])
     write_parity(run, report, plots)
     for entry in run.report["variants"]:

@@ -120,8 +120,8 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
 
     Lines end with ``\\n``, ``\\r\\n`` or a lone ``\\r`` (old Mac files), as Python's universal
     newlines read them. Surrounding whitespace is stripped per line, as the released
-    loaders do. A final newline is allowed; an empty line anywhere else is an error,
-    because it would shift every later caption onto the wrong image.
+    loaders do. Blank lines after the last caption are ignored; an empty line anywhere
+    else is an error, because it would shift every later caption onto the wrong image.
     """
     if path.is_dir():
         raise DataError(f"captions file {path} is a folder; expected a text file with {layout}")
@@ -144,8 +144,8 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
     if text.startswith("\ufeff"):
         text = text[1:]
     lines = _LINE_END.split(text)
-    if lines and lines[-1].strip() == "":
-        lines.pop()  # the newline that ends the last line
+    while lines and lines[-1].strip() == "":
+        lines.pop()  # the newline that ends the last line, and blank lines after the last caption (they shift nothing)
     captions: list[str] = []
     for number, line in enumerate(lines, start=1):
         caption = line.strip()

@@ -45,7 +45,7 @@ import numpy as np
 
 from itmrt.data.precomp import CAPTIONS_PER_IMAGE
 from itmrt.errors import DataError
-from itmrt.io import publish_folder, staged_folder, umask_mode
+from itmrt.io import check_empty_folder, publish_folder, staged_folder, umask_mode
 
 OBJECT_CLASSES = (
     "dog", "cat", "car", "bicycle", "horse", "bird", "boat", "bus",
@@ -129,10 +129,7 @@ def make_synthetic_dataset(
     splits = _check_arguments(num_images, seed, img_dim, num_regions, noise_scale, colour_scale,
                               negation_fraction, pair_fraction)
     target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise DataError(f"{target} exists and is not a folder; choose another output folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise DataError(f"output folder {target} is not empty; choose an empty folder or pass overwrite=True")
+    check_empty_folder(target, overwrite, error=DataError)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     world = _World.create(seed, img_dim)

@@ -39,7 +39,7 @@ from itmrt.data.synthetic import (
     vocabulary_json,
 )
 from itmrt.errors import DataError
-from itmrt.io import publish_folder, staged_folder, umask_mode
+from itmrt.io import check_empty_folder, publish_folder, staged_folder, umask_mode
 
 SHAPES = ("rectangle", "disc", "triangle")
 TEXTURES = ("solid", "hstripes", "vstripes", "checker", "hollow", "dots", "diagonal", "halves")
@@ -91,10 +91,7 @@ def make_synthetic_image_dataset(
                               negation_fraction, noise_std)
     low, high = (captions_per_image, captions_per_image) if isinstance(captions_per_image, int) else captions_per_image
     target = Path(out_dir)
-    if target.exists() and not target.is_dir():
-        raise DataError(f"{target} exists and is not a folder; choose another output folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise DataError(f"output folder {target} is not empty; choose an empty folder or pass overwrite=True")
+    check_empty_folder(target, overwrite, error=DataError)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     with staged_folder(target) as staging:

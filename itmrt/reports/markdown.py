@@ -66,7 +66,7 @@ def parity_markdown(report: dict[str, Any]) -> str:
                        f"{v['retrieval']['i2t'][overlap]:.3f} / {v['retrieval']['t2i'][overlap]:.3f}",
                        f"{v['retrieval']['i2t']['spearman_mean']:.4f} / {v['retrieval']['t2i']['spearman_mean']:.4f}"])
     out.append(table(["variant", "verdict", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "rsum", "rsum delta",
-                      "top-1 agree (i2t/t2i)", f"top-{k} overlap", "Spearman"], rows))
+                      "strict top-1 agree (i2t/t2i)", f"top-{k} overlap", "Spearman"], rows))
     out += [""] + [
         f"- {v['name']} ran " + ", ".join(f"{k}: `{f}`" for k, f in v["graph_files"].items()) for v in measured
     ]

@@ -117,7 +117,8 @@ def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list
         # A top-1 swap between candidates whose reference scores differ by less than the score tolerance
         # is a tie the tolerance already allows, not a ranking error.
         _check(
-            "top-1 agreement (worse direction; candidates within the score tolerance of the best are ties)",
+            "top-1 agreement, tie-tolerant (a candidate within the score tolerance of the best counts as agreeing; "
+            "worse direction; the strict figure is the retrieval table's)",
             min(
                 agreement.top1_agreement_within(entry["retrieval"][d], tolerances["score_max_abs"])
                 for d in agreement.DIRECTIONS

@@ -123,7 +123,7 @@ class Runtime:
     def encode_images(self, features: np.ndarray, source: str = "image features") -> np.ndarray:
         """Region features ``[N, n, img_dim]`` (CMPM: images ``[N, 3, H, W]``) -> embeddings."""
         self.check_images(features, source)
-        return self.image_encoder.encode(features)
+        return self.image_encoder.encode(features, source=source)
 
     @property
     def image_preprocessing(self) -> ImagePreprocessing:
@@ -178,7 +178,8 @@ class Runtime:
                 shape.append(max(limits.min, min(2, limits.opt)) if limits else 1)
         features = np.random.default_rng(0).random(shape, dtype=np.float32)
         images = self.encode_images(features, source="warm-up images")
-        self.rank(images, self.encode_captions(["warm up", "a short warm up caption"]), top_k=1)
+        captions = [self.vocab.sample_caption(2), self.vocab.sample_caption(5)]  # words it knows: no warning
+        self.rank(images, self.encode_captions(captions), top_k=1)
         return time.perf_counter() - started
 
     # -- scoring ------------------------------------------------------------
@@ -320,7 +321,7 @@ class Runtime:
         shape = (int(features.shape[0]), *first.shape[1:])
 
         def encode_into(array: np.ndarray) -> None:
-            self.image_encoder.encode(features, out=array)
+            self.image_encoder.encode(features, out=array, source=source)
 
         return write_gallery(out, self.bundle, encode_into, shape, details, overwrite, dtype)
 

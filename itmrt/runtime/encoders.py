@@ -20,7 +20,7 @@ from itmrt.bundle.names import LENGTHS, TOKEN_IDS, parse_choice
 from itmrt.errors import DataError, ItmrtError
 from itmrt.runtime.backends import Backend
 from itmrt.runtime.options import OnLong, Warn
-from itmrt.text.vocab import CaptionTooLongError, Vocabulary
+from itmrt.text.vocab import CaptionTooLongError, Vocabulary, count_unknown_words
 
 
 def default_warn(message: str) -> None:
@@ -87,6 +87,9 @@ def tokenize(
     if max_length is not None and max_length < 2:
         raise ItmrtError(f"--max-length must be at least 2 (<start> and <end>), not {max_length}")
     encoded = [vocab.encode(caption) for caption in captions]
+    unknown = count_unknown_words(vocab, encoded)
+    if unknown.unknown or unknown.no_known_word:  # words the model cannot read are said, never dropped silently
+        (warn or default_warn)(unknown.summary())
     if max_length is None:
         return encoded
     too_long = [k for k, ids in enumerate(encoded) if len(ids) > max_length]
@@ -214,15 +217,16 @@ class ImageEncoder:
         self.backend, self.input_name = backend, input_name
         self.batch_size = min(batch_size, max_batch) if max_batch else batch_size
 
-    def encode(self, features: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Embeddings of ``features`` (any array-like, e.g. a memmap, read one batch at a time)."""
+    def encode(self, features: np.ndarray, out: np.ndarray | None = None, source: str = "image features") -> np.ndarray:
+        """Embeddings of ``features`` (any array-like, e.g. a memmap, read one batch at a time); ``source``
+        names them (e.g. their file) in the errors."""
         n = int(features.shape[0])
         if n == 0:
-            raise DataError("no images to encode (the features array is empty)")
+            raise DataError(f"no images to encode ({source} is empty)")
         for start in range(0, n, self.batch_size):
             batch = np.ascontiguousarray(features[start : start + self.batch_size], dtype=np.float32)
             if not np.isfinite(batch).all():
-                raise DataError(f"image features {start}..{start + len(batch) - 1} contain NaN or infinite values")
+                raise DataError(f"{source}: images {start}..{start + len(batch) - 1} contain NaN or infinite values")
             result = self.backend.run({self.input_name: batch})[0]
             check_finite_output(result, "image encoder", f"images {start}..{start + len(batch) - 1}")
             if out is None:

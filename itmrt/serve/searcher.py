@@ -94,14 +94,14 @@ class RuntimeSearcher:
         seconds = float(self.runtime.warmup())
         # One real search pages the gallery in and sizes the scorer's buffers for it.
         started = time.perf_counter()
-        self.top_k(self.encode([self.tokenize(["warm up"])]), 1)
+        self.top_k(self.encode([self.tokenize([self.runtime.vocab.sample_caption()])]), 1)
         return seconds + time.perf_counter() - started
 
     def tokenize(self, captions: Sequence[str]) -> TokenIds:
         limit = self.runtime.max_length
         if self.on_long is OnLong.TRUNCATE:
             return tokenize(self.runtime.vocab, captions, limit, OnLong.TRUNCATE, self.warn)
-        ids = tokenize(self.runtime.vocab, captions, None)
+        ids = tokenize(self.runtime.vocab, captions, None, warn=self.warn)
         for index, tokens in enumerate(ids):
             if limit is not None and len(tokens) > limit:
                 raise ItmrtError(

@@ -178,6 +178,7 @@ class Service:
 
     @staticmethod
     def _runtime_searcher(source: Any, gallery: Any, options: ServeOptions) -> Callable[[], Searcher]:
+        from itmrt.bundle.folder import read_bundle
         from itmrt.runtime.gallery import gallery_source, read_gallery
 
         if source is None:
@@ -201,7 +202,8 @@ class Service:
         if options.ray is not None or options.shortlist is not None:
             raise ItmrtError("--ray and --shortlist search a sharded gallery; make one with `itmrt index ... "
                              "--shard-images N`")
-        read_gallery(gallery_path)  # a missing or broken gallery is reported before the port is taken
+        # A missing or broken gallery, or one another bundle made, is reported before the port is taken.
+        read_gallery(gallery_path).check_bundle(read_bundle(bundle_path))
         return lambda: open_runtime_searcher(bundle_path, gallery_path, options.on_long, log.warning, **load_options)
 
     @property

@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from itmrt.errors import ItmrtError, VocabularyError, first_line
 from itmrt.io import atomic_write_text, parse_json
 from itmrt.text.tokenize import word_tokenize
 
-__all__ = ["Vocabulary", "CaptionTooLongError", "SPECIAL_TOKENS", "tokenize_caption"]
+__all__ = ["Vocabulary", "CaptionTooLongError", "SPECIAL_TOKENS", "UnknownWords", "count_unknown_words",
+           "tokenize_caption"]
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, START, END, UNK)
@@ -147,6 +149,11 @@ class Vocabulary:
     def unk_id(self) -> int:
         return self.word2idx[UNK]
 
+    def sample_caption(self, words: int = 4) -> str:
+        """A caption of the vocabulary's first ``words`` ordinary words: warm-up input it knows every word of."""
+        ordinary = (self.idx2word[index] for index in range(len(self)) if self.idx2word[index] not in SPECIAL_TOKENS)
+        return " ".join(word for _, word in zip(range(words), ordinary))
+
     def word_id(self, word: str) -> int:
         """Index of ``word``, or of ``<unk>`` when it is not in the vocabulary."""
         return self.word2idx.get(word, self.unk_id)
@@ -225,6 +232,41 @@ class Vocabulary:
         for row, ids in enumerate(encoded):
             tokens[row, : len(ids)] = ids
         return tokens, lengths
+
+
+@dataclass(frozen=True)
+class UnknownWords:
+    """How many caption words a vocabulary does not know (each is encoded as ``<unk>``)."""
+
+    unknown: int  # words (tokens between <start> and <end>) not in the vocabulary
+    words: int  # words in all
+    no_known_word: tuple[int, ...]  # captions (0-based) without a single word the vocabulary knows
+
+    def summary(self) -> str:
+        """One line: the count, and the captions that have no known word (numbered from 1)."""
+        share = f" ({100.0 * self.unknown / self.words:.1f}%)" if self.words else ""
+        text = f"{self.unknown} of {self.words} caption words{share} are not in the vocabulary (each counts as <unk>)"
+        if self.no_known_word:
+            first = ", ".join(str(k + 1) for k in self.no_known_word[:5])
+            more = ", ..." if len(self.no_known_word) > 5 else ""
+            text += (f"; {len(self.no_known_word)} caption(s) have no known word at all (caption {first}{more}): "
+                     "their results rank images by nothing the model knows")
+        return text
+
+
+def count_unknown_words(vocab: Vocabulary, encoded: Sequence[Sequence[int]]) -> UnknownWords:
+    """Count the ``<unk>`` ids of captions encoded by :meth:`Vocabulary.encode` (``<start>`` and ``<end>`` aside)."""
+    unk = vocab.unk_id
+    unknown = words = 0
+    no_known: list[int] = []
+    for index, ids in enumerate(encoded):
+        real = ids[1:-1]
+        misses = sum(1 for token in real if token == unk)
+        unknown += misses
+        words += len(real)
+        if misses == len(real):
+            no_known.append(index)
+    return UnknownWords(unknown, words, tuple(no_known))
 
 
 def _validated_word2idx(word2idx: Any, source: str) -> dict[str, int]:

@@ -51,6 +51,19 @@ def make_region_data(folder: str | Path) -> Path:
     return make_synthetic_dataset(folder, **SMALL_REGION_DATA)
 
 
+def make_sample_data(folder: str | Path, test_images: int = 100, overwrite: bool = False) -> Path:
+    """A small region-feature dataset drawn like the small models' data (same generator, seed and feature size).
+
+    Splits: ``test`` (``test_images`` images), ``dev`` and ``train`` (half as many each), so every
+    command's default split is there; ``vocab.json`` is the small models' vocabulary. The demo and
+    ``itmrt sample-data`` make it.
+    """
+    settings = {key: value for key, value in SMALL_REGION_DATA.items() if key != "num_images"}
+    others = max(1, test_images // 2)
+    return make_synthetic_dataset(folder, {"test": test_images, "dev": others, "train": others},
+                                  overwrite=overwrite, **settings)
+
+
 def make_image_data(folder: str | Path) -> Path:
     """The synthetic image dataset the small CMPM is trained and tested on."""
     return make_synthetic_image_dataset(folder, **SMALL_IMAGE_DATA)

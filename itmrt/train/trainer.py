@@ -38,7 +38,7 @@ from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import DataError, ItmrtError
 from itmrt.families import get, names
 from itmrt.families.cross_attention import CrossAttentionFamily
-from itmrt.io import atomic_write_text
+from itmrt.io import atomic_write_text, check_empty_folder
 from itmrt.models.checkpoint import load_released_checkpoint, save_released_checkpoint
 from itmrt.models.evaluate import check_vocabulary, encode_captions, encode_images, score_matrix
 from itmrt.models.matcher import CrossAttentionMatcher
@@ -297,10 +297,7 @@ def _prepare_run(config: TrainConfig, resume: bool, log: Callable[[str], None]) 
         model = load_released_checkpoint(last_path)
         run = _Run(config, family, model, vocab, train_split, val_split, torch.device(config.device), threshold)
         return _resumed_run(run, last_path, log)
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
-        raise ItmrtError(
-            f"output folder {out_dir} is not empty; pass --resume to continue that run or choose another --out"
-        )
+    check_empty_folder(out_dir, resume, "pass --resume to continue the run in it")
     torch.manual_seed(config.seed)
     opt = config.model_options(train_split.img_dim, len(vocab), Path(config.data_dir).name, vocab.sha256)
     model = CrossAttentionMatcher.from_opt(opt, family=config.family)
