@@ -59,7 +59,7 @@ def make_data(n_images: int, n_captions: int, seed: int = 0) -> tuple[np.ndarray
 
 def released_loop_scores(images: np.ndarray, captions: list[np.ndarray], threshold: float = THRESHOLD,
                          lam: float = LAMBDA, intra_factor: float = INTRA, device: str = "cpu") -> np.ndarray:
-    """The released test-time scorer's structure, step for step, in PyTorch (MODELS.md section 2).
+    """The released test-time scorer's structure, step for step, in PyTorch (docs/models.md section 2).
 
     Per caption: the caption copied once per image (``repeat``), the similarity
     ``bmm``, a contiguous transposed copy of it for the relevance branch, the

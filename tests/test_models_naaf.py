@@ -81,7 +81,7 @@ def test_propagation_changes_scores() -> None:
 
 
 def _spec_by_hand(image: torch.Tensor, caption: torch.Tensor, t: float, lam: float) -> float:
-    """MODELS.md section 2 written out element by element in Python floats."""
+    """docs/models.md section 2 written out element by element in Python floats."""
     m, n = caption.shape[0], image.shape[0]
     u = caption.tolist()
     v = image.tolist()

@@ -132,3 +132,15 @@ def test_demo_parity_verdict_uses_the_parity_tolerances() -> None:
                "ort:int8": {"rsum_change": -5.0, "t2i_top1_agreement": 0.99}}
     verdict = _parity_verdict(figures)
     assert "ort:fp32 pass" in verdict and "ort:int8 FAIL" in verdict and "int8 |rsum change| <= 3" in verdict
+
+
+def test_query_waits_for_a_service_and_says_why_it_gave_up(tmp_path: Path, capsys) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    captions = tmp_path / "caps.txt"
+    captions.write_text("a caption\n")
+    result = run_cli(capsys, "query", f"http://127.0.0.1:{port}", "--captions", str(captions), "--wait-s", "0.5")
+    assert result.code == 2 and "was not ready within --wait-s 0.5: cannot reach" in result.err

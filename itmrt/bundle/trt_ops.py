@@ -1,9 +1,9 @@
 """Will TensorRT 10's ONNX parser take this graph? A static check against its op table.
 
-The table (``tensorrt10_onnx_ops.tsv``, shipped with the package; the project's
-reference copy is ``../shared/data/tensorrt10_onnx_ops.tsv``) lists, per ONNX
-op, whether the parser supports it and for which element types. The check runs
-shape inference, then for every node verifies that the op is supported and
+The table (``tensorrt10_onnx_ops.tsv``, shipped with the package; its first line
+names its source, onnx-tensorrt's operator support document for TensorRT 10.0)
+lists, per ONNX op, whether the parser supports it and for which element types.
+The check runs shape inference, then for every node verifies that the op is supported and
 that the element type of each of its data inputs and outputs is in the op's
 list. Index, shape and mask tensors (Gather's indices, an RNN's
 ``sequence_lens``, a Reshape's shape, a comparison's boolean output, ...) are

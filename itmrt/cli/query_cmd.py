@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -21,6 +22,7 @@ def query_command(
     out: Path | None = typer.Option(None, "--out", help="Write the JSONL here instead of printing it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
     timeout_s: float = typer.Option(60.0, "--timeout-s", callback=options.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Seconds to wait for each answer."),
+    wait_s: float = typer.Option(0.0, "--wait-s", callback=options.finite("--wait-s", 0.0, limits.MAX_SECONDS), help="Wait up to this long for the service to be up and ready (a serve just started in the background)."),
 ) -> None:
     """One JSON line per caption - {"query": "caption", "index", "caption", "images", "scores"} - as `itmrt infer`
     writes them (plus "image_ids" where the gallery names its images)."""
@@ -36,6 +38,8 @@ def query_command(
     token = read_token_file(token_file) if token_file is not None else None
     lines: list[str] = []
     with ServiceClient(url, token, timeout_s) as client:
+        if wait_s > 0:
+            _wait_until_ready(client, wait_s)
         for start, hits in search_in_batches(client, captions, top_k, batch):
             chunk = caption_result_lines(captions[start : start + batch], hits, start, hits.ids)
             if out is None:
@@ -44,3 +48,22 @@ def query_command(
     if out is not None:
         atomic_write_text(out, "\n".join(lines) + "\n", overwrite)
         typer.echo(f"{len(captions)} captions answered by {url}; wrote {out}", err=True)
+
+
+def _wait_until_ready(client: Any, seconds: float) -> None:
+    """Poll the service's readiness until it is ready; past ``seconds``, a one-line error saying why."""
+    import time
+
+    from itmrt.errors import ItmrtError
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if client.ready():
+                return
+            why = "it is up but not ready (still loading its gallery?)"
+        except ItmrtError as exc:  # nothing listens there yet
+            why = str(exc)
+        if time.monotonic() >= deadline:
+            raise ItmrtError(f"{client.url} was not ready within --wait-s {seconds:g}: {why}")
+        time.sleep(0.2)

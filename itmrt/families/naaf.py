@@ -3,7 +3,7 @@
 Export freezes the checkpoint's ``thres_safe`` (or ``--threshold``), lambda and
 the intra-caption factor into the scorer graph; training learns ``thres`` and
 ``thres_safe`` (:mod:`itmrt.train.threshold`) and scores batches without the
-intra-caption propagation (MODELS.md section 2, last paragraph).
+intra-caption propagation (docs/models.md section 2, last paragraph).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class NaafFamily(CrossAttentionFamily):
     def training_scores(self, model: Any, image_emb: Any, caption_emb: Any, lengths: Any, threshold: float) -> Any:
         from itmrt.models.naaf import naaf_scores
 
-        # MODELS.md section 2, last paragraph: opt.thres and no intra-caption propagation.
+        # docs/models.md section 2, last paragraph: opt.thres and no intra-caption propagation.
         return naaf_scores(image_emb, caption_emb, lengths, threshold,
                            lambda_softmax=float(model.opt["lambda_softmax"]), propagate=False)
 

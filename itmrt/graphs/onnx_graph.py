@@ -144,7 +144,7 @@ class GraphBuilder:
         return self.op("Where", [condition, x, y], hint)
 
     def l2norm(self, x: str, axis: int = -1, eps: float = 1e-8, hint: str = "l2norm") -> str:
-        """``x / (sqrt(sum x^2) + eps)`` along ``axis`` (MODELS.md: epsilon after the root)."""
+        """``x / (sqrt(sum x^2) + eps)`` along ``axis`` (docs/models.md: epsilon after the root)."""
         squares = self.op("Mul", [x, x], f"{hint}_sq")
         norm = self.op("Sqrt", [self.reduce("ReduceSum", squares, [axis], True, f"{hint}_sum")], f"{hint}_root")
         return self.op("Div", [x, self.op("Add", [norm, self.const(eps)], f"{hint}_den")], hint)

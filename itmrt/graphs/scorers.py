@@ -84,7 +84,7 @@ def _gram(g: GraphBuilder, x: str, hint: str) -> str:
 def naaf_scorer_graph(
     embed_size: int, threshold: float, lambda_softmax: float, intra_factor: float, opset: int
 ) -> onnx.ModelProto:
-    """NAAF's test-time score (MODELS.md section 2), batched over images and captions.
+    """NAAF's test-time score (docs/models.md section 2), batched over images and captions.
 
     Step 4 is the max-shifted masked softmax of ``naaf_scores`` (finite in
     float16); ``u . vhat`` and ``||vhat||`` come from ``sum_j w s`` and
@@ -207,7 +207,7 @@ def scan_scorer_graph(
     lambda_lse: float,
     opset: int,
 ) -> onnx.ModelProto:
-    """SCAN's score (MODELS.md section 4) for ``t2i`` or ``i2t``, batched and masked."""
+    """SCAN's score (docs/models.md section 4) for ``t2i`` or ``i2t``, batched and masked."""
     check_scan_options(cross_attn, raw_feature_norm, agg_func)
     g = GraphBuilder("scan_scorer", opset)
     lam = _scalar(g, lambda_softmax, SCAN_LAMBDA_SOFTMAX)

@@ -1,4 +1,4 @@
-"""CMPM / CMPC dual encoder: MobileNet v1 image tower and BiLSTM text tower (MODELS.md section 5).
+"""CMPM / CMPC dual encoder: MobileNet v1 image tower and BiLSTM text tower (docs/models.md section 5).
 
 Both towers end in a projection to a joint space of ``embed_size`` (512); the
 score of an image and a caption is the cosine of their embeddings, so a gallery

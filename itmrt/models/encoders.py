@@ -1,4 +1,4 @@
-"""Image and text encoders shared by NAAF and SCAN (MODELS.md section 1).
+"""Image and text encoders shared by NAAF and SCAN (docs/models.md section 1).
 
 Parameter names follow the released checkpoints exactly, so a released state
 dict loads with ``strict=True``:

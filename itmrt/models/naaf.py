@@ -1,4 +1,4 @@
-"""NAAF's image-caption score (MODELS.md section 2).
+"""NAAF's image-caption score (docs/models.md section 2).
 
 Three forms of the same definition:
 

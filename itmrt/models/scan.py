@@ -1,4 +1,4 @@
-"""SCAN's stacked cross-attention score (MODELS.md section 4).
+"""SCAN's stacked cross-attention score (docs/models.md section 4).
 
 ``t2i``: the caption's words are the queries and the image regions the context;
 ``i2t``: the regions are the queries and the words the context. For query items

@@ -131,7 +131,7 @@ def retrieval_agreement(reference: np.ndarray, got: np.ndarray, k: int = 10) -> 
 def naaf_decisions(
     tokens: np.ndarray, regions: np.ndarray, threshold: float, intra_factor: float = 5.0, propagate: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One caption's branch decisions against every image (MODELS.md section 2, steps 2-3).
+    """One caption's branch decisions against every image (docs/models.md section 2, steps 2-3).
 
     ``tokens`` ``[m, d]`` (the caption's real tokens), ``regions`` ``[N, n, d]``.
     Returns ``(positive [m, N, n]``: ``s_ij - t > 0``, ``negative [m, N]``: ``q_i < 0)``.

@@ -1,6 +1,6 @@
 """Why NAAF scored an image and a caption as it did: the score taken apart word by word.
 
-NAAF's test-time score (MODELS.md section 2) is a mean over the caption's
+NAAF's test-time score (docs/models.md section 2) is a mean over the caption's
 words of three terms: ``S = (1/m) sum_i (neg_i + f_i + rel_i)``. This module
 computes the terms in numpy (float64) from the bundle's own encoder outputs and
 the constants its manifest froze (threshold, lambda, intra-caption factor), and
@@ -79,7 +79,7 @@ def naaf_word_terms(
     intra_factor: float,
     negative_branch: bool = True,
 ) -> NaafTerms:
-    """MODELS.md section 2, step by step, for one caption's real tokens ``[m, d]`` and images ``[N, n, d]``.
+    """docs/models.md section 2, step by step, for one caption's real tokens ``[m, d]`` and images ``[N, n, d]``.
 
     Arithmetic in float64, the released definitions literally (raw ``exp``,
     ``p / (sum p + 1e-8)``, explicit ``vhat``): an explanation, not a fast path.

@@ -1,6 +1,6 @@
 """NAAF's score on the CPU as one GEMM per tile plus ONE fused numba pass over the similarity tile.
 
-The exported scorer graph runs MODELS.md section 2 as some twenty elementwise
+The exported scorer graph runs docs/models.md section 2 as some twenty elementwise
 operators, each reading and writing the whole ``[Bi, Bc, L, n]`` similarity
 tile. Here a tile is scored in two steps:
 
@@ -142,7 +142,7 @@ def _gram_session(threads: int) -> Any:
 
 
 class FusedNaafScorer:
-    """NAAF's test-time score (MODELS.md section 2) on the CPU: one GEMM + one numba pass per tile.
+    """NAAF's test-time score (docs/models.md section 2) on the CPU: one GEMM + one numba pass per tile.
 
     Implements the runtime's backend interface (``run`` takes the scorer
     graph's feeds), so it can stand in for the exported scorer graph; the

@@ -6,7 +6,7 @@ caption c, for the ``counts[k]`` captions longer than k (a prefix, thanks to the
 sort). No column is padding. The similarity GEMM gives ``sims [Bi * n, T]``,
 image i's regions in rows ``i*n .. i*n+n-1``. Two things follow:
 
-* per-word work (every step of MODELS.md section 2 that runs over one word's
+* per-word work (every step of docs/models.md section 2 that runs over one word's
   regions) takes CHUNK consecutive columns at once - tokens in the vector
   lanes, regions in the loop - with no horizontal reductions and no remainder
   loops;

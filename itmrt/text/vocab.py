@@ -1,6 +1,6 @@
 """Vocabularies of the released NAAF/SCAN models and caption encoding.
 
-Two JSON layouts were released (see ``../data/vocab``):
+The released vocabularies come in two JSON layouts:
 
 * ``*_precomp_vocab.json``: ``word2idx``, ``idx2word`` (string keys) and
   ``idx`` (the number of words); ``<pad> <start> <end> <unk>`` are 0-3.

@@ -1,9 +1,9 @@
 """Training losses of the seed models.
 
 - :func:`triplet_loss`: the hardest-negative hinge loss NAAF and SCAN train with
-  (MODELS.md section 3), reduced by a sum over the batch as the released
+  (docs/models.md section 3), reduced by a sum over the batch as the released
   ``ContrastiveLoss`` does.
-- :func:`cmpm_loss` and :func:`cmpc_loss`: CMPM / CMPC (MODELS.md section 5),
+- :func:`cmpm_loss` and :func:`cmpc_loss`: CMPM / CMPC (docs/models.md section 5),
   both directions summed, averaged over the batch.
 """
 
@@ -19,7 +19,7 @@ CMPM_EPS = 1e-8
 
 
 def _l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    # MODELS.md's l2norm: the epsilon is added after the square root.
+    # docs/models.md's l2norm: the epsilon is added after the square root.
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
 
@@ -65,7 +65,7 @@ def cmpm_loss(image_emb: Tensor, text_emb: Tensor, labels: Tensor) -> Tensor:
     """Cross-modal projection matching loss, image-to-text plus text-to-image.
 
     ``p_ij = softmax_j(x_i . zbar_j)``, ``q_ij = 1[y_i = y_j] / sum_k 1[y_i = y_k]``,
-    ``L = mean_i sum_j p_ij log(p_ij / (q_ij + 1e-8) + 1e-8)`` - MODELS.md section 5
+    ``L = mean_i sum_j p_ij log(p_ij / (q_ij + 1e-8) + 1e-8)`` - docs/models.md section 5
     read literally (the paper's epsilon sits only inside the ratio; the spec adds
     it once more outside, which keeps the log finite when p underflows).
     Pairs without identities use ``labels = arange(B)``.

@@ -1,4 +1,4 @@
-"""NAAF's learned similarity threshold (MODELS.md section 3).
+"""NAAF's learned similarity threshold (docs/models.md section 3).
 
 During training NAAF samples, for every caption whose best-scoring image in the
 batch is its own, two word-level similarities per word: ``s+`` (the word's best
@@ -60,7 +60,7 @@ def optimal_threshold(
 ) -> float:
     """The stationary point of ``alpha * P(s- > t) + P(s+ < t)`` for Gaussian s+ and s-.
 
-    Evaluates MODELS.md section 3's closed form literally (including the 1e-8 in
+    Evaluates docs/models.md section 3's closed form literally (including the 1e-8 in
     the logarithm and the 1e-10 in the denominator). Returns ``math.nan`` when the
     discriminant ``B^2 - 4AC`` is not positive (or not a number, e.g. for a zero
     ``std_pos``); callers then keep their previous threshold, as the released
