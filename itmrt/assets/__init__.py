@@ -5,3 +5,14 @@
 vocabulary ``vocab.json`` beside them; each records that vocabulary's hash, so export refuses
 another. ``recipe.json`` holds the data and training settings and each model's validation recall.
 """
+
+from __future__ import annotations
+
+from itmrt.optional import lazy_exports
+
+_EXPORTS: dict[str, str] = {}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

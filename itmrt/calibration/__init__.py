@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 from itmrt.bundle.names import Choice
+from itmrt.optional import lazy_exports
+
+_EXPORTS = {
+    "BuildOutcome": "itmrt.calibration.build",
+    "build_bundle": "itmrt.calibration.build",
+    "PrecisionOptions": "itmrt.calibration.precision_graphs",
+    "calibrate": "itmrt.calibration.precision_graphs",
+    "make_precision_graphs": "itmrt.calibration.precision_graphs",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 
 
 class CalibrationMethod(Choice):
@@ -18,3 +28,8 @@ DEFAULT_METHOD = CalibrationMethod.PERCENTILE
 against FP32 in ONNX Runtime): NAAF percentile -0.1, min-max -0.1, entropy -1.9; CMPM percentile
 +1.4, min-max +5.6, entropy -153 (KL clips the MobileNet's ReLU outputs at about a quarter of
 their range)."""
+
+
+__all__ = sorted([*_EXPORTS, "CalibrationMethod", "DEFAULT_METHOD"])
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

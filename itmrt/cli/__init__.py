@@ -4,3 +4,17 @@
 into ``error: ...`` and exit status 2; :mod:`~itmrt.cli.options` declares the
 options several commands share, once.
 """
+
+from __future__ import annotations
+
+from itmrt.optional import lazy_exports
+
+_EXPORTS = {
+    "app": "itmrt.cli.app",
+    "main": "itmrt.cli.app",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -25,48 +25,12 @@ from itmrt.cli.outputs import check_new_files, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 
-def caption_result_lines(captions: list[str], t2i: Any, start: int = 0, ids: Any = None) -> list[str]:
-    """One JSON line per caption query with its best images (caption ``j`` numbered ``start + j``).
-
-    ``ids``: per caption, its result images' ids (``image_ids``), where the images came from files.
-    ``itmrt query`` prints the same lines from a service's answers.
-    """
-    import json
-
-    lines = []
-    for j, caption in enumerate(captions):
-        line: dict[str, Any] = {"query": "caption", "index": start + j, "caption": caption,
-                                "images": [int(x) for x in t2i.indices[j]]}
-        if ids is not None:
-            line["image_ids"] = [str(x) for x in ids[j]]
-        lines.append(json.dumps({**line, "scores": [float(s) for s in t2i.scores[j]]}, ensure_ascii=False))
-    return lines
-
-
-def results_jsonl(captions: list[str], t2i: Any, i2t: Any, image_ids: list[str] | None = None) -> str:
-    """One JSON line per caption query (best images) then per image query (best captions).
-
-    Images are given by index (``images``, ``index``) and, when they came from
-    image files, also by id (``image_ids``, ``image_id``: the path as listed).
-    """
-    import json
-
-    result_ids = None if image_ids is None else [[image_ids[int(x)] for x in row] for row in t2i.indices]
-    lines = caption_result_lines(captions, t2i, ids=result_ids)
-    for i in range(i2t.indices.shape[0]):
-        line: dict[str, Any] = {"query": "image", "index": i}
-        if image_ids is not None:
-            line["image_id"] = image_ids[i]
-        lines.append(json.dumps({**line, "captions": [int(x) for x in i2t.indices[i]],
-                                 "scores": [float(s) for s in i2t.scores[i]]}, ensure_ascii=False))
-    return "\n".join(lines) + "\n"
-
-
 def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any,
                    overwrite: bool, image_ids: list[str] | None = None) -> None:
     """Both outputs as one result: without ``overwrite`` a file that appeared meanwhile (another run's) is
     kept and this run fails with a one-line error, leaving neither of its files."""
     from itmrt.io import atomic_write_files, float32_npy_bytes
+    from itmrt.runtime.results import results_jsonl
 
     outputs = [(out, results_jsonl(captions, t2i, i2t, image_ids).encode("utf-8"))]
     if scores_out is not None:

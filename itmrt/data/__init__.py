@@ -7,15 +7,20 @@ it. The synthetic-data generators (:mod:`itmrt.data.synthetic`,
 
 from __future__ import annotations
 
-from itmrt.data.metrics import coco_5fold_1k, format_recall_table, i2t_ranks, recall_table, t2i_ranks
-from itmrt.data.precomp import CAPTIONS_PER_IMAGE, PrecompSplit
+from itmrt.optional import lazy_exports
 
-__all__ = [
-    "CAPTIONS_PER_IMAGE",
-    "PrecompSplit",
-    "coco_5fold_1k",
-    "format_recall_table",
-    "i2t_ranks",
-    "recall_table",
-    "t2i_ranks",
-]
+_EXPORTS = {
+    "coco_5fold_1k": "itmrt.data.metrics",
+    "format_recall_table": "itmrt.data.metrics",
+    "i2t_ranks": "itmrt.data.metrics",
+    "recall_table": "itmrt.data.metrics",
+    "t2i_ranks": "itmrt.data.metrics",
+    "CAPTIONS_PER_IMAGE": "itmrt.data.precomp",
+    "PrecompSplit": "itmrt.data.precomp",
+    "read_captions": "itmrt.data.precomp",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

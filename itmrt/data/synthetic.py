@@ -22,7 +22,7 @@ it. Real captions (Flickr30K, COCO) rarely negate; the recipe keeps the "no X"
 captions all the same because, measured, they help: trained with them, the small
 NAAF and SCAN rank an image's own caption above its pair's (which names an object
 it lacks) more often, on captions *without* negations, than trained on
-``negations=False`` data (README, "NAAF's point, measured").
+``negations=False`` data (docs/naaf-negative-branch.md).
 
 Files written per split: ``{split}_ims.npy`` (float32, images x regions x dim),
 ``{split}_caps.txt`` (5 captions per image) and ``{split}_meta.json`` (what each

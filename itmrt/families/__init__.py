@@ -10,23 +10,27 @@ imports torch.
 
 from __future__ import annotations
 
-from itmrt.families.registry import family_of, get, names, register, registered, threshold_families, unregister
-from itmrt.families.spec import BuiltGraphs, FamilySpec, GraphOptions, ImageSplit, ScorerConstants
+from itmrt.optional import lazy_exports
 
-# The built-in families register themselves when imported.
+_EXPORTS = {
+    "family_of": "itmrt.families.registry",
+    "get": "itmrt.families.registry",
+    "names": "itmrt.families.registry",
+    "register": "itmrt.families.registry",
+    "registered": "itmrt.families.registry",
+    "threshold_families": "itmrt.families.registry",
+    "unregister": "itmrt.families.registry",
+    "BuiltGraphs": "itmrt.families.spec",
+    "FamilySpec": "itmrt.families.spec",
+    "GraphOptions": "itmrt.families.spec",
+    "ImageSplit": "itmrt.families.spec",
+    "ScorerConstants": "itmrt.families.spec",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+# The built-in families register themselves when imported (after __getattr__: they import names from here).
 from itmrt.families import naaf, scan, cmpm  # noqa: E402,F401  isort: skip
-
-__all__ = [
-    "BuiltGraphs",
-    "FamilySpec",
-    "GraphOptions",
-    "ImageSplit",
-    "ScorerConstants",
-    "family_of",
-    "get",
-    "names",
-    "register",
-    "registered",
-    "threshold_families",
-    "unregister",
-]

@@ -6,3 +6,17 @@
 family. The family specs (:mod:`itmrt.families`) pick the builders of their
 family; :mod:`itmrt.export` runs them, checks and publishes the result.
 """
+
+from __future__ import annotations
+
+from itmrt.optional import lazy_exports
+
+_EXPORTS = {
+    "GraphBuilder": "itmrt.graphs.onnx_graph",
+    "validate_model": "itmrt.graphs.onnx_graph",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

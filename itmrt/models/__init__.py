@@ -16,13 +16,14 @@ _EXPORTS = {
     "CMPMModel": "itmrt.models.cmpm",
     "MobileNetV1": "itmrt.models.cmpm",
     "CrossAttentionMatcher": "itmrt.models.matcher",
+    "checkpoint_sha256": "itmrt.models.checkpoint",
     "load_released_checkpoint": "itmrt.models.checkpoint",
-    "save_released_checkpoint": "itmrt.models.checkpoint",
     "matcher_from_opt": "itmrt.models.checkpoint",
     "save_native": "itmrt.models.checkpoint",
-    "checkpoint_sha256": "itmrt.models.checkpoint",
+    "save_released_checkpoint": "itmrt.models.checkpoint",
 }
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 
 __all__ = sorted(_EXPORTS)
 
-__getattr__ = lazy_exports("itmrt.models", _EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,3 +5,23 @@
 the versioned ``report.json`` schema (:mod:`~itmrt.reports.schema`), Markdown,
 plots and comparisons between two reports.
 """
+
+from __future__ import annotations
+
+from itmrt.optional import lazy_exports
+
+_EXPORTS = {
+    "ParityOptions": "itmrt.reports.parity_report",
+    "run_parity": "itmrt.reports.parity_report",
+    "write_parity": "itmrt.reports.parity_report",
+    "BenchOptions": "itmrt.reports.bench",
+    "run_bench": "itmrt.reports.bench",
+    "write_bench": "itmrt.reports.bench",
+    "Comparison": "itmrt.reports.compare",
+    "compare_reports": "itmrt.reports.compare",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

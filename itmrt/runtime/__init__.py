@@ -12,9 +12,9 @@ from itmrt.optional import lazy_exports
 _EXPORTS = {
     "Runtime": "itmrt.runtime.api",
     "load": "itmrt.runtime.api",
+    "OnLong": "itmrt.runtime.options",
     "RuntimeOptions": "itmrt.runtime.options",
     "ScorerChoice": "itmrt.runtime.options",
-    "OnLong": "itmrt.runtime.options",
     "BundleInfo": "itmrt.bundle.folder",
     "read_bundle": "itmrt.bundle.folder",
     "CaptionEmbeddings": "itmrt.runtime.encoders",
@@ -23,8 +23,11 @@ _EXPORTS = {
     "ScoreResult": "itmrt.runtime.tiled",
     "TopK": "itmrt.runtime.tiled",
     "score_tiled": "itmrt.runtime.tiled",
+    "caption_result_lines": "itmrt.runtime.results",
+    "results_jsonl": "itmrt.runtime.results",
 }
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 
 __all__ = sorted(_EXPORTS)
 
-__getattr__ = lazy_exports("itmrt.runtime", _EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -25,16 +25,28 @@ faiss comes with ``pip install 'itmrt[scale]'``, Ray with ``'itmrt[ray]'``;
 neither is imported until used.
 """
 
-from itmrt.scale.index import INDEX_KINDS, IndexSpec
-from itmrt.scale.layout import ShardedGallery, is_sharded_gallery, read_sharded_gallery
-from itmrt.scale.local import LocalShards
-from itmrt.scale.ray_search import RayOptions, RayShards
-from itmrt.scale.searcher import open_shards
-from itmrt.scale.shard import SearchRequest, SearchResult
-from itmrt.scale.writer import ShardedWriter, ShardingOptions, index_sharded
+from __future__ import annotations
 
-__all__ = [
-    "INDEX_KINDS", "IndexSpec", "LocalShards", "RayOptions", "RayShards", "SearchRequest", "SearchResult",
-    "ShardedGallery", "ShardedWriter", "ShardingOptions", "index_sharded",
-    "is_sharded_gallery", "open_shards", "read_sharded_gallery",
-]
+from itmrt.optional import lazy_exports
+
+_EXPORTS = {
+    "INDEX_KINDS": "itmrt.scale.index",
+    "IndexSpec": "itmrt.scale.index",
+    "ShardedGallery": "itmrt.scale.layout",
+    "is_sharded_gallery": "itmrt.scale.layout",
+    "read_sharded_gallery": "itmrt.scale.layout",
+    "LocalShards": "itmrt.scale.local",
+    "RayOptions": "itmrt.scale.ray_search",
+    "RayShards": "itmrt.scale.ray_search",
+    "open_shards": "itmrt.scale.searcher",
+    "SearchRequest": "itmrt.scale.shard",
+    "SearchResult": "itmrt.scale.shard",
+    "ShardedWriter": "itmrt.scale.writer",
+    "ShardingOptions": "itmrt.scale.writer",
+    "index_sharded": "itmrt.scale.writer",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

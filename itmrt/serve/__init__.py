@@ -14,18 +14,15 @@ the client needs none of them. Nothing here is imported by ``import itmrt``.
 
 from __future__ import annotations
 
-from typing import Any
+from itmrt.optional import lazy_exports
 
-__all__ = ["ServeOptions", "Service", "ServiceClient"]
+_EXPORTS = {
+    "ServeOptions": "itmrt.serve.server",
+    "Service": "itmrt.serve.server",
+    "ServiceClient": "itmrt.serve.client",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 
+__all__ = sorted(_EXPORTS)
 
-def __getattr__(name: str) -> Any:
-    if name in ("ServeOptions", "Service"):
-        from itmrt.serve import server
-
-        return getattr(server, name)
-    if name == "ServiceClient":
-        from itmrt.serve.client import ServiceClient
-
-        return ServiceClient
-    raise AttributeError(f"module 'itmrt.serve' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -5,20 +5,19 @@ Needs the ``train`` extra (torch; matplotlib only for :func:`plot_trajectory`).
 
 from __future__ import annotations
 
-from itmrt.train.losses import cmpc_loss, cmpm_loss, triplet_loss
-from itmrt.train.threshold import (
-    ThresholdLearner,
-    ThresholdRecord,
-    optimal_threshold,
-    plot_trajectory,
-)
+from itmrt.optional import lazy_exports
 
-__all__ = [
-    "ThresholdLearner",
-    "ThresholdRecord",
-    "cmpc_loss",
-    "cmpm_loss",
-    "optimal_threshold",
-    "plot_trajectory",
-    "triplet_loss",
-]
+_EXPORTS = {
+    "cmpc_loss": "itmrt.train.losses",
+    "cmpm_loss": "itmrt.train.losses",
+    "triplet_loss": "itmrt.train.losses",
+    "ThresholdLearner": "itmrt.train.threshold",
+    "ThresholdRecord": "itmrt.train.threshold",
+    "optimal_threshold": "itmrt.train.threshold",
+    "plot_trajectory": "itmrt.train.threshold",
+}
+"""Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
