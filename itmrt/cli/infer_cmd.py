@@ -86,6 +86,7 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
 
 
 @app.command("infer")
+@ray_flags.ray_group
 def infer_command(
     source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
     captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
@@ -113,12 +114,7 @@ def infer_command(
         "Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON "
         "line on stderr, after 'timings: '.")),
     shortlist: int | None = typer.Option(None, "--shortlist", min=1, max=limits.MAX_COUNT, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out; a sharded gallery: K per shard)."),
-    ray: str | None = ray_flags.address(),
-    ray_workers: int | None = ray_flags.workers(),
-    ray_cpus: float = ray_flags.cpus(),
-    ray_gpus: float = ray_flags.gpus(),
-    ray_retries: int = ray_flags.retries(),
-    ray_timeout_s: float = ray_flags.timeout_s(),
+    ray: Any = None,  # the --ray options (ray_options.ray_group): RayOptions, or None without --ray
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
     from itmrt.timings import StageTimer, process_age
@@ -144,7 +140,7 @@ def infer_command(
         typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
         request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
-        request.ray = ray_flags.ray_options(ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s)
+        request.ray = ray
         n_images, how = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
         typer.echo(f"{backend}/{precision}: {n_images} images x {len(captions)} captions in "
                    f"{time.perf_counter() - started:.1f}s ({how}); wrote {out}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -16,6 +17,7 @@ Opt = typer.Option
 
 
 @app.command("serve")
+@ray_flags.ray_group
 def serve_command(
     source: Path = typer.Argument(..., help="A gallery folder (from `itmrt index`), or a bundle with --gallery."),
     gallery: Path | None = Opt(None, "--gallery", help="With a bundle as the source: the gallery to search."),
@@ -40,12 +42,7 @@ def serve_command(
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
     shortlist: int | None = Opt(None, "--shortlist", min=1, help=(
         "Sharded gallery: rerank each shard's K best candidates (FAISS) instead of scoring every image.")),
-    ray: str | None = ray_flags.address(),
-    ray_workers: int | None = ray_flags.workers(),
-    ray_cpus: float = ray_flags.cpus(),
-    ray_gpus: float = ray_flags.gpus(),
-    ray_retries: int = ray_flags.retries(),
-    ray_timeout_s: float = ray_flags.timeout_s(),
+    ray: Any = None,  # the --ray options (ray_options.ray_group): RayOptions, or None without --ray
 ) -> None:
     """Serve a gallery: POST /v2/models/text_to_image/infer answers each caption's best images.
 
@@ -69,6 +66,6 @@ def serve_command(
         batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue),
         limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s),
         max_connections=max_connections, access_log=access_log, shortlist=shortlist,
-        ray=ray_flags.ray_options(ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s),
+        ray=ray,
     )
     Service(source, gallery, serve_options).run()

@@ -29,7 +29,7 @@ import numpy as np
 
 from itmrt.bundle.manifest import CropStep, ImagePreprocessingRecord, ResizeStep
 from itmrt.data.metrics import RECALL_KEYS
-from itmrt.data.precomp import open_npy, read_captions
+from itmrt.data.precomp import SplitSizes, open_npy, read_captions
 from itmrt.errors import DataError
 from itmrt.text.vocab import Vocabulary
 
@@ -85,7 +85,7 @@ def image_preprocessing_record(image_size: int) -> ImagePreprocessingRecord:
 
 
 @dataclass(frozen=True)
-class ImageCaptionSplit:
+class ImageCaptionSplit(SplitSizes):
     """One split of an image-caption dataset.
 
     ``images`` is a read-only memory map ``[num_images, H, W, 3]`` (uint8);
@@ -136,14 +136,6 @@ class ImageCaptionSplit:
             labels = np.arange(num_images, dtype=np.int64)
             has_labels = False
         return cls(folder, split, images, captions, caption_image, labels, has_labels)
-
-    @property
-    def num_images(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.captions)
 
     @property
     def image_height(self) -> int:

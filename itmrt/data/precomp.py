@@ -27,7 +27,7 @@ from itmrt.data.npy import open_npy
 from itmrt.errors import DataError
 from itmrt.io import not_a_file
 
-__all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "open_npy", "read_captions"]
+__all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "SplitSizes", "open_npy", "read_captions"]
 
 CAPTIONS_PER_IMAGE = 5
 """Captions per image in Flickr30K and MSCOCO; the whole layout (and the metrics) assume it."""
@@ -39,8 +39,23 @@ _REPEAT_CHECK_GROUPS = 2
 """How many leading image groups are compared row by row to confirm the repeated layout."""
 
 
+class SplitSizes:
+    """``num_images`` and ``num_captions`` of a split that holds ``images`` (one row per image) and ``captions``."""
+
+    images: np.ndarray
+    captions: list[str]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+
 @dataclass(frozen=True)
-class PrecompSplit:
+class PrecompSplit(SplitSizes):
     """One split of a precomputed-feature dataset.
 
     ``images`` is a read-only memory map ``[num_images, num_regions, img_dim]``;
@@ -86,14 +101,6 @@ class PrecompSplit:
             repeated_layout=repeated,
             captions_per_image=captions_per_image,
         )
-
-    @property
-    def num_images(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_captions(self) -> int:
-        return len(self.captions)
 
     @property
     def num_regions(self) -> int:

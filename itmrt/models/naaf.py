@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from itmrt.models.ops import as_lengths, length_mask, masked_softmax
+from itmrt.models.ops import as_lengths, length_mask, masked_softmax, pairwise_scores_loop
 
 Scalar = float | Tensor
 
@@ -82,14 +82,8 @@ def naaf_scores_loop(
     negative_branch: bool = True,
 ) -> Tensor:
     """``[Bi, Bc]`` scores by calling :func:`naaf_score_one` on every pair (reference only)."""
-    lengths_list = [int(length) for length in lengths]
-    scores = images.new_zeros(images.size(0), captions.size(0))
-    for c, length in enumerate(lengths_list):
-        caption = captions[c, :length]
-        for i in range(images.size(0)):
-            scores[i, c] = naaf_score_one(images[i], caption, threshold, lambda_softmax, intra_factor, propagate,
-                                          negative_branch)
-    return scores
+    return pairwise_scores_loop(images, captions, lengths, lambda image, caption: naaf_score_one(
+        image, caption, threshold, lambda_softmax, intra_factor, propagate, negative_branch))
 
 
 def naaf_scores(

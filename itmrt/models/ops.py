@@ -6,7 +6,7 @@ Every function here is written so that ``torch.onnx`` can trace it: no
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,6 +20,19 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
 def l1norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     """``x / (sum |x| + eps)`` along ``dim``."""
     return x / (x.abs().sum(dim=dim, keepdim=True) + eps)
+
+
+def pairwise_scores_loop(images: Tensor, captions: Tensor, lengths: Tensor | Sequence[int],
+                         score_one: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``[Bi, Bc]`` scores by calling ``score_one(image, caption's real tokens)`` on every pair, as the
+    released evaluation does: the slow, literal reference the batched scorers are tested against."""
+    lengths_list = [int(length) for length in lengths]
+    scores = images.new_zeros(images.size(0), captions.size(0))
+    for c, length in enumerate(lengths_list):
+        caption = captions[c, :length]
+        for i in range(images.size(0)):
+            scores[i, c] = score_one(images[i], caption)
+    return scores
 
 
 def as_lengths(lengths: Tensor | Sequence[int], device: torch.device) -> Tensor:

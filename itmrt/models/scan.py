@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from itmrt.errors import ItmrtError
-from itmrt.models.ops import as_lengths, length_mask, masked_fill_min, masked_softmax
+from itmrt.models.ops import as_lengths, length_mask, masked_fill_min, masked_softmax, pairwise_scores_loop
 
 CROSS_ATTN = ("t2i", "i2t")
 RAW_FEATURE_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm")
@@ -128,15 +128,8 @@ def scan_scores_loop(
     lambda_lse: float | Tensor = 6.0,
 ) -> Tensor:
     """``[Bi, Bc]`` scores by calling :func:`scan_score_one` on every pair (reference only)."""
-    lengths_list = [int(length) for length in lengths]
-    scores = images.new_zeros(images.size(0), captions.size(0))
-    for c, length in enumerate(lengths_list):
-        caption = captions[c, :length]
-        for i in range(images.size(0)):
-            scores[i, c] = scan_score_one(
-                images[i], caption, cross_attn, raw_feature_norm, agg_func, lambda_softmax, lambda_lse
-            )
-    return scores
+    return pairwise_scores_loop(images, captions, lengths, lambda image, caption: scan_score_one(
+        image, caption, cross_attn, raw_feature_norm, agg_func, lambda_softmax, lambda_lse))
 
 
 def scan_scores(
