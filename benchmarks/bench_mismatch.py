@@ -96,7 +96,8 @@ def itmrt(*args: str | Path) -> None:
 
 
 def deploy(naaf: Path, data: Path, bundle: Path, threshold: float | None = None) -> Path:
-    """The bundle and its FP16 / INT8 graphs, made with README's commands (``threshold``: export's override)."""
+    """The bundle and its FP16 / INT8 graphs, made as docs/precision-and-engines.md does it (``threshold``:
+    export's override)."""
     override = [] if threshold is None else ["--threshold", repr(threshold)]
     itmrt("export", naaf, "--vocab", data / "vocab.json", "--out", bundle, "--overwrite", *override)  # only a bundle
     itmrt("calibrate", bundle, "--data", data, "--samples", "64", "--min-samples", "32")
