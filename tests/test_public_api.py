@@ -46,6 +46,14 @@ def test_every_listed_name_is_there_and_from_the_module_the_map_names(package: s
             assert getattr(importlib.import_module(source), name) is value, (package, name)
 
 
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_public_name_is_also_a_submodule(package: str) -> None:
+    """Once ``itmrt.P.X`` is imported as a module, the attribute ``X`` of ``itmrt.P`` is that module."""
+    module = importlib.import_module(f"itmrt.{package}")
+    submodules = {path.stem for path in (PACKAGE_ROOT / package).glob("*.py")}
+    assert not set(module.__all__) & submodules, package
+
+
 def test_an_unknown_name_is_an_attribute_error_naming_the_package() -> None:
     import itmrt.bundle
 

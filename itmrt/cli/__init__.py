@@ -10,7 +10,6 @@ from __future__ import annotations
 from itmrt.optional import lazy_exports
 
 _EXPORTS = {
-    "app": "itmrt.cli.app",
     "main": "itmrt.cli.app",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
