@@ -84,3 +84,11 @@ def test_native_checkpoints_keep_the_hash(trained: tuple[Path, Path], tmp_path: 
     assert recorded_vocab_sha256(load_checkpoint(native)) == Vocabulary.from_json(vocab).sha256
     with pytest.raises(VocabularyError, match="trained with"):
         export_bundle(native, _shuffled(vocab, tmp_path / "shuffled.json"), tmp_path / "bundle", SMALL_EXPORT)
+
+
+def test_eval_refuses_another_vocabulary_too(trained: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    checkpoint, vocab = trained
+    args = [str(checkpoint), "--data", str(vocab.parent), "--split", "dev", "--no-progress"]
+    shuffled = run_cli(capsys, "eval", *args, "--vocab", str(_shuffled(vocab, tmp_path / "shuffled.json")))
+    assert shuffled.code == 2 and "not the vocabulary the model was trained with" in shuffled.err
+    assert run_cli(capsys, "eval", *args, "--vocab", str(vocab)).code == 0
