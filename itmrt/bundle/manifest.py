@@ -221,7 +221,8 @@ class Fp16Graph(VariantGraph):
 
 @dataclass(kw_only=True)
 class Int8Graph(VariantGraph):
-    """An int8 Q/DQ graph (or the fp32 graph itself when it has nothing to quantize)."""
+    """An int8 Q/DQ graph: float16 with the fp16 variant's FP32 islands around the quantized products (``floats``
+    "float16"; graphs made before that are float32 apart from their products: "float32")."""
 
     calibration: str | None = path_field()
     method: str | None = field(metadata={"choices": CALIBRATION_METHODS})
@@ -231,6 +232,9 @@ class Int8Graph(VariantGraph):
     symmetric: bool
     qdq_pairs: int = bounded(minimum=0)
     sample: str | None
+    floats: str = field(default="float32", metadata={"choices": ("float32", "float16")})
+    islands: list[NodeNote] = field(default_factory=list)  # FP32 islands (the fp16 variant's) when floats is float16
+    islands_from: str | None = None  # where the islands came from
 
 
 @dataclass(kw_only=True)
