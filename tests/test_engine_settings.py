@@ -121,15 +121,18 @@ def test_timing_cache_is_named_for_tensorrt_and_gpu() -> None:
 
 class RecordingConfig:
     """Records what the cache logic asks of an ``IBuilderConfig``; refuses caches whose bytes are in
-    ``refuse`` (what TensorRT does with a cache from another version or GPU)."""
+    ``refuse`` (what TensorRT does with a cache from another version or GPU), and returns ``None`` from
+    ``create_timing_cache`` for bytes in ``unreadable`` (what the binding does when TensorRT cannot
+    deserialize them: ``createTimingCache`` returns nullptr)."""
 
-    def __init__(self, refuse: set[bytes]) -> None:
+    def __init__(self, refuse: set[bytes], unreadable: frozenset[bytes] = frozenset()) -> None:
         self.refuse = refuse
+        self.unreadable = unreadable
         self.calls: list[tuple[str, Any]] = []
 
-    def create_timing_cache(self, blob: bytes) -> bytes:
+    def create_timing_cache(self, blob: bytes) -> bytes | None:
         self.calls.append(("create", bytes(blob)))
-        return bytes(blob)
+        return None if bytes(blob) in self.unreadable else bytes(blob)
 
     def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
         self.calls.append(("set", (cache, ignore_mismatch)))
@@ -149,10 +152,22 @@ def test_a_refused_timing_cache_is_reported_and_replaced_by_a_fresh_one(tmp_path
         ("create", b""),
         ("set", (b"", False)),
     ]
-    assert messages and "starting a fresh one" in messages[0]
+    assert messages and "a fresh cache" in messages[0]
 
     reused = attach_timing_cache(RecordingConfig(refuse=set()), cache, messages.append)
     assert reused.cache == b"cache of another GPU" and reused.status == "reused 20 bytes"
     assert attach_timing_cache(RecordingConfig(refuse=set()), tmp_path / "none.cache", messages.append).status == "new"
     with pytest.raises(ItmrtError, match="refused a new, empty timing cache"):
         attach_timing_cache(RecordingConfig(refuse={b"", b"cache of another GPU"}), cache, messages.append)
+
+
+def test_a_cache_tensorrt_cannot_deserialize_is_recorded_as_fresh_not_reused(tmp_path: Path) -> None:
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"damaged")
+    messages: list[str] = []
+    config = RecordingConfig(refuse=set(), unreadable=frozenset({b"damaged"}))
+    attached = attach_timing_cache(config, cache, messages.append)
+    assert attached.cache == b"" and "reused" not in attached.status
+    assert attached.status.startswith("not deserialized by TensorRT") and "a fresh cache" in attached.status
+    assert config.calls == [("create", b"damaged"), ("create", b""), ("set", (b"", False))]
+    assert messages == [f"timing cache {cache}: {attached.status}"]
