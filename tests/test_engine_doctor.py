@@ -5,6 +5,7 @@ out of a venv's sight), and a bundle's engines checked against this machine."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,28 @@ def test_jetson_nvidia_smi_rows_and_visibility_notes() -> None:
     assert "1 GPU(s) visible" in notes[0] and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in notes[1]
     assert len(visibility_notes(gpus, {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})) == 1
     assert visibility_notes(gpus, {}) == []
+
+
+def test_an_old_driver_that_rejects_compute_cap_still_lists_its_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An nvidia-smi that does not know ``compute_cap`` (older drivers) fails the whole query; the GPUs are
+    asked for again without it, with the compute capability unknown (was: "no GPU")."""
+    from itmrt.engine.gpus import _gpus_from_nvidia_smi
+
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in *compute_cap*) echo \'Field "compute_cap" is not a valid field to query.\' >&2; exit 2;; esac\n'
+        "echo 'Tesla P100-PCIE-16GB, 16280, 470.82.01, GPU-5555eeee-0000-0000-0000-000000000000'\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    found = _gpus_from_nvidia_smi()
+    assert [(g.name, g.compute_capability, g.memory_mb, g.driver) for g in found] == [
+        ("Tesla P100-PCIE-16GB", "?", 16280, "470.82.01")
+    ]
 
 
 def _bundle_with_engine(folder: Path) -> Path:
