@@ -322,6 +322,8 @@ class EngineEntry(FileEntry):
     gpu_name: str
     compute_capability: str
     unified_memory: bool | None = None
+    os: str | None = None  # platform.system() of the build machine (serialized engines do not cross platforms)
+    arch: str | None = None  # platform.machine() of the build machine
     profile: dict[str, ProfileShapes] = field(default_factory=dict)
     axis_ranges: dict[str, AxisRange] = field(default_factory=dict)
     board: str | None = None
@@ -330,9 +332,11 @@ class EngineEntry(FileEntry):
     tf32: Tf32Record | None = None
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
+    lean_runtime: str | None = None  # the lean runtime library the build loaded the plan through (information only)
     hardware_compatibility: str | None = None  # a HardwareCompatibilityLevel name; None: NONE
     dla_core: int | None = bounded(None, minimum=0)
     gpu_fallback: bool | None = None
+    layer_devices: dict[str, object] | None = None  # DLA builds: engine layers on the DLA / the GPU (inspector)
     device_memory_bytes: int | None = bounded(None, minimum=0)  # an execution context's need at the maximum shapes
     largest_intermediate_bytes: int | None = bounded(None, minimum=0)  # ONNX shape inference's estimate at those
     layer_info: LayerInfo | None = None
