@@ -69,6 +69,7 @@ def test_engines_that_travel_and_dla(tmp_path: Path) -> None:
         (EngineOptions(version_compatible=True, exclude_lean_runtime=True, lean_runtime=Path("/no/such/lib.so")),
          "fp16", "no such file"),
         (EngineOptions(dla_core=0), "fp32", "DLA runs FP16 and INT8 only"),
+        (EngineOptions(dla_core=0, axis_ranges={"batch_images": (1, 8, 32)}), "fp16", "needs static shapes"),
         (EngineOptions(board="raspberry-pi"), "fp16", "unknown board 'raspberry-pi'"),
     ],
 )

@@ -106,6 +106,10 @@ def check_options(options: EngineOptions, precision: str) -> None:
         raise ItmrtError(f"--dla-core must be 0 or more, not {options.dla_core}")
     if options.dla_core is not None and precision == "fp32":
         raise ItmrtError("the DLA runs FP16 and INT8 only: build --precision fp16 or int8 with --dla-core")
+    if options.dla_core is not None:
+        from itmrt.engine.dla import static_ranges
+
+        static_ranges({}, options.axis_ranges)  # a dynamic --shape is refused before any graph is made
     if options.workspace_mb is not None and not 1 <= options.workspace_mb <= 1 << 20:
         raise ItmrtError(f"--workspace must be from 1 to {1 << 20} MB, not {options.workspace_mb}")
     check_axis_ranges(options.axis_ranges)

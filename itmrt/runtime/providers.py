@@ -25,7 +25,8 @@ tensors, Q/DQ pairs) and must be compiled as *strongly typed* networks. ONNX
 Runtime's TensorRT provider builds weakly typed networks before 1.22 when its
 fp16 or int8 flags are on, and ignores what the graph declares then; from
 1.22 it passes a graph's own types through with those flags off (its provider
-code, ``tensorrt_execution_provider.cc``). So itmrt never turns those flags
+code, ``tensorrt_execution_provider.cc``, as read for this check; never run
+here: this machine has no TensorRT). So itmrt never turns those flags
 on, and refuses the TensorRT provider for a precision graph on an older ONNX
 Runtime (:func:`tensorrt_typing_problem`): the CUDA provider or the native
 TensorRT backend run it as built.
