@@ -8,6 +8,7 @@ import pytest
 from itmrt.engine.dla import (
     DlaPlacement,
     count_devices,
+    dla_note,
     dla_refusal,
     dla_summary,
     dla_version_problem,
@@ -45,8 +46,12 @@ def test_a_dla_build_that_cannot_work_is_refused_naming_the_layers() -> None:
     refusal = dla_refusal(placement, gpu_fallback=False)
     assert refusal is not None and "7 layer(s) cannot run on the DLA: gru_l0_node, shifted_node, a, b, c and 2 more" \
         in refusal
-    nothing = dla_refusal(DlaPlacement(dla=[], gpu=["gru_l0_node"]), gpu_fallback=True)
-    assert nothing is not None and "none of this graph's layers" in nothing
+    gru_only = DlaPlacement(dla=[], gpu=["gru_l0_node"])
+    assert dla_refusal(gru_only, gpu_fallback=True) is None  # built for the GPU, and said so
+    note = dla_note(gru_only)
+    assert note is not None and "none of its layers" in note and dla_note(placement) is None
+    refused = dla_refusal(gru_only, gpu_fallback=False)
+    assert refused is not None and "1 layer(s) cannot run on the DLA: gru_l0_node;" in refused
 
 
 INSPECTOR_LAYERS = [

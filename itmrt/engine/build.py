@@ -51,6 +51,7 @@ from itmrt.engine.compat import DeviceInfo, this_platform
 from itmrt.engine.dla import (
     DlaPlacement,
     count_devices,
+    dla_note,
     dla_refusal,
     dla_version_problem,
     network_placement,
@@ -157,6 +158,9 @@ def build_serialized_engine(
         refusal = dla_refusal(placement, "GPU_FALLBACK" in settings.set_flags)
         if refusal is not None:
             raise ItmrtError(f"{onnx_path.name}: {refusal}")
+        note = dla_note(placement)
+        if note is not None:
+            say(f"{onnx_path.name}: {note}")
     attached = attach_timing_cache(config, timing_cache if read_cache else None, say)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

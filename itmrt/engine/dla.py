@@ -9,7 +9,8 @@ Guide's "Working with DLA"):
 - The DLA runs FP16 and INT8 layers only; FP32 layers (the FP32 islands) fall back to the GPU.
 - ``IBuilderConfig::canRunOnDLA(layer)`` says, per network layer, whether the DLA can run it; with
   fallback off a network holding any layer it cannot run fails to build, so :func:`dla_refusal` names
-  those layers first, in one line.
+  those layers first, in one line; with fallback on, a graph the DLA can run none of is built for the GPU
+  and said so (:func:`dla_note`).
 - The docs list DLA as absent from TensorRT 11.0-11.3 (:data:`DLA_ABSENT`): :func:`dla_version_problem`.
 - What ran where is read back from the built engine: layers the DLA runs appear in the engine as
   ``{ForeignNode[first...last]}`` regions (TensorRT's build log lists them under "Layers Running on DLA"
@@ -79,11 +80,17 @@ class DlaPlacement:
     gpu: list[str] = field(default_factory=list)  # the DLA cannot run it: GPU (with fallback) or a failed build
 
 
+def dla_note(placement: DlaPlacement) -> str | None:
+    """What the build log says of a graph the DLA can run none of (GPU fallback on: it becomes a GPU engine,
+    recorded with no layer on the DLA, and ``doctor`` does not call it a DLA engine)."""
+    if placement.dla:
+        return None
+    return ("the DLA can run none of its layers (the DLA runs FP16/INT8 layers with static shapes): every layer "
+            "runs on the GPU")
+
+
 def dla_refusal(placement: DlaPlacement, gpu_fallback: bool) -> str | None:
-    """The one-line refusal of a DLA build that cannot work (None when it can be built)."""
-    if not placement.dla:
-        return ("the DLA can run none of this graph's layers (the DLA runs FP16/INT8 layers with static shapes); "
-                "build without --dla-core")
+    """The one-line refusal of a DLA build that cannot work without GPU fallback (None when it can be built)."""
     if not gpu_fallback and placement.gpu:
         named = ", ".join(placement.gpu[:NAMED_LAYERS])
         more = f" and {len(placement.gpu) - NAMED_LAYERS} more" if len(placement.gpu) > NAMED_LAYERS else ""
