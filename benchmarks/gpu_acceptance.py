@@ -179,6 +179,11 @@ def _engine_summary(entry: dict[str, Any]) -> dict[str, Any]:
             "device_memory_bytes",
             "largest_intermediate_bytes",
             "workspace_mb",
+            "os",
+            "arch",
+            "unified_memory",
+            "dla_core",
+            "layer_devices",
         )
     } | {
         "unfused_qdq": len(layers.get("unfused_qdq", [])),
