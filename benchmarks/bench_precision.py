@@ -134,7 +134,7 @@ def similarity_product_ms(embed: int, regions: int, repeats: int, work: Path) ->
         "images_t": (rng.standard_normal((64, 1, embed, regions)) / np.sqrt(embed)).astype(np.float32),
     }
     reader = StreamingCalibrationReader(lambda: iter([feeds]), 1, "similarity", progress=False)
-    quantized, _ = quantize_graph(model, "minmax", work / "sims.json", reader, [])
+    quantized, _, _ = quantize_graph(model, "minmax", work / "sims.json", reader, [])
     return {
         "fp32_ms": median_ms(ort_session(model.SerializeToString()), feeds, repeats),
         "int8_ms": median_ms(ort_session(quantized.SerializeToString()), feeds, repeats),

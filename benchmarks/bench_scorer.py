@@ -169,8 +169,9 @@ def int8_scorer(fp32_path: Path, images: np.ndarray, captions: list[np.ndarray])
             return next(self.feeds, None)
 
     model = onnx.load(str(fp32_path))
-    exclude = [entry["node"] for entry in excluded_nodes(model)]
-    quantized, _ranges = quantize_graph(model, "minmax", fp32_path.with_suffix(".ranges.json"), Tiles(), exclude)
+    exclude = [entry.node for entry in excluded_nodes(model)]
+    ranges = fp32_path.with_suffix(".ranges.json")
+    quantized, _ranges, _added = quantize_graph(model, "minmax", ranges, Tiles(), exclude)
     return quantized
 
 

@@ -20,8 +20,9 @@ run never stops the others:
 5. What TF32 does to the shipped NAAF's scores, emulated on the CPU.
 6. The PyTorch reference scorers, released loop and batched, on CUDA with CUDA
    events at Flickr30K test size (1,000 x 5,000 at released sizes), with TF32
-   on and off; on a machine without CUDA, the same code on the CPU at a small
-   size (and the CUDA step skipped).
+   on and off, and the batched scorer's peak memory against its tile budget;
+   on a machine without CUDA, the same code on the CPU at a small size (and the
+   CUDA step skipped). Needs PyTorch only (CUDA build for the CUDA step).
 
 The report folder holds ``report.json``, ``report.md`` and the parity and bench
 sub-reports. Exit status 0 unless a step failed.
@@ -178,6 +179,11 @@ def _engine_summary(entry: dict[str, Any]) -> dict[str, Any]:
             "device_memory_bytes",
             "largest_intermediate_bytes",
             "workspace_mb",
+            "os",
+            "arch",
+            "unified_memory",
+            "dla_core",
+            "layer_devices",
         )
     } | {
         "unfused_qdq": len(layers.get("unfused_qdq", [])),
@@ -491,6 +497,12 @@ def _headline(result: Any) -> str:
             f"{result['device']} ({result['timing']}): loop {result['loop']['pairs_per_s']:,.0f} pairs/s, batched "
             f"{result['batched']['pairs_per_s']:,.0f} pairs/s ({result['batched']['speed_up_over_loop']:.1f}x)"
         )
+        memory = result.get("memory")
+        if memory:
+            text += (
+                f"; batched peak {memory['peak_bytes'] / 2**20:.1f} MiB for a {memory['budget_bytes'] / 2**20:.0f} MiB "
+                f"budget ({memory['peak_over_budget']:.2f}x)"
+            )
         if "batched_tf32" in result:
             tf32 = result["batched_tf32"]
             text += f"; TF32: {tf32['pairs_per_s']:,.0f} pairs/s, scores change by up to {tf32['max_abs']:.1e}"

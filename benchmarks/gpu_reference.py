@@ -10,8 +10,14 @@ Two scorers compute the same ``images x captions`` matrix:
 
 - ``loop``: the released test-time scorer step for step, one caption against
   every image at a time (``bench_scorer.released_loop_scores``);
-- ``batched``: ``itmrt.models.naaf.naaf_scores`` over tiles of images x
-  captions, the tile sized for the device's memory.
+- ``batched``: ``itmrt.models.naaf_tiled.tiled_naaf_scores``, i.e.
+  ``itmrt.models.naaf.naaf_scores`` (explicitly batched products) over tiles of
+  images x captions, each tile's working memory within ``--budget-mb``.
+
+The peak memory the batched scorer reaches beyond its inputs and result is
+recorded against that budget (``memory``): on CUDA ``max_memory_allocated``
+during the timed run, on the CPU the PyTorch profiler's memory events in a
+separate, untimed run (``itmrt.models.naaf_tiled.cpu_peak_bytes``).
 
 Both include copying their inputs to the device and the scores back; each is
 timed once after a small warm-up, with a pair of CUDA events around it
@@ -30,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bench_scorer import INTRA, LAMBDA, THRESHOLD, make_data, released_loop_scores
+from bench_scorer import INTRA, LAMBDA, REGIONS, THRESHOLD, D, make_data, released_loop_scores
 
 FLICKR_TEST = (1000, 5000)  # images x captions of Flickr30K's test split
 
@@ -60,25 +66,55 @@ def padded_captions(captions: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]
 def batched_scores(
     torch: Any, device: str, images: np.ndarray, captions: list[np.ndarray], budget_bytes: int
 ) -> np.ndarray:
-    """All images x captions with the batched reference, tile by tile (largest tile tensor <= ``budget_bytes``)."""
-    from itmrt.models.naaf import naaf_scores
+    """All images x captions with the batched reference, tile by tile (each tile's working memory within
+    ``budget_bytes``: :func:`itmrt.models.naaf_tiled.tile_sizes`)."""
+    from itmrt.models.naaf_tiled import tiled_naaf_scores
 
     padded, lengths = padded_captions(captions)
-    caption_tile = min(len(captions), 256)
-    per_image = caption_tile * padded.shape[1] * images.shape[1] * 4  # the [images, captions, words, regions] tile
-    image_tile = max(1, min(len(images), budget_bytes // per_image))
     with torch.no_grad():
         imgs = torch.from_numpy(images).to(device)
         caps = torch.from_numpy(padded).to(device)
         lens = torch.from_numpy(lengths).to(device)
-        out = torch.empty((len(images), len(captions)), dtype=torch.float32, device=device)
-        for c0 in range(0, len(captions), caption_tile):
-            c1 = min(c0 + caption_tile, len(captions))
-            words = int(lengths[c0:c1].max())
-            for i0 in range(0, len(images), image_tile):
-                i1 = min(i0 + image_tile, len(images))
-                out[i0:i1, c0:c1] = naaf_scores(imgs[i0:i1], caps[c0:c1, :words], lens[c0:c1], THRESHOLD, LAMBDA, INTRA)
-        return out.cpu().numpy()
+        scores = tiled_naaf_scores(imgs, caps, lens, THRESHOLD, LAMBDA, INTRA, budget_bytes)
+        return scores.cpu().numpy()
+
+
+def memory_record(peak_bytes: int, budget_bytes: int, images: int, captions: int, words: int, how: str
+                  ) -> dict[str, Any]:
+    """The batched scorer's peak memory (beyond inputs and result) against its budget, with the tile it used."""
+    from itmrt.models.naaf_tiled import tile_sizes
+
+    image_tile, caption_tile = tile_sizes(images, captions, words, REGIONS, D, budget_bytes)
+    return {
+        "budget_bytes": budget_bytes,
+        "peak_bytes": peak_bytes,
+        "peak_over_budget": peak_bytes / budget_bytes,
+        "within_budget": peak_bytes <= budget_bytes,
+        "tile": {"images": image_tile, "captions": caption_tile},
+        "measured_with": how,
+    }
+
+
+def cpu_memory(torch: Any, images: np.ndarray, captions: list[np.ndarray], budget_bytes: int) -> dict[str, Any]:
+    """Peak CPU memory of the batched scorer beyond its inputs and result (profiler memory events, untimed run)."""
+    from itmrt.models.naaf_tiled import cpu_peak_bytes, tiled_naaf_scores
+
+    padded, lengths = padded_captions(captions)
+    imgs, caps, lens = torch.from_numpy(images), torch.from_numpy(padded), torch.from_numpy(lengths)
+    result, peak = cpu_peak_bytes(lambda: tiled_naaf_scores(imgs, caps, lens, THRESHOLD, LAMBDA, INTRA, budget_bytes))
+    peak -= result.numel() * result.element_size()
+    return memory_record(peak, budget_bytes, len(images), len(captions), padded.shape[1],
+                         "PyTorch profiler memory events (CPU allocator), separate untimed run")
+
+
+def cuda_memory(torch: Any, base_bytes: int, budget_bytes: int, images: np.ndarray, captions: list[np.ndarray]
+                ) -> dict[str, Any]:
+    """Peak CUDA memory of the timed batched run beyond what was allocated before it, less its inputs and result."""
+    padded, lengths = padded_captions(captions)
+    inputs_and_result = images.nbytes + padded.nbytes + lengths.nbytes + len(images) * len(captions) * 4
+    peak = int(torch.cuda.max_memory_allocated()) - base_bytes - inputs_and_result
+    return memory_record(peak, budget_bytes, len(images), len(captions), padded.shape[1],
+                         "torch.cuda.max_memory_allocated during the timed run, less inputs and result")
 
 
 def _tf32_flags(torch: Any, allowed: bool) -> None:
@@ -113,9 +149,17 @@ def time_reference(torch: Any, device: str, n_images: int, n_captions: int, budg
         result["gpu"] = torch.cuda.get_device_name()
         previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         _tf32_flags(torch, False)
-        torch.cuda.reset_peak_memory_stats()
     loop, loop_s = timed(torch, device, lambda: released_loop_scores(images, captions, device=device))
+    base = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = int(torch.cuda.memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
     batched, batched_s = timed(torch, device, lambda: batched_scores(torch, device, images, captions, budget_bytes))
+    result["memory"] = (
+        cuda_memory(torch, base, budget_bytes, images, captions)
+        if device == "cuda" else cpu_memory(torch, images, captions, budget_bytes)
+    )
     result["loop"] = {"seconds": loop_s, "pairs_per_s": pairs / loop_s}
     result["batched"] = {
         "seconds": batched_s,
@@ -124,7 +168,6 @@ def time_reference(torch: Any, device: str, n_images: int, n_captions: int, budg
     }
     result["batched_vs_loop"] = _agreement(batched, loop)
     if device == "cuda":
-        result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         _tf32_flags(torch, True)
         tf32, tf32_s = timed(torch, device, lambda: batched_scores(torch, device, images, captions, budget_bytes))
         _tf32_flags(torch, previous[0])
@@ -137,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=FLICKR_TEST[0])
     parser.add_argument("--captions", type=int, default=FLICKR_TEST[1])
-    parser.add_argument("--budget-mb", type=int, default=512, help="largest tile tensor of the batched scorer")
+    parser.add_argument("--budget-mb", type=int, default=512, help="one tile's working memory (MB)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
     args = parser.parse_args()
     import torch

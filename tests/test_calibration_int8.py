@@ -48,8 +48,10 @@ def test_calibrated_int8_graphs_are_symmetric_qdq_and_reused(setup: tuple[Path, 
     assert any(name.startswith("sims") for name in scorer["quantized_nodes"])  # the similarity product runs in int8
     assert [e["node"] for e in scorer["excluded_nodes"]] == ["propagated_node"]  # it decides NAAF's branch
     text = manifest["precisions"]["int8"]["graphs"]["text_encoder"]
-    # GRU: nothing to quantize
-    assert text["file"] == manifest["graphs"]["text_encoder"]["file"] and text["qdq_pairs"] == 0
+    # GRU: nothing to quantize; it runs in float16 with the GRU kept float32, as in the fp16 variant
+    assert text["qdq_pairs"] == 0 and text["floats"] == "float16"
+    assert [island["node"] for island in text["islands"]] == ["gru_l0_node"]
+    assert "FP32 island(s)" in " ".join(lines)
     for graph in ("image_encoder", "scorer"):
         entry = manifest["precisions"]["int8"]["graphs"][graph]
         model = onnx.load(str(bundle / entry["file"]))

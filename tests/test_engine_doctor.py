@@ -5,6 +5,7 @@ out of a venv's sight), and a bundle's engines checked against this machine."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,29 @@ def test_jetson_nvidia_smi_rows_and_visibility_notes() -> None:
     assert visibility_notes(gpus, {}) == []
 
 
-def _bundle_with_engine(folder: Path) -> Path:
+def test_an_old_driver_that_rejects_compute_cap_still_lists_its_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An nvidia-smi that does not know ``compute_cap`` (older drivers) fails the whole query; the GPUs are
+    asked for again without it, with the compute capability unknown (was: "no GPU")."""
+    from itmrt.engine.gpus import _gpus_from_nvidia_smi
+
+    tool = tmp_path / "nvidia-smi"
+    tool.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in *compute_cap*) echo \'Field "compute_cap" is not a valid field to query.\' >&2; exit 2;; esac\n'
+        "echo 'Tesla P100-PCIE-16GB, 16280, 470.82.01, GPU-5555eeee-0000-0000-0000-000000000000'\n"
+    )
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    found = _gpus_from_nvidia_smi()
+    assert [(g.name, g.compute_capability, g.memory_mb, g.driver) for g in found] == [
+        ("Tesla P100-PCIE-16GB", "?", 16280, "470.82.01")
+    ]
+
+
+def _bundle_with_engine(folder: Path, **extra: object) -> Path:
     (folder / "engines" / "fp16").mkdir(parents=True)
     (folder / "engines" / "fp16" / "scorer.plan").write_bytes(b"serialized engine")
     (folder / "scorer.onnx").write_bytes(b"graph")
@@ -120,6 +143,7 @@ def _bundle_with_engine(folder: Path) -> Path:
         "version_compatible": True,
         "hardware_compatibility": "NONE",
         "dla_core": None,
+        **extra,
     }
     graphs = {name: {"file": f"{name}.onnx", "sha256": "0" * 64, "inputs": []}
               for name in ("image_encoder", "text_encoder", "scorer")}
@@ -156,3 +180,17 @@ def test_doctor_reports_a_bundles_engines_and_what_it_needs(tmp_path: Path, caps
     parsed = json.loads(result.out)
     assert parsed["engines"][0]["file"] == "engines/fp16/scorer.plan" and parsed["device"] == 0
     assert "CPUExecutionProvider" in parsed["ort_providers"]
+
+
+def test_doctor_shows_where_a_dla_engines_layers_run(tmp_path: Path) -> None:
+    on_dla = _bundle_with_engine(
+        tmp_path / "dla", dla_core=0, os="Linux", arch="aarch64", unified_memory=True,
+        layer_devices={"dla": 3, "gpu": 9, "network_dla": 30, "network_gpu": 12, "gpu_layers": ["shifted_node"]},
+    )
+    text = format_report(diagnose(bundle=on_dla))
+    assert "DLA core 0: 3 layer(s) on the DLA, 9 on the GPU" in text
+    assert "built on Linux aarch64 (unified memory)" in text
+    none_there = _bundle_with_engine(tmp_path / "gpu", dla_core=1, layer_devices={"dla": 0, "gpu": 40})
+    engine = diagnose(bundle=none_there).engines[0]  # type: ignore[index]
+    assert "built for DLA core 1 but no layer runs on the DLA" in engine["travels"]
+    assert engine["layer_devices"] == {"dla": 0, "gpu": 40}

@@ -39,13 +39,16 @@ def test_workspace_defaults_to_one_gib_on_unified_memory_only() -> None:
     assert builder_settings(EngineOptions(workspace_mb=256), "fp16", **ORIN).workspace_mb == 256
 
 
-def test_engines_that_travel_and_dla() -> None:
+def test_engines_that_travel_and_dla(tmp_path: Path) -> None:
     travelling = builder_settings(
         EngineOptions(version_compatible=True, hardware_compatibility="ampere-plus"), "fp16", **H200
     )
     assert "VERSION_COMPATIBLE" in travelling.set_flags and travelling.hardware_compatibility == "AMPERE_PLUS"
     assert carries_host_code(travelling.set_flags)
-    lean_excluded = builder_settings(EngineOptions(version_compatible=True, exclude_lean_runtime=True), "fp16", **H200)
+    lean = tmp_path / "libnvinfer_lean.so.10"
+    lean.write_bytes(b"")
+    lean_options = EngineOptions(version_compatible=True, exclude_lean_runtime=True, lean_runtime=lean)
+    lean_excluded = builder_settings(lean_options, "fp16", **H200)
     assert {"VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"} <= set(lean_excluded.set_flags)
     assert not carries_host_code(lean_excluded.set_flags)
     dla = builder_settings(EngineOptions(dla_core=1), "int8", **ORIN)
@@ -61,7 +64,12 @@ def test_engines_that_travel_and_dla() -> None:
     [
         (EngineOptions(hardware_compatibility="turing-plus"), "fp16", "unknown hardware compatibility"),
         (EngineOptions(exclude_lean_runtime=True), "fp16", "only applies to --version-compatible"),
+        (EngineOptions(version_compatible=True, exclude_lean_runtime=True), "fp16", "pass --lean-runtime PATH"),
+        (EngineOptions(version_compatible=True, lean_runtime=Path("lib.so")), "fp16", "only applies with --exclude"),
+        (EngineOptions(version_compatible=True, exclude_lean_runtime=True, lean_runtime=Path("/no/such/lib.so")),
+         "fp16", "no such file"),
         (EngineOptions(dla_core=0), "fp32", "DLA runs FP16 and INT8 only"),
+        (EngineOptions(dla_core=0, axis_ranges={"batch_images": (1, 8, 32)}), "fp16", "needs static shapes"),
         (EngineOptions(board="raspberry-pi"), "fp16", "unknown board 'raspberry-pi'"),
     ],
 )
@@ -98,8 +106,10 @@ def test_compatibility_check_accepts_what_each_engine_promises() -> None:
     version_compatible = replace(BUILT, version_compatible=True)
     assert compatibility_problems(version_compatible, later_trt) == []
     assert "version-compatible from TensorRT 10.3.0.30 on" in compatibility_problems(version_compatible, earlier_trt)[0]
-    lean_left_out = replace(version_compatible, exclude_lean_runtime=True)  # needs the matching lean runtime: strict
-    assert compatibility_problems(lean_left_out, later_trt)
+    # without its lean runtime: a later TensorRT loads the build version's lean runtime library (loadRuntime)
+    lean_left_out = replace(version_compatible, exclude_lean_runtime=True)
+    assert compatibility_problems(lean_left_out, later_trt) == []
+    assert compatibility_problems(lean_left_out, earlier_trt)
 
     ampere_plus = replace(BUILT, hardware_compatibility="AMPERE_PLUS")
     assert compatibility_problems(ampere_plus, h200) == []
@@ -121,15 +131,18 @@ def test_timing_cache_is_named_for_tensorrt_and_gpu() -> None:
 
 class RecordingConfig:
     """Records what the cache logic asks of an ``IBuilderConfig``; refuses caches whose bytes are in
-    ``refuse`` (what TensorRT does with a cache from another version or GPU)."""
+    ``refuse`` (what TensorRT does with a cache from another version or GPU), and returns ``None`` from
+    ``create_timing_cache`` for bytes in ``unreadable`` (what the binding does when TensorRT cannot
+    deserialize them: ``createTimingCache`` returns nullptr)."""
 
-    def __init__(self, refuse: set[bytes]) -> None:
+    def __init__(self, refuse: set[bytes], unreadable: frozenset[bytes] = frozenset()) -> None:
         self.refuse = refuse
+        self.unreadable = unreadable
         self.calls: list[tuple[str, Any]] = []
 
-    def create_timing_cache(self, blob: bytes) -> bytes:
+    def create_timing_cache(self, blob: bytes) -> bytes | None:
         self.calls.append(("create", bytes(blob)))
-        return bytes(blob)
+        return None if bytes(blob) in self.unreadable else bytes(blob)
 
     def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
         self.calls.append(("set", (cache, ignore_mismatch)))
@@ -149,10 +162,52 @@ def test_a_refused_timing_cache_is_reported_and_replaced_by_a_fresh_one(tmp_path
         ("create", b""),
         ("set", (b"", False)),
     ]
-    assert messages and "starting a fresh one" in messages[0]
+    assert messages and "a fresh cache" in messages[0]
 
     reused = attach_timing_cache(RecordingConfig(refuse=set()), cache, messages.append)
     assert reused.cache == b"cache of another GPU" and reused.status == "reused 20 bytes"
     assert attach_timing_cache(RecordingConfig(refuse=set()), tmp_path / "none.cache", messages.append).status == "new"
     with pytest.raises(ItmrtError, match="refused a new, empty timing cache"):
         attach_timing_cache(RecordingConfig(refuse={b"", b"cache of another GPU"}), cache, messages.append)
+
+
+def test_a_cache_tensorrt_cannot_deserialize_is_recorded_as_fresh_not_reused(tmp_path: Path) -> None:
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"damaged")
+    messages: list[str] = []
+    config = RecordingConfig(refuse=set(), unreadable=frozenset({b"damaged"}))
+    attached = attach_timing_cache(config, cache, messages.append)
+    assert attached.cache == b"" and "reused" not in attached.status
+    assert attached.status.startswith("not deserialized by TensorRT") and "a fresh cache" in attached.status
+    assert config.calls == [("create", b"damaged"), ("create", b""), ("set", (b"", False))]
+    assert messages == [f"timing cache {cache}: {attached.status}"]
+
+
+def test_same_compute_capability_needs_a_turing_build_gpu() -> None:
+    options = EngineOptions(hardware_compatibility="same-compute-capability")
+    with pytest.raises(ItmrtError, match="needs a Turing or later GPU.*compute capability 7.5\\+.*this one is 7.0"):
+        builder_settings(options, "fp16", unified_memory=False, compute_capability="7.0")
+    assert builder_settings(options, "fp16", unified_memory=False, compute_capability="7.5").hardware_compatibility
+
+
+def test_engines_do_not_cross_platforms() -> None:
+    orin_built = replace(BUILT, hardware_compatibility="AMPERE_PLUS", os="Linux", arch="aarch64", unified_memory=True)
+    x86 = DeviceInfo("10.3.0.30", "NVIDIA H200", "9.0", "Linux", "x86_64", False)
+    orin = DeviceInfo("10.3.0.30", "Orin (nvgpu)", "8.7", "Linux", "aarch64", True)
+    problems = compatibility_problems(orin_built, x86)
+    assert len(problems) == 1 and "built on Linux aarch64 with unified memory" in problems[0]
+    assert "Linux x86_64 with its own GPU memory" in problems[0] and "\n" not in problems[0]
+    assert compatibility_problems(orin_built, orin) == []
+    x86_built = replace(orin_built, arch="x86_64", unified_memory=False)
+    assert "not cross platforms" in compatibility_problems(x86_built, orin)[0]
+    assert compatibility_problems(replace(BUILT, hardware_compatibility="AMPERE_PLUS"), orin) == []  # none recorded
+
+
+def test_the_lean_runtime_comes_from_the_user_not_the_bundle() -> None:
+    from itmrt.runtime.backend_trt import lean_runtime_for
+
+    assert lean_runtime_for("engines/fp16/scorer.plan", False, "10.3.0.30", {}) is None
+    lib = "/opt/tensorrt/lib/libnvinfer_lean.so.10"
+    assert lean_runtime_for("engines/fp16/scorer.plan", True, "10.3.0.30", {"ITMRT_TRT_LEAN_RUNTIME": lib}) == Path(lib)
+    with pytest.raises(ItmrtError, match="set ITMRT_TRT_LEAN_RUNTIME to TensorRT 10.3.0.30's lean runtime"):
+        lean_runtime_for("engines/fp16/scorer.plan", True, "10.3.0.30", {})

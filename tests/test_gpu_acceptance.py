@@ -56,6 +56,8 @@ def test_quick_acceptance_run_reports_every_step(tmp_path: Path) -> None:
         assert cuda_step["status"] == "skipped" and "CUDA" in cuda_step["reason"]
         cpu_run = steps["PyTorch reference on the CPU (8 x 16, reduced)"]["result"]
         assert cpu_run["batched_vs_loop"]["max_abs"] < 1e-4 and cpu_run["loop"]["pairs_per_s"] > 0
+        memory = cpu_run["memory"]
+        assert 0 < memory["peak_bytes"] <= 2 * memory["budget_bytes"]  # the tiled reference keeps its budget
     tf32 = steps["naaf: TF32 emulated (CPU)"]["result"]
     assert tf32["max_abs"] > 0 and tf32["emulated_products"]["scorer"] > 0
     markdown = (out / "report.md").read_text()

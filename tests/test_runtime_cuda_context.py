@@ -30,6 +30,8 @@ def recording_driver(log: Log, devices: int = 1, fail_init: bool = False) -> Any
             log.append(f"pop@{threading.current_thread().name}")
 
     class PrimaryContext:
+        handle = 0x1234
+
         def push(self) -> None:
             log.append(f"push@{threading.current_thread().name}")
 
@@ -96,8 +98,10 @@ def test_context_is_current_only_around_each_use_on_any_thread() -> None:
 
 
 def test_close_releases_owners_newest_first_with_the_context_current_then_detaches() -> None:
+    """...and then pops the entry pycuda's detach leaves on the driver's stack (cuDevicePrimaryCtxRelease
+    does not pop what detach pushed)."""
     log = Log()
-    context = CudaContext(recording_driver(log), 0)
+    context = CudaContext(recording_driver(log), 0, pop_current=lambda handle: log.append(f"pop stale {handle:#x}"))
     log.clear()
     first = context.own(lambda: log.append("release image encoder"))
     context.own(lambda: log.append("release text encoder"))
@@ -115,6 +119,7 @@ def test_close_releases_owners_newest_first_with_the_context_current_then_detach
         "release text encoder",
         f"pop@{main}",
         "detach",
+        "pop stale 0x1234",
     ]
     with pytest.raises(ItmrtError, match="CUDA context was closed"), context.current():
         pass

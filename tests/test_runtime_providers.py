@@ -66,3 +66,18 @@ def test_sessions_report_the_providers_they_use(tmp_path: Path) -> None:
     assert isinstance(backend, OrtBackend)
     assert backend.requested_providers == ["CPUExecutionProvider"] == backend.providers  # a CPU-only onnxruntime here
     assert not (bundle.path / "cache").exists()  # no TensorRT provider, no cache folder
+
+
+def test_tensorrt_provider_keeps_precision_graphs_strongly_typed_or_refuses() -> None:
+    from itmrt.runtime.providers import graph_precision, tensorrt_typing_problem
+
+    assert graph_precision(Path("bundle/precision/int8/scorer.onnx")) == "int8"
+    assert graph_precision(Path("bundle/precision/fp16/text_encoder.onnx")) == "fp16"
+    assert graph_precision(Path("bundle/scorer.onnx")) == "fp32"
+    assert graph_precision(Path("bundle/other/int8/scorer.onnx")) == "fp32"
+    assert tensorrt_typing_problem("1.21.1", "fp32") is None
+    assert tensorrt_typing_problem("1.22.0", "int8") is None and tensorrt_typing_problem("1.32.0", "fp16") is None
+    problem = tensorrt_typing_problem("1.21.1", "int8")
+    assert problem is not None and "weakly typed" in problem and "1.22" in problem and "\n" not in problem
+    options = provider_options(GPU_BUILD[:1], SessionSettings(), SCORER, Path("cache"), "1.22.0")[0]
+    assert options["trt_fp16_enable"] is False and options["trt_int8_enable"] is False

@@ -221,7 +221,8 @@ class Fp16Graph(VariantGraph):
 
 @dataclass(kw_only=True)
 class Int8Graph(VariantGraph):
-    """An int8 Q/DQ graph (or the fp32 graph itself when it has nothing to quantize)."""
+    """An int8 Q/DQ graph: float16 with the fp16 variant's FP32 islands around the quantized products (``floats``
+    "float16"; graphs made before that are float32 apart from their products: "float32")."""
 
     calibration: str | None = path_field()
     method: str | None = field(metadata={"choices": CALIBRATION_METHODS})
@@ -231,6 +232,9 @@ class Int8Graph(VariantGraph):
     symmetric: bool
     qdq_pairs: int = bounded(minimum=0)
     sample: str | None
+    floats: str = field(default="float32", metadata={"choices": ("float32", "float16")})
+    islands: list[NodeNote] = field(default_factory=list)  # FP32 islands (the fp16 variant's) when floats is float16
+    islands_from: str | None = None  # where the islands came from
 
 
 @dataclass(kw_only=True)
@@ -318,6 +322,8 @@ class EngineEntry(FileEntry):
     gpu_name: str
     compute_capability: str
     unified_memory: bool | None = None
+    os: str | None = None  # platform.system() of the build machine (serialized engines do not cross platforms)
+    arch: str | None = None  # platform.machine() of the build machine
     profile: dict[str, ProfileShapes] = field(default_factory=dict)
     axis_ranges: dict[str, AxisRange] = field(default_factory=dict)
     board: str | None = None
@@ -326,9 +332,11 @@ class EngineEntry(FileEntry):
     tf32: Tf32Record | None = None
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
+    lean_runtime: str | None = None  # the lean runtime library the build loaded the plan through (information only)
     hardware_compatibility: str | None = None  # a HardwareCompatibilityLevel name; None: NONE
     dla_core: int | None = bounded(None, minimum=0)
     gpu_fallback: bool | None = None
+    layer_devices: dict[str, object] | None = None  # DLA builds: engine layers on the DLA / the GPU (inspector)
     device_memory_bytes: int | None = bounded(None, minimum=0)  # an execution context's need at the maximum shapes
     largest_intermediate_bytes: int | None = bounded(None, minimum=0)  # ONNX shape inference's estimate at those
     layer_info: LayerInfo | None = None

@@ -15,7 +15,10 @@ from itmrt.bundle.manifest import Log, Manifest
 from itmrt.calibration.precision_graphs import PrecisionOptions, make_precision_graphs
 from itmrt.calibration.tf32 import tf32_record
 from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, build_target, require_tensorrt
+from itmrt.engine.dla import dla_version_problem
 from itmrt.engine.settings import check_options
+from itmrt.engine.tensorrt_api import tensorrt_module
+from itmrt.errors import ItmrtError
 
 
 @dataclass
@@ -37,6 +40,7 @@ def build_bundle(
     """Make and verify the ``precision`` graphs, then build their TensorRT engines where TensorRT and a GPU exist."""
     engine_options = engine_options or EngineOptions()
     check_options(engine_options, precision)
+    _check_dla_here(engine_options)
     manifest = make_precision_graphs(bundle, precision, precision_options, log)
     try:
         build_target(require_tensorrt(), engine_options.device)
@@ -44,3 +48,13 @@ def build_bundle(
         return BuildOutcome(manifest, False, str(exc))
     tf32 = tf32_record(Path(bundle), manifest, engine_options, log or (lambda _message: None))
     return BuildOutcome(build_engines(bundle, precision, engine_options, log, tf32=tf32), True)
+
+
+def _check_dla_here(options: EngineOptions) -> None:
+    """A DLA build on a TensorRT without DLA is refused before any graph is made (where TensorRT is here)."""
+    if options.dla_core is None:
+        return
+    trt = tensorrt_module()
+    problem = dla_version_problem(str(trt.__version__)) if trt is not None else None
+    if problem is not None:
+        raise ItmrtError(problem)

@@ -147,8 +147,12 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
 
     The converter casts a float32 island's outputs to float16 and back for
     the next island; between two islands that round trip only loses
-    precision. The second Cast is pointed at the float32 original (a no-op
-    Cast) and Casts left without consumers are deleted.
+    precision. The second Cast is pointed at the float32 original, then
+    every Cast whose input already has its target type is bypassed (its
+    readers read its input; one that writes a graph output stays), and
+    Casts left without consumers are deleted. So two float32 nodes stay
+    directly connected - an int8 graph's DequantizeLinear feeds its product
+    with nothing between them (:mod:`itmrt.calibration.qdq`).
     """
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -163,6 +167,7 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
                 and types.get(first.input[0]) == onnx.TensorProto.FLOAT):
             node.input[0] = first.input[0]
     outputs = {o.name for o in graph.output}
+    _bypass_no_op_casts(graph, types, outputs)
     while True:
         used = {name for node in graph.node for name in node.input} | outputs
         dead = [node for node in graph.node if node.op_type == "Cast" and not any(o in used for o in node.output)]
@@ -170,6 +175,21 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
             break
         for node in dead:
             graph.node.remove(node)
+
+
+def _bypass_no_op_casts(graph: onnx.GraphProto, types: dict[str, int], outputs: set[str]) -> None:
+    """Point the readers of every Cast to float whose input is already that type at the Cast's input."""
+    replaced = {}
+    for node in graph.node:
+        target = _cast_target(node)
+        if target in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and node.output[0] not in outputs:
+            source = replaced.get(node.input[0], node.input[0])
+            if types.get(source) == target:
+                replaced[node.output[0]] = source
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            if name in replaced:
+                node.input[position] = replaced[name]
 
 
 VELTKAMP_SPLITTER = float(2**13 + 1)  # float32 has 24 significant bits, float16 11: split off 13

@@ -1,30 +1,37 @@
-"""INT8 Q/DQ graphs from calibration, with ONNX Runtime's quantization tools.
+"""INT8 Q/DQ graphs from calibration: ONNX Runtime's calibrators for the ranges, itmrt's own Q/DQ placement.
 
 What TensorRT 10/11 compile from explicit quantization, and how it is made:
 
-- ``QuantFormat.QDQ``: QuantizeLinear/DequantizeLinear pairs around the
-  quantized ops; the rest of the graph stays float32.
-- Symmetric int8 activations and weights (``ActivationSymmetric`` /
-  ``WeightSymmetric``), so every zero point is 0 (TensorRT's requirement);
-  :func:`zero_point_problems` proves it on the written graph.
-- Per-channel weights along the output channel (MatMul weight axis 1, Conv
-  axis 0), which TensorRT supports; biases stay float (``QuantizeBias`` off:
-  TensorRT's DequantizeLinear takes no int32 input); Q/DQ on the products'
-  inputs only.
-- Only the heavy products (``MatMul``, ``Gemm``, ``Conv``) are quantized.
-  Softmax, norms, reductions, NAAF's threshold subtraction and its comparisons
-  stay float by construction; a product whose result feeds a branch
-  comparison directly (NAAF's propagated decision) is listed in
-  ``nodes_to_exclude``.
+- QuantizeLinear/DequantizeLinear pairs on the heavy products' inputs only
+  (``MatMul``, ``Gemm``, ``Conv``), each origin quantized once before any
+  reshape or transpose, no dequantized tensor feeding an elementwise op
+  (:mod:`itmrt.calibration.qdq`, which names TensorRT's rules). ONNX Runtime's
+  ``quantize_static`` placed a pair on every product input separately - the
+  same data quantized twice, with two scales, around a reshape or transpose -
+  and let a dequantized tensor feed elementwise Muls; TensorRT leaves such
+  DequantizeLinear layers unfused and rounds twice.
+- Symmetric int8 with every zero point 0 (TensorRT's requirement):
+  activations ``amax / 127`` from the calibrated range, constant weights per
+  output channel (MatMul weight axis 1, Conv axis 0); biases stay float
+  (TensorRT's DequantizeLinear takes no int32 input).
+  :func:`zero_point_problems` proves the zero points on the written graph.
+- Softmax, norms, reductions, NAAF's threshold subtraction and its comparisons
+  are not products and are never quantized; a product whose result feeds a
+  branch comparison directly (NAAF's propagated decision) is excluded.
+- The rest of the graph is the fp16 variant's: float16 with the same FP32
+  islands (:func:`itmrt.calibration.precision_graphs.make_int8`). The Q/DQ
+  pairs, the data movement between them and the products, and the products
+  themselves stay float32-typed (opset 17's QuantizeLinear takes float32),
+  so a strongly typed TensorRT network fuses each DequantizeLinear into its
+  product and runs everything else where the fp16 engine does.
 - Activation ranges come from a calibration pass (entropy, percentile or
-  min-max) over a streamed sample of the user's data, run here with ORT's
-  calibrators and explicit histogram sizes (:data:`HISTOGRAM_OPTIONS`):
-  ``quantize_static`` would build the entropy calibrator with 128 bins for 128
-  quantized levels, which leaves KL no threshold to choose but the full range,
-  so "entropy" would silently equal min-max. The ranges are saved
-  (``calibration_cache_path``: a JSON ``TensorsData``) and the bundle keeps the
-  file as ``calibration/<graph>.json``; a rebuild passes it back and does not
-  read the data again.
+  min-max) over a streamed sample of the user's data, run with ORT's
+  calibrators and explicit histogram sizes (:data:`HISTOGRAM_OPTIONS`): ORT's
+  default for entropy is 128 bins for 128 quantized levels, which leaves KL no
+  threshold to choose but the full range, so "entropy" would silently equal
+  min-max. The ranges are saved (ORT's ``TensorsData`` JSON) and the bundle
+  keeps the file as ``calibration/<graph>.json``; a rebuild passes it back and
+  does not read the data again.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,12 +48,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
 
 from itmrt.bundle.manifest import NodeNote
 from itmrt.bundle.names import parse_choice
 from itmrt.calibration import CalibrationMethod as Method
+from itmrt.calibration.qdq import PASS_THROUGH_OPS, QUANTIZED_OPS, insert_qdq, quantized_products
 from itmrt.errors import ItmrtError, first_line
 from itmrt.io import parse_json
 
@@ -63,8 +70,6 @@ HISTOGRAM_OPTIONS: dict[str, dict[str, float]] = {
     Method.PERCENTILE.value: {"num_bins": 2048, "percentile": 99.999},
     Method.MINMAX.value: {},
 }
-QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
-PASS_THROUGH_OPS = frozenset({"Identity", "Squeeze", "Unsqueeze", "Reshape", "Transpose", "Flatten"})
 COMPARISON_OPS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
 
 
@@ -117,50 +122,41 @@ def quantize_graph(
     cache_path: Path,
     reader: CalibrationDataReader | None,
     exclude: list[str],
-) -> tuple[onnx.ModelProto, bytes]:
-    """Q/DQ int8 graph of ``model`` and the calibration ranges (ORT's TensorsData JSON) it used.
+) -> tuple[onnx.ModelProto, bytes, list[str]]:
+    """Q/DQ int8 graph of ``model`` (float32 elsewhere), the calibration ranges (ORT's TensorsData JSON) it
+    used, and the names of the nodes the placement added.
 
     With ``reader``, calibrate; without it, quantize from the ranges saved at
     ``cache_path``. Nothing is written to the bundle here: the caller writes
     the graph and the ranges together with the manifest.
     """
-    _require_calibration_cache()
     if reader is None and not cache_path.is_file():
         raise ItmrtError(f"no calibration statistics at {cache_path}; run `itmrt calibrate BUNDLE --data DIR` first")
-    with tempfile.TemporaryDirectory(prefix=".itmrt-int8-") as work:
-        source = Path(work) / "model.onnx"
-        target = Path(work) / "model.int8.onnx"
-        cache = Path(work) / "ranges.json"
-        onnx.save(model, str(source))
-        if reader is None:
-            shutil.copyfile(cache_path, cache)
-        else:
+    if reader is None:
+        ranges = cache_path.read_bytes()
+    else:
+        with tempfile.TemporaryDirectory(prefix=".itmrt-int8-") as work:
+            source, cache = Path(work) / "model.onnx", Path(work) / "ranges.json"
+            onnx.save(model, str(source))
             _calibrate(source, method, reader, cache, Path(work) / "augmented.onnx")
-        check_ranges(cache.read_bytes(), cache_path.name)
-        with _quiet_quantizer(), _one_line("quantize the graph"):
-            quantize_static(
-                str(source),
-                str(target),
-                calibration_data_reader=None,  # the ranges come from the cache written above
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(QUANTIZED_OPS),
-                per_channel=True,
-                reduce_range=False,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
-                calibrate_method=calibration_method(method),
-                extra_options={
-                    "ActivationSymmetric": True,
-                    "WeightSymmetric": True,
-                    "QuantizeBias": False,
-                    # Q/DQ on the products' inputs only (TensorRT's recommended placement): a Q/DQ on
-                    # their outputs would round the float result once more for no speed.
-                    "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
-                },
-                calibration_cache_path=str(cache),
-            )
-        return onnx.load(str(target)), cache.read_bytes()
+            ranges = cache.read_bytes()
+    check_ranges(ranges, cache_path.name)
+    with _one_line("place the Q/DQ pairs"):
+        quantized, added = insert_qdq(model, quantizable_nodes(model, exclude), parse_ranges(ranges))
+    return quantized, ranges, added
+
+
+def parse_ranges(ranges: bytes) -> dict[str, tuple[float, float]]:
+    """``{tensor: (lowest, highest)}`` from ORT's TensorsData JSON (numbers, or numpy-array records)."""
+    def number(value: object) -> float:
+        if isinstance(value, dict):
+            value = value.get("data")
+        if isinstance(value, list):
+            value = value[0] if value else 0.0
+        return float(value)  # type: ignore[arg-type]
+
+    data = parse_json(ranges).get("data", {})
+    return {name: (number(entry["lowest"]), number(entry["highest"])) for name, entry in data.items()}
 
 
 def check_ranges(ranges: bytes, name: str) -> None:
@@ -185,20 +181,6 @@ def _one_line(doing: str) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - AssertionError, ValueError, ORT's own types
         raise ItmrtError(f"ONNX Runtime could not {doing}: {first_line(exc) or type(exc).__name__}; "
                          "check the calibration data") from None
-
-
-def _require_calibration_cache() -> None:
-    """Saved calibration ranges need ORT's calibration cache (quantize_static's ``calibration_cache_path``)."""
-    import inspect
-
-    import onnxruntime
-
-    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
-        raise ItmrtError(
-            f"INT8 graphs need an onnxruntime whose quantize_static saves calibration ranges (calibration_cache_path; "
-            f"itmrt is tested with 1.32); this machine has {onnxruntime.__version__}: upgrade onnxruntime, or "
-            "calibrate on another machine and copy the bundle here"
-        )
 
 
 def _calibrate(model_path: Path, method: str, reader: CalibrationDataReader, cache: Path, augmented: Path) -> None:
@@ -268,8 +250,6 @@ def _per_channel(model: onnx.ModelProto, dequantize: onnx.NodeProto) -> bool:
 
 def quantization_summary(model: onnx.ModelProto) -> QuantizationSummary:
     """What :func:`quantize_graph` made of a graph (recorded in its manifest entry)."""
-    dequantized = {node.output[0]: node for node in model.graph.node if node.op_type == "DequantizeLinear"}
-    quantized = [node.name for node in model.graph.node
-                 if node.op_type in QUANTIZED_OPS and all(name in dequantized for name in node.input[:2])]
-    per_channel = any(_per_channel(model, node) for node in dequantized.values())
-    return QuantizationSummary(quantized, per_channel, qdq_pairs(model))
+    dequantized = [node for node in model.graph.node if node.op_type == "DequantizeLinear"]
+    per_channel = any(_per_channel(model, node) for node in dequantized)
+    return QuantizationSummary(quantized_products(model), per_channel, qdq_pairs(model))

@@ -49,7 +49,7 @@ from itmrt.calibration.calib_data import (
     open_calibration_data,
     random_sample,
 )
-from itmrt.calibration.fp16 import verify_precision_graph
+from itmrt.calibration.fp16 import convert_to_fp16, verify_precision_graph
 from itmrt.calibration.int8 import (
     excluded_nodes,
     quantizable_nodes,
@@ -57,6 +57,7 @@ from itmrt.calibration.int8 import (
     quantize_graph,
     zero_point_problems,
 )
+from itmrt.calibration.qdq import placement_problems
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands, output_error, run_model
 from itmrt.errors import ItmrtError
 from itmrt.io import atomic_write_bytes, sha256_bytes
@@ -255,52 +256,74 @@ def _plan_int8(
     return Int8Plan(False, manifest.calibration.method, data)
 
 
-def _float32_as_int8(graph: str, source_entry: GraphEntry, exclude: list[NodeNote], say: Log) -> GraphResult:
-    """A graph with nothing int8 speeds up (a GRU text encoder): the float32 graph is the int8 variant."""
-    entry = Int8Graph(
-        file=source_entry.file, sha256=source_entry.sha256, source_sha256=source_entry.sha256, calibration=None,
-        method=None, quantized_nodes=[], per_channel=False, qdq_pairs=0, excluded_nodes=exclude, symmetric=True,
-        max_abs_error=0.0, sample=None,
-    )
-    say(f"int8 {graph}: no MatMul/Gemm/Conv to quantize; it runs in float32")
-    return GraphResult(graph, entry)
+def fp16_islands(manifest: Manifest, graph: str, source: onnx.ModelProto, data: CalibrationData | None,
+                 feeds: FeedMaker, options: PrecisionOptions) -> tuple[list[NodeNote], str]:
+    """The FP32 islands of ``graph``'s fp16 variant, and where they came from: the bundle's fp16 variant when it
+    was made from this graph, else those the previous int8 variant of this graph took (a rebuild from saved
+    calibration makes the same graph), else measured exactly as :func:`make_fp16` measures them."""
+    source_sha256 = manifest.graph(graph).sha256
+    made = manifest.variant(Precision.FP16, graph)
+    if isinstance(made, Fp16Graph) and made.source_sha256 == source_sha256:
+        return list(made.islands), f"the fp16 variant ({made.file})"
+    previous = manifest.variant(Precision.INT8, graph)
+    if isinstance(previous, Int8Graph) and previous.source_sha256 == source_sha256 and previous.floats == "float16":
+        return list(previous.islands), str(previous.islands_from)
+    sample = _sample_feeds(manifest, data, graph, feeds)
+    chosen = choose_islands(source, sample, _threshold_name(manifest, graph), options.sensitivity)
+    return chosen.islands, f"measured as for the fp16 variant on {_sample_name(data)}"
 
 
 def _int8_graph(folder: Path, manifest: Manifest, graph: str, plan: Int8Plan, feeds: FeedMaker,
                 options: PrecisionOptions, say: Log) -> GraphResult:
+    """One int8 graph: Q/DQ on the products' inputs, float16 elsewhere with the fp16 variant's FP32 islands."""
     started = time.perf_counter()
     source_entry = manifest.graph(graph)
     source = onnx.load(str(bundle_file(folder, manifest, source_entry.file)))
     exclude = excluded_nodes(source)
     excluded_names = [note.node for note in exclude]
-    if not quantizable_nodes(source, excluded_names):
-        return _float32_as_int8(graph, source_entry, exclude, say)
+    islands, islands_from = fp16_islands(manifest, graph, source, plan.data, feeds, options)
+    products = quantizable_nodes(source, excluded_names)
     ranges_file = calibration_file(graph)
-    reader = (calibration_reader(plan.data, feeds, graph, options.batch_size, options.progress)
-              if plan.calibrating and plan.data is not None else None)
-    saved = None if reader is not None else bundle_file(folder, manifest, ranges_file)
-    quantized, ranges = quantize_graph(source, plan.method, saved or folder / ranges_file, reader, excluded_names)
-    verify_precision_graph(quantized, f"int8 {graph}")
-    problems = zero_point_problems(quantized)
-    if problems:
-        raise ItmrtError(f"int8 {graph}: {problems[0]}")
-    summary = quantization_summary(quantized)
+    ranges: bytes | None = None
+    quantized, keep_float32 = source, [island.node for island in islands]
+    if products:
+        reader = (calibration_reader(plan.data, feeds, graph, options.batch_size, options.progress)
+                  if plan.calibrating and plan.data is not None else None)
+        saved = None if reader is not None else bundle_file(folder, manifest, ranges_file)
+        quantized, ranges, added = quantize_graph(source, plan.method, saved or folder / ranges_file, reader,
+                                                  excluded_names)
+        keep_float32 += [*added, *products]
+    model = convert_to_fp16(quantized, keep_float32)
+    _verify_int8(model, graph)
+    summary = quantization_summary(model)
     sample: Sequence[Feeds] = _sample_feeds(manifest, plan.data, graph, feeds)
-    error = output_error(run_model(source, sample), quantized, sample)
+    error = output_error(run_model(source, sample), model, sample)
     relative = precision_file(Precision.INT8, graph)
-    payload = quantized.SerializeToString()
+    payload = model.SerializeToString()
     entry = Int8Graph(
-        file=relative, sha256=sha256_bytes(payload), source_sha256=source_entry.sha256, calibration=ranges_file,
-        method=plan.method, quantized_nodes=summary.quantized_nodes, per_channel=summary.per_channel,
-        qdq_pairs=summary.qdq_pairs, excluded_nodes=exclude, symmetric=True, max_abs_error=error,
-        sample=_sample_name(plan.data),
+        file=relative, sha256=sha256_bytes(payload), source_sha256=source_entry.sha256,
+        calibration=ranges_file if products else None, method=plan.method if products else None,
+        quantized_nodes=summary.quantized_nodes, per_channel=summary.per_channel, qdq_pairs=summary.qdq_pairs,
+        excluded_nodes=exclude, symmetric=True, max_abs_error=error, sample=_sample_name(plan.data),
+        floats="float16", islands=islands, islands_from=islands_from,
     )
     say(
-        f"int8 {graph}: {len(summary.quantized_nodes)} quantized node(s), {summary.qdq_pairs} Q/DQ pairs, "
-        f"{len(exclude)} excluded, max abs error {error:.2e} ({time.perf_counter() - started:.1f}s)"
+        f"int8 {graph}: {len(summary.quantized_nodes)} quantized product(s), {summary.qdq_pairs} Q/DQ pairs, "
+        f"{len(exclude)} excluded, float16 elsewhere with {len(islands)} FP32 island(s) ({islands_from}), "
+        f"max abs error {error:.2e} ({time.perf_counter() - started:.1f}s)"
     )
+    if ranges is None:
+        return GraphResult(graph, entry, {relative: payload})
     ranges_entry = CalibrationFile(file=ranges_file, sha256=sha256_bytes(ranges), source_sha256=source_entry.sha256)
     return GraphResult(graph, entry, {relative: payload, ranges_file: ranges}, ranges_entry)
+
+
+def _verify_int8(model: onnx.ModelProto, graph: str) -> None:
+    """The checks every graph gets, then the int8 ones: zero points 0 and TensorRT's Q/DQ placement rules."""
+    verify_precision_graph(model, f"int8 {graph}")
+    problems = zero_point_problems(model) + placement_problems(model)
+    if problems:
+        raise ItmrtError(f"int8 {graph}: {problems[0]}")
 
 
 def _record_int8(m: Manifest, results: list[GraphResult], plan: Int8Plan, say: Log) -> None:

@@ -16,13 +16,15 @@ from itmrt.errors import ItmrtError
 
 
 def parse_axis_ranges(values: list[str]) -> dict[str, tuple[int, int, int]]:
-    """``AXIS=MIN:OPT:MAX`` strings -> ``{axis: (min, opt, max)}``."""
+    """``AXIS=MIN:OPT:MAX`` (or ``AXIS=N``, a static N:N:N) strings -> ``{axis: (min, opt, max)}``."""
     ranges = {}
     for value in values:
         axis, _, spec = value.partition("=")
         parts = spec.split(":")
+        if len(parts) == 1:
+            parts = parts * 3
         if not axis or len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
-            raise ItmrtError(f"--shape '{value}' is not AXIS=MIN:OPT:MAX (e.g. batch_captions=1:32:128)")
+            raise ItmrtError(f"--shape '{value}' is not AXIS=MIN:OPT:MAX or AXIS=N (e.g. batch_captions=1:32:128)")
         low, mid, high = (int(part) for part in parts)
         ranges[axis.strip()] = (low, mid, high)
     return ranges
@@ -42,9 +44,10 @@ def build_command(
     timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file, read and updated (default: one in the bundle per TensorRT version and GPU)."),
     tf32: bool = typer.Option(False, "--tf32/--no-tf32", help="Allow TF32 in float32 products (off by default: it rounds their inputs to 10-bit mantissas); its error is measured and recorded."),
     version_compatible: bool = typer.Option(False, "--version-compatible", help="Build engines later TensorRT versions can run (the lean runtime goes into the plan; may be slower)."),
-    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="With --version-compatible: leave the lean runtime out of the plan."),
+    exclude_lean_runtime: bool = typer.Option(False, "--exclude-lean-runtime", help="With --version-compatible: leave the lean runtime out of the plan (needs --lean-runtime; at run time set ITMRT_TRT_LEAN_RUNTIME)."),
+    lean_runtime: Path | None = typer.Option(None, "--lean-runtime", help="With --exclude-lean-runtime: the lean runtime library (libnvinfer_lean of this TensorRT) the plans load through."),
     hardware_compatibility: str = typer.Option("none", "--hardware-compatibility", help=f"GPUs the engine may run on besides this one: {', '.join(HARDWARE_LEVELS)} (ampere-plus: any Ampere or later GPU; same-compute-capability: TensorRT 10.9+)."),
-    dla_core: int | None = typer.Option(None, "--dla-core", min=0, max=15, help="Run on this DLA core of a Jetson (fp16/int8); layers the DLA cannot run go to the GPU."),
+    dla_core: int | None = typer.Option(None, "--dla-core", min=0, max=15, help="Run on this DLA core of a Jetson (fp16/int8, static shapes: --shape AXIS=N; default the batch axes' opt and the longest caption); layers the DLA cannot run go to the GPU."),
     gpu_fallback: bool = typer.Option(True, "--gpu-fallback/--no-gpu-fallback", help="With --dla-core: let the GPU run the layers the DLA cannot (else the build fails on them)."),
     layer_info: bool = typer.Option(True, "--layer-info/--no-layer-info", help="Build with detailed profiling verbosity and keep the engine inspector's layer JSON in the bundle."),
     device: int = typer.Option(0, "--device", min=0, max=255, help="CUDA device to build on (numbered after CUDA_VISIBLE_DEVICES)."),
@@ -62,7 +65,7 @@ def build_command(
 
     engine_options = EngineOptions(
         workspace_mb=workspace, axis_ranges=parse_axis_ranges(shape), timing_cache=timing_cache, tf32=tf32,
-        version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
+        version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime, lean_runtime=lean_runtime,
         hardware_compatibility=hardware_compatibility, dla_core=dla_core, gpu_fallback=gpu_fallback, board=board,
         layer_info=layer_info, device=device,
     )

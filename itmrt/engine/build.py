@@ -47,7 +47,16 @@ from itmrt.bundle.manifest import (
     update_manifest,
 )
 from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, engine_file, layer_info_file
-from itmrt.engine.compat import DeviceInfo
+from itmrt.engine.compat import DeviceInfo, this_platform
+from itmrt.engine.dla import (
+    DlaPlacement,
+    count_devices,
+    dla_note,
+    dla_refusal,
+    dla_version_problem,
+    network_placement,
+    static_ranges,
+)
 from itmrt.engine.gpus import gpu
 from itmrt.engine.jetson import detect_jetson
 from itmrt.engine.layers import matmul_node_names, parse_layer_json, summarize_layers
@@ -102,7 +111,9 @@ def build_target(trt_module: Any, device: int = 0) -> BuildTarget:
             "engines are built on the GPU that runs them"
         )
     unified = bool(found.integrated) or detect_jetson() is not None
-    return BuildTarget(DeviceInfo(str(trt_module.__version__), found.name, found.compute_capability), unified)
+    system, arch = this_platform()
+    here = DeviceInfo(str(trt_module.__version__), found.name, found.compute_capability, system, arch, unified)
+    return BuildTarget(here, unified)
 
 
 def device_info(trt_module: Any, device: int = 0) -> DeviceInfo:
@@ -123,9 +134,10 @@ def _parser_errors(parser: trt.OnnxParser) -> str:
 def build_serialized_engine(
     onnx_path: Path, shapes: Shapes, settings: BuilderSettings, timing_cache: Path | None, say: Log,
     read_cache: bool = True,
-) -> tuple[bytes, str]:
-    """Parse ``onnx_path`` into a strongly typed network and build it: the serialized engine and what
-    became of the timing cache."""
+) -> tuple[bytes, str, DlaPlacement | None]:
+    """Parse ``onnx_path`` into a strongly typed network and build it: the serialized engine, what
+    became of the timing cache and, for a DLA build, where the builder places each network layer (a build
+    that cannot work on the DLA is refused first, naming the layers: :func:`itmrt.engine.dla.dla_refusal`)."""
     import tensorrt as trt
 
     logger = tensorrt_logger()
@@ -140,25 +152,40 @@ def build_serialized_engine(
     for name, (low, mid, high) in shapes.items():
         profile.set_shape(name, trt.Dims(low), trt.Dims(mid), trt.Dims(high))
     config.add_optimization_profile(profile)
+    placement = None
+    if settings.dla_core is not None:
+        placement = network_placement(config, network)
+        refusal = dla_refusal(placement, "GPU_FALLBACK" in settings.set_flags)
+        if refusal is not None:
+            raise ItmrtError(f"{onnx_path.name}: {refusal}")
+        note = dla_note(placement)
+        if note is not None:
+            say(f"{onnx_path.name}: {note}")
     attached = attach_timing_cache(config, timing_cache if read_cache else None, say)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ItmrtError(f"TensorRT could not build an engine from {onnx_path.name} (see TensorRT's messages above)")
     if timing_cache is not None:
         save_timing_cache(config, timing_cache)
-    return bytes(memoryview(serialized)), attached.status
+    return bytes(memoryview(serialized)), attached.status, placement
 
 
-def inspect_serialized(serialized: bytes, settings: BuilderSettings) -> tuple[int, str | None]:
-    """Device memory an execution context of the engine needs, and its layer JSON (detailed builds)."""
+def inspect_serialized(
+    serialized: bytes, settings: BuilderSettings, lean_runtime: Path | None = None
+) -> tuple[int, str | None]:
+    """Device memory an execution context of the engine needs, and its layer JSON (detailed builds, and DLA
+    builds, whose layers' devices are read from it). A plan without its lean runtime is loaded through
+    ``lean_runtime``, as it will be at run time."""
     import tensorrt as trt
 
-    runtime = open_runtime(host_code=carries_host_code(settings.set_flags), dla_core=settings.dla_core)
+    runtime = open_runtime(
+        host_code=carries_host_code(settings.set_flags), dla_core=settings.dla_core, lean_runtime=lean_runtime
+    )
     engine = runtime.deserialize_cuda_engine(serialized)
     if engine is None:
         raise ItmrtError("TensorRT could not load the engine it has just built (see TensorRT's messages above)")
     layers = None
-    if settings.profiling_verbosity == "DETAILED":
+    if settings.profiling_verbosity == "DETAILED" or settings.dla_core is not None:
         layers = str(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     return device_memory_bytes(engine), layers
 
@@ -181,6 +208,8 @@ def engine_ranges(
             f"board {options.board}: {fitted}; largest intermediate {peak / 2**20:.1f} MB "
             f"(budget {preset.intermediate_mb} MB)"
         )
+    if options.dla_core is not None:
+        return static_ranges(ranges, options.axis_ranges)  # the DLA takes no dynamic dimension
     ranges.update(options.axis_ranges)
     return ranges
 
@@ -232,6 +261,8 @@ def engine_entry(
         gpu_name=here.gpu_name,
         compute_capability=here.compute_capability,
         unified_memory=target.unified_memory,
+        os=here.os,
+        arch=here.arch,
         profile={name: ProfileShapes(min=s[0], opt=s[1], max=s[2]) for name, s in shapes.items()},
         axis_ranges={axis: AxisRange(min=r[0], opt=r[1], max=r[2]) for axis, r in sorted(ranges.items())},
         board=options.board,
@@ -240,9 +271,11 @@ def engine_entry(
         tf32=measured.tf32,
         version_compatible=options.version_compatible,
         exclude_lean_runtime=options.exclude_lean_runtime,
+        lean_runtime=str(options.lean_runtime) if options.lean_runtime is not None else None,
         hardware_compatibility=settings.hardware_compatibility,
         dla_core=settings.dla_core,
         gpu_fallback=options.gpu_fallback if settings.dla_core is not None else None,
+        layer_devices=measured.layer_devices,
         device_memory_bytes=measured.device_memory_bytes,
         largest_intermediate_bytes=measured.largest_intermediate_bytes,
         layer_info=measured.layer_info,
@@ -263,6 +296,18 @@ def _save_layers(folder: Path, precision: str, graph: str, layers: str | None, o
     return LayerInfo(file=relative, sha256=sha256_file(folder / relative), summary=summary)
 
 
+def _layer_devices(placement: DlaPlacement | None, layers: str | None) -> dict[str, object] | None:
+    """Engine layers on the DLA and on the GPU (from the inspector), with the builder's network placement."""
+    if placement is None:
+        return None
+    devices: dict[str, object] = {"network_dla": len(placement.dla), "network_gpu": len(placement.gpu)}
+    try:
+        devices.update(count_devices(parse_layer_json(layers or "")["Layers"], set(placement.dla)))
+    except (ValueError, TypeError) as exc:
+        devices["unreadable"] = str(exc)
+    return devices
+
+
 @dataclass
 class Measured:
     """What one build measured about its engine (recorded in its manifest entry)."""
@@ -272,6 +317,7 @@ class Measured:
     largest_intermediate_bytes: int
     layer_info: LayerInfo | None
     timing_cache: TimingCacheUse
+    layer_devices: dict[str, object] | None = None  # DLA builds: engine layers on the DLA and on the GPU
 
 
 @dataclass
@@ -294,12 +340,12 @@ def _build_one(folder: Path, manifest: Manifest, precision: str, graph: str, con
     graph_entry: GraphEntry = manifest.graph(graph)
     shapes = profile_shapes(graph_entry, context.ranges)
     onnx_path = bundle_file(folder, manifest, relative_graph)
-    engine, cache_status = build_serialized_engine(onnx_path, shapes, context.settings, context.cache, say,
-                                                   context.read_cache)
+    engine, cache_status, placement = build_serialized_engine(onnx_path, shapes, context.settings, context.cache,
+                                                              say, context.read_cache)
     context.read_cache = True  # from now on the file is this build's own
     relative = engine_file(precision, graph)
     atomic_write_bytes(folder / relative, engine)
-    memory, layers = inspect_serialized(engine, context.settings)
+    memory, layers = inspect_serialized(engine, context.settings, context.options.lean_runtime)
     peak = estimate_peaks(folder, {graph: (relative_graph, graph_entry)}, context.ranges)[graph]
     measured = Measured(
         tf32=context.tf32[graph],
@@ -307,6 +353,7 @@ def _build_one(folder: Path, manifest: Manifest, precision: str, graph: str, con
         largest_intermediate_bytes=peak,
         layer_info=_save_layers(folder, precision, graph, layers, folder / relative_graph),
         timing_cache=TimingCacheUse(file=str(context.cache) if context.cache else None, status=cache_status),
+        layer_devices=_layer_devices(placement, layers),
     )
     entry = engine_entry(folder, relative, relative_graph, context.target, shapes, context.ranges, context.settings,
                          context.options, measured)
@@ -331,6 +378,9 @@ def build_engines(
     trt_module = require_tensorrt()
     target = build_target(trt_module, options.device)
     here = target.device
+    dla_problem = dla_version_problem(here.tensorrt_version) if options.dla_core is not None else None
+    if dla_problem is not None:
+        raise ItmrtError(dla_problem)
     manifest = read_manifest(folder)
     settings = builder_settings(
         options, precision, unified_memory=target.unified_memory, compute_capability=here.compute_capability

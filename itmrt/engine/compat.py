@@ -12,8 +12,16 @@ documentation and ``include/NvInfer.h``):
   runtime in the plan): runs with the TensorRT version that built it or any
   later one (TensorRT 8.6 or later built it);
 - hardware compatibility ``AMPERE_PLUS``: built on Ampere or later, runs on
-  any GPU of compute capability 8.0 or more; ``SAME_COMPUTE_CAPABILITY``: any
+  any GPU of compute capability 8.0 or more; ``SAME_COMPUTE_CAPABILITY``
+  ("only supported for engines built on NVIDIA Turing and later GPUs"): any
   GPU of the same compute capability, whatever its name.
+
+No compatibility flag crosses platforms: TensorRT's support matrix says
+serialized engines are not portable across platforms (operating system, CPU
+architecture), and a Jetson's integrated GPU shares the system memory where a
+discrete GPU has its own. Each engine records the OS, the CPU architecture and
+whether its GPU had unified memory; :func:`platform_problem` refuses a mismatch
+(entries written before that record none and are not checked).
 """
 
 from __future__ import annotations
@@ -32,11 +40,39 @@ FIRST_VERSION_COMPATIBLE = (8, 6)
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """What an engine is tied to: TensorRT version, GPU name, compute capability ("8.7")."""
+    """What an engine is tied to: TensorRT version, GPU name, compute capability ("8.7"), and the platform:
+    OS (``platform.system()``), CPU architecture (``platform.machine()``), unified memory (None: unknown)."""
 
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
+    os: str | None = None
+    arch: str | None = None
+    unified_memory: bool | None = None
+
+
+def this_platform() -> tuple[str, str]:
+    """This machine's OS and CPU architecture, as engines record them ("Linux", "aarch64")."""
+    import platform
+
+    return platform.system(), platform.machine()
+
+
+def _memory(unified: bool | None) -> str:
+    return "unified memory" if unified else "its own GPU memory"
+
+
+def platform_problem(entry: EngineEntry, here: DeviceInfo) -> str | None:
+    """Why an engine built on another platform cannot run here (None when it can, or nothing was recorded)."""
+    built = (entry.os, entry.arch, entry.unified_memory)
+    running = (here.os, here.arch, here.unified_memory)
+    differs = [b != r for b, r in zip(built, running) if b is not None and r is not None]
+    if not any(differs):
+        return None
+    return (
+        f"it was built on {entry.os} {entry.arch} with {_memory(entry.unified_memory)}, this machine is "
+        f"{here.os} {here.arch} with {_memory(here.unified_memory)} (serialized engines do not cross platforms)"
+    )
 
 
 def engine_entry(manifest: Manifest, precision: str, graph: str) -> EngineEntry:
@@ -54,8 +90,11 @@ def _capability(text: str) -> tuple[int, ...]:
 
 
 def version_problem(entry: EngineEntry, running: str) -> str | None:
+    """A version-compatible plan runs with its TensorRT or a later one: through the lean runtime it carries,
+    or - built with ``kEXCLUDE_LEAN_RUNTIME`` - through the lean runtime library of its build version that
+    the running TensorRT loads (``IRuntime::loadRuntime``; the runtime asks for it)."""
     built = entry.tensorrt_version
-    if entry.version_compatible and not entry.exclude_lean_runtime:
+    if entry.version_compatible:
         ok = version_tuple(built) >= FIRST_VERSION_COMPATIBLE and version_tuple(running) >= version_tuple(built)
         return None if ok else f"it is version-compatible from TensorRT {built} on, this machine has {running}"
     if built.strip() != running.strip():
@@ -80,9 +119,10 @@ def hardware_problem(entry: EngineEntry, here: DeviceInfo) -> str | None:
 
 def compatibility_problems(entry: EngineEntry, here: DeviceInfo) -> list[str]:
     """Why the engine of ``entry`` cannot run with ``here`` (empty when it can)."""
-    return [
-        problem for problem in (version_problem(entry, here.tensorrt_version), hardware_problem(entry, here)) if problem
-    ]
+    found = (
+        platform_problem(entry, here), version_problem(entry, here.tensorrt_version), hardware_problem(entry, here)
+    )
+    return [problem for problem in found if problem]
 
 
 def check_engine(bundle: str | Path, manifest: Manifest, precision: str, graph: str, here: DeviceInfo) -> Path:

@@ -18,6 +18,16 @@ stream: TensorRT's rule that a factory outlives what it made - "How TensorRT
 Works: Object Lifetimes"), and only then lets the context go. An exit handler
 closes every context still open, before pycuda's own module cleanup.
 
+Letting the primary context go: pycuda's ``Context.detach`` (``src/cpp/cuda.hpp``,
+``context::detach`` with ``primary_context::detach_internal``), called when
+the context is not current on this thread, pushes it (``cuCtxPushCurrent``)
+and calls ``cuDevicePrimaryCtxRelease`` - which, the CUDA driver API says,
+"does not pop the context from stack in any circumstances" (the "pop is
+implicit in detach" of that code holds for ``cuCtxDetach``, not for a primary
+context). So after ``detach`` one entry is left on the thread's driver
+context stack; :meth:`CudaContext.close` pops it with ``cuCtxPopCurrent``
+(:func:`driver_pop_current`), and only when it is the context just let go.
+
 The driver module is passed in (``pycuda.driver`` in use), so the ordering
 logic is testable without CUDA.
 """
@@ -34,6 +44,21 @@ from typing import Any
 from itmrt.errors import ItmrtError, first_line
 
 Release = Callable[[], None]
+PopCurrent = Callable[[int], None]
+
+
+def driver_pop_current(handle: int) -> None:
+    """``cuCtxPopCurrent`` on this thread if the current context is ``handle`` (what ``detach`` of a primary
+    context leaves behind); nothing when libcuda cannot be loaded or another context is current."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return
+    current = ctypes.c_void_p()
+    if cuda.cuCtxGetCurrent(ctypes.byref(current)) == 0 and (current.value or 0) == handle:
+        cuda.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
 
 def cuda_error(action: str, exc: BaseException) -> ItmrtError:
@@ -44,8 +69,9 @@ def cuda_error(action: str, exc: BaseException) -> ItmrtError:
 class CudaContext:
     """One device's primary context, retained for this process and pushed around each use."""
 
-    def __init__(self, driver: Any, device_index: int = 0) -> None:
+    def __init__(self, driver: Any, device_index: int = 0, pop_current: PopCurrent | None = None) -> None:
         self._driver = driver
+        self._pop_current = pop_current or driver_pop_current
         try:
             driver.init()
             count = int(driver.Device.count())
@@ -111,7 +137,9 @@ class CudaContext:
                             failure = failure or exc
             finally:
                 self.closed = True
-                self._context.detach()
+                handle = int(self._context.handle)
+                self._context.detach()  # pushes the context, releases it, and leaves it on the stack
+                self._pop_current(handle)
             if failure is not None:
                 raise cuda_error("releasing TensorRT and CUDA resources", failure) from None
 

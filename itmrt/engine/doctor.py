@@ -174,13 +174,14 @@ def diagnose(device: int = 0, bundle: str | Path | None = None) -> DoctorReport:
 
 def bundle_engines(bundle: str | Path, report: DoctorReport) -> list[dict[str, Any]]:
     """The bundle's engines, each checked against the running TensorRT and the runtime's GPU."""
-    from itmrt.engine.compat import DeviceInfo
+    from itmrt.engine.compat import DeviceInfo, this_platform
     from itmrt.engine.inspect import inspect_bundle_engines
 
     gpu = report.runtime_gpu
     here = None
     if report.tensorrt is not None and gpu is not None:
-        here = DeviceInfo(report.tensorrt, gpu.name, gpu.compute_capability)
+        unified = True if gpu.integrated or report.jetson is not None else gpu.integrated
+        here = DeviceInfo(report.tensorrt, gpu.name, gpu.compute_capability, *this_platform(), unified)
     return [status.as_dict() for status in inspect_bundle_engines(bundle, here)]
 
 

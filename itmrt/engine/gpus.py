@@ -135,19 +135,43 @@ def parse_nvidia_smi(output: str) -> list[GpuInfo]:
     return found
 
 
-def _gpus_from_nvidia_smi() -> list[GpuInfo]:
-    tool = shutil.which("nvidia-smi")
-    if tool is None:
-        return []
+NVIDIA_SMI_QUERY_OLD_DRIVERS = "name,memory.total,driver_version,uuid"
+"""The same query without ``compute_cap``, a field older drivers' nvidia-smi does not know: it rejects the whole
+query ("Field "compute_cap" is not a valid field to query"), which read as "no GPU" before."""
+
+
+def _run_nvidia_smi(tool: str, query: str) -> str | None:
     try:
-        output = subprocess.run(
-            [tool, f"--query-gpu={NVIDIA_SMI_QUERY}", "--format=csv,noheader,nounits"],
+        return subprocess.run(
+            [tool, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=20,
             check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def without_compute_capability(output: str) -> str:
+    """Rows of :data:`NVIDIA_SMI_QUERY_OLD_DRIVERS` as rows of :data:`NVIDIA_SMI_QUERY`, the compute capability
+    unknown ("?": engines are then not called usable here, and the build says it cannot tell)."""
+    rows = []
+    for line in output.strip().splitlines():
+        name, _, rest = line.partition(",")
+        rows.append(f"{name}, ?,{rest}" if rest else f"{name}, ?")
+    return "\n".join(rows)
+
+
+def _gpus_from_nvidia_smi() -> list[GpuInfo]:
+    tool = shutil.which("nvidia-smi")
+    if tool is None:
+        return []
+    output = _run_nvidia_smi(tool, NVIDIA_SMI_QUERY)
+    if output is None:  # an older driver rejects compute_cap: ask again without it
+        older = _run_nvidia_smi(tool, NVIDIA_SMI_QUERY_OLD_DRIVERS)
+        output = None if older is None else without_compute_capability(older)
+    if output is None:
         return []
     return apply_visibility(parse_nvidia_smi(output), visible_device_entries())
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from itmrt.bundle.manifest import EngineEntry, Manifest, read_manifest
 from itmrt.engine.compat import DeviceInfo, check_engine
+from itmrt.engine.dla import dla_summary
 from itmrt.errors import ItmrtError
 
 
@@ -24,7 +25,8 @@ class EngineStatus:
     device_memory_bytes: int | None = None  # what an execution context needs at the profile's maximum shapes
     largest_intermediate_bytes: int | None = None  # ONNX shape inference's estimate at those shapes
     tf32: bool | None = None
-    travels: str = ""  # version / hardware compatibility the engine was built with, if any
+    travels: str = ""  # version / hardware compatibility, DLA layer devices, build platform
+    layer_devices: dict[str, Any] | None = None  # DLA builds: engine layers on the DLA / the GPU
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,8 +48,11 @@ def _travels(entry: EngineEntry) -> str:
     level = entry.hardware_compatibility
     if level and level != "NONE":
         parts.append(level.lower().replace("_", "-"))
-    if entry.dla_core is not None:
-        parts.append(f"DLA core {entry.dla_core}")
+    dla = dla_summary(entry.dla_core, entry.layer_devices)
+    if dla:
+        parts.append(dla)
+    if entry.os or entry.arch:
+        parts.append(f"built on {entry.os} {entry.arch}" + (" (unified memory)" if entry.unified_memory else ""))
     return ", ".join(parts)
 
 
@@ -78,6 +83,7 @@ def inspect_bundle_engines(bundle: str | Path, here: DeviceInfo | None) -> list[
                 entry.largest_intermediate_bytes,
                 entry.tf32.enabled if entry.tf32 is not None else None,
                 _travels(entry),
+                dict(entry.layer_devices) if entry.layer_devices is not None else None,
             )
         )
     return statuses

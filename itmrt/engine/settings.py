@@ -13,7 +13,8 @@ records as it is; :func:`apply_builder_settings` hands it to an
   the inputs of float32 MatMuls and convolutions to 10-bit mantissas on Ampere
   and later. itmrt clears it for every engine (fp32 engines and the FP32
   islands of fp16 ones); ``--tf32`` is an opt-in whose parity is measured.
-- ``kVERSION_COMPATIBLE`` (+ ``kEXCLUDE_LEAN_RUNTIME``): a plan later TensorRT
+- ``kVERSION_COMPATIBLE`` (+ ``kEXCLUDE_LEAN_RUNTIME``, which then needs the
+  lean runtime library: :func:`check_lean_runtime`): a plan later TensorRT
   versions can run; ``HardwareCompatibilityLevel::kAMPERE_PLUS`` (engines built
   on Ampere or later run on Ampere and later) and ``kSAME_COMPUTE_CAPABILITY``
   (TensorRT 10.9+: any GPU of the same compute capability).
@@ -56,6 +57,7 @@ class EngineOptions:
     tf32: bool = False  # allow TF32 in float32 MatMuls/convolutions (measured, recorded)
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
+    lean_runtime: Path | None = None  # with exclude_lean_runtime: the lean runtime library the plans load through
     hardware_compatibility: str = "none"  # none | ampere-plus | same-compute-capability
     dla_core: int | None = None
     gpu_fallback: bool = True  # with a DLA core: layers the DLA cannot run go to the GPU
@@ -99,13 +101,34 @@ def check_options(options: EngineOptions, precision: str) -> None:
         board(options.board)
     if options.exclude_lean_runtime and not options.version_compatible:
         raise ItmrtError("--exclude-lean-runtime only applies to --version-compatible engines; add that or drop it")
+    check_lean_runtime(options)
     if options.dla_core is not None and options.dla_core < 0:
         raise ItmrtError(f"--dla-core must be 0 or more, not {options.dla_core}")
     if options.dla_core is not None and precision == "fp32":
         raise ItmrtError("the DLA runs FP16 and INT8 only: build --precision fp16 or int8 with --dla-core")
+    if options.dla_core is not None:
+        from itmrt.engine.dla import static_ranges
+
+        static_ranges({}, options.axis_ranges)  # a dynamic --shape is refused before any graph is made
     if options.workspace_mb is not None and not 1 <= options.workspace_mb <= 1 << 20:
         raise ItmrtError(f"--workspace must be from 1 to {1 << 20} MB, not {options.workspace_mb}")
     check_axis_ranges(options.axis_ranges)
+
+
+def check_lean_runtime(options: EngineOptions) -> None:
+    """A plan without its lean runtime loads only through ``IRuntime::loadRuntime(path)`` ("a plan file built with
+    BuilderFlag::kVERSION_COMPATIBLE and BuilderFlag::kEXCLUDE_LEAN_RUNTIME both set and built with the same
+    version of TensorRT as the loaded runtime library", ``include/NvInferRuntime.h``; trtexec likewise asks
+    for ``--leanDLLPath``): the build needs that library to load and check what it built."""
+    if options.exclude_lean_runtime and options.lean_runtime is None:
+        raise ItmrtError(
+            "--exclude-lean-runtime leaves the lean runtime out of the plan, which then loads only through that "
+            "library: pass --lean-runtime PATH (libnvinfer_lean of this TensorRT version), or drop the flag"
+        )
+    if options.lean_runtime is not None and not options.exclude_lean_runtime:
+        raise ItmrtError("--lean-runtime only applies with --exclude-lean-runtime; add that or drop --lean-runtime")
+    if options.lean_runtime is not None and not Path(options.lean_runtime).is_file():
+        raise ItmrtError(f"--lean-runtime {options.lean_runtime}: no such file (the lean runtime library)")
 
 
 PROFILE_AXES = (BATCH_IMAGES, BATCH_CAPTIONS, MAX_LENGTH)
@@ -121,11 +144,18 @@ def check_axis_ranges(ranges: dict[str, tuple[int, int, int]]) -> None:
             raise ItmrtError(f"--shape {axis}={low}:{mid}:{high}: need 1 <= min <= opt <= max <= {LARGEST_AXIS}")
 
 
+BUILD_GPU_NEEDS = {"ampere-plus": ((8, 0), "an Ampere"), "same-compute-capability": ((7, 5), "a Turing")}
+"""``HardwareCompatibilityLevel`` (``include/NvInfer.h``): kAMPERE_PLUS "is only supported for engines built on
+NVIDIA Ampere and later GPUs", kSAME_COMPUTE_CAPABILITY "on NVIDIA Turing and later GPUs"."""
+
+
 def _check_build_gpu(options: EngineOptions, compute_capability: str) -> None:
-    if options.hardware_compatibility == "ampere-plus" and _compute_capability(compute_capability) < (8, 0):
+    need = BUILD_GPU_NEEDS.get(options.hardware_compatibility)
+    if need is not None and _compute_capability(compute_capability) < need[0]:
+        (major, minor), family = need
         raise ItmrtError(
-            f"--hardware-compatibility ampere-plus needs an Ampere or later GPU to build on "
-            f"(compute capability 8.0+); this one is {compute_capability}"
+            f"--hardware-compatibility {options.hardware_compatibility} needs {family} or later GPU to build on "
+            f"(compute capability {major}.{minor}+); this one is {compute_capability}"
         )
 
 

@@ -10,6 +10,7 @@ therefore takes :func:`tensorrt_logger`.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -57,11 +58,30 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def open_runtime(*, host_code: bool, dla_core: int | None) -> tensorrt.Runtime:
+LEAN_RUNTIME_ENV = "ITMRT_TRT_LEAN_RUNTIME"
+"""Where the runtime finds the lean runtime library of an engine built with ``--exclude-lean-runtime``: set by the
+user, never read from a bundle (a bundle must not make the program load code from outside its folder)."""
+_LOADING_RUNTIMES: list[tensorrt.Runtime] = []  # kept for the process: each outlives the lean runtime it loaded
+
+
+def open_runtime(
+    *, host_code: bool, dla_core: int | None, lean_runtime: Path | None = None
+) -> tensorrt.Runtime:
     """A ``trt.Runtime`` (the process's logger) that may load plans with host code (version-compatible
-    plans carry the lean runtime, which a runtime refuses unless allowed) on DLA core ``dla_core``."""
+    plans carry the lean runtime, which a runtime refuses unless allowed) on DLA core ``dla_core``; with
+    ``lean_runtime``, the runtime ``IRuntime::load_runtime`` loads from that library (plans built with
+    ``kEXCLUDE_LEAN_RUNTIME`` load only through it)."""
     trt = require_tensorrt()
     runtime = trt.Runtime(tensorrt_logger())
+    if lean_runtime is not None:
+        loaded = runtime.load_runtime(str(lean_runtime))
+        if loaded is None:
+            raise ItmrtError(
+                f"TensorRT could not load the lean runtime {lean_runtime} (not a libnvinfer_lean of a TensorRT "
+                "version this one can load; see TensorRT's messages above)"
+            )
+        _LOADING_RUNTIMES.append(runtime)
+        runtime = loaded
     if host_code:
         runtime.engine_host_code_allowed = True
     if dla_core is not None:

@@ -3,8 +3,12 @@
 ``IBuilderConfig::setTimingCache(cache, ignoreMismatch)`` "returns true if set
 successfully, false otherwise": a cache serialised by another TensorRT version
 or on a GPU with other CUDA device properties is refused when
-``ignoreMismatch`` is false (TensorRT ``include/NvInfer.h``, 10.3 and 11.1). A
-refused cache is reported and replaced by a fresh one, so the build goes on;
+``ignoreMismatch`` is false (TensorRT ``include/NvInfer.h``, 10.3 and 11.1), and
+``createTimingCache`` "returns nullptr" for bytes it cannot deserialize - the
+Python binding hands back ``None`` rather than raising
+(``python/src/infer/pyCore.cpp``, ``create_timing_cache``). A refused or
+unreadable cache is reported, recorded as such and replaced by a fresh one, so
+the build goes on;
 the file is named for the TensorRT version and the GPU, so caches of several
 machines can live side by side in one bundle.
 """
@@ -41,26 +45,43 @@ class AttachedCache:
     """The cache the builder uses and what became of the file's contents."""
 
     cache: Any
-    status: str  # "new", "reused N bytes", or why the file was not used
+    status: str  # "new", "reused N bytes", or why the file was not used (then the cache is a fresh one)
+
+
+def cache_status(previous: int, created: bool, attached: bool, error: str | None = None) -> tuple[bool, str]:
+    """Whether the cache made from the file's ``previous`` bytes is used, and what the manifest records.
+
+    ``created``: ``create_timing_cache`` returned a cache (the binding returns ``None``, not an exception,
+    when TensorRT cannot deserialize the bytes: ``IBuilderConfig::createTimingCache`` returns nullptr);
+    ``attached``: ``set_timing_cache`` returned true; ``error``: the call raised instead.
+    """
+    if error is not None:
+        return False, f"unreadable ({error})"
+    if not created:
+        return False, "not deserialized by TensorRT (damaged or from another version); a fresh cache"
+    if not attached:
+        return False, "refused by TensorRT (made by another TensorRT version or GPU); a fresh cache"
+    return True, f"reused {previous} bytes" if previous else "new"
 
 
 def attach_timing_cache(
     config: tensorrt.IBuilderConfig, path: Path | None, say: Callable[[str], None]
 ) -> AttachedCache:
-    """Give ``config`` the cache in ``path`` (if any); a cache TensorRT refuses is replaced by a fresh one."""
+    """Give ``config`` the cache in ``path`` (if any); a cache TensorRT cannot read or refuses is replaced by a
+    fresh one, and the status says so (never "reused" for a fresh cache)."""
     previous = b""
     if path is not None and path.is_file():
         previous = path.read_bytes()
-    status = f"reused {len(previous)} bytes" if previous else "new"
+    cache, error = None, None
     try:
         cache = config.create_timing_cache(previous)
-    except Exception as exc:  # noqa: BLE001 - a damaged file: TensorRT raises from create_timing_cache
-        cache, status = None, f"unreadable ({first_line(exc)})"
-    if cache is not None and config.set_timing_cache(cache, False):
+    except Exception as exc:  # noqa: BLE001 - some bindings raise on a damaged file
+        error = first_line(exc)
+    attached = cache is not None and bool(config.set_timing_cache(cache, False))
+    used, status = cache_status(len(previous), cache is not None, attached, error)
+    if used:
         return AttachedCache(cache, status)
-    if cache is not None:
-        status = "refused by TensorRT (made by another TensorRT version or GPU)"
-    say(f"timing cache {path}: {status}; starting a fresh one")
+    say(f"timing cache {path}: {status}")
     fresh = config.create_timing_cache(b"")
     if fresh is None or not config.set_timing_cache(fresh, False):
         raise ItmrtError("TensorRT refused a new, empty timing cache; see TensorRT's messages above")

@@ -118,48 +118,94 @@ def naaf_scores(
 
     ``vhat`` is never materialised: ``u_i . vhat_i = sum_j w_ij s_ij`` and
     ``||vhat_i||^2 = w_i^T G w_i`` with the per-image Gram matrix ``G = V V^T``.
-    Memory is O(Bi * Bc * L * n).
+
+    Every product is explicitly batched on materialised 2-D or 3-D operands
+    (:func:`_similarities`, :func:`_vhat_norm_sq`, :func:`_negative_term`): a
+    ``torch.matmul`` of two broadcast 4-D tensors expands and copies *both*
+    operands (ATen's ``_matmul_impl`` reshapes the expanded views into
+    batched matrices), which made a 64 x 32 tile allocate 448 MB for a 5.6 MB
+    result. Tile-sized intermediates are dropped as soon as they are used, so
+    at most about :data:`TILE_WORKING_TENSORS` float tensors of the
+    ``[Bi, Bc, L, n]`` tile are alive at once (without autograd):
+    memory is O(Bi * Bc * L * n).
     """
     num_words = captions.size(1)
     lengths_t = as_lengths(lengths, captions.device)
     token_mask = length_mask(lengths_t, num_words)  # [Bc, L]
-    captions = torch.where(token_mask.unsqueeze(-1), captions, torch.zeros_like(captions))
+    captions = torch.where(token_mask.unsqueeze(-1), captions, 0.0)  # one copy of the captions
     mask = token_mask.unsqueeze(0)  # [1, Bc, L], broadcasts over images
 
-    # Step 1-2: [Bi, Bc, L, n].
-    sims = torch.matmul(captions.unsqueeze(0), images.unsqueeze(1).transpose(-1, -2))
-    shifted = sims - threshold
+    # Step 1-2: s, [Bi, Bc, L, n], and r = max_j (s_ij - t).
+    sims = _similarities(images, captions)
+    row_max = (sims - threshold).amax(dim=-1)  # r, [Bi, Bc, L]
+    row_max = torch.where(mask, row_max, torch.zeros_like(row_max))
 
     # Step 3: negative branch with intra-caption propagation.
-    row_max = shifted.amax(dim=-1)  # r, [Bi, Bc, L]
-    row_max = torch.where(mask, row_max, torch.zeros_like(row_max))
     negative = _negative_term(captions, token_mask, row_max, intra_factor, propagate, negative_branch)
 
-    # Step 4: max-shifted masked softmax over the positive entries.
-    has_positive = row_max > 0
-    positive = shifted > 0
-    exps = torch.where(
-        positive, torch.exp(lambda_softmax * (shifted - row_max.unsqueeze(-1))), torch.zeros_like(shifted)
-    )
-    eps_term = NORM_EPS * torch.exp(-lambda_softmax * torch.clamp(row_max, min=0))
-    denominator = torch.where(has_positive, exps.sum(dim=-1) + eps_term, torch.ones_like(row_max))
-    weights = exps / denominator.unsqueeze(-1)  # w, [Bi, Bc, L, n]
-    dot = (weights * sims).sum(dim=-1)  # u . vhat
-    gram = torch.matmul(images, images.transpose(-1, -2)).unsqueeze(1)  # [Bi, 1, n, n]
-    norm_sq = (torch.matmul(weights, gram) * weights).sum(dim=-1)  # ||vhat||^2
-    vhat_norm = torch.sqrt(torch.clamp(norm_sq, min=NORM_EPS * NORM_EPS))  # = max(||vhat||, 1e-8)
-    aggregated = torch.where(has_positive, dot / vhat_norm, torch.zeros_like(dot))
+    # Step 4: aggregated-feature part (max-shifted masked softmax over the positive entries).
+    aggregated = _aggregated_term(images, sims, row_max, threshold, lambda_softmax)
 
     # Step 5: relevance part, norm over the caption's real words only.
-    clipped = nn.functional.leaky_relu(sims, LEAKY_SLOPE)
-    clipped = torch.where(mask.unsqueeze(-1), clipped, torch.zeros_like(clipped))
-    normalised = clipped / (clipped.pow(2).sum(dim=-2, keepdim=True).sqrt() + NORM_EPS)
-    relevance_weights = torch.softmax(lambda_softmax * normalised, dim=-1)
-    relevance = (relevance_weights * sims).sum(dim=-1)
+    relevance = _relevance_term(sims, mask, lambda_softmax)
 
     # Step 6: mean over the real words.
     per_word = torch.where(mask, negative + aggregated + relevance, torch.zeros_like(relevance))
     return per_word.sum(dim=-1) / lengths_t.to(per_word.dtype).unsqueeze(0)
+
+
+TILE_WORKING_TENSORS = 6
+"""Tile-sized (``[Bi, Bc, L, n]`` float) tensors :func:`naaf_scores` holds at once at its peak, temporaries
+included, without autograd: the similarities, and in step 4 the shifted similarities, two operands of the
+exponential and its masked result (``tests/test_models_naaf_memory.py`` measures the peak against it).
+Beside them it holds one masked copy of the captions, ``[Bc, L, d]``."""
+
+
+def _similarities(images: Tensor, captions: Tensor) -> Tensor:
+    """``s`` ``[Bi, Bc, L, n]``: one 2-D product ``[Bc*L, d] x [d, Bi*n]``, returned as a permuted view of its
+    result (no operand is expanded or copied)."""
+    num_images, regions, dim = images.shape
+    num_captions, num_words, _ = captions.shape
+    flat = torch.mm(captions.reshape(num_captions * num_words, dim), images.reshape(num_images * regions, dim).t())
+    return flat.view(num_captions, num_words, num_images, regions).permute(2, 0, 1, 3)
+
+
+def _aggregated_term(images: Tensor, sims: Tensor, row_max: Tensor, threshold: Scalar,
+                     lambda_softmax: Scalar) -> Tensor:
+    """Step 4, ``f`` ``[Bi, Bc, L]``, with the two identities (``vhat`` never materialised)."""
+    has_positive = row_max > 0
+    shifted = sims - threshold
+    exps = torch.where(shifted > 0, torch.exp(lambda_softmax * (shifted - row_max.unsqueeze(-1))), 0.0)
+    del shifted
+    eps_term = NORM_EPS * torch.exp(-lambda_softmax * torch.clamp(row_max, min=0))
+    denominator = torch.where(has_positive, exps.sum(dim=-1) + eps_term, torch.ones_like(row_max))
+    weights = exps / denominator.unsqueeze(-1)  # w, [Bi, Bc, L, n]
+    del exps
+    dot = (weights * sims).sum(dim=-1)  # u . vhat
+    norm_sq = _vhat_norm_sq(images, weights)  # ||vhat||^2
+    vhat_norm = torch.sqrt(torch.clamp(norm_sq, min=NORM_EPS * NORM_EPS))  # = max(||vhat||, 1e-8)
+    return torch.where(has_positive, dot / vhat_norm, torch.zeros_like(dot))
+
+
+def _vhat_norm_sq(images: Tensor, weights: Tensor) -> Tensor:
+    """``w_i^T G w_i`` for every image, caption and word: one ``bmm`` per image batch of ``[Bc*L, n] x [n, n]``
+    with ``G = V V^T`` (``[Bi, n, n]``, itself a ``bmm``)."""
+    num_images, num_captions, num_words, regions = weights.shape
+    gram = torch.bmm(images, images.transpose(1, 2))  # [Bi, n, n]
+    flat = weights.flatten(1, 2)  # [Bi, Bc*L, n]: a view for the layouts the elementwise steps produce
+    weighted = torch.bmm(flat, gram).view(num_images, num_captions, num_words, regions)
+    return (weighted * weights).sum(dim=-1)
+
+
+def _relevance_term(sims: Tensor, mask: Tensor, lambda_softmax: Scalar) -> Tensor:
+    """Step 5, ``rel`` ``[Bi, Bc, L]``: LeakyReLU'd similarities normalised over the real words, softmax over
+    the regions, weights applied to the raw similarities."""
+    clipped = torch.where(mask.unsqueeze(-1), nn.functional.leaky_relu(sims, LEAKY_SLOPE), 0.0)
+    normalised = clipped / (clipped.pow(2).sum(dim=-2, keepdim=True).sqrt() + NORM_EPS)
+    del clipped
+    relevance_weights = torch.softmax(lambda_softmax * normalised, dim=-1)
+    del normalised
+    return (relevance_weights * sims).sum(dim=-1)
 
 
 def _negative_term(
@@ -169,9 +215,10 @@ def _negative_term(
     if not negative_branch:
         return torch.zeros_like(row_max)
     if propagate:
-        word_logits = intra_factor * torch.matmul(captions, captions.transpose(-1, -2))  # [Bc, L, L]
+        word_logits = intra_factor * torch.bmm(captions, captions.transpose(1, 2))  # [Bc, L, L]
         intra = masked_softmax(word_logits, token_mask.unsqueeze(1), dim=-1)
-        decision = torch.matmul(intra.unsqueeze(0), row_max.unsqueeze(-1)).squeeze(-1)  # q
+        # q [Bi, Bc, L]: one bmm per caption, [L, L] x [L, Bi] (no image-wide copy of ``intra``)
+        decision = torch.bmm(intra, row_max.permute(1, 2, 0)).permute(2, 0, 1)
     else:
         decision = row_max
     return torch.where(decision < 0, row_max, torch.zeros_like(row_max))

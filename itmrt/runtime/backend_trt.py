@@ -21,6 +21,7 @@ current; what is still open at exit is closed the same way.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,24 @@ def _dims(dims: Any) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
+def lean_runtime_for(
+    engine: str, excludes_lean_runtime: bool, tensorrt_version: str, environ: dict[str, str] | None = None
+) -> Path | None:
+    """The lean runtime library an engine built with ``--exclude-lean-runtime`` loads through: the user's
+    ``ITMRT_TRT_LEAN_RUNTIME`` (never a path from the bundle); a one-line error when it is not set."""
+    from itmrt.engine.tensorrt_api import LEAN_RUNTIME_ENV
+
+    if not excludes_lean_runtime:
+        return None
+    value = (os.environ if environ is None else environ).get(LEAN_RUNTIME_ENV)
+    if not value:
+        raise ItmrtError(
+            f"engine {engine} was built without its lean runtime: set {LEAN_RUNTIME_ENV} to TensorRT "
+            f"{tensorrt_version}'s lean runtime library (libnvinfer_lean), or rebuild without --exclude-lean-runtime"
+        )
+    return Path(value)
+
+
 class TrtBackend:
     """A deserialised engine with its context, stream and reusable buffers."""
 
@@ -58,6 +77,7 @@ class TrtBackend:
         dla_core: int | None = None,
         host_code: bool = False,
         cuda_context: CudaContext | None = None,
+        lean_runtime: Path | None = None,
     ) -> None:
         trt, cuda = _import_tensorrt()
         self._trt, self._cuda = trt, cuda
@@ -70,7 +90,7 @@ class TrtBackend:
         self._host: dict[str, np.ndarray] = {}
         with self._cuda_context.current():
             try:
-                self._open(engine_path, dla_core, host_code)
+                self._open(engine_path, dla_core, host_code, lean_runtime)
             except ItmrtError:
                 self._drop_all()
                 raise
@@ -79,11 +99,11 @@ class TrtBackend:
                 raise cuda_error(f"loading {engine_path.name}", exc) from None
         self._handle = self._cuda_context.own(self._drop_all)
 
-    def _open(self, engine_path: Path, dla_core: int | None, host_code: bool) -> None:
+    def _open(self, engine_path: Path, dla_core: int | None, host_code: bool, lean_runtime: Path | None) -> None:
         from itmrt.engine.tensorrt_api import open_runtime
 
         trt, cuda = self._trt, self._cuda
-        self._runtime = open_runtime(host_code=host_code, dla_core=dla_core)
+        self._runtime = open_runtime(host_code=host_code, dla_core=dla_core, lean_runtime=lean_runtime)
         engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if engine is None:
             raise ItmrtError(
@@ -105,19 +125,25 @@ class TrtBackend:
     def from_bundle(cls, bundle: BundleInfo, component: str, precision: str, device: int = 0) -> TrtBackend:
         """The engine of ``component`` at ``precision``, after checking it was built for this TensorRT and
         for the GPU this backend runs on (CUDA device ``device``, after ``CUDA_VISIBLE_DEVICES``)."""
-        from itmrt.engine.compat import DeviceInfo, check_engine
+        from itmrt.engine.compat import DeviceInfo, check_engine, this_platform
+        from itmrt.engine.jetson import detect_jetson
         from itmrt.engine.settings import carries_host_code
 
         bundle.engine_file(component, precision)  # was it built at all, and is the file intact?
         trt, cuda = _import_tensorrt()
         context = shared_context(device, cuda)
         major, minor = context.device.compute_capability()
-        here = DeviceInfo(str(trt.__version__), str(context.device.name()), f"{major}.{minor}")
+        system, arch = this_platform()
+        integrated = bool(context.device.get_attribute(cuda.device_attribute.INTEGRATED))
+        here = DeviceInfo(str(trt.__version__), str(context.device.name()), f"{major}.{minor}", system, arch,
+                          integrated or detect_jetson() is not None)
         path = check_engine(bundle.path, bundle.manifest, precision, component, here)
         entry = bundle.engine_record(component, precision)
         assert entry is not None  # check_engine found it
         host_code = carries_host_code(entry.builder.get("set_flags") or ())
-        return cls(path, device=device, dla_core=entry.dla_core, host_code=host_code, cuda_context=context)
+        lean = lean_runtime_for(entry.file, entry.exclude_lean_runtime, entry.tensorrt_version)
+        return cls(path, device=device, dla_core=entry.dla_core, host_code=host_code, cuda_context=context,
+                   lean_runtime=lean)
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         low, _opt, high = (_dims(s) for s in self._profile[name])

@@ -28,9 +28,11 @@ from itmrt.runtime.providers import (
     TENSORRT,
     SessionSettings,
     default_trt_cache_dir,
+    graph_precision,
     prepare_cache_dir,
     provider_options,
     resolve_providers,
+    tensorrt_typing_problem,
 )
 from itmrt.runtime.sessions import create_session
 
@@ -86,6 +88,9 @@ class OrtBackend:
         settings = settings or SessionSettings()
         self.requested_providers = resolve_providers(settings.providers, ort.get_available_providers())
         if TENSORRT in self.requested_providers:
+            problem = tensorrt_typing_problem(ort.__version__, graph_precision(path))
+            if problem is not None:
+                raise ItmrtError(f"{path.name}: {problem}")
             prepare_cache_dir(settings.trt_cache_dir or cache_dir or path.parent / ORT_TENSORRT_CACHE_DIR)
         options = provider_options(
             self.requested_providers,

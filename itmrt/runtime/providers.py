@@ -20,6 +20,17 @@ asked for, it gets (ONNX Runtime's TensorRT provider documentation and
   versions keep the timing cache beside the engines);
 - ``device_id``.
 
+The fp16 and int8 graphs carry their precision in their types (float16
+tensors, Q/DQ pairs) and must be compiled as *strongly typed* networks. ONNX
+Runtime's TensorRT provider builds weakly typed networks before 1.22 when its
+fp16 or int8 flags are on, and ignores what the graph declares then; from
+1.22 it passes a graph's own types through with those flags off (its provider
+code, ``tensorrt_execution_provider.cc``, as read for this check; never run
+here: this machine has no TensorRT). So itmrt never turns those flags
+on, and refuses the TensorRT provider for a precision graph on an older ONNX
+Runtime (:func:`tensorrt_typing_problem`): the CUDA provider or the native
+TensorRT backend run it as built.
+
 The CUDA provider gets ``device_id`` and, when set, ``gpu_mem_limit`` (bytes)
 - the arena's cap, for GPUs shared with other work or boards whose memory is
 the system's.
@@ -43,6 +54,7 @@ CPU = CPU_PROVIDER
 PROVIDER_ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 DEFAULT_PROVIDER_ORDER = (CUDA, CPU)
 TIMING_CACHE_PATH_SINCE = (1, 17)  # onnxruntime version that added trt_timing_cache_path
+STRONGLY_TYPED_SINCE = (1, 22)  # onnxruntime version whose TensorRT provider keeps a graph's own types
 
 
 @dataclass
@@ -88,8 +100,31 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def tensorrt_options(graph_entry: GraphEntry | None, cache_dir: Path, device: int, ort_version: str) -> dict[str, Any]:
-    """Options of ONNX Runtime's TensorRT provider for one graph of the bundle."""
+def graph_precision(path: Path) -> str:
+    """``fp16`` / ``int8`` for a bundle's precision graph (``precision/<p>/<graph>.onnx``), else ``fp32``."""
+    from itmrt.bundle.names import PRECISION_DIR
+
+    parent = path.parent
+    return parent.name if parent.parent.name == PRECISION_DIR and parent.name in ("fp16", "int8") else "fp32"
+
+
+def tensorrt_typing_problem(ort_version: str, precision: str) -> str | None:
+    """Why ONNX Runtime's TensorRT provider cannot run a ``precision`` graph as built (None when it can)."""
+    if precision == "fp32" or _version(ort_version) >= STRONGLY_TYPED_SINCE:
+        return None
+    since = ".".join(str(part) for part in STRONGLY_TYPED_SINCE)
+    return (
+        f"ONNX Runtime {ort_version}'s TensorRT provider builds weakly typed networks for {precision} graphs (its "
+        f"graph's float16 / Q/DQ types are not kept before {since}); use the CUDA provider, --backend trt, or "
+        f"onnxruntime-gpu {since}+"
+    )
+
+
+def tensorrt_options(
+    graph_entry: GraphEntry | None, cache_dir: Path, device: int, ort_version: str
+) -> dict[str, Any]:
+    """Options of ONNX Runtime's TensorRT provider for one graph of the bundle (its fp16/int8 flags stay off:
+    the graph's own types decide, see the module's note)."""
     from itmrt.engine.profiles import profile_shapes
 
     options: dict[str, Any] = {
@@ -97,6 +132,8 @@ def tensorrt_options(graph_entry: GraphEntry | None, cache_dir: Path, device: in
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(cache_dir),
         "trt_timing_cache_enable": True,
+        "trt_fp16_enable": False,
+        "trt_int8_enable": False,
     }
     if _version(ort_version) >= TIMING_CACHE_PATH_SINCE:
         options["trt_timing_cache_path"] = str(cache_dir)
