@@ -232,7 +232,7 @@ def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEn
         file=VOCAB_FILE, sha256=files[VOCAB_FILE], size=len(vocabulary), content_sha256=vocabulary.sha256,
         pad_id=vocabulary.pad_id, start_id=vocabulary.start_id, end_id=vocabulary.end_id, unk_id=vocabulary.unk_id,
     )
-    return Manifest(
+    manifest = Manifest(
         family=loaded.spec.name,
         dims=built.graphs.dims,
         opset=options.opset,
@@ -250,6 +250,8 @@ def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEn
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         export_seconds=round(time.perf_counter() - started, 3),
     )
+    manifest.traits = loaded.spec.runtime_traits(manifest)  # what the runtime reads instead of the family's code
+    return manifest
 
 
 def publish_bundle(loaded: LoadedModel, built: BuiltBundle, parity: ParityResult, out: Path, options: ExportOptions,

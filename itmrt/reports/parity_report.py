@@ -34,11 +34,12 @@ import numpy as np
 
 from itmrt.bundle.folder import BundleInfo, read_bundle
 from itmrt.bundle.names import MAX_LENGTH, REGION_FEATURES, BackendName, Component, Precision
+from itmrt.bundle.traits import bundle_traits
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import ItmrtError, first_line
-from itmrt.families import get
-from itmrt.io import atomic_save_float32_npy, atomic_write_text, sha256_file
+from itmrt.io import atomic_save_float32_npy, atomic_write_text
+from itmrt.optional import torch_side
 from itmrt.reports import agreement
 from itmrt.reports.runtime_variants import Variant, graph_files, open_variant, parse_variant
 from itmrt.runtime.encoders import CaptionEmbeddings, tokenize
@@ -157,7 +158,7 @@ def apply_tolerances(report: dict[str, Any], overrides: dict[str, float] | None 
 
 
 def _open_split(info: BundleInfo, data: Path, options: ParityOptions) -> tuple[PrecompSplit, np.ndarray, list[str]]:
-    if get(info.family).image_input != REGION_FEATURES:
+    if bundle_traits(info.manifest).image_input != REGION_FEATURES:
         raise ItmrtError(
             f"itmrt parity compares region-feature bundles (NAAF, SCAN); {info.path} is a {info.family} bundle"
         )
@@ -185,59 +186,18 @@ def _token_ids(info: BundleInfo, captions: list[str]) -> tuple[list[list[int]], 
 # -- reference and variants ------------------------------------------------------
 
 
+TORCH_REFERENCE = "itmrt.families.reference"
+"""The module of the PyTorch reference (the torch side), reached by name: this report stays torch-free."""
+
+
 def torch_reference(
     info: BundleInfo, checkpoint: Path | None, features: np.ndarray, ids: list[list[int]], batch_size: int,
     bar: BarFactory | None = None,
 ) -> tuple[ModelOutputs, dict[str, Any]]:
-    """The PyTorch model of the bundle's source checkpoint on the shared inputs (imports torch)."""
-    import torch
-
-    from itmrt.families.checkpoints import load_checkpoint
-    from itmrt.models.evaluate import PaddedTokenEmbeddings, encode_images, score_matrix
-
-    source = info.manifest.source_checkpoint
-    path = Path(checkpoint) if checkpoint is not None else Path(source.path if source is not None else "")
-    if not path.is_file():
-        raise ItmrtError(
-            f"the bundle's source checkpoint {path} is not there; "
-            "pass it with --checkpoint PATH, or use --against ort:fp32"
-        )
-    expected = source.sha256 if source is not None else None
-    if expected and sha256_file(path) != expected:
-        raise ItmrtError(
-            f"{path} is not the checkpoint {info.path} was exported "
-            "from (sha256 differs); pass the right one with --checkpoint"
-        )
-    model = load_checkpoint(path)
-    if not get(model.family).token_level:
-        raise ItmrtError(
-            f"{path} holds a global-embedding model; itmrt parity compares region-feature models (NAAF, SCAN)"
-        )
-    model.eval()
-    images = encode_images(model, features, batch_size, bar("reference: images", len(features)) if bar else None)
-    lengths = np.array([len(x) for x in ids], dtype=np.int32)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    vectors = np.empty((int(offsets[-1]), images.shape[-1]), dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            batch = ids[start : start + batch_size]
-            width = max(len(x) for x in batch)
-            tokens = np.zeros((len(batch), width), dtype=np.int64)
-            for row, caption_ids in enumerate(batch):
-                tokens[row, : len(caption_ids)] = caption_ids
-            out = model.encode_captions(
-                torch.from_numpy(tokens), torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64))
-            )
-            for row in range(len(batch)):
-                k = start + row
-                vectors[offsets[k] : offsets[k + 1]] = out[row, : lengths[k]].numpy()
-    captions = CaptionEmbeddings(vectors, lengths, offsets)
-    padded, _ = captions.padded(np.arange(len(ids)))
-    encoded = PaddedTokenEmbeddings(torch.from_numpy(padded), torch.from_numpy(lengths.astype(np.int64)))
-    scores = score_matrix(model, images, encoded, progress=bar("reference: score", len(ids)) if bar else None)
-    described = {"against": "torch", "checkpoint": str(path), "torch_version": torch.__version__}
-    return ModelOutputs(images.numpy(), captions, scores), described
+    """The PyTorch model of the bundle's source checkpoint on the shared inputs (needs torch)."""
+    reference = torch_side(TORCH_REFERENCE, "the PyTorch reference (parity against torch)")
+    out = reference.torch_reference(info, checkpoint, features, ids, batch_size, bar)
+    return ModelOutputs(out.images, out.captions, out.scores), out.described
 
 
 def runtime_encoded(
