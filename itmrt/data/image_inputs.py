@@ -64,16 +64,21 @@ def _open_pixel_split(folder: Path, split: str, manifest: Manifest) -> ImageSpli
 
     image_split = ImageCaptionSplit.open(folder, split)
     images = image_split.images
-    size = int(manifest.dims["image_size"])
-    if images.shape[1:3] != (size, size):
-        raise DataError(
-            f"{folder} split '{split}' has {images.shape[1]}x{images.shape[2]} images; "
-            f"the bundle's image encoder takes {size}x{size}: resize the calibration images"
-        )
+    check_pixel_size(images, folder, split, manifest)
     captions: list[list[str]] = [[] for _ in range(images.shape[0])]
     for caption, image in zip(image_split.captions, image_split.caption_image):
         captions[int(image)].append(caption)
     return ImageSplit(images, captions)
+
+
+def check_pixel_size(images: np.ndarray, folder: Path, split: str, manifest: Manifest) -> None:
+    """Refuse a pixel split ``[N, H, W, 3]`` whose images are not the size the bundle's image encoder takes."""
+    size = int(manifest.dims["image_size"])
+    if images.shape[1:3] != (size, size):
+        raise DataError(
+            f"{folder} split '{split}' has {images.shape[1]}x{images.shape[2]} images; "
+            f"the bundle's image encoder takes {size}x{size}: resize the images"
+        )
 
 
 def image_batch(kind: str, block: np.ndarray) -> np.ndarray:

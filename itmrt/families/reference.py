@@ -60,12 +60,9 @@ def _token_embeddings(model: Any, ids: list[list[int]], lengths: np.ndarray, off
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
-            width = max(len(x) for x in batch)
-            tokens = np.zeros((len(batch), width), dtype=np.int64)
-            for row, caption_ids in enumerate(batch):
-                tokens[row, : len(caption_ids)] = caption_ids
             out = model.encode_captions(
-                torch.from_numpy(tokens), torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64))
+                torch.from_numpy(_padded_batch(batch)),
+                torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64)),
             )
             for row in range(len(batch)):
                 k = start + row
@@ -73,25 +70,48 @@ def _token_embeddings(model: Any, ids: list[list[int]], lengths: np.ndarray, off
     return vectors
 
 
+def _padded_batch(batch: list[list[int]]) -> np.ndarray:
+    tokens = np.zeros((len(batch), max(len(x) for x in batch)), dtype=np.int64)
+    for row, caption_ids in enumerate(batch):
+        tokens[row, : len(caption_ids)] = caption_ids
+    return tokens
+
+
+def _caption_vectors(model: Any, ids: list[list[int]], lengths: np.ndarray, batch_size: int) -> np.ndarray:
+    """One embedding per caption (a global-embedding model), ``batch_size`` captions per batch in order."""
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start : start + batch_size]
+            chunks.append(model.encode_captions(
+                torch.from_numpy(_padded_batch(batch)),
+                torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64))).numpy())
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
 def torch_reference(
     info: BundleInfo, checkpoint: Path | None, features: np.ndarray, ids: list[list[int]], batch_size: int,
     bar: BarFactory | None = None,
 ) -> ReferenceOutputs:
-    """The PyTorch model of the bundle's source checkpoint on the shared inputs (token-level families)."""
+    """The PyTorch model of the bundle's source checkpoint on the shared inputs.
+
+    Token-level families give token embeddings per caption; global-embedding ones (CMPM) one vector per caption,
+    encoded ``batch_size`` captions at a time in their order, padded to each batch's longest as the runtime pads.
+    """
     path = source_checkpoint(info, checkpoint)
     model = load_checkpoint(path)
-    if not get(model.family).token_level:
-        raise ItmrtError(
-            f"{path} holds a global-embedding model; itmrt parity compares region-feature models (NAAF, SCAN)"
-        )
     model.eval()
     images = encode_images(model, features, batch_size, bar("reference: images", len(features)) if bar else None)
     lengths = np.array([len(x) for x in ids], dtype=np.int32)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    vectors = _token_embeddings(model, ids, lengths, offsets, images.shape[-1], batch_size)
-    captions = CaptionEmbeddings(vectors, lengths, offsets)
-    padded, _ = captions.padded(np.arange(len(ids)))
+    if get(model.family).token_level:
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        vectors = _token_embeddings(model, ids, lengths, offsets, images.shape[-1], batch_size)
+        captions = CaptionEmbeddings(vectors, lengths, offsets)
+        padded, _ = captions.padded(np.arange(len(ids)))
+    else:
+        captions = CaptionEmbeddings(_caption_vectors(model, ids, lengths, batch_size), lengths)
+        padded = captions.vectors
     encoded = PaddedTokenEmbeddings(torch.from_numpy(padded), torch.from_numpy(lengths.astype(np.int64)))
     scores = score_matrix(model, images, encoded, progress=bar("reference: score", len(ids)) if bar else None)
     described = {"against": "torch", "checkpoint": str(path), "torch_version": torch.__version__}
