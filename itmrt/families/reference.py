@@ -1,8 +1,13 @@
-"""The PyTorch reference of ``itmrt parity`` (the torch side): a bundle's source checkpoint on shared inputs.
+"""The PyTorch reference (the torch side): a bundle's source checkpoint run like the bundle's graphs.
 
-The report itself (:mod:`itmrt.reports.parity_report`) is torch-free; it reaches
-this module by name through :func:`itmrt.optional.torch_side` when a user asks
-for ``--against torch``, so a base install reads and compares bundles without it.
+:class:`TorchRunner` runs one component of the reference model behind the
+runner interface the ONNX Runtime and TensorRT backends have
+(:class:`itmrt.runtime.runner.Runner`): the same feeds, by the graphs' input
+names, give outputs that compare directly. :func:`torch_reference` is
+``itmrt parity``'s reference on its shared inputs. The report itself
+(:mod:`itmrt.reports.parity_report`) is torch-free; it reaches this module by
+name through :func:`itmrt.optional.torch_side` when a user asks for
+``--against torch``, so a base install reads and compares bundles without it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import numpy as np
 import torch
 
 from itmrt.bundle.folder import BundleInfo
+from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, TOKEN_IDS, Component
 from itmrt.errors import ItmrtError
 from itmrt.families.checkpoints import load_checkpoint
 from itmrt.families.registry import get
 from itmrt.io import sha256_file
 from itmrt.models.evaluate import PaddedTokenEmbeddings, encode_images, score_matrix
 from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.runner import Runner, TensorInfo
 
 BarFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -116,3 +123,56 @@ def torch_reference(
     scores = score_matrix(model, images, encoded, progress=bar("reference: score", len(ids)) if bar else None)
     described = {"against": "torch", "checkpoint": str(path), "torch_version": torch.__version__}
     return ReferenceOutputs(images.numpy(), captions, scores, described)
+
+
+class TorchRunner(Runner):
+    """One component of the bundle's PyTorch reference model, fed and answering like the component's graph.
+
+    The scorer runs the model's own ``score``: a bundle exported with ``--threshold`` froze another constant,
+    and its scorer has no runner here (one-line error at open).
+    """
+
+    def __init__(self, model: Any, component: str, info: BundleInfo) -> None:
+        entry = info.manifest.graph(component)
+        self.model, self.component = model, Component(component)
+        self.name = f"torch:{component}"
+        self._inputs = [TensorInfo(t.name, t.dtype, tuple(t.shape)) for t in entry.inputs]
+        self.input_names = [t.name for t in entry.inputs]
+        self.output_names = [t.name for t in entry.outputs]
+        threshold = info.manifest.threshold
+        if self.component == Component.SCORER and threshold is not None and threshold.checkpoint_value is not None \
+                and np.float32(threshold.checkpoint_value) != np.float32(threshold.value):
+            raise ItmrtError(
+                f"bundle {info.path} froze threshold {threshold.value:g}, not the checkpoint's "
+                f"{threshold.checkpoint_value:g}: the PyTorch scorer would compute another score"
+            )
+
+    @classmethod
+    def open(cls, info: BundleInfo, component: str, checkpoint: Path | None = None, model: Any = None) -> TorchRunner:
+        """``component`` of the bundle's source checkpoint (or ``checkpoint``; sha256 checked), or of ``model``."""
+        if model is None:
+            model = load_checkpoint(source_checkpoint(info, checkpoint)).eval()
+        return cls(model, component, info)
+
+    def inputs(self) -> list[TensorInfo]:
+        return list(self._inputs)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            if self.component == Component.IMAGE_ENCODER:
+                out = self.model.encode_images(torch.from_numpy(np.ascontiguousarray(feeds[self.input_names[0]],
+                                                                                     dtype=np.float32)))
+            elif self.component == Component.TEXT_ENCODER:
+                tokens = torch.from_numpy(np.asarray(feeds[TOKEN_IDS], dtype=np.int64))
+                out = self.model.encode_captions(tokens, torch.from_numpy(np.asarray(feeds[LENGTHS], dtype=np.int64)))
+                if out.dim() == 3 and out.shape[1] < tokens.shape[1]:  # the graph keeps the padded width
+                    out = torch.nn.functional.pad(out, (0, 0, 0, tokens.shape[1] - out.shape[1]))
+            else:
+                lengths = feeds.get(LENGTHS)
+                out = self.model.score(
+                    torch.from_numpy(np.asarray(feeds[IMAGE_EMBEDDINGS], dtype=np.float32)),
+                    torch.from_numpy(np.asarray(feeds[CAPTION_EMBEDDINGS], dtype=np.float32)),
+                    None if lengths is None else torch.from_numpy(np.asarray(lengths, dtype=np.int64)),
+                )
+        return [out.numpy().astype(np.float32, copy=False)]
+

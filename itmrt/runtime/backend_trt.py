@@ -31,6 +31,7 @@ from itmrt.bundle.folder import BundleInfo
 from itmrt.engine.cuda_context import CudaContext, cuda_error, shared_context
 from itmrt.errors import ItmrtError
 from itmrt.optional import require_all
+from itmrt.runtime.runner import Runner, TensorInfo
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
@@ -43,7 +44,7 @@ def _dims(dims: Any) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-class TrtBackend:
+class TrtBackend(Runner):
     """A deserialised engine with its context, stream and reusable buffers."""
 
     # The order :meth:`close` drops what the backend holds: TensorRT objects before their factories,
@@ -118,6 +119,14 @@ class TrtBackend:
         assert entry is not None  # check_engine found it
         host_code = carries_host_code(entry.builder.get("set_flags") or ())
         return cls(path, device=device, dla_core=entry.dla_core, host_code=host_code, cuda_context=context)
+
+    def inputs(self) -> list[TensorInfo]:
+        """Inputs with the engine's dtypes; a dynamic axis (-1 in the engine) is None."""
+        return [
+            TensorInfo(name, self._dtypes[name].name,
+                       tuple(None if d < 0 else d for d in _dims(self.engine.get_tensor_shape(name))))
+            for name in self.input_names
+        ]
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         low, _opt, high = (_dims(s) for s in self._profile[name])
