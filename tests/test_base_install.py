@@ -85,3 +85,17 @@ def test_a_bundle_opens_and_is_searched_with_only_the_base_install(tmp_path: Pat
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     by_caption = [line["images"] for line in lines if line["query"] == "caption"]
     assert by_caption == expected.indices.tolist()
+
+    # itmrt parity: against the bundle's own fp32 graphs it runs; against PyTorch it says in one line what to install
+    from calibration_helpers import make_data, make_naaf_bundle
+
+    data = make_data(tmp_path / "data", images=12)
+    parity_bundle = make_naaf_bundle(tmp_path / "parity", data)
+    parity = [itmrt, "parity", str(parity_bundle), "--data", str(data), "--split", "train", "--variants", "ort:fp32",
+              "--no-plots", "--no-progress", "--threads", "1"]
+    ran = _run([*parity, "--against", "ort:fp32", "--report", str(tmp_path / "report")], 300, env=env, cwd=tmp_path)
+    assert ran.returncode == 0 and "ort:fp32: pass" in ran.stdout, ran.stderr
+    refused = _run([*parity, "--report", str(tmp_path / "report_torch")], 300, env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "pip install 'itmrt[export]'" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+

@@ -202,6 +202,8 @@ def judge_parity(loaded: LoadedModel, built: BuiltBundle, options: ExportOptions
         + ", ".join(f"{name} {error:.2e}" for name, error in parity.max_abs_error.items())
         + f"; top-{parity.top_k} rankings {'identical' if parity.top_k_identical else 'DIFFER'}"
     )
+    if parity.comparison(options.tolerance).passed:
+        return parity
     worst_name, worst = parity.worst()
     if not all(math.isfinite(error) for error in parity.max_abs_error.values()):
         bad = next(name for name, error in parity.max_abs_error.items() if not math.isfinite(error))

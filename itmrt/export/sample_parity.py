@@ -21,7 +21,7 @@ import torch
 from itmrt.bundle.manifest import ExportParity, ParitySample
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, TOKEN_IDS, Component
 from itmrt.families.spec import ReferenceScorer
-from itmrt.reports.comparator import max_abs_error, top_k_identical
+from itmrt.reports.comparator import Comparison, check, max_abs_error, top_k_identical
 from itmrt.runtime.sessions import CPU_PROVIDER, create_session
 
 PROVIDER = CPU_PROVIDER
@@ -50,6 +50,12 @@ class ParityResult:
     def worst(self) -> tuple[str, float]:
         name = max(self.max_abs_error, key=lambda key: self.max_abs_error[key])
         return name, self.max_abs_error[name]
+
+    def comparison(self, tolerance: float) -> Comparison:
+        """The comparator's record: every graph's worst error within ``tolerance``, the top-k rankings identical."""
+        checks = [check(f"{name} max abs error", error, tolerance, "<=") for name, error in self.max_abs_error.items()]
+        checks.append(check(f"top-{self.top_k} rankings identical", float(self.top_k_identical), 1.0, ">="))
+        return Comparison({"max_abs_error": dict(self.max_abs_error), "top_k_identical": self.top_k_identical}, checks)
 
     def record(self, tolerance: float) -> ExportParity:
         """The manifest's ``parity`` entry."""
