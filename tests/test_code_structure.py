@@ -165,6 +165,13 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_torch_free_packages_never_import_the_torch_side() -> None:
     problems = torch_side_imports()
     assert not problems, "\n".join(problems)
+    # The one seam (itmrt.optional.torch_side, an import by name) has one user: parity against PyTorch.
+    users = sorted(
+        path.relative_to(PACKAGE.parent).as_posix() for path in PACKAGE.rglob("*.py")
+        if _layer(_module_name(path)) in TORCH_FREE and path.name != "optional.py"
+        and "torch_side(" in path.read_text(encoding="utf-8")
+    )
+    assert users == ["itmrt/reports/parity_report.py"], users
 
 
 def test_the_torch_side_rule_catches_a_violation(tmp_path: Path) -> None:
