@@ -11,6 +11,7 @@ is the package's facade (``__version__`` and a lazy ``itmrt.load``), not a layer
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -165,13 +166,22 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_the_torch_free_packages_never_import_the_torch_side() -> None:
     problems = torch_side_imports()
     assert not problems, "\n".join(problems)
-    # The one seam (itmrt.optional.torch_side, an import by name) has one user: parity against PyTorch.
+    # The one seam (itmrt.optional.torch_side, an import by name) has one user: parity against PyTorch; no other
+    # torch-free module names a torch-side module in a string (a lazy export, importlib) either.
     users = sorted(
         path.relative_to(PACKAGE.parent).as_posix() for path in PACKAGE.rglob("*.py")
         if _layer(_module_name(path)) in TORCH_FREE and path.name != "optional.py"
         and "torch_side(" in path.read_text(encoding="utf-8")
     )
     assert users == ["itmrt/reports/parity_report.py"], users
+    pattern = re.compile(rf"itmrt\.({'|'.join(sorted(TORCH_SIDE))})(\.\w+)*")
+    named = sorted(
+        (path.relative_to(PACKAGE.parent).as_posix(), node.value) for path in PACKAGE.rglob("*.py")
+        if _layer(_module_name(path)) in TORCH_FREE
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and pattern.fullmatch(node.value)
+    )
+    assert named == [("itmrt/reports/parity_report.py", "itmrt.families.reference")], named
 
 
 def test_the_torch_side_rule_catches_a_violation(tmp_path: Path) -> None:
