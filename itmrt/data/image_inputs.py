@@ -71,13 +71,14 @@ def _open_pixel_split(folder: Path, split: str, manifest: Manifest) -> ImageSpli
     return ImageSplit(images, captions)
 
 
-def check_pixel_size(images: np.ndarray, folder: Path, split: str, manifest: Manifest) -> None:
+def check_pixel_size(images: np.ndarray, folder: Path, split: str, manifest: Manifest,
+                     remedy: str = "resize the calibration images") -> None:
     """Refuse a pixel split ``[N, H, W, 3]`` whose images are not the size the bundle's image encoder takes."""
     size = int(manifest.dims["image_size"])
     if images.shape[1:3] != (size, size):
         raise DataError(
             f"{folder} split '{split}' has {images.shape[1]}x{images.shape[2]} images; "
-            f"the bundle's image encoder takes {size}x{size}: resize the images"
+            f"the bundle's image encoder takes {size}x{size}: {remedy}"
         )
 
 

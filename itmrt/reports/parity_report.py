@@ -186,7 +186,7 @@ def _image_count(available: int, options: ParityOptions) -> int:
 def _open_image_split(info: BundleInfo, data: Path, options: ParityOptions) -> ParityData:
     """A pixel split (CMPM): the first images preprocessed as the model was trained, their captions, identities."""
     split = ImageCaptionSplit.open(data, options.split)
-    check_pixel_size(split.images, data, options.split, info.manifest)
+    check_pixel_size(split.images, data, options.split, info.manifest, "pass a split of the model's image size")
     count = _image_count(split.num_images, options)
     keep = np.flatnonzero(split.caption_image < count)
     image_labels = np.asarray(split.image_labels[:count])
