@@ -166,3 +166,18 @@ def require_all(names: list[str], purpose: str) -> list[ModuleType]:
     if missing:
         raise MissingDependency(missing_message(missing, purpose))
     return [require(name, purpose) for name in names]
+
+
+def torch_side(module: str, purpose: str) -> ModuleType:
+    """Import ``module``, one of itmrt's PyTorch-side modules, for a torch-free caller that needs it now.
+
+    The one seam between the torch-free packages and the torch side (the
+    package rule in ``tests/test_code_structure.py`` forbids static imports):
+    ``itmrt parity --against torch`` reaches its PyTorch reference here, and a
+    base install without torch gets the usual one-line message.
+    """
+    require("torch", purpose)
+    if not module.startswith("itmrt."):
+        raise ValueError(f"{module} is not an itmrt module")
+    return importlib.import_module(module)
+

@@ -33,6 +33,8 @@ _EXPORTS = {
     "Precision": "itmrt.bundle.names",
     "parse_choice": "itmrt.bundle.names",
     "check_trt_compat": "itmrt.bundle.trt_ops",
+    "RuntimeTraits": "itmrt.bundle.traits",
+    "bundle_traits": "itmrt.bundle.traits",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 

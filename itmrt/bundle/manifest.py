@@ -49,6 +49,7 @@ from itmrt.bundle.record import (
     path_field,
     sha256_field,
 )
+from itmrt.bundle.traits import RuntimeTraits
 from itmrt.errors import ItmrtError
 from itmrt.io import atomic_write_text, read_json_document
 
@@ -370,6 +371,7 @@ class Manifest(JsonRecord):
     versions: dict[str, str] = field(default_factory=dict)
     source_checkpoint: SourceCheckpoint | None = None
     image_preprocessing: ImagePreprocessingRecord | None = optional()
+    traits: RuntimeTraits | None = optional()  # written by export; older manifests: itmrt.bundle.traits defaults
     parity: ExportParity | None = None
     created: str = ""
     export_seconds: float = bounded(0.0, minimum=0)

@@ -61,15 +61,27 @@ BUILTIN_FAMILIES: tuple[str, ...] = ("naaf", "scan", "cmpm")
 _OTHER_FAMILIES: list[str] = []
 
 
-def note_family(name: str) -> None:
-    """Record a family registered besides the built-in ones (``itmrt.families.register`` calls this)."""
+_REGISTERED: dict[str, object] = {}
+"""The spec objects the family registry holds, by name (opaque here: the bundle layer never calls them)."""
+
+
+def note_family(name: str, spec: object | None = None) -> None:
+    """Record a registered family (``itmrt.families.register`` calls this) and, when given, its spec."""
     if name not in BUILTIN_FAMILIES and name not in _OTHER_FAMILIES:
         _OTHER_FAMILIES.append(name)
+    if spec is not None:
+        _REGISTERED[name] = spec
 
 
 def forget_family(name: str) -> None:
     if name in _OTHER_FAMILIES:
         _OTHER_FAMILIES.remove(name)
+    _REGISTERED.pop(name, None)
+
+
+def registered_family(name: str) -> object | None:
+    """The spec registered for family ``name`` in this process, or None (its code is not loaded)."""
+    return _REGISTERED.get(name)
 
 
 def family_names() -> tuple[str, ...]:

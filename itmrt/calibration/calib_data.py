@@ -1,7 +1,7 @@
 """Calibration and sample data for precision variants: streamed in batches, checked against the bundle.
 
 A calibration folder is the user's own data in the layout of the model family
-(its spec reads it: :meth:`itmrt.families.FamilySpec.open_image_split`):
+(the bundle's image-input kind says which: :func:`itmrt.data.image_inputs.open_image_split`):
 precomputed region features (``{split}_ims.npy`` + ``{split}_caps.txt``, see
 :mod:`itmrt.data.precomp`) for NAAF/SCAN, or images (``{split}_images.npy`` +
 captions, see :mod:`itmrt.data.images`) for CMPM. Only the sampled rows are
@@ -33,8 +33,9 @@ from tqdm import tqdm
 from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import Manifest
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
+from itmrt.bundle.traits import bundle_traits
+from itmrt.data import image_inputs
 from itmrt.errors import DataError, ItmrtError, VocabularyError
-from itmrt.families import FamilySpec, get
 from itmrt.runtime.sessions import create_session
 from itmrt.text.vocab import Vocabulary
 
@@ -68,7 +69,7 @@ class CalibrationData:
 
     data_dir: Path
     split: str
-    family: FamilySpec
+    image_input: str  # the image encoder's input kind (the manifest's traits.image_input)
     images: np.ndarray  # memmap: features [N, n, d] or uint8 pixels [N, H, W, 3]
     rows: np.ndarray  # which images are sampled (sorted)
     captions: list[list[str]]  # captions of each sampled image
@@ -113,7 +114,7 @@ class CalibrationData:
             if not np.isfinite(batch).all():
                 raise DataError(f"{self.describe()}: images {rows[0]}..{rows[-1]} hold NaN or infinite values; "
                                 "calibrate on clean data (every value finite)")
-            yield self.family.image_batch(batch)
+            yield image_inputs.image_batch(self.image_input, batch)
 
     def _caption(self, index: int) -> str:
         captions = self.captions[index]
@@ -179,12 +180,12 @@ def open_calibration_data(
 ) -> CalibrationData:
     """Open ``data_dir``'s ``split``, check it against the bundle, and pick ``samples`` images from it."""
     folder = Path(data_dir)
-    family = get(manifest.family)
+    image_input = bundle_traits(manifest).image_input
     if samples < 1:
         raise ItmrtError(f"--samples must be at least 1, not {samples}")
     vocabulary = Vocabulary.from_json(bundle_file(bundle, manifest, manifest.vocab.file))
     _check_vocabulary(folder, vocabulary, manifest)
-    image_split = family.open_image_split(folder, split, manifest)
+    image_split = image_inputs.open_image_split(image_input, folder, split, manifest)
     images, by_image = image_split.images, image_split.captions
     available = sum(1 for captions in by_image if captions)
     if available < min_samples:
@@ -197,7 +198,7 @@ def open_calibration_data(
     chosen = [by_image[int(row)] for row in rows]
     _check_unknown_share(chosen, vocabulary, folder)
     return CalibrationData(
-        folder, split, family, images, rows, chosen, vocabulary, _max_length(manifest),
+        folder, split, image_input, images, rows, chosen, vocabulary, _max_length(manifest),
         _numpy_dtype(manifest, Component.TEXT_ENCODER, TOKEN_IDS),
         _numpy_dtype(manifest, Component.TEXT_ENCODER, LENGTHS),
     )
@@ -212,7 +213,7 @@ def random_sample(
     caption lengths mix 2 .. min(12, max) so padding is exercised.
     """
     rng = np.random.default_rng(seed)
-    images = get(manifest.family).random_images(manifest, num_images, rng)
+    images = image_inputs.random_images(bundle_traits(manifest).image_input, manifest, num_images, rng)
     longest = max(2, min(12, _max_length(manifest)))
     lengths = np.resize(np.arange(2, longest + 1), num_captions)
     lengths[0] = longest

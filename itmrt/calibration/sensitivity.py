@@ -44,6 +44,7 @@ from onnx import TensorProto, helper
 from itmrt.bundle.manifest import NodeNote
 from itmrt.calibration.calib_data import Feeds, ort_session
 from itmrt.calibration.fp16 import ALWAYS_FLOAT32_OPS, convert_to_fp16, emulation_session, name_nodes
+from itmrt.reports.comparator import worst_output_error
 
 FLOAT16_MAX = 65504.0
 EXACT_IN_FP16_OPS = frozenset(
@@ -117,16 +118,7 @@ def run_model(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> list[list[np.nd
 
 def output_error(reference: list[list[np.ndarray]], model: onnx.ModelProto, feeds: Sequence[Feeds]) -> float:
     """Largest abs difference of any float output of ``model`` from ``reference`` over ``feeds`` (inf on NaN)."""
-    worst = 0.0
-    for expected, actual in zip(reference, run_model(model, feeds)):
-        for a, b in zip(expected, actual):
-            if a.dtype.kind != "f":
-                continue
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-            if not np.all(np.isfinite(diff)):
-                return float("inf")
-            worst = max(worst, float(diff.max(initial=0.0)))
-    return worst
+    return worst_output_error(reference, run_model(model, feeds))
 
 
 def output_ranges(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], feeds: Sequence[Feeds]) -> dict[str, float]:

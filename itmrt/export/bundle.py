@@ -202,6 +202,8 @@ def judge_parity(loaded: LoadedModel, built: BuiltBundle, options: ExportOptions
         + ", ".join(f"{name} {error:.2e}" for name, error in parity.max_abs_error.items())
         + f"; top-{parity.top_k} rankings {'identical' if parity.top_k_identical else 'DIFFER'}"
     )
+    if parity.comparison(options.tolerance).passed:
+        return parity
     worst_name, worst = parity.worst()
     if not all(math.isfinite(error) for error in parity.max_abs_error.values()):
         bad = next(name for name, error in parity.max_abs_error.items() if not math.isfinite(error))
@@ -232,7 +234,7 @@ def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEn
         file=VOCAB_FILE, sha256=files[VOCAB_FILE], size=len(vocabulary), content_sha256=vocabulary.sha256,
         pad_id=vocabulary.pad_id, start_id=vocabulary.start_id, end_id=vocabulary.end_id, unk_id=vocabulary.unk_id,
     )
-    return Manifest(
+    manifest = Manifest(
         family=loaded.spec.name,
         dims=built.graphs.dims,
         opset=options.opset,
@@ -250,6 +252,8 @@ def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEn
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         export_seconds=round(time.perf_counter() - started, 3),
     )
+    manifest.traits = loaded.spec.runtime_traits(manifest)  # what the runtime reads instead of the family's code
+    return manifest
 
 
 def publish_bundle(loaded: LoadedModel, built: BuiltBundle, parity: ParityResult, out: Path, options: ExportOptions,

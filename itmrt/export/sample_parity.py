@@ -5,7 +5,8 @@ graph that lets padding leak (a GRU whose reverse pass starts at the padding,
 a scorer that averages over padded words) shows up as an error here. The
 reference is any model with the reference interface (``encode_images``,
 ``encode_captions``, ``score``); which inputs each graph takes is read off the
-graphs themselves, so every family is checked by the same code.
+graphs themselves, so every family is checked by the same code. The outputs
+are compared by itmrt's one comparator (:mod:`itmrt.reports.comparator`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from itmrt.bundle.manifest import ExportParity, ParitySample
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, TOKEN_IDS, Component
 from itmrt.families.spec import ReferenceScorer
+from itmrt.reports.comparator import Comparison, check, max_abs_error, top_k_identical
 from itmrt.runtime.sessions import CPU_PROVIDER, create_session
 
 PROVIDER = CPU_PROVIDER
@@ -48,6 +50,12 @@ class ParityResult:
     def worst(self) -> tuple[str, float]:
         name = max(self.max_abs_error, key=lambda key: self.max_abs_error[key])
         return name, self.max_abs_error[name]
+
+    def comparison(self, tolerance: float) -> Comparison:
+        """The comparator's record: every graph's worst error within ``tolerance``, the top-k rankings identical."""
+        checks = [check(f"{name} max abs error", error, tolerance, "<=") for name, error in self.max_abs_error.items()]
+        checks.append(check(f"top-{self.top_k} rankings identical", float(self.top_k_identical), 1.0, ">="))
+        return Comparison({"max_abs_error": dict(self.max_abs_error), "top_k_identical": self.top_k_identical}, checks)
 
     def record(self, tolerance: float) -> ExportParity:
         """The manifest's ``parity`` entry."""
@@ -93,22 +101,6 @@ def session(model_bytes: bytes) -> ort.InferenceSession:
     return create_session(model_bytes, providers=[PROVIDER])
 
 
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        raise AssertionError(f"shape {a.shape} != {b.shape}")
-    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-
-
-def top_k_identical(a: np.ndarray, b: np.ndarray, k: int = TOP_K) -> bool:
-    """Whether the top-k of every row and every column (i2t and t2i rankings) are the same, in order."""
-
-    def top(x: np.ndarray, axis: int) -> np.ndarray:
-        order = np.argsort(-x, axis=axis, kind="stable")
-        return np.take(order, np.arange(min(k, x.shape[axis])), axis=axis)
-
-    return bool(np.array_equal(top(a, 1), top(b, 1)) and np.array_equal(top(a, 0), top(b, 0)))
-
-
 def _run(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run(None, feeds)[0]
 
@@ -145,13 +137,13 @@ def check_parity(
     }
     score_feeds = {name: available[name] for name in _graph_inputs(sessions[Component.SCORER])}
     errors = {
-        Component.IMAGE_ENCODER.value: _max_abs(ort_images, ref_images.numpy()),
-        Component.TEXT_ENCODER.value: _max_abs(ort_captions, ref_captions.numpy()),
-        Component.SCORER.value: _max_abs(_run(sessions[Component.SCORER], score_feeds), ref_scores),
+        Component.IMAGE_ENCODER.value: max_abs_error(ort_images, ref_images.numpy()),
+        Component.TEXT_ENCODER.value: max_abs_error(ort_captions, ref_captions.numpy()),
+        Component.SCORER.value: max_abs_error(_run(sessions[Component.SCORER], score_feeds), ref_scores),
     }
     chained = dict(score_feeds, **{IMAGE_EMBEDDINGS: ort_images, CAPTION_EMBEDDINGS: ort_captions})
     ort_scores = _run(sessions[Component.SCORER], chained)
-    errors["end_to_end"] = _max_abs(ort_scores, ref_scores)
+    errors["end_to_end"] = max_abs_error(ort_scores, ref_scores)
     described = ParitySample(batch_images=int(sample.images.shape[0]), batch_captions=int(sample.token_ids.shape[0]),
                              lengths=[int(x) for x in sample.lengths], seed=sample.seed)
-    return ParityResult(errors, top_k_identical(ort_scores, ref_scores), TOP_K, described)
+    return ParityResult(errors, top_k_identical(ort_scores, ref_scores, TOP_K), TOP_K, described)

@@ -25,6 +25,7 @@ _EXPORTS = {
     "GraphOptions": "itmrt.families.spec",
     "ImageSplit": "itmrt.families.spec",
     "ScorerConstants": "itmrt.families.spec",
+    "TorchRunner": "itmrt.families.reference",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 

@@ -16,7 +16,9 @@ import numpy as np
 
 from itmrt.bundle.manifest import Manifest
 from itmrt.bundle.names import IMAGES, Component
-from itmrt.errors import DataError, ItmrtError
+from itmrt.bundle.traits import max_over_padding
+from itmrt.data import image_inputs
+from itmrt.errors import ItmrtError
 from itmrt.families.registry import register
 from itmrt.families.spec import BuiltGraphs, FamilySpec, GraphOptions, ImageSplit, ScorerConstants
 
@@ -28,35 +30,21 @@ class CmpmFamily(FamilySpec):
     image_input: ClassVar[str] = IMAGES
     token_level: ClassVar[bool] = False
 
+    scorer_kind: ClassVar[str] = "cosine"
+
     def caption_buckets(self, manifest: Manifest) -> bool:
-        return not bool(manifest.scorer_options.get("max_over_padding", False))
+        return not max_over_padding(manifest)
 
     # -- data ---------------------------------------------------------------------------
 
     def open_image_split(self, folder: Path, split: str, manifest: Manifest) -> ImageSplit:
-        from itmrt.data.images import ImageCaptionSplit
-
-        image_split = ImageCaptionSplit.open(folder, split)
-        images = image_split.images
-        size = int(manifest.dims["image_size"])
-        if images.shape[1:3] != (size, size):
-            raise DataError(
-                f"{folder} split '{split}' has {images.shape[1]}x{images.shape[2]} images; "
-                f"the bundle's image encoder takes {size}x{size}: resize the calibration images"
-            )
-        captions: list[list[str]] = [[] for _ in range(images.shape[0])]
-        for caption, image in zip(image_split.captions, image_split.caption_image):
-            captions[int(image)].append(caption)
-        return ImageSplit(images, captions)
+        return image_inputs.open_image_split(IMAGES, folder, split, manifest)
 
     def image_batch(self, block: np.ndarray) -> np.ndarray:
-        from itmrt.data.images import preprocess_images
-
-        return preprocess_images(block)
+        return image_inputs.image_batch(IMAGES, block)
 
     def random_images(self, manifest: Manifest, count: int, rng: np.random.Generator) -> np.ndarray:
-        size = int(manifest.dims["image_size"])
-        return rng.standard_normal((count, 3, size, size)).astype(np.float32)
+        return image_inputs.random_images(IMAGES, manifest, count, rng)
 
     # -- PyTorch side -------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ import numpy as np
 
 from itmrt.bundle.manifest import Manifest
 from itmrt.bundle.names import REGION_FEATURES
-from itmrt.errors import DataError, ItmrtError
+from itmrt.data import image_inputs
+from itmrt.errors import ItmrtError
 from itmrt.families.spec import FamilySpec, ImageSplit
 
 
@@ -19,25 +20,13 @@ class RegionFeatureFamily(FamilySpec):
     image_input: ClassVar[str] = REGION_FEATURES
 
     def open_image_split(self, folder: Path, split: str, manifest: Manifest) -> ImageSplit:
-        from itmrt.data.precomp import PrecompSplit
-
-        precomp = PrecompSplit.open(folder, split)
-        img_dim, regions = int(manifest.dims["img_dim"]), int(manifest.dims["num_regions"])
-        if precomp.img_dim != img_dim or precomp.num_regions != regions:
-            raise DataError(
-                f"{folder} split '{split}' has {precomp.num_regions} regions x {precomp.img_dim} features per image; "
-                f"the bundle expects {regions} x {img_dim}: calibrate with the model's feature type"
-            )
-        per = precomp.captions_per_image
-        captions = [list(precomp.captions[i * per : (i + 1) * per]) for i in range(precomp.num_images)]
-        return ImageSplit(precomp.images, captions)
+        return image_inputs.open_image_split(REGION_FEATURES, folder, split, manifest)
 
     def image_batch(self, block: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(block, dtype=np.float32)
+        return image_inputs.image_batch(REGION_FEATURES, block)
 
     def random_images(self, manifest: Manifest, count: int, rng: np.random.Generator) -> np.ndarray:
-        shape = (count, int(manifest.dims["num_regions"]), int(manifest.dims["img_dim"]))
-        return np.abs(rng.standard_normal(shape)).astype(np.float32)
+        return image_inputs.random_images(REGION_FEATURES, manifest, count, rng)
 
     def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:
         expected = model.image_encoder.img_dim

@@ -18,7 +18,7 @@ def register(spec: FamilySpec) -> FamilySpec:
     if spec.name in _FAMILIES:
         raise ValueError(f"a model family named {spec.name!r} is already registered ({_FAMILIES[spec.name]!r})")
     _FAMILIES[spec.name] = spec
-    note_family(spec.name)
+    note_family(spec.name, spec)
     return spec
 
 

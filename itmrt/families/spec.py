@@ -24,6 +24,8 @@ import numpy as np
 
 from itmrt.bundle.manifest import FrozenConstant, ImagePreprocessingRecord, JsonScalar, Manifest
 from itmrt.bundle.names import REGION_FEATURES
+from itmrt.bundle.traits import RuntimeTraits
+from itmrt.data.image_inputs import ImageSplit
 from itmrt.errors import ItmrtError
 
 if TYPE_CHECKING:
@@ -65,14 +67,6 @@ class BuiltGraphs:
     image_preprocessing: ImagePreprocessingRecord | None = None  # how an image file becomes the input (images)
 
 
-@dataclass
-class ImageSplit:
-    """A split of the user's data for calibration: image inputs (memory-mapped) and each image's captions."""
-
-    images: np.ndarray
-    captions: list[list[str]]
-
-
 def frozen(value: float, initializer: str, **extra: Any) -> FrozenConstant:
     """A constant as the scorer graph stores it: rounded to float32."""
     return FrozenConstant(value=float(np.float32(value)), initializer=initializer, **extra)
@@ -90,6 +84,8 @@ class FamilySpec:
     """Training learns a similarity threshold that export freezes (``--threshold`` overrides it)."""
     fused_scorer: ClassVar[bool] = False
     """The runtime's fused CPU scorer computes this family's score."""
+    scorer_kind: ClassVar[str | None] = None
+    """The scorer's kind export records in the manifest's ``traits`` (None: the family's name)."""
 
     @property
     def nonnegative_images(self) -> bool:
@@ -99,6 +95,14 @@ class FamilySpec:
     def caption_buckets(self, manifest: Manifest) -> bool:
         """Whether captions may be batched by length (an embedding does not depend on its batch's padding)."""
         return True
+
+    def runtime_traits(self, manifest: Manifest) -> RuntimeTraits:
+        """What export records in the manifest's ``traits``: all the runtime needs to know of this family."""
+        return RuntimeTraits(
+            image_input=self.image_input, token_level=self.token_level,
+            caption_buckets=self.caption_buckets(manifest), scorer=self.scorer_kind or self.name,
+            fused_scorer=self.fused_scorer,
+        )
 
     # -- the user's data (torch-free) -------------------------------------------------
 

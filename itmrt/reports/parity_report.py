@@ -33,13 +33,17 @@ from typing import Any
 import numpy as np
 
 from itmrt.bundle.folder import BundleInfo, read_bundle
-from itmrt.bundle.names import MAX_LENGTH, REGION_FEATURES, BackendName, Component, Precision
+from itmrt.bundle.names import IMAGES, MAX_LENGTH, REGION_FEATURES, BackendName, Component, Precision
+from itmrt.bundle.traits import bundle_traits
+from itmrt.data.image_inputs import check_pixel_size
+from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preprocess_images
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import ItmrtError, first_line
-from itmrt.families import get
-from itmrt.io import atomic_save_float32_npy, atomic_write_text, sha256_file
+from itmrt.io import atomic_save_float32_npy, atomic_write_text
+from itmrt.optional import torch_side
 from itmrt.reports import agreement
+from itmrt.reports.comparator import Comparison, check
 from itmrt.reports.runtime_variants import Variant, graph_files, open_variant, parse_variant
 from itmrt.runtime.encoders import CaptionEmbeddings, tokenize
 from itmrt.runtime.tiled import score_tiled
@@ -99,11 +103,6 @@ def tolerances_for(precision: str, overrides: dict[str, float] | None = None) ->
     return {**DEFAULT_TOLERANCES[precision], **(overrides or {})}
 
 
-def _check(name: str, value: float, limit: float, op: str) -> dict[str, Any]:
-    passed = value <= limit if op == "<=" else value >= limit
-    return {"name": name, "value": float(value), "limit": float(limit), "op": op, "passed": bool(passed)}
-
-
 def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list[dict[str, Any]]:
     """The pass/fail checks of one variant's measurements against ``tolerances``."""
     end = entry["tensors"]["end_to_end"]
@@ -112,11 +111,11 @@ def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list
     worst = end["max_abs"] if not ties else ties["max_abs_off_threshold"]
     label = "end-to-end score max abs error" + (" (pairs off the threshold)" if ties else "")
     checks = [
-        _check(label, worst if end["nonfinite"] == 0 else float("inf"), tolerances["score_max_abs"], "<="),
-        _check("rsum delta (absolute)", abs(entry["recall_delta"]["rsum"]), tolerances["rsum_abs_delta"], "<="),
+        check(label, worst if end["nonfinite"] == 0 else float("inf"), tolerances["score_max_abs"], "<="),
+        check("rsum delta (absolute)", abs(entry["recall_delta"]["rsum"]), tolerances["rsum_abs_delta"], "<="),
         # A top-1 swap between candidates whose reference scores differ by less than the score tolerance
         # is a tie the tolerance already allows, not a ranking error.
-        _check(
+        check(
             "top-1 agreement, tie-tolerant (a candidate within the score tolerance of the best counts as agreeing; "
             "worse direction; the strict figure is the retrieval table's)",
             min(
@@ -130,13 +129,11 @@ def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list
     decisions = entry.get("decisions")
     if decisions:
         checks.append(
-            _check("region decision flip rate", decisions["region_flip_rate"], tolerances["flip_rate_max"], "<=")
+            check("region decision flip rate", decisions["region_flip_rate"], tolerances["flip_rate_max"], "<=")
         )
-        checks.append(_check("word decision flip rate", decisions["word_flip_rate"], tolerances["flip_rate_max"], "<="))
-    for check in checks:  # JSON has no infinity: a non-finite score is recorded as a failed check with value null
-        if not np.isfinite(check["value"]):
-            check["value"] = None
-    return checks
+        checks.append(check("word decision flip rate", decisions["word_flip_rate"], tolerances["flip_rate_max"], "<="))
+    # JSON has no infinity: a non-finite score is recorded as a failed check with value null
+    return Comparison(checks=checks).to_json()["checks"]
 
 
 def apply_tolerances(report: dict[str, Any], overrides: dict[str, float] | None = None) -> dict[str, Any]:
@@ -156,18 +153,49 @@ def apply_tolerances(report: dict[str, Any], overrides: dict[str, float] | None 
 # -- inputs -------------------------------------------------------------------
 
 
-def _open_split(info: BundleInfo, data: Path, options: ParityOptions) -> tuple[PrecompSplit, np.ndarray, list[str]]:
-    if get(info.family).image_input != REGION_FEATURES:
-        raise ItmrtError(
-            f"itmrt parity compares region-feature bundles (NAAF, SCAN); {info.path} is a {info.family} bundle"
-        )
+@dataclass
+class ParityData:
+    """The shared inputs: image inputs, captions, and the recall table a score matrix gets on them."""
+
+    features: np.ndarray
+    captions: list[str]
+    per_image: int  # captions per image (0: the count varies; recall then matches by identity)
+    recall: Callable[[np.ndarray], dict[str, float]]
+
+
+def _open_split(info: BundleInfo, data: Path, options: ParityOptions) -> ParityData:
+    image_input = bundle_traits(info.manifest).image_input
+    if image_input == IMAGES:
+        return _open_image_split(info, data, options)
+    if image_input != REGION_FEATURES:
+        raise ItmrtError(f"itmrt parity cannot read {image_input} inputs ({info.path})")
     split = PrecompSplit.open(data, options.split)
-    count = split.num_images if options.max_images is None else min(options.max_images, split.num_images)
-    if count < 1:
-        raise ItmrtError(f"--max-images must be at least 1, not {options.max_images}")
+    count = _image_count(split.num_images, options)
     per = split.captions_per_image
     features = np.ascontiguousarray(split.images[:count], dtype=np.float32)
-    return split, features, list(split.captions[: count * per])
+    return ParityData(features, list(split.captions[: count * per]), per, lambda scores: recall_table(scores, per))
+
+
+def _image_count(available: int, options: ParityOptions) -> int:
+    count = available if options.max_images is None else min(options.max_images, available)
+    if count < 1:
+        raise ItmrtError(f"--max-images must be at least 1, not {options.max_images}")
+    return count
+
+
+def _open_image_split(info: BundleInfo, data: Path, options: ParityOptions) -> ParityData:
+    """A pixel split (CMPM): the first images preprocessed as the model was trained, their captions, identities."""
+    split = ImageCaptionSplit.open(data, options.split)
+    check_pixel_size(split.images, data, options.split, info.manifest, "pass a split of the model's image size")
+    count = _image_count(split.num_images, options)
+    keep = np.flatnonzero(split.caption_image < count)
+    image_labels = np.asarray(split.image_labels[:count])
+    caption_labels = image_labels[np.asarray(split.caption_image)[keep]]
+    owners = np.asarray(split.caption_image)[keep]
+    per = len(keep) // count if np.array_equal(owners, np.repeat(np.arange(count), max(1, len(keep) // count))) else 0
+    features = preprocess_images(np.asarray(split.images[:count]))
+    return ParityData(features, [split.captions[int(k)] for k in keep], per,
+                      lambda scores: identity_recall_table(scores, image_labels, caption_labels))
 
 
 def _token_ids(info: BundleInfo, captions: list[str]) -> tuple[list[list[int]], int]:
@@ -185,59 +213,18 @@ def _token_ids(info: BundleInfo, captions: list[str]) -> tuple[list[list[int]], 
 # -- reference and variants ------------------------------------------------------
 
 
+TORCH_REFERENCE = "itmrt.families.reference"
+"""The module of the PyTorch reference (the torch side), reached by name: this report stays torch-free."""
+
+
 def torch_reference(
     info: BundleInfo, checkpoint: Path | None, features: np.ndarray, ids: list[list[int]], batch_size: int,
     bar: BarFactory | None = None,
 ) -> tuple[ModelOutputs, dict[str, Any]]:
-    """The PyTorch model of the bundle's source checkpoint on the shared inputs (imports torch)."""
-    import torch
-
-    from itmrt.families.checkpoints import load_checkpoint
-    from itmrt.models.evaluate import PaddedTokenEmbeddings, encode_images, score_matrix
-
-    source = info.manifest.source_checkpoint
-    path = Path(checkpoint) if checkpoint is not None else Path(source.path if source is not None else "")
-    if not path.is_file():
-        raise ItmrtError(
-            f"the bundle's source checkpoint {path} is not there; "
-            "pass it with --checkpoint PATH, or use --against ort:fp32"
-        )
-    expected = source.sha256 if source is not None else None
-    if expected and sha256_file(path) != expected:
-        raise ItmrtError(
-            f"{path} is not the checkpoint {info.path} was exported "
-            "from (sha256 differs); pass the right one with --checkpoint"
-        )
-    model = load_checkpoint(path)
-    if not get(model.family).token_level:
-        raise ItmrtError(
-            f"{path} holds a global-embedding model; itmrt parity compares region-feature models (NAAF, SCAN)"
-        )
-    model.eval()
-    images = encode_images(model, features, batch_size, bar("reference: images", len(features)) if bar else None)
-    lengths = np.array([len(x) for x in ids], dtype=np.int32)
-    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    vectors = np.empty((int(offsets[-1]), images.shape[-1]), dtype=np.float32)
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            batch = ids[start : start + batch_size]
-            width = max(len(x) for x in batch)
-            tokens = np.zeros((len(batch), width), dtype=np.int64)
-            for row, caption_ids in enumerate(batch):
-                tokens[row, : len(caption_ids)] = caption_ids
-            out = model.encode_captions(
-                torch.from_numpy(tokens), torch.from_numpy(lengths[start : start + len(batch)].astype(np.int64))
-            )
-            for row in range(len(batch)):
-                k = start + row
-                vectors[offsets[k] : offsets[k + 1]] = out[row, : lengths[k]].numpy()
-    captions = CaptionEmbeddings(vectors, lengths, offsets)
-    padded, _ = captions.padded(np.arange(len(ids)))
-    encoded = PaddedTokenEmbeddings(torch.from_numpy(padded), torch.from_numpy(lengths.astype(np.int64)))
-    scores = score_matrix(model, images, encoded, progress=bar("reference: score", len(ids)) if bar else None)
-    described = {"against": "torch", "checkpoint": str(path), "torch_version": torch.__version__}
-    return ModelOutputs(images.numpy(), captions, scores), described
+    """The PyTorch model of the bundle's source checkpoint on the shared inputs (needs torch)."""
+    reference = torch_side(TORCH_REFERENCE, "the PyTorch reference (parity against torch)")
+    out = reference.torch_reference(info, checkpoint, features, ids, batch_size, bar)
+    return ModelOutputs(out.images, out.captions, out.scores), out.described
 
 
 def runtime_encoded(
@@ -292,6 +279,7 @@ def _threshold_ties(info: BundleInfo, ref: ModelOutputs, scores: np.ndarray) -> 
 def measure_variant(
     info: BundleInfo, runtime: Any, ref: ModelOutputs, features: np.ndarray, ids: list[list[int]], per_image: int,
     options: ParityOptions, ref_recall: dict[str, float], bar: BarFactory | None = None,
+    recall_of: Callable[[np.ndarray], dict[str, float]] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """All measurements of one opened variant (no pass/fail yet) and its end-to-end score matrix."""
     got = runtime_encoded(runtime, features, ids, options.top_k, bar)
@@ -310,7 +298,8 @@ def measure_variant(
         "end_to_end": agreement.tensor_errors(ref.scores, got.scores),
     }
     finite = np.nan_to_num(got.scores, nan=-np.inf)
-    recall = recall_table(np.where(np.isfinite(finite), finite, -np.inf), per_image)
+    recall = (recall_of or (lambda scores: recall_table(scores, per_image)))(
+        np.where(np.isfinite(finite), finite, -np.inf))
     entry = {
         "tensors": tensors,
         "threshold_ties": _threshold_ties(info, ref, got.scores),
@@ -330,8 +319,8 @@ def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar
     from itmrt.reports.schema import header
 
     info = read_bundle(bundle)
-    split, features, captions = _open_split(info, Path(data), options)
-    per_image = split.captions_per_image
+    shared = _open_split(info, Path(data), options)
+    features, captions, per_image = shared.features, shared.captions, shared.per_image
     ids, truncated = _token_ids(info, captions)
     started = time.perf_counter()
     if options.against == "torch":
@@ -345,7 +334,7 @@ def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar
         described = {"against": against.name, "graph_files": graph_files(runtime),
                      "providers": list(getattr(runtime.backends["scorer"], "providers", []))}
     described["seconds"] = time.perf_counter() - started
-    ref_recall = recall_table(ref.scores, per_image)
+    ref_recall = shared.recall(ref.scores)
     matrices = {REFERENCE_FILE: ref.scores}
     entries = []
     for variant in options.variants:
@@ -357,7 +346,7 @@ def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar
         else:
             try:
                 measured, scores = measure_variant(
-                    info, runtime, ref, features, ids, per_image, options, ref_recall, bar
+                    info, runtime, ref, features, ids, per_image, options, ref_recall, bar, shared.recall
                 )
             except ItmrtError as exc:  # e.g. a precision graph whose outputs have the wrong shape
                 entry.update(status="failed", reason=first_line(exc))

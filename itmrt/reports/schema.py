@@ -17,6 +17,7 @@ from typing import Any
 from itmrt import __version__
 from itmrt.errors import ItmrtError
 from itmrt.io import atomic_write_text, read_json_document
+from itmrt.optional import available, require
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
@@ -29,8 +30,8 @@ def load_schema() -> dict[str, Any]:
 
 
 def schema_problems(report: dict[str, Any]) -> list[str]:
-    """Every way ``report`` departs from the schema (one line each); empty when it validates."""
-    import jsonschema
+    """Every way ``report`` departs from the schema (one line each); empty when it validates (needs jsonschema)."""
+    jsonschema = require("jsonschema")
 
     validator = jsonschema.Draft202012Validator(load_schema())
     problems = []
@@ -80,6 +81,8 @@ def read_report(path: str | Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, report: dict[str, Any]) -> Path:
-    """Validate, then write atomically (strict JSON: no NaN or infinity)."""
-    validate_report(report)
+    """Validate (where jsonschema is installed: itmrt[reports]; the base install writes the report unchecked),
+    then write atomically (strict JSON: no NaN or infinity)."""
+    if available("jsonschema"):
+        validate_report(report)
     return atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")

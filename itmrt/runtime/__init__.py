@@ -15,6 +15,8 @@ _EXPORTS = {
     "OnLong": "itmrt.runtime.options",
     "RuntimeOptions": "itmrt.runtime.options",
     "ScorerChoice": "itmrt.runtime.options",
+    "Runner": "itmrt.runtime.runner",
+    "TensorInfo": "itmrt.runtime.runner",
     "BundleInfo": "itmrt.bundle.folder",
     "read_bundle": "itmrt.bundle.folder",
     "CaptionEmbeddings": "itmrt.runtime.encoders",

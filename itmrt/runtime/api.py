@@ -31,9 +31,10 @@ from itmrt.bundle.names import (
     Component,
     Precision,
     parse_choice,
+    registered_family,
 )
+from itmrt.bundle.traits import RuntimeTraits, bundle_traits
 from itmrt.errors import ItmrtError
-from itmrt.families import FamilySpec, get
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
@@ -53,7 +54,7 @@ class Runtime:
         options = options or RuntimeOptions()
         self.bundle, self.options = bundle, options
         self.backend_name, self.precision = options.backend, options.precision
-        self.family: FamilySpec = get(bundle.family)
+        self.traits: RuntimeTraits = bundle_traits(bundle.manifest)  # the manifest's, never the family's code
         self.budget_bytes = options.budget_bytes
         self.warn: Warn = options.warn or default_warn
         self._gallery_vectors: dict[tuple[str, str], np.ndarray] = {}  # shortlist: global vectors per gallery
@@ -76,9 +77,9 @@ class Runtime:
         self.max_length = self._token_limit(options)
         on_trt = options.backend == BackendName.TRT
         self.text_encoder = CaptionEncoder(
-            self.backends[Component.TEXT_ENCODER], self.vocab, self.family.token_level, self.max_length,
+            self.backends[Component.TEXT_ENCODER], self.vocab, self.traits.token_level, self.max_length,
             options.on_long, options.batch_size, self.caption_limit if on_trt else None,
-            self.family.caption_buckets(bundle.manifest), options.warn,
+            self.traits.caption_buckets, options.warn,
         )
         self._image_input = bundle.graph_inputs(Component.IMAGE_ENCODER)[0]
         self.image_encoder = ImageEncoder(
@@ -96,6 +97,12 @@ class Runtime:
                 f"--max-length {requested} exceeds the engine profile's {profile_length}; use at most {profile_length}"
             )
         return requested if requested is not None else profile_length
+
+    @property
+    def family(self) -> object | None:
+        """The family's spec where its code is loaded (registered by the PyTorch side), else None; the runtime
+        itself reads only :attr:`traits`."""
+        return registered_family(self.bundle.family)
 
     def close(self) -> None:
         """Free what the backends hold on the GPU (native TensorRT engines, their buffers and streams)."""
@@ -341,7 +348,7 @@ def _fused_scorer(
     if scorer == ScorerChoice.GRAPH:
         return None
     on_cpu = backend == BackendName.ORT and getattr(graph, "providers", [None])[0] == CPU_PROVIDER
-    applicable = get(bundle.family).fused_scorer and precision == Precision.FP32 and on_cpu
+    applicable = bundle_traits(bundle.manifest).fused_scorer and precision == Precision.FP32 and on_cpu
     if scorer == ScorerChoice.AUTO and not (applicable and fused_available()):
         return None
     if not applicable:

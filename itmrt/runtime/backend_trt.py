@@ -32,6 +32,7 @@ from itmrt.bundle.folder import BundleInfo
 from itmrt.engine.cuda_context import CudaContext, cuda_error, shared_context
 from itmrt.errors import ItmrtError
 from itmrt.optional import require_all
+from itmrt.runtime.runner import Runner, TensorInfo
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
@@ -62,7 +63,7 @@ def lean_runtime_for(
     return Path(value)
 
 
-class TrtBackend:
+class TrtBackend(Runner):
     """A deserialised engine with its context, stream and reusable buffers."""
 
     # The order :meth:`close` drops what the backend holds: TensorRT objects before their factories,
@@ -144,6 +145,14 @@ class TrtBackend:
         lean = lean_runtime_for(entry.file, entry.exclude_lean_runtime, entry.tensorrt_version)
         return cls(path, device=device, dla_core=entry.dla_core, host_code=host_code, cuda_context=context,
                    lean_runtime=lean)
+
+    def inputs(self) -> list[TensorInfo]:
+        """Inputs with the engine's dtypes; a dynamic axis (-1 in the engine) is None."""
+        return [
+            TensorInfo(name, self._dtypes[name].name,
+                       tuple(None if d < 0 else d for d in _dims(self.engine.get_tensor_shape(name))))
+            for name in self.input_names
+        ]
 
     def _check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         low, _opt, high = (_dims(s) for s in self._profile[name])

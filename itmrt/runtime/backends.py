@@ -4,7 +4,9 @@ A backend runs one graph of a bundle: named float32/int32 numpy arrays in, the
 graph's outputs (as float32 numpy arrays) out. Inputs are cast to the dtype the
 graph declares, so an fp16 graph whose inputs are float16 is fed correctly by
 callers that only know float32. The native TensorRT backend
-(:mod:`itmrt.runtime.backend_trt`) implements the same interface. Which ONNX
+(:mod:`itmrt.runtime.backend_trt`) implements the same interface; both are
+runners (:class:`itmrt.runtime.runner.Runner`: open, infer, close, input metadata),
+as the PyTorch reference is on the torch side. Which ONNX
 Runtime execution providers a session gets, and their options, is decided in
 :mod:`itmrt.runtime.providers`.
 
@@ -34,6 +36,7 @@ from itmrt.runtime.providers import (
     resolve_providers,
     tensorrt_typing_problem,
 )
+from itmrt.runtime.runner import Runner, TensorInfo
 from itmrt.runtime.sessions import create_session
 
 __all__ = [
@@ -68,7 +71,7 @@ class Backend(Protocol):
         ...
 
 
-class OrtBackend:
+class OrtBackend(Runner):
     """One ONNX Runtime inference session over one graph file.
 
     ``graph_entry`` (the graph's manifest entry) and ``cache_dir`` configure ONNX Runtime's TensorRT
@@ -112,6 +115,13 @@ class OrtBackend:
         self.input_names = [i.name for i in inputs]
         self._input_types: dict[str, Any] = {i.name: _ONNX_TYPES.get(i.type) for i in inputs}
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def inputs(self) -> list[TensorInfo]:
+        return [
+            TensorInfo(i.name, np.dtype(self._input_types[i.name]).name if self._input_types[i.name] else str(i.type),
+                       tuple(d if isinstance(d, (int, str)) else None for d in i.shape))
+            for i in self.session.get_inputs()
+        ]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         cast = {}

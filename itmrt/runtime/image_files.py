@@ -32,9 +32,9 @@ import numpy as np
 
 from itmrt.bundle.manifest import Manifest
 from itmrt.bundle.names import IMAGES
+from itmrt.bundle.traits import bundle_traits
 from itmrt.data.images import PREPROCESSING_KEY, preprocess_images
 from itmrt.errors import DataError, ItmrtError, first_line
-from itmrt.families import get
 from itmrt.io import not_a_file
 from itmrt.optional import require
 
@@ -68,7 +68,7 @@ class ImagePreprocessing:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, bundle: str) -> ImagePreprocessing:
-        if get(manifest.family).image_input != IMAGES:
+        if bundle_traits(manifest).image_input != IMAGES:
             raise ItmrtError(
                 f"bundle {bundle} is a {manifest.family} bundle, whose image encoder takes region features "
                 "(a .npy file); image files are for CMPM bundles"
