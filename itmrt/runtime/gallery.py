@@ -141,15 +141,56 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
     _VERIFIED.add(key)
 
 
-def read_gallery(folder: str | Path, verify: bool = True) -> Gallery:
+def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 20) -> np.ndarray:
+    """The embeddings file read into memory of this process in one pass that also hashes it and checks every
+    value is finite: the array is exactly the bytes that matched the sha256, and nothing done to the file later
+    (truncated, changed in place, deleted) reaches it. A one-line :class:`ItmrtError` otherwise."""
+    header = read_npy_header(path, "gallery embeddings")
+    if list(header.shape) != list(entry.shape) or header.dtype != np.dtype(entry.dtype) or header.fortran_order:
+        raise ItmrtError(f"{path} has shape {header.shape} / {header.dtype}, not what {GALLERY_MANIFEST} says; "
+                         f"{REMEDY}")
+    array = np.empty(header.shape, dtype=header.dtype)
+    view = memoryview(array.reshape(-1).view(np.uint8))
+    digest, position = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as handle:
+            digest.update(handle.read(header.data_offset))
+            while position < len(view):
+                got = handle.readinto(view[position : position + chunk_size])
+                if not got:
+                    raise ItmrtError(f"{path} ended after {position} of {len(view)} bytes of embeddings (truncated "
+                                     f"while it was read); {REMEDY}")
+                digest.update(view[position : position + got])
+                position += got
+            for rest in iter(lambda: handle.read(chunk_size), b""):
+                digest.update(rest)
+    except OSError as exc:
+        raise ItmrtError(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {REMEDY}") from None
+    if digest.hexdigest() != entry.sha256:
+        raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST} (changed after indexing); {REMEDY}")
+    rows = max(1, (chunk_size // max(array[:1].nbytes, 1)))
+    for start in range(0, len(array), rows):
+        if not np.isfinite(array[start : start + rows]).all():
+            raise ItmrtError(f"{path} holds NaN or infinite embeddings (from image {start}); {REMEDY}")
+    array.flags.writeable = False
+    return array
+
+
+def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = False) -> Gallery:
     """Open a gallery (embeddings memory-mapped, after :func:`verify_embeddings` unless ``verify`` is False -
-    for a gallery this process has just written)."""
+    for a gallery this process has just written). ``in_memory``: the embeddings are copied into this process's
+    memory as they are verified (:func:`copy_embeddings`) - what a long-running service does, so that the file
+    can change or vanish under it without effect (a memory map would die by SIGBUS on a truncated file)."""
     root = Path(folder)
     manifest, _sha256 = read_gallery_manifest(root)
     entry = manifest.embeddings
     path = member(root, entry.file, "gallery", REMEDY)
     if not path.is_file():
         raise ItmrtError(f"gallery {root} lacks {entry.file}; {REMEDY}")
+    if in_memory:
+        embeddings = copy_embeddings(path, entry)
+        ids = _read_ids(root, manifest.ids, len(embeddings)) if manifest.ids is not None else None
+        return Gallery(root, embeddings, manifest, ids)
     if verify:
         verify_embeddings(path, entry)
     embeddings = open_npy(path, "gallery embeddings")

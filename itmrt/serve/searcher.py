@@ -87,6 +87,9 @@ class RuntimeSearcher:
         self.size = len(gallery)
         # Galleries made from image files name each image by its path.
         self.ids = ids if ids is not None else getattr(gallery, "ids", None)
+        manifest = getattr(gallery, "manifest", None)
+        self.version: str | None = manifest.embeddings.sha256[:16] if manifest is not None else None
+        """The gallery's version as answers name it: the start of its embeddings' sha256."""
         if self.ids is not None and len(self.ids) != self.size:
             raise ItmrtError(f"the gallery has {self.size} images but {len(self.ids)} ids")
 
@@ -139,8 +142,12 @@ def open_runtime_searcher(
     warn: Callable[[str], None] | None = None,
     **load_options: Any,
 ) -> RuntimeSearcher:
-    """Load ``bundle`` (``load_options`` as :func:`itmrt.runtime.load` takes them) and open ``gallery`` for search."""
+    """Load ``bundle`` (``load_options`` as :func:`itmrt.runtime.load` takes them) and open ``gallery`` for search,
+    its embeddings copied into memory as they are verified (nothing done to the file later reaches them)."""
     from itmrt.runtime import load
+    from itmrt.runtime.gallery import read_gallery
 
+    opened = read_gallery(gallery, in_memory=True)
     runtime = load(bundle, warn=warn, **load_options)
-    return RuntimeSearcher(runtime, runtime.open_gallery(gallery), on_long, warn=warn)
+    opened.check_bundle(runtime.bundle)
+    return RuntimeSearcher(runtime, opened, on_long, warn=warn)
