@@ -33,7 +33,8 @@ def token_file_exposure(path: str | Path) -> str | None:
     """A warning when the token file can be read by its group or by others, else None."""
     mode = Path(path).stat().st_mode
     if mode & 0o044:
-        return (f"token file {path} can be read by {'its group' if mode & 0o040 else 'others'} (mode "
+        who = " and ".join(name for bit, name in ((0o040, "its group"), (0o004, "others")) if mode & bit)
+        return (f"token file {path} can be read by {who} (mode "
                 f"{mode & 0o777:03o}); make it private with `chmod 600 {path}`")
     return None
 

@@ -351,6 +351,10 @@ class Batcher:
             self._search(searcher, live)
 
     def _search(self, searcher: Searcher, live: list[tuple[Job, TokenIds]]) -> None:
+        if self.broken is not None:
+            for job, _ids in live:
+                job.future.set_exception(NotReady(self.broken))
+            return
         try:
             started = time.perf_counter()
             embeddings = searcher.encode([ids for _job, ids in live])
@@ -363,7 +367,10 @@ class Batcher:
                 for one in live:
                     self._search(searcher, [one])
                 return
-            live[0][0].future.set_exception(exc)
+            self.broken = broken_part(searcher)  # a scorer refusing non-finite scores: is it the gallery's fault?
+            if self.broken is not None:
+                self._mark_broken()
+            live[0][0].future.set_exception(NotReady(self.broken) if self.broken is not None else exc)
             return
         if not np.isfinite(hits.scores).all():
             self._not_finite(searcher, live, hits.scores)
@@ -377,12 +384,15 @@ class Batcher:
                                          ids, version))
             row += len(job.captions)
 
+    def _mark_broken(self) -> None:
+        self.metrics.ready.set(0)
+        log.error("not ready: %s", self.broken)
+
     def _not_finite(self, searcher: Searcher, live: list[tuple[Job, TokenIds]], scores: np.ndarray) -> None:
         """Scores that are not finite: find what broke (see the module docstring) and answer accordingly."""
         self.broken = broken_part(searcher)
         if self.broken is not None:
-            self.metrics.ready.set(0)
-            log.error("not ready: %s", self.broken)
+            self._mark_broken()
             for job, _ids in live:
                 job.future.set_exception(NotReady(self.broken))
             return

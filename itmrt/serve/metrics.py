@@ -86,6 +86,8 @@ class ServiceMetrics:
             "itmrt_client_errors", "4xx answers on any route (499: the client left first).", ["status"],
             registry=registry,
         )
+        for status in (400, 401, 403, 404, 405, 408, 409, 413, 415, 429, 499):
+            self.client_errors.labels(str(status))
         self.server_errors = prometheus.Counter("itmrt_server_errors", "500 answers.", registry=registry)
         self.dropped = prometheus.Counter(
             "itmrt_connections_dropped", "Connections the transport closed, by reason.", ["reason"],

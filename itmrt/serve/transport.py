@@ -44,82 +44,96 @@ def guarded_protocol(header_timeout_s: float, write_timeout_s: float, max_connec
                      metrics: ServiceMetrics) -> type:
     """uvicorn's h11 protocol class with the deadlines and eviction above, for ``uvicorn.Config(http=...)``."""
     h11_impl = require("uvicorn.protocols.http.h11_impl", "itmrt serve")
+    settings = {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s,
+                "max_connections": max_connections, "metrics": metrics}
+    return type("GuardedH11Protocol", (Deadlines, h11_impl.H11Protocol), settings)
 
-    class GuardedH11Protocol(h11_impl.H11Protocol):  # type: ignore[misc, name-defined]
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._header_timer: asyncio.TimerHandle | None = None
-            self._write_timer: asyncio.TimerHandle | None = None
-            self._waiting_since: float | None = None
-            self._await_headers()
-            if len(self.connections) > max_connections and not self._evict_one():
-                metrics.dropped.labels("over_limit").inc()
-                transport.write(REFUSED)
-                transport.close()
 
-        def _await_headers(self) -> None:
-            self._waiting_since = time.monotonic()
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+class Deadlines:
+    """The hooks over uvicorn's ``H11Protocol`` (mixed in before it by :func:`guarded_protocol`)."""
 
-        def _headers_arrived(self) -> None:
-            self._waiting_since = None
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+    header_timeout_s: float
+    write_timeout_s: float
+    max_connections: int
+    metrics: ServiceMetrics
+    # uvicorn's H11Protocol provides these:
+    connections: set[Any]
+    transport: Any
+    loop: Any
+    cycle: Any
 
-        def _headers_late(self) -> None:
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._waiting_since: float | None = None
+        self._await_headers()
+        if len(self.connections) > self.max_connections and not self._evict_one():
+            self.metrics.dropped.labels("over_limit").inc()
+            transport.write(REFUSED)
+            transport.close()
+
+    def _await_headers(self) -> None:
+        self._waiting_since = time.monotonic()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _headers_arrived(self) -> None:
+        self._waiting_since = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            if self._waiting_since is not None and not self.transport.is_closing():
-                metrics.dropped.labels("header_timeout").inc()
-                self.transport.close()
 
-        def _evict_one(self) -> bool:
-            """Close the connection that has waited longest for headers (not this one); False if none waits."""
-            waiting = [c for c in self.connections
-                       if c is not self and getattr(c, "_waiting_since", None) is not None
-                       and not c.transport.is_closing()]
-            if not waiting:
-                return False
-            oldest = min(waiting, key=lambda c: c._waiting_since)
-            metrics.dropped.labels("evicted").inc()
-            oldest.transport.abort()
-            return True
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._waiting_since is not None and not self.transport.is_closing():
+            self.metrics.dropped.labels("header_timeout").inc()
+            self.transport.close()
 
-        def handle_events(self) -> None:
-            before = self.cycle
-            super().handle_events()
-            if self.cycle is not before:  # a new request's headers are in
-                self._headers_arrived()
+    def _evict_one(self) -> bool:
+        """Close the connection that has waited longest for headers (not this one); False if none waits."""
+        waiting = [c for c in self.connections
+                   if c is not self and getattr(c, "_waiting_since", None) is not None
+                   and not c.transport.is_closing()]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c._waiting_since)
+        self.metrics.dropped.labels("evicted").inc()
+        oldest.transport.abort()
+        return True
 
-        def on_response_complete(self) -> None:
-            if not self.transport.is_closing():
-                self._await_headers()
-            super().on_response_complete()
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()  # type: ignore[misc]
+        if self.cycle is not before:  # a new request's headers are in
+            self._headers_arrived()
 
-        def pause_writing(self) -> None:
-            super().pause_writing()
-            if self._write_timer is None:
-                self._write_timer = self.loop.call_later(write_timeout_s, self._write_late)
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._await_headers()
+        super().on_response_complete()  # type: ignore[misc]
 
-        def resume_writing(self) -> None:
-            super().resume_writing()
-            if self._write_timer is not None:
-                self._write_timer.cancel()
-                self._write_timer = None
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_late)
 
-        def _write_late(self) -> None:
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        if self._write_timer is not None:
+            self._write_timer.cancel()
             self._write_timer = None
-            metrics.dropped.labels("write_timeout").inc()
-            self.transport.abort()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            for timer in (self._header_timer, self._write_timer):
-                if timer is not None:
-                    timer.cancel()
-            self._header_timer = self._write_timer = None
-            self._waiting_since = None
-            super().connection_lost(exc)
+    def _write_late(self) -> None:
+        self._write_timer = None
+        self.metrics.dropped.labels("write_timeout").inc()
+        self.transport.abort()
 
-    return GuardedH11Protocol
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self._header_timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._write_timer = None
+        self._waiting_since = None
+        super().connection_lost(exc)  # type: ignore[misc]
