@@ -401,3 +401,38 @@ def test_sigterm_with_unread_answers_exits_within_the_grace_period(model: dict[s
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_swaps_follow_the_image_encoder_rule(model: dict[str, Any], tmp_path: Path) -> None:
+    """A gallery re-indexed after its bundle's manifest grew keeps the loaded runtime; a gallery of another
+    bundle loads that bundle (warmed up before its first answer); one whose bundle is gone is refused."""
+    from itmrt.bundle.manifest import update_manifest
+
+    bundle = tmp_path / "model"
+    shutil.copytree(model["bundle"], bundle)
+    other = make_bundle(tmp_path / "other", seed=3)[0]
+    live_folder = make_gallery(bundle, tmp_path / "live")
+    captions = random_captions(2, seed=11)
+    with running(Service(live_folder, options=options(watch_s=0.05))) as live, ServiceClient(live.url) as client:
+        first = live.batcher.searcher
+        update_manifest(bundle, lambda manifest: setattr(manifest, "created", "engines were added here"))
+        replace_folder(live_folder, make_gallery(bundle, tmp_path / "v1", region_features(25, seed=4)))
+        wait_for(lambda: live.metrics.swaps.labels("ok")._value.get() >= 1)
+        assert live.batcher.searcher.runtime is first.runtime and client.search(captions, 3).indices.shape == (2, 3)
+        replace_folder(live_folder, make_gallery(other, tmp_path / "v2", region_features(22, seed=5)))
+        wait_for(lambda: live.metrics.swaps.labels("ok")._value.get() >= 2)
+        want = expected({"runtime": load(other, scorer="graph")}, live_folder, captions, 3)
+        np.testing.assert_array_equal(client.search(captions, 3).indices, want.indices)
+        gone = make_bundle(tmp_path / "gone", seed=4)[0]
+        orphan = make_gallery(gone, tmp_path / "v3", region_features(20, seed=6))
+        shutil.rmtree(gone)
+        replace_folder(live_folder, orphan)
+        wait_for(lambda: live.metrics.swaps.labels("refused")._value.get() >= 1)
+        np.testing.assert_array_equal(client.search(captions, 3).indices, want.indices)
+
+
+def replace_folder(target: Path, new: Path) -> None:
+    """Swap ``new`` in at ``target`` by renames, as ``itmrt index --overwrite`` publishes a gallery."""
+    old = target.with_name(target.name + f".old{time.monotonic_ns()}")
+    os.rename(target, old)
+    os.rename(new, target)

@@ -51,6 +51,7 @@ from itmrt.bundle.gallery_manifest import (
     GalleryManifest,
     IdsEntry,
     gallery_manifest_text,
+    image_encoder_identity,
     read_gallery_manifest,
     recorded_bundle,
 )
@@ -100,11 +101,24 @@ class Gallery:
 
 
 def check_made_with(gallery: Path, manifest: GalleryManifest, bundle: BundleInfo) -> None:
-    made_with = manifest.bundle.manifest_sha256
-    if made_with != bundle.manifest_sha256:
+    """Refuse ``bundle`` unless its image encoder made the gallery's embeddings (the same graph and weights,
+    inputs and outputs, preprocessing: :func:`image_encoder_identity`); engines, precision variants and
+    calibration added to the bundle since do not matter. A gallery made before the identity was recorded
+    needs the very manifest it was made with."""
+    recorded = manifest.bundle
+    if recorded.manifest_sha256 == bundle.manifest_sha256:
+        return
+    if recorded.image_encoder_sha256 is None:
         raise ItmrtError(
-            f"gallery {gallery} was made with another bundle (manifest sha256 {made_with[:12]}..., "
-            f"not {bundle.manifest_sha256[:12]}... of {bundle.path}); re-index it with `itmrt index {bundle.path}`"
+            f"gallery {gallery} was made with another bundle, or before {bundle.path}'s manifest changed, and does "
+            f"not record which image encoder made it; re-index it with `itmrt index {bundle.path}`"
+        )
+    identity = image_encoder_identity(bundle.manifest)
+    if recorded.image_encoder_sha256 != identity:
+        raise ItmrtError(
+            f"gallery {gallery} was made with another bundle's image encoder (identity "
+            f"{recorded.image_encoder_sha256[:12]}..., not {identity[:12]}... of {bundle.path}); re-index it with "
+            f"`itmrt index {bundle.path}`"
         )
 
 
@@ -144,13 +158,18 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
 def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 20) -> np.ndarray:
     """The embeddings file read into memory of this process in one pass that also hashes it and checks every
     value is finite: the array is exactly the bytes that matched the sha256, and nothing done to the file later
-    (truncated, changed in place, deleted) reaches it. A one-line :class:`ItmrtError` otherwise."""
+    (truncated, changed in place, deleted) reaches it. A one-line :class:`ItmrtError` otherwise.
+
+    A file this process verified already (:func:`verify_embeddings`) is only read, when its size, mtime, ctime
+    and inode are the same before and after the read (a write in between changes its ctime)."""
     header = read_npy_header(path, "gallery embeddings")
+    before = file_state_key(path, entry.sha256)
     if list(header.shape) != list(entry.shape) or header.dtype != np.dtype(entry.dtype) or header.fortran_order:
         raise ItmrtError(f"{path} has shape {header.shape} / {header.dtype}, not what {GALLERY_MANIFEST} says; "
                          f"{REMEDY}")
     array = np.empty(header.shape, dtype=header.dtype)
     view = memoryview(array.reshape(-1).view(np.uint8))
+    known = before in _VERIFIED
     digest, position = hashlib.sha256(), 0
     try:
         with open(path, "rb") as handle:
@@ -160,12 +179,21 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
                 if not got:
                     raise ItmrtError(f"{path} ended after {position} of {len(view)} bytes of embeddings (truncated "
                                      f"while it was read); {REMEDY}")
-                digest.update(view[position : position + got])
+                if not known:
+                    digest.update(view[position : position + got])
                 position += got
             for rest in iter(lambda: handle.read(chunk_size), b""):
                 digest.update(rest)
     except OSError as exc:
         raise ItmrtError(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {REMEDY}") from None
+    if known and file_state_key(path, entry.sha256) == before:
+        array.flags.writeable = False
+        return array
+    if known:  # changed while it was read: hash what was read
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            digest.update(handle.read(header.data_offset))
+        digest.update(view)
     if digest.hexdigest() != entry.sha256:
         raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST} (changed after indexing); {REMEDY}")
     rows = max(1, (chunk_size // max(array[:1].nbytes, 1)))
@@ -233,10 +261,17 @@ def gallery_bundle(folder: str | Path) -> BundleInfo:
         found = sha256_file(member(bundle, MANIFEST_NAME, "bundle", "export it again"))
     except OSError as exc:
         raise ItmrtError(f"cannot read {bundle / MANIFEST_NAME} ({exc.strerror}); {hint}") from None
-    if found != recorded.manifest_sha256:
+    if found == recorded.manifest_sha256:
+        return read_bundle(bundle)
+    if recorded.image_encoder_sha256 is None:  # an older gallery: only its own manifest is known to fit
         raise ItmrtError(f"the bundle at {bundle} is not the one gallery {folder} was made with (its manifest "
-                         f"changed); {hint}, or re-index the gallery")
-    return read_bundle(bundle)
+                         f"changed, and the gallery predates image-encoder records); re-index the gallery with "
+                         f"`itmrt index {bundle}`")
+    opened = read_bundle(bundle)  # parsed and checked like any bundle; its files are verified when they are used
+    if image_encoder_identity(opened.manifest) != recorded.image_encoder_sha256:
+        raise ItmrtError(f"the bundle at {bundle} has another image encoder than the one that made gallery "
+                         f"{folder}; re-index the gallery with `itmrt index {bundle}`")
+    return opened
 
 
 def gallery_source(
@@ -297,7 +332,7 @@ def write_gallery(
             ids_entry = IdsEntry(file=IDS_FILE, sha256=sha256_bytes(payload), count=len(ids))
         manifest = GalleryManifest(
             bundle=GalleryBundle(path=str(bundle.path.resolve()), manifest_sha256=bundle.manifest_sha256,
-                                 family=bundle.family),
+                                 family=bundle.family, image_encoder_sha256=image_encoder_identity(bundle.manifest)),
             embeddings=EmbeddingsEntry(file=EMBEDDINGS_FILE, sha256=sha256_file(staging / EMBEDDINGS_FILE),
                                        shape=list(shape), dtype=dtype),
             ids=ids_entry, backend=details.get("backend"), precision=details.get("precision"),

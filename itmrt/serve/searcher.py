@@ -87,9 +87,9 @@ class RuntimeSearcher:
         self.size = len(gallery)
         # Galleries made from image files name each image by its path.
         self.ids = ids if ids is not None else getattr(gallery, "ids", None)
-        manifest = getattr(gallery, "manifest", None)
-        self.version: str | None = manifest.embeddings.sha256[:16] if manifest is not None else None
-        """The gallery's version as answers name it: the start of its embeddings' sha256."""
+        embeddings = getattr(getattr(gallery, "manifest", None), "embeddings", None)
+        self.version: str | None = embeddings.sha256[:16] if embeddings is not None else None
+        """The gallery's version as answers name it: the start of its embeddings' sha256 (None: sharded)."""
         if self.ids is not None and len(self.ids) != self.size:
             raise ItmrtError(f"the gallery has {self.size} images but {len(self.ids)} ids")
 

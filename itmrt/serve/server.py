@@ -231,8 +231,7 @@ class Service:
         self.server = _server_with_deadline(uvicorn, config, options.grace_s)
 
     def _runtime_searcher(self, source: Any, gallery: Any, options: ServeOptions) -> Callable[[], Searcher]:
-        from itmrt.bundle.gallery_manifest import read_gallery_manifest
-        from itmrt.runtime.gallery import gallery_source, is_gallery
+        from itmrt.runtime.gallery import gallery_source, is_gallery, read_gallery
 
         if source is None:
             raise ItmrtError("give a gallery folder, or a bundle folder and --gallery")
@@ -255,7 +254,7 @@ class Service:
         if options.ray is not None or options.shortlist is not None:
             raise ItmrtError("--ray and --shortlist search a sharded gallery; make one with `itmrt index ... "
                              "--shard-images N`")
-        read_gallery_manifest(gallery_path)  # a missing or broken gallery is reported before the port is taken
+        read_gallery(gallery_path)  # a missing or broken gallery is reported before the port is taken
         explicit = None if is_gallery(source) else bundle_path
         self.source = RuntimeSource(gallery_path, explicit, load_options, options.on_long, log.warning)
         opener = self.source
