@@ -24,6 +24,7 @@ such galleries under one ``gallery.json`` of kind ``itmrt-sharded-gallery``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -316,7 +317,7 @@ def write_gallery(
         raise ItmrtError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
     _check_target(target, overwrite)
     with staged_folder(target) as staging:
-        array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=dtype, shape=shape)
+        array = allocated_memmap(staging / EMBEDDINGS_FILE, dtype, shape)
         ids = encode_into(array)
         array.flush()
         if dtype != "float32":
@@ -344,6 +345,46 @@ def write_gallery(
     return read_gallery(target, verify=False)
 
 
+def allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` memmap whose disk blocks are reserved before it is written: a full disk is an OSError
+    here (one line, the staging folder removed) instead of a SIGBUS on the first page that finds no block."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: written as before
+        return array
+    handle = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(handle, 0, os.fstat(handle).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as before
+            del array
+            raise
+    finally:
+        os.close(handle)
+    return array
+
+
+def check_encoded_rows(embeddings: np.ndarray, inputs: np.ndarray | None = None, first: int = 0,
+                       block: int = 1024) -> None:
+    """Refuse image embeddings that are not finite, or all zero where the input row was not (an encoder that
+    overflowed float32 and normalised the infinities away): a one-line :class:`ItmrtError` naming the rows
+    (``first``: the number of the first row, for messages about a part of a larger input)."""
+    bad: list[int] = []
+    for start in range(0, len(embeddings), block):
+        rows = np.asarray(embeddings[start : start + block]).reshape(min(block, len(embeddings) - start), -1)
+        broken = ~np.isfinite(rows).all(axis=1)
+        if inputs is not None:
+            given = np.asarray(inputs[start : start + block]).reshape(len(rows), -1)
+            broken |= ~rows.any(axis=1) & given.any(axis=1)
+        bad.extend((start + np.flatnonzero(broken)).tolist())
+        if len(bad) > 10:
+            break
+    if bad:
+        shown = ", ".join(str(first + row) for row in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ItmrtError(f"the image encoder gave embeddings that are not finite or are all zero for non-zero "
+                         f"input (image {shown}); check the inputs' scale (region features must be finite and "
+                         f"of the model's range)")
+
+
 def _check_finite(array: np.ndarray, block: int = 4096) -> None:
     """Refuse embeddings that overflowed a narrower storage type (read in blocks: a memmap)."""
     for start in range(0, len(array), block):
@@ -355,7 +396,7 @@ def _check_finite(array: np.ndarray, block: int = 4096) -> None:
 def _keep_rows(path: Path, array: np.ndarray, rows: int, block: int = 4096) -> None:
     """Rewrite the ``.npy`` at ``path`` (open as ``array``) with its first ``rows`` rows only."""
     smaller = path.with_name(path.name + ".rows")
-    kept = np.lib.format.open_memmap(smaller, mode="w+", dtype=array.dtype, shape=(rows, *array.shape[1:]))
+    kept = allocated_memmap(smaller, array.dtype, (rows, *array.shape[1:]))
     for start in range(0, rows, block):
         kept[start : start + block] = array[start : min(start + block, rows)]
     kept.flush()
