@@ -436,3 +436,16 @@ def replace_folder(target: Path, new: Path) -> None:
     old = target.with_name(target.name + f".old{time.monotonic_ns()}")
     os.rename(target, old)
     os.rename(new, target)
+
+
+def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any]) -> None:
+    """150 captions with --max-batch-captions 64: three batches, one answer equal to the runtime's alone."""
+    captions = random_captions(150, seed=12, max_words=9)
+    settings = options(limits=HttpLimits(), batch=BatchSettings(max_batch_captions=64, max_delay_s=0.0))
+    with running(Service(model["gallery"], options=settings)) as live, ServiceClient(live.url) as client:
+        hits = client.search(captions, 5)
+        page = client.request("GET", "/metrics")[2].decode()
+    want = expected(model, model["gallery"], captions, 5)
+    np.testing.assert_array_equal(hits.indices, want.indices)
+    np.testing.assert_allclose(hits.scores, want.scores, atol=1e-6)
+    assert metric(page, "itmrt_batch_captions_count") >= 3 and metric(page, "itmrt_batch_captions_sum") >= 150

@@ -9,7 +9,11 @@ split the answers back.
 
 The queue is fair (:class:`FairQueue`): callers (connections) share the worker
 by captions, so one caller's backlog of 256-caption requests does not hold a
-one-caption caller back for more than about one batch.
+one-caption caller back for more than about one batch. Where a request's rows do
+not depend on what they are encoded with (NAAF, SCAN: ``searcher.splittable``),
+a request of more than ``max_batch_captions`` captions is split into parts of
+that size, queued as separate jobs and joined (:func:`joined`), so a large
+request waits its turn batch by batch instead of holding the worker for all of it.
 
 Between batches the worker swaps in a new searcher handed to :meth:`Batcher.swap`
 (:mod:`itmrt.serve.swap`): every batch runs whole on one version, so a request
@@ -202,14 +206,18 @@ class Batcher:
         """Queue a request; :class:`QueueFull` or :class:`NotReady` at once when it cannot be."""
         if not self.ready_now():
             raise NotReady(self.unready_reason())
-        job = Job(captions, top_k, deadline, caller)
+        limit = self.settings.max_batch_captions
+        split = len(captions) > limit and getattr(self.searcher, "splittable", False)
+        parts = [Job(captions[start : start + limit], top_k, deadline, caller)
+                 for start in range(0, len(captions), limit)] if split else [Job(captions, top_k, deadline, caller)]
         with self._condition:
             if len(self._queue) >= self.settings.max_queue:
                 raise QueueFull(f"the queue holds {self.settings.max_queue} requests; retry shortly")
-            self._queue.push(job)
+            for part in parts:
+                self._queue.push(part)
             self.metrics.queue_depth.set(len(self._queue))
             self._condition.notify()
-        return job.future
+        return parts[0].future if len(parts) == 1 else joined(parts)
 
     def swap(self, searcher: Searcher, warm: bool, retire: Callable[[], None] | None = None) -> Future[SwapOutcome]:
         """Hand a new version to the worker, which answers from it from its next batch on (any thread)."""
@@ -405,6 +413,40 @@ class Batcher:
             else:
                 self._search(searcher, [(job, ids)])
             row += len(job.captions)
+
+
+def joined(parts: list[Job]) -> Future[Answer]:
+    """One answer from the parts of a request split into batches (rows in order). The parts of a request are
+    scored by one gallery version or the request fails (a swap landed between them): never half of each."""
+    whole: Future[Answer] = Future()
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def part_done(_future: Future[Answer]) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] or not whole.set_running_or_notify_cancel():  # more to come, or the client left
+                return
+        failed = [part.future for part in parts if part.future.cancelled() or part.future.exception() is not None]
+        if failed:
+            whole.set_exception(failed[0].exception() or NotReady("the request was cancelled"))
+            return
+        answers = [part.future.result() for part in parts]
+        if len({answer.version for answer in answers}) > 1:
+            whole.set_exception(NotReady("the gallery was swapped while this request was answered; send it again"))
+            return
+        indices, scores = (np.concatenate([getattr(a, name) for a in answers]) for name in ("indices", "scores"))
+        whole.set_result(Answer(indices, scores, answers[0].ids, answers[0].version))
+
+    def client_left(future: Future[Answer]) -> None:
+        if future.cancelled():  # the parts not scored yet are skipped
+            for part in parts:
+                part.future.cancel()
+
+    whole.add_done_callback(client_left)
+    for part in parts:
+        part.future.add_done_callback(part_done)
+    return whole
 
 
 def broken_part(searcher: Searcher, block: int = 4096) -> str | None:

@@ -88,6 +88,8 @@ class RuntimeSearcher:
         self.size = len(gallery)
         # Galleries made from image files name each image by its path.
         self.ids = ids if ids is not None else getattr(gallery, "ids", None)
+        # Rows independent of what else is encoded with them: a large request may be split into batches.
+        self.splittable = bool(getattr(runtime.text_encoder, "bucket", False))
         embeddings = getattr(getattr(gallery, "manifest", None), "embeddings", None)
         self.version: str | None = embeddings.sha256[:16] if embeddings is not None else None
         """The gallery's version as answers name it: the start of its embeddings' sha256 (None: sharded)."""
