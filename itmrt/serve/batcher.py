@@ -305,6 +305,8 @@ class Batcher:
         pending.future.set_result(SwapOutcome(version=getattr(pending.searcher, "version", None)))
         if retire is not None:
             retire()
+        del pending
+        release_memory()
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch (empty when a swap is waiting and nothing is queued), waiting at most ``max_delay_s``
@@ -322,8 +324,9 @@ class Batcher:
             until = first.enqueued + delay
             while captions < limit:
                 if self._queue:
-                    if captions + len(self._queue.peek().captions) > limit:
-                        break
+                    joining = len(self._queue.peek().captions)
+                    if captions + joining > limit or joining > len(first.captions):
+                        break  # a batch costs what its captions cost: a small request never waits on large ones
                     job = self._queue.pop()
                     jobs.append(job)
                     captions += len(job.captions)
@@ -413,6 +416,19 @@ class Batcher:
             else:
                 self._search(searcher, [(job, ids)])
             row += len(job.captions)
+
+
+def release_memory() -> None:
+    """Give the old version's memory back to the system now (glibc keeps freed heap pages otherwise)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
 
 
 def joined(parts: list[Job]) -> Future[Answer]:
