@@ -23,6 +23,10 @@ server starts) for the gallery version the response names. Each phase lasts ``--
 - ``file faults``: the served embeddings file changed in place, then truncated;
 - ``SIGTERM``: 20 non-readers connected, then SIGTERM: seconds to exit, and the exit status.
 
+First, what the service's copy-on-open costs: the gallery opened mapped
+(``read_gallery``) and copied (``in_memory=True``), twice each, each in a fresh
+process: seconds to open (verification included) and resident MB added.
+
 The table: well-behaved requests answered correctly, refused at once (429/503),
 lost (a wrong answer, another status, a timeout, a dropped connection), their
 p50 and p99 and p99 against the quiet p99; the server's resident memory
@@ -380,6 +384,33 @@ def sigterm(server: Server) -> dict[str, Any]:
     return row
 
 
+OPEN_COST = """
+import sys, time
+from itmrt.runtime.gallery import read_gallery
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
+base, started = rss(), time.perf_counter()
+gallery = read_gallery(sys.argv[2], in_memory=sys.argv[1] == 'copied')
+print(round(time.perf_counter() - started, 3), round(rss() - base, 1))
+"""
+
+
+def open_cost(gallery: Path, runs: int = 2) -> list[dict[str, Any]]:
+    """What copying the gallery into memory costs against mapping it: open seconds and resident MB, each in a
+    fresh process (the file in the page cache: the service's case after the first start)."""
+    import subprocess
+
+    rows = []
+    for _ in range(runs):
+        for mode in ("mapped", "copied"):
+            done = subprocess.run([sys.executable, "-c", OPEN_COST, mode, str(gallery)], capture_output=True,
+                                  text=True, check=True, timeout=300)
+            seconds, mb = done.stdout.split()
+            rows.append({"open": mode, "seconds": float(seconds), "rss_mb": float(mb)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -389,6 +420,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for leftover in work.glob("old*"):
         shutil.rmtree(leftover, ignore_errors=True)
     shutil.copytree(versions[0], live)
+    open_cost(versions[0])
     queries = captions[:50]
     table = references(work / "small" / "bundle", versions, queries)
     server = Server.start("faults", live, work / "server.log", *FLAGS)

@@ -112,7 +112,7 @@ class GalleryBundle(JsonRecord):
     path: str
     manifest_sha256: str = sha256_field()
     family: str = field(metadata={"pattern": r"^[a-z][a-z0-9_]{0,31}$", "means": "a model family name"})
-    image_encoder_sha256: str | None = optional(**SHA256)
+    image_encoder_sha256: str | None = optional(None, **SHA256)
 
 
 def image_encoder_identity(manifest: Any) -> str:

@@ -169,7 +169,7 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
         raise ItmrtError(f"{path} has shape {header.shape} / {header.dtype}, not what {GALLERY_MANIFEST} says; "
                          f"{REMEDY}")
     array = np.empty(header.shape, dtype=header.dtype)
-    view = memoryview(array.reshape(-1).view(np.uint8))
+    view = array.reshape(-1).view(np.uint8).data
     known = before in _VERIFIED
     digest, position = hashlib.sha256(), 0
     try:
@@ -345,7 +345,7 @@ def write_gallery(
     return read_gallery(target, verify=False)
 
 
-def allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+def allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
     """A new ``.npy`` memmap whose disk blocks are reserved before it is written: a full disk is an OSError
     here (one line, the staging folder removed) instead of a SIGBUS on the first page that finds no block."""
     array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
