@@ -133,6 +133,8 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
     after = client.get("/metrics").text
     assert metric(after, "itmrt_client_errors_total", 'status="400"') - \
         metric(before, "itmrt_client_errors_total", 'status="400"') == len(cases)
+    assert metric(after, "itmrt_client_errors_total", 'status="499"') - \
+        metric(before, "itmrt_client_errors_total", 'status="499"') == 1
     assert metric(after, "itmrt_server_errors_total") == 0
     assert client.post(INFER, content=body(["word1"], top_k=3)).status_code == 200
 
@@ -365,6 +367,43 @@ def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path
         answered = sum(future.result(60) for future in clients)
     assert not failures, failures[:5]
     assert answered > 20 and len(seen) == 3
+
+
+def test_sighup_swaps_in_the_gallery_written_in_place(model: dict[str, Any], tmp_path: Path) -> None:
+    """--watch-s 0: only SIGHUP (or the load endpoint) looks at the folder; a subprocess server."""
+    live_folder = tmp_path / "live"
+    shutil.copytree(model["gallery"], live_folder)
+    new = make_gallery(model["bundle"], tmp_path / "new", region_features(33, seed=8))
+    args = ["serve", str(live_folder), "--port", "0", "--scorer", "graph", "--watch-s", "0"]
+    script = f"from itmrt.cli.app import main\nmain({args!r})\n"
+    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in server.stderr:  # type: ignore[union-attr]
+            url = url or (line.split("listening on ")[1].split(";")[0] if "listening on " in line else None)
+            if "ready:" in line:
+                break
+        assert url is not None
+        with ServiceClient(url) as client:
+            assert client.search(["word1"], 3).indices.max() < 40
+            for name in ("image_embeddings.npy", "gallery.json"):  # in place, the document last
+                shutil.copyfile(new / name, live_folder / name)
+            time.sleep(0.3)
+            assert len(client.search(["word1"], 40).indices[0]) == 40  # not watched: still the old version
+            server.send_signal(signal.SIGHUP)
+            for line in server.stderr:  # type: ignore[union-attr]
+                if "swapped in gallery" in line:
+                    assert "SIGHUP" in line
+                    break
+            want = expected(model, new, ["word1"], 33)
+            np.testing.assert_array_equal(client.search(["word1"], 33).indices, want.indices)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
 
 def test_sigterm_with_unread_answers_exits_within_the_grace_period(model: dict[str, Any]) -> None:

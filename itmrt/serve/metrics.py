@@ -106,10 +106,8 @@ class ServiceMetrics:
 
     def count(self, status: int, seconds: float | None = None) -> None:
         """One inference request answered with HTTP ``status`` after ``seconds``."""
-        self.requests.labels(outcome_of(status)).inc()
-        if status == 499:
-            self.client_errors.labels("499").inc()  # no answer went out, so the guard did not count it
-        elif status == 500:
+        self.requests.labels(outcome_of(status)).inc()  # 4xx (499 too) are counted by the guard as they go out
+        if status == 500:
             self.server_errors.inc()
         if seconds is not None:
             self.request_seconds.observe(seconds)
