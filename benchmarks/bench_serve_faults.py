@@ -16,6 +16,7 @@ server starts) for the gallery version the response names. Each phase lasts ``--
 - ``quiet``: the well-behaved clients alone (the reference p99);
 - ``slow headers``: 100 connections sending a header byte a second;
 - ``stalled bodies``: 50 connections announcing 4 MB bodies, sending 1 KB, stalling;
+- ``large bodies``: 20 senders posting whole 4 MB JSON documents (parsed, then refused: a caption too long);
 - ``non-readers``: 20 connections pipelining requests for large answers and reading none;
 - ``amplification``: 2 callers sending 256-caption requests with the largest top_k --max-answer allows;
 - ``overload``: 64 more closed-loop clients (429 is a correct answer for them);
@@ -29,7 +30,8 @@ process: seconds to open (verification included) and resident MB added.
 
 The table: well-behaved requests answered correctly, refused at once (429/503),
 lost (a wrong answer, another status, a timeout, a dropped connection), their
-p50 and p99 and p99 against the quiet p99; the server's resident memory
+p50 and p99 and p99 against the quiet p99; how long ``/v2/health/live`` took
+(probed every 50 ms: p99 and max); the server's resident memory
 before, during (peak sampled) and 3 s after the attack; for hot swap the
 swaps done and refused, for file faults the versions refused.
 """
@@ -259,6 +261,68 @@ def non_reader_attack(url: str, stop: threading.Event) -> None:
             sock.close()
 
 
+def large_bodies(url: str, stop: threading.Event, senders: int = 20, limit: int = 200) -> None:
+    """``senders`` threads posting 4 MB JSON documents (one huge caption: parsed, then refused with 400)."""
+    import http.client
+
+    body = json.dumps({"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [1],
+                                   "data": ["word " * 800_000]}]}).encode()[: 4 << 20]
+    host, port = url.removeprefix("http://").split(":")
+
+    def sender() -> None:
+        for _ in range(limit):
+            if stop.is_set():
+                return
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                connection.request("POST", INFER, body, {"Content-Type": "application/json"})
+                connection.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                connection.close()
+
+    threads = [threading.Thread(target=sender, daemon=True) for _ in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+class LiveProbe:
+    """``GET /v2/health/live`` every 50 ms: how long the event loop takes to answer during each phase."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.latencies, self.stop = url, [], threading.Event()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        import http.client
+
+        host, port = self.url.removeprefix("http://").split(":")
+        while not self.stop.wait(0.05):
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            started = time.perf_counter()
+            try:
+                connection.request("GET", "/v2/health/live")
+                connection.getresponse().read()
+                with self.lock:
+                    self.latencies.append(time.perf_counter() - started)
+            except (OSError, http.client.HTTPException):
+                with self.lock:
+                    self.latencies.append(float("inf"))
+            finally:
+                connection.close()
+
+    def take(self) -> str:
+        with self.lock:
+            values, self.latencies = self.latencies, []
+        if not values:
+            return "live: no probe"
+        return f"live p99 {np.percentile(values, 99) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms"
+
+
 def amplification(url: str, stop: threading.Event, callers: int = 2, limit: int = 1000) -> None:
     """``callers`` threads sending 256-caption requests asking for the largest answer allowed."""
     from itmrt.serve.client import ServiceClient, ServiceError
@@ -305,9 +369,12 @@ def overload(url: str, stop: threading.Event, clients: int = 64) -> None:
 
 
 def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attack: Callable[..., Any] | None,
-          quiet_p99: float | None, note: Callable[[], str] | None = None) -> dict[str, Any]:
+          quiet_p99: float | None, note: Callable[[], str] | None = None,
+          probe: LiveProbe | None = None) -> dict[str, Any]:
     before = rss_mb(server.process.pid)
     clients.take()
+    if probe is not None:
+        probe.take()
     stop = threading.Event()
     thread = threading.Thread(target=attack, args=(server.url, stop), daemon=True) if attack else None
     if thread:
@@ -318,6 +385,7 @@ def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attac
         time.sleep(0.2)
     stop.set()
     outcome = clients.take()
+    live = probe.take() if probe is not None else ""
     if thread:
         thread.join(60)
     time.sleep(3.0)
@@ -327,7 +395,8 @@ def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attac
            "lost": sum(outcome.lost.values()), "lost_why": outcome.lost, "p50_ms": round(p50, 1),
            "p99_ms": round(p99, 1), "p99_x_quiet": round(p99 / quiet_p99, 2) if quiet_p99 else 1.0,
            "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1), "rss_after_mb": round(after, 1),
-           "rss_after_x_before": round(after / before, 3), "note": note() if note else ""}
+           "rss_after_x_before": round(after / before, 3),
+           "note": "; ".join(part for part in (live, note() if note else "") if part)}
     print(json.dumps(row), flush=True)
     return row
 
@@ -427,24 +496,27 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     server.wait_ready()
     clients = WellBehaved(server.url, queries, table)
     threads = clients.run()
+    probe = LiveProbe(server.url)
     rows: list[dict[str, Any]] = []
     try:
         phase("warm-up (not reported)", server, clients, args.seconds, None, None)
-        quiet = phase("quiet", server, clients, args.seconds, None, None)
+        quiet = phase("quiet", server, clients, args.seconds, None, None, probe=probe)
         rows.append(quiet)
         q = quiet["p99_ms"] or 1.0
         attacks = [("slow headers (100)", slow_headers), ("stalled 4 MB bodies (50)", stalled_bodies),
+                   ("large bodies (20 x 4 MB JSON)", large_bodies),
                    ("non-readers (20 x 50 answers)", non_reader_attack), ("amplification (2 x 256 captions)",
                                                                           amplification),
                    ("overload (64 more clients)", overload)]
         for name, attack in attacks:
-            rows.append(phase(name, server, clients, args.seconds, attack, q, lambda: dropped(server)))
+            rows.append(phase(name, server, clients, args.seconds, attack, q, lambda: dropped(server), probe))
         swaps = swapper(live, versions, args.swaps, server)
         rows.append(phase(f"hot swap ({args.swaps} swaps)", server, clients, max(args.seconds, args.swaps * 1.5),
-                          swaps, q, lambda: swap_counts(server)))
+                          swaps, q, lambda: swap_counts(server), probe))
         rows.append(phase("file faults (changed in place, truncated)", server, clients, args.seconds,
-                          file_faults(live), q, lambda: swap_counts(server)))
+                          file_faults(live), q, lambda: swap_counts(server), probe))
     finally:
+        probe.stop.set()
         clients.stop.set()
         for thread in threads:
             thread.join(30)

@@ -455,7 +455,7 @@ def test_swaps_follow_the_image_encoder_rule(model: dict[str, Any], tmp_path: Pa
     with running(Service(live_folder, options=options(watch_s=0.05))) as live, ServiceClient(live.url) as client:
         first = live.batcher.searcher
         update_manifest(bundle, lambda manifest: setattr(manifest, "created", "engines were added here"))
-        replace_folder(live_folder, make_gallery(bundle, tmp_path / "v1", region_features(25, seed=4)))
+        load(bundle, scorer="graph").index(region_features(25, seed=4), live_folder, overwrite=True)  # as index does
         wait_for(lambda: live.metrics.swaps.labels("ok")._value.get() >= 1)
         assert live.batcher.searcher.runtime is first.runtime and client.search(captions, 3).indices.shape == (2, 3)
         replace_folder(live_folder, make_gallery(other, tmp_path / "v2", region_features(22, seed=5)))

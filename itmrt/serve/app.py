@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +36,7 @@ from itmrt.errors import first_line
 from itmrt.optional import require
 from itmrt.serve import protocol
 from itmrt.serve.auth import authorized
-from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused
+from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused, release_memory
 from itmrt.serve.guard import BrowserGuard, BrowserPolicy
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.protocol import MODEL_NAME, MODEL_VERSION, ProtocolError, RequestLimits
@@ -68,19 +68,31 @@ class HttpLimits:
 
 
 class BodyBudget:
-    """Bytes of request bodies the service holds at once, across every connection (event-loop thread only)."""
+    """Bytes of request bodies the service holds at once, across every connection (event-loop thread only).
 
-    def __init__(self, limit: int) -> None:
+    When the bodies held drop back to none after at least ``trim_after`` bytes went through, ``trim`` is called
+    (at most once a second): the service gives the freed buffers back to the system instead of keeping them.
+    """
+
+    def __init__(self, limit: int, trim: Callable[[], object] | None = None, trim_after: int = 8 << 20) -> None:
         self.limit, self.used = limit, 0
+        self.trim, self.trim_after = trim, trim_after
+        self.since_trim, self.last_trim = 0, 0.0
 
     def take(self, size: int) -> None:
         if self.used + size > self.limit:
             raise ProtocolError(503, f"the service holds {self.limit >> 20} MB of request bodies already "
                                      "(--max-buffered-mb); retry shortly")
         self.used += size
+        self.since_trim += size
 
     def give(self, size: int) -> None:
         self.used -= size
+        now = time.monotonic()
+        if self.used == 0 and self.since_trim >= self.trim_after and self.trim is not None \
+                and now - self.last_trim >= 1.0:
+            self.since_trim, self.last_trim = 0, now
+            self.trim()
 
 
 @dataclass
@@ -163,8 +175,8 @@ class InferenceRoutes:
         self.batcher, self.metrics, self.limits, self.token = batcher, metrics, limits, token
         self.responses = require("starlette.responses", "itmrt serve")
         self.client_disconnect = require("starlette.requests", "itmrt serve").ClientDisconnect
-        self.budget = BodyBudget(limits.max_buffered_bytes)
         self.codec = ThreadPoolExecutor(2, thread_name_prefix="itmrt-serve-codec")
+        self.budget = BodyBudget(limits.max_buffered_bytes, lambda: self.codec.submit(release_memory, False))
         self.failures = 0
         self.reloader: Any = None  # itmrt.serve.swap.Reloader where the service can load its gallery again
 

@@ -418,13 +418,15 @@ class Batcher:
             row += len(job.captions)
 
 
-def release_memory() -> None:
-    """Give the old version's memory back to the system now (glibc keeps freed heap pages otherwise)."""
+def release_memory(collect: bool = True) -> None:
+    """Give freed memory back to the system now (glibc keeps freed heap pages otherwise): after a swap, the old
+    version; after a burst of large request bodies, their buffers. ``collect``: run the garbage collector first."""
     import ctypes
     import ctypes.util
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     name = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     if trim is not None:
