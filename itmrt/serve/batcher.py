@@ -189,8 +189,9 @@ class Batcher:
         return self.ready.is_set() and self.broken is None and not self.unloaded and not self._closing
 
     def unready_reason(self) -> str:
+        """Why requests are not answered now, in words fit for a client (no paths: the log has the details)."""
         if self.failure is not None:
-            return self.failure
+            return "the gallery could not be loaded (the service's log says why); the service is stopping"
         if self._closing:
             return "the service is stopping"
         if not self.ready.is_set():
