@@ -488,3 +488,19 @@ def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any])
     np.testing.assert_array_equal(hits.indices, want.indices)
     np.testing.assert_allclose(hits.scores, want.scores, atol=1e-6)
     assert metric(page, "itmrt_batch_captions_count") >= 3 and metric(page, "itmrt_batch_captions_sum") >= 150
+
+
+def test_unload_and_load_through_the_repository(service: Service) -> None:
+    client = httpx.Client(base_url=service.url, headers=JSON, timeout=30)
+    index = client.post("/v2/repository/index")
+    assert index.status_code == 200 and index.json()[0]["state"] == "READY"
+    assert client.post("/v2/repository/models/text_to_image/unload").json()["loaded"] is False
+    one_line(client.post(INFER, content=body(["word1"])), 503, "unloaded")
+    ready = client.get("/v2/health/ready")
+    assert ready.status_code == 503 and "load" in ready.json()["reason"]
+    assert client.post("/v2/repository/index").json()[0]["state"] == "UNAVAILABLE"
+    loaded = client.post("/v2/repository/models/text_to_image/load")
+    assert loaded.status_code == 200 and len(loaded.json()["gallery_sha256"]) == 16
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.post(INFER, content=body(["word1"])).status_code == 200
+    one_line(client.post("/v2/repository/models/other/load"), 404, "unknown model")
