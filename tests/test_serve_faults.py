@@ -504,3 +504,47 @@ def test_unload_and_load_through_the_repository(service: Service) -> None:
     assert client.get("/v2/health/ready").status_code == 200
     assert client.post(INFER, content=body(["word1"])).status_code == 200
     one_line(client.post("/v2/repository/models/other/load"), 404, "unknown model")
+
+
+def test_sigterm_exits_within_the_grace_period_with_the_worker_stuck(model: dict[str, Any]) -> None:
+    """A request the worker never finishes (its search held): SIGTERM still ends the process within --grace-s."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from serve_helpers import ControlledSearcher
+from itmrt.serve.searcher import open_runtime_searcher
+from itmrt.serve.server import ServeOptions, Service
+
+def held():
+    searcher = ControlledSearcher(open_runtime_searcher({str(model["bundle"])!r}, {str(model["gallery"])!r},
+                                                        scorer="graph"))
+    searcher.release.clear()
+    return searcher
+
+Service(None, options=ServeOptions(port=0, grace_s=3.0), searcher=held).run()
+"""
+    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in server.stderr:  # type: ignore[union-attr]
+            url = url or (line.split("listening on ")[1].split(";")[0] if "listening on " in line else None)
+            if "ready:" in line:
+                break
+        assert url is not None
+        def held_request() -> None:
+            try:
+                httpx.post(url + INFER, content=body(["word1"]), headers=JSON, timeout=30)
+            except httpx.HTTPError:
+                pass  # the stopping server cuts it off: there is no answer to give
+
+        threading.Thread(target=held_request, daemon=True).start()
+        time.sleep(0.5)
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+        assert time.monotonic() - signalled < 3.0 + 1.5
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

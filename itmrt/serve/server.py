@@ -168,19 +168,26 @@ def _reload_on_sighup(reloader: Reloader | None) -> Iterator[None]:
 
 
 def _server_with_deadline(uvicorn: Any, config: Any, grace_s: float) -> Any:
-    """uvicorn's server, whose first SIGINT/SIGTERM also starts a clock: past ``grace_s`` the process exits 1."""
+    """uvicorn's server, whose first SIGINT/SIGTERM also starts a clock: past ``grace_s`` the process exits 1
+    (unless ``server.finished`` is set first: ``run`` returned, the application goes on)."""
 
     class DeadlineServer(uvicorn.Server):  # type: ignore[misc, name-defined]
+        finished = threading.Event()
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             if not self.should_exit:
-                threading.Thread(target=_exit_after, args=(grace_s,), name="itmrt-serve-grace", daemon=True).start()
+                threading.Thread(target=_exit_after, args=(grace_s, self.finished), name="itmrt-serve-grace",
+                                 daemon=True).start()
             super().handle_exit(sig, frame)
 
-    return DeadlineServer(config)
+    server = DeadlineServer(config)
+    server.finished = threading.Event()
+    return server
 
 
-def _exit_after(grace_s: float) -> None:
-    threading.Event().wait(grace_s)
+def _exit_after(grace_s: float, finished: threading.Event) -> None:
+    if finished.wait(grace_s):
+        return
     log.error("the grace period of %g s is over with answers still going out; exiting now", grace_s)
     logging.shutdown()
     os._exit(1)
@@ -278,7 +285,10 @@ class Service:
         if self.reloader is not None:
             self.reloader.start()
         with _exit_zero_after_signal(), _reload_on_sighup(self.reloader):
-            self.server.run(sockets=[self.socket])
+            try:
+                self.server.run(sockets=[self.socket])
+            finally:
+                self.server.finished.set()
         if self.reloader is not None:
             self.reloader.stop()
         self.socket.close()
