@@ -215,9 +215,29 @@ def test_slow_headers_stalled_bodies_and_non_readers_are_cut_off(service: Servic
         time.sleep(0.1)
     reader.close()
     after = httpx.get(service.url + "/metrics").text
+
     assert metric(after, "itmrt_connections_dropped_total", 'reason="header_timeout"') >= 1
     assert metric(after, "itmrt_client_errors_total", 'status="408"') >= 1
     assert httpx.post(service.url + INFER, content=body(["word2"]), headers=JSON).status_code == 200
+
+
+def test_a_client_that_does_not_read_gets_no_more_work_done(model: dict[str, Any]) -> None:
+    """400 pipelined requests behind unread answers: once the socket buffer is full no more are scored (uvicorn
+    waits to write the next answer; the transport does not even take the next request up), and the write
+    deadline cuts the connection off."""
+    settings = options(limits=HttpLimits(write_timeout_s=3.0))
+    with running(Service(model["gallery"], options=settings)) as live:
+        live.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        reader = socket.create_connection((live.host, live.port))
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        one = body(["word1 word2"] * 4, top_k=40)
+        request = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: " + str(len(one)).encode() + b"\r\n\r\n" + one)
+        threading.Thread(target=reader.sendall, args=(request * 400,), daemon=True).start()
+        wait_for(lambda: live.metrics.dropped.labels("write_timeout")._value.get() >= 1, 60)
+        reader.close()
+        answered = live.metrics.requests.labels("ok")._value.get()
+    assert answered < 200, f"{answered} of 400 pipelined requests were scored for a client that read none"
 
 
 def test_slow_connections_are_evicted_for_real_clients(service: Service) -> None:

@@ -11,6 +11,8 @@ such connections against ``limit_concurrency`` until they leave. This protocol
 - a **write deadline**: once the answer fills the socket's buffer (the client
   is not reading), the client has ``write_timeout_s`` to take it down to the
   low-water mark or the connection is aborted, dropping what was buffered;
+  meanwhile the connection's next (pipelined) request is not taken up, so a
+  client that does not read gets no more work done for it;
 - **eviction** at ``max_connections``: a new connection pushes out the one that
   has waited longest for its next request's headers (slow, stalled or idle);
   only when every connection has a request in progress is the new one refused
@@ -22,7 +24,7 @@ connection is counted in ``itmrt_connections_dropped_total{reason}``.
 
 The class relies on uvicorn's ``H11Protocol`` hooks (``connection_made``,
 ``handle_events``, ``on_response_complete``, ``pause_writing``,
-``resume_writing``, ``connection_lost``, ``cycle``); a test starts a real
+``resume_writing``, ``connection_lost``, ``cycle``, ``flow.write_paused``); a test starts a real
 server and checks each deadline, so a uvicorn that changes them fails there.
 """
 
@@ -57,6 +59,7 @@ class Deadlines:
     max_connections: int
     metrics: ServiceMetrics
     # uvicorn's H11Protocol provides these:
+    flow: Any
     connections: set[Any]
     transport: Any
     loop: Any
@@ -67,6 +70,7 @@ class Deadlines:
         self._header_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._waiting_since: float | None = None
+        self._completion_deferred = False
         self._await_headers()
         if len(self.connections) > self.max_connections and not self._evict_one():
             self.metrics.dropped.labels("over_limit").inc()
@@ -110,6 +114,12 @@ class Deadlines:
             self._headers_arrived()
 
     def on_response_complete(self) -> None:
+        if self.flow.write_paused and not self.transport.is_closing():
+            self._completion_deferred = True  # the client is not reading: no next request until it does
+            return
+        self._complete()
+
+    def _complete(self) -> None:
         if not self.transport.is_closing():
             self._await_headers()
         super().on_response_complete()  # type: ignore[misc]
@@ -124,6 +134,9 @@ class Deadlines:
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
+        if self._completion_deferred:
+            self._completion_deferred = False
+            self._complete()
 
     def _write_late(self) -> None:
         self._write_timer = None
