@@ -94,12 +94,37 @@ def test_truncated_embeddings_are_refused(case: Case, capsys: pytest.CaptureFixt
     assert_one_line(hostile_run(capsys, case.folder, *search(case)), "is truncated")
 
 
-def test_gallery_of_a_replaced_bundle_is_refused(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gallery_of_a_bundle_with_another_image_encoder_is_refused(case: Case,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     data = case.manifest()
-    data["created"] = "another export"  # a different manifest at the same place
+    data["graphs"]["image_encoder"]["outputs"][0]["name"] = "other_embeddings"  # another image encoder's record
     case.write_manifest(data)
-    assert_one_line(hostile_run(capsys, case.folder, *search(case)), "is not the one gallery",
-                    "itmrt infer BUNDLE --gallery")
+    assert_one_line(hostile_run(capsys, case.folder, *search(case)), "has another image encoder",
+                    "re-index the gallery with `itmrt index")
+
+
+def test_gallery_of_a_bundle_whose_manifest_grew_still_searches(case: Case,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A manifest changed elsewhere (a build or calibration records engines there): the gallery still fits."""
+    data = case.manifest()
+    data["created"] = "another export"
+    case.write_manifest(data)
+    result = hostile_run(capsys, case.folder, *search(case))
+    assert result.code == 0, result.err
+
+
+def test_gallery_without_an_image_encoder_record_needs_its_own_manifest(case: Case,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A gallery made before the image encoder was recorded: opened while the manifest is the same one."""
+    document = case.gallery_document()
+    document["bundle"].pop("image_encoder_sha256")
+    case.write_gallery_document(document)
+    assert hostile_run(capsys, case.folder, *search(case)).code == 0
+    data = case.manifest()
+    data["created"] = "another export"
+    case.write_manifest(data)
+    assert_one_line(hostile_run(capsys, case.folder, *search(case, "--overwrite")), "predates image-encoder records",
+                    "re-index the gallery")
 
 
 def test_gallery_naming_a_folder_that_is_no_bundle_reads_nothing_there(case: Case,

@@ -26,6 +26,7 @@ from itmrt.bundle.closed import member
 from itmrt.bundle.names import BACKENDS, PRECISIONS, check_family
 from itmrt.bundle.record import (
     SAFE_RELATIVE_PATH,
+    SHA256,
     JsonRecord,
     RecordError,
     bounded,
@@ -104,11 +105,34 @@ class ShortlistEntry(JsonRecord):
 
 @dataclass(kw_only=True)
 class GalleryBundle(JsonRecord):
-    """The bundle whose image encoder made the embeddings: where it was, and the sha256 of its manifest."""
+    """The bundle whose image encoder made the embeddings: where it was, the sha256 of its manifest then, and
+    the identity of its image encoder (:func:`image_encoder_identity`; absent in galleries made before it was
+    recorded, which then need the very manifest they were made with)."""
 
     path: str
     manifest_sha256: str = sha256_field()
     family: str = field(metadata={"pattern": r"^[a-z][a-z0-9_]{0,31}$", "means": "a model family name"})
+    image_encoder_sha256: str | None = optional(None, **SHA256)
+
+
+def image_encoder_identity(manifest: Any) -> str:
+    """What a gallery's embeddings depend on, as one sha256: the family, the fp32 image encoder graph and its
+    weights (the sha256 the bundle lists for the graph file and its external data), the graph's inputs and
+    outputs (dimensions and dtypes) and the image preprocessing. Engines, precision variants, calibration,
+    shape ranges and the text side are left out: adding them to a bundle does not change an embedding."""
+    graph = manifest.graphs["image_encoder"]
+    stem = Path(graph.file).stem
+    weights = {name: sha for name, sha in sorted(manifest.files.items())
+               if name == graph.file or Path(name).name.startswith(stem + ".")}
+    record = {
+        "family": manifest.family,
+        "graph": {"file": graph.file, "sha256": graph.sha256},
+        "weights": weights,
+        "inputs": [spec.to_json() for spec in graph.inputs],
+        "outputs": [spec.to_json() for spec in graph.outputs],
+        "preprocessing": manifest.image_preprocessing.to_json() if manifest.image_preprocessing else None,
+    }
+    return sha256_bytes(json.dumps(record, sort_keys=True).encode("utf-8"))
 
 
 @dataclass(kw_only=True)

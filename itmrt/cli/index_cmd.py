@@ -11,7 +11,7 @@ import typer
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.options import BackendName, Precision
-from itmrt.cli.outputs import warn_on_stderr
+from itmrt.cli.outputs import check_outputs_apart, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 Opt = typer.Option
@@ -62,6 +62,7 @@ def index_command(
     from itmrt.runtime.image_files import is_image_listing
 
     started = time.perf_counter()
+    check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images})
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search)
     sharded = shard_images is not None or append
     if not sharded and index_spec is not None:

@@ -21,7 +21,7 @@ from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
 from itmrt.cli.options import BackendName, OnLong, Precision
-from itmrt.cli.outputs import check_new_files, warn_on_stderr
+from itmrt.cli.outputs import check_new_files, check_outputs_apart, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 
@@ -133,6 +133,9 @@ def infer_command(
     started = time.perf_counter()
     request = BundleRequest(source, gallery_path, images, backend, precision, options.parse_providers(providers),
                             threads, max_length, on_long, batch_size, memory_mb, skip_bad_images, overwrite)
+    outputs = {"--out": out, "--scores-out": scores_out}
+    check_outputs_apart(outputs, {"checkpoint or bundle or gallery": source, "gallery": gallery_path,
+                                  "images": images, "captions": captions_path, "vocabulary": vocab})
     if source.is_file():
         if shortlist is not None:
             raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
@@ -140,6 +143,7 @@ def infer_command(
         typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
         request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
+        check_outputs_apart(outputs, {"bundle": request.bundle, "gallery": request.gallery})
         request.ray = ray
         n_images, how = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
         typer.echo(f"{backend}/{precision}: {n_images} images x {len(captions)} captions in "

@@ -25,6 +25,25 @@ def check_new_files(paths: list[Path | None], overwrite: bool) -> None:
             raise ItmrtError(f"{path} already exists; pass --overwrite to replace it or choose another path")
 
 
+def check_outputs_apart(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+    """Refuse an output that would land on an input of the same command, whatever ``--overwrite`` says: a path
+    that resolves (symlinks followed) to an input file, to a folder that holds an input, or into an input
+    bundle or gallery (any path inside: the folder is a closed world) or onto a file of another input folder
+    (an image folder). ``outputs``/``inputs``: flag or role -> path (None: absent)."""
+    for flag, out in outputs.items():
+        if out is None:
+            continue
+        target = out.resolve()
+        for role, given in inputs.items():
+            if given is None or not given.exists():
+                continue
+            source = given.resolve()
+            inside = source in target.parents and ("bundle" in role or "gallery" in role or target.exists())
+            if target == source or target in source.parents or inside:
+                raise ItmrtError(f"{flag} {out} would write over the {role} {given} this command reads, "
+                                 "--overwrite or not; choose a path outside it")
+
+
 def check_report_folder(folder: Path, overwrite: bool) -> None:
     """A report folder must be new, or hold no report yet, unless ``overwrite``."""
     if folder.exists() and not folder.is_dir():

@@ -36,6 +36,15 @@ def serve_command(
     max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, max=1 << 20, help="UTF-8 bytes per caption at most (400)."),
     max_body_mb: float = Opt(4.0, "--max-body-mb", callback=options.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
     timeout_s: float = Opt(30.0, "--timeout-s", callback=options.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Deadline of a request from its arrival (504)."),
+    max_answer: int = Opt(10_000, "--max-answer", min=1, max=limits.MAX_COUNT, help="Results per answer at most: captions x top_k (more: 400)."),
+    header_timeout_s: float = Opt(5.0, "--header-timeout-s", callback=options.finite("--header-timeout-s", 0.1, 3600.0), help="Seconds for a request's headers to arrive (then the connection is closed)."),
+    body_timeout_s: float = Opt(10.0, "--body-timeout-s", callback=options.finite("--body-timeout-s", 0.1, 3600.0), help="Seconds for a request's whole body to arrive (408)."),
+    write_timeout_s: float = Opt(10.0, "--write-timeout-s", callback=options.finite("--write-timeout-s", 0.1, 3600.0), help="Seconds a client may leave its answer unread (then the connection is cut)."),
+    max_buffered_mb: float = Opt(64.0, "--max-buffered-mb", callback=options.finite("--max-buffered-mb", 0.01, 1 << 20), help="Request bodies held at once across all connections, MB (more: 503)."),
+    grace_s: float = Opt(20.0, "--grace-s", callback=options.finite("--grace-s", 1.0, 3600.0), help="SIGTERM: answer what is in flight, and exit within this many seconds."),
+    allowed_hosts: list[str] = Opt([], "--allowed-hosts", metavar="HOST", help="A Host name clients use besides loopback ones (repeat; '.example.com' a domain, '*' any)."),
+    cors_origin: list[str] = Opt([], "--cors-origin", metavar="ORIGIN", help="A web origin (https://app.example.com) allowed to call the service (repeat)."),
+    watch_s: float = Opt(1.0, "--watch-s", callback=options.finite("--watch-s", 0.0, 3600.0), help="How often the gallery folder is checked for a new version (0: only SIGHUP and the load endpoint)."),
     on_long: OnLong = options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"),
     token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
     max_connections: int = Opt(1024, "--max-connections", min=1, max=limits.MAX_BATCH, help="Open connections at most (more: 503)."),
@@ -51,7 +60,11 @@ def serve_command(
     into one batch (up to --max-batch-captions, waiting at most --max-delay-ms).
     /v2/health/ready turns 200 once the gallery is loaded and warmed up (the
     health probes need no token); /metrics is in Prometheus' text format.
-    SIGINT or SIGTERM stop accepting, answer every request received, and exit 0.
+    SIGINT or SIGTERM stop accepting, answer every request received, and exit 0 (within --grace-s).
+    A new version of the gallery (a changed folder, SIGHUP, or POST /v2/repository/models/text_to_image/load)
+    is swapped in whole between batches; one that fails its checks is refused and the current one kept.
+    Only loopback Host names are answered unless --allowed-hosts names more; POST bodies must say
+    Content-Type application/json (or application/octet-stream); no CORS unless --cors-origin.
     A sharded gallery (itmrt index --shard-images) is searched shard by shard and merged, in this process or,
     with --ray, on Ray actors (one per shard unless --ray-workers), with the same answers.
     """
@@ -64,8 +77,10 @@ def serve_command(
         threads=threads,
         scorer=scorer, memory_mb=memory_mb, on_long=on_long, token_file=token_file,
         batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue),
-        limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s),
+        limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s, max_answer,
+                          header_timeout_s, body_timeout_s, write_timeout_s, int(max_buffered_mb * (1 << 20))),
         max_connections=max_connections, access_log=access_log, shortlist=shortlist,
+        allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origin), grace_s=grace_s, watch_s=watch_s,
         ray=ray,
     )
     Service(source, gallery, serve_options).run()

@@ -38,7 +38,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
-from itmrt.runtime.gallery import Gallery, read_gallery, write_gallery
+from itmrt.runtime.gallery import Gallery, check_encoded_rows, read_gallery, write_gallery
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
 from itmrt.runtime.options import DEFAULT_BUDGET_BYTES, OnLong, RuntimeOptions, ScorerChoice, Warn
 from itmrt.runtime.sessions import CPU_PROVIDER
@@ -130,7 +130,9 @@ class Runtime:
     def encode_images(self, features: np.ndarray, source: str = "image features") -> np.ndarray:
         """Region features ``[N, n, img_dim]`` (CMPM: images ``[N, 3, H, W]``) -> embeddings."""
         self.check_images(features, source)
-        return self.image_encoder.encode(features, source=source)
+        embeddings = self.image_encoder.encode(features, source=source)
+        check_encoded_rows(embeddings, features)
+        return embeddings
 
     @property
     def image_preprocessing(self) -> ImagePreprocessing:
@@ -319,7 +321,9 @@ class Runtime:
             dims = self.image_encoder.encode(preprocessing.model_input(blank)).shape[1:]
 
             def encode_files_into(array: np.ndarray) -> list[str]:
-                return self.encode_image_files(files, skip_bad_images, array)[1]
+                ids = self.encode_image_files(files, skip_bad_images, array)[1]
+                check_encoded_rows(array[: len(ids)])
+                return ids
 
             return write_gallery(out, self.bundle, encode_files_into, (len(files), *dims),
                                  {**details, "source": files.source}, overwrite, dtype)
@@ -329,6 +333,7 @@ class Runtime:
 
         def encode_into(array: np.ndarray) -> None:
             self.image_encoder.encode(features, out=array, source=source)
+            check_encoded_rows(array, features)
 
         return write_gallery(out, self.bundle, encode_into, shape, details, overwrite, dtype)
 

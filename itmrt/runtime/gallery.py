@@ -24,6 +24,7 @@ such galleries under one ``gallery.json`` of kind ``itmrt-sharded-gallery``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ from itmrt.bundle.gallery_manifest import (
     GalleryManifest,
     IdsEntry,
     gallery_manifest_text,
+    image_encoder_identity,
     read_gallery_manifest,
     recorded_bundle,
 )
@@ -100,11 +102,24 @@ class Gallery:
 
 
 def check_made_with(gallery: Path, manifest: GalleryManifest, bundle: BundleInfo) -> None:
-    made_with = manifest.bundle.manifest_sha256
-    if made_with != bundle.manifest_sha256:
+    """Refuse ``bundle`` unless its image encoder made the gallery's embeddings (the same graph and weights,
+    inputs and outputs, preprocessing: :func:`image_encoder_identity`); engines, precision variants and
+    calibration added to the bundle since do not matter. A gallery made before the identity was recorded
+    needs the very manifest it was made with."""
+    recorded = manifest.bundle
+    if recorded.manifest_sha256 == bundle.manifest_sha256:
+        return
+    if recorded.image_encoder_sha256 is None:
         raise ItmrtError(
-            f"gallery {gallery} was made with another bundle (manifest sha256 {made_with[:12]}..., "
-            f"not {bundle.manifest_sha256[:12]}... of {bundle.path}); re-index it with `itmrt index {bundle.path}`"
+            f"gallery {gallery} was made with another bundle, or before {bundle.path}'s manifest changed, and does "
+            f"not record which image encoder made it; re-index it with `itmrt index {bundle.path}`"
+        )
+    identity = image_encoder_identity(bundle.manifest)
+    if recorded.image_encoder_sha256 != identity:
+        raise ItmrtError(
+            f"gallery {gallery} was made with another bundle's image encoder (identity "
+            f"{recorded.image_encoder_sha256[:12]}..., not {identity[:12]}... of {bundle.path}); re-index it with "
+            f"`itmrt index {bundle.path}`"
         )
 
 
@@ -141,15 +156,70 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
     _VERIFIED.add(key)
 
 
-def read_gallery(folder: str | Path, verify: bool = True) -> Gallery:
+def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 20) -> np.ndarray:
+    """The embeddings file read into memory of this process in one pass that also hashes it and checks every
+    value is finite: the array is exactly the bytes that matched the sha256, and nothing done to the file later
+    (truncated, changed in place, deleted) reaches it. A one-line :class:`ItmrtError` otherwise.
+
+    A file this process verified already (:func:`verify_embeddings`) is only read, when its size, mtime, ctime
+    and inode are the same before and after the read (a write in between changes its ctime)."""
+    header = read_npy_header(path, "gallery embeddings")
+    before = file_state_key(path, entry.sha256)
+    if list(header.shape) != list(entry.shape) or header.dtype != np.dtype(entry.dtype) or header.fortran_order:
+        raise ItmrtError(f"{path} has shape {header.shape} / {header.dtype}, not what {GALLERY_MANIFEST} says; "
+                         f"{REMEDY}")
+    array = np.empty(header.shape, dtype=header.dtype)
+    view = array.reshape(-1).view(np.uint8).data
+    known = before in _VERIFIED
+    digest, position = hashlib.sha256(), 0
+    try:
+        with open(path, "rb") as handle:
+            digest.update(handle.read(header.data_offset))
+            while position < len(view):
+                got = handle.readinto(view[position : position + chunk_size])
+                if not got:
+                    raise ItmrtError(f"{path} ended after {position} of {len(view)} bytes of embeddings (truncated "
+                                     f"while it was read); {REMEDY}")
+                if not known:
+                    digest.update(view[position : position + got])
+                position += got
+            for rest in iter(lambda: handle.read(chunk_size), b""):
+                digest.update(rest)
+    except OSError as exc:
+        raise ItmrtError(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {REMEDY}") from None
+    if known and file_state_key(path, entry.sha256) == before:
+        array.flags.writeable = False
+        return array
+    if known:  # changed while it was read: hash what was read
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            digest.update(handle.read(header.data_offset))
+        digest.update(view)
+    if digest.hexdigest() != entry.sha256:
+        raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST} (changed after indexing); {REMEDY}")
+    rows = max(1, (chunk_size // max(array[:1].nbytes, 1)))
+    for start in range(0, len(array), rows):
+        if not np.isfinite(array[start : start + rows]).all():
+            raise ItmrtError(f"{path} holds NaN or infinite embeddings (from image {start}); {REMEDY}")
+    array.flags.writeable = False
+    return array
+
+
+def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = False) -> Gallery:
     """Open a gallery (embeddings memory-mapped, after :func:`verify_embeddings` unless ``verify`` is False -
-    for a gallery this process has just written)."""
+    for a gallery this process has just written). ``in_memory``: the embeddings are copied into this process's
+    memory as they are verified (:func:`copy_embeddings`) - what a long-running service does, so that the file
+    can change or vanish under it without effect (a memory map would die by SIGBUS on a truncated file)."""
     root = Path(folder)
     manifest, _sha256 = read_gallery_manifest(root)
     entry = manifest.embeddings
     path = member(root, entry.file, "gallery", REMEDY)
     if not path.is_file():
         raise ItmrtError(f"gallery {root} lacks {entry.file}; {REMEDY}")
+    if in_memory:
+        embeddings = copy_embeddings(path, entry)
+        ids = _read_ids(root, manifest.ids, len(embeddings)) if manifest.ids is not None else None
+        return Gallery(root, embeddings, manifest, ids)
     if verify:
         verify_embeddings(path, entry)
     embeddings = open_npy(path, "gallery embeddings")
@@ -192,10 +262,17 @@ def gallery_bundle(folder: str | Path) -> BundleInfo:
         found = sha256_file(member(bundle, MANIFEST_NAME, "bundle", "export it again"))
     except OSError as exc:
         raise ItmrtError(f"cannot read {bundle / MANIFEST_NAME} ({exc.strerror}); {hint}") from None
-    if found != recorded.manifest_sha256:
+    if found == recorded.manifest_sha256:
+        return read_bundle(bundle)
+    if recorded.image_encoder_sha256 is None:  # an older gallery: only its own manifest is known to fit
         raise ItmrtError(f"the bundle at {bundle} is not the one gallery {folder} was made with (its manifest "
-                         f"changed); {hint}, or re-index the gallery")
-    return read_bundle(bundle)
+                         f"changed, and the gallery predates image-encoder records); re-index the gallery with "
+                         f"`itmrt index {bundle}`")
+    opened = read_bundle(bundle)  # parsed and checked like any bundle; its files are verified when they are used
+    if image_encoder_identity(opened.manifest) != recorded.image_encoder_sha256:
+        raise ItmrtError(f"the bundle at {bundle} has another image encoder than the one that made gallery "
+                         f"{folder}; re-index the gallery with `itmrt index {bundle}`")
+    return opened
 
 
 def gallery_source(
@@ -240,7 +317,7 @@ def write_gallery(
         raise ItmrtError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
     _check_target(target, overwrite)
     with staged_folder(target) as staging:
-        array = np.lib.format.open_memmap(staging / EMBEDDINGS_FILE, mode="w+", dtype=dtype, shape=shape)
+        array = allocated_memmap(staging / EMBEDDINGS_FILE, dtype, shape)
         ids = encode_into(array)
         array.flush()
         if dtype != "float32":
@@ -256,7 +333,7 @@ def write_gallery(
             ids_entry = IdsEntry(file=IDS_FILE, sha256=sha256_bytes(payload), count=len(ids))
         manifest = GalleryManifest(
             bundle=GalleryBundle(path=str(bundle.path.resolve()), manifest_sha256=bundle.manifest_sha256,
-                                 family=bundle.family),
+                                 family=bundle.family, image_encoder_sha256=image_encoder_identity(bundle.manifest)),
             embeddings=EmbeddingsEntry(file=EMBEDDINGS_FILE, sha256=sha256_file(staging / EMBEDDINGS_FILE),
                                        shape=list(shape), dtype=dtype),
             ids=ids_entry, backend=details.get("backend"), precision=details.get("precision"),
@@ -266,6 +343,46 @@ def write_gallery(
         _check_target(target, overwrite)
         publish_folder(staging, target, "replace" if overwrite else "refuse")
     return read_gallery(target, verify=False)
+
+
+def allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new ``.npy`` memmap whose disk blocks are reserved before it is written: a full disk is an OSError
+    here (one line, the staging folder removed) instead of a SIGBUS on the first page that finds no block."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: written as before
+        return array
+    handle = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(handle, 0, os.fstat(handle).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as before
+            del array
+            raise
+    finally:
+        os.close(handle)
+    return array
+
+
+def check_encoded_rows(embeddings: np.ndarray, inputs: np.ndarray | None = None, first: int = 0,
+                       block: int = 1024) -> None:
+    """Refuse image embeddings that are not finite, or all zero where the input row was not (an encoder that
+    overflowed float32 and normalised the infinities away): a one-line :class:`ItmrtError` naming the rows
+    (``first``: the number of the first row, for messages about a part of a larger input)."""
+    bad: list[int] = []
+    for start in range(0, len(embeddings), block):
+        rows = np.asarray(embeddings[start : start + block]).reshape(min(block, len(embeddings) - start), -1)
+        broken = ~np.isfinite(rows).all(axis=1)
+        if inputs is not None:
+            given = np.asarray(inputs[start : start + block]).reshape(len(rows), -1)
+            broken |= ~rows.any(axis=1) & given.any(axis=1)
+        bad.extend((start + np.flatnonzero(broken)).tolist())
+        if len(bad) > 10:
+            break
+    if bad:
+        shown = ", ".join(str(first + row) for row in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ItmrtError(f"the image encoder gave embeddings that are not finite or are all zero for non-zero "
+                         f"input (image {shown}); check the inputs' scale (region features must be finite and "
+                         f"of the model's range)")
 
 
 def _check_finite(array: np.ndarray, block: int = 4096) -> None:
@@ -279,7 +396,7 @@ def _check_finite(array: np.ndarray, block: int = 4096) -> None:
 def _keep_rows(path: Path, array: np.ndarray, rows: int, block: int = 4096) -> None:
     """Rewrite the ``.npy`` at ``path`` (open as ``array``) with its first ``rows`` rows only."""
     smaller = path.with_name(path.name + ".rows")
-    kept = np.lib.format.open_memmap(smaller, mode="w+", dtype=array.dtype, shape=(rows, *array.shape[1:]))
+    kept = allocated_memmap(smaller, array.dtype, (rows, *array.shape[1:]))
     for start in range(0, rows, block):
         kept[start : start + block] = array[start : min(start + block, rows)]
     kept.flush()

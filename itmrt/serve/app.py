@@ -2,14 +2,21 @@
 
 Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
 ``GET /v2/models/text_to_image[/versions/1]``, ``GET .../ready``,
-``POST .../infer`` and ``GET /metrics``. With a token, every route but the two
-health probes needs ``Authorization: Bearer TOKEN``.
+``POST .../infer``, ``GET /metrics`` and the model repository's
+``POST /v2/repository/index`` and ``POST /v2/repository/models/text_to_image/load``
+(swap in the gallery on disk now, :mod:`itmrt.serve.swap`) and ``/unload``.
+With a token, every route but the two health probes needs ``Authorization: Bearer TOKEN``.
+:mod:`itmrt.serve.guard` stands in front of them all (Host, Origin, Content-Type).
 
 Errors are ``{"error": "one line"}`` with the protocol's status: 400 bad
-input, 401 missing or wrong token, 404 unknown model or route, 413 body over
-the limit, 415 an unknown Content-Encoding, 429 queue full, 503 not ready or
-stopping, 504 past the request's deadline, 500 a failure inside the model
-(logged; the service carries on).
+input, 401 missing or wrong token, 403 a foreign Host or Origin, 404 unknown
+model or route, 408 a body that did not arrive in time, 409 a gallery version
+refused by the load endpoint, 413 body over the limit, 415 an unknown
+Content-Type or Content-Encoding, 429 queue full, 503 not ready, stopping or
+holding too many bodies, 504 past the request's deadline, 500 a failure inside
+the service (one log line, with a number the client's message quotes; no
+internals reach the client; the service carries on). A client's fault is
+never logged as an error; every one is counted in ``/metrics``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +36,8 @@ from itmrt.errors import first_line
 from itmrt.optional import require
 from itmrt.serve import protocol
 from itmrt.serve.auth import authorized
-from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused
+from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused, release_memory
+from itmrt.serve.guard import BrowserGuard, BrowserPolicy
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.protocol import MODEL_NAME, MODEL_VERSION, ProtocolError, RequestLimits
 
@@ -37,29 +46,100 @@ log = logging.getLogger("itmrt.serve")
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """Limits on one request: body bytes (after decompression), captions, bytes per caption, seconds to answer."""
+    """What one request may cost, and how long each part of an exchange may take.
+
+    Body bytes (after decompression), captions, bytes per caption, seconds to
+    answer; results per answer (captions x top_k); seconds for the request
+    headers, for the whole body, and for a client to take an answer it is
+    sent; bytes of request bodies held at once across all connections; seconds
+    a kept-alive connection may idle.
+    """
 
     max_body_bytes: int = 4 << 20
     max_captions: int = 256
     max_caption_bytes: int = 2048
     timeout_s: float = 30.0
+    max_answer: int = 10_000
+    header_timeout_s: float = 5.0
+    body_timeout_s: float = 10.0
+    write_timeout_s: float = 10.0
+    max_buffered_bytes: int = 64 << 20
+    keep_alive_s: float = 5.0
 
 
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it (or its gzip/deflate content) passes ``limit`` bytes."""
+class BodyBudget:
+    """Bytes of request bodies the service holds at once, across every connection (event-loop thread only).
+
+    When the bodies held drop back to none after at least ``trim_after`` bytes went through, ``trim`` is called
+    (at most once a second): the service gives the freed buffers back to the system instead of keeping them.
+    """
+
+    def __init__(self, limit: int, trim: Callable[[], object] | None = None, trim_after: int = 8 << 20) -> None:
+        self.limit, self.used = limit, 0
+        self.trim, self.trim_after = trim, trim_after
+        self.since_trim, self.last_trim = 0, 0.0
+
+    def take(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise ProtocolError(503, f"the service holds {self.limit >> 20} MB of request bodies already "
+                                     "(--max-buffered-mb); retry shortly")
+        self.used += size
+        self.since_trim += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        now = time.monotonic()
+        if self.used == 0 and self.since_trim >= self.trim_after and self.trim is not None \
+                and now - self.last_trim >= 1.0:
+            self.since_trim, self.last_trim = 0, now
+            self.trim()
+
+
+@dataclass
+class BodyRead:
+    """A body read under the limits: its bytes, the budget it holds until the answer, whether all arrived."""
+
+    data: bytes = b""
+    held: int = 0
+    complete: bool = False
+
+
+def _declared_size(request: Any, limit: int) -> int | None:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if not declared.isdigit():
+        return None
+    if len(declared) > 18 or int(declared) > limit:
         raise ProtocolError(
-            413, f"the request body is {int(declared)} bytes, over the limit of {limit}; send fewer or shorter captions"
+            413, f"the request body is {declared[:20]} bytes, over the limit of {limit}; send fewer or shorter captions"
         )
+    return int(declared)
+
+
+async def read_body(request: Any, limits: HttpLimits, budget: BodyBudget, read: BodyRead) -> None:
+    """Fill ``read`` with the request body: 413 as soon as it (or its gzip/deflate content) passes the limit,
+    408 when it has not all arrived ``body_timeout_s`` after it began, 503 when the budget is spent."""
+    limit = limits.max_body_bytes
+    declared = _declared_size(request, limit)
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding not in ("identity", "gzip", "deflate"):
         raise ProtocolError(
             415, f"Content-Encoding {encoding[:40]!r} is not supported; send gzip, deflate or no encoding"
         )
     inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15) if encoding != "identity" else None
+    if declared is not None and inflate is None:
+        budget.take(declared)  # the whole body at once: refused before any of it is buffered
+        read.held = declared
     chunks, received, size = [], 0, 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    deadline = time.monotonic() + limits.body_timeout_s
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0.0))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ProtocolError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                                     "(--body-timeout-s); send it in one go") from None
         received += len(chunk)
         if inflate is not None and chunk:
             try:
@@ -71,8 +151,21 @@ async def read_body(request: Any, limit: int) -> bytes:
             raise ProtocolError(
                 413, f"the request body is over the limit of {limit} bytes; send fewer or shorter captions"
             )
+        if size > read.held:
+            budget.take(size - read.held)
+            read.held = size
         chunks.append(chunk)
-    return b"".join(chunks)
+    read.data, read.complete = b"".join(chunks), True
+
+
+def _caller(request: Any) -> str:
+    """Whom the fair queue shares the worker between: one connection (address and port)."""
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else "?"
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was read: nobody to answer."""
 
 
 class InferenceRoutes:
@@ -81,12 +174,18 @@ class InferenceRoutes:
     def __init__(self, batcher: Batcher, metrics: ServiceMetrics, limits: HttpLimits, token: str | None) -> None:
         self.batcher, self.metrics, self.limits, self.token = batcher, metrics, limits, token
         self.responses = require("starlette.responses", "itmrt serve")
+        self.client_disconnect = require("starlette.requests", "itmrt serve").ClientDisconnect
+        self.codec = ThreadPoolExecutor(2, thread_name_prefix="itmrt-serve-codec")
+        self.budget = BodyBudget(limits.max_buffered_bytes, lambda: self.codec.submit(release_memory, False))
+        self.failures = 0
+        self.reloader: Any = None  # itmrt.serve.swap.Reloader where the service can load its gallery again
 
-    def error(self, status: int, message: str) -> Any:
-        headers = (
-            {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) else None
-        )
-        return self.responses.JSONResponse({"error": message}, status_code=status, headers=headers)
+    def error(self, status: int, message: str, close: bool = False) -> Any:
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) \
+            else {}
+        if close:  # the body may be unread: the connection is not reused
+            headers["Connection"] = "close"
+        return self.responses.JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
     def check(self, request: Any, model: bool = True) -> None:
         """Token (where set), then the model name and version in the path."""
@@ -110,6 +209,7 @@ class InferenceRoutes:
             self.limits.max_caption_bytes,
             size,
             searcher is not None and searcher.ids is not None,
+            self.limits.max_answer,
         )
 
     # -- health and metadata -------------------------------------------------------
@@ -118,8 +218,9 @@ class InferenceRoutes:
         return self.responses.JSONResponse({"live": True})
 
     async def ready(self, request: Any) -> Any:
-        ready = self.batcher.ready.is_set() and not self.batcher.closing
-        return self.responses.JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+        if self.batcher.ready_now():
+            return self.responses.JSONResponse({"ready": True})
+        return self.responses.JSONResponse({"ready": False, "reason": self.batcher.unready_reason()}, status_code=503)
 
     async def server_metadata(self, request: Any) -> Any:
         self.check(request, model=False)
@@ -147,7 +248,7 @@ class InferenceRoutes:
 
     async def model_ready(self, request: Any) -> Any:
         self.check(request)
-        ready = self.batcher.ready.is_set() and not self.batcher.closing
+        ready = self.batcher.ready_now()
         return self.responses.JSONResponse({"name": MODEL_NAME, "ready": ready}, status_code=200 if ready else 503)
 
     async def metrics_page(self, request: Any) -> Any:
@@ -159,32 +260,54 @@ class InferenceRoutes:
 
     async def infer(self, request: Any) -> Any:
         arrived = time.monotonic()
+        read = BodyRead()
         try:
-            self.check(request)
-            if not self.batcher.ready.is_set():
-                raise NotReady(self.batcher.failure or "the gallery is still loading")
-            body = await read_body(request, self.limits.max_body_bytes)
-            parsed = protocol.parse_infer_request(body, request.headers.get(protocol.HEADER_LENGTH), self.limits_now())
-            timeout = min(self.limits.timeout_s, parsed.timeout_s or self.limits.timeout_s)
-            answer = await self.answer(parsed, arrived + timeout)
-            searcher = self.batcher.searcher
-            content, headers = protocol.infer_response(
-                parsed, answer.indices, answer.scores, searcher.ids if searcher else None
-            )
-            response = self.responses.Response(content, headers=headers)
+            response = await self.infer_response(request, read, arrived)
         except ProtocolError as exc:
-            response = self.error(exc.status, exc.message)
+            response = self.error(exc.status, exc.message, close=not read.complete)
         except (QueueFull, NotReady) as exc:
-            response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc))
+            response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc), close=not read.complete)
+        except ClientGone:
+            response = None
         except Exception as exc:  # a bug here answers this request with a 500, not the whole service
-            log.exception("inference request failed")
-            response = self.error(500, f"the service failed on this request: {first_line(exc)}")
-        self.metrics.count(response.status_code, time.monotonic() - arrived)
-        return response
+            response = self.server_error(exc)
+        finally:
+            self.budget.give(read.held)
+        self.metrics.count(response.status_code if response is not None else 499, time.monotonic() - arrived)
+        return response if response is not None else self.responses.Response(status_code=499)
 
-    async def answer(self, parsed: protocol.InferRequest, deadline: float) -> Any:
+    async def infer_response(self, request: Any, read: BodyRead, arrived: float) -> Any:
+        self.check(request)
+        if not self.batcher.ready_now():
+            raise NotReady(self.batcher.unready_reason())
+        try:
+            await read_body(request, self.limits, self.budget, read)
+        except self.client_disconnect:
+            raise ClientGone from None
+        loop = asyncio.get_running_loop()
+        # Parsing and encoding run on a small pool: a 4 MB document must not hold the event loop.
+        parsed = await loop.run_in_executor(
+            self.codec, protocol.parse_infer_request, read.data, request.headers.get(protocol.HEADER_LENGTH),
+            self.limits_now(),
+        )
+        read.data = b""
+        timeout = min(self.limits.timeout_s, parsed.timeout_s or self.limits.timeout_s)
+        answer = await self.answer(parsed, arrived + timeout, _caller(request))
+        content, headers = await loop.run_in_executor(
+            self.codec, protocol.infer_response, parsed, answer.indices, answer.scores, answer.ids, answer.version
+        )
+        return self.responses.Response(content, headers=headers)
+
+    def server_error(self, exc: BaseException) -> Any:
+        """A 500: one log line (the traceback at debug level), and a reference instead of internals."""
+        self.failures += 1
+        log.error("request failure #%d: %s: %s", self.failures, type(exc).__name__, first_line(exc))
+        log.debug("request failure #%d", self.failures, exc_info=exc)
+        return self.error(500, f"the service failed on this request (failure #{self.failures} in its log)")
+
+    async def answer(self, parsed: protocol.InferRequest, deadline: float, caller: str) -> Any:
         """The batcher's answer to ``parsed``, or the ProtocolError that stands for its failure."""
-        future = self.batcher.submit(parsed.captions, parsed.top_k, deadline)
+        future = self.batcher.submit(parsed.captions, parsed.top_k, deadline, caller)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(0.0, deadline - time.monotonic()))
         except (asyncio.TimeoutError, DeadlineExceeded):
@@ -194,22 +317,58 @@ class InferenceRoutes:
             ) from None
         except Refused as exc:
             raise ProtocolError(400, str(exc)) from None
-        except Exception as exc:  # logged by the worker; the client gets one line
-            raise ProtocolError(500, f"the model failed on this request: {first_line(exc)}") from None
 
 
-def create_app(batcher: Batcher, metrics: ServiceMetrics, limits: HttpLimits, token: str | None = None) -> Any:
-    """The Starlette app; its lifespan starts the batcher's worker and, on shutdown, lets it finish the queue."""
+    # -- the model repository: load (swap in what is on disk now) and unload ------------------------
+
+    async def repository_index(self, request: Any) -> Any:
+        self.check(request, model=False)
+        ready = self.batcher.ready_now()
+        entry = {"name": MODEL_NAME, "version": MODEL_VERSION, "state": "READY" if ready else "UNAVAILABLE"}
+        if not ready:
+            entry["reason"] = self.batcher.unready_reason()
+        return self.responses.JSONResponse([entry])
+
+    async def repository_load(self, request: Any) -> Any:
+        self.check(request)
+        if self.reloader is None:
+            raise ProtocolError(404, "this service was started without a gallery folder to load again")
+        outcome = await asyncio.wrap_future(self.reloader.reload("the repository load endpoint"))
+        if outcome.error is not None:
+            raise ProtocolError(409, "the gallery on disk was refused (see the service's log); it keeps answering "
+                                     "from the version it had")
+        return self.responses.JSONResponse({"name": MODEL_NAME, "loaded": True, "gallery_sha256": outcome.version})
+
+    async def repository_unload(self, request: Any) -> Any:
+        self.check(request)
+        self.batcher.unload()
+        return self.responses.JSONResponse({"name": MODEL_NAME, "loaded": False})
+
+
+def create_app(
+    batcher: Batcher,
+    metrics: ServiceMetrics,
+    limits: HttpLimits,
+    token: str | None = None,
+    policy: BrowserPolicy | None = None,
+    reloader: Any = None,
+    drain_s: float | None = None,
+) -> Any:
+    """The Starlette app behind :class:`~itmrt.serve.guard.BrowserGuard`; its lifespan starts the batcher's
+    worker and, on shutdown, lets it finish the queue (for at most ``drain_s`` seconds)."""
     applications = require("starlette.applications", "itmrt serve")
     routing = require("starlette.routing", "itmrt serve")
     routes = InferenceRoutes(batcher, metrics, limits, token)
+    routes.reloader = reloader
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         batcher.start()
         yield
-        await asyncio.get_running_loop().run_in_executor(None, batcher.close, limits.timeout_s)
+        wait = limits.timeout_s if drain_s is None else drain_s
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close, wait)
+        routes.codec.shutdown(wait=False)
 
     async def not_found(request: Any, exc: Any) -> Any:
         return routes.error(exc.status_code, f"no such endpoint: {request.method} {request.url.path[:200]}")
@@ -219,6 +378,9 @@ def create_app(batcher: Batcher, metrics: ServiceMetrics, limits: HttpLimits, to
         routing.Route("/v2/health/ready", routes.ready, methods=["GET"]),
         routing.Route("/v2", routes.server_metadata, methods=["GET"]),
         routing.Route("/metrics", routes.metrics_page, methods=["GET"]),
+        routing.Route("/v2/repository/index", routes.repository_index, methods=["POST"]),
+        routing.Route("/v2/repository/models/{name}/load", routes.repository_load, methods=["POST"]),
+        routing.Route("/v2/repository/models/{name}/unload", routes.repository_unload, methods=["POST"]),
     ]
     for path in model_paths:
         table += [
@@ -232,5 +394,10 @@ def create_app(batcher: Batcher, metrics: ServiceMetrics, limits: HttpLimits, to
         assert isinstance(exc, ProtocolError)
         return routes.error(exc.status, exc.message)
 
+    async def server_error(request: Any, exc: Exception) -> Any:
+        return routes.server_error(exc)
+
     app.add_exception_handler(ProtocolError, protocol_error)
-    return app
+    app.add_exception_handler(Exception, server_error)
+    app.state.routes = routes
+    return BrowserGuard(app, policy or BrowserPolicy(), metrics)

@@ -29,6 +29,16 @@ def read_token_file(path: str | Path) -> str:
     return token
 
 
+def token_file_exposure(path: str | Path) -> str | None:
+    """A warning when the token file can be read by its group or by others, else None."""
+    mode = Path(path).stat().st_mode
+    if mode & 0o044:
+        who = " and ".join(name for bit, name in ((0o040, "its group"), (0o004, "others")) if mode & bit)
+        return (f"token file {path} can be read by {who} (mode "
+                f"{mode & 0o777:03o}); make it private with `chmod 600 {path}`")
+    return None
+
+
 def authorized(header: str | None, token: str | None) -> bool:
     """Whether an ``Authorization`` header carries ``token`` (always, when no token is set)."""
     if token is None:

@@ -1,11 +1,27 @@
 """Dynamic batching: a bounded queue of requests and the one worker thread that owns the searcher.
 
-The event loop only appends a :class:`Job` to the queue (rejected at once when
+The event loop only adds a :class:`Job` to the queue (rejected at once when
 the queue is full) and awaits its future; the worker thread opens the searcher
-(the runtime and gallery), warms it up, and then loops: take the oldest job,
-add later ones while the batch has room (``max_batch_captions``) and the oldest
+(the runtime and gallery), warms it up, and then loops: take the next job,
+add more while the batch has room (``max_batch_captions``) and the first
 has waited less than ``max_delay_s``, encode and score them in one go, and
-split the answers back. A request's rows are exactly what it gets alone (see
+split the answers back.
+
+The queue is fair (:class:`FairQueue`): callers (connections) share the worker
+by captions, so one caller's backlog of 256-caption requests does not hold a
+one-caption caller back for more than about one batch. Where a request's rows do
+not depend on what they are encoded with (NAAF, SCAN: ``searcher.splittable``),
+a request of more than ``max_batch_captions`` captions is split into parts of
+that size, queued as separate jobs and joined (:func:`joined`), so a large
+request waits its turn batch by batch instead of holding the worker for all of it.
+
+Between batches the worker swaps in a new searcher handed to :meth:`Batcher.swap`
+(:mod:`itmrt.serve.swap`): every batch runs whole on one version, so a request
+is answered entirely by the old gallery or entirely by the new one, and the
+service stays ready throughout. Scores that are not finite make the worker find
+out what broke - the gallery's embeddings, the model on a plain caption, or
+only this request's captions - and in the first two cases the service reports
+not ready (with the reason) until a good version is swapped in. A request's rows are exactly what it gets alone (see
 :mod:`itmrt.serve.searcher`); every request is answered with ``max(top_k)``
 of its batch cut to its own ``top_k`` (rankings are stable, so a prefix of
 a longer top-k is the shorter one).
@@ -16,11 +32,12 @@ one caller at a time, and so that compute never runs on the event loop.
 
 from __future__ import annotations
 
-import collections
+import heapq
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -60,12 +77,19 @@ class BatchSettings:
             raise ItmrtError("--max-batch-captions and --max-queue must be at least 1 and --max-delay-ms at least 0")
 
 
+class ModelFault(Exception):
+    """The model gave scores that are not finite for this request's captions (the service's fault, a 500)."""
+
+
 @dataclass
 class Answer:
-    """One request's results: indices and scores ``[N, top_k]``."""
+    """One request's results: indices and scores ``[N, top_k]``, and the ids and version of the gallery that
+    answered (a swap between batches changes them)."""
 
     indices: np.ndarray
     scores: np.ndarray
+    ids: Sequence[str] | None = None
+    version: str | None = None
 
 
 @dataclass
@@ -73,8 +97,59 @@ class Job:
     captions: list[str]
     top_k: int
     deadline: float  # time.monotonic()
+    caller: str = ""
     future: Future[Answer] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+
+
+class FairQueue:
+    """Start-time fair queueing of jobs over callers, each job costing its captions.
+
+    A job's start tag is the later of the queue's virtual time and its caller's
+    previous finish tag; jobs leave in start-tag order (ties: arrival). A caller
+    with a backlog has ever later tags, so a new caller's job goes ahead of most
+    of that backlog.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Job]] = []
+        self._finish: dict[str, float] = {}
+        self._order = itertools.count()
+        self.virtual_time = 0.0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, job: Job) -> None:
+        start = max(self.virtual_time, self._finish.get(job.caller, 0.0))
+        self._finish[job.caller] = start + len(job.captions)
+        heapq.heappush(self._heap, (start, next(self._order), job))
+        if len(self._finish) > 4 * len(self._heap) + 1024:  # forget callers with nothing queued
+            self._finish = {key: tag for key, tag in self._finish.items() if tag > self.virtual_time}
+
+    def peek(self) -> Job:
+        return self._heap[0][2]
+
+    def pop(self) -> Job:
+        start, _order, job = heapq.heappop(self._heap)
+        self.virtual_time = max(self.virtual_time, start)
+        return job
+
+
+@dataclass
+class SwapOutcome:
+    """What became of a new version: swapped in (its ``version``), or refused (``error``, one line)."""
+
+    version: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class PendingSwap:
+    searcher: Searcher
+    warm: bool  # a new runtime: warm it up on the worker thread before it answers
+    retire: Callable[[], None] | None  # frees what the old version held and the new one does not share
+    future: Future[SwapOutcome] = field(default_factory=Future)
 
 
 class Batcher:
@@ -90,13 +165,16 @@ class Batcher:
         settings.check()
         self.settings, self.metrics = settings, metrics
         self._open_searcher, self._on_failure = open_searcher, on_failure
-        self._queue: collections.deque[Job] = collections.deque()
+        self._queue = FairQueue()
         self._condition = threading.Condition()
         self._closing = False
+        self._pending: PendingSwap | None = None
         self._thread = threading.Thread(target=self._run, name="itmrt-serve-worker", daemon=True)
         self.ready = threading.Event()
         self.searcher: Searcher | None = None
         self.failure: str | None = None
+        self.broken: str | None = None  # what broke, while the current version gives non-finite scores
+        self.unloaded = False
         self.warmup_s: float | None = None
 
     # -- event-loop side -----------------------------------------------------------
@@ -106,23 +184,56 @@ class Batcher:
         """Whether :meth:`close` was called: no new requests."""
         return self._closing
 
+    def ready_now(self) -> bool:
+        """Whether requests are answered now: loaded, not broken, not unloaded, not stopping."""
+        return self.ready.is_set() and self.broken is None and not self.unloaded and not self._closing
+
+    def unready_reason(self) -> str:
+        """Why requests are not answered now, in words fit for a client (no paths: the log has the details)."""
+        if self.failure is not None:
+            return "the gallery could not be loaded (the service's log says why); the service is stopping"
+        if self._closing:
+            return "the service is stopping"
+        if not self.ready.is_set():
+            return "the gallery is still loading"
+        if self.unloaded:
+            return "the model is unloaded; load it with POST /v2/repository/models/text_to_image/load"
+        return self.broken or "ready"
+
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, captions: list[str], top_k: int, deadline: float) -> Future[Answer]:
+    def submit(self, captions: list[str], top_k: int, deadline: float, caller: str = "") -> Future[Answer]:
         """Queue a request; :class:`QueueFull` or :class:`NotReady` at once when it cannot be."""
-        if not self.ready.is_set() or self._closing:
-            raise NotReady(
-                self.failure or ("the service is stopping" if self._closing else "the gallery is still loading")
-            )
-        job = Job(captions, top_k, deadline)
+        if not self.ready_now():
+            raise NotReady(self.unready_reason())
+        limit = self.settings.max_batch_captions
+        split = len(captions) > limit and getattr(self.searcher, "splittable", False)
+        parts = [Job(captions[start : start + limit], top_k, deadline, caller)
+                 for start in range(0, len(captions), limit)] if split else [Job(captions, top_k, deadline, caller)]
         with self._condition:
             if len(self._queue) >= self.settings.max_queue:
                 raise QueueFull(f"the queue holds {self.settings.max_queue} requests; retry shortly")
-            self._queue.append(job)
+            for part in parts:
+                self._queue.push(part)
             self.metrics.queue_depth.set(len(self._queue))
             self._condition.notify()
-        return job.future
+        return parts[0].future if len(parts) == 1 else joined(parts)
+
+    def swap(self, searcher: Searcher, warm: bool, retire: Callable[[], None] | None = None) -> Future[SwapOutcome]:
+        """Hand a new version to the worker, which answers from it from its next batch on (any thread)."""
+        pending = PendingSwap(searcher, warm, retire)
+        with self._condition:
+            if self._pending is not None:  # a newer version replaces one not yet taken
+                self._pending.future.set_result(SwapOutcome(error="replaced by a newer version before it was used"))
+            self._pending = pending
+            self._condition.notify_all()
+        return pending.future
+
+    def unload(self) -> None:
+        """Stop answering (503) until a version is loaded again."""
+        self.unloaded = True
+        self.metrics.ready.set(0)
 
     def close(self, timeout: float | None = None) -> None:
         """Answer what is queued, then stop the worker (waits up to ``timeout`` seconds for it)."""
@@ -146,39 +257,78 @@ class Batcher:
             if self._on_failure is not None:
                 self._on_failure(self.failure)
             return
-        self.searcher = searcher
-        self.metrics.gallery_images.set(searcher.size)
-        self.metrics.ready.set(1)
+        self._use(searcher)
         self.ready.set()
         log.info("ready: %d images, warmed up in %.1f s", searcher.size, self.warmup_s)
         while (jobs := self._next_batch()) is not None:
+            if self._pending is not None:
+                self._take_swap()
+            if not jobs:
+                continue
+            current = self.searcher
+            assert current is not None
             try:
-                self._answer(searcher, jobs)
+                self._answer(current, jobs)
             except Exception as exc:  # the worker must outlive any request: fail what is left of the batch
-                log.exception("batch failed")
+                log.error("batch failed: %s: %s", type(exc).__name__, first_line(exc))
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
-        close = getattr(searcher, "close", None)  # a searcher holding processes (Ray actors) ends them here
+        if self._pending is not None:
+            self._pending.future.set_result(SwapOutcome(error="the service stopped"))
+        close = getattr(self.searcher, "close", None)  # a searcher holding processes (Ray actors) ends them here
         if callable(close):
             close()
 
+    def _use(self, searcher: Searcher) -> None:
+        self.searcher, self.broken, self.unloaded = searcher, None, False
+        self.metrics.gallery_images.set(searcher.size)
+        self.metrics.ready.set(1)
+
+    def _take_swap(self) -> None:
+        """Between batches: warm the new version up where it needs it, then answer from it."""
+        with self._condition:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            if pending.warm:
+                pending.searcher.warmup()
+        except Exception as exc:  # noqa: BLE001 - a version that cannot warm up is refused, the old one stays
+            reason = f"the new version failed its warm-up: {type(exc).__name__}: {first_line(exc)}"
+            self.metrics.swaps.labels("refused").inc()
+            log.error("swap refused: %s", reason)
+            pending.future.set_result(SwapOutcome(error=reason))
+            return
+        retire = pending.retire
+        self._use(pending.searcher)
+        self.metrics.swaps.labels("ok").inc()
+        pending.future.set_result(SwapOutcome(version=getattr(pending.searcher, "version", None)))
+        if retire is not None:
+            retire()
+        del pending
+        release_memory()
+
     def _next_batch(self) -> list[Job] | None:
-        """The next batch: the oldest job and those after it that fit, waiting at most ``max_delay_s``."""
+        """The next batch (empty when a swap is waiting and nothing is queued), waiting at most ``max_delay_s``
+        for it to fill; None once closing with nothing queued."""
         limit, delay = self.settings.max_batch_captions, self.settings.max_delay_s
         with self._condition:
             while not self._queue:
                 if self._closing:
                     return None
+                if self._pending is not None:
+                    return []
                 self._condition.wait()
-            first = self._queue.popleft()
+            first = self._queue.pop()
             jobs, captions = [first], len(first.captions)
             until = first.enqueued + delay
             while captions < limit:
                 if self._queue:
-                    if captions + len(self._queue[0].captions) > limit:
-                        break
-                    job = self._queue.popleft()
+                    joining = len(self._queue.peek().captions)
+                    if captions + joining > limit or joining > len(first.captions):
+                        break  # a batch costs what its captions cost: a small request never waits on large ones
+                    job = self._queue.pop()
                     jobs.append(job)
                     captions += len(job.captions)
                     continue
@@ -200,22 +350,28 @@ class Batcher:
             if now > job.deadline:
                 job.future.set_exception(DeadlineExceeded("the request waited past its deadline in the queue"))
                 continue
+            if self.broken is not None:
+                job.future.set_exception(NotReady(self.broken))
+                continue
             try:
                 live.append((job, searcher.tokenize(job.captions)))
             except ItmrtError as exc:
                 job.future.set_exception(Refused(first_line(exc)))
             except Exception as exc:  # whatever it is, the request fails alone
-                log.exception("request failed")
                 job.future.set_exception(exc)
         if live:
             self._search(searcher, live)
 
     def _search(self, searcher: Searcher, live: list[tuple[Job, TokenIds]]) -> None:
+        if self.broken is not None:
+            for job, _ids in live:
+                job.future.set_exception(NotReady(self.broken))
+            return
         try:
             started = time.perf_counter()
             embeddings = searcher.encode([ids for _job, ids in live])
             encoded = time.perf_counter()
-            k = max(job.top_k for job, _ids in live)
+            k = min(max(job.top_k for job, _ids in live), searcher.size)
             hits = searcher.top_k(embeddings, k)
             scored = time.perf_counter()
         except Exception as exc:  # one bad request never takes the process (or its batch) down
@@ -223,12 +379,111 @@ class Batcher:
                 for one in live:
                     self._search(searcher, [one])
                 return
-            log.exception("request failed")
-            live[0][0].future.set_exception(exc)
+            self.broken = broken_part(searcher)  # a scorer refusing non-finite scores: is it the gallery's fault?
+            if self.broken is not None:
+                self._mark_broken()
+            live[0][0].future.set_exception(NotReady(self.broken) if self.broken is not None else exc)
+            return
+        if not np.isfinite(hits.scores).all():
+            self._not_finite(searcher, live, hits.scores)
             return
         self.metrics.batch(len(live), len(embeddings), encoded - started, scored - encoded)
+        ids, version = searcher.ids, getattr(searcher, "version", None)
         row = 0
         for job, _ids in live:
             rows = slice(row, row + len(job.captions))
-            job.future.set_result(Answer(hits.indices[rows, : job.top_k].copy(), hits.scores[rows, : job.top_k].copy()))
+            job.future.set_result(Answer(hits.indices[rows, : job.top_k].copy(), hits.scores[rows, : job.top_k].copy(),
+                                         ids, version))
             row += len(job.captions)
+
+    def _mark_broken(self) -> None:
+        self.metrics.ready.set(0)
+        log.error("not ready: %s", self.broken)
+
+    def _not_finite(self, searcher: Searcher, live: list[tuple[Job, TokenIds]], scores: np.ndarray) -> None:
+        """Scores that are not finite: find what broke (see the module docstring) and answer accordingly."""
+        self.broken = broken_part(searcher)
+        if self.broken is not None:
+            self._mark_broken()
+            for job, _ids in live:
+                job.future.set_exception(NotReady(self.broken))
+            return
+        bad_rows = np.flatnonzero(~np.isfinite(scores).all(axis=1))
+        log.error("the model gave scores that are not finite for %d caption(s) of this batch", len(bad_rows))
+        row = 0
+        for job, ids in live:
+            if any(row <= bad < row + len(job.captions) for bad in bad_rows):
+                job.future.set_exception(ModelFault("the model gave scores that are not finite for this request"))
+            else:
+                self._search(searcher, [(job, ids)])
+            row += len(job.captions)
+
+
+def release_memory(collect: bool = True) -> None:
+    """Give freed memory back to the system now (glibc keeps freed heap pages otherwise): after a swap, the old
+    version; after a burst of large request bodies, their buffers. ``collect``: run the garbage collector first."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    if collect:
+        gc.collect()
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
+
+
+def joined(parts: list[Job]) -> Future[Answer]:
+    """One answer from the parts of a request split into batches (rows in order). The parts of a request are
+    scored by one gallery version or the request fails (a swap landed between them): never half of each."""
+    whole: Future[Answer] = Future()
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def part_done(_future: Future[Answer]) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] or not whole.set_running_or_notify_cancel():  # more to come, or the client left
+                return
+        failed = [part.future for part in parts if part.future.cancelled() or part.future.exception() is not None]
+        if failed:
+            whole.set_exception(failed[0].exception() or NotReady("the request was cancelled"))
+            return
+        answers = [part.future.result() for part in parts]
+        if len({answer.version for answer in answers}) > 1:
+            whole.set_exception(NotReady("the gallery was swapped while this request was answered; send it again"))
+            return
+        indices, scores = (np.concatenate([getattr(a, name) for a in answers]) for name in ("indices", "scores"))
+        whole.set_result(Answer(indices, scores, answers[0].ids, answers[0].version))
+
+    def client_left(future: Future[Answer]) -> None:
+        if future.cancelled():  # the parts not scored yet are skipped
+            for part in parts:
+                part.future.cancel()
+
+    whole.add_done_callback(client_left)
+    for part in parts:
+        part.future.add_done_callback(part_done)
+    return whole
+
+
+def broken_part(searcher: Searcher, block: int = 4096) -> str | None:
+    """What makes ``searcher`` give non-finite scores whatever it is asked: its gallery's embeddings, or the model
+    on a plain caption; None when both are sound (then only some captions are to blame)."""
+    gallery = getattr(searcher, "gallery", None)
+    embeddings = getattr(gallery, "embeddings", None)
+    if isinstance(embeddings, np.ndarray):
+        for start in range(0, len(embeddings), block):
+            finite = np.isfinite(embeddings[start : start + block]).reshape(min(block, len(embeddings) - start), -1)
+            if not finite.all():
+                row = start + int(np.flatnonzero(~finite.all(axis=1))[0])
+                return f"the gallery's embeddings hold NaN or infinite values (image {row}); re-index it or swap " \
+                       "in a good version"
+    try:
+        probe = searcher.top_k(searcher.encode([searcher.tokenize(["a photo"])]), 1)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot score a plain caption is broken too
+        return f"the model fails on a plain caption ({type(exc).__name__})"
+    if not np.isfinite(probe.scores).all():
+        return "the model gives scores that are not finite for a plain caption; the bundle is damaged"
+    return None

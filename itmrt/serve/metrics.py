@@ -10,7 +10,13 @@
   ``encode`` (tokenize and text encoder) and ``score`` (top-k over the gallery)
   per batch;
 - ``itmrt_request_seconds``: an inference request from its arrival to its answer;
-- ``itmrt_ready`` (0/1) and ``itmrt_gallery_images``.
+- ``itmrt_ready`` (0/1) and ``itmrt_gallery_images``;
+- ``itmrt_client_errors_total{status}``: every 4xx the service gave, on any route (a client's fault, never
+  logged as an error), and 499 for a client that closed its connection before its answer;
+- ``itmrt_server_errors_total``: 500s (each one log line);
+- ``itmrt_connections_dropped_total{reason}``: connections the transport closed (header_timeout,
+  write_timeout, evicted, over_limit);
+- ``itmrt_swaps_total{outcome}``: gallery or bundle versions swapped in (ok) or refused (refused).
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ OUTCOMES = {
     200: "ok",
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
+    408: "body_timeout",
     413: "too_large",
+    415: "unsupported_media_type",
     429: "queue_full",
     503: "unavailable",
     504: "timeout",
+    499: "client_closed",
 }
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -72,10 +82,33 @@ class ServiceMetrics:
         )
         self.ready = prometheus.Gauge("itmrt_ready", "1 once the gallery is loaded and warmed up.", registry=registry)
         self.gallery_images = prometheus.Gauge("itmrt_gallery_images", "Images in the gallery.", registry=registry)
+        self.client_errors = prometheus.Counter(
+            "itmrt_client_errors", "4xx answers on any route (499: the client left first).", ["status"],
+            registry=registry,
+        )
+        for status in (400, 401, 403, 404, 405, 408, 409, 413, 415, 429, 499):
+            self.client_errors.labels(str(status))
+        self.server_errors = prometheus.Counter("itmrt_server_errors", "500 answers.", registry=registry)
+        self.dropped = prometheus.Counter(
+            "itmrt_connections_dropped", "Connections the transport closed, by reason.", ["reason"],
+            registry=registry,
+        )
+        for reason in ("header_timeout", "write_timeout", "evicted", "over_limit"):
+            self.dropped.labels(reason)
+        self.swaps = prometheus.Counter(
+            "itmrt_swaps", "Gallery or bundle versions swapped in (ok) or refused.", ["outcome"], registry=registry
+        )
+        for outcome in ("ok", "refused"):
+            self.swaps.labels(outcome)
+
+    def client_error(self, status: int) -> None:
+        self.client_errors.labels(str(status)).inc()
 
     def count(self, status: int, seconds: float | None = None) -> None:
         """One inference request answered with HTTP ``status`` after ``seconds``."""
-        self.requests.labels(outcome_of(status)).inc()
+        self.requests.labels(outcome_of(status)).inc()  # 4xx (499 too) are counted by the guard as they go out
+        if status == 500:
+            self.server_errors.inc()
         if seconds is not None:
             self.request_seconds.observe(seconds)
 

@@ -57,6 +57,8 @@ class RequestLimits:
     max_caption_bytes: int = 2048
     max_top_k: int = 1000
     has_ids: bool = False
+    max_answer: int = 10_000
+    """Results in one answer at most (captions x top_k): what a small request may make the service write."""
 
 
 @dataclass
@@ -109,15 +111,49 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
         if not 0 <= size <= len(body):
             raise bad_request(f"{HEADER_LENGTH} is {size} but the body has {len(body)} bytes")
         body, binary = body[:size], body[size:]
+    document = _parse_json(body)
+    if not isinstance(document, dict):
+        raise bad_request("the request must be a JSON object with an 'inputs' list")
+    return document, binary
+
+
+def _parse_json(body: bytes) -> Any:
+    """The JSON document of ``body``; whatever is wrong with it (bad UTF-8 or syntax, nesting deeper than
+    Python's recursion allows, an integer of thousands of digits) is a 400 naming the problem."""
     try:
-        document = json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise bad_request("the request's JSON is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise bad_request(f"the request is not valid JSON ({exc.msg} at byte {exc.pos})") from None
-    if not isinstance(document, dict):
-        raise bad_request("the request must be a JSON object with an 'inputs' list")
-    return document, binary
+    except RecursionError:
+        raise bad_request("the request's JSON is nested too deeply; send the flat protocol document") from None
+    except ValueError:  # int() over Python's digit limit (sys.get_int_max_str_digits)
+        raise bad_request("the request's JSON holds a number with too many digits") from None
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that quote what a client sent."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"a {len(str(value))}-digit number"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_keys(found: Any, allowed: tuple[str, ...], where: str) -> None:
+    """Refuse keys the protocol does not define here, naming the first (junk is not carried along)."""
+    if isinstance(found, dict):
+        unknown = [key for key in found if key not in allowed]
+        if unknown:
+            raise bad_request(f"unknown key {show(unknown[0])} in {where}; it takes {', '.join(allowed)}")
+
+
+DOCUMENT_KEYS = ("id", "parameters", "inputs", "outputs")
+INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
+INPUT_PARAMETERS = ("binary_data_size",)
+REQUEST_PARAMETERS = ("top_k", "binary_data_output", "timeout")
+OUTPUT_KEYS = ("name", "parameters")
+OUTPUT_PARAMETERS = ("binary_data",)
+MAX_TIMEOUT_US = (1 << 63) - 1
+"""Triton's ``timeout`` parameter is a uint64 of microseconds; a larger one is refused, not overflowed."""
 
 
 def _integer(value: Any) -> bool:
@@ -133,21 +169,25 @@ def _caption_input(document: dict[str, Any], limits: RequestLimits) -> tuple[dic
     unknown = [name for name in names if name != CAPTIONS]
     if unknown or len(inputs) != 1:
         raise bad_request(
-            f"unknown or repeated input {(unknown or names)[0]!r}; "
+            f"unknown or repeated input {show((unknown or names)[0])}; "
             f"this model takes one input, {CAPTIONS!r} (BYTES, shape [N])"
         )
     tensor = inputs[0]
+    check_keys(tensor, INPUT_KEYS, f"input {CAPTIONS!r}")
+    check_keys(tensor.get("parameters"), INPUT_PARAMETERS, f"the parameters of input {CAPTIONS!r}")
     if tensor.get("datatype") != "BYTES":
-        raise bad_request(f"input {CAPTIONS!r} has datatype {tensor.get('datatype')!r}; send BYTES (UTF-8 captions)")
+        raise bad_request(
+            f"input {CAPTIONS!r} has datatype {show(tensor.get('datatype'))}; send BYTES (UTF-8 captions)"
+        )
     shape = tensor.get("shape")
     if not isinstance(shape, list) or len(shape) != 1 or not _integer(shape[0]) or shape[0] < 0:
-        raise bad_request(f"input {CAPTIONS!r} has shape {shape!r}; send shape [N], one caption per element")
+        raise bad_request(f"input {CAPTIONS!r} has shape {show(shape)}; send shape [N], one caption per element")
     count = int(shape[0])
     if count == 0:
         raise bad_request("the caption list is empty; send at least one caption")
     if count > limits.max_captions:
         raise bad_request(
-            f"{count} captions in one request, over the limit of {limits.max_captions}; "
+            f"{show(count)} captions in one request, over the limit of {limits.max_captions}; "
             "split them into several requests"
         )
     return tensor, count
@@ -160,7 +200,7 @@ def _caption_bytes(tensor: dict[str, Any], count: int, binary: bytes) -> list[by
     if size is not None:
         if not _integer(size) or size != len(binary):
             raise bad_request(
-                f"input {CAPTIONS!r} says binary_data_size {size!r} but {len(binary)} bytes follow the JSON header"
+                f"input {CAPTIONS!r} says binary_data_size {show(size)} but {len(binary)} bytes follow the JSON header"
             )
         return unpack_bytes(binary, count, f"input {CAPTIONS!r}")
     if binary:
@@ -200,15 +240,17 @@ def _request_parameters(document: dict[str, Any], limits: RequestLimits) -> tupl
     parameters = document.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise bad_request("'parameters' must be a JSON object")
+    check_keys(parameters, REQUEST_PARAMETERS, "the request's parameters")
     top_k = parameters.get("top_k", min(DEFAULT_TOP_K, limits.max_top_k))
     if not _integer(top_k) or not 1 <= top_k <= limits.max_top_k:
-        raise bad_request(f"top_k must be an integer from 1 to {limits.max_top_k} (the gallery's size), not {top_k!r}")
+        raise bad_request(f"top_k must be an integer from 1 to {limits.max_top_k} (the gallery's size), "
+                          f"not {show(top_k)}")
     binary = parameters.get("binary_data_output", False)
     if not isinstance(binary, bool):
         raise bad_request("binary_data_output must be true or false")
     timeout = parameters.get("timeout")
-    if timeout is not None and (not _integer(timeout) or timeout <= 0):
-        raise bad_request(f"timeout must be a positive integer (microseconds), not {timeout!r}")
+    if timeout is not None and (not _integer(timeout) or not 0 < timeout <= MAX_TIMEOUT_US):
+        raise bad_request(f"timeout must be a positive integer of microseconds below 2^63, not {show(timeout)}")
     return int(top_k), binary, (timeout / 1e6 if timeout else None)
 
 
@@ -223,7 +265,9 @@ def _requested_outputs(document: dict[str, Any], binary_default: bool, limits: R
     for item in requested:
         name = item.get("name") if isinstance(item, dict) else None
         if name not in available:
-            raise bad_request(f"unknown output {name!r}; this model gives {', '.join(available)}")
+            raise bad_request(f"unknown output {show(name)}; this model gives {', '.join(available)}")
+        check_keys(item, OUTPUT_KEYS, f"output {name!r}")
+        check_keys(item.get("parameters"), OUTPUT_PARAMETERS, f"the parameters of output {name!r}")
         parameters = item.get("parameters") or {}
         binary = parameters.get("binary_data", binary_default) if isinstance(parameters, dict) else binary_default
         outputs[name] = bool(binary)
@@ -233,12 +277,18 @@ def _requested_outputs(document: dict[str, Any], binary_default: bool, limits: R
 def parse_infer_request(body: bytes, header_length: str | None, limits: RequestLimits) -> InferRequest:
     """Decode and check a ``text_to_image`` inference request (JSON or binary tensor data)."""
     document, binary = split_body(body, header_length)
+    check_keys(document, DOCUMENT_KEYS, "the request")
     tensor, count = _caption_input(document, limits)
     captions = _decode_captions(_caption_bytes(tensor, count, binary), limits)
     top_k, binary_default, timeout_s = _request_parameters(document, limits)
+    if len(captions) * top_k > limits.max_answer:
+        raise bad_request(
+            f"{len(captions)} captions x top_k {top_k} = {len(captions) * top_k} results, over the answer limit of "
+            f"{limits.max_answer} (--max-answer); ask for fewer captions or a smaller top_k"
+        )
     request_id = document.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise bad_request("'id' must be a string")
+    if request_id is not None and (not isinstance(request_id, str) or len(request_id) > 256):
+        raise bad_request("'id' must be a string of at most 256 characters")
     return InferRequest(captions, top_k, request_id, _requested_outputs(document, binary_default, limits), timeout_s)
 
 
@@ -278,9 +328,11 @@ def _output_payload(name: str, values: np.ndarray | list[list[str]]) -> tuple[st
 
 
 def infer_response(
-    request: InferRequest, indices: np.ndarray, scores: np.ndarray, ids: Sequence[str] | None = None
+    request: InferRequest, indices: np.ndarray, scores: np.ndarray, ids: Sequence[str] | None = None,
+    version: str | None = None,
 ) -> tuple[bytes, dict[str, str]]:
-    """The response body and headers for ``request``'s results (binary data where it asked for it)."""
+    """The response body and headers for ``request``'s results (binary data where it asked for it);
+    ``version`` (the sha256 of the gallery's embeddings that answered) goes in the response's parameters."""
     tensors: dict[str, np.ndarray | list[list[str]]] = {INDICES: indices, SCORES: scores}
     if ids is not None:
         tensors[IDS] = [[ids[int(i)] if i >= 0 else "" for i in row] for row in indices]
@@ -297,6 +349,8 @@ def infer_response(
     document: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "outputs": outputs}
     if request.request_id is not None:
         document["id"] = request.request_id
+    if version is not None:
+        document["parameters"] = {"gallery_sha256": version}
     header = json.dumps(document).encode("utf-8")
     if not binary_parts:
         return header, {"Content-Type": "application/json"}

@@ -20,6 +20,7 @@ the same length.
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -87,11 +88,26 @@ class RuntimeSearcher:
         self.size = len(gallery)
         # Galleries made from image files name each image by its path.
         self.ids = ids if ids is not None else getattr(gallery, "ids", None)
+        # Rows independent of what else is encoded with them: a large request may be split into batches.
+        self.splittable = bool(getattr(runtime.text_encoder, "bucket", False))
+        embeddings = getattr(getattr(gallery, "manifest", None), "embeddings", None)
+        self.version: str | None = embeddings.sha256[:16] if embeddings is not None else None
+        """The gallery's version as answers name it: the start of its embeddings' sha256 (None: sharded)."""
         if self.ids is not None and len(self.ids) != self.size:
             raise ItmrtError(f"the gallery has {self.size} images but {len(self.ids)} ids")
 
     def warmup(self) -> float:
-        seconds = float(self.runtime.warmup())
+        try:
+            seconds = float(self.runtime.warmup())
+        except OSError as exc:
+            if not kernel_cache_fault(exc):
+                raise
+            (self.warn or (lambda _message: None))(
+                f"numba's kernel cache cannot be written ({exc.strerror or exc}); the fused scorer compiles "
+                "without it (and again at every start)"
+            )
+            disable_kernel_cache()
+            seconds = float(self.runtime.warmup())
         # One real search pages the gallery in and sizes the scorer's buffers for it.
         started = time.perf_counter()
         self.top_k(self.encode([self.tokenize([self.runtime.vocab.sample_caption()])]), 1)
@@ -132,6 +148,22 @@ class RuntimeSearcher:
         return self.runtime.rank(self.gallery, captions, top_k=k).t2i
 
 
+def kernel_cache_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while numba wrote its kernel cache (a full or read-only cache disk)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any("numba" in frame.filename and frame.filename.endswith("caching.py") for frame in frames)
+
+
+def disable_kernel_cache() -> None:
+    """Compile the fused scorer's kernels in memory only: the cache is an optimisation, never a condition."""
+    from numba.core.caching import NullCache
+
+    from itmrt.runtime import fused_kernels
+
+    for dispatcher in fused_kernels.kernels():
+        dispatcher._cache = NullCache()  # type: ignore[attr-defined]
+
+
 def open_runtime_searcher(
     bundle: str | Path,
     gallery: str | Path,
@@ -139,8 +171,12 @@ def open_runtime_searcher(
     warn: Callable[[str], None] | None = None,
     **load_options: Any,
 ) -> RuntimeSearcher:
-    """Load ``bundle`` (``load_options`` as :func:`itmrt.runtime.load` takes them) and open ``gallery`` for search."""
+    """Load ``bundle`` (``load_options`` as :func:`itmrt.runtime.load` takes them) and open ``gallery`` for search,
+    its embeddings copied into memory as they are verified (nothing done to the file later reaches them)."""
     from itmrt.runtime import load
+    from itmrt.runtime.gallery import read_gallery
 
+    opened = read_gallery(gallery, in_memory=True)
     runtime = load(bundle, warn=warn, **load_options)
-    return RuntimeSearcher(runtime, runtime.open_gallery(gallery), on_long, warn=warn)
+    opened.check_bundle(runtime.bundle)
+    return RuntimeSearcher(runtime, opened, on_long, warn=warn)

@@ -11,8 +11,13 @@ error at once and ``/v2/health/live`` answers while the worker thread loads the
 bundle and gallery and warms them up; ``/v2/health/ready`` turns 200 after
 that. On SIGINT or SIGTERM uvicorn stops accepting connections, every request
 already received is answered, the worker finishes its queue, and ``run``
-returns (the process exits 0). A gallery that cannot be loaded stops the
-service and ``run`` raises :class:`ItmrtError` with the reason.
+returns (the process exits 0) - within ``grace_s`` seconds whatever the clients
+do: clients that do not read their answers are cut off by the write deadline
+(:mod:`itmrt.serve.transport`), and past ``grace_s`` the process exits 1 with
+one log line. A gallery that cannot be loaded stops the service and ``run``
+raises :class:`ItmrtError` with the reason. SIGHUP, a change in the gallery
+folder, or the repository load endpoint swap in what is on disk
+(:mod:`itmrt.serve.swap`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
+import os
 import signal
 import socket
 import threading
@@ -35,10 +40,13 @@ from itmrt.optional import require, require_all
 from itmrt.runtime.options import OnLong, ScorerChoice
 from itmrt.scale.layout import is_sharded_gallery
 from itmrt.serve.app import HttpLimits, create_app
-from itmrt.serve.auth import read_token_file
+from itmrt.serve.auth import read_token_file, token_file_exposure
 from itmrt.serve.batcher import Batcher, BatchSettings
+from itmrt.serve.guard import BrowserPolicy
 from itmrt.serve.metrics import ServiceMetrics
-from itmrt.serve.searcher import Searcher, open_runtime_searcher
+from itmrt.serve.searcher import Searcher
+from itmrt.serve.swap import Reloader, RuntimeSource
+from itmrt.serve.transport import guarded_protocol
 
 log = logging.getLogger("itmrt.serve")
 
@@ -64,6 +72,10 @@ class ServeOptions:
     shortlist: int | None = None  # sharded galleries: rerank each shard's K best candidates
     ray: Any = None  # sharded galleries: itmrt.scale.RayOptions to search the shards on Ray actors
     configure_logging: bool = True  # False: leave logging as the embedding application set it up
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones (itmrt.serve.guard)
+    cors_origins: tuple[str, ...] = ()  # web origins allowed to call the service (CORS)
+    grace_s: float = 20.0  # SIGTERM: the process is gone within this many seconds
+    watch_s: float = 1.0  # how often the gallery folder is checked for a new version (0: only SIGHUP and load)
 
     def __post_init__(self) -> None:
         # Plain strings are accepted and checked here, once, with the choices in the message.
@@ -71,6 +83,8 @@ class ServeOptions:
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
+        if not 1.0 <= self.grace_s <= 3600.0:
+            raise ItmrtError(f"--grace-s must be from 1 to 3600 seconds, not {self.grace_s:g}")
 
 
 def _sharded_searcher(gallery: Path, options: ServeOptions, load_options: dict[str, Any]) -> Callable[[], Searcher]:
@@ -140,6 +154,45 @@ def _exit_zero_after_signal() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _reload_on_sighup(reloader: Reloader | None) -> Iterator[None]:
+    """SIGHUP swaps in the gallery on disk (main thread only, where signals are delivered)."""
+    if reloader is None or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, lambda _signum, _frame: reloader.reload("SIGHUP"))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _server_with_deadline(uvicorn: Any, config: Any, grace_s: float) -> Any:
+    """uvicorn's server, whose first SIGINT/SIGTERM also starts a clock: past ``grace_s`` the process exits 1
+    (unless ``server.finished`` is set first: ``run`` returned, the application goes on)."""
+
+    class DeadlineServer(uvicorn.Server):  # type: ignore[misc, name-defined]
+        finished = threading.Event()
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                threading.Thread(target=_exit_after, args=(grace_s, self.finished), name="itmrt-serve-grace",
+                                 daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    server = DeadlineServer(config)
+    server.finished = threading.Event()
+    return server
+
+
+def _exit_after(grace_s: float, finished: threading.Event) -> None:
+    if finished.wait(grace_s):
+        return
+    log.error("the grace period of %g s is over with answers still going out; exiting now", grace_s)
+    logging.shutdown()
+    os._exit(1)
+
+
 class Service:
     """One ``itmrt serve`` process: a gallery behind the Open Inference Protocol on ``host:port``.
 
@@ -158,28 +211,35 @@ class Service:
     ) -> None:
         self.options = options = options or ServeOptions()
         uvicorn = require_all(["starlette", "uvicorn", "prometheus_client"], "itmrt serve")[1]
+        self.source: RuntimeSource | None = None
         if searcher is None:
             searcher = self._runtime_searcher(source, gallery, options)
         token = read_token_file(options.token_file) if options.token_file is not None else None
         self.metrics = ServiceMetrics()
         self.batcher = Batcher(searcher, options.batch, self.metrics, on_failure=lambda _reason: self.stop())
-        self.app = create_app(self.batcher, self.metrics, options.limits, token)
+        self.reloader = Reloader(self.source, self.batcher, self.metrics, options.watch_s) if self.source else None
         self.socket = bind_socket(options.host, options.port)
         self.host, self.port = self.socket.getsockname()[:2]
+        policy = BrowserPolicy(tuple(h.lower() for h in options.allowed_hosts), options.cors_origins, str(self.host))
+        # SIGTERM: uvicorn waits for answers in flight, then the worker gets what is left of the grace period.
+        drain_s, answers_s = 1.0, max(options.grace_s - 2.0, 0.5)
+        self.app = create_app(self.batcher, self.metrics, options.limits, token, policy, self.reloader, drain_s)
+        limits = options.limits
         config = uvicorn.Config(
             self.app,
+            http=guarded_protocol(limits.header_timeout_s, limits.write_timeout_s, options.max_connections,
+                                  self.metrics),
             log_config=_log_config() if options.configure_logging else None,
             access_log=options.access_log,
             lifespan="on",
-            limit_concurrency=options.max_connections,
-            timeout_graceful_shutdown=math.ceil(options.limits.timeout_s) + 5,
+            timeout_keep_alive=max(1, round(limits.keep_alive_s)),
+            timeout_graceful_shutdown=max(1, int(answers_s)),
         )
-        self.server = uvicorn.Server(config)
+        self.server = _server_with_deadline(uvicorn, config, options.grace_s)
 
-    @staticmethod
-    def _runtime_searcher(source: Any, gallery: Any, options: ServeOptions) -> Callable[[], Searcher]:
+    def _runtime_searcher(self, source: Any, gallery: Any, options: ServeOptions) -> Callable[[], Searcher]:
         from itmrt.bundle.folder import read_bundle
-        from itmrt.runtime.gallery import gallery_source, read_gallery
+        from itmrt.runtime.gallery import gallery_source, is_gallery, read_gallery
 
         if source is None:
             raise ItmrtError("give a gallery folder, or a bundle folder and --gallery")
@@ -202,9 +262,12 @@ class Service:
         if options.ray is not None or options.shortlist is not None:
             raise ItmrtError("--ray and --shortlist search a sharded gallery; make one with `itmrt index ... "
                              "--shard-images N`")
-        # A missing or broken gallery, or one another bundle made, is reported before the port is taken.
+        # A missing or broken gallery, or one another image encoder made, is reported before the port is taken.
         read_gallery(gallery_path).check_bundle(read_bundle(bundle_path))
-        return lambda: open_runtime_searcher(bundle_path, gallery_path, options.on_long, log.warning, **load_options)
+        explicit = None if is_gallery(source) else bundle_path
+        self.source = RuntimeSource(gallery_path, explicit, load_options, options.on_long, log.warning)
+        opener = self.source
+        return lambda: opener.open(None)[0]
 
     @property
     def url(self) -> str:
@@ -216,8 +279,20 @@ class Service:
         log.info("listening on %s; loading the gallery", self.url)
         if self.options.token_file is None and not _loopback(str(self.host)):
             log.warning("listening on %s without --token-file: anyone who can reach it can query it", self.host)
-        with _exit_zero_after_signal():
-            self.server.run(sockets=[self.socket])
+        if not _loopback(str(self.host)) and not self.options.allowed_hosts:
+            log.warning("listening on %s, but only loopback Host names are answered; name the ones clients use "
+                        "with --allowed-hosts", self.host)
+        if self.options.token_file is not None and (exposed := token_file_exposure(self.options.token_file)):
+            log.warning("%s", exposed)
+        if self.reloader is not None:
+            self.reloader.start()
+        with _exit_zero_after_signal(), _reload_on_sighup(self.reloader):
+            try:
+                self.server.run(sockets=[self.socket])
+            finally:
+                self.server.finished.set()
+        if self.reloader is not None:
+            self.reloader.stop()
         self.socket.close()
         if self.batcher.failure is not None:
             raise ItmrtError(f"the service stopped: {self.batcher.failure}")

@@ -1,0 +1,567 @@
+"""`itmrt serve` under attack and under file faults: does a well-behaved client notice?
+
+    python benchmarks/bench_serve_faults.py [--seconds 5] [--images 2000] [--swaps 20] [--work /tmp/itmrt-faults]
+
+One ``itmrt serve`` subprocess on 127.0.0.1 (a free port) serves the shipped
+small NAAF over a gallery of ``--images`` random images, with short transport
+deadlines (``--header-timeout-s 2 --body-timeout-s 2 --write-timeout-s 2``),
+``--max-connections 128``, ``--grace-s 10`` and ``--max-batch-captions 16`` (the
+longest a one-caption request waits behind a large one is one batch), with
+the default scorer (the fused CPU scorer where numba is installed). Two well-behaved clients send
+one-caption requests (top 10) back to back through every phase; each answer
+must equal the runtime's own top 10 (computed in this process before the
+server starts) for the gallery version the response names. Each phase lasts ``--seconds``
+(every attacker loop is bounded in count and time):
+
+- ``quiet``: the well-behaved clients alone (the reference p99);
+- ``slow headers``: 100 connections sending a header byte a second;
+- ``stalled bodies``: 50 connections announcing 4 MB bodies, sending 1 KB, stalling;
+- ``large bodies``: 20 senders posting whole 4 MB JSON documents (parsed, then refused: a caption too long);
+- ``non-readers``: 20 connections pipelining requests for large answers and reading none;
+- ``amplification``: 2 callers sending 256-caption requests with the largest top_k --max-answer allows;
+- ``overload``: 64 more closed-loop clients (429 is a correct answer for them);
+- ``hot swap``: ``--swaps`` new gallery folders renamed into place in turn;
+- ``file faults``: the served embeddings file changed in place, then truncated;
+- ``SIGTERM``: 20 non-readers connected, then SIGTERM: seconds to exit, and the exit status.
+
+First, what the service's copy-on-open costs: the gallery opened mapped
+(``read_gallery``) and copied (``in_memory=True``), twice each, each in a fresh
+process: seconds to open (verification included) and resident MB added.
+
+The table: well-behaved requests answered correctly, refused at once (429/503),
+lost (a wrong answer, another status, a timeout, a dropped connection), their
+p50 and p99 and p99 against the quiet p99; how long ``/v2/health/live`` took
+(probed every 50 ms: p99 and max); the server's resident memory
+before, during (peak sampled) and 3 s after the attack; for hot swap the
+swaps done and refused, for file faults the versions refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_serve import Server, metric, small_gallery  # noqa: E402
+
+INFER = "/v2/models/text_to_image/infer"
+FLAGS = ["--max-batch-captions", "16", "--header-timeout-s", "2", "--body-timeout-s", "2", "--write-timeout-s", "2",
+         "--max-connections", "128", "--grace-s", "10", "--watch-s", "0.2", "--max-answer", "10000"]
+
+
+def references(bundle: Path, versions: list[Path], captions: list[str]) -> dict[str, dict[str, list[int]]]:
+    """Each version's top 10 for each caption, from the runtime alone: what a correct answer is."""
+    from itmrt.runtime import load
+
+    runtime = load(bundle, scorer="graph")
+    table: dict[str, dict[str, list[int]]] = {}
+    for folder in versions:
+        gallery = runtime.open_gallery(folder)
+        hits = runtime.search_text_to_image(captions, gallery, k=10)
+        table[gallery.manifest.embeddings.sha256[:16]] = {c: row.tolist() for c, row in zip(captions, hits.indices)}
+    return table
+
+
+def galleries(work: Path, images: int) -> tuple[Path, list[Path], list[str]]:
+    """The bundle, three gallery versions of ``images`` random images each, and captions to query with."""
+    from itmrt.runtime import load
+
+    demo, captions = small_gallery(work / "small")
+    bundle = work / "small" / "bundle"
+    runtime = load(bundle, scorer="graph")
+    shape = [axis if isinstance(axis, int) else 36 for axis in runtime.image_input_shape[1:]]
+    versions = []
+    for number in range(3):
+        folder = work / f"version{number}"
+        if not (folder / "gallery.json").is_file():
+            rng = np.random.default_rng(number)
+            runtime.index(np.abs(rng.standard_normal((images, *shape))).astype(np.float32), folder)
+        versions.append(folder)
+    return demo, versions, captions
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return float(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+@dataclass
+class Outcome:
+    latencies: list[float] = field(default_factory=list)
+    answered: int = 0
+    refused: int = 0
+    lost: dict[str, int] = field(default_factory=dict)
+
+    def lose(self, why: str) -> None:
+        self.lost[why] = self.lost.get(why, 0) + 1
+
+
+class WellBehaved:
+    """Two clients sending one-caption requests; answers checked against references (by gallery version)."""
+
+    def __init__(self, url: str, captions: list[str], references: dict[str, dict[str, list[int]]]) -> None:
+        self.url, self.captions, self.references = url, captions, references
+        self.outcome = Outcome()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def run(self, clients: int = 2) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self._loop, args=(n,), daemon=True) for n in range(clients)]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def _loop(self, number: int) -> None:
+        import http.client
+
+        rng = np.random.default_rng(number)
+        host, port = self.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        while not self.stop.is_set():
+            caption = self.captions[int(rng.integers(len(self.captions)))]
+            body = json.dumps({"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [1],
+                                           "data": [caption]}], "parameters": {"top_k": 10}})
+            started = time.perf_counter()
+            try:
+                connection.request("POST", INFER, body, {"Content-Type": "application/json"})
+                reply = connection.getresponse()
+                data = reply.read()
+                elapsed = time.perf_counter() - started
+            except (OSError, http.client.HTTPException) as exc:
+                connection.close()
+                connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                with self.lock:
+                    self.outcome.lose(type(exc).__name__)
+                continue
+            self._record(reply.status, data, caption, elapsed)
+        connection.close()
+
+    def _record(self, status: int, data: bytes, caption: str, elapsed: float) -> None:
+        with self.lock:
+            if status in (429, 503):
+                self.outcome.refused += 1
+                return
+            if status != 200:
+                self.outcome.lose(str(status))
+                return
+            document = json.loads(data)
+            version = document.get("parameters", {}).get("gallery_sha256", "")
+            indices = document["outputs"][0]["data"]
+            if indices != self.references.get(version, {}).get(caption):
+                self.outcome.lose("wrong answer")
+                return
+            self.outcome.answered += 1
+            self.outcome.latencies.append(elapsed)
+
+    def take(self) -> Outcome:
+        with self.lock:
+            outcome, self.outcome = self.outcome, Outcome()
+        return outcome
+
+
+# -- attacks ------------------------------------------------------------------------
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=5)
+
+
+def slow_headers(url: str, stop: threading.Event, count: int = 100) -> None:
+    """``count`` connections that send one header byte a second, reconnecting when cut off."""
+    request = b"GET /v2 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 200
+    sockets: list[tuple[socket.socket, int]] = []
+    while not stop.is_set():
+        while len(sockets) < count and not stop.is_set():
+            try:
+                sockets.append((connect(url), 0))
+            except OSError:
+                break
+        kept = []
+        for sock, sent in sockets:
+            try:
+                sock.send(request[sent : sent + 1])
+                kept.append((sock, sent + 1))
+            except OSError:
+                sock.close()
+        sockets = kept
+        stop.wait(1.0)
+    for sock, _sent in sockets:
+        sock.close()
+
+
+def stalled_bodies(url: str, stop: threading.Event, count: int = 50) -> None:
+    head = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4194304\r\n\r\n" + b" " * 1024)
+    sockets: list[socket.socket] = []
+    while not stop.is_set():
+        alive = []
+        for sock in sockets:
+            try:
+                sock.setblocking(False)
+                if sock.recv(65536) == b"":
+                    raise OSError("closed")
+                sock.close()  # answered (408/503): open a new one
+            except BlockingIOError:
+                alive.append(sock)
+            except OSError:
+                sock.close()
+        sockets = alive
+        while len(sockets) < count and not stop.is_set():
+            try:
+                sock = connect(url)
+                sock.sendall(head)
+                sockets.append(sock)
+            except OSError:
+                break
+        stop.wait(0.5)
+    for sock in sockets:
+        sock.close()
+
+
+def non_readers(url: str, stop: threading.Event, count: int = 20, answers: int = 50) -> list[socket.socket]:
+    """``count`` connections pipelining ``answers`` requests for large answers each, reading nothing."""
+    body = json.dumps({"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [20],
+                                   "data": ["a dog on the grass"] * 20}], "parameters": {"top_k": 400}}).encode()
+    request = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sockets = []
+    for _ in range(count):
+        if stop.is_set():
+            break
+        try:
+            sock = connect(url)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(2)
+            sock.sendall(request * answers)
+            sockets.append(sock)
+        except OSError:
+            pass
+    return sockets
+
+
+def non_reader_attack(url: str, stop: threading.Event) -> None:
+    while not stop.is_set():
+        sockets = non_readers(url, stop)
+        stop.wait(3.0)
+        for sock in sockets:
+            sock.close()
+
+
+def large_bodies(url: str, stop: threading.Event, senders: int = 20, limit: int = 200) -> None:
+    """``senders`` threads posting 4 MB JSON documents (one huge caption: parsed, then refused with 400)."""
+    import http.client
+
+    body = json.dumps({"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [1],
+                                   "data": ["word " * 800_000]}]}).encode()[: 4 << 20]
+    host, port = url.removeprefix("http://").split(":")
+
+    def sender() -> None:
+        for _ in range(limit):
+            if stop.is_set():
+                return
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                connection.request("POST", INFER, body, {"Content-Type": "application/json"})
+                connection.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                pass
+            finally:
+                connection.close()
+
+    threads = [threading.Thread(target=sender, daemon=True) for _ in range(senders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+class LiveProbe:
+    """``GET /v2/health/live`` every 50 ms: how long the event loop takes to answer during each phase."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.latencies, self.stop = url, [], threading.Event()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        import http.client
+
+        host, port = self.url.removeprefix("http://").split(":")
+        while not self.stop.wait(0.05):
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            started = time.perf_counter()
+            try:
+                connection.request("GET", "/v2/health/live")
+                connection.getresponse().read()
+                with self.lock:
+                    self.latencies.append(time.perf_counter() - started)
+            except (OSError, http.client.HTTPException):
+                with self.lock:
+                    self.latencies.append(float("inf"))
+            finally:
+                connection.close()
+
+    def take(self) -> str:
+        with self.lock:
+            values, self.latencies = self.latencies, []
+        if not values:
+            return "live: no probe"
+        return f"live p99 {np.percentile(values, 99) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms"
+
+
+def amplification(url: str, stop: threading.Event, callers: int = 2, limit: int = 1000) -> None:
+    """``callers`` threads sending 256-caption requests asking for the largest answer allowed."""
+    from itmrt.serve.client import ServiceClient, ServiceError
+
+    def caller(number: int) -> None:
+        with ServiceClient(url, timeout_s=60) as client:
+            for _ in range(limit):
+                if stop.is_set():
+                    return
+                try:
+                    client.search([f"a photo number {number} {i}" for i in range(256)], 39)
+                except ServiceError:
+                    pass
+
+    threads = [threading.Thread(target=caller, args=(n,), daemon=True) for n in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def overload(url: str, stop: threading.Event, clients: int = 64) -> None:
+    from itmrt.errors import ItmrtError
+    from itmrt.serve.client import ServiceClient, ServiceError
+
+    def client_loop() -> None:
+        with ServiceClient(url, timeout_s=60) as client:
+            for _ in range(10_000):
+                if stop.is_set():
+                    return
+                try:
+                    client.search(["a dog runs"], 10)
+                except (ServiceError, ItmrtError):
+                    pass
+
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+# -- phases -------------------------------------------------------------------------
+
+
+def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attack: Callable[..., Any] | None,
+          quiet_p99: float | None, note: Callable[[], str] | None = None,
+          probe: LiveProbe | None = None) -> dict[str, Any]:
+    before = rss_mb(server.process.pid)
+    clients.take()
+    if probe is not None:
+        probe.take()
+    stop = threading.Event()
+    thread = threading.Thread(target=attack, args=(server.url, stop), daemon=True) if attack else None
+    if thread:
+        thread.start()
+    peak, end = before, time.monotonic() + seconds
+    while time.monotonic() < end:
+        peak = max(peak, rss_mb(server.process.pid))
+        time.sleep(0.2)
+    stop.set()
+    outcome = clients.take()
+    live = probe.take() if probe is not None else ""
+    if thread:
+        thread.join(60)
+    time.sleep(3.0)
+    after = rss_mb(server.process.pid)
+    p50, p99 = (np.percentile(outcome.latencies, [50, 99]) * 1000).tolist() if outcome.latencies else (0.0, 0.0)
+    row = {"phase": name, "answered": outcome.answered, "refused": outcome.refused,
+           "lost": sum(outcome.lost.values()), "lost_why": outcome.lost, "p50_ms": round(p50, 1),
+           "p99_ms": round(p99, 1), "p99_x_quiet": round(p99 / quiet_p99, 2) if quiet_p99 else 1.0,
+           "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1), "rss_after_mb": round(after, 1),
+           "rss_after_x_before": round(after / before, 3),
+           "note": "; ".join(part for part in (live, note() if note else "") if part)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def swapper(live: Path, versions: list[Path], swaps: int, server: Server) -> Callable[..., None]:
+    def attack(url: str, stop: threading.Event) -> None:
+        for number in range(swaps):
+            if stop.is_set():
+                return
+            staging = live.with_name(f"staging{number}")
+            shutil.copytree(versions[(number + 1) % len(versions)], staging)
+            old = live.with_name(f"old{number}")
+            os.rename(live, old)
+            os.rename(staging, live)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and stop.wait(0.1) is False:
+                page = server.metrics()
+                done = metric(page, 'itmrt_swaps_total{outcome="ok"}')
+                done += metric(page, 'itmrt_swaps_total{outcome="refused"}')
+                if done >= number + 1:
+                    break
+            shutil.rmtree(old, ignore_errors=True)
+    return attack
+
+
+def file_faults(live: Path) -> Callable[..., None]:
+    def attack(url: str, stop: threading.Event) -> None:
+        path = live / "image_embeddings.npy"
+        stop.wait(1.0)
+        with open(path, "r+b") as handle:  # in place: same inode
+            handle.seek(-4096, os.SEEK_END)
+            handle.write(np.full(1024, 1e30, dtype=np.float32).tobytes())
+        stop.wait(1.5)
+        os.truncate(path, path.stat().st_size // 2)
+    return attack
+
+
+def sigterm(server: Server) -> dict[str, Any]:
+    stop = threading.Event()
+    sockets = non_readers(server.url, stop, count=20, answers=50)
+    time.sleep(1.0)
+    signalled = time.monotonic()
+    server.process.send_signal(15)
+    try:
+        status = server.process.wait(60)
+    except Exception:  # noqa: BLE001 - reported as a miss
+        server.process.kill()
+        status = server.process.wait()
+    seconds = time.monotonic() - signalled
+    for sock in sockets:
+        sock.close()
+    row = {"phase": "SIGTERM (20 non-readers)", "exit_s": round(seconds, 2), "exit_status": status}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+OPEN_COST = """
+import sys, time
+from itmrt.runtime.gallery import read_gallery
+def rss():
+    return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) / 1024
+base, started = rss(), time.perf_counter()
+gallery = read_gallery(sys.argv[2], in_memory=sys.argv[1] == 'copied')
+print(round(time.perf_counter() - started, 3), round(rss() - base, 1))
+"""
+
+
+def open_cost(gallery: Path, runs: int = 2) -> list[dict[str, Any]]:
+    """What copying the gallery into memory costs against mapping it: open seconds and resident MB, each in a
+    fresh process (the file in the page cache: the service's case after the first start)."""
+    import subprocess
+
+    rows = []
+    for _ in range(runs):
+        for mode in ("mapped", "copied"):
+            done = subprocess.run([sys.executable, "-c", OPEN_COST, mode, str(gallery)], capture_output=True,
+                                  text=True, check=True, timeout=300)
+            seconds, mb = done.stdout.split()
+            rows.append({"open": mode, "seconds": float(seconds), "rss_mb": float(mb)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    _demo, versions, captions = galleries(work, args.images)
+    live = work / "live"
+    shutil.rmtree(live, ignore_errors=True)
+    for leftover in work.glob("old*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(versions[0], live)
+    open_cost(versions[0])
+    queries = captions[:50]
+    table = references(work / "small" / "bundle", versions, queries)
+    server = Server.start("faults", live, work / "server.log", *FLAGS)
+    server.wait_ready()
+    clients = WellBehaved(server.url, queries, table)
+    threads = clients.run()
+    probe = LiveProbe(server.url)
+    rows: list[dict[str, Any]] = []
+    try:
+        phase("warm-up (not reported)", server, clients, args.seconds, None, None)
+        quiet = phase("quiet", server, clients, args.seconds, None, None, probe=probe)
+        rows.append(quiet)
+        q = quiet["p99_ms"] or 1.0
+        attacks = [("slow headers (100)", slow_headers), ("stalled 4 MB bodies (50)", stalled_bodies),
+                   ("large bodies (20 x 4 MB JSON)", large_bodies),
+                   ("non-readers (20 x 50 answers)", non_reader_attack), ("amplification (2 x 256 captions)",
+                                                                          amplification),
+                   ("overload (64 more clients)", overload)]
+        for name, attack in attacks:
+            rows.append(phase(name, server, clients, args.seconds, attack, q, lambda: dropped(server), probe))
+        swaps = swapper(live, versions, args.swaps, server)
+        rows.append(phase(f"hot swap ({args.swaps} swaps)", server, clients, max(args.seconds, args.swaps * 1.5),
+                          swaps, q, lambda: swap_counts(server), probe))
+        rows.append(phase("file faults (changed in place, truncated)", server, clients, args.seconds,
+                          file_faults(live), q, lambda: swap_counts(server), probe))
+    finally:
+        probe.stop.set()
+        clients.stop.set()
+        for thread in threads:
+            thread.join(30)
+    rows.append(sigterm(server))
+    return rows
+
+
+def dropped(server: Server) -> str:
+    page = server.metrics()
+    counts = {reason: int(metric(page, f'itmrt_connections_dropped_total{{reason="{reason}"}}'))
+              for reason in ("header_timeout", "write_timeout", "evicted", "over_limit")}
+    return "dropped so far: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def swap_counts(server: Server) -> str:
+    page = server.metrics()
+    name = 'itmrt_swaps_total{outcome="OUTCOME"}'
+    ok, refused = (int(metric(page, name.replace("OUTCOME", outcome))) for outcome in ("ok", "refused"))
+    return f"swaps ok {ok}, refused {refused} (so far)"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| phase | answered | refused | lost | p50 ms | p99 ms | p99 / quiet | RSS before / peak / after MB "
+             "| note |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "exit_s" in row:
+            lines.append(f"| {row['phase']} | | | | | | | | exit in {row['exit_s']} s, status {row['exit_status']} |")
+            continue
+        lines.append(f"| {row['phase']} | {row['answered']} | {row['refused']} | {row['lost']} | {row['p50_ms']} "
+                     f"| {row['p99_ms']} | {row['p99_x_quiet']} | {row['rss_before_mb']} / {row['rss_peak_mb']} / "
+                     f"{row['rss_after_mb']} | {row['note']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="Length of each phase (bounded: at most 60).")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--swaps", type=int, default=20)
+    parser.add_argument("--work", default="/tmp/itmrt-faults")
+    args = parser.parse_args()
+    args.seconds = min(args.seconds, 60.0)
+    rows = run(args)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

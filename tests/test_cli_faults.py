@@ -1,0 +1,132 @@
+"""CLI faults (issue #24): outputs onto inputs, a full disk, an unwritable kernel cache, an encoder that overflows.
+
+Each is one line and a non-zero exit, and leaves nothing behind: the inputs as
+they were, no half-written gallery, no staging folder. The full disk is a real
+one: a 256 KB tmpfs mounted for the test (skipped where mounting is not
+allowed); the unwritable kernel cache is a process whose ``RLIMIT_FSIZE`` makes
+every write past 100 bytes fail, as a full disk would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cli_helpers import run_cli
+from runtime_helpers import make_bundle, random_captions, region_features
+from serve_helpers import make_gallery
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli-faults")
+    bundle = make_bundle(root / "model")[0]
+    gallery = make_gallery(bundle, root / "gallery", count=12)
+    captions = root / "captions.txt"
+    captions.write_text("\n".join(random_captions(3, seed=1)) + "\n")
+    features = root / "features.npy"
+    np.save(features, region_features(8, seed=2))
+    return {"root": root, "bundle": bundle, "gallery": gallery, "captions": captions, "features": features}
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_line(result: Any, words: str) -> None:
+    assert result.code == 2, (result.code, result.err)
+    assert words in result.err and result.err.count("\n") == 1, result.err
+
+
+def test_outputs_never_land_on_an_input(world: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    gallery, bundle = world["gallery"], world["bundle"]
+    before = (digests(gallery), digests(bundle))
+    link = tmp_path / "innocent.jsonl"
+    link.symlink_to(gallery / "gallery.json")
+    search = ["infer", str(gallery), "--captions", str(world["captions"])]
+    cases = [
+        [*search, "--out", str(gallery / "gallery.json"), "--overwrite"],
+        [*search, "--out", str(tmp_path / "r.jsonl"), "--scores-out", str(gallery / "image_embeddings.npy"),
+         "--overwrite"],
+        [*search, "--out", str(tmp_path / "r.jsonl"), "--scores-out", str(bundle / "manifest.json"), "--overwrite"],
+        [*search, "--out", str(link), "--overwrite"],
+        [*search, "--out", str(gallery / "new.jsonl")],
+        ["infer", str(bundle), "--gallery", str(gallery), "--captions", str(world["captions"]),
+         "--out", str(world["captions"]), "--overwrite"],
+        ["index", str(bundle), "--images", str(world["features"]), "--out", str(bundle), "--overwrite"],
+        ["index", str(bundle), "--images", str(world["features"]), "--out", str(world["root"]), "--overwrite"],
+    ]
+    for args in cases:
+        one_line(run_cli(capsys, *args), "this command reads")
+    assert (digests(gallery), digests(bundle)) == before
+    assert run_cli(capsys, *search, "--out", str(tmp_path / "ok.jsonl")).code == 0
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Any:
+    """A 256 KB file system of its own (tmpfs; needs the right to mount, else the test is skipped)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root): the full-disk case is not exercised")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_index_on_a_full_disk_is_one_line_and_leaves_nothing(world: dict[str, Path], tmp_path: Path,
+                                                             small_disk: Path) -> None:
+    """A memory-mapped gallery on a full disk died by SIGBUS (rc 135) and left a .partial folder."""
+    features = tmp_path / "many.npy"
+    np.save(features, region_features(1000, seed=3))  # 1000 x 10 x 32 float32 embeddings: 1.3 MB
+    args = ["index", str(world["bundle"]), "--images", str(features), "--out", str(small_disk / "gallery")]
+    script = f"from itmrt.cli.app import main\nmain({args!r})\n"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "No space left on device" in done.stderr and "disk is full" in done.stderr
+    assert list(small_disk.iterdir()) == []  # no gallery, no .partial
+
+
+def test_serve_starts_when_the_kernel_cache_cannot_be_written(world: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("numba")
+    script = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        "from itmrt.serve.searcher import open_runtime_searcher\n"
+        f"s = open_runtime_searcher({str(world['bundle'])!r}, {str(world['gallery'])!r}, scorer='fused', "
+        "warn=lambda m: print('warning:', m))\n"
+        "print('warmed up', s.runtime.scorer_kind, s.warmup() > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert "kernel cache cannot be written" in done.stdout and "warmed up fused True" in done.stdout, done.stdout
+
+
+def test_an_encoder_that_overflows_is_refused_naming_the_rows(world: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    features = region_features(10, seed=4)
+    features[[3, 8]] *= np.float32(1e37)
+    path = tmp_path / "huge.npy"
+    np.save(path, features)
+    result = run_cli(capsys, "index", str(world["bundle"]), "--images", str(path), "--out", str(tmp_path / "g"))
+    one_line(result, "image 3, 8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.npy"]
+    result = run_cli(capsys, "infer", str(world["bundle"]), "--images", str(path), "--captions",
+                     str(world["captions"]), "--out", str(tmp_path / "r.jsonl"))
+    one_line(result, "image 3, 8")
