@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from itmrt.bundle.names import Precision
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_new_files
@@ -15,6 +15,9 @@ from itmrt.errors import ItmrtError
 
 
 @app.command("explain")
+@options.runtime_group("precision", precision=options.precision(help_text=(
+    "Encoders and scorer at fp32, fp16 or int8 (the bundle must hold that variant); the word terms are computed in "
+    "float64 from those encoders' outputs, so below fp32 the scorer's score differs by its own rounding.")))
 def explain_command(
     bundle: Path = typer.Argument(..., help="A NAAF bundle folder (from `itmrt export`)."),
     images: Path = typer.Option(..., "--images", help="Where the image comes from: a region-features .npy "
@@ -23,10 +26,7 @@ def explain_command(
     image: int = typer.Option(..., "--image", min=0, help="Which image: its 0-based row in --images (the features "
                               "file's first axis, or the gallery's order, which is its features file's)."),
     caption: str = typer.Option(..., "--caption", help="The caption to explain, as free text."),
-    precision: Precision = options.precision(help_text="Encoders and scorer at fp32, fp16 or int8 (the bundle must "
-                                             "hold that variant); the word terms are computed in float64 from those "
-                                             "encoders' outputs, so below fp32 the scorer's score differs by its own "
-                                             "rounding."),
+    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
     negative_branch: bool = typer.Option(True, "--negative-branch/--no-negative-branch", help="--no-negative-branch "
                                          "explains the paper's ablation: every word's negative term set to 0 (the "
                                          "scorer's score stays the full model's)."),
@@ -55,7 +55,8 @@ def explain_command(
         from itmrt.optional import require
 
         require("matplotlib", "itmrt explain --png")
-    runtime = load(bundle, precision=precision, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    precision = runtime.precision
+    runtime = load(bundle, runtime, warn=lambda message: typer.echo(f"warning: {message}", err=True))
     source = read_gallery(images) if is_gallery(images) else load_features(images)
     result = explain(runtime, source, image, caption, negative_branch=negative_branch)
     typer.echo(f"image {image} of {images}, caption \"{caption}\" ({precision}; threshold {result.threshold:.4f}"
