@@ -129,3 +129,28 @@ def test_the_service_takes_the_same_group(bundles: dict[str, Path], tmp_path: Pa
         answer = client.search(captions, 4)
     np.testing.assert_array_equal(np.asarray(answer.indices), np.asarray(expected.indices))
     np.testing.assert_allclose(np.asarray(answer.scores), np.asarray(expected.scores), rtol=0, atol=1e-6)
+
+
+def test_the_runtime_flags_parse_into_one_runtime_options() -> None:
+    from typer.testing import CliRunner
+
+    seen: list[Any] = []
+    tiny = typer.Typer()
+
+    @tiny.command()
+    @runtime_group(*RUNTIME_FLAGS)
+    def command(name: str = typer.Argument(...), runtime: Any = None) -> None:
+        seen.append((name, runtime))
+
+    flags = ["--backend", "trt", "--precision", "fp16", "--providers", "cuda, cpu", "--threads", "1",
+             "--scorer", "graph", "--max-length", "20", "--on-long", "refuse", "--batch-size", "8",
+             "--memory-mb", "4", "--device", "2", "--gpu-mem-limit-mb", "512"]
+    result = CliRunner().invoke(tiny, ["x", *flags])
+    assert result.exit_code == 0, result.output
+    assert seen == [("x", RuntimeOptions(backend="trt", precision="fp16", providers=["cuda", "cpu"], threads=1,
+                                         scorer="graph", max_length=20, on_long="refuse", batch_size=8,
+                                         budget_bytes=4 << 20, device=2, gpu_mem_limit_mb=512))]
+    result = CliRunner().invoke(tiny, ["y"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1] == ("y", RuntimeOptions())  # no flag: the runtime's defaults, as load() has them
+    assert CliRunner().invoke(tiny, ["z", "--device", "256"]).exit_code == 2

@@ -17,7 +17,7 @@ Opt = typer.Option
 
 
 @app.command("index")
-@options.runtime_group("backend", "precision", "providers", "threads", "batch_size",
+@options.runtime_group("backend", "precision", "providers", "threads", "batch_size", "device", "gpu_mem_limit_mb",
                        batch_size=options.batch_size(128, "Images per encoder batch."))
 @options.output_group("overwrite", "progress", overwrite=options.overwrite("an existing gallery at --out"))
 def index_command(

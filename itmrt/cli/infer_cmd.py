@@ -87,7 +87,7 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
 
 @app.command("infer")
 @options.runtime_group("backend", "precision", "providers", "threads", "scorer", "max_length", "on_long", "batch_size",
-                       "memory_mb")
+                       "memory_mb", "device", "gpu_mem_limit_mb")
 @options.output_group("overwrite", "progress")
 @ray_flags.ray_group
 def infer_command(

@@ -110,6 +110,16 @@ def memory_mb() -> Any:
                         help="Memory budget of one scoring tile, in MB.")
 
 
+def device(help_text: str = "The CUDA device the runtime uses (numbered after CUDA_VISIBLE_DEVICES): ONNX Runtime's "
+                                "CUDA and TensorRT providers and the native TensorRT engines.") -> Any:
+    return typer.Option(0, "--device", min=0, max=255, help=help_text)
+
+
+def gpu_mem_limit_mb() -> Any:
+    return typer.Option(None, "--gpu-mem-limit-mb", min=1, max=1 << 24,
+                        help="Cap of ONNX Runtime's CUDA memory arena, in MB (default: no cap).")
+
+
 RUNTIME_FLAGS: dict[str, Flag] = {
     "backend": Flag(BackendName, backend),
     "precision": Flag(Precision, precision),
@@ -120,6 +130,8 @@ RUNTIME_FLAGS: dict[str, Flag] = {
     "on_long": Flag(OnLong, on_long),
     "batch_size": Flag(int, lambda: batch_size(128, "Images / captions per encoder batch.")),
     "memory_mb": Flag(int, memory_mb),
+    "device": Flag(int, device),
+    "gpu_mem_limit_mb": Flag(int | None, gpu_mem_limit_mb),
 }
 """The runtime's flags (:class:`~itmrt.runtime.options.RuntimeOptions`), each declared once; a command takes
 those that apply to it (``--memory-mb`` sets ``budget_bytes``; ``--providers`` is comma-separated)."""
@@ -182,7 +194,9 @@ __all__ = [
     "backend",
     "batch_size",
     "calibration_method",
+    "device",
     "finite",
+    "gpu_mem_limit_mb",
     "max_length",
     "memory_mb",
     "on_long",

@@ -17,7 +17,8 @@ Opt = typer.Option
 
 
 @app.command("serve")
-@options.runtime_group("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long",
+@options.runtime_group("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long", "device",
+                       "gpu_mem_limit_mb",
                        on_long=options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"))
 @ray_flags.ray_group
 def serve_command(
