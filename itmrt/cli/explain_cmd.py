@@ -15,6 +15,7 @@ from itmrt.errors import ItmrtError
 
 
 @app.command("explain")
+@options.output_group("overwrite", overwrite=options.overwrite("existing --png / --json files"))
 @options.runtime_group("precision", precision=options.precision(help_text=(
     "Encoders and scorer at fp32, fp16 or int8 (the bundle must hold that variant); the word terms are computed in "
     "float64 from those encoders' outputs, so below fp32 the scorer's score differs by its own rounding.")))
@@ -33,7 +34,7 @@ def explain_command(
     png: Path | None = typer.Option(None, "--png", help="Also draw the word x region similarity matrix with the "
                                     "threshold marked (needs matplotlib, from the reports extra)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the explanation as JSON."),
-    overwrite: bool = options.overwrite("existing --png / --json files"),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Take NAAF's score of one image and one caption apart, word by word.
 
@@ -48,7 +49,7 @@ def explain_command(
     from itmrt.runtime.explain import explain
     from itmrt.runtime.gallery import is_gallery, load_features, read_gallery
 
-    check_new_files([png, json_path], overwrite)
+    check_new_files([png, json_path], outputs.overwrite)
     if png is not None and json_path is not None and png.resolve() == json_path.resolve():
         raise ItmrtError("--png and --json name the same file")
     if png is not None:
@@ -66,9 +67,9 @@ def explain_command(
     if json_path is not None:
         from itmrt.io import atomic_write_text
 
-        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n", overwrite=overwrite)
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n", overwrite=outputs.overwrite)
     if png is not None:
         from itmrt.reports.plots import similarity_matrix
 
-        similarity_matrix(result, png, overwrite=overwrite)
+        similarity_matrix(result, png, overwrite=outputs.overwrite)
         typer.echo(f"wrote {png}")
