@@ -37,6 +37,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -337,6 +338,16 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputOptions:
+    """How a command writes its outputs: the one group of output options (``--overwrite``, ``--progress``,
+    ``--plots``) the CLI declares once (:func:`itmrt.cli.options.output_group`)."""
+
+    overwrite: bool = False  # replace what is already there (never an input of the same command)
+    progress: bool = True  # progress bars on stderr (only on a terminal; reports also print lines when logged)
+    plots: bool = True  # reports: also write PNG plots (needs matplotlib)
 
 
 def check_output_folder(out: Path, overwrite: bool, what: str, is_ours: Callable[[Path], bool]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -26,6 +27,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 @app.command("bench")
+@options.output_group("plots", "overwrite", "progress", overwrite=options.overwrite("a report already in --report"))
 def bench_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     variants: str = typer.Option(DEFAULT_BENCH_VARIANTS, "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
@@ -38,9 +40,7 @@ def bench_command(
     threads: int = options.threads(),
     scorer: ScorerChoice | None = options.scorer(),
     report: Path = options.report_folder("report.json, report.md, latency_vs_batch.png"),
-    plots: bool = options.plots(),
-    overwrite: bool = options.overwrite("a report already in --report"),
-    progress: bool = options.progress(),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Per stage (tokenise, text encode, image encode, score, top-k) and end to end: latency percentiles, throughput, memory."""
     import sys
@@ -53,10 +53,10 @@ def bench_command(
         variants=parse_variants(variants), batch_sizes=_batch_sizes(batch_sizes), captions=captions, images=images,
         warmup=warmup, repeats=repeats, top_k=top_k, threads=threads, scorer=scorer,
     )
-    check_report_folder(report, overwrite)
-    with progress_bars(progress, lines_when_logged=True) as bars:
+    check_report_folder(report, outputs.overwrite)
+    with progress_bars(outputs.progress, lines_when_logged=True) as bars:
         result = run_bench(bundle, options, bars, command=["itmrt", *sys.argv[1:]])
-    write_bench(result, report, plots)
+    write_bench(result, report, outputs.plots)
     for entry in result["variants"]:
         if entry["status"] != "ok":
             typer.echo(f"{entry['name']}: {entry['status'].replace('_', ' ')}: {entry['reason']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -31,6 +32,7 @@ def parse_axis_ranges(values: list[str]) -> dict[str, tuple[int, int, int]]:
 
 
 @app.command("build")
+@options.output_group("progress")
 def build_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     precision: Precision = options.precision(Precision.FP16, "The precision of the graphs and engines to build."),
@@ -51,7 +53,7 @@ def build_command(
     gpu_fallback: bool = typer.Option(True, "--gpu-fallback/--no-gpu-fallback", help="With --dla-core: let the GPU run the layers the DLA cannot (else the build fails on them)."),
     layer_info: bool = typer.Option(True, "--layer-info/--no-layer-info", help="Build with detailed profiling verbosity and keep the engine inspector's layer JSON in the bundle."),
     device: int = typer.Option(0, "--device", min=0, max=255, help="CUDA device to build on (numbered after CUDA_VISIBLE_DEVICES)."),
-    progress: bool = options.progress(),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT
     engine per graph. Without TensorRT it stops after the graphs and says that no engine was built.
@@ -70,7 +72,7 @@ def build_command(
         layer_info=layer_info, device=device,
     )
     graph_options = PrecisionOptions(calib_data=calib_data, split=split, method=method, samples=samples,
-                                     progress=progress)
+                                     progress=outputs.progress)
     outcome = build_bundle(bundle, precision, graph_options, engine_options, log=typer.echo)
     if not outcome.engines_built:
         typer.echo(f"no TensorRT engine was built: {outcome.no_engine_reason}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -13,6 +14,7 @@ from itmrt.cli.options import CalibrationMethod
 
 
 @app.command("calibrate")
+@options.output_group("progress")
 def calibrate_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     data: Path = typer.Option(..., "--data", help="Calibration data folder (precomputed features + captions; images for CMPM)."),
@@ -21,7 +23,7 @@ def calibrate_command(
     samples: int = typer.Option(256, "--samples", min=1, max=limits.MAX_COUNT, help="Images (with their captions) to calibrate on."),
     min_samples: int = typer.Option(32, "--min-samples", min=1, max=limits.MAX_COUNT, help="Refuse a split with fewer images than this."),
     batch_size: int = options.batch_size(16, "Images per calibration batch."),
-    progress: bool = options.progress(),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Collect activation ranges on a sample of --data, save them in the bundle (calibration/<graph>.json)
     and write the INT8 Q/DQ graphs (precision/int8/). `itmrt build --precision int8` then reuses them."""
@@ -29,7 +31,7 @@ def calibrate_command(
 
     settings = PrecisionOptions(
         calib_data=data, split=split, method=method, samples=samples, min_samples=min_samples,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=outputs.progress,
     )
     calibrate(bundle, settings, log=typer.echo)
     typer.echo(f"{bundle}: int8 graphs written; calibration saved in {bundle / 'calibration'}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,6 +15,7 @@ from itmrt.errors import ItmrtError
 
 
 @app.command("eval")
+@options.output_group("overwrite", "progress", overwrite=options.overwrite("existing --json / --scores-out files"))
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint: released NAAF/SCAN *.pth.tar or an itmrt *.safetensors."),
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary JSON the model was trained with (released format)."),
@@ -29,8 +31,7 @@ def eval_command(
     mismatched_words: bool = typer.Option(False, "--mismatched-words", help="Also print NAAF's point measured on "
                                           "the synthetic data's confusable pairs (needs {split}_meta.json): how often "
                                           "a caption naming an object the image lacks scores lower."),
-    overwrite: bool = options.overwrite("existing --json / --scores-out files"),
-    progress: bool = options.progress(),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Encode a split with the PyTorch reference model and print the standard recall table.
 
@@ -48,7 +49,7 @@ def eval_command(
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
     from itmrt.text.vocab import count_unknown_words
 
-    check_new_files([json_path, scores_out], overwrite)
+    check_new_files([json_path, scores_out], outputs.overwrite)
     model = load_checkpoint(checkpoint)
     if family_of(model).image_input != REGION_FEATURES:
         raise ItmrtError(f"{checkpoint} holds a {model.family.upper()} model on images; `itmrt eval` evaluates precomputed "
@@ -62,7 +63,7 @@ def eval_command(
     found = comparisons(read_meta(data, split)) if mismatched_words else None
     vocabulary = load_vocabulary_for(model, vocab)
     data_split = PrecompSplit.open(data, split)
-    with progress_bars(progress) as bars:
+    with progress_bars(outputs.progress) as bars:
         table, scores = evaluate_split(model, vocabulary, data_split, batch_size, bars)
     result: dict[str, object] = {"checkpoint": str(checkpoint), "data": str(data), "split": split,
                                  "negative_branch": negative_branch, "recall": table}
@@ -85,8 +86,8 @@ def eval_command(
         result["mismatched_words"] = mismatch
         typer.echo("mismatched words (confusable pairs):")
         typer.echo(format_accuracy(mismatch))
-    outputs = [(json_path, (json.dumps(result, indent=2) + "\n").encode("utf-8"))] if json_path is not None else []
+    files = [(json_path, (json.dumps(result, indent=2) + "\n").encode("utf-8"))] if json_path is not None else []
     if scores_out is not None:
-        outputs.append((scores_out, float32_npy_bytes(scores)))
-    if outputs:
-        atomic_write_files(outputs, overwrite)
+        files.append((scores_out, float32_npy_bytes(scores)))
+    if files:
+        atomic_write_files(files, outputs.overwrite)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from itmrt.bundle.names import Precision
 from itmrt.cli import options
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_new_files
@@ -15,6 +15,10 @@ from itmrt.errors import ItmrtError
 
 
 @app.command("explain")
+@options.output_group("overwrite", overwrite=options.overwrite("existing --png / --json files"))
+@options.runtime_group("precision", precision=options.precision(help_text=(
+    "Encoders and scorer at fp32, fp16 or int8 (the bundle must hold that variant); the word terms are computed in "
+    "float64 from those encoders' outputs, so below fp32 the scorer's score differs by its own rounding.")))
 def explain_command(
     bundle: Path = typer.Argument(..., help="A NAAF bundle folder (from `itmrt export`)."),
     images: Path = typer.Option(..., "--images", help="Where the image comes from: a region-features .npy "
@@ -23,17 +27,14 @@ def explain_command(
     image: int = typer.Option(..., "--image", min=0, help="Which image: its 0-based row in --images (the features "
                               "file's first axis, or the gallery's order, which is its features file's)."),
     caption: str = typer.Option(..., "--caption", help="The caption to explain, as free text."),
-    precision: Precision = options.precision(help_text="Encoders and scorer at fp32, fp16 or int8 (the bundle must "
-                                             "hold that variant); the word terms are computed in float64 from those "
-                                             "encoders' outputs, so below fp32 the scorer's score differs by its own "
-                                             "rounding."),
+    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
     negative_branch: bool = typer.Option(True, "--negative-branch/--no-negative-branch", help="--no-negative-branch "
                                          "explains the paper's ablation: every word's negative term set to 0 (the "
                                          "scorer's score stays the full model's)."),
     png: Path | None = typer.Option(None, "--png", help="Also draw the word x region similarity matrix with the "
                                     "threshold marked (needs matplotlib, from the reports extra)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the explanation as JSON."),
-    overwrite: bool = options.overwrite("existing --png / --json files"),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Take NAAF's score of one image and one caption apart, word by word.
 
@@ -48,14 +49,15 @@ def explain_command(
     from itmrt.runtime.explain import explain
     from itmrt.runtime.gallery import is_gallery, load_features, read_gallery
 
-    check_new_files([png, json_path], overwrite)
+    check_new_files([png, json_path], outputs.overwrite)
     if png is not None and json_path is not None and png.resolve() == json_path.resolve():
         raise ItmrtError("--png and --json name the same file")
     if png is not None:
         from itmrt.optional import require
 
         require("matplotlib", "itmrt explain --png")
-    runtime = load(bundle, precision=precision, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    precision = runtime.precision
+    runtime = load(bundle, runtime, warn=lambda message: typer.echo(f"warning: {message}", err=True))
     source = read_gallery(images) if is_gallery(images) else load_features(images)
     result = explain(runtime, source, image, caption, negative_branch=negative_branch)
     typer.echo(f"image {image} of {images}, caption \"{caption}\" ({precision}; threshold {result.threshold:.4f}"
@@ -65,9 +67,9 @@ def explain_command(
     if json_path is not None:
         from itmrt.io import atomic_write_text
 
-        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n", overwrite=overwrite)
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n", overwrite=outputs.overwrite)
     if png is not None:
         from itmrt.reports.plots import similarity_matrix
 
-        similarity_matrix(result, png, overwrite=overwrite)
+        similarity_matrix(result, png, overwrite=outputs.overwrite)
         typer.echo(f"wrote {png}")

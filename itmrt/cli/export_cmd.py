@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -12,6 +13,7 @@ from itmrt.cli.app import app
 
 
 @app.command("export")
+@options.output_group("overwrite", overwrite=options.overwrite("an existing bundle at --out"))
 def export_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint: released NAAF/SCAN *.pth.tar or an itmrt *.safetensors (NAAF, SCAN, CMPM)."),
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary JSON the model was trained with; copied into the bundle."),
@@ -20,7 +22,7 @@ def export_command(
         None, "--threshold", callback=options.finite("--threshold", -1.0, 1.0), help="NAAF only: freeze this threshold instead of the checkpoint's thres_safe (recorded in the manifest)."
     ),
     opset: int = typer.Option(17, "--opset", min=17, max=20, help="ONNX opset (17-20: TensorRT 10 parses up to 20)."),
-    overwrite: bool = options.overwrite("an existing bundle at --out"),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
     max_batch: int = typer.Option(128, "--max-batch", min=1, max=limits.MAX_BATCH, help="Largest image/caption batch in the shape ranges (TensorRT profiles)."),
     max_length: int = typer.Option(64, "--max-length", min=2, max=limits.MAX_TOKENS, help="Longest caption, in tokens with <start> and <end>, in the shape ranges."),
     num_regions: int = typer.Option(36, "--num-regions", min=1, max=limits.MAX_REGIONS, help="Regions per image of the precomputed features (NAAF/SCAN)."),
@@ -40,7 +42,7 @@ def export_command(
     options = ExportOptions(
         threshold=threshold,
         opset=opset,
-        overwrite=overwrite,
+        overwrite=outputs.overwrite,
         max_batch=max_batch,
         max_length=max_length,
         num_regions=num_regions,

@@ -10,7 +10,6 @@ import typer
 
 from itmrt.cli import options
 from itmrt.cli.app import app
-from itmrt.cli.options import BackendName, Precision
 from itmrt.cli.outputs import check_outputs_apart, warn_on_stderr
 from itmrt.errors import ItmrtError
 
@@ -18,23 +17,22 @@ Opt = typer.Option
 
 
 @app.command("index")
+@options.runtime_group("backend", "precision", "providers", "threads", "batch_size", "device", "gpu_mem_limit_mb",
+                       batch_size=options.batch_size(128, "Images per encoder batch."))
+@options.output_group("overwrite", "progress", overwrite=options.overwrite("an existing gallery at --out"))
 def index_command(
     bundle: Path = typer.Argument(..., help="The bundle whose image encoder embeds the gallery."),
     images: Path = Opt(..., "--images", help=(
         "Image features .npy (region features; CMPM: images x 3 x H x W), or for a CMPM bundle a folder of "
         "images or a text file listing image paths (JPEG, PNG, WebP).")),
     out: Path = Opt(..., "--out", help="Gallery folder to create (with --append: the sharded gallery to extend)."),
-    backend: BackendName = options.backend(),
-    precision: Precision = options.precision(),
-    providers: str | None = options.providers(),
-    threads: int = options.threads(),
-    batch_size: int = options.batch_size(128, "Images per encoder batch."),
+    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
     skip_bad_images: bool = Opt(False, "--skip-bad-images", help=(
         "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
     warmup: bool = Opt(True, "--warmup/--no-warmup", help=(
         "Run every component once first, so the scorer's kernels are compiled (or loaded from their cache) "
         "before the gallery is searched.")),
-    overwrite: bool = options.overwrite("an existing gallery at --out"),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
     dtype: str | None = Opt(None, "--dtype", help=(
         "Embedding storage: float32 (default) or float16 (half the size; scoring upcasts one tile at a time).")),
     shard_images: int | None = Opt(None, "--shard-images", min=1, help=(
@@ -50,7 +48,6 @@ def index_command(
     hnsw_m: int = Opt(32, "--hnsw-m", min=1, help="hnsw: links per vector."),
     hnsw_ef_construction: int = Opt(80, "--hnsw-ef-construction", min=1, help="hnsw: candidates kept while building."),
     hnsw_ef_search: int = Opt(64, "--hnsw-ef-search", min=1, help="hnsw: candidates kept while searching (>= K)."),
-    progress: bool = options.progress(),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
@@ -68,24 +65,23 @@ def index_command(
     if not sharded and index_spec is not None:
         raise ItmrtError("the FAISS shortlist index is built per shard: add --shard-images N (N >= the images "
                          "for one shard)")
-    runtime = load(bundle, backend=backend, precision=precision, providers=options.parse_providers(providers),
-                   threads=threads, batch_size=batch_size, warn=warn_on_stderr)
+    runtime = load(bundle, runtime, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup else ""
     listing = is_image_listing(images)
     inputs: Any = options.image_inputs(runtime, images)
     source = str(images)
     if sharded:
-        gallery, count = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append, overwrite,
-                                        source, skip_bad_images, progress)
+        gallery, count = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append,
+                                        outputs.overwrite, source, skip_bad_images, outputs.progress)
         shape = (f"{len(gallery.shards)} shards, {len(gallery)} images in all, {gallery.dtype} "
                  f"{tuple(gallery.manifest['item_shape'])} per image")
     else:
-        single = runtime.index(inputs, out, overwrite=overwrite, source=source, skip_bad_images=skip_bad_images,
+        single = runtime.index(inputs, out, overwrite=outputs.overwrite, source=source, skip_bad_images=skip_bad_images,
                                dtype=dtype or "float32")
         shape, count = f"embeddings {tuple(single.embeddings.shape)} {single.embeddings.dtype}", len(single)
     skipped = len(inputs) - count if listing else 0
     counted = f" ({skipped} unreadable skipped)" if skipped else ""
-    typer.echo(f"indexed {count} images{counted} ({backend}/{precision}) into {out} in "
+    typer.echo(f"indexed {count} images{counted} ({runtime.options.backend}/{runtime.options.precision}) into {out} in "
                f"{time.perf_counter() - started:.1f}s{warm}; {shape}")
 
 

@@ -20,7 +20,7 @@ from itmrt import limits
 from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
-from itmrt.cli.options import BackendName, OnLong, Precision
+from itmrt.cli.options import OutputOptions, RuntimeOptions
 from itmrt.cli.outputs import check_new_files, check_outputs_apart, warn_on_stderr
 from itmrt.errors import ItmrtError
 
@@ -77,15 +77,18 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
     if images is None:
         raise ItmrtError("a checkpoint needs --images (galleries belong to bundles)")
     with timer.stage("reference"):
-        scores = _reference_scores(checkpoint, vocab, images, captions, request.max_length, request.on_long,
-                                   request.batch_size)
+        scores = _reference_scores(checkpoint, vocab, images, captions, request.runtime.max_length,
+                                   request.runtime.on_long, request.runtime.batch_size)
     t2i, i2t = top_k_of_matrix(scores, top_k, "the image features may hold values the model cannot take")
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, t2i, i2t, scores, request.overwrite)
+        _write_outputs(out, scores_out, captions, t2i, i2t, scores, request.outputs.overwrite)
     return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
 
 
 @app.command("infer")
+@options.runtime_group("backend", "precision", "providers", "threads", "scorer", "max_length", "on_long", "batch_size",
+                       "memory_mb", "device", "gpu_mem_limit_mb")
+@options.output_group("overwrite", "progress")
 @ray_flags.ray_group
 def infer_command(
     source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
@@ -95,19 +98,11 @@ def infer_command(
         "images or a text file listing image paths (JPEG, PNG, WebP; results name them by path).")),
     gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
     vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
-    backend: BackendName = options.backend(),
-    precision: Precision = options.precision(),
-    providers: str | None = options.providers(),
-    threads: int = options.threads(),
+    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
     top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results per query."),
-    max_length: int | None = typer.Option(None, "--max-length", min=2, max=limits.MAX_TOKENS, help="Caption token limit (default: the bundle's profile maximum)."),
-    on_long: OnLong = options.on_long(),
-    batch_size: int = options.batch_size(128, "Images / captions per encoder batch."),
-    memory_mb: int = typer.Option(32, "--memory-mb", min=1, max=limits.MAX_MEMORY_MB, help="Memory budget of one scoring tile, in MB."),
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
-    overwrite: bool = options.overwrite("existing output files"),
-    progress: bool = options.progress(),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=(
         "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
     timings: bool = typer.Option(False, "--timings", help=(
@@ -128,14 +123,14 @@ def infer_command(
             importlib.import_module(module)
     from itmrt.data.precomp import read_captions
 
-    _check_request(out, scores_out, overwrite, shortlist, top_k)
+    _check_request(out, scores_out, outputs.overwrite, shortlist, top_k)
     captions = read_captions(captions_path, "one caption per line")
     started = time.perf_counter()
-    request = BundleRequest(source, gallery_path, images, backend, precision, options.parse_providers(providers),
-                            threads, max_length, on_long, batch_size, memory_mb, skip_bad_images, overwrite)
-    outputs = {"--out": out, "--scores-out": scores_out}
-    check_outputs_apart(outputs, {"checkpoint or bundle or gallery": source, "gallery": gallery_path,
-                                  "images": images, "captions": captions_path, "vocabulary": vocab})
+    request = BundleRequest(source, gallery_path, images, runtime.replace(warn=warn_on_stderr), skip_bad_images,
+                            outputs)
+    output_paths = {"--out": out, "--scores-out": scores_out}
+    check_outputs_apart(output_paths, {"checkpoint or bundle or gallery": source, "gallery": gallery_path,
+                                       "images": images, "captions": captions_path, "vocabulary": vocab})
     if source.is_file():
         if shortlist is not None:
             raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
@@ -143,10 +138,10 @@ def infer_command(
         typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
         request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
-        check_outputs_apart(outputs, {"bundle": request.bundle, "gallery": request.gallery})
+        check_outputs_apart(output_paths, {"bundle": request.bundle, "gallery": request.gallery})
         request.ray = ray
-        n_images, how = _search_bundle(request, captions, top_k, scores_out, shortlist, progress, out, timer)
-        typer.echo(f"{backend}/{precision}: {n_images} images x {len(captions)} captions in "
+        n_images, how = _search_bundle(request, captions, top_k, scores_out, shortlist, outputs.progress, out, timer)
+        typer.echo(f"{runtime.backend}/{runtime.precision}: {n_images} images x {len(captions)} captions in "
                    f"{time.perf_counter() - started:.1f}s ({how}); wrote {out}")
     if timings:
         import json
@@ -161,16 +156,9 @@ class BundleRequest:
     bundle: Path
     gallery: Path | None
     images: Path | None
-    backend: BackendName
-    precision: Precision
-    providers: list[str] | None
-    threads: int
-    max_length: int | None
-    on_long: OnLong
-    batch_size: int
-    memory_mb: int
+    runtime: RuntimeOptions  # how the bundle runs (the command's runtime flags)
     skip_bad_images: bool
-    overwrite: bool = False
+    outputs: OutputOptions = OutputOptions()  # overwrite: replace existing output files
     ray: Any = None  # itmrt.scale.RayOptions: search a sharded gallery on Ray
 
 
@@ -200,10 +188,7 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
     if request.ray is not None:
         raise ItmrtError("--ray searches a sharded gallery; make one with `itmrt index ... --shard-images N`")
     with timer.stage("load"):
-        runtime = load(request.bundle, backend=request.backend, precision=request.precision,
-                       providers=request.providers, threads=request.threads, max_length=request.max_length,
-                       on_long=request.on_long, batch_size=request.batch_size, budget_bytes=request.memory_mb << 20,
-                       warn=warn_on_stderr)
+        runtime = load(request.bundle, request.runtime)
     with timer.stage("kernels"):  # the fused scorer's numba kernels: compiled once per machine, then cached
         if runtime.fused is not None:
             runtime.fused.warm_kernels()
@@ -226,7 +211,8 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
                               progress=bars("score (captions)", len(captions)))
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.overwrite, image_ids)
+        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.outputs.overwrite,
+                       image_ids)
     how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
            else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
     return n_images, how

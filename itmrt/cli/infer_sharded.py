@@ -11,7 +11,6 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
     """Open the shards (``request``: infer's BundleRequest), encode, search, merge and write, each a stage of
     ``timer``; the number of images and how they were searched."""
     from itmrt.cli.infer_cmd import _write_outputs
-    from itmrt.cli.outputs import warn_on_stderr
     from itmrt.cli.progress import progress_bars
     from itmrt.errors import ItmrtError
     from itmrt.scale.searcher import open_shards
@@ -19,11 +18,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
 
     if request.images is not None:
         raise ItmrtError("give either a sharded gallery or --images, not both")
-    load_options = {
-        "backend": request.backend, "precision": request.precision, "providers": request.providers,
-        "threads": request.threads, "max_length": request.max_length, "on_long": request.on_long,
-        "batch_size": request.batch_size, "budget_bytes": request.memory_mb << 20, "warn": warn_on_stderr,
-    }
+    load_options = request.runtime.load_keywords()  # the runtime group, as keywords the Ray actors take too
     search = SearchRequest(top_k, shortlist, ("t2i", "i2t"), scores_out is not None).check()
     with timer.stage("load"):  # the bundle here, and each shard where it is searched (Ray: the actors start)
         shards = open_shards(request.gallery, ray=request.ray, **load_options)
@@ -37,7 +32,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
             result = shards.search(encoded, search, progress=bars("search (shards)", len(shards.gallery.shards)))
         with timer.stage("write"):
             ids = shards.gallery.ids  # every image's line names it: every shard's ids are read
-            _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.overwrite,
+            _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.outputs.overwrite,
                            None if ids is None else list(ids))
     finally:
         shards.close()

@@ -6,6 +6,10 @@ Choices are str enums (:class:`~itmrt.bundle.names.BackendName`,
 the command receives a member, ``--help`` lists the choices, and anything else is
 refused while the command line is parsed, before any work, with the one-line
 ``error: unknown precision 'int4'; choose one of fp32, fp16, int8`` (exit status 2).
+
+The runtime's flags are one group (:func:`runtime_group`): a command declares a parameter ``runtime``
+and receives one :class:`~itmrt.runtime.options.RuntimeOptions`, the object ``itmrt.load()``, the
+service and the reports take.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import typer
 from itmrt import limits
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.calibration import DEFAULT_METHOD, CalibrationMethod
-from itmrt.runtime.options import OnLong, ScorerChoice
+from itmrt.cli.groups import Flag, OptionGroup, select_flags
+from itmrt.io import OutputOptions
+from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 
 ChoiceT = TypeVar("ChoiceT", bound=Enum)
 
@@ -94,6 +100,59 @@ def on_long(default: OnLong = OnLong.TRUNCATE, help_text: str = "truncate (with 
     return _choice(OnLong, default, "--on-long", "--on-long", f"Captions over the token limit: {help_text}.")
 
 
+def max_length() -> Any:
+    return typer.Option(None, "--max-length", min=2, max=limits.MAX_TOKENS,
+                        help="Caption token limit (default: the bundle's profile maximum).")
+
+
+def memory_mb() -> Any:
+    return typer.Option(32, "--memory-mb", min=1, max=limits.MAX_MEMORY_MB,
+                        help="Memory budget of one scoring tile, in MB.")
+
+
+def device(help_text: str = "The CUDA device the runtime uses (numbered after CUDA_VISIBLE_DEVICES): ONNX Runtime's "
+                                "CUDA and TensorRT providers and the native TensorRT engines.") -> Any:
+    return typer.Option(0, "--device", min=0, max=255, help=help_text)
+
+
+def gpu_mem_limit_mb() -> Any:
+    return typer.Option(None, "--gpu-mem-limit-mb", min=1, max=1 << 24,
+                        help="Cap of ONNX Runtime's CUDA memory arena, in MB (default: no cap).")
+
+
+RUNTIME_FLAGS: dict[str, Flag] = {
+    "backend": Flag(BackendName, backend),
+    "precision": Flag(Precision, precision),
+    "providers": Flag(str | None, providers),
+    "threads": Flag(int, threads),
+    "scorer": Flag(ScorerChoice, lambda: scorer(ScorerChoice.AUTO)),
+    "max_length": Flag(int | None, max_length),
+    "on_long": Flag(OnLong, on_long),
+    "batch_size": Flag(int, lambda: batch_size(128, "Images / captions per encoder batch.")),
+    "memory_mb": Flag(int, memory_mb),
+    "device": Flag(int, device),
+    "gpu_mem_limit_mb": Flag(int | None, gpu_mem_limit_mb),
+}
+"""The runtime's flags (:class:`~itmrt.runtime.options.RuntimeOptions`), each declared once; a command takes
+those that apply to it (``--memory-mb`` sets ``budget_bytes``; ``--providers`` is comma-separated)."""
+
+
+def runtime_options(**flags: Any) -> RuntimeOptions:
+    """The :class:`~itmrt.runtime.options.RuntimeOptions` of the runtime flags given (the others: its defaults)."""
+    if "providers" in flags:
+        flags["providers"] = parse_providers(flags["providers"])
+    if "memory_mb" in flags:
+        flags["budget_bytes"] = flags.pop("memory_mb") << 20
+    return RuntimeOptions(**flags)
+
+
+def runtime_group(*names: str, **declared: Any) -> OptionGroup:
+    """The group of the runtime flags ``names`` (in that order) for a command's parameter ``runtime``, which
+    receives their :class:`~itmrt.runtime.options.RuntimeOptions`. ``declared``: a flag's own typer option
+    where the command's default or help differs (``on_long=on_long(OnLong.REFUSE, ...)``)."""
+    return OptionGroup("runtime", select_flags(RUNTIME_FLAGS, names, declared), runtime_options)
+
+
 def calibration_method() -> Any:
     return _choice(CalibrationMethod, DEFAULT_METHOD, "--method", "calibration method",
                    "INT8 range estimation: percentile (the central 99.999% of values), entropy (KL, TensorRT-style) or "
@@ -108,17 +167,40 @@ def report_folder(what: str) -> Any:
     return typer.Option(..., "--report", help=f"Output folder: {what}.")
 
 
+OUTPUT_FLAGS: dict[str, Flag] = {
+    "overwrite": Flag(bool, lambda: overwrite("existing output files")),
+    "progress": Flag(bool, progress),
+    "plots": Flag(bool, plots),
+}
+"""The output flags (:class:`itmrt.io.OutputOptions`), each declared once."""
+
+
+def output_group(*names: str, **declared: Any) -> OptionGroup:
+    """The group of the output flags ``names`` for a command's parameter ``outputs``, which receives their
+    :class:`itmrt.io.OutputOptions` (``overwrite=overwrite("a report already in --report")``: its own help)."""
+    return OptionGroup("outputs", select_flags(OUTPUT_FLAGS, names, declared), lambda **flags: OutputOptions(**flags))
+
+
 __all__ = [
     "BackendName",
     "CalibrationMethod",
+    "OUTPUT_FLAGS",
     "OnLong",
+    "OutputOptions",
     "Precision",
+    "RUNTIME_FLAGS",
+    "RuntimeOptions",
     "ScorerChoice",
     "backend",
     "batch_size",
     "calibration_method",
+    "device",
     "finite",
+    "gpu_mem_limit_mb",
+    "max_length",
+    "memory_mb",
     "on_long",
+    "output_group",
     "overwrite",
     "parse_providers",
     "plots",
@@ -126,6 +208,8 @@ __all__ = [
     "progress",
     "providers",
     "report_folder",
+    "runtime_group",
+    "runtime_options",
     "scorer",
     "threads",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,6 +16,7 @@ from itmrt.reports.runtime_variants import DEFAULT_PARITY_VARIANTS
 
 
 @app.command("parity")
+@options.output_group("plots", "overwrite", "progress", overwrite=options.overwrite("a report already in --report"))
 def parity_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
@@ -31,9 +33,7 @@ def parity_command(
     tol_flips: float | None = typer.Option(None, "--tol-flip-rate", callback=options.finite("--tol-flip-rate", 0.0, 1.0), help="Override: largest allowed NAAF decision flip rate."),
     threads: int = options.threads(),
     scorer: ScorerChoice | None = options.scorer(),
-    plots: bool = options.plots(),
-    overwrite: bool = options.overwrite("a report already in --report"),
-    progress: bool = options.progress(),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
     strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when a measured variant fails its tolerances."),
 ) -> None:
     """Tensor, decision and retrieval parity of every variant, with pass/fail against tolerances.
@@ -54,10 +54,10 @@ def parity_command(
         split=split, against=against, variants=parse_variants(variants), max_images=max_images,
         decision_images=decision_images, tolerances=overrides, checkpoint=checkpoint, threads=threads, scorer=scorer,
     )
-    check_report_folder(report, overwrite)
-    with progress_bars(progress, lines_when_logged=True) as bars:
+    check_report_folder(report, outputs.overwrite)
+    with progress_bars(outputs.progress, lines_when_logged=True) as bars:
         run = run_parity(bundle, data, options, bars, command=["itmrt", *sys.argv[1:]])
-    write_parity(run, report, plots)
+    write_parity(run, report, outputs.plots)
     for entry in run.report["variants"]:
         if entry["status"] != "ok":
             typer.echo(f"{entry['name']}: {entry['status'].replace('_', ' ')}: {entry['reason']}")

@@ -13,6 +13,7 @@ from itmrt.cli.app import app
 
 
 @app.command("query")
+@options.output_group("overwrite", overwrite=options.overwrite("an existing --out file"))
 def query_command(
     url: str = typer.Argument(..., help="The service's address, e.g. http://127.0.0.1:8000."),
     captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
@@ -20,7 +21,7 @@ def query_command(
     token_file: Path | None = typer.Option(None, "--token-file", help="A file holding the service's token."),
     batch: int = typer.Option(64, "--batch", min=1, max=limits.MAX_BATCH, help="Captions per request."),
     out: Path | None = typer.Option(None, "--out", help="Write the JSONL here instead of printing it."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
     timeout_s: float = typer.Option(60.0, "--timeout-s", callback=options.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Seconds to wait for each answer."),
     wait_s: float = typer.Option(0.0, "--wait-s", callback=options.finite("--wait-s", 0.0, limits.MAX_SECONDS), help="Wait up to this long for the service to be up and ready (a serve just started in the background)."),
 ) -> None:
@@ -33,7 +34,7 @@ def query_command(
     from itmrt.serve.auth import read_token_file
     from itmrt.serve.client import ServiceClient, search_in_batches
 
-    check_new_files([out], overwrite)
+    check_new_files([out], outputs.overwrite)
     captions = read_captions(captions_path, "one caption per line")
     token = read_token_file(token_file) if token_file is not None else None
     lines: list[str] = []
@@ -46,7 +47,7 @@ def query_command(
                 typer.echo("\n".join(chunk))
             lines.extend(chunk)
     if out is not None:
-        atomic_write_text(out, "\n".join(lines) + "\n", overwrite)
+        atomic_write_text(out, "\n".join(lines) + "\n", outputs.overwrite)
         typer.echo(f"{len(captions)} captions answered by {url}; wrote {out}", err=True)
 
 

@@ -1,19 +1,17 @@
 """The ``--ray`` options ``itmrt infer`` and ``itmrt serve`` share, declared once as a group.
 
-A command decorated with :func:`ray_group` declares one parameter, ``ray``; the group adds the six
-flags to its command line and hands it their value as one :class:`itmrt.scale.RayOptions` (None
-without ``--ray``).
+A command decorated with :data:`ray_group` (an :class:`~itmrt.cli.groups.OptionGroup`) declares one
+parameter, ``ray``; the group puts the six flags in its place on the command line and hands the
+command their value as one :class:`itmrt.scale.RayOptions` (None without ``--ray``).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
+from itmrt.cli.groups import Flag, OptionGroup
 from itmrt.errors import ItmrtError
 
 ADDRESS_HELP = (
@@ -62,35 +60,13 @@ def ray_options(ray: str | None, workers: int | None, cpus: float, gpus: float, 
     return RayOptions(ray.strip(), workers, cpus, gpus, retries, timeout_s).check()
 
 
-_GROUP: dict[str, tuple[Any, Callable[[], Any]]] = {
-    "ray": (str | None, address),
-    "ray_workers": (int | None, workers),
-    "ray_cpus": (float, cpus),
-    "ray_gpus": (float, gpus),
-    "ray_retries": (int, retries),
-    "ray_timeout_s": (float, timeout_s),
-}
-"""The group's parameters: name -> (type, the typer option declaring it)."""
-
-CommandT = TypeVar("CommandT", bound=Callable[..., Any])
-
-
-def ray_group(command: CommandT) -> CommandT:
-    """Replace ``command``'s parameter ``ray`` by the group's flags; call it with their :func:`ray_options`."""
-    signature = inspect.signature(command)
-    if "ray" not in signature.parameters:
-        raise TypeError(f"{command.__name__} has no parameter 'ray' for the --ray options")
-    kept = [parameter for parameter in signature.parameters.values() if parameter.name != "ray"]
-    added = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option(), annotation=kind)
-             for name, (kind, option) in _GROUP.items()]
-
-    @functools.wraps(command)
-    def with_ray_options(**arguments: Any) -> Any:
-        flags = [arguments.pop(name) for name in _GROUP]
-        return command(**arguments, ray=ray_options(*flags))
-
-    with_ray_options.__signature__ = signature.replace(parameters=[*kept, *added])  # type: ignore[attr-defined]
-    with_ray_options.__annotations__ = {**{name: value for name, value in command.__annotations__.items()
-                                           if name != "ray"},
-                                        **{name: kind for name, (kind, _option) in _GROUP.items()}}
-    return with_ray_options  # type: ignore[return-value]
+ray_group = OptionGroup("ray", {
+    "ray": Flag(str | None, address),
+    "ray_workers": Flag(int | None, workers),
+    "ray_cpus": Flag(float, cpus),
+    "ray_gpus": Flag(float, gpus),
+    "ray_retries": Flag(int, retries),
+    "ray_timeout_s": Flag(float, timeout_s),
+}, lambda ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s: ray_options(
+    ray, ray_workers, ray_cpus, ray_gpus, ray_retries, ray_timeout_s))
+"""Decorates a command whose parameter ``ray`` becomes the six flags, and receives their :func:`ray_options`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,14 +12,14 @@ from itmrt.cli.app import app
 
 
 @app.command("make-small-models")
+@options.output_group("progress", "overwrite", overwrite=options.overwrite("model files already in --out"))
 def make_small_models_command(
     out: Path = typer.Option(..., "--out", help="Folder for naaf_small.pth.tar, scan_small.pth.tar, "
                              "cmpm_small.safetensors and recipe.json (the shipped ones live in itmrt/assets)."),
     families: str = typer.Option("naaf,scan,cmpm", "--families", help="Comma-separated subset of naaf, scan, cmpm."),
     work: Path | None = typer.Option(None, "--work", help="Folder for the synthetic data and training runs (default: a temp folder)."),
     device: str = typer.Option("cpu", "--device", help="torch device: cpu or cuda."),
-    progress: bool = options.progress(),
-    overwrite: bool = options.overwrite("model files already in --out"),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Generate the synthetic datasets and train a small NAAF, SCAN and CMPM on them, deterministically."""
     from itmrt.cli.progress import progress_bars
@@ -29,7 +30,7 @@ def make_small_models_command(
     unknown = [f for f in chosen if f not in SHIPPED_FILES]
     if unknown or not chosen:
         raise ItmrtError(f"--families takes a subset of {', '.join(SHIPPED_FILES)}, not {families!r}")
-    with progress_bars(progress) as bars:
-        written = make_small_models(out, chosen, work, device, progress=bars, log=typer.echo, overwrite=overwrite)
+    with progress_bars(outputs.progress) as bars:
+        written = make_small_models(out, chosen, work, device, progress=bars, log=typer.echo, overwrite=outputs.overwrite)
     for family, path in written.items():
         typer.echo(f"{family}: {path}")

@@ -11,24 +11,22 @@ from itmrt import limits
 from itmrt.cli import options
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
-from itmrt.cli.options import BackendName, OnLong, Precision, ScorerChoice
+from itmrt.cli.options import OnLong
 
 Opt = typer.Option
 
 
 @app.command("serve")
+@options.runtime_group("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long", "device",
+                       "gpu_mem_limit_mb",
+                       on_long=options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"))
 @ray_flags.ray_group
 def serve_command(
     source: Path = typer.Argument(..., help="A gallery folder (from `itmrt index`), or a bundle with --gallery."),
     gallery: Path | None = Opt(None, "--gallery", help="With a bundle as the source: the gallery to search."),
     host: str = Opt("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; use a token)."),
     port: int = Opt(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed at start)."),
-    backend: BackendName = options.backend(),
-    precision: Precision = options.precision(),
-    providers: str | None = options.providers(),
-    threads: int = options.threads(),
-    scorer: ScorerChoice = options.scorer(ScorerChoice.AUTO),
-    memory_mb: int = Opt(32, "--memory-mb", min=1, max=limits.MAX_MEMORY_MB, help="Memory budget of one scoring tile, in MB."),
+    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
     max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, max=limits.MAX_BATCH, help="Captions scored together (1: no batching)."),
     max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=options.finite("--max-delay-ms", 0.0, 10000.0), help="How long a request waits for others to join it."),
     max_queue: int = Opt(256, "--max-queue", min=1, max=limits.MAX_COUNT, help="Requests waiting at most; more are refused at once (429)."),
@@ -45,7 +43,6 @@ def serve_command(
     allowed_hosts: list[str] = Opt([], "--allowed-hosts", metavar="HOST", help="A Host name clients use besides loopback ones (repeat; '.example.com' a domain, '*' any)."),
     cors_origin: list[str] = Opt([], "--cors-origin", metavar="ORIGIN", help="A web origin (https://app.example.com) allowed to call the service (repeat)."),
     watch_s: float = Opt(1.0, "--watch-s", callback=options.finite("--watch-s", 0.0, 3600.0), help="How often the gallery folder is checked for a new version (0: only SIGHUP and the load endpoint)."),
-    on_long: OnLong = options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"),
     token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
     max_connections: int = Opt(1024, "--max-connections", min=1, max=limits.MAX_BATCH, help="Open connections at most (more: 503)."),
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
@@ -73,9 +70,7 @@ def serve_command(
     from itmrt.serve.server import ServeOptions, Service
 
     serve_options = ServeOptions(
-        host=host, port=port, backend=backend, precision=precision, providers=options.parse_providers(providers),
-        threads=threads,
-        scorer=scorer, memory_mb=memory_mb, on_long=on_long, token_file=token_file,
+        host=host, port=port, runtime=runtime, token_file=token_file,
         batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue),
         limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s, max_answer,
                           header_timeout_s, body_timeout_s, write_timeout_s, int(max_buffered_mb * (1 << 20))),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -11,6 +12,7 @@ from itmrt.cli.app import app
 
 
 @app.command("train")
+@options.output_group("progress")
 def train_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder. naaf/scan: {train,dev}_ims.npy + _caps.txt; "
                               "cmpm: {train,dev}_images.npy + _caps.txt + _labels.npy; both with vocab.json."),
@@ -27,7 +29,7 @@ def train_command(
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Seed for initialisation and batch order (runs are repeatable)."),
     device: str = typer.Option("cpu", "--device", help="torch device: cpu or cuda."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    progress: bool = options.progress(),
+    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
 ) -> None:
     """Train a model itmrt can deploy. NAAF/SCAN checkpoints use the authors' released layout.
 
@@ -40,6 +42,6 @@ def train_command(
     request = TrainRequest(family=family, data=data, out=out, vocab=vocab, epochs=epochs, batch_size=batch_size,
                            learning_rate=learning_rate, embed_size=embed_size, lr_decay_epoch=lr_decay_epoch,
                            word_dim=word_dim, cmpc=cmpc, seed=seed, device=device, resume=resume)
-    with progress_bars(progress) as bars:
+    with progress_bars(outputs.progress) as bars:
         best_rsum = train_family(request, bars, log=typer.echo)
     typer.echo(f"best validation rsum {best_rsum:.1f}; checkpoints in {out}")

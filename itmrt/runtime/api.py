@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncod
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, check_encoded_rows, read_gallery, write_gallery
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
-from itmrt.runtime.options import DEFAULT_BUDGET_BYTES, OnLong, RuntimeOptions, ScorerChoice, Warn
+from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
 from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled
@@ -380,26 +381,12 @@ def _range_max(
     return largest
 
 
-def load(
-    bundle: str | Path,
-    *,
-    backend: BackendName | str = BackendName.ORT,
-    precision: Precision | str = Precision.FP32,
-    providers: Sequence[str] | None = None,
-    threads: int = 0,
-    max_length: int | None = None,
-    on_long: OnLong | str = OnLong.TRUNCATE,
-    batch_size: int = 128,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    warn: Warn | None = None,
-    scorer: ScorerChoice | str = ScorerChoice.AUTO,
-    device: int = 0,
-    gpu_mem_limit_mb: int | None = None,
-) -> Runtime:
-    """Open ``bundle`` for inference on ``backend`` ("ort" or "trt") at ``precision`` (fp32, fp16, int8).
+def load(bundle: str | Path, options: RuntimeOptions | None = None, **keywords: Any) -> Runtime:
+    """Open ``bundle`` for inference with ``options`` (:class:`~itmrt.runtime.options.RuntimeOptions`,
+    the group of runtime options the CLI, the service and the reports build too), any of whose fields a
+    keyword replaces: ``load(path, backend="trt", precision="fp16")``.
 
-    Every option is a keyword (:class:`~itmrt.runtime.options.RuntimeOptions`
-    holds them; ``Runtime(read_bundle(path), options)`` is the same).
+    ``backend``: "ort" or "trt"; ``precision``: fp32, fp16, int8.
     ``providers``: ONNX Runtime execution providers by name or alias
     (tensorrt, cuda, cpu); default: CUDA then CPU, those available (ONNX
     Runtime's TensorRT provider only when named; it then uses the bundle's
@@ -412,11 +399,7 @@ def load(
     ``scorer``: "graph" runs the bundle's scorer graph; "fused" the fused CPU
     scorer (NAAF, fp32, ORT on the CPU; needs numba: ``itmrt[cpu]``), one GEMM
     and one pass per tile, several times faster; "auto" takes "fused" where it
-    applies and numba is installed, else "graph".
+    applies and numba is installed, else "graph". ``warn``: where warnings go.
     """
-    options = RuntimeOptions(
-        backend=backend, precision=precision, providers=providers, threads=threads,  # type: ignore[arg-type]
-        max_length=max_length, on_long=on_long, batch_size=batch_size, budget_bytes=budget_bytes,  # type: ignore[arg-type]
-        warn=warn, scorer=scorer, device=device, gpu_mem_limit_mb=gpu_mem_limit_mb,  # type: ignore[arg-type]
-    )
+    options = (options or RuntimeOptions()).replace(**keywords)
     return Runtime(read_bundle(bundle), options)

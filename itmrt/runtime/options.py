@@ -8,8 +8,10 @@ nothing heavy: the CLI reads it to declare its options.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from itmrt.bundle.names import BackendName, Choice, Precision, parse_choice
 from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_count, check_threads
@@ -37,7 +39,12 @@ Warn = Callable[[str], None]
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeOptions:
-    """How :func:`itmrt.runtime.load` opens a bundle (every field has the runtime's default)."""
+    """How :func:`itmrt.runtime.load` opens a bundle (every field has the runtime's default).
+
+    The one group of runtime options: ``load()``, ``Runtime``, the service, sharded search and every
+    command that opens a bundle take it (the CLI builds it from its runtime flags, declared once in
+    :mod:`itmrt.cli.options`).
+    """
 
     backend: BackendName = BackendName.ORT
     precision: Precision = Precision.FP32
@@ -66,3 +73,15 @@ class RuntimeOptions:
             check_count(self.max_length, 2, MAX_TOKENS, "--max-length")
         if self.gpu_mem_limit_mb is not None:
             check_count(self.gpu_mem_limit_mb, 1, 1 << 24, "the CUDA memory limit (MB)")
+
+    def replace(self, **changes: Any) -> RuntimeOptions:
+        """These options with ``changes`` (field names), checked again; an unknown name is a TypeError."""
+        unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown runtime option(s) {', '.join(unknown)}; the options are "
+                            + ", ".join(field.name for field in dataclasses.fields(self)))
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def load_keywords(self) -> dict[str, Any]:
+        """The options as keywords of :func:`itmrt.runtime.load` (for code that passes them on as a dict)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -37,7 +37,7 @@ from typing import Any
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.errors import ItmrtError
 from itmrt.optional import require, require_all
-from itmrt.runtime.options import OnLong, ScorerChoice
+from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 from itmrt.scale.layout import is_sharded_gallery
 from itmrt.serve.app import HttpLimits, create_app
 from itmrt.serve.auth import read_token_file, token_file_exposure
@@ -76,8 +76,14 @@ class ServeOptions:
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the service (CORS)
     grace_s: float = 20.0  # SIGTERM: the process is gone within this many seconds
     watch_s: float = 1.0  # how often the gallery folder is checked for a new version (0: only SIGHUP and load)
+    # The runtime options as one group (what `itmrt serve`'s runtime flags build), instead of the fields backend
+    # .. on_long above, which are then set from it; its on_long is the service's (refuse: 400).
+    runtime: RuntimeOptions | None = None
 
     def __post_init__(self) -> None:
+        if self.runtime is not None:
+            _runtime_fields_from(self, self.runtime)
+            return
         # Plain strings are accepted and checked here, once, with the choices in the message.
         object.__setattr__(self, "backend", parse_choice(BackendName, self.backend, "backend"))
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
@@ -85,6 +91,31 @@ class ServeOptions:
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
         if not 1.0 <= self.grace_s <= 3600.0:
             raise ItmrtError(f"--grace-s must be from 1 to 3600 seconds, not {self.grace_s:g}")
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The runtime group the service loads its bundle with (``runtime``, or the one its fields make)."""
+        if self.runtime is not None:
+            return self.runtime
+        return RuntimeOptions(backend=self.backend, precision=self.precision, providers=self.providers,
+                              threads=self.threads, scorer=self.scorer, budget_bytes=self.memory_mb << 20,
+                              on_long=self.on_long)
+
+
+_RUNTIME_FIELDS = ("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long")
+
+
+def _runtime_fields_from(options: ServeOptions, runtime: RuntimeOptions) -> None:
+    """Set ``options``' runtime fields from ``runtime``; refuse a field given another value both ways."""
+    values = {name: getattr(runtime, name) for name in _RUNTIME_FIELDS if name != "memory_mb"}
+    values["providers"] = None if runtime.providers is None else list(runtime.providers)
+    values["memory_mb"] = runtime.budget_bytes >> 20
+    defaults = ServeOptions()
+    both = [name for name, value in values.items() if getattr(options, name) not in (value, getattr(defaults, name))]
+    if both:
+        raise ItmrtError(f"give the runtime options either as ServeOptions(runtime=...) or as its fields, not both "
+                         f"({', '.join(both)})")
+    for name, value in values.items():
+        object.__setattr__(options, name, value)
 
 
 def _sharded_searcher(gallery: Path, options: ServeOptions, load_options: dict[str, Any]) -> Callable[[], Searcher]:
@@ -249,14 +280,9 @@ class Service:
                 f"{source} is a bundle: pass --gallery GALLERY "
                 f"(make one with `itmrt index {source} --images ... --out GALLERY`)"
             )
-        load_options = {
-            "backend": options.backend,
-            "precision": options.precision,
-            "providers": options.providers,
-            "threads": options.threads,
-            "scorer": options.scorer,
-            "budget_bytes": options.memory_mb << 20,
-        }
+        # The runtime group as keywords (the Ray actors take them too); on_long and warn are the searcher's.
+        load_options = {name: value for name, value in options.runtime_options().load_keywords().items()
+                        if name not in ("on_long", "warn")}
         if is_sharded_gallery(gallery_path):
             return _sharded_searcher(gallery_path, options, load_options)
         if options.ray is not None or options.shortlist is not None:
