@@ -68,12 +68,16 @@ FEW_CAPTIONS = 16
 """Calls with at most this many captions take this path (``benchmarks/bench_one_caption.py`` measures the crossover
 against the batched fused scorer)."""
 BLOCK_IMAGES = 64
-"""Images per block: the block's ``[B, n, T]`` float32 intermediates stay in the core's cache."""
+"""Most images per block."""
+BLOCK_VALUES = 64 * 36 * 32
+"""Values of a block's ``[B, n, T]`` intermediates (fewer images for more words): they stay in the core's cache
+(measured: 32 captions at once in blocks of 64 images ran 2.3x slower per caption than 16)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
 """Most memory the cached per-image constants of all galleries may take together."""
 
 _EPS = np.float32(1e-8)
 _LEAKY = np.float32(0.1)
+_SHIFT_LIMIT = np.float32(40.0)  # exp(-2 * 40) is a normal float32
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,8 @@ class QueryCaptions:
 
     tokens: np.ndarray  # [T, d] float32
     bounds: list[tuple[int, int]]  # caption c's columns
+    starts: np.ndarray  # [C] each caption's first column
+    lengths: np.ndarray  # [C] its number of words
     intra: list[np.ndarray] = field(default_factory=list)  # NAAF: [m, m] intra-caption softmax per caption
     grams: list[np.ndarray] = field(default_factory=list)  # SCAN i2t: [m, m] word Gram matrix per caption
     norms: np.ndarray | None = None  # SCAN t2i: [T] word norms
@@ -148,7 +154,7 @@ def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> Query
     tokens = np.ascontiguousarray(np.asarray(captions.vectors, dtype=np.float32)[rows])
     ends = np.cumsum(lengths)
     bounds = [(int(end - m), int(end)) for end, m in zip(ends, lengths)]
-    query = QueryCaptions(tokens, bounds)
+    query = QueryCaptions(tokens, bounds, ends - lengths, lengths)
     for a, b in bounds:
         words = tokens[a:b]
         if isinstance(parameters, NaafParameters):
@@ -165,41 +171,48 @@ def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> Query
 # -- the score of one block ----------------------------------------------------------------------------------
 
 
-def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: NaafParameters) -> np.ndarray:
+Product = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Batched matrix product ``[B, n, n] x [B, n, T]`` (numpy's would hand it to a multi-threaded BLAS at many words,
+and threads contending with the block workers for two busy cores measured 1000x slower)."""
+
+
+def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: NaafParameters,
+               product: Product = np.matmul) -> np.ndarray:
     """NAAF scores ``[B, C]`` from similarities ``[B, n, T]`` and the block's Gram matrices ``[B, n, n]``.
 
     The step-4 softmax is max-shifted as in :func:`itmrt.models.naaf.naaf_scores` (the same value as the
     released ``p / (sum p + 1e-8)``); ``vhat`` is never formed: ``u . vhat = sum_j w s``, ``||vhat||^2 = w^T G w``.
+    Sums over the regions are products with a vector of ones (numpy's reductions over a middle axis are slow).
     """
     lam, threshold = np.float32(p.lambda_softmax), np.float32(p.threshold)
+    ones = np.ones(sims.shape[1], dtype=np.float32)
     best = sims.max(axis=1)  # [B, T]
     r = best - threshold
     has_positive = r > 0
     # Step 4: weights over the regions above the threshold, and the aggregated-feature term.
     weights = np.exp(lam * (sims - best[:, None, :]))
     weights *= sims > threshold
-    denominator = weights.sum(axis=1) + _EPS * np.exp(-lam * np.maximum(r, np.float32(0)))
+    denominator = np.matmul(ones, weights) + _EPS * np.exp(-lam * np.maximum(r, np.float32(0)))
     weights /= np.where(has_positive, denominator, np.float32(1))[:, None, :]
     dot = np.einsum("bjt,bjt->bt", weights, sims)
-    norm_sq = np.einsum("bjt,bjt->bt", np.matmul(grams, weights), weights)
+    norm_sq = np.einsum("bjt,bjt->bt", product(grams, weights), weights)
     aggregated = np.where(has_positive, dot / np.sqrt(np.maximum(norm_sq, _EPS * _EPS)), np.float32(0))
     # Step 5: relevance - the leaky similarities normalised over each caption's words, softmax over regions.
-    clipped = np.where(sims > 0, sims, _LEAKY * sims)
-    logits = np.empty_like(sims)
-    for a, b in query.bounds:
-        part = clipped[:, :, a:b]
-        scale = lam / (np.sqrt(np.einsum("bjt,bjt->bj", part, part)) + _EPS)
-        np.multiply(part, scale[:, :, None], out=logits[:, :, a:b])
-    logits = np.exp(logits - logits.max(axis=1)[:, None, :], out=logits)
-    relevance = np.einsum("bjt,bjt->bt", logits, sims) / logits.sum(axis=1)
-    per_word = aggregated + relevance
-    # Step 3 (negative branch, propagated within each caption) and step 6 (the mean over its words).
-    scores = np.empty((sims.shape[0], len(query.bounds)), dtype=np.float32)
+    clipped = np.maximum(sims, _LEAKY * sims)  # LeakyReLU for a slope below 1
+    squares = np.add.reduceat(clipped * clipped, query.starts, axis=2)  # [B, n, C]: each caption's words
+    logits = clipped * np.repeat(lam / (np.sqrt(squares) + _EPS), query.lengths, axis=2)
+    # |logit| <= lam (a word's share of its region's norm over the words): shifting by lam keeps exp in range
+    # without the max over the regions, while exp(-2 lam) stays a normal float.
+    shift = lam if lam <= _SHIFT_LIMIT else logits.max(axis=1)[:, None, :]
+    logits = np.exp(logits - shift, out=logits)
+    relevance = np.einsum("bjt,bjt->bt", logits, sims) / np.matmul(ones, logits)
+    # Step 3: the negative branch, its decision propagated within each caption.
+    decision = np.empty_like(r)
     for c, (a, b) in enumerate(query.bounds):
-        decision = r[:, a:b] @ query.intra[c].T
-        words = per_word[:, a:b] + np.where(decision < 0, r[:, a:b], np.float32(0))
-        scores[:, c] = words.sum(axis=1) / np.float32(b - a)
-    return scores
+        np.matmul(r[:, a:b], query.intra[c].T, out=decision[:, a:b])
+    per_word = aggregated + relevance + np.where(decision < 0, r, np.float32(0))
+    # Step 6: the mean over each caption's words.
+    return np.add.reduceat(per_word, query.starts, axis=1) / query.lengths.astype(np.float32)
 
 
 def _raw_norm(attn: np.ndarray, how: str, axis: int) -> np.ndarray:
@@ -228,7 +241,7 @@ def _aggregate(row_sim: np.ndarray, how: str, lambda_lse: np.float32) -> np.ndar
 
 
 def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndarray | None, query: QueryCaptions,
-               p: ScanParameters) -> np.ndarray:
+               p: ScanParameters, product: Product = np.matmul) -> np.ndarray:
     """SCAN scores ``[B, C]`` from similarities ``[B, n, T]`` (t2i: the block's Gram matrices; i2t: its region norms).
 
     As :func:`itmrt.models.scan.scan_scores`: the attended context is never formed
@@ -244,7 +257,7 @@ def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndar
             weights = np.exp(logits - logits.max(axis=1, keepdims=True))
             weights /= weights.sum(axis=1, keepdims=True)
             products = np.einsum("bjt,bjt->bt", weights, attn)
-            attended_sq = np.einsum("bjt,bjt->bt", np.matmul(grams, weights), weights)
+            attended_sq = np.einsum("bjt,bjt->bt", product(grams, np.ascontiguousarray(weights)), weights)
             query_norms = query.norms[None, a:b]
         else:  # queries: the regions (axis 1), context: the words (axis 2)
             assert region_norms is not None
@@ -301,6 +314,10 @@ class _Worker:
         images = _storage(images)
         return self._session("gram", images.dtype).run(None, {"a": images})[0]
 
+    def product(self, grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """``grams [B, n, n] @ weights [B, n, T]`` (batched MLAS sgemm on this worker's thread)."""
+        return self._session("product", np.dtype(np.float32)).run(None, {"a": grams, "b": weights})[0]
+
 
 def _storage(array: np.ndarray) -> np.ndarray:
     """A contiguous float16 or float32 array (what the graphs take), without copying one that already is."""
@@ -311,7 +328,8 @@ def _storage(array: np.ndarray) -> np.ndarray:
 
 
 def _graph_session(kind: str, dtype: np.dtype) -> Any:
-    """A one-thread CPU session: ``sims = cast(a) b^T`` or ``grams = cast(a) cast(a)^T`` (batched)."""
+    """A one-thread CPU session: ``sims = cast(a) b^T``, ``grams = cast(a) cast(a)^T`` or ``product = a b``
+    (both batched)."""
     from onnx import TensorProto, helper
 
     source = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
@@ -319,7 +337,12 @@ def _graph_session(kind: str, dtype: np.dtype) -> Any:
     if source == TensorProto.FLOAT16:
         nodes.append(helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT))
         a = "a32"
-    if kind == "sims":
+    if kind == "product":
+        nodes.append(helper.make_node("MatMul", ["a", "b"], ["c"]))
+        inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "regions", "regions"]),
+                  helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "regions", "cols"])]
+        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "regions", "cols"])
+    elif kind == "sims":
         nodes.append(helper.make_node("Gemm", [a, "b"], ["c"], transB=1))
         inputs = [helper.make_tensor_value_info("a", source, ["rows", "depth"]),
                   helper.make_tensor_value_info("b", TensorProto.FLOAT, ["cols", "depth"])]
@@ -432,7 +455,8 @@ class OneCaptionScorer:
             constants = cached.values[picked] if cached is not None else self._block_constants(worker, block)
             out[start:stop] = self._score_block(worker, block, constants, query)
 
-        self._map_blocks(total, score_range)
+        size = min(self.block_images, max(16, BLOCK_VALUES // (int(images.shape[1]) * len(query.tokens))))
+        self._map_blocks(total, score_range, size)
         return out
 
     def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray,
@@ -441,14 +465,15 @@ class OneCaptionScorer:
         sims = worker.similarities(np.asarray(block).reshape(n_img * regions, depth), query.tokens)
         sims = sims.reshape(n_img, regions, -1)
         if isinstance(self.parameters, NaafParameters):
-            return naaf_block(sims, constants, query, self.parameters)
+            return naaf_block(sims, constants, query, self.parameters, worker.product)
         if self.parameters.cross_attn == "t2i":
-            return scan_block(sims, constants, None, query, self.parameters)
+            return scan_block(sims, constants, None, query, self.parameters, worker.product)
         return scan_block(sims, None, constants, query, self.parameters)
 
-    def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None]) -> None:
-        """``work(worker, start, stop)`` over blocks of ``total`` images, split among the workers."""
-        size = self.block_images
+    def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None], size: int | None = None) -> None:
+        """``work(worker, start, stop)`` over blocks of ``size`` (default :attr:`block_images`) of ``total``
+        images, split among the workers."""
+        size = size or self.block_images
         starts = list(range(0, total, size))
         workers = min(self.threads, len(starts))
         if workers <= 1:
