@@ -184,10 +184,13 @@ def print_sizes(rows: list[dict[str, Any]], threads: int) -> None:
 
 def run_threads(args: argparse.Namespace, bundle: Path, galleries: dict[str, Path], captions: Path,
                 threads: int) -> None:
+    import torch
+
     from itmrt.runtime import load
 
     from bench_scorer import matmul_rate
 
+    torch.set_num_threads(threads)  # the floor's GEMM on as many threads as the scorer
     runtime = load(bundle, threads=threads)
     rate = matmul_rate(threads)(1.0)
     encoded = caption_set(runtime, captions, 3 * args.rounds)

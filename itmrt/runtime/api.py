@@ -184,6 +184,8 @@ class Runtime:
         features = np.random.default_rng(0).random(shape, dtype=np.float32)
         images = self.encode_images(features, source="warm-up images")
         self.rank(images, self.encode_captions(["warm up", "a short warm up caption"]), top_k=1)
+        if self.fused is not None:  # few captions took the one-caption scorer: the fused kernels load here
+            self.fused.warm_kernels()
         return time.perf_counter() - started
 
     # -- scoring ------------------------------------------------------------
