@@ -35,7 +35,9 @@ Per thread count, in one run:
 ``--serve``: ``bench_serve.py --galleries released --concurrency 1,16
 --seconds 10 --overload-queue 0`` in its own processes. ``--cold-start-runs``:
 ``itmrt infer GALLERY --captions one.txt`` (1000 images) in fresh processes,
-numba's cache warm, as ``bench_cold_start.py`` (a) runs it.
+numba's cache warm, as ``bench_cold_start.py`` (a) runs it. ``--baseline
+TREE``: both also for the code in TREE (``git archive COMMIT | tar -x -C
+TREE``), in the same run - cold starts alternating run by run.
 """
 
 from __future__ import annotations
@@ -160,15 +162,26 @@ def encoding_times(runtime: Any, gallery: Any, captions: Path, rounds: int) -> d
     return {"warm_ms": 1000 * statistics.median(warm), "after_scan_ms": 1000 * statistics.median(after_scan)}
 
 
-def cold_start(work: Path, gallery: Path, one_caption: Path, runs: int) -> list[float]:
-    """Wall seconds of ``itmrt infer GALLERY --captions one.txt`` in fresh processes (numba's cache warm)."""
-    from bench_cold_start import timed_run
+def cold_start(work: Path, gallery: Path, one_caption: Path, runs: int, trees: dict[str, Path]) -> dict[str, Any]:
+    """Wall seconds of ``itmrt infer GALLERY --captions one.txt`` in fresh processes (numba's cache warm), for
+    each source tree of ``trees`` (this one, and the baseline's), run by run in turn."""
+    import json
 
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(work / "numba-cache")}
-    command = [sys.executable, "-m", "itmrt", "infer", str(gallery), "--captions", str(one_caption), "--out",
-               str(work / "first.jsonl"), "--top-k", "10", "--timings", "--no-progress", "--overwrite"]
-    timed_run(command, env)  # fills numba's cache when a run needs the kernels
-    return [timed_run(command, env)["wall"] for _ in range(runs)]
+    walls: dict[str, list[float]] = {name: [] for name in trees}
+    stages: dict[str, dict[str, float]] = {}
+    for number in range(runs + 1):  # the first round fills numba's cache where a run needs the kernels
+        for name, tree in trees.items():
+            env = {**os.environ, "NUMBA_CACHE_DIR": str(work / f"numba-cache-{name}"), "PYTHONPATH": str(tree)}
+            command = [sys.executable, "-m", "itmrt", "infer", str(gallery), "--captions", str(one_caption), "--out",
+                       str(work / f"first-{name}.jsonl"), "--top-k", "10", "--timings", "--no-progress",
+                       "--overwrite"]
+            started = time.perf_counter()
+            done = subprocess.run(command, env=env, cwd=tree, capture_output=True, text=True, check=True)
+            if number:
+                walls[name].append(time.perf_counter() - started)
+                line = next(x for x in reversed(done.stderr.splitlines()) if x.startswith("timings: "))
+                stages[name] = json.loads(line[len("timings: "):])
+    return {"walls": walls, "last_stages": stages}
 
 
 def print_sizes(rows: list[dict[str, Any]], threads: int) -> None:
@@ -223,6 +236,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="captions timed per size (the median is shown)")
     parser.add_argument("--serve", action="store_true", help="also bench_serve.py at concurrency 1 and 16")
     parser.add_argument("--cold-start-runs", type=int, default=3, help="fresh `itmrt infer` runs (0: none)")
+    parser.add_argument("--baseline", type=Path, help="a source tree of the code before (e.g. `git archive` of a "
+                        "commit, extracted) whose cold start and service run in turn with this tree's")
     args = parser.parse_args()
     print(f"load average at the start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}; cores {os.cpu_count()}")
     from itmrt.runtime import load
@@ -243,14 +258,22 @@ def main() -> None:
     runtime.close()
     for threads in (int(t) for t in args.threads.split(",")):
         run_threads(args, bundle, galleries, captions, threads)
+    trees = {"this tree": Path(__file__).resolve().parents[1]}
+    if args.baseline is not None:
+        trees["baseline"] = args.baseline.resolve()
     if args.cold_start_runs:
-        walls = cold_start(args.work, galleries["1000 float32"], one_caption, args.cold_start_runs)
-        print(f"time to first answer (itmrt infer, 1 caption x 1000 images, fresh processes): "
-              f"{', '.join(f'{w:.2f}' for w in walls)} s (median {statistics.median(walls):.2f} s)", flush=True)
+        found = cold_start(args.work, galleries["1000 float32"], one_caption, args.cold_start_runs, trees)
+        for name, walls in found["walls"].items():
+            print(f"time to first answer, {name} (itmrt infer, 1 caption x 1000 images, fresh processes): "
+                  f"{', '.join(f'{w:.2f}' for w in walls)} s (median {statistics.median(walls):.2f} s); "
+                  f"stages of the last run: {found['last_stages'][name]}", flush=True)
     if args.serve:
-        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_serve.py")), "--galleries", "released",
-                        "--concurrency", "1,16", "--seconds", "10", "--overload-queue", "0",
-                        "--work", str(args.work / "serve")], check=True)
+        for name, tree in trees.items():
+            print(f"\nbench_serve.py, {name}:", flush=True)
+            subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_serve.py"), "--galleries", "released",
+                            "--concurrency", "1,16", "--seconds", "10", "--overload-queue", "0",
+                            "--work", str(args.work / "serve")], check=True, cwd=tree,
+                           env={**os.environ, "PYTHONPATH": str(tree)})
     print(f"load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
