@@ -241,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "itmrt-one-caption")
     parser.add_argument("--sizes", default="1000,10000,100000")
-    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--threads", default="1,2", help="thread counts of the scoring tables (empty: none)")
     parser.add_argument("--rounds", type=int, default=5, help="captions timed per size (the median is shown)")
     parser.add_argument("--serve", action="store_true", help="also bench_serve.py at concurrency 1 and 16")
     parser.add_argument("--cold-start-runs", type=int, default=3, help="fresh `itmrt infer` runs (0: none)")
@@ -265,7 +265,7 @@ def main() -> None:
         galleries[f"{size} float16"] = args.work / f"synthetic_{size}"
         synthetic_gallery(runtime, galleries[f"{size} float16"], size)
     runtime.close()
-    for threads in (int(t) for t in args.threads.split(",")):
+    for threads in (int(t) for t in args.threads.split(",") if t):
         run_threads(args, bundle, galleries, captions, threads)
     trees = {"this tree": Path(__file__).resolve().parents[1]}
     if args.baseline is not None:

@@ -161,7 +161,8 @@ class FusedNaafScorer:
         self.intra_factor = np.float32(intra_factor)
         self.threads = threads
         self.name = "fused:naaf"
-        require("numba")
+        if not fused_available():
+            require("numba")  # raises MissingDependency with the install command
         self._kernels: ModuleType | None = None
         self._gemm = _gemm_session(threads)
         self._gram = _gram_session(threads)
