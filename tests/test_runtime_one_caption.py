@@ -164,3 +164,15 @@ def _random_problem(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]
         padded[c, : len(w)] = w
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     return images, padded, lengths, CaptionEmbeddings(np.concatenate(words), lengths.astype(np.int32), offsets)
+
+
+def test_a_few_captions_are_encoded_on_one_thread_with_the_same_embeddings(bundle: Path) -> None:
+    runtime = load(bundle, threads=2)
+    assert runtime.text_encoder.small_backend is not None
+    captions = random_captions(FEW_CAPTIONS + 4, seed=8, max_words=10)  # over FEW_CAPTIONS: the two-thread session
+    many = runtime.encode_captions(captions)
+    for number in (0, 7):
+        one = runtime.encode_captions([captions[number]])  # the one-thread session
+        start = int(many.offsets[number])
+        np.testing.assert_allclose(one.vectors, many.vectors[start : start + int(many.lengths[number])], atol=1e-6)
+    assert load(bundle, threads=1).text_encoder.small_backend is None  # one thread already: no second session
