@@ -176,3 +176,15 @@ def test_a_few_captions_are_encoded_on_one_thread_with_the_same_embeddings(bundl
         start = int(many.offsets[number])
         np.testing.assert_allclose(one.vectors, many.vectors[start : start + int(many.lengths[number])], atol=1e-6)
     assert load(bundle, threads=1).text_encoder.small_backend is None  # one thread already: no second session
+
+
+def test_calls_from_several_threads_get_their_own_answers() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images, _padded, _lengths, captions = _random_problem(seed=6)
+    scorer = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1, block_images=4)
+    alone = [scorer.score(images * scale, captions) for scale in (1.0, 0.5, 2.0)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda scale: scorer.score(images * scale, captions), [1.0, 0.5, 2.0] * 4))
+    for number, got in enumerate(together):
+        np.testing.assert_array_equal(got, alone[number % 3])

@@ -415,7 +415,8 @@ class OneCaptionScorer:
         self._workers = [_Worker() for _ in range(self.threads)]
         self._pool: ThreadPoolExecutor | None = None
         self._cache: OrderedDict[GalleryKey, ImageConstants] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the constants cache
+        self._calls = threading.Lock()  # one call at a time: the workers' scratch arrays are reused
         self.builds = 0  # galleries whose constants were computed (tests read it)
 
     @classmethod
@@ -492,7 +493,8 @@ class OneCaptionScorer:
             out[start:stop] = self._score_block(worker, block, constants, query)
 
         size = min(self.block_images, max(16, BLOCK_VALUES // (int(images.shape[1]) * len(query.tokens))))
-        self._map_blocks(total, score_range, size)
+        with self._calls:
+            self._map_blocks(total, score_range, size)
         return out
 
     def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray,
