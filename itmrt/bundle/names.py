@@ -122,6 +122,11 @@ NAAF_INTRA_FACTOR = "naaf_intra_factor"
 SCAN_LAMBDA_SOFTMAX = "scan_lambda_softmax"
 SCAN_LAMBDA_LSE = "scan_lambda_lse"
 
+# SCAN's option values (its scorer graph's metadata records the chosen ones; the torch-free runtime checks them).
+SCAN_CROSS_ATTN = ("t2i", "i2t")
+SCAN_RAW_FEATURE_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm")
+SCAN_AGG_FUNCS = ("LogSumExp", "Mean", "Max", "Sum")
+
 # The manifest's kind and schema version (entries are additive: new optional keys keep the version).
 BUNDLE_KIND = "itmrt-bundle"
 SCHEMA_VERSION = 1

@@ -179,6 +179,7 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
     from itmrt.cli.progress import progress_bars
     from itmrt.runtime.api import load
     from itmrt.runtime.image_files import is_image_listing
+    from itmrt.runtime.one_caption import FEW_CAPTIONS
     from itmrt.scale.layout import is_sharded_gallery
 
     if request.gallery is not None and is_sharded_gallery(request.gallery):
@@ -189,8 +190,9 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         raise ItmrtError("--ray searches a sharded gallery; make one with `itmrt index ... --shard-images N`")
     with timer.stage("load"):
         runtime = load(request.bundle, request.runtime)
+    few = runtime.one_caption is not None and len(captions) <= FEW_CAPTIONS  # the one-caption scorer's (numpy)
     with timer.stage("kernels"):  # the fused scorer's numba kernels: compiled once per machine, then cached
-        if runtime.fused is not None:
+        if runtime.fused is not None and not few:
             runtime.fused.warm_kernels()
     image_ids: list[str] | None = None
     with timer.stage("encode_images"):
@@ -214,5 +216,6 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.outputs.overwrite,
                        image_ids)
     how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
+           else "the one-caption scorer" if few
            else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")
     return n_images, how

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from itmrt.bundle.names import SCAN_AGG_FUNCS, SCAN_CROSS_ATTN, SCAN_RAW_FEATURE_NORMS
 from itmrt.errors import ItmrtError
 from itmrt.models.ops import as_lengths, length_mask, masked_fill_min, masked_softmax, pairwise_scores_loop
 
-CROSS_ATTN = ("t2i", "i2t")
-RAW_FEATURE_NORMS = ("softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm")
-AGG_FUNCS = ("LogSumExp", "Mean", "Max", "Sum")
+CROSS_ATTN = SCAN_CROSS_ATTN
+RAW_FEATURE_NORMS = SCAN_RAW_FEATURE_NORMS
+AGG_FUNCS = SCAN_AGG_FUNCS
 
 LEAKY_SLOPE = 0.1
 NORM_EPS = 1e-8

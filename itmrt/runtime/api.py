@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,11 @@ from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncod
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, check_encoded_rows, read_gallery, write_gallery
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
+from itmrt.runtime.one_caption import FEW_CAPTIONS, ONE_CAPTION_SCORERS, OneCaptionScorer
 from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
 from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
-from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled
+from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
 from itmrt.text.vocab import Vocabulary
 
 
@@ -67,6 +69,8 @@ class Runtime:
         self.fused = _fused_scorer(bundle, options.scorer, options.backend, options.precision,
                                    self.backends[Component.SCORER], settings)
         self.scorer_kind = "fused" if self.fused is not None else "graph"
+        self.one_caption = _one_caption_scorer(bundle, options.scorer, options.backend, options.precision,
+                                               self.backends[Component.SCORER], settings)
         self.vocab = Vocabulary.from_json(bundle.vocab_file())
         if len(self.vocab) != bundle.manifest.vocab.size:
             raise ItmrtError(
@@ -81,6 +85,7 @@ class Runtime:
             self.backends[Component.TEXT_ENCODER], self.vocab, self.traits.token_level, self.max_length,
             options.on_long, options.batch_size, self.caption_limit if on_trt else None,
             self.traits.caption_buckets, options.warn,
+            *_one_thread_text_encoder(self, bundle, settings),
         )
         self._image_input = bundle.graph_inputs(Component.IMAGE_ENCODER)[0]
         self.image_encoder = ImageEncoder(
@@ -107,6 +112,8 @@ class Runtime:
 
     def close(self) -> None:
         """Free what the backends hold on the GPU (native TensorRT engines, their buffers and streams)."""
+        if self.one_caption is not None:
+            self.one_caption.close()
         for backend in self.backends.values():
             close = getattr(backend, "close", None)
             if callable(close):
@@ -190,6 +197,8 @@ class Runtime:
         images = self.encode_images(features, source="warm-up images")
         captions = [self.vocab.sample_caption(2), self.vocab.sample_caption(5)]  # words it knows: no warning
         self.rank(images, self.encode_captions(captions), top_k=1)
+        if self.fused is not None:  # few captions took the one-caption scorer: the fused kernels load here
+            self.fused.warm_kernels()
         return time.perf_counter() - started
 
     # -- scoring ------------------------------------------------------------
@@ -214,6 +223,8 @@ class Runtime:
         ``shortlist=K``: score only each query's K best candidates by a cheap
         global score (:mod:`itmrt.runtime.shortlist`), for galleries too large
         for full scoring; K must be at least ``top_k``. No full matrix then.
+        A few captions (:data:`itmrt.runtime.one_caption.FEW_CAPTIONS`) are
+        scored by the one-caption scorer where it applies (``one_caption``).
         """
         if shortlist is not None and captions.token_level:
             if keep_scores:
@@ -224,7 +235,34 @@ class Runtime:
             return ScoreResult(found["t2i"], found["i2t"], None, (0, 0), 0)
         if shortlist is not None:
             check_shortlist(shortlist, top_k)  # global models: full scoring is already one matrix product
-        return self._rank_full(self._image_embeddings(images), captions, top_k, keep_scores, progress)
+        embeddings = self._image_embeddings(images)
+        if self.one_caption is not None and self.one_caption.applies(captions):
+            scores = self.score_images(images, captions)
+            if progress:
+                progress(len(captions))
+            t2i, i2t = top_k_of_matrix(scores, top_k, "check the bundle with `itmrt check`")
+            return ScoreResult(t2i, i2t, scores if keep_scores else None, (len(scores), len(captions)), 1)
+        return self._rank_full(embeddings, captions, top_k, keep_scores, progress)
+
+    def score_images(
+        self, images: np.ndarray | Gallery, captions: CaptionEmbeddings, rows: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Scores ``[N, C]`` of a few captions against ``images`` (a gallery or embeddings), or only against the
+        images ``rows`` (a rerank's candidates, in that order) - the one-caption scorer's entry point.
+
+        A gallery's per-image constants are computed once per gallery content and cached; plain arrays get
+        them inside the call. Needs a NAAF or SCAN bundle at fp32 on ONNX Runtime's CPU provider
+        (``one_caption`` is None otherwise).
+        """
+        if self.one_caption is None:
+            raise ItmrtError("the one-caption scorer runs NAAF and SCAN bundles at fp32 on ONNX Runtime's CPU "
+                             "provider, with scorer 'auto' or 'fused'")
+        embeddings = self._image_embeddings(images)
+        key = None
+        if isinstance(images, Gallery):  # its content: the sha256 its manifest records (verified on open)
+            entry = images.manifest.embeddings
+            key = (str(images.path.resolve()), entry.sha256, entry.dtype, tuple(entry.shape))
+        return self.one_caption.score(embeddings, captions, key, rows)
 
     def _rank_full(
         self,
@@ -246,6 +284,8 @@ class Runtime:
         )
 
     def _score_matrix(self, embeddings: np.ndarray, captions: CaptionEmbeddings) -> np.ndarray:
+        if self.one_caption is not None and self.one_caption.applies(captions):
+            return self.one_caption.score(embeddings, captions)
         scores = self._rank_full(embeddings, captions, 1, True).scores
         assert scores is not None
         return scores
@@ -256,12 +296,21 @@ class Runtime:
     ) -> dict[str, TopK]:
         embeddings = self._image_embeddings(images)
         vectors = None
+        score_rows = None
         if isinstance(images, Gallery):  # read-only memmap: its global vectors are computed once per gallery
             key = (str(images.path.resolve()), images.manifest.embeddings.sha256)
             vectors = self._gallery_vectors.get(key)
             if vectors is None:
                 vectors = self._gallery_vectors[key] = image_global_vectors(embeddings)
-        return shortlist_search(self._score_matrix, embeddings, captions, k, shortlist, directions, vectors)
+            if self.one_caption is not None:  # reranks read the candidates' cached per-image constants
+
+                def score_rows(rows: np.ndarray, group: CaptionEmbeddings) -> np.ndarray | None:
+                    if not self.one_caption or not self.one_caption.applies(group):
+                        return None
+                    return self.score_images(images, group, rows)
+
+        return shortlist_search(self._score_matrix, embeddings, captions, k, shortlist, directions, vectors,
+                                score_rows)
 
     def score(self, images: np.ndarray | Gallery, captions: CaptionEmbeddings) -> np.ndarray:
         """The full ``images x captions`` score matrix (float32)."""
@@ -364,6 +413,38 @@ def _fused_scorer(
         )
     threads = settings.intra_op_threads if settings else 0
     return FusedNaafScorer.from_graph(bundle.graph_file(Component.SCORER, Precision.FP32), threads)
+
+
+def _one_caption_scorer(
+    bundle: BundleInfo, scorer: ScorerChoice | str, backend: str, precision: str, graph: Backend,
+    settings: SessionSettings | None,
+) -> OneCaptionScorer | None:
+    """The one-caption scorer for NAAF and SCAN bundles at fp32 on ONNX Runtime's CPU provider (scorer "auto" or
+    "fused"; "graph" keeps every call on the scorer graph), else None."""
+    scorer = parse_choice(ScorerChoice, scorer, "scorer")
+    on_cpu = backend == BackendName.ORT and getattr(graph, "providers", [None])[0] == CPU_PROVIDER
+    applicable = bundle_traits(bundle.manifest).scorer in ONE_CAPTION_SCORERS and precision == Precision.FP32 and on_cpu
+    if scorer == ScorerChoice.GRAPH or not applicable:
+        return None
+    threads = settings.intra_op_threads if settings else 0
+    return OneCaptionScorer.from_graph(bundle.graph_file(Component.SCORER, Precision.FP32), threads)
+
+
+def _one_thread_text_encoder(
+    runtime: Runtime, bundle: BundleInfo, settings: SessionSettings
+) -> tuple[Backend | None, int]:
+    """With the one-caption scorer: the text encoder again on one ONNX Runtime thread, for calls of a few captions.
+
+    A caption's bi-GRU makes its intra-op threads meet at every token (30 times for 15 tokens); two threads
+    spinning between those meetings also take the cores the scorer's workers need right after. Measured under
+    load (benchmarks/bench_one_caption.py): one caption in 8.5-23 ms on one thread against 45-47 ms on two.
+    Costs a second copy of the text encoder's weights (43 MB at the released sizes).
+    """
+    if runtime.one_caption is None or settings.intra_op_threads == 1:
+        return None, 0
+    one = replace(settings, intra_op_threads=1)
+    backend = open_backend(bundle, Component.TEXT_ENCODER, runtime.backend_name, runtime.precision, one)
+    return backend, FEW_CAPTIONS
 
 
 def _range_max(

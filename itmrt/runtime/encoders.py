@@ -129,10 +129,14 @@ class CaptionEncoder:
         max_batch: int | None = None,
         bucket: bool = True,
         warn: Warn | None = None,
+        small_backend: Backend | None = None,
+        small_batch: int = 0,
     ) -> None:
+        """``small_backend``: the same graph on one thread, for calls of at most ``small_batch`` captions."""
         if batch_size < 1:
             raise ItmrtError(f"--batch-size must be positive, not {batch_size}")
         self.backend, self.vocab, self.token_level = backend, vocab, token_level
+        self.small_backend, self.small_batch = small_backend, small_batch
         self.max_length, self.on_long, self.warn = max_length, on_long, warn
         self.batch_size = min(batch_size, max_batch) if max_batch else batch_size
         self.bucket = bucket
@@ -152,6 +156,7 @@ class CaptionEncoder:
             batches = [order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
             width = int(lengths.max()) if n else 0
         pad = self.vocab.pad_id
+        backend = self.small_backend if self.small_backend is not None and n <= self.small_batch else self.backend
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         vectors: np.ndarray | None = None
@@ -160,7 +165,7 @@ class CaptionEncoder:
             tokens = np.full((len(batch), batch_width), pad, dtype=np.int32)
             for row, k in enumerate(batch):
                 tokens[row, : lengths[k]] = ids[k]
-            out = self.backend.run({TOKEN_IDS: tokens, LENGTHS: lengths[batch]})[0]
+            out = backend.run({TOKEN_IDS: tokens, LENGTHS: lengths[batch]})[0]
             check_finite_output(out, "text encoder", f"{len(batch)} captions")
             if vectors is None:
                 rows = int(offsets[-1]) if self.token_level else n

@@ -161,12 +161,22 @@ class FusedNaafScorer:
         self.intra_factor = np.float32(intra_factor)
         self.threads = threads
         self.name = "fused:naaf"
-        self.kernels = kernels_module()
-        if threads:
-            self.kernels.set_threads(threads)
+        if not fused_available():
+            require("numba")  # raises MissingDependency with the install command
+        self._kernels: ModuleType | None = None
         self._gemm = _gemm_session(threads)
         self._gram = _gram_session(threads)
         self._sims_buffer = np.empty(0, dtype=np.float32)
+
+    @property
+    def kernels(self) -> ModuleType:
+        """The numba kernels, imported at first use: a process that only scores a few captions at a time (the
+        one-caption scorer's) never pays numba's import."""
+        if self._kernels is None:
+            self._kernels = kernels_module()
+            if self.threads:
+                self._kernels.set_threads(self.threads)
+        return self._kernels
 
     @classmethod
     def from_graph(cls, path: str | Path, threads: int = 0) -> FusedNaafScorer:

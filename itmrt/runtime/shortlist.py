@@ -58,6 +58,9 @@ _EPS = 1e-8
 
 ScoreMatrix = Callable[[np.ndarray, CaptionEmbeddings], np.ndarray]
 """``(image embeddings [Ni, n, d], captions) -> [Ni, Nc]`` cross-attention scores (the runtime's scorer)."""
+ScoreRows = Callable[[np.ndarray, CaptionEmbeddings], "np.ndarray | None"]
+"""``(image ids [Ni], captions) -> [Ni, Nc]`` scores of those images of the gallery, or None where it does not
+apply (the one-caption scorer: :meth:`itmrt.runtime.api.Runtime.score_images`)."""
 
 
 def _l2norm(x: np.ndarray) -> np.ndarray:
@@ -162,14 +165,19 @@ def _best_of(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, n
 
 
 def rerank_text_to_image(score_matrix: ScoreMatrix, images: np.ndarray, captions: CaptionEmbeddings,
-                         candidates: np.ndarray, k: int) -> TopK:
-    """Per caption, its candidate images ``candidates [Nc, K]`` reranked by the scorer; the best ``k``."""
+                         candidates: np.ndarray, k: int, score_rows: ScoreRows | None = None) -> TopK:
+    """Per caption, its candidate images ``candidates [Nc, K]`` reranked by the scorer; the best ``k``.
+
+    ``score_rows``: scores a group's candidates by their image ids where it can (reading their cached per-image
+    constants), else ``score_matrix`` scores their embeddings."""
     keep = min(k, candidates.shape[1])
     indices = np.full((len(captions), keep), -1, dtype=np.int64)
     scores = np.full((len(captions), keep), -np.inf, dtype=np.float32)
     for group in group_queries(candidates):
         union = np.unique(candidates[group])
-        block = score_matrix(np.asarray(images[union]), captions.take(group))  # [len(union), len(group)]
+        block = score_rows(union, captions.take(group)) if score_rows is not None else None
+        if block is None:
+            block = score_matrix(np.asarray(images[union]), captions.take(group))  # [len(union), len(group)]
         for column, caption in enumerate(group):
             wanted = candidates[caption]
             rows = np.searchsorted(union, wanted)
@@ -213,11 +221,13 @@ def shortlist_search(
     shortlist: int,
     directions: tuple[str, ...] = ("t2i", "i2t"),
     image_vectors: np.ndarray | None = None,
+    score_rows: ScoreRows | None = None,
 ) -> dict[str, TopK]:
     """Shortlisted top-``k`` per caption ("t2i") and/or per image ("i2t").
 
     ``image_vectors``: the images' global vectors if already computed (a
-    gallery's, cached by the runtime); computed here otherwise.
+    gallery's, cached by the runtime); computed here otherwise. ``score_rows``:
+    see :func:`rerank_text_to_image`.
     """
     check_shortlist(shortlist, k)
     if int(images.shape[0]) == 0 or len(captions) == 0:
@@ -228,7 +238,7 @@ def shortlist_search(
     found: dict[str, TopK] = {}
     if "t2i" in directions:
         candidates = top_candidates(caption_vectors, image_vectors, shortlist)
-        found["t2i"] = rerank_text_to_image(score_matrix, images, captions, candidates, k)
+        found["t2i"] = rerank_text_to_image(score_matrix, images, captions, candidates, k, score_rows)
     if "i2t" in directions:
         candidates = top_candidates(image_vectors, caption_vectors, shortlist)
         found["i2t"] = rerank_image_to_text(score_matrix, images, captions, candidates, k)

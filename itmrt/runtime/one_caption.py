@@ -1,0 +1,535 @@
+"""One caption (or a few) against many images: the query a retrieval service mostly answers.
+
+The batched scorers (the scorer graph, :mod:`itmrt.runtime.fused`) are built
+for many captions at once. Asked about one caption they waste most of their
+work: the fused kernels pad its words to 64 vector lanes, every call recomputes
+each image's Gram matrix ``V V^T`` (about 2.6x the similarity product itself
+at 36 regions and 14 words), and a tile is scored pair by pair. Here one call
+does, for a block of images at a time:
+
+1. the word x region similarities of every caption of the call as one float32
+   GEMM over the block's ``B * n`` regions (ONNX Runtime's MLAS, which reads a
+   block 3-7x faster than numpy's BLAS for these skinny products on this CPU);
+   float16 storage is cast inside the same graph, block by block, so no float32
+   copy of the gallery is ever made;
+2. NAAF's (or SCAN's) per-word steps as numpy operations over the whole block
+   ``[B, n, T]`` - images, regions and words at once; the few per-caption steps
+   (the word-axis norm, the intra-caption propagation, the mean) on each
+   caption's columns.
+
+Per-image constants. ``||vhat||^2 = w^T G w`` needs each image's Gram matrix
+``G = V V^T`` (NAAF, SCAN t2i); SCAN i2t needs each region's norm. They depend
+only on the gallery, so they are computed once per gallery *content* (its
+embeddings' sha256, not its path) and kept: ``n * n * 4`` bytes an image in
+float32 (5.2 KB at 36 regions, 3.5% of the float32 embeddings, 7% of float16
+ones; 518 MB for 100K images). Float16 would halve that; measured, it moved
+scores by up to 5e-6 (``w^T G w`` sums ``n^2`` rounded terms: half the 1e-5
+parity margin on the first data tried), so they stay float32. All galleries' constants together are bounded by
+:data:`CONSTANTS_BUDGET_BYTES`, least recently used first out; a gallery too
+large for the budget, or plain arrays (whose content may change between calls
+unseen), get them block by block inside each call instead - the same scores,
+slower.
+
+Nothing per call grows with the gallery except the output: the callers' plain
+top-k of ``N x C`` scores. ``threads`` workers split the blocks, each with its
+own single-threaded ONNX Runtime session (numpy releases the GIL inside its
+operations).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itmrt.bundle.names import (
+    NAAF_INTRA_FACTOR,
+    NAAF_LAMBDA,
+    NAAF_THRESHOLD,
+    SCAN_AGG_FUNCS,
+    SCAN_CROSS_ATTN,
+    SCAN_LAMBDA_LSE,
+    SCAN_LAMBDA_SOFTMAX,
+    SCAN_RAW_FEATURE_NORMS,
+)
+from itmrt.errors import ItmrtError
+from itmrt.limits import check_threads
+from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.sessions import create_session
+
+FEW_CAPTIONS = 16
+ONE_CAPTION_SCORERS = ("naaf", "scan")  # the manifest traits' scorer kinds this module scores (bundle/traits.py)
+"""Calls with at most this many captions take this path (``benchmarks/bench_one_caption.py`` measures the crossover
+against the batched fused scorer)."""
+BLOCK_IMAGES = 64
+"""Most images per block."""
+BLOCK_VALUES = 64 * 36 * 32
+"""Values of a block's ``[B, n, T]`` intermediates (fewer images for more words): they stay in the core's cache
+(measured: 32 captions at once in blocks of 64 images ran 2.3x slower per caption than 16)."""
+CONSTANTS_BUDGET_BYTES = 1 << 30
+"""Most memory the cached per-image constants of all galleries may take together."""
+
+_EPS = np.float32(1e-8)
+_LEAKY = np.float32(0.1)
+_SHIFT_LIMIT = np.float32(40.0)  # exp(-2 * 40) is a normal float32
+
+
+@dataclass(frozen=True)
+class NaafParameters:
+    """NAAF's frozen test-time constants (MODELS.md section 2)."""
+
+    threshold: float
+    lambda_softmax: float
+    intra_factor: float
+
+
+@dataclass(frozen=True)
+class ScanParameters:
+    """SCAN's options and constants (MODELS.md section 4)."""
+
+    cross_attn: str
+    raw_feature_norm: str
+    agg_func: str
+    lambda_softmax: float
+    lambda_lse: float
+
+
+Parameters = NaafParameters | ScanParameters
+
+
+def parameters_from_graph(path: str | Path) -> Parameters:
+    """The family's constants as the scorer graph's metadata records them (one-line error otherwise)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ItmrtError(f"cannot read the scorer graph {path}: {exc}; export the bundle again") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        if meta.get("family") == "naaf":
+            return NaafParameters(float(meta[NAAF_THRESHOLD]), float(meta[NAAF_LAMBDA]), float(meta[NAAF_INTRA_FACTOR]))
+        if meta.get("family") == "scan":
+            options = (meta["cross_attn"], meta["raw_feature_norm"], meta["agg_func"])
+            if all(value in allowed for value, allowed in
+                   zip(options, (SCAN_CROSS_ATTN, SCAN_RAW_FEATURE_NORMS, SCAN_AGG_FUNCS))):
+                return ScanParameters(meta["cross_attn"], meta["raw_feature_norm"], meta["agg_func"],
+                                      float(meta[SCAN_LAMBDA_SOFTMAX]), float(meta[SCAN_LAMBDA_LSE]))
+    except (KeyError, ValueError):
+        pass
+    raise ItmrtError(f"the scorer graph {path} lacks its family's constants in its metadata, or they are not ones "
+                     "the runtime knows; export the bundle again")
+
+
+# -- the captions of one call ----------------------------------------------------------------------------------
+
+
+@dataclass
+class QueryCaptions:
+    """The captions of one call: tokens back to back ``[T, d]`` and what each caption needs on its own."""
+
+    tokens: np.ndarray  # [T, d] float32
+    bounds: list[tuple[int, int]]  # caption c's columns
+    starts: np.ndarray  # [C] each caption's first column
+    lengths: np.ndarray  # [C] its number of words
+    intra: list[np.ndarray] = field(default_factory=list)  # NAAF: [m, m] intra-caption softmax per caption
+    grams: list[np.ndarray] = field(default_factory=list)  # SCAN i2t: [m, m] word Gram matrix per caption
+    norms: np.ndarray | None = None  # SCAN t2i: [T] word norms
+
+
+def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> QueryCaptions:
+    if not captions.token_level or captions.offsets is None:
+        raise ItmrtError("the one-caption scorer needs token-level caption embeddings (a NAAF or SCAN bundle)")
+    lengths = captions.lengths.astype(np.int64)
+    if len(lengths) == 0 or (lengths < 1).any():
+        raise ItmrtError("nothing to score: no captions, or a caption without tokens")
+    starts = captions.offsets[:-1].astype(np.int64)
+    rows = np.concatenate([np.arange(start, start + m) for start, m in zip(starts, lengths)])
+    tokens = np.ascontiguousarray(np.asarray(captions.vectors, dtype=np.float32)[rows])
+    ends = np.cumsum(lengths)
+    bounds = [(int(end - m), int(end)) for end, m in zip(ends, lengths)]
+    query = QueryCaptions(tokens, bounds, ends - lengths, lengths)
+    for a, b in bounds:
+        words = tokens[a:b]
+        if isinstance(parameters, NaafParameters):
+            logits = np.float32(parameters.intra_factor) * (words @ words.T)
+            logits = np.exp(logits - logits.max(axis=1, keepdims=True))
+            query.intra.append((logits / logits.sum(axis=1, keepdims=True)).astype(np.float32))
+        elif parameters.cross_attn == "i2t":
+            query.grams.append(words @ words.T)
+    if isinstance(parameters, ScanParameters) and parameters.cross_attn == "t2i":
+        query.norms = np.sqrt((tokens * tokens).sum(axis=1))
+    return query
+
+
+# -- the score of one block ----------------------------------------------------------------------------------
+
+
+Product = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""Batched matrix product ``[B, n, n] x [B, n, T]`` (numpy's would hand it to a multi-threaded BLAS at many words,
+and threads contending with the block workers for two busy cores measured 1000x slower)."""
+Scratch = dict[tuple[str, tuple[int, ...], str], np.ndarray]
+"""Block-sized arrays a worker reuses from block to block (a fresh 100+ KB array per operation costs numpy an
+allocation and its page faults: in-place, the step-4 softmax measured 2x faster)."""
+
+
+def _buffer(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    if scratch is None:
+        return np.empty(shape, dtype=dtype)
+    key = (name, shape, np.dtype(dtype).name)
+    if key not in scratch:
+        scratch[key] = np.empty(shape, dtype=dtype)
+    return scratch[key]
+
+
+def max_over_regions(values: np.ndarray) -> np.ndarray:
+    """``values.max(axis=1)`` by halving the region axis (numpy reduces a middle axis about 5x slower)."""
+    while values.shape[1] > 1:
+        half = values.shape[1] // 2
+        folded = np.maximum(values[:, :half], values[:, half : 2 * half])
+        if values.shape[1] % 2:
+            np.maximum(folded[:, 0], values[:, 2 * half], out=folded[:, 0])
+        values = folded
+    return values[:, 0]
+
+
+def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: NaafParameters,
+               product: Product = np.matmul, scratch: Scratch | None = None) -> np.ndarray:
+    """NAAF scores ``[B, C]`` from similarities ``[B, n, T]`` and the block's Gram matrices ``[B, n, n]``.
+
+    The step-4 softmax is max-shifted as in :func:`itmrt.models.naaf.naaf_scores` (the same value as the
+    released ``p / (sum p + 1e-8)``); ``vhat`` is never formed: ``u . vhat = sum_j w s``, ``||vhat||^2 = w^T G w``.
+    Sums over the regions are products with a vector of ones (numpy's reductions over a middle axis are slow).
+    """
+    lam, threshold = np.float32(p.lambda_softmax), np.float32(p.threshold)
+    shape = sims.shape
+    ones = np.ones(shape[1], dtype=np.float32)
+    best = max_over_regions(sims)  # [B, T]
+    r = best - threshold
+    has_positive = r > 0
+    # Step 4: weights over the regions above the threshold, and the aggregated-feature term.
+    weights = _buffer(scratch, "weights", shape)
+    np.subtract(sims, best[:, None, :], out=weights)
+    np.multiply(weights, lam, out=weights)
+    np.exp(weights, out=weights)
+    above = _buffer(scratch, "above", shape, np.bool_)
+    np.greater(sims, threshold, out=above)
+    np.multiply(weights, above, out=weights)
+    denominator = np.matmul(ones, weights) + _EPS * np.exp(-lam * np.maximum(r, np.float32(0)))
+    np.divide(weights, np.where(has_positive, denominator, np.float32(1))[:, None, :], out=weights)
+    dot = np.einsum("bjt,bjt->bt", weights, sims)
+    norm_sq = np.einsum("bjt,bjt->bt", product(grams, weights), weights)
+    aggregated = np.where(has_positive, dot / np.sqrt(np.maximum(norm_sq, _EPS * _EPS)), np.float32(0))
+    # Step 5: relevance - the leaky similarities normalised over each caption's words, softmax over regions.
+    clipped = _buffer(scratch, "clipped", shape)
+    np.multiply(sims, _LEAKY, out=clipped)
+    np.maximum(sims, clipped, out=clipped)  # LeakyReLU for a slope below 1
+    logits = _buffer(scratch, "logits", shape)
+    np.multiply(clipped, clipped, out=logits)
+    squares = np.add.reduceat(logits, query.starts, axis=2)  # [B, n, C]: each caption's words
+    factor = lam / (np.sqrt(squares) + _EPS)
+    np.multiply(clipped, factor if len(query.starts) == 1 else np.repeat(factor, query.lengths, axis=2), out=logits)
+    # |logit| <= lam (a word's share of its region's norm over the words): shifting by lam keeps exp in range
+    # without the max over the regions, while exp(-2 lam) stays a normal float.
+    shift = lam if lam <= _SHIFT_LIMIT else max_over_regions(logits)[:, None, :]
+    np.subtract(logits, shift, out=logits)
+    np.exp(logits, out=logits)
+    relevance = np.einsum("bjt,bjt->bt", logits, sims) / np.matmul(ones, logits)
+    # Step 3: the negative branch, its decision propagated within each caption.
+    decision = np.empty_like(r)
+    for c, (a, b) in enumerate(query.bounds):
+        np.matmul(r[:, a:b], query.intra[c].T, out=decision[:, a:b])
+    per_word = aggregated + relevance + np.where(decision < 0, r, np.float32(0))
+    # Step 6: the mean over each caption's words.
+    return np.add.reduceat(per_word, query.starts, axis=1) / query.lengths.astype(np.float32)
+
+
+def _raw_norm(attn: np.ndarray, how: str, axis: int) -> np.ndarray:
+    """SCAN's ``raw_feature_norm`` of ``attn`` over its query axis ``axis``."""
+    if how == "softmax":
+        e = np.exp(attn - attn.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+    if how.startswith("clipped"):
+        attn = np.where(attn >= 0, attn, _LEAKY * attn)
+    if how.endswith("l2norm"):
+        return attn / (np.sqrt((attn * attn).sum(axis=axis, keepdims=True)) + _EPS)
+    if how.endswith("l1norm"):
+        return attn / (np.abs(attn).sum(axis=axis, keepdims=True) + _EPS)
+    return attn
+
+
+def _aggregate(row_sim: np.ndarray, how: str, lambda_lse: np.float32) -> np.ndarray:
+    """SCAN's ``agg_func`` over the last axis (the queries)."""
+    if how == "Max":
+        return row_sim.max(axis=-1)
+    if how == "LogSumExp":
+        return np.log(np.exp(lambda_lse * row_sim).sum(axis=-1)) / lambda_lse
+    if how == "Mean":
+        return row_sim.sum(axis=-1) / np.float32(row_sim.shape[-1])
+    return row_sim.sum(axis=-1)
+
+
+def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndarray | None, query: QueryCaptions,
+               p: ScanParameters, product: Product = np.matmul) -> np.ndarray:
+    """SCAN scores ``[B, C]`` from similarities ``[B, n, T]`` (t2i: the block's Gram matrices; i2t: its region norms).
+
+    As :func:`itmrt.models.scan.scan_scores`: the attended context is never formed
+    (``q . attended = sum w (q . c)``, ``||attended||^2 = w^T G w``).
+    """
+    lam, lam_lse = np.float32(p.lambda_softmax), np.float32(p.lambda_lse)
+    scores = np.empty((sims.shape[0], len(query.bounds)), dtype=np.float32)
+    for c, (a, b) in enumerate(query.bounds):
+        attn = sims[:, :, a:b]  # [B, regions, words]
+        if p.cross_attn == "t2i":  # queries: the words (axis 2), context: the regions (axis 1)
+            assert grams is not None and query.norms is not None
+            logits = lam * _raw_norm(attn, p.raw_feature_norm, axis=2)
+            weights = np.exp(logits - max_over_regions(logits)[:, None, :])
+            weights /= weights.sum(axis=1, keepdims=True)
+            products = np.einsum("bjt,bjt->bt", weights, attn)
+            attended_sq = np.einsum("bjt,bjt->bt", product(grams, np.ascontiguousarray(weights)), weights)
+            query_norms = query.norms[None, a:b]
+        else:  # queries: the regions (axis 1), context: the words (axis 2)
+            assert region_norms is not None
+            logits = lam * _raw_norm(attn, p.raw_feature_norm, axis=1)
+            weights = np.exp(logits - logits.max(axis=2, keepdims=True))
+            weights /= weights.sum(axis=2, keepdims=True)
+            products = np.einsum("bjt,bjt->bj", weights, attn)
+            attended_sq = np.einsum("bjt,bjt->bj", weights @ query.grams[c], weights)
+            query_norms = region_norms
+        attended = np.sqrt(np.maximum(attended_sq, np.float32(0)))
+        row_sim = products / np.maximum(query_norms * attended, _EPS)
+        scores[:, c] = _aggregate(row_sim, p.agg_func, lam_lse)
+    return scores
+
+
+# -- per-image constants ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageConstants:
+    """One gallery's per-image constants: Gram matrices ``[N, n, n]`` or region norms ``[N, n]`` (float32)."""
+
+    values: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes)
+
+
+def constants_bytes(parameters: Parameters, n_images: int, regions: int) -> int:
+    """What one gallery's per-image constants take in memory."""
+    per_image = regions if isinstance(parameters, ScanParameters) and parameters.cross_attn == "i2t" else regions**2
+    return 4 * per_image * n_images
+
+
+class _Worker:
+    """One thread's ONNX Runtime sessions: the similarity GEMM and the Gram matrices, per storage dtype."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str], Any] = {}
+        self.scratch: Scratch = {}
+
+    def _session(self, kind: str, dtype: np.dtype) -> Any:
+        key = (kind, dtype.name)
+        if key not in self._sessions:
+            self._sessions[key] = _graph_session(kind, dtype)
+        return self._sessions[key]
+
+    def similarities(self, regions: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """``regions [R, d] @ tokens [T, d]^T`` in float32 (float16 regions are cast inside the graph)."""
+        regions = _storage(regions)
+        return self._session("sims", regions.dtype).run(None, {"a": regions, "b": tokens})[0]
+
+    def grams(self, images: np.ndarray) -> np.ndarray:
+        images = _storage(images)
+        return self._session("gram", images.dtype).run(None, {"a": images})[0]
+
+    def product(self, grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """``grams [B, n, n] @ weights [B, n, T]`` (batched MLAS sgemm on this worker's thread)."""
+        return self._session("product", np.dtype(np.float32)).run(None, {"a": grams, "b": weights})[0]
+
+
+def _storage(array: np.ndarray) -> np.ndarray:
+    """A contiguous float16 or float32 array (what the graphs take), without copying one that already is."""
+    array = np.asarray(array)
+    if array.dtype not in (np.float16, np.float32):
+        array = array.astype(np.float32)
+    return np.ascontiguousarray(array)
+
+
+def _graph_session(kind: str, dtype: np.dtype) -> Any:
+    """A one-thread CPU session: ``sims = cast(a) b^T``, ``grams = cast(a) cast(a)^T`` or ``product = a b``
+    (both batched)."""
+    from onnx import TensorProto, helper
+
+    source = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    nodes, a = [], "a"
+    if source == TensorProto.FLOAT16:
+        nodes.append(helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT))
+        a = "a32"
+    if kind == "product":
+        nodes.append(helper.make_node("MatMul", ["a", "b"], ["c"]))
+        inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "regions", "regions"]),
+                  helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "regions", "cols"])]
+        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "regions", "cols"])
+    elif kind == "sims":
+        nodes.append(helper.make_node("Gemm", [a, "b"], ["c"], transB=1))
+        inputs = [helper.make_tensor_value_info("a", source, ["rows", "depth"]),
+                  helper.make_tensor_value_info("b", TensorProto.FLOAT, ["cols", "depth"])]
+        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["rows", "cols"])
+    else:
+        nodes += [helper.make_node("Transpose", [a], ["t"], perm=[0, 2, 1]),
+                  helper.make_node("MatMul", [a, "t"], ["c"])]
+        inputs = [helper.make_tensor_value_info("a", source, ["batch", "regions", "depth"])]
+        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "regions", "regions"])
+    model = helper.make_model(helper.make_graph(nodes, f"one_caption_{kind}", inputs, [output]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 8)
+    return create_session(model.SerializeToString(), threads=1, spinning=False)
+
+
+# -- the scorer -----------------------------------------------------------------------------------------------
+
+
+GalleryKey = tuple[object, ...]
+
+
+class OneCaptionScorer:
+    """NAAF or SCAN scores of a few captions against many images, block by block (see the module docstring).
+
+    ``threads``: workers splitting the image blocks (0: one per core).
+    """
+
+    def __init__(self, parameters: Parameters, threads: int = 0,
+                 budget_bytes: int = CONSTANTS_BUDGET_BYTES, block_images: int = BLOCK_IMAGES) -> None:
+        check_threads(threads)
+        self.parameters = parameters
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.budget_bytes, self.block_images = budget_bytes, max(1, block_images)
+        self._workers = [_Worker() for _ in range(self.threads)]
+        self._pool: ThreadPoolExecutor | None = None
+        self._cache: OrderedDict[GalleryKey, ImageConstants] = OrderedDict()
+        self._lock = threading.Lock()  # the constants cache
+        self._calls = threading.Lock()  # one call at a time: the workers' scratch arrays are reused
+        self.builds = 0  # galleries whose constants were computed (tests read it)
+
+    @classmethod
+    def from_graph(cls, path: str | Path, threads: int = 0) -> OneCaptionScorer:
+        return cls(parameters_from_graph(path), threads)
+
+    @property
+    def needs_grams(self) -> bool:
+        return not (isinstance(self.parameters, ScanParameters) and self.parameters.cross_attn == "i2t")
+
+    def applies(self, captions: CaptionEmbeddings) -> bool:
+        """Whether a call with these captions is this scorer's: token-level and at most :data:`FEW_CAPTIONS`."""
+        return captions.token_level and 0 < len(captions) <= FEW_CAPTIONS
+
+    # -- per-image constants ----------------------------------------------------------------------
+
+    def _block_constants(self, worker: _Worker, block: np.ndarray) -> np.ndarray:
+        if self.needs_grams:
+            return worker.grams(block)
+        regions = np.asarray(block, dtype=np.float32)
+        return np.sqrt(np.einsum("bjd,bjd->bj", regions, regions))
+
+    def constants(self, images: np.ndarray, key: GalleryKey) -> ImageConstants | None:
+        """The cached constants of the gallery ``key`` names (its content), computed on first use; None when
+        they would not fit :attr:`budget_bytes`."""
+        with self._lock:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+                return found
+        size = constants_bytes(self.parameters, int(images.shape[0]), int(images.shape[1]))
+        if size > self.budget_bytes:
+            return None
+        shape = (int(images.shape[0]), *((images.shape[1],) * (2 if self.needs_grams else 1)))
+        values = np.empty(shape, dtype=np.float32)
+
+        def fill(worker: _Worker, start: int, stop: int) -> None:
+            values[start:stop] = self._block_constants(worker, images[start:stop])
+
+        self._map_blocks(int(images.shape[0]), fill)
+        built = ImageConstants(values)
+        with self._lock:
+            self._cache[key] = built
+            self.builds += 1
+            while sum(c.nbytes for c in self._cache.values()) > self.budget_bytes:
+                self._cache.popitem(last=False)
+        return built
+
+    # -- scoring ----------------------------------------------------------------------------------
+
+    def score(self, images: np.ndarray, captions: CaptionEmbeddings, key: GalleryKey | None = None,
+              rows: np.ndarray | None = None) -> np.ndarray:
+        """Scores ``[N, C]`` of ``images [N, n, d]`` (float32 or float16; a memmap is read block by block) against
+        ``captions``; ``rows``: only those images, in that order (a rerank's candidates).
+
+        ``key``: what identifies the images' content (a gallery's embeddings sha256): their constants are cached
+        under it. Without one they are computed inside the call.
+        """
+        if images.ndim != 3:
+            raise ItmrtError(f"the one-caption scorer needs region embeddings, not shape {tuple(images.shape)}")
+        query = query_captions(captions, self.parameters)
+        if query.tokens.shape[1] != images.shape[2]:
+            raise ItmrtError(f"image ({images.shape[2]}) and caption ({query.tokens.shape[1]}) embeddings differ "
+                             "in size")
+        cached = self.constants(images, key) if key is not None else None
+        index = None if rows is None else np.asarray(rows, dtype=np.int64)
+        total = int(images.shape[0]) if index is None else len(index)
+        out = np.empty((total, len(query.bounds)), dtype=np.float32)
+
+        def score_range(worker: _Worker, start: int, stop: int) -> None:
+            picked = slice(start, stop) if index is None else index[start:stop]
+            block = images[picked]
+            constants = cached.values[picked] if cached is not None else self._block_constants(worker, block)
+            out[start:stop] = self._score_block(worker, block, constants, query)
+
+        size = min(self.block_images, max(16, BLOCK_VALUES // (int(images.shape[1]) * len(query.tokens))))
+        with self._calls:
+            self._map_blocks(total, score_range, size)
+        return out
+
+    def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray,
+                     query: QueryCaptions) -> np.ndarray:
+        n_img, regions, depth = block.shape
+        sims = worker.similarities(np.asarray(block).reshape(n_img * regions, depth), query.tokens)
+        sims = sims.reshape(n_img, regions, -1)
+        if isinstance(self.parameters, NaafParameters):
+            return naaf_block(sims, constants, query, self.parameters, worker.product, worker.scratch)
+        if self.parameters.cross_attn == "t2i":
+            return scan_block(sims, constants, None, query, self.parameters, worker.product)
+        return scan_block(sims, None, constants, query, self.parameters)
+
+    def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None], size: int | None = None) -> None:
+        """``work(worker, start, stop)`` over blocks of ``size`` (default :attr:`block_images`) of ``total``
+        images, split among the workers."""
+        size = size or self.block_images
+        starts = list(range(0, total, size))
+        workers = min(self.threads, len(starts))
+        if workers <= 1:
+            for start in starts:
+                work(self._workers[0], start, min(start + size, total))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="itmrt-one-caption")
+
+        def run(number: int) -> None:
+            for start in starts[number::workers]:
+                work(self._workers[number], start, min(start + size, total))
+
+        for future in [self._pool.submit(run, number) for number in range(workers)]:
+            future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None

@@ -1,0 +1,190 @@
+"""The one-caption scorer: its answers equal the batched scorers' (indices and scores), and its cached per-image
+constants follow the gallery's content."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from itmrt.errors import ItmrtError
+from itmrt.runtime import load
+from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.one_caption import (
+    FEW_CAPTIONS,
+    NaafParameters,
+    OneCaptionScorer,
+    ScanParameters,
+    constants_bytes,
+)
+
+from runtime_helpers import make_bundle, random_captions, region_features
+
+SCAN_OPT = {"vocab_size": 50, "img_dim": 64, "embed_size": 32, "word_dim": 16}
+FAMILIES = {
+    "naaf": ("naaf", None),
+    "scan-t2i": ("scan", {**SCAN_OPT, "cross_attn": "t2i"}),
+    "scan-i2t": ("scan", {**SCAN_OPT, "cross_attn": "i2t", "raw_feature_norm": "softmax", "agg_func": "Mean"}),
+}
+N_IMAGES = 150  # several blocks of BLOCK_IMAGES
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    family, opt = FAMILIES[request.param]
+    return make_bundle(tmp_path_factory.mktemp(request.param), family=family, opt=opt)[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_caption_answers_equal_the_batched_answers(bundle: Path, tmp_path: Path, dtype: str) -> None:
+    batched = load(bundle, scorer="graph", threads=1)
+    runtime = load(bundle, threads=2)  # "auto": the one-caption scorer for a few captions
+    assert batched.one_caption is None and runtime.one_caption is not None
+    gallery = runtime.index(region_features(N_IMAGES, seed=1), tmp_path / "gallery", dtype=dtype)
+    captions = random_captions(2 * FEW_CAPTIONS + 3, seed=5, max_words=10)  # more than a few: batched
+    want = batched.search_text_to_image(captions, gallery, k=8)
+    for number, caption in enumerate(captions[:6]):
+        got = runtime.search_text_to_image([caption], gallery, k=8)
+        np.testing.assert_array_equal(got.indices[0], want.indices[number])
+        np.testing.assert_allclose(got.scores[0], want.scores[number], rtol=0, atol=1e-5)
+    few = runtime.search_text_to_image(captions[:5], gallery, k=8)  # a few at once: the same
+    np.testing.assert_array_equal(few.indices, want.indices[:5])
+    full = runtime.score(gallery, runtime.encode_captions(captions[:3]))
+    np.testing.assert_allclose(full, batched.score(gallery, batched.encode_captions(captions[:3])), atol=1e-5)
+    assert runtime.one_caption.builds == 1  # every call above read the same cached constants
+
+
+def test_rows_score_a_subset_in_the_order_given(bundle: Path, tmp_path: Path) -> None:
+    runtime = load(bundle, threads=1)
+    gallery = runtime.index(region_features(40, seed=2), tmp_path / "gallery")
+    encoded = runtime.encode_captions(random_captions(2, seed=7))
+    everything = runtime.score_images(gallery, encoded)
+    rows = np.array([31, 4, 17, 4, 0])
+    np.testing.assert_array_equal(runtime.score_images(gallery, encoded, rows), everything[rows])
+
+
+def test_shortlist_rerank_equals_full_scoring_when_the_shortlist_holds_everything(bundle: Path, tmp_path: Path) -> None:
+    runtime = load(bundle, threads=1)
+    gallery = runtime.index(region_features(60, seed=3), tmp_path / "gallery")
+    captions = random_captions(3, seed=9)
+    full = runtime.search_text_to_image(captions, gallery, k=5)
+    listed = runtime.search_text_to_image(captions, gallery, k=5, shortlist=60)
+    np.testing.assert_array_equal(listed.indices, full.indices)
+    np.testing.assert_allclose(listed.scores, full.scores, atol=1e-6)
+
+
+def test_constants_are_rebuilt_when_the_gallery_content_changes(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "naaf")[0]
+    runtime, fresh_features = load(bundle, threads=1), region_features(30, seed=11)
+    captions = random_captions(1, seed=4)
+    old = runtime.search_text_to_image(captions, runtime.index(region_features(30, seed=10), tmp_path / "g"), k=30)
+    # The same path, new content: a new gallery written over the old one.
+    replaced = runtime.index(fresh_features, tmp_path / "g", overwrite=True)
+    new = runtime.search_text_to_image(captions, replaced, k=30)
+    assert runtime.one_caption is not None and runtime.one_caption.builds == 2
+    expected = load(bundle, scorer="graph", threads=1).search_text_to_image(captions, replaced, k=30)
+    np.testing.assert_array_equal(new.indices, expected.indices)
+    np.testing.assert_allclose(new.scores, expected.scores, atol=1e-5)
+    assert not np.allclose(np.sort(old.scores), np.sort(new.scores))
+    # The same content again (reopened, another object): no rebuild.
+    runtime.search_text_to_image(captions, runtime.open_gallery(tmp_path / "g"), k=3)
+    assert runtime.one_caption.builds == 2
+
+
+def test_constants_budget_bounds_the_cache(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((20, 6, 8)).astype(np.float32)
+    captions = CaptionEmbeddings(rng.standard_normal((4, 8)).astype(np.float32), np.array([4], np.int32),
+                                 np.array([0, 4]))
+    parameters = NaafParameters(0.1, 20.0, 5.0)
+    one = constants_bytes(parameters, 20, 6)
+    scorer = OneCaptionScorer(parameters, threads=1, budget_bytes=one)
+    plain = scorer.score(images, captions)
+    np.testing.assert_array_equal(scorer.score(images, captions, key=("a",)), plain)
+    scorer.score(images * 2, captions, key=("b",))  # evicts "a": one gallery's constants fit the budget
+    assert list(scorer._cache) == [("b",)]
+    small = OneCaptionScorer(parameters, threads=1, budget_bytes=one - 1)  # too large to keep: per call
+    np.testing.assert_array_equal(small.score(images, captions, key=("a",)), plain)
+    assert small.builds == 0 and not small._cache
+
+
+@pytest.mark.parametrize("cross_attn, raw_norm, agg", list(itertools.product(
+    ["t2i", "i2t"], ["softmax", "l2norm", "clipped_l2norm", "l1norm", "clipped_l1norm", "clipped", "no_norm"],
+    ["LogSumExp", "Mean", "Max", "Sum"])))
+def test_every_scan_option_matches_the_reference(cross_attn: str, raw_norm: str, agg: str) -> None:
+    torch = pytest.importorskip("torch")
+    from itmrt.models.scan import scan_scores
+
+    images, padded, lengths, captions = _random_problem(seed=3)
+    want = scan_scores(torch.from_numpy(images), torch.from_numpy(padded), torch.from_numpy(lengths), cross_attn,
+                       raw_norm, agg, 9.0, 6.0).numpy()
+    got = OneCaptionScorer(ScanParameters(cross_attn, raw_norm, agg, 9.0, 6.0), threads=1, block_images=7)
+    np.testing.assert_allclose(got.score(images, captions), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [-0.2, 0.05, 0.3])  # every word above it, some, almost none
+def test_naaf_matches_the_reference_on_float32_and_float16(threshold: float) -> None:
+    torch = pytest.importorskip("torch")
+    from itmrt.models.naaf import naaf_scores
+
+    images, padded, lengths, captions = _random_problem(seed=4)
+    scorer = OneCaptionScorer(NaafParameters(threshold, 20.0, 5.0), threads=2, block_images=7)
+    for stored in (images, images.astype(np.float16)):
+        want = naaf_scores(torch.from_numpy(stored.astype(np.float32)), torch.from_numpy(padded),
+                           torch.from_numpy(lengths), threshold, 20.0, 5.0).numpy()
+        np.testing.assert_allclose(scorer.score(stored, captions), want, rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_one_line_errors() -> None:
+    images, _padded, _lengths, captions = _random_problem(seed=5)
+    scorer = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1)
+    with pytest.raises(ItmrtError, match="region embeddings"):
+        scorer.score(images[:, 0], captions)
+    with pytest.raises(ItmrtError, match="differ in size"):
+        scorer.score(images[:, :, :8], captions)
+    with pytest.raises(ItmrtError, match="token-level"):
+        scorer.score(images, CaptionEmbeddings(np.zeros((1, 16), np.float32), np.array([1], np.int32)))
+
+
+def _random_problem(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+    """30 unit-norm images of 9 regions and 3 captions of 1, 6 and 11 words (d 16): padded and back to back."""
+    rng = np.random.default_rng(seed)
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    images = unit(rng.standard_normal((30, 9, 16)))
+    lengths = np.array([1, 6, 11], dtype=np.int64)
+    words = [unit(rng.standard_normal((m, 16))) for m in lengths]
+    padded = np.zeros((3, 11, 16), dtype=np.float32)
+    for c, w in enumerate(words):
+        padded[c, : len(w)] = w
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return images, padded, lengths, CaptionEmbeddings(np.concatenate(words), lengths.astype(np.int32), offsets)
+
+
+def test_a_few_captions_are_encoded_on_one_thread_with_the_same_embeddings(bundle: Path) -> None:
+    runtime = load(bundle, threads=2)
+    assert runtime.text_encoder.small_backend is not None
+    captions = random_captions(FEW_CAPTIONS + 4, seed=8, max_words=10)  # over FEW_CAPTIONS: the two-thread session
+    many = runtime.encode_captions(captions)
+    for number in (0, 7):
+        one = runtime.encode_captions([captions[number]])  # the one-thread session
+        start = int(many.offsets[number])
+        np.testing.assert_allclose(one.vectors, many.vectors[start : start + int(many.lengths[number])], atol=1e-6)
+    assert load(bundle, threads=1).text_encoder.small_backend is None  # one thread already: no second session
+
+
+def test_calls_from_several_threads_get_their_own_answers() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images, _padded, _lengths, captions = _random_problem(seed=6)
+    scorer = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1, block_images=4)
+    alone = [scorer.score(images * scale, captions) for scale in (1.0, 0.5, 2.0)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda scale: scorer.score(images * scale, captions), [1.0, 0.5, 2.0] * 4))
+    for number, got in enumerate(together):
+        np.testing.assert_array_equal(got, alone[number % 3])
