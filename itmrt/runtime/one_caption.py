@@ -65,9 +65,9 @@ from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.sessions import create_session
 
 FEW_CAPTIONS = 16
-ONE_CAPTION_SCORERS = ("naaf", "scan")  # the manifest traits' scorer kinds this module scores (bundle/traits.py)
 """Calls with at most this many captions take this path (``benchmarks/bench_one_caption.py`` measures the crossover
 against the batched fused scorer)."""
+ONE_CAPTION_SCORERS = ("naaf", "scan")  # the manifest traits' scorer kinds this module scores (bundle/traits.py)
 BLOCK_IMAGES = 64
 """Most images per block."""
 BLOCK_VALUES = 64 * 36 * 32
