@@ -96,7 +96,12 @@ class ShardingOptions:
 
 def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
     """Give the gallery at ``folder`` its global vectors and, unless ``spec.kind`` is none, their FAISS index;
-    its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist)."""
+    its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist).
+    ``regions``: the region index instead (:mod:`itmrt.scale.region_files`)."""
+    if spec.kind == "regions":
+        from itmrt.scale.region_files import add_region_index
+
+        return add_region_index(folder, spec)
     gallery = read_gallery(folder, verify=False)  # written just now by this process
     if gallery.embeddings.ndim != 3:
         return gallery
