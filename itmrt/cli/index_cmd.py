@@ -84,6 +84,7 @@ def index_command(
 
 def _run_index(bundle: Path, images: Path | None, embeddings: Path | None, out: Path, index_spec: Any,
                settings: dict[str, Any]) -> None:
+    from itmrt.data.npy import open_npy
     from itmrt.runtime.api import load
     from itmrt.runtime.gallery import load_features
     from itmrt.runtime.image_files import is_image_listing, list_image_files
@@ -101,7 +102,11 @@ def _run_index(bundle: Path, images: Path | None, embeddings: Path | None, out: 
     warm = f"; warm-up {runtime.warmup():.1f}s" if settings["warmup"] and embeddings is None else ""
     listing = images is not None and is_image_listing(images)
     source = str(images if images is not None else embeddings)
-    inputs: Any = list_image_files(images) if listing else load_features(images if images is not None else embeddings)
+    if embeddings is not None:
+        inputs: Any = open_npy(embeddings, "embeddings")
+    else:
+        assert images is not None
+        inputs = list_image_files(images) if listing else load_features(images)
     if sharded:
         gallery, count = _index_sharded(runtime, inputs, out, index_spec, source, settings, embeddings is not None)
         shape = (f"{len(gallery.shards)} shards, {len(gallery)} images in all, {gallery.dtype} "
