@@ -170,3 +170,32 @@ def test_index_embeddings_stores_them_and_refuses_bad_ones(world: dict[str, Any]
         assert not (root / "bad").exists()
         with pytest.raises(ItmrtError, match=messages[name]):
             runtime.index(out=root / "bad", embeddings=array)
+
+
+def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[str, Any], capsys: Any) -> None:
+    root = world["root"]
+    (root / "audit.txt").write_text("\n".join(random_captions(12, seed=21, max_words=9)) + "\n")
+    out, table = root / "audit.json", root / "audit.md"
+    result = run_cli(capsys, "audit", str(world["gallery"]), "--captions", str(root / "audit.txt"), "--sample", "6",
+                     "--shortlist", "45", "--nprobe", "1000", "--out", str(out), "--markdown", str(table),
+                     "--overwrite")
+    assert result.code == 0, result.err
+    report = json.loads(out.read_text())
+    assert report["captions_sampled"] == 6 and report["index"] == "regions"
+    assert report["recall_at_10"] == 1.0 and report["top1_agreement"] == 1.0  # K and nprobe cover everything
+    assert {"encode_captions", "exhaustive", "index_candidates", "index_rerank"} <= set(report["ms_per_caption"])
+    assert table.read_text() == result.out and "| regions | 45 | 1000 | 1.0 | 1.0 |" in result.out
+
+
+def test_serve_metrics_carry_the_index_stages(world: dict[str, Any]) -> None:
+    pytest.importorskip("prometheus_client")
+    from itmrt.serve.metrics import ServiceMetrics
+    from itmrt.serve.sharded import ShardedSearcher
+
+    searcher = ShardedSearcher(open_shards(world["gallery"], threads=1, warn=quiet), shortlist=5)
+    searcher.top_k(world["captions"], 3)
+    assert set(searcher.index_stages) == {"candidates", "rerank"}
+    metrics = ServiceMetrics()
+    metrics.batch(1, 3, 0.001, 0.002, searcher.index_stages)
+    text = metrics.exposition()[0].decode()
+    assert 'itmrt_stage_seconds_count{stage="index_rerank"} 1.0' in text

@@ -226,7 +226,8 @@ class Batcher:
             log.exception("request failed")
             live[0][0].future.set_exception(exc)
             return
-        self.metrics.batch(len(live), len(embeddings), encoded - started, scored - encoded)
+        self.metrics.batch(len(live), len(embeddings), encoded - started, scored - encoded,
+                           getattr(searcher, "index_stages", None))
         row = 0
         for job, _ids in live:
             rows = slice(row, row + len(job.captions))
