@@ -19,6 +19,9 @@ For one caption with tokens ``u_1..u_m`` and a shard of N images:
    SCAN: each word's attended cosine is estimated by ``s_i`` and aggregated
    with the model's own ``agg_func`` (LogSumExp with its ``lambda_lse``, Mean,
    Max or Sum).
+   3b. The ``refine`` best images by that estimate are estimated again with
+   every region's own centroid (``s_i = max_j T[i, code_j]`` from the
+   shard's codes: no imputation), as PLAID's centroid interaction does.
 4. The ``K`` best estimates (ties by the lower row) are reranked with the
    bundle's scorer (:func:`rerank_candidates`).
 
@@ -39,6 +42,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
+from itmrt.scale.regions import DEFAULT_REFINE
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
@@ -99,19 +103,21 @@ class ScoreEstimate:
 class RegionIndex:
     """A shard's loaded region index (centroids, codes, inverted lists) and its search defaults."""
 
-    def __init__(self, centroids: np.ndarray, lists: np.ndarray, record: dict[str, Any]) -> None:
+    def __init__(self, centroids: np.ndarray, lists: np.ndarray, codes: np.ndarray, record: dict[str, Any]) -> None:
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         count = len(self.centroids)
         self.offsets = lists[: count + 1].astype(np.int64)
         self.rows_of = lists[count + 1 :]
+        self.codes = codes
         self.record = record
         self.images = int(record["rows"])
         params = record["params"]
         self.nprobe, self.candidates = int(params["nprobe"]), int(params["candidates"])
+        self.refine = int(params.get("refine", DEFAULT_REFINE))
 
-    def best_similarities(self, tokens: np.ndarray, nprobe: int) -> np.ndarray:
+    def best_similarities(self, tokens: np.ndarray, nprobe: int, sims: np.ndarray | None = None) -> np.ndarray:
         """``[m, N]`` estimated best-region similarity of each token in each image (steps 1-2 of the module)."""
-        sims = tokens @ self.centroids.T  # [m, C]
+        sims = tokens @ self.centroids.T if sims is None else sims  # [m, C]
         probe = max(1, min(nprobe, sims.shape[1]))
         best = np.empty((len(tokens), self.images), dtype=np.float32)
         for word, row in enumerate(sims):
@@ -137,14 +143,23 @@ class RegionIndex:
 
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
                          keep: int) -> np.ndarray:
-        """``[Q, K]`` each caption's ``keep`` best images by estimate (best first, ties by the lower row)."""
+        """``[Q, K]`` each caption's ``keep`` best images by estimate (best first, ties by the lower row): the
+        probe estimate over every image, then the ``refine`` best of those estimated again from every region's
+        centroid (step 3b of the module)."""
+        assert captions.offsets is not None
         k = min(keep, self.images)
         out = np.empty((len(captions), k), dtype=np.int64)
-        everything = np.arange(self.images)
         for caption in range(len(captions)):
-            best = StreamingTopK(1, k)
-            best.update(slice(None), self.estimates(captions, estimate, nprobe, np.array([caption])), everything)
-            out[caption] = best.indices[0]
+            start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
+            tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
+            sims = tokens @ self.centroids.T
+            scores = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens)
+            rows = np.arange(self.images)
+            if k < self.refine < self.images:
+                rows = _top_rows(scores, rows, self.refine)
+                regions = sims[:, np.asarray(self.codes[rows], dtype=np.intp)]  # [m, R, regions]
+                scores = estimate.scores(regions.max(axis=2), tokens)
+            out[caption] = _top_rows(scores, rows, k)
         return out
 
     def caption_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
@@ -157,6 +172,13 @@ class RegionIndex:
             which = np.arange(first, min(first + block, len(captions)))
             best.update(slice(None), self.estimates(captions, estimate, nprobe, which).T, which)
         return best.indices
+
+
+def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` of ``rows`` with the highest ``scores`` (best first, ties by the lower row)."""
+    best = StreamingTopK(1, min(k, len(rows)))
+    best.update(slice(None), scores[None, :], rows)
+    return best.indices[0]
 
 
 def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings, candidates: np.ndarray,
@@ -180,7 +202,7 @@ def load_region_index(folder: Path, entry: Any, verify: bool = True) -> RegionIn
 
     listed = {item.file: item.sha256 for item in entry.files()}
     arrays = {}
-    for role in ("centroids", "lists"):
+    for role in ("centroids", "lists", "codes"):
         item = getattr(entry, role)
         path = verified_member(folder, item.file, listed, "gallery", REMEDY) if verify else folder / item.file
         arrays[role] = np.asarray(open_npy(path, f"region index {role}"))
@@ -191,4 +213,9 @@ def load_region_index(folder: Path, entry: Any, verify: bool = True) -> RegionIn
             or lists.dtype != np.int32 or int(lists[count]) != len(lists) - count - 1:
         raise ItmrtError(f"{folder}: the region index files do not hold {count} centroids of {entry.dims} and "
                          "their lists; re-index the gallery")
-    return RegionIndex(centroids, lists, record)
+    codes = arrays["codes"]
+    if codes.shape != (int(record["rows"]), entry.regions) or (codes.size and int(codes.max()) >= count) \
+            or (len(lists) > count + 1 and int(lists[count + 1 :].max()) >= int(record["rows"])):
+        raise ItmrtError(f"{folder}: the region index's codes or lists do not fit its {count} centroids and "
+                         f"{record['rows']} images; re-index the gallery")
+    return RegionIndex(centroids, lists, codes, record)

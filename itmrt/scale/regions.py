@@ -58,6 +58,8 @@ DEFAULT_NPROBE = 8
 """Centroids probed per caption token (``benchmarks/bench_region_index.py``: see docs/region-index.md)."""
 DEFAULT_CANDIDATES = 100
 """Images per shard reranked exactly when a search names no K (``--shortlist``)."""
+DEFAULT_REFINE = 2048
+"""Images per shard whose probe estimate is refined from every region's centroid before the K best are kept."""
 DEFAULT_SAMPLE = 32
 """k-means training vectors per centroid (a sample of the shard's regions)."""
 KMEANS_ITERATIONS = 10
@@ -225,7 +227,7 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams) -> dict[str
     codes, fit = assign_codes(embeddings, assigner, each)
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
-                         "candidates": params.candidates, "storage": params.storage,
+                         "candidates": params.candidates, "refine": DEFAULT_REFINE, "storage": params.storage,
                          "bits": params.bits if params.storage == "compact" else 0, "sample": params.sample,
                          "seed": params.seed, "coarse_probe": COARSE_PROBE},
               "rows": images, "regions": regions, "dims": depth, "fit": round(fit, 6),
