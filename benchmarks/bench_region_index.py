@@ -118,14 +118,32 @@ def timed_queries(search: Any, singles: list[CaptionEmbeddings], request: Search
     return percentiles(times)
 
 
-def write_source(path: Path, images: int, depth: int, space: Any) -> None:
-    from scale_data import REGIONS, fill_regions
+def data_module(name: str) -> Any:
+    """``objects`` (object_data: words name kinds of objects) or ``instances`` (scale_data: a query's shown words
+    copy its image's very regions, plus noise)."""
+    import object_data
 
+    import scale_data
+
+    return object_data if name == "objects" else scale_data
+
+
+def make_data(name: str, depth: int) -> Any:
+    module = data_module(name)
+    return module.make_world(depth) if name == "objects" else module.make_space(depth)
+
+
+def make_queries(name: str, world: Any, images: np.ndarray) -> CaptionEmbeddings:
+    module = data_module(name)
+    return module.captions_for(world, images) if name == "objects" else module.known_item_queries(world, images)
+
+
+def write_source(path: Path, images: int, depth: int, data: str, world: Any) -> None:
     if path.is_file():
         return
     partial = path.with_suffix(".partial.npy")
-    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(images, REGIONS, depth))
-    fill_regions(space, 0, array, chunk=2048)
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(images, 36, depth))
+    data_module(data).fill_regions(world, 0, array)
     array.flush()
     del array
     partial.rename(path)
@@ -149,18 +167,20 @@ def _recorded_build(out: Path) -> float:
     return round(total, 1)
 
 
-def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, nprobes: list[int],
-          ks: list[int]) -> list[dict[str, Any]]:
+def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args: argparse.Namespace
+          ) -> list[dict[str, Any]]:
     rows = []
-    for nprobe in nprobes:
-        for k in ks:
-            started = time.perf_counter()
-            found = shards.search(batch, SearchRequest(k=TOP, shortlist=k, nprobe=nprobe))
-            seconds = time.perf_counter() - started
-            rows.append({"nprobe": nprobe, "K": k, **overlap(found.t2i.indices, exact),
-                         "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
-                         "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
-            print(f"  nprobe {nprobe:3d} K {k:4d}: {rows[-1]}", flush=True)
+    for nprobe in args.sweep_nprobe:
+        for exact_pass in args.sweep_exact:
+            for k in args.sweep_k:
+                request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
+                started = time.perf_counter()
+                found = shards.search(batch, request)
+                seconds = time.perf_counter() - started
+                rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, **overlap(found.t2i.indices, exact),
+                             "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
+                             "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
+                print(f"  {rows[-1]}", flush=True)
     return rows
 
 
@@ -177,7 +197,7 @@ def compact_error(runtime: Any, source: np.ndarray, decoded: Any, batch: Caption
 
 def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbeddings, singles: list[CaptionEmbeddings],
                     reference: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
-    from itmrt.scale.regions import DEFAULT_CANDIDATES, DEFAULT_NPROBE
+    from itmrt.scale.regions import DEFAULT_CANDIDATES, DEFAULT_EXACT_PASS, DEFAULT_NPROBE
 
     gallery = read_sharded_gallery(out)
     shards = {threads: LocalShards(runtime, gallery) for threads, runtime in runtimes.items()}
@@ -188,16 +208,17 @@ def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbedding
         result["exhaustive_ms_per_query"] = round(1000 * (time.perf_counter() - started) / len(batch), 1)
         reference = {"indices": exact.t2i.indices, "scores": exact.t2i.scores}
         print(f"  exhaustive: {result['exhaustive_ms_per_query']} ms per query (2 threads, batched)", flush=True)
-    result["sweep"] = sweep(shards[1], batch, reference["indices"], args.sweep_nprobe, args.sweep_k)
+    result["sweep"] = sweep(shards[1], batch, reference["indices"], args)
     good = [row for row in result["sweep"] if row["recall_at_10"] >= 0.99 and row["top1_same"] >= 0.98]
     best = min(good, key=lambda row: row["ms_per_query_batched"]) if good else \
         max(result["sweep"], key=lambda row: (row["recall_at_10"], -row["ms_per_query_batched"]))
-    settings = {"default": (DEFAULT_NPROBE, DEFAULT_CANDIDATES), "best": (best["nprobe"], best["K"])}
+    settings = {"default": (DEFAULT_NPROBE, DEFAULT_CANDIDATES, DEFAULT_EXACT_PASS),
+                "best": (best["nprobe"], best["K"], best["exact_pass"])}
     latency = {}
-    for name, (nprobe, k) in settings.items():
-        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe)
+    for name, (nprobe, k, exact_pass) in settings.items():
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
         found = shards[1].search(batch, request).t2i.indices
-        latency[name] = {"nprobe": nprobe, "K": k, **overlap(found, reference["indices"])}
+        latency[name] = {"nprobe": nprobe, "K": k, "exact_pass": exact_pass, **overlap(found, reference["indices"])}
         for threads, opened in shards.items():
             latency[name][f"{threads}_threads"] = timed_queries(opened.search, singles, request)
         print(f"  {name}: {latency[name]}", flush=True)
@@ -226,27 +247,26 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
     from itmrt.runtime import load
 
     from bench_flickr_size import prepare_bundle
-    from scale_data import known_item_queries, make_space
 
     bundle = prepare_bundle(args.work / "released")[0]
     runtimes = {threads: load(bundle, threads=threads, warn=lambda message: None) for threads in (1, 2)}
     depth = int(runtimes[1].bundle.manifest.dims["embed_size"])
-    space = make_space(depth)
-    source_path = args.work / f"source-{args.images}.npy"
+    world = make_data(args.data, depth)
+    source_path = args.work / f"source-{args.data}-{args.images}.npy"
     started = time.perf_counter()
-    write_source(source_path, args.images, depth, space)
+    write_source(source_path, args.images, depth, args.data, world)
     print(f"source embeddings ready in {time.perf_counter() - started:.0f}s", flush=True)
     source = np.load(source_path, mmap_mode="r")
     targets = np.random.default_rng(args.images).choice(args.images, size=args.queries + args.latency_queries,
                                                         replace=False)
-    batch = known_item_queries(space, targets[: args.queries])
-    latency_batch = known_item_queries(space, targets[args.queries :])
+    batch = make_queries(args.data, world, targets[: args.queries])
+    latency_batch = make_queries(args.data, world, targets[args.queries :])
     singles = [latency_batch.take([q]) for q in range(len(latency_batch))]
-    results: dict[str, Any] = {"images": args.images, "shards": args.shards, "queries": args.queries,
+    results: dict[str, Any] = {"data": args.data, "images": args.images, "shards": args.shards, "queries": args.queries,
                                "latency_queries": len(singles), "storages": {}}
     reference = None
     for storage in args.storages:
-        out = args.work / f"gallery-{args.images}-{storage}"
+        out = args.work / f"gallery-{args.data}-{args.images}-{storage}"
         print(f"{storage}: building {out}", flush=True)
         built = build_gallery(runtimes[1], source, out, args.shards, storage, args.reuse)
         measured = measure_storage(runtimes, out, batch, singles, reference, args)
@@ -266,7 +286,7 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
         else:
             entry["global_shortlist"] = global_baseline(runtimes, out, batch, singles, reference["indices"])
         results["storages"][storage] = entry
-        (args.work / f"results-synthetic-{args.images}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.work / f"results-{args.data}-{args.images}.json").write_text(json.dumps(results, indent=2) + "\n")
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     return results
@@ -340,7 +360,8 @@ def print_synthetic(results: dict[str, Any]) -> None:
     for storage, entry in results["storages"].items():
         for name, row in entry["latency"].items():
             one, two = row["1_threads"], row["2_threads"]
-            print(f"| {storage} | {name}: nprobe {row['nprobe']}, K {row['K']}/shard | {row['recall_at_10']} | "
+            print(f"| {storage} | {name}: nprobe {row['nprobe']}, exact pass {row['exact_pass']}, K {row['K']}/shard "
+                  f"| {row['recall_at_10']} | "
                   f"{row['top1_same']} | {one['p50_ms']} / {one['p99_ms']} | {two['p50_ms']} / {two['p99_ms']} |")
         for row in entry.get("global_shortlist", []):
             one, two = row["1_threads"], row["2_threads"]
@@ -354,11 +375,13 @@ def print_synthetic(results: dict[str, Any]) -> None:
         exhaustive = entry.get("exhaustive_ms_per_query", entry.get("exhaustive_decoded_ms_per_query"))
         print(f"| {storage} | {entry['write_seconds']} | {entry['index_build_seconds']} | "
               f"{entry['disk_bytes_per_image']:,} | {rss.get('RssAnon')} / {rss.get('RssFile')} | {exhaustive} |")
-    print("\n| storage | nprobe | K/shard | recall@10 | top-1 same | ms/query (batched, 1 thread) | stages ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| storage | nprobe | exact pass | K/shard | recall@10 | top-1 same | ms/query (batched, 1 thread) | "
+          "stages ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for storage, entry in results["storages"].items():
         for row in entry["sweep"]:
-            print(f"| {storage} | {row['nprobe']} | {row['K']} | {row['recall_at_10']} | {row['top1_same']} | "
+            print(f"| {storage} | {row['nprobe']} | {row['exact_pass']} | {row['K']} | {row['recall_at_10']} | "
+                  f"{row['top1_same']} | "
                   f"{row['ms_per_query_batched']} | {row['stage_ms']} |")
     compact = results["storages"].get("compact")
     if compact and "score_error" in compact:
@@ -386,12 +409,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("synthetic", "shipped"))
     parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--data", choices=("objects", "instances"), default="objects", help=(
+        "objects: object_data (words name kinds of objects); instances: scale_data (shown words copy regions)"))
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--latency-queries", type=int, default=40)
     parser.add_argument("--compact-exhaustive-queries", type=int, default=5)
-    parser.add_argument("--sweep-nprobe", type=lambda text: [int(x) for x in text.split(",")], default=[4, 8, 16, 32])
-    parser.add_argument("--sweep-k", type=lambda text: [int(x) for x in text.split(",")], default=[50, 100, 200, 400])
+    numbers = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    parser.add_argument("--sweep-nprobe", type=numbers, default=[8])
+    parser.add_argument("--sweep-exact", type=numbers, default=[0, 400, 1000], help="exact_pass values")
+    parser.add_argument("--sweep-k", type=numbers, default=[25, 50, 100])
     parser.add_argument("--storages", type=lambda text: text.split(","), default=["exact", "compact"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/itmrt-region-index"))
     parser.add_argument("--reuse", action="store_true", help="search galleries kept by an earlier --keep run")
@@ -408,7 +435,7 @@ def main() -> None:
     results = run_synthetic(args)
     print_synthetic(results)
     if not args.keep:
-        (args.work / f"source-{args.images}.npy").unlink(missing_ok=True)
+        (args.work / f"source-{args.data}-{args.images}.npy").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def index_command(
     hnsw_ef_construction: int = Opt(80, "--hnsw-ef-construction", min=1, help="hnsw: candidates kept while building."),
     hnsw_ef_search: int = Opt(64, "--hnsw-ef-search", min=1, help="hnsw: candidates kept while searching (>= K)."),
     region_centroids: int | None = Opt(None, "--region-centroids", min=1, help=(
-        "regions: k-means centroids per shard (default: a power of two near 2 sqrt(region vectors)).")),
+        "regions: k-means centroids per shard (default: a power of two near 8 sqrt(region vectors)).")),
     nprobe: int | None = Opt(None, "--nprobe", min=1, help=(
         "regions: the shards' default centroids probed per caption token (default 8; a search's --nprobe "
         "overrides it).")),

@@ -31,6 +31,8 @@ image exactly: the answer is exhaustive scoring's.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +44,12 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
-from itmrt.scale.regions import DEFAULT_REFINE
+from itmrt.scale.regions import DEFAULT_EXACT_PASS, DEFAULT_REFINE
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
+EXACT_BLOCK = 64
+"""Images per block of the exact pass."""
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,16 @@ class ScoreEstimate:
         raise ItmrtError(f"the region index estimates cross-attention scores (NAAF, SCAN); {path} is a "
                          f"{meta.get('family')!r} scorer")
 
-    def scores(self, best: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """``[N]`` estimated scores from ``best [m, N]`` (per word, per image) and the caption's tokens."""
+    def scores(self, best: np.ndarray, tokens: np.ndarray,
+               product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """``[N]`` estimated scores from ``best [m, N]`` (per word, per image) and the caption's tokens;
+        ``product(a, b) = a b^T`` (default numpy's)."""
         if self.family == "naaf":
             shifted = best - np.float32(self.threshold)
             logits = self.intra_factor * (tokens @ tokens.T)
             weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-            weights /= weights.sum(axis=1, keepdims=True)
-            decision = weights.astype(np.float32) @ shifted
+            weights = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+            decision = product(weights, np.ascontiguousarray(shifted.T)) if product is not None else weights @ shifted
             negative = np.where(decision < 0, shifted, np.float32(0))
             aggregated = np.where(shifted > 0, best, np.float32(0))
             return (negative + aggregated + best).mean(axis=0)
@@ -114,6 +120,7 @@ class RegionIndex:
         params = record["params"]
         self.nprobe, self.candidates = int(params["nprobe"]), int(params["candidates"])
         self.refine = int(params.get("refine", DEFAULT_REFINE))
+        self.exact_pass = int(params.get("exact_pass", DEFAULT_EXACT_PASS))
 
     def best_similarities(self, tokens: np.ndarray, nprobe: int, sims: np.ndarray | None = None) -> np.ndarray:
         """``[m, N]`` estimated best-region similarity of each token in each image (steps 1-2 of the module)."""
@@ -142,23 +149,30 @@ class RegionIndex:
         return out
 
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
-                         keep: int) -> np.ndarray:
+                         keep: int, threads: int = 0, embeddings: Any = None, exact_pass: int = 0) -> np.ndarray:
         """``[Q, K]`` each caption's ``keep`` best images by estimate (best first, ties by the lower row): the
         probe estimate over every image, then the ``refine`` best of those estimated again from every region's
-        centroid (step 3b of the module)."""
+        centroid (step 3b), then, with ``embeddings`` and ``exact_pass``, that many estimated from their exact
+        region similarities (step 3c)."""
         assert captions.offsets is not None
         k = min(keep, self.images)
         out = np.empty((len(captions), k), dtype=np.int64)
+        product = token_gemm(threads)
         for caption in range(len(captions)):
             start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
             tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
-            sims = tokens @ self.centroids.T
-            scores = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens)
+            sims = product(tokens, self.centroids)
+            scores = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens, product)
             rows = np.arange(self.images)
             if k < self.refine < self.images:
                 rows = _top_rows(scores, rows, self.refine)
-                regions = sims[:, np.asarray(self.codes[rows], dtype=np.intp)]  # [m, R, regions]
-                scores = estimate.scores(regions.max(axis=2), tokens)
+                by_centroid = np.ascontiguousarray(sims.T)  # [C, m]: each gather reads one short row
+                regions = by_centroid[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
+                scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), tokens, product)
+            if embeddings is not None and k < exact_pass < len(rows):
+                rows = np.sort(_top_rows(scores, rows, exact_pass))  # sorted: a forward read of the memmap
+                best = exact_best_similarities(tokens, embeddings, rows, product)
+                scores = estimate.scores(best, tokens, product)
             out[caption] = _top_rows(scores, rows, k)
         return out
 
@@ -172,6 +186,36 @@ class RegionIndex:
             which = np.arange(first, min(first + block, len(captions)))
             best.update(slice(None), self.estimates(captions, estimate, nprobe, which).T, which)
         return best.indices
+
+
+def exact_best_similarities(tokens: np.ndarray, embeddings: Any, rows: np.ndarray,
+                            product: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                            block: int = EXACT_BLOCK) -> np.ndarray:
+    """``[m, len(rows)]`` each token's largest similarity over each image's regions, from the stored embeddings
+    (blocks of images: the float32 copy of a block stays in cache)."""
+    out = np.empty((len(tokens), len(rows)), dtype=np.float32)
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        vectors = np.asarray(embeddings[part], dtype=np.float32)
+        sims = product(tokens, vectors.reshape(-1, vectors.shape[-1])).reshape(len(tokens), len(part), -1)
+        out[:, start : start + len(part)] = sims.max(axis=2)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def token_gemm(threads: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``a [m, d] @ b [C, d]^T`` on ONNX Runtime's MLAS with ``threads`` threads (0: its default). numpy's
+    OpenBLAS threads a product this small over every core and, on a busy machine, waits far longer for them
+    than the product takes (measured 60 ms against 2 ms on one thread)."""
+    from itmrt.runtime.fused import _gemm_session
+
+    session = _gemm_session(threads)
+
+    def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, {"a": np.ascontiguousarray(a, dtype=np.float32),
+                                             "b": np.ascontiguousarray(b, dtype=np.float32)})[0])
+
+    return product
 
 
 def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

@@ -56,14 +56,20 @@ REGION_STORAGES = ("exact", "compact")
 RESIDUAL_BITS = (1, 2, 4)
 DEFAULT_NPROBE = 8
 """Centroids probed per caption token (``benchmarks/bench_region_index.py``: see docs/region-index.md)."""
-DEFAULT_CANDIDATES = 100
+DEFAULT_CANDIDATES = 50
 """Images per shard reranked exactly when a search names no K (``--shortlist``)."""
 DEFAULT_REFINE = 2048
 """Images per shard whose probe estimate is refined from every region's centroid before the K best are kept."""
-DEFAULT_SAMPLE = 32
+DEFAULT_EXACT_PASS = 1000
+"""Images per shard (of the refined estimate's best) estimated from their exact region similarities before the K
+best are reranked (compact storage: their decoded ones)."""
+DEFAULT_SAMPLE = 8
 """k-means training vectors per centroid (a sample of the shard's regions)."""
-KMEANS_ITERATIONS = 10
-COARSE_PROBE = 3
+KMEANS_ITERATIONS = 2
+"""Lloyd iterations from centroids drawn from the sample (sampled k-means, refined twice: the region vectors of
+100K images need a cheap assignment; ``benchmarks/bench_region_index.py`` reports the fit it reaches)."""
+COARSE_ITERATIONS = 10
+COARSE_PROBE = 6
 """Coarse groups whose centroids each region is compared with when its code is assigned."""
 DIRECT_ASSIGN = 512
 """Up to this many centroids, every region is compared with every centroid."""
@@ -76,10 +82,10 @@ def faiss_module() -> Any:
 
 
 def centroid_count(images: int, regions: int) -> int:
-    """Default centroids for a shard: a power of two near ``2 sqrt(regions in all)``, at least 8 training
-    vectors per centroid, at most 65536 (codes fit uint16)."""
+    """Default centroids for a shard: a power of two near ``8 sqrt(regions in all)`` (PLAID takes 16 sqrt for
+    text tokens), at least 8 region vectors per centroid, at most 65536 (codes fit uint16)."""
     vectors = max(1, images * regions)
-    wanted = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(vectors))))
+    wanted = 2 ** round(math.log2(max(1.0, 8 * math.sqrt(vectors))))
     return int(max(1, min(wanted, vectors // 8 or 1, 1 << 16)))
 
 
@@ -139,7 +145,7 @@ class CentroidAssigner:
         self.coarse: np.ndarray | None = None
         if len(self.centroids) > DIRECT_ASSIGN:
             count = int(math.sqrt(len(self.centroids)))
-            coarse = train_centroids(self.centroids, count, seed + 7, iterations=20)
+            coarse = train_centroids(self.centroids, count, seed + 7, iterations=COARSE_ITERATIONS)
             owner = np.argmax(self.centroids @ coarse.T, axis=1)
             self.groups = [np.flatnonzero(owner == g) for g in range(len(coarse))]
             self.coarse = coarse
@@ -227,7 +233,8 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams) -> dict[str
     codes, fit = assign_codes(embeddings, assigner, each)
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
-                         "candidates": params.candidates, "refine": DEFAULT_REFINE, "storage": params.storage,
+                         "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": DEFAULT_EXACT_PASS,
+                         "storage": params.storage,
                          "bits": params.bits if params.storage == "compact" else 0, "sample": params.sample,
                          "seed": params.seed, "coarse_probe": COARSE_PROBE},
               "rows": images, "regions": regions, "dims": depth, "fit": round(fit, 6),

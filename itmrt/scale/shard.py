@@ -55,6 +55,7 @@ class SearchRequest:
     directions: tuple[str, ...] = ("t2i",)
     keep_scores: bool = False  # the shard's full images x captions score rows (full scoring only)
     nprobe: int | None = None  # region index: centroids probed per caption token (None: each shard's recorded)
+    exact_pass: int | None = None  # region index: images estimated from exact region similarities before K
 
     def check(self) -> SearchRequest:
         if self.k < 1:
@@ -177,7 +178,9 @@ class OpenShard:
         for direction in request.directions:
             started = time.perf_counter()
             if direction == "t2i":
-                candidates = self.regions.image_candidates(captions, estimate, nprobe, request.shortlist)
+                candidates = self.regions.image_candidates(
+                    captions, estimate, nprobe, request.shortlist, int(runtime.options.threads or 0), embeddings,
+                    request.exact_pass if request.exact_pass is not None else self.regions.exact_pass)
             else:
                 candidates = self.regions.caption_candidates(captions, estimate, nprobe, request.shortlist)
             middle = time.perf_counter()
