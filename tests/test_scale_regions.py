@@ -199,3 +199,19 @@ def test_serve_metrics_carry_the_index_stages(world: dict[str, Any]) -> None:
     metrics.batch(1, 3, 0.001, 0.002, searcher.index_stages)
     text = metrics.exposition()[0].decode()
     assert 'itmrt_stage_seconds_count{stage="index_rerank"} 1.0' in text
+
+
+def test_every_stage_of_the_candidate_search_keeps_real_images_and_exact_scores(world: dict[str, Any]) -> None:
+    """With refine and the exact pass below the shard size (the defaults are for 100K-image shards), the
+    candidates still come out as real rows and the reranked scores are the exhaustive scores of those images."""
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    for shard in shards.shards:
+        assert shard.regions is not None
+        shard.regions.refine = 12
+    found = shards.search(captions, SearchRequest(k=4, shortlist=5, nprobe=2, exact_pass=9)).t2i
+    full = runtime.score(world["embeddings"], captions)  # [images, captions]
+    assert ((found.indices >= 0) & (found.indices < 45)).all()
+    for caption in range(len(captions)):
+        np.testing.assert_allclose(found.scores[caption], full[found.indices[caption], caption], atol=1e-6)
+        assert len(set(found.indices[caption])) == 4
