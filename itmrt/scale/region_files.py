@@ -53,17 +53,18 @@ def add_region_index(folder: Path, spec: Any) -> Gallery:
                          "gallery is searched exactly by one matrix product: use --shortlist-index flat or none")
     params = spec.region_params(int(embeddings.shape[0]), int(embeddings.shape[1]))
     built = build_region_index(embeddings, params)
-    entries: dict[str, GalleryFile] = {}
+    entries: dict[str, object] = {}
     for role, array in built["arrays"].items():
         np.save(folder / FILES[role], array, allow_pickle=False)
-        entries[role] = GalleryFile(file=FILES[role], sha256=sha256_file(folder / FILES[role]))
-    entry = RegionIndexEntry(built_from=gallery.manifest.embeddings.sha256, **entries, **built["record"])
+        entries[role] = GalleryFile(file=FILES[role], sha256=sha256_file(folder / FILES[role])).to_json()
+    entry = RegionIndexEntry.from_json({"built_from": gallery.manifest.embeddings.sha256, **entries,
+                                        **built["record"]}, "region_index")
     manifest = gallery.manifest.to_json()
     manifest["region_index"] = entry.to_json()
-    if params.storage == "compact":
+    if params.storage == "compact" and entry.residuals is not None:
         embedded = manifest["embeddings"]
         assert isinstance(embedded, dict)
-        embedded.update(file=RESIDUALS_FILE, sha256=entries["residuals"].sha256, stored="region_index")
+        embedded.update(file=RESIDUALS_FILE, sha256=entry.residuals.sha256, stored="region_index")
     atomic_write_text(folder / GALLERY_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if params.storage == "compact":
         del gallery, embeddings
