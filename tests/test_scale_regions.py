@@ -184,7 +184,7 @@ def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[s
     assert report["captions_sampled"] == 6 and report["index"] == "regions"
     assert report["recall_at_10"] == 1.0 and report["top1_agreement"] == 1.0  # K and nprobe cover everything
     assert {"encode_captions", "exhaustive", "index_candidates", "index_rerank"} <= set(report["ms_per_caption"])
-    assert table.read_text() == result.out and "| regions | 45 | 1000 | 1.0 | 1.0 |" in result.out
+    assert table.read_text() == result.out and "| regions | 45 | 1000 | recorded | 1.0 | 1.0 |" in result.out
 
 
 def test_serve_metrics_carry_the_index_stages(world: dict[str, Any]) -> None:

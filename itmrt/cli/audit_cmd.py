@@ -24,6 +24,8 @@ def audit_command(
         "K per shard reranked exactly (default: what the gallery's region index records, else 100).")),
     nprobe: int | None = Opt(None, "--nprobe", min=1, help=(
         "Region index: centroids probed per caption token (default: what each shard records).")),
+    exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
+        "Region index: images per shard estimated from exact region similarities before K (default: recorded).")),
     seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
     threads: int = options.threads(),
     out: Path | None = Opt(None, "--out", help="Write the report as JSON here."),
@@ -46,7 +48,7 @@ def audit_command(
     captions = read_captions(captions_path, "one caption per line")
     shards = open_shards(gallery, threads=threads, warn=warn_on_stderr)
     try:
-        report = audit(shards, captions, sample, top_k, shortlist, nprobe, seed)
+        report = audit(shards, captions, sample, top_k, shortlist, nprobe, seed, exact_pass)
     finally:
         shards.close()
         shards.runtime.close()

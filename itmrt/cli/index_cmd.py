@@ -61,6 +61,9 @@ def index_command(
     candidates: int | None = Opt(None, "--candidates", min=1, help=(
         "regions: the shards' recorded images reranked exactly per shard (default 100; a search's "
         "--shortlist K is what it uses).")),
+    exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
+        "regions: the shards' recorded images per shard estimated from their exact region similarities before "
+        "K are reranked (default 1000; 0: none; a search's exact_pass overrides it).")),
     regions_storage: str = Opt("exact", "--regions-storage", help=(
         "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
     residual_bits: int = Opt(2, "--residual-bits", help="regions, compact: bits per dimension (1, 2 or 4)."),
@@ -75,6 +78,7 @@ def index_command(
     """
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
                              {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
+                              "exact_pass": exact_pass,
                               "regions_storage": regions_storage, "residual_bits": residual_bits})
     _run_index(bundle, images, embeddings, out, index_spec, {
         "backend": backend, "precision": precision, "providers": providers, "threads": threads,

@@ -38,7 +38,14 @@ import numpy as np
 
 from itmrt.errors import ItmrtError, first_line
 from itmrt.optional import require
-from itmrt.scale.regions import DEFAULT_CANDIDATES, DEFAULT_NPROBE, DEFAULT_SAMPLE, RegionParams, centroid_count
+from itmrt.scale.regions import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_EXACT_PASS,
+    DEFAULT_NPROBE,
+    DEFAULT_SAMPLE,
+    RegionParams,
+    centroid_count,
+)
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "none", "regions")
 """Shortlist index kinds; ``none`` keeps only the global vectors (numpy shortlist); ``regions`` is the region
@@ -64,6 +71,7 @@ class IndexSpec:
     region_centroids: int | None = None  # None: centroid_count(images, regions) per shard
     nprobe: int = DEFAULT_NPROBE
     candidates: int = DEFAULT_CANDIDATES
+    exact_pass: int = DEFAULT_EXACT_PASS
     regions_storage: str = "exact"
     residual_bits: int = 2
     region_sample: int = DEFAULT_SAMPLE
@@ -86,8 +94,8 @@ class IndexSpec:
     def region_params(self, images: int, regions: int) -> RegionParams:
         """The region index parameters for a shard of ``images`` x ``regions`` region vectors."""
         count = self.region_centroids if self.region_centroids is not None else centroid_count(images, regions)
-        return RegionParams(count, self.nprobe, self.candidates, self.regions_storage, self.residual_bits,
-                            self.region_sample).check()
+        return RegionParams(count, self.nprobe, self.candidates, self.exact_pass, self.regions_storage,
+                            self.residual_bits, self.region_sample).check()
 
     def lists_for(self, rows: int) -> int:
         """IVF lists for a shard of ``rows`` images (never more lists than images)."""

@@ -96,6 +96,7 @@ class RegionParams:
     centroids: int
     nprobe: int = DEFAULT_NPROBE
     candidates: int = DEFAULT_CANDIDATES
+    exact_pass: int = DEFAULT_EXACT_PASS
     storage: str = "exact"
     bits: int = 2
     sample: int = DEFAULT_SAMPLE
@@ -106,6 +107,8 @@ class RegionParams:
                             ("--candidates", self.candidates), ("--region-sample", self.sample)):
             if value < 1:
                 raise ItmrtError(f"{flag} must be at least 1, not {value}")
+        if self.exact_pass < 0:
+            raise ItmrtError(f"--exact-pass must be at least 0 (0: none), not {self.exact_pass}")
         if self.storage not in REGION_STORAGES:
             raise ItmrtError(f"--regions-storage must be one of {', '.join(REGION_STORAGES)}, not {self.storage!r}")
         if self.bits not in RESIDUAL_BITS:
@@ -233,7 +236,7 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams) -> dict[str
     codes, fit = assign_codes(embeddings, assigner, each)
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
-                         "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": DEFAULT_EXACT_PASS,
+                         "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": params.exact_pass,
                          "storage": params.storage,
                          "bits": params.bits if params.storage == "compact" else 0, "sample": params.sample,
                          "seed": params.seed, "coarse_probe": COARSE_PROBE},

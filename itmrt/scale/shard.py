@@ -67,6 +67,8 @@ class SearchRequest:
                                  "drop --shortlist or --scores-out")
         if self.nprobe is not None and self.nprobe < 1:
             raise ItmrtError(f"--nprobe must be at least 1, not {self.nprobe}")
+        if self.exact_pass is not None and self.exact_pass < 0:
+            raise ItmrtError(f"--exact-pass must be at least 0 (0: none), not {self.exact_pass}")
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
         return self
