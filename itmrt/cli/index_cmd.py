@@ -56,14 +56,14 @@ def index_command(
     region_centroids: int | None = Opt(None, "--region-centroids", min=1, help=(
         "regions: k-means centroids per shard (default: a power of two near 8 sqrt(region vectors)).")),
     nprobe: int | None = Opt(None, "--nprobe", min=1, help=(
-        "regions: the shards' default centroids probed per caption token (default 8; a search's --nprobe "
+        "regions: the shards' default centroids probed per caption token (default 8; a search's nprobe "
         "overrides it).")),
     candidates: int | None = Opt(None, "--candidates", min=1, help=(
-        "regions: the shards' recorded images reranked exactly per shard (default 100; a search's "
+        "regions: the shards' recorded images reranked exactly per shard (default 50; a search's "
         "--shortlist K is what it uses).")),
     exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
         "regions: the shards' recorded images per shard estimated from their exact region similarities before "
-        "K are reranked (default 1000; 0: none; a search's exact_pass overrides it).")),
+        "K are reranked (default 0: none; 1000 lifts recall where the centroids fit the regions poorly).")),
     regions_storage: str = Opt("exact", "--regions-storage", help=(
         "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
     residual_bits: int = Opt(2, "--residual-bits", help="regions, compact: bits per dimension (1, 2 or 4)."),
