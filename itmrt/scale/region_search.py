@@ -137,15 +137,17 @@ class RegionIndex:
         return best
 
     def estimates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
-                  which: np.ndarray | None = None) -> np.ndarray:
-        """``[Q, N]`` estimated scores of captions ``which`` (default: all) against every image."""
+                  which: np.ndarray | None = None, threads: int = 0) -> np.ndarray:
+        """``[Q, N]`` probe-estimated scores of captions ``which`` (default: all) against every image."""
         assert captions.offsets is not None
         which = np.arange(len(captions)) if which is None else which
         out = np.empty((len(which), self.images), dtype=np.float32)
+        product = token_gemm(threads)
         for row, caption in enumerate(which):
             start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
             tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
-            out[row] = estimate.scores(self.best_similarities(tokens, nprobe), tokens)
+            sims = product(tokens, self.centroids)
+            out[row] = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens, product)
         return out
 
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
@@ -177,14 +179,14 @@ class RegionIndex:
         return out
 
     def caption_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
-                           keep: int) -> np.ndarray:
+                           keep: int, threads: int = 0) -> np.ndarray:
         """``[N, K]`` each image's ``keep`` best captions by estimate (captions in blocks: bounded memory)."""
         k = min(keep, len(captions))
         best = StreamingTopK(self.images, k)
         block = max(1, ESTIMATE_BLOCK_BYTES // max(1, 4 * self.images))
         for first in range(0, len(captions), block):
             which = np.arange(first, min(first + block, len(captions)))
-            best.update(slice(None), self.estimates(captions, estimate, nprobe, which).T, which)
+            best.update(slice(None), self.estimates(captions, estimate, nprobe, which, threads).T, which)
         return best.indices
 
 

@@ -184,7 +184,8 @@ class OpenShard:
                     captions, estimate, nprobe, request.shortlist, int(runtime.options.threads or 0), embeddings,
                     request.exact_pass if request.exact_pass is not None else self.regions.exact_pass)
             else:
-                candidates = self.regions.caption_candidates(captions, estimate, nprobe, request.shortlist)
+                candidates = self.regions.caption_candidates(captions, estimate, nprobe, request.shortlist,
+                                                             int(runtime.options.threads or 0))
             middle = time.perf_counter()
             found = rerank_candidates(runtime, embeddings, captions, candidates, request.k, direction)
             stages["candidates"] += middle - started
