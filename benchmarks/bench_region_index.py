@@ -4,6 +4,7 @@
         [--latency-queries 40] [--sweep-nprobe 4,8,16,32] [--sweep-k 50,100,200,400] [--work DIR] [--reuse]
         [--storages exact,compact] [--compact-exhaustive-queries 5]
     python benchmarks/bench_region_index.py shipped [--work DIR]
+    python benchmarks/bench_region_index.py compact-recall --images N --queries Q --work DIR  (after --keep)
 
 ``synthetic``: structured region embeddings at the released sizes (36 regions x
 d 1024, ``scale_data``: a vocabulary of concepts grouped in topics, each image
@@ -351,6 +352,31 @@ def run_shipped(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_compact_recall(args: argparse.Namespace) -> dict[str, Any]:
+    """A kept compact gallery (``--keep``): the region index against exhaustive scoring of the same decoded
+    vectors, on the first ``--queries`` queries of the synthetic run."""
+    from itmrt.runtime import load
+
+    from bench_flickr_size import prepare_bundle
+
+    runtime = load(prepare_bundle(args.work / "released")[0], threads=2, warn=lambda message: None)
+    world = make_data(args.data, int(runtime.bundle.manifest.dims["embed_size"]))
+    targets = np.random.default_rng(args.images).choice(args.images, size=args.queries + args.latency_queries,
+                                                        replace=False)
+    batch = make_queries(args.data, world, targets[: args.queries])
+    shards = LocalShards(runtime, read_sharded_gallery(args.work / f"gallery-{args.data}-{args.images}-compact"))
+    started = time.perf_counter()
+    reference = shards.search(batch, SearchRequest(k=TOP)).t2i.indices
+    result: dict[str, Any] = {"queries": len(batch),
+                              "exhaustive_decoded_ms_per_query": round(1000 * (time.perf_counter() - started)
+                                                                       / len(batch), 1)}
+    for k in args.sweep_k:
+        found = shards.search(batch, SearchRequest(k=TOP, shortlist=k, nprobe=args.sweep_nprobe[0], exact_pass=0))
+        result[f"K {k}"] = overlap(found.t2i.indices, reference)
+    print(json.dumps(result))
+    return result
+
+
 def print_synthetic(results: dict[str, Any]) -> None:
     n = results["images"]
     print(f"\n{n:,} images, {results['shards']} shards; recall against exhaustive scoring on {results['queries']} "
@@ -407,7 +433,7 @@ def print_shipped(result: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("synthetic", "shipped"))
+    parser.add_argument("what", choices=("synthetic", "shipped", "compact-recall"))
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--data", choices=("objects", "instances"), default="objects", help=(
         "objects: object_data (words name kinds of objects); instances: scale_data (shown words copy regions)"))
@@ -427,6 +453,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.what == "shipped":
         print_shipped(run_shipped(args))
+        return
+    if args.what == "compact-recall":
+        run_compact_recall(args)
         return
     needed = args.images * 36 * 1024 * 2 * 2.2
     if not args.reuse and shutil.disk_usage(args.work).free < needed:
