@@ -171,17 +171,22 @@ def _recorded_build(out: Path) -> float:
 def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args: argparse.Namespace
           ) -> list[dict[str, Any]]:
     rows = []
-    for nprobe in args.sweep_nprobe:
-        for exact_pass in args.sweep_exact:
-            for k in args.sweep_k:
-                request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
-                started = time.perf_counter()
-                found = shards.search(batch, request)
-                seconds = time.perf_counter() - started
-                rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, **overlap(found.t2i.indices, exact),
-                             "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
-                             "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
-                print(f"  {rows[-1]}", flush=True)
+    settings = [(nprobe, exact_pass, k, refine) for nprobe in args.sweep_nprobe for exact_pass in args.sweep_exact
+                for k in args.sweep_k for refine in args.sweep_refine]
+    for nprobe, exact_pass, k, refine in settings:
+        for shard in shards.shards:
+            shard.regions.refine = refine
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
+        started = time.perf_counter()
+        found = shards.search(batch, request)
+        seconds = time.perf_counter() - started
+        rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, "refine": refine,
+                     **overlap(found.t2i.indices, exact),
+                     "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
+                     "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
+        print(f"  {rows[-1]}", flush=True)
+    for shard in shards.shards:
+        shard.regions.refine = int(shard.regions.record["params"].get("refine", 2048))
     return rows
 
 
@@ -284,7 +289,7 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
             entry["exhaustive_decoded_vs_exact"] = overlap(decoded, reference["indices"][: len(few)])
             embeddings = shards.shards[0].gallery.embeddings
             entry["score_error"] = compact_error(runtimes[2], source[: len(embeddings)], embeddings, few)
-        else:
+        elif args.global_baseline:
             entry["global_shortlist"] = global_baseline(runtimes, out, batch, singles, reference["indices"])
         results["storages"][storage] = entry
         (args.work / f"results-{args.data}-{args.images}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -445,6 +450,9 @@ def main() -> None:
     parser.add_argument("--sweep-nprobe", type=numbers, default=[8])
     parser.add_argument("--sweep-exact", type=numbers, default=[0, 400, 1000], help="exact_pass values")
     parser.add_argument("--sweep-k", type=numbers, default=[25, 50, 100])
+    parser.add_argument("--sweep-refine", type=numbers, default=[2048], help="refine values (images per shard)")
+    parser.add_argument("--no-global", dest="global_baseline", action="store_false",
+                        help="skip today's global shortlist")
     parser.add_argument("--storages", type=lambda text: text.split(","), default=["exact", "compact"])
     parser.add_argument("--work", type=Path, default=Path("/tmp/itmrt-region-index"))
     parser.add_argument("--reuse", action="store_true", help="search galleries kept by an earlier --keep run")
