@@ -186,7 +186,7 @@ def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args
                      "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
         print(f"  {rows[-1]}", flush=True)
     for shard in shards.shards:
-        shard.regions.refine = int(shard.regions.record["params"].get("refine", 2048))
+        shard.regions.refine = args.refine or int(shard.regions.record["params"].get("refine", 2048))
     return rows
 
 
@@ -207,6 +207,10 @@ def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbedding
 
     gallery = read_sharded_gallery(out)
     shards = {threads: LocalShards(runtime, gallery) for threads, runtime in runtimes.items()}
+    for opened in shards.values():
+        for shard in opened.shards:
+            if args.refine is not None and shard.regions is not None:
+                shard.regions.refine = args.refine
     result: dict[str, Any] = {}
     if reference is None:
         started = time.perf_counter()
@@ -451,6 +455,7 @@ def main() -> None:
     parser.add_argument("--sweep-exact", type=numbers, default=[0, 400, 1000], help="exact_pass values")
     parser.add_argument("--sweep-k", type=numbers, default=[25, 50, 100])
     parser.add_argument("--sweep-refine", type=numbers, default=[2048], help="refine values (images per shard)")
+    parser.add_argument("--refine", type=int, default=None, help="search every shard with this refine")
     parser.add_argument("--no-global", dest="global_baseline", action="store_false",
                         help="skip today's global shortlist")
     parser.add_argument("--storages", type=lambda text: text.split(","), default=["exact", "compact"])
