@@ -20,8 +20,11 @@ import pytest
 
 from itmrt.errors import ItmrtError
 from itmrt.scale import (
+    IndexSpec,
     RayOptions,
     SearchRequest,
+    ShardingOptions,
+    index_sharded,
     open_shards,
 )
 from itmrt.serve.client import ServiceClient
@@ -103,6 +106,25 @@ def test_three_shards_on_ray_give_the_single_process_top_k(setup: dict[str, Any]
     finally:
         shards.close()
     assert ray.is_initialized(), "closing the shards must leave the caller's Ray connection alone"
+
+
+def test_a_region_index_gallery_on_ray_gives_the_local_answer(setup: dict[str, Any]) -> None:
+    runtime, encoded = setup["runtime"], setup["encoded"]
+    gallery = setup["root"] / "regions"
+    index_sharded(runtime, setup["features"], gallery, ShardingOptions(17, None, IndexSpec("regions")))
+    local = open_shards(gallery, threads=1, warn=quiet)
+    shards = open_shards(gallery, ray=RAY, threads=1, warn=quiet)
+    try:
+        for request in (SearchRequest(k=5, shortlist=8, nprobe=2, directions=BOTH),
+                        SearchRequest(k=5, shortlist=N_IMAGES, nprobe=10**6)):
+            on_ray, alone = shards.search(encoded, request), local.search(encoded, request)
+            same_top_k(on_ray.t2i, alone.t2i)
+            if "i2t" in request.directions:
+                same_top_k(on_ray.i2t, alone.i2t)
+            assert set(on_ray.stage_seconds) == {"candidates", "rerank"}
+        same_top_k(on_ray.t2i, runtime.rank(setup["plain"], encoded, top_k=5).t2i)
+    finally:
+        shards.close()
 
 
 def test_a_killed_actor_is_restarted_or_named_never_a_partial_answer(setup: dict[str, Any]) -> None:

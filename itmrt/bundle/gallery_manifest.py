@@ -47,6 +47,9 @@ SHARDED_GALLERY_KIND = "itmrt-sharded-gallery"
 """The ``kind`` of a sharded gallery's top ``gallery.json`` (:mod:`itmrt.scale.layout`)."""
 STORAGE_DTYPES = ("float32", "float16")
 """How a gallery may store its embeddings (float16 halves the file; scorers upcast one tile at a time)."""
+EMBEDDING_STORES = ("dense", "region_index")
+"""``dense``: the embeddings file holds the vectors; ``region_index``: the shard keeps only its region index's
+centroid ids and packed residuals (``--regions-storage compact``), and ``file`` names the residuals."""
 REMEDY = "re-index the gallery"
 SCHEMA_FILE = Path(__file__).with_name("gallery.schema.json")
 SCHEMA_ID = "https://itmrt.invalid/schemas/gallery-manifest-v1.json"
@@ -67,6 +70,7 @@ class EmbeddingsEntry(GalleryFile):
 
     shape: list[int] = bounded(minimum=0, maximum=1 << 40)
     dtype: str = field(default="float32", metadata={"choices": STORAGE_DTYPES})
+    stored: str = field(default="dense", metadata={"choices": EMBEDDING_STORES})
 
 
 @dataclass(kw_only=True)
@@ -101,6 +105,30 @@ class ShortlistEntry(JsonRecord):
 
     vectors: VectorsEntry
     index: IndexEntry | None = None
+
+
+@dataclass(kw_only=True)
+class RegionIndexEntry(JsonRecord):
+    """A shard's region index (:mod:`itmrt.scale.regions`): centroids, each region's centroid id, inverted lists
+    and, for compact storage, packed residuals and their buckets; built from the embeddings ``built_from``."""
+
+    built_from: str = sha256_field()
+    centroids: GalleryFile
+    codes: GalleryFile
+    lists: GalleryFile
+    residuals: GalleryFile | None = None
+    buckets: GalleryFile | None = None
+    rows: int = bounded(minimum=0)
+    regions: int = bounded(minimum=1)
+    dims: int = bounded(minimum=1)
+    params: dict[str, object] = field(default_factory=dict)
+    fit: float = 0.0
+    build_seconds: float = 0.0
+    faiss_version: str = ""
+
+    def files(self) -> list[GalleryFile]:
+        return [self.centroids, self.codes, self.lists,
+                *[entry for entry in (self.residuals, self.buckets) if entry is not None]]
 
 
 @dataclass(kw_only=True)
@@ -148,6 +176,7 @@ class GalleryManifest(JsonRecord):
     embeddings: EmbeddingsEntry
     ids: IdsEntry | None = None
     shortlist: ShortlistEntry | None = optional()
+    region_index: RegionIndexEntry | None = optional()
     backend: str | None = field(default=None, metadata={"choices": BACKENDS})
     precision: str | None = field(default=None, metadata={"choices": PRECISIONS})
     source: str | None = None
@@ -165,6 +194,8 @@ class GalleryManifest(JsonRecord):
         entries: list[GalleryFile] = [self.embeddings, *([self.ids] if self.ids is not None else [])]
         if self.shortlist is not None:
             entries += [self.shortlist.vectors, *([self.shortlist.index] if self.shortlist.index is not None else [])]
+        if self.region_index is not None:
+            entries += self.region_index.files()
         return {entry.file: entry.sha256 for entry in entries}
 
 
@@ -173,6 +204,9 @@ def value_problem(manifest: GalleryManifest) -> RecordError | None:
     shape = manifest.embeddings.shape
     if len(shape) < 2:
         return RecordError("embeddings.shape", f"is {shape}; embeddings have an image axis and at least one more")
+    if manifest.embeddings.stored == "region_index" and (manifest.region_index is None
+                                                         or manifest.region_index.residuals is None):
+        return RecordError("embeddings.stored", "is region_index, but the gallery holds no compact region index")
     if manifest.ids is not None and manifest.ids.count != shape[0]:
         return RecordError("ids.count", f"is {manifest.ids.count}, not the {shape[0]} embedding rows")
     return None

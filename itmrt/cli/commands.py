@@ -12,4 +12,5 @@ from itmrt.cli import parity_cmd, bench_cmd, report_cmd  # noqa: F401,E402
 from itmrt.cli import recipe_cmd, sample_data_cmd  # noqa: F401,E402
 from itmrt.cli import serve_cmd, query_cmd  # noqa: F401,E402
 from itmrt.cli import explain_cmd  # noqa: F401,E402
+from itmrt.cli import audit_cmd  # noqa: F401,E402
 # isort: on

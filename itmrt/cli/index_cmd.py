@@ -22,9 +22,12 @@ Opt = typer.Option
 @options.output_group("overwrite", "progress", overwrite=options.overwrite("an existing gallery at --out"))
 def index_command(
     bundle: Path = typer.Argument(..., help="The bundle whose image encoder embeds the gallery."),
-    images: Path = Opt(..., "--images", help=(
+    images: Path | None = Opt(None, "--images", help=(
         "Image features .npy (region features; CMPM: images x 3 x H x W), or for a CMPM bundle a folder of "
         "images or a text file listing image paths (JPEG, PNG, WebP).")),
+    embeddings: Path | None = Opt(None, "--embeddings", help=(
+        "Instead of --images: image embeddings already encoded, .npy float32 or float16 [N, regions, d] "
+        "(CMPM: [N, D]); checked against the bundle's shape, for finite values and unit-length regions.")),
     out: Path = Opt(..., "--out", help="Gallery folder to create (with --append: the sharded gallery to extend)."),
     runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
     skip_bad_images: bool = Opt(False, "--skip-bad-images", help=(
@@ -42,65 +45,91 @@ def index_command(
         "Add the images to the sharded gallery at --out as new shards; old shards are not rewritten.")),
     shortlist_index: str | None = Opt(None, "--shortlist-index", help=(
         "Sharded: each shard's FAISS index of global vectors: flat (exact inner product, default), ivf, hnsw, "
-        "or none (numpy).")),
+        "none (numpy); or regions: the region index of NAAF/SCAN galleries (docs/region-index.md).")),
     ivf_lists: int | None = Opt(None, "--ivf-lists", min=1, help="ivf: k-means lists per shard (default ~4 sqrt(N))."),
     ivf_probe: int = Opt(16, "--ivf-probe", min=1, help="ivf: lists searched per query."),
     hnsw_m: int = Opt(32, "--hnsw-m", min=1, help="hnsw: links per vector."),
     hnsw_ef_construction: int = Opt(80, "--hnsw-ef-construction", min=1, help="hnsw: candidates kept while building."),
     hnsw_ef_search: int = Opt(64, "--hnsw-ef-search", min=1, help="hnsw: candidates kept while searching (>= K)."),
+    region_centroids: int | None = Opt(None, "--region-centroids", min=1, help=(
+        "regions: k-means centroids per shard (default: a power of two near 8 sqrt(region vectors)).")),
+    nprobe: int | None = Opt(None, "--nprobe", min=1, help=(
+        "regions: the shards' default centroids probed per caption token (default 8; a search's nprobe "
+        "overrides it).")),
+    candidates: int | None = Opt(None, "--candidates", min=1, help=(
+        "regions: the shards' recorded images reranked exactly per shard (default 50; a search's "
+        "--shortlist K is what it uses).")),
+    exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
+        "regions: the shards' recorded images per shard estimated from their exact region similarities before "
+        "K are reranked (default 0: none; 1000 lifts recall where the centroids fit the regions poorly).")),
+    regions_storage: str = Opt("exact", "--regions-storage", help=(
+        "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
+    residual_bits: int = Opt(2, "--residual-bits", help="regions, compact: bits per dimension (1, 2 or 4)."),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
     From image files the gallery also keeps each image's path as its id (GALLERY/image_ids.json).
     With --shard-images N the gallery is sharded: GALLERY/gallery.json lists shard folders (counts, sha256),
-    each a gallery of its own with its images' global vectors and their FAISS index; --append adds shards.
+    each a gallery of its own with its images' global vectors and their FAISS index (or its region index);
+    --append adds shards. With --embeddings the images are already encoded: they are checked and stored as given.
     """
+    from itmrt.data.npy import open_npy
     from itmrt.runtime.api import load
     from itmrt.runtime.image_files import is_image_listing
 
     started = time.perf_counter()
-    check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images})
-    index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search)
+    if (images is None) == (embeddings is None):
+        raise ItmrtError("give --images (image features or files) or --embeddings (already encoded), one of them")
+    check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images, "embeddings": embeddings})
+    index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
+                             {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
+                              "exact_pass": exact_pass,
+                              "regions_storage": regions_storage, "residual_bits": residual_bits})
     sharded = shard_images is not None or append
     if not sharded and index_spec is not None:
         raise ItmrtError("the FAISS shortlist index is built per shard: add --shard-images N (N >= the images "
                          "for one shard)")
     runtime = load(bundle, runtime, warn=warn_on_stderr)
-    warm = f"; warm-up {runtime.warmup():.1f}s" if warmup else ""
-    listing = is_image_listing(images)
-    inputs: Any = options.image_inputs(runtime, images)
-    source = str(images)
+    warm = f"; warm-up {runtime.warmup():.1f}s" if warmup and embeddings is None else ""
+    listing = images is not None and is_image_listing(images)
+    given = embeddings is not None
+    inputs: Any = open_npy(embeddings, "embeddings") if embeddings is not None else options.image_inputs(runtime, images)
+    source = str(images if images is not None else embeddings)
     if sharded:
         gallery, count = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append,
-                                        outputs.overwrite, source, skip_bad_images, outputs.progress)
+                                        outputs.overwrite, source, skip_bad_images, outputs.progress, given)
         shape = (f"{len(gallery.shards)} shards, {len(gallery)} images in all, {gallery.dtype} "
                  f"{tuple(gallery.manifest['item_shape'])} per image")
     else:
-        single = runtime.index(inputs, out, overwrite=outputs.overwrite, source=source, skip_bad_images=skip_bad_images,
-                               dtype=dtype or "float32")
+        single = runtime.index(out=out, overwrite=outputs.overwrite, source=source, skip_bad_images=skip_bad_images,
+                               dtype=dtype or "float32", **({"embeddings": inputs} if given else {"features": inputs}))
         shape, count = f"embeddings {tuple(single.embeddings.shape)} {single.embeddings.dtype}", len(single)
     skipped = len(inputs) - count if listing else 0
     counted = f" ({skipped} unreadable skipped)" if skipped else ""
-    typer.echo(f"indexed {count} images{counted} ({runtime.options.backend}/{runtime.options.precision}) into {out} in "
-               f"{time.perf_counter() - started:.1f}s{warm}; {shape}")
-
+    how = "stored as given" if given else f"{runtime.options.backend}/{runtime.options.precision}"
+    typer.echo(f"indexed {count} images{counted} ({how}) into {out} in {time.perf_counter() - started:.1f}s{warm}; "
+               f"{shape}")
 
 def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m: int, ef_construction: int,
-                ef_search: int) -> Any:
+                ef_search: int, regions: dict[str, Any]) -> Any:
     """The shortlist index asked for, or None when no index option was given (the default, or the gallery's)."""
     from itmrt.scale.index import IndexSpec
 
     if kind is None:
         if ivf_lists is not None:
             raise ItmrtError("--ivf-lists is for --shortlist-index ivf")
+        if regions["region_centroids"] is not None or regions["regions_storage"] != "exact":
+            raise ItmrtError("--region-centroids and --regions-storage are for --shortlist-index regions")
         return None
-    return IndexSpec(kind, ivf_lists, ivf_probe, hnsw_m, ef_construction, ef_search).check()
+    given = {key: value for key, value in regions.items() if value is not None}
+    return IndexSpec(kind, ivf_lists, ivf_probe, hnsw_m, ef_construction, ef_search, **given).check()
 
 
 def _index_sharded(runtime: Any, inputs: Any, out: Path, shard_images: int | None, dtype: str | None,
                    index_spec: Any, append: bool, overwrite: bool, source: str, skip_bad_images: bool,
-                   progress: bool) -> tuple[Any, int]:
-    """The sharded gallery written (or appended to) and the number of images it gained."""
+                   progress: bool, given: bool = False) -> tuple[Any, int]:
+    """The sharded gallery written (or appended to) and the number of images it gained; ``given``: ``inputs``
+    are embeddings encoded elsewhere."""
     from itmrt.cli.progress import progress_bars
     from itmrt.scale.layout import is_sharded_gallery, read_sharded_gallery
     from itmrt.scale.writer import ShardingOptions, index_sharded
@@ -115,6 +144,7 @@ def _index_sharded(runtime: Any, inputs: Any, out: Path, shard_images: int | Non
     before = len(read_sharded_gallery(out)) if append else 0
     options = ShardingOptions(shard_images, dtype, index_spec)
     with progress_bars(progress) as bars:
-        gallery = index_sharded(runtime, inputs, out, options, overwrite=overwrite, append=append, source=source,
-                                skip_bad_images=skip_bad_images, progress=bars("index (images)", len(inputs)))
+        gallery = index_sharded(runtime, None if given else inputs, out, options, overwrite=overwrite, append=append,
+                                source=source, skip_bad_images=skip_bad_images,
+                                progress=bars("index (images)", len(inputs)), embeddings=inputs if given else None)
     return gallery, len(gallery) - before

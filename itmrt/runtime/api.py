@@ -41,6 +41,7 @@ from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import Gallery, check_encoded_rows, read_gallery, write_gallery
+from itmrt.runtime.given_embeddings import check_given_embeddings
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
 from itmrt.runtime.one_caption import FEW_CAPTIONS, ONE_CAPTION_SCORERS, OneCaptionScorer
 from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
@@ -350,12 +351,13 @@ class Runtime:
 
     def index(
         self,
-        features: np.ndarray | ImageFiles,
-        out: str | Path,
+        features: np.ndarray | ImageFiles | None = None,
+        out: str | Path | None = None,
         overwrite: bool = False,
         source: str = "image features",
         skip_bad_images: bool = False,
         dtype: str = "float32",
+        embeddings: np.ndarray | None = None,
     ) -> Gallery:
         """Encode ``features`` (or, for CMPM, image files) once into a gallery folder tied to this bundle.
 
@@ -363,7 +365,17 @@ class Runtime:
         ``skip_bad_images`` leaves unreadable files out instead of failing.
         ``dtype="float16"`` stores the embeddings at half the size (scoring
         upcasts them one tile at a time). Sharded galleries: :mod:`itmrt.scale`.
+        ``embeddings``: image embeddings encoded elsewhere, stored as given instead of encoding ``features``
+        (checked: :func:`itmrt.runtime.given_embeddings.check_given_embeddings`).
         """
+        if out is None:
+            raise ItmrtError("index needs out: the gallery folder to create")
+        if embeddings is not None:
+            if features is not None:
+                raise ItmrtError("give image features or embeddings to index, not both")
+            return self.store_embeddings(embeddings, out, overwrite, source, dtype)
+        if features is None:
+            raise ItmrtError("index needs image features (or image files), or embeddings=")
         details = {"backend": self.backend_name, "precision": self.precision, "source": source}
         if isinstance(features, ImageFiles):
             files, preprocessing = features, self.image_preprocessing
@@ -386,6 +398,20 @@ class Runtime:
             check_encoded_rows(array, features)
 
         return write_gallery(out, self.bundle, encode_into, shape, details, overwrite, dtype)
+
+    def store_embeddings(self, embeddings: np.ndarray, out: str | Path, overwrite: bool = False,
+                         source: str = "embeddings", dtype: str = "float32", checked: bool = False) -> Gallery:
+        """A gallery of this bundle holding ``embeddings`` as given (checked first unless ``checked``)."""
+        if not checked:
+            check_given_embeddings(embeddings, self.bundle, source)
+
+        def copy_into(array: np.ndarray, block: int = 4096) -> None:
+            for start in range(0, len(embeddings), block):
+                array[start : start + block] = embeddings[start : start + block]
+
+        details = {"backend": None, "precision": None, "source": source}
+        return write_gallery(out, self.bundle, copy_into, tuple(int(x) for x in embeddings.shape), details,
+                             overwrite, dtype)
 
     def open_gallery(self, path: str | Path) -> Gallery:
         """Open a gallery and check it was made with this bundle."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from itmrt.bundle.closed import file_state_key, member
+from itmrt.bundle.closed import file_state_key, member, verified_member
 from itmrt.bundle.folder import BundleInfo, is_bundle, read_bundle
 from itmrt.bundle.gallery_manifest import (
     EMBEDDINGS_FILE,
@@ -69,6 +69,7 @@ from itmrt.io import (
     sha256_file,
     staged_folder,
 )
+from itmrt.runtime.compact_regions import CompactRegions
 
 __all__ = ["EMBEDDINGS_FILE", "GALLERY_KIND", "GALLERY_MANIFEST", "GALLERY_SCHEMA", "IDS_FILE", "SHARDED_GALLERY_KIND",
            "STORAGE_DTYPES", "Gallery", "gallery_bundle", "gallery_source",
@@ -216,18 +217,42 @@ def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = Fals
     path = member(root, entry.file, "gallery", REMEDY)
     if not path.is_file():
         raise ItmrtError(f"gallery {root} lacks {entry.file}; {REMEDY}")
-    if in_memory:
+    embeddings: Any
+    if entry.stored == "region_index":
+        embeddings = open_compact_regions(root, manifest, verify)
+    elif in_memory:
         embeddings = copy_embeddings(path, entry)
-        ids = _read_ids(root, manifest.ids, len(embeddings)) if manifest.ids is not None else None
-        return Gallery(root, embeddings, manifest, ids)
-    if verify:
-        verify_embeddings(path, entry)
-    embeddings = open_npy(path, "gallery embeddings")
-    if list(embeddings.shape) != list(entry.shape) or embeddings.dtype != np.dtype(entry.dtype):
-        raise ItmrtError(f"{path} has shape {embeddings.shape} / {embeddings.dtype}, not what {GALLERY_MANIFEST} says; "
-                         f"{REMEDY}")
+    else:
+        if verify:
+            verify_embeddings(path, entry)
+        embeddings = open_npy(path, "gallery embeddings")
+        if embeddings.dtype != np.dtype(entry.dtype):
+            raise ItmrtError(f"{path} holds {embeddings.dtype}, not the {entry.dtype} {GALLERY_MANIFEST} says; "
+                             f"{REMEDY}")
+    if list(embeddings.shape) != list(entry.shape):
+        raise ItmrtError(f"{path} has shape {embeddings.shape}, not what {GALLERY_MANIFEST} says; {REMEDY}")
     ids = _read_ids(root, manifest.ids, len(embeddings)) if manifest.ids is not None else None
     return Gallery(root, embeddings, manifest, ids)
+
+
+def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = True) -> CompactRegions:
+    """The embeddings of a gallery stored compactly (``--regions-storage compact``): decoded on demand from its
+    region index's centroids, codes and packed residuals (each checked against its sha256)."""
+    index = manifest.region_index
+    assert index is not None and index.residuals is not None and index.buckets is not None  # value_problem
+    listed = manifest.files()
+    arrays = {}
+    for role, item in (("centroids", index.centroids), ("codes", index.codes), ("residuals", index.residuals),
+                       ("buckets", index.buckets)):
+        path = verified_member(root, item.file, listed, "gallery", REMEDY) if verify else root / item.file
+        arrays[role] = open_npy(path, f"compact regions ({role})")
+    centroids, buckets = np.asarray(arrays["centroids"]), np.asarray(arrays["buckets"])
+    if not (np.isfinite(centroids).all() and np.isfinite(buckets).all()):
+        raise ItmrtError(f"gallery {root}: its region centroids or residual buckets are not finite; {REMEDY}")
+    if centroids.ndim != 2 or buckets.shape[0] != centroids.shape[1] or arrays["codes"].ndim != 2 \
+            or (len(centroids) and int(arrays["codes"].max(initial=0)) >= len(centroids)):
+        raise ItmrtError(f"gallery {root}: its compact region files do not fit together; {REMEDY}")
+    return CompactRegions(centroids, arrays["codes"], arrays["residuals"], buckets)
 
 
 def _read_ids(root: Path, entry: IdsEntry, rows: int) -> list[str]:

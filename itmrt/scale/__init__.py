@@ -7,6 +7,10 @@
   appending shards, float16 storage.
 - :mod:`itmrt.scale.index`: the per-shard FAISS index of the images' global
   vectors (flat = exact inner product, IVF, HNSW).
+- :mod:`itmrt.scale.regions` / :mod:`itmrt.scale.region_files` / :mod:`itmrt.scale.region_search`: the
+  region index of cross-attention galleries (``--shortlist-index regions``: centroids, region codes,
+  inverted lists, compact storage) and searching it (docs/region-index.md).
+- :mod:`itmrt.scale.audit`: a gallery's index against exhaustive scoring on a sample of captions.
 - :mod:`itmrt.scale.shard`: searching one shard and merging shards' answers.
 - :mod:`itmrt.scale.local` / :mod:`itmrt.scale.ray_search`: every shard in
   this process, or on Ray actors (``itmrt infer/serve GALLERY --ray ...``).

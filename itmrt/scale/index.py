@@ -38,9 +38,18 @@ import numpy as np
 
 from itmrt.errors import ItmrtError, first_line
 from itmrt.optional import require
+from itmrt.scale.regions import (
+    DEFAULT_CANDIDATES,
+    DEFAULT_EXACT_PASS,
+    DEFAULT_NPROBE,
+    DEFAULT_SAMPLE,
+    RegionParams,
+    centroid_count,
+)
 
-INDEX_KINDS = ("flat", "ivf", "hnsw", "none")
-"""Shortlist index kinds; ``none`` keeps only the global vectors (numpy shortlist)."""
+INDEX_KINDS = ("flat", "ivf", "hnsw", "none", "regions")
+"""Shortlist index kinds; ``none`` keeps only the global vectors (numpy shortlist); ``regions`` is the region
+index of cross-attention bundles (:mod:`itmrt.scale.regions`: no global vectors)."""
 MIN_TRAIN_PER_LIST = 39
 """FAISS's k-means wants at least this many training vectors per IVF list."""
 
@@ -59,6 +68,13 @@ class IndexSpec:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
     hnsw_ef_search: int = 64
+    region_centroids: int | None = None  # None: centroid_count(images, regions) per shard
+    nprobe: int = DEFAULT_NPROBE
+    candidates: int = DEFAULT_CANDIDATES
+    exact_pass: int = DEFAULT_EXACT_PASS
+    regions_storage: str = "exact"
+    residual_bits: int = 2
+    region_sample: int = DEFAULT_SAMPLE
 
     def check(self) -> IndexSpec:
         if self.kind not in INDEX_KINDS:
@@ -70,7 +86,16 @@ class IndexSpec:
         for flag, value in numbers.items():
             if value < 1:
                 raise ItmrtError(f"{flag} must be at least 1, not {value}")
+        if self.kind != "regions" and self.regions_storage != "exact":
+            raise ItmrtError("--regions-storage compact is storage of the region index: add --shortlist-index regions")
+        self.region_params(1, 1)
         return self
+
+    def region_params(self, images: int, regions: int) -> RegionParams:
+        """The region index parameters for a shard of ``images`` x ``regions`` region vectors."""
+        count = self.region_centroids if self.region_centroids is not None else centroid_count(images, regions)
+        return RegionParams(count, self.nprobe, self.candidates, self.exact_pass, self.regions_storage,
+                            self.residual_bits, self.region_sample).check()
 
     def lists_for(self, rows: int) -> int:
         """IVF lists for a shard of ``rows`` images (never more lists than images)."""

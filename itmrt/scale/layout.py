@@ -212,7 +212,7 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     opened = read_gallery(folder, verify=verify)
     if opened.manifest.bundle.manifest_sha256 != gallery.bundle_sha256:
         raise ItmrtError(f"{folder} was made with another bundle than the rest of {gallery.path}; re-index it")
-    if len(opened) != shard.images or str(opened.embeddings.dtype) != gallery.dtype:
+    if len(opened) != shard.images or opened.manifest.embeddings.dtype != gallery.dtype:
         raise ItmrtError(f"{folder} holds {len(opened)} {opened.embeddings.dtype} rows, not the {shard.images} "
                          f"{gallery.dtype} rows {gallery.path / GALLERY_MANIFEST} lists; re-index the gallery")
     return opened

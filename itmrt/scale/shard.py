@@ -41,6 +41,7 @@ from itmrt.scale.layout import (
     read_shard_gallery,
     shard_vectors,
 )
+from itmrt.scale.region_search import RegionIndex, ScoreEstimate, load_region_index, rerank_candidates
 
 DIRECTIONS = ("t2i", "i2t")
 
@@ -53,6 +54,8 @@ class SearchRequest:
     shortlist: int | None = None
     directions: tuple[str, ...] = ("t2i",)
     keep_scores: bool = False  # the shard's full images x captions score rows (full scoring only)
+    nprobe: int | None = None  # region index: centroids probed per caption token (None: each shard's recorded)
+    exact_pass: int | None = None  # region index: images estimated from exact region similarities before K
 
     def check(self) -> SearchRequest:
         if self.k < 1:
@@ -62,6 +65,10 @@ class SearchRequest:
             if self.keep_scores:
                 raise ItmrtError("a shortlist scores only candidate pairs, not the full matrix; "
                                  "drop --shortlist or --scores-out")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ItmrtError(f"--nprobe must be at least 1, not {self.nprobe}")
+        if self.exact_pass is not None and self.exact_pass < 0:
+            raise ItmrtError(f"--exact-pass must be at least 0 (0: none), not {self.exact_pass}")
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
         return self
@@ -79,6 +86,7 @@ class ShardAnswer:
     scores: np.ndarray | None = None  # [images, captions]
     pairs: int = 0  # cross-attention pairs scored
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # region index: candidates / rerank seconds
 
 
 @dataclass
@@ -90,14 +98,17 @@ class SearchResult:
     scores: np.ndarray | None
     pairs: int
     shard_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # region index stages, summed over shards
 
 
 class OpenShard:
-    """A shard opened for search: its gallery (memory-mapped), global vectors and FAISS index."""
+    """A shard opened for search: its gallery (memory-mapped), global vectors and FAISS index, or its region
+    index."""
 
     def __init__(self, record: ShardRecord, gallery: Gallery, vectors: np.ndarray | None,
-                 index: ShortlistIndex | None) -> None:
+                 index: ShortlistIndex | None, regions: RegionIndex | None = None) -> None:
         self.record, self.gallery, self.vectors, self.index = record, gallery, vectors, index
+        self.regions = regions
 
     @classmethod
     def open(cls, sharded: ShardedGallery, record: ShardRecord, verify: bool = True,
@@ -108,7 +119,17 @@ class OpenShard:
         index = None
         if entry is not None:
             index = ShortlistIndex.load(member(gallery.path, entry.get("file", INDEX_FILE)), entry, gpu_index)
-        return cls(record, gallery, vectors, index)
+        regions = None
+        region_entry = gallery.manifest.region_index
+        if region_entry is not None:
+            if region_entry.built_from != gallery.manifest.embeddings.sha256 and \
+                    gallery.manifest.embeddings.stored == "dense":
+                raise ItmrtError(f"{gallery.path}: its region index was not built from its embeddings; re-index it")
+            regions = load_region_index(gallery.path, region_entry, verify)
+            if regions.images != len(gallery):
+                raise ItmrtError(f"{gallery.path}: its region index holds {regions.images} images, not "
+                                 f"{len(gallery)}; re-index it")
+        return cls(record, gallery, vectors, index, regions)
 
     def candidates(self, caption_vectors: np.ndarray, shortlist: int) -> np.ndarray:
         """Each caption's ``shortlist`` best rows of this shard by global score (its index, else numpy)."""
@@ -122,7 +143,9 @@ class OpenShard:
         """This shard's answer to ``request`` (``runtime``: an :class:`itmrt.runtime.Runtime` of the bundle)."""
         started = time.perf_counter()
         answer = ShardAnswer(self.record.name, self.record.first, self.record.images)
-        if request.shortlist is None or not captions.token_level:
+        if request.shortlist is not None and captions.token_level and self.regions is not None:
+            self._search_regions(runtime, captions, request, answer)
+        elif request.shortlist is None or not captions.token_level:
             result = runtime.rank(self.gallery, captions, top_k=request.k, keep_scores=request.keep_scores)
             answer.t2i = result.t2i if "t2i" in request.directions else None
             answer.i2t = result.i2t if "i2t" in request.directions else None
@@ -146,6 +169,42 @@ class OpenShard:
         return answer
 
 
+    def _search_regions(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
+                        answer: ShardAnswer) -> None:
+        """Candidates from the region index, reranked exactly (:mod:`itmrt.scale.region_search`)."""
+        assert self.regions is not None and request.shortlist is not None
+        estimate = score_estimate(runtime)
+        nprobe = request.nprobe if request.nprobe is not None else self.regions.nprobe
+        embeddings = self.gallery.embeddings
+        stages = answer.stages = {"candidates": 0.0, "rerank": 0.0}
+        for direction in request.directions:
+            started = time.perf_counter()
+            if direction == "t2i":
+                candidates = self.regions.image_candidates(
+                    captions, estimate, nprobe, request.shortlist, int(runtime.options.threads or 0), embeddings,
+                    request.exact_pass if request.exact_pass is not None else self.regions.exact_pass)
+            else:
+                candidates = self.regions.caption_candidates(captions, estimate, nprobe, request.shortlist,
+                                                             int(runtime.options.threads or 0))
+            middle = time.perf_counter()
+            found = rerank_candidates(runtime, embeddings, captions, candidates, request.k, direction)
+            stages["candidates"] += middle - started
+            stages["rerank"] += time.perf_counter() - middle
+            setattr(answer, direction, found)
+            answer.pairs += candidates.size
+
+
+_ESTIMATES: dict[tuple[str, str], ScoreEstimate] = {}
+
+
+def score_estimate(runtime: Any) -> ScoreEstimate:
+    """The runtime's bundle's score estimate (read once per bundle and process)."""
+    key = (str(runtime.bundle.path), runtime.bundle.manifest_sha256)
+    if key not in _ESTIMATES:
+        _ESTIMATES[key] = ScoreEstimate.from_bundle(runtime.bundle)
+    return _ESTIMATES[key]
+
+
 def merge_answers(answers: list[ShardAnswer], request: SearchRequest, captions: int) -> SearchResult:
     """The whole gallery's answer from every shard's (in any order): each caption's top-k over all shards,
     ties by the lower gallery row as one gallery orders them; per-image results and scores in row order."""
@@ -164,5 +223,9 @@ def merge_answers(answers: list[ShardAnswer], request: SearchRequest, captions: 
     scores = None
     if request.keep_scores:
         scores = np.concatenate([answer.scores for answer in answers if answer.scores is not None])
+    stages: dict[str, float] = {}
+    for answer in answers:
+        for stage, seconds in answer.stages.items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
     return SearchResult(t2i, i2t, scores, sum(answer.pairs for answer in answers),
-                        {answer.name: round(answer.seconds, 4) for answer in answers})
+                        {answer.name: round(answer.seconds, 4) for answer in answers}, stages)

@@ -53,6 +53,7 @@ from itmrt.runtime.gallery import (
     is_gallery,
     read_gallery,
 )
+from itmrt.runtime.given_embeddings import check_given_embeddings
 from itmrt.runtime.image_files import ImageFiles
 from itmrt.runtime.shortlist import image_global_vectors
 from itmrt.scale.index import IndexSpec, build_index
@@ -96,7 +97,12 @@ class ShardingOptions:
 
 def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
     """Give the gallery at ``folder`` its global vectors and, unless ``spec.kind`` is none, their FAISS index;
-    its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist)."""
+    its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist).
+    ``regions``: the region index instead (:mod:`itmrt.scale.region_files`)."""
+    if spec.kind == "regions":
+        from itmrt.scale.region_files import add_region_index
+
+        return add_region_index(folder, spec)
     gallery = read_gallery(folder, verify=False)  # written just now by this process
     if gallery.embeddings.ndim != 3:
         return gallery
@@ -122,6 +128,7 @@ class _Plan:
     document: dict[str, Any]
     shards: list[ShardRecord] = field(default_factory=list)
     next_number: int = 0
+    drift_checked: bool = False
 
 
 class ShardedWriter:
@@ -211,12 +218,26 @@ class ShardedWriter:
             return None
         self._check_shard(gallery)
         assert self.options.index is not None
+        if self.append and self.options.index.kind == "regions" and not self.plan.drift_checked:
+            self.plan.drift_checked = True
+            self._check_drift(gallery)
         add_shortlist(folder, self.options.index)
         first = sum(shard.images for shard in self.plan.shards)
         record = ShardRecord(name, first, len(gallery), sha256_file(folder / GALLERY_MANIFEST))
         self.plan.shards.append(record)
         self.plan.next_number += 1
         return record
+
+    def _check_drift(self, gallery: Gallery) -> None:
+        """Warn (once per append) when the new images' regions fit the last shard's centroids clearly worse."""
+        from itmrt.scale.layout import read_shard_gallery
+        from itmrt.scale.region_files import drift_message
+
+        existing = read_sharded_gallery(self.out)
+        last = read_shard_gallery(existing, existing.shards[-1], verify=False)
+        message = drift_message(last, gallery.embeddings)
+        if message is not None:
+            self.warn(message)
 
     def _check_shard(self, gallery: Gallery) -> None:
         document = self.plan.document
@@ -302,7 +323,7 @@ def image_chunks(images: np.ndarray | ImageFiles, shard_images: int) -> list[np.
 
 def index_sharded(
     runtime: Runtime,
-    images: np.ndarray | ImageFiles,
+    images: np.ndarray | ImageFiles | None,
     out: str | Path,
     options: ShardingOptions,
     *,
@@ -311,12 +332,21 @@ def index_sharded(
     source: str = "image features",
     skip_bad_images: bool = False,
     progress: Callable[[int], None] | None = None,
+    embeddings: np.ndarray | None = None,
 ) -> ShardedGallery:
     """Encode ``images`` with ``runtime`` into a new sharded gallery at ``out`` (or, with ``append``, new shards
-    of the one there), ``options.shard_images`` images per shard; ``progress(n)`` after each shard."""
+    of the one there), ``options.shard_images`` images per shard; ``progress(n)`` after each shard.
+    ``embeddings`` (with ``images`` None): image embeddings encoded elsewhere, checked once and stored as given."""
+    if (images is None) == (embeddings is None):
+        raise ItmrtError("give image features (or image files) or embeddings to index, one of them")
+    if embeddings is not None:
+        check_given_embeddings(embeddings, runtime.bundle, source)
     with ShardedWriter(out, runtime.bundle, options, overwrite=overwrite, append=append, warn=runtime.warn) as writer:
-        for chunk in image_chunks(images, writer.options.shard_images):
+        inputs: Any = images if images is not None else embeddings
+        for chunk in image_chunks(inputs, writer.options.shard_images):
             def write(folder: Path, chunk: Any = chunk) -> Gallery:
+                if embeddings is not None:
+                    return runtime.store_embeddings(chunk, folder, source=source, dtype=writer.dtype, checked=True)
                 return runtime.index(chunk, folder, source=source, skip_bad_images=skip_bad_images,
                                      dtype=writer.dtype)
 

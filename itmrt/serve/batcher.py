@@ -387,7 +387,8 @@ class Batcher:
         if not np.isfinite(hits.scores).all():
             self._not_finite(searcher, live, hits.scores)
             return
-        self.metrics.batch(len(live), len(embeddings), encoded - started, scored - encoded)
+        self.metrics.batch(len(live), len(embeddings), encoded - started, scored - encoded,
+                           getattr(searcher, "index_stages", None))
         ids, version = searcher.ids, getattr(searcher, "version", None)
         row = 0
         for job, _ids in live:

@@ -8,7 +8,8 @@
   the worker formed, in captions and in requests;
 - ``itmrt_stage_seconds{stage}``: time per stage - ``queue_wait`` per request,
   ``encode`` (tokenize and text encoder) and ``score`` (top-k over the gallery)
-  per batch;
+  per batch; a sharded gallery searched through its region index adds
+  ``index_candidates`` and ``index_rerank`` per batch (summed over its shards);
 - ``itmrt_request_seconds``: an inference request from its arrival to its answer;
 - ``itmrt_ready`` (0/1) and ``itmrt_gallery_images``;
 - ``itmrt_client_errors_total{status}``: every 4xx the service gave, on any route (a client's fault, never
@@ -112,11 +113,14 @@ class ServiceMetrics:
         if seconds is not None:
             self.request_seconds.observe(seconds)
 
-    def batch(self, requests: int, captions: int, encode_s: float, score_s: float) -> None:
+    def batch(self, requests: int, captions: int, encode_s: float, score_s: float,
+              index_stages: dict[str, float] | None = None) -> None:
         self.batch_requests.observe(requests)
         self.batch_captions.observe(captions)
         self.stage_seconds.labels("encode").observe(encode_s)
         self.stage_seconds.labels("score").observe(score_s)
+        for stage, seconds in (index_stages or {}).items():
+            self.stage_seconds.labels(f"index_{stage}").observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """The Prometheus text format and its content type."""

@@ -25,6 +25,7 @@ class ShardedSearcher(RuntimeSearcher):
                  warn: Callable[[str], None] | None = None) -> None:
         super().__init__(shards.runtime, shards.gallery, on_long, warn=warn)
         self.shards, self.shortlist = shards, shortlist
+        self.index_stages: dict[str, float] = {}  # the last search's region index stages (for /metrics)
 
     def warmup(self) -> float:
         return self.shards.warmup(self.shortlist)
@@ -32,6 +33,7 @@ class ShardedSearcher(RuntimeSearcher):
     def top_k(self, captions: CaptionEmbeddings, k: int) -> TopK:
         shortlist = None if self.shortlist is None else max(self.shortlist, k)
         result = self.shards.search(captions, SearchRequest(k=k, shortlist=shortlist))
+        self.index_stages = dict(result.stage_seconds)
         assert result.t2i is not None
         return result.t2i
 

@@ -1,0 +1,65 @@
+"""Galleries from embeddings encoded elsewhere (``itmrt index BUNDLE --embeddings EMB.npy``, ``rt.index(embeddings=)``).
+
+The array must be what the bundle's image encoder would have written: float32
+or float16; ``[N, regions, d]`` for a cross-attention bundle (``regions``
+within the bundle's range, ``d`` its ``embed_size``) or ``[N, D]`` for a
+global one; every value finite; and region vectors of unit length, as the
+image encoder's l2norm leaves them (within ``NORM_TOLERANCE``: float16
+rounding). Each problem is one line naming the first row that has it. The
+array is read in blocks, so a memory-mapped file of any size is checked
+without loading it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from itmrt.errors import DataError
+
+NORM_TOLERANCE = 1e-2
+"""Largest ``| ||v|| - 1 |`` accepted for a region vector."""
+CHECK_BLOCK = 4096
+"""Images read per block while checking."""
+
+
+def check_given_embeddings(embeddings: Any, bundle: Any, source: str = "embeddings") -> np.ndarray:
+    """``embeddings`` as an array the bundle's galleries hold, or a one-line :class:`DataError`."""
+    if not isinstance(embeddings, np.ndarray):
+        raise DataError(f"{source} must be a numpy array (or a .npy file), not {type(embeddings).__name__}")
+    if embeddings.dtype not in (np.float32, np.float16):
+        raise DataError(f"{source} holds {embeddings.dtype}; give float32 or float16 embeddings")
+    dims = bundle.manifest.dims
+    depth = int(dims["embed_size"])
+    token_level = bool(getattr(_family(bundle), "token_level", True))
+    if token_level:
+        limits = bundle.shape_range("num_regions")
+        low, high = (limits.min, limits.max) if limits else (1, 1 << 20)
+        expected = f"[N, {low}, {depth}]" if low == high else f"[N, {low}..{high}, {depth}]"
+        if embeddings.ndim != 3 or embeddings.shape[2] != depth or not low <= embeddings.shape[1] <= high:
+            raise DataError(f"{source} has shape {tuple(embeddings.shape)}; bundle {bundle.path} embeds images as "
+                            f"{expected} (images, regions, embed_size)")
+    elif embeddings.ndim != 2 or embeddings.shape[1] != depth:
+        raise DataError(f"{source} has shape {tuple(embeddings.shape)}; bundle {bundle.path} embeds images as "
+                        f"[N, {depth}]")
+    if embeddings.shape[0] == 0:
+        raise DataError(f"{source} holds no images")
+    for start in range(0, len(embeddings), CHECK_BLOCK):
+        block = np.asarray(embeddings[start : start + CHECK_BLOCK], dtype=np.float32)
+        bad = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if bad.any():
+            raise DataError(f"{source}: image {start + int(np.argmax(bad))} holds NaN or infinite values")
+        if token_level:
+            off = np.abs(np.linalg.norm(block, axis=-1) - 1).max(axis=-1) > NORM_TOLERANCE
+            if off.any():
+                row = start + int(np.argmax(off))
+                raise DataError(f"{source}: image {row} has region vectors that are not of unit length (the image "
+                                "encoder l2-normalises each region); normalise them first")
+    return embeddings
+
+
+def _family(bundle: Any) -> Any:
+    from itmrt.families import get
+
+    return get(bundle.family)

@@ -1,0 +1,88 @@
+"""A shard's region index on disk: written beside its embeddings, listed with sha256 in its ``gallery.json``.
+
+:func:`add_region_index` builds the index of a shard the writer has just made
+(:mod:`itmrt.scale.regions`) and records it under ``region_index`` (files,
+sha256, parameters, the embeddings' sha256 it was built from). With compact
+storage it then drops ``image_embeddings.npy``: the document's embeddings
+entry says ``stored: region_index`` and names the packed residuals, and the
+gallery's embeddings are decoded from them when searched
+(:class:`itmrt.runtime.compact_regions.CompactRegions`).
+
+:func:`drift_message` is the check at ``--append``: how well the new images'
+regions fit an existing shard's centroids, against how well that shard's own
+regions fit them when it was built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itmrt.bundle.gallery_manifest import GalleryFile, RegionIndexEntry
+from itmrt.data.npy import open_npy
+from itmrt.errors import ItmrtError
+from itmrt.io import atomic_write_text, sha256_file
+from itmrt.runtime.gallery import GALLERY_MANIFEST, Gallery, read_gallery
+from itmrt.scale.regions import (
+    BUCKETS_FILE,
+    CENTROIDS_FILE,
+    CODES_FILE,
+    LISTS_FILE,
+    RESIDUALS_FILE,
+    build_region_index,
+    fit_under,
+)
+
+FILES = {"centroids": CENTROIDS_FILE, "codes": CODES_FILE, "lists": LISTS_FILE, "residuals": RESIDUALS_FILE,
+         "buckets": BUCKETS_FILE}
+DRIFT_DROP = 0.05
+"""An append whose regions' mean cosine to an existing shard's centroids is this much below that shard's own
+is reported as a change of distribution."""
+
+
+def add_region_index(folder: Path, spec: Any) -> Gallery:
+    """Build the region index of the gallery at ``folder`` (written just now) with ``spec`` (an
+    :class:`itmrt.scale.index.IndexSpec` of kind regions) and record it in its ``gallery.json``."""
+    gallery = read_gallery(folder, verify=False)
+    embeddings = gallery.embeddings
+    if embeddings.ndim != 3:
+        raise ItmrtError("--shortlist-index regions indexes region embeddings (NAAF, SCAN); a global model's "
+                         "gallery is searched exactly by one matrix product: use --shortlist-index flat or none")
+    params = spec.region_params(int(embeddings.shape[0]), int(embeddings.shape[1]))
+    built = build_region_index(embeddings, params)
+    entries: dict[str, object] = {}
+    for role, array in built["arrays"].items():
+        np.save(folder / FILES[role], array, allow_pickle=False)
+        entries[role] = GalleryFile(file=FILES[role], sha256=sha256_file(folder / FILES[role])).to_json()
+    entry = RegionIndexEntry.from_json({"built_from": gallery.manifest.embeddings.sha256, **entries,
+                                        **built["record"]}, "region_index")
+    manifest = gallery.manifest.to_json()
+    manifest["region_index"] = entry.to_json()
+    if params.storage == "compact" and entry.residuals is not None:
+        embedded = manifest["embeddings"]
+        assert isinstance(embedded, dict)
+        embedded.update(file=RESIDUALS_FILE, sha256=entry.residuals.sha256, stored="region_index")
+    atomic_write_text(folder / GALLERY_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    if params.storage == "compact":
+        del gallery, embeddings
+        (folder / "image_embeddings.npy").unlink()
+    return read_gallery(folder, verify=False)
+
+
+def drift_message(shard: Gallery, new: np.ndarray) -> str | None:
+    """A warning when the region embeddings ``new`` fit ``shard``'s centroids clearly worse than its own did."""
+    entry = shard.manifest.region_index
+    if entry is None or new.ndim != 3 or len(new) == 0:
+        return None
+    centroids = np.asarray(open_npy(shard.path / entry.centroids.file, "region centroids"))
+    fit = fit_under(centroids, new)
+    if fit >= entry.fit - DRIFT_DROP:
+        return None
+    return (f"the appended images' regions fit {shard.path.name}'s centroids worse than its own (mean cosine "
+            f"{fit:.3f} against {entry.fit:.3f}): the images changed in kind. Each new shard has its own region "
+            "index, but the search defaults were chosen on the old images: check recall with `itmrt audit "
+            "GALLERY --captions CAPS.txt`, and if it fell, rebuild the gallery in one go (`itmrt index ... "
+            "--shortlist-index regions --overwrite` over every image)")

@@ -1,0 +1,267 @@
+"""Searching a shard's region index: probe centroids per caption token, estimate, keep K, rerank exactly.
+
+For one caption with tokens ``u_1..u_m`` and a shard of N images:
+
+1. ``T = U C^T`` (``[m, centroids]``); token ``i`` probes its ``nprobe``
+   nearest centroids.
+2. Each image's best-region similarity per word is estimated as the largest
+   ``T[i, c]`` over the probed centroids its regions hold, and, for an image
+   holding none of them, the ``nprobe``-th largest (an unprobed centroid is
+   no nearer than that: WARP's imputation of a missing similarity). This is a
+   scatter over the probed inverted lists, into a dense ``[m, N]`` array.
+3. That estimate ``s_i`` goes through the family's score in structure
+   (:class:`ScoreEstimate`). NAAF: ``r_i = s_i - t`` against the frozen
+   threshold ``t``; the negative branch takes ``r_i`` where the propagated
+   decision ``q = W r`` (``W`` the caption's intra-word softmax) is negative;
+   the aggregated-feature part is ``s_i`` where ``r_i > 0`` (the attended
+   vector of a word whose regions pass the threshold is dominated by its best
+   region at lambda 20), the relevance part ``s_i``; the mean over words.
+   SCAN: each word's attended cosine is estimated by ``s_i`` and aggregated
+   with the model's own ``agg_func`` (LogSumExp with its ``lambda_lse``, Mean,
+   Max or Sum).
+   3b. The ``refine`` best images by that estimate are estimated again with
+   every region's own centroid (``s_i = max_j T[i, code_j]`` from the
+   shard's codes: no imputation), as PLAID's centroid interaction does.
+4. The ``K`` best estimates (ties by the lower row) are reranked with the
+   bundle's scorer (:func:`rerank_candidates`).
+
+With ``nprobe`` = every centroid and ``K`` = every image, step 4 scores every
+image exactly: the answer is exhaustive scoring's.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_THRESHOLD, SCAN_LAMBDA_LSE, Component, Precision
+from itmrt.errors import ItmrtError
+from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
+from itmrt.runtime.tiled import StreamingTopK, TopK
+from itmrt.scale.regions import DEFAULT_EXACT_PASS, DEFAULT_REFINE
+
+ESTIMATE_BLOCK_BYTES = 64 << 20
+"""Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
+EXACT_BLOCK = 64
+"""Images per block of the exact pass."""
+
+
+@dataclass(frozen=True)
+class ScoreEstimate:
+    """The family's score structure applied to estimated best-region similarities (see the module)."""
+
+    family: str
+    threshold: float = 0.0
+    intra_factor: float = 5.0
+    agg_func: str = "Mean"
+    lambda_lse: float = 6.0
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> ScoreEstimate:
+        """Read the constants the scorer graph records in its metadata (NAAF's frozen threshold, SCAN's
+        aggregation)."""
+        import onnx
+
+        path = bundle.graph_file(Component.SCORER, Precision.FP32)
+        try:
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            if meta.get("family") == "naaf":
+                return cls("naaf", float(meta[NAAF_THRESHOLD]), float(meta[NAAF_INTRA_FACTOR]))
+            if meta.get("family") == "scan":
+                return cls("scan", agg_func=meta.get("agg_func", "LogSumExp"),
+                           lambda_lse=float(meta.get(SCAN_LAMBDA_LSE, 6.0)))
+        except (OSError, KeyError, ValueError) as exc:
+            raise ItmrtError(f"cannot read the scorer's constants from {path} ({exc}); "
+                             "export the bundle again") from None
+        raise ItmrtError(f"the region index estimates cross-attention scores (NAAF, SCAN); {path} is a "
+                         f"{meta.get('family')!r} scorer")
+
+    def scores(self, best: np.ndarray, tokens: np.ndarray,
+               product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """``[N]`` estimated scores from ``best [m, N]`` (per word, per image) and the caption's tokens;
+        ``product(a, b) = a b^T`` (default numpy's)."""
+        if self.family == "naaf":
+            shifted = best - np.float32(self.threshold)
+            logits = self.intra_factor * (tokens @ tokens.T)
+            weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+            weights = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+            decision = product(weights, np.ascontiguousarray(shifted.T)) if product is not None else weights @ shifted
+            negative = np.where(decision < 0, shifted, np.float32(0))
+            aggregated = np.where(shifted > 0, best, np.float32(0))
+            return (negative + aggregated + best).mean(axis=0)
+        if self.agg_func == "LogSumExp":
+            lam = np.float32(self.lambda_lse)
+            top = best.max(axis=0)
+            return top + np.log(np.exp(lam * (best - top)).sum(axis=0)) / lam
+        if self.agg_func == "Max":
+            return best.max(axis=0)
+        if self.agg_func == "Sum":
+            return best.sum(axis=0)
+        return best.mean(axis=0)
+
+
+class RegionIndex:
+    """A shard's loaded region index (centroids, codes, inverted lists) and its search defaults."""
+
+    def __init__(self, centroids: np.ndarray, lists: np.ndarray, codes: np.ndarray, record: dict[str, Any]) -> None:
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        count = len(self.centroids)
+        self.offsets = lists[: count + 1].astype(np.int64)
+        self.rows_of = lists[count + 1 :]
+        self.codes = codes
+        self.record = record
+        self.images = int(record["rows"])
+        params = record["params"]
+        self.nprobe, self.candidates = int(params["nprobe"]), int(params["candidates"])
+        self.refine = int(params.get("refine", DEFAULT_REFINE))
+        self.exact_pass = int(params.get("exact_pass", DEFAULT_EXACT_PASS))
+
+    def best_similarities(self, tokens: np.ndarray, nprobe: int, sims: np.ndarray | None = None) -> np.ndarray:
+        """``[m, N]`` estimated best-region similarity of each token in each image (steps 1-2 of the module)."""
+        sims = tokens @ self.centroids.T if sims is None else sims  # [m, C]
+        probe = max(1, min(nprobe, sims.shape[1]))
+        best = np.empty((len(tokens), self.images), dtype=np.float32)
+        for word, row in enumerate(sims):
+            nearest = np.argpartition(-row, probe - 1)[:probe] if probe < len(row) else np.arange(len(row))
+            nearest = nearest[np.argsort(row[nearest], kind="stable")]  # ascending: later writes are larger
+            target = best[word]
+            target.fill(row[nearest[0]])
+            for centroid in nearest:
+                target[self.rows_of[self.offsets[centroid] : self.offsets[centroid + 1]]] = row[centroid]
+        return best
+
+    def estimates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
+                  which: np.ndarray | None = None, threads: int = 0) -> np.ndarray:
+        """``[Q, N]`` probe-estimated scores of captions ``which`` (default: all) against every image."""
+        assert captions.offsets is not None
+        which = np.arange(len(captions)) if which is None else which
+        out = np.empty((len(which), self.images), dtype=np.float32)
+        product = token_gemm(threads)
+        for row, caption in enumerate(which):
+            start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
+            tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
+            sims = product(tokens, self.centroids)
+            out[row] = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens, product)
+        return out
+
+    def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
+                         keep: int, threads: int = 0, embeddings: Any = None, exact_pass: int = 0) -> np.ndarray:
+        """``[Q, K]`` each caption's ``keep`` best images by estimate (best first, ties by the lower row): the
+        probe estimate over every image, then the ``refine`` best of those estimated again from every region's
+        centroid (step 3b), then, with ``embeddings`` and ``exact_pass``, that many estimated from their exact
+        region similarities (step 3c)."""
+        assert captions.offsets is not None
+        k = min(keep, self.images)
+        out = np.empty((len(captions), k), dtype=np.int64)
+        product = token_gemm(threads)
+        for caption in range(len(captions)):
+            start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
+            tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
+            sims = product(tokens, self.centroids)
+            scores = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens, product)
+            rows = np.arange(self.images)
+            if k < self.refine < self.images:
+                rows = _top_rows(scores, rows, self.refine)
+                by_centroid = np.ascontiguousarray(sims.T)  # [C, m]: each gather reads one short row
+                regions = by_centroid[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
+                scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), tokens, product)
+            if embeddings is not None and k < exact_pass < len(rows):
+                rows = np.sort(_top_rows(scores, rows, exact_pass))  # sorted: a forward read of the memmap
+                best = exact_best_similarities(tokens, embeddings, rows, product)
+                scores = estimate.scores(best, tokens, product)
+            out[caption] = _top_rows(scores, rows, k)
+        return out
+
+    def caption_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
+                           keep: int, threads: int = 0) -> np.ndarray:
+        """``[N, K]`` each image's ``keep`` best captions by estimate (captions in blocks: bounded memory)."""
+        k = min(keep, len(captions))
+        best = StreamingTopK(self.images, k)
+        block = max(1, ESTIMATE_BLOCK_BYTES // max(1, 4 * self.images))
+        for first in range(0, len(captions), block):
+            which = np.arange(first, min(first + block, len(captions)))
+            best.update(slice(None), self.estimates(captions, estimate, nprobe, which, threads).T, which)
+        return best.indices
+
+
+def exact_best_similarities(tokens: np.ndarray, embeddings: Any, rows: np.ndarray,
+                            product: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                            block: int = EXACT_BLOCK) -> np.ndarray:
+    """``[m, len(rows)]`` each token's largest similarity over each image's regions, from the stored embeddings
+    (blocks of images: the float32 copy of a block stays in cache)."""
+    out = np.empty((len(tokens), len(rows)), dtype=np.float32)
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        vectors = np.asarray(embeddings[part], dtype=np.float32)
+        sims = product(tokens, vectors.reshape(-1, vectors.shape[-1])).reshape(len(tokens), len(part), -1)
+        out[:, start : start + len(part)] = sims.max(axis=2)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def token_gemm(threads: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``a [m, d] @ b [C, d]^T`` on ONNX Runtime's MLAS with ``threads`` threads (0: its default). numpy's
+    OpenBLAS threads a product this small over every core and, on a busy machine, waits far longer for them
+    than the product takes (measured 60 ms against 2 ms on one thread)."""
+    from itmrt.runtime.fused import _gemm_session
+
+    session = _gemm_session(threads)
+
+    def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, {"a": np.ascontiguousarray(a, dtype=np.float32),
+                                             "b": np.ascontiguousarray(b, dtype=np.float32)})[0])
+
+    return product
+
+
+def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` of ``rows`` with the highest ``scores`` (best first, ties by the lower row)."""
+    best = StreamingTopK(1, min(k, len(rows)))
+    best.update(slice(None), scores[None, :], rows)
+    return best.indices[0]
+
+
+def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings, candidates: np.ndarray,
+                      k: int, direction: str = "t2i") -> TopK:
+    """The exact rerank of a shard's candidates with the bundle's scorer: ``candidates [Q, K]`` images per
+    caption (``t2i``) or captions per image (``i2t``) -> each query's best ``k``.
+
+    The one place the region index calls a scorer: a faster one-caption path over an image subset can
+    replace this body without touching the search.
+    """
+    if direction == "t2i":
+        return rerank_text_to_image(runtime.score, embeddings, captions, candidates, k)
+    return rerank_image_to_text(runtime.score, embeddings, captions, candidates, k)
+
+
+def load_region_index(folder: Path, entry: Any, verify: bool = True) -> RegionIndex:
+    """A shard's region index from the files its document lists (each checked against its sha256)."""
+    from itmrt.bundle.closed import verified_member
+    from itmrt.bundle.gallery_manifest import REMEDY
+    from itmrt.data.npy import open_npy
+
+    listed = {item.file: item.sha256 for item in entry.files()}
+    arrays = {}
+    for role in ("centroids", "lists", "codes"):
+        item = getattr(entry, role)
+        path = verified_member(folder, item.file, listed, "gallery", REMEDY) if verify else folder / item.file
+        arrays[role] = np.asarray(open_npy(path, f"region index {role}"))
+    record = entry.to_json()
+    centroids, lists = arrays["centroids"], arrays["lists"]
+    count = int(record["params"]["centroids"])
+    if centroids.shape != (count, entry.dims) or lists.ndim != 1 or len(lists) < count + 1 \
+            or lists.dtype != np.int32 or int(lists[count]) != len(lists) - count - 1:
+        raise ItmrtError(f"{folder}: the region index files do not hold {count} centroids of {entry.dims} and "
+                         "their lists; re-index the gallery")
+    codes = arrays["codes"]
+    if codes.shape != (int(record["rows"]), entry.regions) or (codes.size and int(codes.max()) >= count) \
+            or (len(lists) > count + 1 and int(lists[count + 1 :].max()) >= int(record["rows"])):
+        raise ItmrtError(f"{folder}: the region index's codes or lists do not fit its {count} centroids and "
+                         f"{record['rows']} images; re-index the gallery")
+    return RegionIndex(centroids, lists, codes, record)

@@ -1,0 +1,217 @@
+"""The region index (``--shortlist-index regions``): exact when it probes and keeps everything, appends searchable,
+compact storage decoded faithfully, tampered or foreign index files refused, ``--embeddings`` checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import numpy as np
+import pytest
+
+from itmrt.errors import ItmrtError
+from itmrt.runtime import load
+from itmrt.runtime.compact_regions import ResidualCodec, pack, unpack
+from itmrt.scale import IndexSpec, SearchRequest, ShardingOptions, index_sharded, open_shards
+
+from cli_helpers import run_cli
+from runtime_helpers import make_bundle, random_captions, region_features
+from scale_helpers import quiet, same_top_k
+
+pytest.importorskip("faiss")
+pytest.importorskip("numba", reason="exact comparisons: the fused scorer's scores do not depend on the tiling")
+
+BOTH = ("t2i", "i2t")
+EVERYTHING = 10**6
+
+
+def same_answer(found: Any, reference: Any, family: str) -> None:
+    """The same top-k; NAAF's fused scorer gives the same scores bit for bit whatever the tiling, SCAN's graph
+    scorer to float rounding (its sums run in another order in another tile shape)."""
+    if family == "naaf":
+        same_top_k(found, reference)
+        return
+    np.testing.assert_array_equal(found.indices, reference.indices)
+    np.testing.assert_allclose(found.scores, reference.scores, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module", params=["naaf", "scan"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp(f"regions-{request.param}")
+    opt = None if request.param == "naaf" else {"vocab_size": 50, "img_dim": 64, "embed_size": 32, "word_dim": 16}
+    bundle = make_bundle(root / "model", family=request.param, opt=opt)[0]
+    runtime = load(bundle, threads=1, warn=quiet)
+    features = region_features(45, seed=7)
+    embeddings = runtime.encode_images(features)
+    captions = runtime.encode_captions(random_captions(9, seed=8, max_words=10))
+    gallery = root / "gallery"
+    index_sharded(runtime, features, gallery, ShardingOptions(16, None, IndexSpec("regions")))
+    return {"family": request.param, "root": root, "bundle": bundle, "runtime": runtime, "features": features,
+            "embeddings": embeddings,
+            "captions": captions, "gallery": gallery}
+
+
+def test_probing_every_centroid_and_keeping_every_image_is_exhaustive_scoring(world: dict[str, Any]) -> None:
+    runtime, captions = world["runtime"], world["captions"]
+    reference = runtime.rank(world["embeddings"], captions, top_k=6)
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    found = shards.search(captions, SearchRequest(k=6, shortlist=EVERYTHING, nprobe=EVERYTHING, directions=BOTH))
+    same_answer(found.t2i, reference.t2i, world["family"])
+    same_answer(found.i2t, reference.i2t, world["family"])
+    assert set(found.stage_seconds) == {"candidates", "rerank"}
+    few = shards.search(captions, SearchRequest(k=6, shortlist=6, nprobe=1))
+    assert few.pairs == len(captions) * 6 * 3  # 6 candidates in each of 3 shards: far fewer pairs scored
+    assert ((few.t2i.indices >= 0) & (few.t2i.indices < 45)).all()
+
+
+def test_the_shard_document_records_the_index_files_and_parameters(world: dict[str, Any]) -> None:
+    document = json.loads((world["gallery"] / "shard-00000" / "gallery.json").read_text())
+    entry = document["region_index"]
+    assert {entry[role]["file"] for role in ("centroids", "codes", "lists")} == {
+        "region_centroids.npy", "region_codes.npy", "region_lists.npy"}
+    assert entry["params"]["storage"] == "exact" and entry["params"]["nprobe"] >= 1
+    assert entry["built_from"] == document["embeddings"]["sha256"]
+    codes = np.load(world["gallery"] / "shard-00000" / "region_codes.npy")
+    assert codes.shape == (16, world["embeddings"].shape[1]) and codes.max() < entry["params"]["centroids"]
+
+
+def test_an_append_is_searchable(world: dict[str, Any]) -> None:
+    runtime, captions = world["runtime"], world["captions"]
+    gallery = world["root"] / "appended"
+    features = world["features"]
+    index_sharded(runtime, features[:30], gallery, ShardingOptions(16, None, IndexSpec("regions")))
+    index_sharded(runtime, features[30:], gallery, ShardingOptions(16), append=True)
+    document = json.loads((gallery / "shard-00002" / "gallery.json").read_text())
+    assert "region_index" in document
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    found = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, nprobe=EVERYTHING))
+    same_answer(found.t2i, runtime.rank(world["embeddings"], captions, top_k=5).t2i, world["family"])
+    # An appended image is found by its own regions' caption-like query: its tokens are its regions.
+    own = world["embeddings"][40]
+    query = type(captions)(own.copy(), np.array([len(own)], dtype=np.int32), np.array([0, len(own)]))
+    hit = shards.search(query, SearchRequest(k=1, shortlist=3)).t2i.indices[0, 0]
+    assert hit == runtime.rank(world["embeddings"], query, top_k=1).t2i.indices[0, 0]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_residual_codes_pack_and_decode_within_their_buckets(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=(7, 37), dtype=np.uint8)
+    np.testing.assert_array_equal(unpack(pack(codes, bits), bits, 37), codes)
+    vectors = rng.standard_normal((500, 24)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    centroids = np.zeros_like(vectors)
+    codec = ResidualCodec.fit(vectors, centroids, bits)
+    decoded = codec.decode(codec.encode(vectors, centroids), centroids)
+    cosine = (decoded * vectors).sum(axis=1).mean()
+    assert cosine > {1: 0.75, 2: 0.9, 4: 0.98}[bits]
+
+
+def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, Any]) -> None:
+    runtime, captions = world["runtime"], world["captions"]
+    gallery = world["root"] / "compact"
+    spec = IndexSpec("regions", regions_storage="compact", residual_bits=4)
+    index_sharded(runtime, world["features"], gallery, ShardingOptions(16, None, spec))
+    assert not list(gallery.glob("shard-*/image_embeddings.npy"))
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    decoded = np.concatenate([np.asarray(shard.gallery.embeddings[:]) for shard in shards.shards])
+    cosine = (decoded * world["embeddings"]).sum(axis=-1)
+    assert cosine.min() > 0.9
+    full = shards.search(captions, SearchRequest(k=5))
+    same_answer(full.t2i, runtime.rank(decoded, captions, top_k=5).t2i, world["family"])
+    found = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, nprobe=EVERYTHING))
+    same_answer(found.t2i, full.t2i, world["family"])
+
+
+def test_a_tampered_or_foreign_index_file_is_refused_in_one_line(world: dict[str, Any]) -> None:
+    gallery = world["root"] / "tampered"
+    shutil.copytree(world["gallery"], gallery)
+    lists = gallery / "shard-00001" / "region_lists.npy"
+    data = bytearray(lists.read_bytes())
+    data[-1] ^= 1
+    lists.write_bytes(bytes(data))
+    with pytest.raises(ItmrtError, match=r"region_lists\.npy does not match the sha256") as caught:
+        open_shards(gallery, threads=1, warn=quiet)
+    assert "\n" not in str(caught.value)
+    foreign = world["root"] / "foreign"
+    shutil.copytree(world["gallery"], foreign)
+    shutil.copy(foreign / "shard-00000" / "region_centroids.npy", foreign / "shard-00001" / "region_centroids.npy")
+    with pytest.raises(ItmrtError, match=r"region_centroids\.npy does not match the sha256"):
+        open_shards(foreign, threads=1, warn=quiet)
+
+
+def test_a_region_index_needs_region_embeddings_options_to_match(world: dict[str, Any]) -> None:
+    with pytest.raises(ItmrtError, match="--regions-storage compact is storage of the region index"):
+        IndexSpec("flat", regions_storage="compact").check()
+    with pytest.raises(ItmrtError, match="--residual-bits must be one of 1, 2, 4"):
+        IndexSpec("regions", residual_bits=3).check()
+    with pytest.raises(ItmrtError, match="--nprobe must be at least 1"):
+        SearchRequest(k=1, shortlist=2, nprobe=0).check()
+
+
+def test_index_embeddings_stores_them_and_refuses_bad_ones(world: dict[str, Any], capsys: Any) -> None:
+    root, bundle, embeddings = world["root"], str(world["bundle"]), world["embeddings"]
+    runtime = world["runtime"]
+    np.save(root / "given.npy", embeddings)
+    result = run_cli(capsys, "index", bundle, "--embeddings", str(root / "given.npy"), "--out", str(root / "given"))
+    assert result.code == 0, result.err
+    np.testing.assert_array_equal(runtime.open_gallery(root / "given").embeddings, embeddings)
+    broken = {"shape.npy": embeddings[:, :, :-1], "nan.npy": np.where(np.arange(embeddings.size).reshape(
+        embeddings.shape) == 77, np.nan, embeddings).astype(np.float32), "norm.npy": embeddings * 1.5,
+        "ints.npy": np.zeros(embeddings.shape, dtype=np.int32)}
+    messages = {"shape.npy": "has shape", "nan.npy": "NaN or infinite", "norm.npy": "not of unit length",
+                "ints.npy": "give float32 or float16"}
+    for name, array in broken.items():
+        np.save(root / name, array)
+        result = run_cli(capsys, "index", bundle, "--embeddings", str(root / name), "--out", str(root / "bad"),
+                         "--shard-images", "20", "--shortlist-index", "regions")
+        assert result.code != 0 and messages[name] in result.err and result.err.count("\n") == 1, result.err
+        assert not (root / "bad").exists()
+        with pytest.raises(ItmrtError, match=messages[name]):
+            runtime.index(out=root / "bad", embeddings=array)
+
+
+def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[str, Any], capsys: Any) -> None:
+    root = world["root"]
+    (root / "audit.txt").write_text("\n".join(random_captions(12, seed=21, max_words=9)) + "\n")
+    out, table = root / "audit.json", root / "audit.md"
+    result = run_cli(capsys, "audit", str(world["gallery"]), "--captions", str(root / "audit.txt"), "--sample", "6",
+                     "--shortlist", "45", "--nprobe", "1000", "--out", str(out), "--markdown", str(table),
+                     "--overwrite")
+    assert result.code == 0, result.err
+    report = json.loads(out.read_text())
+    assert report["captions_sampled"] == 6 and report["index"] == "regions"
+    assert report["recall_at_10"] == 1.0 and report["top1_agreement"] == 1.0  # K and nprobe cover everything
+    assert {"encode_captions", "exhaustive", "index_candidates", "index_rerank"} <= set(report["ms_per_caption"])
+    assert table.read_text() == result.out and "| regions | 45 | 1000 | recorded | 1.0 | 1.0 |" in result.out
+
+
+def test_serve_metrics_carry_the_index_stages(world: dict[str, Any]) -> None:
+    pytest.importorskip("prometheus_client")
+    from itmrt.serve.metrics import ServiceMetrics
+    from itmrt.serve.sharded import ShardedSearcher
+
+    searcher = ShardedSearcher(open_shards(world["gallery"], threads=1, warn=quiet), shortlist=5)
+    searcher.top_k(world["captions"], 3)
+    assert set(searcher.index_stages) == {"candidates", "rerank"}
+    metrics = ServiceMetrics()
+    metrics.batch(1, 3, 0.001, 0.002, searcher.index_stages)
+    text = metrics.exposition()[0].decode()
+    assert 'itmrt_stage_seconds_count{stage="index_rerank"} 1.0' in text
+
+
+def test_every_stage_of_the_candidate_search_keeps_real_images_and_exact_scores(world: dict[str, Any]) -> None:
+    """With refine and the exact pass below the shard size (the defaults are for 100K-image shards), the
+    candidates still come out as real rows and the reranked scores are the exhaustive scores of those images."""
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    for shard in shards.shards:
+        assert shard.regions is not None
+        shard.regions.refine = 12
+    found = shards.search(captions, SearchRequest(k=4, shortlist=5, nprobe=2, exact_pass=9)).t2i
+    full = runtime.score(world["embeddings"], captions)  # [images, captions]
+    assert ((found.indices >= 0) & (found.indices < 45)).all()
+    for caption in range(len(captions)):
+        np.testing.assert_allclose(found.scores[caption], full[found.indices[caption], caption], atol=1e-6)
+        assert len(set(found.indices[caption])) == 4
