@@ -78,17 +78,12 @@ def index_command(
     from itmrt.runtime.image_files import is_image_listing
 
     started = time.perf_counter()
-    if (images is None) == (embeddings is None):
-        raise ItmrtError("give --images (image features or files) or --embeddings (already encoded), one of them")
-    check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images, "embeddings": embeddings})
+    _check_inputs(bundle, images, embeddings, out)
+    sharded = shard_images is not None or append
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
                              {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
-                              "exact_pass": exact_pass,
-                              "regions_storage": regions_storage, "residual_bits": residual_bits})
-    sharded = shard_images is not None or append
-    if not sharded and index_spec is not None:
-        raise ItmrtError("the FAISS shortlist index is built per shard: add --shard-images N (N >= the images "
-                         "for one shard)")
+                              "exact_pass": exact_pass, "regions_storage": regions_storage,
+                              "residual_bits": residual_bits}, sharded)
     runtime = load(bundle, runtime, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup and embeddings is None else ""
     listing = images is not None and is_image_listing(images)
@@ -96,23 +91,30 @@ def index_command(
     inputs: Any = open_npy(embeddings, "embeddings") if embeddings is not None else options.image_inputs(runtime, images)
     source = str(images if images is not None else embeddings)
     if sharded:
-        gallery, count = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append,
-                                        outputs.overwrite, source, skip_bad_images, outputs.progress, given)
-        shape = (f"{len(gallery.shards)} shards, {len(gallery)} images in all, {gallery.dtype} "
-                 f"{tuple(gallery.manifest['item_shape'])} per image")
+        count, shape = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append,
+                                      outputs.overwrite, source, skip_bad_images, outputs.progress, given)
     else:
-        single = runtime.index(out=out, overwrite=outputs.overwrite, source=source, skip_bad_images=skip_bad_images,
-                               dtype=dtype or "float32", **({"embeddings": inputs} if given else {"features": inputs}))
-        shape, count = f"embeddings {tuple(single.embeddings.shape)} {single.embeddings.dtype}", len(single)
+        count, shape = _index_single(runtime, inputs, out, given, source, dtype, outputs.overwrite, skip_bad_images)
     skipped = len(inputs) - count if listing else 0
     counted = f" ({skipped} unreadable skipped)" if skipped else ""
     how = "stored as given" if given else f"{runtime.options.backend}/{runtime.options.precision}"
     typer.echo(f"indexed {count} images{counted} ({how}) into {out} in {time.perf_counter() - started:.1f}s{warm}; "
                f"{shape}")
 
+
+def _check_inputs(bundle: Path, images: Path | None, embeddings: Path | None, out: Path) -> None:
+    """Exactly one of --images and --embeddings, and --out apart from every input."""
+    if (images is None) == (embeddings is None):
+        raise ItmrtError("give --images (image features or files) or --embeddings (already encoded), one of them")
+    check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images, "embeddings": embeddings})
+
+
 def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m: int, ef_construction: int,
-                ef_search: int, regions: dict[str, Any]) -> Any:
+                ef_search: int, regions: dict[str, Any], sharded: bool = True) -> Any:
     """The shortlist index asked for, or None when no index option was given (the default, or the gallery's)."""
+    if kind is not None and not sharded:
+        raise ItmrtError("the FAISS shortlist index is built per shard: add --shard-images N (N >= the images "
+                         "for one shard)")
     from itmrt.scale.index import IndexSpec
 
     if kind is None:
@@ -127,9 +129,9 @@ def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m:
 
 def _index_sharded(runtime: Any, inputs: Any, out: Path, shard_images: int | None, dtype: str | None,
                    index_spec: Any, append: bool, overwrite: bool, source: str, skip_bad_images: bool,
-                   progress: bool, given: bool = False) -> tuple[Any, int]:
-    """The sharded gallery written (or appended to) and the number of images it gained; ``given``: ``inputs``
-    are embeddings encoded elsewhere."""
+                   progress: bool, given: bool = False) -> tuple[int, str]:
+    """The sharded gallery written (or appended to): the number of images it gained and its shape in words;
+    ``given``: ``inputs`` are embeddings encoded elsewhere."""
     from itmrt.cli.progress import progress_bars
     from itmrt.scale.layout import is_sharded_gallery, read_sharded_gallery
     from itmrt.scale.writer import ShardingOptions, index_sharded
@@ -147,4 +149,14 @@ def _index_sharded(runtime: Any, inputs: Any, out: Path, shard_images: int | Non
         gallery = index_sharded(runtime, None if given else inputs, out, options, overwrite=overwrite, append=append,
                                 source=source, skip_bad_images=skip_bad_images,
                                 progress=bars("index (images)", len(inputs)), embeddings=inputs if given else None)
-    return gallery, len(gallery) - before
+    shape = (f"{len(gallery.shards)} shards, {len(gallery)} images in all, {gallery.dtype} "
+             f"{tuple(gallery.manifest['item_shape'])} per image")
+    return len(gallery) - before, shape
+
+
+def _index_single(runtime: Any, inputs: Any, out: Path, given: bool, source: str, dtype: str | None,
+                  overwrite: bool, skip_bad_images: bool) -> tuple[int, str]:
+    """A one-folder gallery written: its number of images and its shape in words."""
+    single = runtime.index(out=out, overwrite=overwrite, source=source, skip_bad_images=skip_bad_images,
+                           dtype=dtype or "float32", **({"embeddings": inputs} if given else {"features": inputs}))
+    return len(single), f"embeddings {tuple(single.embeddings.shape)} {single.embeddings.dtype}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from itmrt.bundle.traits import bundle_traits
 from itmrt.errors import DataError
 
 NORM_TOLERANCE = 1e-2
@@ -32,7 +33,7 @@ def check_given_embeddings(embeddings: Any, bundle: Any, source: str = "embeddin
         raise DataError(f"{source} holds {embeddings.dtype}; give float32 or float16 embeddings")
     dims = bundle.manifest.dims
     depth = int(dims["embed_size"])
-    token_level = bool(getattr(_family(bundle), "token_level", True))
+    token_level = bundle_traits(bundle.manifest).token_level  # region vectors per image (NAAF, SCAN)
     if token_level:
         limits = bundle.shape_range("num_regions")
         low, high = (limits.min, limits.max) if limits else (1, 1 << 20)
@@ -57,9 +58,3 @@ def check_given_embeddings(embeddings: Any, bundle: Any, source: str = "embeddin
                 raise DataError(f"{source}: image {row} has region vectors that are not of unit length (the image "
                                 "encoder l2-normalises each region); normalise them first")
     return embeddings
-
-
-def _family(bundle: Any) -> Any:
-    from itmrt.families import get
-
-    return get(bundle.family)

@@ -232,8 +232,10 @@ def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings
     """The exact rerank of a shard's candidates with the bundle's scorer: ``candidates [Q, K]`` images per
     caption (``t2i``) or captions per image (``i2t``) -> each query's best ``k``.
 
-    The one place the region index calls a scorer: a faster one-caption path over an image subset can
-    replace this body without touching the search.
+    The one place the region index calls a scorer. ``runtime.score`` takes the one-caption scorer
+    (``itmrt.runtime.one_caption``) for a few captions, so a one-caption query's rerank is one block GEMM over
+    its candidates' embeddings (decoded first under compact storage); the candidates' per-image constants are
+    computed inside the call, which costs less than looking them up for a few hundred images.
     """
     if direction == "t2i":
         return rerank_text_to_image(runtime.score, embeddings, captions, candidates, k)
