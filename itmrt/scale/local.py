@@ -20,7 +20,7 @@ class LocalShards:
     """A sharded gallery's shards, opened in this process for ``runtime`` (a Runtime of the gallery's bundle)."""
 
     def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False) -> None:
-        gallery.check_bundle(runtime.bundle.manifest_sha256, runtime.bundle.path)
+        gallery.check_bundle(runtime.bundle)
         self.runtime, self.gallery = runtime, gallery
         self.shards = [OpenShard.open(gallery, record, verify, gpu_index) for record in gallery.shards]
 
