@@ -200,8 +200,10 @@ def member(root: Path, name: Any) -> Path:
     return path
 
 
-def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True) -> Gallery:
-    """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype."""
+def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True,
+                       in_memory: bool = False) -> Gallery:
+    """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype;
+    ``in_memory``: its embeddings copied into memory as they are verified (as :func:`read_gallery` does)."""
     folder = member(gallery.path, shard.name)
     document = folder / GALLERY_MANIFEST
     try:
@@ -212,7 +214,7 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     if digest != shard.sha256:
         raise ItmrtError(f"{document} does not match the sha256 that {gallery.path / GALLERY_MANIFEST} records; "
                          "re-index the gallery")
-    opened = read_gallery(folder, verify=verify)
+    opened = read_gallery(folder, verify=verify, in_memory=in_memory)
     if not same_image_encoder(opened.manifest.bundle, gallery.recorded):
         raise ItmrtError(f"{folder} was made with another image encoder than the rest of {gallery.path}; "
                          "re-index it")
@@ -238,6 +240,31 @@ def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
         raise ItmrtError(f"{path} has shape {vectors.shape} / {vectors.dtype}, not one float32 vector per image; "
                          "re-index the gallery")
     return vectors
+
+
+def shard_bytes(gallery: ShardedGallery) -> int:
+    """The bytes of every file in the gallery's shard folders (what copying them into memory would take, about)."""
+    total = 0
+    for shard in gallery.shards:
+        folder = member(gallery.path, shard.name)
+        total += sum(entry.stat().st_size for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink())
+    return total
+
+
+def mapped_files(shard: Gallery, in_memory: bool) -> list[Path]:
+    """The files of a shard that stay memory-mapped while it is searched: everything its document lists but its
+    image ids and FAISS index (read whole); ``in_memory``: only compact storage's files (decoded on demand)."""
+    manifest = shard.manifest
+    if in_memory:
+        if manifest.embeddings.stored != "region_index" or manifest.region_index is None:
+            return []
+        names = [entry.file for entry in manifest.region_index.files()]
+    else:
+        read_whole = {manifest.ids.file} if manifest.ids is not None else set()
+        if manifest.shortlist is not None and manifest.shortlist.index is not None:
+            read_whole.add(manifest.shortlist.index.file)
+        names = [name for name in manifest.files() if name not in read_whole]
+    return [path for path in (member(shard.path, name) for name in names) if path.is_file()]
 
 
 def index_record(shard: Gallery) -> dict[str, Any] | None:
