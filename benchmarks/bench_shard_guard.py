@@ -45,7 +45,7 @@ def child(gallery: str, copy_mb: float, queries: int) -> dict[str, float]:
     shards = open_shards(gallery, threads=1, scorer="graph", copy_mb=copy_mb, warn=lambda _m: None)
     opened = time.perf_counter() - started
     after = memory_mb()
-    check = getattr(shards, "files_changed")
+    check = shards.files_changed
     started = time.perf_counter()
     for _ in range(1000):
         assert check() is None
