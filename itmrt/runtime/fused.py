@@ -201,9 +201,9 @@ class FusedNaafScorer:
         that cannot be written (a full or read-only disk) is an optimisation lost, not a failure: the kernels
         are compiled in memory, with a warning (``warn``, set by the runtime)."""
         rng = np.random.default_rng(0)
-        feeds = {"image_embeddings": rng.standard_normal((1, 2, 4), dtype=np.float32),
-                 "caption_embeddings": rng.standard_normal((2, 3, 4), dtype=np.float32),
-                 "lengths": np.array([3, 2], dtype=np.int64)}
+        feeds: dict[str, np.ndarray] = {"image_embeddings": rng.standard_normal((1, 2, 4), dtype=np.float32),
+                                        "caption_embeddings": rng.standard_normal((2, 3, 4), dtype=np.float32),
+                                        "lengths": np.array([3, 2], dtype=np.int64)}
         try:
             self.run(feeds)
         except OSError as exc:
