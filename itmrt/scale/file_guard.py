@@ -50,13 +50,32 @@ class FileState:
         return "modified in place"
 
 
-class FileGuard:
-    """The state of ``paths`` now; :meth:`check` raises when any of them differs later. ``label`` names their
-    owner (a shard) in the message, which gives file names only (it may reach a client)."""
+def folder_states(folder: Path) -> dict[Path, FileState]:
+    """The state of every plain file in ``folder`` now (links and folders left out)."""
+    states: dict[Path, FileState] = {}
+    try:
+        paths = list(folder.iterdir())
+    except OSError:
+        return states  # no folder there: opening the shard reports it
+    for path in paths:
+        try:
+            if path.is_file() and not path.is_symlink():
+                states[path] = FileState.of(path)
+        except OSError:
+            continue  # gone already: opening the shard reports it
+    return states
 
-    def __init__(self, label: str, paths: list[Path]) -> None:
+
+class FileGuard:
+    """The state of ``paths`` (``before``'s where it holds them, else now); :meth:`check` raises when any of them
+    differs later. ``label`` names their owner (a shard) in the message, which gives file names only (it may
+    reach a client). Record ``before`` ahead of verifying the files (:func:`folder_states`), so a change made
+    while they were being hashed is caught too."""
+
+    def __init__(self, label: str, paths: list[Path], before: dict[Path, FileState] | None = None) -> None:
         self.label = label
-        self.states = {path: FileState.of(path) for path in paths}
+        before = before or {}
+        self.states = {path: before.get(path) or FileState.of(path) for path in paths}
 
     def __len__(self) -> int:
         return len(self.states)

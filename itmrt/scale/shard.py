@@ -31,7 +31,7 @@ from itmrt.runtime.shortlist import (
     top_candidates,
 )
 from itmrt.runtime.tiled import StreamingTopK, TopK
-from itmrt.scale.file_guard import FileGuard
+from itmrt.scale.file_guard import FileGuard, folder_states
 from itmrt.scale.index import ShortlistIndex
 from itmrt.scale.layout import (
     INDEX_FILE,
@@ -119,6 +119,7 @@ class OpenShard:
              gpu_index: bool = False, in_memory: bool = False) -> OpenShard:
         """``in_memory``: the embeddings, global vectors and region index copied into this process's memory (only
         compact storage's files stay mapped); otherwise they are memory-mapped and checked before each search."""
+        before = folder_states(member(sharded.path, record.name))  # ahead of verification
         gallery = read_shard_gallery(sharded, record, verify, in_memory)
         vectors = shard_vectors(gallery, verify)
         if in_memory and vectors is not None:
@@ -140,7 +141,7 @@ class OpenShard:
             if in_memory:
                 regions.centroids, regions.rows_of, regions.codes = (
                     np.array(regions.centroids), np.array(regions.rows_of), np.array(regions.codes))
-        guard = FileGuard(f"shard {record.name}", mapped_files(gallery, in_memory))
+        guard = FileGuard(f"shard {record.name}", mapped_files(gallery, in_memory), before)
         return cls(record, gallery, vectors, index, regions, guard if len(guard) else None)
 
     def files_changed(self) -> str | None:
