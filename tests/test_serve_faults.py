@@ -116,6 +116,9 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
         "tensor junk": (json.dumps({"inputs": [{**good["inputs"][0], "extra": 1}]}).encode(), "unknown key 'extra'"),
         "parameter junk": (body(["word1"], top_k=2, evil=True), "unknown key 'evil'"),
         "answer": (body(["word1"] * 6, top_k=10), "over the answer limit of 50 (--max-answer)"),
+        "repeated key": (b'{"inputs": [], "inputs": ' + json.dumps(good["inputs"]).encode() + b"}",
+                         "repeats the key 'inputs'"),
+        "empty caption": (body(["word1", " \t "]), "caption 1 is empty"),
     }
     with caplog.at_level(logging.INFO, logger="itmrt"):
         for content, words in cases.values():

@@ -117,11 +117,33 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     return document, binary
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice (parsers disagree on which value wins)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
 def _parse_json(body: bytes) -> Any:
     """The JSON document of ``body``; whatever is wrong with it (bad UTF-8 or syntax, nesting deeper than
     Python's recursion allows, an integer of thousands of digits) is a 400 naming the problem."""
     try:
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), object_pairs_hook=_object_without_repeats)
+    except DuplicateKey as exc:
+        raise bad_request(f"the request's JSON repeats the key {show(exc.key)} in one object; send each key once") \
+            from None
     except UnicodeDecodeError:
         raise bad_request("the request's JSON is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -229,9 +251,12 @@ def _decode_captions(raw: list[bytes], limits: RequestLimits) -> list[str]:
                 f"caption {index} is {len(item)} bytes long, over the limit of {limits.max_caption_bytes}; shorten it"
             )
         try:
-            captions.append(item.decode("utf-8"))
+            caption = item.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise bad_request(f"caption {index} is not valid UTF-8 (byte {exc.start}); send UTF-8 text") from None
+        if not caption.strip():  # no word at all: any ranking of it would be noise answered as if it meant something
+            raise bad_request(f"caption {index} is empty; send at least one word")
+        captions.append(caption)
     return captions
 
 
