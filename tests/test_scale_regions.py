@@ -189,6 +189,17 @@ def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[s
     assert table.read_text() == result.out and "| regions | 45 | 1000 | recorded | 1.0 | 1.0 |" in result.out
 
 
+def test_audit_refuses_a_one_folder_gallery_in_one_line(world: dict[str, Any], capsys: Any) -> None:
+    root = world["root"]
+    single = root / "single_gallery"
+    if not single.exists():
+        world["runtime"].index(world["features"][:4], single)
+    (root / "one.txt").write_text("word1 word2\n")
+    result = run_cli(capsys, "audit", str(single), "--captions", str(root / "one.txt"))
+    assert result.code == 2 and "one-folder gallery" in result.err and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
 def test_serve_metrics_carry_the_index_stages(world: dict[str, Any]) -> None:
     pytest.importorskip("prometheus_client")
     from itmrt.serve.metrics import ServiceMetrics

@@ -40,11 +40,18 @@ def audit_command(
     """
     from itmrt.cli.outputs import check_new_files, warn_on_stderr
     from itmrt.data.precomp import read_captions
+    from itmrt.errors import ItmrtError
     from itmrt.io import atomic_write_text
+    from itmrt.runtime.gallery import is_gallery
     from itmrt.scale.audit import audit, audit_markdown
+    from itmrt.scale.layout import is_sharded_gallery
     from itmrt.scale.searcher import open_shards
 
     check_new_files([out, markdown], overwrite)
+    if is_gallery(gallery) and not is_sharded_gallery(gallery):
+        raise ItmrtError(f"{gallery} is a one-folder gallery, which is always scored exhaustively: audit compares a "
+                         "sharded gallery's index with exhaustive scoring (make one with `itmrt index ... "
+                         "--shard-images N --shortlist-index regions`)")
     captions = read_captions(captions_path, "one caption per line")
     shards = open_shards(gallery, threads=threads, warn=warn_on_stderr)
     try:
