@@ -55,3 +55,8 @@ _OS_HINTS = {
     30: " (a read-only file system: choose a path elsewhere)",
     122: " (the disk quota is used up)",
 }
+
+
+class GalleryChanged(ItmrtError):
+    """A memory-mapped gallery file changed (size, times or inode) after it was opened and verified: what it
+    holds now was never checked, and reading a truncated mapping would end the process (SIGBUS)."""

@@ -118,6 +118,27 @@ def test_serve_starts_when_the_kernel_cache_cannot_be_written(world: dict[str, P
     assert "kernel cache cannot be written" in done.stdout and "warmed up fused True" in done.stdout, done.stdout
 
 
+def test_infer_with_the_fused_scorer_runs_when_the_kernel_cache_cannot_be_written(world: dict[str, Path],
+                                                                                    tmp_path: Path) -> None:
+    """The runtime itself (what infer and eval score with) falls back, at the kernels' first use - no warm-up."""
+    pytest.importorskip("numba")
+    captions = [f"word{i} word{i + 1}" for i in range(1, 30)]
+    script = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        "from itmrt.runtime import load\n"
+        f"rt = load({str(world['bundle'])!r}, scorer='fused', warn=lambda m: print('warning:', m))\n"
+        f"found = rt.rank(rt.open_gallery({str(world['gallery'])!r}), rt.encode_captions({captions!r}), top_k=3)\n"
+        "print('kernels', rt.fused._kernels is not None, 'rows', found.t2i.indices.shape[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert "kernel cache cannot be written" in done.stdout, done.stdout
+    assert f"kernels True rows {len(captions)}" in done.stdout, done.stdout
+
+
 def test_an_encoder_that_overflows_is_refused_naming_the_rows(world: dict[str, Path], tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     features = region_features(10, seed=4)

@@ -149,9 +149,11 @@ def image_encoder_identity(manifest: Any) -> str:
     outputs (dimensions and dtypes) and the image preprocessing. Engines, precision variants, calibration,
     shape ranges and the text side are left out: adding them to a bundle does not change an embedding."""
     graph = manifest.graphs["image_encoder"]
-    stem = Path(graph.file).stem
+    stem, folder = Path(graph.file).stem, Path(graph.file).parent
+    # The graph's own files only: precision variants (precision/fp16/image_encoder.onnx) share its name, not
+    # its folder, and are left out like engines.
     weights = {name: sha for name, sha in sorted(manifest.files.items())
-               if name == graph.file or Path(name).name.startswith(stem + ".")}
+               if name == graph.file or (Path(name).parent == folder and Path(name).name.startswith(stem + "."))}
     record = {
         "family": manifest.family,
         "graph": {"file": graph.file, "sha256": graph.sha256},
@@ -253,9 +255,22 @@ def recorded_bundle(folder: str | Path) -> GalleryBundle:
     _root, path, data, _raw = _gallery_document(folder)
     if data["kind"] == GALLERY_KIND:
         return parse_gallery_manifest(data, path).bundle
-    bundle = parse_document(_RecordedBundle, data, path, REMEDY, lambda _record: None).bundle
+    return parse_recorded_bundle(data, path)
+
+
+def parse_recorded_bundle(data: object, source: str | Path) -> GalleryBundle:
+    """The ``bundle`` entry of a parsed gallery document (a sharded gallery's top document), type-checked."""
+    bundle = parse_document(_RecordedBundle, data, source, REMEDY, lambda _record: None).bundle
     check_family(bundle.family)
     return bundle
+
+
+def same_image_encoder(one: GalleryBundle, other: GalleryBundle) -> bool:
+    """Whether two gallery records name embeddings of one image encoder: the same manifest, or the same
+    recorded :func:`image_encoder_identity` (the shards of a gallery appended to after its bundle grew)."""
+    if one.manifest_sha256 == other.manifest_sha256:
+        return True
+    return one.image_encoder_sha256 is not None and one.image_encoder_sha256 == other.image_encoder_sha256
 
 
 def gallery_schema() -> dict[str, object]:

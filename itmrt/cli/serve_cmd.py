@@ -48,6 +48,9 @@ def serve_command(
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
     shortlist: int | None = Opt(None, "--shortlist", min=1, help=(
         "Sharded gallery: rerank each shard's K best candidates (FAISS) instead of scoring every image.")),
+    copy_shards_mb: float = Opt(1024.0, "--copy-shards-mb", callback=options.finite("--copy-shards-mb", 0.0, 1 << 30), help=(
+        "Sharded gallery: copy its shards into memory when their files take at most this many MB (0: never); "
+        "larger ones stay memory-mapped and their files are checked before each search (a changed file: 503).")),
     ray: Any = None,  # the --ray options (ray_options.ray_group): RayOptions, or None without --ray
 ) -> None:
     """Serve a gallery: POST /v2/models/text_to_image/infer answers each caption's best images.
@@ -76,6 +79,6 @@ def serve_command(
                           header_timeout_s, body_timeout_s, write_timeout_s, int(max_buffered_mb * (1 << 20))),
         max_connections=max_connections, access_log=access_log, shortlist=shortlist,
         allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origin), grace_s=grace_s, watch_s=watch_s,
-        ray=ray,
+        ray=ray, copy_shards_mb=copy_shards_mb,
     )
     Service(source, gallery, serve_options).run()

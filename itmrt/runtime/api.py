@@ -70,6 +70,8 @@ class Runtime:
         self.fused = _fused_scorer(bundle, options.scorer, options.backend, options.precision,
                                    self.backends[Component.SCORER], settings)
         self.scorer_kind = "fused" if self.fused is not None else "graph"
+        if self.fused is not None:
+            self.fused.warn = self.warn  # a kernel cache that cannot be written is a warning, not a failure
         self.one_caption = _one_caption_scorer(bundle, options.scorer, options.backend, options.precision,
                                                self.backends[Component.SCORER], settings)
         self.vocab = Vocabulary.from_json(bundle.vocab_file())

@@ -65,6 +65,22 @@ def fused_available() -> bool:
     return available("numba")
 
 
+def kernel_cache_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while numba wrote its kernel cache (a full or read-only cache disk)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any("numba" in frame.filename and frame.filename.endswith("caching.py") for frame in frames)
+
+
+def disable_kernel_cache() -> None:
+    """Compile the fused scorer's kernels in memory only: the cache is an optimisation, never a condition."""
+    from numba.core.caching import NullCache
+
+    for dispatcher in kernels_module().kernels():
+        dispatcher._cache = NullCache()  # type: ignore[attr-defined]
+
+
 def kernels_module() -> ModuleType:
     """:mod:`itmrt.runtime.fused_kernels`, imported on first use (it imports numba; its kernels compile,
     or load from numba's cache, at their first call)."""
@@ -164,19 +180,40 @@ class FusedNaafScorer:
         if not fused_available():
             require("numba")  # raises MissingDependency with the install command
         self._kernels: ModuleType | None = None
+        self.warn: Callable[[str], None] | None = None  # where a lost kernel cache is reported (the runtime's)
         self._gemm = _gemm_session(threads)
         self._gram = _gram_session(threads)
         self._sims_buffer = np.empty(0, dtype=np.float32)
 
     @property
     def kernels(self) -> ModuleType:
-        """The numba kernels, imported at first use: a process that only scores a few captions at a time (the
-        one-caption scorer's) never pays numba's import."""
+        """The numba kernels, imported and compiled (or loaded from numba's cache) at first use: a process that
+        only scores a few captions at a time (the one-caption scorer's) never pays numba's import."""
         if self._kernels is None:
             self._kernels = kernels_module()
             if self.threads:
                 self._kernels.set_threads(self.threads)
+            self._compile_kernels()
         return self._kernels
+
+    def _compile_kernels(self) -> None:
+        """Compile every kernel by scoring one tiny tile (they compile per argument type, not per size). A cache
+        that cannot be written (a full or read-only disk) is an optimisation lost, not a failure: the kernels
+        are compiled in memory, with a warning (``warn``, set by the runtime)."""
+        rng = np.random.default_rng(0)
+        feeds: dict[str, np.ndarray] = {"image_embeddings": rng.standard_normal((1, 2, 4), dtype=np.float32),
+                                        "caption_embeddings": rng.standard_normal((2, 3, 4), dtype=np.float32),
+                                        "lengths": np.array([3, 2], dtype=np.int64)}
+        try:
+            self.run(feeds)
+        except OSError as exc:
+            if not kernel_cache_fault(exc):
+                raise
+            if self.warn is not None:
+                self.warn(f"numba's kernel cache cannot be written ({exc.strerror or exc}); the fused scorer "
+                          "compiles without it (and again at every start)")
+            disable_kernel_cache()
+            self.run(feeds)
 
     @classmethod
     def from_graph(cls, path: str | Path, threads: int = 0) -> FusedNaafScorer:
@@ -201,15 +238,9 @@ class FusedNaafScorer:
         return cls(values[0], values[1], values[2], threads=threads)
 
     def warm_kernels(self) -> None:
-        """Compile the numba kernels, or load them from numba's cache, by scoring one tiny tile.
-
-        The kernels are compiled per argument type, not per size, so this covers
-        every later call; ``itmrt infer`` times it apart from scoring.
-        """
-        rng = np.random.default_rng(0)
-        self.run({"image_embeddings": rng.standard_normal((1, 2, 4), dtype=np.float32),
-                  "caption_embeddings": rng.standard_normal((2, 3, 4), dtype=np.float32),
-                  "lengths": np.array([3, 2], dtype=np.int64)})
+        """Compile the numba kernels, or load them from numba's cache, now (``itmrt infer`` times it apart from
+        scoring); a no-op once they are (any first use compiles them: :meth:`_compile_kernels`)."""
+        _ = self.kernels
 
     # -- building blocks ------------------------------------------------------
 

@@ -99,15 +99,15 @@ class Gallery:
 
     def check_bundle(self, bundle: BundleInfo) -> None:
         """Refuse a bundle other than the one that made this gallery."""
-        check_made_with(self.path, self.manifest, bundle)
+        check_made_with(self.path, self.manifest.bundle, bundle)
 
 
-def check_made_with(gallery: Path, manifest: GalleryManifest, bundle: BundleInfo) -> None:
+def check_made_with(gallery: Path, recorded: GalleryBundle, bundle: BundleInfo) -> None:
     """Refuse ``bundle`` unless its image encoder made the gallery's embeddings (the same graph and weights,
     inputs and outputs, preprocessing: :func:`image_encoder_identity`); engines, precision variants and
     calibration added to the bundle since do not matter. A gallery made before the identity was recorded
-    needs the very manifest it was made with."""
-    recorded = manifest.bundle
+    needs the very manifest it was made with. ``recorded``: the gallery document's ``bundle`` entry (a sharded
+    gallery's top document holds one too)."""
     if recorded.manifest_sha256 == bundle.manifest_sha256:
         return
     if recorded.image_encoder_sha256 is None:

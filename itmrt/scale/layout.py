@@ -5,7 +5,7 @@
     GALLERY/
       gallery.json              kind itmrt-sharded-gallery: the bundle, dtype, and per shard its folder,
                                 first row, image count and the sha256 of its gallery.json
-      shard-00000/gallery.json  an itmrt gallery (tied to the bundle by its manifest's sha256), plus the
+      shard-00000/gallery.json  an itmrt gallery (tied to the bundle's image encoder), plus the
                                 shard's shortlist: its global vectors and their FAISS index, each with sha256
       shard-00000/image_embeddings.npy   float32 or float16, memory-mapped
       shard-00000/global_vectors.npy     float32 [images, d] (cross-attention bundles)
@@ -30,12 +30,12 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from itmrt.bundle.closed import verified_member
-from itmrt.bundle.gallery_manifest import REMEDY
+from itmrt.bundle.gallery_manifest import REMEDY, GalleryBundle, parse_recorded_bundle, same_image_encoder
 from itmrt.data.npy import open_npy
 from itmrt.errors import ItmrtError, first_line
 from itmrt.io import parse_json, read_json_document
@@ -45,8 +45,12 @@ from itmrt.runtime.gallery import (
     SHARDED_GALLERY_KIND,
     STORAGE_DTYPES,
     Gallery,
+    check_made_with,
     read_gallery,
 )
+
+if TYPE_CHECKING:
+    from itmrt.runtime.bundle import BundleInfo
 
 SHARD_PREFIX = "shard-"
 VECTORS_FILE = "global_vectors.npy"
@@ -95,6 +99,7 @@ class ShardedGallery:
     path: Path
     manifest: dict[str, Any]
     shards: list[ShardRecord]
+    recorded: GalleryBundle  # the top document's ``bundle`` entry, type-checked
     _ids: ShardedIds | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -121,12 +126,10 @@ class ShardedGallery:
             self._ids = ShardedIds(self)
         return self._ids
 
-    def check_bundle(self, manifest_sha256: str, bundle_path: Path) -> None:
-        if manifest_sha256 != self.bundle_sha256:
-            raise ItmrtError(
-                f"gallery {self.path} was made with another bundle (manifest sha256 {self.bundle_sha256[:12]}..., "
-                f"not {manifest_sha256[:12]}... of {bundle_path}); re-index it with `itmrt index {bundle_path}`"
-            )
+    def check_bundle(self, bundle: BundleInfo) -> None:
+        """Refuse a bundle whose image encoder did not make this gallery (the rule of one-folder galleries:
+        :func:`itmrt.runtime.gallery.check_made_with`; engines or calibration added since do not matter)."""
+        check_made_with(self.path, self.recorded, bundle)
 
 
 class ShardedIds(Sequence[str]):
@@ -183,7 +186,7 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
         expected_first += shard.images
     if not shards:
         raise ItmrtError(f"{path} lists no shards; re-index the gallery")
-    return ShardedGallery(root, manifest, shards)
+    return ShardedGallery(root, manifest, shards, parse_recorded_bundle(manifest, path))
 
 
 def member(root: Path, name: Any) -> Path:
@@ -197,8 +200,10 @@ def member(root: Path, name: Any) -> Path:
     return path
 
 
-def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True) -> Gallery:
-    """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype."""
+def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True,
+                       in_memory: bool = False) -> Gallery:
+    """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype;
+    ``in_memory``: its embeddings copied into memory as they are verified (as :func:`read_gallery` does)."""
     folder = member(gallery.path, shard.name)
     document = folder / GALLERY_MANIFEST
     try:
@@ -209,9 +214,10 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     if digest != shard.sha256:
         raise ItmrtError(f"{document} does not match the sha256 that {gallery.path / GALLERY_MANIFEST} records; "
                          "re-index the gallery")
-    opened = read_gallery(folder, verify=verify)
-    if opened.manifest.bundle.manifest_sha256 != gallery.bundle_sha256:
-        raise ItmrtError(f"{folder} was made with another bundle than the rest of {gallery.path}; re-index it")
+    opened = read_gallery(folder, verify=verify, in_memory=in_memory)
+    if not same_image_encoder(opened.manifest.bundle, gallery.recorded):
+        raise ItmrtError(f"{folder} was made with another image encoder than the rest of {gallery.path}; "
+                         "re-index it")
     if len(opened) != shard.images or opened.manifest.embeddings.dtype != gallery.dtype:
         raise ItmrtError(f"{folder} holds {len(opened)} {opened.embeddings.dtype} rows, not the {shard.images} "
                          f"{gallery.dtype} rows {gallery.path / GALLERY_MANIFEST} lists; re-index the gallery")
@@ -234,6 +240,31 @@ def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
         raise ItmrtError(f"{path} has shape {vectors.shape} / {vectors.dtype}, not one float32 vector per image; "
                          "re-index the gallery")
     return vectors
+
+
+def shard_bytes(gallery: ShardedGallery) -> int:
+    """The bytes of every file in the gallery's shard folders (what copying them into memory would take, about)."""
+    total = 0
+    for shard in gallery.shards:
+        folder = member(gallery.path, shard.name)
+        total += sum(entry.stat().st_size for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink())
+    return total
+
+
+def mapped_files(shard: Gallery, in_memory: bool) -> list[Path]:
+    """The files of a shard that stay memory-mapped while it is searched: everything its document lists but its
+    image ids and FAISS index (read whole); ``in_memory``: only compact storage's files (decoded on demand)."""
+    manifest = shard.manifest
+    if in_memory:
+        if manifest.embeddings.stored != "region_index" or manifest.region_index is None:
+            return []
+        names = [entry.file for entry in manifest.region_index.files()]
+    else:
+        read_whole = {manifest.ids.file} if manifest.ids is not None else set()
+        if manifest.shortlist is not None and manifest.shortlist.index is not None:
+            read_whole.add(manifest.shortlist.index.file)
+        names = [name for name in manifest.files() if name not in read_whole]
+    return [path for path in (member(shard.path, name) for name in names) if path.is_file()]
 
 
 def index_record(shard: Gallery) -> dict[str, Any] | None:

@@ -12,17 +12,30 @@ from collections.abc import Callable
 from typing import Any
 
 from itmrt.runtime.encoders import CaptionEmbeddings
-from itmrt.scale.layout import ShardedGallery
+from itmrt.scale.layout import ShardedGallery, shard_bytes
 from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers
 
 
 class LocalShards:
-    """A sharded gallery's shards, opened in this process for ``runtime`` (a Runtime of the gallery's bundle)."""
+    """A sharded gallery's shards, opened in this process for ``runtime`` (a Runtime of the gallery's bundle).
 
-    def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False) -> None:
-        gallery.check_bundle(runtime.bundle.manifest_sha256, runtime.bundle.path)
+    ``copy_mb``: when the shards' files take at most this many MB, they are copied into memory as they are
+    verified (``in_memory`` is then True: nothing done to the files later reaches the answers); otherwise they
+    stay memory-mapped and each shard's files are checked before it is searched (:mod:`itmrt.scale.file_guard`).
+    """
+
+    def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False,
+                 copy_mb: float = 0.0) -> None:
+        gallery.check_bundle(runtime.bundle)
         self.runtime, self.gallery = runtime, gallery
-        self.shards = [OpenShard.open(gallery, record, verify, gpu_index) for record in gallery.shards]
+        self.bytes = shard_bytes(gallery)
+        self.in_memory = copy_mb > 0 and self.bytes <= copy_mb * (1 << 20)
+        self.shards = [OpenShard.open(gallery, record, verify, gpu_index, self.in_memory)
+                       for record in gallery.shards]
+
+    def files_changed(self) -> str | None:
+        """Why a mapped file of a shard is no longer the one opened (the first found), or None."""
+        return next((reason for reason in map(OpenShard.files_changed, self.shards) if reason is not None), None)
 
     def __len__(self) -> int:
         return len(self.gallery)

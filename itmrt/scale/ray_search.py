@@ -83,7 +83,7 @@ class ShardWorker:
         from itmrt.runtime.api import load
 
         self.runtime = load(gallery.bundle_path, **load_options)
-        gallery.check_bundle(self.runtime.bundle.manifest_sha256, self.runtime.bundle.path)
+        gallery.check_bundle(self.runtime.bundle)
         threads = int(load_options.get("threads") or 0)
         self.shards = [OpenShard.open(gallery, record, verify, gpu_index)
                        for record in gallery.shards if record.name in names]
@@ -152,7 +152,7 @@ class RayShards:
     def __init__(self, runtime: Any, gallery: ShardedGallery, options: RayOptions,
                  load_options: dict[str, Any] | None = None, verify: bool = True) -> None:
         self.options = options.check()
-        gallery.check_bundle(runtime.bundle.manifest_sha256, runtime.bundle.path)
+        gallery.check_bundle(runtime.bundle)
         self.runtime, self.gallery = runtime, gallery
         self.groups = worker_groups(gallery.shards, options.workers)
         self.load_options = _worker_load_options(load_options or {}, options)

@@ -12,13 +12,14 @@ from itmrt.scale.ray_search import RayOptions, RayShards
 Shards = LocalShards | RayShards
 
 
-def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: bool = True,
+def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: bool = True, copy_mb: float = 0.0,
                 **load_options: Any) -> Shards:
     """A sharded gallery opened for search: its bundle loaded here (``load_options`` as
     :func:`itmrt.runtime.load` takes them) and its shards in this process, or on Ray actors with ``ray``.
 
     The result's ``runtime`` encodes captions; ``search(captions, SearchRequest(...))`` answers;
-    ``close()`` ends the actors (and the runtime's GPU resources).
+    ``close()`` ends the actors (and the runtime's GPU resources). ``copy_mb``: shards in this process are
+    copied into memory when their files take at most this many MB (:class:`~itmrt.scale.local.LocalShards`).
     """
     from itmrt.runtime.api import load
 
@@ -26,7 +27,7 @@ def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: b
     runtime = load(sharded.bundle_path, **load_options)
     try:
         if ray is None:
-            return LocalShards(runtime, sharded, verify)
+            return LocalShards(runtime, sharded, verify, copy_mb=copy_mb)
         return RayShards(runtime, sharded, ray, load_options, verify)
     except BaseException:
         runtime.close()

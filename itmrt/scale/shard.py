@@ -31,12 +31,14 @@ from itmrt.runtime.shortlist import (
     top_candidates,
 )
 from itmrt.runtime.tiled import StreamingTopK, TopK
+from itmrt.scale.file_guard import FileGuard, folder_states
 from itmrt.scale.index import ShortlistIndex
 from itmrt.scale.layout import (
     INDEX_FILE,
     ShardedGallery,
     ShardRecord,
     index_record,
+    mapped_files,
     member,
     read_shard_gallery,
     shard_vectors,
@@ -102,19 +104,26 @@ class SearchResult:
 
 
 class OpenShard:
-    """A shard opened for search: its gallery (memory-mapped), global vectors and FAISS index, or its region
-    index."""
+    """A shard opened for search: its gallery (memory-mapped, or copied into memory), global vectors and FAISS
+    index, or its region index; ``guard`` checks the files still mapped before each search
+    (:mod:`itmrt.scale.file_guard`)."""
 
     def __init__(self, record: ShardRecord, gallery: Gallery, vectors: np.ndarray | None,
-                 index: ShortlistIndex | None, regions: RegionIndex | None = None) -> None:
+                 index: ShortlistIndex | None, regions: RegionIndex | None = None,
+                 guard: FileGuard | None = None) -> None:
         self.record, self.gallery, self.vectors, self.index = record, gallery, vectors, index
-        self.regions = regions
+        self.regions, self.guard = regions, guard
 
     @classmethod
     def open(cls, sharded: ShardedGallery, record: ShardRecord, verify: bool = True,
-             gpu_index: bool = False) -> OpenShard:
-        gallery = read_shard_gallery(sharded, record, verify)
+             gpu_index: bool = False, in_memory: bool = False) -> OpenShard:
+        """``in_memory``: the embeddings, global vectors and region index copied into this process's memory (only
+        compact storage's files stay mapped); otherwise they are memory-mapped and checked before each search."""
+        before = folder_states(member(sharded.path, record.name))  # ahead of verification
+        gallery = read_shard_gallery(sharded, record, verify, in_memory)
         vectors = shard_vectors(gallery, verify)
+        if in_memory and vectors is not None:
+            vectors = np.array(vectors)
         entry = index_record(gallery)
         index = None
         if entry is not None:
@@ -129,7 +138,15 @@ class OpenShard:
             if regions.images != len(gallery):
                 raise ItmrtError(f"{gallery.path}: its region index holds {regions.images} images, not "
                                  f"{len(gallery)}; re-index it")
-        return cls(record, gallery, vectors, index, regions)
+            if in_memory:
+                regions.centroids, regions.rows_of, regions.codes = (
+                    np.array(regions.centroids), np.array(regions.rows_of), np.array(regions.codes))
+        guard = FileGuard(f"shard {record.name}", mapped_files(gallery, in_memory), before)
+        return cls(record, gallery, vectors, index, regions, guard if len(guard) else None)
+
+    def files_changed(self) -> str | None:
+        """Why a mapped file of this shard is no longer the one opened, or None."""
+        return self.guard.changed() if self.guard is not None else None
 
     def candidates(self, caption_vectors: np.ndarray, shortlist: int) -> np.ndarray:
         """Each caption's ``shortlist`` best rows of this shard by global score (its index, else numpy)."""
@@ -142,6 +159,8 @@ class OpenShard:
     def search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest) -> ShardAnswer:
         """This shard's answer to ``request`` (``runtime``: an :class:`itmrt.runtime.Runtime` of the bundle)."""
         started = time.perf_counter()
+        if self.guard is not None:  # nothing is read from a file that changed since it was opened
+            self.guard.check()
         answer = ShardAnswer(self.record.name, self.record.first, self.record.images)
         if request.shortlist is not None and captions.token_level and self.regions is not None:
             self._search_regions(runtime, captions, request, answer)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from itmrt import __version__
+from itmrt.bundle.gallery_manifest import image_encoder_identity
 from itmrt.errors import ItmrtError
 from itmrt.io import (
     atomic_write_bytes,
@@ -165,7 +166,8 @@ class ShardedWriter:
             "kind": SHARDED_GALLERY_KIND,
             "schema_version": GALLERY_SCHEMA,
             "bundle": {"path": str(self.bundle.path.resolve()), "manifest_sha256": self.bundle.manifest_sha256,
-                       "family": self.bundle.family},
+                       "family": self.bundle.family,
+                       "image_encoder_sha256": image_encoder_identity(self.bundle.manifest)},
             "images": 0,
             "dtype": self.options.dtype,
             "item_shape": None,
@@ -183,8 +185,12 @@ class ShardedWriter:
             raise ItmrtError(f"--append adds shards to a sharded gallery; {self.out} is not one "
                              "(make one with `itmrt index ... --shard-images N`)")
         gallery = read_sharded_gallery(self.out)
-        gallery.check_bundle(self.bundle.manifest_sha256, self.bundle.path)
+        gallery.check_bundle(self.bundle)
         document = gallery.manifest
+        if gallery.recorded.image_encoder_sha256 is None and gallery.bundle_sha256 == self.bundle.manifest_sha256:
+            # an older gallery, appended to with the very manifest that made it: its encoder is known now
+            document["bundle"] = {**document["bundle"], "image_encoder_sha256": image_encoder_identity(
+                self.bundle.manifest)}
         if options.dtype is not None and options.dtype != document["dtype"]:
             raise ItmrtError(f"{self.out} stores {document['dtype']}; drop --dtype or give --dtype {document['dtype']}")
         stored_spec = IndexSpec.from_dict(document.get("shortlist_index") or {})

@@ -218,7 +218,7 @@ class InferenceRoutes:
         return self.responses.JSONResponse({"live": True})
 
     async def ready(self, request: Any) -> Any:
-        if self.batcher.ready_now():
+        if self.batcher.ready_now(probe=True):
             return self.responses.JSONResponse({"ready": True})
         return self.responses.JSONResponse({"ready": False, "reason": self.batcher.unready_reason()}, status_code=503)
 
@@ -248,7 +248,7 @@ class InferenceRoutes:
 
     async def model_ready(self, request: Any) -> Any:
         self.check(request)
-        ready = self.batcher.ready_now()
+        ready = self.batcher.ready_now(probe=True)
         return self.responses.JSONResponse({"name": MODEL_NAME, "ready": ready}, status_code=200 if ready else 503)
 
     async def metrics_page(self, request: Any) -> Any:

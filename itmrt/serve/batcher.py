@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from itmrt.errors import ItmrtError, first_line
+from itmrt.errors import GalleryChanged, ItmrtError, first_line
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.searcher import Searcher, TokenIds
 
@@ -184,8 +184,15 @@ class Batcher:
         """Whether :meth:`close` was called: no new requests."""
         return self._closing
 
-    def ready_now(self) -> bool:
-        """Whether requests are answered now: loaded, not broken, not unloaded, not stopping."""
+    def ready_now(self, probe: bool = False) -> bool:
+        """Whether requests are answered now: loaded, not broken, not unloaded, not stopping. ``probe`` (the
+        health probes): look at the searcher's memory-mapped files too, so a changed one shows before a request."""
+        if probe and self.ready.is_set() and self.broken is None:
+            changed = getattr(self.searcher, "files_changed", None)
+            reason = changed() if changed is not None else None
+            if reason is not None:
+                self.broken = reason
+                self._mark_broken()
         return self.ready.is_set() and self.broken is None and not self.unloaded and not self._closing
 
     def unready_reason(self) -> str:
@@ -374,6 +381,12 @@ class Batcher:
             k = min(max(job.top_k for job, _ids in live), searcher.size)
             hits = searcher.top_k(embeddings, k)
             scored = time.perf_counter()
+        except GalleryChanged as exc:  # a mapped file changed: nothing was read from it, nothing is until a restart
+            self.broken = first_line(exc)
+            self._mark_broken()
+            for job, _ids in live:
+                job.future.set_exception(NotReady(self.broken))
+            return
         except Exception as exc:  # one bad request never takes the process (or its batch) down
             if len(live) > 1:  # find the culprit: every request again on its own
                 for one in live:

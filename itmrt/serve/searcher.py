@@ -20,7 +20,6 @@ the same length.
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -97,17 +96,7 @@ class RuntimeSearcher:
             raise ItmrtError(f"the gallery has {self.size} images but {len(self.ids)} ids")
 
     def warmup(self) -> float:
-        try:
-            seconds = float(self.runtime.warmup())
-        except OSError as exc:
-            if not kernel_cache_fault(exc):
-                raise
-            (self.warn or (lambda _message: None))(
-                f"numba's kernel cache cannot be written ({exc.strerror or exc}); the fused scorer compiles "
-                "without it (and again at every start)"
-            )
-            disable_kernel_cache()
-            seconds = float(self.runtime.warmup())
+        seconds = float(self.runtime.warmup())  # a kernel cache that cannot be written: the runtime warns
         # One real search pages the gallery in and sizes the scorer's buffers for it.
         started = time.perf_counter()
         self.top_k(self.encode([self.tokenize([self.runtime.vocab.sample_caption()])]), 1)
@@ -146,22 +135,6 @@ class RuntimeSearcher:
 
     def top_k(self, captions: CaptionEmbeddings, k: int) -> TopK:
         return self.runtime.rank(self.gallery, captions, top_k=k).t2i
-
-
-def kernel_cache_fault(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised while numba wrote its kernel cache (a full or read-only cache disk)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return any("numba" in frame.filename and frame.filename.endswith("caching.py") for frame in frames)
-
-
-def disable_kernel_cache() -> None:
-    """Compile the fused scorer's kernels in memory only: the cache is an optimisation, never a condition."""
-    from numba.core.caching import NullCache
-
-    from itmrt.runtime import fused_kernels
-
-    for dispatcher in fused_kernels.kernels():
-        dispatcher._cache = NullCache()  # type: ignore[attr-defined]
 
 
 def open_runtime_searcher(

@@ -71,6 +71,7 @@ class ServeOptions:
     access_log: bool = False
     shortlist: int | None = None  # sharded galleries: rerank each shard's K best candidates
     ray: Any = None  # sharded galleries: itmrt.scale.RayOptions to search the shards on Ray actors
+    copy_shards_mb: float = 1024.0  # sharded galleries in this process: copied into memory when they fit this
     configure_logging: bool = True  # False: leave logging as the embedding application set it up
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones (itmrt.serve.guard)
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the service (CORS)
@@ -127,7 +128,8 @@ def _sharded_searcher(gallery: Path, options: ServeOptions, load_options: dict[s
     if options.shortlist is not None and options.shortlist < 1:
         raise ItmrtError(f"--shortlist must be at least 1, not {options.shortlist}")
     return lambda: open_sharded_searcher(gallery, ray=options.ray, on_long=options.on_long,
-                                         shortlist=options.shortlist, warn=log.warning, **load_options)
+                                         shortlist=options.shortlist, warn=log.warning,
+                                         copy_mb=options.copy_shards_mb, **load_options)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
