@@ -146,7 +146,7 @@ def test_cmpm_bundle_matches_checkpoint(tmp_path: Path, capsys) -> None:  # type
     import torch
 
     from itmrt.export.bundle import ExportOptions, export_bundle
-    from itmrt.models.checkpoint import save_native
+    from itmrt.families.released import save_native
     from itmrt.models.cmpm import CMPMModel
 
     torch.manual_seed(0)

@@ -19,10 +19,19 @@ from itmrt.bundle.names import IMAGES, Component
 from itmrt.bundle.traits import max_over_padding
 from itmrt.data import image_inputs
 from itmrt.errors import ItmrtError
+from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig
 from itmrt.families.registry import register
 from itmrt.families.spec import BuiltGraphs, FamilySpec, GraphOptions, ImageSplit, ScorerConstants
 
 DIM_KEYS = ("vocab_size", "word_dim", "lstm_hidden", "embed_size", "width_mult", "image_size")
+
+
+class CmpmExportConfig(ExportConfig):
+    """CMPM's exporter config: the three core graphs, judged against PyTorch at 1e-4 (float32 on both sides)."""
+
+    family = "cmpm"
+    components = CORE_COMPONENTS
+    parity_tolerance = 1e-4
 
 
 class CmpmFamily(FamilySpec):
@@ -70,6 +79,9 @@ class CmpmFamily(FamilySpec):
 
         return BuiltGraphs(graphs, dims, constants, None, (3, model.image_size, model.image_size),
                            image_preprocessing_record(model.image_size))
+
+    def export_config(self) -> CmpmExportConfig:
+        return CmpmExportConfig()
 
     def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:
         if features.ndim != 4 or features.shape[1] != 3:

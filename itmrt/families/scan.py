@@ -8,6 +8,7 @@ import numpy as np
 
 from itmrt.bundle.names import SCAN_LAMBDA_SOFTMAX
 from itmrt.families.cross_attention import CrossAttentionFamily
+from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig
 from itmrt.families.registry import register
 from itmrt.families.spec import GraphOptions, ReferenceScorer, ScorerConstants, frozen
 
@@ -15,6 +16,14 @@ if TYPE_CHECKING:
     import onnx
 
 DEFAULT_LAMBDA_SOFTMAX = 9.0
+
+
+class ScanExportConfig(ExportConfig):
+    """SCAN's exporter config: the three core graphs, judged against PyTorch at 1e-4 (float32 on both sides)."""
+
+    family = "scan"
+    components = CORE_COMPONENTS
+    parity_tolerance = 1e-4
 
 
 class ScanFamily(CrossAttentionFamily):
@@ -40,6 +49,9 @@ class ScanFamily(CrossAttentionFamily):
             },
         )
         return graph, constants, scorer
+
+    def export_config(self) -> ScanExportConfig:
+        return ScanExportConfig()
 
     def training_options(self, config: Any) -> dict[str, Any]:
         lam = DEFAULT_LAMBDA_SOFTMAX if config.lambda_softmax is None else config.lambda_softmax

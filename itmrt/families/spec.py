@@ -27,6 +27,7 @@ from itmrt.bundle.names import REGION_FEATURES
 from itmrt.bundle.traits import RuntimeTraits
 from itmrt.data.image_inputs import ImageSplit
 from itmrt.errors import ItmrtError
+from itmrt.families.export_config import ExportConfig
 
 if TYPE_CHECKING:
     import onnx
@@ -126,6 +127,10 @@ class FamilySpec:
 
     def build_graphs(self, model: Any, options: GraphOptions) -> BuiltGraphs:
         """Every graph of ``model``'s bundle, checked by ``onnx.checker`` and strict shape inference."""
+        raise NotImplementedError
+
+    def export_config(self) -> ExportConfig:
+        """The family's exporter config (its graphs, its parity tolerance); every family folder has one."""
         raise NotImplementedError
 
     def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:

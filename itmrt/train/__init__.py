@@ -11,10 +11,10 @@ _EXPORTS = {
     "cmpc_loss": "itmrt.train.losses",
     "cmpm_loss": "itmrt.train.losses",
     "triplet_loss": "itmrt.train.losses",
-    "ThresholdLearner": "itmrt.train.threshold",
-    "ThresholdRecord": "itmrt.train.threshold",
-    "optimal_threshold": "itmrt.train.threshold",
-    "plot_trajectory": "itmrt.train.threshold",
+    "ThresholdLearner": "itmrt.families.naaf.threshold",
+    "ThresholdRecord": "itmrt.families.naaf.threshold",
+    "optimal_threshold": "itmrt.families.naaf.threshold",
+    "plot_trajectory": "itmrt.families.naaf.threshold",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 
