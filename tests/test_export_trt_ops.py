@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 from itmrt.bundle.trt_ops import OPS_TABLE, check_trt_compat, load_op_table
 from itmrt.errors import ItmrtError
 from itmrt.families.naaf.graphs import naaf_scorer_graph
-from itmrt.graphs.scorers import scan_scorer_graph
+from itmrt.families.scan.graphs import scan_scorer_graph
 
 
 def make_model(nodes: list, inputs: list, outputs: list, opset: int = 17, initializers: list | None = None):

@@ -116,7 +116,7 @@ def test_constants_budget_bounds_the_cache(tmp_path: Path) -> None:
     ["LogSumExp", "Mean", "Max", "Sum"])))
 def test_every_scan_option_matches_the_reference(cross_attn: str, raw_norm: str, agg: str) -> None:
     torch = pytest.importorskip("torch")
-    from itmrt.models.scan import scan_scores
+    from itmrt.families.scan.model import scan_scores
 
     images, padded, lengths, captions = _random_problem(seed=3)
     want = scan_scores(torch.from_numpy(images), torch.from_numpy(padded), torch.from_numpy(lengths), cross_attn,

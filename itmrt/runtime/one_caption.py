@@ -280,7 +280,7 @@ def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndar
                p: ScanParameters, product: Product = np.matmul) -> np.ndarray:
     """SCAN scores ``[B, C]`` from similarities ``[B, n, T]`` (t2i: the block's Gram matrices; i2t: its region norms).
 
-    As :func:`itmrt.models.scan.scan_scores`: the attended context is never formed
+    As :func:`itmrt.families.scan.model.scan_scores`: the attended context is never formed
     (``q . attended = sum w (q . c)``, ``||attended||^2 = w^T G w``).
     """
     lam, lam_lse = np.float32(p.lambda_softmax), np.float32(p.lambda_lse)

@@ -8,8 +8,8 @@ import numpy as np
 
 from itmrt.bundle.names import SCAN_LAMBDA_SOFTMAX
 from itmrt.families.cross_attention import CrossAttentionFamily
-from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig
 from itmrt.families.registry import register
+from itmrt.families.scan.export_config import ScanExportConfig
 from itmrt.families.spec import GraphOptions, ReferenceScorer, ScorerConstants, frozen
 
 if TYPE_CHECKING:
@@ -18,21 +18,13 @@ if TYPE_CHECKING:
 DEFAULT_LAMBDA_SOFTMAX = 9.0
 
 
-class ScanExportConfig(ExportConfig):
-    """SCAN's exporter config: the three core graphs, judged against PyTorch at 1e-4 (float32 on both sides)."""
-
-    family = "scan"
-    components = CORE_COMPONENTS
-    parity_tolerance = 1e-4
-
-
 class ScanFamily(CrossAttentionFamily):
     name: ClassVar[str] = "scan"
 
     def scorer_graph(
         self, model: Any, options: GraphOptions
     ) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
-        from itmrt.graphs.scorers import scan_scorer_graph
+        from itmrt.families.scan.graphs import scan_scorer_graph
 
         scorer = model.scorer
         graph = scan_scorer_graph(
