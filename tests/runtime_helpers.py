@@ -55,8 +55,8 @@ def make_cmpm_bundle(folder: Path, max_over_padding: bool = False) -> Path:
     import torch
 
     from itmrt.export.bundle import ExportOptions, export_bundle
+    from itmrt.families.cmpm.model import CMPMModel
     from itmrt.families.released import save_native
-    from itmrt.models.cmpm import CMPMModel
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

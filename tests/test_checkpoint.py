@@ -16,6 +16,7 @@ import torch
 from itmrt import __version__
 from itmrt.errors import CheckpointError
 from itmrt.families.checkpoints import load_checkpoint, load_native
+from itmrt.families.cmpm.model import CMPMModel
 from itmrt.families.matcher import CrossAttentionMatcher
 from itmrt.families.released import (
     checkpoint_sha256,
@@ -25,7 +26,6 @@ from itmrt.families.released import (
     save_native,
     save_released_checkpoint,
 )
-from itmrt.models.cmpm import CMPMModel
 
 VOCAB = 30
 IMG_DIM = 12

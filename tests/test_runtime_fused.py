@@ -173,7 +173,7 @@ def test_large_lambda_and_all_negative_words(tmp_path: Path) -> None:
 
 def test_bad_inputs_and_non_naaf_graphs(tmp_path: Path) -> None:
     from itmrt.errors import ItmrtError
-    from itmrt.graphs.scorers import cosine_scorer_graph
+    from itmrt.families.cmpm.graphs import cosine_scorer_graph
 
     cosine = tmp_path / "cosine.onnx"
     cosine.write_bytes(cosine_scorer_graph(D, 17).SerializeToString())

@@ -1,19 +1,18 @@
-"""Scorer graphs: image embeddings x caption embeddings (+ lengths) -> scores ``[Bi, Bc]``.
+"""The pieces every cross-attention scorer graph is built from (NAAF, SCAN).
 
-Each graph mirrors the batched reference of its family op for op
-(:meth:`itmrt.models.cmpm.CMPMModel.scores`; NAAF's and SCAN's graphs are in
-their families' folders, :mod:`itmrt.families.naaf.graphs` and
-:mod:`itmrt.families.scan.graphs`, built on the cross-attention pieces here): masks from int32 lengths (Range +
-Less), no loop over captions or images, attended features never materialised.
-The model's constants (NAAF's threshold, lambda and intra-caption factor;
-SCAN's lambdas) are named float32 initializers, never graph inputs, and are
-repeated in the model's ``metadata_props``.
+Each family's scorer graph lives in its folder (:mod:`itmrt.families.naaf.graphs`,
+:mod:`itmrt.families.scan.graphs`; CMPM's cosine scorer in
+:mod:`itmrt.families.cmpm.graphs`) and mirrors its batched reference op for op
+with what is here: the inputs with padded words zeroed and the similarities
+``[Bi, Bc, L, n]`` from one large GEMM, masked softmax, Gram matrices, float32
+constants. Masks come from int32 lengths (Range + Less), no loop over captions
+or images, attended features never materialised. A model's constants are named
+float32 initializers, never graph inputs, repeated in the model's ``metadata_props``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from itmrt.bundle.names import (
     BATCH_CAPTIONS,
@@ -23,8 +22,6 @@ from itmrt.bundle.names import (
     LENGTHS,
     MAX_LENGTH,
     NUM_REGIONS,
-    SCORES,
-    Component,
 )
 from itmrt.graphs.onnx_graph import FLOAT, FLOAT32_LOWEST, INT32, GraphBuilder
 
@@ -74,19 +71,3 @@ def masked_softmax(g: GraphBuilder, logits: str, mask: str, axis: int, hint: str
 def gram_matrix(g: GraphBuilder, x: str, hint: str) -> str:
     """``x x^T`` over the last two axes."""
     return g.op("MatMul", [x, g.transpose(x, [0, 2, 1], f"{hint}_t")], hint)
-
-
-def cosine_scorer_graph(embed_size: int, opset: int) -> onnx.ModelProto:
-    """CMPM's score: cosine of global embeddings, ``[Bi, D] x [Bc, D] -> [Bi, Bc]``.
-
-    Kept as a graph (one normalisation and one MatMul) so every family's bundle
-    has a ``scorer.onnx`` and the runtime treats them alike.
-    """
-    g = GraphBuilder("cosine_scorer", opset)
-    images = g.input(IMAGE_EMBEDDINGS, FLOAT, [BATCH_IMAGES, embed_size])
-    captions = g.input(CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, embed_size])
-    image_unit = g.l2norm(images, -1, hint="image_unit")
-    caption_unit = g.l2norm(captions, -1, hint="caption_unit")
-    scores = g.op("MatMul", [image_unit, g.transpose(caption_unit, [1, 0])], "cosine")
-    g.output(scores, SCORES, FLOAT, [BATCH_IMAGES, BATCH_CAPTIONS])
-    return g.build({"component": Component.SCORER.value, "family": "cmpm"})

@@ -15,8 +15,8 @@ from __future__ import annotations
 from itmrt.optional import lazy_exports
 
 _EXPORTS = {
-    "CMPMModel": "itmrt.models.cmpm",
-    "MobileNetV1": "itmrt.models.cmpm",
+    "CMPMModel": "itmrt.families.cmpm.model",
+    "MobileNetV1": "itmrt.families.cmpm.model",
     "save_native": "itmrt.models.native",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""

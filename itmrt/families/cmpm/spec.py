@@ -19,19 +19,11 @@ from itmrt.bundle.names import IMAGES, Component
 from itmrt.bundle.traits import max_over_padding
 from itmrt.data import image_inputs
 from itmrt.errors import ItmrtError
-from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig
+from itmrt.families.cmpm.export_config import CmpmExportConfig
 from itmrt.families.registry import register
 from itmrt.families.spec import BuiltGraphs, FamilySpec, GraphOptions, ImageSplit, ScorerConstants
 
 DIM_KEYS = ("vocab_size", "word_dim", "lstm_hidden", "embed_size", "width_mult", "image_size")
-
-
-class CmpmExportConfig(ExportConfig):
-    """CMPM's exporter config: the three core graphs, judged against PyTorch at 1e-4 (float32 on both sides)."""
-
-    family = "cmpm"
-    components = CORE_COMPONENTS
-    parity_tolerance = 1e-4
 
 
 class CmpmFamily(FamilySpec):
@@ -58,14 +50,12 @@ class CmpmFamily(FamilySpec):
     # -- PyTorch side -------------------------------------------------------------------------
 
     def model_from_config(self, config: dict[str, Any]) -> Any:
-        from itmrt.models.cmpm import CMPMModel
+        from itmrt.families.cmpm.model import CMPMModel
 
         return CMPMModel.from_config(config)
 
     def build_graphs(self, model: Any, options: GraphOptions) -> BuiltGraphs:
-        from itmrt.graphs.image_encoders import cmpm_image_encoder_graph
-        from itmrt.graphs.scorers import cosine_scorer_graph
-        from itmrt.graphs.text_encoders import cmpm_text_encoder_graph
+        from itmrt.families.cmpm.graphs import cmpm_image_encoder_graph, cmpm_text_encoder_graph, cosine_scorer_graph
 
         graphs = {
             Component.IMAGE_ENCODER.value: cmpm_image_encoder_graph(
