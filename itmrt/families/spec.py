@@ -6,8 +6,8 @@ builds for it and the constants it freezes into the manifest, what its image
 input is (region features or pixels) and how calibration reads and feeds that
 data, whether its captions are token-level, and its training hooks - so the
 pipeline code (export, calibration, runtime, reports, training) asks the spec
-instead of testing family names. One module per family defines one subclass
-and registers one instance (:func:`itmrt.families.register`).
+instead of testing family names. Each family's folder defines one subclass in
+its ``spec.py`` and registers one instance (:func:`itmrt.families.register`).
 
 Importing a spec never imports torch: the methods that need the PyTorch side
 (the reference model, graph building) import it when called.
