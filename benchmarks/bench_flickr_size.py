@@ -33,7 +33,7 @@ def prepare_bundle(work: Path, vocab_file: Path | None = RELEASED_VOCAB, seed: i
     else 8477 made-up words (the size of Flickr30K's)."""
     import torch
 
-    from itmrt.models.checkpoint import matcher_from_opt, save_released_checkpoint
+    from itmrt.families.released import matcher_from_opt, save_released_checkpoint
     from itmrt.text.vocab import Vocabulary
 
     work.mkdir(parents=True, exist_ok=True)

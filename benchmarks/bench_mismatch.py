@@ -64,9 +64,9 @@ def reference_rows(naaf: Path, scan: Path, data: Path, split: str) -> tuple[dict
 
     from itmrt.data.precomp import PrecompSplit
     from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.families.matcher import CrossAttentionMatcher
+    from itmrt.families.naaf.model import NAAFScorer
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
-    from itmrt.models.matcher import CrossAttentionMatcher
-    from itmrt.models.naaf import NAAFScorer
 
     test = PrecompSplit.open(data, split)
     rows: dict[str, np.ndarray] = {}

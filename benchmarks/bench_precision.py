@@ -50,7 +50,7 @@ def demo_bundle(work: Path) -> tuple[Path, Path]:
 
     from itmrt.data.synthetic import make_synthetic_dataset
     from itmrt.export.bundle import ExportOptions, export_bundle
-    from itmrt.models.checkpoint import matcher_from_opt, save_released_checkpoint
+    from itmrt.families.released import matcher_from_opt, save_released_checkpoint
     from itmrt.text.vocab import Vocabulary
 
     data = make_synthetic_dataset(work / "data", {"train": 64, "test": 100}, seed=0, img_dim=2048, num_regions=36)

@@ -190,7 +190,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from itmrt.graphs.scorers import naaf_scorer_graph
+    from itmrt.families.naaf.graphs import naaf_scorer_graph
     from itmrt.runtime.backends import OrtBackend, SessionSettings
     from itmrt.runtime.encoders import CaptionEmbeddings
     from itmrt.runtime.tiled import score_tiled

@@ -28,7 +28,7 @@ def make_vocab(folder: Path) -> Path:
 def make_checkpoint(folder: Path, family: str = "naaf", opt: dict[str, Any] | None = None, seed: int = 0) -> Path:
     import torch
 
-    from itmrt.models.checkpoint import matcher_from_opt, save_released_checkpoint
+    from itmrt.families.released import matcher_from_opt, save_released_checkpoint
 
     torch.manual_seed(seed)
     matcher = matcher_from_opt(opt or naaf_opt(), family)
@@ -55,8 +55,8 @@ def make_cmpm_bundle(folder: Path, max_over_padding: bool = False) -> Path:
     import torch
 
     from itmrt.export.bundle import ExportOptions, export_bundle
-    from itmrt.models.checkpoint import save_native
-    from itmrt.models.cmpm import CMPMModel
+    from itmrt.families.cmpm.model import CMPMModel
+    from itmrt.families.released import save_native
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

@@ -16,7 +16,9 @@ import torch
 from itmrt import __version__
 from itmrt.errors import CheckpointError
 from itmrt.families.checkpoints import load_checkpoint, load_native
-from itmrt.models.checkpoint import (
+from itmrt.families.cmpm.model import CMPMModel
+from itmrt.families.matcher import CrossAttentionMatcher
+from itmrt.families.released import (
     checkpoint_sha256,
     detect_format,
     load_released_checkpoint,
@@ -24,8 +26,6 @@ from itmrt.models.checkpoint import (
     save_native,
     save_released_checkpoint,
 )
-from itmrt.models.cmpm import CMPMModel
-from itmrt.models.matcher import CrossAttentionMatcher
 
 VOCAB = 30
 IMG_DIM = 12

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from itmrt.data.synthetic import make_synthetic_dataset
-from itmrt.models.checkpoint import save_released_checkpoint
-from itmrt.models.matcher import CrossAttentionMatcher
+from itmrt.families.matcher import CrossAttentionMatcher
+from itmrt.families.released import save_released_checkpoint
 from itmrt.text.vocab import Vocabulary
 
 from cli_helpers import run_cli

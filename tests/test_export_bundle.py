@@ -18,10 +18,10 @@ from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.bundle import ExportOptions, export_bundle
 from itmrt.export.sample_parity import ParityResult
 from itmrt.families.checkpoints import load_checkpoint
-from itmrt.models.checkpoint import matcher_from_opt, save_native, save_released_checkpoint
-from itmrt.models.cmpm import CMPMModel
-from itmrt.models.naaf import naaf_scores_loop
-from itmrt.models.scan import scan_scores_loop
+from itmrt.families.cmpm.model import CMPMModel
+from itmrt.families.naaf.model import naaf_scores_loop
+from itmrt.families.released import matcher_from_opt, save_native, save_released_checkpoint
+from itmrt.families.scan.model import scan_scores_loop
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.losses import triplet_loss
 

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from itmrt.cli.app import app
-from itmrt.models.checkpoint import matcher_from_opt, save_released_checkpoint
+from itmrt.families.released import matcher_from_opt, save_released_checkpoint
 from itmrt.text.vocab import Vocabulary
 
 VOCAB = 30

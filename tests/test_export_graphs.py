@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD
-from itmrt.graphs.image_encoders import cmpm_image_encoder_graph, region_image_encoder_graph
-from itmrt.graphs.scorers import cosine_scorer_graph, naaf_scorer_graph, scan_scorer_graph
-from itmrt.graphs.text_encoders import cmpm_text_encoder_graph, text_encoder_graph
-from itmrt.models.cmpm import CMPMModel
+from itmrt.families.cmpm.graphs import cmpm_image_encoder_graph, cmpm_text_encoder_graph, cosine_scorer_graph
+from itmrt.families.cmpm.model import CMPMModel
+from itmrt.families.naaf.graphs import naaf_scorer_graph
+from itmrt.families.naaf.model import naaf_scores, naaf_scores_loop
+from itmrt.families.scan.graphs import scan_scorer_graph
+from itmrt.families.scan.model import scan_scores, scan_scores_loop
+from itmrt.graphs.image_encoders import region_image_encoder_graph
+from itmrt.graphs.text_encoders import text_encoder_graph
 from itmrt.models.encoders import ImageEncoder, TextEncoder
-from itmrt.models.naaf import naaf_scores, naaf_scores_loop
 from itmrt.models.ops import l2norm
-from itmrt.models.scan import scan_scores, scan_scores_loop
 
 D = 32
 VOCAB = 50

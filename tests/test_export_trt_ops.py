@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 
 from itmrt.bundle.trt_ops import OPS_TABLE, check_trt_compat, load_op_table
 from itmrt.errors import ItmrtError
-from itmrt.graphs.scorers import naaf_scorer_graph, scan_scorer_graph
+from itmrt.families.naaf.graphs import naaf_scorer_graph
+from itmrt.families.scan.graphs import scan_scorer_graph
 
 
 def make_model(nodes: list, inputs: list, outputs: list, opset: int = 17, initializers: list | None = None):

@@ -35,6 +35,7 @@ from itmrt.bundle.names import (  # noqa: E402
 )
 from itmrt.errors import ItmrtError  # noqa: E402
 from itmrt.families import BuiltGraphs, GraphOptions, ScorerConstants  # noqa: E402
+from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig  # noqa: E402
 from itmrt.families.regions import RegionFeatureFamily  # noqa: E402
 from itmrt.graphs.onnx_graph import FLOAT, INT32, GraphBuilder  # noqa: E402
 from itmrt.text.vocab import Vocabulary  # noqa: E402
@@ -112,6 +113,14 @@ def _scorer_graph(opset: int) -> onnx.ModelProto:
     return g.build({"component": Component.SCORER.value, "family": "tiny"})
 
 
+class TinyExportConfig(ExportConfig):
+    """What export checks the family's graphs against, and its parity tolerance."""
+
+    family = "tiny"
+    components = CORE_COMPONENTS
+    parity_tolerance = 1e-5
+
+
 class TinyFamily(RegionFeatureFamily):
     """The whole of what itmrt needs to know about the family."""
 
@@ -120,6 +129,9 @@ class TinyFamily(RegionFeatureFamily):
 
     def model_from_config(self, config: dict[str, Any]) -> TinyModel:
         return TinyModel(**config)
+
+    def export_config(self) -> TinyExportConfig:
+        return TinyExportConfig()
 
     def build_graphs(self, model: TinyModel, options: GraphOptions) -> BuiltGraphs:
         graphs = {Component.IMAGE_ENCODER.value: _image_graph(model, options.opset),
@@ -169,6 +181,7 @@ def test_a_family_registered_in_a_test_goes_through_export_runtime_and_parity(ti
                              ExportOptions(num_regions=REGIONS, max_batch=16, max_length=10))
     assert manifest.family == "tiny" and max(manifest.parity.max_abs_error.values()) <= 1e-5  # type: ignore[union-attr]
     assert check_bundle(tmp_path / "bundle").ok  # every graph passes TensorRT's op table
+    assert manifest.parity.tolerance == 1e-5  # type: ignore[union-attr]  # the family's exporter config's, not 1e-4
 
     # the runtime: the bundle's graphs score like the PyTorch model
     runtime = load(tmp_path / "bundle", threads=1)
@@ -210,3 +223,21 @@ def test_the_registry_holds_each_family_once() -> None:
         families.register(families.get("scan"))
     with pytest.raises(ItmrtError, match="unknown model family 'clip'"):
         families.get("clip")
+
+
+def test_graphs_that_differ_from_the_export_config_are_refused(tmp_path: Path) -> None:
+    from itmrt.export.bundle import ExportOptions, export_bundle
+
+    class TwoGraphs(TinyExportConfig):
+        components = (Component.IMAGE_ENCODER.value, Component.SCORER.value)
+
+    class MisdeclaredFamily(TinyFamily):
+        def export_config(self) -> TwoGraphs:
+            return TwoGraphs()
+
+    data, _, _ = _data(tmp_path / "data")
+    with families.registered(MisdeclaredFamily()), pytest.raises(ItmrtError) as error:
+        export_bundle(_checkpoint(tmp_path), data / "vocab.json", tmp_path / "bundle",
+                      ExportOptions(num_regions=REGIONS))
+    assert str(error.value) == "the tiny family's graphs do not match its export config: text_encoder is not declared"
+    assert not (tmp_path / "bundle").exists()

@@ -137,7 +137,7 @@ def test_manifest_symlinked_outside_is_not_read(case: Case, capsys: pytest.Captu
 def test_swapped_graph_dropped_from_the_file_list_is_refused(case: Case, hostile_world: World,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """Defect 2: a swapped scorer.onnx whose name was removed from ``files`` ran with exit 0 and wrong scores."""
-    from itmrt.graphs.scorers import naaf_scorer_graph
+    from itmrt.families.naaf.graphs import naaf_scorer_graph
 
     (case.bundle / "scorer.onnx").write_bytes(naaf_scorer_graph(32, 0.9, 20.0, 5.0, 17).SerializeToString())
     data = case.manifest()

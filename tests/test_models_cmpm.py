@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from itmrt.models.cmpm import CMPMModel, MobileNetV1, scaled_channels
+from itmrt.families.cmpm.model import CMPMModel, MobileNetV1, scaled_channels
 
 
 def small_model(max_over_padding: bool = False, seed: int = 0) -> CMPMModel:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from itmrt.models.naaf import NAAFScorer, naaf_score_one, naaf_scores, naaf_scores_loop
+from itmrt.families.naaf.model import NAAFScorer, naaf_score_one, naaf_scores, naaf_scores_loop
 from itmrt.models.ops import l2norm
 
 NUM_IMAGES, NUM_CAPTIONS, MAX_LEN, REGIONS, DIM = 3, 6, 7, 5, 8
@@ -222,7 +222,7 @@ def test_negative_branch_off_drops_exactly_the_negative_terms(threshold: float) 
 
 def test_only_naaf_has_a_negative_branch_to_switch_off() -> None:
     from itmrt.errors import ItmrtError
-    from itmrt.models.matcher import CrossAttentionMatcher
+    from itmrt.families.matcher import CrossAttentionMatcher
 
     opt = {"vocab_size": 20, "img_dim": 8, "embed_size": 8, "word_dim": 4}
     naaf = CrossAttentionMatcher.from_opt({**opt, "thres_safe": 0.1}, "naaf")

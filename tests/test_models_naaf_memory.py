@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from itmrt.models.naaf import TILE_WORKING_TENSORS, naaf_scores
-from itmrt.models.naaf_tiled import cpu_peak_bytes, tile_sizes, tiled_naaf_scores
+from itmrt.families.naaf.model import TILE_WORKING_TENSORS, naaf_scores
+from itmrt.families.naaf.tiled import cpu_peak_bytes, tile_sizes, tiled_naaf_scores
 
 THRESHOLD, LAMBDA, INTRA = 0.05, 20.0, 5.0
 

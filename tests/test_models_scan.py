@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from itmrt.errors import ItmrtError
-from itmrt.models.ops import l2norm
-from itmrt.models.scan import (
+from itmrt.families.scan.model import (
     AGG_FUNCS,
     CROSS_ATTN,
     RAW_FEATURE_NORMS,
@@ -18,6 +17,7 @@ from itmrt.models.scan import (
     scan_scores,
     scan_scores_loop,
 )
+from itmrt.models.ops import l2norm
 
 LENGTHS = torch.tensor([6, 2, 4, 3, 5])
 MAX_LEN, REGIONS, DIM = 6, 4, 7

@@ -146,8 +146,8 @@ def test_cmpm_bundle_matches_checkpoint(tmp_path: Path, capsys) -> None:  # type
     import torch
 
     from itmrt.export.bundle import ExportOptions, export_bundle
-    from itmrt.models.checkpoint import save_native
-    from itmrt.models.cmpm import CMPMModel
+    from itmrt.families.cmpm.model import CMPMModel
+    from itmrt.families.released import save_native
 
     torch.manual_seed(0)
     model = CMPMModel(VOCAB, 16, 12, 32, width_mult=0.25, image_size=32).eval()

@@ -114,7 +114,7 @@ def test_the_word_the_image_lacks_is_the_one_that_scores_lower(shipped_naaf: dic
 def test_ablation_drops_exactly_the_negative_terms_and_matches_torch(random_naaf: dict[str, Path]) -> None:
     import torch
 
-    from itmrt.models.naaf import NAAFScorer
+    from itmrt.families.naaf.model import NAAFScorer
 
     runtime = load(random_naaf["bundle"], scorer="graph", warn=lambda _m: None)
     embeddings = runtime.encode_images(np.load(random_naaf["feats"]))

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("numba")
 
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD  # noqa: E402
-from itmrt.graphs.scorers import naaf_scorer_graph  # noqa: E402
+from itmrt.families.naaf.graphs import naaf_scorer_graph  # noqa: E402
 from itmrt.runtime.backends import OrtBackend, SessionSettings  # noqa: E402
 from itmrt.runtime.encoders import CaptionEmbeddings  # noqa: E402
 from itmrt.runtime.fused import CONSTANT_KEYS, FusedNaafScorer  # noqa: E402
@@ -69,7 +69,7 @@ def test_fused_equals_the_scorer_graph(tmp_path: Path, threshold: float) -> None
 
 def test_fused_equals_the_pytorch_reference(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from itmrt.models.naaf import naaf_scores_loop
+    from itmrt.families.naaf.model import naaf_scores_loop
 
     images, captions, lengths = _data(7)
     fused = FusedNaafScorer(0.2, 20.0, 5.0, threads=1)
@@ -173,7 +173,7 @@ def test_large_lambda_and_all_negative_words(tmp_path: Path) -> None:
 
 def test_bad_inputs_and_non_naaf_graphs(tmp_path: Path) -> None:
     from itmrt.errors import ItmrtError
-    from itmrt.graphs.scorers import cosine_scorer_graph
+    from itmrt.families.cmpm.graphs import cosine_scorer_graph
 
     cosine = tmp_path / "cosine.onnx"
     cosine.write_bytes(cosine_scorer_graph(D, 17).SerializeToString())

@@ -22,8 +22,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def cmpm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from itmrt.export.bundle import ExportOptions, export_bundle
-    from itmrt.models.checkpoint import save_native
-    from itmrt.models.cmpm import CMPMModel
+    from itmrt.families.cmpm.model import CMPMModel
+    from itmrt.families.released import save_native
 
     folder = tmp_path_factory.mktemp("cmpm")
     torch.manual_seed(0)

@@ -116,7 +116,7 @@ def test_constants_budget_bounds_the_cache(tmp_path: Path) -> None:
     ["LogSumExp", "Mean", "Max", "Sum"])))
 def test_every_scan_option_matches_the_reference(cross_attn: str, raw_norm: str, agg: str) -> None:
     torch = pytest.importorskip("torch")
-    from itmrt.models.scan import scan_scores
+    from itmrt.families.scan.model import scan_scores
 
     images, padded, lengths, captions = _random_problem(seed=3)
     want = scan_scores(torch.from_numpy(images), torch.from_numpy(padded), torch.from_numpy(lengths), cross_attn,
@@ -128,7 +128,7 @@ def test_every_scan_option_matches_the_reference(cross_attn: str, raw_norm: str,
 @pytest.mark.parametrize("threshold", [-0.2, 0.05, 0.3])  # every word above it, some, almost none
 def test_naaf_matches_the_reference_on_float32_and_float16(threshold: float) -> None:
     torch = pytest.importorskip("torch")
-    from itmrt.models.naaf import naaf_scores
+    from itmrt.families.naaf.model import naaf_scores
 
     images, padded, lengths, captions = _random_problem(seed=4)
     scorer = OneCaptionScorer(NaafParameters(threshold, 20.0, 5.0), threads=2, block_images=7)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from itmrt.data.synthetic import make_synthetic_dataset
-from itmrt.models.checkpoint import load_released_checkpoint
+from itmrt.families.released import load_released_checkpoint
 from itmrt.train.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, train
 
 from cli_helpers import run_cli

@@ -11,7 +11,7 @@ from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.errors import VocabularyError
 from itmrt.export.bundle import ExportOptions, export_bundle
 from itmrt.families.checkpoints import load_checkpoint
-from itmrt.models.checkpoint import load_released_checkpoint, save_released_checkpoint
+from itmrt.families.released import load_released_checkpoint, save_released_checkpoint
 from itmrt.models.native import VOCAB_SHA256, recorded_vocab_sha256, save_native
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.trainer import TrainConfig, train

@@ -56,7 +56,7 @@ def eval_command(
                          "region features")
     model.eval()
     if not negative_branch:
-        from itmrt.models.matcher import CrossAttentionMatcher
+        from itmrt.families.matcher import CrossAttentionMatcher
 
         assert isinstance(model, CrossAttentionMatcher)  # CMPM was refused above
         model.use_negative_branch(False)

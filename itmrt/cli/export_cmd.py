@@ -26,7 +26,7 @@ def export_command(
     max_batch: int = typer.Option(128, "--max-batch", min=1, max=limits.MAX_BATCH, help="Largest image/caption batch in the shape ranges (TensorRT profiles)."),
     max_length: int = typer.Option(64, "--max-length", min=2, max=limits.MAX_TOKENS, help="Longest caption, in tokens with <start> and <end>, in the shape ranges."),
     num_regions: int = typer.Option(36, "--num-regions", min=1, max=limits.MAX_REGIONS, help="Regions per image of the precomputed features (NAAF/SCAN)."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", callback=options.finite("--tolerance", 0.0, 1.0, low_open=True), help="Largest ONNX Runtime vs PyTorch abs error accepted by the parity check."),
+    tolerance: float | None = typer.Option(None, "--tolerance", callback=options.finite("--tolerance", 0.0, 1.0, low_open=True), help="Largest ONNX Runtime vs PyTorch abs error accepted by the parity check (default: the family's, 1e-4 for NAAF, SCAN and CMPM)."),
 ) -> None:
     """Export a model to image_encoder.onnx, text_encoder.onnx, scorer.onnx, vocab.json and manifest.json.
 

@@ -50,9 +50,9 @@ from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
 from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
 from itmrt.families.checkpoints import load_checkpoint
+from itmrt.families.released import detect_format
 from itmrt.io import check_output_folder, not_a_file, publish_folder, sha256_file, staged_folder
 from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
-from itmrt.models.checkpoint import detect_format
 from itmrt.models.evaluate import check_vocabulary
 from itmrt.text.vocab import Vocabulary
 
@@ -69,7 +69,7 @@ class ExportOptions:
     max_batch: int = 128  # upper end of the batch axes' TensorRT profile
     max_length: int = 64  # upper end of the caption-length axis' profile
     num_regions: int = 36  # regions per image (fixed in the profile, symbolic in the graph)
-    tolerance: float = 1e-4  # largest ORT-vs-PyTorch abs error an export accepts
+    tolerance: float | None = None  # largest ORT-vs-PyTorch abs error accepted; None: the family's export config
     parity_batch_images: int = 12
     parity_batch_captions: int = 16
     parity_max_length: int = 12
@@ -129,7 +129,8 @@ def _validate_options(options: ExportOptions) -> None:
     check_count(options.max_batch, 1, MAX_BATCH, "--max-batch")
     check_count(options.max_length, 2, MAX_TOKENS, "--max-length")
     check_count(options.num_regions, 1, MAX_REGIONS, "--num-regions")
-    check_real(options.tolerance, 0.0, 1.0, "--tolerance (the parity tolerance)", low_open=True)
+    if options.tolerance is not None:
+        check_real(options.tolerance, 0.0, 1.0, "--tolerance (the parity tolerance)", low_open=True)
     if options.threshold is not None:
         check_real(options.threshold, -1.0, 1.0, "--threshold (a cosine-similarity threshold)")
 
@@ -170,6 +171,11 @@ def build_stage(loaded: LoadedModel, options: ExportOptions, say: Log) -> BuiltB
     graph_options = GraphOptions(opset=options.opset, num_regions=options.num_regions, threshold=options.threshold)
     loaded.spec.check_graph_options(graph_options, threshold_families())
     built = loaded.spec.build_graphs(loaded.model, graph_options)
+    problems = loaded.spec.export_config().check_components(list(built.models))
+    if problems:
+        raise ItmrtError(
+            f"the {loaded.spec.name} family's graphs do not match its export config: {'; '.join(problems)}"
+        )
     payloads = {name: proto.SerializeToString() for name, proto in built.models.items()}
     for name, proto in built.models.items():
         say(f"built {GRAPH_FILES[name]}: {len(proto.graph.node)} nodes, {len(payloads[name]) / 1e6:.1f} MB")
@@ -182,6 +188,11 @@ def build_stage(loaded: LoadedModel, options: ExportOptions, say: Log) -> BuiltB
 
 
 # -- 3. judge parity -------------------------------------------------------------------------
+
+
+def parity_tolerance(loaded: LoadedModel, options: ExportOptions) -> float:
+    """``--tolerance`` if given, else the family's own (its exporter config's)."""
+    return options.tolerance if options.tolerance is not None else loaded.spec.export_config().parity_tolerance
 
 
 def judge_parity(loaded: LoadedModel, built: BuiltBundle, options: ExportOptions, say: Log) -> ParityResult:
@@ -202,7 +213,8 @@ def judge_parity(loaded: LoadedModel, built: BuiltBundle, options: ExportOptions
         + ", ".join(f"{name} {error:.2e}" for name, error in parity.max_abs_error.items())
         + f"; top-{parity.top_k} rankings {'identical' if parity.top_k_identical else 'DIFFER'}"
     )
-    if parity.comparison(options.tolerance).passed:
+    tolerance = parity_tolerance(loaded, options)
+    if parity.comparison(tolerance).passed:
         return parity
     worst_name, worst = parity.worst()
     if not all(math.isfinite(error) for error in parity.max_abs_error.values()):
@@ -211,9 +223,9 @@ def judge_parity(loaded: LoadedModel, built: BuiltBundle, options: ExportOptions
             f"parity check failed: {bad} gives NaN or infinite values on the sample inputs (are the weights finite?); "
             "no bundle was written"
         )
-    if not worst <= options.tolerance:
+    if not worst <= tolerance:
         raise ItmrtError(
-            f"parity check failed: {worst_name} differs from PyTorch by {worst:.3g} > tolerance {options.tolerance:g}; "
+            f"parity check failed: {worst_name} differs from PyTorch by {worst:.3g} > tolerance {tolerance:g}; "
             "no bundle was written"
         )
     if not parity.top_k_identical:
@@ -248,7 +260,7 @@ def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEn
         versions=_versions(),
         source_checkpoint=loaded.source,
         image_preprocessing=built.graphs.image_preprocessing,
-        parity=parity.record(options.tolerance),
+        parity=parity.record(parity_tolerance(loaded, options)),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         export_seconds=round(time.perf_counter() - started, 3),
     )
@@ -308,7 +320,7 @@ def export_bundle(
     Raises :class:`ItmrtError` subclasses (one-line messages) for a missing or
     unreadable file, a vocabulary of the wrong size, a target folder that
     already holds something, a graph TensorRT would reject, or a parity error
-    above ``options.tolerance``.
+    above the tolerance (``options.tolerance``, else the family's exporter config's).
     """
     options = options or ExportOptions()
     say: Log = log or (lambda _message: None)

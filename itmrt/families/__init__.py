@@ -1,8 +1,10 @@
-"""Model families: one spec per family (NAAF, SCAN, CMPM) holding what differs, registered once.
+"""Model families: one folder per family (``naaf/``, ``scan/``, ``cmpm/``), each registered once.
 
-Look a family up by name (``get("naaf")``, e.g. a manifest's ``family``) or by
-a reference model (``family_of(model)``); the pipeline asks the spec instead of
-testing family names. Adding a family means adding one module that subclasses
+A family's folder holds its spec, reference model, graph builders, training
+hooks and exporter config (docs/adding-a-family.md). Look a family up by name
+(``get("naaf")``, e.g. a manifest's ``family``) or by a reference model
+(``family_of(model)``); the pipeline asks the spec instead of testing family
+names. Adding a family means adding one folder whose spec subclasses
 :class:`FamilySpec` and calls :func:`register` (see ``tests/test_families.py``
 for a minimal one, registered inside the test). Importing this package never
 imports torch.

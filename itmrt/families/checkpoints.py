@@ -1,7 +1,7 @@
 """Loading any checkpoint itmrt reads into the reference model of its family.
 
 Released NAAF/SCAN checkpoints (``*.pth.tar``) are read by
-:func:`itmrt.models.checkpoint.load_released_checkpoint`; itmrt's native
+:func:`itmrt.families.released.load_released_checkpoint`; itmrt's native
 safetensors files name their family, whose spec rebuilds the model from the
 stored config (:meth:`itmrt.families.FamilySpec.model_from_config`) before the
 weights are loaded strictly. The reader is chosen by the file's content, not
@@ -15,8 +15,8 @@ from typing import Any
 
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.registry import get
+from itmrt.families.released import detect_format, load_released_checkpoint
 from itmrt.io import parse_json
-from itmrt.models.checkpoint import detect_format, load_released_checkpoint
 from itmrt.models.native import NATIVE_FORMAT, VOCAB_SHA256, read_native
 from itmrt.models.statedict import load_state_dict_checked
 

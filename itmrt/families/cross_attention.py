@@ -1,6 +1,6 @@
 """What NAAF and SCAN share: region features in, a GRU text encoder, token-level captions, one matcher class.
 
-Both are :class:`itmrt.models.matcher.CrossAttentionMatcher` models (the
+Both are :class:`itmrt.families.matcher.CrossAttentionMatcher` models (the
 authors' released code has one model for both, told apart by its options);
 their graphs differ only in the scorer, which each family builds.
 """
@@ -24,7 +24,7 @@ class CrossAttentionFamily(RegionFeatureFamily):
     token_level: ClassVar[bool] = True
 
     def model_from_config(self, config: dict[str, Any]) -> Any:
-        from itmrt.models.matcher import CrossAttentionMatcher
+        from itmrt.families.matcher import CrossAttentionMatcher
 
         return CrossAttentionMatcher.from_opt(config, family=self.name)
 

@@ -6,8 +6,8 @@ builds for it and the constants it freezes into the manifest, what its image
 input is (region features or pixels) and how calibration reads and feeds that
 data, whether its captions are token-level, and its training hooks - so the
 pipeline code (export, calibration, runtime, reports, training) asks the spec
-instead of testing family names. One module per family defines one subclass
-and registers one instance (:func:`itmrt.families.register`).
+instead of testing family names. Each family's folder defines one subclass in
+its ``spec.py`` and registers one instance (:func:`itmrt.families.register`).
 
 Importing a spec never imports torch: the methods that need the PyTorch side
 (the reference model, graph building) import it when called.
@@ -27,6 +27,7 @@ from itmrt.bundle.names import REGION_FEATURES
 from itmrt.bundle.traits import RuntimeTraits
 from itmrt.data.image_inputs import ImageSplit
 from itmrt.errors import ItmrtError
+from itmrt.families.export_config import ExportConfig
 
 if TYPE_CHECKING:
     import onnx
@@ -126,6 +127,10 @@ class FamilySpec:
 
     def build_graphs(self, model: Any, options: GraphOptions) -> BuiltGraphs:
         """Every graph of ``model``'s bundle, checked by ``onnx.checker`` and strict shape inference."""
+        raise NotImplementedError
+
+    def export_config(self) -> ExportConfig:
+        """The family's exporter config (its graphs, its parity tolerance); every family folder has one."""
         raise NotImplementedError
 
     def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:

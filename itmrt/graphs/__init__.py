@@ -1,10 +1,11 @@
-"""ONNX graphs of the reference models' components, built node by node from their PyTorch weights.
+"""ONNX graphs built node by node from PyTorch weights: the builder and the pieces families share.
 
 :mod:`~itmrt.graphs.onnx_graph` is the small builder every graph uses;
-:mod:`~itmrt.graphs.image_encoders`, :mod:`~itmrt.graphs.text_encoders` and
-:mod:`~itmrt.graphs.scorers` hold one builder per component of each model
-family. The family specs (:mod:`itmrt.families`) pick the builders of their
-family; :mod:`itmrt.export` runs them, checks and publishes the result.
+:mod:`~itmrt.graphs.image_encoders` and :mod:`~itmrt.graphs.text_encoders` hold
+the region and GRU encoders NAAF and SCAN share (and the recurrent pieces CMPM's
+LSTM uses), :mod:`~itmrt.graphs.scorers` the cross-attention scorer pieces. A
+family's own builders live in its folder (``itmrt/families/<name>/graphs.py``);
+:mod:`itmrt.export` runs them, checks and publishes the result.
 """
 
 from __future__ import annotations

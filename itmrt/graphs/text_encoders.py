@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from itmrt.bundle.names import BATCH_CAPTIONS, CAPTION_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
-from itmrt.graphs.onnx_graph import FLOAT, FLOAT32_LOWEST, INT32, GraphBuilder
-from itmrt.models.cmpm import CMPMTextEncoder
+from itmrt.graphs.onnx_graph import FLOAT, INT32, GraphBuilder
 from itmrt.models.encoders import TextEncoder
 
 # Row blocks of PyTorch's stacked gate weights, reordered to ONNX's gate order.
@@ -46,7 +45,7 @@ def _rnn_layer_weights(rnn: nn.RNNBase, layer: int, order: tuple[int, ...]) -> t
     return np.stack(w), np.stack(r), np.stack(b)
 
 
-def _run_rnn(g: GraphBuilder, op_type: str, x_time_major: str, lengths: str, rnn: nn.RNNBase) -> str:
+def run_rnn(g: GraphBuilder, op_type: str, x_time_major: str, lengths: str, rnn: nn.RNNBase) -> str:
     """Stacked (bi)directional GRU/LSTM over ``[L, B, in]`` -> ``Y [L, dirs, B, H]`` of the last layer."""
     order = _GRU_TORCH_TO_ONNX if op_type == "GRU" else _LSTM_TORCH_TO_ONNX
     direction = "bidirectional" if rnn.bidirectional else "forward"
@@ -74,7 +73,7 @@ def _run_rnn(g: GraphBuilder, op_type: str, x_time_major: str, lengths: str, rnn
     return y
 
 
-def _embed_time_major(g: GraphBuilder, tokens: str, table: torch.Tensor) -> str:
+def embed_time_major(g: GraphBuilder, tokens: str, table: torch.Tensor) -> str:
     weight = table.detach().to(torch.float32).cpu().numpy()
     embedded = g.op("Gather", [g.initializer(weight, "embedding"), tokens], "embed", axis=0)  # [B, L, word_dim]
     return g.transpose(embedded, [1, 0, 2], "embed_time_major")  # [L, B, word_dim]
@@ -90,8 +89,8 @@ def text_encoder_graph(encoder: TextEncoder, opset: int) -> onnx.ModelProto:
     g = GraphBuilder(Component.TEXT_ENCODER.value, opset)
     tokens = g.input(TOKEN_IDS, INT32, [BATCH_CAPTIONS, MAX_LENGTH])
     lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
-    x = _embed_time_major(g, tokens, encoder.embedding_weight())
-    y = _run_rnn(g, "GRU", x, lengths, encoder.rnn)  # [L, dirs, B, H]
+    x = embed_time_major(g, tokens, encoder.embedding_weight())
+    y = run_rnn(g, "GRU", x, lengths, encoder.rnn)  # [L, dirs, B, H]
     if encoder.bidirectional:
         merged = g.reduce("ReduceMean", y, [1], False, "directions_mean")  # (fwd + bwd) / 2
     else:
@@ -103,32 +102,3 @@ def text_encoder_graph(encoder: TextEncoder, opset: int) -> onnx.ModelProto:
     embeddings = g.where(mask, batch_major, g.const(0.0), "masked_tokens")
     g.output(embeddings, CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, MAX_LENGTH, encoder.embed_size])
     return g.build({"component": Component.TEXT_ENCODER.value, "embedding_layout": encoder.embedding_layout})
-
-
-def cmpm_text_encoder_graph(encoder: CMPMTextEncoder, opset: int) -> onnx.ModelProto:
-    """``token_ids [Bc, L] int32``, ``lengths [Bc] int32`` -> ``caption_embeddings [Bc, embed_size]``.
-
-    Embedding -> bidirectional ONNX LSTM with ``sequence_lens`` -> directions
-    concatenated -> max over time -> linear projection. The max runs over the
-    real tokens (padded positions set to the lowest float) unless the model
-    reproduces the released max over the padding (padded positions set to 0).
-    """
-    g = GraphBuilder(Component.TEXT_ENCODER.value, opset)
-    tokens = g.input(TOKEN_IDS, INT32, [BATCH_CAPTIONS, MAX_LENGTH])
-    lengths = g.input(LENGTHS, INT32, [BATCH_CAPTIONS])
-    x = _embed_time_major(g, tokens, encoder.embed.weight)
-    y = _run_rnn(g, "LSTM", x, lengths, encoder.rnn)  # [L, 2, B, H]
-    per_token = g.transpose(y, [2, 0, 1, 3], "lstm_batch_major")  # [B, L, 2, H]
-    features = g.op("Reshape", [per_token, g.const([0, 0, -1], np.int64)], "lstm_concat")  # [B, L, 2H]
-    mask = g.unsqueeze(g.length_mask(lengths, tokens, 1), [2], "token_mask_3d")
-    fill = 0.0 if encoder.max_over_padding else FLOAT32_LOWEST
-    features = g.where(mask, features, g.const(fill), "masked_features")
-    pooled = g.reduce("ReduceMax", features, [1], False, "max_over_time")  # [B, 2H]
-    weight_t = encoder.projection.weight.detach().to(torch.float32).cpu().numpy().T
-    bias = encoder.projection.bias.detach().to(torch.float32).cpu().numpy()
-    projected = g.op("MatMul", [pooled, g.initializer(weight_t, "projection_weight_t")], "projection_matmul")
-    embedding = g.op("Add", [projected, g.initializer(bias, "projection_bias")], "projection")
-    g.output(embedding, CAPTION_EMBEDDINGS, FLOAT, [BATCH_CAPTIONS, encoder.embed_size])
-    return g.build(
-        {"component": Component.TEXT_ENCODER.value, "max_over_padding": str(encoder.max_over_padding).lower()}
-    )

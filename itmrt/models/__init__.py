@@ -1,8 +1,10 @@
-"""PyTorch reference models (NAAF, SCAN, CMPM) and checkpoint import/export.
+"""The torch-side pieces the families share: layers, encoders, native checkpoints, evaluation.
 
 Loading a checkpoint of any family is :func:`itmrt.families.checkpoints.load_checkpoint`
-(the family registry rebuilds each model); this package holds the models and
-the released and native file formats.
+(the family registry rebuilds each model). A family's own reference model lives
+in its folder (NAAF: :mod:`itmrt.families.naaf.model`); the cross-attention
+matcher NAAF and SCAN share and the released checkpoint format are
+:mod:`itmrt.families.matcher` and :mod:`itmrt.families.released`.
 
 Names are re-exported lazily so ``import itmrt.models`` stays cheap and the
 submodules can import each other without cycles.
@@ -13,14 +15,9 @@ from __future__ import annotations
 from itmrt.optional import lazy_exports
 
 _EXPORTS = {
-    "CMPMModel": "itmrt.models.cmpm",
-    "MobileNetV1": "itmrt.models.cmpm",
-    "CrossAttentionMatcher": "itmrt.models.matcher",
-    "checkpoint_sha256": "itmrt.models.checkpoint",
-    "load_released_checkpoint": "itmrt.models.checkpoint",
-    "matcher_from_opt": "itmrt.models.checkpoint",
-    "save_native": "itmrt.models.checkpoint",
-    "save_released_checkpoint": "itmrt.models.checkpoint",
+    "CMPMModel": "itmrt.families.cmpm.model",
+    "MobileNetV1": "itmrt.families.cmpm.model",
+    "save_native": "itmrt.models.native",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 

@@ -23,7 +23,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.sessions import create_session
 
 DECISION_TENSOR = "is_negative"
-"""Name of the scorer graph's ``q < 0`` tensor, ``[images, captions, max_length]`` (``itmrt.graphs.scorers``)."""
+"""Name of the scorer graph's ``q < 0`` tensor, ``[images, captions, max_length]`` (``itmrt.families.naaf.graphs``)."""
 MARGIN_TENSOR = "row_max"
 """Name of its ``r = max_j s_ij - t`` tensor: how far each word's best region is above the threshold."""
 

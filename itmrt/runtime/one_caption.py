@@ -204,7 +204,7 @@ def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: Naa
                product: Product = np.matmul, scratch: Scratch | None = None) -> np.ndarray:
     """NAAF scores ``[B, C]`` from similarities ``[B, n, T]`` and the block's Gram matrices ``[B, n, n]``.
 
-    The step-4 softmax is max-shifted as in :func:`itmrt.models.naaf.naaf_scores` (the same value as the
+    The step-4 softmax is max-shifted as in :func:`itmrt.families.naaf.model.naaf_scores` (the same value as the
     released ``p / (sum p + 1e-8)``); ``vhat`` is never formed: ``u . vhat = sum_j w s``, ``||vhat||^2 = w^T G w``.
     Sums over the regions are products with a vector of ones (numpy's reductions over a middle axis are slow).
     """
@@ -280,7 +280,7 @@ def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndar
                p: ScanParameters, product: Product = np.matmul) -> np.ndarray:
     """SCAN scores ``[B, C]`` from similarities ``[B, n, T]`` (t2i: the block's Gram matrices; i2t: its region norms).
 
-    As :func:`itmrt.models.scan.scan_scores`: the attended context is never formed
+    As :func:`itmrt.families.scan.model.scan_scores`: the attended context is never formed
     (``q . attended = sum w (q . c)``, ``||attended||^2 = w^T G w``).
     """
     lam, lam_lse = np.float32(p.lambda_softmax), np.float32(p.lambda_lse)

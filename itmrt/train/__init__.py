@@ -1,4 +1,7 @@
-"""Training-side pieces: the seed models' losses and NAAF's threshold learning.
+"""Training: the loop, the trainers, the triplet loss; the families' own hooks re-exported.
+
+NAAF's threshold learning and CMPM's losses live in their family folders
+(:mod:`itmrt.families.naaf.threshold`, :mod:`itmrt.families.cmpm.losses`).
 
 Needs the ``train`` extra (torch; matplotlib only for :func:`plot_trajectory`).
 """
@@ -8,13 +11,13 @@ from __future__ import annotations
 from itmrt.optional import lazy_exports
 
 _EXPORTS = {
-    "cmpc_loss": "itmrt.train.losses",
-    "cmpm_loss": "itmrt.train.losses",
+    "cmpc_loss": "itmrt.families.cmpm.losses",
+    "cmpm_loss": "itmrt.families.cmpm.losses",
     "triplet_loss": "itmrt.train.losses",
-    "ThresholdLearner": "itmrt.train.threshold",
-    "ThresholdRecord": "itmrt.train.threshold",
-    "optimal_threshold": "itmrt.train.threshold",
-    "plot_trajectory": "itmrt.train.threshold",
+    "ThresholdLearner": "itmrt.families.naaf.threshold",
+    "ThresholdRecord": "itmrt.families.naaf.threshold",
+    "optimal_threshold": "itmrt.families.naaf.threshold",
+    "plot_trajectory": "itmrt.families.naaf.threshold",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 

@@ -50,12 +50,12 @@ from torch import Tensor
 from itmrt.data.images import ImageCaptionSplit, identity_recall_table, load_vocabulary, preprocess_images
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.checkpoints import load_native
+from itmrt.families.cmpm.losses import cmpc_loss, cmpm_loss
+from itmrt.families.cmpm.model import CMPMModel
 from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
-from itmrt.models.cmpm import CMPMModel
 from itmrt.models.native import recorded_vocab_sha256, save_native
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.loop import EpochLoop, TokenisedCaptions
-from itmrt.train.losses import cmpc_loss, cmpm_loss
 
 LAST_CHECKPOINT = "checkpoint_last.safetensors"
 LAST_STATE = "checkpoint_last.state.pt"

@@ -38,15 +38,15 @@ from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import DataError, ItmrtError
 from itmrt.families import get, names
 from itmrt.families.cross_attention import CrossAttentionFamily
+from itmrt.families.matcher import CrossAttentionMatcher
+from itmrt.families.naaf.threshold import ThresholdLearner, ThresholdRecord, plot_trajectory
+from itmrt.families.released import load_released_checkpoint, save_released_checkpoint
 from itmrt.io import atomic_write_text, check_empty_folder
-from itmrt.models.checkpoint import load_released_checkpoint, save_released_checkpoint
 from itmrt.models.evaluate import check_vocabulary, encode_captions, encode_images, score_matrix
-from itmrt.models.matcher import CrossAttentionMatcher
 from itmrt.models.native import VOCAB_SHA256
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.loop import EpochLoop, TokenisedCaptions
 from itmrt.train.losses import triplet_loss
-from itmrt.train.threshold import ThresholdLearner, ThresholdRecord, plot_trajectory
 
 LAST_CHECKPOINT = "checkpoint_last.pth.tar"
 BEST_CHECKPOINT = "model_best.pth.tar"

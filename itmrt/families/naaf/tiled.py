@@ -1,7 +1,7 @@
 """NAAF's batched reference over tiles of images x captions, each tile within a memory budget.
 
-:func:`itmrt.models.naaf.naaf_scores` scores a whole ``[Bi, Bc]`` block at once
-and holds about :data:`~itmrt.models.naaf.TILE_WORKING_TENSORS` float tensors of
+:func:`itmrt.families.naaf.model.naaf_scores` scores a whole ``[Bi, Bc]`` block at once
+and holds about :data:`~itmrt.families.naaf.model.TILE_WORKING_TENSORS` float tensors of
 the ``[Bi, Bc, L, n]`` tile at its peak (its products are explicitly batched:
 nothing is expanded). :func:`tile_sizes` picks the largest tile whose *working
 memory* - that many tile tensors and one copy of the tile's captions - fits
@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from itmrt.models.naaf import TILE_WORKING_TENSORS, Scalar, naaf_scores
+from itmrt.families.naaf.model import TILE_WORKING_TENSORS, Scalar, naaf_scores
 
 CAPTION_TILE = 256  # captions per tile at most (a tile's images then fill the budget)
 FLOAT_BYTES = 4

@@ -42,9 +42,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from itmrt.errors import CheckpointError, ItmrtError
+from itmrt.families.naaf.model import NAAFScorer
+from itmrt.families.scan.model import SCANScorer
 from itmrt.models.encoders import ImageEncoder, TextEncoder
-from itmrt.models.naaf import NAAFScorer
-from itmrt.models.scan import SCANScorer
 
 FAMILIES = ("naaf", "scan")
 

@@ -2,7 +2,7 @@
 
 Export freezes the checkpoint's ``thres_safe`` (or ``--threshold``), lambda and
 the intra-caption factor into the scorer graph; training learns ``thres`` and
-``thres_safe`` (:mod:`itmrt.train.threshold`) and scores batches without the
+``thres_safe`` (:mod:`itmrt.families.naaf.threshold`) and scores batches without the
 intra-caption propagation (docs/models.md section 2, last paragraph).
 """
 
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_LAMBDA, NAAF_THRESHOLD
 from itmrt.errors import ItmrtError
 from itmrt.families.cross_attention import CrossAttentionFamily
+from itmrt.families.naaf.export_config import NaafExportConfig
 from itmrt.families.registry import register
 from itmrt.families.spec import GraphOptions, ReferenceScorer, ScorerConstants, frozen
 
@@ -31,8 +32,8 @@ class NaafFamily(CrossAttentionFamily):
     def scorer_graph(
         self, model: Any, options: GraphOptions
     ) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
-        from itmrt.graphs.scorers import naaf_scorer_graph
-        from itmrt.models.naaf import NAAFScorer
+        from itmrt.families.naaf.graphs import naaf_scorer_graph
+        from itmrt.families.naaf.model import NAAFScorer
 
         scorer = model.scorer
         checkpoint_threshold = float(model.opt.get("thres_safe", float(scorer.threshold)))
@@ -53,12 +54,15 @@ class NaafFamily(CrossAttentionFamily):
         )
         return graph, constants, NAAFScorer(threshold, lam, intra)
 
+    def export_config(self) -> NaafExportConfig:
+        return NaafExportConfig()
+
     def training_options(self, config: Any) -> dict[str, Any]:
         lam = DEFAULT_LAMBDA_SOFTMAX if config.lambda_softmax is None else config.lambda_softmax
         return {"lambda_softmax": lam, "thres": 0.0, "thres_safe": 0.0, "alpha": config.alpha}
 
     def training_scores(self, model: Any, image_emb: Any, caption_emb: Any, lengths: Any, threshold: float) -> Any:
-        from itmrt.models.naaf import naaf_scores
+        from itmrt.families.naaf.model import naaf_scores
 
         # docs/models.md section 2, last paragraph: opt.thres and no intra-caption propagation.
         return naaf_scores(image_emb, caption_emb, lengths, threshold,

@@ -9,6 +9,7 @@ import numpy as np
 from itmrt.bundle.names import SCAN_LAMBDA_SOFTMAX
 from itmrt.families.cross_attention import CrossAttentionFamily
 from itmrt.families.registry import register
+from itmrt.families.scan.export_config import ScanExportConfig
 from itmrt.families.spec import GraphOptions, ReferenceScorer, ScorerConstants, frozen
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ class ScanFamily(CrossAttentionFamily):
     def scorer_graph(
         self, model: Any, options: GraphOptions
     ) -> tuple[onnx.ModelProto, ScorerConstants, ReferenceScorer]:
-        from itmrt.graphs.scorers import scan_scorer_graph
+        from itmrt.families.scan.graphs import scan_scorer_graph
 
         scorer = model.scorer
         graph = scan_scorer_graph(
@@ -40,6 +41,9 @@ class ScanFamily(CrossAttentionFamily):
             },
         )
         return graph, constants, scorer
+
+    def export_config(self) -> ScanExportConfig:
+        return ScanExportConfig()
 
     def training_options(self, config: Any) -> dict[str, Any]:
         lam = DEFAULT_LAMBDA_SOFTMAX if config.lambda_softmax is None else config.lambda_softmax

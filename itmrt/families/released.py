@@ -13,7 +13,7 @@ and so ``precomp_enc_text_type``; ``vocab_size`` (the embedding's row count,
 since the released evaluation recomputes it from the vocabulary file and a
 checkpoint may lack it); and the image encoder type (``fc.weight_g`` means
 ``weight_norm``). Everything else comes from ``opt`` (defaults in
-:mod:`itmrt.models.matcher`), and a weight that does not fit is reported by
+:mod:`itmrt.families.matcher`), and a weight that does not fit is reported by
 name.
 """
 
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from itmrt.errors import CheckpointError, ItmrtError, first_line
+from itmrt.families.matcher import CrossAttentionMatcher, detect_family
 from itmrt.io import atomic_write_bytes, sha256_file
-from itmrt.models.matcher import CrossAttentionMatcher, detect_family
 from itmrt.models.native import save_native
 from itmrt.models.statedict import raise_for_problems, state_dict_problems
 

@@ -19,6 +19,7 @@ from itmrt.bundle.names import IMAGES, Component
 from itmrt.bundle.traits import max_over_padding
 from itmrt.data import image_inputs
 from itmrt.errors import ItmrtError
+from itmrt.families.cmpm.export_config import CmpmExportConfig
 from itmrt.families.registry import register
 from itmrt.families.spec import BuiltGraphs, FamilySpec, GraphOptions, ImageSplit, ScorerConstants
 
@@ -49,14 +50,12 @@ class CmpmFamily(FamilySpec):
     # -- PyTorch side -------------------------------------------------------------------------
 
     def model_from_config(self, config: dict[str, Any]) -> Any:
-        from itmrt.models.cmpm import CMPMModel
+        from itmrt.families.cmpm.model import CMPMModel
 
         return CMPMModel.from_config(config)
 
     def build_graphs(self, model: Any, options: GraphOptions) -> BuiltGraphs:
-        from itmrt.graphs.image_encoders import cmpm_image_encoder_graph
-        from itmrt.graphs.scorers import cosine_scorer_graph
-        from itmrt.graphs.text_encoders import cmpm_text_encoder_graph
+        from itmrt.families.cmpm.graphs import cmpm_image_encoder_graph, cmpm_text_encoder_graph, cosine_scorer_graph
 
         graphs = {
             Component.IMAGE_ENCODER.value: cmpm_image_encoder_graph(
@@ -70,6 +69,9 @@ class CmpmFamily(FamilySpec):
 
         return BuiltGraphs(graphs, dims, constants, None, (3, model.image_size, model.image_size),
                            image_preprocessing_record(model.image_size))
+
+    def export_config(self) -> CmpmExportConfig:
+        return CmpmExportConfig()
 
     def check_reference_images(self, model: Any, features: np.ndarray, source: str) -> None:
         if features.ndim != 4 or features.shape[1] != 3:

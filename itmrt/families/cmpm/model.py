@@ -183,7 +183,7 @@ class CMPMModel(nn.Module):
     """The CMPM/CMPC dual encoder; ``scores`` is the cosine matrix of the two embeddings.
 
     ``encode_images`` / ``encode_captions`` / ``score`` are the interface every
-    reference model shares (:class:`itmrt.models.matcher.CrossAttentionMatcher`
+    reference model shares (:class:`itmrt.families.matcher.CrossAttentionMatcher`
     has the same), so export parity and the reference paths treat families alike.
     """
 

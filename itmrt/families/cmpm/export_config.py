@@ -1,0 +1,13 @@
+"""CMPM's exporter config."""
+
+from __future__ import annotations
+
+from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig
+
+
+class CmpmExportConfig(ExportConfig):
+    """CMPM's exporter config: the three core graphs, judged against PyTorch at 1e-4 (float32 on both sides)."""
+
+    family = "cmpm"
+    components = CORE_COMPONENTS
+    parity_tolerance = 1e-4
