@@ -228,7 +228,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="itmrt-mismatch-") as work:
             result = run(args, Path(work))
     if args.json is not None:
-        from itmrt.io import atomic_write_text
+        from itmrt.publish import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
 

@@ -571,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from itmrt.errors import ItmrtError
-    from itmrt.io import check_output_folder, publish_folder, staged_folder
+    from itmrt.publish import check_output_folder, publish_folder, staged_folder
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

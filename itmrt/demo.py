@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_text
+from itmrt.publish import atomic_write_text
 
 DEMO_MARKER = ".itmrt-demo"
 DEMO_TEST_IMAGES = 100
@@ -102,7 +102,7 @@ def shipped_model(name: str) -> Path | None:
 
 def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = None) -> DemoResult:
     """Run the demo into ``out``; returns the figures it printed."""
-    from itmrt.io import atomic_write_text
+    from itmrt.publish import atomic_write_text
 
     folder = Path(out)
     _prepare_folder(folder)

@@ -15,7 +15,7 @@ from itmrt.calibration.calib_data import FeedMaker, ort_session, random_sample
 from itmrt.calibration.fp16 import convert_to_fp16, emulation_session, float32_nodes
 from itmrt.calibration.precision_graphs import make_fp16
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands
-from itmrt.io import sha256_file
+from itmrt.documents import sha256_file
 
 from tests.calibration_helpers import THRESHOLD, make_data, make_naaf_bundle
 

@@ -2,7 +2,7 @@
 that never imports the torch side, no long functions.
 
 Packages are itmrt's subpackages (``itmrt.runtime``, ``itmrt.bundle``, ...) and
-its top-level modules (``itmrt.io``, ``itmrt.demo``, ...). Every import counts,
+its top-level modules (``itmrt.publish``, ``itmrt.demo``, ...). Every import counts,
 also one inside a function (a late import still means one package needs the
 other), except under ``if TYPE_CHECKING:`` (type hints only). ``itmrt/__init__.py``
 is the package's facade (``__version__`` and a lazy ``itmrt.load``), not a layer.
@@ -30,14 +30,14 @@ LONG_FUNCTION_EXCEPTIONS = {
 TORCH_SIDE = frozenset({"families", "models", "graphs", "export", "train"})
 """itmrt's PyTorch side: the family registry, reference models, graph builders, export and training."""
 TORCH_FREE = frozenset({"bundle", "text", "data", "runtime", "serve", "scale", "calibration", "engine", "reports",
-                        "io", "errors", "optional", "limits", "timings"})
+                        "publish", "documents", "errors", "optional", "limits", "timings"})
 """What opens, checks, builds, searches, serves and reports on a bundle: never imports the torch side or torch
 (a bundle describes itself in its manifest; ``itmrt.optional.torch_side`` is the one named seam)."""
 TORCH_MODULES = frozenset({"torch", "torchvision"})
 
 
 def _layer(module: str) -> str | None:
-    """``itmrt.runtime.api`` -> ``runtime``; ``itmrt.io`` -> ``io``; ``itmrt`` itself -> None (the facade)."""
+    """``itmrt.runtime.api`` -> ``runtime``; ``itmrt.publish`` -> ``publish``; ``itmrt`` itself -> None (the facade)."""
     parts = module.split(".")
     if parts[0] != "itmrt" or len(parts) < 2:
         return None

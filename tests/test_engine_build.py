@@ -12,11 +12,11 @@ import pytest
 from itmrt.bundle.folder import read_bundle
 from itmrt.bundle.manifest import GraphEntry, Manifest
 from itmrt.cli.build_cmd import parse_axis_ranges
+from itmrt.documents import sha256_file
 from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, profile_shapes, require_tensorrt
 from itmrt.engine.compat import DeviceInfo, check_engine, compatibility_problems
 from itmrt.engine.doctor import cpu_flags, diagnose, format_report, tensorrt_module
 from itmrt.errors import ItmrtError
-from itmrt.io import sha256_file
 
 SCORER_ENTRY = {
     "inputs": [

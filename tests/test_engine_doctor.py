@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from itmrt.documents import sha256_file
 from itmrt.engine.doctor import diagnose, format_report
 from itmrt.engine.gpus import GpuInfo, apply_visibility, parse_nvidia_smi, visibility_notes, visible_device_entries
 from itmrt.engine.jetson import detect_jetson, jetson_notes, parse_tegra_release, system_tensorrt_paths
-from itmrt.io import sha256_file
 
 from cli_helpers import run_cli
 

@@ -51,7 +51,7 @@ def test_two_writers_of_one_new_file_one_wins_the_other_fails_cleanly(case: Case
 
 
 def test_the_overwrite_decision_is_taken_at_the_rename(tmp_path: Path) -> None:
-    from itmrt.io import TargetExistsError, claim_file
+    from itmrt.publish import TargetExistsError, claim_file
 
     target = tmp_path / "results.jsonl"
     temp = tmp_path / ".results.jsonl.1.x.tmp"
@@ -65,7 +65,7 @@ def test_the_overwrite_decision_is_taken_at_the_rename(tmp_path: Path) -> None:
 
 
 def test_a_folder_published_meanwhile_is_not_replaced(tmp_path: Path) -> None:
-    from itmrt.io import TargetExistsError, publish_folder, staging_folder
+    from itmrt.publish import TargetExistsError, publish_folder, staging_folder
 
     target = tmp_path / "bundle"
     staging = staging_folder(target)
@@ -105,7 +105,7 @@ def test_leftovers_of_dead_writers_are_removed_and_only_those(case: Case, capsys
     """Defect 9: `kill -9` during `export` or `index` left hidden .NAME.*.partial folders nothing removed."""
     target = case.folder / "new_gallery"
     killed = subprocess.run(
-        [sys.executable, "-c", "import os, signal, sys; from itmrt.io import staging_folder; "
+        [sys.executable, "-c", "import os, signal, sys; from itmrt.publish import staging_folder; "
          "(staging_folder(sys.argv[1]) / 'half.npy').write_bytes(bytes(1000)); os.kill(os.getpid(), signal.SIGKILL)",
          str(target)], env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
     assert killed.returncode == -signal.SIGKILL

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from itmrt.bundle.record import SAFE_RELATIVE_PATH, matches
+from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
-from itmrt.io import sha256_file
 
 _EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
 

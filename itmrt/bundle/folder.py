@@ -23,8 +23,8 @@ from pathlib import Path
 from itmrt.bundle.closed import check_graph_file, member, verified_member
 from itmrt.bundle.manifest import AxisRange, EngineEntry, Manifest, TensorSpec, load_manifest_file
 from itmrt.bundle.names import BUNDLE_KIND, COMPONENTS, MANIFEST_NAME, PRECISIONS, Precision
+from itmrt.documents import sha256_bytes, sha256_file
 from itmrt.errors import ItmrtError
-from itmrt.io import sha256_bytes, sha256_file
 
 REMEDY = "export the bundle again"
 

@@ -35,8 +35,8 @@ from itmrt.bundle.record import (
     parse_document,
     sha256_field,
 )
+from itmrt.documents import read_json_document, sha256_bytes
 from itmrt.errors import ItmrtError
-from itmrt.io import read_json_document, sha256_bytes
 
 GALLERY_KIND = "itmrt-gallery"
 GALLERY_SCHEMA = 1

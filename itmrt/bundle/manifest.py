@@ -50,8 +50,9 @@ from itmrt.bundle.record import (
     sha256_field,
 )
 from itmrt.bundle.traits import RuntimeTraits
+from itmrt.documents import read_json_document
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_text, read_json_document
+from itmrt.publish import atomic_write_text
 
 SCHEMA_FILE = Path(__file__).with_name("manifest.schema.json")
 SCHEMA_ID = "https://itmrt.invalid/schemas/bundle-manifest-v1.json"

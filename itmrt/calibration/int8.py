@@ -55,8 +55,8 @@ from itmrt.bundle.manifest import NodeNote
 from itmrt.bundle.names import parse_choice
 from itmrt.calibration import CalibrationMethod as Method
 from itmrt.calibration.qdq import PASS_THROUGH_OPS, QUANTIZED_OPS, insert_qdq, quantized_products
+from itmrt.documents import parse_json
 from itmrt.errors import ItmrtError, first_line
-from itmrt.io import parse_json
 
 ORT_METHODS: dict[str, OrtCalibrationMethod] = {
     Method.ENTROPY.value: OrtCalibrationMethod.Entropy,

@@ -59,8 +59,9 @@ from itmrt.calibration.int8 import (
 )
 from itmrt.calibration.qdq import placement_problems
 from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands, output_error, run_model
+from itmrt.documents import sha256_bytes
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_bytes, sha256_bytes
+from itmrt.publish import atomic_write_bytes
 
 SENSITIVITY_IMAGES = 16  # images (with their captions) the FP16 sensitivity measurement runs on
 RANDOM_SEED = 0

@@ -41,7 +41,7 @@ def audit_command(
     from itmrt.cli.outputs import check_new_files, warn_on_stderr
     from itmrt.data.precomp import read_captions
     from itmrt.errors import ItmrtError
-    from itmrt.io import atomic_write_text
+    from itmrt.publish import atomic_write_text
     from itmrt.runtime.gallery import is_gallery
     from itmrt.scale.audit import audit, audit_markdown
     from itmrt.scale.layout import is_sharded_gallery

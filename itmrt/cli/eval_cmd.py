@@ -45,8 +45,8 @@ def eval_command(
     from itmrt.data.precomp import PrecompSplit
     from itmrt.families import family_of
     from itmrt.families.checkpoints import load_checkpoint
-    from itmrt.io import atomic_write_files, float32_npy_bytes
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
+    from itmrt.publish import atomic_write_files, float32_npy_bytes
     from itmrt.text.vocab import count_unknown_words
 
     check_new_files([json_path, scores_out], outputs.overwrite)

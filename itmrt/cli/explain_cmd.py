@@ -65,7 +65,7 @@ def explain_command(
     typer.echo(result.table())
     typer.echo(f"score (sum of the contributions): {result.score:.6f}; the bundle's scorer: {result.scorer_score:.6f}")
     if json_path is not None:
-        from itmrt.io import atomic_write_text
+        from itmrt.publish import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n", overwrite=outputs.overwrite)
     if png is not None:

@@ -29,7 +29,7 @@ def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i:
                    overwrite: bool, image_ids: list[str] | None = None) -> None:
     """Both outputs as one result: without ``overwrite`` a file that appeared meanwhile (another run's) is
     kept and this run fails with a one-line error, leaving neither of its files."""
-    from itmrt.io import atomic_write_files, float32_npy_bytes
+    from itmrt.publish import atomic_write_files, float32_npy_bytes
     from itmrt.runtime.results import results_jsonl
 
     outputs = [(out, results_jsonl(captions, t2i, i2t, image_ids).encode("utf-8"))]

@@ -23,7 +23,7 @@ from itmrt import limits
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.calibration import DEFAULT_METHOD, CalibrationMethod
 from itmrt.cli.groups import Flag, OptionGroup, select_flags
-from itmrt.io import OutputOptions
+from itmrt.publish import OutputOptions
 from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 
 ChoiceT = TypeVar("ChoiceT", bound=Enum)
@@ -172,12 +172,12 @@ OUTPUT_FLAGS: dict[str, Flag] = {
     "progress": Flag(bool, progress),
     "plots": Flag(bool, plots),
 }
-"""The output flags (:class:`itmrt.io.OutputOptions`), each declared once."""
+"""The output flags (:class:`itmrt.publish.OutputOptions`), each declared once."""
 
 
 def output_group(*names: str, **declared: Any) -> OptionGroup:
     """The group of the output flags ``names`` for a command's parameter ``outputs``, which receives their
-    :class:`itmrt.io.OutputOptions` (``overwrite=overwrite("a report already in --report")``: its own help)."""
+    :class:`itmrt.publish.OutputOptions` (``overwrite=overwrite("a report already in --report")``: its own help)."""
     return OptionGroup("outputs", select_flags(OUTPUT_FLAGS, names, declared), lambda **flags: OutputOptions(**flags))
 
 

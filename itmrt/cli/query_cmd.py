@@ -29,7 +29,7 @@ def query_command(
     writes them (plus "image_ids" where the gallery names its images)."""
     from itmrt.cli.outputs import check_new_files
     from itmrt.data.precomp import read_captions
-    from itmrt.io import atomic_write_text
+    from itmrt.publish import atomic_write_text
     from itmrt.runtime.results import caption_result_lines
     from itmrt.serve.auth import read_token_file
     from itmrt.serve.client import ServiceClient, search_in_batches

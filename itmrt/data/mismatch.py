@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from itmrt.documents import parse_json
 from itmrt.errors import DataError, first_line
-from itmrt.io import parse_json
 
 COMPARISONS = ("own_caption", "own_image", "negated")
 LABELS = {

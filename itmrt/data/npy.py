@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from itmrt.documents import not_a_file
 from itmrt.errors import DataError, first_line
-from itmrt.io import not_a_file
 
 NPY_MAGIC = b"\x93NUMPY"
 NUMERIC_KINDS = "biuf"

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from itmrt.data.npy import open_npy
+from itmrt.documents import not_a_file
 from itmrt.errors import DataError
-from itmrt.io import not_a_file
 
 __all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "SplitSizes", "open_npy", "read_captions"]
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from itmrt.data.precomp import CAPTIONS_PER_IMAGE
 from itmrt.errors import DataError
-from itmrt.io import check_empty_folder, publish_folder, staged_folder, umask_mode
+from itmrt.publish import check_empty_folder, publish_folder, staged_folder, umask_mode
 
 OBJECT_CLASSES = (
     "dog", "cat", "car", "bicycle", "horse", "bird", "boat", "bus",

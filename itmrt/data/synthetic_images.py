@@ -39,7 +39,7 @@ from itmrt.data.synthetic import (
     vocabulary_json,
 )
 from itmrt.errors import DataError
-from itmrt.io import check_empty_folder, publish_folder, staged_folder, umask_mode
+from itmrt.publish import check_empty_folder, publish_folder, staged_folder, umask_mode
 
 SHAPES = ("rectangle", "disc", "triangle")
 TEXTURES = ("solid", "hstripes", "vstripes", "checker", "hollow", "dots", "diagonal", "halves")

@@ -47,6 +47,7 @@ from itmrt.bundle.manifest import (
     update_manifest,
 )
 from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, engine_file, layer_info_file
+from itmrt.documents import sha256_file
 from itmrt.engine.compat import DeviceInfo, this_platform
 from itmrt.engine.dla import (
     DlaPlacement,
@@ -78,8 +79,8 @@ from itmrt.engine.tensorrt_api import (
 )
 from itmrt.engine.timing_cache import attach_timing_cache, save_timing_cache, timing_cache_file
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
 from itmrt.optional import available
+from itmrt.publish import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     import tensorrt as trt

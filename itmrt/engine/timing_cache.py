@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from itmrt.bundle.names import TIMING_CACHE_DIR
 from itmrt.errors import ItmrtError, first_line
-from itmrt.io import atomic_write_bytes
+from itmrt.publish import atomic_write_bytes
 
 if TYPE_CHECKING:
     import tensorrt

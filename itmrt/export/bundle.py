@@ -46,14 +46,15 @@ from itmrt.bundle.names import (
     VOCAB_FILE,
 )
 from itmrt.bundle.trt_ops import check_trt_compat
+from itmrt.documents import not_a_file, sha256_file
 from itmrt.errors import CheckpointError, ItmrtError, VocabularyError
 from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
 from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
 from itmrt.families.checkpoints import load_checkpoint
 from itmrt.families.released import detect_format
-from itmrt.io import check_output_folder, not_a_file, publish_folder, sha256_file, staged_folder
 from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
 from itmrt.models.evaluate import check_vocabulary
+from itmrt.publish import check_output_folder, publish_folder, staged_folder
 from itmrt.text.vocab import Vocabulary
 
 Log = Callable[[str], None]

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from itmrt.documents import parse_json
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.registry import get
 from itmrt.families.released import detect_format, load_released_checkpoint
-from itmrt.io import parse_json
 from itmrt.models.native import NATIVE_FORMAT, VOCAB_SHA256, read_native
 from itmrt.models.statedict import load_state_dict_checked
 

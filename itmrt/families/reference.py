@@ -22,10 +22,10 @@ import torch
 
 from itmrt.bundle.folder import BundleInfo
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, TOKEN_IDS, Component
+from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
 from itmrt.families.checkpoints import load_checkpoint
 from itmrt.families.registry import get
-from itmrt.io import sha256_file
 from itmrt.models.evaluate import PaddedTokenEmbeddings, encode_images, score_matrix
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.runner import Runner, TensorInfo

@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from itmrt.documents import sha256_file
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.matcher import CrossAttentionMatcher, detect_family
-from itmrt.io import atomic_write_bytes, sha256_file
 from itmrt.models.native import save_native
 from itmrt.models.statedict import raise_for_problems, state_dict_problems
+from itmrt.publish import atomic_write_bytes
 
 __all__ = [
     "checkpoint_sha256",

@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors_bytes
 
 from itmrt import __version__
 from itmrt.errors import CheckpointError, first_line
-from itmrt.io import atomic_write_bytes
+from itmrt.publish import atomic_write_bytes
 
 NATIVE_FORMAT = "native-1"
 VOCAB_SHA256 = "vocab_sha256"

@@ -254,7 +254,7 @@ def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None 
 
 
 def write_bench(report: dict[str, Any], out: str | Path, plots: bool = True) -> Path:
-    from itmrt.io import atomic_write_text
+    from itmrt.publish import atomic_write_text
     from itmrt.reports.markdown import bench_markdown
     from itmrt.reports.schema import write_json
 

@@ -40,8 +40,8 @@ from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preproce
 from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import ItmrtError, first_line
-from itmrt.io import atomic_save_float32_npy, atomic_write_text
 from itmrt.optional import torch_side
+from itmrt.publish import atomic_save_float32_npy, atomic_write_text
 from itmrt.reports import agreement
 from itmrt.reports.comparator import Comparison, check
 from itmrt.reports.runtime_variants import Variant, graph_files, open_variant, parse_variant

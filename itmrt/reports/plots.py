@@ -29,7 +29,7 @@ def _save(fig: Any, path: Path, overwrite: bool = True) -> str:
     """Write the figure as PNG; without ``overwrite``, only if ``path`` does not exist when it is renamed in."""
     import io
 
-    from itmrt.io import atomic_write_bytes
+    from itmrt.publish import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from itmrt import __version__
+from itmrt.documents import read_json_document
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_text, read_json_document
 from itmrt.optional import available, require
+from itmrt.publish import atomic_write_text
 
 SCHEMA_VERSION = 1
 SCHEMA_FILE = Path(__file__).with_name("report.schema.json")

@@ -58,17 +58,9 @@ from itmrt.bundle.gallery_manifest import (
 )
 from itmrt.bundle.names import MANIFEST_NAME
 from itmrt.data.npy import open_npy, read_npy_header
+from itmrt.documents import parse_json, sha256_bytes, sha256_file
 from itmrt.errors import DataError, ItmrtError
-from itmrt.io import (
-    atomic_write_bytes,
-    atomic_write_text,
-    check_output_folder,
-    parse_json,
-    publish_folder,
-    sha256_bytes,
-    sha256_file,
-    staged_folder,
-)
+from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staged_folder
 from itmrt.runtime.compact_regions import CompactRegions
 
 __all__ = ["EMBEDDINGS_FILE", "GALLERY_KIND", "GALLERY_MANIFEST", "GALLERY_SCHEMA", "IDS_FILE", "SHARDED_GALLERY_KIND",

@@ -34,8 +34,8 @@ from itmrt.bundle.manifest import Manifest
 from itmrt.bundle.names import IMAGES
 from itmrt.bundle.traits import bundle_traits
 from itmrt.data.images import PREPROCESSING_KEY, preprocess_images
+from itmrt.documents import not_a_file
 from itmrt.errors import DataError, ItmrtError, first_line
-from itmrt.io import not_a_file
 from itmrt.optional import require
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

@@ -37,8 +37,8 @@ import numpy as np
 from itmrt.bundle.closed import verified_member
 from itmrt.bundle.gallery_manifest import REMEDY, GalleryBundle, parse_recorded_bundle, same_image_encoder
 from itmrt.data.npy import open_npy
+from itmrt.documents import parse_json, read_json_document
 from itmrt.errors import ItmrtError, first_line
-from itmrt.io import parse_json, read_json_document
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
     GALLERY_SCHEMA,

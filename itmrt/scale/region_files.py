@@ -23,8 +23,9 @@ import numpy as np
 
 from itmrt.bundle.gallery_manifest import GalleryFile, RegionIndexEntry
 from itmrt.data.npy import open_npy
+from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
-from itmrt.io import atomic_write_text, sha256_file
+from itmrt.publish import atomic_write_text
 from itmrt.runtime.gallery import GALLERY_MANIFEST, Gallery, read_gallery
 from itmrt.scale.regions import (
     BUCKETS_FILE,

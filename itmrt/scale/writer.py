@@ -36,15 +36,9 @@ import numpy as np
 
 from itmrt import __version__
 from itmrt.bundle.gallery_manifest import image_encoder_identity
+from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
-from itmrt.io import (
-    atomic_write_bytes,
-    atomic_write_text,
-    check_output_folder,
-    publish_folder,
-    sha256_file,
-    staging_folder,
-)
+from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staging_folder
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
     GALLERY_SCHEMA,

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from itmrt.documents import parse_json
 from itmrt.errors import ItmrtError, VocabularyError, first_line
-from itmrt.io import atomic_write_text, parse_json
+from itmrt.publish import atomic_write_text
 from itmrt.text.tokenize import word_tokenize
 
 __all__ = ["Vocabulary", "CaptionTooLongError", "SPECIAL_TOKENS", "UnknownWords", "count_unknown_words",

@@ -48,12 +48,13 @@ import torch
 from torch import Tensor
 
 from itmrt.data.images import ImageCaptionSplit, identity_recall_table, load_vocabulary, preprocess_images
+from itmrt.documents import sha256_file
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.checkpoints import load_native
 from itmrt.families.cmpm.losses import cmpc_loss, cmpm_loss
 from itmrt.families.cmpm.model import CMPMModel
-from itmrt.io import atomic_write_bytes, atomic_write_text, sha256_file
 from itmrt.models.native import recorded_vocab_sha256, save_native
+from itmrt.publish import atomic_write_bytes, atomic_write_text
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.loop import EpochLoop, TokenisedCaptions
 

@@ -27,7 +27,7 @@ from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.data.synthetic_images import make_synthetic_image_dataset
 from itmrt.errors import ItmrtError
 from itmrt.families import get
-from itmrt.io import atomic_write_text
+from itmrt.publish import atomic_write_text
 
 # Region-feature data: released feature size (2048), 36 regions, small splits.
 SMALL_REGION_DATA: dict[str, Any] = {"num_images": {"train": 1000, "dev": 100, "test": 200}, "seed": 0, "img_dim": 2048}

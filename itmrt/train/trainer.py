@@ -41,9 +41,9 @@ from itmrt.families.cross_attention import CrossAttentionFamily
 from itmrt.families.matcher import CrossAttentionMatcher
 from itmrt.families.naaf.threshold import ThresholdLearner, ThresholdRecord, plot_trajectory
 from itmrt.families.released import load_released_checkpoint, save_released_checkpoint
-from itmrt.io import atomic_write_text, check_empty_folder
 from itmrt.models.evaluate import check_vocabulary, encode_captions, encode_images, score_matrix
 from itmrt.models.native import VOCAB_SHA256
+from itmrt.publish import atomic_write_text, check_empty_folder
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.loop import EpochLoop, TokenisedCaptions
 from itmrt.train.losses import triplet_loss

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from itmrt.io import atomic_write_bytes
+from itmrt.publish import atomic_write_bytes
 
 __all__ = [
     "ThresholdLearner",

@@ -1,5 +1,6 @@
-"""Small file helpers: atomic writes (temp file in the same folder, then rename), folders published
-whole (built under a hidden staging name, then renamed into place), hashing, itmrt JSON documents.
+"""Publishing outputs: atomic writes (temp file in the same folder, then rename), folders published
+whole (built under a hidden staging name, then renamed into place). Reading (itmrt JSON documents, hashes) lives
+in :mod:`itmrt.documents`.
 
 Outputs are claimed safely:
 
@@ -29,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
-import json
 import os
 import re
 import shutil
@@ -46,8 +45,6 @@ from itmrt.errors import ItmrtError, os_error_message
 STAGING_SUFFIX = ".partial"
 TEMP_SUFFIX = ".tmp"
 RETIRED_SUFFIX = ".old"
-MAX_DOCUMENT_BYTES = 64 << 20
-"""The largest itmrt JSON document read (manifests are kilobytes; this only stops a runaway file)."""
 
 
 class TargetExistsError(ItmrtError, FileExistsError):
@@ -55,20 +52,6 @@ class TargetExistsError(ItmrtError, FileExistsError):
 
 
 # -- modes ------------------------------------------------------------------------------
-
-
-def not_a_file(path: str | os.PathLike[str], missing: str = "does not exist") -> str:
-    """Why ``path``, which is not a regular file, cannot be read as one: a phrase that ends "PATH ..."
-    (``missing`` when nothing is there). A device, pipe or socket is named as such: it may never end
-    (``/dev/zero``) or block (a FIFO)."""
-    path = Path(path)
-    if path.is_dir():
-        return "is a folder"
-    if path.is_symlink() and not path.exists():
-        return f"is a symbolic link to {os.readlink(path)}, which does not exist"
-    if path.exists():
-        return "is not a regular file (a device, pipe or socket)"
-    return missing
 
 
 def current_umask() -> int:
@@ -248,61 +231,6 @@ def float32_npy_bytes(array: Any) -> bytes:
 def atomic_save_float32_npy(path: str | os.PathLike[str], array: Any, overwrite: bool = True) -> Path:
     """Save ``array`` as a float32 ``.npy`` atomically (score matrices and the like)."""
     return atomic_write_bytes(path, float32_npy_bytes(array), overwrite)
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of bytes in memory (a file about to be written, a manifest as read)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks so large files are not loaded whole."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-# -- JSON documents ---------------------------------------------------------------------
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def parse_json(raw: bytes) -> Any:
-    """Strict JSON from bytes: UTF-8, no NaN or Infinity; ``ValueError`` (or ``RecursionError``) otherwise."""
-    return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
-
-
-def read_json_document(
-    path: Path, kinds: tuple[str, ...], schema_version: int, what: str, remedy: str
-) -> tuple[dict[str, Any], bytes]:
-    """Read an itmrt JSON document (bundle or gallery manifest, report) and check its ``kind`` and schema.
-
-    Returns the parsed document and its raw bytes (for hashing). Every failure is a
-    one-line :class:`~itmrt.errors.ItmrtError` naming the file, ending with ``remedy``.
-    """
-    try:
-        size = path.stat().st_size
-        if size > MAX_DOCUMENT_BYTES:
-            raise ItmrtError(f"{path} is {size >> 20} MB, too large for an itmrt {what}; {remedy}")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ItmrtError(f"{os_error_message(exc, 'read')}; {remedy}") from None
-    try:
-        data = parse_json(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ItmrtError(f"{path} is not valid JSON ({exc.__class__.__name__}); {remedy}") from None
-    if not isinstance(data, dict) or data.get("kind") not in kinds:
-        raise ItmrtError(f"{path} is not an itmrt {what}")
-    if data.get("schema_version") != schema_version:
-        raise ItmrtError(
-            f"{path} has schema version {data.get('schema_version')!r}; this itmrt reads version {schema_version}: "
-            f"{remedy}"
-        )
-    return data, raw
 
 
 # -- folders ----------------------------------------------------------------------------
