@@ -101,7 +101,7 @@ class Run:
 
 
 def doctor() -> dict[str, Any]:
-    from itmrt.engine.doctor import diagnose
+    from itmrt.reports.doctor import diagnose
 
     return diagnose().as_dict()
 

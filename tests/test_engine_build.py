@@ -15,8 +15,8 @@ from itmrt.cli.build_cmd import parse_axis_ranges
 from itmrt.documents import sha256_file
 from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, profile_shapes, require_tensorrt
 from itmrt.engine.compat import DeviceInfo, check_engine, compatibility_problems
-from itmrt.engine.doctor import cpu_flags, diagnose, format_report, tensorrt_module
 from itmrt.errors import ItmrtError
+from itmrt.reports.doctor import cpu_flags, diagnose, format_report, tensorrt_module
 
 SCORER_ENTRY = {
     "inputs": [
@@ -104,7 +104,7 @@ def test_a_stub_only_tensorrt_folder_is_not_tensorrt(tmp_path: Path) -> None:
     (tmp_path / "tensorrt" / "__init__.pyi").write_text("class Builder: ...\n")
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import tensorrt;"
-        "from itmrt.engine.doctor import tensorrt_module; print(tensorrt_module() is None)"
+        "from itmrt.reports.doctor import tensorrt_module; print(tensorrt_module() is None)"
     )
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from itmrt.documents import sha256_file
-from itmrt.engine.doctor import diagnose, format_report
-from itmrt.engine.gpus import GpuInfo, apply_visibility, parse_nvidia_smi, visibility_notes, visible_device_entries
-from itmrt.engine.jetson import detect_jetson, jetson_notes, parse_tegra_release, system_tensorrt_paths
+from itmrt.machine.gpus import GpuInfo, apply_visibility, parse_nvidia_smi, visibility_notes, visible_device_entries
+from itmrt.machine.jetson import detect_jetson, jetson_notes, parse_tegra_release, system_tensorrt_paths
+from itmrt.reports.doctor import diagnose, format_report
 
 from cli_helpers import run_cli
 
@@ -108,7 +108,7 @@ def test_an_old_driver_that_rejects_compute_cap_still_lists_its_gpus(
 ) -> None:
     """An nvidia-smi that does not know ``compute_cap`` (older drivers) fails the whole query; the GPUs are
     asked for again without it, with the compute capability unknown (was: "no GPU")."""
-    from itmrt.engine.gpus import _gpus_from_nvidia_smi
+    from itmrt.machine.gpus import _gpus_from_nvidia_smi
 
     tool = tmp_path / "nvidia-smi"
     tool.write_text(

@@ -39,8 +39,10 @@ def _stubs_folder() -> Path:
 
 STUBS = _stubs_folder()
 # The torch-free packages, checked against TensorRT's stubs: the bundle, the runtime (the native TensorRT backend
-# with its CUDA context included), engine building and inspection, the service and sharded galleries.
-TYPECHECKED = ["itmrt/bundle", "itmrt/runtime", "itmrt/engine", "itmrt/serve", "itmrt/scale"]
+# with its CUDA context included), engine building and inspection, machine probing and
+# ``itmrt doctor``, the service and sharded galleries.
+TYPECHECKED = ["itmrt/bundle", "itmrt/runtime", "itmrt/engine", "itmrt/machine",
+               "itmrt/reports/doctor.py", "itmrt/serve", "itmrt/scale"]
 
 
 def patched_stubs(target: Path) -> Path:

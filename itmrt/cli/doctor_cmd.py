@@ -20,7 +20,7 @@ def doctor_command(
     """Report onnxruntime's execution providers, TensorRT and pycuda versions, the GPUs this process sees
     (CUDA_VISIBLE_DEVICES honoured), Jetson/JetPack, CPU features (VNNI, BF16); with a bundle, each engine's
     TensorRT version, GPU, device memory and whether it can run on the runtime's GPU."""
-    from itmrt.engine.doctor import diagnose, format_report
+    from itmrt.reports.doctor import diagnose, format_report
 
     report = diagnose(device=device, bundle=bundle)
     typer.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))

@@ -1,4 +1,6 @@
-"""TensorRT: building engines from a bundle's precision graphs, checking a built engine fits this machine, doctor.
+"""TensorRT: building engines from a bundle's precision graphs (settings, profiles, timing cache, DLA), reading
+and checking a built engine against this machine (inspect, layers, compat), the TensorRT API and CUDA context.
+Machine probing (GPUs, Jetson) is :mod:`itmrt.machine`; ``itmrt doctor`` is :mod:`itmrt.reports.doctor`.
 
 Imports TensorRT only when an engine is built (never torch); everything else in
 itmrt works without it.
@@ -13,9 +15,6 @@ _EXPORTS = {
     "build_engines": "itmrt.engine.build",
     "require_tensorrt": "itmrt.engine.build",
     "TensorRTUnavailable": "itmrt.engine.build",
-    "DoctorReport": "itmrt.engine.doctor",
-    "diagnose": "itmrt.engine.doctor",
-    "format_report": "itmrt.engine.doctor",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 

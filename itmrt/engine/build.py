@@ -58,8 +58,6 @@ from itmrt.engine.dla import (
     network_placement,
     static_ranges,
 )
-from itmrt.engine.gpus import gpu
-from itmrt.engine.jetson import detect_jetson
 from itmrt.engine.layers import matmul_node_names, parse_layer_json, summarize_layers
 from itmrt.engine.profiles import Range, Shapes, board, estimate_peaks, fit_ranges, manifest_ranges, profile_shapes
 from itmrt.engine.settings import (
@@ -79,6 +77,8 @@ from itmrt.engine.tensorrt_api import (
 )
 from itmrt.engine.timing_cache import attach_timing_cache, save_timing_cache, timing_cache_file
 from itmrt.errors import ItmrtError
+from itmrt.machine.gpus import gpu
+from itmrt.machine.jetson import detect_jetson
 from itmrt.optional import available
 from itmrt.publish import atomic_write_bytes, atomic_write_text
 

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from itmrt.bundle.manifest import LARGEST_AXIS
 from itmrt.bundle.names import BATCH_CAPTIONS, BATCH_IMAGES, MAX_LENGTH
-from itmrt.engine.jetson import UNIFIED_MEMORY_WORKSPACE_MB
 from itmrt.engine.profiles import Range
 from itmrt.errors import ItmrtError
+from itmrt.machine.jetson import UNIFIED_MEMORY_WORKSPACE_MB
 
 if TYPE_CHECKING:
     import tensorrt

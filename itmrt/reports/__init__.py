@@ -3,7 +3,8 @@
 :mod:`~itmrt.reports.parity_report` (``itmrt parity``), :mod:`~itmrt.reports.bench`
 (``itmrt bench``), the variants they open (:mod:`~itmrt.reports.runtime_variants`),
 the versioned ``report.json`` schema (:mod:`~itmrt.reports.schema`), Markdown,
-plots and comparisons between two reports.
+plots and comparisons between two reports; ``itmrt doctor``'s report of what this machine can run
+(:mod:`~itmrt.reports.doctor`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ _EXPORTS = {
     "write_bench": "itmrt.reports.bench",
     "Comparison": "itmrt.reports.compare",
     "compare_reports": "itmrt.reports.compare",
+    "DoctorReport": "itmrt.reports.doctor",
+    "diagnose": "itmrt.reports.doctor",
+    "format_report": "itmrt.reports.doctor",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 

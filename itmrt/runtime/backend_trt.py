@@ -127,8 +127,8 @@ class TrtBackend(Runner):
         """The engine of ``component`` at ``precision``, after checking it was built for this TensorRT and
         for the GPU this backend runs on (CUDA device ``device``, after ``CUDA_VISIBLE_DEVICES``)."""
         from itmrt.engine.compat import DeviceInfo, check_engine, this_platform
-        from itmrt.engine.jetson import detect_jetson
         from itmrt.engine.settings import carries_host_code
+        from itmrt.machine.jetson import detect_jetson
 
         bundle.engine_file(component, precision)  # was it built at all, and is the file intact?
         trt, cuda = _import_tensorrt()

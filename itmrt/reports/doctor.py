@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itmrt.engine.gpus import GpuInfo, gpus, visibility_notes
-from itmrt.engine.jetson import (
+from itmrt.engine.tensorrt_api import tensorrt_module
+from itmrt.machine.gpus import GpuInfo, gpus, visibility_notes
+from itmrt.machine.jetson import (
     JetsonInfo,
     detect_jetson,
     jetson_notes,
     onnxruntime_distributions,
     system_tensorrt_paths,
 )
-from itmrt.engine.tensorrt_api import tensorrt_module
 
 __all__ = ["DoctorReport", "cpu_flags", "cpu_model", "diagnose", "format_report", "gpus", "tensorrt_module"]
 
