@@ -33,16 +33,16 @@ sys.path.insert(0, str(ROOT))
 
 from itmrt.bundle.manifest import Manifest  # noqa: E402
 from itmrt.bundle.names import PRECISIONS  # noqa: E402
-from itmrt.calibration.calib_data import (  # noqa: E402
+from itmrt.data.metrics import recall_table  # noqa: E402
+from itmrt.precision.calib_data import (  # noqa: E402
     FeedMaker,
     StreamingCalibrationReader,
     open_calibration_data,
     ort_session,
 )
-from itmrt.calibration.fp16 import emulation_session  # noqa: E402
-from itmrt.calibration.int8 import quantize_graph  # noqa: E402
-from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate, make_fp16  # noqa: E402
-from itmrt.data.metrics import recall_table  # noqa: E402
+from itmrt.precision.fp16 import emulation_session  # noqa: E402
+from itmrt.precision.int8 import quantize_graph  # noqa: E402
+from itmrt.precision.precision_graphs import PrecisionOptions, calibrate, make_fp16  # noqa: E402
 
 
 def demo_bundle(work: Path) -> tuple[Path, Path]:

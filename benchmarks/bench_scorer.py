@@ -150,7 +150,7 @@ def int8_scorer(fp32_path: Path, images: np.ndarray, captions: list[np.ndarray])
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
 
-    from itmrt.calibration.int8 import excluded_nodes, quantize_graph
+    from itmrt.precision.int8 import excluded_nodes, quantize_graph
 
     class Tiles(CalibrationDataReader):
         def __init__(self) -> None:

@@ -144,9 +144,9 @@ def export_shipped(name: str, vocab: Path, bundle: Path) -> dict[str, Any]:
 
 def build_precision(bundle: Path, precision: str, data: Path, split: str, quick: bool) -> dict[str, Any]:
     """Precision graphs (anywhere) and TensorRT engines (where TensorRT and a GPU are)."""
-    from itmrt.calibration.build import build_bundle
-    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.build.orchestration import build_bundle
     from itmrt.engine.build import EngineOptions
+    from itmrt.precision.precision_graphs import PrecisionOptions
 
     options = PrecisionOptions(calib_data=data, split=split, samples=32 if quick else 256, progress=False)
     outcome = build_bundle(bundle, precision, options, EngineOptions(), log=lambda _message: None)
@@ -306,8 +306,8 @@ def tf32_emulated(bundle: Path, data: Path, quick: bool) -> dict[str, Any]:
     """The shipped NAAF's test-split scores with every float32 product's inputs rounded to TF32, against fp32."""
     import onnx
 
-    from itmrt.calibration.tf32 import tf32_emulation_graph, tf32_session
     from itmrt.data.precomp import PrecompSplit
+    from itmrt.precision.tf32 import tf32_emulation_graph, tf32_session
     from itmrt.runtime import load
 
     split = PrecompSplit.open(data, "test")

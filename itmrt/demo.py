@@ -191,8 +191,8 @@ def export_stage(checkpoint: Path, data: DemoData, bundle: Path, log: Log) -> Pa
 
 def build_precisions(bundle: Path, data_dir: Path, log: Log, result: DemoResult) -> list[str]:
     """FP16 and calibrated INT8 graphs (and engines where TensorRT exists); returns the precisions built."""
-    from itmrt.calibration.build import build_bundle
-    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.build.orchestration import build_bundle
+    from itmrt.precision.precision_graphs import PrecisionOptions
 
     built = []
     for precision in ("fp16", "int8"):

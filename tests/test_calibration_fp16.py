@@ -11,11 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from itmrt.bundle.check import check_bundle
 from itmrt.bundle.trt_ops import check_trt_compat
-from itmrt.calibration.calib_data import FeedMaker, ort_session, random_sample
-from itmrt.calibration.fp16 import convert_to_fp16, emulation_session, float32_nodes
-from itmrt.calibration.precision_graphs import make_fp16
-from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands
 from itmrt.documents import sha256_file
+from itmrt.precision.calib_data import FeedMaker, ort_session, random_sample
+from itmrt.precision.fp16 import convert_to_fp16, emulation_session, float32_nodes
+from itmrt.precision.precision_graphs import make_fp16
+from itmrt.precision.sensitivity import SensitivityOptions, choose_islands
 
 from tests.calibration_helpers import THRESHOLD, make_data, make_naaf_bundle
 

@@ -13,10 +13,10 @@ import pytest
 from itmrt.bundle.check import check_bundle
 from itmrt.bundle.manifest import read_manifest
 from itmrt.bundle.trt_ops import check_trt_compat
-from itmrt.calibration.calib_data import FeedMaker, open_calibration_data, ort_session
-from itmrt.calibration.int8 import zero_point_problems
-from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate, make_int8
 from itmrt.errors import DataError, ItmrtError, VocabularyError
+from itmrt.precision.calib_data import FeedMaker, open_calibration_data, ort_session
+from itmrt.precision.int8 import zero_point_problems
+from itmrt.precision.precision_graphs import PrecisionOptions, calibrate, make_int8
 
 from tests.calibration_helpers import make_data, make_naaf_bundle
 

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from itmrt.calibration.calib_data import ort_session
-from itmrt.calibration.fp16 import float32_nodes
-from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate, make_fp16
-from itmrt.calibration.qdq import (
+from itmrt.precision.calib_data import ort_session
+from itmrt.precision.fp16 import float32_nodes
+from itmrt.precision.precision_graphs import PrecisionOptions, calibrate, make_fp16
+from itmrt.precision.qdq import (
     insert_qdq,
     placement_problems,
     quantized_products,

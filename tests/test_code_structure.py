@@ -29,8 +29,8 @@ LONG_FUNCTION_EXCEPTIONS = {
 
 TORCH_SIDE = frozenset({"families", "models", "graphs", "export", "train"})
 """itmrt's PyTorch side: the family registry, reference models, graph builders, export and training."""
-TORCH_FREE = frozenset({"bundle", "text", "data", "runtime", "serve", "scale", "calibration", "engine", "machine",
-                        "reports", "publish", "documents", "errors", "optional", "limits", "timings"})
+TORCH_FREE = frozenset({"bundle", "text", "data", "runtime", "serve", "scale", "precision", "build", "engine",
+                        "machine", "reports", "publish", "documents", "errors", "optional", "limits", "timings"})
 """What opens, checks, builds, searches, serves and reports on a bundle: never imports the torch side or torch
 (a bundle describes itself in its manifest; ``itmrt.optional.torch_side`` is the one named seam)."""
 TORCH_MODULES = frozenset({"torch", "torchvision"})
@@ -150,7 +150,7 @@ def _cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
 
 def test_no_import_cycle_between_packages() -> None:
     graph = package_graph()
-    assert {"bundle", "runtime", "families", "export", "calibration", "engine"} <= set(graph)
+    assert {"bundle", "runtime", "families", "export", "precision", "build", "engine", "machine"} <= set(graph)
     problems = []
     for component in _cycles(graph):
         edges = [f"{a} -> {b} ({graph[a][b][0]})" for a in component for b in component if b in graph[a]]
@@ -219,7 +219,7 @@ def test_the_torch_free_packages_import_without_torch() -> None:
     torch; only the methods export and training call do."""
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import itmrt.runtime, itmrt.bundle.check, itmrt.families, itmrt.calibration.precision_graphs, "
+        "import itmrt.runtime, itmrt.bundle.check, itmrt.families, itmrt.precision.precision_graphs, "
         "itmrt.engine.build\n"
         "import itmrt.reports.parity_report, itmrt.cli.app\n"
     )

@@ -120,7 +120,7 @@ def test_without_tensorrt_engine_building_says_why(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(tensorrt_module() is None, reason="TensorRT is not installed (engines are built on the target GPU)")
 def test_tensorrt_builds_and_reloads_an_engine(tmp_path: Path) -> None:
-    from itmrt.calibration.precision_graphs import make_fp16
+    from itmrt.precision.precision_graphs import make_fp16
     from itmrt.runtime.backend_trt import TrtBackend
 
     from tests.calibration_helpers import make_data, make_naaf_bundle

@@ -11,10 +11,10 @@ import onnx
 import pytest
 
 from itmrt.bundle.manifest import read_manifest
-from itmrt.calibration.tf32 import tf32_emulation_graph, tf32_max_error, tf32_record
 from itmrt.engine.build import EngineOptions, engine_ranges
 from itmrt.engine.layers import parse_layer_json, summarize_layers
 from itmrt.engine.profiles import BOARDS, estimate_peaks, fit_ranges, largest_intermediate, manifest_ranges
+from itmrt.precision.tf32 import tf32_emulation_graph, tf32_max_error, tf32_record
 
 from runtime_helpers import make_bundle
 

@@ -61,9 +61,9 @@ def build_command(
     they are made for TensorRT on a GPU.
 
     TF32 is off unless --tf32. The manifest records each engine's flags, profile and device memory."""
-    from itmrt.calibration.build import build_bundle
-    from itmrt.calibration.precision_graphs import PrecisionOptions
+    from itmrt.build.orchestration import build_bundle
     from itmrt.engine.build import EngineOptions
+    from itmrt.precision.precision_graphs import PrecisionOptions
 
     engine_options = EngineOptions(
         workspace_mb=workspace, axis_ranges=parse_axis_ranges(shape), timing_cache=timing_cache, tf32=tf32,

@@ -27,7 +27,7 @@ def calibrate_command(
 ) -> None:
     """Collect activation ranges on a sample of --data, save them in the bundle (calibration/<graph>.json)
     and write the INT8 Q/DQ graphs (precision/int8/). `itmrt build --precision int8` then reuses them."""
-    from itmrt.calibration.precision_graphs import PrecisionOptions, calibrate
+    from itmrt.precision.precision_graphs import PrecisionOptions, calibrate
 
     settings = PrecisionOptions(
         calib_data=data, split=split, method=method, samples=samples, min_samples=min_samples,

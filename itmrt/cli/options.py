@@ -2,7 +2,7 @@
 
 Choices are str enums (:class:`~itmrt.bundle.names.BackendName`,
 :class:`~itmrt.bundle.names.Precision`, :class:`~itmrt.runtime.options.ScorerChoice`,
-:class:`~itmrt.runtime.options.OnLong`, :class:`~itmrt.calibration.CalibrationMethod`):
+:class:`~itmrt.runtime.options.OnLong`, :class:`~itmrt.precision.CalibrationMethod`):
 the command receives a member, ``--help`` lists the choices, and anything else is
 refused while the command line is parsed, before any work, with the one-line
 ``error: unknown precision 'int4'; choose one of fp32, fp16, int8`` (exit status 2).
@@ -21,8 +21,8 @@ import typer
 
 from itmrt import limits
 from itmrt.bundle.names import BackendName, Precision, parse_choice
-from itmrt.calibration import DEFAULT_METHOD, CalibrationMethod
 from itmrt.cli.groups import Flag, OptionGroup, select_flags
+from itmrt.precision import DEFAULT_METHOD, CalibrationMethod
 from itmrt.publish import OutputOptions
 from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 

@@ -16,7 +16,7 @@ the device (``device_memory_size_v2``) and, with detailed profiling
 verbosity, the engine inspector's layer JSON, which is kept in the bundle
 (:mod:`itmrt.engine.layers`). :func:`engine_entry` writes the manifest entry
 (:class:`itmrt.bundle.manifest.EngineEntry`). ``itmrt build`` - the precision
-graphs first, then these engines - is :func:`itmrt.calibration.build.build_bundle`.
+graphs first, then these engines - is :func:`itmrt.build.orchestration.build_bundle`.
 
 ``tensorrt`` is imported lazily: everything else in itmrt works without it.
 """
@@ -370,7 +370,7 @@ def build_engines(
 ) -> Manifest:
     """Build one engine per graph of ``precision`` (its graphs must exist) and record them; return the manifest.
 
-    ``tf32``: per graph, what TF32 costs (:func:`itmrt.calibration.tf32.tf32_record`, which ``itmrt build``
+    ``tf32``: per graph, what TF32 costs (:func:`itmrt.precision.tf32.tf32_record`, which ``itmrt build``
     measures); without it each entry records only whether TF32 was allowed.
     """
     options = effective_options(options or EngineOptions())

@@ -8,7 +8,7 @@ Pure numpy, no backend, no torch. Every comparison in itmrt goes through here:
   and end to end, :func:`retrieval_agreement`, and :func:`check` records against tolerances;
 - the agreement measures (:mod:`itmrt.reports.agreement`, NAAF's decision flips and
   threshold ties) build on the same definitions;
-- FP16 sensitivity and INT8 error (:mod:`itmrt.calibration.sensitivity`):
+- FP16 sensitivity and INT8 error (:mod:`itmrt.precision.sensitivity`):
   :func:`worst_output_error` of a precision graph's outputs against float32.
 
 The errors are computed in float64. A non-finite output never passes: ``max_abs_error``

@@ -4,7 +4,7 @@ The converter turns every float32 tensor and initializer into float16, keeps
 the graph's inputs and outputs float32 (``keep_io_types``: callers feed and read
 what the fp32 graph takes), and leaves the nodes in ``node_block_list`` in
 float32 with Casts at their borders. Which nodes those are is decided by
-:mod:`itmrt.calibration.sensitivity`; this module only converts and checks.
+:mod:`itmrt.precision.sensitivity`; this module only converts and checks.
 
 ``Cast`` nodes are always kept as they are: the converter changes the type of
 a Cast's output value but not the Cast's ``to`` attribute, so a converted
@@ -152,7 +152,7 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
     readers read its input; one that writes a graph output stays), and
     Casts left without consumers are deleted. So two float32 nodes stay
     directly connected - an int8 graph's DequantizeLinear feeds its product
-    with nothing between them (:mod:`itmrt.calibration.qdq`).
+    with nothing between them (:mod:`itmrt.precision.qdq`).
     """
     graph = model.graph
     inferred = onnx.shape_inference.infer_shapes(model)

@@ -22,7 +22,7 @@ Four kinds of FP32 island, each recorded with its reason:
     unnormalised reductions and exponentials that overflow on real data.
 ``error``
     Per-op sensitivity. Errors are measured with float16 rounding kept on
-    the CPU (:func:`itmrt.calibration.fp16.emulation_graph`). Each candidate node is converted *alone* (every other
+    the CPU (:func:`itmrt.precision.fp16.emulation_graph`). Each candidate node is converted *alone* (every other
     candidate kept float32) and the graph's output error against float32 is
     measured; nodes whose own error exceeds ``node_tolerance`` stay float32.
     Then the whole graph is converted with the islands so far; while its error
@@ -42,8 +42,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from itmrt.bundle.manifest import NodeNote
-from itmrt.calibration.calib_data import Feeds, ort_session
-from itmrt.calibration.fp16 import ALWAYS_FLOAT32_OPS, convert_to_fp16, emulation_session, name_nodes
+from itmrt.precision.calib_data import Feeds, ort_session
+from itmrt.precision.fp16 import ALWAYS_FLOAT32_OPS, convert_to_fp16, emulation_session, name_nodes
 from itmrt.reports.comparator import worst_output_error
 
 FLOAT16_MAX = 65504.0
@@ -107,7 +107,7 @@ def decision_nodes(model: onnx.ModelProto, threshold_initializer: str | None) ->
 
 def run_model(model: onnx.ModelProto, feeds: Sequence[Feeds]) -> list[list[np.ndarray]]:
     """Outputs of ``model`` on each feed; float16 graphs run with their float16 rounding kept
-    (:func:`itmrt.calibration.fp16.emulation_session`), others as they are."""
+    (:func:`itmrt.precision.fp16.emulation_session`), others as they are."""
     has_fp16 = any(init.data_type == TensorProto.FLOAT16 for init in model.graph.initializer) or any(
         node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT16 for a in node.attribute)
         for node in model.graph.node

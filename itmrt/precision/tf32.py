@@ -5,7 +5,7 @@ Ampere and later) rounds the inputs of float32 matrix products and
 convolutions to 10 explicit mantissa bits - 11 significant bits, float16's
 significand with float32's exponent range - and accumulates in float32.
 :func:`tf32_emulation_graph` inserts exactly that rounding (round to nearest,
-:func:`itmrt.calibration.fp16.significand_rounding_nodes`) in front of every
+:func:`itmrt.precision.fp16.significand_rounding_nodes`) in front of every
 ``MatMul``/``Gemm``/``Conv`` input of a float32 graph, so ONNX Runtime on any
 CPU computes what a TF32 engine computes up to accumulation order.
 :func:`tf32_record` measures every graph of a bundle so ``itmrt build --tf32``
@@ -25,12 +25,12 @@ from onnx import numpy_helper
 
 from itmrt.bundle.folder import bundle_file
 from itmrt.bundle.manifest import Log, Manifest, Tf32Record
-from itmrt.calibration.fp16 import (
+from itmrt.engine.settings import EngineOptions
+from itmrt.precision.fp16 import (
     SPLITTER_INITIALIZER,
     VELTKAMP_SPLITTER,
     significand_rounding_nodes,
 )
-from itmrt.engine.settings import EngineOptions
 from itmrt.runtime.sessions import create_session
 
 TF32_OPS = ("MatMul", "Gemm", "Conv")
@@ -92,7 +92,7 @@ def tf32_record(folder: Path, manifest: Manifest, options: EngineOptions, say: L
     """Per graph: whether ``options`` allow TF32 and, when they do, its measured effect on the fp32 graph's outputs."""
     if not options.tf32:
         return {graph: Tf32Record(enabled=False) for graph in manifest.graphs}
-    from itmrt.calibration.calib_data import FeedMaker, random_sample
+    from itmrt.precision.calib_data import FeedMaker, random_sample
 
     feeds = FeedMaker(folder, manifest)
     images, tokens, lengths = random_sample(manifest, seed=0)

@@ -37,8 +37,10 @@ from itmrt.bundle.manifest import (
     update_manifest,
 )
 from itmrt.bundle.names import Component, Precision, calibration_file, parse_choice, precision_file
-from itmrt.calibration import DEFAULT_METHOD
-from itmrt.calibration.calib_data import (
+from itmrt.documents import sha256_bytes
+from itmrt.errors import ItmrtError
+from itmrt.precision import DEFAULT_METHOD
+from itmrt.precision.calib_data import (
     DEFAULT_BATCH,
     DEFAULT_MIN_SAMPLES,
     DEFAULT_SAMPLES,
@@ -49,18 +51,16 @@ from itmrt.calibration.calib_data import (
     open_calibration_data,
     random_sample,
 )
-from itmrt.calibration.fp16 import convert_to_fp16, verify_precision_graph
-from itmrt.calibration.int8 import (
+from itmrt.precision.fp16 import convert_to_fp16, verify_precision_graph
+from itmrt.precision.int8 import (
     excluded_nodes,
     quantizable_nodes,
     quantization_summary,
     quantize_graph,
     zero_point_problems,
 )
-from itmrt.calibration.qdq import placement_problems
-from itmrt.calibration.sensitivity import SensitivityOptions, choose_islands, output_error, run_model
-from itmrt.documents import sha256_bytes
-from itmrt.errors import ItmrtError
+from itmrt.precision.qdq import placement_problems
+from itmrt.precision.sensitivity import SensitivityOptions, choose_islands, output_error, run_model
 from itmrt.publish import atomic_write_bytes
 
 SENSITIVITY_IMAGES = 16  # images (with their captions) the FP16 sensitivity measurement runs on

@@ -2,7 +2,7 @@
 
 The graphs are made and verified here (ONNX Runtime runs them on any machine);
 the engines are :mod:`itmrt.engine`'s, each recorded with what TF32 costs its
-graph when ``--tf32`` allows it (measured here, :mod:`itmrt.calibration.tf32`).
+graph when ``--tf32`` allows it (measured here, :mod:`itmrt.precision.tf32`).
 A machine without TensorRT stops after the graphs and says why no engine was built.
 """
 
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from itmrt.bundle.manifest import Log, Manifest
-from itmrt.calibration.precision_graphs import PrecisionOptions, make_precision_graphs
-from itmrt.calibration.tf32 import tf32_record
 from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, build_target, require_tensorrt
 from itmrt.engine.dla import dla_version_problem
 from itmrt.engine.settings import check_options
 from itmrt.engine.tensorrt_api import tensorrt_module
 from itmrt.errors import ItmrtError
+from itmrt.precision.precision_graphs import PrecisionOptions, make_precision_graphs
+from itmrt.precision.tf32 import tf32_record
 
 
 @dataclass

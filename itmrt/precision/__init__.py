@@ -1,4 +1,7 @@
-"""Precision variants of a bundle's graphs: FP16 with measured FP32 islands, INT8 Q/DQ from calibration."""
+"""Precision variants of a bundle's graphs: FP16 with measured FP32 islands (which nodes stay FP32 is measured,
+:mod:`~itmrt.precision.sensitivity`), INT8 Q/DQ from calibration (:mod:`~itmrt.precision.int8`, placed by
+:mod:`~itmrt.precision.qdq`), and what TF32 would do to a graph (:mod:`~itmrt.precision.tf32`). ``itmrt build``,
+which makes these graphs and then engines, is :mod:`itmrt.build`."""
 
 from __future__ import annotations
 
@@ -6,11 +9,9 @@ from itmrt.bundle.names import Choice
 from itmrt.optional import lazy_exports
 
 _EXPORTS = {
-    "BuildOutcome": "itmrt.calibration.build",
-    "build_bundle": "itmrt.calibration.build",
-    "PrecisionOptions": "itmrt.calibration.precision_graphs",
-    "calibrate": "itmrt.calibration.precision_graphs",
-    "make_precision_graphs": "itmrt.calibration.precision_graphs",
+    "PrecisionOptions": "itmrt.precision.precision_graphs",
+    "calibrate": "itmrt.precision.precision_graphs",
+    "make_precision_graphs": "itmrt.precision.precision_graphs",
 }
 """Public name -> the module that defines it; imported on first use (PEP 562), so importing the package is cheap."""
 

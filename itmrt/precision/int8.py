@@ -5,7 +5,7 @@ What TensorRT 10/11 compile from explicit quantization, and how it is made:
 - QuantizeLinear/DequantizeLinear pairs on the heavy products' inputs only
   (``MatMul``, ``Gemm``, ``Conv``), each origin quantized once before any
   reshape or transpose, no dequantized tensor feeding an elementwise op
-  (:mod:`itmrt.calibration.qdq`, which names TensorRT's rules). ONNX Runtime's
+  (:mod:`itmrt.precision.qdq`, which names TensorRT's rules). ONNX Runtime's
   ``quantize_static`` placed a pair on every product input separately - the
   same data quantized twice, with two scales, around a reshape or transpose -
   and let a dequantized tensor feed elementwise Muls; TensorRT leaves such
@@ -19,7 +19,7 @@ What TensorRT 10/11 compile from explicit quantization, and how it is made:
   are not products and are never quantized; a product whose result feeds a
   branch comparison directly (NAAF's propagated decision) is excluded.
 - The rest of the graph is the fp16 variant's: float16 with the same FP32
-  islands (:func:`itmrt.calibration.precision_graphs.make_int8`). The Q/DQ
+  islands (:func:`itmrt.precision.precision_graphs.make_int8`). The Q/DQ
   pairs, the data movement between them and the products, and the products
   themselves stay float32-typed (opset 17's QuantizeLinear takes float32),
   so a strongly typed TensorRT network fuses each DequantizeLinear into its
@@ -53,10 +53,10 @@ from onnxruntime.quantization import CalibrationMethod as OrtCalibrationMethod
 
 from itmrt.bundle.manifest import NodeNote
 from itmrt.bundle.names import parse_choice
-from itmrt.calibration import CalibrationMethod as Method
-from itmrt.calibration.qdq import PASS_THROUGH_OPS, QUANTIZED_OPS, insert_qdq, quantized_products
 from itmrt.documents import parse_json
 from itmrt.errors import ItmrtError, first_line
+from itmrt.precision import CalibrationMethod as Method
+from itmrt.precision.qdq import PASS_THROUGH_OPS, QUANTIZED_OPS, insert_qdq, quantized_products
 
 ORT_METHODS: dict[str, OrtCalibrationMethod] = {
     Method.ENTROPY.value: OrtCalibrationMethod.Entropy,
