@@ -15,7 +15,8 @@ import argparse
 
 import numpy as np
 
-from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preprocess_images
+from itmrt.data.images import ImageCaptionSplit, preprocess_images
+from itmrt.metrics.recall import identity_recall_table
 from itmrt.runtime import load
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from itmrt.data.metrics import recall_table
+from itmrt.metrics.recall import recall_table
 
 
 def compare(scores32: np.ndarray, scores16: np.ndarray, size32: int, size16: int) -> dict[str, Any]:
@@ -53,10 +53,10 @@ def compare(scores32: np.ndarray, scores16: np.ndarray, size32: int, size16: int
 
 def shipped(work: Path) -> dict[str, Any]:
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.data.synthetic import make_synthetic_dataset
     from itmrt.demo import SHIPPED_NAAF, shipped_model
     from itmrt.export.bundle import ExportOptions, export_bundle
     from itmrt.runtime import load
+    from itmrt.synthetic.region_features import make_synthetic_dataset
     from itmrt.train.recipes import SMALL_REGION_DATA
 
     checkpoint = shipped_model(SHIPPED_NAAF)

@@ -3,7 +3,7 @@
     python benchmarks/bench_mismatch.py [--naaf CKPT --scan CKPT --data DIR] [--work DIR] [--json OUT]
 
 On the synthetic data's confusable pairs (image B = image A's objects plus one
-extra object X; see :mod:`itmrt.data.mismatch`), for each row below: rsum of
+extra object X; see :mod:`itmrt.metrics.mismatched_words`), for each row below: rsum of
 the test split, and how often
 
 - ``own caption``: image A scores its own caption above a caption of B (which
@@ -49,8 +49,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from itmrt.data.metrics import recall_table  # noqa: E402
-from itmrt.data.mismatch import COMPARISONS, accuracy, comparisons, flips, read_meta  # noqa: E402
+from itmrt.metrics.mismatched_words import COMPARISONS, accuracy, comparisons, flips, read_meta  # noqa: E402
+from itmrt.metrics.recall import recall_table  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from itmrt.bundle.manifest import Manifest  # noqa: E402
 from itmrt.bundle.names import PRECISIONS  # noqa: E402
-from itmrt.data.metrics import recall_table  # noqa: E402
+from itmrt.metrics.recall import recall_table  # noqa: E402
 from itmrt.precision.calib_data import (  # noqa: E402
     FeedMaker,
     StreamingCalibrationReader,
@@ -48,9 +48,9 @@ from itmrt.precision.precision_graphs import PrecisionOptions, calibrate, make_f
 def demo_bundle(work: Path) -> tuple[Path, Path]:
     import torch
 
-    from itmrt.data.synthetic import make_synthetic_dataset
     from itmrt.export.bundle import ExportOptions, export_bundle
     from itmrt.families.released import matcher_from_opt, save_released_checkpoint
+    from itmrt.synthetic.region_features import make_synthetic_dataset
     from itmrt.text.vocab import Vocabulary
 
     data = make_synthetic_dataset(work / "data", {"train": 64, "test": 100}, seed=0, img_dim=2048, num_regions=36)

@@ -304,12 +304,12 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_shipped(args: argparse.Namespace) -> dict[str, Any]:
     """The shipped small NAAF on its test split: rsum with exact and compact storage, the index's recall."""
-    from itmrt.data.metrics import recall_table
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.data.synthetic import make_synthetic_dataset
     from itmrt.demo import SHIPPED_NAAF, shipped_model
     from itmrt.export.bundle import ExportOptions, export_bundle
+    from itmrt.metrics.recall import recall_table
     from itmrt.runtime import load
+    from itmrt.synthetic.region_features import make_synthetic_dataset
     from itmrt.train.recipes import SMALL_REGION_DATA
 
     work = args.work / "shipped"

@@ -73,10 +73,10 @@ def released_gallery(work: Path, n_images: int) -> tuple[Path, list[str]]:
 def small_gallery(work: Path) -> tuple[Path, list[str]]:
     """The shipped small NAAF's gallery of its synthetic test split, and the split's captions."""
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.data.synthetic import make_synthetic_dataset
     from itmrt.demo import SHIPPED_NAAF, shipped_model
     from itmrt.export.bundle import ExportOptions, export_bundle
     from itmrt.runtime import load
+    from itmrt.synthetic.region_features import make_synthetic_dataset
     from itmrt.train.recipes import SMALL_REGION_DATA
 
     checkpoint = shipped_model(SHIPPED_NAAF)

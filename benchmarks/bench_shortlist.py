@@ -44,8 +44,8 @@ def i2t_recall_at_1(indices: np.ndarray) -> float:
 def prepare(work: Path, checkpoint: Path, n_images: int) -> tuple[Path, Any]:
     """Synthetic test split and the exported bundle (the only step that needs torch)."""
     from itmrt.data.precomp import PrecompSplit
-    from itmrt.data.synthetic import make_synthetic_dataset
     from itmrt.export.bundle import ExportOptions, export_bundle
+    from itmrt.synthetic.region_features import make_synthetic_dataset
     from itmrt.train.recipes import SMALL_REGION_DATA
 
     data = make_synthetic_dataset(work / "data", {"test": n_images}, seed=SMALL_REGION_DATA["seed"],

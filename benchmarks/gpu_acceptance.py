@@ -121,7 +121,7 @@ def cuda_torch() -> Any:
 
 
 def naaf_data(work: Path, quick: bool) -> Path:
-    from itmrt.data.synthetic import make_synthetic_dataset
+    from itmrt.synthetic.region_features import make_synthetic_dataset
     from itmrt.train.recipes import SMALL_REGION_DATA, make_region_data
 
     if not quick:
@@ -238,7 +238,8 @@ def naaf_parity(bundle: Path, data: Path, out: Path, against: str, quick: bool) 
 
 def cmpm_parity(bundle: Path, data: Path) -> dict[str, Any]:
     """Identity recall and score error of each CMPM variant against ONNX Runtime fp32 on the CPU."""
-    from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preprocess_images
+    from itmrt.data.images import ImageCaptionSplit, preprocess_images
+    from itmrt.metrics.recall import identity_recall_table
     from itmrt.reports.runtime_variants import open_variant
 
     split = ImageCaptionSplit.open(data, "test")

@@ -131,8 +131,8 @@ def run_demo(out: str | Path = "itmrt-demo", log: Log = print, progress: Any = N
 
 def make_demo_data(folder: Path, log: Log) -> DemoData:
     """The test split (and dev and train splits, for calibration), drawn like the shipped models' training data."""
-    from itmrt.data.mismatch import read_meta
     from itmrt.data.precomp import PrecompSplit
+    from itmrt.metrics.mismatched_words import read_meta
     from itmrt.train.recipes import make_sample_data
 
     # train too: `itmrt calibrate` and `build` sample --split train by default, so every command runs on this folder
@@ -207,7 +207,7 @@ def build_precisions(bundle: Path, data_dir: Path, log: Log, result: DemoResult)
 def retrieve(bundle: Path, precisions: list[str], data: DemoData, reference: np.ndarray, result: DemoResult,
              log: Log) -> np.ndarray:
     """Score the split at every precision with the runtime; returns the fp32 score matrix."""
-    from itmrt.data.metrics import recall_table
+    from itmrt.metrics.recall import recall_table
     from itmrt.runtime import load
 
     split = data.split
@@ -253,7 +253,7 @@ def _parity(scores: np.ndarray, reference: np.ndarray, rsum_change: float) -> di
 def show_mismatched_words(data: DemoData, naaf: np.ndarray, reference: ReferenceScores, result: DemoResult,
                           log: Log) -> None:
     """Example queries naming an object one image of a pair lacks, and the accuracies over the split."""
-    from itmrt.data.mismatch import accuracy, comparisons
+    from itmrt.metrics.mismatched_words import accuracy, comparisons
 
     found = comparisons(data.meta)
     models = {"NAAF (bundle, fp32)": naaf}
@@ -328,7 +328,7 @@ def _parity_verdict(parity: dict[str, dict[str, float]]) -> str:
 
 
 def _print_summary(result: DemoResult, split: Any, log: Log) -> None:
-    from itmrt.data.mismatch import LABELS
+    from itmrt.metrics.mismatched_words import LABELS
 
     log("")
     log("recall (synthetic test split)          R@1/5/10 i2t           R@1/5/10 t2i        rsum")

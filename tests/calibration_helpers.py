@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.export.bundle import ExportOptions, export_bundle
 from itmrt.families.released import matcher_from_opt, save_released_checkpoint
+from itmrt.synthetic.region_features import make_synthetic_dataset
 from itmrt.text.vocab import Vocabulary
 
 IMG_DIM = 32

@@ -9,13 +9,14 @@ import onnx
 import pytest
 
 from itmrt.bundle.trt_ops import check_trt_compat
-from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preprocess_images
-from itmrt.data.synthetic_images import make_synthetic_image_dataset
+from itmrt.data.images import ImageCaptionSplit, preprocess_images
 from itmrt.errors import DataError
 from itmrt.export.bundle import ExportOptions, export_bundle
+from itmrt.metrics.recall import identity_recall_table
 from itmrt.precision.int8 import zero_point_problems
 from itmrt.precision.precision_graphs import PrecisionOptions, calibrate
 from itmrt.runtime import load
+from itmrt.synthetic.identity_images import make_synthetic_image_dataset
 
 from tests.calibration_helpers import make_data
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.families.matcher import CrossAttentionMatcher
 from itmrt.families.released import save_released_checkpoint
+from itmrt.synthetic.region_features import make_synthetic_dataset
 from itmrt.text.vocab import Vocabulary
 
 from cli_helpers import run_cli
@@ -54,7 +54,7 @@ def test_eval_prints_recall_table_and_writes_json(capsys, dataset, checkpoint, t
     table = json.loads(out_json.read_text())["recall"]
     scores = np.load(scores_npy)
     assert scores.shape == (12, 60) and scores.dtype == np.float32
-    from itmrt.data.metrics import recall_table
+    from itmrt.metrics.recall import recall_table
 
     assert table == pytest.approx(recall_table(scores))
     assert f"{table['rsum']:.1f}" in result.out
@@ -116,7 +116,7 @@ def test_eval_missing_checkpoint(capsys, dataset, tmp_path):
 
 def test_eval_without_the_negative_branch_and_the_mismatched_word_table(capsys, dataset, tmp_path):
     """--no-negative-branch scores the ablation; --mismatched-words prints the confusable-pair comparisons."""
-    from itmrt.data.mismatch import accuracy, comparisons, read_meta
+    from itmrt.metrics.mismatched_words import accuracy, comparisons, read_meta
 
     torch.manual_seed(0)
     vocab = Vocabulary.from_json(dataset / "vocab.json")

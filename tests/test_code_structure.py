@@ -29,8 +29,9 @@ LONG_FUNCTION_EXCEPTIONS = {
 
 TORCH_SIDE = frozenset({"families", "models", "graphs", "export", "train"})
 """itmrt's PyTorch side: the family registry, reference models, graph builders, export and training."""
-TORCH_FREE = frozenset({"bundle", "text", "data", "runtime", "serve", "scale", "precision", "build", "engine",
-                        "machine", "reports", "publish", "documents", "errors", "optional", "limits", "timings"})
+TORCH_FREE = frozenset({"bundle", "text", "data", "metrics", "synthetic", "runtime", "serve", "scale", "precision",
+                        "build", "engine", "machine", "reports", "publish", "documents", "errors", "optional",
+                        "limits", "timings"})
 """What opens, checks, builds, searches, serves and reports on a bundle: never imports the torch side or torch
 (a bundle describes itself in its manifest; ``itmrt.optional.torch_side`` is the one named seam)."""
 TORCH_MODULES = frozenset({"torch", "torchvision"})

@@ -8,18 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itmrt.data.images import (
-    IMAGE_MEAN,
-    IMAGE_STD,
-    ImageCaptionSplit,
-    identity_recall_table,
-    load_vocabulary,
-    preprocess_images,
-)
-from itmrt.data.metrics import recall_table
-from itmrt.data.synthetic import COLOURS, OBJECT_CLASSES
-from itmrt.data.synthetic_images import make_synthetic_image_dataset
+from itmrt.data.images import IMAGE_MEAN, IMAGE_STD, ImageCaptionSplit, load_vocabulary, preprocess_images
 from itmrt.errors import DataError
+from itmrt.metrics.recall import identity_recall_table, recall_table
+from itmrt.synthetic.identity_images import make_synthetic_image_dataset
+from itmrt.synthetic.region_features import COLOURS, OBJECT_CLASSES
 
 
 def _files(folder: Path) -> dict[str, bytes]:

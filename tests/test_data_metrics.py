@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from itmrt.data.metrics import (
+from itmrt.errors import DataError
+from itmrt.metrics.recall import (
     RECALL_KEYS,
     coco_5fold_1k,
     fold_tables,
@@ -14,7 +15,6 @@ from itmrt.data.metrics import (
     recall_table,
     t2i_ranks,
 )
-from itmrt.errors import DataError
 
 # 3 images x 15 captions, written out by hand (caption c describes image c // 5).
 #            own captions of image 0   | image 1                   | image 2

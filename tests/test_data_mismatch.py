@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itmrt.data.mismatch import accuracy, comparisons, flips, format_accuracy, read_meta
-from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.errors import DataError
+from itmrt.metrics.mismatched_words import accuracy, comparisons, flips, format_accuracy, read_meta
+from itmrt.synthetic.region_features import make_synthetic_dataset
 
 SMALL = {"img_dim": 16, "num_regions": 8}
 

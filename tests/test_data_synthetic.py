@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
-from itmrt.data.synthetic import COLOURS, OBJECT_CLASSES, SPECIAL_TOKENS, _World, make_synthetic_dataset
 from itmrt.errors import DataError
+from itmrt.metrics.recall import recall_table
+from itmrt.synthetic.region_features import COLOURS, OBJECT_CLASSES, SPECIAL_TOKENS, _World, make_synthetic_dataset
 
 SMALL = {"img_dim": 64, "num_regions": 12}
 NEGATION = re.compile(r"\b(?:no|any) (\w+)")

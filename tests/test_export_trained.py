@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from itmrt.data.synthetic import vocabulary_json
 from itmrt.demo import shipped_model
 from itmrt.export.bundle import ExportOptions, export_bundle
+from itmrt.synthetic.region_features import vocabulary_json
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.recipes import SHIPPED_FILES
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itmrt.data.mismatch import comparisons, read_meta
 from itmrt.data.precomp import PrecompSplit
-from itmrt.data.synthetic import make_synthetic_dataset, vocabulary_json
 from itmrt.demo import shipped_model
+from itmrt.metrics.mismatched_words import comparisons, read_meta
 from itmrt.runtime import load
 from itmrt.runtime.explain import explain
+from itmrt.synthetic.region_features import make_synthetic_dataset, vocabulary_json
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.recipes import SHIPPED_FILES, SMALL_REGION_DATA
 

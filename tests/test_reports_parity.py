@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itmrt.data.metrics import recall_table
+from itmrt.metrics.recall import recall_table
 from itmrt.reports import agreement, parity_report
 from itmrt.reports.parity_report import ParityOptions, apply_tolerances, run_parity, write_parity
 from itmrt.reports.runtime_variants import parse_variants

@@ -10,10 +10,11 @@ import pytest
 
 pytest.importorskip("torch")
 
-from itmrt.data.images import ImageCaptionSplit, identity_recall_table  # noqa: E402
-from itmrt.data.synthetic_images import make_synthetic_image_dataset  # noqa: E402
+from itmrt.data.images import ImageCaptionSplit  # noqa: E402
+from itmrt.metrics.recall import identity_recall_table
 from itmrt.reports.parity_report import ParityOptions, run_parity  # noqa: E402
 from itmrt.reports.runtime_variants import parse_variants  # noqa: E402
+from itmrt.synthetic.identity_images import make_synthetic_image_dataset  # noqa: E402
 
 from cli_helpers import run_cli  # noqa: E402
 

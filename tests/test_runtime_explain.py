@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itmrt.data.mismatch import comparisons
-from itmrt.data.synthetic import make_synthetic_dataset, vocabulary_json
 from itmrt.demo import shipped_model
 from itmrt.errors import ItmrtError
+from itmrt.metrics.mismatched_words import comparisons
 from itmrt.runtime import load
 from itmrt.runtime.explain import explain, naaf_word_terms
+from itmrt.synthetic.region_features import make_synthetic_dataset, vocabulary_json
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.recipes import SHIPPED_FILES, SMALL_REGION_DATA
 

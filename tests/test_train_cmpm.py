@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from itmrt.data.images import ImageCaptionSplit, load_vocabulary
-from itmrt.data.synthetic_images import make_synthetic_image_dataset
 from itmrt.errors import CheckpointError, ItmrtError
 from itmrt.families.checkpoints import load_native
 from itmrt.families.cmpm.model import CMPMModel
 from itmrt.models.native import save_native
+from itmrt.synthetic.identity_images import make_synthetic_image_dataset
 from itmrt.train.cmpm_trainer import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.families.released import load_released_checkpoint
+from itmrt.synthetic.region_features import make_synthetic_dataset
 from itmrt.train.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainConfig, train
 
 from cli_helpers import run_cli

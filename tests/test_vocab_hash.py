@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from itmrt.data.synthetic import make_synthetic_dataset
 from itmrt.errors import VocabularyError
 from itmrt.export.bundle import ExportOptions, export_bundle
 from itmrt.families.checkpoints import load_checkpoint
 from itmrt.families.released import load_released_checkpoint, save_released_checkpoint
 from itmrt.models.native import VOCAB_SHA256, recorded_vocab_sha256, save_native
+from itmrt.synthetic.region_features import make_synthetic_dataset
 from itmrt.text.vocab import Vocabulary
 from itmrt.train.trainer import TrainConfig, train
 

@@ -40,11 +40,11 @@ def eval_command(
     """
     from itmrt.bundle.names import REGION_FEATURES
     from itmrt.cli.progress import progress_bars
-    from itmrt.data.metrics import coco_5fold_1k, format_recall_table
-    from itmrt.data.mismatch import accuracy, comparisons, format_accuracy, read_meta
     from itmrt.data.precomp import PrecompSplit
     from itmrt.families import family_of
     from itmrt.families.checkpoints import load_checkpoint
+    from itmrt.metrics.mismatched_words import accuracy, comparisons, format_accuracy, read_meta
+    from itmrt.metrics.recall import coco_5fold_1k, format_recall_table
     from itmrt.models.evaluate import evaluate_split, load_vocabulary_for
     from itmrt.publish import atomic_write_files, float32_npy_bytes
     from itmrt.text.vocab import count_unknown_words

@@ -1,8 +1,8 @@
-"""Datasets on disk (precomputed region features, images), the Recall@K protocol and synthetic data generators.
+"""Datasets on disk: precomputed region features, images with captions and identity labels, ``.npy`` files read
+defensively, and calibration inputs per image-input kind.
 
 Imports only numpy and the standard library, so the torch-free runtime can use
-it. The synthetic-data generators (:mod:`itmrt.data.synthetic`,
-:mod:`itmrt.data.synthetic_images`) are imported where they are used, not here.
+it. Retrieval metrics are :mod:`itmrt.metrics`; synthetic data generators are :mod:`itmrt.synthetic`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,6 @@ from __future__ import annotations
 from itmrt.optional import lazy_exports
 
 _EXPORTS = {
-    "coco_5fold_1k": "itmrt.data.metrics",
-    "format_recall_table": "itmrt.data.metrics",
-    "i2t_ranks": "itmrt.data.metrics",
-    "recall_table": "itmrt.data.metrics",
-    "t2i_ranks": "itmrt.data.metrics",
     "CAPTIONS_PER_IMAGE": "itmrt.data.precomp",
     "PrecompSplit": "itmrt.data.precomp",
     "read_captions": "itmrt.data.precomp",

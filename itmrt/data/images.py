@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from itmrt.bundle.manifest import CropStep, ImagePreprocessingRecord, ResizeStep
-from itmrt.data.metrics import RECALL_KEYS
 from itmrt.data.precomp import SplitSizes, open_npy, read_captions
 from itmrt.errors import DataError
 from itmrt.text.vocab import Vocabulary
@@ -38,7 +37,6 @@ IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 """Per-channel RGB mean and std applied after scaling to [0, 1] (the ImageNet values torchvision uses)."""
 
 VOCAB_FILE = "vocab.json"
-_BLOCK_ELEMENTS = 1 << 22
 
 
 def preprocess_images(
@@ -178,56 +176,3 @@ def _open_integers(path: Path, what: str) -> np.ndarray:
             f"{what} file {path} has dtype {values.dtype} and shape {values.shape}; expected a 1-D integer array"
         )
     return np.asarray(values, dtype=np.int64)
-
-
-def _first_correct_ranks(scores: np.ndarray, query_labels: np.ndarray, item_labels: np.ndarray) -> np.ndarray:
-    """Per query row, the 0-based rank of its best-scoring item with the same label.
-
-    Pessimistic ties (as :mod:`itmrt.data.metrics`): a wrong item scoring exactly as
-    high as the best correct one counts as ranked ahead of it.
-    """
-    ranks = np.empty(scores.shape[0], dtype=np.int64)
-    step = max(1, _BLOCK_ELEMENTS // max(1, scores.shape[1]))
-    for start in range(0, scores.shape[0], step):
-        block = np.asarray(scores[start:start + step], dtype=np.float64)
-        correct = query_labels[start:start + step, None] == item_labels[None, :]
-        best = np.where(correct, block, -np.inf).max(axis=1, keepdims=True)
-        ranks[start:start + step] = ((block >= best) & ~correct).sum(axis=1)
-    return ranks
-
-
-def identity_recall_table(scores: np.ndarray, image_labels: np.ndarray, caption_labels: np.ndarray) -> dict[str, float]:
-    """R@1/5/10, medr, meanr both ways and rsum for an ``images x captions`` score matrix, matching by identity.
-
-    Image-to-text: an image query is answered correctly at K when one of the top K
-    captions has its identity; text-to-image likewise with images. With one image
-    per identity and each caption's own image this is the usual protocol; with
-    several images per identity it is the person-search protocol (CUHK-PEDES).
-    The keys are those of :func:`itmrt.data.metrics.recall_table`.
-    """
-    scores = np.asarray(scores)
-    image_labels = np.asarray(image_labels)
-    caption_labels = np.asarray(caption_labels)
-    if scores.ndim != 2 or scores.shape != (len(image_labels), len(caption_labels)):
-        raise DataError(
-            f"score matrix has shape {scores.shape}; expected images "
-            f"x captions = ({len(image_labels)}, {len(caption_labels)})"
-        )
-    if np.issubdtype(scores.dtype, np.floating) and np.isnan(scores).any():
-        raise DataError("score matrix holds NaN values; the model or engine produced invalid scores")
-    if not np.isin(caption_labels, image_labels).all() or not np.isin(image_labels, caption_labels).all():
-        raise DataError(
-            "some identities have captions but no image (or images but no caption); every query needs a match"
-        )
-    table: dict[str, float] = {}
-    for prefix, ranks in (
-        ("i2t", _first_correct_ranks(scores, image_labels, caption_labels)),
-        ("t2i", _first_correct_ranks(scores.T, caption_labels, image_labels)),
-    ):
-        count = len(ranks)
-        for k in (1, 5, 10):
-            table[f"{prefix}_r{k}"] = 100.0 * float(np.count_nonzero(ranks < k)) / count
-        table[f"{prefix}_medr"] = float(np.floor(np.median(ranks))) + 1.0
-        table[f"{prefix}_meanr"] = float(ranks.mean()) + 1.0
-    table["rsum"] = sum(table[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return {key: table[key] for key in RECALL_KEYS}

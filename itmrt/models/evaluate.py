@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import DataError, VocabularyError
+from itmrt.metrics.recall import recall_table
 from itmrt.models.native import recorded_vocab_sha256
 from itmrt.text.vocab import Vocabulary
 

@@ -1,6 +1,6 @@
 """Whether a deployed NAAF variant keeps NAAF's point: the negative branch's decisions on the mismatched word.
 
-:mod:`itmrt.data.mismatch` judges score matrices. This module looks one step
+:mod:`itmrt.metrics.mismatched_words` judges score matrices. This module looks one step
 further inside the deployed scorer graph (fp32, fp16 or int8, as the runtime
 runs it): for every caption of image B (it names X) scored against image A
 (which lacks X) and against B itself, did the negative branch fire on the word
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS
-from itmrt.data.mismatch import Comparison
 from itmrt.errors import ItmrtError
+from itmrt.metrics.mismatched_words import Comparison
 from itmrt.runtime.sessions import create_session
 
 DECISION_TENSOR = "is_negative"

@@ -36,10 +36,10 @@ from itmrt.bundle.folder import BundleInfo, read_bundle
 from itmrt.bundle.names import IMAGES, MAX_LENGTH, REGION_FEATURES, BackendName, Component, Precision
 from itmrt.bundle.traits import bundle_traits
 from itmrt.data.image_inputs import check_pixel_size
-from itmrt.data.images import ImageCaptionSplit, identity_recall_table, preprocess_images
-from itmrt.data.metrics import recall_table
+from itmrt.data.images import ImageCaptionSplit, preprocess_images
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import ItmrtError, first_line
+from itmrt.metrics.recall import identity_recall_table, recall_table
 from itmrt.optional import torch_side
 from itmrt.publish import atomic_save_float32_npy, atomic_write_text
 from itmrt.reports import agreement

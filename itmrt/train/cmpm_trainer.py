@@ -26,7 +26,7 @@ Output folder:
 - ``history.json``: one record per epoch (loss, validation recall).
 
 Validation: :func:`evaluate_cmpm` embeds every image and caption of the split
-and computes :func:`itmrt.data.images.identity_recall_table` on the cosine score
+and computes :func:`itmrt.metrics.recall.identity_recall_table` on the cosine score
 matrix (a retrieved item is correct when it has the query's identity).
 Determinism: on a CPU the same config gives bit-identical weights, also across
 an interruption and resume; on CUDA cuDNN's LSTM kernels may differ in the last bits.
@@ -47,12 +47,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from itmrt.data.images import ImageCaptionSplit, identity_recall_table, load_vocabulary, preprocess_images
+from itmrt.data.images import ImageCaptionSplit, load_vocabulary, preprocess_images
 from itmrt.documents import sha256_file
 from itmrt.errors import CheckpointError, ItmrtError, first_line
 from itmrt.families.checkpoints import load_native
 from itmrt.families.cmpm.losses import cmpc_loss, cmpm_loss
 from itmrt.families.cmpm.model import CMPMModel
+from itmrt.metrics.recall import identity_recall_table
 from itmrt.models.native import recorded_vocab_sha256, save_native
 from itmrt.publish import atomic_write_bytes, atomic_write_text
 from itmrt.text.vocab import Vocabulary

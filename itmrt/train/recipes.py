@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from itmrt.bundle.names import IMAGES, REGION_FEATURES
-from itmrt.data.synthetic import make_synthetic_dataset
-from itmrt.data.synthetic_images import make_synthetic_image_dataset
 from itmrt.errors import ItmrtError
 from itmrt.families import get
 from itmrt.publish import atomic_write_text
+from itmrt.synthetic.identity_images import make_synthetic_image_dataset
+from itmrt.synthetic.region_features import make_synthetic_dataset
 
 # Region-feature data: released feature size (2048), 36 regions, small splits.
 SMALL_REGION_DATA: dict[str, Any] = {"num_images": {"train": 1000, "dev": 100, "test": 200}, "seed": 0, "img_dim": 2048}

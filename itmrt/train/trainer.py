@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from itmrt.data.metrics import recall_table
 from itmrt.data.precomp import PrecompSplit
 from itmrt.errors import DataError, ItmrtError
 from itmrt.families import get, names
@@ -41,6 +40,7 @@ from itmrt.families.cross_attention import CrossAttentionFamily
 from itmrt.families.matcher import CrossAttentionMatcher
 from itmrt.families.naaf.threshold import ThresholdLearner, ThresholdRecord, plot_trajectory
 from itmrt.families.released import load_released_checkpoint, save_released_checkpoint
+from itmrt.metrics.recall import recall_table
 from itmrt.models.evaluate import check_vocabulary, encode_captions, encode_images, score_matrix
 from itmrt.models.native import VOCAB_SHA256
 from itmrt.publish import atomic_write_text, check_empty_folder

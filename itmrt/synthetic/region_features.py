@@ -12,7 +12,7 @@ extra object X. A caption of B therefore names one object, X, that image A does
 not hold - a *mismatched word* against A. That is NAAF's point: SCAN-style
 attention keeps only aligned evidence, so such a caption fits A almost as well as
 B; NAAF learns a boundary between matched and mismatched word-region similarities
-and lets a mismatched word lower the score. :mod:`itmrt.data.mismatch` measures it.
+and lets a mismatched word lower the score. :mod:`itmrt.metrics.mismatched_words` measures it.
 
 With ``negations=True`` many captions also name an *absent* object under a
 negation ("with no cat", "but without any kite", "and there is no bus"), and

@@ -8,7 +8,7 @@ identity redraws the same scene with jitter (position, size, brightness), a new
 background tint and pixel noise, so images of one identity differ but share
 their content - the person-search setting CMPM was designed for, in miniature.
 
-Captions use the words of :mod:`itmrt.data.synthetic` (its object classes,
+Captions use the words of :mod:`itmrt.synthetic.region_features` (its object classes,
 colours and caption templates; its ``vocab.json``): they name every object of
 the scene with its colour, in random order, and some negate an absent object.
 Captions contain only lower-case words separated by single spaces.
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from itmrt.data.synthetic import (
+from itmrt.errors import DataError
+from itmrt.publish import check_empty_folder, publish_folder, staged_folder, umask_mode
+from itmrt.synthetic.region_features import (
     COLOURS,
     DEFAULT_SPLITS,
     NEGATIVE_TEMPLATES,
@@ -38,8 +40,6 @@ from itmrt.data.synthetic import (
     _stable_hash,
     vocabulary_json,
 )
-from itmrt.errors import DataError
-from itmrt.publish import check_empty_folder, publish_folder, staged_folder, umask_mode
 
 SHAPES = ("rectangle", "disc", "triangle")
 TEXTURES = ("solid", "hstripes", "vstripes", "checker", "hollow", "dots", "diagonal", "halves")
@@ -63,7 +63,7 @@ _SLOTS = ((0.27, 0.27), (0.27, 0.73), (0.73, 0.27), (0.73, 0.73))
 """Object centres, as fractions of the image side (one quadrant each, so objects rarely overlap)."""
 
 if len(OBJECT_SHAPES) != len(set(OBJECT_SHAPES.values())) or set(COLOUR_RGB) != set(COLOURS):
-    raise ImportError("synthetic_images: the object/colour tables do not cover itmrt.data.synthetic's words")
+    raise ImportError("synthetic_images: the object/colour tables do not cover itmrt.synthetic.region_features's words")
 
 
 def make_synthetic_image_dataset(

@@ -1,6 +1,6 @@
 """NAAF's point measured: do words the image does not hold lower the match?
 
-The synthetic data (:mod:`itmrt.data.synthetic`) comes in confusable pairs:
+The synthetic data (:mod:`itmrt.synthetic.region_features`) comes in confusable pairs:
 image B holds image A's objects plus one extra object X. A caption of B names
 X, which A lacks: against image A it has exactly one *mismatched word*. NAAF's
 negative branch exists to let such a word lower the score; SCAN-style attention
@@ -75,7 +75,7 @@ def read_meta(data_dir: str | Path, split: str) -> dict[str, Any]:
         meta = parse_json(path.read_bytes())
     except FileNotFoundError:
         raise DataError(f"{path} does not exist; mismatched-word comparisons need the synthetic data's "
-                        "meta file (itmrt.data.synthetic.make_synthetic_dataset writes it)") from None
+                        "meta file (itmrt.synthetic.region_features.make_synthetic_dataset writes it)") from None
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc.strerror or first_line(exc)}") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN; nesting
