@@ -10,14 +10,14 @@ Two scorers compute the same ``images x captions`` matrix:
 
 - ``loop``: the released test-time scorer step for step, one caption against
   every image at a time (``bench_scorer.released_loop_scores``);
-- ``batched``: ``itmrt.families.naaf.tiled.tiled_naaf_scores``, i.e.
+- ``batched``: ``itmrt.families.naaf.tiled_reference.tiled_naaf_scores``, i.e.
   ``itmrt.families.naaf.model.naaf_scores`` (explicitly batched products) over tiles of
   images x captions, each tile's working memory within ``--budget-mb``.
 
 The peak memory the batched scorer reaches beyond its inputs and result is
 recorded against that budget (``memory``): on CUDA ``max_memory_allocated``
 during the timed run, on the CPU the PyTorch profiler's memory events in a
-separate, untimed run (``itmrt.families.naaf.tiled.cpu_peak_bytes``).
+separate, untimed run (``itmrt.families.naaf.tiled_reference.cpu_peak_bytes``).
 
 Both include copying their inputs to the device and the scores back; each is
 timed once after a small warm-up, with a pair of CUDA events around it
@@ -67,8 +67,8 @@ def batched_scores(
     torch: Any, device: str, images: np.ndarray, captions: list[np.ndarray], budget_bytes: int
 ) -> np.ndarray:
     """All images x captions with the batched reference, tile by tile (each tile's working memory within
-    ``budget_bytes``: :func:`itmrt.families.naaf.tiled.tile_sizes`)."""
-    from itmrt.families.naaf.tiled import tiled_naaf_scores
+    ``budget_bytes``: :func:`itmrt.families.naaf.tiled_reference.tile_sizes`)."""
+    from itmrt.families.naaf.tiled_reference import tiled_naaf_scores
 
     padded, lengths = padded_captions(captions)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def batched_scores(
 def memory_record(peak_bytes: int, budget_bytes: int, images: int, captions: int, words: int, how: str
                   ) -> dict[str, Any]:
     """The batched scorer's peak memory (beyond inputs and result) against its budget, with the tile it used."""
-    from itmrt.families.naaf.tiled import tile_sizes
+    from itmrt.families.naaf.tiled_reference import tile_sizes
 
     image_tile, caption_tile = tile_sizes(images, captions, words, REGIONS, D, budget_bytes)
     return {
@@ -97,7 +97,7 @@ def memory_record(peak_bytes: int, budget_bytes: int, images: int, captions: int
 
 def cpu_memory(torch: Any, images: np.ndarray, captions: list[np.ndarray], budget_bytes: int) -> dict[str, Any]:
     """Peak CPU memory of the batched scorer beyond its inputs and result (profiler memory events, untimed run)."""
-    from itmrt.families.naaf.tiled import cpu_peak_bytes, tiled_naaf_scores
+    from itmrt.families.naaf.tiled_reference import cpu_peak_bytes, tiled_naaf_scores
 
     padded, lengths = padded_captions(captions)
     imgs, caps, lens = torch.from_numpy(images), torch.from_numpy(padded), torch.from_numpy(lengths)

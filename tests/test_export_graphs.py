@@ -17,8 +17,8 @@ from itmrt.families.scan.graphs import scan_scorer_graph
 from itmrt.families.scan.model import scan_scores, scan_scores_loop
 from itmrt.graphs.image_encoders import region_image_encoder_graph
 from itmrt.graphs.text_encoders import text_encoder_graph
-from itmrt.models.encoders import ImageEncoder, TextEncoder
 from itmrt.models.ops import l2norm
+from itmrt.models.torch_encoders import ImageEncoder, TextEncoder
 
 D = 32
 VOCAB = 50

@@ -36,7 +36,7 @@ from itmrt.bundle.names import (  # noqa: E402
 from itmrt.errors import ItmrtError  # noqa: E402
 from itmrt.families import BuiltGraphs, GraphOptions, ScorerConstants  # noqa: E402
 from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig  # noqa: E402
-from itmrt.families.regions import RegionFeatureFamily  # noqa: E402
+from itmrt.families.precomputed_regions import RegionFeatureFamily  # noqa: E402
 from itmrt.graphs.onnx_graph import FLOAT, INT32, GraphBuilder  # noqa: E402
 from itmrt.text.vocab import Vocabulary  # noqa: E402
 

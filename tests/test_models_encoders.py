@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from itmrt.errors import ItmrtError
-from itmrt.models.encoders import GloveEmbedding, ImageEncoder, TextEncoder, WeightNormLinear
 from itmrt.models.ops import l2norm
+from itmrt.models.torch_encoders import GloveEmbedding, ImageEncoder, TextEncoder, WeightNormLinear
 
 
 def _features(seed: int = 0, batch: int = 3, regions: int = 4, dim: int = 12) -> torch.Tensor:

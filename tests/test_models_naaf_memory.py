@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from itmrt.families.naaf.model import TILE_WORKING_TENSORS, naaf_scores
-from itmrt.families.naaf.tiled import cpu_peak_bytes, tile_sizes, tiled_naaf_scores
+from itmrt.families.naaf.tiled_reference import cpu_peak_bytes, tile_sizes, tiled_naaf_scores
 
 THRESHOLD, LAMBDA, INTRA = 0.05, 20.0, 5.0
 

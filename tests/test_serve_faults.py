@@ -31,9 +31,9 @@ import numpy as np
 import pytest
 
 from itmrt.runtime import load
-from itmrt.serve.app import HttpLimits
 from itmrt.serve.batcher import BatchSettings, FairQueue, Job
 from itmrt.serve.client import ServiceClient
+from itmrt.serve.http_app import HttpLimits
 from itmrt.serve.searcher import RuntimeSearcher
 from itmrt.serve.server import ServeOptions, Service
 

@@ -45,7 +45,7 @@ def audit_command(
     from itmrt.runtime.gallery import is_gallery
     from itmrt.scale.audit import audit, audit_markdown
     from itmrt.scale.layout import is_sharded_gallery
-    from itmrt.scale.searcher import open_shards
+    from itmrt.scale.open_gallery import open_shards
 
     check_new_files([out, markdown], overwrite)
     if is_gallery(gallery) and not is_sharded_gallery(gallery):

@@ -13,7 +13,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
     from itmrt.cli.infer_cmd import _write_outputs
     from itmrt.cli.progress import progress_bars
     from itmrt.errors import ItmrtError
-    from itmrt.scale.searcher import open_shards
+    from itmrt.scale.open_gallery import open_shards
     from itmrt.scale.shard import SearchRequest
 
     if request.images is not None:

@@ -68,8 +68,8 @@ def serve_command(
     A sharded gallery (itmrt index --shard-images) is searched shard by shard and merged, in this process or,
     with --ray, on Ray actors (one per shard unless --ray-workers), with the same answers.
     """
-    from itmrt.serve.app import HttpLimits
     from itmrt.serve.batcher import BatchSettings
+    from itmrt.serve.http_app import HttpLimits
     from itmrt.serve.server import ServeOptions, Service
 
     serve_options = ServeOptions(

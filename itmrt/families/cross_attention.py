@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from itmrt.bundle.manifest import JsonScalar
 from itmrt.bundle.names import Component
-from itmrt.families.regions import RegionFeatureFamily
+from itmrt.families.precomputed_regions import RegionFeatureFamily
 from itmrt.families.spec import BuiltGraphs, GraphOptions, ReferenceScorer, ScorerConstants
 
 if TYPE_CHECKING:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from itmrt.errors import CheckpointError, ItmrtError
 from itmrt.families.naaf.model import NAAFScorer
 from itmrt.families.scan.model import SCANScorer
-from itmrt.models.encoders import ImageEncoder, TextEncoder
+from itmrt.models.torch_encoders import ImageEncoder, TextEncoder
 
 FAMILIES = ("naaf", "scan")
 

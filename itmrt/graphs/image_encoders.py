@@ -8,7 +8,7 @@ import torch
 
 from itmrt.bundle.names import BATCH_IMAGES, IMAGE_EMBEDDINGS, NUM_REGIONS, REGION_FEATURES, Component
 from itmrt.graphs.onnx_graph import FLOAT, GraphBuilder
-from itmrt.models.encoders import ImageEncoder
+from itmrt.models.torch_encoders import ImageEncoder
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

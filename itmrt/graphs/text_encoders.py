@@ -16,7 +16,7 @@ from torch import nn
 
 from itmrt.bundle.names import BATCH_CAPTIONS, CAPTION_EMBEDDINGS, LENGTHS, MAX_LENGTH, TOKEN_IDS, Component
 from itmrt.graphs.onnx_graph import FLOAT, INT32, GraphBuilder
-from itmrt.models.encoders import TextEncoder
+from itmrt.models.torch_encoders import TextEncoder
 
 # Row blocks of PyTorch's stacked gate weights, reordered to ONNX's gate order.
 _GRU_TORCH_TO_ONNX = (1, 0, 2)  # torch (r, z, n) -> onnx (z, r, h)

@@ -14,7 +14,7 @@
 - :mod:`itmrt.scale.shard`: searching one shard and merging shards' answers.
 - :mod:`itmrt.scale.local` / :mod:`itmrt.scale.ray_search`: every shard in
   this process, or on Ray actors (``itmrt infer/serve GALLERY --ray ...``).
-- :mod:`itmrt.scale.searcher`: :func:`open_shards` (``itmrt serve``'s searcher over it: :mod:`itmrt.serve.sharded`).
+- :mod:`itmrt.scale.open_gallery`: :func:`open_shards` (``itmrt serve``'s searcher over it: :mod:`itmrt.serve.sharded`).
 
 ::
 
@@ -42,7 +42,7 @@ _EXPORTS = {
     "LocalShards": "itmrt.scale.local",
     "RayOptions": "itmrt.scale.ray_search",
     "RayShards": "itmrt.scale.ray_search",
-    "open_shards": "itmrt.scale.searcher",
+    "open_shards": "itmrt.scale.open_gallery",
     "SearchRequest": "itmrt.scale.shard",
     "SearchResult": "itmrt.scale.shard",
     "ShardedWriter": "itmrt.scale.writer",

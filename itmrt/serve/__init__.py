@@ -3,7 +3,7 @@
 - :mod:`itmrt.serve.protocol` - requests and responses (JSON and Triton's binary tensor data);
 - :mod:`itmrt.serve.searcher` - what the worker asks of a gallery (:class:`Searcher`) and the runtime's searcher;
 - :mod:`itmrt.serve.batcher` - the bounded queue and the worker thread that batches requests;
-- :mod:`itmrt.serve.app` - the ASGI app (Starlette): endpoints, limits, token, errors;
+- :mod:`itmrt.serve.http_app` - the ASGI app (Starlette): endpoints, limits, token, errors;
 - :mod:`itmrt.serve.metrics` - Prometheus metrics;
 - :mod:`itmrt.serve.server` - :class:`Service`: socket, uvicorn, graceful stop;
 - :mod:`itmrt.serve.client` - a standard-library client (``itmrt query``).

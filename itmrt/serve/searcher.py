@@ -3,7 +3,7 @@
 :class:`Searcher` is the whole interface between the HTTP layer's batcher and
 the model: a searcher over a gallery sharded across machines (Ray actors, each
 with its own runtime) implements the same four calls and plugs in without
-touching :mod:`itmrt.serve.app` or :mod:`itmrt.serve.batcher`.
+touching :mod:`itmrt.serve.http_app` or :mod:`itmrt.serve.batcher`.
 
 :class:`RuntimeSearcher` is the one-process searcher over
 :class:`itmrt.runtime.Runtime` and a gallery. Its :meth:`~RuntimeSearcher.encode`

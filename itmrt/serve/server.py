@@ -39,10 +39,10 @@ from itmrt.errors import ItmrtError
 from itmrt.optional import require, require_all
 from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 from itmrt.scale.layout import is_sharded_gallery
-from itmrt.serve.app import HttpLimits, create_app
 from itmrt.serve.auth import read_token_file, token_file_exposure
 from itmrt.serve.batcher import Batcher, BatchSettings
 from itmrt.serve.guard import BrowserPolicy
+from itmrt.serve.http_app import HttpLimits, create_app
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.searcher import Searcher
 from itmrt.serve.swap import Reloader, RuntimeSource

@@ -10,7 +10,7 @@ from typing import Any
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.tiled import TopK
 from itmrt.scale import RayOptions, SearchRequest, open_shards
-from itmrt.scale.searcher import Shards
+from itmrt.scale.open_gallery import Shards
 from itmrt.serve.searcher import RuntimeSearcher
 
 log = logging.getLogger("itmrt.serve")

@@ -19,7 +19,7 @@ such connections against ``limit_concurrency`` until they leave. This protocol
   (503, closed).
 
 The body's deadline, its size and the bytes held across connections are the
-app's (:func:`itmrt.serve.app.read_body`): it reads the body. Each closed
+app's (:func:`itmrt.serve.http_app.read_body`): it reads the body. Each closed
 connection is counted in ``itmrt_connections_dropped_total{reason}``.
 
 The class relies on uvicorn's ``H11Protocol`` hooks (``connection_made``,
