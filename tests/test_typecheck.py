@@ -40,9 +40,10 @@ def _stubs_folder() -> Path:
 STUBS = _stubs_folder()
 # The torch-free packages, checked against TensorRT's stubs: the bundle, the runtime (the native TensorRT backend
 # with its CUDA context included), engine building and inspection, machine probing and
-# ``itmrt doctor``, the service and sharded galleries.
+# ``itmrt doctor``, the service and sharded galleries, retrieval metrics, publishing and document reading.
 TYPECHECKED = ["itmrt/bundle", "itmrt/runtime", "itmrt/engine", "itmrt/machine",
-               "itmrt/reports/doctor.py", "itmrt/serve", "itmrt/scale"]
+               "itmrt/reports/doctor.py", "itmrt/serve", "itmrt/scale", "itmrt/metrics",
+               "itmrt/publish.py", "itmrt/documents.py"]
 
 
 def patched_stubs(target: Path) -> Path:
