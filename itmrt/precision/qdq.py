@@ -23,7 +23,7 @@ reshape or transpose. So here:
 
 :func:`placement_problems` checks these rules on any Q/DQ graph (the old
 placement, ONNX Runtime's ``quantize_static`` around every product input and
-output, fails them; ``tests/test_calibration_qdq.py``).
+output, fails them; ``tests/test_precision_qdq.py``).
 """
 
 from __future__ import annotations
