@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +17,8 @@ from itmrt.serve.searcher import RuntimeSearcher
 from itmrt.serve.server import Service
 
 from runtime_helpers import region_features
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_gallery(bundle: Path, out: Path, images: Any = None, count: int = 40) -> Path:
@@ -75,3 +80,26 @@ class ControlledSearcher:
         self.scoring.set()
         assert self.release.wait(60)
         return self.inner.top_k(captions, k)
+
+
+def start_server_process(script: str) -> subprocess.Popen[str]:
+    """``script`` (an ``itmrt serve`` command line, or a Service around a test searcher) in a fresh Python
+    process, from this checkout, with its log on a pipe for :func:`wait_until_ready`."""
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_until_ready(server: subprocess.Popen[str], lines: list[str] | None = None) -> str:
+    """The URL a server process says it listens on, once its log says it is ready (each log line read is
+    appended to ``lines`` when given)."""
+    url = None
+    assert server.stderr is not None
+    for line in server.stderr:
+        if lines is not None:
+            lines.append(line)
+        if url is None and "listening on " in line:
+            url = line.split("listening on ")[1].split(";")[0]
+        if "ready:" in line:
+            break
+    assert url is not None, "the server never got ready: " + "".join(lines or [])
+    return url

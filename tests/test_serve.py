@@ -37,7 +37,7 @@ from itmrt.serve.server import ServeOptions, Service, bind_socket
 
 from cli_helpers import run_cli
 from runtime_helpers import make_bundle, make_cmpm_bundle, random_captions
-from serve_helpers import ControlledSearcher, make_gallery, metric, running
+from serve_helpers import ControlledSearcher, make_gallery, metric, running, start_server_process, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 INFER = "/v2/models/text_to_image/infer"
@@ -429,17 +429,9 @@ def test_sigterm_answers_requests_in_flight_and_exits_zero(naaf: dict[str, Any],
     args += ["--max-batch-captions", "32", "--max-delay-ms", "0"]
     # torch-free, as on an edge board: the service never imports it
     script = f"import sys; sys.modules['torch'] = None\nfrom itmrt.cli.app import main\nmain({args!r})\n"
-    command = [sys.executable, "-c", script]
-    server = subprocess.Popen(
-        command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True
-    )
+    server = start_server_process(script)
     try:
-        url = None
-        for line in server.stderr:  # type: ignore[union-attr]
-            url = url or (line.split("listening on ")[1].split(";")[0] if "listening on " in line else None)
-            if "ready:" in line:
-                break
-        assert url is not None, "the server never got ready"
+        url = wait_until_ready(server)
         captions = [random_captions(32, seed=120 + i) for i in range(8)]
 
         def search(caps: list[str]) -> tuple[Any, float]:

@@ -18,8 +18,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +36,7 @@ from itmrt.serve.searcher import RuntimeSearcher
 from itmrt.serve.server import ServeOptions, Service
 
 from runtime_helpers import make_bundle, random_captions, region_features
-from serve_helpers import make_gallery, metric, running
+from serve_helpers import make_gallery, metric, running, start_server_process, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 INFER = "/v2/models/text_to_image/infer"
@@ -399,15 +397,9 @@ def test_sighup_swaps_in_the_gallery_written_in_place(model: dict[str, Any], tmp
     new = make_gallery(model["bundle"], tmp_path / "new", region_features(33, seed=8))
     args = ["serve", str(live_folder), "--port", "0", "--scorer", "graph", "--watch-s", "0"]
     script = f"from itmrt.cli.app import main\nmain({args!r})\n"
-    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server_process(script)
     try:
-        url = None
-        for line in server.stderr:  # type: ignore[union-attr]
-            url = url or (line.split("listening on ")[1].split(";")[0] if "listening on " in line else None)
-            if "ready:" in line:
-                break
-        assert url is not None
+        url = wait_until_ready(server)
         with ServiceClient(url) as client:
             assert client.search(["word1"], 3).indices.max() < 40
             for name in ("image_embeddings.npy", "gallery.json"):  # in place, the document last
@@ -433,16 +425,10 @@ def test_sigterm_with_unread_answers_exits_within_the_grace_period(model: dict[s
     args = ["serve", str(model["gallery"]), "--port", "0", "--scorer", "graph", "--grace-s", "4",
             "--write-timeout-s", "30", "--max-answer", "100000"]
     script = f"from itmrt.cli.app import main\nmain({args!r})\n"
-    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server_process(script)
     sockets = []
     try:
-        url = None
-        for line in server.stderr:  # type: ignore[union-attr]
-            url = url or (line.split("listening on ")[1].split(";")[0] if "listening on " in line else None)
-            if "ready:" in line:
-                break
-        assert url is not None
+        url = wait_until_ready(server)
         host, port = url.removeprefix("http://").split(":")
         request = body(["word1 word2"] * 40, top_k=40)
         head = (f"POST {INFER} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -546,15 +532,9 @@ def held():
 
 Service(None, options=ServeOptions(port=0, grace_s=3.0), searcher=held).run()
 """
-    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server_process(script)
     try:
-        url = None
-        for line in server.stderr:  # type: ignore[union-attr]
-            url = url or (line.split("listening on ")[1].split(";")[0] if "listening on " in line else None)
-            if "ready:" in line:
-                break
-        assert url is not None
+        url = wait_until_ready(server)
         def held_request() -> None:
             try:
                 httpx.post(url + INFER, content=body(["word1"]), headers=JSON, timeout=30)

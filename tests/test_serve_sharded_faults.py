@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from itmrt.serve.server import ServeOptions, Service
 
 from runtime_helpers import make_bundle, random_captions, region_features
 from scale_helpers import quiet
-from serve_helpers import running
+from serve_helpers import running, start_server_process, wait_until_ready
 
 pytest.importorskip("faiss")
 
@@ -75,17 +73,10 @@ def test_mapped_shards_changed_while_serving_are_refused_and_the_process_lives(m
     want = _expected(gallery, captions, 5)
     args = ["serve", str(gallery), "--port", "0", "--scorer", "graph", "--threads", "1", "--copy-shards-mb", "0"]
     script = f"from itmrt.cli.app import main\nmain({args!r})\n"
-    server = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                              stderr=subprocess.PIPE, text=True)
+    server = start_server_process(script)
     lines: list[str] = []
     try:
-        url = None
-        for line in server.stderr:  # type: ignore[union-attr]
-            lines.append(line)
-            url = url or (line.split("listening on ")[1].split(";")[0] if "listening on " in line else None)
-            if "ready:" in line:
-                break
-        assert url is not None, "".join(lines)
+        url = wait_until_ready(server, lines)
         assert any("memory-mapped (over --copy-shards-mb 0)" in line for line in lines), "".join(lines)
         reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)  # type: ignore[arg-type]
         reader.start()
