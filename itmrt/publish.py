@@ -271,7 +271,7 @@ def staged_folder(target: str | os.PathLike[str]) -> Iterator[Path]:
 @dataclass(frozen=True, kw_only=True)
 class OutputOptions:
     """How a command writes its outputs: the one group of output options (``--overwrite``, ``--progress``,
-    ``--plots``) the CLI declares once (:func:`itmrt.cli.options.output_group`)."""
+    ``--plots``) the CLI declares once (:func:`itmrt.cli.flags.output_group`)."""
 
     overwrite: bool = False  # replace what is already there (never an input of the same command)
     progress: bool = True  # progress bars on stderr (only on a terminal; reports also print lines when logged)

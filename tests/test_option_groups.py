@@ -10,8 +10,8 @@ import pytest
 import typer
 
 from itmrt.cli.app import app
+from itmrt.cli.flags import OUTPUT_FLAGS, RUNTIME_FLAGS, runtime_group
 from itmrt.cli.groups import OptionGroup
-from itmrt.cli.options import OUTPUT_FLAGS, RUNTIME_FLAGS, runtime_group
 from itmrt.cli.ray_options import ray_group
 from itmrt.errors import ItmrtError
 from itmrt.runtime import RuntimeOptions, load

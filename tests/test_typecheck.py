@@ -40,10 +40,12 @@ def _stubs_folder() -> Path:
 STUBS = _stubs_folder()
 # The torch-free packages, checked against TensorRT's stubs: the bundle, the runtime (the native TensorRT backend
 # with its CUDA context included), engine building and inspection, machine probing and
-# ``itmrt doctor``, the service and sharded galleries, retrieval metrics, publishing and document reading.
+# ``itmrt doctor``, the service and sharded galleries, retrieval metrics, publishing and document reading,
+# FP16/INT8 graph work and the build orchestration, and the one comparator.
 TYPECHECKED = ["itmrt/bundle", "itmrt/runtime", "itmrt/engine", "itmrt/machine",
                "itmrt/reports/doctor.py", "itmrt/serve", "itmrt/scale", "itmrt/metrics",
-               "itmrt/publish.py", "itmrt/documents.py"]
+               "itmrt/publish.py", "itmrt/documents.py", "itmrt/precision", "itmrt/build",
+               "itmrt/reports/comparator.py"]
 
 
 def patched_stubs(target: Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 
 Opt = typer.Option
@@ -27,10 +27,10 @@ def audit_command(
     exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
         "Region index: images per shard estimated from exact region similarities before K (default: recorded).")),
     seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
-    threads: int = options.threads(),
+    threads: int = flags.threads(),
     out: Path | None = Opt(None, "--out", help="Write the report as JSON here."),
     markdown: Path | None = Opt(None, "--markdown", help="Write the Markdown table here too."),
-    overwrite: bool = options.overwrite("existing --out / --markdown files"),
+    overwrite: bool = flags.overwrite("existing --out / --markdown files"),
 ) -> None:
     """Score a sample of your captions exhaustively and through the gallery's index; print recall@k, top-1
     agreement and each stage's time per caption as a Markdown table (JSON with --out).

@@ -8,9 +8,9 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
-from itmrt.cli.options import ScorerChoice
+from itmrt.cli.flags import ScorerChoice
 from itmrt.cli.outputs import check_report_folder
 from itmrt.errors import ItmrtError
 from itmrt.reports.runtime_variants import DEFAULT_BENCH_VARIANTS
@@ -27,7 +27,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 
 @app.command("bench")
-@options.output_group("plots", "overwrite", "progress", overwrite=options.overwrite("a report already in --report"))
+@flags.output_group("plots", "overwrite", "progress", overwrite=flags.overwrite("a report already in --report"))
 def bench_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     variants: str = typer.Option(DEFAULT_BENCH_VARIANTS, "--variants", help="backend:precision list; ones this machine or bundle lacks are reported as not run."),
@@ -37,10 +37,10 @@ def bench_command(
     warmup: int = typer.Option(3, "--warmup", min=0, max=10000, help="Untimed calls before timing."),
     repeats: int = typer.Option(20, "--repeats", min=1, max=10000, help="Timed calls per stage and batch size."),
     top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results kept per query."),
-    threads: int = options.threads(),
-    scorer: ScorerChoice | None = options.scorer(),
-    report: Path = options.report_folder("report.json, report.md, latency_vs_batch.png"),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    threads: int = flags.threads(),
+    scorer: ScorerChoice | None = flags.scorer(),
+    report: Path = flags.report_folder("report.json, report.md, latency_vs_batch.png"),
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Per stage (tokenise, text encode, image encode, score, top-k) and end to end: latency percentiles, throughput, memory."""
     import sys

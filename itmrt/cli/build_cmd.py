@@ -8,9 +8,9 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
-from itmrt.cli.options import CalibrationMethod, Precision
+from itmrt.cli.flags import CalibrationMethod, Precision
 from itmrt.engine.profiles import BOARDS
 from itmrt.engine.settings import HARDWARE_LEVELS
 from itmrt.errors import ItmrtError
@@ -32,13 +32,13 @@ def parse_axis_ranges(values: list[str]) -> dict[str, tuple[int, int, int]]:
 
 
 @app.command("build")
-@options.output_group("progress")
+@flags.output_group("progress")
 def build_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
-    precision: Precision = options.precision(Precision.FP16, "The precision of the graphs and engines to build."),
+    precision: Precision = flags.precision(Precision.FP16, "The precision of the graphs and engines to build."),
     calib_data: Path | None = typer.Option(None, "--calib-data", help="Calibration data (int8 without saved calibration); for fp16 the islands are measured on it."),
     split: str = typer.Option("train", "--split", help="Split of --calib-data."),
-    method: CalibrationMethod = options.calibration_method(),
+    method: CalibrationMethod = flags.calibration_method(),
     samples: int = typer.Option(256, "--samples", min=1, max=limits.MAX_COUNT, help="Calibration images."),
     workspace: int | None = typer.Option(None, "--workspace", min=1, max=1 << 20, help="TensorRT workspace limit in MB (default: 1024 on unified-memory boards such as Jetson, else TensorRT's)."),
     shape: list[str] = typer.Option([], "--shape", help="Override a profile axis: AXIS=MIN:OPT:MAX (repeatable; axes: batch_images, batch_captions, max_length). Applied after --board."),
@@ -53,7 +53,7 @@ def build_command(
     gpu_fallback: bool = typer.Option(True, "--gpu-fallback/--no-gpu-fallback", help="With --dla-core: let the GPU run the layers the DLA cannot (else the build fails on them)."),
     layer_info: bool = typer.Option(True, "--layer-info/--no-layer-info", help="Build with detailed profiling verbosity and keep the engine inspector's layer JSON in the bundle."),
     device: int = typer.Option(0, "--device", min=0, max=255, help="CUDA device to build on (numbered after CUDA_VISIBLE_DEVICES)."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Make and verify the precision graphs (ONNX Runtime runs them anywhere), then build one TensorRT
     engine per graph. Without TensorRT it stops after the graphs and says that no engine was built.

@@ -8,22 +8,22 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
-from itmrt.cli.options import CalibrationMethod
+from itmrt.cli.flags import CalibrationMethod
 
 
 @app.command("calibrate")
-@options.output_group("progress")
+@flags.output_group("progress")
 def calibrate_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     data: Path = typer.Option(..., "--data", help="Calibration data folder (precomputed features + captions; images for CMPM)."),
     split: str = typer.Option("train", "--split", help="Which split of --data to sample."),
-    method: CalibrationMethod = options.calibration_method(),
+    method: CalibrationMethod = flags.calibration_method(),
     samples: int = typer.Option(256, "--samples", min=1, max=limits.MAX_COUNT, help="Images (with their captions) to calibrate on."),
     min_samples: int = typer.Option(32, "--min-samples", min=1, max=limits.MAX_COUNT, help="Refuse a split with fewer images than this."),
-    batch_size: int = options.batch_size(16, "Images per calibration batch."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    batch_size: int = flags.batch_size(16, "Images per calibration batch."),
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Collect activation ranges on a sample of --data, save them in the bundle (calibration/<graph>.json)
     and write the INT8 Q/DQ graphs (precision/int8/). `itmrt build --precision int8` then reuses them."""

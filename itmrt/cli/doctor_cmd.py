@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 
 
@@ -15,7 +15,7 @@ from itmrt.cli.app import app
 def doctor_command(
     bundle: Path | None = typer.Argument(None, help="A bundle: also check whether its TensorRT engines can run here."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    device: int = options.device("The CUDA device the runtime will use (numbered after CUDA_VISIBLE_DEVICES)."),
+    device: int = flags.device("The CUDA device the runtime will use (numbered after CUDA_VISIBLE_DEVICES)."),
 ) -> None:
     """Report onnxruntime's execution providers, TensorRT and pycuda versions, the GPUs this process sees
     (CUDA_VISIBLE_DEVICES honoured), Jetson/JetPack, CPU features (VNNI, BF16); with a bundle, each engine's

@@ -8,20 +8,20 @@ from typing import Any
 
 import typer
 
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_new_files, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 
 @app.command("eval")
-@options.output_group("overwrite", "progress", overwrite=options.overwrite("existing --json / --scores-out files"))
+@flags.output_group("overwrite", "progress", overwrite=flags.overwrite("existing --json / --scores-out files"))
 def eval_command(
     checkpoint: Path = typer.Argument(..., help="Checkpoint: released NAAF/SCAN *.pth.tar or an itmrt *.safetensors."),
     vocab: Path = typer.Option(..., "--vocab", help="Vocabulary JSON the model was trained with (released format)."),
     data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
     split: str = typer.Option("test", "--split", help="Which split to evaluate (e.g. test, dev, testall)."),
-    batch_size: int = options.batch_size(128, "Images / captions encoded per batch."),
+    batch_size: int = flags.batch_size(128, "Images / captions encoded per batch."),
     fold5: bool = typer.Option(False, "--fold5", help="MSCOCO protocol: also report the mean over 5 folds of 1000 images."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the recall table to this JSON file."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Write the score matrix (images x captions, float32 .npy)."),
@@ -31,7 +31,7 @@ def eval_command(
     mismatched_words: bool = typer.Option(False, "--mismatched-words", help="Also print NAAF's point measured on "
                                           "the synthetic data's confusable pairs (needs {split}_meta.json): how often "
                                           "a caption naming an object the image lacks scores lower."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Encode a split with the PyTorch reference model and print the standard recall table.
 

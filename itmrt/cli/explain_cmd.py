@@ -8,15 +8,15 @@ from typing import Any
 
 import typer
 
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_new_files
 from itmrt.errors import ItmrtError
 
 
 @app.command("explain")
-@options.output_group("overwrite", overwrite=options.overwrite("existing --png / --json files"))
-@options.runtime_group("precision", precision=options.precision(help_text=(
+@flags.output_group("overwrite", overwrite=flags.overwrite("existing --png / --json files"))
+@flags.runtime_group("precision", precision=flags.precision(help_text=(
     "Encoders and scorer at fp32, fp16 or int8 (the bundle must hold that variant); the word terms are computed in "
     "float64 from those encoders' outputs, so below fp32 the scorer's score differs by its own rounding.")))
 def explain_command(
@@ -27,14 +27,14 @@ def explain_command(
     image: int = typer.Option(..., "--image", min=0, help="Which image: its 0-based row in --images (the features "
                               "file's first axis, or the gallery's order, which is its features file's)."),
     caption: str = typer.Option(..., "--caption", help="The caption to explain, as free text."),
-    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
+    runtime: Any = None,  # the runtime options (flags.runtime_group): one RuntimeOptions
     negative_branch: bool = typer.Option(True, "--negative-branch/--no-negative-branch", help="--no-negative-branch "
                                          "explains the paper's ablation: every word's negative term set to 0 (the "
                                          "scorer's score stays the full model's)."),
     png: Path | None = typer.Option(None, "--png", help="Also draw the word x region similarity matrix with the "
                                     "threshold marked (needs matplotlib, from the reports extra)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the explanation as JSON."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Take NAAF's score of one image and one caption apart, word by word.
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_outputs_apart, warn_on_stderr
 from itmrt.errors import ItmrtError
@@ -17,9 +17,9 @@ Opt = typer.Option
 
 
 @app.command("index")
-@options.runtime_group("backend", "precision", "providers", "threads", "batch_size", "device", "gpu_mem_limit_mb",
-                       batch_size=options.batch_size(128, "Images per encoder batch."))
-@options.output_group("overwrite", "progress", overwrite=options.overwrite("an existing gallery at --out"))
+@flags.runtime_group("backend", "precision", "providers", "threads", "batch_size", "device", "gpu_mem_limit_mb",
+                       batch_size=flags.batch_size(128, "Images per encoder batch."))
+@flags.output_group("overwrite", "progress", overwrite=flags.overwrite("an existing gallery at --out"))
 def index_command(
     bundle: Path = typer.Argument(..., help="The bundle whose image encoder embeds the gallery."),
     images: Path | None = Opt(None, "--images", help=(
@@ -29,13 +29,13 @@ def index_command(
         "Instead of --images: image embeddings already encoded, .npy float32 or float16 [N, regions, d] "
         "(CMPM: [N, D]); checked against the bundle's shape, for finite values and unit-length regions.")),
     out: Path = Opt(..., "--out", help="Gallery folder to create (with --append: the sharded gallery to extend)."),
-    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
+    runtime: Any = None,  # the runtime options (flags.runtime_group): one RuntimeOptions
     skip_bad_images: bool = Opt(False, "--skip-bad-images", help=(
         "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
     warmup: bool = Opt(True, "--warmup/--no-warmup", help=(
         "Run every component once first, so the scorer's kernels are compiled (or loaded from their cache) "
         "before the gallery is searched.")),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
     dtype: str | None = Opt(None, "--dtype", help=(
         "Embedding storage: float32 (default) or float16 (half the size; scoring upcasts one tile at a time).")),
     shard_images: int | None = Opt(None, "--shard-images", min=1, help=(
@@ -88,7 +88,7 @@ def index_command(
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup and embeddings is None else ""
     listing = images is not None and is_image_listing(images)
     given = embeddings is not None
-    inputs: Any = open_npy(embeddings, "embeddings") if embeddings is not None else options.image_inputs(runtime, images)
+    inputs: Any = open_npy(embeddings, "embeddings") if embeddings is not None else flags.image_inputs(runtime, images)
     source = str(images if images is not None else embeddings)
     if sharded:
         count, shape = _index_sharded(runtime, inputs, out, shard_images, dtype, index_spec, append,
@@ -97,7 +97,7 @@ def index_command(
         count, shape = _index_single(runtime, inputs, out, given, source, dtype, outputs.overwrite, skip_bad_images)
     skipped = len(inputs) - count if listing else 0
     counted = f" ({skipped} unreadable skipped)" if skipped else ""
-    how = "stored as given" if given else f"{runtime.options.backend}/{runtime.options.precision}"
+    how = "stored as given" if given else f"{runtime.flags.backend}/{runtime.flags.precision}"
     typer.echo(f"indexed {count} images{counted} ({how}) into {out} in {time.perf_counter() - started:.1f}s{warm}; "
                f"{shape}")
 

@@ -17,10 +17,10 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
-from itmrt.cli.options import OutputOptions, RuntimeOptions
+from itmrt.cli.flags import OutputOptions, RuntimeOptions
 from itmrt.cli.outputs import check_new_files, check_outputs_apart, warn_on_stderr
 from itmrt.errors import ItmrtError
 
@@ -86,9 +86,9 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
 
 
 @app.command("infer")
-@options.runtime_group("backend", "precision", "providers", "threads", "scorer", "max_length", "on_long", "batch_size",
+@flags.runtime_group("backend", "precision", "providers", "threads", "scorer", "max_length", "on_long", "batch_size",
                        "memory_mb", "device", "gpu_mem_limit_mb")
-@options.output_group("overwrite", "progress")
+@flags.output_group("overwrite", "progress")
 @ray_flags.ray_group
 def infer_command(
     source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
@@ -98,11 +98,11 @@ def infer_command(
         "images or a text file listing image paths (JPEG, PNG, WebP; results name them by path).")),
     gallery_path: Path | None = typer.Option(None, "--gallery", help="With a bundle: search this gallery instead of --images."),
     vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
-    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
+    runtime: Any = None,  # the runtime options (flags.runtime_group): one RuntimeOptions
     top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results per query."),
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=(
         "Image files: leave out unreadable or truncated files (a warning each, and a count) instead of stopping.")),
     timings: bool = typer.Option(False, "--timings", help=(
@@ -201,7 +201,7 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
             image_ids = image_set.ids
         else:
             assert request.images is not None
-            inputs = options.image_inputs(runtime, request.images)
+            inputs = flags.image_inputs(runtime, request.images)
             if is_image_listing(request.images):
                 image_set, image_ids = runtime.encode_image_files(inputs, request.skip_bad_images)
             else:

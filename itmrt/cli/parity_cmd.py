@@ -8,15 +8,15 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
-from itmrt.cli.options import ScorerChoice
+from itmrt.cli.flags import ScorerChoice
 from itmrt.cli.outputs import check_report_folder
 from itmrt.reports.runtime_variants import DEFAULT_PARITY_VARIANTS
 
 
 @app.command("parity")
-@options.output_group("plots", "overwrite", "progress", overwrite=options.overwrite("a report already in --report"))
+@flags.output_group("plots", "overwrite", "progress", overwrite=flags.overwrite("a report already in --report"))
 def parity_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `itmrt export`."),
     data: Path = typer.Option(..., "--data", help="Folder holding {split}_ims.npy and {split}_caps.txt."),
@@ -26,14 +26,14 @@ def parity_command(
     max_images: int | None = typer.Option(None, "--max-images", min=1, max=limits.MAX_COUNT, help="Use only the first N images (and their captions)."),
     decision_images: int = typer.Option(100, "--decision-images", min=1, max=limits.MAX_COUNT, help="Images (with their captions) NAAF decision flips are counted on."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="The source checkpoint, when it moved since export (sha256-checked)."),
-    report: Path = options.report_folder("report.json, report.md, PNGs, score matrices"),
-    tol_score: float | None = typer.Option(None, "--tol-score-max-abs", callback=options.finite("--tol-score-max-abs", 0.0, 1e6), help="Override: largest allowed end-to-end score error."),
-    tol_rsum: float | None = typer.Option(None, "--tol-rsum-delta", callback=options.finite("--tol-rsum-delta", 0.0, 600.0), help="Override: largest allowed |rsum - reference rsum|."),
-    tol_top1: float | None = typer.Option(None, "--tol-top1-min", callback=options.finite("--tol-top1-min", 0.0, 1.0), help="Override: smallest allowed tie-tolerant top-1 agreement (0..1; a candidate within the score tolerance of the best counts as agreeing)."),
-    tol_flips: float | None = typer.Option(None, "--tol-flip-rate", callback=options.finite("--tol-flip-rate", 0.0, 1.0), help="Override: largest allowed NAAF decision flip rate."),
-    threads: int = options.threads(),
-    scorer: ScorerChoice | None = options.scorer(),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    report: Path = flags.report_folder("report.json, report.md, PNGs, score matrices"),
+    tol_score: float | None = typer.Option(None, "--tol-score-max-abs", callback=flags.finite("--tol-score-max-abs", 0.0, 1e6), help="Override: largest allowed end-to-end score error."),
+    tol_rsum: float | None = typer.Option(None, "--tol-rsum-delta", callback=flags.finite("--tol-rsum-delta", 0.0, 600.0), help="Override: largest allowed |rsum - reference rsum|."),
+    tol_top1: float | None = typer.Option(None, "--tol-top1-min", callback=flags.finite("--tol-top1-min", 0.0, 1.0), help="Override: smallest allowed tie-tolerant top-1 agreement (0..1; a candidate within the score tolerance of the best counts as agreeing)."),
+    tol_flips: float | None = typer.Option(None, "--tol-flip-rate", callback=flags.finite("--tol-flip-rate", 0.0, 1.0), help="Override: largest allowed NAAF decision flip rate."),
+    threads: int = flags.threads(),
+    scorer: ScorerChoice | None = flags.scorer(),
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
     strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when a measured variant fails its tolerances."),
 ) -> None:
     """Tensor, decision and retrieval parity of every variant, with pass/fail against tolerances.

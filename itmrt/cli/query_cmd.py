@@ -8,12 +8,12 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 
 
 @app.command("query")
-@options.output_group("overwrite", overwrite=options.overwrite("an existing --out file"))
+@flags.output_group("overwrite", overwrite=flags.overwrite("an existing --out file"))
 def query_command(
     url: str = typer.Argument(..., help="The service's address, e.g. http://127.0.0.1:8000."),
     captions_path: Path = typer.Option(..., "--captions", help="Captions file: UTF-8, one caption per line."),
@@ -21,9 +21,9 @@ def query_command(
     token_file: Path | None = typer.Option(None, "--token-file", help="A file holding the service's token."),
     batch: int = typer.Option(64, "--batch", min=1, max=limits.MAX_BATCH, help="Captions per request."),
     out: Path | None = typer.Option(None, "--out", help="Write the JSONL here instead of printing it."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
-    timeout_s: float = typer.Option(60.0, "--timeout-s", callback=options.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Seconds to wait for each answer."),
-    wait_s: float = typer.Option(0.0, "--wait-s", callback=options.finite("--wait-s", 0.0, limits.MAX_SECONDS), help="Wait up to this long for the service to be up and ready (a serve just started in the background)."),
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
+    timeout_s: float = typer.Option(60.0, "--timeout-s", callback=flags.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Seconds to wait for each answer."),
+    wait_s: float = typer.Option(0.0, "--wait-s", callback=flags.finite("--wait-s", 0.0, limits.MAX_SECONDS), help="Wait up to this long for the service to be up and ready (a serve just started in the background)."),
 ) -> None:
     """One JSON line per caption - {"query": "caption", "index", "caption", "images", "scores"} - as `itmrt infer`
     writes them (plus "image_ids" where the gallery names its images)."""

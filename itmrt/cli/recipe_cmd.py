@@ -7,19 +7,19 @@ from typing import Any
 
 import typer
 
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 
 
 @app.command("make-small-models")
-@options.output_group("progress", "overwrite", overwrite=options.overwrite("model files already in --out"))
+@flags.output_group("progress", "overwrite", overwrite=flags.overwrite("model files already in --out"))
 def make_small_models_command(
     out: Path = typer.Option(..., "--out", help="Folder for naaf_small.pth.tar, scan_small.pth.tar, "
                              "cmpm_small.safetensors and recipe.json (the shipped ones live in itmrt/assets)."),
     families: str = typer.Option("naaf,scan,cmpm", "--families", help="Comma-separated subset of naaf, scan, cmpm."),
     work: Path | None = typer.Option(None, "--work", help="Folder for the synthetic data and training runs (default: a temp folder)."),
     device: str = typer.Option("cpu", "--device", help="torch device: cpu or cuda."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Generate the synthetic datasets and train a small NAAF, SCAN and CMPM on them, deterministically."""
     from itmrt.cli.progress import progress_bars

@@ -8,16 +8,16 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli.app import app
 
 
 @app.command("sample-data")
-@options.output_group("overwrite", overwrite=options.overwrite("a dataset already at --out"))
+@flags.output_group("overwrite", overwrite=flags.overwrite("a dataset already at --out"))
 def sample_data_command(
     out: Path = typer.Option(..., "--out", help="Folder to create: {split}_ims.npy, {split}_caps.txt, {split}_meta.json, vocab.json."),
     images: int = typer.Option(100, "--images", min=2, max=limits.MAX_COUNT, help="Test images (dev and train get half as many each); 36 regions x 2048 floats, 0.3 MB an image."),
-    outputs: Any = None,  # the output options (options.output_group): one OutputOptions
+    outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Write synthetic region features and captions (test, dev and train splits, 5 captions an image) drawn like
     the shipped small models' training data, and their vocabulary: input for export, index, infer, serve,

@@ -8,47 +8,47 @@ from typing import Any
 import typer
 
 from itmrt import limits
-from itmrt.cli import options
+from itmrt.cli import flags
 from itmrt.cli import ray_options as ray_flags
 from itmrt.cli.app import app
-from itmrt.cli.options import OnLong
+from itmrt.cli.flags import OnLong
 
 Opt = typer.Option
 
 
 @app.command("serve")
-@options.runtime_group("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long", "device",
+@flags.runtime_group("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long", "device",
                        "gpu_mem_limit_mb",
-                       on_long=options.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"))
+                       on_long=flags.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"))
 @ray_flags.ray_group
 def serve_command(
     source: Path = typer.Argument(..., help="A gallery folder (from `itmrt index`), or a bundle with --gallery."),
     gallery: Path | None = Opt(None, "--gallery", help="With a bundle as the source: the gallery to search."),
     host: str = Opt("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; use a token)."),
     port: int = Opt(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed at start)."),
-    runtime: Any = None,  # the runtime options (options.runtime_group): one RuntimeOptions
+    runtime: Any = None,  # the runtime options (flags.runtime_group): one RuntimeOptions
     max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, max=limits.MAX_BATCH, help="Captions scored together (1: no batching)."),
-    max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=options.finite("--max-delay-ms", 0.0, 10000.0), help="How long a request waits for others to join it."),
+    max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=flags.finite("--max-delay-ms", 0.0, 10000.0), help="How long a request waits for others to join it."),
     max_queue: int = Opt(256, "--max-queue", min=1, max=limits.MAX_COUNT, help="Requests waiting at most; more are refused at once (429)."),
     max_captions: int = Opt(256, "--max-captions", min=1, max=limits.MAX_BATCH, help="Captions per request at most (more: 400)."),
     max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, max=1 << 20, help="UTF-8 bytes per caption at most (400)."),
-    max_body_mb: float = Opt(4.0, "--max-body-mb", callback=options.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
-    timeout_s: float = Opt(30.0, "--timeout-s", callback=options.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Deadline of a request from its arrival (504)."),
+    max_body_mb: float = Opt(4.0, "--max-body-mb", callback=flags.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
+    timeout_s: float = Opt(30.0, "--timeout-s", callback=flags.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Deadline of a request from its arrival (504)."),
     max_answer: int = Opt(10_000, "--max-answer", min=1, max=limits.MAX_COUNT, help="Results per answer at most: captions x top_k (more: 400)."),
-    header_timeout_s: float = Opt(5.0, "--header-timeout-s", callback=options.finite("--header-timeout-s", 0.1, 3600.0), help="Seconds for a request's headers to arrive (then the connection is closed)."),
-    body_timeout_s: float = Opt(10.0, "--body-timeout-s", callback=options.finite("--body-timeout-s", 0.1, 3600.0), help="Seconds for a request's whole body to arrive (408)."),
-    write_timeout_s: float = Opt(10.0, "--write-timeout-s", callback=options.finite("--write-timeout-s", 0.1, 3600.0), help="Seconds a client may leave its answer unread (then the connection is cut)."),
-    max_buffered_mb: float = Opt(64.0, "--max-buffered-mb", callback=options.finite("--max-buffered-mb", 0.01, 1 << 20), help="Request bodies held at once across all connections, MB (more: 503)."),
-    grace_s: float = Opt(20.0, "--grace-s", callback=options.finite("--grace-s", 1.0, 3600.0), help="SIGTERM: answer what is in flight, and exit within this many seconds."),
+    header_timeout_s: float = Opt(5.0, "--header-timeout-s", callback=flags.finite("--header-timeout-s", 0.1, 3600.0), help="Seconds for a request's headers to arrive (then the connection is closed)."),
+    body_timeout_s: float = Opt(10.0, "--body-timeout-s", callback=flags.finite("--body-timeout-s", 0.1, 3600.0), help="Seconds for a request's whole body to arrive (408)."),
+    write_timeout_s: float = Opt(10.0, "--write-timeout-s", callback=flags.finite("--write-timeout-s", 0.1, 3600.0), help="Seconds a client may leave its answer unread (then the connection is cut)."),
+    max_buffered_mb: float = Opt(64.0, "--max-buffered-mb", callback=flags.finite("--max-buffered-mb", 0.01, 1 << 20), help="Request bodies held at once across all connections, MB (more: 503)."),
+    grace_s: float = Opt(20.0, "--grace-s", callback=flags.finite("--grace-s", 1.0, 3600.0), help="SIGTERM: answer what is in flight, and exit within this many seconds."),
     allowed_hosts: list[str] = Opt([], "--allowed-hosts", metavar="HOST", help="A Host name clients use besides loopback ones (repeat; '.example.com' a domain, '*' any)."),
     cors_origin: list[str] = Opt([], "--cors-origin", metavar="ORIGIN", help="A web origin (https://app.example.com) allowed to call the service (repeat)."),
-    watch_s: float = Opt(1.0, "--watch-s", callback=options.finite("--watch-s", 0.0, 3600.0), help="How often the gallery folder is checked for a new version (0: only SIGHUP and the load endpoint)."),
+    watch_s: float = Opt(1.0, "--watch-s", callback=flags.finite("--watch-s", 0.0, 3600.0), help="How often the gallery folder is checked for a new version (0: only SIGHUP and the load endpoint)."),
     token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
     max_connections: int = Opt(1024, "--max-connections", min=1, max=limits.MAX_BATCH, help="Open connections at most (more: 503)."),
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
     shortlist: int | None = Opt(None, "--shortlist", min=1, help=(
         "Sharded gallery: rerank each shard's K best candidates (FAISS) instead of scoring every image.")),
-    copy_shards_mb: float = Opt(1024.0, "--copy-shards-mb", callback=options.finite("--copy-shards-mb", 0.0, 1 << 30), help=(
+    copy_shards_mb: float = Opt(1024.0, "--copy-shards-mb", callback=flags.finite("--copy-shards-mb", 0.0, 1 << 30), help=(
         "Sharded gallery: copy its shards into memory when their files take at most this many MB (0: never); "
         "larger ones stay memory-mapped and their files are checked before each search (a changed file: 503).")),
     ray: Any = None,  # the --ray options (ray_options.ray_group): RayOptions, or None without --ray

@@ -179,7 +179,7 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
 
 def _bypass_no_op_casts(graph: onnx.GraphProto, types: dict[str, int], outputs: set[str]) -> None:
     """Point the readers of every Cast to float whose input is already that type at the Cast's input."""
-    replaced = {}
+    replaced: dict[str, str] = {}
     for node in graph.node:
         target = _cast_target(node)
         if target in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and node.output[0] not in outputs:

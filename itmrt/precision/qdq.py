@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -188,7 +189,7 @@ def _quantize_origin(build: _Builder, item: ProductInput, by_name: dict[str, onn
             build.constant(f"{origin}__scale", scale),
             build.constant(f"{origin}__zero_point", np.zeros(scale.shape, dtype=np.int8)),
         ]
-        attributes = {"axis": axis} if axis is not None else {}
+        attributes: dict[str, Any] = {"axis": axis} if axis is not None else {}
         build.nodes.append(helper.make_node("DequantizeLinear", inputs, [dq_output],
                                             name=build.fresh(f"{origin}__dq"), **attributes))
         return dq_output

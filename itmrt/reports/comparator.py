@@ -114,7 +114,7 @@ def ordinal_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _direction(reference: np.ndarray, got: np.ndarray, k: int) -> dict[str, float]:
+def _direction(reference: np.ndarray, got: np.ndarray, k: int) -> dict[str, Any]:
     """Rows are queries, columns their candidates."""
     candidates = reference.shape[1]
     kk = min(k, candidates)
@@ -158,7 +158,7 @@ def top1_agreement_within(direction: dict[str, Any], tie_band: float) -> float:
     return 1.0 - sum(1 for gap in gaps if not gap <= tie_band) / queries
 
 
-def retrieval_agreement(reference: np.ndarray, got: np.ndarray, k: int = 10) -> dict[str, dict[str, float]]:
+def retrieval_agreement(reference: np.ndarray, got: np.ndarray, k: int = 10) -> dict[str, dict[str, Any]]:
     """Agreement of two ``images x captions`` score matrices, per direction.
 
     i2t: each image (row) ranks all captions; t2i: each caption ranks all images.

@@ -43,7 +43,7 @@ class RuntimeOptions:
 
     The one group of runtime options: ``load()``, ``Runtime``, the service, sharded search and every
     command that opens a bundle take it (the CLI builds it from its runtime flags, declared once in
-    :mod:`itmrt.cli.options`).
+    :mod:`itmrt.cli.flags`).
     """
 
     backend: BackendName = BackendName.ORT
