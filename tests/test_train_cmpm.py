@@ -14,9 +14,7 @@ from itmrt.data.images import ImageCaptionSplit, load_vocabulary
 from itmrt.errors import CheckpointError, ItmrtError
 from itmrt.families.checkpoints import load_native
 from itmrt.families.cmpm.model import CMPMModel
-from itmrt.models.native import save_native
-from itmrt.synthetic.identity_images import make_synthetic_image_dataset
-from itmrt.train.cmpm_trainer import (
+from itmrt.families.cmpm.trainer import (
     BEST_CHECKPOINT,
     LAST_CHECKPOINT,
     LAST_STATE,
@@ -26,6 +24,8 @@ from itmrt.train.cmpm_trainer import (
     identity_batches,
     train_cmpm,
 )
+from itmrt.models.native import save_native
+from itmrt.synthetic.identity_images import make_synthetic_image_dataset
 
 TINY: dict[str, Any] = {"word_dim": 16, "lstm_hidden": 16, "embed_size": 16, "batch_size": 16, "num_threads": 1}
 

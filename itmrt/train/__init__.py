@@ -1,7 +1,8 @@
-"""Training: the loop, the trainers, the triplet loss; the families' own hooks re-exported.
+"""Training NAAF and SCAN: their trainer, the triplet loss, recipes; the families' own hooks re-exported.
 
-NAAF's threshold learning and CMPM's losses live in their family folders
-(:mod:`itmrt.families.naaf.threshold`, :mod:`itmrt.families.cmpm.losses`).
+NAAF's threshold learning and CMPM's losses and trainer live in their family folders
+(:mod:`itmrt.families.naaf.threshold`, :mod:`itmrt.families.cmpm.losses`, :mod:`itmrt.families.cmpm.trainer`);
+the training-loop skeleton both trainers run on is :mod:`itmrt.models.training_loop`.
 
 Needs the ``train`` extra (torch; matplotlib only for :func:`plot_trajectory`).
 """

@@ -100,7 +100,7 @@ def _make_small_models(
     progress: Callable[[str, int], Callable[[int], None]] | None,
     log: Callable[[str], None],
 ) -> dict[str, Path]:
-    from itmrt.train.cmpm_trainer import CMPMTrainConfig, train_cmpm
+    from itmrt.families.cmpm.trainer import CMPMTrainConfig, train_cmpm
     from itmrt.train.trainer import TrainConfig, train
 
     out.mkdir(parents=True, exist_ok=True)

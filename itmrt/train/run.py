@@ -2,7 +2,7 @@
 
 Families of precomputed region features (NAAF, SCAN) train with
 :mod:`itmrt.train.trainer`, families of images (CMPM) with
-:mod:`itmrt.train.cmpm_trainer`; options left unset take that trainer's small
+:mod:`itmrt.families.cmpm.trainer`; options left unset take that trainer's small
 recipe defaults (:data:`itmrt.train.recipes.SMALL_TRAINING`).
 """
 
@@ -61,7 +61,7 @@ def _train_regions(request: TrainRequest, bars: Bars | None, log: Log) -> float:
 
 
 def _train_images(request: TrainRequest, bars: Bars | None, log: Log) -> float:
-    from itmrt.train.cmpm_trainer import BatchProgress, CMPMTrainConfig, train_cmpm
+    from itmrt.families.cmpm.trainer import BatchProgress, CMPMTrainConfig, train_cmpm
 
     defaults = CMPMTrainConfig(data_dir=request.data, out_dir=request.out)
     config = CMPMTrainConfig(

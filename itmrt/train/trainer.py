@@ -43,9 +43,9 @@ from itmrt.families.released import load_released_checkpoint, save_released_chec
 from itmrt.metrics.recall import recall_table
 from itmrt.models.evaluate import check_vocabulary, encode_captions, encode_images, score_matrix
 from itmrt.models.native import VOCAB_SHA256
+from itmrt.models.training_loop import EpochLoop, TokenisedCaptions
 from itmrt.publish import atomic_write_text, check_empty_folder
 from itmrt.text.vocab import Vocabulary
-from itmrt.train.loop import EpochLoop, TokenisedCaptions
 from itmrt.train.losses import triplet_loss
 
 LAST_CHECKPOINT = "checkpoint_last.pth.tar"
@@ -121,7 +121,7 @@ def _cross_attention_family(name: str) -> CrossAttentionFamily:
     if not isinstance(spec, CrossAttentionFamily):
         trained = [n for n in names() if isinstance(get(n), CrossAttentionFamily)]
         raise ItmrtError(f"this trainer trains {', '.join(trained)} (region features), not {name!r}; "
-                         "CMPM trains with itmrt.train.cmpm_trainer")
+                         "CMPM trains with itmrt.families.cmpm.trainer")
     return spec
 
 

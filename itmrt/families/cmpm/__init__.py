@@ -3,9 +3,11 @@
 - :mod:`.spec` - the family spec (registered on import; torch-free);
 - :mod:`.model` - the PyTorch reference model (``CMPMModel``: MobileNet v1 and a BiLSTM, cosine score);
 - :mod:`.graphs` - its image-encoder, text-encoder and scorer graphs;
-- :mod:`.export_config` - the exporter config.
+- :mod:`.export_config` - the exporter config;
+- :mod:`.losses` - CMPM and CMPC;
+- :mod:`.trainer` - its trainer (images from files), on the shared training loop
+  :mod:`itmrt.models.training_loop`.
 
-Its trainer stays in :mod:`itmrt.train.cmpm_trainer` (it runs on the shared training loop there).
 Importing the package imports only the spec (no torch).
 """
 

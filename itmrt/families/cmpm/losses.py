@@ -1,7 +1,7 @@
 """CMPM's training losses: :func:`cmpm_loss` and :func:`cmpc_loss` (docs/models.md section 5).
 
 Both directions summed, averaged over the batch. The trainer that uses them is
-:mod:`itmrt.train.cmpm_trainer`.
+:mod:`itmrt.families.cmpm.trainer`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ not finite stopped with a one-line error); a trainer says what an epoch's
 batches are, what a batch's loss is, what follows each step (threshold
 learning, step counters, progress) and what ends an epoch (validation,
 checkpoints, history). :mod:`itmrt.train.trainer` (NAAF, SCAN) and
-:mod:`itmrt.train.cmpm_trainer` (CMPM) are the two trainers.
+:mod:`itmrt.families.cmpm.trainer` (CMPM) are the two trainers.
 """
 
 from __future__ import annotations

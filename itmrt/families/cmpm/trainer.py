@@ -55,9 +55,9 @@ from itmrt.families.cmpm.losses import cmpc_loss, cmpm_loss
 from itmrt.families.cmpm.model import CMPMModel
 from itmrt.metrics.recall import identity_recall_table
 from itmrt.models.native import recorded_vocab_sha256, save_native
+from itmrt.models.training_loop import EpochLoop, TokenisedCaptions
 from itmrt.publish import atomic_write_bytes, atomic_write_text
 from itmrt.text.vocab import Vocabulary
-from itmrt.train.loop import EpochLoop, TokenisedCaptions
 
 LAST_CHECKPOINT = "checkpoint_last.safetensors"
 LAST_STATE = "checkpoint_last.state.pt"
