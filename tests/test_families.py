@@ -32,7 +32,9 @@ from itmrt.bundle.names import (  # noqa: E402
     SCORES,
     TOKEN_IDS,
     Component,
+    Precision,
 )
+from itmrt.bundle.tolerances import DEFAULT_DEPLOYMENT_TOLERANCES, DeploymentTolerance  # noqa: E402
 from itmrt.errors import ItmrtError  # noqa: E402
 from itmrt.families import BuiltGraphs, GraphOptions, ScorerConstants  # noqa: E402
 from itmrt.families.export_config import CORE_COMPONENTS, ExportConfig  # noqa: E402
@@ -120,6 +122,13 @@ class TinyExportConfig(ExportConfig):
     components = CORE_COMPONENTS
     parity_tolerance = 1e-5
 
+    @property
+    def deployment_tolerances(self) -> dict[str, DeploymentTolerance]:
+        """The family's own fp32 limits for `itmrt parity`, tighter than the defaults."""
+        own = DeploymentTolerance(score_max_abs=2e-5, rsum_abs_delta=0.25, top1_agreement_min=0.995,
+                                  flip_rate_max=1e-3)
+        return {**DEFAULT_DEPLOYMENT_TOLERANCES, Precision.FP32.value: own}
+
 
 class TinyFamily(RegionFeatureFamily):
     """The whole of what itmrt needs to know about the family."""
@@ -199,6 +208,12 @@ def test_a_family_registered_in_a_test_goes_through_export_runtime_and_parity(ti
     entry = run.report["variants"][0]
     assert run.report["bundle"]["family"] == "tiny" and entry["status"] == "ok" and entry["passed"]
     assert entry["decisions"] is None and entry["tensors"]["end_to_end"]["max_abs"] <= 1e-5
+    # judged by the limits the family recorded in its bundle, not the defaults (the report runs without its code)
+    recorded = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["deployment_tolerances"]
+    assert recorded["fp32"]["score_max_abs"] == 2e-5 and recorded["int8"]["score_max_abs"] == 5e-2
+    assert entry["tolerances"] == {"score_max_abs": 2e-5, "rsum_abs_delta": 0.25, "top1_agreement_min": 0.995,
+                                   "flip_rate_max": 1e-3}
+    assert {c["name"]: c["limit"] for c in entry["checks"]}["end-to-end score max abs error"] == 2e-5
 
 
 def test_unregistered_the_family_is_refused_in_one_line(tiny_family, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -49,6 +49,7 @@ from itmrt.bundle.record import (
     path_field,
     sha256_field,
 )
+from itmrt.bundle.tolerances import DeploymentTolerance
 from itmrt.bundle.traits import RuntimeTraits
 from itmrt.documents import read_json_document
 from itmrt.errors import ItmrtError
@@ -374,6 +375,8 @@ class Manifest(JsonRecord):
     image_preprocessing: ImagePreprocessingRecord | None = optional()
     traits: RuntimeTraits | None = optional()  # written by export; older manifests: itmrt.bundle.traits defaults
     parity: ExportParity | None = None
+    # what `itmrt parity` accepts per precision: the exporting family's limits (absent: the defaults)
+    deployment_tolerances: dict[str, DeploymentTolerance] = optional(dict, key_choices=PRECISIONS)
     created: str = ""
     export_seconds: float = bounded(0.0, minimum=0)
     precisions: PrecisionGraphs = optional(PrecisionGraphs)

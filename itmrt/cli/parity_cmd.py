@@ -38,8 +38,10 @@ def parity_command(
 ) -> None:
     """Tensor, decision and retrieval parity of every variant, with pass/fail against tolerances.
 
-    Default tolerances (score max abs / |rsum delta| / top-1 min / flip rate):
+    Tolerances are the bundle's own (its family's, recorded in manifest.json at export); the defaults,
+    for bundles that record none (score max abs / |rsum delta| / top-1 min / flip rate):
     fp32 1e-4 / 0.5 / 0.99 / 1e-3; fp16 1e-2 / 1.0 / 0.95 / 1e-2; int8 5e-2 / 3.0 / 0.85 / 5e-2.
+    The --tol-* options override either.
     """
     import sys
 

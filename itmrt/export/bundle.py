@@ -262,6 +262,7 @@ def _manifest(loaded: LoadedModel, built: BuiltBundle, graphs: dict[str, GraphEn
         source_checkpoint=loaded.source,
         image_preprocessing=built.graphs.image_preprocessing,
         parity=parity.record(parity_tolerance(loaded, options)),
+        deployment_tolerances=dict(loaded.spec.export_config().deployment_tolerances),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         export_seconds=round(time.perf_counter() - started, 3),
     )

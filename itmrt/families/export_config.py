@@ -6,9 +6,10 @@ checks the graphs the spec built against :attr:`ExportConfig.components` and
 judges ONNX Runtime against PyTorch with :attr:`ExportConfig.parity_tolerance`
 unless the user gives ``--tolerance``.
 
-The tolerances of ``itmrt parity`` (per precision, :mod:`itmrt.reports.parity_report`)
-are not here: that report runs where only the base install is, without any
-family's code, so it must not depend on the torch side.
+It also gives what ``itmrt parity`` accepts of each precision
+(:attr:`ExportConfig.deployment_tolerances`); export writes them into the
+manifest, because that report runs where only the base install is, without any
+family's code.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from itmrt.bundle.names import Component
+from itmrt.bundle.tolerances import DEFAULT_DEPLOYMENT_TOLERANCES, DeploymentTolerance
 
 CORE_COMPONENTS: tuple[str, ...] = (Component.IMAGE_ENCODER.value, Component.TEXT_ENCODER.value,
                                     Component.SCORER.value)
@@ -39,6 +41,11 @@ class ExportConfig(ABC):
     @abstractmethod
     def parity_tolerance(self) -> float:
         """Largest ONNX Runtime (CPU, float32) vs PyTorch absolute error export accepts, per graph output."""
+
+    @property
+    def deployment_tolerances(self) -> dict[str, DeploymentTolerance]:
+        """Precision -> what ``itmrt parity`` accepts of the deployed graphs; a family overrides what differs."""
+        return dict(DEFAULT_DEPLOYMENT_TOLERANCES)
 
     def check_components(self, built: list[str]) -> list[str]:
         """Problems with the graphs a spec built (names missing or not declared); empty when they match."""

@@ -34,6 +34,7 @@ import numpy as np
 
 from itmrt.bundle.folder import BundleInfo, read_bundle
 from itmrt.bundle.names import IMAGES, MAX_LENGTH, REGION_FEATURES, BackendName, Component, Precision
+from itmrt.bundle.tolerances import DEFAULT_DEPLOYMENT_TOLERANCES, TOLERANCE_KEYS, bundle_tolerances
 from itmrt.bundle.traits import bundle_traits
 from itmrt.data.image_inputs import check_pixel_size
 from itmrt.data.images import ImageCaptionSplit, preprocess_images
@@ -51,16 +52,10 @@ from itmrt.text.vocab import Vocabulary
 
 BarFactory = Callable[[str, int], Callable[[int], None]]
 
-TOLERANCE_KEYS = ("score_max_abs", "rsum_abs_delta", "top1_agreement_min", "flip_rate_max")
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
-    # fp32 graphs should equal PyTorch up to float32 rounding and kernel order.
-    Precision.FP32.value: {"score_max_abs": 1e-4, "rsum_abs_delta": 0.5, "top1_agreement_min": 0.99,
-                           "flip_rate_max": 1e-3},
-    Precision.FP16.value: {"score_max_abs": 1e-2, "rsum_abs_delta": 1.0, "top1_agreement_min": 0.95,
-                           "flip_rate_max": 1e-2},
-    Precision.INT8.value: {"score_max_abs": 5e-2, "rsum_abs_delta": 3.0, "top1_agreement_min": 0.85,
-                           "flip_rate_max": 5e-2},
+    precision: limits.as_dict() for precision, limits in DEFAULT_DEPLOYMENT_TOLERANCES.items()
 }
+"""The limits of a bundle that records none of its own (exported before families gave theirs)."""
 RECALL_DELTA_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 REFERENCE_FILE = "scores_reference.npy"
 
@@ -96,11 +91,14 @@ class ParityRun:
     matrices: dict[str, np.ndarray]  # file name -> score matrix
 
 
-def tolerances_for(precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+def tolerances_for(precision: str, overrides: dict[str, float] | None = None,
+                   base: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """``precision``'s limits from ``base`` (the bundle's, :func:`bundle_tolerances`; default: the defaults),
+    with the user's ``overrides`` on top."""
     unknown = set(overrides or {}) - set(TOLERANCE_KEYS)
     if unknown:
         raise ItmrtError(f"unknown tolerance {sorted(unknown)[0]!r}; choose from {', '.join(TOLERANCE_KEYS)}")
-    return {**DEFAULT_TOLERANCES[precision], **(overrides or {})}
+    return {**(base or DEFAULT_TOLERANCES)[precision], **(overrides or {})}
 
 
 def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list[dict[str, Any]]:
@@ -137,11 +135,15 @@ def evaluate_checks(entry: dict[str, Any], tolerances: dict[str, float]) -> list
 
 
 def apply_tolerances(report: dict[str, Any], overrides: dict[str, float] | None = None) -> dict[str, Any]:
-    """Re-judge every measured variant of ``report`` (in place) with the default tolerances plus ``overrides``."""
+    """Re-judge every measured variant of ``report`` (in place) with the bundle's tolerances plus ``overrides``.
+
+    The bundle's own are the report's ``bundle_tolerances`` (what its family recorded at export); a report
+    without them is judged by the defaults."""
+    base = report.get("bundle_tolerances") or DEFAULT_TOLERANCES
     for entry in report["variants"]:
         if entry["status"] != "ok":
             continue
-        entry["tolerances"] = tolerances_for(entry["precision"], overrides)
+        entry["tolerances"] = tolerances_for(entry["precision"], overrides, base)
         entry["checks"] = evaluate_checks(entry, entry["tolerances"])
         entry["passed"] = all(c["passed"] for c in entry["checks"])
     measured = [e for e in report["variants"] if e["status"] == "ok"]
@@ -368,6 +370,7 @@ def run_parity(bundle: str | Path, data: str | Path, options: ParityOptions, bar
         settings={"top_k": options.top_k, "threads": options.threads, "rel_floor": agreement.REL_FLOOR,
                   "scorer": options.scorer or "default"},
         variants=entries,
+        bundle_tolerances=bundle_tolerances(info.manifest),
     )
     apply_tolerances(report, options.tolerances)
     return ParityRun(report, matrices)
