@@ -216,18 +216,32 @@ def test_a_family_registered_in_a_test_goes_through_export_runtime_and_parity(ti
     assert {c["name"]: c["limit"] for c in entry["checks"]}["end-to-end score max abs error"] == 2e-5
 
 
-def test_unregistered_the_family_is_refused_in_one_line(tiny_family, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_bundle_opens_without_its_familys_code_and_an_undescribed_one_is_refused(  # type: ignore[no-untyped-def]
+        tiny_family, tmp_path: Path) -> None:
     from itmrt.export.bundle import ExportOptions, export_bundle
     from itmrt.runtime import load
 
-    data, _, _ = _data(tmp_path / "data")
+    data, features, captions = _data(tmp_path / "data")
     export_bundle(_checkpoint(tmp_path), data / "vocab.json", tmp_path / "bundle", ExportOptions(num_regions=REGIONS))
+    with load(tmp_path / "bundle", threads=1) as runtime:
+        expected = runtime.score(runtime.encode_images(features), runtime.encode_captions(captions))
     families.unregister("tiny")
-    with pytest.raises(ItmrtError) as error:
-        load(tmp_path / "bundle")
-    assert str(error.value) == "unknown model family 'tiny'; this itmrt knows naaf, scan, cmpm"
-    assert json.loads((tmp_path / "bundle" / "manifest.json").read_text())["family"] == "tiny"
-    families.register(tiny_family)  # the fixture unregisters it
+    try:
+        # the manifest's traits say how the bundle runs: its family's code is not needed to open and score it
+        with load(tmp_path / "bundle", threads=1) as runtime:
+            assert runtime.family is None and runtime.traits.scorer == "tiny"
+            scores = runtime.score(runtime.encode_images(features), runtime.encode_captions(captions))
+        np.testing.assert_array_equal(scores, expected)
+        # a manifest without traits (written before export recorded them) names a family this itmrt must know
+        path = tmp_path / "bundle" / "manifest.json"
+        document = json.loads(path.read_text())
+        del document["traits"]
+        path.write_text(json.dumps(document))
+        with pytest.raises(ItmrtError) as error:
+            load(tmp_path / "bundle")
+        assert str(error.value) == "unknown model family 'tiny'; this itmrt knows naaf, scan, cmpm"
+    finally:
+        families.register(tiny_family)  # the fixture unregisters it
 
 
 def test_the_registry_holds_each_family_once() -> None:

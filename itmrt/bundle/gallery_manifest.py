@@ -23,7 +23,7 @@ from typing import Any
 
 from itmrt import __version__
 from itmrt.bundle.closed import member
-from itmrt.bundle.names import BACKENDS, PRECISIONS, check_family
+from itmrt.bundle.names import BACKENDS, PRECISIONS
 from itmrt.bundle.record import (
     SAFE_RELATIVE_PATH,
     SHA256,
@@ -216,9 +216,7 @@ def value_problem(manifest: GalleryManifest) -> RecordError | None:
 
 def parse_gallery_manifest(data: object, source: str | Path) -> GalleryManifest:
     """A parsed ``gallery.json`` as a :class:`GalleryManifest`; a wrong value is one line naming its key."""
-    manifest = parse_document(GalleryManifest, data, source, REMEDY, value_problem)
-    check_family(manifest.bundle.family)
-    return manifest
+    return parse_document(GalleryManifest, data, source, REMEDY, value_problem)
 
 
 def _gallery_document(folder: str | Path) -> tuple[Path, Path, dict[str, Any], bytes]:
@@ -260,9 +258,7 @@ def recorded_bundle(folder: str | Path) -> GalleryBundle:
 
 def parse_recorded_bundle(data: object, source: str | Path) -> GalleryBundle:
     """The ``bundle`` entry of a parsed gallery document (a sharded gallery's top document), type-checked."""
-    bundle = parse_document(_RecordedBundle, data, source, REMEDY, lambda _record: None).bundle
-    check_family(bundle.family)
-    return bundle
+    return parse_document(_RecordedBundle, data, source, REMEDY, lambda _record: None).bundle
 
 
 def same_image_encoder(one: GalleryBundle, other: GalleryBundle) -> bool:

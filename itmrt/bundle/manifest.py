@@ -528,7 +528,8 @@ def value_problem(manifest: Manifest) -> RecordError | None:
 def parse_manifest(data: object, source: str | Path) -> Manifest:
     """A parsed ``manifest.json`` document as a :class:`Manifest`; a wrong value is one line naming its key."""
     manifest = parse_document(Manifest, data, source, "export the bundle again", value_problem)
-    check_family(manifest.family)
+    if manifest.traits is None:  # an older manifest: only a family this itmrt knows can say how it runs
+        check_family(manifest.family)
     return manifest
 
 
