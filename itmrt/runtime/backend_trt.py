@@ -29,10 +29,14 @@ from typing import Any
 import numpy as np
 
 from itmrt.bundle.folder import BundleInfo
+from itmrt.bundle.manifest import GraphEntry
+from itmrt.bundle.names import MAX_LENGTH
+from itmrt.bundle.traits import bundle_traits
 from itmrt.engine.cuda_context import CudaContext, cuda_error, shared_context
 from itmrt.errors import ItmrtError
 from itmrt.optional import require_all
 from itmrt.runtime.runner import Runner, TensorInfo
+from itmrt.runtime.static_shapes import StaticPadding
 
 
 def _import_tensorrt() -> tuple[Any, Any]:
@@ -79,6 +83,8 @@ class TrtBackend(Runner):
         host_code: bool = False,
         cuda_context: CudaContext | None = None,
         lean_runtime: Path | None = None,
+        graph: GraphEntry | None = None,
+        unpadded: frozenset[str] = frozenset(),
     ) -> None:
         trt, cuda = _import_tensorrt()
         self._trt, self._cuda = trt, cuda
@@ -99,6 +105,9 @@ class TrtBackend(Runner):
                 self._drop_all()
                 raise cuda_error(f"loading {engine_path.name}", exc) from None
         self._handle = self._cuda_context.own(self._drop_all)
+        # a static profile (a DLA engine's) takes smaller batches and shorter captions padded up to it
+        profile = {name: tuple(_dims(shape) for shape in shapes) for name, shapes in self._profile.items()}
+        self._padding = StaticPadding.for_engine(graph, profile, unpadded) if graph is not None else None
 
     def _open(self, engine_path: Path, dla_core: int | None, host_code: bool, lean_runtime: Path | None) -> None:
         from itmrt.engine.tensorrt_api import open_runtime
@@ -144,7 +153,8 @@ class TrtBackend(Runner):
         host_code = carries_host_code(entry.builder.get("set_flags") or ())
         lean = lean_runtime_for(entry.file, entry.exclude_lean_runtime, entry.tensorrt_version)
         return cls(path, device=device, dla_core=entry.dla_core, host_code=host_code, cuda_context=context,
-                   lean_runtime=lean)
+                   lean_runtime=lean, graph=bundle.manifest.graph(component),
+                   unpadded=frozenset() if bundle_traits(bundle.manifest).caption_buckets else frozenset({MAX_LENGTH}))
 
     def inputs(self) -> list[TensorInfo]:
         """Inputs with the engine's dtypes; a dynamic axis (-1 in the engine) is None."""
@@ -187,13 +197,17 @@ class TrtBackend(Runner):
         for name in self.input_names:
             if name not in feeds:
                 raise ItmrtError(f"engine {self.name} needs input '{name}'")
+        real: dict[str, int] = {}
+        if self._padding is not None:
+            feeds, real = self._padding.pad(feeds)
         with self._lock, self._cuda_context.current():
             try:
-                return self._run(feeds)
+                outputs = self._run(feeds)
             except ItmrtError:
                 raise
             except Exception as exc:  # noqa: BLE001 - pycuda / TensorRT failures
                 raise cuda_error(f"running {self.name}", exc) from None
+        return self._padding.cut(self.output_names, outputs, real) if self._padding is not None else outputs
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         cuda = self._cuda
