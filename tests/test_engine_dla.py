@@ -37,6 +37,22 @@ def test_tensorrt_versions_without_dla_are_refused() -> None:
     for version in ("11.0.0.114", "11.1.0.5", "11.3.2"):
         problem = dla_version_problem(version)
         assert problem is not None and "no DLA support" in problem and "11.0 to 11.3" in problem
+    problem = dla_version_problem("10.8.0.43")
+    assert problem is not None and "10.7 was the last 10.x release" in problem
+    assert dla_version_problem("10.7.0.23", "Linux", "aarch64") is None
+
+
+def test_dla_by_platform_as_the_documentation_lists_it() -> None:
+    orin, windows_arm, x86 = ("Linux", "aarch64"), ("Windows", "ARM64"), ("Linux", "x86_64")
+    assert dla_version_problem("10.3.0.30", *orin) is None
+    assert dla_version_problem("11.4.1.2", *orin) is None and dla_version_problem("11.4.1.2", *windows_arm) is None
+    assert dla_version_problem("11.4.0.5", *windows_arm) is None
+    assert dla_version_problem("11.5.0.1", *windows_arm) is None
+    assert "Windows on ARM only" in (dla_version_problem("11.4.0.5", *orin) or "")
+    assert "does not support JetPack" in (dla_version_problem("11.5.0.1", *orin) or "")
+    assert "has no DLA" in (dla_version_problem("10.3.0.30", *x86) or "")
+    for problem in (dla_version_problem("11.4.0.5", *orin), dla_version_problem("10.3.0.30", *x86)):
+        assert problem is not None and "\n" not in problem
 
 
 def test_a_dla_build_that_cannot_work_is_refused_naming_the_layers() -> None:

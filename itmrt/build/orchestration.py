@@ -13,6 +13,7 @@ from pathlib import Path
 
 from itmrt.bundle.manifest import Log, Manifest
 from itmrt.engine.build import EngineOptions, TensorRTUnavailable, build_engines, build_target, require_tensorrt
+from itmrt.engine.compat import this_platform
 from itmrt.engine.dla import dla_version_problem
 from itmrt.engine.settings import check_options
 from itmrt.engine.tensorrt_api import tensorrt_module
@@ -55,6 +56,6 @@ def _check_dla_here(options: EngineOptions) -> None:
     if options.dla_core is None:
         return
     trt = tensorrt_module()
-    problem = dla_version_problem(str(trt.__version__)) if trt is not None else None
+    problem = dla_version_problem(str(trt.__version__), *this_platform()) if trt is not None else None
     if problem is not None:
         raise ItmrtError(problem)

@@ -379,7 +379,8 @@ def build_engines(
     trt_module = require_tensorrt()
     target = build_target(trt_module, options.device)
     here = target.device
-    dla_problem = dla_version_problem(here.tensorrt_version) if options.dla_core is not None else None
+    dla_problem = (dla_version_problem(here.tensorrt_version, here.os, here.arch)
+                   if options.dla_core is not None else None)
     if dla_problem is not None:
         raise ItmrtError(dla_problem)
     manifest = read_manifest(folder)

@@ -11,7 +11,11 @@ Guide's "Working with DLA"):
   fallback off a network holding any layer it cannot run fails to build, so :func:`dla_refusal` names
   those layers first, in one line; with fallback on, a graph the DLA can run none of is built for the GPU
   and said so (:func:`dla_note`).
-- The docs list DLA as absent from TensorRT 11.0-11.3 (:data:`DLA_ABSENT`): :func:`dla_version_problem`.
+- Which TensorRT has a DLA, and where (the Developer Guide's "Working with DLA", 11.3.0, 11.4.0, 11.4.1 and
+  11.5.0 editions): 10.7 was the last 10.x release with DLA; none in 11.0-11.3; 11.4.0 only on Windows on
+  ARM; 11.4.1 on Jetson AGX Orin (JetPack 7.2.2 or later) and Windows on ARM; 11.5.0 only on Windows on ARM
+  (JetPack stays on 11.4.1). An x86 machine has none. :func:`dla_version_problem` refuses the rest in one
+  line; a later release, which these pages do not cover, is left to TensorRT's own check.
 - What ran where is read back from the built engine: layers the DLA runs appear in the engine as
   ``{ForeignNode[first...last]}`` regions (TensorRT's build log lists them under "Layers Running on DLA"
   as ``[DlaLayer] {ForeignNode[...]}``); :func:`count_devices` counts an engine layer as a DLA layer when
@@ -36,19 +40,37 @@ from itmrt.errors import ItmrtError
 if TYPE_CHECKING:
     import tensorrt
 
-DLA_ABSENT = ((11, 0), (11, 4))  # TensorRT versions [from, to) whose documentation lists no DLA support
+DLA_ABSENT = ((11, 0), (11, 4))  # TensorRT versions [from, to) without DLA on any platform
+LAST_10X_WITH_DLA = (10, 7)
 NAMED_LAYERS = 5  # layers named in a one-line refusal
 _FOREIGN = re.compile(r"^\{ForeignNode\[(?P<first>.*?)\.\.\.(?P<last>.*)\]\}$|^\{ForeignNode\[(?P<only>.*)\]\}$")
 
 
-def dla_version_problem(tensorrt_version: str) -> str | None:
-    """Why this TensorRT cannot build for the DLA (None when it can)."""
-    version = version_tuple(tensorrt_version)[:2]
+def dla_version_problem(tensorrt_version: str, system: str | None = None, machine: str | None = None) -> str | None:
+    """Why this TensorRT on this platform (``platform.system()``, ``platform.machine()``; None: not known)
+    cannot build for the DLA; None when it can, or when the documentation does not say."""
+    version = version_tuple(tensorrt_version)
+    release = version[:2]
     low, high = DLA_ABSENT
-    if low <= version < high:
+    jetpack = "build on JetPack's TensorRT 10.x (10.7 or older) or 11.4.1 on JetPack 7.2.2+, or drop --dla-core"
+    if release[:1] == (10,) and release > LAST_10X_WITH_DLA:
+        return (f"TensorRT {tensorrt_version} has no DLA support (TensorRT 10.7 was the last 10.x release with "
+                f"it); {jetpack}")
+    if low <= release < high:
         return (f"TensorRT {tensorrt_version} has no DLA support (its documentation lists the DLA as absent from "
-                f"TensorRT {low[0]}.{low[1]} to {high[0]}.{high[1] - 1}); build on JetPack's TensorRT 10.x, "
-                "or drop --dla-core")
+                f"TensorRT {low[0]}.{low[1]} to {high[0]}.{high[1] - 1}); {jetpack}")
+    if system is None:
+        return None
+    arm = (machine or "").lower() in ("aarch64", "arm64")
+    windows_arm, linux_arm = system == "Windows" and arm, system == "Linux" and arm
+    if not arm:
+        return f"this machine ({system} {machine}) has no DLA: build DLA engines on a Jetson, or drop --dla-core"
+    if release == (11, 4) and version < (11, 4, 1) and not windows_arm:
+        return (f"TensorRT {tensorrt_version} has DLA on Windows on ARM only (11.4.1 restored it on Jetson AGX "
+                f"Orin with JetPack 7.2.2+); {jetpack}")
+    if release == (11, 5) and linux_arm:
+        return (f"TensorRT {tensorrt_version} does not support JetPack (Jetson stays on TensorRT 11.4.1, which "
+                f"has Orin's DLA with JetPack 7.2.2+); {jetpack}")
     return None
 
 
