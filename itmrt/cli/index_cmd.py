@@ -97,7 +97,7 @@ def index_command(
         count, shape = _index_single(runtime, inputs, out, given, source, dtype, outputs.overwrite, skip_bad_images)
     skipped = len(inputs) - count if listing else 0
     counted = f" ({skipped} unreadable skipped)" if skipped else ""
-    how = "stored as given" if given else f"{runtime.flags.backend}/{runtime.flags.precision}"
+    how = "stored as given" if given else f"{runtime.options.backend}/{runtime.options.precision}"
     typer.echo(f"indexed {count} images{counted} ({how}) into {out} in {time.perf_counter() - started:.1f}s{warm}; "
                f"{shape}")
 

@@ -251,22 +251,6 @@ def shard_bytes(gallery: ShardedGallery) -> int:
     return total
 
 
-def mapped_files(shard: Gallery, in_memory: bool) -> list[Path]:
-    """The files of a shard that stay memory-mapped while it is searched: everything its document lists but its
-    image ids and FAISS index (read whole); ``in_memory``: only compact storage's files (decoded on demand)."""
-    manifest = shard.manifest
-    if in_memory:
-        if manifest.embeddings.stored != "region_index" or manifest.region_index is None:
-            return []
-        names = [entry.file for entry in manifest.region_index.files()]
-    else:
-        read_whole = {manifest.ids.file} if manifest.ids is not None else set()
-        if manifest.shortlist is not None and manifest.shortlist.index is not None:
-            read_whole.add(manifest.shortlist.index.file)
-        names = [name for name in manifest.files() if name not in read_whole]
-    return [path for path in (member(shard.path, name) for name in names) if path.is_file()]
-
-
 def index_record(shard: Gallery) -> dict[str, Any] | None:
     """The shard's FAISS index record (checked to be built from its vectors), or None when it has none."""
     shortlist = shard.manifest.shortlist
