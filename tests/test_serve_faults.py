@@ -342,7 +342,7 @@ def test_non_finite_scores_mark_the_service_not_ready(model: dict[str, Any]) -> 
 
 
 def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path) -> None:
-    """Five galleries swapped in turn (folder replaced, SIGHUP-equivalent reload, load endpoint) while four
+    """Galleries swapped in turn (folder replaced six times, then a SIGHUP-equivalent reload) while four
     clients search: every answer is the exact answer of one whole version, ready all along."""
     versions = {}
     for number in range(3):
@@ -382,8 +382,8 @@ def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path
             os.rename(live_folder, old)
             os.rename(staging, live_folder)
             wait_for(lambda s=swap: live.metrics.swaps.labels("ok")._value.get() >= s + 1)
-        reply = httpx.post(live.url + "/v2/repository/models/text_to_image/load", headers=JSON)
-        assert reply.status_code == 200 and reply.json()["gallery_sha256"] in versions
+        reloaded = live.reloader.reload("SIGHUP").result(60)  # what the SIGHUP handler calls
+        assert reloaded.error is None and reloaded.version in versions
         stop.set()
         answered = sum(future.result(60) for future in clients)
     assert not failures, failures[:5]
@@ -391,7 +391,7 @@ def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path
 
 
 def test_sighup_swaps_in_the_gallery_written_in_place(model: dict[str, Any], tmp_path: Path) -> None:
-    """--watch-s 0: only SIGHUP (or the load endpoint) looks at the folder; a subprocess server."""
+    """--watch-s 0: only SIGHUP looks at the folder; a subprocess server."""
     live_folder = tmp_path / "live"
     shutil.copytree(model["gallery"], live_folder)
     new = make_gallery(model["bundle"], tmp_path / "new", region_features(33, seed=8))
@@ -499,20 +499,38 @@ def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any])
     assert metric(page, "itmrt_batch_captions_count") >= 3 and metric(page, "itmrt_batch_captions_sum") >= 150
 
 
-def test_unload_and_load_through_the_repository(service: Service) -> None:
-    client = httpx.Client(base_url=service.url, headers=JSON, timeout=30)
-    index = client.post("/v2/repository/index")
-    assert index.status_code == 200 and index.json()[0]["state"] == "READY"
-    assert client.post("/v2/repository/models/text_to_image/unload").json()["loaded"] is False
-    one_line(client.post(INFER, content=body(["word1"])), 503, "unloaded")
-    ready = client.get("/v2/health/ready")
-    assert ready.status_code == 503 and "load" in ready.json()["reason"]
-    assert client.post("/v2/repository/index").json()[0]["state"] == "UNAVAILABLE"
-    loaded = client.post("/v2/repository/models/text_to_image/load")
-    assert loaded.status_code == 200 and len(loaded.json()["gallery_sha256"]) == 16
-    assert client.get("/v2/health/ready").status_code == 200
-    assert client.post(INFER, content=body(["word1"])).status_code == 200
-    one_line(client.post("/v2/repository/models/other/load"), 404, "unknown model")
+def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(
+        model: dict[str, Any], service: Service, tmp_path: Path) -> None:
+    """--model-control poll (the default) refuses them with 403 and the reason; explicit answers them, and with a
+    token file only with the token."""
+    polled = httpx.Client(base_url=service.url, headers=JSON, timeout=30)
+    for action in ("load", "unload"):
+        one_line(polled.post(f"/v2/repository/models/text_to_image/{action}"), 403, "--model-control explicit")
+    assert polled.get("/v2/health/ready").status_code == 200
+    assert polled.post("/v2/repository/index").json()[0]["state"] == "READY"
+    token = tmp_path / "token.txt"
+    token.write_text("s3cret-token\n")
+    token.chmod(0o600)
+    with running(Service(model["gallery"], options=options(model_control="explicit", token_file=token))) as live:
+        client = httpx.Client(base_url=live.url, headers=JSON, timeout=30)
+        for action in ("load", "unload"):
+            one_line(client.post(f"/v2/repository/models/text_to_image/{action}"), 401, "token")
+            one_line(client.post(f"/v2/repository/models/text_to_image/{action}",
+                                 headers={"Authorization": "Bearer wrong"}), 401, "token")
+        assert client.get("/v2/health/ready").status_code == 200  # nothing was unloaded
+        client.headers["Authorization"] = "Bearer s3cret-token"
+        index = client.post("/v2/repository/index")
+        assert index.status_code == 200 and index.json()[0]["state"] == "READY"
+        assert client.post("/v2/repository/models/text_to_image/unload").json()["loaded"] is False
+        one_line(client.post(INFER, content=body(["word1"])), 503, "unloaded")
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503 and "load" in ready.json()["reason"]
+        assert client.post("/v2/repository/index").json()[0]["state"] == "UNAVAILABLE"
+        loaded = client.post("/v2/repository/models/text_to_image/load")
+        assert loaded.status_code == 200 and len(loaded.json()["gallery_sha256"]) == 16
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.post(INFER, content=body(["word1"])).status_code == 200
+        one_line(client.post("/v2/repository/models/other/load"), 404, "unknown model")
 
 
 def test_sigterm_exits_within_the_grace_period_with_the_worker_stuck(model: dict[str, Any]) -> None:

@@ -77,7 +77,7 @@ def test_mapped_shards_changed_while_serving_are_refused_and_the_process_lives(m
     lines: list[str] = []
     try:
         url = wait_until_ready(server, lines)
-        assert any("memory-mapped (over --copy-shards-mb 0)" in line for line in lines), "".join(lines)
+        assert any("read from its files (over --copy-shards-mb 0)" in line for line in lines), "".join(lines)
         reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)  # type: ignore[arg-type]
         reader.start()
         with ServiceClient(url) as client:

@@ -101,6 +101,7 @@ class ShardedGallery:
     shards: list[ShardRecord]
     recorded: GalleryBundle  # the top document's ``bundle`` entry, type-checked
     _ids: ShardedIds | None = field(default=None, repr=False)
+    sha256: str = ""  # of the top document as it was read (names the version ``itmrt serve`` answers from)
 
     def __len__(self) -> int:
         return sum(shard.images for shard in self.shards)
@@ -166,8 +167,8 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
     path = root / GALLERY_MANIFEST
     if not path.is_file():
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
-    manifest, _raw = read_json_document(path, (SHARDED_GALLERY_KIND,), GALLERY_SCHEMA, "sharded gallery",
-                                        "re-index the gallery")
+    manifest, raw = read_json_document(path, (SHARDED_GALLERY_KIND,), GALLERY_SCHEMA, "sharded gallery",
+                                       "re-index the gallery")
     try:
         shards = [ShardRecord(str(s["name"]), int(s["first"]), int(s["images"]), str(s["sha256"]))
                   for s in manifest["shards"]]
@@ -186,7 +187,8 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
         expected_first += shard.images
     if not shards:
         raise ItmrtError(f"{path} lists no shards; re-index the gallery")
-    return ShardedGallery(root, manifest, shards, parse_recorded_bundle(manifest, path))
+    return ShardedGallery(root, manifest, shards, parse_recorded_bundle(manifest, path),
+                          sha256=hashlib.sha256(raw).hexdigest())
 
 
 def member(root: Path, name: Any) -> Path:

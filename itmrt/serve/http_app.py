@@ -4,12 +4,15 @@ Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
 ``GET /v2/models/text_to_image[/versions/1]``, ``GET .../ready``,
 ``POST .../infer``, ``GET /metrics`` and the model repository's
 ``POST /v2/repository/index`` and ``POST /v2/repository/models/text_to_image/load``
-(swap in the gallery on disk now, :mod:`itmrt.serve.swap`) and ``/unload``.
+(swap in the gallery on disk now, :mod:`itmrt.serve.swap`) and ``/unload``, which
+answer only under ``--model-control explicit`` (403 with the reason otherwise, as Triton refuses them
+unless its model control mode is explicit).
 With a token, every route but the two health probes needs ``Authorization: Bearer TOKEN``.
 :mod:`itmrt.serve.guard` stands in front of them all (Host, Origin, Content-Type).
 
 Errors are ``{"error": "one line"}`` with the protocol's status: 400 bad
-input, 401 missing or wrong token, 403 a foreign Host or Origin, 404 unknown
+input, 401 missing or wrong token, 403 a foreign Host or Origin or a repository
+load/unload the model control mode refuses, 404 unknown
 model or route, 408 a body that did not arrive in time, 409 a gallery version
 refused by the load endpoint, 413 body over the limit, 415 an unknown
 Content-Type or Content-Encoding, 429 queue full, 503 not ready, stopping or
@@ -179,6 +182,7 @@ class InferenceRoutes:
         self.budget = BodyBudget(limits.max_buffered_bytes, lambda: self.codec.submit(release_memory, False))
         self.failures = 0
         self.reloader: Any = None  # itmrt.serve.swap.Reloader where the service can load its gallery again
+        self.model_control = "explicit"  # what ``--model-control`` says: the load/unload endpoints answer if explicit
 
     def error(self, status: int, message: str, close: bool = False) -> Any:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) \
@@ -329,8 +333,16 @@ class InferenceRoutes:
             entry["reason"] = self.batcher.unready_reason()
         return self.responses.JSONResponse([entry])
 
-    async def repository_load(self, request: Any) -> Any:
+    def check_model_control(self, request: Any) -> None:
+        """Token and model first (401, 404), then the mode: load and unload answer only when it is explicit."""
         self.check(request)
+        if self.model_control != "explicit":
+            raise ProtocolError(403, f"this service runs with --model-control {self.model_control}: the repository "
+                                     "load and unload endpoints are refused; start it with --model-control explicit "
+                                     "(SIGHUP reloads the gallery in every mode)")
+
+    async def repository_load(self, request: Any) -> Any:
+        self.check_model_control(request)
         if self.reloader is None:
             raise ProtocolError(404, "this service was started without a gallery folder to load again")
         outcome = await asyncio.wrap_future(self.reloader.reload("the repository load endpoint"))
@@ -340,7 +352,7 @@ class InferenceRoutes:
         return self.responses.JSONResponse({"name": MODEL_NAME, "loaded": True, "gallery_sha256": outcome.version})
 
     async def repository_unload(self, request: Any) -> Any:
-        self.check(request)
+        self.check_model_control(request)
         self.batcher.unload()
         return self.responses.JSONResponse({"name": MODEL_NAME, "loaded": False})
 
@@ -353,13 +365,14 @@ def create_app(
     policy: BrowserPolicy | None = None,
     reloader: Any = None,
     drain_s: float | None = None,
+    model_control: str = "explicit",
 ) -> Any:
     """The Starlette app behind :class:`~itmrt.serve.guard.BrowserGuard`; its lifespan starts the batcher's
     worker and, on shutdown, lets it finish the queue (for at most ``drain_s`` seconds)."""
     applications = require("starlette.applications", "itmrt serve")
     routing = require("starlette.routing", "itmrt serve")
     routes = InferenceRoutes(batcher, metrics, limits, token)
-    routes.reloader = reloader
+    routes.reloader, routes.model_control = reloader, model_control
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
 
     @contextlib.asynccontextmanager
