@@ -116,7 +116,7 @@ class PositionalRows:
 
     def take(self, rows: Any) -> np.ndarray:
         """The rows ``rows`` (any integers, repeats allowed) in that order; runs of consecutive rows are read at
-        once."""
+        once (one system call each)."""
         wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
         if wanted.size and (wanted.min() < -self.shape[0] or wanted.max() >= self.shape[0]):
             raise IndexError(f"row index out of range for {self.shape[0]} rows")
@@ -124,11 +124,29 @@ class PositionalRows:
         unique = np.unique(wanted)
         block = np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
         if len(unique):
-            breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-            for first, last in zip(np.r_[0, breaks], np.r_[breaks, len(unique)], strict=True):
-                self.read(int(unique[first]), int(unique[last - 1]) + 1, block[first:last])
-        picked = block[np.searchsorted(unique, wanted)]
+            breaks = (np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1).tolist()
+            firsts, lasts = [0, *breaks], [*breaks, len(unique)]
+            self._read_runs(memoryview(block).cast("B"), unique[firsts].tolist(), firsts, lasts)
+        picked = block if len(unique) == len(wanted) and np.array_equal(unique, wanted) else \
+            block[np.searchsorted(unique, wanted)]
         return picked.reshape(*np.shape(rows), *self.shape[1:])
+
+    def _read_runs(self, flat: memoryview, rows: list[int], firsts: list[int], lasts: list[int]) -> None:
+        """Runs of rows into ``flat``: run ``i`` (file rows from ``rows[i]``) fills its rows ``firsts[i]:lasts[i]``
+        (a tight loop of ``preadv``; anything short goes through :meth:`_read_into`, which says why)."""
+        fd, size, offset = self.fd, self.row_bytes, self.offset
+        if fd is None:
+            self._read_into(flat, rows[0])  # says it was closed
+            return
+        preadv = os.preadv
+        for row, first, last in zip(rows, firsts, lasts, strict=True):
+            part = flat[first * size : last * size]
+            try:
+                complete = preadv(fd, [part], offset + row * size) == len(part)
+            except OSError:
+                complete = False
+            if not complete:
+                self._read_into(part, row)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, slice):
@@ -149,7 +167,7 @@ class PositionalRows:
     def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
         """``(first row, rows)`` over the whole file, each block read into this thread's reused buffer: a block
         is valid only until the next one is read."""
-        per_block = max(1, block_bytes // max(1, self.row_bytes))
+        per_block = min(max(1, block_bytes // max(1, self.row_bytes)), max(1, self.shape[0]))
         for start in range(0, self.shape[0], per_block):
             stop = min(start + per_block, self.shape[0])
             buffer = _thread_buffer(per_block * self.row_bytes)
