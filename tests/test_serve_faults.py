@@ -241,6 +241,24 @@ def test_a_client_that_does_not_read_gets_no_more_work_done(model: dict[str, Any
     assert answered < 200, f"{answered} of 400 pipelined requests were scored for a client that read none"
 
 
+def test_a_non_reader_with_the_default_socket_buffers_gets_one_answer_scored(model: dict[str, Any]) -> None:
+    """The kernel's send buffer on loopback holds megabytes (dozens of large answers) before the process sees
+    any backpressure; an answer the client leaves in the kernel's queue counts as unread all the same: the
+    next pipelined request is not taken up, and the write deadline cuts the connection off."""
+    settings = options(limits=HttpLimits(write_timeout_s=2.0))
+    with running(Service(model["gallery"], options=settings)) as live:
+        reader = socket.create_connection((live.host, live.port))
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        one = body([f"word{n % 7} word{n % 5}" for n in range(200)], top_k=40)  # an answer of about 150 KB
+        request = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: " + str(len(one)).encode() + b"\r\n\r\n" + one)
+        reader.sendall(request * 30)
+        wait_for(lambda: live.metrics.dropped.labels("write_timeout")._value.get() >= 1, 60)
+        reader.close()
+        answered = live.metrics.requests.labels("ok")._value.get()
+    assert answered <= 2, f"{answered} of 30 pipelined requests were scored for a client that read none"
+
+
 def test_slow_connections_are_evicted_for_real_clients(service: Service) -> None:
     """Six slow-header connections fill --max-connections 6; a real client still gets its answer."""
     slow = [raw(service, b"GET /v2 HTTP/1.1\r\nHost: 127.0.0.1\r\n") for _ in range(6)]

@@ -39,8 +39,9 @@ from itmrt.errors import first_line
 from itmrt.optional import require
 from itmrt.serve import protocol
 from itmrt.serve.auth import authorized
-from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused, release_memory
+from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused
 from itmrt.serve.guard import BrowserGuard, BrowserPolicy
+from itmrt.serve.memory import release_memory
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.protocol import MODEL_NAME, MODEL_VERSION, ProtocolError, RequestLimits
 
@@ -74,13 +75,15 @@ class BodyBudget:
     """Bytes of request bodies the service holds at once, across every connection (event-loop thread only).
 
     When the bodies held drop back to none after at least ``trim_after`` bytes went through, ``trim`` is called
-    (at most once a second): the service gives the freed buffers back to the system instead of keeping them.
+    (at most once a second; a drop within the second after a trim gets its trim when the second is over, if
+    nothing is held then): the service gives the freed buffers back to the system instead of keeping them.
     """
 
     def __init__(self, limit: int, trim: Callable[[], object] | None = None, trim_after: int = 8 << 20) -> None:
         self.limit, self.used = limit, 0
         self.trim, self.trim_after = trim, trim_after
         self.since_trim, self.last_trim = 0, 0.0
+        self._deferred: asyncio.TimerHandle | None = None
 
     def take(self, size: int) -> None:
         if self.used + size > self.limit:
@@ -91,11 +94,21 @@ class BodyBudget:
 
     def give(self, size: int) -> None:
         self.used -= size
-        now = time.monotonic()
-        if self.used == 0 and self.since_trim >= self.trim_after and self.trim is not None \
-                and now - self.last_trim >= 1.0:
-            self.since_trim, self.last_trim = 0, now
+        self._maybe_trim()
+
+    def _maybe_trim(self) -> None:
+        self._deferred = None
+        if self.used or self.since_trim < self.trim_after or self.trim is None:
+            return
+        wait = self.last_trim + 1.0 - time.monotonic()
+        if wait <= 0:
+            self.since_trim, self.last_trim = 0, time.monotonic()
             self.trim()
+        elif self._deferred is None:
+            try:
+                self._deferred = asyncio.get_running_loop().call_later(wait, self._maybe_trim)
+            except RuntimeError:  # no event loop (a test calling it directly): the next give trims
+                pass
 
 
 @dataclass

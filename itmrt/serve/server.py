@@ -43,6 +43,7 @@ from itmrt.serve.auth import read_token_file, token_file_exposure
 from itmrt.serve.batcher import Batcher, BatchSettings
 from itmrt.serve.guard import BrowserPolicy
 from itmrt.serve.http_app import HttpLimits, create_app
+from itmrt.serve.memory import fixed_mmap_threshold
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.searcher import Searcher
 from itmrt.serve.swap import Reloader, RuntimeSource
@@ -322,6 +323,7 @@ class Service:
                         "with --allowed-hosts", self.host)
         if self.options.token_file is not None and (exposed := token_file_exposure(self.options.token_file)):
             log.warning("%s", exposed)
+        fixed_mmap_threshold()  # large bodies and answers go back to the system when freed (itmrt.serve.memory)
         if self.reloader is not None:
             self.reloader.start()
         with _exit_zero_after_signal(), _reload_on_sighup(self.reloader):
