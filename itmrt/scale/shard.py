@@ -172,6 +172,15 @@ class OpenShard:
 
     def search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest) -> ShardAnswer:
         """This shard's answer to ``request`` (``runtime``: an :class:`itmrt.runtime.Runtime` of the bundle)."""
+        try:
+            return self._search(runtime, captions, request)
+        except GalleryChanged:  # constants computed from what the file held during the change are not kept
+            one_caption = getattr(runtime, "one_caption", None)
+            if one_caption is not None:
+                one_caption.forget_constants()
+            raise
+
+    def _search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest) -> ShardAnswer:
         started = time.perf_counter()
         if self.guard is not None:  # nothing is read from a file that changed since it was opened
             self.guard.check()
@@ -217,8 +226,8 @@ class OpenShard:
         scores: list[np.ndarray] = []
         for first, block in embeddings.blocks():
             # a gallery of the block: the one-caption scorer caches its per-image constants under this name
-            part = replace(self.gallery, embeddings=block,
-                           path=self.gallery.path / f"{embeddings.name}@{self.file_version}:{first}+{len(block)}")
+            name = f"{embeddings.name}:{first}+{len(block)}"
+            part = replace(self.gallery, embeddings=block, path=self.gallery.path / name)
             result = runtime.rank(part, captions, top_k=min(request.k, len(block)), keep_scores=request.keep_scores)
             if "t2i" in request.directions and result.t2i is not None:
                 best.update(slice(None), result.t2i.scores, result.t2i.indices + first)
@@ -230,13 +239,6 @@ class OpenShard:
         if i2t:
             answer.i2t = TopK(np.concatenate([p.indices for p in i2t]), np.concatenate([p.scores for p in i2t]))
         answer.scores = np.concatenate(scores) if request.keep_scores and scores else None
-
-    @property
-    def file_version(self) -> str:
-        """What names the embeddings file's content as it was opened (its recorded state): part of the one-caption
-        scorer's cache key, so constants of a file changed since are never reused."""
-        state = next(iter(self.guard.states.values()), None) if self.guard is not None else None
-        return "" if state is None else f"{state.inode}-{state.mtime_ns}-{state.ctime_ns}"
 
     def _search_regions(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
                         answer: ShardAnswer) -> None:

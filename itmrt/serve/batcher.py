@@ -314,6 +314,9 @@ class Batcher:
         pending.future.set_result(SwapOutcome(version=getattr(pending.searcher, "version", None)))
         if retire is not None:
             retire()
+        forget = getattr(pending.searcher, "forget_other_constants", None)
+        if callable(forget):
+            forget()
         del pending
         release_memory()
 

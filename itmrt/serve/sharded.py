@@ -59,6 +59,11 @@ class ShardedSearcher(RuntimeSearcher):
         assert result.t2i is not None
         return result.t2i
 
+    def contents(self) -> set[str]:
+        """The sha256 of every shard's embeddings searched in this process (none on Ray actors)."""
+        shards = getattr(self.shards, "shards", [])
+        return {shard.gallery.manifest.embeddings.sha256 for shard in shards}
+
     def close(self) -> None:
         """End the shards' actors and free the runtime."""
         self.shards.close()
