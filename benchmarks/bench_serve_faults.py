@@ -24,6 +24,16 @@ server starts) for the gallery version the response names. Each phase lasts ``--
 - ``file faults``: the served embeddings file changed in place, then truncated;
 - ``SIGTERM``: 20 non-readers connected, then SIGTERM: seconds to exit, and the exit status.
 
+``--sharded``: the versions are sharded galleries (four shards each) served with
+``--copy-shards-mb 0`` (embeddings read from their files by position); the
+phases are quiet, hot swap, a shard's embeddings truncated under the service
+and then a good version renamed into place (503 between the two is a correct
+refusal), and SIGTERM.
+
+For each phase the server's CPU use (cores, from /proc/PID/stat) and how busy
+the whole machine was (/proc/stat; other work on the machine counts too) tell
+whether the attack exhausted the CPU.
+
 First, what the service's copy-on-open costs: the gallery opened mapped
 (``read_gallery``) and copied (``in_memory=True``), twice each, each in a fresh
 process: seconds to open (verification included) and resident MB added.
@@ -91,6 +101,69 @@ def galleries(work: Path, images: int) -> tuple[Path, list[Path], list[str]]:
             runtime.index(np.abs(rng.standard_normal((images, *shape))).astype(np.float32), folder)
         versions.append(folder)
     return demo, versions, captions
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine so far (/proc/stat): busy is all but idle and iowait."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = float(sum(values[:8]))
+    return total - values[3] - values[4], total
+
+
+def sharded_galleries(work: Path, images: int) -> tuple[list[Path], list[str]]:
+    """Three sharded gallery versions of ``images`` random images each (four shards), and captions."""
+    from itmrt.runtime import load
+    from itmrt.scale import ShardingOptions, index_sharded
+
+    _demo, captions = small_gallery(work / "small")
+    runtime = load(work / "small" / "bundle", scorer="graph")
+    shape = [axis if isinstance(axis, int) else 36 for axis in runtime.image_input_shape[1:]]
+    versions = []
+    for number in range(3):
+        folder = work / f"sharded-version{number}"
+        if not (folder / "gallery.json").is_file():
+            rng = np.random.default_rng(number)
+            index_sharded(runtime, np.abs(rng.standard_normal((images, *shape))).astype(np.float32), folder,
+                          ShardingOptions(shard_images=max(1, images // 4)))
+        versions.append(folder)
+    return versions, captions
+
+
+def sharded_references(versions: list[Path], captions: list[str]) -> dict[str, dict[str, list[int]]]:
+    """Each sharded version's top 10 per caption (every shard scored, merged), by its top document's sha256."""
+    import hashlib
+
+    from itmrt.scale import SearchRequest, open_shards
+
+    table: dict[str, dict[str, list[int]]] = {}
+    for folder in versions:
+        shards = open_shards(folder, scorer="graph")
+        hits = shards.search(shards.runtime.encode_captions(captions), SearchRequest(k=10)).t2i
+        version = hashlib.sha256((folder / "gallery.json").read_bytes()).hexdigest()[:16]
+        table[version] = {c: row.tolist() for c, row in zip(captions, hits.indices)}
+        shards.runtime.close()
+    return table
+
+
+def shard_faults(live: Path, good: Path) -> Callable[..., None]:
+    """A shard's embeddings truncated under the service (read from the files), then a good version renamed
+    into place: 503 between the two, answers from the good version after."""
+    def attack(url: str, stop: threading.Event) -> None:
+        stop.wait(1.0)
+        path = live / "shard-00001" / "image_embeddings.npy"
+        os.truncate(path, path.stat().st_size // 2)
+        stop.wait(1.5)
+        staging = live.with_name("staging-good")
+        shutil.copytree(good, staging)
+        os.rename(live, live.with_name("old-faulty"))
+        os.rename(staging, live)
+    return attack
 
 
 def rss_mb(pid: int) -> float:
@@ -377,12 +450,15 @@ def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attac
         probe.take()
     stop = threading.Event()
     thread = threading.Thread(target=attack, args=(server.url, stop), daemon=True) if attack else None
+    cpu0, (busy0, total0), started = cpu_seconds(server.process.pid), machine_busy(), time.monotonic()
     if thread:
         thread.start()
     peak, end = before, time.monotonic() + seconds
     while time.monotonic() < end:
         peak = max(peak, rss_mb(server.process.pid))
         time.sleep(0.2)
+    server_cores = (cpu_seconds(server.process.pid) - cpu0) / (time.monotonic() - started)
+    busy1, total1 = machine_busy()
     stop.set()
     outcome = clients.take()
     live = probe.take() if probe is not None else ""
@@ -395,7 +471,8 @@ def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attac
            "lost": sum(outcome.lost.values()), "lost_why": outcome.lost, "p50_ms": round(p50, 1),
            "p99_ms": round(p99, 1), "p99_x_quiet": round(p99 / quiet_p99, 2) if quiet_p99 else 1.0,
            "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1), "rss_after_mb": round(after, 1),
-           "rss_after_x_before": round(after / before, 3),
+           "rss_after_x_before": round(after / before, 3), "server_cores": round(server_cores, 2),
+           "machine_busy": round((busy1 - busy0) / max(total1 - total0, 1.0), 2),
            "note": "; ".join(part for part in (live, note() if note else "") if part)}
     print(json.dumps(row), flush=True)
     return row
@@ -483,16 +560,24 @@ def open_cost(gallery: Path, runs: int = 2) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    _demo, versions, captions = galleries(work, args.images)
+    if args.sharded:
+        versions, captions = sharded_galleries(work, args.images)
+    else:
+        _demo, versions, captions = galleries(work, args.images)
     live = work / "live"
     shutil.rmtree(live, ignore_errors=True)
-    for leftover in work.glob("old*"):
+    for leftover in [*work.glob("old*"), *work.glob("staging*")]:
         shutil.rmtree(leftover, ignore_errors=True)
     shutil.copytree(versions[0], live)
-    open_cost(versions[0])
     queries = captions[:50]
-    table = references(work / "small" / "bundle", versions, queries)
-    server = Server.start("faults", live, work / "server.log", *FLAGS)
+    if args.sharded:
+        table = sharded_references(versions, queries)
+        flags = [*FLAGS, "--copy-shards-mb", "0"]
+    else:
+        open_cost(versions[0])
+        table = references(work / "small" / "bundle", versions, queries)
+        flags = FLAGS
+    server = Server.start("faults", live, work / "server.log", *flags)
     server.wait_ready()
     clients = WellBehaved(server.url, queries, table)
     threads = clients.run()
@@ -508,13 +593,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                    ("non-readers (20 x 50 answers)", non_reader_attack), ("amplification (2 x 256 captions)",
                                                                           amplification),
                    ("overload (64 more clients)", overload)]
-        for name, attack in attacks:
+        for name, attack in [] if args.sharded else attacks:
             rows.append(phase(name, server, clients, args.seconds, attack, q, lambda: dropped(server), probe))
         swaps = swapper(live, versions, args.swaps, server)
         rows.append(phase(f"hot swap ({args.swaps} swaps)", server, clients, max(args.seconds, args.swaps * 1.5),
                           swaps, q, lambda: swap_counts(server), probe))
-        rows.append(phase("file faults (changed in place, truncated)", server, clients, args.seconds,
-                          file_faults(live), q, lambda: swap_counts(server), probe))
+        if args.sharded:
+            rows.append(phase("shard file truncated, then a good version", server, clients, args.seconds,
+                              shard_faults(live, versions[1]), q, lambda: swap_counts(server), probe))
+        else:
+            rows.append(phase("file faults (changed in place, truncated)", server, clients, args.seconds,
+                              file_faults(live), q, lambda: swap_counts(server), probe))
     finally:
         probe.stop.set()
         clients.stop.set()
@@ -539,15 +628,16 @@ def swap_counts(server: Server) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| phase | answered | refused | lost | p50 ms | p99 ms | p99 / quiet | RSS before / peak / after MB "
-             "| note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| phase | answered | refused | lost | p50 ms | p99 ms | p99 / quiet | server CPU cores / machine busy "
+             "| RSS before / peak / after MB (after / before) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "exit_s" in row:
-            lines.append(f"| {row['phase']} | | | | | | | | exit in {row['exit_s']} s, status {row['exit_status']} |")
+            lines.append(f"| {row['phase']} | | | | | | | | | exit in {row['exit_s']} s, status {row['exit_status']} |")
             continue
         lines.append(f"| {row['phase']} | {row['answered']} | {row['refused']} | {row['lost']} | {row['p50_ms']} "
-                     f"| {row['p99_ms']} | {row['p99_x_quiet']} | {row['rss_before_mb']} / {row['rss_peak_mb']} / "
-                     f"{row['rss_after_mb']} | {row['note']} |")
+                     f"| {row['p99_ms']} | {row['p99_x_quiet']} | {row['server_cores']} / "
+                     f"{row['machine_busy'] * 100:.0f}% | {row['rss_before_mb']} / {row['rss_peak_mb']} / "
+                     f"{row['rss_after_mb']} ({row['rss_after_x_before']}) | {row['note']} |")
     return "\n".join(lines)
 
 
@@ -557,6 +647,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--work", default="/tmp/itmrt-faults")
+    parser.add_argument("--sharded", action="store_true", help=(
+        "Serve sharded galleries read from their files (--copy-shards-mb 0): quiet, hot swap, a truncated shard "
+        "file then a good version, SIGTERM."))
     args = parser.parse_args()
     args.seconds = min(args.seconds, 60.0)
     rows = run(args)

@@ -1,13 +1,17 @@
-"""What keeping a served sharded gallery safe from changed files costs: copy-on-open against memory maps
-checked before each search (``itmrt serve --copy-shards-mb``; docs/serving-faults.md).
+"""What keeping a served sharded gallery safe from changed files costs (``itmrt serve --copy-shards-mb``;
+docs/serving-faults.md): shards copied into memory, shards read from their files by position (the service's
+way over the budget: a truncated file is an error, never SIGBUS), against the memory map it replaced (checked
+before each search; a truncation during the search still ends the process).
 
 For a sharded gallery of the shipped small NAAF (random image features), each mode runs in a fresh process
 (the page cache warm, as after a first start), alternately ``--repeats`` times:
 
-- open: seconds for ``open_shards`` (verifying every file's sha256 either way; copied: into memory too);
-- RSS after opening: anonymous (not evictable, not shared) and file-backed, MB;
-- check: microseconds for one check of every mapped file (what each search and health probe adds);
-- search: milliseconds of one one-caption search, full scoring and with a shortlist of 50 per shard.
+- open: seconds for opening the shards (verifying every file's sha256 either way; copied: into memory too);
+- RSS after opening and after the searches: anonymous (not evictable, not shared) and file-backed, MB;
+- check: microseconds for one check of every file read while searching (each search adds two, each health
+  probe one);
+- search: milliseconds of one search of 1 and of 32 captions with full scoring, and of one caption with a
+  shortlist of 50 per shard.
 
     python benchmarks/bench_shard_guard.py --images 8000 --shard-images 2000 --repeats 2
 """
@@ -37,12 +41,17 @@ def memory_mb() -> dict[str, float]:
     return fields
 
 
-def child(gallery: str, copy_mb: float, queries: int) -> dict[str, float]:
-    from itmrt.scale import SearchRequest, open_shards
+def child(gallery: str, copy_mb: float, reads: str, queries: int) -> dict[str, float]:
+    from itmrt.runtime import load
+    from itmrt.scale import SearchRequest
+    from itmrt.scale.layout import read_sharded_gallery
+    from itmrt.scale.local import LocalShards
 
+    sharded = read_sharded_gallery(gallery)
+    runtime = load(sharded.bundle_path, threads=1, scorer="graph", warn=lambda _m: None)
     before = memory_mb()
     started = time.perf_counter()
-    shards = open_shards(gallery, threads=1, scorer="graph", copy_mb=copy_mb, warn=lambda _m: None)
+    shards = LocalShards(runtime, sharded, copy_mb=copy_mb, positional=reads == "positional")
     opened = time.perf_counter() - started
     after = memory_mb()
     check = shards.files_changed
@@ -50,17 +59,23 @@ def child(gallery: str, copy_mb: float, queries: int) -> dict[str, float]:
     for _ in range(1000):
         assert check() is None
     check_us = (time.perf_counter() - started) / 1000 * 1e6
-    captions = shards.runtime.encode_captions(["a man riding a horse"])
+    one = shards.runtime.encode_captions(["a man riding a horse"])
+    many = shards.runtime.encode_captions([f"a man riding a horse number {n % 10}" for n in range(32)])
     timings = {}
-    for name, request in (("full", SearchRequest(k=10)), ("shortlist", SearchRequest(k=10, shortlist=50))):
+    for name, captions, request in (("full", one, SearchRequest(k=10)), ("full32", many, SearchRequest(k=10)),
+                                    ("shortlist", one, SearchRequest(k=10, shortlist=50))):
         shards.search(captions, request)  # warm
         started = time.perf_counter()
         for _ in range(queries):
             shards.search(captions, request)
         timings[name] = (time.perf_counter() - started) / queries * 1000
+    searched = memory_mb()
     return {"in_memory": float(shards.in_memory), "open_s": opened,
             "anon_mb": after["RssAnon"] - before["RssAnon"], "file_mb": after["RssFile"] - before["RssFile"],
-            "check_us": check_us, "full_ms": timings["full"], "shortlist_ms": timings["shortlist"],
+            "anon_searched_mb": searched["RssAnon"] - before["RssAnon"],
+            "file_searched_mb": searched["RssFile"] - before["RssFile"],
+            "check_us": check_us, "full_ms": timings["full"], "full32_ms": timings["full32"],
+            "shortlist_ms": timings["shortlist"],
             "mapped_files": float(sum(len(s.guard) if s.guard else 0 for s in shards.shards))}
 
 
@@ -86,25 +101,28 @@ def main() -> None:
     parser.add_argument("--shard-images", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--child", nargs=2, metavar=("GALLERY", "COPY_MB"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("GALLERY", "COPY_MB", "READS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], float(args.child[1]), args.queries)))
+        print(json.dumps(child(args.child[0], float(args.child[1]), args.child[2], args.queries)))
         return
     gallery = make_gallery(args.work, args.images, args.shard_images)
     size = sum(f.stat().st_size for f in gallery.rglob("*") if f.is_file()) / (1 << 20)
     print(f"gallery: {args.images} images in shards of {args.shard_images}, {size:.1f} MB on disk")
     rows = []
     for repeat in range(args.repeats):
-        for mode, copy_mb in (("mapped", 0.0), ("copied", 1e6)):
-            out = subprocess.run([sys.executable, __file__, "--child", str(gallery), str(copy_mb),
+        for mode, copy_mb, reads in (("positional", 0.0, "positional"), ("mapped", 0.0, "map"),
+                                     ("copied", 1e6, "positional")):
+            out = subprocess.run([sys.executable, __file__, "--child", str(gallery), str(copy_mb), reads,
                                   "--queries", str(args.queries)], capture_output=True, text=True, check=True)
             rows.append((mode, repeat, json.loads(out.stdout.strip().splitlines()[-1])))
-    print("| mode | run | open s | RSS anon MB | RSS file MB | files checked | check us | full ms | shortlist ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | run | open s | RSS anon/file MB opened | RSS anon/file MB searched | files checked | check us | "
+          "full 1 caption ms | full 32 captions ms | shortlist ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, repeat, r in rows:
-        print(f"| {mode} | {repeat + 1} | {r['open_s']:.3f} | {r['anon_mb']:+.1f} | {r['file_mb']:+.1f} | "
-              f"{r['mapped_files']:.0f} | {r['check_us']:.1f} | {r['full_ms']:.1f} | {r['shortlist_ms']:.2f} |")
+        print(f"| {mode} | {repeat + 1} | {r['open_s']:.3f} | {r['anon_mb']:+.1f} / {r['file_mb']:+.1f} | "
+              f"{r['anon_searched_mb']:+.1f} / {r['file_searched_mb']:+.1f} | {r['mapped_files']:.0f} | "
+              f"{r['check_us']:.1f} | {r['full_ms']:.1f} | {r['full32_ms']:.1f} | {r['shortlist_ms']:.2f} |")
 
 
 if __name__ == "__main__":

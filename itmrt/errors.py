@@ -58,5 +58,6 @@ _OS_HINTS = {
 
 
 class GalleryChanged(ItmrtError):
-    """A memory-mapped gallery file changed (size, times or inode) after it was opened and verified: what it
-    holds now was never checked, and reading a truncated mapping would end the process (SIGBUS)."""
+    """A gallery file read while searching changed (size, times or inode, or a short read) after it was opened
+    and verified: what it holds now was never checked. The service reports not ready until a good version is
+    swapped in."""

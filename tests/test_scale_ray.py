@@ -191,6 +191,42 @@ def test_serve_with_ray_answers_as_the_runtime(setup: dict[str, Any]) -> None:
         assert_actor_ends(actor)
 
 
+def test_a_truncated_shard_under_ray_actors_is_not_ready_then_a_reload_recovers(setup: dict[str, Any],
+                                                                                 tmp_path: Path) -> None:
+    """An actor's shard file truncated under a serving process: 503 naming the shard, not ready (not a 500);
+    the file restored and the gallery reloaded (what SIGHUP does): fresh actors answer, the old ones end."""
+    import shutil
+
+    gallery = tmp_path / "sharded"
+    shutil.copytree(setup["sharded"], gallery)
+    captions = setup["captions"][:2]
+    # A swap starts the new version's actors before the old ones end: the cluster needs room for both.
+    ray_options = RayOptions(address="auto", cpus=0.25, timeout_s=120)
+    service = Service(gallery, options=ServeOptions(port=0, configure_logging=False, threads=1, ray=ray_options))
+    with running(service), ServiceClient(service.url) as client:
+        first = client.search(captions, 5)
+        old_actors = list(service.batcher.searcher.shards.actors)
+        target = gallery / "shard-00001" / "image_embeddings.npy"
+        original = target.read_bytes()
+        os.truncate(target, 256)
+        document = {"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [2], "data": captions}]}
+        status, _headers, answer = client.request("POST", "/v2/models/text_to_image/infer",
+                                                  json.dumps(document).encode(), {"Content-Type": "application/json"})
+        assert status == 503, answer
+        assert b"shard-00001" in answer and b"image_embeddings.npy" in answer and b"/tmp" not in answer
+        assert not client.ready()
+        staged = target.with_name("restored.tmp")
+        staged.write_bytes(original)
+        os.replace(staged, target)
+        outcome = service.reloader.reload("SIGHUP").result(180)
+        assert outcome.error is None, outcome.error
+        assert client.ready()
+        again = client.search(captions, 5)
+    np.testing.assert_array_equal(again.indices, first.indices)
+    for actor in old_actors:
+        assert_actor_ends(actor)
+
+
 def assert_actor_ends(actor: Any, within_s: float = 60.0) -> None:
     """The actor is gone within ``within_s``: ray.kill is asynchronous, so a call sent at once may still be
     answered by the dying worker; later calls must fail."""

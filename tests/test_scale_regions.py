@@ -232,15 +232,16 @@ def test_every_stage_of_the_candidate_search_keeps_real_images_and_exact_scores(
 
 def test_region_shards_copied_into_memory_answer_as_mapped_ones_and_leave_no_file_mapped(
         world: dict[str, Any], tmp_path: Path) -> None:
-    """``copy_mb`` (serve's --copy-shards-mb): exact storage keeps no file mapped; compact storage keeps its
-    decoding files mapped (and checked); answers equal the mapped gallery's."""
+    """``copy_mb`` (serve's --copy-shards-mb): copied shards read no file while searching; others read only their
+    embeddings (by position, checked), compact storage none (its files are copied when it opens); answers equal
+    the gallery read from its files."""
     captions = world["captions"]
     request = SearchRequest(k=5, shortlist=8, nprobe=2)
     mapped = open_shards(world["gallery"], threads=1, warn=quiet)
     copied = open_shards(world["gallery"], threads=1, warn=quiet, copy_mb=1024)
     assert copied.in_memory and not mapped.in_memory
     assert all(shard.guard is None for shard in copied.shards)
-    assert {path.name for path in mapped.shards[0].guard.states} >= {"image_embeddings.npy", "region_codes.npy"}
+    assert {path.name for path in mapped.shards[0].guard.states} == {"image_embeddings.npy"}
     same_answer(copied.search(captions, request).t2i, mapped.search(captions, request).t2i, world["family"])
     gallery = tmp_path / "g"
     shutil.copytree(world["gallery"], gallery)
@@ -251,4 +252,4 @@ def test_region_shards_copied_into_memory_answer_as_mapped_ones_and_leave_no_fil
     compact = world["root"] / "compact"
     if compact.is_dir():
         kept = open_shards(compact, threads=1, warn=quiet, copy_mb=1024)
-        assert kept.in_memory and all(shard.guard is not None for shard in kept.shards)
+        assert kept.in_memory and all(shard.guard is None for shard in kept.shards)

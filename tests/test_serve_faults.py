@@ -241,6 +241,24 @@ def test_a_client_that_does_not_read_gets_no_more_work_done(model: dict[str, Any
     assert answered < 200, f"{answered} of 400 pipelined requests were scored for a client that read none"
 
 
+def test_a_non_reader_with_the_default_socket_buffers_gets_one_answer_scored(model: dict[str, Any]) -> None:
+    """The kernel's send buffer on loopback holds megabytes (dozens of large answers) before the process sees
+    any backpressure; an answer the client leaves in the kernel's queue counts as unread all the same: the
+    next pipelined request is not taken up, and the write deadline cuts the connection off."""
+    settings = options(limits=HttpLimits(write_timeout_s=2.0))
+    with running(Service(model["gallery"], options=settings)) as live:
+        reader = socket.create_connection((live.host, live.port))
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        one = body([f"word{n % 7} word{n % 5}" for n in range(200)], top_k=40)  # an answer of about 150 KB
+        request = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: " + str(len(one)).encode() + b"\r\n\r\n" + one)
+        reader.sendall(request * 30)
+        wait_for(lambda: live.metrics.dropped.labels("write_timeout")._value.get() >= 1, 60)
+        reader.close()
+        answered = live.metrics.requests.labels("ok")._value.get()
+    assert answered <= 2, f"{answered} of 30 pipelined requests were scored for a client that read none"
+
+
 def test_slow_connections_are_evicted_for_real_clients(service: Service) -> None:
     """Six slow-header connections fill --max-connections 6; a real client still gets its answer."""
     slow = [raw(service, b"GET /v2 HTTP/1.1\r\nHost: 127.0.0.1\r\n") for _ in range(6)]
@@ -342,7 +360,7 @@ def test_non_finite_scores_mark_the_service_not_ready(model: dict[str, Any]) -> 
 
 
 def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path) -> None:
-    """Five galleries swapped in turn (folder replaced, SIGHUP-equivalent reload, load endpoint) while four
+    """Galleries swapped in turn (folder replaced six times, then a SIGHUP-equivalent reload) while four
     clients search: every answer is the exact answer of one whole version, ready all along."""
     versions = {}
     for number in range(3):
@@ -382,8 +400,8 @@ def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path
             os.rename(live_folder, old)
             os.rename(staging, live_folder)
             wait_for(lambda s=swap: live.metrics.swaps.labels("ok")._value.get() >= s + 1)
-        reply = httpx.post(live.url + "/v2/repository/models/text_to_image/load", headers=JSON)
-        assert reply.status_code == 200 and reply.json()["gallery_sha256"] in versions
+        reloaded = live.reloader.reload("SIGHUP").result(60)  # what the SIGHUP handler calls
+        assert reloaded.error is None and reloaded.version in versions
         stop.set()
         answered = sum(future.result(60) for future in clients)
     assert not failures, failures[:5]
@@ -391,7 +409,7 @@ def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path
 
 
 def test_sighup_swaps_in_the_gallery_written_in_place(model: dict[str, Any], tmp_path: Path) -> None:
-    """--watch-s 0: only SIGHUP (or the load endpoint) looks at the folder; a subprocess server."""
+    """--watch-s 0: only SIGHUP looks at the folder; a subprocess server."""
     live_folder = tmp_path / "live"
     shutil.copytree(model["gallery"], live_folder)
     new = make_gallery(model["bundle"], tmp_path / "new", region_features(33, seed=8))
@@ -499,20 +517,38 @@ def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any])
     assert metric(page, "itmrt_batch_captions_count") >= 3 and metric(page, "itmrt_batch_captions_sum") >= 150
 
 
-def test_unload_and_load_through_the_repository(service: Service) -> None:
-    client = httpx.Client(base_url=service.url, headers=JSON, timeout=30)
-    index = client.post("/v2/repository/index")
-    assert index.status_code == 200 and index.json()[0]["state"] == "READY"
-    assert client.post("/v2/repository/models/text_to_image/unload").json()["loaded"] is False
-    one_line(client.post(INFER, content=body(["word1"])), 503, "unloaded")
-    ready = client.get("/v2/health/ready")
-    assert ready.status_code == 503 and "load" in ready.json()["reason"]
-    assert client.post("/v2/repository/index").json()[0]["state"] == "UNAVAILABLE"
-    loaded = client.post("/v2/repository/models/text_to_image/load")
-    assert loaded.status_code == 200 and len(loaded.json()["gallery_sha256"]) == 16
-    assert client.get("/v2/health/ready").status_code == 200
-    assert client.post(INFER, content=body(["word1"])).status_code == 200
-    one_line(client.post("/v2/repository/models/other/load"), 404, "unknown model")
+def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(
+        model: dict[str, Any], service: Service, tmp_path: Path) -> None:
+    """--model-control poll (the default) refuses them with 403 and the reason; explicit answers them, and with a
+    token file only with the token."""
+    polled = httpx.Client(base_url=service.url, headers=JSON, timeout=30)
+    for action in ("load", "unload"):
+        one_line(polled.post(f"/v2/repository/models/text_to_image/{action}"), 403, "--model-control explicit")
+    assert polled.get("/v2/health/ready").status_code == 200
+    assert polled.post("/v2/repository/index").json()[0]["state"] == "READY"
+    token = tmp_path / "token.txt"
+    token.write_text("s3cret-token\n")
+    token.chmod(0o600)
+    with running(Service(model["gallery"], options=options(model_control="explicit", token_file=token))) as live:
+        client = httpx.Client(base_url=live.url, headers=JSON, timeout=30)
+        for action in ("load", "unload"):
+            one_line(client.post(f"/v2/repository/models/text_to_image/{action}"), 401, "token")
+            one_line(client.post(f"/v2/repository/models/text_to_image/{action}",
+                                 headers={"Authorization": "Bearer wrong"}), 401, "token")
+        assert client.get("/v2/health/ready").status_code == 200  # nothing was unloaded
+        client.headers["Authorization"] = "Bearer s3cret-token"
+        index = client.post("/v2/repository/index")
+        assert index.status_code == 200 and index.json()[0]["state"] == "READY"
+        assert client.post("/v2/repository/models/text_to_image/unload").json()["loaded"] is False
+        one_line(client.post(INFER, content=body(["word1"])), 503, "unloaded")
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503 and "load" in ready.json()["reason"]
+        assert client.post("/v2/repository/index").json()[0]["state"] == "UNAVAILABLE"
+        loaded = client.post("/v2/repository/models/text_to_image/load")
+        assert loaded.status_code == 200 and len(loaded.json()["gallery_sha256"]) == 16
+        assert client.get("/v2/health/ready").status_code == 200
+        assert client.post(INFER, content=body(["word1"])).status_code == 200
+        one_line(client.post("/v2/repository/models/other/load"), 404, "unknown model")
 
 
 def test_sigterm_exits_within_the_grace_period_with_the_worker_stuck(model: dict[str, Any]) -> None:

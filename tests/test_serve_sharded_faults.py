@@ -8,11 +8,13 @@ by SIGBUS). Shards copied into memory: nothing done to the files changes an answ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,7 @@ def test_mapped_shards_changed_while_serving_are_refused_and_the_process_lives(m
     lines: list[str] = []
     try:
         url = wait_until_ready(server, lines)
-        assert any("memory-mapped (over --copy-shards-mb 0)" in line for line in lines), "".join(lines)
+        assert any("read from its files (over --copy-shards-mb 0)" in line for line in lines), "".join(lines)
         reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)  # type: ignore[arg-type]
         reader.start()
         with ServiceClient(url) as client:
@@ -108,15 +110,18 @@ def test_mapped_shards_changed_while_serving_are_refused_and_the_process_lives(m
 
 
 def test_a_truncated_shard_under_a_fresh_check_is_refused_too(made: dict[str, Any], tmp_path: Path) -> None:
-    """Truncation first (not an in-place write): the probe reports it before any request, with its size."""
+    """Truncation first (not an in-place write): the probe reports it before any request, with its size. Global
+    vectors are read into memory when a shard opens: a change to their file reaches nothing."""
     gallery = tmp_path / "sharded"
     shutil.copytree(made["gallery"], gallery)
     options = ServeOptions(port=0, configure_logging=False, threads=1, scorer="graph", copy_shards_mb=0)
     with running(Service(gallery, options=options)) as live:
         os.truncate(gallery / "shard-00000" / "global_vectors.npy", 200)
+        assert httpx.get(live.url + "/v2/health/ready", timeout=10).status_code == 200
+        os.truncate(gallery / "shard-00000" / "image_embeddings.npy", 200)
         ready = httpx.get(live.url + "/v2/health/ready", timeout=10)
-        _refused(ready, "shard shard-00000: global_vectors.npy changed", "bytes")
-        _refused(_infer(live.url, made["captions"]), "global_vectors.npy")
+        _refused(ready, "shard shard-00000: image_embeddings.npy changed", "bytes")
+        _refused(_infer(live.url, made["captions"]), "image_embeddings.npy")
 
 
 def test_shards_copied_into_memory_answer_the_same_whatever_happens_to_their_files(made: dict[str, Any],
@@ -135,3 +140,182 @@ def test_shards_copied_into_memory_answer_the_same_whatever_happens_to_their_fil
         np.testing.assert_array_equal(hits.indices, want.indices)
         np.testing.assert_array_equal(hits.scores, want.scores)
         assert client.ready()
+
+
+def _post_loop(url: str, captions: list[str], stop: threading.Event, seen: list[tuple[int, Any]],
+               count: int = 1500, seconds: float = 90.0) -> None:
+    """One well-behaved client: requests until ``stop``, at most ``count`` of them and ``seconds`` long; each
+    reply's status and (when 200) the version that answered and its indices."""
+    deadline = time.monotonic() + seconds
+    document = {"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [len(captions)], "data": captions}],
+                "parameters": {"top_k": 4}}
+    with httpx.Client(base_url=url, headers=JSON, timeout=30) as client:
+        for _ in range(count):
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            try:
+                reply = client.post(INFER, content=json.dumps(document))
+            except httpx.HTTPError as exc:  # the connection failed: the server died or dropped it
+                seen.append((-1, repr(exc)))
+                continue
+            if reply.status_code != 200:
+                seen.append((reply.status_code, reply.text[:300]))
+                continue
+            answer = reply.json()
+            indices = np.array(answer["outputs"][0]["data"]).reshape(len(captions), -1)
+            seen.append((200, (answer["parameters"]["gallery_sha256"], indices)))
+
+
+def _until(condition: Any, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_shard_truncated_while_searches_run_is_503_and_sighup_after_a_restore_recovers(
+        made: dict[str, Any], tmp_path: Path) -> None:
+    """Every shard's embeddings truncated while three clients keep the worker searching (read from the files,
+    --copy-shards-mb 0): the process lives, every request is answered 200 (before) or 503 (after), one log
+    line; the files restored and SIGHUP: ready again with the first answers."""
+    gallery = tmp_path / "sharded"
+    runtime = load(made["bundle"], threads=1, scorer="graph", warn=quiet)
+    index_sharded(runtime, region_features(600, seed=5), gallery, ShardingOptions(shard_images=200))
+    captions = random_captions(8, seed=6)
+    want = _expected(gallery, captions, 4).indices
+    args = ["serve", str(gallery), "--port", "0", "--scorer", "graph", "--threads", "1", "--copy-shards-mb", "0",
+            "--model-control", "none"]
+    server = start_server_process(f"from itmrt.cli.app import main\nmain({args!r})\n")
+    lines: list[str] = []
+    stop, seen = threading.Event(), []
+    files = sorted(gallery.glob("shard-*/image_embeddings.npy"))
+    originals = {path: path.read_bytes() for path in files}
+    try:
+        url = wait_until_ready(server, lines)
+        reader = threading.Thread(target=lambda: lines.extend(server.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        clients = [threading.Thread(target=_post_loop, args=(url, captions, stop, seen)) for _ in range(3)]
+        for client in clients:
+            client.start()
+        _until(lambda: len(seen) >= 10)
+        for path in files:  # under the worker's reads: with a memory map, SIGBUS
+            os.truncate(path, 1000)
+        cut = len(seen)
+        _until(lambda: len(seen) >= cut + 15)
+        stop.set()
+        for client in clients:
+            client.join(60)
+        assert server.poll() is None, "".join(lines)  # alive
+        assert {status for status, _ in seen} <= {200, 503}, [item for item in seen if item[0] not in (200, 503)]
+        assert all(status == 503 for status, _ in seen[cut + 3:]), seen[cut:]
+        assert all(np.array_equal(found[1], want) for status, found in seen if status == 200)
+        assert httpx.get(url + "/v2/health/live", timeout=10).status_code == 200
+        _refused(httpx.get(url + "/v2/health/ready", timeout=10), "image_embeddings.npy")
+        for path, data in originals.items():  # a good version back, then SIGHUP
+            staged = path.with_name("restored.tmp")
+            staged.write_bytes(data)
+            os.replace(staged, path)
+        server.send_signal(signal.SIGHUP)
+        _until(lambda: httpx.get(url + "/v2/health/ready", timeout=10).status_code == 200)
+        with ServiceClient(url) as client:
+            np.testing.assert_array_equal(client.search(captions, 4).indices, want)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+        reader.join(10)
+    finally:
+        stop.set()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    text = "".join(lines)
+    assert len([line for line in lines if "not ready:" in line]) == 1, text
+    assert "Traceback" not in text and "Bus error" not in text and "swapped in gallery" in text, text
+
+
+def test_sharded_gallery_hot_swapped_under_load_loses_nothing(made: dict[str, Any], tmp_path: Path) -> None:
+    """``index --append`` four times, the gallery folder replaced by another version, and a SIGHUP-equivalent
+    reload while three clients search (shards read from their files): every answer is the exact answer of the
+    whole version it names, and the service is ready throughout."""
+    live_folder, other = tmp_path / "live", tmp_path / "other"
+    shutil.copytree(made["gallery"], live_folder)
+    runtime = load(made["bundle"], threads=1, scorer="graph", warn=quiet)
+    index_sharded(runtime, region_features(20, seed=21), other, ShardingOptions(shard_images=7))
+    captions = made["captions"][:2]
+    answers: dict[str, np.ndarray] = {}
+
+    def record(folder: Path) -> str:
+        version = hashlib.sha256((folder / "gallery.json").read_bytes()).hexdigest()[:16]
+        answers[version] = _expected(folder, captions, 4).indices
+        return version
+
+    record(live_folder)
+    record(other)
+    stop, seen, ready = threading.Event(), [], []
+    options = ServeOptions(port=0, configure_logging=False, threads=1, scorer="graph", copy_shards_mb=0,
+                           watch_s=0.05)
+    with running(Service(live_folder, options=options)) as live:
+        swaps = live.metrics.swaps.labels("ok")
+        clients = [threading.Thread(target=_post_loop, args=(live.url, captions, stop, seen)) for _ in range(3)]
+        for client in clients:
+            client.start()
+        for number in range(4):
+            done = swaps._value.get()
+            index_sharded(runtime, region_features(10, seed=30 + number), live_folder,
+                          ShardingOptions(shard_images=12), append=True)
+            record(live_folder)
+            _until(lambda d=done: swaps._value.get() > d)
+            ready.append(httpx.get(live.url + "/v2/health/ready", timeout=10).status_code)
+        done = swaps._value.get()
+        os.rename(live_folder, tmp_path / "retired")  # as `itmrt index --overwrite` publishes a new folder
+        shutil.copytree(other, live_folder)
+        _until(lambda: swaps._value.get() > done)
+        outcome = live.reloader.reload("SIGHUP").result(60)  # what the SIGHUP handler calls
+        assert outcome.error is None and outcome.version in answers
+        stop.set()
+        for client in clients:
+            client.join(60)
+    failures = [item for item in seen if item[0] != 200]
+    assert not failures, failures[:5]
+    wrong = [version for _, (version, indices) in seen if not np.array_equal(indices, answers[version])]
+    assert not wrong, wrong[:5]
+    assert set(ready) == {200} and len(seen) > 20
+    assert len({version for _, (version, _indices) in seen}) >= 4  # answers came from several versions
+
+
+_READ_AFTER_THE_CHECK = """
+import os, sys
+from itmrt.scale import SearchRequest, open_shards
+from itmrt.errors import GalleryChanged
+shards = open_shards(sys.argv[1], threads=1, scorer="graph", warn=lambda _m: None)
+shards.shards = [type(s).open(shards.gallery, s.record, positional=sys.argv[2] == "positional") for s in shards.shards]
+captions = shards.runtime.encode_captions(["word1 word2"])
+shards.search(captions, SearchRequest(k=3))  # pages the files in
+for shard in shards.shards:
+    shard.guard = None  # as if the truncation came after the check, while the shard is read
+    os.truncate(shard.gallery.path / "image_embeddings.npy", 100)
+try:
+    shards.search(captions, SearchRequest(k=3))
+    shards.search(captions, SearchRequest(k=3, shortlist=4))
+except GalleryChanged as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("reads", ["positional", "map"])
+def test_a_truncation_between_the_check_and_the_read_is_an_error_not_sigbus(made: dict[str, Any], tmp_path: Path,
+                                                                           reads: str) -> None:
+    """The race the check before each search cannot close, made certain: the files truncated with no check at
+    all. Read by position: one line naming the shard, the process lives; through a memory map (what the
+    service did before): the process dies by SIGBUS - what this test would see if the service still mapped."""
+    import subprocess
+    import sys
+
+    gallery = tmp_path / "sharded"
+    shutil.copytree(made["gallery"], gallery)
+    done = subprocess.run([sys.executable, "-c", _READ_AFTER_THE_CHECK, str(gallery), reads], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    if reads == "positional":
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "refused: shard shard-00000: image_embeddings.npy is shorter than when it was opened" in done.stdout
+    else:
+        assert done.returncode == -signal.SIGBUS, (done.returncode, done.stdout, done.stderr[-500:])

@@ -42,7 +42,11 @@ def serve_command(
     grace_s: float = Opt(20.0, "--grace-s", callback=flags.finite("--grace-s", 1.0, 3600.0), help="SIGTERM: answer what is in flight, and exit within this many seconds."),
     allowed_hosts: list[str] = Opt([], "--allowed-hosts", metavar="HOST", help="A Host name clients use besides loopback ones (repeat; '.example.com' a domain, '*' any)."),
     cors_origin: list[str] = Opt([], "--cors-origin", metavar="ORIGIN", help="A web origin (https://app.example.com) allowed to call the service (repeat)."),
-    watch_s: float = Opt(1.0, "--watch-s", callback=flags.finite("--watch-s", 0.0, 3600.0), help="How often the gallery folder is checked for a new version (0: only SIGHUP and the load endpoint)."),
+    watch_s: float = Opt(1.0, "--watch-s", callback=flags.finite("--watch-s", 0.0, 3600.0), help="--model-control poll: how often the gallery folder is checked for a new version (0: not at all)."),
+    model_control: str = Opt("poll", "--model-control", metavar="none|poll|explicit", help=(
+        "What may swap in a new version of the gallery, as Triton's --model-control-mode: poll (a changed folder), "
+        "explicit (POST /v2/repository/models/text_to_image/load and /unload; refused with 403 otherwise), "
+        "none (nothing). SIGHUP reloads in every mode.")),
     token_file: Path | None = Opt(None, "--token-file", help="Require 'Authorization: Bearer TOKEN' (the file's)."),
     max_connections: int = Opt(1024, "--max-connections", min=1, max=limits.MAX_BATCH, help="Open connections at most (more: 503)."),
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
@@ -50,7 +54,8 @@ def serve_command(
         "Sharded gallery: rerank each shard's K best candidates (FAISS) instead of scoring every image.")),
     copy_shards_mb: float = Opt(1024.0, "--copy-shards-mb", callback=flags.finite("--copy-shards-mb", 0.0, 1 << 30), help=(
         "Sharded gallery: copy its shards into memory when their files take at most this many MB (0: never); "
-        "larger ones stay memory-mapped and their files are checked before each search (a changed file: 503).")),
+        "larger ones are read from their files by position as searches need them, the files checked at each "
+        "search (a changed or truncated file: 503 and not ready until a good version is swapped in).")),
     ray: Any = None,  # the --ray options (ray_options.ray_group): RayOptions, or None without --ray
 ) -> None:
     """Serve a gallery: POST /v2/models/text_to_image/infer answers each caption's best images.
@@ -61,8 +66,9 @@ def serve_command(
     /v2/health/ready turns 200 once the gallery is loaded and warmed up (the
     health probes need no token); /metrics is in Prometheus' text format.
     SIGINT or SIGTERM stop accepting, answer every request received, and exit 0 (within --grace-s).
-    A new version of the gallery (a changed folder, SIGHUP, or POST /v2/repository/models/text_to_image/load)
-    is swapped in whole between batches; one that fails its checks is refused and the current one kept.
+    A new version of the gallery (a changed folder, SIGHUP, or POST /v2/repository/models/text_to_image/load as
+    --model-control allows) is swapped in whole between batches; one that fails its checks is refused and the
+    current one kept.
     Only loopback Host names are answered unless --allowed-hosts names more; POST bodies must say
     Content-Type application/json (or application/octet-stream); no CORS unless --cors-origin.
     A sharded gallery (itmrt index --shard-images) is searched shard by shard and merged, in this process or,
@@ -79,6 +85,6 @@ def serve_command(
                           header_timeout_s, body_timeout_s, write_timeout_s, int(max_buffered_mb * (1 << 20))),
         max_connections=max_connections, access_log=access_log, shortlist=shortlist,
         allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origin), grace_s=grace_s, watch_s=watch_s,
-        ray=ray, copy_shards_mb=copy_shards_mb,
+        ray=ray, copy_shards_mb=copy_shards_mb, model_control=model_control,
     )
     Service(source, gallery, serve_options).run()

@@ -529,6 +529,13 @@ class OneCaptionScorer:
         for future in [self._pool.submit(run, number) for number in range(workers)]:
             future.result()
 
+    def forget_constants(self, keep: Callable[[GalleryKey], bool] = lambda _key: False) -> None:
+        """Drop the cached constants of every gallery but those ``keep`` accepts (a long-running service after
+        a swap: the old versions' constants would otherwise stay until the budget pushes them out)."""
+        with self._lock:
+            for key in [key for key in self._cache if not keep(key)]:
+                del self._cache[key]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()

@@ -101,6 +101,7 @@ class ShardedGallery:
     shards: list[ShardRecord]
     recorded: GalleryBundle  # the top document's ``bundle`` entry, type-checked
     _ids: ShardedIds | None = field(default=None, repr=False)
+    sha256: str = ""  # of the top document as it was read (names the version ``itmrt serve`` answers from)
 
     def __len__(self) -> int:
         return sum(shard.images for shard in self.shards)
@@ -166,8 +167,8 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
     path = root / GALLERY_MANIFEST
     if not path.is_file():
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
-    manifest, _raw = read_json_document(path, (SHARDED_GALLERY_KIND,), GALLERY_SCHEMA, "sharded gallery",
-                                        "re-index the gallery")
+    manifest, raw = read_json_document(path, (SHARDED_GALLERY_KIND,), GALLERY_SCHEMA, "sharded gallery",
+                                       "re-index the gallery")
     try:
         shards = [ShardRecord(str(s["name"]), int(s["first"]), int(s["images"]), str(s["sha256"]))
                   for s in manifest["shards"]]
@@ -186,7 +187,8 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
         expected_first += shard.images
     if not shards:
         raise ItmrtError(f"{path} lists no shards; re-index the gallery")
-    return ShardedGallery(root, manifest, shards, parse_recorded_bundle(manifest, path))
+    return ShardedGallery(root, manifest, shards, parse_recorded_bundle(manifest, path),
+                          sha256=hashlib.sha256(raw).hexdigest())
 
 
 def member(root: Path, name: Any) -> Path:
@@ -249,22 +251,6 @@ def shard_bytes(gallery: ShardedGallery) -> int:
         folder = member(gallery.path, shard.name)
         total += sum(entry.stat().st_size for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink())
     return total
-
-
-def mapped_files(shard: Gallery, in_memory: bool) -> list[Path]:
-    """The files of a shard that stay memory-mapped while it is searched: everything its document lists but its
-    image ids and FAISS index (read whole); ``in_memory``: only compact storage's files (decoded on demand)."""
-    manifest = shard.manifest
-    if in_memory:
-        if manifest.embeddings.stored != "region_index" or manifest.region_index is None:
-            return []
-        names = [entry.file for entry in manifest.region_index.files()]
-    else:
-        read_whole = {manifest.ids.file} if manifest.ids is not None else set()
-        if manifest.shortlist is not None and manifest.shortlist.index is not None:
-            read_whole.add(manifest.shortlist.index.file)
-        names = [name for name in manifest.files() if name not in read_whole]
-    return [path for path in (member(shard.path, name) for name in names) if path.is_file()]
 
 
 def index_record(shard: Gallery) -> dict[str, Any] | None:

@@ -20,21 +20,23 @@ class LocalShards:
     """A sharded gallery's shards, opened in this process for ``runtime`` (a Runtime of the gallery's bundle).
 
     ``copy_mb``: when the shards' files take at most this many MB, they are copied into memory as they are
-    verified (``in_memory`` is then True: nothing done to the files later reaches the answers); otherwise they
-    stay memory-mapped and each shard's files are checked before it is searched (:mod:`itmrt.scale.file_guard`).
+    verified (``in_memory`` is then True: nothing done to the files later reaches the answers); otherwise each
+    search reads the embeddings it needs from their files by position (:mod:`itmrt.scale.positional`: a
+    truncated file is an error, never SIGBUS), and each shard's file is checked before and after it is searched
+    (:mod:`itmrt.scale.file_guard`). ``positional=False`` memory-maps them instead (for measurements).
     """
 
     def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False,
-                 copy_mb: float = 0.0) -> None:
+                 copy_mb: float = 0.0, positional: bool = True) -> None:
         gallery.check_bundle(runtime.bundle)
         self.runtime, self.gallery = runtime, gallery
         self.bytes = shard_bytes(gallery)
         self.in_memory = copy_mb > 0 and self.bytes <= copy_mb * (1 << 20)
-        self.shards = [OpenShard.open(gallery, record, verify, gpu_index, self.in_memory)
+        self.shards = [OpenShard.open(gallery, record, verify, gpu_index, self.in_memory, positional)
                        for record in gallery.shards]
 
     def files_changed(self) -> str | None:
-        """Why a mapped file of a shard is no longer the one opened (the first found), or None."""
+        """Why a file a shard reads while searching is no longer the one opened (the first found), or None."""
         return next((reason for reason in map(OpenShard.files_changed, self.shards) if reason is not None), None)
 
     def __len__(self) -> int:
@@ -60,4 +62,6 @@ class LocalShards:
         return time.perf_counter() - started
 
     def close(self) -> None:
-        """Nothing to free beyond the runtime, which the caller owns."""
+        """Let go of the shards' files (the runtime is the caller's)."""
+        for shard in self.shards:
+            shard.close()

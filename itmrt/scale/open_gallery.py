@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from itmrt.scale.layout import read_sharded_gallery
+from itmrt.scale.layout import ShardedGallery, read_sharded_gallery
 from itmrt.scale.local import LocalShards
 from itmrt.scale.ray_search import RayOptions, RayShards
 
@@ -26,9 +26,16 @@ def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: b
     sharded = read_sharded_gallery(gallery)
     runtime = load(sharded.bundle_path, **load_options)
     try:
-        if ray is None:
-            return LocalShards(runtime, sharded, verify, copy_mb=copy_mb)
-        return RayShards(runtime, sharded, ray, load_options, verify)
+        return shards_with(runtime, sharded, ray, load_options, verify, copy_mb)
     except BaseException:
         runtime.close()
         raise
+
+
+def shards_with(runtime: Any, sharded: ShardedGallery, ray: RayOptions | None, load_options: dict[str, Any],
+                verify: bool = True, copy_mb: float = 0.0) -> Shards:
+    """``sharded``'s shards opened for ``runtime`` (already loaded: a running service keeps its own across
+    versions of the gallery), in this process or on Ray actors."""
+    if ray is None:
+        return LocalShards(runtime, sharded, verify, copy_mb=copy_mb)
+    return RayShards(runtime, sharded, ray, load_options, verify)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from itmrt.errors import ItmrtError, first_line
+from itmrt.errors import GalleryChanged, ItmrtError, first_line
 from itmrt.optional import require
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.layout import ShardedGallery, ShardRecord
@@ -222,6 +222,8 @@ class RayShards:
                 outcomes.append((number, False, first_line(exc)))
             except errors.RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
+                if isinstance(cause, GalleryChanged):  # the service's "not ready", as for shards in this process
+                    raise GalleryChanged(first_line(cause)) from None
                 reason = first_line(cause) if isinstance(cause, ItmrtError) else first_line(exc)
                 raise ItmrtError(f"{describe_group(self.groups[number])}: {reason}") from None
         return outcomes

@@ -15,12 +15,14 @@ one gallery holding every image.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from itmrt.errors import ItmrtError
+from itmrt.errors import GalleryChanged, ItmrtError
+from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.gallery import Gallery
 from itmrt.runtime.shortlist import (
@@ -38,11 +40,11 @@ from itmrt.scale.layout import (
     ShardedGallery,
     ShardRecord,
     index_record,
-    mapped_files,
     member,
     read_shard_gallery,
     shard_vectors,
 )
+from itmrt.scale.positional import PositionalRows, read_whole
 from itmrt.scale.region_search import RegionIndex, ScoreEstimate, load_region_index, rerank_candidates
 
 DIRECTIONS = ("t2i", "i2t")
@@ -116,14 +118,19 @@ class OpenShard:
 
     @classmethod
     def open(cls, sharded: ShardedGallery, record: ShardRecord, verify: bool = True,
-             gpu_index: bool = False, in_memory: bool = False) -> OpenShard:
-        """``in_memory``: the embeddings, global vectors and region index copied into this process's memory (only
-        compact storage's files stay mapped); otherwise they are memory-mapped and checked before each search."""
+             gpu_index: bool = False, in_memory: bool = False, positional: bool = True) -> OpenShard:
+        """``in_memory``: the embeddings copied into this process's memory as they are verified; otherwise they
+        are read from their file by position as each search needs them (:mod:`itmrt.scale.positional`; a
+        truncated file is then an error, never SIGBUS) and the file is checked before and after each search.
+        Global vectors, the region index and compact storage's files are read into memory either way (a small
+        part of the embeddings). ``positional=False`` memory-maps the embeddings instead (what a measurement
+        compares against; a truncation during a search then ends the process)."""
         before = folder_states(member(sharded.path, record.name))  # ahead of verification
         gallery = read_shard_gallery(sharded, record, verify, in_memory)
         vectors = shard_vectors(gallery, verify)
-        if in_memory and vectors is not None:
-            vectors = np.array(vectors)
+        if vectors is not None:
+            vectors = read_whole(Path(vectors.filename), f"shard {record.name}", "shard global vectors") \
+                if isinstance(vectors, np.memmap) and vectors.filename else np.array(vectors)
         entry = index_record(gallery)
         index = None
         if entry is not None:
@@ -138,11 +145,18 @@ class OpenShard:
             if regions.images != len(gallery):
                 raise ItmrtError(f"{gallery.path}: its region index holds {regions.images} images, not "
                                  f"{len(gallery)}; re-index it")
-            if in_memory:
-                regions.centroids, regions.rows_of, regions.codes = (
-                    np.array(regions.centroids), np.array(regions.rows_of), np.array(regions.codes))
-        guard = FileGuard(f"shard {record.name}", mapped_files(gallery, in_memory), before)
+            regions.centroids, regions.rows_of, regions.codes = (
+                np.array(regions.centroids), np.array(regions.rows_of), np.array(regions.codes))
+        gallery, guarded = read_embeddings_by_position(gallery, record, in_memory, positional)
+        rows = gallery.embeddings
+        held = {guarded[0]: rows.fd} if isinstance(rows, PositionalRows) and rows.fd is not None else None
+        guard = FileGuard(f"shard {record.name}", guarded, before, held)
         return cls(record, gallery, vectors, index, regions, guard if len(guard) else None)
+
+    def close(self) -> None:
+        """Let go of the embeddings file read by position (nothing to do for the others)."""
+        if isinstance(self.gallery.embeddings, PositionalRows):
+            self.gallery.embeddings.close()
 
     def files_changed(self) -> str | None:
         """Why a mapped file of this shard is no longer the one opened, or None."""
@@ -158,6 +172,15 @@ class OpenShard:
 
     def search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest) -> ShardAnswer:
         """This shard's answer to ``request`` (``runtime``: an :class:`itmrt.runtime.Runtime` of the bundle)."""
+        try:
+            return self._search(runtime, captions, request)
+        except GalleryChanged:  # constants computed from what the file held during the change are not kept
+            one_caption = getattr(runtime, "one_caption", None)
+            if one_caption is not None:
+                one_caption.forget_constants()
+            raise
+
+    def _search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest) -> ShardAnswer:
         started = time.perf_counter()
         if self.guard is not None:  # nothing is read from a file that changed since it was opened
             self.guard.check()
@@ -165,10 +188,7 @@ class OpenShard:
         if request.shortlist is not None and captions.token_level and self.regions is not None:
             self._search_regions(runtime, captions, request, answer)
         elif request.shortlist is None or not captions.token_level:
-            result = runtime.rank(self.gallery, captions, top_k=request.k, keep_scores=request.keep_scores)
-            answer.t2i = result.t2i if "t2i" in request.directions else None
-            answer.i2t = result.i2t if "i2t" in request.directions else None
-            answer.scores, answer.pairs = result.scores, len(self.gallery) * len(captions)
+            self._search_all(runtime, captions, request, answer)
         else:
             vectors = caption_global_vectors(captions)
             embeddings = self.gallery.embeddings
@@ -182,11 +202,43 @@ class OpenShard:
                 candidates = top_candidates(np.asarray(self.vectors), vectors, request.shortlist)
                 answer.i2t = rerank_image_to_text(runtime.score, embeddings, captions, candidates, request.k)
                 answer.pairs += candidates.size
+        if self.guard is not None:  # a file rewritten in place while it was read: its answer is not given
+            self.guard.check()
         if answer.t2i is not None:
             answer.t2i.indices = np.where(answer.t2i.indices >= 0, answer.t2i.indices + self.record.first, -1)
         answer.seconds = time.perf_counter() - started
         return answer
 
+    def _search_all(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
+                    answer: ShardAnswer) -> None:
+        """Full scoring: the whole shard at once where its embeddings are in memory (or mapped), else block by
+        block as they are read (each block's top-k merged; rows offset by the block's first)."""
+        answer.pairs = len(self.gallery) * len(captions)
+        embeddings = self.gallery.embeddings
+        if not isinstance(embeddings, PositionalRows):
+            result = runtime.rank(self.gallery, captions, top_k=request.k, keep_scores=request.keep_scores)
+            answer.t2i = result.t2i if "t2i" in request.directions else None
+            answer.i2t = result.i2t if "i2t" in request.directions else None
+            answer.scores = result.scores
+            return
+        best = StreamingTopK(len(captions), min(request.k, len(embeddings)))
+        i2t: list[TopK] = []
+        scores: list[np.ndarray] = []
+        for first, block in embeddings.blocks():
+            # a gallery of the block: the one-caption scorer caches its per-image constants under this name
+            name = f"{embeddings.name}:{first}+{len(block)}"
+            part = replace(self.gallery, embeddings=block, path=self.gallery.path / name)
+            result = runtime.rank(part, captions, top_k=min(request.k, len(block)), keep_scores=request.keep_scores)
+            if "t2i" in request.directions and result.t2i is not None:
+                best.update(slice(None), result.t2i.scores, result.t2i.indices + first)
+            if "i2t" in request.directions and result.i2t is not None:
+                i2t.append(result.i2t)
+            if result.scores is not None:
+                scores.append(result.scores)
+        answer.t2i = best.result() if "t2i" in request.directions else None
+        if i2t:
+            answer.i2t = TopK(np.concatenate([p.indices for p in i2t]), np.concatenate([p.scores for p in i2t]))
+        answer.scores = np.concatenate(scores) if request.keep_scores and scores else None
 
     def _search_regions(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
                         answer: ShardAnswer) -> None:
@@ -211,6 +263,29 @@ class OpenShard:
             stages["rerank"] += time.perf_counter() - middle
             setattr(answer, direction, found)
             answer.pairs += candidates.size
+
+
+def read_embeddings_by_position(gallery: Gallery, record: ShardRecord, in_memory: bool,
+                                positional: bool = True) -> tuple[Gallery, list[Path]]:
+    """``gallery`` with its embeddings as the shard's searches read them, and the files those searches read
+    (checked before and after each search): in memory, nothing; compact storage, its files copied into memory;
+    otherwise the dense embeddings read by position (``positional``) or through their memory map."""
+    embeddings = gallery.embeddings
+    if isinstance(embeddings, CompactRegions):  # a fraction of the dense size: decoded from memory
+        embeddings.centroids, embeddings.codes, embeddings.residuals = (
+            np.array(embeddings.centroids), np.array(embeddings.codes), np.array(embeddings.residuals))
+        return gallery, []
+    if in_memory:
+        return gallery, []
+    path = member(gallery.path, gallery.manifest.embeddings.file)
+    if not positional:
+        return gallery, [path]
+    rows: Any = PositionalRows(path, f"shard {record.name}")
+    if rows.shape != tuple(embeddings.shape) or rows.dtype != embeddings.dtype:
+        rows.close()
+        raise GalleryChanged(f"shard {record.name}: {path.name} changed while it was opened; nothing is read from "
+                             "it - swap in a good version or restart the service")
+    return replace(gallery, embeddings=rows), [path]
 
 
 _ESTIMATES: dict[tuple[str, str], ScoreEstimate] = {}

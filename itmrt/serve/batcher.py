@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError, first_line
+from itmrt.serve.memory import release_memory
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.searcher import Searcher, TokenIds
 
@@ -313,6 +314,9 @@ class Batcher:
         pending.future.set_result(SwapOutcome(version=getattr(pending.searcher, "version", None)))
         if retire is not None:
             retire()
+        forget = getattr(pending.searcher, "forget_other_constants", None)
+        if callable(forget):
+            forget()
         del pending
         release_memory()
 
@@ -431,21 +435,6 @@ class Batcher:
             else:
                 self._search(searcher, [(job, ids)])
             row += len(job.captions)
-
-
-def release_memory(collect: bool = True) -> None:
-    """Give freed memory back to the system now (glibc keeps freed heap pages otherwise): after a swap, the old
-    version; after a burst of large request bodies, their buffers. ``collect``: run the garbage collector first."""
-    import ctypes
-    import ctypes.util
-    import gc
-
-    if collect:
-        gc.collect()
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is not None:
-        trim(0)
 
 
 def joined(parts: list[Job]) -> Future[Answer]:

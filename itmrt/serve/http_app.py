@@ -4,12 +4,15 @@ Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2``,
 ``GET /v2/models/text_to_image[/versions/1]``, ``GET .../ready``,
 ``POST .../infer``, ``GET /metrics`` and the model repository's
 ``POST /v2/repository/index`` and ``POST /v2/repository/models/text_to_image/load``
-(swap in the gallery on disk now, :mod:`itmrt.serve.swap`) and ``/unload``.
+(swap in the gallery on disk now, :mod:`itmrt.serve.swap`) and ``/unload``, which
+answer only under ``--model-control explicit`` (403 with the reason otherwise, as Triton refuses them
+unless its model control mode is explicit).
 With a token, every route but the two health probes needs ``Authorization: Bearer TOKEN``.
 :mod:`itmrt.serve.guard` stands in front of them all (Host, Origin, Content-Type).
 
 Errors are ``{"error": "one line"}`` with the protocol's status: 400 bad
-input, 401 missing or wrong token, 403 a foreign Host or Origin, 404 unknown
+input, 401 missing or wrong token, 403 a foreign Host or Origin or a repository
+load/unload the model control mode refuses, 404 unknown
 model or route, 408 a body that did not arrive in time, 409 a gallery version
 refused by the load endpoint, 413 body over the limit, 415 an unknown
 Content-Type or Content-Encoding, 429 queue full, 503 not ready, stopping or
@@ -36,8 +39,9 @@ from itmrt.errors import first_line
 from itmrt.optional import require
 from itmrt.serve import protocol
 from itmrt.serve.auth import authorized
-from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused, release_memory
+from itmrt.serve.batcher import Batcher, DeadlineExceeded, NotReady, QueueFull, Refused
 from itmrt.serve.guard import BrowserGuard, BrowserPolicy
+from itmrt.serve.memory import release_memory
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.protocol import MODEL_NAME, MODEL_VERSION, ProtocolError, RequestLimits
 
@@ -71,13 +75,15 @@ class BodyBudget:
     """Bytes of request bodies the service holds at once, across every connection (event-loop thread only).
 
     When the bodies held drop back to none after at least ``trim_after`` bytes went through, ``trim`` is called
-    (at most once a second): the service gives the freed buffers back to the system instead of keeping them.
+    (at most once a second; a drop within the second after a trim gets its trim when the second is over, if
+    nothing is held then): the service gives the freed buffers back to the system instead of keeping them.
     """
 
     def __init__(self, limit: int, trim: Callable[[], object] | None = None, trim_after: int = 8 << 20) -> None:
         self.limit, self.used = limit, 0
         self.trim, self.trim_after = trim, trim_after
         self.since_trim, self.last_trim = 0, 0.0
+        self._deferred: asyncio.TimerHandle | None = None
 
     def take(self, size: int) -> None:
         if self.used + size > self.limit:
@@ -88,11 +94,21 @@ class BodyBudget:
 
     def give(self, size: int) -> None:
         self.used -= size
-        now = time.monotonic()
-        if self.used == 0 and self.since_trim >= self.trim_after and self.trim is not None \
-                and now - self.last_trim >= 1.0:
-            self.since_trim, self.last_trim = 0, now
+        self._maybe_trim()
+
+    def _maybe_trim(self) -> None:
+        self._deferred = None
+        if self.used or self.since_trim < self.trim_after or self.trim is None:
+            return
+        wait = self.last_trim + 1.0 - time.monotonic()
+        if wait <= 0:
+            self.since_trim, self.last_trim = 0, time.monotonic()
             self.trim()
+        elif self._deferred is None:
+            try:
+                self._deferred = asyncio.get_running_loop().call_later(wait, self._maybe_trim)
+            except RuntimeError:  # no event loop (a test calling it directly): the next give trims
+                pass
 
 
 @dataclass
@@ -179,6 +195,7 @@ class InferenceRoutes:
         self.budget = BodyBudget(limits.max_buffered_bytes, lambda: self.codec.submit(release_memory, False))
         self.failures = 0
         self.reloader: Any = None  # itmrt.serve.swap.Reloader where the service can load its gallery again
+        self.model_control = "explicit"  # what ``--model-control`` says: the load/unload endpoints answer if explicit
 
     def error(self, status: int, message: str, close: bool = False) -> Any:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) \
@@ -329,8 +346,16 @@ class InferenceRoutes:
             entry["reason"] = self.batcher.unready_reason()
         return self.responses.JSONResponse([entry])
 
-    async def repository_load(self, request: Any) -> Any:
+    def check_model_control(self, request: Any) -> None:
+        """Token and model first (401, 404), then the mode: load and unload answer only when it is explicit."""
         self.check(request)
+        if self.model_control != "explicit":
+            raise ProtocolError(403, f"this service runs with --model-control {self.model_control}: the repository "
+                                     "load and unload endpoints are refused; start it with --model-control explicit "
+                                     "(SIGHUP reloads the gallery in every mode)")
+
+    async def repository_load(self, request: Any) -> Any:
+        self.check_model_control(request)
         if self.reloader is None:
             raise ProtocolError(404, "this service was started without a gallery folder to load again")
         outcome = await asyncio.wrap_future(self.reloader.reload("the repository load endpoint"))
@@ -340,7 +365,7 @@ class InferenceRoutes:
         return self.responses.JSONResponse({"name": MODEL_NAME, "loaded": True, "gallery_sha256": outcome.version})
 
     async def repository_unload(self, request: Any) -> Any:
-        self.check(request)
+        self.check_model_control(request)
         self.batcher.unload()
         return self.responses.JSONResponse({"name": MODEL_NAME, "loaded": False})
 
@@ -353,13 +378,14 @@ def create_app(
     policy: BrowserPolicy | None = None,
     reloader: Any = None,
     drain_s: float | None = None,
+    model_control: str = "explicit",
 ) -> Any:
     """The Starlette app behind :class:`~itmrt.serve.guard.BrowserGuard`; its lifespan starts the batcher's
     worker and, on shutdown, lets it finish the queue (for at most ``drain_s`` seconds)."""
     applications = require("starlette.applications", "itmrt serve")
     routing = require("starlette.routing", "itmrt serve")
     routes = InferenceRoutes(batcher, metrics, limits, token)
-    routes.reloader = reloader
+    routes.reloader, routes.model_control = reloader, model_control
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
 
     @contextlib.asynccontextmanager

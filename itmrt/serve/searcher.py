@@ -136,6 +136,19 @@ class RuntimeSearcher:
     def top_k(self, captions: CaptionEmbeddings, k: int) -> TopK:
         return self.runtime.rank(self.gallery, captions, top_k=k).t2i
 
+    def contents(self) -> set[str]:
+        """The sha256 of every embeddings file this searcher answers from."""
+        embeddings = getattr(getattr(self.gallery, "manifest", None), "embeddings", None)
+        return {embeddings.sha256} if embeddings is not None else set()
+
+    def forget_other_constants(self) -> None:
+        """After a swap that kept the runtime: drop the one-caption scorer's cached constants of every gallery
+        but this one (each version swapped in would otherwise add its own until the cache's budget is spent)."""
+        one_caption = getattr(self.runtime, "one_caption", None)
+        if one_caption is not None:
+            current = self.contents()
+            one_caption.forget_constants(lambda key: len(key) > 1 and key[1] in current)
+
 
 def open_runtime_searcher(
     bundle: str | Path,

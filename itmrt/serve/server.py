@@ -43,6 +43,7 @@ from itmrt.serve.auth import read_token_file, token_file_exposure
 from itmrt.serve.batcher import Batcher, BatchSettings
 from itmrt.serve.guard import BrowserPolicy
 from itmrt.serve.http_app import HttpLimits, create_app
+from itmrt.serve.memory import fixed_mmap_threshold
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.searcher import Searcher
 from itmrt.serve.swap import Reloader, RuntimeSource
@@ -76,7 +77,8 @@ class ServeOptions:
     allowed_hosts: tuple[str, ...] = ()  # Host names answered besides loopback ones (itmrt.serve.guard)
     cors_origins: tuple[str, ...] = ()  # web origins allowed to call the service (CORS)
     grace_s: float = 20.0  # SIGTERM: the process is gone within this many seconds
-    watch_s: float = 1.0  # how often the gallery folder is checked for a new version (0: only SIGHUP and load)
+    watch_s: float = 1.0  # model_control poll: how often the gallery folder is checked for a new version
+    model_control: str = "poll"  # poll | explicit (the repository load/unload endpoints) | none; SIGHUP: any
     # The runtime options as one group (what `itmrt serve`'s runtime flags build), instead of the fields backend
     # .. on_long above, which are then set from it; its on_long is the service's (refuse: 400).
     runtime: RuntimeOptions | None = None
@@ -92,6 +94,8 @@ class ServeOptions:
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
         if not 1.0 <= self.grace_s <= 3600.0:
             raise ItmrtError(f"--grace-s must be from 1 to 3600 seconds, not {self.grace_s:g}")
+        if self.model_control not in MODEL_CONTROL:
+            raise ItmrtError(f"--model-control must be one of {', '.join(MODEL_CONTROL)}, not {self.model_control!r}")
 
     def runtime_options(self) -> RuntimeOptions:
         """The runtime group the service loads its bundle with (``runtime``, or the one its fields make)."""
@@ -101,6 +105,10 @@ class ServeOptions:
                               threads=self.threads, scorer=self.scorer, budget_bytes=self.memory_mb << 20,
                               on_long=self.on_long)
 
+
+MODEL_CONTROL = ("none", "poll", "explicit")
+"""What may swap in a new gallery version (as Triton's --model-control-mode): nothing, a changed folder, or the
+repository load/unload endpoints. SIGHUP, which only whoever runs the process can send, reloads in every mode."""
 
 _RUNTIME_FIELDS = ("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long")
 
@@ -119,17 +127,17 @@ def _runtime_fields_from(options: ServeOptions, runtime: RuntimeOptions) -> None
         object.__setattr__(options, name, value)
 
 
-def _sharded_searcher(gallery: Path, options: ServeOptions, load_options: dict[str, Any]) -> Callable[[], Searcher]:
-    """The searcher factory of a sharded gallery (its shards in this process, or on Ray with ``options.ray``)."""
+def _sharded_source(gallery: Path, options: ServeOptions, load_options: dict[str, Any]) -> RuntimeSource:
+    """Where a sharded gallery lives and how to open it (its shards in this process, or on Ray with
+    ``options.ray``), checked enough to refuse a missing or broken gallery before the port is taken."""
     from itmrt.scale.layout import read_sharded_gallery
-    from itmrt.serve.sharded import open_sharded_searcher
+    from itmrt.serve.sharded import ShardedSource
 
-    read_sharded_gallery(gallery)  # a missing or broken gallery is reported before the port is taken
+    read_sharded_gallery(gallery)
     if options.shortlist is not None and options.shortlist < 1:
         raise ItmrtError(f"--shortlist must be at least 1, not {options.shortlist}")
-    return lambda: open_sharded_searcher(gallery, ray=options.ray, on_long=options.on_long,
-                                         shortlist=options.shortlist, warn=log.warning,
-                                         copy_mb=options.copy_shards_mb, **load_options)
+    return ShardedSource(gallery, load_options, options.on_long, log.warning, options.ray, options.shortlist,
+                         options.copy_shards_mb)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -250,13 +258,15 @@ class Service:
         token = read_token_file(options.token_file) if options.token_file is not None else None
         self.metrics = ServiceMetrics()
         self.batcher = Batcher(searcher, options.batch, self.metrics, on_failure=lambda _reason: self.stop())
-        self.reloader = Reloader(self.source, self.batcher, self.metrics, options.watch_s) if self.source else None
+        watch_s = options.watch_s if options.model_control == "poll" else 0.0
+        self.reloader = Reloader(self.source, self.batcher, self.metrics, watch_s) if self.source else None
         self.socket = bind_socket(options.host, options.port)
         self.host, self.port = self.socket.getsockname()[:2]
         policy = BrowserPolicy(tuple(h.lower() for h in options.allowed_hosts), options.cors_origins, str(self.host))
         # SIGTERM: uvicorn waits for answers in flight, then the worker gets what is left of the grace period.
         drain_s, answers_s = 1.0, max(options.grace_s - 2.0, 0.5)
-        self.app = create_app(self.batcher, self.metrics, options.limits, token, policy, self.reloader, drain_s)
+        self.app = create_app(self.batcher, self.metrics, options.limits, token, policy, self.reloader, drain_s,
+                              options.model_control)
         limits = options.limits
         config = uvicorn.Config(
             self.app,
@@ -286,14 +296,15 @@ class Service:
         load_options = {name: value for name, value in options.runtime_options().load_keywords().items()
                         if name not in ("on_long", "warn")}
         if is_sharded_gallery(gallery_path):
-            return _sharded_searcher(gallery_path, options, load_options)
-        if options.ray is not None or options.shortlist is not None:
+            self.source = _sharded_source(gallery_path, options, load_options)
+        elif options.ray is not None or options.shortlist is not None:
             raise ItmrtError("--ray and --shortlist search a sharded gallery; make one with `itmrt index ... "
                              "--shard-images N`")
-        # A missing or broken gallery, or one another image encoder made, is reported before the port is taken.
-        read_gallery(gallery_path).check_bundle(read_bundle(bundle_path))
-        explicit = None if is_gallery(source) else bundle_path
-        self.source = RuntimeSource(gallery_path, explicit, load_options, options.on_long, log.warning)
+        else:
+            # A missing or broken gallery, or one another image encoder made, is reported before the port is taken.
+            read_gallery(gallery_path).check_bundle(read_bundle(bundle_path))
+            explicit = None if is_gallery(source) else bundle_path
+            self.source = RuntimeSource(gallery_path, explicit, load_options, options.on_long, log.warning)
         opener = self.source
         return lambda: opener.open(None)[0]
 
@@ -312,6 +323,7 @@ class Service:
                         "with --allowed-hosts", self.host)
         if self.options.token_file is not None and (exposed := token_file_exposure(self.options.token_file)):
             log.warning("%s", exposed)
+        fixed_mmap_threshold()  # large bodies and answers go back to the system when freed (itmrt.serve.memory)
         if self.reloader is not None:
             self.reloader.start()
         with _exit_zero_after_signal(), _reload_on_sighup(self.reloader):

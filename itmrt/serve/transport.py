@@ -8,11 +8,14 @@ such connections against ``limit_concurrency`` until they leave. This protocol
 - a **header deadline**: from the moment a connection opens, or its previous
   answer went out, the next request's headers must be complete within
   ``header_timeout_s`` or the connection is closed;
-- a **write deadline**: once the answer fills the socket's buffer (the client
-  is not reading), the client has ``write_timeout_s`` to take it down to the
-  low-water mark or the connection is aborted, dropping what was buffered;
-  meanwhile the connection's next (pipelined) request is not taken up, so a
-  client that does not read gets no more work done for it;
+- a **write deadline**: once an answer is complete but the client has not
+  taken it - it fills the process's buffer, or more than ``UNREAD_LIMIT`` bytes
+  of it still wait in the kernel's send queue (on Linux, where that queue can be
+  read; a loopback or LAN socket buffer holds megabytes, dozens of answers) -
+  the client has ``write_timeout_s`` to take it or the connection is aborted,
+  dropping what was buffered; meanwhile the connection's next (pipelined)
+  request is not taken up, so a client that does not read costs a held socket
+  and one answer, not the worker's time for every request it queued;
 - **eviction** at ``max_connections``: a new connection pushes out the one that
   has waited longest for its next request's headers (slow, stalled or idle);
   only when every connection has a request in progress is the new one refused
@@ -31,6 +34,9 @@ server and checks each deadline, so a uvicorn that changes them fails there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import struct
+import sys
 import time
 from typing import Any
 
@@ -40,6 +46,26 @@ from itmrt.serve.metrics import ServiceMetrics
 _REFUSED_BODY = b'{"error": "the service has too many connections open; retry shortly"}'
 REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
            b"retry-after: 1\r\ncontent-length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY)
+
+
+UNREAD_LIMIT = 64 << 10
+"""Bytes of a complete answer the kernel may still hold unsent before the client counts as not reading."""
+_SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not yet sent (the peer's window is full)
+_DRAIN_POLL_S = 0.02
+
+
+def unsent_bytes(transport: Any) -> int:
+    """Bytes written to ``transport``'s socket that the kernel has not sent yet (0 where it cannot be read)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    import fcntl
+
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    with contextlib.suppress(OSError, ValueError):
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, b"\0" * 4))[0])
+    return 0
 
 
 def guarded_protocol(header_timeout_s: float, write_timeout_s: float, max_connections: int,
@@ -114,10 +140,33 @@ class Deadlines:
             self._headers_arrived()
 
     def on_response_complete(self) -> None:
-        if self.flow.write_paused and not self.transport.is_closing():
+        if not self.transport.is_closing() and (self.flow.write_paused or self._unread()):
             self._completion_deferred = True  # the client is not reading: no next request until it does
+            if self._write_timer is None:
+                self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_late)
+            if not self.flow.write_paused:  # nothing left in the process: watch the kernel's queue drain
+                self.loop.call_later(_DRAIN_POLL_S, self._check_drained)
             return
         self._complete()
+
+    def _unread(self) -> bool:
+        return self.transport.get_write_buffer_size() > 0 or unsent_bytes(self.transport) > UNREAD_LIMIT
+
+    def _check_drained(self) -> None:
+        if self.transport.is_closing() or not self._completion_deferred or self.flow.write_paused:
+            return  # closed, already resumed, or resume_writing will take it from here
+        if self._unread():
+            self.loop.call_later(_DRAIN_POLL_S, self._check_drained)
+            return
+        self._drained()
+
+    def _drained(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        if self._completion_deferred:
+            self._completion_deferred = False
+            self._complete()
 
     def _complete(self) -> None:
         if not self.transport.is_closing():
@@ -131,12 +180,10 @@ class Deadlines:
 
     def resume_writing(self) -> None:
         super().resume_writing()  # type: ignore[misc]
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-        if self._completion_deferred:
-            self._completion_deferred = False
-            self._complete()
+        if self._completion_deferred and self._unread():  # the process's buffer went out; the kernel's has not
+            self.loop.call_later(_DRAIN_POLL_S, self._check_drained)
+            return
+        self._drained()
 
     def _write_late(self) -> None:
         self._write_timer = None

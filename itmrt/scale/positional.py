@@ -1,0 +1,184 @@
+"""A shard's embeddings read from their file by position (``os.preadv``), never through a memory map.
+
+A memory-mapped file that is truncated while it is read kills the reading
+process with SIGBUS, and no check made before the read can close that window.
+A positional read of the same bytes cannot: a file that became shorter gives a
+short read, which :class:`PositionalRows` turns into
+:class:`~itmrt.errors.GalleryChanged` (one line naming the shard and the file,
+no path), and the caller answers "not ready" instead of dying.
+
+:class:`PositionalRows` looks like the ``[images, regions, d]`` array to the
+code that searches a shard: ``rows[a:b]`` and ``rows[index_array]`` (a
+shortlist's or a rerank's candidates) read just those rows; :meth:`blocks`
+reads the whole file block by block into one buffer reused by the thread
+(full scoring), so memory stays one block whatever the shard's size. The file
+descriptor is opened once, when the shard is opened; a file replaced by another
+one later (a rename) is still read from the one opened, and
+:class:`~itmrt.scale.file_guard.FileGuard` reports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from itmrt.data.npy import read_npy_header
+from itmrt.errors import GalleryChanged, ItmrtError
+
+BLOCK_BYTES = 64 << 20
+"""Bytes of rows read per block of a full scan (one buffer of this size per searching thread)."""
+
+_buffers = threading.local()
+
+
+def _thread_buffer(nbytes: int) -> np.ndarray:
+    """This thread's reusable read buffer of at least ``nbytes`` bytes (grown when asked for more)."""
+    buffer = getattr(_buffers, "buffer", None)
+    if buffer is None or buffer.nbytes < nbytes:
+        buffer = _buffers.buffer = np.empty(nbytes, dtype=np.uint8)
+    return buffer
+
+
+class PositionalRows:
+    """The rows of a C-order ``.npy`` file, read on demand by position (see the module docstring).
+
+    ``label`` names the owner (``shard shard-00001``) in errors, which name the file, never its path."""
+
+    ndim: int
+
+    def __init__(self, path: Path, label: str, what: str = "gallery embeddings") -> None:
+        header = read_npy_header(path, what)
+        if header.fortran_order or len(header.shape) < 1:
+            raise ItmrtError(f"{path} is not a C-order array of rows; re-index the gallery")
+        self.name, self.label = path.name, label
+        self.shape: tuple[int, ...] = tuple(int(axis) for axis in header.shape)
+        self.dtype = np.dtype(header.dtype)
+        self.ndim = len(self.shape)
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        self.offset = header.data_offset
+        self.fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:  # pragma: no cover - nothing to do about a descriptor that will not close
+            pass
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _read_into(self, view: memoryview, start_row: int) -> None:
+        """Fill ``view`` with the bytes from row ``start_row`` on; a short read is a :class:`GalleryChanged`."""
+        if self.fd is None:
+            raise GalleryChanged(f"{self.label}: {self.name} was closed; nothing is read from it")
+        position, done = self.offset + start_row * self.row_bytes, 0
+        while done < len(view):
+            try:
+                count = os.preadv(self.fd, [view[done:]], position + done)
+            except OSError as exc:
+                raise GalleryChanged(f"{self.label}: {self.name} cannot be read any more ({exc.strerror or exc}); "
+                                     "nothing more is read from it") from None
+            if count <= 0:
+                row = start_row + done // max(1, self.row_bytes)
+                raise GalleryChanged(f"{self.label}: {self.name} is shorter than when it was opened (ends before "
+                                     f"row {row} of {self.shape[0]}); nothing more is read from it - swap in a good "
+                                     "version or restart the service")
+            done += count
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop`` (into ``out``, a C-contiguous array of their shape and dtype, when given)."""
+        start, stop = max(0, start), min(stop, self.shape[0])
+        shape = (max(0, stop - start), *self.shape[1:])
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {shape}")
+        if out.size:
+            self._read_into(memoryview(out).cast("B"), start)
+        return out
+
+    def take(self, rows: Any) -> np.ndarray:
+        """The rows ``rows`` (any integers, repeats allowed) in that order; runs of consecutive rows are read at
+        once (one system call each)."""
+        wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if wanted.size and (wanted.min() < -self.shape[0] or wanted.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+        wanted = np.where(wanted < 0, wanted + self.shape[0], wanted)
+        unique = np.unique(wanted)
+        block = np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
+        if len(unique):
+            breaks = (np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1).tolist()
+            firsts, lasts = [0, *breaks], [*breaks, len(unique)]
+            self._read_runs(memoryview(block).cast("B"), unique[firsts].tolist(), firsts, lasts)
+        picked = block if len(unique) == len(wanted) and np.array_equal(unique, wanted) else \
+            block[np.searchsorted(unique, wanted)]
+        return picked.reshape(*np.shape(rows), *self.shape[1:])
+
+    def _read_runs(self, flat: memoryview, rows: list[int], firsts: list[int], lasts: list[int]) -> None:
+        """Runs of rows into ``flat``: run ``i`` (file rows from ``rows[i]``) fills its rows ``firsts[i]:lasts[i]``
+        (a tight loop of ``preadv``; anything short goes through :meth:`_read_into`, which says why)."""
+        fd, size, offset = self.fd, self.row_bytes, self.offset
+        if fd is None:
+            self._read_into(flat, rows[0])  # says it was closed
+            return
+        preadv = os.preadv
+        for row, first, last in zip(rows, firsts, lasts, strict=True):
+            part = flat[first * size : last * size]
+            try:
+                complete = preadv(fd, [part], offset + row * size) == len(part)
+            except OSError:
+                complete = False
+            if not complete:
+                self._read_into(part, row)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step == 1:
+                return self.read(start, stop)
+            return self.take(np.arange(start, stop, step))
+        if isinstance(key, (int, np.integer)):
+            return self.take([int(key)])[0]
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None), *key[1:])]
+        return self.take(key)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self.read(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype)
+
+    def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, rows)`` over the whole file, each block read into this thread's reused buffer: a block
+        is valid only until the next one is read."""
+        per_block = min(max(1, block_bytes // max(1, self.row_bytes)), max(1, self.shape[0]))
+        for start in range(0, self.shape[0], per_block):
+            stop = min(start + per_block, self.shape[0])
+            buffer = _thread_buffer(per_block * self.row_bytes)
+            out = buffer[: (stop - start) * self.row_bytes].view(self.dtype).reshape(stop - start, *self.shape[1:])
+            yield start, self.read(start, stop, out)
+
+
+def read_whole(path: Path, label: str, what: str) -> np.ndarray:
+    """A whole ``.npy`` file read into memory by positional reads (no memory map at any moment)."""
+    rows = PositionalRows(path, label, what)
+    try:
+        return rows.read(0, len(rows))
+    finally:
+        rows.close()
