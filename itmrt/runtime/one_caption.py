@@ -68,8 +68,8 @@ FEW_CAPTIONS = 16
 """Calls with at most this many captions take this path (``benchmarks/bench_one_caption.py`` measures the crossover
 against the batched fused scorer)."""
 ONE_CAPTION_SCORERS = ("naaf", "scan")  # the manifest traits' scorer kinds this module scores (bundle/traits.py)
-BLOCK_IMAGES = 64
-"""Most images per block."""
+BLOCK_IMAGES = 128
+"""Most images per block (measured at 14 words, one thread: 128 images 25.1 ms per 1000, 64 images 27.1 ms)."""
 BLOCK_VALUES = 64 * 36 * 32
 """Values of a block's ``[B, n, T]`` intermediates (fewer images for more words): they stay in the core's cache
 (measured: 32 captions at once in blocks of 64 images ran 2.3x slower per caption than 16)."""
@@ -233,9 +233,12 @@ def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: Naa
     np.maximum(sims, clipped, out=clipped)  # LeakyReLU for a slope below 1
     logits = _buffer(scratch, "logits", shape)
     np.multiply(clipped, clipped, out=logits)
-    squares = np.add.reduceat(logits, query.starts, axis=2)  # [B, n, C]: each caption's words
-    factor = lam / (np.sqrt(squares) + _EPS)
-    np.multiply(clipped, factor if len(query.starts) == 1 else np.repeat(factor, query.lengths, axis=2), out=logits)
+    if len(query.starts) == 1:  # a product with ones: 4x faster than reduceat over the short word axis
+        factor = lam / (np.sqrt(np.matmul(logits, np.ones(shape[2], dtype=np.float32)))[:, :, None] + _EPS)
+    else:
+        squares = np.add.reduceat(logits, query.starts, axis=2)  # [B, n, C]: each caption's words
+        factor = np.repeat(lam / (np.sqrt(squares) + _EPS), query.lengths, axis=2)
+    np.multiply(clipped, factor, out=logits)
     # |logit| <= lam (a word's share of its region's norm over the words): shifting by lam keeps exp in range
     # without the max over the regions, while exp(-2 lam) stays a normal float.
     shift = lam if lam <= _SHIFT_LIMIT else max_over_regions(logits)[:, None, :]
