@@ -540,7 +540,12 @@ class OneCaptionScorer:
 
     def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None], size: int | None = None) -> None:
         """``work(worker, start, stop)`` over blocks of ``size`` (default :attr:`block_images`) of ``total``
-        images, split among the workers."""
+        images, split among the workers, the calling thread one of them.
+
+        Each worker takes the next block not yet taken: on a shared machine, a worker whose core is taken away
+        leaves its blocks to the others instead of holding the whole call back (a fixed share each made the
+        slowest worker the call's time).
+        """
         size = size or self.block_images
         starts = list(range(0, total, size))
         workers = min(self.threads, len(starts))
@@ -549,14 +554,19 @@ class OneCaptionScorer:
                 work(self._workers[0], start, min(start + size, total))
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="itmrt-one-caption")
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="itmrt-one-caption")
+        pending = iter(starts)  # next() on a list iterator is atomic: no block is taken twice
 
         def run(number: int) -> None:
-            for start in starts[number::workers]:
+            for start in pending:
                 work(self._workers[number], start, min(start + size, total))
 
-        for future in [self._pool.submit(run, number) for number in range(workers)]:
-            future.result()
+        helpers = [self._pool.submit(run, number) for number in range(1, workers)]
+        try:
+            run(0)
+        finally:
+            for future in helpers:
+                future.result()
 
     def close(self) -> None:
         if self._pool is not None:
