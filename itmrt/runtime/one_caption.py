@@ -178,7 +178,8 @@ def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> Query
 
 
 Product = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""Batched matrix product ``[B, n, n] x [B, n, T]`` (numpy's would hand it to a multi-threaded BLAS at many words,
+"""Batched quadratic forms ``sum_jk w[b,j,t] G[b,j,k] w[b,k,t]`` of ``G [B, n, n]`` and ``w [B, n, T]``: ``[B, T]``
+(:func:`quadratic_forms`; numpy's batched product would hand it to a multi-threaded BLAS at many words,
 and threads contending with the block workers for two busy cores measured 1000x slower)."""
 Scratch = dict[tuple[str, tuple[int, ...], str], np.ndarray]
 """Block-sized arrays a worker reuses from block to block (a fresh 100+ KB array per operation costs numpy an
@@ -194,6 +195,11 @@ def _buffer(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: t
     return scratch[key]
 
 
+def quadratic_forms(grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``w^T G w`` per image and word, in numpy (the workers run it as one ONNX Runtime graph)."""
+    return np.einsum("bjt,bjt->bt", np.matmul(grams, weights), weights)
+
+
 def max_over_regions(values: np.ndarray) -> np.ndarray:
     """``values.max(axis=1)`` by halving the region axis (numpy reduces a middle axis about 5x slower)."""
     while values.shape[1] > 1:
@@ -206,7 +212,7 @@ def max_over_regions(values: np.ndarray) -> np.ndarray:
 
 
 def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: NaafParameters,
-               product: Product = np.matmul, scratch: Scratch | None = None) -> np.ndarray:
+               product: Product = quadratic_forms, scratch: Scratch | None = None) -> np.ndarray:
     """NAAF scores ``[B, C]`` from similarities ``[B, n, T]`` and the block's Gram matrices ``[B, n, n]``.
 
     The step-4 softmax is max-shifted as in :func:`itmrt.families.naaf.model.naaf_scores` (the same value as the
@@ -230,7 +236,7 @@ def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: Naa
     denominator = np.matmul(ones, weights) + _EPS * np.exp(-lam * np.maximum(r, np.float32(0)))
     np.divide(weights, np.where(has_positive, denominator, np.float32(1))[:, None, :], out=weights)
     dot = np.einsum("bjt,bjt->bt", weights, sims)
-    norm_sq = np.einsum("bjt,bjt->bt", product(grams, weights), weights)
+    norm_sq = product(grams, weights)
     aggregated = np.where(has_positive, dot / np.sqrt(np.maximum(norm_sq, _EPS * _EPS)), np.float32(0))
     # Step 5: relevance - the leaky similarities normalised over each caption's words, softmax over regions.
     clipped = _buffer(scratch, "clipped", shape)
@@ -285,7 +291,7 @@ def _aggregate(row_sim: np.ndarray, how: str, lambda_lse: np.float32) -> np.ndar
 
 
 def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndarray | None, query: QueryCaptions,
-               p: ScanParameters, product: Product = np.matmul) -> np.ndarray:
+               p: ScanParameters, product: Product = quadratic_forms) -> np.ndarray:
     """SCAN scores ``[B, C]`` from similarities ``[B, n, T]`` (t2i: the block's Gram matrices; i2t: its region norms).
 
     As :func:`itmrt.families.scan.model.scan_scores`: the attended context is never formed
@@ -301,7 +307,7 @@ def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndar
             weights = np.exp(logits - max_over_regions(logits)[:, None, :])
             weights /= weights.sum(axis=1, keepdims=True)
             products = np.einsum("bjt,bjt->bt", weights, attn)
-            attended_sq = np.einsum("bjt,bjt->bt", product(grams, np.ascontiguousarray(weights)), weights)
+            attended_sq = product(grams, np.ascontiguousarray(weights))
             query_norms = query.norms[None, a:b]
         else:  # queries: the regions (axis 1), context: the words (axis 2)
             assert region_norms is not None
@@ -372,7 +378,8 @@ class _Worker:
         return self._session("gram", images.dtype).run(None, {"a": images})[0]
 
     def product(self, grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """``grams [B, n, n] @ weights [B, n, T]`` (batched MLAS sgemm on this worker's thread)."""
+        """``w^T G w`` per image and word, ``[B, T]``: the batched product and the sum over the regions in one
+        graph on this worker's thread (an einsum after the product read the ``[B, n, T]`` result once more)."""
         return self._session("product", np.dtype(np.float32)).run(None, {"a": grams, "b": weights})[0]
 
 
@@ -386,8 +393,8 @@ def _storage(array: np.ndarray) -> np.ndarray:
 
 def _graph_session(kind: str, dtype: np.dtype) -> Any:
     """A one-thread CPU session: ``sims = cast(a) b^T`` (``simsK``: float16 ``a`` in K pieces ``a0 .. aK-1``, each
-    cast and multiplied in turn, the results concatenated), ``grams = cast(a) cast(a)^T`` or ``product = a b``
-    (both batched)."""
+    cast and multiplied in turn, the results concatenated), ``grams = cast(a) cast(a)^T`` or ``product = sum over
+    the regions of (a b) * b`` (both batched)."""
     from onnx import TensorProto, helper
 
     source = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
@@ -395,11 +402,12 @@ def _graph_session(kind: str, dtype: np.dtype) -> Any:
     if source == TensorProto.FLOAT16 and not kind.startswith("sims"):
         nodes.append(helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT))
         a = "a32"
-    if kind == "product":
-        nodes.append(helper.make_node("MatMul", ["a", "b"], ["c"]))
+    if kind == "product":  # sum_j (G w)[b, j, t] w[b, j, t]
+        nodes += [helper.make_node("MatMul", ["a", "b"], ["gw"]), helper.make_node("Mul", ["gw", "b"], ["wgw"]),
+                  helper.make_node("ReduceSum", ["wgw", "axis"], ["c"], keepdims=0)]
         inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "regions", "regions"]),
                   helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "regions", "cols"])]
-        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "regions", "cols"])
+        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "cols"])
     elif kind.startswith("sims"):
         inputs = [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["cols", "depth"])]
         if source == TensorProto.FLOAT16:  # nodes in this order: ONNX Runtime runs them so, reusing the buffers
@@ -418,7 +426,8 @@ def _graph_session(kind: str, dtype: np.dtype) -> Any:
                   helper.make_node("MatMul", [a, "t"], ["c"])]
         inputs = [helper.make_tensor_value_info("a", source, ["batch", "regions", "depth"])]
         output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "regions", "regions"])
-    model = helper.make_model(helper.make_graph(nodes, f"one_caption_{kind}", inputs, [output]),
+    constants = [helper.make_tensor("axis", TensorProto.INT64, [1], [1])] if kind == "product" else []
+    model = helper.make_model(helper.make_graph(nodes, f"one_caption_{kind}", inputs, [output], constants),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 8)
     return create_session(model.SerializeToString(), threads=1, spinning=False)
