@@ -178,6 +178,25 @@ def test_a_few_captions_are_encoded_on_one_thread_with_the_same_embeddings(bundl
     assert load(bundle, threads=1).text_encoder.small_backend is None  # one thread already: no second session
 
 
+def test_a_warmed_runtime_encodes_the_two_gru_directions_side_by_side_bit_for_bit(bundle: Path) -> None:
+    from itmrt.runtime.gru_directions import DirectionsBackend, split_bidirectional
+
+    runtime = load(bundle, threads=2)
+    captions = random_captions(5, seed=9, max_words=12)
+    one_thread = [runtime.encode_captions(captions[:count]) for count in (1, 5)]
+    runtime.warmup()
+    bidirectional = split_bidirectional(runtime.bundle.graph_file("text_encoder", "fp32")) is not None
+    assert bidirectional == (runtime.bundle.family == "naaf")  # the SCAN models here have a one-direction GRU
+    assert isinstance(runtime.text_encoder.small_backend, DirectionsBackend) == bidirectional
+    for before, count in zip(one_thread, (1, 5), strict=True):
+        after = runtime.encode_captions(captions[:count])
+        np.testing.assert_array_equal(after.vectors, before.vectors)  # the same kernels on the same inputs
+        np.testing.assert_array_equal(after.offsets, before.offsets)
+    runtime.close()
+    # A graph without a bidirectional GRU is not cut.
+    assert split_bidirectional(runtime.bundle.graph_file("image_encoder", "fp32")) is None
+
+
 def test_calls_from_several_threads_get_their_own_answers() -> None:
     from concurrent.futures import ThreadPoolExecutor
 

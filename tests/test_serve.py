@@ -62,13 +62,13 @@ def naaf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def service(naaf: dict[str, Any]) -> Any:
-    """NAAF behind a token, with a 300 ms batching window so concurrent requests share batches."""
+    """NAAF behind a token, with a 300 ms batching window (idle or not) so concurrent requests share batches."""
     options = ServeOptions(
         port=0,
         configure_logging=False,
         scorer="graph",
         token_file=naaf["root"] / "token.txt",
-        batch=BatchSettings(max_batch_captions=64, max_delay_s=0.3),
+        batch=BatchSettings(max_batch_captions=64, max_delay_s=0.3, wait_when_idle=True),
     )
     with running(Service(naaf["gallery"], options=options)) as live:
         yield live
@@ -120,6 +120,42 @@ def test_answers_equal_the_runtime_alone_and_batched(naaf: dict[str, Any], servi
     batches = metric(after, "itmrt_batch_requests_count") - metric(before, "itmrt_batch_requests_count")
     assert 1 <= batches < len(requests), "the concurrent requests were never batched together"
     assert metric(after, "itmrt_batch_requests_sum") - metric(before, "itmrt_batch_requests_sum") == len(requests)
+
+
+def test_an_idle_worker_answers_at_once_and_batches_what_queues_while_busy(naaf: dict[str, Any]) -> None:
+    """A 60 s batching window: a lone request that finds the worker idle is dispatched at once (it would wait the
+    whole window before); requests that queue while the worker is busy are still batched together (a full batch
+    of four: it does not wait for more), and every answer equals the runtime's alone."""
+    searchers: list[ControlledSearcher] = []
+
+    def controlled() -> ControlledSearcher:
+        searchers.append(ControlledSearcher(open_runtime_searcher(naaf["bundle"], naaf["gallery"])))
+        return searchers[-1]
+
+    window = 60.0
+    options = ServeOptions(port=0, configure_logging=False, batch=BatchSettings(max_batch_captions=4,
+                                                                                max_delay_s=window))
+    lone = random_captions(1, seed=70, max_words=8)
+    requests = [random_captions(1, seed=71 + n, max_words=8) for n in range(4)]
+    with running(Service(None, options=options, searcher=controlled)) as live, ThreadPoolExecutor(6) as pool:
+        started = time.monotonic()
+        alone = ServiceClient(live.url).search(lone, 3)
+        assert time.monotonic() - started < window / 2, "a lone request waited for the batching window"
+        searchers[0].release.clear()  # hold the next batch while four more requests queue behind it
+        held = pool.submit(ServiceClient(live.url).search, lone, 3)
+        assert searchers[0].scoring.wait(30)
+        answers = [pool.submit(ServiceClient(live.url).search, captions, 3) for captions in requests]
+        while live.metrics.registry.get_sample_value("itmrt_queue_depth") < len(requests):
+            time.sleep(0.01)
+        searchers[0].release.set()
+        results = [held.result(60)] + [answer.result(window / 2) for answer in answers]
+        page = ServiceClient(live.url).request("GET", "/metrics")[2].decode()
+        assert live.batcher.last_batch_requests == len(requests)  # the four that queued went as one batch
+    assert metric(page, "itmrt_batch_requests_count") == 3  # lone, held, the four (the warm-up is not a batch)
+    for captions, hits in zip([lone, lone, *requests], [alone, *results], strict=True):
+        want = expected(naaf, captions, 3)
+        np.testing.assert_array_equal(hits.indices, want.indices)
+        np.testing.assert_allclose(hits.scores, want.scores, atol=1e-6)
 
 
 def test_released_cmpm_answers_do_not_depend_on_the_batch(tmp_path: Path) -> None:

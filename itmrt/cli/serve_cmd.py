@@ -28,7 +28,8 @@ def serve_command(
     port: int = Opt(8000, "--port", min=0, max=65535, help="TCP port (0: any free port, printed at start)."),
     runtime: Any = None,  # the runtime options (flags.runtime_group): one RuntimeOptions
     max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, max=limits.MAX_BATCH, help="Captions scored together (1: no batching)."),
-    max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=flags.finite("--max-delay-ms", 0.0, 10000.0), help="How long a request waits for others to join it."),
+    max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=flags.finite("--max-delay-ms", 0.0, 10000.0), help="How long a batch waits for more requests under load (a request reaching an idle worker goes at once)."),
+    wait_when_idle: bool = Opt(False, "--wait-when-idle", help="Let a request reaching an idle worker wait --max-delay-ms for company too."),
     max_queue: int = Opt(256, "--max-queue", min=1, max=limits.MAX_COUNT, help="Requests waiting at most; more are refused at once (429)."),
     max_captions: int = Opt(256, "--max-captions", min=1, max=limits.MAX_BATCH, help="Captions per request at most (more: 400)."),
     max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, max=1 << 20, help="UTF-8 bytes per caption at most (400)."),
@@ -62,7 +63,8 @@ def serve_command(
 
     Speaks the KServe / Triton Open Inference Protocol (v2) over HTTP, so
     tritonclient, KServe tooling and curl work; concurrent requests are merged
-    into one batch (up to --max-batch-captions, waiting at most --max-delay-ms).
+    into one batch (up to --max-batch-captions, waiting at most --max-delay-ms while
+    requests arrive together; a request reaching an idle worker is answered at once).
     /v2/health/ready turns 200 once the gallery is loaded and warmed up (the
     health probes need no token); /metrics is in Prometheus' text format.
     SIGINT or SIGTERM stop accepting, answer every request received, and exit 0 (within --grace-s).
@@ -80,7 +82,7 @@ def serve_command(
 
     serve_options = ServeOptions(
         host=host, port=port, runtime=runtime, token_file=token_file,
-        batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue),
+        batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue, wait_when_idle),
         limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s, max_answer,
                           header_timeout_s, body_timeout_s, write_timeout_s, int(max_buffered_mb * (1 << 20))),
         max_connections=max_connections, access_log=access_log, shortlist=shortlist,

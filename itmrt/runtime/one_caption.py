@@ -10,8 +10,9 @@ does, for a block of images at a time:
 1. the word x region similarities of every caption of the call as one float32
    GEMM over the block's ``B * n`` regions (ONNX Runtime's MLAS, which reads a
    block 3-7x faster than numpy's BLAS for these skinny products on this CPU);
-   float16 storage is cast inside the same graph, block by block, so no float32
-   copy of the gallery is ever made;
+   float16 storage is cast inside the same graph, a piece of the block at a
+   time (:data:`CAST_PIECES`), each piece multiplied while its float32 copy is
+   still in the cache: no float32 copy of the gallery, nor of a block, is made;
 2. NAAF's (or SCAN's) per-word steps as numpy operations over the whole block
    ``[B, n, T]`` - images, regions and words at once; the few per-caption steps
    (the word-axis norm, the intra-caption propagation, the mean) on each
@@ -68,11 +69,15 @@ FEW_CAPTIONS = 16
 """Calls with at most this many captions take this path (``benchmarks/bench_one_caption.py`` measures the crossover
 against the batched fused scorer)."""
 ONE_CAPTION_SCORERS = ("naaf", "scan")  # the manifest traits' scorer kinds this module scores (bundle/traits.py)
-BLOCK_IMAGES = 64
-"""Most images per block."""
+BLOCK_IMAGES = 128
+"""Most images per block (measured at 14 words, one thread: 128 images 25.1 ms per 1000, 64 images 27.1 ms)."""
 BLOCK_VALUES = 64 * 36 * 32
 """Values of a block's ``[B, n, T]`` intermediates (fewer images for more words): they stay in the core's cache
 (measured: 32 captions at once in blocks of 64 images ran 2.3x slower per caption than 16)."""
+CAST_PIECES = 8
+"""Pieces a float16 block is cast and multiplied in (16 images of a 128-image block: 2.4 MB in float32).
+Measured, 1000 images x 14 words, one thread: float32 15.6 ms; float16 in 1 piece 22.7, 4 pieces 19.0, 8 pieces
+18.8, 16 pieces 19.1, 43 pieces 20.9 (each node's fixed cost)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
 """Most memory the cached per-image constants of all galleries may take together."""
 
@@ -173,7 +178,8 @@ def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> Query
 
 
 Product = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""Batched matrix product ``[B, n, n] x [B, n, T]`` (numpy's would hand it to a multi-threaded BLAS at many words,
+"""Batched quadratic forms ``sum_jk w[b,j,t] G[b,j,k] w[b,k,t]`` of ``G [B, n, n]`` and ``w [B, n, T]``: ``[B, T]``
+(:func:`quadratic_forms`; numpy's batched product would hand it to a multi-threaded BLAS at many words,
 and threads contending with the block workers for two busy cores measured 1000x slower)."""
 Scratch = dict[tuple[str, tuple[int, ...], str], np.ndarray]
 """Block-sized arrays a worker reuses from block to block (a fresh 100+ KB array per operation costs numpy an
@@ -189,6 +195,11 @@ def _buffer(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: t
     return scratch[key]
 
 
+def quadratic_forms(grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``w^T G w`` per image and word, in numpy (the workers run it as one ONNX Runtime graph)."""
+    return np.einsum("bjt,bjt->bt", np.matmul(grams, weights), weights)
+
+
 def max_over_regions(values: np.ndarray) -> np.ndarray:
     """``values.max(axis=1)`` by halving the region axis (numpy reduces a middle axis about 5x slower)."""
     while values.shape[1] > 1:
@@ -201,7 +212,7 @@ def max_over_regions(values: np.ndarray) -> np.ndarray:
 
 
 def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: NaafParameters,
-               product: Product = np.matmul, scratch: Scratch | None = None) -> np.ndarray:
+               product: Product = quadratic_forms, scratch: Scratch | None = None) -> np.ndarray:
     """NAAF scores ``[B, C]`` from similarities ``[B, n, T]`` and the block's Gram matrices ``[B, n, n]``.
 
     The step-4 softmax is max-shifted as in :func:`itmrt.families.naaf.model.naaf_scores` (the same value as the
@@ -225,7 +236,7 @@ def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: Naa
     denominator = np.matmul(ones, weights) + _EPS * np.exp(-lam * np.maximum(r, np.float32(0)))
     np.divide(weights, np.where(has_positive, denominator, np.float32(1))[:, None, :], out=weights)
     dot = np.einsum("bjt,bjt->bt", weights, sims)
-    norm_sq = np.einsum("bjt,bjt->bt", product(grams, weights), weights)
+    norm_sq = product(grams, weights)
     aggregated = np.where(has_positive, dot / np.sqrt(np.maximum(norm_sq, _EPS * _EPS)), np.float32(0))
     # Step 5: relevance - the leaky similarities normalised over each caption's words, softmax over regions.
     clipped = _buffer(scratch, "clipped", shape)
@@ -233,9 +244,12 @@ def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: Naa
     np.maximum(sims, clipped, out=clipped)  # LeakyReLU for a slope below 1
     logits = _buffer(scratch, "logits", shape)
     np.multiply(clipped, clipped, out=logits)
-    squares = np.add.reduceat(logits, query.starts, axis=2)  # [B, n, C]: each caption's words
-    factor = lam / (np.sqrt(squares) + _EPS)
-    np.multiply(clipped, factor if len(query.starts) == 1 else np.repeat(factor, query.lengths, axis=2), out=logits)
+    if len(query.starts) == 1:  # a product with ones: 4x faster than reduceat over the short word axis
+        factor = lam / (np.sqrt(np.matmul(logits, np.ones(shape[2], dtype=np.float32)))[:, :, None] + _EPS)
+    else:
+        squares = np.add.reduceat(logits, query.starts, axis=2)  # [B, n, C]: each caption's words
+        factor = np.repeat(lam / (np.sqrt(squares) + _EPS), query.lengths, axis=2)
+    np.multiply(clipped, factor, out=logits)
     # |logit| <= lam (a word's share of its region's norm over the words): shifting by lam keeps exp in range
     # without the max over the regions, while exp(-2 lam) stays a normal float.
     shift = lam if lam <= _SHIFT_LIMIT else max_over_regions(logits)[:, None, :]
@@ -277,7 +291,7 @@ def _aggregate(row_sim: np.ndarray, how: str, lambda_lse: np.float32) -> np.ndar
 
 
 def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndarray | None, query: QueryCaptions,
-               p: ScanParameters, product: Product = np.matmul) -> np.ndarray:
+               p: ScanParameters, product: Product = quadratic_forms) -> np.ndarray:
     """SCAN scores ``[B, C]`` from similarities ``[B, n, T]`` (t2i: the block's Gram matrices; i2t: its region norms).
 
     As :func:`itmrt.families.scan.model.scan_scores`: the attended context is never formed
@@ -293,7 +307,7 @@ def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndar
             weights = np.exp(logits - max_over_regions(logits)[:, None, :])
             weights /= weights.sum(axis=1, keepdims=True)
             products = np.einsum("bjt,bjt->bt", weights, attn)
-            attended_sq = np.einsum("bjt,bjt->bt", product(grams, np.ascontiguousarray(weights)), weights)
+            attended_sq = product(grams, np.ascontiguousarray(weights))
             query_norms = query.norms[None, a:b]
         else:  # queries: the regions (axis 1), context: the words (axis 2)
             assert region_norms is not None
@@ -342,17 +356,30 @@ class _Worker:
             self._sessions[key] = _graph_session(kind, dtype)
         return self._sessions[key]
 
-    def similarities(self, regions: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """``regions [R, d] @ tokens [T, d]^T`` in float32 (float16 regions are cast inside the graph)."""
-        regions = _storage(regions)
-        return self._session("sims", regions.dtype).run(None, {"a": regions, "b": tokens})[0]
+    def similarities(self, block: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """``block [B, n, d]`` regions times ``tokens [T, d]^T``: ``[B * n, T]`` in float32.
+
+        Float16 blocks are cast inside the graph in :data:`CAST_PIECES` pieces of whole images, each cast and
+        multiplied before the next, so a piece's float32 copy is still in the cache for its GEMM (one cast of a
+        whole 128-image block writes 19 MB to memory and reads it back).
+        """
+        block = _storage(block)
+        rows = block.reshape(-1, block.shape[-1])
+        if block.dtype != np.float16:
+            return self._session("sims", block.dtype).run(None, {"a": rows, "b": tokens})[0]
+        pieces = min(CAST_PIECES, len(block))
+        feeds = {"b": tokens}
+        for number, images in enumerate(np.array_split(np.arange(len(block)), pieces)):
+            feeds[f"a{number}"] = rows[images[0] * block.shape[1] : (images[-1] + 1) * block.shape[1]]
+        return self._session(f"sims{pieces}", block.dtype).run(None, feeds)[0]
 
     def grams(self, images: np.ndarray) -> np.ndarray:
         images = _storage(images)
         return self._session("gram", images.dtype).run(None, {"a": images})[0]
 
     def product(self, grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """``grams [B, n, n] @ weights [B, n, T]`` (batched MLAS sgemm on this worker's thread)."""
+        """``w^T G w`` per image and word, ``[B, T]``: the batched product and the sum over the regions in one
+        graph on this worker's thread (an einsum after the product read the ``[B, n, T]`` result once more)."""
         return self._session("product", np.dtype(np.float32)).run(None, {"a": grams, "b": weights})[0]
 
 
@@ -365,31 +392,42 @@ def _storage(array: np.ndarray) -> np.ndarray:
 
 
 def _graph_session(kind: str, dtype: np.dtype) -> Any:
-    """A one-thread CPU session: ``sims = cast(a) b^T``, ``grams = cast(a) cast(a)^T`` or ``product = a b``
-    (both batched)."""
+    """A one-thread CPU session: ``sims = cast(a) b^T`` (``simsK``: float16 ``a`` in K pieces ``a0 .. aK-1``, each
+    cast and multiplied in turn, the results concatenated), ``grams = cast(a) cast(a)^T`` or ``product = sum over
+    the regions of (a b) * b`` (both batched)."""
     from onnx import TensorProto, helper
 
     source = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
     nodes, a = [], "a"
-    if source == TensorProto.FLOAT16:
+    if source == TensorProto.FLOAT16 and not kind.startswith("sims"):
         nodes.append(helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.FLOAT))
         a = "a32"
-    if kind == "product":
-        nodes.append(helper.make_node("MatMul", ["a", "b"], ["c"]))
+    if kind == "product":  # sum_j (G w)[b, j, t] w[b, j, t]
+        nodes += [helper.make_node("MatMul", ["a", "b"], ["gw"]), helper.make_node("Mul", ["gw", "b"], ["wgw"]),
+                  helper.make_node("ReduceSum", ["wgw", "axis"], ["c"], keepdims=0)]
         inputs = [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "regions", "regions"]),
                   helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "regions", "cols"])]
-        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "regions", "cols"])
-    elif kind == "sims":
-        nodes.append(helper.make_node("Gemm", [a, "b"], ["c"], transB=1))
-        inputs = [helper.make_tensor_value_info("a", source, ["rows", "depth"]),
-                  helper.make_tensor_value_info("b", TensorProto.FLOAT, ["cols", "depth"])]
+        output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "cols"])
+    elif kind.startswith("sims"):
+        inputs = [helper.make_tensor_value_info("b", TensorProto.FLOAT, ["cols", "depth"])]
+        if source == TensorProto.FLOAT16:  # nodes in this order: ONNX Runtime runs them so, reusing the buffers
+            pieces = int(kind[len("sims"):])
+            for number in range(pieces):
+                inputs.append(helper.make_tensor_value_info(f"a{number}", source, [f"rows{number}", "depth"]))
+                nodes += [helper.make_node("Cast", [f"a{number}"], [f"a32_{number}"], to=TensorProto.FLOAT),
+                          helper.make_node("Gemm", [f"a32_{number}", "b"], [f"c{number}"], transB=1)]
+            nodes.append(helper.make_node("Concat", [f"c{number}" for number in range(pieces)], ["c"], axis=0))
+        else:
+            inputs.append(helper.make_tensor_value_info("a", source, ["rows", "depth"]))
+            nodes.append(helper.make_node("Gemm", ["a", "b"], ["c"], transB=1))
         output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["rows", "cols"])
     else:
         nodes += [helper.make_node("Transpose", [a], ["t"], perm=[0, 2, 1]),
                   helper.make_node("MatMul", [a, "t"], ["c"])]
         inputs = [helper.make_tensor_value_info("a", source, ["batch", "regions", "depth"])]
         output = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["batch", "regions", "regions"])
-    model = helper.make_model(helper.make_graph(nodes, f"one_caption_{kind}", inputs, [output]),
+    constants = [helper.make_tensor("axis", TensorProto.INT64, [1], [1])] if kind == "product" else []
+    model = helper.make_model(helper.make_graph(nodes, f"one_caption_{kind}", inputs, [output], constants),
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 8)
     return create_session(model.SerializeToString(), threads=1, spinning=False)
@@ -500,8 +538,8 @@ class OneCaptionScorer:
 
     def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray,
                      query: QueryCaptions) -> np.ndarray:
-        n_img, regions, depth = block.shape
-        sims = worker.similarities(np.asarray(block).reshape(n_img * regions, depth), query.tokens)
+        n_img, regions = int(block.shape[0]), int(block.shape[1])
+        sims = worker.similarities(block, query.tokens)
         sims = sims.reshape(n_img, regions, -1)
         if isinstance(self.parameters, NaafParameters):
             return naaf_block(sims, constants, query, self.parameters, worker.product, worker.scratch)
@@ -511,7 +549,12 @@ class OneCaptionScorer:
 
     def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None], size: int | None = None) -> None:
         """``work(worker, start, stop)`` over blocks of ``size`` (default :attr:`block_images`) of ``total``
-        images, split among the workers."""
+        images, split among the workers, the calling thread one of them.
+
+        Each worker takes the next block not yet taken: on a shared machine, a worker whose core is taken away
+        leaves its blocks to the others instead of holding the whole call back (a fixed share each made the
+        slowest worker the call's time).
+        """
         size = size or self.block_images
         starts = list(range(0, total, size))
         workers = min(self.threads, len(starts))
@@ -520,14 +563,19 @@ class OneCaptionScorer:
                 work(self._workers[0], start, min(start + size, total))
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="itmrt-one-caption")
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="itmrt-one-caption")
+        pending = iter(starts)  # next() on a list iterator is atomic: no block is taken twice
 
         def run(number: int) -> None:
-            for start in starts[number::workers]:
+            for start in pending:
                 work(self._workers[number], start, min(start + size, total))
 
-        for future in [self._pool.submit(run, number) for number in range(workers)]:
-            future.result()
+        helpers = [self._pool.submit(run, number) for number in range(1, workers)]
+        try:
+            run(0)
+        finally:
+            for future in helpers:
+                future.result()
 
     def forget_constants(self, keep: Callable[[GalleryKey], bool] = lambda _key: False) -> None:
         """Drop the cached constants of every gallery but those ``keep`` accepts (a long-running service after

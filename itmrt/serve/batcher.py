@@ -7,6 +7,15 @@ add more while the batch has room (``max_batch_captions``) and the first
 has waited less than ``max_delay_s``, encode and score them in one go, and
 split the answers back.
 
+The delay is a queue delay under load only (what Triton's dynamic batcher
+calls one): a request that finds the worker idle, after a batch of one, is
+dispatched at once with whatever is queued beside it - a lone caller never
+waits for company that is not coming (at one client, the whole ``max_delay_s``
+was added to every answer). Requests that queue while the worker is busy are
+batched, and after a batch of several requests the worker waits for company
+again (closed-loop callers send their next requests together, a moment after
+their answers). ``wait_when_idle`` restores the plain window.
+
 The queue is fair (:class:`FairQueue`): callers (connections) share the worker
 by captions, so one caller's backlog of 256-caption requests does not hold a
 one-caption caller back for more than about one batch. Where a request's rows do
@@ -72,6 +81,7 @@ class BatchSettings:
     max_batch_captions: int = 64
     max_delay_s: float = 0.005
     max_queue: int = 256
+    wait_when_idle: bool = False  # a request reaching an idle worker after a batch of one waits max_delay_s too
 
     def check(self) -> None:
         if self.max_batch_captions < 1 or self.max_queue < 1 or self.max_delay_s < 0:
@@ -177,6 +187,7 @@ class Batcher:
         self.broken: str | None = None  # what broke, while the current version gives non-finite scores
         self.unloaded = False
         self.warmup_s: float | None = None
+        self.last_batch_requests = 0  # requests in the worker's last batch: more than one, and company is expected
 
     # -- event-loop side -----------------------------------------------------------
 
@@ -322,9 +333,11 @@ class Batcher:
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch (empty when a swap is waiting and nothing is queued), waiting at most ``max_delay_s``
-        for it to fill; None once closing with nothing queued."""
-        limit, delay = self.settings.max_batch_captions, self.settings.max_delay_s
+        for it to fill - unless the worker was idle after a batch of one (see the module docstring); None once
+        closing with nothing queued."""
+        limit = self.settings.max_batch_captions
         with self._condition:
+            idle = not self._queue
             while not self._queue:
                 if self._closing:
                     return None
@@ -333,7 +346,8 @@ class Batcher:
                 self._condition.wait()
             first = self._queue.pop()
             jobs, captions = [first], len(first.captions)
-            until = first.enqueued + delay
+            wait = not idle or self.last_batch_requests > 1 or self.settings.wait_when_idle
+            until = first.enqueued + (self.settings.max_delay_s if wait else 0.0)
             while captions < limit:
                 if self._queue:
                     joining = len(self._queue.peek().captions)
@@ -348,6 +362,7 @@ class Batcher:
                     break
                 self._condition.wait(remaining)
             self.metrics.queue_depth.set(len(self._queue))
+        self.last_batch_requests = len(jobs)
         return jobs
 
     def _answer(self, searcher: Searcher, jobs: list[Job]) -> None:
