@@ -167,6 +167,28 @@ def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, A
     same_answer(found.t2i, full.t2i, world["family"])
 
 
+def test_the_probe_keeps_each_words_largest_probed_centroid_per_image() -> None:
+    from itmrt.scale.region_search import RegionIndex
+    from itmrt.scale.regions import inverted_lists
+
+    rng = np.random.default_rng(8)
+    centroids = rng.standard_normal((40, 16)).astype(np.float32)
+    codes = rng.integers(0, 40, size=(300, 6)).astype(np.uint16)
+    index = RegionIndex(centroids, inverted_lists(codes, 40), codes,
+                        {"rows": 300, "params": {"nprobe": 5, "candidates": 10}})
+    sims = rng.standard_normal((7, 40)).astype(np.float32)
+    for nprobe in (1, 5, 40):
+        expected = np.empty((7, 300), dtype=np.float32)
+        for word, row in enumerate(sims):  # the definition, word by word and image by image
+            probed = np.argsort(-row)[:nprobe]
+            for image in range(300):
+                held = [row[c] for c in probed if c in set(codes[image].tolist())]
+                expected[word, image] = max(held) if held else row[probed].min()
+        np.testing.assert_array_equal(index.best_similarities(sims[:, :0], nprobe, sims), expected)
+        hits, best, _ = index.probe(sims, nprobe)
+        np.testing.assert_array_equal(best, expected[:, hits])
+
+
 def test_a_tampered_or_foreign_index_file_is_refused_in_one_line(world: dict[str, Any]) -> None:
     gallery = world["root"] / "tampered"
     shutil.copytree(world["gallery"], gallery)

@@ -206,7 +206,7 @@ class OpenShard:
                 candidates = self.regions.caption_candidates(captions, estimate, nprobe, request.shortlist,
                                                              int(runtime.options.threads or 0))
             middle = time.perf_counter()
-            found = rerank_candidates(runtime, embeddings, captions, candidates, request.k, direction)
+            found = rerank_candidates(runtime, embeddings, captions, candidates, request.k, direction, self.gallery)
             stages["candidates"] += middle - started
             stages["rerank"] += time.perf_counter() - middle
             setattr(answer, direction, found)
