@@ -154,6 +154,7 @@ def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, A
     spec = IndexSpec("regions", regions_storage="compact", residual_bits=bits)
     index_sharded(runtime, world["features"], gallery, ShardingOptions(16, None, spec))
     assert not list(gallery.glob("shard-*/image_embeddings.npy"))
+    assert not list(gallery.glob("shard-*/global_vectors.npy"))  # compact storage's budget leaves them out
     record = json.loads((gallery / "shard-00000" / "gallery.json").read_text())["region_index"]
     assert record["params"]["bits"] == bits and record["params"]["residual_codec"] == "lloyd-max"
     assert record["bits"]["file"] == "region_bits.npy"
@@ -165,6 +166,32 @@ def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, A
     same_answer(full.t2i, runtime.rank(decoded, captions, top_k=5).t2i, world["family"])
     found = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, nprobe=EVERYTHING))
     same_answer(found.t2i, full.t2i, world["family"])
+
+
+def test_global_vectors_join_the_candidates_and_poor_fit_shards_search_wider(world: dict[str, Any]) -> None:
+    from itmrt.scale.regions import POOR_FIT_EXACT_PASS, POOR_FIT_UNION
+    from itmrt.scale.shard import union_candidates
+
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    for shard in shards.shards:  # exact storage keeps the global vectors beside the region index
+        assert shard.vectors is not None
+        assert shard.vectors.shape == (len(shard.gallery), shard.gallery.embeddings.shape[2])
+    reference = runtime.rank(world["embeddings"], captions, top_k=5)
+    everything = shards.search(captions, SearchRequest(k=5, shortlist=5, nprobe=1, exact_pass=0, union=EVERYTHING))
+    same_answer(everything.t2i, reference.t2i, world["family"])  # the global vectors' best: every image
+    few = shards.search(captions, SearchRequest(k=5, shortlist=5, nprobe=1, exact_pass=0, union=3))
+    assert few.pairs == len(captions) * (5 + 3) * 3
+    wider = shards.search(captions, SearchRequest(k=5, shortlist=5, nprobe=1, exact_pass=7, union=0))
+    assert wider.pairs == len(captions) * 7 * 3
+    index = shards.shards[0].regions
+    assert index.fit >= index.poor_fit_below  # small shards: few regions per centroid
+    assert (index.default_exact_pass(None), index.default_union(None)) == (0, 0)
+    index.fit = index.poor_fit_below - 0.1
+    assert (index.default_exact_pass(None), index.default_union(None)) == (POOR_FIT_EXACT_PASS, POOR_FIT_UNION)
+    assert (index.default_exact_pass(3), index.default_union(0)) == (3, 0)
+    merged = union_candidates(np.array([[4, 2, 9, 7, 1, 8]]), 2, np.array([[9, 5, 4]]))
+    np.testing.assert_array_equal(merged, [[4, 2, 9, 5, 7, 1]])
 
 
 def test_the_probe_keeps_each_words_largest_probed_centroid_per_image() -> None:

@@ -44,7 +44,14 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
-from itmrt.scale.regions import DEFAULT_EXACT_PASS, DEFAULT_REFINE
+from itmrt.scale.regions import (
+    DEFAULT_EXACT_PASS,
+    DEFAULT_REFINE,
+    DEFAULT_UNION,
+    POOR_FIT,
+    POOR_FIT_EXACT_PASS,
+    POOR_FIT_UNION,
+)
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
@@ -121,6 +128,29 @@ class RegionIndex:
         self.nprobe, self.candidates = int(params["nprobe"]), int(params["candidates"])
         self.refine = int(params.get("refine", DEFAULT_REFINE))
         self.exact_pass = int(params.get("exact_pass", DEFAULT_EXACT_PASS))
+        self.union = int(params.get("union", DEFAULT_UNION))
+        self.fit = float(record.get("fit", 1.0))
+        self.poor_fit_below = float(params.get("poor_fit", POOR_FIT))
+
+    @property
+    def poor_fit(self) -> bool:
+        """Whether the shard's regions fit its centroids too loosely for the centroid estimate alone (its
+        recorded mean region-to-centroid cosine below its recorded ``poor_fit``, else :data:`POOR_FIT`)."""
+        return self.fit < self.poor_fit_below
+
+    def default_exact_pass(self, asked: int | None) -> int:
+        """Images a search scores exactly in this shard (at least K): ``asked``, else the recorded value, else
+        :data:`POOR_FIT_EXACT_PASS` on a poorly fitting shard."""
+        if asked is not None:
+            return asked
+        return self.exact_pass or (POOR_FIT_EXACT_PASS if self.poor_fit else 0)
+
+    def default_union(self, asked: int | None) -> int:
+        """Global-vector candidates a search adds in this shard (where it stores global vectors): ``asked``, else
+        the recorded value, else :data:`POOR_FIT_UNION` on a poorly fitting shard."""
+        if asked is not None:
+            return asked
+        return self.union or (POOR_FIT_UNION if self.poor_fit else 0)
 
     def probe(self, sims: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Steps 1-2 of the module for the images the probes reach: ``(hits [U], best [m, U], floor [m])`` -

@@ -73,6 +73,18 @@ DEFAULT_EXACT_PASS = 0
 best are reranked (compact storage: their decoded ones). 0 by default: at 100K images (50K-image shards, 8192
 centroids, fit 0.63) the refined estimate alone reached recall@10 1.0 at K = 50; on 10K-image shards (fit 0.44)
 an exact pass of 1000 lifted recall@10 from 0.82 to 0.98 (docs/region-index.md)."""
+DEFAULT_UNION = 0
+"""Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
+rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""
+POOR_FIT = 0.5
+"""A shard whose regions' mean cosine to their centroids (its recorded ``fit``) is below this is searched with
+the poor-fit defaults below: at 20K images (10K-image shards, fit 0.44 on the object data, 0.34 on the
+instance-copy data) the centroid estimate alone kept 0.82 and 0.19 of exhaustive's top 10 at K 50; at 100K (fit
+0.63) it kept all of it (docs/region-index.md)."""
+POOR_FIT_EXACT_PASS = 500
+"""Images per poorly fitting shard scored exactly (the region index's best), unless a search says otherwise."""
+POOR_FIT_UNION = 500
+"""Images per poorly fitting shard added from the global vectors' best (where the shard stores them)."""
 DEFAULT_SAMPLE = 8
 """k-means training vectors per centroid (a sample of the shard's regions)."""
 KMEANS_ITERATIONS = 2
@@ -248,6 +260,7 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams) -> dict[str
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
                          "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": params.exact_pass,
+                         "union": DEFAULT_UNION, "poor_fit": POOR_FIT,
                          "storage": params.storage,
                          "bits": params.bits if params.storage == "compact" else 0, "sample": params.sample,
                          **({"residual_codec": RESIDUAL_CODEC} if params.storage == "compact" else {}),
