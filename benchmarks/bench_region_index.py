@@ -172,16 +172,17 @@ def _recorded_build(out: Path) -> float:
 def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args: argparse.Namespace
           ) -> list[dict[str, Any]]:
     rows = []
-    settings = [(nprobe, exact_pass, k, refine) for nprobe in args.sweep_nprobe for exact_pass in args.sweep_exact
-                for k in args.sweep_k for refine in args.sweep_refine]
-    for nprobe, exact_pass, k, refine in settings:
+    settings = [(nprobe, exact_pass, k, refine, union) for nprobe in args.sweep_nprobe
+                for exact_pass in args.sweep_exact for k in args.sweep_k for refine in args.sweep_refine
+                for union in args.sweep_union]
+    for nprobe, exact_pass, k, refine, union in settings:
         for shard in shards.shards:
             shard.regions.refine = refine
-        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union)
         started = time.perf_counter()
         found = shards.search(batch, request)
         seconds = time.perf_counter() - started
-        rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, "refine": refine,
+        rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, "refine": refine, "union": union,
                      **overlap(found.t2i.indices, exact),
                      "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
                      "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
@@ -204,7 +205,7 @@ def compact_error(runtime: Any, source: np.ndarray, decoded: Any, batch: Caption
 
 def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbeddings, singles: list[CaptionEmbeddings],
                     reference: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
-    from itmrt.scale.regions import DEFAULT_CANDIDATES, DEFAULT_EXACT_PASS, DEFAULT_NPROBE
+    from itmrt.scale.regions import DEFAULT_CANDIDATES
 
     gallery = read_sharded_gallery(out)
     shards = {threads: LocalShards(runtime, gallery) for threads, runtime in runtimes.items()}
@@ -228,13 +229,17 @@ def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbedding
     good = [row for row in result["sweep"] if row["recall_at_10"] >= 0.99 and row["top1_same"] >= 0.98]
     best = min(good, key=lambda row: row["ms_per_query_batched"]) if good else \
         max(result["sweep"], key=lambda row: (row["recall_at_10"], -row["ms_per_query_batched"]))
-    settings = {"default": (DEFAULT_NPROBE, DEFAULT_CANDIDATES, DEFAULT_EXACT_PASS),
-                "best": (best["nprobe"], best["K"], best["exact_pass"])}
+    settings = {"default": (None, DEFAULT_CANDIDATES, None, None),  # each shard's defaults (its fit decides)
+                "best": (best["nprobe"], best["K"], best["exact_pass"], best["union"])}
     latency = {}
-    for name, (nprobe, k, exact_pass) in settings.items():
-        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
+    for name, (nprobe, k, exact_pass, union) in settings.items():
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union)
         found = shards[1].search(batch, request).t2i.indices
-        latency[name] = {"nprobe": nprobe, "K": k, "exact_pass": exact_pass, **overlap(found, reference["indices"])}
+        regions = shards[1].shards[0].regions
+        latency[name] = {"nprobe": nprobe or regions.nprobe, "K": k,
+                         "exact_pass": exact_pass if exact_pass is not None else regions.default_exact_pass(None),
+                         "union": union if union is not None else regions.default_union(None),
+                         **overlap(found, reference["indices"])}
         for threads, opened in shards.items():
             latency[name][f"{threads}_threads"] = timed_queries(opened.search, singles, request)
         print(f"  {name}: {latency[name]}", flush=True)
@@ -413,7 +418,8 @@ def print_synthetic(results: dict[str, Any]) -> None:
     for storage, entry in results["storages"].items():
         for name, row in entry["latency"].items():
             one, two = row["1_threads"], row["2_threads"]
-            print(f"| {storage} | {name}: nprobe {row['nprobe']}, exact pass {row['exact_pass']}, K {row['K']}/shard "
+            print(f"| {storage} | {name}: nprobe {row['nprobe']}, exact pass {row['exact_pass']}, K {row['K']}/shard, "
+                  f"union {row.get('union', 0)} "
                   f"| {row['recall_at_10']} | "
                   f"{row['top1_same']} | {one['p50_ms']} / {one['p99_ms']} | {two['p50_ms']} / {two['p99_ms']} |")
         for row in entry.get("global_shortlist", []):
@@ -428,12 +434,13 @@ def print_synthetic(results: dict[str, Any]) -> None:
         exhaustive = entry.get("exhaustive_ms_per_query", entry.get("exhaustive_decoded_ms_per_query"))
         print(f"| {storage} | {entry['write_seconds']} | {entry['index_build_seconds']} | "
               f"{entry['disk_bytes_per_image']:,} | {rss.get('RssAnon')} / {rss.get('RssFile')} | {exhaustive} |")
-    print("\n| storage | nprobe | exact pass | K/shard | recall@10 | top-1 same | ms/query (batched, 1 thread) | "
-          "stages ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| storage | nprobe | exact pass | K/shard | union | recall@10 | top-1 same | ms/query (batched, 1 thread) "
+          "| stages ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for storage, entry in results["storages"].items():
         for row in entry["sweep"]:
-            print(f"| {storage} | {row['nprobe']} | {row['exact_pass']} | {row['K']} | {row['recall_at_10']} | "
+            print(f"| {storage} | {row['nprobe']} | {row['exact_pass']} | {row['K']} | {row.get('union', 0)} | "
+                  f"{row['recall_at_10']} | "
                   f"{row['top1_same']} | "
                   f"{row['ms_per_query_batched']} | {row['stage_ms']} |")
     compact = results["storages"].get("compact")
@@ -474,6 +481,7 @@ def main() -> None:
     parser.add_argument("--sweep-nprobe", type=numbers, default=[8])
     parser.add_argument("--sweep-exact", type=numbers, default=[0, 400, 1000], help="exact_pass values")
     parser.add_argument("--sweep-k", type=numbers, default=[25, 50, 100])
+    parser.add_argument("--sweep-union", type=numbers, default=[0], help="global-vector candidates per shard")
     parser.add_argument("--sweep-refine", type=numbers, default=[2048], help="refine values (images per shard)")
     parser.add_argument("--refine", type=int, default=None, help="search every shard with this refine")
     parser.add_argument("--no-global", dest="global_baseline", action="store_false",

@@ -64,8 +64,7 @@ def index_command(
         "K are reranked (default 0: none; 1000 lifts recall where the centroids fit the regions poorly).")),
     regions_storage: str = Opt("exact", "--regions-storage", help=(
         "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
-    residual_bits: float = Opt(2.0, "--residual-bits", help=(
-        "regions, compact: bits per dimension on average, 1 to 4 (fractional allowed; allocated per dimension)")),
+    residual_bits: float = Opt(2.0, "--residual-bits", help="regions, compact: mean bits per dimension (1 to 4)."),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
