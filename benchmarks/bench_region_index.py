@@ -101,7 +101,8 @@ class GlobalShortlist:
         found = []
         for shard, index in zip(self.shards.shards, self.indexes):
             candidates = index.candidates(vectors, request.shortlist or 100)
-            top = rerank_candidates(self.shards.runtime, shard.gallery.embeddings, captions, candidates, request.k)
+            top = rerank_candidates(self.shards.runtime, shard.gallery.embeddings, captions, candidates, request.k,
+                                    gallery=shard.gallery)
             found.append((top.scores, np.where(top.indices >= 0, top.indices + shard.record.first, -1)))
         scores = np.concatenate([s for s, _ in found], axis=1)
         rows = np.concatenate([r for _, r in found], axis=1)
@@ -171,16 +172,17 @@ def _recorded_build(out: Path) -> float:
 def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args: argparse.Namespace
           ) -> list[dict[str, Any]]:
     rows = []
-    settings = [(nprobe, exact_pass, k, refine) for nprobe in args.sweep_nprobe for exact_pass in args.sweep_exact
-                for k in args.sweep_k for refine in args.sweep_refine]
-    for nprobe, exact_pass, k, refine in settings:
+    settings = [(nprobe, exact_pass, k, refine, union) for nprobe in args.sweep_nprobe
+                for exact_pass in args.sweep_exact for k in args.sweep_k for refine in args.sweep_refine
+                for union in args.sweep_union]
+    for nprobe, exact_pass, k, refine, union in settings:
         for shard in shards.shards:
             shard.regions.refine = refine
-        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union)
         started = time.perf_counter()
         found = shards.search(batch, request)
         seconds = time.perf_counter() - started
-        rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, "refine": refine,
+        rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, "refine": refine, "union": union,
                      **overlap(found.t2i.indices, exact),
                      "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
                      "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
@@ -203,7 +205,7 @@ def compact_error(runtime: Any, source: np.ndarray, decoded: Any, batch: Caption
 
 def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbeddings, singles: list[CaptionEmbeddings],
                     reference: dict[str, Any] | None, args: argparse.Namespace) -> dict[str, Any]:
-    from itmrt.scale.regions import DEFAULT_CANDIDATES, DEFAULT_EXACT_PASS, DEFAULT_NPROBE
+    from itmrt.scale.regions import DEFAULT_CANDIDATES
 
     gallery = read_sharded_gallery(out)
     shards = {threads: LocalShards(runtime, gallery) for threads, runtime in runtimes.items()}
@@ -212,23 +214,32 @@ def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbedding
             if args.refine is not None and shard.regions is not None:
                 shard.regions.refine = args.refine
     result: dict[str, Any] = {}
+    cached = args.work / f"reference-{args.data}-{args.images}-{len(batch)}-{len(singles)}.npz"  # the queries drawn
+    if reference is None and args.reuse and cached.is_file():  # exhaustive scoring of the same queries, kept
+        reference = dict(np.load(cached))
+        print(f"  exhaustive: reused {cached}", flush=True)
     if reference is None:
         started = time.perf_counter()
         exact = shards[2].search(batch, SearchRequest(k=TOP))
         result["exhaustive_ms_per_query"] = round(1000 * (time.perf_counter() - started) / len(batch), 1)
         reference = {"indices": exact.t2i.indices, "scores": exact.t2i.scores}
+        np.savez(cached, **reference)
         print(f"  exhaustive: {result['exhaustive_ms_per_query']} ms per query (2 threads, batched)", flush=True)
     result["sweep"] = sweep(shards[1], batch, reference["indices"], args)
     good = [row for row in result["sweep"] if row["recall_at_10"] >= 0.99 and row["top1_same"] >= 0.98]
     best = min(good, key=lambda row: row["ms_per_query_batched"]) if good else \
         max(result["sweep"], key=lambda row: (row["recall_at_10"], -row["ms_per_query_batched"]))
-    settings = {"default": (DEFAULT_NPROBE, DEFAULT_CANDIDATES, DEFAULT_EXACT_PASS),
-                "best": (best["nprobe"], best["K"], best["exact_pass"])}
+    settings = {"default": (None, DEFAULT_CANDIDATES, None, None),  # each shard's defaults (its fit decides)
+                "best": (best["nprobe"], best["K"], best["exact_pass"], best["union"])}
     latency = {}
-    for name, (nprobe, k, exact_pass) in settings.items():
-        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass)
+    for name, (nprobe, k, exact_pass, union) in settings.items():
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union)
         found = shards[1].search(batch, request).t2i.indices
-        latency[name] = {"nprobe": nprobe, "K": k, "exact_pass": exact_pass, **overlap(found, reference["indices"])}
+        regions = shards[1].shards[0].regions
+        latency[name] = {"nprobe": nprobe or regions.nprobe, "K": k,
+                         "exact_pass": exact_pass if exact_pass is not None else regions.default_exact_pass(None),
+                         "union": union if union is not None else regions.default_union(None),
+                         **overlap(found, reference["indices"])}
         for threads, opened in shards.items():
             latency[name][f"{threads}_threads"] = timed_queries(opened.search, singles, request)
         print(f"  {name}: {latency[name]}", flush=True)
@@ -329,21 +340,16 @@ def run_shipped(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"images": len(images), "captions": len(captions), "shape": list(images.shape),
                               "rsum_exact": round(recall_table(exact)["rsum"], 2), "compact": {}}
     float16_bytes = images[0].size * 2
-    for bits in (1, 2, 4):
-        out = work / f"compact-{bits}"
-        spec = IndexSpec("regions", regions_storage="compact", residual_bits=bits)
-        index_sharded(runtime, None, out, ShardingOptions(len(images), "float32", spec), embeddings=images)
-        shards = LocalShards(runtime, read_sharded_gallery(out))
-        decoded = np.asarray(shards.shards[0].gallery.embeddings[:])
-        scores = runtime.score(decoded, captions)
-        shard = out / "shard-00000"
-        stored = sum((shard / name).stat().st_size for name in ("region_residuals.npy", "region_codes.npy"))
+    for bits in args.bits:
+        rows = [compact_trial(runtime, images, captions, exact, bits, seed) for seed in range(args.seeds)]
+        changes = [row["rsum"] - result["rsum_exact"] for row in rows]
         result["compact"][bits] = {
-            "rsum": round(recall_table(scores)["rsum"], 2),
-            "rsum_change": round(recall_table(scores)["rsum"] - result["rsum_exact"], 2),
-            "score_mean_abs_error": round(float(np.abs(scores - exact).mean()), 5),
-            "score_max_abs_error": round(float(np.abs(scores - exact).max()), 5),
-            "bytes_per_image": round(stored / len(images)), "float16_bytes_per_image": float16_bytes}
+            "rsum_change_mean": round(float(np.mean(changes)), 2), "rsum_change_min": round(min(changes), 2),
+            "rsum_change_max": round(max(changes), 2), "seeds": len(rows),
+            "score_mean_abs_error": round(float(np.mean([row["mean_abs"] for row in rows])), 5),
+            "score_max_abs_error": round(max(row["max_abs"] for row in rows), 5),
+            "bytes_per_image": rows[0]["bytes_per_image"], "float16_bytes_per_image": float16_bytes,
+            "released_bytes_per_image": round(36 * (-(-1024 * bits // 8)) + 36 * 2)}
         print(f"  compact {bits} bits: {result['compact'][bits]}", flush=True)
     out = work / "regions"
     index_sharded(runtime, None, out, ShardingOptions(-(-len(images) // 2), "float32", IndexSpec("regions")),
@@ -359,6 +365,23 @@ def run_shipped(args: argparse.Namespace) -> dict[str, Any]:
     result["centroids"] = json.loads((out / "shard-00000" / "gallery.json").read_text())["region_index"]["params"]
     (args.work / "results-shipped.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def compact_trial(runtime: Any, images: np.ndarray, captions: CaptionEmbeddings, exact: np.ndarray, bits: float,
+                  seed: int) -> dict[str, float]:
+    """Compact storage of ``images`` (one shard, k-means seed ``seed``) decoded and scored: rsum, score error."""
+    from itmrt.metrics.recall import recall_table
+    from itmrt.runtime.compact_regions import CompactRegions
+    from itmrt.scale.regions import RegionParams, build_region_index, centroid_count
+
+    count = centroid_count(len(images), int(images.shape[1]))
+    arrays = build_region_index(images, RegionParams(count, storage="compact", bits=bits, seed=seed))["arrays"]
+    decoded = CompactRegions(arrays["centroids"], arrays["codes"], arrays["residuals"], arrays["buckets"],
+                             arrays["bits"])[:]
+    scores = runtime.score(decoded, captions)
+    return {"rsum": recall_table(scores)["rsum"], "mean_abs": float(np.abs(scores - exact).mean()),
+            "max_abs": float(np.abs(scores - exact).max()),
+            "bytes_per_image": round((arrays["residuals"].nbytes + arrays["codes"].nbytes) / len(images))}
 
 
 def run_compact_recall(args: argparse.Namespace) -> dict[str, Any]:
@@ -395,7 +418,8 @@ def print_synthetic(results: dict[str, Any]) -> None:
     for storage, entry in results["storages"].items():
         for name, row in entry["latency"].items():
             one, two = row["1_threads"], row["2_threads"]
-            print(f"| {storage} | {name}: nprobe {row['nprobe']}, exact pass {row['exact_pass']}, K {row['K']}/shard "
+            print(f"| {storage} | {name}: nprobe {row['nprobe']}, exact pass {row['exact_pass']}, K {row['K']}/shard, "
+                  f"union {row.get('union', 0)} "
                   f"| {row['recall_at_10']} | "
                   f"{row['top1_same']} | {one['p50_ms']} / {one['p99_ms']} | {two['p50_ms']} / {two['p99_ms']} |")
         for row in entry.get("global_shortlist", []):
@@ -410,12 +434,13 @@ def print_synthetic(results: dict[str, Any]) -> None:
         exhaustive = entry.get("exhaustive_ms_per_query", entry.get("exhaustive_decoded_ms_per_query"))
         print(f"| {storage} | {entry['write_seconds']} | {entry['index_build_seconds']} | "
               f"{entry['disk_bytes_per_image']:,} | {rss.get('RssAnon')} / {rss.get('RssFile')} | {exhaustive} |")
-    print("\n| storage | nprobe | exact pass | K/shard | recall@10 | top-1 same | ms/query (batched, 1 thread) | "
-          "stages ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| storage | nprobe | exact pass | K/shard | union | recall@10 | top-1 same | ms/query (batched, 1 thread) "
+          "| stages ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for storage, entry in results["storages"].items():
         for row in entry["sweep"]:
-            print(f"| {storage} | {row['nprobe']} | {row['exact_pass']} | {row['K']} | {row['recall_at_10']} | "
+            print(f"| {storage} | {row['nprobe']} | {row['exact_pass']} | {row['K']} | {row.get('union', 0)} | "
+                  f"{row['recall_at_10']} | "
                   f"{row['top1_same']} | "
                   f"{row['ms_per_query_batched']} | {row['stage_ms']} |")
     compact = results["storages"].get("compact")
@@ -427,12 +452,14 @@ def print_synthetic(results: dict[str, Any]) -> None:
 def print_shipped(result: dict[str, Any]) -> None:
     print(f"\nshipped small NAAF, test split: {result['images']} images {result['shape'][1:]}, "
           f"{result['captions']} captions; rsum exhaustive (exact storage) {result['rsum_exact']}\n")
-    print("| compact bits | rsum | rsum change | score error mean / max | bytes/image (float16: "
-          f"{result['compact'][1]['float16_bytes_per_image']}) |")
+    first = next(iter(result["compact"].values()))
+    print(f"| compact bits | rsum change, mean (min / max) over {first['seeds']} k-means seeds | score error mean / "
+          f"max | bytes/image (float16: {first['float16_bytes_per_image']}) | bytes/image, released sizes |")
     print("|---|---|---|---|---|")
     for bits, row in result["compact"].items():
-        print(f"| {bits} | {row['rsum']} | {row['rsum_change']} | {row['score_mean_abs_error']} / "
-              f"{row['score_max_abs_error']} | {row['bytes_per_image']} |")
+        print(f"| {bits} | {row['rsum_change_mean']} ({row['rsum_change_min']} / {row['rsum_change_max']}) | "
+              f"{row['score_mean_abs_error']} / {row['score_max_abs_error']} | {row['bytes_per_image']} | "
+              f"{row['released_bytes_per_image']} |")
     print(f"\nregion index ({result['centroids']['centroids']} centroids per shard, 2 shards) against exhaustive:\n")
     print("| nprobe | K/shard | recall@10 | top-1 same |")
     print("|---|---|---|---|")
@@ -454,6 +481,7 @@ def main() -> None:
     parser.add_argument("--sweep-nprobe", type=numbers, default=[8])
     parser.add_argument("--sweep-exact", type=numbers, default=[0, 400, 1000], help="exact_pass values")
     parser.add_argument("--sweep-k", type=numbers, default=[25, 50, 100])
+    parser.add_argument("--sweep-union", type=numbers, default=[0], help="global-vector candidates per shard")
     parser.add_argument("--sweep-refine", type=numbers, default=[2048], help="refine values (images per shard)")
     parser.add_argument("--refine", type=int, default=None, help="search every shard with this refine")
     parser.add_argument("--no-global", dest="global_baseline", action="store_false",
@@ -462,6 +490,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/itmrt-region-index"))
     parser.add_argument("--reuse", action="store_true", help="search galleries kept by an earlier --keep run")
     parser.add_argument("--keep", action="store_true", help="keep the galleries (and the source embeddings)")
+    parser.add_argument("--bits", type=lambda text: [float(x) for x in text.split(",")], default=[1, 2, 2.4, 4],
+                        help="shipped: compact residual bits per dimension to measure")
+    parser.add_argument("--seeds", type=int, default=5, help="shipped: k-means seeds per compact setting")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.what == "shipped":

@@ -110,20 +110,110 @@ def test_residual_codes_pack_and_decode_within_their_buckets(bits: int) -> None:
     assert cosine > {1: 0.75, 2: 0.9, 4: 0.98}[bits]
 
 
-def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, Any]) -> None:
+def test_residual_bits_are_allocated_where_they_lower_the_error_most() -> None:
+    rng = np.random.default_rng(3)
+    scales = np.array([2.0] * 8 + [1.0] * 8 + [0.01] * 8, dtype=np.float32)  # 24 dims, a third nearly constant
+    vectors = (rng.standard_normal((4000, 24)) * scales).astype(np.float32)
+    centroids = np.zeros_like(vectors)
+    codec = ResidualCodec.fit(vectors, centroids, 2.5)
+    assert int(codec.bits_per_dim.sum()) == 60
+    assert codec.bits_per_dim[:8].min() >= codec.bits_per_dim[8:16].max() >= codec.bits_per_dim[16:].max()
+    assert codec.packed_width(24) < 24 * 4 // 8  # fewer bytes than 4 bits everywhere
+    packed = codec.encode(vectors, centroids)
+    np.testing.assert_array_equal(codec.codes(packed), codec.codes(codec.encode(vectors, centroids)))
+    stored = ResidualCodec.from_buckets(codec.buckets, codec.bits_per_dim)
+    np.testing.assert_array_equal(stored.decode(packed, centroids), codec.decode(packed, centroids))
+    # each dimension's code is its nearest level: decoding and encoding again changes nothing
+    levels = codec.buckets[np.arange(24), codec.codes(packed)]
+    np.testing.assert_array_equal(codec.codes(codec.encode(levels, centroids)), codec.codes(packed))
+    uniform = ResidualCodec.fit(vectors, centroids, 2)
+    error = {name: float(((c.buckets[np.arange(24), c.codes(c.encode(vectors, centroids))] - vectors) ** 2).mean())
+             for name, c in (("allocated", codec), ("uniform", uniform))}
+    assert error["allocated"] < error["uniform"]
+
+
+def test_lloyd_max_levels_beat_equal_mass_buckets_at_the_same_bits() -> None:
+    from itmrt.runtime.compact_regions import lloyd_max
+
+    rng = np.random.default_rng(4)
+    values = rng.standard_normal((20000, 3)).astype(np.float32)
+    levels, error = lloyd_max(np.sort(values, axis=0), 4)
+    np.testing.assert_allclose(np.abs(levels), [[1.51, 0.453, 0.453, 1.51]] * 3, atol=0.05)  # Gaussian's optimum
+    np.testing.assert_allclose(error, 0.1175, atol=0.01)
+    middles = np.quantile(values, [1 / 8, 3 / 8, 5 / 8, 7 / 8], axis=0).T
+    legacy = ResidualCodec.from_buckets(middles)  # a gallery written before: equal-mass buckets, 2 bits each
+    assert legacy.bits == 2 and legacy.packed_width(3) == 1
+    legacy_error = ((middles[np.arange(3), legacy.codes(legacy.encode(values, 0 * values))] - values) ** 2).mean()
+    assert float(error.mean()) < legacy_error
+
+
+@pytest.mark.parametrize("bits", [4, 2.5])
+def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, Any], bits: float) -> None:
     runtime, captions = world["runtime"], world["captions"]
-    gallery = world["root"] / "compact"
-    spec = IndexSpec("regions", regions_storage="compact", residual_bits=4)
+    gallery = world["root"] / f"compact-{bits}"
+    spec = IndexSpec("regions", regions_storage="compact", residual_bits=bits)
     index_sharded(runtime, world["features"], gallery, ShardingOptions(16, None, spec))
     assert not list(gallery.glob("shard-*/image_embeddings.npy"))
+    assert not list(gallery.glob("shard-*/global_vectors.npy"))  # compact storage's budget leaves them out
+    record = json.loads((gallery / "shard-00000" / "gallery.json").read_text())["region_index"]
+    assert record["params"]["bits"] == bits and record["params"]["residual_codec"] == "lloyd-max"
+    assert record["bits"]["file"] == "region_bits.npy"
     shards = open_shards(gallery, threads=1, warn=quiet)
     decoded = np.concatenate([np.asarray(shard.gallery.embeddings[:]) for shard in shards.shards])
     cosine = (decoded * world["embeddings"]).sum(axis=-1)
-    assert cosine.min() > 0.9
+    assert cosine.min() > {4: 0.9, 2.5: 0.75}[bits]
     full = shards.search(captions, SearchRequest(k=5))
     same_answer(full.t2i, runtime.rank(decoded, captions, top_k=5).t2i, world["family"])
     found = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, nprobe=EVERYTHING))
     same_answer(found.t2i, full.t2i, world["family"])
+
+
+def test_global_vectors_join_the_candidates_and_poor_fit_shards_search_wider(world: dict[str, Any]) -> None:
+    from itmrt.scale.regions import POOR_FIT_EXACT_PASS, POOR_FIT_UNION
+    from itmrt.scale.shard import union_candidates
+
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    for shard in shards.shards:  # exact storage keeps the global vectors beside the region index
+        assert shard.vectors is not None
+        assert shard.vectors.shape == (len(shard.gallery), shard.gallery.embeddings.shape[2])
+    reference = runtime.rank(world["embeddings"], captions, top_k=5)
+    everything = shards.search(captions, SearchRequest(k=5, shortlist=5, nprobe=1, exact_pass=0, union=EVERYTHING))
+    same_answer(everything.t2i, reference.t2i, world["family"])  # the global vectors' best: every image
+    few = shards.search(captions, SearchRequest(k=5, shortlist=5, nprobe=1, exact_pass=0, union=3))
+    assert few.pairs == len(captions) * (5 + 3) * 3
+    wider = shards.search(captions, SearchRequest(k=5, shortlist=5, nprobe=1, exact_pass=7, union=0))
+    assert wider.pairs == len(captions) * 7 * 3
+    index = shards.shards[0].regions
+    assert index.fit >= index.poor_fit_below  # small shards: few regions per centroid
+    assert (index.default_exact_pass(None), index.default_union(None)) == (0, 0)
+    index.fit = index.poor_fit_below - 0.1
+    assert (index.default_exact_pass(None), index.default_union(None)) == (POOR_FIT_EXACT_PASS, POOR_FIT_UNION)
+    assert (index.default_exact_pass(3), index.default_union(0)) == (3, 0)
+    merged = union_candidates(np.array([[4, 2, 9, 7, 1, 8]]), 2, np.array([[9, 5, 4]]))
+    np.testing.assert_array_equal(merged, [[4, 2, 9, 5, 7, 1]])
+
+
+def test_the_probe_keeps_each_words_largest_probed_centroid_per_image() -> None:
+    from itmrt.scale.region_search import RegionIndex
+    from itmrt.scale.regions import inverted_lists
+
+    rng = np.random.default_rng(8)
+    centroids = rng.standard_normal((40, 16)).astype(np.float32)
+    codes = rng.integers(0, 40, size=(300, 6)).astype(np.uint16)
+    index = RegionIndex(centroids, inverted_lists(codes, 40), codes,
+                        {"rows": 300, "params": {"nprobe": 5, "candidates": 10}})
+    sims = rng.standard_normal((7, 40)).astype(np.float32)
+    for nprobe in (1, 5, 40):
+        expected = np.empty((7, 300), dtype=np.float32)
+        for word, row in enumerate(sims):  # the definition, word by word and image by image
+            probed = np.argsort(-row)[:nprobe]
+            for image in range(300):
+                held = [row[c] for c in probed if c in set(codes[image].tolist())]
+                expected[word, image] = max(held) if held else row[probed].min()
+        np.testing.assert_array_equal(index.best_similarities(sims[:, :0], nprobe, sims), expected)
+        hits, best, _ = index.probe(sims, nprobe)
+        np.testing.assert_array_equal(best, expected[:, hits])
 
 
 def test_a_tampered_or_foreign_index_file_is_refused_in_one_line(world: dict[str, Any]) -> None:
@@ -146,8 +236,10 @@ def test_a_tampered_or_foreign_index_file_is_refused_in_one_line(world: dict[str
 def test_a_region_index_needs_region_embeddings_options_to_match(world: dict[str, Any]) -> None:
     with pytest.raises(ItmrtError, match="--regions-storage compact is storage of the region index"):
         IndexSpec("flat", regions_storage="compact").check()
-    with pytest.raises(ItmrtError, match="--residual-bits must be one of 1, 2, 4"):
-        IndexSpec("regions", residual_bits=3).check()
+    with pytest.raises(ItmrtError, match="--residual-bits must be between 1 and 4"):
+        IndexSpec("regions", residual_bits=4.5).check()
+    with pytest.raises(ItmrtError, match="--residual-bits must be between 1 and 4"):
+        IndexSpec("regions", residual_bits=0.5).check()
     with pytest.raises(ItmrtError, match="--nprobe must be at least 1"):
         SearchRequest(k=1, shortlist=2, nprobe=0).check()
 

@@ -110,7 +110,9 @@ class ShortlistEntry(JsonRecord):
 @dataclass(kw_only=True)
 class RegionIndexEntry(JsonRecord):
     """A shard's region index (:mod:`itmrt.scale.regions`): centroids, each region's centroid id, inverted lists
-    and, for compact storage, packed residuals and their buckets; built from the embeddings ``built_from``."""
+    and, for compact storage, packed residuals, their levels (``buckets``) and each dimension's bits (``bits``;
+    absent in galleries written before bits were allocated per dimension); built from the embeddings
+    ``built_from``."""
 
     built_from: str = sha256_field()
     centroids: GalleryFile
@@ -118,6 +120,7 @@ class RegionIndexEntry(JsonRecord):
     lists: GalleryFile
     residuals: GalleryFile | None = None
     buckets: GalleryFile | None = None
+    bits: GalleryFile | None = None
     rows: int = bounded(minimum=0)
     regions: int = bounded(minimum=1)
     dims: int = bounded(minimum=1)
@@ -128,7 +131,7 @@ class RegionIndexEntry(JsonRecord):
 
     def files(self) -> list[GalleryFile]:
         return [self.centroids, self.codes, self.lists,
-                *[entry for entry in (self.residuals, self.buckets) if entry is not None]]
+                *[entry for entry in (self.residuals, self.buckets, self.bits) if entry is not None]]
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,9 @@ def audit_command(
     nprobe: int | None = Opt(None, "--nprobe", min=1, help=(
         "Region index: centroids probed per caption token (default: what each shard records).")),
     exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
-        "Region index: images per shard estimated from exact region similarities before K (default: recorded).")),
+        "Region index: images per shard scored exactly, at least K (default: recorded, or 500 on a poor fit).")),
+    union: int | None = Opt(None, "--union", min=0, help=(
+        "Region index: images per shard added from the global vectors (default: recorded, or 500 on a poor fit).")),
     seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
     threads: int = flags.threads(),
     out: Path | None = Opt(None, "--out", help="Write the report as JSON here."),
@@ -55,7 +57,7 @@ def audit_command(
     captions = read_captions(captions_path, "one caption per line")
     shards = open_shards(gallery, threads=threads, warn=warn_on_stderr)
     try:
-        report = audit(shards, captions, sample, top_k, shortlist, nprobe, seed, exact_pass)
+        report = audit(shards, captions, sample, top_k, shortlist, nprobe, seed, exact_pass, union)
     finally:
         shards.close()
         shards.runtime.close()

@@ -60,11 +60,11 @@ def index_command(
         "regions: the shards' recorded images reranked exactly per shard (default 50; a search's "
         "--shortlist K is what it uses).")),
     exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
-        "regions: the shards' recorded images per shard estimated from their exact region similarities before "
-        "K are reranked (default 0: none; 1000 lifts recall where the centroids fit the regions poorly).")),
+        "regions: the shards' recorded images per shard scored exactly, at least K (default 0: none; a shard "
+        "whose centroids fit its regions poorly is searched with 500).")),
     regions_storage: str = Opt("exact", "--regions-storage", help=(
         "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
-    residual_bits: int = Opt(2, "--residual-bits", help="regions, compact: bits per dimension (1, 2 or 4)."),
+    residual_bits: float = Opt(2.0, "--residual-bits", help="regions, compact: mean bits per dimension (1 to 4)."),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 

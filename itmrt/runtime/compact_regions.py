@@ -1,12 +1,26 @@
-"""Compact region storage: each region vector as its centroid plus a residual at 1, 2 or 4 bits per dimension.
+"""Compact region storage: each region vector as its centroid plus a residual of a few bits per dimension.
 
 A region ``v`` with nearest centroid ``c`` keeps ``c``'s id and, per
-dimension ``k``, which of ``2^bits`` buckets its residual ``v_k - c_k`` falls
-in. The bucket bounds are per-dimension quantiles of residuals measured on a
-training sample (equal-mass buckets), and a bucket decodes to its middle
-quantile. Decoding gives ``c + bucket values``, l2-normalised as the image
-encoder's output is. At 36 regions x d 1024, 2 bits is 9,216 bytes of
-residuals plus 72 bytes of centroid ids per image (float16: 73,728 bytes).
+dimension ``k``, which of ``2^b_k`` levels its residual ``v_k - c_k`` is
+nearest. Decoding gives ``c + levels``, l2-normalised as the image encoder's
+output is.
+
+The levels are a Lloyd-Max quantiser per dimension, learned from a training
+sample of residuals (levels the means of their cells, cells bounded halfway
+between levels, a few iterations from equal-mass quantiles). The bits ``b_k``
+(0 to :data:`MAX_BITS`) are allocated per dimension for an *average* budget
+(``--residual-bits``, which may be fractional): greedily, each further bit to
+the dimension whose measured distortion it lowers most. On the shipped NAAF
+Lloyd-Max levels halved the score error of equal-mass buckets at the same
+2 bits (``benchmarks/bench_region_index.py shipped``; docs/region-index.md).
+
+Layout of a region's bytes: a dimension's code of ``b`` bits is split into
+pieces of 4, 2 and 1 bits (3 = 2 + 1); the dimensions sharing a piece are
+packed together, ``8 / width`` to a byte, piece after piece. With every
+dimension at 1, 2 or 4 bits this is one piece: the layout of galleries written
+before the allocation (equal-mass buckets, uniform bits), which decode as
+before. At 36 regions x d 1024, 2.4 bits is 11,059 bytes of residuals plus 72
+bytes of centroid ids per image (float16: 73,728 bytes).
 
 :class:`CompactRegions` stands where a gallery's ``[images, regions, d]``
 embeddings array stands: indexing it (an int, a slice or an array of rows)
@@ -23,50 +37,163 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 
+MAX_BITS = 4
+"""Most bits one dimension's residual gets."""
+LLOYD_ITERATIONS = 12
+PIECES = (4, 2, 1)
+"""Widths a dimension's code is split into for packing."""
+
 
 @dataclass
 class ResidualCodec:
-    """Per-dimension residual buckets: ``cutoffs [d, 2^bits - 1]`` and ``buckets [d, 2^bits]`` (values)."""
+    """Per-dimension residual levels ``buckets [d, 2^max_bits]`` (a dimension's first ``2^bits[k]``; the rest
+    NaN, so that a reader from before the allocation refuses a gallery whose layout it cannot decode - its check
+    for finite buckets - while uniform 1, 2 or 4 bits stay readable by it) and each dimension's ``bits [d]``."""
 
-    cutoffs: np.ndarray
     buckets: np.ndarray
+    bits_per_dim: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.buckets = np.ascontiguousarray(self.buckets, dtype=np.float32)
+        self.bits_per_dim = np.asarray(self.bits_per_dim, dtype=np.uint8)
+        depth = len(self.bits_per_dim)
+        if self.buckets.ndim != 2 or self.buckets.shape[0] != depth or \
+                (depth and (1 << int(self.bits_per_dim.max())) > self.buckets.shape[1]):
+            raise ItmrtError(f"compact regions: residual levels {self.buckets.shape} do not fit the bits of "
+                             f"{depth} dimensions; re-index the gallery")
+        used = np.arange(self.buckets.shape[1]) < (1 << self.bits_per_dim.astype(np.int64))[:, None]
+        if not np.isfinite(self.buckets[used]).all():
+            raise ItmrtError("compact regions: residual levels are not finite; re-index the gallery")
+        self.segments = _segments(self.bits_per_dim)
 
     @property
-    def bits(self) -> int:
-        return int(self.buckets.shape[1]).bit_length() - 1
+    def bits(self) -> float:
+        """Average bits per dimension."""
+        return float(self.bits_per_dim.mean()) if len(self.bits_per_dim) else 0.0
 
     @classmethod
-    def fit(cls, vectors: np.ndarray, centroids: np.ndarray, bits: int) -> ResidualCodec:
-        """Buckets from the residuals of ``vectors [R, d]`` to their centroids ``[R, d]``."""
-        levels = 1 << bits
+    def fit(cls, vectors: np.ndarray, centroids: np.ndarray, bits: float) -> ResidualCodec:
+        """Lloyd-Max levels and a bit allocation of ``bits`` per dimension on average, from the residuals of
+        ``vectors [R, d]`` to their centroids ``[R, d]``."""
         residuals = np.asarray(vectors, dtype=np.float32) - centroids
-        cutoffs = np.quantile(residuals, np.arange(1, levels) / levels, axis=0).T.astype(np.float32)
-        values = np.quantile(residuals, (2 * np.arange(levels) + 1) / (2 * levels), axis=0).T.astype(np.float32)
-        return cls(np.ascontiguousarray(cutoffs), np.ascontiguousarray(values))
+        depth = residuals.shape[1]
+        ordered = np.sort(residuals, axis=0)
+        levels, errors = {}, np.empty((depth, MAX_BITS + 1), dtype=np.float64)
+        errors[:, 0] = residuals.var(axis=0)
+        for width in range(1, MAX_BITS + 1):
+            levels[width], errors[:, width] = lloyd_max(ordered, 1 << width)
+        allocation = allocate_bits(errors, int(round(bits * depth)))
+        buckets = np.empty((depth, 1 << int(allocation.max(initial=0))), dtype=np.float32)
+        for k, width in enumerate(allocation):
+            own = levels[width][k] if width else residuals[:, k].mean(keepdims=True)
+            buckets[k, : len(own)], buckets[k, len(own) :] = own, np.nan
+        return cls(buckets, allocation)
 
     @classmethod
-    def from_buckets(cls, buckets: np.ndarray) -> ResidualCodec:
-        """A decoder (bucket values only; cutoffs halfway between neighbouring values, for re-encoding)."""
-        buckets = np.ascontiguousarray(buckets, dtype=np.float32)
-        return cls((buckets[:, 1:] + buckets[:, :-1]) / 2, buckets)
+    def from_buckets(cls, buckets: np.ndarray, bits_per_dim: np.ndarray | None = None) -> ResidualCodec:
+        """A stored codec; without ``bits_per_dim`` (galleries written before the allocation) every dimension
+        has ``log2(levels)`` bits."""
+        buckets = np.asarray(buckets, dtype=np.float32)
+        if bits_per_dim is None:
+            width = int(buckets.shape[1]).bit_length() - 1
+            if buckets.ndim != 2 or 1 << width != buckets.shape[1] or width not in PIECES:
+                raise ItmrtError(f"compact regions: residual buckets of shape {buckets.shape} are not 1, 2 or 4 "
+                                 "bits; re-index the gallery")
+            bits_per_dim = np.full(buckets.shape[0], width, dtype=np.uint8)
+        return cls(buckets, bits_per_dim)
 
     def packed_width(self, depth: int) -> int:
-        return -(-depth * self.bits // 8)
+        """Bytes per region (``depth``: the dimensions, as the codec was fitted)."""
+        assert depth == len(self.bits_per_dim)
+        return sum(-(-len(dims) * width // 8) for dims, _, width in self.segments)
 
     def encode(self, vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-        """``[R, packed_width]`` uint8: each dimension's bucket, ``8 / bits`` dimensions per byte."""
+        """``[R, packed_width]`` uint8: each dimension's nearest level, packed (see the module)."""
         residuals = np.asarray(vectors, dtype=np.float32) - centroids
         codes = np.zeros(residuals.shape, dtype=np.uint8)
-        for level in range(self.cutoffs.shape[1]):
-            codes += residuals > self.cutoffs[:, level]
-        return pack(codes, self.bits)
+        for width in range(1, MAX_BITS + 1):  # cells bounded halfway between levels
+            dims = np.flatnonzero(self.bits_per_dim == width)
+            if len(dims) == 0:
+                continue
+            levels = self.buckets[dims, : 1 << width]
+            cutoffs = (levels[:, 1:] + levels[:, :-1]) / 2
+            part = residuals[:, dims]
+            found = np.zeros(part.shape, dtype=np.uint8)
+            for cut in cutoffs.T:
+                found += part > cut
+            codes[:, dims] = found
+        return np.concatenate([pack((codes[:, dims] >> shift) & ((1 << width) - 1), width)
+                               for dims, shift, width in self.segments], axis=1) if self.segments else \
+            np.zeros((len(codes), 0), dtype=np.uint8)
+
+    def codes(self, packed: np.ndarray) -> np.ndarray:
+        """``[R, d]`` level indices from packed rows ``[R, packed_width]``."""
+        depth = len(self.bits_per_dim)
+        codes = np.zeros((*packed.shape[:-1], depth), dtype=np.uint8)
+        at = 0
+        for dims, shift, width in self.segments:
+            size = -(-len(dims) * width // 8)
+            part = unpack(packed[..., at : at + size], width, len(dims))
+            at += size
+            if len(self.segments) == 1 and len(dims) == depth:  # every dimension at the same 1, 2 or 4 bits
+                return part
+            codes[..., dims] |= part << shift
+        return codes
 
     def decode(self, packed: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         """``[R, d]`` float32 unit vectors from packed residual codes and their centroids ``[R, d]``."""
         depth = int(centroids.shape[-1])
-        codes = unpack(packed, self.bits, depth)
+        codes = self.codes(packed)
         out = centroids + self.buckets[np.arange(depth), codes]
         return (out / (np.linalg.norm(out, axis=-1, keepdims=True) + 1e-8)).astype(np.float32)
+
+
+def lloyd_max(ordered: np.ndarray, count: int, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` levels per dimension ``[d, count]`` and their mean squared error ``[d]`` from each dimension's
+    sorted training values ``ordered [R, d]`` (cell means from prefix sums: one pass over the data per
+    iteration is a search of the sorted column)."""
+    rows, depth = ordered.shape
+    sums = np.concatenate([np.zeros((1, depth)), np.cumsum(ordered, axis=0, dtype=np.float64)])
+    squares = np.concatenate([np.zeros((1, depth)), np.cumsum(np.square(ordered, dtype=np.float64), axis=0)])
+    levels = np.quantile(ordered, (2 * np.arange(count) + 1) / (2 * count), axis=0).T.astype(np.float64)
+    columns = np.arange(depth)
+    for _ in range(iterations + 1):
+        cutoffs = (levels[:, 1:] + levels[:, :-1]) / 2
+        edges = np.empty((depth, count + 1), dtype=np.int64)
+        edges[:, 0], edges[:, -1] = 0, rows
+        for k in range(depth):
+            edges[k, 1:-1] = np.searchsorted(ordered[:, k], cutoffs[k])
+        size = np.diff(edges, axis=1)
+        total = sums[edges[:, 1:], columns[:, None]] - sums[edges[:, :-1], columns[:, None]]
+        levels = np.where(size > 0, total / np.maximum(size, 1), levels)
+        levels.sort(axis=1)
+    cell_squares = squares[edges[:, 1:], columns[:, None]] - squares[edges[:, :-1], columns[:, None]]
+    error = (cell_squares - 2 * levels * total + size * levels**2).sum(axis=1) / max(1, rows)
+    return levels.astype(np.float32), np.maximum(error, 0.0)
+
+
+def allocate_bits(errors: np.ndarray, total: int) -> np.ndarray:
+    """Bits per dimension ``[d]`` summing to ``total`` (at most :data:`MAX_BITS` each) from each dimension's
+    error at 0..MAX_BITS bits ``[d, MAX_BITS + 1]``: the ``total`` largest gains of one more bit (made
+    non-increasing per dimension, so taking them greedily is taking a prefix of each dimension's)."""
+    depth = len(errors)
+    gains = np.minimum.accumulate(errors[:, :-1] - errors[:, 1:], axis=1)  # [d, MAX_BITS]
+    total = max(0, min(total, depth * MAX_BITS))
+    order = np.lexsort((np.tile(np.arange(MAX_BITS), depth), np.repeat(np.arange(depth), MAX_BITS),
+                        -gains.ravel()))[:total]
+    return np.bincount(order // MAX_BITS, minlength=depth).astype(np.uint8)
+
+
+def _segments(bits_per_dim: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """``(dims, shift, width)`` pieces of the packed layout: each dimension's code split into widths 4, 2, 1."""
+    pieces: dict[tuple[int, int], list[int]] = {}
+    for k, bits in enumerate(bits_per_dim.tolist()):
+        shift = 0
+        for width in PIECES:
+            while bits - shift >= width:
+                pieces.setdefault((shift, width), []).append(k)
+                shift += width
+    return [(np.array(dims, dtype=np.intp), shift, width) for (shift, width), dims in sorted(pieces.items())]
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -96,12 +223,13 @@ class CompactRegions:
     ndim = 3
     dtype = np.dtype(np.float32)
 
-    def __init__(self, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray, buckets: np.ndarray) -> None:
+    def __init__(self, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray, buckets: np.ndarray,
+                 bits_per_dim: np.ndarray | None = None) -> None:
         if codes.ndim != 2 or residuals.shape[:2] != codes.shape:
             raise ItmrtError(f"compact regions: codes {codes.shape} and residuals {residuals.shape} disagree; "
                              "re-index the gallery")
         self.centroids, self.codes, self.residuals = centroids, codes, residuals
-        self.codec = ResidualCodec.from_buckets(buckets)
+        self.codec = ResidualCodec.from_buckets(buckets, bits_per_dim)
         self.shape = (int(codes.shape[0]), int(codes.shape[1]), int(centroids.shape[1]))
 
     def __len__(self) -> int:

@@ -235,16 +235,24 @@ def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = T
     listed = manifest.files()
     arrays = {}
     for role, item in (("centroids", index.centroids), ("codes", index.codes), ("residuals", index.residuals),
-                       ("buckets", index.buckets)):
+                       ("buckets", index.buckets), ("bits", index.bits)):
+        if item is None:  # bits: absent before they were allocated per dimension
+            continue
         path = verified_member(root, item.file, listed, "gallery", REMEDY) if verify else root / item.file
         arrays[role] = open_npy(path, f"compact regions ({role})")
     centroids, buckets = np.asarray(arrays["centroids"]), np.asarray(arrays["buckets"])
-    if not (np.isfinite(centroids).all() and np.isfinite(buckets).all()):
+    if not np.isfinite(centroids).all() or ("bits" not in arrays and not np.isfinite(buckets).all()):
         raise ItmrtError(f"gallery {root}: its region centroids or residual buckets are not finite; {REMEDY}")
     if centroids.ndim != 2 or buckets.shape[0] != centroids.shape[1] or arrays["codes"].ndim != 2 \
             or (len(centroids) and int(arrays["codes"].max(initial=0)) >= len(centroids)):
         raise ItmrtError(f"gallery {root}: its compact region files do not fit together; {REMEDY}")
-    return CompactRegions(centroids, arrays["codes"], arrays["residuals"], buckets)
+    bits = np.asarray(arrays["bits"]) if "bits" in arrays else None
+    if bits is not None and (bits.dtype != np.uint8 or bits.shape != (centroids.shape[1],)):
+        raise ItmrtError(f"gallery {root}: its residual bits are not one uint8 per dimension; {REMEDY}")
+    regions = CompactRegions(centroids, arrays["codes"], arrays["residuals"], buckets, bits)
+    if arrays["residuals"].shape[-1] != regions.codec.packed_width(int(centroids.shape[1])):
+        raise ItmrtError(f"gallery {root}: its packed residuals do not fit its residual bits; {REMEDY}")
+    return regions
 
 
 def _read_ids(root: Path, entry: IdsEntry, rows: int) -> list[str]:

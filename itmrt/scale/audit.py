@@ -44,11 +44,13 @@ def sample_captions(captions: list[str], sample: int, seed: int = 0) -> list[int
 
 
 def audit(shards: Any, captions: list[str], sample: int, k: int = 10, shortlist: int | None = None,
-          nprobe: int | None = None, seed: int = 0, exact_pass: int | None = None) -> dict[str, Any]:
+          nprobe: int | None = None, seed: int = 0, exact_pass: int | None = None,
+          union: int | None = None) -> dict[str, Any]:
     """Exhaustive scoring against the gallery's index on a sample of ``captions`` (see the module)."""
     chosen = sample_captions(captions, sample, seed)
     shortlist = shortlist if shortlist is not None else recorded_candidates(shards)
-    request = SearchRequest(k=k, shortlist=max(shortlist, k), nprobe=nprobe, exact_pass=exact_pass).check()
+    request = SearchRequest(k=k, shortlist=max(shortlist, k), nprobe=nprobe, exact_pass=exact_pass,
+                            union=union).check()
     started = time.perf_counter()
     encoded = shards.runtime.encode_captions([captions[i] for i in chosen])
     encode_s = time.perf_counter() - started
@@ -67,6 +69,7 @@ def audit(shards: Any, captions: list[str], sample: int, k: int = 10, shortlist:
         "images": len(shards), "shards": len(shards.gallery.shards), "captions_sampled": count, "k": k,
         "shortlist_per_shard": request.shortlist, "nprobe": nprobe if nprobe is not None else "recorded",
         "exact_pass": exact_pass if exact_pass is not None else "recorded",
+        "union": union if union is not None else "recorded",
         "index": "regions" if indexed.stage_seconds else "global shortlist",
         f"recall_at_{k}": round(float(np.mean(per_caption)), 4),
         "top1_agreement": round(float(np.mean(want[:, 0] == got[:, 0])), 4),

@@ -73,7 +73,7 @@ class IndexSpec:
     candidates: int = DEFAULT_CANDIDATES
     exact_pass: int = DEFAULT_EXACT_PASS
     regions_storage: str = "exact"
-    residual_bits: int = 2
+    residual_bits: float = 2  # compact storage: average bits per dimension (RESIDUAL_BITS range)
     region_sample: int = DEFAULT_SAMPLE
 
     def check(self) -> IndexSpec:

@@ -28,6 +28,7 @@ from itmrt.errors import ItmrtError
 from itmrt.publish import atomic_write_text
 from itmrt.runtime.gallery import GALLERY_MANIFEST, Gallery, read_gallery
 from itmrt.scale.regions import (
+    BITS_FILE,
     BUCKETS_FILE,
     CENTROIDS_FILE,
     CODES_FILE,
@@ -38,7 +39,7 @@ from itmrt.scale.regions import (
 )
 
 FILES = {"centroids": CENTROIDS_FILE, "codes": CODES_FILE, "lists": LISTS_FILE, "residuals": RESIDUALS_FILE,
-         "buckets": BUCKETS_FILE}
+         "buckets": BUCKETS_FILE, "bits": BITS_FILE}
 DRIFT_DROP = 0.05
 """An append whose regions' mean cosine to an existing shard's centroids is this much below that shard's own
 is reported as a change of distribution."""

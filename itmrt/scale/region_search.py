@@ -44,7 +44,14 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
-from itmrt.scale.regions import DEFAULT_EXACT_PASS, DEFAULT_REFINE
+from itmrt.scale.regions import (
+    DEFAULT_EXACT_PASS,
+    DEFAULT_REFINE,
+    DEFAULT_UNION,
+    POOR_FIT,
+    POOR_FIT_EXACT_PASS,
+    POOR_FIT_UNION,
+)
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
@@ -121,20 +128,74 @@ class RegionIndex:
         self.nprobe, self.candidates = int(params["nprobe"]), int(params["candidates"])
         self.refine = int(params.get("refine", DEFAULT_REFINE))
         self.exact_pass = int(params.get("exact_pass", DEFAULT_EXACT_PASS))
+        self.union = int(params.get("union", DEFAULT_UNION))
+        self.fit = float(record.get("fit", 1.0))
+        self.poor_fit_below = float(params.get("poor_fit", POOR_FIT))
+
+    @property
+    def poor_fit(self) -> bool:
+        """Whether the shard's regions fit its centroids too loosely for the centroid estimate alone (its
+        recorded mean region-to-centroid cosine below its recorded ``poor_fit``, else :data:`POOR_FIT`)."""
+        return self.fit < self.poor_fit_below
+
+    def default_exact_pass(self, asked: int | None) -> int:
+        """Images a search scores exactly in this shard (at least K): ``asked``, else the recorded value, else
+        :data:`POOR_FIT_EXACT_PASS` on a poorly fitting shard."""
+        if asked is not None:
+            return asked
+        return self.exact_pass or (POOR_FIT_EXACT_PASS if self.poor_fit else 0)
+
+    def default_union(self, asked: int | None) -> int:
+        """Global-vector candidates a search adds in this shard (where it stores global vectors): ``asked``, else
+        the recorded value, else :data:`POOR_FIT_UNION` on a poorly fitting shard."""
+        if asked is not None:
+            return asked
+        return self.union or (POOR_FIT_UNION if self.poor_fit else 0)
+
+    def probe(self, sims: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Steps 1-2 of the module for the images the probes reach: ``(hits [U], best [m, U], floor [m])`` -
+        the sorted rows of the images holding a probed centroid of some word, each word's estimated best-region
+        similarity in them, and each word's imputed similarity (its ``nprobe``-th) for every other image.
+
+        One pass over the probed inverted lists of every word at once (no loop per word or centroid); a row
+        in several probed lists of a word keeps the largest of their similarities."""
+        words, count = sims.shape
+        probe = max(1, min(nprobe, count))
+        nearest = np.argpartition(-sims, probe - 1, axis=1)[:, :probe] if probe < count else \
+            np.broadcast_to(np.arange(count), (words, count))
+        values = np.take_along_axis(sims, nearest, axis=1)
+        floor = values.min(axis=1)
+        starts = self.offsets[nearest].ravel()
+        lengths = self.offsets[nearest + 1].ravel() - starts
+        ends = np.cumsum(lengths)
+        rows = self.rows_of[np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]))]
+        marked = np.zeros(self.images, dtype=bool)
+        marked[rows] = True
+        hits = np.flatnonzero(marked)
+        position = np.empty(self.images, dtype=np.int64)
+        position[hits] = np.arange(len(hits))
+        best = np.repeat(floor[:, None], len(hits), axis=1)
+        word = np.repeat(np.arange(words, dtype=np.int64) * len(hits), probe)
+        np.maximum.at(best.reshape(-1), np.repeat(word, lengths) + position[rows], np.repeat(values.ravel(), lengths))
+        return hits, best, floor
 
     def best_similarities(self, tokens: np.ndarray, nprobe: int, sims: np.ndarray | None = None) -> np.ndarray:
         """``[m, N]`` estimated best-region similarity of each token in each image (steps 1-2 of the module)."""
         sims = tokens @ self.centroids.T if sims is None else sims  # [m, C]
-        probe = max(1, min(nprobe, sims.shape[1]))
-        best = np.empty((len(tokens), self.images), dtype=np.float32)
-        for word, row in enumerate(sims):
-            nearest = np.argpartition(-row, probe - 1)[:probe] if probe < len(row) else np.arange(len(row))
-            nearest = nearest[np.argsort(row[nearest], kind="stable")]  # ascending: later writes are larger
-            target = best[word]
-            target.fill(row[nearest[0]])
-            for centroid in nearest:
-                target[self.rows_of[self.offsets[centroid] : self.offsets[centroid + 1]]] = row[centroid]
+        hits, found, floor = self.probe(sims, nprobe)
+        best = np.repeat(floor[:, None], self.images, axis=1)
+        best[:, hits] = found
         return best
+
+    def probe_scores(self, tokens: np.ndarray, sims: np.ndarray, estimate: ScoreEstimate, nprobe: int,
+                     product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        """``[N]`` probe-estimated scores of one caption: the estimate of the images the probes reach, and one
+        shared estimate (every word at its imputed similarity) for the others."""
+        hits, best, floor = self.probe(sims, nprobe)
+        scores = np.full(self.images, estimate.scores(floor[:, None], tokens, product)[0], dtype=np.float32)
+        if len(hits):
+            scores[hits] = estimate.scores(best, tokens, product)
+        return scores
 
     def estimates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
                   which: np.ndarray | None = None, threads: int = 0) -> np.ndarray:
@@ -146,8 +207,7 @@ class RegionIndex:
         for row, caption in enumerate(which):
             start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
             tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
-            sims = product(tokens, self.centroids)
-            out[row] = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens, product)
+            out[row] = self.probe_scores(tokens, product(tokens, self.centroids), estimate, nprobe, product)
         return out
 
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
@@ -164,7 +224,7 @@ class RegionIndex:
             start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
             tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
             sims = product(tokens, self.centroids)
-            scores = estimate.scores(self.best_similarities(tokens, nprobe, sims), tokens, product)
+            scores = self.probe_scores(tokens, sims, estimate, nprobe, product)
             rows = np.arange(self.images)
             if k < self.refine < self.images:
                 rows = _top_rows(scores, rows, self.refine)
@@ -228,18 +288,27 @@ def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
 
 
 def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings, candidates: np.ndarray,
-                      k: int, direction: str = "t2i") -> TopK:
+                      k: int, direction: str = "t2i", gallery: Any = None) -> TopK:
     """The exact rerank of a shard's candidates with the bundle's scorer: ``candidates [Q, K]`` images per
     caption (``t2i``) or captions per image (``i2t``) -> each query's best ``k``.
 
-    The one place the region index calls a scorer. ``runtime.score`` takes the one-caption scorer
-    (``itmrt.runtime.one_caption``) for a few captions, so a one-caption query's rerank is one block GEMM over
-    its candidates' embeddings (decoded first under compact storage); the candidates' per-image constants are
-    computed inside the call, which costs less than looking them up for a few hundred images.
+    The one place the region index calls a scorer. With ``gallery`` (the shard's
+    :class:`itmrt.runtime.gallery.Gallery`) a few captions' candidates are scored by the one-caption scorer by
+    their rows (``Runtime.score_images(gallery, captions, rows=...)``): their per-image constants are read from
+    the gallery's cache, computed once per gallery content, instead of being recomputed per query (a Gram matrix
+    per candidate: about a third of a 100-candidate rerank); otherwise ``runtime.score`` scores the candidates'
+    embeddings (decoded first under compact storage).
     """
-    if direction == "t2i":
-        return rerank_text_to_image(runtime.score, embeddings, captions, candidates, k)
-    return rerank_image_to_text(runtime.score, embeddings, captions, candidates, k)
+    if direction != "t2i":
+        return rerank_image_to_text(runtime.score, embeddings, captions, candidates, k)
+    score_rows = None
+    scorer = getattr(runtime, "one_caption", None)
+    if gallery is not None and scorer is not None:
+
+        def score_rows(rows: np.ndarray, group: CaptionEmbeddings) -> np.ndarray | None:
+            return runtime.score_images(gallery, group, rows) if scorer.applies(group) else None
+
+    return rerank_text_to_image(runtime.score, embeddings, captions, candidates, k, score_rows)
 
 
 def load_region_index(folder: Path, entry: Any, verify: bool = True) -> RegionIndex:

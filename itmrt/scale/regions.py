@@ -23,8 +23,9 @@ Search (:mod:`itmrt.scale.region_search`) probes each caption token's
 similarities, keeps the best ``K`` and reranks them exactly.
 
 ``compact`` storage (:mod:`itmrt.runtime.compact_regions`) also stores each
-region's residual to its centroid at 1, 2 or 4 bits per dimension and drops
-the float embeddings; the rerank scores the decompressed vectors.
+region's residual to its centroid (Lloyd-Max levels per dimension, a few bits
+per dimension on average) and drops the float embeddings; the rerank scores
+the decompressed vectors.
 
 Files (plain names inside the shard folder, each with its sha256 in the shard's
 ``gallery.json`` under ``region_index``, with the parameters it was built and
@@ -52,8 +53,13 @@ CODES_FILE = "region_codes.npy"
 LISTS_FILE = "region_lists.npy"
 RESIDUALS_FILE = "region_residuals.npy"
 BUCKETS_FILE = "region_buckets.npy"
+BITS_FILE = "region_bits.npy"
 REGION_STORAGES = ("exact", "compact")
-RESIDUAL_BITS = (1, 2, 4)
+RESIDUAL_BITS = (1.0, 4.0)
+"""The range of ``--residual-bits`` (average bits per dimension of compact storage; fractional allowed)."""
+RESIDUAL_CODEC = "lloyd-max"
+"""How compact storage quantises residuals (recorded per shard; galleries written before record none: equal-mass
+buckets)."""
 DEFAULT_NPROBE = 8
 """Centroids probed per caption token (``benchmarks/bench_region_index.py``: see docs/region-index.md)."""
 DEFAULT_CANDIDATES = 50
@@ -67,6 +73,18 @@ DEFAULT_EXACT_PASS = 0
 best are reranked (compact storage: their decoded ones). 0 by default: at 100K images (50K-image shards, 8192
 centroids, fit 0.63) the refined estimate alone reached recall@10 1.0 at K = 50; on 10K-image shards (fit 0.44)
 an exact pass of 1000 lifted recall@10 from 0.82 to 0.98 (docs/region-index.md)."""
+DEFAULT_UNION = 0
+"""Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
+rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""
+POOR_FIT = 0.5
+"""A shard whose regions' mean cosine to their centroids (its recorded ``fit``) is below this is searched with
+the poor-fit defaults below: at 20K images (10K-image shards, fit 0.44 on the object data, 0.34 on the
+instance-copy data) the centroid estimate alone kept 0.82 and 0.19 of exhaustive's top 10 at K 50; at 100K (fit
+0.63) it kept all of it (docs/region-index.md)."""
+POOR_FIT_EXACT_PASS = 500
+"""Images per poorly fitting shard scored exactly (the region index's best), unless a search says otherwise."""
+POOR_FIT_UNION = 500
+"""Images per poorly fitting shard added from the global vectors' best (where the shard stores them)."""
 DEFAULT_SAMPLE = 8
 """k-means training vectors per centroid (a sample of the shard's regions)."""
 KMEANS_ITERATIONS = 2
@@ -102,7 +120,7 @@ class RegionParams:
     candidates: int = DEFAULT_CANDIDATES
     exact_pass: int = DEFAULT_EXACT_PASS
     storage: str = "exact"
-    bits: int = 2
+    bits: float = 2
     sample: int = DEFAULT_SAMPLE
     seed: int = 0
 
@@ -115,8 +133,9 @@ class RegionParams:
             raise ItmrtError(f"--exact-pass must be at least 0 (0: none), not {self.exact_pass}")
         if self.storage not in REGION_STORAGES:
             raise ItmrtError(f"--regions-storage must be one of {', '.join(REGION_STORAGES)}, not {self.storage!r}")
-        if self.bits not in RESIDUAL_BITS:
-            raise ItmrtError(f"--residual-bits must be one of {', '.join(map(str, RESIDUAL_BITS))}, not {self.bits}")
+        if not RESIDUAL_BITS[0] <= self.bits <= RESIDUAL_BITS[1]:
+            raise ItmrtError(f"--residual-bits must be between {RESIDUAL_BITS[0]:g} and {RESIDUAL_BITS[1]:g} (bits per "
+                             f"dimension on average), not {self.bits:g}")
         return self
 
 
@@ -214,7 +233,7 @@ def inverted_lists(codes: np.ndarray, centroids: int) -> np.ndarray:
 
 def build_region_index(embeddings: np.ndarray, params: RegionParams) -> dict[str, Any]:
     """The arrays of a shard's region index (``centroids``, ``codes``, ``lists``; compact storage adds
-    ``residuals`` and ``buckets``) and its record (parameters, fit, build seconds)."""
+    ``residuals``, ``buckets`` and ``bits``) and its record (parameters, fit, build seconds)."""
     from itmrt.runtime.compact_regions import ResidualCodec
 
     if embeddings.ndim != 3:
@@ -236,13 +255,15 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams) -> dict[str
             packed = codec.encode(vectors, centroids[found])
             residuals[first : first + len(vectors) // regions] = packed.reshape(-1, regions, packed.shape[-1])
 
-        arrays.update(residuals=residuals, buckets=codec.buckets)
+        arrays.update(residuals=residuals, buckets=codec.buckets, bits=codec.bits_per_dim)
     codes, fit = assign_codes(embeddings, assigner, each)
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
                          "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": params.exact_pass,
+                         "union": DEFAULT_UNION, "poor_fit": POOR_FIT,
                          "storage": params.storage,
                          "bits": params.bits if params.storage == "compact" else 0, "sample": params.sample,
+                         **({"residual_codec": RESIDUAL_CODEC} if params.storage == "compact" else {}),
                          "seed": params.seed, "coarse_probe": COARSE_PROBE},
               "rows": images, "regions": regions, "dims": depth, "fit": round(fit, 6),
               "build_seconds": round(time.perf_counter() - started, 3),

@@ -59,7 +59,8 @@ class SearchRequest:
     directions: tuple[str, ...] = ("t2i",)
     keep_scores: bool = False  # the shard's full images x captions score rows (full scoring only)
     nprobe: int | None = None  # region index: centroids probed per caption token (None: each shard's recorded)
-    exact_pass: int | None = None  # region index: images estimated from exact region similarities before K
+    exact_pass: int | None = None  # region index: images scored exactly (at least K; None: each shard's default)
+    union: int | None = None  # region index: global-vector candidates added per shard (None: each shard's default)
 
     def check(self) -> SearchRequest:
         if self.k < 1:
@@ -73,6 +74,8 @@ class SearchRequest:
             raise ItmrtError(f"--nprobe must be at least 1, not {self.nprobe}")
         if self.exact_pass is not None and self.exact_pass < 0:
             raise ItmrtError(f"--exact-pass must be at least 0 (0: none), not {self.exact_pass}")
+        if self.union is not None and self.union < 0:
+            raise ItmrtError(f"--union must be at least 0 (0: none), not {self.union}")
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
             raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
         return self
@@ -242,26 +245,30 @@ class OpenShard:
 
     def _search_regions(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
                         answer: ShardAnswer) -> None:
-        """Candidates from the region index, reranked exactly (:mod:`itmrt.scale.region_search`)."""
+        """Candidates from the region index (with the global vectors' best where the shard adds them), reranked
+        exactly (:mod:`itmrt.scale.region_search`)."""
         assert self.regions is not None and request.shortlist is not None
         estimate = score_estimate(runtime)
         nprobe = request.nprobe if request.nprobe is not None else self.regions.nprobe
         embeddings = self.gallery.embeddings
         stages = answer.stages = {"candidates": 0.0, "rerank": 0.0}
+        threads = int(runtime.options.threads or 0)
         for direction in request.directions:
             started = time.perf_counter()
             if direction == "t2i":
-                candidates = self.regions.image_candidates(
-                    captions, estimate, nprobe, request.shortlist, int(runtime.options.threads or 0), embeddings,
-                    request.exact_pass if request.exact_pass is not None else self.regions.exact_pass)
+                keep = max(request.shortlist, self.regions.default_exact_pass(request.exact_pass))
+                union = self.regions.default_union(request.union) if self.vectors is not None else 0
+                candidates = self.regions.image_candidates(captions, estimate, nprobe, keep + union, threads)
+                if union:
+                    found = self.candidates(caption_global_vectors(captions), union)
+                    candidates = union_candidates(candidates, keep, found)
             else:
-                candidates = self.regions.caption_candidates(captions, estimate, nprobe, request.shortlist,
-                                                             int(runtime.options.threads or 0))
+                candidates = self.regions.caption_candidates(captions, estimate, nprobe, request.shortlist, threads)
             middle = time.perf_counter()
-            found = rerank_candidates(runtime, embeddings, captions, candidates, request.k, direction)
+            result = rerank_candidates(runtime, embeddings, captions, candidates, request.k, direction, self.gallery)
             stages["candidates"] += middle - started
             stages["rerank"] += time.perf_counter() - middle
-            setattr(answer, direction, found)
+            setattr(answer, direction, result)
             answer.pairs += candidates.size
 
 
@@ -286,6 +293,20 @@ def read_embeddings_by_position(gallery: Gallery, record: ShardRecord, in_memory
         raise GalleryChanged(f"shard {record.name}: {path.name} changed while it was opened; nothing is read from "
                              "it - swap in a good version or restart the service")
     return replace(gallery, embeddings=rows), [path]
+
+
+def union_candidates(ranked: np.ndarray, keep: int, extra: np.ndarray) -> np.ndarray:
+    """Per query, the first ``keep`` of ``ranked [Q, R]`` (distinct rows, best first), then the rows of ``extra``
+    not among them, then more of ``ranked`` in its order: ``[Q, R]`` distinct rows each."""
+    out = np.empty_like(ranked)
+    width = ranked.shape[1]
+    for query, row in enumerate(ranked):
+        first = row[:keep]
+        added = extra[query][~np.isin(extra[query], first)]
+        chosen = np.concatenate([first, added])
+        rest = row[keep:][~np.isin(row[keep:], chosen)]
+        out[query] = np.concatenate([chosen, rest])[:width]
+    return out
 
 
 _ESTIMATES: dict[tuple[str, str], ScoreEstimate] = {}

@@ -93,11 +93,20 @@ class ShardingOptions:
 def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
     """Give the gallery at ``folder`` its global vectors and, unless ``spec.kind`` is none, their FAISS index;
     its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist).
-    ``regions``: the region index instead (:mod:`itmrt.scale.region_files`)."""
+    ``regions``: the region index (:mod:`itmrt.scale.region_files`) and, with exact storage, the global vectors
+    too (no FAISS index): a search adds their best images to the region index's candidates where the centroids
+    fit the regions poorly (:mod:`itmrt.scale.shard`). Compact storage leaves them out (4 KB an image in float32,
+    a third of its budget)."""
     if spec.kind == "regions":
         from itmrt.scale.region_files import add_region_index
 
-        return add_region_index(folder, spec)
+        gallery = add_region_index(folder, spec)
+        return gallery if spec.regions_storage == "compact" else _add_global_vectors(folder, None)
+    return _add_global_vectors(folder, spec if spec.kind != "none" else None)
+
+
+def _add_global_vectors(folder: Path, spec: IndexSpec | None) -> Gallery:
+    """Write the global vectors of the gallery at ``folder`` (and their FAISS index for ``spec``)."""
     gallery = read_gallery(folder, verify=False)  # written just now by this process
     if gallery.embeddings.ndim != 3:
         return gallery
@@ -106,7 +115,7 @@ def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
     vectors_sha256 = sha256_file(folder / VECTORS_FILE)
     entry: dict[str, Any] = {"vectors": {"file": VECTORS_FILE, "sha256": vectors_sha256, "shape": list(vectors.shape),
                                          "made_from": gallery.manifest.embeddings.sha256}}
-    if spec.kind != "none":
+    if spec is not None:
         raw, record = build_index(vectors, spec)
         atomic_write_bytes(folder / INDEX_FILE, raw)
         entry["index"] = {"file": INDEX_FILE, "sha256": hashlib.sha256(raw).hexdigest(), "built_from": vectors_sha256,
