@@ -90,14 +90,15 @@ class ShardingOptions:
         return self
 
 
-def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
+def add_shortlist(folder: Path, spec: IndexSpec, shared_centroids: tuple[str, np.ndarray] | None = None) -> Gallery:
     """Give the gallery at ``folder`` its global vectors and, unless ``spec.kind`` is none, their FAISS index;
     its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist).
-    ``regions``: the region index instead (:mod:`itmrt.scale.region_files`)."""
+    ``regions``: the region index instead (:mod:`itmrt.scale.region_files`), with ``shared_centroids`` (shard
+    name, centroids) from an earlier shard of the same build when given."""
     if spec.kind == "regions":
         from itmrt.scale.region_files import add_region_index
 
-        return add_region_index(folder, spec)
+        return add_region_index(folder, spec, shared_centroids)
     gallery = read_gallery(folder, verify=False)  # written just now by this process
     if gallery.embeddings.ndim != 3:
         return gallery
@@ -124,6 +125,9 @@ class _Plan:
     shards: list[ShardRecord] = field(default_factory=list)
     next_number: int = 0
     drift_checked: bool = False
+    region_centroids: tuple[str, np.ndarray] | None = None
+    """The first new shard's region centroids (its name, the array): the later shards of this build use them
+    (k-means once per build, as one codebook serves a whole collection in PLAID)."""
 
 
 class ShardedWriter:
@@ -221,7 +225,11 @@ class ShardedWriter:
         if self.append and self.options.index.kind == "regions" and not self.plan.drift_checked:
             self.plan.drift_checked = True
             self._check_drift(gallery)
-        add_shortlist(folder, self.options.index)
+        add_shortlist(folder, self.options.index, self.plan.region_centroids)
+        if self.options.index.kind == "regions" and self.plan.region_centroids is None:
+            from itmrt.scale.regions import CENTROIDS_FILE
+
+            self.plan.region_centroids = (name, np.load(folder / CENTROIDS_FILE, allow_pickle=False))
         first = sum(shard.images for shard in self.plan.shards)
         record = ShardRecord(name, first, len(gallery), sha256_file(folder / GALLERY_MANIFEST))
         self.plan.shards.append(record)
