@@ -162,18 +162,19 @@ class CentroidAssigner:
             owner = np.argmax(self.centroids @ coarse.T, axis=1)
             self.groups = [np.flatnonzero(owner == g) for g in range(len(coarse))]
             self.coarse = coarse
-        # the centroids in group order, so that each group's are one contiguous slice
-        self.starts = np.concatenate([[0], np.cumsum([len(members) for members in self.groups])]).astype(np.int64)
-        self.grouped = self.centroids[np.concatenate(self.groups)] if self.groups else self.centroids
+        # each group's centroids transposed into one contiguous [d, members] array: BLAS multiplies by a
+        # contiguous right-hand side about twice as fast as by a transposed view
+        self.grouped = [np.ascontiguousarray(self.centroids[members].T) for members in self.groups]
+        self.coarse_t = None if self.coarse is None else np.ascontiguousarray(self.coarse.T)
 
     def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(codes, similarities)`` of each vector ``[R, d]`` (float32) to its nearest centroid found."""
-        if self.coarse is None:
+        if self.coarse is None or self.coarse_t is None:
             sims = vectors @ self.centroids.T
             codes = np.argmax(sims, axis=1)
             return codes, np.take_along_axis(sims, codes[:, None], axis=1)[:, 0]
         probe = min(COARSE_PROBE, len(self.coarse))
-        top = np.argpartition(-(vectors @ self.coarse.T), probe - 1, axis=1)[:, :probe].ravel()
+        top = np.argpartition(-(vectors @ self.coarse_t), probe - 1, axis=1)[:, :probe].ravel()
         # (vector, probed group) pairs sorted by group: one gather and one product per group, no per-vector loop
         order = np.argsort(top, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(top, minlength=len(self.coarse)))])
@@ -183,7 +184,7 @@ class CentroidAssigner:
             pairs = order[bounds[group] : bounds[group + 1]]
             if len(pairs) == 0 or len(members) == 0:
                 continue
-            sims = vectors[pairs // probe] @ self.grouped[self.starts[group] : self.starts[group + 1]].T
+            sims = vectors[pairs // probe] @ self.grouped[group]
             pick = np.argmax(sims, axis=1)
             best[pairs] = sims[np.arange(len(pairs)), pick]
             codes[pairs] = members[pick]
