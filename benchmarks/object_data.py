@@ -81,10 +81,17 @@ def image_regions(world: World, images: np.ndarray) -> np.ndarray:
     return _unit(world.prototypes[objects] + REGION_NOISE * signs * world.noise[noise])
 
 
-def fill_regions(world: World, first: int, array: np.ndarray, chunk: int = 128) -> None:
-    for start in range(0, len(array), chunk):
+def fill_regions(world: World, first: int, array: np.ndarray, chunk: int = 128, workers: int = 2) -> None:
+    """``array[i]`` = image ``first + i``'s regions, in chunks on ``workers`` threads (numpy's gathers and
+    arithmetic release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(start: int) -> None:
         stop = min(start + chunk, len(array))
         array[start:stop] = image_regions(world, np.arange(first + start, first + stop))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, range(0, len(array), chunk)))
 
 
 def captions_for(world: World, images: np.ndarray, seed: int = 1) -> CaptionEmbeddings:
