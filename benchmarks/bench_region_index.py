@@ -5,6 +5,7 @@
         [--storages exact,compact] [--compact-exhaustive-queries 5]
     python benchmarks/bench_region_index.py shipped [--work DIR]
     python benchmarks/bench_region_index.py compact-recall --images N --queries Q --work DIR  (after --keep)
+    python benchmarks/bench_region_index.py large --images 1000000 --shards 20 ...  (region_index_large.py)
 
 ``synthetic``: structured region embeddings at the released sizes (36 regions x
 d 1024, ``scale_data``: a vocabulary of concepts grouped in topics, each image
@@ -469,7 +470,7 @@ def print_shipped(result: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("synthetic", "shipped", "compact-recall"))
+    parser.add_argument("what", choices=("synthetic", "shipped", "compact-recall", "large"))
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--data", choices=("objects", "instances"), default="objects", help=(
         "objects: object_data (words name kinds of objects); instances: scale_data (shown words copy regions)"))
@@ -493,6 +494,10 @@ def main() -> None:
     parser.add_argument("--bits", type=lambda text: [float(x) for x in text.split(",")], default=[1, 2, 2.4, 4],
                         help="shipped: compact residual bits per dimension to measure")
     parser.add_argument("--seeds", type=int, default=5, help="shipped: k-means seeds per compact setting")
+    parser.add_argument("--max-build-seconds", type=float, default=0.0,
+                        help="large: start no further shard after this long (0: build them all)")
+    parser.add_argument("--exhaustive", type=int, default=0,
+                        help="large: score this many of the kept run's queries exhaustively (decompressed)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.what == "shipped":
@@ -500,6 +505,11 @@ def main() -> None:
         return
     if args.what == "compact-recall":
         run_compact_recall(args)
+        return
+    if args.what == "large":
+        from region_index_large import run_large
+
+        run_large(args)
         return
     needed = args.images * 36 * 1024 * 2 * 2.2
     if not args.reuse and shutil.disk_usage(args.work).free < needed:

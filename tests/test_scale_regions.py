@@ -78,6 +78,46 @@ def test_the_shard_document_records_the_index_files_and_parameters(world: dict[s
     assert codes.shape == (16, world["embeddings"].shape[1]) and codes.max() < entry["params"]["centroids"]
 
 
+def test_later_shards_of_one_build_share_the_first_shards_centroids_and_record_it(world: dict[str, Any]) -> None:
+    entries = [json.loads((world["gallery"] / f"shard-0000{n}" / "gallery.json").read_text())["region_index"]
+               for n in range(3)]
+    assert [entry["params"]["centroids_from"] for entry in entries] == ["this shard", "shard-00000", "shard-00000"]
+    first = np.load(world["gallery"] / "shard-00000" / "region_centroids.npy")
+    for n in (1, 2):
+        np.testing.assert_array_equal(np.load(world["gallery"] / f"shard-0000{n}" / "region_centroids.npy"), first)
+    stages = entries[0]["params"]["stage_seconds"]
+    assert {"sample", "kmeans", "assign", "lists"} <= set(stages) and "kmeans" not in entries[1]["params"][
+        "stage_seconds"]
+    assert entries[0]["params"]["kmeans_iterations"] >= 1
+
+
+def test_blocks_assigned_on_threads_through_coarse_groups_find_the_nearest_centroid_of_the_groups_probed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from itmrt.scale import regions
+
+    monkeypatch.setattr(regions, "ASSIGN_CHUNK", 500)  # 100 images per block: 7 blocks on the threads
+
+    rng = np.random.default_rng(3)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    centroids = unit(rng.standard_normal((regions.DIRECT_ASSIGN * 2, 24)).astype(np.float32))
+    vectors = unit(rng.standard_normal((700, 5, 24)).astype(np.float32))
+    assigner = regions.CentroidAssigner(centroids)
+    assert assigner.coarse is not None and len(assigner.groups) > regions.COARSE_PROBE
+    flat = vectors.reshape(-1, 24)
+    codes, sims = assigner.assign(flat)
+    np.testing.assert_allclose(sims, np.einsum("rd,rd->r", flat, centroids[codes]), atol=1e-5)
+    # the nearest centroid among the probed groups' members, found the slow way
+    probed = np.argsort(-(flat @ assigner.coarse.T), axis=1)[:, : regions.COARSE_PROBE]
+    for row in range(0, len(flat), 37):
+        members = np.concatenate([assigner.groups[g] for g in probed[row]])
+        assert codes[row] == members[np.argmax(centroids[members] @ flat[row])]
+    one, fit_one = regions.assign_codes(vectors, assigner, workers=1)
+    two, fit_two = regions.assign_codes(vectors, assigner, workers=2)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(one.reshape(-1), codes)
+    assert abs(fit_one - fit_two) < 1e-9 and abs(fit_one - float(sims.mean())) < 1e-5
+
+
 def test_an_append_is_searchable(world: dict[str, Any]) -> None:
     runtime, captions = world["runtime"], world["captions"]
     gallery = world["root"] / "appended"
@@ -228,7 +268,9 @@ def test_a_tampered_or_foreign_index_file_is_refused_in_one_line(world: dict[str
     assert "\n" not in str(caught.value)
     foreign = world["root"] / "foreign"
     shutil.copytree(world["gallery"], foreign)
-    shutil.copy(foreign / "shard-00000" / "region_centroids.npy", foreign / "shard-00001" / "region_centroids.npy")
+    # shard-00001 shares shard-00000's centroids (one k-means per build): a foreign file is another valid one
+    centroids = np.load(foreign / "shard-00000" / "region_centroids.npy")
+    np.save(foreign / "shard-00001" / "region_centroids.npy", centroids[::-1].copy())
     with pytest.raises(ItmrtError, match=r"region_centroids\.npy does not match the sha256"):
         open_shards(foreign, threads=1, warn=quiet)
 

@@ -22,7 +22,9 @@ from itmrt.errors import DataError
 NORM_TOLERANCE = 1e-2
 """Largest ``| ||v|| - 1 |`` accepted for a region vector."""
 CHECK_BLOCK = 4096
-"""Images read per block while checking."""
+"""Images read per block while checking (at most)."""
+CHECK_BLOCK_BYTES = 32 << 20
+"""At most this much float32 per checked block (region galleries: about 200 images; cache-sized temporaries)."""
 
 
 def check_given_embeddings(embeddings: Any, bundle: Any, source: str = "embeddings") -> np.ndarray:
@@ -46,15 +48,26 @@ def check_given_embeddings(embeddings: Any, bundle: Any, source: str = "embeddin
                         f"[N, {depth}]")
     if embeddings.shape[0] == 0:
         raise DataError(f"{source} holds no images")
-    for start in range(0, len(embeddings), CHECK_BLOCK):
-        block = np.asarray(embeddings[start : start + CHECK_BLOCK], dtype=np.float32)
-        bad = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
-        if bad.any():
-            raise DataError(f"{source}: image {start + int(np.argmax(bad))} holds NaN or infinite values")
+    rows = max(1, min(CHECK_BLOCK, CHECK_BLOCK_BYTES // (4 * int(np.prod(embeddings.shape[1:])))))
+    for start in range(0, len(embeddings), rows):
+        block = np.asarray(embeddings[start : start + rows], dtype=np.float32)
         if token_level:
-            off = np.abs(np.linalg.norm(block, axis=-1) - 1).max(axis=-1) > NORM_TOLERANCE
+            # one pass: a NaN or infinity makes its vector's squared norm non-finite (float16 or unit-scale
+            # float32 values cannot overflow it), so the element-wise test runs only on a block that has one
+            norms = np.sqrt(np.einsum("ird,ird->ir", block, block))
+            if not np.isfinite(norms).all():
+                _refuse_non_finite(block, start, source)
+            off = np.abs(norms - 1).max(axis=-1) > NORM_TOLERANCE
             if off.any():
                 row = start + int(np.argmax(off))
                 raise DataError(f"{source}: image {row} has region vectors that are not of unit length (the image "
                                 "encoder l2-normalises each region); normalise them first")
+        else:
+            _refuse_non_finite(block, start, source)
     return embeddings
+
+
+def _refuse_non_finite(block: np.ndarray, start: int, source: str) -> None:
+    bad = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
+    if bad.any():
+        raise DataError(f"{source}: image {start + int(np.argmax(bad))} holds NaN or infinite values")

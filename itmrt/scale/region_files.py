@@ -45,16 +45,20 @@ DRIFT_DROP = 0.05
 is reported as a change of distribution."""
 
 
-def add_region_index(folder: Path, spec: Any) -> Gallery:
+def add_region_index(folder: Path, spec: Any, shared: tuple[str, np.ndarray] | None = None) -> Gallery:
     """Build the region index of the gallery at ``folder`` (written just now) with ``spec`` (an
-    :class:`itmrt.scale.index.IndexSpec` of kind regions) and record it in its ``gallery.json``."""
+    :class:`itmrt.scale.index.IndexSpec` of kind regions) and record it in its ``gallery.json``.
+    ``shared``: (shard name, centroids) trained on an earlier shard of the same build, used instead of k-means."""
     gallery = read_gallery(folder, verify=False)
     embeddings = gallery.embeddings
     if embeddings.ndim != 3:
         raise ItmrtError("--shortlist-index regions indexes region embeddings (NAAF, SCAN); a global model's "
                          "gallery is searched exactly by one matrix product: use --shortlist-index flat or none")
     params = spec.region_params(int(embeddings.shape[0]), int(embeddings.shape[1]))
-    built = build_region_index(embeddings, params)
+    if shared is None:
+        built = build_region_index(embeddings, params)
+    else:
+        built = build_region_index(embeddings, params, centroids=shared[1], centroids_from=shared[0])
     entries: dict[str, object] = {}
     for role, array in built["arrays"].items():
         np.save(folder / FILES[role], array, allow_pickle=False)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +96,13 @@ COARSE_PROBE = 6
 """Coarse groups whose centroids each region is compared with when its code is assigned."""
 DIRECT_ASSIGN = 512
 """Up to this many centroids, every region is compared with every centroid."""
-ASSIGN_CHUNK = 32768
-"""Region vectors assigned per block."""
+ASSIGN_CHUNK = 16384
+"""Region vectors assigned per block (a block's float32 copy and its gathers stay in the tens of MB)."""
+BUILD_WORKERS = 2
+"""Threads that assign and encode blocks side by side (this machine's two cores)."""
+CODEC_SAMPLE = 16384
+"""Region vectors whose residuals set compact storage's buckets (per-dimension quantiles: 16K rows pin a
+quartile to well under a bucket's width; the whole k-means sample, 8 per centroid, took 15 s at 50K images)."""
 
 
 def faiss_module() -> Any:
@@ -175,47 +181,63 @@ class CentroidAssigner:
             owner = np.argmax(self.centroids @ coarse.T, axis=1)
             self.groups = [np.flatnonzero(owner == g) for g in range(len(coarse))]
             self.coarse = coarse
+        # each group's centroids transposed into one contiguous [d, members] array: BLAS multiplies by a
+        # contiguous right-hand side about twice as fast as by a transposed view
+        self.grouped = [np.ascontiguousarray(self.centroids[members].T) for members in self.groups]
+        self.coarse_t = None if self.coarse is None else np.ascontiguousarray(self.coarse.T)
 
     def assign(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(codes, similarities)`` of each vector ``[R, d]`` (float32) to its nearest centroid found."""
-        if self.coarse is None:
+        if self.coarse is None or self.coarse_t is None:
             sims = vectors @ self.centroids.T
             codes = np.argmax(sims, axis=1)
             return codes, np.take_along_axis(sims, codes[:, None], axis=1)[:, 0]
-        coarse = vectors @ self.coarse.T
         probe = min(COARSE_PROBE, len(self.coarse))
-        top = np.argpartition(-coarse, probe - 1, axis=1)[:, :probe]
-        best = np.full(len(vectors), -np.inf, dtype=np.float32)
-        codes = np.zeros(len(vectors), dtype=np.int64)
+        top = np.argpartition(-(vectors @ self.coarse_t), probe - 1, axis=1)[:, :probe].ravel()
+        # (vector, probed group) pairs sorted by group: one gather and one product per group, no per-vector loop
+        order = np.argsort(top, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(top, minlength=len(self.coarse)))])
+        best = np.full(len(top), -np.inf, dtype=np.float32)
+        codes = np.zeros(len(top), dtype=np.int64)
         for group, members in enumerate(self.groups):
-            rows = np.flatnonzero((top == group).any(axis=1))
-            if len(rows) == 0 or len(members) == 0:
+            pairs = order[bounds[group] : bounds[group + 1]]
+            if len(pairs) == 0 or len(members) == 0:
                 continue
-            sims = vectors[rows] @ self.centroids[members].T
+            sims = vectors[pairs // probe] @ self.grouped[group]
             pick = np.argmax(sims, axis=1)
-            value = sims[np.arange(len(rows)), pick]
-            better = value > best[rows]
-            best[rows[better]] = value[better]
-            codes[rows[better]] = members[pick[better]]
-        return codes, best
+            best[pairs] = sims[np.arange(len(pairs)), pick]
+            codes[pairs] = members[pick]
+        slot = np.argmax(best.reshape(-1, probe), axis=1)
+        rows = np.arange(len(vectors))
+        return codes.reshape(-1, probe)[rows, slot], best.reshape(-1, probe)[rows, slot]
 
 
 def assign_codes(embeddings: np.ndarray, assigner: CentroidAssigner,
-                 each: Any = None) -> tuple[np.ndarray, float]:
+                 each: Any = None, workers: int = BUILD_WORKERS) -> tuple[np.ndarray, float]:
     """Every region's code ``[images, regions]`` and the mean cosine of a region to its centroid (the fit);
-    ``each(first_image, vectors, codes)`` sees every block (compact storage encodes residuals there)."""
+    ``each(first_image, vectors, codes)`` sees every block (compact storage encodes residuals there).
+    Blocks run on ``workers`` threads (numpy's products, casts and comparisons release the GIL), each writing
+    its own rows; a block is read from ``embeddings`` (a memory map) only when a thread takes it."""
     images, regions, depth = (int(x) for x in embeddings.shape)
     dtype = np.uint16 if len(assigner.centroids) <= 1 << 16 else np.int32
     codes = np.empty((images, regions), dtype=dtype)
     per_block = max(1, ASSIGN_CHUNK // regions)
-    total = 0.0
-    for start in range(0, images, per_block):
-        block = np.asarray(embeddings[start : start + per_block], dtype=np.float32).reshape(-1, depth)
-        found, sims = assigner.assign(np.ascontiguousarray(block))
+
+    def one_block(start: int) -> float:
+        block = np.ascontiguousarray(np.asarray(embeddings[start : start + per_block], dtype=np.float32)
+                                     .reshape(-1, depth))
+        found, sims = assigner.assign(block)
         codes[start : start + per_block] = found.reshape(-1, regions)
-        total += float(sims.sum(dtype=np.float64))
         if each is not None:
             each(start, block, found)
+        return float(sims.sum(dtype=np.float64))
+
+    starts = range(0, images, per_block)
+    if workers <= 1 or len(starts) <= 1:
+        total = sum(one_block(start) for start in starts)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            total = sum(pool.map(one_block, starts))
     return codes, total / max(1, images * regions)
 
 
@@ -231,44 +253,85 @@ def inverted_lists(codes: np.ndarray, centroids: int) -> np.ndarray:
     return np.concatenate([offsets, rows]).astype(np.int32)
 
 
-def build_region_index(embeddings: np.ndarray, params: RegionParams) -> dict[str, Any]:
+def build_region_index(embeddings: np.ndarray, params: RegionParams, centroids: np.ndarray | None = None,
+                       centroids_from: str = "this shard") -> dict[str, Any]:
     """The arrays of a shard's region index (``centroids``, ``codes``, ``lists``; compact storage adds
-    ``residuals``, ``buckets`` and ``bits``) and its record (parameters, fit, build seconds)."""
-    from itmrt.runtime.compact_regions import ResidualCodec
+    ``residuals``, ``buckets`` and ``bits``) and its record (parameters, fit, build seconds and each stage's).
 
+    ``centroids``: use these (trained on another shard of the same build, named by ``centroids_from``) instead
+    of training k-means here; the shard still stores its own copy and records where they came from."""
     if embeddings.ndim != 3:
         raise ItmrtError(f"the region index needs region embeddings (images x regions x d), not shape "
                          f"{tuple(embeddings.shape)}")
-    started = time.perf_counter()
+    clock = _StageClock()
     images, regions, depth = (int(x) for x in embeddings.shape)
     count = min(params.centroids, images * regions)
-    sample = sample_regions(embeddings, count * params.sample, params.seed)
-    centroids = train_centroids(sample, count, params.seed)
+    sample = sample_regions(embeddings, count * params.sample if centroids is None else CODEC_SAMPLE, params.seed)
+    clock.lap("sample")
+    if centroids is None:
+        centroids = train_centroids(sample, count, params.seed)
+        centroids_from = "this shard"
+        clock.lap("kmeans")
     assigner = CentroidAssigner(centroids, params.seed)
+    clock.lap("coarse")
     arrays: dict[str, np.ndarray] = {}
     each = None
     if params.storage == "compact":
-        codec = ResidualCodec.fit(sample, centroids[assigner.assign(sample)[0]], params.bits)
-        residuals = np.empty((images, regions, codec.packed_width(depth)), dtype=np.uint8)
-
-        def each(first: int, vectors: np.ndarray, found: np.ndarray) -> None:
-            packed = codec.encode(vectors, centroids[found])
-            residuals[first : first + len(vectors) // regions] = packed.reshape(-1, regions, packed.shape[-1])
-
-        arrays.update(residuals=residuals, buckets=codec.buckets, bits=codec.bits_per_dim)
+        each = _residual_encoder(sample, assigner, params.bits, arrays, (images, regions, depth))
+        clock.lap("codec")
     codes, fit = assign_codes(embeddings, assigner, each)
+    clock.lap("assign" if each is None else "assign_encode")
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
+    clock.lap("lists")
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
                          "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": params.exact_pass,
                          "union": DEFAULT_UNION, "poor_fit": POOR_FIT,
                          "storage": params.storage,
                          "bits": params.bits if params.storage == "compact" else 0, "sample": params.sample,
                          **({"residual_codec": RESIDUAL_CODEC} if params.storage == "compact" else {}),
-                         "seed": params.seed, "coarse_probe": COARSE_PROBE},
+                         "seed": params.seed, "coarse_probe": COARSE_PROBE, "kmeans_iterations": KMEANS_ITERATIONS,
+                         "centroids_from": centroids_from,
+                         "codec_sample": min(CODEC_SAMPLE, len(sample)) if params.storage == "compact" else 0,
+                         "stage_seconds": clock.stages},
               "rows": images, "regions": regions, "dims": depth, "fit": round(fit, 6),
-              "build_seconds": round(time.perf_counter() - started, 3),
+              "build_seconds": round(clock.total(), 3),
               "faiss_version": str(faiss_module().__version__)}
     return {"arrays": arrays, "record": record}
+
+
+class _StageClock:
+    """Seconds per build stage."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages[stage] = round(now - self.last, 3)
+        self.last = now
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _residual_encoder(sample: np.ndarray, assigner: CentroidAssigner, bits: float, arrays: dict[str, np.ndarray],
+                      shape: tuple[int, int, int]) -> Any:
+    """Compact storage: fit the residual buckets on (part of) ``sample``, allocate ``arrays["residuals"]`` and
+    return the per-block encoder :func:`assign_codes` calls (each block writes its own images' rows)."""
+    from itmrt.runtime.compact_regions import ResidualCodec
+
+    images, regions, depth = shape
+    few = sample[:: max(1, len(sample) // CODEC_SAMPLE)][:CODEC_SAMPLE]
+    codec = ResidualCodec.fit(few, assigner.centroids[assigner.assign(few)[0]], bits)
+    residuals = np.empty((images, regions, codec.packed_width(depth)), dtype=np.uint8)
+    arrays.update(residuals=residuals, buckets=codec.buckets, bits=codec.bits_per_dim)
+
+    def encode(first: int, vectors: np.ndarray, found: np.ndarray) -> None:
+        packed = codec.encode(vectors, assigner.centroids[found])
+        residuals[first : first + len(vectors) // regions] = packed.reshape(-1, regions, packed.shape[-1])
+
+    return encode
 
 
 def fit_under(centroids: np.ndarray, embeddings: np.ndarray, images: int = 256, seed: int = 0) -> float:

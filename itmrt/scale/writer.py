@@ -90,17 +90,18 @@ class ShardingOptions:
         return self
 
 
-def add_shortlist(folder: Path, spec: IndexSpec) -> Gallery:
+def add_shortlist(folder: Path, spec: IndexSpec, shared_centroids: tuple[str, np.ndarray] | None = None) -> Gallery:
     """Give the gallery at ``folder`` its global vectors and, unless ``spec.kind`` is none, their FAISS index;
     its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist).
-    ``regions``: the region index (:mod:`itmrt.scale.region_files`) and, with exact storage, the global vectors
+    ``regions``: the region index (:mod:`itmrt.scale.region_files`), with ``shared_centroids`` (shard name,
+    centroids) from an earlier shard of the same build when given, and, with exact storage, the global vectors
     too (no FAISS index): a search adds their best images to the region index's candidates where the centroids
     fit the regions poorly (:mod:`itmrt.scale.shard`). Compact storage leaves them out (4 KB an image in float32,
     a third of its budget)."""
     if spec.kind == "regions":
         from itmrt.scale.region_files import add_region_index
 
-        gallery = add_region_index(folder, spec)
+        gallery = add_region_index(folder, spec, shared_centroids)
         return gallery if spec.regions_storage == "compact" else _add_global_vectors(folder, None)
     return _add_global_vectors(folder, spec if spec.kind != "none" else None)
 
@@ -133,6 +134,9 @@ class _Plan:
     shards: list[ShardRecord] = field(default_factory=list)
     next_number: int = 0
     drift_checked: bool = False
+    region_centroids: tuple[str, np.ndarray] | None = None
+    """The first new shard's region centroids (its name, the array): the later shards of this build use them
+    (k-means once per build, as one codebook serves a whole collection in PLAID)."""
 
 
 class ShardedWriter:
@@ -230,7 +234,11 @@ class ShardedWriter:
         if self.append and self.options.index.kind == "regions" and not self.plan.drift_checked:
             self.plan.drift_checked = True
             self._check_drift(gallery)
-        add_shortlist(folder, self.options.index)
+        add_shortlist(folder, self.options.index, self.plan.region_centroids)
+        if self.options.index.kind == "regions" and self.plan.region_centroids is None:
+            from itmrt.scale.regions import CENTROIDS_FILE
+
+            self.plan.region_centroids = (name, np.load(folder / CENTROIDS_FILE, allow_pickle=False))
         first = sum(shard.images for shard in self.plan.shards)
         record = ShardRecord(name, first, len(gallery), sha256_file(folder / GALLERY_MANIFEST))
         self.plan.shards.append(record)
