@@ -187,11 +187,16 @@ def test_released_cmpm_answers_do_not_depend_on_the_batch(tmp_path: Path) -> Non
         searchers[0].release.clear()
         held = pool.submit(ServiceClient(live.url).search, ["word1 word2"], 3)
         assert searchers[0].scoring.wait(30)
-        answers = [pool.submit(ServiceClient(live.url).search, captions, 4) for captions in requests]
-        while live.metrics.registry.get_sample_value("itmrt_queue_depth") < len(
-            requests
-        ):  # all four queued behind the held batch
-            time.sleep(0.01)
+        # Queued one by one, the largest first: a batch takes no request larger than its first (the arrival order
+        # of concurrent submissions would decide otherwise whether the four share a batch).
+        answers: list[Any] = [None] * len(requests)
+        deadline = time.monotonic() + 60
+        for number in sorted(range(len(requests)), key=lambda n: -len(requests[n])):
+            answers[number] = pool.submit(ServiceClient(live.url).search, requests[number], 4)
+            queued = sum(answer is not None for answer in answers)
+            while live.metrics.registry.get_sample_value("itmrt_queue_depth") < queued:  # behind the held batch
+                assert time.monotonic() < deadline, "the requests never queued behind the held batch"
+                time.sleep(0.01)
         searchers[0].release.set()
         held.result(60)
         results = [answer.result(60) for answer in answers]
