@@ -10,9 +10,8 @@ split the answers back.
 The delay is a queue delay under load only (what Triton's dynamic batcher
 calls one): a request that arrives after the worker's last answers went out,
 when that last batch held one request, is dispatched at once with whatever is
-queued beside it - a lone caller never
-waits for company that is not coming (at one client, the whole ``max_delay_s``
-was added to every answer). Requests that queue while the worker is busy are
+queued beside it - a lone caller never waits for company that is not coming
+(at one client, the whole ``max_delay_s`` was added to every answer). Requests that queue while the worker is busy are
 batched, and after a batch of several requests the worker waits for company
 again (closed-loop callers send their next requests together, a moment after
 their answers). ``wait_when_idle`` restores the plain window.
