@@ -142,10 +142,13 @@ def test_an_idle_worker_answers_at_once_and_batches_what_queues_while_busy(naaf:
         alone = ServiceClient(live.url).search(lone, 3)
         assert time.monotonic() - started < window / 2, "a lone request waited for the batching window"
         searchers[0].release.clear()  # hold the next batch while four more requests queue behind it
+        searchers[0].scoring.clear()  # (set by the warm-up and the lone request)
         held = pool.submit(ServiceClient(live.url).search, lone, 3)
         assert searchers[0].scoring.wait(30)
         answers = [pool.submit(ServiceClient(live.url).search, captions, 3) for captions in requests]
+        deadline = time.monotonic() + 60
         while live.metrics.registry.get_sample_value("itmrt_queue_depth") < len(requests):
+            assert time.monotonic() < deadline, "the four requests never queued behind the held batch"
             time.sleep(0.01)
         searchers[0].release.set()
         results = [held.result(60)] + [answer.result(window / 2) for answer in answers]
@@ -184,11 +187,16 @@ def test_released_cmpm_answers_do_not_depend_on_the_batch(tmp_path: Path) -> Non
         searchers[0].release.clear()
         held = pool.submit(ServiceClient(live.url).search, ["word1 word2"], 3)
         assert searchers[0].scoring.wait(30)
-        answers = [pool.submit(ServiceClient(live.url).search, captions, 4) for captions in requests]
-        while live.metrics.registry.get_sample_value("itmrt_queue_depth") < len(
-            requests
-        ):  # all four queued behind the held batch
-            time.sleep(0.01)
+        # Queued one by one, the largest first: a batch takes no request larger than its first (the arrival order
+        # of concurrent submissions would decide otherwise whether the four share a batch).
+        answers: list[Any] = [None] * len(requests)
+        deadline = time.monotonic() + 60
+        for number in sorted(range(len(requests)), key=lambda n: -len(requests[n])):
+            answers[number] = pool.submit(ServiceClient(live.url).search, requests[number], 4)
+            queued = sum(answer is not None for answer in answers)
+            while live.metrics.registry.get_sample_value("itmrt_queue_depth") < queued:  # behind the held batch
+                assert time.monotonic() < deadline, "the requests never queued behind the held batch"
+                time.sleep(0.01)
         searchers[0].release.set()
         held.result(60)
         results = [answer.result(60) for answer in answers]

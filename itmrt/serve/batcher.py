@@ -8,10 +8,10 @@ has waited less than ``max_delay_s``, encode and score them in one go, and
 split the answers back.
 
 The delay is a queue delay under load only (what Triton's dynamic batcher
-calls one): a request that finds the worker idle, after a batch of one, is
-dispatched at once with whatever is queued beside it - a lone caller never
-waits for company that is not coming (at one client, the whole ``max_delay_s``
-was added to every answer). Requests that queue while the worker is busy are
+calls one): a request that arrives after the worker's last answers went out,
+when that last batch held one request, is dispatched at once with whatever is
+queued beside it - a lone caller never waits for company that is not coming
+(at one client, the whole ``max_delay_s`` was added to every answer). Requests that queue while the worker is busy are
 batched, and after a batch of several requests the worker waits for company
 again (closed-loop callers send their next requests together, a moment after
 their answers). ``wait_when_idle`` restores the plain window.
@@ -188,6 +188,7 @@ class Batcher:
         self.unloaded = False
         self.warmup_s: float | None = None
         self.last_batch_requests = 0  # requests in the worker's last batch: more than one, and company is expected
+        self.answered_at = 0.0  # time.monotonic() when the last batch's answers were handed back
 
     # -- event-loop side -----------------------------------------------------------
 
@@ -333,11 +334,10 @@ class Batcher:
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch (empty when a swap is waiting and nothing is queued), waiting at most ``max_delay_s``
-        for it to fill - unless the worker was idle after a batch of one (see the module docstring); None once
-        closing with nothing queued."""
+        for it to fill - unless the first arrived after the answers of a batch of one (see the module docstring);
+        None once closing with nothing queued."""
         limit = self.settings.max_batch_captions
         with self._condition:
-            idle = not self._queue
             while not self._queue:
                 if self._closing:
                     return None
@@ -346,7 +346,9 @@ class Batcher:
                 self._condition.wait()
             first = self._queue.pop()
             jobs, captions = [first], len(first.captions)
-            wait = not idle or self.last_batch_requests > 1 or self.settings.wait_when_idle
+            # Queued behind a busy worker (before the last answers went out), or after a batch of several: wait.
+            busy = first.enqueued < self.answered_at
+            wait = busy or self.last_batch_requests > 1 or self.settings.wait_when_idle
             until = first.enqueued + (self.settings.max_delay_s if wait else 0.0)
             while captions < limit:
                 if self._queue:
@@ -422,6 +424,7 @@ class Batcher:
         self.metrics.batch(len(live), len(embeddings), encoded - started, scored - encoded,
                            getattr(searcher, "index_stages", None))
         ids, version = searcher.ids, getattr(searcher, "version", None)
+        self.answered_at = time.monotonic()  # a request queued from now on did not wait behind this batch
         row = 0
         for job, _ids in live:
             rows = slice(row, row + len(job.captions))
