@@ -3,9 +3,7 @@
     python benchmarks/bench_region_index.py large --images 1000000 --shards 20 --queries 10 \\
         --latency-queries 30 --sweep-k 10,25,50 --work DIR [--max-build-seconds 2100]
     python benchmarks/bench_region_index.py large --images 1000000 --shards 20 --queries 10 \\
-        --work DIR --exhaustive 5 [--max-build-seconds 600]   (later, on the kept gallery: the reference,
-        shard by shard - a run stops starting shards after that many seconds and the next run goes on - and,
-        once every shard is done, the recall)
+        --work DIR --exhaustive 5        (later, on the kept gallery: the reference and the recall)
     ... large ... --reuse                (measure the latency sweep again on the kept gallery)
 
 1M images of float16 region embeddings would be 74 GB, more than this disk
@@ -144,44 +142,16 @@ def measure(runtimes: dict[int, Any], out: Path, batch: Any, singles: list[Any],
             "rss_mb": memory_mb(), "load_after": os.getloadavg()}
 
 
-def exhaustive(runtimes: dict[int, Any], out: Path, batch: Any, results: dict[str, Any], count: int,
-               budget: float) -> dict[str, Any]:
-    """Exhaustive scoring of the first ``count`` recall queries on the decompressed vectors, shard by shard (each
-    shard's top 10 saved as it is done, so the reference can be built over several runs of at most ``budget``
-    seconds each); once every shard is done, each K's recall against their merged top 10."""
+def exhaustive(runtimes: dict[int, Any], out: Path, batch: Any, results: dict[str, Any], count: int
+               ) -> dict[str, Any]:
+    """Exhaustive scoring of the first ``count`` recall queries on the decompressed vectors; each K's recall."""
     from bench_region_index import overlap
-
-    from itmrt.runtime.tiled import TopK
-    from itmrt.scale.shard import ShardAnswer, merge_answers
 
     few = batch.take(list(range(min(count, len(batch)))))
     shards = LocalShards(runtimes[2], read_sharded_gallery(out))
-    parts_dir = out.parent / f"exhaustive-{out.name}-{len(few)}"
-    parts_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
-    for shard in shards.shards:
-        part = parts_dir / f"{shard.record.name}.npz"
-        if part.is_file():
-            continue
-        if budget and time.perf_counter() - started > budget:
-            break
-        clock = time.perf_counter()
-        answer = shard.search(runtimes[2], few, SearchRequest(k=TOP))
-        assert answer.t2i is not None
-        np.savez(part, indices=answer.t2i.indices, scores=answer.t2i.scores,
-                 seconds=time.perf_counter() - clock)
-        print(f"  exhaustive {shard.record.name}: {time.perf_counter() - clock:.1f} s", flush=True)
-    answers, seconds = [], 0.0
-    for shard in shards.shards:
-        part = parts_dir / f"{shard.record.name}.npz"
-        if not part.is_file():
-            return {"queries": len(few), "shards_done": len(answers), "shards": len(shards.shards)}
-        saved = np.load(part)
-        answer = ShardAnswer(shard.record.name, shard.record.first, shard.record.images)
-        answer.t2i = TopK(saved["indices"], saved["scores"])
-        answers.append(answer)
-        seconds += float(saved["seconds"])
-    reference = merge_answers(answers, SearchRequest(k=TOP), len(few)).t2i.indices
+    reference = shards.search(few, SearchRequest(k=TOP)).t2i.indices
+    seconds = time.perf_counter() - started
     recall = {f"K {row['K']}": overlap(np.array(row["indices"])[: len(few)], reference)
               for row in results["sweep"]}
     return {"queries": len(few), "exhaustive_decoded_s_per_query": round(seconds / len(few), 1),
@@ -198,8 +168,7 @@ def run_large(args: argparse.Namespace) -> dict[str, Any]:
     if args.exhaustive:
         results = json.loads(path.read_text())
         batch, _ = _queries(world, args.images, results["images_built"], args)
-        results["exhaustive"] = exhaustive(runtimes, out, batch, results, args.exhaustive,
-                                            args.max_build_seconds)
+        results["exhaustive"] = exhaustive(runtimes, out, batch, results, args.exhaustive)
         print(f"  exhaustive: { {k: v for k, v in results['exhaustive'].items() if k != 'reference'} }", flush=True)
     else:
         if args.reuse and (out / "gallery.json").is_file():  # measure again on the gallery built before
