@@ -4,6 +4,7 @@
         --latency-queries 30 --sweep-k 10,25,50 --work DIR [--max-build-seconds 2100]
     python benchmarks/bench_region_index.py large --images 1000000 --shards 20 --queries 10 \\
         --work DIR --exhaustive 5        (later, on the kept gallery: the reference and the recall)
+    ... large ... --reuse                (measure the latency sweep again on the kept gallery)
 
 1M images of float16 region embeddings would be 74 GB, more than this disk
 holds, so no source file is written: each shard's embeddings (object_data,
@@ -170,8 +171,12 @@ def run_large(args: argparse.Namespace) -> dict[str, Any]:
         results["exhaustive"] = exhaustive(runtimes, out, batch, results, args.exhaustive)
         print(f"  exhaustive: { {k: v for k, v in results['exhaustive'].items() if k != 'reference'} }", flush=True)
     else:
-        results = {"images": args.images, "shards": args.shards, "load_before": os.getloadavg(),
-                   **build(runtimes[1], out, args, world)}
+        if args.reuse and (out / "gallery.json").is_file():  # measure again on the gallery built before
+            results = {key: value for key, value in json.loads(path.read_text()).items()
+                       if key not in ("sweep", "exhaustive")}
+        else:
+            results = {"images": args.images, "shards": args.shards, "load_before": os.getloadavg(),
+                       **build(runtimes[1], out, args, world)}
         path.write_text(json.dumps(results, indent=2) + "\n")
         batch, singles = _queries(world, args.images, results["images_built"], args)
         results.update(queries=len(batch), latency_queries=len(singles),
