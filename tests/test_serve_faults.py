@@ -536,6 +536,12 @@ def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(
         model: dict[str, Any], service: Service, tmp_path: Path) -> None:
     """--model-control poll (the default) refuses them with 403 and the reason; explicit answers them, and with a
     token file only with the token."""
+    from itmrt.errors import ItmrtError
+    from itmrt.runtime.options import RuntimeOptions
+
+    for wrong in ({}, {"runtime": RuntimeOptions()}):  # the CLI passes its runtime group
+        with pytest.raises(ItmrtError, match="--model-control must be one of none, poll, explicit"):
+            ServeOptions(model_control="polling", **wrong)
     polled = httpx.Client(base_url=service.url, headers=JSON, timeout=30)
     for action in ("load", "unload"):
         one_line(polled.post(f"/v2/repository/models/text_to_image/{action}"), 403, "--model-control explicit")
