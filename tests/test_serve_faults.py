@@ -296,6 +296,21 @@ def test_fair_queue_serves_a_light_caller_before_a_heavy_backlog() -> None:
     assert [queue.pop().caller for _ in range(4)] == ["heavy"] * 4
 
 
+def test_fair_queue_serves_a_one_caption_request_before_many_new_callers_large_ones() -> None:
+    """Twenty callers (non-readers, say) each queue a 20-caption request; a well-behaved caller's one-caption
+    request that comes after them is next, not twenty-first."""
+    queue = FairQueue()
+    for number in range(20):
+        queue.push(Job(["c"] * 20, 1, 0.0, caller=f"heavy{number}"))
+    queue.pop()  # one of them is being scored
+    queue.push(Job(["c"], 1, 0.0, caller="light"))
+    assert queue.pop().caller == "light"
+    for _ in range(25):  # shares by captions: about twenty more captions of its own before the next large one
+        queue.push(Job(["c"], 1, 0.0, caller="light"))
+    served = [queue.pop().caller for _ in range(44)]
+    assert served[:18] == ["light"] * 18 and served.count("light") == 25 and served[18] == "heavy1"
+
+
 # -- the gallery under the service ------------------------------------------------------------------
 
 
@@ -521,6 +536,12 @@ def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(
         model: dict[str, Any], service: Service, tmp_path: Path) -> None:
     """--model-control poll (the default) refuses them with 403 and the reason; explicit answers them, and with a
     token file only with the token."""
+    from itmrt.errors import ItmrtError
+    from itmrt.runtime.options import RuntimeOptions
+
+    for wrong in ({}, {"runtime": RuntimeOptions()}):  # the CLI passes its runtime group
+        with pytest.raises(ItmrtError, match="--model-control must be one of none, poll, explicit"):
+            ServeOptions(model_control="polling", **wrong)
     polled = httpx.Client(base_url=service.url, headers=JSON, timeout=30)
     for action in ("load", "unload"):
         one_line(polled.post(f"/v2/repository/models/text_to_image/{action}"), 403, "--model-control explicit")

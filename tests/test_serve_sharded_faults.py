@@ -319,3 +319,23 @@ def test_a_truncation_between_the_check_and_the_read_is_an_error_not_sigbus(made
         assert "refused: shard shard-00000: image_embeddings.npy is shorter than when it was opened" in done.stdout
     else:
         assert done.returncode == -signal.SIGBUS, (done.returncode, done.stdout, done.stderr[-500:])
+
+
+def test_shards_read_block_by_block_answer_as_shards_in_memory(made: dict[str, Any],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full scoring of shards read from their files in blocks of 5 rows (top-k merged across blocks, per-image
+    results and score rows joined in order) gives the answer of the same shards copied into memory."""
+    from itmrt.scale import positional
+
+    captions = made["captions"]
+    copied = open_shards(made["gallery"], threads=1, scorer="graph", warn=quiet, copy_mb=1024)
+    read = open_shards(made["gallery"], threads=1, scorer="graph", warn=quiet, copy_mb=0)
+    assert copied.in_memory and not read.in_memory
+    monkeypatch.setattr(positional, "BLOCK_BYTES", 5 * read.shards[0].gallery.embeddings.row_bytes)
+    request = SearchRequest(k=7, directions=("t2i", "i2t"), keep_scores=True)
+    want = copied.search(copied.runtime.encode_captions(captions), request)
+    got = read.search(read.runtime.encode_captions(captions), request)
+    np.testing.assert_array_equal(got.t2i.indices, want.t2i.indices)
+    np.testing.assert_allclose(got.t2i.scores, want.t2i.scores, atol=1e-6)
+    np.testing.assert_array_equal(got.i2t.indices, want.i2t.indices)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)

@@ -111,7 +111,7 @@ class PositionalRows:
         elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"out must be a C-contiguous {self.dtype} array of shape {shape}")
         if out.size:
-            self._read_into(memoryview(out).cast("B"), start)
+            self._read_into(out.data.cast("B"), start)
         return out
 
     def take(self, rows: Any) -> np.ndarray:
@@ -126,7 +126,7 @@ class PositionalRows:
         if len(unique):
             breaks = (np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1).tolist()
             firsts, lasts = [0, *breaks], [*breaks, len(unique)]
-            self._read_runs(memoryview(block).cast("B"), unique[firsts].tolist(), firsts, lasts)
+            self._read_runs(block.data.cast("B"), unique[firsts].tolist(), firsts, lasts)
         picked = block if len(unique) == len(wanted) and np.array_equal(unique, wanted) else \
             block[np.searchsorted(unique, wanted)]
         return picked.reshape(*np.shape(rows), *self.shape[1:])

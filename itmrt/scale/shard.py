@@ -33,6 +33,7 @@ from itmrt.runtime.shortlist import (
     top_candidates,
 )
 from itmrt.runtime.tiled import StreamingTopK, TopK
+from itmrt.scale import positional
 from itmrt.scale.file_guard import FileGuard, folder_states
 from itmrt.scale.index import ShortlistIndex
 from itmrt.scale.layout import (
@@ -227,11 +228,11 @@ class OpenShard:
         best = StreamingTopK(len(captions), min(request.k, len(embeddings)))
         i2t: list[TopK] = []
         scores: list[np.ndarray] = []
-        for first, block in embeddings.blocks():
+        for first, block in embeddings.blocks(positional.BLOCK_BYTES):
             # a gallery of the block: the one-caption scorer caches its per-image constants under this name
             name = f"{embeddings.name}:{first}+{len(block)}"
             part = replace(self.gallery, embeddings=block, path=self.gallery.path / name)
-            result = runtime.rank(part, captions, top_k=min(request.k, len(block)), keep_scores=request.keep_scores)
+            result = runtime.rank(part, captions, top_k=request.k, keep_scores=request.keep_scores)
             if "t2i" in request.directions and result.t2i is not None:
                 best.update(slice(None), result.t2i.scores, result.t2i.indices + first)
             if "i2t" in request.directions and result.i2t is not None:

@@ -11,15 +11,15 @@ The delay is a queue delay under load only (what Triton's dynamic batcher
 calls one): a request that arrives after the worker's last answers went out,
 when that last batch held one request, is dispatched at once with whatever is
 queued beside it - a lone caller never waits for company that is not coming
-(at one client, the whole ``max_delay_s`` was added to every answer). Requests that queue while the worker is busy are
-batched, and after a batch of several requests the worker waits for company
-again (closed-loop callers send their next requests together, a moment after
-their answers). ``wait_when_idle`` restores the plain window.
+(at one client, the whole ``max_delay_s`` was added to every answer).
+Requests that queue while the worker is busy are batched, and after a batch of
+several requests the worker waits for company again (closed-loop callers send
+their next requests together, a moment after their answers). ``wait_when_idle`` restores the plain window.
 
 The queue is fair (:class:`FairQueue`): callers (connections) share the worker
-by captions, so one caller's backlog of 256-caption requests does not hold a
-one-caption caller back for more than about one batch. Where a request's rows do
-not depend on what they are encoded with (NAAF, SCAN: ``searcher.splittable``),
+by captions, so one caller's backlog of 256-caption requests, or many callers'
+large requests, do not hold a one-caption caller back for more than about one
+batch. Where a request's rows do not depend on what they are encoded with (NAAF, SCAN: ``searcher.splittable``),
 a request of more than ``max_batch_captions`` captions is split into parts of
 that size, queued as separate jobs and joined (:func:`joined`), so a large
 request waits its turn batch by batch instead of holding the worker for all of it.
@@ -114,16 +114,20 @@ class Job:
 
 
 class FairQueue:
-    """Start-time fair queueing of jobs over callers, each job costing its captions.
+    """Fair queueing of jobs over callers, each job costing its captions.
 
     A job's start tag is the later of the queue's virtual time and its caller's
-    previous finish tag; jobs leave in start-tag order (ties: arrival). A caller
-    with a backlog has ever later tags, so a new caller's job goes ahead of most
-    of that backlog.
+    previous finish tag, its finish tag that plus its captions; jobs leave in
+    finish-tag order (ties: arrival), and the virtual time is the start tag of
+    the job last taken. A caller with a backlog has ever later tags, so a new
+    caller's job goes ahead of most of that backlog; and among callers arriving
+    together the cheap job goes first: a one-caption request is not queued
+    behind twenty new callers' twenty-caption requests (their start tags are
+    the same; their finish tags are not).
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Job]] = []
+        self._heap: list[tuple[float, int, float, Job]] = []
         self._finish: dict[str, float] = {}
         self._order = itertools.count()
         self.virtual_time = 0.0
@@ -133,16 +137,16 @@ class FairQueue:
 
     def push(self, job: Job) -> None:
         start = max(self.virtual_time, self._finish.get(job.caller, 0.0))
-        self._finish[job.caller] = start + len(job.captions)
-        heapq.heappush(self._heap, (start, next(self._order), job))
+        self._finish[job.caller] = finish = start + len(job.captions)
+        heapq.heappush(self._heap, (finish, next(self._order), start, job))
         if len(self._finish) > 4 * len(self._heap) + 1024:  # forget callers with nothing queued
             self._finish = {key: tag for key, tag in self._finish.items() if tag > self.virtual_time}
 
     def peek(self) -> Job:
-        return self._heap[0][2]
+        return self._heap[0][3]
 
     def pop(self) -> Job:
-        start, _order, job = heapq.heappop(self._heap)
+        _finish, _order, start, job = heapq.heappop(self._heap)
         self.virtual_time = max(self.virtual_time, start)
         return job
 
@@ -350,11 +354,14 @@ class Batcher:
             busy = first.enqueued < self.answered_at
             wait = busy or self.last_batch_requests > 1 or self.settings.wait_when_idle
             until = first.enqueued + (self.settings.max_delay_s if wait else 0.0)
+            # A batch takes no request larger than its first (or than a quarter of a batch): a small request
+            # never waits on large ones, and small ones of different sizes are still scored together.
+            largest = max(len(first.captions), limit // 4)
             while captions < limit:
                 if self._queue:
                     joining = len(self._queue.peek().captions)
-                    if captions + joining > limit or joining > len(first.captions):
-                        break  # a batch costs what its captions cost: a small request never waits on large ones
+                    if captions + joining > limit or joining > largest:
+                        break
                     job = self._queue.pop()
                     jobs.append(job)
                     captions += len(job.captions)

@@ -47,6 +47,11 @@ from itmrt.serve.protocol import MODEL_NAME, MODEL_VERSION, ProtocolError, Reque
 
 log = logging.getLogger("itmrt.serve")
 
+INLINE_BODY_BYTES = 64 << 10
+"""Request bodies up to this size are parsed on the event loop; larger ones on the codec pool."""
+INLINE_ANSWER_RESULTS = 2048
+"""Answers of up to this many results (captions x top_k) are encoded on the event loop; larger on the pool."""
+
 
 @dataclass(frozen=True)
 class HttpLimits:
@@ -192,7 +197,7 @@ class InferenceRoutes:
         self.responses = require("starlette.responses", "itmrt serve")
         self.client_disconnect = require("starlette.requests", "itmrt serve").ClientDisconnect
         self.codec = ThreadPoolExecutor(2, thread_name_prefix="itmrt-serve-codec")
-        self.budget = BodyBudget(limits.max_buffered_bytes, lambda: self.codec.submit(release_memory, False))
+        self.budget = BodyBudget(limits.max_buffered_bytes, lambda: self.codec.submit(release_memory))
         self.failures = 0
         self.reloader: Any = None  # itmrt.serve.swap.Reloader where the service can load its gallery again
         self.model_control = "explicit"  # what ``--model-control`` says: the load/unload endpoints answer if explicit
@@ -301,19 +306,24 @@ class InferenceRoutes:
             await read_body(request, self.limits, self.budget, read)
         except self.client_disconnect:
             raise ClientGone from None
-        loop = asyncio.get_running_loop()
-        # Parsing and encoding run on a small pool: a 4 MB document must not hold the event loop.
-        parsed = await loop.run_in_executor(
-            self.codec, protocol.parse_infer_request, read.data, request.headers.get(protocol.HEADER_LENGTH),
-            self.limits_now(),
-        )
+        # Large documents are parsed and large answers encoded on a small pool (a 4 MB document must not hold
+        # the event loop); small ones here, where they take well under a millisecond and never queue behind
+        # the large ones in the pool.
+        parse = (protocol.parse_infer_request, read.data, request.headers.get(protocol.HEADER_LENGTH),
+                 self.limits_now())
+        parsed = await self.coded(len(read.data) > INLINE_BODY_BYTES, *parse)
         read.data = b""
         timeout = min(self.limits.timeout_s, parsed.timeout_s or self.limits.timeout_s)
         answer = await self.answer(parsed, arrived + timeout, _caller(request))
-        content, headers = await loop.run_in_executor(
-            self.codec, protocol.infer_response, parsed, answer.indices, answer.scores, answer.ids, answer.version
-        )
+        content, headers = await self.coded(answer.indices.size > INLINE_ANSWER_RESULTS, protocol.infer_response,
+                                            parsed, answer.indices, answer.scores, answer.ids, answer.version)
         return self.responses.Response(content, headers=headers)
+
+    async def coded(self, pooled: bool, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` on the codec pool when ``pooled``, else here on the event loop."""
+        if not pooled:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.codec, function, *args)
 
     def server_error(self, exc: BaseException) -> Any:
         """A 500: one log line (the traceback at debug level), and a reference instead of internals."""

@@ -84,6 +84,8 @@ class ServeOptions:
     runtime: RuntimeOptions | None = None
 
     def __post_init__(self) -> None:
+        if self.model_control not in MODEL_CONTROL:
+            raise ItmrtError(f"--model-control must be one of {', '.join(MODEL_CONTROL)}, not {self.model_control!r}")
         if self.runtime is not None:
             _runtime_fields_from(self, self.runtime)
             return
@@ -94,8 +96,6 @@ class ServeOptions:
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
         if not 1.0 <= self.grace_s <= 3600.0:
             raise ItmrtError(f"--grace-s must be from 1 to 3600 seconds, not {self.grace_s:g}")
-        if self.model_control not in MODEL_CONTROL:
-            raise ItmrtError(f"--model-control must be one of {', '.join(MODEL_CONTROL)}, not {self.model_control!r}")
 
     def runtime_options(self) -> RuntimeOptions:
         """The runtime group the service loads its bundle with (``runtime``, or the one its fields make)."""
