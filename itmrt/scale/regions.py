@@ -70,18 +70,18 @@ DEFAULT_REFINE = 1024
 """Images per shard whose probe estimate is refined from every region's centroid before the K best are kept
 (100K images: 512, 1024 and 2048 all gave recall@10 1.0 at K 50; 2048 cost 9 ms more per query)."""
 DEFAULT_EXACT_PASS = 0
-"""Images per shard (of the refined estimate's best) estimated from their exact region similarities before the K
-best are reranked (compact storage: their decoded ones). 0 by default: at 100K images (50K-image shards, 8192
-centroids, fit 0.63) the refined estimate alone reached recall@10 1.0 at K = 50; on 10K-image shards (fit 0.44)
-an exact pass of 1000 lifted recall@10 from 0.82 to 0.98 (docs/region-index.md)."""
+"""Images per shard (the refined estimate's best) scored exactly, at least K, on a shard that fits its centroids
+well. 0 by default: at 100K images (50K-image shards, 8192 centroids, fit 0.63) the refined estimate kept 0.95
+and 1.0 of exhaustive's top 10 at K = 50 on two draws of 20 queries; poorly fitting shards get
+:data:`POOR_FIT_EXACT_PASS` (docs/region-index.md)."""
 DEFAULT_UNION = 0
 """Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
 rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""
 POOR_FIT = 0.5
 """A shard whose regions' mean cosine to their centroids (its recorded ``fit``) is below this is searched with
 the poor-fit defaults below: at 20K images (10K-image shards, fit 0.44 on the object data, 0.34 on the
-instance-copy data) the centroid estimate alone kept 0.82 and 0.19 of exhaustive's top 10 at K 50; at 100K (fit
-0.63) it kept all of it (docs/region-index.md)."""
+instance-copy data) the centroid estimate alone kept 0.82 and 0.19 of exhaustive's top 10 at K 50, the poor-fit
+defaults 0.995 and 0.775; at 100K (fit 0.63) it kept 0.95-1.0 (docs/region-index.md)."""
 POOR_FIT_EXACT_PASS = 500
 """Images per poorly fitting shard scored exactly (the region index's best), unless a search says otherwise."""
 POOR_FIT_UNION = 500
