@@ -109,6 +109,14 @@ def test_constants_budget_bounds_the_cache(tmp_path: Path) -> None:
     small = OneCaptionScorer(parameters, threads=1, budget_bytes=one - 1)  # too large to keep: per call
     np.testing.assert_array_equal(small.score(images, captions, key=("a",)), plain)
     assert small.builds == 0 and not small._cache
+    # A rerank (rows) never evicts: the shards of a large gallery would rebuild each other's constants per query.
+    rows = np.array([3, 17, 0])
+    np.testing.assert_array_equal(scorer.score(images * 3, captions, key=("c",), rows=rows),
+                                  scorer.score(images * 3, captions)[rows])
+    assert list(scorer._cache) == [("b",)] and scorer.builds == 2
+    np.testing.assert_array_equal(scorer.score(images * 2, captions, key=("b",), rows=rows),
+                                  scorer.score(images * 2, captions)[rows])  # a cached gallery's are used
+    assert scorer.builds == 2
 
 
 @pytest.mark.parametrize("cross_attn, raw_norm, agg", list(itertools.product(

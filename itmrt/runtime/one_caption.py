@@ -478,16 +478,22 @@ class OneCaptionScorer:
         regions = np.asarray(block, dtype=np.float32)
         return np.sqrt(np.einsum("bjd,bjd->bj", regions, regions))
 
-    def constants(self, images: np.ndarray, key: GalleryKey) -> ImageConstants | None:
+    def constants(self, images: np.ndarray, key: GalleryKey, evict: bool = True) -> ImageConstants | None:
         """The cached constants of the gallery ``key`` names (its content), computed on first use; None when
-        they would not fit :attr:`budget_bytes`."""
+        they would not fit :attr:`budget_bytes`, or (``evict`` False) only by evicting another gallery's.
+
+        A rerank asks without evicting: the shards of a large gallery each read a few rows per query, and a
+        cache that cannot hold them all would otherwise rebuild every shard's constants on every query (20
+        shards of 50,000 images: 259 MB each against a 1 GiB budget); its rows' constants are then computed
+        inside the call, as for plain arrays."""
         with self._lock:
             found = self._cache.get(key)
             if found is not None:
                 self._cache.move_to_end(key)
                 return found
+            held = sum(c.nbytes for c in self._cache.values())
         size = constants_bytes(self.parameters, int(images.shape[0]), int(images.shape[1]))
-        if size > self.budget_bytes:
+        if size > self.budget_bytes or (not evict and held + size > self.budget_bytes):
             return None
         shape = (int(images.shape[0]), *((images.shape[1],) * (2 if self.needs_grams else 1)))
         values = np.empty(shape, dtype=np.float32)
@@ -520,7 +526,7 @@ class OneCaptionScorer:
         if query.tokens.shape[1] != images.shape[2]:
             raise ItmrtError(f"image ({images.shape[2]}) and caption ({query.tokens.shape[1]}) embeddings differ "
                              "in size")
-        cached = self.constants(images, key) if key is not None else None
+        cached = self.constants(images, key, evict=rows is None) if key is not None else None
         index = None if rows is None else np.asarray(rows, dtype=np.int64)
         total = int(images.shape[0]) if index is None else len(index)
         out = np.empty((total, len(query.bounds)), dtype=np.float32)
