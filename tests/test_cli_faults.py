@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,44 @@ def test_outputs_never_land_on_an_input(world: dict[str, Path], tmp_path: Path,
         one_line(run_cli(capsys, *args), "this command reads")
     assert (digests(gallery), digests(bundle)) == before
     assert run_cli(capsys, *search, "--out", str(tmp_path / "ok.jsonl")).code == 0
+
+
+def test_every_command_keeps_its_outputs_off_its_inputs(world: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Not only infer and index: audit, eval, explain, query, export, parity and bench once wrote over a
+    gallery's document, a data folder's captions or a checkpoint inside the bundle being replaced."""
+    gallery, bundle, captions = world["gallery"], world["bundle"], world["captions"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test_caps.txt").write_text("a caption\n")
+    target = tmp_path / "old-bundle"
+    shutil.copytree(bundle, target)
+    shutil.copy(world["root"] / "model" / "naaf.pth.tar", target / "model.pth.tar")
+    watched = [gallery, bundle, data, target]
+    before = [digests(folder) for folder in watched], captions.read_bytes()
+    cases = [
+        (["audit", str(gallery), "--captions", str(captions), "--out", str(gallery / "gallery.json"), "--overwrite"],
+         "this command reads"),
+        (["audit", str(gallery), "--captions", str(captions), "--markdown", str(captions), "--overwrite"],
+         "this command reads"),
+        (["eval", str(target / "model.pth.tar"), "--vocab", str(bundle / "vocab.json"), "--data", str(data),
+          "--json", str(data / "test_caps.txt"), "--overwrite"], "this command reads"),
+        (["explain", str(bundle), "--images", str(gallery), "--image", "0", "--caption", "a dog", "--json",
+          str(gallery / "gallery.json"), "--overwrite"], "this command reads"),
+        (["query", "http://127.0.0.1:9", "--captions", str(captions), "--out", str(captions), "--overwrite"],
+         "this command reads"),
+        (["export", str(target / "model.pth.tar"), "--vocab", str(bundle / "vocab.json"), "--out", str(target),
+          "--overwrite"], "this command reads"),
+        (["export", str(world["root"] / "model" / "naaf.pth.tar"), "--vocab", str(target / "vocab.json"),
+          "--out", str(target), "--overwrite"], "this command reads"),
+        (["parity", str(target), "--data", str(data), "--report", str(target / "report"), "--overwrite"],
+         "this command reads"),
+        (["parity", str(target), "--data", str(data), "--report", str(data), "--overwrite"], "this command reads"),
+        (["bench", str(target), "--report", str(target), "--overwrite"], "this command reads"),
+    ]
+    for args, words in cases:
+        one_line(run_cli(capsys, *args), words)
+    assert ([digests(folder) for folder in watched], captions.read_bytes()) == before
 
 
 @pytest.fixture()

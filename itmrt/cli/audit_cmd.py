@@ -40,7 +40,7 @@ def audit_command(
     Exhaustive scoring costs one scorer evaluation per image and caption: a sample of 50 captions on 100K
     images is minutes on a CPU.
     """
-    from itmrt.cli.outputs import check_new_files, warn_on_stderr
+    from itmrt.cli.outputs import check_outputs, warn_on_stderr
     from itmrt.data.precomp import read_captions
     from itmrt.errors import ItmrtError
     from itmrt.publish import atomic_write_text
@@ -49,7 +49,7 @@ def audit_command(
     from itmrt.scale.layout import is_sharded_gallery
     from itmrt.scale.open_gallery import open_shards
 
-    check_new_files([out, markdown], overwrite)
+    check_outputs({"--out": out, "--markdown": markdown}, overwrite, {"gallery": gallery, "captions file": captions_path})
     if is_gallery(gallery) and not is_sharded_gallery(gallery):
         raise ItmrtError(f"{gallery} is a one-folder gallery, which is always scored exhaustively: audit compares a "
                          "sharded gallery's index with exhaustive scoring (make one with `itmrt index ... "

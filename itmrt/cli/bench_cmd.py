@@ -53,7 +53,7 @@ def bench_command(
         variants=parse_variants(variants), batch_sizes=_batch_sizes(batch_sizes), captions=captions, images=images,
         warmup=warmup, repeats=repeats, top_k=top_k, threads=threads, scorer=scorer,
     )
-    check_report_folder(report, outputs.overwrite)
+    check_report_folder(report, outputs.overwrite, {"bundle": bundle})
     with progress_bars(outputs.progress, lines_when_logged=True) as bars:
         result = run_bench(bundle, options, bars, command=["itmrt", *sys.argv[1:]])
     write_bench(result, report, outputs.plots)

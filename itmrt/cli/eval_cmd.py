@@ -10,7 +10,7 @@ import typer
 
 from itmrt.cli import flags
 from itmrt.cli.app import app
-from itmrt.cli.outputs import check_new_files, warn_on_stderr
+from itmrt.cli.outputs import check_outputs, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 
@@ -49,7 +49,8 @@ def eval_command(
     from itmrt.publish import atomic_write_files, float32_npy_bytes
     from itmrt.text.vocab import count_unknown_words
 
-    check_new_files([json_path, scores_out], outputs.overwrite)
+    check_outputs({"--json": json_path, "--scores-out": scores_out}, outputs.overwrite,
+                  {"checkpoint": checkpoint, "vocabulary": vocab, "data folder": data})
     model = load_checkpoint(checkpoint)
     if family_of(model).image_input != REGION_FEATURES:
         raise ItmrtError(f"{checkpoint} holds a {model.family.upper()} model on images; `itmrt eval` evaluates precomputed "

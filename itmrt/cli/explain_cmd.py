@@ -10,7 +10,7 @@ import typer
 
 from itmrt.cli import flags
 from itmrt.cli.app import app
-from itmrt.cli.outputs import check_new_files
+from itmrt.cli.outputs import check_outputs
 from itmrt.errors import ItmrtError
 
 
@@ -49,7 +49,8 @@ def explain_command(
     from itmrt.runtime.explain import explain
     from itmrt.runtime.gallery import is_gallery, load_features, read_gallery
 
-    check_new_files([png, json_path], outputs.overwrite)
+    check_outputs({"--png": png, "--json": json_path}, outputs.overwrite,
+                  {"bundle": bundle, "image features or gallery": images})
     if png is not None and json_path is not None and png.resolve() == json_path.resolve():
         raise ItmrtError("--png and --json name the same file")
     if png is not None:

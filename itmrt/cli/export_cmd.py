@@ -10,6 +10,7 @@ import typer
 from itmrt import limits
 from itmrt.cli import flags
 from itmrt.cli.app import app
+from itmrt.cli.outputs import check_outputs_apart
 
 
 @app.command("export")
@@ -48,5 +49,6 @@ def export_command(
         num_regions=num_regions,
         tolerance=tolerance,
     )
+    check_outputs_apart({"--out": out}, {"checkpoint": checkpoint, "vocabulary": vocab})
     export_bundle(checkpoint, vocab, out, options, log=typer.echo)
     typer.echo(f"export finished in {time.perf_counter() - started:.1f}s")

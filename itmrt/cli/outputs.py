@@ -44,8 +44,24 @@ def check_outputs_apart(outputs: dict[str, Path | None], inputs: dict[str, Path 
                                  "--overwrite or not; choose a path outside it")
 
 
-def check_report_folder(folder: Path, overwrite: bool) -> None:
-    """A report folder must be new, or hold no report yet, unless ``overwrite``."""
+def check_outputs(outputs: dict[str, Path | None], overwrite: bool, inputs: dict[str, Path | None]) -> None:
+    """Both checks every command runs on its output files before any work: new (or ``overwrite``), and apart
+    from the command's inputs whatever ``overwrite`` says."""
+    check_new_files(list(outputs.values()), overwrite)
+    check_outputs_apart(outputs, inputs)
+
+
+def check_report_folder(folder: Path, overwrite: bool, inputs: dict[str, Path | None] | None = None) -> None:
+    """A report folder must be new, or hold no report yet, unless ``overwrite``; and it may not be an input of
+    the command, nor lie inside an input bundle or gallery (their folders are closed worlds)."""
+    for role, given in (inputs or {}).items():
+        if given is None or not given.exists():
+            continue
+        target, source = folder.resolve(), given.resolve()
+        closed = "bundle" in role or "gallery" in role
+        if target == source or (closed and source in target.parents):
+            raise ItmrtError(f"--report {folder} would write into the {role} {given} this command reads; "
+                             "choose a folder outside it")
     if folder.exists() and not folder.is_dir():
         raise ItmrtError(f"--report {folder} is a file; give a folder for the report")
     if (folder / "report.json").exists() and not overwrite:

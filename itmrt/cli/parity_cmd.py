@@ -56,7 +56,7 @@ def parity_command(
         split=split, against=against, variants=parse_variants(variants), max_images=max_images,
         decision_images=decision_images, tolerances=overrides, checkpoint=checkpoint, threads=threads, scorer=scorer,
     )
-    check_report_folder(report, outputs.overwrite)
+    check_report_folder(report, outputs.overwrite, {"bundle": bundle, "data folder": data, "checkpoint": checkpoint})
     with progress_bars(outputs.progress, lines_when_logged=True) as bars:
         run = run_parity(bundle, data, options, bars, command=["itmrt", *sys.argv[1:]])
     write_parity(run, report, outputs.plots)

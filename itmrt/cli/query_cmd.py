@@ -27,14 +27,14 @@ def query_command(
 ) -> None:
     """One JSON line per caption - {"query": "caption", "index", "caption", "images", "scores"} - as `itmrt infer`
     writes them (plus "image_ids" where the gallery names its images)."""
-    from itmrt.cli.outputs import check_new_files
+    from itmrt.cli.outputs import check_outputs
     from itmrt.data.precomp import read_captions
     from itmrt.publish import atomic_write_text
     from itmrt.runtime.results import caption_result_lines
     from itmrt.serve.auth import read_token_file
     from itmrt.serve.client import ServiceClient, search_in_batches
 
-    check_new_files([out], outputs.overwrite)
+    check_outputs({"--out": out}, outputs.overwrite, {"captions file": captions_path, "token file": token_file})
     captions = read_captions(captions_path, "one caption per line")
     token = read_token_file(token_file) if token_file is not None else None
     lines: list[str] = []
