@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +192,26 @@ def test_an_encoder_that_overflows_is_refused_naming_the_rows(world: dict[str, P
     result = run_cli(capsys, "infer", str(world["bundle"]), "--images", str(path), "--captions",
                      str(world["captions"]), "--out", str(tmp_path / "r.jsonl"))
     one_line(result, "image 3, 8")
+
+
+def test_sigterm_mid_index_cleans_up_like_ctrl_c(world: dict[str, Path], tmp_path: Path) -> None:
+    """A killed `itmrt index` left its hidden staging folder (hundreds of MB at scale) until the next write."""
+    features = tmp_path / "many.npy"
+    np.save(features, region_features(6000, seed=4))
+    out = tmp_path / "out"
+    args = ["index", str(world["bundle"]), "--images", str(features), "--out", str(out), "--shard-images", "500",
+            "--shortlist-index", "regions", "--no-progress"]
+    script = f"from itmrt.cli.app import main\nmain({args!r})\n"
+    process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*.partial/shard-*")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no shard was staged in 120 s"
+        time.sleep(0.05)
+    if process.poll() is not None:
+        pytest.skip("the index finished before it could be interrupted")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, (process.returncode, err)
+    assert err == "error: terminated (SIGTERM)\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.npy"]  # no gallery, no staging folder

@@ -7,7 +7,9 @@ functions so ``itmrt --help`` stays fast and torch-free commands never load it.
 
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Any
 
 import typer
 
@@ -54,6 +56,25 @@ _CLICK_ERROR: type[Exception] = next(cls for cls in typer.BadParameter.__mro__ i
 EXIT_INTERRUPTED = 130
 """The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2."""
 INTERRUPTED = "interrupted (Ctrl-C)"
+EXIT_TERMINATED = 143
+"""The exit status of a command stopped by SIGTERM, as shells report it: 128 + 15."""
+
+
+class Terminated(BaseException):
+    """SIGTERM raised as an exception in the main thread, so that what a command was writing is cleaned up as
+    on Ctrl-C (staging folders removed, locks released) instead of being left half-written by a sudden death.
+    ``itmrt serve`` installs its own handlers while it serves (a graceful drain) and puts this one back after."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> None:
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # main() called from another thread than the main one: leave the signal as it is
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     line click refuses (an unknown option, a value outside its range), an
     operating-system error no write site turned into one (the path and the
     reason), memory a request could not get, and input nested too deeply to parse. Ctrl-C says so in
-    one line and exits 130.
+    one line and exits 130; SIGTERM likewise, exit 143, after the command's cleanup ran.
     """
+    _catch_sigterm()
     try:
         code = app(args=argv, standalone_mode=False)
     except _CLICK_ERROR as exc:
@@ -88,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail("an input is nested too deeply to read")
     except KeyboardInterrupt:
         _fail(INTERRUPTED, EXIT_INTERRUPTED)
+    except Terminated:
+        _fail("terminated (SIGTERM)", EXIT_TERMINATED)
     if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C inside a command into a silent exit status 130
         _fail(INTERRUPTED, EXIT_INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
