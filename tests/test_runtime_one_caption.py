@@ -134,15 +134,16 @@ def test_every_scan_option_matches_the_reference(cross_attn: str, raw_norm: str,
 
 
 @pytest.mark.parametrize("threshold", [-0.2, 0.05, 0.3])  # every word above it, some, almost none
-def test_naaf_matches_the_reference_on_float32_and_float16(threshold: float) -> None:
+@pytest.mark.parametrize("lam", [20.0, 60.0])  # the relevance softmax unshifted (lambda <= 40), and max-shifted
+def test_naaf_matches_the_reference_on_float32_and_float16(threshold: float, lam: float) -> None:
     torch = pytest.importorskip("torch")
     from itmrt.families.naaf.model import naaf_scores
 
     images, padded, lengths, captions = _random_problem(seed=4)
-    scorer = OneCaptionScorer(NaafParameters(threshold, 20.0, 5.0), threads=2, block_images=7)
+    scorer = OneCaptionScorer(NaafParameters(threshold, lam, 5.0), threads=2, block_images=7)
     for stored in (images, images.astype(np.float16)):
         want = naaf_scores(torch.from_numpy(stored.astype(np.float32)), torch.from_numpy(padded),
-                           torch.from_numpy(lengths), threshold, 20.0, 5.0).numpy()
+                           torch.from_numpy(lengths), threshold, lam, 5.0).numpy()
         np.testing.assert_allclose(scorer.score(stored, captions), want, rtol=0, atol=1e-5)
 
 

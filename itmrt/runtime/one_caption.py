@@ -83,7 +83,7 @@ CONSTANTS_BUDGET_BYTES = 1 << 30
 
 _EPS = np.float32(1e-8)
 _LEAKY = np.float32(0.1)
-_SHIFT_LIMIT = np.float32(40.0)  # exp(-2 * 40) is a normal float32
+_SHIFT_LIMIT = np.float32(40.0)  # exp(+-40) are normal float32s (36 * exp(40) < 3.4e38)
 
 
 @dataclass(frozen=True)
@@ -233,10 +233,12 @@ def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: Naa
     above = _buffer(scratch, "above", shape, np.bool_)
     np.greater(sims, threshold, out=above)
     np.multiply(weights, above, out=weights)
+    # The weights' normalisation is applied to the [B, T] sums, not to the [B, n, T] weights (one pass less):
+    # u . vhat = (sum_j w s) / den and ||vhat||^2 = (w^T G w) / den^2.
     denominator = np.matmul(ones, weights) + _EPS * np.exp(-lam * np.maximum(r, np.float32(0)))
-    np.divide(weights, np.where(has_positive, denominator, np.float32(1))[:, None, :], out=weights)
-    dot = np.einsum("bjt,bjt->bt", weights, sims)
-    norm_sq = product(grams, weights)
+    denominator = np.where(has_positive, denominator, np.float32(1))
+    dot = np.einsum("bjt,bjt->bt", weights, sims) / denominator
+    norm_sq = product(grams, weights) / (denominator * denominator)
     aggregated = np.where(has_positive, dot / np.sqrt(np.maximum(norm_sq, _EPS * _EPS)), np.float32(0))
     # Step 5: relevance - the leaky similarities normalised over each caption's words, softmax over regions.
     clipped = _buffer(scratch, "clipped", shape)
@@ -250,10 +252,11 @@ def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: Naa
         squares = np.add.reduceat(logits, query.starts, axis=2)  # [B, n, C]: each caption's words
         factor = np.repeat(lam / (np.sqrt(squares) + _EPS), query.lengths, axis=2)
     np.multiply(clipped, factor, out=logits)
-    # |logit| <= lam (a word's share of its region's norm over the words): shifting by lam keeps exp in range
-    # without the max over the regions, while exp(-2 lam) stays a normal float.
-    shift = lam if lam <= _SHIFT_LIMIT else max_over_regions(logits)[:, None, :]
-    np.subtract(logits, shift, out=logits)
+    # |logit| <= lam (a word's share of its region's norm over the words): for lam up to 40, exp(logit) lies
+    # between exp(-40) and exp(40), normal floats, and a softmax needs no shift (it cancels); above that, the
+    # max over the regions is subtracted.
+    if lam > _SHIFT_LIMIT:
+        np.subtract(logits, max_over_regions(logits)[:, None, :], out=logits)
     np.exp(logits, out=logits)
     relevance = np.einsum("bjt,bjt->bt", logits, sims) / np.matmul(ones, logits)
     # Step 3: the negative branch, its decision propagated within each caption.
