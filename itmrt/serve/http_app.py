@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 import zlib
@@ -179,10 +180,27 @@ async def read_body(request: Any, limits: HttpLimits, budget: BodyBudget, read: 
     read.data, read.complete = b"".join(chunks), True
 
 
-def _caller(request: Any) -> str:
-    """Whom the fair queue shares the worker between: one connection (address and port)."""
+def caller_of(request: Any, header: str | None = None) -> str:
+    """Whom the fair queue shares the worker between (docs/serving-faults.md, "Who a caller is"): the value of
+    ``header`` where the operator names one (set by a proxy they trust); else a remote peer's address (an IPv6
+    peer's /64), so a client's many connections share one turn; else - a loopback peer, which may be any local
+    program or a proxy on this host, all with one address - its connection."""
+    if header:
+        value = request.headers.get(header)
+        if value:
+            return "header " + value[:128]
     client = request.client
-    return f"{client.host}:{client.port}" if client is not None else "?"
+    if client is None:
+        return "?"
+    try:
+        address = ipaddress.ip_address(client.host)
+    except ValueError:  # not an IP peer (a Unix socket): its connection
+        return f"connection {client.host}:{client.port}"
+    if address.is_loopback:
+        return f"connection {client.host}:{client.port}"
+    if address.version == 6:
+        return f"address {ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return f"address {address}"
 
 
 class ClientGone(Exception):
@@ -201,6 +219,7 @@ class InferenceRoutes:
         self.failures = 0
         self.reloader: Any = None  # itmrt.serve.swap.Reloader where the service can load its gallery again
         self.model_control = "explicit"  # what ``--model-control`` says: the load/unload endpoints answer if explicit
+        self.caller_header: str | None = None  # ``--caller-header``: names the caller (see :func:`caller_of`)
 
     def error(self, status: int, message: str, close: bool = False) -> Any:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) \
@@ -314,7 +333,7 @@ class InferenceRoutes:
         parsed = await self.coded(len(read.data) > INLINE_BODY_BYTES, *parse)
         read.data = b""
         timeout = min(self.limits.timeout_s, parsed.timeout_s or self.limits.timeout_s)
-        answer = await self.answer(parsed, arrived + timeout, _caller(request))
+        answer = await self.answer(parsed, arrived + timeout, caller_of(request, self.caller_header))
         content, headers = await self.coded(answer.indices.size > INLINE_ANSWER_RESULTS, protocol.infer_response,
                                             parsed, answer.indices, answer.scores, answer.ids, answer.version)
         return self.responses.Response(content, headers=headers)
@@ -389,13 +408,14 @@ def create_app(
     reloader: Any = None,
     drain_s: float | None = None,
     model_control: str = "explicit",
+    caller_header: str | None = None,
 ) -> Any:
     """The Starlette app behind :class:`~itmrt.serve.guard.BrowserGuard`; its lifespan starts the batcher's
     worker and, on shutdown, lets it finish the queue (for at most ``drain_s`` seconds)."""
     applications = require("starlette.applications", "itmrt serve")
     routing = require("starlette.routing", "itmrt serve")
     routes = InferenceRoutes(batcher, metrics, limits, token)
-    routes.reloader, routes.model_control = reloader, model_control
+    routes.reloader, routes.model_control, routes.caller_header = reloader, model_control, caller_header
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
 
     @contextlib.asynccontextmanager
