@@ -66,7 +66,8 @@ class ServiceMetrics:
             "itmrt_batch_captions", "Captions per batch the worker formed.", buckets=SIZE_BUCKETS, registry=registry
         )
         self.batch_requests = prometheus.Histogram(
-            "itmrt_batch_requests", "Requests (or parts of split requests) per batch the worker formed.", buckets=SIZE_BUCKETS, registry=registry
+            "itmrt_batch_requests", "Requests (or parts of split requests) per batch the worker formed.",
+            buckets=SIZE_BUCKETS, registry=registry
         )
         self.stage_seconds = prometheus.Histogram(
             "itmrt_stage_seconds",
