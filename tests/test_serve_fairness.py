@@ -218,7 +218,7 @@ def test_threads_submitting_together_all_get_an_answer_or_a_refusal(model: dict[
     or 429 at once; at least one of each."""
     captions = random_captions(1, seed=30)
     want = model["runtime"].search_text_to_image(captions, model["open"], k=5).indices
-    with running(paced_service(model)) as live, ThreadPoolExecutor(16) as pool:
+    with running(paced_service(model, max_wait_s=0.1)) as live, ThreadPoolExecutor(16) as pool:
         post(live.url, captions, "warm")  # one batch measured
         barrier = threading.Barrier(16)
 

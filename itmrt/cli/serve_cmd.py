@@ -31,7 +31,7 @@ def serve_command(
     max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=flags.finite("--max-delay-ms", 0.0, 10000.0), help="How long a batch waits for more requests under load (a request reaching an idle worker goes at once)."),
     wait_when_idle: bool = Opt(False, "--wait-when-idle", help="Let a request reaching an idle worker wait --max-delay-ms for company too."),
     unit_captions: int = Opt(4, "--unit-captions", min=1, max=limits.MAX_BATCH, help="NAAF/SCAN: captions scored in one go; larger requests are scored in parts of this size, taking turns with other callers' (a one-caption request waits for about one unit)."),
-    max_wait_ms: float = Opt(100.0, "--max-wait-ms", callback=flags.finite("--max-wait-ms", 0.0, 1e7), help="A request whose expected wait in the queue is longer is refused at once (429; 0: no bound)."),
+    max_wait_ms: float = Opt(500.0, "--max-wait-ms", callback=flags.finite("--max-wait-ms", 0.0, 1e7), help="A request whose expected wait in the queue is longer is refused at once (429; 0: no bound)."),
     max_caller_captions: int = Opt(512, "--max-caller-captions", min=1, max=limits.MAX_COUNT, help="Captions one caller may have queued (more: 429)."),
     caller_header: str | None = Opt(None, "--caller-header", metavar="NAME", help="A header naming the caller for the fair queue (set by a proxy you trust; else: remote address, or connection for loopback)."),
     max_queue: int = Opt(256, "--max-queue", min=1, max=limits.MAX_COUNT, help="Requests waiting at most; more are refused at once (429)."),

@@ -84,7 +84,7 @@ class BatchSettings:
     unit_captions: int = 4
     """Captions scored in one go while others may wait (NAAF, SCAN): larger requests are scored in parts of this
     size, and no batch holds more, so a one-caption request waits for at most about one such unit."""
-    max_wait_s: float = 0.1
+    max_wait_s: float = 0.5
     """A request whose expected wait in the queue is longer is refused at once (429); 0: no bound."""
     max_caller_captions: int = 512
     """Captions one caller may have queued (more: 429)."""
