@@ -214,13 +214,18 @@ def test_a_deadline_shorter_than_the_expected_wait_is_refused_at_once(model: dic
 
 
 def test_threads_submitting_together_all_get_an_answer_or_a_refusal(model: dict[str, Any]) -> None:
-    """Sixteen callers at once against a paced worker with a 100 ms bound: each gets 200 (the runtime's answer)
-    or 429 at once; at least one of each."""
+    """Twenty-four callers at once against a worker paced to 100 ms a batch, with a 100 ms bound: each gets 200
+    (the runtime's answer) or 429 at once; at least one of each."""
     captions = random_captions(1, seed=30)
     want = model["runtime"].search_text_to_image(captions, model["open"], k=5).indices
-    with running(paced_service(model, max_wait_s=0.1)) as live, ThreadPoolExecutor(16) as pool:
+
+    class Slower(Paced):
+        pause = 0.1
+
+    service = Service(None, options=options(max_wait_s=0.1), searcher=lambda: Slower(model["runtime"], model["open"]))
+    with running(service) as live, ThreadPoolExecutor(24) as pool:
         post(live.url, captions, "warm")  # one batch measured
-        barrier = threading.Barrier(16)
+        barrier = threading.Barrier(24)
 
         def one(number: int) -> tuple[int, float, Any]:
             barrier.wait()
@@ -228,7 +233,7 @@ def test_threads_submitting_together_all_get_an_answer_or_a_refusal(model: dict[
             response, done = post(live.url, captions, f"caller{number}")
             return response.status_code, done - started, response
 
-        results = list(pool.map(one, range(16)))
+        results = list(pool.map(one, range(24)))
     statuses = [status for status, _s, _r in results]
     assert set(statuses) == {200, 429}, statuses
     for status, seconds, response in results:
@@ -236,4 +241,3 @@ def test_threads_submitting_together_all_get_an_answer_or_a_refusal(model: dict[
             np.testing.assert_array_equal(indices(response, 1), want)
         else:
             assert seconds < 1.0
-
