@@ -37,7 +37,7 @@ def serve_command(
     max_queue: int = Opt(256, "--max-queue", min=1, max=limits.MAX_COUNT, help="Requests waiting at most; more are refused at once (429)."),
     max_captions: int = Opt(256, "--max-captions", min=1, max=limits.MAX_BATCH, help="Captions per request at most (more: 400)."),
     max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, max=1 << 20, help="UTF-8 bytes per caption at most (400)."),
-    max_body_mb: float = Opt(4.0, "--max-body-mb", callback=flags.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
+    max_body_mb: float = Opt(1.0, "--max-body-mb", callback=flags.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
     timeout_s: float = Opt(30.0, "--timeout-s", callback=flags.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Deadline of a request from its arrival (504)."),
     max_answer: int = Opt(10_000, "--max-answer", min=1, max=limits.MAX_COUNT, help="Results per answer at most: captions x top_k (more: 400)."),
     header_timeout_s: float = Opt(5.0, "--header-timeout-s", callback=flags.finite("--header-timeout-s", 0.1, 3600.0), help="Seconds for a request's headers to arrive (then the connection is closed)."),

@@ -65,7 +65,7 @@ class HttpLimits:
     a kept-alive connection may idle.
     """
 
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int = 1 << 20  # a real request weighs far less: docs/serving-faults.md, "Transport limits"
     max_captions: int = 256
     max_caption_bytes: int = 2048
     timeout_s: float = 30.0
