@@ -144,17 +144,17 @@ def read_npy_copy(path: Path, what: str, sha256: str | None = None, remedy: str 
         raise DataError(f"cannot read {what} file {path}: {exc.strerror or first_line(exc)}") from None
     try:
         head = np.empty(header.data_offset, dtype=np.uint8)
-        _pread_into(fd, memoryview(head), 0, path, what, remedy)
-        _pread_into(fd, memoryview(data), header.data_offset, path, what, remedy)
+        _pread_into(fd, head.data, 0, path, what, remedy)
+        _pread_into(fd, data.data, header.data_offset, path, what, remedy)
         end = header.data_offset + data.nbytes
         tail = np.empty(max(0, os.fstat(fd).st_size - end), dtype=np.uint8) if sha256 is not None else data[:0]
-        _pread_into(fd, memoryview(tail), end, path, what, remedy)
+        _pread_into(fd, tail.data, end, path, what, remedy)
     finally:
         os.close(fd)
     if sha256 is not None:
-        digest = hashlib.sha256(head)
-        digest.update(data)
-        digest.update(tail)
+        digest = hashlib.sha256(head.data)
+        digest.update(data.data)
+        digest.update(tail.data)
         if digest.hexdigest() != sha256:
             raise DataError(f"{path} does not match the sha256 its file list records (truncated or changed after "
                             f"it was written); {remedy}")
