@@ -1,6 +1,7 @@
 """`itmrt serve` under attack and under file faults: does a well-behaved client notice?
 
     python benchmarks/bench_serve_faults.py [--seconds 5] [--images 2000] [--swaps 20] [--work /tmp/itmrt-faults]
+        [--body-mb 1] [--max-wait-ms MS] [--sharded]
 
 One ``itmrt serve`` subprocess on 127.0.0.1 (a free port) serves the shipped
 small NAAF over a gallery of ``--images`` random images, with short transport
@@ -15,8 +16,10 @@ server starts) for the gallery version the response names. Each phase lasts ``--
 
 - ``quiet``: the well-behaved clients alone (the reference p99);
 - ``slow headers``: 100 connections sending a header byte a second;
-- ``stalled bodies``: 50 connections announcing 4 MB bodies, sending 1 KB, stalling;
-- ``large bodies``: 20 senders posting whole 4 MB JSON documents (parsed, then refused: a caption too long);
+- ``stalled bodies``: 50 connections announcing ``--body-mb`` bodies (the server's limit), sending 1 KB,
+  stalling;
+- ``large bodies``: 20 senders posting whole JSON documents of ``--body-mb`` (parsed, then refused: a caption
+  too long);
 - ``non-readers``: 20 connections pipelining requests for large answers and reading none;
 - ``amplification``: 2 callers sending 256-caption requests with the largest top_k --max-answer allows;
 - ``overload``: 64 more closed-loop clients (429 is a correct answer for them);
@@ -276,9 +279,13 @@ def slow_headers(url: str, stop: threading.Event, count: int = 100) -> None:
         sock.close()
 
 
+BODY_BYTES = 1 << 20
+"""What the body attacks send (``--body-mb``): the server's body limit."""
+
+
 def stalled_bodies(url: str, stop: threading.Event, count: int = 50) -> None:
     head = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 4194304\r\n\r\n" + b" " * 1024)
+            b"Content-Length: " + str(BODY_BYTES).encode() + b"\r\n\r\n" + b" " * 1024)
     sockets: list[socket.socket] = []
     while not stop.is_set():
         alive = []
@@ -335,11 +342,12 @@ def non_reader_attack(url: str, stop: threading.Event) -> None:
 
 
 def large_bodies(url: str, stop: threading.Event, senders: int = 20, limit: int = 200) -> None:
-    """``senders`` threads posting 4 MB JSON documents (one huge caption: parsed, then refused with 400)."""
+    """``senders`` threads posting JSON documents of the body limit (one huge caption: parsed, then refused with
+    400)."""
     import http.client
 
     body = json.dumps({"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [1],
-                                   "data": ["word " * 800_000]}]}).encode()[: 4 << 20]
+                                   "data": ["word " * ((BODY_BYTES - 100) // 5)]}]}).encode()
     host, port = url.removeprefix("http://").split(":")
 
     def sender() -> None:
@@ -577,6 +585,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         open_cost(versions[0])
         table = references(work / "small" / "bundle", versions, queries)
         flags = FLAGS
+    flags = [*flags, "--max-body-mb", f"{BODY_BYTES / (1 << 20):g}"]
+    if args.max_wait_ms is not None:
+        flags += ["--max-wait-ms", f"{args.max_wait_ms:g}"]
     server = Server.start("faults", live, work / "server.log", *flags)
     server.wait_ready()
     clients = WellBehaved(server.url, queries, table)
@@ -588,8 +599,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         quiet = phase("quiet", server, clients, args.seconds, None, None, probe=probe)
         rows.append(quiet)
         q = quiet["p99_ms"] or 1.0
-        attacks = [("slow headers (100)", slow_headers), ("stalled 4 MB bodies (50)", stalled_bodies),
-                   ("large bodies (20 x 4 MB JSON)", large_bodies),
+        size = f"{BODY_BYTES / (1 << 20):g} MB"
+        attacks = [("slow headers (100)", slow_headers), (f"stalled {size} bodies (50)", stalled_bodies),
+                   (f"large bodies (20 x {size} JSON)", large_bodies),
                    ("non-readers (20 x 50 answers)", non_reader_attack), ("amplification (2 x 256 captions)",
                                                                           amplification),
                    ("overload (64 more clients)", overload)]
@@ -617,7 +629,8 @@ def dropped(server: Server) -> str:
     page = server.metrics()
     counts = {reason: int(metric(page, f'itmrt_connections_dropped_total{{reason="{reason}"}}'))
               for reason in ("header_timeout", "write_timeout", "evicted", "over_limit")}
-    return "dropped so far: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+    refused = int(metric(page, "itmrt_refused_wait_total"))
+    return "dropped so far: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; refused for their wait {refused}"
 
 
 def swap_counts(server: Server) -> str:
@@ -650,8 +663,14 @@ def main() -> None:
     parser.add_argument("--sharded", action="store_true", help=(
         "Serve sharded galleries read from their files (--copy-shards-mb 0): quiet, hot swap, a truncated shard "
         "file then a good version, SIGTERM."))
+    parser.add_argument("--body-mb", type=float, default=1.0, help=(
+        "Body size of the stalled-bodies and large-bodies attacks, and the server's --max-body-mb."))
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="The server's --max-wait-ms (default: its own).")
     args = parser.parse_args()
     args.seconds = min(args.seconds, 60.0)
+    global BODY_BYTES
+    BODY_BYTES = int(args.body_mb * (1 << 20))
     rows = run(args)
     print(markdown(rows))
 

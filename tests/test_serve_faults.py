@@ -285,6 +285,26 @@ def test_bodies_held_across_connections_are_capped(service: Service) -> None:
     second.close()
 
 
+def test_at_most_two_large_bodies_are_read_at_once(service: Service) -> None:
+    """Three connections announce 90 KB bodies (no real request is over 64 KB) and stall: two are read (and cut at
+    the body deadline), the third is refused at once (503) without a byte of its body read; a real request is
+    answered meanwhile."""
+    head = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 90000\r\n\r\n{")
+    first, second = raw(service, head), raw(service, head)
+    time.sleep(0.1)
+    started = time.monotonic()
+    third = raw(service, head)
+    answer = closed_within(third, 5)
+    assert answer.startswith(b"HTTP/1.1 503") and b"bodies over 64 KB already" in answer
+    assert time.monotonic() - started < 0.4  # before the others' 0.5 s body deadline
+    reply = httpx.post(service.url + INFER, content=body(["word1 word2"], top_k=2), headers=JSON)
+    assert reply.status_code == 200
+    for sock in (first, second):
+        assert closed_within(sock, 5).startswith(b"HTTP/1.1 408")
+    third.close()
+
+
 def test_fair_queue_serves_a_light_caller_before_a_heavy_backlog() -> None:
     queue = FairQueue()
     for number in range(5):

@@ -30,10 +30,14 @@ def serve_command(
     max_batch_captions: int = Opt(64, "--max-batch-captions", min=1, max=limits.MAX_BATCH, help="Captions scored together (1: no batching)."),
     max_delay_ms: float = Opt(5.0, "--max-delay-ms", callback=flags.finite("--max-delay-ms", 0.0, 10000.0), help="How long a batch waits for more requests under load (a request reaching an idle worker goes at once)."),
     wait_when_idle: bool = Opt(False, "--wait-when-idle", help="Let a request reaching an idle worker wait --max-delay-ms for company too."),
+    unit_captions: int = Opt(4, "--unit-captions", min=1, max=limits.MAX_BATCH, help="NAAF/SCAN: captions scored in one go; larger requests are scored in parts of this size, taking turns with other callers' (a one-caption request waits for about one unit)."),
+    max_wait_ms: float = Opt(500.0, "--max-wait-ms", callback=flags.finite("--max-wait-ms", 0.0, 1e7), help="A request whose expected wait in the queue is longer is refused at once (429; 0: no bound)."),
+    max_caller_captions: int = Opt(512, "--max-caller-captions", min=1, max=limits.MAX_COUNT, help="Captions one caller may have queued (more: 429)."),
+    caller_header: str | None = Opt(None, "--caller-header", metavar="NAME", help="A header naming the caller for the fair queue (set by a proxy you trust; else: remote address, or connection for loopback)."),
     max_queue: int = Opt(256, "--max-queue", min=1, max=limits.MAX_COUNT, help="Requests waiting at most; more are refused at once (429)."),
     max_captions: int = Opt(256, "--max-captions", min=1, max=limits.MAX_BATCH, help="Captions per request at most (more: 400)."),
     max_caption_bytes: int = Opt(2048, "--max-caption-bytes", min=1, max=1 << 20, help="UTF-8 bytes per caption at most (400)."),
-    max_body_mb: float = Opt(4.0, "--max-body-mb", callback=flags.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
+    max_body_mb: float = Opt(1.0, "--max-body-mb", callback=flags.finite("--max-body-mb", 0.001, 1024.0), help="Body size limit, after decompression (413)."),
     timeout_s: float = Opt(30.0, "--timeout-s", callback=flags.finite("--timeout-s", 0.001, limits.MAX_SECONDS), help="Deadline of a request from its arrival (504)."),
     max_answer: int = Opt(10_000, "--max-answer", min=1, max=limits.MAX_COUNT, help="Results per answer at most: captions x top_k (more: 400)."),
     header_timeout_s: float = Opt(5.0, "--header-timeout-s", callback=flags.finite("--header-timeout-s", 0.1, 3600.0), help="Seconds for a request's headers to arrive (then the connection is closed)."),
@@ -82,11 +86,13 @@ def serve_command(
 
     serve_options = ServeOptions(
         host=host, port=port, runtime=runtime, token_file=token_file,
-        batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue, wait_when_idle),
+        batch=BatchSettings(max_batch_captions, max_delay_ms / 1000.0, max_queue, wait_when_idle, unit_captions,
+                            max_wait_ms / 1000.0, max_caller_captions),
         limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s, max_answer,
                           header_timeout_s, body_timeout_s, write_timeout_s, int(max_buffered_mb * (1 << 20))),
         max_connections=max_connections, access_log=access_log, shortlist=shortlist,
         allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origin), grace_s=grace_s, watch_s=watch_s,
         ray=ray, copy_shards_mb=copy_shards_mb, model_control=model_control,
+        caller_header=caller_header,
     )
     Service(source, gallery, serve_options).run()

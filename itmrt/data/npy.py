@@ -11,7 +11,9 @@ all the data the header announces, so every malformed file is a one-line
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,4 +110,52 @@ def open_npy(path: Path, what: str) -> np.ndarray:
                         "re-save it with numpy.save") from None
     if not isinstance(array, np.ndarray):
         raise DataError(f"{what} file {path} is not a single .npy array; re-save it with numpy.save")
+    return array
+
+
+def _pread_into(fd: int, view: memoryview, position: int, path: Path, what: str, remedy: str) -> None:
+    done = 0
+    while done < len(view):
+        try:
+            count = os.preadv(fd, [view[done:]], position + done)
+        except OSError as exc:
+            raise DataError(f"cannot read {what} file {path}: {exc.strerror or first_line(exc)}") from None
+        if count <= 0:
+            raise DataError(f"{what} file {path} ended after {position + done} bytes, before the {position + len(view)}"
+                            f" its header announces (truncated while it was read); {remedy}")
+        done += count
+
+
+def read_npy_copy(path: Path, what: str, sha256: str | None = None, remedy: str = "write it again") -> np.ndarray:
+    """A whole ``.npy`` file copied into this process's memory by positional reads, its header checked and, given
+    ``sha256``, the bytes read hashed against it.
+
+    No memory map exists at any moment, so a file truncated while it is read is a short read - a one-line
+    :class:`DataError` - never SIGBUS; and the copy is exactly the bytes that matched the sha256, whatever happens
+    to the file before or after (a check of the file followed by a read of it could not promise either)."""
+    header = read_npy_header(path, what)
+    if header.fortran_order:
+        raise DataError(f"{what} file {path} is stored in Fortran order; {remedy}")
+    array = np.empty(header.shape, dtype=header.dtype)
+    data = array.reshape(-1).view(np.uint8)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DataError(f"cannot read {what} file {path}: {exc.strerror or first_line(exc)}") from None
+    try:
+        head = np.empty(header.data_offset, dtype=np.uint8)
+        _pread_into(fd, head.data, 0, path, what, remedy)
+        _pread_into(fd, data.data, header.data_offset, path, what, remedy)
+        end = header.data_offset + data.nbytes
+        tail = np.empty(max(0, os.fstat(fd).st_size - end), dtype=np.uint8) if sha256 is not None else data[:0]
+        _pread_into(fd, tail.data, end, path, what, remedy)
+    finally:
+        os.close(fd)
+    if sha256 is not None:
+        digest = hashlib.sha256(head.data)
+        digest.update(data.data)
+        digest.update(tail.data)
+        if digest.hexdigest() != sha256:
+            raise DataError(f"{path} does not match the sha256 its file list records (truncated or changed after "
+                            f"it was written); {remedy}")
     return array

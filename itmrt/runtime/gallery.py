@@ -57,7 +57,7 @@ from itmrt.bundle.gallery_manifest import (
     recorded_bundle,
 )
 from itmrt.bundle.names import MANIFEST_NAME
-from itmrt.data.npy import open_npy, read_npy_header
+from itmrt.data.npy import open_npy, read_npy_copy, read_npy_header
 from itmrt.documents import parse_json, sha256_bytes, sha256_file
 from itmrt.errors import DataError, ItmrtError
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staged_folder
@@ -198,11 +198,13 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
     return array
 
 
-def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = False) -> Gallery:
+def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = False,
+                 compact_in_memory: bool | None = None) -> Gallery:
     """Open a gallery (embeddings memory-mapped, after :func:`verify_embeddings` unless ``verify`` is False -
     for a gallery this process has just written). ``in_memory``: the embeddings are copied into this process's
     memory as they are verified (:func:`copy_embeddings`) - what a long-running service does, so that the file
-    can change or vanish under it without effect (a memory map would die by SIGBUS on a truncated file)."""
+    can change or vanish under it without effect (a memory map would die by SIGBUS on a truncated file).
+    ``compact_in_memory`` (default: ``in_memory``): the same for compact storage's files alone."""
     root = Path(folder)
     manifest, _sha256 = read_gallery_manifest(root)
     entry = manifest.embeddings
@@ -211,7 +213,8 @@ def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = Fals
         raise ItmrtError(f"gallery {root} lacks {entry.file}; {REMEDY}")
     embeddings: Any
     if entry.stored == "region_index":
-        embeddings = open_compact_regions(root, manifest, verify)
+        embeddings = open_compact_regions(root, manifest, verify,
+                                          in_memory if compact_in_memory is None else compact_in_memory)
     elif in_memory:
         embeddings = copy_embeddings(path, entry)
     else:
@@ -227,9 +230,11 @@ def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = Fals
     return Gallery(root, embeddings, manifest, ids)
 
 
-def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = True) -> CompactRegions:
+def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = True,
+                         in_memory: bool = False) -> CompactRegions:
     """The embeddings of a gallery stored compactly (``--regions-storage compact``): decoded on demand from its
-    region index's centroids, codes and packed residuals (each checked against its sha256)."""
+    region index's centroids, codes and packed residuals (each checked against its sha256). ``in_memory``: the
+    files are copied by positional reads and the copies verified (:func:`read_npy_copy`), never mapped."""
     index = manifest.region_index
     assert index is not None and index.residuals is not None and index.buckets is not None  # value_problem
     listed = manifest.files()
@@ -237,6 +242,13 @@ def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = T
     for role, item in (("centroids", index.centroids), ("codes", index.codes), ("residuals", index.residuals),
                        ("buckets", index.buckets), ("bits", index.bits)):
         if item is None:  # bits: absent before they were allocated per dimension
+            continue
+        if in_memory:
+            path, sha256 = member(root, item.file, "gallery", REMEDY), listed.get(item.file) if verify else None
+            if verify and sha256 is None:
+                raise ItmrtError(f"gallery {root} uses {item.file}, which its file list does not hold with a sha256; "
+                                 f"{REMEDY}")
+            arrays[role] = read_npy_copy(path, f"compact regions ({role})", sha256, REMEDY)
             continue
         path = verified_member(root, item.file, listed, "gallery", REMEDY) if verify else root / item.file
         arrays[role] = open_npy(path, f"compact regions ({role})")

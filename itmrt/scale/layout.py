@@ -36,7 +36,7 @@ import numpy as np
 
 from itmrt.bundle.closed import verified_member
 from itmrt.bundle.gallery_manifest import REMEDY, GalleryBundle, parse_recorded_bundle, same_image_encoder
-from itmrt.data.npy import open_npy
+from itmrt.data.npy import open_npy, read_npy_copy
 from itmrt.documents import parse_json, read_json_document
 from itmrt.errors import ItmrtError, first_line
 from itmrt.runtime.gallery import (
@@ -203,9 +203,10 @@ def member(root: Path, name: Any) -> Path:
 
 
 def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True,
-                       in_memory: bool = False) -> Gallery:
+                       in_memory: bool = False, compact_in_memory: bool | None = None) -> Gallery:
     """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype;
-    ``in_memory``: its embeddings copied into memory as they are verified (as :func:`read_gallery` does)."""
+    ``in_memory``: its embeddings copied into memory as they are verified (as :func:`read_gallery` does;
+    ``compact_in_memory`` for compact storage's files alone)."""
     folder = member(gallery.path, shard.name)
     document = folder / GALLERY_MANIFEST
     try:
@@ -216,7 +217,7 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     if digest != shard.sha256:
         raise ItmrtError(f"{document} does not match the sha256 that {gallery.path / GALLERY_MANIFEST} records; "
                          "re-index the gallery")
-    opened = read_gallery(folder, verify=verify, in_memory=in_memory)
+    opened = read_gallery(folder, verify=verify, in_memory=in_memory, compact_in_memory=compact_in_memory)
     if not same_image_encoder(opened.manifest.bundle, gallery.recorded):
         raise ItmrtError(f"{folder} was made with another image encoder than the rest of {gallery.path}; "
                          "re-index it")
@@ -226,8 +227,9 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     return opened
 
 
-def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
-    """A shard's global vectors (memory-mapped), or None where it has none (global models)."""
+def shard_vectors(shard: Gallery, verify: bool = True, in_memory: bool = False) -> np.ndarray | None:
+    """A shard's global vectors (memory-mapped; ``in_memory``: copied by positional reads, the copy verified),
+    or None where it has none (global models)."""
     shortlist = shard.manifest.shortlist
     if shortlist is None:
         return None
@@ -235,9 +237,12 @@ def shard_vectors(shard: Gallery, verify: bool = True) -> np.ndarray | None:
     if entry.made_from != shard.manifest.embeddings.sha256:
         raise ItmrtError(f"{shard.path}: its global vectors were not made from its embeddings; re-index the gallery")
     path = member(shard.path, entry.file)
-    if verify:  # hashed once per process while the file stays as it was
-        verified_member(shard.path, entry.file, {entry.file: entry.sha256}, "gallery", REMEDY)
-    vectors = open_npy(path, "shard global vectors")
+    if in_memory:
+        vectors = read_npy_copy(path, "shard global vectors", entry.sha256 if verify else None, REMEDY)
+    else:
+        if verify:  # hashed once per process while the file stays as it was
+            verified_member(shard.path, entry.file, {entry.file: entry.sha256}, "gallery", REMEDY)
+        vectors = open_npy(path, "shard global vectors")
     if vectors.dtype != np.float32 or vectors.shape != (len(shard), shard.embeddings.shape[-1]):
         raise ItmrtError(f"{path} has shape {vectors.shape} / {vectors.dtype}, not one float32 vector per image; "
                          "re-index the gallery")

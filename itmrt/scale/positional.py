@@ -174,11 +174,3 @@ class PositionalRows:
             out = buffer[: (stop - start) * self.row_bytes].view(self.dtype).reshape(stop - start, *self.shape[1:])
             yield start, self.read(start, stop, out)
 
-
-def read_whole(path: Path, label: str, what: str) -> np.ndarray:
-    """A whole ``.npy`` file read into memory by positional reads (no memory map at any moment)."""
-    rows = PositionalRows(path, label, what)
-    try:
-        return rows.read(0, len(rows))
-    finally:
-        rows.close()

@@ -311,16 +311,21 @@ def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings
     return rerank_text_to_image(runtime.score, embeddings, captions, candidates, k, score_rows)
 
 
-def load_region_index(folder: Path, entry: Any, verify: bool = True) -> RegionIndex:
-    """A shard's region index from the files its document lists (each checked against its sha256)."""
-    from itmrt.bundle.closed import verified_member
+def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: bool = False) -> RegionIndex:
+    """A shard's region index from the files its document lists (each checked against its sha256); memory-mapped,
+    or (``in_memory``: a running service) copied by positional reads and the copies verified, never mapped."""
+    from itmrt.bundle.closed import member, verified_member
     from itmrt.bundle.gallery_manifest import REMEDY
-    from itmrt.data.npy import open_npy
+    from itmrt.data.npy import open_npy, read_npy_copy
 
     listed = {item.file: item.sha256 for item in entry.files()}
     arrays = {}
     for role in ("centroids", "lists", "codes"):
         item = getattr(entry, role)
+        if in_memory:
+            arrays[role] = read_npy_copy(member(folder, item.file, "gallery", REMEDY), f"region index {role}",
+                                         listed[item.file] if verify else None, REMEDY)
+            continue
         path = verified_member(folder, item.file, listed, "gallery", REMEDY) if verify else folder / item.file
         arrays[role] = np.asarray(open_npy(path, f"region index {role}"))
     record = entry.to_json()

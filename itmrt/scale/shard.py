@@ -45,7 +45,7 @@ from itmrt.scale.layout import (
     read_shard_gallery,
     shard_vectors,
 )
-from itmrt.scale.positional import PositionalRows, read_whole
+from itmrt.scale.positional import PositionalRows
 from itmrt.scale.region_search import RegionIndex, ScoreEstimate, load_region_index, rerank_candidates
 
 DIRECTIONS = ("t2i", "i2t")
@@ -130,11 +130,9 @@ class OpenShard:
         part of the embeddings). ``positional=False`` memory-maps the embeddings instead (what a measurement
         compares against; a truncation during a search then ends the process)."""
         before = folder_states(member(sharded.path, record.name))  # ahead of verification
-        gallery = read_shard_gallery(sharded, record, verify, in_memory)
-        vectors = shard_vectors(gallery, verify)
-        if vectors is not None:
-            vectors = read_whole(Path(vectors.filename), f"shard {record.name}", "shard global vectors") \
-                if isinstance(vectors, np.memmap) and vectors.filename else np.array(vectors)
+        # Every file but the dense embeddings is copied by positional reads and the copy verified: never mapped.
+        gallery = read_shard_gallery(sharded, record, verify, in_memory, compact_in_memory=True)
+        vectors = shard_vectors(gallery, verify, in_memory=True)
         entry = index_record(gallery)
         index = None
         if entry is not None:
@@ -145,12 +143,10 @@ class OpenShard:
             if region_entry.built_from != gallery.manifest.embeddings.sha256 and \
                     gallery.manifest.embeddings.stored == "dense":
                 raise ItmrtError(f"{gallery.path}: its region index was not built from its embeddings; re-index it")
-            regions = load_region_index(gallery.path, region_entry, verify)
+            regions = load_region_index(gallery.path, region_entry, verify, in_memory=True)
             if regions.images != len(gallery):
                 raise ItmrtError(f"{gallery.path}: its region index holds {regions.images} images, not "
                                  f"{len(gallery)}; re-index it")
-            regions.centroids, regions.rows_of, regions.codes = (
-                np.array(regions.centroids), np.array(regions.rows_of), np.array(regions.codes))
         gallery, guarded = read_embeddings_by_position(gallery, record, in_memory, positional)
         rows = gallery.embeddings
         held = {guarded[0]: rows.fd} if isinstance(rows, PositionalRows) and rows.fd is not None else None
@@ -279,9 +275,7 @@ def read_embeddings_by_position(gallery: Gallery, record: ShardRecord, in_memory
     (checked before and after each search): in memory, nothing; compact storage, its files copied into memory;
     otherwise the dense embeddings read by position (``positional``) or through their memory map."""
     embeddings = gallery.embeddings
-    if isinstance(embeddings, CompactRegions):  # a fraction of the dense size: decoded from memory
-        embeddings.centroids, embeddings.codes, embeddings.residuals = (
-            np.array(embeddings.centroids), np.array(embeddings.codes), np.array(embeddings.residuals))
+    if isinstance(embeddings, CompactRegions):  # a fraction of the dense size, read into memory when opened
         return gallery, []
     if in_memory:
         return gallery, []

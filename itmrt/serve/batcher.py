@@ -41,8 +41,6 @@ one caller at a time, and so that compute never runs on the event loop.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
@@ -53,6 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError, first_line
+from itmrt.serve.fair import BatchCost, FairQueue
 from itmrt.serve.memory import release_memory
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.searcher import Searcher, TokenIds
@@ -82,10 +81,19 @@ class BatchSettings:
     max_delay_s: float = 0.005
     max_queue: int = 256
     wait_when_idle: bool = False  # a request reaching an idle worker after a batch of one waits max_delay_s too
+    unit_captions: int = 4
+    """Captions scored in one go while others may wait (NAAF, SCAN): larger requests are scored in parts of this
+    size, and no batch holds more, so a one-caption request waits for at most about one such unit."""
+    max_wait_s: float = 0.5
+    """A request whose expected wait in the queue is longer is refused at once (429); 0: no bound."""
+    max_caller_captions: int = 512
+    """Captions one caller may have queued (more: 429)."""
 
     def check(self) -> None:
-        if self.max_batch_captions < 1 or self.max_queue < 1 or self.max_delay_s < 0:
-            raise ItmrtError("--max-batch-captions and --max-queue must be at least 1 and --max-delay-ms at least 0")
+        if min(self.max_batch_captions, self.max_queue, self.unit_captions, self.max_caller_captions) < 1 \
+                or self.max_delay_s < 0 or self.max_wait_s < 0:
+            raise ItmrtError("--max-batch-captions, --unit-captions, --max-queue and --max-caller-captions must be "
+                             "at least 1, --max-delay-ms and --max-wait-ms at least 0")
 
 
 class ModelFault(Exception):
@@ -111,44 +119,6 @@ class Job:
     caller: str = ""
     future: Future[Answer] = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
-
-
-class FairQueue:
-    """Fair queueing of jobs over callers, each job costing its captions.
-
-    A job's start tag is the later of the queue's virtual time and its caller's
-    previous finish tag, its finish tag that plus its captions; jobs leave in
-    finish-tag order (ties: arrival), and the virtual time is the start tag of
-    the job last taken. A caller with a backlog has ever later tags, so a new
-    caller's job goes ahead of most of that backlog; and among callers arriving
-    together the cheap job goes first: a one-caption request is not queued
-    behind twenty new callers' twenty-caption requests (their start tags are
-    the same; their finish tags are not).
-    """
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, float, Job]] = []
-        self._finish: dict[str, float] = {}
-        self._order = itertools.count()
-        self.virtual_time = 0.0
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def push(self, job: Job) -> None:
-        start = max(self.virtual_time, self._finish.get(job.caller, 0.0))
-        self._finish[job.caller] = finish = start + len(job.captions)
-        heapq.heappush(self._heap, (finish, next(self._order), start, job))
-        if len(self._finish) > 4 * len(self._heap) + 1024:  # forget callers with nothing queued
-            self._finish = {key: tag for key, tag in self._finish.items() if tag > self.virtual_time}
-
-    def peek(self) -> Job:
-        return self._heap[0][3]
-
-    def pop(self) -> Job:
-        _finish, _order, start, job = heapq.heappop(self._heap)
-        self.virtual_time = max(self.virtual_time, start)
-        return job
 
 
 @dataclass
@@ -193,6 +163,8 @@ class Batcher:
         self.warmup_s: float | None = None
         self.last_batch_requests = 0  # requests in the worker's last batch: more than one, and company is expected
         self.answered_at = 0.0  # time.monotonic() when the last batch's answers were handed back
+        self.cost = BatchCost()
+        self._serving: tuple[float, float] | None = None  # the batch being scored: (started, expected seconds)
 
     # -- event-loop side -----------------------------------------------------------
 
@@ -228,21 +200,53 @@ class Batcher:
         self._thread.start()
 
     def submit(self, captions: list[str], top_k: int, deadline: float, caller: str = "") -> Future[Answer]:
-        """Queue a request; :class:`QueueFull` or :class:`NotReady` at once when it cannot be."""
+        """Queue a request; :class:`QueueFull` or :class:`NotReady` at once when it cannot be (see
+        :meth:`_admit`)."""
         if not self.ready_now():
             raise NotReady(self.unready_reason())
-        limit = self.settings.max_batch_captions
-        split = len(captions) > limit and getattr(self.searcher, "splittable", False)
-        parts = [Job(captions[start : start + limit], top_k, deadline, caller)
-                 for start in range(0, len(captions), limit)] if split else [Job(captions, top_k, deadline, caller)]
+        unit = self.unit
+        split = len(captions) > unit and getattr(self.searcher, "splittable", False)
+        parts = [Job(captions[start : start + unit], top_k, deadline, caller)
+                 for start in range(0, len(captions), unit)] if split else [Job(captions, top_k, deadline, caller)]
         with self._condition:
-            if len(self._queue) >= self.settings.max_queue:
-                raise QueueFull(f"the queue holds {self.settings.max_queue} requests; retry shortly")
-            for part in parts:
-                self._queue.push(part)
-            self.metrics.queue_depth.set(len(self._queue))
+            self._admit(parts[0], len(captions))
+            for number, part in enumerate(parts):
+                self._queue.push(part, first=number == 0)
+            self.metrics.queue_depth.set(self._queue.requests)
             self._condition.notify()
         return parts[0].future if len(parts) == 1 else joined(parts)
+
+    @property
+    def unit(self) -> int:
+        """Captions in one part of a split request."""
+        return min(self.settings.unit_captions, self.settings.max_batch_captions)
+
+    def expected_wait(self, caller: str, captions: int) -> float:
+        """Seconds a unit of ``captions`` queued now by ``caller`` would wait: the rest of the batch being scored,
+        then every unit ahead of it in the fair order (call with the condition held)."""
+        serving = self._serving
+        rest = max(0.0, serving[0] + serving[1] - time.monotonic()) if serving is not None else 0.0
+        return rest + self.cost.queue_seconds(self._queue.ahead(caller, captions), self.unit)
+
+    def _admit(self, first: Job, captions: int) -> None:
+        """Refuse (429) a request the queue cannot take: ``max_queue`` requests waiting, its caller's captions
+        over ``max_caller_captions``, or an expected wait (of its first unit) over ``max_wait_s`` or past its
+        deadline - refused now rather than answered late."""
+        settings = self.settings
+        if self._queue.requests >= settings.max_queue:
+            raise QueueFull(f"the queue holds {settings.max_queue} requests; retry shortly")
+        queued = self._queue.queued_by(first.caller)
+        if queued and queued + captions > settings.max_caller_captions:
+            raise QueueFull(f"this caller has {queued} captions queued already (at most "
+                            f"{settings.max_caller_captions}); wait for its answers")
+        wait = self.expected_wait(first.caller, len(first.captions))
+        bound = first.deadline - time.monotonic()
+        if settings.max_wait_s:
+            bound = min(bound, settings.max_wait_s)
+        if wait > bound:
+            self.metrics.refused_wait.inc()
+            raise QueueFull(f"the service is busy: this request would wait about {wait * 1000:.0f} ms, over its "
+                            f"bound of {bound * 1000:.0f} ms (--max-wait-ms or its timeout); retry shortly")
 
     def swap(self, searcher: Searcher, warm: bool, retire: Callable[[], None] | None = None) -> Future[SwapOutcome]:
         """Hand a new version to the worker, which answers from it from its next batch on (any thread)."""
@@ -291,6 +295,7 @@ class Batcher:
                 continue
             current = self.searcher
             assert current is not None
+            self._serving = (time.monotonic(), self.cost.seconds(sum(len(job.captions) for job in jobs)))
             try:
                 self._answer(current, jobs)
             except Exception as exc:  # the worker must outlive any request: fail what is left of the batch
@@ -298,6 +303,7 @@ class Batcher:
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
+            self._serving = None
         if self._pending is not None:
             self._pending.future.set_result(SwapOutcome(error="the service stopped"))
         close = getattr(self.searcher, "close", None)  # a searcher holding processes (Ray actors) ends them here
@@ -340,7 +346,6 @@ class Batcher:
         """The next batch (empty when a swap is waiting and nothing is queued), waiting at most ``max_delay_s``
         for it to fill - unless the first arrived after the answers of a batch of one (see the module docstring);
         None once closing with nothing queued."""
-        limit = self.settings.max_batch_captions
         with self._condition:
             while not self._queue:
                 if self._closing:
@@ -354,9 +359,13 @@ class Batcher:
             busy = first.enqueued < self.answered_at
             wait = busy or self.last_batch_requests > 1 or self.settings.wait_when_idle
             until = first.enqueued + (self.settings.max_delay_s if wait else 0.0)
-            # A batch takes no request larger than its first (or than a quarter of a batch): a small request
-            # never waits on large ones, and small ones of different sizes are still scored together.
-            largest = max(len(first.captions), limit // 4)
+            # Where requests are split (NAAF, SCAN), no batch holds more than a unit: the worker looks at the
+            # queue again after each. Otherwise a batch takes no request larger than its first (or than a
+            # quarter of a batch): a small request never waits on large ones, and small ones of different sizes
+            # are still scored together.
+            splittable = getattr(self.searcher, "splittable", False)
+            limit = self.unit if splittable else self.settings.max_batch_captions
+            largest = limit if splittable else max(len(first.captions), limit // 4)
             while captions < limit:
                 if self._queue:
                     joining = len(self._queue.peek().captions)
@@ -370,7 +379,7 @@ class Batcher:
                 if remaining <= 0 or self._closing:
                     break
                 self._condition.wait(remaining)
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.set(self._queue.requests)
         self.last_batch_requests = len(jobs)
         return jobs
 
@@ -428,6 +437,7 @@ class Batcher:
         if not np.isfinite(hits.scores).all():
             self._not_finite(searcher, live, hits.scores)
             return
+        self.cost.observe(len(embeddings), scored - started)
         self.metrics.batch(len(live), len(embeddings), encoded - started, scored - encoded,
                            getattr(searcher, "index_stages", None))
         ids, version = searcher.ids, getattr(searcher, "version", None)

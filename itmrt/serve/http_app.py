@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 import zlib
@@ -51,6 +52,8 @@ INLINE_BODY_BYTES = 64 << 10
 """Request bodies up to this size are parsed on the event loop; larger ones on the codec pool."""
 INLINE_ANSWER_RESULTS = 2048
 """Answers of up to this many results (captions x top_k) are encoded on the event loop; larger on the pool."""
+LARGE_BODY_LANES = 2
+"""Bodies over ``INLINE_BODY_BYTES`` (or of no declared length) read and parsed at once at most; more: 503."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ class HttpLimits:
     a kept-alive connection may idle.
     """
 
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int = 1 << 20  # a real request weighs far less: docs/serving-faults.md, "Transport limits"
     max_captions: int = 256
     max_caption_bytes: int = 2048
     timeout_s: float = 30.0
@@ -150,17 +153,17 @@ async def read_body(request: Any, limits: HttpLimits, budget: BodyBudget, read: 
     if declared is not None and inflate is None:
         budget.take(declared)  # the whole body at once: refused before any of it is buffered
         read.held = declared
+    try:  # one deadline for the whole body (one timer, not one task per chunk)
+        await asyncio.wait_for(_read_chunks(request, limit, inflate, encoding, budget, read), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ProtocolError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
+                                 "(--body-timeout-s); send it in one go") from None
+
+
+async def _read_chunks(request: Any, limit: int, inflate: Any, encoding: str, budget: BodyBudget,
+                       read: BodyRead) -> None:
     chunks, received, size = [], 0, 0
-    stream = request.stream().__aiter__()
-    deadline = time.monotonic() + limits.body_timeout_s
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - time.monotonic(), 0.0))
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            raise ProtocolError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
-                                     "(--body-timeout-s); send it in one go") from None
+    async for chunk in request.stream():
         received += len(chunk)
         if inflate is not None and chunk:
             try:
@@ -179,10 +182,27 @@ async def read_body(request: Any, limits: HttpLimits, budget: BodyBudget, read: 
     read.data, read.complete = b"".join(chunks), True
 
 
-def _caller(request: Any) -> str:
-    """Whom the fair queue shares the worker between: one connection (address and port)."""
+def caller_of(request: Any, header: str | None = None) -> str:
+    """Whom the fair queue shares the worker between (docs/serving-faults.md, "Who a caller is"): the value of
+    ``header`` where the operator names one (set by a proxy they trust); else a remote peer's address (an IPv6
+    peer's /64), so a client's many connections share one turn; else - a loopback peer, which may be any local
+    program or a proxy on this host, all with one address - its connection."""
+    if header:
+        value = request.headers.get(header)
+        if value:
+            return "header " + value[:128]
     client = request.client
-    return f"{client.host}:{client.port}" if client is not None else "?"
+    if client is None:
+        return "?"
+    try:
+        address = ipaddress.ip_address(client.host)
+    except ValueError:  # not an IP peer (a Unix socket): its connection
+        return f"connection {client.host}:{client.port}"
+    if address.is_loopback:
+        return f"connection {client.host}:{client.port}"
+    if address.version == 6:
+        return f"address {ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return f"address {address}"
 
 
 class ClientGone(Exception):
@@ -199,8 +219,10 @@ class InferenceRoutes:
         self.codec = ThreadPoolExecutor(2, thread_name_prefix="itmrt-serve-codec")
         self.budget = BodyBudget(limits.max_buffered_bytes, lambda: self.codec.submit(release_memory))
         self.failures = 0
+        self.large_bodies = 0  # bodies over INLINE_BODY_BYTES being read or parsed (event-loop thread only)
         self.reloader: Any = None  # itmrt.serve.swap.Reloader where the service can load its gallery again
         self.model_control = "explicit"  # what ``--model-control`` says: the load/unload endpoints answer if explicit
+        self.caller_header: str | None = None  # ``--caller-header``: names the caller (see :func:`caller_of`)
 
     def error(self, status: int, message: str, close: bool = False) -> Any:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) \
@@ -302,22 +324,35 @@ class InferenceRoutes:
         self.check(request)
         if not self.batcher.ready_now():
             raise NotReady(self.batcher.unready_reason())
+        declared = request.headers.get("content-length", "")
+        large = not declared.isdigit() or int(declared) > INLINE_BODY_BYTES
+        if large and self.large_bodies >= LARGE_BODY_LANES:  # no real request is that large: refused at once
+            raise ProtocolError(503, f"the service is reading {LARGE_BODY_LANES} bodies over "
+                                     f"{INLINE_BODY_BYTES >> 10} KB already; retry shortly")
+        self.large_bodies += large
+        try:
+            parsed = await self.read_and_parse(request, read)
+        finally:
+            self.large_bodies -= large
+        timeout = min(self.limits.timeout_s, parsed.timeout_s or self.limits.timeout_s)
+        answer = await self.answer(parsed, arrived + timeout, caller_of(request, self.caller_header))
+        content, headers = await self.coded(answer.indices.size > INLINE_ANSWER_RESULTS, protocol.infer_response,
+                                            parsed, answer.indices, answer.scores, answer.ids, answer.version)
+        return self.responses.Response(content, headers=headers)
+
+    async def read_and_parse(self, request: Any, read: BodyRead) -> protocol.InferRequest:
         try:
             await read_body(request, self.limits, self.budget, read)
         except self.client_disconnect:
             raise ClientGone from None
-        # Large documents are parsed and large answers encoded on a small pool (a 4 MB document must not hold
+        # Large documents are parsed and large answers encoded on a small pool (a large document must not hold
         # the event loop); small ones here, where they take well under a millisecond and never queue behind
         # the large ones in the pool.
         parse = (protocol.parse_infer_request, read.data, request.headers.get(protocol.HEADER_LENGTH),
                  self.limits_now())
-        parsed = await self.coded(len(read.data) > INLINE_BODY_BYTES, *parse)
+        parsed: protocol.InferRequest = await self.coded(len(read.data) > INLINE_BODY_BYTES, *parse)
         read.data = b""
-        timeout = min(self.limits.timeout_s, parsed.timeout_s or self.limits.timeout_s)
-        answer = await self.answer(parsed, arrived + timeout, _caller(request))
-        content, headers = await self.coded(answer.indices.size > INLINE_ANSWER_RESULTS, protocol.infer_response,
-                                            parsed, answer.indices, answer.scores, answer.ids, answer.version)
-        return self.responses.Response(content, headers=headers)
+        return parsed
 
     async def coded(self, pooled: bool, function: Callable[..., Any], *args: Any) -> Any:
         """``function(*args)`` on the codec pool when ``pooled``, else here on the event loop."""
@@ -389,13 +424,14 @@ def create_app(
     reloader: Any = None,
     drain_s: float | None = None,
     model_control: str = "explicit",
+    caller_header: str | None = None,
 ) -> Any:
     """The Starlette app behind :class:`~itmrt.serve.guard.BrowserGuard`; its lifespan starts the batcher's
     worker and, on shutdown, lets it finish the queue (for at most ``drain_s`` seconds)."""
     applications = require("starlette.applications", "itmrt serve")
     routing = require("starlette.routing", "itmrt serve")
     routes = InferenceRoutes(batcher, metrics, limits, token)
-    routes.reloader, routes.model_control = reloader, model_control
+    routes.reloader, routes.model_control, routes.caller_header = reloader, model_control, caller_header
     model_paths = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
 
     @contextlib.asynccontextmanager

@@ -66,7 +66,8 @@ class ServiceMetrics:
             "itmrt_batch_captions", "Captions per batch the worker formed.", buckets=SIZE_BUCKETS, registry=registry
         )
         self.batch_requests = prometheus.Histogram(
-            "itmrt_batch_requests", "Requests per batch the worker formed.", buckets=SIZE_BUCKETS, registry=registry
+            "itmrt_batch_requests", "Requests (or parts of split requests) per batch the worker formed.",
+            buckets=SIZE_BUCKETS, registry=registry
         )
         self.stage_seconds = prometheus.Histogram(
             "itmrt_stage_seconds",
@@ -101,6 +102,10 @@ class ServiceMetrics:
         )
         for outcome in ("ok", "refused"):
             self.swaps.labels(outcome)
+        self.refused_wait = prometheus.Counter(
+            "itmrt_refused_wait", "Requests refused (429) because their expected wait passed --max-wait-ms or their "
+            "timeout.", registry=registry,
+        )
 
     def client_error(self, status: int) -> None:
         self.client_errors.labels(str(status)).inc()

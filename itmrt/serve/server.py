@@ -79,6 +79,7 @@ class ServeOptions:
     grace_s: float = 20.0  # SIGTERM: the process is gone within this many seconds
     watch_s: float = 1.0  # model_control poll: how often the gallery folder is checked for a new version
     model_control: str = "poll"  # poll | explicit (the repository load/unload endpoints) | none; SIGHUP: any
+    caller_header: str | None = None  # a header naming the caller for the fair queue (set by a trusted proxy)
     # The runtime options as one group (what `itmrt serve`'s runtime flags build), instead of the fields backend
     # .. on_long above, which are then set from it; its on_long is the service's (refuse: 400).
     runtime: RuntimeOptions | None = None
@@ -266,7 +267,7 @@ class Service:
         # SIGTERM: uvicorn waits for answers in flight, then the worker gets what is left of the grace period.
         drain_s, answers_s = 1.0, max(options.grace_s - 2.0, 0.5)
         self.app = create_app(self.batcher, self.metrics, options.limits, token, policy, self.reloader, drain_s,
-                              options.model_control)
+                              options.model_control, options.caller_header)
         limits = options.limits
         config = uvicorn.Config(
             self.app,
