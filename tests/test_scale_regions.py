@@ -459,3 +459,25 @@ def test_a_search_with_a_prefilter_and_a_smaller_refine_keeps_real_images_and_ex
                 world["family"])
     with pytest.raises(ItmrtError, match="--prefilter must be at least 0"):
         shards.search(captions, SearchRequest(k=4, shortlist=5, prefilter=-1))
+
+
+def test_serve_computes_the_reranks_constants_at_warm_up_so_the_first_request_after_ready_does_not(
+        world: dict[str, Any]) -> None:
+    """``itmrt serve GALLERY --shortlist K`` on a region-indexed gallery: the warm-up (before the service says
+    ready) searches every shard once as a query will, which computes each shard's cached per-image constants;
+    the first real request (HTTP, 127.0.0.1) then computes none and answers as the shards do in this process."""
+    from itmrt.serve.client import ServiceClient
+    from itmrt.serve.server import ServeOptions, Service
+
+    from serve_helpers import running
+
+    options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=5)
+    with running(Service(world["gallery"], options=options)) as live, ServiceClient(live.url) as client:
+        runtime = live.batcher.searcher.shards.runtime
+        assert runtime.one_caption is not None and runtime.one_caption.builds == 3  # at warm-up, one per shard
+        captions = random_captions(1, seed=31, max_words=8)
+        found = client.search(captions, 4)
+        assert runtime.one_caption.builds == 3, "the first request after ready computed constants"
+        local = open_shards(world["gallery"], threads=1, warn=quiet)
+        reference = local.search(local.runtime.encode_captions(captions), SearchRequest(k=4, shortlist=5)).t2i
+        np.testing.assert_array_equal(found.indices, reference.indices)

@@ -200,7 +200,10 @@ class RegionIndex:
             total = np.bincount(rows, weights=found - floor[word], minlength=self.images)
             reached = np.flatnonzero(total)
             if len(reached) > prefilter:  # ties by the lower row, as every other stage breaks them
-                hits = np.sort(reached[np.argsort(-total[reached], kind="stable")[:prefilter]])
+                gained = total[reached]
+                cut = -np.partition(-gained, prefilter - 1)[prefilter - 1]
+                above, at = reached[gained > cut], reached[gained == cut]
+                hits = np.sort(np.concatenate([above, at[: prefilter - len(above)]]))
                 position = np.full(self.images, -1, dtype=np.int64)
                 position[hits] = np.arange(len(hits))
                 where = position[rows]
