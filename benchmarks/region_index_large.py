@@ -171,6 +171,16 @@ def exhaustive(runtimes: dict[int, Any], out: Path, batch: Any, results: dict[st
             "reference": reference.tolist(), "recall": recall, "load_after": os.getloadavg()}
 
 
+def built_results(path: Path, out: Path) -> dict[str, Any]:
+    """The build run's results, or, for a gallery put together otherwise (no results file), its size."""
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    gallery = read_sharded_gallery(out)
+    return {"images": len(gallery), "shards": len(gallery.shards), "images_built": len(gallery),
+            "shards_built": len(gallery.shards), "per_shard": gallery.shards[0].images,
+            "build_seconds": "-", "generate_seconds": "-", "seconds": {}, "index_stage_seconds": {}}
+
+
 def run_large(args: argparse.Namespace) -> dict[str, Any]:
     """``--source DIR``: the bundle, gallery and build results of an earlier run in DIR, only read (results are
     written in ``--work``); the exhaustive reference of ``--exhaustive`` is saved in ``--work`` and reused by
@@ -185,14 +195,14 @@ def run_large(args: argparse.Namespace) -> dict[str, Any]:
     built_path = path if path.is_file() or args.source is None else source / path.name
     reference_path = args.work / f"reference-large-{args.images}.json"
     if args.exhaustive:
-        results = json.loads(built_path.read_text())
+        results = built_results(built_path, out)
         batch, _ = _queries(world, args.images, results["images_built"], args)
         results["exhaustive"] = exhaustive(runtimes, out, batch, results, args.exhaustive)
         reference_path.write_text(json.dumps(results["exhaustive"]) + "\n")
         print(f"  exhaustive: { {k: v for k, v in results['exhaustive'].items() if k != 'reference'} }", flush=True)
     else:
         if args.reuse and (out / "gallery.json").is_file():  # measure again on the gallery built before
-            results = {key: value for key, value in json.loads(built_path.read_text()).items()
+            results = {key: value for key, value in built_results(built_path, out).items()
                        if key not in ("sweep", "exhaustive")}
         else:
             results = {"images": args.images, "shards": args.shards, "load_before": os.getloadavg(),
@@ -215,6 +225,8 @@ def run_large(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_large(results: dict[str, Any]) -> None:
+    from bench_region_index import overlap
+
     built = results["images_built"]
     print(f"\n{built:,} images ({results['shards_built']} shards of {results['per_shard']:,}), compact storage; "
           f"build {results['build_seconds']} s (generation apart: {results['generate_seconds']} s); "
@@ -223,11 +235,13 @@ def print_large(results: dict[str, Any]) -> None:
           f"{results['index_stage_seconds']}\n")
     recall = results.get("exhaustive", {}).get("recall", {})
     print("| setting (per shard) | p50 / p99 ms, 1 thread (stages p50) | p50 / p99 ms, 2 threads | ms/query batched "
-          "| recall@10 | top-1 same |")
-    print("|---|---|---|---|---|---|")
-    for row in results.get("sweep", []):
+          "| recall@10 | top-1 same | top 10 as the first setting's |")
+    print("|---|---|---|---|---|---|---|")
+    sweep = results.get("sweep", [])
+    for row in sweep:
         one, two = row["1_threads"], row["2_threads"]
         found = recall.get(setting_name(row), {})
+        agree = overlap(np.array(row["indices"]), np.array(sweep[0]["indices"]))["recall_at_10"]
         print(f"| {setting_name(row)} | {one['p50_ms']} / {one['p99_ms']} ({one.get('stage_p50_ms')}) | "
               f"{two['p50_ms']} / {two['p99_ms']} | {row['ms_per_query_batched']} | "
-              f"{found.get('recall_at_10', '-')} | {found.get('top1_same', '-')} |")
+              f"{found.get('recall_at_10', '-')} | {found.get('top1_same', '-')} | {agree} |")
