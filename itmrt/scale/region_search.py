@@ -3,12 +3,16 @@
 For one caption with tokens ``u_1..u_m`` and a shard of N images:
 
 1. ``T = U C^T`` (``[m, centroids]``); token ``i`` probes its ``nprobe``
-   nearest centroids.
+   nearest centroids. The shards of one build store the same centroids, so a
+   search computes this once per caption for all of them (:class:`ProbeCache`).
 2. Each image's best-region similarity per word is estimated as the largest
    ``T[i, c]`` over the probed centroids its regions hold, and, for an image
    holding none of them, the ``nprobe``-th largest (an unprobed centroid is
    no nearer than that: WARP's imputation of a missing similarity). This is a
-   scatter over the probed inverted lists, into a dense ``[m, N]`` array.
+   scatter over the probed inverted lists. With a ``prefilter``, only that
+   many of the images reached are estimated: those with the largest sum of
+   ``T[i, c] - floor_i`` over the probed lists holding them (PLAID prunes its
+   candidates by centroid scores the same way before their interaction).
 3. That estimate ``s_i`` goes through the family's score in structure
    (:class:`ScoreEstimate`). NAAF: ``r_i = s_i - t`` against the frozen
    threshold ``t``; the negative branch takes ``r_i`` where the propagated
