@@ -484,6 +484,7 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=40)
     parser.add_argument("--compact-exhaustive-queries", type=int, default=5)
     numbers = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    optional_numbers = lambda text: [None if x == "none" else int(x) for x in text.split(",")]  # noqa: E731
     parser.add_argument("--sweep-nprobe", type=numbers, default=[8])
     parser.add_argument("--sweep-exact", type=numbers, default=[0, 400, 1000], help="exact_pass values")
     parser.add_argument("--sweep-k", type=numbers, default=[25, 50, 100])
@@ -501,6 +502,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="shipped: k-means seeds per compact setting")
     parser.add_argument("--max-build-seconds", type=float, default=0.0,
                         help="large: start no further shard after this long (0: build them all)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="large: read the bundle, gallery and build results of an earlier run here (not written)")
+    parser.add_argument("--large-refine", type=optional_numbers, default=[None],
+                        help="large: refine values per shard (none: the shards' recorded)")
+    parser.add_argument("--sweep-prefilter", type=optional_numbers, default=[None],
+                        help="large: prefilter values per shard (none: the default; 0: every probed image)")
     parser.add_argument("--exhaustive", type=int, default=0,
                         help="large: score this many of the kept run's queries exhaustively (decompressed)")
     args = parser.parse_args()

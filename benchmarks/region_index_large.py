@@ -119,6 +119,17 @@ def build(runtime: Any, out: Path, args: argparse.Namespace, world: Any) -> dict
             "index_stage_seconds": stages, "shards": shards}
 
 
+def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The sweep: every K x refine x prefilter (None: the shards' recorded value or default)."""
+    return [{"K": k, "refine": refine, "prefilter": prefilter} for k in args.sweep_k
+            for refine in args.large_refine for prefilter in args.sweep_prefilter]
+
+
+def setting_name(row: dict[str, Any]) -> str:
+    return f"K {row['K']}" + "".join(f", {key} {row[key]}" for key in ("refine", "prefilter")
+                                     if row.get(key) is not None)
+
+
 def measure(runtimes: dict[int, Any], out: Path, batch: Any, singles: list[Any], args: argparse.Namespace
             ) -> dict[str, Any]:
     from bench_region_index import folder_bytes, memory_mb, timed_queries
@@ -126,17 +137,19 @@ def measure(runtimes: dict[int, Any], out: Path, batch: Any, singles: list[Any],
     gallery = read_sharded_gallery(out)
     opened = {threads: LocalShards(runtime, gallery) for threads, runtime in runtimes.items()}
     rows = []
-    for k in args.sweep_k:
-        request = SearchRequest(k=TOP, shortlist=k)
+    for setting in settings(args):
+        k = setting["K"]
+        request = SearchRequest(k=TOP, shortlist=k, refine=setting["refine"], prefilter=setting["prefilter"])
         started = time.perf_counter()
         found = opened[1].search(batch, request)
-        row: dict[str, Any] = {"K": k, "indices": found.t2i.indices.tolist(),
+        row: dict[str, Any] = {**setting, "indices": found.t2i.indices.tolist(),
                                "ms_per_query_batched": round(1000 * (time.perf_counter() - started) / len(batch), 1),
                                "stage_ms": {s: round(1000 * v / len(batch), 1)
                                             for s, v in found.stage_seconds.items()}}
         for threads, shards in opened.items():
             row[f"{threads}_threads"] = timed_queries(shards.search, singles, request)
-        print(f"  K {k}/shard: { {key: value for key, value in row.items() if key != 'indices'} }", flush=True)
+        print(f"  {setting_name(row)}: { {key: value for key, value in row.items() if key != 'indices'} }",
+              flush=True)
         rows.append(row)
     return {"sweep": rows, "disk_bytes_per_image": round(folder_bytes(out) / len(gallery)),
             "rss_mb": memory_mb(), "load_after": os.getloadavg()}
@@ -152,27 +165,44 @@ def exhaustive(runtimes: dict[int, Any], out: Path, batch: Any, results: dict[st
     started = time.perf_counter()
     reference = shards.search(few, SearchRequest(k=TOP)).t2i.indices
     seconds = time.perf_counter() - started
-    recall = {f"K {row['K']}": overlap(np.array(row["indices"])[: len(few)], reference)
-              for row in results["sweep"]}
+    recall = {setting_name(row): overlap(np.array(row["indices"])[: len(few)], reference)
+              for row in results.get("sweep", [])}
     return {"queries": len(few), "exhaustive_decoded_s_per_query": round(seconds / len(few), 1),
             "reference": reference.tolist(), "recall": recall, "load_after": os.getloadavg()}
 
 
+def built_results(path: Path, out: Path) -> dict[str, Any]:
+    """The build run's results, or, for a gallery put together otherwise (no results file), its size."""
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    gallery = read_sharded_gallery(out)
+    return {"images": len(gallery), "shards": len(gallery.shards), "images_built": len(gallery),
+            "shards_built": len(gallery.shards), "per_shard": gallery.shards[0].images,
+            "build_seconds": "-", "generate_seconds": "-", "seconds": {}, "index_stage_seconds": {}}
+
+
 def run_large(args: argparse.Namespace) -> dict[str, Any]:
+    """``--source DIR``: the bundle, gallery and build results of an earlier run in DIR, only read (results are
+    written in ``--work``); the exhaustive reference of ``--exhaustive`` is saved in ``--work`` and reused by
+    later runs there (each setting's recall against it)."""
     import object_data
 
-    runtimes = _runtimes(args.work)
+    source = args.source or args.work
+    runtimes = _runtimes(source)
     world = object_data.make_world(int(runtimes[1].bundle.manifest.dims["embed_size"]))
-    out = args.work / f"gallery-large-{args.images}"
+    out = source / f"gallery-large-{args.images}"
     path = args.work / f"results-large-{args.images}.json"
+    built_path = path if path.is_file() or args.source is None else source / path.name
+    reference_path = args.work / f"reference-large-{args.images}.json"
     if args.exhaustive:
-        results = json.loads(path.read_text())
+        results = built_results(built_path, out)
         batch, _ = _queries(world, args.images, results["images_built"], args)
         results["exhaustive"] = exhaustive(runtimes, out, batch, results, args.exhaustive)
+        reference_path.write_text(json.dumps(results["exhaustive"]) + "\n")
         print(f"  exhaustive: { {k: v for k, v in results['exhaustive'].items() if k != 'reference'} }", flush=True)
     else:
         if args.reuse and (out / "gallery.json").is_file():  # measure again on the gallery built before
-            results = {key: value for key, value in json.loads(path.read_text()).items()
+            results = {key: value for key, value in built_results(built_path, out).items()
                        if key not in ("sweep", "exhaustive")}
         else:
             results = {"images": args.images, "shards": args.shards, "load_before": os.getloadavg(),
@@ -181,12 +211,22 @@ def run_large(args: argparse.Namespace) -> dict[str, Any]:
         batch, singles = _queries(world, args.images, results["images_built"], args)
         results.update(queries=len(batch), latency_queries=len(singles),
                        **measure(runtimes, out, batch, singles, args))
+        if reference_path.is_file():  # the reference of an earlier --exhaustive run here: every setting's recall
+            from bench_region_index import overlap
+
+            kept = json.loads(reference_path.read_text())
+            reference = np.array(kept["reference"])
+            kept["recall"] = {setting_name(row): overlap(np.array(row["indices"])[: len(reference)], reference)
+                              for row in results["sweep"]}
+            results["exhaustive"] = kept
     path.write_text(json.dumps(results, indent=2) + "\n")
     print_large(results)
     return results
 
 
 def print_large(results: dict[str, Any]) -> None:
+    from bench_region_index import overlap
+
     built = results["images_built"]
     print(f"\n{built:,} images ({results['shards_built']} shards of {results['per_shard']:,}), compact storage; "
           f"build {results['build_seconds']} s (generation apart: {results['generate_seconds']} s); "
@@ -194,10 +234,14 @@ def print_large(results: dict[str, Any]) -> None:
     print(f"build seconds: {results['seconds']}; region index stages (summed over shards): "
           f"{results['index_stage_seconds']}\n")
     recall = results.get("exhaustive", {}).get("recall", {})
-    print("| K/shard | p50 / p99 ms, 1 thread | p50 / p99 ms, 2 threads | ms/query batched | recall@10 | top-1 same |")
-    print("|---|---|---|---|---|---|")
-    for row in results.get("sweep", []):
+    print("| setting (per shard) | p50 / p99 ms, 1 thread (stages p50) | p50 / p99 ms, 2 threads | ms/query batched "
+          "| recall@10 | top-1 same | top 10 as the first setting's |")
+    print("|---|---|---|---|---|---|---|")
+    sweep = results.get("sweep", [])
+    for row in sweep:
         one, two = row["1_threads"], row["2_threads"]
-        found = recall.get(f"K {row['K']}", {})
-        print(f"| {row['K']} | {one['p50_ms']} / {one['p99_ms']} | {two['p50_ms']} / {two['p99_ms']} | "
-              f"{row['ms_per_query_batched']} | {found.get('recall_at_10', '-')} | {found.get('top1_same', '-')} |")
+        found = recall.get(setting_name(row), {})
+        agree = overlap(np.array(row["indices"]), np.array(sweep[0]["indices"]))["recall_at_10"]
+        print(f"| {setting_name(row)} | {one['p50_ms']} / {one['p99_ms']} ({one.get('stage_p50_ms')}) | "
+              f"{two['p50_ms']} / {two['p99_ms']} | {row['ms_per_query_batched']} | "
+              f"{found.get('recall_at_10', '-')} | {found.get('top1_same', '-')} | {agree} |")

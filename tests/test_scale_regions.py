@@ -387,3 +387,97 @@ def test_region_shards_copied_into_memory_answer_as_mapped_ones_and_leave_no_fil
     if compact.is_dir():
         kept = open_shards(compact, threads=1, warn=quiet, copy_mb=1024)
         assert kept.in_memory and all(shard.guard is None for shard in kept.shards)
+
+
+def test_shards_sharing_centroids_share_one_probe_per_caption_and_answer_as_each_searched_alone(
+        world: dict[str, Any]) -> None:
+    """A build's shards store the same centroids: a search computes each caption's token x centroid product and
+    probed centroids once for all of them (one probe per caption in the cache), holds one array of them, and
+    answers exactly as each shard searched with its own probes."""
+    from itmrt.scale.region_search import ProbeCache
+    from itmrt.scale.shard import merge_answers
+
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    indexes = [shard.regions for shard in shards.shards]
+    assert len({index.centroids_key for index in indexes}) == 1
+    assert all(index.centroids is indexes[0].centroids for index in indexes)
+    request = SearchRequest(k=5, shortlist=6, nprobe=2)
+    probes = ProbeCache()
+    together = merge_answers([shard.search(runtime, captions, request, probes) for shard in shards.shards],
+                             request, len(captions))
+    assert len(probes._found) == len(captions)  # one probe per caption, not one per caption and shard
+    alone = merge_answers([shard.search(runtime, captions, request) for shard in shards.shards],
+                          request, len(captions))
+    same_top_k(together.t2i, alone.t2i)
+    same_top_k(shards.search(captions, request).t2i, alone.t2i)
+    other = open_shards(world["gallery"], threads=1, warn=quiet).shards[1].regions
+    other.centroids = other.centroids + np.float32(0.5)  # another content: another key, its own probe
+    other._centroids_key = None
+    assert other.centroids_key != indexes[0].centroids_key
+    probes.get(other, captions, 0, 2, lambda a, b: a @ b.T)
+    assert len(probes._found) == len(captions) + 1
+
+
+def test_the_prefilter_keeps_the_probed_images_with_the_largest_centroid_gains() -> None:
+    from itmrt.scale.region_search import RegionIndex, select_probes
+    from itmrt.scale.regions import inverted_lists
+
+    rng = np.random.default_rng(9)
+    centroids = rng.standard_normal((40, 16)).astype(np.float32)
+    codes = rng.integers(0, 40, size=(300, 6)).astype(np.uint16)
+    index = RegionIndex(centroids, inverted_lists(codes, 40), codes,
+                        {"rows": 300, "params": {"nprobe": 5, "candidates": 10}})
+    sims = rng.standard_normal((7, 40)).astype(np.float32)
+    nearest, values, floor = select_probes(sims, 5)
+    hits, best, _ = index.probe(sims, 5)
+    same = index.probe(sims, 5, prefilter=len(hits))  # no fewer kept than reached: nothing is left out
+    np.testing.assert_array_equal(same[0], hits)
+    np.testing.assert_array_equal(same[1], best)
+    gains = np.zeros(300)
+    for word in range(7):  # the definition: each probed list adds its similarity over the word's floor
+        for centroid, value in zip(nearest[word], values[word]):
+            gains[np.unique(np.flatnonzero((codes == centroid).any(axis=1)))] += value - floor[word]
+    kept, estimated, _ = index.probe(sims, 5, prefilter=20)
+    expected = np.sort(np.argsort(-gains, kind="stable")[:20])
+    np.testing.assert_array_equal(kept, expected)
+    np.testing.assert_array_equal(estimated, best[:, np.searchsorted(hits, kept)])
+
+
+def test_a_search_with_a_prefilter_and_a_smaller_refine_keeps_real_images_and_exact_scores(
+        world: dict[str, Any]) -> None:
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    full = runtime.score(world["embeddings"], captions)
+    found = shards.search(captions, SearchRequest(k=4, shortlist=5, nprobe=3, refine=8, prefilter=9,
+                                                 exact_pass=0, union=0)).t2i
+    assert ((found.indices >= 0) & (found.indices < 45)).all()
+    for caption in range(len(captions)):
+        np.testing.assert_allclose(found.scores[caption], full[found.indices[caption], caption], atol=1e-6)
+    everything = SearchRequest(k=6, shortlist=EVERYTHING, nprobe=EVERYTHING, prefilter=EVERYTHING, refine=0)
+    same_answer(shards.search(captions, everything).t2i, runtime.rank(world["embeddings"], captions, top_k=6).t2i,
+                world["family"])
+    with pytest.raises(ItmrtError, match="--prefilter must be at least 0"):
+        shards.search(captions, SearchRequest(k=4, shortlist=5, prefilter=-1))
+
+
+def test_serve_computes_the_reranks_constants_at_warm_up_so_the_first_request_after_ready_does_not(
+        world: dict[str, Any]) -> None:
+    """``itmrt serve GALLERY --shortlist K`` on a region-indexed gallery: the warm-up (before the service says
+    ready) searches every shard once as a query will, which computes each shard's cached per-image constants;
+    the first real request (HTTP, 127.0.0.1) then computes none and answers as the shards do in this process."""
+    from itmrt.serve.client import ServiceClient
+    from itmrt.serve.server import ServeOptions, Service
+
+    from serve_helpers import running
+
+    options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=5)
+    with running(Service(world["gallery"], options=options)) as live, ServiceClient(live.url) as client:
+        runtime = live.batcher.searcher.shards.runtime
+        assert runtime.one_caption is not None and runtime.one_caption.builds == 3  # at warm-up, one per shard
+        captions = random_captions(1, seed=31, max_words=8)
+        found = client.search(captions, 4)
+        assert runtime.one_caption.builds == 3, "the first request after ready computed constants"
+        local = open_shards(world["gallery"], threads=1, warn=quiet)
+        reference = local.search(local.runtime.encode_captions(captions), SearchRequest(k=4, shortlist=5)).t2i
+        np.testing.assert_array_equal(found.indices, reference.indices)

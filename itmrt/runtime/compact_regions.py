@@ -143,9 +143,30 @@ class ResidualCodec:
     def decode(self, packed: np.ndarray, centroids: np.ndarray) -> np.ndarray:
         """``[R, d]`` float32 unit vectors from packed residual codes and their centroids ``[R, d]``."""
         depth = int(centroids.shape[-1])
-        codes = self.codes(packed)
-        out = centroids + self.buckets[np.arange(depth), codes]
+        table = self.byte_levels()
+        if table is not None:  # one gather of each byte's levels: no unpacking (a rerank decodes a few images)
+            width = table.shape[0] // 256
+            flat = packed.reshape(-1, width).astype(np.intp) + 256 * np.arange(width)
+            levels = np.take(table, flat, axis=0).reshape(*packed.shape[:-1], -1)[..., :depth]
+        else:
+            levels = self.buckets[np.arange(depth), self.codes(packed)]
+        out = centroids + levels
         return (out / (np.linalg.norm(out, axis=-1, keepdims=True) + 1e-8)).astype(np.float32)
+
+    def byte_levels(self) -> np.ndarray | None:
+        """Where every dimension has the same 1, 2 or 4 bits (one packed piece): ``[width * 256, 8 / bits]``,
+        the levels of the dimensions each byte value at each byte position stands for (None otherwise)."""
+        if len(self.segments) != 1 or len(self.segments[0][0]) != len(self.bits_per_dim):
+            return None
+        if getattr(self, "_byte_levels", None) is None:
+            bits = self.segments[0][2]
+            per, depth = 8 // bits, len(self.bits_per_dim)
+            width = -(-depth // per)
+            values = np.arange(256)
+            codes = np.stack([(values >> (slot * bits)) & ((1 << bits) - 1) for slot in range(per)], axis=1)
+            dims = np.minimum(np.arange(width * per), depth - 1).reshape(width, 1, per)
+            self._byte_levels = np.ascontiguousarray(self.buckets[dims, codes[None]].reshape(width * 256, per))
+        return self._byte_levels
 
 
 def lloyd_max(ordered: np.ndarray, count: int, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.layout import ShardedGallery, shard_bytes
+from itmrt.scale.region_search import ProbeCache, share_centroids
 from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers
 
 
@@ -34,6 +35,7 @@ class LocalShards:
         self.in_memory = copy_mb > 0 and self.bytes <= copy_mb * (1 << 20)
         self.shards = [OpenShard.open(gallery, record, verify, gpu_index, self.in_memory, positional)
                        for record in gallery.shards]
+        share_centroids([shard.regions for shard in self.shards if shard.regions is not None])
 
     def files_changed(self) -> str | None:
         """Why a file a shard reads while searching is no longer the one opened (the first found), or None."""
@@ -47,8 +49,9 @@ class LocalShards:
         """Every shard's answer to ``request``, merged; ``progress(1)`` after each shard."""
         request.check()
         answers = []
+        probes = ProbeCache()  # the shards of one build share their centroids: one probe per caption
         for shard in self.shards:
-            answers.append(shard.search(self.runtime, captions, request))
+            answers.append(shard.search(self.runtime, captions, request, probes))
             if progress is not None:
                 progress(1)
         return merge_answers(answers, request, len(captions))

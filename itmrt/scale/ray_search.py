@@ -34,6 +34,7 @@ from itmrt.errors import GalleryChanged, ItmrtError, first_line
 from itmrt.optional import require
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.layout import ShardedGallery, ShardRecord
+from itmrt.scale.region_search import ProbeCache, share_centroids
 from itmrt.scale.shard import (
     OpenShard,
     SearchRequest,
@@ -87,6 +88,7 @@ class ShardWorker:
         threads = int(load_options.get("threads") or 0)
         self.shards = [OpenShard.open(gallery, record, verify, gpu_index)
                        for record in gallery.shards if record.name in names]
+        share_centroids([shard.regions for shard in self.shards if shard.regions is not None])
         if threads and any(shard.index is not None for shard in self.shards):
             require("faiss", "the FAISS shortlist index").omp_set_num_threads(threads)
 
@@ -101,7 +103,8 @@ class ShardWorker:
         return time.perf_counter() - started
 
     def search(self, captions: CaptionEmbeddings, request: SearchRequest) -> list[ShardAnswer]:
-        return [shard.search(self.runtime, captions, request) for shard in self.shards]
+        probes = ProbeCache()  # as LocalShards: one probe per caption for the shards sharing centroids
+        return [shard.search(self.runtime, captions, request, probes) for shard in self.shards]
 
 
 class RayConnection:

@@ -3,12 +3,16 @@
 For one caption with tokens ``u_1..u_m`` and a shard of N images:
 
 1. ``T = U C^T`` (``[m, centroids]``); token ``i`` probes its ``nprobe``
-   nearest centroids.
+   nearest centroids. The shards of one build store the same centroids, so a
+   search computes this once per caption for all of them (:class:`ProbeCache`).
 2. Each image's best-region similarity per word is estimated as the largest
    ``T[i, c]`` over the probed centroids its regions hold, and, for an image
    holding none of them, the ``nprobe``-th largest (an unprobed centroid is
    no nearer than that: WARP's imputation of a missing similarity). This is a
-   scatter over the probed inverted lists, into a dense ``[m, N]`` array.
+   scatter over the probed inverted lists. With a ``prefilter``, only that
+   many of the images reached are estimated: those with the largest sum of
+   ``T[i, c] - floor_i`` over the probed lists holding them (PLAID prunes its
+   candidates by centroid scores the same way before their interaction).
 3. That estimate ``s_i`` goes through the family's score in structure
    (:class:`ScoreEstimate`). NAAF: ``r_i = s_i - t`` against the frozen
    threshold ``t``; the negative branch takes ``r_i`` where the propagated
@@ -32,6 +36,7 @@ image exactly: the answer is exhaustive scoring's.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +51,7 @@ from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
 from itmrt.scale.regions import (
     DEFAULT_EXACT_PASS,
+    DEFAULT_PREFILTER,
     DEFAULT_REFINE,
     DEFAULT_UNION,
     POOR_FIT,
@@ -129,8 +135,22 @@ class RegionIndex:
         self.refine = int(params.get("refine", DEFAULT_REFINE))
         self.exact_pass = int(params.get("exact_pass", DEFAULT_EXACT_PASS))
         self.union = int(params.get("union", DEFAULT_UNION))
+        self.prefilter = int(params.get("prefilter", DEFAULT_PREFILTER))
         self.fit = float(record.get("fit", 1.0))
         self.poor_fit_below = float(params.get("poor_fit", POOR_FIT))
+        self._centroids_key: str | None = None
+
+    @property
+    def centroids_key(self) -> str:
+        """What identifies the centroids' content (the sha256 of their file as verified when the shard opened,
+        else of the array): shards with the same key share one probe per caption (:class:`ProbeCache`)."""
+        if self._centroids_key is None:
+            self._centroids_key = hashlib.sha256(np.ascontiguousarray(self.centroids).tobytes()).hexdigest()
+        return self._centroids_key
+
+    @centroids_key.setter
+    def centroids_key(self, key: str) -> None:
+        self._centroids_key = key
 
     @property
     def poor_fit(self) -> bool:
@@ -152,32 +172,61 @@ class RegionIndex:
             return asked
         return self.union or (POOR_FIT_UNION if self.poor_fit else 0)
 
-    def probe(self, sims: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def default_prefilter(self, asked: int | None) -> int:
+        """Probed images a search estimates in this shard (0: every one reached): ``asked``, else the recorded
+        value, else :data:`DEFAULT_PREFILTER`."""
+        return asked if asked is not None else self.prefilter
+
+    def probe(self, sims: np.ndarray, nprobe: int, prefilter: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Steps 1-2 of the module for the images the probes reach: ``(hits [U], best [m, U], floor [m])`` -
         the sorted rows of the images holding a probed centroid of some word, each word's estimated best-region
-        similarity in them, and each word's imputed similarity (its ``nprobe``-th) for every other image.
+        similarity in them, and each word's imputed similarity (its ``nprobe``-th) for every other image."""
+        return self.probe_selected(*select_probes(sims, nprobe), prefilter)
+
+    def probe_selected(self, nearest: np.ndarray, values: np.ndarray, floor: np.ndarray,
+                       prefilter: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`probe` from each word's probed centroids ``nearest [m, P]``, their similarities ``values`` and
+        the imputed ``floor [m]`` (:func:`select_probes`: shared by the shards holding the same centroids).
 
         One pass over the probed inverted lists of every word at once (no loop per word or centroid); a row
-        in several probed lists of a word keeps the largest of their similarities."""
-        words, count = sims.shape
-        probe = max(1, min(nprobe, count))
-        nearest = np.argpartition(-sims, probe - 1, axis=1)[:, :probe] if probe < count else \
-            np.broadcast_to(np.arange(count), (words, count))
-        values = np.take_along_axis(sims, nearest, axis=1)
-        floor = values.min(axis=1)
+        in several probed lists of a word keeps the largest of their similarities. ``prefilter``: where more
+        images than that are reached, only the ``prefilter`` with the largest sum of ``value - floor`` over
+        their probed lists (PLAID's pruning of candidates by centroid scores before their interaction) are
+        kept."""
+        words, probe = nearest.shape
         starts = self.offsets[nearest].ravel()
         lengths = self.offsets[nearest + 1].ravel() - starts
         ends = np.cumsum(lengths)
         rows = self.rows_of[np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]))]
+        word = np.repeat(np.repeat(np.arange(words, dtype=np.int64), probe), lengths)
+        found = np.repeat(values.ravel(), lengths)
+        if prefilter:
+            total = np.bincount(rows, weights=found - floor[word], minlength=self.images)
+            reached = np.flatnonzero(total)
+            if len(reached) > prefilter:  # ties by the lower row, as every other stage breaks them
+                gained = total[reached]
+                cut = -np.partition(-gained, prefilter - 1)[prefilter - 1]
+                above, at = reached[gained > cut], reached[gained == cut]
+                hits = np.sort(np.concatenate([above, at[: prefilter - len(above)]]))
+                position = np.full(self.images, -1, dtype=np.int64)
+                position[hits] = np.arange(len(hits))
+                where = position[rows]
+                kept = where >= 0
+                return hits, self._scatter(len(hits), word[kept], where[kept], found[kept], floor), floor
         marked = np.zeros(self.images, dtype=bool)
         marked[rows] = True
         hits = np.flatnonzero(marked)
         position = np.empty(self.images, dtype=np.int64)
         position[hits] = np.arange(len(hits))
-        best = np.repeat(floor[:, None], len(hits), axis=1)
-        word = np.repeat(np.arange(words, dtype=np.int64) * len(hits), probe)
-        np.maximum.at(best.reshape(-1), np.repeat(word, lengths) + position[rows], np.repeat(values.ravel(), lengths))
-        return hits, best, floor
+        return hits, self._scatter(len(hits), word, position[rows], found, floor), floor
+
+    @staticmethod
+    def _scatter(count: int, word: np.ndarray, where: np.ndarray, found: np.ndarray, floor: np.ndarray) -> np.ndarray:
+        """``[m, count]``: each word's largest ``found`` similarity per image position ``where``, else its
+        ``floor``."""
+        best = np.repeat(floor[:, None], count, axis=1)
+        np.maximum.at(best.reshape(-1), word * count + where, found)
+        return best
 
     def best_similarities(self, tokens: np.ndarray, nprobe: int, sims: np.ndarray | None = None) -> np.ndarray:
         """``[m, N]`` estimated best-region similarity of each token in each image (steps 1-2 of the module)."""
@@ -211,30 +260,41 @@ class RegionIndex:
         return out
 
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
-                         keep: int, threads: int = 0, embeddings: Any = None, exact_pass: int = 0) -> np.ndarray:
+                         keep: int, threads: int = 0, embeddings: Any = None, exact_pass: int = 0,
+                         probes: ProbeCache | None = None, refine: int | None = None,
+                         prefilter: int = 0) -> np.ndarray:
         """``[Q, K]`` each caption's ``keep`` best images by estimate (best first, ties by the lower row): the
-        probe estimate over every image, then the ``refine`` best of those estimated again from every region's
-        centroid (step 3b), then, with ``embeddings`` and ``exact_pass``, that many estimated from their exact
-        region similarities (step 3c)."""
+        probe estimate over every image (over the ``prefilter`` best by probed centroid scores where given),
+        then the ``refine`` (default: the recorded) best of those estimated again from every region's centroid
+        (step 3b), then, with ``embeddings`` and ``exact_pass``, that many estimated from their exact region
+        similarities (step 3c). ``probes``: the captions' probes shared with other shards of the same
+        centroids (computed here otherwise)."""
         assert captions.offsets is not None
         k = min(keep, self.images)
+        refine = self.refine if refine is None else refine
         out = np.empty((len(captions), k), dtype=np.int64)
         product = token_gemm(threads)
+        probes = probes if probes is not None else ProbeCache(shared=False)
         for caption in range(len(captions)):
-            start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
-            tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
-            sims = product(tokens, self.centroids)
-            scores = self.probe_scores(tokens, sims, estimate, nprobe, product)
-            rows = np.arange(self.images)
-            if k < self.refine < self.images:
-                rows = _top_rows(scores, rows, self.refine)
-                by_centroid = np.ascontiguousarray(sims.T)  # [C, m]: each gather reads one short row
-                regions = by_centroid[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
-                scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), tokens, product)
+            probe = probes.get(self, captions, caption, nprobe, product)
+            hits, best, floor = self.probe_selected(probe.nearest, probe.values, probe.floor, prefilter)
+            if prefilter and len(hits) >= max(k, min(refine, self.images)):  # the best are among the kept
+                rows, scores = hits, estimate.scores(best, probe.tokens, product)
+            else:
+                rows = np.arange(self.images)
+                scores = np.full(self.images, estimate.scores(floor[:, None], probe.tokens, product)[0],
+                                 dtype=np.float32)
+                if len(hits):
+                    scores[hits] = estimate.scores(best, probe.tokens, product)
+            if k < refine < len(rows):
+                rows = _top_rows(scores, rows, refine)
+            if k < refine < self.images:
+                regions = probe.by_centroid()[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
+                scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), probe.tokens, product)
             if embeddings is not None and k < exact_pass < len(rows):
                 rows = np.sort(_top_rows(scores, rows, exact_pass))  # sorted: a forward read of the memmap
-                best = exact_best_similarities(tokens, embeddings, rows, product)
-                scores = estimate.scores(best, tokens, product)
+                best = exact_best_similarities(probe.tokens, embeddings, rows, product)
+                scores = estimate.scores(best, probe.tokens, product)
             out[caption] = _top_rows(scores, rows, k)
         return out
 
@@ -250,6 +310,51 @@ class RegionIndex:
         return best.indices
 
 
+@dataclass
+class CaptionProbe:
+    """One caption against one set of centroids: its tokens, ``sims = U C^T`` and its probed centroids."""
+
+    tokens: np.ndarray  # [m, d] float32
+    sims: np.ndarray  # [m, C]
+    nearest: np.ndarray  # [m, P]
+    values: np.ndarray  # [m, P]
+    floor: np.ndarray  # [m]
+    _by_centroid: np.ndarray | None = None
+
+    def by_centroid(self) -> np.ndarray:
+        """``[C, m]``: each centroid's similarities to the words, one short row per centroid (the refine's
+        gathers read one row per region)."""
+        if self._by_centroid is None:
+            self._by_centroid = np.ascontiguousarray(self.sims.T)
+        return self._by_centroid
+
+
+class ProbeCache:
+    """The probes of one search's captions, per set of centroids: the shards of one build share their centroids
+    (each stores a copy; ``params.centroids_from``), so the token x centroid product and the choice of probed
+    centroids (5.7 ms per caption at 8192 x 1024 centroids) are computed once per caption, not once per shard.
+    Shards share a probe only when their centroids' content is the same (:attr:`RegionIndex.centroids_key`)."""
+
+    def __init__(self, shared: bool = True) -> None:
+        self.shared = shared  # False: one shard's probes only (no hash of its centroids needed)
+        self._captions: CaptionEmbeddings | None = None
+        self._found: dict[tuple[str, int, int], CaptionProbe] = {}
+
+    def get(self, index: RegionIndex, captions: CaptionEmbeddings, caption: int, nprobe: int,
+            product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> CaptionProbe:
+        assert captions.offsets is not None
+        if captions is not self._captions:
+            self._captions, self._found = captions, {}
+        key = (index.centroids_key if self.shared else str(id(index)), nprobe, caption)
+        found = self._found.get(key)
+        if found is None:
+            start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
+            tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
+            sims = product(tokens, index.centroids)
+            found = self._found[key] = CaptionProbe(tokens, sims, *select_probes(sims, nprobe))
+        return found
+
+
 def exact_best_similarities(tokens: np.ndarray, embeddings: Any, rows: np.ndarray,
                             product: Callable[[np.ndarray, np.ndarray], np.ndarray],
                             block: int = EXACT_BLOCK) -> np.ndarray:
@@ -262,6 +367,17 @@ def exact_best_similarities(tokens: np.ndarray, embeddings: Any, rows: np.ndarra
         sims = product(tokens, vectors.reshape(-1, vectors.shape[-1])).reshape(len(tokens), len(part), -1)
         out[:, start : start + len(part)] = sims.max(axis=2)
     return out
+
+
+def select_probes(sims: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(nearest [m, P], values [m, P], floor [m])``: each word's ``nprobe`` nearest centroids by ``sims [m, C]``,
+    their similarities, and the smallest of those (the similarity imputed to an image holding none of them)."""
+    words, count = sims.shape
+    probe = max(1, min(nprobe, count))
+    nearest = np.argpartition(-sims, probe - 1, axis=1)[:, :probe] if probe < count else \
+        np.broadcast_to(np.arange(count), (words, count))
+    values = np.take_along_axis(sims, nearest, axis=1)
+    return nearest, values, values.min(axis=1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -311,6 +427,14 @@ def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings
     return rerank_text_to_image(runtime.score, embeddings, captions, candidates, k, score_rows)
 
 
+def share_centroids(indexes: list[RegionIndex]) -> None:
+    """Indexes whose centroids have the same content keep one array of them (a build's shards each store a
+    copy: 20 x 32 MB at 1M images)."""
+    first: dict[str, np.ndarray] = {}
+    for index in indexes:
+        index.centroids = first.setdefault(index.centroids_key, index.centroids)
+
+
 def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: bool = False) -> RegionIndex:
     """A shard's region index from the files its document lists (each checked against its sha256); memory-mapped,
     or (``in_memory``: a running service) copied by positional reads and the copies verified, never mapped."""
@@ -340,4 +464,7 @@ def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: 
             or (len(lists) > count + 1 and int(lists[count + 1 :].max()) >= int(record["rows"])):
         raise ItmrtError(f"{folder}: the region index's codes or lists do not fit its {count} centroids and "
                          f"{record['rows']} images; re-index the gallery")
-    return RegionIndex(centroids, lists, codes, record)
+    index = RegionIndex(centroids, lists, codes, record)
+    if verify:  # the file's verified sha256 names its content (its header holds the shape and dtype)
+        index.centroids_key = entry.centroids.sha256
+    return index

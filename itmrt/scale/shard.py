@@ -46,7 +46,13 @@ from itmrt.scale.layout import (
     shard_vectors,
 )
 from itmrt.scale.positional import PositionalRows
-from itmrt.scale.region_search import RegionIndex, ScoreEstimate, load_region_index, rerank_candidates
+from itmrt.scale.region_search import (
+    ProbeCache,
+    RegionIndex,
+    ScoreEstimate,
+    load_region_index,
+    rerank_candidates,
+)
 
 DIRECTIONS = ("t2i", "i2t")
 
@@ -62,6 +68,8 @@ class SearchRequest:
     nprobe: int | None = None  # region index: centroids probed per caption token (None: each shard's recorded)
     exact_pass: int | None = None  # region index: images scored exactly (at least K; None: each shard's default)
     union: int | None = None  # region index: global-vector candidates added per shard (None: each shard's default)
+    refine: int | None = None  # region index: images per shard re-estimated from their centroids (None: recorded)
+    prefilter: int | None = None  # region index: probed images per shard estimated (None: recorded; 0: all)
 
     def check(self) -> SearchRequest:
         if self.k < 1:
@@ -75,6 +83,9 @@ class SearchRequest:
             raise ItmrtError(f"--nprobe must be at least 1, not {self.nprobe}")
         if self.exact_pass is not None and self.exact_pass < 0:
             raise ItmrtError(f"--exact-pass must be at least 0 (0: none), not {self.exact_pass}")
+        for flag, value in (("--refine", self.refine), ("--prefilter", self.prefilter)):
+            if value is not None and value < 0:
+                raise ItmrtError(f"{flag} must be at least 0, not {value}")
         if self.union is not None and self.union < 0:
             raise ItmrtError(f"--union must be at least 0 (0: none), not {self.union}")
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
@@ -170,23 +181,27 @@ class OpenShard:
             raise ItmrtError(f"{self.record.describe()} has no global vectors to shortlist with; re-index it")
         return top_candidates(caption_vectors, self.vectors, shortlist)
 
-    def search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest) -> ShardAnswer:
-        """This shard's answer to ``request`` (``runtime``: an :class:`itmrt.runtime.Runtime` of the bundle)."""
+    def search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
+               probes: ProbeCache | None = None) -> ShardAnswer:
+        """This shard's answer to ``request`` (``runtime``: an :class:`itmrt.runtime.Runtime` of the bundle);
+        ``probes``: the captions' region-index probes, shared with the other shards searched for the same
+        request (:class:`itmrt.scale.region_search.ProbeCache`)."""
         try:
-            return self._search(runtime, captions, request)
+            return self._search(runtime, captions, request, probes)
         except GalleryChanged:  # constants computed from what the file held during the change are not kept
             one_caption = getattr(runtime, "one_caption", None)
             if one_caption is not None:
                 one_caption.forget_constants()
             raise
 
-    def _search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest) -> ShardAnswer:
+    def _search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
+                probes: ProbeCache | None) -> ShardAnswer:
         started = time.perf_counter()
         if self.guard is not None:  # nothing is read from a file that changed since it was opened
             self.guard.check()
         answer = ShardAnswer(self.record.name, self.record.first, self.record.images)
         if request.shortlist is not None and captions.token_level and self.regions is not None:
-            self._search_regions(runtime, captions, request, answer)
+            self._search_regions(runtime, captions, request, answer, probes)
         elif request.shortlist is None or not captions.token_level:
             self._search_all(runtime, captions, request, answer)
         else:
@@ -241,7 +256,7 @@ class OpenShard:
         answer.scores = np.concatenate(scores) if request.keep_scores and scores else None
 
     def _search_regions(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
-                        answer: ShardAnswer) -> None:
+                        answer: ShardAnswer, probes: ProbeCache | None = None) -> None:
         """Candidates from the region index (with the global vectors' best where the shard adds them), reranked
         exactly (:mod:`itmrt.scale.region_search`)."""
         assert self.regions is not None and request.shortlist is not None
@@ -255,7 +270,9 @@ class OpenShard:
             if direction == "t2i":
                 keep = max(request.shortlist, self.regions.default_exact_pass(request.exact_pass))
                 union = self.regions.default_union(request.union) if self.vectors is not None else 0
-                candidates = self.regions.image_candidates(captions, estimate, nprobe, keep + union, threads)
+                candidates = self.regions.image_candidates(
+                    captions, estimate, nprobe, keep + union, threads, probes=probes, refine=request.refine,
+                    prefilter=self.regions.default_prefilter(request.prefilter))
                 if union:
                     found = self.candidates(caption_global_vectors(captions), union)
                     candidates = union_candidates(candidates, keep, found)
