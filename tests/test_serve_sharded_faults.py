@@ -401,8 +401,11 @@ try:
         for name in ("centroids", "rows_of", "codes"):
             assert np.array_equal(getattr(shard.regions, name), getattr(reference.regions, name)), name
         embeddings = shard.gallery.embeddings
-        for name in ("centroids", "codes", "residuals"):
+        for name in ("centroids", "codes"):
             assert np.array_equal(getattr(embeddings, name), getattr(reference.gallery.embeddings, name)), name
+        # the packed residuals are read by position as searches need them, under the shard's file guard
+        assert type(embeddings.residuals).__name__ == "PositionalRows", type(embeddings.residuals)
+        assert shard.guard is not None and [path.name for path in shard.guard.states] == ["region_residuals.npy"]
         opened += 1
 finally:
     stop.set()
@@ -412,12 +415,13 @@ print("opened", opened, "refused", refused)
 
 
 def test_a_shard_opened_while_its_files_are_truncated_is_refused_or_exact_never_sigbus(tmp_path: Path) -> None:
-    """A compact region-index shard (region index and packed residuals: every file of it is copied when it opens)
-    opened 40 times while another thread truncates and restores its files: each open gives exactly the arrays of
-    the first or one line, the process never dies by SIGBUS; and no file of the gallery is memory-mapped once
-    the shards are open. (The copy is read by position and its sha256 checked on the bytes read; these files
-    used to be mapped, verified, then copied, a window in which a truncation was SIGBUS. A run of this test
-    cannot prove that window closed - it could be missed by luck - the copy's design does.)"""
+    """A compact region-index shard (region index, centroids and codes copied when it opens; the packed residuals
+    verified and then read by position under the shard's file guard) opened 40 times while another thread
+    truncates and restores its files: each open gives exactly the copied arrays of the first or one line, the
+    process never dies by SIGBUS; and no file of the gallery is memory-mapped once the shards are open. (The
+    copy is read by position and its sha256 checked on the bytes read; these files used to be mapped, verified,
+    then copied, a window in which a truncation was SIGBUS. A run of this test cannot prove that window closed
+    - it could be missed by luck - the copy's design does.)"""
     import subprocess
     import sys
 
@@ -434,3 +438,40 @@ def test_a_shard_opened_while_its_files_are_truncated_is_refused_or_exact_never_
     assert "mapped after open: 0" in done.stdout
     opened, refused = (int(word) for word in done.stdout.split("opened")[1].split()[::2])
     assert opened + refused == 40
+
+
+def test_compact_residuals_are_read_by_position_and_a_truncation_is_one_line(tmp_path: Path) -> None:
+    """Compact storage's packed residuals (90% of its bytes: 9 GB at 1M images) are not copied into memory when
+    a shard opens but read by position, the rows a search decodes: answers equal those of a shard holding them
+    in memory; a truncated residuals file is caught by the guard before a search (one line), and a truncation
+    the guard did not see is a short read (one line), never SIGBUS."""
+    from itmrt.errors import GalleryChanged
+    from itmrt.scale import IndexSpec
+    from itmrt.scale.positional import PositionalRows
+
+    bundle = make_bundle(tmp_path / "model")[0]
+    runtime = load(bundle, threads=1, scorer="graph", warn=quiet)
+    gallery = tmp_path / "compact"
+    spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
+    index_sharded(runtime, region_features(60, seed=7), gallery, ShardingOptions(20, None, spec))
+    by_position = open_shards(gallery, threads=1, scorer="graph", warn=quiet, copy_mb=0)
+    in_memory = open_shards(gallery, threads=1, scorer="graph", warn=quiet, copy_mb=1 << 20)
+    assert all(isinstance(s.gallery.embeddings.residuals, PositionalRows) for s in by_position.shards)
+    assert not any(isinstance(s.gallery.embeddings.residuals, PositionalRows) for s in in_memory.shards)
+    captions = runtime.encode_captions(random_captions(3, seed=8))
+    for request in (SearchRequest(k=5), SearchRequest(k=5, shortlist=6)):
+        want, got = in_memory.search(captions, request), by_position.search(captions, request)
+        np.testing.assert_array_equal(got.t2i.indices, want.t2i.indices)
+        np.testing.assert_allclose(got.t2i.scores, want.t2i.scores, rtol=0, atol=1e-6)
+    residuals = gallery / "shard-00001" / "region_residuals.npy"
+    size = residuals.stat().st_size
+    os.truncate(residuals, size // 2)
+    with pytest.raises(GalleryChanged) as seen:
+        by_position.search(captions, SearchRequest(k=5, shortlist=6))
+    assert "shard-00001" in str(seen.value) and "\n" not in str(seen.value) and str(tmp_path) not in str(seen.value)
+    for shard in by_position.shards:
+        shard.guard = None  # as if the truncation came after the check, while the shard is read
+    with pytest.raises(GalleryChanged, match="region_residuals.npy is shorter than when it was opened"):
+        by_position.search(captions, SearchRequest(k=5, shortlist=6))
+    by_position.close()
+    in_memory.close()

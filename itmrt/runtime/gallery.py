@@ -199,12 +199,14 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
 
 
 def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = False,
-                 compact_in_memory: bool | None = None) -> Gallery:
+                 compact_in_memory: bool | None = None, residual_rows: Callable[[Path], Any] | None = None
+                 ) -> Gallery:
     """Open a gallery (embeddings memory-mapped, after :func:`verify_embeddings` unless ``verify`` is False -
     for a gallery this process has just written). ``in_memory``: the embeddings are copied into this process's
     memory as they are verified (:func:`copy_embeddings`) - what a long-running service does, so that the file
     can change or vanish under it without effect (a memory map would die by SIGBUS on a truncated file).
-    ``compact_in_memory`` (default: ``in_memory``): the same for compact storage's files alone."""
+    ``compact_in_memory`` (default: ``in_memory``): the same for compact storage's files alone;
+    ``residual_rows``: see :func:`open_compact_regions`."""
     root = Path(folder)
     manifest, _sha256 = read_gallery_manifest(root)
     entry = manifest.embeddings
@@ -214,7 +216,8 @@ def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = Fals
     embeddings: Any
     if entry.stored == "region_index":
         embeddings = open_compact_regions(root, manifest, verify,
-                                          in_memory if compact_in_memory is None else compact_in_memory)
+                                          in_memory if compact_in_memory is None else compact_in_memory,
+                                          residual_rows)
     elif in_memory:
         embeddings = copy_embeddings(path, entry)
     else:
@@ -231,10 +234,14 @@ def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = Fals
 
 
 def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = True,
-                         in_memory: bool = False) -> CompactRegions:
+                         in_memory: bool = False, residual_rows: Callable[[Path], Any] | None = None
+                         ) -> CompactRegions:
     """The embeddings of a gallery stored compactly (``--regions-storage compact``): decoded on demand from its
     region index's centroids, codes and packed residuals (each checked against its sha256). ``in_memory``: the
-    files are copied by positional reads and the copies verified (:func:`read_npy_copy`), never mapped."""
+    files are copied by positional reads and the copies verified (:func:`read_npy_copy`), never mapped.
+    ``residual_rows``: the packed residuals (9 KB an image at 2 bits, 90% of the bytes: 9 GB at 1M images) are
+    not copied but verified in place and handed to this factory (a shard's reader by position, which reads the
+    rows a search decodes), so that memory holds the centroids, codes and lists alone."""
     index = manifest.region_index
     assert index is not None and index.residuals is not None and index.buckets is not None  # value_problem
     listed = manifest.files()
@@ -242,6 +249,10 @@ def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = T
     for role, item in (("centroids", index.centroids), ("codes", index.codes), ("residuals", index.residuals),
                        ("buckets", index.buckets), ("bits", index.bits)):
         if item is None:  # bits: absent before they were allocated per dimension
+            continue
+        if role == "residuals" and residual_rows is not None:
+            path = verified_member(root, item.file, listed, "gallery", REMEDY) if verify else root / item.file
+            arrays[role] = residual_rows(path)
             continue
         if in_memory:
             path, sha256 = member(root, item.file, "gallery", REMEDY), listed.get(item.file) if verify else None

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -203,10 +203,12 @@ def member(root: Path, name: Any) -> Path:
 
 
 def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool = True,
-                       in_memory: bool = False, compact_in_memory: bool | None = None) -> Gallery:
+                       in_memory: bool = False, compact_in_memory: bool | None = None,
+                       residual_rows: Callable[[Path], Any] | None = None) -> Gallery:
     """A shard's own gallery, checked against the top document: its document's sha256, bundle, rows, dtype;
     ``in_memory``: its embeddings copied into memory as they are verified (as :func:`read_gallery` does;
-    ``compact_in_memory`` for compact storage's files alone)."""
+    ``compact_in_memory`` for compact storage's files alone; ``residual_rows``: see
+    :func:`itmrt.runtime.gallery.open_compact_regions`)."""
     folder = member(gallery.path, shard.name)
     document = folder / GALLERY_MANIFEST
     try:
@@ -217,7 +219,8 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     if digest != shard.sha256:
         raise ItmrtError(f"{document} does not match the sha256 that {gallery.path / GALLERY_MANIFEST} records; "
                          "re-index the gallery")
-    opened = read_gallery(folder, verify=verify, in_memory=in_memory, compact_in_memory=compact_in_memory)
+    opened = read_gallery(folder, verify=verify, in_memory=in_memory, compact_in_memory=compact_in_memory,
+                          residual_rows=residual_rows)
     if not same_image_encoder(opened.manifest.bundle, gallery.recorded):
         raise ItmrtError(f"{folder} was made with another image encoder than the rest of {gallery.path}; "
                          "re-index it")

@@ -137,12 +137,18 @@ class OpenShard:
         """``in_memory``: the embeddings copied into this process's memory as they are verified; otherwise they
         are read from their file by position as each search needs them (:mod:`itmrt.scale.positional`; a
         truncated file is then an error, never SIGBUS) and the file is checked before and after each search.
-        Global vectors, the region index and compact storage's files are read into memory either way (a small
-        part of the embeddings). ``positional=False`` memory-maps the embeddings instead (what a measurement
-        compares against; a truncation during a search then ends the process)."""
+        Global vectors, the region index and compact storage's centroids and codes are read into memory either
+        way (a small part of the embeddings); compact storage's packed residuals are read like dense embeddings
+        (by position, the rows a search decodes, unless ``in_memory``). ``positional=False`` memory-maps the
+        dense embeddings instead (what a measurement compares against; a truncation during a search then ends
+        the process) and copies the residuals."""
         before = folder_states(member(sharded.path, record.name))  # ahead of verification
-        # Every file but the dense embeddings is copied by positional reads and the copy verified: never mapped.
-        gallery = read_shard_gallery(sharded, record, verify, in_memory, compact_in_memory=True)
+        # Every file but the dense embeddings and the packed residuals is copied by positional reads and the copy
+        # verified: never mapped.
+        by_position = None if in_memory or not positional else \
+            (lambda path: PositionalRows(path, f"shard {record.name}", "compact residuals"))
+        gallery = read_shard_gallery(sharded, record, verify, in_memory, compact_in_memory=True,
+                                     residual_rows=by_position)
         vectors = shard_vectors(gallery, verify, in_memory=True)
         entry = index_record(gallery)
         index = None
@@ -159,15 +165,16 @@ class OpenShard:
                 raise ItmrtError(f"{gallery.path}: its region index holds {regions.images} images, not "
                                  f"{len(gallery)}; re-index it")
         gallery, guarded = read_embeddings_by_position(gallery, record, in_memory, positional)
-        rows = gallery.embeddings
-        held = {guarded[0]: rows.fd} if isinstance(rows, PositionalRows) and rows.fd is not None else None
+        rows = read_by_position(gallery)
+        held = {guarded[0]: rows.fd} if rows is not None and rows.fd is not None else None
         guard = FileGuard(f"shard {record.name}", guarded, before, held)
         return cls(record, gallery, vectors, index, regions, guard if len(guard) else None)
 
     def close(self) -> None:
-        """Let go of the embeddings file read by position (nothing to do for the others)."""
-        if isinstance(self.gallery.embeddings, PositionalRows):
-            self.gallery.embeddings.close()
+        """Let go of the file read by position (nothing to do for the others)."""
+        rows = read_by_position(self.gallery)
+        if rows is not None:
+            rows.close()
 
     def files_changed(self) -> str | None:
         """Why a mapped file of this shard is no longer the one opened, or None."""
@@ -289,11 +296,12 @@ class OpenShard:
 def read_embeddings_by_position(gallery: Gallery, record: ShardRecord, in_memory: bool,
                                 positional: bool = True) -> tuple[Gallery, list[Path]]:
     """``gallery`` with its embeddings as the shard's searches read them, and the files those searches read
-    (checked before and after each search): in memory, nothing; compact storage, its files copied into memory;
-    otherwise the dense embeddings read by position (``positional``) or through their memory map."""
+    (checked before and after each search): in memory, nothing; compact storage, its residuals when they are
+    read by position; otherwise the dense embeddings read by position (``positional``) or through their memory map."""
     embeddings = gallery.embeddings
-    if isinstance(embeddings, CompactRegions):  # a fraction of the dense size, read into memory when opened
-        return gallery, []
+    if isinstance(embeddings, CompactRegions):  # centroids and codes in memory; residuals perhaps by position
+        residuals = read_by_position(gallery)
+        return gallery, [] if residuals is None else [member(gallery.path, residuals.name)]
     if in_memory:
         return gallery, []
     path = member(gallery.path, gallery.manifest.embeddings.file)
@@ -305,6 +313,13 @@ def read_embeddings_by_position(gallery: Gallery, record: ShardRecord, in_memory
         raise GalleryChanged(f"shard {record.name}: {path.name} changed while it was opened; nothing is read from "
                              "it - swap in a good version or restart the service")
     return replace(gallery, embeddings=rows), [path]
+
+
+def read_by_position(gallery: Gallery) -> PositionalRows | None:
+    """The file a shard reads by position: its dense embeddings, or its compact storage's packed residuals."""
+    embeddings = gallery.embeddings
+    rows = embeddings.residuals if isinstance(embeddings, CompactRegions) else embeddings
+    return rows if isinstance(rows, PositionalRows) else None
 
 
 def union_candidates(ranked: np.ndarray, keep: int, extra: np.ndarray) -> np.ndarray:
