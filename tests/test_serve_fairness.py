@@ -186,6 +186,24 @@ def test_fair_queue_counts_requests_and_captions_per_caller() -> None:
     assert queue.requests == 0 and queue.queued_by("heavy") == 12
 
 
+def test_a_closed_loop_light_caller_goes_next_whatever_its_rate() -> None:
+    """Twenty callers each queue a 20-caption request in units of 4; a light caller sends one caption, gets it
+    answered, sends the next (closed loop) thirty times: each time it is next, though it has been served more
+    captions than any heavy caller - shares are between callers with work waiting."""
+    class Unit:
+        def __init__(self, captions: int, caller: str) -> None:
+            self.captions, self.caller = ["c"] * captions, caller
+
+    queue = FairQueue()
+    for number in range(20):
+        for part in range(5):
+            queue.push(Unit(4, f"heavy{number}"), first=part == 0)
+    for _ in range(30):
+        queue.pop()  # a heavy unit is scored meanwhile
+        queue.push(Unit(1, "light"))
+        assert queue.ahead("light", 1) == 1 and queue.pop().caller == "light"
+
+
 def test_batch_cost_learns_a_fixed_part_and_a_part_per_caption() -> None:
     cost = BatchCost(weight=1.0)
     assert cost.seconds(10) == 0.0  # nothing measured: nothing refused
@@ -234,10 +252,14 @@ def test_threads_submitting_together_all_get_an_answer_or_a_refusal(model: dict[
             return response.status_code, done - started, response
 
         results = list(pool.map(one, range(24)))
+        page = httpx.get(live.url + "/metrics").text
     statuses = [status for status, _s, _r in results]
     assert set(statuses) == {200, 429}, statuses
-    for status, seconds, response in results:
+    for status, _seconds, response in results:
         if status == 200:
             np.testing.assert_array_equal(indices(response, 1), want)
         else:
-            assert seconds < 1.0
+            assert "would wait about" in response.json()["error"]
+    # Refused at once: never queued, never scored - the worker scored the warm-up and the answered ones only.
+    assert metric(page, "itmrt_refused_wait_total") == statuses.count(429)
+    assert metric(page, "itmrt_batch_captions_sum") == 1 + statuses.count(200)

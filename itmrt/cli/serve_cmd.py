@@ -68,7 +68,9 @@ def serve_command(
     Speaks the KServe / Triton Open Inference Protocol (v2) over HTTP, so
     tritonclient, KServe tooling and curl work; concurrent requests are merged
     into one batch (up to --max-batch-captions, waiting at most --max-delay-ms while
-    requests arrive together; a request reaching an idle worker is answered at once).
+    requests arrive together; a request reaching an idle worker is answered at once). NAAF/SCAN requests are
+    scored in units of --unit-captions, callers taking turns (fair queueing), and a request expected to wait in
+    the queue over --max-wait-ms is refused at once (429).
     /v2/health/ready turns 200 once the gallery is loaded and warmed up (the
     health probes need no token); /metrics is in Prometheus' text format.
     SIGINT or SIGTERM stop accepting, answer every request received, and exit 0 (within --grace-s).

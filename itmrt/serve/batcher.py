@@ -52,7 +52,7 @@ import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError, first_line
 from itmrt.serve.fair import BatchCost, FairQueue
-from itmrt.serve.memory import release_memory
+from itmrt.serve.memory import freeze_survivors, release_memory
 from itmrt.serve.metrics import ServiceMetrics
 from itmrt.serve.searcher import Searcher, TokenIds
 
@@ -286,6 +286,7 @@ class Batcher:
                 self._on_failure(self.failure)
             return
         self._use(searcher)
+        freeze_survivors()
         self.ready.set()
         log.info("ready: %d images, warmed up in %.1f s", searcher.size, self.warmup_s)
         while (jobs := self._next_batch()) is not None:

@@ -7,9 +7,12 @@ caller's previous finish tag, its finish tag that plus its captions (its
 cost), and units leave in finish-tag order. A caller with a backlog has ever
 later tags, so a caller with nothing queued goes ahead of it after at most the
 unit being scored; among callers arriving together the cheap unit goes first.
-This is weighted fair queueing with equal weights (deficit round robin gives
-the same shares; the tags also give a light caller the next turn instead of
-the end of a round).
+This is self-clocked fair queueing with equal weights (deficit round robin
+gives the same shares; the tags also give a light caller the next turn instead
+of the end of a round). As deficit round robin resets the deficit of a queue
+that empties, a caller with nothing queued starts afresh: shares are between
+callers that have work waiting, and a closed-loop client of one-caption
+requests (idle between them) is never counted as heavy for its rate.
 
 :class:`BatchCost` learns what a batch of ``n`` captions takes on this
 machine and this gallery (a fixed part and a part per caption, as two running
@@ -46,8 +49,12 @@ class FairQueue:
         return len(self._heap)
 
     def push(self, job: Any, first: bool = True) -> None:
-        """Queue ``job``; ``first``: it starts a request (what :attr:`requests` counts)."""
-        start = max(self.virtual_time, self._finish.get(job.caller, 0.0))
+        """Queue ``job``; ``first``: it starts a request (what :attr:`requests` counts). A caller with nothing
+        queued starts afresh at the virtual time: what it was served before is forgotten (as deficit round
+        robin resets an emptied queue's deficit), so a closed-loop caller of small requests - idle between
+        them - goes next, whatever its rate, and does not queue behind the backlogs of callers still waiting."""
+        previous = self._finish.get(job.caller, 0.0) if self._queued.get(job.caller) else 0.0
+        start = max(self.virtual_time, previous)
         self._finish[job.caller] = finish = start + len(job.captions)
         heapq.heappush(self._heap, (finish, next(self._order), start, (job, first)))
         self._queued[job.caller] = self._queued.get(job.caller, 0) + len(job.captions)
@@ -75,7 +82,8 @@ class FairQueue:
 
     def ahead(self, caller: str, captions: int) -> int:
         """Captions that would be scored before a unit of ``captions`` that ``caller`` queued now."""
-        finish = max(self.virtual_time, self._finish.get(caller, 0.0)) + captions
+        previous = self._finish.get(caller, 0.0) if self._queued.get(caller) else 0.0
+        finish = max(self.virtual_time, previous) + captions
         return sum(len(entry[3][0].captions) for entry in self._heap if entry[0] <= finish)
 
 

@@ -51,3 +51,15 @@ def release_memory(collect: bool = True) -> None:
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:
         trim(0)
+
+
+def freeze_survivors() -> None:
+    """Collect garbage once, then exempt every object alive now - the loaded model, the gallery, the libraries:
+    what lives as long as the service - from later collections (``gc.freeze``). A full collection holds the
+    interpreter lock for as long as it walks the objects: about 100 ms with the small NAAF loaded, and about 2 ms
+    once they are frozen; Python runs one from time to time, and the service after each burst of request bodies
+    and each swap, stalling the event loop and the worker for that long. Objects frozen are still freed by
+    reference counting; only reference cycles among them are never collected."""
+    gc.collect()
+    gc.freeze()
+
