@@ -121,12 +121,12 @@ def build(runtime: Any, out: Path, args: argparse.Namespace, world: Any) -> dict
 
 def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The sweep: every K x refine x prefilter (None: the shards' recorded value or default)."""
-    return [{"K": k, "refine": refine, "prefilter": prefilter} for k in args.sweep_k
-            for refine in args.large_refine for prefilter in args.sweep_prefilter]
+    return [{"K": k, "refine": refine, "prefilter": prefilter, "budget": budget} for k in args.sweep_k
+            for refine in args.large_refine for prefilter in args.sweep_prefilter for budget in args.sweep_budget]
 
 
 def setting_name(row: dict[str, Any]) -> str:
-    return f"K {row['K']}" + "".join(f", {key} {row[key]}" for key in ("refine", "prefilter")
+    return f"K {row['K']}" + "".join(f", {key} {row[key]}" for key in ("refine", "prefilter", "budget")
                                      if row.get(key) is not None)
 
 
@@ -139,7 +139,8 @@ def measure(runtimes: dict[int, Any], out: Path, batch: Any, singles: list[Any],
     rows = []
     for setting in settings(args):
         k = setting["K"]
-        request = SearchRequest(k=TOP, shortlist=k, refine=setting["refine"], prefilter=setting["prefilter"])
+        request = SearchRequest(k=TOP, shortlist=k, refine=setting["refine"], prefilter=setting["prefilter"],
+                                budget=setting["budget"])
         started = time.perf_counter()
         found = opened[1].search(batch, request)
         row: dict[str, Any] = {**setting, "indices": found.t2i.indices.tolist(),

@@ -481,3 +481,27 @@ def test_serve_computes_the_reranks_constants_at_warm_up_so_the_first_request_af
         local = open_shards(world["gallery"], threads=1, warn=quiet)
         reference = local.search(local.runtime.encode_captions(captions), SearchRequest(k=4, shortlist=5)).t2i
         np.testing.assert_array_equal(found.indices, reference.indices)
+
+
+def test_a_budget_reranks_the_gallerys_best_estimates_together_and_everything_is_exhaustive(
+        world: dict[str, Any]) -> None:
+    """``budget``: each shard's best images by estimate, the gallery's ``budget`` best of those scored exactly
+    in one call; with every centroid probed and every image kept it is exhaustive scoring's answer."""
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    reference = runtime.rank(world["embeddings"], captions, top_k=6).t2i
+    everything = shards.search(captions, SearchRequest(k=6, shortlist=6, nprobe=EVERYTHING, budget=EVERYTHING,
+                                                       refine=0))
+    np.testing.assert_array_equal(everything.t2i.indices, reference.indices)
+    np.testing.assert_allclose(everything.t2i.scores, reference.scores, rtol=0, atol=1e-6)
+    few = shards.search(captions, SearchRequest(k=4, shortlist=4, nprobe=2, budget=8))
+    assert few.pairs == len(captions) * 8 and set(few.stage_seconds) == {"candidates", "rerank"}
+    full = runtime.score(world["embeddings"], captions)
+    for caption in range(len(captions)):
+        assert len(set(few.t2i.indices[caption])) == 4
+        np.testing.assert_allclose(few.t2i.scores[caption], full[few.t2i.indices[caption], caption], atol=1e-6)
+    for wrong, words in ((SearchRequest(k=4, shortlist=4, budget=3), "must be at least --top-k"),
+                         (SearchRequest(k=4, budget=8), "--budget applies"),
+                         (SearchRequest(k=4, shortlist=4, budget=8, directions=BOTH), "--budget applies")):
+        with pytest.raises(ItmrtError, match=words):
+            shards.search(captions, wrong)
