@@ -321,6 +321,13 @@ def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[s
     assert report["recall_at_10"] == 1.0 and report["top1_agreement"] == 1.0  # K and nprobe cover everything
     assert {"encode_captions", "exhaustive", "index_candidates", "index_rerank"} <= set(report["ms_per_caption"])
     assert table.read_text() == result.out and "| regions | 45 | 1000 | recorded | 1.0 | 1.0 |" in result.out
+    result = run_cli(capsys, "audit", str(world["gallery"]), "--captions", str(root / "audit.txt"), "--sample", "6",
+                     "--shortlist", "10", "--nprobe", "1000", "--budget", "45", "--refine", "0", "--out", str(out),
+                     "--overwrite")  # every image reranked in one call: exhaustive's answer again
+    assert result.code == 0, result.err
+    report = json.loads(out.read_text())
+    assert report["budget"] == 45 and report["prefilter"] == "recorded"
+    assert report["recall_at_10"] == 1.0 and report["pairs_scored"]["index"] == 6 * 45
 
 
 def test_audit_refuses_a_one_folder_gallery_in_one_line(world: dict[str, Any], capsys: Any) -> None:
