@@ -298,9 +298,9 @@ class RegionIndex:
             if estimates is None:
                 out[caption] = _top_rows(scores, rows, k)
                 continue
-            best = StreamingTopK(1, min(k, len(rows)))
-            best.update(slice(None), scores[None, :], rows)
-            out[caption], estimates[caption] = best.indices[0], best.scores[0]
+            kept = StreamingTopK(1, min(k, len(rows)))
+            kept.update(slice(None), scores[None, :], rows)
+            out[caption], estimates[caption] = kept.indices[0], kept.scores[0]
         return out
 
     def caption_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
