@@ -31,7 +31,7 @@ def audit_command(
     refine: int | None = Opt(None, "--refine", min=0, help=(
         "Region index: images per shard re-estimated from all their regions' centroids (default: recorded).")),
     prefilter: int | None = Opt(None, "--prefilter", min=0, help=(
-        "Region index: probed images per shard estimated, by their summed centroid scores (0: all; default 0).")),
+        "Region index: probed images per shard estimated, by their summed centroid scores (0: all; default 2048).")),
     budget: int | None = Opt(None, "--budget", min=1, help=(
         "Region index: images reranked over all shards together, the best by estimate (default: K per shard).")),
     seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
