@@ -508,6 +508,10 @@ def main() -> None:
                         help="large: refine values per shard (none: the shards' recorded)")
     parser.add_argument("--sweep-prefilter", type=optional_numbers, default=[None],
                         help="large: prefilter values per shard (none: the default; 0: every probed image)")
+    parser.add_argument("--large-threads", type=numbers, default=[1, 2],
+                        help="large: threads per runtime measured (each opens the gallery in memory)")
+    parser.add_argument("--sweep-budget", type=optional_numbers, default=[None],
+                        help="large: images reranked over all shards together (none: K per shard)")
     parser.add_argument("--exhaustive", type=int, default=0,
                         help="large: score this many of the kept run's queries exhaustively (decompressed)")
     args = parser.parse_args()

@@ -121,12 +121,12 @@ def build(runtime: Any, out: Path, args: argparse.Namespace, world: Any) -> dict
 
 def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The sweep: every K x refine x prefilter (None: the shards' recorded value or default)."""
-    return [{"K": k, "refine": refine, "prefilter": prefilter} for k in args.sweep_k
-            for refine in args.large_refine for prefilter in args.sweep_prefilter]
+    return [{"K": k, "refine": refine, "prefilter": prefilter, "budget": budget} for k in args.sweep_k
+            for refine in args.large_refine for prefilter in args.sweep_prefilter for budget in args.sweep_budget]
 
 
 def setting_name(row: dict[str, Any]) -> str:
-    return f"K {row['K']}" + "".join(f", {key} {row[key]}" for key in ("refine", "prefilter")
+    return f"K {row['K']}" + "".join(f", {key} {row[key]}" for key in ("refine", "prefilter", "budget")
                                      if row.get(key) is not None)
 
 
@@ -135,13 +135,15 @@ def measure(runtimes: dict[int, Any], out: Path, batch: Any, singles: list[Any],
     from bench_region_index import folder_bytes, memory_mb, timed_queries
 
     gallery = read_sharded_gallery(out)
-    opened = {threads: LocalShards(runtime, gallery) for threads, runtime in runtimes.items()}
+    opened = {threads: LocalShards(runtime, gallery) for threads, runtime in runtimes.items()
+              if threads in args.large_threads}  # each opening holds the shards' compact files in memory
     rows = []
     for setting in settings(args):
         k = setting["K"]
-        request = SearchRequest(k=TOP, shortlist=k, refine=setting["refine"], prefilter=setting["prefilter"])
+        request = SearchRequest(k=TOP, shortlist=k, refine=setting["refine"], prefilter=setting["prefilter"],
+                                budget=setting["budget"])
         started = time.perf_counter()
-        found = opened[1].search(batch, request)
+        found = next(iter(opened.values())).search(batch, request)
         row: dict[str, Any] = {**setting, "indices": found.t2i.indices.tolist(),
                                "ms_per_query_batched": round(1000 * (time.perf_counter() - started) / len(batch), 1),
                                "stage_ms": {s: round(1000 * v / len(batch), 1)
@@ -239,7 +241,8 @@ def print_large(results: dict[str, Any]) -> None:
     print("|---|---|---|---|---|---|---|")
     sweep = results.get("sweep", [])
     for row in sweep:
-        one, two = row["1_threads"], row["2_threads"]
+        none = {"p50_ms": "-", "p99_ms": "-"}
+        one, two = row.get("1_threads", none), row.get("2_threads", none)
         found = recall.get(setting_name(row), {})
         agree = overlap(np.array(row["indices"]), np.array(sweep[0]["indices"]))["recall_at_10"]
         print(f"| {setting_name(row)} | {one['p50_ms']} / {one['p99_ms']} ({one.get('stage_p50_ms')}) | "

@@ -321,6 +321,13 @@ def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[s
     assert report["recall_at_10"] == 1.0 and report["top1_agreement"] == 1.0  # K and nprobe cover everything
     assert {"encode_captions", "exhaustive", "index_candidates", "index_rerank"} <= set(report["ms_per_caption"])
     assert table.read_text() == result.out and "| regions | 45 | 1000 | recorded | 1.0 | 1.0 |" in result.out
+    result = run_cli(capsys, "audit", str(world["gallery"]), "--captions", str(root / "audit.txt"), "--sample", "6",
+                     "--shortlist", "10", "--nprobe", "1000", "--budget", "45", "--refine", "0", "--out", str(out),
+                     "--overwrite")  # every image reranked in one call: exhaustive's answer again
+    assert result.code == 0, result.err
+    report = json.loads(out.read_text())
+    assert report["budget"] == 45 and report["prefilter"] == "recorded"
+    assert report["recall_at_10"] == 1.0 and report["pairs_scored"]["index"] == 6 * 45
 
 
 def test_audit_refuses_a_one_folder_gallery_in_one_line(world: dict[str, Any], capsys: Any) -> None:
@@ -481,3 +488,27 @@ def test_serve_computes_the_reranks_constants_at_warm_up_so_the_first_request_af
         local = open_shards(world["gallery"], threads=1, warn=quiet)
         reference = local.search(local.runtime.encode_captions(captions), SearchRequest(k=4, shortlist=5)).t2i
         np.testing.assert_array_equal(found.indices, reference.indices)
+
+
+def test_a_budget_reranks_the_gallerys_best_estimates_together_and_everything_is_exhaustive(
+        world: dict[str, Any]) -> None:
+    """``budget``: each shard's best images by estimate, the gallery's ``budget`` best of those scored exactly
+    in one call; with every centroid probed and every image kept it is exhaustive scoring's answer."""
+    runtime, captions = world["runtime"], world["captions"]
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    reference = runtime.rank(world["embeddings"], captions, top_k=6).t2i
+    everything = shards.search(captions, SearchRequest(k=6, shortlist=6, nprobe=EVERYTHING, budget=EVERYTHING,
+                                                       refine=0))
+    np.testing.assert_array_equal(everything.t2i.indices, reference.indices)
+    np.testing.assert_allclose(everything.t2i.scores, reference.scores, rtol=0, atol=1e-6)
+    few = shards.search(captions, SearchRequest(k=4, shortlist=4, nprobe=2, budget=8))
+    assert few.pairs == len(captions) * 8 and set(few.stage_seconds) == {"candidates", "rerank"}
+    full = runtime.score(world["embeddings"], captions)
+    for caption in range(len(captions)):
+        assert len(set(few.t2i.indices[caption])) == 4
+        np.testing.assert_allclose(few.t2i.scores[caption], full[few.t2i.indices[caption], caption], atol=1e-6)
+    for wrong, words in ((SearchRequest(k=4, shortlist=4, budget=3), "must be at least --top-k"),
+                         (SearchRequest(k=4, budget=8), "--budget applies"),
+                         (SearchRequest(k=4, shortlist=4, budget=8, directions=BOTH), "--budget applies")):
+        with pytest.raises(ItmrtError, match=words):
+            shards.search(captions, wrong)

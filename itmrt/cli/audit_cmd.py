@@ -28,6 +28,12 @@ def audit_command(
         "Region index: images per shard scored exactly, at least K (default: recorded, or 500 on a poor fit).")),
     union: int | None = Opt(None, "--union", min=0, help=(
         "Region index: images per shard added from the global vectors (default: recorded, or 500 on a poor fit).")),
+    refine: int | None = Opt(None, "--refine", min=0, help=(
+        "Region index: images per shard re-estimated from all their regions' centroids (default: recorded).")),
+    prefilter: int | None = Opt(None, "--prefilter", min=0, help=(
+        "Region index: probed images per shard estimated, by their summed centroid scores (0: all; default 2048).")),
+    budget: int | None = Opt(None, "--budget", min=1, help=(
+        "Region index: images reranked over all shards together, the best by estimate (default: K per shard).")),
     seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
     threads: int = flags.threads(),
     out: Path | None = Opt(None, "--out", help="Write the report as JSON here."),
@@ -57,7 +63,8 @@ def audit_command(
     captions = read_captions(captions_path, "one caption per line")
     shards = open_shards(gallery, threads=threads, warn=warn_on_stderr)
     try:
-        report = audit(shards, captions, sample, top_k, shortlist, nprobe, seed, exact_pass, union)
+        report = audit(shards, captions, sample, top_k, shortlist, nprobe, seed, exact_pass, union,
+                       refine=refine, prefilter=prefilter, budget=budget)
     finally:
         shards.close()
         shards.runtime.close()

@@ -11,10 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.tiled import StreamingTopK
 from itmrt.scale.layout import ShardedGallery, shard_bytes
 from itmrt.scale.region_search import ProbeCache, share_centroids
-from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers
+from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers, shard_estimates
 
 
 class LocalShards:
@@ -48,6 +52,8 @@ class LocalShards:
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request``, merged; ``progress(1)`` after each shard."""
         request.check()
+        if request.budget is not None:
+            return self._search_budget(captions, request)
         answers = []
         probes = ProbeCache()  # the shards of one build share their centroids: one probe per caption
         for shard in self.shards:
@@ -55,6 +61,49 @@ class LocalShards:
             if progress is not None:
                 progress(1)
         return merge_answers(answers, request, len(captions))
+
+    def _search_budget(self, captions: CaptionEmbeddings, request: SearchRequest) -> SearchResult:
+        """Images for captions with a ``budget``: every shard's ``budget`` best images by the region index's
+        estimate, the gallery's ``budget`` best of those (ties by the lower row), scored exactly in one call per
+        caption (their embeddings read from their shards: one scorer call, not one per shard), the best ``k``."""
+        if any(shard.regions is None for shard in self.shards) or not captions.token_level:
+            raise ItmrtError("--budget needs a gallery whose every shard has a region index (--shortlist-index "
+                             "regions) and a cross-attention bundle")
+        assert request.budget is not None
+        started = time.perf_counter()
+        probes = ProbeCache()
+        found = [shard_estimates(shard, self.runtime, captions, request, probes) for shard in self.shards]
+        rows, estimates = (np.concatenate(part, axis=1) for part in zip(*found))
+        middle = time.perf_counter()
+        best = StreamingTopK(len(captions), min(request.k, request.budget, rows.shape[1]))
+        pairs = 0
+        for caption in range(len(captions)):
+            chosen = StreamingTopK(1, min(request.budget, rows.shape[1]))
+            chosen.update(slice(None), estimates[caption][None, :], rows[caption])
+            picked = np.sort(chosen.indices[0])
+            one = captions.take([caption])
+            images = self._embeddings(picked)
+            scorer = self.runtime.one_caption
+            scores = self.runtime.score_images(images, one) if scorer is not None and scorer.applies(one) else \
+                self.runtime.score(images, one)
+            best.update(slice(caption, caption + 1), np.asarray(scores)[:, 0][None, :], picked)
+            pairs += len(picked)
+        for shard in self.shards:  # a file rewritten in place while it was read: its answer is not given
+            if shard.guard is not None:
+                shard.guard.check()
+        done = time.perf_counter()
+        return SearchResult(best.result(), None, None, pairs, {},
+                            {"candidates": middle - started, "rerank": done - middle})
+
+    def _embeddings(self, rows: np.ndarray) -> np.ndarray:
+        """``[len(rows), regions, d]`` float32: the embeddings of sorted gallery ``rows``, from their shards."""
+        parts = []
+        for shard in self.shards:
+            first = shard.record.first
+            mine = rows[(rows >= first) & (rows < first + shard.record.images)] - first
+            if len(mine):
+                parts.append(np.asarray(shard.gallery.embeddings[mine], dtype=np.float32))
+        return np.concatenate(parts)
 
     def warmup(self, shortlist: int | None = None) -> float:
         """Warm the runtime up, then search every shard once as a query will (full scoring or ``shortlist``):

@@ -243,6 +243,9 @@ class RayShards:
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request`` from its actor, merged; ``progress(n)`` as n more shards answer."""
         request.check()
+        if request.budget is not None:
+            raise ItmrtError("--budget chooses the images to rerank across every shard in one process; on Ray, "
+                             "use --shortlist K per shard")
         captions_ref = self.ray.put(captions)
         answers: list[ShardAnswer] = []
         restarts = dict.fromkeys(range(len(self.actors)), 0)

@@ -262,13 +262,13 @@ class RegionIndex:
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
                          keep: int, threads: int = 0, embeddings: Any = None, exact_pass: int = 0,
                          probes: ProbeCache | None = None, refine: int | None = None,
-                         prefilter: int = 0) -> np.ndarray:
+                         prefilter: int = 0, estimates: np.ndarray | None = None) -> np.ndarray:
         """``[Q, K]`` each caption's ``keep`` best images by estimate (best first, ties by the lower row): the
         probe estimate over every image (over the ``prefilter`` best by probed centroid scores where given),
         then the ``refine`` (default: the recorded) best of those estimated again from every region's centroid
         (step 3b), then, with ``embeddings`` and ``exact_pass``, that many estimated from their exact region
         similarities (step 3c). ``probes``: the captions' probes shared with other shards of the same
-        centroids (computed here otherwise)."""
+        centroids (computed here otherwise). ``estimates [Q, K]``: filled with the kept images' estimates."""
         assert captions.offsets is not None
         k = min(keep, self.images)
         refine = self.refine if refine is None else refine
@@ -295,7 +295,12 @@ class RegionIndex:
                 rows = np.sort(_top_rows(scores, rows, exact_pass))  # sorted: a forward read of the memmap
                 best = exact_best_similarities(probe.tokens, embeddings, rows, product)
                 scores = estimate.scores(best, probe.tokens, product)
-            out[caption] = _top_rows(scores, rows, k)
+            if estimates is None:
+                out[caption] = _top_rows(scores, rows, k)
+                continue
+            kept = StreamingTopK(1, min(k, len(rows)))
+            kept.update(slice(None), scores[None, :], rows)
+            out[caption], estimates[caption] = kept.indices[0], kept.scores[0]
         return out
 
     def caption_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,

@@ -70,6 +70,7 @@ class SearchRequest:
     union: int | None = None  # region index: global-vector candidates added per shard (None: each shard's default)
     refine: int | None = None  # region index: images per shard re-estimated from their centroids (None: recorded)
     prefilter: int | None = None  # region index: probed images per shard estimated (None: recorded; 0: all)
+    budget: int | None = None  # region index: images reranked over all shards together (None: K per shard)
 
     def check(self) -> SearchRequest:
         if self.k < 1:
@@ -86,6 +87,12 @@ class SearchRequest:
         for flag, value in (("--refine", self.refine), ("--prefilter", self.prefilter)):
             if value is not None and value < 0:
                 raise ItmrtError(f"{flag} must be at least 0, not {value}")
+        if self.budget is not None:
+            if self.budget < self.k:
+                raise ItmrtError(f"--budget ({self.budget}) must be at least --top-k ({self.k})")
+            if self.shortlist is None or self.directions != ("t2i",):
+                raise ItmrtError("--budget applies to a region-index search of images for captions (--shortlist, "
+                                 "text to image only)")
         if self.union is not None and self.union < 0:
             raise ItmrtError(f"--union must be at least 0 (0: none), not {self.union}")
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
@@ -291,6 +298,22 @@ class OpenShard:
             stages["rerank"] += time.perf_counter() - middle
             setattr(answer, direction, result)
             answer.pairs += candidates.size
+
+
+def shard_estimates(shard: OpenShard, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
+                    probes: ProbeCache | None) -> tuple[np.ndarray, np.ndarray]:
+    """A search with a budget, first step in one shard: each caption's ``budget`` best images of the shard by
+    the region index's estimate, ``(gallery rows [Q, b], estimates [Q, b])`` (the shard's files checked first)."""
+    assert shard.regions is not None and request.budget is not None
+    if shard.guard is not None:
+        shard.guard.check()
+    nprobe = request.nprobe if request.nprobe is not None else shard.regions.nprobe
+    keep = min(request.budget, shard.regions.images)
+    estimates = np.empty((len(captions), keep), dtype=np.float32)
+    rows = shard.regions.image_candidates(
+        captions, score_estimate(runtime), nprobe, keep, int(runtime.options.threads or 0), probes=probes,
+        refine=request.refine, prefilter=shard.regions.default_prefilter(request.prefilter), estimates=estimates)
+    return rows + shard.record.first, estimates
 
 
 def read_embeddings_by_position(gallery: Gallery, record: ShardRecord, in_memory: bool,
