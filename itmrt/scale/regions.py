@@ -78,7 +78,7 @@ DEFAULT_PREFILTER = 2048
 """Probed images per shard whose probe estimate is computed, the rest left at the shared estimate (0: every image
 the probes reach); chosen by the largest sum of probed centroid similarities over the imputed ones. 2048: on
 200,000 images (4 shards of 50,000, 32 queries) every setting's top 10 was the same with and without it, and at
-1M (20 shards) it took 16-27 ms off the candidates stage (docs/region-index.md, 2026-12-06, session 3)."""
+1M (20 shards) it took 15-27 ms off the candidates stage (docs/region-index.md, 2026-12-06, session 3)."""
 DEFAULT_UNION = 0
 """Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
 rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""
