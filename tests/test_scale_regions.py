@@ -512,3 +512,47 @@ def test_a_budget_reranks_the_gallerys_best_estimates_together_and_everything_is
                          (SearchRequest(k=4, shortlist=4, budget=8, directions=BOTH), "--budget applies")):
         with pytest.raises(ItmrtError, match=words):
             shards.search(captions, wrong)
+
+
+def test_infer_and_serve_take_the_region_flags_and_answer_as_the_api(world: dict[str, Any], capsys: Any) -> None:
+    """--nprobe, --refine, --prefilter (and --exact-pass, --union; --budget for serve, which searches text to image
+    only) were options of `audit` and the Python API only; `infer` and `serve` now pass them to every shard, with
+    the API's answer; misuse is one line."""
+    from itmrt.serve.sharded import ShardedSource
+
+    root, gallery = world["root"], world["gallery"]
+    captions = random_captions(3, seed=40, max_words=9)
+    (root / "flags.txt").write_text("\n".join(captions) + "\n")
+    fields = {"nprobe": 2, "refine": 8, "prefilter": 20}
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    encoded = shards.runtime.encode_captions(captions)
+    want = shards.search(encoded, SearchRequest(k=4, shortlist=5, **fields)).t2i
+    pooled = shards.search(encoded, SearchRequest(k=4, shortlist=5, budget=12, **fields)).t2i
+    out = root / "flags.jsonl"
+    result = run_cli(capsys, "infer", str(gallery), "--captions", str(root / "flags.txt"), "--top-k", "4",
+                     "--shortlist", "5", "--nprobe", "2", "--refine", "8", "--prefilter", "20",
+                     "--out", str(out), "--overwrite")
+    assert result.code == 0, result.err
+    lines = [json.loads(line) for line in out.read_text().splitlines() if '"caption"' in line]
+    got = np.array([line["images"] for line in lines[: len(captions)]])
+    np.testing.assert_array_equal(got, want.indices)
+    searcher, _warm, _retire = ShardedSource(gallery, {"threads": 1}, "refuse", quiet, shortlist=5,
+                                             regions={**fields, "budget": 12}).open()
+    try:
+        np.testing.assert_array_equal(searcher.top_k(encoded, 4).indices, pooled.indices)
+    finally:
+        searcher.close()
+    single = root / "single_gallery"
+    if not single.exists():
+        world["runtime"].index(world["features"][:4], single)
+    refusals = {
+        ("infer", str(gallery), "--refine", "8"): "add --shortlist",
+        ("infer", str(single), "--shortlist", "2", "--top-k", "2", "--nprobe", "2"):
+            "--nprobe search a sharded gallery's region index",
+        ("serve", str(single), "--refine", "8"): "region-index flags search a sharded gallery",
+        ("serve", str(gallery), "--budget", "5"): "add --shortlist",
+    }
+    for args, words in refusals.items():
+        extra = ["--captions", str(root / "flags.txt"), "--out", str(root / "x.jsonl")] if args[0] == "infer" else []
+        result = run_cli(capsys, *args, *extra)
+        assert result.code == 2 and words in result.err and result.err.count("\n") == 1, (args, result.err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,6 +16,7 @@ Opt = typer.Option
 
 
 @app.command("audit")
+@flags.region_group()
 def audit_command(
     gallery: Path = typer.Argument(..., help="A sharded gallery (itmrt index ... --shard-images N)."),
     captions_path: Path = Opt(..., "--captions", help="Captions file: UTF-8, one caption per line."),
@@ -22,18 +24,7 @@ def audit_command(
     top_k: int = Opt(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Recall is measured on the top k."),
     shortlist: int | None = Opt(None, "--shortlist", min=1, max=limits.MAX_COUNT, help=(
         "K per shard reranked exactly (default: what the gallery's region index records, else 100).")),
-    nprobe: int | None = Opt(None, "--nprobe", min=1, help=(
-        "Region index: centroids probed per caption token (default: what each shard records).")),
-    exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
-        "Region index: images per shard scored exactly, at least K (default: recorded, or 500 on a poor fit).")),
-    union: int | None = Opt(None, "--union", min=0, help=(
-        "Region index: images per shard added from the global vectors (default: recorded, or 500 on a poor fit).")),
-    refine: int | None = Opt(None, "--refine", min=0, help=(
-        "Region index: images per shard re-estimated from all their regions' centroids (default: recorded).")),
-    prefilter: int | None = Opt(None, "--prefilter", min=0, help=(
-        "Region index: probed images per shard estimated, by their summed centroid scores (0: all; default 2048).")),
-    budget: int | None = Opt(None, "--budget", min=1, help=(
-        "Region index: images reranked over all shards together, the best by estimate (default: K per shard).")),
+    regions: Any = None,  # the region-index flags (flags.region_group): a dict for SearchRequest
     seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
     threads: int = flags.threads(),
     out: Path | None = Opt(None, "--out", help="Write the report as JSON here."),
@@ -63,8 +54,9 @@ def audit_command(
     captions = read_captions(captions_path, "one caption per line")
     shards = open_shards(gallery, threads=threads, warn=warn_on_stderr)
     try:
-        report = audit(shards, captions, sample, top_k, shortlist, nprobe, seed, exact_pass, union,
-                       refine=refine, prefilter=prefilter, budget=budget)
+        report = audit(shards, captions, sample, top_k, shortlist, regions.get("nprobe"), seed,
+                       regions.get("exact_pass"), regions.get("union"), refine=regions.get("refine"),
+                       prefilter=regions.get("prefilter"), budget=regions.get("budget"))
     finally:
         shards.close()
         shards.runtime.close()

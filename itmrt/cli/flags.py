@@ -14,6 +14,7 @@ service and the reports take.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -167,6 +168,37 @@ def report_folder(what: str) -> Any:
     return typer.Option(..., "--report", help=f"Output folder: {what}.")
 
 
+def _region_flag(flag: str, minimum: int, help_text: str) -> Callable[[], Any]:
+    return lambda: typer.Option(None, flag, min=minimum, max=limits.MAX_COUNT, help=f"Region index: {help_text}")
+
+
+REGION_FLAGS: dict[str, Flag] = {
+    "nprobe": Flag(int | None, _region_flag("--nprobe", 1, "centroids probed per caption token (default: what "
+                                                          "each shard records).")),
+    "exact_pass": Flag(int | None, _region_flag("--exact-pass", 0, "images per shard scored exactly, at least K "
+                                                                   "(default: recorded, or 500 on a poor fit).")),
+    "union": Flag(int | None, _region_flag("--union", 0, "images per shard added from the global vectors "
+                                                         "(default: recorded, or 500 on a poor fit).")),
+    "refine": Flag(int | None, _region_flag("--refine", 0, "images per shard re-estimated from all their regions' "
+                                                           "centroids (default: recorded, 1024; at 1M images 256 "
+                                                           "cut p50 from ~146 to ~110 ms, docs/region-index.md).")),
+    "prefilter": Flag(int | None, _region_flag("--prefilter", 0, "probed images per shard estimated, by their "
+                                                                 "summed centroid scores (0: all; default 2048).")),
+    "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
+                                                           "estimate (default: K per shard; not with --ray).")),
+}
+"""How a sharded gallery's region index is searched (:class:`itmrt.scale.SearchRequest`'s fields of the same
+names), each declared once; unset flags leave each shard's recorded or default value."""
+
+
+def region_group(*names: str) -> OptionGroup:
+    """The group of the region-index flags ``names`` (default: all) for a command's parameter ``regions``, which
+    receives a dict of the flags given (to pass to :class:`itmrt.scale.SearchRequest`)."""
+    chosen = names or tuple(REGION_FLAGS)
+    return OptionGroup("regions", select_flags(REGION_FLAGS, chosen, {}),
+                       lambda **flags: {name: value for name, value in flags.items() if value is not None})
+
+
 OUTPUT_FLAGS: dict[str, Flag] = {
     "overwrite": Flag(bool, lambda: overwrite("existing output files")),
     "progress": Flag(bool, progress),
@@ -188,6 +220,7 @@ __all__ = [
     "OnLong",
     "OutputOptions",
     "Precision",
+    "REGION_FLAGS",
     "RUNTIME_FLAGS",
     "RuntimeOptions",
     "ScorerChoice",
@@ -207,6 +240,7 @@ __all__ = [
     "precision",
     "progress",
     "providers",
+    "region_group",
     "report_folder",
     "runtime_group",
     "runtime_options",

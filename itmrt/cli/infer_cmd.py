@@ -10,7 +10,7 @@ command line.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
 @flags.runtime_group("backend", "precision", "providers", "threads", "scorer", "max_length", "on_long", "batch_size",
                        "memory_mb", "device", "gpu_mem_limit_mb")
 @flags.output_group("overwrite", "progress")
+@flags.region_group("nprobe", "exact_pass", "union", "refine", "prefilter")  # --budget: text to image only
 @ray_flags.ray_group
 def infer_command(
     source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
@@ -109,6 +110,7 @@ def infer_command(
         "Print where the time went (start-up, import, load, kernels, encoding, scoring, writing) as one JSON "
         "line on stderr, after 'timings: '.")),
     shortlist: int | None = typer.Option(None, "--shortlist", min=1, max=limits.MAX_COUNT, help="Bundle/gallery only: rerank each query's K best candidates by a cheap global score instead of scoring every pair (K >= --top-k; no --scores-out; a sharded gallery: K per shard)."),
+    regions: Any = None,  # the region-index flags (flags.region_group): a dict for SearchRequest
     ray: Any = None,  # the --ray options (ray_options.ray_group): RayOptions, or None without --ray
 ) -> None:
     """Rank images for every caption and captions for every image; write results.jsonl (and scores)."""
@@ -132,14 +134,15 @@ def infer_command(
     check_outputs_apart(output_paths, {"checkpoint or bundle or gallery": source, "gallery": gallery_path,
                                        "images": images, "captions": captions_path, "vocabulary": vocab})
     if source.is_file():
-        if shortlist is not None:
-            raise ItmrtError("--shortlist runs on a bundle or gallery, not on the PyTorch reference; drop it or pass a bundle")
+        if shortlist is not None or regions:
+            raise ItmrtError("--shortlist and the region-index flags run on a bundle or gallery, not on the PyTorch "
+                             "reference; drop them or pass a bundle")
         done = _infer_checkpoint(source, vocab, images, captions, top_k, scores_out, out, request, timer)
         typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
         request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
         check_outputs_apart(output_paths, {"bundle": request.bundle, "gallery": request.gallery})
-        request.ray = ray
+        request.ray, request.regions = ray, regions
         n_images, how = _search_bundle(request, captions, top_k, scores_out, shortlist, outputs.progress, out, timer)
         typer.echo(f"{runtime.backend}/{runtime.precision}: {n_images} images x {len(captions)} captions in "
                    f"{time.perf_counter() - started:.1f}s ({how}); wrote {out}")
@@ -147,6 +150,11 @@ def infer_command(
         import json
 
         typer.echo("timings: " + json.dumps({**timer.as_dict(), "total": round(process_age() or 0.0, 3)}), err=True)
+
+
+def region_flags(regions: dict[str, int]) -> str:
+    """The region-index flags given, as the user typed them (for a message)."""
+    return ", ".join("--" + name.replace("_", "-") for name in regions)
 
 
 @dataclass
@@ -160,6 +168,7 @@ class BundleRequest:
     skip_bad_images: bool
     outputs: OutputOptions = OutputOptions()  # overwrite: replace existing output files
     ray: Any = None  # itmrt.scale.RayOptions: search a sharded gallery on Ray
+    regions: dict[str, int] = field(default_factory=dict)  # region-index flags given (SearchRequest's fields)
 
 
 def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | None) -> tuple[Path, Path | None]:
@@ -188,6 +197,9 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         return search_sharded(request, captions, top_k, scores_out, shortlist, progress, out, timer)
     if request.ray is not None:
         raise ItmrtError("--ray searches a sharded gallery; make one with `itmrt index ... --shard-images N`")
+    if request.regions:
+        raise ItmrtError(f"{region_flags(request.regions)} search a sharded gallery's region index; make one with "
+                         "`itmrt index ... --shard-images N --shortlist-index regions`")
     with timer.stage("load"):
         runtime = load(request.bundle, request.runtime)
     few = runtime.one_caption is not None and len(captions) <= FEW_CAPTIONS  # the one-caption scorer's (numpy)

@@ -20,6 +20,7 @@ Opt = typer.Option
 @flags.runtime_group("backend", "precision", "providers", "threads", "scorer", "memory_mb", "on_long", "device",
                        "gpu_mem_limit_mb",
                        on_long=flags.on_long(OnLong.REFUSE, "refuse (400) or truncate (logged)"))
+@flags.region_group()
 @ray_flags.ray_group
 def serve_command(
     source: Path = typer.Argument(..., help="A gallery folder (from `itmrt index`), or a bundle with --gallery."),
@@ -61,6 +62,7 @@ def serve_command(
         "Sharded gallery: copy its shards into memory when their files take at most this many MB (0: never); "
         "larger ones are read from their files by position as searches need them, the files checked at each "
         "search (a changed or truncated file: 503 and not ready until a good version is swapped in).")),
+    regions: Any = None,  # the region-index flags (flags.region_group): a dict for SearchRequest
     ray: Any = None,  # the --ray options (ray_options.ray_group): RayOptions, or None without --ray
 ) -> None:
     """Serve a gallery: POST /v2/models/text_to_image/infer answers each caption's best images.
@@ -92,7 +94,7 @@ def serve_command(
                             max_wait_ms / 1000.0, max_caller_captions),
         limits=HttpLimits(int(max_body_mb * (1 << 20)), max_captions, max_caption_bytes, timeout_s, max_answer,
                           header_timeout_s, body_timeout_s, write_timeout_s, int(max_buffered_mb * (1 << 20))),
-        max_connections=max_connections, access_log=access_log, shortlist=shortlist,
+        max_connections=max_connections, access_log=access_log, shortlist=shortlist, regions=regions,
         allowed_hosts=tuple(allowed_hosts), cors_origins=tuple(cors_origin), grace_s=grace_s, watch_s=watch_s,
         ray=ray, copy_shards_mb=copy_shards_mb, model_control=model_control,
         caller_header=caller_header,

@@ -71,6 +71,7 @@ class ServeOptions:
     max_connections: int = 1024
     access_log: bool = False
     shortlist: int | None = None  # sharded galleries: rerank each shard's K best candidates
+    regions: dict[str, int] = field(default_factory=dict)  # sharded galleries: region-index search fields given
     ray: Any = None  # sharded galleries: itmrt.scale.RayOptions to search the shards on Ray actors
     copy_shards_mb: float = 1024.0  # sharded galleries in this process: copied into memory when they fit this
     configure_logging: bool = True  # False: leave logging as the embedding application set it up
@@ -137,8 +138,18 @@ def _sharded_source(gallery: Path, options: ServeOptions, load_options: dict[str
     read_sharded_gallery(gallery)
     if options.shortlist is not None and options.shortlist < 1:
         raise ItmrtError(f"--shortlist must be at least 1, not {options.shortlist}")
+    if options.regions:
+        from itmrt.scale import SearchRequest
+
+        if options.shortlist is None:
+            raise ItmrtError("the region-index flags choose how --shortlist K searches; add --shortlist (without it "
+                             "every image is scored)")
+        if options.ray is not None and "budget" in options.regions:
+            raise ItmrtError("--budget chooses the images to rerank across every shard in one process; drop --ray "
+                             "or --budget")
+        SearchRequest(k=1, shortlist=options.shortlist, **options.regions).check()
     return ShardedSource(gallery, load_options, options.on_long, log.warning, options.ray, options.shortlist,
-                         options.copy_shards_mb)
+                         options.copy_shards_mb, options.regions)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -298,8 +309,9 @@ class Service:
                         if name not in ("on_long", "warn")}
         if is_sharded_gallery(gallery_path):
             self.source = _sharded_source(gallery_path, options, load_options)
-        elif options.ray is not None or options.shortlist is not None:
-            raise ItmrtError("--ray and --shortlist search a sharded gallery; make one with `itmrt index ... "
+        elif options.ray is not None or options.shortlist is not None or options.regions:
+            raise ItmrtError("--ray, --shortlist and the region-index flags search a sharded gallery; make one with "
+                             "`itmrt index ... "
                              "--shard-images N`")
         else:
             # A missing or broken gallery, or one another image encoder made, is reported before the port is taken.

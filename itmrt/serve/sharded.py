@@ -33,13 +33,15 @@ class ShardedSearcher(RuntimeSearcher):
     :class:`~itmrt.serve.searcher.RuntimeSearcher` does, the top-k come from every shard, merged.
 
     ``shortlist``: rerank each shard's K best candidates (K grows to a request's top_k when that is larger)
-    instead of scoring every image. Answers name the version by the start of the top document's sha256.
+    instead of scoring every image; ``regions``: how the region index is searched (:class:`SearchRequest`'s
+    region fields; unset ones: each shard's recorded values). Answers name the version by the start of the top
+    document's sha256.
     """
 
     def __init__(self, shards: Shards, on_long: str = "refuse", shortlist: int | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, regions: dict[str, int] | None = None) -> None:
         super().__init__(shards.runtime, shards.gallery, on_long, warn=warn)
-        self.shards, self.shortlist = shards, shortlist
+        self.shards, self.shortlist, self.regions = shards, shortlist, dict(regions or {})
         self.version = shards.gallery.sha256[:16] or None
         self.index_stages: dict[str, float] = {}  # the last search's region index stages (for /metrics)
 
@@ -54,7 +56,7 @@ class ShardedSearcher(RuntimeSearcher):
 
     def top_k(self, captions: CaptionEmbeddings, k: int) -> TopK:
         shortlist = None if self.shortlist is None else max(self.shortlist, k)
-        result = self.shards.search(captions, SearchRequest(k=k, shortlist=shortlist))
+        result = self.shards.search(captions, SearchRequest(k=k, shortlist=shortlist, **self.regions))
         self.index_stages = dict(result.stage_seconds)
         assert result.t2i is not None
         return result.t2i
@@ -75,9 +77,9 @@ class ShardedSource(RuntimeSource):
 
     def __init__(self, gallery: Path, load_options: dict[str, Any], on_long: Any,
                  warn: Callable[[str], None] | None, ray: RayOptions | None = None, shortlist: int | None = None,
-                 copy_mb: float = 0.0) -> None:
+                 copy_mb: float = 0.0, regions: dict[str, int] | None = None) -> None:
         super().__init__(gallery, None, load_options, on_long, warn)
-        self.ray, self.shortlist, self.copy_mb = ray, shortlist, copy_mb
+        self.ray, self.shortlist, self.copy_mb, self.regions = ray, shortlist, copy_mb, dict(regions or {})
 
     def open(self, previous: Any = None) -> tuple[RuntimeSearcher, bool, Callable[[], None] | None]:
         """(searcher, whether it needs a warm-up, what to let go of once it is in use)."""
@@ -91,7 +93,7 @@ class ShardedSource(RuntimeSource):
         try:
             shards = shards_with(runtime, sharded, self.ray, self.load_options, copy_mb=self.copy_mb)
             try:
-                searcher = ShardedSearcher(shards, self.on_long, self.shortlist, self.warn)
+                searcher = ShardedSearcher(shards, self.on_long, self.shortlist, self.warn, self.regions)
             except BaseException:
                 shards.close()
                 raise
