@@ -69,13 +69,19 @@ FEW_CAPTIONS = 16
 """Calls with at most this many captions take this path (``benchmarks/bench_one_caption.py`` measures the crossover
 against the batched fused scorer)."""
 ONE_CAPTION_SCORERS = ("naaf", "scan")  # the manifest traits' scorer kinds this module scores (bundle/traits.py)
-BLOCK_IMAGES = 128
-"""Most images per block (measured at 14 words, one thread: 128 images 25.1 ms per 1000, 64 images 27.1 ms)."""
-BLOCK_VALUES = 64 * 36 * 32
-"""Values of a block's ``[B, n, T]`` intermediates (fewer images for more words): they stay in the core's cache
-(measured: 32 captions at once in blocks of 64 images ran 2.3x slower per caption than 16)."""
+BLOCK_IMAGES = 256
+"""Most images per block. Measured, one caption x 1000 images, interleaved (load 2.4): blocks of 256 against 128
+images, float16 27.4 / 28.4 ms (one thread), 19.3 / 20.1 ms (two); float32 23.8 / 24.8, 15.7 / 17.4 ms - half
+the numpy calls of the per-word steps, whose interpreter-bound share two threads cannot split. Earlier, 128
+images against 64: 25.1 against 27.1 ms."""
+BLOCK_VALUES = 128 * 36 * 16
+"""Values of a block's ``[B, n, T]`` intermediates when a call has several captions (fewer images for more words):
+they stay in the core's cache (measured: 32 captions at once in blocks of 64 images ran 2.3x slower per caption
+than 16)."""
+ONE_CAPTION_BLOCK_VALUES = 256 * 36 * 16
+"""The same for a call with one caption: up to 16 words, blocks of :data:`BLOCK_IMAGES`."""
 CAST_PIECES = 8
-"""Pieces a float16 block is cast and multiplied in (16 images of a 128-image block: 2.4 MB in float32).
+"""Pieces a float16 block is cast and multiplied in (32 images of a 256-image block: 4.7 MB in float32).
 Measured, 1000 images x 14 words, one thread: float32 15.6 ms; float16 in 1 piece 22.7, 4 pieces 19.0, 8 pieces
 18.8, 16 pieces 19.1, 43 pieces 20.9 (each node's fixed cost)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
@@ -540,7 +546,8 @@ class OneCaptionScorer:
             constants = cached.values[picked] if cached is not None else self._block_constants(worker, block)
             out[start:stop] = self._score_block(worker, block, constants, query)
 
-        size = min(self.block_images, max(16, BLOCK_VALUES // (int(images.shape[1]) * len(query.tokens))))
+        budget = ONE_CAPTION_BLOCK_VALUES if len(query.bounds) == 1 else BLOCK_VALUES
+        size = min(self.block_images, max(16, budget // (int(images.shape[1]) * len(query.tokens))))
         with self._calls:
             self._map_blocks(total, score_range, size)
         return out
