@@ -234,16 +234,22 @@ def test_global_vectors_join_the_candidates_and_poor_fit_shards_search_wider(wor
     np.testing.assert_array_equal(merged, [[4, 2, 9, 5, 7, 1]])
 
 
-def test_the_probe_keeps_each_words_largest_probed_centroid_per_image() -> None:
+def small_region_index(rng: np.random.Generator) -> tuple[Any, np.ndarray, np.ndarray]:
+    """A 300-image region index over 40 random centroids of 16 dims (6 regions an image), and 7 words'
+    similarities to the centroids."""
     from itmrt.scale.region_search import RegionIndex
     from itmrt.scale.regions import inverted_lists
 
-    rng = np.random.default_rng(8)
     centroids = rng.standard_normal((40, 16)).astype(np.float32)
     codes = rng.integers(0, 40, size=(300, 6)).astype(np.uint16)
     index = RegionIndex(centroids, inverted_lists(codes, 40), codes,
                         {"rows": 300, "params": {"nprobe": 5, "candidates": 10}})
-    sims = rng.standard_normal((7, 40)).astype(np.float32)
+    return index, codes, rng.standard_normal((7, 40)).astype(np.float32)
+
+
+def test_the_probe_keeps_each_words_largest_probed_centroid_per_image() -> None:
+    rng = np.random.default_rng(8)
+    index, codes, sims = small_region_index(rng)
     for nprobe in (1, 5, 40):
         expected = np.empty((7, 300), dtype=np.float32)
         for word, row in enumerate(sims):  # the definition, word by word and image by image
@@ -427,15 +433,10 @@ def test_shards_sharing_centroids_share_one_probe_per_caption_and_answer_as_each
 
 
 def test_the_prefilter_keeps_the_probed_images_with_the_largest_centroid_gains() -> None:
-    from itmrt.scale.region_search import RegionIndex, select_probes
-    from itmrt.scale.regions import inverted_lists
+    from itmrt.scale.region_search import select_probes
 
     rng = np.random.default_rng(9)
-    centroids = rng.standard_normal((40, 16)).astype(np.float32)
-    codes = rng.integers(0, 40, size=(300, 6)).astype(np.uint16)
-    index = RegionIndex(centroids, inverted_lists(codes, 40), codes,
-                        {"rows": 300, "params": {"nprobe": 5, "candidates": 10}})
-    sims = rng.standard_normal((7, 40)).astype(np.float32)
+    index, codes, sims = small_region_index(rng)
     nearest, values, floor = select_probes(sims, 5)
     hits, best, _ = index.probe(sims, 5)
     same = index.probe(sims, 5, prefilter=len(hits))  # no fewer kept than reached: nothing is left out
