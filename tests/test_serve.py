@@ -118,7 +118,9 @@ def test_answers_equal_the_runtime_alone_and_batched(naaf: dict[str, Any], servi
         np.testing.assert_array_equal(hits.indices, want.indices)
         np.testing.assert_allclose(hits.scores, want.scores, atol=1e-6)
     batches = metric(after, "itmrt_batch_requests_count") - metric(before, "itmrt_batch_requests_count")
-    assert 1 <= batches < len(requests), "the concurrent requests were never batched together"
+    parts = metric(after, "itmrt_batch_requests_sum") - metric(before, "itmrt_batch_requests_sum")
+    # units of --unit-captions: a request of more captions is scored in parts, each counted as a request
+    assert parts >= len(requests) and 1 <= batches < parts, "the concurrent requests were never batched together"
     # Requests of more than --unit-captions are scored in parts, each counted as one of its batch's requests.
     unit = service.batcher.unit
     parts = sum(-(-len(captions) // unit) for captions, _k in requests)

@@ -263,3 +263,32 @@ def test_threads_submitting_together_all_get_an_answer_or_a_refusal(model: dict[
     # Refused at once: never queued, never scored - the worker scored the warm-up and the answered ones only.
     assert metric(page, "itmrt_refused_wait_total") == statuses.count(429)
     assert metric(page, "itmrt_batch_captions_sum") == 1 + statuses.count(200)
+
+
+def test_a_refusal_closes_its_connection_so_a_pipeline_behind_it_is_not_read(model: dict[str, Any]) -> None:
+    """A client pipelining requests it does not wait for (the fault benchmark's non-readers sent fifty each) had
+    every one read, parsed and refused on the event loop, a thousand in a burst. A refusal (429) now closes its
+    connection: one answer comes back, then the end of the stream, and the requests behind it are never counted."""
+    import socket
+    from urllib.parse import urlsplit
+
+    heavy = random_captions(256, seed=31, max_words=8)
+    with running(paced_service(model, max_caller_captions=300, max_wait_s=0.1)) as live, \
+            ThreadPoolExecutor(1) as pool:
+        before = live.metrics.registry.get_sample_value("itmrt_batch_captions_count")
+        big = pool.submit(post, live.url, heavy, "A")
+        scoring_started(live, before + 1)  # A's backlog is queued: A's next caption would wait seconds
+        refused_before = live.metrics.refused_wait._value.get()
+        one = body(random_captions(1, seed=32))
+        request = (f"POST /v2/models/text_to_image/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Caller: A\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(one)}\r\n\r\n").encode() + one
+        address = urlsplit(live.url)
+        with socket.create_connection((address.hostname, address.port), timeout=30) as connection:
+            connection.sendall(request * 5)
+            received = b""
+            while chunk := connection.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 429") and received.count(b"HTTP/1.1 ") == 1, received[:300]
+        assert b"connection: close" in received.lower()
+        assert live.metrics.refused_wait._value.get() == refused_before + 1
+        assert big.result(120)[0].status_code == 200

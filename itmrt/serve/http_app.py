@@ -310,7 +310,9 @@ class InferenceRoutes:
         except ProtocolError as exc:
             response = self.error(exc.status, exc.message, close=not read.complete)
         except (QueueFull, NotReady) as exc:
-            response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc), close=not read.complete)
+            # A refusal closes the connection: requests pipelined behind it would each be read, parsed and refused
+            # on the event loop (a burst of a thousand from a few connections), while the client is told to retry.
+            response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc), close=True)
         except ClientGone:
             response = None
         except Exception as exc:  # a bug here answers this request with a 500, not the whole service
