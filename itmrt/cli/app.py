@@ -70,11 +70,12 @@ def _raise_terminated(_signum: int, _frame: Any) -> None:
     raise Terminated()
 
 
-def _catch_sigterm() -> None:
+def _catch_sigterm() -> tuple[bool, Any]:
+    """Install the handler: whether it was installed, and the handler it replaced."""
     try:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        return True, signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # main() called from another thread than the main one: leave the signal as it is
-        pass
+        return False, None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,35 +87,39 @@ def main(argv: list[str] | None = None) -> None:
     reason), memory a request could not get, and input nested too deeply to parse. Ctrl-C says so in
     one line and exits 130; SIGTERM likewise, exit 143, after the command's cleanup ran.
     """
-    _catch_sigterm()
+    installed, previous = _catch_sigterm()
     try:
-        code = app(args=argv, standalone_mode=False)
-    except _CLICK_ERROR as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``itmrt`` or group: its help, as click shows it
-            exc.show()
-            sys.exit(exc.exit_code)
-        context = getattr(exc, "ctx", None)
-        command = getattr(context, "command_path", None) or "itmrt"
-        _fail(f"{exc.format_message().rstrip('.')} (see `{command} --help`)", exc.exit_code)
-    except typer.Abort:
-        _fail("aborted", 1)
-    except ItmrtError as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        from itmrt.errors import os_error_message
+        try:
+            code = app(args=argv, standalone_mode=False)
+        except _CLICK_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a bare ``itmrt`` or group: its help, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            context = getattr(exc, "ctx", None)
+            command = getattr(context, "command_path", None) or "itmrt"
+            _fail(f"{exc.format_message().rstrip('.')} (see `{command} --help`)", exc.exit_code)
+        except typer.Abort:
+            _fail("aborted", 1)
+        except ItmrtError as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            from itmrt.errors import os_error_message
 
-        _fail(os_error_message(exc))
-    except MemoryError:
-        _fail("out of memory; lower --batch-size or --memory-mb, or use smaller inputs")
-    except RecursionError:
-        _fail("an input is nested too deeply to read")
-    except KeyboardInterrupt:
-        _fail(INTERRUPTED, EXIT_INTERRUPTED)
-    except Terminated:
-        _fail("terminated (SIGTERM)", EXIT_TERMINATED)
-    if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C inside a command into a silent exit status 130
-        _fail(INTERRUPTED, EXIT_INTERRUPTED)
-    sys.exit(code if isinstance(code, int) else 0)
+            _fail(os_error_message(exc))
+        except MemoryError:
+            _fail("out of memory; lower --batch-size or --memory-mb, or use smaller inputs")
+        except RecursionError:
+            _fail("an input is nested too deeply to read")
+        except KeyboardInterrupt:
+            _fail(INTERRUPTED, EXIT_INTERRUPTED)
+        except Terminated:
+            _fail("terminated (SIGTERM)", EXIT_TERMINATED)
+        if code == EXIT_INTERRUPTED:  # typer turns Ctrl-C inside a command into a silent exit status 130
+            _fail(INTERRUPTED, EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+    finally:  # a process that called main() (a test, an embedding program) gets its own handler back
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _fail(message: str, code: int = 2) -> None:
