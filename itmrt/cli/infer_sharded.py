@@ -14,15 +14,13 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
     from itmrt.cli.progress import progress_bars
     from itmrt.errors import ItmrtError
     from itmrt.scale.open_gallery import open_shards
-    from itmrt.scale.shard import SearchRequest
+    from itmrt.scale.shard import SearchRequest, require_shortlist
 
     if request.images is not None:
         raise ItmrtError("give either a sharded gallery or --images, not both")
     load_options = request.runtime.load_keywords()  # the runtime group, as keywords the Ray actors take too
     search = SearchRequest(top_k, shortlist, ("t2i", "i2t"), scores_out is not None, **request.regions).check()
-    if request.regions and shortlist is None:
-        raise ItmrtError("the region-index flags choose how --shortlist K searches; add --shortlist (without it "
-                         "every image is scored)")
+    require_shortlist(request.regions, shortlist)
     with timer.stage("load"):  # the bundle here, and each shard where it is searched (Ray: the actors start)
         shards = open_shards(request.gallery, ray=request.ray, **load_options)
     try:

@@ -38,7 +38,7 @@ def check_outputs_apart(outputs: dict[str, Path | None], inputs: dict[str, Path 
             if given is None or not given.exists():
                 continue
             source = given.resolve()
-            inside = source in target.parents and ("bundle" in role or "gallery" in role or target.exists())
+            inside = source in target.parents and (_closed_world(role) or target.exists())
             if target == source or target in source.parents or inside:
                 raise ItmrtError(f"{flag} {out} would write over the {role} {given} this command reads, "
                                  "--overwrite or not; choose a path outside it")
@@ -51,6 +51,11 @@ def check_outputs(outputs: dict[str, Path | None], overwrite: bool, inputs: dict
     check_outputs_apart(outputs, inputs)
 
 
+def _closed_world(role: str) -> bool:
+    """An input bundle or gallery: nothing may be written anywhere inside its folder."""
+    return "bundle" in role or "gallery" in role
+
+
 def check_report_folder(folder: Path, overwrite: bool, inputs: dict[str, Path | None] | None = None) -> None:
     """A report folder must be new, or hold no report yet, unless ``overwrite``; and it may not be an input of
     the command, nor lie inside an input bundle or gallery (their folders are closed worlds)."""
@@ -58,8 +63,7 @@ def check_report_folder(folder: Path, overwrite: bool, inputs: dict[str, Path | 
         if given is None or not given.exists():
             continue
         target, source = folder.resolve(), given.resolve()
-        closed = "bundle" in role or "gallery" in role
-        if target == source or (closed and source in target.parents):
+        if target == source or (_closed_world(role) and source in target.parents):
             raise ItmrtError(f"--report {folder} would write into the {role} {given} this command reads; "
                              "choose a folder outside it")
     if folder.exists() and not folder.is_dir():

@@ -250,11 +250,8 @@ def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = T
                        ("buckets", index.buckets), ("bits", index.bits)):
         if item is None:  # bits: absent before they were allocated per dimension
             continue
-        if role == "residuals" and residual_rows is not None:
-            path = verified_member(root, item.file, listed, "gallery", REMEDY) if verify else root / item.file
-            arrays[role] = residual_rows(path)
-            continue
-        if in_memory:
+        by_position = residual_rows if role == "residuals" else None
+        if in_memory and by_position is None:
             path, sha256 = member(root, item.file, "gallery", REMEDY), listed.get(item.file) if verify else None
             if verify and sha256 is None:
                 raise ItmrtError(f"gallery {root} uses {item.file}, which its file list does not hold with a sha256; "
@@ -262,7 +259,7 @@ def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = T
             arrays[role] = read_npy_copy(path, f"compact regions ({role})", sha256, REMEDY)
             continue
         path = verified_member(root, item.file, listed, "gallery", REMEDY) if verify else root / item.file
-        arrays[role] = open_npy(path, f"compact regions ({role})")
+        arrays[role] = by_position(path) if by_position is not None else open_npy(path, f"compact regions ({role})")
     centroids, buckets = np.asarray(arrays["centroids"]), np.asarray(arrays["buckets"])
     if not np.isfinite(centroids).all() or ("bits" not in arrays and not np.isfinite(buckets).all()):
         raise ItmrtError(f"gallery {root}: its region centroids or residual buckets are not finite; {REMEDY}")

@@ -83,9 +83,7 @@ class LocalShards:
             picked = np.sort(chosen.indices[0])
             one = captions.take([caption])
             images = self._embeddings(picked)
-            scorer = self.runtime.one_caption
-            scores = self.runtime.score_images(images, one) if scorer is not None and scorer.applies(one) else \
-                self.runtime.score(images, one)
+            scores = self.runtime.score(images, one)  # the one-caption scorer where it applies
             best.update(slice(caption, caption + 1), np.asarray(scores)[:, 0][None, :], picked)
             pairs += len(picked)
         for shard in self.shards:  # a file rewritten in place while it was read: its answer is not given

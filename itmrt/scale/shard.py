@@ -316,6 +316,14 @@ def shard_estimates(shard: OpenShard, runtime: Any, captions: CaptionEmbeddings,
     return rows + shard.record.first, estimates
 
 
+def require_shortlist(regions: dict[str, int], shortlist: int | None) -> None:
+    """The command-line rule for the region-index flags (``regions``: those given): they choose how a shortlist
+    search runs, so without ``--shortlist`` (every image scored) they would be silently ignored."""
+    if regions and shortlist is None:
+        raise ItmrtError("the region-index flags choose how --shortlist K searches; add --shortlist (without it "
+                         "every image is scored)")
+
+
 def read_embeddings_by_position(gallery: Gallery, record: ShardRecord, in_memory: bool,
                                 positional: bool = True) -> tuple[Gallery, list[Path]]:
     """``gallery`` with its embeddings as the shard's searches read them, and the files those searches read

@@ -71,7 +71,7 @@ class ServeOptions:
     max_connections: int = 1024
     access_log: bool = False
     shortlist: int | None = None  # sharded galleries: rerank each shard's K best candidates
-    regions: dict[str, int] = field(default_factory=dict)  # sharded galleries: region-index search fields given
+    regions: dict[str, Any] = field(default_factory=dict)  # sharded galleries: SearchRequest's region fields given
     ray: Any = None  # sharded galleries: itmrt.scale.RayOptions to search the shards on Ray actors
     copy_shards_mb: float = 1024.0  # sharded galleries in this process: copied into memory when they fit this
     configure_logging: bool = True  # False: leave logging as the embedding application set it up
@@ -139,11 +139,9 @@ def _sharded_source(gallery: Path, options: ServeOptions, load_options: dict[str
     if options.shortlist is not None and options.shortlist < 1:
         raise ItmrtError(f"--shortlist must be at least 1, not {options.shortlist}")
     if options.regions:
-        from itmrt.scale import SearchRequest
+        from itmrt.scale.shard import SearchRequest, require_shortlist
 
-        if options.shortlist is None:
-            raise ItmrtError("the region-index flags choose how --shortlist K searches; add --shortlist (without it "
-                             "every image is scored)")
+        require_shortlist(options.regions, options.shortlist)
         if options.ray is not None and "budget" in options.regions:
             raise ItmrtError("--budget chooses the images to rerank across every shard in one process; drop --ray "
                              "or --budget")
