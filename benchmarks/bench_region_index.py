@@ -178,17 +178,19 @@ def _recorded_build(out: Path) -> float:
 def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args: argparse.Namespace
           ) -> list[dict[str, Any]]:
     rows = []
-    settings = [(nprobe, exact_pass, k, refine, union) for nprobe in args.sweep_nprobe
+    settings = [(nprobe, exact_pass, k, refine, union, rescore) for nprobe in args.sweep_nprobe
                 for exact_pass in args.sweep_exact for k in args.sweep_k for refine in args.sweep_refine
-                for union in args.sweep_union]
-    for nprobe, exact_pass, k, refine, union in settings:
+                for union in args.sweep_union for rescore in args.sweep_rescore]
+    for nprobe, exact_pass, k, refine, union, rescore in settings:
         for shard in shards.shards:
             shard.regions.refine = refine
-        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union)
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union,
+                                rescore=rescore)
         started = time.perf_counter()
         found = shards.search(batch, request)
         seconds = time.perf_counter() - started
         rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, "refine": refine, "union": union,
+                     "rescore": rescore,
                      **overlap(found.t2i.indices, exact),
                      "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
                      "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
@@ -235,16 +237,19 @@ def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbedding
     good = [row for row in result["sweep"] if row["recall_at_10"] >= 0.99 and row["top1_same"] >= 0.98]
     best = min(good, key=lambda row: row["ms_per_query_batched"]) if good else \
         max(result["sweep"], key=lambda row: (row["recall_at_10"], -row["ms_per_query_batched"]))
-    settings = {"default": (None, DEFAULT_CANDIDATES, None, None),  # each shard's defaults (its fit decides)
-                "best": (best["nprobe"], best["K"], best["exact_pass"], best["union"])}
+    settings = {"default": (None, DEFAULT_CANDIDATES, None, None, None),  # each shard's defaults (its fit decides)
+                "best": (best["nprobe"], best["K"], best["exact_pass"], best["union"], best["rescore"])}
     latency = {}
-    for name, (nprobe, k, exact_pass, union) in settings.items():
-        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union)
+    for name, (nprobe, k, exact_pass, union, rescore) in settings.items():
+        request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union,
+                                rescore=rescore)
         found = shards[1].search(batch, request).t2i.indices
         regions = shards[1].shards[0].regions
         latency[name] = {"nprobe": nprobe or regions.nprobe, "K": k,
                          "exact_pass": exact_pass if exact_pass is not None else regions.default_exact_pass(None),
                          "union": union if union is not None else regions.default_union(None),
+                         "rescore": rescore if rescore is not None else
+                         regions.default_rescore(None, shards[1].shards[0].gallery.embeddings),
                          **overlap(found, reference["indices"])}
         for threads, opened in shards.items():
             latency[name][f"{threads}_threads"] = timed_queries(opened.search, singles, request)
@@ -425,7 +430,7 @@ def print_synthetic(results: dict[str, Any]) -> None:
         for name, row in entry["latency"].items():
             one, two = row["1_threads"], row["2_threads"]
             print(f"| {storage} | {name}: nprobe {row['nprobe']}, exact pass {row['exact_pass']}, K {row['K']}/shard, "
-                  f"union {row.get('union', 0)} "
+                  f"union {row.get('union', 0)}, rescore {row.get('rescore', 0)} "
                   f"| {row['recall_at_10']} | "
                   f"{row['top1_same']} | {one['p50_ms']} / {one['p99_ms']} | {two['p50_ms']} / {two['p99_ms']} |")
         for row in entry.get("global_shortlist", []):
@@ -440,12 +445,13 @@ def print_synthetic(results: dict[str, Any]) -> None:
         exhaustive = entry.get("exhaustive_ms_per_query", entry.get("exhaustive_decoded_ms_per_query"))
         print(f"| {storage} | {entry['write_seconds']} | {entry['index_build_seconds']} | "
               f"{entry['disk_bytes_per_image']:,} | {rss.get('RssAnon')} / {rss.get('RssFile')} | {exhaustive} |")
-    print("\n| storage | nprobe | exact pass | K/shard | union | recall@10 | top-1 same | ms/query (batched, 1 thread) "
-          "| stages ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| storage | nprobe | exact pass | K/shard | union | rescore | recall@10 | top-1 same | ms/query (batched, "
+          "1 thread) | stages ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for storage, entry in results["storages"].items():
         for row in entry["sweep"]:
             print(f"| {storage} | {row['nprobe']} | {row['exact_pass']} | {row['K']} | {row.get('union', 0)} | "
+                  f"{row.get('rescore')} | "
                   f"{row['recall_at_10']} | "
                   f"{row['top1_same']} | "
                   f"{row['ms_per_query_batched']} | {row['stage_ms']} |")
@@ -512,6 +518,8 @@ def main() -> None:
                         help="large: threads per runtime measured (each opens the gallery in memory)")
     parser.add_argument("--sweep-budget", type=optional_numbers, default=[None],
                         help="large: images reranked over all shards together (none: K per shard)")
+    parser.add_argument("--sweep-rescore", type=optional_numbers, default=[None],
+                        help="images per shard re-estimated from stored regions (none: the default; 0: off)")
     parser.add_argument("--exhaustive", type=int, default=0,
                         help="large: score this many of the kept run's queries exhaustively (decompressed)")
     args = parser.parse_args()

@@ -120,13 +120,14 @@ def build(runtime: Any, out: Path, args: argparse.Namespace, world: Any) -> dict
 
 
 def settings(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The sweep: every K x refine x prefilter (None: the shards' recorded value or default)."""
-    return [{"K": k, "refine": refine, "prefilter": prefilter, "budget": budget} for k in args.sweep_k
-            for refine in args.large_refine for prefilter in args.sweep_prefilter for budget in args.sweep_budget]
+    """The sweep: every K x refine x prefilter x budget x rescore (None: the shards' recorded value or default)."""
+    return [{"K": k, "refine": refine, "prefilter": prefilter, "budget": budget, "rescore": rescore}
+            for k in args.sweep_k for refine in args.large_refine for prefilter in args.sweep_prefilter
+            for budget in args.sweep_budget for rescore in args.sweep_rescore]
 
 
 def setting_name(row: dict[str, Any]) -> str:
-    return f"K {row['K']}" + "".join(f", {key} {row[key]}" for key in ("refine", "prefilter", "budget")
+    return f"K {row['K']}" + "".join(f", {key} {row[key]}" for key in ("refine", "prefilter", "budget", "rescore")
                                      if row.get(key) is not None)
 
 
@@ -141,7 +142,7 @@ def measure(runtimes: dict[int, Any], out: Path, batch: Any, singles: list[Any],
     for setting in settings(args):
         k = setting["K"]
         request = SearchRequest(k=TOP, shortlist=k, refine=setting["refine"], prefilter=setting["prefilter"],
-                                budget=setting["budget"])
+                                budget=setting["budget"], rescore=setting["rescore"])
         started = time.perf_counter()
         found = next(iter(opened.values())).search(batch, request)
         row: dict[str, Any] = {**setting, "indices": found.t2i.indices.tolist(),

@@ -557,3 +557,63 @@ def test_infer_and_serve_take_the_region_flags_and_answer_as_the_api(world: dict
         extra = ["--captions", str(root / "flags.txt"), "--out", str(root / "x.jsonl")] if args[0] == "infer" else []
         result = run_cli(capsys, *args, *extra)
         assert result.code == 2 and words in result.err and result.err.count("\n") == 1, (args, result.err)
+
+
+@pytest.mark.parametrize("bits", [2, 2.5])
+def test_the_residual_stage_reads_each_regions_centroid_plus_its_residual_levels(
+        world: dict[str, Any], bits: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compact storage with every dimension at 2 bits: each word's best over an image's regions of ``u . (c + l)``
+    (levels not re-normalised), through numba and 8-bit integers and through numpy; mixed bits: the decoded
+    vectors. Against the levels read back by the codec's own unpacking."""
+    from itmrt.scale import region_search
+    from itmrt.scale.region_search import ProbeCache, stored_best_similarities, token_gemm
+
+    runtime, captions = world["runtime"], world["captions"]
+    gallery = world["root"] / f"residual-{bits}"
+    if not gallery.is_dir():
+        spec = IndexSpec("regions", regions_storage="compact", residual_bits=bits)
+        index_sharded(runtime, world["features"], gallery, ShardingOptions(16, None, spec))
+    shard = open_shards(gallery, threads=1, warn=quiet).shards[0]
+    stored, product = shard.gallery.embeddings, token_gemm(1)
+    rows = np.array([0, 2, 3, 7, 11, 15])
+    levels = np.take_along_axis(stored.codec.buckets[None, None], stored.codec.codes(
+        np.asarray(stored.residuals[rows]))[..., None].astype(np.intp), axis=-1)[..., 0]
+    vectors = stored.centroids[np.asarray(stored.codes[rows], dtype=np.intp)] + levels
+    if bits != 2:
+        vectors = np.asarray(stored[rows])
+    for caption in range(3):
+        probe = ProbeCache(shared=False).get(shard.regions, captions, caption, 2, product)
+        want = np.einsum("md,rjd->mrj", probe.tokens, vectors).max(axis=2)
+        got = stored_best_similarities(probe, stored, rows, product)
+        np.testing.assert_allclose(got, want, atol=0.02 if bits == 2 else 1e-5)
+        if bits == 2:
+            assert region_search._residual_kernels() is not None  # the integer path was the one measured
+            with monkeypatch.context() as patched:
+                patched.setattr(region_search, "_residual_kernels", lambda: None)
+                np.testing.assert_allclose(stored_best_similarities(probe, stored, rows, product), want, atol=1e-5)
+
+
+def test_rescoring_keeps_the_images_with_the_best_residual_estimates_and_everything_is_exhaustive(
+        world: dict[str, Any]) -> None:
+    from itmrt.scale.region_search import ProbeCache, _top_rows, stored_best_similarities, token_gemm
+    from itmrt.scale.shard import score_estimate
+
+    runtime, captions = world["runtime"], world["captions"]
+    gallery = world["root"] / "residual-2"
+    if not gallery.is_dir():
+        spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
+        index_sharded(runtime, world["features"], gallery, ShardingOptions(16, None, spec))
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    full = shards.search(captions, SearchRequest(k=5))
+    found = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, nprobe=EVERYTHING, rescore=EVERYTHING))
+    same_answer(found.t2i, full.t2i, world["family"])
+    shard, product, estimate = shards.shards[0], token_gemm(1), score_estimate(runtime)
+    everything = np.arange(shard.regions.images)
+    kept = shard.regions.image_candidates(captions, estimate, 2, 3, 1, shard.gallery.embeddings, EVERYTHING)
+    for caption in range(len(captions)):
+        probe = ProbeCache(shared=False).get(shard.regions, captions, caption, 2, product)
+        scores = estimate.scores(stored_best_similarities(probe, shard.gallery.embeddings, everything, product),
+                                 probe.tokens, product)
+        np.testing.assert_array_equal(kept[caption], _top_rows(scores, everything, 3))
+    with pytest.raises(ItmrtError, match="--rescore must be at least 0"):
+        SearchRequest(k=5, shortlist=5, rescore=-1).check()

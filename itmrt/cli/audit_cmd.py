@@ -56,7 +56,8 @@ def audit_command(
     try:
         report = audit(shards, captions, sample, top_k, shortlist, regions.get("nprobe"), seed,
                        regions.get("exact_pass"), regions.get("union"), refine=regions.get("refine"),
-                       prefilter=regions.get("prefilter"), budget=regions.get("budget"))
+                       prefilter=regions.get("prefilter"), budget=regions.get("budget"),
+                       rescore=regions.get("rescore"))
     finally:
         shards.close()
         shards.runtime.close()

@@ -184,6 +184,10 @@ REGION_FLAGS: dict[str, Flag] = {
                                                            "cut p50 from ~146 to ~110 ms, docs/region-index.md).")),
     "prefilter": Flag(int | None, _region_flag("--prefilter", 0, "probed images per shard estimated, by their "
                                                                  "summed centroid scores (0: all; default 2048).")),
+    "rescore": Flag(int | None, _region_flag("--rescore", 0, "images per shard re-estimated from their stored "
+                                                             "regions (compact: centroid plus residual levels) "
+                                                             "before K are kept (0: none; default 512 on compact "
+                                                             "storage, 0 on exact).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
                                                            "estimate (default: K per shard; not with --ray).")),
 }

@@ -89,7 +89,7 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
 @flags.runtime_group("backend", "precision", "providers", "threads", "scorer", "max_length", "on_long", "batch_size",
                        "memory_mb", "device", "gpu_mem_limit_mb")
 @flags.output_group("overwrite", "progress")
-@flags.region_group("nprobe", "exact_pass", "union", "refine", "prefilter")  # --budget: text to image only
+@flags.region_group("nprobe", "exact_pass", "union", "refine", "prefilter", "rescore")  # --budget: text to image only
 @ray_flags.ray_group
 def infer_command(
     source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),

@@ -169,6 +169,25 @@ class ResidualCodec:
         return self._byte_levels
 
 
+    def integer_levels(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Where :meth:`byte_levels` applies: ``(table, scales)``, each byte's levels as 8-bit codes
+        ``round(level / scale) + 128`` (``scale`` its dimension's largest level magnitude / 127), the ``per`` of
+        one entry packed into one unsigned integer (``[width * 256]``), and the scales ``[width * per]``: the
+        residual stage multiplies words with levels as integers (:mod:`itmrt.scale.residual_kernels`)."""
+        table = self.byte_levels()
+        if table is None:
+            return None
+        if getattr(self, "_integer_levels", None) is None:
+            width, per = table.shape[0] // 256, table.shape[1]
+            by_dim = table.reshape(width, 256, per)  # [byte position, byte value, dimension of the byte]
+            scales = np.abs(by_dim).max(axis=1) / 127  # [width, per]
+            codes = np.rint(by_dim / np.where(scales > 0, scales, 1)[:, None, :]).clip(-127, 127) + 128
+            entries = np.ascontiguousarray(codes.astype(np.uint8).reshape(width * 256, per))
+            self._integer_levels = (entries.view(np.dtype(f"uint{8 * per}")).reshape(-1),
+                                    scales.reshape(-1).astype(np.float32))
+        return self._integer_levels
+
+
 def lloyd_max(ordered: np.ndarray, count: int, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
     """``count`` levels per dimension ``[d, count]`` and their mean squared error ``[d]`` from each dimension's
     sorted training values ``ordered [R, d]`` (cell means from prefix sums: one pass over the data per

@@ -46,13 +46,14 @@ def sample_captions(captions: list[str], sample: int, seed: int = 0) -> list[int
 def audit(shards: Any, captions: list[str], sample: int, k: int = 10, shortlist: int | None = None,
           nprobe: int | None = None, seed: int = 0, exact_pass: int | None = None,
           union: int | None = None, refine: int | None = None, prefilter: int | None = None,
-          budget: int | None = None) -> dict[str, Any]:
+          budget: int | None = None, rescore: int | None = None) -> dict[str, Any]:
     """Exhaustive scoring against the gallery's index on a sample of ``captions`` (see the module); ``refine``,
-    ``prefilter``, ``budget``: the region index's search options of :class:`SearchRequest`."""
+    ``prefilter``, ``budget``, ``rescore``: the region index's search options of :class:`SearchRequest`."""
     chosen = sample_captions(captions, sample, seed)
     shortlist = shortlist if shortlist is not None else recorded_candidates(shards)
     request = SearchRequest(k=k, shortlist=max(shortlist, k), nprobe=nprobe, exact_pass=exact_pass,
-                            union=union, refine=refine, prefilter=prefilter, budget=budget).check()
+                            union=union, refine=refine, prefilter=prefilter, budget=budget,
+                            rescore=rescore).check()
     started = time.perf_counter()
     encoded = shards.runtime.encode_captions([captions[i] for i in chosen])
     encode_s = time.perf_counter() - started
@@ -73,7 +74,8 @@ def audit(shards: Any, captions: list[str], sample: int, k: int = 10, shortlist:
         "exact_pass": exact_pass if exact_pass is not None else "recorded",
         "union": union if union is not None else "recorded",
         **{name: value if value is not None else "recorded"
-           for name, value in (("refine", refine), ("prefilter", prefilter), ("budget", budget))},
+           for name, value in (("refine", refine), ("prefilter", prefilter), ("budget", budget),
+                               ("rescore", rescore))},
         "index": "regions" if indexed.stage_seconds else "global shortlist",
         f"recall_at_{k}": round(float(np.mean(per_caption)), 4),
         "top1_agreement": round(float(np.mean(want[:, 0] == got[:, 0])), 4),

@@ -46,6 +46,7 @@ import numpy as np
 
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_THRESHOLD, SCAN_LAMBDA_LSE, Component, Precision
 from itmrt.errors import ItmrtError
+from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
@@ -53,6 +54,7 @@ from itmrt.scale.regions import (
     DEFAULT_EXACT_PASS,
     DEFAULT_PREFILTER,
     DEFAULT_REFINE,
+    DEFAULT_RESCORE,
     DEFAULT_UNION,
     POOR_FIT,
     POOR_FIT_EXACT_PASS,
@@ -63,6 +65,8 @@ ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
 EXACT_BLOCK = 64
 """Images per block of the exact pass."""
+RESIDUAL_BLOCK = 128
+"""Images per block of the residual stage (a block's gathered levels, 18 MB at 36 x 1024, stay near the cache)."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,14 @@ class RegionIndex:
             return asked
         return self.union or (POOR_FIT_UNION if self.poor_fit else 0)
 
+    def default_rescore(self, asked: int | None, stored: Any) -> int:
+        """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``,
+        else :data:`DEFAULT_RESCORE` where the shard's regions are compact storage (the residual stage reads
+        a few bytes a region), else 0 (exact storage would read its float embeddings)."""
+        if asked is not None:
+            return asked
+        return DEFAULT_RESCORE if isinstance(stored, CompactRegions) else 0
+
     def default_prefilter(self, asked: int | None) -> int:
         """Probed images a search estimates in this shard (0: every one reached): ``asked``, else the recorded
         value, else :data:`DEFAULT_PREFILTER`."""
@@ -260,15 +272,17 @@ class RegionIndex:
         return out
 
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
-                         keep: int, threads: int = 0, embeddings: Any = None, exact_pass: int = 0,
+                         keep: int, threads: int = 0, stored: Any = None, rescore: int = 0,
                          probes: ProbeCache | None = None, refine: int | None = None,
                          prefilter: int = 0, estimates: np.ndarray | None = None) -> np.ndarray:
         """``[Q, K]`` each caption's ``keep`` best images by estimate (best first, ties by the lower row): the
         probe estimate over every image (over the ``prefilter`` best by probed centroid scores where given),
         then the ``refine`` (default: the recorded) best of those estimated again from every region's centroid
-        (step 3b), then, with ``embeddings`` and ``exact_pass``, that many estimated from their exact region
-        similarities (step 3c). ``probes``: the captions' probes shared with other shards of the same
-        centroids (computed here otherwise). ``estimates [Q, K]``: filled with the kept images' estimates."""
+        (step 3b), then, with the shard's ``stored`` region embeddings and ``rescore`` > ``keep``, the
+        ``rescore`` best of those estimated again from their stored regions (step 3c: compact storage's
+        residuals, :func:`stored_best_similarities`). ``probes``: the captions' probes shared with other shards
+        of the same centroids (computed here otherwise). ``estimates [Q, K]``: filled with the kept images'
+        estimates."""
         assert captions.offsets is not None
         k = min(keep, self.images)
         refine = self.refine if refine is None else refine
@@ -291,9 +305,9 @@ class RegionIndex:
             if k < refine < self.images:
                 regions = probe.by_centroid()[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
                 scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), probe.tokens, product)
-            if embeddings is not None and k < exact_pass < len(rows):
-                rows = np.sort(_top_rows(scores, rows, exact_pass))  # sorted: a forward read of the memmap
-                best = exact_best_similarities(probe.tokens, embeddings, rows, product)
+            if stored is not None and k < rescore:
+                rows = np.sort(_top_rows(scores, rows, rescore))  # sorted: a forward read of the file
+                best = stored_best_similarities(probe, stored, rows, product, threads)
                 scores = estimate.scores(best, probe.tokens, product)
             if estimates is None:
                 out[caption] = _top_rows(scores, rows, k)
@@ -372,6 +386,92 @@ def exact_best_similarities(tokens: np.ndarray, embeddings: Any, rows: np.ndarra
         sims = product(tokens, vectors.reshape(-1, vectors.shape[-1])).reshape(len(tokens), len(part), -1)
         out[:, start : start + len(part)] = sims.max(axis=2)
     return out
+
+
+def stored_best_similarities(probe: CaptionProbe, stored: Any, rows: np.ndarray,
+                             product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 0) -> np.ndarray:
+    """``[m, len(rows)]`` each word's largest similarity over each image's stored regions (step 3c): for compact
+    storage whose dimensions all have 1, 2 or 4 bits, from the residual levels without decoding the vectors
+    (:func:`residual_best_similarities`); otherwise from the stored (or decoded) embeddings."""
+    if isinstance(stored, CompactRegions) and stored.codec.byte_levels() is not None:
+        return residual_best_similarities(probe, stored, rows, product, threads)
+    return exact_best_similarities(probe.tokens, stored, rows, product)
+
+
+def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows: np.ndarray,
+                               product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 0,
+                               block: int = RESIDUAL_BLOCK) -> np.ndarray:
+    """PLAID's residual stage for compact storage: word ``i``'s similarity to a region with centroid ``c`` and
+    residual levels ``l`` is taken as ``u_i . c + u_i . l``, the first read from the caption's probe (``U C^T``,
+    already computed), the second one product of the words with the regions' levels; each word's largest over
+    each image's regions. With numba (the ``cpu`` extra) the levels are written out as 8-bit integers
+    (:mod:`itmrt.scale.residual_kernels`) and multiplied with the words quantised to 7 bits (ONNX Runtime's
+    integer GEMM; 7 bits keep AVX2's pairwise 16-bit sums from saturating); otherwise gathered as floats in
+    numpy. The decoded vector ``c + l`` is not re-normalised (its norm is within a few percent of 1: a region is
+    a unit vector and ``l`` its quantised residual), which the exact rerank does: this is an estimate."""
+    table = stored.codec.byte_levels()
+    assert table is not None
+    width, regions, depth = table.shape[0] // 256, stored.shape[1], probe.tokens.shape[1]
+    by_centroid = probe.by_centroid()
+    out = np.empty((len(probe.tokens), len(rows)), dtype=np.float32)
+    kernels, integers = _residual_kernels(), stored.codec.integer_levels()
+    if kernels is not None and integers is not None:
+        entries, scales = integers
+        weighted = np.zeros((len(probe.tokens), len(scales)), dtype=np.float32)
+        weighted[:, :depth] = probe.tokens * scales[:depth]
+        word_scale = np.maximum(np.abs(weighted).max(axis=1), 1e-30) / 63
+        words = np.ascontiguousarray(np.rint(weighted / word_scale[:, None]).astype(np.int8).T)
+        gemm = _integer_gemm(threads)
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        packed = np.asarray(stored.residuals[part]).reshape(-1, width)
+        codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
+        if kernels is not None and integers is not None:
+            levels = np.empty((len(packed), width), dtype=entries.dtype)
+            kernels.gather_levels(entries, packed, levels)
+            sims = gemm(levels.view(np.uint8).reshape(len(packed), -1), words) * word_scale
+            sims += by_centroid[codes]
+            out[:, start : start + len(part)] = sims.reshape(len(part), regions, -1).max(axis=1).T
+            continue
+        index = np.uint16 if table.shape[0] <= 1 << 16 else np.intp  # a smaller index array: a faster gather
+        flat = packed.astype(index) + (np.arange(width) * 256).astype(index)
+        levels = np.take(table, flat, axis=0).reshape(len(packed), -1)[:, :depth]
+        sims = product(probe.tokens, levels)
+        sims += by_centroid[codes].T
+        out[:, start : start + len(part)] = sims.reshape(len(sims), len(part), regions).max(axis=2)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _residual_kernels() -> Any:
+    """:mod:`itmrt.scale.residual_kernels` where numba is installed (the ``cpu`` extra), else None."""
+    from itmrt.optional import available
+
+    if not available("numba"):
+        return None
+    from itmrt.scale import residual_kernels
+
+    return residual_kernels
+
+
+@functools.lru_cache(maxsize=8)
+def _integer_gemm(threads: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``(a - 128) b`` for ``a [n, k]`` uint8 and ``b [k, m]`` int8, as float32 (ONNX Runtime's MatMulInteger)."""
+    from onnx import TensorProto, helper
+
+    from itmrt.runtime.fused import _session
+
+    session = _session([helper.make_node("MatMulInteger", ["a", "b", "zero"], ["c"])],
+                       [helper.make_tensor_value_info("a", TensorProto.UINT8, ["rows", "depth"]),
+                        helper.make_tensor_value_info("b", TensorProto.INT8, ["depth", "cols"]),
+                        helper.make_tensor_value_info("zero", TensorProto.UINT8, [])],
+                       helper.make_tensor_value_info("c", TensorProto.INT32, ["rows", "cols"]), threads)
+    zero = np.array(128, dtype=np.uint8)
+
+    def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(None, {"a": a, "b": b, "zero": zero})[0]).astype(np.float32)
+
+    return product
 
 
 def select_probes(sims: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -79,6 +79,10 @@ DEFAULT_PREFILTER = 2048
 the probes reach); chosen by the largest sum of probed centroid similarities over the imputed ones. 2048: on
 200,000 images (4 shards of 50,000, 32 queries) every setting's top 10 was the same with and without it, and at
 1M (20 shards) it took 15-27 ms off the candidates stage (docs/region-index.md, 2026-12-06, session 3)."""
+DEFAULT_RESCORE = 512
+"""Images per compact shard (the refined estimate's best) estimated again from their stored regions, centroid plus
+residual levels (PLAID's residual stage), before the K best are kept (0: none; exact storage: 0 unless asked).
+Chosen by measurement (docs/region-index.md, 2026-12-06, session 4)."""
 DEFAULT_UNION = 0
 """Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
 rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""

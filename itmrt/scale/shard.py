@@ -71,6 +71,7 @@ class SearchRequest:
     refine: int | None = None  # region index: images per shard re-estimated from their centroids (None: recorded)
     prefilter: int | None = None  # region index: probed images per shard estimated (None: recorded; 0: all)
     budget: int | None = None  # region index: images reranked over all shards together (None: K per shard)
+    rescore: int | None = None  # region index: images per shard re-estimated from stored regions (None: default)
 
     def check(self) -> SearchRequest:
         if self.k < 1:
@@ -84,7 +85,7 @@ class SearchRequest:
             raise ItmrtError(f"--nprobe must be at least 1, not {self.nprobe}")
         if self.exact_pass is not None and self.exact_pass < 0:
             raise ItmrtError(f"--exact-pass must be at least 0 (0: none), not {self.exact_pass}")
-        for flag, value in (("--refine", self.refine), ("--prefilter", self.prefilter)):
+        for flag, value in (("--refine", self.refine), ("--prefilter", self.prefilter), ("--rescore", self.rescore)):
             if value is not None and value < 0:
                 raise ItmrtError(f"{flag} must be at least 0, not {value}")
         if self.budget is not None:
@@ -285,7 +286,8 @@ class OpenShard:
                 keep = max(request.shortlist, self.regions.default_exact_pass(request.exact_pass))
                 union = self.regions.default_union(request.union) if self.vectors is not None else 0
                 candidates = self.regions.image_candidates(
-                    captions, estimate, nprobe, keep + union, threads, probes=probes, refine=request.refine,
+                    captions, estimate, nprobe, keep + union, threads, embeddings,
+                    self.regions.default_rescore(request.rescore, embeddings), probes=probes, refine=request.refine,
                     prefilter=self.regions.default_prefilter(request.prefilter))
                 if union:
                     found = self.candidates(caption_global_vectors(captions), union)
@@ -310,8 +312,10 @@ def shard_estimates(shard: OpenShard, runtime: Any, captions: CaptionEmbeddings,
     nprobe = request.nprobe if request.nprobe is not None else shard.regions.nprobe
     keep = min(request.budget, shard.regions.images)
     estimates = np.empty((len(captions), keep), dtype=np.float32)
+    embeddings = shard.gallery.embeddings
     rows = shard.regions.image_candidates(
-        captions, score_estimate(runtime), nprobe, keep, int(runtime.options.threads or 0), probes=probes,
+        captions, score_estimate(runtime), nprobe, keep, int(runtime.options.threads or 0), embeddings,
+        shard.regions.default_rescore(request.rescore, embeddings), probes=probes,
         refine=request.refine, prefilter=shard.regions.default_prefilter(request.prefilter), estimates=estimates)
     return rows + shard.record.first, estimates
 

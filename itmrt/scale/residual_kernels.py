@@ -1,0 +1,30 @@
+"""The numba kernel of the region index's residual stage (:func:`itmrt.scale.region_search.residual_best_similarities`).
+
+Compact storage packs each region's residual codes a few dimensions to a byte
+(4 at 2 bits). The residual stage needs each word's product with every
+candidate region's residual levels; it multiplies the words with the levels as
+8-bit integers (ONNX Runtime's integer GEMM), so the levels are first written
+out, a byte's dimensions at a time, from a table of each byte value's 8-bit
+levels at each byte position (``[width * 256]`` entries of ``per`` bytes: 256 KB
+at d 1024 and 2 bits, which stays in cache). numpy's gather of the same table
+converts every index first and took 4-5x as long (docs/region-index.md,
+2026-12-06, session 4).
+
+Importing this module imports numba (the ``cpu`` extra); without it the stage
+gathers float levels in numpy and multiplies them in float32.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True, boundscheck=False)
+def gather_levels(table, packed, out):  # type: ignore[no-untyped-def]
+    """``out[q, p] = table[p * 256 + packed[q, p]]``: each packed byte's levels (an entry of ``per`` 8-bit levels,
+    viewed as one unsigned integer of that width) for rows ``packed [count, width]`` uint8."""
+    count, width = packed.shape
+    for q in range(count):
+        for p in range(width):
+            out[q, p] = table[p * 256 + np.intp(packed[q, p])]
