@@ -617,3 +617,19 @@ def test_rescoring_keeps_the_images_with_the_best_residual_estimates_and_everyth
         np.testing.assert_array_equal(kept[caption], _top_rows(scores, everything, 3))
     with pytest.raises(ItmrtError, match="--rescore must be at least 0"):
         SearchRequest(k=5, shortlist=5, rescore=-1).check()
+
+
+def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards(world: dict[str, Any]) -> None:
+    from itmrt.scale.regions import DEFAULT_RESCORE
+
+    gallery = world["root"] / "residual-2"
+    if not gallery.is_dir():
+        spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
+        index_sharded(world["runtime"], world["features"], gallery, ShardingOptions(16, None, spec))
+    compact = open_shards(gallery, threads=1, warn=quiet).shards
+    assert len(compact) == 3
+    for shard in compact:
+        assert shard.regions.default_rescore(None, shard.gallery.embeddings) == DEFAULT_RESCORE // 3
+        assert shard.regions.default_rescore(7, shard.gallery.embeddings) == 7
+    for shard in open_shards(world["gallery"], threads=1, warn=quiet).shards:  # exact storage: none unless asked
+        assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0

@@ -143,6 +143,7 @@ class RegionIndex:
         self.fit = float(record.get("fit", 1.0))
         self.poor_fit_below = float(params.get("poor_fit", POOR_FIT))
         self._centroids_key: str | None = None
+        self.shards = 1  # the gallery's shards (set when it is opened): they share the residual stage's default
 
     @property
     def centroids_key(self) -> str:
@@ -178,11 +179,12 @@ class RegionIndex:
 
     def default_rescore(self, asked: int | None, stored: Any) -> int:
         """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``,
-        else :data:`DEFAULT_RESCORE` where the shard's regions are compact storage (the residual stage reads
-        a few bytes a region), else 0 (exact storage would read its float embeddings)."""
+        else this shard's share of :data:`DEFAULT_RESCORE` (over the gallery's :attr:`shards`) where its regions
+        are compact storage (the residual stage reads a few bytes a region), else 0 (exact storage would read
+        its float embeddings)."""
         if asked is not None:
             return asked
-        return DEFAULT_RESCORE if isinstance(stored, CompactRegions) else 0
+        return DEFAULT_RESCORE // max(1, self.shards) if isinstance(stored, CompactRegions) else 0
 
     def default_prefilter(self, asked: int | None) -> int:
         """Probed images a search estimates in this shard (0: every one reached): ``asked``, else the recorded

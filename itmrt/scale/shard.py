@@ -169,6 +169,7 @@ class OpenShard:
                     gallery.manifest.embeddings.stored == "dense":
                 raise ItmrtError(f"{gallery.path}: its region index was not built from its embeddings; re-index it")
             regions = load_region_index(gallery.path, region_entry, verify, in_memory=True)
+            regions.shards = len(sharded.shards)
             if regions.images != len(gallery):
                 raise ItmrtError(f"{gallery.path}: its region index holds {regions.images} images, not "
                                  f"{len(gallery)}; re-index it")
