@@ -631,5 +631,7 @@ def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards
     for shard in compact:
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == DEFAULT_RESCORE // 3
         assert shard.regions.default_rescore(7, shard.gallery.embeddings) == 7
+        shard.regions.shards = 20  # a share below MIN_RESCORE_SHARE: none unless asked
+        assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0
     for shard in open_shards(world["gallery"], threads=1, warn=quiet).shards:  # exact storage: none unless asked
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0

@@ -187,7 +187,7 @@ REGION_FLAGS: dict[str, Flag] = {
     "rescore": Flag(int | None, _region_flag("--rescore", 0, "images per shard re-estimated from their stored "
                                                              "regions (compact: centroid plus residual levels) "
                                                              "before K are kept (0: none; default on compact storage: "
-                                                             "512 per query split over the shards; exact: 0).")),
+                                                             "512 per query split over up to 4 shards; exact: 0).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
                                                            "estimate (default: K per shard; not with --ray).")),
 }

@@ -56,6 +56,7 @@ from itmrt.scale.regions import (
     DEFAULT_REFINE,
     DEFAULT_RESCORE,
     DEFAULT_UNION,
+    MIN_RESCORE_SHARE,
     POOR_FIT,
     POOR_FIT_EXACT_PASS,
     POOR_FIT_UNION,
@@ -180,11 +181,12 @@ class RegionIndex:
     def default_rescore(self, asked: int | None, stored: Any) -> int:
         """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``,
         else this shard's share of :data:`DEFAULT_RESCORE` (over the gallery's :attr:`shards`) where its regions
-        are compact storage (the residual stage reads a few bytes a region), else 0 (exact storage would read
-        its float embeddings)."""
+        are compact storage (the residual stage reads a few bytes a region) and the share is at least
+        :data:`MIN_RESCORE_SHARE`, else 0 (exact storage would read its float embeddings)."""
         if asked is not None:
             return asked
-        return DEFAULT_RESCORE // max(1, self.shards) if isinstance(stored, CompactRegions) else 0
+        share = DEFAULT_RESCORE // max(1, self.shards)
+        return share if isinstance(stored, CompactRegions) and share >= MIN_RESCORE_SHARE else 0
 
     def default_prefilter(self, asked: int | None) -> int:
         """Probed images a search estimates in this shard (0: every one reached): ``asked``, else the recorded

@@ -85,6 +85,11 @@ stage), before the K best are kept, on compact storage: split evenly over the ga
 re-estimates its share of its refined estimate's best), so the stage's work per query stays bounded whatever the
 shard count; exact storage: none unless a search asks. At 100K images (2 shards, 256 each) it lifted recall@10
 from 0.96 / 0.9775 (K 30 / 50 per shard) to 0.99 (docs/region-index.md, 2026-12-06, session 4)."""
+MIN_RESCORE_SHARE = 128
+"""A shard whose share of :data:`DEFAULT_RESCORE` is below this re-estimates none by default: each shard pays
+the stage's fixed costs (its reads, its words' quantisation, its calls), and at 1M images (20 shards, 25 each)
+the default share added 53 ms to the p50 (175.8 -> 228.5 ms at load ~4-5), where K 10 per shard alone had kept
+every top-10 image on the distinct 1M build; a search can still ask (``rescore=``)."""
 DEFAULT_UNION = 0
 """Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
 rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""
