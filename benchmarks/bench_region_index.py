@@ -178,19 +178,19 @@ def _recorded_build(out: Path) -> float:
 def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args: argparse.Namespace
           ) -> list[dict[str, Any]]:
     rows = []
-    settings = [(nprobe, exact_pass, k, refine, union, rescore) for nprobe in args.sweep_nprobe
+    settings = [(nprobe, exact_pass, k, refine, union, rescore, prefilter) for nprobe in args.sweep_nprobe
                 for exact_pass in args.sweep_exact for k in args.sweep_k for refine in args.sweep_refine
-                for union in args.sweep_union for rescore in args.sweep_rescore]
-    for nprobe, exact_pass, k, refine, union, rescore in settings:
+                for union in args.sweep_union for rescore in args.sweep_rescore for prefilter in args.sweep_prefilter]
+    for nprobe, exact_pass, k, refine, union, rescore, prefilter in settings:
         for shard in shards.shards:
             shard.regions.refine = refine
         request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union,
-                                rescore=rescore)
+                                rescore=rescore, prefilter=prefilter)
         started = time.perf_counter()
         found = shards.search(batch, request)
         seconds = time.perf_counter() - started
         rows.append({"nprobe": nprobe, "exact_pass": exact_pass, "K": k, "refine": refine, "union": union,
-                     "rescore": rescore,
+                     "rescore": rescore, "prefilter": prefilter,
                      **overlap(found.t2i.indices, exact),
                      "ms_per_query_batched": round(1000 * seconds / len(batch), 1),
                      "stage_ms": {s: round(1000 * v / len(batch), 1) for s, v in found.stage_seconds.items()}})
@@ -237,12 +237,14 @@ def measure_storage(runtimes: dict[int, Any], out: Path, batch: CaptionEmbedding
     good = [row for row in result["sweep"] if row["recall_at_10"] >= 0.99 and row["top1_same"] >= 0.98]
     best = min(good, key=lambda row: row["ms_per_query_batched"]) if good else \
         max(result["sweep"], key=lambda row: (row["recall_at_10"], -row["ms_per_query_batched"]))
-    settings = {"default": (None, DEFAULT_CANDIDATES, None, None, None),  # each shard's defaults (its fit decides)
-                "best": (best["nprobe"], best["K"], best["exact_pass"], best["union"], best["rescore"])}
+    settings: dict[str, tuple[Any, ...]] = {  # default: each shard's defaults (its fit decides)
+                "default": (None, DEFAULT_CANDIDATES, None, None, None),
+                "best": (best["nprobe"], best["K"], best["exact_pass"], best["union"], best["rescore"],
+                         best["prefilter"])}
     latency = {}
-    for name, (nprobe, k, exact_pass, union, rescore) in settings.items():
+    for name, (nprobe, k, exact_pass, union, rescore, *prefilter) in settings.items():
         request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union,
-                                rescore=rescore)
+                                rescore=rescore, prefilter=prefilter[0] if prefilter else None)
         found = shards[1].search(batch, request).t2i.indices
         regions = shards[1].shards[0].regions
         latency[name] = {"nprobe": nprobe or regions.nprobe, "K": k,
@@ -451,7 +453,7 @@ def print_synthetic(results: dict[str, Any]) -> None:
     for storage, entry in results["storages"].items():
         for row in entry["sweep"]:
             print(f"| {storage} | {row['nprobe']} | {row['exact_pass']} | {row['K']} | {row.get('union', 0)} | "
-                  f"{row.get('rescore')} | "
+                  f"{row.get('rescore')}, prefilter {row.get('prefilter')} | "
                   f"{row['recall_at_10']} | "
                   f"{row['top1_same']} | "
                   f"{row['ms_per_query_batched']} | {row['stage_ms']} |")
@@ -513,7 +515,7 @@ def main() -> None:
     parser.add_argument("--large-refine", type=optional_numbers, default=[None],
                         help="large: refine values per shard (none: the shards' recorded)")
     parser.add_argument("--sweep-prefilter", type=optional_numbers, default=[None],
-                        help="large: prefilter values per shard (none: the default; 0: every probed image)")
+                        help="prefilter values per shard (none: the default; 0: every probed image)")
     parser.add_argument("--large-threads", type=numbers, default=[1, 2],
                         help="large: threads per runtime measured (each opens the gallery in memory)")
     parser.add_argument("--sweep-budget", type=optional_numbers, default=[None],
