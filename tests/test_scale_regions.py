@@ -635,3 +635,26 @@ def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0
     for shard in open_shards(world["gallery"], threads=1, warn=quiet).shards:  # exact storage: none unless asked
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0
+
+
+def test_infer_and_audit_take_rescore_and_answer_as_the_api(world: dict[str, Any], capsys: Any) -> None:
+    root = world["root"]
+    gallery = root / "residual-2"
+    if not gallery.is_dir():
+        spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
+        index_sharded(world["runtime"], world["features"], gallery, ShardingOptions(16, None, spec))
+    captions = random_captions(3, seed=41, max_words=9)
+    (root / "rescore.txt").write_text("\n".join(captions) + "\n")
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    want = shards.search(shards.runtime.encode_captions(captions), SearchRequest(k=4, shortlist=4, rescore=9)).t2i
+    out = root / "rescore.jsonl"
+    result = run_cli(capsys, "infer", str(gallery), "--captions", str(root / "rescore.txt"), "--top-k", "4",
+                     "--shortlist", "4", "--rescore", "9", "--out", str(out), "--overwrite")
+    assert result.code == 0, result.err
+    lines = [json.loads(line) for line in out.read_text().splitlines() if '"caption"' in line]
+    np.testing.assert_array_equal(np.array([line["images"] for line in lines[: len(captions)]]), want.indices)
+    report = root / "rescore-audit.json"
+    result = run_cli(capsys, "audit", str(gallery), "--captions", str(root / "rescore.txt"), "--sample", "3",
+                     "--shortlist", "4", "--rescore", "9", "--out", str(report), "--overwrite")
+    assert result.code == 0, result.err
+    assert json.loads(report.read_text())["rescore"] == 9
