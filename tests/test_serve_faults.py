@@ -443,6 +443,31 @@ def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path
     assert answered > 20 and len(seen) == 3
 
 
+def test_a_version_swapped_out_is_freed(model: dict[str, Any], tmp_path: Path) -> None:
+    """Every version swapped out - the first one too - is gone once the next answers: nothing in the service keeps
+    its gallery (its embeddings' copy) alive. The first version used to stay for the process's life, held by a
+    local variable of the worker's loop (one gallery's worth of resident memory after any number of swaps)."""
+    import gc
+    import weakref
+
+    live_folder = tmp_path / "live"
+    shutil.copytree(model["gallery"], live_folder)
+    make_gallery(model["bundle"], tmp_path / "new", region_features(33, seed=8))
+    with running(Service(live_folder, options=options(watch_s=0))) as live, ServiceClient(live.url) as client:
+        assert client.search(["word1"], 3).indices.max() < 40
+        gone = []
+        for swap in range(2):
+            old = weakref.ref(live.batcher.searcher.gallery)  # type: ignore[union-attr]
+            shutil.rmtree(live_folder)
+            shutil.copytree(tmp_path / "new" if swap == 0 else model["gallery"], live_folder)
+            assert live.reloader.reload("SIGHUP").result(60).error is None
+            client.search(["word1"], 3)  # a batch on the new version
+            client.search(["word1"], 3)
+            gc.collect()
+            gone.append(old() is None)
+        assert gone == [True, True], "a version swapped out is still alive"
+
+
 def test_sighup_swaps_in_the_gallery_written_in_place(model: dict[str, Any], tmp_path: Path) -> None:
     """--watch-s 0: only SIGHUP looks at the folder; a subprocess server."""
     live_folder = tmp_path / "live"

@@ -286,9 +286,12 @@ class Batcher:
                 self._on_failure(self.failure)
             return
         self._use(searcher)
+        log.info("ready: %d images, warmed up in %.1f s", searcher.size, self.warmup_s)
+        # This frame lives as long as the worker: a local naming the first version would keep it (its gallery
+        # copy) alive after it is swapped out - +36 MB after the benchmark's swaps, in every run until found.
+        del searcher
         freeze_survivors()
         self.ready.set()
-        log.info("ready: %d images, warmed up in %.1f s", searcher.size, self.warmup_s)
         while (jobs := self._next_batch()) is not None:
             if self._pending is not None:
                 self._take_swap()
@@ -305,6 +308,7 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
             self._serving = None
+            del current  # not kept past its batch: a swap may retire it before the next one
         if self._pending is not None:
             self._pending.future.set_result(SwapOutcome(error="the service stopped"))
         close = getattr(self.searcher, "close", None)  # a searcher holding processes (Ray actors) ends them here
