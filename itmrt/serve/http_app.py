@@ -52,6 +52,9 @@ INLINE_BODY_BYTES = 64 << 10
 """Request bodies up to this size are parsed on the event loop; larger ones on the codec pool."""
 INLINE_ANSWER_RESULTS = 2048
 """Answers of up to this many results (captions x top_k) are encoded on the event loop; larger on the pool."""
+RETRY_AFTER_S = 1
+"""What a 429 or 503 tells the client to wait (``Retry-After``); how long a caller's refusal for its own backlog is
+held before it is sent."""
 LARGE_BODY_LANES = 2
 """Bodies over ``INLINE_BODY_BYTES`` (or of no declared length) read and parsed at once at most; more: 503."""
 
@@ -225,8 +228,8 @@ class InferenceRoutes:
         self.caller_header: str | None = None  # ``--caller-header``: names the caller (see :func:`caller_of`)
 
     def error(self, status: int, message: str, close: bool = False) -> Any:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) \
-            else {}
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 \
+            else {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
         if close:  # the body may be unread: the connection is not reused
             headers["Connection"] = "close"
         return self.responses.JSONResponse({"error": message}, status_code=status, headers=headers or None)
@@ -312,6 +315,12 @@ class InferenceRoutes:
         except (QueueFull, NotReady) as exc:
             # A refusal closes the connection: requests pipelined behind it would each be read, parsed and refused
             # on the event loop (a burst of a thousand from a few connections), while the client is told to retry.
+            if isinstance(exc, QueueFull) and exc.backlog:
+                # Its caller has work queued and sends more: its refusal goes out after Retry-After, so a caller
+                # that ignores Retry-After - reconnecting at once, over many connections - cannot make the event
+                # loop refuse it thousands of times a second. A caller with nothing queued is refused at once.
+                self.metrics.refusals_held.inc()
+                await asyncio.sleep(RETRY_AFTER_S)
             response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc), close=True)
         except ClientGone:
             response = None
