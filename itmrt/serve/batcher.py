@@ -292,12 +292,13 @@ class Batcher:
                 self._on_failure(self.failure)
             return
         self._use(searcher)
-        log.info("ready: %d images, warmed up in %.1f s", searcher.size, self.warmup_s)
+        size = searcher.size
         # This frame lives as long as the worker: a local naming the first version would keep it (its gallery
         # copy) alive after it is swapped out - +36 MB after the benchmark's swaps, in every run until found.
         del searcher
         freeze_survivors()
         self.ready.set()
+        log.info("ready: %d images, warmed up in %.1f s", size, self.warmup_s)
         while (jobs := self._next_batch()) is not None:
             if self._pending is not None:
                 self._take_swap()
