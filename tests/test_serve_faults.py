@@ -305,6 +305,30 @@ def test_at_most_two_large_bodies_are_read_at_once(service: Service) -> None:
     third.close()
 
 
+def test_a_body_no_request_can_be_is_refused_from_its_start_and_its_refusal_held(service: Service) -> None:
+    """A body announcing 150 KB whose first 20 KB hold no quote (one caption of 20 KB: no caption within
+    --max-caption-bytes is that long even escaped) is refused with 400 once those bytes are in - the rest never
+    sent, nor read - and the refusal is held for Retry-After (1 s), so a sender of such bodies cannot make the
+    service refuse them as fast as it sends. Real requests with the longest captions, escaped six bytes a
+    character in JSON or raw in the binary extension, are answered."""
+    from itmrt.serve import protocol
+
+    held = service.metrics.refusals_held._value.get()
+    head = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 150000\r\n\r\n" + b'{"inputs": [{"name": "captions", "datatype": "BYTES", '
+            b'"shape": [1], "data": ["' + b"word " * 4000)
+    started = time.monotonic()
+    answer = closed_within(raw(service, head), 5)
+    assert answer.startswith(b"HTTP/1.1 400") and b"without a quote" in answer, answer[:300]
+    assert 0.95 <= time.monotonic() - started < 3.0
+    assert service.metrics.refusals_held._value.get() == held + 1
+    escaped = body(["\u0001" * 2048], top_k=2)  # json.dumps writes each as \u0001: 12 KB without a quote
+    assert len(escaped) > 12_000
+    assert httpx.post(service.url + INFER, content=escaped, headers=JSON).status_code == 200
+    binary, headers = protocol.infer_request_body(["a" * 2000] * 10, 2, binary=True)  # 20 KB with no quote
+    assert httpx.post(service.url + INFER, content=binary, headers=headers).status_code == 200
+
+
 def test_fair_queue_serves_a_light_caller_before_a_heavy_backlog() -> None:
     queue = FairQueue()
     for number in range(5):

@@ -107,8 +107,8 @@ class ServiceMetrics:
             "timeout.", registry=registry,
         )
         self.refusals_held = prometheus.Counter(
-            "itmrt_refusals_held", "Refusals (429) of a caller that had work queued already, sent after Retry-After "
-            "rather than at once.", registry=registry,
+            "itmrt_refusals_held", "Refusals sent after Retry-After rather than at once: 429 to a caller that had "
+            "work queued already, 400 to a body no request can be.", registry=registry,
         )
 
     def client_error(self, status: int) -> None:
