@@ -154,15 +154,20 @@ def test_a_caller_cannot_queue_its_own_work_in_front_and_its_refusals_are_held(m
 
 
 def test_a_light_callers_request_is_batched_without_a_heavy_callers_backlog(model: dict[str, Any]) -> None:
-    """While caller A has sixteen one-caption requests queued (as 16 connections behind one proxy name), caller
-    B's one caption goes next and in a batch of its own: three of A's requests would make B's batch four captions
-    long (about twice as long to score). A's requests are batched four at a time; B is answered before A is done."""
-    with running(paced_service(model)) as live, ThreadPoolExecutor(16) as pool:
+    """While caller A has 24 one-caption requests queued (as 24 connections behind one proxy name), caller B's
+    one caption goes next and in a batch of its own: three of A's requests would make B's batch four captions
+    long (about twice as long to score). A's requests are batched four at a time (0.1 s a batch here); B is
+    answered before A is done."""
+    class Slower(Paced):
+        pause = 0.1
+
+    service = Service(None, options=options(max_wait_s=0.0), searcher=lambda: Slower(model["runtime"], model["open"]))
+    with running(service) as live, ThreadPoolExecutor(24) as pool:
         def one_caption_batches() -> float:
             return live.metrics.registry.get_sample_value("itmrt_batch_captions_bucket", {"le": "1.0"})
 
         before = live.metrics.registry.get_sample_value("itmrt_batch_captions_count")
-        heavy = [pool.submit(post, live.url, random_captions(1, seed=40 + n), "A") for n in range(16)]
+        heavy = [pool.submit(post, live.url, random_captions(1, seed=40 + n), "A") for n in range(24)]
         scoring_started(live, before + 1)
         ones = one_caption_batches()
         light, _ = post(live.url, random_captions(1, seed=32), "B")

@@ -200,8 +200,8 @@ class StringRuns:
             if self.run <= self.longest:
                 self.run = len(pieces[-1])
         if self.run > self.longest:
-            raise ImpossibleBody(400, f"the body holds more than {self.longest} bytes without a quote: no caption "
-                                     "within --max-caption-bytes is that long, even escaped; shorten it")
+            raise ImpossibleBody(400, f"the body holds more than {self.longest} bytes without a quote, which no "
+                                     "request does (a caption within --max-caption-bytes takes fewer, even escaped)")
 
 
 async def _read_chunks(request: Any, limit: int, inflate: Any, encoding: str, budget: BodyBudget,
