@@ -3,7 +3,9 @@
     python benchmarks/bench_serve_faults.py [--seconds 5] [--images 2000] [--swaps 20] [--work /tmp/itmrt-faults]
         [--body-mb 1] [--max-wait-ms MS] [--sharded]
 
-One ``itmrt serve`` subprocess on 127.0.0.1 (a free port) serves the shipped
+One ``itmrt serve`` subprocess on 127.0.0.1 (a free port), run with ``--caller-header X-Caller`` as behind a
+proxy that names each caller (the well-behaved clients name themselves ``client-0`` and ``client-1``; attackers
+that send no name are each their own connection), serves the shipped
 small NAAF over a gallery of ``--images`` random images, with short transport
 deadlines (``--header-timeout-s 2 --body-timeout-s 2 --write-timeout-s 2``),
 ``--max-connections 128``, ``--grace-s 10`` and ``--max-batch-captions 16`` (the
@@ -22,7 +24,11 @@ server starts) for the gallery version the response names. Each phase lasts ``--
   too long);
 - ``non-readers``: 20 connections pipelining requests for large answers and reading none;
 - ``amplification``: 2 callers sending 256-caption requests with the largest top_k --max-answer allows;
-- ``overload``: 64 more closed-loop clients (429 is a correct answer for them);
+- ``overload, one caller``: 64 more closed-loop clients on 64 connections that name one caller
+  (``X-Caller: overload``), as a proxy in front of the service names every connection from one host (or one
+  forwarded address) by that address: fair queueing gives them one share between them (429 is a correct answer);
+- ``overload, 64 callers``: the same 64 clients, each naming a caller of its own: 64 genuinely distinct callers
+  sending flat out (the service is at capacity: each gets a 66th of the worker);
 - ``hot swap``: ``--swaps`` new gallery folders renamed into place in turn;
 - ``file faults``: the served embeddings file changed in place, then truncated;
 - ``SIGTERM``: 20 non-readers connected, then SIGTERM: seconds to exit, and the exit status.
@@ -33,9 +39,11 @@ phases are quiet, hot swap, a shard's embeddings truncated under the service
 and then a good version renamed into place (503 between the two is a correct
 refusal), and SIGTERM.
 
-For each phase the server's CPU use (cores, from /proc/PID/stat) and how busy
-the whole machine was (/proc/stat; other work on the machine counts too) tell
-whether the attack exhausted the CPU.
+For each phase the server's CPU use (cores, from /proc/PID/stat), how busy its
+one scoring worker was (seconds spent encoding and scoring batches per second,
+from its metrics: 100% is a worker that never waits for work) and how busy the
+whole machine was (/proc/stat; other work on the machine counts too, niced
+work included) tell whether the attack exhausted the CPU or the worker.
 
 First, what the service's copy-on-open costs: the gallery opened mapped
 (``read_gallery``) and copied (``in_memory=True``), twice each, each in a fresh
@@ -71,7 +79,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import Server, metric, small_gallery  # noqa: E402
 
 INFER = "/v2/models/text_to_image/infer"
-FLAGS = ["--max-batch-captions", "16", "--header-timeout-s", "2", "--body-timeout-s", "2", "--write-timeout-s", "2",
+CALLER_HEADER = "X-Caller"
+"""The header the benchmark's server takes a caller's name from (``--caller-header``), as a proxy would set it."""
+FLAGS = ["--caller-header", CALLER_HEADER,
+         "--max-batch-captions", "16", "--header-timeout-s", "2", "--body-timeout-s", "2", "--write-timeout-s", "2",
          "--max-connections", "128", "--grace-s", "10", "--watch-s", "0.2", "--max-answer", "10000"]
 
 
@@ -169,6 +180,12 @@ def shard_faults(live: Path, good: Path) -> Callable[..., None]:
     return attack
 
 
+def worker_seconds(server: Server) -> float:
+    """Seconds the service's scoring worker has spent encoding and scoring batches so far (its metrics)."""
+    page = server.metrics()
+    return sum(metric(page, f'itmrt_stage_seconds_sum{{stage="{stage}"}}') for stage in ("encode", "score"))
+
+
 def rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return float(status.split("VmRSS:")[1].split()[0]) / 1024
@@ -212,7 +229,8 @@ class WellBehaved:
                                            "data": [caption]}], "parameters": {"top_k": 10}})
             started = time.perf_counter()
             try:
-                connection.request("POST", INFER, body, {"Content-Type": "application/json"})
+                connection.request("POST", INFER, body, {"Content-Type": "application/json",
+                                                         CALLER_HEADER: f"client-{number}"})
                 reply = connection.getresponse()
                 data = reply.read()
                 elapsed = time.perf_counter() - started
@@ -425,25 +443,36 @@ def amplification(url: str, stop: threading.Event, callers: int = 2, limit: int 
         thread.join()
 
 
-def overload(url: str, stop: threading.Event, clients: int = 64) -> None:
+def overload(url: str, stop: threading.Event, clients: int = 64, one_caller: bool = False) -> None:
+    """``clients`` closed-loop clients of one-caption requests, retrying at once when refused: each names a caller
+    of its own, or (``one_caller``) all name one, as a proxy names the connections of one host."""
     from itmrt.errors import ItmrtError
-    from itmrt.serve.client import ServiceClient, ServiceError
+    from itmrt.serve import protocol
+    from itmrt.serve.client import ServiceClient
 
-    def client_loop() -> None:
+    body, headers = protocol.infer_request_body(["a dog runs"], 10, False)
+
+    def client_loop(number: int) -> None:
+        named = {**headers, "Content-Type": "application/json",
+                 CALLER_HEADER: "overload" if one_caller else f"overload-{number}"}
         with ServiceClient(url, timeout_s=60) as client:
             for _ in range(10_000):
                 if stop.is_set():
                     return
                 try:
-                    client.search(["a dog runs"], 10)
-                except (ServiceError, ItmrtError):
+                    client.request("POST", INFER, body, named)
+                except (OSError, ItmrtError):
                     pass
 
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(n,), daemon=True) for n in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+def overload_one_caller(url: str, stop: threading.Event) -> None:
+    overload(url, stop, one_caller=True)
 
 
 # -- phases -------------------------------------------------------------------------
@@ -459,6 +488,7 @@ def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attac
     stop = threading.Event()
     thread = threading.Thread(target=attack, args=(server.url, stop), daemon=True) if attack else None
     cpu0, (busy0, total0), started = cpu_seconds(server.process.pid), machine_busy(), time.monotonic()
+    worker0 = worker_seconds(server)
     if thread:
         thread.start()
     peak, end = before, time.monotonic() + seconds
@@ -466,6 +496,7 @@ def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attac
         peak = max(peak, rss_mb(server.process.pid))
         time.sleep(0.2)
     server_cores = (cpu_seconds(server.process.pid) - cpu0) / (time.monotonic() - started)
+    worker_busy = (worker_seconds(server) - worker0) / (time.monotonic() - started)
     busy1, total1 = machine_busy()
     stop.set()
     outcome = clients.take()
@@ -480,6 +511,7 @@ def phase(name: str, server: Server, clients: WellBehaved, seconds: float, attac
            "p99_ms": round(p99, 1), "p99_x_quiet": round(p99 / quiet_p99, 2) if quiet_p99 else 1.0,
            "rss_before_mb": round(before, 1), "rss_peak_mb": round(peak, 1), "rss_after_mb": round(after, 1),
            "rss_after_x_before": round(after / before, 3), "server_cores": round(server_cores, 2),
+           "worker_busy": round(worker_busy, 2),
            "machine_busy": round((busy1 - busy0) / max(total1 - total0, 1.0), 2),
            "note": "; ".join(part for part in (live, note() if note else "") if part)}
     print(json.dumps(row), flush=True)
@@ -604,18 +636,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                    (f"large bodies (20 x {size} JSON)", large_bodies),
                    ("non-readers (20 x 50 answers)", non_reader_attack), ("amplification (2 x 256 captions)",
                                                                           amplification),
-                   ("overload (64 more clients)", overload)]
-        for name, attack in [] if args.sharded else attacks:
+                   ("overload, one caller (64 connections)", overload_one_caller),
+                   ("overload, 64 callers", overload)]
+        chosen = [(name, attack) for name, attack in attacks if not args.phases
+                  or any(word in name for word in args.phases.split(","))]
+        for name, attack in [] if args.sharded else chosen:
             rows.append(phase(name, server, clients, args.seconds, attack, q, lambda: dropped(server), probe))
-        swaps = swapper(live, versions, args.swaps, server)
-        rows.append(phase(f"hot swap ({args.swaps} swaps)", server, clients, max(args.seconds, args.swaps * 1.5),
-                          swaps, q, lambda: swap_counts(server), probe))
-        if args.sharded:
-            rows.append(phase("shard file truncated, then a good version", server, clients, args.seconds,
-                              shard_faults(live, versions[1]), q, lambda: swap_counts(server), probe))
-        else:
-            rows.append(phase("file faults (changed in place, truncated)", server, clients, args.seconds,
-                              file_faults(live), q, lambda: swap_counts(server), probe))
+        if not args.phases or "swap" in args.phases.split(","):
+            swap_phases(args, live, versions, server, clients, q, probe, rows)
     finally:
         probe.stop.set()
         clients.stop.set()
@@ -625,12 +653,28 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def swap_phases(args: argparse.Namespace, live: Path, versions: list[Path], server: Server, clients: WellBehaved,
+                q: float, probe: LiveProbe, rows: list[dict[str, Any]]) -> None:
+    """Hot swap, then the file faults (one-folder) or a truncated shard (sharded)."""
+    swaps = swapper(live, versions, args.swaps, server)
+    rows.append(phase(f"hot swap ({args.swaps} swaps)", server, clients, max(args.seconds, args.swaps * 1.5),
+                      swaps, q, lambda: swap_counts(server), probe))
+    if args.sharded:
+        rows.append(phase("shard file truncated, then a good version", server, clients, args.seconds,
+                          shard_faults(live, versions[1]), q, lambda: swap_counts(server), probe))
+    else:
+        rows.append(phase("file faults (changed in place, truncated)", server, clients, args.seconds,
+                          file_faults(live), q, lambda: swap_counts(server), probe))
+
+
 def dropped(server: Server) -> str:
     page = server.metrics()
     counts = {reason: int(metric(page, f'itmrt_connections_dropped_total{{reason="{reason}"}}'))
               for reason in ("header_timeout", "write_timeout", "evicted", "over_limit")}
     refused = int(metric(page, "itmrt_refused_wait_total"))
-    return "dropped so far: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"; refused for their wait {refused}"
+    held = int(metric(page, "itmrt_refusals_held_total"))
+    return ("dropped so far: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+            + f"; refused for their wait {refused}; refusals held (caller's own backlog) {held}")
 
 
 def swap_counts(server: Server) -> str:
@@ -641,15 +685,17 @@ def swap_counts(server: Server) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| phase | answered | refused | lost | p50 ms | p99 ms | p99 / quiet | server CPU cores / machine busy "
-             "| RSS before / peak / after MB (after / before) | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| phase | answered | refused | lost | p50 ms | p99 ms | p99 / quiet "
+             "| server CPU cores / worker busy / machine busy | RSS before / peak / after MB (after / before) | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "exit_s" in row:
             lines.append(f"| {row['phase']} | | | | | | | | | exit in {row['exit_s']} s, status {row['exit_status']} |")
             continue
         lines.append(f"| {row['phase']} | {row['answered']} | {row['refused']} | {row['lost']} | {row['p50_ms']} "
                      f"| {row['p99_ms']} | {row['p99_x_quiet']} | {row['server_cores']} / "
-                     f"{row['machine_busy'] * 100:.0f}% | {row['rss_before_mb']} / {row['rss_peak_mb']} / "
+                     f"{row['worker_busy'] * 100:.0f}% / {row['machine_busy'] * 100:.0f}% | "
+                     f"{row['rss_before_mb']} / {row['rss_peak_mb']} / "
                      f"{row['rss_after_mb']} ({row['rss_after_x_before']}) | {row['note']} |")
     return "\n".join(lines)
 
@@ -665,6 +711,9 @@ def main() -> None:
         "file then a good version, SIGTERM."))
     parser.add_argument("--body-mb", type=float, default=1.0, help=(
         "Body size of the stalled-bodies and large-bodies attacks, and the server's --max-body-mb."))
+    parser.add_argument("--phases", default="", help=(
+        "Run only the attack phases whose names contain one of these comma-separated words (and hot swap and "
+        "file faults only when 'swap' is one); default: all."))
     parser.add_argument("--max-wait-ms", type=float, default=None,
                         help="The server's --max-wait-ms (default: its own).")
     args = parser.parse_args()

@@ -107,7 +107,8 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
     before = client.get("/metrics").text
     good = json.loads(body(["word1"]))
     cases = {
-        "deep": (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        # (quotes all along: a long run without one is refused from its start, test_a_body_no_request_can_be_...)
+        "deep": (b'[""' + b',[""' * 40_000, "nested too deeply"),
         "digits": (b'{"inputs": [], "parameters": {"top_k": ' + b"9" * 5000 + b"}}", "too many digits"),
         "timeout": (body(["word1"], timeout=10**400), "timeout must be a positive integer"),
         "junk": (json.dumps({**good, "junk": "x" * 1000}).encode(), "unknown key 'junk'"),
@@ -305,6 +306,30 @@ def test_at_most_two_large_bodies_are_read_at_once(service: Service) -> None:
     third.close()
 
 
+def test_a_body_no_request_can_be_is_refused_from_its_start_and_its_refusal_held(service: Service) -> None:
+    """A body announcing 150 KB whose first 20 KB hold no quote (one caption of 20 KB: no caption within
+    --max-caption-bytes is that long even escaped) is refused with 400 once those bytes are in - the rest never
+    sent, nor read - and the refusal is held for Retry-After (1 s), so a sender of such bodies cannot make the
+    service refuse them as fast as it sends. Real requests with the longest captions, escaped six bytes a
+    character in JSON or raw in the binary extension, are answered."""
+    from itmrt.serve import protocol
+
+    held = service.metrics.refusals_held._value.get()
+    head = (b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 150000\r\n\r\n" + b'{"inputs": [{"name": "captions", "datatype": "BYTES", '
+            b'"shape": [1], "data": ["' + b"word " * 4000)
+    started = time.monotonic()
+    answer = closed_within(raw(service, head), 5)
+    assert answer.startswith(b"HTTP/1.1 400") and b"without a quote" in answer, answer[:300]
+    assert 0.95 <= time.monotonic() - started < 3.0
+    assert service.metrics.refusals_held._value.get() == held + 1
+    escaped = body(["\u0001" * 2048], top_k=2)  # json.dumps writes each as \u0001: 12 KB without a quote
+    assert len(escaped) > 12_000
+    assert httpx.post(service.url + INFER, content=escaped, headers=JSON).status_code == 200
+    binary, headers = protocol.infer_request_body(["a" * 2000] * 10, 2, binary=True)  # 20 KB with no quote
+    assert httpx.post(service.url + INFER, content=binary, headers=headers).status_code == 200
+
+
 def test_fair_queue_serves_a_light_caller_before_a_heavy_backlog() -> None:
     queue = FairQueue()
     for number in range(5):
@@ -441,6 +466,31 @@ def test_hot_swap_under_load_loses_nothing(model: dict[str, Any], tmp_path: Path
         answered = sum(future.result(60) for future in clients)
     assert not failures, failures[:5]
     assert answered > 20 and len(seen) == 3
+
+
+def test_a_version_swapped_out_is_freed(model: dict[str, Any], tmp_path: Path) -> None:
+    """Every version swapped out - the first one too - is gone once the next answers: nothing in the service keeps
+    its gallery (its embeddings' copy) alive. The first version used to stay for the process's life, held by a
+    local variable of the worker's loop (one gallery's worth of resident memory after any number of swaps)."""
+    import gc
+    import weakref
+
+    live_folder = tmp_path / "live"
+    shutil.copytree(model["gallery"], live_folder)
+    make_gallery(model["bundle"], tmp_path / "new", region_features(33, seed=8))
+    with running(Service(live_folder, options=options(watch_s=0))) as live, ServiceClient(live.url) as client:
+        assert client.search(["word1"], 3).indices.max() < 40
+        gone = []
+        for swap in range(2):
+            old = weakref.ref(live.batcher.searcher.gallery)  # type: ignore[union-attr]
+            shutil.rmtree(live_folder)
+            shutil.copytree(tmp_path / "new" if swap == 0 else model["gallery"], live_folder)
+            assert live.reloader.reload("SIGHUP").result(60).error is None
+            client.search(["word1"], 3)  # a batch on the new version
+            client.search(["word1"], 3)
+            gc.collect()
+            gone.append(old() is None)
+        assert gone == [True, True], "a version swapped out is still alive"
 
 
 def test_sighup_swaps_in_the_gallery_written_in_place(model: dict[str, Any], tmp_path: Path) -> None:

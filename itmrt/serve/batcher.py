@@ -60,7 +60,12 @@ log = logging.getLogger("itmrt.serve")
 
 
 class QueueFull(Exception):
-    """The queue holds ``max_queue`` requests already."""
+    """The request cannot be queued now (429): the queue is full, or its caller's share is, or it would wait too
+    long. ``backlog``: its caller has work queued already (it is sending more than its share)."""
+
+    def __init__(self, message: str, backlog: bool = False) -> None:
+        super().__init__(message)
+        self.backlog = backlog
 
 
 class NotReady(Exception):
@@ -233,12 +238,12 @@ class Batcher:
         over ``max_caller_captions``, or an expected wait (of its first unit) over ``max_wait_s`` or past its
         deadline - refused now rather than answered late."""
         settings = self.settings
-        if self._queue.requests >= settings.max_queue:
-            raise QueueFull(f"the queue holds {settings.max_queue} requests; retry shortly")
         queued = self._queue.queued_by(first.caller)
+        if self._queue.requests >= settings.max_queue:
+            raise QueueFull(f"the queue holds {settings.max_queue} requests; retry shortly", bool(queued))
         if queued and queued + captions > settings.max_caller_captions:
             raise QueueFull(f"this caller has {queued} captions queued already (at most "
-                            f"{settings.max_caller_captions}); wait for its answers")
+                            f"{settings.max_caller_captions}); wait for its answers", True)
         wait = self.expected_wait(first.caller, len(first.captions))
         bound = first.deadline - time.monotonic()
         if settings.max_wait_s:
@@ -246,7 +251,8 @@ class Batcher:
         if wait > bound:
             self.metrics.refused_wait.inc()
             raise QueueFull(f"the service is busy: this request would wait about {wait * 1000:.0f} ms, over its "
-                            f"bound of {bound * 1000:.0f} ms (--max-wait-ms or its timeout); retry shortly")
+                            f"bound of {bound * 1000:.0f} ms (--max-wait-ms or its timeout); retry shortly",
+                            bool(queued))
 
     def swap(self, searcher: Searcher, warm: bool, retire: Callable[[], None] | None = None) -> Future[SwapOutcome]:
         """Hand a new version to the worker, which answers from it from its next batch on (any thread)."""
@@ -286,9 +292,13 @@ class Batcher:
                 self._on_failure(self.failure)
             return
         self._use(searcher)
+        size = searcher.size
+        # This frame lives as long as the worker: a local naming the first version would keep it (its gallery
+        # copy) alive after it is swapped out - +36 MB after the benchmark's swaps, in every run until found.
+        del searcher
         freeze_survivors()
         self.ready.set()
-        log.info("ready: %d images, warmed up in %.1f s", searcher.size, self.warmup_s)
+        log.info("ready: %d images, warmed up in %.1f s", size, self.warmup_s)
         while (jobs := self._next_batch()) is not None:
             if self._pending is not None:
                 self._take_swap()
@@ -305,6 +315,7 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
             self._serving = None
+            del current  # not kept past its batch: a swap may retire it before the next one
         if self._pending is not None:
             self._pending.future.set_result(SwapOutcome(error="the service stopped"))
         close = getattr(self.searcher, "close", None)  # a searcher holding processes (Ray actors) ends them here
@@ -367,10 +378,16 @@ class Batcher:
             splittable = getattr(self.searcher, "splittable", False)
             limit = self.unit if splittable else self.settings.max_batch_captions
             largest = limit if splittable else max(len(first.captions), limit // 4)
+            # A batch led by a light caller's work (all it has queued) takes no unit of a caller with more queued:
+            # that caller's backlog would lengthen the light one's batch (a one-caption batch costs about half of
+            # a four-caption one), and the backlog's turn comes in the next batch anyway.
+            light = not self._queue.queued_by(first.caller)
             while captions < limit:
                 if self._queue:
-                    joining = len(self._queue.peek().captions)
-                    if captions + joining > limit or joining > largest:
+                    peek = self._queue.peek()
+                    joining = len(peek.captions)
+                    if captions + joining > limit or joining > largest \
+                            or light and self._queue.queued_by(peek.caller) > joining:
                         break
                     job = self._queue.pop()
                     jobs.append(job)

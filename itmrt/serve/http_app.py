@@ -52,6 +52,9 @@ INLINE_BODY_BYTES = 64 << 10
 """Request bodies up to this size are parsed on the event loop; larger ones on the codec pool."""
 INLINE_ANSWER_RESULTS = 2048
 """Answers of up to this many results (captions x top_k) are encoded on the event loop; larger on the pool."""
+RETRY_AFTER_S = 1
+"""What a 429 or 503 tells the client to wait (``Retry-After``); how long a caller's refusal for its own backlog is
+held before it is sent."""
 LARGE_BODY_LANES = 2
 """Bodies over ``INLINE_BODY_BYTES`` (or of no declared length) read and parsed at once at most; more: 503."""
 
@@ -153,15 +156,56 @@ async def read_body(request: Any, limits: HttpLimits, budget: BodyBudget, read: 
     if declared is not None and inflate is None:
         budget.take(declared)  # the whole body at once: refused before any of it is buffered
         read.held = declared
+    header = request.headers.get(protocol.HEADER_LENGTH, "")
+    scan = StringRuns(6 * limits.max_caption_bytes + 1024, int(header) if header.isdigit() else None)
     try:  # one deadline for the whole body (one timer, not one task per chunk)
-        await asyncio.wait_for(_read_chunks(request, limit, inflate, encoding, budget, read), limits.body_timeout_s)
+        await asyncio.wait_for(_read_chunks(request, limit, inflate, encoding, budget, read, scan),
+                               limits.body_timeout_s)
     except asyncio.TimeoutError:
         raise ProtocolError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s "
                                  "(--body-timeout-s); send it in one go") from None
 
 
+class ImpossibleBody(ProtocolError):
+    """A body that no request can be, seen before it was all read: its 400 is held for ``RETRY_AFTER_S`` before
+    it is sent (no real client sends one; a sender of many cannot make the service read and refuse them as fast
+    as it can send)."""
+
+
+class StringRuns:
+    """A check of a JSON body as it streams in: no run of more than ``longest`` bytes without a double quote.
+
+    In a request every long stretch of the document is a caption, and a caption of ``--max-caption-bytes``
+    bytes takes at most six times that as a JSON string (``\\u00XX`` escapes); the quotes around strings come
+    far more often in any request of the protocol's shape. A body with such a run - one caption of a megabyte,
+    or a megabyte of padding - is refused (400) as soon as the run is seen, before the rest is read and parsed.
+    ``json_bytes``: only the first bytes are JSON (the binary extension's header); the binary tensors after them
+    are not looked at."""
+
+    def __init__(self, longest: int, json_bytes: int | None = None) -> None:
+        self.longest, self.left = longest, json_bytes
+        self.run = 0  # bytes since the last quote
+
+    def feed(self, chunk: bytes) -> None:
+        if self.left is not None:
+            chunk, self.left = chunk[: self.left], max(0, self.left - len(chunk))
+        if not chunk:
+            return
+        first = chunk.find(b'"')
+        if first < 0:
+            self.run += len(chunk)
+        else:
+            pieces = chunk.split(b'"')
+            self.run = max(self.run + first, max(map(len, pieces[1:-1]), default=0))
+            if self.run <= self.longest:
+                self.run = len(pieces[-1])
+        if self.run > self.longest:
+            raise ImpossibleBody(400, f"the body holds more than {self.longest} bytes without a quote, which no "
+                                     "request does (a caption within --max-caption-bytes takes fewer, even escaped)")
+
+
 async def _read_chunks(request: Any, limit: int, inflate: Any, encoding: str, budget: BodyBudget,
-                       read: BodyRead) -> None:
+                       read: BodyRead, scan: StringRuns) -> None:
     chunks, received, size = [], 0, 0
     async for chunk in request.stream():
         received += len(chunk)
@@ -178,6 +222,7 @@ async def _read_chunks(request: Any, limit: int, inflate: Any, encoding: str, bu
         if size > read.held:
             budget.take(size - read.held)
             read.held = size
+        scan.feed(chunk)
         chunks.append(chunk)
     read.data, read.complete = b"".join(chunks), True
 
@@ -225,8 +270,8 @@ class InferenceRoutes:
         self.caller_header: str | None = None  # ``--caller-header``: names the caller (see :func:`caller_of`)
 
     def error(self, status: int, message: str, close: bool = False) -> Any:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status in (429, 503) \
-            else {}
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 \
+            else {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
         if close:  # the body may be unread: the connection is not reused
             headers["Connection"] = "close"
         return self.responses.JSONResponse({"error": message}, status_code=status, headers=headers or None)
@@ -308,10 +353,21 @@ class InferenceRoutes:
         try:
             response = await self.infer_response(request, read, arrived)
         except ProtocolError as exc:
+            if isinstance(exc, ImpossibleBody):
+                self.budget.give(read.held)  # the pause holds a connection, not the bytes read so far
+                read.held = 0
+                self.metrics.refusals_held.inc()
+                await asyncio.sleep(RETRY_AFTER_S)
             response = self.error(exc.status, exc.message, close=not read.complete)
         except (QueueFull, NotReady) as exc:
             # A refusal closes the connection: requests pipelined behind it would each be read, parsed and refused
             # on the event loop (a burst of a thousand from a few connections), while the client is told to retry.
+            if isinstance(exc, QueueFull) and exc.backlog:
+                # Its caller has work queued and sends more: its refusal goes out after Retry-After, so a caller
+                # that ignores Retry-After - reconnecting at once, over many connections - cannot make the event
+                # loop refuse it thousands of times a second. A caller with nothing queued is refused at once.
+                self.metrics.refusals_held.inc()
+                await asyncio.sleep(RETRY_AFTER_S)
             response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc), close=True)
         except ClientGone:
             response = None

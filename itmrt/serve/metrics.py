@@ -106,6 +106,10 @@ class ServiceMetrics:
             "itmrt_refused_wait", "Requests refused (429) because their expected wait passed --max-wait-ms or their "
             "timeout.", registry=registry,
         )
+        self.refusals_held = prometheus.Counter(
+            "itmrt_refusals_held", "Refusals sent after Retry-After rather than at once: 429 to a caller that had "
+            "work queued already, 400 to a body no request can be.", registry=registry,
+        )
 
     def client_error(self, status: int) -> None:
         self.client_errors.labels(str(status)).inc()
