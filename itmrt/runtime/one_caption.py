@@ -62,6 +62,7 @@ from itmrt.bundle.names import (
 )
 from itmrt.errors import ItmrtError
 from itmrt.limits import check_threads
+from itmrt.optional import available
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.sessions import create_session
 
@@ -151,6 +152,8 @@ class QueryCaptions:
     starts: np.ndarray  # [C] each caption's first column
     lengths: np.ndarray  # [C] its number of words
     intra: list[np.ndarray] = field(default_factory=list)  # NAAF: [m, m] intra-caption softmax per caption
+    intra_flat: np.ndarray | None = None  # NAAF: the same back to back, row-major (the compiled kernel's layout)
+    intra_starts: np.ndarray | None = None  # NAAF: where caption c's matrix starts in intra_flat
     grams: list[np.ndarray] = field(default_factory=list)  # SCAN i2t: [m, m] word Gram matrix per caption
     norms: np.ndarray | None = None  # SCAN t2i: [T] word norms
 
@@ -177,6 +180,9 @@ def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> Query
             query.grams.append(words @ words.T)
     if isinstance(parameters, ScanParameters) and parameters.cross_attn == "t2i":
         query.norms = np.sqrt((tokens * tokens).sum(axis=1))
+    if query.intra:
+        query.intra_flat = np.concatenate([matrix.reshape(-1) for matrix in query.intra])
+        query.intra_starts = np.concatenate([[0], np.cumsum(lengths * lengths)[:-1]]).astype(np.int64)
     return query
 
 
@@ -466,6 +472,43 @@ class OneCaptionScorer:
         self._lock = threading.Lock()  # the constants cache
         self._calls = threading.Lock()  # one call at a time: the workers' scratch arrays are reused
         self.builds = 0  # galleries whose constants were computed (tests read it)
+        self._kernel: Callable[..., None] | None = None  # NAAF's compiled per-word steps, once loaded
+
+    def load_kernels(self) -> bool:
+        """Score NAAF's per-word steps with the compiled kernel of :mod:`itmrt.runtime.one_caption_kernels` from now
+        on (it releases the interpreter lock, so two workers scale over two cores), loading it from numba's cache
+        or compiling it now; False where it does not apply (SCAN) or numba is not installed (numpy stays).
+
+        A warmed runtime (a service) calls this; a one-shot command does not: importing numba costs about
+        0.4 s, more than the kernel saves on one call."""
+        if not isinstance(self.parameters, NaafParameters):
+            return False
+        if self._kernel is not None:
+            return True
+        if not available("numba"):
+            return False
+        from itmrt.runtime import one_caption_kernels
+        from itmrt.runtime.fused import kernel_cache_fault
+
+        self._kernel = one_caption_kernels.naaf_block
+        rng = np.random.default_rng(0)  # compiles (or loads) the kernel for the arrays the scorer passes
+        query = query_captions(CaptionEmbeddings(rng.standard_normal((3, 4), dtype=np.float32),
+                                                 np.array([3], dtype=np.int32), np.array([0, 3])), self.parameters)
+        sims, grams = rng.standard_normal((2, 5, 3), dtype=np.float32), np.ones((2, 5, 5), np.float32)
+        try:
+            self._naaf(sims, grams, query)
+        except OSError as exc:  # a cache that cannot be written: compiled in memory (an optimisation lost)
+            if not kernel_cache_fault(exc):
+                raise
+            from numba.core.caching import NullCache
+
+            self._kernel._cache = NullCache()  # type: ignore[attr-defined]
+            self._naaf(sims, grams, query)
+        return True
+
+    @property
+    def kernel_loaded(self) -> bool:
+        return self._kernel is not None
 
     @classmethod
     def from_graph(cls, path: str | Path, threads: int = 0) -> OneCaptionScorer:
@@ -558,10 +601,21 @@ class OneCaptionScorer:
         sims = worker.similarities(block, query.tokens)
         sims = sims.reshape(n_img, regions, -1)
         if isinstance(self.parameters, NaafParameters):
+            if self._kernel is not None:
+                return self._naaf(sims, constants, query)
             return naaf_block(sims, constants, query, self.parameters, worker.product, worker.scratch)
         if self.parameters.cross_attn == "t2i":
             return scan_block(sims, constants, None, query, self.parameters, worker.product)
         return scan_block(sims, None, constants, query, self.parameters)
+
+    def _naaf(self, sims: np.ndarray, grams: np.ndarray, query: QueryCaptions) -> np.ndarray:
+        """:func:`naaf_block` by the compiled kernel (the interpreter lock released for the whole block)."""
+        assert self._kernel is not None and isinstance(self.parameters, NaafParameters)
+        out = np.empty((sims.shape[0], len(query.bounds)), dtype=np.float32)
+        self._kernel(np.ascontiguousarray(sims, dtype=np.float32), np.ascontiguousarray(grams, dtype=np.float32),
+                     query.starts, query.lengths, query.intra_flat, query.intra_starts,
+                     np.float32(self.parameters.threshold), np.float32(self.parameters.lambda_softmax), out)
+        return out
 
     def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None], size: int | None = None) -> None:
         """``work(worker, start, stop)`` over blocks of ``size`` (default :attr:`block_images`) of ``total``
