@@ -85,6 +85,8 @@ CAST_PIECES = 8
 """Pieces a float16 block is cast and multiplied in (32 images of a 256-image block: 4.7 MB in float32).
 Measured, 1000 images x 14 words, one thread: float32 15.6 ms; float16 in 1 piece 22.7, 4 pieces 19.0, 8 pieces
 18.8, 16 pieces 19.1, 43 pieces 20.9 (each node's fixed cost)."""
+KERNEL_LANES = 64
+"""Images the compiled kernel scores side by side (:data:`itmrt.runtime.one_caption_kernels.LANES`)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
 """Most memory the cached per-image constants of all galleries may take together."""
 
@@ -490,6 +492,7 @@ class OneCaptionScorer:
         from itmrt.runtime import one_caption_kernels
         from itmrt.runtime.fused import kernel_cache_fault
 
+        assert one_caption_kernels.LANES == KERNEL_LANES
         self._kernel = one_caption_kernels.naaf_block
         rng = np.random.default_rng(0)  # compiles (or loads) the kernel for the arrays the scorer passes
         query = query_captions(CaptionEmbeddings(rng.standard_normal((3, 4), dtype=np.float32),
@@ -590,7 +593,10 @@ class OneCaptionScorer:
             out[start:stop] = self._score_block(worker, block, constants, query)
 
         budget = ONE_CAPTION_BLOCK_VALUES if len(query.bounds) == 1 else BLOCK_VALUES
-        size = min(self.block_images, max(16, budget // (int(images.shape[1]) * len(query.tokens))))
+        size = max(16, budget // (int(images.shape[1]) * len(query.tokens)))
+        if self._kernel is not None:  # whole groups of the kernel's lanes (its buffers are its own, per caption)
+            size = max(1, size // KERNEL_LANES) * KERNEL_LANES
+        size = min(self.block_images, size)
         with self._calls:
             self._map_blocks(total, score_range, size)
         return out

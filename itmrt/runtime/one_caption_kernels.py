@@ -78,67 +78,71 @@ def _exp_lanes(x, out, bits, poly):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
-def _gather(sims, grams, first, s, gt):  # type: ignore[no-untyped-def]
-    """The similarities ``s [T, n, L]`` and the Gram matrices' lower triangles ``gt [n, n, L]`` of images
-    ``first .. first + LANES`` (past the block's end: its last image again, scored and dropped)."""
-    n_img, n, width = sims.shape
+def _gather_grams(grams, first, gt):  # type: ignore[no-untyped-def]
+    """The Gram matrices' lower triangles ``gt [n, n, L]`` of images ``first .. first + LANES`` (past the
+    block's end: its last image again, scored and dropped)."""
+    n_img, n = grams.shape[0], grams.shape[1]
     for lane in range(LANES):
-        image = min(first + lane, n_img - 1)
-        values = sims[image]
-        gram = grams[image]
+        gram = grams[min(first + lane, n_img - 1)]
         for j in range(n):
-            row = values[j]
-            for t in range(width):
-                s[t, j, lane] = row[t]
             for k in range(j + 1):
                 gt[j, k, lane] = gram[j, k]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def _gather_words(sims, first, start, m, s):  # type: ignore[no-untyped-def]
+    """The similarities ``s [:m, n, L]`` of columns ``start .. start + m`` (one caption's words) of the same
+    images."""
+    n_img, n = sims.shape[0], sims.shape[1]
+    for lane in range(LANES):
+        values = sims[min(first + lane, n_img - 1)]
+        for j in range(n):
+            row = values[j, start : start + m]
+            for t in range(m):
+                s[t, j, lane] = row[t]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False)
 def naaf_block(sims, grams, starts, lengths, intra, intra_starts, threshold, lam, out):  # type: ignore[no-untyped-def]
     """NAAF scores ``out [B, C]`` from similarities ``sims [B, n, T]`` (float32, contiguous) and Gram matrices
     ``grams [B, n, n]``; caption c holds columns ``starts[c] .. starts[c] + lengths[c]`` and its intra-caption
-    softmax ``[m, m]`` row-major at ``intra[intra_starts[c]:]``."""
-    n_img, n, width = sims.shape
-    n_cap = starts.shape[0]
+    softmax ``[m, m]`` row-major at ``intra[intra_starts[c]:]``. One caption at a time, so the buffers stay in
+    the core's cache: its words' similarities ``[m, n, L]`` and the images' Gram matrices ``[n, n, L]``."""
+    n_img, n = sims.shape[0], sims.shape[1]
+    longest = lengths.max()
     shifted = lam > _SHIFT_LIMIT
-    s = np.empty((width, n, LANES), dtype=f32)
+    s = np.empty((longest, n, LANES), dtype=f32)
     gt = np.empty((n, n, LANES), dtype=f32)
-    factor = np.empty((n_cap, n, LANES), dtype=f32)  # lam / ||LeakyReLU(s)|| over each caption's words
+    factor = np.empty((n, LANES), dtype=f32)  # lam / ||LeakyReLU(s)|| over the caption's words
     w = np.empty((n, LANES), dtype=f32)
-    r_word = np.empty((width, LANES), dtype=f32)
-    term = np.empty((width, LANES), dtype=f32)
+    r_word = np.empty((longest, LANES), dtype=f32)
+    term = np.empty((longest, LANES), dtype=f32)
     lanes = np.empty((16, LANES), dtype=f32)
     best, best_odd, top, top_odd, den, dot, quad, acc, e_sum, e_dot, x, e, poly, total = (
         lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6], lanes[7], lanes[8], lanes[9],
         lanes[10], lanes[11], lanes[12], lanes[13])
     bits = np.empty(LANES, dtype=np.int32)
-    caption_of = np.empty(width, dtype=np.int64)
-    for c in range(n_cap):
-        for t in range(starts[c], starts[c] + lengths[c]):
-            caption_of[t] = c
     for first in range(0, n_img, LANES):
-        _gather(sims, grams, first, s, gt)
-        for c in range(n_cap):
+        _gather_grams(grams, first, gt)
+        for c in range(starts.shape[0]):
+            m = lengths[c]
+            _gather_words(sims, first, starts[c], m, s)
             for j in range(n):
                 for lane in range(LANES):
                     acc[lane] = f32(0.0)
-                for t in range(starts[c], starts[c] + lengths[c]):
+                for t in range(m):
                     row = s[t, j]
                     for lane in range(LANES):
                         v = row[lane]
                         v = v if v > 0 else _LEAKY * v
                         acc[lane] += v * v
-                target = factor[c, j]
+                target = factor[j]
                 for lane in range(LANES):
                     target[lane] = lam / (np.sqrt(acc[lane]) + _EPS)
-        for t in range(width):
-            _naaf_word(s[t], factor[caption_of[t]], gt, threshold, lam, shifted, w, r_word[t], term[t],
-                       best, best_odd, top, top_odd, den, dot, quad, acc, e_sum, e_dot, x, e, poly, bits)
-        # Per caption: the negative branch (its decision propagated over the caption's words) and the mean.
-        for c in range(n_cap):
-            a = starts[c]
-            m = lengths[c]
+            for t in range(m):
+                _naaf_word(s[t], factor, gt, threshold, lam, shifted, w, r_word[t], term[t],
+                           best, best_odd, top, top_odd, den, dot, quad, acc, e_sum, e_dot, x, e, poly, bits)
+            # The negative branch (its decision propagated over the caption's words) and the mean.
             base = intra_starts[c]
             for lane in range(LANES):
                 total[lane] = f32(0.0)
@@ -147,11 +151,11 @@ def naaf_block(sims, grams, starts, lengths, intra, intra_starts, threshold, lam
                     acc[lane] = f32(0.0)
                 for other in range(m):
                     weight = intra[base + k * m + other]
-                    r_row = r_word[a + other]
+                    r_row = r_word[other]
                     for lane in range(LANES):
                         acc[lane] += weight * r_row[lane]
-                r_row = r_word[a + k]
-                t_row = term[a + k]
+                r_row = r_word[k]
+                t_row = term[k]
                 for lane in range(LANES):
                     total[lane] += t_row[lane] + (r_row[lane] if acc[lane] < 0 else f32(0.0))
             for lane in range(min(LANES, n_img - first)):
