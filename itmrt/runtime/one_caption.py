@@ -16,7 +16,10 @@ does, for a block of images at a time:
 2. NAAF's (or SCAN's) per-word steps as numpy operations over the whole block
    ``[B, n, T]`` - images, regions and words at once; the few per-caption steps
    (the word-axis norm, the intra-caption propagation, the mean) on each
-   caption's columns.
+   caption's columns. A warmed runtime scores NAAF's steps with a compiled kernel instead
+   (:mod:`itmrt.runtime.one_caption_kernels`, :meth:`OneCaptionScorer.load_kernels`), which releases the
+   interpreter lock for the whole block: the numpy steps hold it between their inner loops, so two workers
+   gained little on them.
 
 Per-image constants. ``||vhat||^2 = w^T G w`` needs each image's Gram matrix
 ``G = V V^T`` (NAAF, SCAN t2i); SCAN i2t needs each region's norm. They depend
