@@ -33,6 +33,9 @@ Per thread count, in one run:
   scorer, ms per caption (where :data:`FEW_CAPTIONS` comes from), beside
   the GEMM floor per caption: a batch shares the gallery's read, never its
   words' similarity FLOPs;
+* **batching bound**: a request of C captions all in (encoding, scoring the
+  1000-image gallery), ms per caption for C = 1, 4 (the service's units) and
+  16: how much a batch can share at most;
 * **encoding**: one caption's encoding alone twice in a row (warm caches)
   and right after a one-caption scan of the 1000-image gallery (what a
   service sees); with ``--busy-core`` also while a process of this benchmark
@@ -163,6 +166,21 @@ def before_and_few(runtime: Any, gallery: Any, captions: Path, rounds: int,
     return rows
 
 
+def batching_bound(runtime: Any, gallery: Any, captions: Path, rounds: int) -> dict[int, float]:
+    """What a service's request of C captions costs per caption, all in (encoding, then scoring the gallery),
+    for C = 1 and the service's units of 4 (``--unit-captions``) and 16, the sizes measured in turn round by round:
+    C=1's cost over C=4's is the most a batch of units of 4 can gain over single requests, HTTP aside."""
+    lines = captions.read_text().splitlines()
+    times: dict[int, list[float]] = {1: [], 4: [], 16: []}
+    for number in range(rounds):
+        for count in times:
+            picked = lines[number * 16 : number * 16 + count]
+            started = time.perf_counter()
+            runtime.score_images(gallery, runtime.encode_captions(picked))
+            times[count].append((time.perf_counter() - started) / count)
+    return {count: 1000 * statistics.median(values) for count, values in times.items()}
+
+
 def encoding_times(runtime: Any, gallery: Any, captions: Path, rounds: int) -> dict[str, float]:
     """One caption's encoding: warm (twice in a row, the second timed) and right after a gallery scan."""
     lines = captions.read_text().splitlines()[: 2 * rounds]
@@ -267,6 +285,10 @@ def run_threads(args: argparse.Namespace, bundle: Path, galleries: dict[str, Pat
         for count in (1, 4, 16, 32):
             ours, theirs, floor = extra[f"few_{count}"]
             print(f"| {count} | {ours:.1f} | {theirs:.1f} | {floor:.1f} |")
+    bound = batching_bound(runtime, first, captions, max(3, args.rounds))
+    print("all in (encoding + scoring 1000 float32 images), ms per caption: "
+          + ", ".join(f"{count} at once {ms:.1f}" for count, ms in bound.items())
+          + f"; 1 against 4 at once: {bound[1] / bound[4]:.2f}x, against 16: {bound[1] / bound[16]:.2f}x", flush=True)
     small = runtime.text_encoder.small_backend
     session = small.name if small is not None else "the runtime's session"
     for how in ("as the machine is", "one core kept busy by this benchmark") if args.busy_core else ("",):
