@@ -33,9 +33,14 @@ Per thread count, in one run:
   scorer, ms per caption (where :data:`FEW_CAPTIONS` comes from), beside
   the GEMM floor per caption: a batch shares the gallery's read, never its
   words' similarity FLOPs;
+* **batching bound**: a request of C captions all in (encoding, scoring the
+  1000-image gallery), ms per caption for C = 1, 4 (the service's units) and
+  16: how much a batch can share at most;
 * **encoding**: one caption's encoding alone twice in a row (warm caches)
   and right after a one-caption scan of the 1000-image gallery (what a
-  service sees). The runtime is warmed up first, as a service's is: with two
+  service sees); with ``--busy-core`` also while a process of this benchmark
+  keeps one core busy (GEMMs and 64 MB copies through the shared L3: a loaded
+  machine, on purpose, in the same run). The runtime is warmed up first, as a service's is: with two
   threads a few captions' bi-GRU directions then run side by side
   (:mod:`itmrt.runtime.gru_directions`).
 
@@ -161,6 +166,21 @@ def before_and_few(runtime: Any, gallery: Any, captions: Path, rounds: int,
     return rows
 
 
+def batching_bound(runtime: Any, gallery: Any, captions: Path, rounds: int) -> dict[int, float]:
+    """What a service's request of C captions costs per caption, all in (encoding, then scoring the gallery),
+    for C = 1 and the service's units of 4 (``--unit-captions``) and 16, the sizes measured in turn round by round:
+    C=1's cost over C=4's is the most a batch of units of 4 can gain over single requests, HTTP aside."""
+    lines = captions.read_text().splitlines()
+    times: dict[int, list[float]] = {1: [], 4: [], 16: []}
+    for number in range(rounds):
+        for count in times:
+            picked = lines[number * 16 : number * 16 + count]
+            started = time.perf_counter()
+            runtime.score_images(gallery, runtime.encode_captions(picked))
+            times[count].append((time.perf_counter() - started) / count)
+    return {count: 1000 * statistics.median(values) for count, values in times.items()}
+
+
 def encoding_times(runtime: Any, gallery: Any, captions: Path, rounds: int) -> dict[str, float]:
     """One caption's encoding: warm (twice in a row, the second timed) and right after a gallery scan."""
     lines = captions.read_text().splitlines()[: 2 * rounds]
@@ -176,6 +196,30 @@ def encoding_times(runtime: Any, gallery: Any, captions: Path, rounds: int) -> d
         runtime.encode_captions([line])
         after_scan.append(time.perf_counter() - started)
     return {"warm_ms": 1000 * statistics.median(warm), "after_scan_ms": 1000 * statistics.median(after_scan)}
+
+
+BUSY_CORE = """
+import time
+import numpy as np
+a = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
+big = np.ones(64 << 20, dtype=np.uint8)
+while True:  # a neighbour's work on one core: a GEMM, then a 64 MB copy through the shared L3
+    a @ a
+    big.copy()
+    time.sleep(0)
+"""
+
+
+def with_busy_core(measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``measure()`` while another process keeps one core busy (GEMMs and 64 MB copies: compute and the L3)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    neighbour = subprocess.Popen([sys.executable, "-c", BUSY_CORE], env=env)
+    try:
+        time.sleep(1.0)  # under way
+        return measure()
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 def cold_start(work: Path, gallery: Path, one_caption: Path, runs: int, trees: dict[str, Path]) -> dict[str, Any]:
@@ -241,11 +285,17 @@ def run_threads(args: argparse.Namespace, bundle: Path, galleries: dict[str, Pat
         for count in (1, 4, 16, 32):
             ours, theirs, floor = extra[f"few_{count}"]
             print(f"| {count} | {ours:.1f} | {theirs:.1f} | {floor:.1f} |")
-    encoding = encoding_times(runtime, first, captions, args.rounds)
+    bound = batching_bound(runtime, first, captions, max(3, args.rounds))
+    print("all in (encoding + scoring 1000 float32 images), ms per caption: "
+          + ", ".join(f"{count} at once {ms:.1f}" for count, ms in bound.items())
+          + f"; 1 against 4 at once: {bound[1] / bound[4]:.2f}x, against 16: {bound[1] / bound[16]:.2f}x", flush=True)
     small = runtime.text_encoder.small_backend
     session = small.name if small is not None else "the runtime's session"
-    print(f"encoding one caption ({session}): warm {encoding['warm_ms']:.1f} ms, right after a 1000-image scan "
-          f"{encoding['after_scan_ms']:.1f} ms", flush=True)
+    for how in ("as the machine is", "one core kept busy by this benchmark") if args.busy_core else ("",):
+        encoding = (with_busy_core if "busy" in how else lambda f: f())(
+            lambda: encoding_times(runtime, first, captions, args.rounds))
+        print(f"encoding one caption ({session}){', ' + how if how else ''}: warm {encoding['warm_ms']:.1f} ms, "
+              f"right after a 1000-image scan {encoding['after_scan_ms']:.1f} ms", flush=True)
     runtime.close()
 
 
@@ -256,6 +306,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="thread counts of the scoring tables (empty: none)")
     parser.add_argument("--rounds", type=int, default=5, help="captions timed per size (the median is shown)")
     parser.add_argument("--serve", action="store_true", help="also bench_serve.py at concurrency 1 and 16")
+    parser.add_argument("--busy-core", action="store_true", help="encoding also with one core kept busy by a "
+                        "process of this benchmark (GEMMs and 64 MB copies), in the same run")
     parser.add_argument("--cold-start-runs", type=int, default=3, help="fresh `itmrt infer` runs (0: none)")
     parser.add_argument("--baseline", type=Path, help="a source tree of the code before (e.g. `git archive` of a "
                         "commit, extracted) whose cold start and service run in turn with this tree's")

@@ -176,10 +176,15 @@ def test_warmup_runs_every_component_on_tiny_inputs(tmp_path: Path, family: str)
     captions = random_captions(3, seed=2)
     images = runtime.encode_images(region_features(4) if family != "cmpm" else
                                    np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
-    # Warm-up leaves no state behind: the same scores as a runtime that was never warmed up.
+    # Warm-up leaves no state behind: the same scores as a runtime that was never warmed up - bit for bit, but
+    # where a warmed NAAF runtime scores a few captions with the compiled kernel (a different summation order).
     cold = load(bundle)
-    assert np.array_equal(runtime.score(images, runtime.encode_captions(captions)),
-                          cold.score(images, cold.encode_captions(captions)))
+    warm_scores = runtime.score(images, runtime.encode_captions(captions))
+    cold_scores = cold.score(images, cold.encode_captions(captions))
+    if runtime.one_caption is not None and runtime.one_caption.kernel_loaded:
+        np.testing.assert_allclose(warm_scores, cold_scores, rtol=0, atol=1e-6)
+    else:
+        assert np.array_equal(warm_scores, cold_scores)
 
 
 def test_released_cmpm_pads_every_batch_alike(tmp_path: Path) -> None:

@@ -209,3 +209,22 @@ def test_runtime_scorer_choice(tmp_path: Path) -> None:
     with pytest.raises(ItmrtError, match="fp32"):
         _fused_scorer(graph.bundle, "fused", "ort", "int8", graph.backends["scorer"], None)
     assert _fused_scorer(graph.bundle, "auto", "ort", "int8", graph.backends["scorer"], None) is None
+
+
+def test_scorers_on_several_threads_at_once_get_their_own_answers(tmp_path: Path) -> None:
+    """The kernels release the interpreter lock, so two threads could enter numba's parallel layer at once (which
+    it does not allow: it aborts the process); the scorer holds a lock of its own around every kernel call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from itmrt.runtime import fused_kernels
+
+    assert all(kernel.targetoptions.get("nogil") for kernel in fused_kernels.kernels())  # type: ignore[attr-defined]
+    images, captions, lengths = _data(21, n_img=40, n_cap=12)
+    path = _graph(tmp_path, 0.1)
+    scorers = [FusedNaafScorer.from_graph(path, threads=2) for _ in range(3)]
+    feeds = [_feeds(images * scale, captions, lengths) for scale in (1.0, 0.8, 1.2)]
+    alone = [scorer.run(feed)[0] for scorer, feed in zip(scorers, feeds, strict=True)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda number: scorers[number % 3].run(feeds[number % 3])[0], range(30)))
+    for number, got in enumerate(together):
+        np.testing.assert_array_equal(got, alone[number % 3])

@@ -38,11 +38,18 @@ def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return make_bundle(tmp_path_factory.mktemp(request.param), family=family, opt=opt)[0]
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["numpy", "warmed"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_one_caption_answers_equal_the_batched_answers(bundle: Path, tmp_path: Path, dtype: str) -> None:
+def test_one_caption_answers_equal_the_batched_answers(bundle: Path, tmp_path: Path, dtype: str, warm: bool) -> None:
     batched = load(bundle, scorer="graph", threads=1)
     runtime = load(bundle, threads=2)  # "auto": the one-caption scorer for a few captions
     assert batched.one_caption is None and runtime.one_caption is not None
+    if warm:  # a warmed NAAF runtime scores the per-word steps with the compiled kernel
+        pytest.importorskip("numba")
+        runtime.warmup()
+        assert runtime.one_caption.kernel_loaded == (runtime.bundle.family == "naaf")
+    else:
+        assert not runtime.one_caption.kernel_loaded
     gallery = runtime.index(region_features(N_IMAGES, seed=1), tmp_path / "gallery", dtype=dtype)
     captions = random_captions(2 * FEW_CAPTIONS + 3, seed=5, max_words=10)  # more than a few: batched
     want = batched.search_text_to_image(captions, gallery, k=8)
@@ -133,14 +140,18 @@ def test_every_scan_option_matches_the_reference(cross_attn: str, raw_norm: str,
     np.testing.assert_allclose(got.score(images, captions), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "kernel"])
 @pytest.mark.parametrize("threshold", [-0.2, 0.05, 0.3])  # every word above it, some, almost none
 @pytest.mark.parametrize("lam", [20.0, 60.0])  # the relevance softmax unshifted (lambda <= 40), and max-shifted
-def test_naaf_matches_the_reference_on_float32_and_float16(threshold: float, lam: float) -> None:
+def test_naaf_matches_the_reference_on_float32_and_float16(threshold: float, lam: float, compiled: bool) -> None:
     torch = pytest.importorskip("torch")
     from itmrt.families.naaf.model import naaf_scores
 
     images, padded, lengths, captions = _random_problem(seed=4)
     scorer = OneCaptionScorer(NaafParameters(threshold, lam, 5.0), threads=2, block_images=7)
+    if compiled:  # blocks of 7 images: the kernel's 64 lanes mostly padding
+        pytest.importorskip("numba")
+        assert scorer.load_kernels() and scorer.kernel_loaded
     for stored in (images, images.astype(np.float16)):
         want = naaf_scores(torch.from_numpy(stored.astype(np.float32)), torch.from_numpy(padded),
                            torch.from_numpy(lengths), threshold, lam, 5.0).numpy()
@@ -216,3 +227,63 @@ def test_calls_from_several_threads_get_their_own_answers() -> None:
         together = list(pool.map(lambda scale: scorer.score(images * scale, captions), [1.0, 0.5, 2.0] * 4))
     for number, got in enumerate(together):
         np.testing.assert_array_equal(got, alone[number % 3])
+
+
+def test_the_compiled_kernel_scores_many_words_and_captions_as_numpy_does() -> None:
+    """Blocks of more than 64 images (a full lane group and a partial one), captions of 1 to 70 words."""
+    pytest.importorskip("numba")
+    from itmrt.runtime.one_caption import naaf_block, query_captions
+
+    rng = np.random.default_rng(11)
+    lengths = np.array([1, 16, 17, 70], dtype=np.int32)
+    words = rng.standard_normal((int(lengths.sum()), 24)).astype(np.float32)
+    words /= np.linalg.norm(words, axis=1, keepdims=True)
+    captions = CaptionEmbeddings(words, lengths, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    images = rng.standard_normal((100, 11, 24)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=2, keepdims=True)
+    for threshold, lam in ((0.05, 20.0), (-0.5, 60.0), (0.4, 9.0)):
+        parameters = NaafParameters(threshold, lam, 4.0)
+        query = query_captions(captions, parameters)
+        sims = np.einsum("bjd,td->bjt", images, query.tokens).astype(np.float32)
+        grams = np.einsum("bjd,bkd->bjk", images, images).astype(np.float32)
+        scorer = OneCaptionScorer(parameters, threads=1)
+        assert scorer.load_kernels()
+        np.testing.assert_allclose(scorer._naaf(sims, grams, query), naaf_block(sims, grams, query, parameters),
+                                   rtol=0, atol=1e-5)
+    assert not OneCaptionScorer(ScanParameters("t2i", "clipped_l2norm", "LogSumExp", 9.0, 6.0)).load_kernels()
+
+
+def test_the_compiled_kernel_releases_the_interpreter_lock() -> None:
+    """While one thread is inside the kernel, another keeps running Python: no long gap between its clock readings
+    (with the lock held for the call, one gap would last the whole call)."""
+    pytest.importorskip("numba")
+    import threading
+    import time
+
+    from itmrt.runtime.one_caption import query_captions
+
+    rng = np.random.default_rng(12)
+    lengths = np.array([30] * 5, dtype=np.int32)
+    words = rng.standard_normal((150, 8)).astype(np.float32)
+    captions = CaptionEmbeddings(words, lengths, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    parameters = NaafParameters(0.1, 20.0, 4.0)
+    scorer = OneCaptionScorer(parameters, threads=1)
+    assert scorer.load_kernels()
+    query = query_captions(captions, parameters)
+    sims = rng.standard_normal((6000, 36, 150)).astype(np.float32)
+    grams = np.ones((6000, 36, 36), dtype=np.float32)
+    took: list[float] = []
+
+    def score() -> None:
+        started = time.perf_counter()
+        scorer._naaf(sims, grams, query)
+        took.append(time.perf_counter() - started)
+
+    worker = threading.Thread(target=score)
+    readings = [time.perf_counter()]
+    worker.start()
+    while worker.is_alive():
+        readings.append(time.perf_counter())
+    worker.join()
+    assert took[0] > 0.1  # long enough to tell
+    assert np.diff(readings).max() < took[0] / 2

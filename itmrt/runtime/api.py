@@ -193,6 +193,8 @@ class Runtime:
         """
         started = time.perf_counter()
         self._encode_directions_side_by_side()
+        if self.one_caption is not None:  # NAAF's per-word steps compiled, outside the interpreter lock
+            self.one_caption.load_kernels()
         shape = []
         for axis in self.image_input_shape:
             if isinstance(axis, int):

@@ -278,7 +278,8 @@ class FusedNaafScorer:
         np.cumsum(sizes.reshape(-1)[:-1], out=pairs[1:])
         pairs = pairs.reshape(sizes.shape)
         intra = np.empty(int(sizes.sum()), dtype=np.float32)
-        self.kernels.intra_weights(tokens, layout.offsets, pairs, layout.lengths, self.intra_factor, intra)
+        with self.kernels.KERNEL_CALLS:
+            self.kernels.intra_weights(tokens, layout.offsets, pairs, layout.lengths, self.intra_factor, intra)
         return CaptionTile(layout, tokens, intra, pairs)
 
     def score_block(self, images: np.ndarray, tile: CaptionTile, grams: np.ndarray) -> np.ndarray:
@@ -287,8 +288,9 @@ class FusedNaafScorer:
         layout = tile.layout
         sims = self.similarities(images.reshape(n_img * regions, depth), tile.tokens)
         ordered = np.empty((n_img, len(layout.order)), dtype=np.float32)
-        self.kernels.score_tile(sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths,
-                                tile.intra, tile.pairs, grams, self.threshold, self.lambda_softmax, ordered)
+        with self.kernels.KERNEL_CALLS:
+            self.kernels.score_tile(sims.reshape(-1), sims.shape[1], layout.offsets, layout.counts, layout.lengths,
+                                    tile.intra, tile.pairs, grams, self.threshold, self.lambda_softmax, ordered)
         out = np.empty_like(ordered)
         out[:, layout.order] = ordered
         return out

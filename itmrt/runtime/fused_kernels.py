@@ -33,6 +33,7 @@ runtime imports it only when a fused scorer is built.
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -56,6 +57,12 @@ f32 = np.float32
 _EPS = np.float32(1e-8)
 _LEAKY = np.float32(0.1)
 
+# The kernels release the interpreter lock (nogil): a service's event loop answers while a worker scores.
+# Released, two Python threads could enter the parallel kernels at once, which numba's workqueue layer
+# does not allow (it aborts the process): callers hold KERNEL_CALLS around every call
+# (itmrt/runtime/fused.py), which the interpreter lock used to do for them.
+KERNEL_CALLS = threading.Lock()
+
 # Each numba pass sits between two ONNX Runtime GEMMs. OpenMP's worker threads spin after a parallel
 # region and take the cores the next GEMM needs (measured: 54K -> 70K pairs/s with 2 threads).
 # numba's own workqueue layer sleeps instead. It does not allow parallel calls from several Python
@@ -75,7 +82,7 @@ def kernels() -> tuple[object, ...]:
     return (exp_shifted, intra_weights, score_tile)
 
 
-@numba.njit(cache=True, fastmath=FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def exp_shifted(values, shift, factor, out, poly):  # type: ignore[no-untyped-def]
     """``out[j, t] = exp(factor * (values[j, t] - shift[t]))`` for arguments <= 0, in plain arithmetic
     the compiler vectorises.
@@ -101,7 +108,7 @@ def exp_shifted(values, shift, factor, out, poly):  # type: ignore[no-untyped-de
             r = poly[t]
             o_row[t] = o_row[t] * (f32(1.0) + r * (f32(1.0) + r * (_C2 + r * (_C3 + r * (_C4 + r * (_C5 + r * _C6))))))
 
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def intra_weights(tokens, offsets, pairs, lengths, factor, out):  # type: ignore[no-untyped-def]
     """``out[pairs[k, l] + c] = softmax_l(factor * u_k . u_l)`` over caption c's own words.
 
@@ -129,7 +136,7 @@ def intra_weights(tokens, offsets, pairs, lengths, factor, out):  # type: ignore
             for other in range(m):
                 out[pairs[k, other] + c] = logits[other] / total
 
-@numba.njit(cache=True, fastmath=FASTMATH, parallel=True)
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def score_tile(sims, width, offsets, counts, lengths, intra, pairs, grams, threshold, lam, out):  # type: ignore[no-untyped-def]
     """Scores ``out [Bi, Bc]`` (captions in the tile's sorted order) from ``sims``, flat ``[Bi * n, width]``.
 

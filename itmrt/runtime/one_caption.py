@@ -16,7 +16,10 @@ does, for a block of images at a time:
 2. NAAF's (or SCAN's) per-word steps as numpy operations over the whole block
    ``[B, n, T]`` - images, regions and words at once; the few per-caption steps
    (the word-axis norm, the intra-caption propagation, the mean) on each
-   caption's columns.
+   caption's columns. A warmed runtime scores NAAF's steps with a compiled kernel instead
+   (:mod:`itmrt.runtime.one_caption_kernels`, :meth:`OneCaptionScorer.load_kernels`), which releases the
+   interpreter lock for the whole block: the numpy steps hold it between their inner loops, so two workers
+   gained little on them.
 
 Per-image constants. ``||vhat||^2 = w^T G w`` needs each image's Gram matrix
 ``G = V V^T`` (NAAF, SCAN t2i); SCAN i2t needs each region's norm. They depend
@@ -62,6 +65,7 @@ from itmrt.bundle.names import (
 )
 from itmrt.errors import ItmrtError
 from itmrt.limits import check_threads
+from itmrt.optional import available
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.sessions import create_session
 
@@ -84,6 +88,8 @@ CAST_PIECES = 8
 """Pieces a float16 block is cast and multiplied in (32 images of a 256-image block: 4.7 MB in float32).
 Measured, 1000 images x 14 words, one thread: float32 15.6 ms; float16 in 1 piece 22.7, 4 pieces 19.0, 8 pieces
 18.8, 16 pieces 19.1, 43 pieces 20.9 (each node's fixed cost)."""
+KERNEL_LANES = 64
+"""Images the compiled kernel scores side by side (:data:`itmrt.runtime.one_caption_kernels.LANES`)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
 """Most memory the cached per-image constants of all galleries may take together."""
 
@@ -151,6 +157,8 @@ class QueryCaptions:
     starts: np.ndarray  # [C] each caption's first column
     lengths: np.ndarray  # [C] its number of words
     intra: list[np.ndarray] = field(default_factory=list)  # NAAF: [m, m] intra-caption softmax per caption
+    intra_flat: np.ndarray | None = None  # NAAF: the same back to back, row-major (the compiled kernel's layout)
+    intra_starts: np.ndarray | None = None  # NAAF: where caption c's matrix starts in intra_flat
     grams: list[np.ndarray] = field(default_factory=list)  # SCAN i2t: [m, m] word Gram matrix per caption
     norms: np.ndarray | None = None  # SCAN t2i: [T] word norms
 
@@ -177,6 +185,9 @@ def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> Query
             query.grams.append(words @ words.T)
     if isinstance(parameters, ScanParameters) and parameters.cross_attn == "t2i":
         query.norms = np.sqrt((tokens * tokens).sum(axis=1))
+    if query.intra:
+        query.intra_flat = np.concatenate([matrix.reshape(-1) for matrix in query.intra])
+        query.intra_starts = np.concatenate([[0], np.cumsum(lengths * lengths)[:-1]]).astype(np.int64)
     return query
 
 
@@ -466,6 +477,44 @@ class OneCaptionScorer:
         self._lock = threading.Lock()  # the constants cache
         self._calls = threading.Lock()  # one call at a time: the workers' scratch arrays are reused
         self.builds = 0  # galleries whose constants were computed (tests read it)
+        self._kernel: Callable[..., None] | None = None  # NAAF's compiled per-word steps, once loaded
+
+    def load_kernels(self) -> bool:
+        """Score NAAF's per-word steps with the compiled kernel of :mod:`itmrt.runtime.one_caption_kernels` from now
+        on (it releases the interpreter lock, so two workers scale over two cores), loading it from numba's cache
+        or compiling it now; False where it does not apply (SCAN) or numba is not installed (numpy stays).
+
+        A warmed runtime (a service) calls this; a one-shot command does not: importing numba costs about
+        0.4 s, more than the kernel saves on one call."""
+        if not isinstance(self.parameters, NaafParameters):
+            return False
+        if self._kernel is not None:
+            return True
+        if not available("numba"):
+            return False
+        from itmrt.runtime import one_caption_kernels
+        from itmrt.runtime.fused import kernel_cache_fault
+
+        assert one_caption_kernels.LANES == KERNEL_LANES
+        self._kernel = one_caption_kernels.naaf_block
+        rng = np.random.default_rng(0)  # compiles (or loads) the kernel for the arrays the scorer passes
+        query = query_captions(CaptionEmbeddings(rng.standard_normal((3, 4), dtype=np.float32),
+                                                 np.array([3], dtype=np.int32), np.array([0, 3])), self.parameters)
+        sims, grams = rng.standard_normal((2, 5, 3), dtype=np.float32), np.ones((2, 5, 5), np.float32)
+        try:
+            self._naaf(sims, grams, query)
+        except OSError as exc:  # a cache that cannot be written: compiled in memory (an optimisation lost)
+            if not kernel_cache_fault(exc):
+                raise
+            from numba.core.caching import NullCache
+
+            self._kernel._cache = NullCache()  # type: ignore[attr-defined]
+            self._naaf(sims, grams, query)
+        return True
+
+    @property
+    def kernel_loaded(self) -> bool:
+        return self._kernel is not None
 
     @classmethod
     def from_graph(cls, path: str | Path, threads: int = 0) -> OneCaptionScorer:
@@ -547,7 +596,10 @@ class OneCaptionScorer:
             out[start:stop] = self._score_block(worker, block, constants, query)
 
         budget = ONE_CAPTION_BLOCK_VALUES if len(query.bounds) == 1 else BLOCK_VALUES
-        size = min(self.block_images, max(16, budget // (int(images.shape[1]) * len(query.tokens))))
+        size = max(16, budget // (int(images.shape[1]) * len(query.tokens)))
+        if self._kernel is not None:  # whole groups of the kernel's lanes (its buffers are its own, per caption)
+            size = max(1, size // KERNEL_LANES) * KERNEL_LANES
+        size = min(self.block_images, size)
         with self._calls:
             self._map_blocks(total, score_range, size)
         return out
@@ -558,10 +610,21 @@ class OneCaptionScorer:
         sims = worker.similarities(block, query.tokens)
         sims = sims.reshape(n_img, regions, -1)
         if isinstance(self.parameters, NaafParameters):
+            if self._kernel is not None:
+                return self._naaf(sims, constants, query)
             return naaf_block(sims, constants, query, self.parameters, worker.product, worker.scratch)
         if self.parameters.cross_attn == "t2i":
             return scan_block(sims, constants, None, query, self.parameters, worker.product)
         return scan_block(sims, None, constants, query, self.parameters)
+
+    def _naaf(self, sims: np.ndarray, grams: np.ndarray, query: QueryCaptions) -> np.ndarray:
+        """:func:`naaf_block` by the compiled kernel (the interpreter lock released for the whole block)."""
+        assert self._kernel is not None and isinstance(self.parameters, NaafParameters)
+        out = np.empty((sims.shape[0], len(query.bounds)), dtype=np.float32)
+        self._kernel(np.ascontiguousarray(sims, dtype=np.float32), np.ascontiguousarray(grams, dtype=np.float32),
+                     query.starts, query.lengths, query.intra_flat, query.intra_starts,
+                     np.float32(self.parameters.threshold), np.float32(self.parameters.lambda_softmax), out)
+        return out
 
     def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None], size: int | None = None) -> None:
         """``work(worker, start, stop)`` over blocks of ``size`` (default :attr:`block_images`) of ``total``
