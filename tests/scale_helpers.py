@@ -34,7 +34,11 @@ def scale_setup(root: Path, seed: int, captions: int) -> dict[str, Any]:
             "encoded": runtime.encode_captions(texts), "plain": plain, "sharded": root / "sharded"}
 
 
-def same_top_k(a: Any, b: Any) -> None:
-    """Two top-k results (indices and scores) are identical."""
+def same_top_k(a: Any, b: Any, atol: float = 0.0) -> None:
+    """Two top-k results: the same indices, and identical scores (within ``atol`` where given: a warmed
+    runtime, as `serve`'s, takes NAAF's per-word steps in a compiled kernel that rounds differently)."""
     np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.scores, b.scores)
+    if atol:
+        np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=atol)
+    else:
+        np.testing.assert_array_equal(a.scores, b.scores)
