@@ -186,8 +186,8 @@ def test_serve_with_ray_answers_as_the_runtime(setup: dict[str, Any]) -> None:
         with ServiceClient(service.url) as client:
             hits = client.search(captions, 6)
     want = runtime.search_text_to_image(captions, setup["plain"], k=6)
-    np.testing.assert_array_equal(hits.indices, want.indices)
-    np.testing.assert_array_equal(hits.scores, want.scores)
+    # the actors' runtimes are warmed (NAAF's per-word steps in the compiled kernel), this one is not
+    same_top_k(hits, want, atol=1e-6)
     assert searcher.shards.actors == []  # the stopped service ended its actors
     for actor in actors:
         assert_actor_ends(actor)
