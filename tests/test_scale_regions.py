@@ -620,7 +620,7 @@ def test_rescoring_keeps_the_images_with_the_best_residual_estimates_and_everyth
 
 
 def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards(world: dict[str, Any]) -> None:
-    from itmrt.scale.regions import DEFAULT_RESCORE
+    from itmrt.scale.regions import DEFAULT_RESCORE, MIN_RESCORE_SHARE
 
     gallery = world["root"] / "residual-2"
     if not gallery.is_dir():
@@ -631,10 +631,30 @@ def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards
     for shard in compact:
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == DEFAULT_RESCORE // 3
         assert shard.regions.default_rescore(7, shard.gallery.embeddings) == 7
-        shard.regions.shards = 20  # a share below MIN_RESCORE_SHARE: none unless asked
-        assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0
+        shard.regions.shards = 20  # a share below MIN_RESCORE_SHARE: that many, not fewer
+        assert shard.regions.default_rescore(None, shard.gallery.embeddings) == MIN_RESCORE_SHARE
+        shard.regions.shards = 3
     for shard in open_shards(world["gallery"], threads=1, warn=quiet).shards:  # exact storage: none unless asked
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0
+
+
+def test_the_default_refine_is_the_recorded_one_lowered_to_a_share_of_one_budget_per_query(
+        world: dict[str, Any]) -> None:
+    from itmrt.scale.regions import MIN_REFINE_SHARE, REFINE_BUDGET
+
+    for shard in open_shards(world["gallery"], threads=1, warn=quiet).shards:
+        assert shard.regions.shards > 1
+        shard.regions.refine = 1024
+        shard.regions.shards = 2  # 1024 a shard: the recorded value stands
+        assert shard.regions.default_refine(None) == 1024
+        assert shard.regions.default_refine(33) == 33
+        shard.regions.refine = 4096
+        shard.regions.shards = 4
+        assert shard.regions.default_refine(None) == REFINE_BUDGET // 4
+        shard.regions.shards = 20
+        assert shard.regions.default_refine(None) == MIN_REFINE_SHARE
+        shard.regions.refine = 100  # a recorded refine below the share is kept
+        assert shard.regions.default_refine(None) == 100
 
 
 def test_infer_and_audit_take_rescore_and_answer_as_the_api(world: dict[str, Any], capsys: Any) -> None:

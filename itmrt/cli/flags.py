@@ -180,14 +180,15 @@ REGION_FLAGS: dict[str, Flag] = {
     "union": Flag(int | None, _region_flag("--union", 0, "images per shard added from the global vectors "
                                                          "(default: recorded, or 500 on a poor fit).")),
     "refine": Flag(int | None, _region_flag("--refine", 0, "images per shard re-estimated from all their regions' "
-                                                           "centroids (default: recorded, 1024; at 1M images 256 "
-                                                           "cut p50 from ~146 to ~110 ms, docs/region-index.md).")),
+                                                           "centroids (default: recorded, 1024, at most 2048 per "
+                                                           "query split over the shards, at least 256 each).")),
     "prefilter": Flag(int | None, _region_flag("--prefilter", 0, "probed images per shard estimated, by their "
                                                                  "summed centroid scores (0: all; default 2048).")),
     "rescore": Flag(int | None, _region_flag("--rescore", 0, "images per shard re-estimated from their stored "
                                                              "regions (compact: centroid plus residual levels) "
                                                              "before K are kept (0: none; default on compact storage: "
-                                                             "512 per query split over up to 4 shards; exact: 0).")),
+                                                             "512 per query split over the shards, at least 64 "
+                                                             "each; exact: 0).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
                                                            "estimate (default: K per shard; not with --ray).")),
 }

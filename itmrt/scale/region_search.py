@@ -56,10 +56,12 @@ from itmrt.scale.regions import (
     DEFAULT_REFINE,
     DEFAULT_RESCORE,
     DEFAULT_UNION,
+    MIN_REFINE_SHARE,
     MIN_RESCORE_SHARE,
     POOR_FIT,
     POOR_FIT_EXACT_PASS,
     POOR_FIT_UNION,
+    REFINE_BUDGET,
 )
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
@@ -180,13 +182,21 @@ class RegionIndex:
 
     def default_rescore(self, asked: int | None, stored: Any) -> int:
         """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``,
-        else this shard's share of :data:`DEFAULT_RESCORE` (over the gallery's :attr:`shards`) where its regions
-        are compact storage (the residual stage reads a few bytes a region) and the share is at least
-        :data:`MIN_RESCORE_SHARE`, else 0 (exact storage would read its float embeddings)."""
+        else, where its regions are compact storage (the residual stage reads a few bytes a region), this shard's
+        share of :data:`DEFAULT_RESCORE` over the gallery's :attr:`shards`, at least :data:`MIN_RESCORE_SHARE`;
+        else 0 (exact storage would read its float embeddings)."""
         if asked is not None:
             return asked
-        share = DEFAULT_RESCORE // max(1, self.shards)
-        return share if isinstance(stored, CompactRegions) and share >= MIN_RESCORE_SHARE else 0
+        share = max(MIN_RESCORE_SHARE, DEFAULT_RESCORE // max(1, self.shards))
+        return share if isinstance(stored, CompactRegions) else 0
+
+    def default_refine(self, asked: int | None) -> int:
+        """Images a search refines in this shard from every region's centroid (step 3b): ``asked``, else the
+        recorded refine, lowered to this shard's share of :data:`REFINE_BUDGET` (at least
+        :data:`MIN_REFINE_SHARE`) in a gallery of many shards."""
+        if asked is not None:
+            return asked
+        return min(self.refine, max(MIN_REFINE_SHARE, REFINE_BUDGET // max(1, self.shards)))
 
     def default_prefilter(self, asked: int | None) -> int:
         """Probed images a search estimates in this shard (0: every one reached): ``asked``, else the recorded
@@ -289,7 +299,7 @@ class RegionIndex:
         estimates."""
         assert captions.offsets is not None
         k = min(keep, self.images)
-        refine = self.refine if refine is None else refine
+        refine = self.default_refine(refine)
         out = np.empty((len(captions), k), dtype=np.int64)
         product = token_gemm(threads)
         probes = probes if probes is not None else ProbeCache(shared=False)

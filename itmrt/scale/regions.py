@@ -68,7 +68,15 @@ DEFAULT_CANDIDATES = 50
 where K = 25 gave 0.975 (docs/region-index.md)."""
 DEFAULT_REFINE = 1024
 """Images per shard whose probe estimate is refined from every region's centroid before the K best are kept
-(100K images: 512, 1024 and 2048 all gave recall@10 1.0 at K 50; 2048 cost 9 ms more per query)."""
+(recorded at build; 100K images: 512, 1024 and 2048 all gave recall@10 1.0 at K 50; 2048 cost 9 ms more per
+query). A search refines at most the shard's share of :data:`REFINE_BUDGET`."""
+REFINE_BUDGET = 2048
+"""Images per query refined by default, split evenly over the gallery's shards, each refining at least
+:data:`MIN_REFINE_SHARE` and at most its recorded refine: 1024 a shard at 2 shards (as recorded), 512 at 4, 256
+from 8 on. On the distinct 1M gallery (20 shards, K 10) refine 256 kept the same top 10 as 1024 (recall@10 0.93
+both, 20 queries) at p50 102.5 against 149.2 ms; at 200K (4 shards) 256, 512 and 1024 all gave 0.9906
+(docs/region-index.md, 2026-12-06, session 4)."""
+MIN_REFINE_SHARE = 256
 DEFAULT_EXACT_PASS = 0
 """Images per shard (the refined estimate's best) scored exactly, at least K, on a shard that fits its centroids
 well. 0 by default: at 100K images (50K-image shards, 8192 centroids, fit 0.63) the refined estimate kept 0.95
@@ -85,11 +93,11 @@ stage), before the K best are kept, on compact storage: split evenly over the ga
 re-estimates its share of its refined estimate's best), so the stage's work per query stays bounded whatever the
 shard count; exact storage: none unless a search asks. At 100K images (2 shards, 256 each) it lifted recall@10
 from 0.96 / 0.9775 (K 30 / 50 per shard) to 0.99 (docs/region-index.md, 2026-12-06, session 4)."""
-MIN_RESCORE_SHARE = 128
-"""A shard whose share of :data:`DEFAULT_RESCORE` is below this re-estimates none by default: each shard pays
-the stage's fixed costs (its reads, its words' quantisation, its calls), and at 1M images (20 shards, 25 each)
-the default share added 53 ms to the p50 (175.8 -> 228.5 ms at load ~4-5), where K 10 per shard alone had kept
-every top-10 image on the distinct 1M build; a search can still ask (``rescore=``)."""
+MIN_RESCORE_SHARE = 64
+"""The fewest images a compact shard re-estimates by default, whatever its share of :data:`DEFAULT_RESCORE`: on
+the distinct 1M gallery (20 shards, K 10 per shard, refine 256) 64 a shard lifted recall@10 from 0.93 to 0.975
+(20 queries) at p50 141.0 against 121.0 ms in the same run; 128 a shard read 0.975 as well at 169.2 ms
+(docs/region-index.md, 2026-12-06, session 4)."""
 DEFAULT_UNION = 0
 """Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
 rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""
