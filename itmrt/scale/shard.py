@@ -68,7 +68,7 @@ class SearchRequest:
     nprobe: int | None = None  # region index: centroids probed per caption token (None: each shard's recorded)
     exact_pass: int | None = None  # region index: images scored exactly (at least K; None: each shard's default)
     union: int | None = None  # region index: global-vector candidates added per shard (None: each shard's default)
-    refine: int | None = None  # region index: images per shard re-estimated from their centroids (None: recorded)
+    refine: int | None = None  # region index: images per shard re-estimated from their centroids (None: default_refine)
     prefilter: int | None = None  # region index: probed images per shard estimated (None: recorded; 0: all)
     budget: int | None = None  # region index: images reranked over all shards together (None: K per shard)
     rescore: int | None = None  # region index: images per shard re-estimated from stored regions (None: default)
