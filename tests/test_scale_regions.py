@@ -633,7 +633,6 @@ def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards
         assert shard.regions.default_rescore(7, shard.gallery.embeddings) == 7
         shard.regions.shards = 20  # a share below MIN_RESCORE_SHARE: that many, not fewer
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == MIN_RESCORE_SHARE
-        shard.regions.shards = 3
     for shard in open_shards(world["gallery"], threads=1, warn=quiet).shards:  # exact storage: none unless asked
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0
 

@@ -168,7 +168,6 @@ class ResidualCodec:
             self._byte_levels = np.ascontiguousarray(self.buckets[dims, codes[None]].reshape(width * 256, per))
         return self._byte_levels
 
-
     def integer_levels(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Where :meth:`byte_levels` applies: ``(table, scales)``, each byte's levels as 8-bit codes
         ``round(level / scale) + 128`` (``scale`` its dimension's largest level magnitude / 127), the ``per`` of

@@ -187,8 +187,7 @@ class RegionIndex:
         else 0 (exact storage would read its float embeddings)."""
         if asked is not None:
             return asked
-        share = max(MIN_RESCORE_SHARE, DEFAULT_RESCORE // max(1, self.shards))
-        return share if isinstance(stored, CompactRegions) else 0
+        return self._share(DEFAULT_RESCORE, MIN_RESCORE_SHARE) if isinstance(stored, CompactRegions) else 0
 
     def default_refine(self, asked: int | None) -> int:
         """Images a search refines in this shard from every region's centroid (step 3b): ``asked``, else the
@@ -196,7 +195,11 @@ class RegionIndex:
         :data:`MIN_REFINE_SHARE`) in a gallery of many shards."""
         if asked is not None:
             return asked
-        return min(self.refine, max(MIN_REFINE_SHARE, REFINE_BUDGET // max(1, self.shards)))
+        return min(self.refine, self._share(REFINE_BUDGET, MIN_REFINE_SHARE))
+
+    def _share(self, per_query: int, least: int) -> int:
+        """This shard's even share of ``per_query`` images over the gallery's :attr:`shards`, at least ``least``."""
+        return max(least, per_query // max(1, self.shards))
 
     def default_prefilter(self, asked: int | None) -> int:
         """Probed images a search estimates in this shard (0: every one reached): ``asked``, else the recorded

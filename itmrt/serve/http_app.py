@@ -356,8 +356,7 @@ class InferenceRoutes:
             if isinstance(exc, ImpossibleBody):
                 self.budget.give(read.held)  # the pause holds a connection, not the bytes read so far
                 read.held = 0
-                self.metrics.refusals_held.inc()
-                await asyncio.sleep(RETRY_AFTER_S)
+                await self.hold_refusal()
             response = self.error(exc.status, exc.message, close=not read.complete)
         except (QueueFull, NotReady) as exc:
             # A refusal closes the connection: requests pipelined behind it would each be read, parsed and refused
@@ -366,8 +365,7 @@ class InferenceRoutes:
                 # Its caller has work queued and sends more: its refusal goes out after Retry-After, so a caller
                 # that ignores Retry-After - reconnecting at once, over many connections - cannot make the event
                 # loop refuse it thousands of times a second. A caller with nothing queued is refused at once.
-                self.metrics.refusals_held.inc()
-                await asyncio.sleep(RETRY_AFTER_S)
+                await self.hold_refusal()
             response = self.error(429 if isinstance(exc, QueueFull) else 503, str(exc), close=True)
         except ClientGone:
             response = None
@@ -377,6 +375,11 @@ class InferenceRoutes:
             self.budget.give(read.held)
         self.metrics.count(response.status_code if response is not None else 499, time.monotonic() - arrived)
         return response if response is not None else self.responses.Response(status_code=499)
+
+    async def hold_refusal(self) -> None:
+        """Wait ``RETRY_AFTER_S`` before a refusal goes out (counted in ``itmrt_refusals_held``)."""
+        self.metrics.refusals_held.inc()
+        await asyncio.sleep(RETRY_AFTER_S)
 
     async def infer_response(self, request: Any, read: BodyRead, arrived: float) -> Any:
         self.check(request)
