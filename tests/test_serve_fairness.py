@@ -169,6 +169,12 @@ def test_a_light_callers_request_is_batched_without_a_heavy_callers_backlog(mode
         before = live.metrics.registry.get_sample_value("itmrt_batch_captions_count")
         heavy = [pool.submit(post, live.url, random_captions(1, seed=40 + n), "A") for n in range(24)]
         scoring_started(live, before + 1)
+        # A's backlog is in the queue before B sends (on a loaded machine A's 24 connections arrive over time, and
+        # a caller with one unit queued is light too: its unit may join B's batch by the rule under test)
+        deadline = time.monotonic() + 60
+        while live.metrics.registry.get_sample_value("itmrt_queue_depth") < 12:
+            assert time.monotonic() < deadline, "A's requests never queued"
+            time.sleep(0.002)
         ones = one_caption_batches()
         light, _ = post(live.url, random_captions(1, seed=32), "B")
         assert light.status_code == 200 and not all(future.done() for future in heavy)
