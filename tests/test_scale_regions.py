@@ -206,6 +206,33 @@ def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, A
     same_answer(full.t2i, runtime.rank(decoded, captions, top_k=5).t2i, world["family"])
     found = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, nprobe=EVERYTHING))
     same_answer(found.t2i, full.t2i, world["family"])
+    # the later shards of the build reuse the first shard's codec (fitted once), as they reuse its centroids
+    later = [json.loads((gallery / f"shard-0000{n}" / "gallery.json").read_text())["region_index"] for n in (1, 2)]
+    assert [entry["params"]["codec_from"] for entry in [record, *later]] == ["this shard", "shard-00000",
+                                                                              "shard-00000"]
+    for name in ("region_buckets.npy", "region_bits.npy"):
+        first = np.load(gallery / "shard-00000" / name)
+        for n in (1, 2):
+            np.testing.assert_array_equal(np.load(gallery / f"shard-0000{n}" / name), first)
+
+
+@pytest.mark.parametrize("bits", [1, 1.5, 2, 2.7, 4])
+def test_the_compiled_residual_encoder_writes_numpys_bytes(bits: float) -> None:
+    from itmrt.scale.regions import residual_kernels
+
+    rng = np.random.default_rng(int(bits * 10))
+    depth = 300 if bits == 2.7 else 64  # 2.7 bits over 300 dimensions: every piece width, unaligned rows
+    centroids = rng.standard_normal((16, depth)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    codes = rng.integers(16, size=900)
+    vectors = centroids[codes] + 0.4 * rng.standard_normal((900, depth)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    codec = ResidualCodec.fit(vectors[:400], centroids[codes[:400]], bits)
+    want = codec.encode(vectors, centroids[codes])
+    got = np.zeros_like(want)
+    residual_kernels().encode_residuals(vectors, centroids, codes.astype(np.intp), *codec.packing(), got)
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(codec.bits_per_dim)) > 1 or bits in (1, 2, 4)
 
 
 def test_global_vectors_join_the_candidates_and_poor_fit_shards_search_wider(world: dict[str, Any]) -> None:
@@ -232,6 +259,27 @@ def test_global_vectors_join_the_candidates_and_poor_fit_shards_search_wider(wor
     assert (index.default_exact_pass(3), index.default_union(0)) == (3, 0)
     merged = union_candidates(np.array([[4, 2, 9, 7, 1, 8]]), 2, np.array([[9, 5, 4]]))
     np.testing.assert_array_equal(merged, [[4, 2, 9, 5, 7, 1]])
+
+
+def test_a_build_whose_regions_fit_their_centroids_poorly_says_so_once_with_what_to_do(
+        world: dict[str, Any]) -> None:
+    runtime = world["runtime"]
+    shape = world["embeddings"].shape
+    noise = np.random.default_rng(3).standard_normal((40, *shape[1:])).astype(np.float32)  # no structure at all
+    noise /= np.linalg.norm(noise, axis=-1, keepdims=True)
+    warned: list[str] = []
+    runtime.warn = warned.append
+    try:
+        index_sharded(runtime, None, world["root"] / "unstructured", ShardingOptions(16, None, IndexSpec(
+            "regions", region_centroids=4)), embeddings=noise)
+        poor = [message for message in warned if "fit their 4 centroids loosely" in message]
+        assert len(poor) == 1 and "itmrt audit" in poor[0] and "\n" not in poor[0]  # three shards, said once
+        warned.clear()
+        index_sharded(runtime, None, world["root"] / "structured", ShardingOptions(16, None, IndexSpec("regions")),
+                      embeddings=world["embeddings"][:40])
+        assert not [message for message in warned if "loosely" in message]  # the fixture's gallery fits
+    finally:
+        runtime.warn = quiet
 
 
 def small_region_index(rng: np.random.Generator) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -587,9 +635,9 @@ def test_the_residual_stage_reads_each_regions_centroid_plus_its_residual_levels
         got = stored_best_similarities(probe, stored, rows, product)
         np.testing.assert_allclose(got, want, atol=0.02 if bits == 2 else 1e-5)
         if bits == 2:
-            assert region_search._residual_kernels() is not None  # the integer path was the one measured
+            assert region_search.residual_kernels() is not None  # the integer path was the one measured
             with monkeypatch.context() as patched:
-                patched.setattr(region_search, "_residual_kernels", lambda: None)
+                patched.setattr(region_search, "residual_kernels", lambda: None)
                 np.testing.assert_allclose(stored_best_similarities(probe, stored, rows, product), want, atol=1e-5)
 
 

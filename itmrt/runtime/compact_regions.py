@@ -126,6 +126,27 @@ class ResidualCodec:
                                for dims, shift, width in self.segments], axis=1) if self.segments else \
             np.zeros((len(codes), 0), dtype=np.uint8)
 
+    def packing(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What :meth:`encode` computes, as tables for a compiled encoder
+        (:func:`itmrt.scale.residual_kernels.encode_residuals`): ``cutoffs [d, 2^max_bits - 1]`` float32 (each
+        dimension's, halfway between its levels, computed as :meth:`encode` computes them), ``counts [d]`` (how
+        many a dimension has) and ``entries [E, 5]`` int64: ``(dimension, shift, mask, byte, bit)`` for each
+        piece of a dimension's code in the packed row."""
+        depth = len(self.bits_per_dim)
+        cutoffs = np.full((depth, max(1, self.buckets.shape[1] - 1)), np.inf, dtype=np.float32)
+        for width in range(1, MAX_BITS + 1):
+            dims = np.flatnonzero(self.bits_per_dim == width)
+            levels = self.buckets[dims, : 1 << width]
+            cutoffs[dims, : (1 << width) - 1] = (levels[:, 1:] + levels[:, :-1]) / 2
+        counts = ((1 << self.bits_per_dim.astype(np.int64)) - 1).astype(np.int64)
+        entries, at = [], 0
+        for dims, shift, width in self.segments:
+            per = 8 // width
+            entries += [(int(dim), shift, (1 << width) - 1, at + i // per, (i % per) * width)
+                        for i, dim in enumerate(dims.tolist())]
+            at += -(-len(dims) * width // 8)
+        return cutoffs, counts, np.array(entries, dtype=np.int64).reshape(-1, 5)
+
     def codes(self, packed: np.ndarray) -> np.ndarray:
         """``[R, d]`` level indices from packed rows ``[R, packed_width]``."""
         depth = len(self.bits_per_dim)

@@ -33,7 +33,10 @@ from itmrt.scale.regions import (
     CENTROIDS_FILE,
     CODES_FILE,
     LISTS_FILE,
+    POOR_FIT,
+    POOR_FIT_EXACT_PASS,
     RESIDUALS_FILE,
+    SharedCodebook,
     build_region_index,
     fit_under,
 )
@@ -45,20 +48,18 @@ DRIFT_DROP = 0.05
 is reported as a change of distribution."""
 
 
-def add_region_index(folder: Path, spec: Any, shared: tuple[str, np.ndarray] | None = None) -> Gallery:
+def add_region_index(folder: Path, spec: Any, shared: SharedCodebook | None = None) -> Gallery:
     """Build the region index of the gallery at ``folder`` (written just now) with ``spec`` (an
     :class:`itmrt.scale.index.IndexSpec` of kind regions) and record it in its ``gallery.json``.
-    ``shared``: (shard name, centroids) trained on an earlier shard of the same build, used instead of k-means."""
+    ``shared``: the centroids (and codec) trained on an earlier shard of the same build, used instead of k-means
+    (and a codec fit)."""
     gallery = read_gallery(folder, verify=False)
     embeddings = gallery.embeddings
     if embeddings.ndim != 3:
         raise ItmrtError("--shortlist-index regions indexes region embeddings (NAAF, SCAN); a global model's "
                          "gallery is searched exactly by one matrix product: use --shortlist-index flat or none")
     params = spec.region_params(int(embeddings.shape[0]), int(embeddings.shape[1]))
-    if shared is None:
-        built = build_region_index(embeddings, params)
-    else:
-        built = build_region_index(embeddings, params, centroids=shared[1], centroids_from=shared[0])
+    built = build_region_index(embeddings, params, shared)
     entries: dict[str, object] = {}
     for role, array in built["arrays"].items():
         np.save(folder / FILES[role], array, allow_pickle=False)
@@ -76,6 +77,37 @@ def add_region_index(folder: Path, spec: Any, shared: tuple[str, np.ndarray] | N
         del gallery, embeddings
         (folder / "image_embeddings.npy").unlink()
     return read_gallery(folder, verify=False)
+
+
+def poor_fit_message(shard: Gallery, name: str) -> str | None:
+    """A warning when a shard's regions fit its centroids too loosely for centroid-level candidates to be
+    trusted (its recorded fit below the recorded ``poor_fit``): say what the search will do and how to check."""
+    entry = shard.manifest.region_index
+    if entry is None:
+        return None
+    recorded = entry.params.get("poor_fit", POOR_FIT)
+    below = float(recorded) if isinstance(recorded, (int, float)) else POOR_FIT
+    if entry.fit >= below:
+        return None
+    return (f"{name}'s regions fit their {entry.params.get('centroids')} centroids loosely (mean cosine "
+            f"{entry.fit:.3f}, below {below:g}): on such data centroid-level candidates can miss exhaustive "
+            f"scoring's answers, so searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default. Check "
+            "recall on your own captions with `itmrt audit GALLERY --captions CAPS.txt`; if it is short, raise "
+            "--exact-pass or --shortlist, or search exhaustively (--shortlist-index none) "
+            "(docs/region-index.md, 'Data no index can search')")
+
+
+def shared_codebook(folder: Path, name: str) -> SharedCodebook:
+    """The centroids (and compact storage's codec) of the shard just built at ``folder``, for the later shards
+    of its build."""
+    from itmrt.runtime.compact_regions import ResidualCodec
+
+    centroids = np.load(folder / CENTROIDS_FILE, allow_pickle=False)
+    codec = None
+    if (folder / BUCKETS_FILE).is_file():
+        bits = np.load(folder / BITS_FILE, allow_pickle=False) if (folder / BITS_FILE).is_file() else None
+        codec = ResidualCodec.from_buckets(np.load(folder / BUCKETS_FILE, allow_pickle=False), bits)
+    return SharedCodebook(name, centroids, codec)
 
 
 def drift_message(shard: Gallery, new: np.ndarray) -> str | None:

@@ -62,6 +62,7 @@ from itmrt.scale.regions import (
     POOR_FIT_EXACT_PASS,
     POOR_FIT_UNION,
     REFINE_BUDGET,
+    residual_kernels,
 )
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
@@ -431,7 +432,7 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
     width, regions, depth = table.shape[0] // 256, stored.shape[1], probe.tokens.shape[1]
     by_centroid = probe.by_centroid()
     out = np.empty((len(probe.tokens), len(rows)), dtype=np.float32)
-    kernels, integers = _residual_kernels(), stored.codec.integer_levels()
+    kernels, integers = residual_kernels(), stored.codec.integer_levels()
     if kernels is not None and integers is not None:
         entries, scales = integers
         weighted = np.zeros((len(probe.tokens), len(scales)), dtype=np.float32)
@@ -457,18 +458,6 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
         sims += by_centroid[codes].T
         out[:, start : start + len(part)] = sims.reshape(len(sims), len(part), regions).max(axis=2)
     return out
-
-
-@functools.lru_cache(maxsize=1)
-def _residual_kernels() -> Any:
-    """:mod:`itmrt.scale.residual_kernels` where numba is installed (the ``cpu`` extra), else None."""
-    from itmrt.optional import available
-
-    if not available("numba"):
-        return None
-    from itmrt.scale import residual_kernels
-
-    return residual_kernels
 
 
 @functools.lru_cache(maxsize=8)

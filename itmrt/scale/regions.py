@@ -38,6 +38,7 @@ is searched with):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +132,29 @@ quartile to well under a bucket's width; the whole k-means sample, 8 per centroi
 
 def faiss_module() -> Any:
     return require("faiss", "the region index")
+
+
+@functools.lru_cache(maxsize=1)
+def residual_kernels() -> Any:
+    """:mod:`itmrt.scale.residual_kernels` where numba is installed (the ``cpu`` extra), else None."""
+    from itmrt.optional import available
+
+    if not available("numba"):
+        return None
+    from itmrt.scale import residual_kernels as kernels
+
+    return kernels
+
+
+@dataclass(frozen=True)
+class SharedCodebook:
+    """What the first new shard of a build trained, for its later shards to reuse (as one codebook serves a
+    whole collection in PLAID): that shard's name, its centroids and, under compact storage, its residual codec
+    (the residuals are taken to the same centroids, so one codec fits them; fitting it took 12-14 s a 50K shard)."""
+
+    source: str
+    centroids: np.ndarray
+    codec: Any = None  # itmrt.runtime.compact_regions.ResidualCodec
 
 
 def centroid_count(images: int, regions: int) -> int:
@@ -277,31 +301,36 @@ def inverted_lists(codes: np.ndarray, centroids: int) -> np.ndarray:
     return np.concatenate([offsets, rows]).astype(np.int32)
 
 
-def build_region_index(embeddings: np.ndarray, params: RegionParams, centroids: np.ndarray | None = None,
-                       centroids_from: str = "this shard") -> dict[str, Any]:
+def build_region_index(embeddings: np.ndarray, params: RegionParams,
+                       shared: SharedCodebook | None = None) -> dict[str, Any]:
     """The arrays of a shard's region index (``centroids``, ``codes``, ``lists``; compact storage adds
     ``residuals``, ``buckets`` and ``bits``) and its record (parameters, fit, build seconds and each stage's).
 
-    ``centroids``: use these (trained on another shard of the same build, named by ``centroids_from``) instead
-    of training k-means here; the shard still stores its own copy and records where they came from."""
+    ``shared``: the centroids (and compact storage's codec, where it has one) trained on another shard of the
+    same build, used instead of training k-means (and fitting a codec) here; the shard still stores its own
+    copy and records where they came from."""
     if embeddings.ndim != 3:
         raise ItmrtError(f"the region index needs region embeddings (images x regions x d), not shape "
                          f"{tuple(embeddings.shape)}")
     clock = _StageClock()
     images, regions, depth = (int(x) for x in embeddings.shape)
     count = min(params.centroids, images * regions)
-    sample = sample_regions(embeddings, count * params.sample if centroids is None else CODEC_SAMPLE, params.seed)
-    clock.lap("sample")
-    if centroids is None:
-        centroids = train_centroids(sample, count, params.seed)
-        centroids_from = "this shard"
+    codec = shared.codec if shared is not None and params.storage == "compact" else None
+    sample = np.empty((0, depth), dtype=np.float32)
+    if shared is None or (params.storage == "compact" and codec is None):
+        sample = sample_regions(embeddings, count * params.sample if shared is None else CODEC_SAMPLE, params.seed)
+        clock.lap("sample")
+    if shared is None:
+        centroids, centroids_from = train_centroids(sample, count, params.seed), "this shard"
         clock.lap("kmeans")
+    else:
+        centroids, centroids_from = shared.centroids, shared.source
     assigner = CentroidAssigner(centroids, params.seed)
     clock.lap("coarse")
     arrays: dict[str, np.ndarray] = {}
     each = None
     if params.storage == "compact":
-        each = _residual_encoder(sample, assigner, params.bits, arrays, (images, regions, depth))
+        each = _residual_encoder(sample, assigner, params.bits, arrays, (images, regions, depth), codec)
         clock.lap("codec")
     codes, fit = assign_codes(embeddings, assigner, each)
     clock.lap("assign" if each is None else "assign_encode")
@@ -316,6 +345,8 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams, centroids: 
                          "seed": params.seed, "coarse_probe": COARSE_PROBE, "kmeans_iterations": KMEANS_ITERATIONS,
                          "centroids_from": centroids_from,
                          "codec_sample": min(CODEC_SAMPLE, len(sample)) if params.storage == "compact" else 0,
+                         **({"codec_from": centroids_from if codec is not None else "this shard"}
+                            if params.storage == "compact" else {}),
                          "stage_seconds": clock.stages},
               "rows": images, "regions": regions, "dims": depth, "fit": round(fit, 6),
               "build_seconds": round(clock.total(), 3),
@@ -340,20 +371,28 @@ class _StageClock:
 
 
 def _residual_encoder(sample: np.ndarray, assigner: CentroidAssigner, bits: float, arrays: dict[str, np.ndarray],
-                      shape: tuple[int, int, int]) -> Any:
-    """Compact storage: fit the residual buckets on (part of) ``sample``, allocate ``arrays["residuals"]`` and
-    return the per-block encoder :func:`assign_codes` calls (each block writes its own images' rows)."""
+                      shape: tuple[int, int, int], codec: Any = None) -> Any:
+    """Compact storage: fit the residual buckets on (part of) ``sample`` (unless a shared ``codec`` is given),
+    allocate ``arrays["residuals"]`` and return the per-block encoder :func:`assign_codes` calls (each block
+    writes its own images' rows; compiled where numba is installed, the same bytes as numpy's)."""
     from itmrt.runtime.compact_regions import ResidualCodec
 
     images, regions, depth = shape
-    few = sample[:: max(1, len(sample) // CODEC_SAMPLE)][:CODEC_SAMPLE]
-    codec = ResidualCodec.fit(few, assigner.centroids[assigner.assign(few)[0]], bits)
-    residuals = np.empty((images, regions, codec.packed_width(depth)), dtype=np.uint8)
+    if codec is None:
+        few = sample[:: max(1, len(sample) // CODEC_SAMPLE)][:CODEC_SAMPLE]
+        codec = ResidualCodec.fit(few, assigner.centroids[assigner.assign(few)[0]], bits)
+    width = codec.packed_width(depth)
+    residuals = np.empty((images, regions, width), dtype=np.uint8)
     arrays.update(residuals=residuals, buckets=codec.buckets, bits=codec.bits_per_dim)
+    kernels, tables = residual_kernels(), codec.packing()
 
     def encode(first: int, vectors: np.ndarray, found: np.ndarray) -> None:
-        packed = codec.encode(vectors, assigner.centroids[found])
-        residuals[first : first + len(vectors) // regions] = packed.reshape(-1, regions, packed.shape[-1])
+        if kernels is not None:
+            packed = np.zeros((len(vectors), width), dtype=np.uint8)
+            kernels.encode_residuals(vectors, assigner.centroids, found.astype(np.intp), *tables, packed)
+        else:
+            packed = codec.encode(vectors, assigner.centroids[found])
+        residuals[first : first + len(vectors) // regions] = packed.reshape(-1, regions, width)
 
     return encode
 

@@ -67,6 +67,7 @@ from itmrt.scale.layout import (
 if TYPE_CHECKING:
     from itmrt.runtime.api import Runtime
     from itmrt.runtime.bundle import BundleInfo
+    from itmrt.scale.regions import SharedCodebook
 
 Warn = Callable[[str], None]
 
@@ -90,18 +91,18 @@ class ShardingOptions:
         return self
 
 
-def add_shortlist(folder: Path, spec: IndexSpec, shared_centroids: tuple[str, np.ndarray] | None = None) -> Gallery:
+def add_shortlist(folder: Path, spec: IndexSpec, shared: SharedCodebook | None = None) -> Gallery:
     """Give the gallery at ``folder`` its global vectors and, unless ``spec.kind`` is none, their FAISS index;
     its ``gallery.json`` records both with their sha256 (global models get neither: nothing to shortlist).
-    ``regions``: the region index (:mod:`itmrt.scale.region_files`), with ``shared_centroids`` (shard name,
-    centroids) from an earlier shard of the same build when given, and, with exact storage, the global vectors
+    ``regions``: the region index (:mod:`itmrt.scale.region_files`), with the ``shared`` centroids (and codec)
+    of an earlier shard of the same build when given, and, with exact storage, the global vectors
     too (no FAISS index): a search adds their best images to the region index's candidates where the centroids
     fit the regions poorly (:mod:`itmrt.scale.shard`). Compact storage leaves them out (4 KB an image in float32,
     a third of its budget)."""
     if spec.kind == "regions":
         from itmrt.scale.region_files import add_region_index
 
-        gallery = add_region_index(folder, spec, shared_centroids)
+        gallery = add_region_index(folder, spec, shared)
         return gallery if spec.regions_storage == "compact" else _add_global_vectors(folder, None)
     return _add_global_vectors(folder, spec if spec.kind != "none" else None)
 
@@ -134,8 +135,9 @@ class _Plan:
     shards: list[ShardRecord] = field(default_factory=list)
     next_number: int = 0
     drift_checked: bool = False
-    region_centroids: tuple[str, np.ndarray] | None = None
-    """The first new shard's region centroids (its name, the array): the later shards of this build use them
+    fit_reported: bool = False  # a poor fit of regions to centroids is reported once per build
+    region_centroids: SharedCodebook | None = None
+    """The first new shard's region centroids and compact codec: the later shards of this build use them
     (k-means once per build, as one codebook serves a whole collection in PLAID)."""
 
 
@@ -234,11 +236,18 @@ class ShardedWriter:
         if self.append and self.options.index.kind == "regions" and not self.plan.drift_checked:
             self.plan.drift_checked = True
             self._check_drift(gallery)
-        add_shortlist(folder, self.options.index, self.plan.region_centroids)
-        if self.options.index.kind == "regions" and self.plan.region_centroids is None:
-            from itmrt.scale.regions import CENTROIDS_FILE
+        indexed = add_shortlist(folder, self.options.index, self.plan.region_centroids)
+        if self.options.index.kind == "regions" and not self.plan.fit_reported:
+            from itmrt.scale.region_files import poor_fit_message
 
-            self.plan.region_centroids = (name, np.load(folder / CENTROIDS_FILE, allow_pickle=False))
+            message = poor_fit_message(indexed, name)
+            if message is not None:
+                self.plan.fit_reported = True
+                self.warn(message)
+        if self.options.index.kind == "regions" and self.plan.region_centroids is None:
+            from itmrt.scale.region_files import shared_codebook
+
+            self.plan.region_centroids = shared_codebook(folder, name)
         first = sum(shard.images for shard in self.plan.shards)
         record = ShardRecord(name, first, len(gallery), sha256_file(folder / GALLERY_MANIFEST))
         self.plan.shards.append(record)

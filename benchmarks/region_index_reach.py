@@ -1,0 +1,175 @@
+"""Whether any candidate generation reading less than the whole gallery can find exhaustive scoring's top 10.
+
+    python benchmarks/region_index_reach.py --data instances --images 20000 --shards 2 --queries 20 --work DIR
+    python benchmarks/region_index_reach.py --data objects --images 20000 --shards 2 --queries 20 --work DIR
+
+Builds (or, with ``--reuse``, reads what ``bench_region_index.py synthetic --keep`` left in ``DIR``) an
+exact-storage region index of the synthetic data and, for each query, computes every word's similarity to every
+region of every shard (the exhaustive product, in float32 from the stored float16). From that it reports:
+
+- **reach**: the share of each word's ``R`` most similar regions (over the whole shard) that lie in the
+  inverted lists of its ``nprobe`` nearest centroids: what probing centroids can read at all;
+- **candidates kept** (share of exhaustive scoring's top 10 among each shard's best ``keep`` images) when a
+  shard's images are estimated through the model's score structure (:class:`ScoreEstimate`) from
+  (a) every word's exact similarities to the regions in its probed lists (the best any estimate confined to the
+  probes can do), and (b) every word's exact ``R`` most similar regions over the whole shard (an oracle
+  per-word nearest-region search; words an image misses take the ``R``-th similarity);
+- **the floor of a scan**: the exhaustive product's arithmetic per query (``2 m N regions d``) at this run's
+  large-GEMM rate, here and at 100,000 images (the time any exhaustive similarity pass needs at least).
+
+On data whose regions cluster (``objects``) the probed lists hold most of a word's nearest regions; on data where
+a word's nearest regions are spread over every centroid (``instances``: a region is a concept plus one of 8,192
+shared noise directions) they do not, whatever the number of centroids, while the oracle still finds the
+answers: only a near-exhaustive similarity pass does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_region_index import build_gallery, make_data, make_queries, write_source  # noqa: E402
+
+from itmrt.scale import LocalShards, SearchRequest, read_sharded_gallery  # noqa: E402
+from itmrt.scale.region_search import ScoreEstimate, select_probes  # noqa: E402
+
+NPROBES = (8, 32, 128, 512)
+KEEPS = (50, 500)
+NEAREST = (100, 300)
+BLOCK = 2048  # images per block of the exhaustive product
+
+
+def word_region_sims(tokens: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """``[m, N * regions]`` every word's similarity to every region (float32 products over float16 blocks)."""
+    images, regions, depth = embeddings.shape
+    out = np.empty((len(tokens), images * regions), dtype=np.float32)
+    for start in range(0, images, BLOCK):
+        block = np.asarray(embeddings[start : start + BLOCK], dtype=np.float32).reshape(-1, depth)
+        out[:, start * regions : start * regions + len(block)] = tokens @ block.T
+    return out
+
+
+def kept(estimate: ScoreEstimate, best: np.ndarray, tokens: np.ndarray, answers: np.ndarray) -> dict[int, int]:
+    """How many of ``answers`` (shard rows) rank in the best ``keep`` images by ``best [m, N]``'s estimate."""
+    scores = estimate.scores(best, tokens)
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[np.lexsort((np.arange(len(scores)), -scores))] = np.arange(len(scores))
+    return {keep: int((rank[answers] < keep).sum()) for keep in KEEPS}
+
+
+def one_shard(tokens: np.ndarray, sims: np.ndarray, codes: np.ndarray, centroids: np.ndarray,
+              estimate: ScoreEstimate, answers: np.ndarray, counts: dict[str, float]) -> None:
+    words, regions = len(tokens), codes.shape[1]
+    images = codes.shape[0]
+    flat_codes = codes.reshape(-1).astype(np.int64)
+    centroid_sims = tokens @ centroids.T
+    nearest = {r: np.argpartition(-sims, r - 1, axis=1)[:, :r] for r in NEAREST}
+    for nprobe in NPROBES:
+        probed = select_probes(centroid_sims, nprobe)[0]
+        inside = np.zeros((words, len(centroids)), dtype=bool)
+        inside[np.arange(words)[:, None], probed] = True
+        mask = inside[np.arange(words)[:, None], flat_codes[None, :]]  # [m, N * regions]
+        for r, top in nearest.items():
+            counts[f"reach R{r} nprobe {nprobe}"] += float(np.take_along_axis(mask, top, axis=1).mean()) * words
+        if nprobe in (8, 128):
+            floor = np.where(mask, sims, np.inf).min(axis=1)
+            best = np.where(mask, sims, -np.inf).reshape(words, images, regions).max(axis=2)
+            best = np.where(np.isfinite(best), best, floor[:, None]).astype(np.float32)
+            for keep, n in kept(estimate, best, tokens, answers).items():
+                counts[f"probed exact, nprobe {nprobe}, keep {keep}"] += n
+    for r, top in nearest.items():
+        chosen = np.zeros_like(sims, dtype=bool)
+        np.put_along_axis(chosen, top, True, axis=1)
+        floor = np.take_along_axis(sims, top, axis=1).min(axis=1)
+        best = np.where(chosen, sims, -np.inf).reshape(words, images, regions).max(axis=2)
+        best = np.where(np.isfinite(best), best, floor[:, None]).astype(np.float32)
+        for keep, n in kept(estimate, best, tokens, answers).items():
+            counts[f"oracle nearest R{r}, keep {keep}"] += n
+    counts["words"] += words
+
+
+def gemm_rate(size: int = 2048) -> float:
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    a @ a
+    started = time.perf_counter()
+    a @ a
+    return 2 * size**3 / (time.perf_counter() - started) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=("objects", "instances"), default="instances")
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--reuse", action="store_true", help="use the gallery and reference already in --work")
+    args = parser.parse_args()
+    from itmrt.runtime import load
+
+    from bench_flickr_size import prepare_bundle
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    runtime = load(prepare_bundle(args.work / "released")[0], threads=2, warn=lambda message: None)
+    depth = int(runtime.bundle.manifest.dims["embed_size"])
+    world = make_data(args.data, depth)
+    source_path = args.work / f"source-{args.data}-{args.images}.npy"
+    write_source(source_path, args.images, depth, args.data, world)
+    out = args.work / f"gallery-{args.data}-{args.images}-exact"
+    build_gallery(runtime, np.load(source_path, mmap_mode="r"), out, args.shards, "exact", args.reuse)
+    targets = np.random.default_rng(args.images).choice(args.images, size=args.queries, replace=False)
+    batch = make_queries(args.data, world, targets)
+    shards = LocalShards(runtime, read_sharded_gallery(out))
+    reference = shards.search(batch, SearchRequest(k=10)).t2i.indices  # exhaustive scoring
+    estimate = ScoreEstimate.from_bundle(runtime.bundle)
+    counts: dict[str, float] = {"words": 0, "answers": 0}
+    for key in [f"reach R{r} nprobe {p}" for r in NEAREST for p in NPROBES] + \
+            [f"probed exact, nprobe {p}, keep {k}" for p in (8, 128) for k in KEEPS] + \
+            [f"oracle nearest R{r}, keep {k}" for r in NEAREST for k in KEEPS]:
+        counts[key] = 0
+    for query in range(len(batch)):
+        assert batch.offsets is not None
+        start, length = int(batch.offsets[query]), int(batch.lengths[query])
+        tokens = np.asarray(batch.vectors[start : start + length], dtype=np.float32)
+        for shard in shards.shards:
+            first, images = shard.record.first, shard.record.images
+            answers = reference[query][(reference[query] >= first) & (reference[query] < first + images)] - first
+            counts["answers"] += len(answers)
+            sims = word_region_sims(tokens, shard.gallery.embeddings)
+            regions = shard.regions
+            assert regions is not None
+            one_shard(tokens, sims, np.asarray(regions.codes), regions.centroids, estimate, answers, counts)
+        print(f"query {query + 1}/{len(batch)}", flush=True)
+    result: dict[str, Any] = {"data": args.data, "images": args.images, "shards": args.shards, "queries": len(batch),
+                              "fit": [s.regions.fit for s in shards.shards if s.regions is not None],
+                              "centroids": [len(s.regions.centroids) for s in shards.shards if s.regions is not None],
+                              "gemm_gflops": round(gemm_rate(), 1)}
+    flops = 2 * counts["words"] / len(batch) * 36 * depth  # per image, one caption of the mean length
+    result["scan_floor_ms"] = round(1000 * flops * args.images / (result["gemm_gflops"] * 1e9), 1)
+    result["scan_floor_ms_100k"] = round(1000 * flops * 100000 / (result["gemm_gflops"] * 1e9), 1)
+    for key, value in counts.items():
+        if key.startswith("reach"):
+            result[key] = round(value / counts["words"], 3)
+        elif key not in ("words", "answers"):
+            result[key] = round(value / max(1, counts["answers"]), 3)
+    (args.work / f"reach-{args.data}-{args.images}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{args.images:,} images ({args.data}), {args.shards} shards, fit {result['fit']}, centroids "
+          f"{result['centroids']}; {len(batch)} queries; the exhaustive word x region product's floor "
+          f"{result['scan_floor_ms']} ms per query here, {result['scan_floor_ms_100k']} ms at 100,000 images "
+          f"(large GEMM {result['gemm_gflops']} GFLOP/s)\n")
+    print("| measure | share |\n|---|---|")
+    for key, value in result.items():
+        if key.startswith(("reach", "probed", "oracle")):
+            print(f"| {key} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
