@@ -218,7 +218,7 @@ def test_compact_storage_searches_its_decoded_vectors_exactly(world: dict[str, A
 
 @pytest.mark.parametrize("bits", [1, 1.5, 2, 2.7, 4])
 def test_the_compiled_residual_encoder_writes_numpys_bytes(bits: float) -> None:
-    from itmrt.scale.regions import residual_kernels
+    from itmrt.runtime.compact_regions import compact_kernels
 
     rng = np.random.default_rng(int(bits * 10))
     depth = 300 if bits == 2.7 else 64  # 2.7 bits over 300 dimensions: every piece width, unaligned rows
@@ -230,9 +230,14 @@ def test_the_compiled_residual_encoder_writes_numpys_bytes(bits: float) -> None:
     codec = ResidualCodec.fit(vectors[:400], centroids[codes[:400]], bits)
     want = codec.encode(vectors, centroids[codes])
     got = np.zeros_like(want)
-    residual_kernels().encode_residuals(vectors, centroids, codes.astype(np.intp), *codec.packing(), got)
+    compact_kernels().encode_residuals(vectors, centroids, codes.astype(np.intp), *codec.packing(), got)
     np.testing.assert_array_equal(got, want)
     assert len(np.unique(codec.bits_per_dim)) > 1 or bits in (1, 2, 4)
+    # and the compiled decode (where one byte holds dimensions of one width) gives numpy's decode (float32 rounding)
+    assert (codec.byte_levels() is not None) == (bits in (1, 2, 4))
+    rows = rng.permutation(900)[:300]
+    np.testing.assert_allclose(codec.decode_coded(want[rows], centroids, codes[rows]),
+                               codec.decode(want[rows], centroids[codes[rows]]), rtol=0, atol=3e-7)
 
 
 def test_global_vectors_join_the_candidates_and_poor_fit_shards_search_wider(world: dict[str, Any]) -> None:

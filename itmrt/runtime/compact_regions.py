@@ -30,6 +30,7 @@ one tile at a time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,19 @@ class ResidualCodec:
         out = centroids + levels
         return (out / (np.linalg.norm(out, axis=-1, keepdims=True) + 1e-8)).astype(np.float32)
 
+    def decode_coded(self, packed: np.ndarray, centroids: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """:meth:`decode` of ``packed [R, packed_width]`` against ``centroids[codes]`` (``centroids [C, d]``, all of
+        them), without gathering the centroids first: compiled where numba is installed and :meth:`byte_levels`
+        applies (:func:`itmrt.runtime.compact_kernels.decode_levels`: numpy's values to float32 rounding; every
+        read of a gallery decodes the same way), else numpy."""
+        kernels, table = compact_kernels(), self.byte_levels()
+        index = np.asarray(codes, dtype=np.intp).reshape(-1)
+        if kernels is None or table is None or centroids.dtype != np.float32:
+            return self.decode(packed, centroids[index])
+        out = np.empty((len(index), int(centroids.shape[1])), dtype=np.float32)
+        kernels.decode_levels(table, np.ascontiguousarray(packed), index, np.ascontiguousarray(centroids), out)
+        return out
+
     def byte_levels(self) -> np.ndarray | None:
         """Where every dimension has the same 1, 2 or 4 bits (one packed piece): ``[width * 256, 8 / bits]``,
         the levels of the dimensions each byte value at each byte position stands for (None otherwise)."""
@@ -206,6 +220,18 @@ class ResidualCodec:
             self._integer_levels = (entries.view(np.dtype(f"uint{8 * per}")).reshape(-1),
                                     scales.reshape(-1).astype(np.float32))
         return self._integer_levels
+
+
+@functools.lru_cache(maxsize=1)
+def compact_kernels() -> Any:
+    """:mod:`itmrt.runtime.compact_kernels` where numba is installed (the ``cpu`` extra), else None."""
+    from itmrt.optional import available
+
+    if not available("numba"):
+        return None
+    from itmrt.runtime import compact_kernels as kernels
+
+    return kernels
 
 
 def lloyd_max(ordered: np.ndarray, count: int, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:
@@ -298,8 +324,7 @@ class CompactRegions:
     def __getitem__(self, key: Any) -> np.ndarray:
         codes = np.asarray(self.codes[key])
         residuals = np.asarray(self.residuals[key])
-        flat = self.codec.decode(residuals.reshape(-1, residuals.shape[-1]),
-                                 self.centroids[codes.reshape(-1).astype(np.intp)])
+        flat = self.codec.decode_coded(residuals.reshape(-1, residuals.shape[-1]), self.centroids, codes)
         return flat.reshape(*codes.shape, self.shape[2])
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

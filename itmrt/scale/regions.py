@@ -375,7 +375,7 @@ def _residual_encoder(sample: np.ndarray, assigner: CentroidAssigner, bits: floa
     """Compact storage: fit the residual buckets on (part of) ``sample`` (unless a shared ``codec`` is given),
     allocate ``arrays["residuals"]`` and return the per-block encoder :func:`assign_codes` calls (each block
     writes its own images' rows; compiled where numba is installed, the same bytes as numpy's)."""
-    from itmrt.runtime.compact_regions import ResidualCodec
+    from itmrt.runtime.compact_regions import ResidualCodec, compact_kernels
 
     images, regions, depth = shape
     if codec is None:
@@ -384,7 +384,7 @@ def _residual_encoder(sample: np.ndarray, assigner: CentroidAssigner, bits: floa
     width = codec.packed_width(depth)
     residuals = np.empty((images, regions, width), dtype=np.uint8)
     arrays.update(residuals=residuals, buckets=codec.buckets, bits=codec.bits_per_dim)
-    kernels, tables = residual_kernels(), codec.packing()
+    kernels, tables = compact_kernels(), codec.packing()
 
     def encode(first: int, vectors: np.ndarray, found: np.ndarray) -> None:
         if kernels is not None:
