@@ -169,7 +169,8 @@ def exhaustive(runtimes: dict[int, Any], out: Path, batch: Any, results: dict[st
     reference = shards.search(few, SearchRequest(k=TOP)).t2i.indices
     seconds = time.perf_counter() - started
     recall = {setting_name(row): overlap(np.array(row["indices"])[: len(few)], reference)
-              for row in results.get("sweep", [])}
+              for row in results.get("sweep", [])
+              if results.get("queries") == len(batch) and len(row["indices"]) >= len(few)}  # the same queries
     return {"queries": len(few), "exhaustive_decoded_s_per_query": round(seconds / len(few), 1),
             "reference": reference.tolist(), "recall": recall, "load_after": os.getloadavg()}
 
