@@ -730,3 +730,19 @@ def test_infer_and_audit_take_rescore_and_answer_as_the_api(world: dict[str, Any
                      "--shortlist", "4", "--rescore", "9", "--out", str(report), "--overwrite")
     assert result.code == 0, result.err
     assert json.loads(report.read_text())["rescore"] == 9
+
+
+def test_the_search_keeps_the_same_top_rows_as_streaming_top_k_ties_included() -> None:
+    from itmrt.runtime.tiled import StreamingTopK
+    from itmrt.scale.region_search import _top_rows
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n, k = int(rng.integers(1, 60)), int(rng.integers(1, 70))
+        scores = rng.integers(0, 6, size=n).astype(np.float32) / 4  # many ties: broken by the lower row
+        rows = rng.permutation(1000)[:n].astype(np.int64)
+        best = StreamingTopK(1, min(k, n))
+        best.update(slice(None), scores[None, :], rows)
+        np.testing.assert_array_equal(_top_rows(scores, rows, k), best.indices[0])
+    with pytest.raises(ItmrtError):
+        _top_rows(np.array([1.0, np.nan], dtype=np.float32), np.array([0, 1]), 1)

@@ -508,10 +508,19 @@ def token_gemm(threads: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
 
 
 def _top_rows(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` of ``rows`` with the highest ``scores`` (best first, ties by the lower row)."""
-    best = StreamingTopK(1, min(k, len(rows)))
-    best.update(slice(None), scores[None, :], rows)
-    return best.indices[0]
+    """The ``k`` of ``rows`` with the highest ``scores`` (best first, ties by the lower row): what
+    :class:`StreamingTopK` keeps, without its merge with held entries (a search calls this three times a shard:
+    0.23 ms a call through it, 60 calls a query at 1M images)."""
+    k = min(k, len(rows))
+    if not np.isfinite(scores).all():  # StreamingTopK says what is wrong
+        best = StreamingTopK(1, k)
+        best.update(slice(None), scores[None, :], rows)
+        return best.indices[0]
+    chosen = np.arange(len(rows))
+    if 0 < k < len(rows):  # every score at least the k-th largest (ties included), then sort only those
+        chosen = np.flatnonzero(scores >= np.partition(scores, len(scores) - k)[len(scores) - k])
+    order = np.lexsort((rows[chosen], -scores[chosen]))[:k]
+    return np.asarray(rows[chosen[order]], dtype=np.int64)
 
 
 def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings, candidates: np.ndarray,
