@@ -129,7 +129,7 @@ class ResidualCodec:
 
     def packing(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What :meth:`encode` computes, as tables for a compiled encoder
-        (:func:`itmrt.scale.residual_kernels.encode_residuals`): ``cutoffs [d, 2^max_bits - 1]`` float32 (each
+        (:func:`itmrt.runtime.compact_kernels.encode_residuals`): ``cutoffs [d, 2^max_bits - 1]`` float32 (each
         dimension's, halfway between its levels, computed as :meth:`encode` computes them), ``counts [d]`` (how
         many a dimension has) and ``entries [E, 5]`` int64: ``(dimension, shift, mask, byte, bit)`` for each
         piece of a dimension's code in the packed row."""
