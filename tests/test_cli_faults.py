@@ -180,6 +180,36 @@ def test_infer_with_the_fused_scorer_runs_when_the_kernel_cache_cannot_be_writte
     assert f"kernels True rows {len(captions)}" in done.stdout, done.stdout
 
 
+def test_a_compact_region_gallery_is_searched_when_the_kernel_cache_cannot_be_written(world: dict[str, Path],
+                                                                                      tmp_path: Path) -> None:
+    """Compact storage's compiled decode and the residual stage's level gather fall back to kernels compiled in
+    memory at their first call, as the scorers' kernels do (it died with numba's OSError before)."""
+    pytest.importorskip("numba")
+    pytest.importorskip("faiss")
+    from itmrt.runtime import load
+    from itmrt.scale import IndexSpec, ShardingOptions, index_sharded
+
+    runtime = load(world["bundle"], threads=1, warn=lambda message: None)
+    gallery = tmp_path / "compact"
+    index_sharded(runtime, region_features(40, seed=5), gallery,
+                  ShardingOptions(16, None, IndexSpec("regions", regions_storage="compact")))
+    script = (
+        "import resource, signal\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        "from itmrt.scale import SearchRequest, open_shards\n"
+        f"shards = open_shards({str(gallery)!r}, threads=1, warn=lambda m: print('warning:', m))\n"
+        "shards.runtime.warmup()\n"
+        f"captions = shards.runtime.encode_captions({random_captions(3, seed=9)!r})\n"
+        "found = shards.search(captions, SearchRequest(k=3, shortlist=5, rescore=16))\n"
+        "print('found', found.t2i.indices.shape, shards.runtime.one_caption.kernel_loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert "found (3, 3) True" in done.stdout, done.stdout
+
+
 def test_an_encoder_that_overflows_is_refused_naming_the_rows(world: dict[str, Path], tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     features = region_features(10, seed=4)

@@ -184,8 +184,11 @@ class ResidualCodec:
         index = np.asarray(codes, dtype=np.intp).reshape(-1)
         if kernels is None or table is None or centroids.dtype != np.float32:
             return self.decode(packed, centroids[index])
+        from itmrt.runtime.fused import call_compiled
+
         out = np.empty((len(index), int(centroids.shape[1])), dtype=np.float32)
-        kernels.decode_levels(table, np.ascontiguousarray(packed), index, np.ascontiguousarray(centroids), out)
+        call_compiled(kernels.decode_levels, table, np.ascontiguousarray(packed), index,
+                      np.ascontiguousarray(centroids), out)
         return out
 
     def byte_levels(self) -> np.ndarray | None:

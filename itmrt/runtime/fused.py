@@ -73,6 +73,21 @@ def kernel_cache_fault(exc: BaseException) -> bool:
     return any("numba" in frame.filename and frame.filename.endswith("caching.py") for frame in frames)
 
 
+def call_compiled(kernel: Any, *args: Any) -> Any:
+    """``kernel(*args)`` for a numba kernel compiled with ``cache=True``; where numba cannot write its cache (a
+    full or read-only disk) at the kernel's first call for these argument types, the kernel is compiled in
+    memory instead and called again: the cache is an optimisation, never a condition."""
+    try:
+        return kernel(*args)
+    except OSError as exc:
+        if not kernel_cache_fault(exc):
+            raise
+        from numba.core.caching import NullCache
+
+        kernel._cache = NullCache()
+        return kernel(*args)
+
+
 def disable_kernel_cache() -> None:
     """Compile the fused scorer's kernels in memory only: the cache is an optimisation, never a condition."""
     from numba.core.caching import NullCache

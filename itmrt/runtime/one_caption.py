@@ -493,23 +493,13 @@ class OneCaptionScorer:
         if not available("numba"):
             return False
         from itmrt.runtime import one_caption_kernels
-        from itmrt.runtime.fused import kernel_cache_fault
 
         assert one_caption_kernels.LANES == KERNEL_LANES
         self._kernel = one_caption_kernels.naaf_block
         rng = np.random.default_rng(0)  # compiles (or loads) the kernel for the arrays the scorer passes
         query = query_captions(CaptionEmbeddings(rng.standard_normal((3, 4), dtype=np.float32),
                                                  np.array([3], dtype=np.int32), np.array([0, 3])), self.parameters)
-        sims, grams = rng.standard_normal((2, 5, 3), dtype=np.float32), np.ones((2, 5, 5), np.float32)
-        try:
-            self._naaf(sims, grams, query)
-        except OSError as exc:  # a cache that cannot be written: compiled in memory (an optimisation lost)
-            if not kernel_cache_fault(exc):
-                raise
-            from numba.core.caching import NullCache
-
-            self._kernel._cache = NullCache()  # type: ignore[attr-defined]
-            self._naaf(sims, grams, query)
+        self._naaf(rng.standard_normal((2, 5, 3), dtype=np.float32), np.ones((2, 5, 5), np.float32), query)
         return True
 
     @property
@@ -620,10 +610,13 @@ class OneCaptionScorer:
     def _naaf(self, sims: np.ndarray, grams: np.ndarray, query: QueryCaptions) -> np.ndarray:
         """:func:`naaf_block` by the compiled kernel (the interpreter lock released for the whole block)."""
         assert self._kernel is not None and isinstance(self.parameters, NaafParameters)
+        from itmrt.runtime.fused import call_compiled
+
         out = np.empty((sims.shape[0], len(query.bounds)), dtype=np.float32)
-        self._kernel(np.ascontiguousarray(sims, dtype=np.float32), np.ascontiguousarray(grams, dtype=np.float32),
-                     query.starts, query.lengths, query.intra_flat, query.intra_starts,
-                     np.float32(self.parameters.threshold), np.float32(self.parameters.lambda_softmax), out)
+        call_compiled(self._kernel, np.ascontiguousarray(sims, dtype=np.float32),
+                      np.ascontiguousarray(grams, dtype=np.float32), query.starts, query.lengths, query.intra_flat,
+                      query.intra_starts, np.float32(self.parameters.threshold),
+                      np.float32(self.parameters.lambda_softmax), out)
         return out
 
     def _map_blocks(self, total: int, work: Callable[[_Worker, int, int], None], size: int | None = None) -> None:

@@ -48,6 +48,7 @@ from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_THRESHOLD, SCAN_LAMBDA_LS
 from itmrt.errors import ItmrtError
 from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.fused import call_compiled
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
 from itmrt.scale.regions import (
@@ -446,7 +447,7 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
         codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
         if kernels is not None and integers is not None:
             levels = np.empty((len(packed), width), dtype=entries.dtype)
-            kernels.gather_levels(entries, packed, levels)
+            call_compiled(kernels.gather_levels, entries, packed, levels)
             sims = gemm(levels.view(np.uint8).reshape(len(packed), -1), words) * word_scale
             sims += by_centroid[codes]
             out[:, start : start + len(part)] = sims.reshape(len(part), regions, -1).max(axis=1).T

@@ -376,6 +376,7 @@ def _residual_encoder(sample: np.ndarray, assigner: CentroidAssigner, bits: floa
     allocate ``arrays["residuals"]`` and return the per-block encoder :func:`assign_codes` calls (each block
     writes its own images' rows; compiled where numba is installed, the same bytes as numpy's)."""
     from itmrt.runtime.compact_regions import ResidualCodec, compact_kernels
+    from itmrt.runtime.fused import call_compiled
 
     images, regions, depth = shape
     if codec is None:
@@ -389,7 +390,8 @@ def _residual_encoder(sample: np.ndarray, assigner: CentroidAssigner, bits: floa
     def encode(first: int, vectors: np.ndarray, found: np.ndarray) -> None:
         if kernels is not None:
             packed = np.zeros((len(vectors), width), dtype=np.uint8)
-            kernels.encode_residuals(vectors, assigner.centroids, found.astype(np.intp), *tables, packed)
+            call_compiled(kernels.encode_residuals, vectors, assigner.centroids, found.astype(np.intp), *tables,
+                          packed)
         else:
             packed = codec.encode(vectors, assigner.centroids[found])
         residuals[first : first + len(vectors) // regions] = packed.reshape(-1, regions, width)
