@@ -15,6 +15,7 @@ package, and the extra that installs it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from collections.abc import Callable
@@ -145,6 +146,13 @@ class LazyModule:
 def lazy_import(name: str, purpose: str | None = None) -> Any:
     """A proxy for ``name``, imported (or reported missing) when first used."""
     return LazyModule(name, purpose)
+
+
+@functools.cache
+def compiled_kernels(module: str) -> ModuleType | None:
+    """One of itmrt's modules of numba kernels (``itmrt.runtime.compact_kernels``, ...), imported on first use,
+    where numba is installed (the ``cpu`` extra); None otherwise, and its callers run their numpy code."""
+    return importlib.import_module(module) if available("numba") else None
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:

@@ -30,13 +30,13 @@ one tile at a time.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.optional import compiled_kernels
 
 MAX_BITS = 4
 """Most bits one dimension's residual gets."""
@@ -225,16 +225,9 @@ class ResidualCodec:
         return self._integer_levels
 
 
-@functools.lru_cache(maxsize=1)
 def compact_kernels() -> Any:
     """:mod:`itmrt.runtime.compact_kernels` where numba is installed (the ``cpu`` extra), else None."""
-    from itmrt.optional import available
-
-    if not available("numba"):
-        return None
-    from itmrt.runtime import compact_kernels as kernels
-
-    return kernels
+    return compiled_kernels("itmrt.runtime.compact_kernels")
 
 
 def lloyd_max(ordered: np.ndarray, count: int, iterations: int = LLOYD_ITERATIONS) -> tuple[np.ndarray, np.ndarray]:

@@ -65,7 +65,7 @@ from itmrt.bundle.names import (
 )
 from itmrt.errors import ItmrtError
 from itmrt.limits import check_threads
-from itmrt.optional import available
+from itmrt.optional import compiled_kernels
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.sessions import create_session
 
@@ -490,10 +490,9 @@ class OneCaptionScorer:
             return False
         if self._kernel is not None:
             return True
-        if not available("numba"):
+        one_caption_kernels = compiled_kernels("itmrt.runtime.one_caption_kernels")
+        if one_caption_kernels is None:
             return False
-        from itmrt.runtime import one_caption_kernels
-
         assert one_caption_kernels.LANES == KERNEL_LANES
         self._kernel = one_caption_kernels.naaf_block
         rng = np.random.default_rng(0)  # compiles (or loads) the kernel for the arrays the scorer passes

@@ -38,7 +38,6 @@ is searched with):
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import ItmrtError
-from itmrt.optional import require
+from itmrt.optional import compiled_kernels, require
 
 CENTROIDS_FILE = "region_centroids.npy"
 CODES_FILE = "region_codes.npy"
@@ -134,16 +133,9 @@ def faiss_module() -> Any:
     return require("faiss", "the region index")
 
 
-@functools.lru_cache(maxsize=1)
 def residual_kernels() -> Any:
     """:mod:`itmrt.scale.residual_kernels` where numba is installed (the ``cpu`` extra), else None."""
-    from itmrt.optional import available
-
-    if not available("numba"):
-        return None
-    from itmrt.scale import residual_kernels as kernels
-
-    return kernels
+    return compiled_kernels("itmrt.scale.residual_kernels")
 
 
 @dataclass(frozen=True)
