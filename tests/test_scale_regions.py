@@ -646,16 +646,22 @@ def test_the_residual_stage_reads_each_regions_centroid_plus_its_residual_levels
                 np.testing.assert_allclose(stored_best_similarities(probe, stored, rows, product), want, atol=1e-5)
 
 
+def compact_gallery(world: dict[str, Any]) -> Path:
+    """The fixture's images as a 3-shard gallery with compact storage at 2 bits (made once per module)."""
+    gallery = world["root"] / "residual-2"
+    if not gallery.is_dir():
+        spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
+        index_sharded(world["runtime"], world["features"], gallery, ShardingOptions(16, None, spec))
+    return gallery
+
+
 def test_rescoring_keeps_the_images_with_the_best_residual_estimates_and_everything_is_exhaustive(
         world: dict[str, Any]) -> None:
     from itmrt.scale.region_search import ProbeCache, _top_rows, stored_best_similarities, token_gemm
     from itmrt.scale.shard import score_estimate
 
     runtime, captions = world["runtime"], world["captions"]
-    gallery = world["root"] / "residual-2"
-    if not gallery.is_dir():
-        spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
-        index_sharded(runtime, world["features"], gallery, ShardingOptions(16, None, spec))
+    gallery = compact_gallery(world)
     shards = open_shards(gallery, threads=1, warn=quiet)
     full = shards.search(captions, SearchRequest(k=5))
     found = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, nprobe=EVERYTHING, rescore=EVERYTHING))
@@ -673,12 +679,9 @@ def test_rescoring_keeps_the_images_with_the_best_residual_estimates_and_everyth
 
 
 def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards(world: dict[str, Any]) -> None:
-    from itmrt.scale.regions import DEFAULT_RESCORE, MIN_RESCORE_SHARE
+    from itmrt.scale.regions import DEFAULT_RESCORE, MIN_POOLED_RESCORE_SHARE, MIN_RESCORE_SHARE
 
-    gallery = world["root"] / "residual-2"
-    if not gallery.is_dir():
-        spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
-        index_sharded(world["runtime"], world["features"], gallery, ShardingOptions(16, None, spec))
+    gallery = compact_gallery(world)
     compact = open_shards(gallery, threads=1, warn=quiet).shards
     assert len(compact) == 3
     for shard in compact:
@@ -686,8 +689,41 @@ def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards
         assert shard.regions.default_rescore(7, shard.gallery.embeddings) == 7
         shard.regions.shards = 20  # a share below MIN_RESCORE_SHARE: that many, not fewer
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == MIN_RESCORE_SHARE
+        assert shard.regions.default_rescore(None, shard.gallery.embeddings, pooled=True) == DEFAULT_RESCORE // 20
+        shard.regions.shards = 40  # a budget's pooled share has its own floor
+        assert shard.regions.default_rescore(None, shard.gallery.embeddings, pooled=True) == \
+            MIN_POOLED_RESCORE_SHARE
     for shard in open_shards(world["gallery"], threads=1, warn=quiet).shards:  # exact storage: none unless asked
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == 0
+
+
+def test_a_budget_on_compact_storage_pools_each_shards_residual_estimates(world: dict[str, Any]) -> None:
+    """On compact storage each shard offers a search with a budget the images its residual stage re-estimated
+    (at most the budget), with those estimates: the pooled choice compares the same estimate across shards;
+    with everything probed, re-estimated and kept, the answer is exhaustive scoring's."""
+    from itmrt.scale.region_search import ProbeCache, stored_best_similarities, token_gemm
+    from itmrt.scale.shard import score_estimate, shard_estimates
+
+    runtime, captions = world["runtime"], world["captions"]
+    gallery = compact_gallery(world)
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    full = shards.search(captions, SearchRequest(k=5))
+    everything = shards.search(captions, SearchRequest(k=5, shortlist=5, nprobe=EVERYTHING, budget=EVERYTHING,
+                                                       rescore=EVERYTHING, refine=0))
+    np.testing.assert_array_equal(everything.t2i.indices, full.t2i.indices)  # scored in one call: float rounding
+    np.testing.assert_allclose(everything.t2i.scores, full.t2i.scores, rtol=0, atol=1e-6)
+    request = SearchRequest(k=3, shortlist=3, nprobe=2, budget=8, rescore=4)
+    estimate, product = score_estimate(runtime), token_gemm(1)
+    for shard in shards.shards:
+        rows, estimates = shard_estimates(shard, runtime, captions, request, None)
+        assert rows.shape == (len(captions), 4)  # the 4 re-estimated, not the budget's 8
+        for caption in range(len(captions)):
+            probe = ProbeCache(shared=False).get(shard.regions, captions, caption, 2, product)
+            mine = rows[caption] - shard.record.first
+            residual = estimate.scores(stored_best_similarities(probe, shard.gallery.embeddings, mine, product),
+                                       probe.tokens, product)
+            np.testing.assert_allclose(estimates[caption], residual, rtol=0, atol=1e-5)
+    assert shards.search(captions, request).pairs == len(captions) * 8
 
 
 def test_the_default_refine_is_the_recorded_one_lowered_to_a_share_of_one_budget_per_query(

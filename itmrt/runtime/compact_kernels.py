@@ -7,10 +7,10 @@
   writes exactly, took 55.8 s of one core per 50,000-image shard, most of a 1M
   build (docs/region-index.md, 2026-12-06, session 5).
 - :func:`decode_levels` (a rerank's or a scan's decode): each region's centroid
-  plus the levels its packed bytes stand for, read from the codec's per-byte
-  table without gathering the centroids or converting indices first, and
-  normalised in the same pass; numpy's decode to float32 rounding (the norm is
-  summed in another order).
+  plus the levels its packed bytes stand for, read per dimension without
+  gathering the centroids or converting indices first, and normalised in the
+  same pass; numpy's decode to float32 rounding (the norm is summed in another
+  order).
 
 Importing this module imports numba (the ``cpu`` extra); without it the codec
 runs in numpy.
@@ -46,21 +46,28 @@ def encode_residuals(vectors, centroids, codes, cutoffs, counts, entries, out): 
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
-def decode_levels(table, packed, codes, centroids, out):  # type: ignore[no-untyped-def]
+def decode_levels(levels, bits, packed, codes, centroids, out):  # type: ignore[no-untyped-def]
     """Each region's unit vector ``out[r] = v / (||v|| + 1e-8)`` with ``v[k] = centroids[codes[r], k] +
-    table[p * 256 + packed[r, p], j]`` for dimension ``k = p * per + j`` (``table [width * 256, per]``:
-    :meth:`~itmrt.runtime.compact_regions.ResidualCodec.byte_levels`). ``v`` is numpy's decode's sum exactly;
-    the norm is summed in another order than numpy's (the unit vectors agree to float32 rounding)."""
+    levels[k, code]``, ``code`` dimension ``k``'s ``bits`` (1, 2 or 4: every dimension the same) in byte
+    ``k // (8 / bits)`` of ``packed[r]``, from bit ``bits * (k % (8 / bits))``. ``v`` is numpy's decode's sum
+    exactly; the norm is summed in another order than numpy's (the unit vectors agree to float32 rounding).
+
+    The levels are read per dimension (``[d, 2^bits]``: 16 KB at d 1024 and 2 bits, which stays in the first
+    cache) rather than from a table of each byte value's levels (1 MB): a rerank decodes a few images between
+    other work, and there nearly every read of the larger table missed the cache (a shard's 10 images: 1.2
+    against 0.55 ms with cold caches, docs/region-index.md, 2026-12-06, session 6)."""
     rows, depth = out.shape
-    width, per = packed.shape[1], table.shape[1]
+    width = packed.shape[1]
+    per = 8 // bits
+    mask = (1 << bits) - 1
     for r in range(rows):
         c = codes[r]
         for p in range(width):
-            entry = p * 256 + np.intp(packed[r, p])
+            byte = np.intp(packed[r, p])
             for j in range(per):
                 k = p * per + j
                 if k < depth:
-                    out[r, k] = centroids[c, k] + table[entry, j]
+                    out[r, k] = centroids[c, k] + levels[k, (byte >> (bits * j)) & mask]
         total = np.float32(0.0)
         for k in range(depth):
             total += out[r, k] * out[r, k]

@@ -177,18 +177,18 @@ class ResidualCodec:
 
     def decode_coded(self, packed: np.ndarray, centroids: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """:meth:`decode` of ``packed [R, packed_width]`` against ``centroids[codes]`` (``centroids [C, d]``, all of
-        them), without gathering the centroids first: compiled where numba is installed and :meth:`byte_levels`
-        applies (:func:`itmrt.runtime.compact_kernels.decode_levels`: numpy's values to float32 rounding; every
-        read of a gallery decodes the same way), else numpy."""
-        kernels, table = compact_kernels(), self.byte_levels()
+        them), without gathering the centroids first: compiled where numba is installed and every dimension has
+        the same 1, 2 or 4 bits (:func:`itmrt.runtime.compact_kernels.decode_levels`: numpy's values to float32
+        rounding; every read of a gallery decodes the same way), else numpy."""
+        kernels, uniform = compact_kernels(), self.byte_levels() is not None
         index = np.asarray(codes, dtype=np.intp).reshape(-1)
-        if kernels is None or table is None or centroids.dtype != np.float32:
+        if kernels is None or not uniform or centroids.dtype != np.float32:
             return self.decode(packed, centroids[index])
         from itmrt.runtime.fused import call_compiled
 
         out = np.empty((len(index), int(centroids.shape[1])), dtype=np.float32)
-        call_compiled(kernels.decode_levels, table, np.ascontiguousarray(packed), index,
-                      np.ascontiguousarray(centroids), out)
+        call_compiled(kernels.decode_levels, self.buckets, int(self.segments[0][2]), np.ascontiguousarray(packed),
+                      index, np.ascontiguousarray(centroids), out)
         return out
 
     def byte_levels(self) -> np.ndarray | None:

@@ -57,6 +57,7 @@ from itmrt.scale.regions import (
     DEFAULT_REFINE,
     DEFAULT_RESCORE,
     DEFAULT_UNION,
+    MIN_POOLED_RESCORE_SHARE,
     MIN_REFINE_SHARE,
     MIN_RESCORE_SHARE,
     POOR_FIT,
@@ -182,14 +183,16 @@ class RegionIndex:
             return asked
         return self.union or (POOR_FIT_UNION if self.poor_fit else 0)
 
-    def default_rescore(self, asked: int | None, stored: Any) -> int:
+    def default_rescore(self, asked: int | None, stored: Any, pooled: bool = False) -> int:
         """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``,
         else, where its regions are compact storage (the residual stage reads a few bytes a region), this shard's
-        share of :data:`DEFAULT_RESCORE` over the gallery's :attr:`shards`, at least :data:`MIN_RESCORE_SHARE`;
-        else 0 (exact storage would read its float embeddings)."""
+        share of :data:`DEFAULT_RESCORE` over the gallery's :attr:`shards`, at least :data:`MIN_RESCORE_SHARE`
+        (``pooled``, a search with a budget: :data:`MIN_POOLED_RESCORE_SHARE`); else 0 (exact storage would read
+        its float embeddings)."""
         if asked is not None:
             return asked
-        return self._share(DEFAULT_RESCORE, MIN_RESCORE_SHARE) if isinstance(stored, CompactRegions) else 0
+        least = MIN_POOLED_RESCORE_SHARE if pooled else MIN_RESCORE_SHARE
+        return self._share(DEFAULT_RESCORE, least) if isinstance(stored, CompactRegions) else 0
 
     def default_refine(self, asked: int | None) -> int:
         """Images a search refines in this shard from every region's centroid (step 3b): ``asked``, else the
@@ -324,7 +327,9 @@ class RegionIndex:
             if k < refine < self.images:
                 regions = probe.by_centroid()[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
                 scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), probe.tokens, product)
-            if stored is not None and k < rescore:
+            # with ``estimates`` (a budget) the kept images' estimates are compared with other shards': they are
+            # the residual stage's even where every image it re-estimates is kept
+            if stored is not None and (k < rescore or (estimates is not None and 0 < k == rescore)):
                 rows = np.sort(_top_rows(scores, rows, rescore))  # sorted: a forward read of the file
                 best = stored_best_similarities(probe, stored, rows, product, threads)
                 scores = estimate.scores(best, probe.tokens, product)

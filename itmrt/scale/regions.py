@@ -98,6 +98,12 @@ MIN_RESCORE_SHARE = 64
 the distinct 1M gallery (20 shards, K 10 per shard, refine 256) 64 a shard lifted recall@10 from 0.93 to 0.975
 (20 queries) at p50 141.0 against 121.0 ms in the same run; 128 a shard read 0.975 as well at 169.2 ms
 (docs/region-index.md, 2026-12-06, session 4)."""
+MIN_POOLED_RESCORE_SHARE = 24
+"""The fewest images a compact shard re-estimates by default in a search with a budget (its best by residual
+estimate are pooled with the other shards' and the gallery's ``budget`` best of them reranked): on the distinct
+1M gallery (20 shards, 20 queries; shares of 12, 16, 20, 24 and 32 a shard replayed from the same estimates)
+24 a shard and a budget of 100 kept 0.98 of exhaustive's top 10, 16 a shard 0.965 (docs/region-index.md,
+2026-12-06, session 6)."""
 DEFAULT_UNION = 0
 """Images per shard added to the region index's candidates from the global vectors (mean pooling) before the
 rerank, on a shard that fits its centroids well (exact storage keeps the global vectors; compact does not)."""
