@@ -82,6 +82,27 @@ def test_index_then_infer_on_gallery_without_torch(naaf: dict[str, Path], tmp_pa
     assert rankings(tmp_path / "g.jsonl") == rankings(tmp_path / "b.jsonl")
 
 
+def test_direction_answers_only_the_queries_asked(naaf: dict[str, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``--direction t2i`` writes the caption lines of ``both`` and no image lines (``i2t`` the other way), on
+    the bundle, the checkpoint and a shortlist; a bad value is refused in one line."""
+    common = ["--captions", naaf["caps"], "--images", naaf["feats"], "--top-k", "5"]
+    for source, extra in ((naaf["bundle"], []), (naaf["bundle"], ["--shortlist", "8"]),
+                          (naaf["checkpoint"], ["--vocab", naaf["vocab"]])):
+        code, _, err = run_cli(["infer", source, *common, *extra, "--out", tmp_path / "both.jsonl", "--overwrite"],
+                               capsys)
+        assert code == 0, err
+        both = rankings(tmp_path / "both.jsonl")
+        for direction, query in (("t2i", "caption"), ("i2t", "image")):
+            code, _, err = run_cli(["infer", source, *common, *extra, "--direction", direction,
+                                    "--out", tmp_path / f"{direction}.jsonl", "--overwrite"], capsys)
+            assert code == 0, err
+            got = rankings(tmp_path / f"{direction}.jsonl")
+            assert got and got == {key: value for key, value in both.items() if key[0] == query}, (source, extra)
+    code, _, err = run_cli(["infer", naaf["bundle"], *common, "--direction", "sideways", "--out",
+                            tmp_path / "x.jsonl"], capsys)
+    assert code == 2 and "--direction" in err and "sideways" in err
+
+
 def test_outputs_are_not_overwritten_unless_asked(naaf: dict[str, Path], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "r.jsonl").write_text("keep\n")
     args = [

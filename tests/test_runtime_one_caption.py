@@ -50,6 +50,7 @@ def test_one_caption_answers_equal_the_batched_answers(bundle: Path, tmp_path: P
         assert runtime.one_caption.kernel_loaded == (runtime.bundle.family == "naaf")
     else:
         assert not runtime.one_caption.kernel_loaded
+    assert runtime.one_caption.reranks_build_constants == warm  # a warmed runtime's reranks cache constants
     gallery = runtime.index(region_features(N_IMAGES, seed=1), tmp_path / "gallery", dtype=dtype)
     captions = random_captions(2 * FEW_CAPTIONS + 3, seed=5, max_words=10)  # more than a few: batched
     want = batched.search_text_to_image(captions, gallery, k=8)
@@ -124,6 +125,28 @@ def test_constants_budget_bounds_the_cache(tmp_path: Path) -> None:
     np.testing.assert_array_equal(scorer.score(images * 2, captions, key=("b",), rows=rows),
                                   scorer.score(images * 2, captions)[rows])  # a cached gallery's are used
     assert scorer.builds == 2
+
+
+def test_a_rerank_computes_a_gallerys_constants_once_they_pay_or_in_a_warmed_runtime() -> None:
+    """A rerank of a few rows computes their constants in the call, not the whole gallery's (at 1M images that
+    was 16 s before one caption's first answer), until the reranks have asked for as many rows as the gallery
+    holds; a warmed runtime (a service) caches them at once."""
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((30, 6, 8)).astype(np.float32)
+    captions = CaptionEmbeddings(rng.standard_normal((3, 8)).astype(np.float32), np.array([3], np.int32),
+                                 np.array([0, 3]))
+    scorer, rows = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1), np.array([7, 2, 29])
+    once = scorer.score(images, captions, key=("g",), rows=rows)
+    np.testing.assert_array_equal(once, scorer.score(images, captions)[rows])
+    for _ in range(8):  # 27 of the 30 rows asked for
+        np.testing.assert_array_equal(scorer.score(images, captions, key=("g",), rows=rows), once)
+    assert scorer.builds == 0 and not scorer._cache
+    np.testing.assert_array_equal(scorer.score(images, captions, key=("g",), rows=rows), once)  # 30: they pay
+    assert scorer.builds == 1 and list(scorer._cache) == [("g",)]
+    warmed = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1)
+    warmed.reranks_build_constants = True  # what Runtime.warmup sets
+    np.testing.assert_array_equal(warmed.score(images, captions, key=("g",), rows=rows), once)
+    assert warmed.builds == 1
 
 
 @pytest.mark.parametrize("cross_attn, raw_norm, agg", list(itertools.product(

@@ -596,6 +596,15 @@ def test_infer_and_serve_take_the_region_flags_and_answer_as_the_api(world: dict
         np.testing.assert_array_equal(searcher.top_k(encoded, 4).indices, pooled.indices)
     finally:
         searcher.close()
+    # --direction t2i: the caption lines only, and --budget with them
+    for extra, wanted in (([], want), (["--budget", "12"], pooled)):
+        result = run_cli(capsys, "infer", str(gallery), "--captions", str(root / "flags.txt"), "--top-k", "4",
+                         "--shortlist", "5", "--nprobe", "2", "--refine", "8", "--prefilter", "20",
+                         "--direction", "t2i", *extra, "--out", str(out), "--overwrite")
+        assert result.code == 0, result.err
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [line["query"] for line in lines] == ["caption"] * len(captions)
+        np.testing.assert_array_equal(np.array([line["images"] for line in lines]), wanted.indices)
     single = root / "single_gallery"
     if not single.exists():
         world["runtime"].index(world["features"][:4], single)
@@ -605,6 +614,7 @@ def test_infer_and_serve_take_the_region_flags_and_answer_as_the_api(world: dict
             "--nprobe search a sharded gallery's region index",
         ("serve", str(single), "--refine", "8"): "region-index flags search a sharded gallery",
         ("serve", str(gallery), "--budget", "5"): "add --shortlist",
+        ("infer", str(gallery), "--shortlist", "10", "--budget", "12"): "`itmrt infer --direction t2i`",
     }
     for args, words in refusals.items():
         extra = ["--captions", str(root / "flags.txt"), "--out", str(root / "x.jsonl")] if args[0] == "infer" else []

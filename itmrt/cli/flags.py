@@ -25,7 +25,7 @@ from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.cli.groups import Flag, OptionGroup, select_flags
 from itmrt.precision import DEFAULT_METHOD, CalibrationMethod
 from itmrt.publish import OutputOptions
-from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
+from itmrt.runtime.options import Direction, OnLong, RuntimeOptions, ScorerChoice
 
 ChoiceT = TypeVar("ChoiceT", bound=Enum)
 
@@ -99,6 +99,13 @@ def scorer(default: ScorerChoice | None = None) -> Any:
 
 def on_long(default: OnLong = OnLong.TRUNCATE, help_text: str = "truncate (with a warning) or refuse") -> Any:
     return _choice(OnLong, default, "--on-long", "--on-long", f"Captions over the token limit: {help_text}.")
+
+
+def direction() -> Any:
+    return _choice(Direction, Direction.BOTH, "--direction", "--direction", (
+        "Which queries to answer: both (each caption's best images and each image's best captions), t2i (each "
+        "caption's best images: a search of the images; on a large gallery the i2t half alone is a line per "
+        "image) or i2t."))
 
 
 def max_length() -> Any:
@@ -188,9 +195,10 @@ REGION_FLAGS: dict[str, Flag] = {
                                                              "regions (compact: centroid plus residual levels) "
                                                              "before K are kept (0: none; default on compact storage: "
                                                              "512 per query split over the shards, at least 64 "
-                                                             "each; exact: 0).")),
+                                                             "each, 24 with --budget; exact: 0).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
-                                                           "estimate (default: K per shard; not with --ray).")),
+                                                           "estimate (default: K per shard; text to image only; "
+                                                           "not with --ray).")),
 }
 """How a sharded gallery's region index is searched (:class:`itmrt.scale.SearchRequest`'s fields of the same
 names), each declared once; unset flags leave each shard's recorded or default value."""

@@ -81,7 +81,8 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
                                    request.runtime.on_long, request.runtime.batch_size)
     t2i, i2t = top_k_of_matrix(scores, top_k, "the image features may hold values the model cannot take")
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, t2i, i2t, scores, request.outputs.overwrite)
+        _write_outputs(out, scores_out, captions, t2i if "t2i" in request.directions else None,
+                       i2t if "i2t" in request.directions else None, scores, request.outputs.overwrite)
     return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
 
 
@@ -89,7 +90,7 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
 @flags.runtime_group("backend", "precision", "providers", "threads", "scorer", "max_length", "on_long", "batch_size",
                        "memory_mb", "device", "gpu_mem_limit_mb")
 @flags.output_group("overwrite", "progress")
-@flags.region_group("nprobe", "exact_pass", "union", "refine", "prefilter", "rescore")  # --budget: text to image only
+@flags.region_group()
 @ray_flags.ray_group
 def infer_command(
     source: Path = typer.Argument(..., help="A bundle folder, a gallery folder (from `itmrt index`), or a checkpoint file (needs --vocab)."),
@@ -101,6 +102,7 @@ def infer_command(
     vocab: Path | None = typer.Option(None, "--vocab", help="Checkpoint only: the vocabulary JSON the model was trained with."),
     runtime: Any = None,  # the runtime options (flags.runtime_group): one RuntimeOptions
     top_k: int = typer.Option(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Results per query."),
+    direction: Any = flags.direction(),
     out: Path = typer.Option(..., "--out", help="results.jsonl to write."),
     scores_out: Path | None = typer.Option(None, "--scores-out", help="Also write the images x captions score matrix (float32 .npy)."),
     outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
@@ -130,6 +132,7 @@ def infer_command(
     started = time.perf_counter()
     request = BundleRequest(source, gallery_path, images, runtime.replace(warn=warn_on_stderr), skip_bad_images,
                             outputs)
+    request.directions = direction.searched
     output_paths = {"--out": out, "--scores-out": scores_out}
     check_outputs_apart(output_paths, {"checkpoint or bundle or gallery": source, "gallery": gallery_path,
                                        "images": images, "captions": captions_path, "vocabulary": vocab})
@@ -169,6 +172,7 @@ class BundleRequest:
     outputs: OutputOptions = OutputOptions()  # overwrite: replace existing output files
     ray: Any = None  # itmrt.scale.RayOptions: search a sharded gallery on Ray
     regions: dict[str, int] = field(default_factory=dict)  # region-index flags given (SearchRequest's fields)
+    directions: tuple[str, ...] = ("t2i", "i2t")  # which queries are answered (--direction)
 
 
 def _bundle_and_gallery(source: Path, gallery_path: Path | None, images: Path | None) -> tuple[Path, Path | None]:
@@ -223,10 +227,11 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         encoded = runtime.encode_captions(captions)
     with timer.stage("score"), progress_bars(progress and shortlist is None) as bars:
         result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
-                              progress=bars("score (captions)", len(captions)))
+                              progress=bars("score (captions)", len(captions)), directions=request.directions)
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.outputs.overwrite,
-                       image_ids)
+        _write_outputs(out, scores_out, captions, result.t2i if "t2i" in request.directions else None,
+                       result.i2t if "i2t" in request.directions else None, result.scores,
+                       request.outputs.overwrite, image_ids)
     how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
            else "the one-caption scorer" if few
            else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")

@@ -19,7 +19,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
     if request.images is not None:
         raise ItmrtError("give either a sharded gallery or --images, not both")
     load_options = request.runtime.load_keywords()  # the runtime group, as keywords the Ray actors take too
-    search = SearchRequest(top_k, shortlist, ("t2i", "i2t"), scores_out is not None, **request.regions).check()
+    search = SearchRequest(top_k, shortlist, request.directions, scores_out is not None, **request.regions).check()
     require_shortlist(request.regions, shortlist)
     with timer.stage("load"):  # the bundle here, and each shard where it is searched (Ray: the actors start)
         shards = open_shards(request.gallery, ray=request.ray, **load_options)

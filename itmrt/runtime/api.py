@@ -195,6 +195,7 @@ class Runtime:
         self._encode_directions_side_by_side()
         if self.one_caption is not None:  # NAAF's per-word steps compiled, outside the interpreter lock
             self.one_caption.load_kernels()
+            self.one_caption.reranks_build_constants = True  # a warmed runtime serves many queries
         shape = []
         for axis in self.image_input_shape:
             if isinstance(axis, int):
@@ -238,12 +239,15 @@ class Runtime:
         keep_scores: bool = False,
         progress: Callable[[int], None] | None = None,
         shortlist: int | None = None,
+        directions: tuple[str, ...] = ("t2i", "i2t"),
     ) -> ScoreResult:
         """Tiled scoring of image embeddings (or a gallery) against encoded captions: top-k both ways.
 
         ``shortlist=K``: score only each query's K best candidates by a cheap
         global score (:mod:`itmrt.runtime.shortlist`), for galleries too large
-        for full scoring; K must be at least ``top_k``. No full matrix then.
+        for full scoring; K must be at least ``top_k``. No full matrix then;
+        only the ``directions`` asked are searched (the other's results are
+        empty: no columns).
         A few captions (:data:`itmrt.runtime.one_caption.FEW_CAPTIONS`) are
         scored by the one-caption scorer where it applies (``one_caption``).
         """
@@ -252,8 +256,9 @@ class Runtime:
                 raise ItmrtError(
                     "a shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out"
                 )
-            found = self._shortlisted(images, captions, top_k, shortlist, ("t2i", "i2t"))
-            return ScoreResult(found["t2i"], found["i2t"], None, (0, 0), 0)
+            found = self._shortlisted(images, captions, top_k, shortlist, directions)
+            none = {"t2i": TopK.none(len(captions)), "i2t": TopK.none(len(self._image_embeddings(images)))}
+            return ScoreResult(found.get("t2i", none["t2i"]), found.get("i2t", none["i2t"]), None, (0, 0), 0)
         if shortlist is not None:
             check_shortlist(shortlist, top_k)  # global models: full scoring is already one matrix product
         embeddings = self._image_embeddings(images)

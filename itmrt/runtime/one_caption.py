@@ -477,6 +477,11 @@ class OneCaptionScorer:
         self._lock = threading.Lock()  # the constants cache
         self._calls = threading.Lock()  # one call at a time: the workers' scratch arrays are reused
         self.builds = 0  # galleries whose constants were computed (tests read it)
+        # whether a rerank (a call with rows) computes a whole gallery's constants at once: a warmed runtime (a
+        # service, whose warm-up pays for them) does; otherwise only once its reranks have asked for as many
+        # rows as the gallery holds (:meth:`_rerank_builds`)
+        self.reranks_build_constants = False
+        self._rows_asked: dict[GalleryKey, int] = {}
         self._kernel: Callable[..., None] | None = None  # NAAF's compiled per-word steps, once loaded
 
     def load_kernels(self) -> bool:
@@ -525,9 +530,11 @@ class OneCaptionScorer:
         regions = np.asarray(block, dtype=np.float32)
         return np.sqrt(np.einsum("bjd,bjd->bj", regions, regions))
 
-    def constants(self, images: np.ndarray, key: GalleryKey, evict: bool = True) -> ImageConstants | None:
+    def constants(self, images: np.ndarray, key: GalleryKey, evict: bool = True,
+                  build: bool = True) -> ImageConstants | None:
         """The cached constants of the gallery ``key`` names (its content), computed on first use; None when
-        they would not fit :attr:`budget_bytes`, or (``evict`` False) only by evicting another gallery's.
+        they would not fit :attr:`budget_bytes`, or (``evict`` False) only by evicting another gallery's, or
+        (``build`` False) are not cached yet.
 
         A rerank asks without evicting: the shards of a large gallery each read a few rows per query, and a
         cache that cannot hold them all would otherwise rebuild every shard's constants on every query (20
@@ -540,7 +547,7 @@ class OneCaptionScorer:
                 return found
             held = sum(c.nbytes for c in self._cache.values())
         size = constants_bytes(self.parameters, int(images.shape[0]), int(images.shape[1]))
-        if size > self.budget_bytes or (not evict and held + size > self.budget_bytes):
+        if not build or size > self.budget_bytes or (not evict and held + size > self.budget_bytes):
             return None
         shape = (int(images.shape[0]), *((images.shape[1],) * (2 if self.needs_grams else 1)))
         values = np.empty(shape, dtype=np.float32)
@@ -565,7 +572,8 @@ class OneCaptionScorer:
         ``captions``; ``rows``: only those images, in that order (a rerank's candidates).
 
         ``key``: what identifies the images' content (a gallery's embeddings sha256): their constants are cached
-        under it. Without one they are computed inside the call.
+        under it. Without one they are computed inside the call; so are those of ``rows`` whose gallery's
+        constants are not cached yet, until :meth:`_rerank_builds` says the gallery's pay.
         """
         if images.ndim != 3:
             raise ItmrtError(f"the one-caption scorer needs region embeddings, not shape {tuple(images.shape)}")
@@ -573,7 +581,10 @@ class OneCaptionScorer:
         if query.tokens.shape[1] != images.shape[2]:
             raise ItmrtError(f"image ({images.shape[2]}) and caption ({query.tokens.shape[1]}) embeddings differ "
                              "in size")
-        cached = self.constants(images, key, evict=rows is None) if key is not None else None
+        cached = None
+        if key is not None:
+            build = rows is None or self._rerank_builds(key, images, rows)
+            cached = self.constants(images, key, evict=rows is None, build=build)
         index = None if rows is None else np.asarray(rows, dtype=np.int64)
         total = int(images.shape[0]) if index is None else len(index)
         out = np.empty((total, len(query.bounds)), dtype=np.float32)
@@ -592,6 +603,18 @@ class OneCaptionScorer:
         with self._calls:
             self._map_blocks(total, score_range, size)
         return out
+
+    def _rerank_builds(self, key: GalleryKey, images: np.ndarray, rows: np.ndarray) -> bool:
+        """Whether a rerank of ``rows`` computes the gallery's constants (cached) rather than its rows' (in the
+        call): in a warmed runtime (:attr:`reranks_build_constants`: a service pays at warm-up), else once the
+        reranks of this gallery have asked for as many rows as it holds, so computing the gallery's at most
+        doubles what the rows' alone would have cost. A one-shot search of a 50,000-image shard for 10
+        candidates computed the whole shard's (at 1M images, 20 shards: 16 s before one caption's answer)."""
+        if self.reranks_build_constants:
+            return True
+        with self._lock:
+            asked = self._rows_asked[key] = self._rows_asked.get(key, 0) + len(rows)
+        return asked >= int(images.shape[0])
 
     def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray,
                      query: QueryCaptions) -> np.ndarray:
@@ -654,6 +677,7 @@ class OneCaptionScorer:
         with self._lock:
             for key in [key for key in self._cache if not keep(key)]:
                 del self._cache[key]
+            self._rows_asked = {key: count for key, count in self._rows_asked.items() if keep(key)}
 
     def close(self) -> None:
         if self._pool is not None:

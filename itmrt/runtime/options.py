@@ -27,6 +27,20 @@ class ScorerChoice(Choice):
     FUSED = "fused"
 
 
+class Direction(Choice):
+    """Which queries a command answers: every caption's best images and every image's best captions, or one of
+    the two (``t2i``: a search of the images for each caption)."""
+
+    BOTH = "both"
+    T2I = "t2i"
+    I2T = "i2t"
+
+    @property
+    def searched(self) -> tuple[str, ...]:
+        """The directions as :class:`itmrt.scale.SearchRequest` names them."""
+        return ("t2i", "i2t") if self is Direction.BOTH else (str(self.value),)
+
+
 class OnLong(Choice):
     """What happens to a caption longer than the token limit: cut (with a warning) or refused."""
 

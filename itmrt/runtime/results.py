@@ -31,14 +31,17 @@ def caption_result_lines(captions: list[str], t2i: Any, start: int = 0, ids: Any
 
 
 def results_jsonl(captions: list[str], t2i: Any, i2t: Any, image_ids: list[str] | None = None) -> str:
-    """One JSON line per caption query (best images) then per image query (best captions).
+    """One JSON line per caption query (best images) then per image query (best captions); ``t2i`` or ``i2t``
+    None: that direction's lines left out (``itmrt infer --direction``).
 
     Images are given by index (``images``, ``index``) and, when they came from
     image files, also by id (``image_ids``, ``image_id``: the path as listed).
     """
-    result_ids = None if image_ids is None else [[image_ids[int(x)] for x in row] for row in t2i.indices]
-    lines = caption_result_lines(captions, t2i, ids=result_ids)
-    for i in range(i2t.indices.shape[0]):
+    lines: list[str] = []
+    if t2i is not None:
+        result_ids = None if image_ids is None else [[image_ids[int(x)] for x in row] for row in t2i.indices]
+        lines = caption_result_lines(captions, t2i, ids=result_ids)
+    for i in range(0 if i2t is None else i2t.indices.shape[0]):
         line: dict[str, Any] = {"query": "image", "index": i}
         if image_ids is not None:
             line["image_id"] = image_ids[i]

@@ -40,6 +40,11 @@ class TopK:
     indices: np.ndarray
     scores: np.ndarray
 
+    @classmethod
+    def none(cls, queries: int) -> TopK:
+        """No candidates for each of ``queries`` queries (a direction not searched)."""
+        return cls(np.empty((queries, 0), dtype=np.int64), np.empty((queries, 0), dtype=np.float32))
+
 
 def check_finite_scores(scores: np.ndarray, remedy: str = "check the bundle with `itmrt check`") -> None:
     """Refuse NaN or infinite scores: a ranking of them would look like a result and mean nothing."""

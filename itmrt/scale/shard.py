@@ -93,7 +93,7 @@ class SearchRequest:
                 raise ItmrtError(f"--budget ({self.budget}) must be at least --top-k ({self.k})")
             if self.shortlist is None or self.directions != ("t2i",):
                 raise ItmrtError("--budget applies to a region-index search of images for captions (--shortlist, "
-                                 "text to image only)")
+                                 "text to image only: `itmrt infer --direction t2i`)")
         if self.union is not None and self.union < 0:
             raise ItmrtError(f"--union must be at least 0 (0: none), not {self.union}")
         if not self.directions or any(d not in DIRECTIONS for d in self.directions):
