@@ -204,6 +204,28 @@ def test_tampered_shards_are_refused(setup: dict[str, Any], tmp_path: Path) -> N
         open_shards(out, threads=1, warn=quiet)
 
 
+def test_shards_open_side_by_side_and_a_failure_names_the_first_bad_shard(setup: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    """Shards are opened (verified) on one thread per core: a failure names the first bad shard in shard order,
+    whichever thread finished first, and the shards that did open keep no file open."""
+    out = tmp_path / "three"
+    index_sharded(setup["runtime"], setup["features"][:18], out, ShardingOptions(shard_images=6))
+    originals = {shard: (out / f"shard-0000{shard}" / "image_embeddings.npy").read_bytes() for shard in range(3)}
+    opened = len(os.listdir("/proc/self/fd"))
+    for bad in ([2], [1, 2], [0, 2]):
+        for shard, raw in originals.items():
+            damaged = bytearray(raw)
+            if shard in bad:
+                damaged[-4:] = np.float32(0.5).tobytes()
+            (out / f"shard-0000{shard}" / "image_embeddings.npy").write_bytes(bytes(damaged))
+        with pytest.raises(ItmrtError, match=f"shard-0000{bad[0]}/image_embeddings.npy does not match the sha256"):
+            open_shards(out, threads=1, warn=quiet)
+        assert len(os.listdir("/proc/self/fd")) == opened
+    for shard, raw in originals.items():
+        (out / f"shard-0000{shard}" / "image_embeddings.npy").write_bytes(raw)
+    assert len(open_shards(out, threads=1, warn=quiet).shards) == 3
+
+
 def test_shard_embeddings_are_verified_when_opened_and_names_stay_inside(setup: dict[str, Any], tmp_path: Path) -> None:
     runtime = setup["runtime"]
     out = tmp_path / "sharded"

@@ -7,8 +7,10 @@ same way), and the way to use a sharded gallery on one machine.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -37,8 +39,7 @@ class LocalShards:
         self.runtime, self.gallery = runtime, gallery
         self.bytes = shard_bytes(gallery)
         self.in_memory = copy_mb > 0 and self.bytes <= copy_mb * (1 << 20)
-        self.shards = [OpenShard.open(gallery, record, verify, gpu_index, self.in_memory, positional)
-                       for record in gallery.shards]
+        self.shards = open_every_shard(gallery, verify, gpu_index, self.in_memory, positional)
         share_centroids([shard.regions for shard in self.shards if shard.regions is not None])
 
     def files_changed(self) -> str | None:
@@ -115,3 +116,25 @@ class LocalShards:
         """Let go of the shards' files (the runtime is the caller's)."""
         for shard in self.shards:
             shard.close()
+
+
+def open_every_shard(gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False, in_memory: bool = False,
+                     positional: bool = True) -> list[OpenShard]:
+    """Every shard of ``gallery`` opened (:meth:`OpenShard.open`), on one thread per core: verifying a shard is
+    mostly hashing its files, which releases the interpreter lock (a 1M-image compact gallery: 9.4 GB, 6.9 of
+    the 11.0 s its opening took on one core). The first failure in shard order is raised, after the shards that
+    did open are closed."""
+    workers = min(len(gallery.shards), os.cpu_count() or 1)
+    if workers <= 1:
+        return [OpenShard.open(gallery, record, verify, gpu_index, in_memory, positional) for record in gallery.shards]
+    with ThreadPoolExecutor(workers, thread_name_prefix="itmrt-open") as pool:
+        futures = [pool.submit(OpenShard.open, gallery, record, verify, gpu_index, in_memory, positional)
+                   for record in gallery.shards]
+        wait(futures)
+    failure = next((error for error in (future.exception() for future in futures) if error is not None), None)
+    if failure is not None:
+        for future in futures:
+            if future.exception() is None:
+                future.result().close()
+        raise failure
+    return [future.result() for future in futures]
