@@ -13,6 +13,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
     from itmrt.cli.infer_cmd import _write_outputs
     from itmrt.cli.progress import progress_bars
     from itmrt.errors import ItmrtError
+    from itmrt.runtime.one_caption import FEW_CAPTIONS
     from itmrt.scale.open_gallery import open_shards
     from itmrt.scale.shard import SearchRequest, require_shortlist
 
@@ -24,8 +25,10 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
     with timer.stage("load"):  # the bundle here, and each shard where it is searched (Ray: the actors start)
         shards = open_shards(request.gallery, ray=request.ray, **load_options)
     try:
-        with timer.stage("kernels"):
-            if shards.runtime.fused is not None:
+        with timer.stage("kernels"):  # a few captions are the one-caption scorer's, as in a single gallery
+            one_caption = shards.runtime.one_caption
+            few = one_caption is not None and len(captions) <= FEW_CAPTIONS
+            if shards.runtime.fused is not None and not few:
                 shards.runtime.fused.warm_kernels()
         with timer.stage("encode_captions"):
             encoded = shards.runtime.encode_captions(captions)
