@@ -123,8 +123,12 @@ def test_a_region_index_gallery_on_ray_gives_the_local_answer(setup: dict[str, A
                 same_top_k(on_ray.i2t, alone.i2t)
             assert set(on_ray.stage_seconds) == {"candidates", "rerank"}
         same_top_k(on_ray.t2i, runtime.rank(setup["plain"], encoded, top_k=5).t2i)
-        with pytest.raises(ItmrtError, match="--budget chooses the images to rerank across every shard"):
-            shards.search(encoded, SearchRequest(k=5, shortlist=8, budget=20))  # local only: refused in one line
+        for request in (SearchRequest(k=5, shortlist=8, nprobe=2, budget=20),  # the pool chosen over the actors
+                        SearchRequest(k=5, shortlist=8, nprobe=10**6, budget=N_IMAGES, refine=0)):
+            on_ray, alone = shards.search(encoded, request), local.search(encoded, request)
+            same_top_k(on_ray.t2i, alone.t2i)
+            assert on_ray.pairs == alone.pairs and set(on_ray.stage_seconds) == {"candidates", "rerank"}
+        same_top_k(on_ray.t2i, runtime.rank(setup["plain"], encoded, top_k=5).t2i, atol=1e-6)  # all: exhaustive
     finally:
         shards.close()
 

@@ -711,8 +711,9 @@ def test_a_budget_on_compact_storage_pools_each_shards_residual_estimates(world:
     """On compact storage each shard offers a search with a budget the images its residual stage re-estimated
     (at most the budget), with those estimates: the pooled choice compares the same estimate across shards;
     with everything probed, re-estimated and kept, the answer is exhaustive scoring's."""
+    from itmrt.scale.budget import shard_estimates
     from itmrt.scale.region_search import ProbeCache, stored_best_similarities, token_gemm
-    from itmrt.scale.shard import score_estimate, shard_estimates
+    from itmrt.scale.shard import score_estimate
 
     runtime, captions = world["runtime"], world["captions"]
     gallery = compact_gallery(world)

@@ -197,8 +197,7 @@ REGION_FLAGS: dict[str, Flag] = {
                                                              "512 per query split over the shards, at least 64 "
                                                              "each, 24 with --budget; exact: 0).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
-                                                           "estimate (default: K per shard; text to image only; "
-                                                           "not with --ray).")),
+                                                           "estimate (default: K per shard; text to image only).")),
 }
 """How a sharded gallery's region index is searched (:class:`itmrt.scale.SearchRequest`'s fields of the same
 names), each declared once; unset flags leave each shard's recorded or default value."""

@@ -13,14 +13,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-import numpy as np
-
-from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings
-from itmrt.runtime.tiled import StreamingTopK
+from itmrt.scale.budget import merge_budget, pool_budget, score_picked, shard_estimates
 from itmrt.scale.layout import ShardedGallery, shard_bytes
 from itmrt.scale.region_search import ProbeCache, share_centroids
-from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers, shard_estimates
+from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers
 
 
 class LocalShards:
@@ -64,45 +61,18 @@ class LocalShards:
         return merge_answers(answers, request, len(captions))
 
     def _search_budget(self, captions: CaptionEmbeddings, request: SearchRequest) -> SearchResult:
-        """Images for captions with a ``budget``: every shard's ``budget`` best images by the region index's
-        estimate, the gallery's ``budget`` best of those (ties by the lower row), scored exactly in one call per
-        caption (their embeddings read from their shards: one scorer call, not one per shard), the best ``k``."""
-        if any(shard.regions is None for shard in self.shards) or not captions.token_level:
-            raise ItmrtError("--budget needs a gallery whose every shard has a region index (--shortlist-index "
-                             "regions) and a cross-attention bundle")
-        assert request.budget is not None
+        """Images for captions with a ``budget`` (:mod:`itmrt.scale.budget`): every shard's best by the region
+        index's estimate, the gallery's ``budget`` best of those, each scored exactly in its shard, the best
+        ``k``."""
         started = time.perf_counter()
         probes = ProbeCache()
-        found = [shard_estimates(shard, self.runtime, captions, request, probes) for shard in self.shards]
-        rows, estimates = (np.concatenate(part, axis=1) for part in zip(*found))
+        picks = pool_budget([shard_estimates(shard, self.runtime, captions, request, probes)
+                             for shard in self.shards], request)
         middle = time.perf_counter()
-        best = StreamingTopK(len(captions), min(request.k, request.budget, rows.shape[1]))
-        pairs = 0
-        for caption in range(len(captions)):
-            chosen = StreamingTopK(1, min(request.budget, rows.shape[1]))
-            chosen.update(slice(None), estimates[caption][None, :], rows[caption])
-            picked = np.sort(chosen.indices[0])
-            one = captions.take([caption])
-            images = self._embeddings(picked)
-            scores = self.runtime.score(images, one)  # the one-caption scorer where it applies
-            best.update(slice(caption, caption + 1), np.asarray(scores)[:, 0][None, :], picked)
-            pairs += len(picked)
-        for shard in self.shards:  # a file rewritten in place while it was read: its answer is not given
-            if shard.guard is not None:
-                shard.guard.check()
+        t2i, pairs = merge_budget([score_picked(shard, self.runtime, captions, picks) for shard in self.shards],
+                                  request)
         done = time.perf_counter()
-        return SearchResult(best.result(), None, None, pairs, {},
-                            {"candidates": middle - started, "rerank": done - middle})
-
-    def _embeddings(self, rows: np.ndarray) -> np.ndarray:
-        """``[len(rows), regions, d]`` float32: the embeddings of sorted gallery ``rows``, from their shards."""
-        parts = []
-        for shard in self.shards:
-            first = shard.record.first
-            mine = rows[(rows >= first) & (rows < first + shard.record.images)] - first
-            if len(mine):
-                parts.append(np.asarray(shard.gallery.embeddings[mine], dtype=np.float32))
-        return np.concatenate(parts)
+        return SearchResult(t2i, None, None, pairs, {}, {"candidates": middle - started, "rerank": done - middle})
 
     def warmup(self, shortlist: int | None = None) -> float:
         """Warm the runtime up, then search every shard once as a query will (full scoring or ``shortlist``):

@@ -6,7 +6,10 @@ store once and every actor searches its shards with them
 (:meth:`itmrt.scale.shard.OpenShard.search`: full scoring, or the shard's
 FAISS shortlist and a rerank) and returns its shards' top-k. The driver merges
 them with :func:`itmrt.scale.shard.merge_answers`, exactly as one process
-searching the shards in turn (:class:`itmrt.scale.local.LocalShards`) does.
+searching the shards in turn (:class:`itmrt.scale.local.LocalShards`) does. A
+search with a budget (:mod:`itmrt.scale.budget`) takes two rounds: every
+actor's estimates, the pool chosen by the driver, every actor's exact scores
+of the pooled images it holds.
 
 Each actor declares its resources (``cpus``, ``gpus``; Ray places it where
 they are free, spread over the nodes) and runs its runtime on that many
@@ -30,9 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from itmrt.errors import GalleryChanged, ItmrtError, first_line
 from itmrt.optional import require
 from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.scale.budget import Picked, merge_budget, pool_budget, score_picked, shard_estimates
 from itmrt.scale.layout import ShardedGallery, ShardRecord
 from itmrt.scale.region_search import ProbeCache, share_centroids
 from itmrt.scale.shard import (
@@ -105,6 +111,15 @@ class ShardWorker:
     def search(self, captions: CaptionEmbeddings, request: SearchRequest) -> list[ShardAnswer]:
         probes = ProbeCache()  # as LocalShards: one probe per caption for the shards sharing centroids
         return [shard.search(self.runtime, captions, request, probes) for shard in self.shards]
+
+    def estimates(self, captions: CaptionEmbeddings, request: SearchRequest) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A search with a budget, step 1 in each of this actor's shards (:mod:`itmrt.scale.budget`)."""
+        probes = ProbeCache()
+        return [shard_estimates(shard, self.runtime, captions, request, probes) for shard in self.shards]
+
+    def score_picked(self, captions: CaptionEmbeddings, picks: list[np.ndarray]) -> list[list[Picked]]:
+        """A search with a budget, step 3 in each of this actor's shards."""
+        return [score_picked(shard, self.runtime, captions, picks) for shard in self.shards]
 
 
 class RayConnection:
@@ -243,19 +258,38 @@ class RayShards:
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request`` from its actor, merged; ``progress(n)`` as n more shards answer."""
         request.check()
-        if request.budget is not None:
-            raise ItmrtError("--budget chooses the images to rerank across every shard in one process; on Ray, "
-                             "use --shortlist K per shard")
         captions_ref = self.ray.put(captions)
-        answers: list[ShardAnswer] = []
+        if request.budget is not None:
+            return self._search_budget(captions_ref, request)
+        answered = self._every_actor(lambda actor: actor.search.remote(captions_ref, request), progress)
+        return merge_answers([answer for answers in answered for answer in answers], request, len(captions))
+
+    def _search_budget(self, captions_ref: Any, request: SearchRequest) -> SearchResult:
+        """:mod:`itmrt.scale.budget` with its shard steps on the actors: two rounds of calls, the pool chosen
+        here between them."""
+        started = time.perf_counter()
+        found = self._every_actor(lambda actor: actor.estimates.remote(captions_ref, request))
+        picks = pool_budget([part for parts in found for part in parts], request)
+        middle = time.perf_counter()
+        picks_ref = self.ray.put(picks)
+        scored = self._every_actor(lambda actor: actor.score_picked.remote(captions_ref, picks_ref))
+        t2i, pairs = merge_budget([part for parts in scored for part in parts], request)
+        done = time.perf_counter()
+        return SearchResult(t2i, None, None, pairs, {}, {"candidates": middle - started, "rerank": done - middle})
+
+    def _every_actor(self, ask: Callable[[Any], Any], progress: Callable[[int], None] | None = None) -> list[Any]:
+        """Each actor's value of ``ask(actor)`` (a remote call), in actor order; an actor that dies is started
+        again and asked again, up to ``retries`` times, then the search fails naming its shards (never a partial
+        answer). ``progress(n)`` as an actor's value of ``n`` shards arrives."""
+        values: dict[int, Any] = {}
         restarts = dict.fromkeys(range(len(self.actors)), 0)
         todo = list(range(len(self.actors)))
         while todo:
-            calls = {self.actors[n].search.remote(captions_ref, request): n for n in todo}
+            calls = {ask(self.actors[n]): n for n in todo}
             todo = []
             for number, ok, value in self._outcomes(calls, "answer"):
                 if ok:
-                    answers.extend(value)
+                    values[number] = value
                     if progress is not None:
                         progress(len(value))
                     continue
@@ -267,7 +301,7 @@ class RayShards:
                 restarts[number] += 1
                 self._restart(number)
                 todo.append(number)
-        return merge_answers(answers, request, len(captions))
+        return [values[number] for number in range(len(self.actors))]
 
     def warmup(self, shortlist: int | None = None) -> float:
         """Warm the driver's runtime and every actor (in parallel); the seconds it took."""

@@ -303,28 +303,6 @@ class OpenShard:
             answer.pairs += candidates.size
 
 
-def shard_estimates(shard: OpenShard, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
-                    probes: ProbeCache | None) -> tuple[np.ndarray, np.ndarray]:
-    """A search with a budget, first step in one shard: each caption's ``budget`` best images of the shard by
-    the region index's estimate (on compact storage, at most those its residual stage re-estimated, by that
-    estimate), ``(gallery rows [Q, b], estimates [Q, b])`` (the shard's files checked first)."""
-    assert shard.regions is not None and request.budget is not None
-    if shard.guard is not None:
-        shard.guard.check()
-    nprobe = request.nprobe if request.nprobe is not None else shard.regions.nprobe
-    embeddings = shard.gallery.embeddings
-    rescore = shard.regions.default_rescore(request.rescore, embeddings, pooled=True)
-    # where the residual stage runs, a shard offers the images it re-estimated (at most): the gallery's best are
-    # chosen by comparable estimates, and the stage's work per query stays the split of one budget
-    keep = min(request.budget, rescore or request.budget, shard.regions.images)
-    estimates = np.empty((len(captions), keep), dtype=np.float32)
-    rows = shard.regions.image_candidates(
-        captions, score_estimate(runtime), nprobe, keep, int(runtime.options.threads or 0), embeddings, rescore,
-        probes=probes,
-        refine=request.refine, prefilter=shard.regions.default_prefilter(request.prefilter), estimates=estimates)
-    return rows + shard.record.first, estimates
-
-
 def require_shortlist(regions: dict[str, int], shortlist: int | None) -> None:
     """The command-line rule for the region-index flags (``regions``: those given): they choose how a shortlist
     search runs, so without ``--shortlist`` (every image scored) they would be silently ignored."""

@@ -142,9 +142,6 @@ def _sharded_source(gallery: Path, options: ServeOptions, load_options: dict[str
         from itmrt.scale.shard import SearchRequest, require_shortlist
 
         require_shortlist(options.regions, options.shortlist)
-        if options.ray is not None and "budget" in options.regions:
-            raise ItmrtError("--budget chooses the images to rerank across every shard in one process; drop --ray "
-                             "or --budget")
         SearchRequest(k=1, shortlist=options.shortlist, **options.regions).check()
     return ShardedSource(gallery, load_options, options.on_long, log.warning, options.ray, options.shortlist,
                          options.copy_shards_mb, options.regions)
