@@ -142,19 +142,26 @@ def test_index_on_a_full_disk_is_one_line_and_leaves_nothing(world: dict[str, Pa
     assert list(small_disk.iterdir()) == []  # no gallery, no .partial
 
 
+def run_where_no_file_can_be_written(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter whose files cannot grow past 100 bytes (numba's kernel cache cannot be
+    written: a full disk, as the process sees it), with its own empty cache folder."""
+    limit = ("import resource, signal\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run([sys.executable, "-c", limit + script], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=env)
+
+
 def test_serve_starts_when_the_kernel_cache_cannot_be_written(world: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("numba")
     script = (
-        "import resource, signal\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
         "from itmrt.serve.searcher import open_runtime_searcher\n"
         f"s = open_runtime_searcher({str(world['bundle'])!r}, {str(world['gallery'])!r}, scorer='fused', "
         "warn=lambda m: print('warning:', m))\n"
         "print('warmed up', s.runtime.scorer_kind, s.warmup() > 0)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    done = run_where_no_file_can_be_written(script, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "kernel cache cannot be written" in done.stdout and "warmed up fused True" in done.stdout, done.stdout
 
@@ -165,16 +172,12 @@ def test_infer_with_the_fused_scorer_runs_when_the_kernel_cache_cannot_be_writte
     pytest.importorskip("numba")
     captions = [f"word{i} word{i + 1}" for i in range(1, 30)]
     script = (
-        "import resource, signal\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
         "from itmrt.runtime import load\n"
         f"rt = load({str(world['bundle'])!r}, scorer='fused', warn=lambda m: print('warning:', m))\n"
         f"found = rt.rank(rt.open_gallery({str(world['gallery'])!r}), rt.encode_captions({captions!r}), top_k=3)\n"
         "print('kernels', rt.fused._kernels is not None, 'rows', found.t2i.indices.shape[0])\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    done = run_where_no_file_can_be_written(script, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "kernel cache cannot be written" in done.stdout, done.stdout
     assert f"kernels True rows {len(captions)}" in done.stdout, done.stdout
@@ -194,9 +197,6 @@ def test_a_compact_region_gallery_is_searched_when_the_kernel_cache_cannot_be_wr
     index_sharded(runtime, region_features(40, seed=5), gallery,
                   ShardingOptions(16, None, IndexSpec("regions", regions_storage="compact")))
     script = (
-        "import resource, signal\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
         "from itmrt.scale import SearchRequest, open_shards\n"
         f"shards = open_shards({str(gallery)!r}, threads=1, warn=lambda m: print('warning:', m))\n"
         "shards.runtime.warmup()\n"
@@ -204,8 +204,7 @@ def test_a_compact_region_gallery_is_searched_when_the_kernel_cache_cannot_be_wr
         "found = shards.search(captions, SearchRequest(k=3, shortlist=5, rescore=16))\n"
         "print('found', found.t2i.indices.shape, shards.runtime.one_caption.kernel_loaded)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    done = run_where_no_file_can_be_written(script, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "found (3, 3) True" in done.stdout, done.stdout
 

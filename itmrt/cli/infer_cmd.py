@@ -26,12 +26,15 @@ from itmrt.errors import ItmrtError
 
 
 def _write_outputs(out: Path, scores_out: Path | None, captions: list[str], t2i: Any, i2t: Any, scores: Any,
-                   overwrite: bool, image_ids: list[str] | None = None) -> None:
+                   overwrite: bool, image_ids: list[str] | None = None,
+                   directions: tuple[str, ...] = ("t2i", "i2t")) -> None:
     """Both outputs as one result: without ``overwrite`` a file that appeared meanwhile (another run's) is
-    kept and this run fails with a one-line error, leaving neither of its files."""
+    kept and this run fails with a one-line error, leaving neither of its files. Only the ``directions`` asked
+    (``--direction``) have lines."""
     from itmrt.publish import atomic_write_files, float32_npy_bytes
     from itmrt.runtime.results import results_jsonl
 
+    t2i, i2t = (t2i if "t2i" in directions else None), (i2t if "i2t" in directions else None)
     outputs = [(out, results_jsonl(captions, t2i, i2t, image_ids).encode("utf-8"))]
     if scores_out is not None:
         outputs.insert(0, (scores_out, float32_npy_bytes(scores)))
@@ -81,8 +84,8 @@ def _infer_checkpoint(checkpoint: Path, vocab: Path | None, images: Path | None,
                                    request.runtime.on_long, request.runtime.batch_size)
     t2i, i2t = top_k_of_matrix(scores, top_k, "the image features may hold values the model cannot take")
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, t2i if "t2i" in request.directions else None,
-                       i2t if "i2t" in request.directions else None, scores, request.outputs.overwrite)
+        _write_outputs(out, scores_out, captions, t2i, i2t, scores, request.outputs.overwrite,
+                       directions=request.directions)
     return f"PyTorch reference: {scores.shape[0]} images x {scores.shape[1]} captions"
 
 
@@ -229,9 +232,8 @@ def _search_bundle(request: BundleRequest, captions: list[str], top_k: int, scor
         result = runtime.rank(image_set, encoded, top_k, keep_scores=scores_out is not None, shortlist=shortlist,
                               progress=bars("score (captions)", len(captions)), directions=request.directions)
     with timer.stage("write"):
-        _write_outputs(out, scores_out, captions, result.t2i if "t2i" in request.directions else None,
-                       result.i2t if "i2t" in request.directions else None, result.scores,
-                       request.outputs.overwrite, image_ids)
+        _write_outputs(out, scores_out, captions, result.t2i, result.i2t, result.scores, request.outputs.overwrite,
+                       image_ids, request.directions)
     how = (f"shortlist of {shortlist} per query" if shortlist is not None and result.tiles == 0
            else "the one-caption scorer" if few
            else f"{result.tiles} tiles of {result.tile_shape[0]} x {result.tile_shape[1]}")

@@ -26,8 +26,7 @@ def search_sharded(request: Any, captions: list[str], top_k: int, scores_out: Pa
         shards = open_shards(request.gallery, ray=request.ray, **load_options)
     try:
         with timer.stage("kernels"):  # a few captions are the one-caption scorer's, as in a single gallery
-            one_caption = shards.runtime.one_caption
-            few = one_caption is not None and len(captions) <= FEW_CAPTIONS
+            few = shards.runtime.one_caption is not None and len(captions) <= FEW_CAPTIONS
             if shards.runtime.fused is not None and not few:
                 shards.runtime.fused.warm_kernels()
         with timer.stage("encode_captions"):

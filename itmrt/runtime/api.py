@@ -47,7 +47,7 @@ from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessi
 from itmrt.runtime.one_caption import FEW_CAPTIONS, ONE_CAPTION_SCORERS, OneCaptionScorer
 from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
 from itmrt.runtime.sessions import CPU_PROVIDER
-from itmrt.runtime.shortlist import check_shortlist, image_global_vectors, shortlist_search
+from itmrt.runtime.shortlist import ScoreRows, check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
 from itmrt.text.vocab import Vocabulary
 
@@ -257,8 +257,9 @@ class Runtime:
                     "a shortlist scores only candidate pairs, not the full matrix; drop --shortlist or --scores-out"
                 )
             found = self._shortlisted(images, captions, top_k, shortlist, directions)
-            none = {"t2i": TopK.none(len(captions)), "i2t": TopK.none(len(self._image_embeddings(images)))}
-            return ScoreResult(found.get("t2i", none["t2i"]), found.get("i2t", none["i2t"]), None, (0, 0), 0)
+            t2i = found["t2i"] if "t2i" in found else TopK.none(len(captions))
+            i2t = found["i2t"] if "i2t" in found else TopK.none(len(self._image_embeddings(images)))
+            return ScoreResult(t2i, i2t, None, (0, 0), 0)
         if shortlist is not None:
             check_shortlist(shortlist, top_k)  # global models: full scoring is already one matrix product
         embeddings = self._image_embeddings(images)
@@ -328,15 +329,22 @@ class Runtime:
             vectors = self._gallery_vectors.get(key)
             if vectors is None:
                 vectors = self._gallery_vectors[key] = image_global_vectors(embeddings)
-            if self.one_caption is not None:  # reranks read the candidates' cached per-image constants
-
-                def score_rows(rows: np.ndarray, group: CaptionEmbeddings) -> np.ndarray | None:
-                    if not self.one_caption or not self.one_caption.applies(group):
-                        return None
-                    return self.score_images(images, group, rows)
-
+            score_rows = self.rows_scorer(images)  # reranks read the candidates' cached per-image constants
         return shortlist_search(self._score_matrix, embeddings, captions, k, shortlist, directions, vectors,
                                 score_rows)
+
+    def rows_scorer(self, gallery: Gallery) -> ScoreRows | None:
+        """What a rerank of ``gallery``'s candidates scores them with: ``score_rows(rows, captions)``, the
+        one-caption scorer by their rows (:meth:`score_images`: the gallery's cached per-image constants), or None
+        where it does not apply to those captions; None without a one-caption scorer."""
+        scorer = self.one_caption
+        if scorer is None:
+            return None
+
+        def score_rows(rows: np.ndarray, group: CaptionEmbeddings) -> np.ndarray | None:
+            return self.score_images(gallery, group, rows) if scorer.applies(group) else None
+
+        return score_rows
 
     def score(self, images: np.ndarray | Gallery, captions: CaptionEmbeddings) -> np.ndarray:
         """The full ``images x captions`` score matrix (float32)."""

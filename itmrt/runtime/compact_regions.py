@@ -180,24 +180,31 @@ class ResidualCodec:
         them), without gathering the centroids first: compiled where numba is installed and every dimension has
         the same 1, 2 or 4 bits (:func:`itmrt.runtime.compact_kernels.decode_levels`: numpy's values to float32
         rounding; every read of a gallery decodes the same way), else numpy."""
-        kernels, uniform = compact_kernels(), self.byte_levels() is not None
+        kernels, bits = compact_kernels(), self.uniform_bits
         index = np.asarray(codes, dtype=np.intp).reshape(-1)
-        if kernels is None or not uniform or centroids.dtype != np.float32:
+        if kernels is None or bits is None or centroids.dtype != np.float32:
             return self.decode(packed, centroids[index])
         from itmrt.runtime.fused import call_compiled
 
         out = np.empty((len(index), int(centroids.shape[1])), dtype=np.float32)
-        call_compiled(kernels.decode_levels, self.buckets, int(self.segments[0][2]), np.ascontiguousarray(packed),
-                      index, np.ascontiguousarray(centroids), out)
+        call_compiled(kernels.decode_levels, self.buckets, bits, np.ascontiguousarray(packed), index,
+                      np.ascontiguousarray(centroids), out)
         return out
 
-    def byte_levels(self) -> np.ndarray | None:
-        """Where every dimension has the same 1, 2 or 4 bits (one packed piece): ``[width * 256, 8 / bits]``,
-        the levels of the dimensions each byte value at each byte position stands for (None otherwise)."""
+    @property
+    def uniform_bits(self) -> int | None:
+        """The bits of every dimension where all have the same 1, 2 or 4 (one packed piece), else None."""
         if len(self.segments) != 1 or len(self.segments[0][0]) != len(self.bits_per_dim):
             return None
+        return int(self.segments[0][2])
+
+    def byte_levels(self) -> np.ndarray | None:
+        """Where every dimension has the same 1, 2 or 4 bits (:attr:`uniform_bits`): ``[width * 256, 8 / bits]``,
+        the levels of the dimensions each byte value at each byte position stands for (None otherwise)."""
+        bits = self.uniform_bits
+        if bits is None:
+            return None
         if getattr(self, "_byte_levels", None) is None:
-            bits = self.segments[0][2]
             per, depth = 8 // bits, len(self.bits_per_dim)
             width = -(-depth // per)
             values = np.arange(256)

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from itmrt.errors import GalleryChanged, ItmrtError
+from itmrt.errors import ItmrtError
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.tiled import StreamingTopK, TopK
 from itmrt.scale.region_search import ProbeCache
-from itmrt.scale.shard import OpenShard, SearchRequest, score_estimate
+from itmrt.scale.shard import OpenShard, SearchRequest, forgetting_constants_on_change, score_estimate
 
 NEEDS_REGIONS = ("--budget needs a gallery whose every shard has a region index (--shortlist-index regions) and a "
                  "cross-attention bundle")
@@ -77,12 +77,8 @@ def score_picked(shard: OpenShard, runtime: Any, captions: CaptionEmbeddings,
     """Step 3 in one shard: for each caption, the rows of ``picks`` (its pooled gallery rows) that lie in this
     shard and their exact scores, one scorer call per caption (the one-caption scorer by their rows, reading the
     shard's cached constants where it holds them); the shard's files checked before and after."""
-    try:
+    with forgetting_constants_on_change(runtime):
         return _score_picked(shard, runtime, captions, picks)
-    except GalleryChanged:  # constants computed from what the file held during the change are not kept
-        if getattr(runtime, "one_caption", None) is not None:
-            runtime.one_caption.forget_constants()
-        raise
 
 
 def _score_picked(shard: OpenShard, runtime: Any, captions: CaptionEmbeddings,
@@ -90,18 +86,17 @@ def _score_picked(shard: OpenShard, runtime: Any, captions: CaptionEmbeddings,
     if shard.guard is not None:
         shard.guard.check()
     first, count = shard.record.first, shard.record.images
-    scorer = getattr(runtime, "one_caption", None)
+    score_rows = runtime.rows_scorer(shard.gallery)
     out: list[Picked] = []
     for caption, rows in enumerate(picks):
         mine = rows[(rows >= first) & (rows < first + count)]
         scores = np.empty(0, dtype=np.float32)
         if len(mine):
             one = captions.take([caption])
-            if scorer is not None and scorer.applies(one):
-                scores = runtime.score_images(shard.gallery, one, mine - first)[:, 0]
-            else:
-                images = np.asarray(shard.gallery.embeddings[mine - first], dtype=np.float32)
-                scores = np.asarray(runtime.score(images, one))[:, 0]
+            block = score_rows(mine - first, one) if score_rows is not None else None
+            if block is None:
+                block = runtime.score(np.asarray(shard.gallery.embeddings[mine - first], dtype=np.float32), one)
+            scores = np.asarray(block)[:, 0]
         out.append((mine, np.asarray(scores, dtype=np.float32)))
     if shard.guard is not None:  # a file rewritten in place while it was read: its answer is not given
         shard.guard.check()

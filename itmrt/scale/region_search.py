@@ -543,13 +543,7 @@ def rerank_candidates(runtime: Any, embeddings: Any, captions: CaptionEmbeddings
     """
     if direction != "t2i":
         return rerank_image_to_text(runtime.score, embeddings, captions, candidates, k)
-    score_rows = None
-    scorer = getattr(runtime, "one_caption", None)
-    if gallery is not None and scorer is not None:
-
-        def score_rows(rows: np.ndarray, group: CaptionEmbeddings) -> np.ndarray | None:
-            return runtime.score_images(gallery, group, rows) if scorer.applies(group) else None
-
+    score_rows = runtime.rows_scorer(gallery) if gallery is not None else None
     return rerank_text_to_image(runtime.score, embeddings, captions, candidates, k, score_rows)
 
 

@@ -14,7 +14,9 @@ one gallery holding every image.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -202,13 +204,8 @@ class OpenShard:
         """This shard's answer to ``request`` (``runtime``: an :class:`itmrt.runtime.Runtime` of the bundle);
         ``probes``: the captions' region-index probes, shared with the other shards searched for the same
         request (:class:`itmrt.scale.region_search.ProbeCache`)."""
-        try:
+        with forgetting_constants_on_change(runtime):
             return self._search(runtime, captions, request, probes)
-        except GalleryChanged:  # constants computed from what the file held during the change are not kept
-            one_caption = getattr(runtime, "one_caption", None)
-            if one_caption is not None:
-                one_caption.forget_constants()
-            raise
 
     def _search(self, runtime: Any, captions: CaptionEmbeddings, request: SearchRequest,
                 probes: ProbeCache | None) -> ShardAnswer:
@@ -301,6 +298,20 @@ class OpenShard:
             stages["rerank"] += time.perf_counter() - middle
             setattr(answer, direction, result)
             answer.pairs += candidates.size
+
+
+@contextlib.contextmanager
+def forgetting_constants_on_change(runtime: Any) -> Iterator[None]:
+    """Around a shard's reads: where a file changed under them (:class:`GalleryChanged`), the one-caption
+    scorer's cached constants are dropped (they may hold what the file held during the change) and the error
+    goes on."""
+    try:
+        yield
+    except GalleryChanged:
+        one_caption = getattr(runtime, "one_caption", None)
+        if one_caption is not None:
+            one_caption.forget_constants()
+        raise
 
 
 def require_shortlist(regions: dict[str, int], shortlist: int | None) -> None:
