@@ -93,7 +93,8 @@ def build(runtime: Any, out: Path, args: argparse.Namespace, world: Any) -> dict
             timing["check"] += time.perf_counter() - clock
             clock = time.perf_counter()
             record = writer.add(lambda folder, chunk=chunk: runtime.store_embeddings(
-                chunk, folder, source="bench_region_index large", dtype="float16", checked=True))
+                chunk, folder, source="bench_region_index large", dtype="float16", checked=True,
+                store=writer.shard_store()))
             timing["store_and_index"] += time.perf_counter() - clock
             del chunk
             assert record is not None

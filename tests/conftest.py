@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 VOCAB_DIR = SHARED_DIR / "data" / "vocab"
 TRT_OPS_TSV = SHARED_DIR / "data" / "tensorrt10_onnx_ops.tsv"
+
+# Files found as listed are recorded for later processes in the user's cache (itmrt.file_states): the tests and
+# the commands they start record in a folder of their own instead.
+os.environ["ITMRT_VERIFIED_CACHE"] = tempfile.mkdtemp(prefix="itmrt-verified-")
+atexit.register(shutil.rmtree, os.environ["ITMRT_VERIFIED_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

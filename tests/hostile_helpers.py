@@ -143,8 +143,9 @@ def _under(path: str, roots: list[Path]) -> bool:
 def _cache_roots() -> list[Path]:
     roots = [Path(__file__).resolve().parents[1] / "itmrt" / "runtime" / "__pycache__",
              Path.home() / ".cache", Path("/dev")]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        roots.append(Path(os.environ["NUMBA_CACHE_DIR"]))
+    for variable in ("NUMBA_CACHE_DIR", "ITMRT_VERIFIED_CACHE"):  # the kernels; files found as listed
+        if os.environ.get(variable):
+            roots.append(Path(os.environ[variable]))
     return [Path(os.path.realpath(root)) for root in roots]
 
 

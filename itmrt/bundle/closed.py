@@ -25,6 +25,7 @@ from pathlib import Path
 from itmrt.bundle.record import SAFE_RELATIVE_PATH, matches
 from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
+from itmrt.file_states import LISTED, file_state, hash_started
 
 _EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
 
@@ -47,34 +48,24 @@ def member(folder: Path, name: object, what: str, remedy: str) -> Path:
     return path
 
 
-_VERIFIED: set[tuple[object, ...]] = set()
-"""Files this process has hashed and found as listed: (path, size, mtime, ctime, inode, sha256). A file is
-hashed again when any of these change (a write changes its ctime, which no user tool can set back)."""
-
-
-def file_state_key(path: Path, expected: str) -> tuple[object, ...]:
-    """What a verified file is remembered by: its resolved path, size, mtime, ctime, inode, and the sha256 it
-    matched. Any write changes the ctime, which no user tool can set back."""
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, expected)
-
-
 def verified_member(folder: Path, name: str, listed: Mapping[str, str], what: str, remedy: str) -> Path:
-    """:func:`member`, present, listed in ``listed`` (name -> sha256) and matching that sha256 (hashed once
-    per process while the file stays as it was)."""
+    """:func:`member`, present, listed in ``listed`` (name -> sha256) and matching that sha256 (hashed again only
+    when the file changed since it last matched: :mod:`itmrt.file_states`)."""
     path = member(folder, name, what, remedy)
     expected = listed.get(name)
     if expected is None:
         raise ItmrtError(f"{what} {folder} uses {name}, which its file list does not hold with a sha256; {remedy}")
     if not path.is_file():
         raise ItmrtError(f"{what} {folder} lacks {name}, which its file list names; {remedy}")
-    key = file_state_key(path, expected)
-    if key in _VERIFIED:
+    state = file_state(path, expected)
+    if LISTED.known(state):
         return path
+    started = hash_started()
     if sha256_file(path) != expected:
         raise ItmrtError(f"{path} does not match the sha256 in the {what}'s file list (truncated or changed after "
                          f"it was written); {remedy}")
-    _VERIFIED.add(key)
+    if file_state(path, expected) == state:
+        LISTED.remember(state, started)
     return path
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from itmrt.documents import not_a_file
 from itmrt.errors import DataError, first_line
+from itmrt.file_states import LISTED, file_state, hash_started
 
 NPY_MAGIC = b"\x93NUMPY"
 NUMERIC_KINDS = "biuf"
@@ -128,7 +129,8 @@ def _pread_into(fd: int, view: memoryview, position: int, path: Path, what: str,
 
 def read_npy_copy(path: Path, what: str, sha256: str | None = None, remedy: str = "write it again") -> np.ndarray:
     """A whole ``.npy`` file copied into this process's memory by positional reads, its header checked and, given
-    ``sha256``, the bytes read hashed against it.
+    ``sha256``, the bytes read hashed against it (unless the file was found as listed before and did not change
+    while it was read: :mod:`itmrt.file_states`).
 
     No memory map exists at any moment, so a file truncated while it is read is a short read - a one-line
     :class:`DataError` - never SIGBUS; and the copy is exactly the bytes that matched the sha256, whatever happens
@@ -138,24 +140,29 @@ def read_npy_copy(path: Path, what: str, sha256: str | None = None, remedy: str 
         raise DataError(f"{what} file {path} is stored in Fortran order; {remedy}")
     array = np.empty(header.shape, dtype=header.dtype)
     data = array.reshape(-1).view(np.uint8)
+    started = hash_started()
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise DataError(f"cannot read {what} file {path}: {exc.strerror or first_line(exc)}") from None
     try:
+        before = file_state(path, sha256, os.fstat(fd)) if sha256 is not None else None
         head = np.empty(header.data_offset, dtype=np.uint8)
         _pread_into(fd, head.data, 0, path, what, remedy)
         _pread_into(fd, data.data, header.data_offset, path, what, remedy)
         end = header.data_offset + data.nbytes
         tail = np.empty(max(0, os.fstat(fd).st_size - end), dtype=np.uint8) if sha256 is not None else data[:0]
         _pread_into(fd, tail.data, end, path, what, remedy)
+        unchanged = before is not None and file_state(path, str(sha256), os.fstat(fd)) == before
     finally:
         os.close(fd)
-    if sha256 is not None:
+    if sha256 is not None and not (unchanged and before is not None and LISTED.known(before)):
         digest = hashlib.sha256(head.data)
         digest.update(data.data)
         digest.update(tail.data)
         if digest.hexdigest() != sha256:
             raise DataError(f"{path} does not match the sha256 its file list records (truncated or changed after "
                             f"it was written); {remedy}")
+        if unchanged and before is not None:
+            LISTED.remember(before, started)
     return array

@@ -40,7 +40,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
-from itmrt.runtime.gallery import Gallery, check_encoded_rows, read_gallery, write_gallery
+from itmrt.runtime.gallery import EmbeddingsStore, Gallery, check_encoded_rows, read_gallery, write_gallery
 from itmrt.runtime.given_embeddings import check_given_embeddings
 from itmrt.runtime.gru_directions import DirectionsBackend
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
@@ -391,6 +391,7 @@ class Runtime:
         skip_bad_images: bool = False,
         dtype: str = "float32",
         embeddings: np.ndarray | None = None,
+        store: EmbeddingsStore | None = None,
     ) -> Gallery:
         """Encode ``features`` (or, for CMPM, image files) once into a gallery folder tied to this bundle.
 
@@ -399,14 +400,16 @@ class Runtime:
         ``dtype="float16"`` stores the embeddings at half the size (scoring
         upcasts them one tile at a time). Sharded galleries: :mod:`itmrt.scale`.
         ``embeddings``: image embeddings encoded elsewhere, stored as given instead of encoding ``features``
-        (checked: :func:`itmrt.runtime.given_embeddings.check_given_embeddings`).
+        (checked: :func:`itmrt.runtime.given_embeddings.check_given_embeddings`). ``store``: how the embeddings
+        are kept if not as a ``.npy`` (:data:`itmrt.runtime.gallery.EmbeddingsStore`; a sharded writer's compact
+        region storage).
         """
         if out is None:
             raise ItmrtError("index needs out: the gallery folder to create")
         if embeddings is not None:
             if features is not None:
                 raise ItmrtError("give image features or embeddings to index, not both")
-            return self.store_embeddings(embeddings, out, overwrite, source, dtype)
+            return self.store_embeddings(embeddings, out, overwrite, source, dtype, store=store)
         if features is None:
             raise ItmrtError("index needs image features (or image files), or embeddings=")
         details = {"backend": self.backend_name, "precision": self.precision, "source": source}
@@ -421,7 +424,7 @@ class Runtime:
                 return ids
 
             return write_gallery(out, self.bundle, encode_files_into, (len(files), *dims),
-                                 {**details, "source": files.source}, overwrite, dtype)
+                                 {**details, "source": files.source}, overwrite, dtype, store)
         self.check_images(features, source)
         first = self.image_encoder.encode(np.asarray(features[:1]))
         shape = (int(features.shape[0]), *first.shape[1:])
@@ -430,10 +433,11 @@ class Runtime:
             self.image_encoder.encode(features, out=array, source=source)
             check_encoded_rows(array, features)
 
-        return write_gallery(out, self.bundle, encode_into, shape, details, overwrite, dtype)
+        return write_gallery(out, self.bundle, encode_into, shape, details, overwrite, dtype, store)
 
     def store_embeddings(self, embeddings: np.ndarray, out: str | Path, overwrite: bool = False,
-                         source: str = "embeddings", dtype: str = "float32", checked: bool = False) -> Gallery:
+                         source: str = "embeddings", dtype: str = "float32", checked: bool = False,
+                         store: EmbeddingsStore | None = None) -> Gallery:
         """A gallery of this bundle holding ``embeddings`` as given (checked first unless ``checked``)."""
         if not checked:
             check_given_embeddings(embeddings, self.bundle, source)
@@ -443,8 +447,11 @@ class Runtime:
                 array[start : start + block] = embeddings[start : start + block]
 
         details = {"backend": None, "precision": None, "source": source}
+        # kept another way than a .npy, and already in the stored dtype: no copy (they were checked above)
+        as_stored = embeddings if store is not None and embeddings.dtype == np.dtype(dtype) and len(embeddings) \
+            else None
         return write_gallery(out, self.bundle, copy_into, tuple(int(x) for x in embeddings.shape), details,
-                             overwrite, dtype)
+                             overwrite, dtype, store, given=as_stored)
 
     def open_gallery(self, path: str | Path) -> Gallery:
         """Open a gallery and check it was made with this bundle."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from itmrt.bundle.closed import file_state_key, member, verified_member
+from itmrt.bundle.closed import member, verified_member
 from itmrt.bundle.folder import BundleInfo, is_bundle, read_bundle
 from itmrt.bundle.gallery_manifest import (
     EMBEDDINGS_FILE,
@@ -60,17 +60,13 @@ from itmrt.bundle.names import MANIFEST_NAME
 from itmrt.data.npy import open_npy, read_npy_copy, read_npy_header
 from itmrt.documents import parse_json, sha256_bytes, sha256_file
 from itmrt.errors import DataError, ItmrtError
+from itmrt.file_states import FINITE_EMBEDDINGS, file_state, hash_started
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staged_folder
 from itmrt.runtime.compact_regions import CompactRegions
 
 __all__ = ["EMBEDDINGS_FILE", "GALLERY_KIND", "GALLERY_MANIFEST", "GALLERY_SCHEMA", "IDS_FILE", "SHARDED_GALLERY_KIND",
-           "STORAGE_DTYPES", "Gallery", "gallery_bundle", "gallery_source",
+           "STORAGE_DTYPES", "EmbeddingsStore", "Gallery", "gallery_bundle", "gallery_source",
            "is_gallery", "load_features", "read_gallery", "verify_embeddings", "write_gallery"]
-
-_VERIFIED: set[tuple[object, ...]] = set()
-"""Embeddings files this process has hashed and found finite (:func:`itmrt.bundle.closed.file_state_key`); kept
-apart from the closed world's hash-only record, since these passed the finite check too."""
-
 
 @dataclass
 class Gallery:
@@ -127,9 +123,10 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
     """One streamed pass over the embeddings file: its sha256 must be the recorded one and every value
     finite. A one-line :class:`ItmrtError` otherwise."""
     header = read_npy_header(path, "gallery embeddings")
-    key = file_state_key(path, entry.sha256)
-    if key in _VERIFIED:
+    state = file_state(path, entry.sha256)
+    if FINITE_EMBEDDINGS.known(state):
         return
+    started = hash_started()
     digest, position, first_bad, carry = hashlib.sha256(), 0, None, b""
     itemsize = header.dtype.itemsize
     with open(path, "rb") as handle:
@@ -146,7 +143,8 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
         raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST} (changed after indexing); {REMEDY}")
     if first_bad is not None:
         raise ItmrtError(f"{path} holds NaN or infinite embeddings (in the block at byte {first_bad}); {REMEDY}")
-    _VERIFIED.add(key)
+    if file_state(path, entry.sha256) == state:
+        FINITE_EMBEDDINGS.remember(state, started)
 
 
 def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 20) -> np.ndarray:
@@ -154,16 +152,16 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
     value is finite: the array is exactly the bytes that matched the sha256, and nothing done to the file later
     (truncated, changed in place, deleted) reaches it. A one-line :class:`ItmrtError` otherwise.
 
-    A file this process verified already (:func:`verify_embeddings`) is only read, when its size, mtime, ctime
-    and inode are the same before and after the read (a write in between changes its ctime)."""
+    A file verified already (:func:`verify_embeddings`, :mod:`itmrt.file_states`) is only read, when its state
+    is the same before and after the read (a write in between changes its ctime)."""
     header = read_npy_header(path, "gallery embeddings")
-    before = file_state_key(path, entry.sha256)
+    started, before = hash_started(), file_state(path, entry.sha256)
     if list(header.shape) != list(entry.shape) or header.dtype != np.dtype(entry.dtype) or header.fortran_order:
         raise ItmrtError(f"{path} has shape {header.shape} / {header.dtype}, not what {GALLERY_MANIFEST} says; "
                          f"{REMEDY}")
     array = np.empty(header.shape, dtype=header.dtype)
     view = array.reshape(-1).view(np.uint8).data
-    known = before in _VERIFIED
+    known = FINITE_EMBEDDINGS.known(before)
     digest, position = hashlib.sha256(), 0
     try:
         with open(path, "rb") as handle:
@@ -180,7 +178,8 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
                 digest.update(rest)
     except OSError as exc:
         raise ItmrtError(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {REMEDY}") from None
-    if known and file_state_key(path, entry.sha256) == before:
+    unchanged = file_state(path, entry.sha256) == before
+    if known and unchanged:
         array.flags.writeable = False
         return array
     if known:  # changed while it was read: hash what was read
@@ -194,6 +193,8 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
     for start in range(0, len(array), rows):
         if not np.isfinite(array[start : start + rows]).all():
             raise ItmrtError(f"{path} holds NaN or infinite embeddings (from image {start}); {REMEDY}")
+    if unchanged:
+        FINITE_EMBEDDINGS.remember(before, started)
     array.flags.writeable = False
     return array
 
@@ -341,6 +342,12 @@ def _check_target(out: Path, overwrite: bool) -> None:
     check_output_folder(out, overwrite, "gallery", is_gallery)
 
 
+EmbeddingsStore = Callable[[Path, np.ndarray], tuple[EmbeddingsEntry, dict[str, Any]]]
+"""``store(staging, embeddings)`` writes files of its own into the staging folder from the checked embeddings (in
+memory, the rows kept) and returns the document's embeddings entry and its further fields: compact region storage
+(:mod:`itmrt.scale.region_files`) builds its index this way without writing the dense embeddings first."""
+
+
 def write_gallery(
     out: str | Path,
     bundle: BundleInfo,
@@ -349,28 +356,32 @@ def write_gallery(
     details: dict[str, Any],
     overwrite: bool = False,
     dtype: str = "float32",
+    store: EmbeddingsStore | None = None,
+    given: np.ndarray | None = None,
 ) -> Gallery:
     """Create a gallery at ``out``: ``encode_into(array)`` fills a ``.npy`` memmap of ``shape`` and ``dtype``.
 
     ``encode_into`` may return the image ids of the rows it filled, in order: the
     gallery then keeps them (``image_ids.json``), and only those rows when there
     are fewer ids than rows (images skipped as unreadable). ``details``: the
-    ``backend``, ``precision`` and ``source`` the document records.
+    ``backend``, ``precision`` and ``source`` the document records. ``store``:
+    keep the embeddings another way than as a ``.npy`` (:data:`EmbeddingsStore`);
+    ``encode_into`` then fills an array in memory, or ``given``, embeddings
+    already checked and in ``dtype``, go to ``store`` as they are (no copy).
     """
     target = Path(out)
     if dtype not in STORAGE_DTYPES:
         raise ItmrtError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
     _check_target(target, overwrite)
     with staged_folder(target) as staging:
-        array = allocated_memmap(staging / EMBEDDINGS_FILE, dtype, shape)
-        ids = encode_into(array)
-        array.flush()
-        if dtype != "float32":
-            _check_finite(array)
-        if ids is not None and len(ids) < shape[0]:
-            shape = (len(ids), *shape[1:])
-            _keep_rows(staging / EMBEDDINGS_FILE, array, len(ids))
-        del array
+        if store is not None:
+            embeddings, further, ids = _store_in_memory(staging, encode_into, shape, dtype, store, given)
+        else:
+            ids = _write_npy(staging, encode_into, shape, dtype)
+            if ids is not None and len(ids) < shape[0]:
+                shape = (len(ids), *shape[1:])
+            embeddings, further = EmbeddingsEntry(file=EMBEDDINGS_FILE, sha256=sha256_file(staging / EMBEDDINGS_FILE),
+                                                  shape=list(shape), dtype=dtype), {}
         ids_entry = None
         if ids is not None:
             payload = json.dumps(list(ids), ensure_ascii=False).encode("utf-8")
@@ -379,15 +390,79 @@ def write_gallery(
         manifest = GalleryManifest(
             bundle=GalleryBundle(path=str(bundle.path.resolve()), manifest_sha256=bundle.manifest_sha256,
                                  family=bundle.family, image_encoder_sha256=image_encoder_identity(bundle.manifest)),
-            embeddings=EmbeddingsEntry(file=EMBEDDINGS_FILE, sha256=sha256_file(staging / EMBEDDINGS_FILE),
-                                       shape=list(shape), dtype=dtype),
+            embeddings=embeddings,
             ids=ids_entry, backend=details.get("backend"), precision=details.get("precision"),
             source=details.get("source"), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **further,
         )
         atomic_write_text(staging / GALLERY_MANIFEST, gallery_manifest_text(manifest))
         _check_target(target, overwrite)
         publish_folder(staging, target, "replace" if overwrite else "refuse")
     return read_gallery(target, verify=False)
+
+
+def _write_npy(staging: Path, encode_into: Callable[[np.ndarray], Sequence[str] | None], shape: tuple[int, ...],
+               dtype: str) -> Sequence[str] | None:
+    """Fill the gallery's ``.npy`` (a memmap in ``staging``) by ``encode_into``; the ids it returned."""
+    array = allocated_memmap(staging / EMBEDDINGS_FILE, dtype, shape)
+    ids = encode_into(array)
+    array.flush()
+    if dtype != "float32":
+        _check_finite(array)
+    if ids is not None and len(ids) < shape[0]:
+        _keep_rows(staging / EMBEDDINGS_FILE, array, len(ids))
+    return ids
+
+
+def _store_in_memory(staging: Path, encode_into: Callable[[np.ndarray], Sequence[str] | None],
+                     shape: tuple[int, ...], dtype: str, store: EmbeddingsStore, given: np.ndarray | None = None
+                     ) -> tuple[EmbeddingsEntry, dict[str, Any], Sequence[str] | None]:
+    """Fill an array in memory by ``encode_into`` (or take ``given``, checked already) and hand its kept rows to
+    ``store``: the document's embeddings entry and further fields, and the ids ``encode_into`` returned."""
+    if given is not None:
+        if given.dtype != np.dtype(dtype) or tuple(given.shape) != tuple(shape):
+            raise ItmrtError(f"embeddings of {given.dtype} {tuple(given.shape)} given where {dtype} {shape} is stored")
+        entry, further = store(staging, given)
+        return entry, further, None
+    scratch = staging / SCRATCH_FILE
+    on_disk = int(np.prod(shape)) * np.dtype(dtype).itemsize > memory_for_scratch()
+    array = allocated_memmap(scratch, dtype, shape) if on_disk else np.empty(shape, dtype=dtype)
+    ids = encode_into(array)
+    kept = array if ids is None or len(ids) >= shape[0] else array[: len(ids)]
+    if len(kept) == 0:  # every image unreadable: an empty gallery, as without a store (a sharded writer drops it)
+        del array, kept
+        scratch.unlink(missing_ok=True)
+        empty = np.empty((0, *shape[1:]), dtype=dtype)
+        np.save(staging / EMBEDDINGS_FILE, empty, allow_pickle=False)
+        return EmbeddingsEntry(file=EMBEDDINGS_FILE, sha256=sha256_file(staging / EMBEDDINGS_FILE),
+                               shape=list(empty.shape), dtype=dtype), {}, ids
+    if dtype != "float32":
+        _check_finite(kept)
+    entry, further = store(staging, kept)
+    del array, kept
+    scratch.unlink(missing_ok=True)
+    return entry, further, ids
+
+
+SCRATCH_FILE = ".embeddings-scratch.npy"
+"""Where a store's embeddings are encoded when they would not fit in memory: a memory-mapped file in the staging
+folder (the page cache can write it out), never hashed or listed, deleted before the folder is published."""
+
+
+def memory_for_scratch() -> int:
+    """Bytes of embeddings a store may hold in memory: half of what the system says is available (``MemAvailable``
+    on Linux; elsewhere the free physical pages)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (OSError, ValueError, AttributeError):
+        return 1 << 30
 
 
 def allocated_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:

@@ -15,13 +15,16 @@ regions fit them when it was built.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from itmrt.bundle.gallery_manifest import GalleryFile, RegionIndexEntry
+from itmrt.bundle.gallery_manifest import EMBEDDINGS_FILE, EmbeddingsEntry, GalleryFile, RegionIndexEntry
 from itmrt.data.npy import open_npy
 from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
@@ -56,17 +59,10 @@ def add_region_index(folder: Path, spec: Any, shared: SharedCodebook | None = No
     gallery = read_gallery(folder, verify=False)
     embeddings = gallery.embeddings
     if embeddings.ndim != 3:
-        raise ItmrtError("--shortlist-index regions indexes region embeddings (NAAF, SCAN); a global model's "
-                         "gallery is searched exactly by one matrix product: use --shortlist-index flat or none")
+        raise ItmrtError(NOT_REGIONS)
     params = spec.region_params(int(embeddings.shape[0]), int(embeddings.shape[1]))
-    built = build_region_index(embeddings, params, shared)
-    entries: dict[str, object] = {}
-    for role, array in built["arrays"].items():
-        np.save(folder / FILES[role], array, allow_pickle=False)
-        entries[role] = GalleryFile(file=FILES[role], sha256=sha256_file(folder / FILES[role])).to_json()
-    entry = RegionIndexEntry.from_json({"built_from": gallery.manifest.embeddings.sha256, **entries,
-                                        **built["record"]}, "region_index")
     manifest = gallery.manifest.to_json()
+    entry = _write_index(folder, build_region_index(embeddings, params, shared), gallery.manifest.embeddings.sha256)
     manifest["region_index"] = entry.to_json()
     if params.storage == "compact" and entry.residuals is not None:
         embedded = manifest["embeddings"]
@@ -75,8 +71,64 @@ def add_region_index(folder: Path, spec: Any, shared: SharedCodebook | None = No
     atomic_write_text(folder / GALLERY_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if params.storage == "compact":
         del gallery, embeddings
-        (folder / "image_embeddings.npy").unlink()
+        (folder / EMBEDDINGS_FILE).unlink()
     return read_gallery(folder, verify=False)
+
+
+NOT_REGIONS = ("--shortlist-index regions indexes region embeddings (NAAF, SCAN); a global model's gallery is "
+               "searched exactly by one matrix product: use --shortlist-index flat or none")
+
+
+def _write_index(folder: Path, built: dict[str, Any], built_from: str) -> RegionIndexEntry:
+    """Save the arrays of ``built`` (:func:`build_region_index`) in ``folder``: their document entry."""
+    entries: dict[str, object] = {}
+    for role, array in built["arrays"].items():
+        np.save(folder / FILES[role], array, allow_pickle=False)
+        entries[role] = GalleryFile(file=FILES[role], sha256=sha256_file(folder / FILES[role])).to_json()
+    return RegionIndexEntry.from_json({"built_from": built_from, **entries, **built["record"]}, "region_index")
+
+
+@dataclass(frozen=True)
+class CompactShardStore:
+    """A compact shard's embeddings kept as its region index, built from the encoder's output in memory
+    (:data:`itmrt.runtime.gallery.EmbeddingsStore`): the dense embeddings are never written.
+
+    The result is the gallery :func:`add_region_index` makes from a dense shard, file for file; its recorded
+    ``built_from`` is the sha256 the dense ``.npy`` would have had (hashed in memory). The shard's float16
+    embeddings are held in memory while its index is built (73.7 KB an image at 36 x 1024)."""
+
+    spec: Any
+    shared: SharedCodebook | None = None
+    before_build: Callable[[np.ndarray], None] | None = None
+    """Called with the embeddings first (the writer's drift check at ``--append``)."""
+
+    def __call__(self, staging: Path, embeddings: np.ndarray) -> tuple[EmbeddingsEntry, dict[str, Any]]:
+        if embeddings.ndim != 3:
+            raise ItmrtError(NOT_REGIONS)
+        if self.before_build is not None:
+            self.before_build(embeddings)
+        params = self.spec.region_params(int(embeddings.shape[0]), int(embeddings.shape[1]))
+        entry = _write_index(staging, build_region_index(embeddings, params, self.shared), npy_sha256(embeddings))
+        assert entry.residuals is not None, "compact storage writes its residuals"
+        stored = EmbeddingsEntry(file=RESIDUALS_FILE, sha256=entry.residuals.sha256, shape=list(embeddings.shape),
+                                 dtype=str(embeddings.dtype), stored="region_index")
+        return stored, {"region_index": entry}
+
+
+def npy_sha256(array: np.ndarray) -> str:
+    """The sha256 of ``array`` saved as a ``.npy`` (header and data), computed without writing it."""
+
+    class _Sink:
+        def __init__(self) -> None:
+            self.digest = hashlib.sha256()
+
+        def write(self, data: bytes) -> int:
+            self.digest.update(data)
+            return len(data)
+
+    sink = _Sink()
+    np.lib.format.write_array(sink, np.ascontiguousarray(array), allow_pickle=False)  # type: ignore[arg-type]
+    return sink.digest.hexdigest()
 
 
 def poor_fit_message(shard: Gallery, name: str) -> str | None:

@@ -44,6 +44,7 @@ from itmrt.runtime.gallery import (
     GALLERY_SCHEMA,
     SHARDED_GALLERY_KIND,
     STORAGE_DTYPES,
+    EmbeddingsStore,
     Gallery,
     is_gallery,
     read_gallery,
@@ -234,9 +235,9 @@ class ShardedWriter:
         self._check_shard(gallery)
         assert self.options.index is not None
         if self.append and self.options.index.kind == "regions" and not self.plan.drift_checked:
-            self.plan.drift_checked = True
-            self._check_drift(gallery)
-        indexed = add_shortlist(folder, self.options.index, self.plan.region_centroids)
+            self._check_drift(gallery.embeddings)
+        indexed = gallery if gallery.manifest.region_index is not None else \
+            add_shortlist(folder, self.options.index, self.plan.region_centroids)
         if self.options.index.kind == "regions" and not self.plan.fit_reported:
             from itmrt.scale.region_files import poor_fit_message
 
@@ -254,14 +255,28 @@ class ShardedWriter:
         self.plan.next_number += 1
         return record
 
-    def _check_drift(self, gallery: Gallery) -> None:
+    def shard_store(self) -> EmbeddingsStore | None:
+        """How the next shard keeps its embeddings, for ``write`` callbacks of :meth:`add` to pass on
+        (:meth:`itmrt.runtime.Runtime.index`'s ``store``): with compact region storage the shard's index is built
+        from its embeddings in memory and the dense embeddings are never written
+        (:class:`itmrt.scale.region_files.CompactShardStore`); otherwise None (a ``.npy``, indexed after)."""
+        spec = self.options.index
+        if spec is None or spec.kind != "regions" or spec.regions_storage != "compact":
+            return None
+        from itmrt.scale.region_files import CompactShardStore
+
+        check = self._check_drift if self.append and not self.plan.drift_checked else None
+        return CompactShardStore(spec, self.plan.region_centroids, check)
+
+    def _check_drift(self, embeddings: np.ndarray) -> None:
         """Warn (once per append) when the new images' regions fit the last shard's centroids clearly worse."""
         from itmrt.scale.layout import read_shard_gallery
         from itmrt.scale.region_files import drift_message
 
+        self.plan.drift_checked = True
         existing = read_sharded_gallery(self.out)
         last = read_shard_gallery(existing, existing.shards[-1], verify=False)
-        message = drift_message(last, gallery.embeddings)
+        message = drift_message(last, embeddings)
         if message is not None:
             self.warn(message)
 
@@ -270,8 +285,9 @@ class ShardedWriter:
         if gallery.manifest.bundle.manifest_sha256 != self.bundle.manifest_sha256:
             raise ItmrtError(f"{gallery.path} was made with another bundle than {self.bundle.path}")
         shape, has_ids = list(gallery.embeddings.shape[1:]), gallery.ids is not None
-        if str(gallery.embeddings.dtype) != self.dtype:
-            raise ItmrtError(f"{gallery.path} stores {gallery.embeddings.dtype}, not the gallery's {self.dtype}")
+        if gallery.manifest.embeddings.dtype != self.dtype:
+            raise ItmrtError(f"{gallery.path} stores {gallery.manifest.embeddings.dtype}, not the gallery's "
+                             f"{self.dtype}")
         if document["item_shape"] is not None and document["item_shape"] != shape:
             raise ItmrtError(f"the new images embed as {shape}, the gallery's as {document['item_shape']}")
         if document["ids"] is not None and document["ids"] != has_ids:
@@ -372,9 +388,10 @@ def index_sharded(
         for chunk in image_chunks(inputs, writer.options.shard_images):
             def write(folder: Path, chunk: Any = chunk) -> Gallery:
                 if embeddings is not None:
-                    return runtime.store_embeddings(chunk, folder, source=source, dtype=writer.dtype, checked=True)
+                    return runtime.store_embeddings(chunk, folder, source=source, dtype=writer.dtype, checked=True,
+                                                    store=writer.shard_store())
                 return runtime.index(chunk, folder, source=source, skip_bad_images=skip_bad_images,
-                                     dtype=writer.dtype)
+                                     dtype=writer.dtype, store=writer.shard_store())
 
             writer.add(write)
             if progress is not None:
