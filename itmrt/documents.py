@@ -5,9 +5,12 @@ that is not a regular file cannot be read as one. Writing lives in :mod:`itmrt.p
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +28,36 @@ def not_a_file(path: str | os.PathLike[str], missing: str = "does not exist") ->
     if path.is_dir():
         return "is a folder"
     if path.is_symlink() and not path.exists():
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "is a symbolic link that leads back to itself (a loop of links)"
         return f"is a symbolic link to {os.readlink(path)}, which does not exist"
     if path.exists():
         return "is not a regular file (a device, pipe or socket)"
     return missing
+
+
+def open_regular(path: str | os.PathLike[str]) -> io.BufferedReader:
+    """``path`` opened for reading in binary, refused with an :class:`OSError` (one line: "not a regular file")
+    unless it is a regular file. The open itself cannot block: a FIFO put where a file should be would otherwise
+    wait for a writer forever (and keep a process from exiting), a device may never end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a folder, pipe, socket or device)", str(path))
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`)."""
+    with open_regular(path) as handle:
+        return handle.read()
 
 
 # -- hashes ---------------------------------------------------------------------------
@@ -42,7 +71,7 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks so large files are not loaded whole."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -72,7 +101,7 @@ def read_json_document(
         size = path.stat().st_size
         if size > MAX_DOCUMENT_BYTES:
             raise ItmrtError(f"{path} is {size >> 20} MB, too large for an itmrt {what}; {remedy}")
-        raw = path.read_bytes()
+        raw = read_regular_bytes(path)
     except OSError as exc:
         raise ItmrtError(f"{os_error_message(exc, 'read')}; {remedy}") from None
     try:

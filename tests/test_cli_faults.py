@@ -244,3 +244,15 @@ def test_sigterm_mid_index_cleans_up_like_ctrl_c(world: dict[str, Path], tmp_pat
     assert process.returncode == 143, (process.returncode, err)
     assert err == "error: terminated (SIGTERM)\n", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.npy"]  # no gallery, no staging folder
+
+
+@pytest.mark.parametrize(("url", "words"), [
+    ("http://127.0.0.1:99999", "Port out of range"),
+    ("http://127.0.0.1:abc", "not a valid URL"),
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://exa mple.com", "spaces or control characters"),
+    ("ftp://127.0.0.1:9", "not an http(s) URL"),
+])
+def test_query_refuses_a_malformed_url_in_one_line(world: dict[str, Path], url: str, words: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    one_line(run_cli(capsys, "query", url, "--captions", str(world["captions"])), words)

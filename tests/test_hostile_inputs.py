@@ -316,6 +316,13 @@ def test_device_or_pipe_as_input_is_named_so_and_not_read(hostile_world: World, 
     assert not case.out.exists() and not (case.folder / "new").exists()
 
 
+def test_a_loop_of_links_as_input_is_named_so(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+    (case.folder / "loop1.npy").symlink_to("loop2.npy")
+    (case.folder / "loop2.npy").symlink_to("loop1.npy")
+    args = [*case.infer()[:4], "--images", case.folder / "loop1.npy", *case.infer()[6:]]
+    assert_one_line(hostile_run(capsys, case.folder, *args), "loop1.npy", "leads back to itself")
+
+
 @pytest.mark.parametrize(("meta", "expected"), [
     ("[" * 100_000 + "]" * 100_000, "as JSON (RecursionError)"),
     ('{"images": [{"extra": 1, "partner": "x"}], "captions": []}', "does not have the synthetic generator's layout"),

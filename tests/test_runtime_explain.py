@@ -160,6 +160,9 @@ def test_explain_refuses_what_it_cannot_explain(random_naaf: dict[str, Path], tm
     runtime = load(random_naaf["bundle"], warn=lambda _m: None)
     with pytest.raises(ItmrtError, match="out of range: there are 6 images"):
         explain(runtime, np.load(random_naaf["feats"]), 6, "word1")
+    for blank in ("", "   \t"):
+        with pytest.raises(ItmrtError, match="caption to explain is empty"):
+            explain(runtime, np.load(random_naaf["feats"]), 0, blank)
     scan_bundle, _, _ = make_bundle(tmp_path / "scan", family="scan",
                                     opt={"vocab_size": 50, "img_dim": 64, "embed_size": 32, "word_dim": 16})
     with pytest.raises(ItmrtError, match="holds a scan model"):

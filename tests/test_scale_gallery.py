@@ -205,6 +205,36 @@ def test_tampered_shards_are_refused(setup: dict[str, Any], tmp_path: Path) -> N
         open_shards(out, threads=1, warn=quiet)
 
 
+@pytest.mark.parametrize(("change", "key"), [
+    (lambda d: d.update(shards=None), "'shards' must be"),
+    (lambda d: d.update(shards=5), "'shards' must be"),
+    (lambda d: d.update(shards=[None]), "'shards[0]' must be"),
+    (lambda d: d.update(shards=[]), "'shards' lists no shards"),
+    (lambda d: d.update(images=-1), "'images'"),
+    (lambda d: d.update(images=1000), "'images' is 1000, but the shards hold 12 images"),
+    (lambda d: d.update(item_shape=[-10, 32]), "'item_shape[0]'"),
+    (lambda d: d.update(shard_images=0), "'shard_images'"),
+    (lambda d: d.update(shard_images="10"), "'shard_images' must be"),
+    (lambda d: d.update(ids="yes"), "'ids' must be"),
+    (lambda d: d.update(dtype="int4"), "'dtype'"),
+    (lambda d: d["shards"][1].update(first=False), "'shards[1].first' must be"),
+    (lambda d: d["shards"][1].update(name=0), "'shards[1].name' must be"),
+    (lambda d: d["shards"][1].update(sha256="x"), "'shards[1].sha256'"),
+    (lambda d: d["bundle"].update(manifest_sha256=None), "'bundle.manifest_sha256'"),
+])
+def test_a_malformed_top_document_is_one_line_naming_the_key(setup: dict[str, Any], tmp_path: Path,
+                                                             change: Any, key: str) -> None:
+    out = tmp_path / "malformed"
+    index_sharded(setup["runtime"], setup["features"][:12], out, ShardingOptions(shard_images=6))
+    document = json.loads((out / "gallery.json").read_text())
+    change(document)
+    (out / "gallery.json").write_text(json.dumps(document))
+    with pytest.raises(ItmrtError) as caught:
+        read_sharded_gallery(out)
+    message = str(caught.value)
+    assert key in message and "\n" not in message and message.startswith(str(out / "gallery.json")), message
+
+
 def test_shards_open_side_by_side_and_a_failure_names_the_first_bad_shard(setup: dict[str, Any],
                                                                          tmp_path: Path) -> None:
     """Shards are opened (verified) on one thread per core: a failure names the first bad shard in shard order,

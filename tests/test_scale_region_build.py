@@ -119,4 +119,5 @@ def test_embeddings_too_large_for_memory_are_encoded_in_a_scratch_file_that_is_n
         _dense_then_indexed(runtime, features, root / "dense-float16", "float16")
     for shard in ("shard-00000", "shard-00001", "shard-00002"):
         for name in ("region_residuals.npy", "region_codes.npy", "region_centroids.npy"):
-            assert (root / "scratch" / shard / name).read_bytes() == (root / "dense-float16" / shard / name).read_bytes()
+            dense = (root / "dense-float16" / shard / name).read_bytes()
+            assert (root / "scratch" / shard / name).read_bytes() == dense

@@ -397,6 +397,33 @@ def test_truncated_and_modified_gallery_files_change_nothing(model: dict[str, An
     assert any("does not match the sha256" in line for line in refused)
 
 
+def test_a_version_with_a_fifo_is_refused_and_a_later_good_one_swapped_in(model: dict[str, Any], tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A new version whose embeddings are a pipe: opening it must not wait for a writer (which jammed every later
+    swap and kept SIGTERM from ending the process); it is refused, and the next good version is served."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(model["gallery"], gallery)
+    captions = random_captions(3, seed=5)
+    want = expected(model, gallery, captions, 5)
+    with caplog.at_level(logging.INFO, logger="itmrt"), running(Service(gallery, options=options())) as live, \
+            ServiceClient(live.url) as client:
+        np.testing.assert_array_equal(client.search(captions, 5).indices, want.indices)
+        piped = tmp_path / "piped"
+        shutil.copytree(model["gallery"], piped)
+        (piped / "image_embeddings.npy").unlink()
+        os.mkfifo(piped / "image_embeddings.npy")
+        gallery.rename(tmp_path / "old")
+        piped.rename(gallery)
+        wait_for(lambda: live.metrics.swaps.labels("refused")._value.get() >= 1)
+        np.testing.assert_array_equal(client.search(captions, 5).indices, want.indices)
+        gallery.rename(tmp_path / "piped-out")
+        shutil.copytree(model["gallery"], gallery)
+        wait_for(lambda: live.metrics.swaps.labels("ok")._value.get() >= 1)
+        np.testing.assert_array_equal(client.search(captions, 5).indices, want.indices)
+    refused = [r.getMessage() for r in caplog.records if "new version refused" in r.getMessage()]
+    assert refused and "not a regular file" in refused[0] and "\n" not in refused[0]
+
+
 def test_non_finite_scores_mark_the_service_not_ready(model: dict[str, Any]) -> None:
     runtime = load(model["bundle"], scorer="graph")
     gallery = runtime.open_gallery(model["gallery"])

@@ -19,6 +19,7 @@ Errors are one line naming the folder, the name and what to do.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def member(folder: Path, name: object, what: str, remedy: str) -> Path:
         raise ItmrtError(f"{what} {folder}: {name} cannot be resolved ({exc.__class__.__name__}); {remedy}") from None
     if resolved != root and root not in resolved.parents:
         raise ItmrtError(f"{what} {folder}: {name} leads outside the folder (a symlink to {resolved}); {remedy}")
+    try:
+        mode = resolved.stat().st_mode
+    except OSError:
+        return path  # absent: the caller says what it lacks
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO would block its reader forever
+        raise ItmrtError(f"{what} {folder}: {name} is not a regular file (a pipe, socket or device); {remedy}")
     return path
 
 

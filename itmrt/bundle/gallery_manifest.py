@@ -251,6 +251,47 @@ class _RecordedBundle(JsonRecord):
     bundle: GalleryBundle
 
 
+@dataclass(kw_only=True)
+class ShardEntry(JsonRecord):
+    """One shard as a sharded gallery's top document lists it: its folder, its first row, its images and the
+    sha256 of its own ``gallery.json``."""
+
+    name: str
+    first: int = bounded(minimum=0)
+    images: int = bounded(minimum=1)
+    sha256: str = sha256_field()
+
+
+@dataclass(kw_only=True)
+class ShardedGalleryDocument(JsonRecord):
+    """A sharded gallery's top ``gallery.json`` (:mod:`itmrt.scale.layout`), type-checked on read."""
+
+    kind: str = field(default=SHARDED_GALLERY_KIND, metadata={"const": SHARDED_GALLERY_KIND, "required": True})
+    schema_version: int = field(default=GALLERY_SCHEMA, metadata={"const": GALLERY_SCHEMA, "required": True})
+    bundle: GalleryBundle
+    images: int = bounded(minimum=1)
+    dtype: str = field(metadata={"choices": STORAGE_DTYPES})
+    item_shape: list[int] = bounded(minimum=1)
+    ids: bool
+    shard_images: int = bounded(minimum=1)
+    shortlist_index: dict[str, object] | None = None
+    shards: list[ShardEntry]
+
+
+def parse_sharded_document(data: object, source: str | Path, remedy: str) -> ShardedGalleryDocument:
+    """A sharded gallery's parsed top document, checked (one line naming the file and the key)."""
+
+    def images_add_up(document: ShardedGalleryDocument) -> RecordError | None:
+        held = sum(shard.images for shard in document.shards)
+        if not document.shards:
+            return RecordError("shards", "lists no shards")
+        if held != document.images:
+            return RecordError("images", f"is {document.images}, but the shards hold {held} images")
+        return None
+
+    return parse_document(ShardedGalleryDocument, data, source, remedy, images_add_up)
+
+
 def recorded_bundle(folder: str | Path) -> GalleryBundle:
     """The bundle a gallery (sharded or not) records as the one that made it, type-checked."""
     _root, path, data, _raw = _gallery_document(folder)

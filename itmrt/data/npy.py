@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itmrt.documents import not_a_file
+from itmrt.documents import not_a_file, open_regular
 from itmrt.errors import DataError, first_line
 from itmrt.file_states import LISTED, file_state, hash_started
 
@@ -60,7 +60,7 @@ def read_npy_header(path: Path, what: str = "array") -> NpyHeader:
     """The header of the ``.npy`` file at ``path``, checked; a one-line :class:`DataError` for anything else."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             head = handle.read(len(NPY_MAGIC) + 2)
             if not head.startswith(NPY_MAGIC):
                 raise _not_npy(path, head, what)
@@ -142,9 +142,10 @@ def read_npy_copy(path: Path, what: str, sha256: str | None = None, remedy: str 
     data = array.reshape(-1).view(np.uint8)
     started = hash_started()
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        handle = open_regular(path)
     except OSError as exc:
         raise DataError(f"cannot read {what} file {path}: {exc.strerror or first_line(exc)}") from None
+    fd = handle.fileno()  # read by position (os.preadv), never through the buffer
     try:
         before = file_state(path, sha256, os.fstat(fd)) if sha256 is not None else None
         head = np.empty(header.data_offset, dtype=np.uint8)
@@ -155,7 +156,7 @@ def read_npy_copy(path: Path, what: str, sha256: str | None = None, remedy: str 
         _pread_into(fd, tail.data, end, path, what, remedy)
         unchanged = before is not None and file_state(path, str(sha256), os.fstat(fd)) == before
     finally:
-        os.close(fd)
+        handle.close()
     if sha256 is not None and not (unchanged and before is not None and LISTED.known(before)):
         digest = hashlib.sha256(head.data)
         digest.update(data.data)

@@ -203,6 +203,8 @@ def explain(
     """
     from itmrt.runtime.gallery import Gallery
 
+    if not caption.strip():
+        raise ItmrtError("the caption to explain is empty; give at least one word")
     threshold, lambda_softmax, intra_factor = naaf_constants(runtime)
     regions = _one_image(runtime, images, image, encoded)
     captions = runtime.encode_captions([caption])

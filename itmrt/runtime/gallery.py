@@ -58,7 +58,7 @@ from itmrt.bundle.gallery_manifest import (
 )
 from itmrt.bundle.names import MANIFEST_NAME
 from itmrt.data.npy import open_npy, read_npy_copy, read_npy_header
-from itmrt.documents import parse_json, sha256_bytes, sha256_file
+from itmrt.documents import open_regular, parse_json, read_regular_bytes, sha256_bytes, sha256_file
 from itmrt.errors import DataError, ItmrtError
 from itmrt.file_states import FINITE_EMBEDDINGS, file_state, hash_started
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staged_folder
@@ -129,7 +129,7 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
     started = hash_started()
     digest, position, first_bad, carry = hashlib.sha256(), 0, None, b""
     itemsize = header.dtype.itemsize
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
             data = carry + chunk[max(header.data_offset - position, 0):] if carry else \
@@ -164,7 +164,7 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
     known = FINITE_EMBEDDINGS.known(before)
     digest, position = hashlib.sha256(), 0
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             digest.update(handle.read(header.data_offset))
             while position < len(view):
                 got = handle.readinto(view[position : position + chunk_size])
@@ -184,7 +184,7 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
         return array
     if known:  # changed while it was read: hash what was read
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
             digest.update(handle.read(header.data_offset))
         digest.update(view)
     if digest.hexdigest() != entry.sha256:
@@ -279,7 +279,7 @@ def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = T
 def _read_ids(root: Path, entry: IdsEntry, rows: int) -> list[str]:
     path = member(root, entry.file, "gallery", REMEDY)
     try:
-        raw = path.read_bytes()
+        raw = read_regular_bytes(path)
     except OSError as exc:
         raise ItmrtError(f"cannot read the image ids {path} ({exc.strerror}); {REMEDY}") from None
     if sha256_bytes(raw) != entry.sha256:

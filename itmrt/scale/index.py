@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from itmrt.documents import read_regular_bytes
 from itmrt.errors import ItmrtError, first_line
 from itmrt.optional import require
 from itmrt.scale.regions import (
@@ -166,7 +167,7 @@ class ShortlistIndex:
         to the first GPU when this FAISS build has one."""
         faiss = faiss_module()
         try:
-            raw = path.read_bytes()
+            raw = read_regular_bytes(path)
         except OSError as exc:
             raise ItmrtError(f"cannot read the shortlist index {path} ({first_line(exc)}); "
                              "re-index the gallery") from None

@@ -35,15 +35,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from itmrt.bundle.closed import verified_member
-from itmrt.bundle.gallery_manifest import REMEDY, GalleryBundle, parse_recorded_bundle, same_image_encoder
+from itmrt.bundle.gallery_manifest import REMEDY, GalleryBundle, parse_sharded_document, same_image_encoder
 from itmrt.data.npy import open_npy, read_npy_copy
-from itmrt.documents import parse_json, read_json_document
+from itmrt.documents import parse_json, read_json_document, read_regular_bytes
 from itmrt.errors import ItmrtError, first_line
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
     GALLERY_SCHEMA,
     SHARDED_GALLERY_KIND,
-    STORAGE_DTYPES,
     Gallery,
     check_made_with,
     read_gallery,
@@ -69,7 +68,7 @@ def is_sharded_gallery(folder: str | Path) -> bool:
     if path.is_symlink() or not path.is_file():  # a linked document is refused when the gallery is read
         return False
     try:
-        document = parse_json(path.read_bytes())
+        document = parse_json(read_regular_bytes(path))
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(document, dict) and document.get("kind") == SHARDED_GALLERY_KIND
@@ -169,15 +168,8 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")
     manifest, raw = read_json_document(path, (SHARDED_GALLERY_KIND,), GALLERY_SCHEMA, "sharded gallery",
                                        "re-index the gallery")
-    try:
-        shards = [ShardRecord(str(s["name"]), int(s["first"]), int(s["images"]), str(s["sha256"]))
-                  for s in manifest["shards"]]
-        bundle_sha256, dtype = manifest["bundle"]["manifest_sha256"], manifest["dtype"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ItmrtError(f"{path} is not a well-formed sharded gallery ({first_line(exc)} missing or wrong); "
-                         "re-index the gallery") from None
-    if not isinstance(bundle_sha256, str) or dtype not in STORAGE_DTYPES:
-        raise ItmrtError(f"{path} names no bundle hash or an unknown dtype {dtype!r}; re-index the gallery")
+    document = parse_sharded_document(manifest, path, "re-index the gallery")
+    shards = [ShardRecord(s.name, s.first, s.images, s.sha256) for s in document.shards]
     expected_first = 0
     for shard in shards:
         member(root, shard.name)
@@ -185,10 +177,7 @@ def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
             raise ItmrtError(f"{path}: {shard.name} starts at row {shard.first} with {shard.images} images, not at "
                              f"row {expected_first}; re-index the gallery")
         expected_first += shard.images
-    if not shards:
-        raise ItmrtError(f"{path} lists no shards; re-index the gallery")
-    return ShardedGallery(root, manifest, shards, parse_recorded_bundle(manifest, path),
-                          sha256=hashlib.sha256(raw).hexdigest())
+    return ShardedGallery(root, manifest, shards, document.bundle, sha256=hashlib.sha256(raw).hexdigest())
 
 
 def member(root: Path, name: Any) -> Path:
@@ -212,7 +201,7 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     folder = member(gallery.path, shard.name)
     document = folder / GALLERY_MANIFEST
     try:
-        digest = hashlib.sha256(document.read_bytes()).hexdigest()
+        digest = hashlib.sha256(read_regular_bytes(document)).hexdigest()
     except OSError as exc:
         raise ItmrtError(f"{shard.describe()} of {gallery.path} cannot be read ({first_line(exc)}); "
                          "re-index the gallery") from None

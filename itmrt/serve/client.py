@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from itmrt.errors import ItmrtError
+from itmrt.errors import ItmrtError, first_line
 from itmrt.serve import protocol
 
 
@@ -47,13 +47,23 @@ class ServiceClient:
     """One connection to an ``itmrt serve`` at ``url`` (``http://host:port``)."""
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 60.0, binary: bool = False) -> None:
-        parts = urllib.parse.urlsplit(url)
+        example = "give the server's address, e.g. http://127.0.0.1:8000"
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port  # read here: a port out of range or not a number is a ValueError
+        except ValueError as exc:
+            raise ItmrtError(f"{url!r} is not a valid URL ({first_line(exc)}); {example}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ItmrtError(f"{url!r} is not an http(s) URL; give the server's address, e.g. http://127.0.0.1:8000")
+            raise ItmrtError(f"{url!r} is not an http(s) URL; {example}")
+        if any(ord(c) <= 32 or ord(c) == 127 for c in url):
+            raise ItmrtError(f"{url!r} holds spaces or control characters; {example}")
         self.url, self.token, self.binary = url.rstrip("/"), token, binary
         self._prefix = parts.path.rstrip("/")
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self._connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+        try:
+            self._connection = kind(parts.hostname, port, timeout=timeout_s)
+        except (ValueError, http.client.HTTPException) as exc:
+            raise ItmrtError(f"{url!r} is not a valid URL ({first_line(exc)}); {example}") from None
 
     def __enter__(self) -> ServiceClient:
         return self
