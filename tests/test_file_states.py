@@ -148,3 +148,28 @@ def test_no_record_is_kept_where_others_could_write_them_or_when_switched_off(
         file_states.FINITE_EMBEDDINGS.forget()
         assert not file_states.FINITE_EMBEDDINGS.known(state)
         records.chmod(0o700)
+
+
+def test_files_of_one_content_are_read_once_and_shared_read_only_while_unchanged(
+        small: dict[str, Any], records: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("faiss")
+    from itmrt.scale import IndexSpec, ShardingOptions, index_sharded, open_shards
+
+    gallery = tmp_path / "compact"
+    index_sharded(small["runtime"], small["features"], gallery,
+                  ShardingOptions(4, "float16", IndexSpec("regions", regions_storage="compact")))
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # shards opened one after another (side by side, two
+    # shards opened at once may each read the file before either holds it)
+    open_shards(gallery, threads=1, warn=lambda m: None)  # every file hashed once, and found as listed
+    shards = open_shards(gallery, threads=1, warn=lambda m: None).shards
+    centroids = [shard.gallery.embeddings.centroids for shard in shards]
+    assert len(centroids) == 3 and all(c is centroids[0] for c in centroids)  # one build: one set of centroids
+    assert not centroids[0].flags.writeable
+    # a shard whose copy of the file changed is read (and refused), not handed the shared copy
+    target = gallery / "shard-00002" / "region_centroids.npy"
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0x01
+    target.write_bytes(bytes(raw))
+    with pytest.raises(ItmrtError, match="does not match the sha256"):
+        open_shards(gallery, threads=1, warn=lambda m: None)
+    del shards, centroids

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from itmrt.data.npy import read_npy_header
-from itmrt.errors import GalleryChanged, ItmrtError
+from itmrt.documents import open_regular
+from itmrt.errors import GalleryChanged, ItmrtError, first_line
 
 BLOCK_BYTES = 64 << 20
 """Bytes of rows read per block of a full scan (one buffer of this size per searching thread)."""
@@ -62,7 +63,11 @@ class PositionalRows:
         self.ndim = len(self.shape)
         self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
         self.offset = header.data_offset
-        self.fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:  # never a blocking open (a FIFO put in the file's place), and a regular file only
+            with open_regular(path) as handle:
+                self.fd: int | None = os.dup(handle.fileno())
+        except OSError as exc:
+            raise ItmrtError(f"{label}: cannot read {path.name} ({first_line(exc)}); re-index the gallery") from None
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -79,8 +84,8 @@ class PositionalRows:
     def __del__(self) -> None:
         try:
             self.close()
-        except OSError:  # pragma: no cover - nothing to do about a descriptor that will not close
-            pass
+        except (OSError, AttributeError, TypeError):  # pragma: no cover - a descriptor that will not close, or
+            pass  # the interpreter shutting down (os already gone): nothing to do
 
     # -- reads ----------------------------------------------------------------------------
 
