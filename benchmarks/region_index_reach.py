@@ -15,7 +15,13 @@ region of every shard (the exhaustive product, in float32 from the stored float1
   probes can do), and (b) every word's exact ``R`` most similar regions over the whole shard (an oracle
   per-word nearest-region search; words an image misses take the ``R``-th similarity);
 - **the floor of a scan**: the exhaustive product's arithmetic per query (``2 m N regions d``) at this run's
-  large-GEMM rate, here and at 100,000 images (the time any exhaustive similarity pass needs at least).
+  large-GEMM rate, here and at 100,000 images (the time any exhaustive similarity pass needs at least);
+- with ``--second-codebook K``, **an inverted multi-index**: a second k-means codebook of ``K`` words over each
+  region's residual from its centroid, so that a region's similarity is estimated as ``q.c + q.w`` (centroid
+  plus residual word) and a word reads the ``n`` regions of its best (centroid, word) cells. For ``n`` in
+  500 / 2,000 / 10,000 regions a word it reports the reach of those reads (against reading the regions of the
+  best centroids alone, the same ``n``), the candidates kept when the read regions' *exact* similarities feed
+  the estimate, and the candidates kept by the two-level estimate itself over every region.
 
 On data whose regions cluster (``objects``) the probed lists hold most of a word's nearest regions; on data where
 a word's nearest regions are spread over every centroid (``instances``: a region is a concept plus one of 8,192
@@ -29,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +52,7 @@ NPROBES = (8, 32, 128, 512)
 KEEPS = (50, 500)
 NEAREST = (100, 300)
 BLOCK = 2048  # images per block of the exhaustive product
+READS = (500, 2000, 10000)  # regions a word reads through the multi-index
 
 
 def word_region_sims(tokens: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
@@ -65,10 +73,64 @@ def kept(estimate: ScoreEstimate, best: np.ndarray, tokens: np.ndarray, answers:
     return {keep: int((rank[answers] < keep).sum()) for keep in KEEPS}
 
 
+def best_of_chosen(chosen: np.ndarray, sims: np.ndarray, images: int) -> np.ndarray:
+    """``[m, N]`` each image's best exact similarity among a word's chosen regions; words an image has none of
+    take the lowest chosen similarity (what an index that read only those regions could say)."""
+    words = len(sims)
+    floor = np.where(chosen, sims, np.inf).min(axis=1)
+    best = np.where(chosen, sims, -np.inf).reshape(words, images, -1).max(axis=2)
+    return np.where(np.isfinite(best), best, floor[:, None]).astype(np.float32)
+
+
+def second_codebook(embeddings: np.ndarray, codes: np.ndarray, centroids: np.ndarray, size: int,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A k-means codebook of ``size`` words over the regions' residuals from their centroid (trained on a sample
+    of 16 residuals a word), and each region's nearest word: the second half of an inverted multi-index."""
+    import faiss
+
+    images, regions, depth = embeddings.shape
+    flat = codes.reshape(-1).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(images * regions, size=min(images * regions, 16 * size), replace=False))
+    def residual_blocks() -> Any:
+        for start in range(0, images, BLOCK):
+            block = np.asarray(embeddings[start : start + BLOCK], dtype=np.float32).reshape(-1, depth)
+            at = start * regions
+            yield at, np.ascontiguousarray(block - centroids[flat[at : at + len(block)]])
+
+    picked = [block[sample[(sample >= at) & (sample < at + len(block))] - at] for at, block in residual_blocks()]
+    kmeans = faiss.Kmeans(depth, size, niter=10, seed=seed, max_points_per_centroid=16)
+    kmeans.train(np.concatenate(picked))
+    words = np.empty(images * regions, dtype=np.int64)
+    for at, residual in residual_blocks():
+        words[at : at + len(residual)] = kmeans.index.search(residual, 1)[1][:, 0]
+    return kmeans.centroids.astype(np.float32), words
+
+
+def multi_index(tokens: np.ndarray, sims: np.ndarray, coarse: np.ndarray, second: tuple[np.ndarray, np.ndarray],
+                images: int, estimate: ScoreEstimate, answers: np.ndarray, nearest: np.ndarray,
+                counts: dict[str, float]) -> None:
+    """Reach and candidates kept when each word reads its best ``n`` regions by the coarse or two-level estimate
+    (``coarse [m, N * regions]``: each region's centroid similarity)."""
+    codebook, words_of_regions = second
+    two_level = coarse + (tokens @ codebook.T)[:, words_of_regions]
+    for name, estimated in (("one codebook", coarse), ("multi-index", two_level)):
+        for n in READS:
+            chosen = np.zeros(sims.shape, dtype=bool)
+            np.put_along_axis(chosen, np.argpartition(-estimated, n - 1, axis=1)[:, :n], True, axis=1)
+            counts[f"reach R{nearest.shape[1]}, {name} reads {n}"] += \
+                float(np.take_along_axis(chosen, nearest, axis=1).mean()) * len(tokens)
+            for keep, found in kept(estimate, best_of_chosen(chosen, sims, images), tokens, answers).items():
+                counts[f"{name} reads {n} (exact similarities), keep {keep}"] += found
+    best = two_level.reshape(len(tokens), images, -1).max(axis=2).astype(np.float32)
+    for keep, found in kept(estimate, best, tokens, answers).items():
+        counts[f"multi-index estimate over every region, keep {keep}"] += found
+
+
 def one_shard(tokens: np.ndarray, sims: np.ndarray, codes: np.ndarray, centroids: np.ndarray,
-              estimate: ScoreEstimate, answers: np.ndarray, counts: dict[str, float]) -> None:
-    words, regions = len(tokens), codes.shape[1]
-    images = codes.shape[0]
+              estimate: ScoreEstimate, answers: np.ndarray, counts: dict[str, float],
+              second: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    words, images = len(tokens), codes.shape[0]
     flat_codes = codes.reshape(-1).astype(np.int64)
     centroid_sims = tokens @ centroids.T
     nearest = {r: np.argpartition(-sims, r - 1, axis=1)[:, :r] for r in NEAREST}
@@ -80,19 +142,16 @@ def one_shard(tokens: np.ndarray, sims: np.ndarray, codes: np.ndarray, centroids
         for r, top in nearest.items():
             counts[f"reach R{r} nprobe {nprobe}"] += float(np.take_along_axis(mask, top, axis=1).mean()) * words
         if nprobe in (8, 128):
-            floor = np.where(mask, sims, np.inf).min(axis=1)
-            best = np.where(mask, sims, -np.inf).reshape(words, images, regions).max(axis=2)
-            best = np.where(np.isfinite(best), best, floor[:, None]).astype(np.float32)
-            for keep, n in kept(estimate, best, tokens, answers).items():
+            for keep, n in kept(estimate, best_of_chosen(mask, sims, images), tokens, answers).items():
                 counts[f"probed exact, nprobe {nprobe}, keep {keep}"] += n
     for r, top in nearest.items():
         chosen = np.zeros_like(sims, dtype=bool)
         np.put_along_axis(chosen, top, True, axis=1)
-        floor = np.take_along_axis(sims, top, axis=1).min(axis=1)
-        best = np.where(chosen, sims, -np.inf).reshape(words, images, regions).max(axis=2)
-        best = np.where(np.isfinite(best), best, floor[:, None]).astype(np.float32)
-        for keep, n in kept(estimate, best, tokens, answers).items():
+        for keep, n in kept(estimate, best_of_chosen(chosen, sims, images), tokens, answers).items():
             counts[f"oracle nearest R{r}, keep {keep}"] += n
+    if second is not None:
+        multi_index(tokens, sims, centroid_sims[:, flat_codes], second, images, estimate, answers,
+                    nearest[NEAREST[0]], counts)
     counts["words"] += words
 
 
@@ -112,6 +171,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--reuse", action="store_true", help="use the gallery and reference already in --work")
+    parser.add_argument("--second-codebook", type=int, default=0, metavar="K",
+                        help="also measure an inverted multi-index with a K-word residual codebook a shard (0: off)")
     args = parser.parse_args()
     from itmrt.runtime import load
 
@@ -130,28 +191,33 @@ def main() -> None:
     shards = LocalShards(runtime, read_sharded_gallery(out))
     reference = shards.search(batch, SearchRequest(k=10)).t2i.indices  # exhaustive scoring
     estimate = ScoreEstimate.from_bundle(runtime.bundle)
-    counts: dict[str, float] = {"words": 0, "answers": 0}
-    for key in [f"reach R{r} nprobe {p}" for r in NEAREST for p in NPROBES] + \
-            [f"probed exact, nprobe {p}, keep {k}" for p in (8, 128) for k in KEEPS] + \
-            [f"oracle nearest R{r}, keep {k}" for r in NEAREST for k in KEEPS]:
-        counts[key] = 0
+    counts: dict[str, float] = defaultdict(float)
+    seconds: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(shards.shards)
+    for number, shard in enumerate(shards.shards):
+        if args.second_codebook and shard.regions is not None:
+            started = time.perf_counter()
+            seconds[number] = second_codebook(shard.gallery.embeddings, np.asarray(shard.regions.codes),
+                                              shard.regions.centroids, args.second_codebook, seed=number)
+            print(f"shard {number}: residual codebook of {args.second_codebook} trained and assigned in "
+                  f"{time.perf_counter() - started:.0f} s", flush=True)
     for query in range(len(batch)):
         assert batch.offsets is not None
         start, length = int(batch.offsets[query]), int(batch.lengths[query])
         tokens = np.asarray(batch.vectors[start : start + length], dtype=np.float32)
-        for shard in shards.shards:
+        for number, shard in enumerate(shards.shards):
             first, images = shard.record.first, shard.record.images
             answers = reference[query][(reference[query] >= first) & (reference[query] < first + images)] - first
             counts["answers"] += len(answers)
             sims = word_region_sims(tokens, shard.gallery.embeddings)
             regions = shard.regions
             assert regions is not None
-            one_shard(tokens, sims, np.asarray(regions.codes), regions.centroids, estimate, answers, counts)
+            one_shard(tokens, sims, np.asarray(regions.codes), regions.centroids, estimate, answers, counts,
+                      seconds[number])
         print(f"query {query + 1}/{len(batch)}", flush=True)
     result: dict[str, Any] = {"data": args.data, "images": args.images, "shards": args.shards, "queries": len(batch),
                               "fit": [s.regions.fit for s in shards.shards if s.regions is not None],
                               "centroids": [len(s.regions.centroids) for s in shards.shards if s.regions is not None],
-                              "gemm_gflops": round(gemm_rate(), 1)}
+                              "second_codebook": args.second_codebook, "gemm_gflops": round(gemm_rate(), 1)}
     flops = 2 * counts["words"] / len(batch) * 36 * depth  # per image, one caption of the mean length
     result["scan_floor_ms"] = round(1000 * flops * args.images / (result["gemm_gflops"] * 1e9), 1)
     result["scan_floor_ms_100k"] = round(1000 * flops * 100000 / (result["gemm_gflops"] * 1e9), 1)
@@ -160,14 +226,15 @@ def main() -> None:
             result[key] = round(value / counts["words"], 3)
         elif key not in ("words", "answers"):
             result[key] = round(value / max(1, counts["answers"]), 3)
-    (args.work / f"reach-{args.data}-{args.images}.json").write_text(json.dumps(result, indent=2) + "\n")
+    record = args.work / f"reach-{args.data}-{args.images}-{args.second_codebook}.json"
+    record.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.images:,} images ({args.data}), {args.shards} shards, fit {result['fit']}, centroids "
           f"{result['centroids']}; {len(batch)} queries; the exhaustive word x region product's floor "
           f"{result['scan_floor_ms']} ms per query here, {result['scan_floor_ms_100k']} ms at 100,000 images "
           f"(large GEMM {result['gemm_gflops']} GFLOP/s)\n")
     print("| measure | share |\n|---|---|")
     for key, value in result.items():
-        if key.startswith(("reach", "probed", "oracle")):
+        if key.startswith(("reach", "probed", "oracle", "one codebook", "multi")):
             print(f"| {key} | {value} |")
 
 
