@@ -10,6 +10,7 @@ messages that say what the input really is.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,43 @@ def test_malformed_mismatch_meta_is_one_line(hostile_world: World, case: Case, c
     result = hostile_run(capsys, case.folder, "eval", hostile_world.checkpoint, "--vocab", hostile_world.vocab,
                          "--data", data, "--split", "test", "--mismatched-words")
     assert_one_line(result, "test_meta.json" if "JSON" in expected else "meta file", expected)
+
+
+@pytest.fixture(scope="module")
+def api_runtime(hostile_world: World) -> Any:
+    from itmrt.runtime import load
+
+    return load(hostile_world.bundle, threads=1, warn=lambda message: None)
+
+
+API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
+    # k <= 0 ranked all but the last -k images for a few captions (the one-caption path), silently
+    ("k=-1", lambda rt, g, c: rt.search_text_to_image(c, g, -1), "--top-k must be at least 1, not -1"),
+    ("k=0", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), top_k=0), "--top-k must be at least 1, not 0"),
+    ("k=-1 shortlist", lambda rt, g, c: rt.search_text_to_image(c, g, -1, shortlist=4), "--top-k must be at least 1"),
+    ("k=1.5", lambda rt, g, c: rt.search_image_to_text(g, c, 1.5), "--top-k must be an integer, not 1.5"),
+    ("shortlist=2.5", lambda rt, g, c: rt.search_text_to_image(c, g, 2, shortlist=2.5),
+     "--shortlist must be an integer"),
+    ("caption None", lambda rt, g, c: rt.encode_captions([*c, None]), "caption 5 is not a string but NoneType"),
+    ("caption bytes", lambda rt, g, c: rt.encode_captions([b"word1"]), "caption 1 is not a string but bytes"),
+    ("features list", lambda rt, g, c: rt.encode_images([[[0.0] * 64] * 10]), "must be a numpy array, not list"),
+    ("images None", lambda rt, g, c: rt.score(None, rt.encode_captions(c)), "not NoneType"),
+    ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),
+    ("threads 1.5", lambda rt, g, c: __import__("itmrt.runtime").runtime.load(rt.bundle.path, threads=1.5),
+     "--threads must be an integer"),
+]
+
+
+@pytest.mark.parametrize(("call", "expected"), [case[1:] for case in API_CASES], ids=[case[0] for case in API_CASES])
+def test_api_wrong_values_and_types_are_one_line(hostile_world: World, api_runtime: Any,
+                                                 call: Callable[[Any, Any, list[str]], Any], expected: str) -> None:
+    """The Python API given a k <= 0, a float where a count goes, a caption that is not a string, or a list
+    where an array or encoded captions go: one line naming it, not a wrong ranking or an AttributeError (or
+    ONNX Runtime's TypeError) from deep inside."""
+    from itmrt.errors import ItmrtError
+
+    gallery = api_runtime.open_gallery(hostile_world.gallery)
+    captions = hostile_world.captions.read_text().splitlines()
+    with pytest.raises(ItmrtError, match=re.escape(expected)) as error:
+        call(api_runtime, gallery, captions)
+    assert "\n" not in str(error.value)
