@@ -118,6 +118,11 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
         "repeated key": (b'{"inputs": [], "inputs": ' + json.dumps(good["inputs"]).encode() + b"}",
                          "repeats the key 'inputs'"),
         "empty caption": (body(["word1", " \t "]), "caption 1 is empty"),
+        # an output's binary_data "no" (or 1) answered in binary, and parameters [..] were ignored
+        "output binary_data": (json.dumps({**good, "outputs": [{"name": "scores", "parameters": {"binary_data": "no"}}]}
+                                          ).encode(), "binary_data of output 'scores' must be true or false, not 'no'"),
+        "output parameters": (json.dumps({**good, "outputs": [{"name": "scores", "parameters": [True]}]}).encode(),
+                              "the parameters of output 'scores' must be a JSON object"),
     }
     with caplog.at_level(logging.INFO, logger="itmrt"):
         for content, words in cases.values():
