@@ -184,6 +184,15 @@ def test_export_options_out_of_range(hostile_world: World, case: Case, capsys: p
     assert_one_line(result, expected)
 
 
+def test_bench_batch_sizes_are_bounded_before_any_work(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+    """`itmrt bench --batch-sizes 99999999999` started the bench and tried to allocate what no machine has
+    (--batch-size elsewhere stops at 65536)."""
+    result = hostile_run(capsys, case.folder, "bench", case.bundle, "--report", case.folder / "report",
+                         "--batch-sizes", "1,99999999999", "--no-plots", "--no-progress")
+    assert_one_line(result, "--batch-sizes must be integers from 1 to 65536", "'1,99999999999'")
+    assert not (case.folder / "report").exists()
+
+
 @pytest.mark.parametrize("shape", ["foo=1:2:3", "batch_images=8:4:16", "batch_images=0:1:2"])
 def test_invalid_shape_is_refused_without_tensorrt(case: Case, capsys: pytest.CaptureFixture[str], shape: str) -> None:
     """Defect 8: an invalid --shape was ignored where TensorRT is absent; now refused before any graph is made."""
