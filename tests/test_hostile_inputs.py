@@ -307,6 +307,23 @@ def test_folder_as_captions_says_folder(case: Case, capsys: pytest.CaptureFixtur
                     "is a folder")
 
 
+@pytest.mark.parametrize("command", ["query", "serve"])
+def test_folder_or_pipe_as_token_file_is_named_so(case: Case, capsys: pytest.CaptureFixture[str],
+                                                  command: str) -> None:
+    """`--token-file FOLDER` (or a FIFO) was said to be "not found"."""
+    import os
+
+    os.mkfifo(case.folder / "token")
+    (case.folder / "tokens").mkdir()
+    for token in (case.folder / "tokens", case.folder / "token"):
+        if command == "query":
+            args: list[object] = ["query", "http://127.0.0.1:9", "--captions", case.captions, "--token-file", token]
+        else:
+            args = ["serve", case.gallery, "--port", "0", "--token-file", token]
+        line = assert_one_line(hostile_run(capsys, case.folder, *args), f"token file {token} ")
+        assert ("is a folder" if token.is_dir() else "is not a regular file") in line and "not found" not in line
+
+
 @pytest.mark.parametrize("which", ["captions", "features", "vocabulary"])
 def test_device_or_pipe_as_input_is_named_so_and_not_read(hostile_world: World, case: Case,
                                                           capsys: pytest.CaptureFixture[str], which: str) -> None:
