@@ -307,6 +307,21 @@ def test_folder_as_captions_says_folder(case: Case, capsys: pytest.CaptureFixtur
                     "is a folder")
 
 
+@pytest.mark.parametrize("command", ["check", "index", "explain"])
+def test_gallery_or_file_where_a_bundle_goes_says_so(case: Case, capsys: pytest.CaptureFixture[str],
+                                                     command: str) -> None:
+    """A gallery given where a bundle goes was "not a complete itmrt bundle; export it again" (and a file "no
+    bundle folder at ...; run `itmrt export` first"), sending the user to re-export a bundle they have."""
+    for wrong, expected in ((case.gallery, "is a gallery (written by `itmrt index`), not a bundle"),
+                            (case.features, "is not a folder; give the bundle folder")):
+        args: list[object] = {"check": ["check", wrong],
+                              "index": ["index", wrong, "--images", case.features, "--out", case.folder / "g"],
+                              "explain": ["explain", wrong, "--images", case.features, "--image", "0",
+                                          "--caption", "word1"]}[command]
+        line = assert_one_line(hostile_run(capsys, case.folder, *args), f"{wrong} {expected}")
+        assert "export it again" not in line and "run `itmrt export` first" not in line
+
+
 @pytest.mark.parametrize("command", ["query", "serve"])
 def test_folder_or_pipe_as_token_file_is_named_so(case: Case, capsys: pytest.CaptureFixture[str],
                                                   command: str) -> None:
