@@ -84,6 +84,8 @@ def index_command(
                              {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
                               "exact_pass": exact_pass, "regions_storage": regions_storage,
                               "residual_bits": residual_bits}, sharded)
+    if append:
+        _check_append_target(bundle, out)
     runtime = load(bundle, runtime, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup and embeddings is None else ""
     listing = images is not None and is_image_listing(images)
@@ -107,6 +109,15 @@ def _check_inputs(bundle: Path, images: Path | None, embeddings: Path | None, ou
     if (images is None) == (embeddings is None):
         raise ItmrtError("give --images (image features or files) or --embeddings (already encoded), one of them")
     check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images, "embeddings": embeddings})
+
+
+def _check_append_target(bundle: Path, out: Path) -> None:
+    """Before any model is loaded: a sharded gallery at ``out`` made by this bundle's image encoder."""
+    from itmrt.bundle.folder import read_bundle
+    from itmrt.scale.layout import is_sharded_gallery, read_sharded_gallery
+
+    if is_sharded_gallery(out):
+        read_sharded_gallery(out).check_bundle(read_bundle(bundle))
 
 
 def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m: int, ef_construction: int,
