@@ -78,14 +78,12 @@ def index_command(
     from itmrt.runtime.image_files import is_image_listing
 
     started = time.perf_counter()
-    _check_inputs(bundle, images, embeddings, out)
+    _check_inputs(bundle, images, embeddings, out, append)
     sharded = shard_images is not None or append
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
                              {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
                               "exact_pass": exact_pass, "regions_storage": regions_storage,
                               "residual_bits": residual_bits}, sharded)
-    if append:
-        _check_append_target(bundle, out)
     runtime = load(bundle, runtime, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup and embeddings is None else ""
     listing = images is not None and is_image_listing(images)
@@ -104,11 +102,14 @@ def index_command(
                f"{shape}")
 
 
-def _check_inputs(bundle: Path, images: Path | None, embeddings: Path | None, out: Path) -> None:
-    """Exactly one of --images and --embeddings, and --out apart from every input."""
+def _check_inputs(bundle: Path, images: Path | None, embeddings: Path | None, out: Path, append: bool) -> None:
+    """Exactly one of --images and --embeddings, --out apart from every input, and (before any model is
+    loaded) a gallery appended to made by this bundle's image encoder."""
     if (images is None) == (embeddings is None):
         raise ItmrtError("give --images (image features or files) or --embeddings (already encoded), one of them")
     check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images, "embeddings": embeddings})
+    if append:
+        _check_append_target(bundle, out)
 
 
 def _check_append_target(bundle: Path, out: Path) -> None:
