@@ -13,8 +13,8 @@ hash in the user's cache folder: ``$ITMRT_VERIFIED_CACHE``, else ``$XDG_CACHE_HO
 it belongs to this user and no one else can write to it; failing to write a record is silent (it costs a hash
 next time, nothing else).
 
-A state is recorded only when the file's ctime is older than the hash's start by more than :data:`TICK_NS` (2 s), and its
-state after the hash is the one before it: a write during the hash within one timestamp tick could otherwise
+A state is recorded only when the file's ctime is older than the hash's start by more than :data:`TICK_NS` (2 s),
+and its state after the hash is the one before it: a write during the hash within one timestamp tick could otherwise
 leave the state of bytes that were never hashed (the "racily clean" case git's index guards against the same way).
 Such a file is hashed again by the next process, and recorded then.
 """

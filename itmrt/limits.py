@@ -10,6 +10,7 @@ cores make ONNX Runtime spend its time switching between them.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 from itmrt.errors import ItmrtError
@@ -42,8 +43,24 @@ def max_threads() -> int:
     return THREADS_PER_CORE * usable_cores()
 
 
+def is_integer(value: object) -> bool:
+    """An ``int`` or a NumPy integer; not a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_top_k(k: int) -> int:
+    """Results per query: an integer of at least 1 (k <= 0 ranked nothing, or all but the last -k)."""
+    if not is_integer(k):
+        raise ItmrtError(f"--top-k must be an integer, not {k!r}")
+    if k < 1:
+        raise ItmrtError(f"--top-k must be at least 1, not {k}")
+    return k
+
+
 def check_threads(threads: int, flag: str = "--threads") -> int:
     """``threads`` (0: ONNX Runtime's default, one per core) within 0 .. :func:`max_threads`."""
+    if not is_integer(threads):
+        raise ItmrtError(f"{flag} must be an integer (0: one per core), not {threads!r}")
     limit = max_threads()
     if not 0 <= threads <= limit:
         raise ItmrtError(

@@ -303,6 +303,10 @@ def check_empty_folder(out: Path, overwrite: bool, remedy: str = "pass --overwri
     that add their files to the folder (datasets, training runs); ``remedy`` ends the message."""
     if out.exists() and not out.is_dir():
         raise error(f"{out} exists and is not a folder; choose another output folder")
+    for document, what in (("manifest.json", "an itmrt bundle"), ("gallery.json", "an itmrt gallery")):
+        if os.path.lexists(out / document):  # a closed world: its own files only, overwrite or not
+            raise error(f"{out} is {what}; nothing else is written into it, --overwrite or not: choose another "
+                        "output folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise error(f"output folder {out} is not empty; choose an empty folder or {remedy}")
 

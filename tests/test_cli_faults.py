@@ -256,3 +256,26 @@ def test_sigterm_mid_index_cleans_up_like_ctrl_c(world: dict[str, Path], tmp_pat
 def test_query_refuses_a_malformed_url_in_one_line(world: dict[str, Path], url: str, words: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     one_line(run_cli(capsys, "query", url, "--captions", str(world["captions"])), words)
+
+
+@pytest.mark.parametrize("split", ["../outside", "/etc/passwd", "a/b", ""])
+def test_a_split_that_names_a_path_is_refused_in_one_line(world: dict[str, Path], split: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``--split`` is a file-name prefix inside ``--data``; a path there would read files outside it."""
+    outside = world["root"] / "outside_ims.npy"  # what ../outside would have read
+    np.save(outside, region_features(2, seed=3))
+    data = world["root"] / "data"
+    data.mkdir(exist_ok=True)
+    for command in (["parity", str(world["bundle"]), "--report", str(tmp_path / "report")],
+                    ["calibrate", str(world["bundle"])]):
+        one_line(run_cli(capsys, *command, "--data", str(data), "--split", split), "split name")
+
+
+def test_vocab_beside_a_bundle_or_gallery_is_refused_not_ignored(world: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    vocab = world["root"] / "vocab.json"
+    vocab.write_text("{}")
+    for source in (world["bundle"], world["gallery"]):
+        one_line(run_cli(capsys, "infer", str(source), "--captions", str(world["captions"]), "--vocab", str(vocab),
+                         "--out", str(tmp_path / f"{source.name}.jsonl")), "--vocab is for a checkpoint")
+        assert not (tmp_path / f"{source.name}.jsonl").exists()

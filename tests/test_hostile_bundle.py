@@ -148,6 +148,28 @@ def test_swapped_graph_dropped_from_the_file_list_is_refused(case: Case, hostile
     assert not case.out.exists()
 
 
+
+@pytest.mark.parametrize(("graph", "other", "found"), [
+    ("image_encoder", "scorer", "takes caption_embeddings, image_embeddings, lengths and gives scores"),
+    ("scorer", "text_encoder", "takes lengths, token_ids and gives caption_embeddings"),
+])
+def test_another_components_graph_with_its_hash_updated_is_one_line(case: Case, capsys: pytest.CaptureFixture[str],
+                                                                    graph: str, other: str, found: str) -> None:
+    """One component's graph copied over another's, the manifest's hashes updated (a consistent forgery, or a
+    tool's mix-up): infer and index died in ONNX Runtime ("Required inputs ... are missing from input feed",
+    a traceback), or blamed the fused scorer ("a None scorer")."""
+    target = case.bundle / f"{graph}.onnx"
+    target.write_bytes((case.bundle / f"{other}.onnx").read_bytes())
+    data = case.manifest()
+    data["files"][target.name] = data["graphs"][graph]["sha256"] = sha(target)
+    case.write_manifest(data)
+    expected = (f"{graph}.onnx {found}, but the manifest's {graph} takes", "not this bundle's graph")
+    assert_one_line(hostile_run(capsys, case.folder, *case.infer()), *expected)
+    assert_one_line(hostile_run(capsys, case.folder, "index", case.bundle, "--images", case.features,
+                                "--out", case.folder / "g", "--no-warmup"), *expected)
+    assert not case.out.exists() and not (case.folder / "g").exists()
+
+
 @pytest.mark.parametrize("where", ["files", "graph"])
 def test_null_sha256_is_refused(case: Case, capsys: pytest.CaptureFixture[str], where: str) -> None:
     data = case.manifest()

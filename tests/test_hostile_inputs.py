@@ -10,6 +10,7 @@ messages that say what the input really is.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,15 @@ def test_export_options_out_of_range(hostile_world: World, case: Case, capsys: p
     assert_one_line(result, expected)
 
 
+def test_bench_batch_sizes_are_bounded_before_any_work(case: Case, capsys: pytest.CaptureFixture[str]) -> None:
+    """`itmrt bench --batch-sizes 99999999999` started the bench and tried to allocate what no machine has
+    (--batch-size elsewhere stops at 65536)."""
+    result = hostile_run(capsys, case.folder, "bench", case.bundle, "--report", case.folder / "report",
+                         "--batch-sizes", "1,99999999999", "--no-plots", "--no-progress")
+    assert_one_line(result, "--batch-sizes must be integers from 1 to 65536", "'1,99999999999'")
+    assert not (case.folder / "report").exists()
+
+
 @pytest.mark.parametrize("shape", ["foo=1:2:3", "batch_images=8:4:16", "batch_images=0:1:2"])
 def test_invalid_shape_is_refused_without_tensorrt(case: Case, capsys: pytest.CaptureFixture[str], shape: str) -> None:
     """Defect 8: an invalid --shape was ignored where TensorRT is absent; now refused before any graph is made."""
@@ -297,6 +307,38 @@ def test_folder_as_captions_says_folder(case: Case, capsys: pytest.CaptureFixtur
                     "is a folder")
 
 
+@pytest.mark.parametrize("command", ["check", "index", "explain"])
+def test_gallery_or_file_where_a_bundle_goes_says_so(case: Case, capsys: pytest.CaptureFixture[str],
+                                                     command: str) -> None:
+    """A gallery given where a bundle goes was "not a complete itmrt bundle; export it again" (and a file "no
+    bundle folder at ...; run `itmrt export` first"), sending the user to re-export a bundle they have."""
+    for wrong, expected in ((case.gallery, "is a gallery (written by `itmrt index`), not a bundle"),
+                            (case.features, "is not a folder; give the bundle folder")):
+        args: list[object] = {"check": ["check", wrong],
+                              "index": ["index", wrong, "--images", case.features, "--out", case.folder / "g"],
+                              "explain": ["explain", wrong, "--images", case.features, "--image", "0",
+                                          "--caption", "word1"]}[command]
+        line = assert_one_line(hostile_run(capsys, case.folder, *args), f"{wrong} {expected}")
+        assert "export it again" not in line and "run `itmrt export` first" not in line
+
+
+@pytest.mark.parametrize("command", ["query", "serve"])
+def test_folder_or_pipe_as_token_file_is_named_so(case: Case, capsys: pytest.CaptureFixture[str],
+                                                  command: str) -> None:
+    """`--token-file FOLDER` (or a FIFO) was said to be "not found"."""
+    import os
+
+    os.mkfifo(case.folder / "token")
+    (case.folder / "tokens").mkdir()
+    for token in (case.folder / "tokens", case.folder / "token"):
+        if command == "query":
+            args: list[object] = ["query", "http://127.0.0.1:9", "--captions", case.captions, "--token-file", token]
+        else:
+            args = ["serve", case.gallery, "--port", "0", "--token-file", token]
+        line = assert_one_line(hostile_run(capsys, case.folder, *args), f"token file {token} ")
+        assert ("is a folder" if token.is_dir() else "is not a regular file") in line and "not found" not in line
+
+
 @pytest.mark.parametrize("which", ["captions", "features", "vocabulary"])
 def test_device_or_pipe_as_input_is_named_so_and_not_read(hostile_world: World, case: Case,
                                                           capsys: pytest.CaptureFixture[str], which: str) -> None:
@@ -343,3 +385,43 @@ def test_malformed_mismatch_meta_is_one_line(hostile_world: World, case: Case, c
     result = hostile_run(capsys, case.folder, "eval", hostile_world.checkpoint, "--vocab", hostile_world.vocab,
                          "--data", data, "--split", "test", "--mismatched-words")
     assert_one_line(result, "test_meta.json" if "JSON" in expected else "meta file", expected)
+
+
+@pytest.fixture(scope="module")
+def api_runtime(hostile_world: World) -> Any:
+    from itmrt.runtime import load
+
+    return load(hostile_world.bundle, threads=1, warn=lambda message: None)
+
+
+API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
+    # k <= 0 ranked all but the last -k images for a few captions (the one-caption path), silently
+    ("k=-1", lambda rt, g, c: rt.search_text_to_image(c, g, -1), "--top-k must be at least 1, not -1"),
+    ("k=0", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), top_k=0), "--top-k must be at least 1, not 0"),
+    ("k=-1 shortlist", lambda rt, g, c: rt.search_text_to_image(c, g, -1, shortlist=4), "--top-k must be at least 1"),
+    ("k=1.5", lambda rt, g, c: rt.search_image_to_text(g, c, 1.5), "--top-k must be an integer, not 1.5"),
+    ("shortlist=2.5", lambda rt, g, c: rt.search_text_to_image(c, g, 2, shortlist=2.5),
+     "--shortlist must be an integer"),
+    ("caption None", lambda rt, g, c: rt.encode_captions([*c, None]), "caption 5 is not a string but NoneType"),
+    ("caption bytes", lambda rt, g, c: rt.encode_captions([b"word1"]), "caption 1 is not a string but bytes"),
+    ("features list", lambda rt, g, c: rt.encode_images([[[0.0] * 64] * 10]), "must be a numpy array, not list"),
+    ("images None", lambda rt, g, c: rt.score(None, rt.encode_captions(c)), "not NoneType"),
+    ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),
+    ("threads 1.5", lambda rt, g, c: __import__("itmrt.runtime").runtime.load(rt.bundle.path, threads=1.5),
+     "--threads must be an integer"),
+]
+
+
+@pytest.mark.parametrize(("call", "expected"), [case[1:] for case in API_CASES], ids=[case[0] for case in API_CASES])
+def test_api_wrong_values_and_types_are_one_line(hostile_world: World, api_runtime: Any,
+                                                 call: Callable[[Any, Any, list[str]], Any], expected: str) -> None:
+    """The Python API given a k <= 0, a float where a count goes, a caption that is not a string, or a list
+    where an array or encoded captions go: one line naming it, not a wrong ranking or an AttributeError (or
+    ONNX Runtime's TypeError) from deep inside."""
+    from itmrt.errors import ItmrtError
+
+    gallery = api_runtime.open_gallery(hostile_world.gallery)
+    captions = hostile_world.captions.read_text().splitlines()
+    with pytest.raises(ItmrtError, match=re.escape(expected)) as error:
+        call(api_runtime, gallery, captions)
+    assert "\n" not in str(error.value)

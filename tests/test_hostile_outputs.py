@@ -171,3 +171,32 @@ def test_explain_keeps_an_existing_json_file(case: Case, capsys: pytest.CaptureF
                          "--caption", caption, "--json", case.folder / "new.json")
     assert_one_line(result, "--image 99 is out of range")
     assert mine.read_text() == "the user's" and not (case.folder / "new.json").exists()
+
+
+@pytest.mark.parametrize("command", ["audit", "eval"])
+def test_two_outputs_naming_one_file_are_refused_before_any_work(hostile_world: World, case: Case,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 command: str) -> None:
+    """`audit --out R --markdown R` wrote the table, then refused the report as "written meanwhile by another
+    run?" (with --overwrite the report silently replaced the table); eval's --json and --scores-out alike."""
+    same = case.folder / "report.json"
+    if command == "audit":
+        args: list[object] = ["audit", case.gallery, "--captions", case.captions, "--out", same, "--markdown", same]
+    else:
+        args = ["eval", hostile_world.checkpoint, "--vocab", hostile_world.vocab, "--data", case.folder / "data",
+                "--json", same, "--scores-out", same]
+    for extra in ([], ["--overwrite"]):
+        assert_one_line(hostile_run(capsys, case.folder, *args, *extra), "name the same file", str(same))
+    assert not same.exists()
+
+
+@pytest.mark.parametrize("which", ["bundle", "gallery"])
+def test_sample_data_is_not_merged_into_a_bundle_or_gallery(case: Case, capsys: pytest.CaptureFixture[str],
+                                                            which: str) -> None:
+    """`itmrt sample-data --out BUNDLE --overwrite` merged a dataset into the bundle and replaced its vocab.json
+    (the bundle then failed its hash check); into a gallery it added 12 files. Writers that add their files to a
+    folder (datasets, training runs) leave bundles and galleries alone, --overwrite or not."""
+    folder = case.bundle if which == "bundle" else case.gallery
+    result = hostile_run(capsys, case.folder, "sample-data", "--out", folder, "--images", "2", "--overwrite")
+    assert_one_line(result, f"{folder} is an itmrt {which}", "choose another output folder")
+    assert not list(folder.glob("*_caps.txt"))

@@ -30,7 +30,7 @@ import pytest
 
 from itmrt.runtime import load
 from itmrt.serve.batcher import BatchSettings, FairQueue, Job
-from itmrt.serve.client import ServiceClient
+from itmrt.serve.client import ServiceClient, ServiceError
 from itmrt.serve.http_app import HttpLimits
 from itmrt.serve.searcher import RuntimeSearcher
 from itmrt.serve.server import ServeOptions, Service
@@ -118,6 +118,11 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
         "repeated key": (b'{"inputs": [], "inputs": ' + json.dumps(good["inputs"]).encode() + b"}",
                          "repeats the key 'inputs'"),
         "empty caption": (body(["word1", " \t "]), "caption 1 is empty"),
+        # an output's binary_data "no" (or 1) answered in binary, and parameters [..] were ignored
+        "output binary_data": (json.dumps({**good, "outputs": [{"name": "scores", "parameters": {"binary_data": "no"}}]}
+                                          ).encode(), "binary_data of output 'scores' must be true or false, not 'no'"),
+        "output parameters": (json.dumps({**good, "outputs": [{"name": "scores", "parameters": [True]}]}).encode(),
+                              "the parameters of output 'scores' must be a JSON object"),
     }
     with caplog.at_level(logging.INFO, logger="itmrt"):
         for content, words in cases.values():
@@ -354,6 +359,35 @@ def test_fair_queue_serves_a_one_caption_request_before_many_new_callers_large_o
         queue.push(Job(["c"], 1, 0.0, caller="light"))
     served = [queue.pop().caller for _ in range(44)]
     assert served[:19] == ["light"] * 19 and served.count("light") == 25 and served[19] == "heavy1"
+
+
+def test_the_client_reads_the_answer_a_server_gave_before_closing_mid_body() -> None:
+    """A server refusing a body over its limit answers 413 and closes before reading the rest: the client's
+    sending fails (broken pipe, reset), and `itmrt query` said "closed the connection ...; is `itmrt serve`
+    still running?" (most of the time: a race) instead of the server's reason."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    reason = b'{"error": "the request body is over the limit"}'
+
+    def refuse_after_the_headers() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
+                    head += chunk
+                connection.sendall(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(reason), reason))
+
+    threading.Thread(target=refuse_after_the_headers, daemon=True).start()
+    try:
+        with ServiceClient(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout_s=10) as client:
+            with pytest.raises(ServiceError, match="answered 413: the request body is over the limit"):
+                client.search(["word1 " * (1 << 20)])
+    finally:
+        listener.close()
 
 
 # -- the gallery under the service ------------------------------------------------------------------

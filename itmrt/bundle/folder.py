@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from itmrt.bundle.closed import check_graph_file, member, verified_member
 from itmrt.bundle.manifest import AxisRange, EngineEntry, Manifest, TensorSpec, load_manifest_file
@@ -103,16 +104,30 @@ def read_bundle(folder: str | Path) -> BundleInfo:
     """Open a bundle folder's manifest; every failure is a one-line :class:`ItmrtError`."""
     bundle = Path(folder)
     if not bundle.is_dir():
+        if bundle.exists():
+            raise ItmrtError(f"{bundle} is not a folder; give the bundle folder that `itmrt export` wrote")
         raise ItmrtError(f"no bundle folder at {bundle}; run `itmrt export` first")
     path = member(bundle, MANIFEST_NAME, "bundle", REMEDY)
     if not path.is_file():
-        raise ItmrtError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete itmrt bundle; export it again")
+        _refuse_folder_without_manifest(bundle)
     manifest, raw = load_manifest_file(path)
     missing = [c for c in COMPONENTS if c not in manifest.graphs]
     if missing:
         raise ItmrtError(f"{path} lists no graph for {', '.join(missing)}; export the bundle again")
     check_file_list(bundle, manifest)
     return BundleInfo(bundle, manifest, sha256_bytes(raw))
+
+
+def _refuse_folder_without_manifest(bundle: Path) -> NoReturn:
+    """A folder with no manifest: a gallery given where a bundle goes is named so (not "export it again")."""
+    import os
+
+    from itmrt.bundle.gallery_manifest import GALLERY_MANIFEST
+
+    if os.path.lexists(bundle / GALLERY_MANIFEST):
+        raise ItmrtError(f"{bundle} is a gallery (written by `itmrt index`), not a bundle; give the bundle folder "
+                         "that `itmrt export` wrote")
+    raise ItmrtError(f"{bundle} has no {MANIFEST_NAME}: it is not a complete itmrt bundle; export it again")
 
 
 def bundle_file(folder: str | Path, manifest: Manifest, name: str) -> Path:

@@ -21,8 +21,8 @@ def _batch_sizes(text: str) -> list[int]:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ItmrtError(f"--batch-sizes must be comma-separated integers (e.g. 1,8,32,128), not {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise ItmrtError(f"--batch-sizes must be positive integers (e.g. 1,8,32,128), not {text!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) > limits.MAX_BATCH:
+        raise ItmrtError(f"--batch-sizes must be integers from 1 to {limits.MAX_BATCH} (e.g. 1,8,32,128), not {text!r}")
     return sizes
 
 

@@ -11,7 +11,6 @@ import typer
 from itmrt.cli import flags
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_outputs
-from itmrt.errors import ItmrtError
 
 
 @app.command("explain")
@@ -51,8 +50,6 @@ def explain_command(
 
     check_outputs({"--png": png, "--json": json_path}, outputs.overwrite,
                   {"bundle": bundle, "image features or gallery": images})
-    if png is not None and json_path is not None and png.resolve() == json_path.resolve():
-        raise ItmrtError("--png and --json name the same file")
     if png is not None:
         from itmrt.optional import require
 

@@ -78,7 +78,7 @@ def index_command(
     from itmrt.runtime.image_files import is_image_listing
 
     started = time.perf_counter()
-    _check_inputs(bundle, images, embeddings, out)
+    _check_inputs(bundle, images, embeddings, out, append)
     sharded = shard_images is not None or append
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
                              {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
@@ -102,11 +102,23 @@ def index_command(
                f"{shape}")
 
 
-def _check_inputs(bundle: Path, images: Path | None, embeddings: Path | None, out: Path) -> None:
-    """Exactly one of --images and --embeddings, and --out apart from every input."""
+def _check_inputs(bundle: Path, images: Path | None, embeddings: Path | None, out: Path, append: bool) -> None:
+    """Exactly one of --images and --embeddings, --out apart from every input, and (before any model is
+    loaded) a gallery appended to made by this bundle's image encoder."""
     if (images is None) == (embeddings is None):
         raise ItmrtError("give --images (image features or files) or --embeddings (already encoded), one of them")
     check_outputs_apart({"--out": out}, {"bundle": bundle, "images": images, "embeddings": embeddings})
+    if append:
+        _check_append_target(bundle, out)
+
+
+def _check_append_target(bundle: Path, out: Path) -> None:
+    """Before any model is loaded: a sharded gallery at ``out`` made by this bundle's image encoder."""
+    from itmrt.bundle.folder import read_bundle
+    from itmrt.scale.layout import is_sharded_gallery, read_sharded_gallery
+
+    if is_sharded_gallery(out):
+        read_sharded_gallery(out).check_bundle(read_bundle(bundle))
 
 
 def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m: int, ef_construction: int,

@@ -146,6 +146,9 @@ def infer_command(
         done = _infer_checkpoint(source, vocab, images, captions, top_k, scores_out, out, request, timer)
         typer.echo(f"{done} in {time.perf_counter() - started:.1f}s; wrote {out}")
     else:
+        if vocab is not None:
+            raise ItmrtError(f"--vocab is for a checkpoint; {source} is a folder, and a bundle or gallery carries "
+                             "its own vocabulary: drop --vocab")
         request.bundle, request.gallery = _bundle_and_gallery(source, gallery_path, images)
         check_outputs_apart(output_paths, {"bundle": request.bundle, "gallery": request.gallery})
         request.ray, request.regions = ray, regions

@@ -48,7 +48,20 @@ def check_outputs(outputs: dict[str, Path | None], overwrite: bool, inputs: dict
     """Both checks every command runs on its output files before any work: new (or ``overwrite``), and apart
     from the command's inputs whatever ``overwrite`` says."""
     check_new_files(list(outputs.values()), overwrite)
+    check_outputs_distinct(outputs)
     check_outputs_apart(outputs, inputs)
+
+
+def check_outputs_distinct(outputs: dict[str, Path | None]) -> None:
+    """Refuse two output flags that name one file (symlinks followed): the second would replace the first."""
+    seen: dict[Path, str] = {}
+    for flag, out in outputs.items():
+        if out is None:
+            continue
+        target = out.resolve()
+        if target in seen:
+            raise ItmrtError(f"{seen[target]} and {flag} name the same file {out}; give each its own path")
+        seen[target] = flag
 
 
 def _closed_world(role: str) -> bool:

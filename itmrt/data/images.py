@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from itmrt.bundle.manifest import CropStep, ImagePreprocessingRecord, ResizeStep
-from itmrt.data.precomp import SplitSizes, open_npy, read_captions
+from itmrt.data.precomp import SplitSizes, check_split_name, open_npy, read_captions
 from itmrt.errors import DataError
 from itmrt.text.vocab import Vocabulary
 
@@ -102,6 +102,7 @@ class ImageCaptionSplit(SplitSizes):
     @classmethod
     def open(cls, data_dir: str | Path, split: str) -> ImageCaptionSplit:
         """Open split ``split`` of ``data_dir``; raise :class:`DataError` (one line) if anything is malformed."""
+        check_split_name(split)
         folder = Path(data_dir)
         if not folder.is_dir():
             raise DataError(f"data folder {folder} does not exist; pass the folder holding {split}_images.npy")

@@ -30,6 +30,15 @@ from itmrt.errors import DataError
 __all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "SplitSizes", "open_npy", "read_captions"]
 
 CAPTIONS_PER_IMAGE = 5
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def check_split_name(split: object) -> str:
+    """A split names files inside its data folder (``{split}_ims.npy``): letters, digits and underscores only,
+    so that ``../x`` or ``/etc/x`` cannot lead outside it."""
+    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+        raise DataError(f"split name {split!r} is not allowed; use letters, digits and underscores (e.g. test)")
+    return split
 """Captions per image in Flickr30K and MSCOCO; the whole layout (and the metrics) assume it."""
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
@@ -81,6 +90,7 @@ class PrecompSplit(SplitSizes):
         """Open ``{split}_ims.npy`` and ``{split}_caps.txt`` in ``data_dir``; raise DataError if malformed."""
         if captions_per_image < 1:
             raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+        check_split_name(split)
         folder = Path(data_dir)
         if not folder.is_dir():
             raise DataError(

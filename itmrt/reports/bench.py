@@ -41,6 +41,7 @@ import numpy as np
 from itmrt.bundle.folder import read_bundle
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, BackendName, Component, Precision
 from itmrt.errors import ItmrtError
+from itmrt.limits import MAX_BATCH
 from itmrt.reports.runtime_variants import Variant, graph_files, open_variant
 from itmrt.runtime.encoders import tokenize
 from itmrt.runtime.tiled import top_k_of_matrix
@@ -217,8 +218,8 @@ def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None 
     from itmrt.reports.environment import environment
     from itmrt.reports.schema import header
 
-    if not options.batch_sizes or min(options.batch_sizes) < 1:
-        raise ItmrtError("--batch-sizes must be positive integers, e.g. 1,8,32,128")
+    if not options.batch_sizes or min(options.batch_sizes) < 1 or max(options.batch_sizes) > MAX_BATCH:
+        raise ItmrtError(f"--batch-sizes must be integers from 1 to {MAX_BATCH}, e.g. 1,8,32,128")
     if options.repeats < 1 or options.warmup < 0 or options.images < 1 or options.captions < 1:
         raise ItmrtError("--repeats, --images and --captions must be at least 1, --warmup at least 0")
     info = read_bundle(bundle)

@@ -37,6 +37,7 @@ from itmrt.bundle.names import (
 )
 from itmrt.bundle.traits import RuntimeTraits, bundle_traits
 from itmrt.errors import ItmrtError
+from itmrt.limits import check_top_k
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
@@ -50,6 +51,12 @@ from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.runtime.shortlist import ScoreRows, check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
 from itmrt.text.vocab import Vocabulary
+
+
+def _check_encoded(captions: object) -> None:
+    """Scoring takes captions as :meth:`Runtime.encode_captions` gives them (a list of strings is not encoded)."""
+    if not isinstance(captions, CaptionEmbeddings):
+        raise ItmrtError(f"captions must be encoded first (Runtime.encode_captions), not a {type(captions).__name__}")
 
 
 class Runtime:
@@ -181,7 +188,12 @@ class Runtime:
         """Captions -> token embeddings (CMPM: caption embeddings) and lengths."""
         if isinstance(captions, str):
             raise ItmrtError("encode_captions takes a list of captions, not one string")
-        return self.text_encoder.encode(list(captions))
+        captions = list(captions)
+        odd = next((k for k, caption in enumerate(captions) if not isinstance(caption, str)), None)
+        if odd is not None:
+            raise ItmrtError(f"caption {odd + 1} is not a string but {type(captions[odd]).__name__}; "
+                             "encode_captions takes a list of strings")
+        return self.text_encoder.encode(captions)
 
     def warmup(self) -> float:
         """Run every component once on tiny inputs and return the seconds it took.
@@ -229,6 +241,9 @@ class Runtime:
         if isinstance(images, Gallery):
             images.check_bundle(self.bundle)
             return images.embeddings
+        if not isinstance(images, np.ndarray):
+            raise ItmrtError(f"images must be image embeddings (a numpy array) or a Gallery, not "
+                             f"{type(images).__name__}")
         return images
 
     def rank(
@@ -251,6 +266,8 @@ class Runtime:
         A few captions (:data:`itmrt.runtime.one_caption.FEW_CAPTIONS`) are
         scored by the one-caption scorer where it applies (``one_caption``).
         """
+        check_top_k(top_k)
+        _check_encoded(captions)
         if shortlist is not None and captions.token_level:
             if keep_scores:
                 raise ItmrtError(
@@ -281,6 +298,7 @@ class Runtime:
         them inside the call. Needs a NAAF or SCAN bundle at fp32 on ONNX Runtime's CPU provider
         (``one_caption`` is None otherwise).
         """
+        _check_encoded(captions)
         if self.one_caption is None:
             raise ItmrtError("the one-caption scorer runs NAAF and SCAN bundles at fp32 on ONNX Runtime's CPU "
                              "provider, with scorer 'auto' or 'fused'")
@@ -374,6 +392,7 @@ class Runtime:
         self, direction: str, images: np.ndarray | Gallery, captions: Sequence[str], k: int, shortlist: int | None
     ) -> TopK:
         """One direction of retrieval ("t2i" or "i2t"); a shortlist search computes only that direction."""
+        check_top_k(k)
         encoded = self.encode_captions(captions)
         if shortlist is not None and encoded.token_level:
             return self._shortlisted(images, encoded, k, shortlist, (direction,))[direction]

@@ -142,9 +142,26 @@ def open_backend(
     """The backend that runs ``component`` of ``bundle`` at ``precision``."""
     if backend == BackendName.ORT:
         cache = default_trt_cache_dir(bundle.manifest_sha256, precision)
-        return OrtBackend(bundle.graph_file(component, precision), settings, bundle.manifest.graph(component), cache)
+        path, entry = bundle.graph_file(component, precision), bundle.manifest.graph(component)
+        opened = OrtBackend(path, settings, entry, cache)
+        _check_signature(opened, entry, path, component)
+        return opened
     if backend == BackendName.TRT:
         from itmrt.runtime.backend_trt import TrtBackend
 
         return TrtBackend.from_bundle(bundle, component, precision, device=(settings or SessionSettings()).device)
     raise ItmrtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _check_signature(backend: OrtBackend, entry: GraphEntry, path: Path, component: str) -> None:
+    """Refuse a graph whose input and output names are not the ones the manifest records for ``component``
+    (another component's graph under its name, hash updated): it would fail deep inside ONNX Runtime."""
+    found = (sorted(backend.input_names), sorted(backend.output_names))
+    recorded = (sorted(entry.input_names()), sorted(spec.name for spec in entry.outputs))
+    if found != recorded:
+        def names(side: tuple[list[str], list[str]]) -> str:
+            return f"takes {', '.join(side[0]) or 'nothing'} and gives {', '.join(side[1]) or 'nothing'}"
+
+        raise ItmrtError(f"{path} {names(found)}, but the manifest's {component} {names(recorded)}: it is not "
+                         "this bundle's graph; run `itmrt check` on the bundle, or export it again")
+

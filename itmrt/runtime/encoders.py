@@ -193,6 +193,8 @@ def check_image_input(
     features: np.ndarray, expected: list[int | str], ranges: dict[str, AxisRange | None], source: str
 ) -> None:
     """Refuse features whose shape does not fit the image encoder's declared input (one-line error)."""
+    if not isinstance(features, np.ndarray):
+        raise DataError(f"{source} must be a numpy array, not {type(features).__name__}")
     if features.ndim != len(expected):
         raise DataError(
             f"{source} has shape {tuple(features.shape)}; this bundle's image encoder takes {len(expected)}-d input "

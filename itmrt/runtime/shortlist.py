@@ -41,6 +41,7 @@ from collections.abc import Callable
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.limits import is_integer
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.tiled import StreamingTopK, TopK
 
@@ -205,6 +206,8 @@ def rerank_image_to_text(score_matrix: ScoreMatrix, images: np.ndarray, captions
 
 def check_shortlist(shortlist: int, k: int) -> None:
     """One-line errors for a shortlist that cannot hold the ``k`` results asked for."""
+    if not is_integer(shortlist):
+        raise ItmrtError(f"--shortlist must be an integer, not {shortlist!r}")
     if shortlist < 1:
         raise ItmrtError(f"--shortlist must be at least 1, not {shortlist}")
     if shortlist < k:

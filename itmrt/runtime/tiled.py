@@ -23,6 +23,7 @@ import numpy as np
 
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS
 from itmrt.errors import ItmrtError
+from itmrt.limits import check_top_k
 from itmrt.runtime.backends import Backend
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.options import DEFAULT_BUDGET_BYTES
@@ -56,9 +57,7 @@ class StreamingTopK:
     """Running top-k per row, merged from candidate blocks as they arrive."""
 
     def __init__(self, rows: int, k: int) -> None:
-        if k < 1:
-            raise ItmrtError(f"--top-k must be at least 1, not {k}")
-        self.k = k
+        self.k = check_top_k(k)
         self.scores = np.full((rows, k), -np.inf, dtype=np.float32)
         self.indices = np.full((rows, k), -1, dtype=np.int64)
 
@@ -190,6 +189,7 @@ def score_tiled(
 
 def top_k_of_matrix(scores: np.ndarray, k: int, remedy: str = "check the inputs") -> tuple[TopK, TopK]:
     """(t2i, i2t) top-k of a full ``images x captions`` matrix (stable: ties by lower index)."""
+    check_top_k(k)
     check_finite_scores(scores, remedy)
 
     def best(matrix: np.ndarray, kk: int) -> TopK:

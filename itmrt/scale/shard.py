@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError
+from itmrt.limits import check_top_k
 from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.gallery import Gallery
@@ -76,8 +77,7 @@ class SearchRequest:
     rescore: int | None = None  # region index: images per shard re-estimated from stored regions (None: default)
 
     def check(self) -> SearchRequest:
-        if self.k < 1:
-            raise ItmrtError(f"--top-k must be at least 1, not {self.k}")
+        check_top_k(self.k)
         if self.shortlist is not None:
             check_shortlist(self.shortlist, self.k)
             if self.keep_scores:

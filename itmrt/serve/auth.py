@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
+from itmrt.documents import not_a_file, open_regular
 from itmrt.errors import ItmrtError
 
 MAX_TOKEN_BYTES = 4096
@@ -14,8 +15,9 @@ def read_token_file(path: str | Path) -> str:
     """The token in ``path``: its first line, surrounding whitespace stripped; one-line errors otherwise."""
     source = Path(path)
     if not source.is_file():
-        raise ItmrtError(f"token file {source} not found; write the token (one line) into a file and pass its path")
-    with source.open("rb") as handle:
+        raise ItmrtError(f"token file {source} {not_a_file(source, 'not found')}; write the token (one line) into a "
+                         "file and pass its path")
+    with open_regular(source) as handle:
         raw = handle.read(MAX_TOKEN_BYTES + 1)
     if len(raw) > MAX_TOKEN_BYTES:
         raise ItmrtError(f"token file {source} is over {MAX_TOKEN_BYTES} bytes; it should hold one line, the token")

@@ -83,9 +83,7 @@ class ServiceClient:
             headers["Authorization"] = f"Bearer {self.token}"
         for attempt in (1, 2):
             try:
-                self._connection.request(method, self._prefix + path, body=body, headers=headers)
-                response = self._connection.getresponse()
-                return response.status, response.headers, response.read()
+                return self._exchange(method, path, body, headers)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 self._connection.close()
                 if attempt == 2:
@@ -96,6 +94,20 @@ class ServiceClient:
                 self._connection.close()
                 raise ItmrtError(f"cannot reach {self.url} ({exc}); is `itmrt serve` running there?") from None
         raise AssertionError("unreachable")
+
+    def _exchange(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        """One request and its answer. A server that answers before it has read the whole body (413: a body over
+        its limit) and closes makes the sending fail: the answer it gave is read all the same."""
+        try:
+            self._connection.request(method, self._prefix + path, body=body, headers=headers)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            try:
+                response = self._connection.getresponse()
+            except (OSError, http.client.HTTPException):
+                raise exc from None  # no answer: the connection was closed before (reopened by request)
+            return response.status, response.headers, response.read()
+        response = self._connection.getresponse()
+        return response.status, response.headers, response.read()
 
     def ready(self) -> bool:
         """Whether the service reports ready (gallery loaded and warmed up)."""

@@ -292,10 +292,14 @@ def _requested_outputs(document: dict[str, Any], binary_default: bool, limits: R
         if name not in available:
             raise bad_request(f"unknown output {show(name)}; this model gives {', '.join(available)}")
         check_keys(item, OUTPUT_KEYS, f"output {name!r}")
-        check_keys(item.get("parameters"), OUTPUT_PARAMETERS, f"the parameters of output {name!r}")
-        parameters = item.get("parameters") or {}
-        binary = parameters.get("binary_data", binary_default) if isinstance(parameters, dict) else binary_default
-        outputs[name] = bool(binary)
+        parameters = item.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise bad_request(f"the parameters of output {name!r} must be a JSON object")
+        check_keys(parameters, OUTPUT_PARAMETERS, f"the parameters of output {name!r}")
+        binary = parameters.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise bad_request(f"binary_data of output {name!r} must be true or false, not {show(binary)}")
+        outputs[name] = binary
     return outputs
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from itmrt.data.precomp import check_split_name
 from itmrt.errors import DataError
 from itmrt.publish import check_empty_folder, publish_folder, staged_folder, umask_mode
 from itmrt.synthetic.region_features import (
@@ -141,8 +142,7 @@ def _check_arguments(
     if not splits:
         raise DataError("no splits requested; pass num_identities as an int or e.g. {'train': 300, 'dev': 100}")
     for split, count in splits.items():
-        if not isinstance(split, str) or not split.replace("_", "").isalnum() or not split.isascii():
-            raise DataError(f"split name {split!r} is not allowed; use letters, digits and underscores")
+        check_split_name(split)
         if not isinstance(count, int) or count < 1:
             raise DataError(f"split {split!r} needs at least 1 identity, got {count!r}")
     if not isinstance(images_per_identity, int) or images_per_identity < 1:

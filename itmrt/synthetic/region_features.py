@@ -37,13 +37,12 @@ Only numpy and the standard library are imported.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from itmrt.data.precomp import CAPTIONS_PER_IMAGE
+from itmrt.data.precomp import CAPTIONS_PER_IMAGE, check_split_name
 from itmrt.errors import DataError
 from itmrt.publish import check_empty_folder, publish_folder, staged_folder, umask_mode
 
@@ -78,7 +77,6 @@ _FILLER_WORDS = (
 )
 DEFAULT_SPLITS = ("train", "dev", "test")
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
-_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def synthetic_vocabulary_words() -> list[str]:
@@ -165,8 +163,7 @@ def _check_arguments(
     if not splits:
         raise DataError("no splits requested; pass num_images as an int or e.g. {'train': 1000, 'test': 100}")
     for split, count in splits.items():
-        if not isinstance(split, str) or not _SPLIT_NAME.match(split):
-            raise DataError(f"split name {split!r} is not allowed; use letters, digits and underscores")
+        check_split_name(split)
         if not isinstance(count, int) or count < 1:
             raise DataError(f"split {split!r} needs at least 1 image, got {count!r}")
     if not isinstance(seed, int) or seed < 0:
