@@ -334,6 +334,17 @@ def test_a_tampered_or_foreign_index_file_is_refused_in_one_line(world: dict[str
         open_shards(foreign, threads=1, warn=quiet)
 
 
+@pytest.mark.parametrize("field", ["nprobe", "exact_pass", "union", "refine", "prefilter", "budget", "rescore"])
+@pytest.mark.parametrize("value", [2.5, "3", True, float("nan"), np.float64(20.0)])
+def test_a_search_requests_region_counts_must_be_integers(field: str, value: Any) -> None:
+    # a float failed inside numpy's partition, a string on a comparison, True was taken as 1, NaN as nothing
+    with pytest.raises(ItmrtError, match=f"--{field.replace('_', '-')} must be an integer") as caught:
+        SearchRequest(k=5, shortlist=10, **{field: value}).check()
+    assert "\n" not in str(caught.value)
+    SearchRequest(k=5, shortlist=10, **{field: np.int64(20)}).check()
+    SearchRequest(k=5, shortlist=10, budget=10, directions=["t2i"]).check()  # a list names one direction too
+
+
 def test_a_region_index_needs_region_embeddings_options_to_match(world: dict[str, Any]) -> None:
     with pytest.raises(ItmrtError, match="--regions-storage compact is storage of the region index"):
         IndexSpec("flat", regions_storage="compact").check()

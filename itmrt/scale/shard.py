@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError
-from itmrt.limits import check_top_k
+from itmrt.limits import check_top_k, is_integer
 from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.gallery import Gallery
@@ -78,6 +78,9 @@ class SearchRequest:
 
     def check(self) -> SearchRequest:
         check_top_k(self.k)
+        self._check_counts()
+        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
+            raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
         if self.shortlist is not None:
             check_shortlist(self.shortlist, self.k)
             if self.keep_scores:
@@ -93,14 +96,21 @@ class SearchRequest:
         if self.budget is not None:
             if self.budget < self.k:
                 raise ItmrtError(f"--budget ({self.budget}) must be at least --top-k ({self.k})")
-            if self.shortlist is None or self.directions != ("t2i",):
+            if self.shortlist is None or tuple(self.directions) != ("t2i",):
                 raise ItmrtError("--budget applies to a region-index search of images for captions (--shortlist, "
                                  "text to image only: `itmrt infer --direction t2i`)")
         if self.union is not None and self.union < 0:
             raise ItmrtError(f"--union must be at least 0 (0: none), not {self.union}")
-        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
-            raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
         return self
+
+    def _check_counts(self) -> None:
+        """The region index's counts are integers (a float, a string or NaN failed deep inside numpy, or was
+        silently taken as a count)."""
+        for flag, value in (("--nprobe", self.nprobe), ("--exact-pass", self.exact_pass), ("--union", self.union),
+                            ("--refine", self.refine), ("--prefilter", self.prefilter), ("--budget", self.budget),
+                            ("--rescore", self.rescore)):
+            if value is not None and not is_integer(value):
+                raise ItmrtError(f"{flag} must be an integer (or None: the gallery's default), not {value!r}")
 
 
 @dataclass
