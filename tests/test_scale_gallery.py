@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from itmrt.errors import ItmrtError
+from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.gallery import read_gallery
 from itmrt.runtime.shortlist import (
     caption_global_vectors,
@@ -80,6 +81,37 @@ def test_sharded_full_search_equals_one_gallery(setup: dict[str, Any]) -> None:
     same_top_k(got.i2t, reference.i2t)
     np.testing.assert_array_equal(got.scores, reference.scores)
     assert got.pairs == N_IMAGES * len(encoded) and set(got.shard_seconds) == {s.name for s in shards.gallery.shards}
+
+
+def malformed_captions(good: CaptionEmbeddings) -> dict[str, tuple[Any, str]]:
+    """Caption sets made by hand, each wrong in one way, and what its error says."""
+    vectors, lengths, offsets = good.vectors, good.lengths, good.offsets
+    return {
+        "strings": (["a dog"], "must be encoded first"),
+        "lengths past the vectors": (CaptionEmbeddings(vectors, lengths + 3, offsets), "offsets must start at 0"),
+        "offsets past the vectors": (CaptionEmbeddings(vectors, lengths, offsets + 5), "offsets must start at 0"),
+        "offsets one short": (CaptionEmbeddings(vectors, lengths, offsets[:-1]), "offsets must be"),
+        "no offsets": (CaptionEmbeddings(vectors, lengths), "vectors for 2 captions"),
+        "float lengths": (CaptionEmbeddings(vectors, lengths.astype(np.float32), offsets), "integer array"),
+        "one vector": (CaptionEmbeddings(vectors[0], lengths, offsets), "2-D float array"),
+        "another size": (CaptionEmbeddings(vectors[:, :-1], lengths, offsets), "caption embeddings of size"),
+        "global kind": (CaptionEmbeddings(vectors[:2], lengths), "not of the kind this bundle scores"),
+    }
+
+
+def test_caption_embeddings_made_by_hand_wrong_are_one_line(setup: dict[str, Any]) -> None:
+    # each failed inside numpy or ONNX Runtime (an index out of bounds, a missing input, an assertion)
+    runtime = setup["runtime"]
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for name, (captions, expected) in malformed_captions(runtime.encode_captions(setup["captions"][:2])).items():
+        for request in (SearchRequest(k=3), SearchRequest(k=3, shortlist=5)):
+            with pytest.raises(ItmrtError, match=expected) as caught:
+                shards.search(captions, request)
+            assert "\n" not in str(caught.value), name
+        if name not in ("another size", "global kind"):  # the runtime's own checks name those
+            with pytest.raises(ItmrtError, match=expected):
+                runtime.rank(setup["plain"], captions, top_k=3)
+    shards.close()
 
 
 def test_one_shard_flat_index_gives_the_numpy_shortlist(setup: dict[str, Any]) -> None:

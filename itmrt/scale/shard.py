@@ -26,7 +26,7 @@ import numpy as np
 from itmrt.errors import GalleryChanged, ItmrtError
 from itmrt.limits import check_top_k, is_integer
 from itmrt.runtime.compact_regions import CompactRegions
-from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.encoders import CaptionEmbeddings, check_caption_embeddings
 from itmrt.runtime.gallery import Gallery
 from itmrt.runtime.shortlist import (
     caption_global_vectors,
@@ -322,6 +322,22 @@ def forgetting_constants_on_change(runtime: Any) -> Iterator[None]:
         if one_caption is not None:
             one_caption.forget_constants()
         raise
+
+
+def check_captions(captions: object, runtime: Any, gallery: ShardedGallery) -> None:
+    """Captions a sharded search takes: well formed (:func:`check_caption_embeddings`), of the bundle's kind (token
+    embeddings or one vector per caption) and the gallery's embedding size: one line before any shard is read (a
+    set made by hand failed inside ONNX Runtime, numpy, or the shortlist's assertions)."""
+    checked = check_caption_embeddings(captions)
+    token_level = bool(runtime.traits.token_level)
+    if checked.token_level != token_level:
+        want = "token embeddings with offsets" if token_level else "one vector per caption, no offsets"
+        raise ItmrtError(f"the captions are not of the kind this bundle scores ({want}): encode them with the "
+                         "gallery's runtime (shards.runtime.encode_captions)")
+    width = (gallery.manifest.get("item_shape") or [None])[-1]
+    if width is not None and checked.vectors.shape[1] != width:
+        raise ItmrtError(f"caption embeddings of size {checked.vectors.shape[1]} against the gallery's {width}: "
+                         "encode them with the gallery's runtime (shards.runtime.encode_captions)")
 
 
 def require_shortlist(regions: dict[str, int], shortlist: int | None) -> None:
