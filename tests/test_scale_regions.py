@@ -356,6 +356,24 @@ def test_a_region_index_needs_region_embeddings_options_to_match(world: dict[str
         SearchRequest(k=1, shortlist=2, nprobe=0).check()
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--nprobe", "4"], "--nprobe is for --shortlist-index regions"),
+    (["--shortlist-index", "flat", "--candidates", "9", "--exact-pass", "3"],
+     "--candidates, --exact-pass are for --shortlist-index regions (not --shortlist-index flat)"),
+    (["--shortlist-index", "hnsw", "--region-centroids", "8"], "--region-centroids is for --shortlist-index regions"),
+    (["--shortlist-index", "regions", "--residual-bits", "3"], "--residual-bits is for --regions-storage compact"),
+])
+def test_index_refuses_region_flags_that_would_be_ignored(world: dict[str, Any], capsys: Any, flags: list[str],
+                                                          expected: str) -> None:
+    # each built a gallery without the region index (or the compact storage) the flags describe, saying nothing
+    out, features = world["root"] / "ignored", world["root"] / "features.npy"
+    np.save(features, world["features"])
+    result = run_cli(capsys, "index", str(world["bundle"]), "--images", str(features),
+                     "--out", str(out), "--shard-images", "16", *flags)
+    assert result.code == 2 and expected in result.err and result.err.count("\n") == 1, result.err
+    assert not out.exists()
+
+
 def test_index_embeddings_stores_them_and_refuses_bad_ones(world: dict[str, Any], capsys: Any) -> None:
     root, bundle, embeddings = world["root"], str(world["bundle"]), world["embeddings"]
     runtime = world["runtime"]
