@@ -114,6 +114,21 @@ def test_caption_embeddings_made_by_hand_wrong_are_one_line(setup: dict[str, Any
     shards.close()
 
 
+def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[str, Any], tmp_path: Path,
+                                                                      capsys: Any) -> None:
+    # they were ignored without a word (and itmrt audit reported an nprobe it never used)
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for options in ({"nprobe": 3}, {"exact_pass": 20, "refine": 5}, {"budget": 20}):
+        with pytest.raises(ItmrtError, match="a region index; the shards of .* shortlist by global vectors"):
+            shards.search(setup["encoded"], SearchRequest(k=3, shortlist=10, **options))
+    shards.close()
+    out = tmp_path / "out.json"
+    result = run_cli(capsys, "infer", str(setup["sharded"]), "--captions", str(setup["root"] / "captions.txt"),
+                     "--shortlist", "10", "--nprobe", "3", "--out", str(out))
+    assert result.code == 2 and "--nprobe searches a region index" in result.err, result.err
+    assert result.err.count("\n") == 1 and not out.exists()
+
+
 def test_one_shard_flat_index_gives_the_numpy_shortlist(setup: dict[str, Any]) -> None:
     runtime, encoded, root = setup["runtime"], setup["encoded"], setup["root"]
     index_sharded(runtime, setup["features"], root / "one", ShardingOptions(shard_images=N_IMAGES))

@@ -47,6 +47,7 @@ from itmrt.scale.shard import (
     SearchResult,
     ShardAnswer,
     check_captions,
+    check_region_options,
     merge_answers,
 )
 
@@ -259,6 +260,7 @@ class RayShards:
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request`` from its actor, merged; ``progress(n)`` as n more shards answer."""
         request.check()
+        check_region_options(request, self.gallery)
         check_captions(captions, self.runtime, self.gallery)
         captions_ref = self.ray.put(captions)
         if request.budget is not None:

@@ -340,6 +340,22 @@ def check_captions(captions: object, runtime: Any, gallery: ShardedGallery) -> N
                          "encode them with the gallery's runtime (shards.runtime.encode_captions)")
 
 
+REGION_OPTIONS = {"nprobe": "--nprobe", "exact_pass": "--exact-pass", "union": "--union", "refine": "--refine",
+                  "prefilter": "--prefilter", "budget": "--budget", "rescore": "--rescore"}
+"""A :class:`SearchRequest`'s fields that choose how a region index is searched, and their flags."""
+
+
+def check_region_options(request: SearchRequest, gallery: ShardedGallery) -> None:
+    """A request's region-index options only on a gallery built with one: on another (a FAISS or numpy shortlist
+    of global vectors) they were silently ignored, and ``itmrt audit`` reported them as used."""
+    given = [flag for name, flag in REGION_OPTIONS.items() if getattr(request, name) is not None]
+    kind = (gallery.manifest.get("shortlist_index") or {}).get("kind")
+    if given and kind is not None and kind != "regions":
+        raise ItmrtError(f"{', '.join(given)} {'searches' if len(given) == 1 else 'search'} a region index; the "
+                         f"shards of {gallery.path} shortlist by global vectors (--shortlist-index {kind}): drop "
+                         f"{'it' if len(given) == 1 else 'them'}, or index the images with --shortlist-index regions")
+
+
 def require_shortlist(regions: dict[str, int], shortlist: int | None) -> None:
     """The command-line rule for the region-index flags (``regions``: those given): they choose how a shortlist
     search runs, so without ``--shortlist`` (every image scored) they would be silently ignored."""
