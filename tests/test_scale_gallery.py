@@ -129,6 +129,34 @@ def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[
     assert result.err.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.parametrize(("options", "expected"), [
+    (ShardingOptions(2.5), "--shard-images must be an integer of at least 1, not 2.5"),
+    (ShardingOptions(True), "--shard-images must be an integer of at least 1, not True"),  # wrote an unreadable one
+    (ShardingOptions(8, None, IndexSpec("regions", nprobe=2.5)), "--nprobe must be an integer"),  # recorded as 2.5
+    (ShardingOptions(8, None, IndexSpec("hnsw", hnsw_m="4")), "--hnsw-m must be an integer"),
+    (ShardingOptions(8, None, IndexSpec("ivf", ivf_lists=2.5)), "--ivf-lists must be an integer"),
+    (ShardingOptions(8, None, IndexSpec("regions", regions_storage="compact", residual_bits="2")),
+     "--residual-bits must be a number"),
+    (ShardingOptions(8, None, {"kind": "regions"}), "must be an IndexSpec"),  # type: ignore[arg-type]
+])
+def test_sharding_options_of_the_wrong_type_are_one_line_and_write_nothing(setup: dict[str, Any], tmp_path: Path,
+                                                                          options: ShardingOptions,
+                                                                          expected: str) -> None:
+    # each failed inside FAISS or numpy, or wrote a gallery its own reader refuses or that holds a float count
+    with pytest.raises(ItmrtError, match=expected) as caught:
+        index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", options)
+    assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+
+
+def test_numpy_counts_in_sharding_options_are_taken_as_numbers(setup: dict[str, Any], tmp_path: Path) -> None:
+    # FAISS's constructors refused a numpy integer, and JSON a numpy float
+    spec = IndexSpec("ivf", ivf_lists=np.int64(2), hnsw_m=np.int32(4), residual_bits=np.float32(3))
+    index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", ShardingOptions(np.int64(8), None, spec))
+    recorded = json.loads((tmp_path / "out" / "gallery.json").read_text())
+    assert recorded["shard_images"] == 8 and recorded["shortlist_index"]["ivf_lists"] == 2
+    open_shards(tmp_path / "out", threads=1, warn=quiet).close()
+
+
 def test_one_shard_flat_index_gives_the_numpy_shortlist(setup: dict[str, Any]) -> None:
     runtime, encoded, root = setup["runtime"], setup["encoded"], setup["root"]
     index_sharded(runtime, setup["features"], root / "one", ShardingOptions(shard_images=N_IMAGES))
