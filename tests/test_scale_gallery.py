@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from itmrt.errors import ItmrtError
+from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.gallery import read_gallery
 from itmrt.runtime.shortlist import (
     caption_global_vectors,
@@ -80,6 +81,80 @@ def test_sharded_full_search_equals_one_gallery(setup: dict[str, Any]) -> None:
     same_top_k(got.i2t, reference.i2t)
     np.testing.assert_array_equal(got.scores, reference.scores)
     assert got.pairs == N_IMAGES * len(encoded) and set(got.shard_seconds) == {s.name for s in shards.gallery.shards}
+
+
+def malformed_captions(good: CaptionEmbeddings) -> dict[str, tuple[Any, str]]:
+    """Caption sets made by hand, each wrong in one way, and what its error says."""
+    vectors, lengths, offsets = good.vectors, good.lengths, good.offsets
+    return {
+        "strings": (["a dog"], "must be encoded first"),
+        "lengths past the vectors": (CaptionEmbeddings(vectors, lengths + 3, offsets), "offsets must start at 0"),
+        "offsets past the vectors": (CaptionEmbeddings(vectors, lengths, offsets + 5), "offsets must start at 0"),
+        "offsets one short": (CaptionEmbeddings(vectors, lengths, offsets[:-1]), "offsets must be"),
+        "no offsets": (CaptionEmbeddings(vectors, lengths), "vectors for 2 captions"),
+        "float lengths": (CaptionEmbeddings(vectors, lengths.astype(np.float32), offsets), "integer array"),
+        "one vector": (CaptionEmbeddings(vectors[0], lengths, offsets), "2-D float array"),
+        "another size": (CaptionEmbeddings(vectors[:, :-1], lengths, offsets), "caption embeddings of size"),
+        "global kind": (CaptionEmbeddings(vectors[:2], lengths), "not of the kind this bundle scores"),
+    }
+
+
+def test_caption_embeddings_made_by_hand_wrong_are_one_line(setup: dict[str, Any]) -> None:
+    # each failed inside numpy or ONNX Runtime (an index out of bounds, a missing input, an assertion)
+    runtime = setup["runtime"]
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for name, (captions, expected) in malformed_captions(runtime.encode_captions(setup["captions"][:2])).items():
+        for request in (SearchRequest(k=3), SearchRequest(k=3, shortlist=5)):
+            with pytest.raises(ItmrtError, match=expected) as caught:
+                shards.search(captions, request)
+            assert "\n" not in str(caught.value), name
+        if name not in ("another size", "global kind"):  # the runtime's own checks name those
+            with pytest.raises(ItmrtError, match=expected):
+                runtime.rank(setup["plain"], captions, top_k=3)
+    shards.close()
+
+
+def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[str, Any], tmp_path: Path,
+                                                                      capsys: Any) -> None:
+    # they were ignored without a word (and itmrt audit reported an nprobe it never used)
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for options in ({"nprobe": 3}, {"exact_pass": 20, "refine": 5}, {"budget": 20}):
+        with pytest.raises(ItmrtError, match="a region index; the shards of .* shortlist by global vectors"):
+            shards.search(setup["encoded"], SearchRequest(k=3, shortlist=10, **options))
+    shards.close()
+    out = tmp_path / "out.json"
+    result = run_cli(capsys, "infer", str(setup["sharded"]), "--captions", str(setup["root"] / "captions.txt"),
+                     "--shortlist", "10", "--nprobe", "3", "--out", str(out))
+    assert result.code == 2 and "--nprobe searches a region index" in result.err, result.err
+    assert result.err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (ShardingOptions(2.5), "--shard-images must be an integer of at least 1, not 2.5"),
+    (ShardingOptions(True), "--shard-images must be an integer of at least 1, not True"),  # wrote an unreadable one
+    (ShardingOptions(8, None, IndexSpec("regions", nprobe=2.5)), "--nprobe must be an integer"),  # recorded as 2.5
+    (ShardingOptions(8, None, IndexSpec("hnsw", hnsw_m="4")), "--hnsw-m must be an integer"),
+    (ShardingOptions(8, None, IndexSpec("ivf", ivf_lists=2.5)), "--ivf-lists must be an integer"),
+    (ShardingOptions(8, None, IndexSpec("regions", regions_storage="compact", residual_bits="2")),
+     "--residual-bits must be a number"),
+    (ShardingOptions(8, None, {"kind": "regions"}), "must be an IndexSpec"),  # type: ignore[arg-type]
+])
+def test_sharding_options_of_the_wrong_type_are_one_line_and_write_nothing(setup: dict[str, Any], tmp_path: Path,
+                                                                          options: ShardingOptions,
+                                                                          expected: str) -> None:
+    # each failed inside FAISS or numpy, or wrote a gallery its own reader refuses or that holds a float count
+    with pytest.raises(ItmrtError, match=expected) as caught:
+        index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", options)
+    assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+
+
+def test_numpy_counts_in_sharding_options_are_taken_as_numbers(setup: dict[str, Any], tmp_path: Path) -> None:
+    # FAISS's constructors refused a numpy integer, and JSON a numpy float
+    spec = IndexSpec("ivf", ivf_lists=np.int64(2), hnsw_m=np.int32(4), residual_bits=np.float32(3))
+    index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", ShardingOptions(np.int64(8), None, spec))
+    recorded = json.loads((tmp_path / "out" / "gallery.json").read_text())
+    assert recorded["shard_images"] == 8 and recorded["shortlist_index"]["ivf_lists"] == 2
+    open_shards(tmp_path / "out", threads=1, warn=quiet).close()
 
 
 def test_one_shard_flat_index_gives_the_numpy_shortlist(setup: dict[str, Any]) -> None:

@@ -334,6 +334,17 @@ def test_a_tampered_or_foreign_index_file_is_refused_in_one_line(world: dict[str
         open_shards(foreign, threads=1, warn=quiet)
 
 
+@pytest.mark.parametrize("field", ["nprobe", "exact_pass", "union", "refine", "prefilter", "budget", "rescore"])
+@pytest.mark.parametrize("value", [2.5, "3", True, float("nan"), np.float64(20.0)])
+def test_a_search_requests_region_counts_must_be_integers(field: str, value: Any) -> None:
+    # a float failed inside numpy's partition, a string on a comparison, True was taken as 1, NaN as nothing
+    with pytest.raises(ItmrtError, match=f"--{field.replace('_', '-')} must be an integer") as caught:
+        SearchRequest(k=5, shortlist=10, **{field: value}).check()
+    assert "\n" not in str(caught.value)
+    SearchRequest(k=5, shortlist=10, **{field: np.int64(20)}).check()
+    SearchRequest(k=5, shortlist=10, budget=10, directions=["t2i"]).check()  # a list names one direction too
+
+
 def test_a_region_index_needs_region_embeddings_options_to_match(world: dict[str, Any]) -> None:
     with pytest.raises(ItmrtError, match="--regions-storage compact is storage of the region index"):
         IndexSpec("flat", regions_storage="compact").check()
@@ -343,6 +354,24 @@ def test_a_region_index_needs_region_embeddings_options_to_match(world: dict[str
         IndexSpec("regions", residual_bits=0.5).check()
     with pytest.raises(ItmrtError, match="--nprobe must be at least 1"):
         SearchRequest(k=1, shortlist=2, nprobe=0).check()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--nprobe", "4"], "--nprobe is for --shortlist-index regions"),
+    (["--shortlist-index", "flat", "--candidates", "9", "--exact-pass", "3"],
+     "--candidates, --exact-pass are for --shortlist-index regions (not --shortlist-index flat)"),
+    (["--shortlist-index", "hnsw", "--region-centroids", "8"], "--region-centroids is for --shortlist-index regions"),
+    (["--shortlist-index", "regions", "--residual-bits", "3"], "--residual-bits is for --regions-storage compact"),
+])
+def test_index_refuses_region_flags_that_would_be_ignored(world: dict[str, Any], capsys: Any, flags: list[str],
+                                                          expected: str) -> None:
+    # each built a gallery without the region index (or the compact storage) the flags describe, saying nothing
+    out, features = world["root"] / "ignored", world["root"] / "features.npy"
+    np.save(features, world["features"])
+    result = run_cli(capsys, "index", str(world["bundle"]), "--images", str(features),
+                     "--out", str(out), "--shard-images", "16", *flags)
+    assert result.code == 2 and expected in result.err and result.err.count("\n") == 1, result.err
+    assert not out.exists()
 
 
 def test_index_embeddings_stores_them_and_refuses_bad_ones(world: dict[str, Any], capsys: Any) -> None:

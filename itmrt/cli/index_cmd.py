@@ -14,6 +14,10 @@ from itmrt.cli.outputs import check_outputs_apart, warn_on_stderr
 from itmrt.errors import ItmrtError
 
 Opt = typer.Option
+REGION_FLAGS = {"region_centroids": "--region-centroids", "nprobe": "--nprobe", "candidates": "--candidates",
+                "exact_pass": "--exact-pass"}
+"""The region index's options that have no default on the command line (None: not given)."""
+DEFAULT_RESIDUAL_BITS = 2.0
 
 
 @app.command("index")
@@ -64,7 +68,7 @@ def index_command(
         "whose centroids fit its regions poorly is searched with 500).")),
     regions_storage: str = Opt("exact", "--regions-storage", help=(
         "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
-    residual_bits: float = Opt(2.0, "--residual-bits", help="regions, compact: mean bits per dimension (1 to 4)."),
+    residual_bits: float = Opt(DEFAULT_RESIDUAL_BITS, "--residual-bits", help="regions, compact: mean bits per dimension (1 to 4)."),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
@@ -129,14 +133,30 @@ def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m:
                          "for one shard)")
     from itmrt.scale.index import IndexSpec
 
+    _check_region_flags(kind, regions)
     if kind is None:
         if ivf_lists is not None:
             raise ItmrtError("--ivf-lists is for --shortlist-index ivf")
-        if regions["region_centroids"] is not None or regions["regions_storage"] != "exact":
-            raise ItmrtError("--region-centroids and --regions-storage are for --shortlist-index regions")
         return None
     given = {key: value for key, value in regions.items() if value is not None}
     return IndexSpec(kind, ivf_lists, ivf_probe, hnsw_m, ef_construction, ef_search, **given).check()
+
+
+def _check_region_flags(kind: str | None, regions: dict[str, Any]) -> None:
+    """The region index's options only with ``--shortlist-index regions``, and ``--residual-bits`` only with
+    compact storage: elsewhere they were silently ignored (a gallery built without the index they describe)."""
+    if kind == "regions":
+        if regions["residual_bits"] != DEFAULT_RESIDUAL_BITS and regions["regions_storage"] != "compact":
+            raise ItmrtError("--residual-bits is for --regions-storage compact (exact storage keeps the embeddings "
+                             "whole); add it or drop --residual-bits")
+        return
+    given = [flag for key, flag in REGION_FLAGS.items() if regions[key] is not None]
+    given += ["--regions-storage"] if regions["regions_storage"] != "exact" else []
+    given += ["--residual-bits"] if regions["residual_bits"] != DEFAULT_RESIDUAL_BITS else []
+    if given:
+        asked = f" (not --shortlist-index {kind})" if kind is not None else ""
+        raise ItmrtError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --shortlist-index "
+                         f"regions{asked}: add it or drop {'that flag' if len(given) == 1 else 'those flags'}")
 
 
 def _index_sharded(runtime: Any, inputs: Any, out: Path, shard_images: int | None, dtype: str | None,

@@ -39,7 +39,14 @@ from itmrt.bundle.traits import RuntimeTraits, bundle_traits
 from itmrt.errors import ItmrtError
 from itmrt.limits import check_top_k
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
-from itmrt.runtime.encoders import CaptionEmbeddings, CaptionEncoder, ImageEncoder, check_image_input, default_warn
+from itmrt.runtime.encoders import (
+    CaptionEmbeddings,
+    CaptionEncoder,
+    ImageEncoder,
+    check_caption_embeddings,
+    check_image_input,
+    default_warn,
+)
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import EmbeddingsStore, Gallery, check_encoded_rows, read_gallery, write_gallery
 from itmrt.runtime.given_embeddings import check_given_embeddings
@@ -55,8 +62,7 @@ from itmrt.text.vocab import Vocabulary
 
 def _check_encoded(captions: object) -> None:
     """Scoring takes captions as :meth:`Runtime.encode_captions` gives them (a list of strings is not encoded)."""
-    if not isinstance(captions, CaptionEmbeddings):
-        raise ItmrtError(f"captions must be encoded first (Runtime.encode_captions), not a {type(captions).__name__}")
+    check_caption_embeddings(captions)
 
 
 class Runtime:

@@ -75,6 +75,49 @@ class CaptionEmbeddings:
         return CaptionEmbeddings(self.vectors[rows], lengths, offsets)
 
 
+def check_caption_embeddings(captions: object) -> CaptionEmbeddings:
+    """``captions`` as :meth:`Runtime.encode_captions` gives them: a set made by hand whose lengths, offsets and
+    vectors disagree failed deep inside numpy or ONNX Runtime (an index out of bounds, a missing input)."""
+    if not isinstance(captions, CaptionEmbeddings):
+        raise ItmrtError(f"captions must be encoded first (Runtime.encode_captions), not a {type(captions).__name__}")
+    problem = _caption_structure_problem(captions)
+    if problem is not None:
+        raise ItmrtError(f"caption embeddings: {problem}; make them with Runtime.encode_captions (a part of them "
+                         "with CaptionEmbeddings.take)")
+    return captions
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} of shape {value.shape}"
+    return type(value).__name__
+
+
+def _integers(value: object, ndim: int = 1) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == ndim and np.issubdtype(value.dtype, np.integer)
+
+
+def _caption_structure_problem(captions: CaptionEmbeddings) -> str | None:
+    """What is wrong with the parts of ``captions`` (see :class:`CaptionEmbeddings`), or None."""
+    vectors, lengths, offsets = captions.vectors, captions.lengths, captions.offsets
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+        return f"vectors must be a 2-D float array, not {_describe(vectors)}"
+    if not _integers(lengths):
+        return f"lengths must be a 1-D integer array, not {_describe(lengths)}"
+    if len(lengths) and int(lengths.min()) < 1:
+        return f"every caption needs at least one token, not {int(lengths.min())}"
+    if offsets is None:
+        if len(vectors) != len(lengths):
+            return f"{len(vectors)} vectors for {len(lengths)} captions (one vector each without offsets)"
+        return None
+    if not _integers(offsets) or len(offsets) != len(lengths) + 1:
+        return f"offsets must be {len(lengths) + 1} integers (one more than the captions), not {_describe(offsets)}"
+    if offsets[0] != 0 or (np.diff(offsets) != lengths).any() or offsets[-1] != len(vectors):
+        return (f"offsets must start at 0, step by each caption's length and end at the {len(vectors)} token "
+                "vectors")
+    return None
+
+
 def tokenize(
     vocab: Vocabulary,
     captions: Sequence[str],

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import numpy as np
 
 from itmrt.documents import read_regular_bytes
 from itmrt.errors import ItmrtError, first_line
+from itmrt.limits import is_integer
 from itmrt.optional import require
 from itmrt.scale.regions import (
     DEFAULT_CANDIDATES,
@@ -53,6 +55,11 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "none", "regions")
 index of cross-attention bundles (:mod:`itmrt.scale.regions`: no global vectors)."""
 MIN_TRAIN_PER_LIST = 39
 """FAISS's k-means wants at least this many training vectors per IVF list."""
+
+
+def python_number(value: Any) -> Any:
+    """A NumPy number (a count read from an array or a config) as Python's; anything else as given."""
+    return value.item() if isinstance(value, np.generic) and not isinstance(value, np.bool_) else value
 
 
 def faiss_module() -> Any:
@@ -77,9 +84,14 @@ class IndexSpec:
     residual_bits: float = 2  # compact storage: average bits per dimension (RESIDUAL_BITS range)
     region_sample: int = DEFAULT_SAMPLE
 
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:  # FAISS's constructors and the gallery's JSON take Python numbers
+            object.__setattr__(self, name, python_number(getattr(self, name)))
+
     def check(self) -> IndexSpec:
         if self.kind not in INDEX_KINDS:
             raise ItmrtError(f"--shortlist-index must be one of {', '.join(INDEX_KINDS)}, not {self.kind!r}")
+        self._check_types()
         numbers = {"--ivf-probe": self.ivf_probe, "--hnsw-m": self.hnsw_m,
                    "--hnsw-ef-construction": self.hnsw_ef_construction, "--hnsw-ef-search": self.hnsw_ef_search}
         if self.ivf_lists is not None:
@@ -91,6 +103,20 @@ class IndexSpec:
             raise ItmrtError("--regions-storage compact is storage of the region index: add --shortlist-index regions")
         self.region_params(1, 1)
         return self
+
+    def _check_types(self) -> None:
+        """Counts are integers and the bits a number: a float or a string failed inside FAISS or numpy, or was
+        recorded in the gallery as given (``nprobe: 2.5``), and a NaN made a document no reader takes."""
+        counts = {"--ivf-probe": self.ivf_probe, "--hnsw-m": self.hnsw_m, "--hnsw-ef-construction":
+                  self.hnsw_ef_construction, "--hnsw-ef-search": self.hnsw_ef_search, "--nprobe": self.nprobe,
+                  "--candidates": self.candidates, "--exact-pass": self.exact_pass,
+                  "--region-sample": self.region_sample}
+        optional = {"--ivf-lists": self.ivf_lists, "--region-centroids": self.region_centroids}
+        for flag, value in [*counts.items(), *((f, v) for f, v in optional.items() if v is not None)]:
+            if not is_integer(value):
+                raise ItmrtError(f"{flag} must be an integer, not {value!r}")
+        if isinstance(self.residual_bits, bool) or not isinstance(self.residual_bits, numbers.Real):
+            raise ItmrtError(f"--residual-bits must be a number of bits per dimension, not {self.residual_bits!r}")
 
     def region_params(self, images: int, regions: int) -> RegionParams:
         """The region index parameters for a shard of ``images`` x ``regions`` region vectors."""

@@ -17,7 +17,14 @@ from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.budget import merge_budget, pool_budget, score_picked, shard_estimates
 from itmrt.scale.layout import ShardedGallery, shard_bytes
 from itmrt.scale.region_search import ProbeCache, share_centroids
-from itmrt.scale.shard import OpenShard, SearchRequest, SearchResult, merge_answers
+from itmrt.scale.shard import (
+    OpenShard,
+    SearchRequest,
+    SearchResult,
+    check_captions,
+    check_region_options,
+    merge_answers,
+)
 
 
 class LocalShards:
@@ -50,6 +57,8 @@ class LocalShards:
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request``, merged; ``progress(1)`` after each shard."""
         request.check()
+        check_region_options(request, self.gallery)
+        check_captions(captions, self.runtime, self.gallery)
         if request.budget is not None:
             return self._search_budget(captions, request)
         answers = []

@@ -46,6 +46,8 @@ from itmrt.scale.shard import (
     SearchRequest,
     SearchResult,
     ShardAnswer,
+    check_captions,
+    check_region_options,
     merge_answers,
 )
 
@@ -258,6 +260,8 @@ class RayShards:
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request`` from its actor, merged; ``progress(n)`` as n more shards answer."""
         request.check()
+        check_region_options(request, self.gallery)
+        check_captions(captions, self.runtime, self.gallery)
         captions_ref = self.ray.put(captions)
         if request.budget is not None:
             return self._search_budget(captions_ref, request)

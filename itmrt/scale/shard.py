@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError
-from itmrt.limits import check_top_k
+from itmrt.limits import check_top_k, is_integer
 from itmrt.runtime.compact_regions import CompactRegions
-from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.runtime.encoders import CaptionEmbeddings, check_caption_embeddings
 from itmrt.runtime.gallery import Gallery
 from itmrt.runtime.shortlist import (
     caption_global_vectors,
@@ -78,6 +78,9 @@ class SearchRequest:
 
     def check(self) -> SearchRequest:
         check_top_k(self.k)
+        self._check_counts()
+        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
+            raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
         if self.shortlist is not None:
             check_shortlist(self.shortlist, self.k)
             if self.keep_scores:
@@ -93,14 +96,21 @@ class SearchRequest:
         if self.budget is not None:
             if self.budget < self.k:
                 raise ItmrtError(f"--budget ({self.budget}) must be at least --top-k ({self.k})")
-            if self.shortlist is None or self.directions != ("t2i",):
+            if self.shortlist is None or tuple(self.directions) != ("t2i",):
                 raise ItmrtError("--budget applies to a region-index search of images for captions (--shortlist, "
                                  "text to image only: `itmrt infer --direction t2i`)")
         if self.union is not None and self.union < 0:
             raise ItmrtError(f"--union must be at least 0 (0: none), not {self.union}")
-        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
-            raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
         return self
+
+    def _check_counts(self) -> None:
+        """The region index's counts are integers (a float, a string or NaN failed deep inside numpy, or was
+        silently taken as a count)."""
+        for flag, value in (("--nprobe", self.nprobe), ("--exact-pass", self.exact_pass), ("--union", self.union),
+                            ("--refine", self.refine), ("--prefilter", self.prefilter), ("--budget", self.budget),
+                            ("--rescore", self.rescore)):
+            if value is not None and not is_integer(value):
+                raise ItmrtError(f"{flag} must be an integer (or None: the gallery's default), not {value!r}")
 
 
 @dataclass
@@ -312,6 +322,38 @@ def forgetting_constants_on_change(runtime: Any) -> Iterator[None]:
         if one_caption is not None:
             one_caption.forget_constants()
         raise
+
+
+def check_captions(captions: object, runtime: Any, gallery: ShardedGallery) -> None:
+    """Captions a sharded search takes: well formed (:func:`check_caption_embeddings`), of the bundle's kind (token
+    embeddings or one vector per caption) and the gallery's embedding size: one line before any shard is read (a
+    set made by hand failed inside ONNX Runtime, numpy, or the shortlist's assertions)."""
+    checked = check_caption_embeddings(captions)
+    token_level = bool(runtime.traits.token_level)
+    if checked.token_level != token_level:
+        want = "token embeddings with offsets" if token_level else "one vector per caption, no offsets"
+        raise ItmrtError(f"the captions are not of the kind this bundle scores ({want}): encode them with the "
+                         "gallery's runtime (shards.runtime.encode_captions)")
+    width = (gallery.manifest.get("item_shape") or [None])[-1]
+    if width is not None and checked.vectors.shape[1] != width:
+        raise ItmrtError(f"caption embeddings of size {checked.vectors.shape[1]} against the gallery's {width}: "
+                         "encode them with the gallery's runtime (shards.runtime.encode_captions)")
+
+
+REGION_OPTIONS = {"nprobe": "--nprobe", "exact_pass": "--exact-pass", "union": "--union", "refine": "--refine",
+                  "prefilter": "--prefilter", "budget": "--budget", "rescore": "--rescore"}
+"""A :class:`SearchRequest`'s fields that choose how a region index is searched, and their flags."""
+
+
+def check_region_options(request: SearchRequest, gallery: ShardedGallery) -> None:
+    """A request's region-index options only on a gallery built with one: on another (a FAISS or numpy shortlist
+    of global vectors) they were silently ignored, and ``itmrt audit`` reported them as used."""
+    given = [flag for name, flag in REGION_OPTIONS.items() if getattr(request, name) is not None]
+    kind = (gallery.manifest.get("shortlist_index") or {}).get("kind")
+    if given and kind is not None and kind != "regions":
+        raise ItmrtError(f"{', '.join(given)} {'searches' if len(given) == 1 else 'search'} a region index; the "
+                         f"shards of {gallery.path} shortlist by global vectors (--shortlist-index {kind}): drop "
+                         f"{'it' if len(given) == 1 else 'them'}, or index the images with --shortlist-index regions")
 
 
 def require_shortlist(regions: dict[str, int], shortlist: int | None) -> None:

@@ -38,6 +38,7 @@ from itmrt import __version__
 from itmrt.bundle.gallery_manifest import image_encoder_identity
 from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
+from itmrt.limits import is_integer
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staging_folder
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
@@ -52,7 +53,7 @@ from itmrt.runtime.gallery import (
 from itmrt.runtime.given_embeddings import check_given_embeddings
 from itmrt.runtime.image_files import ImageFiles
 from itmrt.runtime.shortlist import image_global_vectors
-from itmrt.scale.index import IndexSpec, build_index
+from itmrt.scale.index import IndexSpec, build_index, python_number
 from itmrt.scale.layout import (
     INDEX_FILE,
     SHARD_PREFIX,
@@ -82,9 +83,14 @@ class ShardingOptions:
     dtype: str | None = None
     index: IndexSpec | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shard_images", python_number(self.shard_images))
+
     def check(self) -> ShardingOptions:
-        if self.shard_images < 1:
-            raise ItmrtError(f"--shard-images must be at least 1, not {self.shard_images}")
+        if not is_integer(self.shard_images) or self.shard_images < 1:
+            raise ItmrtError(f"--shard-images must be an integer of at least 1, not {self.shard_images!r}")
+        if self.index is not None and not isinstance(self.index, IndexSpec):
+            raise ItmrtError(f"ShardingOptions.index must be an IndexSpec (or None), not a {type(self.index).__name__}")
         if self.dtype is not None and self.dtype not in STORAGE_DTYPES:
             raise ItmrtError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {self.dtype!r}")
         if self.index is not None:

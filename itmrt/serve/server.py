@@ -135,14 +135,14 @@ def _sharded_source(gallery: Path, options: ServeOptions, load_options: dict[str
     from itmrt.scale.layout import read_sharded_gallery
     from itmrt.serve.sharded import ShardedSource
 
-    read_sharded_gallery(gallery)
+    sharded = read_sharded_gallery(gallery)
     if options.shortlist is not None and options.shortlist < 1:
         raise ItmrtError(f"--shortlist must be at least 1, not {options.shortlist}")
     if options.regions:
-        from itmrt.scale.shard import SearchRequest, require_shortlist
+        from itmrt.scale.shard import SearchRequest, check_region_options, require_shortlist
 
         require_shortlist(options.regions, options.shortlist)
-        SearchRequest(k=1, shortlist=options.shortlist, **options.regions).check()
+        check_region_options(SearchRequest(k=1, shortlist=options.shortlist, **options.regions).check(), sharded)
     return ShardedSource(gallery, load_options, options.on_long, log.warning, options.ray, options.shortlist,
                          options.copy_shards_mb, options.regions)
 
