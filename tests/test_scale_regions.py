@@ -374,6 +374,19 @@ def test_index_refuses_region_flags_that_would_be_ignored(world: dict[str, Any],
     assert not out.exists()
 
 
+def test_an_append_with_region_flags_says_the_gallerys_own_are_used(world: dict[str, Any], capsys: Any) -> None:
+    # "add --shortlist-index regions" would only lead to "drop the index options": say the second thing first
+    gallery, features = world["root"] / "append-flags", world["root"] / "append-features.npy"
+    np.save(features, world["features"][:20])
+    index_sharded(world["runtime"], world["features"][:20], gallery, ShardingOptions(16, None, IndexSpec("regions")))
+    before = sorted(p.name for p in gallery.iterdir())
+    result = run_cli(capsys, "index", str(world["bundle"]), "--images", str(features), "--out", str(gallery),
+                     "--append", "--nprobe", "4")
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert "recorded index options; drop --nprobe" in result.err, result.err
+    assert sorted(p.name for p in gallery.iterdir()) == before
+
+
 def test_index_embeddings_stores_them_and_refuses_bad_ones(world: dict[str, Any], capsys: Any) -> None:
     root, bundle, embeddings = world["root"], str(world["bundle"]), world["embeddings"]
     runtime = world["runtime"]

@@ -87,7 +87,7 @@ def index_command(
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
                              {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
                               "exact_pass": exact_pass, "regions_storage": regions_storage,
-                              "residual_bits": residual_bits}, sharded)
+                              "residual_bits": residual_bits}, sharded, append)
     runtime = load(bundle, runtime, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup and embeddings is None else ""
     listing = images is not None and is_image_listing(images)
@@ -126,14 +126,14 @@ def _check_append_target(bundle: Path, out: Path) -> None:
 
 
 def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m: int, ef_construction: int,
-                ef_search: int, regions: dict[str, Any], sharded: bool = True) -> Any:
+                ef_search: int, regions: dict[str, Any], sharded: bool = True, append: bool = False) -> Any:
     """The shortlist index asked for, or None when no index option was given (the default, or the gallery's)."""
     if kind is not None and not sharded:
         raise ItmrtError("the FAISS shortlist index is built per shard: add --shard-images N (N >= the images "
                          "for one shard)")
     from itmrt.scale.index import IndexSpec
 
-    _check_region_flags(kind, regions)
+    _check_region_flags(kind, regions, append)
     if kind is None:
         if ivf_lists is not None:
             raise ItmrtError("--ivf-lists is for --shortlist-index ivf")
@@ -142,9 +142,10 @@ def _index_spec(kind: str | None, ivf_lists: int | None, ivf_probe: int, hnsw_m:
     return IndexSpec(kind, ivf_lists, ivf_probe, hnsw_m, ef_construction, ef_search, **given).check()
 
 
-def _check_region_flags(kind: str | None, regions: dict[str, Any]) -> None:
+def _check_region_flags(kind: str | None, regions: dict[str, Any], append: bool = False) -> None:
     """The region index's options only with ``--shortlist-index regions``, and ``--residual-bits`` only with
-    compact storage: elsewhere they were silently ignored (a gallery built without the index they describe)."""
+    compact storage: elsewhere they were silently ignored (a gallery built without the index they describe).
+    An append without ``--shortlist-index`` indexes its shards as the gallery records: the flags are dropped."""
     if kind == "regions":
         if regions["residual_bits"] != DEFAULT_RESIDUAL_BITS and regions["regions_storage"] != "compact":
             raise ItmrtError("--residual-bits is for --regions-storage compact (exact storage keeps the embeddings "
@@ -153,6 +154,9 @@ def _check_region_flags(kind: str | None, regions: dict[str, Any]) -> None:
     given = [flag for key, flag in REGION_FLAGS.items() if regions[key] is not None]
     given += ["--regions-storage"] if regions["regions_storage"] != "exact" else []
     given += ["--residual-bits"] if regions["residual_bits"] != DEFAULT_RESIDUAL_BITS else []
+    if given and append and kind is None:
+        raise ItmrtError(f"--append indexes the new shards with the gallery's recorded index options; drop "
+                         f"{', '.join(given)}")
     if given:
         asked = f" (not --shortlist-index {kind})" if kind is not None else ""
         raise ItmrtError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --shortlist-index "
