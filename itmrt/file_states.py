@@ -25,6 +25,7 @@ import hashlib
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 TICK_NS = 2_000_000_000
@@ -76,6 +77,17 @@ class HashedFiles:
                 os.close(os.open(record, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
         except OSError:
             pass  # a read-only or full cache folder: the next process hashes again
+
+    def check(self, path: Path, sha256: str, verify: Callable[[], None]) -> None:
+        """Run ``verify`` (it raises unless ``path`` hashes to ``sha256`` and passes this kind's check) unless the
+        file is in a state known to have passed; remember its state when it passed and did not change meanwhile."""
+        state = file_state(path, sha256)
+        if self.known(state):
+            return
+        started = hash_started()
+        verify()
+        if file_state(path, sha256) == state:
+            self.remember(state, started)
 
     def forget(self) -> None:
         """Forget the states kept in this process's memory (the records of later processes stay)."""

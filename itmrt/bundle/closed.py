@@ -26,7 +26,7 @@ from pathlib import Path
 from itmrt.bundle.record import SAFE_RELATIVE_PATH, matches
 from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
-from itmrt.file_states import LISTED, file_state, hash_started
+from itmrt.file_states import LISTED
 
 _EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
 
@@ -64,15 +64,13 @@ def verified_member(folder: Path, name: str, listed: Mapping[str, str], what: st
         raise ItmrtError(f"{what} {folder} uses {name}, which its file list does not hold with a sha256; {remedy}")
     if not path.is_file():
         raise ItmrtError(f"{what} {folder} lacks {name}, which its file list names; {remedy}")
-    state = file_state(path, expected)
-    if LISTED.known(state):
-        return path
-    started = hash_started()
-    if sha256_file(path) != expected:
-        raise ItmrtError(f"{path} does not match the sha256 in the {what}'s file list (truncated or changed after "
-                         f"it was written); {remedy}")
-    if file_state(path, expected) == state:
-        LISTED.remember(state, started)
+
+    def hash_as_listed() -> None:
+        if sha256_file(path) != expected:
+            raise ItmrtError(f"{path} does not match the sha256 in the {what}'s file list (truncated or changed "
+                             f"after it was written); {remedy}")
+
+    LISTED.check(path, expected, hash_as_listed)
     return path
 
 

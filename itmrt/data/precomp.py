@@ -30,6 +30,7 @@ from itmrt.errors import DataError
 __all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "SplitSizes", "open_npy", "read_captions"]
 
 CAPTIONS_PER_IMAGE = 5
+"""Captions per image in Flickr30K and MSCOCO; the whole layout (and the metrics) assume it."""
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -39,7 +40,7 @@ def check_split_name(split: object) -> str:
     if not isinstance(split, str) or not _SPLIT_NAME.match(split):
         raise DataError(f"split name {split!r} is not allowed; use letters, digits and underscores (e.g. test)")
     return split
-"""Captions per image in Flickr30K and MSCOCO; the whole layout (and the metrics) assume it."""
+
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")

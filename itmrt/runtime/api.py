@@ -60,11 +60,6 @@ from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
 from itmrt.text.vocab import Vocabulary
 
 
-def _check_encoded(captions: object) -> None:
-    """Scoring takes captions as :meth:`Runtime.encode_captions` gives them (a list of strings is not encoded)."""
-    check_caption_embeddings(captions)
-
-
 class Runtime:
     """A bundle's three graphs on one backend and precision, with encoders and a tiled scorer."""
 
@@ -273,7 +268,7 @@ class Runtime:
         scored by the one-caption scorer where it applies (``one_caption``).
         """
         check_top_k(top_k)
-        _check_encoded(captions)
+        check_caption_embeddings(captions)
         if shortlist is not None and captions.token_level:
             if keep_scores:
                 raise ItmrtError(
@@ -304,7 +299,7 @@ class Runtime:
         them inside the call. Needs a NAAF or SCAN bundle at fp32 on ONNX Runtime's CPU provider
         (``one_caption`` is None otherwise).
         """
-        _check_encoded(captions)
+        check_caption_embeddings(captions)
         if self.one_caption is None:
             raise ItmrtError("the one-caption scorer runs NAAF and SCAN bundles at fp32 on ONNX Runtime's CPU "
                              "provider, with scorer 'auto' or 'fused'")

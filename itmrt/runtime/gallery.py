@@ -57,7 +57,7 @@ from itmrt.bundle.gallery_manifest import (
     recorded_bundle,
 )
 from itmrt.bundle.names import MANIFEST_NAME
-from itmrt.data.npy import open_npy, read_npy_copy, read_npy_header
+from itmrt.data.npy import NpyHeader, open_npy, read_npy_copy, read_npy_header
 from itmrt.documents import open_regular, parse_json, read_regular_bytes, sha256_bytes, sha256_file
 from itmrt.errors import DataError, ItmrtError
 from itmrt.file_states import FINITE_EMBEDDINGS, file_state, hash_started
@@ -123,10 +123,11 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
     """One streamed pass over the embeddings file: its sha256 must be the recorded one and every value
     finite. A one-line :class:`ItmrtError` otherwise."""
     header = read_npy_header(path, "gallery embeddings")
-    state = file_state(path, entry.sha256)
-    if FINITE_EMBEDDINGS.known(state):
-        return
-    started = hash_started()
+    FINITE_EMBEDDINGS.check(path, entry.sha256, lambda: _hash_and_check_finite(path, header, entry, chunk_size))
+
+
+def _hash_and_check_finite(path: Path, header: NpyHeader, entry: EmbeddingsEntry, chunk_size: int) -> None:
+    """The pass of :func:`verify_embeddings`: the file's sha256 against ``entry``'s, and every value finite."""
     digest, position, first_bad, carry = hashlib.sha256(), 0, None, b""
     itemsize = header.dtype.itemsize
     with open_regular(path) as handle:
@@ -143,8 +144,6 @@ def verify_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 <<
         raise ItmrtError(f"{path} does not match the sha256 in {GALLERY_MANIFEST} (changed after indexing); {REMEDY}")
     if first_bad is not None:
         raise ItmrtError(f"{path} holds NaN or infinite embeddings (in the block at byte {first_bad}); {REMEDY}")
-    if file_state(path, entry.sha256) == state:
-        FINITE_EMBEDDINGS.remember(state, started)
 
 
 def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 20) -> np.ndarray:

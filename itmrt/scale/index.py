@@ -92,11 +92,11 @@ class IndexSpec:
         if self.kind not in INDEX_KINDS:
             raise ItmrtError(f"--shortlist-index must be one of {', '.join(INDEX_KINDS)}, not {self.kind!r}")
         self._check_types()
-        numbers = {"--ivf-probe": self.ivf_probe, "--hnsw-m": self.hnsw_m,
-                   "--hnsw-ef-construction": self.hnsw_ef_construction, "--hnsw-ef-search": self.hnsw_ef_search}
+        positive = {"--ivf-probe": self.ivf_probe, "--hnsw-m": self.hnsw_m,
+                    "--hnsw-ef-construction": self.hnsw_ef_construction, "--hnsw-ef-search": self.hnsw_ef_search}
         if self.ivf_lists is not None:
-            numbers["--ivf-lists"] = self.ivf_lists
-        for flag, value in numbers.items():
+            positive["--ivf-lists"] = self.ivf_lists
+        for flag, value in positive.items():
             if value < 1:
                 raise ItmrtError(f"{flag} must be at least 1, not {value}")
         if self.kind != "regions" and self.regions_storage != "exact":

@@ -60,6 +60,11 @@ from itmrt.scale.region_search import (
 DIRECTIONS = ("t2i", "i2t")
 
 
+REGION_OPTIONS = {"nprobe": "--nprobe", "exact_pass": "--exact-pass", "union": "--union", "refine": "--refine",
+                  "prefilter": "--prefilter", "budget": "--budget", "rescore": "--rescore"}
+"""A :class:`SearchRequest`'s fields that choose how a region index is searched, and their flags."""
+
+
 @dataclass(frozen=True)
 class SearchRequest:
     """What every shard is asked: top ``k``, full scoring or a shortlist of K per shard, which directions."""
@@ -106,9 +111,8 @@ class SearchRequest:
     def _check_counts(self) -> None:
         """The region index's counts are integers (a float, a string or NaN failed deep inside numpy, or was
         silently taken as a count)."""
-        for flag, value in (("--nprobe", self.nprobe), ("--exact-pass", self.exact_pass), ("--union", self.union),
-                            ("--refine", self.refine), ("--prefilter", self.prefilter), ("--budget", self.budget),
-                            ("--rescore", self.rescore)):
+        for name, flag in REGION_OPTIONS.items():
+            value = getattr(self, name)
             if value is not None and not is_integer(value):
                 raise ItmrtError(f"{flag} must be an integer (or None: the gallery's default), not {value!r}")
 
@@ -338,11 +342,6 @@ def check_captions(captions: object, runtime: Any, gallery: ShardedGallery) -> N
     if width is not None and checked.vectors.shape[1] != width:
         raise ItmrtError(f"caption embeddings of size {checked.vectors.shape[1]} against the gallery's {width}: "
                          "encode them with the gallery's runtime (shards.runtime.encode_captions)")
-
-
-REGION_OPTIONS = {"nprobe": "--nprobe", "exact_pass": "--exact-pass", "union": "--union", "refine": "--refine",
-                  "prefilter": "--prefilter", "budget": "--budget", "rescore": "--rescore"}
-"""A :class:`SearchRequest`'s fields that choose how a region index is searched, and their flags."""
 
 
 def check_region_options(request: SearchRequest, gallery: ShardedGallery) -> None:

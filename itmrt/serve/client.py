@@ -105,8 +105,8 @@ class ServiceClient:
                 response = self._connection.getresponse()
             except (OSError, http.client.HTTPException):
                 raise exc from None  # no answer: the connection was closed before (reopened by request)
-            return response.status, response.headers, response.read()
-        response = self._connection.getresponse()
+        else:
+            response = self._connection.getresponse()
         return response.status, response.headers, response.read()
 
     def ready(self) -> bool:
