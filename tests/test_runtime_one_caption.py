@@ -310,3 +310,26 @@ def test_the_compiled_kernel_releases_the_interpreter_lock() -> None:
     worker.join()
     assert took[0] > 0.1  # long enough to tell
     assert np.diff(readings).max() < took[0] / 2
+
+
+@pytest.mark.parametrize("family", ["naaf", "scan"])
+def test_float16_galleries_score_the_same_with_the_similarity_kernel(family: str) -> None:
+    """A scorer that loaded its kernels multiplies float16 storage with the compiled kernel (NAAF and SCAN alike):
+    the same scores as the cast-then-GEMM graph, through blocks and two workers."""
+    pytest.importorskip("numba")
+    from itmrt.runtime import float16_kernels
+
+    if not float16_kernels.available():
+        pytest.skip("this CPU has no hardware half-float conversion: the scorer keeps ONNX Runtime's cast")
+    images, _padded, _lengths, captions = _random_problem(seed=8)
+    parameters: Any = (NaafParameters(0.05, 20.0, 5.0) if family == "naaf"
+                       else ScanParameters("t2i", "clipped_l2norm", "LogSumExp", 9.0, 6.0))
+    stored = images.astype(np.float16)
+    plain = OneCaptionScorer(parameters, threads=2, block_images=7)
+    compiled = OneCaptionScorer(parameters, threads=2, block_images=7)
+    compiled.load_kernels()
+    assert compiled.similarity_kernel_loaded and not plain.similarity_kernel_loaded
+    np.testing.assert_allclose(compiled.score(stored, captions), plain.score(stored, captions), rtol=0, atol=1e-5)
+    rows = np.array([5, 0, 29, 5])
+    np.testing.assert_allclose(compiled.score(stored, captions, rows=rows), plain.score(stored, captions)[rows],
+                               rtol=0, atol=1e-5)

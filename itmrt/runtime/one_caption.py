@@ -161,6 +161,7 @@ class QueryCaptions:
     intra_starts: np.ndarray | None = None  # NAAF: where caption c's matrix starts in intra_flat
     grams: list[np.ndarray] = field(default_factory=list)  # SCAN i2t: [m, m] word Gram matrix per caption
     norms: np.ndarray | None = None  # SCAN t2i: [T] word norms
+    padded_tokens: np.ndarray | None = None  # the tokens padded for the float16 similarity kernel, once loaded
 
 
 def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> QueryCaptions:
@@ -376,17 +377,25 @@ class _Worker:
             self._sessions[key] = _graph_session(kind, dtype)
         return self._sessions[key]
 
-    def similarities(self, block: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """``block [B, n, d]`` regions times ``tokens [T, d]^T``: ``[B * n, T]`` in float32.
+    def similarities(self, block: np.ndarray, query: QueryCaptions,
+                     kernel: Callable[..., None] | None = None) -> np.ndarray:
+        """``block [B, n, d]`` regions times the query's tokens ``[T, d]^T``: ``[B * n, T]`` in float32.
 
-        Float16 blocks are cast inside the graph in :data:`CAST_PIECES` pieces of whole images, each cast and
-        multiplied before the next, so a piece's float32 copy is still in the cache for its GEMM (one cast of a
-        whole 128-image block writes 19 MB to memory and reads it back).
+        Float16 blocks go to ``kernel`` (:func:`itmrt.runtime.float16_kernels.similarities`, widened and
+        multiplied in one pass) when it is loaded; else they are cast inside the graph in :data:`CAST_PIECES`
+        pieces of whole images, each cast and multiplied before the next, so a piece's float32 copy is still in
+        the cache for its GEMM (one cast of a whole 128-image block writes 19 MB to memory and reads it back).
         """
-        block = _storage(block)
+        block, tokens = _storage(block), query.tokens
         rows = block.reshape(-1, block.shape[-1])
         if block.dtype != np.float16:
             return self._session("sims", block.dtype).run(None, {"a": rows, "b": tokens})[0]
+        if kernel is not None and query.padded_tokens is not None:
+            from itmrt.runtime.fused import call_compiled
+
+            out = np.empty((len(rows), len(tokens)), dtype=np.float32)
+            call_compiled(kernel, rows.view(np.uint16), query.padded_tokens, out)
+            return out
         pieces = min(CAST_PIECES, len(block))
         feeds = {"b": tokens}
         for number, images in enumerate(np.array_split(np.arange(len(block)), pieces)):
@@ -483,14 +492,18 @@ class OneCaptionScorer:
         self.reranks_build_constants = False
         self._rows_asked: dict[GalleryKey, int] = {}
         self._kernel: Callable[..., None] | None = None  # NAAF's compiled per-word steps, once loaded
+        self._similarity_kernel: Callable[..., None] | None = None  # float16 storage's product, once loaded
 
     def load_kernels(self) -> bool:
-        """Score NAAF's per-word steps with the compiled kernel of :mod:`itmrt.runtime.one_caption_kernels` from now
-        on (it releases the interpreter lock, so two workers scale over two cores), loading it from numba's cache
-        or compiling it now; False where it does not apply (SCAN) or numba is not installed (numpy stays).
+        """Use the compiled kernels from now on, loading them from numba's cache or compiling them now: NAAF's
+        per-word steps (:mod:`itmrt.runtime.one_caption_kernels`; it releases the interpreter lock, so two
+        workers scale over two cores) and, for NAAF and SCAN alike, float16 storage's similarity product
+        (:mod:`itmrt.runtime.float16_kernels`, where the CPU converts half floats in hardware). True when
+        NAAF's per-word kernel is loaded; False for SCAN or where numba is not installed (numpy stays).
 
         A warmed runtime (a service) calls this; a one-shot command does not: importing numba costs about
-        0.4 s, more than the kernel saves on one call."""
+        0.4 s, more than the kernels save on one call."""
+        self._load_similarity_kernel()
         if not isinstance(self.parameters, NaafParameters):
             return False
         if self._kernel is not None:
@@ -506,9 +519,27 @@ class OneCaptionScorer:
         self._naaf(rng.standard_normal((2, 5, 3), dtype=np.float32), np.ones((2, 5, 5), np.float32), query)
         return True
 
+    def _load_similarity_kernel(self) -> None:
+        if self._similarity_kernel is not None:
+            return
+        module = compiled_kernels("itmrt.runtime.float16_kernels")
+        if module is None or not module.available():
+            return
+        from itmrt.runtime.fused import call_compiled
+
+        words = module.padded_words(np.ones((2, 8), dtype=np.float32))  # compiles (or loads) it for these arrays
+        call_compiled(module.similarities, np.zeros((5, 8), dtype=np.uint16), words, np.empty((5, 2), np.float32))
+        self._similarity_kernel = module.similarities
+
     @property
     def kernel_loaded(self) -> bool:
+        """Whether NAAF's per-word steps run on the compiled kernel."""
         return self._kernel is not None
+
+    @property
+    def similarity_kernel_loaded(self) -> bool:
+        """Whether float16 storage's similarity product runs on the compiled kernel."""
+        return self._similarity_kernel is not None
 
     @classmethod
     def from_graph(cls, path: str | Path, threads: int = 0) -> OneCaptionScorer:
@@ -581,6 +612,10 @@ class OneCaptionScorer:
         if query.tokens.shape[1] != images.shape[2]:
             raise ItmrtError(f"image ({images.shape[2]}) and caption ({query.tokens.shape[1]}) embeddings differ "
                              "in size")
+        if self._similarity_kernel is not None and images.dtype == np.float16:
+            from itmrt.runtime.float16_kernels import padded_words
+
+            query.padded_tokens = padded_words(query.tokens)
         cached = None
         if key is not None:
             build = rows is None or self._rerank_builds(key, images, rows)
@@ -619,7 +654,7 @@ class OneCaptionScorer:
     def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray,
                      query: QueryCaptions) -> np.ndarray:
         n_img, regions = int(block.shape[0]), int(block.shape[1])
-        sims = worker.similarities(block, query.tokens)
+        sims = worker.similarities(block, query, self._similarity_kernel)
         sims = sims.reshape(n_img, regions, -1)
         if isinstance(self.parameters, NaafParameters):
             if self._kernel is not None:

@@ -1,0 +1,42 @@
+"""Float16 storage's compiled kernels (:mod:`itmrt.runtime.float16_kernels`) against numpy's float16 arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+from itmrt.runtime import float16_kernels as kernel  # noqa: E402
+
+if not kernel.available():
+    pytest.skip("this CPU has no hardware half-float conversion: callers keep their casts", allow_module_level=True)
+
+
+def test_widening_equals_numpys_cast_for_every_float16() -> None:
+    """All 65,536 bit patterns: normals, subnormals, signed zeros, infinities and NaNs, through odd shapes."""
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got = kernel.to_float32(every)
+    want = every.astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == every.shape
+    np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(want)], want.view(np.uint32)[~np.isnan(want)])
+    assert np.isnan(got[np.isnan(want)]).all()
+    block = every[: 3 * 5 * 7 * 11].reshape(3, 5, 7, 11)[:, 1:]  # not contiguous
+    np.testing.assert_array_equal(kernel.to_float32(block), block.astype(np.float32))
+    plain = np.arange(6, dtype=np.float64).reshape(2, 3)
+    assert kernel.to_float32(plain).dtype == np.float32 and kernel.to_float32(plain).flags.c_contiguous
+
+
+def test_the_float16_similarity_kernel_equals_the_product_of_the_widened_values() -> None:
+    """Every float16 class (normal, subnormal, signed zeros, the largest), rows not a multiple of the kernel's
+    four, word counts around its three, a depth no vector width divides: the product of the float32 values."""
+    rng = np.random.default_rng(21)
+    specials = np.array([6e-8, -6e-8, 3e-5, -1e-6, 0.0, -0.0, 65504.0, -65504.0, 1.0], dtype=np.float16)
+    for rows, words, depth in ((1, 1, 9), (7, 2, 37), (9, 3, 64), (13, 4, 100), (36, 17, 1024)):
+        regions = (rng.standard_normal((rows, depth)) * 0.05).astype(np.float16)
+        regions.reshape(-1)[: len(specials)] = specials[: regions.size]
+        tokens = rng.standard_normal((words, depth)).astype(np.float32)
+        out = np.full((rows, words), np.nan, dtype=np.float32)
+        kernel.similarities(regions.view(np.uint16), kernel.padded_words(tokens), out)
+        want = regions.astype(np.float64) @ tokens.astype(np.float64).T
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(tokens).sum(axis=1).max())
+
