@@ -527,8 +527,11 @@ class OneCaptionScorer:
             return
         from itmrt.runtime.fused import call_compiled
 
-        words = module.padded_words(np.ones((2, 8), dtype=np.float32))  # compiles (or loads) it for these arrays
-        call_compiled(module.similarities, np.zeros((5, 8), dtype=np.uint16), words, np.empty((5, 2), np.float32))
+        words = module.padded_words(np.ones((2, 8), dtype=np.float32))
+        stored = np.zeros((5, 8), dtype=np.uint16)
+        for writable in (True, False):  # compiled (or loaded) for copies and for read-only memory maps (galleries)
+            stored.setflags(write=writable)
+            call_compiled(module.similarities, stored, words, np.empty((5, 2), np.float32))
         self._similarity_kernel = module.similarities
 
     @property
