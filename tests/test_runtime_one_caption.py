@@ -333,3 +333,22 @@ def test_float16_galleries_score_the_same_with_the_similarity_kernel(family: str
     rows = np.array([5, 0, 29, 5])
     np.testing.assert_allclose(compiled.score(stored, captions, rows=rows), plain.score(stored, captions)[rows],
                                rtol=0, atol=1e-5)
+
+
+def test_a_large_float16_call_loads_the_similarity_kernel_without_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-shot command never warms up; past :data:`LARGE_FLOAT16_VALUES` the kernel pays for its loading, so
+    the scorer loads it then (and not for a smaller call, nor for float32 storage)."""
+    pytest.importorskip("numba")
+    from itmrt.runtime import float16_kernels, one_caption
+
+    if not float16_kernels.available():
+        pytest.skip("this CPU has no hardware half-float conversion: the scorer keeps ONNX Runtime's cast")
+    images, _padded, _lengths, captions = _random_problem(seed=9)
+    monkeypatch.setattr(one_caption, "LARGE_FLOAT16_VALUES", images.size)
+    scorer = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=1)
+    want = scorer.score(images.astype(np.float16)[:-1], captions)  # one image short of the threshold
+    scorer.score(images, captions)  # float32 storage: the graph's GEMM needs no cast
+    assert not scorer.similarity_kernel_loaded
+    got = scorer.score(images.astype(np.float16), captions)
+    assert scorer.similarity_kernel_loaded and not scorer.kernel_loaded  # the per-word steps stay numpy's
+    np.testing.assert_allclose(got[:-1], want, rtol=0, atol=1e-5)
