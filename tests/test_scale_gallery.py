@@ -32,6 +32,8 @@ from itmrt.runtime.shortlist import (
 from itmrt.runtime.tiled import top_k_of_matrix
 from itmrt.scale import (
     IndexSpec,
+    LocalShards,
+    RayOptions,
     SearchRequest,
     ShardingOptions,
     index_sharded,
@@ -146,6 +148,25 @@ def test_sharding_options_of_the_wrong_type_are_one_line_and_write_nothing(setup
     with pytest.raises(ItmrtError, match=expected) as caught:
         index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", options)
     assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("keywords", "expected"), [
+    ({"copy_mb": "10"}, "copy_mb (--copy-shards-mb) must be a finite number, not '10'"),  # a TypeError in a comparison
+    ({"copy_mb": -5}, "copy_mb (--copy-shards-mb) must be in [0, "),  # taken as "never copy"
+    ({"copy_mb": float("nan")}, "copy_mb (--copy-shards-mb) must be a finite number, not nan"),
+    ({"verify": "no"}, "verify must be True or False, not 'no'"),  # verified the shards (a true string)
+    ({"ray": "local"}, "ray must be an itmrt.scale.RayOptions"),  # 'str' object has no attribute 'check'
+    ({"ray": RayOptions(workers="2")}, "--ray-workers must be an integer"),  # type: ignore[arg-type]
+])
+def test_open_shards_options_of_the_wrong_type_are_one_line_before_the_bundle_loads(
+        setup: dict[str, Any], keywords: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ItmrtError) as caught:
+        open_shards(setup["root"] / "no gallery here", threads=1, warn=quiet, **keywords)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+    if "copy_mb" in keywords:  # the class open_shards makes checks it too
+        with pytest.raises(ItmrtError) as caught:
+            LocalShards(setup["runtime"], read_sharded_gallery(setup["sharded"]), copy_mb=keywords["copy_mb"])
+        assert str(caught.value).startswith(expected)
 
 
 def test_numpy_counts_in_sharding_options_are_taken_as_numbers(setup: dict[str, Any], tmp_path: Path) -> None:
