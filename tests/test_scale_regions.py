@@ -16,6 +16,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime import load
 from itmrt.runtime.compact_regions import ResidualCodec, pack, unpack
 from itmrt.scale import IndexSpec, SearchRequest, ShardingOptions, index_sharded, open_shards
+from itmrt.scale.audit import audit
 
 from cli_helpers import run_cli
 from runtime_helpers import make_bundle, random_captions, region_features
@@ -431,6 +432,21 @@ def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[s
     assert report["recall_at_10"] == 1.0 and report["pairs_scored"]["index"] == 6 * 45
 
 
+def test_audit_refuses_a_shortlist_smaller_than_k_as_infer_does(world: dict[str, Any], capsys: Any) -> None:
+    # --shortlist 3 --top-k 7 was raised to 7 without a word: the report measured another K than the one asked
+    root = world["root"]
+    (root / "short.txt").write_text("\n".join(random_captions(4, seed=22, max_words=9)) + "\n")
+    out = root / "short.json"
+    result = run_cli(capsys, "audit", str(world["gallery"]), "--captions", str(root / "short.txt"), "--shortlist",
+                     "3", "--top-k", "7", "--out", str(out))
+    assert result.code == 2 and result.err == "error: --shortlist 3 is smaller than --top-k 7; the shortlist must " \
+        "hold at least k candidates\n" and not out.exists()
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    with pytest.raises(ItmrtError, match="--shortlist 3 is smaller than --top-k 7"):
+        audit(shards, random_captions(4, seed=22), 4, k=7, shortlist=3)
+    assert audit(shards, random_captions(4, seed=22), 4, k=7)["shortlist_per_shard"] >= 7  # the default holds k
+
+
 def test_audit_refuses_a_one_folder_gallery_in_one_line(world: dict[str, Any], capsys: Any) -> None:
     root = world["root"]
     single = root / "single_gallery"
@@ -816,7 +832,7 @@ def test_infer_and_audit_take_rescore_and_answer_as_the_api(world: dict[str, Any
     np.testing.assert_array_equal(np.array([line["images"] for line in lines[: len(captions)]]), want.indices)
     report = root / "rescore-audit.json"
     result = run_cli(capsys, "audit", str(gallery), "--captions", str(root / "rescore.txt"), "--sample", "3",
-                     "--shortlist", "4", "--rescore", "9", "--out", str(report), "--overwrite")
+                     "--top-k", "4", "--shortlist", "4", "--rescore", "9", "--out", str(report), "--overwrite")
     assert result.code == 0, result.err
     assert json.loads(report.read_text())["rescore"] == 9
 
