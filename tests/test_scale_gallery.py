@@ -116,6 +116,15 @@ def test_caption_embeddings_made_by_hand_wrong_are_one_line(setup: dict[str, Any
     shards.close()
 
 
+def test_no_captions_are_the_same_line_with_and_without_a_shortlist(setup: dict[str, Any]) -> None:
+    # "nothing to score: no images or no captions" or "no captions to shortlist" (and a region shortlist answered)
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for request in (SearchRequest(k=3), SearchRequest(k=3, shortlist=5), SearchRequest(k=3, directions=("i2t",))):
+        with pytest.raises(ItmrtError, match=r"^no captions to search: encode at least one caption \(shards\.runtime"):
+            shards.search(setup["encoded"].take([]), request)
+    shards.close()
+
+
 def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[str, Any], tmp_path: Path,
                                                                       capsys: Any) -> None:
     # they were ignored without a word (and itmrt audit reported an nprobe it never used)

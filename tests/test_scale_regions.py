@@ -68,6 +68,17 @@ def test_probing_every_centroid_and_keeping_every_image_is_exhaustive_scoring(wo
     assert ((few.t2i.indices >= 0) & (few.t2i.indices < 45)).all()
 
 
+def test_no_captions_are_refused_in_one_line_by_every_search(world: dict[str, Any]) -> None:
+    # a region shortlist (and a budget) answered zero captions with an empty answer; full scoring refused them
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    none = world["captions"].take([])
+    for request in (SearchRequest(k=3), SearchRequest(k=3, shortlist=5), SearchRequest(k=3, shortlist=5, budget=9)):
+        with pytest.raises(ItmrtError) as caught:
+            shards.search(none, request)
+        assert str(caught.value) == ("no captions to search: encode at least one caption "
+                                     "(shards.runtime.encode_captions)")
+
+
 def test_the_shard_document_records_the_index_files_and_parameters(world: dict[str, Any]) -> None:
     document = json.loads((world["gallery"] / "shard-00000" / "gallery.json").read_text())
     entry = document["region_index"]
