@@ -193,6 +193,23 @@ def test_bench_batch_sizes_are_bounded_before_any_work(case: Case, capsys: pytes
     assert not (case.folder / "report").exists()
 
 
+@pytest.mark.parametrize("flag", ["--images", "--captions"])
+def test_bench_gallery_and_caption_pool_are_bounded_before_any_work(case: Case, capsys: pytest.CaptureFixture[str],
+                                                                    flag: str) -> None:
+    """`itmrt bench --images 10000000` (under the old bound, 2^24) opened the bundle, then made the whole gallery
+    in memory and ended in "out of memory"; both are made whole, so both stop where a batch does."""
+    from itmrt.errors import ItmrtError
+    from itmrt.reports.bench import BenchOptions, run_bench
+
+    result = hostile_run(capsys, case.folder, "bench", case.bundle, "--report", case.folder / "report", flag, "65537",
+                         "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--no-plots", "--no-progress")
+    assert_one_line(result, f"Invalid value for '{flag}'", "65536")
+    assert not (case.folder / "report").exists()
+    name = flag.removeprefix("--")
+    with pytest.raises(ItmrtError, match=f"^{flag} must be an integer from 1 to 65536, not 10000000$"):
+        run_bench(case.folder / "no bundle here", BenchOptions(**{name: 10_000_000}))
+
+
 @pytest.mark.parametrize("shape", ["foo=1:2:3", "batch_images=8:4:16", "batch_images=0:1:2"])
 def test_invalid_shape_is_refused_without_tensorrt(case: Case, capsys: pytest.CaptureFixture[str], shape: str) -> None:
     """Defect 8: an invalid --shape was ignored where TensorRT is absent; now refused before any graph is made."""
