@@ -421,6 +421,11 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
      "--shortlist must be an integer"),
     ("caption None", lambda rt, g, c: rt.encode_captions([*c, None]), "caption 5 is not a string but NoneType"),
     ("caption bytes", lambda rt, g, c: rt.encode_captions([b"word1"]), "caption 1 is not a string but bytes"),
+    # a NUL or an escape sequence was taken as part of a word (an unknown one) and ranked
+    ("caption NUL", lambda rt, g, c: rt.search_text_to_image([*c, "a dog\x00 runs"], g, 2),
+     "caption 5 holds the control character U+0000; captions are plain text: remove it"),
+    ("caption escape", lambda rt, g, c: rt.encode_captions(["a \x1b[2J dog"]), "caption 1 holds the control "
+     "character U+001B"),
     ("features list", lambda rt, g, c: rt.encode_images([[[0.0] * 64] * 10]), "must be a numpy array, not list"),
     ("images None", lambda rt, g, c: rt.score(None, rt.encode_captions(c)), "not NoneType"),
     ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),

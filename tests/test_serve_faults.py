@@ -315,8 +315,8 @@ def test_a_body_no_request_can_be_is_refused_from_its_start_and_its_refusal_held
     """A body announcing 150 KB whose first 20 KB hold no quote (one caption of 20 KB: no caption within
     --max-caption-bytes is that long even escaped) is refused with 400 once those bytes are in - the rest never
     sent, nor read - and the refusal is held for Retry-After (1 s), so a sender of such bodies cannot make the
-    service refuse them as fast as it sends. Real requests with the longest captions, escaped six bytes a
-    character in JSON or raw in the binary extension, are answered."""
+    service refuse them as fast as it sends. Real requests with the longest captions, escaped in JSON or raw in
+    the binary extension, are answered (control characters, six bytes each escaped, are read and refused)."""
     from itmrt.serve import protocol
 
     held = service.metrics.refusals_held._value.get()
@@ -330,6 +330,9 @@ def test_a_body_no_request_can_be_is_refused_from_its_start_and_its_refusal_held
     assert service.metrics.refusals_held._value.get() == held + 1
     escaped = body(["\u0001" * 2048], top_k=2)  # json.dumps writes each as \u0001: 12 KB without a quote
     assert len(escaped) > 12_000
+    answer = httpx.post(service.url + INFER, content=escaped, headers=JSON)  # read whole: refused for what it holds
+    assert answer.status_code == 400 and "control character U+0001" in answer.json()["error"], answer.text
+    escaped = body(["\u00e9" * 1024], top_k=2)  # the longest caption a request may hold, escaped: 6 KB
     assert httpx.post(service.url + INFER, content=escaped, headers=JSON).status_code == 200
     binary, headers = protocol.infer_request_body(["a" * 2000] * 10, 2, binary=True)  # 20 KB with no quote
     assert httpx.post(service.url + INFER, content=binary, headers=headers).status_code == 200

@@ -57,6 +57,7 @@ from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
 from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.runtime.shortlist import ScoreRows, check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
+from itmrt.text.tokenize import control_character
 from itmrt.text.vocab import Vocabulary
 
 
@@ -194,6 +195,11 @@ class Runtime:
         if odd is not None:
             raise ItmrtError(f"caption {odd + 1} is not a string but {type(captions[odd]).__name__}; "
                              "encode_captions takes a list of strings")
+        controls = (control_character(caption) for caption in captions)
+        odd, control = next(((k, found) for k, found in enumerate(controls) if found is not None), (None, None))
+        if odd is not None:
+            raise ItmrtError(f"caption {odd + 1} holds the control character {control}; captions are plain text: "
+                             "remove it")
         return self.text_encoder.encode(captions)
 
     def warmup(self) -> float:
