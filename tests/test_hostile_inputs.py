@@ -421,6 +421,12 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
      "--shortlist must be an integer"),
     ("caption None", lambda rt, g, c: rt.encode_captions([*c, None]), "caption 5 is not a string but NoneType"),
     ("caption bytes", lambda rt, g, c: rt.encode_captions([b"word1"]), "caption 1 is not a string but bytes"),
+    # None failed as "'NoneType' object is not iterable"; a blank caption was ranked by nothing it said (a
+    # captions file's blank line and the service's blank caption are refused)
+    ("captions None", lambda rt, g, c: rt.encode_captions(None), "encode_captions takes a list of captions "
+     "(strings), not NoneType"),
+    ("caption blank", lambda rt, g, c: rt.search_text_to_image([*c, " "], g, 2), "caption 5 is blank; give each "
+     "caption at least one word"),
     # a NUL or an escape sequence was taken as part of a word (an unknown one) and ranked
     ("caption NUL", lambda rt, g, c: rt.search_text_to_image([*c, "a dog\x00 runs"], g, 2),
      "caption 5 holds the control character U+0000; captions are plain text: remove it"),

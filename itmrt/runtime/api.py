@@ -44,6 +44,7 @@ from itmrt.runtime.encoders import (
     CaptionEncoder,
     ImageEncoder,
     check_caption_embeddings,
+    check_caption_texts,
     check_image_input,
     default_warn,
 )
@@ -57,7 +58,6 @@ from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
 from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.runtime.shortlist import ScoreRows, check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
-from itmrt.text.tokenize import control_character
 from itmrt.text.vocab import Vocabulary
 
 
@@ -188,18 +188,7 @@ class Runtime:
 
     def encode_captions(self, captions: Sequence[str]) -> CaptionEmbeddings:
         """Captions -> token embeddings (CMPM: caption embeddings) and lengths."""
-        if isinstance(captions, str):
-            raise ItmrtError("encode_captions takes a list of captions, not one string")
-        captions = list(captions)
-        odd = next((k for k, caption in enumerate(captions) if not isinstance(caption, str)), None)
-        if odd is not None:
-            raise ItmrtError(f"caption {odd + 1} is not a string but {type(captions[odd]).__name__}; "
-                             "encode_captions takes a list of strings")
-        controls = (control_character(caption) for caption in captions)
-        odd, control = next(((k, found) for k, found in enumerate(controls) if found is not None), (None, None))
-        if odd is not None:
-            raise ItmrtError(f"caption {odd + 1} holds the control character {control}; captions are plain text: "
-                             "remove it")
+        captions = check_caption_texts(captions)
         return self.text_encoder.encode(captions)
 
     def warmup(self) -> float:
