@@ -116,6 +116,15 @@ def test_caption_embeddings_made_by_hand_wrong_are_one_line(setup: dict[str, Any
     shards.close()
 
 
+def test_a_search_request_of_the_wrong_type_is_one_line(setup: dict[str, Any]) -> None:
+    # None or a dict failed as "'NoneType' object has no attribute 'check'"
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for request in (None, {"k": 3}):
+        with pytest.raises(ItmrtError, match="^the request must be an itmrt.scale.SearchRequest"):
+            shards.search(setup["encoded"], request)  # type: ignore[arg-type]
+    shards.close()
+
+
 def test_no_captions_are_the_same_line_with_and_without_a_shortlist(setup: dict[str, Any]) -> None:
     # "nothing to score: no images or no captions" or "no captions to shortlist" (and a region shortlist answered)
     shards = open_shards(setup["sharded"], threads=1, warn=quiet)
@@ -149,6 +158,7 @@ def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[
     (ShardingOptions(8, None, IndexSpec("regions", regions_storage="compact", residual_bits="2")),
      "--residual-bits must be a number"),
     (ShardingOptions(8, None, {"kind": "regions"}), "must be an IndexSpec"),  # type: ignore[arg-type]
+    (None, "options must be an itmrt.scale.ShardingOptions"),  # 'NoneType' object has no attribute 'check'
 ])
 def test_sharding_options_of_the_wrong_type_are_one_line_and_write_nothing(setup: dict[str, Any], tmp_path: Path,
                                                                           options: ShardingOptions,

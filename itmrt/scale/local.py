@@ -24,6 +24,7 @@ from itmrt.scale.shard import (
     SearchResult,
     check_captions,
     check_region_options,
+    check_request,
     merge_answers,
 )
 
@@ -58,7 +59,7 @@ class LocalShards:
     def search(self, captions: CaptionEmbeddings, request: SearchRequest,
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request``, merged; ``progress(1)`` after each shard."""
-        request.check()
+        check_request(request)
         check_region_options(request, self.gallery)
         check_captions(captions, self.runtime, self.gallery)
         if request.budget is not None:

@@ -50,6 +50,7 @@ from itmrt.scale.shard import (
     ShardAnswer,
     check_captions,
     check_region_options,
+    check_request,
     merge_answers,
 )
 
@@ -268,7 +269,7 @@ class RayShards:
     def search(self, captions: CaptionEmbeddings, request: SearchRequest,
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request`` from its actor, merged; ``progress(n)`` as n more shards answer."""
-        request.check()
+        check_request(request)
         check_region_options(request, self.gallery)
         check_captions(captions, self.runtime, self.gallery)
         captions_ref = self.ray.put(captions)

@@ -117,6 +117,14 @@ class SearchRequest:
                 raise ItmrtError(f"{flag} must be an integer (or None: the gallery's default), not {value!r}")
 
 
+def check_request(request: object) -> SearchRequest:
+    """``request`` a :class:`SearchRequest`, checked (None or a dict failed as a missing attribute)."""
+    if not isinstance(request, SearchRequest):
+        raise ItmrtError(f"the request must be an itmrt.scale.SearchRequest (e.g. SearchRequest(k=10)), not "
+                         f"{type(request).__name__}")
+    return request.check()
+
+
 @dataclass
 class ShardAnswer:
     """One shard's part of an answer; image indices are gallery rows."""

@@ -155,6 +155,9 @@ class ShardedWriter:
                  append: bool = False, warn: Warn | None = None) -> None:
         self.out, self.bundle, self.append = Path(out), bundle, append
         self.warn: Warn = warn or (lambda message: None)
+        if not isinstance(options, ShardingOptions):  # None or a dict failed as a missing attribute
+            raise ItmrtError(f"options must be an itmrt.scale.ShardingOptions (e.g. ShardingOptions(shard_images="
+                             f"100_000)), not {type(options).__name__}")
         options.check()
         self._lock: int | None = None
         if append:
