@@ -437,6 +437,20 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
     ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),
     ("threads 1.5", lambda rt, g, c: __import__("itmrt.runtime").runtime.load(rt.bundle.path, threads=1.5),
      "--threads must be an integer"),
+    # a number or None where a path goes failed in pathlib as a TypeError; "" was read as the current folder
+    ("bundle 5", lambda rt, g, c: __import__("itmrt").load(5), "the bundle must be a path (a str or pathlib.Path), "
+     "not int"),
+    ("bundle ''", lambda rt, g, c: __import__("itmrt").load(""), "the bundle must be a path (a str or "
+     "pathlib.Path), not an empty string"),
+    ("gallery None", lambda rt, g, c: rt.open_gallery(None), "the gallery must be a path (a str or pathlib.Path), "
+     "not NoneType"),
+    ("index out 5", lambda rt, g, c: rt.index(np.ones((1, 10, 64), np.float32), 5), "out (the gallery folder to "
+     "create) must be a path"),
+    ("sharded out 5", lambda rt, g, c: __import__("itmrt.scale.writer").scale.writer.index_sharded(
+        rt, np.ones((1, 10, 64), np.float32), 5, __import__("itmrt.scale.writer").scale.writer.ShardingOptions(8)),
+     "out (the gallery folder) must be a path"),
+    ("sharded gallery None", lambda rt, g, c: __import__("itmrt.scale.layout").scale.layout.read_sharded_gallery(
+        None), "the gallery must be a path"),
 ]
 
 
