@@ -666,6 +666,27 @@ def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any])
     assert metric(page, "itmrt_batch_captions_count") >= 3 and metric(page, "itmrt_batch_captions_sum") >= 150
 
 
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"port": "80"}, "--port must be an integer from 0 to 65535, not '80'"),  # a TypeError in bind()
+    ({"port": 70000}, "--port must be an integer from 0 to 65535, not 70000"),  # OverflowError from bind()
+    ({"host": 5}, "--host must be an address"),  # "argument of type 'int' is not iterable"
+    ({"shortlist": "3"}, "--shortlist must be an integer from 1 to"),  # a TypeError in a comparison
+    ({"copy_shards_mb": "1"}, "--copy-shards-mb must be a finite number, not '1'"),  # reached the first opening
+    ({"grace_s": "x"}, "--grace-s must be a finite number, not 'x'"),
+    ({"watch_s": -1}, "--watch-s must be in [0, 3600], not -1"),  # polled without a pause
+    ({"memory_mb": "x"}, "--memory-mb must be an integer from 1 to"),  # "unsupported operand type(s) for <<"
+    ({"max_connections": 0}, "--max-connections must be an integer from 1 to"),  # every connection refused
+    ({"ray": "auto"}, "ray must be an itmrt.scale.RayOptions"),  # reached the first opening of the shards
+])
+def test_serve_options_of_the_wrong_type_or_range_are_one_line(fields: dict[str, Any], expected: str) -> None:
+    """The Python API's ServeOptions bounded as the CLI's flags are, before a port is bound or a file read."""
+    from itmrt.errors import ItmrtError
+
+    with pytest.raises(ItmrtError) as caught:
+        ServeOptions(**fields)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+
+
 def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(
         model: dict[str, Any], service: Service, tmp_path: Path) -> None:
     """--model-control poll (the default) refuses them with 403 and the reason; explicit answers them, and with a
