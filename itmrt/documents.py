@@ -20,6 +20,15 @@ MAX_DOCUMENT_BYTES = 64 << 20
 """The largest itmrt JSON document read (manifests are kilobytes; this only stops a runaway file)."""
 
 
+def as_path(value: object, role: str) -> Path:
+    """``value``, a ``str`` or ``os.PathLike``, as a Path; anything else is one line naming ``role`` (pathlib
+    raised a TypeError for a number or None, and took an empty string as the current folder)."""
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and value):
+        return Path(value)
+    given = "an empty string" if value == "" else type(value).__name__
+    raise ItmrtError(f"{role} must be a path (a str or pathlib.Path), not {given}")
+
+
 def not_a_file(path: str | os.PathLike[str], missing: str = "does not exist") -> str:
     """Why ``path``, which is not a regular file, cannot be read as one: a phrase that ends "PATH ..."
     (``missing`` when nothing is there). A device, pipe or socket is named as such: it may never end

@@ -22,11 +22,14 @@ MAX_REGIONS = 1024
 MAX_TOKENS = 1024
 """Tokens per caption, ``<start>`` and ``<end>`` included."""
 MAX_BATCH = 65536
-"""Images or captions per batch, in an encoder call or a TensorRT profile."""
+"""Images or captions per batch, in an encoder call or a TensorRT profile (and in ``itmrt bench``'s gallery and
+caption pool, which it makes in memory whole)."""
 MAX_MEMORY_MB = 65536
 """A scoring tile's memory budget."""
 MAX_COUNT = 1 << 24
 """Results per query, samples, images, captions and other counts of items."""
+MAX_CALLS = 10000
+"""Calls of one stage a benchmark makes (``itmrt bench --warmup``, ``--repeats``)."""
 MAX_SECONDS = 86400.0
 """Timeouts and delays."""
 

@@ -71,6 +71,17 @@ def test_outputs_never_land_on_an_input(world: dict[str, Path], tmp_path: Path,
     ]
     for args in cases:
         one_line(run_cli(capsys, *args), "this command reads")
+    # Without --overwrite an input's file was first "already exists; pass --overwrite" (which would not help), and
+    # infer called its gallery "the checkpoint or bundle or gallery" (a path inside it: "would write over" it).
+    named = [([*search, "--out", str(gallery / "gallery.json")], f"--out {gallery / 'gallery.json'} would write "
+              f"over the gallery {gallery} this command reads, --overwrite or not; choose a path outside it"),
+             ([*search, "--out", str(gallery / "new.jsonl")], f"would write inside the gallery {gallery} this"),
+             (["infer", str(bundle), "--gallery", str(gallery), "--captions", str(world["captions"]), "--out",
+               str(gallery / "image_embeddings.npy")], f"would write over the gallery (--gallery) {gallery} this"),
+             (["audit", str(gallery), "--captions", str(world["captions"]), "--out", str(world["captions"])],
+              f"would write over the captions file {world['captions']} this command reads")]
+    for args, words in named:
+        one_line(run_cli(capsys, *args), words)
     assert (digests(gallery), digests(bundle)) == before
     assert run_cli(capsys, *search, "--out", str(tmp_path / "ok.jsonl")).code == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,21 @@ def test_blank_lines_after_the_last_caption_are_ignored(tmp_path: Path, ending: 
     path.write_bytes(b"first caption\n\nsecond caption\n")  # inside the file it would shift the later captions
     with pytest.raises(DataError, match="line 2 is empty"):
         read_captions(path)
+
+
+@pytest.mark.parametrize(("control", "named"), [("\x00", "U+0000"), ("\x1b[31m", "U+001B"), ("\x0c", "U+000C"),
+                                               ("\x85", "U+0085")])
+def test_control_characters_name_their_line(tmp_path: Path, control: str, named: str) -> None:
+    # a NUL or an escape sequence was read as part of a word (an unknown one) and the caption ranked
+    from itmrt.data.precomp import read_captions
+
+    path = tmp_path / "caps.txt"
+    path.write_text(f"first caption\nsecond{control} caption\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"caps.txt line 2 holds the control character {named}; captions "
+                                                  "are plain text: remove it")):
+        read_captions(path)
+    path.write_text("a\tcaption\n", encoding="utf-8")  # a tab is whitespace between words
+    assert read_captions(path) == ["a\tcaption"]
 
 
 def test_undecodable_bytes_name_their_line(tmp_path: Path) -> None:

@@ -193,6 +193,23 @@ def test_bench_batch_sizes_are_bounded_before_any_work(case: Case, capsys: pytes
     assert not (case.folder / "report").exists()
 
 
+@pytest.mark.parametrize("flag", ["--images", "--captions"])
+def test_bench_gallery_and_caption_pool_are_bounded_before_any_work(case: Case, capsys: pytest.CaptureFixture[str],
+                                                                    flag: str) -> None:
+    """`itmrt bench --images 10000000` (under the old bound, 2^24) opened the bundle, then made the whole gallery
+    in memory and ended in "out of memory"; both are made whole, so both stop where a batch does."""
+    from itmrt.errors import ItmrtError
+    from itmrt.reports.bench import BenchOptions, run_bench
+
+    result = hostile_run(capsys, case.folder, "bench", case.bundle, "--report", case.folder / "report", flag, "65537",
+                         "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--no-plots", "--no-progress")
+    assert_one_line(result, f"Invalid value for '{flag}'", "65536")
+    assert not (case.folder / "report").exists()
+    name = flag.removeprefix("--")
+    with pytest.raises(ItmrtError, match=f"^{flag} must be an integer from 1 to 65536, not 10000000$"):
+        run_bench(case.folder / "no bundle here", BenchOptions(**{name: 10_000_000}))
+
+
 @pytest.mark.parametrize("shape", ["foo=1:2:3", "batch_images=8:4:16", "batch_images=0:1:2"])
 def test_invalid_shape_is_refused_without_tensorrt(case: Case, capsys: pytest.CaptureFixture[str], shape: str) -> None:
     """Defect 8: an invalid --shape was ignored where TensorRT is absent; now refused before any graph is made."""
@@ -404,11 +421,36 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
      "--shortlist must be an integer"),
     ("caption None", lambda rt, g, c: rt.encode_captions([*c, None]), "caption 5 is not a string but NoneType"),
     ("caption bytes", lambda rt, g, c: rt.encode_captions([b"word1"]), "caption 1 is not a string but bytes"),
+    # None failed as "'NoneType' object is not iterable"; a blank caption was ranked by nothing it said (a
+    # captions file's blank line and the service's blank caption are refused)
+    ("captions None", lambda rt, g, c: rt.encode_captions(None), "encode_captions takes a list of captions "
+     "(strings), not NoneType"),
+    ("caption blank", lambda rt, g, c: rt.search_text_to_image([*c, " "], g, 2), "caption 5 is blank; give each "
+     "caption at least one word"),
+    # a NUL or an escape sequence was taken as part of a word (an unknown one) and ranked
+    ("caption NUL", lambda rt, g, c: rt.search_text_to_image([*c, "a dog\x00 runs"], g, 2),
+     "caption 5 holds the control character U+0000; captions are plain text: remove it"),
+    ("caption escape", lambda rt, g, c: rt.encode_captions(["a \x1b[2J dog"]), "caption 1 holds the control "
+     "character U+001B"),
     ("features list", lambda rt, g, c: rt.encode_images([[[0.0] * 64] * 10]), "must be a numpy array, not list"),
     ("images None", lambda rt, g, c: rt.score(None, rt.encode_captions(c)), "not NoneType"),
     ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),
     ("threads 1.5", lambda rt, g, c: __import__("itmrt.runtime").runtime.load(rt.bundle.path, threads=1.5),
      "--threads must be an integer"),
+    # a number or None where a path goes failed in pathlib as a TypeError; "" was read as the current folder
+    ("bundle 5", lambda rt, g, c: __import__("itmrt").load(5), "the bundle must be a path (a str or pathlib.Path), "
+     "not int"),
+    ("bundle ''", lambda rt, g, c: __import__("itmrt").load(""), "the bundle must be a path (a str or "
+     "pathlib.Path), not an empty string"),
+    ("gallery None", lambda rt, g, c: rt.open_gallery(None), "the gallery must be a path (a str or pathlib.Path), "
+     "not NoneType"),
+    ("index out 5", lambda rt, g, c: rt.index(np.ones((1, 10, 64), np.float32), 5), "out (the gallery folder to "
+     "create) must be a path"),
+    ("sharded out 5", lambda rt, g, c: __import__("itmrt.scale.writer").scale.writer.index_sharded(
+        rt, np.ones((1, 10, 64), np.float32), 5, __import__("itmrt.scale.writer").scale.writer.ShardingOptions(8)),
+     "out (the gallery folder) must be a path"),
+    ("sharded gallery None", lambda rt, g, c: __import__("itmrt.scale.layout").scale.layout.read_sharded_gallery(
+        None), "the gallery must be a path"),
 ]
 
 

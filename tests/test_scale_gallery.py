@@ -32,6 +32,8 @@ from itmrt.runtime.shortlist import (
 from itmrt.runtime.tiled import top_k_of_matrix
 from itmrt.scale import (
     IndexSpec,
+    LocalShards,
+    RayOptions,
     SearchRequest,
     ShardingOptions,
     index_sharded,
@@ -114,6 +116,24 @@ def test_caption_embeddings_made_by_hand_wrong_are_one_line(setup: dict[str, Any
     shards.close()
 
 
+def test_a_search_request_of_the_wrong_type_is_one_line(setup: dict[str, Any]) -> None:
+    # None or a dict failed as "'NoneType' object has no attribute 'check'"
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for request in (None, {"k": 3}):
+        with pytest.raises(ItmrtError, match="^the request must be an itmrt.scale.SearchRequest"):
+            shards.search(setup["encoded"], request)  # type: ignore[arg-type]
+    shards.close()
+
+
+def test_no_captions_are_the_same_line_with_and_without_a_shortlist(setup: dict[str, Any]) -> None:
+    # "nothing to score: no images or no captions" or "no captions to shortlist" (and a region shortlist answered)
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    for request in (SearchRequest(k=3), SearchRequest(k=3, shortlist=5), SearchRequest(k=3, directions=("i2t",))):
+        with pytest.raises(ItmrtError, match=r"^no captions to search: encode at least one caption \(shards\.runtime"):
+            shards.search(setup["encoded"].take([]), request)
+    shards.close()
+
+
 def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[str, Any], tmp_path: Path,
                                                                       capsys: Any) -> None:
     # they were ignored without a word (and itmrt audit reported an nprobe it never used)
@@ -138,6 +158,7 @@ def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[
     (ShardingOptions(8, None, IndexSpec("regions", regions_storage="compact", residual_bits="2")),
      "--residual-bits must be a number"),
     (ShardingOptions(8, None, {"kind": "regions"}), "must be an IndexSpec"),  # type: ignore[arg-type]
+    (None, "options must be an itmrt.scale.ShardingOptions"),  # 'NoneType' object has no attribute 'check'
 ])
 def test_sharding_options_of_the_wrong_type_are_one_line_and_write_nothing(setup: dict[str, Any], tmp_path: Path,
                                                                           options: ShardingOptions,
@@ -146,6 +167,25 @@ def test_sharding_options_of_the_wrong_type_are_one_line_and_write_nothing(setup
     with pytest.raises(ItmrtError, match=expected) as caught:
         index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", options)
     assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("keywords", "expected"), [
+    ({"copy_mb": "10"}, "copy_mb (--copy-shards-mb) must be a finite number, not '10'"),  # a TypeError in a comparison
+    ({"copy_mb": -5}, "copy_mb (--copy-shards-mb) must be in [0, "),  # taken as "never copy"
+    ({"copy_mb": float("nan")}, "copy_mb (--copy-shards-mb) must be a finite number, not nan"),
+    ({"verify": "no"}, "verify must be True or False, not 'no'"),  # verified the shards (a true string)
+    ({"ray": "local"}, "ray must be an itmrt.scale.RayOptions"),  # 'str' object has no attribute 'check'
+    ({"ray": RayOptions(workers="2")}, "--ray-workers must be an integer"),  # type: ignore[arg-type]
+])
+def test_open_shards_options_of_the_wrong_type_are_one_line_before_the_bundle_loads(
+        setup: dict[str, Any], keywords: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ItmrtError) as caught:
+        open_shards(setup["root"] / "no gallery here", threads=1, warn=quiet, **keywords)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+    if "copy_mb" in keywords:  # the class open_shards makes checks it too
+        with pytest.raises(ItmrtError) as caught:
+            LocalShards(setup["runtime"], read_sharded_gallery(setup["sharded"]), copy_mb=keywords["copy_mb"])
+        assert str(caught.value).startswith(expected)
 
 
 def test_numpy_counts_in_sharding_options_are_taken_as_numbers(setup: dict[str, Any], tmp_path: Path) -> None:

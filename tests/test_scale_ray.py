@@ -247,8 +247,17 @@ def assert_actor_ends(actor: Any, within_s: float = 60.0) -> None:
 
 
 def test_ray_options_are_checked_before_anything_starts(setup: dict[str, Any], tmp_path: Path) -> None:
-    with pytest.raises(ItmrtError, match="--ray-workers must be at least 1"):
+    with pytest.raises(ItmrtError, match="--ray-workers must be an integer from 1 to"):
         RayOptions(workers=0).check()
+    # a string or NaN failed in a comparison (TypeError) or reached Ray; NumPy's numbers are numbers
+    for wrong, expected in ((RayOptions(workers="2"), "--ray-workers must be an integer"),  # type: ignore[arg-type]
+                            (RayOptions(retries=1.5), "--ray-retries must be an integer"),  # type: ignore[arg-type]
+                            (RayOptions(cpus="1"), "--ray-cpus must be a finite number"),  # type: ignore[arg-type]
+                            (RayOptions(timeout_s=float("nan")), "--ray-timeout-s must be a finite number"),
+                            (RayOptions(address=None), "--ray needs an address")):  # type: ignore[arg-type]
+        with pytest.raises(ItmrtError, match=expected):
+            wrong.check()
+    RayOptions(workers=np.int64(2), cpus=np.float32(0.5)).check()
     with pytest.raises(ItmrtError, match="sharded gallery"):
         Service(setup["plain"].path, options=ServeOptions(port=0, ray=RAY))
     document = json.loads((setup["sharded"] / "gallery.json").read_text())

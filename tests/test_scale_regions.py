@@ -16,6 +16,7 @@ from itmrt.errors import ItmrtError
 from itmrt.runtime import load
 from itmrt.runtime.compact_regions import ResidualCodec, pack, unpack
 from itmrt.scale import IndexSpec, SearchRequest, ShardingOptions, index_sharded, open_shards
+from itmrt.scale.audit import audit
 
 from cli_helpers import run_cli
 from runtime_helpers import make_bundle, random_captions, region_features
@@ -65,6 +66,17 @@ def test_probing_every_centroid_and_keeping_every_image_is_exhaustive_scoring(wo
     few = shards.search(captions, SearchRequest(k=6, shortlist=6, nprobe=1))
     assert few.pairs == len(captions) * 6 * 3  # 6 candidates in each of 3 shards: far fewer pairs scored
     assert ((few.t2i.indices >= 0) & (few.t2i.indices < 45)).all()
+
+
+def test_no_captions_are_refused_in_one_line_by_every_search(world: dict[str, Any]) -> None:
+    # a region shortlist (and a budget) answered zero captions with an empty answer; full scoring refused them
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    none = world["captions"].take([])
+    for request in (SearchRequest(k=3), SearchRequest(k=3, shortlist=5), SearchRequest(k=3, shortlist=5, budget=9)):
+        with pytest.raises(ItmrtError) as caught:
+            shards.search(none, request)
+        assert str(caught.value) == ("no captions to search: encode at least one caption "
+                                     "(shards.runtime.encode_captions)")
 
 
 def test_the_shard_document_records_the_index_files_and_parameters(world: dict[str, Any]) -> None:
@@ -429,6 +441,21 @@ def test_audit_reports_recall_and_stage_times_as_markdown_and_json(world: dict[s
     report = json.loads(out.read_text())
     assert report["budget"] == 45 and report["prefilter"] == "recorded"
     assert report["recall_at_10"] == 1.0 and report["pairs_scored"]["index"] == 6 * 45
+
+
+def test_audit_refuses_a_shortlist_smaller_than_k_as_infer_does(world: dict[str, Any], capsys: Any) -> None:
+    # --shortlist 3 --top-k 7 was raised to 7 without a word: the report measured another K than the one asked
+    root = world["root"]
+    (root / "short.txt").write_text("\n".join(random_captions(4, seed=22, max_words=9)) + "\n")
+    out = root / "short.json"
+    result = run_cli(capsys, "audit", str(world["gallery"]), "--captions", str(root / "short.txt"), "--shortlist",
+                     "3", "--top-k", "7", "--out", str(out))
+    assert result.code == 2 and result.err == "error: --shortlist 3 is smaller than --top-k 7; the shortlist must " \
+        "hold at least k candidates\n" and not out.exists()
+    shards = open_shards(world["gallery"], threads=1, warn=quiet)
+    with pytest.raises(ItmrtError, match="--shortlist 3 is smaller than --top-k 7"):
+        audit(shards, random_captions(4, seed=22), 4, k=7, shortlist=3)
+    assert audit(shards, random_captions(4, seed=22), 4, k=7)["shortlist_per_shard"] >= 7  # the default holds k
 
 
 def test_audit_refuses_a_one_folder_gallery_in_one_line(world: dict[str, Any], capsys: Any) -> None:
@@ -816,7 +843,7 @@ def test_infer_and_audit_take_rescore_and_answer_as_the_api(world: dict[str, Any
     np.testing.assert_array_equal(np.array([line["images"] for line in lines[: len(captions)]]), want.indices)
     report = root / "rescore-audit.json"
     result = run_cli(capsys, "audit", str(gallery), "--captions", str(root / "rescore.txt"), "--sample", "3",
-                     "--shortlist", "4", "--rescore", "9", "--out", str(report), "--overwrite")
+                     "--top-k", "4", "--shortlist", "4", "--rescore", "9", "--out", str(report), "--overwrite")
     assert result.code == 0, result.err
     assert json.loads(report.read_text())["rescore"] == 9
 

@@ -281,6 +281,10 @@ def test_every_error_status(naaf: dict[str, Any], service: Service) -> None:
             {"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [1], "data": [" ".join(["word3"] * 11)]}]},
             "13 tokens",
         ),
+        "NUL": ({"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [2], "data": ["word1", "a\x00b"]}]},
+                "caption 1 holds the control character U+0000; send plain text"),  # was ranked as an unknown word
+        "escape": ({"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [1], "data": ["\x1b[2J word1"]}]},
+                   "caption 0 holds the control character U+001B"),
     }
     for body, words in bad.values():
         check_error(client.post(INFER, content=json.dumps(body)), 400, words)
@@ -515,8 +519,9 @@ def test_sigterm_answers_requests_in_flight_and_exits_zero(naaf: dict[str, Any],
 
 @settings(max_examples=60, deadline=None)
 @given(
-    # Captions with at least one non-blank character: a blank one is refused (tests/test_serve_faults.py).
-    st.lists(st.text(st.characters(blacklist_categories=("Cs",)), max_size=30).filter(str.strip), min_size=1,
+    # Captions with at least one non-blank character and no control character: a blank one is refused
+    # (tests/test_serve_faults.py), and one holding a control character (test_every_error_status).
+    st.lists(st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=30).filter(str.strip), min_size=1,
              max_size=12),
     st.integers(1, 40),
     st.booleans(),

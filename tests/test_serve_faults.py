@@ -315,8 +315,8 @@ def test_a_body_no_request_can_be_is_refused_from_its_start_and_its_refusal_held
     """A body announcing 150 KB whose first 20 KB hold no quote (one caption of 20 KB: no caption within
     --max-caption-bytes is that long even escaped) is refused with 400 once those bytes are in - the rest never
     sent, nor read - and the refusal is held for Retry-After (1 s), so a sender of such bodies cannot make the
-    service refuse them as fast as it sends. Real requests with the longest captions, escaped six bytes a
-    character in JSON or raw in the binary extension, are answered."""
+    service refuse them as fast as it sends. Real requests with the longest captions, escaped in JSON or raw in
+    the binary extension, are answered (control characters, six bytes each escaped, are read and refused)."""
     from itmrt.serve import protocol
 
     held = service.metrics.refusals_held._value.get()
@@ -330,6 +330,9 @@ def test_a_body_no_request_can_be_is_refused_from_its_start_and_its_refusal_held
     assert service.metrics.refusals_held._value.get() == held + 1
     escaped = body(["\u0001" * 2048], top_k=2)  # json.dumps writes each as \u0001: 12 KB without a quote
     assert len(escaped) > 12_000
+    answer = httpx.post(service.url + INFER, content=escaped, headers=JSON)  # read whole: refused for what it holds
+    assert answer.status_code == 400 and "control character U+0001" in answer.json()["error"], answer.text
+    escaped = body(["\u00e9" * 1024], top_k=2)  # the longest caption a request may hold, escaped: 6 KB
     assert httpx.post(service.url + INFER, content=escaped, headers=JSON).status_code == 200
     binary, headers = protocol.infer_request_body(["a" * 2000] * 10, 2, binary=True)  # 20 KB with no quote
     assert httpx.post(service.url + INFER, content=binary, headers=headers).status_code == 200
@@ -661,6 +664,27 @@ def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any])
     np.testing.assert_array_equal(hits.indices, want.indices)
     np.testing.assert_allclose(hits.scores, want.scores, atol=1e-6)
     assert metric(page, "itmrt_batch_captions_count") >= 3 and metric(page, "itmrt_batch_captions_sum") >= 150
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"port": "80"}, "--port must be an integer from 0 to 65535, not '80'"),  # a TypeError in bind()
+    ({"port": 70000}, "--port must be an integer from 0 to 65535, not 70000"),  # OverflowError from bind()
+    ({"host": 5}, "--host must be an address"),  # "argument of type 'int' is not iterable"
+    ({"shortlist": "3"}, "--shortlist must be an integer from 1 to"),  # a TypeError in a comparison
+    ({"copy_shards_mb": "1"}, "--copy-shards-mb must be a finite number, not '1'"),  # reached the first opening
+    ({"grace_s": "x"}, "--grace-s must be a finite number, not 'x'"),
+    ({"watch_s": -1}, "--watch-s must be in [0, 3600], not -1"),  # polled without a pause
+    ({"memory_mb": "x"}, "--memory-mb must be an integer from 1 to"),  # "unsupported operand type(s) for <<"
+    ({"max_connections": 0}, "--max-connections must be an integer from 1 to"),  # every connection refused
+    ({"ray": "auto"}, "ray must be an itmrt.scale.RayOptions"),  # reached the first opening of the shards
+])
+def test_serve_options_of_the_wrong_type_or_range_are_one_line(fields: dict[str, Any], expected: str) -> None:
+    """The Python API's ServeOptions bounded as the CLI's flags are, before a port is bound or a file read."""
+    from itmrt.errors import ItmrtError
+
+    with pytest.raises(ItmrtError) as caught:
+        ServeOptions(**fields)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
 
 
 def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(

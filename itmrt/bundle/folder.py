@@ -24,7 +24,7 @@ from typing import NoReturn
 from itmrt.bundle.closed import check_graph_file, member, verified_member
 from itmrt.bundle.manifest import AxisRange, EngineEntry, Manifest, TensorSpec, load_manifest_file
 from itmrt.bundle.names import BUNDLE_KIND, COMPONENTS, MANIFEST_NAME, PRECISIONS, Precision
-from itmrt.documents import sha256_bytes, sha256_file
+from itmrt.documents import as_path, sha256_bytes, sha256_file
 from itmrt.errors import ItmrtError
 
 REMEDY = "export the bundle again"
@@ -102,7 +102,7 @@ class BundleInfo:
 
 def read_bundle(folder: str | Path) -> BundleInfo:
     """Open a bundle folder's manifest; every failure is a one-line :class:`ItmrtError`."""
-    bundle = Path(folder)
+    bundle = as_path(folder, "the bundle")
     if not bundle.is_dir():
         if bundle.exists():
             raise ItmrtError(f"{bundle} is not a folder; give the bundle folder that `itmrt export` wrote")

@@ -23,7 +23,8 @@ def audit_command(
     sample: int = Opt(50, "--sample", min=1, max=limits.MAX_COUNT, help="Captions drawn from the file to audit."),
     top_k: int = Opt(10, "--top-k", min=1, max=limits.MAX_COUNT, help="Recall is measured on the top k."),
     shortlist: int | None = Opt(None, "--shortlist", min=1, max=limits.MAX_COUNT, help=(
-        "K per shard reranked exactly (default: what the gallery's region index records, else 100).")),
+        "K per shard reranked exactly, at least --top-k (default: what the gallery's region index records, else "
+        "100; raised to --top-k).")),
     regions: Any = None,  # the region-index flags (flags.region_group): a dict for SearchRequest
     seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
     threads: int = flags.threads(),
@@ -42,10 +43,13 @@ def audit_command(
     from itmrt.errors import ItmrtError
     from itmrt.publish import atomic_write_text
     from itmrt.runtime.gallery import is_gallery
+    from itmrt.runtime.shortlist import check_shortlist
     from itmrt.scale.audit import audit, audit_markdown
     from itmrt.scale.layout import is_sharded_gallery
     from itmrt.scale.open_gallery import open_shards
 
+    if shortlist is not None:
+        check_shortlist(shortlist, top_k)
     check_outputs({"--out": out, "--markdown": markdown}, overwrite, {"gallery": gallery, "captions file": captions_path})
     if is_gallery(gallery) and not is_sharded_gallery(gallery):
         raise ItmrtError(f"{gallery} is a one-folder gallery, which is always scored exhaustively: audit compares a "

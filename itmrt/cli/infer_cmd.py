@@ -130,15 +130,16 @@ def infer_command(
             importlib.import_module(module)
     from itmrt.data.precomp import read_captions
 
+    output_paths = {"--out": out, "--scores-out": scores_out}
+    check_outputs_apart(output_paths, {_source_role(source): source, "gallery (--gallery)": gallery_path,
+                                       "images": images, "captions": captions_path, "vocabulary": vocab})
+    # (before "pass --overwrite", which would not help)
     _check_request(out, scores_out, outputs.overwrite, shortlist, top_k)
     captions = read_captions(captions_path, "one caption per line")
     started = time.perf_counter()
     request = BundleRequest(source, gallery_path, images, runtime.replace(warn=warn_on_stderr), skip_bad_images,
                             outputs)
     request.directions = direction.searched
-    output_paths = {"--out": out, "--scores-out": scores_out}
-    check_outputs_apart(output_paths, {"checkpoint or bundle or gallery": source, "gallery": gallery_path,
-                                       "images": images, "captions": captions_path, "vocabulary": vocab})
     if source.is_file():
         if shortlist is not None or regions:
             raise ItmrtError("--shortlist and the region-index flags run on a bundle or gallery, not on the PyTorch "
@@ -159,6 +160,15 @@ def infer_command(
         import json
 
         typer.echo("timings: " + json.dumps({**timer.as_dict(), "total": round(process_age() or 0.0, 3)}), err=True)
+
+
+def _source_role(source: Path) -> str:
+    """What the source is, as an error names it: a checkpoint file, a gallery or a bundle folder."""
+    from itmrt.runtime.gallery import is_gallery
+
+    if source.is_file():
+        return "checkpoint"
+    return "gallery" if is_gallery(source) else "bundle"
 
 
 def region_flags(regions: dict[str, int]) -> str:

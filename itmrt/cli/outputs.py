@@ -40,16 +40,18 @@ def check_outputs_apart(outputs: dict[str, Path | None], inputs: dict[str, Path 
             source = given.resolve()
             inside = source in target.parents and (_closed_world(role) or target.exists())
             if target == source or target in source.parents or inside:
-                raise ItmrtError(f"{flag} {out} would write over the {role} {given} this command reads, "
+                where = "inside" if inside and not target.exists() else "over"
+                raise ItmrtError(f"{flag} {out} would write {where} the {role} {given} this command reads, "
                                  "--overwrite or not; choose a path outside it")
 
 
 def check_outputs(outputs: dict[str, Path | None], overwrite: bool, inputs: dict[str, Path | None]) -> None:
-    """Both checks every command runs on its output files before any work: new (or ``overwrite``), and apart
-    from the command's inputs whatever ``overwrite`` says."""
-    check_new_files(list(outputs.values()), overwrite)
-    check_outputs_distinct(outputs)
+    """The checks every command runs on its output files before any work: apart from the command's inputs
+    whatever ``overwrite`` says (first: "pass --overwrite" would be wrong advice there), distinct, and new (or
+    ``overwrite``)."""
     check_outputs_apart(outputs, inputs)
+    check_outputs_distinct(outputs)
+    check_new_files(list(outputs.values()), overwrite)
 
 
 def check_outputs_distinct(outputs: dict[str, Path | None]) -> None:

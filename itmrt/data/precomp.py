@@ -26,6 +26,7 @@ import numpy as np
 from itmrt.data.npy import open_npy
 from itmrt.documents import not_a_file
 from itmrt.errors import DataError
+from itmrt.text.tokenize import control_character
 
 __all__ = ["CAPTIONS_PER_IMAGE", "PrecompSplit", "SplitSizes", "open_npy", "read_captions"]
 
@@ -171,6 +172,10 @@ def read_captions(path: Path, layout: str = f"one caption per line, {CAPTIONS_PE
             raise DataError(
                 f"captions file {path} line {number} is empty; remove blank lines (each line is one caption)"
             )
+        control = control_character(caption)
+        if control is not None:
+            raise DataError(f"captions file {path} line {number} holds the control character {control}; captions "
+                            "are plain text: remove it")
         captions.append(caption)
     if not captions:  # only whitespace, in the wider sense of Unicode
         raise DataError(f"captions file {path} is empty; expected {layout}")

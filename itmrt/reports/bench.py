@@ -41,7 +41,7 @@ import numpy as np
 from itmrt.bundle.folder import read_bundle
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, BackendName, Component, Precision
 from itmrt.errors import ItmrtError
-from itmrt.limits import MAX_BATCH
+from itmrt.limits import MAX_BATCH, MAX_CALLS, MAX_COUNT, check_count, is_integer
 from itmrt.reports.runtime_variants import Variant, graph_files, open_variant
 from itmrt.runtime.encoders import tokenize
 from itmrt.runtime.tiled import top_k_of_matrix
@@ -212,16 +212,27 @@ def bench_variant(
     return results
 
 
+def check_bench_options(options: BenchOptions) -> None:
+    """Every count within the range the CLI declares, before any work: the gallery and the caption pool are made
+    in memory whole, so ``images`` is bounded as a batch is (10^8 images asked for terabytes after the bundle was
+    opened), and a string failed in a comparison."""
+    sizes = options.batch_sizes
+    if not sizes or not all(is_integer(size) and 1 <= size <= MAX_BATCH for size in sizes):
+        raise ItmrtError(f"--batch-sizes must be integers from 1 to {MAX_BATCH}, e.g. 1,8,32,128")
+    check_count(options.images, 1, MAX_BATCH, "--images")
+    check_count(options.captions, 1, MAX_BATCH, "--captions")
+    check_count(options.warmup, 0, MAX_CALLS, "--warmup")
+    check_count(options.repeats, 1, MAX_CALLS, "--repeats")
+    check_count(options.top_k, 1, MAX_COUNT, "--top-k")
+
+
 def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None = None,
               command: list[str] | None = None) -> dict[str, Any]:
     """Measure every variant; a variant this machine or bundle cannot run is recorded as not run, with why."""
     from itmrt.reports.environment import environment
     from itmrt.reports.schema import header
 
-    if not options.batch_sizes or min(options.batch_sizes) < 1 or max(options.batch_sizes) > MAX_BATCH:
-        raise ItmrtError(f"--batch-sizes must be integers from 1 to {MAX_BATCH}, e.g. 1,8,32,128")
-    if options.repeats < 1 or options.warmup < 0 or options.images < 1 or options.captions < 1:
-        raise ItmrtError("--repeats, --images and --captions must be at least 1, --warmup at least 0")
+    check_bench_options(options)
     info = read_bundle(bundle)
     entries = []
     for variant in options.variants:

@@ -44,6 +44,7 @@ from itmrt.runtime.encoders import (
     CaptionEncoder,
     ImageEncoder,
     check_caption_embeddings,
+    check_caption_texts,
     check_image_input,
     default_warn,
 )
@@ -187,13 +188,7 @@ class Runtime:
 
     def encode_captions(self, captions: Sequence[str]) -> CaptionEmbeddings:
         """Captions -> token embeddings (CMPM: caption embeddings) and lengths."""
-        if isinstance(captions, str):
-            raise ItmrtError("encode_captions takes a list of captions, not one string")
-        captions = list(captions)
-        odd = next((k for k, caption in enumerate(captions) if not isinstance(caption, str)), None)
-        if odd is not None:
-            raise ItmrtError(f"caption {odd + 1} is not a string but {type(captions[odd]).__name__}; "
-                             "encode_captions takes a list of strings")
+        captions = check_caption_texts(captions)
         return self.text_encoder.encode(captions)
 
     def warmup(self) -> float:

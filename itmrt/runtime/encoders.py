@@ -20,6 +20,7 @@ from itmrt.bundle.names import LENGTHS, TOKEN_IDS, parse_choice
 from itmrt.errors import DataError, ItmrtError
 from itmrt.runtime.backends import Backend
 from itmrt.runtime.options import OnLong, Warn
+from itmrt.text.tokenize import control_character
 from itmrt.text.vocab import CaptionTooLongError, Vocabulary, count_unknown_words
 
 
@@ -73,6 +74,29 @@ class CaptionEmbeddings:
         rows = (np.concatenate([np.arange(self.offsets[k], self.offsets[k] + self.lengths[k]) for k in index])
                 if len(index) else np.zeros(0, np.int64))
         return CaptionEmbeddings(self.vectors[rows], lengths, offsets)
+
+
+def check_caption_texts(captions: object) -> list[str]:
+    """``captions`` as :meth:`Runtime.encode_captions` takes them: a list (or other iterable) of plain-text
+    strings, each with a word, as a captions file's lines and the service's captions must be (a blank caption was
+    ranked by nothing it said; None or a number failed as "not iterable")."""
+    if isinstance(captions, (str, bytes)):
+        raise ItmrtError("encode_captions takes a list of captions, not one string")
+    try:
+        texts = list(captions)  # type: ignore[call-overload]
+    except TypeError:
+        raise ItmrtError(f"encode_captions takes a list of captions (strings), not {type(captions).__name__}") from None
+    for number, caption in enumerate(texts, start=1):
+        if not isinstance(caption, str):
+            raise ItmrtError(f"caption {number} is not a string but {type(caption).__name__}; "
+                             "encode_captions takes a list of strings")
+        if not caption.strip():
+            raise ItmrtError(f"caption {number} is blank; give each caption at least one word")
+        control = control_character(caption)
+        if control is not None:
+            raise ItmrtError(f"caption {number} holds the control character {control}; captions are plain text: "
+                             "remove it")
+    return texts
 
 
 def check_caption_embeddings(captions: object) -> CaptionEmbeddings:

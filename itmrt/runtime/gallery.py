@@ -58,7 +58,7 @@ from itmrt.bundle.gallery_manifest import (
 )
 from itmrt.bundle.names import MANIFEST_NAME
 from itmrt.data.npy import NpyHeader, open_npy, read_npy_copy, read_npy_header
-from itmrt.documents import open_regular, parse_json, read_regular_bytes, sha256_bytes, sha256_file
+from itmrt.documents import as_path, open_regular, parse_json, read_regular_bytes, sha256_bytes, sha256_file
 from itmrt.errors import DataError, ItmrtError
 from itmrt.file_states import FINITE_EMBEDDINGS, file_state, hash_started
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staged_folder
@@ -207,7 +207,7 @@ def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = Fals
     can change or vanish under it without effect (a memory map would die by SIGBUS on a truncated file).
     ``compact_in_memory`` (default: ``in_memory``): the same for compact storage's files alone;
     ``residual_rows``: see :func:`open_compact_regions`."""
-    root = Path(folder)
+    root = as_path(folder, "the gallery")
     manifest, _sha256 = read_gallery_manifest(root)
     entry = manifest.embeddings
     path = member(root, entry.file, "gallery", REMEDY)
@@ -368,7 +368,7 @@ def write_gallery(
     ``encode_into`` then fills an array in memory, or ``given``, embeddings
     already checked and in ``dtype``, go to ``store`` as they are (no copy).
     """
-    target = Path(out)
+    target = as_path(out, "out (the gallery folder to create)")
     if dtype not in STORAGE_DTYPES:
         raise ItmrtError(f"--dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype!r}")
     _check_target(target, overwrite)

@@ -49,11 +49,13 @@ def audit(shards: Any, captions: list[str], sample: int, k: int = 10, shortlist:
           budget: int | None = None, rescore: int | None = None) -> dict[str, Any]:
     """Exhaustive scoring against the gallery's index on a sample of ``captions`` (see the module); ``refine``,
     ``prefilter``, ``budget``, ``rescore``: the region index's search options of :class:`SearchRequest`."""
-    chosen = sample_captions(captions, sample, seed)
-    shortlist = shortlist if shortlist is not None else recorded_candidates(shards)
-    request = SearchRequest(k=k, shortlist=max(shortlist, k), nprobe=nprobe, exact_pass=exact_pass,
+    # A shortlist given smaller than k is refused as infer and serve refuse it (it was raised to k without a
+    # word, so the report measured another K than asked); the default is raised to k.
+    shortlist = shortlist if shortlist is not None else max(recorded_candidates(shards), k)
+    request = SearchRequest(k=k, shortlist=shortlist, nprobe=nprobe, exact_pass=exact_pass,
                             union=union, refine=refine, prefilter=prefilter, budget=budget,
                             rescore=rescore).check()
+    chosen = sample_captions(captions, sample, seed)
     started = time.perf_counter()
     encoded = shards.runtime.encode_captions([captions[i] for i in chosen])
     encode_s = time.perf_counter() - started

@@ -37,7 +37,7 @@ import numpy as np
 from itmrt.bundle.closed import verified_member
 from itmrt.bundle.gallery_manifest import REMEDY, GalleryBundle, parse_sharded_document, same_image_encoder
 from itmrt.data.npy import open_npy, read_npy_copy
-from itmrt.documents import parse_json, read_json_document, read_regular_bytes
+from itmrt.documents import as_path, parse_json, read_json_document, read_regular_bytes
 from itmrt.errors import ItmrtError, first_line
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
@@ -162,7 +162,7 @@ class ShardedIds(Sequence[str]):
 
 def read_sharded_gallery(folder: str | Path) -> ShardedGallery:
     """Read and check a sharded gallery's top document (one-line errors naming what is wrong)."""
-    root = Path(folder)
+    root = as_path(folder, "the gallery")
     path = root / GALLERY_MANIFEST
     if not path.is_file():
         raise ItmrtError(f"{root} is not an itmrt gallery (no {GALLERY_MANIFEST}); make one with `itmrt index`")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
+from itmrt.limits import check_real
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.budget import merge_budget, pool_budget, score_picked, shard_estimates
 from itmrt.scale.layout import ShardedGallery, shard_bytes
@@ -23,6 +24,7 @@ from itmrt.scale.shard import (
     SearchResult,
     check_captions,
     check_region_options,
+    check_request,
     merge_answers,
 )
 
@@ -39,6 +41,7 @@ class LocalShards:
 
     def __init__(self, runtime: Any, gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False,
                  copy_mb: float = 0.0, positional: bool = True) -> None:
+        check_copy_mb(copy_mb)
         gallery.check_bundle(runtime.bundle)
         self.runtime, self.gallery = runtime, gallery
         self.bytes = shard_bytes(gallery)
@@ -56,7 +59,7 @@ class LocalShards:
     def search(self, captions: CaptionEmbeddings, request: SearchRequest,
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request``, merged; ``progress(1)`` after each shard."""
-        request.check()
+        check_request(request)
         check_region_options(request, self.gallery)
         check_captions(captions, self.runtime, self.gallery)
         if request.budget is not None:
@@ -95,6 +98,15 @@ class LocalShards:
         """Let go of the shards' files (the runtime is the caller's)."""
         for shard in self.shards:
             shard.close()
+
+
+MAX_COPY_MB = float(1 << 30)
+"""``copy_mb`` (``itmrt serve --copy-shards-mb``) at most this: a petabyte, "always copy"."""
+
+
+def check_copy_mb(copy_mb: object) -> float:
+    """``copy_mb``: a finite number of MB from 0 (0: never copy)."""
+    return check_real(copy_mb, 0.0, MAX_COPY_MB, "copy_mb (--copy-shards-mb)")  # type: ignore[arg-type]
 
 
 def open_every_shard(gallery: ShardedGallery, verify: bool = True, gpu_index: bool = False, in_memory: bool = False,

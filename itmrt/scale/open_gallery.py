@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from itmrt.errors import ItmrtError
 from itmrt.scale.layout import ShardedGallery, read_sharded_gallery
-from itmrt.scale.local import LocalShards
+from itmrt.scale.local import LocalShards, check_copy_mb
 from itmrt.scale.ray_search import RayOptions, RayShards
 
 Shards = LocalShards | RayShards
@@ -23,6 +24,7 @@ def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: b
     """
     from itmrt.runtime.api import load
 
+    check_open_options(ray, verify, copy_mb)
     sharded = read_sharded_gallery(gallery)
     runtime = load(sharded.bundle_path, **load_options)
     try:
@@ -36,6 +38,20 @@ def shards_with(runtime: Any, sharded: ShardedGallery, ray: RayOptions | None, l
                 verify: bool = True, copy_mb: float = 0.0) -> Shards:
     """``sharded``'s shards opened for ``runtime`` (already loaded: a running service keeps its own across
     versions of the gallery), in this process or on Ray actors."""
+    check_open_options(ray, verify, copy_mb)
     if ray is None:
         return LocalShards(runtime, sharded, verify, copy_mb=copy_mb)
     return RayShards(runtime, sharded, ray, load_options, verify)
+
+
+def check_open_options(ray: object, verify: object, copy_mb: object) -> None:
+    """The keywords of :func:`open_shards` checked before the bundle is loaded (a string or a list failed in a
+    comparison once the bundle was open, a ``ray`` address given as text as a missing attribute)."""
+    if ray is not None and not isinstance(ray, RayOptions):
+        raise ItmrtError(f"ray must be an itmrt.scale.RayOptions (e.g. RayOptions(address='auto')) or None, "
+                         f"not {ray!r}")
+    if not isinstance(verify, bool):
+        raise ItmrtError(f"verify must be True or False, not {verify!r}")
+    check_copy_mb(copy_mb)
+    if ray is not None:
+        ray.check()

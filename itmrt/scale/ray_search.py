@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError, first_line
+from itmrt.limits import MAX_COUNT, MAX_SECONDS, check_real, is_integer
 from itmrt.optional import require
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.budget import Picked, merge_budget, pool_budget, score_picked, shard_estimates
@@ -48,6 +50,7 @@ from itmrt.scale.shard import (
     ShardAnswer,
     check_captions,
     check_region_options,
+    check_request,
     merge_answers,
 )
 
@@ -73,15 +76,22 @@ class RayOptions:
     timeout_s: float = 600.0  # for the actors to start, and for each search
 
     def check(self) -> RayOptions:
-        if not self.address.strip():
+        """Each field's type and range (a string or NaN failed in a comparison, or reached Ray)."""
+        if not isinstance(self.address, str) or not self.address.strip():
             raise ItmrtError(f"--ray needs an address: {ADDRESS_HELP}")
-        if self.workers is not None and self.workers < 1:
-            raise ItmrtError(f"--ray-workers must be at least 1, not {self.workers}")
-        if self.cpus <= 0 or self.gpus < 0:
-            raise ItmrtError(f"--ray-cpus must be positive and --ray-gpus at least 0 (got {self.cpus}, {self.gpus})")
-        if self.retries < 0 or self.timeout_s <= 0:
-            raise ItmrtError("--ray-retries must be at least 0 and --ray-timeout-s positive")
+        for flag, value, low in (("--ray-workers", self.workers, 1), ("--ray-retries", self.retries, 0)):
+            if value is not None and (not is_integer(value) or not low <= value <= MAX_COUNT):
+                raise ItmrtError(f"{flag} must be an integer from {low} to {MAX_COUNT}, not {value!r}")
+        _check_number(self.cpus, MAX_COUNT, "--ray-cpus", low_open=True)
+        _check_number(self.gpus, MAX_COUNT, "--ray-gpus")
+        _check_number(self.timeout_s, MAX_SECONDS, "--ray-timeout-s", low_open=True)
         return self
+
+
+def _check_number(value: Any, high: float, flag: str, low_open: bool = False) -> None:
+    """A number from 0 to ``high``; NumPy's numbers taken as numbers."""
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else value
+    check_real(number, 0.0, high, flag, low_open)
 
 
 class ShardWorker:
@@ -259,7 +269,7 @@ class RayShards:
     def search(self, captions: CaptionEmbeddings, request: SearchRequest,
                progress: Callable[[int], None] | None = None) -> SearchResult:
         """Every shard's answer to ``request`` from its actor, merged; ``progress(n)`` as n more shards answer."""
-        request.check()
+        check_request(request)
         check_region_options(request, self.gallery)
         check_captions(captions, self.runtime, self.gallery)
         captions_ref = self.ray.put(captions)

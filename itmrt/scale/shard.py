@@ -117,6 +117,14 @@ class SearchRequest:
                 raise ItmrtError(f"{flag} must be an integer (or None: the gallery's default), not {value!r}")
 
 
+def check_request(request: object) -> SearchRequest:
+    """``request`` a :class:`SearchRequest`, checked (None or a dict failed as a missing attribute)."""
+    if not isinstance(request, SearchRequest):
+        raise ItmrtError(f"the request must be an itmrt.scale.SearchRequest (e.g. SearchRequest(k=10)), not "
+                         f"{type(request).__name__}")
+    return request.check()
+
+
 @dataclass
 class ShardAnswer:
     """One shard's part of an answer; image indices are gallery rows."""
@@ -330,9 +338,11 @@ def forgetting_constants_on_change(runtime: Any) -> Iterator[None]:
 
 def check_captions(captions: object, runtime: Any, gallery: ShardedGallery) -> None:
     """Captions a sharded search takes: well formed (:func:`check_caption_embeddings`), of the bundle's kind (token
-    embeddings or one vector per caption) and the gallery's embedding size: one line before any shard is read (a
-    set made by hand failed inside ONNX Runtime, numpy, or the shortlist's assertions)."""
+    embeddings or one vector per caption) and the gallery's embedding size, at least one: one line before any shard
+    is read (a set made by hand failed inside ONNX Runtime, numpy, or the shortlist's assertions)."""
     checked = check_caption_embeddings(captions)
+    if not len(checked):  # a region shortlist answered nothing without a word; the other paths refused it
+        raise ItmrtError("no captions to search: encode at least one caption (shards.runtime.encode_captions)")
     token_level = bool(runtime.traits.token_level)
     if checked.token_level != token_level:
         want = "token embeddings with offsets" if token_level else "one vector per caption, no offsets"

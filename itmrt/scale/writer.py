@@ -36,7 +36,7 @@ import numpy as np
 
 from itmrt import __version__
 from itmrt.bundle.gallery_manifest import image_encoder_identity
-from itmrt.documents import sha256_file
+from itmrt.documents import as_path, sha256_file
 from itmrt.errors import ItmrtError
 from itmrt.limits import is_integer
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staging_folder
@@ -153,8 +153,11 @@ class ShardedWriter:
 
     def __init__(self, out: str | Path, bundle: BundleInfo, options: ShardingOptions, *, overwrite: bool = False,
                  append: bool = False, warn: Warn | None = None) -> None:
-        self.out, self.bundle, self.append = Path(out), bundle, append
+        self.out, self.bundle, self.append = as_path(out, "out (the gallery folder)"), bundle, append
         self.warn: Warn = warn or (lambda message: None)
+        if not isinstance(options, ShardingOptions):  # None or a dict failed as a missing attribute
+            raise ItmrtError(f"options must be an itmrt.scale.ShardingOptions (e.g. ShardingOptions(shard_images="
+                             f"100_000)), not {type(options).__name__}")
         options.check()
         self._lock: int | None = None
         if append:

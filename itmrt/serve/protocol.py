@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from itmrt.text.tokenize import control_character
+
 MODEL_NAME = "text_to_image"
 MODEL_VERSION = "1"
 CAPTIONS = "captions"
@@ -256,6 +258,9 @@ def _decode_captions(raw: list[bytes], limits: RequestLimits) -> list[str]:
             raise bad_request(f"caption {index} is not valid UTF-8 (byte {exc.start}); send UTF-8 text") from None
         if not caption.strip():  # no word at all: any ranking of it would be noise answered as if it meant something
             raise bad_request(f"caption {index} is empty; send at least one word")
+        control = control_character(caption)
+        if control is not None:  # as a captions file's line and encode_captions refuse it
+            raise bad_request(f"caption {index} holds the control character {control}; send plain text")
         captions.append(caption)
     return captions
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.errors import ItmrtError
+from itmrt.limits import MAX_BATCH, MAX_COUNT, MAX_MEMORY_MB, check_count, check_real
 from itmrt.optional import require, require_all
 from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 from itmrt.scale.layout import is_sharded_gallery
@@ -88,6 +89,7 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if self.model_control not in MODEL_CONTROL:
             raise ItmrtError(f"--model-control must be one of {', '.join(MODEL_CONTROL)}, not {self.model_control!r}")
+        self._check_service_fields()
         if self.runtime is not None:
             _runtime_fields_from(self, self.runtime)
             return
@@ -96,8 +98,24 @@ class ServeOptions:
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
-        if not 1.0 <= self.grace_s <= 3600.0:
-            raise ItmrtError(f"--grace-s must be from 1 to 3600 seconds, not {self.grace_s:g}")
+        check_count(self.memory_mb, 1, MAX_MEMORY_MB, "--memory-mb")
+
+    def _check_service_fields(self) -> None:
+        """The fields the CLI bounds, bounded alike for the Python API: a string or a number out of range failed
+        in a comparison, a shift or bind() (a TypeError, or OverflowError: "port must be 0-65535")."""
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise ItmrtError(f"--host must be an address (e.g. 127.0.0.1 or 0.0.0.0), not {self.host!r}")
+        check_count(self.port, 0, 65535, "--port")
+        check_count(self.max_connections, 1, MAX_BATCH, "--max-connections")
+        if self.shortlist is not None:
+            check_count(self.shortlist, 1, MAX_COUNT, "--shortlist")
+        check_real(self.copy_shards_mb, 0.0, float(1 << 30), "--copy-shards-mb")
+        check_real(self.grace_s, 1.0, 3600.0, "--grace-s")
+        check_real(self.watch_s, 0.0, 3600.0, "--watch-s")
+        if self.ray is not None:  # a string reached the first search as a missing attribute
+            from itmrt.scale.open_gallery import check_open_options
+
+            check_open_options(self.ray, True, self.copy_shards_mb)
 
     def runtime_options(self) -> RuntimeOptions:
         """The runtime group the service loads its bundle with (``runtime``, or the one its fields make)."""

@@ -36,9 +36,20 @@ from re import Pattern
 
 from itmrt.text.sentences import split_sentences
 
-__all__ = ["word_tokenize", "treebank_tokenize"]
+__all__ = ["control_character", "word_tokenize", "treebank_tokenize"]
 
 _Rule = tuple[Pattern[str], str]
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+"""Unicode's control characters (category Cc) but the tab, which is whitespace between words."""
+
+
+def control_character(caption: str) -> str | None:
+    """The first control character in ``caption`` as ``U+XXXX``, or None. A NUL, an escape sequence or a line
+    break inside a caption is no word: the tokenizer made unknown words of it, and a caption holding a line break
+    cannot be one line of a captions file or of results.jsonl read as text."""
+    found = _CONTROL.search(caption)
+    return None if found is None else f"U+{ord(found.group()):04X}"
 
 
 def _rule(pattern: str, replacement: str) -> _Rule:
