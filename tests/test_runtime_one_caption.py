@@ -317,9 +317,9 @@ def test_float16_galleries_score_the_same_with_the_similarity_kernel(family: str
     """A scorer that loaded its kernels multiplies float16 storage with the compiled kernel (NAAF and SCAN alike):
     the same scores as the cast-then-GEMM graph, through blocks and two workers."""
     pytest.importorskip("numba")
-    from itmrt.runtime import float16_kernels
+    from itmrt.runtime import region_kernels
 
-    if not float16_kernels.available():
+    if not region_kernels.available():
         pytest.skip("this CPU has no hardware half-float conversion: the scorer keeps ONNX Runtime's cast")
     images, _padded, _lengths, captions = _random_problem(seed=8)
     parameters: Any = (NaafParameters(0.05, 20.0, 5.0) if family == "naaf"
@@ -328,7 +328,7 @@ def test_float16_galleries_score_the_same_with_the_similarity_kernel(family: str
     plain = OneCaptionScorer(parameters, threads=2, block_images=7)
     compiled = OneCaptionScorer(parameters, threads=2, block_images=7)
     compiled.load_kernels()
-    assert compiled.similarity_kernel_loaded and not plain.similarity_kernel_loaded
+    assert compiled.region_kernels_loaded and not plain.region_kernels_loaded
     np.testing.assert_allclose(compiled.score(stored, captions), plain.score(stored, captions), rtol=0, atol=1e-5)
     rows = np.array([5, 0, 29, 5])
     np.testing.assert_allclose(compiled.score(stored, captions, rows=rows), plain.score(stored, captions)[rows],
@@ -336,19 +336,26 @@ def test_float16_galleries_score_the_same_with_the_similarity_kernel(family: str
 
 
 def test_a_large_float16_call_loads_the_similarity_kernel_without_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A one-shot command never warms up; past :data:`LARGE_FLOAT16_VALUES` the kernel pays for its loading, so
-    the scorer loads it then (and not for a smaller call, nor for float32 storage)."""
+    """A one-shot command never warms up; past :data:`LARGE_CALL_VALUES` the kernels pay for their loading, so
+    the scorer loads them then: a call reading that many float16 values (not a smaller one, nor float32
+    storage scored without cached constants), or building that many values' Gram matrices."""
     pytest.importorskip("numba")
-    from itmrt.runtime import float16_kernels, one_caption
+    from itmrt.runtime import one_caption, region_kernels
 
-    if not float16_kernels.available():
+    if not region_kernels.available():
         pytest.skip("this CPU has no hardware half-float conversion: the scorer keeps ONNX Runtime's cast")
     images, _padded, _lengths, captions = _random_problem(seed=9)
-    monkeypatch.setattr(one_caption, "LARGE_FLOAT16_VALUES", images.size)
+    monkeypatch.setattr(one_caption, "LARGE_CALL_VALUES", images.size)
     scorer = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=1)
     want = scorer.score(images.astype(np.float16)[:-1], captions)  # one image short of the threshold
     scorer.score(images, captions)  # float32 storage: the graph's GEMM needs no cast
-    assert not scorer.similarity_kernel_loaded
+    assert not scorer.region_kernels_loaded
     got = scorer.score(images.astype(np.float16), captions)
-    assert scorer.similarity_kernel_loaded and not scorer.kernel_loaded  # the per-word steps stay numpy's
+    assert scorer.region_kernels_loaded and not scorer.kernel_loaded  # the per-word steps stay numpy's
     np.testing.assert_allclose(got[:-1], want, rtol=0, atol=1e-5)
+    # Building a gallery's Gram matrices over as many values loads them too, whatever the storage.
+    building = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=1)
+    building.reranks_build_constants = True
+    kept = building.score(images, captions, key=("g",))
+    assert building.region_kernels_loaded and building.builds == 1
+    np.testing.assert_allclose(kept, scorer.score(images, captions), rtol=0, atol=1e-5)

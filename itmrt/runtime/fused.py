@@ -350,7 +350,7 @@ class FusedNaafScorer:
 
         ``budget_bytes`` bounds the similarity tile (default :data:`FUSED_BUDGET_BYTES`).
         """
-        from itmrt.runtime import float16_kernels  # numba's, as the scorer's own kernels
+        from itmrt.runtime import region_kernels  # numba's, as the scorer's own kernels
 
         if not captions.token_level or captions.offsets is None:
             raise ItmrtError("the fused scorer needs token-level caption embeddings (a NAAF bundle)")
@@ -381,7 +381,7 @@ class FusedNaafScorer:
                 s1 = min(s0 + strip_rows, n_img)
                 for i0 in range(s0, s1, bi):
                     i1 = min(i0 + bi, s1)
-                    block_images = float16_kernels.to_float32(images[i0:i1])
+                    block_images = region_kernels.to_float32(images[i0:i1])
                     if gram_cache is None:
                         grams = self.grams(block_images)
                     else:

@@ -92,11 +92,12 @@ KERNEL_LANES = 64
 """Images the compiled kernel scores side by side (:data:`itmrt.runtime.one_caption_kernels.LANES`)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
 """Most memory the cached per-image constants of all galleries may take together."""
-LARGE_FLOAT16_VALUES = 1 << 30
-"""Float16 values in one call above which a scorer that was not warmed loads the float16 similarity kernel
-anyway (about 29,000 images at 36 x 1024): importing numba and loading the kernel from its cache took 0.38 s,
-and the kernel saved 13-17 ms per 1000 images against the graph's cast (100K images, 2 threads: 1.5-2.2 against
-2.8-3.3 s, alternating, load about 2)."""
+LARGE_CALL_VALUES = 1 << 30
+"""Stored values a call reads (float16 storage) or builds constants from (any storage) above which a scorer
+that was not warmed loads the region kernels anyway (about 29,000 images at 36 x 1024): importing numba and
+loading the kernels from its cache took 0.38 s; the similarity kernel saved 13-17 ms per 1000 float16 images
+against the graph's cast (100K images, 2 threads: 1.5-2.2 against 2.8-3.3 s, alternating, load about 2), the
+Gram kernel more (see :mod:`itmrt.runtime.region_kernels`)."""
 
 _EPS = np.float32(1e-8)
 _LEAKY = np.float32(0.1)
@@ -386,7 +387,7 @@ class _Worker:
                      kernel: Callable[..., None] | None = None) -> np.ndarray:
         """``block [B, n, d]`` regions times the query's tokens ``[T, d]^T``: ``[B * n, T]`` in float32.
 
-        Float16 blocks go to ``kernel`` (:func:`itmrt.runtime.float16_kernels.similarities`, widened and
+        Float16 blocks go to ``kernel`` (:func:`itmrt.runtime.region_kernels.similarities`, widened and
         multiplied in one pass) when it is loaded; else they are cast inside the graph in :data:`CAST_PIECES`
         pieces of whole images, each cast and multiplied before the next, so a piece's float32 copy is still in
         the cache for its GEMM (one cast of a whole 128-image block writes 19 MB to memory and reads it back).
@@ -407,9 +408,21 @@ class _Worker:
             feeds[f"a{number}"] = rows[images[0] * block.shape[1] : (images[-1] + 1) * block.shape[1]]
         return self._session(f"sims{pieces}", block.dtype).run(None, feeds)[0]
 
-    def grams(self, images: np.ndarray) -> np.ndarray:
+    def grams(self, images: np.ndarray, kernel: Callable[..., None] | None = None) -> np.ndarray:
+        """Each image's ``V V^T``, ``[B, n, n]``: by ``kernel`` (:func:`itmrt.runtime.region_kernels.gram_matrices`,
+        or its float16 twin) when it is loaded, else by the graph."""
         images = _storage(images)
-        return self._session("gram", images.dtype).run(None, {"a": images})[0]
+        if kernel is None:
+            return self._session("gram", images.dtype).run(None, {"a": images})[0]
+        from itmrt.runtime.fused import call_compiled
+        from itmrt.runtime.region_kernels import gram_matrices_half
+
+        out = np.empty((images.shape[0], images.shape[1], images.shape[1]), dtype=np.float32)
+        if images.dtype == np.float16:
+            call_compiled(gram_matrices_half, images.view(np.uint16), out)
+        else:
+            call_compiled(kernel, images, out)
+        return out
 
     def product(self, grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """``w^T G w`` per image and word, ``[B, T]``: the batched product and the sum over the regions in one
@@ -498,18 +511,20 @@ class OneCaptionScorer:
         self._rows_asked: dict[GalleryKey, int] = {}
         self._kernel: Callable[..., None] | None = None  # NAAF's compiled per-word steps, once loaded
         self._similarity_kernel: Callable[..., None] | None = None  # float16 storage's product, once loaded
-        self._similarity_kernel_tried = False
+        self._gram_kernel: Callable[..., None] | None = None  # the per-image Gram matrices, once loaded
+        self._region_kernels_tried = False
 
     def load_kernels(self) -> bool:
         """Use the compiled kernels from now on, loading them from numba's cache or compiling them now: NAAF's
         per-word steps (:mod:`itmrt.runtime.one_caption_kernels`; it releases the interpreter lock, so two
-        workers scale over two cores) and, for NAAF and SCAN alike, float16 storage's similarity product
-        (:mod:`itmrt.runtime.float16_kernels`, where the CPU converts half floats in hardware). True when
+        workers scale over two cores) and, for NAAF and SCAN alike, float16 storage's similarity product and the
+        per-image Gram matrices (:mod:`itmrt.runtime.region_kernels`, where the CPU converts half floats in
+        hardware). True when
         NAAF's per-word kernel is loaded; False for SCAN or where numba is not installed (numpy stays).
 
         A warmed runtime (a service) calls this; a one-shot command does not: importing numba costs about
         0.4 s, more than the kernels save on one call."""
-        self._load_similarity_kernel()
+        self._load_region_kernels()
         if not isinstance(self.parameters, NaafParameters):
             return False
         if self._kernel is not None:
@@ -525,11 +540,11 @@ class OneCaptionScorer:
         self._naaf(rng.standard_normal((2, 5, 3), dtype=np.float32), np.ones((2, 5, 5), np.float32), query)
         return True
 
-    def _load_similarity_kernel(self) -> None:
-        if self._similarity_kernel is not None or self._similarity_kernel_tried:
+    def _load_region_kernels(self) -> None:
+        if self._similarity_kernel is not None or self._region_kernels_tried:
             return
-        self._similarity_kernel_tried = True  # once: without numba or F16C the graph's cast stays
-        module = compiled_kernels("itmrt.runtime.float16_kernels")
+        self._region_kernels_tried = True  # once: without numba or F16C the graph's cast stays
+        module = compiled_kernels("itmrt.runtime.region_kernels")
         if module is None or not module.available():
             return
         from itmrt.runtime.fused import call_compiled
@@ -539,7 +554,11 @@ class OneCaptionScorer:
         for writable in (True, False):  # compiled (or loaded) for copies and for read-only memory maps (galleries)
             stored.setflags(write=writable)
             call_compiled(module.similarities, stored, words, np.empty((5, 2), np.float32))
-        self._similarity_kernel = module.similarities
+        call_compiled(module.gram_matrices, np.ones((2, 5, 8), np.float32), np.empty((2, 5, 5), np.float32))
+        for writable in (True, False):
+            stored.setflags(write=writable)
+            call_compiled(module.gram_matrices_half, stored.reshape(1, 5, 8), np.empty((1, 5, 5), np.float32))
+        self._similarity_kernel, self._gram_kernel = module.similarities, module.gram_matrices
 
     @property
     def kernel_loaded(self) -> bool:
@@ -547,8 +566,8 @@ class OneCaptionScorer:
         return self._kernel is not None
 
     @property
-    def similarity_kernel_loaded(self) -> bool:
-        """Whether float16 storage's similarity product runs on the compiled kernel."""
+    def region_kernels_loaded(self) -> bool:
+        """Whether float16 storage's similarity product and the Gram matrices run on the compiled kernels."""
         return self._similarity_kernel is not None
 
     @classmethod
@@ -567,7 +586,7 @@ class OneCaptionScorer:
 
     def _block_constants(self, worker: _Worker, block: np.ndarray) -> np.ndarray:
         if self.needs_grams:
-            return worker.grams(block)
+            return worker.grams(block, self._gram_kernel)
         regions = np.asarray(block, dtype=np.float32)
         return np.sqrt(np.einsum("bjd,bjd->bj", regions, regions))
 
@@ -590,6 +609,8 @@ class OneCaptionScorer:
         size = constants_bytes(self.parameters, int(images.shape[0]), int(images.shape[1]))
         if not build or size > self.budget_bytes or (not evict and held + size > self.budget_bytes):
             return None
+        if self.needs_grams and images.size >= LARGE_CALL_VALUES:
+            self._load_region_kernels()  # a one-shot command building a large gallery's Gram matrices: they pay
         shape = (int(images.shape[0]), *((images.shape[1],) * (2 if self.needs_grams else 1)))
         values = np.empty(shape, dtype=np.float32)
 
@@ -624,10 +645,10 @@ class OneCaptionScorer:
                              "in size")
         index = None if rows is None else np.asarray(rows, dtype=np.int64)
         total = int(images.shape[0]) if index is None else len(index)
-        if images.dtype == np.float16 and total * int(images.shape[1]) * int(images.shape[2]) >= LARGE_FLOAT16_VALUES:
-            self._load_similarity_kernel()  # a one-shot command over a large float16 gallery: it pays here
+        if images.dtype == np.float16 and total * int(images.shape[1]) * int(images.shape[2]) >= LARGE_CALL_VALUES:
+            self._load_region_kernels()  # a one-shot command over a large float16 gallery: they pay here
         if self._similarity_kernel is not None and images.dtype == np.float16:
-            from itmrt.runtime.float16_kernels import padded_words
+            from itmrt.runtime.region_kernels import padded_words
 
             query.padded_tokens = padded_words(query.tokens)
         cached = None

@@ -1,4 +1,5 @@
-"""Float16 storage read at memory speed: the similarity product with a caption's words, and widening to float32.
+"""Compiled kernels over stored regions: float16 read at memory speed, the similarity product with a caption's
+words, and each image's Gram matrix.
 
 The one-caption scorer's first step multiplies a block of regions ``[R, d]`` by
 the call's words ``[T, d]``. From float32 storage ONNX Runtime's GEMM does it
@@ -7,13 +8,21 @@ cast widened about 1.5 values a nanosecond: for 1000 images at 36 regions it
 cost 24 ms, more than the product itself (15-20 ms), so float16 galleries were
 scored 1.5-2x slower than float32 ones although they are half the bytes.
 
-Here one pass does both. Four regions at a time are widened into a buffer of the
-core's L1 cache (LLVM's ``fpext`` from half, which on an x86 CPU with F16C is one
-``vcvtph2ps`` per eight values), then multiplied by the words three at a time:
-twelve running sums, each word vector loaded once for four regions and each
-region vector once for three words. The caller pads the words to a multiple of
-three with zero rows (their columns are computed and dropped). Sums are
-reassociated (rounding about 1e-6 against the GEMM's order on unit vectors).
+:func:`similarities` does both in one pass. Four regions at a time are widened
+into a buffer of the core's L1 cache (LLVM's ``fpext`` from half, which on an
+x86 CPU with F16C is one ``vcvtph2ps`` per eight values), then multiplied by the
+words three at a time: twelve running sums, each word vector loaded once for
+four regions and each region vector once for three words. The caller pads the
+words to a multiple of three with zero rows (their columns are computed and
+dropped). Sums are reassociated (rounding about 1e-6 against the GEMM's order
+on unit vectors).
+
+:func:`gram_matrices` (:func:`gram_matrices_half` from float16) computes each
+image's ``V V^T`` (the per-image constants of NAAF and SCAN t2i) with the same
+tiles over the lower triangle only, mirrored: ONNX Runtime's batched MatMul
+computed all ``n^2`` products of these 36 x 1024 x 36 problems at a fraction of
+its GEMM rate, so a one-shot scan of a large gallery spent more on its Gram
+matrices than on scoring.
 
 Everywhere else float16 blocks are widened to float32 before a GEMM. numpy's cast
 ran at about 3.4 ns a value here (no F16C in its loop: 32 ms per 256 images);
@@ -21,8 +30,8 @@ ran at about 3.4 ns a value here (no F16C in its loop: 32 ms per 256 images);
 
 numba has no float16 arrays on the CPU: the regions come as their bits (a
 ``uint16`` view), and :func:`half_to_float` reinterprets each one in LLVM IR.
-Importing this module imports numba (the ``cpu`` extra); the kernel compiles
-once per machine (about 1 s) and loads from numba's cache after that.
+Importing this module imports numba (the ``cpu`` extra); the kernels compile
+once per machine (a few seconds) and load from numba's cache after that.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ FASTMATH = {"reassoc", "nsz", "contract"}
 
 def kernels() -> tuple[object, ...]:
     """The module's numba dispatchers (whose ``stats`` say what was compiled and what came from the cache)."""
-    return (similarities, widen)
+    return (similarities, widen, gram_matrices, gram_matrices_half)
 
 
 @functools.cache
@@ -71,6 +80,31 @@ def half_to_float(typingctx, bits):  # type: ignore[no-untyped-def]
     return types.float32(types.uint16), codegen
 
 
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False, inline="always")
+def _tile(x0, x1, x2, x3, y0, y1, y2):  # type: ignore[no-untyped-def]
+    """The 4 x 3 dot products of ``x0 .. x3`` with ``y0 .. y2`` (float32 vectors of one length) as
+    ``((x0.y0, x0.y1, x0.y2), ..., (x3.y0, x3.y1, x3.y2))``: twelve running sums, each vector loaded once per
+    dimension."""
+    a00 = a01 = a02 = a10 = a11 = a12 = np.float32(0.0)
+    a20 = a21 = a22 = a30 = a31 = a32 = np.float32(0.0)
+    for k in range(x0.shape[0]):
+        w0, w1, w2 = y0[k], y1[k], y2[k]
+        v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
+        a00 += v0 * w0
+        a01 += v0 * w1
+        a02 += v0 * w2
+        a10 += v1 * w0
+        a11 += v1 * w1
+        a12 += v1 * w2
+        a20 += v2 * w0
+        a21 += v2 * w1
+        a22 += v2 * w2
+        a30 += v3 * w0
+        a31 += v3 * w1
+        a32 += v3 * w2
+    return ((a00, a01, a02), (a10, a11, a12), (a20, a21, a22), (a30, a31, a32))
+
+
 @numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False)
 def similarities(regions, words, out):  # type: ignore[no-untyped-def]
     """``out [R, T] = regions [R, d] (float16 bits, uint16) x words [Tp, d]^T`` (float32, ``Tp`` a multiple of
@@ -90,24 +124,7 @@ def similarities(regions, words, out):  # type: ignore[no-untyped-def]
         x0, x1, x2, x3 = x[0], x[1], x[2], x[3]
         for t in range(0, padded, WORDS):
             y0, y1, y2 = words[t], words[t + 1], words[t + 2]
-            a00 = a01 = a02 = a10 = a11 = a12 = np.float32(0.0)
-            a20 = a21 = a22 = a30 = a31 = a32 = np.float32(0.0)
-            for k in range(depth):
-                w0, w1, w2 = y0[k], y1[k], y2[k]
-                v0, v1, v2, v3 = x0[k], x1[k], x2[k], x3[k]
-                a00 += v0 * w0
-                a01 += v0 * w1
-                a02 += v0 * w2
-                a10 += v1 * w0
-                a11 += v1 * w1
-                a12 += v1 * w2
-                a20 += v2 * w0
-                a21 += v2 * w1
-                a22 += v2 * w2
-                a30 += v3 * w0
-                a31 += v3 * w1
-                a32 += v3 * w2
-            sums = ((a00, a01, a02), (a10, a11, a12), (a20, a21, a22), (a30, a31, a32))
+            sums = _tile(x0, x1, x2, x3, y0, y1, y2)
             for i in range(ROWS):
                 if first + i < n_rows:
                     for j in range(WORDS):
@@ -133,6 +150,46 @@ def to_float32(array: np.ndarray) -> np.ndarray:
     out = np.empty(array.shape, dtype=np.float32)
     call_compiled(widen, bits.reshape(-1), out.reshape(-1))
     return out
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False, inline="always")
+def _gram(v, g):  # type: ignore[no-untyped-def]
+    """``g [n, n] = v v^T`` for one image ``v [n, d]``: tiles of :data:`ROWS` x :data:`WORDS` regions on or below
+    the diagonal, each product written to both halves (a pair two tiles cover gets the same sum from both)."""
+    n = v.shape[0]
+    for first in range(0, n, ROWS):
+        x0, x1 = v[min(first, n - 1)], v[min(first + 1, n - 1)]
+        x2, x3 = v[min(first + 2, n - 1)], v[min(first + 3, n - 1)]
+        for t in range(0, min(first + ROWS, n), WORDS):
+            y0, y1, y2 = v[t], v[min(t + 1, n - 1)], v[min(t + 2, n - 1)]
+            sums = _tile(x0, x1, x2, x3, y0, y1, y2)
+            for i in range(ROWS):
+                for j in range(WORDS):
+                    if first + i < n and t + j < n:
+                        g[first + i, t + j] = sums[i][j]
+                        g[t + j, first + i] = sums[i][j]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False)
+def gram_matrices(images, out):  # type: ignore[no-untyped-def]
+    """``out [B, n, n] = V V^T`` of each image ``V [n, d]`` of ``images [B, n, d]`` (float32, contiguous)."""
+    for b in range(images.shape[0]):
+        _gram(images[b], out[b])
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False)
+def gram_matrices_half(images, out):  # type: ignore[no-untyped-def]
+    """:func:`gram_matrices` of float16 images given as their bits (``uint16 [B, n, d]``), each widened into a
+    buffer of the core's L2 first (a float32 copy of the block written to fresh memory cost a page fault every
+    4 KB: as much as the products)."""
+    n_img, n, depth = images.shape
+    v = np.empty((n, depth), dtype=np.float32)
+    for b in range(n_img):
+        image = images[b]
+        for j in range(n):
+            for k in range(depth):
+                v[j, k] = half_to_float(image[j, k])
+        _gram(v, out[b])
 
 
 def padded_words(words: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Float16 storage's compiled kernels (:mod:`itmrt.runtime.float16_kernels`) against numpy's float16 arithmetic."""
+"""Float16 storage's compiled kernels (:mod:`itmrt.runtime.region_kernels`) against numpy's float16 arithmetic."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("numba")
-from itmrt.runtime import float16_kernels as kernel  # noqa: E402
+from itmrt.runtime import region_kernels as kernel  # noqa: E402
 
 if not kernel.available():
     pytest.skip("this CPU has no hardware half-float conversion: callers keep their casts", allow_module_level=True)
@@ -40,3 +40,23 @@ def test_the_float16_similarity_kernel_equals_the_product_of_the_widened_values(
         want = regions.astype(np.float64) @ tokens.astype(np.float64).T
         np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(tokens).sum(axis=1).max())
 
+
+
+def test_gram_matrices_equal_the_products_and_are_exactly_symmetric() -> None:
+    """Region counts around the tiles' four and three (1, 2, 5, 9, 36), odd depths, from float32 and from
+    float16: ``V V^T`` as float64 gives it, every entry written (the output starts as NaN) and the two halves
+    equal bit for bit."""
+    rng = np.random.default_rng(23)
+    for n_img, n, depth in ((1, 1, 5), (3, 2, 9), (2, 5, 31), (4, 9, 64), (2, 36, 1024)):
+        images = rng.standard_normal((n_img, n, depth)).astype(np.float32)
+        out = np.full((n_img, n, n), np.nan, dtype=np.float32)
+        kernel.gram_matrices(images, out)
+        want = np.einsum("bjd,bkd->bjk", images.astype(np.float64), images.astype(np.float64))
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * depth)
+        np.testing.assert_array_equal(out, out.transpose(0, 2, 1))
+        half = images.astype(np.float16)
+        from_half = np.full((n_img, n, n), np.nan, dtype=np.float32)
+        kernel.gram_matrices_half(half.view(np.uint16), from_half)  # widened image by image
+        want = np.einsum("bjd,bkd->bjk", half.astype(np.float64), half.astype(np.float64))
+        np.testing.assert_allclose(from_half, want, rtol=1e-5, atol=1e-5 * depth)
+        np.testing.assert_array_equal(from_half, from_half.transpose(0, 2, 1))
