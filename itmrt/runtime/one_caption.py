@@ -42,6 +42,7 @@ operations).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -609,7 +610,7 @@ class OneCaptionScorer:
         size = constants_bytes(self.parameters, int(images.shape[0]), int(images.shape[1]))
         if not build or size > self.budget_bytes or (not evict and held + size > self.budget_bytes):
             return None
-        if self.needs_grams and images.size >= LARGE_CALL_VALUES:
+        if self.needs_grams and math.prod(images.shape) >= LARGE_CALL_VALUES:
             self._load_region_kernels()  # a one-shot command building a large gallery's Gram matrices: they pay
         shape = (int(images.shape[0]), *((images.shape[1],) * (2 if self.needs_grams else 1)))
         values = np.empty(shape, dtype=np.float32)
