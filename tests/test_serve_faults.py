@@ -146,6 +146,24 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
     assert client.post(INFER, content=body(["word1"], top_k=3)).status_code == 200
 
 
+def test_a_client_cannot_fill_the_log(service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    """Malformed HTTP, an upgrade nobody speaks, captions of unknown words: each was one log line per request, so a
+    client filled the log as fast as it sent. Now each kind is logged at most once a minute."""
+    upgrade = (b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    with caplog.at_level(logging.INFO):
+        for _ in range(15):
+            assert closed_within(raw(service, b"GET / HTTP/1.1\r\nX Bad: 1\r\n\r\n"), 5).startswith(b"HTTP/1.1 400")
+            sock = raw(service, upgrade)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            sock.close()
+            answer = httpx.post(service.url + INFER, content=body(["nothing known here"]), headers=JSON, timeout=30)
+            assert answer.status_code == 200
+    lines = [record.getMessage() for record in caplog.records]
+    for words in ("Invalid HTTP request", "Unsupported upgrade", "WebSocket library", "not in the vocabulary"):
+        assert len([line for line in lines if words in line]) <= 1, lines
+
+
 # -- browser safety -------------------------------------------------------------------------
 
 
