@@ -23,6 +23,7 @@ import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeGuard
 
 from itmrt.bundle.record import SAFE_RELATIVE_PATH, matches
 from itmrt.documents import sha256_file
@@ -34,7 +35,7 @@ NAME_MAX = 255
 _EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
 
 
-def _openable_relative(name: object) -> bool:
+def _openable_relative(name: object) -> TypeGuard[str]:
     """A plain relative path (:data:`SAFE_RELATIVE_PATH`) the system can open: no NUL byte, no lone surrogate,
     no segment over 255 bytes (each raised from deep inside pathlib or ``open`` instead of a line naming it)."""
     if not isinstance(name, str) or "\0" in name or not matches(SAFE_RELATIVE_PATH, name):
