@@ -28,6 +28,8 @@ MAX_MEMORY_MB = 65536
 """A scoring tile's memory budget."""
 MAX_COUNT = 1 << 24
 """Results per query, samples, images, captions and other counts of items."""
+MAX_SAMPLE_IMAGES = 100_000
+"""Test images ``itmrt sample-data`` makes (twice as many in all): about 60 GB of features, far past any trial."""
 MAX_CALLS = 10000
 """Calls of one stage a benchmark makes (``itmrt bench --warmup``, ``--repeats``)."""
 MAX_SECONDS = 86400.0

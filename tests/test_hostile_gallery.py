@@ -94,6 +94,42 @@ def test_truncated_embeddings_are_refused(case: Case, capsys: pytest.CaptureFixt
     assert_one_line(hostile_run(capsys, case.folder, *search(case)), "is truncated")
 
 
+@pytest.mark.parametrize("name", ["image\x00embeddings.npy", "a" * 300 + ".npy", "\ud800.npy"])
+def test_a_file_name_no_system_can_open_is_one_line(case: Case, capsys: pytest.CaptureFixture[str],
+                                                     name: str) -> None:
+    """A NUL byte raised ValueError from deep inside pathlib (a traceback); a 300-byte name was an OSError whose
+    message repeated it whole."""
+    data = case.gallery_document()
+    data["embeddings"]["file"] = name
+    case.write_gallery_document(data)
+    message = assert_one_line(hostile_run(capsys, case.folder, *search(case)), "not a relative path inside")
+    assert len(message) < 400, message
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_embeddings_with_an_empty_axis_are_refused(case: Case, capsys: pytest.CaptureFixture[str], axis: int) -> None:
+    """Regions or dimensions of size 0, rehashed: the one-caption scorer divided by zero (a traceback)."""
+    shape = list(np.load(case.gallery / "image_embeddings.npy", mmap_mode="r").shape)
+    shape[axis] = 0
+    np.save(case.gallery / "image_embeddings.npy", np.zeros(shape, np.float32))
+    data = case.gallery_document()
+    data["embeddings"]["shape"] = shape
+    case.write_gallery_document(data)
+    rehash(case)
+    assert_one_line(hostile_run(capsys, case.folder, *search(case)), "only the image axis may be 0")
+
+
+@pytest.mark.parametrize("command", ["infer", "serve"])
+def test_embeddings_in_fortran_order_are_refused_alike(case: Case, capsys: pytest.CaptureFixture[str],
+                                                       command: str) -> None:
+    """itmrt infer searched a Fortran-ordered file that itmrt serve refused as "not what gallery.json says"."""
+    path = case.gallery / "image_embeddings.npy"
+    np.save(path, np.asfortranarray(np.load(path)))
+    rehash(case)
+    args = search(case) if command == "infer" else ["serve", case.gallery, "--port", "0"]
+    assert_one_line(hostile_run(capsys, case.folder, *args), "Fortran order")
+
+
 def test_gallery_of_a_bundle_with_another_image_encoder_is_refused(case: Case,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     data = case.manifest()

@@ -5,6 +5,10 @@ gallery, progress in a log, help texts)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +52,33 @@ def test_sample_data_command_refuses_a_folder_that_holds_something(tmp_path: Pat
     assert json.loads((tmp_path / "d" / "train_meta.json").read_text())["split"] == "train"
     again = run_cli(capsys, "sample-data", "--out", str(tmp_path / "d"), "--images", "2")
     assert again.code == 2 and "not empty" in again.err and "pass --overwrite" in again.err
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB file system (tmpfs; skipped where this process may not mount one)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("images", ["8", "100001"])
+def test_sample_data_too_large_for_the_disk_or_any_trial_is_refused_at_once(small_disk: Path, images: str) -> None:
+    """8 images (4.7 MB) on a 2 MB disk: the process died of SIGBUS writing its memory-mapped features, half a
+    dataset left in staging; --images was accepted up to 2^24 (10 TB at 0.3 MB an image). Now both are one line
+    before any work."""
+    done = subprocess.run([sys.executable, "-m", "itmrt", "sample-data", "--out", str(small_disk / "d"), "--images",
+                           images], capture_output=True, text=True, timeout=120, cwd=small_disk,
+                          env={**os.environ, "PYTHONPATH": str(ASSETS.parents[1])})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert ("GB free" if images == "8" else "100000") in lines[0], lines[0]
+    assert list(small_disk.iterdir()) == []
 
 
 def test_infer_reports_unknown_words_and_a_caption_with_none_known(world, tmp_path: Path, capsys) -> None:

@@ -12,6 +12,7 @@ SIGTERM with unread answers (a subprocess server).
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -123,6 +124,11 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
                                           ).encode(), "binary_data of output 'scores' must be true or false, not 'no'"),
         "output parameters": (json.dumps({**good, "outputs": [{"name": "scores", "parameters": [True]}]}).encode(),
                               "the parameters of output 'scores' must be a JSON object"),
+        # the input's parameters as a list or a string were ignored, and an output named twice answered once
+        "input parameters": (json.dumps({"inputs": [{**good["inputs"][0], "parameters": ["binary_data_size", 9]}]}
+                                        ).encode(), "the parameters of input 'captions' must be a JSON object"),
+        "output twice": (json.dumps({**good, "outputs": [{"name": "scores"}, {"name": "scores", "parameters": {
+            "binary_data": True}}]}).encode(), "output 'scores' is asked for twice"),
     }
     with caplog.at_level(logging.INFO, logger="itmrt"):
         for content, words in cases.values():
@@ -144,6 +150,38 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
         metric(before, "itmrt_client_errors_total", 'status="499"') == 1
     assert metric(after, "itmrt_server_errors_total") == 0
     assert client.post(INFER, content=body(["word1"], top_k=3)).status_code == 200
+
+
+def test_a_compressed_body_cut_short_or_followed_by_more_is_refused(service: Service) -> None:
+    """A gzip body whose stream ended early (its trailer and checksum missing) was answered from what it held; one
+    with more bytes after its stream's end was answered from the first stream, the rest dropped unseen."""
+    whole = gzip.compress(body(["word1 word2"]))
+    for content in (whole[:-8], whole + b"trailing", whole + gzip.compress(b"{}")):
+        answer = httpx.post(service.url + INFER, content=content, headers={**JSON, "Content-Encoding": "gzip"})
+        one_line(answer, 400, "not one whole gzip stream")
+    long_method = httpx.request("X" * 3000, service.url + "/v2")
+    one_line(long_method, 405, "no such endpoint: " + "X" * 20 + " /v2")
+    assert len(long_method.text) < 200
+    ok = httpx.post(service.url + INFER, content=whole, headers={**JSON, "Content-Encoding": "gzip"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_a_client_cannot_fill_the_log(service: Service, caplog: pytest.LogCaptureFixture) -> None:
+    """Malformed HTTP, an upgrade nobody speaks, captions of unknown words: each was one log line per request, so a
+    client filled the log as fast as it sent. Now each kind is logged at most once a minute."""
+    upgrade = (b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    with caplog.at_level(logging.INFO):
+        for _ in range(15):
+            assert closed_within(raw(service, b"GET / HTTP/1.1\r\nX Bad: 1\r\n\r\n"), 5).startswith(b"HTTP/1.1 400")
+            sock = raw(service, upgrade)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            sock.close()
+            answer = httpx.post(service.url + INFER, content=body(["nothing known here"]), headers=JSON, timeout=30)
+            assert answer.status_code == 200
+    lines = [record.getMessage() for record in caplog.records]
+    for words in ("Invalid HTTP request", "Unsupported upgrade", "WebSocket library", "not in the vocabulary"):
+        assert len([line for line in lines if words in line]) <= 1, lines
 
 
 # -- browser safety -------------------------------------------------------------------------

@@ -19,16 +19,31 @@ Errors are one line naming the folder, the name and what to do.
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TypeGuard
 
 from itmrt.bundle.record import SAFE_RELATIVE_PATH, matches
 from itmrt.documents import sha256_file
 from itmrt.errors import ItmrtError
 from itmrt.file_states import LISTED
 
+NAME_MAX = 255
+"""Bytes in one segment of a path at most (Linux, macOS and Windows file systems alike)."""
 _EXTERNAL_DATA_KEYS = frozenset({"location", "offset", "length", "checksum", "basepath"})
+
+
+def _openable_relative(name: object) -> TypeGuard[str]:
+    """A plain relative path (:data:`SAFE_RELATIVE_PATH`) the system can open: no NUL byte, no lone surrogate,
+    no segment over 255 bytes (each raised from deep inside pathlib or ``open`` instead of a line naming it)."""
+    if not isinstance(name, str) or "\0" in name or not matches(SAFE_RELATIVE_PATH, name):
+        return False
+    try:
+        return all(len(os.fsencode(part)) <= NAME_MAX for part in name.split("/"))
+    except UnicodeEncodeError:
+        return False
 
 
 def member(folder: Path, name: object, what: str, remedy: str) -> Path:
@@ -36,8 +51,9 @@ def member(folder: Path, name: object, what: str, remedy: str) -> Path:
 
     ``what`` names the folder in the message ("bundle", "gallery"); ``remedy`` ends it.
     """
-    if not isinstance(name, str) or not matches(SAFE_RELATIVE_PATH, name):
-        raise ItmrtError(f"{what} {folder} names {name!r}, which is not a relative path inside the folder; {remedy}")
+    if not _openable_relative(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ItmrtError(f"{what} {folder} names {shown}, which is not a relative path inside the folder; {remedy}")
     path = folder / name
     root = folder.resolve()
     try:

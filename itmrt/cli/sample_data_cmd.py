@@ -16,7 +16,7 @@ from itmrt.cli.app import app
 @flags.output_group("overwrite", overwrite=flags.overwrite("a dataset already at --out"))
 def sample_data_command(
     out: Path = typer.Option(..., "--out", help="Folder to create: {split}_ims.npy, {split}_caps.txt, {split}_meta.json, vocab.json."),
-    images: int = typer.Option(100, "--images", min=2, max=limits.MAX_COUNT, help="Test images (dev and train get half as many each); 36 regions x 2048 floats, 0.3 MB an image."),
+    images: int = typer.Option(100, "--images", min=2, max=limits.MAX_SAMPLE_IMAGES, help="Test images (dev and train get half as many each); 36 regions x 2048 floats, 0.3 MB an image (refused at once when the disk has no room)."),
     outputs: Any = None,  # the output options (flags.output_group): one OutputOptions
 ) -> None:
     """Write synthetic region features and captions (test, dev and train splits, 5 captions an image) drawn like

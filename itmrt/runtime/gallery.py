@@ -146,6 +146,10 @@ def _hash_and_check_finite(path: Path, header: NpyHeader, entry: EmbeddingsEntry
         raise ItmrtError(f"{path} holds NaN or infinite embeddings (in the block at byte {first_bad}); {REMEDY}")
 
 
+def _fortran_order(path: Path) -> ItmrtError:
+    return ItmrtError(f"{path} stores its array in Fortran order, which itmrt never writes; {REMEDY}")
+
+
 def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 20) -> np.ndarray:
     """The embeddings file read into memory of this process in one pass that also hashes it and checks every
     value is finite: the array is exactly the bytes that matched the sha256, and nothing done to the file later
@@ -155,7 +159,9 @@ def copy_embeddings(path: Path, entry: EmbeddingsEntry, chunk_size: int = 4 << 2
     is the same before and after the read (a write in between changes its ctime)."""
     header = read_npy_header(path, "gallery embeddings")
     started, before = hash_started(), file_state(path, entry.sha256)
-    if list(header.shape) != list(entry.shape) or header.dtype != np.dtype(entry.dtype) or header.fortran_order:
+    if header.fortran_order:
+        raise _fortran_order(path)
+    if list(header.shape) != list(entry.shape) or header.dtype != np.dtype(entry.dtype):
         raise ItmrtError(f"{path} has shape {header.shape} / {header.dtype}, not what {GALLERY_MANIFEST} says; "
                          f"{REMEDY}")
     array = np.empty(header.shape, dtype=header.dtype)
@@ -224,6 +230,8 @@ def read_gallery(folder: str | Path, verify: bool = True, in_memory: bool = Fals
         if verify:
             verify_embeddings(path, entry)
         embeddings = open_npy(path, "gallery embeddings")
+        if np.isfortran(embeddings):  # as copy_embeddings: itmrt infer and itmrt serve open the same galleries
+            raise _fortran_order(path)
         if embeddings.dtype != np.dtype(entry.dtype):
             raise ItmrtError(f"{path} holds {embeddings.dtype}, not the {entry.dtype} {GALLERY_MANIFEST} says; "
                              f"{REMEDY}")

@@ -5,6 +5,7 @@
 - :mod:`itmrt.serve.batcher` - the bounded queue and the worker thread that batches requests;
 - :mod:`itmrt.serve.http_app` - the ASGI app (Starlette): endpoints, limits, token, errors;
 - :mod:`itmrt.serve.metrics` - Prometheus metrics;
+- :mod:`itmrt.serve.quiet` - warnings a client can cause, at most one a minute of each kind;
 - :mod:`itmrt.serve.server` - :class:`Service`: socket, uvicorn, graceful stop;
 - :mod:`itmrt.serve.client` - a standard-library client (``itmrt query``).
 

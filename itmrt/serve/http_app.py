@@ -224,6 +224,9 @@ async def _read_chunks(request: Any, limit: int, inflate: Any, encoding: str, bu
             read.held = size
         scan.feed(chunk)
         chunks.append(chunk)
+    if inflate is not None and (not inflate.eof or inflate.unused_data):  # cut short, or more after its end
+        raise ProtocolError(400, f"the body is not one whole {encoding} stream (it ends early, or bytes follow its "
+                                 "end); send it again whole")
     read.data, read.complete = b"".join(chunks), True
 
 
@@ -504,7 +507,7 @@ def create_app(
         routes.codec.shutdown(wait=False)
 
     async def not_found(request: Any, exc: Any) -> Any:
-        return routes.error(exc.status_code, f"no such endpoint: {request.method} {request.url.path[:200]}")
+        return routes.error(exc.status_code, f"no such endpoint: {request.method[:20]} {request.url.path[:200]}")
 
     table = [
         routing.Route("/v2/health/live", routes.live, methods=["GET"]),

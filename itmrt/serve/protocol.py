@@ -198,6 +198,8 @@ def _caption_input(document: dict[str, Any], limits: RequestLimits) -> tuple[dic
         )
     tensor = inputs[0]
     check_keys(tensor, INPUT_KEYS, f"input {CAPTIONS!r}")
+    if not isinstance(tensor.get("parameters") or {}, dict):  # a list or a string was ignored, binary_data_size too
+        raise bad_request(f"the parameters of input {CAPTIONS!r} must be a JSON object")
     check_keys(tensor.get("parameters"), INPUT_PARAMETERS, f"the parameters of input {CAPTIONS!r}")
     if tensor.get("datatype") != "BYTES":
         raise bad_request(
@@ -296,6 +298,8 @@ def _requested_outputs(document: dict[str, Any], binary_default: bool, limits: R
         name = item.get("name") if isinstance(item, dict) else None
         if name not in available:
             raise bad_request(f"unknown output {show(name)}; this model gives {', '.join(available)}")
+        if name in outputs:  # the answer has one tensor of each name: which binary_data would it follow?
+            raise bad_request(f"output {name!r} is asked for twice; name each output once")
         check_keys(item, OUTPUT_KEYS, f"output {name!r}")
         parameters = item.get("parameters", {})
         if not isinstance(parameters, dict):

@@ -46,6 +46,7 @@ from itmrt.serve.guard import BrowserPolicy
 from itmrt.serve.http_app import HttpLimits, create_app
 from itmrt.serve.memory import fixed_mmap_threshold
 from itmrt.serve.metrics import ServiceMetrics
+from itmrt.serve.quiet import CLIENT_LOG, client_warnings_throttled
 from itmrt.serve.searcher import Searcher
 from itmrt.serve.swap import Reloader, RuntimeSource
 from itmrt.serve.transport import guarded_protocol
@@ -161,7 +162,7 @@ def _sharded_source(gallery: Path, options: ServeOptions, load_options: dict[str
 
         require_shortlist(options.regions, options.shortlist)
         check_region_options(SearchRequest(k=1, shortlist=options.shortlist, **options.regions).check(), sharded)
-    return ShardedSource(gallery, load_options, options.on_long, log.warning, options.ray, options.shortlist,
+    return ShardedSource(gallery, load_options, options.on_long, CLIENT_LOG.warning, options.ray, options.shortlist,
                          options.copy_shards_mb, options.regions)
 
 
@@ -330,7 +331,7 @@ class Service:
             # A missing or broken gallery, or one another image encoder made, is reported before the port is taken.
             read_gallery(gallery_path).check_bundle(read_bundle(bundle_path))
             explicit = None if is_gallery(source) else bundle_path
-            self.source = RuntimeSource(gallery_path, explicit, load_options, options.on_long, log.warning)
+            self.source = RuntimeSource(gallery_path, explicit, load_options, options.on_long, CLIENT_LOG.warning)
         opener = self.source
         return lambda: opener.open(None)[0]
 
@@ -352,7 +353,8 @@ class Service:
         fixed_mmap_threshold()  # large bodies and answers go back to the system when freed (itmrt.serve.memory)
         if self.reloader is not None:
             self.reloader.start()
-        with _exit_zero_after_signal(), _reload_on_sighup(self.reloader):
+        # A client can cause warnings (malformed requests, unknown words): each kind at most once a minute.
+        with _exit_zero_after_signal(), _reload_on_sighup(self.reloader), client_warnings_throttled():
             try:
                 self.server.run(sockets=[self.socket])
             finally:

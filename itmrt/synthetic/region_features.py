@@ -37,6 +37,7 @@ Only numpy and the standard library are imported.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -128,6 +129,8 @@ def make_synthetic_dataset(
                               negation_fraction, pair_fraction)
     target = Path(out_dir)
     check_empty_folder(target, overwrite, error=DataError)
+    repeat = CAPTIONS_PER_IMAGE if repeat_images else 1
+    _check_room(target, sum(splits.values()) * (num_regions * img_dim * 4 * repeat + TEXT_BYTES_PER_IMAGE))
     target.parent.mkdir(parents=True, exist_ok=True)
 
     world = _World.create(seed, img_dim)
@@ -150,6 +153,25 @@ def make_synthetic_dataset(
         staging.chmod(umask_mode())  # staging folders are private; the dataset folder should not be
         publish_folder(staging, target, "merge")
     return target
+
+
+TEXT_BYTES_PER_IMAGE = 2048
+"""Captions and metadata an image adds to a dataset (about 1.2 KB measured), with room to spare."""
+
+
+def _check_room(target: Path, needed: int) -> None:
+    """Refuse, before any work, a dataset the file system at ``target`` has no room for: the features are written
+    through a memory map, and a page written where the disk is full kills the process (SIGBUS), mid-dataset."""
+    existing = target.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:  # the folder cannot be examined: writing it says why
+        return
+    if needed > free:
+        raise DataError(f"the dataset takes about {needed / 1e9:.2f} GB and {existing} has {free / 1e9:.2f} GB free; "
+                        "ask for fewer images or write it elsewhere")
 
 
 def _check_arguments(
