@@ -93,9 +93,23 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice: which value was meant is not said (``json`` keeps the last)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for key, _value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(f"the key {key[:80]!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON from bytes: UTF-8, no NaN or Infinity; ``ValueError`` (or ``RecursionError``) otherwise."""
-    return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    """Strict JSON from bytes: UTF-8, no NaN or Infinity, no key twice in an object; ``ValueError`` (or
+    ``RecursionError``) otherwise."""
+    return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_unique_keys)
 
 
 def read_json_document(
@@ -115,6 +129,8 @@ def read_json_document(
         raise ItmrtError(f"{os_error_message(exc, 'read')}; {remedy}") from None
     try:
         data = parse_json(raw)
+    except DuplicateKeyError as exc:
+        raise ItmrtError(f"{path} is not valid for itmrt: {exc}; {remedy}") from None
     except (ValueError, RecursionError) as exc:
         raise ItmrtError(f"{path} is not valid JSON ({exc.__class__.__name__}); {remedy}") from None
     if not isinstance(data, dict) or data.get("kind") not in kinds:

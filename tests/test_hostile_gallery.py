@@ -106,6 +106,17 @@ def test_a_file_name_no_system_can_open_is_one_line(case: Case, capsys: pytest.C
     assert len(message) < 400, message
 
 
+def test_a_key_given_twice_in_the_gallery_document_is_one_line(case: Case,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """JSON keeps the last of two values of one key: a document naming "embeddings" twice was read by its second
+    (here: another file) and failed on what that one lacked. Which one was meant is not said: refused, naming it."""
+    raw = (case.gallery / "gallery.json").read_text()
+    doubled = raw.replace('"embeddings": {', '"embeddings": {"file": "other.npy"}, "embeddings": {', 1)
+    assert doubled != raw
+    (case.gallery / "gallery.json").write_text(doubled)
+    assert_one_line(hostile_run(capsys, case.folder, *search(case)), "'embeddings' appears twice")
+
+
 @pytest.mark.parametrize("axis", [1, 2])
 def test_embeddings_with_an_empty_axis_are_refused(case: Case, capsys: pytest.CaptureFixture[str], axis: int) -> None:
     """Regions or dimensions of size 0, rehashed: the one-caption scorer divided by zero (a traceback)."""
