@@ -12,7 +12,9 @@ does, for a block of images at a time:
    block 3-7x faster than numpy's BLAS for these skinny products on this CPU);
    float16 storage is cast inside the same graph, a piece of the block at a
    time (:data:`CAST_PIECES`), each piece multiplied while its float32 copy is
-   still in the cache: no float32 copy of the gallery, nor of a block, is made;
+   still in the cache: no float32 copy of the gallery, nor of a block, is made (a warmed runtime, or a call
+   over :data:`LARGE_CALL_VALUES`, widens and multiplies float16 blocks in one compiled pass instead:
+   :mod:`itmrt.runtime.region_kernels`, about 2x faster than the graph's cast);
 2. NAAF's (or SCAN's) per-word steps as numpy operations over the whole block
    ``[B, n, T]`` - images, regions and words at once; the few per-caption steps
    (the word-axis norm, the intra-caption propagation, the mean) on each
@@ -24,7 +26,8 @@ does, for a block of images at a time:
 Per-image constants. ``||vhat||^2 = w^T G w`` needs each image's Gram matrix
 ``G = V V^T`` (NAAF, SCAN t2i); SCAN i2t needs each region's norm. They depend
 only on the gallery, so they are computed once per gallery *content* (its
-embeddings' sha256, not its path) and kept: ``n * n * 4`` bytes an image in
+embeddings' sha256, not its path; by the compiled Gram kernel where the region kernels are loaded) and
+kept: ``n * n * 4`` bytes an image in
 float32 (5.2 KB at 36 regions, 3.5% of the float32 embeddings, 7% of float16
 ones; 518 MB for 100K images). Float16 would halve that; measured, it moved
 scores by up to 5e-6 (``w^T G w`` sums ``n^2`` rounded terms: half the 1e-5
@@ -520,11 +523,12 @@ class OneCaptionScorer:
         per-word steps (:mod:`itmrt.runtime.one_caption_kernels`; it releases the interpreter lock, so two
         workers scale over two cores) and, for NAAF and SCAN alike, float16 storage's similarity product and the
         per-image Gram matrices (:mod:`itmrt.runtime.region_kernels`, where the CPU converts half floats in
-        hardware). True when
-        NAAF's per-word kernel is loaded; False for SCAN or where numba is not installed (numpy stays).
+        hardware). True when NAAF's per-word kernel is loaded; False for SCAN or where numba is not installed
+        (numpy stays).
 
         A warmed runtime (a service) calls this; a one-shot command does not: importing numba costs about
-        0.4 s, more than the kernels save on one call."""
+        0.4 s, more than the kernels save on one call (a call over :data:`LARGE_CALL_VALUES` loads the region
+        kernels anyway)."""
         self._load_region_kernels()
         if not isinstance(self.parameters, NaafParameters):
             return False
