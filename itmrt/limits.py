@@ -28,6 +28,9 @@ MAX_MEMORY_MB = 65536
 """A scoring tile's memory budget."""
 MAX_COUNT = 1 << 24
 """Results per query, samples, images, captions and other counts of items."""
+MAX_COPY_MB = float(1 << 30)
+"""Shards copied into memory when they take at most this many MB (``itmrt serve --copy-shards-mb``, ``copy_mb``):
+a petabyte, "always copy"."""
 MAX_SAMPLE_IMAGES = 100_000
 """Test images ``itmrt sample-data`` makes (twice as many in all): about 60 GB of features, far past any trial."""
 MAX_CALLS = 10000

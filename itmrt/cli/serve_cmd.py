@@ -58,7 +58,7 @@ def serve_command(
     access_log: bool = Opt(False, "--access-log/--no-access-log", help="Log every HTTP request (stdout)."),
     shortlist: int | None = Opt(None, "--shortlist", min=1, help=(
         "Sharded gallery: rerank each shard's K best candidates (FAISS) instead of scoring every image.")),
-    copy_shards_mb: float = Opt(1024.0, "--copy-shards-mb", callback=flags.finite("--copy-shards-mb", 0.0, 1 << 30), help=(
+    copy_shards_mb: float = Opt(1024.0, "--copy-shards-mb", callback=flags.finite("--copy-shards-mb", 0.0, limits.MAX_COPY_MB), help=(
         "Sharded gallery: copy its shards into memory when their files take at most this many MB (0: never); "
         "larger ones are read from their files by position as searches need them, the files checked at each "
         "search (a changed or truncated file: 503 and not ready until a good version is swapped in).")),

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
-from itmrt.limits import check_real
+from itmrt.limits import MAX_COPY_MB, check_real
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.budget import merge_budget, pool_budget, score_picked, shard_estimates
 from itmrt.scale.layout import ShardedGallery, shard_bytes
@@ -98,10 +98,6 @@ class LocalShards:
         """Let go of the shards' files (the runtime is the caller's)."""
         for shard in self.shards:
             shard.close()
-
-
-MAX_COPY_MB = float(1 << 30)
-"""``copy_mb`` (``itmrt serve --copy-shards-mb``) at most this: a petabyte, "always copy"."""
 
 
 def check_copy_mb(copy_mb: object) -> float:

@@ -37,8 +37,8 @@ def open_shards(gallery: str | Path, *, ray: RayOptions | None = None, verify: b
 def shards_with(runtime: Any, sharded: ShardedGallery, ray: RayOptions | None, load_options: dict[str, Any],
                 verify: bool = True, copy_mb: float = 0.0) -> Shards:
     """``sharded``'s shards opened for ``runtime`` (already loaded: a running service keeps its own across
-    versions of the gallery), in this process or on Ray actors."""
-    check_open_options(ray, verify, copy_mb)
+    versions of the gallery), in this process or on Ray actors. The options are checked by its callers
+    (:func:`open_shards`, ``ServeOptions``) before anything is loaded."""
     if ray is None:
         return LocalShards(runtime, sharded, verify, copy_mb=copy_mb)
     return RayShards(runtime, sharded, ray, load_options, verify)

@@ -36,7 +36,7 @@ from typing import Any
 
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.errors import ItmrtError
-from itmrt.limits import MAX_BATCH, MAX_COUNT, MAX_MEMORY_MB, check_count, check_real
+from itmrt.limits import MAX_BATCH, MAX_COPY_MB, MAX_COUNT, MAX_MEMORY_MB, check_count, check_real
 from itmrt.optional import require, require_all
 from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 from itmrt.scale.layout import is_sharded_gallery
@@ -110,7 +110,7 @@ class ServeOptions:
         check_count(self.max_connections, 1, MAX_BATCH, "--max-connections")
         if self.shortlist is not None:
             check_count(self.shortlist, 1, MAX_COUNT, "--shortlist")
-        check_real(self.copy_shards_mb, 0.0, float(1 << 30), "--copy-shards-mb")
+        check_real(self.copy_shards_mb, 0.0, MAX_COPY_MB, "--copy-shards-mb")
         check_real(self.grace_s, 1.0, 3600.0, "--grace-s")
         check_real(self.watch_s, 0.0, 3600.0, "--watch-s")
         if self.ray is not None:  # a string reached the first search as a missing attribute
