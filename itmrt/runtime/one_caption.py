@@ -99,9 +99,9 @@ CONSTANTS_BUDGET_BYTES = 1 << 30
 LARGE_CALL_VALUES = 1 << 30
 """Stored values a call reads (float16 storage) or builds constants from (any storage) above which a scorer
 that was not warmed loads the region kernels anyway (about 29,000 images at 36 x 1024): importing numba and
-loading the kernels from its cache took 0.38 s; the similarity kernel saved 13-17 ms per 1000 float16 images
-against the graph's cast (100K images, 2 threads: 1.5-2.2 against 2.8-3.3 s, alternating, load about 2), the
-Gram kernel more (see :mod:`itmrt.runtime.region_kernels`)."""
+loading the kernels from its cache took 0.36 s in a fresh process, and against the graph the similarity kernel
+saved 13 ms per 1000 float16 images, the Gram kernel 40 ms (one thread; ``python
+benchmarks/bench_region_kernels.py``): at 29,000 images the similarity kernel alone saves what loading costs."""
 
 _EPS = np.float32(1e-8)
 _LEAKY = np.float32(0.1)

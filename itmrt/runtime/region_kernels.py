@@ -4,9 +4,10 @@ words, and each image's Gram matrix.
 The one-caption scorer's first step multiplies a block of regions ``[R, d]`` by
 the call's words ``[T, d]``. From float32 storage ONNX Runtime's GEMM does it
 well; from float16 storage the graph must cast first, and ONNX Runtime's CPU
-cast widened about 1.5 values a nanosecond: for 1000 images at 36 regions it
-cost 24 ms, more than the product itself (15-20 ms), so float16 galleries were
-scored 1.5-2x slower than float32 ones although they are half the bytes.
+cast cost about as much as the product itself, so float16 galleries were scored
+slower than float32 ones although they are half the bytes (1000 images x 12
+words: 29.2 ms from float16 against 16.1 from float32; this kernel 16.2 ms from
+float16: ``python benchmarks/bench_region_kernels.py``, one thread).
 
 :func:`similarities` does both in one pass. Four regions at a time are widened
 into a buffer of the core's L1 cache (LLVM's ``fpext`` from half, which on an
@@ -22,11 +23,12 @@ image's ``V V^T`` (the per-image constants of NAAF and SCAN t2i) with the same
 tiles over the lower triangle only, mirrored: ONNX Runtime's batched MatMul
 computed all ``n^2`` products of these 36 x 1024 x 36 problems at a fraction of
 its GEMM rate, so a one-shot scan of a large gallery spent more on its Gram
-matrices than on scoring.
+matrices than on scoring (256 images: 6.2 against 16.5 ms from float16, 7.8
+against 12.3 ms from float32, the same benchmark).
 
-Everywhere else float16 blocks are widened to float32 before a GEMM. numpy's cast
-ran at about 3.4 ns a value here (no F16C in its loop: 32 ms per 256 images);
-:func:`widen` runs at the speed memory is read (5.5 ms for the same block).
+Everywhere else float16 blocks are widened to float32 before a GEMM:
+:func:`to_float32` took 28.1 ms for 1000 images where numpy's cast (no F16C in
+its loop) took 63.8 ms (the same benchmark).
 
 numba has no float16 arrays on the CPU: the regions come as their bits (a
 ``uint16`` view), and :func:`half_to_float` reinterprets each one in LLVM IR.
