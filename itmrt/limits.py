@@ -56,6 +56,13 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_flag(value: object, name: str) -> bool:
+    """A yes-or-no keyword of the Python API: ``True`` or ``False`` only (a string such as ``"no"`` is truthy)."""
+    if not isinstance(value, bool):
+        raise ItmrtError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
 def check_top_k(k: int) -> int:
     """Results per query: an integer of at least 1 (k <= 0 ranked nothing, or all but the last -k)."""
     if not is_integer(k):
@@ -75,14 +82,14 @@ def check_threads(threads: int, flag: str = "--threads") -> int:
             f"{flag} {threads} is outside 0..{limit} ({THREADS_PER_CORE} per core of the {usable_cores()} this "
             f"process may use; more only makes the threads wait for each other): use 0 for one per core"
         )
-    return threads
+    return int(threads)
 
 
 def check_count(value: int, low: int, high: int, flag: str) -> int:
     """An integer option within ``low``..``high``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ItmrtError(f"{flag} must be an integer from {low} to {high}, not {value!r}")
-    return value
+    return int(value)
 
 
 def check_real(value: float, low: float, high: float, flag: str, low_open: bool = False) -> float:

@@ -300,11 +300,14 @@ def test_folder_as_checkpoint_or_vocabulary_says_folder(hostile_world: World, ca
     (b"0.1 0.2 0.3\n0.4 0.5 0.6\n", "does not start with NumPy's header (is it text?)"),
     (b"PK\x03\x04 an npz", ".npz archive"),
     (b"truncate", "is truncated"),
+    (b"extend", "bytes past the"),
 ])
 def test_features_file_that_is_not_npy_says_what_it_is(case: Case, capsys: pytest.CaptureFixture[str],
                                                        content: bytes, expected: str) -> None:
     if content == b"truncate":  # a real .npy missing its last rows
         content = case.features.read_bytes()[:-1000]
+    if content == b"extend":  # rows written past what the header announces: numpy read the first ones only
+        content = case.features.read_bytes() + np.zeros(1000, np.float32).tobytes()
     case.features.write_bytes(content)
     assert_one_line(hostile_run(capsys, case.folder, *case.infer(), changed=("features.npy",)), expected)
 
@@ -467,3 +470,14 @@ def test_api_wrong_values_and_types_are_one_line(hostile_world: World, api_runti
     with pytest.raises(ItmrtError, match=re.escape(expected)) as error:
         call(api_runtime, gallery, captions)
     assert "\n" not in str(error.value)
+
+
+def test_api_threads_may_be_numpy_integers(hostile_world: World) -> None:
+    # the scale options took np.int64 counts; RuntimeOptions kept one, which ONNX Runtime's options may refuse
+    import numpy as np
+
+    from itmrt.runtime import RuntimeOptions, load
+
+    options = RuntimeOptions(threads=np.int64(1))
+    assert type(options.threads) is int and options.threads == 1
+    load(hostile_world.bundle, threads=np.int64(1)).close()

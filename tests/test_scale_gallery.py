@@ -475,3 +475,29 @@ def test_serve_a_sharded_gallery_in_one_process_with_a_shortlist(setup: dict[str
     same_top_k(wide, shards.search(encoded.take([0]), SearchRequest(k=12, shortlist=12)).t2i, atol=1e-6)
     with pytest.raises(ItmrtError, match="search a sharded gallery"):
         Service(setup["plain"].path, options=ServeOptions(port=0, shortlist=8))
+
+
+@pytest.mark.parametrize("keywords", [{"overwrite": "no"}, {"append": "no"}, {"skip_bad_images": 1}])
+def test_yes_no_keywords_given_as_strings_are_refused_before_anything_is_replaced(
+        setup: dict[str, Any], tmp_path: Path, keywords: dict[str, Any]) -> None:
+    # "no" is a true string: overwrite="no" replaced the gallery that was there, append="no" extended it
+    out = tmp_path / "out"
+    index_sharded(setup["runtime"], setup["features"][:20], out, ShardingOptions(8))
+    before = {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    with pytest.raises(ItmrtError) as caught:
+        index_sharded(setup["runtime"], setup["features"][20:30], out, ShardingOptions(8), **keywords)
+    name = next(iter(keywords))
+    assert str(caught.value).startswith(f"{name} must be True or False") and "\n" not in str(caught.value)
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
+    for call in (lambda: setup["runtime"].index(setup["features"][:5], out, overwrite="no"),
+                 lambda: setup["runtime"].store_embeddings(np.zeros((1, 1, 1), np.float32), out, overwrite="no")):
+        with pytest.raises(ItmrtError, match="^overwrite must be True or False"):
+            call()
+    assert {path: path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
+
+
+def test_rank_keep_scores_must_be_true_or_false(setup: dict[str, Any]) -> None:
+    runtime = setup["runtime"]
+    captions = runtime.encode_captions(["a dog on the grass"])
+    with pytest.raises(ItmrtError, match="^keep_scores must be True or False, not 'yes'$"):
+        runtime.rank(runtime.encode_images(setup["features"][:4]), captions, top_k=1, keep_scores="yes")

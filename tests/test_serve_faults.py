@@ -129,6 +129,8 @@ def test_client_faults_are_4xx_counted_and_not_logged(service: Service, caplog: 
                                         ).encode(), "the parameters of input 'captions' must be a JSON object"),
         "output twice": (json.dumps({**good, "outputs": [{"name": "scores"}, {"name": "scores", "parameters": {
             "binary_data": True}}]}).encode(), "output 'scores' is asked for twice"),
+        # an empty list of outputs was answered with no outputs at all
+        "no outputs": (json.dumps({**good, "outputs": []}).encode(), "'outputs' is empty; name the outputs"),
     }
     with caplog.at_level(logging.INFO, logger="itmrt"):
         for content, words in cases.values():

@@ -209,8 +209,9 @@ def value_problem(manifest: GalleryManifest) -> RecordError | None:
     shape = manifest.embeddings.shape
     if len(shape) < 2:
         return RecordError("embeddings.shape", f"is {shape}; embeddings have an image axis and at least one more")
-    if 0 in shape[1:]:  # no value per image: the scorers divided by it
-        return RecordError("embeddings.shape", f"is {shape}; only the image axis may be 0")
+    if 0 in shape:  # no value per image: the scorers divided by it; no image: every search answered nothing
+        return RecordError("embeddings.shape", f"is {shape}; a gallery holds at least one image and values for "
+                                               "each (itmrt never writes an empty one)")
     if manifest.embeddings.stored == "region_index" and (manifest.region_index is None
                                                          or manifest.region_index.residuals is None):
         return RecordError("embeddings.stored", "is region_index, but the gallery holds no compact region index")

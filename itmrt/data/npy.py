@@ -95,6 +95,12 @@ def _checked_header(path: Path, what: str, header: NpyHeader, size: int) -> NpyH
             f"{what} file {path} is truncated: its header announces {header.data_bytes} bytes of data "
             f"({header.shape}, {header.dtype}), the file holds {max(size - header.data_offset, 0)}; write it again"
         )
+    if size > header.data_offset + header.data_bytes:  # numpy maps only what the header says: rows left unread
+        raise DataError(
+            f"{what} file {path} holds {size - header.data_offset - header.data_bytes} bytes past the "
+            f"{header.data_bytes} its header announces ({header.shape}, {header.dtype}): the header does not "
+            "describe the whole file; write it again with numpy.save"
+        )
     return header
 
 

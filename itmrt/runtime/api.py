@@ -37,7 +37,7 @@ from itmrt.bundle.names import (
 )
 from itmrt.bundle.traits import RuntimeTraits, bundle_traits
 from itmrt.errors import ItmrtError
-from itmrt.limits import check_top_k
+from itmrt.limits import check_flag, check_top_k
 from itmrt.runtime.backends import Backend, SessionSettings, open_backend
 from itmrt.runtime.encoders import (
     CaptionEmbeddings,
@@ -263,6 +263,7 @@ class Runtime:
         scored by the one-caption scorer where it applies (``one_caption``).
         """
         check_top_k(top_k)
+        check_flag(keep_scores, "keep_scores")
         check_caption_embeddings(captions)
         if shortlist is not None and captions.token_level:
             if keep_scores:
@@ -421,6 +422,8 @@ class Runtime:
         """
         if out is None:
             raise ItmrtError("index needs out: the gallery folder to create")
+        check_flag(overwrite, "overwrite")  # "no" would be truthy: a gallery replaced that was not to be
+        check_flag(skip_bad_images, "skip_bad_images")
         if embeddings is not None:
             if features is not None:
                 raise ItmrtError("give image features or embeddings to index, not both")
@@ -454,6 +457,7 @@ class Runtime:
                          source: str = "embeddings", dtype: str = "float32", checked: bool = False,
                          store: EmbeddingsStore | None = None) -> Gallery:
         """A gallery of this bundle holding ``embeddings`` as given (checked first unless ``checked``)."""
+        check_flag(overwrite, "overwrite")
         if not checked:
             check_given_embeddings(embeddings, self.bundle, source)
 

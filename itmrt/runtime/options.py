@@ -79,7 +79,8 @@ class RuntimeOptions:
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
-        check_threads(self.threads)
+        # A NumPy integer is taken as a thread count (as the scale options take it) and stored as an int.
+        object.__setattr__(self, "threads", check_threads(self.threads))
         check_count(self.batch_size, 1, MAX_BATCH, "--batch-size")
         check_count(self.budget_bytes, 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
         check_count(self.device, 0, 255, "--device")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from itmrt.errors import ItmrtError
+from itmrt.limits import check_flag
 from itmrt.scale.layout import ShardedGallery, read_sharded_gallery
 from itmrt.scale.local import LocalShards, check_copy_mb
 from itmrt.scale.ray_search import RayOptions, RayShards
@@ -50,8 +51,7 @@ def check_open_options(ray: object, verify: object, copy_mb: object) -> None:
     if ray is not None and not isinstance(ray, RayOptions):
         raise ItmrtError(f"ray must be an itmrt.scale.RayOptions (e.g. RayOptions(address='auto')) or None, "
                          f"not {ray!r}")
-    if not isinstance(verify, bool):
-        raise ItmrtError(f"verify must be True or False, not {verify!r}")
+    check_flag(verify, "verify")
     check_copy_mb(copy_mb)
     if ray is not None:
         ray.check()

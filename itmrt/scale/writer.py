@@ -38,7 +38,7 @@ from itmrt import __version__
 from itmrt.bundle.gallery_manifest import image_encoder_identity
 from itmrt.documents import as_path, sha256_file
 from itmrt.errors import ItmrtError
-from itmrt.limits import is_integer
+from itmrt.limits import check_flag, is_integer
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staging_folder
 from itmrt.runtime.gallery import (
     GALLERY_MANIFEST,
@@ -390,6 +390,8 @@ def index_sharded(
     ``embeddings`` (with ``images`` None): image embeddings encoded elsewhere, checked once and stored as given."""
     if (images is None) == (embeddings is None):
         raise ItmrtError("give image features (or image files) or embeddings to index, one of them")
+    for flag, value in (("overwrite", overwrite), ("append", append), ("skip_bad_images", skip_bad_images)):
+        check_flag(value, flag)  # "no" would be truthy: a gallery replaced or extended that was not to be
     if embeddings is not None:
         check_given_embeddings(embeddings, runtime.bundle, source)
     with ShardedWriter(out, runtime.bundle, options, overwrite=overwrite, append=append, warn=runtime.warn) as writer:

@@ -293,6 +293,9 @@ def _requested_outputs(document: dict[str, Any], binary_default: bool, limits: R
         return {name: binary_default for name in available}
     if not isinstance(requested, list):
         raise bad_request("'outputs' must be a list of {\"name\": ...} objects")
+    if not requested:
+        raise bad_request(f"'outputs' is empty; name the outputs you want ({', '.join(available)}) or leave it out "
+                          "for all of them")
     outputs: dict[str, bool] = {}
     for item in requested:
         name = item.get("name") if isinstance(item, dict) else None
