@@ -686,6 +686,65 @@ def test_swaps_follow_the_image_encoder_rule(model: dict[str, Any], tmp_path: Pa
         np.testing.assert_array_equal(client.search(captions, 3).indices, want.indices)
 
 
+def test_a_new_bundle_warms_up_while_the_old_version_answers(model: dict[str, Any], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gallery of another bundle: that bundle's runtime warms up on the reloader's thread, and the worker
+    answers from the old version meanwhile. (Warmed on the worker between batches, every request waited for the
+    whole warm-up: 20 s with the test bundle, 429/504 for a client with a deadline.) The real warm-up runs; it is
+    only made to start 2 s late, so the window is wide enough to send a request into."""
+    warming = threading.Event()
+    warmup = RuntimeSearcher.warmup
+
+    def late_warmup(self: RuntimeSearcher) -> float:
+        if threading.current_thread().name == "itmrt-serve-reloader":
+            warming.set()
+            time.sleep(2.0)
+        return warmup(self)
+
+    monkeypatch.setattr(RuntimeSearcher, "warmup", late_warmup)
+    other = make_bundle(tmp_path / "other", seed=3)[0]
+    live_folder = make_gallery(model["bundle"], tmp_path / "live")
+    captions = random_captions(2, seed=11)
+    with running(Service(live_folder, options=options(watch_s=0.05))) as live, ServiceClient(live.url) as client:
+        before = client.search(captions, 3)
+        replace_folder(live_folder, make_gallery(other, tmp_path / "v2", region_features(22, seed=5)))
+        assert warming.wait(30)
+        started = time.monotonic()
+        during = client.search(captions, 3)
+        assert time.monotonic() - started < 1.0 and live.metrics.swaps.labels("ok")._value.get() == 0
+        np.testing.assert_array_equal(during.indices, before.indices)
+        wait_for(lambda: live.metrics.swaps.labels("ok")._value.get() >= 1)
+        want = expected({"runtime": load(other, scorer="graph")}, live_folder, captions, 3)
+        np.testing.assert_array_equal(client.search(captions, 3).indices, want.indices)
+
+
+def test_a_new_bundle_that_fails_its_warm_up_is_refused_and_freed(model: dict[str, Any], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm-up that fails (here made to, on the reloader's thread) refuses the version; the old one answers,
+    and the runtime loaded for the new one is closed."""
+    discarded: list[Any] = []
+    discard = RuntimeSearcher.discard
+
+    def failing_warmup(self: RuntimeSearcher) -> float:
+        raise RuntimeError("no memory left for the new bundle")
+
+    def recorded_discard(self: RuntimeSearcher) -> None:
+        discarded.append(self.runtime)
+        discard(self)
+
+    live_folder = make_gallery(model["bundle"], tmp_path / "live")
+    captions = random_captions(2, seed=11)
+    with running(Service(live_folder, options=options(watch_s=0.05))) as live, ServiceClient(live.url) as client:
+        before = client.search(captions, 3)
+        monkeypatch.setattr(RuntimeSearcher, "warmup", failing_warmup)
+        monkeypatch.setattr(RuntimeSearcher, "discard", recorded_discard)
+        other = make_bundle(tmp_path / "other", seed=3)[0]
+        replace_folder(live_folder, make_gallery(other, tmp_path / "v2", region_features(22, seed=5)))
+        wait_for(lambda: live.metrics.swaps.labels("refused")._value.get() >= 1)
+        np.testing.assert_array_equal(client.search(captions, 3).indices, before.indices)
+        assert len(discarded) == 1 and discarded[0] is not live.batcher.searcher.runtime
+
+
 def replace_folder(target: Path, new: Path) -> None:
     """Swap ``new`` in at ``target`` by renames, as ``itmrt index --overwrite`` publishes a gallery."""
     old = target.with_name(target.name + f".old{time.monotonic_ns()}")

@@ -95,6 +95,11 @@ class RuntimeSearcher:
         if self.ids is not None and len(self.ids) != self.size:
             raise ItmrtError(f"the gallery has {self.size} images but {len(self.ids)} ids")
 
+    def discard(self) -> None:
+        """Free what this version holds, its runtime included: a version that never answered (refused at its
+        warm-up) and that shares nothing with the one in use."""
+        self.runtime.close()
+
     def warmup(self) -> float:
         seconds = float(self.runtime.warmup())  # a kernel cache that cannot be written: the runtime warns
         # One real search pages the gallery in and sizes the scorer's buffers for it.

@@ -71,6 +71,9 @@ class ShardedSearcher(RuntimeSearcher):
         self.shards.close()
         self.shards.runtime.close()
 
+    def discard(self) -> None:
+        self.close()
+
 
 class ShardedSource(RuntimeSource):
     """A sharded gallery on disk and how the service opens it whole (see the module docstring)."""

@@ -17,8 +17,12 @@ it has (its own copy, which no change to the file reaches).
 
 The runtime is kept when the new gallery is tied to the bundle already loaded
 (``itmrt index --overwrite`` of the same bundle, engines added to it); a gallery
-made by another bundle loads that bundle, warmed up on the worker thread
-between batches before its first answer.
+made by another bundle loads that bundle and warms it up on the reloader's
+thread before it is handed over, while the worker keeps answering from the old
+version (warmed on the worker, a bundle's 20 s warm-up left every request
+waiting or refused with 429/504 meanwhile). New Ray actors of a sharded gallery
+that keeps the loaded runtime still warm up on the worker, between batches:
+their warm-up runs that runtime, which the worker is using.
 """
 
 from __future__ import annotations
@@ -67,8 +71,8 @@ class RuntimeSource:
         return folder_state(self.gallery)
 
     def open(self, previous: Any = None) -> tuple[RuntimeSearcher, bool, Callable[[], None] | None]:
-        """(searcher, whether it needs a warm-up, what to free once it is in use): the previous searcher's
-        runtime is reused when the gallery is tied to its bundle."""
+        """(searcher, whether it needs a warm-up - a new runtime -, what to free once it is in use): the previous
+        searcher's runtime is reused when the gallery is tied to its bundle."""
         from itmrt.runtime import load
         from itmrt.runtime.gallery import gallery_bundle, read_gallery
 
@@ -156,6 +160,19 @@ class Reloader:
             log.error("new version refused (%s): %s; still answering from gallery %s", why, reason,
                       getattr(current, "version", "?"))
             return SwapOutcome(error=reason)
+        if warm and searcher.runtime is not getattr(current, "runtime", None):
+            # A runtime of its own: warmed up here, while the worker answers from the version it has (a runtime
+            # the old version shares - new Ray actors - is warmed up on the worker, between batches).
+            try:
+                searcher.warmup()
+            except Exception as exc:  # noqa: BLE001 - a version that cannot warm up is refused, the old one stays
+                searcher.discard()
+                reason = f"the new version failed its warm-up: {type(exc).__name__}: {first_line(exc)}"
+                self.metrics.swaps.labels("refused").inc()
+                log.error("new version refused (%s): %s; still answering from gallery %s", why, reason,
+                          getattr(current, "version", "?"))
+                return SwapOutcome(error=reason)
+            warm = False
         try:
             outcome = self.batcher.swap(searcher, warm, retire).result()
         except Exception as exc:  # noqa: BLE001 - the worker is gone (the service is stopping)
