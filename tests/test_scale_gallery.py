@@ -501,3 +501,15 @@ def test_rank_keep_scores_must_be_true_or_false(setup: dict[str, Any]) -> None:
     captions = runtime.encode_captions(["a dog on the grass"])
     with pytest.raises(ItmrtError, match="^keep_scores must be True or False, not 'yes'$"):
         runtime.rank(runtime.encode_images(setup["features"][:4]), captions, top_k=1, keep_scores="yes")
+
+
+@pytest.mark.parametrize("copy_mb", [0.0, 1e9])
+def test_a_shard_folder_gone_is_one_line_from_the_python_api(setup: dict[str, Any], tmp_path: Path,
+                                                             copy_mb: float) -> None:
+    # copying the shards into memory first sized them by listing each folder: a FileNotFoundError escaped
+    gallery = tmp_path / "gallery"
+    shutil.copytree(setup["sharded"], gallery)
+    shutil.rmtree(gallery / "shard-00001")
+    with pytest.raises(ItmrtError) as caught:
+        open_shards(gallery, threads=1, warn=quiet, copy_mb=copy_mb)
+    assert "shard-00001" in str(caught.value) and "\n" not in str(caught.value)

@@ -246,7 +246,12 @@ def shard_bytes(gallery: ShardedGallery) -> int:
     total = 0
     for shard in gallery.shards:
         folder = member(gallery.path, shard.name)
-        total += sum(entry.stat().st_size for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink())
+        try:
+            total += sum(entry.stat().st_size for entry in folder.iterdir()
+                         if entry.is_file() and not entry.is_symlink())
+        except OSError as exc:  # a shard folder removed or replaced by a file: FileNotFoundError from listdir
+            raise ItmrtError(f"cannot read shard folder {folder} ({exc.strerror or first_line(exc)}); "
+                             f"{GALLERY_MANIFEST} lists it: restore it or re-index the gallery") from None
     return total
 
 
