@@ -124,6 +124,29 @@ def test_a_truncated_shard_under_a_fresh_check_is_refused_too(made: dict[str, An
         _refused(_infer(live.url, made["captions"]), "image_embeddings.npy")
 
 
+def test_a_shard_file_restored_in_place_is_picked_up_without_a_signal(made: dict[str, Any], tmp_path: Path) -> None:
+    """Shards read from their files, the folder watched (the default): a shard's embeddings truncated in place
+    make the service not ready (503); the same bytes written back in place make it ready again with the first
+    answers, with no SIGHUP (only the top folder was watched: the service stayed 503 until a signal or a new
+    gallery.json)."""
+    gallery = tmp_path / "sharded"
+    shutil.copytree(made["gallery"], gallery)
+    path = gallery / "shard-00001" / "image_embeddings.npy"
+    original = path.read_bytes()
+    want = _expected(gallery, made["captions"], 5).indices
+    options = ServeOptions(port=0, configure_logging=False, threads=1, scorer="graph", copy_shards_mb=0,
+                           watch_s=0.05)
+    with running(Service(gallery, options=options)) as live:
+        os.truncate(path, 200)
+        _refused(_infer(live.url, made["captions"]), "image_embeddings.npy")
+        _until(lambda: live.metrics.swaps.labels("refused")._value.get() >= 1)  # the change was seen, and refused
+        with open(path, "r+b") as handle:  # in place: the folder's own stat does not change
+            handle.write(original)
+        _until(lambda: httpx.get(live.url + "/v2/health/ready", timeout=10).status_code == 200)
+        with ServiceClient(live.url) as client:
+            np.testing.assert_array_equal(client.search(made["captions"], 5).indices, want)
+
+
 def test_shards_copied_into_memory_answer_the_same_whatever_happens_to_their_files(made: dict[str, Any],
                                                                                     tmp_path: Path) -> None:
     gallery = tmp_path / "sharded"

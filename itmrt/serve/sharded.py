@@ -2,8 +2,10 @@
 
 A sharded gallery is swapped like a one-folder one (:mod:`itmrt.serve.swap`):
 :class:`ShardedSource` watches the gallery's top folder (``itmrt index
---append`` adds shard folders and replaces ``gallery.json`` in one rename), and
-on a change, SIGHUP or the repository load endpoint opens the version on disk
+--append`` adds shard folders and replaces ``gallery.json`` in one rename) and
+the files of every shard folder (a shard file written in place, then restored:
+a service reading its shards from their files stopped answering at the change
+and answered again only after SIGHUP), and on a change, SIGHUP or the repository load endpoint opens the version on disk
 whole - every shard verified, the bundle's runtime kept when the image encoder
 that made the gallery is still the one loaded - before the worker answers from
 it. The previous version's shards (their files, Ray actors) are let go once the
@@ -23,7 +25,7 @@ from itmrt.scale import RayOptions, SearchRequest
 from itmrt.scale.layout import ShardedGallery, read_sharded_gallery
 from itmrt.scale.open_gallery import Shards, shards_with
 from itmrt.serve.searcher import RuntimeSearcher
-from itmrt.serve.swap import RuntimeSource
+from itmrt.serve.swap import FolderState, RuntimeSource, folder_state
 
 log = logging.getLogger("itmrt.serve")
 
@@ -83,6 +85,9 @@ class ShardedSource(RuntimeSource):
                  copy_mb: float = 0.0, regions: dict[str, int] | None = None) -> None:
         super().__init__(gallery, None, load_options, on_long, warn)
         self.ray, self.shortlist, self.copy_mb, self.regions = ray, shortlist, copy_mb, dict(regions or {})
+
+    def state(self) -> FolderState:
+        return folder_state(self.gallery, subfolders=True)
 
     def open(self, previous: Any = None) -> tuple[RuntimeSearcher, bool, Callable[[], None] | None]:
         """(searcher, whether it needs a warm-up, what to let go of once it is in use)."""

@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from stat import S_ISDIR
 from typing import Any
 
 from itmrt.errors import first_line
@@ -45,12 +46,15 @@ log = logging.getLogger("itmrt.serve")
 FolderState = tuple[object, ...] | None
 
 
-def folder_state(folder: Path) -> FolderState:
-    """What a change to ``folder`` or any file in it changes (None when it cannot be read)."""
+def folder_state(folder: Path, subfolders: bool = False) -> FolderState:
+    """What a change to ``folder`` or any file in it changes (None when it cannot be read); ``subfolders``: also
+    any file in a folder inside it (a sharded gallery's shards: a file written in place changes no stat of the
+    folder that holds it)."""
     try:
         top = os.stat(folder)
         entries = sorted(
-            (entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            (entry.name, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+             folder_state(Path(entry.path)) if subfolders and S_ISDIR(stat.st_mode) else None)
             for entry in os.scandir(folder)
             for stat in (entry.stat(follow_symlinks=False),)
         )
