@@ -30,12 +30,16 @@ server starts) for the gallery version the response names. Each phase lasts ``--
 - ``overload, 64 callers``: the same 64 clients, each naming a caller of its own: 64 genuinely distinct callers
   sending flat out (the service is at capacity: each gets a 66th of the worker);
 - ``hot swap``: ``--swaps`` new gallery folders renamed into place in turn;
+- ``disk faults``: one after another, each held 0.6 s and then undone: ``gallery.json`` not JSON, then
+  50 MB; the embeddings file replaced by a link to ``/etc/passwd``, a FIFO, a folder (sharded: in a shard,
+  and also a shard's embeddings truncated in place then written back in place, and a shard folder taken
+  away and put back). Every version seen must be refused, every answer come from the good one;
 - ``file faults``: the served embeddings file changed in place, then truncated;
 - ``SIGTERM``: 20 non-readers connected, then SIGTERM: seconds to exit, and the exit status.
 
 ``--sharded``: the versions are sharded galleries (four shards each) served with
 ``--copy-shards-mb 0`` (embeddings read from their files by position); the
-phases are quiet, hot swap, a shard's embeddings truncated under the service
+phases are quiet, hot swap, disk faults, a shard's embeddings truncated under the service
 and then a good version renamed into place (503 between the two is a correct
 refusal), and SIGTERM.
 
@@ -539,6 +543,74 @@ def swapper(live: Path, versions: list[Path], swaps: int, server: Server) -> Cal
     return attack
 
 
+Fault = tuple[str, Callable[[], None], Callable[[], None]]
+
+
+def _moved_aside(path: Path, make: Callable[[Path], None]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``path`` renamed aside and ``make(path)`` put in its place; undone: that removed, the original back."""
+    aside = path.with_name(path.name + ".aside")
+
+    def do() -> None:
+        os.rename(path, aside)
+        make(path)
+
+    def undo() -> None:
+        if path.is_symlink() or path.is_file() or path.is_fifo():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        os.rename(aside, path)
+    return do, undo
+
+
+def _written_in_place(path: Path, change: Callable[[Path], None]) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``change(path)`` in place (same inode); undone: the original bytes written back in place."""
+    original: list[bytes] = []
+
+    def do() -> None:
+        original.append(path.read_bytes())
+        change(path)
+
+    def undo() -> None:
+        with open(path, "r+b") as handle:
+            handle.write(original.pop())
+            handle.truncate()
+    return do, undo
+
+
+def disk_faults(live: Path, sharded: bool) -> Callable[..., None]:
+    """Each fault made under the running service, held 0.6 s, then undone (the folder as it was): a document
+    that is not JSON or is 50 MB, an embeddings file turned into a link out of the folder, a FIFO or a folder,
+    the gallery (or a shard) folder taken away; sharded, also a shard's embeddings truncated in place and
+    written back in place (only the shard folder's files change: the service must see the restore itself).
+    Every version seen meanwhile must be refused and every answer come from the good one (or be a 503)."""
+    top = live / "gallery.json"
+    files = live / "shard-00001" if sharded else live
+    embeddings = files / "image_embeddings.npy"
+    faults: list[Fault] = [
+        ("gallery.json not JSON", *_written_in_place(top, lambda path: path.write_bytes(b"{not json"))),
+        ("gallery.json of 50 MB", *_written_in_place(
+            top, lambda path: path.write_bytes(b'{"pad": "' + b"x" * (50 << 20) + b'"}'))),
+        ("embeddings a link to /etc/passwd", *_moved_aside(embeddings, lambda path: path.symlink_to("/etc/passwd"))),
+        ("embeddings a FIFO", *_moved_aside(embeddings, lambda path: os.mkfifo(path))),
+        ("embeddings a folder", *_moved_aside(embeddings, lambda path: path.mkdir())),
+    ]
+    if sharded:
+        faults += [("a shard truncated in place", *_written_in_place(
+                       embeddings, lambda path: os.truncate(path, path.stat().st_size // 2))),
+                   ("a shard folder taken away", *_moved_aside(files, lambda path: None))]
+
+    def attack(url: str, stop: threading.Event) -> None:
+        for _name, do, undo in faults:
+            if stop.is_set():
+                return
+            do()
+            stop.wait(0.6)
+            undo()
+            stop.wait(0.6)
+    return attack
+
+
 def file_faults(live: Path) -> Callable[..., None]:
     def attack(url: str, stop: threading.Event) -> None:
         path = live / "image_embeddings.npy"
@@ -655,10 +727,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def swap_phases(args: argparse.Namespace, live: Path, versions: list[Path], server: Server, clients: WellBehaved,
                 q: float, probe: LiveProbe, rows: list[dict[str, Any]]) -> None:
-    """Hot swap, then the file faults (one-folder) or a truncated shard (sharded)."""
+    """Hot swap, the disk faults, then the file faults (one-folder) or a truncated shard (sharded)."""
     swaps = swapper(live, versions, args.swaps, server)
     rows.append(phase(f"hot swap ({args.swaps} swaps)", server, clients, max(args.seconds, args.swaps * 1.5),
                       swaps, q, lambda: swap_counts(server), probe))
+    rows.append(phase("disk faults, each undone (documents, links, FIFOs, folders)", server, clients,
+                      max(args.seconds, 10.0), disk_faults(live, args.sharded), q, lambda: swap_counts(server),
+                      probe))
     if args.sharded:
         rows.append(phase("shard file truncated, then a good version", server, clients, args.seconds,
                           shard_faults(live, versions[1]), q, lambda: swap_counts(server), probe))
