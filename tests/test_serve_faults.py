@@ -786,6 +786,24 @@ def test_serve_options_of_the_wrong_type_or_range_are_one_line(fields: dict[str,
     assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
 
 
+def test_serve_and_runtime_options_take_numpy_integers_as_ints() -> None:
+    """A count read from an array (np.int64) was refused: "--shortlist must be an integer from 1 to 16777216, not
+    np.int64(10)" (check_count took Python ints only, where the scale options and --threads take NumPy's)."""
+    from itmrt.runtime.options import RuntimeOptions
+
+    served = ServeOptions(shortlist=np.int64(10), port=np.uint16(8001), max_connections=np.int32(4),
+                          memory_mb=np.int64(16))
+    assert [type(value) for value in (served.shortlist, served.port, served.max_connections, served.memory_mb)] \
+        == [int] * 4 and (served.shortlist, served.port, served.memory_mb) == (10, 8001, 16)
+    runtime = RuntimeOptions(batch_size=np.int64(8), max_length=np.int32(20), device=np.int8(0))
+    assert type(runtime.batch_size) is int and type(runtime.max_length) is int and runtime.gpu_mem_limit_mb is None
+    from itmrt.errors import ItmrtError
+
+    for wrong in ({"batch_size": None}, {"batch_size": 8.0}, {"device": True}, {"max_length": np.float64(20)}):
+        with pytest.raises(ItmrtError, match="must be an integer from"):
+            RuntimeOptions(**wrong)
+
+
 def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(
         model: dict[str, Any], service: Service, tmp_path: Path) -> None:
     """--model-control poll (the default) refuses them with 403 and the reason; explicit answers them, and with a
