@@ -37,6 +37,8 @@ MAX_CALLS = 10000
 """Calls of one stage a benchmark makes (``itmrt bench --warmup``, ``--repeats``)."""
 MAX_SECONDS = 86400.0
 """Timeouts and delays."""
+MAX_SEED = (1 << 32) - 1
+"""Seeds of a random sample (``itmrt train --seed``, ``itmrt audit --seed``): NumPy's 32-bit seed range."""
 
 
 def usable_cores() -> int:
