@@ -31,6 +31,9 @@ MAX_COUNT = 1 << 24
 MAX_COPY_MB = float(1 << 30)
 """Shards copied into memory when they take at most this many MB (``itmrt serve --copy-shards-mb``, ``copy_mb``):
 a petabyte, "always copy"."""
+MAX_HNSW_M = 1024
+"""``--hnsw-m`` at most: FAISS keeps ``2 M`` links of 4 bytes per vector (8 KB at 1024, where 16-64 is usual); a
+larger M allocated gigabytes for a few images, and past 2**31 failed inside FAISS."""
 MAX_SAMPLE_IMAGES = 100_000
 """Test images ``itmrt sample-data`` makes (twice as many in all): about 60 GB of features, far past any trial."""
 MAX_CALLS = 10000

@@ -150,6 +150,32 @@ def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[
     assert result.err.count("\n") == 1 and not out.exists()
 
 
+@pytest.mark.parametrize(("spec", "expected"), [
+    (IndexSpec("hnsw", hnsw_ef_search=10**12), "--hnsw-ef-search must be at most 16777216"),  # written, and
+    # every search of the gallery then failed: "OverflowError: in method 'HNSW_efSearch_set'"
+    (IndexSpec("hnsw", hnsw_ef_construction=2**31), "--hnsw-ef-construction must be at most 16777216"),
+    (IndexSpec("hnsw", hnsw_m=2**31), "--hnsw-m must be at most 1024"),  # "Wrong number or type of arguments"
+    (IndexSpec("hnsw", hnsw_m=10**7), "--hnsw-m must be at most 1024"),  # gigabytes of links for 20 images
+    (IndexSpec("regions", region_centroids=10**12), "--region-centroids must be at most 16777216"),
+])
+def test_index_counts_past_their_range_are_one_line_and_write_nothing(setup: dict[str, Any], tmp_path: Path,
+                                                                      spec: IndexSpec, expected: str) -> None:
+    with pytest.raises(ItmrtError, match=expected) as caught:
+        index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", ShardingOptions(8, None, spec))
+    assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+    index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out",
+                  ShardingOptions(8, None, IndexSpec("hnsw", hnsw_m=np.int64(1024))))  # the largest taken
+
+
+def test_index_cli_bounds_the_index_counts_as_the_api(setup: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "out"
+    for flag, value in (("--hnsw-ef-search", "1000000000000"), ("--hnsw-m", "1025")):
+        result = run_cli(capsys, "index", str(setup["bundle"]), "--images", str(setup["root"] / "features.npy"),
+                         "--out", str(out), "--shard-images", "20", "--shortlist-index", "hnsw", flag, value)
+        assert result.code == 2 and flag in result.err and result.err.count("\n") == 1, result.err
+        assert not out.exists()
+
+
 @pytest.mark.parametrize(("keywords", "expected"), [
     ({"sample": 2.5}, "--sample must be an integer from 1 to 16777216, not 2.5"),  # inside numpy's choice
     ({"sample": "2"}, "--sample must be an integer from 1 to 16777216, not '2'"),  # a TypeError in a comparison
