@@ -776,6 +776,8 @@ def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any])
     ({"memory_mb": "x"}, "--memory-mb must be an integer from 1 to"),  # "unsupported operand type(s) for <<"
     ({"max_connections": 0}, "--max-connections must be an integer from 1 to"),  # every connection refused
     ({"ray": "auto"}, "ray must be an itmrt.scale.RayOptions"),  # reached the first opening of the shards
+    ({"regions": {"bogus": 1}}, "regions must be a dict of the region index's search options"),  # a TypeError
+    ({"regions": "nprobe=3"}, "regions must be a dict"),  # "argument after ** must be a mapping, not str"
 ])
 def test_serve_options_of_the_wrong_type_or_range_are_one_line(fields: dict[str, Any], expected: str) -> None:
     """The Python API's ServeOptions bounded as the CLI's flags are, before a port is bound or a file read."""

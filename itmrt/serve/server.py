@@ -115,6 +115,7 @@ class ServeOptions:
         check_real(self.copy_shards_mb, 0.0, MAX_COPY_MB, "--copy-shards-mb")
         check_real(self.grace_s, 1.0, 3600.0, "--grace-s")
         check_real(self.watch_s, 0.0, 3600.0, "--watch-s")
+        _check_region_names(self.regions)
         if self.ray is not None:  # a string reached the first search as a missing attribute
             from itmrt.scale.open_gallery import check_open_options
 
@@ -127,6 +128,18 @@ class ServeOptions:
         return RuntimeOptions(backend=self.backend, precision=self.precision, providers=self.providers,
                               threads=self.threads, scorer=self.scorer, budget_bytes=self.memory_mb << 20,
                               on_long=self.on_long)
+
+
+def _check_region_names(regions: object) -> None:
+    """``regions``: a dict of :class:`itmrt.scale.SearchRequest`'s region fields (a string, or an unknown name,
+    failed as a TypeError where the sharded gallery was opened)."""
+    from itmrt.scale.shard import REGION_OPTIONS
+
+    unknown = sorted(str(name) for name in regions if name not in REGION_OPTIONS) \
+        if isinstance(regions, dict) else None
+    if unknown is None or unknown:
+        raise ItmrtError(f"regions must be a dict of the region index's search options ({', '.join(REGION_OPTIONS)})"
+                         f", not {regions!r}" + (f": {', '.join(unknown)} is not one" if unknown else ""))
 
 
 MODEL_CONTROL = ("none", "poll", "explicit")
