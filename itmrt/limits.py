@@ -31,12 +31,17 @@ MAX_COUNT = 1 << 24
 MAX_COPY_MB = float(1 << 30)
 """Shards copied into memory when they take at most this many MB (``itmrt serve --copy-shards-mb``, ``copy_mb``):
 a petabyte, "always copy"."""
+MAX_HNSW_M = 1024
+"""``--hnsw-m`` at most: FAISS keeps ``2 M`` links of 4 bytes per vector (8 KB at 1024, where 16-64 is usual); a
+larger M allocated gigabytes for a few images, and past 2**31 failed inside FAISS."""
 MAX_SAMPLE_IMAGES = 100_000
 """Test images ``itmrt sample-data`` makes (twice as many in all): about 60 GB of features, far past any trial."""
 MAX_CALLS = 10000
 """Calls of one stage a benchmark makes (``itmrt bench --warmup``, ``--repeats``)."""
 MAX_SECONDS = 86400.0
 """Timeouts and delays."""
+MAX_SEED = (1 << 32) - 1
+"""Seeds of a random sample (``itmrt train --seed``, ``itmrt audit --seed``): NumPy's 32-bit seed range."""
 
 
 def usable_cores() -> int:
@@ -86,8 +91,8 @@ def check_threads(threads: int, flag: str = "--threads") -> int:
 
 
 def check_count(value: int, low: int, high: int, flag: str) -> int:
-    """An integer option within ``low``..``high``."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+    """An integer option within ``low``..``high`` (a NumPy integer too), as a Python ``int``."""
+    if not is_integer(value) or not low <= value <= high:
         raise ItmrtError(f"{flag} must be an integer from {low} to {high}, not {value!r}")
     return int(value)
 

@@ -40,6 +40,7 @@ from itmrt.scale import (
     open_shards,
     read_sharded_gallery,
 )
+from itmrt.scale.audit import audit
 from itmrt.scale.index import ShortlistIndex, build_index
 from itmrt.scale.shard import ShardAnswer, merge_answers
 from itmrt.scale.writer import ShardedWriter
@@ -147,6 +148,66 @@ def test_region_index_options_on_a_gallery_without_one_are_one_line(setup: dict[
                      "--shortlist", "10", "--nprobe", "3", "--out", str(out))
     assert result.code == 2 and "--nprobe searches a region index" in result.err, result.err
     assert result.err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    (IndexSpec("hnsw", hnsw_ef_search=10**12), "--hnsw-ef-search must be at most 16777216"),  # written, and
+    # every search of the gallery then failed: "OverflowError: in method 'HNSW_efSearch_set'"
+    (IndexSpec("hnsw", hnsw_ef_construction=2**31), "--hnsw-ef-construction must be at most 16777216"),
+    (IndexSpec("hnsw", hnsw_m=2**31), "--hnsw-m must be at most 1024"),  # "Wrong number or type of arguments"
+    (IndexSpec("hnsw", hnsw_m=10**7), "--hnsw-m must be at most 1024"),  # gigabytes of links for 20 images
+    (IndexSpec("regions", region_centroids=10**12), "--region-centroids must be at most 16777216"),
+])
+def test_index_counts_past_their_range_are_one_line_and_write_nothing(setup: dict[str, Any], tmp_path: Path,
+                                                                      spec: IndexSpec, expected: str) -> None:
+    with pytest.raises(ItmrtError, match=expected) as caught:
+        index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out", ShardingOptions(8, None, spec))
+    assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+    index_sharded(setup["runtime"], setup["features"][:20], tmp_path / "out",
+                  ShardingOptions(8, None, IndexSpec("hnsw", hnsw_m=np.int64(1024))))  # the largest taken
+
+
+def test_index_cli_bounds_the_index_counts_as_the_api(setup: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "out"
+    for flag, value in (("--hnsw-ef-search", "1000000000000"), ("--hnsw-m", "1025")):
+        result = run_cli(capsys, "index", str(setup["bundle"]), "--images", str(setup["root"] / "features.npy"),
+                         "--out", str(out), "--shard-images", "20", "--shortlist-index", "hnsw", flag, value)
+        assert result.code == 2 and flag in result.err and result.err.count("\n") == 1, result.err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(("keywords", "expected"), [
+    ({"sample": 2.5}, "--sample must be an integer from 1 to 16777216, not 2.5"),  # inside numpy's choice
+    ({"sample": "2"}, "--sample must be an integer from 1 to 16777216, not '2'"),  # a TypeError in a comparison
+    ({"sample": True}, "--sample must be an integer from 1"),
+    ({"seed": -1}, "--seed must be an integer from 0 to 4294967295, not -1"),  # "expected non-negative integer"
+    ({"seed": 1.5}, "--seed must be an integer from 0 to 4294967295, not 1.5"),  # inside numpy's SeedSequence
+    ({"captions": "word1 word2 word3"}, "the captions to audit must be a list of strings"),  # sampled by letter
+    ({"k": "3"}, "--top-k must be an integer, not '3'"),  # a TypeError comparing it with the recorded K
+])
+def test_audit_refuses_a_sample_seed_or_captions_of_the_wrong_kind_in_one_line(setup: dict[str, Any],
+                                                                              keywords: dict[str, Any],
+                                                                              expected: str) -> None:
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    given = {"captions": setup["captions"], "sample": 3, "k": 3, "seed": 0, **keywords}
+    with pytest.raises(ItmrtError) as caught:
+        audit(shards, given["captions"], given["sample"], k=given["k"], seed=given["seed"])
+    shards.close()
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+
+
+def test_audit_takes_numpy_integers_and_reports_python_numbers(setup: dict[str, Any], tmp_path: Path,
+                                                               capsys: Any) -> None:
+    # the report kept np.int64 values, which json.dumps refuses
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    report = audit(shards, setup["captions"], np.int64(3), k=np.int64(3), shortlist=np.int32(5), seed=np.uint32(2))
+    shards.close()
+    assert json.loads(json.dumps(report))["k"] == 3 and report["shortlist_per_shard"] == 5
+    out = tmp_path / "audit.json"
+    result = run_cli(capsys, "audit", str(setup["sharded"]), "--captions", str(setup["root"] / "captions.txt"),
+                     "--sample", "3", "--seed", "-1", "--out", str(out))  # a NumPy traceback
+    assert result.code == 2 and "--seed" in result.err and result.err.count("\n") == 1, result.err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("options", "expected"), [

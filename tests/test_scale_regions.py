@@ -357,6 +357,25 @@ def test_a_search_requests_region_counts_must_be_integers(field: str, value: Any
     SearchRequest(k=5, shortlist=10, budget=10, directions=["t2i"]).check()  # a list names one direction too
 
 
+@pytest.mark.parametrize(("keywords", "expected"), [
+    ({"keep_scores": "no"}, "keep_scores must be True or False, not 'no'"),  # truthy: "drop --scores-out"
+    ({"directions": ("t2i", "t2i")}, "directions must be among t2i, i2t, each once"),  # every shard searched twice
+    ({"directions": 5}, "directions must be among t2i, i2t, each once, not 5"),  # "'int' object is not iterable"
+    ({"k": 10**12}, "--top-k must be at most 16777216 (as on the command line), not 1000000000000"),
+    ({"shortlist": 10**12}, "--shortlist must be at most 16777216"),
+    ({"nprobe": 10**12}, "--nprobe must be at most 16777216"),
+    ({"budget": np.uint64(2**64 - 1)}, "--budget must be at most 16777216"),
+    ({"rescore": 2**24 + 1}, "--rescore must be at most 16777216"),
+])
+def test_a_search_request_is_bounded_and_typed_as_the_command_line_flags(keywords: dict[str, Any],
+                                                                         expected: str) -> None:
+    # each was taken where `itmrt infer` refuses it (or searched twice, or failed as not iterable)
+    with pytest.raises(ItmrtError) as caught:
+        SearchRequest(**{"k": 5, "shortlist": 10, **keywords}).check()
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+    SearchRequest(k=2**24, shortlist=np.int64(2**24), nprobe=2**24, directions=["i2t", "t2i"]).check()
+
+
 def test_a_region_index_needs_region_embeddings_options_to_match(world: dict[str, Any]) -> None:
     with pytest.raises(ItmrtError, match="--regions-storage compact is storage of the region index"):
         IndexSpec("flat", regions_storage="compact").check()

@@ -776,6 +776,8 @@ def test_a_large_request_is_split_into_batches_and_joined(model: dict[str, Any])
     ({"memory_mb": "x"}, "--memory-mb must be an integer from 1 to"),  # "unsupported operand type(s) for <<"
     ({"max_connections": 0}, "--max-connections must be an integer from 1 to"),  # every connection refused
     ({"ray": "auto"}, "ray must be an itmrt.scale.RayOptions"),  # reached the first opening of the shards
+    ({"regions": {"bogus": 1}}, "regions must be a dict of the region index's search options"),  # a TypeError
+    ({"regions": "nprobe=3"}, "regions must be a dict"),  # "argument after ** must be a mapping, not str"
 ])
 def test_serve_options_of_the_wrong_type_or_range_are_one_line(fields: dict[str, Any], expected: str) -> None:
     """The Python API's ServeOptions bounded as the CLI's flags are, before a port is bound or a file read."""
@@ -784,6 +786,24 @@ def test_serve_options_of_the_wrong_type_or_range_are_one_line(fields: dict[str,
     with pytest.raises(ItmrtError) as caught:
         ServeOptions(**fields)
     assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+
+
+def test_serve_and_runtime_options_take_numpy_integers_as_ints() -> None:
+    """A count read from an array (np.int64) was refused: "--shortlist must be an integer from 1 to 16777216, not
+    np.int64(10)" (check_count took Python ints only, where the scale options and --threads take NumPy's)."""
+    from itmrt.runtime.options import RuntimeOptions
+
+    served = ServeOptions(shortlist=np.int64(10), port=np.uint16(8001), max_connections=np.int32(4),
+                          memory_mb=np.int64(16))
+    assert [type(value) for value in (served.shortlist, served.port, served.max_connections, served.memory_mb)] \
+        == [int] * 4 and (served.shortlist, served.port, served.memory_mb) == (10, 8001, 16)
+    runtime = RuntimeOptions(batch_size=np.int64(8), max_length=np.int32(20), device=np.int8(0))
+    assert type(runtime.batch_size) is int and type(runtime.max_length) is int and runtime.gpu_mem_limit_mb is None
+    from itmrt.errors import ItmrtError
+
+    for wrong in ({"batch_size": None}, {"batch_size": 8.0}, {"device": True}, {"max_length": np.float64(20)}):
+        with pytest.raises(ItmrtError, match="must be an integer from"):
+            RuntimeOptions(**wrong)
 
 
 def test_repository_load_and_unload_follow_the_model_control_mode_and_the_token(

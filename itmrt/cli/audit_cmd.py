@@ -26,7 +26,7 @@ def audit_command(
         "K per shard reranked exactly, at least --top-k (default: what the gallery's region index records, else "
         "100; raised to --top-k).")),
     regions: Any = None,  # the region-index flags (flags.region_group): a dict for SearchRequest
-    seed: int = Opt(0, "--seed", help="Seed of the caption sample."),
+    seed: int = Opt(0, "--seed", min=0, max=limits.MAX_SEED, help="Seed of the caption sample."),
     threads: int = flags.threads(),
     out: Path | None = Opt(None, "--out", help="Write the report as JSON here."),
     markdown: Path | None = Opt(None, "--markdown", help="Write the Markdown table here too."),

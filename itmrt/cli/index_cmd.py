@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from itmrt import limits
 from itmrt.cli import flags
 from itmrt.cli.app import app
 from itmrt.cli.outputs import check_outputs_apart, warn_on_stderr
@@ -50,20 +51,20 @@ def index_command(
     shortlist_index: str | None = Opt(None, "--shortlist-index", help=(
         "Sharded: each shard's FAISS index of global vectors: flat (exact inner product, default), ivf, hnsw, "
         "none (numpy); or regions: the region index of NAAF/SCAN galleries (docs/region-index.md).")),
-    ivf_lists: int | None = Opt(None, "--ivf-lists", min=1, help="ivf: k-means lists per shard (default ~4 sqrt(N))."),
-    ivf_probe: int = Opt(16, "--ivf-probe", min=1, help="ivf: lists searched per query."),
-    hnsw_m: int = Opt(32, "--hnsw-m", min=1, help="hnsw: links per vector."),
-    hnsw_ef_construction: int = Opt(80, "--hnsw-ef-construction", min=1, help="hnsw: candidates kept while building."),
-    hnsw_ef_search: int = Opt(64, "--hnsw-ef-search", min=1, help="hnsw: candidates kept while searching (>= K)."),
-    region_centroids: int | None = Opt(None, "--region-centroids", min=1, help=(
+    ivf_lists: int | None = Opt(None, "--ivf-lists", min=1, max=limits.MAX_COUNT, help="ivf: k-means lists per shard (default ~4 sqrt(N))."),
+    ivf_probe: int = Opt(16, "--ivf-probe", min=1, max=limits.MAX_COUNT, help="ivf: lists searched per query."),
+    hnsw_m: int = Opt(32, "--hnsw-m", min=1, max=limits.MAX_HNSW_M, help="hnsw: links per vector."),
+    hnsw_ef_construction: int = Opt(80, "--hnsw-ef-construction", min=1, max=limits.MAX_COUNT, help="hnsw: candidates kept while building."),
+    hnsw_ef_search: int = Opt(64, "--hnsw-ef-search", min=1, max=limits.MAX_COUNT, help="hnsw: candidates kept while searching (>= K)."),
+    region_centroids: int | None = Opt(None, "--region-centroids", min=1, max=limits.MAX_COUNT, help=(
         "regions: k-means centroids per shard (default: a power of two near 8 sqrt(region vectors)).")),
-    nprobe: int | None = Opt(None, "--nprobe", min=1, help=(
+    nprobe: int | None = Opt(None, "--nprobe", min=1, max=limits.MAX_COUNT, help=(
         "regions: the shards' default centroids probed per caption token (default 8; a search's nprobe "
         "overrides it).")),
-    candidates: int | None = Opt(None, "--candidates", min=1, help=(
+    candidates: int | None = Opt(None, "--candidates", min=1, max=limits.MAX_COUNT, help=(
         "regions: the shards' recorded images reranked exactly per shard (default 50; a search's "
         "--shortlist K is what it uses).")),
-    exact_pass: int | None = Opt(None, "--exact-pass", min=0, help=(
+    exact_pass: int | None = Opt(None, "--exact-pass", min=0, max=limits.MAX_COUNT, help=(
         "regions: the shards' recorded images per shard scored exactly, at least K (default 0: none; a shard "
         "whose centroids fit its regions poorly is searched with 500).")),
     regions_storage: str = Opt("exact", "--regions-storage", help=(

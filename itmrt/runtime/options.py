@@ -81,13 +81,13 @@ class RuntimeOptions:
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         # A NumPy integer is taken as a thread count (as the scale options take it) and stored as an int.
         object.__setattr__(self, "threads", check_threads(self.threads))
-        check_count(self.batch_size, 1, MAX_BATCH, "--batch-size")
-        check_count(self.budget_bytes, 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
-        check_count(self.device, 0, 255, "--device")
-        if self.max_length is not None:
-            check_count(self.max_length, 2, MAX_TOKENS, "--max-length")
-        if self.gpu_mem_limit_mb is not None:
-            check_count(self.gpu_mem_limit_mb, 1, 1 << 24, "the CUDA memory limit (MB)")
+        counts = {"batch_size": (1, MAX_BATCH, "--batch-size"), "device": (0, 255, "--device"),
+                  "budget_bytes": (1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)"),
+                  "max_length": (2, MAX_TOKENS, "--max-length"),
+                  "gpu_mem_limit_mb": (1, 1 << 24, "the CUDA memory limit (MB)")}
+        for name, (low, high, flag) in counts.items():  # a NumPy integer too, stored as an int
+            if getattr(self, name) is not None or name not in ("max_length", "gpu_mem_limit_mb"):  # optional
+                object.__setattr__(self, name, check_count(getattr(self, name), low, high, flag))
 
     def replace(self, **changes: Any) -> RuntimeOptions:
         """These options with ``changes`` (field names), checked again; an unknown name is a TypeError."""

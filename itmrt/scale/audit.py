@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import ItmrtError
+from itmrt.limits import MAX_COUNT, MAX_SEED, check_count, check_top_k
+from itmrt.scale.index import python_number
 from itmrt.scale.shard import SearchRequest
 
 DEFAULT_SHORTLIST = 100
@@ -33,9 +35,15 @@ def recorded_candidates(shards: Any) -> int:
 
 
 def sample_captions(captions: list[str], sample: int, seed: int = 0) -> list[int]:
-    """``sample`` caption numbers drawn without replacement (all of them, in order, when there are no more)."""
-    if sample < 1:
-        raise ItmrtError(f"--sample must be at least 1, not {sample}")
+    """``sample`` caption numbers drawn without replacement (all of them, in order, when there are no more).
+
+    A float, a string or a bool ``sample``, a negative ``seed`` (given on the command line too) failed inside
+    NumPy; a string of captions was sampled letter by letter."""
+    check_count(sample, 1, MAX_COUNT, "--sample")
+    check_count(seed, 0, MAX_SEED, "--seed")
+    if not isinstance(captions, (list, tuple)) or not all(isinstance(caption, str) for caption in captions):
+        raise ItmrtError(f"the captions to audit must be a list of strings (read_captions reads a file of them), "
+                         f"not {type(captions).__name__}")
     if not captions:
         raise ItmrtError("no captions to audit")
     if sample >= len(captions):
@@ -51,7 +59,11 @@ def audit(shards: Any, captions: list[str], sample: int, k: int = 10, shortlist:
     ``prefilter``, ``budget``, ``rescore``: the region index's search options of :class:`SearchRequest`."""
     # A shortlist given smaller than k is refused as infer and serve refuse it (it was raised to k without a
     # word, so the report measured another K than asked); the default is raised to k.
+    check_top_k(k)  # before it is compared with the recorded K
     shortlist = shortlist if shortlist is not None else max(recorded_candidates(shards), k)
+    # NumPy integers are taken; the report holds Python's (json.dumps refuses an np.int64)
+    k, shortlist, nprobe, exact_pass, union, refine, prefilter, budget, rescore = map(
+        python_number, (k, shortlist, nprobe, exact_pass, union, refine, prefilter, budget, rescore))
     request = SearchRequest(k=k, shortlist=shortlist, nprobe=nprobe, exact_pass=exact_pass,
                             union=union, refine=refine, prefilter=prefilter, budget=budget,
                             rescore=rescore).check()

@@ -39,7 +39,7 @@ import numpy as np
 
 from itmrt.documents import read_regular_bytes
 from itmrt.errors import ItmrtError, first_line
-from itmrt.limits import is_integer
+from itmrt.limits import MAX_COUNT, MAX_HNSW_M, is_integer
 from itmrt.optional import require
 from itmrt.scale.regions import (
     DEFAULT_CANDIDATES,
@@ -115,6 +115,10 @@ class IndexSpec:
         for flag, value in [*counts.items(), *((f, v) for f, v in optional.items() if v is not None)]:
             if not is_integer(value):
                 raise ItmrtError(f"{flag} must be an integer, not {value!r}")
+            # a count past FAISS's int failed inside it (or, recorded, in every search); 10**7 links took GBs
+            high = MAX_HNSW_M if flag == "--hnsw-m" else MAX_COUNT
+            if value > high:
+                raise ItmrtError(f"{flag} must be at most {high}, not {value}: lower it")
         if isinstance(self.residual_bits, bool) or not isinstance(self.residual_bits, numbers.Real):
             raise ItmrtError(f"--residual-bits must be a number of bits per dimension, not {self.residual_bits!r}")
 

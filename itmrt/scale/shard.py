@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError
-from itmrt.limits import check_top_k, is_integer
+from itmrt.limits import MAX_COUNT, check_flag, check_top_k, is_integer
 from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings, check_caption_embeddings
 from itmrt.runtime.gallery import Gallery
@@ -84,8 +84,12 @@ class SearchRequest:
     def check(self) -> SearchRequest:
         check_top_k(self.k)
         self._check_counts()
-        if not self.directions or any(d not in DIRECTIONS for d in self.directions):
-            raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, not {self.directions!r}")
+        # "no" was truthy: a shortlist's request was told to drop --scores-out it never gave
+        check_flag(self.keep_scores, "keep_scores")
+        directions = self.directions  # ("t2i", "t2i") searched every shard twice; 5 failed as not iterable
+        if not isinstance(directions, (tuple, list)) or not directions or \
+                any(d not in DIRECTIONS for d in directions) or len(set(directions)) != len(directions):
+            raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, each once, not {self.directions!r}")
         if self.shortlist is not None:
             check_shortlist(self.shortlist, self.k)
             if self.keep_scores:
@@ -110,11 +114,16 @@ class SearchRequest:
 
     def _check_counts(self) -> None:
         """The region index's counts are integers (a float, a string or NaN failed deep inside numpy, or was
-        silently taken as a count)."""
+        silently taken as a count); they, k and the shortlist at most :data:`MAX_COUNT`, as the CLI's flags."""
         for name, flag in REGION_OPTIONS.items():
             value = getattr(self, name)
             if value is not None and not is_integer(value):
                 raise ItmrtError(f"{flag} must be an integer (or None: the gallery's default), not {value!r}")
+        for name, flag in {"k": "--top-k", "shortlist": "--shortlist", **REGION_OPTIONS}.items():
+            value = getattr(self, name)
+            if is_integer(value) and value > MAX_COUNT:
+                raise ItmrtError(f"{flag} must be at most {MAX_COUNT} (as on the command line), not {value}: "
+                                 "lower it")
 
 
 def check_request(request: object) -> SearchRequest:

@@ -99,20 +99,23 @@ class ServeOptions:
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
-        check_count(self.memory_mb, 1, MAX_MEMORY_MB, "--memory-mb")
+        object.__setattr__(self, "memory_mb", check_count(self.memory_mb, 1, MAX_MEMORY_MB, "--memory-mb"))
 
     def _check_service_fields(self) -> None:
         """The fields the CLI bounds, bounded alike for the Python API: a string or a number out of range failed
         in a comparison, a shift or bind() (a TypeError, or OverflowError: "port must be 0-65535")."""
         if not isinstance(self.host, str) or not self.host.strip():
             raise ItmrtError(f"--host must be an address (e.g. 127.0.0.1 or 0.0.0.0), not {self.host!r}")
-        check_count(self.port, 0, 65535, "--port")
-        check_count(self.max_connections, 1, MAX_BATCH, "--max-connections")
+        # a NumPy integer is taken, and stored as an int (bind() and the JSON of /v2 take Python's)
+        object.__setattr__(self, "port", check_count(self.port, 0, 65535, "--port"))
+        object.__setattr__(self, "max_connections", check_count(self.max_connections, 1, MAX_BATCH,
+                                                                "--max-connections"))
         if self.shortlist is not None:
-            check_count(self.shortlist, 1, MAX_COUNT, "--shortlist")
+            object.__setattr__(self, "shortlist", check_count(self.shortlist, 1, MAX_COUNT, "--shortlist"))
         check_real(self.copy_shards_mb, 0.0, MAX_COPY_MB, "--copy-shards-mb")
         check_real(self.grace_s, 1.0, 3600.0, "--grace-s")
         check_real(self.watch_s, 0.0, 3600.0, "--watch-s")
+        _check_region_names(self.regions)
         if self.ray is not None:  # a string reached the first search as a missing attribute
             from itmrt.scale.open_gallery import check_open_options
 
@@ -125,6 +128,18 @@ class ServeOptions:
         return RuntimeOptions(backend=self.backend, precision=self.precision, providers=self.providers,
                               threads=self.threads, scorer=self.scorer, budget_bytes=self.memory_mb << 20,
                               on_long=self.on_long)
+
+
+def _check_region_names(regions: object) -> None:
+    """``regions``: a dict of :class:`itmrt.scale.SearchRequest`'s region fields (a string, or an unknown name,
+    failed as a TypeError where the sharded gallery was opened)."""
+    from itmrt.scale.shard import REGION_OPTIONS
+
+    unknown = sorted(str(name) for name in regions if name not in REGION_OPTIONS) \
+        if isinstance(regions, dict) else None
+    if unknown is None or unknown:
+        raise ItmrtError(f"regions must be a dict of the region index's search options ({', '.join(REGION_OPTIONS)})"
+                         f", not {regions!r}" + (f": {', '.join(unknown)} is not one" if unknown else ""))
 
 
 MODEL_CONTROL = ("none", "poll", "explicit")
