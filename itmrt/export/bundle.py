@@ -18,6 +18,7 @@ already in memory (a family defined outside itmrt, a model just trained).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import shutil
@@ -52,7 +53,7 @@ from itmrt.export.sample_parity import ParityResult, check_parity, sample_inputs
 from itmrt.families import BuiltGraphs, FamilySpec, GraphOptions, family_of, threshold_families
 from itmrt.families.checkpoints import load_checkpoint
 from itmrt.families.released import detect_format
-from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_real
+from itmrt.limits import MAX_BATCH, MAX_REGIONS, MAX_TOKENS, check_count, check_flag, check_real
 from itmrt.models.evaluate import check_vocabulary
 from itmrt.publish import check_output_folder, publish_folder, staged_folder
 from itmrt.text.vocab import Vocabulary
@@ -126,10 +127,18 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _validate_options(options: ExportOptions) -> None:
-    check_count(options.max_batch, 1, MAX_BATCH, "--max-batch")
-    check_count(options.max_length, 2, MAX_TOKENS, "--max-length")
-    check_count(options.num_regions, 1, MAX_REGIONS, "--num-regions")
+def _validate_options(options: ExportOptions) -> ExportOptions:
+    """``options`` checked, as a copy whose counts are Python ints (a NumPy integer is taken, but the manifest's
+    JSON is not written from one) and whose ``overwrite`` is a bool ("no" would replace a bundle)."""
+    check_flag(options.overwrite, "overwrite")
+    counts = {"max_batch": check_count(options.max_batch, 1, MAX_BATCH, "--max-batch"),
+              "max_length": check_count(options.max_length, 2, MAX_TOKENS, "--max-length"),
+              "num_regions": check_count(options.num_regions, 1, MAX_REGIONS, "--num-regions")}
+    _check_threshold_and_tolerance(options)
+    return dataclasses.replace(options, **counts)
+
+
+def _check_threshold_and_tolerance(options: ExportOptions) -> None:
     if options.tolerance is not None:
         check_real(options.tolerance, 0.0, 1.0, "--tolerance (the parity tolerance)", low_open=True)
     if options.threshold is not None:
@@ -301,7 +310,7 @@ def export_model(loaded: LoadedModel, out: str | Path, options: ExportOptions | 
     say: Log = log or (lambda _message: None)
     started = time.perf_counter() if started is None else started
     out = Path(out)
-    _validate_options(options)
+    options = _validate_options(options)
     _check_target(out, options.overwrite)
     built = build_stage(loaded, options, say)
     parity = judge_parity(loaded, built, options, say)
@@ -327,7 +336,7 @@ def export_bundle(
     options = options or ExportOptions()
     say: Log = log or (lambda _message: None)
     started = time.perf_counter()
-    _validate_options(options)
+    options = _validate_options(options)
     _check_sources(Path(checkpoint), Path(vocab))
     _check_target(Path(out), options.overwrite)  # before the (slow) load
     loaded = load_model(checkpoint, vocab)

@@ -219,11 +219,11 @@ def check_bench_options(options: BenchOptions) -> None:
     sizes = options.batch_sizes
     if not sizes or not all(is_integer(size) and 1 <= size <= MAX_BATCH for size in sizes):
         raise ItmrtError(f"--batch-sizes must be integers from 1 to {MAX_BATCH}, e.g. 1,8,32,128")
-    check_count(options.images, 1, MAX_BATCH, "--images")
-    check_count(options.captions, 1, MAX_BATCH, "--captions")
-    check_count(options.warmup, 0, MAX_CALLS, "--warmup")
-    check_count(options.repeats, 1, MAX_CALLS, "--repeats")
-    check_count(options.top_k, 1, MAX_COUNT, "--top-k")
+    options.batch_sizes = [int(size) for size in sizes]  # NumPy integers are taken; the report's JSON needs ints
+    for name, low, high, flag in (("images", 1, MAX_BATCH, "--images"), ("captions", 1, MAX_BATCH, "--captions"),
+                                  ("warmup", 0, MAX_CALLS, "--warmup"), ("repeats", 1, MAX_CALLS, "--repeats"),
+                                  ("top_k", 1, MAX_COUNT, "--top-k")):
+        setattr(options, name, check_count(getattr(options, name), low, high, flag))  # a NumPy integer: an int
 
 
 def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None = None,
