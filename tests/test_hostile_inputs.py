@@ -438,6 +438,15 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
     ("features list", lambda rt, g, c: rt.encode_images([[[0.0] * 64] * 10]), "must be a numpy array, not list"),
     ("images None", lambda rt, g, c: rt.score(None, rt.encode_captions(c)), "not NoneType"),
     ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),
+    # a string was searched by substring ("t2i" in "t2i, i2t"); an unknown name or none gave empty results
+    ("directions str", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, shortlist=4, directions="t2i"),
+     "directions must be a tuple of one or both of 't2i', 'i2t', not 't2i'"),
+    ("directions unknown", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, shortlist=4, directions=("t2x",)),
+     "directions must be a tuple of one or both of 't2i', 'i2t', not ('t2x',)"),
+    ("directions empty", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, shortlist=4, directions=()),
+     "directions must be a tuple of one or both"),
+    ("directions None", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, directions=None),
+     "directions must be a tuple of one or both"),
     ("threads 1.5", lambda rt, g, c: __import__("itmrt.runtime").runtime.load(rt.bundle.path, threads=1.5),
      "--threads must be an integer"),
     # a number or None where a path goes failed in pathlib as a TypeError; "" was read as the current folder

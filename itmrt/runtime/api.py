@@ -54,7 +54,7 @@ from itmrt.runtime.given_embeddings import check_given_embeddings
 from itmrt.runtime.gru_directions import DirectionsBackend
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
 from itmrt.runtime.one_caption import FEW_CAPTIONS, ONE_CAPTION_SCORERS, OneCaptionScorer
-from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
+from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn, check_directions
 from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.runtime.shortlist import ScoreRows, check_shortlist, image_global_vectors, shortlist_search
 from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
@@ -265,6 +265,7 @@ class Runtime:
         check_top_k(top_k)
         check_flag(keep_scores, "keep_scores")
         check_caption_embeddings(captions)
+        directions = check_directions(directions)
         if shortlist is not None and captions.token_level:
             if keep_scores:
                 raise ItmrtError(

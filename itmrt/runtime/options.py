@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from itmrt.bundle.names import BackendName, Choice, Precision, parse_choice
+from itmrt.errors import ItmrtError
 from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_count, check_threads
 
 DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% (cache), bench_scorer
@@ -39,6 +40,20 @@ class Direction(Choice):
     def searched(self) -> tuple[str, ...]:
         """The directions as :class:`itmrt.scale.SearchRequest` names them."""
         return ("t2i", "i2t") if self is Direction.BOTH else (str(self.value),)
+
+
+SEARCHED = ("t2i", "i2t")
+"""The directions :meth:`itmrt.runtime.Runtime.rank` takes (``directions=``)."""
+
+
+def check_directions(directions: object) -> tuple[str, ...]:
+    """``directions`` as a tuple of :data:`SEARCHED`, at least one, or a one-line error: a string was searched
+    by its letters' substrings ("t2i" in "xt2i"), and an unknown name or none at all gave empty results."""
+    if isinstance(directions, str) or not isinstance(directions, (tuple, list)) or not directions \
+            or any(not isinstance(d, str) or d not in SEARCHED for d in directions):
+        raise ItmrtError(f"directions must be a tuple of one or both of {', '.join(map(repr, SEARCHED))}, "
+                         f"not {directions!r}")
+    return tuple(str(d) for d in directions)
 
 
 class OnLong(Choice):
