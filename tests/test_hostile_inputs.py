@@ -414,6 +414,18 @@ def api_runtime(hostile_world: World) -> Any:
     return load(hostile_world.bundle, threads=1, warn=lambda message: None)
 
 
+def _one_vector_each(captions: Any) -> Any:
+    from itmrt.runtime.encoders import CaptionEmbeddings
+
+    return CaptionEmbeddings(captions.vectors[: len(captions)], captions.lengths)
+
+
+def _narrowed(captions: Any) -> Any:
+    from itmrt.runtime.encoders import CaptionEmbeddings
+
+    return CaptionEmbeddings(captions.vectors[:, :5], captions.lengths, captions.offsets)
+
+
 API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
     # k <= 0 ranked all but the last -k images for a few captions (the one-caption path), silently
     ("k=-1", lambda rt, g, c: rt.search_text_to_image(c, g, -1), "--top-k must be at least 1, not -1"),
@@ -447,6 +459,22 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
      "directions must be a tuple of one or both"),
     ("directions None", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, directions=None),
      "directions must be a tuple of one or both"),
+    # plain embeddings that are not float were cast and ranked; NaN came back from score_images as scores; zero
+    # regions, a wrong depth or the wrong kind of caption embeddings failed inside numpy or ONNX Runtime
+    ("embeddings str", lambda rt, g, c: rt.rank(np.asarray(g.embeddings).astype(str), rt.encode_captions(c)),
+     "image embeddings hold <U"),
+    ("embeddings int", lambda rt, g, c: rt.score_images(np.ones(g.embeddings.shape, np.int32), rt.encode_captions(c)),
+     "image embeddings hold int32; give float32 or float16 embeddings"),
+    ("embeddings NaN", lambda rt, g, c: rt.score_images(np.full(g.embeddings.shape, np.nan, np.float32),
+                                                        rt.encode_captions(c)), "the scorer gave NaN or infinite"),
+    ("no regions", lambda rt, g, c: rt.rank(np.asarray(g.embeddings)[:, :0], rt.encode_captions(c)),
+     "image embeddings have shape (6, 0, 32)"),
+    ("embeddings depth", lambda rt, g, c: rt.rank(np.asarray(g.embeddings)[:, :, :5], rt.encode_captions(c * 20)),
+     "image embeddings have shape (6, 10, 5)"),
+    ("captions global", lambda rt, g, c: rt.rank(g, _one_vector_each(rt.encode_captions(c * 20))),
+     "scores token embeddings with offsets"),
+    ("captions depth", lambda rt, g, c: rt.rank(g, _narrowed(rt.encode_captions(c)), 1, shortlist=2),
+     "caption embeddings have 5 values a vector"),
     ("threads 1.5", lambda rt, g, c: __import__("itmrt.runtime").runtime.load(rt.bundle.path, threads=1.5),
      "--threads must be an integer"),
     # a number or None where a path goes failed in pathlib as a TypeError; "" was read as the current folder
