@@ -448,6 +448,12 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
     ("caption escape", lambda rt, g, c: rt.encode_captions(["a \x1b[2J dog"]), "caption 1 holds the control "
      "character U+001B"),
     ("features list", lambda rt, g, c: rt.encode_images([[[0.0] * 64] * 10]), "must be a numpy array, not list"),
+    # features that are not float were cast and encoded (complex with a ComplexWarning), by index() into a gallery
+    ("features int", lambda rt, g, c: rt.encode_images(np.ones((1, 10, 64), np.int64)), "image features hold int64; "
+     "give float32 values"),
+    ("features bool", lambda rt, g, c: rt.encode_images(np.ones((1, 10, 64), bool)), "image features hold bool"),
+    ("features complex", lambda rt, g, c: rt.encode_images(np.ones((1, 10, 64), np.complex64)),
+     "image features hold complex64"),
     ("images None", lambda rt, g, c: rt.score(None, rt.encode_captions(c)), "not NoneType"),
     ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),
     # a string was searched by substring ("t2i" in "t2i, i2t"); an unknown name or none gave empty results

@@ -262,6 +262,9 @@ def check_image_input(
     """Refuse features whose shape does not fit the image encoder's declared input (one-line error)."""
     if not isinstance(features, np.ndarray):
         raise DataError(f"{source} must be a numpy array, not {type(features).__name__}")
+    if not np.issubdtype(features.dtype, np.floating):  # strings, booleans, integers, objects were cast and encoded
+        raise DataError(f"{source} hold {features.dtype}; give float32 values (convert with "
+                        "features.astype('float32') if they are numbers)")
     if features.ndim != len(expected):
         raise DataError(
             f"{source} has shape {tuple(features.shape)}; this bundle's image encoder takes {len(expected)}-d input "
