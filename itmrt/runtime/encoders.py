@@ -71,7 +71,8 @@ class CaptionEmbeddings:
             return CaptionEmbeddings(self.vectors[index], lengths)
         offsets = np.zeros(len(index) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        rows = (np.concatenate([np.arange(self.offsets[k], self.offsets[k] + self.lengths[k]) for k in index])
+        starts = self.offsets.astype(np.int64)  # uint64 offsets and lengths made float rows (np.arange of the two)
+        rows = (np.concatenate([np.arange(starts[k], starts[k] + int(self.lengths[k])) for k in index])
                 if len(index) else np.zeros(0, np.int64))
         return CaptionEmbeddings(self.vectors[rows], lengths, offsets)
 
