@@ -515,12 +515,20 @@ def test_api_wrong_values_and_types_are_one_line(hostile_world: World, api_runti
     assert "\n" not in str(error.value)
 
 
-def test_api_threads_may_be_numpy_integers(hostile_world: World) -> None:
+def test_api_counts_may_be_numpy_integers(hostile_world: World) -> None:
     # the scale options took np.int64 counts; RuntimeOptions kept one, which ONNX Runtime's options may refuse
     import numpy as np
 
+    from itmrt.errors import ItmrtError
     from itmrt.runtime import RuntimeOptions, load
 
     options = RuntimeOptions(threads=np.int64(1))
     assert type(options.threads) is int and options.threads == 1
-    load(hostile_world.bundle, threads=np.int64(1)).close()
+    # batch_size, max_length, device, budget_bytes and gpu_mem_limit_mb were refused as "must be an integer"
+    counts = {"batch_size": 64, "max_length": 10, "device": 0, "budget_bytes": 1 << 20, "gpu_mem_limit_mb": 512}
+    options = RuntimeOptions(**{name: np.int64(value) for name, value in counts.items()})
+    assert {name: (type(getattr(options, name)), getattr(options, name)) for name in counts} == \
+        {name: (int, value) for name, value in counts.items()}
+    with pytest.raises(ItmrtError, match="--batch-size must be an integer from 1 to 65536, not 0"):
+        RuntimeOptions(batch_size=np.int32(0))
+    load(hostile_world.bundle, threads=np.int64(1), batch_size=np.int64(8)).close()

@@ -15,7 +15,7 @@ from typing import Any
 
 from itmrt.bundle.names import BackendName, Choice, Precision, parse_choice
 from itmrt.errors import ItmrtError
-from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_count, check_threads
+from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_count, check_threads, is_integer
 
 DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% (cache), bench_scorer
 
@@ -96,13 +96,19 @@ class RuntimeOptions:
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         # A NumPy integer is taken as a thread count (as the scale options take it) and stored as an int.
         object.__setattr__(self, "threads", check_threads(self.threads))
-        check_count(self.batch_size, 1, MAX_BATCH, "--batch-size")
-        check_count(self.budget_bytes, 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
-        check_count(self.device, 0, 255, "--device")
+        self._count("batch_size", 1, MAX_BATCH, "--batch-size")
+        self._count("budget_bytes", 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
+        self._count("device", 0, 255, "--device")
         if self.max_length is not None:
-            check_count(self.max_length, 2, MAX_TOKENS, "--max-length")
+            self._count("max_length", 2, MAX_TOKENS, "--max-length")
         if self.gpu_mem_limit_mb is not None:
-            check_count(self.gpu_mem_limit_mb, 1, 1 << 24, "the CUDA memory limit (MB)")
+            self._count("gpu_mem_limit_mb", 1, 1 << 24, "the CUDA memory limit (MB)")
+
+    def _count(self, name: str, low: int, high: int, flag: str) -> None:
+        """Field ``name`` checked within ``low..high`` and stored as an ``int``: a NumPy integer (a count read from
+        an array) was refused as "must be an integer", as ``threads`` no longer is."""
+        value = getattr(self, name)
+        object.__setattr__(self, name, check_count(int(value) if is_integer(value) else value, low, high, flag))
 
     def replace(self, **changes: Any) -> RuntimeOptions:
         """These options with ``changes`` (field names), checked again; an unknown name is a TypeError."""
