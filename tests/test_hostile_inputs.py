@@ -414,6 +414,18 @@ def api_runtime(hostile_world: World) -> Any:
     return load(hostile_world.bundle, threads=1, warn=lambda message: None)
 
 
+def _one_vector_each(captions: Any) -> Any:
+    from itmrt.runtime.encoders import CaptionEmbeddings
+
+    return CaptionEmbeddings(captions.vectors[: len(captions)], captions.lengths)
+
+
+def _narrowed(captions: Any) -> Any:
+    from itmrt.runtime.encoders import CaptionEmbeddings
+
+    return CaptionEmbeddings(captions.vectors[:, :5], captions.lengths, captions.offsets)
+
+
 API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
     # k <= 0 ranked all but the last -k images for a few captions (the one-caption path), silently
     ("k=-1", lambda rt, g, c: rt.search_text_to_image(c, g, -1), "--top-k must be at least 1, not -1"),
@@ -436,8 +448,39 @@ API_CASES: list[tuple[str, Callable[[Any, Any, list[str]], Any], str]] = [
     ("caption escape", lambda rt, g, c: rt.encode_captions(["a \x1b[2J dog"]), "caption 1 holds the control "
      "character U+001B"),
     ("features list", lambda rt, g, c: rt.encode_images([[[0.0] * 64] * 10]), "must be a numpy array, not list"),
+    # features that are not float were cast and encoded (complex with a ComplexWarning), by index() into a gallery
+    ("features int", lambda rt, g, c: rt.encode_images(np.ones((1, 10, 64), np.int64)), "image features hold int64; "
+     "give float32 values"),
+    ("features bool", lambda rt, g, c: rt.encode_images(np.ones((1, 10, 64), bool)), "image features hold bool"),
+    ("features complex", lambda rt, g, c: rt.encode_images(np.ones((1, 10, 64), np.complex64)),
+     "image features hold complex64"),
     ("images None", lambda rt, g, c: rt.score(None, rt.encode_captions(c)), "not NoneType"),
     ("captions not encoded", lambda rt, g, c: rt.rank(g, c), "captions must be encoded first"),
+    # a string was searched by substring ("t2i" in "t2i, i2t"); an unknown name or none gave empty results
+    ("directions str", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, shortlist=4, directions="t2i"),
+     "directions must be a tuple of one or both of 't2i', 'i2t', each once, not 't2i'"),
+    ("directions unknown", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, shortlist=4, directions=("t2x",)),
+     "directions must be a tuple of one or both of 't2i', 'i2t', each once, not ('t2x',)"),
+    ("directions empty", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, shortlist=4, directions=()),
+     "directions must be a tuple of one or both"),
+    ("directions None", lambda rt, g, c: rt.rank(g, rt.encode_captions(c), 2, directions=None),
+     "directions must be a tuple of one or both"),
+    # plain embeddings that are not float were cast and ranked; NaN came back from score_images as scores; zero
+    # regions, a wrong depth or the wrong kind of caption embeddings failed inside numpy or ONNX Runtime
+    ("embeddings str", lambda rt, g, c: rt.rank(np.asarray(g.embeddings).astype(str), rt.encode_captions(c)),
+     "image embeddings hold <U"),
+    ("embeddings int", lambda rt, g, c: rt.score_images(np.ones(g.embeddings.shape, np.int32), rt.encode_captions(c)),
+     "image embeddings hold int32; give float32 or float16 embeddings"),
+    ("embeddings NaN", lambda rt, g, c: rt.score_images(np.full(g.embeddings.shape, np.nan, np.float32),
+                                                        rt.encode_captions(c)), "the scorer gave NaN or infinite"),
+    ("no regions", lambda rt, g, c: rt.rank(np.asarray(g.embeddings)[:, :0], rt.encode_captions(c)),
+     "image embeddings have shape (6, 0, 32)"),
+    ("embeddings depth", lambda rt, g, c: rt.rank(np.asarray(g.embeddings)[:, :, :5], rt.encode_captions(c * 20)),
+     "image embeddings have shape (6, 10, 5)"),
+    ("captions global", lambda rt, g, c: rt.rank(g, _one_vector_each(rt.encode_captions(c * 20))),
+     "scores token embeddings with offsets"),
+    ("captions depth", lambda rt, g, c: rt.rank(g, _narrowed(rt.encode_captions(c)), 1, shortlist=2),
+     "caption embeddings have 5 values a vector"),
     ("threads 1.5", lambda rt, g, c: __import__("itmrt.runtime").runtime.load(rt.bundle.path, threads=1.5),
      "--threads must be an integer"),
     # a number or None where a path goes failed in pathlib as a TypeError; "" was read as the current folder
@@ -472,12 +515,20 @@ def test_api_wrong_values_and_types_are_one_line(hostile_world: World, api_runti
     assert "\n" not in str(error.value)
 
 
-def test_api_threads_may_be_numpy_integers(hostile_world: World) -> None:
+def test_api_counts_may_be_numpy_integers(hostile_world: World) -> None:
     # the scale options took np.int64 counts; RuntimeOptions kept one, which ONNX Runtime's options may refuse
     import numpy as np
 
+    from itmrt.errors import ItmrtError
     from itmrt.runtime import RuntimeOptions, load
 
     options = RuntimeOptions(threads=np.int64(1))
     assert type(options.threads) is int and options.threads == 1
-    load(hostile_world.bundle, threads=np.int64(1)).close()
+    # batch_size, max_length, device, budget_bytes and gpu_mem_limit_mb were refused as "must be an integer"
+    counts = {"batch_size": 64, "max_length": 10, "device": 0, "budget_bytes": 1 << 20, "gpu_mem_limit_mb": 512}
+    options = RuntimeOptions(**{name: np.int64(value) for name, value in counts.items()})
+    assert {name: (type(getattr(options, name)), getattr(options, name)) for name in counts} == \
+        {name: (int, value) for name, value in counts.items()}
+    with pytest.raises(ItmrtError, match="--batch-size must be an integer from 1 to 65536, not 0"):
+        RuntimeOptions(batch_size=np.int32(0))
+    load(hostile_world.bundle, threads=np.int64(1), batch_size=np.int64(8)).close()

@@ -192,6 +192,27 @@ def test_bad_inputs_are_one_line_errors() -> None:
         scorer.score(images, CaptionEmbeddings(np.zeros((1, 16), np.float32), np.array([1], np.int32)))
 
 
+@pytest.mark.parametrize(("rows", "problem"), [
+    (np.array([3, -1]), "within 0..29"),  # numpy wrapped it around to the last image
+    (np.array([30]), "within 0..29"),  # an IndexError from numpy
+    (np.array([2**64 - 1], dtype=np.uint64), "within 0..29"),  # -1 once cast to int64
+    (np.array([1.7]), "integers"),  # truncated to row 1
+    (np.array([True, False]), "integers"),  # read as rows 1 and 0
+    (np.array([[0, 1], [2, 3]]), "1-D"),  # ONNX Runtime's "Invalid rank"
+    (3, "1-D"),  # len() of unsized object
+    (["a"], "integers"),
+    ([[1], [2, 3]], "1-D"),  # ragged
+])
+def test_rows_outside_the_images_or_not_image_numbers_are_one_line_errors(rows: Any, problem: str) -> None:
+    images, _padded, _lengths, captions = _random_problem(seed=5)
+    scorer = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1)
+    with pytest.raises(ItmrtError, match=problem):
+        scorer.score(images, captions, key=("g",), rows=rows)
+    want = scorer.score(images, captions)
+    np.testing.assert_array_equal(scorer.score(images, captions, rows=[np.int32(29), 0, 29]), want[[29, 0, 29]])
+    assert scorer.score(images, captions, rows=[]).shape == (0, 3)
+
+
 def _random_problem(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
     """30 unit-norm images of 9 regions and 3 captions of 1, 6 and 11 words (d 16): padded and back to back."""
     rng = np.random.default_rng(seed)

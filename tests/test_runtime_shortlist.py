@@ -93,6 +93,20 @@ def test_shortlist_of_everything_equals_full_scoring(setup) -> None:  # type: ig
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
 
 
+def test_caption_embeddings_with_unsigned_offsets_rank_as_signed_ones(setup) -> None:  # type: ignore[no-untyped-def]
+    # a hand-made set with uint64 lengths and offsets passed check_caption_embeddings; a rerank's take() then made
+    # float token rows (np.arange of two uint64s) and failed as IndexError "arrays used as indices must be..."
+    from itmrt.runtime.encoders import CaptionEmbeddings
+
+    runtime, images, encoded = setup["runtime"], setup["images"], setup["encoded"]
+    unsigned = CaptionEmbeddings(encoded.vectors, encoded.lengths.astype(np.uint64), encoded.offsets.astype(np.uint64))
+    want = runtime.rank(images, encoded, top_k=3, shortlist=6)
+    got = runtime.rank(images, unsigned, top_k=3, shortlist=6)
+    for a, b in ((want.t2i, got.t2i), (want.i2t, got.i2t)):
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
 def test_small_shortlist_reranks_exactly_the_global_candidates(setup) -> None:  # type: ignore[no-untyped-def]
     runtime, images, encoded, full = setup["runtime"], setup["images"], setup["encoded"], setup["full"]
     k, shortlist = 4, 7

@@ -359,8 +359,9 @@ def test_a_search_requests_region_counts_must_be_integers(field: str, value: Any
 
 @pytest.mark.parametrize(("keywords", "expected"), [
     ({"keep_scores": "no"}, "keep_scores must be True or False, not 'no'"),  # truthy: "drop --scores-out"
-    ({"directions": ("t2i", "t2i")}, "directions must be among t2i, i2t, each once"),  # every shard searched twice
-    ({"directions": 5}, "directions must be among t2i, i2t, each once, not 5"),  # "'int' object is not iterable"
+    # every shard searched twice; "'int' object is not iterable"
+    ({"directions": ("t2i", "t2i")}, "directions must be a tuple of one or both of 't2i', 'i2t', each once"),
+    ({"directions": 5}, "directions must be a tuple of one or both of 't2i', 'i2t', each once, not 5"),
     ({"k": 10**12}, "--top-k must be at most 16777216 (as on the command line), not 1000000000000"),
     ({"shortlist": 10**12}, "--shortlist must be at most 16777216"),
     ({"nprobe": 10**12}, "--nprobe must be at most 16777216"),

@@ -50,14 +50,14 @@ from itmrt.runtime.encoders import (
 )
 from itmrt.runtime.fused import FusedNaafScorer, fused_available
 from itmrt.runtime.gallery import EmbeddingsStore, Gallery, check_encoded_rows, read_gallery, write_gallery
-from itmrt.runtime.given_embeddings import check_given_embeddings
+from itmrt.runtime.given_embeddings import check_given_embeddings, check_scored_captions, check_scored_embeddings
 from itmrt.runtime.gru_directions import DirectionsBackend
 from itmrt.runtime.image_files import ImageBatches, ImageFiles, ImagePreprocessing
 from itmrt.runtime.one_caption import FEW_CAPTIONS, ONE_CAPTION_SCORERS, OneCaptionScorer
-from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn
+from itmrt.runtime.options import RuntimeOptions, ScorerChoice, Warn, check_directions
 from itmrt.runtime.sessions import CPU_PROVIDER
 from itmrt.runtime.shortlist import ScoreRows, check_shortlist, image_global_vectors, shortlist_search
-from itmrt.runtime.tiled import ScoreResult, TopK, score_tiled, top_k_of_matrix
+from itmrt.runtime.tiled import ScoreResult, TopK, check_finite_scores, score_tiled, top_k_of_matrix
 from itmrt.text.vocab import Vocabulary
 
 
@@ -240,7 +240,14 @@ class Runtime:
         if not isinstance(images, np.ndarray):
             raise ItmrtError(f"images must be image embeddings (a numpy array) or a Gallery, not "
                              f"{type(images).__name__}")
+        check_scored_embeddings(images, self.bundle)
         return images
+
+    def _check_captions(self, captions: object) -> CaptionEmbeddings:
+        """Encoded captions whose parts agree (:func:`check_caption_embeddings`) and fit this bundle's scorer."""
+        check_scored_captions(check_caption_embeddings(captions), self.bundle)
+        assert isinstance(captions, CaptionEmbeddings)
+        return captions
 
     def rank(
         self,
@@ -264,7 +271,8 @@ class Runtime:
         """
         check_top_k(top_k)
         check_flag(keep_scores, "keep_scores")
-        check_caption_embeddings(captions)
+        self._check_captions(captions)
+        directions = check_directions(directions)
         if shortlist is not None and captions.token_level:
             if keep_scores:
                 raise ItmrtError(
@@ -295,7 +303,7 @@ class Runtime:
         them inside the call. Needs a NAAF or SCAN bundle at fp32 on ONNX Runtime's CPU provider
         (``one_caption`` is None otherwise).
         """
-        check_caption_embeddings(captions)
+        self._check_captions(captions)
         if self.one_caption is None:
             raise ItmrtError("the one-caption scorer runs NAAF and SCAN bundles at fp32 on ONNX Runtime's CPU "
                              "provider, with scorer 'auto' or 'fused'")
@@ -304,7 +312,10 @@ class Runtime:
         if isinstance(images, Gallery):  # its content: the sha256 its manifest records (verified on open)
             entry = images.manifest.embeddings
             key = (str(images.path.resolve()), entry.sha256, entry.dtype, tuple(entry.shape))
-        return self.one_caption.score(embeddings, captions, key, rows)
+        scores = self.one_caption.score(embeddings, captions, key, rows)
+        check_finite_scores(scores, "the image and caption embeddings must be finite (encode_images and "
+                                    "encode_captions make them so)")  # NaN in a plain array came out as NaN scores
+        return scores
 
     def _rank_full(
         self,

@@ -71,7 +71,8 @@ class CaptionEmbeddings:
             return CaptionEmbeddings(self.vectors[index], lengths)
         offsets = np.zeros(len(index) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        rows = (np.concatenate([np.arange(self.offsets[k], self.offsets[k] + self.lengths[k]) for k in index])
+        starts = self.offsets.astype(np.int64)  # uint64 offsets and lengths made float rows (np.arange of the two)
+        rows = (np.concatenate([np.arange(starts[k], starts[k] + int(self.lengths[k])) for k in index])
                 if len(index) else np.zeros(0, np.int64))
         return CaptionEmbeddings(self.vectors[rows], lengths, offsets)
 
@@ -262,6 +263,9 @@ def check_image_input(
     """Refuse features whose shape does not fit the image encoder's declared input (one-line error)."""
     if not isinstance(features, np.ndarray):
         raise DataError(f"{source} must be a numpy array, not {type(features).__name__}")
+    if not np.issubdtype(features.dtype, np.floating):  # strings, booleans, integers, objects were cast and encoded
+        raise DataError(f"{source} hold {features.dtype}; give float32 values (convert with "
+                        "features.astype('float32') if they are numbers)")
     if features.ndim != len(expected):
         raise DataError(
             f"{source} has shape {tuple(features.shape)}; this bundle's image encoder takes {len(expected)}-d input "

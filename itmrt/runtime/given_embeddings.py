@@ -18,6 +18,7 @@ import numpy as np
 
 from itmrt.bundle.traits import bundle_traits
 from itmrt.errors import DataError
+from itmrt.runtime.encoders import CaptionEmbeddings
 
 NORM_TOLERANCE = 1e-2
 """Largest ``| ||v|| - 1 |`` accepted for a region vector."""
@@ -71,3 +72,35 @@ def _refuse_non_finite(block: np.ndarray, start: int, source: str) -> None:
     bad = ~np.isfinite(block).reshape(len(block), -1).all(axis=1)
     if bad.any():
         raise DataError(f"{source}: image {start + int(np.argmax(bad))} holds NaN or infinite values")
+
+
+def check_scored_embeddings(images: np.ndarray, bundle: Any) -> None:
+    """Image embeddings given to :meth:`Runtime.rank` / :meth:`Runtime.score_images` as a plain array: a float
+    dtype and the shape the bundle's scorer takes, or a one-line :class:`DataError`. Strings, booleans, integers
+    and objects were cast to float32 and ranked, complex values lost their imaginary part with a warning, zero
+    regions failed as ZeroDivisionError and a wrong depth or rank in ONNX Runtime. Only the shape and dtype are
+    read (no pass over a large array): scores that come out NaN are refused where they are computed."""
+    depth = int(bundle.manifest.dims["embed_size"])
+    token_level = bundle_traits(bundle.manifest).token_level
+    if not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"image embeddings hold {images.dtype}; give float32 or float16 embeddings "
+                        "(Runtime.encode_images makes them)")
+    expected = f"[N, regions, {depth}]" if token_level else f"[N, {depth}]"
+    if images.ndim != (3 if token_level else 2) or images.shape[-1] != depth or (token_level and images.shape[1] < 1):
+        raise DataError(f"image embeddings have shape {tuple(images.shape)}; bundle {bundle.path} scores "
+                        f"{expected} (Runtime.encode_images makes them)")
+
+
+def check_scored_captions(captions: CaptionEmbeddings, bundle: Any) -> None:
+    """Caption embeddings made by hand for another kind of bundle (one vector per caption for a cross-attention
+    bundle failed in ONNX Runtime as a missing input) or of another size (a shortlist's matmul ValueError):
+    a one-line :class:`DataError`."""
+    depth = int(bundle.manifest.dims["embed_size"])
+    token_level = bundle_traits(bundle.manifest).token_level
+    if captions.token_level != token_level:
+        want = "token embeddings with offsets" if token_level else "one vector per caption (no offsets)"
+        raise DataError(f"caption embeddings: bundle {bundle.path} scores {want}; make them with this runtime's "
+                        "encode_captions")
+    if captions.vectors.shape[1] != depth:
+        raise DataError(f"caption embeddings have {captions.vectors.shape[1]} values a vector; bundle {bundle.path} "
+                        f"embeds {depth} (make them with this runtime's encode_captions)")

@@ -202,6 +202,27 @@ def query_captions(captions: CaptionEmbeddings, parameters: Parameters) -> Query
     return query
 
 
+def check_rows(rows: object, n_images: int) -> np.ndarray:
+    """``rows`` of :meth:`OneCaptionScorer.score` as int64 image numbers, each within ``0 .. n_images - 1``, or a
+    one-line error: numpy wrapped a negative row around to the gallery's end, truncated a float, read booleans
+    as rows 0 and 1, and failed deep inside numpy or ONNX Runtime on a row past the end or a 2-D array."""
+    try:
+        index = np.asarray(rows)
+    except (TypeError, ValueError):  # a ragged list
+        raise ItmrtError(f"rows must be a 1-D array of image numbers, not {type(rows).__name__}") from None
+    if index.ndim != 1:
+        raise ItmrtError(f"rows must be a 1-D array of image numbers, not of shape {index.shape}")
+    if index.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not np.issubdtype(index.dtype, np.integer):
+        raise ItmrtError(f"rows must be integers (image numbers), not {index.dtype}")
+    low, high = index.min(), index.max()
+    if low < 0 or high >= n_images:
+        raise ItmrtError(f"rows must be within 0..{n_images - 1} (the {n_images} images given), not "
+                         f"{low if low < 0 else high}")
+    return index.astype(np.int64)
+
+
 # -- the score of one block ----------------------------------------------------------------------------------
 
 
@@ -648,7 +669,7 @@ class OneCaptionScorer:
         if query.tokens.shape[1] != images.shape[2]:
             raise ItmrtError(f"image ({images.shape[2]}) and caption ({query.tokens.shape[1]}) embeddings differ "
                              "in size")
-        index = None if rows is None else np.asarray(rows, dtype=np.int64)
+        index = None if rows is None else check_rows(rows, int(images.shape[0]))
         total = int(images.shape[0]) if index is None else len(index)
         if images.dtype == np.float16 and total * int(images.shape[1]) * int(images.shape[2]) >= LARGE_CALL_VALUES:
             self._load_region_kernels()  # a one-shot command over a large float16 gallery: they pay here

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from itmrt.bundle.names import BackendName, Choice, Precision, parse_choice
+from itmrt.errors import ItmrtError
 from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_count, check_threads
 
 DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% (cache), bench_scorer
@@ -39,6 +40,21 @@ class Direction(Choice):
     def searched(self) -> tuple[str, ...]:
         """The directions as :class:`itmrt.scale.SearchRequest` names them."""
         return ("t2i", "i2t") if self is Direction.BOTH else (str(self.value),)
+
+
+SEARCHED = ("t2i", "i2t")
+"""The directions :meth:`itmrt.runtime.Runtime.rank` takes (``directions=``)."""
+
+
+def check_directions(directions: object) -> tuple[str, ...]:
+    """``directions`` as a tuple of :data:`SEARCHED`, at least one, or a one-line error: a string was searched
+    by its letters' substrings ("t2i" in "xt2i"), and an unknown name or none at all gave empty results."""
+    if isinstance(directions, str) or not isinstance(directions, (tuple, list)) or not directions \
+            or any(not isinstance(d, str) or d not in SEARCHED for d in directions) \
+            or len(set(directions)) != len(directions):  # ("t2i", "t2i") searched every shard twice
+        raise ItmrtError(f"directions must be a tuple of one or both of {', '.join(map(repr, SEARCHED))}, each "
+                         f"once, not {directions!r}")
+    return tuple(str(d) for d in directions)
 
 
 class OnLong(Choice):
@@ -81,13 +97,18 @@ class RuntimeOptions:
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         # A NumPy integer is taken as a thread count (as the scale options take it) and stored as an int.
         object.__setattr__(self, "threads", check_threads(self.threads))
-        counts = {"batch_size": (1, MAX_BATCH, "--batch-size"), "device": (0, 255, "--device"),
-                  "budget_bytes": (1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)"),
-                  "max_length": (2, MAX_TOKENS, "--max-length"),
-                  "gpu_mem_limit_mb": (1, 1 << 24, "the CUDA memory limit (MB)")}
-        for name, (low, high, flag) in counts.items():  # a NumPy integer too, stored as an int
-            if getattr(self, name) is not None or name not in ("max_length", "gpu_mem_limit_mb"):  # optional
-                object.__setattr__(self, name, check_count(getattr(self, name), low, high, flag))
+        self._count("batch_size", 1, MAX_BATCH, "--batch-size")
+        self._count("budget_bytes", 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
+        self._count("device", 0, 255, "--device")
+        if self.max_length is not None:
+            self._count("max_length", 2, MAX_TOKENS, "--max-length")
+        if self.gpu_mem_limit_mb is not None:
+            self._count("gpu_mem_limit_mb", 1, 1 << 24, "the CUDA memory limit (MB)")
+
+    def _count(self, name: str, low: int, high: int, flag: str) -> None:
+        """Field ``name`` checked within ``low..high`` and stored as an ``int``: a NumPy integer (a count read from
+        an array) was refused as "must be an integer", as ``threads`` no longer is."""
+        object.__setattr__(self, name, check_count(getattr(self, name), low, high, flag))
 
     def replace(self, **changes: Any) -> RuntimeOptions:
         """These options with ``changes`` (field names), checked again; an unknown name is a TypeError."""

@@ -28,6 +28,7 @@ from itmrt.limits import MAX_COUNT, check_flag, check_top_k, is_integer
 from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings, check_caption_embeddings
 from itmrt.runtime.gallery import Gallery
+from itmrt.runtime.options import check_directions
 from itmrt.runtime.shortlist import (
     caption_global_vectors,
     check_shortlist,
@@ -57,7 +58,6 @@ from itmrt.scale.region_search import (
     rerank_candidates,
 )
 
-DIRECTIONS = ("t2i", "i2t")
 
 
 REGION_OPTIONS = {"nprobe": "--nprobe", "exact_pass": "--exact-pass", "union": "--union", "refine": "--refine",
@@ -86,10 +86,7 @@ class SearchRequest:
         self._check_counts()
         # "no" was truthy: a shortlist's request was told to drop --scores-out it never gave
         check_flag(self.keep_scores, "keep_scores")
-        directions = self.directions  # ("t2i", "t2i") searched every shard twice; 5 failed as not iterable
-        if not isinstance(directions, (tuple, list)) or not directions or \
-                any(d not in DIRECTIONS for d in directions) or len(set(directions)) != len(directions):
-            raise ItmrtError(f"directions must be among {', '.join(DIRECTIONS)}, each once, not {self.directions!r}")
+        check_directions(self.directions)  # ("t2i", "t2i") searched every shard twice; 5 failed as not iterable
         if self.shortlist is not None:
             check_shortlist(self.shortlist, self.k)
             if self.keep_scores:
