@@ -58,8 +58,6 @@ from itmrt.scale.region_search import (
     rerank_candidates,
 )
 
-
-
 REGION_OPTIONS = {"nprobe": "--nprobe", "exact_pass": "--exact-pass", "union": "--union", "refine": "--refine",
                   "prefilter": "--prefilter", "budget": "--budget", "rescore": "--rescore"}
 """A :class:`SearchRequest`'s fields that choose how a region index is searched, and their flags."""
