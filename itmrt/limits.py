@@ -93,7 +93,8 @@ def check_threads(threads: int, flag: str = "--threads") -> int:
 def check_count(value: int, low: int, high: int, flag: str) -> int:
     """An integer option within ``low``..``high`` (a NumPy integer too), as a Python ``int``."""
     if not is_integer(value) or not low <= value <= high:
-        raise ItmrtError(f"{flag} must be an integer from {low} to {high}, not {value!r}")
+        shown = int(value) if is_integer(value) else repr(value)  # np.int32(0) is shown as 0
+        raise ItmrtError(f"{flag} must be an integer from {low} to {high}, not {shown}")
     return int(value)
 
 
