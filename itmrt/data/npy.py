@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import tokenize
 import weakref
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from itmrt.errors import DataError, first_line
 from itmrt.file_states import LISTED, file_state, hash_started
 
 NPY_MAGIC = b"\x93NUMPY"
+HEADER_PARSING = threading.Lock()
+"""Held while numpy parses a header (``ast.literal_eval``): CPython 3.11 raised "SystemError: AST constructor
+recursion depth mismatch" when two threads did it at once - shards are opened on one thread per core, and a
+service's reloader opens a version while its worker checks the files in use - and a good version was refused."""
 NUMERIC_KINDS = "biuf"
 """Array kinds itmrt reads: booleans, signed and unsigned integers, floats."""
 _HEADER_ERRORS = (ValueError, TypeError, SyntaxError, tokenize.TokenError, KeyError, EOFError, OverflowError,
@@ -72,7 +77,8 @@ def read_npy_header(path: Path, what: str = "array") -> NpyHeader:
             handle.seek(0)
             np.lib.format.read_magic(handle)
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran_order, dtype = reader(handle)
+            with HEADER_PARSING:
+                shape, fortran_order, dtype = reader(handle)
             offset = handle.tell()
     except OSError as exc:
         raise DataError(f"cannot read {what} file {path}: {exc.strerror or first_line(exc)}") from None
@@ -112,7 +118,8 @@ def open_npy(path: Path, what: str) -> np.ndarray:
         raise DataError(f"{what} file {path} {not_a_file(path, 'not found')}")
     read_npy_header(path, what)
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with HEADER_PARSING:  # np.load parses the header again
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"{what} file {path} is not a readable .npy array ({first_line(exc)}); "
                         "re-save it with numpy.save") from None

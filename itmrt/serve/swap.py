@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -44,6 +45,8 @@ from itmrt.serve.searcher import RuntimeSearcher
 log = logging.getLogger("itmrt.serve")
 
 FolderState = tuple[object, ...] | None
+RETRY_FIRST_S, RETRY_MAX_S = 2.0, 60.0
+"""While the version in use is broken and the last one tried was refused: seconds to the next try (doubling)."""
 
 
 def folder_state(folder: Path, subfolders: bool = False) -> FolderState:
@@ -117,6 +120,8 @@ class Reloader:
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="itmrt-serve-reloader", daemon=True)
+        self._retry_at: float | None = None  # see _retry_due
+        self._retry_s = RETRY_FIRST_S
 
     def start(self) -> None:
         self._thread.start()
@@ -142,17 +147,37 @@ class Reloader:
             with self._lock:
                 requests, self._requests = self._requests, []
             state = self.source.state()
-            if not requests and (state == self.seen or state is None):
+            retry = self._retry_due()
+            if not requests and not retry and (state == self.seen or state is None):
                 continue
-            if not requests:  # let a writer finish: the folder must hold still for settle_s
+            if not requests and state != self.seen:  # let a writer finish: the folder must hold still for settle_s
                 threading.Event().wait(self.settle_s)
                 if self.source.state() != state:
                     continue
-            why = ", ".join(dict.fromkeys(why for why, _future in requests)) or "the gallery folder changed"
+            why = ", ".join(dict.fromkeys(why for why, _future in requests)) or (
+                "the gallery folder changed" if state != self.seen else "again: the service is not ready")
             self.seen = state
             outcome = self._attempt(why)
+            self._schedule_retry(outcome)
             for _why, future in requests:
                 future.set_result(outcome)
+
+    def _retry_due(self) -> bool:
+        """Whether to open what is on disk again although nothing changed: the version in use broke (a file of
+        it changed) and the last version tried was refused - perhaps by a passing fault, which left the
+        service not ready until the next change on disk. Tried again after 2 s, then 4, 8, ... at most 60 s
+        (each try verifies the whole gallery)."""
+        if self.batcher.broken is None or self.batcher.unloaded:
+            self._retry_at, self._retry_s = None, RETRY_FIRST_S
+            return False
+        return self._retry_at is not None and time.monotonic() >= self._retry_at
+
+    def _schedule_retry(self, outcome: SwapOutcome) -> None:
+        if outcome.error is None:
+            self._retry_at, self._retry_s = None, RETRY_FIRST_S
+            return
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(2 * self._retry_s, RETRY_MAX_S)
 
     def _attempt(self, why: str) -> SwapOutcome:
         current = self.batcher.searcher
