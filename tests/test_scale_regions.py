@@ -633,6 +633,28 @@ def test_serve_computes_the_reranks_constants_at_warm_up_so_the_first_request_af
         np.testing.assert_array_equal(found.indices, reference.indices)
 
 
+def test_a_top_k_over_the_services_budget_is_a_400_naming_it(world: dict[str, Any]) -> None:
+    """``itmrt serve --budget 5``: a request for top_k 10 failed inside the search ("--budget must be at least
+    --top-k") and was answered 500; it is the client's to fix: 400 naming the budget. Within it: answered."""
+    import httpx
+
+    from itmrt.serve.server import ServeOptions, Service
+
+    from serve_helpers import running
+
+    options = ServeOptions(port=0, configure_logging=False, threads=1, shortlist=5, regions={"budget": 5})
+    with running(Service(world["gallery"], options=options)) as live:
+        def ask(top_k: int) -> httpx.Response:
+            document = {"inputs": [{"name": "captions", "datatype": "BYTES", "shape": [1], "data": ["a dog"]}],
+                        "parameters": {"top_k": top_k}}
+            return httpx.post(live.url + "/v2/models/text_to_image/infer", json=document, timeout=30)
+
+        refused = ask(10)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"] == "top_k must be an integer from 1 to 5 (this service's --budget), not 10"
+        assert ask(5).status_code == 200
+
+
 def test_a_budget_reranks_the_gallerys_best_estimates_together_and_everything_is_exhaustive(
         world: dict[str, Any]) -> None:
     """``budget``: each shard's best images by estimate, the gallery's ``budget`` best of those scored exactly

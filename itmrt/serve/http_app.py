@@ -37,6 +37,7 @@ from typing import Any
 
 from itmrt import __version__
 from itmrt.errors import first_line
+from itmrt.limits import is_integer
 from itmrt.optional import require
 from itmrt.serve import protocol
 from itmrt.serve.auth import authorized
@@ -296,12 +297,17 @@ class InferenceRoutes:
     def limits_now(self) -> RequestLimits:
         searcher = self.batcher.searcher
         size = searcher.size if searcher is not None else 1
+        # A sharded service's --budget scores that many images a caption: a larger top_k was a 500 per request.
+        found: Any = getattr(searcher, "regions", {}).get("budget") if searcher is not None else None
+        budget = min(int(found), size) if is_integer(found) else size
+        bounded = budget < size
         return RequestLimits(
             self.limits.max_captions,
             self.limits.max_caption_bytes,
-            size,
+            budget,
             searcher is not None and searcher.ids is not None,
             self.limits.max_answer,
+            "this service's --budget" if bounded else "the gallery's size",
         )
 
     # -- health and metadata -------------------------------------------------------

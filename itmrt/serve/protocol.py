@@ -61,6 +61,8 @@ class RequestLimits:
     has_ids: bool = False
     max_answer: int = 10_000
     """Results in one answer at most (captions x top_k): what a small request may make the service write."""
+    top_k_bound: str = "the gallery's size"
+    """What ``max_top_k`` is (a sharded service's ``--budget`` can be smaller than its gallery)."""
 
 
 @dataclass
@@ -275,7 +277,7 @@ def _request_parameters(document: dict[str, Any], limits: RequestLimits) -> tupl
     check_keys(parameters, REQUEST_PARAMETERS, "the request's parameters")
     top_k = parameters.get("top_k", min(DEFAULT_TOP_K, limits.max_top_k))
     if not _integer(top_k) or not 1 <= top_k <= limits.max_top_k:
-        raise bad_request(f"top_k must be an integer from 1 to {limits.max_top_k} (the gallery's size), "
+        raise bad_request(f"top_k must be an integer from 1 to {limits.max_top_k} ({limits.top_k_bound}), "
                           f"not {show(top_k)}")
     binary = parameters.get("binary_data_output", False)
     if not isinstance(binary, bool):
