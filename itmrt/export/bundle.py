@@ -134,15 +134,11 @@ def _validate_options(options: ExportOptions) -> ExportOptions:
     counts = {"max_batch": check_count(options.max_batch, 1, MAX_BATCH, "--max-batch"),
               "max_length": check_count(options.max_length, 2, MAX_TOKENS, "--max-length"),
               "num_regions": check_count(options.num_regions, 1, MAX_REGIONS, "--num-regions")}
-    _check_threshold_and_tolerance(options)
-    return dataclasses.replace(options, **counts)
-
-
-def _check_threshold_and_tolerance(options: ExportOptions) -> None:
     if options.tolerance is not None:
         check_real(options.tolerance, 0.0, 1.0, "--tolerance (the parity tolerance)", low_open=True)
     if options.threshold is not None:
         check_real(options.threshold, -1.0, 1.0, "--threshold (a cosine-similarity threshold)")
+    return dataclasses.replace(options, **counts)
 
 
 # -- 1. load ----------------------------------------------------------------------------

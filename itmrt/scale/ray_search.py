@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from itmrt.errors import GalleryChanged, ItmrtError, first_line
-from itmrt.limits import MAX_COUNT, MAX_SECONDS, check_real, is_integer
+from itmrt.limits import MAX_COUNT, MAX_SECONDS, check_count, check_real
 from itmrt.optional import require
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.scale.budget import Picked, merge_budget, pool_budget, score_picked, shard_estimates
@@ -80,8 +80,8 @@ class RayOptions:
         if not isinstance(self.address, str) or not self.address.strip():
             raise ItmrtError(f"--ray needs an address: {ADDRESS_HELP}")
         for flag, value, low in (("--ray-workers", self.workers, 1), ("--ray-retries", self.retries, 0)):
-            if value is not None and (not is_integer(value) or not low <= value <= MAX_COUNT):
-                raise ItmrtError(f"{flag} must be an integer from {low} to {MAX_COUNT}, not {value!r}")
+            if value is not None:
+                check_count(value, low, MAX_COUNT, flag)
         _check_number(self.cpus, MAX_COUNT, "--ray-cpus", low_open=True)
         _check_number(self.gpus, MAX_COUNT, "--ray-gpus")
         _check_number(self.timeout_s, MAX_SECONDS, "--ray-timeout-s", low_open=True)
