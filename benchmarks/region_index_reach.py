@@ -22,6 +22,14 @@ region of every shard (the exhaustive product, in float32 from the stored float1
   500 / 2,000 / 10,000 regions a word it reports the reach of those reads (against reading the regions of the
   best centroids alone, the same ``n``), the candidates kept when the read regions' *exact* similarities feed
   the estimate, and the candidates kept by the two-level estimate itself over every region.
+- with ``--graph M``, **a graph index**: an HNSW graph (FAISS, float16 vectors, ``M`` links a node) over every
+  region of a shard; each word takes the 300 regions its graph search returns at two search widths (``efSearch``
+  300 and 1,000): their reach, the candidates kept from their exact similarities, and the search's time a word
+  on one thread;
+- with ``--sketches 64,128,...``, **a cheaper scan**: every region's random-projection sketch of that width;
+  each word reads its best 1,000 / 3,000 regions by sketch similarity: their reach, the candidates kept from
+  their exact similarities, the candidates kept by the sketch similarities themselves (no exact similarity),
+  and the sketch scan's own floor at 100,000 images.
 
 On data whose regions cluster (``objects``) the probed lists hold most of a word's nearest regions; on data where
 a word's nearest regions are spread over every centroid (``instances``: a region is a concept plus one of 8,192
@@ -53,6 +61,9 @@ KEEPS = (50, 500)
 NEAREST = (100, 300)
 BLOCK = 2048  # images per block of the exhaustive product
 READS = (500, 2000, 10000)  # regions a word reads through the multi-index
+GRAPH_FOUND = 300  # regions a word takes from the graph search
+GRAPH_EFS = (300, 1000)  # the graph search's candidate list lengths
+SKETCH_READS = (1000, 3000)  # regions a word reads by its sketch similarities
 
 
 def word_region_sims(tokens: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
@@ -115,21 +126,94 @@ def multi_index(tokens: np.ndarray, sims: np.ndarray, coarse: np.ndarray, second
     codebook, words_of_regions = second
     two_level = coarse + (tokens @ codebook.T)[:, words_of_regions]
     for name, estimated in (("one codebook", coarse), ("multi-index", two_level)):
-        for n in READS:
-            chosen = np.zeros(sims.shape, dtype=bool)
-            np.put_along_axis(chosen, np.argpartition(-estimated, n - 1, axis=1)[:, :n], True, axis=1)
-            counts[f"reach R{nearest.shape[1]}, {name} reads {n}"] += \
-                float(np.take_along_axis(chosen, nearest, axis=1).mean()) * len(tokens)
-            for keep, found in kept(estimate, best_of_chosen(chosen, sims, images), tokens, answers).items():
-                counts[f"{name} reads {n} (exact similarities), keep {keep}"] += found
-    best = two_level.reshape(len(tokens), images, -1).max(axis=2).astype(np.float32)
+        read_best(name, estimated, READS, tokens, sims, images, estimate, answers, nearest, counts)
+    estimate_alone("multi-index", two_level, tokens, images, estimate, answers, counts)
+
+
+def read_best(name: str, estimated: np.ndarray, reads: tuple[int, ...], tokens: np.ndarray, sims: np.ndarray,
+              images: int, estimate: ScoreEstimate, answers: np.ndarray, nearest: np.ndarray,
+              counts: dict[str, float]) -> None:
+    """Reach and candidates kept when each word reads its best ``n`` regions by ``estimated [m, N * regions]``
+    (for each ``n`` of ``reads``), the read regions' exact similarities feeding the estimate."""
+    for n in reads:
+        chosen = np.zeros(sims.shape, dtype=bool)
+        np.put_along_axis(chosen, np.argpartition(-estimated, n - 1, axis=1)[:, :n], True, axis=1)
+        counts[f"reach R{nearest.shape[1]}, {name} reads {n}"] += \
+            float(np.take_along_axis(chosen, nearest, axis=1).mean()) * len(tokens)
+        for keep, found in kept(estimate, best_of_chosen(chosen, sims, images), tokens, answers).items():
+            counts[f"{name} reads {n} (exact similarities), keep {keep}"] += found
+
+
+def estimate_alone(name: str, estimated: np.ndarray, tokens: np.ndarray, images: int, estimate: ScoreEstimate,
+                   answers: np.ndarray, counts: dict[str, float]) -> None:
+    """Candidates kept when ``estimated [m, N * regions]`` itself stands for every region's similarity."""
+    best = estimated.reshape(len(tokens), images, -1).max(axis=2).astype(np.float32)
     for keep, found in kept(estimate, best, tokens, answers).items():
-        counts[f"multi-index estimate over every region, keep {keep}"] += found
+        counts[f"{name} estimate over every region, keep {keep}"] += found
+
+
+def region_graph(embeddings: np.ndarray, links: int) -> Any:
+    """An HNSW graph (FAISS, inner product, float16 scalar-quantised vectors) over every region of a shard."""
+    import faiss
+
+    images, regions, depth = embeddings.shape
+    graph = faiss.IndexHNSWSQ(depth, faiss.ScalarQuantizer.QT_fp16, links, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = 40
+    graph.train(np.zeros((1, depth), dtype=np.float32))
+    for start in range(0, images, BLOCK):
+        graph.add(np.asarray(embeddings[start : start + BLOCK], dtype=np.float32).reshape(-1, depth))
+    return graph
+
+
+def graph_reads(tokens: np.ndarray, sims: np.ndarray, graph: Any, images: int, estimate: ScoreEstimate,
+                answers: np.ndarray, nearest: np.ndarray, counts: dict[str, float]) -> None:
+    """Reach and candidates kept when each word reads the ``GRAPH_FOUND`` regions a graph search returns, and
+    the search's time per word (one thread)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    for ef in GRAPH_EFS:
+        graph.hnsw.efSearch = ef
+        started = time.perf_counter()
+        found = graph.search(np.ascontiguousarray(tokens, dtype=np.float32), GRAPH_FOUND)[1]
+        counts[f"graph ef {ef}: ms a word (1 thread)"] += (time.perf_counter() - started) * 1000
+        chosen = np.zeros(sims.shape, dtype=bool)
+        np.put_along_axis(chosen, np.maximum(found, 0), True, axis=1)
+        counts[f"reach R{nearest.shape[1]}, graph ef {ef} finds {GRAPH_FOUND}"] += \
+            float(np.take_along_axis(chosen, nearest, axis=1).mean()) * len(tokens)
+        for keep, n in kept(estimate, best_of_chosen(chosen, sims, images), tokens, answers).items():
+            counts[f"graph ef {ef} finds {GRAPH_FOUND} (exact similarities), keep {keep}"] += n
+    faiss.omp_set_num_threads(2)
+
+
+def region_sketches(embeddings: np.ndarray, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random orthonormal projection ``[d, width]`` and every region's ``width``-wide sketch (float32)."""
+    images, regions, depth = embeddings.shape
+    projection = np.linalg.qr(np.random.default_rng(seed).standard_normal((depth, width)))[0].astype(np.float32)
+    projection *= np.float32(np.sqrt(depth / width))  # sketch products estimate the full products
+    sketches = np.empty((images * regions, width), dtype=np.float32)
+    for start in range(0, images, BLOCK):
+        block = np.asarray(embeddings[start : start + BLOCK], dtype=np.float32).reshape(-1, depth)
+        sketches[start * regions : start * regions + len(block)] = block @ projection
+    return projection, sketches
+
+
+def sketch_reads(tokens: np.ndarray, sims: np.ndarray, sketch: tuple[np.ndarray, np.ndarray], images: int,
+                 estimate: ScoreEstimate, answers: np.ndarray, nearest: np.ndarray,
+                 counts: dict[str, float]) -> None:
+    """Reach and candidates kept when each word reads its best ``n`` regions by sketch similarity (a scan of
+    every region at the sketch's width, then exact similarities of the read regions)."""
+    projection, sketches = sketch
+    width = projection.shape[1]
+    estimated = (tokens @ projection) @ sketches.T
+    read_best(f"sketch {width}", estimated, SKETCH_READS, tokens, sims, images, estimate, answers, nearest, counts)
+    estimate_alone(f"sketch {width}", estimated, tokens, images, estimate, answers, counts)
 
 
 def one_shard(tokens: np.ndarray, sims: np.ndarray, codes: np.ndarray, centroids: np.ndarray,
               estimate: ScoreEstimate, answers: np.ndarray, counts: dict[str, float],
-              second: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+              second: tuple[np.ndarray, np.ndarray] | None = None, graph: Any = None,
+              sketches: tuple[tuple[np.ndarray, np.ndarray], ...] = ()) -> None:
     words, images = len(tokens), codes.shape[0]
     flat_codes = codes.reshape(-1).astype(np.int64)
     centroid_sims = tokens @ centroids.T
@@ -152,6 +236,10 @@ def one_shard(tokens: np.ndarray, sims: np.ndarray, codes: np.ndarray, centroids
     if second is not None:
         multi_index(tokens, sims, centroid_sims[:, flat_codes], second, images, estimate, answers,
                     nearest[NEAREST[0]], counts)
+    if graph is not None:
+        graph_reads(tokens, sims, graph, images, estimate, answers, nearest[NEAREST[0]], counts)
+    for sketch in sketches:
+        sketch_reads(tokens, sims, sketch, images, estimate, answers, nearest[NEAREST[0]], counts)
     counts["words"] += words
 
 
@@ -173,6 +261,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="use the gallery and reference already in --work")
     parser.add_argument("--second-codebook", type=int, default=0, metavar="K",
                         help="also measure an inverted multi-index with a K-word residual codebook a shard (0: off)")
+    parser.add_argument("--graph", type=int, default=0, metavar="M",
+                        help="also measure an HNSW graph over each shard's regions with M links a node (0: off)")
+    parser.add_argument("--sketches", default="", metavar="W,W", help=(
+        "also measure a scan of every region's random-projection sketch of each width (e.g. 64,128,256): each "
+        "word reads its best regions by sketch similarity"))
     args = parser.parse_args()
     from itmrt.runtime import load
 
@@ -200,6 +293,16 @@ def main() -> None:
                                               shard.regions.centroids, args.second_codebook, seed=number)
             print(f"shard {number}: residual codebook of {args.second_codebook} trained and assigned in "
                   f"{time.perf_counter() - started:.0f} s", flush=True)
+    graphs: list[Any] = [None] * len(shards.shards)
+    for number, shard in enumerate(shards.shards):
+        if args.graph:
+            started = time.perf_counter()
+            graphs[number] = region_graph(shard.gallery.embeddings, args.graph)
+            print(f"shard {number}: region graph (M {args.graph}) built in {time.perf_counter() - started:.0f} s",
+                  flush=True)
+    widths = [int(w) for w in args.sketches.split(",") if w.strip()]
+    sketches = [tuple(region_sketches(shard.gallery.embeddings, width, seed=number) for width in widths)
+                for number, shard in enumerate(shards.shards)]
     for query in range(len(batch)):
         assert batch.offsets is not None
         start, length = int(batch.offsets[query]), int(batch.lengths[query])
@@ -212,7 +315,7 @@ def main() -> None:
             regions = shard.regions
             assert regions is not None
             one_shard(tokens, sims, np.asarray(regions.codes), regions.centroids, estimate, answers, counts,
-                      seconds[number])
+                      seconds[number], graphs[number], sketches[number])
         print(f"query {query + 1}/{len(batch)}", flush=True)
     result: dict[str, Any] = {"data": args.data, "images": args.images, "shards": args.shards, "queries": len(batch),
                               "fit": [s.regions.fit for s in shards.shards if s.regions is not None],
@@ -222,11 +325,15 @@ def main() -> None:
     result["scan_floor_ms"] = round(1000 * flops * args.images / (result["gemm_gflops"] * 1e9), 1)
     result["scan_floor_ms_100k"] = round(1000 * flops * 100000 / (result["gemm_gflops"] * 1e9), 1)
     for key, value in counts.items():
-        if key.startswith("reach"):
+        if key.startswith("reach") or "ms a word" in key:
             result[key] = round(value / counts["words"], 3)
         elif key not in ("words", "answers"):
             result[key] = round(value / max(1, counts["answers"]), 3)
-    record = args.work / f"reach-{args.data}-{args.images}-{args.second_codebook}.json"
+    result["graph_links"] = args.graph
+    for width in widths:  # the sketch scan's floor: its product's arithmetic at the large-GEMM rate
+        floor = result["scan_floor_ms_100k"] * width / depth
+        result[f"sketch {width}: scan floor ms at 100,000 images"] = round(floor, 1)
+    record = args.work / f"reach-{args.data}-{args.images}-{args.second_codebook}-{args.graph}-{len(widths)}.json"
     record.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.images:,} images ({args.data}), {args.shards} shards, fit {result['fit']}, centroids "
           f"{result['centroids']}; {len(batch)} queries; the exhaustive word x region product's floor "
@@ -234,7 +341,7 @@ def main() -> None:
           f"(large GEMM {result['gemm_gflops']} GFLOP/s)\n")
     print("| measure | share |\n|---|---|")
     for key, value in result.items():
-        if key.startswith(("reach", "probed", "oracle", "one codebook", "multi")):
+        if key.startswith(("reach", "probed", "oracle", "one codebook", "multi", "graph", "sketch")):
             print(f"| {key} | {value} |")
 
 
