@@ -86,6 +86,36 @@ def test_sharded_full_search_equals_one_gallery(setup: dict[str, Any]) -> None:
     assert got.pairs == N_IMAGES * len(encoded) and set(got.shard_seconds) == {s.name for s in shards.gallery.shards}
 
 
+def test_a_large_sharded_scan_of_one_caption_loads_the_region_kernels(setup: dict[str, Any],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard read by position is scored block by block, each call too small to pay for the region kernels'
+    import; a scan whose blocks together pass :data:`LARGE_CALL_VALUES` loads them, as one call over the shard
+    would (a one-caption command over 100,000 float16 images spent 2 s more in ONNX Runtime's Gram graph), and
+    answers as the plain gallery does."""
+    pytest.importorskip("numba")
+    from itmrt.runtime import one_caption, region_kernels
+
+    if not region_kernels.available():
+        pytest.skip("this CPU has no hardware half-float conversion: the scorer keeps ONNX Runtime's cast")
+    encoded = setup["encoded"]
+    one = CaptionEmbeddings(encoded.vectors[: int(encoded.lengths[0])], encoded.lengths[:1], encoded.offsets[:2])
+    reference = setup["runtime"].rank(setup["plain"], one, top_k=7)
+    small = open_shards(setup["sharded"], threads=1, warn=quiet)
+    small.search(one, SearchRequest(k=7, directions=("t2i",)))
+    assert not small.runtime.one_caption.region_kernels_loaded  # 17 images a shard: below the rule
+    from itmrt.scale import positional
+
+    image_values = int(setup["features"].shape[1]) * int(encoded.vectors.shape[1])
+    monkeypatch.setattr(one_caption, "LARGE_CALL_VALUES", 17 * image_values)  # one shard's stored values
+    monkeypatch.setattr(positional, "BLOCK_BYTES", 4 * image_values * 4)  # read 4 images at a time
+    shards = open_shards(setup["sharded"], threads=1, warn=quiet)
+    assert type(shards.shards[0].gallery.embeddings).__name__ == "PositionalRows"
+    got = shards.search(one, SearchRequest(k=7, directions=("t2i",)))
+    assert shards.runtime.one_caption.region_kernels_loaded
+    np.testing.assert_array_equal(got.t2i.indices, reference.t2i.indices)
+    np.testing.assert_allclose(got.t2i.scores, reference.t2i.scores, rtol=0, atol=1e-5)
+
+
 def malformed_captions(good: CaptionEmbeddings) -> dict[str, tuple[Any, str]]:
     """Caption sets made by hand, each wrong in one way, and what its error says."""
     vectors, lengths, offsets = good.vectors, good.lengths, good.offsets

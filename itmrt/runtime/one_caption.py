@@ -566,6 +566,13 @@ class OneCaptionScorer:
         self._naaf(rng.standard_normal((2, 5, 3), dtype=np.float32), np.ones((2, 5, 5), np.float32), query)
         return True
 
+    def expect_scan(self, values: int, dtype: np.dtype) -> None:
+        """Calls to come read ``values`` stored values of ``dtype`` in all (a shard scanned block by block): the
+        region kernels are loaded where one call over them would load them (:data:`LARGE_CALL_VALUES`), since a
+        scan's small calls each miss the rule that pays their import."""
+        if values >= LARGE_CALL_VALUES and (self.needs_grams or np.dtype(dtype) == np.float16):
+            self._load_region_kernels()
+
     def _load_region_kernels(self) -> None:
         if self._similarity_kernel is not None or self._region_kernels_tried:
             return

@@ -15,6 +15,7 @@ one gallery holding every image.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -275,6 +276,9 @@ class OpenShard:
             answer.i2t = result.i2t if "i2t" in request.directions else None
             answer.scores = result.scores
             return
+        scorer = getattr(runtime, "one_caption", None)
+        if scorer is not None and scorer.applies(captions):
+            scorer.expect_scan(math.prod(embeddings.shape), embeddings.dtype)
         best = StreamingTopK(len(captions), min(request.k, len(embeddings)))
         i2t: list[TopK] = []
         scores: list[np.ndarray] = []
