@@ -13,6 +13,10 @@ on one thread, the two sides of a row alternating, so a noisy machine moves both
   against numpy's cast;
 - the per-image Gram matrices of 256 images: the kernels against the graph,
   from float16 and from float32;
+- ``w^T G w`` of 256 float16 images without cached constants: each word's
+  attended vector summed directly (:func:`~itmrt.runtime.region_kernels.attended_norms_half`)
+  against the Gram kernel and the product, with every region weighted (SCAN,
+  or NAAF at a threshold below every similarity) and a tenth (NAAF);
 - what a process pays to load them: importing numba and loading the kernels
   from its cache, timed inside a fresh process (the cache filled by this run).
 
@@ -70,6 +74,12 @@ def main() -> None:
             worker.similarities(stored[start : start + BLOCK_IMAGES], query, kernel)
 
     block16, block32 = half[:256], single[:256]
+
+    def attended(stored: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        out = np.empty((len(stored), weights.shape[2]), dtype=np.float32)
+        call_compiled(kernels.attended_norms_half, stored.view(np.uint16), weights, out)
+        return out
+
     rows = [
         (f"similarities, {args.images} images x {args.words} words", [
             ("kernel, float16", lambda: product(half, kernels.similarities)),
@@ -85,6 +95,12 @@ def main() -> None:
             ("kernel", lambda: worker.grams(block32, kernels.gram_matrices)),
             ("graph", lambda: worker.grams(block32))]),
     ]
+    for share, label in ((1.0, "every region weighted"), (0.1, "a tenth weighted")):
+        weights = (rng.random((256, REGIONS, args.words)) < share).astype(np.float32)
+        rows.append((f"w^T G w, 256 images x {args.words} words, float16, {label}", [
+            ("direct sums", lambda w=weights: attended(block16, w)),
+            ("Gram kernel + product", lambda w=weights: worker.product(worker.grams(block16, kernels.gram_matrices),
+                                                                       w))]))
     out = np.empty((REGIONS, REGIONS), dtype=np.float32)  # compile (or load) every kernel before timing
     call_compiled(kernels.gram_matrices, block32[:1], out[None])
     for _title, calls in rows:

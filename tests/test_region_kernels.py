@@ -60,3 +60,26 @@ def test_gram_matrices_equal_the_products_and_are_exactly_symmetric() -> None:
         want = np.einsum("bjd,bkd->bjk", half.astype(np.float64), half.astype(np.float64))
         np.testing.assert_allclose(from_half, want, rtol=1e-5, atol=1e-5 * depth)
         np.testing.assert_array_equal(from_half, from_half.transpose(0, 2, 1))
+
+
+def test_attended_norms_equal_the_quadratic_forms_of_the_gram_matrices() -> None:
+    """``||sum_j w_j v_j||^2`` summed directly equals ``w^T G w`` for weights with zeros (NAAF's regions below its
+    threshold), without any (a row no word weighs: float16 rows left unwidened, stale from the image before),
+    and all zero (0): from float32 and from float16, region counts and depths no tile or vector divides."""
+    rng = np.random.default_rng(29)
+    for n_img, n, words, depth in ((1, 1, 1, 5), (3, 5, 2, 9), (4, 9, 11, 64), (3, 36, 14, 1024)):
+        images = rng.standard_normal((n_img, n, depth)).astype(np.float32)
+        weights = (rng.random((n_img, n, words)) * (rng.random((n_img, n, words)) < 0.3)).astype(np.float32)
+        weights[0] = 0.0  # an image no word weighs
+        if n > 1:
+            weights[-1, 0] = rng.random(words)  # every word weighs the first region
+        for stored, name in ((images, "float32"), (images.astype(np.float16), "float16")):
+            values = stored.astype(np.float64)
+            want = np.einsum("bjt,bjk,bkt->bt", weights, np.einsum("bjd,bkd->bjk", values, values), weights)
+            out = np.full((n_img, words), np.nan, dtype=np.float32)
+            if name == "float16":
+                kernel.attended_norms_half(stored.view(np.uint16), weights, out)
+            else:
+                kernel.attended_norms(stored, weights, out)
+            np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * depth, err_msg=name)
+            assert (out[0] == 0).all()

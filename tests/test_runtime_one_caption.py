@@ -359,7 +359,8 @@ def test_float16_galleries_score_the_same_with_the_similarity_kernel(family: str
 def test_a_large_float16_call_loads_the_similarity_kernel_without_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-shot command never warms up; past :data:`LARGE_CALL_VALUES` the kernels pay for their loading, so
     the scorer loads them then: a call reading that many float16 values (not a smaller one, nor float32
-    storage scored without cached constants), or building that many values' Gram matrices."""
+    storage where no per-image constant is needed: SCAN i2t), a call computing that many values' constants in
+    the call (float32 storage too), or building that many values' Gram matrices."""
     pytest.importorskip("numba")
     from itmrt.runtime import one_caption, region_kernels
 
@@ -369,14 +370,94 @@ def test_a_large_float16_call_loads_the_similarity_kernel_without_a_warm_up(monk
     monkeypatch.setattr(one_caption, "LARGE_CALL_VALUES", images.size)
     scorer = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=1)
     want = scorer.score(images.astype(np.float16)[:-1], captions)  # one image short of the threshold
-    scorer.score(images, captions)  # float32 storage: the graph's GEMM needs no cast
     assert not scorer.region_kernels_loaded
+    i2t = OneCaptionScorer(ScanParameters("i2t", "softmax", "Mean", 9.0, 6.0), threads=1)
+    i2t.score(images, captions)  # float32 storage and region norms: the graph's GEMM needs no cast, nor Gram
+    assert not i2t.region_kernels_loaded
     got = scorer.score(images.astype(np.float16), captions)
     assert scorer.region_kernels_loaded and not scorer.kernel_loaded  # the per-word steps stay numpy's
     np.testing.assert_allclose(got[:-1], want, rtol=0, atol=1e-5)
+    from_float32 = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=1)
+    want = from_float32.score(images[:-1], captions)  # short of the threshold: the graph's Gram matrices
+    assert not from_float32.region_kernels_loaded
+    np.testing.assert_allclose(from_float32.score(images, captions)[:-1], want, rtol=0, atol=1e-5)
+    assert from_float32.region_kernels_loaded  # its constants' place taken in the call
     # Building a gallery's Gram matrices over as many values loads them too, whatever the storage.
     building = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=1)
     building.reranks_build_constants = True
     kept = building.score(images, captions, key=("g",))
     assert building.region_kernels_loaded and building.builds == 1
     np.testing.assert_allclose(kept, scorer.score(images, captions), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["naaf", "scan-t2i"])
+@pytest.mark.parametrize("pairs", [0, 10**6], ids=["gram-in-the-call", "direct"])
+def test_a_call_without_cached_constants_sums_the_attended_vectors_directly(
+        family: str, pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-shot call over a large gallery (region kernels loaded, NAAF's per-word steps in numpy, nothing
+    cached) sums each word's attended vector directly, never computing a Gram matrix, while the weighted pairs
+    are few (:data:`DIRECT_PAIRS_PER_IMAGE`), and through the block's Gram matrices past that: both give the
+    reference's scores, NAAF at thresholds that weigh every region, some or almost none, float32 and float16."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("numba")
+    from itmrt.families.naaf.model import naaf_scores
+    from itmrt.families.scan.model import scan_scores
+    from itmrt.runtime import one_caption, region_kernels
+
+    if not region_kernels.available():
+        pytest.skip("this CPU has no hardware half-float conversion: the scorer keeps ONNX Runtime's cast")
+    monkeypatch.setattr(one_caption, "LARGE_CALL_VALUES", 1)  # every call is a one-shot's large call
+    monkeypatch.setattr(one_caption, "DIRECT_PAIRS_PER_IMAGE", pairs)
+    grams = {"calls": 0}
+    original = one_caption._Worker.grams
+
+    def counted(self: Any, images: np.ndarray, kernel: Any = None) -> np.ndarray:
+        grams["calls"] += 1
+        return original(self, images, kernel)
+
+    monkeypatch.setattr(one_caption._Worker, "grams", counted)
+    images, padded, lengths, captions = _random_problem(seed=12)
+    settings = [-0.2, 0.05, 0.3] if family == "naaf" else [None]
+    for threshold in settings:
+        if family == "naaf":
+            scorer = OneCaptionScorer(NaafParameters(threshold, 20.0, 5.0), threads=2, block_images=7)
+        else:
+            scorer = OneCaptionScorer(ScanParameters("t2i", "clipped_l2norm", "LogSumExp", 9.0, 6.0), threads=2,
+                                      block_images=7)
+        for stored in (images, images.astype(np.float16)):
+            values = torch.from_numpy(stored.astype(np.float32))
+            if family == "naaf":
+                want = naaf_scores(values, torch.from_numpy(padded), torch.from_numpy(lengths), threshold, 20.0,
+                                   5.0).numpy()
+            else:
+                want = scan_scores(values, torch.from_numpy(padded), torch.from_numpy(lengths), "t2i",
+                                   "clipped_l2norm", "LogSumExp", 9.0, 6.0).numpy()
+            np.testing.assert_allclose(scorer.score(stored, captions), want, rtol=0, atol=1e-5)
+            assert scorer.region_kernels_loaded and not scorer.kernel_loaded
+    assert (grams["calls"] == 0) == (pairs > 0), grams
+
+
+def test_a_gallery_scanned_once_gets_no_constants_and_one_scanned_again_keeps_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a warm-up (a one-shot command) the first scan of a gallery sums the attended vectors directly and
+    caches nothing; its second scan builds the constants and later scans reuse them; a warmed runtime (a
+    service) builds them on the first. Every scan gives the same scores."""
+    pytest.importorskip("numba")
+    from itmrt.runtime import one_caption, region_kernels
+
+    if not region_kernels.available():
+        pytest.skip("this CPU has no hardware half-float conversion: the scorer keeps ONNX Runtime's cast")
+    monkeypatch.setattr(one_caption, "LARGE_CALL_VALUES", 1)  # every call is a one-shot's large call
+    images, _padded, _lengths, captions = _random_problem(seed=13)
+    stored = images.astype(np.float16)
+    once = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=2, block_images=7)
+    first = once.score(stored, captions, key=("g",))
+    assert once.builds == 0 and once.region_kernels_loaded
+    np.testing.assert_allclose(once.score(stored, captions, key=("g",)), first, rtol=0, atol=1e-5)
+    assert once.builds == 1
+    once.score(stored, captions, key=("g",))
+    assert once.builds == 1
+    warmed = OneCaptionScorer(NaafParameters(0.05, 20.0, 5.0), threads=2, block_images=7)
+    warmed.reranks_build_constants = True
+    np.testing.assert_allclose(warmed.score(stored, captions, key=("g",)), first, rtol=0, atol=1e-5)
+    assert warmed.builds == 1

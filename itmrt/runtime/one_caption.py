@@ -103,6 +103,13 @@ loading the kernels from its cache took 0.36 s in a fresh process, and against t
 saved 13 ms per 1000 float16 images, the Gram kernel 40 ms (one thread; ``python
 benchmarks/bench_region_kernels.py``): at 29,000 images the similarity kernel alone saves what loading costs."""
 
+DIRECT_PAIRS_PER_IMAGE = 320
+"""Weighted (region, word) pairs per image, on average over a block, up to which a call that has no cached
+constants sums each word's attended vector directly (:func:`itmrt.runtime.region_kernels.attended_norms`: ``d``
+multiply-adds a pair) instead of computing the block's Gram matrices, which cost as much as about 340 pairs
+(``python benchmarks/bench_region_kernels.py``, 256 float16 images x 12 words, one thread: every one of the 36
+regions weighted, 432 pairs, 7.5 ms directly against 6.2 ms through the Gram kernel; a tenth weighted, 2.0 ms
+against 5.6). NAAF weighs only the regions above its threshold, so most pairs are zero."""
 _EPS = np.float32(1e-8)
 _LEAKY = np.float32(0.1)
 _SHIFT_LIMIT = np.float32(40.0)  # exp(+-40) are normal float32s (36 * exp(40) < 3.4e38)
@@ -226,7 +233,7 @@ def check_rows(rows: object, n_images: int) -> np.ndarray:
 # -- the score of one block ----------------------------------------------------------------------------------
 
 
-Product = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Product = Callable[[Any, np.ndarray], np.ndarray]
 """Batched quadratic forms ``sum_jk w[b,j,t] G[b,j,k] w[b,k,t]`` of ``G [B, n, n]`` and ``w [B, n, T]``: ``[B, T]``
 (:func:`quadratic_forms`; numpy's batched product would hand it to a multi-threaded BLAS at many words,
 and threads contending with the block workers for two busy cores measured 1000x slower)."""
@@ -260,9 +267,10 @@ def max_over_regions(values: np.ndarray) -> np.ndarray:
     return values[:, 0]
 
 
-def naaf_block(sims: np.ndarray, grams: np.ndarray, query: QueryCaptions, p: NaafParameters,
+def naaf_block(sims: np.ndarray, grams: np.ndarray | None, query: QueryCaptions, p: NaafParameters,
                product: Product = quadratic_forms, scratch: Scratch | None = None) -> np.ndarray:
-    """NAAF scores ``[B, C]`` from similarities ``[B, n, T]`` and the block's Gram matrices ``[B, n, n]``.
+    """NAAF scores ``[B, C]`` from similarities ``[B, n, T]`` and the block's Gram matrices ``[B, n, n]`` (None:
+    ``product`` computes ``w^T G w`` without them).
 
     The step-4 softmax is max-shifted as in :func:`itmrt.families.naaf.model.naaf_scores` (the same value as the
     released ``p / (sum p + 1e-8)``); ``vhat`` is never formed: ``u . vhat = sum_j w s``, ``||vhat||^2 = w^T G w``.
@@ -354,7 +362,7 @@ def scan_block(sims: np.ndarray, grams: np.ndarray | None, region_norms: np.ndar
     for c, (a, b) in enumerate(query.bounds):
         attn = sims[:, :, a:b]  # [B, regions, words]
         if p.cross_attn == "t2i":  # queries: the words (axis 2), context: the regions (axis 1)
-            assert grams is not None and query.norms is not None
+            assert query.norms is not None
             logits = lam * _raw_norm(attn, p.raw_feature_norm, axis=2)
             weights = np.exp(logits - max_over_regions(logits)[:, None, :])
             weights /= weights.sum(axis=1, keepdims=True)
@@ -454,6 +462,31 @@ class _Worker:
         graph on this worker's thread (an einsum after the product read the ``[B, n, T]`` result once more)."""
         return self._session("product", np.dtype(np.float32)).run(None, {"a": grams, "b": weights})[0]
 
+    def direct_product(self, block: np.ndarray, gram_kernel: Callable[..., None] | None) -> Product:
+        """``product(_, weights)``: ``w^T G w`` of ``block``'s images without cached Gram matrices - each word's
+        attended vector summed directly where the weighted pairs are few (:data:`DIRECT_PAIRS_PER_IMAGE`), else
+        through the block's Gram matrices computed now."""
+        from itmrt.runtime import region_kernels
+        from itmrt.runtime.fused import call_compiled
+
+        grams: list[np.ndarray] = []  # the block's, once computed (SCAN asks once per caption)
+
+        def product(_grams: Any, weights: np.ndarray) -> np.ndarray:
+            if np.count_nonzero(weights) > DIRECT_PAIRS_PER_IMAGE * len(block):
+                if not grams:
+                    grams.append(self.grams(block, gram_kernel))
+                return self.product(grams[0], weights)
+            stored = _storage(block)
+            out = np.empty((weights.shape[0], weights.shape[2]), dtype=np.float32)
+            weights = np.ascontiguousarray(weights, dtype=np.float32)
+            if stored.dtype == np.float16:
+                call_compiled(region_kernels.attended_norms_half, stored.view(np.uint16), weights, out)
+            else:
+                call_compiled(region_kernels.attended_norms, stored, weights, out)
+            return out
+
+        return product
+
 
 def _storage(array: np.ndarray) -> np.ndarray:
     """A contiguous float16 or float32 array (what the graphs take), without copying one that already is."""
@@ -534,6 +567,7 @@ class OneCaptionScorer:
         # rows as the gallery holds (:meth:`_rerank_builds`)
         self.reranks_build_constants = False
         self._rows_asked: dict[GalleryKey, int] = {}
+        self._scanned: set[GalleryKey] = set()  # galleries scanned once without their constants
         self._kernel: Callable[..., None] | None = None  # NAAF's compiled per-word steps, once loaded
         self._similarity_kernel: Callable[..., None] | None = None  # float16 storage's product, once loaded
         self._gram_kernel: Callable[..., None] | None = None  # the per-image Gram matrices, once loaded
@@ -568,8 +602,9 @@ class OneCaptionScorer:
 
     def expect_scan(self, values: int, dtype: np.dtype) -> None:
         """Calls to come read ``values`` stored values of ``dtype`` in all (a shard scanned block by block): the
-        region kernels are loaded where one call over them would load them (:data:`LARGE_CALL_VALUES`), since a
-        scan's small calls each miss the rule that pays their import."""
+        region kernels are loaded where one call over them would load them (:data:`LARGE_CALL_VALUES`: float16
+        storage's product, or any storage's per-image constants), since a scan's small calls each miss the rule
+        that pays their import."""
         if values >= LARGE_CALL_VALUES and (self.needs_grams or np.dtype(dtype) == np.float16):
             self._load_region_kernels()
 
@@ -588,9 +623,14 @@ class OneCaptionScorer:
             stored.setflags(write=writable)
             call_compiled(module.similarities, stored, words, np.empty((5, 2), np.float32))
         call_compiled(module.gram_matrices, np.ones((2, 5, 8), np.float32), np.empty((2, 5, 5), np.float32))
+        weights = np.ones((1, 5, 2), np.float32)
         for writable in (True, False):
             stored.setflags(write=writable)
             call_compiled(module.gram_matrices_half, stored.reshape(1, 5, 8), np.empty((1, 5, 5), np.float32))
+            call_compiled(module.attended_norms_half, stored.reshape(1, 5, 8), weights, np.empty((1, 2), np.float32))
+            regions = np.ones((1, 5, 8), np.float32)
+            regions.setflags(write=writable)
+            call_compiled(module.attended_norms, regions, weights, np.empty((1, 2), np.float32))
         self._similarity_kernel, self._gram_kernel = module.similarities, module.gram_matrices
 
     @property
@@ -678,22 +718,21 @@ class OneCaptionScorer:
                              "in size")
         index = None if rows is None else check_rows(rows, int(images.shape[0]))
         total = int(images.shape[0]) if index is None else len(index)
-        if images.dtype == np.float16 and total * int(images.shape[1]) * int(images.shape[2]) >= LARGE_CALL_VALUES:
-            self._load_region_kernels()  # a one-shot command over a large float16 gallery: they pay here
+        self.expect_scan(total * int(images.shape[1]) * int(images.shape[2]), images.dtype)  # a one-shot's large call
         if self._similarity_kernel is not None and images.dtype == np.float16:
             from itmrt.runtime.region_kernels import padded_words
 
             query.padded_tokens = padded_words(query.tokens)
         cached = None
         if key is not None:
-            build = rows is None or self._rerank_builds(key, images, rows)
+            build = self._scan_builds(key) if rows is None else self._rerank_builds(key, images, rows)
             cached = self.constants(images, key, evict=rows is None, build=build)
         out = np.empty((total, len(query.bounds)), dtype=np.float32)
 
         def score_range(worker: _Worker, start: int, stop: int) -> None:
             picked = slice(start, stop) if index is None else index[start:stop]
             block = images[picked]
-            constants = cached.values[picked] if cached is not None else self._block_constants(worker, block)
+            constants = cached.values[picked] if cached is not None else self._call_constants(worker, block)
             out[start:stop] = self._score_block(worker, block, constants, query)
 
         budget = ONE_CAPTION_BLOCK_VALUES if len(query.bounds) == 1 else BLOCK_VALUES
@@ -704,6 +743,19 @@ class OneCaptionScorer:
         with self._calls:
             self._map_blocks(total, score_range, size)
         return out
+
+    def _scan_builds(self, key: GalleryKey) -> bool:
+        """Whether a call over every image of the gallery ``key`` computes its constants (cached) rather than
+        scoring without them: in a warmed runtime, where nothing replaces them (the region kernels are not
+        loaded), and on the gallery's second scan; its first scan sums the attended vectors directly
+        (:meth:`_Worker.direct_product`), cheaper than building the Gram matrices when the gallery is scanned
+        once (a one-caption command over 100,000 float16 images spent 2.7 s on them, more than on scoring)."""
+        if self.reranks_build_constants or not self._sums_directly():
+            return True
+        with self._lock:
+            seen = key in self._scanned
+            self._scanned.add(key)
+        return seen
 
     def _rerank_builds(self, key: GalleryKey, images: np.ndarray, rows: np.ndarray) -> bool:
         """Whether a rerank of ``rows`` computes the gallery's constants (cached) rather than its rows' (in the
@@ -717,17 +769,30 @@ class OneCaptionScorer:
             asked = self._rows_asked[key] = self._rows_asked.get(key, 0) + len(rows)
         return asked >= int(images.shape[0])
 
-    def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray,
+    def _sums_directly(self) -> bool:
+        """Whether a call without cached constants sums the attended vectors directly
+        (:meth:`_Worker.direct_product`): the region kernels are loaded, the Gram matrices would serve only
+        ``w^T G w``, and NAAF's steps run in numpy (the compiled kernel takes the Gram matrices)."""
+        return (self.needs_grams and self._similarity_kernel is not None
+                and not (isinstance(self.parameters, NaafParameters) and self._kernel is not None))
+
+    def _call_constants(self, worker: _Worker, block: np.ndarray) -> np.ndarray | None:
+        """A block's constants computed in the call (none cached), or None where it sums directly."""
+        return None if self._sums_directly() else self._block_constants(worker, block)
+
+    def _score_block(self, worker: _Worker, block: np.ndarray, constants: np.ndarray | None,
                      query: QueryCaptions) -> np.ndarray:
         n_img, regions = int(block.shape[0]), int(block.shape[1])
         sims = worker.similarities(block, query, self._similarity_kernel)
         sims = sims.reshape(n_img, regions, -1)
+        product = worker.product if constants is not None else worker.direct_product(block, self._gram_kernel)
         if isinstance(self.parameters, NaafParameters):
             if self._kernel is not None:
+                assert constants is not None
                 return self._naaf(sims, constants, query)
-            return naaf_block(sims, constants, query, self.parameters, worker.product, worker.scratch)
+            return naaf_block(sims, constants, query, self.parameters, product, worker.scratch)
         if self.parameters.cross_attn == "t2i":
-            return scan_block(sims, constants, None, query, self.parameters, worker.product)
+            return scan_block(sims, constants, None, query, self.parameters, product)
         return scan_block(sims, None, constants, query, self.parameters)
 
     def _naaf(self, sims: np.ndarray, grams: np.ndarray, query: QueryCaptions) -> np.ndarray:
@@ -779,6 +844,7 @@ class OneCaptionScorer:
             for key in [key for key in self._cache if not keep(key)]:
                 del self._cache[key]
             self._rows_asked = {key: count for key, count in self._rows_asked.items() if keep(key)}
+            self._scanned = {key for key in self._scanned if keep(key)}
 
     def close(self) -> None:
         if self._pool is not None:

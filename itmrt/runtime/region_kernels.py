@@ -58,7 +58,7 @@ LINE_VALUES = 32
 
 def kernels() -> tuple[object, ...]:
     """The module's numba dispatchers (whose ``stats`` say what was compiled and what came from the cache)."""
-    return (similarities, widen, gram_matrices, gram_matrices_half)
+    return (similarities, widen, gram_matrices, gram_matrices_half, attended_norms, attended_norms_half)
 
 
 @functools.cache
@@ -223,6 +223,58 @@ def gram_matrices_half(images, out):  # type: ignore[no-untyped-def]
             for k in range(depth):
                 v[j, k] = half_to_float(image[j, k])
         _gram(v, out[b])
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False, inline="always")
+def _attended(v, weights, out, acc):  # type: ignore[no-untyped-def]
+    """``out[t] = ||sum_j weights[j, t] v[j]||^2`` for one image (``v [n, d]`` float32, ``weights [n, T]``),
+    the sum over the regions whose weight is not zero only."""
+    n, depth = v.shape
+    for t in range(weights.shape[1]):
+        for k in range(depth):
+            acc[k] = np.float32(0.0)
+        used = False
+        for j in range(n):
+            weight = weights[j, t]
+            if weight != 0:
+                used = True
+                row = v[j]
+                for k in range(depth):
+                    acc[k] += weight * row[k]
+        total = np.float32(0.0)
+        if used:
+            for k in range(depth):
+                total += acc[k] * acc[k]
+        out[t] = total
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False)
+def attended_norms(images, weights, out):  # type: ignore[no-untyped-def]
+    """``out [B, T]``: each image's and word's ``||sum_j w_j v_j||^2`` from ``images [B, n, d]`` (float32) and
+    ``weights [B, n, T]`` - the ``w^T G w`` of :func:`gram_matrices` without the Gram matrix (contiguous)."""
+    acc = np.empty(images.shape[2], dtype=np.float32)
+    for b in range(images.shape[0]):
+        _attended(images[b], weights[b], out[b], acc)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=FASTMATH, boundscheck=False)
+def attended_norms_half(images, weights, out):  # type: ignore[no-untyped-def]
+    """:func:`attended_norms` of float16 images given as their bits (``uint16 [B, n, d]``): only the regions a
+    word weighs are widened, into a buffer of the core's L2."""
+    n_img, n, depth = images.shape
+    v = np.empty((n, depth), dtype=np.float32)
+    acc = np.empty(depth, dtype=np.float32)
+    for b in range(n_img):
+        image, w = images[b], weights[b]
+        for j in range(n):
+            weighed = False
+            for t in range(w.shape[1]):
+                if w[j, t] != 0:
+                    weighed = True
+            if weighed:
+                for k in range(depth):
+                    v[j, k] = half_to_float(image[j, k])
+        _attended(v, w, out[b], acc)
 
 
 def padded_words(words: np.ndarray) -> np.ndarray:
