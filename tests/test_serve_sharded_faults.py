@@ -405,6 +405,36 @@ def test_shards_read_block_by_block_answer_as_shards_in_memory(made: dict[str, A
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
 
 
+def test_blocks_give_the_file_and_stop_at_a_truncation(tmp_path: Path) -> None:
+    """PositionalRows.blocks: every block as yielded is the file's rows (one block, an exact multiple, a
+    remainder), a scan left early is fine, and a file truncated during the scan is a GalleryChanged at the
+    first block it cuts, after the blocks before it."""
+    from itmrt.errors import GalleryChanged
+    from itmrt.scale.positional import PositionalRows
+
+    path = tmp_path / "rows.npy"
+    values = np.arange(23 * 3 * 4, dtype=np.float32).reshape(23, 3, 4)
+    np.save(path, values)
+    rows = PositionalRows(path, "shard test")
+    for per_block in (1, 5, 23, 50):
+        seen = []
+        for first, block in rows.blocks(per_block * rows.row_bytes):
+            np.testing.assert_array_equal(block, values[first : first + len(block)])
+            seen.append(block.copy())
+        np.testing.assert_array_equal(np.concatenate(seen), values)
+    scan = rows.blocks(5 * rows.row_bytes)
+    next(scan)
+    scan.close()  # left early
+    with open(path, "r+b") as handle:  # cut inside the third block (rows 10-14)
+        handle.truncate(rows.offset + 12 * rows.row_bytes)
+    firsts = []
+    with pytest.raises(GalleryChanged, match="shorter than when it was opened"):
+        for first, _block in rows.blocks(5 * rows.row_bytes):
+            firsts.append(first)
+    assert firsts == [0, 5]
+    rows.close()
+
+
 # -- the files a shard copies when it opens: positional reads, the copy verified ------------------------------
 
 
