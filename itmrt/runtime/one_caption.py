@@ -35,7 +35,12 @@ parity margin on the first data tried), so they stay float32. All galleries' con
 :data:`CONSTANTS_BUDGET_BYTES`, least recently used first out; a gallery too
 large for the budget, or plain arrays (whose content may change between calls
 unseen), get them block by block inside each call instead - the same scores,
-slower.
+slower. Where the region kernels are loaded and NAAF's steps run in numpy (a
+one-shot command over a large gallery), a call without cached constants does
+not compute them at all: it sums each word's attended vector directly,
+``d`` multiply-adds per weighted region-word pair (NAAF weighs only the regions
+above its threshold), and a gallery's first scan caches nothing; its second
+builds the constants (:meth:`OneCaptionScorer._scan_builds`).
 
 Nothing per call grows with the gallery except the output: the callers' plain
 top-k of ``N x C`` scores. ``threads`` workers split the blocks, each with its
