@@ -800,7 +800,7 @@ def test_rescoring_keeps_the_images_with_the_best_residual_estimates_and_everyth
 
 
 def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards(world: dict[str, Any]) -> None:
-    from itmrt.scale.regions import DEFAULT_RESCORE, MIN_POOLED_RESCORE_SHARE, MIN_RESCORE_SHARE
+    from itmrt.scale.regions import DEFAULT_RESCORE, MIN_POOLED_RESCORE_SHARE, MIN_RESCORE_SHARE, POOLED_RESCORE
 
     gallery = compact_gallery(world)
     compact = open_shards(gallery, threads=1, warn=quiet).shards
@@ -810,7 +810,7 @@ def test_the_default_rescore_splits_one_budget_per_query_over_the_compact_shards
         assert shard.regions.default_rescore(7, shard.gallery.embeddings) == 7
         shard.regions.shards = 20  # a share below MIN_RESCORE_SHARE: that many, not fewer
         assert shard.regions.default_rescore(None, shard.gallery.embeddings) == MIN_RESCORE_SHARE
-        assert shard.regions.default_rescore(None, shard.gallery.embeddings, pooled=True) == DEFAULT_RESCORE // 20
+        assert shard.regions.default_rescore(None, shard.gallery.embeddings, pooled=True) == POOLED_RESCORE // 20
         shard.regions.shards = 40  # a budget's pooled share has its own floor
         assert shard.regions.default_rescore(None, shard.gallery.embeddings, pooled=True) == \
             MIN_POOLED_RESCORE_SHARE

@@ -194,8 +194,9 @@ REGION_FLAGS: dict[str, Flag] = {
     "rescore": Flag(int | None, _region_flag("--rescore", 0, "images per shard re-estimated from their stored "
                                                              "regions (compact: centroid plus residual levels) "
                                                              "before K are kept (0: none; default on compact storage: "
-                                                             "512 per query split over the shards, at least 64 "
-                                                             "each, 24 with --budget; exact: 0).")),
+                                                             "1024 per query split over the shards, at least 64 "
+                                                             "each; with --budget 512, at least 24 each; exact: "
+                                                             "0).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
                                                            "estimate (default: K per shard; text to image only).")),
 }

@@ -60,6 +60,7 @@ from itmrt.scale.regions import (
     MIN_POOLED_RESCORE_SHARE,
     MIN_REFINE_SHARE,
     MIN_RESCORE_SHARE,
+    POOLED_RESCORE,
     POOR_FIT,
     POOR_FIT_EXACT_PASS,
     POOR_FIT_UNION,
@@ -187,12 +188,13 @@ class RegionIndex:
         """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``,
         else, where its regions are compact storage (the residual stage reads a few bytes a region), this shard's
         share of :data:`DEFAULT_RESCORE` over the gallery's :attr:`shards`, at least :data:`MIN_RESCORE_SHARE`
-        (``pooled``, a search with a budget: :data:`MIN_POOLED_RESCORE_SHARE`); else 0 (exact storage would read
-        its float embeddings)."""
+        (``pooled``, a search with a budget: of :data:`POOLED_RESCORE`, at least :data:`MIN_POOLED_RESCORE_SHARE`);
+        else 0 (exact storage would read its float embeddings)."""
         if asked is not None:
             return asked
-        least = MIN_POOLED_RESCORE_SHARE if pooled else MIN_RESCORE_SHARE
-        return self._share(DEFAULT_RESCORE, least) if isinstance(stored, CompactRegions) else 0
+        per_query, least = (POOLED_RESCORE, MIN_POOLED_RESCORE_SHARE) if pooled else \
+            (DEFAULT_RESCORE, MIN_RESCORE_SHARE)
+        return self._share(per_query, least) if isinstance(stored, CompactRegions) else 0
 
     def default_refine(self, asked: int | None) -> int:
         """Images a search refines in this shard from every region's centroid (step 3b): ``asked``, else the

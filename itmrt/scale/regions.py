@@ -87,12 +87,19 @@ DEFAULT_PREFILTER = 2048
 the probes reach); chosen by the largest sum of probed centroid similarities over the imputed ones. 2048: on
 200,000 images (4 shards of 50,000, 32 queries) every setting's top 10 was the same with and without it, and at
 1M (20 shards) it took 15-27 ms off the candidates stage (docs/region-index.md, 2026-12-06, session 3)."""
-DEFAULT_RESCORE = 512
+DEFAULT_RESCORE = 1024
 """Images per query estimated again from their stored regions, centroid plus residual levels (PLAID's residual
 stage), before the K best are kept, on compact storage: split evenly over the gallery's shards (each shard
 re-estimates its share of its refined estimate's best), so the stage's work per query stays bounded whatever the
-shard count; exact storage: none unless a search asks. At 100K images (2 shards, 256 each) it lifted recall@10
-from 0.96 / 0.9775 (K 30 / 50 per shard) to 0.99 (docs/region-index.md, 2026-12-06, session 4)."""
+shard count; exact storage: none unless a search asks. At 100K images (2 shards) it lifted recall@10 from 0.96 /
+0.9775 (K 30 / 50 per shard) to 0.99 at 256 a shard (2026-12-06, session 4). 1024 since 2026-12-07 (session 11):
+on a 100K build on another CPU, 256 a shard read 0.9875 and 512 a shard 0.9925 (40 queries, K 20; p50 40.5-48.6
+ms on one thread and 37.2-45.3 on two over four runs, against 30.9-32.7 and 27.8-30.0), and session 4's build
+read 0.99 and 0.995 (docs/region-index.md). At 16 shards and more the share is :data:`MIN_RESCORE_SHARE`, as
+before."""
+POOLED_RESCORE = 512
+""":data:`DEFAULT_RESCORE` for a search with a budget, whose shards' re-estimated images are pooled (their share
+of it at least :data:`MIN_POOLED_RESCORE_SHARE`): the setting the 1M budget path was measured with."""
 MIN_RESCORE_SHARE = 64
 """The fewest images a compact shard re-estimates by default, whatever its share of :data:`DEFAULT_RESCORE`: on
 the distinct 1M gallery (20 shards, K 10 per shard, refine 256) 64 a shard lifted recall@10 from 0.93 to 0.975
