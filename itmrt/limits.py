@@ -98,6 +98,13 @@ def check_count(value: int, low: int, high: int, flag: str) -> int:
     return int(value)
 
 
+def store_count(options: object, name: str, low: int, high: int, flag: str) -> None:
+    """Field ``name`` of ``options`` (a dataclass, frozen or not) checked by :func:`check_count` and stored as the
+    ``int`` it returns: a NumPy integer is taken, and what is written from the options (JSON, ``bind()``) gets
+    Python's."""
+    object.__setattr__(options, name, check_count(getattr(options, name), low, high, flag))
+
+
 def check_real(value: float, low: float, high: float, flag: str, low_open: bool = False) -> float:
     """A finite number within ``low``..``high`` (``low`` itself excluded with ``low_open``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

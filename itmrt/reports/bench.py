@@ -41,7 +41,7 @@ import numpy as np
 from itmrt.bundle.folder import read_bundle
 from itmrt.bundle.names import CAPTION_EMBEDDINGS, IMAGE_EMBEDDINGS, LENGTHS, BackendName, Component, Precision
 from itmrt.errors import ItmrtError
-from itmrt.limits import MAX_BATCH, MAX_CALLS, MAX_COUNT, check_count, is_integer
+from itmrt.limits import MAX_BATCH, MAX_CALLS, MAX_COUNT, is_integer, store_count
 from itmrt.reports.runtime_variants import Variant, graph_files, open_variant
 from itmrt.runtime.encoders import tokenize
 from itmrt.runtime.tiled import top_k_of_matrix
@@ -223,7 +223,7 @@ def check_bench_options(options: BenchOptions) -> None:
     for name, low, high, flag in (("images", 1, MAX_BATCH, "--images"), ("captions", 1, MAX_BATCH, "--captions"),
                                   ("warmup", 0, MAX_CALLS, "--warmup"), ("repeats", 1, MAX_CALLS, "--repeats"),
                                   ("top_k", 1, MAX_COUNT, "--top-k")):
-        setattr(options, name, check_count(getattr(options, name), low, high, flag))  # a NumPy integer: an int
+        store_count(options, name, low, high, flag)
 
 
 def run_bench(bundle: str | Path, options: BenchOptions, bar: BarFactory | None = None,

@@ -15,7 +15,7 @@ from typing import Any
 
 from itmrt.bundle.names import BackendName, Choice, Precision, parse_choice
 from itmrt.errors import ItmrtError
-from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_count, check_threads
+from itmrt.limits import MAX_BATCH, MAX_MEMORY_MB, MAX_TOKENS, check_threads, store_count
 
 DEFAULT_BUDGET_BYTES = 32 << 20  # measured: 8-32 MB tiles beat 256 MB ones by ~15% (cache), bench_scorer
 
@@ -97,18 +97,13 @@ class RuntimeOptions:
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         # A NumPy integer is taken as a thread count (as the scale options take it) and stored as an int.
         object.__setattr__(self, "threads", check_threads(self.threads))
-        self._count("batch_size", 1, MAX_BATCH, "--batch-size")
-        self._count("budget_bytes", 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
-        self._count("device", 0, 255, "--device")
+        store_count(self, "batch_size", 1, MAX_BATCH, "--batch-size")
+        store_count(self, "budget_bytes", 1 << 10, MAX_MEMORY_MB << 20, "the tile memory budget (bytes)")
+        store_count(self, "device", 0, 255, "--device")
         if self.max_length is not None:
-            self._count("max_length", 2, MAX_TOKENS, "--max-length")
+            store_count(self, "max_length", 2, MAX_TOKENS, "--max-length")
         if self.gpu_mem_limit_mb is not None:
-            self._count("gpu_mem_limit_mb", 1, 1 << 24, "the CUDA memory limit (MB)")
-
-    def _count(self, name: str, low: int, high: int, flag: str) -> None:
-        """Field ``name`` checked within ``low..high`` and stored as an ``int``: a NumPy integer (a count read from
-        an array) was refused as "must be an integer", as ``threads`` no longer is."""
-        object.__setattr__(self, name, check_count(getattr(self, name), low, high, flag))
+            store_count(self, "gpu_mem_limit_mb", 1, 1 << 24, "the CUDA memory limit (MB)")
 
     def replace(self, **changes: Any) -> RuntimeOptions:
         """These options with ``changes`` (field names), checked again; an unknown name is a TypeError."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from itmrt.bundle.names import BackendName, Precision, parse_choice
 from itmrt.errors import ItmrtError
-from itmrt.limits import MAX_BATCH, MAX_COPY_MB, MAX_COUNT, MAX_MEMORY_MB, check_count, check_real
+from itmrt.limits import MAX_BATCH, MAX_COPY_MB, MAX_COUNT, MAX_MEMORY_MB, check_real, store_count
 from itmrt.optional import require, require_all
 from itmrt.runtime.options import OnLong, RuntimeOptions, ScorerChoice
 from itmrt.scale.layout import is_sharded_gallery
@@ -99,7 +99,7 @@ class ServeOptions:
         object.__setattr__(self, "precision", parse_choice(Precision, self.precision, "precision"))
         object.__setattr__(self, "scorer", parse_choice(ScorerChoice, self.scorer, "scorer"))
         object.__setattr__(self, "on_long", parse_choice(OnLong, self.on_long, "--on-long"))
-        object.__setattr__(self, "memory_mb", check_count(self.memory_mb, 1, MAX_MEMORY_MB, "--memory-mb"))
+        store_count(self, "memory_mb", 1, MAX_MEMORY_MB, "--memory-mb")
 
     def _check_service_fields(self) -> None:
         """The fields the CLI bounds, bounded alike for the Python API: a string or a number out of range failed
@@ -107,11 +107,10 @@ class ServeOptions:
         if not isinstance(self.host, str) or not self.host.strip():
             raise ItmrtError(f"--host must be an address (e.g. 127.0.0.1 or 0.0.0.0), not {self.host!r}")
         # a NumPy integer is taken, and stored as an int (bind() and the JSON of /v2 take Python's)
-        object.__setattr__(self, "port", check_count(self.port, 0, 65535, "--port"))
-        object.__setattr__(self, "max_connections", check_count(self.max_connections, 1, MAX_BATCH,
-                                                                "--max-connections"))
+        store_count(self, "port", 0, 65535, "--port")
+        store_count(self, "max_connections", 1, MAX_BATCH, "--max-connections")
         if self.shortlist is not None:
-            object.__setattr__(self, "shortlist", check_count(self.shortlist, 1, MAX_COUNT, "--shortlist"))
+            store_count(self, "shortlist", 1, MAX_COUNT, "--shortlist")
         check_real(self.copy_shards_mb, 0.0, MAX_COPY_MB, "--copy-shards-mb")
         check_real(self.grace_s, 1.0, 3600.0, "--grace-s")
         check_real(self.watch_s, 0.0, 3600.0, "--watch-s")
