@@ -198,6 +198,30 @@ def region_sketches(embeddings: np.ndarray, width: int, seed: int) -> tuple[np.n
     return projection, sketches
 
 
+def bit_sketches(embeddings: np.ndarray, bits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Gaussian projection ``[d, bits]`` and every region's sign bits under it, as +-1 (float32): a SimHash
+    whose Hamming distance ``h`` to a word's bits estimates their angle as ``pi * h / bits``."""
+    images, regions, depth = embeddings.shape
+    projection = np.random.default_rng(1000 + seed).standard_normal((depth, bits)).astype(np.float32)
+    signs = np.empty((images * regions, bits), dtype=np.float32)
+    for start in range(0, images, BLOCK):
+        block = np.asarray(embeddings[start : start + BLOCK], dtype=np.float32).reshape(-1, depth)
+        signs[start * regions : start * regions + len(block)] = np.where(block @ projection >= 0, 1.0, -1.0)
+    return projection, signs
+
+
+def bit_sketch_reads(tokens: np.ndarray, sims: np.ndarray, sketch: tuple[np.ndarray, np.ndarray], images: int,
+                     estimate: ScoreEstimate, answers: np.ndarray, nearest: np.ndarray,
+                     counts: dict[str, float]) -> None:
+    """As :func:`sketch_reads` for sign-bit sketches: similarity estimated as ``cos(pi * hamming / bits)``."""
+    projection, signs = sketch
+    bits = projection.shape[1]
+    agree = np.where(tokens @ projection >= 0, 1.0, -1.0).astype(np.float32) @ signs.T  # bits - 2 * hamming
+    estimated = np.cos(np.pi * (bits - agree) / (2 * bits)).astype(np.float32)
+    read_best(f"bits {bits}", estimated, SKETCH_READS, tokens, sims, images, estimate, answers, nearest, counts)
+    estimate_alone(f"bits {bits}", estimated, tokens, images, estimate, answers, counts)
+
+
 def sketch_reads(tokens: np.ndarray, sims: np.ndarray, sketch: tuple[np.ndarray, np.ndarray], images: int,
                  estimate: ScoreEstimate, answers: np.ndarray, nearest: np.ndarray,
                  counts: dict[str, float]) -> None:
@@ -213,7 +237,8 @@ def sketch_reads(tokens: np.ndarray, sims: np.ndarray, sketch: tuple[np.ndarray,
 def one_shard(tokens: np.ndarray, sims: np.ndarray, codes: np.ndarray, centroids: np.ndarray,
               estimate: ScoreEstimate, answers: np.ndarray, counts: dict[str, float],
               second: tuple[np.ndarray, np.ndarray] | None = None, graph: Any = None,
-              sketches: tuple[tuple[np.ndarray, np.ndarray], ...] = ()) -> None:
+              sketches: tuple[tuple[np.ndarray, np.ndarray], ...] = (),
+              bit_sketch_sets: tuple[tuple[np.ndarray, np.ndarray], ...] = ()) -> None:
     words, images = len(tokens), codes.shape[0]
     flat_codes = codes.reshape(-1).astype(np.int64)
     centroid_sims = tokens @ centroids.T
@@ -240,6 +265,8 @@ def one_shard(tokens: np.ndarray, sims: np.ndarray, codes: np.ndarray, centroids
         graph_reads(tokens, sims, graph, images, estimate, answers, nearest[NEAREST[0]], counts)
     for sketch in sketches:
         sketch_reads(tokens, sims, sketch, images, estimate, answers, nearest[NEAREST[0]], counts)
+    for bit_sketch in bit_sketch_sets:
+        bit_sketch_reads(tokens, sims, bit_sketch, images, estimate, answers, nearest[NEAREST[0]], counts)
     counts["words"] += words
 
 
@@ -266,6 +293,8 @@ def main() -> None:
     parser.add_argument("--sketches", default="", metavar="W,W", help=(
         "also measure a scan of every region's random-projection sketch of each width (e.g. 64,128,256): each "
         "word reads its best regions by sketch similarity"))
+    parser.add_argument("--bit-sketches", default="", metavar="B,B", help=(
+        "also measure a scan of every region's sign-bit sketch (SimHash) of each length in bits (e.g. 128,256)"))
     args = parser.parse_args()
     from itmrt.runtime import load
 
@@ -303,6 +332,9 @@ def main() -> None:
     widths = [int(w) for w in args.sketches.split(",") if w.strip()]
     sketches = [tuple(region_sketches(shard.gallery.embeddings, width, seed=number) for width in widths)
                 for number, shard in enumerate(shards.shards)]
+    lengths = [int(b) for b in args.bit_sketches.split(",") if b.strip()]
+    signs = [tuple(bit_sketches(shard.gallery.embeddings, bits, seed=number) for bits in lengths)
+             for number, shard in enumerate(shards.shards)]
     for query in range(len(batch)):
         assert batch.offsets is not None
         start, length = int(batch.offsets[query]), int(batch.lengths[query])
@@ -315,7 +347,7 @@ def main() -> None:
             regions = shard.regions
             assert regions is not None
             one_shard(tokens, sims, np.asarray(regions.codes), regions.centroids, estimate, answers, counts,
-                      seconds[number], graphs[number], sketches[number])
+                      seconds[number], graphs[number], sketches[number], signs[number])
         print(f"query {query + 1}/{len(batch)}", flush=True)
     result: dict[str, Any] = {"data": args.data, "images": args.images, "shards": args.shards, "queries": len(batch),
                               "fit": [s.regions.fit for s in shards.shards if s.regions is not None],
@@ -333,7 +365,7 @@ def main() -> None:
     for width in widths:  # the sketch scan's floor: its product's arithmetic at the large-GEMM rate
         floor = result["scan_floor_ms_100k"] * width / depth
         result[f"sketch {width}: scan floor ms at 100,000 images"] = round(floor, 1)
-    record = args.work / f"reach-{args.data}-{args.images}-{args.second_codebook}-{args.graph}-{len(widths)}.json"
+    record = args.work / f"reach-{args.data}-{args.images}-{args.second_codebook}-{args.graph}-{len(widths)}-{len(lengths)}.json"
     record.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.images:,} images ({args.data}), {args.shards} shards, fit {result['fit']}, centroids "
           f"{result['centroids']}; {len(batch)} queries; the exhaustive word x region product's floor "
@@ -341,7 +373,7 @@ def main() -> None:
           f"(large GEMM {result['gemm_gflops']} GFLOP/s)\n")
     print("| measure | share |\n|---|---|")
     for key, value in result.items():
-        if key.startswith(("reach", "probed", "oracle", "one codebook", "multi", "graph", "sketch")):
+        if key.startswith(("reach", "probed", "oracle", "one codebook", "multi", "graph", "sketch", "bits")):
             print(f"| {key} | {value} |")
 
 

@@ -111,8 +111,8 @@ class ShortlistEntry(JsonRecord):
 class RegionIndexEntry(JsonRecord):
     """A shard's region index (:mod:`itmrt.scale.regions`): centroids, each region's centroid id, inverted lists
     and, for compact storage, packed residuals, their levels (``buckets``) and each dimension's bits (``bits``;
-    absent in galleries written before bits were allocated per dimension); built from the embeddings
-    ``built_from``."""
+    absent in galleries written before bits were allocated per dimension); on a shard its centroids fit poorly,
+    every region's sign-bit sketch and their projection; built from the embeddings ``built_from``."""
 
     built_from: str = sha256_field()
     centroids: GalleryFile
@@ -121,6 +121,8 @@ class RegionIndexEntry(JsonRecord):
     residuals: GalleryFile | None = None
     buckets: GalleryFile | None = None
     bits: GalleryFile | None = None
+    projection: GalleryFile | None = None
+    sketches: GalleryFile | None = None
     rows: int = bounded(minimum=0)
     regions: int = bounded(minimum=1)
     dims: int = bounded(minimum=1)
@@ -131,7 +133,8 @@ class RegionIndexEntry(JsonRecord):
 
     def files(self) -> list[GalleryFile]:
         return [self.centroids, self.codes, self.lists,
-                *[entry for entry in (self.residuals, self.buckets, self.bits) if entry is not None]]
+                *[entry for entry in (self.residuals, self.buckets, self.bits, self.projection, self.sketches)
+                  if entry is not None]]
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,7 @@ from itmrt.errors import ItmrtError
 
 Opt = typer.Option
 REGION_FLAGS = {"region_centroids": "--region-centroids", "nprobe": "--nprobe", "candidates": "--candidates",
-                "exact_pass": "--exact-pass"}
+                "exact_pass": "--exact-pass", "region_sketch": "--region-sketch"}
 """The region index's options that have no default on the command line (None: not given)."""
 DEFAULT_RESIDUAL_BITS = 2.0
 
@@ -70,13 +70,14 @@ def index_command(
     regions_storage: str = Opt("exact", "--regions-storage", help=(
         "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
     residual_bits: float = Opt(DEFAULT_RESIDUAL_BITS, "--residual-bits", help="regions, compact: mean bits per dimension (1 to 4)."),
+    region_sketch: str | None = Opt(None, "--region-sketch", help="regions: sign-bit sketches of every region, scanned in full for candidates where probing centroids cannot find them: auto (default: 256 bits on a shard its centroids fit poorly), off, or bits a region (64-512, a multiple of 64)."),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 
-    From image files the gallery also keeps each image's path as its id (GALLERY/image_ids.json).
-    With --shard-images N the gallery is sharded: GALLERY/gallery.json lists shard folders (counts, sha256),
-    each a gallery of its own with its images' global vectors and their FAISS index (or its region index);
-    --append adds shards. With --embeddings the images are already encoded: they are checked and stored as given.
+    From image files the gallery also keeps each image's path as its id (GALLERY/image_ids.json). With --shard-images N
+    the gallery is sharded: GALLERY/gallery.json lists shard folders (counts, sha256), each a gallery of its own with
+    its global vectors and their FAISS index (or its region index); --append adds shards. With --embeddings the images
+    are already encoded: they are checked and stored as given.
     """
     from itmrt.data.npy import open_npy
     from itmrt.runtime.api import load
@@ -88,7 +89,7 @@ def index_command(
     index_spec = _index_spec(shortlist_index, ivf_lists, ivf_probe, hnsw_m, hnsw_ef_construction, hnsw_ef_search,
                              {"region_centroids": region_centroids, "nprobe": nprobe, "candidates": candidates,
                               "exact_pass": exact_pass, "regions_storage": regions_storage,
-                              "residual_bits": residual_bits}, sharded, append)
+                              "residual_bits": residual_bits, "region_sketch": region_sketch}, sharded, append)
     runtime = load(bundle, runtime, warn=warn_on_stderr)
     warm = f"; warm-up {runtime.warmup():.1f}s" if warmup and embeddings is None else ""
     listing = images is not None and is_image_listing(images)
@@ -100,8 +101,7 @@ def index_command(
                                       outputs.overwrite, source, skip_bad_images, outputs.progress, given)
     else:
         count, shape = _index_single(runtime, inputs, out, given, source, dtype, outputs.overwrite, skip_bad_images)
-    skipped = len(inputs) - count if listing else 0
-    counted = f" ({skipped} unreadable skipped)" if skipped else ""
+    counted = f" ({len(inputs) - count} unreadable skipped)" if listing and len(inputs) > count else ""
     how = "stored as given" if given else f"{runtime.options.backend}/{runtime.options.precision}"
     typer.echo(f"indexed {count} images{counted} ({how}) into {out} in {time.perf_counter() - started:.1f}s{warm}; "
                f"{shape}")

@@ -49,6 +49,7 @@ from itmrt.scale.regions import (
     RegionParams,
     centroid_count,
 )
+from itmrt.scale.sketches import check_sketch_bits
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "none", "regions")
 """Shortlist index kinds; ``none`` keeps only the global vectors (numpy shortlist); ``regions`` is the region
@@ -64,6 +65,18 @@ def python_number(value: Any) -> Any:
 
 def faiss_module() -> Any:
     return require("faiss", "the FAISS shortlist index")
+
+
+def sketch_setting(value: Any) -> int | None:
+    """``--region-sketch`` as :class:`RegionParams` takes it: ``auto`` None, ``off`` 0, else its bits."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text in ("off", "0"):
+        return 0
+    if isinstance(value, bool) or not text.isdigit():
+        raise ItmrtError(f"--region-sketch takes auto, off or a number of bits a region (e.g. 256), not {value!r}")
+    return check_sketch_bits(int(text))
 
 
 @dataclass(frozen=True)
@@ -83,6 +96,7 @@ class IndexSpec:
     regions_storage: str = "exact"
     residual_bits: float = 2  # compact storage: average bits per dimension (RESIDUAL_BITS range)
     region_sample: int = DEFAULT_SAMPLE
+    region_sketch: str = "auto"  # auto (SKETCH_BITS on a poorly fitting shard), off, or bits a region
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:  # FAISS's constructors and the gallery's JSON take Python numbers
@@ -126,7 +140,8 @@ class IndexSpec:
         """The region index parameters for a shard of ``images`` x ``regions`` region vectors."""
         count = self.region_centroids if self.region_centroids is not None else centroid_count(images, regions)
         return RegionParams(count, self.nprobe, self.candidates, self.exact_pass, self.regions_storage,
-                            self.residual_bits, self.region_sample).check()
+                            self.residual_bits, self.region_sample,
+                            sketch_bits=sketch_setting(self.region_sketch)).check()
 
     def lists_for(self, rows: int) -> int:
         """IVF lists for a shard of ``rows`` images (never more lists than images)."""

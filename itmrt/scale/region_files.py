@@ -38,14 +38,16 @@ from itmrt.scale.regions import (
     LISTS_FILE,
     POOR_FIT,
     POOR_FIT_EXACT_PASS,
+    PROJECTION_FILE,
     RESIDUALS_FILE,
+    SKETCHES_FILE,
     SharedCodebook,
     build_region_index,
     fit_under,
 )
 
 FILES = {"centroids": CENTROIDS_FILE, "codes": CODES_FILE, "lists": LISTS_FILE, "residuals": RESIDUALS_FILE,
-         "buckets": BUCKETS_FILE, "bits": BITS_FILE}
+         "buckets": BUCKETS_FILE, "bits": BITS_FILE, "projection": PROJECTION_FILE, "sketches": SKETCHES_FILE}
 DRIFT_DROP = 0.05
 """An append whose regions' mean cosine to an existing shard's centroids is this much below that shard's own
 is reported as a change of distribution."""
@@ -141,12 +143,16 @@ def poor_fit_message(shard: Gallery, name: str) -> str | None:
     below = float(recorded) if isinstance(recorded, (int, float)) else POOR_FIT
     if entry.fit >= below:
         return None
+    sketched = entry.sketches is not None
+    found = (f"its candidates come from a scan of every region's {entry.params.get('sketch_bits')}-bit sketch "
+             f"instead, and searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default") if sketched \
+        else (f"searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default (--region-sketch 256 adds "
+              "a scan of every region's sketch)")
     return (f"{name}'s regions fit their {entry.params.get('centroids')} centroids loosely (mean cosine "
             f"{entry.fit:.3f}, below {below:g}): on such data centroid-level candidates can miss exhaustive "
-            f"scoring's answers, so searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default. Check "
-            "recall on your own captions with `itmrt audit GALLERY --captions CAPS.txt`; if it is short, raise "
-            "--exact-pass or --shortlist, or search exhaustively (--shortlist-index none) "
-            "(docs/region-index.md, 'Data no index can search')")
+            f"scoring's answers, so {found}. Check recall on your own captions with "
+            "`itmrt audit GALLERY --captions CAPS.txt`; if it is short, raise --exact-pass or --shortlist, or "
+            "search exhaustively (--shortlist-index none) (docs/region-index.md, 'Data no index can search')")
 
 
 def shared_codebook(folder: Path, name: str) -> SharedCodebook:

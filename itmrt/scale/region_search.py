@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,7 @@ from itmrt.scale.regions import (
     REFINE_BUDGET,
     residual_kernels,
 )
+from itmrt.scale.sketches import least_distances, sign_bits, sketch_similarities
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
@@ -150,6 +152,7 @@ class RegionIndex:
         self.fit = float(record.get("fit", 1.0))
         self.poor_fit_below = float(params.get("poor_fit", POOR_FIT))
         self._centroids_key: str | None = None
+        self.sketch: RegionSketch | None = None  # set where the shard stores sketches (load_region_index)
         self.shards = 1  # the gallery's shards (set when it is opened): they share the residual stage's default
 
     @property
@@ -315,20 +318,12 @@ class RegionIndex:
         probes = probes if probes is not None else ProbeCache(shared=False)
         for caption in range(len(captions)):
             probe = probes.get(self, captions, caption, nprobe, product)
-            hits, best, floor = self.probe_selected(probe.nearest, probe.values, probe.floor, prefilter)
-            if prefilter and len(hits) >= max(k, min(refine, self.images)):  # the best are among the kept
-                rows, scores = hits, estimate.scores(best, probe.tokens, product)
-            else:
+            if self.sketch is not None:  # a scan of every region's sketch instead of the probed lists
                 rows = np.arange(self.images)
-                scores = np.full(self.images, estimate.scores(floor[:, None], probe.tokens, product)[0],
-                                 dtype=np.float32)
-                if len(hits):
-                    scores[hits] = estimate.scores(best, probe.tokens, product)
-            if k < refine < len(rows):
-                rows = _top_rows(scores, rows, refine)
-            if k < refine < self.images:
-                regions = probe.by_centroid()[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
-                scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), probe.tokens, product)
+                best = self.sketch.best_similarities(probe.tokens, threads or os.cpu_count() or 1)
+                scores = estimate.scores(best, probe.tokens, product)
+            else:
+                rows, scores = self._probed_estimate(probe, estimate, k, refine, prefilter, product)
             # with ``estimates`` (a budget) the kept images' estimates are compared with other shards': they are
             # the residual stage's even where every image it re-estimates is kept
             if stored is not None and (k < rescore or (estimates is not None and 0 < k == rescore)):
@@ -343,6 +338,27 @@ class RegionIndex:
             out[caption], estimates[caption] = kept.indices[0], kept.scores[0]
         return out
 
+    def _probed_estimate(self, probe: CaptionProbe, estimate: ScoreEstimate, k: int, refine: int, prefilter: int,
+                         product: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, scores)``: the probe estimate of one caption (over the ``prefilter`` best images by probed
+        centroid scores where given), then the ``refine`` best of it estimated again from every region's centroid
+        (steps 2-3b of the module)."""
+        hits, best, floor = self.probe_selected(probe.nearest, probe.values, probe.floor, prefilter)
+        if prefilter and len(hits) >= max(k, min(refine, self.images)):  # the best are among the kept
+            rows, scores = hits, estimate.scores(best, probe.tokens, product)
+        else:
+            rows = np.arange(self.images)
+            scores = np.full(self.images, estimate.scores(floor[:, None], probe.tokens, product)[0],
+                             dtype=np.float32)
+            if len(hits):
+                scores[hits] = estimate.scores(best, probe.tokens, product)
+        if k < refine < len(rows):
+            rows = _top_rows(scores, rows, refine)
+        if k < refine < self.images:
+            regions = probe.by_centroid()[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
+            scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), probe.tokens, product)
+        return rows, scores
+
     def caption_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
                            keep: int, threads: int = 0) -> np.ndarray:
         """``[N, K]`` each image's ``keep`` best captions by estimate (captions in blocks: bounded memory)."""
@@ -353,6 +369,25 @@ class RegionIndex:
             which = np.arange(first, min(first + block, len(captions)))
             best.update(slice(None), self.estimates(captions, estimate, nprobe, which, threads).T, which)
         return best.indices
+
+
+@dataclass(frozen=True)
+class RegionSketch:
+    """A shard's sign-bit sketches ``[bits / 64, regions, images]`` and their projection ``[d, bits]``
+    (:mod:`itmrt.scale.sketches`)."""
+
+    projection: np.ndarray
+    sketches: np.ndarray
+
+    @property
+    def bits(self) -> int:
+        return int(self.projection.shape[1])
+
+    def best_similarities(self, tokens: np.ndarray, threads: int = 1) -> np.ndarray:
+        """``[m, N]`` each word's estimated best-region similarity in every image: the cosine its least Hamming
+        distance to the image's regions stands for."""
+        distances = least_distances(self.sketches, sign_bits(tokens, self.projection), threads)
+        return sketch_similarities(distances, self.bits)
 
 
 @dataclass
@@ -566,7 +601,8 @@ def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: 
 
     listed = {item.file: item.sha256 for item in entry.files()}
     arrays = {}
-    for role in ("centroids", "lists", "codes"):
+    sketched = ("projection", "sketches") if entry.projection is not None and entry.sketches is not None else ()
+    for role in ("centroids", "lists", "codes", *sketched):
         item = getattr(entry, role)
         if in_memory:
             arrays[role] = read_npy_copy(member(folder, item.file, "gallery", REMEDY), f"region index {role}",
@@ -587,6 +623,18 @@ def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: 
         raise ItmrtError(f"{folder}: the region index's codes or lists do not fit its {count} centroids and "
                          f"{record['rows']} images; re-index the gallery")
     index = RegionIndex(centroids, lists, codes, record)
+    if sketched:
+        index.sketch = _checked_sketch(folder, arrays["projection"], arrays["sketches"], entry)
     if verify:  # the file's verified sha256 names its content (its header holds the shape and dtype)
         index.centroids_key = entry.centroids.sha256
     return index
+
+
+def _checked_sketch(folder: Path, projection: np.ndarray, sketches: np.ndarray, entry: Any) -> RegionSketch:
+    """The shard's sketches and their projection, their shapes checked against each other and the shard."""
+    bits = projection.shape[1] if projection.ndim == 2 else 0
+    if projection.dtype != np.float32 or projection.shape != (entry.dims, bits) or bits % 64 or not bits \
+            or sketches.dtype != np.uint64 or sketches.shape != (bits // 64, entry.regions, int(entry.rows)):
+        raise ItmrtError(f"{folder}: the region index's sketches do not fit its projection and "
+                         f"{entry.rows} images; re-index the gallery")
+    return RegionSketch(projection, sketches)

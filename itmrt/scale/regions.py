@@ -33,7 +33,10 @@ is searched with):
 
 - ``region_centroids.npy`` float32 ``[C, d]``;
 - ``region_codes.npy`` uint16 or int32 ``[images, regions]``;
-- ``region_lists.npy`` int32: ``C + 1`` offsets, then the lists' image rows.
+- ``region_lists.npy`` int32: ``C + 1`` offsets, then the lists' image rows;
+- on a shard whose regions fit its centroids poorly (or as ``--region-sketch``
+  asks), every region's sign-bit sketch and their projection
+  (:mod:`itmrt.scale.sketches`), which the search scans instead of probing.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.optional import compiled_kernels, require
+from itmrt.scale.sketches import SKETCH_BITS, check_sketch_bits, encode_sketches, sketch_projection
 
 CENTROIDS_FILE = "region_centroids.npy"
 CODES_FILE = "region_codes.npy"
@@ -55,6 +59,8 @@ LISTS_FILE = "region_lists.npy"
 RESIDUALS_FILE = "region_residuals.npy"
 BUCKETS_FILE = "region_buckets.npy"
 BITS_FILE = "region_bits.npy"
+PROJECTION_FILE = "region_projection.npy"
+SKETCHES_FILE = "region_sketches.npy"
 REGION_STORAGES = ("exact", "compact")
 RESIDUAL_BITS = (1.0, 4.0)
 """The range of ``--residual-bits`` (average bits per dimension of compact storage; fractional allowed)."""
@@ -182,6 +188,9 @@ class RegionParams:
     bits: float = 2
     sample: int = DEFAULT_SAMPLE
     seed: int = 0
+    sketch_bits: int | None = None
+    """Sign bits a region (:mod:`itmrt.scale.sketches`); 0: none; None: :data:`SKETCH_BITS` on a shard whose
+    regions fit its centroids poorly, else none."""
 
     def check(self) -> RegionParams:
         for flag, value in (("--region-centroids", self.centroids), ("--nprobe", self.nprobe),
@@ -195,6 +204,8 @@ class RegionParams:
         if not RESIDUAL_BITS[0] <= self.bits <= RESIDUAL_BITS[1]:
             raise ItmrtError(f"--residual-bits must be between {RESIDUAL_BITS[0]:g} and {RESIDUAL_BITS[1]:g} (bits per "
                              f"dimension on average), not {self.bits:g}")
+        if self.sketch_bits:
+            check_sketch_bits(self.sketch_bits)
         return self
 
 
@@ -341,6 +352,11 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams,
     clock.lap("assign" if each is None else "assign_encode")
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
     clock.lap("lists")
+    sketch_bits = params.sketch_bits if params.sketch_bits is not None else SKETCH_BITS if fit < POOR_FIT else 0
+    if sketch_bits:
+        projection = sketch_projection(depth, sketch_bits, params.seed)
+        arrays.update(projection=projection, sketches=encode_sketches(embeddings, projection))
+        clock.lap("sketches")
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
                          "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": params.exact_pass,
                          "union": DEFAULT_UNION, "poor_fit": POOR_FIT,
@@ -352,7 +368,7 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams,
                          "codec_sample": min(CODEC_SAMPLE, len(sample)) if params.storage == "compact" else 0,
                          **({"codec_from": centroids_from if codec is not None else "this shard"}
                             if params.storage == "compact" else {}),
-                         "stage_seconds": clock.stages},
+                         "sketch_bits": sketch_bits, "stage_seconds": clock.stages},
               "rows": images, "regions": regions, "dims": depth, "fit": round(fit, 6),
               "build_seconds": round(clock.total(), 3),
               "faiss_version": str(faiss_module().__version__)}

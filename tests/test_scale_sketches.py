@@ -1,0 +1,202 @@
+"""Sign-bit sketches of every region (:mod:`itmrt.scale.sketches`): the scan's distances against a plain count,
+built where a shard's regions fit its centroids poorly, searched instead of the probed lists, exact when every
+image is kept, hashed like the rest of the index, and ``--region-sketch`` checked in one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from itmrt.errors import ItmrtError
+from itmrt.runtime import load
+from itmrt.runtime.encoders import CaptionEmbeddings
+from itmrt.scale import IndexSpec, SearchRequest, ShardingOptions, index_sharded, open_shards
+from itmrt.scale.region_search import ScoreEstimate, token_gemm
+from itmrt.scale.sketches import (
+    _least_distances_numpy,
+    encode_sketches,
+    least_distances,
+    sign_bits,
+    sketch_projection,
+    sketch_similarities,
+)
+
+from cli_helpers import run_cli
+from runtime_helpers import make_bundle, random_captions
+from scale_helpers import quiet, same_top_k
+
+pytest.importorskip("faiss")
+pytest.importorskip("numba", reason="the compiled scan against numpy's, and the fused scorer's exact scores")
+
+EVERYTHING = 10**6
+
+
+def unit(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    vectors = rng.standard_normal(shape).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def counted(vectors: np.ndarray, tokens: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """``[m, N]`` the least number of sign bits a token and an image's regions disagree on, counted plainly."""
+    images, regions, depth = vectors.shape
+    stored = (vectors.reshape(-1, depth) @ projection >= 0).reshape(images, regions, -1)
+    asked = tokens @ projection >= 0
+    return (stored[None] != asked[:, None, None]).sum(axis=-1).min(axis=-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(images=st.integers(1, 300), regions=st.integers(1, 40), words=st.integers(1, 5),
+       bits=st.sampled_from([64, 128, 256, 320]), threads=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_the_scan_counts_each_words_least_disagreeing_bits_over_an_images_regions(
+        images: int, regions: int, words: int, bits: int, threads: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    vectors, tokens = unit(rng, images, regions, 24), unit(rng, words, 24)
+    projection = sketch_projection(24, bits, seed)
+    sketches = encode_sketches(vectors, projection)
+    assert sketches.shape == (bits // 64, regions, images) and sketches.dtype == np.uint64
+    query = sign_bits(tokens, projection)
+    found = least_distances(sketches, query, threads)
+    np.testing.assert_array_equal(found, counted(vectors, tokens, projection))
+    np.testing.assert_array_equal(_least_distances_numpy(sketches, query, np.empty_like(found)), found)
+
+
+def test_sketch_similarities_estimate_cosines_best_where_they_are_near() -> None:
+    rng = np.random.default_rng(0)
+    base = unit(rng, 400, 1024)
+    near = unit(rng, 400, 1024) * 0.45 + base  # cosines about 0.9
+    near /= np.linalg.norm(near, axis=1, keepdims=True)
+    projection = sketch_projection(1024, 256, 1)
+    distances = (sign_bits(base, projection)[:, None, :] ^ sign_bits(near, projection)[:, None, :])
+    counts = np.array([[bin(int(x)).count("1") for x in row.ravel()] for row in distances]).sum(axis=1)
+    estimated = sketch_similarities(counts.astype(np.uint16), 256)
+    exact = (base * near).sum(axis=1)
+    assert abs(float(np.mean(estimated - exact))) < 0.01  # unbiased in the mean
+    assert float(np.sqrt(np.mean((estimated - exact) ** 2))) < 0.05
+    assert sketch_similarities(np.array([0, 128, 256], dtype=np.uint16), 256).tolist() == pytest.approx([1, 0, -1])
+
+
+@pytest.fixture(scope="module")
+def noise(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Region embeddings with no structure (their centroids fit them poorly) as a 3-shard gallery."""
+    root = tmp_path_factory.mktemp("sketches")
+    bundle = make_bundle(root / "model")[0]
+    runtime = load(bundle, threads=1, warn=quiet)
+    probe = runtime.encode_captions(random_captions(1, seed=0, max_words=4))
+    depth = probe.vectors.shape[1]
+    vectors = unit(np.random.default_rng(5), 48, 10, depth)
+    gallery = root / "gallery"
+    index_sharded(runtime, None, gallery, ShardingOptions(16, None, IndexSpec("regions", region_centroids=4)),
+                  embeddings=vectors)
+    return {"root": root, "bundle": bundle, "runtime": runtime, "vectors": vectors, "gallery": gallery,
+            "captions": runtime.encode_captions(random_captions(6, seed=9, max_words=8))}
+
+
+def test_a_poorly_fitting_shard_stores_sketches_and_lists_their_hashes(noise: dict[str, Any]) -> None:
+    shards = open_shards(noise["gallery"], threads=1, warn=quiet)
+    for shard in shards.shards:
+        entry = shard.gallery.manifest.region_index
+        assert entry is not None and entry.fit < 0.5
+        assert entry.params["sketch_bits"] == 256
+        assert entry.sketches is not None and entry.projection is not None
+        assert {item.file for item in entry.files()} >= {"region_sketches.npy", "region_projection.npy"}
+        assert shard.regions is not None and shard.regions.sketch is not None
+        assert shard.regions.sketch.sketches.shape == (4, 10, len(shard.gallery))
+
+
+def test_the_search_keeps_the_images_with_the_best_sketch_estimates(noise: dict[str, Any]) -> None:
+    runtime, captions, vectors = noise["runtime"], noise["captions"], noise["vectors"]
+    shards = open_shards(noise["gallery"], threads=1, warn=quiet)
+    shard = shards.shards[1]
+    index = shard.regions
+    assert index is not None and index.sketch is not None
+    first, count = shard.record.first, shard.record.images
+    estimate = ScoreEstimate.from_bundle(runtime.bundle)
+    kept = index.image_candidates(captions, estimate, 1, 5, threads=2, refine=EVERYTHING)
+    assert captions.offsets is not None
+    for caption in range(len(captions)):
+        tokens = np.asarray(captions.vectors[captions.offsets[caption] : captions.offsets[caption + 1]])
+        distances = counted(vectors[first : first + count], tokens, index.sketch.projection)
+        scores = estimate.scores(sketch_similarities(distances.astype(np.uint16), 256), tokens, token_gemm(1))
+        order = np.lexsort((np.arange(count), -scores))[:5]
+        np.testing.assert_array_equal(kept[caption], order)
+
+
+def test_keeping_every_image_is_exhaustive_scoring_and_a_copied_image_is_found_first(noise: dict[str, Any]) -> None:
+    runtime, captions, vectors = noise["runtime"], noise["captions"], noise["vectors"]
+    shards = open_shards(noise["gallery"], threads=1, warn=quiet)
+    reference = runtime.rank(vectors, captions, top_k=6)
+    same_top_k(shards.search(captions, SearchRequest(k=6, shortlist=EVERYTHING)).t2i, reference.t2i)
+    # a caption whose words are regions of image 29 (shard 1): its sketches hold those bits exactly
+    words = vectors[29, [0, 3, 5, 8, 9]]
+    copied = CaptionEmbeddings(words, np.array([len(words)], dtype=np.int32), np.array([0, len(words)]))
+    found = shards.search(copied, SearchRequest(k=1, shortlist=1, exact_pass=1, nprobe=1, union=0))
+    assert found.t2i.indices[0, 0] == 29
+    assert found.pairs == 3  # one image a shard scored exactly
+
+
+def test_copied_into_memory_the_sketches_answer_as_mapped_ones(noise: dict[str, Any], tmp_path: Path) -> None:
+    gallery = tmp_path / "g"
+    shutil.copytree(noise["gallery"], gallery)
+    request = SearchRequest(k=4, shortlist=6)
+    mapped = open_shards(gallery, threads=1, warn=quiet).search(noise["captions"], request)
+    held = open_shards(gallery, threads=1, warn=quiet, copy_mb=64)
+    assert held.in_memory
+    for path in gallery.glob("shard-*/region_sketches.npy"):
+        path.write_bytes(b"")
+    same_top_k(held.search(noise["captions"], request).t2i, mapped.t2i)
+
+
+def test_a_tampered_or_misshapen_sketch_file_is_refused_in_one_line(noise: dict[str, Any], tmp_path: Path) -> None:
+    gallery = tmp_path / "tampered"
+    shutil.copytree(noise["gallery"], gallery)
+    path = gallery / "shard-00002" / "region_sketches.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ItmrtError, match=r"region_sketches\.npy does not match the sha256") as caught:
+        open_shards(gallery, threads=1, warn=quiet)
+    assert "\n" not in str(caught.value)
+    from itmrt.scale.region_search import _checked_sketch
+
+    entry = open_shards(noise["gallery"], threads=1, warn=quiet).shards[0].gallery.manifest.region_index
+    projection = np.zeros((entry.dims, 256), dtype=np.float32)
+    with pytest.raises(ItmrtError, match="sketches do not fit its projection"):
+        _checked_sketch(gallery, projection, np.zeros((4, entry.regions, 3), dtype=np.uint64), entry)
+    with pytest.raises(ItmrtError, match="sketches do not fit its projection"):
+        _checked_sketch(gallery, projection[:, :100], np.zeros((1, entry.regions, entry.rows), np.uint64), entry)
+
+
+def test_region_sketch_off_auto_and_bits_build_what_they_say(noise: dict[str, Any]) -> None:
+    runtime, vectors, root = noise["runtime"], noise["vectors"], noise["root"]
+    for setting, bits in (("off", 0), ("128", 128), (64, 64)):
+        out = root / f"sketch-{setting}"
+        index_sharded(runtime, None, out, ShardingOptions(24, None, IndexSpec("regions", region_centroids=4,
+                                                                              region_sketch=setting)),
+                      embeddings=vectors)
+        for shard in open_shards(out, threads=1, warn=quiet).shards:
+            assert shard.regions is not None
+            assert (shard.regions.sketch.bits if shard.regions.sketch is not None else 0) == bits
+            assert (shard.gallery.path / "region_sketches.npy").exists() == bool(bits)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("100", "among 64, 128"), ("lots", "takes auto, off or a number of bits"), ("1024", "among 64, 128")])
+def test_index_refuses_a_region_sketch_it_cannot_build_in_one_line(noise: dict[str, Any], capsys: Any,
+                                                                    value: str, expected: str) -> None:
+    embeddings = noise["root"] / "vectors.npy"
+    np.save(embeddings, noise["vectors"])
+    result = run_cli(capsys, "index", str(noise["bundle"]), "--embeddings", str(embeddings), "--out",
+                     str(noise["root"] / f"refused-{value}"), "--shard-images", "16", "--shortlist-index", "regions",
+                     "--region-sketch", value)
+    assert result.code != 0 and expected in result.err and "--region-sketch" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert not (noise["root"] / f"refused-{value}").exists()
+    result = run_cli(capsys, "index", str(noise["bundle"]), "--embeddings", str(embeddings), "--out",
+                     str(noise["root"] / "refused-flat"), "--shard-images", "16", "--region-sketch", "256")
+    assert result.code != 0 and "--region-sketch is for --shortlist-index regions" in result.err
