@@ -29,6 +29,10 @@ For one caption with tokens ``u_1..u_m`` and a shard of N images:
 4. The ``K`` best estimates (ties by the lower row) are reranked with the
    bundle's scorer (:func:`rerank_candidates`).
 
+A shard whose regions fit its centroids poorly stores every region's sign-bit
+sketch (:mod:`itmrt.scale.sketches`); there steps 1-3b are one scan of the
+sketches instead, giving every image's estimated best-region similarities.
+
 With ``nprobe`` = every centroid and ``K`` = every image, step 4 scores every
 image exactly: the answer is exhaustive scoring's.
 """
@@ -288,13 +292,11 @@ class RegionIndex:
     def estimates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
                   which: np.ndarray | None = None, threads: int = 0) -> np.ndarray:
         """``[Q, N]`` probe-estimated scores of captions ``which`` (default: all) against every image."""
-        assert captions.offsets is not None
         which = np.arange(len(captions)) if which is None else which
         out = np.empty((len(which), self.images), dtype=np.float32)
         product = token_gemm(threads)
         for row, caption in enumerate(which):
-            start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
-            tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
+            tokens = caption_tokens(captions, caption)
             out[row] = self.probe_scores(tokens, product(tokens, self.centroids), estimate, nprobe, product)
         return out
 
@@ -307,26 +309,30 @@ class RegionIndex:
         then the ``refine`` (default: the recorded) best of those estimated again from every region's centroid
         (step 3b), then, with the shard's ``stored`` region embeddings and ``rescore`` > ``keep``, the
         ``rescore`` best of those estimated again from their stored regions (step 3c: compact storage's
-        residuals, :func:`stored_best_similarities`). ``probes``: the captions' probes shared with other shards
-        of the same centroids (computed here otherwise). ``estimates [Q, K]``: filled with the kept images'
-        estimates."""
+        residuals, :func:`stored_best_similarities`). A shard with sketches (:class:`RegionSketch`) starts from
+        its sketch estimate of every image instead of the probe and the refine. ``probes``: the captions' probes
+        shared with other shards of the same centroids (computed here otherwise). ``estimates [Q, K]``: filled
+        with the kept images' estimates."""
         assert captions.offsets is not None
         k = min(keep, self.images)
         refine = self.default_refine(refine)
         out = np.empty((len(captions), k), dtype=np.int64)
         product = token_gemm(threads)
         probes = probes if probes is not None else ProbeCache(shared=False)
+        # with ``estimates`` (a budget) the kept images' estimates are compared with other shards': they are
+        # the residual stage's even where every image it re-estimates is kept
+        rescoring = stored is not None and (k < rescore or (estimates is not None and 0 < k == rescore))
         for caption in range(len(captions)):
-            probe = probes.get(self, captions, caption, nprobe, product)
             if self.sketch is not None:  # a scan of every region's sketch instead of the probed lists
+                tokens = caption_tokens(captions, caption)
                 rows = np.arange(self.images)
-                best = self.sketch.best_similarities(probe.tokens, threads or os.cpu_count() or 1)
-                scores = estimate.scores(best, probe.tokens, product)
+                best = self.sketch.best_similarities(tokens, threads or os.cpu_count() or 1)
+                scores = estimate.scores(best, tokens, product)
             else:
+                probe = probes.get(self, captions, caption, nprobe, product)
                 rows, scores = self._probed_estimate(probe, estimate, k, refine, prefilter, product)
-            # with ``estimates`` (a budget) the kept images' estimates are compared with other shards': they are
-            # the residual stage's even where every image it re-estimates is kept
-            if stored is not None and (k < rescore or (estimates is not None and 0 < k == rescore)):
+            if rescoring:
+                probe = probes.get(self, captions, caption, nprobe, product)  # computed once a caption
                 rows = np.sort(_top_rows(scores, rows, rescore))  # sorted: a forward read of the file
                 best = stored_best_similarities(probe, stored, rows, product, threads)
                 scores = estimate.scores(best, probe.tokens, product)
@@ -428,11 +434,17 @@ class ProbeCache:
         key = (index.centroids_key if self.shared else str(id(index)), nprobe, caption)
         found = self._found.get(key)
         if found is None:
-            start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
-            tokens = np.asarray(captions.vectors[start : start + length], dtype=np.float32)
+            tokens = caption_tokens(captions, caption)
             sims = product(tokens, index.centroids)
             found = self._found[key] = CaptionProbe(tokens, sims, *select_probes(sims, nprobe))
         return found
+
+
+def caption_tokens(captions: CaptionEmbeddings, caption: int) -> np.ndarray:
+    """``[m, d]`` float32: the token embeddings of caption ``caption``."""
+    assert captions.offsets is not None
+    start, length = int(captions.offsets[caption]), int(captions.lengths[caption])
+    return np.asarray(captions.vectors[start : start + length], dtype=np.float32)
 
 
 def exact_best_similarities(tokens: np.ndarray, embeddings: Any, rows: np.ndarray,
