@@ -200,3 +200,19 @@ def test_index_refuses_a_region_sketch_it_cannot_build_in_one_line(noise: dict[s
     result = run_cli(capsys, "index", str(noise["bundle"]), "--embeddings", str(embeddings), "--out",
                      str(noise["root"] / "refused-flat"), "--shard-images", "16", "--region-sketch", "256")
     assert result.code != 0 and "--region-sketch is for --shortlist-index regions" in result.err
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_exact_re_estimate_reads_float16_storage_as_stored_and_agrees_with_float32(threads: int) -> None:
+    from itmrt.scale.region_search import _half_kernels, exact_best_similarities
+
+    if _half_kernels() is None:
+        pytest.skip("this CPU has no half-float conversion: the stage casts in numpy")
+    rng = np.random.default_rng(threads)
+    stored = unit(rng, 70, 10, 40).astype(np.float16)
+    tokens = unit(rng, 5, 40)
+    rows = np.sort(rng.choice(70, size=41, replace=False))
+    want = (tokens @ stored[rows].astype(np.float32).reshape(-1, 40).T).reshape(5, 41, 10).max(axis=2)
+    got = exact_best_similarities(tokens, stored, rows, token_gemm(1), block=8, threads=threads)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert got.shape == (5, 41) and got.dtype == np.float32

@@ -43,6 +43,7 @@ import functools
 import hashlib
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ import numpy as np
 
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_THRESHOLD, SCAN_LAMBDA_LSE, Component, Precision
 from itmrt.errors import ItmrtError
+from itmrt.optional import compiled_kernels
 from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.fused import call_compiled
@@ -322,20 +324,25 @@ class RegionIndex:
         # with ``estimates`` (a budget) the kept images' estimates are compared with other shards': they are
         # the residual stage's even where every image it re-estimates is kept
         rescoring = stored is not None and (k < rescore or (estimates is not None and 0 < k == rescore))
+        workers = threads or os.cpu_count() or 1  # the sketch scan's and the exact re-estimate's threads
         for caption in range(len(captions)):
             if self.sketch is not None:  # a scan of every region's sketch instead of the probed lists
                 tokens = caption_tokens(captions, caption)
                 rows = np.arange(self.images)
-                best = self.sketch.best_similarities(tokens, threads or os.cpu_count() or 1)
+                best = self.sketch.best_similarities(tokens, workers)
                 scores = estimate.scores(best, tokens, product)
             else:
                 probe = probes.get(self, captions, caption, nprobe, product)
                 rows, scores = self._probed_estimate(probe, estimate, k, refine, prefilter, product)
             if rescoring:
-                probe = probes.get(self, captions, caption, nprobe, product)  # computed once a caption
                 rows = np.sort(_top_rows(scores, rows, rescore))  # sorted: a forward read of the file
-                best = stored_best_similarities(probe, stored, rows, product, threads)
-                scores = estimate.scores(best, probe.tokens, product)
+                if isinstance(stored, CompactRegions):  # the residual stage reads the probe's centroid sims
+                    probe = probes.get(self, captions, caption, nprobe, product)  # computed once a caption
+                    best = stored_best_similarities(probe, stored, rows, product, threads)
+                else:
+                    best = exact_best_similarities(caption_tokens(captions, caption), stored, rows, product,
+                                                   threads=workers)
+                scores = estimate.scores(best, caption_tokens(captions, caption), product)
             if estimates is None:
                 out[caption] = _top_rows(scores, rows, k)
                 continue
@@ -449,16 +456,56 @@ def caption_tokens(captions: CaptionEmbeddings, caption: int) -> np.ndarray:
 
 def exact_best_similarities(tokens: np.ndarray, embeddings: Any, rows: np.ndarray,
                             product: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                            block: int = EXACT_BLOCK) -> np.ndarray:
+                            block: int = EXACT_BLOCK, threads: int = 1) -> np.ndarray:
     """``[m, len(rows)]`` each token's largest similarity over each image's regions, from the stored embeddings
-    (blocks of images: the float32 copy of a block stays in cache)."""
+    (blocks of images: the float32 copy of a block stays in cache). float16 storage is multiplied as stored by
+    the region kernel (:func:`itmrt.runtime.region_kernels.similarities`, where numba and the CPU's half-float
+    conversion are there), on ``threads`` threads: numpy's cast to float32 took most of this stage (1,000 images a
+    shard: about 100 ms a query, docs/region-index.md)."""
     out = np.empty((len(tokens), len(rows)), dtype=np.float32)
+    kernels = _half_kernels() if getattr(embeddings, "dtype", None) == np.float16 else None
+    if kernels is not None:
+        _half_best_similarities(kernels, tokens, embeddings, rows, out, block, threads)
+        return out
     for start in range(0, len(rows), block):
         part = rows[start : start + block]
         vectors = np.asarray(embeddings[part], dtype=np.float32)
         sims = product(tokens, vectors.reshape(-1, vectors.shape[-1])).reshape(len(tokens), len(part), -1)
         out[:, start : start + len(part)] = sims.max(axis=2)
     return out
+
+
+@functools.cache
+def _half_kernels() -> Any:
+    """:mod:`itmrt.runtime.region_kernels` where numba is installed and the CPU converts half floats, else None."""
+    module = compiled_kernels("itmrt.runtime.region_kernels")
+    return module if module is not None and module.available() else None
+
+
+def _half_best_similarities(kernels: Any, tokens: np.ndarray, embeddings: Any, rows: np.ndarray, out: np.ndarray,
+                            block: int, threads: int) -> None:
+    """:func:`exact_best_similarities` from float16 storage, the rows split evenly over ``threads`` threads."""
+    words = kernels.padded_words(tokens)
+    depth = tokens.shape[1]
+
+    def run(first: int, last: int) -> None:
+        for start in range(first, last, block):
+            part = rows[start : min(start + block, last)]
+            stored = np.ascontiguousarray(embeddings[part]).view(np.uint16).reshape(-1, depth)
+            sims = np.empty((len(stored), len(tokens)), dtype=np.float32)
+            call_compiled(kernels.similarities, stored, words, sims)
+            out[:, start : start + len(part)] = sims.reshape(len(part), -1, len(tokens)).max(axis=1).T
+
+    parts = max(1, min(int(threads or 1), -(-len(rows) // block)))
+    bounds = [len(rows) * part // parts for part in range(parts + 1)]
+    if parts == 1:
+        run(0, len(rows))
+        return
+    with ThreadPoolExecutor(parts - 1, thread_name_prefix="itmrt-rescore") as pool:
+        helpers = [pool.submit(run, bounds[part], bounds[part + 1]) for part in range(1, parts)]
+        run(0, bounds[1])
+        for helper in helpers:
+            helper.result()
 
 
 def stored_best_similarities(probe: CaptionProbe, stored: Any, rows: np.ndarray,
@@ -468,7 +515,7 @@ def stored_best_similarities(probe: CaptionProbe, stored: Any, rows: np.ndarray,
     (:func:`residual_best_similarities`); otherwise from the stored (or decoded) embeddings."""
     if isinstance(stored, CompactRegions) and stored.codec.byte_levels() is not None:
         return residual_best_similarities(probe, stored, rows, product, threads)
-    return exact_best_similarities(probe.tokens, stored, rows, product)
+    return exact_best_similarities(probe.tokens, stored, rows, product, threads=threads or os.cpu_count() or 1)
 
 
 def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows: np.ndarray,
