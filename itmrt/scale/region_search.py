@@ -44,7 +44,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ from itmrt.scale.regions import (
     REFINE_BUDGET,
     residual_kernels,
 )
-from itmrt.scale.sketches import least_distances, sign_bits, sketch_similarities
+from itmrt.scale.sketches import least_distances, pack_signs, sketch_similarities
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
@@ -391,6 +391,10 @@ class RegionSketch:
 
     projection: np.ndarray
     sketches: np.ndarray
+    rows: np.ndarray = field(init=False, repr=False)  # the projection's columns as rows (token_gemm's layout)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", np.ascontiguousarray(self.projection.T))
 
     @property
     def bits(self) -> int:
@@ -398,8 +402,10 @@ class RegionSketch:
 
     def best_similarities(self, tokens: np.ndarray, threads: int = 1) -> np.ndarray:
         """``[m, N]`` each word's estimated best-region similarity in every image: the cosine its least Hamming
-        distance to the image's regions stands for."""
-        distances = least_distances(self.sketches, sign_bits(tokens, self.projection), threads)
+        distance to the image's regions stands for. The words' product with the projection runs on ONNX
+        Runtime's GEMM: numpy's threads spin after it on the core the scan's second thread needs (the scan of
+        50,000 images took 18.5 ms on two threads after a numpy product, 8.6 ms without)."""
+        distances = least_distances(self.sketches, pack_signs(token_gemm(1)(tokens, self.rows)), threads)
         return sketch_similarities(distances, self.bits)
 
 

@@ -68,8 +68,13 @@ def sketch_projection(depth: int, bits: int, seed: int) -> np.ndarray:
 def sign_bits(vectors: np.ndarray, projection: np.ndarray) -> np.ndarray:
     """``[n, bits / 64]`` uint64: each vector's signs under ``projection``, bit ``j`` of the row set where
     ``v . p_j >= 0`` (bit ``j % 64`` of word ``j // 64``)."""
-    signs = np.asarray(vectors, dtype=np.float32) @ projection >= 0
-    packed = np.packbits(signs, axis=1, bitorder="little")
+    return pack_signs(np.asarray(vectors, dtype=np.float32) @ projection)
+
+
+def pack_signs(products: np.ndarray) -> np.ndarray:
+    """``[n, bits / 64]`` uint64 from ``products [n, bits]`` (vectors times the projection): bit ``j`` of a row
+    set where its product ``j`` is at least 0."""
+    packed = np.packbits(products >= 0, axis=1, bitorder="little")
     return np.ascontiguousarray(packed).view("<u8").astype(np.uint64, copy=False)
 
 
