@@ -109,6 +109,24 @@ def test_a_poorly_fitting_shard_stores_sketches_and_lists_their_hashes(noise: di
         assert shard.regions.sketch.sketches.shape == (4, 10, len(shard.gallery))
 
 
+def test_a_sketched_shard_re_estimates_its_best_instead_of_scoring_wider_and_says_so(noise: dict[str, Any]) -> None:
+    from itmrt.scale.region_files import poor_fit_message
+    from itmrt.scale.regions import POOR_FIT_EXACT_PASS, POOR_FIT_UNION, SKETCH_RESCORE
+
+    shard = open_shards(noise["gallery"], threads=1, warn=quiet).shards[0]
+    index = shard.regions
+    assert index is not None and index.poor_fit and index.sketch is not None
+    stored = shard.gallery.embeddings
+    assert (index.default_exact_pass(None), index.default_union(None), index.default_rescore(None, stored)) == \
+        (0, 0, SKETCH_RESCORE)
+    assert (index.default_exact_pass(7), index.default_union(3), index.default_rescore(5, stored)) == (7, 3, 5)
+    message = poor_fit_message(shard.gallery, "shard-00000")
+    assert message is not None and "256-bit sketch" in message and "\n" not in message
+    index.sketch = None  # without sketches the wider defaults apply
+    assert (index.default_exact_pass(None), index.default_union(None), index.default_rescore(None, stored)) == \
+        (POOR_FIT_EXACT_PASS, POOR_FIT_UNION, 0)
+
+
 def test_the_search_keeps_the_images_with_the_best_sketch_estimates(noise: dict[str, Any]) -> None:
     runtime, captions, vectors = noise["runtime"], noise["captions"], noise["vectors"]
     shards = open_shards(noise["gallery"], threads=1, warn=quiet)

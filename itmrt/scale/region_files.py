@@ -40,6 +40,7 @@ from itmrt.scale.regions import (
     POOR_FIT_EXACT_PASS,
     PROJECTION_FILE,
     RESIDUALS_FILE,
+    SKETCH_RESCORE,
     SKETCHES_FILE,
     SharedCodebook,
     build_region_index,
@@ -145,7 +146,7 @@ def poor_fit_message(shard: Gallery, name: str) -> str | None:
         return None
     sketched = entry.sketches is not None
     found = (f"its candidates come from a scan of every region's {entry.params.get('sketch_bits')}-bit sketch "
-             f"instead, and searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default") if sketched \
+             f"instead, the best {SKETCH_RESCORE} re-estimated from their stored regions") if sketched \
         else (f"searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default (--region-sketch 256 adds "
               "a scan of every region's sketch)")
     return (f"{name}'s regions fit their {entry.params.get('centroids')} centroids loosely (mean cosine "

@@ -72,6 +72,7 @@ from itmrt.scale.regions import (
     POOR_FIT_EXACT_PASS,
     POOR_FIT_UNION,
     REFINE_BUDGET,
+    SKETCH_RESCORE,
     residual_kernels,
 )
 from itmrt.scale.sketches import least_distances, pack_signs, sketch_similarities
@@ -181,26 +182,29 @@ class RegionIndex:
 
     def default_exact_pass(self, asked: int | None) -> int:
         """Images a search scores exactly in this shard (at least K): ``asked``, else the recorded value, else
-        :data:`POOR_FIT_EXACT_PASS` on a poorly fitting shard."""
+        :data:`POOR_FIT_EXACT_PASS` on a poorly fitting shard without sketches."""
         if asked is not None:
             return asked
-        return self.exact_pass or (POOR_FIT_EXACT_PASS if self.poor_fit else 0)
+        return self.exact_pass or (POOR_FIT_EXACT_PASS if self.poor_fit and self.sketch is None else 0)
 
     def default_union(self, asked: int | None) -> int:
         """Global-vector candidates a search adds in this shard (where it stores global vectors): ``asked``, else
-        the recorded value, else :data:`POOR_FIT_UNION` on a poorly fitting shard."""
+        the recorded value, else :data:`POOR_FIT_UNION` on a poorly fitting shard without sketches."""
         if asked is not None:
             return asked
-        return self.union or (POOR_FIT_UNION if self.poor_fit else 0)
+        return self.union or (POOR_FIT_UNION if self.poor_fit and self.sketch is None else 0)
 
     def default_rescore(self, asked: int | None, stored: Any, pooled: bool = False) -> int:
-        """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``,
+        """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``, else
+        on a shard with sketches :data:`SKETCH_RESCORE` (from exact storage's float embeddings as well),
         else, where its regions are compact storage (the residual stage reads a few bytes a region), this shard's
         share of :data:`DEFAULT_RESCORE` over the gallery's :attr:`shards`, at least :data:`MIN_RESCORE_SHARE`
         (``pooled``, a search with a budget: of :data:`POOLED_RESCORE`, at least :data:`MIN_POOLED_RESCORE_SHARE`);
         else 0 (exact storage would read its float embeddings)."""
         if asked is not None:
             return asked
+        if self.sketch is not None:
+            return SKETCH_RESCORE
         per_query, least = (POOLED_RESCORE, MIN_POOLED_RESCORE_SHARE) if pooled else \
             (DEFAULT_RESCORE, MIN_RESCORE_SHARE)
         return self._share(per_query, least) if isinstance(stored, CompactRegions) else 0

@@ -129,6 +129,13 @@ POOR_FIT_EXACT_PASS = 500
 """Images per poorly fitting shard scored exactly (the region index's best), unless a search says otherwise."""
 POOR_FIT_UNION = 500
 """Images per poorly fitting shard added from the global vectors' best (where the shard stores them)."""
+SKETCH_RESCORE = 1000
+"""Images a shard with sketches (:mod:`itmrt.scale.sketches`) re-estimates from its stored regions (the best of
+its sketch estimate), unless a search says otherwise; such a shard scores exactly only its K best after that,
+and adds no global vectors. Not split over the shards: where a shard's answers rank in its sketch estimate
+depends on the shard's size, not on how many shards there are. On 100,000 instance-copy images (2 shards of
+50,000, 256 bits, 20 queries, K 20): 500 a shard kept recall@10 0.975, 1000 kept 0.995, 2000 1.0, top-1 1.0 in
+each (docs/region-index.md, 2026-12-07, session 12)."""
 DEFAULT_SAMPLE = 8
 """k-means training vectors per centroid (a sample of the shard's regions)."""
 KMEANS_ITERATIONS = 2
