@@ -12,7 +12,9 @@ call from memory and reused for every caption word from the core's cache.
 Orders of the same loops measured on 100,000 images x 36 regions x 256 bits and
 14 words, one thread (a 2-core AMD EPYC with AVX-512, the other core busy): a
 region's words innermost, one image at a time, 152.6 ms; images innermost and
-every caption word in the block, 33.0 ms (docs/region-index.md).
+every caption word in the block, 33.0 ms. On 50,000 images, quiet, one / two
+threads: blocks of 64 images 14.1 / 6.9 ms, of 128 16.6 / 8.4, of 32 26.5 /
+12.9; sums in 64-bit lanes 21.5 / 11.0 (docs/region-index.md).
 
 Importing this module imports numba (the ``cpu`` extra); without it the scan
 runs in numpy (:func:`itmrt.scale.sketches.least_distances`).
@@ -23,8 +25,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-BLOCK = 128
-"""Images a block: ``words x regions x BLOCK`` stored words (288 KB at 256 bits) and two ``[m, BLOCK]`` sums."""
+BLOCK = 64
+"""Images a block: ``words x regions x BLOCK`` stored words (72 KB at 256 bits) and two ``[m, BLOCK]`` sums."""
 
 
 @numba.njit(inline="always")
