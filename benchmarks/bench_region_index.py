@@ -157,11 +157,12 @@ def write_source(path: Path, images: int, depth: int, data: str, world: Any) -> 
     partial.rename(path)
 
 
-def build_gallery(runtime: Any, source: np.ndarray, out: Path, shards: int, storage: str, reuse: bool) -> dict:
+def build_gallery(runtime: Any, source: np.ndarray, out: Path, shards: int, storage: str, reuse: bool,
+                  sketch: str = "auto") -> dict:
     if reuse and (out / "gallery.json").is_file():
         return {"write_seconds": None, "index_build_seconds": _recorded_build(out)}
     per_shard = -(-len(source) // shards)
-    spec = IndexSpec("regions", regions_storage=storage)
+    spec = IndexSpec("regions", regions_storage=storage, region_sketch=sketch)
     started = time.perf_counter()
     index_sharded(runtime, None, out, ShardingOptions(per_shard, "float16", spec), overwrite=True,
                   embeddings=source, source="bench_region_index synthetic")
@@ -300,9 +301,10 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
                                "latency_queries": len(singles), "storages": {}}
     reference = None
     for storage in args.storages:
-        out = args.work / f"gallery-{args.data}-{args.images}-{storage}"
+        sketched = "" if args.region_sketch == "auto" else f"-sketch-{args.region_sketch}"
+        out = args.work / f"gallery-{args.data}-{args.images}-{storage}{sketched}"
         print(f"{storage}: building {out}", flush=True)
-        built = build_gallery(runtimes[1], source, out, args.shards, storage, args.reuse)
+        built = build_gallery(runtimes[1], source, out, args.shards, storage, args.reuse, args.region_sketch)
         measured = measure_storage(runtimes, out, batch, singles, reference, args)
         reference = reference or measured.pop("reference")
         measured.pop("reference", None)
@@ -488,6 +490,8 @@ def main() -> None:
     parser.add_argument("--data", choices=("objects", "instances"), default="objects", help=(
         "objects: object_data (words name kinds of objects); instances: scale_data (shown words copy regions)"))
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--region-sketch", default="auto", help=(
+        "the galleries' --region-sketch: auto (sign-bit sketches on poorly fitting shards), off, or bits"))
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--latency-queries", type=int, default=40)
     parser.add_argument("--compact-exhaustive-queries", type=int, default=5)

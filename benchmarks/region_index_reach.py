@@ -365,7 +365,8 @@ def main() -> None:
     for width in widths:  # the sketch scan's floor: its product's arithmetic at the large-GEMM rate
         floor = result["scan_floor_ms_100k"] * width / depth
         result[f"sketch {width}: scan floor ms at 100,000 images"] = round(floor, 1)
-    record = args.work / f"reach-{args.data}-{args.images}-{args.second_codebook}-{args.graph}-{len(widths)}-{len(lengths)}.json"
+    name = f"reach-{args.data}-{args.images}-{args.second_codebook}-{args.graph}-{len(widths)}-{len(lengths)}"
+    record = args.work / f"{name}.json"
     record.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.images:,} images ({args.data}), {args.shards} shards, fit {result['fit']}, centroids "
           f"{result['centroids']}; {len(batch)} queries; the exhaustive word x region product's floor "

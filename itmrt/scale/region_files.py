@@ -149,11 +149,12 @@ def poor_fit_message(shard: Gallery, name: str) -> str | None:
              f"instead, the best {SKETCH_RESCORE} re-estimated from their stored regions") if sketched \
         else (f"searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default (--region-sketch 256 adds "
               "a scan of every region's sketch)")
+    knob = "--rescore" if sketched else "--exact-pass"
     return (f"{name}'s regions fit their {entry.params.get('centroids')} centroids loosely (mean cosine "
             f"{entry.fit:.3f}, below {below:g}): on such data centroid-level candidates can miss exhaustive "
             f"scoring's answers, so {found}. Check recall on your own captions with "
-            "`itmrt audit GALLERY --captions CAPS.txt`; if it is short, raise --exact-pass or --shortlist, or "
-            "search exhaustively (--shortlist-index none) (docs/region-index.md, 'Data no index can search')")
+            f"`itmrt audit GALLERY --captions CAPS.txt`; if it is short, raise {knob} or --shortlist, or search "
+            "exhaustively (--shortlist-index none) (docs/region-index.md, 'Data no index can search')")
 
 
 def shared_codebook(folder: Path, name: str) -> SharedCodebook:
