@@ -234,3 +234,26 @@ def test_the_exact_re_estimate_reads_float16_storage_as_stored_and_agrees_with_f
     got = exact_best_similarities(tokens, stored, rows, token_gemm(1), block=8, threads=threads)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert got.shape == (5, 41) and got.dtype == np.float32
+
+
+def test_infer_and_audit_search_a_sketched_gallery_as_the_api_does(noise: dict[str, Any], capsys: Any) -> None:
+    import json
+
+    root, gallery = noise["root"], noise["gallery"]
+    captions = random_captions(3, seed=43, max_words=9)
+    (root / "sketched.txt").write_text("\n".join(captions) + "\n")
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    want = shards.search(shards.runtime.encode_captions(captions), SearchRequest(k=3, shortlist=3, rescore=6)).t2i
+    out = root / "sketched.jsonl"
+    result = run_cli(capsys, "infer", str(gallery), "--captions", str(root / "sketched.txt"), "--top-k", "3",
+                     "--shortlist", "3", "--rescore", "6", "--out", str(out), "--overwrite")
+    assert result.code == 0, result.err
+    lines = [json.loads(line) for line in out.read_text().splitlines() if '"caption"' in line]
+    np.testing.assert_array_equal(np.array([line["images"] for line in lines[: len(captions)]]), want.indices)
+    report = root / "sketched-audit.json"
+    result = run_cli(capsys, "audit", str(gallery), "--captions", str(root / "sketched.txt"), "--sample", "3",
+                     "--top-k", "4", "--shortlist", "16", "--out", str(report), "--overwrite")
+    assert result.code == 0, result.err
+    audited = json.loads(report.read_text())
+    # every image of every shard kept: the index is exhaustive scoring
+    assert audited["recall_at_4"] == 1.0 and audited["top1_agreement"] == 1.0
