@@ -257,3 +257,18 @@ def test_infer_and_audit_search_a_sketched_gallery_as_the_api_does(noise: dict[s
     audited = json.loads(report.read_text())
     # every image of every shard kept: the index is exhaustive scoring
     assert audited["recall_at_4"] == 1.0 and audited["top1_agreement"] == 1.0
+
+
+def test_a_budget_over_sketched_shards_keeps_real_images_exact_scores_and_everything_is_exhaustive(
+        noise: dict[str, Any]) -> None:
+    runtime, captions, vectors = noise["runtime"], noise["captions"], noise["vectors"]
+    shards = open_shards(noise["gallery"], threads=2, warn=quiet)
+    reference = runtime.rank(vectors, captions, top_k=5).t2i
+    everything = shards.search(captions, SearchRequest(k=5, shortlist=EVERYTHING, budget=EVERYTHING))
+    same_top_k(everything.t2i, reference, atol=1e-6)  # two threads: the scorer sums in another order
+    few = shards.search(captions, SearchRequest(k=3, shortlist=3, budget=7, rescore=5))
+    assert few.pairs == len(captions) * 7
+    full = runtime.score(vectors, captions)
+    for caption in range(len(captions)):
+        assert len(set(few.t2i.indices[caption])) == 3
+        np.testing.assert_allclose(few.t2i.scores[caption], full[few.t2i.indices[caption], caption], atol=1e-6)
