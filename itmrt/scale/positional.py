@@ -119,15 +119,21 @@ class PositionalRows:
             self._read_into(out.data.cast("B"), start)
         return out
 
-    def take(self, rows: Any) -> np.ndarray:
+    def take(self, rows: Any, out: np.ndarray | None = None) -> np.ndarray:
         """The rows ``rows`` (any integers, repeats allowed) in that order; runs of consecutive rows are read at
-        once (one system call each)."""
+        once (one system call each). ``out``: where rows given sorted and without repeats are read (a
+        C-contiguous array of their shape and dtype; a caller reading many blocks reuses one buffer instead of
+        faulting in fresh memory for each)."""
         wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
         if wanted.size and (wanted.min() < -self.shape[0] or wanted.max() >= self.shape[0]):
             raise IndexError(f"row index out of range for {self.shape[0]} rows")
         wanted = np.where(wanted < 0, wanted + self.shape[0], wanted)
         unique = np.unique(wanted)
-        block = np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
+        if out is not None and (len(unique) != len(wanted) or out.shape != (len(wanted), *self.shape[1:])
+                                or out.dtype != self.dtype or not out.flags.c_contiguous):
+            raise ValueError(f"out takes sorted rows without repeats, as a C-contiguous {self.dtype} array of "
+                             f"shape {(len(wanted), *self.shape[1:])}")
+        block = out if out is not None else np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
         if len(unique):
             breaks = (np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1).tolist()
             firsts, lasts = [0, *breaks], [*breaks, len(unique)]

@@ -43,7 +43,6 @@ import functools
 import hashlib
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.fused import call_compiled
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
+from itmrt.scale.positional import PositionalRows
 from itmrt.scale.regions import (
     DEFAULT_EXACT_PASS,
     DEFAULT_PREFILTER,
@@ -76,6 +76,7 @@ from itmrt.scale.regions import (
     residual_kernels,
 )
 from itmrt.scale.sketches import least_distances, pack_signs, sketch_similarities
+from itmrt.scale.threads import in_parallel
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
@@ -497,25 +498,23 @@ def _half_best_similarities(kernels: Any, tokens: np.ndarray, embeddings: Any, r
     """:func:`exact_best_similarities` from float16 storage, the rows split evenly over ``threads`` threads."""
     words = kernels.padded_words(tokens)
     depth = tokens.shape[1]
+    positional = isinstance(embeddings, PositionalRows)
 
     def run(first: int, last: int) -> None:
+        buffer = np.empty((block, *embeddings.shape[1:]), dtype=np.float16)  # one per thread, reused per block
+        sims = np.empty((block * embeddings.shape[1], len(tokens)), dtype=np.float32)
         for start in range(first, last, block):
             part = rows[start : min(start + block, last)]
-            stored = np.ascontiguousarray(embeddings[part]).view(np.uint16).reshape(-1, depth)
-            sims = np.empty((len(stored), len(tokens)), dtype=np.float32)
-            call_compiled(kernels.similarities, stored, words, sims)
-            out[:, start : start + len(part)] = sims.reshape(len(part), -1, len(tokens)).max(axis=1).T
+            if positional and bool((part[1:] > part[:-1]).all()):
+                stored = embeddings.take(part, out=buffer[: len(part)])
+            else:
+                stored = np.ascontiguousarray(embeddings[part])
+            flat = stored.view(np.uint16).reshape(-1, depth)
+            call_compiled(kernels.similarities, flat, words, sims[: len(flat)])
+            found = sims[: len(flat)].reshape(len(part), -1, len(tokens)).max(axis=1)
+            out[:, start : start + len(part)] = found.T
 
-    parts = max(1, min(int(threads or 1), -(-len(rows) // block)))
-    bounds = [len(rows) * part // parts for part in range(parts + 1)]
-    if parts == 1:
-        run(0, len(rows))
-        return
-    with ThreadPoolExecutor(parts - 1, thread_name_prefix="itmrt-rescore") as pool:
-        helpers = [pool.submit(run, bounds[part], bounds[part + 1]) for part in range(1, parts)]
-        run(0, bounds[1])
-        for helper in helpers:
-            helper.result()
+    in_parallel(run, len(rows), max(1, min(int(threads or 1), -(-len(rows) // block))))
 
 
 def stored_best_similarities(probe: CaptionProbe, stored: Any, rows: np.ndarray,

@@ -31,7 +31,6 @@ region index): ``region_projection.npy`` float32 ``[d, bits]`` and
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -103,18 +102,12 @@ def least_distances(sketches: np.ndarray, query: np.ndarray, threads: int = 1) -
     if kernels is None:
         return _least_distances_numpy(sketches, query, out)
     from itmrt.runtime.fused import call_compiled
+    from itmrt.scale.threads import in_parallel
 
-    parts = max(1, min(int(threads or 1), images // kernels.BLOCK))
-    bounds = [images * part // parts for part in range(parts + 1)]
-    if parts == 1:
-        call_compiled(kernels.least_distances, sketches, query, 0, images, out)
-        return out
-    with ThreadPoolExecutor(parts - 1, thread_name_prefix="itmrt-sketch") as pool:
-        helpers = [pool.submit(call_compiled, kernels.least_distances, sketches, query, bounds[part],
-                               bounds[part + 1] - bounds[part], out) for part in range(1, parts)]
-        call_compiled(kernels.least_distances, sketches, query, 0, bounds[1], out)
-        for helper in helpers:
-            helper.result()
+    def run(first: int, last: int) -> None:
+        call_compiled(kernels.least_distances, sketches, query, first, last - first, out)
+
+    in_parallel(run, images, max(1, min(int(threads or 1), images // kernels.BLOCK)))
     return out
 
 
