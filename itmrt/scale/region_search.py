@@ -122,7 +122,9 @@ class ScoreEstimate:
         ``product(a, b) = a b^T`` (default numpy's)."""
         if self.family == "naaf":
             shifted = best - np.float32(self.threshold)
-            logits = self.intra_factor * (tokens @ tokens.T)
+            # ``product`` where given: numpy's OpenBLAS threads spin after a product and take the core the
+            # search's next kernel needs
+            logits = self.intra_factor * (product(tokens, tokens) if product is not None else tokens @ tokens.T)
             weights = np.exp(logits - logits.max(axis=1, keepdims=True))
             weights = (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
             decision = product(weights, np.ascontiguousarray(shifted.T)) if product is not None else weights @ shifted
