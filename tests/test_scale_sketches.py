@@ -272,3 +272,22 @@ def test_a_budget_over_sketched_shards_keeps_real_images_exact_scores_and_everyt
     for caption in range(len(captions)):
         assert len(set(few.t2i.indices[caption])) == 3
         np.testing.assert_allclose(few.t2i.scores[caption], full[few.t2i.indices[caption], caption], atol=1e-6)
+
+
+def test_positional_rows_read_sorted_rows_into_a_kept_buffer_as_take_does(tmp_path: Path) -> None:
+    from itmrt.scale.positional import PositionalRows
+
+    stored = unit(np.random.default_rng(2), 30, 4, 8).astype(np.float16)
+    np.save(tmp_path / "rows.npy", stored)
+    rows = PositionalRows(tmp_path / "rows.npy", "shard test")
+    wanted = np.array([0, 1, 2, 7, 9, 10, 29])
+    buffer = np.empty((16, 4, 8), dtype=np.float16)
+    got = rows.take(wanted, out=buffer[: len(wanted)])
+    np.testing.assert_array_equal(got, stored[wanted])
+    assert np.shares_memory(got, buffer)
+    for bad in (np.array([3, 3]), np.array([5, 2])):  # repeats, or not sorted: only take() without out
+        with pytest.raises(ValueError, match="sorted rows without repeats"):
+            rows.take(bad, out=buffer[: len(bad)])
+    with pytest.raises(ValueError, match="C-contiguous float16"):
+        rows.take(wanted, out=np.empty((len(wanted), 4, 8), dtype=np.float32))
+    rows.close()

@@ -129,7 +129,7 @@ class PositionalRows:
             raise IndexError(f"row index out of range for {self.shape[0]} rows")
         wanted = np.where(wanted < 0, wanted + self.shape[0], wanted)
         unique = np.unique(wanted)
-        if out is not None and (len(unique) != len(wanted) or out.shape != (len(wanted), *self.shape[1:])
+        if out is not None and (not np.array_equal(unique, wanted) or out.shape != (len(wanted), *self.shape[1:])
                                 or out.dtype != self.dtype or not out.flags.c_contiguous):
             raise ValueError(f"out takes sorted rows without repeats, as a C-contiguous {self.dtype} array of "
                              f"shape {(len(wanted), *self.shape[1:])}")
