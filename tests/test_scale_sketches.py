@@ -291,3 +291,21 @@ def test_positional_rows_read_sorted_rows_into_a_kept_buffer_as_take_does(tmp_pa
     with pytest.raises(ValueError, match="C-contiguous float16"):
         rows.take(wanted, out=np.empty((len(wanted), 4, 8), dtype=np.float32))
     rows.close()
+
+
+@pytest.mark.parametrize("threshold", [-0.2, 0.0, 0.15])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_naaf_estimate_from_distances_is_numpys(threshold: float, threads: int) -> None:
+    from itmrt.scale.region_search import RegionSketch
+
+    rng = np.random.default_rng(int(threshold * 100) + 100 + threads)
+    vectors, tokens = unit(rng, 301, 9, 32), unit(rng, 7, 32)
+    projection = sketch_projection(32, 128, 3)
+    sketch = RegionSketch(projection, encode_sketches(vectors, projection))
+    estimate = ScoreEstimate("naaf", threshold=threshold, intra_factor=4.0)
+    want = estimate.scores(sketch.best_similarities(tokens), tokens, token_gemm(1))
+    got = sketch.scores(tokens, estimate, token_gemm(1), threads)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    scan = ScoreEstimate("scan", agg_func="LogSumExp", lambda_lse=6.0)  # other families: numpy's estimate
+    np.testing.assert_array_equal(sketch.scores(tokens, scan, token_gemm(1), threads),
+                                  scan.scores(sketch.best_similarities(tokens), tokens, token_gemm(1)))

@@ -61,3 +61,39 @@ def least_distances(sketches, query, first, count, out):  # type: ignore[no-unty
                 for i in range(size):
                     least[t, i] = min(least[t, i], sums[t, i])
         out[:, start : start + size] = least[:, :size]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
+def naaf_estimates(distances, table, weights, threshold, first, count, out):  # type: ignore[no-untyped-def]
+    """NAAF's score estimate (:class:`itmrt.scale.region_search.ScoreEstimate`) of images ``first .. first +
+    count`` straight from their least distances ``distances [m, images]`` (uint16): each word's similarity
+    ``s = table[distance]``, ``r = s - threshold``, the propagated decision ``q = weights r`` (``weights [m, m]``,
+    the caption's intra-word softmax), and the mean over words of ``(r where q < 0) + (s where r > 0) + s``,
+    into ``out [images]`` (float32). One pass, images side by side, instead of numpy's six over ``[m, images]``."""
+    m = distances.shape[0]
+    s = np.empty((m, BLOCK), np.float32)
+    r = np.empty((m, BLOCK), np.float32)
+    q = np.empty(BLOCK, np.float32)
+    total = np.empty(BLOCK, np.float32)
+    for start in range(first, first + count, BLOCK):
+        size = min(BLOCK, first + count - start)
+        for t in range(m):
+            for i in range(size):
+                s[t, i] = table[distances[t, start + i]]
+                r[t, i] = s[t, i] - threshold
+        total[:size] = 0
+        for t in range(m):
+            q[:size] = 0
+            for u in range(m):
+                w = weights[t, u]
+                for i in range(size):
+                    q[i] += w * r[u, i]
+            for i in range(size):
+                value = s[t, i]
+                if q[i] < 0:
+                    value += r[t, i]
+                if r[t, i] > 0:
+                    value += s[t, i]
+                total[i] += value
+        for i in range(size):
+            out[start + i] = total[i] / m

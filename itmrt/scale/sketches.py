@@ -31,6 +31,7 @@ region index): ``region_projection.npy`` float32 ``[d, bits]`` and
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -126,5 +127,12 @@ def _least_distances_numpy(sketches: np.ndarray, query: np.ndarray, out: np.ndar
 
 def sketch_similarities(distances: np.ndarray, bits: int) -> np.ndarray:
     """Estimated cosines ``cos(pi h / bits)`` (float32) from Hamming distances ``h``."""
+    return similarity_table(bits)[distances]
+
+
+@functools.cache
+def similarity_table(bits: int) -> np.ndarray:
+    """``[bits + 1]`` float32: ``cos(pi h / bits)`` for every Hamming distance ``h`` (read-only)."""
     table = np.cos(np.pi * np.arange(bits + 1, dtype=np.float64) / bits).astype(np.float32)
-    return table[distances]
+    table.setflags(write=False)
+    return table
