@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ import numpy as np
 
 from itmrt.bundle.names import NAAF_INTRA_FACTOR, NAAF_THRESHOLD, SCAN_LAMBDA_LSE, Component, Precision
 from itmrt.errors import ItmrtError
+from itmrt.limits import usable_cores
 from itmrt.optional import compiled_kernels
 from itmrt.runtime.compact_regions import CompactRegions
 from itmrt.runtime.encoders import CaptionEmbeddings
@@ -339,7 +339,7 @@ class RegionIndex:
         # with ``estimates`` (a budget) the kept images' estimates are compared with other shards': they are
         # the residual stage's even where every image it re-estimates is kept
         rescoring = stored is not None and (k < rescore or (estimates is not None and 0 < k == rescore))
-        workers = threads or os.cpu_count() or 1  # the sketch scan's and the exact re-estimate's threads
+        workers = threads or usable_cores()  # the sketch scan's and the exact re-estimate's threads
         for caption in range(len(captions)):
             if self.sketch is not None:  # a scan of every region's sketch instead of the probed lists
                 tokens = caption_tokens(captions, caption)
@@ -553,7 +553,7 @@ def stored_best_similarities(probe: CaptionProbe, stored: Any, rows: np.ndarray,
     (:func:`residual_best_similarities`); otherwise from the stored (or decoded) embeddings."""
     if isinstance(stored, CompactRegions) and stored.codec.byte_levels() is not None:
         return residual_best_similarities(probe, stored, rows, product, threads)
-    return exact_best_similarities(probe.tokens, stored, rows, product, threads=threads or os.cpu_count() or 1)
+    return exact_best_similarities(probe.tokens, stored, rows, product, threads=threads or usable_cores())
 
 
 def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows: np.ndarray,
