@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from itmrt.runtime import load
-from itmrt.scale import ShardingOptions, index_sharded
+from itmrt.scale import SearchRequest, ShardingOptions, index_sharded, open_shards
 
+from cli_helpers import run_cli
 from runtime_helpers import make_bundle, random_captions, region_features
 
 N_IMAGES = 50
@@ -42,3 +44,21 @@ def same_top_k(a: Any, b: Any, atol: float = 0.0) -> None:
         np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=atol)
     else:
         np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def infer_answers_as_the_api(capsys: Any, gallery: Path, captions: list[str], name: str, k: int, shortlist: int,
+                             rescore: int) -> Path:
+    """``itmrt infer`` over the sharded ``gallery`` with ``--top-k``, ``--shortlist`` and ``--rescore`` gives the
+    images the API's search gives; the captions' file (``name``.txt beside the gallery), for later commands."""
+    listed = gallery.parent / f"{name}.txt"
+    listed.write_text("\n".join(captions) + "\n")
+    shards = open_shards(gallery, threads=1, warn=quiet)
+    request = SearchRequest(k=k, shortlist=shortlist, rescore=rescore)
+    want = shards.search(shards.runtime.encode_captions(captions), request).t2i
+    out = gallery.parent / f"{name}.jsonl"
+    result = run_cli(capsys, "infer", str(gallery), "--captions", str(listed), "--top-k", str(k),
+                     "--shortlist", str(shortlist), "--rescore", str(rescore), "--out", str(out), "--overwrite")
+    assert result.code == 0, result.err
+    lines = [json.loads(line) for line in out.read_text().splitlines() if '"caption"' in line]
+    np.testing.assert_array_equal(np.array([line["images"] for line in lines[: len(captions)]]), want.indices)
+    return listed

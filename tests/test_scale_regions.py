@@ -20,7 +20,7 @@ from itmrt.scale.audit import audit
 
 from cli_helpers import run_cli
 from runtime_helpers import make_bundle, random_captions, region_features
-from scale_helpers import quiet, same_top_k
+from scale_helpers import infer_answers_as_the_api, quiet, same_top_k
 
 pytest.importorskip("faiss")
 pytest.importorskip("numba", reason="exact comparisons: the fused scorer's scores do not depend on the tiling")
@@ -873,18 +873,9 @@ def test_infer_and_audit_take_rescore_and_answer_as_the_api(world: dict[str, Any
     if not gallery.is_dir():
         spec = IndexSpec("regions", regions_storage="compact", residual_bits=2)
         index_sharded(world["runtime"], world["features"], gallery, ShardingOptions(16, None, spec))
-    captions = random_captions(3, seed=41, max_words=9)
-    (root / "rescore.txt").write_text("\n".join(captions) + "\n")
-    shards = open_shards(gallery, threads=1, warn=quiet)
-    want = shards.search(shards.runtime.encode_captions(captions), SearchRequest(k=4, shortlist=4, rescore=9)).t2i
-    out = root / "rescore.jsonl"
-    result = run_cli(capsys, "infer", str(gallery), "--captions", str(root / "rescore.txt"), "--top-k", "4",
-                     "--shortlist", "4", "--rescore", "9", "--out", str(out), "--overwrite")
-    assert result.code == 0, result.err
-    lines = [json.loads(line) for line in out.read_text().splitlines() if '"caption"' in line]
-    np.testing.assert_array_equal(np.array([line["images"] for line in lines[: len(captions)]]), want.indices)
+    listed = infer_answers_as_the_api(capsys, gallery, random_captions(3, seed=41, max_words=9), "rescore", 4, 4, 9)
     report = root / "rescore-audit.json"
-    result = run_cli(capsys, "audit", str(gallery), "--captions", str(root / "rescore.txt"), "--sample", "3",
+    result = run_cli(capsys, "audit", str(gallery), "--captions", str(listed), "--sample", "3",
                      "--top-k", "4", "--shortlist", "4", "--rescore", "9", "--out", str(report), "--overwrite")
     assert result.code == 0, result.err
     assert json.loads(report.read_text())["rescore"] == 9

@@ -29,7 +29,7 @@ from itmrt.scale.sketches import (
 
 from cli_helpers import run_cli
 from runtime_helpers import make_bundle, random_captions
-from scale_helpers import quiet, same_top_k
+from scale_helpers import infer_answers_as_the_api, quiet, same_top_k
 
 pytest.importorskip("faiss")
 pytest.importorskip("numba", reason="the compiled scan against numpy's, and the fused scorer's exact scores")
@@ -240,18 +240,9 @@ def test_infer_and_audit_search_a_sketched_gallery_as_the_api_does(noise: dict[s
     import json
 
     root, gallery = noise["root"], noise["gallery"]
-    captions = random_captions(3, seed=43, max_words=9)
-    (root / "sketched.txt").write_text("\n".join(captions) + "\n")
-    shards = open_shards(gallery, threads=1, warn=quiet)
-    want = shards.search(shards.runtime.encode_captions(captions), SearchRequest(k=3, shortlist=3, rescore=6)).t2i
-    out = root / "sketched.jsonl"
-    result = run_cli(capsys, "infer", str(gallery), "--captions", str(root / "sketched.txt"), "--top-k", "3",
-                     "--shortlist", "3", "--rescore", "6", "--out", str(out), "--overwrite")
-    assert result.code == 0, result.err
-    lines = [json.loads(line) for line in out.read_text().splitlines() if '"caption"' in line]
-    np.testing.assert_array_equal(np.array([line["images"] for line in lines[: len(captions)]]), want.indices)
+    listed = infer_answers_as_the_api(capsys, gallery, random_captions(3, seed=43, max_words=9), "sketched", 3, 3, 6)
     report = root / "sketched-audit.json"
-    result = run_cli(capsys, "audit", str(gallery), "--captions", str(root / "sketched.txt"), "--sample", "3",
+    result = run_cli(capsys, "audit", str(gallery), "--captions", str(listed), "--sample", "3",
                      "--top-k", "4", "--shortlist", "16", "--out", str(report), "--overwrite")
     assert result.code == 0, result.err
     audited = json.loads(report.read_text())
