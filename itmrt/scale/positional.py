@@ -129,7 +129,8 @@ class PositionalRows:
             raise IndexError(f"row index out of range for {self.shape[0]} rows")
         wanted = np.where(wanted < 0, wanted + self.shape[0], wanted)
         unique = np.unique(wanted)
-        if out is not None and (not np.array_equal(unique, wanted) or out.shape != (len(wanted), *self.shape[1:])
+        in_order = np.array_equal(unique, wanted)  # sorted, no repeats: the block read is the answer
+        if out is not None and (not in_order or out.shape != (len(wanted), *self.shape[1:])
                                 or out.dtype != self.dtype or not out.flags.c_contiguous):
             raise ValueError(f"out takes sorted rows without repeats, as a C-contiguous {self.dtype} array of "
                              f"shape {(len(wanted), *self.shape[1:])}")
@@ -138,8 +139,7 @@ class PositionalRows:
             breaks = (np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1).tolist()
             firsts, lasts = [0, *breaks], [*breaks, len(unique)]
             self._read_runs(block.data.cast("B"), unique[firsts].tolist(), firsts, lasts)
-        picked = block if len(unique) == len(wanted) and np.array_equal(unique, wanted) else \
-            block[np.searchsorted(unique, wanted)]
+        picked = block if in_order else block[np.searchsorted(unique, wanted)]
         return picked.reshape(*np.shape(rows), *self.shape[1:])
 
     def _read_runs(self, flat: memoryview, rows: list[int], firsts: list[int], lasts: list[int]) -> None:

@@ -341,8 +341,8 @@ class RegionIndex:
         rescoring = stored is not None and (k < rescore or (estimates is not None and 0 < k == rescore))
         workers = threads or usable_cores()  # the sketch scan's and the exact re-estimate's threads
         for caption in range(len(captions)):
+            tokens = caption_tokens(captions, caption)
             if self.sketch is not None:  # a scan of every region's sketch instead of the probed lists
-                tokens = caption_tokens(captions, caption)
                 rows = np.arange(self.images)
                 scores = self.sketch.scores(tokens, estimate, product, workers)
             else:
@@ -354,9 +354,8 @@ class RegionIndex:
                     probe = probes.get(self, captions, caption, nprobe, product)  # computed once a caption
                     best = stored_best_similarities(probe, stored, rows, product, threads)
                 else:
-                    best = exact_best_similarities(caption_tokens(captions, caption), stored, rows, product,
-                                                   threads=workers)
-                scores = estimate.scores(best, caption_tokens(captions, caption), product)
+                    best = exact_best_similarities(tokens, stored, rows, product, threads=workers)
+                scores = estimate.scores(best, tokens, product)
             if estimates is None:
                 out[caption] = _top_rows(scores, rows, k)
                 continue
@@ -421,8 +420,8 @@ class RegionSketch:
         of a 50,000-image shard), otherwise the family's estimate of :meth:`best_similarities`."""
         kernels = sketch_kernels()
         if estimate.family != "naaf" or kernels is None:
-            return estimate.scores(self.best_similarities(tokens, threads), tokens, product)
-        distances = least_distances(self.sketches, pack_signs(product(tokens, self.rows)), threads)
+            return estimate.scores(self.best_similarities(tokens, threads, product), tokens, product)
+        distances = self.distances(tokens, threads, product)
         weights = np.ascontiguousarray(estimate.intra_weights(tokens, product))
         table, images = similarity_table(self.bits), distances.shape[1]
         out = np.empty(images, dtype=np.float32)
@@ -434,13 +433,20 @@ class RegionSketch:
         in_parallel(run, images, max(1, min(int(threads or 1), images // kernels.BLOCK)))
         return out
 
-    def best_similarities(self, tokens: np.ndarray, threads: int = 1) -> np.ndarray:
+    def best_similarities(self, tokens: np.ndarray, threads: int = 1,
+                          product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """``[m, N]`` each word's estimated best-region similarity in every image: the cosine its least Hamming
-        distance to the image's regions stands for. The words' product with the projection runs on ONNX
-        Runtime's GEMM: numpy's threads spin after it on the core the scan's second thread needs (the scan of
-        50,000 images took 18.5 ms on two threads after a numpy product, 8.6 ms without)."""
-        distances = least_distances(self.sketches, pack_signs(token_gemm(1)(tokens, self.rows)), threads)
-        return sketch_similarities(distances, self.bits)
+        distance to the image's regions stands for."""
+        return sketch_similarities(self.distances(tokens, threads, product), self.bits)
+
+    def distances(self, tokens: np.ndarray, threads: int = 1,
+                  product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """``[m, N]`` uint16: each word's least Hamming distance to every image's regions. The words' product with
+        the projection runs on ONNX Runtime's GEMM (``product``, default one thread): numpy's threads spin after
+        it on the core the scan's second thread needs (the scan of 50,000 images took 18.5 ms on two threads
+        after a numpy product, 8.6 ms without)."""
+        product = product if product is not None else token_gemm(1)
+        return least_distances(self.sketches, pack_signs(product(tokens, self.rows)), threads)
 
 
 @dataclass
