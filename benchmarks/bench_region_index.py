@@ -182,11 +182,13 @@ def sweep(shards: LocalShards, batch: CaptionEmbeddings, exact: np.ndarray, args
     settings = [(nprobe, exact_pass, k, refine, union, rescore, prefilter) for nprobe in args.sweep_nprobe
                 for exact_pass in args.sweep_exact for k in args.sweep_k for refine in args.sweep_refine
                 for union in args.sweep_union for rescore in args.sweep_rescore for prefilter in args.sweep_prefilter]
+    sketched = any(shard.regions.sketch is not None for shard in shards.shards)
     for nprobe, exact_pass, k, refine, union, rescore, prefilter in settings:
         for shard in shards.shards:
             shard.regions.refine = refine
+        # a sketched shard's refine (its fine sketch's images) is not the recorded one: the request says it
         request = SearchRequest(k=TOP, shortlist=k, nprobe=nprobe, exact_pass=exact_pass, union=union,
-                                rescore=rescore, prefilter=prefilter)
+                                rescore=rescore, prefilter=prefilter, refine=refine if sketched else None)
         started = time.perf_counter()
         found = shards.search(batch, request)
         seconds = time.perf_counter() - started
@@ -491,7 +493,7 @@ def main() -> None:
         "objects: object_data (words name kinds of objects); instances: scale_data (shown words copy regions)"))
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--region-sketch", default="auto", help=(
-        "the galleries' --region-sketch: auto (sign-bit sketches on poorly fitting shards), off, or bits"))
+        "the galleries' --region-sketch: auto (sign-bit sketches on poorly fitting shards), off, BITS or BITS:FINE"))
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--latency-queries", type=int, default=40)
     parser.add_argument("--compact-exhaustive-queries", type=int, default=5)

@@ -20,8 +20,10 @@ from itmrt.scale import IndexSpec, SearchRequest, ShardingOptions, index_sharded
 from itmrt.scale.region_search import ScoreEstimate, token_gemm
 from itmrt.scale.sketches import (
     _least_distances_numpy,
+    encode_both,
     encode_sketches,
     least_distances,
+    least_distances_of_rows,
     sign_bits,
     sketch_projection,
     sketch_similarities,
@@ -66,6 +68,25 @@ def test_the_scan_counts_each_words_least_disagreeing_bits_over_an_images_region
     np.testing.assert_array_equal(_least_distances_numpy(sketches, query, np.empty_like(found)), found)
 
 
+@settings(max_examples=25, deadline=None)
+@given(images=st.integers(1, 300), regions=st.integers(1, 12), words=st.integers(1, 5),
+       bits=st.sampled_from([64, 128]), fine=st.sampled_from([64, 192, 512]), threads=st.integers(1, 3),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_the_fine_sketch_counts_the_chosen_images_bits_under_the_later_columns(
+        images: int, regions: int, words: int, bits: int, fine: int, threads: int, seed: int, data: Any) -> None:
+    rng = np.random.default_rng(seed)
+    vectors, tokens = unit(rng, images, regions, 24), unit(rng, words, 24)
+    projection = sketch_projection(24, bits + fine, seed)
+    scan, kept = encode_both(vectors, projection, bits)
+    assert kept is not None and kept.shape == (images, regions, fine // 64)
+    np.testing.assert_array_equal(scan, encode_sketches(vectors, projection[:, :bits]))
+    rows = np.sort(data.draw(st.lists(st.integers(0, images - 1), min_size=1, max_size=images, unique=True)))
+    query = sign_bits(tokens, projection)[:, bits // 64 :]
+    found = least_distances_of_rows(kept, np.array(rows), query, threads)
+    np.testing.assert_array_equal(found, counted(vectors[rows], tokens, projection[:, bits:]))
+    assert encode_both(vectors, projection[:, :bits], bits)[1] is None
+
+
 def test_sketch_similarities_estimate_cosines_best_where_they_are_near() -> None:
     rng = np.random.default_rng(0)
     base = unit(rng, 400, 1024)
@@ -102,26 +123,35 @@ def test_a_poorly_fitting_shard_stores_sketches_and_lists_their_hashes(noise: di
     for shard in shards.shards:
         entry = shard.gallery.manifest.region_index
         assert entry is not None and entry.fit < 0.5
-        assert entry.params["sketch_bits"] == 256
-        assert entry.sketches is not None and entry.projection is not None
-        assert {item.file for item in entry.files()} >= {"region_sketches.npy", "region_projection.npy"}
+        assert entry.params["sketch_bits"] == 256 and entry.params["fine_bits"] == 512  # exact storage
+        assert entry.sketches is not None and entry.projection is not None and entry.fine_sketches is not None
+        assert {item.file for item in entry.files()} >= {"region_sketches.npy", "region_projection.npy",
+                                                         "region_fine_sketches.npy"}
         assert shard.regions is not None and shard.regions.sketch is not None
         assert shard.regions.sketch.sketches.shape == (4, 10, len(shard.gallery))
+        assert shard.regions.sketch.fine is not None and shard.regions.sketch.fine.shape == (len(shard.gallery), 10, 8)
+        assert shard.regions.sketch.projection.shape[1] == 256 + 512
 
 
 def test_a_sketched_shard_re_estimates_its_best_instead_of_scoring_wider_and_says_so(noise: dict[str, Any]) -> None:
+    from dataclasses import replace
+
     from itmrt.scale.region_files import poor_fit_message
-    from itmrt.scale.regions import POOR_FIT_EXACT_PASS, POOR_FIT_UNION, SKETCH_RESCORE
+    from itmrt.scale.regions import FINE_KEEP, FINE_RESCORE, POOR_FIT_EXACT_PASS, POOR_FIT_UNION, SKETCH_RESCORE
 
     shard = open_shards(noise["gallery"], threads=1, warn=quiet).shards[0]
     index = shard.regions
     assert index is not None and index.poor_fit and index.sketch is not None
     stored = shard.gallery.embeddings
     assert (index.default_exact_pass(None), index.default_union(None), index.default_rescore(None, stored)) == \
-        (0, 0, SKETCH_RESCORE)
+        (0, 0, FINE_RESCORE)
+    assert (index.default_refine(None), index.default_refine(9)) == (FINE_KEEP, 9)
     assert (index.default_exact_pass(7), index.default_union(3), index.default_rescore(5, stored)) == (7, 3, 5)
     message = poor_fit_message(shard.gallery, "shard-00000")
-    assert message is not None and "256-bit sketch" in message and "\n" not in message
+    assert message is not None and "256-bit sketch" in message and "512-bit sketch" in message
+    assert f"best {FINE_RESCORE} re-estimated" in message and "\n" not in message
+    index.sketch = replace(index.sketch, fine=None)  # a gallery written before fine sketches
+    assert index.default_rescore(None, stored) == SKETCH_RESCORE
     index.sketch = None  # without sketches the wider defaults apply
     assert (index.default_exact_pass(None), index.default_union(None), index.default_rescore(None, stored)) == \
         (POOR_FIT_EXACT_PASS, POOR_FIT_UNION, 0)
@@ -135,14 +165,20 @@ def test_the_search_keeps_the_images_with_the_best_sketch_estimates(noise: dict[
     assert index is not None and index.sketch is not None
     first, count = shard.record.first, shard.record.images
     estimate = ScoreEstimate.from_bundle(runtime.bundle)
-    kept = index.image_candidates(captions, estimate, 1, 5, threads=2, refine=EVERYTHING)
+    kept = index.image_candidates(captions, estimate, 1, 5, threads=2, refine=EVERYTHING)  # no fine stage
+    refined = index.image_candidates(captions, estimate, 1, 3, threads=2, refine=8)  # the fine sketch's best of 8
     assert captions.offsets is not None
+    projection = index.sketch.projection
     for caption in range(len(captions)):
         tokens = np.asarray(captions.vectors[captions.offsets[caption] : captions.offsets[caption + 1]])
-        distances = counted(vectors[first : first + count], tokens, index.sketch.projection)
+        distances = counted(vectors[first : first + count], tokens, projection[:, :256])
         scores = estimate.scores(sketch_similarities(distances.astype(np.uint16), 256), tokens, token_gemm(1))
-        order = np.lexsort((np.arange(count), -scores))[:5]
-        np.testing.assert_array_equal(kept[caption], order)
+        order = np.lexsort((np.arange(count), -scores))
+        np.testing.assert_array_equal(kept[caption], order[:5])
+        chosen = np.sort(order[:8])
+        distances = counted(vectors[first + chosen], tokens, projection[:, 256:])
+        scores = estimate.scores(sketch_similarities(distances.astype(np.uint16), 512), tokens, token_gemm(1))
+        np.testing.assert_array_equal(refined[caption], chosen[np.lexsort((chosen, -scores))[:3]])
 
 
 def test_keeping_every_image_is_exhaustive_scoring_and_a_copied_image_is_found_first(noise: dict[str, Any]) -> None:
@@ -161,13 +197,14 @@ def test_keeping_every_image_is_exhaustive_scoring_and_a_copied_image_is_found_f
 def test_copied_into_memory_the_sketches_answer_as_mapped_ones(noise: dict[str, Any], tmp_path: Path) -> None:
     gallery = tmp_path / "g"
     shutil.copytree(noise["gallery"], gallery)
-    request = SearchRequest(k=4, shortlist=6)
-    mapped = open_shards(gallery, threads=1, warn=quiet).search(noise["captions"], request)
+    requests = [SearchRequest(k=4, shortlist=6), SearchRequest(k=3, shortlist=3, refine=9, rescore=5)]
+    mapped = [open_shards(gallery, threads=1, warn=quiet).search(noise["captions"], r) for r in requests]
     held = open_shards(gallery, threads=1, warn=quiet, copy_mb=64)
     assert held.in_memory
-    for path in gallery.glob("shard-*/region_sketches.npy"):
+    for path in [*gallery.glob("shard-*/region_sketches.npy"), *gallery.glob("shard-*/region_fine_sketches.npy")]:
         path.write_bytes(b"")
-    same_top_k(held.search(noise["captions"], request).t2i, mapped.t2i)
+    for request, answer in zip(requests, mapped):
+        same_top_k(held.search(noise["captions"], request).t2i, answer.t2i)
 
 
 def test_a_tampered_or_misshapen_sketch_file_is_refused_in_one_line(noise: dict[str, Any], tmp_path: Path) -> None:
@@ -184,27 +221,44 @@ def test_a_tampered_or_misshapen_sketch_file_is_refused_in_one_line(noise: dict[
 
     entry = open_shards(noise["gallery"], threads=1, warn=quiet).shards[0].gallery.manifest.region_index
     projection = np.zeros((entry.dims, 256), dtype=np.float32)
-    with pytest.raises(ItmrtError, match="sketches do not fit its projection"):
-        _checked_sketch(gallery, projection, np.zeros((4, entry.regions, 3), dtype=np.uint64), entry)
-    with pytest.raises(ItmrtError, match="sketches do not fit its projection"):
-        _checked_sketch(gallery, projection[:, :100], np.zeros((1, entry.regions, entry.rows), np.uint64), entry)
+    scan = np.zeros((4, entry.regions, entry.rows), dtype=np.uint64)
+    fine = np.zeros((entry.rows, entry.regions, 8), dtype=np.uint64)
+    wide = np.zeros((entry.dims, 768), dtype=np.float32)
+    assert _checked_sketch(gallery, wide, scan, fine, entry).fine_bits == 512  # as built
+    for bad in ((projection, scan[:, :, :3], None), (projection[:, :100], scan[:1], None), (projection, scan, fine),
+                (wide, scan, fine[:3]), (wide, scan, fine.astype(np.int64)), (wide[:, :704], scan, fine)):
+        with pytest.raises(ItmrtError, match="sketches do not fit its projection"):
+            _checked_sketch(gallery, *bad, entry)
+    path = gallery / "shard-00001" / "region_fine_sketches.npy"
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 4
+    path.write_bytes(bytes(data))
+    with pytest.raises(ItmrtError, match=r"region_fine_sketches\.npy does not match the sha256"):
+        open_shards(gallery, threads=1, warn=quiet)
 
 
 def test_region_sketch_off_auto_and_bits_build_what_they_say(noise: dict[str, Any]) -> None:
     runtime, vectors, root = noise["runtime"], noise["vectors"], noise["root"]
-    for setting, bits in (("off", 0), ("128", 128), (64, 64)):
-        out = root / f"sketch-{setting}"
-        index_sharded(runtime, None, out, ShardingOptions(24, None, IndexSpec("regions", region_centroids=4,
-                                                                              region_sketch=setting)),
-                      embeddings=vectors)
+    settings = (("off", "exact", 0, 0), ("128", "exact", 128, 512), (64, "exact", 64, 512),
+                ("256:0", "exact", 256, 0), ("128:64", "exact", 128, 64), ("auto", "compact", 256, 0),
+                ("192:128", "compact", 192, 128))
+    for setting, storage, bits, fine in settings:
+        out = root / f"sketch-{setting}-{storage}".replace(":", "-")
+        spec = IndexSpec("regions", region_centroids=4, region_sketch=setting, regions_storage=storage)
+        index_sharded(runtime, None, out, ShardingOptions(24, None, spec), embeddings=vectors)
         for shard in open_shards(out, threads=1, warn=quiet).shards:
             assert shard.regions is not None
-            assert (shard.regions.sketch.bits if shard.regions.sketch is not None else 0) == bits
+            sketch = shard.regions.sketch
+            assert (sketch.bits if sketch is not None else 0, sketch.fine_bits if sketch is not None else 0) == \
+                (bits, fine), setting
             assert (shard.gallery.path / "region_sketches.npy").exists() == bool(bits)
+            assert (shard.gallery.path / "region_fine_sketches.npy").exists() == bool(fine)
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    ("100", "among 64, 128"), ("lots", "takes auto, off or a number of bits"), ("1024", "among 64, 128")])
+    ("100", "among 64, 128"), ("lots", "takes auto, off, BITS or BITS:FINE"), ("1024", "among 64, 128"),
+    ("256:100", "among 64, 128"), ("256:512:64", "takes auto, off, BITS or BITS:FINE"),
+    ("256:", "takes auto, off, BITS or BITS:FINE")])
 def test_index_refuses_a_region_sketch_it_cannot_build_in_one_line(noise: dict[str, Any], capsys: Any,
                                                                     value: str, expected: str) -> None:
     embeddings = noise["root"] / "vectors.npy"

@@ -112,7 +112,8 @@ class RegionIndexEntry(JsonRecord):
     """A shard's region index (:mod:`itmrt.scale.regions`): centroids, each region's centroid id, inverted lists
     and, for compact storage, packed residuals, their levels (``buckets``) and each dimension's bits (``bits``;
     absent in galleries written before bits were allocated per dimension); on a shard its centroids fit poorly,
-    every region's sign-bit sketch and their projection; built from the embeddings ``built_from``."""
+    every region's sign-bit sketch and their projection (and, under exact storage, a fine sketch);
+    built from the embeddings ``built_from``."""
 
     built_from: str = sha256_field()
     centroids: GalleryFile
@@ -123,6 +124,7 @@ class RegionIndexEntry(JsonRecord):
     bits: GalleryFile | None = None
     projection: GalleryFile | None = None
     sketches: GalleryFile | None = None
+    fine_sketches: GalleryFile | None = None
     rows: int = bounded(minimum=0)
     regions: int = bounded(minimum=1)
     dims: int = bounded(minimum=1)
@@ -133,8 +135,8 @@ class RegionIndexEntry(JsonRecord):
 
     def files(self) -> list[GalleryFile]:
         return [self.centroids, self.codes, self.lists,
-                *[entry for entry in (self.residuals, self.buckets, self.bits, self.projection, self.sketches)
-                  if entry is not None]]
+                *[entry for entry in (self.residuals, self.buckets, self.bits, self.projection, self.sketches,
+                                      self.fine_sketches) if entry is not None]]
 
 
 @dataclass(kw_only=True)

@@ -70,7 +70,7 @@ def index_command(
     regions_storage: str = Opt("exact", "--regions-storage", help=(
         "regions: exact (keep the embeddings) or compact (centroid id + residual bits; embeddings dropped).")),
     residual_bits: float = Opt(DEFAULT_RESIDUAL_BITS, "--residual-bits", help="regions, compact: mean bits per dimension (1 to 4)."),
-    region_sketch: str | None = Opt(None, "--region-sketch", help="regions: sign-bit sketches of every region, scanned in full for candidates where probing centroids cannot find them: auto (default: 256 bits on a shard its centroids fit poorly), off, or bits a region (64-512, a multiple of 64)."),
+    region_sketch: str | None = Opt(None, "--region-sketch", help="regions: sign-bit sketches of every region, scanned in full for candidates where probing centroids cannot find them: auto (default: 256 bits on a shard its centroids fit poorly, plus a 512-bit fine sketch under exact storage that narrows the scan's best), off, BITS or BITS:FINE (each 64-512, a multiple of 64; FINE 0: none)."),
 ) -> None:
     """Write GALLERY/image_embeddings.npy (memory-mapped when searched) and GALLERY/gallery.json tying it to the bundle.
 

@@ -67,16 +67,20 @@ def faiss_module() -> Any:
     return require("faiss", "the FAISS shortlist index")
 
 
-def sketch_setting(value: Any) -> int | None:
-    """``--region-sketch`` as :class:`RegionParams` takes it: ``auto`` None, ``off`` 0, else its bits."""
+def sketch_setting(value: Any) -> tuple[int | None, int | None]:
+    """``--region-sketch`` as :class:`RegionParams` takes it, ``(bits, fine)``: ``auto`` (None, None), ``off``
+    (0, 0), ``BITS`` (BITS, None: the fine sketch as the storage's default) and ``BITS:FINE`` (FINE 0: none)."""
     text = str(value).strip().lower()
     if text == "auto":
-        return None
+        return None, None
     if text in ("off", "0"):
-        return 0
-    if isinstance(value, bool) or not text.isdigit():
-        raise ItmrtError(f"--region-sketch takes auto, off or a number of bits a region (e.g. 256), not {value!r}")
-    return check_sketch_bits(int(text))
+        return 0, 0
+    parts = text.split(":")
+    if isinstance(value, bool) or len(parts) > 2 or not all(part.isdigit() for part in parts):
+        raise ItmrtError(f"--region-sketch takes auto, off, BITS or BITS:FINE (bits a region of the scanned and of "
+                         f"the fine sketch, e.g. 256 or 256:512), not {value!r}")
+    fine = int(parts[1]) if len(parts) == 2 else None
+    return check_sketch_bits(int(parts[0]), fine), fine
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class IndexSpec:
     regions_storage: str = "exact"
     residual_bits: float = 2  # compact storage: average bits per dimension (RESIDUAL_BITS range)
     region_sample: int = DEFAULT_SAMPLE
-    region_sketch: str = "auto"  # auto (SKETCH_BITS on a poorly fitting shard), off, or bits a region
+    region_sketch: str = "auto"  # auto (SKETCH_BITS on a poorly fitting shard), off, BITS or BITS:FINE
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:  # FAISS's constructors and the gallery's JSON take Python numbers
@@ -139,9 +143,10 @@ class IndexSpec:
     def region_params(self, images: int, regions: int) -> RegionParams:
         """The region index parameters for a shard of ``images`` x ``regions`` region vectors."""
         count = self.region_centroids if self.region_centroids is not None else centroid_count(images, regions)
+        sketch_bits, fine_bits = sketch_setting(self.region_sketch)
         return RegionParams(count, self.nprobe, self.candidates, self.exact_pass, self.regions_storage,
-                            self.residual_bits, self.region_sample,
-                            sketch_bits=sketch_setting(self.region_sketch)).check()
+                            self.residual_bits, self.region_sample, sketch_bits=sketch_bits,
+                            fine_bits=fine_bits).check()
 
     def lists_for(self, rows: int) -> int:
         """IVF lists for a shard of ``rows`` images (never more lists than images)."""

@@ -35,6 +35,9 @@ from itmrt.scale.regions import (
     BUCKETS_FILE,
     CENTROIDS_FILE,
     CODES_FILE,
+    FINE_KEEP,
+    FINE_RESCORE,
+    FINE_SKETCHES_FILE,
     LISTS_FILE,
     POOR_FIT,
     POOR_FIT_EXACT_PASS,
@@ -48,7 +51,8 @@ from itmrt.scale.regions import (
 )
 
 FILES = {"centroids": CENTROIDS_FILE, "codes": CODES_FILE, "lists": LISTS_FILE, "residuals": RESIDUALS_FILE,
-         "buckets": BUCKETS_FILE, "bits": BITS_FILE, "projection": PROJECTION_FILE, "sketches": SKETCHES_FILE}
+         "buckets": BUCKETS_FILE, "bits": BITS_FILE, "projection": PROJECTION_FILE, "sketches": SKETCHES_FILE,
+         "fine_sketches": FINE_SKETCHES_FILE}
 DRIFT_DROP = 0.05
 """An append whose regions' mean cosine to an existing shard's centroids is this much below that shard's own
 is reported as a change of distribution."""
@@ -145,8 +149,11 @@ def poor_fit_message(shard: Gallery, name: str) -> str | None:
     if entry.fit >= below:
         return None
     sketched = entry.sketches is not None
+    fine = (f", the scan's best {FINE_KEEP} estimated again from a {entry.params.get('fine_bits')}-bit sketch"
+            if entry.fine_sketches is not None else "")
+    rescore = FINE_RESCORE if fine else SKETCH_RESCORE
     found = (f"its candidates come from a scan of every region's {entry.params.get('sketch_bits')}-bit sketch "
-             f"instead, the best {SKETCH_RESCORE} re-estimated from their stored regions") if sketched \
+             f"instead{fine}, the best {rescore} re-estimated from their stored regions") if sketched \
         else (f"searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default (--region-sketch 256 adds "
               "a scan of every region's sketch)")
     knob = "--rescore" if sketched else "--exact-pass"

@@ -31,7 +31,9 @@ For one caption with tokens ``u_1..u_m`` and a shard of N images:
 
 A shard whose regions fit its centroids poorly stores every region's sign-bit
 sketch (:mod:`itmrt.scale.sketches`); there steps 1-3b are one scan of the
-sketches instead, giving every image's estimated best-region similarities.
+sketches instead, giving every image's estimated best-region similarities,
+and, where the shard has a fine sketch, the scan's ``refine`` best are
+estimated again from it.
 
 With ``nprobe`` = every centroid and ``K`` = every image, step 4 scores every
 image exactly: the answer is exhaustive scoring's.
@@ -64,6 +66,8 @@ from itmrt.scale.regions import (
     DEFAULT_REFINE,
     DEFAULT_RESCORE,
     DEFAULT_UNION,
+    FINE_KEEP,
+    FINE_RESCORE,
     MIN_POOLED_RESCORE_SHARE,
     MIN_REFINE_SHARE,
     MIN_RESCORE_SHARE,
@@ -75,7 +79,14 @@ from itmrt.scale.regions import (
     SKETCH_RESCORE,
     residual_kernels,
 )
-from itmrt.scale.sketches import least_distances, pack_signs, similarity_table, sketch_kernels, sketch_similarities
+from itmrt.scale.sketches import (
+    least_distances,
+    least_distances_of_rows,
+    pack_signs,
+    similarity_table,
+    sketch_kernels,
+    sketch_similarities,
+)
 from itmrt.scale.threads import in_parallel
 
 ESTIMATE_BLOCK_BYTES = 64 << 20
@@ -207,7 +218,8 @@ class RegionIndex:
 
     def default_rescore(self, asked: int | None, stored: Any, pooled: bool = False) -> int:
         """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``, else
-        on a shard with sketches :data:`SKETCH_RESCORE` (from exact storage's float embeddings as well),
+        on a shard with sketches :data:`SKETCH_RESCORE` (:data:`FINE_RESCORE` with a fine sketch; from exact
+        storage's float embeddings as well),
         else, where its regions are compact storage (the residual stage reads a few bytes a region), this shard's
         share of :data:`DEFAULT_RESCORE` over the gallery's :attr:`shards`, at least :data:`MIN_RESCORE_SHARE`
         (``pooled``, a search with a budget: of :data:`POOLED_RESCORE`, at least :data:`MIN_POOLED_RESCORE_SHARE`);
@@ -215,17 +227,20 @@ class RegionIndex:
         if asked is not None:
             return asked
         if self.sketch is not None:
-            return SKETCH_RESCORE
+            return SKETCH_RESCORE if self.sketch.fine is None else FINE_RESCORE
         per_query, least = (POOLED_RESCORE, MIN_POOLED_RESCORE_SHARE) if pooled else \
             (DEFAULT_RESCORE, MIN_RESCORE_SHARE)
         return self._share(per_query, least) if isinstance(stored, CompactRegions) else 0
 
     def default_refine(self, asked: int | None) -> int:
-        """Images a search refines in this shard from every region's centroid (step 3b): ``asked``, else the
-        recorded refine, lowered to this shard's share of :data:`REFINE_BUDGET` (at least
-        :data:`MIN_REFINE_SHARE`) in a gallery of many shards."""
+        """Images a search refines in this shard from every region's centroid (step 3b), or on a shard with
+        sketches from its fine sketch: ``asked``, else the recorded refine, lowered to this shard's share of
+        :data:`REFINE_BUDGET` (at least :data:`MIN_REFINE_SHARE`) in a gallery of many shards; with sketches
+        :data:`FINE_KEEP`."""
         if asked is not None:
             return asked
+        if self.sketch is not None:
+            return FINE_KEEP
         return min(self.refine, self._share(REFINE_BUDGET, MIN_REFINE_SHARE))
 
     def _share(self, per_query: int, least: int) -> int:
@@ -327,7 +342,8 @@ class RegionIndex:
         (step 3b), then, with the shard's ``stored`` region embeddings and ``rescore`` > ``keep``, the
         ``rescore`` best of those estimated again from their stored regions (step 3c: compact storage's
         residuals, :func:`stored_best_similarities`). A shard with sketches (:class:`RegionSketch`) starts from
-        its sketch estimate of every image instead of the probe and the refine. ``probes``: the captions' probes
+        its sketch estimate of every image instead of the probe, and refines the best of it from its fine sketch
+        where it has one (the re-estimate then takes the best of that). ``probes``: the captions' probes
         shared with other shards of the same centroids (computed here otherwise). ``estimates [Q, K]``: filled
         with the kept images' estimates."""
         assert captions.offsets is not None
@@ -343,8 +359,8 @@ class RegionIndex:
         for caption in range(len(captions)):
             tokens = caption_tokens(captions, caption)
             if self.sketch is not None:  # a scan of every region's sketch instead of the probed lists
-                rows = np.arange(self.images)
-                scores = self.sketch.scores(tokens, estimate, product, workers)
+                rows, scores = self.sketch.estimated(tokens, estimate, product, workers,
+                                                     refine if not rescoring or rescore < refine else 0, k)
             else:
                 probe = probes.get(self, captions, caption, nprobe, product)
                 rows, scores = self._probed_estimate(probe, estimate, k, refine, prefilter, product)
@@ -404,6 +420,7 @@ class RegionSketch:
 
     projection: np.ndarray
     sketches: np.ndarray
+    fine: np.ndarray | None = None  # [images, regions, fine / 64]: the projection's later columns' bits
     rows: np.ndarray = field(init=False, repr=False)  # the projection's columns as rows (token_gemm's layout)
 
     def __post_init__(self) -> None:
@@ -411,19 +428,45 @@ class RegionSketch:
 
     @property
     def bits(self) -> int:
-        return int(self.projection.shape[1])
+        """Bits of a region's scanned sketch (the projection's first columns)."""
+        return 64 * int(self.sketches.shape[0])
+
+    @property
+    def fine_bits(self) -> int:
+        """Bits of a region's fine sketch (0: none)."""
+        return 64 * int(self.fine.shape[2]) if self.fine is not None else 0
 
     def scores(self, tokens: np.ndarray, estimate: ScoreEstimate,
                product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1) -> np.ndarray:
-        """``[N]`` every image's score estimate from its sketches: for NAAF in one compiled pass from the least
-        distances (:func:`itmrt.scale.sketch_kernels.naaf_estimates`; numpy's passes over ``[m, N]`` took 4.3 ms
-        of a 50,000-image shard), otherwise the family's estimate of :meth:`best_similarities`."""
+        """``[N]`` every image's score estimate from its sketches (the scan's)."""
+        return self.estimates(self.distances(tokens, threads, product), self.bits, tokens, estimate, product, threads)
+
+    def estimated(self, tokens: np.ndarray, estimate: ScoreEstimate,
+                   product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1, refine: int = 0,
+                  keep: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, scores)``: every image's scan estimate, or, with a fine sketch and ``keep`` < ``refine`` < N,
+        the ``refine`` best of it (sorted rows) estimated again from the fine sketch."""
+        signs = pack_signs(product(tokens, self.rows))
+        distances = least_distances(self.sketches, signs[:, : self.bits // 64], threads)
+        scores = self.estimates(distances, self.bits, tokens, estimate, product, threads)
+        rows = np.arange(len(scores))
+        if self.fine is None or not keep < refine < len(rows):
+            return rows, scores
+        rows = np.sort(_top_rows(scores, rows, refine))  # sorted: a forward read of the fine sketch
+        distances = least_distances_of_rows(self.fine, rows, signs[:, self.bits // 64 :], threads)
+        return rows, self.estimates(distances, self.fine_bits, tokens, estimate, product, threads)
+
+    @staticmethod
+    def estimates(distances: np.ndarray, bits: int, tokens: np.ndarray, estimate: ScoreEstimate,
+                  product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1) -> np.ndarray:
+        """``[n]`` score estimates from least distances ``[m, n]`` of ``bits``-bit sketches: for NAAF in one
+        compiled pass (:func:`itmrt.scale.sketch_kernels.naaf_estimates`; numpy's passes over ``[m, N]`` took 4.3 ms
+        of a 50,000-image shard), otherwise the family's estimate of the similarities they stand for."""
         kernels = sketch_kernels()
         if estimate.family != "naaf" or kernels is None:
-            return estimate.scores(self.best_similarities(tokens, threads, product), tokens, product)
-        distances = self.distances(tokens, threads, product)
+            return estimate.scores(sketch_similarities(distances, bits), tokens, product)
         weights = np.ascontiguousarray(estimate.intra_weights(tokens, product))
-        table, images = similarity_table(self.bits), distances.shape[1]
+        table, images = similarity_table(bits), distances.shape[1]
         out = np.empty(images, dtype=np.float32)
 
         def run(first: int, last: int) -> None:
@@ -441,12 +484,13 @@ class RegionSketch:
 
     def distances(self, tokens: np.ndarray, threads: int = 1,
                   product: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
-        """``[m, N]`` uint16: each word's least Hamming distance to every image's regions. The words' product with
-        the projection runs on ONNX Runtime's GEMM (``product``, default one thread): numpy's threads spin after
-        it on the core the scan's second thread needs (the scan of 50,000 images took 18.5 ms on two threads
-        after a numpy product, 8.6 ms without)."""
+        """``[m, N]`` uint16: each word's least Hamming distance to every image's regions (the scan). The words'
+        product with the projection runs on ONNX Runtime's GEMM (``product``, default one thread): numpy's threads
+        spin after it on the core the scan's second thread needs (the scan of 50,000 images took 18.5 ms on two
+        threads after a numpy product, 8.6 ms without)."""
         product = product if product is not None else token_gemm(1)
-        return least_distances(self.sketches, pack_signs(product(tokens, self.rows)), threads)
+        signs = pack_signs(product(tokens, self.rows[: self.bits]))
+        return least_distances(self.sketches, signs, threads)
 
 
 @dataclass
@@ -704,7 +748,9 @@ def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: 
 
     listed = {item.file: item.sha256 for item in entry.files()}
     arrays = {}
-    sketched = ("projection", "sketches") if entry.projection is not None and entry.sketches is not None else ()
+    sketched: tuple[str, ...] = ()
+    if entry.projection is not None and entry.sketches is not None:
+        sketched = ("projection", "sketches", *(("fine_sketches",) if entry.fine_sketches is not None else ()))
     for role in ("centroids", "lists", "codes", *sketched):
         item = getattr(entry, role)
         if in_memory:
@@ -727,17 +773,24 @@ def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: 
                          f"{record['rows']} images; re-index the gallery")
     index = RegionIndex(centroids, lists, codes, record)
     if sketched:
-        index.sketch = _checked_sketch(folder, arrays["projection"], arrays["sketches"], entry)
+        index.sketch = _checked_sketch(folder, arrays["projection"], arrays["sketches"], arrays.get("fine_sketches"),
+                                       entry)
     if verify:  # the file's verified sha256 names its content (its header holds the shape and dtype)
         index.centroids_key = entry.centroids.sha256
     return index
 
 
-def _checked_sketch(folder: Path, projection: np.ndarray, sketches: np.ndarray, entry: Any) -> RegionSketch:
-    """The shard's sketches and their projection, their shapes checked against each other and the shard."""
-    bits = projection.shape[1] if projection.ndim == 2 else 0
-    if projection.dtype != np.float32 or projection.shape != (entry.dims, bits) or bits % 64 or not bits \
-            or sketches.dtype != np.uint64 or sketches.shape != (bits // 64, entry.regions, int(entry.rows)):
+def _checked_sketch(folder: Path, projection: np.ndarray, sketches: np.ndarray, fine: np.ndarray | None,
+                    entry: Any) -> RegionSketch:
+    """The shard's sketches (scanned, and fine where there is one) and their projection, their shapes checked
+    against each other and the shard."""
+    words = int(sketches.shape[0]) if sketches.ndim == 3 else 0
+    fine_words = int(fine.shape[2]) if fine is not None and fine.ndim == 3 else 0
+    rows, regions = int(entry.rows), int(entry.regions)
+    if projection.dtype != np.float32 or projection.shape != (entry.dims, 64 * (words + fine_words)) or not words \
+            or sketches.dtype != np.uint64 or sketches.shape != (words, regions, rows) \
+            or (fine is not None and (fine.dtype != np.uint64 or not fine_words
+                                      or fine.shape != (rows, regions, fine_words))):
         raise ItmrtError(f"{folder}: the region index's sketches do not fit its projection and "
                          f"{entry.rows} images; re-index the gallery")
-    return RegionSketch(projection, sketches)
+    return RegionSketch(projection, sketches, fine)

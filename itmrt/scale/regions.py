@@ -36,7 +36,10 @@ is searched with):
 - ``region_lists.npy`` int32: ``C + 1`` offsets, then the lists' image rows;
 - on a shard whose regions fit its centroids poorly (or as ``--region-sketch``
   asks), every region's sign-bit sketch and their projection
-  (:mod:`itmrt.scale.sketches`), which the search scans instead of probing.
+  (:mod:`itmrt.scale.sketches`), which the search scans instead of probing,
+  and under exact storage a longer fine sketch of every region
+  (``region_fine_sketches.npy``) that narrows the scan's best before the
+  stored regions are read.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import numpy as np
 
 from itmrt.errors import ItmrtError
 from itmrt.optional import compiled_kernels, require
-from itmrt.scale.sketches import SKETCH_BITS, check_sketch_bits, encode_sketches, sketch_projection
+from itmrt.scale.sketches import FINE_BITS, SKETCH_BITS, check_sketch_bits, encode_both, sketch_projection
 
 CENTROIDS_FILE = "region_centroids.npy"
 CODES_FILE = "region_codes.npy"
@@ -61,6 +64,7 @@ BUCKETS_FILE = "region_buckets.npy"
 BITS_FILE = "region_bits.npy"
 PROJECTION_FILE = "region_projection.npy"
 SKETCHES_FILE = "region_sketches.npy"
+FINE_SKETCHES_FILE = "region_fine_sketches.npy"
 REGION_STORAGES = ("exact", "compact")
 RESIDUAL_BITS = (1.0, 4.0)
 """The range of ``--residual-bits`` (average bits per dimension of compact storage; fractional allowed)."""
@@ -135,7 +139,17 @@ its sketch estimate), unless a search says otherwise; such a shard scores exactl
 and adds no global vectors. Not split over the shards: where a shard's answers rank in its sketch estimate
 depends on the shard's size, not on how many shards there are. On 100,000 instance-copy images (2 shards of
 50,000, 256 bits, 20 queries, K 20): 500 a shard kept recall@10 0.975, 1000 kept 0.995, 2000 1.0, top-1 1.0 in
-each (docs/region-index.md, 2026-12-07, session 12)."""
+each (docs/region-index.md, 2026-12-07, session 12). A shard with a fine sketch re-estimates
+:data:`FINE_RESCORE` instead."""
+FINE_KEEP = 2000
+"""Images a shard with a fine sketch estimates again from it (the best of its scan's estimate), unless a search
+says otherwise (``refine``, which on a shard without sketches counts step 3b's images). Not split over the
+shards, as :data:`SKETCH_RESCORE`."""
+FINE_RESCORE = 200
+"""Images a shard with a fine sketch re-estimates from its stored regions (the best of the fine sketch's
+estimate), unless a search says otherwise. On 100,000 instance-copy images (2 shards, 256 + 512 bits, the
+scan's best 2,000 a shard, K 20, 20 queries) 60 a shard kept recall@10 0.985, 100 kept 0.995, 150 1.0
+(docs/region-index.md, 2026-12-07, session 13): 200 leaves a margin for data less kind."""
 DEFAULT_SAMPLE = 8
 """k-means training vectors per centroid (a sample of the shard's regions)."""
 KMEANS_ITERATIONS = 2
@@ -198,6 +212,9 @@ class RegionParams:
     sketch_bits: int | None = None
     """Sign bits a region (:mod:`itmrt.scale.sketches`); 0: none; None: :data:`SKETCH_BITS` on a shard whose
     regions fit its centroids poorly, else none."""
+    fine_bits: int | None = None
+    """Bits of a region's fine sketch where there are sketches; 0: none; None: :data:`FINE_BITS` under exact
+    storage, none under compact."""
 
     def check(self) -> RegionParams:
         for flag, value in (("--region-centroids", self.centroids), ("--nprobe", self.nprobe),
@@ -212,8 +229,14 @@ class RegionParams:
             raise ItmrtError(f"--residual-bits must be between {RESIDUAL_BITS[0]:g} and {RESIDUAL_BITS[1]:g} (bits per "
                              f"dimension on average), not {self.bits:g}")
         if self.sketch_bits:
-            check_sketch_bits(self.sketch_bits)
+            check_sketch_bits(self.sketch_bits, self.fine_bits)
         return self
+
+    def sketch_sizes(self, fit: float) -> tuple[int, int]:
+        """``(bits, fine)`` a region's sketches on a shard whose regions fit its centroids at ``fit`` (0: none)."""
+        bits = self.sketch_bits if self.sketch_bits is not None else SKETCH_BITS if fit < POOR_FIT else 0
+        fine = self.fine_bits if self.fine_bits is not None else FINE_BITS if self.storage == "exact" else 0
+        return bits, fine if bits else 0
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -359,10 +382,13 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams,
     clock.lap("assign" if each is None else "assign_encode")
     arrays.update(centroids=centroids, codes=codes, lists=inverted_lists(codes, len(centroids)))
     clock.lap("lists")
-    sketch_bits = params.sketch_bits if params.sketch_bits is not None else SKETCH_BITS if fit < POOR_FIT else 0
+    sketch_bits, fine_bits = params.sketch_sizes(fit)
     if sketch_bits:
-        projection = sketch_projection(depth, sketch_bits, params.seed)
-        arrays.update(projection=projection, sketches=encode_sketches(embeddings, projection))
+        projection = sketch_projection(depth, sketch_bits + fine_bits, params.seed)
+        sketches, fine = encode_both(embeddings, projection, sketch_bits)
+        arrays.update(projection=projection, sketches=sketches)
+        if fine is not None:
+            arrays["fine_sketches"] = fine
         clock.lap("sketches")
     record = {"params": {"centroids": int(len(centroids)), "nprobe": min(params.nprobe, len(centroids)),
                          "candidates": params.candidates, "refine": DEFAULT_REFINE, "exact_pass": params.exact_pass,
@@ -375,7 +401,7 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams,
                          "codec_sample": min(CODEC_SAMPLE, len(sample)) if params.storage == "compact" else 0,
                          **({"codec_from": centroids_from if codec is not None else "this shard"}
                             if params.storage == "compact" else {}),
-                         "sketch_bits": sketch_bits, "stage_seconds": clock.stages},
+                         "sketch_bits": sketch_bits, "fine_bits": fine_bits, "stage_seconds": clock.stages},
               "rows": images, "regions": regions, "dims": depth, "fit": round(fit, 6),
               "build_seconds": round(clock.total(), 3),
               "faiss_version": str(faiss_module().__version__)}

@@ -64,6 +64,37 @@ def least_distances(sketches, query, first, count, out):  # type: ignore[no-unty
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
+def least_distances_of_rows(sketches, rows, query, first, count, out):  # type: ignore[no-untyped-def]
+    """:func:`least_distances` for the images ``rows[first .. first + count]`` of ``sketches [images, regions,
+    words]`` (image-major: an image's bits lie together, so a few thousand chosen images are read as whole
+    runs), into ``out[:, first .. first + count]``: each block of images is first copied into the scan's layout."""
+    _, regions, words = sketches.shape
+    m = query.shape[0]
+    block = np.empty((words, regions, BLOCK), np.uint64)
+    sums = np.empty((m, BLOCK), np.uint16)
+    least = np.empty((m, BLOCK), np.uint16)
+    for start in range(first, first + count, BLOCK):
+        size = min(BLOCK, first + count - start)
+        for i in range(size):
+            image = rows[start + i]
+            for r in range(regions):
+                for k in range(words):
+                    block[k, r, i] = sketches[image, r, k]
+        least[:, :] = 65535
+        for r in range(regions):
+            sums[:, :] = 0
+            for k in range(words):
+                for t in range(m):
+                    bits = query[t, k]
+                    for i in range(size):
+                        sums[t, i] += np.uint16(_bit_count(block[k, r, i] ^ bits))
+            for t in range(m):
+                for i in range(size):
+                    least[t, i] = min(least[t, i], sums[t, i])
+        out[:, start : start + size] = least[:, :size]
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
 def naaf_estimates(distances, table, weights, threshold, first, count, out):  # type: ignore[no-untyped-def]
     """NAAF's score estimate (:class:`itmrt.scale.region_search.ScoreEstimate`) of images ``first .. first +
     count`` straight from their least distances ``distances [m, images]`` (uint16): each word's similarity
