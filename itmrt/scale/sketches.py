@@ -136,8 +136,10 @@ def least_distances(sketches: np.ndarray, query: np.ndarray, threads: int = 1) -
     from itmrt.runtime.fused import call_compiled
     from itmrt.scale.threads import in_parallel
 
+    kernel = kernels.least_distances_256 if words == 4 else kernels.least_distances
+
     def run(first: int, last: int) -> None:
-        call_compiled(kernels.least_distances, sketches, query, first, last - first, out)
+        call_compiled(kernel, sketches, query, first, last - first, out)
 
     in_parallel(run, images, max(1, min(int(threads or 1), images // kernels.BLOCK)))
     return out
