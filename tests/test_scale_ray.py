@@ -133,6 +133,26 @@ def test_a_region_index_gallery_on_ray_gives_the_local_answer(setup: dict[str, A
         shards.close()
 
 
+def test_a_sketched_region_gallery_on_ray_gives_the_local_answer(setup: dict[str, Any]) -> None:
+    runtime, encoded = setup["runtime"], setup["encoded"]
+    gallery = setup["root"] / "sketched"
+    spec = IndexSpec("regions", region_sketch="256:128")  # sketches on every shard, whatever its fit
+    index_sharded(runtime, setup["features"], gallery, ShardingOptions(17, None, spec))
+    local = open_shards(gallery, threads=1, warn=quiet)
+    assert all(s.regions is not None and s.regions.sketch is not None and s.regions.sketch.fine_bits == 128
+               for s in local.shards)
+    shards = open_shards(gallery, ray=RAY, threads=1, warn=quiet)
+    try:
+        for request in (SearchRequest(k=4, shortlist=4, refine=9, rescore=6),  # scan, fine sketch, re-estimate
+                        SearchRequest(k=5, shortlist=6),
+                        SearchRequest(k=4, shortlist=4, refine=9, budget=10)):
+            on_ray, alone = shards.search(encoded, request), local.search(encoded, request)
+            same_top_k(on_ray.t2i, alone.t2i)
+            assert on_ray.pairs == alone.pairs
+    finally:
+        shards.close()
+
+
 def test_a_killed_actor_is_restarted_or_named_never_a_partial_answer(setup: dict[str, Any]) -> None:
     runtime, encoded = setup["runtime"], setup["encoded"]
     reference = runtime.rank(setup["plain"], encoded, top_k=5).t2i
