@@ -188,7 +188,9 @@ REGION_FLAGS: dict[str, Flag] = {
                                                          "(default: recorded, or 500 on a poor fit).")),
     "refine": Flag(int | None, _region_flag("--refine", 0, "images per shard re-estimated from all their regions' "
                                                            "centroids (default: recorded, 1024, at most 2048 per "
-                                                           "query split over the shards, at least 256 each).")),
+                                                           "query split over the shards, at least 256 each); on a "
+                                                           "shard with a fine sketch, the scan's best estimated "
+                                                           "again from it (default 2000 each).")),
     "prefilter": Flag(int | None, _region_flag("--prefilter", 0, "probed images per shard estimated, by their "
                                                                  "summed centroid scores (0: all; default 2048).")),
     "rescore": Flag(int | None, _region_flag("--rescore", 0, "images per shard re-estimated from their stored "
@@ -196,7 +198,8 @@ REGION_FLAGS: dict[str, Flag] = {
                                                              "before K are kept (0: none; default on compact storage: "
                                                              "1024 per query split over the shards, at least 64 "
                                                              "each; with --budget 512, at least 24 each; exact: "
-                                                             "0).")),
+                                                             "0; a sketched shard: 1000, or 200 with a fine "
+                                                             "sketch).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
                                                            "estimate (default: K per shard; text to image only).")),
 }

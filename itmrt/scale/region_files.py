@@ -156,7 +156,7 @@ def poor_fit_message(shard: Gallery, name: str) -> str | None:
              f"instead{fine}, the best {rescore} re-estimated from their stored regions") if sketched \
         else (f"searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default (--region-sketch 256 adds "
               "a scan of every region's sketch)")
-    knob = "--rescore" if sketched else "--exact-pass"
+    knob = ("--refine, --rescore" if fine else "--rescore") if sketched else "--exact-pass"
     return (f"{name}'s regions fit their {entry.params.get('centroids')} centroids loosely (mean cosine "
             f"{entry.fit:.3f}, below {below:g}): on such data centroid-level candidates can miss exhaustive "
             f"scoring's answers, so {found}. Check recall on your own captions with "

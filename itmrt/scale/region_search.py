@@ -439,10 +439,10 @@ class RegionSketch:
     def scores(self, tokens: np.ndarray, estimate: ScoreEstimate,
                product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1) -> np.ndarray:
         """``[N]`` every image's score estimate from its sketches (the scan's)."""
-        return self.estimates(self.distances(tokens, threads, product), self.bits, tokens, estimate, product, threads)
+        return self.estimated(tokens, estimate, product, threads)[1]
 
     def estimated(self, tokens: np.ndarray, estimate: ScoreEstimate,
-                   product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1, refine: int = 0,
+                  product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1, refine: int = 0,
                   keep: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``(rows, scores)``: every image's scan estimate, or, with a fine sketch and ``keep`` < ``refine`` < N,
         the ``refine`` best of it (sorted rows) estimated again from the fine sketch."""
