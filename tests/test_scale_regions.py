@@ -760,7 +760,10 @@ def test_the_residual_stage_reads_each_regions_centroid_plus_its_residual_levels
         want = np.einsum("md,rjd->mrj", probe.tokens, vectors).max(axis=2)
         got = stored_best_similarities(probe, stored, rows, product)
         np.testing.assert_allclose(got, want, atol=0.02 if bits == 2 else 1e-5)
-        if bits == 2:
+        if bits == 2:  # blocks of 1-4 images split over 1-3 threads: the same similarities
+            for threads, block in ((1, 1), (2, 4), (3, 1), (3, 2)):
+                np.testing.assert_array_equal(
+                    region_search.residual_best_similarities(probe, stored, rows, product, threads, block), got)
             assert region_search.residual_kernels() is not None  # the integer path was the one measured
             with monkeypatch.context() as patched:
                 patched.setattr(region_search, "residual_kernels", lambda: None)

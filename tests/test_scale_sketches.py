@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -84,6 +85,8 @@ def test_the_fine_sketch_counts_the_chosen_images_bits_under_the_later_columns(
     query = sign_bits(tokens, projection)[:, bits // 64 :]
     found = least_distances_of_rows(kept, np.array(rows), query, threads)
     np.testing.assert_array_equal(found, counted(vectors[rows], tokens, projection[:, bits:]))
+    with mock.patch("itmrt.scale.sketches.sketch_kernels", return_value=None):  # numpy's fallback, no numba
+        np.testing.assert_array_equal(least_distances_of_rows(kept, np.array(rows), query, threads), found)
     assert encode_both(vectors, projection[:, :bits], bits)[1] is None
 
 

@@ -616,37 +616,46 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
     (:mod:`itmrt.scale.residual_kernels`) and multiplied with the words quantised to 7 bits (ONNX Runtime's
     integer GEMM; 7 bits keep AVX2's pairwise 16-bit sums from saturating); otherwise gathered as floats in
     numpy. The decoded vector ``c + l`` is not re-normalised (its norm is within a few percent of 1: a region is
-    a unit vector and ``l`` its quantised residual), which the exact rerank does: this is an estimate."""
+    a unit vector and ``l`` its quantised residual), which the exact rerank does: this is an estimate.
+
+    The blocks are split over ``threads`` threads (default: the usable cores), each with its own one-thread
+    integer GEMM: one GEMM's threads did not help, the stage took 23 ms for 1,000 images of 36 x 1024 at 2 bits on
+    one thread and on two (docs/region-index.md, session 13)."""
     table = stored.codec.byte_levels()
     assert table is not None
     width, regions, depth = table.shape[0] // 256, stored.shape[1], probe.tokens.shape[1]
     by_centroid = probe.by_centroid()
     out = np.empty((len(probe.tokens), len(rows)), dtype=np.float32)
     kernels, integers = residual_kernels(), stored.codec.integer_levels()
+    parts = max(1, min(int(threads or usable_cores()), -(-len(rows) // block)))
     if kernels is not None and integers is not None:
         entries, scales = integers
         weighted = np.zeros((len(probe.tokens), len(scales)), dtype=np.float32)
         weighted[:, :depth] = probe.tokens * scales[:depth]
         word_scale = np.maximum(np.abs(weighted).max(axis=1), 1e-30) / 63
         words = np.ascontiguousarray(np.rint(weighted / word_scale[:, None]).astype(np.int8).T)
-        gemm = _integer_gemm(threads)
-    for start in range(0, len(rows), block):
-        part = rows[start : start + block]
-        packed = np.asarray(stored.residuals[part]).reshape(-1, width)
-        codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
-        if kernels is not None and integers is not None:
-            levels = np.empty((len(packed), width), dtype=entries.dtype)
-            call_compiled(kernels.gather_levels, entries, packed, levels)
-            sims = gemm(levels.view(np.uint8).reshape(len(packed), -1), words) * word_scale
-            sims += by_centroid[codes]
-            out[:, start : start + len(part)] = sims.reshape(len(part), regions, -1).max(axis=1).T
-            continue
-        index = np.uint16 if table.shape[0] <= 1 << 16 else np.intp  # a smaller index array: a faster gather
-        flat = packed.astype(index) + (np.arange(width) * 256).astype(index)
-        levels = np.take(table, flat, axis=0).reshape(len(packed), -1)[:, :depth]
-        sims = product(probe.tokens, levels)
-        sims += by_centroid[codes].T
-        out[:, start : start + len(part)] = sims.reshape(len(sims), len(part), regions).max(axis=2)
+        gemm = _integer_gemm(1 if parts > 1 else threads)
+
+    def run(first: int, last: int) -> None:
+        for start in range(first, last, block):
+            part = rows[start : min(start + block, last)]
+            packed = np.asarray(stored.residuals[part]).reshape(-1, width)
+            codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
+            if kernels is not None and integers is not None:
+                levels = np.empty((len(packed), width), dtype=entries.dtype)
+                call_compiled(kernels.gather_levels, entries, packed, levels)
+                sims = gemm(levels.view(np.uint8).reshape(len(packed), -1), words) * word_scale
+                sims += by_centroid[codes]
+                out[:, start : start + len(part)] = sims.reshape(len(part), regions, -1).max(axis=1).T
+                continue
+            index = np.uint16 if table.shape[0] <= 1 << 16 else np.intp  # a smaller index array: a faster gather
+            flat = packed.astype(index) + (np.arange(width) * 256).astype(index)
+            levels = np.take(table, flat, axis=0).reshape(len(packed), -1)[:, :depth]
+            sims = product(probe.tokens, levels)
+            sims += by_centroid[codes].T
+            out[:, start : start + len(part)] = sims.reshape(len(sims), len(part), regions).max(axis=2)
+
+    in_parallel(run, len(rows), parts)
     return out
 
 

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, boundscheck=False)
+@numba.njit(cache=True, nogil=True, boundscheck=False)
 def gather_levels(table, packed, out):  # type: ignore[no-untyped-def]
     """``out[q, p] = table[p * 256 + packed[q, p]]``: each packed byte's levels (an entry of ``per`` 8-bit levels,
     viewed as one unsigned integer of that width) for rows ``packed [count, width]`` uint8."""
