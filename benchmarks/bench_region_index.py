@@ -420,8 +420,11 @@ def run_compact_recall(args: argparse.Namespace) -> dict[str, Any]:
                               "exhaustive_decoded_ms_per_query": round(1000 * (time.perf_counter() - started)
                                                                        / len(batch), 1)}
     for k in args.sweep_k:
-        found = shards.search(batch, SearchRequest(k=TOP, shortlist=k, nprobe=args.sweep_nprobe[0], exact_pass=0))
-        result[f"K {k}"] = overlap(found.t2i.indices, reference)
+        for rescore in args.sweep_rescore:  # None: each shard's default
+            found = shards.search(batch, SearchRequest(k=TOP, shortlist=k, nprobe=args.sweep_nprobe[0], exact_pass=0,
+                                                       rescore=rescore))
+            result[f"K {k}" + (f", rescore {rescore}" if rescore is not None else "")] = \
+                overlap(found.t2i.indices, reference)
     print(json.dumps(result))
     return result
 
