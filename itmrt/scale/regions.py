@@ -144,12 +144,14 @@ each (docs/region-index.md, 2026-12-07, session 12). A shard with a fine sketch 
 FINE_KEEP = 2000
 """Images a shard with a fine sketch estimates again from it (the best of its scan's estimate), unless a search
 says otherwise (``refine``, which on a shard without sketches counts step 3b's images). Not split over the
-shards, as :data:`SKETCH_RESCORE`."""
+shards, as :data:`SKETCH_RESCORE`. On 100,000 instance-copy images (2 shards, 256 + 512 bits, 200 re-estimated,
+K 20, 20 queries) 1,000 / 2,000 / 4,000 a shard kept recall@10 0.99 / 0.995 / 0.995 (docs/region-index.md,
+2026-12-07, session 13)."""
 FINE_RESCORE = 200
 """Images a shard with a fine sketch re-estimates from its stored regions (the best of the fine sketch's
-estimate), unless a search says otherwise. On 100,000 instance-copy images (2 shards, 256 + 512 bits, the
-scan's best 2,000 a shard, K 20, 20 queries) 60 a shard kept recall@10 0.985, 100 kept 0.995, 150 1.0
-(docs/region-index.md, 2026-12-07, session 13): 200 leaves a margin for data less kind."""
+estimate), unless a search says otherwise. On the same build with :data:`FINE_KEEP` 2,000: 100 a shard kept
+recall@10 0.98, 200 and 300 0.995, top-1 1.0 in each (a first scratch pass on session 12's gallery, candidates
+only: 60 / 100 / 150 kept 0.985 / 0.995 / 1.0)."""
 DEFAULT_SAMPLE = 8
 """k-means training vectors per centroid (a sample of the shard's regions)."""
 KMEANS_ITERATIONS = 2

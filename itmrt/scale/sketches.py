@@ -29,9 +29,10 @@ regions: 15 ms a 50,000-image shard on two threads, the largest stage of a
 query. A second, longer sketch of every region (``fine`` bits, 512 by default
 under exact storage) is read only for the scan's best few thousand images,
 whose bits lie together in it, and narrows them to the few hundred worth that
-read: on 100,000 instance-copy images the scan's best 2,000 a shard, then the
-fine sketch's best 150, kept every answer of exhaustive's top 10 (20 queries)
-where the scan's best 1,000 alone kept 0.995, in about two thirds of the time.
+read: on 100,000 instance-copy images (20 queries) the scan's best 2,000 a
+shard, then the fine sketch's best 200, keep recall@10 0.995 and top-1 1.0, as
+the scan's best 1,000 alone did, with a fifth of the float16 rows read
+(docs/region-index.md, session 13).
 
 Files (in the shard folder, hashed in its ``gallery.json`` like the rest of the
 region index): ``region_projection.npy`` float32 ``[d, bits + fine]`` (the
