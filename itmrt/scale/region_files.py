@@ -35,8 +35,6 @@ from itmrt.scale.regions import (
     BUCKETS_FILE,
     CENTROIDS_FILE,
     CODES_FILE,
-    FINE_KEEP,
-    FINE_RESCORE,
     FINE_SKETCHES_FILE,
     LISTS_FILE,
     POOR_FIT,
@@ -47,6 +45,7 @@ from itmrt.scale.regions import (
     SKETCHES_FILE,
     SharedCodebook,
     build_region_index,
+    fine_counts,
     fit_under,
 )
 
@@ -149,9 +148,9 @@ def poor_fit_message(shard: Gallery, name: str) -> str | None:
     if entry.fit >= below:
         return None
     sketched = entry.sketches is not None
-    fine = (f", the scan's best {FINE_KEEP} estimated again from a {entry.params.get('fine_bits')}-bit sketch"
+    keep, rescore = fine_counts(int(entry.rows)) if entry.fine_sketches is not None else (0, SKETCH_RESCORE)
+    fine = (f", the scan's best {keep} estimated again from a {entry.params.get('fine_bits')}-bit sketch"
             if entry.fine_sketches is not None else "")
-    rescore = FINE_RESCORE if fine else SKETCH_RESCORE
     found = (f"its candidates come from a scan of every region's {entry.params.get('sketch_bits')}-bit sketch "
              f"instead{fine}, the best {rescore} re-estimated from their stored regions") if sketched \
         else (f"searches score {POOR_FIT_EXACT_PASS} images a shard exactly by default (--region-sketch 256 adds "

@@ -66,8 +66,6 @@ from itmrt.scale.regions import (
     DEFAULT_REFINE,
     DEFAULT_RESCORE,
     DEFAULT_UNION,
-    FINE_KEEP,
-    FINE_RESCORE,
     MIN_POOLED_RESCORE_SHARE,
     MIN_REFINE_SHARE,
     MIN_RESCORE_SHARE,
@@ -77,6 +75,7 @@ from itmrt.scale.regions import (
     POOR_FIT_UNION,
     REFINE_BUDGET,
     SKETCH_RESCORE,
+    fine_counts,
     residual_kernels,
 )
 from itmrt.scale.sketches import (
@@ -218,8 +217,8 @@ class RegionIndex:
 
     def default_rescore(self, asked: int | None, stored: Any, pooled: bool = False) -> int:
         """Images a search re-estimates in this shard from its stored regions (step 3c; 0: none): ``asked``, else
-        on a shard with sketches :data:`SKETCH_RESCORE` (:data:`FINE_RESCORE` with a fine sketch; from exact
-        storage's float embeddings as well),
+        on a shard with sketches :data:`SKETCH_RESCORE` (with a fine sketch :func:`fine_counts`, by the shard's
+        size; from exact storage's float embeddings as well),
         else, where its regions are compact storage (the residual stage reads a few bytes a region), this shard's
         share of :data:`DEFAULT_RESCORE` over the gallery's :attr:`shards`, at least :data:`MIN_RESCORE_SHARE`
         (``pooled``, a search with a budget: of :data:`POOLED_RESCORE`, at least :data:`MIN_POOLED_RESCORE_SHARE`);
@@ -227,7 +226,7 @@ class RegionIndex:
         if asked is not None:
             return asked
         if self.sketch is not None:
-            return SKETCH_RESCORE if self.sketch.fine is None else FINE_RESCORE
+            return SKETCH_RESCORE if self.sketch.fine is None else fine_counts(self.images)[1]
         per_query, least = (POOLED_RESCORE, MIN_POOLED_RESCORE_SHARE) if pooled else \
             (DEFAULT_RESCORE, MIN_RESCORE_SHARE)
         return self._share(per_query, least) if isinstance(stored, CompactRegions) else 0
@@ -236,11 +235,11 @@ class RegionIndex:
         """Images a search refines in this shard from every region's centroid (step 3b), or on a shard with
         sketches from its fine sketch: ``asked``, else the recorded refine, lowered to this shard's share of
         :data:`REFINE_BUDGET` (at least :data:`MIN_REFINE_SHARE`) in a gallery of many shards; with sketches
-        :data:`FINE_KEEP`."""
+        :func:`fine_counts`, by the shard's size."""
         if asked is not None:
             return asked
         if self.sketch is not None:
-            return FINE_KEEP
+            return fine_counts(self.images)[0]
         return min(self.refine, self._share(REFINE_BUDGET, MIN_REFINE_SHARE))
 
     def _share(self, per_query: int, least: int) -> int:
