@@ -149,12 +149,12 @@ def test_a_sketched_shard_re_estimates_its_best_instead_of_scoring_wider_and_say
     assert (index.default_exact_pass(None), index.default_union(None), index.default_rescore(None, stored)) == \
         (0, 0, fine_counts(index.images)[1])
     assert (index.default_refine(None), index.default_refine(9)) == (fine_counts(index.images)[0], 9)
-    assert fine_counts(index.images) == (500, 100)  # a small shard: the floors
-    assert fine_counts(50_000) == (2000, 200) and fine_counts(25_000) == (1000, 100) and fine_counts(10**6)[1] == 4000
+    assert fine_counts(index.images) == fine_counts(25_000) == (1000, 200)  # smaller shards: the floors
+    assert fine_counts(50_000) == (2000, 200) and fine_counts(10**6) == (40_000, 4000)  # larger: in proportion
     assert (index.default_exact_pass(7), index.default_union(3), index.default_rescore(5, stored)) == (7, 3, 5)
     message = poor_fit_message(shard.gallery, "shard-00000")
     assert message is not None and "256-bit sketch" in message and "512-bit sketch" in message
-    assert "best 500 estimated again" in message and "best 100 re-estimated" in message and "\n" not in message
+    assert "best 1000 estimated again" in message and "best 200 re-estimated" in message and "\n" not in message
     index.sketch = replace(index.sketch, fine=None)  # a gallery written before fine sketches
     assert index.default_rescore(None, stored) == SKETCH_RESCORE
     index.sketch = None  # without sketches the wider defaults apply

@@ -144,23 +144,25 @@ each (docs/region-index.md, 2026-12-07, session 12). A shard with a fine sketch 
 FINE_KEEP = 2000
 """Images a shard of :data:`FINE_SHARD` images with a fine sketch estimates again from it (the best of its scan's
 estimate), unless a search says otherwise (``refine``, which on a shard without sketches counts step 3b's
-images); a shard of another size, in proportion (at least :data:`MIN_FINE_KEEP`): where a shard's answers rank
-in an estimate grows with the images competing with them, not with the number of shards. On 100,000
+images); a larger shard in proportion, a smaller one at least :data:`MIN_FINE_KEEP`: where a shard's answers
+rank in an estimate grows with the images competing with them, not with the number of shards. On 100,000
 instance-copy images (2 shards, 256 + 512 bits, 200 re-estimated, K 20, 20 queries) 1,000 / 2,000 / 4,000 a
 shard kept recall@10 0.99 / 0.995 / 0.995; in 4 shards of 25,000, 500 / 1,000 a shard kept 0.99 / 0.995 at 100
 re-estimated (docs/region-index.md, 2026-12-07, session 13)."""
 FINE_RESCORE = 200
 """Images a shard of :data:`FINE_SHARD` images with a fine sketch re-estimates from its stored regions (the best
-of the fine sketch's estimate), unless a search says otherwise; another size in proportion (at least
-:data:`MIN_FINE_RESCORE`). On the 2-shard build with :data:`FINE_KEEP` 2,000: 100 a shard kept recall@10 0.98,
+of the fine sketch's estimate), unless a search says otherwise; a larger shard in proportion, a smaller one
+:data:`MIN_FINE_RESCORE`. On the 2-shard build with :data:`FINE_KEEP` 2,000: 100 a shard kept recall@10 0.98,
 200 and 300 0.995, top-1 1.0 in each; in 4 shards of 25,000 with 1,000 kept, 100 / 150 / 200 a shard kept
 0.995 each (a first scratch pass on session 12's gallery, candidates only: 60 / 100 / 150 kept 0.985 / 0.995 /
 1.0)."""
 FINE_SHARD = 50_000
 """The shard size :data:`FINE_KEEP` and :data:`FINE_RESCORE` count for."""
-MIN_FINE_KEEP = 500
-MIN_FINE_RESCORE = 100
-"""The fewest images a small shard keeps for its fine sketch, and re-estimates after it."""
+MIN_FINE_KEEP = 1000
+MIN_FINE_RESCORE = 200
+"""The fewest images a smaller shard keeps for its fine sketch, and re-estimates after it: on the object data
+at 20,000 images (2 shards of 10,000, fit 0.44, 40 queries, K 20 / 50) 100 re-estimated a shard kept recall@10
+0.99-0.9925 whatever was kept, 200 kept 0.9925 / 0.995 / 0.9975 with 500 / 1,000 / 2,000 kept (session 13)."""
 
 
 def fine_counts(images: int) -> tuple[int, int]:
