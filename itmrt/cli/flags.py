@@ -190,7 +190,8 @@ REGION_FLAGS: dict[str, Flag] = {
                                                            "centroids (default: recorded, 1024, at most 2048 per "
                                                            "query split over the shards, at least 256 each); on a "
                                                            "shard with a fine sketch, the scan's best estimated "
-                                                           "again from it (default 2000 each).")),
+                                                           "again from it (default 2000 for 50,000 images, in "
+                                                           "proportion, at least 1000).")),
     "prefilter": Flag(int | None, _region_flag("--prefilter", 0, "probed images per shard estimated, by their "
                                                                  "summed centroid scores (0: all; default 2048).")),
     "rescore": Flag(int | None, _region_flag("--rescore", 0, "images per shard re-estimated from their stored "
@@ -198,8 +199,8 @@ REGION_FLAGS: dict[str, Flag] = {
                                                              "before K are kept (0: none; default on compact storage: "
                                                              "1024 per query split over the shards, at least 64 "
                                                              "each; with --budget 512, at least 24 each; exact: "
-                                                             "0; a sketched shard: 1000, or 200 with a fine "
-                                                             "sketch).")),
+                                                             "0; a sketched shard: 1000, or with a fine sketch 200, "
+                                                             "in proportion above 50,000 images).")),
     "budget": Flag(int | None, _region_flag("--budget", 1, "images reranked over all shards together, the best by "
                                                            "estimate (default: K per shard; text to image only).")),
 }
