@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
+from itmrt.errors import ItmrtError
 from itmrt.runtime import load
 from itmrt.scale import SearchRequest, ShardingOptions, index_sharded, open_shards
 
@@ -34,6 +37,18 @@ def scale_setup(root: Path, seed: int, captions: int) -> dict[str, Any]:
     index_sharded(runtime, features, root / "sharded", ShardingOptions(shard_images=17))
     return {"root": root, "bundle": bundle, "runtime": runtime, "features": features, "captions": texts,
             "encoded": runtime.encode_captions(texts), "plain": plain, "sharded": root / "sharded"}
+
+
+def tampered_file_is_refused(gallery: Path, member: str, at: int = -1, bit: int = 1) -> None:
+    """Flip ``bit`` of byte ``at`` of the gallery's file ``member``: opening the gallery is refused in one line
+    naming that file's sha256 mismatch."""
+    path = gallery / member
+    data = bytearray(path.read_bytes())
+    data[at] ^= bit
+    path.write_bytes(bytes(data))
+    with pytest.raises(ItmrtError, match=rf"{re.escape(path.name)} does not match the sha256") as caught:
+        open_shards(gallery, threads=1, warn=quiet)
+    assert "\n" not in str(caught.value)
 
 
 def same_top_k(a: Any, b: Any, atol: float = 0.0) -> None:

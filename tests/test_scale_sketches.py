@@ -32,7 +32,7 @@ from itmrt.scale.sketches import (
 
 from cli_helpers import run_cli
 from runtime_helpers import make_bundle, random_captions
-from scale_helpers import infer_answers_as_the_api, quiet, same_top_k
+from scale_helpers import infer_answers_as_the_api, quiet, same_top_k, tampered_file_is_refused
 
 pytest.importorskip("faiss")
 pytest.importorskip("numba", reason="the compiled scan against numpy's, and the fused scorer's exact scores")
@@ -215,13 +215,7 @@ def test_copied_into_memory_the_sketches_answer_as_mapped_ones(noise: dict[str, 
 def test_a_tampered_or_misshapen_sketch_file_is_refused_in_one_line(noise: dict[str, Any], tmp_path: Path) -> None:
     gallery = tmp_path / "tampered"
     shutil.copytree(noise["gallery"], gallery)
-    path = gallery / "shard-00002" / "region_sketches.npy"
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 1
-    path.write_bytes(bytes(data))
-    with pytest.raises(ItmrtError, match=r"region_sketches\.npy does not match the sha256") as caught:
-        open_shards(gallery, threads=1, warn=quiet)
-    assert "\n" not in str(caught.value)
+    tampered_file_is_refused(gallery, "shard-00002/region_sketches.npy")
     from itmrt.scale.region_search import _checked_sketch
 
     entry = open_shards(noise["gallery"], threads=1, warn=quiet).shards[0].gallery.manifest.region_index
@@ -234,12 +228,7 @@ def test_a_tampered_or_misshapen_sketch_file_is_refused_in_one_line(noise: dict[
                 (wide, scan, fine[:3]), (wide, scan, fine.astype(np.int64)), (wide[:, :704], scan, fine)):
         with pytest.raises(ItmrtError, match="sketches do not fit its projection"):
             _checked_sketch(gallery, *bad, entry)
-    path = gallery / "shard-00001" / "region_fine_sketches.npy"
-    data = bytearray(path.read_bytes())
-    data[-9] ^= 4
-    path.write_bytes(bytes(data))
-    with pytest.raises(ItmrtError, match=r"region_fine_sketches\.npy does not match the sha256"):
-        open_shards(gallery, threads=1, warn=quiet)
+    tampered_file_is_refused(gallery, "shard-00001/region_fine_sketches.npy", at=-9, bit=4)
 
 
 def test_region_sketch_off_auto_and_bits_build_what_they_say(noise: dict[str, Any]) -> None:
