@@ -303,8 +303,7 @@ def run_synthetic(args: argparse.Namespace) -> dict[str, Any]:
                                "latency_queries": len(singles), "storages": {}}
     reference = None
     for storage in args.storages:
-        sketched = "" if args.region_sketch == "auto" else f"-sketch-{args.region_sketch}"
-        out = args.work / f"gallery-{args.data}-{args.images}-{storage}{sketched}"
+        out = gallery_path(args, storage)
         print(f"{storage}: building {out}", flush=True)
         built = build_gallery(runtimes[1], source, out, args.shards, storage, args.reuse, args.region_sketch)
         measured = measure_storage(runtimes, out, batch, singles, reference, args)
@@ -401,6 +400,12 @@ def compact_trial(runtime: Any, images: np.ndarray, captions: CaptionEmbeddings,
             "bytes_per_image": round((arrays["residuals"].nbytes + arrays["codes"].nbytes) / len(images))}
 
 
+def gallery_path(args: argparse.Namespace, storage: str) -> Path:
+    """The work folder's gallery of this data, size, storage and ``--region-sketch`` (the default's has no suffix)."""
+    sketched = "" if args.region_sketch == "auto" else f"-sketch-{args.region_sketch}"
+    return args.work / f"gallery-{args.data}-{args.images}-{storage}{sketched}"
+
+
 def run_compact_recall(args: argparse.Namespace) -> dict[str, Any]:
     """A kept compact gallery (``--keep``): the region index against exhaustive scoring of the same decoded
     vectors, on the first ``--queries`` queries of the synthetic run."""
@@ -413,7 +418,7 @@ def run_compact_recall(args: argparse.Namespace) -> dict[str, Any]:
     targets = np.random.default_rng(args.images).choice(args.images, size=args.queries + args.latency_queries,
                                                         replace=False)
     batch = make_queries(args.data, world, targets[: args.queries])
-    shards = LocalShards(runtime, read_sharded_gallery(args.work / f"gallery-{args.data}-{args.images}-compact"))
+    shards = LocalShards(runtime, read_sharded_gallery(gallery_path(args, "compact")))
     started = time.perf_counter()
     reference = shards.search(batch, SearchRequest(k=TOP)).t2i.indices
     result: dict[str, Any] = {"queries": len(batch),

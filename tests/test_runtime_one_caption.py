@@ -74,6 +74,28 @@ def test_rows_score_a_subset_in_the_order_given(bundle: Path, tmp_path: Path) ->
     np.testing.assert_array_equal(runtime.score_images(gallery, encoded, rows), everything[rows])
 
 
+def test_a_reranks_few_images_are_split_over_the_threads_with_the_same_scores(bundle: Path, tmp_path: Path) -> None:
+    one, two = load(bundle, threads=1), load(bundle, threads=2)
+    gallery = one.index(region_features(60, seed=3), tmp_path / "gallery")
+    encoded = one.encode_captions(random_captions(1, seed=8))
+    rows = np.random.default_rng(0).permutation(60)[:30]
+    expected = one.score_images(gallery, encoded, rows)
+    assert two.one_caption is not None
+    blocks: list[tuple[int, int]] = []
+    original = two.one_caption._map_blocks
+
+    def counted(total: int, work: Any, size: int | None = None) -> None:
+        def each(worker: Any, start: int, stop: int) -> None:
+            blocks.append((start, stop))
+            work(worker, start, stop)
+
+        original(total, each, size)
+
+    two.one_caption._map_blocks = counted  # type: ignore[method-assign]
+    np.testing.assert_allclose(two.score_images(gallery, encoded, rows), expected, rtol=0, atol=1e-6)
+    assert sorted(blocks) == [(0, 15), (15, 30)]  # one block a thread, not the 30 images in one
+
+
 def test_shortlist_rerank_equals_full_scoring_when_the_shortlist_holds_everything(bundle: Path, tmp_path: Path) -> None:
     runtime = load(bundle, threads=1)
     gallery = runtime.index(region_features(60, seed=3), tmp_path / "gallery")

@@ -99,6 +99,10 @@ Measured, 1000 images x 14 words, one thread: float32 15.6 ms; float16 in 1 piec
 18.8, 16 pieces 19.1, 43 pieces 20.9 (each node's fixed cost)."""
 KERNEL_LANES = 64
 """Images the compiled kernel scores side by side (:data:`itmrt.runtime.one_caption_kernels.LANES`)."""
+SPLIT_MIN_IMAGES = 8
+"""Fewest images of a block when a call's few images (a rerank's 20-100 candidates) are split over the threads:
+one block a thread took the rerank of 50 compact-storage candidates (decoded in the block) from 8.3-10.3 to 6.0
+ms on two threads (docs/region-index.md, session 14)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
 """Most memory the cached per-image constants of all galleries may take together."""
 LARGE_CALL_VALUES = 1 << 30
@@ -744,7 +748,8 @@ class OneCaptionScorer:
         size = max(16, budget // (int(images.shape[1]) * len(query.tokens)))
         if self._kernel is not None:  # whole groups of the kernel's lanes (its buffers are its own, per caption)
             size = max(1, size // KERNEL_LANES) * KERNEL_LANES
-        size = min(self.block_images, size)
+        # a call's few images (a rerank's candidates): one block a thread, not all of them one block on one
+        size = min(self.block_images, size, max(SPLIT_MIN_IMAGES, -(-total // self.threads)))
         with self._calls:
             self._map_blocks(total, score_range, size)
         return out
