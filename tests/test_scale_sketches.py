@@ -249,24 +249,6 @@ def test_region_sketch_off_auto_and_bits_build_what_they_say(noise: dict[str, An
             assert (shard.gallery.path / "region_fine_sketches.npy").exists() == bool(fine)
 
 
-def test_compact_storage_sketches_the_regions_it_decodes_not_the_ones_it_was_built_from(
-        noise: dict[str, Any]) -> None:
-    """The rerank of a compact gallery scores its decoded regions; its scan and fine sketches describe those."""
-    out = noise["root"] / "sketch-decoded-compact"
-    spec = IndexSpec("regions", region_centroids=4, region_sketch="128:128", regions_storage="compact")
-    index_sharded(noise["runtime"], None, out, ShardingOptions(24, None, spec), embeddings=noise["vectors"])
-    start = 0
-    for shard in open_shards(out, threads=1, warn=quiet).shards:
-        assert shard.regions is not None and shard.regions.sketch is not None
-        sketch, images = shard.regions.sketch, len(shard.gallery)
-        decoded = np.asarray(shard.gallery.embeddings[:], dtype=np.float32)
-        scan, fine = encode_both(decoded, sketch.projection, 128)
-        assert np.array_equal(scan, sketch.sketches) and fine is not None and np.array_equal(fine, sketch.fine)
-        built_from, _ = encode_both(noise["vectors"][start : start + images], sketch.projection, 128)
-        assert not np.array_equal(built_from, sketch.sketches)  # 2-bit residuals move some regions' signs
-        start += images
-
-
 @pytest.mark.parametrize(("value", "expected"), [
     ("100", "among 64, 128"), ("lots", "takes auto, off, BITS or BITS:FINE"), ("1024", "among 64, 128"),
     ("256:100", "among 64, 128"), ("256:512:64", "takes auto, off, BITS or BITS:FINE"),

@@ -406,7 +406,9 @@ def build_region_index(embeddings: np.ndarray, params: RegionParams,
     sketch_bits, fine_bits = params.sketch_sizes(fit)
     if sketch_bits:
         projection = sketch_projection(depth, sketch_bits + fine_bits, params.seed)
-        sketches, fine = encode_both(embeddings if each is None else _decoded(arrays), projection, sketch_bits)
+        # from the vectors given, under compact storage too: sketches of the decoded regions kept fewer of the
+        # decoded gallery's answers in the scan's best 1,000 (0.98 against 0.9925; docs/region-index.md, session 14)
+        sketches, fine = encode_both(embeddings, projection, sketch_bits)
         arrays.update(projection=projection, sketches=sketches)
         if fine is not None:
             arrays["fine_sketches"] = fine
@@ -443,15 +445,6 @@ class _StageClock:
 
     def total(self) -> float:
         return time.perf_counter() - self.started
-
-
-def _decoded(arrays: dict[str, np.ndarray]) -> Any:
-    """A compact shard's regions as its searches score them (centroid plus decoded residual, re-normalised),
-    decoded block by block as they are read: compact storage's sketches are taken from these, so that every
-    estimate describes the gallery the rerank scores, not the vectors it was built from."""
-    from itmrt.runtime.compact_regions import CompactRegions
-
-    return CompactRegions(arrays["centroids"], arrays["codes"], arrays["residuals"], arrays["buckets"], arrays["bits"])
 
 
 def _residual_encoder(sample: np.ndarray, assigner: CentroidAssigner, bits: float, arrays: dict[str, np.ndarray],

@@ -104,7 +104,7 @@ def encode_sketches(embeddings: np.ndarray, projection: np.ndarray, bits: int | 
     return encode_both(embeddings, projection, bits)[0]
 
 
-def encode_both(embeddings: Any, projection: np.ndarray,
+def encode_both(embeddings: np.ndarray, projection: np.ndarray,
                 bits: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``(scan, fine)`` in one pass over the regions: the sign bits under ``projection``'s first ``bits`` columns
     in the scan's layout ``[bits / 64, regions, images]``, and under the rest (None where there is none) image by
