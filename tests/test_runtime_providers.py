@@ -81,3 +81,24 @@ def test_tensorrt_provider_keeps_precision_graphs_strongly_typed_or_refuses() ->
     assert problem is not None and "weakly typed" in problem and "1.22" in problem and "\n" not in problem
     options = provider_options(GPU_BUILD[:1], SessionSettings(), SCORER, Path("cache"), "1.22.0")[0]
     assert options["trt_fp16_enable"] is False and options["trt_int8_enable"] is False
+
+
+def test_sessions_created_on_several_threads_at_once_leave_stdout_where_it_was() -> None:
+    # create_session points sys.stdout at stderr while ONNX Runtime loads (its fallback notices); unguarded, two
+    # threads restored each other's swap and left stdout on stderr: a command's table printed after went missing
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnx import TensorProto, helper
+
+    from itmrt.runtime.sessions import create_session
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    before = sys.stdout
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: create_session(model.SerializeToString(), threads=1), range(64)))
+    assert sys.stdout is before

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from itmrt.limits import check_threads
 
 CPU_PROVIDER = "CPUExecutionProvider"
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+_STDOUT_SWAP = threading.Lock()
+"""Held while :func:`create_session` points ``sys.stdout`` at stderr."""
 
 
 def create_session(
@@ -62,8 +67,10 @@ def create_session(
     chosen = list(providers) if providers else [CPU_PROVIDER]
     try:
         # When a provider fails to load, ONNX Runtime print()s its fallback notice; on stdout it would
-        # corrupt a command's --json output, so it goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        # corrupt a command's --json output, so it goes to stderr. The swap of sys.stdout is process-wide: two
+        # threads creating sessions at once (the one-caption scorer's workers) could restore each other's
+        # swap and leave stdout on stderr for good (a command's table went missing), hence one at a time.
+        with _STDOUT_SWAP, contextlib.redirect_stdout(sys.stderr):
             if provider_options is not None:
                 return ort.InferenceSession(source, options, providers=chosen, provider_options=list(provider_options))
             return ort.InferenceSession(source, options, providers=chosen)
