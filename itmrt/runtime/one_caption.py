@@ -101,8 +101,8 @@ KERNEL_LANES = 64
 """Images the compiled kernel scores side by side (:data:`itmrt.runtime.one_caption_kernels.LANES`)."""
 SPLIT_MIN_IMAGES = 8
 """Fewest images of a block when a call's few images (a rerank's 20-100 candidates) are split over the threads:
-one block a thread took the rerank of 50 compact-storage candidates (decoded in the block) from 8.3-10.3 to 6.0
-ms on two threads (docs/region-index.md, session 14)."""
+one block a thread took the rerank of 50 compact-storage candidates (decoded in the block) from 8.0-10.3 to
+4.8-6.0 ms on two threads (docs/region-index.md, session 14)."""
 CONSTANTS_BUDGET_BYTES = 1 << 30
 """Most memory the cached per-image constants of all galleries may take together."""
 LARGE_CALL_VALUES = 1 << 30
