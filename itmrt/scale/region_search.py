@@ -642,13 +642,23 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
         words = np.ascontiguousarray(np.rint(weighted / word_scale[:, None]).astype(np.int8).T)
         gemm = _integer_gemm(1 if parts > 1 else threads)
 
+    # one buffer of rows and one of levels a thread, reused from block to block: fresh arrays for each block
+    # took a shard's 1,000 images 24-30 ms on one thread, against 18-21 (session 14)
     def run(first: int, last: int) -> None:
+        many = min(block, last - first)
+        reads = np.empty((many, regions, width), dtype=np.uint8) if isinstance(stored.residuals, PositionalRows) \
+            else None
+        written = np.empty((many * regions, width), dtype=entries.dtype) if kernels is not None and \
+            integers is not None else None
         for start in range(first, last, block):
             part = rows[start : min(start + block, last)]
-            packed = np.asarray(stored.residuals[part]).reshape(-1, width)
+            if reads is not None and bool((part[1:] > part[:-1]).all()):
+                packed = stored.residuals.take(part, out=reads[: len(part)]).reshape(-1, width)
+            else:
+                packed = np.asarray(stored.residuals[part]).reshape(-1, width)
             codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
-            if kernels is not None and integers is not None:
-                levels = np.empty((len(packed), width), dtype=entries.dtype)
+            if written is not None:
+                levels = written[: len(packed)]
                 call_compiled(kernels.gather_levels, entries, packed, levels)
                 products = gemm(levels.view(np.uint8).reshape(len(packed), -1), words)
                 call_compiled(kernels.best_over_regions, products, word_scale, codes, by_centroid, regions, out, start)
