@@ -583,17 +583,13 @@ def _half_best_similarities(kernels: Any, tokens: np.ndarray, embeddings: Any, r
     """:func:`exact_best_similarities` from float16 storage, the rows split evenly over ``threads`` threads."""
     words = kernels.padded_words(tokens)
     depth = tokens.shape[1]
-    positional = isinstance(embeddings, PositionalRows)
 
     def run(first: int, last: int) -> None:
         buffer = np.empty((block, *embeddings.shape[1:]), dtype=np.float16)  # one per thread, reused per block
         sims = np.empty((block * embeddings.shape[1], len(tokens)), dtype=np.float32)
         for start in range(first, last, block):
             part = rows[start : min(start + block, last)]
-            if positional and bool((part[1:] > part[:-1]).all()):
-                stored = embeddings.take(part, out=buffer[: len(part)])
-            else:
-                stored = np.ascontiguousarray(embeddings[part])
+            stored = read_rows(embeddings, part, buffer)
             flat = stored.view(np.uint16).reshape(-1, depth)
             call_compiled(kernels.similarities, flat, words, sims[: len(flat)])
             found = sims[: len(flat)].reshape(len(part), -1, len(tokens)).max(axis=1)
@@ -633,8 +629,10 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
     by_centroid = probe.by_centroid()
     out = np.empty((len(probe.tokens), len(rows)), dtype=np.float32)
     kernels, integers = residual_kernels(), stored.codec.integer_levels()
+    compiled = kernels is not None and integers is not None
     parts = max(1, min(int(threads or usable_cores()), -(-len(rows) // block)))
-    if kernels is not None and integers is not None:
+    if compiled:
+        assert integers is not None
         entries, scales = integers
         weighted = np.zeros((len(probe.tokens), len(scales)), dtype=np.float32)
         weighted[:, :depth] = probe.tokens * scales[:depth]
@@ -648,14 +646,10 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
         many = min(block, last - first)
         reads = np.empty((many, regions, width), dtype=np.uint8) if isinstance(stored.residuals, PositionalRows) \
             else None
-        written = np.empty((many * regions, width), dtype=entries.dtype) if kernels is not None and \
-            integers is not None else None
+        written = np.empty((many * regions, width), dtype=entries.dtype) if compiled else None
         for start in range(first, last, block):
             part = rows[start : min(start + block, last)]
-            if reads is not None and bool((part[1:] > part[:-1]).all()):
-                packed = stored.residuals.take(part, out=reads[: len(part)]).reshape(-1, width)
-            else:
-                packed = np.asarray(stored.residuals[part]).reshape(-1, width)
+            packed = read_rows(stored.residuals, part, reads).reshape(-1, width)
             codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
             if written is not None:
                 levels = written[: len(packed)]
@@ -672,6 +666,14 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
 
     in_parallel(run, len(rows), parts)
     return out
+
+
+def read_rows(stored: Any, part: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
+    """Rows ``part`` of ``stored``: read into ``buffer[: len(part)]`` (a thread's, reused from block to block)
+    where ``stored`` is read by position and ``part`` is sorted without repeats, else a fresh contiguous copy."""
+    if buffer is not None and isinstance(stored, PositionalRows) and bool((part[1:] > part[:-1]).all()):
+        return stored.take(part, out=buffer[: len(part)])
+    return np.ascontiguousarray(stored[part])
 
 
 @functools.lru_cache(maxsize=8)
