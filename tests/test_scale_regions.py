@@ -727,13 +727,14 @@ def test_infer_and_serve_take_the_region_flags_and_answer_as_the_api(world: dict
         assert result.code == 2 and words in result.err and result.err.count("\n") == 1, (args, result.err)
 
 
-@pytest.mark.parametrize("bits", [2, 2.5])
+@pytest.mark.parametrize("bits", [1, 2, 2.5, 4])
 def test_the_residual_stage_reads_each_regions_centroid_plus_its_residual_levels(
         world: dict[str, Any], bits: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Compact storage with every dimension at 2 bits: each word's best over an image's regions of ``u . (c + l)``
-    (levels not re-normalised), through numba and 8-bit integers and through numpy; mixed bits: the decoded
-    vectors. Against the levels read back by the codec's own unpacking."""
-    from itmrt.scale import region_search
+    """Compact storage with every dimension at 1, 2 or 4 bits: each word's best over an image's regions of
+    ``u . (c + l)`` (levels not re-normalised), through numba and 8-bit integers (codes through the levels' fitted
+    line at 1 and 2 bits, the levels themselves at 4) and through numpy; mixed bits: the decoded vectors. Against
+    the levels read back by the codec's own unpacking."""
+    from itmrt.scale import residual_stage
     from itmrt.scale.region_search import ProbeCache, stored_best_similarities, token_gemm
 
     runtime, captions = world["runtime"], world["captions"]
@@ -744,23 +745,29 @@ def test_the_residual_stage_reads_each_regions_centroid_plus_its_residual_levels
     shard = open_shards(gallery, threads=1, warn=quiet).shards[0]
     stored, product = shard.gallery.embeddings, token_gemm(1)
     rows = np.array([0, 2, 3, 7, 11, 15])
+    uniform = bits != 2.5
     levels = np.take_along_axis(stored.codec.buckets[None, None], stored.codec.codes(
         np.asarray(stored.residuals[rows]))[..., None].astype(np.intp), axis=-1)[..., 0]
     vectors = stored.centroids[np.asarray(stored.codes[rows], dtype=np.intp)] + levels
-    if bits != 2:
+    if not uniform:
         vectors = np.asarray(stored[rows])
+    assert (stored.codec.affine_levels() is not None) == (bits in (1, 2))
+    if bits == 1:  # two levels lie on a line: the fit is exact
+        intercept, slope = stored.codec.affine_levels()
+        np.testing.assert_allclose(intercept[:, None] + slope[:, None] * np.arange(2), stored.codec.buckets[:, :2],
+                                   atol=1e-7)
     for caption in range(3):
         probe = ProbeCache(shared=False).get(shard.regions, captions, caption, 2, product)
         want = np.einsum("md,rjd->mrj", probe.tokens, vectors).max(axis=2)
         got = stored_best_similarities(probe, stored, rows, product)
-        np.testing.assert_allclose(got, want, atol=0.02 if bits == 2 else 1e-5)
-        if bits == 2:  # blocks of 1-4 images split over 1-3 threads: the same similarities
+        np.testing.assert_allclose(got, want, atol=0.02 if uniform else 1e-5)
+        if uniform:  # blocks of 1-4 images split over 1-3 threads: the same similarities
             for threads, block in ((1, 1), (2, 4), (3, 1), (3, 2)):
                 np.testing.assert_array_equal(
-                    region_search.residual_best_similarities(probe, stored, rows, product, threads, block), got)
-            assert region_search.residual_kernels() is not None  # the integer path was the one measured
+                    residual_stage.residual_best_similarities(probe, stored, rows, product, threads, block), got)
+            assert residual_stage.residual_kernels() is not None  # the integer path was the one measured
             with monkeypatch.context() as patched:
-                patched.setattr(region_search, "residual_kernels", lambda: None)
+                patched.setattr(residual_stage, "residual_kernels", lambda: None)
                 np.testing.assert_allclose(stored_best_similarities(probe, stored, rows, product), want, atol=1e-5)
 
 

@@ -435,6 +435,38 @@ def test_blocks_give_the_file_and_stop_at_a_truncation(tmp_path: Path) -> None:
     rows.close()
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_take_reads_runs_compiled_or_in_python_alike_and_a_run_cut_short_is_one_line(
+        tmp_path: Path, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PositionalRows.take: sorted runs, rows out of order with repeats, into a kept buffer - the file's rows,
+    whether read by the compiled loop of pread (no interpreter lock) or by Python's preadv; a file cut inside a
+    run is a GalleryChanged naming the row it ends before, and the rows before the cut still read."""
+    from itmrt.errors import GalleryChanged
+    from itmrt.scale import positional
+
+    if compiled:
+        assert positional.read_kernels() is not None  # numba (the dev install): the compiled reads are tested
+    else:
+        monkeypatch.setattr(positional, "read_kernels", lambda: None)
+    path = tmp_path / "rows.npy"
+    values = np.arange(23 * 3 * 4, dtype=np.float32).reshape(23, 3, 4)
+    np.save(path, values)
+    rows = positional.PositionalRows(path, "shard test")
+    for wanted in ([0, 1, 2, 7, 9, 10, 22], [5, 2, 5, 22, 0], [12], list(range(23))):
+        np.testing.assert_array_equal(rows.take(wanted), values[wanted])
+    buffer = np.empty((8, 3, 4), dtype=np.float32)
+    np.testing.assert_array_equal(rows.take([3, 4, 8], out=buffer[:3]), values[[3, 4, 8]])
+    with open(path, "r+b") as handle:  # cut inside row 12
+        handle.truncate(rows.offset + 12 * rows.row_bytes + 5)
+    for wanted, end in (([0, 1, 11, 12, 13], 12), ([2, 12], 12), ([20], 20)):
+        with pytest.raises(GalleryChanged, match=rf"rows.npy is shorter than when it was opened \(ends before row "
+                                                 rf"{end} of 23\)") as cut:
+            rows.take(wanted)
+        assert "\n" not in str(cut.value) and str(tmp_path) not in str(cut.value)
+    np.testing.assert_array_equal(rows.take([0, 5, 11]), values[[0, 5, 11]])
+    rows.close()
+
+
 # -- the files a shard copies when it opens: positional reads, the copy verified ------------------------------
 
 

@@ -31,11 +31,18 @@ import numpy as np
 from itmrt.data.npy import read_npy_header
 from itmrt.documents import open_regular
 from itmrt.errors import GalleryChanged, ItmrtError, first_line
+from itmrt.optional import compiled_kernels
+from itmrt.runtime.fused import call_compiled
 
 BLOCK_BYTES = 64 << 20
 """Bytes of rows read per block of a full scan (one buffer of this size per searching thread)."""
 
 _buffers = threading.local()
+
+
+def read_kernels() -> Any:
+    """:mod:`itmrt.scale.read_kernels` where numba is installed (the ``cpu`` extra), else None."""
+    return compiled_kernels("itmrt.scale.read_kernels")
 
 
 def _thread_buffer(nbytes: int) -> np.ndarray:
@@ -136,22 +143,35 @@ class PositionalRows:
                              f"shape {(len(wanted), *self.shape[1:])}")
         block = out if out is not None else np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
         if len(unique):
-            breaks = (np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1).tolist()
-            firsts, lasts = [0, *breaks], [*breaks, len(unique)]
-            self._read_runs(block.data.cast("B"), unique[firsts].tolist(), firsts, lasts)
+            breaks = np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1
+            firsts = np.concatenate([[0], breaks]).astype(np.int64)
+            lasts = np.concatenate([breaks, [len(unique)]]).astype(np.int64)
+            self._read_runs(block, unique[firsts], firsts, lasts)
         picked = block if in_order else block[np.searchsorted(unique, wanted)]
         return picked.reshape(*np.shape(rows), *self.shape[1:])
 
-    def _read_runs(self, flat: memoryview, rows: list[int], firsts: list[int], lasts: list[int]) -> None:
-        """Runs of rows into ``flat``: run ``i`` (file rows from ``rows[i]``) fills its rows ``firsts[i]:lasts[i]``
-        (a tight loop of ``preadv``; anything short goes through :meth:`_read_into`, which says why)."""
+    def _read_runs(self, block: np.ndarray, rows: np.ndarray, firsts: np.ndarray, lasts: np.ndarray) -> None:
+        """Runs of rows into ``block`` (C-contiguous): run ``i`` (file rows from ``rows[i]``) fills its rows
+        ``firsts[i]:lasts[i]``. Compiled where numba is installed (:mod:`itmrt.scale.read_kernels`: no interpreter
+        lock held, so the search's threads read side by side), else a tight loop of ``preadv``; a run either
+        leaves short goes through :meth:`_read_into`, which completes it or says why it cannot."""
         fd, size, offset = self.fd, self.row_bytes, self.offset
+        flat = block.reshape(-1).view(np.uint8)
         if fd is None:
-            self._read_into(flat, rows[0])  # says it was closed
+            self._read_into(flat.data, int(rows[0]))  # says it was closed
             return
-        preadv = os.preadv
-        for row, first, last in zip(rows, firsts, lasts, strict=True):
-            part = flat[first * size : last * size]
+        kernels = read_kernels()
+        if kernels is not None:
+            run = 0
+            while run >= 0:
+                short = call_compiled(kernels.read_runs, fd, flat, size, offset, rows, firsts, lasts, run)
+                if short >= 0:
+                    self._read_into(flat[firsts[short] * size : lasts[short] * size].data, int(rows[short]))
+                run = short + 1 if short >= 0 else -1
+            return
+        preadv, view = os.preadv, flat.data
+        for row, first, last in zip(rows.tolist(), firsts.tolist(), lasts.tolist(), strict=True):
+            part = view[first * size : last * size]
             try:
                 complete = preadv(fd, [part], offset + row * size) == len(part)
             except OSError:

@@ -59,7 +59,6 @@ from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.fused import call_compiled
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
-from itmrt.scale.positional import PositionalRows
 from itmrt.scale.regions import (
     DEFAULT_EXACT_PASS,
     DEFAULT_PREFILTER,
@@ -76,8 +75,8 @@ from itmrt.scale.regions import (
     REFINE_BUDGET,
     SKETCH_RESCORE,
     fine_counts,
-    residual_kernels,
 )
+from itmrt.scale.residual_stage import read_rows, residual_best_similarities
 from itmrt.scale.sketches import (
     least_distances,
     least_distances_of_rows,
@@ -92,8 +91,6 @@ ESTIMATE_BLOCK_BYTES = 64 << 20
 """Memory for the ``[captions, images]`` estimates of one block of captions (image-to-text candidates)."""
 EXACT_BLOCK = 64
 """Images per block of the exact pass."""
-RESIDUAL_BLOCK = 128
-"""Images per block of the residual stage (a block's gathered levels, 18 MB at 36 x 1024, stay near the cache)."""
 
 
 @dataclass(frozen=True)
@@ -606,94 +603,6 @@ def stored_best_similarities(probe: CaptionProbe, stored: Any, rows: np.ndarray,
     if isinstance(stored, CompactRegions) and stored.codec.byte_levels() is not None:
         return residual_best_similarities(probe, stored, rows, product, threads)
     return exact_best_similarities(probe.tokens, stored, rows, product, threads=threads or usable_cores())
-
-
-def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows: np.ndarray,
-                               product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 0,
-                               block: int = RESIDUAL_BLOCK) -> np.ndarray:
-    """PLAID's residual stage for compact storage: word ``i``'s similarity to a region with centroid ``c`` and
-    residual levels ``l`` is taken as ``u_i . c + u_i . l``, the first read from the caption's probe (``U C^T``,
-    already computed), the second one product of the words with the regions' levels; each word's largest over
-    each image's regions. With numba (the ``cpu`` extra) the levels are written out as 8-bit integers
-    (:mod:`itmrt.scale.residual_kernels`) and multiplied with the words quantised to 7 bits (ONNX Runtime's
-    integer GEMM; 7 bits keep AVX2's pairwise 16-bit sums from saturating); otherwise gathered as floats in
-    numpy. The decoded vector ``c + l`` is not re-normalised (its norm is within a few percent of 1: a region is
-    a unit vector and ``l`` its quantised residual), which the exact rerank does: this is an estimate.
-
-    The blocks are split over ``threads`` threads (default: the usable cores), each with its own one-thread
-    integer GEMM: one GEMM's threads did not help, the stage took 23 ms for 1,000 images of 36 x 1024 at 2 bits on
-    one thread and on two (docs/region-index.md, session 13)."""
-    table = stored.codec.byte_levels()
-    assert table is not None
-    width, regions, depth = table.shape[0] // 256, stored.shape[1], probe.tokens.shape[1]
-    by_centroid = probe.by_centroid()
-    out = np.empty((len(probe.tokens), len(rows)), dtype=np.float32)
-    kernels, integers = residual_kernels(), stored.codec.integer_levels()
-    compiled = kernels is not None and integers is not None
-    parts = max(1, min(int(threads or usable_cores()), -(-len(rows) // block)))
-    if compiled:
-        assert integers is not None
-        entries, scales = integers
-        weighted = np.zeros((len(probe.tokens), len(scales)), dtype=np.float32)
-        weighted[:, :depth] = probe.tokens * scales[:depth]
-        word_scale = (np.maximum(np.abs(weighted).max(axis=1), 1e-30) / 63).astype(np.float32)
-        words = np.ascontiguousarray(np.rint(weighted / word_scale[:, None]).astype(np.int8).T)
-        gemm = _integer_gemm(1 if parts > 1 else threads)
-
-    # one buffer of rows and one of levels a thread, reused from block to block: fresh arrays for each block
-    # took a shard's 1,000 images 24-30 ms on one thread, against 18-21 (session 14)
-    def run(first: int, last: int) -> None:
-        many = min(block, last - first)
-        reads = np.empty((many, regions, width), dtype=np.uint8) if isinstance(stored.residuals, PositionalRows) \
-            else None
-        written = np.empty((many * regions, width), dtype=entries.dtype) if compiled else None
-        for start in range(first, last, block):
-            part = rows[start : min(start + block, last)]
-            packed = read_rows(stored.residuals, part, reads).reshape(-1, width)
-            codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
-            if written is not None:
-                levels = written[: len(packed)]
-                call_compiled(kernels.gather_levels, entries, packed, levels)
-                products = gemm(levels.view(np.uint8).reshape(len(packed), -1), words)
-                call_compiled(kernels.best_over_regions, products, word_scale, codes, by_centroid, regions, out, start)
-                continue
-            index = np.uint16 if table.shape[0] <= 1 << 16 else np.intp  # a smaller index array: a faster gather
-            flat = packed.astype(index) + (np.arange(width) * 256).astype(index)
-            levels = np.take(table, flat, axis=0).reshape(len(packed), -1)[:, :depth]
-            sims = product(probe.tokens, levels)
-            sims += by_centroid[codes].T
-            out[:, start : start + len(part)] = sims.reshape(len(sims), len(part), regions).max(axis=2)
-
-    in_parallel(run, len(rows), parts)
-    return out
-
-
-def read_rows(stored: Any, part: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
-    """Rows ``part`` of ``stored``: read into ``buffer[: len(part)]`` (a thread's, reused from block to block)
-    where ``stored`` is read by position and ``part`` is sorted without repeats, else a fresh contiguous copy."""
-    if buffer is not None and isinstance(stored, PositionalRows) and bool((part[1:] > part[:-1]).all()):
-        return stored.take(part, out=buffer[: len(part)])
-    return np.ascontiguousarray(stored[part])
-
-
-@functools.lru_cache(maxsize=8)
-def _integer_gemm(threads: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """``(a - 128) b`` for ``a [n, k]`` uint8 and ``b [k, m]`` int8, as float32 (ONNX Runtime's MatMulInteger)."""
-    from onnx import TensorProto, helper
-
-    from itmrt.runtime.fused import _session
-
-    session = _session([helper.make_node("MatMulInteger", ["a", "b", "zero"], ["c"])],
-                       [helper.make_tensor_value_info("a", TensorProto.UINT8, ["rows", "depth"]),
-                        helper.make_tensor_value_info("b", TensorProto.INT8, ["depth", "cols"]),
-                        helper.make_tensor_value_info("zero", TensorProto.UINT8, [])],
-                       helper.make_tensor_value_info("c", TensorProto.INT32, ["rows", "cols"]), threads)
-    zero = np.array(128, dtype=np.uint8)
-
-    def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.asarray(session.run(None, {"a": a, "b": b, "zero": zero})[0]).astype(np.float32)
-
-    return product
 
 
 def select_probes(sims: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
