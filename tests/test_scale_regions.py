@@ -233,7 +233,8 @@ def test_the_compiled_residual_encoder_writes_numpys_bytes(bits: float) -> None:
     from itmrt.runtime.compact_regions import compact_kernels
 
     rng = np.random.default_rng(int(bits * 10))
-    depth = 300 if bits == 2.7 else 64  # 2.7 bits over 300 dimensions: every piece width, unaligned rows
+    depth = {2.7: 300, 2: 66}.get(bits, 64)  # 2.7 bits over 300: every piece width, unaligned rows; 2 bits over 66: a
+    # last byte of two dimensions after the compiled decode's whole bytes
     centroids = rng.standard_normal((16, depth)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     codes = rng.integers(16, size=900)

@@ -62,7 +62,14 @@ def decode_levels(levels, bits, packed, codes, centroids, out):  # type: ignore[
     mask = (1 << bits) - 1
     for r in range(rows):
         c = codes[r]
-        for p in range(width):
+        done = 0
+        if bits == 2:  # the default: with the slots' count and shifts literals LLVM vectorises the loop (a
+            done = depth // 4  # rerank's 50 images: 1.0 against 2.0 ms; session 15); the same values
+            for p in range(done):
+                byte = np.intp(packed[r, p])
+                for j in range(4):
+                    out[r, 4 * p + j] = centroids[c, 4 * p + j] + levels[4 * p + j, (byte >> (2 * j)) & 3]
+        for p in range(done, width):
             byte = np.intp(packed[r, p])
             for j in range(per):
                 k = p * per + j
