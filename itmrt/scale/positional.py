@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,8 +42,11 @@ _buffers = threading.local()
 
 
 def read_kernels() -> Any:
-    """:mod:`itmrt.scale.read_kernels` where numba is installed (the ``cpu`` extra), else None."""
-    return compiled_kernels("itmrt.scale.read_kernels")
+    """:mod:`itmrt.scale.read_kernels` where numba is installed (the ``cpu`` extra) and already imported (the
+    region index's kernels import it), else None: the compiled reads save a microsecond or two a row and free
+    the interpreter lock for the residual stage's threads, which a one-shot command reading a few hundred rows
+    for a global shortlist's rerank does not need at the price of importing numba (about 0.4 s)."""
+    return compiled_kernels("itmrt.scale.read_kernels") if "numba" in sys.modules else None
 
 
 def _thread_buffer(nbytes: int) -> np.ndarray:

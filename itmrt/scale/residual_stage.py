@@ -68,7 +68,6 @@ class IntegerWords:
     offset: np.ndarray
     zero: int
     columns: int
-    dtype: np.dtype
     expand: Callable[[np.ndarray, np.ndarray], None]
 
 
@@ -90,7 +89,7 @@ def integer_words(tokens: np.ndarray, codec: ResidualCodec, kernels: Any) -> Int
         def unpack(packed: np.ndarray, out: np.ndarray) -> None:
             call_compiled(kernels.unpack_codes, packed, bits, out)
 
-        return _quantised(weighted, offset, 127, 0, np.dtype(np.uint8), unpack)
+        return _quantised(weighted, offset, 127, 0, unpack)
     integers = codec.integer_levels()
     if integers is None:
         return None
@@ -101,15 +100,15 @@ def integer_words(tokens: np.ndarray, codec: ResidualCodec, kernels: Any) -> Int
     def gather(packed: np.ndarray, out: np.ndarray) -> None:
         call_compiled(kernels.gather_levels, entries, packed, out.view(entries.dtype))
 
-    return _quantised(weighted, np.zeros(len(tokens), dtype=np.float32), 63, 128, entries.dtype, gather)
+    return _quantised(weighted, np.zeros(len(tokens), dtype=np.float32), 63, 128, gather)
 
 
-def _quantised(weighted: np.ndarray, offset: np.ndarray, top: int, zero: int, dtype: np.dtype,
+def _quantised(weighted: np.ndarray, offset: np.ndarray, top: int, zero: int,
                expand: Callable[[np.ndarray, np.ndarray], None]) -> IntegerWords:
     """``weighted [m, columns]`` rounded to integers of at most ``top`` in magnitude, one scale per word."""
     scale = (np.maximum(np.abs(weighted).max(axis=1), 1e-30) / top).astype(np.float32)
     words = np.ascontiguousarray(np.rint(weighted / scale[:, None]).astype(np.int8).T)
-    return IntegerWords(words, scale, offset, zero, weighted.shape[1], np.dtype(dtype), expand)
+    return IntegerWords(words, scale, offset, zero, weighted.shape[1], expand)
 
 
 def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows: np.ndarray,
@@ -130,7 +129,7 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
     kernels = residual_kernels()
     ready = integer_words(probe.tokens, stored.codec, kernels) if kernels is not None else None
     parts = max(1, min(int(threads or usable_cores()), -(-len(rows) // block)))
-    gemm = _integer_gemm(1 if parts > 1 else threads)
+    gemm = _integer_gemm(1 if parts > 1 else threads) if ready is not None else None
 
     # one buffer of rows and one of written-out codes or levels a thread, reused from block to block: fresh
     # arrays for each block took a shard's 1,000 images 24-30 ms on one thread, against 18-21 (session 14)
@@ -143,7 +142,7 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
             part = rows[start : min(start + block, last)]
             packed = read_rows(stored.residuals, part, reads).reshape(-1, width)
             codes = np.asarray(stored.codes[part], dtype=np.intp).ravel()
-            if ready is not None and written is not None:
+            if ready is not None and written is not None and gemm is not None:
                 expanded = written[: len(packed) * ready.columns].reshape(len(packed), ready.columns)
                 ready.expand(packed, expanded)
                 products = gemm(expanded, ready.words, ready.zero)
