@@ -772,6 +772,40 @@ def test_the_residual_stage_reads_each_regions_centroid_plus_its_residual_levels
                 np.testing.assert_allclose(stored_best_similarities(probe, stored, rows, product), want, atol=1e-5)
 
 
+def test_the_residual_stage_reads_codes_through_a_line_only_where_the_levels_lie_near_one() -> None:
+    """2-bit levels evenly spaced: codes through the fitted line (exact here), the words' products with the
+    codes; levels far from a line (a skewed residual): the levels' own table, through their 8-bit values."""
+    pytest.importorskip("numba")
+    from itmrt.runtime.compact_regions import AFFINE_FIT_LIMIT
+    from itmrt.scale import residual_kernels, residual_stage
+
+    even = ResidualCodec(np.tile([-0.15, -0.05, 0.05, 0.15], (8, 1)), np.full(8, 2))
+    intercept, slope = even.affine_levels()
+    np.testing.assert_allclose(intercept[:, None] + slope[:, None] * np.arange(4), even.buckets, atol=1e-7)
+    bent = ResidualCodec(np.tile([-0.1, -0.099, 0.099, 0.1], (8, 1)), np.full(8, 2))
+    levels = bent.buckets.astype(np.float64)
+    fitted = levels.mean(axis=1, keepdims=True) + np.outer(levels @ (np.arange(4) - 1.5) / 5, np.arange(4) - 1.5)
+    assert np.sqrt(np.square(levels - fitted).mean() / np.square(levels).mean()) > AFFINE_FIT_LIMIT
+    assert bent.affine_levels() is None and bent.integer_levels() is not None
+    tokens = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    assert residual_stage.integer_words(tokens, even, residual_kernels).zero == 0  # codes
+    assert residual_stage.integer_words(tokens, bent, residual_kernels).zero == 128  # 8-bit levels
+    rng = np.random.default_rng(1)
+    for bits, depth in ((2, 66), (1, 13), (2, 8), (4, 10)):  # dimensions that leave a last byte part empty
+        codec = ResidualCodec(np.sort(rng.standard_normal((depth, 1 << bits)), axis=1) * 0.05, np.full(depth, bits))
+        codes = rng.integers(1 << bits, size=(5, depth))
+        packed = pack(codes.astype(np.uint8), bits)
+        tokens = rng.standard_normal((3, depth)).astype(np.float32)
+        ready = residual_stage.integer_words(tokens, codec, residual_kernels)
+        expanded = np.empty((len(packed), ready.columns), dtype=np.uint8)
+        ready.expand(np.ascontiguousarray(packed), expanded)
+        got = (expanded.astype(np.int64) - ready.zero) @ ready.words.astype(np.int64) * ready.scale + ready.offset
+        line = codec.affine_levels()
+        levels = codec.buckets[np.arange(depth), codes] if line is None else line[0] + line[1] * codes
+        want = levels @ tokens.T  # the 8-bit words (and levels, at 4 bits) are within a percent or two of it
+        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+
+
 def compact_gallery(world: dict[str, Any]) -> Path:
     """The fixture's images as a 3-shard gallery with compact storage at 2 bits (made once per module)."""
     gallery = world["root"] / "residual-2"

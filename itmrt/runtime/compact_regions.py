@@ -43,6 +43,10 @@ MAX_BITS = 4
 LLOYD_ITERATIONS = 12
 PIECES = (4, 2, 1)
 """Widths a dimension's code is split into for packing."""
+AFFINE_FIT_LIMIT = 0.1
+"""Largest rms error of a line through the levels, as a share of their rms, for which the residual stage reads
+codes through that line (:meth:`ResidualCodec.affine_levels`): 2-bit Lloyd-Max levels of bell-shaped residuals
+err 0.05; the 2-bit code's own error is about 0.36 of the levels' rms, so 0.1 adds under a tenth to it."""
 
 
 @dataclass
@@ -214,20 +218,24 @@ class ResidualCodec:
         return self._byte_levels
 
     def affine_levels(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Where every dimension has the same 1 or 2 bits: ``(intercept [d], slope [d])``, each dimension's levels
-        fitted as ``intercept + slope * code`` by least squares (exact at 1 bit; at 2 bits Lloyd-Max levels are
-        nearly evenly spaced: the fit's error was 4.5-5.3% of the levels' rms on the benchmark's 100K galleries,
-        docs/region-index.md, session 15). The residual stage reads codes through this line
-        (:mod:`itmrt.scale.residual_stage`); decoding always uses the levels themselves. None otherwise."""
+        """Where every dimension has the same 1 or 2 bits and the levels lie near a line: ``(intercept [d],
+        slope [d])``, each dimension's levels fitted as ``intercept + slope * code`` by least squares. Exact at 1
+        bit; at 2 bits Lloyd-Max levels of a bell-shaped residual are nearly evenly spaced: the fit's error was
+        4.5-5.3% of the levels' rms on the benchmark's 100K galleries (docs/region-index.md, session 15), a few
+        percent more error than the 2-bit code's own. Levels further from a line than :data:`AFFINE_FIT_LIMIT`
+        (a skewed residual, say) give None. The residual stage reads codes through this line
+        (:mod:`itmrt.scale.residual_stage`); decoding always uses the levels themselves."""
         bits = self.uniform_bits
         if bits not in (1, 2):
             return None
-        if getattr(self, "_affine_levels", None) is None:
+        if not hasattr(self, "_affine_levels"):
             levels = self.buckets[:, : 1 << bits].astype(np.float64)
             codes = np.arange(1 << bits) - ((1 << bits) - 1) / 2  # centred
             slope = (levels * codes).sum(axis=1) / np.square(codes).sum()
             intercept = levels.mean(axis=1) - slope * ((1 << bits) - 1) / 2
-            self._affine_levels = (intercept.astype(np.float32), slope.astype(np.float32))
+            error = levels - (intercept[:, None] + slope[:, None] * np.arange(1 << bits))
+            fits = np.sqrt(np.square(error).mean()) <= AFFINE_FIT_LIMIT * np.sqrt(np.square(levels).mean())
+            self._affine_levels = (intercept.astype(np.float32), slope.astype(np.float32)) if fits else None
         return self._affine_levels
 
     def integer_levels(self) -> tuple[np.ndarray, np.ndarray] | None:
