@@ -535,8 +535,10 @@ class ProbeCache:
         found = self._found.get(key)
         if found is None:
             tokens = caption_tokens(captions, caption)
-            sims = product(tokens, index.centroids)
-            found = self._found[key] = CaptionProbe(tokens, sims, nprobe)
+            # C U^T, not U C^T: the small operand is the one the GEMM packs (8,192 x 1024 centroids: 4.3 against
+            # 7.4 ms on one thread, session 15), and [C, m] is the residual stage's layout
+            by_centroid = product(index.centroids, tokens)
+            found = self._found[key] = CaptionProbe(tokens, by_centroid.T, nprobe, _by_centroid=by_centroid)
         return found
 
 
