@@ -325,7 +325,7 @@ class RegionIndex:
         product = token_gemm(threads)
         for row, caption in enumerate(which):
             tokens = caption_tokens(captions, caption)
-            out[row] = self.probe_scores(tokens, product(tokens, self.centroids), estimate, nprobe, product)
+            out[row] = self.probe_scores(tokens, product(self.centroids, tokens).T, estimate, nprobe, product)
         return out
 
     def image_candidates(self, captions: CaptionEmbeddings, estimate: ScoreEstimate, nprobe: int,
