@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -466,6 +467,29 @@ def test_take_reads_runs_compiled_or_in_python_alike_and_a_run_cut_short_is_one_
         assert "\n" not in str(cut.value) and str(tmp_path) not in str(cut.value)
     np.testing.assert_array_equal(rows.take([0, 5, 11]), values[[0, 5, 11]])
     rows.close()
+
+
+def test_read_kernels_that_cannot_be_compiled_leave_the_python_reads(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel numba or LLVM cannot build (a C library without ``pread``, say) is not used, and rows still read."""
+    import types
+
+    from itmrt.scale import positional
+
+    def unlinkable(*args: object) -> None:
+        raise RuntimeError("external function 'pread' could not be resolved")
+
+    monkeypatch.setitem(sys.modules, "numba", sys.modules.get("numba", types.ModuleType("numba")))
+    monkeypatch.setattr(positional, "compiled_kernels", lambda name: types.SimpleNamespace(read_runs=unlinkable))
+    positional._compiled_reads.cache_clear()
+    try:
+        assert positional.read_kernels() is None
+        np.save(tmp_path / "rows.npy", np.arange(24, dtype=np.float32).reshape(6, 4))
+        rows = positional.PositionalRows(tmp_path / "rows.npy", "shard test")
+        np.testing.assert_array_equal(rows.take([4, 1, 2]), np.arange(24, dtype=np.float32).reshape(6, 4)[[4, 1, 2]])
+        rows.close()
+    finally:
+        positional._compiled_reads.cache_clear()
 
 
 # -- the files a shard copies when it opens: positional reads, the copy verified ------------------------------

@@ -19,6 +19,7 @@ one later (a rename) is still read from the one opened, and
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -46,7 +47,23 @@ def read_kernels() -> Any:
     region index's kernels import it), else None: the compiled reads save a microsecond or two a row and free
     the interpreter lock for the residual stage's threads, which a one-shot command reading a few hundred rows
     for a global shortlist's rerank does not need at the price of importing numba (about 0.4 s)."""
-    return compiled_kernels("itmrt.scale.read_kernels") if "numba" in sys.modules else None
+    return _compiled_reads() if "numba" in sys.modules else None
+
+
+@functools.cache
+def _compiled_reads() -> Any:
+    """The read kernels, compiled (or loaded from numba's cache) once; None where they cannot be: not a POSIX
+    system, or a C library whose ``pread`` the compiler cannot link - the Python reads are then the only ones,
+    as without numba (an optimisation never stops a search)."""
+    module = compiled_kernels("itmrt.scale.read_kernels") if os.name == "posix" else None
+    if module is None:
+        return None
+    none = np.zeros(0, dtype=np.int64)
+    try:  # no runs: nothing is read, the kernel is only compiled for the arrays take() passes
+        call_compiled(module.read_runs, 0, np.zeros(1, dtype=np.uint8), 1, 0, none, none, none, 0)
+    except Exception:  # noqa: BLE001 - whatever numba or LLVM raise, the Python reads serve
+        return None
+    return module
 
 
 def _thread_buffer(nbytes: int) -> np.ndarray:
