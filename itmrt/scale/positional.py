@@ -174,8 +174,8 @@ class PositionalRows:
     def _read_runs(self, block: np.ndarray, rows: np.ndarray, firsts: np.ndarray, lasts: np.ndarray) -> None:
         """Runs of rows into ``block`` (C-contiguous): run ``i`` (file rows from ``rows[i]``) fills its rows
         ``firsts[i]:lasts[i]``. Compiled where numba is installed (:mod:`itmrt.scale.read_kernels`: no interpreter
-        lock held, so the search's threads read side by side), else a tight loop of ``preadv``; a run either
-        leaves short goes through :meth:`_read_into`, which completes it or says why it cannot."""
+        lock held, so the search's threads read side by side), else a tight loop of ``preadv``; a run that comes
+        back short from either goes through :meth:`_read_into`, which completes it or says why it cannot."""
         fd, size, offset = self.fd, self.row_bytes, self.offset
         flat = block.reshape(-1).view(np.uint8)
         if fd is None:
@@ -226,3 +226,10 @@ class PositionalRows:
             out = buffer[: (stop - start) * self.row_bytes].view(self.dtype).reshape(stop - start, *self.shape[1:])
             yield start, self.read(start, stop, out)
 
+
+def read_rows(stored: Any, part: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
+    """Rows ``part`` of ``stored``: read into ``buffer[: len(part)]`` (a thread's, reused from block to block)
+    where ``stored`` is read by position and ``part`` is sorted without repeats, else a fresh contiguous copy."""
+    if buffer is not None and isinstance(stored, PositionalRows) and bool((part[1:] > part[:-1]).all()):
+        return stored.take(part, out=buffer[: len(part)])
+    return np.ascontiguousarray(stored[part])

@@ -59,6 +59,7 @@ from itmrt.runtime.encoders import CaptionEmbeddings
 from itmrt.runtime.fused import call_compiled
 from itmrt.runtime.shortlist import rerank_image_to_text, rerank_text_to_image
 from itmrt.runtime.tiled import StreamingTopK, TopK
+from itmrt.scale.positional import read_rows
 from itmrt.scale.regions import (
     DEFAULT_EXACT_PASS,
     DEFAULT_PREFILTER,
@@ -76,7 +77,7 @@ from itmrt.scale.regions import (
     SKETCH_RESCORE,
     fine_counts,
 )
-from itmrt.scale.residual_stage import read_rows, residual_best_similarities
+from itmrt.scale.residual_stage import residual_best_similarities
 from itmrt.scale.sketches import (
     least_distances,
     least_distances_of_rows,

@@ -44,7 +44,7 @@ import numpy as np
 from itmrt.limits import usable_cores
 from itmrt.runtime.compact_regions import CompactRegions, ResidualCodec
 from itmrt.runtime.fused import call_compiled
-from itmrt.scale.positional import PositionalRows
+from itmrt.scale.positional import PositionalRows, read_rows
 from itmrt.scale.regions import residual_kernels
 from itmrt.scale.threads import in_parallel
 
@@ -167,14 +167,6 @@ def _numpy_best(tokens: np.ndarray, table: np.ndarray, packed: np.ndarray, codes
     sims = product(tokens, levels)
     sims += by_centroid[codes].T
     return sims.reshape(len(sims), -1, regions).max(axis=2)
-
-
-def read_rows(stored: Any, part: np.ndarray, buffer: np.ndarray | None) -> np.ndarray:
-    """Rows ``part`` of ``stored``: read into ``buffer[: len(part)]`` (a thread's, reused from block to block)
-    where ``stored`` is read by position and ``part`` is sorted without repeats, else a fresh contiguous copy."""
-    if buffer is not None and isinstance(stored, PositionalRows) and bool((part[1:] > part[:-1]).all()):
-        return stored.take(part, out=buffer[: len(part)])
-    return np.ascontiguousarray(stored[part])
 
 
 @functools.lru_cache(maxsize=8)
