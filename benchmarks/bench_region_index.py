@@ -2,7 +2,7 @@
 
     python benchmarks/bench_region_index.py synthetic [--images 100000] [--shards 2] [--queries 20]
         [--latency-queries 40] [--sweep-nprobe 4,8,16,32] [--sweep-k 50,100,200,400] [--work DIR] [--reuse]
-        [--storages exact,compact] [--compact-exhaustive-queries 5]
+        [--storages exact,compact] [--compact-exhaustive-queries 5] [--keep] [--warm]
     python benchmarks/bench_region_index.py shipped [--work DIR]
     python benchmarks/bench_region_index.py compact-recall --images N --queries Q --work DIR  (after --keep)
     python benchmarks/bench_region_index.py large --images 1000000 --shards 20 ...  (region_index_large.py)
@@ -27,6 +27,10 @@ K = 100 per shard, built here in memory from the same shards). Build seconds,
 disk bytes per image (the shard folders) and this process's RSS per image.
 Compact storage: the same, plus exhaustive scoring on its decoded vectors for
 ``--compact-exhaustive-queries`` queries (score error against exact storage).
+The runtimes are not warmed up (each query runs as in a one-shot command)
+unless ``--warm`` says so: then as ``itmrt serve`` warms its own before it
+reports ready (compiled scorer kernels, each shard's per-image constants built
+on the untimed first query and read by the reranks after).
 
 ``shipped``: the small NAAF shipped in ``itmrt/assets`` on its test split (the
 recipe's region data), through its real text encoder: rsum of exhaustive
