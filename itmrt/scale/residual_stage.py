@@ -84,7 +84,7 @@ def integer_words(tokens: np.ndarray, codec: ResidualCodec, kernels: Any) -> Int
         used = dims < depth  # the last byte's spare slots: weight 0
         weighted = np.zeros((len(tokens), width * per), dtype=np.float32)
         weighted[:, used] = tokens[:, dims[used]] * slope[dims[used]]
-        offset = (tokens @ intercept).astype(np.float32)
+        offset = (tokens * intercept).sum(axis=1, dtype=np.float32)  # no BLAS call: its threads would spin
 
         def unpack(packed: np.ndarray, out: np.ndarray) -> None:
             call_compiled(kernels.unpack_codes, packed, bits, out)
