@@ -394,7 +394,7 @@ class RegionIndex:
         if k < refine < len(rows):
             rows = _top_rows(scores, rows, refine)
         if k < refine < self.images:
-            regions = probe.by_centroid()[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
+            regions = probe.centroid_sims[np.asarray(self.codes[rows], dtype=np.intp)]  # [R, regions, m]
             scores = estimate.scores(np.ascontiguousarray(regions.max(axis=1).T), probe.tokens, product)
         return rows, scores
 
@@ -492,28 +492,25 @@ class RegionSketch:
 
 @dataclass
 class CaptionProbe:
-    """One caption against one set of centroids: its tokens, ``sims = U C^T`` and its ``nprobe`` probed centroids,
-    chosen when first asked for (:meth:`probed`): a sketched shard never asks (1.6 ms a caption at 8,192
-    centroids)."""
+    """One caption against one set of centroids: its tokens, each centroid's similarities to them (``C U^T``)
+    and its ``nprobe`` probed centroids, chosen when first asked for (:meth:`probed`): a sketched shard never
+    asks (1.6 ms a caption at 8,192 centroids)."""
 
     tokens: np.ndarray  # [m, d] float32
-    sims: np.ndarray  # [m, C]
+    centroid_sims: np.ndarray  # [C, m]: one short row per centroid (the refine's and residual stage's gathers)
     nprobe: int
     _probed: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-    _by_centroid: np.ndarray | None = None
+
+    @property
+    def sims(self) -> np.ndarray:
+        """``[m, C]``: ``U C^T``, the words' similarities to the centroids (a view of :attr:`centroid_sims`)."""
+        return self.centroid_sims.T
 
     def probed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`select_probes` of :attr:`sims`: ``(nearest [m, P], values [m, P], floor [m])``."""
         if self._probed is None:
             self._probed = select_probes(self.sims, self.nprobe)
         return self._probed
-
-    def by_centroid(self) -> np.ndarray:
-        """``[C, m]``: each centroid's similarities to the words, one short row per centroid (the refine's
-        gathers read one row per region)."""
-        if self._by_centroid is None:
-            self._by_centroid = np.ascontiguousarray(self.sims.T)
-        return self._by_centroid
 
 
 class ProbeCache:
@@ -538,8 +535,7 @@ class ProbeCache:
             tokens = caption_tokens(captions, caption)
             # C U^T, not U C^T: the small operand is the one the GEMM packs (8,192 x 1024 centroids: 4.3 against
             # 7.4 ms on one thread, session 15), and [C, m] is the residual stage's layout
-            by_centroid = product(index.centroids, tokens)
-            found = self._found[key] = CaptionProbe(tokens, by_centroid.T, nprobe, _by_centroid=by_centroid)
+            found = self._found[key] = CaptionProbe(tokens, product(index.centroids, tokens), nprobe)
         return found
 
 

@@ -124,7 +124,7 @@ def residual_best_similarities(probe: CaptionProbe, stored: CompactRegions, rows
     table = stored.codec.byte_levels()
     assert table is not None
     width, regions = table.shape[0] // 256, stored.shape[1]
-    by_centroid = probe.by_centroid()
+    by_centroid = probe.centroid_sims
     out = np.empty((len(probe.tokens), len(rows)), dtype=np.float32)
     kernels = residual_kernels()
     ready = integer_words(probe.tokens, stored.codec, kernels) if kernels is not None else None
