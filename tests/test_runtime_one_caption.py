@@ -149,6 +149,23 @@ def test_constants_budget_bounds_the_cache(tmp_path: Path) -> None:
     assert scorer.builds == 2
 
 
+def test_a_one_shot_search_of_a_small_gallery_imports_no_numba(tmp_path: Path) -> None:
+    """One caption against a small gallery in a fresh process (as ``itmrt infer`` runs it): nothing imports numba
+    (0.3-0.4 s before the first answer), whose kernels pay only for large calls."""
+    import subprocess
+    import sys
+
+    bundle = make_bundle(tmp_path / "naaf")[0]
+    gallery = load(bundle, threads=1).index(region_features(40, seed=3), tmp_path / "g")
+    code = ("import sys\nfrom itmrt.runtime import load\n"
+            f"runtime = load({str(bundle)!r}, threads=1)\n"
+            f"found = runtime.search_text_to_image([{random_captions(1, seed=2)[0]!r}], "
+            f"runtime.open_gallery({str(gallery.path)!r}), k=5)\n"
+            "assert found.indices.shape == (1, 5), found.indices.shape\n"
+            "assert 'numba' not in sys.modules, 'numba imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_a_rerank_computes_a_gallerys_constants_once_they_pay_or_in_a_warmed_runtime() -> None:
     """A rerank of a few rows computes their constants in the call, not the whole gallery's (at 1M images that
     was 16 s before one caption's first answer), until the reranks have asked for as many rows as the gallery

@@ -480,7 +480,7 @@ def test_read_kernels_that_cannot_be_compiled_leave_the_python_reads(tmp_path: P
         raise RuntimeError("external function 'pread' could not be resolved")
 
     monkeypatch.setitem(sys.modules, "numba", sys.modules.get("numba", types.ModuleType("numba")))
-    monkeypatch.setattr(positional, "compiled_kernels", lambda name: types.SimpleNamespace(read_runs=unlinkable))
+    monkeypatch.setattr(positional, "compiled_kernels", lambda name: types.SimpleNamespace(read_sorted=unlinkable))
     positional._compiled_reads.cache_clear()
     try:
         assert positional.read_kernels() is None

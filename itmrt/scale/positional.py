@@ -58,9 +58,8 @@ def _compiled_reads() -> Any:
     module = compiled_kernels("itmrt.scale.read_kernels") if os.name == "posix" else None
     if module is None:
         return None
-    none = np.zeros(0, dtype=np.int64)
-    try:  # no runs: nothing is read, the kernel is only compiled for the arrays take() passes
-        call_compiled(module.read_runs, 0, np.zeros(1, dtype=np.uint8), 1, 0, none, none, none, 0)
+    try:  # no rows: nothing is read, the kernel is only compiled for the arrays take() passes
+        call_compiled(module.read_sorted, 0, np.zeros(1, dtype=np.uint8), 1, 0, np.zeros(0, dtype=np.int64), 0)
     except Exception:  # noqa: BLE001 - whatever numba or LLVM raise, the Python reads serve
         return None
     return module
@@ -153,29 +152,33 @@ class PositionalRows:
         C-contiguous array of their shape and dtype; a caller reading many blocks reuses one buffer instead of
         faulting in fresh memory for each)."""
         wanted = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if wanted.size and (wanted.min() < -self.shape[0] or wanted.max() >= self.shape[0]):
-            raise IndexError(f"row index out of range for {self.shape[0]} rows")
-        wanted = np.where(wanted < 0, wanted + self.shape[0], wanted)
-        unique = np.unique(wanted)
-        in_order = np.array_equal(unique, wanted)  # sorted, no repeats: the block read is the answer
-        if out is not None and (not in_order or out.shape != (len(wanted), *self.shape[1:])
-                                or out.dtype != self.dtype or not out.flags.c_contiguous):
-            raise ValueError(f"out takes sorted rows without repeats, as a C-contiguous {self.dtype} array of "
-                             f"shape {(len(wanted), *self.shape[1:])}")
-        block = out if out is not None else np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
+        ordered = bool((wanted[1:] > wanted[:-1]).all())
+        if wanted.size and not (ordered and 0 <= wanted[0] and wanted[-1] < self.shape[0]):
+            if wanted.min() < -self.shape[0] or wanted.max() >= self.shape[0]:
+                raise IndexError(f"row index out of range for {self.shape[0]} rows")
+            wanted = np.where(wanted < 0, wanted + self.shape[0], wanted)
+            ordered = bool((wanted[1:] > wanted[:-1]).all())
+        if out is not None:  # the caller's sorted block (the residual stage's): no sort, no search
+            if (not ordered or out.shape != (len(wanted), *self.shape[1:]) or out.dtype != self.dtype
+                    or not out.flags.c_contiguous):
+                raise ValueError(f"out takes sorted rows without repeats, as a C-contiguous {self.dtype} array of "
+                                 f"shape {(len(wanted), *self.shape[1:])}")
+            if len(wanted):
+                self._read_sorted(out, wanted)
+            return out.reshape(*np.shape(rows), *self.shape[1:])
+        unique = wanted if ordered else np.unique(wanted)
+        block = np.empty((len(unique), *self.shape[1:]), dtype=self.dtype)
         if len(unique):
-            breaks = np.flatnonzero(unique[1:] - unique[:-1] != 1) + 1
-            firsts = np.concatenate([[0], breaks]).astype(np.int64)
-            lasts = np.concatenate([breaks, [len(unique)]]).astype(np.int64)
-            self._read_runs(block, unique[firsts], firsts, lasts)
-        picked = block if in_order else block[np.searchsorted(unique, wanted)]
+            self._read_sorted(block, unique)
+        picked = block if ordered else block[np.searchsorted(unique, wanted)]
         return picked.reshape(*np.shape(rows), *self.shape[1:])
 
-    def _read_runs(self, block: np.ndarray, rows: np.ndarray, firsts: np.ndarray, lasts: np.ndarray) -> None:
-        """Runs of rows into ``block`` (C-contiguous): run ``i`` (file rows from ``rows[i]``) fills its rows
-        ``firsts[i]:lasts[i]``. Compiled where numba is installed (:mod:`itmrt.scale.read_kernels`: no interpreter
-        lock held, so the search's threads read side by side), else a tight loop of ``preadv``; a run that comes
-        back short from either goes through :meth:`_read_into`, which completes it or says why it cannot."""
+    def _read_sorted(self, block: np.ndarray, rows: np.ndarray) -> None:
+        """File rows ``rows`` (sorted, no repeats) into the rows of ``block`` (C-contiguous), each run of
+        consecutive rows in one call. Compiled where numba is installed (:mod:`itmrt.scale.read_kernels`: no
+        interpreter lock held, so the search's threads read side by side), else a tight loop of ``preadv``; a
+        run that comes back short from either goes through :meth:`_read_into`, which completes it or says why
+        it cannot."""
         fd, size, offset = self.fd, self.row_bytes, self.offset
         flat = block.reshape(-1).view(np.uint8)
         if fd is None:
@@ -183,22 +186,28 @@ class PositionalRows:
             return
         kernels = read_kernels()
         if kernels is not None:
-            run = 0
-            while run >= 0:
-                short = call_compiled(kernels.read_runs, fd, flat, size, offset, rows, firsts, lasts, run)
-                if short >= 0:
-                    self._read_into(flat[firsts[short] * size : lasts[short] * size].data, int(rows[short]))
-                run = short + 1 if short >= 0 else -1
+            at = 0
+            while at < len(rows):
+                short = call_compiled(kernels.read_sorted, fd, flat, size, offset, rows, at)
+                if short < 0:
+                    return
+                end = short + 1
+                while end < len(rows) and rows[end] == rows[end - 1] + 1:
+                    end += 1
+                self._read_into(flat[short * size : end * size].data, int(rows[short]))
+                at = end
             return
+        breaks = np.flatnonzero(rows[1:] - rows[:-1] != 1) + 1
+        firsts, lasts = [0, *breaks.tolist()], [*breaks.tolist(), len(rows)]
         preadv, view = os.preadv, flat.data
-        for row, first, last in zip(rows.tolist(), firsts.tolist(), lasts.tolist(), strict=True):
+        for first, last in zip(firsts, lasts, strict=True):
             part = view[first * size : last * size]
             try:
-                complete = preadv(fd, [part], offset + row * size) == len(part)
+                complete = preadv(fd, [part], offset + int(rows[first]) * size) == len(part)
             except OSError:
                 complete = False
             if not complete:
-                self._read_into(part, row)
+                self._read_into(part, int(rows[first]))
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, slice):

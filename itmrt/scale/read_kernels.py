@@ -6,7 +6,8 @@ search's threads. Read in Python (a loop of ``os.preadv``), every row takes
 and gives back the interpreter lock, and two threads queued on it: the stage
 took 10.2 ms for a shard's 1,000 candidates on two threads against 13.7 on
 one. The same reads as one compiled loop of ``pread(2)`` hold no lock: 6.0 ms
-on two threads, 11.4 on one (session 15, docs/region-index.md).
+on two threads, 11.4 on one (session 15, docs/region-index.md). The loop also finds the
+runs of consecutive rows itself, so a block's read is one call from Python.
 
 The kernel only reads. A run it could not read whole (a file that became
 shorter, an interrupted call) is returned to the caller, which reads that run
@@ -44,13 +45,21 @@ def _pread(typingctx: Any, fd: Any, address: Any, size: Any, offset: Any) -> Any
 
 
 @numba.njit(cache=True, nogil=True)
-def read_runs(fd, out, row_bytes, offset, rows, firsts, lasts, start):  # type: ignore[no-untyped-def]
-    """Run ``i`` (file rows from ``rows[i]``; the file's rows begin at byte ``offset``) into rows
-    ``firsts[i]:lasts[i]`` of ``out`` (a C-contiguous uint8 array of whole rows), for the runs from ``start`` on.
-    Returns the first run not read whole, or -1 when every one was."""
+def read_sorted(fd, out, row_bytes, offset, rows, start):  # type: ignore[no-untyped-def]
+    """File rows ``rows`` (sorted, no repeats; the file's rows begin at byte ``offset``) into the same rows of
+    ``out`` (a C-contiguous uint8 array of whole rows), from position ``start`` on: each run of consecutive
+    file rows in one call. Returns the position of the first row of a run not read whole, or -1 when every one
+    was. The runs are found here rather than by the caller: for the residual stage's blocks of 32 rows, numpy's
+    passes to find them cost more than the reads (session 16)."""
     base = out.ctypes.data
-    for i in range(start, len(rows)):
-        size = (lasts[i] - firsts[i]) * row_bytes
-        if _pread(fd, base + firsts[i] * row_bytes, size, offset + rows[i] * row_bytes) != size:
-            return i
+    count = len(rows)
+    first = start
+    while first < count:
+        last = first + 1
+        while last < count and rows[last] == rows[last - 1] + 1:
+            last += 1
+        size = (last - first) * row_bytes
+        if _pread(fd, base + first * row_bytes, size, offset + rows[first] * row_bytes) != size:
+            return first
+        first = last
     return -1
