@@ -334,12 +334,13 @@ def test_positional_rows_read_sorted_rows_into_a_kept_buffer_as_take_does(tmp_pa
 
 @pytest.mark.parametrize("threshold", [-0.2, 0.0, 0.15])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_compiled_naaf_estimate_from_distances_is_numpys(threshold: float, threads: int) -> None:
+@pytest.mark.parametrize("bits", [128, 256])  # 256: the scan and the estimate in one kernel
+def test_the_compiled_naaf_estimate_from_distances_is_numpys(threshold: float, threads: int, bits: int) -> None:
     from itmrt.scale.region_search import RegionSketch
 
     rng = np.random.default_rng(int(threshold * 100) + 100 + threads)
     vectors, tokens = unit(rng, 301, 9, 32), unit(rng, 7, 32)
-    projection = sketch_projection(32, 128, 3)
+    projection = sketch_projection(32, bits, 3)
     sketch = RegionSketch(projection, encode_sketches(vectors, projection))
     estimate = ScoreEstimate("naaf", threshold=threshold, intra_factor=4.0)
     want = estimate.scores(sketch.best_similarities(tokens), tokens, token_gemm(1))
@@ -348,3 +349,33 @@ def test_the_compiled_naaf_estimate_from_distances_is_numpys(threshold: float, t
     scan = ScoreEstimate("scan", agg_func="LogSumExp", lambda_lse=6.0)  # other families: numpy's estimate
     np.testing.assert_array_equal(sketch.scores(tokens, scan, token_gemm(1), threads),
                                   scan.scores(sketch.best_similarities(tokens), tokens, token_gemm(1)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_256_bit_scan_with_the_naaf_estimate_in_one_pass_gives_the_two_kernels_values(threads: int) -> None:
+    """``scan_naaf_estimates``: the least distances turned into estimates block by block, bit for bit what the
+    scan and then the estimate kernel give (odd word counts, part blocks); a NAAF search of 256-bit sketches
+    takes it, and never writes the distances out."""
+    from itmrt.scale import sketch_kernels
+    from itmrt.scale.region_search import RegionSketch
+    from itmrt.scale.sketches import scan_naaf_estimates, similarity_table
+
+    rng = np.random.default_rng(7 + threads)
+    table = similarity_table(256)
+    for words, images in ((1, 1), (2, 63), (5, 64), (15, 200), (14, 1000)):
+        sketches = rng.integers(0, 1 << 62, size=(4, 7, images), dtype=np.uint64) * np.uint64(3)
+        query = rng.integers(0, 1 << 62, size=(words, 4), dtype=np.uint64) * np.uint64(3)
+        weights = rng.random((words, words)).astype(np.float32)
+        weights /= weights.sum(axis=1, keepdims=True)
+        want = np.empty(images, dtype=np.float32)
+        sketch_kernels.naaf_estimates(least_distances(sketches, query, threads), table, weights, np.float32(0.05),
+                                      0, images, want)
+        np.testing.assert_array_equal(scan_naaf_estimates(sketches, query, table, weights, 0.05, threads), want)
+    assert scan_naaf_estimates(sketches[:2], query[:, :2], table, weights, 0.05) is None  # 128 bits: two passes
+    vectors, tokens = unit(rng, 130, 9, 32), unit(rng, 6, 32)
+    projection = sketch_projection(32, 256, 5)
+    sketch = RegionSketch(projection, encode_sketches(vectors, projection))
+    estimate = ScoreEstimate("naaf", threshold=0.05, intra_factor=4.0)
+    want_scores = sketch.scores(tokens, estimate, token_gemm(1), threads)
+    with mock.patch("itmrt.scale.region_search.least_distances", side_effect=AssertionError("two passes")):
+        np.testing.assert_array_equal(sketch.scores(tokens, estimate, token_gemm(1), threads), want_scores)

@@ -16,7 +16,8 @@ every caption word in the block, 33.0 ms. On 50,000 images, quiet, one / two
 threads: blocks of 64 images 14.1 / 6.9 ms, of 128 16.6 / 8.4, of 32 26.5 /
 12.9; sums in 64-bit lanes 21.5 / 11.0 (docs/region-index.md). At 256 bits (4 words, the default) a kernel of
 its own keeps a region's words in registers and sums their counts there, two caption words at a time: 9.3 ms
-on one thread where the general kernel took 14.1 (session 13).
+on one thread where the general kernel took 14.1 (session 13). For NAAF the 256-bit scan and the estimate
+run as one kernel (:func:`scan_naaf_estimates_256`): each block's distances become estimates in cache.
 
 Importing this module imports numba (the ``cpu`` extra); without it the scan
 runs in numpy (:func:`itmrt.scale.sketches.least_distances`).
@@ -65,31 +66,39 @@ def least_distances(sketches, query, first, count, out):  # type: ignore[no-unty
         out[:, start : start + size] = least[:, :size]
 
 
+@numba.njit(inline="always")
+def _least_256_block(sketches, query, start, size, least):  # type: ignore[no-untyped-def]
+    """``least[t, i]`` (``[m + 1, BLOCK]`` uint32, the last row spare): the least distance of caption word ``t`` to
+    the regions of image ``start + i``, for the ``size`` images of one block of 4-word sketches."""
+    _, regions, _ = sketches.shape
+    m = query.shape[0]
+    least[:, :] = 65535
+    for k in range(regions):
+        a0, a1 = sketches[0, k, start : start + size], sketches[1, k, start : start + size]
+        a2, a3 = sketches[2, k, start : start + size], sketches[3, k, start : start + size]
+        for t in range(0, m, 2):
+            u = min(t + 1, m - 1)  # an odd word count: the last pair's second word writes the spare row
+            q0, q1, q2, q3 = query[t, 0], query[t, 1], query[t, 2], query[t, 3]
+            p0, p1, p2, p3 = query[u, 0], query[u, 1], query[u, 2], query[u, 3]
+            for i in range(size):
+                x0, x1, x2, x3 = a0[i], a1[i], a2[i], a3[i]
+                d = _bit_count(x0 ^ q0) + _bit_count(x1 ^ q1) + _bit_count(x2 ^ q2) + _bit_count(x3 ^ q3)
+                e = _bit_count(x0 ^ p0) + _bit_count(x1 ^ p1) + _bit_count(x2 ^ p2) + _bit_count(x3 ^ p3)
+                least[t, i] = min(least[t, i], np.uint32(d))
+                least[t + 1, i] = min(least[t + 1, i], np.uint32(e))
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
 def least_distances_256(sketches, query, first, count, out):  # type: ignore[no-untyped-def]
     """:func:`least_distances` for sketches of 4 words (256 bits, the default): a region's 4 words are read into
     registers once for two caption words at a time and their counts summed there, with no sums array between
     the words. On 50,000 images x 36 regions and 14 words, one thread: 9.3 ms against the general kernel's 14.1
     (the AMD EPYC with AVX-512, 2026-12-07, session 13; with no sums array but one word at a time 10.1 ms)."""
-    _, regions, _ = sketches.shape
     m = query.shape[0]
-    least = np.empty((m + 1, BLOCK), np.uint32)  # one spare row: an odd word's pair writes it
+    least = np.empty((m + 1, BLOCK), np.uint32)
     for start in range(first, first + count, BLOCK):
         size = min(BLOCK, first + count - start)
-        least[:, :] = 65535
-        for r in range(regions):
-            a0, a1 = sketches[0, r, start : start + size], sketches[1, r, start : start + size]
-            a2, a3 = sketches[2, r, start : start + size], sketches[3, r, start : start + size]
-            for t in range(0, m, 2):
-                u = min(t + 1, m - 1)
-                q0, q1, q2, q3 = query[t, 0], query[t, 1], query[t, 2], query[t, 3]
-                p0, p1, p2, p3 = query[u, 0], query[u, 1], query[u, 2], query[u, 3]
-                for i in range(size):
-                    x0, x1, x2, x3 = a0[i], a1[i], a2[i], a3[i]
-                    d = _bit_count(x0 ^ q0) + _bit_count(x1 ^ q1) + _bit_count(x2 ^ q2) + _bit_count(x3 ^ q3)
-                    e = _bit_count(x0 ^ p0) + _bit_count(x1 ^ p1) + _bit_count(x2 ^ p2) + _bit_count(x3 ^ p3)
-                    least[t, i] = min(least[t, i], np.uint32(d))
-                    least[t + 1, i] = min(least[t + 1, i], np.uint32(e))
+        _least_256_block(sketches, query, start, size, least)
         for t in range(m):
             for i in range(size):
                 out[t, start + i] = least[t, i]
@@ -126,6 +135,34 @@ def least_distances_of_rows(sketches, rows, query, first, count, out):  # type: 
         out[:, start : start + size] = least[:, :size]
 
 
+@numba.njit(inline="always")
+def _naaf_block(distances, column, size, table, weights, threshold, s, r, q, total, out, at):  # type: ignore[no-untyped-def]
+    """NAAF's estimate (:func:`naaf_estimates`) of ``size`` images whose least distances are ``distances[:,
+    column : column + size]``, into ``out[at : at + size]``; ``s``, ``r`` ``[m, BLOCK]``, ``q`` and ``total``
+    ``[BLOCK]`` are the caller's scratch."""
+    m = s.shape[0]
+    for t in range(m):
+        for i in range(size):
+            s[t, i] = table[distances[t, column + i]]
+            r[t, i] = s[t, i] - threshold
+    total[:size] = 0
+    for t in range(m):
+        q[:size] = 0
+        for u in range(m):
+            w = weights[t, u]
+            for i in range(size):
+                q[i] += w * r[u, i]
+        for i in range(size):
+            value = s[t, i]
+            if q[i] < 0:
+                value += r[t, i]
+            if r[t, i] > 0:
+                value += s[t, i]
+            total[i] += value
+    for i in range(size):
+        out[at + i] = total[i] / m
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
 def naaf_estimates(distances, table, weights, threshold, first, count, out):  # type: ignore[no-untyped-def]
     """NAAF's score estimate (:class:`itmrt.scale.region_search.ScoreEstimate`) of images ``first .. first +
@@ -140,23 +177,23 @@ def naaf_estimates(distances, table, weights, threshold, first, count, out):  # 
     total = np.empty(BLOCK, np.float32)
     for start in range(first, first + count, BLOCK):
         size = min(BLOCK, first + count - start)
-        for t in range(m):
-            for i in range(size):
-                s[t, i] = table[distances[t, start + i]]
-                r[t, i] = s[t, i] - threshold
-        total[:size] = 0
-        for t in range(m):
-            q[:size] = 0
-            for u in range(m):
-                w = weights[t, u]
-                for i in range(size):
-                    q[i] += w * r[u, i]
-            for i in range(size):
-                value = s[t, i]
-                if q[i] < 0:
-                    value += r[t, i]
-                if r[t, i] > 0:
-                    value += s[t, i]
-                total[i] += value
-        for i in range(size):
-            out[start + i] = total[i] / m
+        _naaf_block(distances, start, size, table, weights, threshold, s, r, q, total, out, start)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False, fastmath=True)
+def scan_naaf_estimates_256(sketches, query, table, weights, threshold, first, count, out):  # type: ignore[no-untyped-def]
+    """:func:`least_distances_256` and :func:`naaf_estimates` in one pass: each block's least distances are
+    turned into its images' estimates while they are in the core's cache, and never written out. On two
+    threads the scan waits on memory (115 MB of sketches a query at 100,000 images), so the estimate's
+    arithmetic costs next to nothing there; separately it was a second pass of 1.6 ms a 50,000-image shard
+    (session 16). The same values as the two kernels in turn."""
+    m = query.shape[0]
+    least = np.empty((m + 1, BLOCK), np.uint32)
+    s = np.empty((m, BLOCK), np.float32)
+    r = np.empty((m, BLOCK), np.float32)
+    q = np.empty(BLOCK, np.float32)
+    total = np.empty(BLOCK, np.float32)
+    for start in range(first, first + count, BLOCK):
+        size = min(BLOCK, first + count - start)
+        _least_256_block(sketches, query, start, size, least)
+        _naaf_block(least, 0, size, table, weights, threshold, s, r, q, total, out, start)

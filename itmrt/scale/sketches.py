@@ -146,6 +146,32 @@ def least_distances(sketches: np.ndarray, query: np.ndarray, threads: int = 1) -
     return out
 
 
+def scan_naaf_estimates(sketches: np.ndarray, query: np.ndarray, table: np.ndarray, weights: np.ndarray,
+                        threshold: float, threads: int = 1) -> np.ndarray | None:
+    """``[images]`` float32: NAAF's estimate of every image straight from the scan of its 4-word (256-bit)
+    sketches, each block's least distances turned into estimates while in cache
+    (:func:`itmrt.scale.sketch_kernels.scan_naaf_estimates_256`: the values of :func:`least_distances` then
+    ``naaf_estimates``); None where it does not apply (no numba, or sketches of another width)."""
+    kernels = sketch_kernels()
+    words, _, images = sketches.shape
+    if kernels is None or words != 4:
+        return None
+    query = np.ascontiguousarray(query, dtype=np.uint64)
+    if query.ndim != 2 or query.shape[1] != words:
+        raise ItmrtError(f"a caption's sketch has {query.shape[-1]} words, the shard's {words}")
+    from itmrt.runtime.fused import call_compiled
+    from itmrt.scale.threads import in_parallel
+
+    out = np.empty(images, dtype=np.float32)
+
+    def run(first: int, last: int) -> None:
+        call_compiled(kernels.scan_naaf_estimates_256, sketches, query, table, weights, np.float32(threshold),
+                      first, last - first, out)
+
+    in_parallel(run, images, max(1, min(int(threads or 1), images // kernels.BLOCK)))
+    return out
+
+
 def least_distances_of_rows(fine: np.ndarray, rows: np.ndarray, query: np.ndarray, threads: int = 1) -> np.ndarray:
     """``[m, len(rows)]`` uint16: :func:`least_distances` of the images ``rows`` (sorted: a forward read) of a fine
     sketch ``fine [images, regions, words]`` (image-major), ``query [m, words]``."""
