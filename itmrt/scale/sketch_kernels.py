@@ -136,6 +136,13 @@ def least_distances_of_rows(sketches, rows, query, first, count, out):  # type: 
 
 
 @numba.njit(inline="always")
+def _naaf_scratch(m):  # type: ignore[no-untyped-def]
+    """:func:`_naaf_block`'s scratch for ``m`` words: ``s``, ``r`` ``[m, BLOCK]``, ``q`` and ``total`` ``[BLOCK]``."""
+    return (np.empty((m, BLOCK), np.float32), np.empty((m, BLOCK), np.float32), np.empty(BLOCK, np.float32),
+            np.empty(BLOCK, np.float32))
+
+
+@numba.njit(inline="always")
 def _naaf_block(distances, column, size, table, weights, threshold, s, r, q, total, out, at):  # type: ignore[no-untyped-def]
     """NAAF's estimate (:func:`naaf_estimates`) of ``size`` images whose least distances are ``distances[:,
     column : column + size]``, into ``out[at : at + size]``; ``s``, ``r`` ``[m, BLOCK]``, ``q`` and ``total``
@@ -171,10 +178,7 @@ def naaf_estimates(distances, table, weights, threshold, first, count, out):  # 
     the caption's intra-word softmax), and the mean over words of ``(r where q < 0) + (s where r > 0) + s``,
     into ``out [images]`` (float32). One pass, images side by side, instead of numpy's six over ``[m, images]``."""
     m = distances.shape[0]
-    s = np.empty((m, BLOCK), np.float32)
-    r = np.empty((m, BLOCK), np.float32)
-    q = np.empty(BLOCK, np.float32)
-    total = np.empty(BLOCK, np.float32)
+    s, r, q, total = _naaf_scratch(m)
     for start in range(first, first + count, BLOCK):
         size = min(BLOCK, first + count - start)
         _naaf_block(distances, start, size, table, weights, threshold, s, r, q, total, out, start)
@@ -189,10 +193,7 @@ def scan_naaf_estimates_256(sketches, query, table, weights, threshold, first, c
     (session 16). The same values as the two kernels in turn."""
     m = query.shape[0]
     least = np.empty((m + 1, BLOCK), np.uint32)
-    s = np.empty((m, BLOCK), np.float32)
-    r = np.empty((m, BLOCK), np.float32)
-    q = np.empty(BLOCK, np.float32)
-    total = np.empty(BLOCK, np.float32)
+    s, r, q, total = _naaf_scratch(m)
     for start in range(first, first + count, BLOCK):
         size = min(BLOCK, first + count - start)
         _least_256_block(sketches, query, start, size, least)
