@@ -149,6 +149,25 @@ def test_constants_budget_bounds_the_cache(tmp_path: Path) -> None:
     assert scorer.builds == 2
 
 
+def test_a_workers_scratch_stays_one_array_a_name_whatever_the_block_sizes_and_caption_lengths() -> None:
+    """A long-running scorer sees every block size and caption length its requests have: its workers keep one
+    reused array per name (grown to the largest asked for), not one per shape, and answer as a fresh scorer."""
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((40, 6, 8)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=2, keepdims=True)
+    kept = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1)
+    for words in (1, 5, 2, 9, 3, 12, 4):
+        captions = CaptionEmbeddings(rng.standard_normal((words, 8)).astype(np.float32), np.array([words], np.int32),
+                                     np.array([0, words]))
+        for rows in (None, np.arange(words + 1), np.arange(0, 40, 3)):
+            fresh = OneCaptionScorer(NaafParameters(0.1, 20.0, 5.0), threads=1)
+            np.testing.assert_array_equal(kept.score(images, captions, rows=rows),
+                                          fresh.score(images, captions, rows=rows))
+    scratch = kept._workers[0].scratch
+    assert len(scratch) == 4, sorted(scratch)
+    assert max(array.size for array in scratch.values()) == 40 * 6 * 12
+
+
 def test_a_one_shot_search_of_a_small_gallery_imports_no_numba(tmp_path: Path) -> None:
     """One caption against a small gallery in a fresh process (as ``itmrt infer`` runs it): nothing imports numba
     (0.3-0.4 s before the first answer), whose kernels pay only for large calls."""

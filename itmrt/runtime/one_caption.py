@@ -246,18 +246,21 @@ Product = Callable[[Any, np.ndarray], np.ndarray]
 """Batched quadratic forms ``sum_jk w[b,j,t] G[b,j,k] w[b,k,t]`` of ``G [B, n, n]`` and ``w [B, n, T]``: ``[B, T]``
 (:func:`quadratic_forms`; numpy's batched product would hand it to a multi-threaded BLAS at many words,
 and threads contending with the block workers for two busy cores measured 1000x slower)."""
-Scratch = dict[tuple[str, tuple[int, ...], str], np.ndarray]
+Scratch = dict[tuple[str, str], np.ndarray]
 """Block-sized arrays a worker reuses from block to block (a fresh 100+ KB array per operation costs numpy an
-allocation and its page faults: in-place, the step-4 softmax measured 2x faster)."""
+allocation and its page faults: in-place, the step-4 softmax measured 2x faster): one flat array per name and
+dtype, grown to the largest block asked for and viewed in each call's shape. Keyed by shape instead, a service
+kept one array for every block size and caption length its requests ever had, and grew without bound."""
 
 
 def _buffer(scratch: Scratch | None, name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
     if scratch is None:
         return np.empty(shape, dtype=dtype)
-    key = (name, shape, np.dtype(dtype).name)
-    if key not in scratch:
-        scratch[key] = np.empty(shape, dtype=dtype)
-    return scratch[key]
+    key, size = (name, np.dtype(dtype).name), math.prod(shape)
+    flat = scratch.get(key)
+    if flat is None or flat.size < size:
+        flat = scratch[key] = np.empty(size, dtype=dtype)
+    return flat[:size].reshape(shape)
 
 
 def quadratic_forms(grams: np.ndarray, weights: np.ndarray) -> np.ndarray:
