@@ -445,38 +445,44 @@ class RegionSketch:
         """``(rows, scores)``: every image's scan estimate, or, with a fine sketch and ``keep`` < ``refine`` < N,
         the ``refine`` best of it (sorted rows) estimated again from the fine sketch."""
         signs = pack_signs(product(tokens, self.rows))
-        scores = self._scan_estimates(signs[:, : self.bits // 64], tokens, estimate, product, threads)
+        # NAAF's intra-caption weights, once for the scan's estimate and the fine sketch's
+        weights = np.ascontiguousarray(estimate.intra_weights(tokens, product)) if estimate.family == "naaf" else None
+        scores = self._scan_estimates(signs[:, : self.bits // 64], tokens, estimate, product, threads, weights)
         rows = np.arange(len(scores))
         if self.fine is None or not keep < refine < len(rows):
             return rows, scores
         rows = np.sort(_top_rows(scores, rows, refine))  # sorted: a forward read of the fine sketch
         distances = least_distances_of_rows(self.fine, rows, signs[:, self.bits // 64 :], threads)
-        return rows, self.estimates(distances, self.fine_bits, tokens, estimate, product, threads)
+        return rows, self.estimates(distances, self.fine_bits, tokens, estimate, product, threads, weights)
 
     def _scan_estimates(self, signs: np.ndarray, tokens: np.ndarray, estimate: ScoreEstimate,
-                        product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int) -> np.ndarray:
-        """``[N]`` every image's estimate from the scan of its sketches: for NAAF at 256 bits in one compiled pass
-        with the scan (:func:`itmrt.scale.sketches.scan_naaf_estimates`: the least distances never leave the
-        cache; 2 threads waited on memory anyway), else the scan's distances, then :meth:`estimates`."""
-        if estimate.family == "naaf":
-            weights = np.ascontiguousarray(estimate.intra_weights(tokens, product))
+                        product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int,
+                        weights: np.ndarray | None) -> np.ndarray:
+        """``[N]`` every image's estimate from the scan of its sketches: for NAAF (``weights``: its intra-caption
+        weights) at 256 bits in one compiled pass with the scan (:func:`itmrt.scale.sketches.scan_naaf_estimates`:
+        the least distances never leave the cache; 2 threads waited on memory anyway), else the scan's
+        distances, then :meth:`estimates`."""
+        if weights is not None:
             fused = scan_naaf_estimates(self.sketches, signs, similarity_table(self.bits), weights,
                                         estimate.threshold, threads)
             if fused is not None:
                 return fused
         distances = least_distances(self.sketches, signs, threads)
-        return self.estimates(distances, self.bits, tokens, estimate, product, threads)
+        return self.estimates(distances, self.bits, tokens, estimate, product, threads, weights)
 
     @staticmethod
     def estimates(distances: np.ndarray, bits: int, tokens: np.ndarray, estimate: ScoreEstimate,
-                  product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1) -> np.ndarray:
+                  product: Callable[[np.ndarray, np.ndarray], np.ndarray], threads: int = 1,
+                  weights: np.ndarray | None = None) -> np.ndarray:
         """``[n]`` score estimates from least distances ``[m, n]`` of ``bits``-bit sketches: for NAAF in one
         compiled pass (:func:`itmrt.scale.sketch_kernels.naaf_estimates`; numpy's passes over ``[m, N]`` took 4.3 ms
-        of a 50,000-image shard), otherwise the family's estimate of the similarities they stand for."""
+        of a 50,000-image shard), otherwise the family's estimate of the similarities they stand for.
+        ``weights``: NAAF's intra-caption weights where the caller has them (computed here otherwise)."""
         kernels = sketch_kernels()
         if estimate.family != "naaf" or kernels is None:
             return estimate.scores(sketch_similarities(distances, bits), tokens, product)
-        weights = np.ascontiguousarray(estimate.intra_weights(tokens, product))
+        if weights is None:
+            weights = np.ascontiguousarray(estimate.intra_weights(tokens, product))
         table, images = similarity_table(bits), distances.shape[1]
         out = np.empty(images, dtype=np.float32)
 
