@@ -216,18 +216,18 @@ def test_a_tampered_or_misshapen_sketch_file_is_refused_in_one_line(noise: dict[
     gallery = tmp_path / "tampered"
     shutil.copytree(noise["gallery"], gallery)
     tampered_file_is_refused(gallery, "shard-00002/region_sketches.npy")
-    from itmrt.scale.region_search import _checked_sketch
+    from itmrt.scale.region_load import checked_sketch
 
     entry = open_shards(noise["gallery"], threads=1, warn=quiet).shards[0].gallery.manifest.region_index
     projection = np.zeros((entry.dims, 256), dtype=np.float32)
     scan = np.zeros((4, entry.regions, entry.rows), dtype=np.uint64)
     fine = np.zeros((entry.rows, entry.regions, 8), dtype=np.uint64)
     wide = np.zeros((entry.dims, 768), dtype=np.float32)
-    assert _checked_sketch(gallery, wide, scan, fine, entry).fine_bits == 512  # as built
+    assert checked_sketch(gallery, wide, scan, fine, entry).fine_bits == 512  # as built
     for bad in ((projection, scan[:, :, :3], None), (projection[:, :100], scan[:1], None), (projection, scan, fine),
                 (wide, scan, fine[:3]), (wide, scan, fine.astype(np.int64)), (wide[:, :704], scan, fine)):
         with pytest.raises(ItmrtError, match="sketches do not fit its projection"):
-            _checked_sketch(gallery, *bad, entry)
+            checked_sketch(gallery, *bad, entry)
     tampered_file_is_refused(gallery, "shard-00001/region_fine_sketches.npy", at=-9, bit=4)
 
 

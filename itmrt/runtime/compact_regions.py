@@ -257,6 +257,12 @@ class ResidualCodec:
         return self._integer_levels
 
 
+def codes_fit(codes: np.ndarray, count: int) -> bool:
+    """Whether ``codes`` are ids of ``count`` centroids: integers from 0 to ``count - 1`` (the compiled decoder
+    and the residual stage index the centroids by them unchecked)."""
+    return codes.dtype.kind in "iu" and (codes.size == 0 or 0 <= int(codes.min()) <= int(codes.max()) < count)
+
+
 def compact_kernels() -> Any:
     """:mod:`itmrt.runtime.compact_kernels` where numba is installed (the ``cpu`` extra), else None."""
     return compiled_kernels("itmrt.runtime.compact_kernels")

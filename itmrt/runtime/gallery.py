@@ -62,7 +62,7 @@ from itmrt.documents import as_path, open_regular, parse_json, read_regular_byte
 from itmrt.errors import DataError, ItmrtError
 from itmrt.file_states import FINITE_EMBEDDINGS, file_state, hash_started
 from itmrt.publish import atomic_write_bytes, atomic_write_text, check_output_folder, publish_folder, staged_folder
-from itmrt.runtime.compact_regions import CompactRegions
+from itmrt.runtime.compact_regions import CompactRegions, codes_fit
 
 __all__ = ["EMBEDDINGS_FILE", "GALLERY_KIND", "GALLERY_MANIFEST", "GALLERY_SCHEMA", "IDS_FILE", "SHARDED_GALLERY_KIND",
            "STORAGE_DTYPES", "EmbeddingsStore", "Gallery", "gallery_bundle", "gallery_source",
@@ -271,14 +271,17 @@ def open_compact_regions(root: Path, manifest: GalleryManifest, verify: bool = T
     centroids, buckets = np.asarray(arrays["centroids"]), np.asarray(arrays["buckets"])
     if not np.isfinite(centroids).all() or ("bits" not in arrays and not np.isfinite(buckets).all()):
         raise ItmrtError(f"gallery {root}: its region centroids or residual buckets are not finite; {REMEDY}")
-    if centroids.ndim != 2 or buckets.shape[0] != centroids.shape[1] or arrays["codes"].ndim != 2 \
-            or (len(centroids) and int(arrays["codes"].max(initial=0)) >= len(centroids)):
+    if centroids.ndim != 2 or buckets.ndim != 2 or buckets.shape[0] != centroids.shape[1] \
+            or arrays["codes"].ndim != 2:
         raise ItmrtError(f"gallery {root}: its compact region files do not fit together; {REMEDY}")
+    if not codes_fit(np.asarray(arrays["codes"]), len(centroids)):
+        raise ItmrtError(f"gallery {root}: its region codes are not ids of its {len(centroids)} centroids; {REMEDY}")
     bits = np.asarray(arrays["bits"]) if "bits" in arrays else None
     if bits is not None and (bits.dtype != np.uint8 or bits.shape != (centroids.shape[1],)):
         raise ItmrtError(f"gallery {root}: its residual bits are not one uint8 per dimension; {REMEDY}")
     regions = CompactRegions(centroids, arrays["codes"], arrays["residuals"], buckets, bits)
-    if arrays["residuals"].shape[-1] != regions.codec.packed_width(int(centroids.shape[1])):
+    if arrays["residuals"].shape[-1] != regions.codec.packed_width(int(centroids.shape[1])) \
+            or np.dtype(arrays["residuals"].dtype) != np.uint8:
         raise ItmrtError(f"gallery {root}: its packed residuals do not fit its residual bits; {REMEDY}")
     return regions
 

@@ -45,7 +45,6 @@ import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -691,60 +690,3 @@ def share_centroids(indexes: list[RegionIndex]) -> None:
     first: dict[str, np.ndarray] = {}
     for index in indexes:
         index.centroids = first.setdefault(index.centroids_key, index.centroids)
-
-
-def load_region_index(folder: Path, entry: Any, verify: bool = True, in_memory: bool = False) -> RegionIndex:
-    """A shard's region index from the files its document lists (each checked against its sha256); memory-mapped,
-    or (``in_memory``: a running service) copied by positional reads and the copies verified, never mapped."""
-    from itmrt.bundle.closed import member, verified_member
-    from itmrt.bundle.gallery_manifest import REMEDY
-    from itmrt.data.npy import open_npy, read_npy_copy
-
-    listed = {item.file: item.sha256 for item in entry.files()}
-    arrays = {}
-    sketched: tuple[str, ...] = ()
-    if entry.projection is not None and entry.sketches is not None:
-        sketched = ("projection", "sketches", *(("fine_sketches",) if entry.fine_sketches is not None else ()))
-    for role in ("centroids", "lists", "codes", *sketched):
-        item = getattr(entry, role)
-        if in_memory:
-            arrays[role] = read_npy_copy(member(folder, item.file, "gallery", REMEDY), f"region index {role}",
-                                         listed[item.file] if verify else None, REMEDY)
-            continue
-        path = verified_member(folder, item.file, listed, "gallery", REMEDY) if verify else folder / item.file
-        arrays[role] = np.asarray(open_npy(path, f"region index {role}"))
-    record = entry.to_json()
-    centroids, lists = arrays["centroids"], arrays["lists"]
-    count = int(record["params"]["centroids"])
-    if centroids.shape != (count, entry.dims) or lists.ndim != 1 or len(lists) < count + 1 \
-            or lists.dtype != np.int32 or int(lists[count]) != len(lists) - count - 1:
-        raise ItmrtError(f"{folder}: the region index files do not hold {count} centroids of {entry.dims} and "
-                         "their lists; re-index the gallery")
-    codes = arrays["codes"]
-    if codes.shape != (int(record["rows"]), entry.regions) or (codes.size and int(codes.max()) >= count) \
-            or (len(lists) > count + 1 and int(lists[count + 1 :].max()) >= int(record["rows"])):
-        raise ItmrtError(f"{folder}: the region index's codes or lists do not fit its {count} centroids and "
-                         f"{record['rows']} images; re-index the gallery")
-    index = RegionIndex(centroids, lists, codes, record)
-    if sketched:
-        index.sketch = _checked_sketch(folder, arrays["projection"], arrays["sketches"], arrays.get("fine_sketches"),
-                                       entry)
-    if verify:  # the file's verified sha256 names its content (its header holds the shape and dtype)
-        index.centroids_key = entry.centroids.sha256
-    return index
-
-
-def _checked_sketch(folder: Path, projection: np.ndarray, sketches: np.ndarray, fine: np.ndarray | None,
-                    entry: Any) -> RegionSketch:
-    """The shard's sketches (scanned, and fine where there is one) and their projection, their shapes checked
-    against each other and the shard."""
-    words = int(sketches.shape[0]) if sketches.ndim == 3 else 0
-    fine_words = int(fine.shape[2]) if fine is not None and fine.ndim == 3 else 0
-    rows, regions = int(entry.rows), int(entry.regions)
-    if projection.dtype != np.float32 or projection.shape != (entry.dims, 64 * (words + fine_words)) or not words \
-            or sketches.dtype != np.uint64 or sketches.shape != (words, regions, rows) \
-            or (fine is not None and (fine.dtype != np.uint64 or not fine_words
-                                      or fine.shape != (rows, regions, fine_words))):
-        raise ItmrtError(f"{folder}: the region index's sketches do not fit its projection and "
-                         f"{entry.rows} images; re-index the gallery")
-    return RegionSketch(projection, sketches, fine)

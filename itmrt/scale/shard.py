@@ -51,11 +51,11 @@ from itmrt.scale.layout import (
     shard_vectors,
 )
 from itmrt.scale.positional import PositionalRows
+from itmrt.scale.region_load import load_region_index
 from itmrt.scale.region_search import (
     ProbeCache,
     RegionIndex,
     ScoreEstimate,
-    load_region_index,
     rerank_candidates,
 )
 
