@@ -151,3 +151,14 @@ def test_the_untouched_galleries_and_a_resealed_but_unchanged_one_search(galleri
     for path in (galleries["root"] / "exact", galleries["root"] / "compact", gallery):
         found = open_shards(path, threads=1, warn=quiet).search(captions, SearchRequest(k=3, shortlist=5))
         assert found.t2i is not None and found.t2i.indices.shape == (2, 3)
+
+
+def test_a_top_document_recording_another_item_shape_than_its_shards_hold_is_refused_in_one_line(
+        galleries: dict[str, Any], capsys: Any) -> None:
+    gallery = galleries["root"] / "hostile-shape"
+    shutil.rmtree(gallery, ignore_errors=True)
+    shutil.copytree(galleries["root"] / "exact", gallery)
+    top = json.loads((gallery / "gallery.json").read_text())
+    top["item_shape"] = [top["item_shape"][0], 5]  # was reported as captions of the wrong size
+    (gallery / "gallery.json").write_text(json.dumps(top))
+    _refused(galleries, gallery, "holds items of shape", capsys)

@@ -216,6 +216,10 @@ def read_shard_gallery(gallery: ShardedGallery, shard: ShardRecord, verify: bool
     if len(opened) != shard.images or opened.manifest.embeddings.dtype != gallery.dtype:
         raise ItmrtError(f"{folder} holds {len(opened)} {opened.embeddings.dtype} rows, not the {shard.images} "
                          f"{gallery.dtype} rows {gallery.path / GALLERY_MANIFEST} lists; re-index the gallery")
+    item_shape = gallery.manifest.get("item_shape")
+    if item_shape is not None and list(opened.embeddings.shape[1:]) != list(item_shape):
+        raise ItmrtError(f"{folder} holds items of shape {list(opened.embeddings.shape[1:])}, not the {item_shape} "
+                         f"{gallery.path / GALLERY_MANIFEST} records; re-index the gallery")
     return opened
 
 
