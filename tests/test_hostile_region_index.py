@@ -117,13 +117,12 @@ def _refused(galleries: dict[str, Any], gallery: Path, message: str, capsys: Any
     assert not out.exists()
 
 
-@pytest.mark.parametrize("case", sorted(ARRAYS))
-@pytest.mark.parametrize("storage", ["exact", "compact"])
+@pytest.mark.parametrize(("storage", "case"), [(storage, case) for case in sorted(ARRAYS)
+                                               for storage in ("exact", "compact")
+                                               if ARRAYS[case][0] in ("both", storage)])
 def test_index_arrays_resealed_around_hostile_values_are_refused_in_one_line(
         galleries: dict[str, Any], capsys: Any, storage: str, case: str) -> None:
-    applies, role, change, message = ARRAYS[case]
-    if applies not in ("both", storage):
-        pytest.skip(f"{storage} storage has no {role}")
+    _, role, change, message = ARRAYS[case]
     gallery = galleries["root"] / f"hostile-{storage}"
     shutil.rmtree(gallery, ignore_errors=True)
     shutil.copytree(galleries["root"] / storage, gallery)
