@@ -18,13 +18,12 @@ from typing import Any, cast
 
 import numpy as np
 
+from itmrt.bundle.gallery_manifest import REMEDY
 from itmrt.errors import ItmrtError
 from itmrt.limits import MAX_COUNT, is_integer
 from itmrt.runtime.compact_regions import codes_fit
 from itmrt.scale.region_search import RegionIndex, RegionSketch
 from itmrt.scale.regions import DEFAULT_EXACT_PASS, DEFAULT_PREFILTER, DEFAULT_REFINE, DEFAULT_UNION, POOR_FIT
-
-REMEDY = "re-index the gallery"
 
 RECORDED_COUNTS = {"centroids": (1, None), "nprobe": (1, None), "candidates": (1, None),
                    "refine": (0, DEFAULT_REFINE), "exact_pass": (0, DEFAULT_EXACT_PASS), "union": (0, DEFAULT_UNION),
