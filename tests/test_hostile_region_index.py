@@ -38,7 +38,8 @@ def galleries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         index_sharded(runtime, features, root / storage,
                       ShardingOptions(20, None, IndexSpec("regions", regions_storage=storage, region_sketch=sketch)))
     (root / "captions.txt").write_text("\n".join(random_captions(2, seed=6, max_words=8)) + "\n")
-    return {"root": root, "runtime": runtime}
+    np.save(root / "more.npy", region_features(6, seed=7))
+    return {"root": root, "runtime": runtime, "bundle": bundle}
 
 
 def _reseal(gallery: Path) -> None:
@@ -161,3 +162,21 @@ def test_a_top_document_recording_another_item_shape_than_its_shards_hold_is_ref
     top["item_shape"] = [top["item_shape"][0], 5]  # was reported as captions of the wrong size
     (gallery / "gallery.json").write_text(json.dumps(top))
     _refused(galleries, gallery, "holds items of shape", capsys)
+
+
+def test_an_append_to_a_gallery_recording_a_shortlist_index_no_build_takes_names_the_document(
+        galleries: dict[str, Any], capsys: Any) -> None:
+    gallery = galleries["root"] / "hostile-append"
+    shutil.rmtree(gallery, ignore_errors=True)
+    shutil.copytree(galleries["root"] / "compact", gallery)
+    top = json.loads((gallery / "gallery.json").read_text())
+    top["shortlist_index"]["nprobe"] = "x"
+    (gallery / "gallery.json").write_text(json.dumps(top))
+    before = (gallery / "gallery.json").read_bytes()
+    result = run_cli(capsys, "index", str(galleries["bundle"]), "--images", str(galleries["root"] / "more.npy"),
+                     "--out", str(gallery), "--append")
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert "gallery.json records a shortlist index that cannot be built again" in result.err  # not "--nprobe ..."
+    assert (gallery / "gallery.json").read_bytes() == before
+    original = galleries["root"] / "compact"
+    assert sorted(p.name for p in gallery.iterdir()) == sorted(p.name for p in original.iterdir())

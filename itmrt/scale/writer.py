@@ -212,7 +212,11 @@ class ShardedWriter:
                 self.bundle.manifest)}
         if options.dtype is not None and options.dtype != document["dtype"]:
             raise ItmrtError(f"{self.out} stores {document['dtype']}; drop --dtype or give --dtype {document['dtype']}")
-        stored_spec = IndexSpec.from_dict(document.get("shortlist_index") or {})
+        try:
+            stored_spec = IndexSpec.from_dict(document.get("shortlist_index") or {})
+        except ItmrtError as exc:  # the flag's own message named a flag the user never gave
+            raise ItmrtError(f"{self.out / GALLERY_MANIFEST} records a shortlist index that cannot be built again "
+                             f"({exc}); re-index the gallery") from None
         if options.index is not None and options.index != stored_spec:
             raise ItmrtError(f"{self.out} indexes its shards with {stored_spec.kind} "
                              f"({stored_spec.as_dict()}); drop the index options to append with the same")
