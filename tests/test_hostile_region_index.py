@@ -42,13 +42,30 @@ def galleries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "runtime": runtime, "bundle": bundle}
 
 
+def _copy(galleries: dict[str, Any], base: str, name: str) -> Path:
+    """A fresh copy of the fixture's ``base`` gallery, to be made hostile."""
+    gallery = galleries["root"] / name
+    shutil.rmtree(gallery, ignore_errors=True)
+    shutil.copytree(galleries["root"] / base, gallery)
+    return gallery
+
+
+def _edit_top(gallery: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    top = json.loads((gallery / "gallery.json").read_text())
+    change(top)
+    (gallery / "gallery.json").write_text(json.dumps(top))
+
+
 def _reseal(gallery: Path) -> None:
     """The shard's document's sha256 written again into the gallery's document, as a hostile editor would."""
-    top = json.loads((gallery / "gallery.json").read_text())
-    for shard in top["shards"]:
-        if shard["name"] == SHARD:
-            shard["sha256"] = hashlib.sha256((gallery / SHARD / "gallery.json").read_bytes()).hexdigest()
-    (gallery / "gallery.json").write_text(json.dumps(top))
+    digest = hashlib.sha256((gallery / SHARD / "gallery.json").read_bytes()).hexdigest()
+
+    def reseal(top: dict[str, Any]) -> None:
+        for shard in top["shards"]:
+            if shard["name"] == SHARD:
+                shard["sha256"] = digest
+
+    _edit_top(gallery, reseal)
 
 
 def _rewrite_array(gallery: Path, role: str, change: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -124,9 +141,7 @@ def _refused(galleries: dict[str, Any], gallery: Path, message: str, capsys: Any
 def test_index_arrays_resealed_around_hostile_values_are_refused_in_one_line(
         galleries: dict[str, Any], capsys: Any, storage: str, case: str) -> None:
     _, role, change, message = ARRAYS[case]
-    gallery = galleries["root"] / f"hostile-{storage}"
-    shutil.rmtree(gallery, ignore_errors=True)
-    shutil.copytree(galleries["root"] / storage, gallery)
+    gallery = _copy(galleries, storage, f"hostile-{storage}")
     _rewrite_array(gallery, role, change)
     _refused(galleries, gallery, message, capsys)
 
@@ -135,17 +150,13 @@ def test_index_arrays_resealed_around_hostile_values_are_refused_in_one_line(
 def test_search_defaults_resealed_around_values_that_are_not_counts_are_refused_in_one_line(
         galleries: dict[str, Any], capsys: Any, case: str) -> None:
     key, value, message = PARAMS[case]
-    gallery = galleries["root"] / "hostile-params"
-    shutil.rmtree(gallery, ignore_errors=True)
-    shutil.copytree(galleries["root"] / "compact", gallery)
+    gallery = _copy(galleries, "compact", "hostile-params")
     _rewrite_param(gallery, key, value)
     _refused(galleries, gallery, message, capsys)
 
 
 def test_the_untouched_galleries_and_a_resealed_but_unchanged_one_search(galleries: dict[str, Any]) -> None:
-    gallery = galleries["root"] / "resealed"
-    shutil.rmtree(gallery, ignore_errors=True)
-    shutil.copytree(galleries["root"] / "compact", gallery)
+    gallery = _copy(galleries, "compact", "resealed")
     _rewrite_array(gallery, "codes", lambda a: a)
     captions = galleries["runtime"].encode_captions(["a dog", "two cats"])
     for path in (galleries["root"] / "exact", galleries["root"] / "compact", gallery):
@@ -155,23 +166,15 @@ def test_the_untouched_galleries_and_a_resealed_but_unchanged_one_search(galleri
 
 def test_a_top_document_recording_another_item_shape_than_its_shards_hold_is_refused_in_one_line(
         galleries: dict[str, Any], capsys: Any) -> None:
-    gallery = galleries["root"] / "hostile-shape"
-    shutil.rmtree(gallery, ignore_errors=True)
-    shutil.copytree(galleries["root"] / "exact", gallery)
-    top = json.loads((gallery / "gallery.json").read_text())
-    top["item_shape"] = [top["item_shape"][0], 5]  # was reported as captions of the wrong size
-    (gallery / "gallery.json").write_text(json.dumps(top))
+    gallery = _copy(galleries, "exact", "hostile-shape")
+    _edit_top(gallery, lambda top: top.update(item_shape=[top["item_shape"][0], 5]))  # was: captions of a wrong size
     _refused(galleries, gallery, "holds items of shape", capsys)
 
 
 def test_an_append_to_a_gallery_recording_a_shortlist_index_no_build_takes_names_the_document(
         galleries: dict[str, Any], capsys: Any) -> None:
-    gallery = galleries["root"] / "hostile-append"
-    shutil.rmtree(gallery, ignore_errors=True)
-    shutil.copytree(galleries["root"] / "compact", gallery)
-    top = json.loads((gallery / "gallery.json").read_text())
-    top["shortlist_index"]["nprobe"] = "x"
-    (gallery / "gallery.json").write_text(json.dumps(top))
+    gallery = _copy(galleries, "compact", "hostile-append")
+    _edit_top(gallery, lambda top: top["shortlist_index"].update(nprobe="x"))
     before = (gallery / "gallery.json").read_bytes()
     result = run_cli(capsys, "index", str(galleries["bundle"]), "--images", str(galleries["root"] / "more.npy"),
                      "--out", str(gallery), "--append")
