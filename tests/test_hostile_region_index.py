@@ -171,15 +171,19 @@ def test_a_top_document_recording_another_item_shape_than_its_shards_hold_is_ref
     _refused(galleries, gallery, "holds items of shape", capsys)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda top: top["shortlist_index"].update(nprobe="x"), "records a shortlist index that cannot be built again"),
+    (lambda top: top.pop("shortlist_index"), "records no shortlist index"),  # was: flat shards beside region ones
+])
 def test_an_append_to_a_gallery_recording_a_shortlist_index_no_build_takes_names_the_document(
-        galleries: dict[str, Any], capsys: Any) -> None:
+        galleries: dict[str, Any], capsys: Any, change: Callable[[dict[str, Any]], None], message: str) -> None:
     gallery = _copy(galleries, "compact", "hostile-append")
-    _edit_top(gallery, lambda top: top["shortlist_index"].update(nprobe="x"))
+    _edit_top(gallery, change)
     before = (gallery / "gallery.json").read_bytes()
     result = run_cli(capsys, "index", str(galleries["bundle"]), "--images", str(galleries["root"] / "more.npy"),
                      "--out", str(gallery), "--append")
     assert result.code == 2 and result.err.count("\n") == 1, result.err
-    assert "gallery.json records a shortlist index that cannot be built again" in result.err  # not "--nprobe ..."
+    assert f"gallery.json {message}" in result.err  # not "--nprobe ...", not rc 0
     assert (gallery / "gallery.json").read_bytes() == before
     original = galleries["root"] / "compact"
     assert sorted(p.name for p in gallery.iterdir()) == sorted(p.name for p in original.iterdir())

@@ -212,11 +212,7 @@ class ShardedWriter:
                 self.bundle.manifest)}
         if options.dtype is not None and options.dtype != document["dtype"]:
             raise ItmrtError(f"{self.out} stores {document['dtype']}; drop --dtype or give --dtype {document['dtype']}")
-        try:
-            stored_spec = IndexSpec.from_dict(document.get("shortlist_index") or {})
-        except ItmrtError as exc:  # the flag's own message named a flag the user never gave
-            raise ItmrtError(f"{self.out / GALLERY_MANIFEST} records a shortlist index that cannot be built again "
-                             f"({exc}); re-index the gallery") from None
+        stored_spec = self._stored_spec(document)
         if options.index is not None and options.index != stored_spec:
             raise ItmrtError(f"{self.out} indexes its shards with {stored_spec.kind} "
                              f"({stored_spec.as_dict()}); drop the index options to append with the same")
@@ -228,6 +224,19 @@ class ShardedWriter:
         numbers = [int(name[len(SHARD_PREFIX):]) for name in [*listed, *on_disk]]
         plan = _Plan(document, list(gallery.shards), max(numbers) + 1)
         return plan, ShardingOptions(options.shard_images, document["dtype"], stored_spec)
+
+    def _stored_spec(self, document: dict[str, Any]) -> IndexSpec:
+        """How the gallery indexes its shards, as its document records it (every sharded gallery itmrt writes
+        records it: without it an append fell back to flat indexes beside the region index of the shards before)."""
+        recorded = document.get("shortlist_index")
+        if not isinstance(recorded, dict):
+            raise ItmrtError(f"{self.out / GALLERY_MANIFEST} records no shortlist index for its shards; re-index "
+                             "the gallery")
+        try:
+            return IndexSpec.from_dict(recorded)
+        except ItmrtError as exc:  # the flag's own message named a flag the user never gave
+            raise ItmrtError(f"{self.out / GALLERY_MANIFEST} records a shortlist index that cannot be built again "
+                             f"({exc}); re-index the gallery") from None
 
     # -- shards -----------------------------------------------------------------------
 
