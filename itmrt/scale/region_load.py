@@ -23,32 +23,34 @@ from itmrt.errors import ItmrtError
 from itmrt.limits import MAX_COUNT, is_integer
 from itmrt.runtime.compact_regions import codes_fit
 from itmrt.scale.region_search import RegionIndex, RegionSketch
-from itmrt.scale.regions import DEFAULT_EXACT_PASS, DEFAULT_PREFILTER, DEFAULT_REFINE, DEFAULT_UNION, POOR_FIT
 
-RECORDED_COUNTS = {"centroids": (1, None), "nprobe": (1, None), "candidates": (1, None),
-                   "refine": (0, DEFAULT_REFINE), "exact_pass": (0, DEFAULT_EXACT_PASS), "union": (0, DEFAULT_UNION),
-                   "prefilter": (0, DEFAULT_PREFILTER)}
+RECORDED_COUNTS = {"centroids": (1, True), "nprobe": (1, True), "candidates": (1, True), "refine": (0, False),
+                   "exact_pass": (0, False), "union": (0, False), "prefilter": (0, False)}
 """The counts a shard's document records under ``region_index.params`` that a search reads: each one's least
-value and its default where a gallery written before it was recorded has none (None: it must be there)."""
+value, and whether every gallery records it (the others are absent from galleries written before them:
+:class:`~itmrt.scale.region_search.RegionIndex` gives them its defaults, as it does ``poor_fit``)."""
 
 
 def recorded_params(folder: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """The document's search parameters as a search uses them: every count an integer within its bounds (a
-    string failed deep inside ``int()``, a negative one became an array size), ``poor_fit`` a finite number;
-    the defaults filled in where an older gallery has none."""
+    """The document's search parameters as a search uses them: every count recorded an integer within its
+    bounds (a string failed deep inside ``int()``, a negative one became an array size), ``poor_fit`` where
+    recorded a finite number."""
     checked: dict[str, Any] = dict(params)
-    for key, (least, default) in RECORDED_COUNTS.items():
-        value = params.get(key, default)
+    for key, (least, required) in RECORDED_COUNTS.items():
+        if key not in params and not required:
+            continue
+        value = params.get(key)
         count = int(cast(int, value)) if is_integer(value) else None
         if count is None or not least <= count <= MAX_COUNT:
             what = "missing" if value is None else f"{value!r}"
             raise ItmrtError(f"{folder}: its region index records {key} {what}, not an integer from {least} to "
                              f"{MAX_COUNT}; {REMEDY}")
         checked[key] = count
-    poor_fit = params.get("poor_fit", POOR_FIT)
-    if isinstance(poor_fit, bool) or not isinstance(poor_fit, (int, float)) or not math.isfinite(poor_fit):
-        raise ItmrtError(f"{folder}: its region index records poor_fit {poor_fit!r}, not a number; {REMEDY}")
-    checked["poor_fit"] = float(poor_fit)
+    if "poor_fit" in params:
+        poor_fit = params["poor_fit"]
+        if isinstance(poor_fit, bool) or not isinstance(poor_fit, (int, float)) or not math.isfinite(poor_fit):
+            raise ItmrtError(f"{folder}: its region index records poor_fit {poor_fit!r}, not a number; {REMEDY}")
+        checked["poor_fit"] = float(poor_fit)
     return checked
 
 

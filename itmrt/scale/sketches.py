@@ -123,13 +123,20 @@ def encode_both(embeddings: np.ndarray, projection: np.ndarray,
     return scan, fine
 
 
+def _caption_sketch(query: np.ndarray, words: int) -> np.ndarray:
+    """A caption's sign bits ``[m, words]`` as the scan kernels take them (C-contiguous uint64), checked against
+    the shard's sketch width."""
+    query = np.ascontiguousarray(query, dtype=np.uint64)
+    if query.ndim != 2 or query.shape[1] != words:
+        raise ItmrtError(f"a caption's sketch has {query.shape[-1]} words, the shard's {words}")
+    return query
+
+
 def least_distances(sketches: np.ndarray, query: np.ndarray, threads: int = 1) -> np.ndarray:
     """``[m, images]`` uint16: each caption word's least Hamming distance to an image's regions (``query
     [m, words]`` from :func:`sign_bits`), over ``threads`` threads where numba is installed."""
     words, _, images = sketches.shape
-    query = np.ascontiguousarray(query, dtype=np.uint64)
-    if query.ndim != 2 or query.shape[1] != words:
-        raise ItmrtError(f"a caption's sketch has {query.shape[-1]} words, the shard's {words}")
+    query = _caption_sketch(query, words)
     out = np.empty((len(query), images), dtype=np.uint16)
     kernels = sketch_kernels()
     if kernels is None:
@@ -156,9 +163,7 @@ def scan_naaf_estimates(sketches: np.ndarray, query: np.ndarray, table: np.ndarr
     words, _, images = sketches.shape
     if kernels is None or words != 4:
         return None
-    query = np.ascontiguousarray(query, dtype=np.uint64)
-    if query.ndim != 2 or query.shape[1] != words:
-        raise ItmrtError(f"a caption's sketch has {query.shape[-1]} words, the shard's {words}")
+    query = _caption_sketch(query, words)
     from itmrt.runtime.fused import call_compiled
     from itmrt.scale.threads import in_parallel
 
